@@ -1,0 +1,177 @@
+//! The coordinator side: the [`Strategy`] trait and [`FedAvg`].
+
+use crate::{Error, FitConfig, Metrics, Parameters, TensorSpec};
+
+/// One party's answer to a fit round.
+#[derive(Debug, Clone)]
+pub struct FitResult {
+    /// The party's name.
+    pub party: String,
+    /// Training examples it used: the aggregation weight.
+    pub num_examples: u64,
+    /// Its locally trained parameters.
+    pub params: Parameters,
+    /// Its local metrics.
+    pub metrics: Metrics,
+}
+
+/// One party's answer to an evaluation round.
+#[derive(Debug, Clone)]
+pub struct EvalResult {
+    /// The party's name.
+    pub party: String,
+    /// Examples evaluated: the averaging weight.
+    pub num_examples: u64,
+    /// Mean loss.
+    pub loss: f64,
+    /// Further metrics.
+    pub metrics: Metrics,
+}
+
+/// Checks one party's update against the global model's spec and the
+/// configured limit on examples; the error names the party. The coordinator
+/// runs it on every update, so a bad party is dropped from the round instead
+/// of poisoning the aggregate.
+pub fn check_update(expected: &[TensorSpec], result: &FitResult) -> Result<(), Error> {
+    result
+        .params
+        .check_matches(expected)
+        .map_err(|reason| Error::PeerMisbehaved { party: result.party.clone(), reason })?;
+    if result.num_examples == 0 {
+        return Err(Error::PeerMisbehaved { party: result.party.clone(), reason: "trained on zero examples".into() });
+    }
+    if let Some((k, v)) = result.metrics.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::PeerMisbehaved { party: result.party.clone(), reason: format!("metric {k} is {v}") });
+    }
+    Ok(())
+}
+
+/// How the coordinator runs rounds: what each fit round asks of the parties and
+/// how their answers become the next global model. Stages are methods, not
+/// strings, so a new stage is a compile-time change.
+pub trait Strategy: Send {
+    /// Short name used in logs and job status.
+    fn name(&self) -> &'static str;
+
+    /// The configuration sent to every party for fit round `round`.
+    fn configure_fit(&mut self, round: u32, base: &FitConfig) -> FitConfig {
+        FitConfig { round, ..base.clone() }
+    }
+
+    /// The next global model from the parties' updates. `results` have passed
+    /// [`check_update`] and are sorted by party name, so floating-point sums
+    /// happen in a reproducible order.
+    fn aggregate_fit(&mut self, round: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error>;
+
+    /// Round metrics from the parties' evaluations: by default the
+    /// example-weighted mean of the loss and of every metric all parties report.
+    fn aggregate_evaluate(&mut self, _round: u32, results: &[EvalResult]) -> Result<Metrics, Error> {
+        weighted_metrics(results)
+    }
+}
+
+/// Example-weighted means of loss and of the metrics every result carries.
+pub fn weighted_metrics(results: &[EvalResult]) -> Result<Metrics, Error> {
+    let total: u64 = results.iter().map(|r| r.num_examples).sum();
+    if total == 0 {
+        return Err(Error::EmptyAggregation("no evaluation examples".into()));
+    }
+    let mut out = Metrics::new();
+    out.insert("loss".into(), results.iter().map(|r| r.loss * r.num_examples as f64).sum::<f64>() / total as f64);
+    if let Some(first) = results.first() {
+        for key in first.metrics.keys() {
+            if results.iter().all(|r| r.metrics.contains_key(key)) {
+                let s: f64 = results.iter().map(|r| r.metrics[key] * r.num_examples as f64).sum();
+                out.insert(key.clone(), s / total as f64);
+            }
+        }
+    }
+    out.insert("num_examples".into(), total as f64);
+    Ok(out)
+}
+
+/// Federated averaging (McMahan et al., 2017): the example-weighted mean of
+/// the parties' parameters, accumulated in f64.
+#[derive(Debug, Clone, Default)]
+pub struct FedAvg;
+
+impl FedAvg {
+    /// The weighted mean of `results`' parameters; shared by strategies that
+    /// post-process the average (server optimisers).
+    pub fn weighted_mean(global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
+        let total: u64 = results.iter().map(|r| r.num_examples).sum();
+        if results.is_empty() || total == 0 {
+            return Err(Error::EmptyAggregation("no party updates with examples".into()));
+        }
+        let spec = global.spec();
+        let mut acc = vec![0f64; global.num_values()];
+        for r in results {
+            check_update(&spec, r)?;
+            let w = r.num_examples as f64 / total as f64;
+            for (a, v) in acc.iter_mut().zip(r.params.flat_values()) {
+                *a += w * v as f64;
+            }
+        }
+        let flat: Vec<f32> = acc.into_iter().map(|v| v as f32).collect();
+        Parameters::from_flat(&spec, &flat)
+    }
+}
+
+impl Strategy for FedAvg {
+    fn name(&self) -> &'static str {
+        "fedavg"
+    }
+
+    fn aggregate_fit(&mut self, _round: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
+        FedAvg::weighted_mean(global, results)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Tensor;
+
+    fn params(v: &[f32]) -> Parameters {
+        Parameters::new(vec![Tensor { name: "w".into(), shape: vec![v.len()], data: v.to_vec() }]).unwrap()
+    }
+
+    fn result(party: &str, n: u64, v: &[f32]) -> FitResult {
+        FitResult { party: party.into(), num_examples: n, params: params(v), metrics: Metrics::new() }
+    }
+
+    #[test]
+    fn fedavg_is_the_example_weighted_mean() {
+        let g = params(&[0.0, 0.0]);
+        let out = FedAvg
+            .aggregate_fit(1, &g, &[result("a", 1, &[1.0, 2.0]), result("b", 3, &[5.0, -2.0])])
+            .unwrap();
+        // (1*1 + 3*5)/4 = 4, (1*2 + 3*-2)/4 = -1
+        assert_eq!(out.tensors()[0].data, vec![4.0, -1.0]);
+    }
+
+    #[test]
+    fn fedavg_names_the_bad_party() {
+        let g = params(&[0.0, 0.0]);
+        let err = FedAvg
+            .aggregate_fit(1, &g, &[result("a", 1, &[1.0, 2.0]), result("evil", 1, &[f32::NAN, 0.0])])
+            .unwrap_err();
+        assert!(matches!(err, Error::PeerMisbehaved { ref party, .. } if party == "evil"), "{err}");
+        let err = FedAvg.aggregate_fit(1, &g, &[result("short", 1, &[1.0])]).unwrap_err();
+        assert!(err.to_string().contains("short"));
+        assert!(FedAvg.aggregate_fit(1, &g, &[]).is_err());
+    }
+
+    #[test]
+    fn weighted_metrics_average_by_examples() {
+        let r = |n, loss, acc| EvalResult {
+            party: "p".into(),
+            num_examples: n,
+            loss,
+            metrics: [("accuracy".to_string(), acc)].into(),
+        };
+        let m = weighted_metrics(&[r(1, 1.0, 0.5), r(3, 2.0, 1.0)]).unwrap();
+        assert_eq!(m["loss"], 1.75);
+        assert_eq!(m["accuracy"], 0.875);
+    }
+}

@@ -1,0 +1,275 @@
+//! The party side: the [`Trainer`] trait and the configuration it receives.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Parameters};
+
+/// Named scalar metrics, e.g. `loss`, `accuracy`.
+pub type Metrics = BTreeMap<String, f64>;
+
+/// Which model a job trains. More kinds (libtorch MLP, CNN, TorchScript)
+/// arrive with the libtorch trainer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ModelKind {
+    /// Multinomial logistic regression, pure Rust ([`crate::LogisticRegression`]).
+    LogisticRegression,
+}
+
+/// The model table of a job spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The architecture.
+    pub kind: ModelKind,
+    /// Number of classes (labels are `0..classes`).
+    pub classes: usize,
+    /// Standardise features with statistics computed federatedly (sums, not rows).
+    #[serde(default = "default_true")]
+    pub standardize: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The training table of a job spec: local optimisation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Passes over the local training split per round.
+    #[serde(default = "default_epochs")]
+    pub local_epochs: u32,
+    /// Mini-batch size.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// SGD step size.
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    /// L2 penalty on the weights.
+    #[serde(default)]
+    pub l2: f64,
+    /// Seed of every random choice (initialisation, shuffling, splits).
+    #[serde(default)]
+    pub seed: u64,
+    /// Fraction of each party's rows held out for federated evaluation.
+    #[serde(default = "default_validation")]
+    pub validation_fraction: f64,
+}
+
+fn default_epochs() -> u32 {
+    1
+}
+fn default_batch() -> usize {
+    32
+}
+fn default_lr() -> f64 {
+    0.1
+}
+fn default_validation() -> f64 {
+    0.2
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            local_epochs: default_epochs(),
+            batch_size: default_batch(),
+            learning_rate: default_lr(),
+            l2: 0.0,
+            seed: 0,
+            validation_fraction: default_validation(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the ranges; errors are `field: reason` relative to the table.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        if !(1..=1000).contains(&self.local_epochs) {
+            errs.push(format!("local_epochs: must be 1..=1000 (got {})", self.local_epochs));
+        }
+        if !(1..=1_000_000).contains(&self.batch_size) {
+            errs.push(format!("batch_size: must be 1..=1000000 (got {})", self.batch_size));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate <= 100.0) {
+            errs.push(format!("learning_rate: must be in (0, 100] (got {})", self.learning_rate));
+        }
+        if !(self.l2.is_finite() && self.l2 >= 0.0) {
+            errs.push(format!("l2: must be finite and >= 0 (got {})", self.l2));
+        }
+        if !(self.validation_fraction.is_finite() && (0.0..0.9).contains(&self.validation_fraction)) {
+            errs.push(format!("validation_fraction: must be in [0, 0.9) (got {})", self.validation_fraction));
+        }
+        errs
+    }
+}
+
+/// What a party is told for one fit round. A strategy may change it per round
+/// (learning-rate schedules, proximal terms).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitConfig {
+    /// The round, from 1.
+    pub round: u32,
+    /// Local optimisation settings for this round.
+    pub train: TrainConfig,
+}
+
+/// What a party reports after local training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitOutcome {
+    /// Training examples used; the aggregation weight.
+    pub num_examples: u64,
+    /// Local training metrics (e.g. `train_loss`).
+    pub metrics: Metrics,
+}
+
+/// What a party reports after evaluating the global model on its held-out rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalOutcome {
+    /// Examples evaluated; the averaging weight.
+    pub num_examples: u64,
+    /// Mean loss over those examples.
+    pub loss: f64,
+    /// Further metrics (e.g. `accuracy`).
+    pub metrics: Metrics,
+}
+
+/// Per-feature sums over a party's training rows. Parties send these, never
+/// rows; the coordinator adds them to standardise features federatedly.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FeatureStats {
+    /// Rows summed.
+    pub count: u64,
+    /// Sum of each feature.
+    pub sum: Vec<f64>,
+    /// Sum of each feature's square.
+    pub sum_sq: Vec<f64>,
+}
+
+impl FeatureStats {
+    /// Adds another party's sums; the feature counts must agree.
+    pub fn merge(&mut self, other: &FeatureStats) -> Result<(), Error> {
+        if self.count == 0 && self.sum.is_empty() {
+            *self = other.clone();
+            return Ok(());
+        }
+        if other.sum.len() != self.sum.len() || other.sum_sq.len() != self.sum_sq.len() {
+            return Err(Error::InvalidInput(format!(
+                "feature statistics over {} features cannot be merged with {}",
+                other.sum.len(),
+                self.sum.len()
+            )));
+        }
+        self.count += other.count;
+        for (a, b) in self.sum.iter_mut().zip(&other.sum) {
+            *a += b;
+        }
+        for (a, b) in self.sum_sq.iter_mut().zip(&other.sum_sq) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    /// Means and standard deviations (a constant feature gets 1, so it passes through).
+    pub fn mean_std(&self) -> (Vec<f32>, Vec<f32>) {
+        let n = self.count.max(1) as f64;
+        let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        let std = self
+            .sum_sq
+            .iter()
+            .zip(&mean)
+            .map(|(sq, m)| {
+                let var = (sq / n - m * m).max(0.0);
+                let sd = var.sqrt();
+                if sd > 1e-8 { sd as f32 } else { 1.0 }
+            })
+            .collect();
+        (mean.into_iter().map(|m| m as f32).collect(), std)
+    }
+}
+
+/// Names of the frozen tensors that carry input standardisation inside a model,
+/// so that a saved model is self-contained for inference.
+pub const INPUT_MEAN: &str = "input.mean";
+/// See [`INPUT_MEAN`].
+pub const INPUT_STD: &str = "input.std";
+
+/// Writes federated feature statistics into a model's `input.mean`/`input.std`.
+pub fn apply_feature_stats(params: &mut Parameters, stats: &FeatureStats) -> Result<(), Error> {
+    let (mean, std) = stats.mean_std();
+    let mut set = 0;
+    for (name, values) in params.values_mut() {
+        let src = match name {
+            INPUT_MEAN => &mean,
+            INPUT_STD => &std,
+            _ => continue,
+        };
+        if values.len() != src.len() {
+            return Err(Error::InvalidInput(format!(
+                "{name} holds {} features but the statistics cover {}",
+                values.len(),
+                src.len()
+            )));
+        }
+        values.copy_from_slice(src);
+        set += 1;
+    }
+    if set != 2 {
+        return Err(Error::InvalidInput(format!("model lacks {INPUT_MEAN}/{INPUT_STD} tensors")));
+    }
+    Ok(())
+}
+
+/// A party's local learner. Implementations own the party's private data;
+/// nothing but parameters, counts and metrics leaves them.
+///
+/// `Send` but not necessarily `Sync`: the party runs each trainer on a
+/// dedicated thread (libtorch tensors are not `Sync`).
+pub trait Trainer: Send {
+    /// The current parameters, in the model's fixed order.
+    fn parameters(&self) -> Parameters;
+    /// Replaces the parameters; names and shapes must match the model.
+    fn set_parameters(&mut self, params: &Parameters) -> Result<(), Error>;
+    /// Per-feature sums over the local training rows (for federated
+    /// standardisation).
+    fn feature_stats(&self) -> FeatureStats;
+    /// Trains locally from the current parameters.
+    fn fit(&mut self, config: &FitConfig) -> Result<FitOutcome, Error>;
+    /// Evaluates the current parameters on the local held-out rows.
+    fn evaluate(&mut self) -> Result<EvalOutcome, Error>;
+    /// Class probabilities for `rows` rows of features (row-major), row-major
+    /// `rows × classes`.
+    fn predict(&self, features: &[f32]) -> Result<Vec<f32>, Error>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_stats_equal_pooled_stats() {
+        let a = FeatureStats { count: 2, sum: vec![1.0 + 3.0], sum_sq: vec![1.0 + 9.0] };
+        let b = FeatureStats { count: 1, sum: vec![5.0], sum_sq: vec![25.0] };
+        let mut m = FeatureStats::default();
+        m.merge(&a).unwrap();
+        m.merge(&b).unwrap();
+        let (mean, std) = m.mean_std();
+        assert_eq!(mean, vec![3.0]);
+        // population std of [1, 3, 5]
+        assert!((std[0] - (8.0f32 / 3.0).sqrt()).abs() < 1e-6);
+        assert!(m.merge(&FeatureStats { count: 1, sum: vec![1.0, 2.0], sum_sq: vec![1.0, 4.0] }).is_err());
+    }
+
+    #[test]
+    fn train_config_validation_names_fields() {
+        let c = TrainConfig { batch_size: 0, learning_rate: f64::NAN, ..TrainConfig::default() };
+        let errs = c.validate();
+        assert!(errs.iter().any(|e| e.starts_with("batch_size")));
+        assert!(errs.iter().any(|e| e.starts_with("learning_rate")));
+    }
+}

@@ -1,0 +1,480 @@
+//! The federation's public-key infrastructure.
+//!
+//! One CA per federation signs every certificate. A certificate carries its
+//! holder's name in the subject CN and its role (party, admin, coordinator) in
+//! the subject OU, so the coordinator can tell a party from the admin CLI
+//! without a second trust root. Enrollment is a separate list
+//! (`federation.toml`): a certificate signed by the CA is necessary but not
+//! sufficient for a party to join.
+//!
+//! Directory layout written by [`PkiDir::init`]:
+//! ```text
+//! DIR/ca.pem  ca.key            federation CA (key 0600)
+//! DIR/coordinator.pem .key      coordinator's server certificate
+//! DIR/admin.pem admin.key       admin client certificate used by the CLI
+//! DIR/parties/NAME.pem .key     one client certificate per party
+//! DIR/federation.toml           enrolled party names
+//! ```
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use time::{Duration, OffsetDateTime};
+use zeroize::Zeroizing;
+
+use crate::Error;
+
+/// The subject CN of the admin client certificate.
+pub const ADMIN_NAME: &str = "confide-admin";
+/// The subject CN of the coordinator's server certificate.
+pub const COORDINATOR_NAME: &str = "confide-coordinator";
+/// Longest accepted party name.
+pub const MAX_PARTY_NAME_LEN: usize = 63;
+
+/// What a certificate's holder may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A party node: may open the party stream.
+    Party,
+    /// The administrator's CLI: may use the admin API.
+    Admin,
+    /// The coordinator's server certificate.
+    Coordinator,
+}
+
+impl Role {
+    fn as_ou(self) -> &'static str {
+        match self {
+            Role::Party => "confide-party",
+            Role::Admin => "confide-admin",
+            Role::Coordinator => "confide-coordinator",
+        }
+    }
+
+    fn from_ou(ou: &str) -> Option<Role> {
+        match ou {
+            "confide-party" => Some(Role::Party),
+            "confide-admin" => Some(Role::Admin),
+            "confide-coordinator" => Some(Role::Coordinator),
+            _ => None,
+        }
+    }
+}
+
+/// Who a verified peer certificate says its holder is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The subject CN: the party's name.
+    pub name: String,
+    /// The role from the subject OU.
+    pub role: Role,
+}
+
+/// A certificate and its private key in PEM. The key is zeroized on drop.
+pub struct IssuedCert {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The private key, PEM (PKCS#8).
+    pub key_pem: Zeroizing<String>,
+}
+
+/// Checks a party name: lowercase letters, digits, `-`, `_`, `.`, starting
+/// with a letter or digit, at most [`MAX_PARTY_NAME_LEN`] bytes, and not one of
+/// the reserved role names.
+pub fn validate_party_name(name: &str) -> Result<(), Error> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
+    let ok_first = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if name.is_empty() || name.len() > MAX_PARTY_NAME_LEN || !ok_chars || !ok_first {
+        return Err(Error::InvalidInput(format!(
+            "party name {name:?}: use 1 to {MAX_PARTY_NAME_LEN} lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )));
+    }
+    if name == ADMIN_NAME || name == COORDINATOR_NAME {
+        return Err(Error::InvalidInput(format!("party name {name:?} is reserved")));
+    }
+    Ok(())
+}
+
+/// The federation CA: signs every certificate of the federation.
+pub struct FederationCa {
+    cert_pem: String,
+    key: KeyPair,
+}
+
+impl FederationCa {
+    /// Makes a new CA valid for ten years.
+    pub fn generate(federation: &str) -> Result<Self, Error> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("Confide federation CA ({federation})"));
+        dn.push(DnType::OrganizationName, "Confide");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(3650);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(FederationCa { cert_pem: cert.pem(), key })
+    }
+
+    /// Loads a CA from its certificate and key (PEM).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, Error> {
+        let key = KeyPair::from_pem(key_pem)?;
+        // Parse once now so that a mismatched or corrupt certificate fails here.
+        Issuer::from_ca_cert_pem(cert_pem, &key)?;
+        Ok(FederationCa { cert_pem: cert_pem.to_owned(), key })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA private key, PEM.
+    pub fn key_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.key.serialize_pem())
+    }
+
+    /// Issues a certificate for `name` in `role`, valid from `not_before` to
+    /// `not_after`. `hosts` become subject alternative names (DNS names or IP
+    /// addresses); clients get their name as a DNS SAN as well.
+    pub fn issue_with_validity(
+        &self,
+        role: Role,
+        name: &str,
+        hosts: &[String],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCert, Error> {
+        let mut sans: Vec<String> = hosts.to_vec();
+        if role != Role::Coordinator {
+            sans.push(name.to_owned());
+        }
+        let mut params = CertificateParams::new(sans)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        dn.push(DnType::OrganizationalUnitName, role.as_ou());
+        dn.push(DnType::OrganizationName, "Confide");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match role {
+            Role::Coordinator => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Role::Party | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let key = KeyPair::generate()?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
+    }
+
+    /// Issues a certificate valid for two years from now.
+    pub fn issue(&self, role: Role, name: &str, hosts: &[String]) -> Result<IssuedCert, Error> {
+        let now = OffsetDateTime::now_utc();
+        self.issue_with_validity(role, name, hosts, now - Duration::hours(1), now + Duration::days(730))
+    }
+}
+
+/// Reads the holder's name and role out of a DER certificate that TLS has
+/// already verified against the federation CA.
+pub fn peer_identity(cert_der: &[u8]) -> Result<PeerIdentity, Error> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| Error::Certificate(format!("unparsable peer certificate: {e}")))?;
+    let subject = cert.subject();
+    let single = |attrs: Vec<&x509_parser::x509::AttributeTypeAndValue<'_>>, what: &str| {
+        match attrs.as_slice() {
+            [one] => one
+                .as_str()
+                .map(str::to_owned)
+                .map_err(|e| Error::Certificate(format!("peer certificate {what}: {e}"))),
+            _ => Err(Error::Certificate(format!("peer certificate must have exactly one {what}"))),
+        }
+    };
+    let name = single(subject.iter_common_name().collect(), "subject CN")?;
+    let ou = single(subject.iter_organizational_unit().collect(), "subject OU")?;
+    let role = Role::from_ou(&ou)
+        .ok_or_else(|| Error::Certificate(format!("peer certificate has unknown role OU {ou:?}")))?;
+    Ok(PeerIdentity { name, role })
+}
+
+/// The PKI directory of a federation (see the module docs for its layout).
+#[derive(Debug, Clone)]
+pub struct PkiDir {
+    root: PathBuf,
+}
+
+impl PkiDir {
+    /// Wraps an existing or future PKI directory.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        PkiDir { root: root.into() }
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// The CA certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("ca.pem")
+    }
+    /// The CA key.
+    pub fn ca_key(&self) -> PathBuf {
+        self.root.join("ca.key")
+    }
+    /// The coordinator's certificate.
+    pub fn coordinator_cert(&self) -> PathBuf {
+        self.root.join("coordinator.pem")
+    }
+    /// The coordinator's key.
+    pub fn coordinator_key(&self) -> PathBuf {
+        self.root.join("coordinator.key")
+    }
+    /// The admin CLI's certificate.
+    pub fn admin_cert(&self) -> PathBuf {
+        self.root.join("admin.pem")
+    }
+    /// The admin CLI's key.
+    pub fn admin_key(&self) -> PathBuf {
+        self.root.join("admin.key")
+    }
+    /// A party's certificate.
+    pub fn party_cert(&self, name: &str) -> PathBuf {
+        self.root.join("parties").join(format!("{name}.pem"))
+    }
+    /// A party's key.
+    pub fn party_key(&self, name: &str) -> PathBuf {
+        self.root.join("parties").join(format!("{name}.key"))
+    }
+    /// The enrollment list.
+    pub fn federation_file(&self) -> PathBuf {
+        self.root.join("federation.toml")
+    }
+
+    /// Creates a new federation: CA, coordinator certificate (for `hosts`;
+    /// `localhost` and `127.0.0.1` are always included), admin certificate and
+    /// one certificate per party. Refuses to overwrite an existing CA.
+    pub fn init(&self, federation: &str, parties: &[String], hosts: &[String]) -> Result<(), Error> {
+        for p in parties {
+            validate_party_name(p)?;
+        }
+        if self.ca_cert().exists() {
+            return Err(Error::AlreadyExists(self.ca_cert().display().to_string()));
+        }
+        create_dir(&self.root)?;
+        create_dir(&self.root.join("parties"))?;
+        let ca = FederationCa::generate(federation)?;
+        write_file(&self.ca_cert(), ca.cert_pem().as_bytes(), 0o644)?;
+        write_file(&self.ca_key(), ca.key_pem().as_bytes(), 0o600)?;
+        let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), COORDINATOR_NAME.into()];
+        for h in hosts {
+            if !sans.contains(h) {
+                sans.push(h.clone());
+            }
+        }
+        let coord = ca.issue(Role::Coordinator, COORDINATOR_NAME, &sans)?;
+        write_pair(&self.coordinator_cert(), &self.coordinator_key(), &coord)?;
+        let admin = ca.issue(Role::Admin, ADMIN_NAME, &[])?;
+        write_pair(&self.admin_cert(), &self.admin_key(), &admin)?;
+        let mut enrolled = Vec::new();
+        for p in parties {
+            if enrolled.contains(p) {
+                return Err(Error::InvalidInput(format!("party {p:?} is listed twice")));
+            }
+            let issued = ca.issue(Role::Party, p, &[])?;
+            write_pair(&self.party_cert(p), &self.party_key(p), &issued)?;
+            enrolled.push(p.clone());
+        }
+        self.write_enrolled(&enrolled)
+    }
+
+    /// Loads the CA of this directory.
+    pub fn load_ca(&self) -> Result<FederationCa, Error> {
+        let cert = read_string(&self.ca_cert())?;
+        let key = Zeroizing::new(read_string(&self.ca_key())?);
+        FederationCa::from_pem(&cert, &key)
+    }
+
+    /// Issues and enrolls one more party, leaving every other file untouched.
+    pub fn issue_party(&self, name: &str) -> Result<(), Error> {
+        validate_party_name(name)?;
+        let mut enrolled = self.enrolled()?;
+        if enrolled.iter().any(|p| p == name) || self.party_cert(name).exists() {
+            return Err(Error::AlreadyExists(format!("party {name:?}")));
+        }
+        let ca = self.load_ca()?;
+        let issued = ca.issue(Role::Party, name, &[])?;
+        create_dir(&self.root.join("parties"))?;
+        write_pair(&self.party_cert(name), &self.party_key(name), &issued)?;
+        enrolled.push(name.to_owned());
+        self.write_enrolled(&enrolled)
+    }
+
+    /// The enrolled party names, as listed in `federation.toml`.
+    pub fn enrolled(&self) -> Result<Vec<String>, Error> {
+        let path = self.federation_file();
+        let text = read_string(&path)?;
+        parse_enrollment(&text).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))
+    }
+
+    fn write_enrolled(&self, parties: &[String]) -> Result<(), Error> {
+        let mut text = String::from(
+            "# Parties enrolled in this federation. A party must hold a certificate signed by\n\
+             # this federation's CA *and* be listed here. Edit with `confide certs issue`.\n\
+             parties = [\n",
+        );
+        for p in parties {
+            text.push_str(&format!("  \"{p}\",\n"));
+        }
+        text.push_str("]\n");
+        let path = self.federation_file();
+        let tmp = path.with_extension("toml.tmp");
+        write_file(&tmp, text.as_bytes(), 0o644)?;
+        fs::rename(&tmp, &path).map_err(|source| Error::Io { path, source })
+    }
+}
+
+/// Parses the tiny `parties = ["a", "b"]` enrollment format without a TOML
+/// dependency in this crate.
+fn parse_enrollment(text: &str) -> Result<Vec<String>, String> {
+    let body: String = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let body = body.trim();
+    let rest = body
+        .strip_prefix("parties")
+        .map(str::trim_start)
+        .and_then(|r| r.strip_prefix('='))
+        .map(str::trim)
+        .ok_or("expected `parties = [ ... ]`")?;
+    let inner = rest
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .ok_or("parties: expected a list in brackets")?;
+    let mut out = Vec::new();
+    for item in inner.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let name = item
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .ok_or_else(|| format!("parties: {item} is not a quoted name"))?;
+        validate_party_name(name).map_err(|e| format!("parties: {e}"))?;
+        out.push(name.to_owned());
+    }
+    Ok(out)
+}
+
+fn create_dir(path: &Path) -> Result<(), Error> {
+    fs::create_dir_all(path).map_err(|source| Error::Io { path: path.to_owned(), source })
+}
+
+fn read_string(path: &Path) -> Result<String, Error> {
+    fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })
+}
+
+fn write_pair(cert: &Path, key: &Path, issued: &IssuedCert) -> Result<(), Error> {
+    write_file(key, issued.key_pem.as_bytes(), 0o600)?;
+    write_file(cert, issued.cert_pem.as_bytes(), 0o644)
+}
+
+/// Writes a new file with the given mode; the mode is set at creation so a
+/// private key is never readable by others, not even briefly.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    let io = |source| Error::Io { path: path.to_owned(), source };
+    let _ = fs::remove_file(path);
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn init_writes_role_tagged_certs_and_private_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init("test", &["hospital-a".into(), "hospital-b".into()], &["coord.example".into()]).unwrap();
+        assert_eq!(pki.enrolled().unwrap(), vec!["hospital-a", "hospital-b"]);
+        for key in [pki.ca_key(), pki.admin_key(), pki.party_key("hospital-a"), pki.coordinator_key()] {
+            let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        let pem = fs::read_to_string(pki.party_cert("hospital-b")).unwrap();
+        let der = rustls_pem_to_der(&pem);
+        assert_eq!(peer_identity(&der).unwrap(), PeerIdentity { name: "hospital-b".into(), role: Role::Party });
+        let admin = rustls_pem_to_der(&fs::read_to_string(pki.admin_cert()).unwrap());
+        assert_eq!(peer_identity(&admin).unwrap().role, Role::Admin);
+        assert!(matches!(pki.init("again", &[], &[]), Err(Error::AlreadyExists(_))));
+    }
+
+    #[test]
+    fn issue_adds_one_party_and_keeps_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("test", &["a".into()], &[]).unwrap();
+        let before = fs::read(pki.party_cert("a")).unwrap();
+        pki.issue_party("b").unwrap();
+        assert_eq!(fs::read(pki.party_cert("a")).unwrap(), before);
+        assert_eq!(pki.enrolled().unwrap(), vec!["a", "b"]);
+        assert!(pki.issue_party("b").is_err());
+        assert!(pki.issue_party("Bad Name").is_err());
+    }
+
+    #[test]
+    fn party_names_are_validated() {
+        for bad in ["", "A", "-x", "x y", ADMIN_NAME, &"a".repeat(64)] {
+            assert!(validate_party_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["a", "hospital-a", "site_1.eu"] {
+            validate_party_name(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn enrollment_parser_rejects_garbage() {
+        assert!(parse_enrollment("parties = [\"a\", b]").is_err());
+        assert!(parse_enrollment("nothing").is_err());
+        assert_eq!(parse_enrollment("# c\nparties = []\n").unwrap(), Vec::<String>::new());
+    }
+
+    fn rustls_pem_to_der(pem: &str) -> Vec<u8> {
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64_decode(&b64)
+    }
+
+    fn base64_decode(s: &str) -> Vec<u8> {
+        let table = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = Vec::new();
+        let mut buf = 0u32;
+        let mut bits = 0;
+        for c in s.bytes().filter(|&c| c != b'=') {
+            let v = table.iter().position(|&t| t == c).unwrap() as u32;
+            buf = (buf << 6) | v;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((buf >> bits) as u8);
+            }
+        }
+        out
+    }
+}

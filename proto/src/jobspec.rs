@@ -1,0 +1,375 @@
+//! The TOML job spec: what a data scientist submits with `confide job submit`.
+//!
+//! [`JobSpec::parse`] reports *every* error it can find, each as
+//! `FILE: field.path: what is wrong`, so a bad spec is fixed in one pass and
+//! never reaches a party. See `examples/jobs/breast-cancer.toml` for a
+//! commented example.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use confide_algorithms::{ModelConfig, TrainConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::Limits;
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Federated training for `rounds` rounds.
+    Train,
+    /// One federated evaluation of an earlier job's model (`from_job`).
+    Evaluate,
+}
+
+impl JobKind {
+    /// The name used in specs, policies and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Train => "train",
+            JobKind::Evaluate => "evaluate",
+        }
+    }
+}
+
+/// How updates are protected. Further modes (`secagg`, `he`, `dp`) plug in here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrivacyMode {
+    /// Plain updates over mutual TLS: the coordinator sees each party's update.
+    #[default]
+    None,
+}
+
+impl PrivacyMode {
+    /// The name used in specs, policies and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrivacyMode::None => "none",
+        }
+    }
+}
+
+/// Which parties take part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartiesSpec {
+    /// Named parties; empty means "any enrolled party that is connected".
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Fewest parties that must answer each stage for the job to go on.
+    /// Defaults to the number of named parties.
+    #[serde(default)]
+    pub min: Option<usize>,
+    /// The data set name each party looks up in its own config.
+    pub dataset: String,
+    /// Per-party overrides of `dataset`.
+    #[serde(default)]
+    pub datasets: BTreeMap<String, String>,
+}
+
+/// The aggregation strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyName {
+    /// Example-weighted federated averaging.
+    #[default]
+    Fedavg,
+}
+
+/// The strategy table.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategySpec {
+    /// Which strategy.
+    #[serde(default)]
+    pub name: StrategyName,
+}
+
+/// The privacy table.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySpec {
+    /// How updates are protected.
+    #[serde(default)]
+    pub mode: PrivacyMode,
+}
+
+/// Evaluation cadence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationSpec {
+    /// Evaluate after every `every` rounds (and always after the last).
+    #[serde(default = "one")]
+    pub every: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for EvaluationSpec {
+    fn default() -> Self {
+        EvaluationSpec { every: 1 }
+    }
+}
+
+/// Deadlines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// How long to wait for parties to accept before starting (or failing).
+    #[serde(default = "default_recruit")]
+    pub recruit_secs: u64,
+    /// How long a stage waits for answers; late parties are dropped from the round.
+    #[serde(default = "default_round")]
+    pub round_secs: u64,
+}
+
+fn default_recruit() -> u64 {
+    60
+}
+fn default_round() -> u64 {
+    300
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { recruit_secs: default_recruit(), round_secs: default_round() }
+    }
+}
+
+/// A validated job spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Human-readable name.
+    pub name: String,
+    /// What the job does.
+    pub kind: JobKind,
+    /// Training rounds (1 for `evaluate`).
+    #[serde(default = "one")]
+    pub rounds: u32,
+    /// Start from (`train`) or evaluate (`evaluate`) this earlier job's model.
+    #[serde(default)]
+    pub from_job: Option<String>,
+    /// Who takes part.
+    pub parties: PartiesSpec,
+    /// How updates are combined.
+    #[serde(default)]
+    pub strategy: StrategySpec,
+    /// The model.
+    pub model: ModelConfig,
+    /// Local training settings.
+    #[serde(default)]
+    pub training: TrainConfig,
+    /// Evaluation cadence.
+    #[serde(default)]
+    pub evaluation: EvaluationSpec,
+    /// Privacy protection.
+    #[serde(default)]
+    pub privacy: PrivacySpec,
+    /// Deadlines.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+/// Every problem found in a spec, each with its field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecErrors {
+    /// The file (or source name) the spec came from.
+    pub file: String,
+    /// `(field path, message)` pairs.
+    pub errors: Vec<(String, String)>,
+}
+
+impl fmt::Display for SpecErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: invalid job spec ({} error{})", self.file, self.errors.len(), if self.errors.len() == 1 { "" } else { "s" })?;
+        for (path, msg) in &self.errors {
+            write!(f, "\n  {}: {path}: {msg}", self.file)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SpecErrors {}
+
+impl JobSpec {
+    /// Parses and validates a spec. `file` names the source in errors.
+    pub fn parse(text: &str, file: &str, limits: &Limits) -> Result<JobSpec, SpecErrors> {
+        let fail = |path: &str, msg: String| SpecErrors { file: file.to_owned(), errors: vec![(path.to_owned(), msg)] };
+        if text.len() > limits.max_spec_bytes {
+            return Err(fail("(file)", format!("{} bytes; the limit is {}", text.len(), limits.max_spec_bytes)));
+        }
+        let de = toml::Deserializer::parse(text).map_err(|e| fail("(syntax)", one_line(&e.to_string())))?;
+        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            fail(if path == "." { "(top level)" } else { &path }, one_line(&e.into_inner().to_string()))
+        })?;
+        let errors = spec.validate(limits);
+        if errors.is_empty() { Ok(spec) } else { Err(SpecErrors { file: file.to_owned(), errors }) }
+    }
+
+    /// The minimum number of parties, resolved.
+    pub fn min_parties(&self) -> usize {
+        self.parties.min.unwrap_or(self.parties.names.len().max(1))
+    }
+
+    /// The data set `party` should use.
+    pub fn dataset_for(&self, party: &str) -> &str {
+        self.parties.datasets.get(party).map(String::as_str).unwrap_or(&self.parties.dataset)
+    }
+
+    /// Serialises back to TOML (what parties receive).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Semantic checks; returns every `(path, message)` problem.
+    pub fn validate(&self, limits: &Limits) -> Vec<(String, String)> {
+        let mut e: Vec<(String, String)> = Vec::new();
+        let mut err = |p: &str, m: String| e.push((p.to_owned(), m));
+        if self.name.is_empty()
+            || self.name.len() > 100
+            || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || " -_.".contains(c))
+        {
+            err("name", "1 to 100 letters, digits, spaces, '-', '_' or '.'".into());
+        }
+        if !(1..=10_000).contains(&self.rounds) {
+            err("rounds", format!("must be 1..=10000 (got {})", self.rounds));
+        }
+        match (self.kind, &self.from_job) {
+            (JobKind::Evaluate, None) => err("from_job", "an evaluate job needs the id of the job whose model it evaluates".into()),
+            (JobKind::Evaluate, Some(_)) if self.rounds != 1 => err("rounds", "an evaluate job has exactly 1 round".into()),
+            _ => {}
+        }
+        if let Some(j) = &self.from_job {
+            if j.is_empty() || j.len() > 64 || !j.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                err("from_job", format!("{j:?} is not a job id"));
+            }
+        }
+        let names = &self.parties.names;
+        if names.len() > limits.max_parties {
+            err("parties.names", format!("{} parties; the limit is {}", names.len(), limits.max_parties));
+        }
+        for (i, n) in names.iter().enumerate() {
+            if let Err(x) = confide_crypto_name_check(n) {
+                err(&format!("parties.names[{i}]"), x);
+            }
+            if names[..i].contains(n) {
+                err(&format!("parties.names[{i}]"), format!("{n:?} is listed twice"));
+            }
+        }
+        match self.parties.min {
+            Some(0) => err("parties.min", "must be at least 1".into()),
+            Some(m) if !names.is_empty() && m > names.len() => {
+                err("parties.min", format!("{m} exceeds the {} named parties", names.len()))
+            }
+            Some(m) if m > limits.max_parties => err("parties.min", format!("{m} exceeds the limit of {}", limits.max_parties)),
+            None if names.is_empty() => err("parties", "give `names`, `min`, or both".into()),
+            _ => {}
+        }
+        if self.parties.dataset.is_empty() || self.parties.dataset.len() > 128 {
+            err("parties.dataset", "must be a data set name of 1 to 128 bytes".into());
+        }
+        for (party, ds) in &self.parties.datasets {
+            if !names.is_empty() && !names.contains(party) {
+                err(&format!("parties.datasets.{party}"), "not one of parties.names".into());
+            }
+            if ds.is_empty() || ds.len() > 128 {
+                err(&format!("parties.datasets.{party}"), "must be a data set name of 1 to 128 bytes".into());
+            }
+        }
+        if !(2..=10_000).contains(&self.model.classes) {
+            err("model.classes", format!("must be 2..=10000 (got {})", self.model.classes));
+        }
+        for msg in self.training.validate() {
+            let (field, rest) = msg.split_once(": ").unwrap_or(("", &msg));
+            err(&format!("training.{field}"), rest.to_owned());
+        }
+        if self.evaluation.every == 0 {
+            err("evaluation.every", "must be at least 1".into());
+        }
+        if !(1..=86_400).contains(&self.timeouts.recruit_secs) {
+            err("timeouts.recruit_secs", format!("must be 1..=86400 (got {})", self.timeouts.recruit_secs));
+        }
+        if !(1..=86_400).contains(&self.timeouts.round_secs) {
+            err("timeouts.round_secs", format!("must be 1..=86400 (got {})", self.timeouts.round_secs));
+        }
+        e
+    }
+}
+
+/// Same rule as `confide_crypto::pki::validate_party_name`, restated here so
+/// the wire crate does not depend on the PKI.
+fn confide_crypto_name_check(n: &str) -> Result<(), String> {
+    let ok = !n.is_empty()
+        && n.len() <= 63
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+        && n.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok { Ok(()) } else { Err(format!("{n:?} is not a valid party name")) }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "bc"
+kind = "train"
+rounds = 3
+[parties]
+names = ["hospital-a", "hospital-b"]
+min = 1
+dataset = "breast-cancer"
+[model]
+kind = "logistic_regression"
+classes = 2
+"#;
+
+    #[test]
+    fn parses_a_good_spec_with_defaults() {
+        let s = JobSpec::parse(GOOD, "good.toml", &Limits::default()).unwrap();
+        assert_eq!(s.min_parties(), 1);
+        assert_eq!(s.training.batch_size, 32);
+        assert_eq!(s.privacy.mode, PrivacyMode::None);
+        assert_eq!(s.dataset_for("hospital-a"), "breast-cancer");
+        let again = JobSpec::parse(&s.to_toml(), "x", &Limits::default()).unwrap();
+        assert_eq!(again, s);
+    }
+
+    #[test]
+    fn reports_every_semantic_error_with_paths() {
+        let bad = GOOD
+            .replace("rounds = 3", "rounds = 0")
+            .replace("min = 1", "min = 5")
+            .replace("classes = 2", "classes = 1")
+            .replace("[model]", "[training]\nbatch_size = 0\n[model]");
+        let e = JobSpec::parse(&bad, "jobs/bad.toml", &Limits::default()).unwrap_err();
+        let paths: Vec<&str> = e.errors.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, vec!["rounds", "parties.min", "model.classes", "training.batch_size"]);
+        assert!(e.to_string().contains("jobs/bad.toml: rounds: must be"));
+    }
+
+    #[test]
+    fn reports_type_unknown_and_syntax_errors_with_paths() {
+        let e = JobSpec::parse(&GOOD.replace("min = 1", "min = \"x\""), "f.toml", &Limits::default()).unwrap_err();
+        assert_eq!(e.errors[0].0, "parties.min");
+        let e = JobSpec::parse(&format!("{GOOD}colour = 3\n"), "f.toml", &Limits::default()).unwrap_err();
+        assert!(e.errors[0].1.contains("colour"), "{e}");
+        let e = JobSpec::parse(&GOOD.replace("\"logistic_regression\"", "\"resnet\""), "f", &Limits::default()).unwrap_err();
+        assert_eq!(e.errors[0].0, "model.kind");
+        let e = JobSpec::parse("name = ", "f.toml", &Limits::default()).unwrap_err();
+        assert_eq!(e.errors[0].0, "(syntax)");
+        let e = JobSpec::parse(&GOOD.replace("\"hospital-b\"", "\"Bad Name\""), "f", &Limits::default()).unwrap_err();
+        assert_eq!(e.errors[0].0, "parties.names[1]");
+        let big = "#".repeat(Limits::default().max_spec_bytes + 1);
+        assert!(JobSpec::parse(&big, "f", &Limits::default()).is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! Wire types of the Confide federation.
+//!
+//! * [`pb`]: the gRPC services and messages generated from `proto/confide.proto`.
+//! * [`transfer`]: chunked tensor transfer with size checks before buffering.
+//! * [`jobspec`]: the TOML job spec and its validation (every error with its
+//!   field path and file name).
+//! * [`status`]: the JSON job status shown by `confide job status --json`.
+//! * [`Limits`]: every size the federation enforces at its boundaries.
+
+pub mod jobspec;
+pub mod status;
+pub mod transfer;
+
+mod error;
+pub use error::Error;
+
+/// Generated protobuf and gRPC code (package `confide.v1`).
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("confide.v1");
+}
+
+/// Software version announced in `Hello`/`Welcome`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Sizes enforced at the federation's boundaries. Both ends check them before
+/// buffering, so an oversized or lying peer costs at most one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest encoded gRPC message accepted (tonic's decoding limit).
+    pub max_message_bytes: usize,
+    /// Size of the chunks large tensors are split into.
+    pub chunk_bytes: usize,
+    /// Most parameter values in one model or update.
+    pub max_values: usize,
+    /// Most tensors in one model.
+    pub max_tensors: usize,
+    /// Most parties in one job.
+    pub max_parties: usize,
+    /// Largest job spec accepted.
+    pub max_spec_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 4 << 20,
+            chunk_bytes: 1 << 20,
+            max_values: 64 << 20,
+            max_tensors: 4096,
+            max_parties: 1000,
+            max_spec_bytes: 64 << 10,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that the limits are coherent (a chunk plus framing fits in a message).
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.chunk_bytes == 0 || self.chunk_bytes % 4 != 0 || self.chunk_bytes + 1024 > self.max_message_bytes {
+            return Err(Error::InvalidInput(format!(
+                "limits.chunk_bytes ({}) must be a positive multiple of 4 and at least 1 KiB below limits.max_message_bytes ({})",
+                self.chunk_bytes, self.max_message_bytes
+            )));
+        }
+        if self.max_values == 0 || self.max_tensors == 0 || self.max_parties == 0 || self.max_spec_bytes == 0 {
+            return Err(Error::InvalidInput("limits: every limit must be positive".into()));
+        }
+        Ok(())
+    }
+}
