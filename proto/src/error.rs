@@ -11,6 +11,9 @@ pub enum Error {
     /// The peer broke the protocol (out-of-order chunk, wrong ids, ...).
     #[error("protocol violation: {0}")]
     ProtocolViolation(String),
+    /// The connection could not be made or broke.
+    #[error("{0}")]
+    Transport(String),
     /// A job spec failed validation; lists every error.
     #[error("{0}")]
     Spec(#[from] crate::jobspec::SpecErrors),

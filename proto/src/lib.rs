@@ -8,6 +8,7 @@
 //! * [`Limits`]: every size the federation enforces at its boundaries.
 
 pub mod jobspec;
+pub mod net;
 pub mod status;
 pub mod transfer;
 

@@ -1,0 +1,503 @@
+//! The `confide` command: PKI, the coordinator, and job management.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use confide_crypto::pki::PkiDir;
+use confide_proto::jobspec::JobSpec;
+use confide_proto::net::{ClientIdentity, connect, source_chain};
+use confide_proto::pb::admin_service_client::AdminServiceClient;
+use confide_proto::pb;
+use confide_proto::status::{JobState, JobStatus};
+use confide_proto::Limits;
+use indicatif::{ProgressBar, ProgressStyle};
+use tonic::transport::Channel;
+
+use crate::server::{self, CoordinatorConfig};
+use crate::Error;
+
+/// Confide: privacy-preserving federated computation.
+#[derive(Parser, Debug)]
+#[command(name = "confide", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create and extend the federation's PKI.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Run the coordinator.
+    #[command(subcommand)]
+    Coordinator(CoordinatorCmd),
+    /// Submit, inspect and manage jobs.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Prepare data files (for demos and tests).
+    #[command(subcommand)]
+    Data(DataCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCmd {
+    /// Split a labelled CSV into one file per party plus a held-out test file.
+    Split {
+        /// Input CSV (label in the last column).
+        #[arg(long)]
+        input: PathBuf,
+        /// Skip the first line of the input.
+        #[arg(long)]
+        header: bool,
+        /// Party names; one output file each.
+        #[arg(long, value_delimiter = ',')]
+        parties: Vec<String>,
+        /// Relative sizes of the parties' shares (default: equal).
+        #[arg(long, value_delimiter = ',')]
+        weights: Vec<f64>,
+        /// Fraction of rows held out as `test.csv`.
+        #[arg(long, default_value_t = 0.2)]
+        test_fraction: f64,
+        /// Seed of the shuffle.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCmd {
+    /// Create a federation CA and certificates for the coordinator, the admin CLI and each party.
+    Init {
+        /// Directory to write into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Comma-separated party names.
+        #[arg(long, value_delimiter = ',')]
+        parties: Vec<String>,
+        /// Host names or IPs the coordinator is reached at (localhost and 127.0.0.1 are always included).
+        #[arg(long = "coordinator-host")]
+        coordinator_hosts: Vec<String>,
+        /// Federation name, recorded in the CA's subject.
+        #[arg(long, default_value = "confide")]
+        federation: String,
+    },
+    /// Issue and enroll one more party without touching the others.
+    Issue {
+        /// The PKI directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new party's name.
+        #[arg(long)]
+        party: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CoordinatorCmd {
+    /// Serve parties and the admin API until interrupted.
+    Serve {
+        /// TOML config file (listen, data_dir, pki, [limits]); flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Database and model directory.
+        #[arg(long = "data-dir")]
+        data_dir: Option<PathBuf>,
+        /// PKI directory.
+        #[arg(long)]
+        pki: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct AdminConn {
+    /// Coordinator URL.
+    #[arg(long, env = "CONFIDE_COORDINATOR", default_value = "https://127.0.0.1:7443", global = true)]
+    coordinator: String,
+    /// PKI directory holding ca.pem, admin.pem and admin.key.
+    #[arg(long, env = "CONFIDE_PKI", default_value = "pki", global = true)]
+    pki: PathBuf,
+    /// Name in the coordinator's certificate.
+    #[arg(long, env = "CONFIDE_SERVER_NAME", default_value = "localhost", global = true)]
+    server_name: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum JobCmd {
+    /// Check a job spec locally, without a coordinator.
+    Validate {
+        /// The spec.
+        file: PathBuf,
+    },
+    /// Submit a job spec.
+    Submit {
+        /// The spec.
+        file: PathBuf,
+        /// Follow progress until the job ends.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// List jobs.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Show a job's status.
+    Status {
+        /// Job id.
+        id: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Follow a job with a progress bar until it ends.
+    Watch {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Download a job's latest model (safetensors).
+    Model {
+        /// Job id.
+        id: String,
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> Result<i32, Error> {
+    match cli.command {
+        Command::Certs(CertsCmd::Init { dir, parties, coordinator_hosts, federation }) => {
+            let pki = PkiDir::new(&dir);
+            pki.init(&federation, &parties, &coordinator_hosts)?;
+            println!("created federation PKI in {} for parties: {}", dir.display(), parties.join(", "));
+            Ok(0)
+        }
+        Command::Certs(CertsCmd::Issue { dir, party }) => {
+            PkiDir::new(&dir).issue_party(&party)?;
+            println!("issued and enrolled party {party} in {}", dir.display());
+            Ok(0)
+        }
+        Command::Coordinator(CoordinatorCmd::Serve { config, listen, data_dir, pki }) => {
+            let cfg = coordinator_config(config.as_deref(), listen, data_dir, pki)?;
+            let running = server::start(cfg).await?;
+            println!("coordinator listening on {}", running.local_addr);
+            tokio::select! {
+                r = running_wait(running) => r?,
+                _ = shutdown_signal() => tracing::info!("shutting down"),
+            }
+            Ok(0)
+        }
+        Command::Job(cmd) => job(cmd).await,
+        Command::Data(DataCmd::Split { input, header, parties, weights, test_fraction, seed, out }) => {
+            split_data(&input, header, &parties, &weights, test_fraction, seed, &out)?;
+            Ok(0)
+        }
+    }
+}
+
+fn split_data(
+    input: &Path,
+    header: bool,
+    parties: &[String],
+    weights: &[f64],
+    test_fraction: f64,
+    seed: u64,
+    out: &Path,
+) -> Result<(), Error> {
+    use confide_algorithms::data::{CsvOptions, Dataset};
+    if parties.is_empty() {
+        return Err(Error::InvalidInput("--parties: name at least one party".into()));
+    }
+    let weights: Vec<f64> = if weights.is_empty() { vec![1.0; parties.len()] } else { weights.to_vec() };
+    if weights.len() != parties.len() || weights.iter().any(|w| !(w.is_finite() && *w > 0.0)) {
+        return Err(Error::InvalidInput("--weights: one positive weight per party".into()));
+    }
+    if !(0.0..0.9).contains(&test_fraction) {
+        return Err(Error::InvalidInput("--test-fraction: must be in [0, 0.9)".into()));
+    }
+    let ds = Dataset::load_csv(input, &CsvOptions { header, label_column: -1 })?;
+    let (rest, test) = ds.split(test_fraction, seed);
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let total: f64 = weights.iter().sum();
+    let mut start = 0usize;
+    for (i, (party, w)) in parties.iter().zip(&weights).enumerate() {
+        let end = if i + 1 == parties.len() { rest.len() } else { start + (rest.len() as f64 * w / total).round() as usize };
+        let idx: Vec<usize> = (start..end.min(rest.len())).collect();
+        let part = rest.select(&idx);
+        let path = out.join(format!("{party}.csv"));
+        std::fs::write(&path, part.to_csv()).map_err(|e| Error::io(&path, e))?;
+        println!("{}: {} rows", path.display(), part.len());
+        start = end.min(rest.len());
+    }
+    let path = out.join("test.csv");
+    std::fs::write(&path, test.to_csv()).map_err(|e| Error::io(&path, e))?;
+    println!("{}: {} rows (held out)", path.display(), test.len());
+    Ok(())
+}
+
+async fn running_wait(r: server::RunningCoordinator) -> Result<(), Error> {
+    r.wait().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+fn coordinator_config(
+    file: Option<&Path>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    pki: Option<PathBuf>,
+) -> Result<CoordinatorConfig, Error> {
+    let mut cfg = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let mut cfg: CoordinatorConfig = toml::from_str(&text)
+                .map_err(|e| Error::InvalidInput(format!("{}: {}", path.display(), e.to_string().trim())))?;
+            let base = path.parent().unwrap_or(Path::new("."));
+            cfg.data_dir = base.join(&cfg.data_dir);
+            cfg.pki = base.join(&cfg.pki);
+            cfg
+        }
+        None => CoordinatorConfig {
+            listen: "127.0.0.1:7443".parse().map_err(|_| Error::InvalidInput("listen".into()))?,
+            data_dir: PathBuf::from("confide-data"),
+            pki: PathBuf::from("pki"),
+            limits: Limits::default(),
+        },
+    };
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    if let Some(d) = data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(p) = pki {
+        cfg.pki = p;
+    }
+    Ok(cfg)
+}
+
+async fn admin(conn: &AdminConn) -> Result<AdminServiceClient<Channel>, Error> {
+    let pki = PkiDir::new(&conn.pki);
+    let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
+    let id = ClientIdentity { url: &conn.coordinator, server_name: &conn.server_name, ca: &ca, cert: &cert, key: &key };
+    let channel = connect(&id).await.map_err(|e| Error::Io(e.to_string()))?;
+    let max = Limits::default().max_message_bytes;
+    Ok(AdminServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max))
+}
+
+fn rpc_err(s: tonic::Status) -> Error {
+    match s.code() {
+        tonic::Code::InvalidArgument => Error::InvalidInput(s.message().to_owned()),
+        tonic::Code::NotFound => Error::NotFound(s.message().to_owned()),
+        _ => Error::Io(format!("coordinator: {} ({:?}){}", s.message(), s.code(), source_suffix(&s))),
+    }
+}
+
+fn source_suffix(s: &tonic::Status) -> String {
+    use std::error::Error as _;
+    s.source().map(|e| format!(": {}", source_chain(e))).unwrap_or_default()
+}
+
+fn parse_status(json: &str) -> Result<JobStatus, Error> {
+    serde_json::from_str(json).map_err(|e| Error::Io(format!("unreadable status from the coordinator: {e}")))
+}
+
+async fn job(cmd: JobCmd) -> Result<i32, Error> {
+    match cmd {
+        JobCmd::Validate { file } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+            JobSpec::parse(&text, &file.display().to_string(), &Limits::default())?;
+            println!("{}: valid", file.display());
+            Ok(0)
+        }
+        JobCmd::Submit { file, watch, conn } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+            let name = file.display().to_string();
+            // Validate locally first so errors show without a round trip.
+            JobSpec::parse(&text, &name, &Limits::default())?;
+            let mut client = admin(&conn).await?;
+            let id = client
+                .submit_job(pb::SubmitJobRequest { spec_toml: text, file_name: name })
+                .await
+                .map_err(rpc_err)?
+                .into_inner()
+                .job_id;
+            println!("{id}");
+            if watch { watch_job(&mut client, &id).await } else { Ok(0) }
+        }
+        JobCmd::List { json, conn } => {
+            let mut client = admin(&conn).await?;
+            let jobs = client.list_jobs(pb::ListJobsRequest {}).await.map_err(rpc_err)?.into_inner().jobs_json;
+            let jobs: Vec<JobStatus> = jobs.iter().map(|j| parse_status(j)).collect::<Result<_, _>>()?;
+            if json {
+                println!("{}", serde_json::to_string(&jobs).unwrap_or_default());
+            } else {
+                println!("{:<22} {:<24} {:<10} {:>7}  {}", "ID", "NAME", "STATE", "ROUNDS", "METRICS");
+                for j in jobs {
+                    println!(
+                        "{:<22} {:<24} {:<10} {:>3}/{:<3}  {}",
+                        j.id,
+                        j.name,
+                        j.state.as_str(),
+                        j.rounds_completed,
+                        j.rounds_total,
+                        metrics_line(&j)
+                    );
+                }
+            }
+            Ok(0)
+        }
+        JobCmd::Status { id, json, conn } => {
+            let mut client = admin(&conn).await?;
+            let st = client.get_job(pb::JobRef { job_id: id }).await.map_err(rpc_err)?.into_inner().status_json;
+            if json {
+                println!("{st}");
+            } else {
+                print_status(&parse_status(&st)?);
+            }
+            Ok(0)
+        }
+        JobCmd::Watch { id, conn } => {
+            let mut client = admin(&conn).await?;
+            watch_job(&mut client, &id).await
+        }
+        JobCmd::Cancel { id, conn } => {
+            let mut client = admin(&conn).await?;
+            let st = client.cancel_job(pb::JobRef { job_id: id }).await.map_err(rpc_err)?.into_inner();
+            let st = parse_status(&st.status_json)?;
+            println!("job {} is {}", st.id, st.state.as_str());
+            Ok(0)
+        }
+        JobCmd::Model { id, out, conn } => {
+            let mut client = admin(&conn).await?;
+            let mut stream = client.get_model(pb::JobRef { job_id: id.clone() }).await.map_err(rpc_err)?.into_inner();
+            let mut bytes = Vec::new();
+            let mut round = 0;
+            while let Some(c) = stream.message().await.map_err(rpc_err)? {
+                if c.total_bytes > 1 << 34 || bytes.len() + c.data.len() > c.total_bytes as usize {
+                    return Err(Error::Io("model transfer exceeds its announced size".into()));
+                }
+                round = c.round;
+                bytes.extend_from_slice(&c.data);
+            }
+            confide_algorithms::Parameters::from_safetensors(&bytes)?;
+            let tmp = out.with_extension("part");
+            std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
+            std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
+            println!("wrote the round-{round} model of job {id} to {} ({} bytes)", out.display(), bytes.len());
+            Ok(0)
+        }
+    }
+}
+
+fn metrics_line(st: &JobStatus) -> String {
+    st.metrics
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "num_examples" | "train_examples" | "round_ms"))
+        .map(|(k, v)| format!("{k}={v:.4}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn print_status(st: &JobStatus) {
+    println!("job {} ({}, {})", st.id, st.name, st.kind);
+    println!("  state:   {}", st.state.as_str());
+    println!("  rounds:  {}/{}", st.rounds_completed, st.rounds_total);
+    println!("  privacy: {}", st.privacy.mode);
+    if !st.metrics.is_empty() {
+        println!("  metrics: {}", metrics_line(st));
+    }
+    for (name, p) in &st.parties {
+        let detail = p.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default();
+        println!("  party {name}: {}{detail}", p.state.as_str());
+    }
+    if let Some(m) = &st.model {
+        println!("  model:   round {} at {}", m.round, m.path);
+    }
+    if let Some(e) = &st.error {
+        println!("  error:   {e}");
+    }
+}
+
+async fn watch_job(client: &mut AdminServiceClient<Channel>, id: &str) -> Result<i32, Error> {
+    let mut stream = client.watch_job(pb::JobRef { job_id: id.to_owned() }).await.map_err(rpc_err)?.into_inner();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] round {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(250));
+    let mut last: Option<JobStatus> = None;
+    while let Some(reply) = stream.message().await.map_err(rpc_err)? {
+        let st = parse_status(&reply.status_json)?;
+        bar.set_prefix(st.state.as_str().to_string());
+        bar.set_length(u64::from(st.rounds_total));
+        bar.set_position(u64::from(st.rounds_completed));
+        bar.set_message(metrics_line(&st));
+        if bar.is_hidden() {
+            // Not a terminal (CI, pipes): print a line per completed round.
+            if last.as_ref().is_none_or(|l| l.rounds_completed != st.rounds_completed || l.state != st.state) {
+                println!(
+                    "[{}] round {}/{} {}",
+                    st.state.as_str(),
+                    st.rounds_completed,
+                    st.rounds_total,
+                    metrics_line(&st)
+                );
+                let _ = std::io::stdout().flush();
+            }
+        }
+        let done = st.state.is_terminal();
+        last = Some(st);
+        if done {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let Some(st) = last else { return Err(Error::Io("the coordinator sent no status".into())) };
+    print_status(&st);
+    Ok(if st.state == JobState::Succeeded { 0 } else { 1 })
+}

@@ -1,0 +1,418 @@
+//! The coordinator's embedded SQLite database: federation, jobs, party
+//! statuses, rounds and metrics. Model checkpoints are safetensors files in
+//! `DATA_DIR/models/JOB/`, written (and fsynced) before the row that points at
+//! them, so a crash never leaves a row without its model.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use confide_proto::jobspec::JobSpec;
+use confide_proto::status::{
+    JobState, JobStatus, ModelInfo, PartyState, PartyStatus, PrivacyStatus, RoundRecord,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::Error;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema
+    "CREATE TABLE parties (
+        name TEXT PRIMARY KEY,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        connected INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        spec_toml TEXT NOT NULL,
+        state TEXT NOT NULL,
+        privacy_mode TEXT NOT NULL,
+        rounds_total INTEGER NOT NULL,
+        rounds_completed INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        model_round INTEGER,
+        model_path TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE job_parties (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        party TEXT NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT,
+        last_round INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (job_id, party)
+    );
+    CREATE TABLE rounds (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        round INTEGER NOT NULL,
+        metrics_json TEXT NOT NULL,
+        participants_json TEXT NOT NULL,
+        dropped_json TEXT NOT NULL,
+        completed_at INTEGER NOT NULL,
+        PRIMARY KEY (job_id, round)
+    );",
+];
+
+/// A job that was not finished when the coordinator stopped.
+#[derive(Debug, Clone)]
+pub struct UnfinishedJob {
+    /// Job id.
+    pub id: String,
+    /// Its spec, TOML.
+    pub spec_toml: String,
+    /// Rounds completed.
+    pub rounds_completed: u32,
+    /// Latest checkpoint (round, path), if any.
+    pub model: Option<(u32, PathBuf)>,
+    /// Persisted party statuses.
+    pub parties: BTreeMap<String, PartyStatus>,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    conn: Arc<Mutex<Connection>>,
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn sql(e: rusqlite::Error) -> Error {
+    Error::Storage(e.to_string())
+}
+
+impl Db {
+    /// Opens (creating if needed) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Db, Error> {
+        let mut conn = Connection::open(path).map_err(|e| Error::Storage(format!("{}: {e}", path.display())))?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+            .map_err(sql)?;
+        let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql)?;
+        if version > MIGRATIONS.len() {
+            return Err(Error::Storage(format!(
+                "{}: schema version {version} is newer than this confide understands ({}); upgrade confide",
+                path.display(),
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction().map_err(sql)?;
+            tx.execute_batch(m).map_err(sql)?;
+            tx.pragma_update(None, "user_version", i + 1).map_err(sql)?;
+            tx.commit().map_err(sql)?;
+        }
+        Ok(Db { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (transactions roll back), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that a party connected or disconnected.
+    pub fn party_seen(&self, name: &str, connected: bool) -> Result<(), Error> {
+        let now = unix_now() as i64;
+        self.lock()
+            .execute(
+                "INSERT INTO parties (name, first_seen, last_seen, connected) VALUES (?1, ?2, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET last_seen = ?2, connected = ?3",
+                params![name, now, connected],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Marks every party disconnected (at start-up).
+    pub fn reset_connections(&self) -> Result<(), Error> {
+        self.lock().execute("UPDATE parties SET connected = 0", []).map_err(sql)?;
+        Ok(())
+    }
+
+    /// Stores a newly submitted job.
+    pub fn insert_job(&self, id: &str, spec: &JobSpec) -> Result<(), Error> {
+        let now = unix_now() as i64;
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO jobs (id, name, kind, spec_toml, state, privacy_mode, rounds_total, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?7)",
+            params![id, spec.name, spec.kind.as_str(), spec.to_toml(), spec.privacy.mode.as_str(), spec.rounds, now],
+        )
+        .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Sets a job's state (and error).
+    pub fn set_job_state(&self, id: &str, state: JobState, error: Option<&str>) -> Result<(), Error> {
+        self.lock()
+            .execute(
+                "UPDATE jobs SET state = ?2, error = COALESCE(?3, error), updated_at = ?4 WHERE id = ?1",
+                params![id, state.as_str(), error, unix_now() as i64],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Replaces a job's party statuses.
+    pub fn save_parties(&self, id: &str, parties: &BTreeMap<String, PartyStatus>) -> Result<(), Error> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(sql)?;
+        for (name, st) in parties {
+            tx.execute(
+                "INSERT INTO job_parties (job_id, party, state, detail, last_round) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(job_id, party) DO UPDATE SET state = ?3, detail = ?4, last_round = ?5",
+                params![id, name, st.state.as_str(), st.detail, st.last_round],
+            )
+            .map_err(sql)?;
+        }
+        tx.execute("UPDATE jobs SET updated_at = ?2 WHERE id = ?1", params![id, unix_now() as i64]).map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
+    /// Records a checkpoint: the model file (already durable) and, for a
+    /// training round, its record, in one transaction.
+    pub fn save_checkpoint(&self, id: &str, round: u32, model: &Path, record: Option<&RoundRecord>) -> Result<(), Error> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(sql)?;
+        if let Some(r) = record {
+            let json = |v: &dyn erased::Json| v.to_json();
+            tx.execute(
+                "INSERT OR REPLACE INTO rounds (job_id, round, metrics_json, participants_json, dropped_json, completed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, r.round, json(&r.metrics), json(&r.participants), json(&r.dropped), r.completed_at as i64],
+            )
+            .map_err(sql)?;
+        }
+        tx.execute(
+            "UPDATE jobs SET rounds_completed = ?2, model_round = ?3, model_path = ?4, state = 'running', updated_at = ?5
+             WHERE id = ?1",
+            params![id, record.map_or(0, |r| r.round), round, model.to_string_lossy(), unix_now() as i64],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
+    /// Jobs that were pending or running.
+    pub fn unfinished_jobs(&self) -> Result<Vec<UnfinishedJob>, Error> {
+        let ids: Vec<String> = {
+            let conn = self.lock();
+            let mut st = conn
+                .prepare("SELECT id FROM jobs WHERE state IN ('pending', 'running') ORDER BY created_at")
+                .map_err(sql)?;
+            st.query_map([], |r| r.get(0)).map_err(sql)?.collect::<Result<_, _>>().map_err(sql)?
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            let conn = self.lock();
+            let (spec_toml, rounds_completed, model_round, model_path): (String, u32, Option<u32>, Option<String>) = conn
+                .query_row(
+                    "SELECT spec_toml, rounds_completed, model_round, model_path FROM jobs WHERE id = ?1",
+                    [&id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .map_err(sql)?;
+            drop(conn);
+            let parties = self.parties_of(&id)?;
+            out.push(UnfinishedJob {
+                id,
+                spec_toml,
+                rounds_completed,
+                model: model_round.zip(model_path.map(PathBuf::from)),
+                parties,
+            });
+        }
+        Ok(out)
+    }
+
+    fn parties_of(&self, id: &str) -> Result<BTreeMap<String, PartyStatus>, Error> {
+        let conn = self.lock();
+        let mut st = conn
+            .prepare("SELECT party, state, detail, last_round FROM job_parties WHERE job_id = ?1")
+            .map_err(sql)?;
+        let rows = st
+            .query_map([id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?, r.get(3)?))
+            })
+            .map_err(sql)?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (name, state, detail, last_round) = row.map_err(sql)?;
+            let state = PartyState::parse(&state)
+                .ok_or_else(|| Error::Storage(format!("job {id}: party {name} has unknown state {state:?}")))?;
+            out.insert(name, PartyStatus { state, detail, last_round });
+        }
+        Ok(out)
+    }
+
+    /// The model checkpoint of a job: (round, path).
+    pub fn model_of(&self, id: &str) -> Result<Option<(u32, PathBuf)>, Error> {
+        let row: Option<(Option<u32>, Option<String>)> = self
+            .lock()
+            .query_row("SELECT model_round, model_path FROM jobs WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(sql)?;
+        match row {
+            None => Err(Error::NotFound(format!("job {id}"))),
+            Some((r, p)) => Ok(r.zip(p.map(PathBuf::from))),
+        }
+    }
+
+    /// The full status of a job.
+    pub fn job_status(&self, id: &str, with_history: bool) -> Result<JobStatus, Error> {
+        type Row = (String, String, String, String, u32, u32, Option<String>, Option<u32>, Option<String>, i64, i64);
+        let row: Option<Row> = self
+            .lock()
+            .query_row(
+                "SELECT name, kind, state, privacy_mode, rounds_total, rounds_completed, error, model_round, model_path,
+                        created_at, updated_at FROM jobs WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                        r.get(9)?,
+                        r.get(10)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql)?;
+        let (name, kind, state, mode, total, done, error, model_round, model_path, created, updated) =
+            row.ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+        let history = self.history(id, if with_history { u32::MAX } else { 1 })?;
+        let metrics = history.last().map(|r| r.metrics.clone()).unwrap_or_default();
+        Ok(JobStatus {
+            id: id.to_owned(),
+            name,
+            kind,
+            state: JobState::parse(&state).unwrap_or(JobState::Failed),
+            rounds_completed: done,
+            rounds_total: total,
+            parties: self.parties_of(id)?,
+            metrics,
+            history: if with_history { history } else { Vec::new() },
+            privacy: PrivacyStatus { mode, epsilon: None, delta: None },
+            error,
+            model: model_round
+                .zip(model_path)
+                .map(|(round, path)| ModelInfo { round, path }),
+            created_at: created as u64,
+            updated_at: updated as u64,
+        })
+    }
+
+    /// The last `limit` round records, oldest first.
+    fn history(&self, id: &str, limit: u32) -> Result<Vec<RoundRecord>, Error> {
+        let conn = self.lock();
+        let mut st = conn
+            .prepare(
+                "SELECT round, metrics_json, participants_json, dropped_json, completed_at FROM rounds
+                 WHERE job_id = ?1 ORDER BY round DESC LIMIT ?2",
+            )
+            .map_err(sql)?;
+        let rows = st
+            .query_map(params![id, limit], |r| {
+                Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?))
+            })
+            .map_err(sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (round, m, p, d, at) = row.map_err(sql)?;
+            let bad = |e: serde_json::Error| Error::Storage(format!("job {id} round {round}: {e}"));
+            out.push(RoundRecord {
+                round,
+                metrics: serde_json::from_str(&m).map_err(bad)?,
+                participants: serde_json::from_str(&p).map_err(bad)?,
+                dropped: serde_json::from_str(&d).map_err(bad)?,
+                completed_at: at as u64,
+            });
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Every job, newest first, without history.
+    pub fn list_jobs(&self) -> Result<Vec<JobStatus>, Error> {
+        let ids: Vec<String> = {
+            let conn = self.lock();
+            let mut st = conn.prepare("SELECT id FROM jobs ORDER BY created_at DESC, id DESC").map_err(sql)?;
+            st.query_map([], |r| r.get(0)).map_err(sql)?.collect::<Result<_, _>>().map_err(sql)?
+        };
+        ids.iter().map(|id| self.job_status(id, false)).collect()
+    }
+}
+
+mod erased {
+    /// Object-safe JSON encoding for the few serde types stored as JSON text.
+    pub trait Json {
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_else(|_| "null".into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_proto::Limits;
+
+    const SPEC: &str = "name = \"t\"\nkind = \"train\"\nrounds = 2\n[parties]\nnames = [\"a\"]\ndataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\n";
+
+    #[test]
+    fn job_lifecycle_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let spec = JobSpec::parse(SPEC, "t", &Limits::default()).unwrap();
+        {
+            let db = Db::open(&path).unwrap();
+            db.insert_job("j1", &spec).unwrap();
+            let mut parties = BTreeMap::new();
+            parties.insert("a".to_string(), PartyStatus { state: PartyState::Accepted, detail: None, last_round: 1 });
+            db.save_parties("j1", &parties).unwrap();
+            let rec = RoundRecord {
+                round: 1,
+                metrics: [("loss".to_string(), 0.5)].into(),
+                participants: vec!["a".into()],
+                dropped: BTreeMap::new(),
+                completed_at: 5,
+            };
+            db.save_checkpoint("j1", 1, Path::new("/m/round-1"), Some(&rec)).unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let st = db.job_status("j1", true).unwrap();
+        assert_eq!((st.state, st.rounds_completed, st.rounds_total), (JobState::Running, 1, 2));
+        assert_eq!(st.metrics["loss"], 0.5);
+        assert_eq!(st.history.len(), 1);
+        let un = db.unfinished_jobs().unwrap();
+        assert_eq!(un[0].model, Some((1, PathBuf::from("/m/round-1"))));
+        db.set_job_state("j1", JobState::Failed, Some("boom")).unwrap();
+        assert!(db.unfinished_jobs().unwrap().is_empty());
+        assert_eq!(db.job_status("j1", false).unwrap().error.as_deref(), Some("boom"));
+        assert!(matches!(db.job_status("nope", false), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        assert!(Db::open(&path).is_err());
+    }
+}

@@ -1,0 +1,146 @@
+//! Mutual TLS 1.3 for the coordinator (server side) and the CLI (client side).
+//!
+//! The coordinator runs its own accept loop instead of tonic's built-in TLS so
+//! that every refused peer is logged with the reason: no certificate, another
+//! CA, expired, unknown role, or a party name not enrolled.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use confide_crypto::pki::{self, PkiDir, Role};
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::{info, warn};
+
+use crate::Error;
+
+/// Reads every certificate in a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Tls(format!("{}: no certificate found", path.display())));
+    }
+    Ok(certs)
+}
+
+/// Reads a private key from a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    rustls_pemfile::private_key(&mut data.as_slice())
+        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?
+        .ok_or_else(|| Error::Tls(format!("{}: no private key found", path.display())))
+}
+
+/// The server configuration: TLS 1.3 only, client certificates required and
+/// verified against the federation CA, ALPN h2 for gRPC.
+pub fn server_config(pki: &PkiDir) -> Result<rustls::ServerConfig, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(&pki.ca_cert())? {
+        roots.add(c).map_err(|e| Error::Tls(format!("{}: {e}", pki.ca_cert().display())))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&pki.coordinator_cert())?, load_key(&pki.coordinator_key())?)
+        .map_err(|e| Error::Tls(format!("{}: {e}", pki.coordinator_cert().display())))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// Accepts TCP connections, runs the TLS handshake and the enrollment check,
+/// and hands authenticated streams to tonic through the returned channel.
+pub fn accept_loop(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    pki: PkiDir,
+) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (acceptor, tx, pki) = (acceptor.clone(), tx.clone(), pki.clone());
+            tokio::spawn(async move {
+                if let Some(stream) = handshake(acceptor, tcp, addr, &pki).await {
+                    let _ = tx.send(Ok(stream)).await;
+                }
+            });
+        }
+    });
+    rx
+}
+
+async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, addr: SocketAddr, pki: &PkiDir) -> Option<TlsStream<TcpStream>> {
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Err(_) => {
+            warn!(peer = %addr, "refused connection: TLS handshake timed out");
+            return None;
+        }
+        Ok(Err(e)) => {
+            warn!(peer = %addr, "refused connection: TLS handshake failed: {e}");
+            return None;
+        }
+        Ok(Ok(s)) => s,
+    };
+    let Some(cert) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        warn!(peer = %addr, "refused connection: no client certificate");
+        return None;
+    };
+    let id = match pki::peer_identity(cert) {
+        Ok(id) => id,
+        Err(e) => {
+            warn!(peer = %addr, "refused connection: {e}");
+            return None;
+        }
+    };
+    match id.role {
+        Role::Admin => {}
+        Role::Coordinator => {
+            warn!(peer = %addr, name = %id.name, "refused connection: a coordinator certificate cannot be used as a client");
+            return None;
+        }
+        Role::Party => match pki.enrolled() {
+            Ok(list) if list.contains(&id.name) => {}
+            Ok(_) => {
+                warn!(peer = %addr, party = %id.name, "refused connection: party {} is not enrolled in this federation", id.name);
+                return None;
+            }
+            Err(e) => {
+                warn!(peer = %addr, party = %id.name, "refused connection: cannot read the enrollment list: {e}");
+                return None;
+            }
+        },
+    }
+    info!(peer = %addr, name = %id.name, role = ?id.role, "authenticated connection");
+    Some(stream)
+}
+
+/// The identity of the peer of a request (already verified by [`accept_loop`]).
+pub fn peer_of<T>(req: &tonic::Request<T>) -> Result<pki::PeerIdentity, tonic::Status> {
+    let certs = req.peer_certs().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
+    let cert = certs.first().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
+    pki::peer_identity(cert).map_err(|e| tonic::Status::unauthenticated(e.to_string()))
+}
