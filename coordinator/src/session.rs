@@ -203,7 +203,10 @@ struct Collect {
 
 #[derive(Debug)]
 enum Phase {
-    Recruiting { deadline: Millis, resume_round: Option<u32> },
+    Recruiting {
+        deadline: Millis,
+        resume_round: Option<u32>,
+    },
     Collecting(Collect),
     Done,
 }
@@ -243,15 +246,23 @@ impl Session {
             next_task_id: 1,
             record: None,
             out: VecDeque::new(),
-            phase: Phase::Recruiting { deadline, resume_round: None },
+            phase: Phase::Recruiting {
+                deadline,
+                resume_round: None,
+            },
             spec,
         };
         for name in &s.spec.parties.names {
-            s.parties.insert(name.clone(), status(PartyState::Invited, None, 0));
+            s.parties
+                .insert(name.clone(), status(PartyState::Invited, None, 0));
         }
         match start {
             Start::Fresh { model } => s.global = model.map(Arc::new),
-            Start::Resume { round, model, parties } => {
+            Start::Resume {
+                round,
+                model,
+                parties,
+            } => {
                 s.global = Some(Arc::new(model));
                 s.rounds_completed = round;
                 s.next_task_id = u64::from(round + 1) << 32;
@@ -264,7 +275,10 @@ impl Session {
                     };
                     s.parties.insert(name, PartyStatus { state, ..st });
                 }
-                s.phase = Phase::Recruiting { deadline, resume_round: Some(round) };
+                s.phase = Phase::Recruiting {
+                    deadline,
+                    resume_round: Some(round),
+                };
             }
         }
         s
@@ -323,28 +337,45 @@ impl Session {
                 self.connected.remove(&p);
                 self.drop_from_stage(&p, "disconnected");
             }
-            Input::Answer { party, accepted, reason } => self.on_answer(party, accepted, reason),
-            Input::Result { party, task_id, result } => self.on_result(party, task_id, result),
-            Input::TaskFailed { party, task_id, reason } => {
+            Input::Answer {
+                party,
+                accepted,
+                reason,
+            } => self.on_answer(party, accepted, reason),
+            Input::Result {
+                party,
+                task_id,
+                result,
+            } => self.on_result(party, task_id, result),
+            Input::TaskFailed {
+                party,
+                task_id,
+                reason,
+            } => {
                 if self.is_current_task(&party, task_id) {
                     self.drop_from_stage(&party, &reason);
                 }
             }
             // Deadlines are checked by `advance`, which runs after every input.
             Input::Tick => {}
-            Input::Cancel => self.finish(JobState::Cancelled, Some("cancelled by the administrator".into())),
+            Input::Cancel => self.finish(
+                JobState::Cancelled,
+                Some("cancelled by the administrator".into()),
+            ),
         }
         self.advance(now);
     }
 
     fn on_connected(&mut self, p: String) {
         self.connected.insert(p.clone());
-        let open_recruitment = self.spec.parties.names.is_empty() && matches!(self.phase, Phase::Recruiting { .. });
+        let open_recruitment =
+            self.spec.parties.names.is_empty() && matches!(self.phase, Phase::Recruiting { .. });
         match self.parties.get(&p).map(|s| s.state) {
             Some(PartyState::Refused | PartyState::Failed) => {}
             Some(_) => self.out.push_back(Output::Offer { party: p }),
             None if open_recruitment && self.parties.len() < 1000 => {
-                self.parties.insert(p.clone(), status(PartyState::Invited, None, 0));
+                self.parties
+                    .insert(p.clone(), status(PartyState::Invited, None, 0));
                 self.out.push_back(Output::Offer { party: p });
             }
             None => {}
@@ -352,7 +383,9 @@ impl Session {
     }
 
     fn on_answer(&mut self, party: String, accepted: bool, reason: String) {
-        let Some(st) = self.parties.get_mut(&party) else { return };
+        let Some(st) = self.parties.get_mut(&party) else {
+            return;
+        };
         if matches!(st.state, PartyState::Refused | PartyState::Failed) {
             return;
         }
@@ -375,14 +408,28 @@ impl Session {
             return; // stale or unsolicited: ignore
         }
         let expected = self.global.as_ref().map(|g| g.spec());
-        let Phase::Collecting(c) = &mut self.phase else { return };
+        let Phase::Collecting(c) = &mut self.phase else {
+            return;
+        };
         let verdict: Result<(), String> = match (c.stage, result) {
             (Stage::Setup, StageResult::Setup { params, stats }) => {
                 c.setup.insert(party.clone(), (params, stats));
                 Ok(())
             }
-            (Stage::Fit, StageResult::Fit { num_examples, params, metrics }) => {
-                let r = FitResult { party: party.clone(), num_examples, params, metrics };
+            (
+                Stage::Fit,
+                StageResult::Fit {
+                    num_examples,
+                    params,
+                    metrics,
+                },
+            ) => {
+                let r = FitResult {
+                    party: party.clone(),
+                    num_examples,
+                    params,
+                    metrics,
+                };
                 match expected.as_deref().map(|e| check_update(e, &r)) {
                     Some(Err(e)) => Err(e.to_string()),
                     _ => {
@@ -391,15 +438,35 @@ impl Session {
                     }
                 }
             }
-            (Stage::Evaluate, StageResult::Evaluate { num_examples, loss, metrics }) => {
+            (
+                Stage::Evaluate,
+                StageResult::Evaluate {
+                    num_examples,
+                    loss,
+                    metrics,
+                },
+            ) => {
                 if !loss.is_finite() || metrics.values().any(|v| !v.is_finite()) {
-                    Err(format!("party {party} sent a bad evaluation: non-finite loss or metric"))
+                    Err(format!(
+                        "party {party} sent a bad evaluation: non-finite loss or metric"
+                    ))
                 } else {
-                    c.eval.insert(party.clone(), EvalResult { party: party.clone(), num_examples, loss, metrics });
+                    c.eval.insert(
+                        party.clone(),
+                        EvalResult {
+                            party: party.clone(),
+                            num_examples,
+                            loss,
+                            metrics,
+                        },
+                    );
                     Ok(())
                 }
             }
-            (stage, _) => Err(format!("party {party} answered a {} task with another stage's result", stage.as_str())),
+            (stage, _) => Err(format!(
+                "party {party} answered a {} task with another stage's result",
+                stage.as_str()
+            )),
         };
         match verdict {
             Ok(()) => {
@@ -414,7 +481,9 @@ impl Session {
     }
 
     fn drop_from_stage(&mut self, party: &str, reason: &str) {
-        let Phase::Collecting(c) = &mut self.phase else { return };
+        let Phase::Collecting(c) = &mut self.phase else {
+            return;
+        };
         if !c.waiting.remove(party) {
             return;
         }
@@ -433,7 +502,10 @@ impl Session {
         loop {
             match &self.phase {
                 Phase::Done => return,
-                Phase::Recruiting { deadline, resume_round } => {
+                Phase::Recruiting {
+                    deadline,
+                    resume_round,
+                } => {
                     let (deadline, resume_round) = (*deadline, *resume_round);
                     let min = self.spec.min_parties();
                     let accepted = self.count(PartyState::Accepted);
@@ -443,12 +515,18 @@ impl Session {
                         let why = self.describe_missing(PartyState::Accepted);
                         self.finish(
                             JobState::Failed,
-                            Some(format!("only {accepted} parties accepted the job; it needs {min}. {why}")),
+                            Some(format!(
+                                "only {accepted} parties accepted the job; it needs {min}. {why}"
+                            )),
                         );
                         return;
                     }
                     if accepted >= min && (undecided == 0 || timed_out) {
-                        for st in self.parties.values_mut().filter(|s| s.state == PartyState::Invited) {
+                        for st in self
+                            .parties
+                            .values_mut()
+                            .filter(|s| s.state == PartyState::Invited)
+                        {
                             st.state = PartyState::Dropped;
                             st.detail = Some("did not accept the job in time".into());
                         }
@@ -466,7 +544,10 @@ impl Session {
                     for p in late {
                         self.drop_from_stage(&p, &format!("no answer within {secs}s"));
                     }
-                    let Phase::Collecting(c) = std::mem::replace(&mut self.phase, Phase::Done) else { return };
+                    let Phase::Collecting(c) = std::mem::replace(&mut self.phase, Phase::Done)
+                    else {
+                        return;
+                    };
                     self.complete_stage(c, now);
                 }
             }
@@ -483,14 +564,20 @@ impl Session {
             if st.state != want {
                 let why = match (&st.detail, st.state) {
                     (Some(d), _) => d.clone(),
-                    (None, PartyState::Invited) if !self.connected.contains(name) => "not connected".into(),
+                    (None, PartyState::Invited) if !self.connected.contains(name) => {
+                        "not connected".into()
+                    }
                     (None, PartyState::Invited) => "no answer".into(),
                     (None, s) => s.as_str().into(),
                 };
                 parts.push(format!("{name}: {why}"));
             }
         }
-        if parts.is_empty() { "No party answered.".into() } else { format!("Missing: {}.", parts.join("; ")) }
+        if parts.is_empty() {
+            "No party answered.".into()
+        } else {
+            format!("Missing: {}.", parts.join("; "))
+        }
     }
 
     fn begin_first_stage(&mut self, now: Millis, resume_round: Option<u32>) {
@@ -527,8 +614,15 @@ impl Session {
             // first, and the stream keeps that order.
             if self.connected.contains(&p) {
                 waiting.insert(p);
-            } else if let Some(rec) = self.record.as_mut() {
-                rec.dropped.entry(p).or_insert_with(|| format!("{}: not connected", stage.as_str()));
+            } else {
+                let what = format!("{}: not connected", stage.as_str());
+                if let Some(st) = self.parties.get_mut(&p) {
+                    st.state = PartyState::Dropped;
+                    st.detail = Some(format!("round {round} {what}"));
+                }
+                if let Some(rec) = self.record.as_mut() {
+                    rec.dropped.entry(p).or_insert(what);
+                }
             }
         }
         let min = self.spec.min_parties();
@@ -536,7 +630,13 @@ impl Session {
             let dropped = self
                 .record
                 .as_ref()
-                .map(|r| r.dropped.iter().map(|(p, w)| format!("{p} ({w})")).collect::<Vec<_>>().join(", "))
+                .map(|r| {
+                    r.dropped
+                        .iter()
+                        .map(|(p, w)| format!("{p} ({w})"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
                 .unwrap_or_default();
             self.finish(
                 JobState::Failed,
@@ -550,16 +650,32 @@ impl Session {
         }
         let config_json = match stage {
             Stage::Fit => {
-                let fit = self.strategy.configure_fit(round, &FitConfig { round, train: self.spec.training.clone() });
+                let fit = self.strategy.configure_fit(
+                    round,
+                    &FitConfig {
+                        round,
+                        train: self.spec.training.clone(),
+                    },
+                );
                 serde_json::to_string(&fit).unwrap_or_default()
             }
             _ => "{}".into(),
         };
-        let params = if stage == Stage::Setup { None } else { self.global.clone() };
+        let params = if stage == Stage::Setup {
+            None
+        } else {
+            self.global.clone()
+        };
         for p in &waiting {
             self.out.push_back(Output::Task {
                 party: p.clone(),
-                task: TaskOut { task_id, round, stage, config_json: config_json.clone(), params: params.clone() },
+                task: TaskOut {
+                    task_id,
+                    round,
+                    stage,
+                    config_json: config_json.clone(),
+                    params: params.clone(),
+                },
             });
         }
         self.phase = Phase::Collecting(Collect {
@@ -582,7 +698,13 @@ impl Session {
         let dropped = self
             .record
             .as_ref()
-            .map(|r| r.dropped.iter().map(|(p, w)| format!("{p} ({w})")).collect::<Vec<_>>().join(", "))
+            .map(|r| {
+                r.dropped
+                    .iter()
+                    .map(|(p, w)| format!("{p} ({w})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
             .unwrap_or_default();
         self.finish(
             JobState::Failed,
@@ -613,7 +735,10 @@ impl Session {
         let mut agreed = vec![first];
         for (party, (params, stats)) in results {
             let mismatch = if params.spec() != spec {
-                Some(format!("its model architecture differs from {}'s", agreed[0]))
+                Some(format!(
+                    "its model architecture differs from {}'s",
+                    agreed[0]
+                ))
             } else {
                 merged.merge(&stats).err().map(|e| e.to_string())
             };
@@ -642,7 +767,11 @@ impl Session {
         }
         let global = Arc::new(global);
         self.global = Some(global.clone());
-        self.out.push_back(Output::Checkpoint { round: 0, params: global, record: None });
+        self.out.push_back(Output::Checkpoint {
+            round: 0,
+            params: global,
+            record: None,
+        });
         self.record = None;
         self.begin(Stage::Fit, 1, now);
     }
@@ -653,13 +782,19 @@ impl Session {
             return;
         }
         let Some(global) = self.global.clone() else {
-            self.finish(JobState::Failed, Some("no global model to aggregate into".into()));
+            self.finish(
+                JobState::Failed,
+                Some("no global model to aggregate into".into()),
+            );
             return;
         };
         match self.strategy.aggregate_fit(c.round, &global, &results) {
             Ok(next) => self.global = Some(Arc::new(next)),
             Err(e) => {
-                self.finish(JobState::Failed, Some(format!("round {} aggregation: {e}", c.round)));
+                self.finish(
+                    JobState::Failed,
+                    Some(format!("round {} aggregation: {e}", c.round)),
+                );
                 return;
             }
         }
@@ -670,7 +805,10 @@ impl Session {
             if let Some(first) = results.first() {
                 for key in first.metrics.keys() {
                     if results.iter().all(|r| r.metrics.contains_key(key)) {
-                        let s: f64 = results.iter().map(|r| r.metrics[key] * r.num_examples as f64).sum();
+                        let s: f64 = results
+                            .iter()
+                            .map(|r| r.metrics[key] * r.num_examples as f64)
+                            .sum();
                         rec.metrics.insert(key.clone(), s / total.max(1) as f64);
                     }
                 }
@@ -705,7 +843,10 @@ impl Session {
                 }
             }
             Err(e) => {
-                self.finish(JobState::Failed, Some(format!("round {} evaluation: {e}", c.round)));
+                self.finish(
+                    JobState::Failed,
+                    Some(format!("round {} evaluation: {e}", c.round)),
+                );
                 return;
             }
         }
@@ -713,10 +854,16 @@ impl Session {
     }
 
     fn finish_round(&mut self, round: u32, now: Millis) {
-        let Some(global) = self.global.clone() else { return };
+        let Some(global) = self.global.clone() else {
+            return;
+        };
         let record = self.record.take();
         self.rounds_completed = round;
-        self.out.push_back(Output::Checkpoint { round, params: global, record });
+        self.out.push_back(Output::Checkpoint {
+            round,
+            params: global,
+            record,
+        });
         if round >= self.spec.rounds {
             self.finish(JobState::Succeeded, None);
         } else {
@@ -731,5 +878,483 @@ impl Session {
 }
 
 fn status(state: PartyState, detail: Option<String>, last_round: u32) -> PartyStatus {
-    PartyStatus { state, detail, last_round }
+    PartyStatus {
+        state,
+        detail,
+        last_round,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_algorithms::Tensor;
+    use confide_proto::Limits;
+
+    fn spec(names: &[&str], min: usize, rounds: u32, extra: &str) -> JobSpec {
+        let names: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+        let text = format!(
+            "name = \"t\"\nkind = \"train\"\nrounds = {rounds}\n{extra}\n[parties]\nnames = [{}]\nmin = {min}\ndataset = \"d\"\n\
+             [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n[timeouts]\nround_secs = 10\nrecruit_secs = 5\n",
+            names.join(",")
+        );
+        JobSpec::parse(&text, "test", &Limits::default()).unwrap()
+    }
+
+    fn params(v: &[f32]) -> Parameters {
+        Parameters::new(vec![Tensor {
+            name: "w".into(),
+            shape: vec![v.len()],
+            data: v.to_vec(),
+        }])
+        .unwrap()
+    }
+
+    struct H {
+        s: Session,
+        now: Millis,
+        outputs: Vec<Output>,
+    }
+
+    impl H {
+        fn new(spec: JobSpec, start: Start) -> H {
+            H {
+                s: Session::new(spec, start, 0),
+                now: 0,
+                outputs: Vec::new(),
+            }
+        }
+        fn feed(&mut self, input: Input) {
+            self.s.handle(self.now, input);
+            while let Some(o) = self.s.poll_output() {
+                self.outputs.push(o);
+            }
+        }
+        fn take(&mut self) -> Vec<Output> {
+            std::mem::take(&mut self.outputs)
+        }
+        fn connect_and_accept(&mut self, parties: &[&str]) {
+            for p in parties {
+                self.feed(Input::Connected((*p).into()));
+            }
+            for p in parties {
+                self.feed(Input::Answer {
+                    party: (*p).into(),
+                    accepted: true,
+                    reason: String::new(),
+                });
+            }
+        }
+        /// Tasks of the current stage: (party, task).
+        fn tasks(&mut self) -> Vec<(String, TaskOut)> {
+            self.take()
+                .into_iter()
+                .filter_map(|o| match o {
+                    Output::Task { party, task } => Some((party, task)),
+                    _ => None,
+                })
+                .collect()
+        }
+        fn setup(&mut self, tasks: &[(String, TaskOut)], init: &[f32]) {
+            for (p, t) in tasks {
+                assert_eq!(t.stage, Stage::Setup);
+                let result = StageResult::Setup {
+                    params: params(init),
+                    stats: FeatureStats::default(),
+                };
+                self.feed(Input::Result {
+                    party: p.clone(),
+                    task_id: t.task_id,
+                    result,
+                });
+            }
+        }
+        fn fit(&mut self, party: &str, task: &TaskOut, n: u64, v: &[f32]) {
+            let result = StageResult::Fit {
+                num_examples: n,
+                params: params(v),
+                metrics: Metrics::new(),
+            };
+            self.feed(Input::Result {
+                party: party.into(),
+                task_id: task.task_id,
+                result,
+            });
+        }
+        fn eval(&mut self, party: &str, task: &TaskOut, n: u64, acc: f64) {
+            let result = StageResult::Evaluate {
+                num_examples: n,
+                loss: 1.0 - acc,
+                metrics: [("accuracy".to_string(), acc)].into(),
+            };
+            self.feed(Input::Result {
+                party: party.into(),
+                task_id: task.task_id,
+                result,
+            });
+        }
+    }
+
+    fn finished(outputs: &[Output]) -> Option<(JobState, Option<String>)> {
+        outputs.iter().find_map(|o| match o {
+            Output::Finished { state, error } => Some((*state, error.clone())),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn full_job_aggregates_the_weighted_mean_each_round() {
+        let mut h = H::new(
+            spec(&["a", "b", "c"], 3, 2, ""),
+            Start::Fresh { model: None },
+        );
+        h.connect_and_accept(&["a", "b", "c"]);
+        let t = h.tasks();
+        assert_eq!(t.len(), 3);
+        h.setup(&t, &[0.0, 0.0]);
+        let cp = h.take();
+        assert!(matches!(
+            &cp[0],
+            Output::Checkpoint {
+                round: 0,
+                record: None,
+                ..
+            }
+        ));
+        let fit: Vec<_> = cp
+            .into_iter()
+            .filter_map(|o| {
+                if let Output::Task { party, task } = o {
+                    Some((party, task))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert!(
+            fit.iter()
+                .all(|(_, t)| t.stage == Stage::Fit && t.round == 1)
+        );
+        h.fit("a", &fit[0].1, 1, &[1.0, 1.0]);
+        h.fit("b", &fit[1].1, 2, &[4.0, 1.0]);
+        assert!(
+            h.tasks().is_empty(),
+            "no evaluation before the last fit result"
+        );
+        h.fit("c", &fit[2].1, 1, &[3.0, 5.0]);
+        let ev = h.tasks();
+        assert!(ev.iter().all(|(_, t)| t.stage == Stage::Evaluate));
+        // (1*1 + 2*4 + 1*3)/4 = 3, (1 + 2 + 5)/4 = 2
+        assert_eq!(
+            ev[0].1.params.as_ref().unwrap().tensors()[0].data,
+            vec![3.0, 2.0]
+        );
+        h.eval("a", &ev[0].1, 10, 0.5);
+        h.eval("b", &ev[1].1, 30, 1.0);
+        h.eval("c", &ev[2].1, 10, 0.5);
+        let out = h.take();
+        let Output::Checkpoint {
+            round: 1,
+            record: Some(rec),
+            ..
+        } = &out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(rec.metrics["accuracy"], 0.8);
+        assert_eq!(rec.participants, vec!["a", "b", "c"]);
+        assert_eq!(h.s.rounds_completed(), 1);
+        assert!(finished(&out).is_none());
+    }
+
+    fn through_setup(h: &mut H, parties: &[&str]) -> Vec<(String, TaskOut)> {
+        h.connect_and_accept(parties);
+        let t = h.tasks();
+        h.setup(&t, &[0.0]);
+        h.tasks()
+    }
+
+    #[test]
+    fn party_lost_mid_round_is_dropped_and_the_round_completes() {
+        let mut h = H::new(
+            spec(&["a", "b", "c"], 2, 1, ""),
+            Start::Fresh { model: None },
+        );
+        let fit = through_setup(&mut h, &["a", "b", "c"]);
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        h.feed(Input::Disconnected("c".into()));
+        h.fit("b", &fit[1].1, 1, &[4.0]);
+        let ev = h.tasks();
+        assert_eq!(
+            ev.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+            vec!["a", "b"]
+        );
+        assert_eq!(
+            ev[0].1.params.as_ref().unwrap().tensors()[0].data,
+            vec![3.0]
+        );
+        h.eval("a", &ev[0].1, 1, 1.0);
+        h.eval("b", &ev[1].1, 1, 1.0);
+        let out = h.take();
+        let Output::Checkpoint {
+            record: Some(rec), ..
+        } = &out[0]
+        else {
+            panic!()
+        };
+        assert_eq!(rec.dropped["c"], "fit: disconnected");
+        assert_eq!(finished(&out), Some((JobState::Succeeded, None)));
+        assert_eq!(h.s.parties()["c"].state, PartyState::Dropped);
+    }
+
+    #[test]
+    fn a_party_lost_between_stages_is_dropped_at_the_next_one() {
+        let mut h = H::new(
+            spec(&["a", "b", "c"], 2, 2, ""),
+            Start::Fresh { model: None },
+        );
+        let fit = through_setup(&mut h, &["a", "b", "c"]);
+        for (i, (p, t)) in fit.iter().enumerate() {
+            h.fit(p, t, 1, &[i as f32]);
+        }
+        let ev = h.tasks();
+        h.eval("c", &ev[2].1, 1, 1.0);
+        h.feed(Input::Disconnected("c".into()));
+        h.eval("a", &ev[0].1, 1, 1.0);
+        h.eval("b", &ev[1].1, 1, 1.0);
+        let out = h.take();
+        let fit2: Vec<&str> = out
+            .iter()
+            .filter_map(|o| {
+                if let Output::Task { party, .. } = o {
+                    Some(party.as_str())
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(fit2, vec!["a", "b"]);
+        assert_eq!(h.s.parties()["c"].state, PartyState::Dropped);
+        assert_eq!(
+            h.s.parties()["c"].detail.as_deref(),
+            Some("round 2 fit: not connected")
+        );
+    }
+
+    #[test]
+    fn below_the_minimum_the_job_fails_naming_the_missing_party() {
+        let mut h = H::new(
+            spec(&["a", "b", "c"], 3, 1, ""),
+            Start::Fresh { model: None },
+        );
+        let fit = through_setup(&mut h, &["a", "b", "c"]);
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        h.fit("b", &fit[1].1, 1, &[2.0]);
+        h.feed(Input::Disconnected("c".into()));
+        let (state, err) = finished(&h.take()).unwrap();
+        assert_eq!(state, JobState::Failed);
+        let err = err.unwrap();
+        assert!(
+            err.contains("c (fit: disconnected)") && err.contains("needs 3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_silent_party_times_out_on_the_virtual_clock() {
+        let mut h = H::new(spec(&["a", "b"], 1, 1, ""), Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a", "b"]);
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        assert_eq!(h.s.next_deadline(), Some(10_000));
+        h.now = 9_999;
+        h.feed(Input::Tick);
+        assert!(h.tasks().is_empty());
+        h.now = 10_000;
+        h.feed(Input::Tick);
+        let ev = h.tasks();
+        // b is still connected, so it is asked to evaluate; only a's update was aggregated.
+        assert_eq!(ev.len(), 2);
+        assert_eq!(
+            ev[0].1.params.as_ref().unwrap().tensors()[0].data,
+            vec![2.0]
+        );
+        assert!(
+            h.s.parties()["b"]
+                .detail
+                .as_deref()
+                .unwrap()
+                .contains("no answer within 10s")
+        );
+    }
+
+    #[test]
+    fn a_nan_update_drops_the_party_by_name() {
+        let mut h = H::new(
+            spec(&["a", "b", "c"], 2, 1, ""),
+            Start::Fresh { model: None },
+        );
+        let fit = through_setup(&mut h, &["a", "b", "c"]);
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        h.fit("b", &fit[1].1, 1, &[f32::NAN]);
+        h.fit("c", &fit[2].1, 3, &[6.0]);
+        let ev = h.tasks();
+        // (1*2 + 3*6)/4 = 5: b's update is left out; b may still evaluate.
+        assert_eq!(ev.len(), 3);
+        assert_eq!(
+            ev[0].1.params.as_ref().unwrap().tensors()[0].data,
+            vec![5.0]
+        );
+        let d = h.s.parties()["b"].detail.clone().unwrap();
+        assert!(
+            d.contains("party b sent a bad update") && d.contains("NaN"),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn refusals_fail_recruitment_with_the_reason() {
+        let mut h = H::new(spec(&["a", "b"], 2, 1, ""), Start::Fresh { model: None });
+        h.feed(Input::Connected("a".into()));
+        h.feed(Input::Connected("b".into()));
+        h.feed(Input::Answer {
+            party: "a".into(),
+            accepted: true,
+            reason: String::new(),
+        });
+        h.feed(Input::Answer {
+            party: "b".into(),
+            accepted: false,
+            reason: "policy forbids privacy mode \"none\"".into(),
+        });
+        let (state, err) = finished(&h.take()).unwrap();
+        assert_eq!(state, JobState::Failed);
+        assert!(err.unwrap().contains("b: policy forbids privacy mode"));
+        assert_eq!(h.s.parties()["b"].state, PartyState::Refused);
+    }
+
+    #[test]
+    fn recruitment_deadline_starts_with_enough_parties_or_fails() {
+        let mut h = H::new(
+            spec(&["a", "b", "c"], 2, 1, ""),
+            Start::Fresh { model: None },
+        );
+        h.connect_and_accept(&["a", "b"]);
+        assert!(h.tasks().is_empty(), "waits for c until the deadline");
+        h.now = 5_000;
+        h.feed(Input::Tick);
+        assert_eq!(h.tasks().len(), 2);
+        assert_eq!(h.s.parties()["c"].state, PartyState::Dropped);
+
+        let mut h = H::new(
+            spec(&["a", "b", "c"], 2, 1, ""),
+            Start::Fresh { model: None },
+        );
+        h.connect_and_accept(&["a"]);
+        h.now = 5_000;
+        h.feed(Input::Tick);
+        let err = finished(&h.take()).unwrap().1.unwrap();
+        assert!(
+            err.contains("b: not connected") && err.contains("c: not connected"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn setup_excludes_a_party_with_another_architecture() {
+        let mut h = H::new(
+            spec(&["a", "b", "c"], 2, 1, ""),
+            Start::Fresh { model: None },
+        );
+        h.connect_and_accept(&["a", "b", "c"]);
+        let t = h.tasks();
+        h.setup(&t[..2], &[0.0]);
+        let result = StageResult::Setup {
+            params: params(&[0.0, 0.0]),
+            stats: FeatureStats::default(),
+        };
+        h.feed(Input::Result {
+            party: "c".into(),
+            task_id: t[2].1.task_id,
+            result,
+        });
+        let fit = h.tasks();
+        assert_eq!(fit.len(), 2);
+        assert_eq!(h.s.parties()["c"].state, PartyState::Failed);
+    }
+
+    #[test]
+    fn stale_and_unsolicited_results_are_ignored() {
+        let mut h = H::new(spec(&["a", "b"], 2, 2, ""), Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a", "b"]);
+        h.fit(
+            "a",
+            &TaskOut {
+                task_id: 999,
+                ..fit[0].1.clone()
+            },
+            1,
+            &[100.0],
+        );
+        h.fit("x", &fit[0].1, 1, &[100.0]);
+        h.fit("a", &fit[0].1, 1, &[1.0]);
+        h.fit("a", &fit[0].1, 1, &[100.0]); // duplicate
+        h.fit("b", &fit[1].1, 1, &[3.0]);
+        let ev = h.tasks();
+        assert_eq!(
+            ev[0].1.params.as_ref().unwrap().tensors()[0].data,
+            vec![2.0]
+        );
+    }
+
+    #[test]
+    fn resume_starts_at_the_next_round_with_the_checkpoint() {
+        let parties: BTreeMap<String, PartyStatus> = [
+            ("a".to_string(), status(PartyState::Accepted, None, 3)),
+            (
+                "b".to_string(),
+                status(PartyState::Refused, Some("no".into()), 0),
+            ),
+        ]
+        .into();
+        let start = Start::Resume {
+            round: 3,
+            model: params(&[7.0]),
+            parties,
+        };
+        let mut h = H::new(spec(&["a", "b"], 1, 5, ""), start);
+        h.feed(Input::Connected("a".into()));
+        assert!(matches!(h.take()[0], Output::Offer { .. }));
+        h.feed(Input::Answer {
+            party: "a".into(),
+            accepted: true,
+            reason: String::new(),
+        });
+        let t = h.tasks();
+        assert_eq!(t.len(), 1);
+        assert_eq!((t[0].1.stage, t[0].1.round), (Stage::Fit, 4));
+        assert_eq!(t[0].1.params.as_ref().unwrap().tensors()[0].data, vec![7.0]);
+    }
+
+    #[test]
+    fn evaluation_cadence_and_cancel() {
+        let mut h = H::new(
+            spec(&["a"], 1, 3, "[evaluation]\nevery = 2"),
+            Start::Fresh { model: None },
+        );
+        let fit = through_setup(&mut h, &["a"]);
+        h.fit("a", &fit[0].1, 1, &[1.0]);
+        let out = h.take();
+        assert!(
+            matches!(out[0], Output::Checkpoint { round: 1, .. }),
+            "round 1 is not evaluated"
+        );
+        let Output::Task { task, .. } = &out[1] else {
+            panic!()
+        };
+        assert_eq!((task.stage, task.round), (Stage::Fit, 2));
+        h.feed(Input::Cancel);
+        assert_eq!(finished(&h.take()).unwrap().0, JobState::Cancelled);
+        h.feed(Input::Connected("a".into()));
+        assert!(h.take().is_empty(), "a finished session ignores input");
+    }
 }

@@ -1,1 +1,340 @@
-//! Shared helpers for the end-to-end tests.
+//! A federation of real `confide` and `confide-party` processes on loopback,
+//! for the end-to-end tests. Every process logs to a file in a temporary
+//! directory; [`Federation::logs`] shows them when a test fails.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Where cargo put the binaries (`target/debug` next to the test executable).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .to_path_buf();
+    assert!(
+        dir.join("confide").exists() && dir.join("confide-party").exists(),
+        "{} lacks the confide binaries: run `cargo build --workspace --bins` first (make test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running federation.
+pub struct Federation {
+    /// Scratch directory (PKI, data, logs, coordinator data).
+    pub dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// `127.0.0.1:PORT` once the coordinator has started.
+    pub addr: String,
+    coordinator: Option<Child>,
+    parties: BTreeMap<String, Child>,
+    /// Party names.
+    pub names: Vec<String>,
+}
+
+impl Federation {
+    /// A fresh PKI for `parties` and their shares of `input` (a labelled CSV;
+    /// `header` skips its first line), split with `weights`.
+    pub fn new(parties: &[&str], input: &Path, header: bool, weights: &str) -> Federation {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = bin_dir();
+        let names: Vec<String> = parties.iter().map(|s| s.to_string()).collect();
+        let fed = Federation {
+            dir,
+            bin,
+            addr: String::new(),
+            coordinator: None,
+            parties: BTreeMap::new(),
+            names,
+        };
+        std::fs::create_dir_all(fed.path("logs")).expect("logs dir");
+        fed.run_ok(&[
+            "certs",
+            "init",
+            "--dir",
+            &fed.s("pki"),
+            "--parties",
+            &parties.join(","),
+        ]);
+        let (input, out, joined) = (
+            input.to_string_lossy().into_owned(),
+            fed.s("data"),
+            parties.join(","),
+        );
+        let mut args = vec!["data", "split", "--input", &input];
+        if header {
+            args.push("--header");
+        }
+        args.extend([
+            "--parties",
+            &joined,
+            "--weights",
+            weights,
+            "--seed",
+            "3",
+            "--out",
+            &out,
+        ]);
+        fed.run_ok(&args);
+        fed
+    }
+
+    /// A path inside the scratch directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn s(&self, rel: &str) -> String {
+        self.path(rel).to_string_lossy().into_owned()
+    }
+
+    /// Runs `confide ARGS` against this federation's coordinator.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(self.bin.join("confide"))
+            .args(args)
+            .env("CONFIDE_COORDINATOR", format!("https://{}", self.addr))
+            .env("CONFIDE_PKI", self.path("pki"))
+            .env("CONFIDE_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run confide")
+    }
+
+    /// Runs `confide ARGS` and returns its stdout; panics with its stderr on failure.
+    pub fn run_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "confide {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts the coordinator (on the same port as before, after a restart).
+    pub fn start_coordinator(&mut self) {
+        let listen = if self.addr.is_empty() {
+            "127.0.0.1:0".to_string()
+        } else {
+            self.addr.clone()
+        };
+        let out_path = self.path("logs/coordinator.out");
+        let _ = std::fs::remove_file(&out_path);
+        let child = Command::new(self.bin.join("confide"))
+            .args([
+                "coordinator",
+                "serve",
+                "--listen",
+                &listen,
+                "--data-dir",
+                &self.s("coordinator"),
+                "--pki",
+                &self.s("pki"),
+            ])
+            .env("CONFIDE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out_path).expect("log file"))
+            .stderr(append(&self.path("logs/coordinator.log")))
+            .spawn()
+            .expect("spawn coordinator");
+        self.coordinator = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("coordinator listening on "))
+            {
+                self.addr = addr.trim().to_string();
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "coordinator did not start\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the coordinator at once (SIGKILL).
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Writes `NAME.toml` for a party (with `extra` appended) and returns its path.
+    pub fn party_config(&self, name: &str, extra: &str) -> PathBuf {
+        let path = self.path(&format!("{name}.toml"));
+        let text = format!(
+            "coordinator = \"https://{}\"\nca = \"pki/ca.pem\"\ncert = \"pki/parties/{name}.pem\"\nkey = \"pki/parties/{name}.key\"\n\
+             [datasets.data]\npath = \"data/{name}.csv\"\n[reconnect]\ninitial_ms = 100\nmax_ms = 500\n{extra}",
+            self.addr
+        );
+        std::fs::write(&path, text).expect("party config");
+        path
+    }
+
+    /// Starts one party process.
+    pub fn start_party(&mut self, name: &str, extra: &str) {
+        let cfg = self.party_config(name, extra);
+        let child = Command::new(self.bin.join("confide-party"))
+            .args(["run", "--config", cfg.to_str().expect("utf-8")])
+            .env("CONFIDE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(append(&self.path(&format!("logs/{name}.log"))))
+            .spawn()
+            .expect("spawn party");
+        self.parties.insert(name.to_string(), child);
+    }
+
+    /// Starts every party.
+    pub fn start_parties(&mut self) {
+        for n in self.names.clone() {
+            self.start_party(&n, "");
+        }
+    }
+
+    /// Kills one party at once (SIGKILL).
+    pub fn kill_party(&mut self, name: &str) {
+        if let Some(mut c) = self.parties.remove(name) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (e.g. "STOP", "CONT") to every party process.
+    pub fn signal_parties(&self, signal: &str) {
+        for c in self.parties.values() {
+            let ok = Command::new("kill")
+                .args([&format!("-{signal}"), &c.id().to_string()])
+                .status();
+            assert!(ok.is_ok_and(|s| s.success()), "kill -{signal} failed");
+        }
+    }
+
+    /// Writes a job spec and submits it; returns the job id.
+    pub fn submit(&self, file: &str, spec: &str) -> String {
+        let path = self.path(file);
+        std::fs::write(&path, spec).expect("spec");
+        self.run_ok(&["job", "submit", path.to_str().expect("utf-8")])
+            .trim()
+            .to_string()
+    }
+
+    /// `confide job status ID --json`, parsed.
+    pub fn status(&self, id: &str) -> Value {
+        let text = self.run_ok(&["job", "status", id, "--json"]);
+        serde_json::from_str(&text).expect("status JSON")
+    }
+
+    /// Polls the status until `pred` holds; panics with the logs after `secs`.
+    pub fn wait_for(
+        &self,
+        id: &str,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let st = self.status(id);
+            if pred(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {st:#}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Waits for the job to end and returns its final status.
+    pub fn wait_done(&self, id: &str, secs: u64) -> Value {
+        self.wait_for(id, secs, "the job to end", |s| {
+            matches!(
+                s["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
+        })
+    }
+
+    /// Downloads a job's model and returns the safetensors bytes.
+    pub fn model(&self, id: &str) -> Vec<u8> {
+        let out = self.path(&format!("{id}.safetensors"));
+        self.run_ok(&["job", "model", id, "--out", out.to_str().expect("utf-8")]);
+        std::fs::read(out).expect("model file")
+    }
+
+    /// Every log file, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.path("logs")) {
+            let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            paths.sort();
+            for p in paths {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                s.push_str(&format!("---- {} (last lines)\n", p.display()));
+                for l in tail.iter().rev() {
+                    s.push_str(l);
+                    s.push('\n');
+                }
+            }
+        }
+        s
+    }
+
+    /// The coordinator's log so far.
+    pub fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(self.path("logs/coordinator.log")).unwrap_or_default()
+    }
+}
+
+fn append(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("log file")
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        for (_, mut c) in std::mem::take(&mut self.parties) {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.kill_coordinator();
+    }
+}
+
+/// A job spec over the federation's parties with the given settings.
+pub fn job_spec(names: &[String], min: usize, rounds: u32, model: &str, training: &str) -> String {
+    let names: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        "name = \"e2e\"\nkind = \"train\"\nrounds = {rounds}\n[parties]\nnames = [{}]\nmin = {min}\ndataset = \"data\"\n\
+         [model]\n{model}\n[training]\n{training}\n[timeouts]\nrecruit_secs = 30\nround_secs = 30\n",
+        names.join(", ")
+    )
+}

@@ -1,0 +1,36 @@
+# The two quick-start commands: `make demo` and `make test`. Both set up what
+# they need (Rust toolchain components, build) on a fresh machine.
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: demo test build lint bench bench-round doc clean setup
+
+setup:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
+
+build: setup
+	$(CARGO) build --workspace --bins
+
+demo: build
+	./scripts/demo.sh
+
+# Binaries first: the end-to-end tests start the real `confide` and
+# `confide-party` processes.
+test: build
+	$(CARGO) test --workspace --all-targets
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+doc: setup
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+
+bench-round: setup
+	$(CARGO) run --release -p confide-bench -- round --parties 10 --params 1000000 --privacy none --json
+
+bench: setup
+	$(CARGO) bench -p confide-bench
+
+clean:
+	$(CARGO) clean
