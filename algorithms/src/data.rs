@@ -38,10 +38,7 @@ fn default_label_column() -> i64 {
 
 impl Default for CsvOptions {
     fn default() -> Self {
-        CsvOptions {
-            header: false,
-            label_column: -1,
-        }
+        CsvOptions { header: false, label_column: -1 }
     }
 }
 
@@ -64,11 +61,7 @@ impl Dataset {
     /// Loads a CSV file (gzip when the name ends in `.gz`). Every malformed
     /// line is reported with its number.
     pub fn load_csv(path: &Path, opts: &CsvOptions) -> Result<Dataset, Error> {
-        let err = |line, reason: String| Error::Data {
-            path: path.to_owned(),
-            line,
-            reason,
-        };
+        let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
         let raw = std::fs::read(path).map_err(|e| err(0, e.to_string()))?;
         let text = if path.extension().is_some_and(|e| e == "gz") {
             let mut s = String::new();
@@ -83,11 +76,7 @@ impl Dataset {
     }
 
     fn parse_csv(text: &str, opts: &CsvOptions, path: &Path) -> Result<Dataset, Error> {
-        let err = |line, reason: String| Error::Data {
-            path: path.to_owned(),
-            line,
-            reason,
-        };
+        let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
         let mut ds = Dataset::default();
         let mut width: Option<usize> = None;
         for (idx, line) in text.lines().enumerate() {
@@ -98,10 +87,7 @@ impl Dataset {
             let cells: Vec<&str> = line.split(',').map(str::trim).collect();
             let w = *width.get_or_insert(cells.len());
             if cells.len() != w {
-                return Err(err(
-                    lineno,
-                    format!("{} columns where earlier rows have {w}", cells.len()),
-                ));
+                return Err(err(lineno, format!("{} columns where earlier rows have {w}", cells.len())));
             }
             if w < 2 {
                 return Err(err(lineno, "need at least one feature and a label".into()));
@@ -111,33 +97,21 @@ impl Dataset {
             } else {
                 Some(opts.label_column as usize).filter(|&i| i < w)
             }
-            .ok_or_else(|| {
-                err(
-                    lineno,
-                    format!("label_column {} is outside {w} columns", opts.label_column),
-                )
-            })?;
+            .ok_or_else(|| err(lineno, format!("label_column {} is outside {w} columns", opts.label_column)))?;
             for (c, cell) in cells.iter().enumerate() {
                 if c == label_idx {
-                    let label: f64 = cell
-                        .parse()
-                        .map_err(|_| err(lineno, format!("label {cell:?} is not a number")))?;
+                    let label: f64 =
+                        cell.parse().map_err(|_| err(lineno, format!("label {cell:?} is not a number")))?;
                     if label < 0.0 || label.fract() != 0.0 || label > u32::MAX as f64 {
                         return Err(err(lineno, format!("label {cell:?} is not a class index")));
                     }
                     ds.labels.push(label as u32);
                 } else {
-                    let v: f32 = cell.parse().map_err(|_| {
-                        err(
-                            lineno,
-                            format!("column {} value {cell:?} is not a number", c + 1),
-                        )
-                    })?;
+                    let v: f32 = cell
+                        .parse()
+                        .map_err(|_| err(lineno, format!("column {} value {cell:?} is not a number", c + 1)))?;
                     if !v.is_finite() {
-                        return Err(err(
-                            lineno,
-                            format!("column {} value {cell:?} is not finite", c + 1),
-                        ));
+                        return Err(err(lineno, format!("column {} value {cell:?} is not finite", c + 1)));
                     }
                     ds.features.push(v);
                 }
@@ -163,10 +137,7 @@ impl Dataset {
 
     /// The rows at `indices`, in that order.
     pub fn select(&self, indices: &[usize]) -> Dataset {
-        let mut out = Dataset {
-            num_features: self.num_features,
-            ..Dataset::default()
-        };
+        let mut out = Dataset { num_features: self.num_features, ..Dataset::default() };
         for &i in indices {
             out.features.extend_from_slice(self.row(i));
             out.labels.push(self.labels[i]);
@@ -177,11 +148,7 @@ impl Dataset {
     /// Per-feature sums over all rows.
     pub fn feature_stats(&self) -> FeatureStats {
         let d = self.num_features;
-        let mut s = FeatureStats {
-            count: self.len() as u64,
-            sum: vec![0.0; d],
-            sum_sq: vec![0.0; d],
-        };
+        let mut s = FeatureStats { count: self.len() as u64, sum: vec![0.0; d], sum_sq: vec![0.0; d] };
         for i in 0..self.len() {
             for (j, &v) in self.row(i).iter().enumerate() {
                 s.sum[j] += v as f64;
@@ -246,30 +213,12 @@ mod tests {
     #[test]
     fn parses_header_label_and_reports_lines() {
         let p = Path::new("x.csv");
-        let ds = Dataset::parse_csv(
-            "3,2,a,b\n1,2,0\n3,4,1\n",
-            &CsvOptions {
-                header: true,
-                label_column: -1,
-            },
-            p,
-        )
-        .unwrap();
+        let ds =
+            Dataset::parse_csv("3,2,a,b\n1,2,0\n3,4,1\n", &CsvOptions { header: true, label_column: -1 }, p).unwrap();
         assert_eq!(ds.features, vec![1.0, 2.0, 3.0, 4.0]);
         assert_eq!(ds.labels, vec![0, 1]);
-        let ds = Dataset::parse_csv(
-            "1,2,0\n",
-            &CsvOptions {
-                header: false,
-                label_column: 0,
-            },
-            p,
-        )
-        .unwrap();
-        assert_eq!(
-            (ds.features.clone(), ds.labels.clone()),
-            (vec![2.0, 0.0], vec![1])
-        );
+        let ds = Dataset::parse_csv("1,2,0\n", &CsvOptions { header: false, label_column: 0 }, p).unwrap();
+        assert_eq!((ds.features.clone(), ds.labels.clone()), (vec![2.0, 0.0], vec![1]));
         let e = Dataset::parse_csv("1,2,0\n1,x,1\n", &CsvOptions::default(), p).unwrap_err();
         assert!(e.to_string().contains("x.csv:2"), "{e}");
         let e = Dataset::parse_csv("1,2,0\n1,1\n", &CsvOptions::default(), p).unwrap_err();
@@ -280,11 +229,7 @@ mod tests {
 
     #[test]
     fn split_is_seeded_and_disjoint() {
-        let ds = Dataset {
-            features: (0..20).map(|v| v as f32).collect(),
-            labels: vec![0; 20],
-            num_features: 1,
-        };
+        let ds = Dataset { features: (0..20).map(|v| v as f32).collect(), labels: vec![0; 20], num_features: 1 };
         let (t1, h1) = ds.split(0.25, 7);
         let (t2, h2) = ds.split(0.25, 7);
         assert_eq!((t1.clone(), h1.clone()), (t2, h2));
@@ -297,14 +242,7 @@ mod tests {
     #[test]
     fn loads_the_real_breast_cancer_file() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/breast_cancer.csv");
-        let ds = Dataset::load_csv(
-            &path,
-            &CsvOptions {
-                header: true,
-                label_column: -1,
-            },
-        )
-        .unwrap();
+        let ds = Dataset::load_csv(&path, &CsvOptions { header: true, label_column: -1 }).unwrap();
         assert_eq!((ds.len(), ds.num_features), (569, 30));
         assert_eq!(ds.labels.iter().filter(|&&l| l == 0).count(), 212);
     }

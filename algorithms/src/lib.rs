@@ -21,6 +21,5 @@ pub use logreg::LogisticRegression;
 pub use params::{Parameters, Tensor, TensorSpec};
 pub use strategy::{EvalResult, FedAvg, FitResult, Strategy};
 pub use trainer::{
-    EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, ModelKind, TrainConfig,
-    Trainer,
+    EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, ModelKind, TrainConfig, Trainer,
 };

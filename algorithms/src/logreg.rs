@@ -7,8 +7,7 @@ use rand::seq::SliceRandom;
 use crate::data::Dataset;
 use crate::trainer::{INPUT_MEAN, INPUT_STD};
 use crate::{
-    Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, Parameters, Tensor,
-    TensorSpec, Trainer,
+    Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, Parameters, Tensor, TensorSpec, Trainer,
 };
 
 /// Softmax regression `p = softmax(W·((x − mean)/std) + b)` trained with
@@ -31,23 +30,13 @@ impl LogisticRegression {
     /// A model for `classes` classes over `train`'s features, initialised
     /// from `seed` (identically at every party). `salt` distinguishes parties'
     /// shuffling.
-    pub fn new(
-        classes: usize,
-        train: Dataset,
-        held_out: Dataset,
-        seed: u64,
-        salt: u64,
-    ) -> Result<Self, Error> {
+    pub fn new(classes: usize, train: Dataset, held_out: Dataset, seed: u64, salt: u64) -> Result<Self, Error> {
         if classes < 2 {
-            return Err(Error::InvalidInput(format!(
-                "classes: need at least 2 (got {classes})"
-            )));
+            return Err(Error::InvalidInput(format!("classes: need at least 2 (got {classes})")));
         }
         for ds in [&train, &held_out] {
             if let Some(l) = ds.labels.iter().find(|&&l| l as usize >= classes) {
-                return Err(Error::InvalidInput(format!(
-                    "label {l} is outside the model's {classes} classes"
-                )));
+                return Err(Error::InvalidInput(format!("label {l} is outside the model's {classes} classes")));
             }
         }
         if train.is_empty() {
@@ -56,46 +45,19 @@ impl LogisticRegression {
         let d = train.num_features;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let scale = 0.01f32;
-        let weight: Vec<f32> = (0..classes * d)
-            .map(|_| (rand::Rng::random::<f32>(&mut rng) * 2.0 - 1.0) * scale)
-            .collect();
+        let weight: Vec<f32> =
+            (0..classes * d).map(|_| (rand::Rng::random::<f32>(&mut rng) * 2.0 - 1.0) * scale).collect();
         let params = Parameters::new(vec![
-            Tensor {
-                name: INPUT_MEAN.into(),
-                shape: vec![d],
-                data: vec![0.0; d],
-            },
-            Tensor {
-                name: INPUT_STD.into(),
-                shape: vec![d],
-                data: vec![1.0; d],
-            },
-            Tensor {
-                name: WEIGHT.into(),
-                shape: vec![classes, d],
-                data: weight,
-            },
-            Tensor {
-                name: BIAS.into(),
-                shape: vec![classes],
-                data: vec![0.0; classes],
-            },
+            Tensor { name: INPUT_MEAN.into(), shape: vec![d], data: vec![0.0; d] },
+            Tensor { name: INPUT_STD.into(), shape: vec![d], data: vec![1.0; d] },
+            Tensor { name: WEIGHT.into(), shape: vec![classes, d], data: weight },
+            Tensor { name: BIAS.into(), shape: vec![classes], data: vec![0.0; classes] },
         ])?;
-        Ok(LogisticRegression {
-            classes,
-            features: d,
-            params,
-            train,
-            held_out,
-            salt,
-        })
+        Ok(LogisticRegression { classes, features: d, params, train, held_out, salt })
     }
 
     fn tensor(&self, name: &str) -> &[f32] {
-        self.params
-            .get(name)
-            .map(|t| t.data.as_slice())
-            .unwrap_or(&[])
+        self.params.get(name).map(|t| t.data.as_slice()).unwrap_or(&[])
     }
 
     /// Class probabilities of one row, written into `out`.
@@ -129,9 +91,7 @@ impl LogisticRegression {
             self.probs(ds.row(i), &mut p);
             let y = ds.labels[i] as usize;
             loss -= p[y].max(1e-12).ln();
-            let argmax = (0..self.classes)
-                .max_by(|&a, &b| p[a].total_cmp(&p[b]))
-                .unwrap_or(0);
+            let argmax = (0..self.classes).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0);
             correct += usize::from(argmax == y);
             positive_scores.push(p[self.classes - 1]);
         }
@@ -162,12 +122,7 @@ pub fn roc_auc(scores: &[f64], labels: &[u32]) -> Option<f64> {
     if pos == 0.0 || neg == 0.0 {
         return None;
     }
-    let rank_sum: f64 = ranks
-        .iter()
-        .zip(labels)
-        .filter(|(_, l)| **l == 1)
-        .map(|(r, _)| r)
-        .sum();
+    let rank_sum: f64 = ranks.iter().zip(labels).filter(|(_, l)| **l == 1).map(|(r, _)| r).sum();
     Some((rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg))
 }
 
@@ -177,16 +132,9 @@ impl Trainer for LogisticRegression {
     }
 
     fn set_parameters(&mut self, params: &Parameters) -> Result<(), Error> {
-        params
-            .check_matches(&self.params.spec())
-            .map_err(Error::InvalidInput)?;
-        if let Some(s) = params
-            .get(INPUT_STD)
-            .and_then(|t| t.data.iter().find(|v| **v <= 0.0))
-        {
-            return Err(Error::InvalidInput(format!(
-                "{INPUT_STD} holds {s}; it must be positive"
-            )));
+        params.check_matches(&self.params.spec()).map_err(Error::InvalidInput)?;
+        if let Some(s) = params.get(INPUT_STD).and_then(|t| t.data.iter().find(|v| **v <= 0.0)) {
+            return Err(Error::InvalidInput(format!("{INPUT_STD} holds {s}; it must be positive")));
         }
         self.params = params.clone();
         Ok(())
@@ -258,18 +206,11 @@ impl Trainer for LogisticRegression {
         }
         let mut metrics = Metrics::new();
         metrics.insert("train_loss".into(), loss_sum / seen.max(1) as f64);
-        Ok(FitOutcome {
-            num_examples: self.train.len() as u64,
-            metrics,
-        })
+        Ok(FitOutcome { num_examples: self.train.len() as u64, metrics })
     }
 
     fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
-        let ds = if self.held_out.is_empty() {
-            &self.train
-        } else {
-            &self.held_out
-        };
+        let ds = if self.held_out.is_empty() { &self.train } else { &self.held_out };
         let (loss, accuracy, scores) = self.score(ds);
         let mut metrics = Metrics::new();
         metrics.insert("accuracy".into(), accuracy);
@@ -278,11 +219,7 @@ impl Trainer for LogisticRegression {
                 metrics.insert("auc".into(), auc);
             }
         }
-        Ok(EvalOutcome {
-            num_examples: ds.len() as u64,
-            loss,
-            metrics,
-        })
+        Ok(EvalOutcome { num_examples: ds.len() as u64, loss, metrics })
     }
 
     fn predict(&self, features: &[f32]) -> Result<Vec<f32>, Error> {
@@ -318,16 +255,8 @@ mod tests {
     use crate::trainer::apply_feature_stats;
 
     fn breast_cancer() -> Dataset {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../examples/data/breast_cancer.csv");
-        Dataset::load_csv(
-            &path,
-            &CsvOptions {
-                header: true,
-                label_column: -1,
-            },
-        )
-        .unwrap()
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/breast_cancer.csv");
+        Dataset::load_csv(&path, &CsvOptions { header: true, label_column: -1 }).unwrap()
     }
 
     #[test]
@@ -339,13 +268,7 @@ mod tests {
         apply_feature_stats(&mut p, &train.feature_stats()).unwrap();
         m.set_parameters(&p).unwrap();
         let before = m.evaluate().unwrap();
-        let cfg = FitConfig {
-            round: 1,
-            train: TrainConfig {
-                local_epochs: 5,
-                ..TrainConfig::default()
-            },
-        };
+        let cfg = FitConfig { round: 1, train: TrainConfig { local_epochs: 5, ..TrainConfig::default() } };
         m.fit(&cfg).unwrap();
         let after = m.evaluate().unwrap();
         assert!(after.loss < before.loss);
@@ -359,16 +282,9 @@ mod tests {
     #[test]
     fn fit_is_deterministic_and_salted() {
         let ds = breast_cancer();
-        let cfg = FitConfig {
-            round: 2,
-            train: TrainConfig {
-                seed: 9,
-                ..TrainConfig::default()
-            },
-        };
+        let cfg = FitConfig { round: 2, train: TrainConfig { seed: 9, ..TrainConfig::default() } };
         let run = |salt| {
-            let mut m =
-                LogisticRegression::new(2, ds.clone(), Dataset::default(), 9, salt).unwrap();
+            let mut m = LogisticRegression::new(2, ds.clone(), Dataset::default(), 9, salt).unwrap();
             m.fit(&cfg).unwrap();
             m.parameters()
         };
@@ -378,11 +294,7 @@ mod tests {
 
     #[test]
     fn rejects_labels_outside_classes_and_bad_params() {
-        let ds = Dataset {
-            features: vec![1.0, 2.0],
-            labels: vec![0, 3],
-            num_features: 1,
-        };
+        let ds = Dataset { features: vec![1.0, 2.0], labels: vec![0, 3], num_features: 1 };
         assert!(LogisticRegression::new(2, ds.clone(), Dataset::default(), 0, 0).is_err());
         let mut m = LogisticRegression::new(4, ds, Dataset::default(), 0, 0).unwrap();
         let mut p = m.parameters();

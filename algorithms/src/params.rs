@@ -29,9 +29,7 @@ pub struct TensorSpec {
 impl TensorSpec {
     /// Number of values the tensor holds, or `None` on overflow.
     pub fn num_values(&self) -> Option<usize> {
-        self.shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        self.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
     }
 }
 
@@ -53,15 +51,9 @@ impl Parameters {
                 return Err(Error::InvalidInput("tensor with an empty name".into()));
             }
             if !seen.insert(t.name.as_str()) {
-                return Err(Error::InvalidInput(format!(
-                    "tensor {} appears twice",
-                    t.name
-                )));
+                return Err(Error::InvalidInput(format!("tensor {} appears twice", t.name)));
             }
-            let spec = TensorSpec {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-            };
+            let spec = TensorSpec { name: t.name.clone(), shape: t.shape.clone() };
             if spec.num_values() != Some(t.data.len()) {
                 return Err(Error::InvalidInput(format!(
                     "tensor {}: shape {:?} does not hold {} values",
@@ -79,27 +71,16 @@ impl Parameters {
         let mut tensors = Vec::with_capacity(specs.len());
         let mut offset = 0usize;
         for s in specs {
-            let n = s.num_values().ok_or_else(|| {
-                Error::InvalidInput(format!("tensor {}: shape overflows", s.name))
-            })?;
+            let n = s.num_values().ok_or_else(|| Error::InvalidInput(format!("tensor {}: shape overflows", s.name)))?;
             let end = offset
                 .checked_add(n)
                 .filter(|&e| e <= flat.len())
-                .ok_or_else(|| {
-                    Error::InvalidInput(format!("tensor {}: not enough values", s.name))
-                })?;
-            tensors.push(Tensor {
-                name: s.name.clone(),
-                shape: s.shape.clone(),
-                data: flat[offset..end].to_vec(),
-            });
+                .ok_or_else(|| Error::InvalidInput(format!("tensor {}: not enough values", s.name)))?;
+            tensors.push(Tensor { name: s.name.clone(), shape: s.shape.clone(), data: flat[offset..end].to_vec() });
             offset = end;
         }
         if offset != flat.len() {
-            return Err(Error::InvalidInput(format!(
-                "{} values given for tensors holding {offset}",
-                flat.len()
-            )));
+            return Err(Error::InvalidInput(format!("{} values given for tensors holding {offset}", flat.len())));
         }
         Parameters::new(tensors)
     }
@@ -111,9 +92,7 @@ impl Parameters {
 
     /// Mutable access to the tensors' values (names and shapes stay fixed).
     pub fn values_mut(&mut self) -> impl Iterator<Item = (&str, &mut [f32])> {
-        self.tensors
-            .iter_mut()
-            .map(|t| (t.name.as_str(), t.data.as_mut_slice()))
+        self.tensors.iter_mut().map(|t| (t.name.as_str(), t.data.as_mut_slice()))
     }
 
     /// The tensor called `name`.
@@ -123,13 +102,7 @@ impl Parameters {
 
     /// Names and shapes, in order.
     pub fn spec(&self) -> Vec<TensorSpec> {
-        self.tensors
-            .iter()
-            .map(|t| TensorSpec {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-            })
-            .collect()
+        self.tensors.iter().map(|t| TensorSpec { name: t.name.clone(), shape: t.shape.clone() }).collect()
     }
 
     /// Total number of values.
@@ -146,10 +119,7 @@ impl Parameters {
     pub fn check_finite(&self) -> Result<(), String> {
         for t in &self.tensors {
             if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
-                return Err(format!(
-                    "tensor {} holds {} at index {i}",
-                    t.name, t.data[i]
-                ));
+                return Err(format!("tensor {} holds {} at index {i}", t.name, t.data[i]));
             }
         }
         Ok(())
@@ -159,21 +129,14 @@ impl Parameters {
     /// order, and only finite values. Used on every update before aggregation.
     pub fn check_matches(&self, expected: &[TensorSpec]) -> Result<(), String> {
         if self.tensors.len() != expected.len() {
-            return Err(format!(
-                "{} tensors where {} are expected",
-                self.tensors.len(),
-                expected.len()
-            ));
+            return Err(format!("{} tensors where {} are expected", self.tensors.len(), expected.len()));
         }
         for (t, e) in self.tensors.iter().zip(expected) {
             if t.name != e.name {
                 return Err(format!("tensor {} where {} is expected", t.name, e.name));
             }
             if t.shape != e.shape {
-                return Err(format!(
-                    "tensor {} has shape {:?}, expected {:?}",
-                    t.name, t.shape, e.shape
-                ));
+                return Err(format!("tensor {} has shape {:?}, expected {:?}", t.name, t.shape, e.shape));
             }
         }
         self.check_finite()
@@ -181,15 +144,9 @@ impl Parameters {
 
     /// Serialises to safetensors; the tensor order is kept in the metadata
     /// under `confide.order` because safetensors itself sorts tensors.
-    pub fn to_safetensors(
-        &self,
-        extra_metadata: &BTreeMap<String, String>,
-    ) -> Result<Vec<u8>, Error> {
-        let bytes: Vec<Vec<u8>> = self
-            .tensors
-            .iter()
-            .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-            .collect();
+    pub fn to_safetensors(&self, extra_metadata: &BTreeMap<String, String>) -> Result<Vec<u8>, Error> {
+        let bytes: Vec<Vec<u8>> =
+            self.tensors.iter().map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
         let mut views = Vec::with_capacity(self.tensors.len());
         for (t, b) in self.tensors.iter().zip(&bytes) {
             let view = TensorView::new(Dtype::F32, t.shape.clone(), b)
@@ -205,14 +162,9 @@ impl Parameters {
     /// Parses safetensors written by [`Parameters::to_safetensors`] (or any
     /// f32 safetensors file; without `confide.order` tensors come in name order).
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
-        let (_, meta) =
-            SafeTensors::read_metadata(bytes).map_err(|e| Error::ModelFile(e.to_string()))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::ModelFile(e.to_string()))?;
         let st = SafeTensors::deserialize(bytes).map_err(|e| Error::ModelFile(e.to_string()))?;
-        let order = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("confide.order"))
-            .cloned();
+        let order = meta.metadata().as_ref().and_then(|m| m.get("confide.order")).cloned();
         let names: Vec<String> = match order {
             Some(order) if order.is_empty() => Vec::new(),
             Some(order) => order.split('\n').map(str::to_owned).collect(),
@@ -223,31 +175,19 @@ impl Parameters {
             }
         };
         if names.len() != st.len() {
-            return Err(Error::ModelFile(
-                "confide.order does not list every tensor".into(),
-            ));
+            return Err(Error::ModelFile("confide.order does not list every tensor".into()));
         }
         let mut tensors = Vec::with_capacity(names.len());
         for name in names {
-            let view = st
-                .tensor(&name)
-                .map_err(|e| Error::ModelFile(format!("tensor {name}: {e}")))?;
+            let view = st.tensor(&name).map_err(|e| Error::ModelFile(format!("tensor {name}: {e}")))?;
             if view.dtype() != Dtype::F32 {
                 return Err(Error::ModelFile(format!(
                     "tensor {name}: dtype {:?}, only F32 is supported",
                     view.dtype()
                 )));
             }
-            let data = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            tensors.push(Tensor {
-                name,
-                shape: view.shape().to_vec(),
-                data,
-            });
+            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            tensors.push(Tensor { name, shape: view.shape().to_vec(), data });
         }
         Parameters::new(tensors)
     }
@@ -260,35 +200,16 @@ mod tests {
 
     fn sample() -> Parameters {
         Parameters::new(vec![
-            Tensor {
-                name: "w".into(),
-                shape: vec![2, 3],
-                data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-            },
-            Tensor {
-                name: "b".into(),
-                shape: vec![2],
-                data: vec![-1.0, 0.5],
-            },
+            Tensor { name: "w".into(), shape: vec![2, 3], data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0] },
+            Tensor { name: "b".into(), shape: vec![2], data: vec![-1.0, 0.5] },
         ])
         .unwrap()
     }
 
     #[test]
     fn rejects_bad_shapes_and_duplicates() {
-        assert!(
-            Parameters::new(vec![Tensor {
-                name: "w".into(),
-                shape: vec![2, 2],
-                data: vec![0.0; 3]
-            }])
-            .is_err()
-        );
-        let t = Tensor {
-            name: "w".into(),
-            shape: vec![1],
-            data: vec![0.0],
-        };
+        assert!(Parameters::new(vec![Tensor { name: "w".into(), shape: vec![2, 2], data: vec![0.0; 3] }]).is_err());
+        let t = Tensor { name: "w".into(), shape: vec![1], data: vec![0.0] };
         assert!(Parameters::new(vec![t.clone(), t]).is_err());
     }
 
@@ -301,11 +222,7 @@ mod tests {
         assert!(p.check_matches(&spec).unwrap_err().contains("tensor b"));
         let mut bad = p.clone();
         bad.values_mut().next().unwrap().1[4] = f32::NAN;
-        assert!(
-            bad.check_matches(&p.spec())
-                .unwrap_err()
-                .contains("index 4")
-        );
+        assert!(bad.check_matches(&p.spec()).unwrap_err().contains("index 4"));
     }
 
     #[test]

@@ -36,21 +36,12 @@ pub fn check_update(expected: &[TensorSpec], result: &FitResult) -> Result<(), E
     result
         .params
         .check_matches(expected)
-        .map_err(|reason| Error::PeerMisbehaved {
-            party: result.party.clone(),
-            reason,
-        })?;
+        .map_err(|reason| Error::PeerMisbehaved { party: result.party.clone(), reason })?;
     if result.num_examples == 0 {
-        return Err(Error::PeerMisbehaved {
-            party: result.party.clone(),
-            reason: "trained on zero examples".into(),
-        });
+        return Err(Error::PeerMisbehaved { party: result.party.clone(), reason: "trained on zero examples".into() });
     }
     if let Some((k, v)) = result.metrics.iter().find(|(_, v)| !v.is_finite()) {
-        return Err(Error::PeerMisbehaved {
-            party: result.party.clone(),
-            reason: format!("metric {k} is {v}"),
-        });
+        return Err(Error::PeerMisbehaved { party: result.party.clone(), reason: format!("metric {k} is {v}") });
     }
     Ok(())
 }
@@ -64,29 +55,17 @@ pub trait Strategy: Send {
 
     /// The configuration sent to every party for fit round `round`.
     fn configure_fit(&mut self, round: u32, base: &FitConfig) -> FitConfig {
-        FitConfig {
-            round,
-            ..base.clone()
-        }
+        FitConfig { round, ..base.clone() }
     }
 
     /// The next global model from the parties' updates. `results` have passed
     /// [`check_update`] and are sorted by party name, so floating-point sums
     /// happen in a reproducible order.
-    fn aggregate_fit(
-        &mut self,
-        round: u32,
-        global: &Parameters,
-        results: &[FitResult],
-    ) -> Result<Parameters, Error>;
+    fn aggregate_fit(&mut self, round: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error>;
 
     /// Round metrics from the parties' evaluations: by default the
     /// example-weighted mean of the loss and of every metric all parties report.
-    fn aggregate_evaluate(
-        &mut self,
-        _round: u32,
-        results: &[EvalResult],
-    ) -> Result<Metrics, Error> {
+    fn aggregate_evaluate(&mut self, _round: u32, results: &[EvalResult]) -> Result<Metrics, Error> {
         weighted_metrics(results)
     }
 }
@@ -98,21 +77,11 @@ pub fn weighted_metrics(results: &[EvalResult]) -> Result<Metrics, Error> {
         return Err(Error::EmptyAggregation("no evaluation examples".into()));
     }
     let mut out = Metrics::new();
-    out.insert(
-        "loss".into(),
-        results
-            .iter()
-            .map(|r| r.loss * r.num_examples as f64)
-            .sum::<f64>()
-            / total as f64,
-    );
+    out.insert("loss".into(), results.iter().map(|r| r.loss * r.num_examples as f64).sum::<f64>() / total as f64);
     if let Some(first) = results.first() {
         for key in first.metrics.keys() {
             if results.iter().all(|r| r.metrics.contains_key(key)) {
-                let s: f64 = results
-                    .iter()
-                    .map(|r| r.metrics[key] * r.num_examples as f64)
-                    .sum();
+                let s: f64 = results.iter().map(|r| r.metrics[key] * r.num_examples as f64).sum();
                 out.insert(key.clone(), s / total as f64);
             }
         }
@@ -132,9 +101,7 @@ impl FedAvg {
     pub fn weighted_mean(global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
         let total: u64 = results.iter().map(|r| r.num_examples).sum();
         if results.is_empty() || total == 0 {
-            return Err(Error::EmptyAggregation(
-                "no party updates with examples".into(),
-            ));
+            return Err(Error::EmptyAggregation("no party updates with examples".into()));
         }
         let spec = global.spec();
         let mut acc = vec![0f64; global.num_values()];
@@ -155,12 +122,7 @@ impl Strategy for FedAvg {
         "fedavg"
     }
 
-    fn aggregate_fit(
-        &mut self,
-        _round: u32,
-        global: &Parameters,
-        results: &[FitResult],
-    ) -> Result<Parameters, Error> {
+    fn aggregate_fit(&mut self, _round: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
         FedAvg::weighted_mean(global, results)
     }
 }
@@ -171,33 +133,17 @@ mod tests {
     use crate::Tensor;
 
     fn params(v: &[f32]) -> Parameters {
-        Parameters::new(vec![Tensor {
-            name: "w".into(),
-            shape: vec![v.len()],
-            data: v.to_vec(),
-        }])
-        .unwrap()
+        Parameters::new(vec![Tensor { name: "w".into(), shape: vec![v.len()], data: v.to_vec() }]).unwrap()
     }
 
     fn result(party: &str, n: u64, v: &[f32]) -> FitResult {
-        FitResult {
-            party: party.into(),
-            num_examples: n,
-            params: params(v),
-            metrics: Metrics::new(),
-        }
+        FitResult { party: party.into(), num_examples: n, params: params(v), metrics: Metrics::new() }
     }
 
     #[test]
     fn fedavg_is_the_example_weighted_mean() {
         let g = params(&[0.0, 0.0]);
-        let out = FedAvg
-            .aggregate_fit(
-                1,
-                &g,
-                &[result("a", 1, &[1.0, 2.0]), result("b", 3, &[5.0, -2.0])],
-            )
-            .unwrap();
+        let out = FedAvg.aggregate_fit(1, &g, &[result("a", 1, &[1.0, 2.0]), result("b", 3, &[5.0, -2.0])]).unwrap();
         // (1*1 + 3*5)/4 = 4, (1*2 + 3*-2)/4 = -1
         assert_eq!(out.tensors()[0].data, vec![4.0, -1.0]);
     }
@@ -206,22 +152,10 @@ mod tests {
     fn fedavg_names_the_bad_party() {
         let g = params(&[0.0, 0.0]);
         let err = FedAvg
-            .aggregate_fit(
-                1,
-                &g,
-                &[
-                    result("a", 1, &[1.0, 2.0]),
-                    result("evil", 1, &[f32::NAN, 0.0]),
-                ],
-            )
+            .aggregate_fit(1, &g, &[result("a", 1, &[1.0, 2.0]), result("evil", 1, &[f32::NAN, 0.0])])
             .unwrap_err();
-        assert!(
-            matches!(err, Error::PeerMisbehaved { ref party, .. } if party == "evil"),
-            "{err}"
-        );
-        let err = FedAvg
-            .aggregate_fit(1, &g, &[result("short", 1, &[1.0])])
-            .unwrap_err();
+        assert!(matches!(err, Error::PeerMisbehaved { ref party, .. } if party == "evil"), "{err}");
+        let err = FedAvg.aggregate_fit(1, &g, &[result("short", 1, &[1.0])]).unwrap_err();
         assert!(err.to_string().contains("short"));
         assert!(FedAvg.aggregate_fit(1, &g, &[]).is_err());
     }

@@ -91,35 +91,19 @@ impl TrainConfig {
     pub fn validate(&self) -> Vec<String> {
         let mut errs = Vec::new();
         if !(1..=1000).contains(&self.local_epochs) {
-            errs.push(format!(
-                "local_epochs: must be 1..=1000 (got {})",
-                self.local_epochs
-            ));
+            errs.push(format!("local_epochs: must be 1..=1000 (got {})", self.local_epochs));
         }
         if !(1..=1_000_000).contains(&self.batch_size) {
-            errs.push(format!(
-                "batch_size: must be 1..=1000000 (got {})",
-                self.batch_size
-            ));
+            errs.push(format!("batch_size: must be 1..=1000000 (got {})", self.batch_size));
         }
-        if !(self.learning_rate.is_finite()
-            && self.learning_rate > 0.0
-            && self.learning_rate <= 100.0)
-        {
-            errs.push(format!(
-                "learning_rate: must be in (0, 100] (got {})",
-                self.learning_rate
-            ));
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate <= 100.0) {
+            errs.push(format!("learning_rate: must be in (0, 100] (got {})", self.learning_rate));
         }
         if !(self.l2.is_finite() && self.l2 >= 0.0) {
             errs.push(format!("l2: must be finite and >= 0 (got {})", self.l2));
         }
-        if !(self.validation_fraction.is_finite() && (0.0..0.9).contains(&self.validation_fraction))
-        {
-            errs.push(format!(
-                "validation_fraction: must be in [0, 0.9) (got {})",
-                self.validation_fraction
-            ));
+        if !(self.validation_fraction.is_finite() && (0.0..0.9).contains(&self.validation_fraction)) {
+            errs.push(format!("validation_fraction: must be in [0, 0.9) (got {})", self.validation_fraction));
         }
         errs
     }
@@ -236,9 +220,7 @@ pub fn apply_feature_stats(params: &mut Parameters, stats: &FeatureStats) -> Res
         set += 1;
     }
     if set != 2 {
-        return Err(Error::InvalidInput(format!(
-            "model lacks {INPUT_MEAN}/{INPUT_STD} tensors"
-        )));
+        return Err(Error::InvalidInput(format!("model lacks {INPUT_MEAN}/{INPUT_STD} tensors")));
     }
     Ok(())
 }
@@ -271,16 +253,8 @@ mod tests {
 
     #[test]
     fn merged_stats_equal_pooled_stats() {
-        let a = FeatureStats {
-            count: 2,
-            sum: vec![1.0 + 3.0],
-            sum_sq: vec![1.0 + 9.0],
-        };
-        let b = FeatureStats {
-            count: 1,
-            sum: vec![5.0],
-            sum_sq: vec![25.0],
-        };
+        let a = FeatureStats { count: 2, sum: vec![1.0 + 3.0], sum_sq: vec![1.0 + 9.0] };
+        let b = FeatureStats { count: 1, sum: vec![5.0], sum_sq: vec![25.0] };
         let mut m = FeatureStats::default();
         m.merge(&a).unwrap();
         m.merge(&b).unwrap();
@@ -288,23 +262,12 @@ mod tests {
         assert_eq!(mean, vec![3.0]);
         // population std of [1, 3, 5]
         assert!((std[0] - (8.0f32 / 3.0).sqrt()).abs() < 1e-6);
-        assert!(
-            m.merge(&FeatureStats {
-                count: 1,
-                sum: vec![1.0, 2.0],
-                sum_sq: vec![1.0, 4.0]
-            })
-            .is_err()
-        );
+        assert!(m.merge(&FeatureStats { count: 1, sum: vec![1.0, 2.0], sum_sq: vec![1.0, 4.0] }).is_err());
     }
 
     #[test]
     fn train_config_validation_names_fields() {
-        let c = TrainConfig {
-            batch_size: 0,
-            learning_rate: f64::NAN,
-            ..TrainConfig::default()
-        };
+        let c = TrainConfig { batch_size: 0, learning_rate: f64::NAN, ..TrainConfig::default() };
         let errs = c.validate();
         assert!(errs.iter().any(|e| e.starts_with("batch_size")));
         assert!(errs.iter().any(|e| e.starts_with("learning_rate")));

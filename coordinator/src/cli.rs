@@ -121,23 +121,13 @@ enum CoordinatorCmd {
 #[derive(Args, Debug, Clone)]
 struct AdminConn {
     /// Coordinator URL.
-    #[arg(
-        long,
-        env = "CONFIDE_COORDINATOR",
-        default_value = "https://127.0.0.1:7443",
-        global = true
-    )]
+    #[arg(long, env = "CONFIDE_COORDINATOR", default_value = "https://127.0.0.1:7443", global = true)]
     coordinator: String,
     /// PKI directory holding ca.pem, admin.pem and admin.key.
     #[arg(long, env = "CONFIDE_PKI", default_value = "pki", global = true)]
     pki: PathBuf,
     /// Name in the coordinator's certificate.
-    #[arg(
-        long,
-        env = "CONFIDE_SERVER_NAME",
-        default_value = "localhost",
-        global = true
-    )]
+    #[arg(long, env = "CONFIDE_SERVER_NAME", default_value = "localhost", global = true)]
     server_name: String,
 }
 
@@ -205,19 +195,10 @@ enum JobCmd {
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<i32, Error> {
     match cli.command {
-        Command::Certs(CertsCmd::Init {
-            dir,
-            parties,
-            coordinator_hosts,
-            federation,
-        }) => {
+        Command::Certs(CertsCmd::Init { dir, parties, coordinator_hosts, federation }) => {
             let pki = PkiDir::new(&dir);
             pki.init(&federation, &parties, &coordinator_hosts)?;
-            println!(
-                "created federation PKI in {} for parties: {}",
-                dir.display(),
-                parties.join(", ")
-            );
+            println!("created federation PKI in {} for parties: {}", dir.display(), parties.join(", "));
             Ok(0)
         }
         Command::Certs(CertsCmd::Issue { dir, party }) => {
@@ -225,12 +206,7 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             println!("issued and enrolled party {party} in {}", dir.display());
             Ok(0)
         }
-        Command::Coordinator(CoordinatorCmd::Serve {
-            config,
-            listen,
-            data_dir,
-            pki,
-        }) => {
+        Command::Coordinator(CoordinatorCmd::Serve { config, listen, data_dir, pki }) => {
             let cfg = coordinator_config(config.as_deref(), listen, data_dir, pki)?;
             let running = server::start(cfg).await?;
             println!("coordinator listening on {}", running.local_addr);
@@ -241,24 +217,8 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             Ok(0)
         }
         Command::Job(cmd) => job(cmd).await,
-        Command::Data(DataCmd::Split {
-            input,
-            header,
-            parties,
-            weights,
-            test_fraction,
-            seed,
-            out,
-        }) => {
-            split_data(
-                &input,
-                header,
-                &parties,
-                &weights,
-                test_fraction,
-                seed,
-                &out,
-            )?;
+        Command::Data(DataCmd::Split { input, header, parties, weights, test_fraction, seed, out }) => {
+            split_data(&input, header, &parties, &weights, test_fraction, seed, &out)?;
             Ok(0)
         }
     }
@@ -275,42 +235,23 @@ fn split_data(
 ) -> Result<(), Error> {
     use confide_algorithms::data::{CsvOptions, Dataset};
     if parties.is_empty() {
-        return Err(Error::InvalidInput(
-            "--parties: name at least one party".into(),
-        ));
+        return Err(Error::InvalidInput("--parties: name at least one party".into()));
     }
-    let weights: Vec<f64> = if weights.is_empty() {
-        vec![1.0; parties.len()]
-    } else {
-        weights.to_vec()
-    };
+    let weights: Vec<f64> = if weights.is_empty() { vec![1.0; parties.len()] } else { weights.to_vec() };
     if weights.len() != parties.len() || weights.iter().any(|w| !(w.is_finite() && *w > 0.0)) {
-        return Err(Error::InvalidInput(
-            "--weights: one positive weight per party".into(),
-        ));
+        return Err(Error::InvalidInput("--weights: one positive weight per party".into()));
     }
     if !(0.0..0.9).contains(&test_fraction) {
-        return Err(Error::InvalidInput(
-            "--test-fraction: must be in [0, 0.9)".into(),
-        ));
+        return Err(Error::InvalidInput("--test-fraction: must be in [0, 0.9)".into()));
     }
-    let ds = Dataset::load_csv(
-        input,
-        &CsvOptions {
-            header,
-            label_column: -1,
-        },
-    )?;
+    let ds = Dataset::load_csv(input, &CsvOptions { header, label_column: -1 })?;
     let (rest, test) = ds.split(test_fraction, seed);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let total: f64 = weights.iter().sum();
     let mut start = 0usize;
     for (i, (party, w)) in parties.iter().zip(&weights).enumerate() {
-        let end = if i + 1 == parties.len() {
-            rest.len()
-        } else {
-            start + (rest.len() as f64 * w / total).round() as usize
-        };
+        let end =
+            if i + 1 == parties.len() { rest.len() } else { start + (rest.len() as f64 * w / total).round() as usize };
         let idx: Vec<usize> = (start..end.min(rest.len())).collect();
         let part = rest.select(&idx);
         let path = out.join(format!("{party}.csv"));
@@ -332,9 +273,7 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -354,18 +293,15 @@ fn coordinator_config(
     let mut cfg = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            let mut cfg: CoordinatorConfig = toml::from_str(&text).map_err(|e| {
-                Error::InvalidInput(format!("{}: {}", path.display(), e.to_string().trim()))
-            })?;
+            let mut cfg: CoordinatorConfig = toml::from_str(&text)
+                .map_err(|e| Error::InvalidInput(format!("{}: {}", path.display(), e.to_string().trim())))?;
             let base = path.parent().unwrap_or(Path::new("."));
             cfg.data_dir = base.join(&cfg.data_dir);
             cfg.pki = base.join(&cfg.pki);
             cfg
         }
         None => CoordinatorConfig {
-            listen: "127.0.0.1:7443"
-                .parse()
-                .map_err(|_| Error::InvalidInput("listen".into()))?,
+            listen: "127.0.0.1:7443".parse().map_err(|_| Error::InvalidInput("listen".into()))?,
             data_dir: PathBuf::from("confide-data"),
             pki: PathBuf::from("pki"),
             limits: Limits::default(),
@@ -386,43 +322,27 @@ fn coordinator_config(
 async fn admin(conn: &AdminConn) -> Result<AdminServiceClient<Channel>, Error> {
     let pki = PkiDir::new(&conn.pki);
     let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
-    let id = ClientIdentity {
-        url: &conn.coordinator,
-        server_name: &conn.server_name,
-        ca: &ca,
-        cert: &cert,
-        key: &key,
-    };
+    let id = ClientIdentity { url: &conn.coordinator, server_name: &conn.server_name, ca: &ca, cert: &cert, key: &key };
     let channel = connect(&id).await.map_err(|e| Error::Io(e.to_string()))?;
     let max = Limits::default().max_message_bytes;
-    Ok(AdminServiceClient::new(channel)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max))
+    Ok(AdminServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max))
 }
 
 fn rpc_err(s: tonic::Status) -> Error {
     match s.code() {
         tonic::Code::InvalidArgument => Error::InvalidInput(s.message().to_owned()),
         tonic::Code::NotFound => Error::NotFound(s.message().to_owned()),
-        _ => Error::Io(format!(
-            "coordinator: {} ({:?}){}",
-            s.message(),
-            s.code(),
-            source_suffix(&s)
-        )),
+        _ => Error::Io(format!("coordinator: {} ({:?}){}", s.message(), s.code(), source_suffix(&s))),
     }
 }
 
 fn source_suffix(s: &tonic::Status) -> String {
     use std::error::Error as _;
-    s.source()
-        .map(|e| format!(": {}", source_chain(e)))
-        .unwrap_or_default()
+    s.source().map(|e| format!(": {}", source_chain(e))).unwrap_or_default()
 }
 
 fn parse_status(json: &str) -> Result<JobStatus, Error> {
-    serde_json::from_str(json)
-        .map_err(|e| Error::Io(format!("unreadable status from the coordinator: {e}")))
+    serde_json::from_str(json).map_err(|e| Error::Io(format!("unreadable status from the coordinator: {e}")))
 }
 
 async fn job(cmd: JobCmd) -> Result<i32, Error> {
@@ -440,40 +360,22 @@ async fn job(cmd: JobCmd) -> Result<i32, Error> {
             JobSpec::parse(&text, &name, &Limits::default())?;
             let mut client = admin(&conn).await?;
             let id = client
-                .submit_job(pb::SubmitJobRequest {
-                    spec_toml: text,
-                    file_name: name,
-                })
+                .submit_job(pb::SubmitJobRequest { spec_toml: text, file_name: name })
                 .await
                 .map_err(rpc_err)?
                 .into_inner()
                 .job_id;
             println!("{id}");
-            if watch {
-                watch_job(&mut client, &id).await
-            } else {
-                Ok(0)
-            }
+            if watch { watch_job(&mut client, &id).await } else { Ok(0) }
         }
         JobCmd::List { json, conn } => {
             let mut client = admin(&conn).await?;
-            let jobs = client
-                .list_jobs(pb::ListJobsRequest {})
-                .await
-                .map_err(rpc_err)?
-                .into_inner()
-                .jobs_json;
-            let jobs: Vec<JobStatus> = jobs
-                .iter()
-                .map(|j| parse_status(j))
-                .collect::<Result<_, _>>()?;
+            let jobs = client.list_jobs(pb::ListJobsRequest {}).await.map_err(rpc_err)?.into_inner().jobs_json;
+            let jobs: Vec<JobStatus> = jobs.iter().map(|j| parse_status(j)).collect::<Result<_, _>>()?;
             if json {
                 println!("{}", serde_json::to_string(&jobs).unwrap_or_default());
             } else {
-                println!(
-                    "{:<22} {:<24} {:<10} {:>7}  {}",
-                    "ID", "NAME", "STATE", "ROUNDS", "METRICS"
-                );
+                println!("{:<22} {:<24} {:<10} {:>7}  {}", "ID", "NAME", "STATE", "ROUNDS", "METRICS");
                 for j in jobs {
                     println!(
                         "{:<22} {:<24} {:<10} {:>3}/{:<3}  {}",
@@ -490,12 +392,7 @@ async fn job(cmd: JobCmd) -> Result<i32, Error> {
         }
         JobCmd::Status { id, json, conn } => {
             let mut client = admin(&conn).await?;
-            let st = client
-                .get_job(pb::JobRef { job_id: id })
-                .await
-                .map_err(rpc_err)?
-                .into_inner()
-                .status_json;
+            let st = client.get_job(pb::JobRef { job_id: id }).await.map_err(rpc_err)?.into_inner().status_json;
             if json {
                 println!("{st}");
             } else {
@@ -509,29 +406,19 @@ async fn job(cmd: JobCmd) -> Result<i32, Error> {
         }
         JobCmd::Cancel { id, conn } => {
             let mut client = admin(&conn).await?;
-            let st = client
-                .cancel_job(pb::JobRef { job_id: id })
-                .await
-                .map_err(rpc_err)?
-                .into_inner();
+            let st = client.cancel_job(pb::JobRef { job_id: id }).await.map_err(rpc_err)?.into_inner();
             let st = parse_status(&st.status_json)?;
             println!("job {} is {}", st.id, st.state.as_str());
             Ok(0)
         }
         JobCmd::Model { id, out, conn } => {
             let mut client = admin(&conn).await?;
-            let mut stream = client
-                .get_model(pb::JobRef { job_id: id.clone() })
-                .await
-                .map_err(rpc_err)?
-                .into_inner();
+            let mut stream = client.get_model(pb::JobRef { job_id: id.clone() }).await.map_err(rpc_err)?.into_inner();
             let mut bytes = Vec::new();
             let mut round = 0;
             while let Some(c) = stream.message().await.map_err(rpc_err)? {
                 if c.total_bytes > 1 << 34 || bytes.len() + c.data.len() > c.total_bytes as usize {
-                    return Err(Error::Io(
-                        "model transfer exceeds its announced size".into(),
-                    ));
+                    return Err(Error::Io("model transfer exceeds its announced size".into()));
                 }
                 round = c.round;
                 bytes.extend_from_slice(&c.data);
@@ -540,11 +427,7 @@ async fn job(cmd: JobCmd) -> Result<i32, Error> {
             let tmp = out.with_extension("part");
             std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
             std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
-            println!(
-                "wrote the round-{round} model of job {id} to {} ({} bytes)",
-                out.display(),
-                bytes.len()
-            );
+            println!("wrote the round-{round} model of job {id} to {} ({} bytes)", out.display(), bytes.len());
             Ok(0)
         }
     }
@@ -568,11 +451,7 @@ fn print_status(st: &JobStatus) {
         println!("  metrics: {}", metrics_line(st));
     }
     for (name, p) in &st.parties {
-        let detail = p
-            .detail
-            .as_deref()
-            .map(|d| format!(" ({d})"))
-            .unwrap_or_default();
+        let detail = p.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default();
         println!("  party {name}: {}{detail}", p.state.as_str());
     }
     if let Some(m) = &st.model {
@@ -584,13 +463,7 @@ fn print_status(st: &JobStatus) {
 }
 
 async fn watch_job(client: &mut AdminServiceClient<Channel>, id: &str) -> Result<i32, Error> {
-    let mut stream = client
-        .watch_job(pb::JobRef {
-            job_id: id.to_owned(),
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
+    let mut stream = client.watch_job(pb::JobRef { job_id: id.to_owned() }).await.map_err(rpc_err)?.into_inner();
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] round {pos}/{len} {msg}")
@@ -607,10 +480,7 @@ async fn watch_job(client: &mut AdminServiceClient<Channel>, id: &str) -> Result
         bar.set_message(metrics_line(&st));
         if bar.is_hidden() {
             // Not a terminal (CI, pipes): print a line per completed round.
-            if last
-                .as_ref()
-                .is_none_or(|l| l.rounds_completed != st.rounds_completed || l.state != st.state)
-            {
+            if last.as_ref().is_none_or(|l| l.rounds_completed != st.rounds_completed || l.state != st.state) {
                 println!(
                     "[{}] round {}/{} {}",
                     st.state.as_str(),
@@ -632,9 +502,5 @@ async fn watch_job(client: &mut AdminServiceClient<Channel>, id: &str) -> Result
         return Err(Error::Io("the coordinator sent no status".into()));
     };
     print_status(&st);
-    Ok(if st.state == JobState::Succeeded {
-        0
-    } else {
-        1
-    })
+    Ok(if st.state == JobState::Succeeded { 0 } else { 1 })
 }

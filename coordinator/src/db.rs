@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use confide_proto::jobspec::JobSpec;
-use confide_proto::status::{
-    JobState, JobStatus, ModelInfo, PartyState, PartyStatus, PrivacyStatus, RoundRecord,
-};
+use confide_proto::status::{JobState, JobStatus, ModelInfo, PartyState, PartyStatus, PrivacyStatus, RoundRecord};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::Error;
@@ -81,10 +79,7 @@ pub struct Db {
 
 /// Unix seconds now.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn sql(e: rusqlite::Error) -> Error {
@@ -94,15 +89,10 @@ fn sql(e: rusqlite::Error) -> Error {
 impl Db {
     /// Opens (creating if needed) and migrates the database at `path`.
     pub fn open(path: &Path) -> Result<Db, Error> {
-        let mut conn = Connection::open(path)
-            .map_err(|e| Error::Storage(format!("{}: {e}", path.display())))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
-        )
-        .map_err(sql)?;
-        let version: usize = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+        let mut conn = Connection::open(path).map_err(|e| Error::Storage(format!("{}: {e}", path.display())))?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
             .map_err(sql)?;
+        let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql)?;
         if version > MIGRATIONS.len() {
             return Err(Error::Storage(format!(
                 "{}: schema version {version} is newer than this confide understands ({}); upgrade confide",
@@ -116,9 +106,7 @@ impl Db {
             tx.pragma_update(None, "user_version", i + 1).map_err(sql)?;
             tx.commit().map_err(sql)?;
         }
-        Ok(Db {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(Db { conn: Arc::new(Mutex::new(conn)) })
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -142,9 +130,7 @@ impl Db {
 
     /// Marks every party disconnected (at start-up).
     pub fn reset_connections(&self) -> Result<(), Error> {
-        self.lock()
-            .execute("UPDATE parties SET connected = 0", [])
-            .map_err(sql)?;
+        self.lock().execute("UPDATE parties SET connected = 0", []).map_err(sql)?;
         Ok(())
     }
 
@@ -162,12 +148,7 @@ impl Db {
     }
 
     /// Sets a job's state (and error).
-    pub fn set_job_state(
-        &self,
-        id: &str,
-        state: JobState,
-        error: Option<&str>,
-    ) -> Result<(), Error> {
+    pub fn set_job_state(&self, id: &str, state: JobState, error: Option<&str>) -> Result<(), Error> {
         self.lock()
             .execute(
                 "UPDATE jobs SET state = ?2, error = COALESCE(?3, error), updated_at = ?4 WHERE id = ?1",
@@ -178,11 +159,7 @@ impl Db {
     }
 
     /// Replaces a job's party statuses.
-    pub fn save_parties(
-        &self,
-        id: &str,
-        parties: &BTreeMap<String, PartyStatus>,
-    ) -> Result<(), Error> {
+    pub fn save_parties(&self, id: &str, parties: &BTreeMap<String, PartyStatus>) -> Result<(), Error> {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(sql)?;
         for (name, st) in parties {
@@ -193,11 +170,7 @@ impl Db {
             )
             .map_err(sql)?;
         }
-        tx.execute(
-            "UPDATE jobs SET updated_at = ?2 WHERE id = ?1",
-            params![id, unix_now() as i64],
-        )
-        .map_err(sql)?;
+        tx.execute("UPDATE jobs SET updated_at = ?2 WHERE id = ?1", params![id, unix_now() as i64]).map_err(sql)?;
         tx.commit().map_err(sql)
     }
 
@@ -235,20 +208,15 @@ impl Db {
         let ids: Vec<String> = {
             let conn = self.lock();
             let mut st = conn
-                .prepare(
-                    "SELECT id FROM jobs WHERE state IN ('pending', 'running') ORDER BY created_at",
-                )
+                .prepare("SELECT id FROM jobs WHERE state IN ('pending', 'running') ORDER BY created_at")
                 .map_err(sql)?;
-            st.query_map([], |r| r.get(0))
-                .map_err(sql)?
-                .collect::<Result<_, _>>()
-                .map_err(sql)?
+            st.query_map([], |r| r.get(0)).map_err(sql)?.collect::<Result<_, _>>().map_err(sql)?
         };
         let mut out = Vec::new();
         for id in ids {
             let conn = self.lock();
-            let (spec_toml, rounds_completed, model_round, model_path): (String, u32, Option<u32>, Option<String>) = conn
-                .query_row(
+            let (spec_toml, rounds_completed, model_round, model_path): (String, u32, Option<u32>, Option<String>) =
+                conn.query_row(
                     "SELECT spec_toml, rounds_completed, model_round, model_path FROM jobs WHERE id = ?1",
                     [&id],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
@@ -269,35 +237,19 @@ impl Db {
 
     fn parties_of(&self, id: &str) -> Result<BTreeMap<String, PartyStatus>, Error> {
         let conn = self.lock();
-        let mut st = conn
-            .prepare("SELECT party, state, detail, last_round FROM job_parties WHERE job_id = ?1")
-            .map_err(sql)?;
+        let mut st =
+            conn.prepare("SELECT party, state, detail, last_round FROM job_parties WHERE job_id = ?1").map_err(sql)?;
         let rows = st
             .query_map([id], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get(3)?,
-                ))
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?, r.get(3)?))
             })
             .map_err(sql)?;
         let mut out = BTreeMap::new();
         for row in rows {
             let (name, state, detail, last_round) = row.map_err(sql)?;
-            let state = PartyState::parse(&state).ok_or_else(|| {
-                Error::Storage(format!(
-                    "job {id}: party {name} has unknown state {state:?}"
-                ))
-            })?;
-            out.insert(
-                name,
-                PartyStatus {
-                    state,
-                    detail,
-                    last_round,
-                },
-            );
+            let state = PartyState::parse(&state)
+                .ok_or_else(|| Error::Storage(format!("job {id}: party {name} has unknown state {state:?}")))?;
+            out.insert(name, PartyStatus { state, detail, last_round });
         }
         Ok(out)
     }
@@ -306,11 +258,7 @@ impl Db {
     pub fn model_of(&self, id: &str) -> Result<Option<(u32, PathBuf)>, Error> {
         let row: Option<(Option<u32>, Option<String>)> = self
             .lock()
-            .query_row(
-                "SELECT model_round, model_path FROM jobs WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT model_round, model_path FROM jobs WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(sql)?;
         match row {
@@ -321,19 +269,7 @@ impl Db {
 
     /// The full status of a job.
     pub fn job_status(&self, id: &str, with_history: bool) -> Result<JobStatus, Error> {
-        type Row = (
-            String,
-            String,
-            String,
-            String,
-            u32,
-            u32,
-            Option<String>,
-            Option<u32>,
-            Option<String>,
-            i64,
-            i64,
-        );
+        type Row = (String, String, String, String, u32, u32, Option<String>, Option<u32>, Option<String>, i64, i64);
         let row: Option<Row> = self
             .lock()
             .query_row(
@@ -358,24 +294,10 @@ impl Db {
             )
             .optional()
             .map_err(sql)?;
-        let (
-            name,
-            kind,
-            state,
-            mode,
-            total,
-            done,
-            error,
-            model_round,
-            model_path,
-            created,
-            updated,
-        ) = row.ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+        let (name, kind, state, mode, total, done, error, model_round, model_path, created, updated) =
+            row.ok_or_else(|| Error::NotFound(format!("job {id}")))?;
         let history = self.history(id, if with_history { u32::MAX } else { 1 })?;
-        let metrics = history
-            .last()
-            .map(|r| r.metrics.clone())
-            .unwrap_or_default();
+        let metrics = history.last().map(|r| r.metrics.clone()).unwrap_or_default();
         Ok(JobStatus {
             id: id.to_owned(),
             name,
@@ -386,15 +308,9 @@ impl Db {
             parties: self.parties_of(id)?,
             metrics,
             history: if with_history { history } else { Vec::new() },
-            privacy: PrivacyStatus {
-                mode,
-                epsilon: None,
-                delta: None,
-            },
+            privacy: PrivacyStatus { mode, epsilon: None, delta: None },
             error,
-            model: model_round
-                .zip(model_path)
-                .map(|(round, path)| ModelInfo { round, path }),
+            model: model_round.zip(model_path).map(|(round, path)| ModelInfo { round, path }),
             created_at: created as u64,
             updated_at: updated as u64,
         })
@@ -440,13 +356,8 @@ impl Db {
     pub fn list_jobs(&self) -> Result<Vec<JobStatus>, Error> {
         let ids: Vec<String> = {
             let conn = self.lock();
-            let mut st = conn
-                .prepare("SELECT id FROM jobs ORDER BY created_at DESC, id DESC")
-                .map_err(sql)?;
-            st.query_map([], |r| r.get(0))
-                .map_err(sql)?
-                .collect::<Result<_, _>>()
-                .map_err(sql)?
+            let mut st = conn.prepare("SELECT id FROM jobs ORDER BY created_at DESC, id DESC").map_err(sql)?;
+            st.query_map([], |r| r.get(0)).map_err(sql)?.collect::<Result<_, _>>().map_err(sql)?
         };
         ids.iter().map(|id| self.job_status(id, false)).collect()
     }
@@ -480,14 +391,7 @@ mod tests {
             let db = Db::open(&path).unwrap();
             db.insert_job("j1", &spec).unwrap();
             let mut parties = BTreeMap::new();
-            parties.insert(
-                "a".to_string(),
-                PartyStatus {
-                    state: PartyState::Accepted,
-                    detail: None,
-                    last_round: 1,
-                },
-            );
+            parties.insert("a".to_string(), PartyStatus { state: PartyState::Accepted, detail: None, last_round: 1 });
             db.save_parties("j1", &parties).unwrap();
             let rec = RoundRecord {
                 round: 1,
@@ -496,40 +400,26 @@ mod tests {
                 dropped: BTreeMap::new(),
                 completed_at: 5,
             };
-            db.save_checkpoint("j1", 1, Path::new("/m/round-1"), Some(&rec))
-                .unwrap();
+            db.save_checkpoint("j1", 1, Path::new("/m/round-1"), Some(&rec)).unwrap();
         }
         let db = Db::open(&path).unwrap();
         let st = db.job_status("j1", true).unwrap();
-        assert_eq!(
-            (st.state, st.rounds_completed, st.rounds_total),
-            (JobState::Running, 1, 2)
-        );
+        assert_eq!((st.state, st.rounds_completed, st.rounds_total), (JobState::Running, 1, 2));
         assert_eq!(st.metrics["loss"], 0.5);
         assert_eq!(st.history.len(), 1);
         let un = db.unfinished_jobs().unwrap();
         assert_eq!(un[0].model, Some((1, PathBuf::from("/m/round-1"))));
-        db.set_job_state("j1", JobState::Failed, Some("boom"))
-            .unwrap();
+        db.set_job_state("j1", JobState::Failed, Some("boom")).unwrap();
         assert!(db.unfinished_jobs().unwrap().is_empty());
-        assert_eq!(
-            db.job_status("j1", false).unwrap().error.as_deref(),
-            Some("boom")
-        );
-        assert!(matches!(
-            db.job_status("nope", false),
-            Err(Error::NotFound(_))
-        ));
+        assert_eq!(db.job_status("j1", false).unwrap().error.as_deref(), Some("boom"));
+        assert!(matches!(db.job_status("nope", false), Err(Error::NotFound(_))));
     }
 
     #[test]
     fn refuses_a_newer_schema() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
-        Connection::open(&path)
-            .unwrap()
-            .pragma_update(None, "user_version", 99)
-            .unwrap();
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
         assert!(Db::open(&path).is_err());
     }
 }

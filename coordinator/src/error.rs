@@ -46,9 +46,7 @@ impl Error {
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> tonic::Status {
         match e {
-            Error::InvalidInput(_) | Error::Spec(_) => {
-                tonic::Status::invalid_argument(e.to_string())
-            }
+            Error::InvalidInput(_) | Error::Spec(_) => tonic::Status::invalid_argument(e.to_string()),
             Error::NotFound(_) => tonic::Status::not_found(e.to_string()),
             Error::PeerMisbehaved { .. } => tonic::Status::failed_precondition(e.to_string()),
             _ => tonic::Status::internal(e.to_string()),

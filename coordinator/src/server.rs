@@ -81,9 +81,7 @@ impl Hub {
 
     /// Queues a message for a party; false if it is not connected or its queue is full.
     fn send(&self, party: &str, msg: Outbound) -> bool {
-        lock(&self.parties)
-            .get(party)
-            .is_some_and(|c| c.tx.try_send(msg).is_ok())
+        lock(&self.parties).get(party).is_some_and(|c| c.tx.try_send(msg).is_ok())
     }
 
     fn route(&self, job_id: &str, input: Input) {
@@ -91,10 +89,7 @@ impl Hub {
             Some(tx) => {
                 let _ = tx.send(input);
             }
-            None => debug!(
-                job = job_id,
-                "message for a job that is not running; ignored"
-            ),
+            None => debug!(job = job_id, "message for a job that is not running; ignored"),
         }
     }
 
@@ -135,10 +130,7 @@ impl RunningCoordinator {
 /// Starts the coordinator: opens the database, resumes unfinished jobs and
 /// serves parties and the admin API until stopped.
 pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Error> {
-    config
-        .limits
-        .validate()
-        .map_err(|e| Error::InvalidInput(e.to_string()))?;
+    config.limits.validate().map_err(|e| Error::InvalidInput(e.to_string()))?;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
     let db = Db::open(&config.data_dir.join("confide.db"))?;
     db.reset_connections()?;
@@ -159,11 +151,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Erro
         let spec = match JobSpec::parse(&job.spec_toml, &format!("job {}", job.id), &hub.limits) {
             Ok(s) => s,
             Err(e) => {
-                hub.db.set_job_state(
-                    &job.id,
-                    JobState::Failed,
-                    Some(&format!("cannot resume: {e}")),
-                )?;
+                hub.db.set_job_state(&job.id, JobState::Failed, Some(&format!("cannot resume: {e}")))?;
                 continue;
             }
         };
@@ -171,24 +159,16 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Erro
             Some((round, path)) => {
                 let model = read_model(&path)?;
                 info!(job = %job.id, round, "resuming job from its checkpoint");
-                Start::Resume {
-                    round,
-                    model,
-                    parties: job.parties,
-                }
+                Start::Resume { round, model, parties: job.parties }
             }
-            None => Start::Fresh {
-                model: initial_model(&hub, &spec)?,
-            },
+            None => Start::Fresh { model: initial_model(&hub, &spec)? },
         };
         spawn_job(&hub, job.id, spec, start);
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", config.listen)))?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|e| Error::Io(e.to_string()))?;
+    let local_addr = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
     let incoming = ReceiverStream::new(tls::accept_loop(listener, tls_config, pki));
     let max = hub.limits.max_message_bytes;
     let party_svc = PartyServiceServer::new(PartySvc { hub: hub.clone() })
@@ -209,11 +189,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Erro
             }),
     );
     info!(%local_addr, "coordinator listening (mutual TLS 1.3)");
-    Ok(RunningCoordinator {
-        local_addr,
-        shutdown: Some(shutdown_tx),
-        join,
-    })
+    Ok(RunningCoordinator { local_addr, shutdown: Some(shutdown_tx), join })
 }
 
 fn read_model(path: &Path) -> Result<Parameters, Error> {
@@ -228,9 +204,7 @@ fn initial_model(hub: &Hub, spec: &JobSpec) -> Result<Option<Parameters>, Error>
     };
     match hub.db.model_of(from)? {
         Some((_, path)) => Ok(Some(read_model(&path)?)),
-        None => Err(Error::InvalidInput(format!(
-            "from_job: job {from} has no model yet"
-        ))),
+        None => Err(Error::InvalidInput(format!("from_job: job {from} has no model yet"))),
     }
 }
 
@@ -241,19 +215,11 @@ fn spawn_job(hub: &Arc<Hub>, id: String, spec: JobSpec, start: Start) {
 }
 
 /// Writes a checkpoint durably: temp file, fsync, rename, fsync directory.
-fn write_checkpoint(
-    dir: &Path,
-    job: &str,
-    round: u32,
-    params: &Parameters,
-) -> Result<PathBuf, Error> {
+fn write_checkpoint(dir: &Path, job: &str, round: u32, params: &Parameters) -> Result<PathBuf, Error> {
     let job_dir = dir.join(job);
     std::fs::create_dir_all(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
-    let meta: BTreeMap<String, String> = [
-        ("confide.job".to_string(), job.to_string()),
-        ("confide.round".to_string(), round.to_string()),
-    ]
-    .into();
+    let meta: BTreeMap<String, String> =
+        [("confide.job".to_string(), job.to_string()), ("confide.round".to_string(), round.to_string())].into();
     let bytes = params.to_safetensors(&meta)?;
     let path = job_dir.join(format!("round-{round:05}.safetensors"));
     let tmp = path.with_extension("tmp");
@@ -274,37 +240,27 @@ fn write_checkpoint(
     Ok(path)
 }
 
-async fn run_job(
-    hub: Arc<Hub>,
-    id: String,
-    spec: JobSpec,
-    start: Start,
-    mut rx: mpsc::UnboundedReceiver<Input>,
-) {
+async fn run_job(hub: Arc<Hub>, id: String, spec: JobSpec, start: Start, mut rx: mpsc::UnboundedReceiver<Input>) {
     let clock = Instant::now();
     let now = || clock.elapsed().as_millis() as u64;
     let mut session = Session::new(spec.clone(), start, now());
-    let offer = pb::JobOffer {
-        job_id: id.clone(),
-        spec_toml: spec.to_toml(),
-        dataset: String::new(),
-    };
+    let offer = pb::JobOffer { job_id: id.clone(), spec_toml: spec.to_toml(), dataset: String::new() };
     for p in hub.connected() {
         session.handle(now(), Input::Connected(p));
     }
     let mut encoded: Option<(u64, pb::ParamsHeader, Arc<Vec<u8>>)> = None;
     let mut marked_running = false;
     let mut round_started = Instant::now();
+    // Coordinator CPU time in the round (validation, aggregation, encoding),
+    // as opposed to waiting for parties.
+    let mut busy = Duration::ZERO;
     let mut finished = false;
     while !finished {
         let mut feedback = Vec::new();
         while let Some(out) = session.poll_output() {
             match out {
                 Output::Offer { party } => {
-                    let msg = pb::JobOffer {
-                        dataset: spec.dataset_for(&party).to_owned(),
-                        ..offer.clone()
-                    };
+                    let msg = pb::JobOffer { dataset: spec.dataset_for(&party).to_owned(), ..offer.clone() };
                     if !hub.send(&party, Outbound::Msg(coordinator_message::Body::Offer(msg))) {
                         feedback.push(Input::Disconnected(party));
                     }
@@ -315,28 +271,23 @@ async fn run_job(
                         && encoded.as_ref().is_none_or(|e| e.0 != task.task_id)
                     {
                         round_started = Instant::now();
+                        busy = Duration::ZERO;
                     }
+                    let t0 = Instant::now();
                     let msg = task_message(&id, &task, &mut encoded);
+                    busy += t0.elapsed();
                     if !hub.send(&party, msg) {
                         feedback.push(Input::Disconnected(party));
                     }
                 }
-                Output::Checkpoint {
-                    round,
-                    params,
-                    mut record,
-                } => {
+                Output::Checkpoint { round, params, mut record } => {
                     if let Some(r) = record.as_mut() {
                         r.completed_at = unix_now();
-                        r.metrics.insert(
-                            "round_ms".into(),
-                            round_started.elapsed().as_secs_f64() * 1000.0,
-                        );
+                        r.metrics.insert("round_ms".into(), round_started.elapsed().as_secs_f64() * 1000.0);
+                        r.metrics.insert("coordinator_ms".into(), busy.as_secs_f64() * 1000.0);
                     }
-                    let saved =
-                        write_checkpoint(&hub.models_dir, &id, round, &params).and_then(|path| {
-                            hub.db.save_checkpoint(&id, round, &path, record.as_ref())
-                        });
+                    let saved = write_checkpoint(&hub.models_dir, &id, round, &params)
+                        .and_then(|path| hub.db.save_checkpoint(&id, round, &path, record.as_ref()));
                     match saved {
                         Ok(()) => {
                             if let Some(r) = &record {
@@ -369,10 +320,7 @@ async fn run_job(
                         reason: error.clone().unwrap_or_default(),
                     };
                     for p in session.parties().keys() {
-                        hub.send(
-                            p,
-                            Outbound::Msg(coordinator_message::Body::Closed(closed.clone())),
-                        );
+                        hub.send(p, Outbound::Msg(coordinator_message::Body::Closed(closed.clone())));
                     }
                     finished = true;
                 }
@@ -390,21 +338,24 @@ async fn run_job(
             break;
         }
         if !feedback.is_empty() {
+            let t0 = Instant::now();
             for f in feedback {
                 session.handle(now(), f);
             }
+            busy += t0.elapsed();
             continue;
         }
-        let wait = session
-            .next_deadline()
-            .map_or(3_600_000, |d| d.saturating_sub(now()));
-        tokio::select! {
+        let wait = session.next_deadline().map_or(3_600_000, |d| d.saturating_sub(now()));
+        let input = tokio::select! {
             ev = rx.recv() => match ev {
-                Some(ev) => session.handle(now(), ev),
+                Some(ev) => ev,
                 None => break,
             },
-            _ = tokio::time::sleep(Duration::from_millis(wait)) => session.handle(now(), Input::Tick),
-        }
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => Input::Tick,
+        };
+        let t0 = Instant::now();
+        session.handle(now(), input);
+        busy += t0.elapsed();
     }
     lock(&hub.jobs).remove(&id);
     hub.notify();
@@ -412,11 +363,7 @@ async fn run_job(
 
 /// The message for one task; the parameters are encoded once per stage and
 /// shared by every party's copy.
-fn task_message(
-    job: &str,
-    task: &TaskOut,
-    cache: &mut Option<(u64, pb::ParamsHeader, Arc<Vec<u8>>)>,
-) -> Outbound {
+fn task_message(job: &str, task: &TaskOut, cache: &mut Option<(u64, pb::ParamsHeader, Arc<Vec<u8>>)>) -> Outbound {
     let stage = match task.stage {
         Stage::Setup => pb::Stage::Setup,
         Stage::Fit => pb::Stage::Fit,
@@ -437,14 +384,9 @@ fn task_message(
         let (header, bytes) = transfer::encode(task.task_id, params);
         *cache = Some((task.task_id, header, Arc::new(bytes)));
     }
-    let Some((_, header, bytes)) = cache.as_ref() else {
-        unreachable!("cache filled above")
-    };
+    let Some((_, header, bytes)) = cache.as_ref() else { unreachable!("cache filled above") };
     msg.params = Some(header.clone());
-    Outbound::Params {
-        task: msg,
-        bytes: bytes.clone(),
-    }
+    Outbound::Params { task: msg, bytes: bytes.clone() }
 }
 
 struct PartySvc {
@@ -457,16 +399,10 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl PartyService for PartySvc {
     type JoinStream = BoxStream<pb::CoordinatorMessage>;
 
-    async fn join(
-        &self,
-        req: Request<Streaming<pb::PartyMessage>>,
-    ) -> Result<Response<Self::JoinStream>, Status> {
+    async fn join(&self, req: Request<Streaming<pb::PartyMessage>>) -> Result<Response<Self::JoinStream>, Status> {
         let id = peer_of(&req)?;
         if id.role != Role::Party {
-            return Err(Status::permission_denied(format!(
-                "{} is not a party certificate",
-                id.name
-            )));
+            return Err(Status::permission_denied(format!("{} is not a party certificate", id.name)));
         }
         let hub = self.hub.clone();
         let name = id.name;
@@ -474,13 +410,7 @@ impl PartyService for PartySvc {
         let (resp_tx, resp_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(16);
         let (out_tx, out_rx) = mpsc::channel::<Outbound>(256);
         let conn_id = hub.next_id.fetch_add(1, Ordering::Relaxed);
-        let previous = lock(&hub.parties).insert(
-            name.clone(),
-            PartyConn {
-                conn_id,
-                tx: out_tx,
-            },
-        );
+        let previous = lock(&hub.parties).insert(name.clone(), PartyConn { conn_id, tx: out_tx });
         if previous.is_some() {
             info!(party = %name, "party reconnected; the older stream is closed");
         }
@@ -518,18 +448,12 @@ async fn writer(
             Outbound::Msg(body) => tx.send(wrap(body)).await.is_ok(),
             Outbound::Params { task, bytes } => {
                 let id = task.task_id;
-                let mut ok = tx
-                    .send(wrap(coordinator_message::Body::Task(task)))
-                    .await
-                    .is_ok();
+                let mut ok = tx.send(wrap(coordinator_message::Body::Task(task))).await.is_ok();
                 for chunk in transfer::chunks(id, &bytes, chunk_bytes) {
                     if !ok {
                         break;
                     }
-                    ok = tx
-                        .send(wrap(coordinator_message::Body::Chunk(chunk)))
-                        .await
-                        .is_ok();
+                    ok = tx.send(wrap(coordinator_message::Body::Chunk(chunk))).await.is_ok();
                 }
                 ok
             }
@@ -549,12 +473,7 @@ struct PendingResult {
     incoming: Incoming,
 }
 
-async fn reader(
-    hub: Arc<Hub>,
-    name: String,
-    conn_id: u64,
-    mut inbound: Streaming<pb::PartyMessage>,
-) {
+async fn reader(hub: Arc<Hub>, name: String, conn_id: u64, mut inbound: Streaming<pb::PartyMessage>) {
     let mut pending: Option<PendingResult> = None;
     loop {
         match inbound.message().await {
@@ -623,62 +542,38 @@ fn on_party_message(
                 warn!(party = name, job = %a.job_id, "party refused the job: {}", a.reason);
             }
             let reason: String = a.reason.chars().take(1000).collect();
-            hub.route(
-                &a.job_id,
-                Input::Answer {
-                    party: name.to_owned(),
-                    accepted: a.accepted,
-                    reason,
-                },
-            );
+            hub.route(&a.job_id, Input::Answer { party: name.to_owned(), accepted: a.accepted, reason });
             Ok(())
         }
         Some(party_message::Body::Failed(f)) => {
             let reason: String = f.reason.chars().take(1000).collect();
             warn!(party = name, job = %f.job_id, "party could not do task {}: {reason}", f.task_id);
-            hub.route(
-                &f.job_id,
-                Input::TaskFailed {
-                    party: name.to_owned(),
-                    task_id: f.task_id,
-                    reason,
-                },
-            );
+            hub.route(&f.job_id, Input::TaskFailed { party: name.to_owned(), task_id: f.task_id, reason });
             Ok(())
         }
         Some(party_message::Body::Result(r)) => {
             if pending.is_some() {
                 return Err("a new result started before the previous one's chunks ended".into());
             }
-            if r.metrics.len() > MAX_METRICS
-                || r.metrics.keys().any(|k| k.is_empty() || k.len() > 64)
-            {
-                return Err(format!(
-                    "at most {MAX_METRICS} metrics with names of 1 to 64 bytes"
-                ));
+            if r.metrics.len() > MAX_METRICS || r.metrics.keys().any(|k| k.is_empty() || k.len() > 64) {
+                return Err(format!("at most {MAX_METRICS} metrics with names of 1 to 64 bytes"));
             }
             match &r.params {
                 None => deliver(hub, name, r, None),
                 Some(header) => {
-                    let incoming =
-                        Incoming::start(header, &hub.limits).map_err(|e| e.to_string())?;
+                    let incoming = Incoming::start(header, &hub.limits).map_err(|e| e.to_string())?;
                     if incoming.is_complete() {
                         let params = incoming.finish().map_err(|e| e.to_string())?;
                         deliver(hub, name, r, Some(params))
                     } else {
-                        *pending = Some(PendingResult {
-                            result: r,
-                            incoming,
-                        });
+                        *pending = Some(PendingResult { result: r, incoming });
                         Ok(())
                     }
                 }
             }
         }
         Some(party_message::Body::Chunk(c)) => {
-            let p = pending
-                .as_mut()
-                .ok_or("chunk without an announced transfer")?;
+            let p = pending.as_mut().ok_or("chunk without an announced transfer")?;
             p.incoming.push(&c).map_err(|e| e.to_string())?;
             if p.incoming.is_complete() {
                 let Some(p) = pending.take() else {
@@ -695,55 +590,29 @@ fn on_party_message(
 
 /// Turns a complete result into a session input; a result that does not fit
 /// its stage fails the task (the party is dropped from the round, named).
-fn deliver(
-    hub: &Hub,
-    name: &str,
-    r: pb::TaskResult,
-    params: Option<Parameters>,
-) -> Result<(), String> {
+fn deliver(hub: &Hub, name: &str, r: pb::TaskResult, params: Option<Parameters>) -> Result<(), String> {
     let metrics: BTreeMap<String, f64> = r.metrics.clone().into_iter().collect();
     let stage = pb::Stage::try_from(r.stage).unwrap_or(pb::Stage::Unspecified);
     let result = match (stage, params) {
         (pb::Stage::Setup, Some(params)) => {
             let d = r.feature_sum.len();
             if r.feature_sum_sq.len() != d || d > hub.limits.max_values {
-                Err(format!(
-                    "feature sums of {} and {} features",
-                    d,
-                    r.feature_sum_sq.len()
-                ))
+                Err(format!("feature sums of {} and {} features", d, r.feature_sum_sq.len()))
             } else {
-                let stats = FeatureStats {
-                    count: r.num_examples,
-                    sum: r.feature_sum,
-                    sum_sq: r.feature_sum_sq,
-                };
+                let stats = FeatureStats { count: r.num_examples, sum: r.feature_sum, sum_sq: r.feature_sum_sq };
                 Ok(StageResult::Setup { params, stats })
             }
         }
-        (pb::Stage::Fit, Some(params)) => Ok(StageResult::Fit {
-            num_examples: r.num_examples,
-            params,
-            metrics,
-        }),
-        (pb::Stage::Evaluate, None) => Ok(StageResult::Evaluate {
-            num_examples: r.num_examples,
-            loss: r.loss,
-            metrics,
-        }),
-        (s, p) => Err(format!(
-            "a {s:?} result {} parameters",
-            if p.is_some() { "with" } else { "without" }
-        )),
+        (pb::Stage::Fit, Some(params)) => Ok(StageResult::Fit { num_examples: r.num_examples, params, metrics }),
+        (pb::Stage::Evaluate, None) => {
+            Ok(StageResult::Evaluate { num_examples: r.num_examples, loss: r.loss, metrics })
+        }
+        (s, p) => Err(format!("a {s:?} result {} parameters", if p.is_some() { "with" } else { "without" })),
     };
     let input = match result {
         Ok(result) => {
             debug!(party = name, job = %r.job_id, round = r.round, ?stage, "result received");
-            Input::Result {
-                party: name.to_owned(),
-                task_id: r.task_id,
-                result,
-            }
+            Input::Result { party: name.to_owned(), task_id: r.task_id, result }
         }
         Err(reason) => {
             warn!(party = name, job = %r.job_id, "malformed result: {reason}");
@@ -767,10 +636,7 @@ fn require_admin<T>(req: &Request<T>) -> Result<(), Status> {
     if id.role == Role::Admin {
         Ok(())
     } else {
-        Err(Status::permission_denied(format!(
-            "{} may not use the admin API",
-            id.name
-        )))
+        Err(Status::permission_denied(format!("{} may not use the admin API", id.name)))
     }
 }
 
@@ -781,26 +647,16 @@ fn status_json(hub: &Hub, id: &str, history: bool) -> Result<pb::JobStatusReply,
 }
 
 fn new_job_id() -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     format!("j{ms:x}-{:04x}", rand::random::<u16>())
 }
 
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
-    async fn submit_job(
-        &self,
-        req: Request<pb::SubmitJobRequest>,
-    ) -> Result<Response<pb::SubmitJobReply>, Status> {
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobReply>, Status> {
         require_admin(&req)?;
         let r = req.into_inner();
-        let file = if r.file_name.is_empty() {
-            "(submitted spec)".to_owned()
-        } else {
-            r.file_name
-        };
+        let file = if r.file_name.is_empty() { "(submitted spec)".to_owned() } else { r.file_name };
         let spec = JobSpec::parse(&r.spec_toml, &file, &self.hub.limits).map_err(Error::from)?;
         let enrolled = self.hub.pki.enrolled().map_err(Error::from)?;
         let unknown: Vec<String> = spec
@@ -809,15 +665,10 @@ impl AdminService for AdminSvc {
             .iter()
             .enumerate()
             .filter(|(_, n)| !enrolled.contains(n))
-            .map(|(i, n)| {
-                format!("\n  {file}: parties.names[{i}]: {n:?} is not enrolled in this federation")
-            })
+            .map(|(i, n)| format!("\n  {file}: parties.names[{i}]: {n:?} is not enrolled in this federation"))
             .collect();
         if !unknown.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "{file}: invalid job spec{}",
-                unknown.concat()
-            )));
+            return Err(Status::invalid_argument(format!("{file}: invalid job spec{}", unknown.concat())));
         }
         let model = initial_model(&self.hub, &spec).map_err(|e| match e {
             Error::NotFound(m) => Status::invalid_argument(format!("{file}: from_job: {m}")),
@@ -831,37 +682,21 @@ impl AdminService for AdminSvc {
         Ok(Response::new(pb::SubmitJobReply { job_id: id }))
     }
 
-    async fn list_jobs(
-        &self,
-        req: Request<pb::ListJobsRequest>,
-    ) -> Result<Response<pb::ListJobsReply>, Status> {
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsReply>, Status> {
         require_admin(&req)?;
         let jobs = self.hub.db.list_jobs()?;
-        let jobs_json = jobs
-            .iter()
-            .filter_map(|j| serde_json::to_string(j).ok())
-            .collect();
+        let jobs_json = jobs.iter().filter_map(|j| serde_json::to_string(j).ok()).collect();
         Ok(Response::new(pb::ListJobsReply { jobs_json }))
     }
 
-    async fn get_job(
-        &self,
-        req: Request<pb::JobRef>,
-    ) -> Result<Response<pb::JobStatusReply>, Status> {
+    async fn get_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobStatusReply>, Status> {
         require_admin(&req)?;
-        Ok(Response::new(status_json(
-            &self.hub,
-            &req.into_inner().job_id,
-            true,
-        )?))
+        Ok(Response::new(status_json(&self.hub, &req.into_inner().job_id, true)?))
     }
 
     type WatchJobStream = BoxStream<pb::JobStatusReply>;
 
-    async fn watch_job(
-        &self,
-        req: Request<pb::JobRef>,
-    ) -> Result<Response<Self::WatchJobStream>, Status> {
+    async fn watch_job(&self, req: Request<pb::JobRef>) -> Result<Response<Self::WatchJobStream>, Status> {
         require_admin(&req)?;
         let id = req.into_inner().job_id;
         let first = status_json(&self.hub, &id, true)?;
@@ -905,28 +740,19 @@ impl AdminService for AdminSvc {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn cancel_job(
-        &self,
-        req: Request<pb::JobRef>,
-    ) -> Result<Response<pb::JobStatusReply>, Status> {
+    async fn cancel_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobStatusReply>, Status> {
         require_admin(&req)?;
         let id = req.into_inner().job_id;
         let st = self.hub.db.job_status(&id, false)?;
         if st.state.is_terminal() {
-            return Err(Status::failed_precondition(format!(
-                "job {id} has already ended ({})",
-                st.state.as_str()
-            )));
+            return Err(Status::failed_precondition(format!("job {id} has already ended ({})", st.state.as_str())));
         }
         self.hub.route(&id, Input::Cancel);
         // Wait briefly for the runner to record the cancellation.
         let mut changes = self.hub.changes.subscribe();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while lock(&self.hub.jobs).contains_key(&id) {
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
                 break;
             }
         }
@@ -935,10 +761,7 @@ impl AdminService for AdminSvc {
 
     type GetModelStream = BoxStream<pb::ModelChunk>;
 
-    async fn get_model(
-        &self,
-        req: Request<pb::JobRef>,
-    ) -> Result<Response<Self::GetModelStream>, Status> {
+    async fn get_model(&self, req: Request<pb::JobRef>) -> Result<Response<Self::GetModelStream>, Status> {
         require_admin(&req)?;
         let id = req.into_inner().job_id;
         let (round, path) = self
@@ -946,20 +769,11 @@ impl AdminService for AdminSvc {
             .db
             .model_of(&id)?
             .ok_or_else(|| Status::failed_precondition(format!("job {id} has no model yet")))?;
-        let bytes = std::fs::read(&path)
-            .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+        let bytes = std::fs::read(&path).map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
         let chunk = self.hub.limits.chunk_bytes;
         let total = bytes.len() as u64;
-        let msgs: Vec<Result<pb::ModelChunk, Status>> = bytes
-            .chunks(chunk)
-            .map(|c| {
-                Ok(pb::ModelChunk {
-                    total_bytes: total,
-                    round,
-                    data: c.to_vec(),
-                })
-            })
-            .collect();
+        let msgs: Vec<Result<pb::ModelChunk, Status>> =
+            bytes.chunks(chunk).map(|c| Ok(pb::ModelChunk { total_bytes: total, round, data: c.to_vec() })).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(msgs))))
     }
 }

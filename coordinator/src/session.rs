@@ -21,9 +21,7 @@ use std::sync::Arc;
 
 use confide_algorithms::strategy::check_update;
 use confide_algorithms::trainer::apply_feature_stats;
-use confide_algorithms::{
-    EvalResult, FeatureStats, FedAvg, FitConfig, FitResult, Metrics, Parameters, Strategy,
-};
+use confide_algorithms::{EvalResult, FeatureStats, FedAvg, FitConfig, FitResult, Metrics, Parameters, Strategy};
 use confide_proto::jobspec::{JobKind, JobSpec, StrategyName};
 use confide_proto::status::{JobState, PartyState, PartyStatus, RoundRecord};
 
@@ -203,10 +201,7 @@ struct Collect {
 
 #[derive(Debug)]
 enum Phase {
-    Recruiting {
-        deadline: Millis,
-        resume_round: Option<u32>,
-    },
+    Recruiting { deadline: Millis, resume_round: Option<u32> },
     Collecting(Collect),
     Done,
 }
@@ -246,23 +241,15 @@ impl Session {
             next_task_id: 1,
             record: None,
             out: VecDeque::new(),
-            phase: Phase::Recruiting {
-                deadline,
-                resume_round: None,
-            },
+            phase: Phase::Recruiting { deadline, resume_round: None },
             spec,
         };
         for name in &s.spec.parties.names {
-            s.parties
-                .insert(name.clone(), status(PartyState::Invited, None, 0));
+            s.parties.insert(name.clone(), status(PartyState::Invited, None, 0));
         }
         match start {
             Start::Fresh { model } => s.global = model.map(Arc::new),
-            Start::Resume {
-                round,
-                model,
-                parties,
-            } => {
+            Start::Resume { round, model, parties } => {
                 s.global = Some(Arc::new(model));
                 s.rounds_completed = round;
                 s.next_task_id = u64::from(round + 1) << 32;
@@ -275,10 +262,7 @@ impl Session {
                     };
                     s.parties.insert(name, PartyStatus { state, ..st });
                 }
-                s.phase = Phase::Recruiting {
-                    deadline,
-                    resume_round: Some(round),
-                };
+                s.phase = Phase::Recruiting { deadline, resume_round: Some(round) };
             }
         }
         s
@@ -337,45 +321,28 @@ impl Session {
                 self.connected.remove(&p);
                 self.drop_from_stage(&p, "disconnected");
             }
-            Input::Answer {
-                party,
-                accepted,
-                reason,
-            } => self.on_answer(party, accepted, reason),
-            Input::Result {
-                party,
-                task_id,
-                result,
-            } => self.on_result(party, task_id, result),
-            Input::TaskFailed {
-                party,
-                task_id,
-                reason,
-            } => {
+            Input::Answer { party, accepted, reason } => self.on_answer(party, accepted, reason),
+            Input::Result { party, task_id, result } => self.on_result(party, task_id, result),
+            Input::TaskFailed { party, task_id, reason } => {
                 if self.is_current_task(&party, task_id) {
                     self.drop_from_stage(&party, &reason);
                 }
             }
             // Deadlines are checked by `advance`, which runs after every input.
             Input::Tick => {}
-            Input::Cancel => self.finish(
-                JobState::Cancelled,
-                Some("cancelled by the administrator".into()),
-            ),
+            Input::Cancel => self.finish(JobState::Cancelled, Some("cancelled by the administrator".into())),
         }
         self.advance(now);
     }
 
     fn on_connected(&mut self, p: String) {
         self.connected.insert(p.clone());
-        let open_recruitment =
-            self.spec.parties.names.is_empty() && matches!(self.phase, Phase::Recruiting { .. });
+        let open_recruitment = self.spec.parties.names.is_empty() && matches!(self.phase, Phase::Recruiting { .. });
         match self.parties.get(&p).map(|s| s.state) {
             Some(PartyState::Refused | PartyState::Failed) => {}
             Some(_) => self.out.push_back(Output::Offer { party: p }),
             None if open_recruitment && self.parties.len() < 1000 => {
-                self.parties
-                    .insert(p.clone(), status(PartyState::Invited, None, 0));
+                self.parties.insert(p.clone(), status(PartyState::Invited, None, 0));
                 self.out.push_back(Output::Offer { party: p });
             }
             None => {}
@@ -416,20 +383,8 @@ impl Session {
                 c.setup.insert(party.clone(), (params, stats));
                 Ok(())
             }
-            (
-                Stage::Fit,
-                StageResult::Fit {
-                    num_examples,
-                    params,
-                    metrics,
-                },
-            ) => {
-                let r = FitResult {
-                    party: party.clone(),
-                    num_examples,
-                    params,
-                    metrics,
-                };
+            (Stage::Fit, StageResult::Fit { num_examples, params, metrics }) => {
+                let r = FitResult { party: party.clone(), num_examples, params, metrics };
                 match expected.as_deref().map(|e| check_update(e, &r)) {
                     Some(Err(e)) => Err(e.to_string()),
                     _ => {
@@ -438,35 +393,15 @@ impl Session {
                     }
                 }
             }
-            (
-                Stage::Evaluate,
-                StageResult::Evaluate {
-                    num_examples,
-                    loss,
-                    metrics,
-                },
-            ) => {
+            (Stage::Evaluate, StageResult::Evaluate { num_examples, loss, metrics }) => {
                 if !loss.is_finite() || metrics.values().any(|v| !v.is_finite()) {
-                    Err(format!(
-                        "party {party} sent a bad evaluation: non-finite loss or metric"
-                    ))
+                    Err(format!("party {party} sent a bad evaluation: non-finite loss or metric"))
                 } else {
-                    c.eval.insert(
-                        party.clone(),
-                        EvalResult {
-                            party: party.clone(),
-                            num_examples,
-                            loss,
-                            metrics,
-                        },
-                    );
+                    c.eval.insert(party.clone(), EvalResult { party: party.clone(), num_examples, loss, metrics });
                     Ok(())
                 }
             }
-            (stage, _) => Err(format!(
-                "party {party} answered a {} task with another stage's result",
-                stage.as_str()
-            )),
+            (stage, _) => Err(format!("party {party} answered a {} task with another stage's result", stage.as_str())),
         };
         match verdict {
             Ok(()) => {
@@ -502,10 +437,7 @@ impl Session {
         loop {
             match &self.phase {
                 Phase::Done => return,
-                Phase::Recruiting {
-                    deadline,
-                    resume_round,
-                } => {
+                Phase::Recruiting { deadline, resume_round } => {
                     let (deadline, resume_round) = (*deadline, *resume_round);
                     let min = self.spec.min_parties();
                     let accepted = self.count(PartyState::Accepted);
@@ -515,18 +447,12 @@ impl Session {
                         let why = self.describe_missing(PartyState::Accepted);
                         self.finish(
                             JobState::Failed,
-                            Some(format!(
-                                "only {accepted} parties accepted the job; it needs {min}. {why}"
-                            )),
+                            Some(format!("only {accepted} parties accepted the job; it needs {min}. {why}")),
                         );
                         return;
                     }
                     if accepted >= min && (undecided == 0 || timed_out) {
-                        for st in self
-                            .parties
-                            .values_mut()
-                            .filter(|s| s.state == PartyState::Invited)
-                        {
+                        for st in self.parties.values_mut().filter(|s| s.state == PartyState::Invited) {
                             st.state = PartyState::Dropped;
                             st.detail = Some("did not accept the job in time".into());
                         }
@@ -544,8 +470,7 @@ impl Session {
                     for p in late {
                         self.drop_from_stage(&p, &format!("no answer within {secs}s"));
                     }
-                    let Phase::Collecting(c) = std::mem::replace(&mut self.phase, Phase::Done)
-                    else {
+                    let Phase::Collecting(c) = std::mem::replace(&mut self.phase, Phase::Done) else {
                         return;
                     };
                     self.complete_stage(c, now);
@@ -564,20 +489,14 @@ impl Session {
             if st.state != want {
                 let why = match (&st.detail, st.state) {
                     (Some(d), _) => d.clone(),
-                    (None, PartyState::Invited) if !self.connected.contains(name) => {
-                        "not connected".into()
-                    }
+                    (None, PartyState::Invited) if !self.connected.contains(name) => "not connected".into(),
                     (None, PartyState::Invited) => "no answer".into(),
                     (None, s) => s.as_str().into(),
                 };
                 parts.push(format!("{name}: {why}"));
             }
         }
-        if parts.is_empty() {
-            "No party answered.".into()
-        } else {
-            format!("Missing: {}.", parts.join("; "))
-        }
+        if parts.is_empty() { "No party answered.".into() } else { format!("Missing: {}.", parts.join("; ")) }
     }
 
     fn begin_first_stage(&mut self, now: Millis, resume_round: Option<u32>) {
@@ -630,13 +549,7 @@ impl Session {
             let dropped = self
                 .record
                 .as_ref()
-                .map(|r| {
-                    r.dropped
-                        .iter()
-                        .map(|(p, w)| format!("{p} ({w})"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
+                .map(|r| r.dropped.iter().map(|(p, w)| format!("{p} ({w})")).collect::<Vec<_>>().join(", "))
                 .unwrap_or_default();
             self.finish(
                 JobState::Failed,
@@ -650,32 +563,16 @@ impl Session {
         }
         let config_json = match stage {
             Stage::Fit => {
-                let fit = self.strategy.configure_fit(
-                    round,
-                    &FitConfig {
-                        round,
-                        train: self.spec.training.clone(),
-                    },
-                );
+                let fit = self.strategy.configure_fit(round, &FitConfig { round, train: self.spec.training.clone() });
                 serde_json::to_string(&fit).unwrap_or_default()
             }
             _ => "{}".into(),
         };
-        let params = if stage == Stage::Setup {
-            None
-        } else {
-            self.global.clone()
-        };
+        let params = if stage == Stage::Setup { None } else { self.global.clone() };
         for p in &waiting {
             self.out.push_back(Output::Task {
                 party: p.clone(),
-                task: TaskOut {
-                    task_id,
-                    round,
-                    stage,
-                    config_json: config_json.clone(),
-                    params: params.clone(),
-                },
+                task: TaskOut { task_id, round, stage, config_json: config_json.clone(), params: params.clone() },
             });
         }
         self.phase = Phase::Collecting(Collect {
@@ -698,13 +595,7 @@ impl Session {
         let dropped = self
             .record
             .as_ref()
-            .map(|r| {
-                r.dropped
-                    .iter()
-                    .map(|(p, w)| format!("{p} ({w})"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
+            .map(|r| r.dropped.iter().map(|(p, w)| format!("{p} ({w})")).collect::<Vec<_>>().join(", "))
             .unwrap_or_default();
         self.finish(
             JobState::Failed,
@@ -735,10 +626,7 @@ impl Session {
         let mut agreed = vec![first];
         for (party, (params, stats)) in results {
             let mismatch = if params.spec() != spec {
-                Some(format!(
-                    "its model architecture differs from {}'s",
-                    agreed[0]
-                ))
+                Some(format!("its model architecture differs from {}'s", agreed[0]))
             } else {
                 merged.merge(&stats).err().map(|e| e.to_string())
             };
@@ -767,11 +655,7 @@ impl Session {
         }
         let global = Arc::new(global);
         self.global = Some(global.clone());
-        self.out.push_back(Output::Checkpoint {
-            round: 0,
-            params: global,
-            record: None,
-        });
+        self.out.push_back(Output::Checkpoint { round: 0, params: global, record: None });
         self.record = None;
         self.begin(Stage::Fit, 1, now);
     }
@@ -782,19 +666,13 @@ impl Session {
             return;
         }
         let Some(global) = self.global.clone() else {
-            self.finish(
-                JobState::Failed,
-                Some("no global model to aggregate into".into()),
-            );
+            self.finish(JobState::Failed, Some("no global model to aggregate into".into()));
             return;
         };
         match self.strategy.aggregate_fit(c.round, &global, &results) {
             Ok(next) => self.global = Some(Arc::new(next)),
             Err(e) => {
-                self.finish(
-                    JobState::Failed,
-                    Some(format!("round {} aggregation: {e}", c.round)),
-                );
+                self.finish(JobState::Failed, Some(format!("round {} aggregation: {e}", c.round)));
                 return;
             }
         }
@@ -805,10 +683,7 @@ impl Session {
             if let Some(first) = results.first() {
                 for key in first.metrics.keys() {
                     if results.iter().all(|r| r.metrics.contains_key(key)) {
-                        let s: f64 = results
-                            .iter()
-                            .map(|r| r.metrics[key] * r.num_examples as f64)
-                            .sum();
+                        let s: f64 = results.iter().map(|r| r.metrics[key] * r.num_examples as f64).sum();
                         rec.metrics.insert(key.clone(), s / total.max(1) as f64);
                     }
                 }
@@ -843,10 +718,7 @@ impl Session {
                 }
             }
             Err(e) => {
-                self.finish(
-                    JobState::Failed,
-                    Some(format!("round {} evaluation: {e}", c.round)),
-                );
+                self.finish(JobState::Failed, Some(format!("round {} evaluation: {e}", c.round)));
                 return;
             }
         }
@@ -859,11 +731,7 @@ impl Session {
         };
         let record = self.record.take();
         self.rounds_completed = round;
-        self.out.push_back(Output::Checkpoint {
-            round,
-            params: global,
-            record,
-        });
+        self.out.push_back(Output::Checkpoint { round, params: global, record });
         if round >= self.spec.rounds {
             self.finish(JobState::Succeeded, None);
         } else {
@@ -878,11 +746,7 @@ impl Session {
 }
 
 fn status(state: PartyState, detail: Option<String>, last_round: u32) -> PartyStatus {
-    PartyStatus {
-        state,
-        detail,
-        last_round,
-    }
+    PartyStatus { state, detail, last_round }
 }
 
 #[cfg(test)]
@@ -902,12 +766,7 @@ mod tests {
     }
 
     fn params(v: &[f32]) -> Parameters {
-        Parameters::new(vec![Tensor {
-            name: "w".into(),
-            shape: vec![v.len()],
-            data: v.to_vec(),
-        }])
-        .unwrap()
+        Parameters::new(vec![Tensor { name: "w".into(), shape: vec![v.len()], data: v.to_vec() }]).unwrap()
     }
 
     struct H {
@@ -918,11 +777,7 @@ mod tests {
 
     impl H {
         fn new(spec: JobSpec, start: Start) -> H {
-            H {
-                s: Session::new(spec, start, 0),
-                now: 0,
-                outputs: Vec::new(),
-            }
+            H { s: Session::new(spec, start, 0), now: 0, outputs: Vec::new() }
         }
         fn feed(&mut self, input: Input) {
             self.s.handle(self.now, input);
@@ -938,11 +793,7 @@ mod tests {
                 self.feed(Input::Connected((*p).into()));
             }
             for p in parties {
-                self.feed(Input::Answer {
-                    party: (*p).into(),
-                    accepted: true,
-                    reason: String::new(),
-                });
+                self.feed(Input::Answer { party: (*p).into(), accepted: true, reason: String::new() });
             }
         }
         /// Tasks of the current stage: (party, task).
@@ -958,28 +809,13 @@ mod tests {
         fn setup(&mut self, tasks: &[(String, TaskOut)], init: &[f32]) {
             for (p, t) in tasks {
                 assert_eq!(t.stage, Stage::Setup);
-                let result = StageResult::Setup {
-                    params: params(init),
-                    stats: FeatureStats::default(),
-                };
-                self.feed(Input::Result {
-                    party: p.clone(),
-                    task_id: t.task_id,
-                    result,
-                });
+                let result = StageResult::Setup { params: params(init), stats: FeatureStats::default() };
+                self.feed(Input::Result { party: p.clone(), task_id: t.task_id, result });
             }
         }
         fn fit(&mut self, party: &str, task: &TaskOut, n: u64, v: &[f32]) {
-            let result = StageResult::Fit {
-                num_examples: n,
-                params: params(v),
-                metrics: Metrics::new(),
-            };
-            self.feed(Input::Result {
-                party: party.into(),
-                task_id: task.task_id,
-                result,
-            });
+            let result = StageResult::Fit { num_examples: n, params: params(v), metrics: Metrics::new() };
+            self.feed(Input::Result { party: party.into(), task_id: task.task_id, result });
         }
         fn eval(&mut self, party: &str, task: &TaskOut, n: u64, acc: f64) {
             let result = StageResult::Evaluate {
@@ -987,11 +823,7 @@ mod tests {
                 loss: 1.0 - acc,
                 metrics: [("accuracy".to_string(), acc)].into(),
             };
-            self.feed(Input::Result {
-                party: party.into(),
-                task_id: task.task_id,
-                result,
-            });
+            self.feed(Input::Result { party: party.into(), task_id: task.task_id, result });
         }
     }
 
@@ -1004,63 +836,31 @@ mod tests {
 
     #[test]
     fn full_job_aggregates_the_weighted_mean_each_round() {
-        let mut h = H::new(
-            spec(&["a", "b", "c"], 3, 2, ""),
-            Start::Fresh { model: None },
-        );
+        let mut h = H::new(spec(&["a", "b", "c"], 3, 2, ""), Start::Fresh { model: None });
         h.connect_and_accept(&["a", "b", "c"]);
         let t = h.tasks();
         assert_eq!(t.len(), 3);
         h.setup(&t, &[0.0, 0.0]);
         let cp = h.take();
-        assert!(matches!(
-            &cp[0],
-            Output::Checkpoint {
-                round: 0,
-                record: None,
-                ..
-            }
-        ));
+        assert!(matches!(&cp[0], Output::Checkpoint { round: 0, record: None, .. }));
         let fit: Vec<_> = cp
             .into_iter()
-            .filter_map(|o| {
-                if let Output::Task { party, task } = o {
-                    Some((party, task))
-                } else {
-                    None
-                }
-            })
+            .filter_map(|o| if let Output::Task { party, task } = o { Some((party, task)) } else { None })
             .collect();
-        assert!(
-            fit.iter()
-                .all(|(_, t)| t.stage == Stage::Fit && t.round == 1)
-        );
+        assert!(fit.iter().all(|(_, t)| t.stage == Stage::Fit && t.round == 1));
         h.fit("a", &fit[0].1, 1, &[1.0, 1.0]);
         h.fit("b", &fit[1].1, 2, &[4.0, 1.0]);
-        assert!(
-            h.tasks().is_empty(),
-            "no evaluation before the last fit result"
-        );
+        assert!(h.tasks().is_empty(), "no evaluation before the last fit result");
         h.fit("c", &fit[2].1, 1, &[3.0, 5.0]);
         let ev = h.tasks();
         assert!(ev.iter().all(|(_, t)| t.stage == Stage::Evaluate));
         // (1*1 + 2*4 + 1*3)/4 = 3, (1 + 2 + 5)/4 = 2
-        assert_eq!(
-            ev[0].1.params.as_ref().unwrap().tensors()[0].data,
-            vec![3.0, 2.0]
-        );
+        assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![3.0, 2.0]);
         h.eval("a", &ev[0].1, 10, 0.5);
         h.eval("b", &ev[1].1, 30, 1.0);
         h.eval("c", &ev[2].1, 10, 0.5);
         let out = h.take();
-        let Output::Checkpoint {
-            round: 1,
-            record: Some(rec),
-            ..
-        } = &out[0]
-        else {
-            panic!("{out:?}")
-        };
+        let Output::Checkpoint { round: 1, record: Some(rec), .. } = &out[0] else { panic!("{out:?}") };
         assert_eq!(rec.metrics["accuracy"], 0.8);
         assert_eq!(rec.participants, vec!["a", "b", "c"]);
         assert_eq!(h.s.rounds_completed(), 1);
@@ -1076,32 +876,18 @@ mod tests {
 
     #[test]
     fn party_lost_mid_round_is_dropped_and_the_round_completes() {
-        let mut h = H::new(
-            spec(&["a", "b", "c"], 2, 1, ""),
-            Start::Fresh { model: None },
-        );
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
         let fit = through_setup(&mut h, &["a", "b", "c"]);
         h.fit("a", &fit[0].1, 1, &[2.0]);
         h.feed(Input::Disconnected("c".into()));
         h.fit("b", &fit[1].1, 1, &[4.0]);
         let ev = h.tasks();
-        assert_eq!(
-            ev.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
-            vec!["a", "b"]
-        );
-        assert_eq!(
-            ev[0].1.params.as_ref().unwrap().tensors()[0].data,
-            vec![3.0]
-        );
+        assert_eq!(ev.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
+        assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![3.0]);
         h.eval("a", &ev[0].1, 1, 1.0);
         h.eval("b", &ev[1].1, 1, 1.0);
         let out = h.take();
-        let Output::Checkpoint {
-            record: Some(rec), ..
-        } = &out[0]
-        else {
-            panic!()
-        };
+        let Output::Checkpoint { record: Some(rec), .. } = &out[0] else { panic!() };
         assert_eq!(rec.dropped["c"], "fit: disconnected");
         assert_eq!(finished(&out), Some((JobState::Succeeded, None)));
         assert_eq!(h.s.parties()["c"].state, PartyState::Dropped);
@@ -1109,10 +895,7 @@ mod tests {
 
     #[test]
     fn a_party_lost_between_stages_is_dropped_at_the_next_one() {
-        let mut h = H::new(
-            spec(&["a", "b", "c"], 2, 2, ""),
-            Start::Fresh { model: None },
-        );
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 2, ""), Start::Fresh { model: None });
         let fit = through_setup(&mut h, &["a", "b", "c"]);
         for (i, (p, t)) in fit.iter().enumerate() {
             h.fit(p, t, 1, &[i as f32]);
@@ -1125,28 +908,16 @@ mod tests {
         let out = h.take();
         let fit2: Vec<&str> = out
             .iter()
-            .filter_map(|o| {
-                if let Output::Task { party, .. } = o {
-                    Some(party.as_str())
-                } else {
-                    None
-                }
-            })
+            .filter_map(|o| if let Output::Task { party, .. } = o { Some(party.as_str()) } else { None })
             .collect();
         assert_eq!(fit2, vec!["a", "b"]);
         assert_eq!(h.s.parties()["c"].state, PartyState::Dropped);
-        assert_eq!(
-            h.s.parties()["c"].detail.as_deref(),
-            Some("round 2 fit: not connected")
-        );
+        assert_eq!(h.s.parties()["c"].detail.as_deref(), Some("round 2 fit: not connected"));
     }
 
     #[test]
     fn below_the_minimum_the_job_fails_naming_the_missing_party() {
-        let mut h = H::new(
-            spec(&["a", "b", "c"], 3, 1, ""),
-            Start::Fresh { model: None },
-        );
+        let mut h = H::new(spec(&["a", "b", "c"], 3, 1, ""), Start::Fresh { model: None });
         let fit = through_setup(&mut h, &["a", "b", "c"]);
         h.fit("a", &fit[0].1, 1, &[2.0]);
         h.fit("b", &fit[1].1, 1, &[2.0]);
@@ -1154,10 +925,7 @@ mod tests {
         let (state, err) = finished(&h.take()).unwrap();
         assert_eq!(state, JobState::Failed);
         let err = err.unwrap();
-        assert!(
-            err.contains("c (fit: disconnected)") && err.contains("needs 3"),
-            "{err}"
-        );
+        assert!(err.contains("c (fit: disconnected)") && err.contains("needs 3"), "{err}");
     }
 
     #[test]
@@ -1174,25 +942,13 @@ mod tests {
         let ev = h.tasks();
         // b is still connected, so it is asked to evaluate; only a's update was aggregated.
         assert_eq!(ev.len(), 2);
-        assert_eq!(
-            ev[0].1.params.as_ref().unwrap().tensors()[0].data,
-            vec![2.0]
-        );
-        assert!(
-            h.s.parties()["b"]
-                .detail
-                .as_deref()
-                .unwrap()
-                .contains("no answer within 10s")
-        );
+        assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![2.0]);
+        assert!(h.s.parties()["b"].detail.as_deref().unwrap().contains("no answer within 10s"));
     }
 
     #[test]
     fn a_nan_update_drops_the_party_by_name() {
-        let mut h = H::new(
-            spec(&["a", "b", "c"], 2, 1, ""),
-            Start::Fresh { model: None },
-        );
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
         let fit = through_setup(&mut h, &["a", "b", "c"]);
         h.fit("a", &fit[0].1, 1, &[2.0]);
         h.fit("b", &fit[1].1, 1, &[f32::NAN]);
@@ -1200,15 +956,9 @@ mod tests {
         let ev = h.tasks();
         // (1*2 + 3*6)/4 = 5: b's update is left out; b may still evaluate.
         assert_eq!(ev.len(), 3);
-        assert_eq!(
-            ev[0].1.params.as_ref().unwrap().tensors()[0].data,
-            vec![5.0]
-        );
+        assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![5.0]);
         let d = h.s.parties()["b"].detail.clone().unwrap();
-        assert!(
-            d.contains("party b sent a bad update") && d.contains("NaN"),
-            "{d}"
-        );
+        assert!(d.contains("party b sent a bad update") && d.contains("NaN"), "{d}");
     }
 
     #[test]
@@ -1216,11 +966,7 @@ mod tests {
         let mut h = H::new(spec(&["a", "b"], 2, 1, ""), Start::Fresh { model: None });
         h.feed(Input::Connected("a".into()));
         h.feed(Input::Connected("b".into()));
-        h.feed(Input::Answer {
-            party: "a".into(),
-            accepted: true,
-            reason: String::new(),
-        });
+        h.feed(Input::Answer { party: "a".into(), accepted: true, reason: String::new() });
         h.feed(Input::Answer {
             party: "b".into(),
             accepted: false,
@@ -1234,10 +980,7 @@ mod tests {
 
     #[test]
     fn recruitment_deadline_starts_with_enough_parties_or_fails() {
-        let mut h = H::new(
-            spec(&["a", "b", "c"], 2, 1, ""),
-            Start::Fresh { model: None },
-        );
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
         h.connect_and_accept(&["a", "b"]);
         assert!(h.tasks().is_empty(), "waits for c until the deadline");
         h.now = 5_000;
@@ -1245,38 +988,22 @@ mod tests {
         assert_eq!(h.tasks().len(), 2);
         assert_eq!(h.s.parties()["c"].state, PartyState::Dropped);
 
-        let mut h = H::new(
-            spec(&["a", "b", "c"], 2, 1, ""),
-            Start::Fresh { model: None },
-        );
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
         h.connect_and_accept(&["a"]);
         h.now = 5_000;
         h.feed(Input::Tick);
         let err = finished(&h.take()).unwrap().1.unwrap();
-        assert!(
-            err.contains("b: not connected") && err.contains("c: not connected"),
-            "{err}"
-        );
+        assert!(err.contains("b: not connected") && err.contains("c: not connected"), "{err}");
     }
 
     #[test]
     fn setup_excludes_a_party_with_another_architecture() {
-        let mut h = H::new(
-            spec(&["a", "b", "c"], 2, 1, ""),
-            Start::Fresh { model: None },
-        );
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
         h.connect_and_accept(&["a", "b", "c"]);
         let t = h.tasks();
         h.setup(&t[..2], &[0.0]);
-        let result = StageResult::Setup {
-            params: params(&[0.0, 0.0]),
-            stats: FeatureStats::default(),
-        };
-        h.feed(Input::Result {
-            party: "c".into(),
-            task_id: t[2].1.task_id,
-            result,
-        });
+        let result = StageResult::Setup { params: params(&[0.0, 0.0]), stats: FeatureStats::default() };
+        h.feed(Input::Result { party: "c".into(), task_id: t[2].1.task_id, result });
         let fit = h.tasks();
         assert_eq!(fit.len(), 2);
         assert_eq!(h.s.parties()["c"].state, PartyState::Failed);
@@ -1286,49 +1013,27 @@ mod tests {
     fn stale_and_unsolicited_results_are_ignored() {
         let mut h = H::new(spec(&["a", "b"], 2, 2, ""), Start::Fresh { model: None });
         let fit = through_setup(&mut h, &["a", "b"]);
-        h.fit(
-            "a",
-            &TaskOut {
-                task_id: 999,
-                ..fit[0].1.clone()
-            },
-            1,
-            &[100.0],
-        );
+        h.fit("a", &TaskOut { task_id: 999, ..fit[0].1.clone() }, 1, &[100.0]);
         h.fit("x", &fit[0].1, 1, &[100.0]);
         h.fit("a", &fit[0].1, 1, &[1.0]);
         h.fit("a", &fit[0].1, 1, &[100.0]); // duplicate
         h.fit("b", &fit[1].1, 1, &[3.0]);
         let ev = h.tasks();
-        assert_eq!(
-            ev[0].1.params.as_ref().unwrap().tensors()[0].data,
-            vec![2.0]
-        );
+        assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![2.0]);
     }
 
     #[test]
     fn resume_starts_at_the_next_round_with_the_checkpoint() {
         let parties: BTreeMap<String, PartyStatus> = [
             ("a".to_string(), status(PartyState::Accepted, None, 3)),
-            (
-                "b".to_string(),
-                status(PartyState::Refused, Some("no".into()), 0),
-            ),
+            ("b".to_string(), status(PartyState::Refused, Some("no".into()), 0)),
         ]
         .into();
-        let start = Start::Resume {
-            round: 3,
-            model: params(&[7.0]),
-            parties,
-        };
+        let start = Start::Resume { round: 3, model: params(&[7.0]), parties };
         let mut h = H::new(spec(&["a", "b"], 1, 5, ""), start);
         h.feed(Input::Connected("a".into()));
         assert!(matches!(h.take()[0], Output::Offer { .. }));
-        h.feed(Input::Answer {
-            party: "a".into(),
-            accepted: true,
-            reason: String::new(),
-        });
+        h.feed(Input::Answer { party: "a".into(), accepted: true, reason: String::new() });
         let t = h.tasks();
         assert_eq!(t.len(), 1);
         assert_eq!((t[0].1.stage, t[0].1.round), (Stage::Fit, 4));
@@ -1337,20 +1042,12 @@ mod tests {
 
     #[test]
     fn evaluation_cadence_and_cancel() {
-        let mut h = H::new(
-            spec(&["a"], 1, 3, "[evaluation]\nevery = 2"),
-            Start::Fresh { model: None },
-        );
+        let mut h = H::new(spec(&["a"], 1, 3, "[evaluation]\nevery = 2"), Start::Fresh { model: None });
         let fit = through_setup(&mut h, &["a"]);
         h.fit("a", &fit[0].1, 1, &[1.0]);
         let out = h.take();
-        assert!(
-            matches!(out[0], Output::Checkpoint { round: 1, .. }),
-            "round 1 is not evaluated"
-        );
-        let Output::Task { task, .. } = &out[1] else {
-            panic!()
-        };
+        assert!(matches!(out[0], Output::Checkpoint { round: 1, .. }), "round 1 is not evaluated");
+        let Output::Task { task, .. } = &out[1] else { panic!() };
         assert_eq!((task.stage, task.round), (Stage::Fit, 2));
         h.feed(Input::Cancel);
         assert_eq!(finished(&h.take()).unwrap().0, JobState::Cancelled);

@@ -28,10 +28,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
         .collect::<Result<_, _>>()
         .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(Error::Tls(format!(
-            "{}: no certificate found",
-            path.display()
-        )));
+        return Err(Error::Tls(format!("{}: no certificate found", path.display())));
     }
     Ok(certs)
 }
@@ -50,9 +47,7 @@ pub fn server_config(pki: &PkiDir) -> Result<rustls::ServerConfig, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for c in load_certs(&pki.ca_cert())? {
-        roots
-            .add(c)
-            .map_err(|e| Error::Tls(format!("{}: {e}", pki.ca_cert().display())))?;
+        roots.add(c).map_err(|e| Error::Tls(format!("{}: {e}", pki.ca_cert().display())))?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
@@ -61,10 +56,7 @@ pub fn server_config(pki: &PkiDir) -> Result<rustls::ServerConfig, Error> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            load_certs(&pki.coordinator_cert())?,
-            load_key(&pki.coordinator_key())?,
-        )
+        .with_single_cert(load_certs(&pki.coordinator_cert())?, load_key(&pki.coordinator_key())?)
         .map_err(|e| Error::Tls(format!("{}: {e}", pki.coordinator_cert().display())))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
@@ -118,12 +110,7 @@ async fn handshake(
         }
         Ok(Ok(s)) => s,
     };
-    let Some(cert) = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-    else {
+    let Some(cert) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
         warn!(peer = %addr, "refused connection: no client certificate");
         return None;
     };
@@ -158,11 +145,7 @@ async fn handshake(
 
 /// The identity of the peer of a request (already verified by [`accept_loop`]).
 pub fn peer_of<T>(req: &tonic::Request<T>) -> Result<pki::PeerIdentity, tonic::Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
-    let cert = certs
-        .first()
-        .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
+    let certs = req.peer_certs().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
+    let cert = certs.first().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
     pki::peer_identity(cert).map_err(|e| tonic::Status::unauthenticated(e.to_string()))
 }

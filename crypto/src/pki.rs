@@ -22,8 +22,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use time::{Duration, OffsetDateTime};
 use zeroize::Zeroizing;
@@ -88,22 +88,16 @@ pub struct IssuedCert {
 /// with a letter or digit, at most [`MAX_PARTY_NAME_LEN`] bytes, and not one of
 /// the reserved role names.
 pub fn validate_party_name(name: &str) -> Result<(), Error> {
-    let ok_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
-    let ok_first = name
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let ok_chars =
+        name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
+    let ok_first = name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     if name.is_empty() || name.len() > MAX_PARTY_NAME_LEN || !ok_chars || !ok_first {
         return Err(Error::InvalidInput(format!(
             "party name {name:?}: use 1 to {MAX_PARTY_NAME_LEN} lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
         )));
     }
     if name == ADMIN_NAME || name == COORDINATOR_NAME {
-        return Err(Error::InvalidInput(format!(
-            "party name {name:?} is reserved"
-        )));
+        return Err(Error::InvalidInput(format!("party name {name:?} is reserved")));
     }
     Ok(())
 }
@@ -119,10 +113,7 @@ impl FederationCa {
     pub fn generate(federation: &str) -> Result<Self, Error> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            format!("Confide federation CA ({federation})"),
-        );
+        dn.push(DnType::CommonName, format!("Confide federation CA ({federation})"));
         dn.push(DnType::OrganizationName, "Confide");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -132,10 +123,7 @@ impl FederationCa {
         params.not_after = now + Duration::days(3650);
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
-        Ok(FederationCa {
-            cert_pem: cert.pem(),
-            key,
-        })
+        Ok(FederationCa { cert_pem: cert.pem(), key })
     }
 
     /// Loads a CA from its certificate and key (PEM).
@@ -143,10 +131,7 @@ impl FederationCa {
         let key = KeyPair::from_pem(key_pem)?;
         // Parse once now so that a mismatched or corrupt certificate fails here.
         Issuer::from_ca_cert_pem(cert_pem, &key)?;
-        Ok(FederationCa {
-            cert_pem: cert_pem.to_owned(),
-            key,
-        })
+        Ok(FederationCa { cert_pem: cert_pem.to_owned(), key })
     }
 
     /// The CA certificate, PEM.
@@ -192,22 +177,13 @@ impl FederationCa {
         let key = KeyPair::generate()?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let cert = params.signed_by(&key, &issuer)?;
-        Ok(IssuedCert {
-            cert_pem: cert.pem(),
-            key_pem: Zeroizing::new(key.serialize_pem()),
-        })
+        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
     }
 
     /// Issues a certificate valid for two years from now.
     pub fn issue(&self, role: Role, name: &str, hosts: &[String]) -> Result<IssuedCert, Error> {
         let now = OffsetDateTime::now_utc();
-        self.issue_with_validity(
-            role,
-            name,
-            hosts,
-            now - Duration::hours(1),
-            now + Duration::days(730),
-        )
+        self.issue_with_validity(role, name, hosts, now - Duration::hours(1), now + Duration::days(730))
     }
 }
 
@@ -217,22 +193,16 @@ pub fn peer_identity(cert_der: &[u8]) -> Result<PeerIdentity, Error> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
         .map_err(|e| Error::Certificate(format!("unparsable peer certificate: {e}")))?;
     let subject = cert.subject();
-    let single = |attrs: Vec<&x509_parser::x509::AttributeTypeAndValue<'_>>, what: &str| match attrs
-        .as_slice()
-    {
-        [one] => one
-            .as_str()
-            .map(str::to_owned)
-            .map_err(|e| Error::Certificate(format!("peer certificate {what}: {e}"))),
-        _ => Err(Error::Certificate(format!(
-            "peer certificate must have exactly one {what}"
-        ))),
+    let single = |attrs: Vec<&x509_parser::x509::AttributeTypeAndValue<'_>>, what: &str| match attrs.as_slice() {
+        [one] => {
+            one.as_str().map(str::to_owned).map_err(|e| Error::Certificate(format!("peer certificate {what}: {e}")))
+        }
+        _ => Err(Error::Certificate(format!("peer certificate must have exactly one {what}"))),
     };
     let name = single(subject.iter_common_name().collect(), "subject CN")?;
     let ou = single(subject.iter_organizational_unit().collect(), "subject OU")?;
-    let role = Role::from_ou(&ou).ok_or_else(|| {
-        Error::Certificate(format!("peer certificate has unknown role OU {ou:?}"))
-    })?;
+    let role =
+        Role::from_ou(&ou).ok_or_else(|| Error::Certificate(format!("peer certificate has unknown role OU {ou:?}")))?;
     Ok(PeerIdentity { name, role })
 }
 
@@ -292,12 +262,7 @@ impl PkiDir {
     /// Creates a new federation: CA, coordinator certificate (for `hosts`;
     /// `localhost` and `127.0.0.1` are always included), admin certificate and
     /// one certificate per party. Refuses to overwrite an existing CA.
-    pub fn init(
-        &self,
-        federation: &str,
-        parties: &[String],
-        hosts: &[String],
-    ) -> Result<(), Error> {
+    pub fn init(&self, federation: &str, parties: &[String], hosts: &[String]) -> Result<(), Error> {
         for p in parties {
             validate_party_name(p)?;
         }
@@ -309,11 +274,7 @@ impl PkiDir {
         let ca = FederationCa::generate(federation)?;
         write_file(&self.ca_cert(), ca.cert_pem().as_bytes(), 0o644)?;
         write_file(&self.ca_key(), ca.key_pem().as_bytes(), 0o600)?;
-        let mut sans: Vec<String> = vec![
-            "localhost".into(),
-            "127.0.0.1".into(),
-            COORDINATOR_NAME.into(),
-        ];
+        let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), COORDINATOR_NAME.into()];
         for h in hosts {
             if !sans.contains(h) {
                 sans.push(h.clone());
@@ -384,11 +345,7 @@ impl PkiDir {
 /// Parses the tiny `parties = ["a", "b"]` enrollment format without a TOML
 /// dependency in this crate.
 fn parse_enrollment(text: &str) -> Result<Vec<String>, String> {
-    let body: String = text
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or(""))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let body: String = text.lines().map(|l| l.split('#').next().unwrap_or("")).collect::<Vec<_>>().join("\n");
     let body = body.trim();
     let rest = body
         .strip_prefix("parties")
@@ -396,10 +353,8 @@ fn parse_enrollment(text: &str) -> Result<Vec<String>, String> {
         .and_then(|r| r.strip_prefix('='))
         .map(str::trim)
         .ok_or("expected `parties = [ ... ]`")?;
-    let inner = rest
-        .strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .ok_or("parties: expected a list in brackets")?;
+    let inner =
+        rest.strip_prefix('[').and_then(|r| r.strip_suffix(']')).ok_or("parties: expected a list in brackets")?;
     let mut out = Vec::new();
     for item in inner.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let name = item
@@ -413,17 +368,11 @@ fn parse_enrollment(text: &str) -> Result<Vec<String>, String> {
 }
 
 fn create_dir(path: &Path) -> Result<(), Error> {
-    fs::create_dir_all(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })
+    fs::create_dir_all(path).map_err(|source| Error::Io { path: path.to_owned(), source })
 }
 
 fn read_string(path: &Path) -> Result<String, Error> {
-    fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })
 }
 
 fn write_pair(cert: &Path, key: &Path, issued: &IssuedCert) -> Result<(), Error> {
@@ -434,17 +383,9 @@ fn write_pair(cert: &Path, key: &Path, issued: &IssuedCert) -> Result<(), Error>
 /// Writes a new file with the given mode; the mode is set at creation so a
 /// private key is never readable by others, not even briefly.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
-    let io = |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io = |source| Error::Io { path: path.to_owned(), source };
     let _ = fs::remove_file(path);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io)?;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)
 }
@@ -458,37 +399,18 @@ mod tests {
     fn init_writes_role_tagged_certs_and_private_keys() {
         let dir = tempfile::tempdir().unwrap();
         let pki = PkiDir::new(dir.path().join("pki"));
-        pki.init(
-            "test",
-            &["hospital-a".into(), "hospital-b".into()],
-            &["coord.example".into()],
-        )
-        .unwrap();
+        pki.init("test", &["hospital-a".into(), "hospital-b".into()], &["coord.example".into()]).unwrap();
         assert_eq!(pki.enrolled().unwrap(), vec!["hospital-a", "hospital-b"]);
-        for key in [
-            pki.ca_key(),
-            pki.admin_key(),
-            pki.party_key("hospital-a"),
-            pki.coordinator_key(),
-        ] {
+        for key in [pki.ca_key(), pki.admin_key(), pki.party_key("hospital-a"), pki.coordinator_key()] {
             let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", key.display());
         }
         let pem = fs::read_to_string(pki.party_cert("hospital-b")).unwrap();
         let der = rustls_pem_to_der(&pem);
-        assert_eq!(
-            peer_identity(&der).unwrap(),
-            PeerIdentity {
-                name: "hospital-b".into(),
-                role: Role::Party
-            }
-        );
+        assert_eq!(peer_identity(&der).unwrap(), PeerIdentity { name: "hospital-b".into(), role: Role::Party });
         let admin = rustls_pem_to_der(&fs::read_to_string(pki.admin_cert()).unwrap());
         assert_eq!(peer_identity(&admin).unwrap().role, Role::Admin);
-        assert!(matches!(
-            pki.init("again", &[], &[]),
-            Err(Error::AlreadyExists(_))
-        ));
+        assert!(matches!(pki.init("again", &[], &[]), Err(Error::AlreadyExists(_))));
     }
 
     #[test]
@@ -518,10 +440,7 @@ mod tests {
     fn enrollment_parser_rejects_garbage() {
         assert!(parse_enrollment("parties = [\"a\", b]").is_err());
         assert!(parse_enrollment("nothing").is_err());
-        assert_eq!(
-            parse_enrollment("# c\nparties = []\n").unwrap(),
-            Vec::<String>::new()
-        );
+        assert_eq!(parse_enrollment("# c\nparties = []\n").unwrap(), Vec::<String>::new());
     }
 
     fn rustls_pem_to_der(pem: &str) -> Vec<u8> {

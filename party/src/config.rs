@@ -71,11 +71,7 @@ fn default_min_parties() -> usize {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy {
-            job_kinds: default_kinds(),
-            privacy_modes: default_modes(),
-            min_parties: default_min_parties(),
-        }
+        Policy { job_kinds: default_kinds(), privacy_modes: default_modes(), min_parties: default_min_parties() }
     }
 }
 
@@ -100,18 +96,14 @@ fn default_max() -> u64 {
 
 impl Default for Reconnect {
     fn default() -> Self {
-        Reconnect {
-            initial_ms: default_initial(),
-            max_ms: default_max(),
-        }
+        Reconnect { initial_ms: default_initial(), max_ms: default_max() }
     }
 }
 
 impl PartyConfig {
     /// Reads a config file; relative paths are taken from the file's directory.
     pub fn load(path: &Path) -> Result<PartyConfig, Error> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let mut cfg: PartyConfig = toml::from_str(&text)
             .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.to_string().trim())))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -121,8 +113,7 @@ impl PartyConfig {
         for d in cfg.datasets.values_mut() {
             d.path = base.join(&d.path);
         }
-        cfg.validate()
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        cfg.validate().map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Ok(cfg)
     }
 
@@ -134,16 +125,12 @@ impl PartyConfig {
         }
         for k in &self.policy.job_kinds {
             if !["train", "evaluate"].contains(&k.as_str()) {
-                return Err(format!(
-                    "policy.job_kinds: unknown kind {k:?} (train, evaluate)"
-                ));
+                return Err(format!("policy.job_kinds: unknown kind {k:?} (train, evaluate)"));
             }
         }
         for m in &self.policy.privacy_modes {
             if !["none", "secagg", "he", "dp"].contains(&m.as_str()) {
-                return Err(format!(
-                    "policy.privacy_modes: unknown mode {m:?} (none, secagg, he, dp)"
-                ));
+                return Err(format!("policy.privacy_modes: unknown mode {m:?} (none, secagg, he, dp)"));
             }
         }
         Ok(())

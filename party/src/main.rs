@@ -36,10 +36,7 @@ enum Command {
 async fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONFIDE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let code = match cli.command {
@@ -61,11 +58,7 @@ async fn main() {
                 let mut code = 0;
                 for (name, src) in &cfg.datasets {
                     match src.load() {
-                        Ok(ds) => println!(
-                            "data set {name}: {} rows, {} features",
-                            ds.len(),
-                            ds.num_features
-                        ),
+                        Ok(ds) => println!("data set {name}: {} rows, {} features", ds.len(), ds.num_features),
                         Err(e) => {
                             eprintln!("data set {name}: {e}");
                             code = 1;

@@ -40,10 +40,7 @@ pub struct PartyNode {
 }
 
 enum Command {
-    Task {
-        task: pb::Task,
-        params: Option<Parameters>,
-    },
+    Task { task: pb::Task, params: Option<Parameters> },
 }
 
 struct Outbox {
@@ -54,17 +51,13 @@ struct Outbox {
 impl Outbox {
     fn send_blocking(&self, body: party_message::Body) -> bool {
         let msg = pb::PartyMessage { body: Some(body) };
-        self.stats
-            .bytes_sent
-            .fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
+        self.stats.bytes_sent.fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
         self.tx.blocking_send(msg).is_ok()
     }
 
     async fn send(&self, body: party_message::Body) -> bool {
         let msg = pb::PartyMessage { body: Some(body) };
-        self.stats
-            .bytes_sent
-            .fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
+        self.stats.bytes_sent.fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
         self.tx.send(msg).await.is_ok()
     }
 }
@@ -72,11 +65,7 @@ impl Outbox {
 impl PartyNode {
     /// A node with the given trainer factory.
     pub fn new(config: PartyConfig, factory: Arc<dyn TrainerFactory>) -> PartyNode {
-        PartyNode {
-            config,
-            factory,
-            stats: Arc::new(NodeStats::default()),
-        }
+        PartyNode { config, factory, stats: Arc::new(NodeStats::default()) }
     }
 
     /// Its traffic counters.
@@ -86,10 +75,7 @@ impl PartyNode {
 
     /// Connects, serves, and reconnects with exponential back-off forever.
     pub async fn run(&self) {
-        let (initial, max) = (
-            self.config.reconnect.initial_ms,
-            self.config.reconnect.max_ms,
-        );
+        let (initial, max) = (self.config.reconnect.initial_ms, self.config.reconnect.max_ms);
         let mut delay = initial;
         loop {
             match self.serve_once().await {
@@ -117,29 +103,16 @@ impl PartyNode {
             cert: &cfg.cert,
             key: &cfg.key,
         };
-        let channel = connect(&id)
-            .await
-            .map_err(|e| Error::Transport(e.to_string()))?;
+        let channel = connect(&id).await.map_err(|e| Error::Transport(e.to_string()))?;
         let max = cfg.limits.max_message_bytes;
-        let mut client = PartyServiceClient::new(channel)
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+        let mut client = PartyServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max);
         let (tx, rx) = mpsc::channel::<pb::PartyMessage>(32);
-        let outbox = Arc::new(Outbox {
-            tx,
-            stats: self.stats.clone(),
-        });
-        outbox
-            .send(party_message::Body::Hello(pb::Hello {
-                software_version: VERSION.into(),
-            }))
-            .await;
+        let outbox = Arc::new(Outbox { tx, stats: self.stats.clone() });
+        outbox.send(party_message::Body::Hello(pb::Hello { software_version: VERSION.into() })).await;
         let mut inbound = client
             .join(ReceiverStream::new(rx))
             .await
-            .map_err(|s| {
-                Error::Transport(format!("coordinator refused the stream: {}", s.message()))
-            })?
+            .map_err(|s| Error::Transport(format!("coordinator refused the stream: {}", s.message())))?
             .into_inner();
         let mut welcomed = false;
         let mut me = String::new();
@@ -151,9 +124,7 @@ impl PartyNode {
                 Ok(None) => return Ok(welcomed),
                 Err(s) => return Err(Error::Transport(format!("stream ended: {}", s.message()))),
             };
-            self.stats
-                .bytes_received
-                .fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
+            self.stats.bytes_received.fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
             let Some(body) = msg.body else {
                 return Err(Error::PeerMisbehaved("empty message".into()));
             };
@@ -176,19 +147,11 @@ impl PartyNode {
                             );
                             jobs.insert(job_id.clone(), worker);
                             info!(job = %job_id, dataset = %offer.dataset, "accepted job");
-                            pb::JobAnswer {
-                                job_id,
-                                accepted: true,
-                                reason: String::new(),
-                            }
+                            pb::JobAnswer { job_id, accepted: true, reason: String::new() }
                         }
                         Err(reason) => {
                             warn!(job = %job_id, "refused job: {reason}");
-                            pb::JobAnswer {
-                                job_id,
-                                accepted: false,
-                                reason,
-                            }
+                            pb::JobAnswer { job_id, accepted: false, reason }
                         }
                     };
                     outbox.send(party_message::Body::JobAnswer(answer)).await;
@@ -202,12 +165,10 @@ impl PartyNode {
                     match &task.params {
                         None => dispatch(&jobs, &outbox, task, None).await,
                         Some(h) => {
-                            let inc = Incoming::start(h, &cfg.limits)
-                                .map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
+                            let inc =
+                                Incoming::start(h, &cfg.limits).map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                             if inc.is_complete() {
-                                let p = inc
-                                    .finish()
-                                    .map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
+                                let p = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                                 dispatch(&jobs, &outbox, task, Some(p)).await;
                             } else {
                                 pending = Some((task, inc));
@@ -216,16 +177,12 @@ impl PartyNode {
                     }
                 }
                 coordinator_message::Body::Chunk(c) => {
-                    let (_, inc) = pending
-                        .as_mut()
-                        .ok_or_else(|| Error::PeerMisbehaved("chunk without a task".into()))?;
-                    inc.push(&c)
-                        .map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
+                    let (_, inc) =
+                        pending.as_mut().ok_or_else(|| Error::PeerMisbehaved("chunk without a task".into()))?;
+                    inc.push(&c).map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                     if inc.is_complete() {
                         if let Some((task, inc)) = pending.take() {
-                            let p = inc
-                                .finish()
-                                .map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
+                            let p = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                             dispatch(&jobs, &outbox, task, Some(p)).await;
                         }
                     }
@@ -246,18 +203,11 @@ impl PartyNode {
     /// error is the refusal reason sent to the coordinator.
     async fn consider(&self, offer: &pb::JobOffer, me: &str) -> Result<Box<dyn Trainer>, String> {
         let cfg = &self.config;
-        let spec = JobSpec::parse(
-            &offer.spec_toml,
-            &format!("offer of job {}", offer.job_id),
-            &cfg.limits,
-        )
-        .map_err(|e| format!("invalid job spec: {e}"))?;
+        let spec = JobSpec::parse(&offer.spec_toml, &format!("offer of job {}", offer.job_id), &cfg.limits)
+            .map_err(|e| format!("invalid job spec: {e}"))?;
         let kind = spec.kind.as_str();
         if !cfg.policy.job_kinds.iter().any(|k| k == kind) {
-            return Err(format!(
-                "policy forbids job kind {kind:?} (accepted: {})",
-                cfg.policy.job_kinds.join(", ")
-            ));
+            return Err(format!("policy forbids job kind {kind:?} (accepted: {})", cfg.policy.job_kinds.join(", ")));
         }
         let mode = spec.privacy.mode.as_str();
         if !cfg.policy.privacy_modes.iter().any(|m| m == mode) {
@@ -294,18 +244,10 @@ async fn dispatch(
     params: Option<Parameters>,
 ) {
     let (job_id, task_id) = (task.job_id.clone(), task.task_id);
-    let sent = jobs
-        .get(&job_id)
-        .is_some_and(|w| w.send(Command::Task { task, params }).is_ok());
+    let sent = jobs.get(&job_id).is_some_and(|w| w.send(Command::Task { task, params }).is_ok());
     if !sent {
         let reason = "this party has not accepted the job".to_string();
-        outbox
-            .send(party_message::Body::Failed(pb::TaskFailed {
-                job_id,
-                task_id,
-                reason,
-            }))
-            .await;
+        outbox.send(party_message::Body::Failed(pb::TaskFailed { job_id, task_id, reason })).await;
     }
 }
 
@@ -386,14 +328,12 @@ fn run_task(
         pb::Stage::Fit => {
             let p = params.ok_or("fit task without parameters")?;
             trainer.set_parameters(&p).map_err(|e| e.to_string())?;
-            let cfg: FitConfig = serde_json::from_str(&task.config_json)
-                .map_err(|e| format!("fit configuration: {e}"))?;
+            let cfg: FitConfig =
+                serde_json::from_str(&task.config_json).map_err(|e| format!("fit configuration: {e}"))?;
             let outcome = trainer.fit(&cfg).map_err(|e| e.to_string())?;
             result.num_examples = outcome.num_examples;
             result.metrics = outcome.metrics.into_iter().collect();
-            result
-                .metrics
-                .insert("fit_ms".into(), started.elapsed().as_secs_f64() * 1000.0);
+            result.metrics.insert("fit_ms".into(), started.elapsed().as_secs_f64() * 1000.0);
             Ok((result, Some(trainer.parameters())))
         }
         pb::Stage::Evaluate => {

@@ -136,10 +136,7 @@ fn default_round() -> u64 {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts {
-            recruit_secs: default_recruit(),
-            round_secs: default_round(),
-        }
+        Timeouts { recruit_secs: default_recruit(), round_secs: default_round() }
     }
 }
 
@@ -208,38 +205,17 @@ impl std::error::Error for SpecErrors {}
 impl JobSpec {
     /// Parses and validates a spec. `file` names the source in errors.
     pub fn parse(text: &str, file: &str, limits: &Limits) -> Result<JobSpec, SpecErrors> {
-        let fail = |path: &str, msg: String| SpecErrors {
-            file: file.to_owned(),
-            errors: vec![(path.to_owned(), msg)],
-        };
+        let fail = |path: &str, msg: String| SpecErrors { file: file.to_owned(), errors: vec![(path.to_owned(), msg)] };
         if text.len() > limits.max_spec_bytes {
-            return Err(fail(
-                "(file)",
-                format!(
-                    "{} bytes; the limit is {}",
-                    text.len(),
-                    limits.max_spec_bytes
-                ),
-            ));
+            return Err(fail("(file)", format!("{} bytes; the limit is {}", text.len(), limits.max_spec_bytes)));
         }
-        let de = toml::Deserializer::parse(text)
-            .map_err(|e| fail("(syntax)", one_line(&e.to_string())))?;
+        let de = toml::Deserializer::parse(text).map_err(|e| fail("(syntax)", one_line(&e.to_string())))?;
         let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            fail(
-                if path == "." { "(top level)" } else { &path },
-                one_line(&e.into_inner().to_string()),
-            )
+            fail(if path == "." { "(top level)" } else { &path }, one_line(&e.into_inner().to_string()))
         })?;
         let errors = spec.validate(limits);
-        if errors.is_empty() {
-            Ok(spec)
-        } else {
-            Err(SpecErrors {
-                file: file.to_owned(),
-                errors,
-            })
-        }
+        if errors.is_empty() { Ok(spec) } else { Err(SpecErrors { file: file.to_owned(), errors }) }
     }
 
     /// The minimum number of parties, resolved.
@@ -249,11 +225,7 @@ impl JobSpec {
 
     /// The data set `party` should use.
     pub fn dataset_for(&self, party: &str) -> &str {
-        self.parties
-            .datasets
-            .get(party)
-            .map(String::as_str)
-            .unwrap_or(&self.parties.dataset)
+        self.parties.datasets.get(party).map(String::as_str).unwrap_or(&self.parties.dataset)
     }
 
     /// Serialises back to TOML (what parties receive).
@@ -267,97 +239,63 @@ impl JobSpec {
         let mut err = |p: &str, m: String| e.push((p.to_owned(), m));
         if self.name.is_empty()
             || self.name.len() > 100
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || " -_.".contains(c))
+            || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || " -_.".contains(c))
         {
-            err(
-                "name",
-                "1 to 100 letters, digits, spaces, '-', '_' or '.'".into(),
-            );
+            err("name", "1 to 100 letters, digits, spaces, '-', '_' or '.'".into());
         }
         if !(1..=10_000).contains(&self.rounds) {
             err("rounds", format!("must be 1..=10000 (got {})", self.rounds));
         }
         match (self.kind, &self.from_job) {
-            (JobKind::Evaluate, None) => err(
-                "from_job",
-                "an evaluate job needs the id of the job whose model it evaluates".into(),
-            ),
+            (JobKind::Evaluate, None) => {
+                err("from_job", "an evaluate job needs the id of the job whose model it evaluates".into())
+            }
             (JobKind::Evaluate, Some(_)) if self.rounds != 1 => {
                 err("rounds", "an evaluate job has exactly 1 round".into())
             }
             _ => {}
         }
         if let Some(j) = &self.from_job {
-            if j.is_empty()
-                || j.len() > 64
-                || !j.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            {
+            if j.is_empty() || j.len() > 64 || !j.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
                 err("from_job", format!("{j:?} is not a job id"));
             }
         }
         let names = &self.parties.names;
         if names.len() > limits.max_parties {
-            err(
-                "parties.names",
-                format!(
-                    "{} parties; the limit is {}",
-                    names.len(),
-                    limits.max_parties
-                ),
-            );
+            err("parties.names", format!("{} parties; the limit is {}", names.len(), limits.max_parties));
         }
         for (i, n) in names.iter().enumerate() {
             if let Err(x) = confide_crypto_name_check(n) {
                 err(&format!("parties.names[{i}]"), x);
             }
             if names[..i].contains(n) {
-                err(
-                    &format!("parties.names[{i}]"),
-                    format!("{n:?} is listed twice"),
-                );
+                err(&format!("parties.names[{i}]"), format!("{n:?} is listed twice"));
             }
         }
         match self.parties.min {
             Some(0) => err("parties.min", "must be at least 1".into()),
-            Some(m) if !names.is_empty() && m > names.len() => err(
-                "parties.min",
-                format!("{m} exceeds the {} named parties", names.len()),
-            ),
-            Some(m) if m > limits.max_parties => err(
-                "parties.min",
-                format!("{m} exceeds the limit of {}", limits.max_parties),
-            ),
+            Some(m) if !names.is_empty() && m > names.len() => {
+                err("parties.min", format!("{m} exceeds the {} named parties", names.len()))
+            }
+            Some(m) if m > limits.max_parties => {
+                err("parties.min", format!("{m} exceeds the limit of {}", limits.max_parties))
+            }
             None if names.is_empty() => err("parties", "give `names`, `min`, or both".into()),
             _ => {}
         }
         if self.parties.dataset.is_empty() || self.parties.dataset.len() > 128 {
-            err(
-                "parties.dataset",
-                "must be a data set name of 1 to 128 bytes".into(),
-            );
+            err("parties.dataset", "must be a data set name of 1 to 128 bytes".into());
         }
         for (party, ds) in &self.parties.datasets {
             if !names.is_empty() && !names.contains(party) {
-                err(
-                    &format!("parties.datasets.{party}"),
-                    "not one of parties.names".into(),
-                );
+                err(&format!("parties.datasets.{party}"), "not one of parties.names".into());
             }
             if ds.is_empty() || ds.len() > 128 {
-                err(
-                    &format!("parties.datasets.{party}"),
-                    "must be a data set name of 1 to 128 bytes".into(),
-                );
+                err(&format!("parties.datasets.{party}"), "must be a data set name of 1 to 128 bytes".into());
             }
         }
         if !(2..=10_000).contains(&self.model.classes) {
-            err(
-                "model.classes",
-                format!("must be 2..=10000 (got {})", self.model.classes),
-            );
+            err("model.classes", format!("must be 2..=10000 (got {})", self.model.classes));
         }
         for msg in self.training.validate() {
             let (field, rest) = msg.split_once(": ").unwrap_or(("", &msg));
@@ -367,16 +305,10 @@ impl JobSpec {
             err("evaluation.every", "must be at least 1".into());
         }
         if !(1..=86_400).contains(&self.timeouts.recruit_secs) {
-            err(
-                "timeouts.recruit_secs",
-                format!("must be 1..=86400 (got {})", self.timeouts.recruit_secs),
-            );
+            err("timeouts.recruit_secs", format!("must be 1..=86400 (got {})", self.timeouts.recruit_secs));
         }
         if !(1..=86_400).contains(&self.timeouts.round_secs) {
-            err(
-                "timeouts.round_secs",
-                format!("must be 1..=86400 (got {})", self.timeouts.round_secs),
-            );
+            err("timeouts.round_secs", format!("must be 1..=86400 (got {})", self.timeouts.round_secs));
         }
         e
     }
@@ -387,17 +319,9 @@ impl JobSpec {
 fn confide_crypto_name_check(n: &str) -> Result<(), String> {
     let ok = !n.is_empty()
         && n.len() <= 63
-        && n.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
-        })
-        && n.bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("{n:?} is not a valid party name"))
-    }
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+        && n.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok { Ok(()) } else { Err(format!("{n:?} is not a valid party name")) }
 }
 
 fn one_line(s: &str) -> String {
@@ -441,45 +365,22 @@ classes = 2
             .replace("[model]", "[training]\nbatch_size = 0\n[model]");
         let e = JobSpec::parse(&bad, "jobs/bad.toml", &Limits::default()).unwrap_err();
         let paths: Vec<&str> = e.errors.iter().map(|(p, _)| p.as_str()).collect();
-        assert_eq!(
-            paths,
-            vec![
-                "rounds",
-                "parties.min",
-                "model.classes",
-                "training.batch_size"
-            ]
-        );
+        assert_eq!(paths, vec!["rounds", "parties.min", "model.classes", "training.batch_size"]);
         assert!(e.to_string().contains("jobs/bad.toml: rounds: must be"));
     }
 
     #[test]
     fn reports_type_unknown_and_syntax_errors_with_paths() {
-        let e = JobSpec::parse(
-            &GOOD.replace("min = 1", "min = \"x\""),
-            "f.toml",
-            &Limits::default(),
-        )
-        .unwrap_err();
+        let e = JobSpec::parse(&GOOD.replace("min = 1", "min = \"x\""), "f.toml", &Limits::default()).unwrap_err();
         assert_eq!(e.errors[0].0, "parties.min");
-        let e = JobSpec::parse(&format!("{GOOD}colour = 3\n"), "f.toml", &Limits::default())
-            .unwrap_err();
+        let e = JobSpec::parse(&format!("{GOOD}colour = 3\n"), "f.toml", &Limits::default()).unwrap_err();
         assert!(e.errors[0].1.contains("colour"), "{e}");
-        let e = JobSpec::parse(
-            &GOOD.replace("\"logistic_regression\"", "\"resnet\""),
-            "f",
-            &Limits::default(),
-        )
-        .unwrap_err();
+        let e = JobSpec::parse(&GOOD.replace("\"logistic_regression\"", "\"resnet\""), "f", &Limits::default())
+            .unwrap_err();
         assert_eq!(e.errors[0].0, "model.kind");
         let e = JobSpec::parse("name = ", "f.toml", &Limits::default()).unwrap_err();
         assert_eq!(e.errors[0].0, "(syntax)");
-        let e = JobSpec::parse(
-            &GOOD.replace("\"hospital-b\"", "\"Bad Name\""),
-            "f",
-            &Limits::default(),
-        )
-        .unwrap_err();
+        let e = JobSpec::parse(&GOOD.replace("\"hospital-b\"", "\"Bad Name\""), "f", &Limits::default()).unwrap_err();
         assert_eq!(e.errors[0].0, "parties.names[1]");
         let big = "#".repeat(Limits::default().max_spec_bytes + 1);
         assert!(JobSpec::parse(&big, "f", &Limits::default()).is_err());

@@ -59,23 +59,14 @@ impl Default for Limits {
 impl Limits {
     /// Checks that the limits are coherent (a chunk plus framing fits in a message).
     pub fn validate(&self) -> Result<(), Error> {
-        if self.chunk_bytes == 0
-            || self.chunk_bytes % 4 != 0
-            || self.chunk_bytes + 1024 > self.max_message_bytes
-        {
+        if self.chunk_bytes == 0 || self.chunk_bytes % 4 != 0 || self.chunk_bytes + 1024 > self.max_message_bytes {
             return Err(Error::InvalidInput(format!(
                 "limits.chunk_bytes ({}) must be a positive multiple of 4 and at least 1 KiB below limits.max_message_bytes ({})",
                 self.chunk_bytes, self.max_message_bytes
             )));
         }
-        if self.max_values == 0
-            || self.max_tensors == 0
-            || self.max_parties == 0
-            || self.max_spec_bytes == 0
-        {
-            return Err(Error::InvalidInput(
-                "limits: every limit must be positive".into(),
-            ));
+        if self.max_values == 0 || self.max_tensors == 0 || self.max_parties == 0 || self.max_spec_bytes == 0 {
+            return Err(Error::InvalidInput("limits: every limit must be positive".into()));
         }
         Ok(())
     }

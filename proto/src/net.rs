@@ -24,9 +24,7 @@ pub struct ClientIdentity<'a> {
 
 /// Opens a mutually authenticated TLS channel to the coordinator.
 pub async fn connect(id: &ClientIdentity<'_>) -> Result<Channel, Error> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))
-    };
+    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())));
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(id.ca)?))
         .identity(Identity::from_pem(read(id.cert)?, read(id.key)?))
@@ -40,13 +38,10 @@ pub async fn connect(id: &ClientIdentity<'_>) -> Result<Channel, Error> {
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
-    endpoint.connect().await.map_err(|e| {
-        Error::Transport(format!(
-            "cannot connect to {}: {}",
-            id.url,
-            source_chain(&e)
-        ))
-    })
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| Error::Transport(format!("cannot connect to {}: {}", id.url, source_chain(&e))))
 }
 
 /// Formats an error with its sources, which is where tonic puts the useful part.

@@ -14,10 +14,7 @@ pub fn encode(transfer_id: u64, params: &Parameters) -> (pb::ParamsHeader, Vec<u
     let tensors = params
         .tensors()
         .iter()
-        .map(|t| pb::TensorSpec {
-            name: t.name.clone(),
-            shape: t.shape.iter().map(|&d| d as u64).collect(),
-        })
+        .map(|t| pb::TensorSpec { name: t.name.clone(), shape: t.shape.iter().map(|&d| d as u64).collect() })
         .collect();
     let mut bytes = Vec::with_capacity(params.num_values() * 4);
     for t in params.tensors() {
@@ -25,33 +22,16 @@ pub fn encode(transfer_id: u64, params: &Parameters) -> (pb::ParamsHeader, Vec<u
             bytes.extend_from_slice(&v.to_le_bytes());
         }
     }
-    (
-        pb::ParamsHeader {
-            transfer_id,
-            tensors,
-            total_bytes: bytes.len() as u64,
-        },
-        bytes,
-    )
+    (pb::ParamsHeader { transfer_id, tensors, total_bytes: bytes.len() as u64 }, bytes)
 }
 
 /// Splits encoded bytes into chunks of at most `chunk_bytes`.
-pub fn chunks(
-    transfer_id: u64,
-    bytes: &[u8],
-    chunk_bytes: usize,
-) -> impl Iterator<Item = pb::Chunk> + '_ {
-    bytes
-        .chunks(chunk_bytes.max(4))
-        .scan(0u64, move |offset, c| {
-            let chunk = pb::Chunk {
-                transfer_id,
-                offset: *offset,
-                data: c.to_vec(),
-            };
-            *offset += c.len() as u64;
-            Some(chunk)
-        })
+pub fn chunks(transfer_id: u64, bytes: &[u8], chunk_bytes: usize) -> impl Iterator<Item = pb::Chunk> + '_ {
+    bytes.chunks(chunk_bytes.max(4)).scan(0u64, move |offset, c| {
+        let chunk = pb::Chunk { transfer_id, offset: *offset, data: c.to_vec() };
+        *offset += c.len() as u64;
+        Some(chunk)
+    })
 }
 
 /// A transfer being received.
@@ -78,34 +58,20 @@ impl Incoming {
         let mut values = 0usize;
         for t in &header.tensors {
             if t.name.is_empty() || t.name.len() > 256 {
-                return Err(Error::ProtocolViolation(
-                    "tensor name must be 1 to 256 bytes".into(),
-                ));
+                return Err(Error::ProtocolViolation("tensor name must be 1 to 256 bytes".into()));
             }
             let shape: Vec<usize> = t
                 .shape
                 .iter()
                 .map(|&d| usize::try_from(d).ok().filter(|&d| d <= limits.max_values))
                 .collect::<Option<_>>()
-                .ok_or_else(|| {
-                    Error::LimitExceeded(format!("tensor {}: dimension above limit", t.name))
-                })?;
-            let spec = TensorSpec {
-                name: t.name.clone(),
-                shape,
-            };
-            let n = spec.num_values().ok_or_else(|| {
-                Error::LimitExceeded(format!("tensor {}: shape overflows", t.name))
+                .ok_or_else(|| Error::LimitExceeded(format!("tensor {}: dimension above limit", t.name)))?;
+            let spec = TensorSpec { name: t.name.clone(), shape };
+            let n =
+                spec.num_values().ok_or_else(|| Error::LimitExceeded(format!("tensor {}: shape overflows", t.name)))?;
+            values = values.checked_add(n).filter(|&v| v <= limits.max_values).ok_or_else(|| {
+                Error::LimitExceeded(format!("more than {} parameter values announced", limits.max_values))
             })?;
-            values = values
-                .checked_add(n)
-                .filter(|&v| v <= limits.max_values)
-                .ok_or_else(|| {
-                    Error::LimitExceeded(format!(
-                        "more than {} parameter values announced",
-                        limits.max_values
-                    ))
-                })?;
             specs.push(spec);
         }
         if header.total_bytes != (values as u64) * 4 {
@@ -156,10 +122,7 @@ impl Incoming {
             )));
         }
         if self.buf.len() + chunk.data.len() > self.expected {
-            return Err(Error::ProtocolViolation(format!(
-                "chunks exceed the {} bytes announced",
-                self.expected
-            )));
+            return Err(Error::ProtocolViolation(format!("chunks exceed the {} bytes announced", self.expected)));
         }
         self.buf.extend_from_slice(&chunk.data);
         Ok(())
@@ -174,13 +137,8 @@ impl Incoming {
                 self.expected
             )));
         }
-        let flat: Vec<f32> = self
-            .buf
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Parameters::from_flat(&self.specs, &flat)
-            .map_err(|e| Error::ProtocolViolation(e.to_string()))
+        let flat: Vec<f32> = self.buf.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Parameters::from_flat(&self.specs, &flat).map_err(|e| Error::ProtocolViolation(e.to_string()))
     }
 }
 
@@ -191,27 +149,14 @@ mod tests {
 
     fn params(n: usize) -> Parameters {
         Parameters::new(vec![
-            Tensor {
-                name: "a".into(),
-                shape: vec![n],
-                data: (0..n).map(|i| i as f32 * 0.5).collect(),
-            },
-            Tensor {
-                name: "b".into(),
-                shape: vec![2, 2],
-                data: vec![1.0, -2.0, f32::MIN_POSITIVE, 4.0],
-            },
+            Tensor { name: "a".into(), shape: vec![n], data: (0..n).map(|i| i as f32 * 0.5).collect() },
+            Tensor { name: "b".into(), shape: vec![2, 2], data: vec![1.0, -2.0, f32::MIN_POSITIVE, 4.0] },
         ])
         .unwrap()
     }
 
     fn small_limits() -> Limits {
-        Limits {
-            chunk_bytes: 64,
-            max_message_bytes: 2048,
-            max_values: 1000,
-            ..Limits::default()
-        }
+        Limits { chunk_bytes: 64, max_message_bytes: 2048, max_values: 1000, ..Limits::default() }
     }
 
     #[test]
@@ -231,18 +176,12 @@ mod tests {
     #[test]
     fn rejects_oversized_and_lying_headers() {
         let (mut header, _) = encode(1, &params(2000));
-        assert!(matches!(
-            Incoming::start(&header, &small_limits()),
-            Err(Error::LimitExceeded(_))
-        ));
+        assert!(matches!(Incoming::start(&header, &small_limits()), Err(Error::LimitExceeded(_))));
         header.tensors[0].shape = vec![u64::MAX, 2];
         assert!(Incoming::start(&header, &small_limits()).is_err());
         let (mut header, _) = encode(1, &params(10));
         header.total_bytes += 4;
-        assert!(matches!(
-            Incoming::start(&header, &small_limits()),
-            Err(Error::ProtocolViolation(_))
-        ));
+        assert!(matches!(Incoming::start(&header, &small_limits()), Err(Error::ProtocolViolation(_))));
     }
 
     #[test]
@@ -251,33 +190,13 @@ mod tests {
         let cs: Vec<_> = chunks(3, &bytes, 64).collect();
         let mut inc = Incoming::start(&header, &small_limits()).unwrap();
         assert!(inc.push(&cs[1]).is_err());
-        assert!(
-            inc.push(&pb::Chunk {
-                transfer_id: 4,
-                ..cs[0].clone()
-            })
-            .is_err()
-        );
-        assert!(
-            inc.push(&pb::Chunk {
-                transfer_id: 3,
-                offset: 0,
-                data: vec![0; 68]
-            })
-            .is_err()
-        );
+        assert!(inc.push(&pb::Chunk { transfer_id: 4, ..cs[0].clone() }).is_err());
+        assert!(inc.push(&pb::Chunk { transfer_id: 3, offset: 0, data: vec![0; 68] }).is_err());
         let mut inc = Incoming::start(&header, &small_limits()).unwrap();
         for c in &cs {
             inc.push(c).unwrap();
         }
-        assert!(
-            inc.push(&pb::Chunk {
-                transfer_id: 3,
-                offset: bytes.len() as u64,
-                data: vec![0; 4]
-            })
-            .is_err()
-        );
+        assert!(inc.push(&pb::Chunk { transfer_id: 3, offset: bytes.len() as u64, data: vec![0; 4] }).is_err());
         let mut short = Incoming::start(&header, &small_limits()).unwrap();
         short.push(&cs[0]).unwrap();
         assert!(short.finish().is_err());

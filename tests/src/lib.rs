@@ -12,11 +12,7 @@ use serde_json::Value;
 /// Where cargo put the binaries (`target/debug` next to the test executable).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory")
-        .to_path_buf();
+    let dir = exe.parent().and_then(Path::parent).expect("target directory").to_path_buf();
     assert!(
         dir.join("confide").exists() && dir.join("confide-party").exists(),
         "{} lacks the confide binaries: run `cargo build --workspace --bins` first (make test does)",
@@ -50,42 +46,15 @@ impl Federation {
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = bin_dir();
         let names: Vec<String> = parties.iter().map(|s| s.to_string()).collect();
-        let fed = Federation {
-            dir,
-            bin,
-            addr: String::new(),
-            coordinator: None,
-            parties: BTreeMap::new(),
-            names,
-        };
+        let fed = Federation { dir, bin, addr: String::new(), coordinator: None, parties: BTreeMap::new(), names };
         std::fs::create_dir_all(fed.path("logs")).expect("logs dir");
-        fed.run_ok(&[
-            "certs",
-            "init",
-            "--dir",
-            &fed.s("pki"),
-            "--parties",
-            &parties.join(","),
-        ]);
-        let (input, out, joined) = (
-            input.to_string_lossy().into_owned(),
-            fed.s("data"),
-            parties.join(","),
-        );
+        fed.run_ok(&["certs", "init", "--dir", &fed.s("pki"), "--parties", &parties.join(",")]);
+        let (input, out, joined) = (input.to_string_lossy().into_owned(), fed.s("data"), parties.join(","));
         let mut args = vec!["data", "split", "--input", &input];
         if header {
             args.push("--header");
         }
-        args.extend([
-            "--parties",
-            &joined,
-            "--weights",
-            weights,
-            "--seed",
-            "3",
-            "--out",
-            &out,
-        ]);
+        args.extend(["--parties", &joined, "--weights", weights, "--seed", "3", "--out", &out]);
         fed.run_ok(&args);
         fed
     }
@@ -125,11 +94,7 @@ impl Federation {
 
     /// Starts the coordinator (on the same port as before, after a restart).
     pub fn start_coordinator(&mut self) {
-        let listen = if self.addr.is_empty() {
-            "127.0.0.1:0".to_string()
-        } else {
-            self.addr.clone()
-        };
+        let listen = if self.addr.is_empty() { "127.0.0.1:0".to_string() } else { self.addr.clone() };
         let out_path = self.path("logs/coordinator.out");
         let _ = std::fs::remove_file(&out_path);
         let child = Command::new(self.bin.join("confide"))
@@ -153,18 +118,11 @@ impl Federation {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let text = std::fs::read_to_string(&out_path).unwrap_or_default();
-            if let Some(addr) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("coordinator listening on "))
-            {
+            if let Some(addr) = text.lines().find_map(|l| l.strip_prefix("coordinator listening on ")) {
                 self.addr = addr.trim().to_string();
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "coordinator did not start\n{}",
-                self.logs()
-            );
+            assert!(Instant::now() < deadline, "coordinator did not start\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -221,9 +179,7 @@ impl Federation {
     /// Sends a signal (e.g. "STOP", "CONT") to every party process.
     pub fn signal_parties(&self, signal: &str) {
         for c in self.parties.values() {
-            let ok = Command::new("kill")
-                .args([&format!("-{signal}"), &c.id().to_string()])
-                .status();
+            let ok = Command::new("kill").args([&format!("-{signal}"), &c.id().to_string()]).status();
             assert!(ok.is_ok_and(|s| s.success()), "kill -{signal} failed");
         }
     }
@@ -232,9 +188,7 @@ impl Federation {
     pub fn submit(&self, file: &str, spec: &str) -> String {
         let path = self.path(file);
         std::fs::write(&path, spec).expect("spec");
-        self.run_ok(&["job", "submit", path.to_str().expect("utf-8")])
-            .trim()
-            .to_string()
+        self.run_ok(&["job", "submit", path.to_str().expect("utf-8")]).trim().to_string()
     }
 
     /// `confide job status ID --json`, parsed.
@@ -244,24 +198,14 @@ impl Federation {
     }
 
     /// Polls the status until `pred` holds; panics with the logs after `secs`.
-    pub fn wait_for(
-        &self,
-        id: &str,
-        secs: u64,
-        what: &str,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Value {
+    pub fn wait_for(&self, id: &str, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let st = self.status(id);
             if pred(&st) {
                 return st;
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {st:#}\n{}",
-                self.logs()
-            );
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {st:#}\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -269,10 +213,7 @@ impl Federation {
     /// Waits for the job to end and returns its final status.
     pub fn wait_done(&self, id: &str, secs: u64) -> Value {
         self.wait_for(id, secs, "the job to end", |s| {
-            matches!(
-                s["state"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            )
+            matches!(s["state"].as_str(), Some("succeeded" | "failed" | "cancelled"))
         })
     }
 
@@ -309,19 +250,13 @@ impl Federation {
 }
 
 fn append(path: &Path) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .expect("log file")
+    std::fs::OpenOptions::new().create(true).append(true).open(path).expect("log file")
 }
 
 impl Drop for Federation {
     fn drop(&mut self) {
         for (_, mut c) in std::mem::take(&mut self.parties) {
-            let _ = Command::new("kill")
-                .args(["-CONT", &c.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -31,26 +31,14 @@ fn fedavg_job_equals_the_independently_computed_weighted_mean() {
     let mut fed = Federation::new(&three(), &breast_cancer(), true, "5,3,2");
     fed.start_coordinator();
     fed.start_parties();
-    let text = job_spec(
-        &fed.names,
-        3,
-        3,
-        LOGREG2,
-        "local_epochs = 2\nlearning_rate = 0.05\nseed = 11",
-    );
+    let text = job_spec(&fed.names, 3, 3, LOGREG2, "local_epochs = 2\nlearning_rate = 0.05\nseed = 11");
     let id = fed.submit("job.toml", &text);
     let st = fed.wait_done(&id, 120);
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
     assert_eq!(st["rounds_completed"], 3);
     assert_eq!(st["history"].as_array().map(Vec::len), Some(3));
-    assert_eq!(
-        st["history"][2]["participants"],
-        serde_json::json!(["hospital-a", "hospital-b", "hospital-c"])
-    );
-    assert!(
-        st["metrics"]["accuracy"].as_f64().is_some_and(|a| a > 0.9),
-        "{st:#}"
-    );
+    assert_eq!(st["history"][2]["participants"], serde_json::json!(["hospital-a", "hospital-b", "hospital-c"]));
+    assert!(st["metrics"]["accuracy"].as_f64().is_some_and(|a| a > 0.9), "{st:#}");
     let model = Parameters::from_safetensors(&fed.model(&id)).expect("model");
 
     // The same computation without the federation: each party's trainer is
@@ -80,12 +68,7 @@ fn fedavg_job_equals_the_independently_computed_weighted_mean() {
         let mut total = 0u64;
         for t in trainers.iter_mut() {
             t.set_parameters(&global).expect("set");
-            let out = t
-                .fit(&FitConfig {
-                    round,
-                    train: spec.training.clone(),
-                })
-                .expect("fit");
+            let out = t.fit(&FitConfig { round, train: spec.training.clone() }).expect("fit");
             for (s, v) in sum.iter_mut().zip(t.parameters().flat_values()) {
                 *s += out.num_examples as f64 * f64::from(v);
             }
@@ -95,24 +78,10 @@ fn fedavg_job_equals_the_independently_computed_weighted_mean() {
         global = Parameters::from_flat(&global.spec(), &flat).expect("flat");
     }
     assert_eq!(model.spec(), global.spec());
-    let max_diff = model
-        .flat_values()
-        .zip(global.flat_values())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        max_diff <= 1e-5,
-        "federated model differs from the independent weighted mean by {max_diff}"
-    );
+    let max_diff = model.flat_values().zip(global.flat_values()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff <= 1e-5, "federated model differs from the independent weighted mean by {max_diff}");
     // The model is not trivially the initial one.
-    assert!(
-        model
-            .get("linear.weight")
-            .expect("weight")
-            .data
-            .iter()
-            .any(|v| v.abs() > 0.05)
-    );
+    assert!(model.get("linear.weight").expect("weight").data.iter().any(|v| v.abs() > 0.05));
 }
 
 #[test]
@@ -120,31 +89,17 @@ fn a_party_killed_mid_job_is_dropped_and_the_rounds_go_on() {
     let mut fed = Federation::new(&three(), &digits(), false, "1,1,1");
     fed.start_coordinator();
     fed.start_parties();
-    let id = fed.submit(
-        "job.toml",
-        &job_spec(&fed.names, 2, 500, LOGREG10, "local_epochs = 3\nseed = 5"),
-    );
-    fed.wait_for(&id, 60, "two rounds", |s| {
-        s["rounds_completed"].as_u64() >= Some(2)
-    });
+    let id = fed.submit("job.toml", &job_spec(&fed.names, 2, 500, LOGREG10, "local_epochs = 3\nseed = 5"));
+    fed.wait_for(&id, 60, "two rounds", |s| s["rounds_completed"].as_u64() >= Some(2));
     fed.kill_party("hospital-c");
     let st = fed.wait_for(&id, 60, "rounds without hospital-c", |s| {
         let h = s["history"].as_array().cloned().unwrap_or_default();
-        let dropped_at = h
-            .iter()
-            .position(|r| r["dropped"].get("hospital-c").is_some());
+        let dropped_at = h.iter().position(|r| r["dropped"].get("hospital-c").is_some());
         dropped_at.is_some_and(|i| h.len() > i + 1) || s["state"] != "running"
     });
     assert_eq!(st["state"], "running", "{st:#}\n{}", fed.logs());
-    let last = st["history"]
-        .as_array()
-        .and_then(|h| h.last())
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(
-        last["participants"],
-        serde_json::json!(["hospital-a", "hospital-b"])
-    );
+    let last = st["history"].as_array().and_then(|h| h.last()).cloned().unwrap_or_default();
+    assert_eq!(last["participants"], serde_json::json!(["hospital-a", "hospital-b"]));
     assert_eq!(st["parties"]["hospital-c"]["state"], "dropped");
     fed.run_ok(&["job", "cancel", &id]);
     assert_eq!(fed.wait_done(&id, 30)["state"], "cancelled");
@@ -155,21 +110,13 @@ fn below_the_minimum_the_job_fails_naming_the_missing_party() {
     let mut fed = Federation::new(&three(), &digits(), false, "1,1,1");
     fed.start_coordinator();
     fed.start_parties();
-    let id = fed.submit(
-        "job.toml",
-        &job_spec(&fed.names, 3, 500, LOGREG10, "local_epochs = 3\nseed = 5"),
-    );
-    fed.wait_for(&id, 60, "two rounds", |s| {
-        s["rounds_completed"].as_u64() >= Some(2)
-    });
+    let id = fed.submit("job.toml", &job_spec(&fed.names, 3, 500, LOGREG10, "local_epochs = 3\nseed = 5"));
+    fed.wait_for(&id, 60, "two rounds", |s| s["rounds_completed"].as_u64() >= Some(2));
     fed.kill_party("hospital-b");
     let st = fed.wait_done(&id, 60);
     assert_eq!(st["state"], "failed", "{st:#}");
     let err = st["error"].as_str().unwrap_or_default();
-    assert!(
-        err.contains("hospital-b") && err.contains("needs 3"),
-        "{err}"
-    );
+    assert!(err.contains("hospital-b") && err.contains("needs 3"), "{err}");
 }
 
 #[test]
@@ -177,84 +124,45 @@ fn a_restarted_coordinator_resumes_and_ends_with_the_same_model() {
     let mut fed = Federation::new(&three(), &digits(), false, "2,1,1");
     fed.start_coordinator();
     fed.start_parties();
-    let text = job_spec(
-        &fed.names,
-        3,
-        14,
-        LOGREG10,
-        "local_epochs = 3\nseed = 9\nlearning_rate = 0.05",
-    );
+    let text = job_spec(&fed.names, 3, 14, LOGREG10, "local_epochs = 3\nseed = 9\nlearning_rate = 0.05");
     let a = fed.submit("a.toml", &text);
     assert_eq!(fed.wait_done(&a, 120)["state"], "succeeded");
     let model_a = Parameters::from_safetensors(&fed.model(&a)).expect("model a");
 
     let b = fed.submit("b.toml", &text);
-    fed.wait_for(&b, 60, "two rounds", |s| {
-        s["rounds_completed"].as_u64() >= Some(2)
-    });
+    fed.wait_for(&b, 60, "two rounds", |s| s["rounds_completed"].as_u64() >= Some(2));
     // Freeze the parties mid-round, kill the coordinator, restart it.
     fed.signal_parties("STOP");
     let before = fed.status(&b);
-    assert_eq!(
-        before["state"], "running",
-        "the job ended before the kill; make it longer: {before:#}"
-    );
+    assert_eq!(before["state"], "running", "the job ended before the kill; make it longer: {before:#}");
     fed.kill_coordinator();
     fed.start_coordinator();
     fed.signal_parties("CONT");
     let st = fed.wait_done(&b, 120);
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
     assert_eq!(st["history"].as_array().map(Vec::len), Some(14));
-    assert!(
-        fed.coordinator_log()
-            .contains("resuming job from its checkpoint")
-    );
+    assert!(fed.coordinator_log().contains("resuming job from its checkpoint"));
     let model_b = Parameters::from_safetensors(&fed.model(&b)).expect("model b");
-    assert_eq!(
-        model_a, model_b,
-        "the resumed job's model differs from the uninterrupted one"
-    );
+    assert_eq!(model_a, model_b, "the resumed job's model differs from the uninterrupted one");
 }
 
 #[test]
 fn malformed_job_specs_are_refused_with_every_field_named() {
     let mut fed = Federation::new(&["hospital-a", "hospital-b"], &breast_cancer(), true, "1,1");
     fed.start_coordinator();
-    let bad = job_spec(
-        &fed.names,
-        2,
-        0,
-        "kind = \"logistic_regression\"\nclasses = 1",
-        "batch_size = 0",
-    );
+    let bad = job_spec(&fed.names, 2, 0, "kind = \"logistic_regression\"\nclasses = 1", "batch_size = 0");
     let path = fed.path("bad.toml");
     std::fs::write(&path, bad).expect("write");
     let out = fed.cli(&["job", "submit", path.to_str().expect("utf-8")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    for field in [
-        "bad.toml: rounds:",
-        "bad.toml: model.classes:",
-        "bad.toml: training.batch_size:",
-    ] {
+    for field in ["bad.toml: rounds:", "bad.toml: model.classes:", "bad.toml: training.batch_size:"] {
         assert!(err.contains(field), "missing {field:?} in: {err}");
     }
-    let unknown = job_spec(
-        &["hospital-a".into(), "hospital-z".into()],
-        1,
-        1,
-        LOGREG2,
-        "",
-    );
+    let unknown = job_spec(&["hospital-a".into(), "hospital-z".into()], 1, 1, LOGREG2, "");
     std::fs::write(&path, unknown).expect("write");
     let out = fed.cli(&["job", "submit", path.to_str().expect("utf-8")]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("parties.names[1]") && err.contains("not enrolled"),
-        "{err}"
-    );
-    assert!(
-        fed.run_ok(&["job", "list", "--json"]).trim() == "[]",
-        "no bad job was stored"
-    );
+    assert!(err.contains("parties.names[1]") && err.contains("not enrolled"), "{err}");
+    assert!(fed.run_ok(&["job", "list", "--json"]).trim() == "[]", "no bad job was stored");
 }

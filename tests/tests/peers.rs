@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use confide_algorithms::data::DatasetSource;
-use confide_algorithms::{
-    Error as AlgoError, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Parameters, Trainer,
-};
+use confide_algorithms::{Error as AlgoError, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Parameters, Trainer};
 use confide_crypto::pki::{PkiDir, Role};
 use confide_party::config::PartyConfig;
 use confide_party::node::PartyNode;
@@ -33,9 +31,7 @@ async fn try_join(
     first: Vec<pb::PartyMessage>,
 ) -> Result<pb::CoordinatorMessage, String> {
     let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(
-            std::fs::read(ca).map_err(|e| e.to_string())?,
-        ))
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).map_err(|e| e.to_string())?))
         .domain_name("localhost");
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(
@@ -56,11 +52,7 @@ async fn try_join(
     for m in first {
         tx.send(m).await.map_err(|e| e.to_string())?;
     }
-    let mut inbound = client
-        .join(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
+    let mut inbound = client.join(ReceiverStream::new(rx)).await.map_err(|s| s.message().to_string())?.into_inner();
     // With nothing to send, the first message (Welcome) is the answer. Otherwise
     // keep the sender open until the coordinator reacts to what we sent.
     let r = tokio::time::timeout(Duration::from_secs(10), async {
@@ -92,60 +84,27 @@ async fn refuses_foreign_ca_unenrolled_expired_and_certless_clients() {
     let ca = pki.ca_cert();
 
     // The enrolled party gets in.
-    let hello = || {
-        vec![pb::PartyMessage {
-            body: Some(party_message::Body::Hello(pb::Hello::default())),
-        }]
-    };
-    let ok = try_join(
-        &fed.addr,
-        &ca,
-        Some((&pki.party_cert("hospital-a"), &pki.party_key("hospital-a"))),
-        vec![],
-    )
-    .await;
-    assert!(
-        matches!(
-            ok,
-            Ok(pb::CoordinatorMessage {
-                body: Some(coordinator_message::Body::Welcome(_))
-            })
-        ),
-        "{ok:?}"
-    );
+    let hello = || vec![pb::PartyMessage { body: Some(party_message::Body::Hello(pb::Hello::default())) }];
+    let ok =
+        try_join(&fed.addr, &ca, Some((&pki.party_cert("hospital-a"), &pki.party_key("hospital-a"))), vec![]).await;
+    assert!(matches!(ok, Ok(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })), "{ok:?}");
 
     // Same name, another federation's CA.
     let other = PkiDir::new(fed.path("other-pki"));
-    other
-        .init("evil", &["hospital-a".into()], &[])
-        .expect("other pki");
-    let r = try_join(
-        &fed.addr,
-        &ca,
-        Some((
-            &other.party_cert("hospital-a"),
-            &other.party_key("hospital-a"),
-        )),
-        hello(),
-    )
-    .await;
+    other.init("evil", &["hospital-a".into()], &[]).expect("other pki");
+    let r = try_join(&fed.addr, &ca, Some((&other.party_cert("hospital-a"), &other.party_key("hospital-a"))), hello())
+        .await;
     assert!(r.is_err(), "foreign CA accepted: {r:?}");
 
     // Signed by the right CA but not enrolled; and expired.
     let fed_ca = pki.load_ca().expect("ca");
     let write = |name: &str, issued: confide_crypto::pki::IssuedCert| {
-        let (c, k) = (
-            fed.path(&format!("{name}.pem")),
-            fed.path(&format!("{name}.key")),
-        );
+        let (c, k) = (fed.path(&format!("{name}.pem")), fed.path(&format!("{name}.key")));
         std::fs::write(&c, &issued.cert_pem).expect("cert");
         std::fs::write(&k, issued.key_pem.as_bytes()).expect("key");
         (c, k)
     };
-    let (c, k) = write(
-        "mallory",
-        fed_ca.issue(Role::Party, "mallory", &[]).expect("issue"),
-    );
+    let (c, k) = write("mallory", fed_ca.issue(Role::Party, "mallory", &[]).expect("issue"));
     let r = try_join(&fed.addr, &ca, Some((&c, &k)), hello()).await;
     assert!(r.is_err(), "unenrolled party accepted: {r:?}");
     let now = time::OffsetDateTime::now_utc();
@@ -167,18 +126,8 @@ async fn refuses_foreign_ca_unenrolled_expired_and_certless_clients() {
     assert!(r.is_err(), "client without a certificate accepted: {r:?}");
 
     // The admin certificate cannot pose as a party.
-    let r = try_join(
-        &fed.addr,
-        &ca,
-        Some((&pki.admin_cert(), &pki.admin_key())),
-        hello(),
-    )
-    .await;
-    assert!(
-        r.as_ref()
-            .is_err_and(|e| e.contains("not a party certificate")),
-        "{r:?}"
-    );
+    let r = try_join(&fed.addr, &ca, Some((&pki.admin_cert(), &pki.admin_key())), hello()).await;
+    assert!(r.as_ref().is_err_and(|e| e.contains("not a party certificate")), "{r:?}");
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = fed.coordinator_log();
@@ -188,63 +137,37 @@ async fn refuses_foreign_ca_unenrolled_expired_and_certless_clients() {
         "certificate expired",
         "peer sent no certificates",
     ] {
-        assert!(
-            log.contains(why),
-            "the coordinator log does not say {why:?}:\n{log}"
-        );
+        assert!(log.contains(why), "the coordinator log does not say {why:?}:\n{log}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_messages_close_only_that_stream() {
     install_crypto();
-    let mut fed = Federation::new(
-        &["hospital-a", "hospital-b", "hospital-c"],
-        &breast_cancer(),
-        true,
-        "1,1,1",
-    );
+    let mut fed = Federation::new(&["hospital-a", "hospital-b", "hospital-c"], &breast_cancer(), true, "1,1,1");
     fed.start_coordinator();
     let pki = PkiDir::new(fed.path("pki"));
-    let (ca, cert, key) = (
-        pki.ca_cert(),
-        pki.party_cert("hospital-c"),
-        pki.party_key("hospital-c"),
-    );
+    let (ca, cert, key) = (pki.ca_cert(), pki.party_cert("hospital-c"), pki.party_key("hospital-c"));
 
     let chunk = |len: usize| pb::PartyMessage {
-        body: Some(party_message::Body::Chunk(pb::Chunk {
-            transfer_id: 1,
-            offset: 0,
-            data: vec![0; len],
-        })),
+        body: Some(party_message::Body::Chunk(pb::Chunk { transfer_id: 1, offset: 0, data: vec![0; len] })),
     };
     let r = try_join(&fed.addr, &ca, Some((&cert, &key)), vec![chunk(16)]).await;
-    assert!(
-        r.as_ref()
-            .is_err_and(|e| e.contains("chunk without an announced transfer")),
-        "{r:?}"
-    );
+    assert!(r.as_ref().is_err_and(|e| e.contains("chunk without an announced transfer")), "{r:?}");
 
     let lying = pb::PartyMessage {
         body: Some(party_message::Body::Result(pb::TaskResult {
             job_id: "x".into(),
             params: Some(pb::ParamsHeader {
                 transfer_id: 1,
-                tensors: vec![pb::TensorSpec {
-                    name: "w".into(),
-                    shape: vec![1 << 40],
-                }],
+                tensors: vec![pb::TensorSpec { name: "w".into(), shape: vec![1 << 40] }],
                 total_bytes: 4 << 40,
             }),
             ..Default::default()
         })),
     };
     let r = try_join(&fed.addr, &ca, Some((&cert, &key)), vec![lying]).await;
-    assert!(
-        r.as_ref().is_err_and(|e| e.contains("limit exceeded")),
-        "{r:?}"
-    );
+    assert!(r.as_ref().is_err_and(|e| e.contains("limit exceeded")), "{r:?}");
 
     // Larger than the 4 MiB message limit: tonic refuses to decode it.
     let r = try_join(&fed.addr, &ca, Some((&cert, &key)), vec![chunk(5 << 20)]).await;
@@ -254,16 +177,7 @@ async fn malformed_and_oversized_messages_close_only_that_stream() {
     fed.start_party("hospital-a", "");
     fed.start_party("hospital-b", "");
     let names = vec!["hospital-a".to_string(), "hospital-b".to_string()];
-    let id = fed.submit(
-        "job.toml",
-        &job_spec(
-            &names,
-            2,
-            2,
-            "kind = \"logistic_regression\"\nclasses = 2",
-            "",
-        ),
-    );
+    let id = fed.submit("job.toml", &job_spec(&names, 2, 2, "kind = \"logistic_regression\"\nclasses = 2", ""));
     let st = tokio::task::block_in_place(|| fed.wait_done(&id, 60));
     assert_eq!(st["state"], "succeeded", "{st:#}");
 }
@@ -277,16 +191,8 @@ struct NanTrainer {
 }
 
 impl TrainerFactory for NanFactory {
-    fn build(
-        &self,
-        spec: &JobSpec,
-        data: &DatasetSource,
-        party: &str,
-    ) -> Result<Box<dyn Trainer>, String> {
-        Ok(Box::new(NanTrainer {
-            inner: BuiltinTrainers.build(spec, data, party)?,
-            poisoned: AtomicBool::new(false),
-        }))
+    fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {
+        Ok(Box::new(NanTrainer { inner: BuiltinTrainers.build(spec, data, party)?, poisoned: AtomicBool::new(false) }))
     }
 }
 
@@ -321,40 +227,18 @@ impl Trainer for NanTrainer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_party_sending_nan_is_named_and_left_out() {
     install_crypto();
-    let mut fed = Federation::new(
-        &["hospital-a", "hospital-b", "hospital-c"],
-        &breast_cancer(),
-        true,
-        "1,1,1",
-    );
+    let mut fed = Federation::new(&["hospital-a", "hospital-b", "hospital-c"], &breast_cancer(), true, "1,1,1");
     fed.start_coordinator();
     fed.start_party("hospital-a", "");
     fed.start_party("hospital-b", "");
     let cfg = PartyConfig::load(&fed.party_config("hospital-c", "")).expect("config");
     let node = PartyNode::new(cfg, Arc::new(NanFactory));
     let task = tokio::spawn(async move { node.run().await });
-    let id = fed.submit(
-        "job.toml",
-        &job_spec(
-            &fed.names,
-            2,
-            2,
-            "kind = \"logistic_regression\"\nclasses = 2",
-            "",
-        ),
-    );
+    let id = fed.submit("job.toml", &job_spec(&fed.names, 2, 2, "kind = \"logistic_regression\"\nclasses = 2", ""));
     let st = tokio::task::block_in_place(|| fed.wait_done(&id, 60));
     task.abort();
     assert_eq!(st["state"], "succeeded", "{st:#}");
-    let dropped = st["history"][0]["dropped"]["hospital-c"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(
-        dropped.contains("party hospital-c sent a bad update") && dropped.contains("NaN"),
-        "{st:#}"
-    );
-    assert_eq!(
-        st["history"][0]["participants"],
-        serde_json::json!(["hospital-a", "hospital-b"])
-    );
+    let dropped = st["history"][0]["dropped"]["hospital-c"].as_str().unwrap_or_default();
+    assert!(dropped.contains("party hospital-c sent a bad update") && dropped.contains("NaN"), "{st:#}");
+    assert_eq!(st["history"][0]["participants"], serde_json::json!(["hospital-a", "hospital-b"]));
 }
