@@ -214,16 +214,16 @@ impl Trainer for LogisticRegression {
         let (loss, accuracy, scores) = self.score(ds);
         let mut metrics = Metrics::new();
         metrics.insert("accuracy".into(), accuracy);
-        if self.classes == 2 {
-            if let Some(auc) = roc_auc(&scores, &ds.labels) {
-                metrics.insert("auc".into(), auc);
-            }
+        if self.classes == 2
+            && let Some(auc) = roc_auc(&scores, &ds.labels)
+        {
+            metrics.insert("auc".into(), auc);
         }
         Ok(EvalOutcome { num_examples: ds.len() as u64, loss, metrics })
     }
 
     fn predict(&self, features: &[f32]) -> Result<Vec<f32>, Error> {
-        if features.len() % self.features != 0 {
+        if !features.len().is_multiple_of(self.features) {
             return Err(Error::InvalidInput(format!(
                 "{} values is not a whole number of {}-feature rows",
                 features.len(),

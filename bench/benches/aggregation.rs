@@ -1,6 +1,9 @@
 //! Criterion benches of the coordinator's hot paths: aggregation of party
 //! updates and the chunked tensor transfer.
 
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
 use confide_algorithms::{FedAvg, FitResult, Metrics, Parameters, Strategy, Tensor};
 use confide_proto::Limits;
 use confide_proto::transfer::{self, Incoming};

@@ -375,7 +375,7 @@ async fn job(cmd: JobCmd) -> Result<i32, Error> {
             if json {
                 println!("{}", serde_json::to_string(&jobs).unwrap_or_default());
             } else {
-                println!("{:<22} {:<24} {:<10} {:>7}  {}", "ID", "NAME", "STATE", "ROUNDS", "METRICS");
+                println!("{:<22} {:<24} {:<10} {:>7}  METRICS", "ID", "NAME", "STATE", "ROUNDS");
                 for j in jobs {
                     println!(
                         "{:<22} {:<24} {:<10} {:>3}/{:<3}  {}",

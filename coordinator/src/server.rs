@@ -712,10 +712,10 @@ impl AdminService for AdminSvc {
                 let running = lock(&hub.jobs).contains_key(&id);
                 if !running {
                     // One final status after the runner has ended.
-                    if let Ok(s) = status_json(&hub, &id, true) {
-                        if s.status_json != last {
-                            let _ = tx.send(Ok(s)).await;
-                        }
+                    if let Ok(s) = status_json(&hub, &id, true)
+                        && s.status_json != last
+                    {
+                        let _ = tx.send(Ok(s)).await;
                     }
                     return;
                 }

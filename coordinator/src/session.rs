@@ -10,7 +10,7 @@
 //!      │ (resume from checkpoint r) ──────────────────▶ Fit(r+1)
 //!      └─ evaluate job ─────────────────────────────────────────▶ Evaluate(1) ──▶ Done
 //! ```
-//! Every stage is a [`Collect`]: send one task per eligible party, gather
+//! Every stage is a collection: send one task per eligible party, gather
 //! answers until all have answered or the deadline passes, drop whoever
 //! disconnected, timed out or misbehaved, and go on if at least
 //! `parties.min` answered. Further protocol stages (secure-aggregation
@@ -647,11 +647,11 @@ impl Session {
             return;
         }
         let mut global = reference;
-        if self.spec.model.standardize {
-            if let Err(e) = apply_feature_stats(&mut global, &merged) {
-                self.finish(JobState::Failed, Some(format!("setup: {e}")));
-                return;
-            }
+        if self.spec.model.standardize
+            && let Err(e) = apply_feature_stats(&mut global, &merged)
+        {
+            self.finish(JobState::Failed, Some(format!("setup: {e}")));
+            return;
         }
         let global = Arc::new(global);
         self.global = Some(global.clone());
@@ -696,7 +696,7 @@ impl Session {
             }
         }
         let every = self.spec.evaluation.every;
-        if c.round % every == 0 || c.round >= self.spec.rounds {
+        if c.round.is_multiple_of(every) || c.round >= self.spec.rounds {
             self.begin(Stage::Evaluate, c.round, now);
         } else {
             self.finish_round(c.round, now);

@@ -180,11 +180,11 @@ impl PartyNode {
                     let (_, inc) =
                         pending.as_mut().ok_or_else(|| Error::PeerMisbehaved("chunk without a task".into()))?;
                     inc.push(&c).map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                    if inc.is_complete() {
-                        if let Some((task, inc)) = pending.take() {
-                            let p = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                            dispatch(&jobs, &outbox, task, Some(p)).await;
-                        }
+                    if inc.is_complete()
+                        && let Some((task, inc)) = pending.take()
+                    {
+                        let p = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
+                        dispatch(&jobs, &outbox, task, Some(p)).await;
                     }
                 }
                 coordinator_message::Body::Closed(c) => {

@@ -255,10 +255,10 @@ impl JobSpec {
             }
             _ => {}
         }
-        if let Some(j) = &self.from_job {
-            if j.is_empty() || j.len() > 64 || !j.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                err("from_job", format!("{j:?} is not a job id"));
-            }
+        if let Some(j) = &self.from_job
+            && (j.is_empty() || j.len() > 64 || !j.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        {
+            err("from_job", format!("{j:?} is not a job id"));
         }
         let names = &self.parties.names;
         if names.len() > limits.max_parties {

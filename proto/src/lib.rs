@@ -59,7 +59,10 @@ impl Default for Limits {
 impl Limits {
     /// Checks that the limits are coherent (a chunk plus framing fits in a message).
     pub fn validate(&self) -> Result<(), Error> {
-        if self.chunk_bytes == 0 || self.chunk_bytes % 4 != 0 || self.chunk_bytes + 1024 > self.max_message_bytes {
+        if self.chunk_bytes == 0
+            || !self.chunk_bytes.is_multiple_of(4)
+            || self.chunk_bytes + 1024 > self.max_message_bytes
+        {
             return Err(Error::InvalidInput(format!(
                 "limits.chunk_bytes ({}) must be a positive multiple of 4 and at least 1 KiB below limits.max_message_bytes ({})",
                 self.chunk_bytes, self.max_message_bytes

@@ -166,3 +166,28 @@ fn malformed_job_specs_are_refused_with_every_field_named() {
     assert!(err.contains("parties.names[1]") && err.contains("not enrolled"), "{err}");
     assert!(fed.run_ok(&["job", "list", "--json"]).trim() == "[]", "no bad job was stored");
 }
+
+#[test]
+fn a_party_policy_refusal_is_shown_and_evaluate_jobs_reuse_a_model() {
+    let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
+    fed.start_coordinator();
+    fed.start_party("hospital-a", "");
+    fed.start_party("hospital-b", "");
+    fed.start_party("hospital-c", "[policy]\njob_kinds = [\"evaluate\"]\n");
+    let id = fed.submit("train.toml", &job_spec(&fed.names, 2, 2, LOGREG2, "seed = 1"));
+    let st = fed.wait_done(&id, 60);
+    assert_eq!(st["state"], "succeeded", "{st:#}");
+    assert_eq!(st["parties"]["hospital-c"]["state"], "refused");
+    let why = st["parties"]["hospital-c"]["detail"].as_str().unwrap_or_default();
+    assert!(why.contains("policy forbids job kind \"train\""), "{why}");
+
+    let eval = job_spec(&fed.names, 3, 1, LOGREG2, "seed = 1")
+        .replace("kind = \"train\"", &format!("kind = \"evaluate\"\nfrom_job = \"{id}\""));
+    let ev = fed.submit("eval.toml", &eval);
+    let st = fed.wait_done(&ev, 60);
+    assert_eq!(st["state"], "succeeded", "{st:#}");
+    assert_eq!(st["history"][0]["participants"], serde_json::json!(["hospital-a", "hospital-b", "hospital-c"]));
+    assert!(st["metrics"]["accuracy"].as_f64().is_some_and(|a| a > 0.85), "{st:#}");
+    let list = fed.run_ok(&["job", "list"]);
+    assert!(list.contains(&id) && list.contains(&ev), "{list}");
+}

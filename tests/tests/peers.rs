@@ -199,10 +199,10 @@ impl TrainerFactory for NanFactory {
 impl Trainer for NanTrainer {
     fn parameters(&self) -> Parameters {
         let mut p = self.inner.parameters();
-        if self.poisoned.load(Ordering::Relaxed) {
-            if let Some((_, v)) = p.values_mut().last() {
-                v[0] = f32::NAN;
-            }
+        if self.poisoned.load(Ordering::Relaxed)
+            && let Some((_, v)) = p.values_mut().last()
+        {
+            v[0] = f32::NAN;
         }
         p
     }
