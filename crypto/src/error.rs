@@ -18,6 +18,20 @@ pub enum Error {
     /// Certificate generation or parsing failed.
     #[error("certificate error: {0}")]
     Certificate(String),
+    /// A peer sent something the protocol forbids; names the peer.
+    #[error("party {party} misbehaved: {reason}")]
+    PeerMisbehaved {
+        /// The party at fault ("coordinator" for the server).
+        party: String,
+        /// What it did.
+        reason: String,
+    },
+    /// Too few parties or shares remain to finish the protocol.
+    #[error("below threshold: {0}")]
+    BelowThreshold(String),
+    /// A call came at the wrong stage of the protocol.
+    #[error("protocol stage: {0}")]
+    WrongStage(String),
     /// The item already exists and would be overwritten.
     #[error("{0} already exists; refusing to overwrite it")]
     AlreadyExists(String),

@@ -6,6 +6,7 @@
 //! Secure aggregation and homomorphic encryption land here as further modules.
 
 pub mod pki;
+pub mod secagg;
 
 mod error;
 pub use error::Error;

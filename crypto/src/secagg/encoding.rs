@@ -1,0 +1,116 @@
+//! Fixed-point encoding of real vectors into Z_{2^bits} for secure summation.
+//!
+//! Each value is clipped to `[-clip, clip]` and mapped to an integer level in
+//! `0..=levels`, with `levels = ⌊(2^(bits − reserve_bits) − 1) / max_parties⌋`,
+//! so the sum of `max_parties` encodings never wraps. `reserve_bits` keeps
+//! headroom for distributed discrete-Gaussian DP noise added before masking.
+
+use crate::Error;
+
+/// The encoding parameters every party and the coordinator agree on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FixedPoint {
+    bits: u32,
+    clip: f32,
+    max_parties: usize,
+    levels: u64,
+}
+
+impl FixedPoint {
+    /// Validates the parameters; fails when `bits` leaves fewer than 2^8
+    /// levels per party.
+    pub fn new(bits: u32, reserve_bits: u32, clip: f32, max_parties: usize) -> Result<FixedPoint, Error> {
+        if !(8..=32).contains(&bits) || reserve_bits >= bits {
+            return Err(Error::InvalidInput(format!("bits {bits} with {reserve_bits} reserved: need 8..=32 bits")));
+        }
+        if !(clip.is_finite() && clip > 0.0) {
+            return Err(Error::InvalidInput(format!("clip must be positive and finite (got {clip})")));
+        }
+        if max_parties == 0 {
+            return Err(Error::InvalidInput("max_parties must be positive".into()));
+        }
+        let levels = ((1u64 << (bits - reserve_bits)) - 1) / max_parties as u64;
+        if levels < 256 {
+            return Err(Error::InvalidInput(format!(
+                "{bits} bits leave only {levels} levels per party for {max_parties} parties; raise bits"
+            )));
+        }
+        Ok(FixedPoint { bits, clip, max_parties, levels })
+    }
+
+    /// Bits of the modulus.
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// Integer levels per value and party.
+    pub fn levels(&self) -> u64 {
+        self.levels
+    }
+
+    /// Largest absolute error per value of a decoded sum of `n` encodings
+    /// (half a quantisation step per party), ignoring clipping.
+    pub fn max_error(&self, n: usize) -> f64 {
+        n as f64 * f64::from(self.clip) / self.levels as f64
+    }
+
+    /// Encodes values (NaN is rejected by the caller's finiteness checks and
+    /// maps to the midpoint here).
+    pub fn encode(&self, values: &[f32]) -> Vec<u32> {
+        let c = f64::from(self.clip);
+        let scale = self.levels as f64 / (2.0 * c);
+        values
+            .iter()
+            .map(|&v| {
+                let v = if v.is_nan() { 0.0 } else { f64::from(v).clamp(-c, c) };
+                ((v + c) * scale).round().min(self.levels as f64) as u32
+            })
+            .collect()
+    }
+
+    /// Decodes the sum of `contributors` encodings.
+    pub fn decode_sum(&self, sum: &[u32], contributors: usize) -> Result<Vec<f64>, Error> {
+        if contributors == 0 || contributors > self.max_parties {
+            return Err(Error::InvalidInput(format!("{contributors} contributors for at most {}", self.max_parties)));
+        }
+        let c = f64::from(self.clip);
+        let step = 2.0 * c / self.levels as f64;
+        Ok(sum.iter().map(|&s| f64::from(s) * step - contributors as f64 * c).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn rejects_bad_parameters() {
+        assert!(FixedPoint::new(7, 0, 1.0, 1).is_err());
+        assert!(FixedPoint::new(16, 0, 1.0, 1000).is_err());
+        assert!(FixedPoint::new(32, 0, 0.0, 10).is_err());
+        assert!(FixedPoint::new(32, 32, 1.0, 10).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn sums_decode_within_the_bound_and_never_wrap(
+            vals in proptest::collection::vec(proptest::collection::vec(-3.0f32..3.0, 5), 1..20),
+            reserve in 0u32..8,
+        ) {
+            let n = vals.len();
+            let fp = FixedPoint::new(32, reserve, 2.0, 20).unwrap();
+            let mut sum = vec![0u64; 5];
+            for v in &vals {
+                for (s, q) in sum.iter_mut().zip(fp.encode(v)) { *s += u64::from(q); }
+            }
+            prop_assert!(sum.iter().all(|&s| s < 1 << (32 - reserve)));
+            let sum32: Vec<u32> = sum.iter().map(|&s| s as u32).collect();
+            let dec = fp.decode_sum(&sum32, n).unwrap();
+            for j in 0..5 {
+                let exact: f64 = vals.iter().map(|v| f64::from(v[j].clamp(-2.0, 2.0))).sum();
+                prop_assert!((dec[j] - exact).abs() <= fp.max_error(n) + 1e-9, "{} vs {}", dec[j], exact);
+            }
+        }
+    }
+}

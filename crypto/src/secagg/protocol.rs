@@ -1,0 +1,953 @@
+//! The four stages of SecAgg+ as sans-IO state machines.
+//!
+//! ```text
+//!  stage            client (party u)                               server (coordinator)
+//!  0 AdvertiseKeys  new(): c_u, s_u key pairs, signed            collect; send each party its neighbours' keys
+//!  1 ShareKeys      on_keys(): verify signatures; Shamir-split    route ciphertexts to their recipients
+//!                   b_u and s_u's secret; encrypt per neighbour
+//!  2 MaskedInput    on_shares(): decrypt; y_u = x_u + PRG(b_u)     collect y_u
+//!                   + Σ ±PRG(DH(s_u, s_v))
+//!  3 Unmask         on_unmask(): for each neighbour, the share    reconstruct b_v of survivors, s_v of dropped;
+//!                   of b_v (survivor) *or* of s_v (dropped)       remove masks; return Σ x_u
+//! ```
+//! Parties are identified by name; Shamir x-coordinates are 1 + the party's
+//! index in the sorted list of the round's parties.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand_core::{CryptoRng, RngCore};
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
+
+use super::graph::Graph;
+use super::prim::{apply_mask, context, derive, open, seal, value_mask};
+use super::shamir::{self, Share};
+use crate::Error;
+
+/// Signs a party's round keys with its long-term identity key.
+pub trait IdentitySigner {
+    /// A signature over `msg`.
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, Error>;
+}
+
+/// Verifies a peer's signature against its certificate (and so the
+/// federation CA), so the coordinator cannot substitute keys.
+pub trait IdentityVerifier {
+    /// Ok when `sig` is `party`'s signature over `msg`.
+    fn verify(&self, party: &str, msg: &[u8], sig: &[u8]) -> Result<(), Error>;
+}
+
+/// Public parameters of one secure-aggregation round.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Job id (bound into every key and ciphertext).
+    pub job: String,
+    /// Round number (likewise).
+    pub round: u32,
+    /// The round's parties, sorted and unique.
+    pub parties: Vec<String>,
+    /// Shares needed to reconstruct a party's secrets.
+    pub threshold: usize,
+    /// Neighbours per party (≥ n − 1: complete graph).
+    pub degree: usize,
+    /// Seed of the neighbour graph (public).
+    pub graph_seed: [u8; 32],
+    /// Values are in Z_{2^bits}.
+    pub bits: u32,
+    /// Vector length.
+    pub dim: usize,
+}
+
+impl Config {
+    fn check(&self) -> Result<Graph, Error> {
+        let sorted = self.parties.windows(2).all(|w| w[0] < w[1]);
+        if !sorted {
+            return Err(Error::InvalidInput("parties must be sorted and unique".into()));
+        }
+        if !(1..=32).contains(&self.bits) || self.dim == 0 {
+            return Err(Error::InvalidInput(format!("bits {} / dim {}", self.bits, self.dim)));
+        }
+        let g = Graph::new(self.parties.len(), self.degree, self.graph_seed)?;
+        let k = g.neighbours(0).len();
+        if self.threshold < 2 || self.threshold > k {
+            return Err(Error::InvalidInput(format!("threshold {} must be in 2..={k} (the degree)", self.threshold)));
+        }
+        Ok(g)
+    }
+
+    fn index(&self, party: &str) -> Option<usize> {
+        self.parties.binary_search_by(|p| p.as_str().cmp(party)).ok()
+    }
+
+    fn keys_transcript(&self, party: &str, enc: &[u8; 32], mask: &[u8; 32]) -> Vec<u8> {
+        let mut t = context("keys", &self.job, self.round, &[party]);
+        t.extend_from_slice(enc);
+        t.extend_from_slice(mask);
+        t
+    }
+
+    fn share_aad(&self, from: &str, to: &str) -> Vec<u8> {
+        context("share", &self.job, self.round, &[from, to])
+    }
+
+    /// The pairwise mask seed of `a` and `b` from their DH secret.
+    fn pair_seed(&self, dh: &[u8; 32], a: &str, b: &str) -> Zeroizing<[u8; 32]> {
+        let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+        derive(dh, &context("pair-mask", &self.job, self.round, &[lo, hi]))
+    }
+
+    fn self_seed(&self, b: &[u8; 32], party: &str) -> Zeroizing<[u8; 32]> {
+        derive(b, &context("self-mask", &self.job, self.round, &[party]))
+    }
+}
+
+/// Stage 0 message: a party's round public keys, signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdvertiseKeys {
+    /// Sender.
+    pub party: String,
+    /// X25519 key for share encryption.
+    pub enc_pk: [u8; 32],
+    /// X25519 key for pairwise masks.
+    pub mask_pk: [u8; 32],
+    /// Identity signature over job, round, party and both keys.
+    pub signature: Vec<u8>,
+}
+
+/// Stage 1 message: shares for one neighbour, end-to-end encrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncryptedShare {
+    /// Sender.
+    pub from: String,
+    /// Recipient.
+    pub to: String,
+    /// AES-GCM nonce (random per message).
+    pub nonce: [u8; 12],
+    /// Ciphertext of the self-mask share and the mask-key share.
+    pub ciphertext: Vec<u8>,
+}
+
+/// Stage 2 message: the masked input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskedInput {
+    /// Sender.
+    pub party: String,
+    /// `x + masks mod 2^bits`.
+    pub values: Vec<u32>,
+}
+
+/// Stage 3 request: who survived (sent a masked input) and who dropped
+/// (shared keys but sent no masked input).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnmaskRequest {
+    /// Their self-masks are removed.
+    pub survivors: Vec<String>,
+    /// Their pairwise masks are removed.
+    pub dropped: Vec<String>,
+}
+
+/// Stage 3 answer: for each neighbour, one share — never both kinds for one party.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnmaskShares {
+    /// Sender.
+    pub party: String,
+    /// Shares of survivors' self-mask seeds.
+    pub self_mask: Vec<(String, Share)>,
+    /// Shares of dropped parties' mask keys.
+    pub mask_key: Vec<(String, Share)>,
+}
+
+fn misbehaved(party: &str, reason: impl Into<String>) -> Error {
+    Error::PeerMisbehaved { party: party.to_owned(), reason: reason.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientStage {
+    AwaitKeys,
+    AwaitShares,
+    AwaitUnmask,
+    Done,
+}
+
+struct PeerKeys {
+    enc: PublicKey,
+    mask: PublicKey,
+}
+
+/// One party's side of a round.
+pub struct Client {
+    cfg: Config,
+    me: String,
+    neighbours: Vec<String>,
+    enc_sk: StaticSecret,
+    mask_sk: StaticSecret,
+    self_seed: Zeroizing<[u8; 32]>,
+    stage: ClientStage,
+    peers: BTreeMap<String, PeerKeys>,
+    /// Shares received in stage 1: neighbour → (share of b, share of s).
+    held: BTreeMap<String, (Share, Share)>,
+}
+
+impl Client {
+    /// Starts a round: makes the key pairs and the self-mask seed, and returns
+    /// the signed stage-0 message.
+    pub fn new(
+        cfg: Config,
+        me: &str,
+        signer: &dyn IdentitySigner,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<(Client, AdvertiseKeys), Error> {
+        let graph = cfg.check()?;
+        let idx = cfg.index(me).ok_or_else(|| Error::InvalidInput(format!("{me} is not a party of this round")))?;
+        let neighbours = graph.neighbours(idx).iter().map(|&j| cfg.parties[j].clone()).collect();
+        let enc_sk = StaticSecret::random_from_rng(&mut *rng);
+        let mask_sk = StaticSecret::random_from_rng(&mut *rng);
+        let mut seed = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(seed.as_mut());
+        let (enc_pk, mask_pk) = (PublicKey::from(&enc_sk).to_bytes(), PublicKey::from(&mask_sk).to_bytes());
+        let signature = signer.sign(&cfg.keys_transcript(me, &enc_pk, &mask_pk))?;
+        let msg = AdvertiseKeys { party: me.to_owned(), enc_pk, mask_pk, signature };
+        let client = Client {
+            me: me.to_owned(),
+            neighbours,
+            enc_sk,
+            mask_sk,
+            self_seed: seed,
+            stage: ClientStage::AwaitKeys,
+            peers: BTreeMap::new(),
+            held: BTreeMap::new(),
+            cfg,
+        };
+        Ok((client, msg))
+    }
+
+    fn expect(&self, stage: ClientStage) -> Result<(), Error> {
+        if self.stage == stage {
+            Ok(())
+        } else {
+            Err(Error::WrongStage(format!("{:?} while in {:?}", stage, self.stage)))
+        }
+    }
+
+    /// Stage 1: verifies the neighbours' keys and returns one encrypted share
+    /// message per neighbour that advertised keys.
+    pub fn on_keys(
+        &mut self,
+        keys: &[AdvertiseKeys],
+        verifier: &dyn IdentityVerifier,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<Vec<EncryptedShare>, Error> {
+        self.expect(ClientStage::AwaitKeys)?;
+        // Validate everything before changing state: a rejected call leaves the
+        // client as it was.
+        let mut peers = BTreeMap::new();
+        let mut seen_keys = BTreeSet::new();
+        for k in keys {
+            if k.party == self.me {
+                continue;
+            }
+            if !self.neighbours.contains(&k.party) {
+                return Err(misbehaved("coordinator", format!("sent keys of {}, not a neighbour", k.party)));
+            }
+            if peers.contains_key(&k.party) {
+                return Err(misbehaved("coordinator", format!("sent keys of {} twice", k.party)));
+            }
+            verifier
+                .verify(&k.party, &self.cfg.keys_transcript(&k.party, &k.enc_pk, &k.mask_pk), &k.signature)
+                .map_err(|e| misbehaved(&k.party, format!("bad key signature: {e}")))?;
+            if !seen_keys.insert(k.enc_pk) || !seen_keys.insert(k.mask_pk) || k.enc_pk == k.mask_pk {
+                return Err(misbehaved(&k.party, "reused a public key"));
+            }
+            peers
+                .insert(k.party.clone(), PeerKeys { enc: PublicKey::from(k.enc_pk), mask: PublicKey::from(k.mask_pk) });
+        }
+        let t = self.cfg.threshold;
+        if peers.len() < t {
+            return Err(Error::BelowThreshold(format!(
+                "{} of {} neighbours advertised keys; {t} needed",
+                peers.len(),
+                self.neighbours.len()
+            )));
+        }
+        self.peers = peers;
+        let xs: Vec<u64> = self.peers.keys().map(|p| self.x_of(p)).collect::<Result<_, _>>()?;
+        let b_shares = shamir::split(&self.self_seed, t, &xs, rng)?;
+        let s_secret = Zeroizing::new(self.mask_sk.to_bytes());
+        let s_shares = shamir::split(&s_secret, t, &xs, rng)?;
+        let mut out = Vec::with_capacity(self.peers.len());
+        for ((peer, keys), (b, s)) in self.peers.iter().zip(b_shares.iter().zip(&s_shares)) {
+            let mut plain = Zeroizing::new(Vec::with_capacity(2 * Share::BYTES));
+            plain.extend_from_slice(&b.to_bytes());
+            plain.extend_from_slice(&s.to_bytes());
+            let key = self.share_key(&self.me, peer, &keys.enc);
+            let (nonce, ciphertext) = seal(&key, &plain, &self.cfg.share_aad(&self.me, peer), rng)?;
+            out.push(EncryptedShare { from: self.me.clone(), to: peer.clone(), nonce, ciphertext });
+        }
+        self.stage = ClientStage::AwaitShares;
+        Ok(out)
+    }
+
+    fn x_of(&self, party: &str) -> Result<u64, Error> {
+        self.cfg.index(party).map(|i| i as u64 + 1).ok_or_else(|| misbehaved(party, "not a party of this round"))
+    }
+
+    fn share_key(&self, from: &str, to: &str, peer_enc: &PublicKey) -> Zeroizing<[u8; 32]> {
+        let dh = self.enc_sk.diffie_hellman(peer_enc);
+        derive(dh.as_bytes(), &self.cfg.share_aad(from, to))
+    }
+
+    /// Stage 2: decrypts the shares addressed to this party and masks `input`
+    /// (values in Z_{2^bits}).
+    pub fn on_shares(&mut self, shares: &[EncryptedShare], input: &[u32]) -> Result<MaskedInput, Error> {
+        self.expect(ClientStage::AwaitShares)?;
+        if input.len() != self.cfg.dim || input.iter().any(|&v| v & !value_mask(self.cfg.bits) != 0) {
+            return Err(Error::InvalidInput(format!(
+                "input must be {} values below 2^{}",
+                self.cfg.dim, self.cfg.bits
+            )));
+        }
+        for s in shares {
+            if s.to != self.me {
+                return Err(misbehaved("coordinator", format!("routed a share for {} to {}", s.to, self.me)));
+            }
+            let Some(keys) = self.peers.get(&s.from) else {
+                return Err(misbehaved(
+                    "coordinator",
+                    format!("routed a share from {}, which has no keys here", s.from),
+                ));
+            };
+            if self.held.contains_key(&s.from) {
+                return Err(misbehaved(&s.from, "sent two shares"));
+            }
+            let key = self.share_key(&s.from, &self.me, &keys.enc);
+            let plain = open(&key, &s.nonce, &s.ciphertext, &self.cfg.share_aad(&s.from, &self.me))
+                .ok_or_else(|| misbehaved(&s.from, "share does not decrypt (tampered, replayed or misaddressed)"))?;
+            if plain.len() != 2 * Share::BYTES {
+                return Err(misbehaved(&s.from, "share of the wrong size"));
+            }
+            let b = Share::from_bytes(&plain[..Share::BYTES]).map_err(|e| misbehaved(&s.from, e.to_string()))?;
+            let sk = Share::from_bytes(&plain[Share::BYTES..]).map_err(|e| misbehaved(&s.from, e.to_string()))?;
+            let my_x = self.x_of(&self.me)?;
+            if b.x != my_x || sk.x != my_x {
+                return Err(misbehaved(&s.from, "share for another holder"));
+            }
+            self.held.insert(s.from.clone(), (b, sk));
+        }
+        if self.held.len() < self.cfg.threshold {
+            return Err(Error::BelowThreshold(format!("{} neighbours shared keys", self.held.len())));
+        }
+        let bits = self.cfg.bits;
+        let mut y = input.to_vec();
+        apply_mask(&mut y, &self.cfg.self_seed(&self.self_seed, &self.me), bits, false);
+        for peer in self.held.keys() {
+            let keys = &self.peers[peer];
+            let dh = self.mask_sk.diffie_hellman(&keys.mask);
+            let seed = self.cfg.pair_seed(dh.as_bytes(), &self.me, peer);
+            apply_mask(&mut y, &seed, bits, self.me.as_str() > peer.as_str());
+        }
+        self.stage = ClientStage::AwaitUnmask;
+        Ok(MaskedInput { party: self.me.clone(), values: y })
+    }
+
+    /// Stage 3: for each neighbour whose shares this party holds, reveals the
+    /// share of its self-mask seed if it survived or of its mask key if it
+    /// dropped — never both, and only once per round.
+    pub fn on_unmask(&mut self, req: &UnmaskRequest) -> Result<UnmaskShares, Error> {
+        self.expect(ClientStage::AwaitUnmask)?;
+        let survivors: BTreeSet<&String> = req.survivors.iter().collect();
+        let dropped: BTreeSet<&String> = req.dropped.iter().collect();
+        if survivors.len() != req.survivors.len() || dropped.len() != req.dropped.len() {
+            return Err(misbehaved("coordinator", "listed a party twice in the unmask request"));
+        }
+        if let Some(p) = survivors.intersection(&dropped).next() {
+            return Err(misbehaved("coordinator", format!("asked for both secrets of {p}")));
+        }
+        if !survivors.contains(&self.me) {
+            return Err(misbehaved("coordinator", "left this party out of the survivors"));
+        }
+        if survivors.len() < self.cfg.threshold {
+            return Err(Error::BelowThreshold(format!("{} survivors; {} needed", survivors.len(), self.cfg.threshold)));
+        }
+        let mut out = UnmaskShares { party: self.me.clone(), self_mask: Vec::new(), mask_key: Vec::new() };
+        for (peer, (b, s)) in &self.held {
+            if survivors.contains(peer) {
+                out.self_mask.push((peer.clone(), b.clone()));
+            } else if dropped.contains(peer) {
+                out.mask_key.push((peer.clone(), s.clone()));
+            }
+        }
+        self.stage = ClientStage::Done;
+        self.held.clear();
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerStage {
+    Keys,
+    Shares,
+    Masked,
+    Unmask,
+    Done,
+}
+
+/// The coordinator's side of a round. It only ever holds public keys,
+/// ciphertexts, masked vectors and — per party — shares of one secret.
+pub struct Server {
+    cfg: Config,
+    graph: Graph,
+    stage: ServerStage,
+    keys: BTreeMap<String, AdvertiseKeys>,
+    shares: BTreeMap<String, Vec<EncryptedShare>>,
+    shared: BTreeSet<String>,
+    masked: BTreeMap<String, Vec<u32>>,
+    request: Option<UnmaskRequest>,
+    unmask: BTreeMap<String, UnmaskShares>,
+}
+
+impl Server {
+    /// A server for one round.
+    pub fn new(cfg: Config) -> Result<Server, Error> {
+        let graph = cfg.check()?;
+        Ok(Server {
+            cfg,
+            graph,
+            stage: ServerStage::Keys,
+            keys: BTreeMap::new(),
+            shares: BTreeMap::new(),
+            shared: BTreeSet::new(),
+            masked: BTreeMap::new(),
+            request: None,
+            unmask: BTreeMap::new(),
+        })
+    }
+
+    fn expect(&self, stage: ServerStage, party: &str) -> Result<(), Error> {
+        if self.stage == stage {
+            Ok(())
+        } else {
+            Err(misbehaved(party, format!("sent a {stage:?} message during {:?}", self.stage)))
+        }
+    }
+
+    fn idx(&self, party: &str) -> Result<usize, Error> {
+        self.cfg.index(party).ok_or_else(|| misbehaved(party, "not a party of this round"))
+    }
+
+    fn neighbours_of(&self, party: &str) -> Result<Vec<String>, Error> {
+        Ok(self.graph.neighbours(self.idx(party)?).iter().map(|&j| self.cfg.parties[j].clone()).collect())
+    }
+
+    /// Stage 0 input.
+    pub fn on_keys(&mut self, msg: AdvertiseKeys) -> Result<(), Error> {
+        self.expect(ServerStage::Keys, &msg.party)?;
+        self.idx(&msg.party)?;
+        if self.keys.contains_key(&msg.party) {
+            return Err(misbehaved(&msg.party, "advertised keys twice"));
+        }
+        if msg.signature.is_empty() || msg.signature.len() > 512 {
+            return Err(misbehaved(&msg.party, "signature missing or oversized"));
+        }
+        self.keys.insert(msg.party.clone(), msg);
+        Ok(())
+    }
+
+    /// Ends stage 0: the parties that advertised keys go on.
+    pub fn close_keys(&mut self) -> Result<Vec<String>, Error> {
+        self.expect(ServerStage::Keys, "coordinator")?;
+        if self.keys.len() < self.cfg.threshold {
+            return Err(Error::BelowThreshold(format!("{} parties advertised keys", self.keys.len())));
+        }
+        self.stage = ServerStage::Shares;
+        Ok(self.keys.keys().cloned().collect())
+    }
+
+    /// What `party` receives after stage 0: its neighbours' keys.
+    pub fn keys_for(&self, party: &str) -> Result<Vec<AdvertiseKeys>, Error> {
+        Ok(self.neighbours_of(party)?.iter().filter_map(|n| self.keys.get(n).cloned()).collect())
+    }
+
+    /// Stage 1 input: one party's encrypted shares.
+    pub fn on_shares(&mut self, from: &str, shares: Vec<EncryptedShare>) -> Result<(), Error> {
+        self.expect(ServerStage::Shares, from)?;
+        if !self.keys.contains_key(from) {
+            return Err(misbehaved(from, "sent shares without advertising keys"));
+        }
+        if self.shared.contains(from) {
+            return Err(misbehaved(from, "sent shares twice"));
+        }
+        let neighbours = self.neighbours_of(from)?;
+        let mut to = BTreeSet::new();
+        for s in &shares {
+            if s.from != from || !neighbours.contains(&s.to) || !self.keys.contains_key(&s.to) || !to.insert(&s.to) {
+                return Err(misbehaved(from, format!("bad share addressing ({} → {})", s.from, s.to)));
+            }
+            if s.ciphertext.len() != 2 * Share::BYTES + 16 {
+                return Err(misbehaved(from, "share ciphertext of the wrong size"));
+            }
+        }
+        if to.len() < self.cfg.threshold {
+            return Err(misbehaved(from, format!("sent only {} shares", to.len())));
+        }
+        for s in shares {
+            self.shares.entry(s.to.clone()).or_default().push(s);
+        }
+        self.shared.insert(from.to_owned());
+        Ok(())
+    }
+
+    /// Ends stage 1.
+    pub fn close_shares(&mut self) -> Result<Vec<String>, Error> {
+        self.expect(ServerStage::Shares, "coordinator")?;
+        if self.shared.len() < self.cfg.threshold {
+            return Err(Error::BelowThreshold(format!("{} parties shared keys", self.shared.len())));
+        }
+        self.stage = ServerStage::Masked;
+        Ok(self.shared.iter().cloned().collect())
+    }
+
+    /// What `party` receives after stage 1: the shares addressed to it by
+    /// parties that completed stage 1.
+    pub fn shares_for(&self, party: &str) -> Vec<EncryptedShare> {
+        self.shares
+            .get(party)
+            .map(|v| v.iter().filter(|s| self.shared.contains(&s.from)).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Stage 2 input.
+    pub fn on_masked(&mut self, msg: MaskedInput) -> Result<(), Error> {
+        self.expect(ServerStage::Masked, &msg.party)?;
+        if !self.shared.contains(&msg.party) {
+            return Err(misbehaved(&msg.party, "sent a masked input without sharing keys"));
+        }
+        if self.masked.contains_key(&msg.party) {
+            return Err(misbehaved(&msg.party, "sent a masked input twice"));
+        }
+        if msg.values.len() != self.cfg.dim || msg.values.iter().any(|&v| v & !value_mask(self.cfg.bits) != 0) {
+            return Err(misbehaved(
+                &msg.party,
+                format!("masked input must be {} values below 2^{}", self.cfg.dim, self.cfg.bits),
+            ));
+        }
+        self.masked.insert(msg.party, msg.values);
+        Ok(())
+    }
+
+    /// Ends stage 2: survivors sent masked inputs; the others dropped.
+    pub fn close_masked(&mut self) -> Result<UnmaskRequest, Error> {
+        self.expect(ServerStage::Masked, "coordinator")?;
+        if self.masked.len() < self.cfg.threshold {
+            return Err(Error::BelowThreshold(format!("{} masked inputs", self.masked.len())));
+        }
+        let survivors: Vec<String> = self.masked.keys().cloned().collect();
+        let dropped: Vec<String> = self.shared.iter().filter(|p| !self.masked.contains_key(*p)).cloned().collect();
+        let req = UnmaskRequest { survivors, dropped };
+        self.request = Some(req.clone());
+        self.stage = ServerStage::Unmask;
+        Ok(req)
+    }
+
+    /// Stage 3 input. Enforces the privacy invariant: shares of a self-mask
+    /// seed only for survivors, shares of a mask key only for dropped parties.
+    pub fn on_unmask(&mut self, msg: UnmaskShares) -> Result<(), Error> {
+        self.expect(ServerStage::Unmask, &msg.party)?;
+        let Some(req) = &self.request else { return Err(Error::WrongStage("no unmask request".into())) };
+        if !req.survivors.contains(&msg.party) {
+            return Err(misbehaved(&msg.party, "is not a survivor"));
+        }
+        if self.unmask.contains_key(&msg.party) {
+            return Err(misbehaved(&msg.party, "answered the unmask request twice"));
+        }
+        let x = self.idx(&msg.party)? as u64 + 1;
+        let neighbours = self.neighbours_of(&msg.party)?;
+        let mut seen = BTreeSet::new();
+        for (owner, share) in msg.self_mask.iter().chain(&msg.mask_key) {
+            if !neighbours.contains(owner) || share.x != x || !seen.insert(owner) {
+                return Err(misbehaved(&msg.party, format!("bad or duplicate share of {owner}")));
+            }
+        }
+        if msg.self_mask.iter().any(|(o, _)| !req.survivors.contains(o))
+            || msg.mask_key.iter().any(|(o, _)| !req.dropped.contains(o))
+        {
+            return Err(misbehaved(&msg.party, "sent a share the request did not ask for"));
+        }
+        self.unmask.insert(msg.party.clone(), msg);
+        Ok(())
+    }
+
+    /// Ends stage 3: the sum of the survivors' inputs mod 2^bits, or
+    /// `BelowThreshold` naming a party whose secret cannot be rebuilt. Never
+    /// returns a wrong sum for lack of shares.
+    pub fn finish(&mut self) -> Result<(Vec<u32>, Vec<String>), Error> {
+        self.expect(ServerStage::Unmask, "coordinator")?;
+        let Some(req) = self.request.clone() else { return Err(Error::WrongStage("no unmask request".into())) };
+        let t = self.cfg.threshold;
+        let bits = self.cfg.bits;
+        let collect = |owner: &str, self_mask: bool| -> Vec<Share> {
+            self.unmask
+                .values()
+                .flat_map(|u| if self_mask { &u.self_mask } else { &u.mask_key })
+                .filter(|(o, _)| o == owner)
+                .map(|(_, s)| s.clone())
+                .collect()
+        };
+        let mut sum = vec![0u32; self.cfg.dim];
+        let m = value_mask(bits);
+        for y in self.masked.values() {
+            for (s, v) in sum.iter_mut().zip(y) {
+                *s = s.wrapping_add(*v) & m;
+            }
+        }
+        for v in &req.survivors {
+            let shares = collect(v, true);
+            let b = Zeroizing::new(shamir::combine(&shares, t).map_err(|_| {
+                Error::BelowThreshold(format!("{} shares of {v}'s self-mask; {t} needed", shares.len()))
+            })?);
+            apply_mask(&mut sum, &self.cfg.self_seed(&b, v), bits, true);
+        }
+        for d in &req.dropped {
+            let shares = collect(d, false);
+            let sk = Zeroizing::new(shamir::combine(&shares, t).map_err(|_| {
+                Error::BelowThreshold(format!("{} shares of dropped {d}'s mask key; {t} needed", shares.len()))
+            })?);
+            let sk = StaticSecret::from(*sk);
+            let advertised = self.keys.get(d).map(|k| k.mask_pk);
+            if advertised != Some(PublicKey::from(&sk).to_bytes()) {
+                return Err(misbehaved(d, "its mask-key shares do not match its advertised key"));
+            }
+            for u in self.neighbours_of(d)? {
+                // Survivor u added +/-PRG(s_ud) iff it received d's shares.
+                let Some(uk) = self.keys.get(&u) else { continue };
+                if !self.masked.contains_key(&u) {
+                    continue;
+                }
+                let dh = sk.diffie_hellman(&PublicKey::from(uk.mask_pk));
+                let seed = self.cfg.pair_seed(dh.as_bytes(), &u, d);
+                // Undo u's contribution: u added with sign + iff u < d.
+                apply_mask(&mut sum, &seed, bits, u.as_str() < d.as_str());
+            }
+        }
+        self.stage = ServerStage::Done;
+        Ok((sum, req.survivors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand_core::OsRng;
+    use sha2::{Digest, Sha256};
+
+    /// Test-only identity: a keyed hash stands in for the certificate
+    /// signature (the real signer is ECDSA with the party's certificate key).
+    struct HashSigner(String);
+    struct HashVerifier;
+
+    fn tag(party: &str, msg: &[u8]) -> Vec<u8> {
+        Sha256::new().chain_update(party.as_bytes()).chain_update([0]).chain_update(msg).finalize().to_vec()
+    }
+
+    impl IdentitySigner for HashSigner {
+        fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
+            Ok(tag(&self.0, msg))
+        }
+    }
+
+    impl IdentityVerifier for HashVerifier {
+        fn verify(&self, party: &str, msg: &[u8], sig: &[u8]) -> Result<(), Error> {
+            if tag(party, msg) == sig { Ok(()) } else { Err(Error::InvalidInput("signature mismatch".into())) }
+        }
+    }
+
+    fn config(n: usize, dim: usize, degree: usize, threshold: usize) -> Config {
+        Config {
+            job: "job-1".into(),
+            round: 3,
+            parties: (0..n).map(|i| format!("p{i:02}")).collect(),
+            threshold,
+            degree,
+            graph_seed: [5; 32],
+            bits: 32,
+            dim,
+        }
+    }
+
+    /// How far each party gets: 0 no keys, 1 keys only, 2 + shares,
+    /// 3 + masked input, 4 + unmask answer (complete).
+    fn run(cfg: &Config, reach: &[u8], inputs: &[Vec<u32>]) -> Result<(Vec<u32>, Vec<String>), Error> {
+        let mut server = Server::new(cfg.clone())?;
+        let mut clients: BTreeMap<String, Client> = BTreeMap::new();
+        for (i, p) in cfg.parties.iter().enumerate() {
+            let (c, msg) = Client::new(cfg.clone(), p, &HashSigner(p.clone()), &mut OsRng)?;
+            if reach[i] >= 1 {
+                server.on_keys(msg)?;
+                clients.insert(p.clone(), c);
+            }
+        }
+        server.close_keys()?;
+        let mut live: BTreeMap<String, Client> = BTreeMap::new();
+        for (p, mut c) in clients {
+            let keys = server.keys_for(&p)?;
+            let idx = cfg.index(&p).unwrap_or(0);
+            match c.on_keys(&keys, &HashVerifier, &mut OsRng) {
+                Ok(shares) if reach[idx] >= 2 => {
+                    server.on_shares(&p, shares)?;
+                    live.insert(p, c);
+                }
+                Ok(_) | Err(Error::BelowThreshold(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        server.close_shares()?;
+        let mut masked: BTreeMap<String, Client> = BTreeMap::new();
+        for (p, mut c) in live {
+            let idx = cfg.index(&p).unwrap_or(0);
+            match c.on_shares(&server.shares_for(&p), &inputs[idx]) {
+                Ok(y) if reach[idx] >= 3 => {
+                    server.on_masked(y)?;
+                    masked.insert(p, c);
+                }
+                Ok(_) | Err(Error::BelowThreshold(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let req = server.close_masked()?;
+        for (p, mut c) in masked {
+            let idx = cfg.index(&p).unwrap_or(0);
+            if reach[idx] >= 4 {
+                server.on_unmask(c.on_unmask(&req)?)?;
+            }
+        }
+        server.finish()
+    }
+
+    fn plain_sum(cfg: &Config, inputs: &[Vec<u32>], survivors: &[String]) -> Vec<u32> {
+        let mut s = vec![0u32; cfg.dim];
+        for p in survivors {
+            let i = cfg.index(p).unwrap();
+            for (a, v) in s.iter_mut().zip(&inputs[i]) {
+                *a = a.wrapping_add(*v);
+            }
+        }
+        s
+    }
+
+    fn inputs(n: usize, dim: usize, salt: u32) -> Vec<Vec<u32>> {
+        (0..n)
+            .map(|i| (0..dim).map(|j| (i as u32 * 7919 + j as u32 * 31 + salt).wrapping_mul(2654435761)).collect())
+            .collect()
+    }
+
+    #[test]
+    fn no_dropouts_recovers_the_exact_sum() {
+        let cfg = config(10, 1000, 9, 6);
+        let x = inputs(10, 1000, 1);
+        let (sum, survivors) = run(&cfg, &[4; 10], &x).unwrap();
+        assert_eq!(survivors.len(), 10);
+        assert_eq!(sum, plain_sum(&cfg, &x, &survivors));
+    }
+
+    #[test]
+    fn parties_dropping_after_sharing_keys_are_excluded_exactly() {
+        // Two parties vanish during the masked-input stage (as in the 10-party test).
+        let cfg = config(10, 500, 9, 6);
+        let x = inputs(10, 500, 2);
+        let mut reach = [4u8; 10];
+        reach[3] = 2;
+        reach[7] = 2;
+        let (sum, survivors) = run(&cfg, &reach, &x).unwrap();
+        assert_eq!(survivors.len(), 8);
+        assert!(!survivors.contains(&"p03".to_string()));
+        assert_eq!(sum, plain_sum(&cfg, &x, &survivors));
+    }
+
+    #[test]
+    fn a_party_dropping_after_its_masked_input_is_still_counted() {
+        let cfg = config(8, 100, 7, 4);
+        let x = inputs(8, 100, 3);
+        let mut reach = [4u8; 8];
+        reach[5] = 3;
+        let (sum, survivors) = run(&cfg, &reach, &x).unwrap();
+        assert!(survivors.contains(&"p05".to_string()));
+        assert_eq!(sum, plain_sum(&cfg, &x, &survivors));
+    }
+
+    #[test]
+    fn too_few_unmask_answers_fail_below_threshold_not_with_a_wrong_sum() {
+        let cfg = config(6, 10, 5, 4);
+        let x = inputs(6, 10, 4);
+        let reach = [4, 4, 4, 3, 3, 3];
+        assert!(matches!(run(&cfg, &reach, &x), Err(Error::BelowThreshold(_))));
+    }
+
+    #[test]
+    fn sparse_graphs_work_with_dropouts() {
+        let cfg = config(60, 64, 12, 7);
+        let x = inputs(60, 64, 5);
+        let mut reach = [4u8; 60];
+        for i in [2, 17, 33] {
+            reach[i] = 2;
+        }
+        reach[40] = 1;
+        reach[50] = 0;
+        let (sum, survivors) = run(&cfg, &reach, &x).unwrap();
+        assert_eq!(survivors.len(), 55);
+        assert_eq!(sum, plain_sum(&cfg, &x, &survivors));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn unmasked_sum_equals_plain_sum_or_fails_cleanly(
+            n in 3usize..14,
+            dim in 1usize..40,
+            sparse in any::<bool>(),
+            reach in proptest::collection::vec(prop_oneof![1 => 0u8..4, 4 => Just(4u8)], 14),
+            salt in any::<u32>(),
+        ) {
+            let degree = if sparse && n > 6 { 4 } else { n - 1 };
+            let k = if degree >= n - 1 { n - 1 } else { degree };
+            let threshold = (k / 2 + 1).max(2).min(k);
+            let cfg = config(n, dim, degree, threshold);
+            let x = inputs(n, dim, salt);
+            match run(&cfg, &reach[..n], &x) {
+                Ok((sum, survivors)) => {
+                    let expected: Vec<String> = (0..n).filter(|&i| reach[i] >= 3).map(|i| cfg.parties[i].clone()).collect();
+                    // Survivors may be fewer when a client refused for lack of neighbours.
+                    prop_assert!(survivors.iter().all(|s| expected.contains(s)));
+                    prop_assert_eq!(sum, plain_sum(&cfg, &x, &survivors));
+                }
+                Err(e) => prop_assert!(matches!(e, Error::BelowThreshold(_)), "{e}"),
+            }
+        }
+    }
+
+    fn setup(cfg: &Config) -> (Server, Vec<Client>, Vec<AdvertiseKeys>) {
+        let mut server = Server::new(cfg.clone()).unwrap();
+        let mut clients = Vec::new();
+        let mut adverts = Vec::new();
+        for p in &cfg.parties {
+            let (c, m) = Client::new(cfg.clone(), p, &HashSigner(p.clone()), &mut OsRng).unwrap();
+            server.on_keys(m.clone()).unwrap();
+            clients.push(c);
+            adverts.push(m);
+        }
+        server.close_keys().unwrap();
+        (server, clients, adverts)
+    }
+
+    #[test]
+    fn substituted_keys_and_bad_signatures_name_the_party() {
+        let cfg = config(4, 8, 3, 2);
+        let (server, mut clients, _) = setup(&cfg);
+        let mut keys = server.keys_for("p00").unwrap();
+        keys[1].mask_pk = [9; 32]; // the coordinator swaps a key
+        let err = clients[0].on_keys(&keys, &HashVerifier, &mut OsRng).err().unwrap();
+        assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p02"), "{err}");
+    }
+
+    #[test]
+    fn replayed_and_duplicated_messages_are_rejected() {
+        let cfg = config(4, 8, 3, 2);
+        let (mut server, mut clients, adverts) = setup(&cfg);
+        // keys from another round fail signature verification
+        let other = Config { round: 4, ..cfg.clone() };
+        let (_, replay) = Client::new(other, "p01", &HashSigner("p01".into()), &mut OsRng).unwrap();
+        let mut keys = server.keys_for("p00").unwrap();
+        keys[0] = replay;
+        assert!(matches!(clients[0].on_keys(&keys, &HashVerifier, &mut OsRng), Err(Error::PeerMisbehaved { .. })));
+        assert!(matches!(server.on_keys(adverts[0].clone()), Err(Error::PeerMisbehaved { .. })));
+        let mut dup = server.keys_for("p01").unwrap();
+        dup.push(dup[0].clone());
+        assert!(clients[1].on_keys(&dup, &HashVerifier, &mut OsRng).is_err());
+
+        let shares: Vec<Vec<EncryptedShare>> = clients[1..]
+            .iter_mut()
+            .map(|c| {
+                let p = c.me.clone();
+                c.on_keys(&server.keys_for(&p).unwrap(), &HashVerifier, &mut OsRng).unwrap()
+            })
+            .collect();
+        server.on_shares("p01", shares[0].clone()).unwrap();
+        assert!(server.on_shares("p01", shares[0].clone()).is_err(), "duplicate shares");
+        let mut wrong = shares[1].clone();
+        wrong[0].from = "p03".into();
+        assert!(server.on_shares("p02", wrong).is_err(), "shares claiming another sender");
+        server.on_shares("p02", shares[1].clone()).unwrap();
+        server.on_shares("p03", shares[2].clone()).unwrap();
+        server.close_shares().unwrap();
+
+        // A share tampered with, or from another job's context, does not decrypt.
+        let mut to_p01 = server.shares_for("p01");
+        to_p01[0].ciphertext[3] ^= 1;
+        let err = clients[1].on_shares(&to_p01, &[0; 8]).err().unwrap();
+        assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == &to_p01[0].from), "{err}");
+    }
+
+    #[test]
+    fn the_server_never_gets_both_secrets_of_a_party() {
+        let cfg = config(5, 4, 4, 3);
+        let (mut server, mut clients, _) = setup(&cfg);
+        for c in clients.iter_mut() {
+            let p = c.me.clone();
+            let s = c.on_keys(&server.keys_for(&p).unwrap(), &HashVerifier, &mut OsRng).unwrap();
+            server.on_shares(&p, s).unwrap();
+        }
+        server.close_shares().unwrap();
+        let mut masked = Vec::new();
+        for c in clients.iter_mut() {
+            let p = c.me.clone();
+            masked.push(c.on_shares(&server.shares_for(&p), &[1, 2, 3, 4]).unwrap());
+        }
+        for m in masked.iter().take(4) {
+            server.on_masked(m.clone()).unwrap();
+        }
+        let req = server.close_masked().unwrap();
+        assert_eq!(req.dropped, vec!["p04"]);
+        // A malicious request for both secrets of p01 is refused by the client.
+        let evil = UnmaskRequest { survivors: req.survivors.clone(), dropped: vec!["p01".into(), "p04".into()] };
+        assert!(matches!(clients[0].on_unmask(&evil), Err(Error::PeerMisbehaved { .. })));
+        // Honest answers: each holds only one kind of share per party.
+        let mut answers = Vec::new();
+        for c in clients.iter_mut().take(4) {
+            let a = c.on_unmask(&req).unwrap();
+            let self_owners: BTreeSet<_> = a.self_mask.iter().map(|(o, _)| o.clone()).collect();
+            let key_owners: BTreeSet<_> = a.mask_key.iter().map(|(o, _)| o.clone()).collect();
+            assert!(self_owners.is_disjoint(&key_owners));
+            assert!(key_owners.iter().all(|o| o == "p04"));
+            answers.push(a);
+        }
+        // A client answers only once per round.
+        assert!(clients[0].on_unmask(&req).is_err());
+        // The server rejects a self-mask share of the dropped party.
+        let mut forged = answers[1].clone();
+        forged.self_mask.push(("p04".into(), answers[1].mask_key[0].1.clone()));
+        assert!(server.on_unmask(forged).is_err());
+        for a in answers {
+            server.on_unmask(a).unwrap();
+        }
+        let (sum, _) = server.finish().unwrap();
+        assert_eq!(sum, vec![4, 8, 12, 16]);
+    }
+
+    #[test]
+    fn wrong_sizes_are_rejected_naming_the_party() {
+        let cfg = config(3, 4, 2, 2);
+        let mut server = Server::new(cfg.clone()).unwrap();
+        assert!(
+            server
+                .on_keys(AdvertiseKeys { party: "zz".into(), enc_pk: [1; 32], mask_pk: [2; 32], signature: vec![1] })
+                .is_err()
+        );
+        let (_, m) = Client::new(cfg.clone(), "p00", &HashSigner("p00".into()), &mut OsRng).unwrap();
+        server.on_keys(m).unwrap();
+        assert!(Client::new(config(3, 4, 2, 3), "p00", &HashSigner("p00".into()), &mut OsRng).is_err());
+        assert!(Client::new(config(3, 4, 2, 1), "p00", &HashSigner("p00".into()), &mut OsRng).is_err());
+        assert!(matches!(
+            server.on_masked(MaskedInput { party: "p00".into(), values: vec![0; 4] }),
+            Err(Error::PeerMisbehaved { .. })
+        ));
+    }
+}
