@@ -63,6 +63,23 @@ pub trait Strategy: Send {
     /// happen in a reproducible order.
     fn aggregate_fit(&mut self, round: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error>;
 
+    /// The next global model from a secure aggregate: `weighted_delta_sum` is
+    /// Σ nᵢ·(localᵢ − global) over the surviving parties and `total_examples`
+    /// is Σ nᵢ. Secure aggregation reveals nothing else, so strategies that
+    /// need individual updates (median, Krum, …) keep this default refusal.
+    fn aggregate_secure_sum(
+        &mut self,
+        _round: u32,
+        _global: &Parameters,
+        _weighted_delta_sum: &[f64],
+        _total_examples: f64,
+    ) -> Result<Parameters, Error> {
+        Err(Error::InvalidInput(format!(
+            "strategy {} needs individual updates; secure aggregation reveals only their sum",
+            self.name()
+        )))
+    }
+
     /// Round metrics from the parties' evaluations: by default the
     /// example-weighted mean of the loss and of every metric all parties report.
     fn aggregate_evaluate(&mut self, _round: u32, results: &[EvalResult]) -> Result<Metrics, Error> {
@@ -125,6 +142,31 @@ impl Strategy for FedAvg {
     fn aggregate_fit(&mut self, _round: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
         FedAvg::weighted_mean(global, results)
     }
+
+    fn aggregate_secure_sum(
+        &mut self,
+        _round: u32,
+        global: &Parameters,
+        weighted_delta_sum: &[f64],
+        total_examples: f64,
+    ) -> Result<Parameters, Error> {
+        if weighted_delta_sum.len() != global.num_values() {
+            return Err(Error::InvalidInput(format!(
+                "secure sum of {} values for a model of {}",
+                weighted_delta_sum.len(),
+                global.num_values()
+            )));
+        }
+        if !(total_examples.is_finite() && total_examples > 0.0) {
+            return Err(Error::EmptyAggregation("no examples in the secure sum".into()));
+        }
+        let flat: Vec<f32> = global
+            .flat_values()
+            .zip(weighted_delta_sum)
+            .map(|(g, d)| (f64::from(g) + d / total_examples) as f32)
+            .collect();
+        Parameters::from_flat(&global.spec(), &flat)
+    }
 }
 
 #[cfg(test)]
@@ -158,6 +200,17 @@ mod tests {
         let err = FedAvg.aggregate_fit(1, &g, &[result("short", 1, &[1.0])]).unwrap_err();
         assert!(err.to_string().contains("short"));
         assert!(FedAvg.aggregate_fit(1, &g, &[]).is_err());
+    }
+
+    #[test]
+    fn fedavg_of_a_secure_sum_matches_the_plain_weighted_mean() {
+        let g = params(&[1.0, 1.0]);
+        // deltas (1,1)x1 and (5,-3)x3 from global (1,1): sum = (16, -8), total 4
+        let out = FedAvg.aggregate_secure_sum(1, &g, &[16.0, -8.0], 4.0).unwrap();
+        let plain = FedAvg.aggregate_fit(1, &g, &[result("a", 1, &[2.0, 2.0]), result("b", 3, &[6.0, -2.0])]).unwrap();
+        assert_eq!(out, plain);
+        assert!(FedAvg.aggregate_secure_sum(1, &g, &[1.0], 4.0).is_err());
+        assert!(FedAvg.aggregate_secure_sum(1, &g, &[1.0, 1.0], 0.0).is_err());
     }
 
     #[test]

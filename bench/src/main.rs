@@ -145,6 +145,7 @@ async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) 
             policy: Policy::default(),
             reconnect: Reconnect::default(),
             limits: Limits::default(),
+            fault: Default::default(),
         };
         let node = PartyNode::new(cfg, Arc::new(SyntheticFactory { params }));
         stats.push(node.stats());

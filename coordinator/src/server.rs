@@ -26,8 +26,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::Error;
 use crate::db::{Db, unix_now};
-use crate::session::{Input, Output, Session, Stage, StageResult, Start, TaskOut};
+use crate::session::{Input, Output, SecAggPayload, Session, Stage, StageResult, Start, TaskOut};
 use crate::tls::{self, peer_of};
+use confide_proto::secagg as wire;
 
 /// How the coordinator is set up (`confide coordinator serve`).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -243,7 +244,7 @@ fn write_checkpoint(dir: &Path, job: &str, round: u32, params: &Parameters) -> R
 async fn run_job(hub: Arc<Hub>, id: String, spec: JobSpec, start: Start, mut rx: mpsc::UnboundedReceiver<Input>) {
     let clock = Instant::now();
     let now = || clock.elapsed().as_millis() as u64;
-    let mut session = Session::new(spec.clone(), start, now());
+    let mut session = Session::new(&id, spec.clone(), start, now());
     let offer = pb::JobOffer { job_id: id.clone(), spec_toml: spec.to_toml(), dataset: String::new() };
     for p in hub.connected() {
         session.handle(now(), Input::Connected(p));
@@ -368,7 +369,23 @@ fn task_message(job: &str, task: &TaskOut, cache: &mut Option<(u64, pb::ParamsHe
         Stage::Setup => pb::Stage::Setup,
         Stage::Fit => pb::Stage::Fit,
         Stage::Evaluate => pb::Stage::Evaluate,
+        Stage::SecAggShares => pb::Stage::SecaggShares,
+        Stage::SecAggMasked => pb::Stage::SecaggMasked,
+        Stage::SecAggUnmask => pb::Stage::SecaggUnmask,
     };
+    use pb::sec_agg_message::Body;
+    let secagg = task.secagg.as_ref().map(|p| pb::SecAggMessage {
+        body: Some(match p {
+            SecAggPayload::Round { config, clip, max_examples } => {
+                Body::RoundConfig(wire::config_to_pb(config, *clip, *max_examples))
+            }
+            SecAggPayload::Keys(keys) => {
+                Body::Keys(pb::SecAggKeys { keys: keys.iter().map(|(k, c)| wire::keys_to_pb(k, c)).collect() })
+            }
+            SecAggPayload::Shares(shares) => Body::Shares(wire::shares_to_pb(shares)),
+            SecAggPayload::Unmask(req) => Body::Unmask(wire::unmask_to_pb(req)),
+        }),
+    });
     let mut msg = pb::Task {
         job_id: job.to_owned(),
         round: task.round,
@@ -376,6 +393,7 @@ fn task_message(job: &str, task: &TaskOut, cache: &mut Option<(u64, pb::ParamsHe
         task_id: task.task_id,
         config_json: task.config_json.clone(),
         params: None,
+        secagg,
     };
     let Some(params) = &task.params else {
         return Outbound::Msg(coordinator_message::Body::Task(msg));
@@ -406,6 +424,9 @@ impl PartyService for PartySvc {
         }
         let hub = self.hub.clone();
         let name = id.name;
+        // Relayed to peers with this party's secure-aggregation keys, so they
+        // verify its signature against the CA themselves.
+        let cert = req.peer_certs().and_then(|c| c.first().map(|c| c.to_vec())).unwrap_or_default();
         let inbound = req.into_inner();
         let (resp_tx, resp_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(16);
         let (out_tx, out_rx) = mpsc::channel::<Outbound>(256);
@@ -432,7 +453,7 @@ impl PartyService for PartySvc {
             hub.broadcast(Input::Disconnected(name.clone()));
         }
         hub.broadcast(Input::Connected(name.clone()));
-        tokio::spawn(reader(hub, name, conn_id, inbound));
+        tokio::spawn(reader(hub, name, cert, conn_id, inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(resp_rx))))
     }
 }
@@ -473,12 +494,12 @@ struct PendingResult {
     incoming: Incoming,
 }
 
-async fn reader(hub: Arc<Hub>, name: String, conn_id: u64, mut inbound: Streaming<pb::PartyMessage>) {
+async fn reader(hub: Arc<Hub>, name: String, cert: Vec<u8>, conn_id: u64, mut inbound: Streaming<pb::PartyMessage>) {
     let mut pending: Option<PendingResult> = None;
     loop {
         match inbound.message().await {
             Ok(Some(msg)) => {
-                if let Err(reason) = on_party_message(&hub, &name, msg, &mut pending) {
+                if let Err(reason) = on_party_message(&hub, &name, &cert, msg, &mut pending) {
                     warn!(party = %name, "closing the stream: {reason}");
                     if let Some(p) = pending.take() {
                         hub.route(
@@ -526,6 +547,7 @@ const MAX_METRICS: usize = 64;
 fn on_party_message(
     hub: &Hub,
     name: &str,
+    cert: &[u8],
     msg: pb::PartyMessage,
     pending: &mut Option<PendingResult>,
 ) -> Result<(), String> {
@@ -559,12 +581,12 @@ fn on_party_message(
                 return Err(format!("at most {MAX_METRICS} metrics with names of 1 to 64 bytes"));
             }
             match &r.params {
-                None => deliver(hub, name, r, None),
+                None => deliver(hub, name, cert, r, None),
                 Some(header) => {
                     let incoming = Incoming::start(header, &hub.limits).map_err(|e| e.to_string())?;
                     if incoming.is_complete() {
-                        let params = incoming.finish().map_err(|e| e.to_string())?;
-                        deliver(hub, name, r, Some(params))
+                        let payload = finish_transfer(&r, incoming)?;
+                        deliver(hub, name, cert, r, Some(payload))
                     } else {
                         *pending = Some(PendingResult { result: r, incoming });
                         Ok(())
@@ -579,8 +601,8 @@ fn on_party_message(
                 let Some(p) = pending.take() else {
                     return Ok(());
                 };
-                let params = p.incoming.finish().map_err(|e| e.to_string())?;
-                deliver(hub, name, p.result, Some(params))
+                let payload = finish_transfer(&p.result, p.incoming)?;
+                deliver(hub, name, cert, p.result, Some(payload))
             } else {
                 Ok(())
             }
@@ -590,11 +612,55 @@ fn on_party_message(
 
 /// Turns a complete result into a session input; a result that does not fit
 /// its stage fails the task (the party is dropped from the round, named).
-fn deliver(hub: &Hub, name: &str, r: pb::TaskResult, params: Option<Parameters>) -> Result<(), String> {
+/// What a result's chunked transfer carried.
+enum Payload {
+    Params(Parameters),
+    /// A masked vector in Z_{2^b}.
+    Words(Vec<u32>),
+}
+
+fn finish_transfer(r: &pb::TaskResult, incoming: Incoming) -> Result<Payload, String> {
+    if r.stage == pb::Stage::SecaggMasked as i32 {
+        incoming.finish_words().map(Payload::Words).map_err(|e| e.to_string())
+    } else {
+        incoming.finish().map(Payload::Params).map_err(|e| e.to_string())
+    }
+}
+
+fn deliver(hub: &Hub, name: &str, cert: &[u8], r: pb::TaskResult, payload: Option<Payload>) -> Result<(), String> {
     let metrics: BTreeMap<String, f64> = r.metrics.clone().into_iter().collect();
     let stage = pb::Stage::try_from(r.stage).unwrap_or(pb::Stage::Unspecified);
-    let result = match (stage, params) {
-        (pb::Stage::Setup, Some(params)) => {
+    use pb::sec_agg_message::Body;
+    let secagg = r.secagg.as_ref().and_then(|m| m.body.as_ref());
+    let max = hub.limits.max_parties;
+    let (params, words) = match payload {
+        Some(Payload::Params(p)) => (Some(p), None),
+        Some(Payload::Words(w)) => (None, Some(w)),
+        None => (None, None),
+    };
+    let secure = match (stage, secagg, &words) {
+        (pb::Stage::Fit, Some(Body::Advert(k)), None) if params.is_none() => Some(
+            wire::keys_from_pb(k)
+                .map(|(advert, _)| StageResult::SecAggKeys {
+                    advert,
+                    certificate: cert.to_vec(),
+                    metrics: metrics.clone(),
+                })
+                .map_err(|e| e.to_string()),
+        ),
+        (pb::Stage::SecaggShares, Some(Body::Shares(s)), None) => {
+            Some(wire::shares_from_pb(s, max).map(StageResult::SecAggShares).map_err(|e| e.to_string()))
+        }
+        (pb::Stage::SecaggMasked, None, Some(w)) => Some(Ok(StageResult::SecAggMasked(w.clone()))),
+        (pb::Stage::SecaggUnmask, Some(Body::UnmaskShares(u)), None) => {
+            Some(wire::unmask_shares_from_pb(name, u, max).map(StageResult::SecAggUnmask).map_err(|e| e.to_string()))
+        }
+        (_, Some(_), _) | (_, _, Some(_)) => Some(Err(format!("unexpected secure-aggregation payload for {stage:?}"))),
+        _ => None,
+    };
+    let result = match (secure, stage, params) {
+        (Some(r), _, _) => r,
+        (None, pb::Stage::Setup, Some(params)) => {
             let d = r.feature_sum.len();
             if r.feature_sum_sq.len() != d || d > hub.limits.max_values {
                 Err(format!("feature sums of {} and {} features", d, r.feature_sum_sq.len()))
@@ -603,11 +669,11 @@ fn deliver(hub: &Hub, name: &str, r: pb::TaskResult, params: Option<Parameters>)
                 Ok(StageResult::Setup { params, stats })
             }
         }
-        (pb::Stage::Fit, Some(params)) => Ok(StageResult::Fit { num_examples: r.num_examples, params, metrics }),
-        (pb::Stage::Evaluate, None) => {
+        (None, pb::Stage::Fit, Some(params)) => Ok(StageResult::Fit { num_examples: r.num_examples, params, metrics }),
+        (None, pb::Stage::Evaluate, None) => {
             Ok(StageResult::Evaluate { num_examples: r.num_examples, loss: r.loss, metrics })
         }
-        (s, p) => Err(format!("a {s:?} result {} parameters", if p.is_some() { "with" } else { "without" })),
+        (None, s, p) => Err(format!("a {s:?} result {} parameters", if p.is_some() { "with" } else { "without" })),
     };
     let input = match result {
         Ok(result) => {

@@ -22,7 +22,13 @@ use std::sync::Arc;
 use confide_algorithms::strategy::check_update;
 use confide_algorithms::trainer::apply_feature_stats;
 use confide_algorithms::{EvalResult, FeatureStats, FedAvg, FitConfig, FitResult, Metrics, Parameters, Strategy};
-use confide_proto::jobspec::{JobKind, JobSpec, StrategyName};
+use confide_crypto::secagg::encoding::FixedPoint;
+use confide_crypto::secagg::graph::degree_for;
+use confide_crypto::secagg::protocol::{
+    AdvertiseKeys, Config as SecAggConfig, EncryptedShare, MaskedInput, Server as SecAggServer, UnmaskRequest,
+    UnmaskShares,
+};
+use confide_proto::jobspec::{JobKind, JobSpec, PrivacyMode, StrategyName};
 use confide_proto::status::{JobState, PartyState, PartyStatus, RoundRecord};
 
 /// Milliseconds on the driver's clock (real or virtual).
@@ -37,6 +43,12 @@ pub enum Stage {
     Fit,
     /// Federated evaluation of the global model.
     Evaluate,
+    /// Secure aggregation: parties exchange encrypted key shares.
+    SecAggShares,
+    /// Secure aggregation: parties send masked inputs.
+    SecAggMasked,
+    /// Secure aggregation: parties reveal the shares that remove the masks.
+    SecAggUnmask,
 }
 
 impl Stage {
@@ -46,6 +58,9 @@ impl Stage {
             Stage::Setup => "setup",
             Stage::Fit => "fit",
             Stage::Evaluate => "evaluate",
+            Stage::SecAggShares => "secagg-shares",
+            Stage::SecAggMasked => "secagg-masked-input",
+            Stage::SecAggUnmask => "secagg-unmask",
         }
     }
 }
@@ -69,6 +84,22 @@ pub enum StageResult {
         /// Local metrics.
         metrics: Metrics,
     },
+    /// Answer to [`Stage::Fit`] under secure aggregation: the party trained
+    /// and advertises its signed round keys instead of its update.
+    SecAggKeys {
+        /// The signed keys.
+        advert: AdvertiseKeys,
+        /// The party's certificate (DER) from its TLS connection.
+        certificate: Vec<u8>,
+        /// Local metrics.
+        metrics: Metrics,
+    },
+    /// Answer to [`Stage::SecAggShares`].
+    SecAggShares(Vec<EncryptedShare>),
+    /// Answer to [`Stage::SecAggMasked`]: the masked vector.
+    SecAggMasked(Vec<u32>),
+    /// Answer to [`Stage::SecAggUnmask`].
+    SecAggUnmask(UnmaskShares),
     /// Answer to [`Stage::Evaluate`].
     Evaluate {
         /// Examples evaluated.
@@ -133,6 +164,28 @@ pub struct TaskOut {
     pub config_json: String,
     /// Global parameters, shared by every party's task of the stage.
     pub params: Option<Arc<Parameters>>,
+    /// The party's secure-aggregation payload for this stage.
+    pub secagg: Option<SecAggPayload>,
+}
+
+/// What a party receives at each secure-aggregation stage.
+#[derive(Debug, Clone)]
+pub enum SecAggPayload {
+    /// With the fit task: the round's public parameters.
+    Round {
+        /// Protocol parameters.
+        config: SecAggConfig,
+        /// Coordinate clip of the encoding.
+        clip: f32,
+        /// Weight cap of the encoding.
+        max_examples: u64,
+    },
+    /// The neighbours' signed keys and certificates.
+    Keys(Vec<(AdvertiseKeys, Vec<u8>)>),
+    /// The encrypted shares addressed to the party.
+    Shares(Vec<EncryptedShare>),
+    /// Who survived and who dropped.
+    Unmask(UnmaskRequest),
 }
 
 /// What the driver must do.
@@ -197,6 +250,17 @@ struct Collect {
     setup: BTreeMap<String, (Parameters, FeatureStats)>,
     fit: BTreeMap<String, FitResult>,
     eval: BTreeMap<String, EvalResult>,
+    /// Parties whose secure-aggregation message of this stage was accepted.
+    answered: BTreeSet<String>,
+}
+
+/// Coordinator state of one secure-aggregation round.
+struct SecAggRound {
+    server: SecAggServer,
+    encoding: FixedPoint,
+    max_examples: u64,
+    certs: BTreeMap<String, Vec<u8>>,
+    fit_metrics: BTreeMap<String, Metrics>,
 }
 
 #[derive(Debug)]
@@ -208,6 +272,8 @@ enum Phase {
 
 /// The state machine of one job.
 pub struct Session {
+    job_id: String,
+    secagg: Option<SecAggRound>,
     spec: JobSpec,
     phase: Phase,
     parties: BTreeMap<String, PartyStatus>,
@@ -228,11 +294,13 @@ pub fn strategy_for(spec: &JobSpec) -> Box<dyn Strategy> {
 }
 
 impl Session {
-    /// A session for `spec`, started at `now`.
-    pub fn new(spec: JobSpec, start: Start, now: Millis) -> Session {
+    /// A session for job `job_id` with `spec`, started at `now`.
+    pub fn new(job_id: &str, spec: JobSpec, start: Start, now: Millis) -> Session {
         let strategy = strategy_for(&spec);
         let deadline = now + spec.timeouts.recruit_secs * 1000;
         let mut s = Session {
+            job_id: job_id.to_owned(),
+            secagg: None,
             parties: BTreeMap::new(),
             connected: BTreeSet::new(),
             global: None,
@@ -375,33 +443,72 @@ impl Session {
             return; // stale or unsolicited: ignore
         }
         let expected = self.global.as_ref().map(|g| g.spec());
+        let secure = self.spec.privacy.mode == PrivacyMode::Secagg;
         let Phase::Collecting(c) = &mut self.phase else {
             return;
         };
-        let verdict: Result<(), String> = match (c.stage, result) {
-            (Stage::Setup, StageResult::Setup { params, stats }) => {
-                c.setup.insert(party.clone(), (params, stats));
-                Ok(())
+        let sa = self.secagg.as_mut();
+        let verdict: Result<(), String> = match (c.stage, result, sa) {
+            (Stage::Fit, StageResult::SecAggKeys { advert, certificate, metrics }, Some(sa)) if secure => {
+                if advert.party != party {
+                    Err(format!("party {party} advertised keys for {}", advert.party))
+                } else {
+                    sa.server.on_keys(advert).map_err(|e| e.to_string()).map(|()| {
+                        sa.certs.insert(party.clone(), certificate);
+                        sa.fit_metrics.insert(party.clone(), metrics);
+                        c.answered.insert(party.clone());
+                    })
+                }
             }
-            (Stage::Fit, StageResult::Fit { num_examples, params, metrics }) => {
-                let r = FitResult { party: party.clone(), num_examples, params, metrics };
-                match expected.as_deref().map(|e| check_update(e, &r)) {
-                    Some(Err(e)) => Err(e.to_string()),
-                    _ => {
-                        c.fit.insert(party.clone(), r);
+            (Stage::SecAggShares, StageResult::SecAggShares(shares), Some(sa)) => {
+                sa.server.on_shares(&party, shares).map_err(|e| e.to_string()).map(|()| {
+                    c.answered.insert(party.clone());
+                })
+            }
+            (Stage::SecAggMasked, StageResult::SecAggMasked(values), Some(sa)) => {
+                sa.server.on_masked(MaskedInput { party: party.clone(), values }).map_err(|e| e.to_string()).map(|()| {
+                    c.answered.insert(party.clone());
+                })
+            }
+            (Stage::SecAggUnmask, StageResult::SecAggUnmask(shares), Some(sa)) => {
+                if shares.party != party {
+                    Err(format!("party {party} sent unmask shares as {}", shares.party))
+                } else {
+                    sa.server.on_unmask(shares).map_err(|e| e.to_string()).map(|()| {
+                        c.answered.insert(party.clone());
+                    })
+                }
+            }
+            (stage, result, _) => match (stage, result) {
+                (Stage::Fit, StageResult::Fit { .. }) if secure => {
+                    Err(format!("party {party} sent a plaintext update in a secure-aggregation job"))
+                }
+                (Stage::Setup, StageResult::Setup { params, stats }) => {
+                    c.setup.insert(party.clone(), (params, stats));
+                    Ok(())
+                }
+                (Stage::Fit, StageResult::Fit { num_examples, params, metrics }) => {
+                    let r = FitResult { party: party.clone(), num_examples, params, metrics };
+                    match expected.as_deref().map(|e| check_update(e, &r)) {
+                        Some(Err(e)) => Err(e.to_string()),
+                        _ => {
+                            c.fit.insert(party.clone(), r);
+                            Ok(())
+                        }
+                    }
+                }
+                (Stage::Evaluate, StageResult::Evaluate { num_examples, loss, metrics }) => {
+                    if !loss.is_finite() || metrics.values().any(|v| !v.is_finite()) {
+                        Err(format!("party {party} sent a bad evaluation: non-finite loss or metric"))
+                    } else {
+                        c.eval.insert(party.clone(), EvalResult { party: party.clone(), num_examples, loss, metrics });
                         Ok(())
                     }
                 }
-            }
-            (Stage::Evaluate, StageResult::Evaluate { num_examples, loss, metrics }) => {
-                if !loss.is_finite() || metrics.values().any(|v| !v.is_finite()) {
-                    Err(format!("party {party} sent a bad evaluation: non-finite loss or metric"))
-                } else {
-                    c.eval.insert(party.clone(), EvalResult { party: party.clone(), num_examples, loss, metrics });
-                    Ok(())
+                (stage, _) => {
+                    Err(format!("party {party} answered a {} task with another stage's result", stage.as_str()))
                 }
-            }
-            (stage, _) => Err(format!("party {party} answered a {} task with another stage's result", stage.as_str())),
+            },
         };
         match verdict {
             Ok(()) => {
@@ -561,6 +668,31 @@ impl Session {
             );
             return;
         }
+        let mut payloads = BTreeMap::new();
+        if stage == Stage::Fit && self.spec.privacy.mode == PrivacyMode::Secagg {
+            match self.start_secagg(round, &waiting) {
+                Ok(payload) => {
+                    payloads = waiting.iter().map(|p| (p.clone(), payload.clone())).collect();
+                }
+                Err(e) => {
+                    self.finish(JobState::Failed, Some(format!("round {round} secure aggregation: {e}")));
+                    return;
+                }
+            }
+        }
+        self.dispatch(stage, round, task_id, now, waiting, payloads);
+    }
+
+    /// Sends one task per party in `waiting` and starts collecting answers.
+    fn dispatch(
+        &mut self,
+        stage: Stage,
+        round: u32,
+        task_id: u64,
+        now: Millis,
+        waiting: BTreeSet<String>,
+        mut payloads: BTreeMap<String, SecAggPayload>,
+    ) {
         let config_json = match stage {
             Stage::Fit => {
                 let fit = self.strategy.configure_fit(round, &FitConfig { round, train: self.spec.training.clone() });
@@ -568,11 +700,18 @@ impl Session {
             }
             _ => "{}".into(),
         };
-        let params = if stage == Stage::Setup { None } else { self.global.clone() };
+        let params = if matches!(stage, Stage::Fit | Stage::Evaluate) { self.global.clone() } else { None };
         for p in &waiting {
             self.out.push_back(Output::Task {
                 party: p.clone(),
-                task: TaskOut { task_id, round, stage, config_json: config_json.clone(), params: params.clone() },
+                task: TaskOut {
+                    task_id,
+                    round,
+                    stage,
+                    config_json: config_json.clone(),
+                    params: params.clone(),
+                    secagg: payloads.remove(p),
+                },
             });
         }
         self.phase = Phase::Collecting(Collect {
@@ -584,7 +723,47 @@ impl Session {
             setup: BTreeMap::new(),
             fit: BTreeMap::new(),
             eval: BTreeMap::new(),
+            answered: BTreeSet::new(),
         });
+    }
+
+    /// The public parameters of a secure-aggregation round over `invited`:
+    /// the graph degree grows like log n (complete graph up to 20 parties),
+    /// the threshold is the configured fraction of the degree.
+    fn start_secagg(&mut self, round: u32, invited: &BTreeSet<String>) -> Result<SecAggPayload, String> {
+        let sa = self.spec.privacy.secagg();
+        let global = self.global.as_ref().ok_or("no global model")?;
+        let parties: Vec<String> = invited.iter().cloned().collect();
+        let n = parties.len();
+        let degree = degree_for(n, 20, 3.0);
+        let k = degree.min(n.saturating_sub(1));
+        let threshold = ((sa.threshold * k as f64).ceil() as usize).clamp(2, k.max(2));
+        let mut seed_input = self.job_id.as_bytes().to_vec();
+        seed_input.extend_from_slice(&round.to_le_bytes());
+        let graph_seed: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&seed_input).into()
+        };
+        let config = SecAggConfig {
+            job: self.job_id.clone(),
+            round,
+            parties,
+            threshold,
+            degree,
+            graph_seed,
+            bits: sa.bits,
+            dim: global.num_values() + 1,
+        };
+        let server = SecAggServer::new(config.clone()).map_err(|e| e.to_string())?;
+        let encoding = FixedPoint::new(sa.bits, 0, sa.clip, n).map_err(|e| e.to_string())?;
+        self.secagg = Some(SecAggRound {
+            server,
+            encoding,
+            max_examples: sa.max_examples,
+            certs: BTreeMap::new(),
+            fit_metrics: BTreeMap::new(),
+        });
+        Ok(SecAggPayload::Round { config, clip: sa.clip, max_examples: sa.max_examples })
     }
 
     fn below_min(&mut self, stage: Stage, round: u32, answered: usize) -> bool {
@@ -612,6 +791,7 @@ impl Session {
             Stage::Setup => self.complete_setup(c, now),
             Stage::Fit => self.complete_fit(c, now),
             Stage::Evaluate => self.complete_evaluate(c, now),
+            Stage::SecAggShares | Stage::SecAggMasked | Stage::SecAggUnmask => self.complete_secagg(c, now),
         }
     }
 
@@ -660,7 +840,133 @@ impl Session {
         self.begin(Stage::Fit, 1, now);
     }
 
+    /// Moves a secure-aggregation round to its next stage, or finishes it.
+    fn complete_secagg(&mut self, c: Collect, now: Millis) {
+        if c.stage != Stage::SecAggUnmask && self.below_min(c.stage, c.round, c.answered.len()) {
+            return;
+        }
+        let Some(mut sa) = self.secagg.take() else {
+            self.finish(JobState::Failed, Some("secure aggregation state lost".into()));
+            return;
+        };
+        let task_id = self.next_task_id;
+        self.next_task_id += 1;
+        let fail =
+            |e: confide_crypto::Error| format!("round {} secure aggregation ({}): {e}", c.round, c.stage.as_str());
+        let next = match c.stage {
+            Stage::Fit => sa.server.close_keys().map(|live| {
+                let payloads = live
+                    .iter()
+                    .map(|p| {
+                        let keys = sa.server.keys_for(p).unwrap_or_default();
+                        let with_certs = keys
+                            .into_iter()
+                            .map(|k| {
+                                let cert = sa.certs.get(&k.party).cloned().unwrap_or_default();
+                                (k, cert)
+                            })
+                            .collect();
+                        (p.clone(), SecAggPayload::Keys(with_certs))
+                    })
+                    .collect::<BTreeMap<_, _>>();
+                (Stage::SecAggShares, live, payloads)
+            }),
+            Stage::SecAggShares => sa.server.close_shares().map(|live| {
+                let payloads =
+                    live.iter().map(|p| (p.clone(), SecAggPayload::Shares(sa.server.shares_for(p)))).collect();
+                (Stage::SecAggMasked, live, payloads)
+            }),
+            Stage::SecAggMasked => sa.server.close_masked().map(|req| {
+                let live = req.survivors.clone();
+                let payloads = live.iter().map(|p| (p.clone(), SecAggPayload::Unmask(req.clone()))).collect();
+                (Stage::SecAggUnmask, live, payloads)
+            }),
+            _ => {
+                let result = sa.server.finish().map_err(fail);
+                self.complete_secure_fit(c.round, sa, result, now);
+                return;
+            }
+        };
+        match next {
+            Ok((stage, live, payloads)) => {
+                self.secagg = Some(sa);
+                let waiting: BTreeSet<String> = live.into_iter().collect();
+                self.dispatch(stage, c.round, task_id, now, waiting, payloads);
+            }
+            Err(e) => self.finish(JobState::Failed, Some(fail(e))),
+        }
+    }
+
+    /// Decodes the unmasked sum and aggregates it.
+    fn complete_secure_fit(
+        &mut self,
+        round: u32,
+        sa: SecAggRound,
+        result: Result<(Vec<u32>, Vec<String>), String>,
+        now: Millis,
+    ) {
+        let (sum, survivors) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                self.finish(JobState::Failed, Some(e));
+                return;
+            }
+        };
+        let Some(global) = self.global.clone() else { return };
+        let Some((&weight, values)) = sum.split_last() else { return };
+        let total = f64::from(weight);
+        let decoded = match sa.encoding.decode_sum(values, survivors.len()) {
+            Ok(d) if total > 0.0 => d,
+            Ok(_) => {
+                self.finish(JobState::Failed, Some(format!("round {round} secure aggregation: zero total examples")));
+                return;
+            }
+            Err(e) => {
+                self.finish(JobState::Failed, Some(format!("round {round} secure aggregation: {e}")));
+                return;
+            }
+        };
+        // Parties encoded n_i/max_examples · Δ_i, so Σ n_i Δ_i = decoded · max_examples.
+        let weighted: Vec<f64> = decoded.iter().map(|v| v * sa.max_examples as f64).collect();
+        match self.strategy.aggregate_secure_sum(round, &global, &weighted, total) {
+            Ok(next) => self.global = Some(Arc::new(next)),
+            Err(e) => {
+                self.finish(JobState::Failed, Some(format!("round {round} aggregation: {e}")));
+                return;
+            }
+        }
+        if let Some(rec) = self.record.as_mut() {
+            rec.participants = survivors.clone();
+            let n = sa.fit_metrics.len().max(1) as f64;
+            if let Some(first) = sa.fit_metrics.values().next() {
+                for key in first.keys() {
+                    let vals: Vec<f64> = sa.fit_metrics.values().filter_map(|m| m.get(key).copied()).collect();
+                    if vals.len() == sa.fit_metrics.len() {
+                        // Examples per party stay secret: a plain mean of the metrics.
+                        rec.metrics.insert(key.clone(), vals.iter().sum::<f64>() / n);
+                    }
+                }
+            }
+            rec.metrics.insert("train_examples".into(), total);
+        }
+        for p in &survivors {
+            if let Some(st) = self.parties.get_mut(p) {
+                st.last_round = round;
+            }
+        }
+        let every = self.spec.evaluation.every;
+        if round.is_multiple_of(every) || round >= self.spec.rounds {
+            self.begin(Stage::Evaluate, round, now);
+        } else {
+            self.finish_round(round, now);
+        }
+    }
+
     fn complete_fit(&mut self, c: Collect, now: Millis) {
+        if self.spec.privacy.mode == PrivacyMode::Secagg {
+            self.complete_secagg(c, now);
+            return;
+        }
         let results: Vec<FitResult> = c.fit.into_values().collect();
         if self.below_min(Stage::Fit, c.round, results.len()) {
             return;
@@ -777,7 +1083,7 @@ mod tests {
 
     impl H {
         fn new(spec: JobSpec, start: Start) -> H {
-            H { s: Session::new(spec, start, 0), now: 0, outputs: Vec::new() }
+            H { s: Session::new("job-t", spec, start, 0), now: 0, outputs: Vec::new() }
         }
         fn feed(&mut self, input: Input) {
             self.s.handle(self.now, input);

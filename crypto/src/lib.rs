@@ -5,6 +5,7 @@
 //! and each party, and the enrollment list the coordinator checks peers against.
 //! Secure aggregation and homomorphic encryption land here as further modules.
 
+pub mod identity;
 pub mod pki;
 pub mod secagg;
 

@@ -37,6 +37,20 @@ pub struct PartyConfig {
     /// Boundary limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Fault injection for chaos tests; absent in production configs.
+    #[serde(default)]
+    pub fault: Fault,
+}
+
+/// Makes the party crash on purpose, to test the federation's dropout
+/// handling with real processes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Exit abruptly (status 3) on receiving a task of this stage
+    /// (`setup`, `fit`, `evaluate`, `secagg-shares`, `secagg-masked-input`, `secagg-unmask`).
+    #[serde(default)]
+    pub exit_on_stage: Option<String>,
 }
 
 fn default_server_name() -> String {
@@ -126,6 +140,12 @@ impl PartyConfig {
         for k in &self.policy.job_kinds {
             if !["train", "evaluate"].contains(&k.as_str()) {
                 return Err(format!("policy.job_kinds: unknown kind {k:?} (train, evaluate)"));
+            }
+        }
+        if let Some(stage) = &self.fault.exit_on_stage {
+            let known = ["setup", "fit", "evaluate", "secagg-shares", "secagg-masked-input", "secagg-unmask"];
+            if !known.contains(&stage.as_str()) {
+                return Err(format!("fault.exit_on_stage: unknown stage {stage:?} ({})", known.join(", ")));
             }
         }
         for m in &self.policy.privacy_modes {

@@ -6,11 +6,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use confide_algorithms::{FitConfig, Parameters, Trainer};
+use confide_crypto::identity::{CertVerifier, IdentityKey};
+use confide_crypto::secagg::encoding::FixedPoint;
+use confide_crypto::secagg::protocol::{Client as SecAggClient, IdentityVerifier};
 use confide_proto::VERSION;
 use confide_proto::jobspec::JobSpec;
+use confide_proto::jobspec::PrivacyMode;
 use confide_proto::net::{ClientIdentity, connect};
 use confide_proto::pb::party_service_client::PartyServiceClient;
 use confide_proto::pb::{self, coordinator_message, party_message};
+use confide_proto::secagg as wire;
 use confide_proto::transfer::{self, Incoming};
 use prost::Message;
 use tokio::sync::mpsc;
@@ -137,10 +142,11 @@ impl PartyNode {
                 coordinator_message::Body::Offer(offer) => {
                     let job_id = offer.job_id.clone();
                     let answer = match self.consider(&offer, &me).await {
-                        Ok(trainer) => {
+                        Ok((trainer, secagg)) => {
                             let worker = spawn_worker(
                                 job_id.clone(),
                                 trainer,
+                                secagg,
                                 outbox.clone(),
                                 cfg.limits.chunk_bytes,
                                 self.stats.clone(),
@@ -157,6 +163,12 @@ impl PartyNode {
                     outbox.send(party_message::Body::JobAnswer(answer)).await;
                 }
                 coordinator_message::Body::Task(task) => {
+                    if let Some(stage) = &cfg.fault.exit_on_stage {
+                        if stage_name(task.stage) == stage {
+                            warn!(job = %task.job_id, round = task.round, "fault injection: exiting on a {stage} task");
+                            std::process::exit(3);
+                        }
+                    }
                     if pending.is_some() {
                         return Err(Error::PeerMisbehaved(
                             "a task started before the previous one's chunks ended".into(),
@@ -201,7 +213,7 @@ impl PartyNode {
 
     /// Applies the local policy to an offer and builds the trainer; the
     /// error is the refusal reason sent to the coordinator.
-    async fn consider(&self, offer: &pb::JobOffer, me: &str) -> Result<Box<dyn Trainer>, String> {
+    async fn consider(&self, offer: &pb::JobOffer, me: &str) -> Result<(Box<dyn Trainer>, Option<SecAggCtx>), String> {
         let cfg = &self.config;
         let spec = JobSpec::parse(&offer.spec_toml, &format!("offer of job {}", offer.job_id), &cfg.limits)
             .map_err(|e| format!("invalid job spec: {e}"))?;
@@ -228,12 +240,29 @@ impl PartyNode {
             .get(&offer.dataset)
             .cloned()
             .ok_or_else(|| format!("no data set named {:?} at this party", offer.dataset))?;
+        let secagg = match spec.privacy.mode {
+            PrivacyMode::Secagg => {
+                let key = std::fs::read(&cfg.key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
+                let key = IdentityKey::from_pem(&key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
+                let ca_pem = std::fs::read(&cfg.ca).map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
+                CertVerifier::new(&ca_pem).map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
+                Some(SecAggCtx {
+                    me: me.to_owned(),
+                    key: Arc::new(key),
+                    ca_pem,
+                    max_values: cfg.limits.max_values,
+                    round: None,
+                })
+            }
+            PrivacyMode::None => None,
+        };
         let factory = self.factory.clone();
         let me = me.to_owned();
-        tokio::task::spawn_blocking(move || factory.build(&spec, &source, &me))
+        let trainer = tokio::task::spawn_blocking(move || factory.build(&spec, &source, &me))
             .await
             .map_err(|e| format!("trainer set-up panicked: {e}"))?
-            .map_err(|e| format!("data set {:?}: {e}", offer.dataset))
+            .map_err(|e| format!("data set {:?}: {e}", offer.dataset))?;
+        Ok((trainer, secagg))
     }
 }
 
@@ -251,10 +280,27 @@ async fn dispatch(
     }
 }
 
+/// A party's secure-aggregation context for one job.
+struct SecAggCtx {
+    me: String,
+    key: Arc<IdentityKey>,
+    ca_pem: Vec<u8>,
+    max_values: usize,
+    /// The round in progress: the client and its encoded input.
+    round: Option<(SecAggClient, Vec<u32>)>,
+}
+
+/// What a result carries after its header.
+enum Outgoing {
+    Params(Parameters),
+    Words(Vec<u32>),
+}
+
 /// One thread per job owns the trainer (libtorch tensors are not `Sync`).
 fn spawn_worker(
     job_id: String,
     mut trainer: Box<dyn Trainer>,
+    mut secagg: Option<SecAggCtx>,
     outbox: Arc<Outbox>,
     chunk_bytes: usize,
     stats: Arc<NodeStats>,
@@ -264,17 +310,22 @@ fn spawn_worker(
         while let Ok(Command::Task { task, params }) = rx.recv() {
             let (round, task_id) = (task.round, task.task_id);
             let stage = pb::Stage::try_from(task.stage).unwrap_or(pb::Stage::Unspecified);
-            match run_task(trainer.as_mut(), &task, stage, params) {
-                Ok((result, params)) => {
-                    let values = params.as_ref().map_or(0, |p| p.num_values());
+            match run_task(trainer.as_mut(), &mut secagg, &task, stage, params) {
+                Ok((result, outgoing)) => {
                     let examples = result.num_examples;
                     let mut msgs = Vec::new();
                     let mut result = result;
-                    let mut bytes = Vec::new();
-                    if let Some(p) = &params {
-                        let (header, b) = transfer::encode(task_id, p);
-                        result.params = Some(header);
-                        bytes = b;
+                    let (mut bytes, mut values) = (Vec::new(), 0);
+                    match &outgoing {
+                        Some(Outgoing::Params(p)) => {
+                            let (header, b) = transfer::encode(task_id, p);
+                            (result.params, bytes, values) = (Some(header), b, p.num_values());
+                        }
+                        Some(Outgoing::Words(w)) => {
+                            let (header, b) = transfer::encode_words(task_id, "secagg.masked", w);
+                            (result.params, bytes, values) = (Some(header), b, w.len());
+                        }
+                        None => {}
                     }
                     msgs.push(party_message::Body::Result(result));
                     msgs.extend(transfer::chunks(task_id, &bytes, chunk_bytes).map(party_message::Body::Chunk));
@@ -284,7 +335,12 @@ fn spawn_worker(
                         }
                     }
                     stats.tasks_done.fetch_add(1, Ordering::Relaxed);
-                    info!(job = %job_id, round, stage = ?stage, values, bytes = values * 4, examples, "sent result (parameters, counts and metrics only)");
+                    let what = match outgoing {
+                        Some(Outgoing::Words(_)) => "masked vector only",
+                        _ if secagg.is_some() => "secure-aggregation keys or shares only",
+                        _ => "parameters, counts and metrics only",
+                    };
+                    info!(job = %job_id, round, stage = ?stage, values, bytes = values * 4, examples, "sent result ({what})");
                 }
                 Err(reason) => {
                     warn!(job = %job_id, round, stage = ?stage, "task failed: {reason}");
@@ -305,10 +361,11 @@ fn spawn_worker(
 
 fn run_task(
     trainer: &mut dyn Trainer,
+    secagg: &mut Option<SecAggCtx>,
     task: &pb::Task,
     stage: pb::Stage,
     params: Option<Parameters>,
-) -> Result<(pb::TaskResult, Option<Parameters>), String> {
+) -> Result<(pb::TaskResult, Option<Outgoing>), String> {
     let mut result = pb::TaskResult {
         job_id: task.job_id.clone(),
         round: task.round,
@@ -323,7 +380,17 @@ fn run_task(
             result.num_examples = stats.count;
             result.feature_sum = stats.sum;
             result.feature_sum_sq = stats.sum_sq;
-            Ok((result, Some(trainer.parameters())))
+            Ok((result, Some(Outgoing::Params(trainer.parameters()))))
+        }
+        pb::Stage::Fit if secagg.is_some() => {
+            let ctx = secagg.as_mut().ok_or("no secure-aggregation context")?;
+            secure_fit(trainer, ctx, task, params, &mut result, started)?;
+            Ok((result, None))
+        }
+        pb::Stage::SecaggShares | pb::Stage::SecaggMasked | pb::Stage::SecaggUnmask => {
+            let ctx = secagg.as_mut().ok_or("secure-aggregation task in a plaintext job")?;
+            let words = secure_stage(ctx, task, stage, &mut result)?;
+            Ok((result, words.map(Outgoing::Words)))
         }
         pb::Stage::Fit => {
             let p = params.ok_or("fit task without parameters")?;
@@ -334,7 +401,7 @@ fn run_task(
             result.num_examples = outcome.num_examples;
             result.metrics = outcome.metrics.into_iter().collect();
             result.metrics.insert("fit_ms".into(), started.elapsed().as_secs_f64() * 1000.0);
-            Ok((result, Some(trainer.parameters())))
+            Ok((result, Some(Outgoing::Params(trainer.parameters()))))
         }
         pb::Stage::Evaluate => {
             let p = params.ok_or("evaluate task without parameters")?;
@@ -346,5 +413,105 @@ fn run_task(
             Ok((result, None))
         }
         pb::Stage::Unspecified => Err(format!("unknown stage {}", task.stage)),
+    }
+}
+
+/// Trains, encodes `n/max_examples · (local − global)` plus the weight `n`,
+/// and answers with signed round keys. The update never leaves in the clear.
+fn secure_fit(
+    trainer: &mut dyn Trainer,
+    ctx: &mut SecAggCtx,
+    task: &pb::Task,
+    params: Option<Parameters>,
+    result: &mut pb::TaskResult,
+    started: Instant,
+) -> Result<(), String> {
+    use pb::sec_agg_message::Body;
+    let Some(Body::RoundConfig(rc)) = task.secagg.as_ref().and_then(|m| m.body.as_ref()) else {
+        return Err("secure fit task without round parameters".into());
+    };
+    let (cfg, clip, max_examples) =
+        wire::config_from_pb(rc, &task.job_id, task.round, ctx.max_values).map_err(|e| e.to_string())?;
+    let global = params.ok_or("fit task without parameters")?;
+    if cfg.dim != global.num_values() + 1 {
+        return Err(format!("secure aggregation over {} values for a model of {}", cfg.dim, global.num_values()));
+    }
+    trainer.set_parameters(&global).map_err(|e| e.to_string())?;
+    let fit: FitConfig = serde_json::from_str(&task.config_json).map_err(|e| format!("fit configuration: {e}"))?;
+    let outcome = trainer.fit(&fit).map_err(|e| e.to_string())?;
+    let n = outcome.num_examples;
+    if n == 0 || n > max_examples || n > u64::from(u32::MAX) {
+        return Err(format!("this party trained on {n} examples; privacy.max_examples allows 1 to {max_examples}"));
+    }
+    let scale = n as f64 / max_examples as f64;
+    let update: Vec<f32> = trainer
+        .parameters()
+        .flat_values()
+        .zip(global.flat_values())
+        .map(|(l, g)| ((f64::from(l) - f64::from(g)) * scale) as f32)
+        .collect();
+    let encoding = FixedPoint::new(cfg.bits, 0, clip, cfg.parties.len()).map_err(|e| e.to_string())?;
+    let mut input = encoding.encode(&update);
+    input.push(n as u32);
+    let mut rng = rand_core::OsRng;
+    let (client, advert) = SecAggClient::new(cfg, &ctx.me, ctx.key.as_ref(), &mut rng).map_err(|e| e.to_string())?;
+    ctx.round = Some((client, input));
+    result.metrics = outcome.metrics.into_iter().collect();
+    result.metrics.insert("fit_ms".into(), started.elapsed().as_secs_f64() * 1000.0);
+    result.secagg = Some(pb::SecAggMessage { body: Some(Body::Advert(wire::keys_to_pb(&advert, &[]))) });
+    Ok(())
+}
+
+/// Stages 1–3 of the client; returns the masked vector at stage 2.
+fn secure_stage(
+    ctx: &mut SecAggCtx,
+    task: &pb::Task,
+    stage: pb::Stage,
+    result: &mut pb::TaskResult,
+) -> Result<Option<Vec<u32>>, String> {
+    use pb::sec_agg_message::Body;
+    let body = task.secagg.as_ref().and_then(|m| m.body.as_ref());
+    let (client, input) = ctx.round.as_mut().ok_or("no secure-aggregation round in progress")?;
+    let mut rng = rand_core::OsRng;
+    match (stage, body) {
+        (pb::Stage::SecaggShares, Some(Body::Keys(keys))) => {
+            let mut verifier = CertVerifier::new(&ctx.ca_pem).map_err(|e| e.to_string())?;
+            let mut adverts = Vec::with_capacity(keys.keys.len());
+            for k in &keys.keys {
+                let (advert, cert) = wire::keys_from_pb(k).map_err(|e| e.to_string())?;
+                verifier.add_peer(&advert.party, &cert).map_err(|e| e.to_string())?;
+                adverts.push(advert);
+            }
+            let verifier: &dyn IdentityVerifier = &verifier;
+            let shares = client.on_keys(&adverts, verifier, &mut rng).map_err(|e| e.to_string())?;
+            result.secagg = Some(pb::SecAggMessage { body: Some(Body::Shares(wire::shares_to_pb(&shares))) });
+            Ok(None)
+        }
+        (pb::Stage::SecaggMasked, Some(Body::Shares(shares))) => {
+            let shares = wire::shares_from_pb(shares, 100_000).map_err(|e| e.to_string())?;
+            let masked = client.on_shares(&shares, input).map_err(|e| e.to_string())?;
+            Ok(Some(masked.values))
+        }
+        (pb::Stage::SecaggUnmask, Some(Body::Unmask(req))) => {
+            let answer = client.on_unmask(&wire::unmask_from_pb(req)).map_err(|e| e.to_string())?;
+            ctx.round = None;
+            result.secagg =
+                Some(pb::SecAggMessage { body: Some(Body::UnmaskShares(wire::unmask_shares_to_pb(&answer))) });
+            Ok(None)
+        }
+        (s, _) => Err(format!("{s:?} task without its secure-aggregation payload")),
+    }
+}
+
+/// The stage names used in job status and in `fault.exit_on_stage`.
+fn stage_name(stage: i32) -> &'static str {
+    match pb::Stage::try_from(stage).unwrap_or(pb::Stage::Unspecified) {
+        pb::Stage::Setup => "setup",
+        pb::Stage::Fit => "fit",
+        pb::Stage::Evaluate => "evaluate",
+        pb::Stage::SecaggShares => "secagg-shares",
+        pb::Stage::SecaggMasked => "secagg-masked-input",
+        pb::Stage::SecaggUnmask => "secagg-unmask",
+        pb::Stage::Unspecified => "unspecified",
     }
 }

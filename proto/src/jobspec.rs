@@ -33,13 +33,15 @@ impl JobKind {
     }
 }
 
-/// How updates are protected. Further modes (`secagg`, `he`, `dp`) plug in here.
+/// How updates are protected. Further modes (`he`, `dp`) plug in here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PrivacyMode {
     /// Plain updates over mutual TLS: the coordinator sees each party's update.
     #[default]
     None,
+    /// SecAgg+ secure aggregation: the coordinator learns only the sum.
+    Secagg,
 }
 
 impl PrivacyMode {
@@ -47,6 +49,7 @@ impl PrivacyMode {
     pub fn as_str(self) -> &'static str {
         match self {
             PrivacyMode::None => "none",
+            PrivacyMode::Secagg => "secagg",
         }
     }
 }
@@ -94,6 +97,46 @@ pub struct PrivacySpec {
     /// How updates are protected.
     #[serde(default)]
     pub mode: PrivacyMode,
+    /// secagg: fraction of a party's neighbours whose shares rebuild its
+    /// secrets, in (0.5, 1]; default 0.6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// secagg: bits of the modulus the encoded sum lives in, 16..=32; default 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits: Option<u32>,
+    /// secagg: each coordinate of a party's (example-weighted) update is
+    /// clipped to [-clip, clip]; default 1.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip: Option<f32>,
+    /// secagg: the most training examples one party may weigh in with; its
+    /// update is scaled by n/max_examples before encoding; default 100000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_examples: Option<u64>,
+}
+
+/// Resolved secure-aggregation settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecAggSettings {
+    /// Threshold as a fraction of the degree.
+    pub threshold: f64,
+    /// Modulus bits.
+    pub bits: u32,
+    /// Coordinate clip.
+    pub clip: f32,
+    /// Weight cap.
+    pub max_examples: u64,
+}
+
+impl PrivacySpec {
+    /// The secure-aggregation settings with defaults filled in.
+    pub fn secagg(&self) -> SecAggSettings {
+        SecAggSettings {
+            threshold: self.threshold.unwrap_or(0.6),
+            bits: self.bits.unwrap_or(32),
+            clip: self.clip.unwrap_or(1.0),
+            max_examples: self.max_examples.unwrap_or(100_000),
+        }
+    }
 }
 
 /// Evaluation cadence.
@@ -304,6 +347,45 @@ impl JobSpec {
         if self.evaluation.every == 0 {
             err("evaluation.every", "must be at least 1".into());
         }
+        let p = &self.privacy;
+        if p.mode == PrivacyMode::Secagg {
+            let sa = p.secagg();
+            if !(sa.threshold > 0.5 && sa.threshold <= 1.0) {
+                err("privacy.threshold", format!("must be in (0.5, 1] (got {})", sa.threshold));
+            }
+            if !(16..=32).contains(&sa.bits) {
+                err("privacy.bits", format!("must be 16..=32 (got {})", sa.bits));
+            }
+            if !(sa.clip.is_finite() && sa.clip > 0.0) {
+                err("privacy.clip", format!("must be positive and finite (got {})", sa.clip));
+            }
+            let parties = if names.is_empty() { limits.max_parties } else { names.len() };
+            if sa.max_examples == 0 || (sa.max_examples as u128) * (parties as u128) >= 1u128 << sa.bits.min(32) {
+                err(
+                    "privacy.max_examples",
+                    format!("must be positive and {parties} × max_examples must fit in {} bits", sa.bits),
+                );
+            } else if (((1u64 << sa.bits.min(32)) - 1) / parties as u64) < 256 {
+                err("privacy.bits", format!("{} bits are too few for {parties} parties", sa.bits));
+            }
+            if self.min_parties() < 2 {
+                err("parties.min", "secure aggregation needs at least 2 parties".into());
+            }
+        } else {
+            for (field, set) in [
+                ("threshold", p.threshold.is_some()),
+                ("bits", p.bits.is_some()),
+                ("clip", p.clip.is_some()),
+                ("max_examples", p.max_examples.is_some()),
+            ] {
+                if set {
+                    err(
+                        &format!("privacy.{field}"),
+                        format!("only applies to mode \"secagg\" (mode is {:?})", p.mode.as_str()),
+                    );
+                }
+            }
+        }
         if !(1..=86_400).contains(&self.timeouts.recruit_secs) {
             err("timeouts.recruit_secs", format!("must be 1..=86400 (got {})", self.timeouts.recruit_secs));
         }
@@ -384,5 +466,29 @@ classes = 2
         assert_eq!(e.errors[0].0, "parties.names[1]");
         let big = "#".repeat(Limits::default().max_spec_bytes + 1);
         assert!(JobSpec::parse(&big, "f", &Limits::default()).is_err());
+    }
+}
+
+#[cfg(test)]
+mod privacy_tests {
+    use super::*;
+
+    const BASE: &str = "name = \"s\"\nkind = \"train\"\n[parties]\nnames = [\"a\", \"b\", \"c\"]\ndataset = \"d\"\n\
+                        [model]\nkind = \"logistic_regression\"\nclasses = 2\n";
+
+    #[test]
+    fn secagg_settings_have_safe_defaults_and_are_validated() {
+        let s = JobSpec::parse(&format!("{BASE}[privacy]\nmode = \"secagg\"\n"), "f", &Limits::default()).unwrap();
+        assert_eq!(s.privacy.secagg(), SecAggSettings { threshold: 0.6, bits: 32, clip: 1.0, max_examples: 100_000 });
+        let bad = format!("{BASE}[privacy]\nmode = \"secagg\"\nthreshold = 0.4\nbits = 40\nclip = -1.0\n");
+        let e = JobSpec::parse(&bad, "f", &Limits::default()).unwrap_err();
+        let paths: Vec<&str> = e.errors.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, vec!["privacy.threshold", "privacy.bits", "privacy.clip"]);
+        let e = JobSpec::parse(&format!("{BASE}[privacy]\nmode = \"secagg\"\nbits = 16\n"), "f", &Limits::default())
+            .unwrap_err();
+        assert_eq!(e.errors[0].0, "privacy.max_examples");
+        let e = JobSpec::parse(&format!("{BASE}[privacy]\nmode = \"none\"\nbits = 32\n"), "f", &Limits::default())
+            .unwrap_err();
+        assert_eq!(e.errors[0].0, "privacy.bits");
     }
 }

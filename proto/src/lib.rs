@@ -9,6 +9,7 @@
 
 pub mod jobspec;
 pub mod net;
+pub mod secagg;
 pub mod status;
 pub mod transfer;
 

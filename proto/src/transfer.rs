@@ -25,6 +25,14 @@ pub fn encode(transfer_id: u64, params: &Parameters) -> (pb::ParamsHeader, Vec<u
     (pb::ParamsHeader { transfer_id, tensors, total_bytes: bytes.len() as u64 }, bytes)
 }
 
+/// Encodes raw 32-bit words (a masked vector in Z_{2^b}) as a one-tensor
+/// transfer named `name`.
+pub fn encode_words(transfer_id: u64, name: &str, words: &[u32]) -> (pb::ParamsHeader, Vec<u8>) {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let spec = pb::TensorSpec { name: name.to_owned(), shape: vec![words.len() as u64] };
+    (pb::ParamsHeader { transfer_id, tensors: vec![spec], total_bytes: bytes.len() as u64 }, bytes)
+}
+
 /// Splits encoded bytes into chunks of at most `chunk_bytes`.
 pub fn chunks(transfer_id: u64, bytes: &[u8], chunk_bytes: usize) -> impl Iterator<Item = pb::Chunk> + '_ {
     bytes.chunks(chunk_bytes.max(4)).scan(0u64, move |offset, c| {
@@ -126,6 +134,14 @@ impl Incoming {
         }
         self.buf.extend_from_slice(&chunk.data);
         Ok(())
+    }
+
+    /// The received bytes as raw 32-bit words (for [`encode_words`] transfers).
+    pub fn finish_words(self) -> Result<Vec<u32>, Error> {
+        if !self.is_complete() || self.specs.len() != 1 {
+            return Err(Error::ProtocolViolation("a word transfer is one complete tensor".into()));
+        }
+        Ok(self.buf.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     /// The received parameters; fails if bytes are missing.

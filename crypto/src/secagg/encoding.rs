@@ -100,7 +100,7 @@ mod tests {
         ) {
             let n = vals.len();
             let fp = FixedPoint::new(32, reserve, 2.0, 20).unwrap();
-            let mut sum = vec![0u64; 5];
+            let mut sum = [0u64; 5];
             for v in &vals {
                 for (s, q) in sum.iter_mut().zip(fp.encode(v)) { *s += u64::from(q); }
             }

@@ -1,0 +1,142 @@
+//! Signatures bound to the federation's certificates.
+//!
+//! A party signs its per-round secure-aggregation keys with the private key
+//! of its certificate (ECDSA P-256). Peers verify the signature with the
+//! public key of the signer's certificate, after checking that the
+//! certificate was issued by the federation CA, is valid now, and names that
+//! party. The coordinator relays certificates and keys but cannot forge or
+//! substitute either.
+
+use std::collections::BTreeMap;
+
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, UnparsedPublicKey};
+use x509_parser::prelude::{FromDer, X509Certificate};
+use zeroize::Zeroizing;
+
+use crate::Error;
+use crate::pki::{Role, peer_identity};
+use crate::secagg::protocol::{IdentitySigner, IdentityVerifier};
+
+fn pem_der(pem: &[u8], what: &str) -> Result<Zeroizing<Vec<u8>>, Error> {
+    let (_, block) =
+        x509_parser::pem::parse_x509_pem(pem).map_err(|e| Error::InvalidInput(format!("{what}: not PEM: {e}")))?;
+    Ok(Zeroizing::new(block.contents))
+}
+
+/// A party's signing key: the private key of its certificate.
+pub struct IdentityKey {
+    key: EcdsaKeyPair,
+    rng: SystemRandom,
+}
+
+impl IdentityKey {
+    /// Loads a PKCS#8 PEM private key (as written by `confide certs`).
+    pub fn from_pem(pem: &[u8]) -> Result<IdentityKey, Error> {
+        let der = pem_der(pem, "identity key")?;
+        let rng = SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &der, &rng)
+            .map_err(|e| Error::InvalidInput(format!("identity key is not an ECDSA P-256 PKCS#8 key: {e}")))?;
+        Ok(IdentityKey { key, rng })
+    }
+}
+
+impl IdentitySigner for IdentityKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
+        self.key
+            .sign(&self.rng, msg)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| Error::InvalidInput("signing failed".into()))
+    }
+}
+
+/// Verifies peers' signatures against their certificates and the CA.
+pub struct CertVerifier {
+    ca_der: Vec<u8>,
+    certs: BTreeMap<String, Vec<u8>>,
+}
+
+impl CertVerifier {
+    /// A verifier trusting the CA in `ca_pem`.
+    pub fn new(ca_pem: &[u8]) -> Result<CertVerifier, Error> {
+        let ca_der = pem_der(ca_pem, "CA certificate")?.to_vec();
+        X509Certificate::from_der(&ca_der).map_err(|e| Error::Certificate(format!("CA certificate: {e}")))?;
+        Ok(CertVerifier { ca_der, certs: BTreeMap::new() })
+    }
+
+    /// Checks `cert_der` (issued by the CA, valid now, a party certificate
+    /// naming `party`) and remembers it for [`IdentityVerifier::verify`].
+    pub fn add_peer(&mut self, party: &str, cert_der: &[u8]) -> Result<(), Error> {
+        let (_, ca) = X509Certificate::from_der(&self.ca_der).map_err(|e| Error::Certificate(e.to_string()))?;
+        let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| Error::PeerMisbehaved {
+            party: party.into(),
+            reason: format!("unparsable certificate: {e}"),
+        })?;
+        let bad = |reason: String| Error::PeerMisbehaved { party: party.into(), reason };
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|_| bad("certificate not issued by the federation CA".into()))?;
+        if !cert.validity().is_valid() {
+            return Err(bad("certificate expired or not yet valid".into()));
+        }
+        let id = peer_identity(cert_der)?;
+        if id.name != party || id.role != Role::Party {
+            return Err(bad(format!("certificate names {} ({:?}), not party {party}", id.name, id.role)));
+        }
+        self.certs.insert(party.to_owned(), cert_der.to_vec());
+        Ok(())
+    }
+}
+
+impl IdentityVerifier for CertVerifier {
+    fn verify(&self, party: &str, msg: &[u8], sig: &[u8]) -> Result<(), Error> {
+        let der = self
+            .certs
+            .get(party)
+            .ok_or_else(|| Error::PeerMisbehaved { party: party.into(), reason: "no verified certificate".into() })?;
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| Error::Certificate(e.to_string()))?;
+        let spki = cert.public_key().subject_public_key.data.as_ref();
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, spki)
+            .verify(msg, sig)
+            .map_err(|_| Error::PeerMisbehaved { party: party.into(), reason: "signature does not verify".into() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{FederationCa, PkiDir};
+
+    fn der_of(pem: &str) -> Vec<u8> {
+        pem_der(pem.as_bytes(), "cert").unwrap().to_vec()
+    }
+
+    #[test]
+    fn signatures_verify_only_with_the_signers_ca_issued_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("t", &["a".into(), "b".into()], &[]).unwrap();
+        let ca = std::fs::read(pki.ca_cert()).unwrap();
+        let key_a = IdentityKey::from_pem(&std::fs::read(pki.party_key("a")).unwrap()).unwrap();
+        let cert_a = der_of(&std::fs::read_to_string(pki.party_cert("a")).unwrap());
+        let cert_b = der_of(&std::fs::read_to_string(pki.party_cert("b")).unwrap());
+        let mut v = CertVerifier::new(&ca).unwrap();
+        v.add_peer("a", &cert_a).unwrap();
+        v.add_peer("b", &cert_b).unwrap();
+        let sig = key_a.sign(b"keys").unwrap();
+        v.verify("a", b"keys", &sig).unwrap();
+        assert!(v.verify("a", b"other keys", &sig).is_err());
+        assert!(v.verify("b", b"keys", &sig).is_err(), "a's signature passes as b's");
+        assert!(v.add_peer("b", &cert_a).is_err(), "a's certificate for b");
+        // A certificate from another CA is refused.
+        let evil = FederationCa::generate("evil").unwrap().issue(Role::Party, "a", &[]).unwrap();
+        assert!(v.add_peer("a", &der_of(&evil.cert_pem)).is_err());
+        // An expired certificate is refused.
+        let now = time::OffsetDateTime::now_utc();
+        let expired = pki
+            .load_ca()
+            .unwrap()
+            .issue_with_validity(Role::Party, "a", &[], now - time::Duration::days(3), now - time::Duration::days(1))
+            .unwrap();
+        assert!(v.add_peer("a", &der_of(&expired.cert_pem)).is_err());
+    }
+}
