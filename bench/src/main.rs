@@ -112,9 +112,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) -> Result<serde_json::Value, String> {
-    if privacy != "none" {
-        return Err(format!("--privacy {privacy}: not available yet (none)"));
-    }
+    let privacy_table = match privacy {
+        "none" => String::new(),
+        "secagg" => "[privacy]\nmode = \"secagg\"\nmax_examples = 1000\n".to_string(),
+        other => return Err(format!("--privacy {other}: unknown (none, secagg)")),
+    };
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let names: Vec<String> = (0..parties).map(|i| format!("p{i:03}")).collect();
     let pki = PkiDir::new(dir.path().join("pki"));
@@ -142,7 +144,7 @@ async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) 
                 DatasetSource { path: PathBuf::from("unused"), format: DataFormat::Csv, csv: CsvOptions::default() },
             )]
             .into(),
-            policy: Policy::default(),
+            policy: Policy { privacy_modes: vec!["none".into(), "secagg".into()], ..Policy::default() },
             reconnect: Reconnect::default(),
             limits: Limits::default(),
             fault: Default::default(),
@@ -155,7 +157,7 @@ async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) 
     let spec = format!(
         "name = \"bench\"\nkind = \"train\"\nrounds = {}\n[parties]\nnames = [{}]\ndataset = \"synthetic\"\n\
          [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n[evaluation]\nevery = 100000\n\
-         [timeouts]\nrecruit_secs = 120\nround_secs = 600\n",
+         [timeouts]\nrecruit_secs = 120\nround_secs = 600\n{privacy_table}",
         rounds + 1,
         quoted.join(",")
     );
@@ -211,10 +213,20 @@ async fn main() {
             let mut failed = false;
             for &n in &parties {
                 for &p in &params {
+                    // Every mode of one configuration runs back to back, so the
+                    // overhead is a ratio measured in one run.
+                    let mut plain_ms = None;
                     for mode in &privacy {
                         match bench_round(n, p, mode, rounds.max(1)).await {
-                            Ok(v) if json => println!("{v}"),
-                            Ok(v) => println!("{v:#}"),
+                            Ok(mut v) => {
+                                let ms = v["round_ms_median"].as_f64();
+                                if mode == "none" {
+                                    plain_ms = ms;
+                                } else if let (Some(base), Some(ms)) = (plain_ms, ms) {
+                                    v["overhead_vs_plain"] = serde_json::json!(ms / base);
+                                }
+                                if json { println!("{v}") } else { println!("{v:#}") }
+                            }
                             Err(e) => {
                                 eprintln!("error: parties={n} params={p} privacy={mode}: {e}");
                                 failed = true;

@@ -443,13 +443,12 @@ fn secure_fit(
     if n == 0 || n > max_examples || n > u64::from(u32::MAX) {
         return Err(format!("this party trained on {n} examples; privacy.max_examples allows 1 to {max_examples}"));
     }
-    let scale = n as f64 / max_examples as f64;
-    let update: Vec<f32> = trainer
-        .parameters()
-        .flat_values()
-        .zip(global.flat_values())
-        .map(|(l, g)| ((f64::from(l) - f64::from(g)) * scale) as f32)
-        .collect();
+    let scale = (n as f64 / max_examples as f64) as f32;
+    let local = trainer.parameters();
+    let mut update = Vec::with_capacity(global.num_values());
+    for (l, g) in local.tensors().iter().zip(global.tensors()) {
+        update.extend(l.data.iter().zip(&g.data).map(|(l, g)| (l - g) * scale));
+    }
     let encoding = FixedPoint::new(cfg.bits, 0, clip, cfg.parties.len()).map_err(|e| e.to_string())?;
     let mut input = encoding.encode(&update);
     input.push(n as u32);

@@ -57,13 +57,17 @@ impl FixedPoint {
     /// Encodes values (NaN is rejected by the caller's finiteness checks and
     /// maps to the midpoint here).
     pub fn encode(&self, values: &[f32]) -> Vec<u32> {
+        // f64 throughout: levels reach 2^32 / n, beyond f32's 24-bit mantissa.
         let c = f64::from(self.clip);
         let scale = self.levels as f64 / (2.0 * c);
+        let top = self.levels as f64;
+        // After clamping, (v + c)·scale is in [0, levels]; adding 0.5 and
+        // truncating rounds to nearest without a libm call, so this vectorises.
         values
             .iter()
             .map(|&v| {
                 let v = if v.is_nan() { 0.0 } else { f64::from(v).clamp(-c, c) };
-                ((v + c) * scale).round().min(self.levels as f64) as u32
+                ((v + c) * scale + 0.5).min(top) as u32
             })
             .collect()
     }

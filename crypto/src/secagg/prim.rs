@@ -11,7 +11,9 @@ use zeroize::Zeroizing;
 
 use crate::Error;
 
-type Aes128Ctr = ctr::Ctr128BE<aes::Aes128>;
+// A 32-bit block counter: the stream of one seed is at most 2^32 blocks (64 GiB),
+// far above any vector length, and the narrower counter is cheaper.
+type Aes128Ctr = ctr::Ctr32BE<aes::Aes128>;
 
 const SALT: &[u8] = b"confide-secagg-v1";
 
@@ -48,16 +50,33 @@ pub fn value_mask(bits: u32) -> u32 {
 /// modulo 2^bits. The stream is AES-128-CTR keyed by the seed's first half
 /// with the second half as IV: one AES block yields four 32-bit mask words.
 pub fn apply_mask(acc: &mut [u32], seed: &[u8; 32], bits: u32, negate: bool) {
-    let mut cipher = Aes128Ctr::new(seed[..16].into(), seed[16..].into());
+    apply_masks(acc, &[(seed, negate)], bits);
+}
+
+/// Applies several mask streams in one pass over `acc`: block by block, every
+/// stream is added while the block is in L1 cache, instead of one full pass
+/// over a multi-megabyte vector per stream.
+pub fn apply_masks(acc: &mut [u32], masks: &[(&[u8; 32], bool)], bits: u32) {
+    const WORDS: usize = 4096;
+    let mut ciphers: Vec<(Aes128Ctr, bool)> =
+        masks.iter().map(|(seed, neg)| (Aes128Ctr::new(seed[..16].into(), seed[16..].into()), *neg)).collect();
     let m = value_mask(bits);
-    let mut buf = [0u8; 4096];
-    for block in acc.chunks_mut(buf.len() / 4) {
-        let bytes = &mut buf[..block.len() * 4];
-        bytes.fill(0);
-        cipher.apply_keystream(bytes);
-        for (a, w) in block.iter_mut().zip(bytes.chunks_exact(4)) {
-            let r = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-            *a = if negate { a.wrapping_sub(r) } else { a.wrapping_add(r) } & m;
+    let mut ks = vec![0u32; WORDS];
+    for block in acc.chunks_mut(WORDS) {
+        let ks = &mut ks[..block.len()];
+        for (cipher, negate) in ciphers.iter_mut() {
+            ks.fill(0);
+            // The keystream is generated straight into 32-bit words, read as
+            // little-endian so the masks are the same on every platform.
+            cipher.apply_keystream(bytemuck::cast_slice_mut(ks));
+            if *negate {
+                block.iter_mut().zip(ks.iter()).for_each(|(a, r)| *a = a.wrapping_sub(u32::from_le(*r)));
+            } else {
+                block.iter_mut().zip(ks.iter()).for_each(|(a, r)| *a = a.wrapping_add(u32::from_le(*r)));
+            }
+        }
+        if m != u32::MAX {
+            block.iter_mut().for_each(|a| *a &= m);
         }
     }
 }
@@ -140,6 +159,17 @@ mod tests {
         assert!(v.iter().any(|&x| x != 5));
         apply_mask(&mut v, &seed, 20, true);
         assert!(v.iter().all(|&x| x == 5));
+    }
+
+    #[test]
+    fn fused_masks_equal_masks_applied_one_by_one() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let mut one = vec![3u32; 5000];
+        apply_mask(&mut one, &a, 24, false);
+        apply_mask(&mut one, &b, 24, true);
+        let mut fused = vec![3u32; 5000];
+        apply_masks(&mut fused, &[(&a, false), (&b, true)], 24);
+        assert_eq!(one, fused);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use super::graph::Graph;
-use super::prim::{apply_mask, context, derive, open, seal, value_mask};
+use super::prim::{apply_masks, context, derive, open, seal, value_mask};
 use super::shamir::{self, Share};
 use crate::Error;
 
@@ -337,14 +337,15 @@ impl Client {
             return Err(Error::BelowThreshold(format!("{} neighbours shared keys", self.held.len())));
         }
         let bits = self.cfg.bits;
-        let mut y = input.to_vec();
-        apply_mask(&mut y, &self.cfg.self_seed(&self.self_seed, &self.me), bits, false);
+        let mut seeds = vec![(self.cfg.self_seed(&self.self_seed, &self.me), false)];
         for peer in self.held.keys() {
             let keys = &self.peers[peer];
             let dh = self.mask_sk.diffie_hellman(&keys.mask);
-            let seed = self.cfg.pair_seed(dh.as_bytes(), &self.me, peer);
-            apply_mask(&mut y, &seed, bits, self.me.as_str() > peer.as_str());
+            seeds.push((self.cfg.pair_seed(dh.as_bytes(), &self.me, peer), self.me.as_str() > peer.as_str()));
         }
+        let masks: Vec<(&[u8; 32], bool)> = seeds.iter().map(|(s, neg)| (&**s, *neg)).collect();
+        let mut y = input.to_vec();
+        apply_masks(&mut y, &masks, bits);
         self.stage = ClientStage::AwaitUnmask;
         Ok(MaskedInput { party: self.me.clone(), values: y })
     }
@@ -599,12 +600,14 @@ impl Server {
                 *s = s.wrapping_add(*v) & m;
             }
         }
+        // Rebuild every seed first, then remove all masks in one fused pass.
+        let mut seeds: Vec<(Zeroizing<[u8; 32]>, bool)> = Vec::new();
         for v in &req.survivors {
             let shares = collect(v, true);
             let b = Zeroizing::new(shamir::combine(&shares, t).map_err(|_| {
                 Error::BelowThreshold(format!("{} shares of {v}'s self-mask; {t} needed", shares.len()))
             })?);
-            apply_mask(&mut sum, &self.cfg.self_seed(&b, v), bits, true);
+            seeds.push((self.cfg.self_seed(&b, v), true));
         }
         for d in &req.dropped {
             let shares = collect(d, false);
@@ -623,11 +626,12 @@ impl Server {
                     continue;
                 }
                 let dh = sk.diffie_hellman(&PublicKey::from(uk.mask_pk));
-                let seed = self.cfg.pair_seed(dh.as_bytes(), &u, d);
                 // Undo u's contribution: u added with sign + iff u < d.
-                apply_mask(&mut sum, &seed, bits, u.as_str() < d.as_str());
+                seeds.push((self.cfg.pair_seed(dh.as_bytes(), &u, d), u.as_str() < d.as_str()));
             }
         }
+        let masks: Vec<(&[u8; 32], bool)> = seeds.iter().map(|(s, neg)| (&**s, *neg)).collect();
+        apply_masks(&mut sum, &masks, bits);
         self.stage = ServerStage::Done;
         Ok((sum, req.survivors))
     }

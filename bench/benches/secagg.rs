@@ -1,0 +1,109 @@
+//! Criterion benches of SecAgg+ stages at 10 parties × 1,000,000 values:
+//! client masking (9 neighbours) and server unmasking with 0 and 2 dropouts.
+
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
+use confide_crypto::Error;
+use confide_crypto::secagg::protocol::{
+    Client, Config, EncryptedShare, IdentitySigner, IdentityVerifier, MaskedInput, Server,
+};
+use criterion::{Criterion, criterion_group, criterion_main};
+use rand_core::OsRng;
+use sha2::{Digest, Sha256};
+
+struct Tag(String);
+struct TagCheck;
+
+fn tag(p: &str, m: &[u8]) -> Vec<u8> {
+    Sha256::new().chain_update(p).chain_update(m).finalize().to_vec()
+}
+impl IdentitySigner for Tag {
+    fn sign(&self, m: &[u8]) -> Result<Vec<u8>, Error> {
+        Ok(tag(&self.0, m))
+    }
+}
+impl IdentityVerifier for TagCheck {
+    fn verify(&self, p: &str, m: &[u8], s: &[u8]) -> Result<(), Error> {
+        if tag(p, m) == s { Ok(()) } else { Err(Error::InvalidInput("sig".into())) }
+    }
+}
+
+const N: usize = 10;
+const DIM: usize = 1_000_000;
+
+fn config() -> Config {
+    Config {
+        job: "bench".into(),
+        round: 1,
+        parties: (0..N).map(|i| format!("p{i:02}")).collect(),
+        threshold: 6,
+        degree: N - 1,
+        graph_seed: [1; 32],
+        bits: 32,
+        dim: DIM,
+    }
+}
+
+/// Runs stages 0–1 and returns clients ready to mask, with the server and
+/// the shares each client receives.
+fn prepared() -> (Server, Vec<Client>, Vec<Vec<EncryptedShare>>) {
+    let cfg = config();
+    let mut server = Server::new(cfg.clone()).expect("server");
+    let mut clients = Vec::new();
+    for p in &cfg.parties {
+        let (c, m) = Client::new(cfg.clone(), p, &Tag(p.clone()), &mut OsRng).expect("client");
+        server.on_keys(m).expect("keys");
+        clients.push(c);
+    }
+    server.close_keys().expect("close");
+    for (c, p) in clients.iter_mut().zip(&cfg.parties) {
+        let s = c.on_keys(&server.keys_for(p).expect("k"), &TagCheck, &mut OsRng).expect("on_keys");
+        server.on_shares(p, s).expect("shares");
+    }
+    server.close_shares().expect("close");
+    let shares = cfg.parties.iter().map(|p| server.shares_for(p)).collect();
+    (server, clients, shares)
+}
+
+fn client_masking(c: &mut Criterion) {
+    let input = vec![7u32; DIM];
+    let mut g = c.benchmark_group("secagg_client");
+    g.sample_size(10);
+    g.bench_function("mask_1M_9_neighbours", |b| {
+        b.iter_batched(
+            prepared,
+            |(_, mut clients, shares)| clients[0].on_shares(&shares[0], &input).expect("mask"),
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+fn server_unmasking(c: &mut Criterion) {
+    let input = vec![7u32; DIM];
+    let mut g = c.benchmark_group("secagg_server");
+    g.sample_size(10);
+    for dropped in [0usize, 2] {
+        let setup = || {
+            let (mut server, mut clients, shares) = prepared();
+            let masked: Vec<MaskedInput> =
+                clients.iter_mut().zip(&shares).map(|(c, s)| c.on_shares(s, &input).expect("mask")).collect();
+            for m in masked.into_iter().skip(dropped) {
+                server.on_masked(m).expect("masked");
+            }
+            let req = server.close_masked().expect("close");
+            for c in clients.iter_mut().skip(dropped) {
+                server.on_unmask(c.on_unmask(&req).expect("unmask")).expect("on_unmask");
+            }
+            server
+        };
+        g.bench_function(format!("unmask_1M_{dropped}_dropped"), |b| {
+            b.iter_batched(setup, |mut s| s.finish().expect("finish"), criterion::BatchSize::LargeInput)
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, client_masking, server_unmasking);
+criterion_main!(benches);
