@@ -42,15 +42,16 @@ format = "csv"
 
 [policy]
 job_kinds = ["train", "evaluate"]
-privacy_modes = ["none"]
+privacy_modes = ["none", "secagg"]
 TOML
   "$BIN/confide-party" run --config "$DEMO/$p.toml" 2>"$DEMO/logs/$p.log" &
   PIDS+=($!)
 done
 
 export CONFIDE_COORDINATOR="https://$ADDR" CONFIDE_PKI="$DEMO/pki"
-echo "== 5. submitting examples/jobs/breast-cancer.toml"
-JOB=$("$BIN/confide" job submit examples/jobs/breast-cancer.toml | head -1)
+SPEC=${CONFIDE_DEMO_SPEC:-examples/jobs/breast-cancer-secagg.toml}
+echo "== 5. submitting $SPEC (secure aggregation: the coordinator sees only masked vectors)"
+JOB=$("$BIN/confide" job submit "$SPEC" | head -1)
 echo "   job $JOB"
 "$BIN/confide" job watch "$JOB"
 "$BIN/confide" job model "$JOB" --out "$DEMO/model.safetensors"

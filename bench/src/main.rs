@@ -54,6 +54,106 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Per-party and server cost of SecAgg+ as the federation grows (the
+    /// protocol alone, in one process, no network).
+    SecaggScaling {
+        /// Party counts (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "10,50,100,200")]
+        parties: Vec<usize>,
+        /// Vector length.
+        #[arg(long, default_value_t = 100_000)]
+        params: usize,
+    },
+}
+
+/// Test-grade identity for the protocol-only benchmark: a hash tag instead of
+/// ECDSA, so the figures are the protocol's own cost.
+struct BenchSigner(String);
+struct BenchVerifier;
+
+fn bench_tag(p: &str, m: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::new().chain_update(p).chain_update(m).finalize().to_vec()
+}
+
+impl confide_crypto::secagg::protocol::IdentitySigner for BenchSigner {
+    fn sign(&self, m: &[u8]) -> Result<Vec<u8>, confide_crypto::Error> {
+        Ok(bench_tag(&self.0, m))
+    }
+}
+
+impl confide_crypto::secagg::protocol::IdentityVerifier for BenchVerifier {
+    fn verify(&self, p: &str, m: &[u8], s: &[u8]) -> Result<(), confide_crypto::Error> {
+        if bench_tag(p, m) == s { Ok(()) } else { Err(confide_crypto::Error::InvalidInput("tag".into())) }
+    }
+}
+
+/// Runs one SecAgg+ round over `n` parties and reports per-stage costs.
+fn secagg_scaling(n: usize, dim: usize) -> Result<serde_json::Value, String> {
+    use confide_crypto::secagg::graph::degree_for;
+    use confide_crypto::secagg::protocol::{Client, Config, Server};
+    use std::time::Instant;
+    let degree = degree_for(n, 20, 3.0);
+    let k = degree.min(n - 1);
+    let threshold = ((0.6 * k as f64).ceil() as usize).clamp(2, k);
+    let cfg = Config {
+        job: "scaling".into(),
+        round: 1,
+        parties: (0..n).map(|i| format!("p{i:04}")).collect(),
+        threshold,
+        degree,
+        graph_seed: [3; 32],
+        bits: 32,
+        dim,
+    };
+    let e = |e: confide_crypto::Error| e.to_string();
+    let mut rng = rand_core::OsRng;
+    let mut server = Server::new(cfg.clone()).map_err(e)?;
+    let mut clients = Vec::with_capacity(n);
+    for p in &cfg.parties {
+        let (c, m) = Client::new(cfg.clone(), p, &BenchSigner(p.clone()), &mut rng).map_err(e)?;
+        server.on_keys(m).map_err(e)?;
+        clients.push(c);
+    }
+    server.close_keys().map_err(e)?;
+    let mut share_ms = Vec::new();
+    for (c, p) in clients.iter_mut().zip(&cfg.parties) {
+        let keys = server.keys_for(p).map_err(e)?;
+        let t = Instant::now();
+        let shares = c.on_keys(&keys, &BenchVerifier, &mut rng).map_err(e)?;
+        share_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        server.on_shares(p, shares).map_err(e)?;
+    }
+    server.close_shares().map_err(e)?;
+    let input = vec![1u32; dim];
+    let mut mask_ms = Vec::new();
+    for (c, p) in clients.iter_mut().zip(&cfg.parties) {
+        let shares = server.shares_for(p);
+        let t = Instant::now();
+        let y = c.on_shares(&shares, &input).map_err(e)?;
+        mask_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        server.on_masked(y).map_err(e)?;
+    }
+    let req = server.close_masked().map_err(e)?;
+    for c in clients.iter_mut() {
+        server.on_unmask(c.on_unmask(&req).map_err(e)?).map_err(e)?;
+    }
+    let t = Instant::now();
+    let (sum, _) = server.finish().map_err(e)?;
+    let unmask_ms = t.elapsed().as_secs_f64() * 1e3;
+    if sum.iter().any(|&v| v != n as u32) {
+        return Err("wrong sum".into());
+    }
+    Ok(serde_json::json!({
+        "bench": "secagg_scaling",
+        "parties": n,
+        "params": dim,
+        "degree": k,
+        "threshold": threshold,
+        "client_share_keys_ms_median": median(share_ms),
+        "client_mask_ms_median": median(mask_ms),
+        "server_unmask_ms": unmask_ms,
+    }))
 }
 
 /// One parameter vector; "training" adds a small deterministic step, so the
@@ -232,6 +332,19 @@ async fn main() {
                                 failed = true;
                             }
                         }
+                    }
+                }
+            }
+            std::process::exit(i32::from(failed));
+        }
+        Command::SecaggScaling { parties, params } => {
+            let mut failed = false;
+            for n in parties {
+                match secagg_scaling(n.max(3), params.max(1)) {
+                    Ok(v) => println!("{v}"),
+                    Err(e) => {
+                        eprintln!("error: parties={n}: {e}");
+                        failed = true;
                     }
                 }
             }

@@ -163,11 +163,11 @@ impl PartyNode {
                     outbox.send(party_message::Body::JobAnswer(answer)).await;
                 }
                 coordinator_message::Body::Task(task) => {
-                    if let Some(stage) = &cfg.fault.exit_on_stage {
-                        if stage_name(task.stage) == stage {
-                            warn!(job = %task.job_id, round = task.round, "fault injection: exiting on a {stage} task");
-                            std::process::exit(3);
-                        }
+                    if let Some(stage) = &cfg.fault.exit_on_stage
+                        && stage_name(task.stage) == stage
+                    {
+                        warn!(job = %task.job_id, round = task.round, "fault injection: exiting on a {stage} task");
+                        std::process::exit(3);
                     }
                     if pending.is_some() {
                         return Err(Error::PeerMisbehaved(
