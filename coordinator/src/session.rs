@@ -1361,3 +1361,220 @@ mod tests {
         assert!(h.take().is_empty(), "a finished session ignores input");
     }
 }
+
+/// Secure aggregation driven through the session, with real SecAgg+ clients
+/// standing in for the parties, on the virtual clock.
+#[cfg(test)]
+mod secagg_tests {
+    use super::*;
+    use confide_algorithms::Tensor;
+    use confide_crypto::secagg::protocol::{Client, IdentitySigner, IdentityVerifier};
+    use confide_proto::Limits;
+    use rand_core::OsRng;
+    use sha2::{Digest, Sha256};
+
+    struct Tag(String);
+    struct TagCheck;
+    fn tag(p: &str, m: &[u8]) -> Vec<u8> {
+        Sha256::new().chain_update(p).chain_update(m).finalize().to_vec()
+    }
+    impl IdentitySigner for Tag {
+        fn sign(&self, m: &[u8]) -> Result<Vec<u8>, confide_crypto::Error> {
+            Ok(tag(&self.0, m))
+        }
+    }
+    impl IdentityVerifier for TagCheck {
+        fn verify(&self, p: &str, m: &[u8], s: &[u8]) -> Result<(), confide_crypto::Error> {
+            if tag(p, m) == s { Ok(()) } else { Err(confide_crypto::Error::InvalidInput("bad tag".into())) }
+        }
+    }
+
+    const PARTIES: [&str; 4] = ["a", "b", "c", "d"];
+
+    fn spec(min: usize) -> JobSpec {
+        let text = format!(
+            "name = \"s\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\", \"b\", \"c\", \"d\"]\nmin = {min}\n\
+             dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+             [privacy]\nmode = \"secagg\"\nmax_examples = 100\nclip = 2.0\n[timeouts]\nround_secs = 10\n"
+        );
+        JobSpec::parse(&text, "t", &Limits::default()).unwrap()
+    }
+
+    fn params(v: &[f32]) -> Parameters {
+        Parameters::new(vec![Tensor { name: "w".into(), shape: vec![v.len()], data: v.to_vec() }]).unwrap()
+    }
+
+    /// Each party's examples and trained parameters.
+    fn local(p: &str) -> (u64, Vec<f32>) {
+        match p {
+            "a" => (10, vec![1.0, -1.0]),
+            "b" => (30, vec![0.5, 0.5]),
+            "c" => (20, vec![-1.0, 1.5]),
+            _ => (40, vec![0.25, 0.0]),
+        }
+    }
+
+    fn tasks(out: Vec<Output>) -> Vec<(String, TaskOut)> {
+        out.into_iter()
+            .filter_map(|o| if let Output::Task { party, task } = o { Some((party, task)) } else { None })
+            .collect()
+    }
+
+    struct Run {
+        s: Session,
+        clients: BTreeMap<String, (Client, Vec<u32>)>,
+    }
+
+    impl Run {
+        fn feed(&mut self, input: Input) -> Vec<Output> {
+            self.s.handle(0, input);
+            std::iter::from_fn(|| self.s.poll_output()).collect()
+        }
+
+        fn answer(&mut self, party: &str, task_id: u64, result: StageResult) -> Vec<Output> {
+            self.feed(Input::Result { party: party.into(), task_id, result })
+        }
+
+        /// Recruits, runs setup, and returns the secure fit tasks.
+        fn start(min: usize) -> (Run, Vec<(String, TaskOut)>) {
+            let mut r =
+                Run { s: Session::new("job-s", spec(min), Start::Fresh { model: None }, 0), clients: BTreeMap::new() };
+            for p in PARTIES {
+                r.feed(Input::Connected(p.into()));
+            }
+            let mut out = Vec::new();
+            for p in PARTIES {
+                out = r.feed(Input::Answer { party: p.into(), accepted: true, reason: String::new() });
+            }
+            let mut fit = Vec::new();
+            for (p, t) in tasks(out) {
+                let result = StageResult::Setup { params: params(&[0.0, 0.0]), stats: FeatureStats::default() };
+                fit = tasks(r.answer(&p, t.task_id, result));
+            }
+            (r, fit)
+        }
+
+        /// A party trains and advertises keys.
+        fn fit(&mut self, p: &str, t: &TaskOut) -> Vec<Output> {
+            let Some(SecAggPayload::Round { config, clip, max_examples }) = &t.secagg else { panic!("{t:?}") };
+            let (n, l) = local(p);
+            let global: Vec<f32> = t.params.as_ref().unwrap().flat_values().collect();
+            let scale = n as f32 / *max_examples as f32;
+            let u: Vec<f32> = l.iter().zip(&global).map(|(l, g)| (l - g) * scale).collect();
+            let mut input = FixedPoint::new(config.bits, 0, *clip, config.parties.len()).unwrap().encode(&u);
+            input.push(n as u32);
+            let (c, advert) = Client::new(config.clone(), p, &Tag(p.into()), &mut OsRng).unwrap();
+            self.clients.insert(p.into(), (c, input));
+            let result = StageResult::SecAggKeys { advert, certificate: vec![], metrics: Metrics::new() };
+            self.answer(p, t.task_id, result)
+        }
+
+        fn step(&mut self, p: &str, t: &TaskOut) -> Vec<Output> {
+            let (c, input) = self.clients.get_mut(p).unwrap();
+            let result = match t.secagg.as_ref().unwrap() {
+                SecAggPayload::Keys(keys) => {
+                    let adverts: Vec<_> = keys.iter().map(|(k, _)| k.clone()).collect();
+                    StageResult::SecAggShares(c.on_keys(&adverts, &TagCheck, &mut OsRng).unwrap())
+                }
+                SecAggPayload::Shares(s) => StageResult::SecAggMasked(c.on_shares(s, input).unwrap().values),
+                SecAggPayload::Unmask(req) => StageResult::SecAggUnmask(c.on_unmask(req).unwrap()),
+                SecAggPayload::Round { .. } => unreachable!(),
+            };
+            self.answer(p, t.task_id, result)
+        }
+    }
+
+    fn expected(parties: &[&str]) -> Vec<f32> {
+        let total: u64 = parties.iter().map(|p| local(p).0).sum();
+        (0..2).map(|j| parties.iter().map(|p| local(p).0 as f32 * local(p).1[j]).sum::<f32>() / total as f32).collect()
+    }
+
+    #[test]
+    fn a_party_lost_at_the_masked_input_stage_is_left_out_of_an_exact_sum() {
+        let (mut r, fit) = Run::start(3);
+        assert_eq!(fit.len(), 4);
+        let mut next = Vec::new();
+        for (p, t) in &fit {
+            next = tasks(r.fit(p, t));
+        }
+        assert!(next.iter().all(|(_, t)| t.stage == Stage::SecAggShares));
+        let mut masked = Vec::new();
+        for (p, t) in &next {
+            masked = tasks(r.step(p, t));
+        }
+        assert!(masked.iter().all(|(_, t)| t.stage == Stage::SecAggMasked));
+        let mut unmask = Vec::new();
+        for (p, t) in masked.iter().filter(|(p, _)| p != "c") {
+            unmask = tasks(r.step(p, t));
+        }
+        assert!(unmask.is_empty(), "still waiting for c");
+        unmask = tasks(r.feed(Input::Disconnected("c".into())));
+        assert_eq!(unmask.len(), 3);
+        let mut eval = Vec::new();
+        for (p, t) in &unmask {
+            eval = tasks(r.step(p, t));
+        }
+        assert!(eval.iter().all(|(_, t)| t.stage == Stage::Evaluate), "{eval:?}");
+        let got: Vec<f32> = eval[0].1.params.as_ref().unwrap().flat_values().collect();
+        let want = expected(&["a", "b", "d"]);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "{got:?} vs {want:?}");
+        }
+        assert_eq!(r.s.record.as_ref().unwrap().dropped["c"], "secagg-masked-input: disconnected");
+        assert_eq!(r.s.record.as_ref().unwrap().participants, vec!["a", "b", "d"]);
+    }
+
+    #[test]
+    fn too_few_unmask_answers_fail_the_job_below_threshold() {
+        let (mut r, fit) = Run::start(2);
+        let mut next = Vec::new();
+        for (p, t) in &fit {
+            next = tasks(r.fit(p, t));
+        }
+        let mut masked = Vec::new();
+        for (p, t) in &next {
+            masked = tasks(r.step(p, t));
+        }
+        let mut unmask = Vec::new();
+        for (p, t) in &masked {
+            unmask = tasks(r.step(p, t));
+        }
+        // Only a answers; b, c, d vanish: no party's self-mask can be rebuilt.
+        r.step("a", &unmask[0].1);
+        let mut out = Vec::new();
+        for p in ["b", "c", "d"] {
+            out = r.feed(Input::Disconnected(p.into()));
+        }
+        let err = out
+            .iter()
+            .find_map(
+                |o| if let Output::Finished { state: JobState::Failed, error } = o { error.clone() } else { None },
+            )
+            .expect("the job fails");
+        assert!(err.contains("below threshold"), "{err}");
+        assert!(!out.iter().any(|o| matches!(o, Output::Checkpoint { .. })), "no model from a partial sum");
+    }
+
+    #[test]
+    fn a_plaintext_update_or_forged_shares_drop_the_party_by_name() {
+        let (mut r, fit) = Run::start(3);
+        // d sends its parameters in the clear instead of keys.
+        let plain = StageResult::Fit { num_examples: 5, params: params(&[1.0, 1.0]), metrics: Metrics::new() };
+        let d_task = fit.iter().find(|(p, _)| p == "d").unwrap().1.task_id;
+        r.answer("d", d_task, plain);
+        assert!(r.s.parties()["d"].detail.as_deref().unwrap().contains("plaintext update"));
+        let mut next = Vec::new();
+        for (p, t) in fit.iter().filter(|(p, _)| p != "d") {
+            next = tasks(r.fit(p, t));
+        }
+        assert_eq!(next.len(), 3);
+        // c forwards shares that claim to come from a.
+        let (c, _) = r.clients.get_mut("c").unwrap();
+        let SecAggPayload::Keys(keys) = next[2].1.secagg.clone().unwrap() else { panic!() };
+        let adverts: Vec<_> = keys.iter().map(|(k, _)| k.clone()).collect();
+        let mut forged = c.on_keys(&adverts, &TagCheck, &mut OsRng).unwrap();
+        forged[0].from = "a".into();
+        r.answer("c", next[2].1.task_id, StageResult::SecAggShares(forged));
+        assert!(r.s.parties()["c"].detail.as_deref().unwrap().contains("party c misbehaved"), "{:?}", r.s.parties());
+    }
+}
