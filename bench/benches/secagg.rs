@@ -4,30 +4,10 @@
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
 
-use confide_crypto::Error;
-use confide_crypto::secagg::protocol::{
-    Client, Config, EncryptedShare, IdentitySigner, IdentityVerifier, MaskedInput, Server,
-};
+use confide_crypto::secagg::protocol::{Client, Config, EncryptedShare, MaskedInput, Server};
+use confide_crypto::secagg::testing::{InsecureTagSigner as Tag, InsecureTagVerifier as TagCheck};
 use criterion::{Criterion, criterion_group, criterion_main};
 use rand_core::OsRng;
-use sha2::{Digest, Sha256};
-
-struct Tag(String);
-struct TagCheck;
-
-fn tag(p: &str, m: &[u8]) -> Vec<u8> {
-    Sha256::new().chain_update(p).chain_update(m).finalize().to_vec()
-}
-impl IdentitySigner for Tag {
-    fn sign(&self, m: &[u8]) -> Result<Vec<u8>, Error> {
-        Ok(tag(&self.0, m))
-    }
-}
-impl IdentityVerifier for TagCheck {
-    fn verify(&self, p: &str, m: &[u8], s: &[u8]) -> Result<(), Error> {
-        if tag(p, m) == s { Ok(()) } else { Err(Error::InvalidInput("sig".into())) }
-    }
-}
 
 const N: usize = 10;
 const DIM: usize = 1_000_000;

@@ -66,27 +66,9 @@ enum Command {
     },
 }
 
-/// Test-grade identity for the protocol-only benchmark: a hash tag instead of
-/// ECDSA, so the figures are the protocol's own cost.
-struct BenchSigner(String);
-struct BenchVerifier;
-
-fn bench_tag(p: &str, m: &[u8]) -> Vec<u8> {
-    use sha2::Digest;
-    sha2::Sha256::new().chain_update(p).chain_update(m).finalize().to_vec()
-}
-
-impl confide_crypto::secagg::protocol::IdentitySigner for BenchSigner {
-    fn sign(&self, m: &[u8]) -> Result<Vec<u8>, confide_crypto::Error> {
-        Ok(bench_tag(&self.0, m))
-    }
-}
-
-impl confide_crypto::secagg::protocol::IdentityVerifier for BenchVerifier {
-    fn verify(&self, p: &str, m: &[u8], s: &[u8]) -> Result<(), confide_crypto::Error> {
-        if bench_tag(p, m) == s { Ok(()) } else { Err(confide_crypto::Error::InvalidInput("tag".into())) }
-    }
-}
+// The protocol-only benchmark uses a hash tag instead of ECDSA, so the
+// figures are the protocol's own cost.
+use confide_crypto::secagg::testing::{InsecureTagSigner as BenchSigner, InsecureTagVerifier as BenchVerifier};
 
 /// Runs one SecAgg+ round over `n` parties and reports per-stage costs.
 fn secagg_scaling(n: usize, dim: usize) -> Result<serde_json::Value, String> {

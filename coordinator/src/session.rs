@@ -651,21 +651,7 @@ impl Session {
                 }
             }
         }
-        let min = self.spec.min_parties();
-        if waiting.len() < min {
-            let dropped = self
-                .record
-                .as_ref()
-                .map(|r| r.dropped.iter().map(|(p, w)| format!("{p} ({w})")).collect::<Vec<_>>().join(", "))
-                .unwrap_or_default();
-            self.finish(
-                JobState::Failed,
-                Some(format!(
-                    "round {round} {}: only {} parties available, the job needs {min}; missing: {dropped}",
-                    stage.as_str(),
-                    waiting.len()
-                )),
-            );
+        if self.below_min(stage, round, waiting.len()) {
             return;
         }
         let mut payloads = BTreeMap::new();
@@ -779,7 +765,7 @@ impl Session {
         self.finish(
             JobState::Failed,
             Some(format!(
-                "round {round} {}: only {answered} parties answered, the job needs {min}; missing: {dropped}",
+                "round {round} {}: only {answered} parties took part, the job needs {min}; missing: {dropped}",
                 stage.as_str()
             )),
         );
@@ -1368,26 +1354,11 @@ mod tests {
 mod secagg_tests {
     use super::*;
     use confide_algorithms::Tensor;
-    use confide_crypto::secagg::protocol::{Client, IdentitySigner, IdentityVerifier};
+    use confide_crypto::secagg::protocol::Client;
     use confide_proto::Limits;
     use rand_core::OsRng;
-    use sha2::{Digest, Sha256};
 
-    struct Tag(String);
-    struct TagCheck;
-    fn tag(p: &str, m: &[u8]) -> Vec<u8> {
-        Sha256::new().chain_update(p).chain_update(m).finalize().to_vec()
-    }
-    impl IdentitySigner for Tag {
-        fn sign(&self, m: &[u8]) -> Result<Vec<u8>, confide_crypto::Error> {
-            Ok(tag(&self.0, m))
-        }
-    }
-    impl IdentityVerifier for TagCheck {
-        fn verify(&self, p: &str, m: &[u8], s: &[u8]) -> Result<(), confide_crypto::Error> {
-            if tag(p, m) == s { Ok(()) } else { Err(confide_crypto::Error::InvalidInput("bad tag".into())) }
-        }
-    }
+    use confide_crypto::secagg::testing::{InsecureTagSigner as Tag, InsecureTagVerifier as TagCheck};
 
     const PARTIES: [&str; 4] = ["a", "b", "c", "d"];
 

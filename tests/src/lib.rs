@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use confide_algorithms::{FitConfig, Parameters, TrainConfig, Trainer};
 use serde_json::Value;
 
 /// Where cargo put the binaries (`target/debug` next to the test executable).
@@ -272,4 +273,29 @@ pub fn job_spec(names: &[String], min: usize, rounds: u32, model: &str, training
          [model]\n{model}\n[training]\n{training}\n[timeouts]\nrecruit_secs = 30\nround_secs = 30\n",
         names.join(", ")
     )
+}
+
+/// FedAvg computed without the federation: each round, every trainer starts
+/// from `global`, trains, and the example-weighted mean is taken here, in f64.
+pub fn independent_fedavg(
+    trainers: &mut [Box<dyn Trainer>],
+    mut global: Parameters,
+    train: &TrainConfig,
+    rounds: u32,
+) -> Parameters {
+    for round in 1..=rounds {
+        let mut sum = vec![0f64; global.num_values()];
+        let mut total = 0u64;
+        for t in trainers.iter_mut() {
+            t.set_parameters(&global).expect("set parameters");
+            let out = t.fit(&FitConfig { round, train: train.clone() }).expect("fit");
+            for (s, v) in sum.iter_mut().zip(t.parameters().flat_values()) {
+                *s += out.num_examples as f64 * f64::from(v);
+            }
+            total += out.num_examples;
+        }
+        let flat: Vec<f32> = sum.iter().map(|s| (s / total as f64) as f32).collect();
+        global = Parameters::from_flat(&global.spec(), &flat).expect("flat parameters");
+    }
+    global
 }

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
 use confide_algorithms::trainer::apply_feature_stats;
-use confide_algorithms::{FeatureStats, FitConfig, Parameters, Trainer};
+use confide_algorithms::{FeatureStats, Parameters, Trainer};
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
 use confide_proto::Limits;
 use confide_proto::jobspec::JobSpec;
-use confide_tests::{Federation, job_spec, repo_root};
+use confide_tests::{Federation, independent_fedavg, job_spec, repo_root};
 
 const LOGREG2: &str = "kind = \"logistic_regression\"\nclasses = 2";
 const LOGREG10: &str = "kind = \"logistic_regression\"\nclasses = 10";
@@ -63,20 +63,7 @@ fn fedavg_job_equals_the_independently_computed_weighted_mean() {
     }
     let mut global = trainers[0].parameters();
     apply_feature_stats(&mut global, &stats).expect("stats apply");
-    for round in 1..=3 {
-        let mut sum = vec![0f64; global.num_values()];
-        let mut total = 0u64;
-        for t in trainers.iter_mut() {
-            t.set_parameters(&global).expect("set");
-            let out = t.fit(&FitConfig { round, train: spec.training.clone() }).expect("fit");
-            for (s, v) in sum.iter_mut().zip(t.parameters().flat_values()) {
-                *s += out.num_examples as f64 * f64::from(v);
-            }
-            total += out.num_examples;
-        }
-        let flat: Vec<f32> = sum.iter().map(|s| (s / total as f64) as f32).collect();
-        global = Parameters::from_flat(&global.spec(), &flat).expect("flat");
-    }
+    let global = independent_fedavg(&mut trainers, global, &spec.training, 3);
     assert_eq!(model.spec(), global.spec());
     let max_diff = model.flat_values().zip(global.flat_values()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(max_diff <= 1e-5, "federated model differs from the independent weighted mean by {max_diff}");

@@ -3,11 +3,11 @@
 
 use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
 use confide_algorithms::trainer::apply_feature_stats;
-use confide_algorithms::{FeatureStats, FitConfig, Parameters, Trainer};
+use confide_algorithms::{FeatureStats, Parameters, Trainer};
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
 use confide_proto::Limits;
 use confide_proto::jobspec::JobSpec;
-use confide_tests::{Federation, job_spec, repo_root};
+use confide_tests::{Federation, independent_fedavg, job_spec, repo_root};
 
 #[test]
 fn secure_aggregation_recovers_the_survivors_sum_when_two_parties_crash_mid_stage() {
@@ -56,20 +56,7 @@ fn secure_aggregation_recovers_the_survivors_sum_when_two_parties_crash_mid_stag
     let mut global = build(&names[0]).parameters();
     apply_feature_stats(&mut global, &stats).expect("apply");
     let mut trainers: Vec<Box<dyn Trainer>> = survivors.iter().map(|n| build(n)).collect();
-    for round in 1..=2 {
-        let mut sum = vec![0f64; global.num_values()];
-        let mut total = 0u64;
-        for t in trainers.iter_mut() {
-            t.set_parameters(&global).expect("set");
-            let out = t.fit(&FitConfig { round, train: spec.training.clone() }).expect("fit");
-            for (s, v) in sum.iter_mut().zip(t.parameters().flat_values()) {
-                *s += out.num_examples as f64 * f64::from(v);
-            }
-            total += out.num_examples;
-        }
-        let flat: Vec<f32> = sum.iter().map(|s| (s / total as f64) as f32).collect();
-        global = Parameters::from_flat(&global.spec(), &flat).expect("flat");
-    }
+    let global = independent_fedavg(&mut trainers, global, &spec.training, 2);
     let model = Parameters::from_safetensors(&fed.model(&id)).expect("model");
     let max_diff = model.flat_values().zip(global.flat_values()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(max_diff < 1e-4, "secure aggregate differs from the survivors' weighted mean by {max_diff}");

@@ -15,3 +15,5 @@ pub mod graph;
 pub mod prim;
 pub mod protocol;
 pub mod shamir;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

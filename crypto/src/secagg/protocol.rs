@@ -642,28 +642,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use rand_core::OsRng;
-    use sha2::{Digest, Sha256};
 
-    /// Test-only identity: a keyed hash stands in for the certificate
-    /// signature (the real signer is ECDSA with the party's certificate key).
-    struct HashSigner(String);
-    struct HashVerifier;
-
-    fn tag(party: &str, msg: &[u8]) -> Vec<u8> {
-        Sha256::new().chain_update(party.as_bytes()).chain_update([0]).chain_update(msg).finalize().to_vec()
-    }
-
-    impl IdentitySigner for HashSigner {
-        fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
-            Ok(tag(&self.0, msg))
-        }
-    }
-
-    impl IdentityVerifier for HashVerifier {
-        fn verify(&self, party: &str, msg: &[u8], sig: &[u8]) -> Result<(), Error> {
-            if tag(party, msg) == sig { Ok(()) } else { Err(Error::InvalidInput("signature mismatch".into())) }
-        }
-    }
+    use crate::secagg::testing::{InsecureTagSigner as HashSigner, InsecureTagVerifier as HashVerifier};
 
     fn config(n: usize, dim: usize, degree: usize, threshold: usize) -> Config {
         Config {

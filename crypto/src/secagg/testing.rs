@@ -1,0 +1,30 @@
+//! An insecure stand-in for certificate signatures, for tests and
+//! protocol-only benchmarks (feature `testing`): a SHA-256 tag anyone can
+//! compute. Nothing in the party or coordinator uses it.
+
+use sha2::{Digest, Sha256};
+
+use super::protocol::{IdentitySigner, IdentityVerifier};
+use crate::Error;
+
+/// Signs as `self.0` with a hash tag.
+pub struct InsecureTagSigner(pub String);
+
+/// Accepts exactly the tags of [`InsecureTagSigner`].
+pub struct InsecureTagVerifier;
+
+fn tag(party: &str, msg: &[u8]) -> Vec<u8> {
+    Sha256::new().chain_update(party.as_bytes()).chain_update([0]).chain_update(msg).finalize().to_vec()
+}
+
+impl IdentitySigner for InsecureTagSigner {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
+        Ok(tag(&self.0, msg))
+    }
+}
+
+impl IdentityVerifier for InsecureTagVerifier {
+    fn verify(&self, party: &str, msg: &[u8], sig: &[u8]) -> Result<(), Error> {
+        if tag(party, msg) == sig { Ok(()) } else { Err(Error::InvalidInput("signature mismatch".into())) }
+    }
+}
