@@ -57,14 +57,39 @@ pub fn apply_mask(acc: &mut [u32], seed: &[u8; 32], bits: u32, negate: bool) {
 /// stream is added while the block is in L1 cache, instead of one full pass
 /// over a multi-megabyte vector per stream.
 pub fn apply_masks(acc: &mut [u32], masks: &[(&[u8; 32], bool)], bits: u32) {
-    const WORDS: usize = 4096;
-    let mut ciphers: Vec<(Aes128Ctr, bool)> =
-        masks.iter().map(|(seed, neg)| (Aes128Ctr::new(seed[..16].into(), seed[16..].into()), *neg)).collect();
-    let m = value_mask(bits);
-    let mut ks = vec![0u32; WORDS];
-    for block in acc.chunks_mut(WORDS) {
-        let ks = &mut ks[..block.len()];
-        for (cipher, negate) in ciphers.iter_mut() {
+    let mut streams = MaskStreams::new(masks, bits);
+    for block in acc.chunks_mut(MaskStreams::BLOCK) {
+        streams.apply(block);
+    }
+}
+
+/// Several mask streams advanced together over consecutive blocks of a
+/// vector, so callers can fuse other per-block work (the server's sum of
+/// masked inputs) into the same cache-friendly pass.
+pub struct MaskStreams {
+    ciphers: Vec<(Aes128Ctr, bool)>,
+    bits_mask: u32,
+    keystream: Vec<u32>,
+}
+
+impl MaskStreams {
+    /// Words per block in [`apply_masks`].
+    pub const BLOCK: usize = 4096;
+
+    /// Streams for `(seed, subtract)` pairs, modulo 2^bits.
+    pub fn new(masks: &[(&[u8; 32], bool)], bits: u32) -> MaskStreams {
+        let ciphers =
+            masks.iter().map(|(seed, neg)| (Aes128Ctr::new(seed[..16].into(), seed[16..].into()), *neg)).collect();
+        MaskStreams { ciphers, bits_mask: value_mask(bits), keystream: vec![0; Self::BLOCK] }
+    }
+
+    /// Adds or subtracts the next `block.len()` words of every stream.
+    pub fn apply(&mut self, block: &mut [u32]) {
+        if self.keystream.len() < block.len() {
+            self.keystream.resize(block.len(), 0);
+        }
+        let ks = &mut self.keystream[..block.len()];
+        for (cipher, negate) in self.ciphers.iter_mut() {
             ks.fill(0);
             // The keystream is generated straight into 32-bit words, read as
             // little-endian so the masks are the same on every platform.
@@ -75,7 +100,8 @@ pub fn apply_masks(acc: &mut [u32], masks: &[(&[u8; 32], bool)], bits: u32) {
                 block.iter_mut().zip(ks.iter()).for_each(|(a, r)| *a = a.wrapping_add(u32::from_le(*r)));
             }
         }
-        if m != u32::MAX {
+        if self.bits_mask != u32::MAX {
+            let m = self.bits_mask;
             block.iter_mut().for_each(|a| *a &= m);
         }
     }

@@ -20,7 +20,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use super::graph::Graph;
-use super::prim::{apply_masks, context, derive, open, seal, value_mask};
+use super::prim::{MaskStreams, apply_masks, context, derive, open, seal, value_mask};
 use super::shamir::{self, Share};
 use crate::Error;
 
@@ -593,13 +593,6 @@ impl Server {
                 .map(|(_, s)| s.clone())
                 .collect()
         };
-        let mut sum = vec![0u32; self.cfg.dim];
-        let m = value_mask(bits);
-        for y in self.masked.values() {
-            for (s, v) in sum.iter_mut().zip(y) {
-                *s = s.wrapping_add(*v) & m;
-            }
-        }
         // Rebuild every seed first, then remove all masks in one fused pass.
         let mut seeds: Vec<(Zeroizing<[u8; 32]>, bool)> = Vec::new();
         for v in &req.survivors {
@@ -630,8 +623,17 @@ impl Server {
                 seeds.push((self.cfg.pair_seed(dh.as_bytes(), &u, d), u.as_str() < d.as_str()));
             }
         }
+        // One fused pass: per block, add the masked inputs, then remove every mask.
         let masks: Vec<(&[u8; 32], bool)> = seeds.iter().map(|(s, neg)| (&**s, *neg)).collect();
-        apply_masks(&mut sum, &masks, bits);
+        let mut streams = MaskStreams::new(&masks, bits);
+        let mut sum = vec![0u32; self.cfg.dim];
+        for (i, block) in sum.chunks_mut(MaskStreams::BLOCK).enumerate() {
+            let range = i * MaskStreams::BLOCK..i * MaskStreams::BLOCK + block.len();
+            for y in self.masked.values() {
+                block.iter_mut().zip(&y[range.clone()]).for_each(|(s, v)| *s = s.wrapping_add(*v));
+            }
+            streams.apply(block);
+        }
         self.stage = ServerStage::Done;
         Ok((sum, req.survivors))
     }
