@@ -13,6 +13,7 @@ pub mod data;
 mod error;
 pub mod logreg;
 pub mod params;
+pub mod strategies;
 pub mod strategy;
 pub mod trainer;
 

@@ -286,10 +286,30 @@ pub struct Session {
     out: VecDeque<Output>,
 }
 
-/// Builds the strategy a spec names.
+/// Builds the strategy a spec names, with its parameters' defaults.
 pub fn strategy_for(spec: &JobSpec) -> Box<dyn Strategy> {
-    match spec.strategy.name {
+    use confide_algorithms::strategies::{Adaptive, FedAvgM, FedOpt, Krum, Median, TrimmedMean};
+    let st = &spec.strategy;
+    let adaptive = |kind| {
+        Box::new(FedOpt::new(
+            kind,
+            st.server_learning_rate.unwrap_or(0.1),
+            st.beta1.unwrap_or(0.9),
+            st.beta2.unwrap_or(0.99),
+            st.tau.unwrap_or(1e-3),
+        )) as Box<dyn Strategy>
+    };
+    match st.name {
         StrategyName::Fedavg => Box::new(FedAvg),
+        StrategyName::Fedavgm => {
+            Box::new(FedAvgM::new(st.server_learning_rate.unwrap_or(1.0), st.momentum.unwrap_or(0.9)))
+        }
+        StrategyName::Fedadagrad => adaptive(Adaptive::Adagrad),
+        StrategyName::Fedyogi => adaptive(Adaptive::Yogi),
+        StrategyName::Fedadam => adaptive(Adaptive::Adam),
+        StrategyName::Median => Box::new(Median),
+        StrategyName::TrimmedMean => Box::new(TrimmedMean { trim_fraction: st.trim_fraction.unwrap_or(0.1) }),
+        StrategyName::Krum => Box::new(Krum { byzantine: st.byzantine.unwrap_or(1) }),
     }
 }
 

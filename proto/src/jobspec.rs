@@ -79,6 +79,27 @@ pub enum StrategyName {
     /// Example-weighted federated averaging.
     #[default]
     Fedavg,
+    /// FedAvg with server momentum.
+    Fedavgm,
+    /// Adaptive server optimiser: Adagrad.
+    Fedadagrad,
+    /// Adaptive server optimiser: Yogi.
+    Fedyogi,
+    /// Adaptive server optimiser: Adam.
+    Fedadam,
+    /// Coordinate-wise median (robust; plaintext only).
+    Median,
+    /// Coordinate-wise trimmed mean (robust; plaintext only).
+    TrimmedMean,
+    /// Krum (robust; plaintext only).
+    Krum,
+}
+
+impl StrategyName {
+    /// Whether the rule needs individual updates (so cannot run on a secure sum).
+    pub fn is_robust(self) -> bool {
+        matches!(self, StrategyName::Median | StrategyName::TrimmedMean | StrategyName::Krum)
+    }
 }
 
 /// The strategy table.
@@ -88,6 +109,27 @@ pub struct StrategySpec {
     /// Which strategy.
     #[serde(default)]
     pub name: StrategyName,
+    /// fedavgm / fedad*: server learning rate (default 1.0 for fedavgm, 0.1 for fedad*).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_learning_rate: Option<f64>,
+    /// fedavgm: server momentum (default 0.9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub momentum: Option<f64>,
+    /// fedad*: β₁ (default 0.9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta1: Option<f64>,
+    /// fedyogi / fedadam: β₂ (default 0.99).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta2: Option<f64>,
+    /// fedad*: adaptivity τ (default 1e-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tau: Option<f64>,
+    /// trimmed_mean: fraction trimmed at each end, [0, 0.5) (default 0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trim_fraction: Option<f64>,
+    /// krum: Byzantine parties tolerated (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub byzantine: Option<usize>,
 }
 
 /// The privacy table.
@@ -347,7 +389,38 @@ impl JobSpec {
         if self.evaluation.every == 0 {
             err("evaluation.every", "must be at least 1".into());
         }
+        let st = &self.strategy;
+        let in01 = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && (0.0..1.0).contains(&v));
+        if st.server_learning_rate.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            err("strategy.server_learning_rate", "must be positive and finite".into());
+        }
+        for (field, v) in [("momentum", st.momentum), ("beta1", st.beta1), ("beta2", st.beta2)] {
+            if !in01(v) {
+                err(&format!("strategy.{field}"), "must be in [0, 1)".into());
+            }
+        }
+        if st.tau.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            err("strategy.tau", "must be positive and finite".into());
+        }
+        if st.trim_fraction.is_some_and(|v| !(v.is_finite() && (0.0..0.5).contains(&v))) {
+            err("strategy.trim_fraction", "must be in [0, 0.5)".into());
+        }
+        if st.name == StrategyName::Krum {
+            let f = st.byzantine.unwrap_or(1);
+            if self.min_parties() < 2 * f + 3 {
+                err(
+                    "strategy.byzantine",
+                    format!("krum with {f} byzantine parties needs parties.min >= {}", 2 * f + 3),
+                );
+            }
+        }
         let p = &self.privacy;
+        if p.mode == PrivacyMode::Secagg && st.name.is_robust() {
+            err(
+                "strategy.name",
+                format!("{:?} needs individual updates; privacy.mode = \"secagg\" reveals only their sum", st.name),
+            );
+        }
         if p.mode == PrivacyMode::Secagg {
             let sa = p.secagg();
             if !(sa.threshold > 0.5 && sa.threshold <= 1.0) {
@@ -466,6 +539,28 @@ classes = 2
         assert_eq!(e.errors[0].0, "parties.names[1]");
         let big = "#".repeat(Limits::default().max_spec_bytes + 1);
         assert!(JobSpec::parse(&big, "f", &Limits::default()).is_err());
+    }
+}
+
+#[cfg(test)]
+mod strategy_tests {
+    use super::*;
+
+    const BASE: &str = "name = \"s\"\nkind = \"train\"\n[parties]\nnames = [\"a\", \"b\", \"c\"]\ndataset = \"d\"\n\
+                        [model]\nkind = \"logistic_regression\"\nclasses = 2\n";
+
+    #[test]
+    fn robust_rules_are_refused_with_secure_aggregation() {
+        let spec = format!("{BASE}[strategy]\nname = \"median\"\n[privacy]\nmode = \"secagg\"\n");
+        let e = JobSpec::parse(&spec, "f", &Limits::default()).unwrap_err();
+        assert_eq!(e.errors[0].0, "strategy.name");
+        assert!(e.errors[0].1.contains("reveals only their sum"));
+        let ok = format!("{BASE}[strategy]\nname = \"fedadam\"\ntau = 0.01\n[privacy]\nmode = \"secagg\"\n");
+        JobSpec::parse(&ok, "f", &Limits::default()).unwrap();
+        let bad = format!("{BASE}[strategy]\nname = \"krum\"\nbeta1 = 1.5\n");
+        let e = JobSpec::parse(&bad, "f", &Limits::default()).unwrap_err();
+        let paths: Vec<&str> = e.errors.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, vec!["strategy.beta1", "strategy.byzantine"]);
     }
 }
 
