@@ -28,6 +28,36 @@ fn secure_delta(global: &Parameters, sum: &[f64], total: f64) -> Result<Vec<f64>
     Ok(sum.iter().map(|s| s / total).collect())
 }
 
+/// A server optimiser: turns the mean update Δ into the next global model.
+/// Every such rule is a function of the weighted mean, so one blanket
+/// [`Strategy`] impl serves it in plaintext and under secure aggregation.
+pub trait ServerOptimizer: Send {
+    /// Short name used in logs and job status.
+    fn name(&self) -> &'static str;
+    /// The next global model from the mean update `delta`.
+    fn step(&mut self, global: &Parameters, delta: Vec<f64>) -> Result<Parameters, Error>;
+}
+
+impl<T: ServerOptimizer> Strategy for T {
+    fn name(&self) -> &'static str {
+        ServerOptimizer::name(self)
+    }
+    fn aggregate_fit(&mut self, _: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
+        let d = mean_delta(global, results)?;
+        self.step(global, d)
+    }
+    fn aggregate_secure_sum(
+        &mut self,
+        _: u32,
+        global: &Parameters,
+        sum: &[f64],
+        total: f64,
+    ) -> Result<Parameters, Error> {
+        let d = secure_delta(global, sum, total)?;
+        self.step(global, d)
+    }
+}
+
 /// FedAvg with server momentum (Hsu et al., 2019): v ← βv + Δ; w ← w + ηv.
 #[derive(Debug, Clone)]
 pub struct FedAvgM {
@@ -43,6 +73,12 @@ impl FedAvgM {
     pub fn new(server_lr: f64, momentum: f64) -> Self {
         FedAvgM { server_lr, momentum, velocity: None }
     }
+}
+
+impl ServerOptimizer for FedAvgM {
+    fn name(&self) -> &'static str {
+        "fedavgm"
+    }
 
     fn step(&mut self, global: &Parameters, delta: Vec<f64>) -> Result<Parameters, Error> {
         let v = self.velocity.get_or_insert_with(|| vec![0.0; delta.len()]);
@@ -51,26 +87,6 @@ impl FedAvgM {
         }
         let step: Vec<f64> = v.iter().map(|vi| self.server_lr * vi).collect();
         apply(global, &step)
-    }
-}
-
-impl Strategy for FedAvgM {
-    fn name(&self) -> &'static str {
-        "fedavgm"
-    }
-    fn aggregate_fit(&mut self, _: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
-        let d = mean_delta(global, results)?;
-        self.step(global, d)
-    }
-    fn aggregate_secure_sum(
-        &mut self,
-        _: u32,
-        global: &Parameters,
-        sum: &[f64],
-        total: f64,
-    ) -> Result<Parameters, Error> {
-        let d = secure_delta(global, sum, total)?;
-        self.step(global, d)
     }
 }
 
@@ -108,6 +124,16 @@ impl FedOpt {
     pub fn new(kind: Adaptive, server_lr: f64, beta1: f64, beta2: f64, tau: f64) -> Self {
         FedOpt { kind, server_lr, beta1, beta2, tau, state: None }
     }
+}
+
+impl ServerOptimizer for FedOpt {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Adaptive::Adagrad => "fedadagrad",
+            Adaptive::Yogi => "fedyogi",
+            Adaptive::Adam => "fedadam",
+        }
+    }
 
     fn step(&mut self, global: &Parameters, delta: Vec<f64>) -> Result<Parameters, Error> {
         let tau2 = self.tau * self.tau;
@@ -124,30 +150,6 @@ impl FedOpt {
             step.push(self.server_lr * *mi / (vi.sqrt() + self.tau));
         }
         apply(global, &step)
-    }
-}
-
-impl Strategy for FedOpt {
-    fn name(&self) -> &'static str {
-        match self.kind {
-            Adaptive::Adagrad => "fedadagrad",
-            Adaptive::Yogi => "fedyogi",
-            Adaptive::Adam => "fedadam",
-        }
-    }
-    fn aggregate_fit(&mut self, _: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
-        let d = mean_delta(global, results)?;
-        self.step(global, d)
-    }
-    fn aggregate_secure_sum(
-        &mut self,
-        _: u32,
-        global: &Parameters,
-        sum: &[f64],
-        total: f64,
-    ) -> Result<Parameters, Error> {
-        let d = secure_delta(global, sum, total)?;
-        self.step(global, d)
     }
 }
 

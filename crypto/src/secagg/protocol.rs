@@ -306,6 +306,9 @@ impl Client {
                 self.cfg.dim, self.cfg.bits
             )));
         }
+        // Validate every share before keeping any: a rejected call leaves the
+        // client as it was.
+        let mut held = BTreeMap::new();
         for s in shares {
             if s.to != self.me {
                 return Err(misbehaved("coordinator", format!("routed a share for {} to {}", s.to, self.me)));
@@ -316,7 +319,7 @@ impl Client {
                     format!("routed a share from {}, which has no keys here", s.from),
                 ));
             };
-            if self.held.contains_key(&s.from) {
+            if held.contains_key(&s.from) {
                 return Err(misbehaved(&s.from, "sent two shares"));
             }
             let key = self.share_key(&s.from, &self.me, &keys.enc);
@@ -331,8 +334,9 @@ impl Client {
             if b.x != my_x || sk.x != my_x {
                 return Err(misbehaved(&s.from, "share for another holder"));
             }
-            self.held.insert(s.from.clone(), (b, sk));
+            held.insert(s.from.clone(), (b, sk));
         }
+        self.held = held;
         if self.held.len() < self.cfg.threshold {
             return Err(Error::BelowThreshold(format!("{} neighbours shared keys", self.held.len())));
         }
