@@ -1,5 +1,6 @@
 # The two quick-start commands: `make demo` and `make test`. Both set up what
-# they need (Rust toolchain components, build) on a fresh machine.
+# they need (libtorch from PyPI via scripts/setup-libtorch, the build) on a
+# fresh machine.
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
@@ -7,6 +8,7 @@ export CARGO_TERM_COLOR ?= never
 
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
+	@./scripts/setup-libtorch
 
 build: setup
 	$(CARGO) build --workspace --bins

@@ -29,6 +29,9 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// Local training failed (numerics, or the training library).
+    #[error("training: {0}")]
+    Training(String),
     /// A model file (safetensors) is malformed.
     #[error("model file: {0}")]
     ModelFile(String),

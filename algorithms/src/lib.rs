@@ -22,5 +22,6 @@ pub use logreg::LogisticRegression;
 pub use params::{Parameters, Tensor, TensorSpec};
 pub use strategy::{EvalResult, FedAvg, FitResult, Strategy};
 pub use trainer::{
-    EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, ModelKind, TrainConfig, Trainer,
+    Engine, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, ModelKind, OptimizerKind,
+    TrainConfig, Trainer,
 };

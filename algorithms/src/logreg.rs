@@ -154,6 +154,10 @@ impl Trainer for LogisticRegression {
             self.tensor(INPUT_MEAN).iter().map(|&v| v as f64).collect(),
             self.tensor(INPUT_STD).iter().map(|&v| v as f64).collect(),
         );
+        // FedProx anchors: the parameters this round started from.
+        let (w0, b0) = (w.clone(), b.clone());
+        let (mu, momentum) = (tc.proximal_mu, tc.momentum);
+        let (mut vw, mut vb) = (vec![0.0; c * d], vec![0.0; c]);
         let seed = tc.seed ^ self.salt ^ (u64::from(config.round) << 32);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut order: Vec<usize> = (0..self.train.len()).collect();
@@ -186,11 +190,15 @@ impl Trainer for LogisticRegression {
                 }
                 seen += batch.len();
                 let inv = 1.0 / batch.len() as f64;
-                for (wv, g) in w.iter_mut().zip(&gw) {
-                    *wv -= lr * (g * inv + tc.l2 * *wv);
+                // ∇ = mean loss gradient + l2·w + μ·(w − w₀); heavy-ball
+                // momentum v ← m·v + ∇ (PyTorch's convention), w ← w − lr·v.
+                for (((wv, g), v), anchor) in w.iter_mut().zip(&gw).zip(&mut vw).zip(&w0) {
+                    *v = momentum * *v + g * inv + tc.l2 * *wv + mu * (*wv - anchor);
+                    *wv -= lr * *v;
                 }
-                for (bv, g) in b.iter_mut().zip(&gb) {
-                    *bv -= lr * g * inv;
+                for (((bv, g), v), anchor) in b.iter_mut().zip(&gb).zip(&mut vb).zip(&b0) {
+                    *v = momentum * *v + g * inv + mu * (*bv - anchor);
+                    *bv -= lr * *v;
                 }
             }
         }
@@ -300,6 +308,35 @@ mod tests {
         let mut p = m.parameters();
         p.values_mut().nth(1).unwrap().1[0] = 0.0;
         assert!(m.set_parameters(&p).is_err());
+    }
+
+    #[test]
+    fn proximal_term_changes_the_second_step_as_the_formula_says() {
+        // Two identical rows, batch 1, so the shuffle cannot matter. Step 1
+        // starts at w₀ where μ(w − w₀) = 0; step 2 then differs by exactly
+        // w₂ᵖʳᵒˣ − w₂ = −lr·μ·(w₁ − w₀).
+        let row = [1.0f32, -2.0];
+        let (lr, mu) = (0.5, 0.3);
+        let run = |rows: usize, mu: f64| {
+            let ds = Dataset { features: row.repeat(rows), labels: vec![1; rows], num_features: 2 };
+            let mut m = LogisticRegression::new(2, ds, Dataset::default(), 4, 0).unwrap();
+            let train = TrainConfig { batch_size: 1, learning_rate: lr, proximal_mu: mu, ..TrainConfig::default() };
+            let start = m.parameters();
+            m.fit(&FitConfig { round: 1, train }).unwrap();
+            (start, m.parameters())
+        };
+        let (w0, w1) = run(1, mu);
+        let (_, plain) = run(2, 0.0);
+        let (_, prox) = run(2, mu);
+        assert_ne!(plain, prox);
+        for name in [WEIGHT, BIAS] {
+            let v = |p: &Parameters| -> Vec<f64> { p.get(name).unwrap().data.iter().map(|&x| f64::from(x)).collect() };
+            let (w0, w1, plain, prox) = (v(&w0), v(&w1), v(&plain), v(&prox));
+            for i in 0..w0.len() {
+                let expected = -lr * mu * (w1[i] - w0[i]);
+                assert!((prox[i] - plain[i] - expected).abs() < 1e-6, "{name}[{i}]: {} vs {expected}", prox[i] - plain[i]);
+            }
+        }
     }
 
     #[test]

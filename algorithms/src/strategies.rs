@@ -1,5 +1,7 @@
 //! Server-side optimisers and robust aggregation rules.
 //!
+//! * [`FedProx`] (Li et al., MLSys 2020): FedAvg aggregation; each party adds
+//!   the proximal term μ/2·‖w − w_global‖² to its local loss.
 //! * [`FedAvgM`], [`FedOpt`] (FedAdagrad, FedYogi, FedAdam; Reddi et al.,
 //!   ICLR 2021): functions of the example-weighted mean update, so they also
 //!   run under secure aggregation.
@@ -7,7 +9,7 @@
 //!   individual update; plaintext mode only.
 
 use crate::strategy::{FedAvg, FitResult, check_update};
-use crate::{Error, Parameters, Strategy};
+use crate::{Error, FitConfig, Parameters, Strategy};
 
 /// The mean update Δ = weighted_mean − global, in f64.
 fn mean_delta(global: &Parameters, results: &[FitResult]) -> Result<Vec<f64>, Error> {
@@ -55,6 +57,38 @@ impl<T: ServerOptimizer> Strategy for T {
     ) -> Result<Parameters, Error> {
         let d = secure_delta(global, sum, total)?;
         self.step(global, d)
+    }
+}
+
+/// FedProx: FedAvg's aggregation, with every fit round telling the parties to
+/// add μ/2·‖w − w_global‖² to their local loss, which keeps heterogeneous
+/// parties' local models near the global one.
+#[derive(Debug, Clone)]
+pub struct FedProx {
+    /// μ, the weight of the proximal term.
+    pub proximal_mu: f64,
+}
+
+impl Strategy for FedProx {
+    fn name(&self) -> &'static str {
+        "fedprox"
+    }
+    fn configure_fit(&mut self, round: u32, base: &FitConfig) -> FitConfig {
+        let mut cfg = FitConfig { round, ..base.clone() };
+        cfg.train.proximal_mu = self.proximal_mu;
+        cfg
+    }
+    fn aggregate_fit(&mut self, round: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
+        FedAvg.aggregate_fit(round, global, results)
+    }
+    fn aggregate_secure_sum(
+        &mut self,
+        round: u32,
+        global: &Parameters,
+        sum: &[f64],
+        total: f64,
+    ) -> Result<Parameters, Error> {
+        FedAvg.aggregate_secure_sum(round, global, sum, total)
     }
 }
 
@@ -274,6 +308,20 @@ mod tests {
         for (x, y) in a.flat_values().zip(b) {
             assert!((x - y).abs() < 1e-6, "{:?} vs {b:?}", a.tensors()[0].data);
         }
+    }
+
+    #[test]
+    fn fedprox_sets_mu_and_averages_like_fedavg() {
+        let mut s = FedProx { proximal_mu: 0.25 };
+        let base = FitConfig { round: 0, train: crate::TrainConfig::default() };
+        let cfg = s.configure_fit(3, &base);
+        assert_eq!((cfg.round, cfg.train.proximal_mu), (3, 0.25));
+        assert_eq!(cfg.train.learning_rate, base.train.learning_rate);
+        let g = p(&[0.0, 0.0]);
+        let out = s.aggregate_fit(1, &g, &[r("a", 1, &[1.0, 2.0]), r("b", 3, &[5.0, -2.0])]).unwrap();
+        close(&out, &[4.0, -1.0]);
+        let out = s.aggregate_secure_sum(1, &g, &[16.0, -4.0], 4.0).unwrap();
+        close(&out, &[4.0, -1.0]);
     }
 
     #[test]

@@ -9,14 +9,53 @@ use crate::{Error, Parameters};
 /// Named scalar metrics, e.g. `loss`, `accuracy`.
 pub type Metrics = BTreeMap<String, f64>;
 
-/// Which model a job trains. More kinds (libtorch MLP, CNN, TorchScript)
-/// arrive with the libtorch trainer.
+/// Which model a job trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ModelKind {
-    /// Multinomial logistic regression, pure Rust ([`crate::LogisticRegression`]).
+    /// Multinomial logistic regression (pure Rust by default, or libtorch).
     LogisticRegression,
+    /// Multi-layer perceptron with ReLU hidden layers (libtorch).
+    Mlp,
+    /// Small convolutional network for images such as the 8×8 digits (libtorch).
+    Cnn,
+    /// A TorchScript module the parties hold as a file (libtorch): bring your
+    /// own architecture.
+    Torchscript,
+}
+
+impl ModelKind {
+    /// The name used in specs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::LogisticRegression => "logistic_regression",
+            ModelKind::Mlp => "mlp",
+            ModelKind::Cnn => "cnn",
+            ModelKind::Torchscript => "torchscript",
+        }
+    }
+}
+
+/// What trains the model at each party.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Engine {
+    /// The pure-Rust trainer ([`crate::LogisticRegression`]); no libtorch needed.
+    Rust,
+    /// libtorch through `tch`, on a dedicated thread per job.
+    Torch,
+}
+
+impl Engine {
+    /// The name used in specs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Rust => "rust",
+            Engine::Torch => "torch",
+        }
+    }
 }
 
 /// The model table of a job spec.
@@ -30,10 +69,138 @@ pub struct ModelConfig {
     /// Standardise features with statistics computed federatedly (sums, not rows).
     #[serde(default = "default_true")]
     pub standardize: bool,
+    /// What trains it; see [`ModelConfig::engine`] for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<Engine>,
+    /// mlp: widths of the hidden layers (default `[64, 32]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<usize>,
+    /// cnn: output channels of the 3×3 convolution layers, each followed by
+    /// ReLU and 2×2 max-pooling (default `[16, 32]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<usize>,
+    /// cnn: the input as `[channels, height, width]`; a row's features are
+    /// read in that order (default `[1, 8, 8]`, the UCI digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<[usize; 3]>,
+    /// torchscript: the name of the model file in each party's `[models]`
+    /// table, so every hospital keeps its own copy under its own path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torchscript: Option<String>,
+}
+
+impl ModelConfig {
+    /// A model of `kind` for `classes` classes with every other setting at its default.
+    pub fn new(kind: ModelKind, classes: usize) -> Self {
+        ModelConfig {
+            kind,
+            classes,
+            standardize: true,
+            engine: None,
+            hidden: Vec::new(),
+            channels: Vec::new(),
+            image: None,
+            torchscript: None,
+        }
+    }
+
+    /// The engine: as set, else Rust for logistic regression and libtorch for the rest.
+    pub fn engine(&self) -> Engine {
+        self.engine.unwrap_or(match self.kind {
+            ModelKind::LogisticRegression => Engine::Rust,
+            _ => Engine::Torch,
+        })
+    }
+
+    /// mlp hidden widths, resolved.
+    pub fn hidden_layers(&self) -> Vec<usize> {
+        if self.hidden.is_empty() { vec![64, 32] } else { self.hidden.clone() }
+    }
+
+    /// cnn channels, resolved.
+    pub fn conv_channels(&self) -> Vec<usize> {
+        if self.channels.is_empty() { vec![16, 32] } else { self.channels.clone() }
+    }
+
+    /// cnn input shape, resolved.
+    pub fn image_shape(&self) -> [usize; 3] {
+        self.image.unwrap_or([1, 8, 8])
+    }
+
+    /// Checks the settings against the kind; errors are `field: reason`
+    /// relative to the table.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        let kind = self.kind.as_str();
+        if !(2..=10_000).contains(&self.classes) {
+            errs.push(format!("classes: must be 2..=10000 (got {})", self.classes));
+        }
+        if self.engine() == Engine::Rust && self.kind != ModelKind::LogisticRegression {
+            errs.push(format!("engine: the rust engine trains only logistic_regression; {kind} needs \"torch\""));
+        }
+        if self.kind == ModelKind::Mlp {
+            if self.hidden.len() > 16 {
+                errs.push(format!("hidden: at most 16 layers (got {})", self.hidden.len()));
+            }
+            if let Some(w) = self.hidden.iter().find(|w| !(1..=65_536).contains(*w)) {
+                errs.push(format!("hidden: layer widths must be 1..=65536 (got {w})"));
+            }
+        } else if !self.hidden.is_empty() {
+            errs.push(format!("hidden: only applies to kind \"mlp\" (kind is {kind:?})"));
+        }
+        if self.kind == ModelKind::Cnn {
+            let [c, h, w] = self.image_shape();
+            if !(1..=64).contains(&c) || !(4..=1024).contains(&h) || !(4..=1024).contains(&w) {
+                errs.push(format!("image: [channels 1..=64, height 4..=1024, width 4..=1024] (got [{c}, {h}, {w}])"));
+            }
+            let channels = self.conv_channels();
+            if channels.len() > 4 || channels.iter().any(|c| !(1..=1024).contains(c)) {
+                errs.push("channels: 1 to 4 layers of 1..=1024 channels".into());
+            } else if (h >> channels.len()) == 0 || (w >> channels.len()) == 0 {
+                errs.push(format!("channels: {} pooling layers shrink a {h}x{w} image to nothing", channels.len()));
+            }
+        } else {
+            if !self.channels.is_empty() {
+                errs.push(format!("channels: only applies to kind \"cnn\" (kind is {kind:?})"));
+            }
+            if self.image.is_some() {
+                errs.push(format!("image: only applies to kind \"cnn\" (kind is {kind:?})"));
+            }
+        }
+        match (&self.torchscript, self.kind) {
+            (None, ModelKind::Torchscript) => {
+                errs.push("torchscript: name the model file (a key of each party's [models] table)".into())
+            }
+            (Some(name), ModelKind::Torchscript) => {
+                if name.is_empty()
+                    || name.len() > 128
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    errs.push(format!("torchscript: {name:?} is not a model name (letters, digits, '-', '_', '.')"));
+                }
+            }
+            (Some(_), _) => errs.push(format!("torchscript: only applies to kind \"torchscript\" (kind is {kind:?})")),
+            (None, _) => {}
+        }
+        errs
+    }
 }
 
 fn default_true() -> bool {
     true
+}
+
+/// The local optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum OptimizerKind {
+    /// Stochastic gradient descent, optionally with (heavy-ball) momentum.
+    #[default]
+    Sgd,
+    /// Adam (β₁ = 0.9, β₂ = 0.999, ε = 1e-8); its moments restart each round,
+    /// since they are local state the global model does not carry.
+    Adam,
 }
 
 /// The training table of a job spec: local optimisation settings.
@@ -46,12 +213,22 @@ pub struct TrainConfig {
     /// Mini-batch size.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
-    /// SGD step size.
+    /// Step size.
     #[serde(default = "default_lr")]
     pub learning_rate: f64,
-    /// L2 penalty on the weights.
+    /// The optimiser.
     #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// SGD momentum in [0, 1).
+    #[serde(default)]
+    pub momentum: f64,
+    /// L2 penalty on the weights (weight decay).
+    #[serde(default, alias = "weight_decay")]
     pub l2: f64,
+    /// FedProx: μ of the proximal term μ/2·‖w − w_global‖² added to the local
+    /// loss (0 = none). The `fedprox` strategy sets it.
+    #[serde(default)]
+    pub proximal_mu: f64,
     /// Seed of every random choice (initialisation, shuffling, splits).
     #[serde(default)]
     pub seed: u64,
@@ -79,7 +256,10 @@ impl Default for TrainConfig {
             local_epochs: default_epochs(),
             batch_size: default_batch(),
             learning_rate: default_lr(),
+            optimizer: OptimizerKind::Sgd,
+            momentum: 0.0,
             l2: 0.0,
+            proximal_mu: 0.0,
             seed: 0,
             validation_fraction: default_validation(),
         }
@@ -99,8 +279,17 @@ impl TrainConfig {
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate <= 100.0) {
             errs.push(format!("learning_rate: must be in (0, 100] (got {})", self.learning_rate));
         }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            errs.push(format!("momentum: must be in [0, 1) (got {})", self.momentum));
+        }
+        if self.optimizer == OptimizerKind::Adam && self.momentum != 0.0 {
+            errs.push("momentum: applies to optimizer \"sgd\"; Adam keeps its own moments".into());
+        }
         if !(self.l2.is_finite() && self.l2 >= 0.0) {
             errs.push(format!("l2: must be finite and >= 0 (got {})", self.l2));
+        }
+        if !(self.proximal_mu.is_finite() && (0.0..=1000.0).contains(&self.proximal_mu)) {
+            errs.push(format!("proximal_mu: must be in [0, 1000] (got {})", self.proximal_mu));
         }
         if !(self.validation_fraction.is_finite() && (0.0..0.9).contains(&self.validation_fraction)) {
             errs.push(format!("validation_fraction: must be in [0, 0.9) (got {})", self.validation_fraction));

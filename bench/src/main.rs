@@ -230,6 +230,8 @@ async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) 
             reconnect: Reconnect::default(),
             limits: Limits::default(),
             fault: Default::default(),
+            models: Default::default(),
+            training: Default::default(),
         };
         let node = PartyNode::new(cfg, Arc::new(SyntheticFactory { params }));
         stats.push(node.stats());

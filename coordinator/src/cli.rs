@@ -59,6 +59,11 @@ enum DataCmd {
         /// Relative sizes of the parties' shares (default: equal).
         #[arg(long, value_delimiter = ',')]
         weights: Vec<f64>,
+        /// Non-IID split: each class's rows are shared out in proportions drawn
+        /// from Dirichlet(α·n·weights) (Hsu et al., 2019), so parties differ in
+        /// class balance as well as size; smaller α, more skew. Default: IID.
+        #[arg(long)]
+        dirichlet: Option<f64>,
         /// Fraction of rows held out as `test.csv`.
         #[arg(long, default_value_t = 0.2)]
         test_fraction: f64,
@@ -217,18 +222,20 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
             Ok(0)
         }
         Command::Job(cmd) => job(cmd).await,
-        Command::Data(DataCmd::Split { input, header, parties, weights, test_fraction, seed, out }) => {
-            split_data(&input, header, &parties, &weights, test_fraction, seed, &out)?;
+        Command::Data(DataCmd::Split { input, header, parties, weights, dirichlet, test_fraction, seed, out }) => {
+            split_data(&input, header, &parties, &weights, dirichlet, test_fraction, seed, &out)?;
             Ok(0)
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn split_data(
     input: &Path,
     header: bool,
     parties: &[String],
     weights: &[f64],
+    dirichlet: Option<f64>,
     test_fraction: f64,
     seed: u64,
     out: &Path,
@@ -241,28 +248,125 @@ fn split_data(
     if weights.len() != parties.len() || weights.iter().any(|w| !(w.is_finite() && *w > 0.0)) {
         return Err(Error::InvalidInput("--weights: one positive weight per party".into()));
     }
+    if dirichlet.is_some_and(|a| !(a.is_finite() && a > 0.0 && a <= 1e6)) {
+        return Err(Error::InvalidInput("--dirichlet: α must be in (0, 1e6]".into()));
+    }
     if !(0.0..0.9).contains(&test_fraction) {
         return Err(Error::InvalidInput("--test-fraction: must be in [0, 0.9)".into()));
     }
     let ds = Dataset::load_csv(input, &CsvOptions { header, label_column: -1 })?;
     let (rest, test) = ds.split(test_fraction, seed);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let total: f64 = weights.iter().sum();
-    let mut start = 0usize;
-    for (i, (party, w)) in parties.iter().zip(&weights).enumerate() {
-        let end =
-            if i + 1 == parties.len() { rest.len() } else { start + (rest.len() as f64 * w / total).round() as usize };
-        let idx: Vec<usize> = (start..end.min(rest.len())).collect();
-        let part = rest.select(&idx);
+    let shares = match dirichlet {
+        None => contiguous_shares(rest.len(), &weights),
+        Some(alpha) => dirichlet_shares(&rest.labels, &weights, alpha, seed),
+    };
+    let classes = rest.labels.iter().max().map_or(0, |m| *m as usize + 1);
+    for (party, idx) in parties.iter().zip(&shares) {
+        let part = rest.select(idx);
         let path = out.join(format!("{party}.csv"));
         std::fs::write(&path, part.to_csv()).map_err(|e| Error::io(&path, e))?;
-        println!("{}: {} rows", path.display(), part.len());
-        start = end.min(rest.len());
+        let mut per_class = vec![0usize; classes];
+        for l in &part.labels {
+            per_class[*l as usize] += 1;
+        }
+        let counts: Vec<String> = per_class.iter().enumerate().map(|(c, n)| format!("{c}: {n}")).collect();
+        println!("{}: {} rows (by class {})", path.display(), part.len(), counts.join(", "));
     }
     let path = out.join("test.csv");
     std::fs::write(&path, test.to_csv()).map_err(|e| Error::io(&path, e))?;
     println!("{}: {} rows (held out)", path.display(), test.len());
     Ok(())
+}
+
+/// Consecutive blocks of `n` rows sized by `weights` (the rows are already shuffled).
+fn contiguous_shares(n: usize, weights: &[f64]) -> Vec<Vec<usize>> {
+    let total: f64 = weights.iter().sum();
+    let mut start = 0usize;
+    let mut out = Vec::with_capacity(weights.len());
+    for (i, w) in weights.iter().enumerate() {
+        let end = if i + 1 == weights.len() { n } else { (start + (n as f64 * w / total).round() as usize).min(n) };
+        out.push((start..end).collect());
+        start = end;
+    }
+    out
+}
+
+/// For each class, its rows shared out in proportions p ~ Dirichlet(α·k·w),
+/// w the normalised weights and k the number of parties: parties' sizes follow
+/// the weights on average while their class balances differ.
+fn dirichlet_shares(labels: &[u32], weights: &[f64], alpha: f64, seed: u64) -> Vec<Vec<usize>> {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xd1c4_1e7);
+    let total: f64 = weights.iter().sum();
+    let k = weights.len() as f64;
+    let mut out = vec![Vec::new(); weights.len()];
+    let classes = labels.iter().max().map_or(0, |m| *m + 1);
+    for class in 0..classes {
+        let rows: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();
+        let draws: Vec<f64> = weights.iter().map(|w| gamma(&mut rng, alpha * k * w / total)).collect();
+        let sum: f64 = draws.iter().sum();
+        let shares = contiguous_shares(rows.len(), &draws.iter().map(|d| (d / sum).max(1e-12)).collect::<Vec<_>>());
+        for (party, idx) in shares.into_iter().enumerate() {
+            out[party].extend(idx.into_iter().map(|i| rows[i]));
+        }
+    }
+    for rows in &mut out {
+        rows.sort_unstable();
+    }
+    out
+}
+
+/// A Gamma(shape, 1) draw (Marsaglia and Tsang, 2000).
+fn gamma(rng: &mut impl rand::Rng, shape: f64) -> f64 {
+    if shape < 1.0 {
+        let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        return gamma(rng, shape + 1.0) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        // Standard normal by Box–Muller.
+        let (u1, u2): (f64, f64) = (rng.random::<f64>().max(f64::MIN_POSITIVE), rng.random());
+        let x = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        let v = (1.0 + c * x).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn dirichlet_shares_partition_every_row_and_skew_classes() {
+        let labels: Vec<u32> = (0..3000).map(|i| (i % 2) as u32).collect();
+        let shares = dirichlet_shares(&labels, &[1.0, 1.0, 1.0], 0.5, 3);
+        let mut all: Vec<usize> = shares.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..3000).collect::<Vec<_>>());
+        let positive = |s: &Vec<usize>| s.iter().filter(|&&i| labels[i] == 1).count() as f64 / s.len().max(1) as f64;
+        let fractions: Vec<f64> = shares.iter().map(positive).collect();
+        let spread = fractions.iter().copied().fold(0.0, f64::max) - fractions.iter().copied().fold(1.0, f64::min);
+        assert!(spread > 0.1, "class balance barely differs: {fractions:?}");
+        assert_eq!(shares, dirichlet_shares(&labels, &[1.0, 1.0, 1.0], 0.5, 3));
+    }
+
+    #[test]
+    fn gamma_draws_have_the_right_mean() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for shape in [0.3, 1.0, 4.5] {
+            let mean = (0..20_000).map(|_| gamma(&mut rng, shape)).sum::<f64>() / 20_000.0;
+            assert!((mean - shape).abs() < 0.05 * shape.max(1.0), "shape {shape}: mean {mean}");
+        }
+    }
 }
 
 async fn running_wait(r: server::RunningCoordinator) -> Result<(), Error> {

@@ -288,7 +288,7 @@ pub struct Session {
 
 /// Builds the strategy a spec names, with its parameters' defaults.
 pub fn strategy_for(spec: &JobSpec) -> Box<dyn Strategy> {
-    use confide_algorithms::strategies::{Adaptive, FedAvgM, FedOpt, Krum, Median, TrimmedMean};
+    use confide_algorithms::strategies::{Adaptive, FedAvgM, FedOpt, FedProx, Krum, Median, TrimmedMean};
     let st = &spec.strategy;
     let adaptive = |kind| {
         Box::new(FedOpt::new(
@@ -301,6 +301,7 @@ pub fn strategy_for(spec: &JobSpec) -> Box<dyn Strategy> {
     };
     match st.name {
         StrategyName::Fedavg => Box::new(FedAvg),
+        StrategyName::Fedprox => Box::new(FedProx { proximal_mu: st.proximal_mu.unwrap_or(0.01) }),
         StrategyName::Fedavgm => {
             Box::new(FedAvgM::new(st.server_learning_rate.unwrap_or(1.0), st.momentum.unwrap_or(0.9)))
         }

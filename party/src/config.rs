@@ -28,6 +28,13 @@ pub struct PartyConfig {
     /// Data sets by name; jobs refer to these names, never to paths.
     #[serde(default)]
     pub datasets: BTreeMap<String, DatasetSource>,
+    /// TorchScript model files by name, for jobs with `model.kind =
+    /// "torchscript"`; paths are relative to this file.
+    #[serde(default)]
+    pub models: BTreeMap<String, PathBuf>,
+    /// Local training settings of this machine.
+    #[serde(default)]
+    pub training: TrainingSettings,
     /// What this party accepts.
     #[serde(default)]
     pub policy: Policy,
@@ -51,6 +58,26 @@ pub struct Fault {
     /// (`setup`, `fit`, `evaluate`, `secagg-shares`, `secagg-masked-input`, `secagg-unmask`).
     #[serde(default)]
     pub exit_on_stage: Option<String>,
+}
+
+/// How this machine trains.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSettings {
+    /// libtorch threads per process (1 keeps runs deterministic and is fastest
+    /// for small models; raise it for large ones).
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+}
+
+fn default_threads() -> usize {
+    1
+}
+
+impl Default for TrainingSettings {
+    fn default() -> Self {
+        TrainingSettings { threads: default_threads() }
+    }
 }
 
 fn default_server_name() -> String {
@@ -127,6 +154,9 @@ impl PartyConfig {
         for d in cfg.datasets.values_mut() {
             d.path = base.join(&d.path);
         }
+        for m in cfg.models.values_mut() {
+            *m = base.join(&*m);
+        }
         cfg.validate().map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Ok(cfg)
     }
@@ -134,6 +164,9 @@ impl PartyConfig {
     /// Checks values that serde cannot.
     pub fn validate(&self) -> Result<(), String> {
         self.limits.validate().map_err(|e| e.to_string())?;
+        if !(1..=256).contains(&self.training.threads) {
+            return Err(format!("training.threads: must be 1..=256 (got {})", self.training.threads));
+        }
         if self.reconnect.initial_ms == 0 || self.reconnect.max_ms < self.reconnect.initial_ms {
             return Err("reconnect: need 0 < initial_ms <= max_ms".into());
         }

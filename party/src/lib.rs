@@ -7,7 +7,10 @@
 //! failure it reconnects with exponential back-off and resumes.
 
 pub mod config;
+pub mod local;
 pub mod node;
+#[cfg(feature = "torch")]
+pub mod torch;
 pub mod trainers;
 
 mod error;

@@ -4,7 +4,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
 use confide_party::config::PartyConfig;
+use confide_party::local;
+use confide_proto::Limits;
+use confide_proto::jobspec::JobSpec;
 use confide_party::node::PartyNode;
 use confide_party::trainers::BuiltinTrainers;
 
@@ -30,6 +34,153 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Train a job's model on local rows only (no coordinator): a local-only
+    /// baseline, or a central one on pooled rows. Same schedule as the job.
+    TrainLocal {
+        /// The job spec (its model, training and rounds are used).
+        #[arg(long)]
+        spec: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Held-out rows to report accuracy on.
+        #[arg(long)]
+        test: Option<PathBuf>,
+        /// Where to write the trained model (safetensors).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Party config whose [models] table names TorchScript files.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Evaluate a model (e.g. from `confide job model`) on local rows.
+    Evaluate {
+        /// The job spec the model was trained with.
+        #[arg(long)]
+        spec: PathBuf,
+        /// The model file (safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Party config whose [models] table names TorchScript files.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Where local rows come from.
+#[derive(clap::Args, Debug)]
+struct DataArgs {
+    /// CSV file(s), optionally gzip-compressed; several are concatenated.
+    #[arg(long = "data", required = true)]
+    files: Vec<PathBuf>,
+    /// The files start with a header line.
+    #[arg(long)]
+    header: bool,
+    /// Label column (negative counts from the end).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    label_column: i64,
+}
+
+impl DataArgs {
+    fn sources(&self, files: &[PathBuf]) -> Vec<DatasetSource> {
+        files
+            .iter()
+            .map(|p| DatasetSource {
+                path: p.clone(),
+                format: DataFormat::Csv,
+                csv: CsvOptions { header: self.header, label_column: self.label_column },
+            })
+            .collect()
+    }
+}
+
+fn trainers_for(config: Option<&std::path::Path>) -> Result<BuiltinTrainers, String> {
+    match config {
+        Some(path) => PartyConfig::load(path).map(|c| BuiltinTrainers::for_config(&c)).map_err(|e| e.to_string()),
+        None => Ok(BuiltinTrainers::new(Default::default(), 1)),
+    }
+}
+
+fn load_spec(path: &std::path::Path) -> Result<JobSpec, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    JobSpec::parse(&text, &path.display().to_string(), &Limits::default()).map_err(|e| e.to_string())
+}
+
+fn print_metrics(what: &str, e: &local::Evaluation) {
+    let mut line = format!("{what}: {} rows, loss {:.4}", e.examples, e.loss);
+    for (k, v) in &e.metrics {
+        line.push_str(&format!(", {k} {v:.4}"));
+    }
+    println!("{line}");
+}
+
+fn train_local(
+    spec: &std::path::Path,
+    data: &DataArgs,
+    test: Option<&std::path::Path>,
+    out: Option<&std::path::Path>,
+    json: bool,
+    config: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let spec = load_spec(spec)?;
+    let trainers = trainers_for(config)?;
+    let rows = local::load_rows(&data.sources(&data.files))?;
+    if !json {
+        println!("training {} ({}) on {} local rows for {} rounds", spec.name, spec.model.kind.as_str(), rows.len(), spec.rounds);
+    }
+    let params = local::train(&trainers, &spec, rows, |round, m| {
+        if !json {
+            println!("  round {round}: train_loss {:.4}", m.get("train_loss").copied().unwrap_or(f64::NAN));
+        }
+    })?;
+    if let Some(path) = out {
+        local::write_model(path, &params, &spec)?;
+        if !json {
+            println!("model: {}", path.display());
+        }
+    }
+    let eval = match test {
+        Some(t) => Some(local::evaluate(&trainers, &spec, &params, local::load_rows(&data.sources(&[t.to_path_buf()]))?)?),
+        None => None,
+    };
+    if json {
+        let v = serde_json::json!({
+            "rounds": spec.rounds,
+            "model": out.map(|p| p.display().to_string()),
+            "test": eval,
+        });
+        println!("{v}");
+    } else if let Some(e) = &eval {
+        print_metrics("test", e);
+    }
+    Ok(())
+}
+
+fn evaluate(
+    spec: &std::path::Path,
+    model: &std::path::Path,
+    data: &DataArgs,
+    json: bool,
+    config: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let spec = load_spec(spec)?;
+    let trainers = trainers_for(config)?;
+    let params = local::read_model(model)?;
+    let rows = local::load_rows(&data.sources(&data.files))?;
+    let e = local::evaluate(&trainers, &spec, &params, rows).map_err(|e| format!("{}: {e}", model.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&e).map_err(|e| e.to_string())?);
+    } else {
+        print_metrics(&model.display().to_string(), &e);
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -42,7 +193,8 @@ async fn main() {
     let code = match cli.command {
         Command::Run { config } => match PartyConfig::load(&config) {
             Ok(cfg) => {
-                let node = PartyNode::new(cfg, Arc::new(BuiltinTrainers));
+                let trainers = BuiltinTrainers::for_config(&cfg);
+                let node = PartyNode::new(cfg, Arc::new(trainers));
                 tokio::select! {
                     _ = node.run() => 0,
                     _ = tokio::signal::ctrl_c() => 0,
@@ -72,6 +224,22 @@ async fn main() {
                 2
             }
         },
+        Command::TrainLocal { spec, data, test, out, json, config } => {
+            report(train_local(&spec, &data, test.as_deref(), out.as_deref(), json, config.as_deref()))
+        }
+        Command::Evaluate { spec, model, data, json, config } => {
+            report(evaluate(&spec, &model, &data, json, config.as_deref()))
+        }
     };
     std::process::exit(code);
+}
+
+fn report(r: Result<(), String>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
 }

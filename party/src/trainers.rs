@@ -1,20 +1,28 @@
 //! Building a job's [`Trainer`] from its spec and the party's data.
 
-use confide_algorithms::data::DatasetSource;
-use confide_algorithms::{LogisticRegression, ModelKind, Trainer};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use confide_algorithms::data::{Dataset, DatasetSource};
+use confide_algorithms::{Engine, LogisticRegression, ModelKind, Trainer};
 use confide_proto::jobspec::JobSpec;
 
 /// Makes the trainer for a job. The built-in factory covers the model kinds
 /// of the job spec; a researcher can run a party with their own factory
-/// (see `examples/`).
+/// (see `examples/custom_trainer.rs`).
 pub trait TrainerFactory: Send + Sync {
     /// A trainer for `spec` over `data`, at party `party`.
     fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String>;
 }
 
-/// The model kinds built into Confide.
+/// The model kinds built into Confide: the pure-Rust logistic regression
+/// and, when built with the `torch` feature (the default), the libtorch
+/// models.
 #[derive(Debug, Default, Clone)]
-pub struct BuiltinTrainers;
+pub struct BuiltinTrainers {
+    /// TorchScript files by name (the party's `[models]` table).
+    pub models: BTreeMap<String, PathBuf>,
+}
 
 /// A stable 64-bit value from the party name (FNV-1a), so each party shuffles
 /// differently but reproducibly.
@@ -22,19 +30,76 @@ pub fn party_salt(party: &str) -> u64 {
     party.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
+/// Whether this build of the party can train libtorch models.
+pub const HAS_TORCH: bool = cfg!(feature = "torch");
+
+impl BuiltinTrainers {
+    /// The factory for a party's config: its TorchScript files, and libtorch's
+    /// thread count set once for the process.
+    pub fn for_config(config: &crate::config::PartyConfig) -> Self {
+        Self::new(config.models.clone(), config.training.threads)
+    }
+
+    /// The factory over these TorchScript files, with libtorch's thread count
+    /// (set once per process; later values are ignored).
+    pub fn new(models: BTreeMap<String, PathBuf>, threads: usize) -> Self {
+        #[cfg(feature = "torch")]
+        crate::torch::set_threads(threads);
+        #[cfg(not(feature = "torch"))]
+        let _ = threads;
+        BuiltinTrainers { models }
+    }
+
+    /// A trainer for `spec` over rows already loaded and split. Errors name
+    /// the field at fault.
+    pub fn build_from(
+        &self,
+        spec: &JobSpec,
+        train: Dataset,
+        held_out: Dataset,
+        party: &str,
+    ) -> Result<Box<dyn Trainer>, String> {
+        let model = &spec.model;
+        let seed = spec.training.seed;
+        match (model.engine(), model.kind) {
+            (Engine::Rust, ModelKind::LogisticRegression) => {
+                let m = LogisticRegression::new(model.classes, train, held_out, seed, party_salt(party))
+                    .map_err(|e| e.to_string())?;
+                Ok(Box::new(m))
+            }
+            #[cfg(feature = "torch")]
+            (Engine::Torch, _) => {
+                let script = match &model.torchscript {
+                    Some(name) => Some(self.models.get(name).ok_or_else(|| {
+                        format!("model.torchscript: no model named {name:?} in this party's [models] table")
+                    })?),
+                    None => None,
+                };
+                let m = crate::torch::TorchTrainer::new(
+                    model,
+                    script.map(PathBuf::as_path),
+                    train,
+                    held_out,
+                    seed,
+                    party_salt(party),
+                )
+                .map_err(|e| e.to_string())?;
+                Ok(Box::new(m))
+            }
+            (engine, kind) => Err(format!(
+                "model {} on engine {} is not available in this build of confide-party{}",
+                kind.as_str(),
+                engine.as_str(),
+                if HAS_TORCH { "" } else { " (built without the `torch` feature)" }
+            )),
+        }
+    }
+}
+
 impl TrainerFactory for BuiltinTrainers {
     fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {
         let ds = data.load().map_err(|e| e.to_string())?;
         let (train, held_out) = ds.split(spec.training.validation_fraction, spec.training.seed);
-        match spec.model.kind {
-            ModelKind::LogisticRegression => {
-                let m =
-                    LogisticRegression::new(spec.model.classes, train, held_out, spec.training.seed, party_salt(party))
-                        .map_err(|e| format!("{}: {e}", data.path.display()))?;
-                Ok(Box::new(m))
-            }
-            #[allow(unreachable_patterns)]
-            other => Err(format!("model kind {other:?} is not supported by this party")),
-        }
+        self.build_from(spec, train, held_out, party).map_err(|e| format!("{}: {e}", data.path.display()))
     }
 }

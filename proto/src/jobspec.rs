@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use confide_algorithms::{ModelConfig, TrainConfig};
+use confide_algorithms::{Engine, ModelConfig, OptimizerKind, TrainConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::Limits;
@@ -79,6 +79,8 @@ pub enum StrategyName {
     /// Example-weighted federated averaging.
     #[default]
     Fedavg,
+    /// FedAvg with a proximal term in local training (FedProx).
+    Fedprox,
     /// FedAvg with server momentum.
     Fedavgm,
     /// Adaptive server optimiser: Adagrad.
@@ -127,6 +129,9 @@ pub struct StrategySpec {
     /// trimmed_mean: fraction trimmed at each end, [0, 0.5) (default 0.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trim_fraction: Option<f64>,
+    /// fedprox: μ of the proximal term μ/2·‖w − w_global‖² (default 0.01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proximal_mu: Option<f64>,
     /// krum: Byzantine parties tolerated (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub byzantine: Option<usize>,
@@ -379,8 +384,12 @@ impl JobSpec {
                 err(&format!("parties.datasets.{party}"), "must be a data set name of 1 to 128 bytes".into());
             }
         }
-        if !(2..=10_000).contains(&self.model.classes) {
-            err("model.classes", format!("must be 2..=10000 (got {})", self.model.classes));
+        for msg in self.model.validate() {
+            let (field, rest) = msg.split_once(": ").unwrap_or(("", &msg));
+            err(&format!("model.{field}"), rest.to_owned());
+        }
+        if self.model.engine() == Engine::Rust && self.training.optimizer != OptimizerKind::Sgd {
+            err("training.optimizer", "the rust engine trains with SGD; set model.engine = \"torch\"".into());
         }
         for msg in self.training.validate() {
             let (field, rest) = msg.split_once(": ").unwrap_or(("", &msg));
@@ -401,6 +410,9 @@ impl JobSpec {
         }
         if st.tau.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
             err("strategy.tau", "must be positive and finite".into());
+        }
+        if st.proximal_mu.is_some_and(|v| !(v.is_finite() && (0.0..=1000.0).contains(&v))) {
+            err("strategy.proximal_mu", "must be in [0, 1000]".into());
         }
         if st.trim_fraction.is_some_and(|v| !(v.is_finite() && (0.0..0.5).contains(&v))) {
             err("strategy.trim_fraction", "must be in [0, 0.5)".into());

@@ -54,7 +54,7 @@ fn fedavg_job_equals_the_independently_computed_weighted_mean() {
                 format: DataFormat::Csv,
                 csv: CsvOptions::default(),
             };
-            BuiltinTrainers.build(&spec, &src, n).expect("trainer")
+            BuiltinTrainers::default().build(&spec, &src, n).expect("trainer")
         })
         .collect();
     let mut stats = FeatureStats::default();

@@ -47,7 +47,7 @@ fn secure_aggregation_recovers_the_survivors_sum_when_two_parties_crash_mid_stag
             format: DataFormat::Csv,
             csv: CsvOptions::default(),
         };
-        BuiltinTrainers.build(&spec, &src, n).expect("trainer")
+        BuiltinTrainers::default().build(&spec, &src, n).expect("trainer")
     };
     let mut stats = FeatureStats::default();
     for n in &names {

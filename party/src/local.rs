@@ -1,0 +1,102 @@
+//! Party-side tools that need no coordinator: training the job's model on
+//! local rows alone (a hospital's local-only baseline, or a central baseline
+//! on pooled rows where that is allowed), and evaluating a federated model on
+//! local rows that never took part in training.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use confide_algorithms::data::{Dataset, DatasetSource};
+use confide_algorithms::trainer::apply_feature_stats;
+use confide_algorithms::{FitConfig, Metrics, Parameters, Trainer};
+use confide_proto::jobspec::JobSpec;
+use serde::Serialize;
+
+use crate::trainers::BuiltinTrainers;
+
+/// Loads and concatenates data sets with the same features; errors name the file.
+pub fn load_rows(sources: &[DatasetSource]) -> Result<Dataset, String> {
+    let mut all = Dataset::default();
+    for src in sources {
+        let ds = src.load().map_err(|e| e.to_string())?;
+        if !all.is_empty() && ds.num_features != all.num_features {
+            return Err(format!(
+                "{}: {} features, but the files before it have {}",
+                src.path.display(),
+                ds.num_features,
+                all.num_features
+            ));
+        }
+        all.num_features = ds.num_features;
+        all.features.extend_from_slice(&ds.features);
+        all.labels.extend_from_slice(&ds.labels);
+    }
+    if all.is_empty() {
+        return Err("no rows to use".into());
+    }
+    Ok(all)
+}
+
+/// What an evaluation found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Evaluation {
+    /// Rows evaluated.
+    pub examples: u64,
+    /// Mean loss.
+    pub loss: f64,
+    /// Accuracy, and `auc` for binary tasks.
+    pub metrics: Metrics,
+}
+
+/// Evaluates `params` (a model of `spec`) on `rows`.
+pub fn evaluate(
+    trainers: &BuiltinTrainers,
+    spec: &JobSpec,
+    params: &Parameters,
+    rows: Dataset,
+) -> Result<Evaluation, String> {
+    let mut t = trainers.build_from(spec, rows, Dataset::default(), "local")?;
+    t.set_parameters(params).map_err(|e| format!("the model does not fit the job spec's model: {e}"))?;
+    let out = t.evaluate().map_err(|e| e.to_string())?;
+    Ok(Evaluation { examples: out.num_examples, loss: out.loss, metrics: out.metrics })
+}
+
+/// Trains `spec`'s model on `rows` alone, with the same schedule a federated
+/// job runs (`rounds` × `local_epochs` epochs, same optimiser and seed), and
+/// standardisation from these rows' statistics. `on_round` sees each round's
+/// training metrics.
+pub fn train(
+    trainers: &BuiltinTrainers,
+    spec: &JobSpec,
+    rows: Dataset,
+    mut on_round: impl FnMut(u32, &Metrics),
+) -> Result<Parameters, String> {
+    let mut t: Box<dyn Trainer> = trainers.build_from(spec, rows, Dataset::default(), "local")?;
+    if spec.model.standardize {
+        let mut p = t.parameters();
+        apply_feature_stats(&mut p, &t.feature_stats()).map_err(|e| e.to_string())?;
+        t.set_parameters(&p).map_err(|e| e.to_string())?;
+    }
+    let mut train = spec.training.clone();
+    // Alone there is no global model to stay near.
+    train.proximal_mu = 0.0;
+    for round in 1..=spec.rounds {
+        let out = t.fit(&FitConfig { round, train: train.clone() }).map_err(|e| format!("round {round}: {e}"))?;
+        on_round(round, &out.metrics);
+    }
+    Ok(t.parameters())
+}
+
+/// Reads a model file written by `confide job model` (safetensors).
+pub fn read_model(path: &Path) -> Result<Parameters, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Parameters::from_safetensors(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Writes a model file that `confide-party evaluate` and `from_job`-style
+/// tools read.
+pub fn write_model(path: &Path, params: &Parameters, spec: &JobSpec) -> Result<(), String> {
+    let meta = BTreeMap::from([("confide.job".to_string(), format!("local:{}", spec.name))]);
+    let bytes = params.to_safetensors(&meta).map_err(|e| e.to_string())?;
+    std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+}

@@ -1,0 +1,523 @@
+//! Local training with libtorch through `tch`: logistic regression, MLP and a
+//! small CNN defined in Rust, or a TorchScript module the party holds as a
+//! file.
+//!
+//! Parameters travel as named `f32` tensors in a fixed order: the frozen
+//! input standardisation (`input.mean`, `input.std`, set from federated
+//! statistics) first, then the trainable tensors sorted by name. A
+//! [`TorchTrainer`] is `Send` but not `Sync` (nor are libtorch tensors), so
+//! the party runs it on the job's dedicated worker thread.
+
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use confide_algorithms::data::Dataset;
+use confide_algorithms::logreg::roc_auc;
+use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD};
+use confide_algorithms::{
+    Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, ModelKind, OptimizerKind,
+    Parameters, Tensor as NamedTensor, TensorSpec, Trainer,
+};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+/// libtorch keeps one global RNG: initialisation holds this lock so that a
+/// seed gives the same initial model even with several jobs in the process.
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+static THREADS: OnceLock<usize> = OnceLock::new();
+
+/// Sets libtorch's intra-op thread count, once per process (later calls are
+/// ignored). One thread per job is fastest for the small models federated
+/// parties train and keeps runs deterministic.
+pub fn set_threads(threads: usize) {
+    let n = *THREADS.get_or_init(|| threads.max(1));
+    tch::set_num_threads(i32::try_from(n).unwrap_or(1));
+}
+
+fn torch_err(what: &str) -> impl Fn(tch::TchError) -> Error + '_ {
+    move |e| Error::Training(format!("libtorch: {what}: {e}"))
+}
+
+enum Net {
+    Builtin(nn::Sequential),
+    Script(tch::TrainableCModule),
+}
+
+impl Net {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor, Error> {
+        match self {
+            Net::Builtin(seq) => Ok(seq.forward(xs)),
+            Net::Script(m) => m.forward_ts(&[xs]).map_err(torch_err("TorchScript forward")),
+        }
+    }
+}
+
+/// A libtorch model over one party's rows.
+pub struct TorchTrainer {
+    vs: nn::VarStore,
+    net: Net,
+    /// Trainable tensors' names, sorted: the wire order after the input statistics.
+    names: Vec<String>,
+    classes: usize,
+    features: usize,
+    /// Shape of one batch with a leading -1, e.g. `[-1, 30]` or `[-1, 1, 8, 8]`.
+    input_shape: Vec<i64>,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    train: Dataset,
+    held_out: Dataset,
+    salt: u64,
+}
+
+fn to_i64(v: usize) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl TorchTrainer {
+    /// Builds the model `model` describes over `train`'s features, initialised
+    /// from `seed`. `script` is the TorchScript file for `kind = "torchscript"`.
+    /// `salt` distinguishes parties' shuffling.
+    pub fn new(
+        model: &ModelConfig,
+        script: Option<&Path>,
+        train: Dataset,
+        held_out: Dataset,
+        seed: u64,
+        salt: u64,
+    ) -> Result<Self, Error> {
+        let classes = model.classes;
+        let d = train.num_features;
+        if train.is_empty() {
+            return Err(Error::InvalidInput("no training rows".into()));
+        }
+        for ds in [&train, &held_out] {
+            if let Some(l) = ds.labels.iter().find(|&&l| l as usize >= classes) {
+                return Err(Error::InvalidInput(format!("label {l} is outside the model's {classes} classes")));
+            }
+        }
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let mut input_shape = vec![-1, to_i64(d)];
+        let net = {
+            let _guard = INIT_LOCK.lock().map_err(|_| Error::Training("initialisation lock poisoned".into()))?;
+            tch::manual_seed(i64::from_le_bytes(seed.to_le_bytes()));
+            match model.kind {
+                ModelKind::LogisticRegression => Net::Builtin(nn::seq().add(nn::linear(
+                    &root / "linear",
+                    to_i64(d),
+                    to_i64(classes),
+                    Default::default(),
+                ))),
+                ModelKind::Mlp => {
+                    let mut seq = nn::seq();
+                    let mut width = d;
+                    for (i, h) in model.hidden_layers().into_iter().enumerate() {
+                        seq = seq
+                            .add(nn::linear(&root / format!("fc{i}"), to_i64(width), to_i64(h), Default::default()))
+                            .add_fn(|x| x.relu());
+                        width = h;
+                    }
+                    Net::Builtin(seq.add(nn::linear(&root / "out", to_i64(width), to_i64(classes), Default::default())))
+                }
+                ModelKind::Cnn => {
+                    let [c, h, w] = model.image_shape();
+                    if c * h * w != d {
+                        return Err(Error::InvalidInput(format!(
+                            "model.image {c}x{h}x{w} needs {} features per row; the data has {d}",
+                            c * h * w
+                        )));
+                    }
+                    input_shape = vec![-1, to_i64(c), to_i64(h), to_i64(w)];
+                    let conv = nn::ConvConfig { padding: 1, ..Default::default() };
+                    let (mut seq, mut ch, mut hh, mut ww) = (nn::seq(), c, h, w);
+                    for (i, out) in model.conv_channels().into_iter().enumerate() {
+                        seq = seq
+                            .add(nn::conv2d(&root / format!("conv{i}"), to_i64(ch), to_i64(out), 3, conv))
+                            .add_fn(|x| x.relu().max_pool2d_default(2));
+                        (ch, hh, ww) = (out, hh / 2, ww / 2);
+                    }
+                    let flat = to_i64(ch * hh * ww);
+                    Net::Builtin(seq.add_fn(|x| x.flatten(1, -1)).add(nn::linear(
+                        &root / "out",
+                        flat,
+                        to_i64(classes),
+                        Default::default(),
+                    )))
+                }
+                ModelKind::Torchscript => {
+                    let path = script.ok_or_else(|| Error::InvalidInput("no TorchScript file given".into()))?;
+                    let m = tch::TrainableCModule::load(path, root.clone())
+                        .map_err(|e| Error::InvalidInput(format!("{}: not a loadable TorchScript module: {e}", path.display())))?;
+                    Net::Script(m)
+                }
+                other => return Err(Error::InvalidInput(format!("model kind {} is not a libtorch model", other.as_str()))),
+            }
+        };
+        let mut names: Vec<String> = vs.variables().into_keys().collect();
+        names.sort();
+        if names.is_empty() {
+            return Err(Error::InvalidInput("the model has no trainable parameters".into()));
+        }
+        let t = TorchTrainer {
+            vs,
+            net,
+            names,
+            classes,
+            features: d,
+            input_shape,
+            mean: vec![0.0; d],
+            std: vec![1.0; d],
+            train,
+            held_out,
+            salt,
+        };
+        // Fail now, with the file's name, if a TorchScript module does not map
+        // a batch of rows to `classes` logits.
+        let probe = t.logits(&t.train.features[..d])?;
+        if probe.size() != [1, to_i64(classes)] {
+            return Err(Error::InvalidInput(format!(
+                "the model maps one {d}-feature row to shape {:?}; expected [1, {classes}] logits",
+                probe.size()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// Standardised rows as a batch tensor in the model's input shape.
+    fn inputs(&self, rows: &[f32]) -> Result<Tensor, Error> {
+        let mut x: Vec<f32> = rows.to_vec();
+        for (i, v) in x.iter_mut().enumerate() {
+            let j = i % self.features;
+            *v = (*v - self.mean[j]) / self.std[j];
+        }
+        Tensor::from_slice(&x).f_view(self.input_shape.as_slice()).map_err(torch_err("input shape"))
+    }
+
+    fn logits(&self, rows: &[f32]) -> Result<Tensor, Error> {
+        let x = self.inputs(rows)?;
+        self.net.forward(&x)
+    }
+
+    fn variable(&self, name: &str) -> Result<Tensor, Error> {
+        self.vs.variables().remove(name).ok_or_else(|| Error::Training(format!("variable {name} vanished")))
+    }
+
+    fn labels(ds: &Dataset, idx: &[usize]) -> Tensor {
+        let y: Vec<i64> = idx.iter().map(|&i| i64::from(ds.labels[i])).collect();
+        Tensor::from_slice(&y)
+    }
+
+    /// Loss, accuracy and positive-class scores over a data set, without gradients.
+    fn score(&self, ds: &Dataset) -> Result<(f64, f64, Vec<f64>), Error> {
+        tch::no_grad(|| {
+            let logits = self.logits(&ds.features)?;
+            let idx: Vec<usize> = (0..ds.len()).collect();
+            let y = Self::labels(ds, &idx);
+            let loss = logits.cross_entropy_for_logits(&y).double_value(&[]);
+            let acc = logits.accuracy_for_logits(&y).double_value(&[]);
+            let probs = logits.softmax(-1, Kind::Float);
+            let last = probs.select(1, to_i64(self.classes) - 1);
+            let mut scores = vec![0f32; ds.len()];
+            last.f_copy_data(&mut scores, ds.len()).map_err(torch_err("scores"))?;
+            Ok((loss, acc, scores.into_iter().map(f64::from).collect()))
+        })
+    }
+}
+
+fn tensor_values(t: &Tensor) -> Result<Vec<f32>, Error> {
+    let t = t.f_to_kind(Kind::Float).map_err(torch_err("dtype"))?.f_contiguous().map_err(torch_err("layout"))?;
+    let n = t.numel();
+    let mut out = vec![0f32; n];
+    t.f_copy_data(&mut out, n).map_err(torch_err("read tensor"))?;
+    Ok(out)
+}
+
+impl Trainer for TorchTrainer {
+    fn parameters(&self) -> Parameters {
+        let d = self.features;
+        let mut tensors = vec![
+            NamedTensor { name: INPUT_MEAN.into(), shape: vec![d], data: self.mean.clone() },
+            NamedTensor { name: INPUT_STD.into(), shape: vec![d], data: self.std.clone() },
+        ];
+        let vars = self.vs.variables();
+        for name in &self.names {
+            if let Some(t) = vars.get(name) {
+                let shape = t.size().into_iter().map(|v| usize::try_from(v).unwrap_or(0)).collect();
+                tensors.push(NamedTensor { name: name.clone(), shape, data: tensor_values(t).unwrap_or_default() });
+            }
+        }
+        Parameters::new(tensors).unwrap_or_default()
+    }
+
+    fn set_parameters(&mut self, params: &Parameters) -> Result<(), Error> {
+        let expected: Vec<TensorSpec> = self.parameters().spec();
+        params.check_matches(&expected).map_err(Error::InvalidInput)?;
+        if let Some(s) = params.get(INPUT_STD).and_then(|t| t.data.iter().find(|v| !(**v > 0.0))) {
+            return Err(Error::InvalidInput(format!("{INPUT_STD} holds {s}; it must be positive")));
+        }
+        let mut vars = self.vs.variables();
+        tch::no_grad(|| -> Result<(), Error> {
+            for t in params.tensors() {
+                match t.name.as_str() {
+                    INPUT_MEAN => self.mean.copy_from_slice(&t.data),
+                    INPUT_STD => self.std.copy_from_slice(&t.data),
+                    name => {
+                        let var = vars.get_mut(name).ok_or_else(|| Error::InvalidInput(format!("no tensor {name}")))?;
+                        let src = Tensor::from_slice(&t.data).f_view(var.size().as_slice()).map_err(torch_err(name))?;
+                        var.f_copy_(&src).map_err(torch_err(name))?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn feature_stats(&self) -> FeatureStats {
+        self.train.feature_stats()
+    }
+
+    fn fit(&mut self, config: &FitConfig) -> Result<FitOutcome, Error> {
+        let tc = &config.train;
+        let mut opt = match tc.optimizer {
+            OptimizerKind::Adam => nn::Adam { wd: tc.l2, ..Default::default() }.build(&self.vs, tc.learning_rate),
+            _ => nn::Sgd { momentum: tc.momentum, dampening: 0.0, wd: tc.l2, nesterov: false }
+                .build(&self.vs, tc.learning_rate),
+        }
+        .map_err(torch_err("optimizer"))?;
+        // FedProx anchors: detached copies of the parameters this round starts from.
+        let anchors: Vec<(Tensor, Tensor)> = if tc.proximal_mu > 0.0 {
+            self.names
+                .iter()
+                .map(|n| self.variable(n).map(|v| (v.shallow_clone(), v.detach().copy())))
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        if let Net::Script(m) = &mut self.net {
+            m.set_train();
+        }
+        let x_all = self.inputs(&self.train.features)?;
+        let seed = tc.seed ^ self.salt ^ (u64::from(config.round) << 32);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut order: Vec<usize> = (0..self.train.len()).collect();
+        let (mut loss_sum, mut seen) = (0.0, 0usize);
+        for _ in 0..tc.local_epochs {
+            order.shuffle(&mut rng);
+            for batch in order.chunks(tc.batch_size) {
+                let idx: Vec<i64> = batch.iter().map(|&i| to_i64(i)).collect();
+                let xs = x_all.f_index_select(0, &Tensor::from_slice(&idx)).map_err(torch_err("batch"))?;
+                let ys = Self::labels(&self.train, batch);
+                let logits = self.net.forward(&xs)?;
+                let loss = logits.cross_entropy_for_logits(&ys);
+                loss_sum += loss.double_value(&[]) * batch.len() as f64;
+                seen += batch.len();
+                let total = if anchors.is_empty() {
+                    loss
+                } else {
+                    let prox = anchors
+                        .iter()
+                        .map(|(w, w0)| (w - w0).square().sum(Kind::Float))
+                        .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |acc, t| acc + t);
+                    loss + prox * (tc.proximal_mu / 2.0)
+                };
+                opt.backward_step(&total);
+            }
+        }
+        if let Net::Script(m) = &mut self.net {
+            m.set_eval();
+        }
+        let train_loss = loss_sum / seen.max(1) as f64;
+        if !train_loss.is_finite() {
+            return Err(Error::Training(format!("the training loss diverged ({train_loss}); lower the learning rate")));
+        }
+        let mut metrics = Metrics::new();
+        metrics.insert("train_loss".into(), train_loss);
+        Ok(FitOutcome { num_examples: self.train.len() as u64, metrics })
+    }
+
+    fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
+        let ds = if self.held_out.is_empty() { &self.train } else { &self.held_out };
+        let (loss, accuracy, scores) = self.score(ds)?;
+        let mut metrics = Metrics::new();
+        metrics.insert("accuracy".into(), accuracy);
+        if self.classes == 2
+            && let Some(auc) = roc_auc(&scores, &ds.labels)
+        {
+            metrics.insert("auc".into(), auc);
+        }
+        Ok(EvalOutcome { num_examples: ds.len() as u64, loss, metrics })
+    }
+
+    fn predict(&self, features: &[f32]) -> Result<Vec<f32>, Error> {
+        if !features.len().is_multiple_of(self.features) {
+            return Err(Error::InvalidInput(format!(
+                "{} values is not a whole number of {}-feature rows",
+                features.len(),
+                self.features
+            )));
+        }
+        if features.is_empty() {
+            return Ok(Vec::new());
+        }
+        tch::no_grad(|| tensor_values(&self.logits(features)?.softmax(-1, Kind::Float)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_algorithms::TrainConfig;
+    use confide_algorithms::data::CsvOptions;
+    use confide_algorithms::trainer::apply_feature_stats;
+
+    fn data(file: &str) -> Dataset {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data").join(file);
+        Dataset::load_csv(&path, &CsvOptions { header: file.ends_with("breast_cancer.csv"), label_column: -1 }).unwrap()
+    }
+
+    fn standardised(model: &ModelConfig, train: Dataset, test: Dataset, script: Option<&Path>) -> TorchTrainer {
+        let mut t = TorchTrainer::new(model, script, train.clone(), test, 7, 1).unwrap();
+        let mut p = t.parameters();
+        apply_feature_stats(&mut p, &train.feature_stats()).unwrap();
+        t.set_parameters(&p).unwrap();
+        t
+    }
+
+    fn fit(t: &mut TorchTrainer, round: u32, train: TrainConfig) -> FitOutcome {
+        t.fit(&FitConfig { round, train }).unwrap()
+    }
+
+    #[test]
+    fn parameters_round_trip_exactly_for_every_builtin_model() {
+        let bc = data("breast_cancer.csv");
+        let digits = data("digits.csv.gz");
+        let cases = [
+            (ModelConfig::new(ModelKind::LogisticRegression, 2), bc.clone()),
+            (ModelConfig { hidden: vec![8, 4], ..ModelConfig::new(ModelKind::Mlp, 2) }, bc),
+            (ModelConfig { channels: vec![4], ..ModelConfig::new(ModelKind::Cnn, 10) }, digits),
+        ];
+        for (model, ds) in cases {
+            let mut t = TorchTrainer::new(&model, None, ds, Dataset::default(), 3, 0).unwrap();
+            let before = t.parameters();
+            assert_eq!(&before.spec()[..2].iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), &[INPUT_MEAN, INPUT_STD]);
+            // Arbitrary bit patterns survive: every value is distinct and not a round number.
+            let flat: Vec<f32> = (0..before.num_values()).map(|i| 0.5 + (i as f32) * 1.000_123e-3).collect();
+            let p = Parameters::from_flat(&before.spec(), &flat).unwrap();
+            t.set_parameters(&p).unwrap();
+            assert_eq!(t.parameters(), p, "{:?}", model.kind);
+            // Names and shapes are checked.
+            let mut wrong = p.spec();
+            wrong[2].shape.push(1);
+            assert!(t.set_parameters(&Parameters::from_flat(&wrong, &flat).unwrap()).is_err());
+        }
+    }
+
+    #[test]
+    fn one_sgd_step_lowers_the_loss_by_lr_times_the_squared_gradient() {
+        let ds = data("breast_cancer.csv");
+        let model = ModelConfig { hidden: vec![8], ..ModelConfig::new(ModelKind::Mlp, 2) };
+        let mut t = standardised(&model, ds.clone(), ds.clone(), None);
+        // ‖∇L‖² at the start, from autograd over the full batch.
+        let x = t.inputs(&ds.features).unwrap();
+        let idx: Vec<usize> = (0..ds.len()).collect();
+        let loss = t.net.forward(&x).unwrap().cross_entropy_for_logits(&TorchTrainer::labels(&ds, &idx));
+        let vars: Vec<Tensor> = t.names.iter().map(|n| t.variable(n).unwrap()).collect();
+        let grads = Tensor::run_backward(&[&loss], &vars, false, false);
+        let g2: f64 = grads.iter().map(|g| g.square().sum(Kind::Double).double_value(&[])).sum();
+        let before = t.evaluate().unwrap().loss;
+        let lr = 1e-3;
+        let train = TrainConfig { batch_size: ds.len(), learning_rate: lr, ..TrainConfig::default() };
+        fit(&mut t, 1, train);
+        let after = t.evaluate().unwrap().loss;
+        let (drop, predicted) = (before - after, lr * g2);
+        assert!(drop > 0.0, "loss went from {before} to {after}");
+        assert!((drop - predicted).abs() < 0.05 * predicted, "loss fell by {drop}; first order predicts {predicted}");
+    }
+
+    #[test]
+    fn proximal_term_changes_the_second_step_as_the_formula_says() {
+        // Two identical rows, batch 1 (see the pure-Rust trainer's test): the
+        // second SGD step differs by exactly −lr·μ·(w₁ − w₀).
+        let row: Vec<f32> = data("breast_cancer.csv").row(0).to_vec();
+        let (lr, mu) = (0.1, 0.5);
+        let model = ModelConfig { hidden: vec![4], ..ModelConfig::new(ModelKind::Mlp, 2) };
+        let run = |rows: usize, mu: f64| {
+            let ds = Dataset { features: row.repeat(rows), labels: vec![1; rows], num_features: row.len() };
+            let mut t = TorchTrainer::new(&model, None, ds, Dataset::default(), 5, 0).unwrap();
+            let start = t.parameters();
+            fit(&mut t, 1, TrainConfig { batch_size: 1, learning_rate: lr, proximal_mu: mu, ..TrainConfig::default() });
+            (start.flat_values().collect::<Vec<f32>>(), t.parameters().flat_values().collect::<Vec<f32>>())
+        };
+        let (w0, w1) = run(1, mu);
+        let (_, plain) = run(2, 0.0);
+        let (_, prox) = run(2, mu);
+        assert_ne!(plain, prox);
+        for i in 0..w0.len() {
+            let expected = -lr * mu * f64::from(w1[i] - w0[i]);
+            let got = f64::from(prox[i] - plain[i]);
+            // f32 parameters: compare relative to the magnitudes involved.
+            let tol = 4.0 * f64::from(f32::EPSILON) * (1.0 + f64::from(plain[i].abs().max(prox[i].abs())));
+            assert!((got - expected).abs() < tol, "value {i}: {got} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn training_is_deterministic_with_a_seed_and_learns_breast_cancer() {
+        let (train, test) = data("breast_cancer.csv").split(0.25, 1);
+        let model = ModelConfig::new(ModelKind::Mlp, 2);
+        let cfg = TrainConfig { local_epochs: 5, learning_rate: 0.01, optimizer: OptimizerKind::Adam, ..TrainConfig::default() };
+        let run = || {
+            let mut t = standardised(&model, train.clone(), test.clone(), None);
+            fit(&mut t, 1, cfg.clone());
+            (t.parameters(), t.evaluate().unwrap())
+        };
+        let (p1, e1) = run();
+        let (p2, _) = run();
+        assert_eq!(p1, p2);
+        assert!(e1.metrics["accuracy"] > 0.94, "{e1:?}");
+        assert!(e1.metrics["auc"] > 0.98, "{e1:?}");
+    }
+
+    #[test]
+    fn cnn_learns_the_digits() {
+        let (train, test) = data("digits.csv.gz").split(0.25, 1);
+        let model = ModelConfig { channels: vec![8, 16], ..ModelConfig::new(ModelKind::Cnn, 10) };
+        let mut t = standardised(&model, train, test, None);
+        let cfg = TrainConfig { local_epochs: 8, learning_rate: 0.05, momentum: 0.9, ..TrainConfig::default() };
+        fit(&mut t, 1, cfg);
+        let e = t.evaluate().unwrap();
+        assert!(e.metrics["accuracy"] > 0.9, "{e:?}");
+        let probs = t.predict(&t.held_out.features[..128]).unwrap();
+        assert_eq!(probs.len(), 20);
+        assert!((probs[..10].iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        // A shape that does not fit the data is refused with the reason.
+        let bad = ModelConfig { image: Some([1, 4, 4]), ..ModelConfig::new(ModelKind::Cnn, 10) };
+        let err = TorchTrainer::new(&bad, None, data("digits.csv.gz"), Dataset::default(), 0, 0).err().unwrap();
+        assert!(err.to_string().contains("needs 16 features"), "{err}");
+    }
+
+    #[test]
+    fn a_torchscript_model_loads_and_trains() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/breast_cancer_mlp.pt");
+        let (train, test) = data("breast_cancer.csv").split(0.25, 1);
+        let mut model = ModelConfig::new(ModelKind::Torchscript, 2);
+        model.torchscript = Some("bc".into());
+        let mut t = standardised(&model, train, test, Some(&script));
+        let names: Vec<String> = t.parameters().spec().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, [INPUT_MEAN, INPUT_STD, "hidden_bias", "hidden_weight", "out_bias", "out_weight"]);
+        let before = t.evaluate().unwrap();
+        fit(&mut t, 1, TrainConfig { local_epochs: 3, learning_rate: 0.05, ..TrainConfig::default() });
+        let after = t.evaluate().unwrap();
+        assert!(after.loss < before.loss, "{before:?} -> {after:?}");
+        assert!(after.metrics["accuracy"] > 0.93, "{after:?}");
+        // A file that is not TorchScript, and a module of the wrong arity, are named.
+        let err = TorchTrainer::new(&model, Some(Path::new("Cargo.toml")), data("breast_cancer.csv"), Dataset::default(), 0, 0)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("Cargo.toml"), "{err}");
+        let ten = Dataset { features: vec![0.0; 20], labels: vec![0, 1], num_features: 10 };
+        assert!(TorchTrainer::new(&model, Some(&script), ten, Dataset::default(), 0, 0).is_err());
+    }
+}
