@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test build lint bench bench-round doc clean setup
+.PHONY: demo test build lint bench bench-round bench-train doc clean setup
 
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
@@ -30,6 +30,9 @@ doc: setup
 
 bench-round: setup
 	$(CARGO) run --release -p confide-bench -- round --parties 10 --params 1000000 --privacy none --json
+
+bench-train: setup
+	$(CARGO) run --release -p confide-bench -- train
 
 bench: setup
 	$(CARGO) bench -p confide-bench

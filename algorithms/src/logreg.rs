@@ -334,7 +334,11 @@ mod tests {
             let (w0, w1, plain, prox) = (v(&w0), v(&w1), v(&plain), v(&prox));
             for i in 0..w0.len() {
                 let expected = -lr * mu * (w1[i] - w0[i]);
-                assert!((prox[i] - plain[i] - expected).abs() < 1e-6, "{name}[{i}]: {} vs {expected}", prox[i] - plain[i]);
+                assert!(
+                    (prox[i] - plain[i] - expected).abs() < 1e-6,
+                    "{name}[{i}]: {} vs {expected}",
+                    prox[i] - plain[i]
+                );
             }
         }
     }

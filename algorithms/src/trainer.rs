@@ -23,6 +23,9 @@ pub enum ModelKind {
     /// A TorchScript module the parties hold as a file (libtorch): bring your
     /// own architecture.
     Torchscript,
+    /// A trainer registered by a party build of your own (`model.custom`
+    /// names it; see `examples/custom_trainer.rs`).
+    Custom,
 }
 
 impl ModelKind {
@@ -33,6 +36,7 @@ impl ModelKind {
             ModelKind::Mlp => "mlp",
             ModelKind::Cnn => "cnn",
             ModelKind::Torchscript => "torchscript",
+            ModelKind::Custom => "custom",
         }
     }
 }
@@ -87,6 +91,9 @@ pub struct ModelConfig {
     /// table, so every hospital keeps its own copy under its own path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torchscript: Option<String>,
+    /// custom: the registered trainer's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom: Option<String>,
 }
 
 impl ModelConfig {
@@ -101,13 +108,15 @@ impl ModelConfig {
             channels: Vec::new(),
             image: None,
             torchscript: None,
+            custom: None,
         }
     }
 
-    /// The engine: as set, else Rust for logistic regression and libtorch for the rest.
+    /// The engine: as set, else Rust for logistic regression (and custom
+    /// trainers, which bring their own) and libtorch for the rest.
     pub fn engine(&self) -> Engine {
         self.engine.unwrap_or(match self.kind {
-            ModelKind::LogisticRegression => Engine::Rust,
+            ModelKind::LogisticRegression | ModelKind::Custom => Engine::Rust,
             _ => Engine::Torch,
         })
     }
@@ -135,7 +144,11 @@ impl ModelConfig {
         if !(2..=10_000).contains(&self.classes) {
             errs.push(format!("classes: must be 2..=10000 (got {})", self.classes));
         }
-        if self.engine() == Engine::Rust && self.kind != ModelKind::LogisticRegression {
+        if self.kind == ModelKind::Custom && self.engine.is_some() {
+            errs.push("engine: a custom trainer brings its own engine; leave engine out".into());
+        } else if self.engine() == Engine::Rust
+            && !matches!(self.kind, ModelKind::LogisticRegression | ModelKind::Custom)
+        {
             errs.push(format!("engine: the rust engine trains only logistic_regression; {kind} needs \"torch\""));
         }
         if self.kind == ModelKind::Mlp {
@@ -180,6 +193,19 @@ impl ModelConfig {
                 }
             }
             (Some(_), _) => errs.push(format!("torchscript: only applies to kind \"torchscript\" (kind is {kind:?})")),
+            (None, _) => {}
+        }
+        match (&self.custom, self.kind) {
+            (None, ModelKind::Custom) => errs.push("custom: name the trainer registered at the parties".into()),
+            (Some(name), ModelKind::Custom) => {
+                if name.is_empty()
+                    || name.len() > 64
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+                {
+                    errs.push(format!("custom: {name:?} is not a trainer name (letters, digits, '-', '_')"));
+                }
+            }
+            (Some(_), _) => errs.push(format!("custom: only applies to kind \"custom\" (kind is {kind:?})")),
             (None, _) => {}
         }
         errs

@@ -22,7 +22,7 @@ use confide_party::config::{PartyConfig, Policy, Reconnect};
 use confide_party::node::{NodeStats, PartyNode};
 use confide_party::trainers::TrainerFactory;
 use confide_proto::Limits;
-use confide_proto::jobspec::JobSpec;
+use confide_proto::jobspec::{JobSpec, PrivacyMode, PrivacySpec};
 use confide_proto::net::{ClientIdentity, connect};
 use confide_proto::pb::{self, admin_service_client::AdminServiceClient};
 use confide_proto::status::JobStatus;
@@ -53,6 +53,20 @@ enum Command {
         /// Print JSON objects, one per line (the default output format).
         #[arg(long)]
         json: bool,
+    },
+    /// Local training with libtorch: steps per second for the demo's MLP and
+    /// for the CNN on the digits, and the per-round framework overhead of the
+    /// demo's federation (round time minus the slowest party's training).
+    Train {
+        /// Measured epochs for the throughput figures.
+        #[arg(long, default_value_t = 20)]
+        epochs: u32,
+        /// Measured federated rounds for the overhead figure.
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+        /// Privacy modes for the overhead figure (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "none,secagg")]
+        privacy: Vec<String>,
     },
     /// Per-party and server cost of SecAgg+ as the federation grows (the
     /// protocol alone, in one process, no network).
@@ -193,50 +207,117 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
-async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) -> Result<serde_json::Value, String> {
-    let privacy_table = match privacy {
-        "none" => String::new(),
-        "secagg" => "[privacy]\nmode = \"secagg\"\nmax_examples = 1000\n".to_string(),
-        other => return Err(format!("--privacy {other}: unknown (none, secagg)")),
-    };
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let names: Vec<String> = (0..parties).map(|i| format!("p{i:03}")).collect();
-    let pki = PkiDir::new(dir.path().join("pki"));
-    pki.init("bench", &names, &[]).map_err(|e| e.to_string())?;
-    let coordinator = server::start(CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().map_err(|_| "addr")?,
-        data_dir: dir.path().join("coordinator"),
-        pki: pki.root().to_path_buf(),
-        limits: Limits::default(),
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    let url = format!("https://{}", coordinator.local_addr);
-    let mut stats: Vec<Arc<NodeStats>> = Vec::new();
-    let mut tasks = Vec::new();
-    for n in &names {
-        let cfg = PartyConfig {
-            coordinator: url.clone(),
-            server_name: "localhost".into(),
-            ca: pki.ca_cert(),
-            cert: pki.party_cert(n),
-            key: pki.party_key(n),
-            datasets: [(
-                "synthetic".to_string(),
-                DatasetSource { path: PathBuf::from("unused"), format: DataFormat::Csv, csv: CsvOptions::default() },
-            )]
-            .into(),
-            policy: Policy { privacy_modes: vec!["none".into(), "secagg".into()], ..Policy::default() },
-            reconnect: Reconnect::default(),
-            limits: Limits::default(),
-            fault: Default::default(),
-            models: Default::default(),
-            training: Default::default(),
-        };
-        let node = PartyNode::new(cfg, Arc::new(SyntheticFactory { params }));
-        stats.push(node.stats());
-        tasks.push(tokio::spawn(async move { node.run().await }));
+/// A federation run in this process: the coordinator and one party node per
+/// name as tasks of one tokio runtime, over loopback mutual TLS.
+struct Federation {
+    dir: tempfile::TempDir,
+    names: Vec<String>,
+}
+
+/// What a finished benchmark job reports.
+struct FederationRun {
+    status: JobStatus,
+    bytes: u64,
+}
+
+impl Federation {
+    fn new(names: Vec<String>) -> Result<Self, String> {
+        Ok(Federation { dir: tempfile::tempdir().map_err(|e| e.to_string())?, names })
     }
+
+    /// Runs `spec` (TOML) to its end with parties built by `factory`, each
+    /// party's data set `dataset` at `data(name)`.
+    async fn run(
+        &self,
+        spec: String,
+        factory: Arc<dyn TrainerFactory>,
+        dataset: &str,
+        data: impl Fn(&str) -> PathBuf,
+    ) -> Result<FederationRun, String> {
+        let pki = PkiDir::new(self.dir.path().join("pki"));
+        pki.init("bench", &self.names, &[]).map_err(|e| e.to_string())?;
+        let coordinator = server::start(CoordinatorConfig {
+            listen: "127.0.0.1:0".parse().map_err(|_| "addr")?,
+            data_dir: self.dir.path().join("coordinator"),
+            pki: pki.root().to_path_buf(),
+            limits: Limits::default(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let url = format!("https://{}", coordinator.local_addr);
+        let mut stats: Vec<Arc<NodeStats>> = Vec::new();
+        let mut tasks = Vec::new();
+        for n in &self.names {
+            let source = DatasetSource { path: data(n), format: DataFormat::Csv, csv: CsvOptions::default() };
+            let cfg = PartyConfig {
+                coordinator: url.clone(),
+                server_name: "localhost".into(),
+                ca: pki.ca_cert(),
+                cert: pki.party_cert(n),
+                key: pki.party_key(n),
+                datasets: [(dataset.to_string(), source)].into(),
+                policy: Policy { privacy_modes: vec!["none".into(), "secagg".into()], ..Policy::default() },
+                reconnect: Reconnect::default(),
+                limits: Limits::default(),
+                fault: Default::default(),
+                models: Default::default(),
+                training: Default::default(),
+            };
+            let node = PartyNode::new(cfg, factory.clone());
+            stats.push(node.stats());
+            tasks.push(tokio::spawn(async move { node.run().await }));
+        }
+        let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
+        let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
+        let mut admin = AdminServiceClient::new(connect(&id).await.map_err(|e| e.to_string())?);
+        let job = admin
+            .submit_job(pb::SubmitJobRequest { spec_toml: spec, file_name: "bench".into() })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner()
+            .job_id;
+        let status = loop {
+            let s = admin.get_job(pb::JobRef { job_id: job.clone() }).await.map_err(|s| s.message().to_string())?;
+            let st: JobStatus = serde_json::from_str(&s.into_inner().status_json).map_err(|e| e.to_string())?;
+            if st.state.is_terminal() {
+                break st;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        for t in tasks {
+            t.abort();
+        }
+        coordinator.stop().await;
+        if status.state.as_str() != "succeeded" {
+            return Err(format!(
+                "benchmark job {}: {}",
+                status.state.as_str(),
+                status.error.clone().unwrap_or_default()
+            ));
+        }
+        let bytes =
+            stats.iter().map(|s| s.bytes_sent.load(Ordering::Relaxed) + s.bytes_received.load(Ordering::Relaxed)).sum();
+        Ok(FederationRun { status, bytes })
+    }
+}
+
+/// Medians of round metrics over rounds `1..=rounds` (the last round, which
+/// also evaluates, is left out).
+fn round_median(status: &JobStatus, rounds: u32, key: &str) -> f64 {
+    median(status.history.iter().filter(|r| r.round <= rounds).filter_map(|r| r.metrics.get(key).copied()).collect())
+}
+
+fn privacy_table(privacy: &str) -> Result<&'static str, String> {
+    match privacy {
+        "none" => Ok(""),
+        "secagg" => Ok("[privacy]\nmode = \"secagg\"\nmax_examples = 1000\n"),
+        other => Err(format!("--privacy {other}: unknown (none, secagg)")),
+    }
+}
+
+async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) -> Result<serde_json::Value, String> {
+    let privacy_table = privacy_table(privacy)?;
+    let names: Vec<String> = (0..parties).map(|i| format!("p{i:03}")).collect();
     let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
     let spec = format!(
         "name = \"bench\"\nkind = \"train\"\nrounds = {}\n[parties]\nnames = [{}]\ndataset = \"synthetic\"\n\
@@ -245,45 +326,124 @@ async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) 
         rounds + 1,
         quoted.join(",")
     );
-    let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
-    let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
-    let mut admin = AdminServiceClient::new(connect(&id).await.map_err(|e| e.to_string())?);
-    let job = admin
-        .submit_job(pb::SubmitJobRequest { spec_toml: spec, file_name: "bench".into() })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner()
-        .job_id;
-    let status = loop {
-        let s = admin.get_job(pb::JobRef { job_id: job.clone() }).await.map_err(|s| s.message().to_string())?;
-        let st: JobStatus = serde_json::from_str(&s.into_inner().status_json).map_err(|e| e.to_string())?;
-        if st.state.is_terminal() {
-            break st;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    for t in tasks {
-        t.abort();
-    }
-    coordinator.stop().await;
-    if status.state.as_str() != "succeeded" {
-        return Err(format!("benchmark job {}: {}", status.state.as_str(), status.error.unwrap_or_default()));
-    }
-    // The last round also evaluates; measure the rounds before it.
-    let measured: Vec<_> = status.history.iter().filter(|r| r.round <= rounds).collect();
-    let metric = |k: &str| median(measured.iter().filter_map(|r| r.metrics.get(k).copied()).collect());
-    let bytes: u64 =
-        stats.iter().map(|s| s.bytes_sent.load(Ordering::Relaxed) + s.bytes_received.load(Ordering::Relaxed)).sum();
+    let fed = Federation::new(names)?;
+    let run = fed.run(spec, Arc::new(SyntheticFactory { params }), "synthetic", |_| PathBuf::from("unused")).await?;
+    let metric = |k: &str| round_median(&run.status, rounds, k);
     Ok(serde_json::json!({
         "bench": "round",
         "privacy": privacy,
         "parties": parties,
         "params": params,
-        "rounds": measured.len(),
+        "rounds": rounds,
         "round_ms_median": metric("round_ms"),
         "coordinator_ms_median": metric("coordinator_ms"),
         "party_ms_median": metric("fit_ms"),
-        "bytes_per_party": bytes / (parties as u64 * u64::from(rounds + 1)),
+        "bytes_per_party": run.bytes / (parties as u64 * u64::from(rounds + 1)),
+        "topology": "coordinator and parties as tasks of one tokio runtime; gRPC over loopback mutual TLS 1.3",
+    }))
+}
+
+fn repo_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn load_spec(text: &str, file: &str) -> Result<JobSpec, String> {
+    JobSpec::parse(text, file, &Limits::default()).map_err(|e| e.to_string())
+}
+
+/// The demo's MLP spec (examples/jobs/breast-cancer-mlp.toml).
+fn demo_spec() -> Result<JobSpec, String> {
+    let path = repo_root().join("examples/jobs/breast-cancer-mlp.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    load_spec(&text, &path.display().to_string())
+}
+
+/// The CNN on the UCI digits, as `confide-bench train` measures it.
+fn digits_cnn_spec() -> Result<JobSpec, String> {
+    load_spec(
+        "name = \"digits-cnn\"\nkind = \"train\"\n[parties]\nnames = [\"a\"]\ndataset = \"digits\"\n\
+         [model]\nkind = \"cnn\"\nclasses = 10\nchannels = [16, 32]\nimage = [1, 8, 8]\n\
+         [training]\nbatch_size = 32\nlearning_rate = 0.05\nmomentum = 0.9\n",
+        "digits-cnn",
+    )
+}
+
+/// Local training throughput: `epochs` epochs of `spec`'s model over `file`.
+fn bench_steps(what: &str, spec: &JobSpec, file: &str, header: bool, epochs: u32) -> Result<serde_json::Value, String> {
+    use confide_algorithms::data::Dataset;
+    use confide_party::trainers::BuiltinTrainers;
+    let path = repo_root().join("examples/data").join(file);
+    let rows = Dataset::load_csv(&path, &CsvOptions { header, label_column: -1 }).map_err(|e| e.to_string())?;
+    let n = rows.len();
+    let mut trainer =
+        BuiltinTrainers::new(Default::default(), 1).build_from(spec, rows, Dataset::default(), "bench")?;
+    let mut train = spec.training.clone();
+    train.local_epochs = 1;
+    // One warm-up epoch (allocator, libtorch's kernels), then the measured ones.
+    trainer.fit(&FitConfig { round: 1, train: train.clone() }).map_err(|e| e.to_string())?;
+    train.local_epochs = epochs.max(1);
+    let started = std::time::Instant::now();
+    trainer.fit(&FitConfig { round: 2, train: train.clone() }).map_err(|e| e.to_string())?;
+    let secs = started.elapsed().as_secs_f64();
+    let steps = n.div_ceil(train.batch_size) as f64 * f64::from(train.local_epochs);
+    Ok(serde_json::json!({
+        "bench": "train_steps",
+        "model": what,
+        "params": trainer.parameters().num_values(),
+        "rows": n,
+        "batch_size": train.batch_size,
+        "optimizer": format!("{:?}", train.optimizer).to_lowercase(),
+        "steps_per_sec": steps / secs,
+        "examples_per_sec": n as f64 * f64::from(train.local_epochs) / secs,
+        "threads": 1,
+    }))
+}
+
+/// The demo's federation (3 hospitals, breast cancer 5:3:2, the MLP) for
+/// `rounds` rounds: per-round framework overhead = round time − the slowest
+/// party's local training time.
+async fn bench_train_rounds(privacy: &str, rounds: u32) -> Result<serde_json::Value, String> {
+    use confide_algorithms::data::Dataset;
+    use confide_party::trainers::BuiltinTrainers;
+    let names: Vec<String> = ["hospital-a", "hospital-b", "hospital-c"].map(String::from).to_vec();
+    let fed = Federation::new(names.clone())?;
+    let path = repo_root().join("examples/data/breast_cancer.csv");
+    let rows = Dataset::load_csv(&path, &CsvOptions { header: true, label_column: -1 }).map_err(|e| e.to_string())?;
+    let (shuffled, _) = rows.split(0.0, 7);
+    let bounds = [0, shuffled.len() / 2, shuffled.len() * 8 / 10, shuffled.len()];
+    for (i, n) in names.iter().enumerate() {
+        let part = shuffled.select(&(bounds[i]..bounds[i + 1]).collect::<Vec<_>>());
+        let file = fed.dir.path().join(format!("{n}.csv"));
+        std::fs::write(&file, part.to_csv()).map_err(|e| e.to_string())?;
+    }
+    let mut spec = demo_spec()?;
+    spec.rounds = rounds + 1;
+    spec.evaluation.every = 100_000;
+    spec.privacy = match privacy {
+        "none" => PrivacySpec::default(),
+        "secagg" => PrivacySpec { mode: PrivacyMode::Secagg, max_examples: Some(1000), ..PrivacySpec::default() },
+        other => return Err(format!("--privacy {other}: unknown (none, secagg)")),
+    };
+    let text = spec.to_toml();
+    let dir = fed.dir.path().to_path_buf();
+    let factory = Arc::new(BuiltinTrainers::new(Default::default(), 1));
+    let run = fed.run(text, factory, &spec.parties.dataset, |n| dir.join(format!("{n}.csv"))).await?;
+    let per_round: Vec<f64> = run
+        .status
+        .history
+        .iter()
+        .filter(|r| r.round <= rounds)
+        .filter_map(|r| Some(r.metrics.get("round_ms")? - r.metrics.get("train_ms_max")?))
+        .collect();
+    Ok(serde_json::json!({
+        "bench": "train_round_overhead",
+        "model": "mlp (demo)",
+        "privacy": privacy,
+        "parties": names.len(),
+        "rounds": rounds,
+        "round_ms_median": round_median(&run.status, rounds, "round_ms"),
+        "slowest_train_ms_median": round_median(&run.status, rounds, "train_ms_max"),
+        "overhead_ms_median": median(per_round),
         "topology": "coordinator and parties as tasks of one tokio runtime; gRPC over loopback mutual TLS 1.3",
     }))
 }
@@ -316,6 +476,31 @@ async fn main() {
                                 failed = true;
                             }
                         }
+                    }
+                }
+            }
+            std::process::exit(i32::from(failed));
+        }
+        Command::Train { epochs, rounds, privacy } => {
+            let mut results = Vec::new();
+            match demo_spec() {
+                Ok(spec) => results.push(bench_steps("mlp (demo)", &spec, "breast_cancer.csv", true, epochs)),
+                Err(e) => results.push(Err(e)),
+            }
+            match digits_cnn_spec() {
+                Ok(spec) => results.push(bench_steps("cnn (digits)", &spec, "digits.csv.gz", false, epochs)),
+                Err(e) => results.push(Err(e)),
+            }
+            for mode in &privacy {
+                results.push(bench_train_rounds(mode, rounds.max(1)).await);
+            }
+            let mut failed = false;
+            for r in results {
+                match r {
+                    Ok(v) => println!("{v}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        failed = true;
                     }
                 }
             }

@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
 use crate::Error;
+use crate::plugins::Plugins;
 use crate::server::{self, CoordinatorConfig};
 
 /// Confide: privacy-preserving federated computation.
@@ -197,8 +198,35 @@ enum JobCmd {
     },
 }
 
-/// Runs the CLI; returns the process exit code.
+/// The whole `confide` program: logging, argument parsing, exit code. A
+/// researcher's own coordinator build calls this with its [`Plugins`].
+pub fn main_with(plugins: Plugins) -> ! {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONFIDE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Io(format!("cannot start the async runtime: {e}")))
+        .and_then(|rt| rt.block_on(run_with(cli, plugins)));
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Runs the CLI with the built-in strategies; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<i32, Error> {
+    run_with(cli, Plugins::default()).await
+}
+
+/// Runs the CLI with `plugins` registered; returns the process exit code.
+pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
     match cli.command {
         Command::Certs(CertsCmd::Init { dir, parties, coordinator_hosts, federation }) => {
             let pki = PkiDir::new(&dir);
@@ -213,7 +241,7 @@ pub async fn run(cli: Cli) -> Result<i32, Error> {
         }
         Command::Coordinator(CoordinatorCmd::Serve { config, listen, data_dir, pki }) => {
             let cfg = coordinator_config(config.as_deref(), listen, data_dir, pki)?;
-            let running = server::start(cfg).await?;
+            let running = server::start_with(cfg, plugins).await?;
             println!("coordinator listening on {}", running.local_addr);
             tokio::select! {
                 r = running_wait(running) => r?,
@@ -297,7 +325,7 @@ fn contiguous_shares(n: usize, weights: &[f64]) -> Vec<Vec<usize>> {
 /// the weights on average while their class balances differ.
 fn dirichlet_shares(labels: &[u32], weights: &[f64], alpha: f64, seed: u64) -> Vec<Vec<usize>> {
     use rand::SeedableRng;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xd1c4_1e7);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x0d1c_41e7);
     let total: f64 = weights.iter().sum();
     let k = weights.len() as f64;
     let mut out = vec![Vec::new(); weights.len()];
@@ -336,35 +364,6 @@ fn gamma(rng: &mut impl rand::Rng, shape: f64) -> f64 {
         let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
         if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
             return d * v;
-        }
-    }
-}
-
-#[cfg(test)]
-mod split_tests {
-    use super::*;
-
-    #[test]
-    fn dirichlet_shares_partition_every_row_and_skew_classes() {
-        let labels: Vec<u32> = (0..3000).map(|i| (i % 2) as u32).collect();
-        let shares = dirichlet_shares(&labels, &[1.0, 1.0, 1.0], 0.5, 3);
-        let mut all: Vec<usize> = shares.iter().flatten().copied().collect();
-        all.sort_unstable();
-        assert_eq!(all, (0..3000).collect::<Vec<_>>());
-        let positive = |s: &Vec<usize>| s.iter().filter(|&&i| labels[i] == 1).count() as f64 / s.len().max(1) as f64;
-        let fractions: Vec<f64> = shares.iter().map(positive).collect();
-        let spread = fractions.iter().copied().fold(0.0, f64::max) - fractions.iter().copied().fold(1.0, f64::min);
-        assert!(spread > 0.1, "class balance barely differs: {fractions:?}");
-        assert_eq!(shares, dirichlet_shares(&labels, &[1.0, 1.0, 1.0], 0.5, 3));
-    }
-
-    #[test]
-    fn gamma_draws_have_the_right_mean() {
-        use rand::SeedableRng;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        for shape in [0.3, 1.0, 4.5] {
-            let mean = (0..20_000).map(|_| gamma(&mut rng, shape)).sum::<f64>() / 20_000.0;
-            assert!((mean - shape).abs() < 0.05 * shape.max(1.0), "shape {shape}: mean {mean}");
         }
     }
 }
@@ -607,4 +606,33 @@ async fn watch_job(client: &mut AdminServiceClient<Channel>, id: &str) -> Result
     };
     print_status(&st);
     Ok(if st.state == JobState::Succeeded { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn dirichlet_shares_partition_every_row_and_skew_classes() {
+        let labels: Vec<u32> = (0..3000).map(|i| (i % 2) as u32).collect();
+        let shares = dirichlet_shares(&labels, &[1.0, 1.0, 1.0], 0.5, 3);
+        let mut all: Vec<usize> = shares.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..3000).collect::<Vec<_>>());
+        let positive = |s: &Vec<usize>| s.iter().filter(|&&i| labels[i] == 1).count() as f64 / s.len().max(1) as f64;
+        let fractions: Vec<f64> = shares.iter().map(positive).collect();
+        let spread = fractions.iter().copied().fold(0.0, f64::max) - fractions.iter().copied().fold(1.0, f64::min);
+        assert!(spread > 0.1, "class balance barely differs: {fractions:?}");
+        assert_eq!(shares, dirichlet_shares(&labels, &[1.0, 1.0, 1.0], 0.5, 3));
+    }
+
+    #[test]
+    fn gamma_draws_have_the_right_mean() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for shape in [0.3, 1.0, 4.5] {
+            let mean = (0..20_000).map(|_| gamma(&mut rng, shape)).sum::<f64>() / 20_000.0;
+            assert!((mean - shape).abs() < 0.05 * shape.max(1.0), "shape {shape}: mean {mean}");
+        }
+    }
 }

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod db;
+pub mod plugins;
 pub mod server;
 pub mod session;
 pub mod tls;

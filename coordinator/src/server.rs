@@ -26,6 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::Error;
 use crate::db::{Db, unix_now};
+use crate::plugins::Plugins;
 use crate::session::{Input, Output, SecAggPayload, Session, Stage, StageResult, Start, TaskOut};
 use crate::tls::{self, peer_of};
 use confide_proto::secagg as wire;
@@ -65,6 +66,7 @@ struct Hub {
     jobs: Mutex<HashMap<String, mpsc::UnboundedSender<Input>>>,
     changes: watch::Sender<u64>,
     next_id: AtomicU64,
+    plugins: Plugins,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -131,6 +133,11 @@ impl RunningCoordinator {
 /// Starts the coordinator: opens the database, resumes unfinished jobs and
 /// serves parties and the admin API until stopped.
 pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Error> {
+    start_with(config, Plugins::default()).await
+}
+
+/// [`start`] with a build's own strategies registered.
+pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<RunningCoordinator, Error> {
     config.limits.validate().map_err(|e| Error::InvalidInput(e.to_string()))?;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
     let db = Db::open(&config.data_dir.join("confide.db"))?;
@@ -147,6 +154,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Erro
         jobs: Mutex::new(HashMap::new()),
         changes: watch::channel(0).0,
         next_id: AtomicU64::new(1),
+        plugins,
     });
     for job in hub.db.unfinished_jobs()? {
         let spec = match JobSpec::parse(&job.spec_toml, &format!("job {}", job.id), &hub.limits) {
@@ -244,7 +252,17 @@ fn write_checkpoint(dir: &Path, job: &str, round: u32, params: &Parameters) -> R
 async fn run_job(hub: Arc<Hub>, id: String, spec: JobSpec, start: Start, mut rx: mpsc::UnboundedReceiver<Input>) {
     let clock = Instant::now();
     let now = || clock.elapsed().as_millis() as u64;
-    let mut session = Session::new(&id, spec.clone(), start, now());
+    let strategy = match hub.plugins.build(&spec) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(job = %id, "cannot run: {e}");
+            let _ = hub.db.set_job_state(&id, JobState::Failed, Some(&format!("cannot run: {e}")));
+            lock(&hub.jobs).remove(&id);
+            hub.notify();
+            return;
+        }
+    };
+    let mut session = Session::with_strategy(&id, spec.clone(), strategy, start, now());
     let offer = pb::JobOffer { job_id: id.clone(), spec_toml: spec.to_toml(), dataset: String::new() };
     for p in hub.connected() {
         session.handle(now(), Input::Connected(p));
@@ -735,6 +753,9 @@ impl AdminService for AdminSvc {
             .collect();
         if !unknown.is_empty() {
             return Err(Status::invalid_argument(format!("{file}: invalid job spec{}", unknown.concat())));
+        }
+        if let Err(e) = self.hub.plugins.build(&spec) {
+            return Err(Status::invalid_argument(format!("{file}: invalid job spec\n  {file}: {e}")));
         }
         let model = initial_model(&self.hub, &spec).map_err(|e| match e {
             Error::NotFound(m) => Status::invalid_argument(format!("{file}: from_job: {m}")),

@@ -286,8 +286,14 @@ pub struct Session {
     out: VecDeque<Output>,
 }
 
-/// Builds the strategy a spec names, with its parameters' defaults.
-pub fn strategy_for(spec: &JobSpec) -> Box<dyn Strategy> {
+/// The largest `key` any party reported (e.g. the slowest local training).
+fn slowest<'a>(metrics: impl Iterator<Item = &'a Metrics>, key: &str) -> Option<f64> {
+    metrics.filter_map(|m| m.get(key).copied()).reduce(f64::max)
+}
+
+/// Builds a built-in strategy a spec names, with its parameters' defaults;
+/// `None` for `custom`, which only a coordinator's plugins can build.
+pub fn strategy_for(spec: &JobSpec) -> Option<Box<dyn Strategy>> {
     use confide_algorithms::strategies::{Adaptive, FedAvgM, FedOpt, FedProx, Krum, Median, TrimmedMean};
     let st = &spec.strategy;
     let adaptive = |kind| {
@@ -299,7 +305,8 @@ pub fn strategy_for(spec: &JobSpec) -> Box<dyn Strategy> {
             st.tau.unwrap_or(1e-3),
         )) as Box<dyn Strategy>
     };
-    match st.name {
+    Some(match st.name {
+        StrategyName::Custom => return None,
         StrategyName::Fedavg => Box::new(FedAvg),
         StrategyName::Fedprox => Box::new(FedProx { proximal_mu: st.proximal_mu.unwrap_or(0.01) }),
         StrategyName::Fedavgm => {
@@ -311,13 +318,25 @@ pub fn strategy_for(spec: &JobSpec) -> Box<dyn Strategy> {
         StrategyName::Median => Box::new(Median),
         StrategyName::TrimmedMean => Box::new(TrimmedMean { trim_fraction: st.trim_fraction.unwrap_or(0.1) }),
         StrategyName::Krum => Box::new(Krum { byzantine: st.byzantine.unwrap_or(1) }),
-    }
+    })
 }
 
 impl Session {
-    /// A session for job `job_id` with `spec`, started at `now`.
+    /// A session for job `job_id` with `spec` and its built-in strategy
+    /// (FedAvg where the spec names a custom one), started at `now`.
     pub fn new(job_id: &str, spec: JobSpec, start: Start, now: Millis) -> Session {
-        let strategy = strategy_for(&spec);
+        let strategy = strategy_for(&spec).unwrap_or_else(|| Box::new(FedAvg));
+        Session::with_strategy(job_id, spec, strategy, start, now)
+    }
+
+    /// A session run by `strategy` (built by the caller, e.g. from plugins).
+    pub fn with_strategy(
+        job_id: &str,
+        spec: JobSpec,
+        strategy: Box<dyn Strategy>,
+        start: Start,
+        now: Millis,
+    ) -> Session {
         let deadline = now + spec.timeouts.recruit_secs * 1000;
         let mut s = Session {
             job_id: job_id.to_owned(),
@@ -955,6 +974,9 @@ impl Session {
                 }
             }
             rec.metrics.insert("train_examples".into(), total);
+            if let Some(max) = slowest(sa.fit_metrics.values(), "train_ms") {
+                rec.metrics.insert("train_ms_max".into(), max);
+            }
         }
         for p in &survivors {
             if let Some(st) = self.parties.get_mut(p) {
@@ -1002,6 +1024,9 @@ impl Session {
                 }
             }
             rec.metrics.insert("train_examples".into(), total as f64);
+            if let Some(max) = slowest(results.iter().map(|r| &r.metrics), "train_ms") {
+                rec.metrics.insert("train_ms_max".into(), max);
+            }
         }
         for r in &results {
             if let Some(st) = self.parties.get_mut(&r.party) {

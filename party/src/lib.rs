@@ -6,6 +6,7 @@
 //! job, and sends back parameters, counts and metrics — never rows. After any
 //! failure it reconnects with exponential back-off and resumes.
 
+pub mod cli;
 pub mod config;
 pub mod local;
 pub mod node;

@@ -397,7 +397,7 @@ fn run_task(
             trainer.set_parameters(&p).map_err(|e| e.to_string())?;
             let cfg: FitConfig =
                 serde_json::from_str(&task.config_json).map_err(|e| format!("fit configuration: {e}"))?;
-            let outcome = trainer.fit(&cfg).map_err(|e| e.to_string())?;
+            let outcome = timed_fit(trainer, &cfg)?;
             result.num_examples = outcome.num_examples;
             result.metrics = outcome.metrics.into_iter().collect();
             result.metrics.insert("fit_ms".into(), started.elapsed().as_secs_f64() * 1000.0);
@@ -418,6 +418,15 @@ fn run_task(
 
 /// Trains, encodes `n/max_examples · (local − global)` plus the weight `n`,
 /// and answers with signed round keys. The update never leaves in the clear.
+/// Local training alone, timed: `train_ms` lets the coordinator tell the
+/// framework's share of a round from the training's.
+fn timed_fit(trainer: &mut dyn Trainer, cfg: &FitConfig) -> Result<confide_algorithms::FitOutcome, String> {
+    let started = Instant::now();
+    let mut outcome = trainer.fit(cfg).map_err(|e| e.to_string())?;
+    outcome.metrics.insert("train_ms".into(), started.elapsed().as_secs_f64() * 1000.0);
+    Ok(outcome)
+}
+
 fn secure_fit(
     trainer: &mut dyn Trainer,
     ctx: &mut SecAggCtx,
@@ -438,7 +447,7 @@ fn secure_fit(
     }
     trainer.set_parameters(&global).map_err(|e| e.to_string())?;
     let fit: FitConfig = serde_json::from_str(&task.config_json).map_err(|e| format!("fit configuration: {e}"))?;
-    let outcome = trainer.fit(&fit).map_err(|e| e.to_string())?;
+    let outcome = timed_fit(trainer, &fit)?;
     let n = outcome.num_examples;
     if n == 0 || n > max_examples || n > u64::from(u32::MAX) {
         return Err(format!("this party trained on {n} examples; privacy.max_examples allows 1 to {max_examples}"));

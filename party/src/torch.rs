@@ -148,11 +148,14 @@ impl TorchTrainer {
                 }
                 ModelKind::Torchscript => {
                     let path = script.ok_or_else(|| Error::InvalidInput("no TorchScript file given".into()))?;
-                    let m = tch::TrainableCModule::load(path, root.clone())
-                        .map_err(|e| Error::InvalidInput(format!("{}: not a loadable TorchScript module: {e}", path.display())))?;
+                    let m = tch::TrainableCModule::load(path, root.clone()).map_err(|e| {
+                        Error::InvalidInput(format!("{}: not a loadable TorchScript module: {e}", path.display()))
+                    })?;
                     Net::Script(m)
                 }
-                other => return Err(Error::InvalidInput(format!("model kind {} is not a libtorch model", other.as_str()))),
+                other => {
+                    return Err(Error::InvalidInput(format!("model kind {} is not a libtorch model", other.as_str())));
+                }
             }
         };
         let mut names: Vec<String> = vs.variables().into_keys().collect();
@@ -254,7 +257,7 @@ impl Trainer for TorchTrainer {
     fn set_parameters(&mut self, params: &Parameters) -> Result<(), Error> {
         let expected: Vec<TensorSpec> = self.parameters().spec();
         params.check_matches(&expected).map_err(Error::InvalidInput)?;
-        if let Some(s) = params.get(INPUT_STD).and_then(|t| t.data.iter().find(|v| !(**v > 0.0))) {
+        if let Some(s) = params.get(INPUT_STD).and_then(|t| t.data.iter().find(|v| v.is_nan() || **v <= 0.0)) {
             return Err(Error::InvalidInput(format!("{INPUT_STD} holds {s}; it must be positive")));
         }
         let mut vars = self.vs.variables();
@@ -401,7 +404,10 @@ mod tests {
         for (model, ds) in cases {
             let mut t = TorchTrainer::new(&model, None, ds, Dataset::default(), 3, 0).unwrap();
             let before = t.parameters();
-            assert_eq!(&before.spec()[..2].iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), &[INPUT_MEAN, INPUT_STD]);
+            assert_eq!(
+                &before.spec()[..2].iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+                &[INPUT_MEAN, INPUT_STD]
+            );
             // Arbitrary bit patterns survive: every value is distinct and not a round number.
             let flat: Vec<f32> = (0..before.num_values()).map(|i| 0.5 + (i as f32) * 1.000_123e-3).collect();
             let p = Parameters::from_flat(&before.spec(), &flat).unwrap();
@@ -467,7 +473,12 @@ mod tests {
     fn training_is_deterministic_with_a_seed_and_learns_breast_cancer() {
         let (train, test) = data("breast_cancer.csv").split(0.25, 1);
         let model = ModelConfig::new(ModelKind::Mlp, 2);
-        let cfg = TrainConfig { local_epochs: 5, learning_rate: 0.01, optimizer: OptimizerKind::Adam, ..TrainConfig::default() };
+        let cfg = TrainConfig {
+            local_epochs: 5,
+            learning_rate: 0.01,
+            optimizer: OptimizerKind::Adam,
+            ..TrainConfig::default()
+        };
         let run = || {
             let mut t = standardised(&model, train.clone(), test.clone(), None);
             fit(&mut t, 1, cfg.clone());
@@ -513,9 +524,16 @@ mod tests {
         assert!(after.loss < before.loss, "{before:?} -> {after:?}");
         assert!(after.metrics["accuracy"] > 0.93, "{after:?}");
         // A file that is not TorchScript, and a module of the wrong arity, are named.
-        let err = TorchTrainer::new(&model, Some(Path::new("Cargo.toml")), data("breast_cancer.csv"), Dataset::default(), 0, 0)
-            .err()
-            .unwrap();
+        let err = TorchTrainer::new(
+            &model,
+            Some(Path::new("Cargo.toml")),
+            data("breast_cancer.csv"),
+            Dataset::default(),
+            0,
+            0,
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("Cargo.toml"), "{err}");
         let ten = Dataset { features: vec![0.0; 20], labels: vec![0, 1], num_features: 10 };
         assert!(TorchTrainer::new(&model, Some(&script), ten, Dataset::default(), 0, 0).is_err());

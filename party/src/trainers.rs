@@ -86,6 +86,10 @@ impl BuiltinTrainers {
                 .map_err(|e| e.to_string())?;
                 Ok(Box::new(m))
             }
+            (_, ModelKind::Custom) => Err(format!(
+                "model.custom: this party has no trainer named {:?} (it runs the built-in trainers only)",
+                model.custom.as_deref().unwrap_or_default()
+            )),
             (engine, kind) => Err(format!(
                 "model {} on engine {} is not available in this build of confide-party{}",
                 kind.as_str(),

@@ -95,6 +95,9 @@ pub enum StrategyName {
     TrimmedMean,
     /// Krum (robust; plaintext only).
     Krum,
+    /// A strategy registered with the coordinator by a researcher's own build
+    /// (see `examples/custom_strategy.rs`); `strategy.custom` names it.
+    Custom,
 }
 
 impl StrategyName {
@@ -135,6 +138,12 @@ pub struct StrategySpec {
     /// krum: Byzantine parties tolerated (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub byzantine: Option<usize>,
+    /// custom: the registered strategy's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom: Option<String>,
+    /// custom: numeric options handed to the registered strategy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, f64>,
 }
 
 /// The privacy table.
@@ -417,6 +426,25 @@ impl JobSpec {
         if st.trim_fraction.is_some_and(|v| !(v.is_finite() && (0.0..0.5).contains(&v))) {
             err("strategy.trim_fraction", "must be in [0, 0.5)".into());
         }
+        match (&st.custom, st.name) {
+            (None, StrategyName::Custom) => {
+                err("strategy.custom", "name the registered strategy (name = \"custom\")".into())
+            }
+            (Some(c), StrategyName::Custom) => {
+                if c.is_empty() || c.len() > 64 || !c.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch))
+                {
+                    err("strategy.custom", format!("{c:?} is not a strategy name (letters, digits, '-', '_')"));
+                }
+            }
+            (Some(_), _) => err("strategy.custom", "only applies to name = \"custom\"".into()),
+            (None, _) => {}
+        }
+        if st.name != StrategyName::Custom && !st.options.is_empty() {
+            err("strategy.options", "only applies to name = \"custom\"".into());
+        }
+        if let Some((k, v)) = st.options.iter().find(|(k, v)| !v.is_finite() || k.is_empty() || k.len() > 64) {
+            err(&format!("strategy.options.{k}"), format!("must be a finite number under a short name (got {v})"));
+        }
         if st.name == StrategyName::Krum {
             let f = st.byzantine.unwrap_or(1);
             if self.min_parties() < 2 * f + 3 {
@@ -597,5 +625,62 @@ mod privacy_tests {
         let e = JobSpec::parse(&format!("{BASE}[privacy]\nmode = \"none\"\nbits = 32\n"), "f", &Limits::default())
             .unwrap_err();
         assert_eq!(e.errors[0].0, "privacy.bits");
+    }
+}
+
+#[cfg(test)]
+mod model_tests {
+    use super::*;
+
+    const BASE: &str = "name = \"m\"\nkind = \"train\"\n[parties]\nnames = [\"a\", \"b\"]\ndataset = \"d\"\n";
+
+    fn errors(model: &str, rest: &str) -> Vec<String> {
+        match JobSpec::parse(&format!("{BASE}[model]\n{model}\n{rest}"), "f", &Limits::default()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.errors.into_iter().map(|(p, _)| p).collect(),
+        }
+    }
+
+    #[test]
+    fn model_settings_are_checked_against_the_kind() {
+        assert!(errors("kind = \"mlp\"\nclasses = 2\nhidden = [8]", "").is_empty());
+        assert!(errors("kind = \"cnn\"\nclasses = 10", "").is_empty());
+        assert_eq!(errors("kind = \"mlp\"\nclasses = 2\nengine = \"rust\"", ""), ["model.engine"]);
+        assert_eq!(errors("kind = \"logistic_regression\"\nclasses = 2\nhidden = [8]", ""), ["model.hidden"]);
+        assert_eq!(errors("kind = \"mlp\"\nclasses = 2\nhidden = [0]", ""), ["model.hidden"]);
+        assert_eq!(
+            errors("kind = \"cnn\"\nclasses = 10\nimage = [1, 4, 4]\nchannels = [4, 4, 4]", ""),
+            ["model.channels"]
+        );
+        assert_eq!(errors("kind = \"mlp\"\nclasses = 2\nimage = [1, 8, 8]", ""), ["model.image"]);
+        assert_eq!(errors("kind = \"torchscript\"\nclasses = 2", ""), ["model.torchscript"]);
+        assert_eq!(errors("kind = \"torchscript\"\nclasses = 2\ntorchscript = \"a/b\"", ""), ["model.torchscript"]);
+        assert_eq!(errors("kind = \"custom\"\nclasses = 2", ""), ["model.custom"]);
+        assert_eq!(
+            errors("kind = \"custom\"\nclasses = 2\ncustom = \"svm\"\nengine = \"torch\"", ""),
+            ["model.engine"]
+        );
+        assert_eq!(errors("kind = \"mlp\"\nclasses = 2\ncustom = \"svm\"", ""), ["model.custom"]);
+    }
+
+    #[test]
+    fn training_and_strategy_settings_are_checked() {
+        let lr = "kind = \"logistic_regression\"\nclasses = 2";
+        assert_eq!(errors(lr, "[training]\noptimizer = \"adam\""), ["training.optimizer"]);
+        assert!(errors(&format!("{lr}\nengine = \"torch\""), "[training]\noptimizer = \"adam\"").is_empty());
+        assert_eq!(errors(lr, "[training]\nmomentum = 1.0"), ["training.momentum"]);
+        assert_eq!(errors(lr, "[training]\nproximal_mu = -1.0"), ["training.proximal_mu"]);
+        let s =
+            JobSpec::parse(&format!("{BASE}[model]\n{lr}\n[training]\nweight_decay = 0.5"), "f", &Limits::default());
+        assert_eq!(s.map(|s| s.training.l2).ok(), Some(0.5));
+        assert_eq!(errors(lr, "[strategy]\nname = \"fedprox\"\nproximal_mu = 2000.0"), ["strategy.proximal_mu"]);
+        assert_eq!(errors(lr, "[strategy]\nname = \"custom\""), ["strategy.custom"]);
+        assert_eq!(
+            errors(lr, "[strategy]\nname = \"fedavg\"\ncustom = \"x\"\noptions = { a = 1.0 }"),
+            ["strategy.custom", "strategy.options"]
+        );
+        assert!(
+            errors(lr, "[strategy]\nname = \"custom\"\ncustom = \"lr-decay\"\noptions = { gamma = 0.5 }").is_empty()
+        );
     }
 }

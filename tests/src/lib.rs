@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use confide_algorithms::{FitConfig, Parameters, TrainConfig, Trainer};
+use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
+use confide_algorithms::trainer::apply_feature_stats;
+use confide_algorithms::{FeatureStats, FitConfig, Parameters, TrainConfig, Trainer};
 use serde_json::Value;
 
 /// Where cargo put the binaries (`target/debug` next to the test executable).
@@ -38,6 +40,10 @@ pub struct Federation {
     parties: BTreeMap<String, Child>,
     /// Party names.
     pub names: Vec<String>,
+    /// The coordinator program (default `confide`).
+    pub coordinator_bin: PathBuf,
+    /// The party program (default `confide-party`).
+    pub party_bin: PathBuf,
 }
 
 impl Federation {
@@ -47,7 +53,17 @@ impl Federation {
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = bin_dir();
         let names: Vec<String> = parties.iter().map(|s| s.to_string()).collect();
-        let fed = Federation { dir, bin, addr: String::new(), coordinator: None, parties: BTreeMap::new(), names };
+        let (coordinator_bin, party_bin) = (bin.join("confide"), bin.join("confide-party"));
+        let fed = Federation {
+            dir,
+            bin,
+            addr: String::new(),
+            coordinator: None,
+            parties: BTreeMap::new(),
+            names,
+            coordinator_bin,
+            party_bin,
+        };
         std::fs::create_dir_all(fed.path("logs")).expect("logs dir");
         fed.run_ok(&["certs", "init", "--dir", &fed.s("pki"), "--parties", &parties.join(",")]);
         let (input, out, joined) = (input.to_string_lossy().into_owned(), fed.s("data"), parties.join(","));
@@ -58,6 +74,15 @@ impl Federation {
         args.extend(["--parties", &joined, "--weights", weights, "--seed", "3", "--out", &out]);
         fed.run_ok(&args);
         fed
+    }
+
+    /// Party `name`'s data file, as `confide data split` wrote it.
+    pub fn party_data(&self, name: &str) -> DatasetSource {
+        DatasetSource {
+            path: self.path(&format!("data/{name}.csv")),
+            format: DataFormat::Csv,
+            csv: CsvOptions::default(),
+        }
     }
 
     /// A path inside the scratch directory.
@@ -98,7 +123,7 @@ impl Federation {
         let listen = if self.addr.is_empty() { "127.0.0.1:0".to_string() } else { self.addr.clone() };
         let out_path = self.path("logs/coordinator.out");
         let _ = std::fs::remove_file(&out_path);
-        let child = Command::new(self.bin.join("confide"))
+        let child = Command::new(&self.coordinator_bin)
             .args([
                 "coordinator",
                 "serve",
@@ -151,7 +176,7 @@ impl Federation {
     /// Starts one party process.
     pub fn start_party(&mut self, name: &str, extra: &str) {
         let cfg = self.party_config(name, extra);
-        let child = Command::new(self.bin.join("confide-party"))
+        let child = Command::new(&self.party_bin)
             .args(["run", "--config", cfg.to_str().expect("utf-8")])
             .env("CONFIDE_LOG", "info")
             .stdin(Stdio::null())
@@ -279,11 +304,22 @@ pub fn job_spec(names: &[String], min: usize, rounds: u32, model: &str, training
 /// from `global`, trains, and the example-weighted mean is taken here, in f64.
 pub fn independent_fedavg(
     trainers: &mut [Box<dyn Trainer>],
-    mut global: Parameters,
+    global: Parameters,
     train: &TrainConfig,
     rounds: u32,
 ) -> Parameters {
+    independent_fedavg_with(trainers, global, |_| train.clone(), rounds)
+}
+
+/// [`independent_fedavg`] with round `t`'s training settings from `train_for(t)`.
+pub fn independent_fedavg_with(
+    trainers: &mut [Box<dyn Trainer>],
+    mut global: Parameters,
+    train_for: impl Fn(u32) -> TrainConfig,
+    rounds: u32,
+) -> Parameters {
     for round in 1..=rounds {
+        let train = train_for(round);
         let mut sum = vec![0f64; global.num_values()];
         let mut total = 0u64;
         for t in trainers.iter_mut() {
@@ -298,4 +334,22 @@ pub fn independent_fedavg(
         global = Parameters::from_flat(&global.spec(), &flat).expect("flat parameters");
     }
     global
+}
+
+/// The initial global model as the coordinator's setup stage makes it: the
+/// first trainer's parameters with feature statistics merged over all of them.
+pub fn standardised_start(trainers: &[Box<dyn Trainer>]) -> Parameters {
+    let mut stats = FeatureStats::default();
+    for t in trainers {
+        stats.merge(&t.feature_stats()).expect("feature statistics");
+    }
+    let mut global = trainers.first().expect("a trainer").parameters();
+    apply_feature_stats(&mut global, &stats).expect("apply statistics");
+    global
+}
+
+/// The largest absolute difference between two models' values (same spec).
+pub fn max_abs_diff(a: &Parameters, b: &Parameters) -> f32 {
+    assert_eq!(a.spec(), b.spec(), "the models differ in names or shapes");
+    a.flat_values().zip(b.flat_values()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
 }

@@ -3,13 +3,11 @@
 
 use std::path::PathBuf;
 
-use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
-use confide_algorithms::trainer::apply_feature_stats;
-use confide_algorithms::{FeatureStats, Parameters, Trainer};
+use confide_algorithms::{Parameters, Trainer};
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
 use confide_proto::Limits;
 use confide_proto::jobspec::JobSpec;
-use confide_tests::{Federation, independent_fedavg, job_spec, repo_root};
+use confide_tests::{Federation, independent_fedavg, job_spec, max_abs_diff, repo_root, standardised_start};
 
 const LOGREG2: &str = "kind = \"logistic_regression\"\nclasses = 2";
 const LOGREG10: &str = "kind = \"logistic_regression\"\nclasses = 10";
@@ -48,24 +46,11 @@ fn fedavg_job_equals_the_independently_computed_weighted_mean() {
     let mut trainers: Vec<Box<dyn Trainer>> = fed
         .names
         .iter()
-        .map(|n| {
-            let src = DatasetSource {
-                path: fed.path(&format!("data/{n}.csv")),
-                format: DataFormat::Csv,
-                csv: CsvOptions::default(),
-            };
-            BuiltinTrainers::default().build(&spec, &src, n).expect("trainer")
-        })
+        .map(|n| BuiltinTrainers::default().build(&spec, &fed.party_data(n), n).expect("trainer"))
         .collect();
-    let mut stats = FeatureStats::default();
-    for t in &trainers {
-        stats.merge(&t.feature_stats()).expect("stats");
-    }
-    let mut global = trainers[0].parameters();
-    apply_feature_stats(&mut global, &stats).expect("stats apply");
+    let global = standardised_start(&trainers);
     let global = independent_fedavg(&mut trainers, global, &spec.training, 3);
-    assert_eq!(model.spec(), global.spec());
-    let max_diff = model.flat_values().zip(global.flat_values()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let max_diff = max_abs_diff(&model, &global);
     assert!(max_diff <= 1e-5, "federated model differs from the independent weighted mean by {max_diff}");
     // The model is not trivially the initial one.
     assert!(model.get("linear.weight").expect("weight").data.iter().any(|v| v.abs() > 0.05));

@@ -192,7 +192,10 @@ struct NanTrainer {
 
 impl TrainerFactory for NanFactory {
     fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {
-        Ok(Box::new(NanTrainer { inner: BuiltinTrainers::default().build(spec, data, party)?, poisoned: AtomicBool::new(false) }))
+        Ok(Box::new(NanTrainer {
+            inner: BuiltinTrainers::default().build(spec, data, party)?,
+            poisoned: AtomicBool::new(false),
+        }))
     }
 }
 

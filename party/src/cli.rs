@@ -1,0 +1,270 @@
+//! The `confide-party` program, as a library function so that a researcher's
+//! own party build (with its own [`TrainerFactory`]) gets the same CLI.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::PartyConfig;
+use crate::local;
+use crate::node::PartyNode;
+use crate::trainers::{BuiltinTrainers, TrainerFactory};
+use clap::{Parser, Subcommand};
+use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
+use confide_proto::Limits;
+use confide_proto::jobspec::JobSpec;
+
+/// Confide party node: dials out to the coordinator and trains next to private data.
+#[derive(Parser, Debug)]
+#[command(name = "confide-party", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Connect to the coordinator and serve jobs until interrupted.
+    Run {
+        /// The party's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check the config file and load every data set, then exit.
+    Check {
+        /// The party's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Train a job's model on local rows only (no coordinator): a local-only
+    /// baseline, or a central one on pooled rows. Same schedule as the job.
+    TrainLocal {
+        /// The job spec (its model, training and rounds are used).
+        #[arg(long)]
+        spec: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Held-out rows to report accuracy on.
+        #[arg(long)]
+        test: Option<PathBuf>,
+        /// Where to write the trained model (safetensors).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Party config whose [models] table names TorchScript files.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Evaluate a model (e.g. from `confide job model`) on local rows.
+    Evaluate {
+        /// The job spec the model was trained with.
+        #[arg(long)]
+        spec: PathBuf,
+        /// The model file (safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Party config whose [models] table names TorchScript files.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Where local rows come from.
+#[derive(clap::Args, Debug)]
+struct DataArgs {
+    /// CSV file(s), optionally gzip-compressed; several are concatenated.
+    #[arg(long = "data", required = true)]
+    files: Vec<PathBuf>,
+    /// The files start with a header line.
+    #[arg(long)]
+    header: bool,
+    /// Label column (negative counts from the end).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    label_column: i64,
+}
+
+impl DataArgs {
+    fn sources(&self, files: &[PathBuf]) -> Vec<DatasetSource> {
+        files
+            .iter()
+            .map(|p| DatasetSource {
+                path: p.clone(),
+                format: DataFormat::Csv,
+                csv: CsvOptions { header: self.header, label_column: self.label_column },
+            })
+            .collect()
+    }
+}
+
+fn trainers_for(config: Option<&std::path::Path>) -> Result<BuiltinTrainers, String> {
+    match config {
+        Some(path) => PartyConfig::load(path).map(|c| BuiltinTrainers::for_config(&c)).map_err(|e| e.to_string()),
+        None => Ok(BuiltinTrainers::new(Default::default(), 1)),
+    }
+}
+
+fn load_spec(path: &std::path::Path) -> Result<JobSpec, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    JobSpec::parse(&text, &path.display().to_string(), &Limits::default()).map_err(|e| e.to_string())
+}
+
+fn print_metrics(what: &str, e: &local::Evaluation) {
+    let mut line = format!("{what}: {} rows, loss {:.4}", e.examples, e.loss);
+    for (k, v) in &e.metrics {
+        line.push_str(&format!(", {k} {v:.4}"));
+    }
+    println!("{line}");
+}
+
+fn train_local(
+    spec: &std::path::Path,
+    data: &DataArgs,
+    test: Option<&std::path::Path>,
+    out: Option<&std::path::Path>,
+    json: bool,
+    config: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let spec = load_spec(spec)?;
+    let trainers = trainers_for(config)?;
+    let rows = local::load_rows(&data.sources(&data.files))?;
+    if !json {
+        println!(
+            "training {} ({}) on {} local rows for {} rounds",
+            spec.name,
+            spec.model.kind.as_str(),
+            rows.len(),
+            spec.rounds
+        );
+    }
+    let params = local::train(&trainers, &spec, rows, |round, m| {
+        if !json {
+            println!("  round {round}: train_loss {:.4}", m.get("train_loss").copied().unwrap_or(f64::NAN));
+        }
+    })?;
+    if let Some(path) = out {
+        local::write_model(path, &params, &spec)?;
+        if !json {
+            println!("model: {}", path.display());
+        }
+    }
+    let eval = match test {
+        Some(t) => {
+            Some(local::evaluate(&trainers, &spec, &params, local::load_rows(&data.sources(&[t.to_path_buf()]))?)?)
+        }
+        None => None,
+    };
+    if json {
+        let v = serde_json::json!({
+            "rounds": spec.rounds,
+            "model": out.map(|p| p.display().to_string()),
+            "test": eval,
+        });
+        println!("{v}");
+    } else if let Some(e) = &eval {
+        print_metrics("test", e);
+    }
+    Ok(())
+}
+
+fn evaluate(
+    spec: &std::path::Path,
+    model: &std::path::Path,
+    data: &DataArgs,
+    json: bool,
+    config: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let spec = load_spec(spec)?;
+    let trainers = trainers_for(config)?;
+    let params = local::read_model(model)?;
+    let rows = local::load_rows(&data.sources(&data.files))?;
+    let e = local::evaluate(&trainers, &spec, &params, rows).map_err(|e| format!("{}: {e}", model.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&e).map_err(|e| e.to_string())?);
+    } else {
+        print_metrics(&model.display().to_string(), &e);
+    }
+    Ok(())
+}
+
+/// The whole `confide-party` program: logging, argument parsing, exit code.
+/// `factory` replaces the built-in trainers for `run` (see
+/// `examples/custom_trainer.rs`); `None` uses [`BuiltinTrainers`].
+pub fn main_with(factory: Option<Arc<dyn TrainerFactory>>) -> ! {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONFIDE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let code = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(run(cli, factory)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn run(cli: Cli, factory: Option<Arc<dyn TrainerFactory>>) -> i32 {
+    match cli.command {
+        Command::Run { config } => match PartyConfig::load(&config) {
+            Ok(cfg) => {
+                let trainers: Arc<dyn TrainerFactory> = match factory {
+                    Some(f) => f,
+                    None => Arc::new(BuiltinTrainers::for_config(&cfg)),
+                };
+                let node = PartyNode::new(cfg, trainers);
+                tokio::select! {
+                    _ = node.run() => 0,
+                    _ = tokio::signal::ctrl_c() => 0,
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+        },
+        Command::Check { config } => match PartyConfig::load(&config) {
+            Ok(cfg) => {
+                let mut code = 0;
+                for (name, src) in &cfg.datasets {
+                    match src.load() {
+                        Ok(ds) => println!("data set {name}: {} rows, {} features", ds.len(), ds.num_features),
+                        Err(e) => {
+                            eprintln!("data set {name}: {e}");
+                            code = 1;
+                        }
+                    }
+                }
+                code
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+        },
+        Command::TrainLocal { spec, data, test, out, json, config } => {
+            report(train_local(&spec, &data, test.as_deref(), out.as_deref(), json, config.as_deref()))
+        }
+        Command::Evaluate { spec, model, data, json, config } => {
+            report(evaluate(&spec, &model, &data, json, config.as_deref()))
+        }
+    }
+}
+
+fn report(r: Result<(), String>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}

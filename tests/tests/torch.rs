@@ -1,0 +1,121 @@
+//! End-to-end jobs with libtorch trainers: real `confide` and `confide-party`
+//! processes on loopback over mutual TLS.
+
+use std::path::PathBuf;
+
+use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
+use confide_algorithms::{Parameters, Trainer};
+use confide_party::local;
+use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
+use confide_proto::Limits;
+use confide_proto::jobspec::JobSpec;
+use confide_tests::{Federation, independent_fedavg, job_spec, max_abs_diff, repo_root, standardised_start};
+
+const MLP: &str = "kind = \"mlp\"\nclasses = 2\nhidden = [32, 16]";
+const SECAGG_POLICY: &str = "[policy]\nprivacy_modes = [\"none\", \"secagg\"]\n";
+
+fn three() -> Vec<&'static str> {
+    vec!["hospital-a", "hospital-b", "hospital-c"]
+}
+
+fn csv(path: PathBuf) -> DatasetSource {
+    DatasetSource { path, format: DataFormat::Csv, csv: CsvOptions::default() }
+}
+
+/// The held-out test rows `confide data split` wrote, which no party trained on.
+fn test_accuracy(fed: &Federation, spec: &JobSpec, model: &Parameters) -> f64 {
+    let rows = local::load_rows(&[csv(fed.path("data/test.csv"))]).expect("test rows");
+    let eval = local::evaluate(&BuiltinTrainers::new(Default::default(), 1), spec, model, rows).expect("evaluate");
+    eval.metrics["accuracy"]
+}
+
+#[test]
+fn mlp_job_under_secure_aggregation_reaches_95_percent_on_held_out_rows() {
+    let mut fed = Federation::new(&three(), &repo_root().join("examples/data/breast_cancer.csv"), true, "5,3,2");
+    fed.start_coordinator();
+    for n in fed.names.clone() {
+        fed.start_party(&n, SECAGG_POLICY);
+    }
+    let training = "batch_size = 16\nlearning_rate = 0.05\nmomentum = 0.9\nseed = 42";
+    let text =
+        format!("{}[privacy]\nmode = \"secagg\"\nmax_examples = 1000\n", job_spec(&fed.names, 3, 10, MLP, training));
+    let id = fed.submit("job.toml", &text);
+    let st = fed.wait_done(&id, 180);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    assert_eq!(st["rounds_completed"], 10);
+    let model = Parameters::from_safetensors(&fed.model(&id)).expect("model");
+    let names: Vec<String> = model.spec().into_iter().map(|s| s.name).collect();
+    assert_eq!(
+        names,
+        ["input.mean", "input.std", "fc0.bias", "fc0.weight", "fc1.bias", "fc1.weight", "out.bias", "out.weight"]
+    );
+    let spec = JobSpec::parse(&text, "job.toml", &Limits::default()).expect("spec");
+    let accuracy = test_accuracy(&fed, &spec, &model);
+    assert!(accuracy >= 0.95, "held-out accuracy {accuracy}");
+}
+
+#[test]
+fn plaintext_mlp_job_equals_the_independently_computed_weighted_mean() {
+    let mut fed = Federation::new(&three(), &repo_root().join("examples/data/breast_cancer.csv"), true, "5,3,2");
+    fed.start_coordinator();
+    fed.start_parties();
+    let training = "batch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nweight_decay = 0.001\nseed = 3";
+    let text = job_spec(&fed.names, 3, 3, MLP, training);
+    let id = fed.submit("job.toml", &text);
+    let st = fed.wait_done(&id, 120);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    let model = Parameters::from_safetensors(&fed.model(&id)).expect("model");
+
+    // libtorch with one thread is deterministic: the same trainers in this
+    // process, averaged by hand, give the same model.
+    let spec = JobSpec::parse(&text, "job.toml", &Limits::default()).expect("spec");
+    let factory = BuiltinTrainers::new(Default::default(), 1);
+    let mut trainers: Vec<Box<dyn Trainer>> =
+        fed.names.iter().map(|n| factory.build(&spec, &fed.party_data(n), n).expect("trainer")).collect();
+    let global = standardised_start(&trainers);
+    let expected = independent_fedavg(&mut trainers, global, &spec.training, 3);
+    let max_diff = max_abs_diff(&model, &expected);
+    assert!(max_diff <= 1e-5, "federated MLP differs from the independent weighted mean by {max_diff}");
+}
+
+#[test]
+fn cnn_job_with_fedprox_learns_the_digits() {
+    let mut fed = Federation::new(&three(), &repo_root().join("examples/data/digits.csv.gz"), false, "1,1,1");
+    fed.start_coordinator();
+    fed.start_parties();
+    let model = "kind = \"cnn\"\nclasses = 10\nchannels = [8, 16]\nimage = [1, 8, 8]";
+    let training = "local_epochs = 2\nlearning_rate = 0.05\nmomentum = 0.9\nseed = 1";
+    let text =
+        format!("{}[strategy]\nname = \"fedprox\"\nproximal_mu = 0.01\n", job_spec(&fed.names, 3, 4, model, training));
+    let id = fed.submit("job.toml", &text);
+    let st = fed.wait_done(&id, 180);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    let spec = JobSpec::parse(&text, "job.toml", &Limits::default()).expect("spec");
+    let accuracy = test_accuracy(&fed, &spec, &Parameters::from_safetensors(&fed.model(&id)).expect("model"));
+    assert!(accuracy >= 0.9, "held-out accuracy {accuracy}");
+}
+
+#[test]
+fn torchscript_job_trains_the_parties_own_module_and_a_party_without_it_refuses() {
+    let mut fed = Federation::new(&three(), &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1,1");
+    fed.start_coordinator();
+    let script = repo_root().join("examples/models/breast_cancer_mlp.pt");
+    let models = format!("[models]\nbc-mlp = {:?}\n", script.to_string_lossy());
+    fed.start_party("hospital-a", &models);
+    fed.start_party("hospital-b", &models);
+    fed.start_party("hospital-c", "");
+    let model = "kind = \"torchscript\"\nclasses = 2\ntorchscript = \"bc-mlp\"";
+    let text = job_spec(&fed.names, 2, 3, model, "learning_rate = 0.05\nseed = 2");
+    let id = fed.submit("job.toml", &text);
+    let st = fed.wait_done(&id, 120);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    let refusal = st["parties"]["hospital-c"].to_string();
+    assert!(refusal.contains("no model named \\\"bc-mlp\\\""), "{st:#}");
+    let spec = JobSpec::parse(&text, "job.toml", &Limits::default()).expect("spec");
+    let params = Parameters::from_safetensors(&fed.model(&id)).expect("model");
+    assert!(params.get("hidden_weight").is_some());
+    let rows = local::load_rows(&[csv(fed.path("data/test.csv"))]).expect("test rows");
+    let factory = BuiltinTrainers::new([("bc-mlp".to_string(), script)].into(), 1);
+    let accuracy = local::evaluate(&factory, &spec, &params, rows).expect("evaluate").metrics["accuracy"];
+    assert!(accuracy >= 0.9, "held-out accuracy {accuracy}");
+}
