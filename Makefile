@@ -11,13 +11,13 @@ setup:
 	@./scripts/setup-libtorch
 
 build: setup
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --examples
 
 demo: build
 	./scripts/demo.sh
 
-# Binaries first: the end-to-end tests start the real `confide` and
-# `confide-party` processes.
+# Binaries and examples first: the end-to-end tests start the real `confide`,
+# `confide-party` and example processes.
 test: build
 	$(CARGO) test --workspace --all-targets
 

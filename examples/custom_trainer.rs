@@ -28,7 +28,7 @@
 use std::sync::Arc;
 
 use confide_algorithms::data::{Dataset, DatasetSource};
-use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD};
+use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD, row_count};
 use confide_algorithms::{
     Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelKind, Parameters, Tensor, Trainer,
 };
@@ -161,9 +161,7 @@ impl Trainer for LinearSvm {
 
     /// [P(class 0), P(class 1)] per row, squashing the margin with a logistic.
     fn predict(&self, features: &[f32]) -> Result<Vec<f32>, Error> {
-        if !features.len().is_multiple_of(self.features) {
-            return Err(Error::InvalidInput(format!("rows of {} features expected", self.features)));
-        }
+        row_count(features, self.features)?;
         Ok(features
             .chunks(self.features)
             .flat_map(|row| {

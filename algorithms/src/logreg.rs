@@ -5,7 +5,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
 use crate::data::Dataset;
-use crate::trainer::{INPUT_MEAN, INPUT_STD};
+use crate::trainer::{INPUT_MEAN, INPUT_STD, classification_outcome, row_count};
 use crate::{
     Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, Parameters, Tensor, TensorSpec, Trainer,
 };
@@ -220,24 +220,11 @@ impl Trainer for LogisticRegression {
     fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
         let ds = if self.held_out.is_empty() { &self.train } else { &self.held_out };
         let (loss, accuracy, scores) = self.score(ds);
-        let mut metrics = Metrics::new();
-        metrics.insert("accuracy".into(), accuracy);
-        if self.classes == 2
-            && let Some(auc) = roc_auc(&scores, &ds.labels)
-        {
-            metrics.insert("auc".into(), auc);
-        }
-        Ok(EvalOutcome { num_examples: ds.len() as u64, loss, metrics })
+        Ok(classification_outcome(self.classes, &ds.labels, loss, accuracy, &scores))
     }
 
     fn predict(&self, features: &[f32]) -> Result<Vec<f32>, Error> {
-        if !features.len().is_multiple_of(self.features) {
-            return Err(Error::InvalidInput(format!(
-                "{} values is not a whole number of {}-feature rows",
-                features.len(),
-                self.features
-            )));
-        }
+        row_count(features, self.features)?;
         let mut p = vec![0.0; self.classes];
         let mut out = Vec::with_capacity(features.len() / self.features * self.classes);
         for row in features.chunks(self.features) {

@@ -440,6 +440,36 @@ pub fn apply_feature_stats(params: &mut Parameters, stats: &FeatureStats) -> Res
     Ok(())
 }
 
+/// The usual report of a classifier on `labels`: `accuracy`, and for two
+/// classes the ROC `auc` of the positive-class scores.
+pub fn classification_outcome(
+    classes: usize,
+    labels: &[u32],
+    loss: f64,
+    accuracy: f64,
+    positive_scores: &[f64],
+) -> EvalOutcome {
+    let mut metrics = Metrics::new();
+    metrics.insert("accuracy".into(), accuracy);
+    if classes == 2
+        && let Some(auc) = crate::logreg::roc_auc(positive_scores, labels)
+    {
+        metrics.insert("auc".into(), auc);
+    }
+    EvalOutcome { num_examples: labels.len() as u64, loss, metrics }
+}
+
+/// The number of `width`-feature rows in `features`, or an error saying why not.
+pub fn row_count(features: &[f32], width: usize) -> Result<usize, Error> {
+    if width == 0 || !features.len().is_multiple_of(width) {
+        return Err(Error::InvalidInput(format!(
+            "{} values is not a whole number of {width}-feature rows",
+            features.len()
+        )));
+    }
+    Ok(features.len() / width)
+}
+
 /// A party's local learner. Implementations own the party's private data;
 /// nothing but parameters, counts and metrics leaves them.
 ///

@@ -12,8 +12,7 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
 use confide_algorithms::data::Dataset;
-use confide_algorithms::logreg::roc_auc;
-use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD};
+use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD, classification_outcome, row_count};
 use confide_algorithms::{
     Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, ModelKind, OptimizerKind,
     Parameters, Tensor as NamedTensor, TensorSpec, Trainer,
@@ -343,24 +342,11 @@ impl Trainer for TorchTrainer {
     fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
         let ds = if self.held_out.is_empty() { &self.train } else { &self.held_out };
         let (loss, accuracy, scores) = self.score(ds)?;
-        let mut metrics = Metrics::new();
-        metrics.insert("accuracy".into(), accuracy);
-        if self.classes == 2
-            && let Some(auc) = roc_auc(&scores, &ds.labels)
-        {
-            metrics.insert("auc".into(), auc);
-        }
-        Ok(EvalOutcome { num_examples: ds.len() as u64, loss, metrics })
+        Ok(classification_outcome(self.classes, &ds.labels, loss, accuracy, &scores))
     }
 
     fn predict(&self, features: &[f32]) -> Result<Vec<f32>, Error> {
-        if !features.len().is_multiple_of(self.features) {
-            return Err(Error::InvalidInput(format!(
-                "{} values is not a whole number of {}-feature rows",
-                features.len(),
-                self.features
-            )));
-        }
+        row_count(features, self.features)?;
         if features.is_empty() {
             return Ok(Vec::new());
         }

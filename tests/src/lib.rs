@@ -85,6 +85,12 @@ impl Federation {
         }
     }
 
+    /// One trainer per party over its data file, built by `build(data, party)`
+    /// (as the party process would build it).
+    pub fn trainers(&self, build: impl Fn(&DatasetSource, &str) -> Box<dyn Trainer>) -> Vec<Box<dyn Trainer>> {
+        self.names.iter().map(|n| build(&self.party_data(n), n)).collect()
+    }
+
     /// A path inside the scratch directory.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)

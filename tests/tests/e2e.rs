@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use confide_algorithms::{Parameters, Trainer};
+use confide_algorithms::Parameters;
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
 use confide_proto::Limits;
 use confide_proto::jobspec::JobSpec;
@@ -43,11 +43,7 @@ fn fedavg_job_equals_the_independently_computed_weighted_mean() {
     // rebuilt from the spec and its data file, and the example-weighted mean
     // is taken here by hand.
     let spec = JobSpec::parse(&text, "job.toml", &Limits::default()).expect("spec");
-    let mut trainers: Vec<Box<dyn Trainer>> = fed
-        .names
-        .iter()
-        .map(|n| BuiltinTrainers::default().build(&spec, &fed.party_data(n), n).expect("trainer"))
-        .collect();
+    let mut trainers = fed.trainers(|data, n| BuiltinTrainers::default().build(&spec, data, n).expect("trainer"));
     let global = standardised_start(&trainers);
     let global = independent_fedavg(&mut trainers, global, &spec.training, 3);
     let max_diff = max_abs_diff(&model, &global);

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use confide_algorithms::{Parameters, TrainConfig, Trainer};
+use confide_algorithms::{Parameters, TrainConfig};
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
 use confide_proto::Limits;
 use confide_proto::jobspec::JobSpec;
@@ -14,7 +14,11 @@ use confide_tests::{
 
 fn example(name: &str) -> PathBuf {
     let path = bin_dir().join("examples").join(name);
-    assert!(path.exists(), "{} is missing: build with `cargo test --all-targets` (make test does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins --examples` first (make test does)",
+        path.display()
+    );
     path
 }
 
@@ -39,11 +43,7 @@ fn the_custom_strategy_decays_the_learning_rate_as_documented() {
 
     // The same federation by hand, with η_t = 0.2 · 0.5^(t−1).
     let spec = JobSpec::parse(&text, "job.toml", &Limits::default()).expect("spec");
-    let mut trainers: Vec<Box<dyn Trainer>> = fed
-        .names
-        .iter()
-        .map(|n| BuiltinTrainers::default().build(&spec, &fed.party_data(n), n).expect("trainer"))
-        .collect();
+    let mut trainers = fed.trainers(|data, n| BuiltinTrainers::default().build(&spec, data, n).expect("trainer"));
     let global = standardised_start(&trainers);
     let decayed = |t: u32| TrainConfig { learning_rate: 0.2 * 0.5f64.powi(t as i32 - 1), ..spec.training.clone() };
     let expected = independent_fedavg_with(&mut trainers, global.clone(), decayed, 3);

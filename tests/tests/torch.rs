@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
-use confide_algorithms::{Parameters, Trainer};
+use confide_algorithms::Parameters;
 use confide_party::local;
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
 use confide_proto::Limits;
@@ -70,8 +70,7 @@ fn plaintext_mlp_job_equals_the_independently_computed_weighted_mean() {
     // process, averaged by hand, give the same model.
     let spec = JobSpec::parse(&text, "job.toml", &Limits::default()).expect("spec");
     let factory = BuiltinTrainers::new(Default::default(), 1);
-    let mut trainers: Vec<Box<dyn Trainer>> =
-        fed.names.iter().map(|n| factory.build(&spec, &fed.party_data(n), n).expect("trainer")).collect();
+    let mut trainers = fed.trainers(|data, n| factory.build(&spec, data, n).expect("trainer"));
     let global = standardised_start(&trainers);
     let expected = independent_fedavg(&mut trainers, global, &spec.training, 3);
     let max_diff = max_abs_diff(&model, &expected);
