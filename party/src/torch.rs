@@ -206,6 +206,24 @@ impl TorchTrainer {
         self.vs.variables().remove(name).ok_or_else(|| Error::Training(format!("variable {name} vanished")))
     }
 
+    /// Names and shapes in wire order, without copying any values.
+    fn spec(&self) -> Vec<TensorSpec> {
+        let d = self.features;
+        let mut spec = vec![
+            TensorSpec { name: INPUT_MEAN.into(), shape: vec![d] },
+            TensorSpec { name: INPUT_STD.into(), shape: vec![d] },
+        ];
+        let vars = self.vs.variables();
+        for name in &self.names {
+            let shape = vars.get(name).map(|t| t.size()).unwrap_or_default();
+            spec.push(TensorSpec {
+                name: name.clone(),
+                shape: shape.into_iter().map(|v| usize::try_from(v).unwrap_or(0)).collect(),
+            });
+        }
+        spec
+    }
+
     fn labels(ds: &Dataset, idx: &[usize]) -> Tensor {
         let y: Vec<i64> = idx.iter().map(|&i| i64::from(ds.labels[i])).collect();
         Tensor::from_slice(&y)
@@ -238,24 +256,26 @@ fn tensor_values(t: &Tensor) -> Result<Vec<f32>, Error> {
 
 impl Trainer for TorchTrainer {
     fn parameters(&self) -> Parameters {
-        let d = self.features;
-        let mut tensors = vec![
-            NamedTensor { name: INPUT_MEAN.into(), shape: vec![d], data: self.mean.clone() },
-            NamedTensor { name: INPUT_STD.into(), shape: vec![d], data: self.std.clone() },
-        ];
         let vars = self.vs.variables();
-        for name in &self.names {
-            if let Some(t) = vars.get(name) {
-                let shape = t.size().into_iter().map(|v| usize::try_from(v).unwrap_or(0)).collect();
-                tensors.push(NamedTensor { name: name.clone(), shape, data: tensor_values(t).unwrap_or_default() });
-            }
-        }
+        let tensors = self
+            .spec()
+            .into_iter()
+            .map(|s| {
+                let data = match s.name.as_str() {
+                    INPUT_MEAN => self.mean.clone(),
+                    INPUT_STD => self.std.clone(),
+                    name => vars.get(name).and_then(|t| tensor_values(t).ok()).unwrap_or_default(),
+                };
+                NamedTensor { name: s.name, shape: s.shape, data }
+            })
+            .collect();
+        // Shapes come from the tensors themselves, so this cannot fail short
+        // of libtorch failing to read its own memory.
         Parameters::new(tensors).unwrap_or_default()
     }
 
     fn set_parameters(&mut self, params: &Parameters) -> Result<(), Error> {
-        let expected: Vec<TensorSpec> = self.parameters().spec();
-        params.check_matches(&expected).map_err(Error::InvalidInput)?;
+        params.check_matches(&self.spec()).map_err(Error::InvalidInput)?;
         if let Some(s) = params.get(INPUT_STD).and_then(|t| t.data.iter().find(|v| v.is_nan() || **v <= 0.0)) {
             return Err(Error::InvalidInput(format!("{INPUT_STD} holds {s}; it must be positive")));
         }
