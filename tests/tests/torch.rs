@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
 use confide_algorithms::Parameters;
+use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
 use confide_party::local;
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
 use confide_proto::Limits;
