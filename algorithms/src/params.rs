@@ -118,7 +118,7 @@ impl Parameters {
     /// Checks that there is no NaN or infinity; the error names the tensor and index.
     pub fn check_finite(&self) -> Result<(), String> {
         for t in &self.tensors {
-            if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+            if let Some(i) = first_non_finite(&t.data) {
                 return Err(format!("tensor {} holds {} at index {i}", t.name, t.data[i]));
             }
         }
@@ -193,6 +193,18 @@ impl Parameters {
     }
 }
 
+/// The index of the first NaN or infinity. Runs on every update of every
+/// round, so the common all-finite case is a branch-free (vectorised) scan
+/// of fixed-size blocks; only a block that holds a bad value is searched.
+fn first_non_finite(data: &[f32]) -> Option<usize> {
+    const EXPONENT: u32 = 0x7f80_0000;
+    const BLOCK: usize = 1024;
+    data.chunks(BLOCK).enumerate().find_map(|(b, chunk)| {
+        let bad = chunk.iter().fold(false, |acc, v| acc | (v.to_bits() & EXPONENT == EXPONENT));
+        if bad { chunk.iter().position(|v| !v.is_finite()).map(|i| b * BLOCK + i) } else { None }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +235,21 @@ mod tests {
         let mut bad = p.clone();
         bad.values_mut().next().unwrap().1[4] = f32::NAN;
         assert!(bad.check_matches(&p.spec()).unwrap_err().contains("index 4"));
+    }
+
+    #[test]
+    fn finds_the_first_non_finite_value_in_any_block() {
+        let mut v = vec![1.5f32; 5000];
+        assert_eq!(first_non_finite(&v), None);
+        for (i, bad) in [(0, f32::NAN), (1023, f32::INFINITY), (1024, f32::NEG_INFINITY), (4999, f32::NAN)] {
+            v[i] = bad;
+            v[4000] = -f32::NAN;
+            assert_eq!(first_non_finite(&v), Some(i.min(4000)), "at {i}");
+            v[i] = f32::MAX;
+            v[4000] = f32::MIN_POSITIVE;
+        }
+        assert_eq!(first_non_finite(&v), None, "extremes are finite");
+        assert_eq!(first_non_finite(&[]), None);
     }
 
     #[test]

@@ -52,8 +52,8 @@ fn client_masking(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("mask_1M_9_neighbours", |b| {
         b.iter_batched(
-            prepared,
-            |(_, mut clients, shares)| clients[0].on_shares(&shares[0], &input).expect("mask"),
+            || (prepared(), input.clone()),
+            |((_, mut clients, shares), input)| clients[0].on_shares(&shares[0], input).expect("mask"),
             criterion::BatchSize::LargeInput,
         )
     });
@@ -68,7 +68,7 @@ fn server_unmasking(c: &mut Criterion) {
         let setup = || {
             let (mut server, mut clients, shares) = prepared();
             let masked: Vec<MaskedInput> =
-                clients.iter_mut().zip(&shares).map(|(c, s)| c.on_shares(s, &input).expect("mask")).collect();
+                clients.iter_mut().zip(&shares).map(|(c, s)| c.on_shares(s, input.clone()).expect("mask")).collect();
             for m in masked.into_iter().skip(dropped) {
                 server.on_masked(m).expect("masked");
             }

@@ -122,14 +122,28 @@ fn secagg_scaling(n: usize, dim: usize) -> Result<serde_json::Value, String> {
     }
     server.close_shares().map_err(e)?;
     let input = vec![1u32; dim];
-    let mut mask_ms = Vec::new();
+    let (mut mask_ms, mut accumulate_ms) = (Vec::new(), Vec::new());
     for (c, p) in clients.iter_mut().zip(&cfg.parties) {
         let shares = server.shares_for(p);
+        let input = input.clone();
         let t = Instant::now();
-        let y = c.on_shares(&shares, &input).map_err(e)?;
+        let y = c.on_shares(&shares, input).map_err(e)?;
         mask_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
         server.on_masked(y).map_err(e)?;
+        accumulate_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    // The same masking work on one core, for machines or runtimes where
+    // apply_masks cannot split the vector across threads.
+    let one_core_ms = {
+        use confide_crypto::secagg::prim::MaskStreams;
+        let seeds: Vec<[u8; 32]> = (0..=k as u8).map(|i| [i; 32]).collect();
+        let masks: Vec<(&[u8; 32], bool)> = seeds.iter().map(|s| (s, false)).collect();
+        let mut v = input.clone();
+        let t = Instant::now();
+        MaskStreams::new(&masks, cfg.bits).apply_all(&mut v);
+        t.elapsed().as_secs_f64() * 1e3
+    };
     let req = server.close_masked().map_err(e)?;
     for c in clients.iter_mut() {
         server.on_unmask(c.on_unmask(&req).map_err(e)?).map_err(e)?;
@@ -148,7 +162,10 @@ fn secagg_scaling(n: usize, dim: usize) -> Result<serde_json::Value, String> {
         "threshold": threshold,
         "client_share_keys_ms_median": median(share_ms),
         "client_mask_ms_median": median(mask_ms),
+        "client_mask_one_core_ms": one_core_ms,
+        "server_accumulate_ms_median": median(accumulate_ms),
         "server_unmask_ms": unmask_ms,
+        "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
     }))
 }
 
@@ -329,6 +346,17 @@ async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) 
     let fed = Federation::new(names)?;
     let run = fed.run(spec, Arc::new(SyntheticFactory { params }), "synthetic", |_| PathBuf::from("unused")).await?;
     let metric = |k: &str| round_median(&run.status, rounds, k);
+    // Where the round's time goes: each stage's median duration.
+    let stages: serde_json::Map<String, serde_json::Value> = run
+        .status
+        .history
+        .iter()
+        .flat_map(|r| r.metrics.keys())
+        .filter(|k| k.starts_with("stage_"))
+        .map(|k| (k.trim_start_matches("stage_").to_string(), metric(k)))
+        .filter(|(_, ms)| ms.is_finite())
+        .map(|(k, ms)| (k, ms.into()))
+        .collect();
     Ok(serde_json::json!({
         "bench": "round",
         "privacy": privacy,
@@ -338,6 +366,7 @@ async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) 
         "round_ms_median": metric("round_ms"),
         "coordinator_ms_median": metric("coordinator_ms"),
         "party_ms_median": metric("fit_ms"),
+        "stage_ms_median": stages,
         "bytes_per_party": run.bytes / (parties as u64 * u64::from(rounds + 1)),
         "topology": "coordinator and parties as tasks of one tokio runtime; gRPC over loopback mutual TLS 1.3",
     }))

@@ -539,7 +539,9 @@ async fn job(cmd: JobCmd) -> Result<i32, Error> {
 fn metrics_line(st: &JobStatus) -> String {
     st.metrics
         .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "num_examples" | "train_examples" | "round_ms"))
+        .filter(|(k, _)| {
+            !matches!(k.as_str(), "num_examples" | "train_examples" | "round_ms") && !k.starts_with("stage_")
+        })
         .map(|(k, v)| format!("{k}={v:.4}"))
         .collect::<Vec<_>>()
         .join(" ")

@@ -656,7 +656,7 @@ fn deliver(hub: &Hub, name: &str, cert: &[u8], r: pb::TaskResult, payload: Optio
         Some(Payload::Words(w)) => (None, Some(w)),
         None => (None, None),
     };
-    let secure = match (stage, secagg, &words) {
+    let secure = match (stage, secagg, words) {
         (pb::Stage::Fit, Some(Body::Advert(k)), None) if params.is_none() => Some(
             wire::keys_from_pb(k)
                 .map(|(advert, _)| StageResult::SecAggKeys {
@@ -669,7 +669,7 @@ fn deliver(hub: &Hub, name: &str, cert: &[u8], r: pb::TaskResult, payload: Optio
         (pb::Stage::SecaggShares, Some(Body::Shares(s)), None) => {
             Some(wire::shares_from_pb(s, max).map(StageResult::SecAggShares).map_err(|e| e.to_string()))
         }
-        (pb::Stage::SecaggMasked, None, Some(w)) => Some(Ok(StageResult::SecAggMasked(w.clone()))),
+        (pb::Stage::SecaggMasked, None, Some(w)) => Some(Ok(StageResult::SecAggMasked(w))),
         (pb::Stage::SecaggUnmask, Some(Body::UnmaskShares(u)), None) => {
             Some(wire::unmask_shares_from_pb(name, u, max).map(StageResult::SecAggUnmask).map_err(|e| e.to_string()))
         }

@@ -52,6 +52,18 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The round metric holding this stage's duration in milliseconds.
+    pub fn metric_name(self) -> &'static str {
+        match self {
+            Stage::Setup => "stage_setup_ms",
+            Stage::Fit => "stage_fit_ms",
+            Stage::Evaluate => "stage_evaluate_ms",
+            Stage::SecAggShares => "stage_secagg_shares_ms",
+            Stage::SecAggMasked => "stage_secagg_masked_input_ms",
+            Stage::SecAggUnmask => "stage_secagg_unmask_ms",
+        }
+    }
+
     /// Lowercase name for logs and status.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -245,6 +257,9 @@ struct Collect {
     stage: Stage,
     round: u32,
     task_id: u64,
+    /// When the stage's tasks went out: its duration goes into the round's
+    /// metrics, so a slow stage shows in `confide job status`.
+    started: Millis,
     deadline: Millis,
     waiting: BTreeSet<String>,
     setup: BTreeMap<String, (Parameters, FeatureStats)>,
@@ -620,6 +635,9 @@ impl Session {
                     let Phase::Collecting(c) = std::mem::replace(&mut self.phase, Phase::Done) else {
                         return;
                     };
+                    if let Some(rec) = self.record.as_mut() {
+                        rec.metrics.insert(c.stage.metric_name().into(), now.saturating_sub(c.started) as f64);
+                    }
                     self.complete_stage(c, now);
                 }
             }
@@ -744,6 +762,7 @@ impl Session {
             stage,
             round,
             task_id,
+            started: now,
             deadline: now + self.spec.timeouts.round_secs * 1000,
             waiting,
             setup: BTreeMap::new(),
@@ -1493,7 +1512,7 @@ mod secagg_tests {
                     let adverts: Vec<_> = keys.iter().map(|(k, _)| k.clone()).collect();
                     StageResult::SecAggShares(c.on_keys(&adverts, &TagCheck, &mut OsRng).unwrap())
                 }
-                SecAggPayload::Shares(s) => StageResult::SecAggMasked(c.on_shares(s, input).unwrap().values),
+                SecAggPayload::Shares(s) => StageResult::SecAggMasked(c.on_shares(s, input.clone()).unwrap().values),
                 SecAggPayload::Unmask(req) => StageResult::SecAggUnmask(c.on_unmask(req).unwrap()),
                 SecAggPayload::Round { .. } => unreachable!(),
             };

@@ -51,9 +51,20 @@ impl IdentitySigner for IdentityKey {
 }
 
 /// Verifies peers' signatures against their certificates and the CA.
+///
+/// Keep one per job: a certificate already checked against the CA is only
+/// re-checked for its validity period when it comes back in a later round,
+/// which saves an ECDSA verification per neighbour and round.
 pub struct CertVerifier {
     ca_der: Vec<u8>,
-    certs: BTreeMap<String, Vec<u8>>,
+    certs: BTreeMap<String, VerifiedCert>,
+}
+
+/// A certificate that passed [`CertVerifier::add_peer`].
+struct VerifiedCert {
+    der: Vec<u8>,
+    /// Its subject public key, ready for signature checks.
+    spki: Vec<u8>,
 }
 
 impl CertVerifier {
@@ -67,35 +78,53 @@ impl CertVerifier {
     /// Checks `cert_der` (issued by the CA, valid now, a party certificate
     /// naming `party`) and remembers it for [`IdentityVerifier::verify`].
     pub fn add_peer(&mut self, party: &str, cert_der: &[u8]) -> Result<(), Error> {
-        let (_, ca) = X509Certificate::from_der(&self.ca_der).map_err(|e| Error::Certificate(e.to_string()))?;
+        let checked = self.check_peer(party, cert_der);
+        match checked {
+            Ok(spki) => {
+                self.certs.insert(party.to_owned(), VerifiedCert { der: cert_der.to_vec(), spki });
+                Ok(())
+            }
+            Err(e) => {
+                // A party that shows a bad certificate loses the good one too.
+                self.certs.remove(party);
+                Err(e)
+            }
+        }
+    }
+
+    /// The checks of [`Self::add_peer`]; returns the certificate's public key.
+    fn check_peer(&self, party: &str, cert_der: &[u8]) -> Result<Vec<u8>, Error> {
         let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| Error::PeerMisbehaved {
             party: party.into(),
             reason: format!("unparsable certificate: {e}"),
         })?;
         let bad = |reason: String| Error::PeerMisbehaved { party: party.into(), reason };
-        cert.verify_signature(Some(ca.public_key()))
-            .map_err(|_| bad("certificate not issued by the federation CA".into()))?;
         if !cert.validity().is_valid() {
             return Err(bad("certificate expired or not yet valid".into()));
         }
+        let spki = cert.public_key().subject_public_key.data.to_vec();
+        // The same bytes passed the CA and name checks before.
+        if self.certs.get(party).is_some_and(|c| c.der == cert_der) {
+            return Ok(spki);
+        }
+        let (_, ca) = X509Certificate::from_der(&self.ca_der).map_err(|e| Error::Certificate(e.to_string()))?;
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|_| bad("certificate not issued by the federation CA".into()))?;
         let id = peer_identity(cert_der)?;
         if id.name != party || id.role != Role::Party {
             return Err(bad(format!("certificate names {} ({:?}), not party {party}", id.name, id.role)));
         }
-        self.certs.insert(party.to_owned(), cert_der.to_vec());
-        Ok(())
+        Ok(spki)
     }
 }
 
 impl IdentityVerifier for CertVerifier {
     fn verify(&self, party: &str, msg: &[u8], sig: &[u8]) -> Result<(), Error> {
-        let der = self
+        let cert = self
             .certs
             .get(party)
             .ok_or_else(|| Error::PeerMisbehaved { party: party.into(), reason: "no verified certificate".into() })?;
-        let (_, cert) = X509Certificate::from_der(der).map_err(|e| Error::Certificate(e.to_string()))?;
-        let spki = cert.public_key().subject_public_key.data.as_ref();
-        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, spki)
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &cert.spki)
             .verify(msg, sig)
             .map_err(|_| Error::PeerMisbehaved { party: party.into(), reason: "signature does not verify".into() })
     }
@@ -127,9 +156,16 @@ mod tests {
         assert!(v.verify("a", b"other keys", &sig).is_err());
         assert!(v.verify("b", b"keys", &sig).is_err(), "a's signature passes as b's");
         assert!(v.add_peer("b", &cert_a).is_err(), "a's certificate for b");
+        assert!(v.verify("b", b"keys", &key_a.sign(b"keys").unwrap()).is_err(), "b's entry is gone");
+        v.add_peer("b", &cert_b).unwrap();
+        // The same certificate again (next round) is accepted from the cache.
+        v.add_peer("a", &cert_a).unwrap();
+        v.verify("a", b"keys", &sig).unwrap();
         // A certificate from another CA is refused.
         let evil = FederationCa::generate("evil").unwrap().issue(Role::Party, "a", &[]).unwrap();
         assert!(v.add_peer("a", &der_of(&evil.cert_pem)).is_err());
+        assert!(v.verify("a", b"keys", &sig).is_err(), "a bad certificate drops the verified one");
+        v.add_peer("a", &cert_a).unwrap();
         // An expired certificate is refused.
         let now = time::OffsetDateTime::now_utc();
         let expired = pki

@@ -245,11 +245,11 @@ impl PartyNode {
                 let key = std::fs::read(&cfg.key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
                 let key = IdentityKey::from_pem(&key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
                 let ca_pem = std::fs::read(&cfg.ca).map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
-                CertVerifier::new(&ca_pem).map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
+                let verifier = CertVerifier::new(&ca_pem).map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
                 Some(SecAggCtx {
                     me: me.to_owned(),
                     key: Arc::new(key),
-                    ca_pem,
+                    verifier,
                     max_values: cfg.limits.max_values,
                     round: None,
                 })
@@ -284,7 +284,9 @@ async fn dispatch(
 struct SecAggCtx {
     me: String,
     key: Arc<IdentityKey>,
-    ca_pem: Vec<u8>,
+    /// Peers' certificates checked against the federation CA, kept for the
+    /// job so that later rounds only verify the round keys' signatures.
+    verifier: CertVerifier,
     max_values: usize,
     /// The round in progress: the client and its encoded input.
     round: Option<(SecAggClient, Vec<u32>)>,
@@ -315,15 +317,15 @@ fn spawn_worker(
                     let examples = result.num_examples;
                     let mut msgs = Vec::new();
                     let mut result = result;
-                    let (mut bytes, mut values) = (Vec::new(), 0);
+                    let (mut bytes, mut values) = (std::borrow::Cow::Borrowed(&[][..]), 0);
                     match &outgoing {
                         Some(Outgoing::Params(p)) => {
                             let (header, b) = transfer::encode(task_id, p);
-                            (result.params, bytes, values) = (Some(header), b, p.num_values());
+                            (result.params, bytes, values) = (Some(header), b.into(), p.num_values());
                         }
                         Some(Outgoing::Words(w)) => {
-                            let (header, b) = transfer::encode_words(task_id, "secagg.masked", w);
-                            (result.params, bytes, values) = (Some(header), b, w.len());
+                            let header = transfer::words_header(task_id, "secagg.masked", w.len());
+                            (result.params, bytes, values) = (Some(header), transfer::word_bytes(w), w.len());
                         }
                         None => {}
                     }
@@ -454,12 +456,15 @@ fn secure_fit(
     }
     let scale = (n as f64 / max_examples as f64) as f32;
     let local = trainer.parameters();
-    let mut update = Vec::with_capacity(global.num_values());
-    for (l, g) in local.tensors().iter().zip(global.tensors()) {
-        update.extend(l.data.iter().zip(&g.data).map(|(l, g)| (l - g) * scale));
-    }
+    // Clipping would hide a diverged model in the sum: refuse to send it.
+    local.check_matches(&global.spec()).map_err(|e| format!("local model after training: {e}"))?;
     let encoding = FixedPoint::new(cfg.bits, 0, clip, cfg.parties.len()).map_err(|e| e.to_string())?;
-    let mut input = encoding.encode(&update);
+    // Encoded straight from the two models into the buffer that is later
+    // masked in place and sent: no intermediate vectors.
+    let mut input = Vec::with_capacity(cfg.dim);
+    for (l, g) in local.tensors().iter().zip(global.tensors()) {
+        encoding.encode_into(l.data.iter().zip(&g.data).map(|(l, g)| (l - g) * scale), &mut input);
+    }
     input.push(n as u32);
     let mut rng = rand_core::OsRng;
     let (client, advert) = SecAggClient::new(cfg, &ctx.me, ctx.key.as_ref(), &mut rng).map_err(|e| e.to_string())?;
@@ -483,21 +488,21 @@ fn secure_stage(
     let mut rng = rand_core::OsRng;
     match (stage, body) {
         (pb::Stage::SecaggShares, Some(Body::Keys(keys))) => {
-            let mut verifier = CertVerifier::new(&ctx.ca_pem).map_err(|e| e.to_string())?;
+            let verifier = &mut ctx.verifier;
             let mut adverts = Vec::with_capacity(keys.keys.len());
             for k in &keys.keys {
                 let (advert, cert) = wire::keys_from_pb(k).map_err(|e| e.to_string())?;
                 verifier.add_peer(&advert.party, &cert).map_err(|e| e.to_string())?;
                 adverts.push(advert);
             }
-            let verifier: &dyn IdentityVerifier = &verifier;
+            let verifier: &dyn IdentityVerifier = verifier;
             let shares = client.on_keys(&adverts, verifier, &mut rng).map_err(|e| e.to_string())?;
             result.secagg = Some(pb::SecAggMessage { body: Some(Body::Shares(wire::shares_to_pb(&shares))) });
             Ok(None)
         }
         (pb::Stage::SecaggMasked, Some(Body::Shares(shares))) => {
             let shares = wire::shares_from_pb(shares, 100_000).map_err(|e| e.to_string())?;
-            let masked = client.on_shares(&shares, input).map_err(|e| e.to_string())?;
+            let masked = client.on_shares(&shares, std::mem::take(input)).map_err(|e| e.to_string())?;
             Ok(Some(masked.values))
         }
         (pb::Stage::SecaggUnmask, Some(Body::Unmask(req))) => {

@@ -18,19 +18,38 @@ pub fn encode(transfer_id: u64, params: &Parameters) -> (pb::ParamsHeader, Vec<u
         .collect();
     let mut bytes = Vec::with_capacity(params.num_values() * 4);
     for t in params.tensors() {
-        for v in &t.data {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
+        bytes.extend_from_slice(&word_bytes(bytemuck::cast_slice(&t.data)));
     }
     (pb::ParamsHeader { transfer_id, tensors, total_bytes: bytes.len() as u64 }, bytes)
 }
 
-/// Encodes raw 32-bit words (a masked vector in Z_{2^b}) as a one-tensor
-/// transfer named `name`.
-pub fn encode_words(transfer_id: u64, name: &str, words: &[u32]) -> (pb::ParamsHeader, Vec<u8>) {
-    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-    let spec = pb::TensorSpec { name: name.to_owned(), shape: vec![words.len() as u64] };
-    (pb::ParamsHeader { transfer_id, tensors: vec![spec], total_bytes: bytes.len() as u64 }, bytes)
+/// The header of a transfer of `len` raw 32-bit words (a masked vector in
+/// Z_{2^b}) as one tensor named `name`; [`word_bytes`] gives the bytes to chunk.
+pub fn words_header(transfer_id: u64, name: &str, len: usize) -> pb::ParamsHeader {
+    let spec = pb::TensorSpec { name: name.to_owned(), shape: vec![len as u64] };
+    pb::ParamsHeader { transfer_id, tensors: vec![spec], total_bytes: len as u64 * 4 }
+}
+
+/// The little-endian bytes of `words`: on little-endian machines a view of
+/// the words themselves, so a multi-megabyte vector is not copied to be sent.
+pub fn word_bytes(words: &[u32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(words))
+    } else {
+        std::borrow::Cow::Owned(words.iter().flat_map(|w| w.to_le_bytes()).collect())
+    }
+}
+
+/// 32-bit little-endian values from `bytes` (a multiple of 4 long).
+fn words_from_le<T: bytemuck::Pod>(bytes: &[u8], from_le: impl Fn([u8; 4]) -> T) -> Vec<T> {
+    if cfg!(target_endian = "little") {
+        let n = bytes.len() / 4;
+        let mut out = vec![T::zeroed(); n];
+        bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&bytes[..n * 4]);
+        out
+    } else {
+        bytes.chunks_exact(4).map(|c| from_le([c[0], c[1], c[2], c[3]])).collect()
+    }
 }
 
 /// Splits encoded bytes into chunks of at most `chunk_bytes`.
@@ -136,12 +155,12 @@ impl Incoming {
         Ok(())
     }
 
-    /// The received bytes as raw 32-bit words (for [`encode_words`] transfers).
+    /// The received bytes as raw 32-bit words (for [`words_header`] transfers).
     pub fn finish_words(self) -> Result<Vec<u32>, Error> {
         if !self.is_complete() || self.specs.len() != 1 {
             return Err(Error::ProtocolViolation("a word transfer is one complete tensor".into()));
         }
-        Ok(self.buf.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(words_from_le(&self.buf, u32::from_le_bytes))
     }
 
     /// The received parameters; fails if bytes are missing.
@@ -153,7 +172,7 @@ impl Incoming {
                 self.expected
             )));
         }
-        let flat: Vec<f32> = self.buf.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let flat: Vec<f32> = words_from_le(&self.buf, f32::from_le_bytes);
         Parameters::from_flat(&self.specs, &flat).map_err(|e| Error::ProtocolViolation(e.to_string()))
     }
 }

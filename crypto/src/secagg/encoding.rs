@@ -57,19 +57,28 @@ impl FixedPoint {
     /// Encodes values (NaN is rejected by the caller's finiteness checks and
     /// maps to the midpoint here).
     pub fn encode(&self, values: &[f32]) -> Vec<u32> {
+        let mut out = Vec::with_capacity(values.len());
+        self.encode_into(values.iter().copied(), &mut out);
+        out
+    }
+
+    /// Appends the encodings of `values` to `out`: one pass and no temporary
+    /// vector, so a party can encode `n/N · (local − global)` straight into
+    /// the buffer it then masks in place (leave room for extra words, such as
+    /// the example count, in `out`'s capacity).
+    pub fn encode_into(&self, values: impl Iterator<Item = f32>, out: &mut Vec<u32>) {
         // f64 throughout: levels reach 2^32 / n, beyond f32's 24-bit mantissa.
         let c = f64::from(self.clip);
         let scale = self.levels as f64 / (2.0 * c);
-        let top = self.levels as f64;
-        // After clamping, (v + c)·scale is in [0, levels]; adding 0.5 and
-        // truncating rounds to nearest without a libm call, so this vectorises.
-        values
-            .iter()
-            .map(|&v| {
-                let v = if v.is_nan() { 0.0 } else { f64::from(v).clamp(-c, c) };
-                ((v + c) * scale + 0.5).min(top) as u32
-            })
-            .collect()
+        // After clamping, x = (v + c)·scale lies in [0, levels] ⊂ [0, 2^32).
+        // Adding 2^52 leaves round-to-nearest(x) in the low mantissa bits
+        // (ties to even), and the result never exceeds `levels`. Unlike a
+        // float-to-int cast, this is plain arithmetic and vectorises.
+        const ROUND: f64 = (1u64 << 52) as f64;
+        out.extend(values.map(|v| {
+            let v = if v.is_nan() { 0.0 } else { f64::from(v).clamp(-c, c) };
+            ((v + c) * scale + ROUND).to_bits() as u32
+        }));
     }
 
     /// Decodes the sum of `contributors` encodings.
@@ -94,6 +103,20 @@ mod tests {
         assert!(FixedPoint::new(16, 0, 1.0, 1000).is_err());
         assert!(FixedPoint::new(32, 0, 0.0, 10).is_err());
         assert!(FixedPoint::new(32, 32, 1.0, 10).is_err());
+    }
+
+    #[test]
+    fn encodes_to_the_nearest_level_and_saturates_at_the_clip() {
+        let fp = FixedPoint::new(16, 0, 1.0, 1).unwrap();
+        let top = fp.levels() as u32;
+        assert_eq!(fp.encode(&[-1.0, 1.0, -5.0, 5.0, f32::INFINITY, f32::NEG_INFINITY]), [0, top, 0, top, top, 0]);
+        // Midpoint: (0 + 1) · levels / 2 = 32767.5 rounds to even.
+        assert_eq!(fp.encode(&[0.0, f32::NAN]), [32768, 32768]);
+        let step = 2.0 / fp.levels() as f32;
+        assert_eq!(fp.encode(&[-1.0 + 2.4 * step, -1.0 + 2.6 * step]), [2, 3]);
+        let mut out = vec![7];
+        fp.encode_into([1.0f32].into_iter(), &mut out);
+        assert_eq!(out, [7, top]);
     }
 
     proptest! {

@@ -1,7 +1,7 @@
 //! Primitives of secure aggregation: key derivation, the AES-CTR mask PRG and
 //! end-to-end share encryption (AES-256-GCM).
 
-use aes::cipher::{KeyIvInit, StreamCipher};
+use aes::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use hkdf::Hkdf;
@@ -55,17 +55,37 @@ pub fn apply_mask(acc: &mut [u32], seed: &[u8; 32], bits: u32, negate: bool) {
 
 /// Applies several mask streams in one pass over `acc`: block by block, every
 /// stream is added while the block is in L1 cache, instead of one full pass
-/// over a multi-megabyte vector per stream.
+/// over a multi-megabyte vector per stream. Long vectors are split across the
+/// machine's cores, each part seeking its streams to its own offset.
 pub fn apply_masks(acc: &mut [u32], masks: &[(&[u8; 32], bool)], bits: u32) {
-    let mut streams = MaskStreams::new(masks, bits);
-    for block in acc.chunks_mut(MaskStreams::BLOCK) {
-        streams.apply(block);
+    let parts = parallel_parts(acc.len());
+    if parts <= 1 {
+        MaskStreams::new(masks, bits).apply_all(acc);
+        return;
     }
+    // Part boundaries fall on AES block boundaries (4 words), so each part
+    // starts its streams at a whole counter value.
+    let part_len = acc.len().div_ceil(parts).next_multiple_of(4);
+    std::thread::scope(|scope| {
+        for (i, part) in acc.chunks_mut(part_len).enumerate() {
+            scope.spawn(move || MaskStreams::starting_at(masks, bits, i * part_len).apply_all(part));
+        }
+    });
+}
+
+/// Words below which splitting a vector across threads costs more than it saves.
+const PARALLEL_MIN_WORDS: usize = 1 << 16;
+
+/// How many threads to mask `len` words with: one per core, at most one per
+/// [`PARALLEL_MIN_WORDS`].
+fn parallel_parts(len: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.min(len / PARALLEL_MIN_WORDS).max(1)
 }
 
 /// Several mask streams advanced together over consecutive blocks of a
-/// vector, so callers can fuse other per-block work (the server's sum of
-/// masked inputs) into the same cache-friendly pass.
+/// vector, so callers can fuse other per-block work into the same
+/// cache-friendly pass.
 pub struct MaskStreams {
     ciphers: Vec<(Aes128Ctr, bool)>,
     bits_mask: u32,
@@ -78,9 +98,29 @@ impl MaskStreams {
 
     /// Streams for `(seed, subtract)` pairs, modulo 2^bits.
     pub fn new(masks: &[(&[u8; 32], bool)], bits: u32) -> MaskStreams {
-        let ciphers =
-            masks.iter().map(|(seed, neg)| (Aes128Ctr::new(seed[..16].into(), seed[16..].into()), *neg)).collect();
+        Self::starting_at(masks, bits, 0)
+    }
+
+    /// The same streams from word `first_word` on, to mask the part of a
+    /// vector that starts there.
+    pub fn starting_at(masks: &[(&[u8; 32], bool)], bits: u32, first_word: usize) -> MaskStreams {
+        let ciphers = masks
+            .iter()
+            .map(|(seed, neg)| {
+                let mut cipher = Aes128Ctr::new(seed[..16].into(), seed[16..].into());
+                // 4 bytes per word; the 32-bit counter covers 2^34 words.
+                cipher.seek(first_word as u64 * 4);
+                (cipher, *neg)
+            })
+            .collect();
         MaskStreams { ciphers, bits_mask: value_mask(bits), keystream: vec![0; Self::BLOCK] }
+    }
+
+    /// Applies the streams to all of `acc`, block by block.
+    pub fn apply_all(&mut self, acc: &mut [u32]) {
+        for block in acc.chunks_mut(Self::BLOCK) {
+            self.apply(block);
+        }
     }
 
     /// Adds or subtracts the next `block.len()` words of every stream.
@@ -225,6 +265,24 @@ mod tests {
         let mut fused = vec![3u32; 5000];
         apply_masks(&mut fused, &[(&a, false), (&b, true)], 24);
         assert_eq!(one, fused);
+    }
+
+    #[test]
+    fn split_masking_equals_one_pass() {
+        // Long enough to be split across threads on a multi-core machine,
+        // with a length that is not a multiple of the block or of 4.
+        let len = 3 * PARALLEL_MIN_WORDS + 4099;
+        let (a, b) = ([7u8; 32], [8u8; 32]);
+        let masks = [(&a, false), (&b, true)];
+        let mut split = vec![11u32; len];
+        apply_masks(&mut split, &masks, 32);
+        let mut one = vec![11u32; len];
+        MaskStreams::new(&masks, 32).apply_all(&mut one);
+        assert_eq!(split, one);
+        // A stream started mid-vector continues the full stream exactly.
+        let mut tail = vec![11u32; len - 1000];
+        MaskStreams::starting_at(&masks, 32, 1000).apply_all(&mut tail);
+        assert_eq!(tail, one[1000..]);
     }
 
     #[test]

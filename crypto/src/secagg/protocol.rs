@@ -20,7 +20,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use super::graph::Graph;
-use super::prim::{MaskStreams, apply_masks, context, derive, open, seal, value_mask};
+use super::prim::{apply_masks, context, derive, open, seal, value_mask};
 use super::shamir::{self, Share};
 use crate::Error;
 
@@ -157,6 +157,13 @@ pub struct UnmaskShares {
     pub mask_key: Vec<(String, Share)>,
 }
 
+/// Whether every word is below 2^bits: trivially so with 32 bits, otherwise
+/// one branch-free (vectorised) pass over a multi-megabyte vector.
+fn all_below(words: &[u32], bits: u32) -> bool {
+    let high = !value_mask(bits);
+    high == 0 || words.iter().fold(0, |acc, &v| acc | (v & high)) == 0
+}
+
 fn misbehaved(party: &str, reason: impl Into<String>) -> Error {
     Error::PeerMisbehaved { party: party.to_owned(), reason: reason.into() }
 }
@@ -169,9 +176,13 @@ enum ClientStage {
     Done,
 }
 
-struct PeerKeys {
-    enc: PublicKey,
-    mask: PublicKey,
+/// What a party keeps of a neighbour after stage 1: the two Diffie–Hellman
+/// results, computed once (each costs ~40 µs and stage 2 needs them again).
+struct PeerSecrets {
+    /// DH of the encryption keys; the share keys in both directions derive from it.
+    enc_dh: Zeroizing<[u8; 32]>,
+    /// The pairwise mask seed, from the DH of the mask keys.
+    pair_seed: Zeroizing<[u8; 32]>,
 }
 
 /// One party's side of a round.
@@ -183,7 +194,7 @@ pub struct Client {
     mask_sk: StaticSecret,
     self_seed: Zeroizing<[u8; 32]>,
     stage: ClientStage,
-    peers: BTreeMap<String, PeerKeys>,
+    peers: BTreeMap<String, PeerSecrets>,
     /// Shares received in stage 1: neighbour → (share of b, share of s).
     held: BTreeMap<String, (Share, Share)>,
 }
@@ -258,8 +269,7 @@ impl Client {
             if !seen_keys.insert(k.enc_pk) || !seen_keys.insert(k.mask_pk) || k.enc_pk == k.mask_pk {
                 return Err(misbehaved(&k.party, "reused a public key"));
             }
-            peers
-                .insert(k.party.clone(), PeerKeys { enc: PublicKey::from(k.enc_pk), mask: PublicKey::from(k.mask_pk) });
+            peers.insert(k.party.clone(), (PublicKey::from(k.enc_pk), PublicKey::from(k.mask_pk)));
         }
         let t = self.cfg.threshold;
         if peers.len() < t {
@@ -269,17 +279,24 @@ impl Client {
                 self.neighbours.len()
             )));
         }
-        self.peers = peers;
+        self.peers = peers
+            .into_iter()
+            .map(|(peer, (enc, mask))| {
+                let enc_dh = Zeroizing::new(*self.enc_sk.diffie_hellman(&enc).as_bytes());
+                let pair_seed = self.cfg.pair_seed(self.mask_sk.diffie_hellman(&mask).as_bytes(), &self.me, &peer);
+                (peer, PeerSecrets { enc_dh, pair_seed })
+            })
+            .collect();
         let xs: Vec<u64> = self.peers.keys().map(|p| self.x_of(p)).collect::<Result<_, _>>()?;
         let b_shares = shamir::split(&self.self_seed, t, &xs, rng)?;
         let s_secret = Zeroizing::new(self.mask_sk.to_bytes());
         let s_shares = shamir::split(&s_secret, t, &xs, rng)?;
         let mut out = Vec::with_capacity(self.peers.len());
-        for ((peer, keys), (b, s)) in self.peers.iter().zip(b_shares.iter().zip(&s_shares)) {
+        for ((peer, secrets), (b, s)) in self.peers.iter().zip(b_shares.iter().zip(&s_shares)) {
             let mut plain = Zeroizing::new(Vec::with_capacity(2 * Share::BYTES));
             plain.extend_from_slice(&b.to_bytes());
             plain.extend_from_slice(&s.to_bytes());
-            let key = self.share_key(&self.me, peer, &keys.enc);
+            let key = self.share_key(&self.me, peer, secrets);
             let (nonce, ciphertext) = seal(&key, &plain, &self.cfg.share_aad(&self.me, peer), rng)?;
             out.push(EncryptedShare { from: self.me.clone(), to: peer.clone(), nonce, ciphertext });
         }
@@ -291,16 +308,17 @@ impl Client {
         self.cfg.index(party).map(|i| i as u64 + 1).ok_or_else(|| misbehaved(party, "not a party of this round"))
     }
 
-    fn share_key(&self, from: &str, to: &str, peer_enc: &PublicKey) -> Zeroizing<[u8; 32]> {
-        let dh = self.enc_sk.diffie_hellman(peer_enc);
-        derive(dh.as_bytes(), &self.cfg.share_aad(from, to))
+    /// The AES-GCM key of shares sent by `from` to `to` (one key per direction).
+    fn share_key(&self, from: &str, to: &str, peer: &PeerSecrets) -> Zeroizing<[u8; 32]> {
+        derive(peer.enc_dh.as_ref(), &self.cfg.share_aad(from, to))
     }
 
     /// Stage 2: decrypts the shares addressed to this party and masks `input`
-    /// (values in Z_{2^bits}).
-    pub fn on_shares(&mut self, shares: &[EncryptedShare], input: &[u32]) -> Result<MaskedInput, Error> {
+    /// (values in Z_{2^bits}) in place, so the masked vector costs no copy.
+    /// A rejected call drops `input` but leaves the client as it was.
+    pub fn on_shares(&mut self, shares: &[EncryptedShare], mut input: Vec<u32>) -> Result<MaskedInput, Error> {
         self.expect(ClientStage::AwaitShares)?;
-        if input.len() != self.cfg.dim || input.iter().any(|&v| v & !value_mask(self.cfg.bits) != 0) {
+        if input.len() != self.cfg.dim || !all_below(&input, self.cfg.bits) {
             return Err(Error::InvalidInput(format!(
                 "input must be {} values below 2^{}",
                 self.cfg.dim, self.cfg.bits
@@ -313,7 +331,7 @@ impl Client {
             if s.to != self.me {
                 return Err(misbehaved("coordinator", format!("routed a share for {} to {}", s.to, self.me)));
             }
-            let Some(keys) = self.peers.get(&s.from) else {
+            let Some(secrets) = self.peers.get(&s.from) else {
                 return Err(misbehaved(
                     "coordinator",
                     format!("routed a share from {}, which has no keys here", s.from),
@@ -322,7 +340,7 @@ impl Client {
             if held.contains_key(&s.from) {
                 return Err(misbehaved(&s.from, "sent two shares"));
             }
-            let key = self.share_key(&s.from, &self.me, &keys.enc);
+            let key = self.share_key(&s.from, &self.me, secrets);
             let plain = open(&key, &s.nonce, &s.ciphertext, &self.cfg.share_aad(&s.from, &self.me))
                 .ok_or_else(|| misbehaved(&s.from, "share does not decrypt (tampered, replayed or misaddressed)"))?;
             if plain.len() != 2 * Share::BYTES {
@@ -341,17 +359,15 @@ impl Client {
             return Err(Error::BelowThreshold(format!("{} neighbours shared keys", self.held.len())));
         }
         let bits = self.cfg.bits;
-        let mut seeds = vec![(self.cfg.self_seed(&self.self_seed, &self.me), false)];
+        let self_seed = self.cfg.self_seed(&self.self_seed, &self.me);
+        let mut masks: Vec<(&[u8; 32], bool)> = vec![(&self_seed, false)];
         for peer in self.held.keys() {
-            let keys = &self.peers[peer];
-            let dh = self.mask_sk.diffie_hellman(&keys.mask);
-            seeds.push((self.cfg.pair_seed(dh.as_bytes(), &self.me, peer), self.me.as_str() > peer.as_str()));
+            let Some(secrets) = self.peers.get(peer) else { continue };
+            masks.push((&secrets.pair_seed, self.me.as_str() > peer.as_str()));
         }
-        let masks: Vec<(&[u8; 32], bool)> = seeds.iter().map(|(s, neg)| (&**s, *neg)).collect();
-        let mut y = input.to_vec();
-        apply_masks(&mut y, &masks, bits);
+        apply_masks(&mut input, &masks, bits);
         self.stage = ClientStage::AwaitUnmask;
-        Ok(MaskedInput { party: self.me.clone(), values: y })
+        Ok(MaskedInput { party: self.me.clone(), values: input })
     }
 
     /// Stage 3: for each neighbour whose shares this party holds, reveals the
@@ -405,7 +421,11 @@ pub struct Server {
     keys: BTreeMap<String, AdvertiseKeys>,
     shares: BTreeMap<String, Vec<EncryptedShare>>,
     shared: BTreeSet<String>,
-    masked: BTreeMap<String, Vec<u32>>,
+    /// Parties whose masked input is in `masked_sum`.
+    masked: BTreeSet<String>,
+    /// Σ y_u mod 2^32, added as inputs arrive: the server keeps one vector,
+    /// not n, and the sum is ready when the last input is in.
+    masked_sum: Vec<u32>,
     request: Option<UnmaskRequest>,
     unmask: BTreeMap<String, UnmaskShares>,
 }
@@ -421,7 +441,8 @@ impl Server {
             keys: BTreeMap::new(),
             shares: BTreeMap::new(),
             shared: BTreeSet::new(),
-            masked: BTreeMap::new(),
+            masked: BTreeSet::new(),
+            masked_sum: Vec::new(),
             request: None,
             unmask: BTreeMap::new(),
         })
@@ -526,16 +547,21 @@ impl Server {
         if !self.shared.contains(&msg.party) {
             return Err(misbehaved(&msg.party, "sent a masked input without sharing keys"));
         }
-        if self.masked.contains_key(&msg.party) {
+        if self.masked.contains(&msg.party) {
             return Err(misbehaved(&msg.party, "sent a masked input twice"));
         }
-        if msg.values.len() != self.cfg.dim || msg.values.iter().any(|&v| v & !value_mask(self.cfg.bits) != 0) {
+        if msg.values.len() != self.cfg.dim || !all_below(&msg.values, self.cfg.bits) {
             return Err(misbehaved(
                 &msg.party,
                 format!("masked input must be {} values below 2^{}", self.cfg.dim, self.cfg.bits),
             ));
         }
-        self.masked.insert(msg.party, msg.values);
+        if self.masked_sum.is_empty() {
+            self.masked_sum = msg.values;
+        } else {
+            self.masked_sum.iter_mut().zip(&msg.values).for_each(|(s, v)| *s = s.wrapping_add(*v));
+        }
+        self.masked.insert(msg.party);
         Ok(())
     }
 
@@ -545,8 +571,8 @@ impl Server {
         if self.masked.len() < self.cfg.threshold {
             return Err(Error::BelowThreshold(format!("{} masked inputs", self.masked.len())));
         }
-        let survivors: Vec<String> = self.masked.keys().cloned().collect();
-        let dropped: Vec<String> = self.shared.iter().filter(|p| !self.masked.contains_key(*p)).cloned().collect();
+        let survivors: Vec<String> = self.masked.iter().cloned().collect();
+        let dropped: Vec<String> = self.shared.iter().filter(|p| !self.masked.contains(*p)).cloned().collect();
         let req = UnmaskRequest { survivors, dropped };
         self.request = Some(req.clone());
         self.stage = ServerStage::Unmask;
@@ -619,7 +645,7 @@ impl Server {
             for u in self.neighbours_of(d)? {
                 // Survivor u added +/-PRG(s_ud) iff it received d's shares.
                 let Some(uk) = self.keys.get(&u) else { continue };
-                if !self.masked.contains_key(&u) {
+                if !self.masked.contains(&u) {
                     continue;
                 }
                 let dh = sk.diffie_hellman(&PublicKey::from(uk.mask_pk));
@@ -627,17 +653,11 @@ impl Server {
                 seeds.push((self.cfg.pair_seed(dh.as_bytes(), &u, d), u.as_str() < d.as_str()));
             }
         }
-        // One fused pass: per block, add the masked inputs, then remove every mask.
+        // The masked inputs are already summed: remove every mask in one
+        // pass (split across cores for long vectors).
         let masks: Vec<(&[u8; 32], bool)> = seeds.iter().map(|(s, neg)| (&**s, *neg)).collect();
-        let mut streams = MaskStreams::new(&masks, bits);
-        let mut sum = vec![0u32; self.cfg.dim];
-        for (i, block) in sum.chunks_mut(MaskStreams::BLOCK).enumerate() {
-            let range = i * MaskStreams::BLOCK..i * MaskStreams::BLOCK + block.len();
-            for y in self.masked.values() {
-                block.iter_mut().zip(&y[range.clone()]).for_each(|(s, v)| *s = s.wrapping_add(*v));
-            }
-            streams.apply(block);
-        }
+        let mut sum = std::mem::take(&mut self.masked_sum);
+        apply_masks(&mut sum, &masks, bits);
         self.stage = ServerStage::Done;
         Ok((sum, req.survivors))
     }
@@ -694,7 +714,7 @@ mod tests {
         let mut masked: BTreeMap<String, Client> = BTreeMap::new();
         for (p, mut c) in live {
             let idx = cfg.index(&p).unwrap_or(0);
-            match c.on_shares(&server.shares_for(&p), &inputs[idx]) {
+            match c.on_shares(&server.shares_for(&p), inputs[idx].clone()) {
                 Ok(y) if reach[idx] >= 3 => {
                     server.on_masked(y)?;
                     masked.insert(p, c);
@@ -872,7 +892,7 @@ mod tests {
         // A share tampered with, or from another job's context, does not decrypt.
         let mut to_p01 = server.shares_for("p01");
         to_p01[0].ciphertext[3] ^= 1;
-        let err = clients[1].on_shares(&to_p01, &[0; 8]).err().unwrap();
+        let err = clients[1].on_shares(&to_p01, vec![0; 8]).err().unwrap();
         assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == &to_p01[0].from), "{err}");
     }
 
@@ -889,7 +909,7 @@ mod tests {
         let mut masked = Vec::new();
         for c in clients.iter_mut() {
             let p = c.me.clone();
-            masked.push(c.on_shares(&server.shares_for(&p), &[1, 2, 3, 4]).unwrap());
+            masked.push(c.on_shares(&server.shares_for(&p), vec![1, 2, 3, 4]).unwrap());
         }
         for m in masked.iter().take(4) {
             server.on_masked(m.clone()).unwrap();
@@ -939,5 +959,37 @@ mod tests {
             server.on_masked(MaskedInput { party: "p00".into(), values: vec![0; 4] }),
             Err(Error::PeerMisbehaved { .. })
         ));
+    }
+
+    #[test]
+    fn masked_inputs_of_the_wrong_length_or_range_are_rejected_and_not_summed() {
+        let cfg = Config { bits: 16, ..config(3, 4, 2, 2) };
+        let (mut server, mut clients, _) = setup(&cfg);
+        for c in clients.iter_mut() {
+            let p = c.me.clone();
+            let s = c.on_keys(&server.keys_for(&p).unwrap(), &HashVerifier, &mut OsRng).unwrap();
+            server.on_shares(&p, s).unwrap();
+        }
+        server.close_shares().unwrap();
+        let named =
+            |r: Result<(), Error>, who: &str| matches!(r, Err(Error::PeerMisbehaved { party, .. }) if party == who);
+        let long = MaskedInput { party: "p00".into(), values: vec![1; 5] };
+        assert!(named(server.on_masked(long), "p00"));
+        let high = MaskedInput { party: "p01".into(), values: vec![1, 1 << 16, 1, 1] };
+        assert!(named(server.on_masked(high), "p01"));
+        // The client refuses such an input too, before masking anything.
+        assert!(clients[2].on_shares(&server.shares_for("p02"), vec![0, 0, 0, 1 << 16]).is_err());
+        // Rejected inputs left nothing behind: the honest round still sums exactly.
+        let inputs = [[1u32, 2, 3, 4], [10, 20, 30, 40], [100, 200, 300, 65535]];
+        for (c, x) in clients.iter_mut().zip(inputs) {
+            let p = c.me.clone();
+            server.on_masked(c.on_shares(&server.shares_for(&p), x.to_vec()).unwrap()).unwrap();
+        }
+        let req = server.close_masked().unwrap();
+        for c in clients.iter_mut() {
+            server.on_unmask(c.on_unmask(&req).unwrap()).unwrap();
+        }
+        let (sum, _) = server.finish().unwrap();
+        assert_eq!(sum, vec![111, 222, 333, (65535 + 44) % 65536]);
     }
 }
