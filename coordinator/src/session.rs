@@ -1205,9 +1205,11 @@ mod tests {
             .filter_map(|o| if let Output::Task { party, task } = o { Some((party, task)) } else { None })
             .collect();
         assert!(fit.iter().all(|(_, t)| t.stage == Stage::Fit && t.round == 1));
+        h.now = 40;
         h.fit("a", &fit[0].1, 1, &[1.0, 1.0]);
         h.fit("b", &fit[1].1, 2, &[4.0, 1.0]);
         assert!(h.tasks().is_empty(), "no evaluation before the last fit result");
+        h.now = 250;
         h.fit("c", &fit[2].1, 1, &[3.0, 5.0]);
         let ev = h.tasks();
         assert!(ev.iter().all(|(_, t)| t.stage == Stage::Evaluate));
@@ -1215,10 +1217,15 @@ mod tests {
         assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![3.0, 2.0]);
         h.eval("a", &ev[0].1, 10, 0.5);
         h.eval("b", &ev[1].1, 30, 1.0);
+        h.now = 265;
         h.eval("c", &ev[2].1, 10, 0.5);
         let out = h.take();
         let Output::Checkpoint { round: 1, record: Some(rec), .. } = &out[0] else { panic!("{out:?}") };
         assert_eq!(rec.metrics["accuracy"], 0.8);
+        // Each stage's duration on the session's clock: fit from 0 to 250 ms
+        // (the slowest party), evaluation from 250 to 265 ms.
+        assert_eq!(rec.metrics["stage_fit_ms"], 250.0);
+        assert_eq!(rec.metrics["stage_evaluate_ms"], 15.0);
         assert_eq!(rec.participants, vec!["a", "b", "c"]);
         assert_eq!(h.s.rounds_completed(), 1);
         assert!(finished(&out).is_none());
@@ -1558,6 +1565,10 @@ mod secagg_tests {
         }
         assert_eq!(r.s.record.as_ref().unwrap().dropped["c"], "secagg-masked-input: disconnected");
         assert_eq!(r.s.record.as_ref().unwrap().participants, vec!["a", "b", "d"]);
+        let metrics = &r.s.record.as_ref().unwrap().metrics;
+        for stage in [Stage::Fit, Stage::SecAggShares, Stage::SecAggMasked, Stage::SecAggUnmask] {
+            assert!(metrics.contains_key(stage.metric_name()), "{} missing from {metrics:?}", stage.metric_name());
+        }
     }
 
     #[test]

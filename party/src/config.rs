@@ -91,7 +91,7 @@ pub struct Policy {
     /// Job kinds accepted (`train`, `evaluate`).
     #[serde(default = "default_kinds")]
     pub job_kinds: Vec<String>,
-    /// Privacy modes accepted (`none`; later `secagg`, `he`, `dp`).
+    /// Privacy modes accepted (`none`, `secagg`; later `he`, `dp`).
     #[serde(default = "default_modes")]
     pub privacy_modes: Vec<String>,
     /// Fewest parties a job must require; guards against a job that would

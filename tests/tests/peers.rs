@@ -245,3 +245,28 @@ async fn a_party_sending_nan_is_named_and_left_out() {
     assert!(dropped.contains("party hospital-c sent a bad update") && dropped.contains("NaN"), "{st:#}");
     assert_eq!(st["history"][0]["participants"], serde_json::json!(["hospital-a", "hospital-b"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_secure_aggregation_a_diverged_party_refuses_to_send_and_is_left_out() {
+    install_crypto();
+    let names = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"];
+    let mut fed = Federation::new(&names, &breast_cancer(), true, "1,1,1,1");
+    fed.start_coordinator();
+    let policy = "[policy]\nprivacy_modes = [\"secagg\"]\n";
+    for n in &names[..3] {
+        fed.start_party(n, policy);
+    }
+    let cfg = PartyConfig::load(&fed.party_config("hospital-d", policy)).expect("config");
+    let node = PartyNode::new(cfg, Arc::new(NanFactory));
+    let task = tokio::spawn(async move { node.run().await });
+    let spec = job_spec(&fed.names, 3, 2, "kind = \"logistic_regression\"\nclasses = 2", "")
+        + "[privacy]\nmode = \"secagg\"\nmax_examples = 1000\n";
+    let id = fed.submit("job.toml", &spec);
+    let st = tokio::task::block_in_place(|| fed.wait_done(&id, 60));
+    task.abort();
+    assert_eq!(st["state"], "succeeded", "{st:#}");
+    // The party says why, in its own words: nothing masked was ever sent.
+    let dropped = st["history"][0]["dropped"]["hospital-d"].as_str().unwrap_or_default();
+    assert!(dropped.contains("local model after training") && dropped.contains("NaN"), "{st:#}");
+    assert_eq!(st["history"][0]["participants"], serde_json::json!(["hospital-a", "hospital-b", "hospital-c"]));
+}

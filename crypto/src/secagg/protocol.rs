@@ -413,7 +413,8 @@ enum ServerStage {
 }
 
 /// The coordinator's side of a round. It only ever holds public keys,
-/// ciphertexts, masked vectors and — per party — shares of one secret.
+/// ciphertexts, the running sum of the masked vectors and — per party —
+/// shares of one secret.
 pub struct Server {
     cfg: Config,
     graph: Graph,
@@ -896,16 +897,22 @@ mod tests {
         assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == &to_p01[0].from), "{err}");
     }
 
-    #[test]
-    fn the_server_never_gets_both_secrets_of_a_party() {
-        let cfg = config(5, 4, 4, 3);
-        let (mut server, mut clients, _) = setup(&cfg);
+    /// Every party through stage 1: the server awaits masked inputs.
+    fn through_shares(cfg: &Config) -> (Server, Vec<Client>) {
+        let (mut server, mut clients, _) = setup(cfg);
         for c in clients.iter_mut() {
             let p = c.me.clone();
             let s = c.on_keys(&server.keys_for(&p).unwrap(), &HashVerifier, &mut OsRng).unwrap();
             server.on_shares(&p, s).unwrap();
         }
         server.close_shares().unwrap();
+        (server, clients)
+    }
+
+    #[test]
+    fn the_server_never_gets_both_secrets_of_a_party() {
+        let cfg = config(5, 4, 4, 3);
+        let (mut server, mut clients) = through_shares(&cfg);
         let mut masked = Vec::new();
         for c in clients.iter_mut() {
             let p = c.me.clone();
@@ -964,13 +971,7 @@ mod tests {
     #[test]
     fn masked_inputs_of_the_wrong_length_or_range_are_rejected_and_not_summed() {
         let cfg = Config { bits: 16, ..config(3, 4, 2, 2) };
-        let (mut server, mut clients, _) = setup(&cfg);
-        for c in clients.iter_mut() {
-            let p = c.me.clone();
-            let s = c.on_keys(&server.keys_for(&p).unwrap(), &HashVerifier, &mut OsRng).unwrap();
-            server.on_shares(&p, s).unwrap();
-        }
-        server.close_shares().unwrap();
+        let (mut server, mut clients) = through_shares(&cfg);
         let named =
             |r: Result<(), Error>, who: &str| matches!(r, Err(Error::PeerMisbehaved { party, .. }) if party == who);
         let long = MaskedInput { party: "p00".into(), values: vec![1; 5] };
