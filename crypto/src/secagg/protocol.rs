@@ -177,7 +177,7 @@ enum ClientStage {
 }
 
 /// What a party keeps of a neighbour after stage 1: the two Diffie–Hellman
-/// results, computed once (each costs ~40 µs and stage 2 needs them again).
+/// results, computed once (each costs tens of µs and stage 2 needs them again).
 struct PeerSecrets {
     /// DH of the encryption keys; the share keys in both directions derive from it.
     enc_dh: Zeroizing<[u8; 32]>,
