@@ -79,7 +79,9 @@ const PARALLEL_MIN_WORDS: usize = 1 << 16;
 /// How many threads to mask `len` words with: one per core, at most one per
 /// [`PARALLEL_MIN_WORDS`].
 fn parallel_parts(len: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Asked once: the answer reads cgroup files on Linux.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     cores.min(len / PARALLEL_MIN_WORDS).max(1)
 }
 
