@@ -86,8 +86,8 @@ fn parallel_parts(len: usize) -> usize {
 }
 
 /// Several mask streams advanced together over consecutive blocks of a
-/// vector, so callers can fuse other per-block work into the same
-/// cache-friendly pass.
+/// vector, from any word offset, so one vector can be masked in parts
+/// (one per core) with each block kept in L1 while every stream is added.
 pub struct MaskStreams {
     ciphers: Vec<(Aes128Ctr, bool)>,
     bits_mask: u32,
