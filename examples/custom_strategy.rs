@@ -21,7 +21,9 @@
 //! `cargo run -p confide-tests --example custom_strategy -- coordinator serve --config coordinator.toml`.
 //! `tests/tests/examples.rs` runs it in a federation in CI.
 
-use confide_algorithms::{Error, FedAvg, FitConfig, FitResult, Parameters, Strategy};
+use confide_algorithms::{
+    Capabilities, Error, FedAvg, FitConfig, FitInstruction, FitResult, Parameters, RoundContext, Strategy,
+};
 use confide_coordinator::plugins::Plugins;
 
 /// FedAvg with an exponentially decaying local learning rate.
@@ -31,16 +33,24 @@ struct DecayingFedAvg {
 }
 
 impl Strategy for DecayingFedAvg {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "lr-decay"
     }
 
+    /// It averages, so it runs on individual updates and on secure sums
+    /// alike; declaring it lets `confide job submit` accept it under
+    /// `secagg` (a strategy that declares less is refused there).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ANY
+    }
+
     /// Every fit round starts from the spec's `[training]` table (`base`);
-    /// only the learning rate changes.
-    fn configure_fit(&mut self, round: u32, base: &FitConfig) -> FitConfig {
-        let mut cfg = FitConfig { round, ..base.clone() };
-        cfg.train.learning_rate *= self.gamma.powi(round.saturating_sub(1) as i32);
-        cfg
+    /// only the learning rate changes. Every available party takes part; a
+    /// strategy could select a subset here.
+    fn configure_fit(&mut self, ctx: &RoundContext<'_>, base: &FitConfig) -> Vec<FitInstruction> {
+        let mut config = base.clone();
+        config.train.learning_rate *= self.gamma.powi(ctx.round.saturating_sub(1) as i32);
+        ctx.available.iter().map(|p| FitInstruction { party: p.clone(), config: config.clone() }).collect()
     }
 
     /// Plaintext mode: the example-weighted mean of the parties' models.
@@ -61,16 +71,26 @@ impl Strategy for DecayingFedAvg {
     }
 }
 
+/// `[strategy] options` of a job that selects `lr-decay`: typed, so a
+/// wrong type or an unknown option is refused at `strategy.options.FIELD`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    /// γ, default 0.9.
+    #[serde(default = "default_gamma")]
+    gamma: f64,
+}
+
+fn default_gamma() -> f64 {
+    0.9
+}
+
 fn main() {
-    let plugins = Plugins::new().strategy("lr-decay", |spec| {
-        let gamma = spec.strategy.options.get("gamma").copied().unwrap_or(0.9);
-        if !(gamma > 0.0 && gamma <= 1.0) {
-            return Err(format!("gamma must be in (0, 1] (got {gamma})"));
+    let plugins = Plugins::new().strategy_with_options("lr-decay", |o: Options, _spec| {
+        if !(o.gamma > 0.0 && o.gamma <= 1.0) {
+            return Err(format!("gamma must be in (0, 1] (got {})", o.gamma));
         }
-        if let Some(unknown) = spec.strategy.options.keys().find(|k| *k != "gamma") {
-            return Err(format!("unknown option {unknown:?} (lr-decay takes gamma)"));
-        }
-        Ok(Box::new(DecayingFedAvg { gamma }))
+        Ok(Box::new(DecayingFedAvg { gamma: o.gamma }))
     });
     confide_coordinator::cli::main_with(plugins)
 }

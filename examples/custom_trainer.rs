@@ -30,7 +30,7 @@ use std::sync::Arc;
 use confide_algorithms::data::{Dataset, DatasetSource};
 use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD, row_count};
 use confide_algorithms::{
-    Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelKind, Parameters, Tensor, Trainer,
+    Architecture, Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, Parameters, Tensor, Trainer,
 };
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory, party_salt};
 use confide_proto::jobspec::JobSpec;
@@ -90,8 +90,8 @@ fn sign(label: u32) -> f64 {
 }
 
 impl Trainer for LinearSvm {
-    fn parameters(&self) -> Parameters {
-        self.params.clone()
+    fn parameters(&self) -> Result<Parameters, Error> {
+        Ok(self.params.clone())
     }
 
     fn set_parameters(&mut self, params: &Parameters) -> Result<(), Error> {
@@ -179,7 +179,7 @@ struct Trainers {
 
 impl TrainerFactory for Trainers {
     fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {
-        if spec.model.kind != ModelKind::Custom || spec.model.custom.as_deref() != Some("linear-svm") {
+        if !matches!(&spec.model.architecture, Architecture::Custom { trainer } if trainer == "linear-svm") {
             return self.builtin.build(spec, data, party);
         }
         if spec.model.classes != 2 {
@@ -195,5 +195,6 @@ impl TrainerFactory for Trainers {
 
 fn main() {
     let builtin = BuiltinTrainers::new(Default::default(), 1);
-    confide_party::cli::main_with(Some(Arc::new(Trainers { builtin })))
+    let plugins = confide_party::plugins::PartyPlugins::new().trainers(Arc::new(Trainers { builtin }));
+    confide_party::cli::main_with(plugins)
 }

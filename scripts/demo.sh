@@ -48,7 +48,7 @@ format = "csv"
 
 [policy]
 job_kinds = ["train", "evaluate"]
-privacy_modes = ["none", "secagg"]
+aggregation = ["none", "secagg"]
 TOML
   "$BIN/confide-party" run --config "$DEMO/$p.toml" 2>"$DEMO/logs/$p.log" &
   PIDS+=($!)
@@ -90,11 +90,11 @@ for p in parties:
     print(f"   {p} alone: test accuracy {local['accuracy']:.4f}")
 print()
 print(f"federated test accuracy: {acc:.4f}  (auc {fed['metrics'].get('auc', float('nan')):.4f}, "
-      f"{fed['examples']} held-out rows, {status['rounds_completed']} rounds, privacy {status['privacy']['mode']})")
+      f"{fed['examples']} held-out rows, {status['rounds_completed']} rounds, aggregation {status['privacy']['aggregation']})")
 print(f"central test accuracy:   {cacc:.4f}  (same model, pooled rows; difference {100 * (cacc - acc):+.1f} points)")
 print(f"model: {model}")
 print(json.dumps({"federated_accuracy": round(acc, 4), "central_accuracy": round(cacc, 4),
-                  "rounds": status["rounds_completed"], "privacy": status["privacy"]["mode"],
+                  "rounds": status["rounds_completed"], "privacy": status["privacy"]["aggregation"],
                   "epsilon": status["privacy"].get("epsilon"), "model": model}))
 sys.exit(0 if status["state"] == "succeeded" else 1)
 PY

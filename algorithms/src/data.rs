@@ -198,6 +198,11 @@ pub enum DataFormat {
 }
 
 impl DatasetSource {
+    /// A CSV file with the default layout (no header, label last).
+    pub fn csv(path: PathBuf) -> Self {
+        DatasetSource { path, format: DataFormat::Csv, csv: CsvOptions::default() }
+    }
+
     /// Loads the data set.
     pub fn load(&self) -> Result<Dataset, Error> {
         match self.format {

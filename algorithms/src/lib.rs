@@ -13,6 +13,7 @@ pub mod data;
 mod error;
 pub mod logreg;
 pub mod params;
+pub mod state;
 pub mod strategies;
 pub mod strategy;
 pub mod trainer;
@@ -20,8 +21,9 @@ pub mod trainer;
 pub use error::Error;
 pub use logreg::LogisticRegression;
 pub use params::{Parameters, Tensor, TensorSpec};
-pub use strategy::{EvalResult, FedAvg, FitResult, Strategy};
+pub use state::State;
+pub use strategy::{Capabilities, EvalResult, FedAvg, FitInstruction, FitResult, RoundContext, Strategy};
 pub use trainer::{
-    Engine, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, ModelKind, OptimizerKind,
-    TrainConfig, Trainer,
+    Architecture, Engine, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, ModelKind,
+    OptimizerKind, RawModel, TrainConfig, Trainer,
 };

@@ -127,8 +127,8 @@ pub fn roc_auc(scores: &[f64], labels: &[u32]) -> Option<f64> {
 }
 
 impl Trainer for LogisticRegression {
-    fn parameters(&self) -> Parameters {
-        self.params.clone()
+    fn parameters(&self) -> Result<Parameters, Error> {
+        Ok(self.params.clone())
     }
 
     fn set_parameters(&mut self, params: &Parameters) -> Result<(), Error> {
@@ -259,7 +259,7 @@ mod tests {
         let ds = breast_cancer();
         let (train, test) = ds.split(0.25, 1);
         let mut m = LogisticRegression::new(2, train.clone(), test, 3, 0).unwrap();
-        let mut p = m.parameters();
+        let mut p = m.parameters().unwrap();
         apply_feature_stats(&mut p, &train.feature_stats()).unwrap();
         m.set_parameters(&p).unwrap();
         let before = m.evaluate().unwrap();
@@ -281,7 +281,7 @@ mod tests {
         let run = |salt| {
             let mut m = LogisticRegression::new(2, ds.clone(), Dataset::default(), 9, salt).unwrap();
             m.fit(&cfg).unwrap();
-            m.parameters()
+            m.parameters().unwrap()
         };
         assert_eq!(run(1), run(1));
         assert_ne!(run(1), run(2));
@@ -292,7 +292,7 @@ mod tests {
         let ds = Dataset { features: vec![1.0, 2.0], labels: vec![0, 3], num_features: 1 };
         assert!(LogisticRegression::new(2, ds.clone(), Dataset::default(), 0, 0).is_err());
         let mut m = LogisticRegression::new(4, ds, Dataset::default(), 0, 0).unwrap();
-        let mut p = m.parameters();
+        let mut p = m.parameters().unwrap();
         p.values_mut().nth(1).unwrap().1[0] = 0.0;
         assert!(m.set_parameters(&p).is_err());
     }
@@ -308,9 +308,9 @@ mod tests {
             let ds = Dataset { features: row.repeat(rows), labels: vec![1; rows], num_features: 2 };
             let mut m = LogisticRegression::new(2, ds, Dataset::default(), 4, 0).unwrap();
             let train = TrainConfig { batch_size: 1, learning_rate: lr, proximal_mu: mu, ..TrainConfig::default() };
-            let start = m.parameters();
+            let start = m.parameters().unwrap();
             m.fit(&FitConfig { round: 1, train }).unwrap();
-            (start, m.parameters())
+            (start, m.parameters().unwrap())
         };
         let (w0, w1) = run(1, mu);
         let (_, plain) = run(2, 0.0);

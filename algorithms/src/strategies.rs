@@ -8,8 +8,8 @@
 //! * [`Median`], [`TrimmedMean`], [`Krum`]: robust rules that need every
 //!   individual update; plaintext mode only.
 
-use crate::strategy::{FedAvg, FitResult, check_update};
-use crate::{Error, FitConfig, Parameters, Strategy};
+use crate::strategy::{Capabilities, FedAvg, FitInstruction, FitResult, RoundContext, check_update};
+use crate::{Error, FitConfig, Parameters, State, Strategy};
 
 /// The mean update Δ = weighted_mean − global, in f64.
 fn mean_delta(global: &Parameters, results: &[FitResult]) -> Result<Vec<f64>, Error> {
@@ -38,11 +38,24 @@ pub trait ServerOptimizer: Send {
     fn name(&self) -> &'static str;
     /// The next global model from the mean update `delta`.
     fn step(&mut self, global: &Parameters, delta: Vec<f64>) -> Result<Parameters, Error>;
+    /// The optimiser's moments, for checkpoints.
+    fn state(&self) -> State;
+    /// Restores [`ServerOptimizer::state`].
+    fn restore(&mut self, state: &State) -> Result<(), Error>;
 }
 
 impl<T: ServerOptimizer> Strategy for T {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         ServerOptimizer::name(self)
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ANY
+    }
+    fn state(&self) -> Result<State, Error> {
+        Ok(ServerOptimizer::state(self))
+    }
+    fn restore(&mut self, state: &State) -> Result<(), Error> {
+        ServerOptimizer::restore(self, state)
     }
     fn aggregate_fit(&mut self, _: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
         let d = mean_delta(global, results)?;
@@ -70,13 +83,16 @@ pub struct FedProx {
 }
 
 impl Strategy for FedProx {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "fedprox"
     }
-    fn configure_fit(&mut self, round: u32, base: &FitConfig) -> FitConfig {
-        let mut cfg = FitConfig { round, ..base.clone() };
-        cfg.train.proximal_mu = self.proximal_mu;
-        cfg
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ANY
+    }
+    fn configure_fit(&mut self, ctx: &RoundContext<'_>, base: &FitConfig) -> Vec<FitInstruction> {
+        let mut config = base.clone();
+        config.train.proximal_mu = self.proximal_mu;
+        ctx.available.iter().map(|p| FitInstruction { party: p.clone(), config: config.clone() }).collect()
     }
     fn aggregate_fit(&mut self, round: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
         FedAvg.aggregate_fit(round, global, results)
@@ -119,8 +135,31 @@ impl ServerOptimizer for FedAvgM {
         for (vi, d) in v.iter_mut().zip(&delta) {
             *vi = self.momentum * *vi + d;
         }
+        if v.len() != delta.len() {
+            return Err(Error::InvalidInput(format!(
+                "fedavgm: restored velocity of {} values for a model of {}",
+                v.len(),
+                delta.len()
+            )));
+        }
         let step: Vec<f64> = v.iter().map(|vi| self.server_lr * vi).collect();
         apply(global, &step)
+    }
+
+    fn state(&self) -> State {
+        let mut s = State::new();
+        if let Some(v) = &self.velocity {
+            s.insert("velocity", v.clone());
+        }
+        s
+    }
+
+    fn restore(&mut self, state: &State) -> Result<(), Error> {
+        self.velocity = state.get("velocity").map(<[f64]>::to_vec);
+        match state.names().find(|n| *n != "velocity") {
+            Some(other) => Err(Error::InvalidInput(format!("fedavgm: unknown state {other:?}"))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -171,7 +210,15 @@ impl ServerOptimizer for FedOpt {
 
     fn step(&mut self, global: &Parameters, delta: Vec<f64>) -> Result<Parameters, Error> {
         let tau2 = self.tau * self.tau;
+        let name = ServerOptimizer::name(self);
         let (m, v) = self.state.get_or_insert_with(|| (vec![0.0; delta.len()], vec![tau2; delta.len()]));
+        if m.len() != delta.len() || v.len() != delta.len() {
+            return Err(Error::InvalidInput(format!(
+                "{name}: restored moments of {} values for a model of {}",
+                m.len(),
+                delta.len()
+            )));
+        }
         let mut step = Vec::with_capacity(delta.len());
         for ((mi, vi), d) in m.iter_mut().zip(v.iter_mut()).zip(&delta) {
             *mi = self.beta1 * *mi + (1.0 - self.beta1) * d;
@@ -184,6 +231,28 @@ impl ServerOptimizer for FedOpt {
             step.push(self.server_lr * *mi / (vi.sqrt() + self.tau));
         }
         apply(global, &step)
+    }
+
+    fn state(&self) -> State {
+        let mut s = State::new();
+        if let Some((m, v)) = &self.state {
+            s.insert("m", m.clone());
+            s.insert("v", v.clone());
+        }
+        s
+    }
+
+    fn restore(&mut self, state: &State) -> Result<(), Error> {
+        let name = ServerOptimizer::name(self);
+        self.state = match (state.get("m"), state.get("v")) {
+            (Some(m), Some(v)) => Some((m.to_vec(), v.to_vec())),
+            (None, None) => None,
+            _ => return Err(Error::InvalidInput(format!("{name}: the checkpoint holds only one of m and v"))),
+        };
+        match state.names().find(|n| !["m", "v"].contains(n)) {
+            Some(other) => Err(Error::InvalidInput(format!("{name}: unknown state {other:?}"))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -208,7 +277,7 @@ fn rows(global: &Parameters, results: &[FitResult]) -> Result<Vec<Vec<f32>>, Err
 pub struct Median;
 
 impl Strategy for Median {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "median"
     }
     fn aggregate_fit(&mut self, _: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
@@ -248,7 +317,7 @@ impl TrimmedMean {
 }
 
 impl Strategy for TrimmedMean {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "trimmed_mean"
     }
     fn aggregate_fit(&mut self, _: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
@@ -265,7 +334,7 @@ pub struct Krum {
 }
 
 impl Strategy for Krum {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "krum"
     }
     fn aggregate_fit(&mut self, _: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
@@ -313,8 +382,12 @@ mod tests {
     #[test]
     fn fedprox_sets_mu_and_averages_like_fedavg() {
         let mut s = FedProx { proximal_mu: 0.25 };
-        let base = FitConfig { round: 0, train: crate::TrainConfig::default() };
-        let cfg = s.configure_fit(3, &base);
+        let base = FitConfig { round: 3, train: crate::TrainConfig::default() };
+        let available = ["a".to_string(), "b".to_string()];
+        let ctx = RoundContext { round: 3, rounds: 5, available: &available, min_parties: 2 };
+        let plan = s.configure_fit(&ctx, &base);
+        assert_eq!(plan.iter().map(|i| i.party.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let cfg = &plan[0].config;
         assert_eq!((cfg.round, cfg.train.proximal_mu), (3, 0.25));
         assert_eq!(cfg.train.learning_rate, base.train.learning_rate);
         let g = p(&[0.0, 0.0]);
@@ -357,6 +430,39 @@ mod tests {
         close(&s.aggregate_fit(1, &g, &res).unwrap(), &[(0.05 / (0.0125f64.sqrt() + 0.1)) as f32]);
         let mut s = FedOpt::new(Adaptive::Adam, 1.0, 0.9, 0.99, 0.1);
         close(&s.aggregate_secure_sum(1, &g, &[0.5], 1.0).unwrap(), &[(0.05 / (0.0124f64.sqrt() + 0.1)) as f32]);
+    }
+
+    #[test]
+    fn optimiser_state_restored_mid_run_continues_exactly() {
+        let g = p(&[0.0, 1.0]);
+        let rounds = |s: &mut dyn Strategy, from: u32, to: u32, mut g: Parameters| {
+            for t in from..=to {
+                let v = [t as f32 * 0.3, -(t as f32)];
+                g = s.aggregate_fit(t, &g, &[r("a", 2, &v), r("b", 1, &[0.5, 0.5])]).unwrap();
+            }
+            g
+        };
+        let all: Vec<Box<dyn Fn() -> Box<dyn Strategy>>> = vec![
+            Box::new(|| Box::new(FedAvgM::new(0.7, 0.9))),
+            Box::new(|| Box::new(FedOpt::new(Adaptive::Adam, 0.1, 0.9, 0.99, 1e-3))),
+            Box::new(|| Box::new(FedOpt::new(Adaptive::Yogi, 0.1, 0.9, 0.99, 1e-3))),
+            Box::new(|| Box::new(FedOpt::new(Adaptive::Adagrad, 0.1, 0.9, 0.99, 1e-3))),
+        ];
+        for make in all {
+            let mut straight = make();
+            let want = rounds(straight.as_mut(), 1, 4, g.clone());
+            let mut first = make();
+            let mid = rounds(first.as_mut(), 1, 2, g.clone());
+            let saved = State::from_safetensors(&first.state().unwrap().to_safetensors().unwrap()).unwrap();
+            assert!(!saved.is_empty(), "{} saved nothing", first.name());
+            let mut resumed = make();
+            resumed.restore(&saved).unwrap();
+            assert_eq!(rounds(resumed.as_mut(), 3, 4, mid), want, "{}", straight.name());
+        }
+        let mut bad = State::new();
+        bad.insert("m", vec![0.0]);
+        assert!(Strategy::restore(&mut FedOpt::new(Adaptive::Adam, 0.1, 0.9, 0.99, 1e-3), &bad).is_err());
+        assert!(Median.restore(&bad).is_err(), "a stateless rule refuses state it cannot use");
     }
 
     #[test]

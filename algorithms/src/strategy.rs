@@ -1,6 +1,6 @@
 //! The coordinator side: the [`Strategy`] trait and [`FedAvg`].
 
-use crate::{Error, FitConfig, Metrics, Parameters, TensorSpec};
+use crate::{Error, FitConfig, Metrics, Parameters, State, TensorSpec};
 
 /// One party's answer to a fit round.
 #[derive(Debug, Clone)]
@@ -46,16 +46,69 @@ pub fn check_update(expected: &[TensorSpec], result: &FitResult) -> Result<(), E
     Ok(())
 }
 
-/// How the coordinator runs rounds: what each fit round asks of the parties and
+/// What a strategy can aggregate. The coordinator checks it against what the
+/// job's aggregation protocol reveals when the job is submitted, so a rule
+/// that needs individual updates never meets a protocol that reveals only
+/// their sum after round 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// It aggregates the parties' individual updates ([`Strategy::aggregate_fit`]).
+    pub individual_updates: bool,
+    /// It aggregates from the example-weighted sum alone
+    /// ([`Strategy::aggregate_secure_sum`]), as secure aggregation and
+    /// homomorphic encryption reveal.
+    pub weighted_sum: bool,
+}
+
+impl Capabilities {
+    /// Individual updates only (robust rules, and the default for custom strategies).
+    pub const INDIVIDUAL_UPDATES: Capabilities = Capabilities { individual_updates: true, weighted_sum: false };
+    /// Functions of the weighted mean: every protocol works.
+    pub const ANY: Capabilities = Capabilities { individual_updates: true, weighted_sum: true };
+}
+
+/// What a strategy knows when it plans a round.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundContext<'a> {
+    /// The round, from 1.
+    pub round: u32,
+    /// Rounds the job runs.
+    pub rounds: u32,
+    /// Parties that can take part (accepted the job and connected), sorted.
+    pub available: &'a [String],
+    /// Fewest parties a stage needs; selecting fewer fails the round.
+    pub min_parties: usize,
+}
+
+/// One party's part in a fit round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitInstruction {
+    /// The party.
+    pub party: String,
+    /// What it is told.
+    pub config: FitConfig,
+}
+
+/// How the coordinator runs rounds: whom each fit round asks and what, and
 /// how their answers become the next global model. Stages are methods, not
 /// strings, so a new stage is a compile-time change.
 pub trait Strategy: Send {
-    /// Short name used in logs and job status.
-    fn name(&self) -> &'static str;
+    /// Short name used in logs, errors and job status.
+    fn name(&self) -> &str;
 
-    /// The configuration sent to every party for fit round `round`.
-    fn configure_fit(&mut self, round: u32, base: &FitConfig) -> FitConfig {
-        FitConfig { round, ..base.clone() }
+    /// What this strategy can aggregate; the default, individual updates
+    /// only, is refused at submission for jobs whose protocol reveals only a
+    /// sum. Override it when [`Strategy::aggregate_secure_sum`] is implemented.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::INDIVIDUAL_UPDATES
+    }
+
+    /// The fit round's participants and their configuration. `base` is the
+    /// spec's `[training]` table for `ctx.round`. The default asks every
+    /// available party with `base`; a strategy may select a subset
+    /// (subsampling) or configure parties differently.
+    fn configure_fit(&mut self, ctx: &RoundContext<'_>, base: &FitConfig) -> Vec<FitInstruction> {
+        ctx.available.iter().map(|p| FitInstruction { party: p.clone(), config: base.clone() }).collect()
     }
 
     /// The next global model from the parties' updates. `results` have passed
@@ -84,6 +137,28 @@ pub trait Strategy: Send {
     /// example-weighted mean of the loss and of every metric all parties report.
     fn aggregate_evaluate(&mut self, _round: u32, results: &[EvalResult]) -> Result<Metrics, Error> {
         weighted_metrics(results)
+    }
+
+    /// What the strategy carries from round to round (server momentum,
+    /// adaptive moments), saved atomically with each checkpoint so that a
+    /// job resumed after a crash continues exactly. Stateless by default.
+    fn state(&self) -> Result<State, Error> {
+        Ok(State::default())
+    }
+
+    /// Restores what [`Strategy::state`] saved. The default accepts only
+    /// an empty state, so a checkpoint from a stateful strategy is not
+    /// silently dropped.
+    fn restore(&mut self, state: &State) -> Result<(), Error> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidInput(format!(
+                "strategy {} keeps no state, but the checkpoint holds {}",
+                self.name(),
+                state.names().collect::<Vec<_>>().join(", ")
+            )))
+        }
     }
 }
 
@@ -135,8 +210,12 @@ impl FedAvg {
 }
 
 impl Strategy for FedAvg {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "fedavg"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ANY
     }
 
     fn aggregate_fit(&mut self, _round: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {

@@ -9,7 +9,7 @@ use crate::{Error, Parameters};
 /// Named scalar metrics, e.g. `loss`, `accuracy`.
 pub type Metrics = BTreeMap<String, f64>;
 
-/// Which model a job trains.
+/// Which family of model a job trains (the tag of [`Architecture`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -23,8 +23,8 @@ pub enum ModelKind {
     /// A TorchScript module the parties hold as a file (libtorch): bring your
     /// own architecture.
     Torchscript,
-    /// A trainer registered by a party build of your own (`model.custom`
-    /// names it; see `examples/custom_trainer.rs`).
+    /// A trainer registered by a party build of your own (see
+    /// `examples/custom_trainer.rs`).
     Custom,
 }
 
@@ -62,33 +62,123 @@ impl Engine {
     }
 }
 
-/// The model table of a job spec.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A model's architecture with exactly the settings that kind takes: a
+/// setting of another kind cannot be expressed, so trainers never see one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Architecture {
+    /// Multinomial logistic regression on `engine`.
+    LogisticRegression {
+        /// Pure Rust (the default) or libtorch.
+        engine: Engine,
+    },
+    /// ReLU hidden layers of these widths (libtorch).
+    Mlp {
+        /// Hidden layer widths.
+        hidden: Vec<usize>,
+    },
+    /// 3×3 convolutions with these output channels, each followed by ReLU
+    /// and 2×2 max-pooling, over `[channels, height, width]` images (libtorch).
+    Cnn {
+        /// Output channels per convolution layer.
+        channels: Vec<usize>,
+        /// The input as `[channels, height, width]`; a row's features are read in that order.
+        image: [usize; 3],
+    },
+    /// A TorchScript module: the name of the file in each party's `[models]` table.
+    Torchscript {
+        /// Key of the party's `[models]` table.
+        file: String,
+    },
+    /// A trainer registered in a party build of your own, by name.
+    Custom {
+        /// The registered trainer's name.
+        trainer: String,
+    },
+}
+
+/// The model table of a job spec, validated and typed. In TOML it is the
+/// flat table of [`RawModel`] (`kind = "mlp"`, `hidden = [...]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawModel", into = "RawModel")]
 pub struct ModelConfig {
-    /// The architecture.
-    pub kind: ModelKind,
     /// Number of classes (labels are `0..classes`).
     pub classes: usize,
     /// Standardise features with statistics computed federatedly (sums, not rows).
+    pub standardize: bool,
+    /// The architecture and its settings.
+    pub architecture: Architecture,
+}
+
+impl ModelConfig {
+    /// A model for `classes` classes that standardises its inputs.
+    pub fn new(classes: usize, architecture: Architecture) -> Self {
+        ModelConfig { classes, standardize: true, architecture }
+    }
+
+    /// The pure-Rust logistic regression.
+    pub fn logistic_regression(classes: usize) -> Self {
+        Self::new(classes, Architecture::LogisticRegression { engine: Engine::Rust })
+    }
+
+    /// An MLP with these hidden widths.
+    pub fn mlp(classes: usize, hidden: Vec<usize>) -> Self {
+        Self::new(classes, Architecture::Mlp { hidden })
+    }
+
+    /// A CNN with these channels over `image`.
+    pub fn cnn(classes: usize, channels: Vec<usize>, image: [usize; 3]) -> Self {
+        Self::new(classes, Architecture::Cnn { channels, image })
+    }
+
+    /// The architecture's kind.
+    pub fn kind(&self) -> ModelKind {
+        match &self.architecture {
+            Architecture::LogisticRegression { .. } => ModelKind::LogisticRegression,
+            Architecture::Mlp { .. } => ModelKind::Mlp,
+            Architecture::Cnn { .. } => ModelKind::Cnn,
+            Architecture::Torchscript { .. } => ModelKind::Torchscript,
+            Architecture::Custom { .. } => ModelKind::Custom,
+        }
+    }
+
+    /// What trains it: Rust for logistic regression unless set otherwise (and
+    /// for custom trainers, which bring their own), libtorch for the rest.
+    pub fn engine(&self) -> Engine {
+        match &self.architecture {
+            Architecture::LogisticRegression { engine } => *engine,
+            Architecture::Custom { .. } => Engine::Rust,
+            _ => Engine::Torch,
+        }
+    }
+}
+
+/// The model table as written in TOML: every setting optional, checked
+/// against the kind by [`RawModel::validate`] so a spec's errors are all
+/// reported at once with their field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    /// The architecture.
+    pub kind: ModelKind,
+    /// Number of classes.
+    pub classes: usize,
+    /// Federated standardisation of the features (default true).
     #[serde(default = "default_true")]
     pub standardize: bool,
-    /// What trains it; see [`ModelConfig::engine`] for the default.
+    /// logistic_regression: `rust` (default) or `torch`; others: `torch` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<Engine>,
     /// mlp: widths of the hidden layers (default `[64, 32]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hidden: Vec<usize>,
-    /// cnn: output channels of the 3×3 convolution layers, each followed by
-    /// ReLU and 2×2 max-pooling (default `[16, 32]`).
+    /// cnn: output channels of the convolution layers (default `[16, 32]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub channels: Vec<usize>,
-    /// cnn: the input as `[channels, height, width]`; a row's features are
-    /// read in that order (default `[1, 8, 8]`, the UCI digits).
+    /// cnn: the input as `[channels, height, width]` (default `[1, 8, 8]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<[usize; 3]>,
-    /// torchscript: the name of the model file in each party's `[models]`
-    /// table, so every hospital keeps its own copy under its own path.
+    /// torchscript: the model file's name in each party's `[models]` table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torchscript: Option<String>,
     /// custom: the registered trainer's name.
@@ -96,46 +186,7 @@ pub struct ModelConfig {
     pub custom: Option<String>,
 }
 
-impl ModelConfig {
-    /// A model of `kind` for `classes` classes with every other setting at its default.
-    pub fn new(kind: ModelKind, classes: usize) -> Self {
-        ModelConfig {
-            kind,
-            classes,
-            standardize: true,
-            engine: None,
-            hidden: Vec::new(),
-            channels: Vec::new(),
-            image: None,
-            torchscript: None,
-            custom: None,
-        }
-    }
-
-    /// The engine: as set, else Rust for logistic regression (and custom
-    /// trainers, which bring their own) and libtorch for the rest.
-    pub fn engine(&self) -> Engine {
-        self.engine.unwrap_or(match self.kind {
-            ModelKind::LogisticRegression | ModelKind::Custom => Engine::Rust,
-            _ => Engine::Torch,
-        })
-    }
-
-    /// mlp hidden widths, resolved.
-    pub fn hidden_layers(&self) -> Vec<usize> {
-        if self.hidden.is_empty() { vec![64, 32] } else { self.hidden.clone() }
-    }
-
-    /// cnn channels, resolved.
-    pub fn conv_channels(&self) -> Vec<usize> {
-        if self.channels.is_empty() { vec![16, 32] } else { self.channels.clone() }
-    }
-
-    /// cnn input shape, resolved.
-    pub fn image_shape(&self) -> [usize; 3] {
-        self.image.unwrap_or([1, 8, 8])
-    }
-
+impl RawModel {
     /// Checks the settings against the kind; errors are `field: reason`
     /// relative to the table.
     pub fn validate(&self) -> Vec<String> {
@@ -144,12 +195,14 @@ impl ModelConfig {
         if !(2..=10_000).contains(&self.classes) {
             errs.push(format!("classes: must be 2..=10000 (got {})", self.classes));
         }
-        if self.kind == ModelKind::Custom && self.engine.is_some() {
-            errs.push("engine: a custom trainer brings its own engine; leave engine out".into());
-        } else if self.engine() == Engine::Rust
-            && !matches!(self.kind, ModelKind::LogisticRegression | ModelKind::Custom)
-        {
-            errs.push(format!("engine: the rust engine trains only logistic_regression; {kind} needs \"torch\""));
+        match (self.kind, self.engine) {
+            (ModelKind::Custom, Some(_)) => {
+                errs.push("engine: a custom trainer brings its own engine; leave engine out".into())
+            }
+            (ModelKind::LogisticRegression, _) | (_, None | Some(Engine::Torch)) => {}
+            (_, Some(Engine::Rust)) => {
+                errs.push(format!("engine: the rust engine trains only logistic_regression; {kind} needs \"torch\""))
+            }
         }
         if self.kind == ModelKind::Mlp {
             if self.hidden.len() > 16 {
@@ -162,11 +215,11 @@ impl ModelConfig {
             errs.push(format!("hidden: only applies to kind \"mlp\" (kind is {kind:?})"));
         }
         if self.kind == ModelKind::Cnn {
-            let [c, h, w] = self.image_shape();
+            let [c, h, w] = self.image.unwrap_or(DEFAULT_IMAGE);
             if !(1..=64).contains(&c) || !(4..=1024).contains(&h) || !(4..=1024).contains(&w) {
                 errs.push(format!("image: [channels 1..=64, height 4..=1024, width 4..=1024] (got [{c}, {h}, {w}])"));
             }
-            let channels = self.conv_channels();
+            let channels = if self.channels.is_empty() { DEFAULT_CHANNELS.to_vec() } else { self.channels.clone() };
             if channels.len() > 4 || channels.iter().any(|c| !(1..=1024).contains(c)) {
                 errs.push("channels: 1 to 4 layers of 1..=1024 channels".into());
             } else if (h >> channels.len()) == 0 || (w >> channels.len()) == 0 {
@@ -209,6 +262,61 @@ impl ModelConfig {
             (None, _) => {}
         }
         errs
+    }
+}
+
+const DEFAULT_HIDDEN: [usize; 2] = [64, 32];
+const DEFAULT_CHANNELS: [usize; 2] = [16, 32];
+const DEFAULT_IMAGE: [usize; 3] = [1, 8, 8];
+
+impl TryFrom<RawModel> for ModelConfig {
+    type Error = String;
+
+    /// Fails with every problem [`RawModel::validate`] finds, joined.
+    fn try_from(raw: RawModel) -> Result<Self, String> {
+        let errs = raw.validate();
+        if !errs.is_empty() {
+            return Err(errs.join("; "));
+        }
+        let architecture = match raw.kind {
+            ModelKind::LogisticRegression => {
+                Architecture::LogisticRegression { engine: raw.engine.unwrap_or(Engine::Rust) }
+            }
+            ModelKind::Mlp => {
+                Architecture::Mlp { hidden: if raw.hidden.is_empty() { DEFAULT_HIDDEN.to_vec() } else { raw.hidden } }
+            }
+            ModelKind::Cnn => Architecture::Cnn {
+                channels: if raw.channels.is_empty() { DEFAULT_CHANNELS.to_vec() } else { raw.channels },
+                image: raw.image.unwrap_or(DEFAULT_IMAGE),
+            },
+            ModelKind::Torchscript => Architecture::Torchscript { file: raw.torchscript.unwrap_or_default() },
+            ModelKind::Custom => Architecture::Custom { trainer: raw.custom.unwrap_or_default() },
+        };
+        Ok(ModelConfig { classes: raw.classes, standardize: raw.standardize, architecture })
+    }
+}
+
+impl From<ModelConfig> for RawModel {
+    fn from(m: ModelConfig) -> Self {
+        let mut raw = RawModel {
+            kind: m.kind(),
+            classes: m.classes,
+            standardize: m.standardize,
+            engine: None,
+            hidden: Vec::new(),
+            channels: Vec::new(),
+            image: None,
+            torchscript: None,
+            custom: None,
+        };
+        match m.architecture {
+            Architecture::LogisticRegression { engine } => raw.engine = Some(engine),
+            Architecture::Mlp { hidden } => raw.hidden = hidden,
+            Architecture::Cnn { channels, image } => (raw.channels, raw.image) = (channels, Some(image)),
+            Architecture::Torchscript { file } => raw.torchscript = Some(file),
+            Architecture::Custom { trainer } => raw.custom = Some(trainer),
+        }
+        raw
     }
 }
 
@@ -476,8 +584,10 @@ pub fn row_count(features: &[f32], width: usize) -> Result<usize, Error> {
 /// `Send` but not necessarily `Sync`: the party runs each trainer on a
 /// dedicated thread (libtorch tensors are not `Sync`).
 pub trait Trainer: Send {
-    /// The current parameters, in the model's fixed order.
-    fn parameters(&self) -> Parameters;
+    /// The current parameters, in the model's fixed order. Fallible because
+    /// a training library may fail to read its own tensors; the party then
+    /// fails the task, naming the reason, instead of sending an empty model.
+    fn parameters(&self) -> Result<Parameters, Error>;
     /// Replaces the parameters; names and shapes must match the model.
     fn set_parameters(&mut self, params: &Parameters) -> Result<(), Error>;
     /// Per-feature sums over the local training rows (for federated

@@ -33,16 +33,16 @@ fn fedavg(c: &mut Criterion) {
 }
 
 fn transfer_round_trip(c: &mut Criterion) {
-    let p = params(1_000_000, 1.0);
+    let p = transfer::Bulk::Params(std::sync::Arc::new(params(1_000_000, 1.0)));
     let limits = Limits::default();
     let mut g = c.benchmark_group("transfer");
     g.throughput(Throughput::Bytes(4_000_000));
     g.sample_size(20);
     g.bench_function("encode_chunk_reassemble_1M", |b| {
         b.iter(|| {
-            let (header, bytes) = transfer::encode(1, &p);
-            let mut inc = Incoming::start(&header, &limits).expect("start");
-            for chunk in transfer::chunks(1, &bytes, limits.chunk_bytes) {
+            let e = transfer::encode(1, &p);
+            let mut inc = Incoming::start(&e.header, &limits).expect("start");
+            for chunk in transfer::chunks(1, &e.bytes, limits.chunk_bytes) {
                 inc.push(&chunk).expect("push");
             }
             inc.finish().expect("finish")

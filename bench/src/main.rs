@@ -22,7 +22,7 @@ use confide_party::config::{PartyConfig, Policy, Reconnect};
 use confide_party::node::{NodeStats, PartyNode};
 use confide_party::trainers::TrainerFactory;
 use confide_proto::Limits;
-use confide_proto::jobspec::{JobSpec, PrivacyMode, PrivacySpec};
+use confide_proto::jobspec::{AggregationSpec, JobSpec};
 use confide_proto::net::{ClientIdentity, connect};
 use confide_proto::pb::{self, admin_service_client::AdminServiceClient};
 use confide_proto::status::JobStatus;
@@ -176,8 +176,8 @@ struct SyntheticTrainer {
 }
 
 impl Trainer for SyntheticTrainer {
-    fn parameters(&self) -> Parameters {
-        self.params.clone()
+    fn parameters(&self) -> Result<Parameters, AlgoError> {
+        Ok(self.params.clone())
     }
     fn set_parameters(&mut self, p: &Parameters) -> Result<(), AlgoError> {
         p.check_matches(&self.params.spec()).map_err(AlgoError::InvalidInput)?;
@@ -273,12 +273,13 @@ impl Federation {
                 cert: pki.party_cert(n),
                 key: pki.party_key(n),
                 datasets: [(dataset.to_string(), source)].into(),
-                policy: Policy { privacy_modes: vec!["none".into(), "secagg".into()], ..Policy::default() },
+                policy: Policy { aggregation: vec!["none".into(), "secagg".into()], ..Policy::default() },
                 reconnect: Reconnect::default(),
                 limits: Limits::default(),
                 fault: Default::default(),
                 models: Default::default(),
                 training: Default::default(),
+                warnings: Vec::new(),
             };
             let node = PartyNode::new(cfg, factory.clone());
             stats.push(node.stats());
@@ -295,7 +296,7 @@ impl Federation {
             .job_id;
         let status = loop {
             let s = admin.get_job(pb::JobRef { job_id: job.clone() }).await.map_err(|s| s.message().to_string())?;
-            let st: JobStatus = serde_json::from_str(&s.into_inner().status_json).map_err(|e| e.to_string())?;
+            let st = JobStatus::try_from(s.into_inner()).map_err(|e| e.to_string())?;
             if st.state.is_terminal() {
                 break st;
             }
@@ -327,7 +328,7 @@ fn round_median(status: &JobStatus, rounds: u32, key: &str) -> f64 {
 fn privacy_table(privacy: &str) -> Result<&'static str, String> {
     match privacy {
         "none" => Ok(""),
-        "secagg" => Ok("[privacy]\nmode = \"secagg\"\nmax_examples = 1000\n"),
+        "secagg" => Ok("[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 1000\n"),
         other => Err(format!("--privacy {other}: unknown (none, secagg)")),
     }
 }
@@ -418,7 +419,7 @@ fn bench_steps(what: &str, spec: &JobSpec, file: &str, header: bool, epochs: u32
     Ok(serde_json::json!({
         "bench": "train_steps",
         "model": what,
-        "params": trainer.parameters().num_values(),
+        "params": trainer.parameters().map_err(|e| e.to_string())?.num_values(),
         "rows": n,
         "batch_size": train.batch_size,
         "optimizer": format!("{:?}", train.optimizer).to_lowercase(),
@@ -448,9 +449,9 @@ async fn bench_train_rounds(privacy: &str, rounds: u32) -> Result<serde_json::Va
     let mut spec = demo_spec()?;
     spec.rounds = rounds + 1;
     spec.evaluation.every = 100_000;
-    spec.privacy = match privacy {
-        "none" => PrivacySpec::default(),
-        "secagg" => PrivacySpec { mode: PrivacyMode::Secagg, max_examples: Some(1000), ..PrivacySpec::default() },
+    spec.aggregation = match privacy {
+        "none" => AggregationSpec::default(),
+        "secagg" => AggregationSpec { protocol: "secagg".into(), settings: toml::toml! { max_examples = 1000 } },
         other => return Err(format!("--privacy {other}: unknown (none, secagg)")),
     };
     let text = spec.to_toml();

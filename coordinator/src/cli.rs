@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use confide_crypto::pki::PkiDir;
 use confide_proto::Limits;
-use confide_proto::jobspec::JobSpec;
+use confide_proto::jobspec::{JobSpec, StrategyConfig};
 use confide_proto::net::{ClientIdentity, connect, source_chain};
 use confide_proto::pb;
 use confide_proto::pb::admin_service_client::AdminServiceClient;
@@ -249,7 +249,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             }
             Ok(0)
         }
-        Command::Job(cmd) => job(cmd).await,
+        Command::Job(cmd) => job(cmd, &plugins).await,
         Command::Data(DataCmd::Split { input, header, parties, weights, dirichlet, test_fraction, seed, out }) => {
             split_data(&input, header, &parties, &weights, dirichlet, test_fraction, seed, &out)?;
             Ok(0)
@@ -444,23 +444,39 @@ fn source_suffix(s: &tonic::Status) -> String {
     s.source().map(|e| format!(": {}", source_chain(e))).unwrap_or_default()
 }
 
-fn parse_status(json: &str) -> Result<JobStatus, Error> {
-    serde_json::from_str(json).map_err(|e| Error::Io(format!("unreadable status from the coordinator: {e}")))
+/// The typed status from the admin API, for rendering.
+fn parse_status(st: pb::JobStatus) -> Result<JobStatus, Error> {
+    JobStatus::try_from(st).map_err(|e| Error::Io(format!("unreadable status from the coordinator: {e}")))
 }
 
-async fn job(cmd: JobCmd) -> Result<i32, Error> {
+/// Validates a spec file: every field, and what this build knows of it
+/// (its protocols' settings, its strategies' capabilities). A custom
+/// strategy or job kind this build does not register is left to the
+/// coordinator, which checks it at submission.
+fn validate(file: &std::path::Path, plugins: &Plugins) -> Result<(String, String), Error> {
+    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+    let name = file.display().to_string();
+    let spec = JobSpec::parse_with(&text, &name, &Limits::default(), plugins.protocols())?;
+    let unknown_strategy = matches!(&spec.strategy, StrategyConfig::Custom { name, .. } if !plugins.has_strategy(name));
+    if plugins.kind(spec.kind.as_str()).is_some() && !unknown_strategy {
+        plugins.check(&spec).map_err(|e| Error::Refused(format!("{name}: invalid job spec\n  {name}: {e}")))?;
+    }
+    for w in &spec.warnings {
+        eprintln!("warning: {name}: {w}");
+    }
+    Ok((text, name))
+}
+
+async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
     match cmd {
         JobCmd::Validate { file } => {
-            let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-            JobSpec::parse(&text, &file.display().to_string(), &Limits::default())?;
+            validate(&file, plugins)?;
             println!("{}: valid", file.display());
             Ok(0)
         }
         JobCmd::Submit { file, watch, conn } => {
-            let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-            let name = file.display().to_string();
-            // Validate locally first so errors show without a round trip.
-            JobSpec::parse(&text, &name, &Limits::default())?;
+            // Validated locally first so errors show without a round trip.
+            let (text, name) = validate(&file, plugins)?;
             let mut client = admin(&conn).await?;
             let id = client
                 .submit_job(pb::SubmitJobRequest { spec_toml: text, file_name: name })
@@ -473,8 +489,8 @@ async fn job(cmd: JobCmd) -> Result<i32, Error> {
         }
         JobCmd::List { json, conn } => {
             let mut client = admin(&conn).await?;
-            let jobs = client.list_jobs(pb::ListJobsRequest {}).await.map_err(rpc_err)?.into_inner().jobs_json;
-            let jobs: Vec<JobStatus> = jobs.iter().map(|j| parse_status(j)).collect::<Result<_, _>>()?;
+            let jobs = client.list_jobs(pb::ListJobsRequest {}).await.map_err(rpc_err)?.into_inner().jobs;
+            let jobs: Vec<JobStatus> = jobs.into_iter().map(parse_status).collect::<Result<_, _>>()?;
             if json {
                 println!("{}", serde_json::to_string(&jobs).unwrap_or_default());
             } else {
@@ -495,11 +511,11 @@ async fn job(cmd: JobCmd) -> Result<i32, Error> {
         }
         JobCmd::Status { id, json, conn } => {
             let mut client = admin(&conn).await?;
-            let st = client.get_job(pb::JobRef { job_id: id }).await.map_err(rpc_err)?.into_inner().status_json;
+            let st = parse_status(client.get_job(pb::JobRef { job_id: id }).await.map_err(rpc_err)?.into_inner())?;
             if json {
-                println!("{st}");
+                println!("{}", serde_json::to_string(&st).unwrap_or_default());
             } else {
-                print_status(&parse_status(&st)?);
+                print_status(&st);
             }
             Ok(0)
         }
@@ -510,7 +526,7 @@ async fn job(cmd: JobCmd) -> Result<i32, Error> {
         JobCmd::Cancel { id, conn } => {
             let mut client = admin(&conn).await?;
             let st = client.cancel_job(pb::JobRef { job_id: id }).await.map_err(rpc_err)?.into_inner();
-            let st = parse_status(&st.status_json)?;
+            let st = parse_status(st)?;
             println!("job {} is {}", st.id, st.state.as_str());
             Ok(0)
         }
@@ -551,7 +567,7 @@ fn print_status(st: &JobStatus) {
     println!("job {} ({}, {})", st.id, st.name, st.kind);
     println!("  state:   {}", st.state.as_str());
     println!("  rounds:  {}/{}", st.rounds_completed, st.rounds_total);
-    println!("  privacy: {}", st.privacy.mode);
+    println!("  privacy: aggregation {}", st.privacy.aggregation);
     if !st.metrics.is_empty() {
         println!("  metrics: {}", metrics_line(st));
     }
@@ -578,7 +594,7 @@ async fn watch_job(client: &mut AdminServiceClient<Channel>, id: &str) -> Result
     bar.enable_steady_tick(Duration::from_millis(250));
     let mut last: Option<JobStatus> = None;
     while let Some(reply) = stream.message().await.map_err(rpc_err)? {
-        let st = parse_status(&reply.status_json)?;
+        let st = parse_status(reply)?;
         bar.set_prefix(st.state.as_str().to_string());
         bar.set_length(u64::from(st.rounds_total));
         bar.set_position(u64::from(st.rounds_completed));

@@ -54,6 +54,8 @@ const MIGRATIONS: &[&str] = &[
         completed_at INTEGER NOT NULL,
         PRIMARY KEY (job_id, round)
     );",
+    // 2: the job machine's state (strategy moments) saved with each checkpoint
+    "ALTER TABLE jobs ADD COLUMN state_path TEXT;",
 ];
 
 /// A job that was not finished when the coordinator stopped.
@@ -67,6 +69,8 @@ pub struct UnfinishedJob {
     pub rounds_completed: u32,
     /// Latest checkpoint (round, path), if any.
     pub model: Option<(u32, PathBuf)>,
+    /// The job machine's state saved with that checkpoint, if any.
+    pub state: Option<PathBuf>,
     /// Persisted party statuses.
     pub parties: BTreeMap<String, PartyStatus>,
 }
@@ -141,7 +145,7 @@ impl Db {
         conn.execute(
             "INSERT INTO jobs (id, name, kind, spec_toml, state, privacy_mode, rounds_total, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?7)",
-            params![id, spec.name, spec.kind.as_str(), spec.to_toml(), spec.privacy.mode.as_str(), spec.rounds, now],
+            params![id, spec.name, spec.kind.as_str(), spec.to_toml(), spec.aggregation.protocol, spec.rounds, now],
         )
         .map_err(sql)?;
         Ok(())
@@ -158,8 +162,12 @@ impl Db {
         Ok(())
     }
 
-    /// Replaces a job's party statuses.
-    pub fn save_parties(&self, id: &str, parties: &BTreeMap<String, PartyStatus>) -> Result<(), Error> {
+    /// Writes the statuses of the parties given (those that changed).
+    pub fn save_parties<'a>(
+        &self,
+        id: &str,
+        parties: impl IntoIterator<Item = (&'a String, &'a PartyStatus)>,
+    ) -> Result<(), Error> {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(sql)?;
         for (name, st) in parties {
@@ -174,13 +182,14 @@ impl Db {
         tx.commit().map_err(sql)
     }
 
-    /// Records a checkpoint: the model file (already durable) and, for a
-    /// training round, its record, in one transaction.
+    /// Records a checkpoint: the model file and the state file (both already
+    /// durable) and, for a training round, its record, in one transaction.
     pub fn save_checkpoint(
         &self,
         id: &str,
         round: u32,
         model: &Path,
+        state: Option<&Path>,
         record: Option<&RoundRecord>,
     ) -> Result<(), Error> {
         let mut conn = self.lock();
@@ -195,9 +204,16 @@ impl Db {
             .map_err(sql)?;
         }
         tx.execute(
-            "UPDATE jobs SET rounds_completed = ?2, model_round = ?3, model_path = ?4, state = 'running', updated_at = ?5
-             WHERE id = ?1",
-            params![id, record.map_or(0, |r| r.round), round, model.to_string_lossy(), unix_now() as i64],
+            "UPDATE jobs SET rounds_completed = MAX(rounds_completed, ?2), model_round = ?3, model_path = ?4,
+             state_path = ?6, state = 'running', updated_at = ?5 WHERE id = ?1",
+            params![
+                id,
+                record.map_or(0, |r| r.round),
+                round,
+                model.to_string_lossy(),
+                unix_now() as i64,
+                state.map(|p| p.to_string_lossy().into_owned())
+            ],
         )
         .map_err(sql)?;
         tx.commit().map_err(sql)
@@ -215,11 +231,12 @@ impl Db {
         let mut out = Vec::new();
         for id in ids {
             let conn = self.lock();
-            let (spec_toml, rounds_completed, model_round, model_path): (String, u32, Option<u32>, Option<String>) =
-                conn.query_row(
-                    "SELECT spec_toml, rounds_completed, model_round, model_path FROM jobs WHERE id = ?1",
+            type Row = (String, u32, Option<u32>, Option<String>, Option<String>);
+            let (spec_toml, rounds_completed, model_round, model_path, state_path): Row = conn
+                .query_row(
+                    "SELECT spec_toml, rounds_completed, model_round, model_path, state_path FROM jobs WHERE id = ?1",
                     [&id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
                 )
                 .map_err(sql)?;
             drop(conn);
@@ -229,6 +246,7 @@ impl Db {
                 spec_toml,
                 rounds_completed,
                 model: model_round.zip(model_path.map(PathBuf::from)),
+                state: state_path.map(PathBuf::from),
                 parties,
             });
         }
@@ -308,7 +326,7 @@ impl Db {
             parties: self.parties_of(id)?,
             metrics,
             history: if with_history { history } else { Vec::new() },
-            privacy: PrivacyStatus { mode, epsilon: None, delta: None },
+            privacy: PrivacyStatus { aggregation: mode, dp: None, epsilon: None, delta: None },
             error,
             model: model_round.zip(model_path).map(|(round, path)| ModelInfo { round, path }),
             created_at: created as u64,
@@ -400,7 +418,7 @@ mod tests {
                 dropped: BTreeMap::new(),
                 completed_at: 5,
             };
-            db.save_checkpoint("j1", 1, Path::new("/m/round-1"), Some(&rec)).unwrap();
+            db.save_checkpoint("j1", 1, Path::new("/m/round-1"), Some(Path::new("/m/state-1")), Some(&rec)).unwrap();
         }
         let db = Db::open(&path).unwrap();
         let st = db.job_status("j1", true).unwrap();
@@ -409,6 +427,7 @@ mod tests {
         assert_eq!(st.history.len(), 1);
         let un = db.unfinished_jobs().unwrap();
         assert_eq!(un[0].model, Some((1, PathBuf::from("/m/round-1"))));
+        assert_eq!(un[0].state, Some(PathBuf::from("/m/state-1")));
         db.set_job_state("j1", JobState::Failed, Some("boom")).unwrap();
         assert!(db.unfinished_jobs().unwrap().is_empty());
         assert_eq!(db.job_status("j1", false).unwrap().error.as_deref(), Some("boom"));

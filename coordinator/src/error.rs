@@ -25,6 +25,9 @@ pub enum Error {
         /// What it did.
         reason: String,
     },
+    /// A submitted job is refused; the message lists every field at fault.
+    #[error("{0}")]
+    Refused(String),
     /// A job spec is invalid.
     #[error(transparent)]
     Spec(#[from] confide_proto::jobspec::SpecErrors),
@@ -46,7 +49,9 @@ impl Error {
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> tonic::Status {
         match e {
-            Error::InvalidInput(_) | Error::Spec(_) => tonic::Status::invalid_argument(e.to_string()),
+            Error::InvalidInput(_) | Error::Spec(_) | Error::Refused(_) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
             Error::NotFound(_) => tonic::Status::not_found(e.to_string()),
             Error::PeerMisbehaved { .. } => tonic::Status::failed_precondition(e.to_string()),
             _ => tonic::Status::internal(e.to_string()),

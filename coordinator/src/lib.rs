@@ -1,12 +1,18 @@
 //! The Confide coordinator: links parties, runs jobs as sessions of rounds,
 //! and persists everything needed to resume after a crash.
 //!
-//! Layers, from the bottom: [`session`] is the sans-IO round state machine;
-//! [`db`] the SQLite persistence; [`server`] the tokio/tonic driver with
-//! [`tls`] for mutual TLS; [`cli`] the `confide` command.
+//! Layers, from the bottom: [`session`] is the sans-IO session of a job,
+//! generic over job kinds; [`jobs`] holds the kinds' state machines
+//! (training, evaluation); [`plugins`] the registry of strategies,
+//! aggregation protocols and kinds; [`db`] the SQLite persistence;
+//! [`driver`] runs each job's session on a thread of its own; [`server`] is
+//! the tokio/tonic side with [`tls`] for mutual TLS; [`cli`] the `confide`
+//! command.
 
 pub mod cli;
 pub mod db;
+pub mod driver;
+pub mod jobs;
 pub mod plugins;
 pub mod server;
 pub mod session;

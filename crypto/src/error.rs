@@ -26,6 +26,15 @@ pub enum Error {
         /// What it did.
         reason: String,
     },
+    /// A party's plaintext update failed a check (shape, size, finiteness,
+    /// count); the aggregate goes on without it.
+    #[error("party {party} sent a bad update: {reason}")]
+    BadUpdate {
+        /// The party at fault.
+        party: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// Too few parties or shares remain to finish the protocol.
     #[error("below threshold: {0}")]
     BelowThreshold(String),

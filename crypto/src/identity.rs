@@ -130,6 +130,12 @@ impl IdentityVerifier for CertVerifier {
     }
 }
 
+impl crate::aggregation::PeerVerifier for CertVerifier {
+    fn add_peer(&mut self, party: &str, certificate: &[u8]) -> Result<(), Error> {
+        CertVerifier::add_peer(self, party, certificate)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,15 @@
 //! Cryptography of the Confide federation.
 //!
-//! This crate knows nothing of networking. Today it holds the federation's PKI
-//! ([`pki`]): the CA, the role-tagged certificates of the coordinator, the admin
-//! and each party, and the enrollment list the coordinator checks peers against.
-//! Secure aggregation and homomorphic encryption land here as further modules.
+//! This crate knows nothing of networking. Layers, as in tfhe-rs:
+//!
+//! * low level: the federation's PKI ([`pki`]) and certificate-bound
+//!   signatures ([`identity`]); SecAgg+'s primitives and sans-IO state
+//!   machines ([`secagg`]);
+//! * protocol layer: [`aggregation`], every way the parties' updates are
+//!   combined (plaintext, SecAgg+; threshold HE next) behind one pair of
+//!   traits that the coordinator's and the party's sessions drive.
 
+pub mod aggregation;
 pub mod identity;
 pub mod pki;
 pub mod secagg;

@@ -1,13 +1,14 @@
 //! The `confide-party` program, as a library function so that a researcher's
-//! own party build (with its own [`TrainerFactory`]) gets the same CLI.
+//! own party build (with its own [`crate::plugins::PartyPlugins`]: trainers,
+//! protocols, job kinds) gets the same CLI.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use crate::config::PartyConfig;
 use crate::local;
 use crate::node::PartyNode;
-use crate::trainers::{BuiltinTrainers, TrainerFactory};
+use crate::plugins::PartyPlugins;
+use crate::trainers::BuiltinTrainers;
 use clap::{Parser, Subcommand};
 use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
 use confide_proto::Limits;
@@ -137,7 +138,7 @@ fn train_local(
         println!(
             "training {} ({}) on {} local rows for {} rounds",
             spec.name,
-            spec.model.kind.as_str(),
+            spec.model.kind().as_str(),
             rows.len(),
             spec.rounds
         );
@@ -193,16 +194,16 @@ fn evaluate(
 }
 
 /// The whole `confide-party` program: logging, argument parsing, exit code.
-/// `factory` replaces the built-in trainers for `run` (see
-/// `examples/custom_trainer.rs`); `None` uses [`BuiltinTrainers`].
-pub fn main_with(factory: Option<Arc<dyn TrainerFactory>>) -> ! {
+/// `plugins` adds a build's own trainers, protocols and job kinds (see
+/// `examples/custom_trainer.rs`); [`PartyPlugins::default`] is the stock party.
+pub fn main_with(plugins: PartyPlugins) -> ! {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONFIDE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let code = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt.block_on(run(cli, factory)),
+        Ok(rt) => rt.block_on(run(cli, plugins)),
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             2
@@ -212,15 +213,14 @@ pub fn main_with(factory: Option<Arc<dyn TrainerFactory>>) -> ! {
 }
 
 /// Runs the CLI; returns the process exit code.
-pub async fn run(cli: Cli, factory: Option<Arc<dyn TrainerFactory>>) -> i32 {
+pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
     match cli.command {
-        Command::Run { config } => match PartyConfig::load(&config) {
+        Command::Run { config } => match PartyConfig::load_with(&config, &plugins) {
             Ok(cfg) => {
-                let trainers: Arc<dyn TrainerFactory> = match factory {
-                    Some(f) => f,
-                    None => Arc::new(BuiltinTrainers::for_config(&cfg)),
-                };
-                let node = PartyNode::new(cfg, trainers);
+                for w in &cfg.warnings {
+                    tracing::warn!("{w}");
+                }
+                let node = PartyNode::with_plugins(cfg, plugins);
                 tokio::select! {
                     _ = node.run() => 0,
                     _ = tokio::signal::ctrl_c() => 0,
@@ -231,8 +231,11 @@ pub async fn run(cli: Cli, factory: Option<Arc<dyn TrainerFactory>>) -> i32 {
                 2
             }
         },
-        Command::Check { config } => match PartyConfig::load(&config) {
+        Command::Check { config } => match PartyConfig::load_with(&config, &plugins) {
             Ok(cfg) => {
+                for w in &cfg.warnings {
+                    eprintln!("warning: {w}");
+                }
                 let mut code = 0;
                 for (name, src) in &cfg.datasets {
                     match src.load() {

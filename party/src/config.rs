@@ -47,6 +47,9 @@ pub struct PartyConfig {
     /// Fault injection for chaos tests; absent in production configs.
     #[serde(default)]
     pub fault: Fault,
+    /// Deprecations found while loading (logged at start).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// Makes the party crash on purpose, to test the federation's dropout
@@ -54,8 +57,8 @@ pub struct PartyConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
-    /// Exit abruptly (status 3) on receiving a task of this stage
-    /// (`setup`, `fit`, `evaluate`, `secagg-shares`, `secagg-masked-input`, `secagg-unmask`).
+    /// Exit abruptly (status 3) on receiving a task of this stage (`setup`,
+    /// `fit`, `evaluate`, or a protocol step such as `secagg-masked-input`).
     #[serde(default)]
     pub exit_on_stage: Option<String>,
 }
@@ -88,22 +91,33 @@ fn default_server_name() -> String {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
-    /// Job kinds accepted (`train`, `evaluate`).
+    /// Job kinds accepted (`train`, `evaluate`, or a kind this build registers).
     #[serde(default = "default_kinds")]
     pub job_kinds: Vec<String>,
-    /// Privacy modes accepted (`none`, `secagg`; later `he`, `dp`).
-    #[serde(default = "default_modes")]
-    pub privacy_modes: Vec<String>,
+    /// Aggregation protocols accepted (`none`, `secagg`, or one this build
+    /// registers): e.g. `["secagg"]` requires secure aggregation.
+    #[serde(default = "default_aggregation")]
+    pub aggregation: Vec<String>,
+    /// Refuse every job without differential privacy.
+    #[serde(default)]
+    pub require_dp: bool,
+    /// The most record-level ε a job may cost each data set; a job without
+    /// differential privacy costs ε = ∞, so it is refused whenever this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_epsilon: Option<f64>,
     /// Fewest parties a job must require; guards against a job that would
     /// make one party's update stand out.
     #[serde(default = "default_min_parties")]
     pub min_parties: usize,
+    /// Deprecated name of `aggregation`.
+    #[serde(default, skip_serializing)]
+    pub privacy_modes: Option<Vec<String>>,
 }
 
 fn default_kinds() -> Vec<String> {
     vec!["train".into(), "evaluate".into()]
 }
-fn default_modes() -> Vec<String> {
+fn default_aggregation() -> Vec<String> {
     vec!["none".into()]
 }
 fn default_min_parties() -> usize {
@@ -112,7 +126,14 @@ fn default_min_parties() -> usize {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { job_kinds: default_kinds(), privacy_modes: default_modes(), min_parties: default_min_parties() }
+        Policy {
+            job_kinds: default_kinds(),
+            aggregation: default_aggregation(),
+            require_dp: false,
+            max_epsilon: None,
+            min_parties: default_min_parties(),
+            privacy_modes: None,
+        }
     }
 }
 
@@ -144,6 +165,11 @@ impl Default for Reconnect {
 impl PartyConfig {
     /// Reads a config file; relative paths are taken from the file's directory.
     pub fn load(path: &Path) -> Result<PartyConfig, Error> {
+        Self::load_with(path, &crate::plugins::PartyPlugins::default())
+    }
+
+    /// [`PartyConfig::load`] for a build that registers further protocols or kinds.
+    pub fn load_with(path: &Path, plugins: &crate::plugins::PartyPlugins) -> Result<PartyConfig, Error> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let mut cfg: PartyConfig = toml::from_str(&text)
             .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.to_string().trim())))?;
@@ -157,12 +183,21 @@ impl PartyConfig {
         for m in cfg.models.values_mut() {
             *m = base.join(&*m);
         }
-        cfg.validate().map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        cfg.validate_with(plugins).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        for w in &mut cfg.warnings {
+            *w = format!("{}: {w}", path.display());
+        }
         Ok(cfg)
     }
 
-    /// Checks values that serde cannot.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks values that serde cannot, against the built-in protocols and kinds.
+    pub fn validate(&mut self) -> Result<(), String> {
+        self.validate_with(&crate::plugins::PartyPlugins::default())
+    }
+
+    /// Checks values that serde cannot, against what `plugins` registers;
+    /// moves the deprecated `policy.privacy_modes` to `policy.aggregation`.
+    pub fn validate_with(&mut self, plugins: &crate::plugins::PartyPlugins) -> Result<(), String> {
         self.limits.validate().map_err(|e| e.to_string())?;
         if !(1..=256).contains(&self.training.threads) {
             return Err(format!("training.threads: must be 1..=256 (got {})", self.training.threads));
@@ -170,22 +205,76 @@ impl PartyConfig {
         if self.reconnect.initial_ms == 0 || self.reconnect.max_ms < self.reconnect.initial_ms {
             return Err("reconnect: need 0 < initial_ms <= max_ms".into());
         }
+        let kinds = plugins.kind_names();
         for k in &self.policy.job_kinds {
-            if !["train", "evaluate"].contains(&k.as_str()) {
-                return Err(format!("policy.job_kinds: unknown kind {k:?} (train, evaluate)"));
+            if !kinds.contains(&k.as_str()) {
+                return Err(format!("policy.job_kinds: unknown kind {k:?} ({})", kinds.join(", ")));
             }
         }
+        let protocols = plugins.protocols().names();
+        if let Some(legacy) = self.policy.privacy_modes.take() {
+            if self.policy.aggregation != default_aggregation() {
+                return Err("policy.privacy_modes: deprecated; give policy.aggregation only".into());
+            }
+            // "he" and "dp" were accepted names before either existed.
+            let (known, dropped): (Vec<String>, Vec<String>) =
+                legacy.into_iter().partition(|m| protocols.contains(&m.as_str()));
+            let mut w = format!("policy.privacy_modes is deprecated: write policy.aggregation = {known:?}");
+            if !dropped.is_empty() {
+                w.push_str(&format!(" ({} ignored: not aggregation protocols of this build)", dropped.join(", ")));
+            }
+            self.warnings.push(w);
+            self.policy.aggregation = known;
+        }
+        for m in &self.policy.aggregation {
+            if !protocols.contains(&m.as_str()) {
+                return Err(format!("policy.aggregation: unknown protocol {m:?} ({})", protocols.join(", ")));
+            }
+        }
+        if let Some(e) = self.policy.max_epsilon
+            && !(e.is_finite() && e > 0.0)
+        {
+            return Err(format!("policy.max_epsilon: must be positive and finite (got {e})"));
+        }
         if let Some(stage) = &self.fault.exit_on_stage {
-            let known = ["setup", "fit", "evaluate", "secagg-shares", "secagg-masked-input", "secagg-unmask"];
+            let known = plugins.stage_names();
             if !known.contains(&stage.as_str()) {
                 return Err(format!("fault.exit_on_stage: unknown stage {stage:?} ({})", known.join(", ")));
             }
         }
-        for m in &self.policy.privacy_modes {
-            if !["none", "secagg", "he", "dp"].contains(&m.as_str()) {
-                return Err(format!("policy.privacy_modes: unknown mode {m:?} (none, secagg, he, dp)"));
-            }
-        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(policy: &str) -> Result<PartyConfig, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        let text =
+            format!("coordinator = \"https://x:1\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n{policy}");
+        std::fs::write(&path, text).unwrap();
+        PartyConfig::load(&path)
+    }
+
+    #[test]
+    fn the_policy_names_protocols_and_keeps_the_old_name_with_a_warning() {
+        let c = load("[policy]\naggregation = [\"secagg\"]\nmax_epsilon = 4.0\nrequire_dp = true\n").unwrap();
+        assert_eq!(
+            (c.policy.aggregation.as_slice(), c.policy.max_epsilon, c.policy.require_dp),
+            (&["secagg".to_string()][..], Some(4.0), true)
+        );
+        let c = load("[policy]\nprivacy_modes = [\"none\", \"secagg\", \"dp\"]\n").unwrap();
+        assert_eq!(c.policy.aggregation, ["none", "secagg"]);
+        assert!(c.warnings[0].contains("deprecated") && c.warnings[0].contains("dp ignored"), "{:?}", c.warnings);
+        let e = load("[policy]\naggregation = [\"paillier\"]\n").unwrap_err().to_string();
+        assert!(e.contains("policy.aggregation: unknown protocol \"paillier\""), "{e}");
+        let e = load("[policy]\nmax_epsilon = -1.0\n").unwrap_err().to_string();
+        assert!(e.contains("policy.max_epsilon"), "{e}");
+        let e = load("[fault]\nexit_on_stage = \"secagg-unmask\"\n").map(|c| c.fault.exit_on_stage);
+        assert_eq!(e.unwrap().as_deref(), Some("secagg-unmask"));
+        assert!(load("[fault]\nexit_on_stage = \"secagg-nope\"\n").is_err());
     }
 }

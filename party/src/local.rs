@@ -73,7 +73,7 @@ pub fn train(
 ) -> Result<Parameters, String> {
     let mut t: Box<dyn Trainer> = trainers.build_from(spec, rows, Dataset::default(), "local")?;
     if spec.model.standardize {
-        let mut p = t.parameters();
+        let mut p = t.parameters().map_err(|e| e.to_string())?;
         apply_feature_stats(&mut p, &t.feature_stats()).map_err(|e| e.to_string())?;
         t.set_parameters(&p).map_err(|e| e.to_string())?;
     }
@@ -84,7 +84,7 @@ pub fn train(
         let out = t.fit(&FitConfig { round, train: train.clone() }).map_err(|e| format!("round {round}: {e}"))?;
         on_round(round, &out.metrics);
     }
-    Ok(t.parameters())
+    t.parameters().map_err(|e| e.to_string())
 }
 
 /// Reads a model file written by `confide job model` (safetensors).

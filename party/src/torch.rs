@@ -14,7 +14,7 @@ use std::sync::{Mutex, OnceLock};
 use confide_algorithms::data::Dataset;
 use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD, classification_outcome, row_count};
 use confide_algorithms::{
-    Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, ModelKind, OptimizerKind,
+    Architecture, Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, OptimizerKind,
     Parameters, Tensor as NamedTensor, TensorSpec, Trainer,
 };
 use rand::SeedableRng;
@@ -102,17 +102,17 @@ impl TorchTrainer {
         let net = {
             let _guard = INIT_LOCK.lock().map_err(|_| Error::Training("initialisation lock poisoned".into()))?;
             tch::manual_seed(i64::from_le_bytes(seed.to_le_bytes()));
-            match model.kind {
-                ModelKind::LogisticRegression => Net::Builtin(nn::seq().add(nn::linear(
+            match &model.architecture {
+                Architecture::LogisticRegression { .. } => Net::Builtin(nn::seq().add(nn::linear(
                     &root / "linear",
                     to_i64(d),
                     to_i64(classes),
                     Default::default(),
                 ))),
-                ModelKind::Mlp => {
+                Architecture::Mlp { hidden } => {
                     let mut seq = nn::seq();
                     let mut width = d;
-                    for (i, h) in model.hidden_layers().into_iter().enumerate() {
+                    for (i, &h) in hidden.iter().enumerate() {
                         seq = seq
                             .add(nn::linear(&root / format!("fc{i}"), to_i64(width), to_i64(h), Default::default()))
                             .add_fn(|x| x.relu());
@@ -120,8 +120,8 @@ impl TorchTrainer {
                     }
                     Net::Builtin(seq.add(nn::linear(&root / "out", to_i64(width), to_i64(classes), Default::default())))
                 }
-                ModelKind::Cnn => {
-                    let [c, h, w] = model.image_shape();
+                Architecture::Cnn { channels, image } => {
+                    let [c, h, w] = *image;
                     if c * h * w != d {
                         return Err(Error::InvalidInput(format!(
                             "model.image {c}x{h}x{w} needs {} features per row; the data has {d}",
@@ -131,7 +131,7 @@ impl TorchTrainer {
                     input_shape = vec![-1, to_i64(c), to_i64(h), to_i64(w)];
                     let conv = nn::ConvConfig { padding: 1, ..Default::default() };
                     let (mut seq, mut ch, mut hh, mut ww) = (nn::seq(), c, h, w);
-                    for (i, out) in model.conv_channels().into_iter().enumerate() {
+                    for (i, &out) in channels.iter().enumerate() {
                         seq = seq
                             .add(nn::conv2d(&root / format!("conv{i}"), to_i64(ch), to_i64(out), 3, conv))
                             .add_fn(|x| x.relu().max_pool2d_default(2));
@@ -145,7 +145,7 @@ impl TorchTrainer {
                         Default::default(),
                     )))
                 }
-                ModelKind::Torchscript => {
+                Architecture::Torchscript { .. } => {
                     let path = script.ok_or_else(|| Error::InvalidInput("no TorchScript file given".into()))?;
                     let m = tch::TrainableCModule::load(path, root.clone()).map_err(|e| {
                         Error::InvalidInput(format!("{}: not a loadable TorchScript module: {e}", path.display()))
@@ -153,7 +153,8 @@ impl TorchTrainer {
                     Net::Script(m)
                 }
                 other => {
-                    return Err(Error::InvalidInput(format!("model kind {} is not a libtorch model", other.as_str())));
+                    let kind = ModelConfig::new(classes, other.clone()).kind();
+                    return Err(Error::InvalidInput(format!("model kind {} is not a libtorch model", kind.as_str())));
                 }
             }
         };
@@ -255,7 +256,7 @@ fn tensor_values(t: &Tensor) -> Result<Vec<f32>, Error> {
 }
 
 impl Trainer for TorchTrainer {
-    fn parameters(&self) -> Parameters {
+    fn parameters(&self) -> Result<Parameters, Error> {
         let vars = self.vs.variables();
         let tensors = self
             .spec()
@@ -264,14 +265,15 @@ impl Trainer for TorchTrainer {
                 let data = match s.name.as_str() {
                     INPUT_MEAN => self.mean.clone(),
                     INPUT_STD => self.std.clone(),
-                    name => vars.get(name).and_then(|t| tensor_values(t).ok()).unwrap_or_default(),
+                    name => {
+                        let t = vars.get(name).ok_or_else(|| Error::Training(format!("tensor {name} vanished")))?;
+                        tensor_values(t)?
+                    }
                 };
-                NamedTensor { name: s.name, shape: s.shape, data }
+                Ok(NamedTensor { name: s.name, shape: s.shape, data })
             })
-            .collect();
-        // Shapes come from the tensors themselves, so this cannot fail short
-        // of libtorch failing to read its own memory.
-        Parameters::new(tensors).unwrap_or_default()
+            .collect::<Result<Vec<_>, Error>>()?;
+        Parameters::new(tensors)
     }
 
     fn set_parameters(&mut self, params: &Parameters) -> Result<(), Error> {
@@ -388,7 +390,7 @@ mod tests {
 
     fn standardised(model: &ModelConfig, train: Dataset, test: Dataset, script: Option<&Path>) -> TorchTrainer {
         let mut t = TorchTrainer::new(model, script, train.clone(), test, 7, 1).unwrap();
-        let mut p = t.parameters();
+        let mut p = t.parameters().unwrap();
         apply_feature_stats(&mut p, &train.feature_stats()).unwrap();
         t.set_parameters(&p).unwrap();
         t
@@ -403,13 +405,16 @@ mod tests {
         let bc = data("breast_cancer.csv");
         let digits = data("digits.csv.gz");
         let cases = [
-            (ModelConfig::new(ModelKind::LogisticRegression, 2), bc.clone()),
-            (ModelConfig { hidden: vec![8, 4], ..ModelConfig::new(ModelKind::Mlp, 2) }, bc),
-            (ModelConfig { channels: vec![4], ..ModelConfig::new(ModelKind::Cnn, 10) }, digits),
+            (
+                ModelConfig::new(2, Architecture::LogisticRegression { engine: confide_algorithms::Engine::Torch }),
+                bc.clone(),
+            ),
+            (ModelConfig::mlp(2, vec![8, 4]), bc),
+            (ModelConfig::cnn(10, vec![4], [1, 8, 8]), digits),
         ];
         for (model, ds) in cases {
             let mut t = TorchTrainer::new(&model, None, ds, Dataset::default(), 3, 0).unwrap();
-            let before = t.parameters();
+            let before = t.parameters().unwrap();
             assert_eq!(
                 &before.spec()[..2].iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
                 &[INPUT_MEAN, INPUT_STD]
@@ -418,7 +423,7 @@ mod tests {
             let flat: Vec<f32> = (0..before.num_values()).map(|i| 0.5 + (i as f32) * 1.000_123e-3).collect();
             let p = Parameters::from_flat(&before.spec(), &flat).unwrap();
             t.set_parameters(&p).unwrap();
-            assert_eq!(t.parameters(), p, "{:?}", model.kind);
+            assert_eq!(t.parameters().unwrap(), p, "{:?}", model.kind());
             // Names and shapes are checked.
             let mut wrong = p.spec();
             wrong[2].shape.push(1);
@@ -429,7 +434,7 @@ mod tests {
     #[test]
     fn one_sgd_step_lowers_the_loss_by_lr_times_the_squared_gradient() {
         let ds = data("breast_cancer.csv");
-        let model = ModelConfig { hidden: vec![8], ..ModelConfig::new(ModelKind::Mlp, 2) };
+        let model = ModelConfig::mlp(2, vec![8]);
         let mut t = standardised(&model, ds.clone(), ds.clone(), None);
         // ‖∇L‖² at the start, from autograd over the full batch.
         let x = t.inputs(&ds.features).unwrap();
@@ -454,13 +459,13 @@ mod tests {
         // second SGD step differs by exactly −lr·μ·(w₁ − w₀).
         let row: Vec<f32> = data("breast_cancer.csv").row(0).to_vec();
         let (lr, mu) = (0.1, 0.5);
-        let model = ModelConfig { hidden: vec![4], ..ModelConfig::new(ModelKind::Mlp, 2) };
+        let model = ModelConfig::mlp(2, vec![4]);
         let run = |rows: usize, mu: f64| {
             let ds = Dataset { features: row.repeat(rows), labels: vec![1; rows], num_features: row.len() };
             let mut t = TorchTrainer::new(&model, None, ds, Dataset::default(), 5, 0).unwrap();
-            let start = t.parameters();
+            let start = t.parameters().unwrap();
             fit(&mut t, 1, TrainConfig { batch_size: 1, learning_rate: lr, proximal_mu: mu, ..TrainConfig::default() });
-            (start.flat_values().collect::<Vec<f32>>(), t.parameters().flat_values().collect::<Vec<f32>>())
+            (start.flat_values().collect::<Vec<f32>>(), t.parameters().unwrap().flat_values().collect::<Vec<f32>>())
         };
         let (w0, w1) = run(1, mu);
         let (_, plain) = run(2, 0.0);
@@ -478,7 +483,7 @@ mod tests {
     #[test]
     fn training_is_deterministic_with_a_seed_and_learns_breast_cancer() {
         let (train, test) = data("breast_cancer.csv").split(0.25, 1);
-        let model = ModelConfig::new(ModelKind::Mlp, 2);
+        let model = ModelConfig::mlp(2, vec![64, 32]);
         let cfg = TrainConfig {
             local_epochs: 5,
             learning_rate: 0.01,
@@ -488,7 +493,7 @@ mod tests {
         let run = || {
             let mut t = standardised(&model, train.clone(), test.clone(), None);
             fit(&mut t, 1, cfg.clone());
-            (t.parameters(), t.evaluate().unwrap())
+            (t.parameters().unwrap(), t.evaluate().unwrap())
         };
         let (p1, e1) = run();
         let (p2, _) = run();
@@ -500,7 +505,7 @@ mod tests {
     #[test]
     fn cnn_learns_the_digits() {
         let (train, test) = data("digits.csv.gz").split(0.25, 1);
-        let model = ModelConfig { channels: vec![8, 16], ..ModelConfig::new(ModelKind::Cnn, 10) };
+        let model = ModelConfig::cnn(10, vec![8, 16], [1, 8, 8]);
         let mut t = standardised(&model, train, test, None);
         let cfg = TrainConfig { local_epochs: 8, learning_rate: 0.05, momentum: 0.9, ..TrainConfig::default() };
         fit(&mut t, 1, cfg);
@@ -510,7 +515,7 @@ mod tests {
         assert_eq!(probs.len(), 20);
         assert!((probs[..10].iter().sum::<f32>() - 1.0).abs() < 1e-5);
         // A shape that does not fit the data is refused with the reason.
-        let bad = ModelConfig { image: Some([1, 4, 4]), ..ModelConfig::new(ModelKind::Cnn, 10) };
+        let bad = ModelConfig::cnn(10, vec![16, 32], [1, 4, 4]);
         let err = TorchTrainer::new(&bad, None, data("digits.csv.gz"), Dataset::default(), 0, 0).err().unwrap();
         assert!(err.to_string().contains("needs 16 features"), "{err}");
     }
@@ -519,10 +524,9 @@ mod tests {
     fn a_torchscript_model_loads_and_trains() {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/breast_cancer_mlp.pt");
         let (train, test) = data("breast_cancer.csv").split(0.25, 1);
-        let mut model = ModelConfig::new(ModelKind::Torchscript, 2);
-        model.torchscript = Some("bc".into());
+        let model = ModelConfig::new(2, Architecture::Torchscript { file: "bc".into() });
         let mut t = standardised(&model, train, test, Some(&script));
-        let names: Vec<String> = t.parameters().spec().into_iter().map(|s| s.name).collect();
+        let names: Vec<String> = t.parameters().unwrap().spec().into_iter().map(|s| s.name).collect();
         assert_eq!(names, [INPUT_MEAN, INPUT_STD, "hidden_bias", "hidden_weight", "out_bias", "out_weight"]);
         let before = t.evaluate().unwrap();
         fit(&mut t, 1, TrainConfig { local_epochs: 3, learning_rate: 0.05, ..TrainConfig::default() });

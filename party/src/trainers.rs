@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use confide_algorithms::data::{Dataset, DatasetSource};
-use confide_algorithms::{Engine, LogisticRegression, ModelKind, Trainer};
+use confide_algorithms::{Architecture, Engine, LogisticRegression, Trainer};
 use confide_proto::jobspec::JobSpec;
 
 /// Makes the trainer for a job. The built-in factory covers the model kinds
@@ -61,19 +61,22 @@ impl BuiltinTrainers {
     ) -> Result<Box<dyn Trainer>, String> {
         let model = &spec.model;
         let seed = spec.training.seed;
-        match (model.engine(), model.kind) {
-            (Engine::Rust, ModelKind::LogisticRegression) => {
+        match (model.engine(), &model.architecture) {
+            (Engine::Rust, Architecture::LogisticRegression { .. }) => {
                 let m = LogisticRegression::new(model.classes, train, held_out, seed, party_salt(party))
                     .map_err(|e| e.to_string())?;
                 Ok(Box::new(m))
             }
+            (_, Architecture::Custom { trainer }) => Err(format!(
+                "model.custom: this party has no trainer named {trainer:?} (it runs the built-in trainers only)"
+            )),
             #[cfg(feature = "torch")]
-            (Engine::Torch, _) => {
-                let script = match &model.torchscript {
-                    Some(name) => Some(self.models.get(name).ok_or_else(|| {
-                        format!("model.torchscript: no model named {name:?} in this party's [models] table")
+            (Engine::Torch, arch) => {
+                let script = match arch {
+                    Architecture::Torchscript { file } => Some(self.models.get(file).ok_or_else(|| {
+                        format!("model.torchscript: no model named {file:?} in this party's [models] table")
                     })?),
-                    None => None,
+                    _ => None,
                 };
                 let m = crate::torch::TorchTrainer::new(
                     model,
@@ -86,13 +89,9 @@ impl BuiltinTrainers {
                 .map_err(|e| e.to_string())?;
                 Ok(Box::new(m))
             }
-            (_, ModelKind::Custom) => Err(format!(
-                "model.custom: this party has no trainer named {:?} (it runs the built-in trainers only)",
-                model.custom.as_deref().unwrap_or_default()
-            )),
-            (engine, kind) => Err(format!(
+            (engine, _) => Err(format!(
                 "model {} on engine {} is not available in this build of confide-party{}",
-                kind.as_str(),
+                model.kind().as_str(),
                 engine.as_str(),
                 if HAS_TORCH { "" } else { " (built without the `torch` feature)" }
             )),

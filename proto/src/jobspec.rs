@@ -1,55 +1,50 @@
 //! The TOML job spec: what a data scientist submits with `confide job submit`.
 //!
-//! [`JobSpec::parse`] reports *every* error it can find, each as
-//! `FILE: field.path: what is wrong`, so a bad spec is fixed in one pass and
+//! [`JobSpec::parse`] reads the TOML into [`RawJobSpec`] (every setting
+//! optional, as written), reports *every* error it can find, each as
+//! `FILE: field.path: what is wrong`, and only then builds the typed
+//! [`JobSpec`], whose strategy, model and aggregation protocol are tagged
+//! enums with exactly their own settings. A bad spec is fixed in one pass and
 //! never reaches a party. See `examples/jobs/breast-cancer.toml` for a
 //! commented example.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use confide_algorithms::{Engine, ModelConfig, OptimizerKind, TrainConfig};
+use confide_algorithms::{Capabilities, Engine, ModelConfig, OptimizerKind, RawModel, TrainConfig};
+use confide_crypto::aggregation::{JobFacts, Protocols, Reveals};
 use serde::{Deserialize, Serialize};
 
 use crate::Limits;
 
-/// What a job does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// What a job does. The built-in kinds are variants; a kind registered by a
+/// coordinator and party build of your own is [`JobKind::Extension`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum JobKind {
     /// Federated training for `rounds` rounds.
     Train,
     /// One federated evaluation of an earlier job's model (`from_job`).
     Evaluate,
+    /// A kind registered by name (see `docs/architecture.md`).
+    Extension(String),
 }
 
 impl JobKind {
     /// The name used in specs, policies and status.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             JobKind::Train => "train",
             JobKind::Evaluate => "evaluate",
+            JobKind::Extension(name) => name,
         }
     }
-}
 
-/// How updates are protected. Further modes (`he`, `dp`) plug in here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PrivacyMode {
-    /// Plain updates over mutual TLS: the coordinator sees each party's update.
-    #[default]
-    None,
-    /// SecAgg+ secure aggregation: the coordinator learns only the sum.
-    Secagg,
-}
-
-impl PrivacyMode {
-    /// The name used in specs, policies and status.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PrivacyMode::None => "none",
-            PrivacyMode::Secagg => "secagg",
+    /// The kind called `name`.
+    pub fn parse(name: &str) -> JobKind {
+        match name {
+            "train" => JobKind::Train,
+            "evaluate" => JobKind::Evaluate,
+            other => JobKind::Extension(other.to_owned()),
         }
     }
 }
@@ -68,131 +63,326 @@ pub struct PartiesSpec {
     /// The data set name each party looks up in its own config.
     pub dataset: String,
     /// Per-party overrides of `dataset`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub datasets: BTreeMap<String, String>,
 }
 
-/// The aggregation strategy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StrategyName {
-    /// Example-weighted federated averaging.
-    #[default]
-    Fedavg,
-    /// FedAvg with a proximal term in local training (FedProx).
-    Fedprox,
-    /// FedAvg with server momentum.
-    Fedavgm,
-    /// Adaptive server optimiser: Adagrad.
-    Fedadagrad,
-    /// Adaptive server optimiser: Yogi.
-    Fedyogi,
-    /// Adaptive server optimiser: Adam.
-    Fedadam,
-    /// Coordinate-wise median (robust; plaintext only).
-    Median,
-    /// Coordinate-wise trimmed mean (robust; plaintext only).
-    TrimmedMean,
-    /// Krum (robust; plaintext only).
-    Krum,
-    /// A strategy registered with the coordinator by a researcher's own build
-    /// (see `examples/custom_strategy.rs`); `strategy.custom` names it.
-    Custom,
+/// Settings of the adaptive server optimisers (Reddi et al., ICLR 2021).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveSettings {
+    /// Server learning rate η (default 0.1).
+    pub server_learning_rate: f64,
+    /// β₁ (default 0.9).
+    pub beta1: f64,
+    /// β₂ (default 0.99; unused by Adagrad).
+    pub beta2: f64,
+    /// Adaptivity τ (default 1e-3).
+    pub tau: f64,
 }
 
-impl StrategyName {
-    /// Whether the rule needs individual updates (so cannot run on a secure sum).
-    pub fn is_robust(self) -> bool {
-        matches!(self, StrategyName::Median | StrategyName::TrimmedMean | StrategyName::Krum)
+/// The aggregation strategy, with exactly its own settings (defaults filled in).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum StrategyConfig {
+    /// Example-weighted federated averaging.
+    FedAvg,
+    /// FedAvg with the proximal term μ/2·‖w − w_global‖² in local training.
+    FedProx {
+        /// μ (default 0.01).
+        proximal_mu: f64,
+    },
+    /// FedAvg with server momentum.
+    FedAvgM {
+        /// η (default 1.0).
+        server_learning_rate: f64,
+        /// β (default 0.9).
+        momentum: f64,
+    },
+    /// Adaptive server optimiser: Adagrad.
+    FedAdagrad(AdaptiveSettings),
+    /// Adaptive server optimiser: Yogi.
+    FedYogi(AdaptiveSettings),
+    /// Adaptive server optimiser: Adam.
+    FedAdam(AdaptiveSettings),
+    /// Coordinate-wise median (robust; needs individual updates).
+    Median,
+    /// Coordinate-wise trimmed mean (robust; needs individual updates).
+    TrimmedMean {
+        /// Fraction trimmed at each end, [0, 0.5) (default 0.1).
+        trim_fraction: f64,
+    },
+    /// Krum (robust; needs individual updates).
+    Krum {
+        /// Byzantine parties tolerated (default 1).
+        byzantine: usize,
+    },
+    /// A strategy registered with the coordinator by a build of your own
+    /// (see `examples/custom_strategy.rs`).
+    Custom {
+        /// The registered name.
+        name: String,
+        /// Its options table, handed to the registered factory.
+        options: toml::Table,
+    },
+}
+
+impl StrategyConfig {
+    /// The name used in specs (`custom` for registered strategies).
+    pub fn name(&self) -> &'static str {
+        match self {
+            StrategyConfig::FedAvg => "fedavg",
+            StrategyConfig::FedProx { .. } => "fedprox",
+            StrategyConfig::FedAvgM { .. } => "fedavgm",
+            StrategyConfig::FedAdagrad(_) => "fedadagrad",
+            StrategyConfig::FedYogi(_) => "fedyogi",
+            StrategyConfig::FedAdam(_) => "fedadam",
+            StrategyConfig::Median => "median",
+            StrategyConfig::TrimmedMean { .. } => "trimmed_mean",
+            StrategyConfig::Krum { .. } => "krum",
+            StrategyConfig::Custom { .. } => "custom",
+        }
+    }
+
+    /// What a built-in strategy can aggregate; `None` for a custom one,
+    /// which declares it when built.
+    pub fn capabilities(&self) -> Option<Capabilities> {
+        match self {
+            StrategyConfig::Median | StrategyConfig::TrimmedMean { .. } | StrategyConfig::Krum { .. } => {
+                Some(Capabilities::INDIVIDUAL_UPDATES)
+            }
+            StrategyConfig::Custom { .. } => None,
+            _ => Some(Capabilities::ANY),
+        }
     }
 }
 
-/// The strategy table.
+/// The strategy table as written in TOML.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StrategySpec {
-    /// Which strategy.
-    #[serde(default)]
-    pub name: StrategyName,
-    /// fedavgm / fedad*: server learning rate (default 1.0 for fedavgm, 0.1 for fedad*).
+pub struct RawStrategy {
+    /// Which strategy (default `fedavg`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// fedavgm / fedad*: server learning rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_learning_rate: Option<f64>,
-    /// fedavgm: server momentum (default 0.9).
+    /// fedavgm: server momentum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub momentum: Option<f64>,
-    /// fedad*: β₁ (default 0.9).
+    /// fedad*: β₁.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta1: Option<f64>,
-    /// fedyogi / fedadam: β₂ (default 0.99).
+    /// fedad*: β₂.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta2: Option<f64>,
-    /// fedad*: adaptivity τ (default 1e-3).
+    /// fedad*: τ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tau: Option<f64>,
-    /// trimmed_mean: fraction trimmed at each end, [0, 0.5) (default 0.1).
+    /// trimmed_mean: trimmed fraction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trim_fraction: Option<f64>,
-    /// fedprox: μ of the proximal term μ/2·‖w − w_global‖² (default 0.01).
+    /// fedprox: μ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proximal_mu: Option<f64>,
-    /// krum: Byzantine parties tolerated (default 1).
+    /// krum: Byzantine parties tolerated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub byzantine: Option<usize>,
     /// custom: the registered strategy's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom: Option<String>,
-    /// custom: numeric options handed to the registered strategy.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub options: BTreeMap<String, f64>,
+    /// custom: options for the registered strategy.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub options: toml::Table,
 }
 
-/// The privacy table.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrivacySpec {
-    /// How updates are protected.
-    #[serde(default)]
-    pub mode: PrivacyMode,
-    /// secagg: fraction of a party's neighbours whose shares rebuild its
-    /// secrets, in (0.5, 1]; default 0.6.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub threshold: Option<f64>,
-    /// secagg: bits of the modulus the encoded sum lives in, 16..=32; default 32.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bits: Option<u32>,
-    /// secagg: each coordinate of a party's (example-weighted) update is
-    /// clipped to [-clip, clip]; default 1.0.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clip: Option<f32>,
-    /// secagg: the most training examples one party may weigh in with; its
-    /// update is scaled by n/max_examples before encoding; default 100000.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_examples: Option<u64>,
-}
+const STRATEGIES: [&str; 10] =
+    ["fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "median", "trimmed_mean", "krum", "custom"];
 
-/// Resolved secure-aggregation settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SecAggSettings {
-    /// Threshold as a fraction of the degree.
-    pub threshold: f64,
-    /// Modulus bits.
-    pub bits: u32,
-    /// Coordinate clip.
-    pub clip: f32,
-    /// Weight cap.
-    pub max_examples: u64,
-}
+impl RawStrategy {
+    /// Checks every setting against the named strategy; errors are
+    /// `(field, message)` relative to the table.
+    fn validate(&self, min_parties: usize) -> Vec<(String, String)> {
+        let mut e: Vec<(String, String)> = Vec::new();
+        let name = self.name.as_deref().unwrap_or("fedavg");
+        if !STRATEGIES.contains(&name) {
+            e.push(("name".into(), format!("unknown strategy {name:?} (one of {})", STRATEGIES.join(", "))));
+            return e;
+        }
+        let adaptive = ["fedadagrad", "fedyogi", "fedadam"];
+        // Which strategies each setting applies to.
+        let fields: [(&str, bool, &[&str]); 10] = [
+            (
+                "server_learning_rate",
+                self.server_learning_rate.is_some(),
+                &["fedavgm", "fedadagrad", "fedyogi", "fedadam"],
+            ),
+            ("momentum", self.momentum.is_some(), &["fedavgm"]),
+            ("beta1", self.beta1.is_some(), &adaptive),
+            ("beta2", self.beta2.is_some(), &adaptive),
+            ("tau", self.tau.is_some(), &adaptive),
+            ("trim_fraction", self.trim_fraction.is_some(), &["trimmed_mean"]),
+            ("proximal_mu", self.proximal_mu.is_some(), &["fedprox"]),
+            ("byzantine", self.byzantine.is_some(), &["krum"]),
+            ("custom", self.custom.is_some(), &["custom"]),
+            ("options", !self.options.is_empty(), &["custom"]),
+        ];
+        let mut misplaced = Vec::new();
+        for (field, set, applies) in fields {
+            if set && !applies.contains(&name) {
+                misplaced.push(field);
+                let to = if applies.len() == 1 { format!("name = {:?}", applies[0]) } else { applies.join(", ") };
+                e.push((field.into(), format!("only applies to {to}")));
+            }
+        }
+        let ok = |f: &str| !misplaced.contains(&f);
+        let in01 = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && (0.0..1.0).contains(&v));
+        if ok("server_learning_rate") && self.server_learning_rate.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            e.push(("server_learning_rate".into(), "must be positive and finite".into()));
+        }
+        for (field, v) in [("momentum", self.momentum), ("beta1", self.beta1), ("beta2", self.beta2)] {
+            if ok(field) && !in01(v) {
+                e.push((field.into(), "must be in [0, 1)".into()));
+            }
+        }
+        if ok("tau") && self.tau.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            e.push(("tau".into(), "must be positive and finite".into()));
+        }
+        if ok("proximal_mu") && self.proximal_mu.is_some_and(|v| !(v.is_finite() && (0.0..=1000.0).contains(&v))) {
+            e.push(("proximal_mu".into(), "must be in [0, 1000]".into()));
+        }
+        if ok("trim_fraction") && self.trim_fraction.is_some_and(|v| !(v.is_finite() && (0.0..0.5).contains(&v))) {
+            e.push(("trim_fraction".into(), "must be in [0, 0.5)".into()));
+        }
+        if name == "custom" {
+            match &self.custom {
+                None => e.push(("custom".into(), "name the registered strategy (name = \"custom\")".into())),
+                Some(c)
+                    if c.is_empty()
+                        || c.len() > 64
+                        || !c.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch)) =>
+                {
+                    e.push(("custom".into(), format!("{c:?} is not a strategy name (letters, digits, '-', '_')")))
+                }
+                Some(_) => {}
+            }
+            if let Some(k) = self.options.keys().find(|k| k.is_empty() || k.len() > 64) {
+                e.push((format!("options.{k}"), "option names are 1 to 64 bytes".into()));
+            }
+        }
+        if name == "krum" {
+            let f = self.byzantine.unwrap_or(1);
+            if min_parties < 2 * f + 3 {
+                e.push((
+                    "byzantine".into(),
+                    format!("krum with {f} byzantine parties needs parties.min >= {}", 2 * f + 3),
+                ));
+            }
+        }
+        e
+    }
 
-impl PrivacySpec {
-    /// The secure-aggregation settings with defaults filled in.
-    pub fn secagg(&self) -> SecAggSettings {
-        SecAggSettings {
-            threshold: self.threshold.unwrap_or(0.6),
-            bits: self.bits.unwrap_or(32),
-            clip: self.clip.unwrap_or(1.0),
-            max_examples: self.max_examples.unwrap_or(100_000),
+    /// The typed strategy; only called after [`RawStrategy::validate`] passed.
+    fn typed(&self) -> StrategyConfig {
+        let adaptive = || AdaptiveSettings {
+            server_learning_rate: self.server_learning_rate.unwrap_or(0.1),
+            beta1: self.beta1.unwrap_or(0.9),
+            beta2: self.beta2.unwrap_or(0.99),
+            tau: self.tau.unwrap_or(1e-3),
+        };
+        match self.name.as_deref().unwrap_or("fedavg") {
+            "fedprox" => StrategyConfig::FedProx { proximal_mu: self.proximal_mu.unwrap_or(0.01) },
+            "fedavgm" => StrategyConfig::FedAvgM {
+                server_learning_rate: self.server_learning_rate.unwrap_or(1.0),
+                momentum: self.momentum.unwrap_or(0.9),
+            },
+            "fedadagrad" => StrategyConfig::FedAdagrad(adaptive()),
+            "fedyogi" => StrategyConfig::FedYogi(adaptive()),
+            "fedadam" => StrategyConfig::FedAdam(adaptive()),
+            "median" => StrategyConfig::Median,
+            "trimmed_mean" => StrategyConfig::TrimmedMean { trim_fraction: self.trim_fraction.unwrap_or(0.1) },
+            "krum" => StrategyConfig::Krum { byzantine: self.byzantine.unwrap_or(1) },
+            "custom" => {
+                StrategyConfig::Custom { name: self.custom.clone().unwrap_or_default(), options: self.options.clone() }
+            }
+            _ => StrategyConfig::FedAvg,
         }
     }
+}
+
+impl From<&StrategyConfig> for RawStrategy {
+    fn from(s: &StrategyConfig) -> Self {
+        let mut r = RawStrategy { name: Some(s.name().to_owned()), ..RawStrategy::default() };
+        let mut adaptive = |a: &AdaptiveSettings| {
+            r.server_learning_rate = Some(a.server_learning_rate);
+            r.beta1 = Some(a.beta1);
+            r.beta2 = Some(a.beta2);
+            r.tau = Some(a.tau);
+        };
+        match s {
+            StrategyConfig::FedAdagrad(a) | StrategyConfig::FedYogi(a) | StrategyConfig::FedAdam(a) => adaptive(a),
+            StrategyConfig::FedProx { proximal_mu } => r.proximal_mu = Some(*proximal_mu),
+            StrategyConfig::FedAvgM { server_learning_rate, momentum } => {
+                r.server_learning_rate = Some(*server_learning_rate);
+                r.momentum = Some(*momentum);
+            }
+            StrategyConfig::TrimmedMean { trim_fraction } => r.trim_fraction = Some(*trim_fraction),
+            StrategyConfig::Krum { byzantine } => r.byzantine = Some(*byzantine),
+            StrategyConfig::Custom { name, options } => {
+                r.custom = Some(name.clone());
+                r.options = options.clone();
+            }
+            StrategyConfig::FedAvg | StrategyConfig::Median => {}
+        }
+        r
+    }
+}
+
+/// How the parties' updates are combined: an aggregation protocol by name
+/// and its settings (the spec's `[aggregation.NAME]` table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregationSpec {
+    /// The protocol (`none`, `secagg`, ...).
+    pub protocol: String,
+    /// Its settings table as written (the protocol fills in defaults).
+    pub settings: toml::Table,
+}
+
+impl Default for AggregationSpec {
+    fn default() -> Self {
+        AggregationSpec { protocol: "none".into(), settings: toml::Table::new() }
+    }
+}
+
+/// The `[aggregation]` table as written: `protocol` and one sub-table per protocol.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RawAggregation {
+    /// The protocol (default `none`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// `[aggregation.NAME]` settings tables.
+    #[serde(flatten)]
+    pub tables: BTreeMap<String, toml::Value>,
+}
+
+/// The deprecated `[privacy]` table (mode and SecAgg+ settings side by side).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyPrivacy {
+    /// The protocol.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// secagg: threshold.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// secagg: bits.
+    #[serde(default)]
+    pub bits: Option<u32>,
+    /// secagg: clip.
+    #[serde(default)]
+    pub clip: Option<f32>,
+    /// secagg: max_examples.
+    #[serde(default)]
+    pub max_examples: Option<u64>,
 }
 
 /// Evaluation cadence.
@@ -239,39 +429,80 @@ impl Default for Timeouts {
     }
 }
 
-/// A validated job spec.
+/// The spec as written in TOML. [`JobSpec::parse`] validates it as a whole
+/// before building the typed [`JobSpec`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JobSpec {
+pub struct RawJobSpec {
     /// Human-readable name.
     pub name: String,
-    /// What the job does.
-    pub kind: JobKind,
+    /// `train`, `evaluate`, or a registered kind.
+    pub kind: String,
     /// Training rounds (1 for `evaluate`).
     #[serde(default = "one")]
     pub rounds: u32,
     /// Start from (`train`) or evaluate (`evaluate`) this earlier job's model.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_job: Option<String>,
     /// Who takes part.
     pub parties: PartiesSpec,
     /// How updates are combined.
     #[serde(default)]
-    pub strategy: StrategySpec,
+    pub strategy: RawStrategy,
     /// The model.
-    pub model: ModelConfig,
+    pub model: RawModel,
     /// Local training settings.
     #[serde(default)]
     pub training: TrainConfig,
     /// Evaluation cadence.
     #[serde(default)]
     pub evaluation: EvaluationSpec,
-    /// Privacy protection.
-    #[serde(default)]
-    pub privacy: PrivacySpec,
+    /// The aggregation protocol and its settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregation: Option<RawAggregation>,
+    /// Deprecated: `[privacy] mode` and SecAgg+ settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<LegacyPrivacy>,
+    /// Differential privacy (not available yet: refused by validation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<toml::Value>,
+    /// Settings of an extension job kind.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub extension: toml::Table,
     /// Deadlines.
     #[serde(default)]
     pub timeouts: Timeouts,
+}
+
+/// A validated job spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    /// Human-readable name.
+    pub name: String,
+    /// What the job does.
+    pub kind: JobKind,
+    /// Training rounds (1 for `evaluate`).
+    pub rounds: u32,
+    /// Start from (`train`) or evaluate (`evaluate`) this earlier job's model.
+    pub from_job: Option<String>,
+    /// Who takes part.
+    pub parties: PartiesSpec,
+    /// How updates are combined into the next model.
+    pub strategy: StrategyConfig,
+    /// The model.
+    pub model: ModelConfig,
+    /// Local training settings.
+    pub training: TrainConfig,
+    /// Evaluation cadence.
+    pub evaluation: EvaluationSpec,
+    /// How the parties' updates reach the coordinator.
+    pub aggregation: AggregationSpec,
+    /// Settings of an extension job kind (its `[extension]` table).
+    pub extension: toml::Table,
+    /// Deadlines.
+    pub timeouts: Timeouts,
+    /// Deprecations found while parsing (not part of the spec's meaning).
+    pub warnings: Vec<String>,
 }
 
 /// Every problem found in a spec, each with its field path.
@@ -302,24 +533,29 @@ impl fmt::Display for SpecErrors {
 impl std::error::Error for SpecErrors {}
 
 impl JobSpec {
-    /// Parses and validates a spec. `file` names the source in errors.
+    /// Parses and validates a spec against the built-in aggregation
+    /// protocols. `file` names the source in errors.
     pub fn parse(text: &str, file: &str, limits: &Limits) -> Result<JobSpec, SpecErrors> {
+        Self::parse_with(text, file, limits, Protocols::builtin())
+    }
+
+    /// [`JobSpec::parse`] for a build that registers further protocols.
+    pub fn parse_with(text: &str, file: &str, limits: &Limits, protocols: &Protocols) -> Result<JobSpec, SpecErrors> {
         let fail = |path: &str, msg: String| SpecErrors { file: file.to_owned(), errors: vec![(path.to_owned(), msg)] };
         if text.len() > limits.max_spec_bytes {
             return Err(fail("(file)", format!("{} bytes; the limit is {}", text.len(), limits.max_spec_bytes)));
         }
         let de = toml::Deserializer::parse(text).map_err(|e| fail("(syntax)", one_line(&e.to_string())))?;
-        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let raw: RawJobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             fail(if path == "." { "(top level)" } else { &path }, one_line(&e.into_inner().to_string()))
         })?;
-        let errors = spec.validate(limits);
-        if errors.is_empty() { Ok(spec) } else { Err(SpecErrors { file: file.to_owned(), errors }) }
+        raw.into_spec(limits, protocols).map_err(|errors| SpecErrors { file: file.to_owned(), errors })
     }
 
     /// The minimum number of parties, resolved.
     pub fn min_parties(&self) -> usize {
-        self.parties.min.unwrap_or(self.parties.names.len().max(1))
+        min_parties(&self.parties)
     }
 
     /// The data set `party` should use.
@@ -327,14 +563,56 @@ impl JobSpec {
         self.parties.datasets.get(party).map(String::as_str).unwrap_or(&self.parties.dataset)
     }
 
-    /// Serialises back to TOML (what parties receive).
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_default()
+    /// What the aggregation protocol of job `job_id` may know of it.
+    pub fn facts(&self, job_id: &str, limits: &Limits) -> JobFacts {
+        JobFacts {
+            job_id: job_id.to_owned(),
+            named_parties: self.parties.names.len(),
+            max_parties: limits.max_parties,
+            min_parties: self.min_parties(),
+            max_values: limits.max_values,
+        }
     }
 
-    /// Semantic checks; returns every `(path, message)` problem.
-    pub fn validate(&self, limits: &Limits) -> Vec<(String, String)> {
+    /// The spec as TOML tables (what parties receive, what the database keeps).
+    pub fn to_raw(&self) -> RawJobSpec {
+        let mut tables = BTreeMap::new();
+        if !self.aggregation.settings.is_empty() {
+            tables.insert(self.aggregation.protocol.clone(), toml::Value::Table(self.aggregation.settings.clone()));
+        }
+        RawJobSpec {
+            name: self.name.clone(),
+            kind: self.kind.as_str().to_owned(),
+            rounds: self.rounds,
+            from_job: self.from_job.clone(),
+            parties: self.parties.clone(),
+            strategy: RawStrategy::from(&self.strategy),
+            model: RawModel::from(self.model.clone()),
+            training: self.training.clone(),
+            evaluation: self.evaluation.clone(),
+            aggregation: Some(RawAggregation { protocol: Some(self.aggregation.protocol.clone()), tables }),
+            privacy: None,
+            dp: None,
+            extension: self.extension.clone(),
+            timeouts: self.timeouts.clone(),
+        }
+    }
+
+    /// Serialises back to TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.to_raw()).unwrap_or_default()
+    }
+}
+
+fn min_parties(p: &PartiesSpec) -> usize {
+    p.min.unwrap_or(p.names.len().max(1))
+}
+
+impl RawJobSpec {
+    /// Every `(path, message)` problem, or the typed spec.
+    pub fn into_spec(self, limits: &Limits, protocols: &Protocols) -> Result<JobSpec, Vec<(String, String)>> {
         let mut e: Vec<(String, String)> = Vec::new();
+        let mut warnings = Vec::new();
         let mut err = |p: &str, m: String| e.push((p.to_owned(), m));
         if self.name.is_empty()
             || self.name.len() > 100
@@ -345,7 +623,15 @@ impl JobSpec {
         if !(1..=10_000).contains(&self.rounds) {
             err("rounds", format!("must be 1..=10000 (got {})", self.rounds));
         }
-        match (self.kind, &self.from_job) {
+        let kind = JobKind::parse(&self.kind);
+        if let JobKind::Extension(k) = &kind
+            && (k.is_empty()
+                || k.len() > 64
+                || !k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_".contains(c)))
+        {
+            err("kind", format!("{k:?} is not a job kind (train, evaluate, or a registered kind's name)"));
+        }
+        match (&kind, &self.from_job) {
             (JobKind::Evaluate, None) => {
                 err("from_job", "an evaluate job needs the id of the job whose model it evaluates".into())
             }
@@ -363,11 +649,12 @@ impl JobSpec {
         if names.len() > limits.max_parties {
             err("parties.names", format!("{} parties; the limit is {}", names.len(), limits.max_parties));
         }
+        let mut seen = std::collections::HashSet::new();
         for (i, n) in names.iter().enumerate() {
-            if let Err(x) = confide_crypto_name_check(n) {
+            if let Err(x) = party_name_check(n) {
                 err(&format!("parties.names[{i}]"), x);
             }
-            if names[..i].contains(n) {
+            if !seen.insert(n) {
                 err(&format!("parties.names[{i}]"), format!("{n:?} is listed twice"));
             }
         }
@@ -397,7 +684,13 @@ impl JobSpec {
             let (field, rest) = msg.split_once(": ").unwrap_or(("", &msg));
             err(&format!("model.{field}"), rest.to_owned());
         }
-        if self.model.engine() == Engine::Rust && self.training.optimizer != OptimizerKind::Sgd {
+        let engine = match (self.model.kind, self.model.engine) {
+            (confide_algorithms::ModelKind::LogisticRegression, None) => Engine::Rust,
+            (confide_algorithms::ModelKind::Custom, _) => Engine::Rust,
+            (_, Some(e)) => e,
+            (_, None) => Engine::Torch,
+        };
+        if engine == Engine::Rust && self.training.optimizer != OptimizerKind::Sgd {
             err("training.optimizer", "the rust engine trains with SGD; set model.engine = \"torch\"".into());
         }
         for msg in self.training.validate() {
@@ -407,97 +700,118 @@ impl JobSpec {
         if self.evaluation.every == 0 {
             err("evaluation.every", "must be at least 1".into());
         }
-        let st = &self.strategy;
-        let in01 = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && (0.0..1.0).contains(&v));
-        if st.server_learning_rate.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
-            err("strategy.server_learning_rate", "must be positive and finite".into());
+        let min = min_parties(&self.parties);
+        let strategy_errors = self.strategy.validate(min);
+        let strategy_ok = strategy_errors.is_empty();
+        for (field, msg) in strategy_errors {
+            err(&format!("strategy.{field}"), msg);
         }
-        for (field, v) in [("momentum", st.momentum), ("beta1", st.beta1), ("beta2", st.beta2)] {
-            if !in01(v) {
-                err(&format!("strategy.{field}"), "must be in [0, 1)".into());
+
+        // The aggregation protocol: [aggregation], or the deprecated [privacy].
+        let (aggregation, origin) = match (&self.aggregation, &self.privacy) {
+            (Some(_), Some(_)) => {
+                err("privacy", "[privacy] is deprecated and cannot be combined with [aggregation]; remove it".into());
+                (AggregationSpec::default(), "aggregation")
             }
-        }
-        if st.tau.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
-            err("strategy.tau", "must be positive and finite".into());
-        }
-        if st.proximal_mu.is_some_and(|v| !(v.is_finite() && (0.0..=1000.0).contains(&v))) {
-            err("strategy.proximal_mu", "must be in [0, 1000]".into());
-        }
-        if st.trim_fraction.is_some_and(|v| !(v.is_finite() && (0.0..0.5).contains(&v))) {
-            err("strategy.trim_fraction", "must be in [0, 0.5)".into());
-        }
-        match (&st.custom, st.name) {
-            (None, StrategyName::Custom) => {
-                err("strategy.custom", "name the registered strategy (name = \"custom\")".into())
-            }
-            (Some(c), StrategyName::Custom) => {
-                if c.is_empty() || c.len() > 64 || !c.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch))
-                {
-                    err("strategy.custom", format!("{c:?} is not a strategy name (letters, digits, '-', '_')"));
+            (None, Some(legacy)) => {
+                let protocol = legacy.mode.clone().unwrap_or_else(|| "none".into());
+                let mut settings = toml::Table::new();
+                if let Some(v) = legacy.threshold {
+                    settings.insert("threshold".into(), toml::Value::Float(v));
                 }
+                if let Some(v) = legacy.bits {
+                    settings.insert("bits".into(), toml::Value::Integer(i64::from(v)));
+                }
+                if let Some(v) = legacy.clip {
+                    settings.insert("clip".into(), toml::Value::Float(f64::from(v)));
+                }
+                if let Some(v) = legacy.max_examples {
+                    settings.insert("max_examples".into(), toml::Value::Integer(v.min(i64::MAX as u64) as i64));
+                }
+                warnings.push(format!(
+                    "[privacy] is deprecated: write [aggregation] protocol = {protocol:?}{}",
+                    if settings.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" and its settings in [aggregation.{protocol}]")
+                    }
+                ));
+                (AggregationSpec { protocol, settings }, "privacy")
             }
-            (Some(_), _) => err("strategy.custom", "only applies to name = \"custom\"".into()),
-            (None, _) => {}
-        }
-        if st.name != StrategyName::Custom && !st.options.is_empty() {
-            err("strategy.options", "only applies to name = \"custom\"".into());
-        }
-        if let Some((k, v)) = st.options.iter().find(|(k, v)| !v.is_finite() || k.is_empty() || k.len() > 64) {
-            err(&format!("strategy.options.{k}"), format!("must be a finite number under a short name (got {v})"));
-        }
-        if st.name == StrategyName::Krum {
-            let f = st.byzantine.unwrap_or(1);
-            if self.min_parties() < 2 * f + 3 {
-                err(
-                    "strategy.byzantine",
-                    format!("krum with {f} byzantine parties needs parties.min >= {}", 2 * f + 3),
-                );
+            (Some(a), None) => {
+                let protocol = a.protocol.clone().unwrap_or_else(|| "none".into());
+                let mut settings = toml::Table::new();
+                for (key, value) in &a.tables {
+                    match (value, protocols.get(key)) {
+                        (toml::Value::Table(t), Some(_)) if *key == protocol => settings = t.clone(),
+                        (toml::Value::Table(_), Some(_)) => err(
+                            &format!("aggregation.{key}"),
+                            format!("only applies to protocol {key:?} (protocol is {protocol:?})"),
+                        ),
+                        (toml::Value::Table(_), None) => err(
+                            &format!("aggregation.{key}"),
+                            format!("no aggregation protocol named {key:?} (known: {})", protocols.names().join(", ")),
+                        ),
+                        _ => err(
+                            &format!("aggregation.{key}"),
+                            "unknown field (protocol, or a protocol's settings table)".into(),
+                        ),
+                    }
+                }
+                (AggregationSpec { protocol, settings }, "aggregation")
             }
-        }
-        let p = &self.privacy;
-        if p.mode == PrivacyMode::Secagg && st.name.is_robust() {
-            err(
-                "strategy.name",
-                format!("{:?} needs individual updates; privacy.mode = \"secagg\" reveals only their sum", st.name),
-            );
-        }
-        if p.mode == PrivacyMode::Secagg {
-            let sa = p.secagg();
-            if !(sa.threshold > 0.5 && sa.threshold <= 1.0) {
-                err("privacy.threshold", format!("must be in (0.5, 1] (got {})", sa.threshold));
-            }
-            if !(16..=32).contains(&sa.bits) {
-                err("privacy.bits", format!("must be 16..=32 (got {})", sa.bits));
-            }
-            if !(sa.clip.is_finite() && sa.clip > 0.0) {
-                err("privacy.clip", format!("must be positive and finite (got {})", sa.clip));
-            }
-            let parties = if names.is_empty() { limits.max_parties } else { names.len() };
-            if sa.max_examples == 0 || (sa.max_examples as u128) * (parties as u128) >= 1u128 << sa.bits.min(32) {
-                err(
-                    "privacy.max_examples",
-                    format!("must be positive and {parties} × max_examples must fit in {} bits", sa.bits),
-                );
-            } else if (((1u64 << sa.bits.min(32)) - 1) / parties as u64) < 256 {
-                err("privacy.bits", format!("{} bits are too few for {parties} parties", sa.bits));
-            }
-            if self.min_parties() < 2 {
-                err("parties.min", "secure aggregation needs at least 2 parties".into());
-            }
+            (None, None) => (AggregationSpec::default(), "aggregation"),
+        };
+        let (protocol_field, settings_path) = if origin == "privacy" {
+            ("privacy.mode".to_string(), "privacy".to_string())
         } else {
-            for (field, set) in [
-                ("threshold", p.threshold.is_some()),
-                ("bits", p.bits.is_some()),
-                ("clip", p.clip.is_some()),
-                ("max_examples", p.max_examples.is_some()),
-            ] {
-                if set {
+            ("aggregation.protocol".to_string(), format!("aggregation.{}", aggregation.protocol))
+        };
+        let facts = JobFacts {
+            job_id: String::new(),
+            named_parties: names.len(),
+            max_parties: limits.max_parties,
+            min_parties: min,
+            max_values: limits.max_values,
+        };
+        match protocols.get(&aggregation.protocol) {
+            None => err(
+                &protocol_field,
+                format!(
+                    "no aggregation protocol named {:?} (known: {})",
+                    aggregation.protocol,
+                    protocols.names().join(", ")
+                ),
+            ),
+            Some(p) => {
+                for problem in p.validate(&aggregation.settings, &facts) {
+                    let path = match (problem.absolute, problem.field.is_empty()) {
+                        (true, _) => problem.field,
+                        (false, true) => settings_path.clone(),
+                        (false, false) => format!("{settings_path}.{}", problem.field),
+                    };
+                    err(&path, problem.message);
+                }
+                if strategy_ok
+                    && p.reveals() == Reveals::WeightedSum
+                    && self.strategy.typed().capabilities().is_some_and(|c| !c.weighted_sum)
+                {
                     err(
-                        &format!("privacy.{field}"),
-                        format!("only applies to mode \"secagg\" (mode is {:?})", p.mode.as_str()),
+                        "strategy.name",
+                        format!(
+                            "{:?} needs individual updates; aggregation protocol {:?} reveals only their sum",
+                            self.strategy.typed().name(),
+                            aggregation.protocol
+                        ),
                     );
                 }
             }
+        }
+        if self.dp.is_some() {
+            err("dp", "differential privacy is not available in this version of Confide; remove the [dp] table".into());
+        }
+        if !matches!(kind, JobKind::Extension(_)) && !self.extension.is_empty() {
+            err("extension", format!("only applies to extension job kinds (kind is {:?})", kind.as_str()));
         }
         if !(1..=86_400).contains(&self.timeouts.recruit_secs) {
             err("timeouts.recruit_secs", format!("must be 1..=86400 (got {})", self.timeouts.recruit_secs));
@@ -505,13 +819,31 @@ impl JobSpec {
         if !(1..=86_400).contains(&self.timeouts.round_secs) {
             err("timeouts.round_secs", format!("must be 1..=86400 (got {})", self.timeouts.round_secs));
         }
-        e
+        if !e.is_empty() {
+            return Err(e);
+        }
+        let strategy = self.strategy.typed();
+        let model = ModelConfig::try_from(self.model).map_err(|m| vec![("model".to_owned(), m)])?;
+        Ok(JobSpec {
+            name: self.name,
+            kind,
+            rounds: self.rounds,
+            from_job: self.from_job,
+            parties: self.parties,
+            strategy,
+            model,
+            training: self.training,
+            evaluation: self.evaluation,
+            aggregation,
+            extension: self.extension,
+            timeouts: self.timeouts,
+            warnings,
+        })
     }
 }
 
-/// Same rule as `confide_crypto::pki::validate_party_name`, restated here so
-/// the wire crate does not depend on the PKI.
-fn confide_crypto_name_check(n: &str) -> Result<(), String> {
+/// Same rule as `confide_crypto::pki::validate_party_name`.
+fn party_name_check(n: &str) -> Result<(), String> {
     let ok = !n.is_empty()
         && n.len() <= 63
         && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
@@ -545,7 +877,7 @@ classes = 2
         let s = JobSpec::parse(GOOD, "good.toml", &Limits::default()).unwrap();
         assert_eq!(s.min_parties(), 1);
         assert_eq!(s.training.batch_size, 32);
-        assert_eq!(s.privacy.mode, PrivacyMode::None);
+        assert_eq!(s.aggregation.protocol, "none");
         assert_eq!(s.dataset_for("hospital-a"), "breast-cancer");
         let again = JobSpec::parse(&s.to_toml(), "x", &Limits::default()).unwrap();
         assert_eq!(again, s);
@@ -591,11 +923,11 @@ mod strategy_tests {
 
     #[test]
     fn robust_rules_are_refused_with_secure_aggregation() {
-        let spec = format!("{BASE}[strategy]\nname = \"median\"\n[privacy]\nmode = \"secagg\"\n");
+        let spec = format!("{BASE}[strategy]\nname = \"median\"\n[aggregation]\nprotocol = \"secagg\"\n");
         let e = JobSpec::parse(&spec, "f", &Limits::default()).unwrap_err();
         assert_eq!(e.errors[0].0, "strategy.name");
         assert!(e.errors[0].1.contains("reveals only their sum"));
-        let ok = format!("{BASE}[strategy]\nname = \"fedadam\"\ntau = 0.01\n[privacy]\nmode = \"secagg\"\n");
+        let ok = format!("{BASE}[strategy]\nname = \"fedadam\"\ntau = 0.01\n[aggregation]\nprotocol = \"secagg\"\n");
         JobSpec::parse(&ok, "f", &Limits::default()).unwrap();
         let bad = format!("{BASE}[strategy]\nname = \"krum\"\nbeta1 = 1.5\n");
         let e = JobSpec::parse(&bad, "f", &Limits::default()).unwrap_err();
@@ -605,26 +937,62 @@ mod strategy_tests {
 }
 
 #[cfg(test)]
-mod privacy_tests {
+mod aggregation_tests {
     use super::*;
+    use confide_crypto::aggregation::secagg::SecAggSettings;
 
     const BASE: &str = "name = \"s\"\nkind = \"train\"\n[parties]\nnames = [\"a\", \"b\", \"c\"]\ndataset = \"d\"\n\
                         [model]\nkind = \"logistic_regression\"\nclasses = 2\n";
 
+    fn paths(text: &str) -> Vec<String> {
+        match JobSpec::parse(text, "f", &Limits::default()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.errors.into_iter().map(|(p, _)| p).collect(),
+        }
+    }
+
     #[test]
     fn secagg_settings_have_safe_defaults_and_are_validated() {
-        let s = JobSpec::parse(&format!("{BASE}[privacy]\nmode = \"secagg\"\n"), "f", &Limits::default()).unwrap();
-        assert_eq!(s.privacy.secagg(), SecAggSettings { threshold: 0.6, bits: 32, clip: 1.0, max_examples: 100_000 });
+        let s =
+            JobSpec::parse(&format!("{BASE}[aggregation]\nprotocol = \"secagg\"\n"), "f", &Limits::default()).unwrap();
+        assert_eq!(
+            SecAggSettings::from_table(&s.aggregation.settings).unwrap(),
+            SecAggSettings { threshold: 0.6, bits: 32, clip: 1.0, max_examples: 100_000 }
+        );
+        let bad = format!(
+            "{BASE}[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nthreshold = 0.4\nbits = 40\nclip = -1.0\n"
+        );
+        assert_eq!(paths(&bad), ["aggregation.secagg.threshold", "aggregation.secagg.bits", "aggregation.secagg.clip"]);
+        let narrow = format!("{BASE}[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nbits = 16\n");
+        assert_eq!(paths(&narrow), ["aggregation.secagg.max_examples"]);
+        let stray = format!("{BASE}[aggregation]\nprotocol = \"none\"\n[aggregation.secagg]\nbits = 32\n");
+        assert_eq!(paths(&stray), ["aggregation.secagg"]);
+        let unknown = format!("{BASE}[aggregation]\nprotocol = \"paillier\"\n");
+        assert_eq!(paths(&unknown), ["aggregation.protocol"]);
+        let typo = format!("{BASE}[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nthreshhold = 0.7\n");
+        assert_eq!(paths(&typo), ["aggregation.secagg.threshhold"]);
+    }
+
+    #[test]
+    fn the_deprecated_privacy_table_still_works_with_a_warning_and_its_own_field_names() {
+        let legacy = format!("{BASE}[privacy]\nmode = \"secagg\"\nmax_examples = 1000\n");
+        let s = JobSpec::parse(&legacy, "f", &Limits::default()).unwrap();
+        assert_eq!(s.aggregation.protocol, "secagg");
+        assert_eq!(SecAggSettings::from_table(&s.aggregation.settings).unwrap().max_examples, 1000);
+        assert!(s.warnings[0].contains("[privacy] is deprecated") && s.warnings[0].contains("[aggregation.secagg]"));
+        // Re-serialised in the new form, without the warning.
+        let again = JobSpec::parse(&s.to_toml(), "x", &Limits::default()).unwrap();
+        assert!(again.warnings.is_empty() && again.aggregation == s.aggregation);
         let bad = format!("{BASE}[privacy]\nmode = \"secagg\"\nthreshold = 0.4\nbits = 40\nclip = -1.0\n");
-        let e = JobSpec::parse(&bad, "f", &Limits::default()).unwrap_err();
-        let paths: Vec<&str> = e.errors.iter().map(|(p, _)| p.as_str()).collect();
-        assert_eq!(paths, vec!["privacy.threshold", "privacy.bits", "privacy.clip"]);
-        let e = JobSpec::parse(&format!("{BASE}[privacy]\nmode = \"secagg\"\nbits = 16\n"), "f", &Limits::default())
-            .unwrap_err();
-        assert_eq!(e.errors[0].0, "privacy.max_examples");
-        let e = JobSpec::parse(&format!("{BASE}[privacy]\nmode = \"none\"\nbits = 32\n"), "f", &Limits::default())
-            .unwrap_err();
-        assert_eq!(e.errors[0].0, "privacy.bits");
+        assert_eq!(paths(&bad), ["privacy.threshold", "privacy.bits", "privacy.clip"]);
+        assert_eq!(paths(&format!("{BASE}[privacy]\nmode = \"none\"\nbits = 32\n")), ["privacy.bits"]);
+        let both = format!("{BASE}[privacy]\nmode = \"secagg\"\n[aggregation]\nprotocol = \"secagg\"\n");
+        assert_eq!(paths(&both), ["privacy"]);
+    }
+
+    #[test]
+    fn differential_privacy_is_refused_until_it_exists() {
+        assert_eq!(paths(&format!("{BASE}[dp]\nepsilon = 1.0\n")), ["dp"]);
     }
 }
 
@@ -679,8 +1047,49 @@ mod model_tests {
             errors(lr, "[strategy]\nname = \"fedavg\"\ncustom = \"x\"\noptions = { a = 1.0 }"),
             ["strategy.custom", "strategy.options"]
         );
+        assert_eq!(errors(lr, "[strategy]\nname = \"fedavg\"\nmomentum = 0.9"), ["strategy.momentum"]);
+        assert_eq!(errors(lr, "[strategy]\nname = \"fedsgd\""), ["strategy.name"]);
         assert!(
             errors(lr, "[strategy]\nname = \"custom\"\ncustom = \"lr-decay\"\noptions = { gamma = 0.5 }").is_empty()
         );
+    }
+}
+
+#[cfg(test)]
+mod typed_tests {
+    use super::*;
+    use confide_algorithms::Architecture;
+
+    const BASE: &str = "name = \"t\"\nkind = \"train\"\n[parties]\nnames = [\"a\", \"b\", \"c\"]\ndataset = \"d\"\n";
+
+    #[test]
+    fn strategies_and_models_become_tagged_enums_with_defaults_and_round_trip() {
+        let text =
+            format!("{BASE}[model]\nkind = \"cnn\"\nclasses = 10\n[strategy]\nname = \"fedadam\"\nbeta2 = 0.9\n");
+        let s = JobSpec::parse(&text, "f", &Limits::default()).unwrap();
+        let want = AdaptiveSettings { server_learning_rate: 0.1, beta1: 0.9, beta2: 0.9, tau: 1e-3 };
+        assert_eq!(s.strategy, StrategyConfig::FedAdam(want));
+        assert_eq!(s.model.architecture, Architecture::Cnn { channels: vec![16, 32], image: [1, 8, 8] });
+        assert_eq!(JobSpec::parse(&s.to_toml(), "x", &Limits::default()).unwrap(), s);
+        let custom = format!(
+            "{BASE}[model]\nkind = \"mlp\"\nclasses = 2\n[strategy]\nname = \"custom\"\ncustom = \"x\"\noptions = {{ mode = \"fast\", gamma = 0.5 }}\n"
+        );
+        let s = JobSpec::parse(&custom, "f", &Limits::default()).unwrap();
+        let StrategyConfig::Custom { name, options } = &s.strategy else { panic!("{:?}", s.strategy) };
+        assert_eq!((name.as_str(), options["mode"].as_str()), ("x", Some("fast")));
+        assert_eq!(JobSpec::parse(&s.to_toml(), "x", &Limits::default()).unwrap(), s);
+    }
+
+    #[test]
+    fn extension_kinds_parse_by_name_and_keep_their_table() {
+        let text = format!("{BASE}[model]\nkind = \"logistic_regression\"\nclasses = 2\n[extension]\nwindow = 3\n")
+            .replace("kind = \"train\"", "kind = \"row-count\"");
+        let s = JobSpec::parse(&text, "f", &Limits::default()).unwrap();
+        assert_eq!(s.kind, JobKind::Extension("row-count".into()));
+        assert_eq!(s.extension["window"].as_integer(), Some(3));
+        let e = JobSpec::parse(&text.replace("row-count", "train"), "f", &Limits::default()).unwrap_err();
+        assert_eq!(e.errors[0].0, "extension");
+        let e = JobSpec::parse(&text.replace("row-count", "Row Count"), "f", &Limits::default()).unwrap_err();
+        assert_eq!(e.errors[0].0, "kind");
     }
 }

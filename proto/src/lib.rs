@@ -1,17 +1,21 @@
 //! Wire types of the Confide federation.
 //!
 //! * [`pb`]: the gRPC services and messages generated from `proto/confide.proto`.
-//! * [`transfer`]: chunked tensor transfer with size checks before buffering.
+//! * [`messages`]: the [`Stage`] type and the typed tasks and results both
+//!   sides handle, with their conversions from and to [`pb`].
+//! * [`transfer`]: chunked transfer of bulk vectors with size checks before buffering.
 //! * [`jobspec`]: the TOML job spec and its validation (every error with its
 //!   field path and file name).
 //! * [`status`]: the JSON job status shown by `confide job status --json`.
 //! * [`Limits`]: every size the federation enforces at its boundaries.
 
 pub mod jobspec;
+pub mod messages;
 pub mod net;
-pub mod secagg;
 pub mod status;
 pub mod transfer;
+
+pub use messages::{Stage, StageName};
 
 mod error;
 pub use error::Error;

@@ -123,16 +123,19 @@ pub struct RoundRecord {
     pub completed_at: u64,
 }
 
-/// Privacy accounting of a job.
+/// How a job protects the parties' data, and what it has spent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyStatus {
-    /// The mode (`none`, later `secagg`, `he`, `dp`).
-    pub mode: String,
-    /// Spent ε, when DP is on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The aggregation protocol (`none`, `secagg`, ...).
+    pub aggregation: String,
+    /// The differential-privacy level, when the job has one (null otherwise).
+    #[serde(default)]
+    pub dp: Option<String>,
+    /// Spent ε, when DP is on (null otherwise).
+    #[serde(default)]
     pub epsilon: Option<f64>,
-    /// δ, when DP is on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// δ, when DP is on (null otherwise).
+    #[serde(default)]
     pub delta: Option<f64>,
 }
 
@@ -145,7 +148,8 @@ pub struct ModelInfo {
     pub path: String,
 }
 
-/// Everything `confide job status` shows.
+/// Everything `confide job status` shows. The admin API sends it as the
+/// typed `confide.v1.JobStatus` message; JSON is the CLI's rendering.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
     /// Job id.
@@ -178,4 +182,200 @@ pub struct JobStatus {
     pub created_at: u64,
     /// Unix seconds.
     pub updated_at: u64,
+}
+
+// ------------------------------------------------------------- wire form
+
+use crate::{Error, pb};
+
+impl From<JobState> for pb::JobState {
+    fn from(s: JobState) -> Self {
+        match s {
+            JobState::Pending => pb::JobState::Pending,
+            JobState::Running => pb::JobState::Running,
+            JobState::Succeeded => pb::JobState::Succeeded,
+            JobState::Failed => pb::JobState::Failed,
+            JobState::Cancelled => pb::JobState::Cancelled,
+        }
+    }
+}
+
+impl TryFrom<i32> for JobState {
+    type Error = Error;
+    fn try_from(v: i32) -> Result<Self, Error> {
+        Ok(match pb::JobState::try_from(v).unwrap_or(pb::JobState::Unspecified) {
+            pb::JobState::Pending => JobState::Pending,
+            pb::JobState::Running => JobState::Running,
+            pb::JobState::Succeeded => JobState::Succeeded,
+            pb::JobState::Failed => JobState::Failed,
+            pb::JobState::Cancelled => JobState::Cancelled,
+            pb::JobState::Unspecified => return Err(Error::ProtocolViolation(format!("job state {v}"))),
+        })
+    }
+}
+
+impl From<PartyState> for pb::PartyState {
+    fn from(s: PartyState) -> Self {
+        match s {
+            PartyState::Invited => pb::PartyState::Invited,
+            PartyState::Accepted => pb::PartyState::Accepted,
+            PartyState::Refused => pb::PartyState::Refused,
+            PartyState::Dropped => pb::PartyState::Dropped,
+            PartyState::Failed => pb::PartyState::Failed,
+        }
+    }
+}
+
+impl TryFrom<i32> for PartyState {
+    type Error = Error;
+    fn try_from(v: i32) -> Result<Self, Error> {
+        Ok(match pb::PartyState::try_from(v).unwrap_or(pb::PartyState::Unspecified) {
+            pb::PartyState::Invited => PartyState::Invited,
+            pb::PartyState::Accepted => PartyState::Accepted,
+            pb::PartyState::Refused => PartyState::Refused,
+            pb::PartyState::Dropped => PartyState::Dropped,
+            pb::PartyState::Failed => PartyState::Failed,
+            pb::PartyState::Unspecified => return Err(Error::ProtocolViolation(format!("party state {v}"))),
+        })
+    }
+}
+
+impl From<RoundRecord> for pb::RoundRecord {
+    fn from(r: RoundRecord) -> Self {
+        pb::RoundRecord {
+            round: r.round,
+            metrics: r.metrics.into_iter().collect(),
+            participants: r.participants,
+            dropped: r.dropped.into_iter().collect(),
+            completed_at: r.completed_at,
+        }
+    }
+}
+
+impl From<pb::RoundRecord> for RoundRecord {
+    fn from(r: pb::RoundRecord) -> Self {
+        RoundRecord {
+            round: r.round,
+            metrics: r.metrics.into_iter().collect(),
+            participants: r.participants,
+            dropped: r.dropped.into_iter().collect(),
+            completed_at: r.completed_at,
+        }
+    }
+}
+
+impl From<JobStatus> for pb::JobStatus {
+    fn from(s: JobStatus) -> Self {
+        pb::JobStatus {
+            id: s.id,
+            name: s.name,
+            kind: s.kind,
+            state: pb::JobState::from(s.state) as i32,
+            rounds_completed: s.rounds_completed,
+            rounds_total: s.rounds_total,
+            parties: s
+                .parties
+                .into_iter()
+                .map(|(n, p)| {
+                    let st = pb::PartyStatus {
+                        state: pb::PartyState::from(p.state) as i32,
+                        detail: p.detail,
+                        last_round: p.last_round,
+                    };
+                    (n, st)
+                })
+                .collect(),
+            metrics: s.metrics.into_iter().collect(),
+            history: s.history.into_iter().map(pb::RoundRecord::from).collect(),
+            privacy: Some(pb::PrivacyStatus {
+                aggregation: s.privacy.aggregation,
+                dp: s.privacy.dp,
+                epsilon: s.privacy.epsilon,
+                delta: s.privacy.delta,
+            }),
+            error: s.error,
+            model: s.model.map(|m| pb::ModelInfo { round: m.round, path: m.path }),
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+impl TryFrom<pb::JobStatus> for JobStatus {
+    type Error = Error;
+    fn try_from(s: pb::JobStatus) -> Result<Self, Error> {
+        let parties = s
+            .parties
+            .into_iter()
+            .map(|(n, p)| {
+                let state = PartyState::try_from(p.state)?;
+                Ok((n, PartyStatus { state, detail: p.detail, last_round: p.last_round }))
+            })
+            .collect::<Result<_, Error>>()?;
+        let privacy = s.privacy.unwrap_or_default();
+        Ok(JobStatus {
+            id: s.id,
+            name: s.name,
+            kind: s.kind,
+            state: JobState::try_from(s.state)?,
+            rounds_completed: s.rounds_completed,
+            rounds_total: s.rounds_total,
+            parties,
+            metrics: s.metrics.into_iter().collect(),
+            history: s.history.into_iter().map(RoundRecord::from).collect(),
+            privacy: PrivacyStatus {
+                aggregation: privacy.aggregation,
+                dp: privacy.dp,
+                epsilon: privacy.epsilon,
+                delta: privacy.delta,
+            },
+            error: s.error,
+            model: s.model.map(|m| ModelInfo { round: m.round, path: m.path }),
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_survives_the_wire_and_renders_privacy_with_nulls() {
+        let st = JobStatus {
+            id: "j1".into(),
+            name: "n".into(),
+            kind: "train".into(),
+            state: JobState::Running,
+            rounds_completed: 1,
+            rounds_total: 3,
+            parties: [(
+                "a".to_string(),
+                PartyStatus { state: PartyState::Dropped, detail: Some("x".into()), last_round: 1 },
+            )]
+            .into(),
+            metrics: [("loss".to_string(), 0.5)].into(),
+            history: vec![RoundRecord {
+                round: 1,
+                metrics: Metrics::new(),
+                participants: vec!["a".into()],
+                dropped: [("b".to_string(), "fit: disconnected".to_string())].into(),
+                completed_at: 9,
+            }],
+            privacy: PrivacyStatus { aggregation: "secagg".into(), dp: None, epsilon: None, delta: None },
+            error: None,
+            model: Some(ModelInfo { round: 1, path: "/m".into() }),
+            created_at: 1,
+            updated_at: 2,
+        };
+        let back = JobStatus::try_from(pb::JobStatus::from(st.clone())).unwrap();
+        assert_eq!(back, st);
+        let json: serde_json::Value = serde_json::to_value(&st).unwrap();
+        assert_eq!(
+            json["privacy"],
+            serde_json::json!({"aggregation": "secagg", "dp": null, "epsilon": null, "delta": null})
+        );
+        assert!(JobState::try_from(0).is_err());
+    }
 }

@@ -1,64 +1,127 @@
-//! Chunked transfer of model parameters.
+//! Chunked transfer of bulk vectors (models, masked vectors).
 //!
-//! A sender emits one [`pb::ParamsHeader`] and then [`pb::Chunk`]s of at most
-//! `chunk_bytes`, in order. A receiver starts an [`Incoming`] from the header,
-//! which checks the declared sizes against [`Limits`] *before* allocating, and
-//! then accepts only in-order chunks that fit what was declared.
+//! A sender puts a [`pb::BulkHeader`] in its task or result and then sends
+//! [`pb::Chunk`]s of at most `chunk_bytes`, in order. A receiver starts an
+//! [`Incoming`] from the header, which checks the declared sizes against
+//! [`Limits`] *before* allocating, and then accepts only in-order chunks
+//! that fit what was declared, writing them straight into the vector it
+//! will hand over.
 
-use confide_algorithms::{Parameters, TensorSpec};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use confide_algorithms::{Parameters, Tensor, TensorSpec};
+pub use confide_crypto::aggregation::Bulk;
 
 use crate::{Error, Limits, pb};
 
-/// Encodes `params` as a header plus the little-endian bytes to chunk.
-pub fn encode(transfer_id: u64, params: &Parameters) -> (pb::ParamsHeader, Vec<u8>) {
-    let tensors = params
-        .tensors()
-        .iter()
-        .map(|t| pb::TensorSpec { name: t.name.clone(), shape: t.shape.iter().map(|&d| d as u64).collect() })
-        .collect();
-    let mut bytes = Vec::with_capacity(params.num_values() * 4);
-    for t in params.tensors() {
-        bytes.extend_from_slice(&word_bytes(bytemuck::cast_slice(&t.data)));
+/// A bulk vector's little-endian bytes, ready to be chunked for any number
+/// of recipients without further copies.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// The header to put in the message.
+    pub header: pb::BulkHeader,
+    /// The bytes the chunks slice.
+    pub bytes: Bytes,
+}
+
+/// Owns a vector and shows it as bytes, so a party's masked vector or a
+/// single-tensor model is sent without being copied.
+struct LeBytes<T>(T);
+
+impl AsRef<[u8]> for LeBytes<Vec<u32>> {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
     }
-    (pb::ParamsHeader { transfer_id, tensors, total_bytes: bytes.len() as u64 }, bytes)
 }
 
-/// The header of a transfer of `len` raw 32-bit words (a masked vector in
-/// Z_{2^b}) as one tensor named `name`; [`word_bytes`] gives the bytes to chunk.
-pub fn words_header(transfer_id: u64, name: &str, len: usize) -> pb::ParamsHeader {
-    let spec = pb::TensorSpec { name: name.to_owned(), shape: vec![len as u64] };
-    pb::ParamsHeader { transfer_id, tensors: vec![spec], total_bytes: len as u64 * 4 }
+impl AsRef<[u8]> for LeBytes<Arc<Parameters>> {
+    fn as_ref(&self) -> &[u8] {
+        self.0.tensors().first().map(|t| bytemuck::cast_slice(t.data.as_slice())).unwrap_or_default()
+    }
 }
 
-/// The little-endian bytes of `words`: on little-endian machines a view of
-/// the words themselves, so a multi-megabyte vector is not copied to be sent.
-pub fn word_bytes(words: &[u32]) -> std::borrow::Cow<'_, [u8]> {
-    if cfg!(target_endian = "little") {
-        std::borrow::Cow::Borrowed(bytemuck::cast_slice(words))
+fn specs(tensors: impl Iterator<Item = (String, Vec<usize>)>) -> Vec<pb::TensorSpec> {
+    tensors.map(|(name, shape)| pb::TensorSpec { name, shape: shape.iter().map(|&d| d as u64).collect() }).collect()
+}
+
+/// Encodes `bulk` under `transfer_id`.
+pub fn encode(transfer_id: u64, bulk: &Bulk) -> Encoded {
+    let little = cfg!(target_endian = "little");
+    match bulk {
+        Bulk::Params(p) => {
+            let tensors = specs(p.tensors().iter().map(|t| (t.name.clone(), t.shape.clone())));
+            let bytes = if little && p.tensors().len() == 1 {
+                Bytes::from_owner(LeBytes(p.clone()))
+            } else {
+                let mut b = Vec::with_capacity(p.num_values() * 4);
+                for v in p.flat_values() {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+                Bytes::from(b)
+            };
+            let header = pb::BulkHeader {
+                transfer_id,
+                kind: pb::BulkKind::F32Tensors as i32,
+                tensors,
+                total_bytes: bytes.len() as u64,
+            };
+            Encoded { header, bytes }
+        }
+        Bulk::Words(w) => {
+            let bytes = if little {
+                Bytes::from_owner(LeBytes(w.clone()))
+            } else {
+                Bytes::from(w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+            };
+            Encoded { header: words_header(transfer_id, w.len()), bytes }
+        }
+    }
+}
+
+/// Encodes a vector of words, taking ownership so that no copy is made.
+pub fn encode_words(transfer_id: u64, words: Vec<u32>) -> Encoded {
+    let header = words_header(transfer_id, words.len());
+    let bytes = if cfg!(target_endian = "little") {
+        Bytes::from_owner(LeBytes(words))
     } else {
-        std::borrow::Cow::Owned(words.iter().flat_map(|w| w.to_le_bytes()).collect())
+        Bytes::from(words.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    };
+    Encoded { header, bytes }
+}
+
+fn words_header(transfer_id: u64, len: usize) -> pb::BulkHeader {
+    pb::BulkHeader {
+        transfer_id,
+        kind: pb::BulkKind::U32Words as i32,
+        tensors: vec![pb::TensorSpec { name: "words".into(), shape: vec![len as u64] }],
+        total_bytes: len as u64 * 4,
     }
 }
 
-/// 32-bit little-endian values from `bytes` (a multiple of 4 long).
-fn words_from_le<T: bytemuck::Pod>(bytes: &[u8], from_le: impl Fn([u8; 4]) -> T) -> Vec<T> {
-    if cfg!(target_endian = "little") {
-        let n = bytes.len() / 4;
-        let mut out = vec![T::zeroed(); n];
-        bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&bytes[..n * 4]);
-        out
-    } else {
-        bytes.chunks_exact(4).map(|c| from_le([c[0], c[1], c[2], c[3]])).collect()
-    }
-}
-
-/// Splits encoded bytes into chunks of at most `chunk_bytes`.
-pub fn chunks(transfer_id: u64, bytes: &[u8], chunk_bytes: usize) -> impl Iterator<Item = pb::Chunk> + '_ {
-    bytes.chunks(chunk_bytes.max(4)).scan(0u64, move |offset, c| {
-        let chunk = pb::Chunk { transfer_id, offset: *offset, data: c.to_vec() };
-        *offset += c.len() as u64;
-        Some(chunk)
+/// Splits encoded bytes into chunks of at most `chunk_bytes`; each chunk is
+/// a slice of the shared buffer.
+pub fn chunks(transfer_id: u64, bytes: &Bytes, chunk_bytes: usize) -> impl Iterator<Item = pb::Chunk> + '_ {
+    let step = chunk_bytes.max(4);
+    (0..bytes.len()).step_by(step).map(move |start| {
+        let end = (start + step).min(bytes.len());
+        pb::Chunk { transfer_id, offset: start as u64, data: bytes.slice(start..end) }
     })
+}
+
+#[derive(Debug)]
+enum Buf {
+    F32(Vec<f32>),
+    U32(Vec<u32>),
+}
+
+impl Buf {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Buf::F32(v) => bytemuck::cast_slice_mut(v.as_mut_slice()),
+            Buf::U32(v) => bytemuck::cast_slice_mut(v.as_mut_slice()),
+        }
+    }
 }
 
 /// A transfer being received.
@@ -67,19 +130,27 @@ pub struct Incoming {
     transfer_id: u64,
     specs: Vec<TensorSpec>,
     expected: usize,
-    buf: Vec<u8>,
+    received: usize,
+    buf: Buf,
     chunk_bytes: usize,
 }
 
 impl Incoming {
     /// Checks a header against `limits` and prepares to receive its chunks.
-    pub fn start(header: &pb::ParamsHeader, limits: &Limits) -> Result<Incoming, Error> {
+    pub fn start(header: &pb::BulkHeader, limits: &Limits) -> Result<Incoming, Error> {
+        let kind = pb::BulkKind::try_from(header.kind).unwrap_or(pb::BulkKind::Unspecified);
+        if kind == pb::BulkKind::Unspecified {
+            return Err(Error::ProtocolViolation(format!("bulk kind {} is not known", header.kind)));
+        }
         if header.tensors.len() > limits.max_tensors {
             return Err(Error::LimitExceeded(format!(
                 "{} tensors announced; limit is {}",
                 header.tensors.len(),
                 limits.max_tensors
             )));
+        }
+        if kind == pb::BulkKind::U32Words && header.tensors.len() != 1 {
+            return Err(Error::ProtocolViolation("a word transfer is one vector".into()));
         }
         let mut specs = Vec::with_capacity(header.tensors.len());
         let mut values = 0usize;
@@ -90,13 +161,15 @@ impl Incoming {
             let shape: Vec<usize> = t
                 .shape
                 .iter()
-                .map(|&d| usize::try_from(d).ok().filter(|&d| d <= limits.max_values))
+                .map(|&d| usize::try_from(d).ok().filter(|&d| d <= limits.max_values + 1))
                 .collect::<Option<_>>()
                 .ok_or_else(|| Error::LimitExceeded(format!("tensor {}: dimension above limit", t.name)))?;
             let spec = TensorSpec { name: t.name.clone(), shape };
             let n =
                 spec.num_values().ok_or_else(|| Error::LimitExceeded(format!("tensor {}: shape overflows", t.name)))?;
-            values = values.checked_add(n).filter(|&v| v <= limits.max_values).ok_or_else(|| {
+            // A masked vector holds the model's values and a weight word.
+            let cap = limits.max_values + usize::from(kind == pb::BulkKind::U32Words);
+            values = values.checked_add(n).filter(|&v| v <= cap).ok_or_else(|| {
                 Error::LimitExceeded(format!("more than {} parameter values announced", limits.max_values))
             })?;
             specs.push(spec);
@@ -107,11 +180,16 @@ impl Incoming {
                 header.total_bytes
             )));
         }
+        let buf = match kind {
+            pb::BulkKind::U32Words => Buf::U32(vec![0; values]),
+            _ => Buf::F32(vec![0.0; values]),
+        };
         Ok(Incoming {
             transfer_id: header.transfer_id,
             specs,
             expected: values * 4,
-            buf: Vec::with_capacity(values * 4),
+            received: 0,
+            buf,
             chunk_bytes: limits.chunk_bytes,
         })
     }
@@ -123,7 +201,7 @@ impl Incoming {
 
     /// Whether every declared byte has arrived.
     pub fn is_complete(&self) -> bool {
-        self.buf.len() == self.expected
+        self.received == self.expected
     }
 
     /// Appends one chunk; it must continue exactly where the last one ended.
@@ -134,11 +212,10 @@ impl Incoming {
                 chunk.transfer_id, self.transfer_id
             )));
         }
-        if chunk.offset != self.buf.len() as u64 {
+        if chunk.offset != self.received as u64 {
             return Err(Error::ProtocolViolation(format!(
                 "chunk at offset {} where {} was expected",
-                chunk.offset,
-                self.buf.len()
+                chunk.offset, self.received
             )));
         }
         if chunk.data.is_empty() || chunk.data.len() > self.chunk_bytes {
@@ -148,39 +225,50 @@ impl Incoming {
                 self.chunk_bytes
             )));
         }
-        if self.buf.len() + chunk.data.len() > self.expected {
+        let end = self.received + chunk.data.len();
+        if end > self.expected {
             return Err(Error::ProtocolViolation(format!("chunks exceed the {} bytes announced", self.expected)));
         }
-        self.buf.extend_from_slice(&chunk.data);
+        self.buf.bytes_mut()[self.received..end].copy_from_slice(&chunk.data);
+        self.received = end;
         Ok(())
     }
 
-    /// The received bytes as raw 32-bit words (for [`words_header`] transfers).
-    pub fn finish_words(self) -> Result<Vec<u32>, Error> {
-        if !self.is_complete() || self.specs.len() != 1 {
-            return Err(Error::ProtocolViolation("a word transfer is one complete tensor".into()));
-        }
-        Ok(words_from_le(&self.buf, u32::from_le_bytes))
-    }
-
-    /// The received parameters; fails if bytes are missing.
-    pub fn finish(self) -> Result<Parameters, Error> {
+    /// The received vector; fails if bytes are missing.
+    pub fn finish(self) -> Result<Bulk, Error> {
         if !self.is_complete() {
             return Err(Error::ProtocolViolation(format!(
                 "transfer ended after {} of {} bytes",
-                self.buf.len(),
-                self.expected
+                self.received, self.expected
             )));
         }
-        let flat: Vec<f32> = words_from_le(&self.buf, f32::from_le_bytes);
-        Parameters::from_flat(&self.specs, &flat).map_err(|e| Error::ProtocolViolation(e.to_string()))
+        match self.buf {
+            Buf::U32(mut w) => {
+                if cfg!(target_endian = "big") {
+                    w.iter_mut().for_each(|x| *x = u32::from_le(*x));
+                }
+                Ok(Bulk::Words(w))
+            }
+            Buf::F32(mut v) => {
+                if cfg!(target_endian = "big") {
+                    v.iter_mut().for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits())));
+                }
+                let params = if self.specs.len() == 1 {
+                    // The received buffer becomes the tensor: no copy.
+                    let s = &self.specs[0];
+                    Parameters::new(vec![Tensor { name: s.name.clone(), shape: s.shape.clone(), data: v }])
+                } else {
+                    Parameters::from_flat(&self.specs, &v)
+                };
+                params.map(|p| Bulk::Params(Arc::new(p))).map_err(|e| Error::ProtocolViolation(e.to_string()))
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use confide_algorithms::Tensor;
 
     fn params(n: usize) -> Parameters {
         Parameters::new(vec![
@@ -194,45 +282,62 @@ mod tests {
         Limits { chunk_bytes: 64, max_message_bytes: 2048, max_values: 1000, ..Limits::default() }
     }
 
-    #[test]
-    fn round_trips_in_chunks() {
-        let p = params(300);
-        let (header, bytes) = encode(7, &p);
-        let mut inc = Incoming::start(&header, &small_limits()).unwrap();
-        let cs: Vec<_> = chunks(7, &bytes, 64).collect();
-        assert!(cs.len() > 10);
+    fn receive(e: &Encoded, limits: &Limits) -> Bulk {
+        let mut inc = Incoming::start(&e.header, limits).unwrap();
+        let cs: Vec<_> = chunks(e.header.transfer_id, &e.bytes, 64).collect();
         for c in &cs {
             assert!(!inc.is_complete());
             inc.push(c).unwrap();
         }
-        assert_eq!(inc.finish().unwrap(), p);
+        inc.finish().unwrap()
+    }
+
+    #[test]
+    fn round_trips_in_chunks() {
+        let p = Arc::new(params(300));
+        let e = encode(7, &Bulk::Params(p.clone()));
+        assert!(chunks(7, &e.bytes, 64).count() > 10);
+        assert_eq!(receive(&e, &small_limits()), Bulk::Params(p));
+        let single = Arc::new(
+            Parameters::new(vec![Tensor { name: "w".into(), shape: vec![3], data: vec![1.5, -0.0, 7.0] }]).unwrap(),
+        );
+        assert_eq!(receive(&encode(8, &Bulk::Params(single.clone())), &small_limits()), Bulk::Params(single));
+        let words: Vec<u32> = (0..1001u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        assert_eq!(receive(&encode_words(9, words.clone()), &small_limits()), Bulk::Words(words.clone()));
+        assert_eq!(receive(&encode(9, &Bulk::Words(words.clone())), &small_limits()), Bulk::Words(words));
     }
 
     #[test]
     fn rejects_oversized_and_lying_headers() {
-        let (mut header, _) = encode(1, &params(2000));
+        let mut header = encode(1, &Bulk::Params(Arc::new(params(2000)))).header;
         assert!(matches!(Incoming::start(&header, &small_limits()), Err(Error::LimitExceeded(_))));
         header.tensors[0].shape = vec![u64::MAX, 2];
         assert!(Incoming::start(&header, &small_limits()).is_err());
-        let (mut header, _) = encode(1, &params(10));
+        let mut header = encode(1, &Bulk::Params(Arc::new(params(10)))).header;
         header.total_bytes += 4;
         assert!(matches!(Incoming::start(&header, &small_limits()), Err(Error::ProtocolViolation(_))));
+        let mut header = encode_words(1, vec![1, 2]).header;
+        header.kind = 0;
+        assert!(Incoming::start(&header, &small_limits()).is_err(), "unknown kind");
+        let words = encode_words(1, vec![0; 1002]).header;
+        assert!(matches!(Incoming::start(&words, &small_limits()), Err(Error::LimitExceeded(_))));
     }
 
     #[test]
     fn rejects_out_of_order_oversized_and_extra_chunks() {
-        let (header, bytes) = encode(3, &params(100));
-        let cs: Vec<_> = chunks(3, &bytes, 64).collect();
-        let mut inc = Incoming::start(&header, &small_limits()).unwrap();
+        let e = encode(3, &Bulk::Params(Arc::new(params(100))));
+        let cs: Vec<_> = chunks(3, &e.bytes, 64).collect();
+        let mut inc = Incoming::start(&e.header, &small_limits()).unwrap();
         assert!(inc.push(&cs[1]).is_err());
         assert!(inc.push(&pb::Chunk { transfer_id: 4, ..cs[0].clone() }).is_err());
-        assert!(inc.push(&pb::Chunk { transfer_id: 3, offset: 0, data: vec![0; 68] }).is_err());
-        let mut inc = Incoming::start(&header, &small_limits()).unwrap();
+        assert!(inc.push(&pb::Chunk { transfer_id: 3, offset: 0, data: vec![0; 68].into() }).is_err());
+        let mut inc = Incoming::start(&e.header, &small_limits()).unwrap();
         for c in &cs {
             inc.push(c).unwrap();
         }
-        assert!(inc.push(&pb::Chunk { transfer_id: 3, offset: bytes.len() as u64, data: vec![0; 4] }).is_err());
-        let mut short = Incoming::start(&header, &small_limits()).unwrap();
+        let end = e.bytes.len() as u64;
+        assert!(inc.push(&pb::Chunk { transfer_id: 3, offset: end, data: vec![0; 4].into() }).is_err());
+        let mut short = Incoming::start(&e.header, &small_limits()).unwrap();
         short.push(&cs[0]).unwrap();
         assert!(short.finish().is_err());
     }

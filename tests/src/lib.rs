@@ -331,7 +331,7 @@ pub fn independent_fedavg_with(
         for t in trainers.iter_mut() {
             t.set_parameters(&global).expect("set parameters");
             let out = t.fit(&FitConfig { round, train: train.clone() }).expect("fit");
-            for (s, v) in sum.iter_mut().zip(t.parameters().flat_values()) {
+            for (s, v) in sum.iter_mut().zip(t.parameters().expect("parameters").flat_values()) {
                 *s += out.num_examples as f64 * f64::from(v);
             }
             total += out.num_examples;
@@ -349,7 +349,7 @@ pub fn standardised_start(trainers: &[Box<dyn Trainer>]) -> Parameters {
     for t in trainers {
         stats.merge(&t.feature_stats()).expect("feature statistics");
     }
-    let mut global = trainers.first().expect("a trainer").parameters();
+    let mut global = trainers.first().expect("a trainer").parameters().expect("parameters");
     apply_feature_stats(&mut global, &stats).expect("apply statistics");
     global
 }

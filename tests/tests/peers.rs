@@ -150,7 +150,7 @@ async fn malformed_and_oversized_messages_close_only_that_stream() {
     let (ca, cert, key) = (pki.ca_cert(), pki.party_cert("hospital-c"), pki.party_key("hospital-c"));
 
     let chunk = |len: usize| pb::PartyMessage {
-        body: Some(party_message::Body::Chunk(pb::Chunk { transfer_id: 1, offset: 0, data: vec![0; len] })),
+        body: Some(party_message::Body::Chunk(pb::Chunk { transfer_id: 1, offset: 0, data: vec![0; len].into() })),
     };
     let r = try_join(&fed.addr, &ca, Some((&cert, &key)), vec![chunk(16)]).await;
     assert!(r.as_ref().is_err_and(|e| e.contains("chunk without an announced transfer")), "{r:?}");
@@ -158,8 +158,9 @@ async fn malformed_and_oversized_messages_close_only_that_stream() {
     let lying = pb::PartyMessage {
         body: Some(party_message::Body::Result(pb::TaskResult {
             job_id: "x".into(),
-            params: Some(pb::ParamsHeader {
+            bulk: Some(pb::BulkHeader {
                 transfer_id: 1,
+                kind: pb::BulkKind::F32Tensors as i32,
                 tensors: vec![pb::TensorSpec { name: "w".into(), shape: vec![1 << 40] }],
                 total_bytes: 4 << 40,
             }),
@@ -200,14 +201,14 @@ impl TrainerFactory for NanFactory {
 }
 
 impl Trainer for NanTrainer {
-    fn parameters(&self) -> Parameters {
-        let mut p = self.inner.parameters();
+    fn parameters(&self) -> Result<Parameters, AlgoError> {
+        let mut p = self.inner.parameters()?;
         if self.poisoned.load(Ordering::Relaxed)
             && let Some((_, v)) = p.values_mut().last()
         {
             v[0] = f32::NAN;
         }
-        p
+        Ok(p)
     }
     fn set_parameters(&mut self, params: &Parameters) -> Result<(), AlgoError> {
         self.inner.set_parameters(params)
@@ -252,7 +253,7 @@ async fn under_secure_aggregation_a_diverged_party_refuses_to_send_and_is_left_o
     let names = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"];
     let mut fed = Federation::new(&names, &breast_cancer(), true, "1,1,1,1");
     fed.start_coordinator();
-    let policy = "[policy]\nprivacy_modes = [\"secagg\"]\n";
+    let policy = "[policy]\naggregation = [\"secagg\"]\n";
     for n in &names[..3] {
         fed.start_party(n, policy);
     }
@@ -260,7 +261,7 @@ async fn under_secure_aggregation_a_diverged_party_refuses_to_send_and_is_left_o
     let node = PartyNode::new(cfg, Arc::new(NanFactory));
     let task = tokio::spawn(async move { node.run().await });
     let spec = job_spec(&fed.names, 3, 2, "kind = \"logistic_regression\"\nclasses = 2", "")
-        + "[privacy]\nmode = \"secagg\"\nmax_examples = 1000\n";
+        + "[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 1000\n";
     let id = fed.submit("job.toml", &spec);
     let st = tokio::task::block_in_place(|| fed.wait_done(&id, 60));
     task.abort();

@@ -18,18 +18,18 @@ fn secure_aggregation_recovers_the_survivors_sum_when_two_parties_crash_mid_stag
         Federation::new(&refs, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1,1,1,1,1,1,1,1,1");
     fed.start_coordinator();
     for n in &names {
-        let mut extra = String::from("[policy]\nprivacy_modes = [\"secagg\"]\n");
+        let mut extra = String::from("[policy]\naggregation = [\"secagg\"]\n");
         if crashed.contains(&n.as_str()) {
             extra.push_str("[fault]\nexit_on_stage = \"secagg-masked-input\"\n");
         }
         fed.start_party(n, &extra);
     }
     let text = job_spec(&names, 6, 2, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlocal_epochs = 1")
-        + "[privacy]\nmode = \"secagg\"\nmax_examples = 1000\nclip = 4.0\n";
+        + "[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 1000\nclip = 4.0\n";
     let id = fed.submit("secagg.toml", &text);
     let st = fed.wait_done(&id, 120);
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
-    assert_eq!(st["privacy"]["mode"], "secagg");
+    assert_eq!(st["privacy"]["aggregation"], "secagg");
     let survivors: Vec<String> = names.iter().filter(|n| !crashed.contains(&n.as_str())).cloned().collect();
     for round in 0..2 {
         assert_eq!(st["history"][round]["participants"], serde_json::json!(survivors), "{st:#}");
@@ -53,7 +53,7 @@ fn secure_aggregation_recovers_the_survivors_sum_when_two_parties_crash_mid_stag
     for n in &names {
         stats.merge(&build(n).feature_stats()).expect("stats");
     }
-    let mut global = build(&names[0]).parameters();
+    let mut global = build(&names[0]).parameters().expect("parameters");
     apply_feature_stats(&mut global, &stats).expect("apply");
     let mut trainers: Vec<Box<dyn Trainer>> = survivors.iter().map(|n| build(n)).collect();
     let global = independent_fedavg(&mut trainers, global, &spec.training, 2);

@@ -12,7 +12,7 @@ use confide_proto::jobspec::JobSpec;
 use confide_tests::{Federation, independent_fedavg, job_spec, max_abs_diff, repo_root, standardised_start};
 
 const MLP: &str = "kind = \"mlp\"\nclasses = 2\nhidden = [32, 16]";
-const SECAGG_POLICY: &str = "[policy]\nprivacy_modes = [\"none\", \"secagg\"]\n";
+const SECAGG_POLICY: &str = "[policy]\naggregation = [\"none\", \"secagg\"]\n";
 
 fn three() -> Vec<&'static str> {
     vec!["hospital-a", "hospital-b", "hospital-c"]
@@ -37,8 +37,10 @@ fn mlp_job_under_secure_aggregation_reaches_95_percent_on_held_out_rows() {
         fed.start_party(&n, SECAGG_POLICY);
     }
     let training = "batch_size = 16\nlearning_rate = 0.05\nmomentum = 0.9\nseed = 42";
-    let text =
-        format!("{}[privacy]\nmode = \"secagg\"\nmax_examples = 1000\n", job_spec(&fed.names, 3, 10, MLP, training));
+    let text = format!(
+        "{}[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 1000\n",
+        job_spec(&fed.names, 3, 10, MLP, training)
+    );
     let id = fed.submit("job.toml", &text);
     let st = fed.wait_done(&id, 180);
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());

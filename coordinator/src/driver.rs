@@ -1,0 +1,276 @@
+//! Runs one job's [`Session`]: on a thread of its own, so its blocking work
+//! (aggregation, unmasking, SQLite writes, checkpoint fsyncs) never holds a
+//! tokio worker, and a slow job never delays another.
+//!
+//! The thread feeds the session real events (from the party streams, through
+//! a channel) and the time, and performs its outputs: offers and tasks go to
+//! the parties' outbound queues, checkpoints are written durably and
+//! acknowledged, the end is recorded. Whatever job machine the session
+//! runs, this loop is the same.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use confide_algorithms::State;
+use confide_proto::jobspec::JobSpec;
+use confide_proto::messages::Stage;
+use confide_proto::pb::{self, coordinator_message};
+use confide_proto::status::{JobState, PartyStatus};
+use confide_proto::transfer;
+use tracing::{error, info, warn};
+
+use crate::Error;
+use crate::db::unix_now;
+use crate::jobs::guard::panic_message;
+use crate::server::{Hub, Outbound};
+use crate::session::{Checkpoint, Input, Output, Session, Start};
+
+/// A task encoded once for all its recipients: the message (with its bulk
+/// header) and the vector's bytes, which every recipient's chunks slice.
+#[derive(Debug)]
+pub struct EncodedTask {
+    /// The task message.
+    pub msg: pb::Task,
+    /// The bulk vector's bytes, if any.
+    pub bytes: Option<Bytes>,
+}
+
+/// Encodes tasks, reusing the encoding of a model already encoded (the same
+/// global model goes out with every fit and evaluate task of a stage, and
+/// with each group of a stage whose parties are configured differently).
+#[derive(Default)]
+struct Encoder {
+    /// The model last encoded, held so that pointer equality means identity.
+    last: Option<(Arc<confide_algorithms::Parameters>, transfer::Encoded)>,
+}
+
+impl Encoder {
+    fn encode(&mut self, task: &confide_proto::messages::Task) -> EncodedTask {
+        let (mut msg, bulk) = task.to_wire();
+        let Some(bulk) = bulk else { return EncodedTask { msg, bytes: None } };
+        let encoded = match (&bulk, &self.last) {
+            (transfer::Bulk::Params(p), Some((last, e))) if Arc::ptr_eq(p, last) => e.clone(),
+            (transfer::Bulk::Params(p), _) => {
+                let e = transfer::encode(task.task_id, &bulk);
+                self.last = Some((p.clone(), e.clone()));
+                e
+            }
+            (transfer::Bulk::Words(_), _) => transfer::encode(task.task_id, &bulk),
+        };
+        let mut header = encoded.header;
+        header.transfer_id = task.task_id;
+        msg.bulk = Some(header);
+        EncodedTask { msg, bytes: Some(encoded.bytes) }
+    }
+}
+
+/// How long party statuses may wait before they are written (they are for
+/// display and resumption; a crash loses at most this much of them).
+const PARTY_FLUSH: Duration = Duration::from_millis(250);
+
+/// Writes a checkpoint durably: temp file, fsync, rename, fsync directory,
+/// for the model and (when non-empty) the machine's state.
+fn write_checkpoint(dir: &Path, job: &str, cp: &Checkpoint) -> Result<(PathBuf, Option<PathBuf>), Error> {
+    let job_dir = dir.join(job);
+    std::fs::create_dir_all(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
+    let meta: BTreeMap<String, String> =
+        [("confide.job".to_string(), job.to_string()), ("confide.round".to_string(), cp.round.to_string())].into();
+    let model = job_dir.join(format!("round-{:05}.safetensors", cp.round));
+    write_durably(&model, &cp.model.to_safetensors(&meta)?)?;
+    let state = if cp.state.is_empty() {
+        None
+    } else {
+        let path = job_dir.join(format!("round-{:05}.state.safetensors", cp.round));
+        write_durably(&path, &cp.state.to_safetensors()?)?;
+        Some(path)
+    };
+    let d = std::fs::File::open(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
+    d.sync_all().map_err(|e| Error::io(&job_dir, e))?;
+    // Keep the previous checkpoint too; older ones are no longer referenced.
+    if cp.round >= 2 {
+        for name in
+            [format!("round-{:05}.safetensors", cp.round - 2), format!("round-{:05}.state.safetensors", cp.round - 2)]
+        {
+            let _ = std::fs::remove_file(job_dir.join(name));
+        }
+    }
+    Ok((model, state))
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Reads a checkpoint's state file.
+pub fn read_state(path: Option<&Path>) -> Result<State, Error> {
+    match path {
+        None => Ok(State::new()),
+        Some(p) => {
+            let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+            Ok(State::from_safetensors(&bytes)?)
+        }
+    }
+}
+
+/// Round timing for the round record: wall time from the round's first fit
+/// task, and the coordinator's own busy time in it (session, encoding).
+struct RoundClock {
+    round: u32,
+    started: Instant,
+    busy: Duration,
+}
+
+/// The job's thread: runs `session` until the job ends.
+pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: Receiver<Input>) {
+    let clock = Instant::now();
+    let now = || clock.elapsed().as_millis() as u64;
+    let mut session = match crate::jobs::session(&id, spec.clone(), start, hub.plugins(), *hub.limits(), now()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(job = %id, "cannot run: {e}");
+            let _ = hub.db().set_job_state(&id, JobState::Failed, Some(&format!("cannot run: {e}")));
+            hub.job_ended(&id);
+            return;
+        }
+    };
+    let offer = pb::JobOffer { job_id: id.clone(), spec_toml: spec.to_toml(), dataset: String::new() };
+    let mut feedback: Vec<Input> =
+        hub.connected().into_iter().map(|(party, certificate)| Input::Connected { party, certificate }).collect();
+    let mut encoder = Encoder::default();
+    let mut round = RoundClock { round: 0, started: Instant::now(), busy: Duration::ZERO };
+    let mut marked_running = false;
+    let mut parties: BTreeMap<String, PartyStatus> = BTreeMap::new();
+    let mut last_flush = Instant::now();
+    let mut finished = false;
+    let handle = |session: &mut Session, input: Input, round: &mut RoundClock| {
+        let t0 = Instant::now();
+        let at = now();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.handle(at, input)));
+        if let Err(p) = r {
+            error!(job = %id, "the job's session panicked: {}", panic_message(p.as_ref()));
+            session.fail(format!("internal error: the job's session panicked: {}", panic_message(p.as_ref())));
+        }
+        round.busy += t0.elapsed();
+    };
+    loop {
+        for input in std::mem::take(&mut feedback) {
+            handle(&mut session, input, &mut round);
+        }
+        let mut changed = false;
+        while let Some(out) = session.poll_output() {
+            changed = true;
+            match out {
+                Output::Offer { party } => {
+                    let msg = pb::JobOffer { dataset: spec.dataset_for(&party).to_owned(), ..offer.clone() };
+                    if !hub.send(&party, Outbound::Msg(coordinator_message::Body::Offer(msg))) {
+                        feedback.push(Input::Disconnected(party));
+                    }
+                }
+                Output::Task { to, stage, task } => {
+                    if stage == Stage::Fit && task.round != round.round {
+                        round = RoundClock { round: task.round, started: Instant::now(), busy: Duration::ZERO };
+                    }
+                    let t0 = Instant::now();
+                    let encoded = Arc::new(encoder.encode(&task));
+                    for p in to {
+                        if !hub.send(&p, Outbound::Task(encoded.clone())) {
+                            feedback.push(Input::Disconnected(p));
+                        }
+                    }
+                    round.busy += t0.elapsed();
+                }
+                Output::Checkpoint(mut cp) => {
+                    if let Some(r) = cp.record.as_mut() {
+                        r.completed_at = unix_now();
+                        r.metrics.insert("round_ms".into(), round.started.elapsed().as_secs_f64() * 1000.0);
+                        r.metrics.insert("coordinator_ms".into(), round.busy.as_secs_f64() * 1000.0);
+                    }
+                    let saved = write_checkpoint(hub.models_dir(), &id, &cp).and_then(|(model, state)| {
+                        hub.db().save_checkpoint(&id, cp.round, &model, state.as_deref(), cp.record.as_ref())
+                    });
+                    match saved {
+                        Ok(()) => {
+                            if let Some(r) = &cp.record {
+                                info!(job = %id, round = cp.round, metrics = ?r.metrics, dropped = ?r.dropped, "round completed");
+                            }
+                            feedback.push(Input::Persisted { round: cp.round });
+                        }
+                        Err(e) => {
+                            error!(job = %id, round = cp.round, "cannot save the checkpoint: {e}");
+                            feedback.push(Input::PersistFailed { round: cp.round, reason: e.to_string() });
+                        }
+                    }
+                }
+                Output::Finished { state, error } => {
+                    parties.extend(session.take_changed_parties());
+                    if let Err(e) = hub.db().save_parties(&id, &parties) {
+                        error!(job = %id, "cannot save party statuses: {e}");
+                    }
+                    parties.clear();
+                    if let Err(e) = hub.db().set_job_state(&id, state, error.as_deref()) {
+                        error!(job = %id, "cannot record the job's end: {e}");
+                    }
+                    match &error {
+                        Some(e) => warn!(job = %id, state = state.as_str(), "job ended: {e}"),
+                        None => info!(job = %id, state = state.as_str(), "job ended"),
+                    }
+                    let closed = pb::JobClosed {
+                        job_id: id.clone(),
+                        state: pb::JobState::from(state) as i32,
+                        reason: error.clone().unwrap_or_default(),
+                    };
+                    for p in session.parties().keys() {
+                        hub.send(p, Outbound::Msg(coordinator_message::Body::Closed(closed.clone())));
+                    }
+                    finished = true;
+                }
+            }
+        }
+        if finished {
+            break;
+        }
+        if session.is_running() && !marked_running {
+            marked_running = true;
+            let _ = hub.db().set_job_state(&id, JobState::Running, None);
+        }
+        parties.extend(session.take_changed_parties());
+        let due = last_flush.elapsed() >= PARTY_FLUSH;
+        if !parties.is_empty() && (due || changed && session.current_stage().is_none()) {
+            if let Err(e) = hub.db().save_parties(&id, &parties) {
+                error!(job = %id, "cannot save party statuses: {e}");
+            }
+            parties.clear();
+            last_flush = Instant::now();
+            changed = true;
+        }
+        if changed {
+            hub.job_changed(&id);
+        }
+        if !feedback.is_empty() {
+            continue;
+        }
+        let mut wait = session.next_deadline().map_or(3_600_000, |d| d.saturating_sub(now()));
+        if !parties.is_empty() {
+            wait = wait.min(PARTY_FLUSH.saturating_sub(last_flush.elapsed()).as_millis() as u64);
+        }
+        match rx.recv_timeout(Duration::from_millis(wait)) {
+            Ok(input) => feedback.push(input),
+            Err(RecvTimeoutError::Timeout) => feedback.push(Input::Tick),
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        // Everything already queued is handled before the next output pass.
+        while let Ok(input) = rx.try_recv() {
+            feedback.push(input);
+        }
+    }
+    hub.job_ended(&id);
+}

@@ -1,0 +1,383 @@
+//! `train` jobs: setup, then per round a fit stage, the aggregation
+//! protocol's steps, an evaluation (every `evaluation.every` rounds and after
+//! the last) and a checkpoint.
+//!
+//! ```text
+//!  setup(0) ─▶ checkpoint 0 ─▶ fit(r) ─▶ protocol steps … ─▶ aggregate ─▶ [evaluate(r)] ─▶ checkpoint r ─▶ fit(r+1) … ─▶ done
+//! ```
+//! The aggregation protocol is a trait object: this machine never names
+//! one. What the protocol reveals (individual updates or a weighted sum)
+//! decides which of the strategy's aggregation methods runs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use confide_algorithms::trainer::apply_feature_stats;
+use confide_algorithms::{FeatureStats, FitConfig, FitResult, Metrics, Parameters, RoundContext, State};
+use confide_crypto::aggregation::{Aggregate, AggregationServer, Messages, Peer, Progress, Quorum, RoundInfo};
+use confide_proto::messages::{ResultBody, Stage, TaskBody};
+use confide_proto::status::JobState;
+
+use super::Setup;
+use super::evaluate::Evaluator;
+use super::guard::{GuardedStrategy, guarded};
+use crate::session::{Closed, Context, JobMachine, Start};
+
+/// The training machine.
+pub struct Training {
+    strategy: GuardedStrategy,
+    protocol: Box<dyn AggregationServer>,
+    protocol_name: String,
+    global: Option<Arc<Parameters>>,
+    /// Resuming after the checkpoint of this round.
+    resume: Option<u32>,
+    setup: BTreeMap<String, (Parameters, FeatureStats)>,
+    fit_metrics: BTreeMap<String, Metrics>,
+    evaluator: Evaluator,
+}
+
+/// The largest `key` any party reported (e.g. the slowest local training).
+fn slowest<'a>(metrics: impl Iterator<Item = &'a Metrics>, key: &str) -> Option<f64> {
+    metrics.filter_map(|m| m.get(key).copied()).reduce(f64::max)
+}
+
+impl Training {
+    /// The machine for `setup`'s job: its strategy (restored from the
+    /// checkpoint when resuming) and its aggregation protocol's server.
+    pub fn new(setup: &Setup<'_>) -> Result<Self, String> {
+        let spec = setup.spec;
+        let mut strategy = GuardedStrategy::new(setup.plugins.build_strategy(spec)?)?;
+        let name = &spec.aggregation.protocol;
+        let protocol = setup
+            .plugins
+            .protocols()
+            .get(name)
+            .ok_or_else(|| format!("aggregation.protocol: no protocol named {name:?} in this coordinator"))?;
+        let facts = spec.facts(setup.job_id, setup.limits);
+        let server =
+            guarded(&format!("protocol {name}"), "server", || protocol.server(&spec.aggregation.settings, &facts))?
+                .map_err(|e| format!("aggregation.{name}: {e}"))?;
+        let (global, resume) = match setup.start {
+            Start::Fresh { model } => (model.clone().map(Arc::new), None),
+            Start::Resume { round, model, state, .. } => {
+                strategy.call("restore", |s| s.restore(&state.section("strategy")))?;
+                (Some(Arc::new(model.clone())), Some(*round))
+            }
+        };
+        Ok(Training {
+            strategy,
+            protocol: server,
+            protocol_name: name.clone(),
+            global,
+            resume,
+            setup: BTreeMap::new(),
+            fit_metrics: BTreeMap::new(),
+            evaluator: Evaluator::default(),
+        })
+    }
+
+    fn fail(&self, cx: &mut Context<'_>, error: String) {
+        cx.finish(JobState::Failed, Some(error));
+    }
+
+    fn begin_setup(&mut self, cx: &mut Context<'_>) {
+        cx.begin_round(0);
+        let to = cx.available(Stage::Setup, 0);
+        cx.collect(Stage::Setup, 0, vec![(to, TaskBody::Setup)], Quorum::JobMinimum);
+    }
+
+    fn complete_setup(&mut self, cx: &mut Context<'_>) {
+        let mut results = std::mem::take(&mut self.setup).into_iter();
+        let Some((first, (reference, stats))) = results.next() else {
+            cx.below_min(Stage::Setup, 0, 0);
+            return;
+        };
+        let spec = reference.spec();
+        let mut merged = stats;
+        let mut agreed = vec![first];
+        for (party, (params, stats)) in results {
+            let mismatch = if params.spec() != spec {
+                Some(format!("its model architecture differs from {}'s", agreed[0]))
+            } else {
+                merged.merge(&stats).err().map(|e| e.to_string())
+            };
+            match mismatch {
+                Some(why) => cx.exclude(&party, &format!("setup: {why}")),
+                None => agreed.push(party),
+            }
+        }
+        if cx.below_min(Stage::Setup, 0, agreed.len()) {
+            return;
+        }
+        let mut global = reference;
+        if cx.spec().model.standardize
+            && let Err(e) = apply_feature_stats(&mut global, &merged)
+        {
+            self.fail(cx, format!("setup: {e}"));
+            return;
+        }
+        let global = Arc::new(global);
+        self.global = Some(global.clone());
+        cx.take_record();
+        let state = self.state(cx);
+        cx.checkpoint(0, global, None, state);
+    }
+
+    /// What is saved with each checkpoint: the strategy's state.
+    fn state(&mut self, cx: &mut Context<'_>) -> State {
+        match self.strategy.call("state", |s| s.state()) {
+            Ok(s) => {
+                let mut state = State::new();
+                state.insert_section("strategy", s);
+                state
+            }
+            Err(e) => {
+                self.fail(cx, e);
+                State::new()
+            }
+        }
+    }
+
+    fn begin_fit(&mut self, cx: &mut Context<'_>, round: u32) {
+        let Some(global) = self.global.clone() else {
+            self.fail(cx, "no global model to train from".into());
+            return;
+        };
+        cx.begin_round(round);
+        self.fit_metrics.clear();
+        let available = cx.available(Stage::Fit, round);
+        let spec = cx.spec().clone();
+        let ctx = RoundContext { round, rounds: spec.rounds, available: &available, min_parties: spec.min_parties() };
+        let base = FitConfig { round, train: spec.training.clone() };
+        let plan =
+            match self.strategy.call(&format!("round {round} configure_fit"), |s| Ok(s.configure_fit(&ctx, &base))) {
+                Ok(plan) => plan,
+                Err(e) => return self.fail(cx, e),
+            };
+        // Group the parties by configuration: one task (encoded once) per group.
+        let mut groups: Vec<(Vec<String>, FitConfig)> = Vec::new();
+        let mut selected: Vec<String> = Vec::with_capacity(plan.len());
+        for i in plan {
+            if available.binary_search(&i.party).is_err() || selected.contains(&i.party) {
+                let why = if selected.contains(&i.party) { "twice" } else { "but it is not available" };
+                return self
+                    .fail(cx, format!("round {round}: {} selected party {} {why}", self.strategy.who(), i.party));
+            }
+            selected.push(i.party.clone());
+            match groups.iter_mut().find(|(_, c)| *c == i.config) {
+                Some((to, _)) => to.push(i.party),
+                None => groups.push((vec![i.party], i.config)),
+            }
+        }
+        selected.sort();
+        let info = RoundInfo { round, parties: &selected, global: &global };
+        let who = format!("protocol {}", self.protocol_name);
+        let round_message = match guarded(&who, "begin_round", || self.protocol.begin_round(&info)) {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return self.fail(cx, format!("round {round} aggregation ({}): {e}", self.protocol_name)),
+            Err(e) => return self.fail(cx, e),
+        };
+        let tasks = groups
+            .into_iter()
+            .map(|(to, config)| {
+                (to, TaskBody::Fit { config, global: global.clone(), round_message: round_message.clone() })
+            })
+            .collect();
+        cx.collect(Stage::Fit, round, tasks, Quorum::JobMinimum);
+    }
+
+    fn on_protocol_message(
+        &mut self,
+        cx: &mut Context<'_>,
+        party: &str,
+        msg: confide_crypto::aggregation::Envelope,
+    ) -> Result<(), String> {
+        let who = format!("protocol {}", self.protocol_name);
+        let certificate = cx.certificate(party).to_vec();
+        let peer = Peer { name: party, certificate: &certificate };
+        match guarded(&who, "on_message", || self.protocol.on_message(peer, msg))? {
+            Ok(()) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The fit stage or a protocol step closed: the next step, or the aggregate.
+    fn advance_protocol(&mut self, cx: &mut Context<'_>, closed: &Closed) {
+        let round = closed.round;
+        let who = format!("protocol {}", self.protocol_name);
+        let progress = match guarded(&who, "close_stage", || self.protocol.close_stage()) {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                return self
+                    .fail(cx, format!("round {round} aggregation ({}, {}): {e}", self.protocol_name, closed.stage));
+            }
+            Err(e) => return self.fail(cx, e),
+        };
+        match progress {
+            Progress::Step { stage, messages, quorum } => {
+                let tasks = match messages {
+                    Messages::Same { to, message } => {
+                        vec![(to, TaskBody::Aggregation { stage: stage.as_str().to_owned(), message })]
+                    }
+                    Messages::PerParty(v) => v
+                        .into_iter()
+                        .map(|(p, message)| {
+                            (vec![p], TaskBody::Aggregation { stage: stage.as_str().to_owned(), message })
+                        })
+                        .collect(),
+                };
+                cx.collect(Stage::Aggregation(stage), round, tasks, quorum);
+            }
+            Progress::Done(aggregate) => self.aggregate(cx, round, aggregate),
+        }
+    }
+
+    fn aggregate(&mut self, cx: &mut Context<'_>, round: u32, aggregate: Aggregate) {
+        let Some(global) = self.global.clone() else {
+            return self.fail(cx, "no global model to aggregate into".into());
+        };
+        let mut metrics = Metrics::new();
+        let (next, participants) = match aggregate {
+            Aggregate::Updates(updates) => {
+                let results: Vec<FitResult> = updates
+                    .into_iter()
+                    .map(|u| FitResult {
+                        metrics: self.fit_metrics.remove(&u.party).unwrap_or_default(),
+                        party: u.party,
+                        num_examples: u.num_examples,
+                        params: u.params,
+                    })
+                    .collect();
+                if cx.below_min(Stage::Fit, round, results.len()) {
+                    return;
+                }
+                let total: u64 = results.iter().map(|r| r.num_examples).sum();
+                // Example-weighted means of the training metrics every party reported.
+                if let Some(first) = results.first() {
+                    for key in first.metrics.keys() {
+                        if results.iter().all(|r| r.metrics.contains_key(key)) {
+                            let s: f64 = results.iter().map(|r| r.metrics[key] * r.num_examples as f64).sum();
+                            metrics.insert(key.clone(), s / total.max(1) as f64);
+                        }
+                    }
+                }
+                metrics.insert("train_examples".into(), total as f64);
+                if let Some(max) = slowest(results.iter().map(|r| &r.metrics), "train_ms") {
+                    metrics.insert("train_ms_max".into(), max);
+                }
+                let participants: Vec<String> = results.iter().map(|r| r.party.clone()).collect();
+                let next = self
+                    .strategy
+                    .call(&format!("round {round} aggregation"), |s| s.aggregate_fit(round, &global, &results));
+                (next, participants)
+            }
+            Aggregate::WeightedSum { weighted_delta_sum, total_examples, contributors } => {
+                let reported: Vec<&Metrics> = contributors.iter().filter_map(|p| self.fit_metrics.get(p)).collect();
+                if let Some(first) = reported.first() {
+                    for key in first.keys() {
+                        let vals: Vec<f64> = reported.iter().filter_map(|m| m.get(key).copied()).collect();
+                        if vals.len() == reported.len() {
+                            // Examples per party stay secret: a plain mean of the metrics.
+                            metrics.insert(key.clone(), vals.iter().sum::<f64>() / vals.len() as f64);
+                        }
+                    }
+                }
+                metrics.insert("train_examples".into(), total_examples);
+                if let Some(max) = slowest(reported.into_iter(), "train_ms") {
+                    metrics.insert("train_ms_max".into(), max);
+                }
+                let next = self.strategy.call(&format!("round {round} aggregation"), |s| {
+                    s.aggregate_secure_sum(round, &global, &weighted_delta_sum, total_examples)
+                });
+                (next, contributors)
+            }
+        };
+        match next {
+            Ok(model) => self.global = Some(Arc::new(model)),
+            Err(e) => return self.fail(cx, e),
+        }
+        for p in &participants {
+            cx.contributed(p, round);
+        }
+        if let Some(rec) = cx.record() {
+            rec.participants = participants;
+            rec.metrics.extend(metrics);
+        }
+        let spec = cx.spec().clone();
+        if round.is_multiple_of(spec.evaluation.every) || round >= spec.rounds {
+            if let Some(g) = self.global.clone() {
+                self.evaluator.begin(cx, round, &g);
+            }
+        } else {
+            self.end_round(cx, round);
+        }
+    }
+
+    fn end_round(&mut self, cx: &mut Context<'_>, round: u32) {
+        let Some(global) = self.global.clone() else { return };
+        let record = cx.take_record();
+        let state = self.state(cx);
+        cx.checkpoint(round, global, record, state);
+    }
+}
+
+impl JobMachine for Training {
+    fn start(&mut self, cx: &mut Context<'_>) {
+        let rounds = cx.spec().rounds;
+        match (self.resume, self.global.is_some()) {
+            // The job had finished its rounds when the coordinator stopped.
+            (Some(r), _) if r >= rounds => cx.finish(JobState::Succeeded, None),
+            (Some(r), _) => self.begin_fit(cx, r + 1),
+            (None, true) => self.begin_fit(cx, 1),
+            (None, false) => self.begin_setup(cx),
+        }
+    }
+
+    fn on_result(&mut self, cx: &mut Context<'_>, party: &str, result: ResultBody) -> Result<(), String> {
+        let Some((stage, _)) = cx.stage() else { return Err("no stage is open".into()) };
+        match (stage, result) {
+            (Stage::Setup, ResultBody::Setup { params, stats }) => {
+                self.setup.insert(party.to_owned(), (params, stats));
+                Ok(())
+            }
+            (Stage::Fit, ResultBody::Fit { metrics, contribution }) => {
+                if let Some((k, v)) = metrics.iter().find(|(_, v)| !v.is_finite()) {
+                    return Err(format!("party {party} sent a bad update: metric {k} is {v}"));
+                }
+                self.on_protocol_message(cx, party, contribution)?;
+                self.fit_metrics.insert(party.to_owned(), metrics);
+                Ok(())
+            }
+            (Stage::Aggregation(expected), ResultBody::Aggregation { stage, message }) => {
+                if stage != expected.as_str() {
+                    return Err(format!("party {party} answered the {expected} step as {stage}"));
+                }
+                self.on_protocol_message(cx, party, message)
+            }
+            (Stage::Evaluate, result) => self.evaluator.on_result(party, result),
+            (stage, result) => {
+                Err(format!("party {party} answered a {stage} task with a {} result", result.stage_name()))
+            }
+        }
+    }
+
+    fn on_closed(&mut self, cx: &mut Context<'_>, closed: Closed) {
+        match closed.stage {
+            Stage::Setup => self.complete_setup(cx),
+            Stage::Fit | Stage::Aggregation(_) => self.advance_protocol(cx, &closed),
+            Stage::Evaluate => match self.evaluator.finish(cx, &mut self.strategy, closed.round) {
+                Ok(()) => self.end_round(cx, closed.round),
+                Err(e) => self.fail(cx, e),
+            },
+            Stage::Extension(s) => self.fail(cx, format!("a training job has no {s} stage")),
+        }
+    }
+
+    fn on_persisted(&mut self, cx: &mut Context<'_>, round: u32) {
+        if round >= cx.spec().rounds {
+            cx.finish(JobState::Succeeded, None);
+        } else {
+            self.begin_fit(cx, round + 1);
+        }
+    }
+}

@@ -1,0 +1,812 @@
+//! Session tests on a virtual clock: the built-in job machines driven
+//! through the session with scripted parties (plaintext) and with real
+//! SecAgg+ clients standing in for them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use confide_algorithms::{FeatureStats, Metrics, Parameters, State, Tensor};
+use confide_crypto::aggregation::plain::Plain;
+use confide_crypto::aggregation::secagg::{MASKED_INPUT, SHARES, SecAggPlus, UNMASK, wire};
+use confide_crypto::aggregation::{AggregationClient, AggregationProtocol, Bulk, Envelope, LocalUpdate};
+use confide_crypto::secagg::testing::identity;
+use confide_proto::Limits;
+use confide_proto::jobspec::JobSpec;
+use confide_proto::messages::{ResultBody, Stage, Task, TaskBody};
+use confide_proto::status::{JobState, PartyState, PartyStatus};
+
+use super::{Checkpoint, Input, Millis, Output, Session, Start};
+use crate::jobs;
+use crate::plugins::Plugins;
+
+fn params(v: &[f32]) -> Parameters {
+    Parameters::new(vec![Tensor { name: "w".into(), shape: vec![v.len()], data: v.to_vec() }]).unwrap()
+}
+
+/// A session for `spec` with the built-in machines.
+fn session(spec: JobSpec, start: Start, plugins: &Plugins) -> Session {
+    jobs::session("job-t", Arc::new(spec), start, plugins, Limits::default(), 0).unwrap()
+}
+
+/// One recipient's view of a task output.
+#[derive(Debug, Clone)]
+struct TaskOut {
+    stage: Stage,
+    round: u32,
+    task_id: u64,
+    params: Option<Arc<Parameters>>,
+    task: Arc<Task>,
+}
+
+fn task_pairs(outputs: Vec<Output>) -> Vec<(String, TaskOut)> {
+    let mut v = Vec::new();
+    for o in outputs {
+        if let Output::Task { to, stage, task } = o {
+            let params = match &task.body {
+                TaskBody::Fit { global, .. } | TaskBody::Evaluate { global } => Some(global.clone()),
+                _ => None,
+            };
+            for p in to {
+                let t = TaskOut {
+                    stage,
+                    round: task.round,
+                    task_id: task.task_id,
+                    params: params.clone(),
+                    task: task.clone(),
+                };
+                v.push((p, t));
+            }
+        }
+    }
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Feeds `input` and collects the outputs, acknowledging checkpoints as the
+/// driver does once they are durable (or failing them, when `fail_persist`).
+fn drive(s: &mut Session, now: Millis, input: Input, fail_persist: bool) -> Vec<Output> {
+    s.handle(now, input);
+    let mut out = Vec::new();
+    while let Some(o) = s.poll_output() {
+        let ack = match &o {
+            Output::Checkpoint(c) if fail_persist => {
+                Some(Input::PersistFailed { round: c.round, reason: "disk full (test)".into() })
+            }
+            Output::Checkpoint(c) => Some(Input::Persisted { round: c.round }),
+            _ => None,
+        };
+        out.push(o);
+        if let Some(ack) = ack {
+            s.handle(now, ack);
+        }
+    }
+    out
+}
+
+fn finished(outputs: &[Output]) -> Option<(JobState, Option<String>)> {
+    outputs.iter().find_map(|o| match o {
+        Output::Finished { state, error } => Some((*state, error.clone())),
+        _ => None,
+    })
+}
+
+/// A plaintext party's fit answer: its model and example count.
+fn plain_fit(task: &TaskOut, n: u64, v: &[f32]) -> ResultBody {
+    let global = task.params.clone().expect("a fit task carries the model");
+    let job = JobSpec::parse(BASE_SPEC, "t", &Limits::default()).unwrap().facts("job-t", &Limits::default());
+    let mut client = Plain.client(&toml::Table::new(), &job, identity("x")).unwrap();
+    let contribution =
+        client.contribute(task.round, &[], LocalUpdate { global: &global, local: params(v), num_examples: n }).unwrap();
+    ResultBody::Fit { metrics: Metrics::new(), contribution }
+}
+
+const BASE_SPEC: &str = "name = \"t\"\nkind = \"train\"\n[parties]\nnames = [\"a\"]\ndataset = \"d\"\n\
+                         [model]\nkind = \"logistic_regression\"\nclasses = 2\n";
+
+mod plaintext {
+    use super::*;
+
+    pub(super) fn spec(names: &[&str], min: usize, rounds: u32, extra: &str) -> JobSpec {
+        let names: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+        let text = format!(
+            "name = \"t\"\nkind = \"train\"\nrounds = {rounds}\n{extra}\n[parties]\nnames = [{}]\nmin = {min}\ndataset = \"d\"\n\
+             [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n[timeouts]\nround_secs = 10\nrecruit_secs = 5\n",
+            names.join(",")
+        );
+        JobSpec::parse(&text, "test", &Limits::default()).unwrap()
+    }
+
+    pub(super) struct H {
+        pub(super) s: Session,
+        pub(super) now: Millis,
+        outputs: Vec<Output>,
+        pub(super) fail_persist: bool,
+    }
+
+    impl H {
+        pub(super) fn new(spec: JobSpec, start: Start) -> H {
+            H::with(spec, start, &Plugins::default())
+        }
+        pub(super) fn with(spec: JobSpec, start: Start, plugins: &Plugins) -> H {
+            H { s: session(spec, start, plugins), now: 0, outputs: Vec::new(), fail_persist: false }
+        }
+        pub(super) fn feed(&mut self, input: Input) {
+            let out = drive(&mut self.s, self.now, input, self.fail_persist);
+            self.outputs.extend(out);
+        }
+        pub(super) fn take(&mut self) -> Vec<Output> {
+            std::mem::take(&mut self.outputs)
+        }
+        pub(super) fn connect_and_accept(&mut self, parties: &[&str]) {
+            for p in parties {
+                self.feed(Input::connected(p));
+            }
+            for p in parties {
+                self.feed(Input::Answer { party: (*p).into(), accepted: true, reason: String::new() });
+            }
+        }
+        /// Tasks of the current stage: (party, task).
+        pub(super) fn tasks(&mut self) -> Vec<(String, TaskOut)> {
+            task_pairs(self.take())
+        }
+        pub(super) fn setup(&mut self, tasks: &[(String, TaskOut)], init: &[f32]) {
+            for (p, t) in tasks {
+                assert_eq!(t.stage, Stage::Setup);
+                let result = ResultBody::Setup { params: params(init), stats: FeatureStats::default() };
+                self.feed(Input::Result { party: p.clone(), task_id: t.task_id, result });
+            }
+        }
+        pub(super) fn fit(&mut self, party: &str, task: &TaskOut, n: u64, v: &[f32]) {
+            let result = plain_fit(task, n, v);
+            self.feed(Input::Result { party: party.into(), task_id: task.task_id, result });
+        }
+        pub(super) fn eval(&mut self, party: &str, task: &TaskOut, n: u64, acc: f64) {
+            let result = ResultBody::Evaluate {
+                num_examples: n,
+                loss: 1.0 - acc,
+                metrics: [("accuracy".to_string(), acc)].into(),
+            };
+            self.feed(Input::Result { party: party.into(), task_id: task.task_id, result });
+        }
+    }
+
+    fn status(state: PartyState, detail: Option<String>, last_round: u32) -> PartyStatus {
+        PartyStatus { state, detail, last_round }
+    }
+
+    pub(super) fn through_setup(h: &mut H, parties: &[&str]) -> Vec<(String, TaskOut)> {
+        h.connect_and_accept(parties);
+        let t = h.tasks();
+        h.setup(&t, &[0.0]);
+        h.tasks()
+    }
+
+    #[test]
+    fn full_job_aggregates_the_weighted_mean_each_round() {
+        let mut h = H::new(spec(&["a", "b", "c"], 3, 2, ""), Start::Fresh { model: None });
+        h.connect_and_accept(&["a", "b", "c"]);
+        let t = h.tasks();
+        assert_eq!(t.len(), 3);
+        h.setup(&t, &[0.0, 0.0]);
+        let cp = h.take();
+        assert!(matches!(&cp[0], Output::Checkpoint(Checkpoint { round: 0, record: None, .. })));
+        let fit = task_pairs(cp);
+        assert!(fit.iter().all(|(_, t)| t.stage == Stage::Fit && t.round == 1));
+        h.now = 40;
+        h.fit("a", &fit[0].1, 1, &[1.0, 1.0]);
+        h.fit("b", &fit[1].1, 2, &[4.0, 1.0]);
+        assert!(h.tasks().is_empty(), "no evaluation before the last fit result");
+        h.now = 250;
+        h.fit("c", &fit[2].1, 1, &[3.0, 5.0]);
+        let ev = h.tasks();
+        assert!(ev.iter().all(|(_, t)| t.stage == Stage::Evaluate));
+        // (1*1 + 2*4 + 1*3)/4 = 3, (1 + 2 + 5)/4 = 2
+        assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![3.0, 2.0]);
+        h.eval("a", &ev[0].1, 10, 0.5);
+        h.eval("b", &ev[1].1, 30, 1.0);
+        h.now = 265;
+        h.eval("c", &ev[2].1, 10, 0.5);
+        let out = h.take();
+        let Output::Checkpoint(Checkpoint { round: 1, record: Some(rec), .. }) = &out[0] else { panic!("{out:?}") };
+        assert_eq!(rec.metrics["accuracy"], 0.8);
+        // Each stage's duration on the session's clock: fit from 0 to 250 ms
+        // (the slowest party), evaluation from 250 to 265 ms.
+        assert_eq!(rec.metrics["stage_fit_ms"], 250.0);
+        assert_eq!(rec.metrics["stage_evaluate_ms"], 15.0);
+        assert_eq!(rec.participants, vec!["a", "b", "c"]);
+        assert_eq!(h.s.rounds_completed(), 1);
+        assert!(finished(&out).is_none());
+    }
+
+    #[test]
+    fn party_lost_mid_round_is_dropped_and_the_round_completes() {
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a", "b", "c"]);
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        h.feed(Input::Disconnected("c".into()));
+        h.fit("b", &fit[1].1, 1, &[4.0]);
+        let ev = h.tasks();
+        assert_eq!(ev.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
+        assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![3.0]);
+        h.eval("a", &ev[0].1, 1, 1.0);
+        h.eval("b", &ev[1].1, 1, 1.0);
+        let out = h.take();
+        let Output::Checkpoint(Checkpoint { record: Some(rec), .. }) = &out[0] else { panic!() };
+        assert_eq!(rec.dropped["c"], "fit: disconnected");
+        assert_eq!(finished(&out), Some((JobState::Succeeded, None)));
+        assert_eq!(h.s.parties()["c"].state, PartyState::Dropped);
+    }
+
+    #[test]
+    fn a_party_lost_between_stages_is_dropped_at_the_next_one() {
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 2, ""), Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a", "b", "c"]);
+        for (i, (p, t)) in fit.iter().enumerate() {
+            h.fit(p, t, 1, &[i as f32]);
+        }
+        let ev = h.tasks();
+        h.eval("c", &ev[2].1, 1, 1.0);
+        h.feed(Input::Disconnected("c".into()));
+        h.eval("a", &ev[0].1, 1, 1.0);
+        h.eval("b", &ev[1].1, 1, 1.0);
+        let out = h.take();
+        let fit2: Vec<String> = task_pairs(out).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(fit2, vec!["a", "b"]);
+        assert_eq!(h.s.parties()["c"].state, PartyState::Dropped);
+        assert_eq!(h.s.parties()["c"].detail.as_deref(), Some("round 2 fit: not connected"));
+    }
+
+    #[test]
+    fn below_the_minimum_the_job_fails_naming_the_missing_party() {
+        let mut h = H::new(spec(&["a", "b", "c"], 3, 1, ""), Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a", "b", "c"]);
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        h.fit("b", &fit[1].1, 1, &[2.0]);
+        h.feed(Input::Disconnected("c".into()));
+        let (state, err) = finished(&h.take()).unwrap();
+        assert_eq!(state, JobState::Failed);
+        let err = err.unwrap();
+        assert!(err.contains("c (fit: disconnected)") && err.contains("needs 3"), "{err}");
+    }
+
+    #[test]
+    fn a_silent_party_times_out_on_the_virtual_clock() {
+        let mut h = H::new(spec(&["a", "b"], 1, 1, ""), Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a", "b"]);
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        assert_eq!(h.s.next_deadline(), Some(10_000));
+        h.now = 9_999;
+        h.feed(Input::Tick);
+        assert!(h.tasks().is_empty());
+        h.now = 10_000;
+        h.feed(Input::Tick);
+        let ev = h.tasks();
+        // b is still connected, so it is asked to evaluate; only a's update was aggregated.
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![2.0]);
+        assert!(h.s.parties()["b"].detail.as_deref().unwrap().contains("no answer within 10s"));
+    }
+
+    #[test]
+    fn a_nan_update_drops_the_party_by_name() {
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a", "b", "c"]);
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        h.fit("b", &fit[1].1, 1, &[f32::NAN]);
+        h.fit("c", &fit[2].1, 3, &[6.0]);
+        let ev = h.tasks();
+        // (1*2 + 3*6)/4 = 5: b's update is left out; b may still evaluate.
+        assert_eq!(ev.len(), 3);
+        assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![5.0]);
+        let d = h.s.parties()["b"].detail.clone().unwrap();
+        assert!(d.contains("party b sent a bad update") && d.contains("NaN"), "{d}");
+    }
+
+    #[test]
+    fn refusals_fail_recruitment_with_the_reason() {
+        let mut h = H::new(spec(&["a", "b"], 2, 1, ""), Start::Fresh { model: None });
+        h.feed(Input::connected("a"));
+        h.feed(Input::connected("b"));
+        h.feed(Input::Answer { party: "a".into(), accepted: true, reason: String::new() });
+        h.feed(Input::Answer {
+            party: "b".into(),
+            accepted: false,
+            reason: "policy forbids privacy mode \"none\"".into(),
+        });
+        let (state, err) = finished(&h.take()).unwrap();
+        assert_eq!(state, JobState::Failed);
+        assert!(err.unwrap().contains("b: policy forbids privacy mode"));
+        assert_eq!(h.s.parties()["b"].state, PartyState::Refused);
+    }
+
+    #[test]
+    fn recruitment_deadline_starts_with_enough_parties_or_fails() {
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
+        h.connect_and_accept(&["a", "b"]);
+        assert!(h.tasks().is_empty(), "waits for c until the deadline");
+        h.now = 5_000;
+        h.feed(Input::Tick);
+        assert_eq!(h.tasks().len(), 2);
+        assert_eq!(h.s.parties()["c"].state, PartyState::Dropped);
+
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
+        h.connect_and_accept(&["a"]);
+        h.now = 5_000;
+        h.feed(Input::Tick);
+        let err = finished(&h.take()).unwrap().1.unwrap();
+        assert!(err.contains("b: not connected") && err.contains("c: not connected"), "{err}");
+    }
+
+    #[test]
+    fn setup_excludes_a_party_with_another_architecture() {
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
+        h.connect_and_accept(&["a", "b", "c"]);
+        let t = h.tasks();
+        h.setup(&t[..2], &[0.0]);
+        let result = ResultBody::Setup { params: params(&[0.0, 0.0]), stats: FeatureStats::default() };
+        h.feed(Input::Result { party: "c".into(), task_id: t[2].1.task_id, result });
+        let fit = h.tasks();
+        assert_eq!(fit.len(), 2);
+        assert_eq!(h.s.parties()["c"].state, PartyState::Failed);
+    }
+
+    #[test]
+    fn stale_and_unsolicited_results_are_ignored() {
+        let mut h = H::new(spec(&["a", "b"], 2, 2, ""), Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a", "b"]);
+        h.fit("a", &TaskOut { task_id: 999, ..fit[0].1.clone() }, 1, &[100.0]);
+        h.fit("x", &fit[0].1, 1, &[100.0]);
+        h.fit("a", &fit[0].1, 1, &[1.0]);
+        h.fit("a", &fit[0].1, 1, &[100.0]); // duplicate
+        h.fit("b", &fit[1].1, 1, &[3.0]);
+        let ev = h.tasks();
+        assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![2.0]);
+    }
+
+    #[test]
+    fn resume_starts_at_the_next_round_with_the_checkpoint() {
+        let parties: BTreeMap<String, PartyStatus> = [
+            ("a".to_string(), status(PartyState::Accepted, None, 3)),
+            ("b".to_string(), status(PartyState::Refused, Some("no".into()), 0)),
+        ]
+        .into();
+        let start = Start::Resume { round: 3, model: params(&[7.0]), state: State::new(), parties };
+        let mut h = H::new(spec(&["a", "b"], 1, 5, ""), start);
+        h.feed(Input::connected("a"));
+        assert!(matches!(h.take()[0], Output::Offer { .. }));
+        h.feed(Input::Answer { party: "a".into(), accepted: true, reason: String::new() });
+        let t = h.tasks();
+        assert_eq!(t.len(), 1);
+        assert_eq!((t[0].1.stage, t[0].1.round), (Stage::Fit, 4));
+        assert_eq!(t[0].1.params.as_ref().unwrap().tensors()[0].data, vec![7.0]);
+    }
+
+    #[test]
+    fn evaluation_cadence_and_cancel() {
+        let mut h = H::new(spec(&["a"], 1, 3, "[evaluation]\nevery = 2"), Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a"]);
+        h.fit("a", &fit[0].1, 1, &[1.0]);
+        let out = h.take();
+        assert!(matches!(out[0], Output::Checkpoint(Checkpoint { round: 1, .. })), "round 1 is not evaluated");
+        let Output::Task { task, stage, .. } = &out[1] else { panic!() };
+        assert_eq!((*stage, task.round), (Stage::Fit, 2));
+        h.feed(Input::Cancel);
+        assert_eq!(finished(&h.take()).unwrap().0, JobState::Cancelled);
+        h.feed(Input::connected("a"));
+        assert!(h.take().is_empty(), "a finished session ignores input");
+    }
+}
+
+mod secure {
+    use super::*;
+
+    const PARTIES: [&str; 4] = ["a", "b", "c", "d"];
+
+    fn spec(min: usize) -> JobSpec {
+        let text = format!(
+            "name = \"s\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\", \"b\", \"c\", \"d\"]\nmin = {min}\n\
+             dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+             [aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 100\nclip = 2.0\n[timeouts]\nround_secs = 10\n"
+        );
+        JobSpec::parse(&text, "t", &Limits::default()).unwrap()
+    }
+
+    /// Each party's examples and trained parameters.
+    fn local(p: &str) -> (u64, Vec<f32>) {
+        match p {
+            "a" => (10, vec![1.0, -1.0]),
+            "b" => (30, vec![0.5, 0.5]),
+            "c" => (20, vec![-1.0, 1.5]),
+            _ => (40, vec![0.25, 0.0]),
+        }
+    }
+
+    fn tasks(out: Vec<Output>) -> Vec<(String, TaskOut)> {
+        task_pairs(out)
+    }
+
+    struct Run {
+        s: Session,
+        clients: BTreeMap<String, Box<dyn AggregationClient>>,
+    }
+
+    impl Run {
+        fn feed(&mut self, input: Input) -> Vec<Output> {
+            drive(&mut self.s, 0, input, false)
+        }
+
+        fn answer(&mut self, party: &str, task_id: u64, result: ResultBody) -> Vec<Output> {
+            self.feed(Input::Result { party: party.into(), task_id, result })
+        }
+
+        /// Recruits, runs setup, and returns the secure fit tasks.
+        fn start(min: usize) -> (Run, Vec<(String, TaskOut)>) {
+            let spec = spec(min);
+            let job = spec.facts("job-t", &Limits::default());
+            let clients = PARTIES
+                .iter()
+                .map(|p| {
+                    let c = SecAggPlus.client(&spec.aggregation.settings, &job, identity(p)).unwrap();
+                    (p.to_string(), c)
+                })
+                .collect();
+            let mut r = Run { s: session(spec, Start::Fresh { model: None }, &Plugins::default()), clients };
+            for p in PARTIES {
+                r.feed(Input::connected(p));
+            }
+            let mut out = Vec::new();
+            for p in PARTIES {
+                out = r.feed(Input::Answer { party: p.into(), accepted: true, reason: String::new() });
+            }
+            let mut fit = Vec::new();
+            for (p, t) in tasks(out) {
+                let result = ResultBody::Setup { params: params(&[0.0, 0.0]), stats: FeatureStats::default() };
+                fit = tasks(r.answer(&p, t.task_id, result));
+            }
+            (r, fit)
+        }
+
+        /// A party trains and advertises keys.
+        fn fit(&mut self, p: &str, t: &TaskOut) -> Vec<Output> {
+            let TaskBody::Fit { global, round_message, .. } = &t.task.body else { panic!("{t:?}") };
+            let (n, l) = local(p);
+            let update = LocalUpdate { global, local: params(&l), num_examples: n };
+            let contribution = self.clients.get_mut(p).unwrap().contribute(t.round, round_message, update).unwrap();
+            self.answer(p, t.task_id, ResultBody::Fit { metrics: Metrics::new(), contribution })
+        }
+
+        /// What party `p`'s client answers to an aggregation task.
+        fn client_answer(&mut self, p: &str, t: &TaskOut) -> Envelope {
+            let TaskBody::Aggregation { stage, message } = &t.task.body else { panic!("{t:?}") };
+            let Stage::Aggregation(name) = t.stage else { panic!() };
+            assert_eq!(stage, name.as_str());
+            self.clients.get_mut(p).unwrap().on_step(t.round, name, message.clone()).unwrap()
+        }
+
+        fn step(&mut self, p: &str, t: &TaskOut) -> Vec<Output> {
+            let message = self.client_answer(p, t);
+            let stage = t.stage.name().to_owned();
+            self.answer(p, t.task_id, ResultBody::Aggregation { stage, message })
+        }
+    }
+
+    fn expected(parties: &[&str]) -> Vec<f32> {
+        let total: u64 = parties.iter().map(|p| local(p).0).sum();
+        (0..2).map(|j| parties.iter().map(|p| local(p).0 as f32 * local(p).1[j]).sum::<f32>() / total as f32).collect()
+    }
+
+    #[test]
+    fn a_party_lost_at_the_masked_input_stage_is_left_out_of_an_exact_sum() {
+        let (mut r, fit) = Run::start(3);
+        assert_eq!(fit.len(), 4);
+        let mut next = Vec::new();
+        for (p, t) in &fit {
+            next = tasks(r.fit(p, t));
+        }
+        assert!(next.iter().all(|(_, t)| t.stage == Stage::Aggregation(SHARES)));
+        let mut masked = Vec::new();
+        for (p, t) in &next {
+            masked = tasks(r.step(p, t));
+        }
+        assert!(masked.iter().all(|(_, t)| t.stage == Stage::Aggregation(MASKED_INPUT)));
+        let mut unmask = Vec::new();
+        for (p, t) in masked.iter().filter(|(p, _)| p != "c") {
+            unmask = tasks(r.step(p, t));
+        }
+        assert!(unmask.is_empty(), "still waiting for c");
+        unmask = tasks(r.feed(Input::Disconnected("c".into())));
+        assert_eq!(unmask.len(), 3);
+        let mut eval = Vec::new();
+        for (p, t) in &unmask {
+            eval = tasks(r.step(p, t));
+        }
+        assert!(eval.iter().all(|(_, t)| t.stage == Stage::Evaluate), "{eval:?}");
+        let got: Vec<f32> = eval[0].1.params.as_ref().unwrap().flat_values().collect();
+        let want = expected(&["a", "b", "d"]);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "{got:?} vs {want:?}");
+        }
+        assert_eq!(r.s.record().unwrap().dropped["c"], "secagg-masked-input: disconnected");
+        assert_eq!(r.s.record().unwrap().participants, vec!["a", "b", "d"]);
+        let metrics = &r.s.record().unwrap().metrics;
+        for stage in
+            [Stage::Fit, Stage::Aggregation(SHARES), Stage::Aggregation(MASKED_INPUT), Stage::Aggregation(UNMASK)]
+        {
+            assert!(metrics.contains_key(&stage.metric_name()), "{} missing from {metrics:?}", stage.metric_name());
+        }
+    }
+
+    #[test]
+    fn too_few_unmask_answers_fail_the_job_below_threshold() {
+        let (mut r, fit) = Run::start(2);
+        let mut next = Vec::new();
+        for (p, t) in &fit {
+            next = tasks(r.fit(p, t));
+        }
+        let mut masked = Vec::new();
+        for (p, t) in &next {
+            masked = tasks(r.step(p, t));
+        }
+        let mut unmask = Vec::new();
+        for (p, t) in &masked {
+            unmask = tasks(r.step(p, t));
+        }
+        // Only a answers; b, c, d vanish: no party's self-mask can be rebuilt.
+        r.step("a", &unmask[0].1);
+        let mut out = Vec::new();
+        for p in ["b", "c", "d"] {
+            out = r.feed(Input::Disconnected(p.into()));
+        }
+        let err = out
+            .iter()
+            .find_map(
+                |o| if let Output::Finished { state: JobState::Failed, error } = o { error.clone() } else { None },
+            )
+            .expect("the job fails");
+        assert!(err.contains("below threshold"), "{err}");
+        assert!(!out.iter().any(|o| matches!(o, Output::Checkpoint(_))), "no model from a partial sum");
+    }
+
+    #[test]
+    fn a_plaintext_update_or_forged_shares_drop_the_party_by_name() {
+        let (mut r, fit) = Run::start(3);
+        // d sends its parameters in the clear instead of keys.
+        let bulk = Some(Bulk::Params(Arc::new(params(&[1.0, 1.0]))));
+        let plain = ResultBody::Fit { metrics: Metrics::new(), contribution: Envelope { body: Vec::new(), bulk } };
+        let d_task = fit.iter().find(|(p, _)| p == "d").unwrap().1.task_id;
+        r.answer("d", d_task, plain);
+        assert!(r.s.parties()["d"].detail.as_deref().unwrap().contains("plaintext update"));
+        let mut next = Vec::new();
+        for (p, t) in fit.iter().filter(|(p, _)| p != "d") {
+            next = tasks(r.fit(p, t));
+        }
+        assert_eq!(next.len(), 3);
+        // c forwards shares that claim to come from a.
+        let (p, t) = &next[2];
+        assert_eq!(p, "c");
+        let honest = r.client_answer("c", t);
+        let mut forged: wire::Shares = prost::Message::decode(honest.body.as_slice()).unwrap();
+        forged.shares[0].from = "a".into();
+        let stage = SHARES.as_str().to_owned();
+        r.answer("c", t.task_id, ResultBody::Aggregation { stage, message: Envelope::encode(&forged) });
+        assert!(r.s.parties()["c"].detail.as_deref().unwrap().contains("party c misbehaved"), "{:?}", r.s.parties());
+    }
+}
+
+/// The session's own guarantees, beyond the ported behaviour.
+mod guarantees {
+    use super::plaintext::{H, spec, through_setup};
+    use super::*;
+    use confide_algorithms::{
+        Capabilities, Error as AlgoError, FedAvg, FitInstruction, FitResult, RoundContext, Strategy,
+    };
+
+    fn checkpoints(out: &[Output]) -> Vec<&Checkpoint> {
+        out.iter().filter_map(|o| if let Output::Checkpoint(c) = o { Some(c) } else { None }).collect()
+    }
+
+    #[test]
+    fn a_failed_checkpoint_fails_the_job_with_its_cause_even_on_the_last_round() {
+        let mut h = H::new(spec(&["a"], 1, 1, ""), Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a"]);
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        let ev = h.tasks();
+        h.fail_persist = true;
+        h.eval("a", &ev[0].1, 1, 1.0);
+        let out = h.take();
+        assert_eq!(checkpoints(&out).len(), 1);
+        let (state, err) = finished(&out).unwrap();
+        assert_eq!(state, JobState::Failed, "the last round's checkpoint failed: the job did not succeed");
+        let err = err.unwrap();
+        assert!(err.contains("round 1: cannot save the checkpoint: disk full (test)"), "{err}");
+        assert!(!err.contains("cancelled"), "{err}");
+    }
+
+    #[test]
+    fn nothing_happens_until_a_checkpoint_is_acknowledged() {
+        let mut s = session(spec(&["a"], 1, 2, ""), Start::Fresh { model: None }, &Plugins::default());
+        s.handle(0, Input::connected("a"));
+        s.handle(0, Input::Answer { party: "a".into(), accepted: true, reason: String::new() });
+        let t = task_pairs(std::iter::from_fn(|| s.poll_output()).collect());
+        let result = ResultBody::Setup { params: params(&[0.0]), stats: FeatureStats::default() };
+        s.handle(0, Input::Result { party: "a".into(), task_id: t[0].1.task_id, result });
+        let out: Vec<Output> = std::iter::from_fn(|| s.poll_output()).collect();
+        assert!(matches!(out.as_slice(), [Output::Checkpoint(Checkpoint { round: 0, .. })]), "{out:?}");
+        assert_eq!(s.next_deadline(), None, "waiting for the driver, not the clock");
+        s.handle(1_000_000, Input::Tick);
+        assert!(s.poll_output().is_none());
+        s.handle(1_000_000, Input::Persisted { round: 7 });
+        assert!(s.poll_output().is_none(), "an acknowledgement of another round is ignored");
+        s.handle(1_000_000, Input::Persisted { round: 0 });
+        assert!(matches!(s.poll_output(), Some(Output::Task { stage: Stage::Fit, .. })));
+    }
+
+    #[test]
+    fn resuming_a_job_that_had_finished_its_rounds_runs_no_extra_round() {
+        let parties = [("a".to_string(), PartyStatus { state: PartyState::Accepted, detail: None, last_round: 3 })];
+        let start = Start::Resume { round: 3, model: params(&[7.0]), state: State::new(), parties: parties.into() };
+        let mut h = H::new(spec(&["a"], 1, 3, ""), start);
+        h.connect_and_accept(&["a"]);
+        let out = h.take();
+        assert_eq!(finished(&out), Some((JobState::Succeeded, None)));
+        assert!(!out.iter().any(|o| matches!(o, Output::Task { .. })), "{out:?}");
+    }
+
+    /// Runs `spec` with scripted plaintext parties for `rounds` rounds from
+    /// `start`; returns the final model and every checkpoint's state.
+    fn run_adam(start: Start, from: u32, to: u32) -> (Arc<Parameters>, Vec<(u32, State)>) {
+        let text = "[strategy]\nname = \"fedadam\"\nserver_learning_rate = 0.5";
+        let mut h = H::new(spec(&["a", "b"], 2, to, text), start);
+        let mut fit = if from == 1 {
+            through_setup(&mut h, &["a", "b"])
+        } else {
+            h.connect_and_accept(&["a", "b"]);
+            h.tasks()
+        };
+        let mut states = Vec::new();
+        let mut last = None;
+        for round in from..=to {
+            for (i, (p, t)) in fit.iter().enumerate() {
+                assert_eq!((t.stage, t.round), (Stage::Fit, round));
+                h.fit(p, t, 1 + i as u64, &[round as f32 * (i as f32 + 1.0)]);
+            }
+            for (p, t) in h.tasks() {
+                h.eval(&p, &t, 1, 0.5);
+            }
+            let out = h.take();
+            for c in checkpoints(&out) {
+                states.push((c.round, c.state.clone()));
+                last = Some(c.model.clone());
+            }
+            fit = task_pairs(out);
+        }
+        (last.unwrap(), states)
+    }
+
+    #[test]
+    fn fedadam_state_saved_with_a_checkpoint_resumes_to_the_same_model() {
+        let (straight, states) = run_adam(Start::Fresh { model: None }, 1, 4);
+        let (round, state) = states.iter().find(|(r, _)| *r == 2).cloned().unwrap();
+        assert!(state.section("strategy").get("m").is_some(), "the moments are checkpointed: {state:?}");
+        let (_, mid) = run_adam(Start::Fresh { model: None }, 1, 2);
+        assert_eq!(mid.last().unwrap().1, state, "runs are deterministic");
+        // The model after round 2 as the checkpoint saved it.
+        let model_after_2 = {
+            let (m, _) = run_adam(Start::Fresh { model: None }, 1, 2);
+            (*m).clone()
+        };
+        let parties = [
+            ("a".to_string(), PartyStatus { state: PartyState::Accepted, detail: None, last_round: 2 }),
+            ("b".to_string(), PartyStatus { state: PartyState::Accepted, detail: None, last_round: 2 }),
+        ];
+        let start = Start::Resume { round, model: model_after_2.clone(), state, parties: parties.clone().into() };
+        let (resumed, _) = run_adam(start, 3, 4);
+        assert_eq!(resumed, straight, "resumed with its moments, FedAdam ends where the uninterrupted run does");
+        let start = Start::Resume { round, model: model_after_2, state: State::new(), parties: parties.into() };
+        let (forgetful, _) = run_adam(start, 3, 4);
+        assert_ne!(forgetful, straight, "without the moments the run differs (so the test can fail)");
+    }
+
+    /// FedAvg that panics when it aggregates.
+    struct Boom;
+    impl Strategy for Boom {
+        fn name(&self) -> &str {
+            "boom"
+        }
+        fn aggregate_fit(&mut self, _: u32, _: &Parameters, _: &[FitResult]) -> Result<Parameters, AlgoError> {
+            panic!("the plug-in has a bug")
+        }
+    }
+
+    #[test]
+    fn a_panicking_plug_in_strategy_fails_its_job_by_name() {
+        let plugins = Plugins::new().strategy("boom", |_| Ok(Box::new(Boom)));
+        let text = "[strategy]\nname = \"custom\"\ncustom = \"boom\"";
+        let mut h = H::with(spec(&["a"], 1, 2, text), Start::Fresh { model: None }, &plugins);
+        let fit = through_setup(&mut h, &["a"]);
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        let (state, err) = finished(&h.take()).unwrap();
+        let err = err.unwrap();
+        assert_eq!(state, JobState::Failed);
+        assert!(err.contains("strategy boom panicked") && err.contains("the plug-in has a bug"), "{err}");
+    }
+
+    /// Asks only every other available party, each with its own learning rate.
+    struct Halves;
+    impl Strategy for Halves {
+        fn name(&self) -> &str {
+            "halves"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::ANY
+        }
+        fn configure_fit(
+            &mut self,
+            ctx: &RoundContext<'_>,
+            base: &confide_algorithms::FitConfig,
+        ) -> Vec<FitInstruction> {
+            ctx.available
+                .iter()
+                .step_by(2)
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut config = base.clone();
+                    config.train.learning_rate = 0.1 * (i + 1) as f64;
+                    FitInstruction { party: p.clone(), config }
+                })
+                .collect()
+        }
+        fn aggregate_fit(&mut self, r: u32, g: &Parameters, res: &[FitResult]) -> Result<Parameters, AlgoError> {
+            FedAvg.aggregate_fit(r, g, res)
+        }
+    }
+
+    #[test]
+    fn a_strategy_selects_and_configures_parties_per_round() {
+        let plugins = Plugins::new().strategy("halves", |_| Ok(Box::new(Halves)));
+        let text = "[strategy]\nname = \"custom\"\ncustom = \"halves\"";
+        let mut h = H::with(spec(&["a", "b", "c"], 2, 1, text), Start::Fresh { model: None }, &plugins);
+        let fit = through_setup(&mut h, &["a", "b", "c"]);
+        let asked: Vec<(&str, f64)> = fit
+            .iter()
+            .map(|(p, t)| {
+                let TaskBody::Fit { config, .. } = &t.task.body else { panic!() };
+                (p.as_str(), config.train.learning_rate)
+            })
+            .collect();
+        assert_eq!(asked, [("a", 0.1), ("c", 0.2)]);
+        assert!(!Arc::ptr_eq(&fit[0].1.task, &fit[1].1.task), "two configurations, two tasks");
+    }
+
+    /// A custom strategy that declares no secure-sum support.
+    struct Plain;
+    impl Strategy for Plain {
+        fn name(&self) -> &str {
+            "plain-only"
+        }
+        fn aggregate_fit(&mut self, r: u32, g: &Parameters, res: &[FitResult]) -> Result<Parameters, AlgoError> {
+            FedAvg.aggregate_fit(r, g, res)
+        }
+    }
+
+    #[test]
+    fn a_strategy_that_cannot_use_a_weighted_sum_is_refused_before_the_job_runs() {
+        let plugins = Plugins::new().strategy("plain-only", |_| Ok(Box::new(Plain)));
+        let text = "[strategy]\nname = \"custom\"\ncustom = \"plain-only\"\n[aggregation]\nprotocol = \"secagg\"";
+        let err = plugins.check(&spec(&["a", "b"], 2, 1, text)).unwrap_err();
+        assert!(err.starts_with("strategy.custom:") && err.contains("reveals only their weighted sum"), "{err}");
+        plugins.check(&spec(&["a", "b"], 2, 1, "[strategy]\nname = \"custom\"\ncustom = \"plain-only\"")).unwrap();
+        let unknown = plugins.check(&spec(&["a", "b"], 2, 1, "").clone().with_kind("nope")).unwrap_err();
+        assert!(unknown.starts_with("kind: no job kind named \"nope\""), "{unknown}");
+    }
+
+    trait WithKind {
+        fn with_kind(self, kind: &str) -> Self;
+    }
+    impl WithKind for JobSpec {
+        fn with_kind(mut self, kind: &str) -> Self {
+            self.kind = confide_proto::jobspec::JobKind::parse(kind);
+            self
+        }
+    }
+}

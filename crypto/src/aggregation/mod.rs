@@ -1,0 +1,410 @@
+//! The protocol layer: every way the parties' updates can be combined into a
+//! model, behind one pair of traits the session layer drives.
+//!
+//! ```text
+//!  coordinator session                 wire (opaque)                party session
+//!  AggregationServer                   Envelope {body, bulk}        AggregationClient
+//!   begin_round(parties) ── round msg ──▶ (in the fit task) ──────▶  contribute(update) after training
+//!   on_message(party, m) ◀── contribution (the fit answer) ◀──────┘
+//!   close_stage() ──▶ Step{stage, msgs} ──▶ aggregation task ─────▶  on_step(stage, m) ─┐
+//!   on_message(party, m) ◀──────────────── aggregation result ◀───────────────────────┘
+//!   close_stage() ──▶ … ──▶ Done(Aggregate::Updates | Aggregate::WeightedSum)
+//! ```
+//!
+//! A protocol is one [`AggregationProtocol`] (a provider, as rustls's
+//! `CryptoProvider`) that validates its settings (`[aggregation.NAME]` in a
+//! job spec) and builds one [`AggregationServer`] per job at the coordinator
+//! and one [`AggregationClient`] per job at each party. Its messages are its
+//! own types, encoded by its own module into an [`Envelope`]; the session
+//! layer and the transport only carry them. Adding a protocol is a module
+//! here plus one line in [`Protocols::builtin`] (or [`Protocols::with`] in a
+//! build of your own); `docs/architecture.md` has the recipe.
+//!
+//! * [`plain`] (`none`): updates in the clear over mutual TLS.
+//! * [`secagg`] (`secagg`): SecAgg+; the coordinator learns only the
+//!   example-weighted sum.
+//! * [`update`]: the encoding of an update into a modular sum (fixed point,
+//!   example weight), written once for every protocol that sums.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use confide_algorithms::Parameters;
+
+use crate::Error;
+use crate::secagg::protocol::{IdentitySigner, IdentityVerifier};
+
+pub mod plain;
+pub mod secagg;
+pub mod update;
+
+/// The name of one step of a protocol after the fit stage (e.g.
+/// `secagg-masked-input`): what job status, drop reasons, stage timings and
+/// fault injection call the stage. Constants owned by the protocol's module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StageName(&'static str);
+
+impl StageName {
+    /// A stage name: lowercase words joined by `-`, unique across protocols
+    /// and job kinds (prefix it with the protocol's name).
+    pub const fn new(name: &'static str) -> Self {
+        StageName(name)
+    }
+
+    /// The name.
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::fmt::Display for StageName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// A large vector sent after its message in chunks (so that no message
+/// exceeds the transport's size limit).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bulk {
+    /// A model: named f32 tensors.
+    Params(Arc<Parameters>),
+    /// Raw 32-bit words (a masked vector in Z_{2^b}).
+    Words(Vec<u32>),
+}
+
+/// A protocol's message as the session layer carries it: the body is the
+/// protocol's own encoding of its own message type; at most one bulk vector
+/// travels with it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Envelope {
+    /// The protocol-encoded message (may be empty).
+    pub body: Vec<u8>,
+    /// The vector that follows it, if any.
+    pub bulk: Option<Bulk>,
+}
+
+impl Envelope {
+    /// A body without a vector.
+    pub fn body(body: Vec<u8>) -> Self {
+        Envelope { body, bulk: None }
+    }
+
+    /// Encodes a prost message as the body.
+    pub fn encode(msg: &impl prost::Message) -> Self {
+        Envelope::body(msg.encode_to_vec())
+    }
+
+    /// Decodes the body as `T`; a malformed body is `from`'s fault.
+    pub fn decode<T: prost::Message + Default>(&self, from: &str, what: &str) -> Result<T, Error> {
+        T::decode(self.body.as_slice())
+            .map_err(|e| Error::PeerMisbehaved { party: from.to_owned(), reason: format!("malformed {what}: {e}") })
+    }
+}
+
+/// What the coordinator learns from a round of a protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reveals {
+    /// Each party's update (plaintext): any strategy can run.
+    Updates,
+    /// Only Σ nᵢ·(localᵢ − global) and Σ nᵢ over the contributors: only
+    /// strategies that aggregate from a weighted sum can run.
+    WeightedSum,
+}
+
+/// What a protocol may know of the job it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobFacts {
+    /// Job id (bound into keys, ciphertexts and seeds).
+    pub job_id: String,
+    /// Named parties in the spec (0: any connected party may join).
+    pub named_parties: usize,
+    /// Most parties a job may have (the federation's limit).
+    pub max_parties: usize,
+    /// Fewest parties a stage needs.
+    pub min_parties: usize,
+    /// Most values in a model.
+    pub max_values: usize,
+}
+
+impl JobFacts {
+    /// Most parties a round can have: the named ones, else the federation's limit.
+    pub fn party_bound(&self) -> usize {
+        if self.named_parties == 0 { self.max_parties } else { self.named_parties }
+    }
+}
+
+/// A problem with a protocol's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The field: relative to the protocol's settings table unless `absolute`.
+    pub field: String,
+    /// Whether `field` is a path from the spec's root (e.g. `parties.min`).
+    pub absolute: bool,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem with one of the protocol's own settings.
+    pub fn setting(field: &str, message: impl Into<String>) -> Self {
+        Problem { field: field.to_owned(), absolute: false, message: message.into() }
+    }
+
+    /// A problem with another part of the spec (the protocol's requirement on it).
+    pub fn spec(path: &str, message: impl Into<String>) -> Self {
+        Problem { field: path.to_owned(), absolute: true, message: message.into() }
+    }
+}
+
+/// Deserialises a protocol's settings table into its typed settings; a type
+/// error or an unknown field is reported at its field.
+pub fn parse_settings<T: serde::de::DeserializeOwned>(table: &toml::Table) -> Result<T, Vec<Problem>> {
+    let value = toml::Value::Table(table.clone());
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        let message = e.into_inner().to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        vec![Problem::setting(&field, message)]
+    })
+}
+
+/// A party as the coordinator knows it: its certificate name and the
+/// certificate (DER) it presented on its TLS connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer<'a> {
+    /// The party's name.
+    pub name: &'a str,
+    /// Its TLS client certificate, DER.
+    pub certificate: &'a [u8],
+}
+
+/// A round as the coordinator starts it.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundInfo<'a> {
+    /// The round, from 1.
+    pub round: u32,
+    /// The round's parties, sorted and unique.
+    pub parties: &'a [String],
+    /// The global model the parties train from.
+    pub global: &'a Parameters,
+}
+
+/// One party's plaintext update, as [`plain`] reveals it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartyUpdate {
+    /// The party.
+    pub party: String,
+    /// Training examples (its weight).
+    pub num_examples: u64,
+    /// Its locally trained model.
+    pub params: Parameters,
+}
+
+/// The result of a round.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Aggregate {
+    /// Every contributor's update, sorted by party name.
+    Updates(Vec<PartyUpdate>),
+    /// The example-weighted sum of the contributors' updates.
+    WeightedSum {
+        /// Σ nᵢ·(localᵢ − global), per model value.
+        weighted_delta_sum: Vec<f64>,
+        /// Σ nᵢ.
+        total_examples: f64,
+        /// Whose updates are in the sum, sorted.
+        contributors: Vec<String>,
+    },
+}
+
+/// The messages of a protocol step.
+#[derive(Debug, Clone)]
+pub enum Messages {
+    /// The same message to each of these parties (encoded and sent once per stream).
+    Same {
+        /// Recipients, sorted.
+        to: Vec<String>,
+        /// The message.
+        message: Envelope,
+    },
+    /// A message of its own to each party.
+    PerParty(Vec<(String, Envelope)>),
+}
+
+impl Messages {
+    /// The recipients.
+    pub fn recipients(&self) -> Vec<String> {
+        match self {
+            Messages::Same { to, .. } => to.clone(),
+            Messages::PerParty(v) => v.iter().map(|(p, _)| p.clone()).collect(),
+        }
+    }
+}
+
+/// How many answers a step needs before the protocol can go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quorum {
+    /// The job's `parties.min`: below it the job fails naming the missing parties.
+    JobMinimum,
+    /// The protocol decides in its next `close_stage` (e.g. a reconstruction
+    /// threshold per party rather than a head count).
+    Protocol,
+}
+
+/// What the coordinator does after a stage closes.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Another step: send these messages and collect the answers.
+    Step {
+        /// The step's stage.
+        stage: StageName,
+        /// Who gets what.
+        messages: Messages,
+        /// Answers it needs.
+        quorum: Quorum,
+    },
+    /// The round's result.
+    Done(Aggregate),
+}
+
+/// A protocol's coordinator side for one job. It sees only what the protocol
+/// reveals; every error that names a party (`PeerMisbehaved`, `BadUpdate`)
+/// drops that party from the stage, any other fails the round.
+pub trait AggregationServer: Send {
+    /// Starts a round; returns the message every party's fit task carries
+    /// (empty when there is none).
+    fn begin_round(&mut self, round: &RoundInfo<'_>) -> Result<Vec<u8>, Error>;
+
+    /// A party's contribution (its fit answer) or its answer to the current
+    /// step. A rejected message leaves the protocol's state unchanged.
+    fn on_message(&mut self, from: Peer<'_>, message: Envelope) -> Result<(), Error>;
+
+    /// The current stage closed (everyone answered or the deadline passed).
+    fn close_stage(&mut self) -> Result<Progress, Error>;
+}
+
+/// A party's update after local training.
+#[derive(Debug)]
+pub struct LocalUpdate<'a> {
+    /// The global model the round started from.
+    pub global: &'a Parameters,
+    /// The locally trained model.
+    pub local: Parameters,
+    /// Training examples used (the aggregation weight).
+    pub num_examples: u64,
+}
+
+/// A protocol's party side for one job.
+pub trait AggregationClient: Send {
+    /// The party's fit answer for `round`: its update in the protocol's form.
+    /// `round_message` is what the coordinator's fit task carried.
+    fn contribute(&mut self, round: u32, round_message: &[u8], update: LocalUpdate<'_>) -> Result<Envelope, Error>;
+
+    /// A later step of `round`; returns the party's answer.
+    fn on_step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error>;
+
+    /// Forgets the round in progress (the job closed, or the coordinator went
+    /// silent), wiping its secrets.
+    fn abandon(&mut self);
+}
+
+/// Checks peers' signatures against their certificates, learning the
+/// certificates as the coordinator relays them (and checking each against
+/// the federation CA once).
+pub trait PeerVerifier: IdentityVerifier + Send {
+    /// Accepts `certificate` (DER) as `party`'s after checking it.
+    fn add_peer(&mut self, party: &str, certificate: &[u8]) -> Result<(), Error>;
+}
+
+/// Who a party is, for protocols that sign or verify.
+pub struct PartyIdentity {
+    /// The party's name (its certificate's).
+    pub name: String,
+    /// Signs with the party's certificate key.
+    pub signer: Arc<dyn IdentitySigner + Send + Sync>,
+    /// Verifies other parties.
+    pub peers: Box<dyn PeerVerifier>,
+}
+
+impl std::fmt::Debug for PartyIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartyIdentity").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// An aggregation protocol: its name in job specs and policies, its
+/// settings, its stages, and its two sides.
+pub trait AggregationProtocol: Send + Sync + 'static {
+    /// The name in `[aggregation] protocol` and in party policies.
+    fn name(&self) -> &'static str;
+
+    /// What it guarantees, in one line (for `confide job validate` and errors).
+    fn describe(&self) -> &'static str;
+
+    /// Its steps after the fit stage, in order.
+    fn stages(&self) -> &'static [StageName];
+
+    /// What the coordinator learns.
+    fn reveals(&self) -> Reveals;
+
+    /// Checks `settings` (the spec's `[aggregation.NAME]` table, empty when absent).
+    fn validate(&self, settings: &toml::Table, job: &JobFacts) -> Vec<Problem>;
+
+    /// The coordinator side for one job.
+    fn server(&self, settings: &toml::Table, job: &JobFacts) -> Result<Box<dyn AggregationServer>, Error>;
+
+    /// A party's side for one job.
+    fn client(
+        &self,
+        settings: &toml::Table,
+        job: &JobFacts,
+        party: PartyIdentity,
+    ) -> Result<Box<dyn AggregationClient>, Error>;
+}
+
+/// The protocols a build knows, by name.
+#[derive(Clone)]
+pub struct Protocols {
+    by_name: BTreeMap<&'static str, Arc<dyn AggregationProtocol>>,
+}
+
+impl std::fmt::Debug for Protocols {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.by_name.keys()).finish()
+    }
+}
+
+impl Default for Protocols {
+    fn default() -> Self {
+        Protocols::builtin().clone()
+    }
+}
+
+impl Protocols {
+    /// The protocols built into Confide: `none` and `secagg`.
+    pub fn builtin() -> &'static Protocols {
+        static BUILTIN: OnceLock<Protocols> = OnceLock::new();
+        BUILTIN.get_or_init(|| Protocols { by_name: BTreeMap::new() }.with(plain::Plain).with(secagg::SecAggPlus))
+    }
+
+    /// These protocols and `protocol` (replacing one of the same name).
+    pub fn with(mut self, protocol: impl AggregationProtocol) -> Self {
+        self.by_name.insert(protocol.name(), Arc::new(protocol));
+        self
+    }
+
+    /// The protocol called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn AggregationProtocol>> {
+        self.by_name.get(name)
+    }
+
+    /// Every protocol's name, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.by_name.keys().copied().collect()
+    }
+
+    /// The stage `name` of any protocol (to check configuration naming one).
+    pub fn stage(&self, name: &str) -> Option<StageName> {
+        self.by_name.values().flat_map(|p| p.stages().iter().copied()).find(|s| s.as_str() == name)
+    }
+}

@@ -1,0 +1,732 @@
+//! `secagg`: SecAgg+ ([`crate::secagg::protocol`]) as an aggregation
+//! protocol. The coordinator learns only the example-weighted sum of the
+//! surviving parties' updates.
+//!
+//! ```text
+//!  fit                  round config (parties, threshold, degree, graph seed, bits, dim, clip, max_examples)
+//!                       → each party trains, encodes its update, answers with signed round keys
+//!  secagg-shares        neighbours' keys + certificates → encrypted Shamir shares
+//!  secagg-masked-input  shares addressed to the party → masked vector (bulk words)
+//!  secagg-unmask        survivors and dropped parties → the shares that remove the masks
+//! ```
+//! Messages are this module's own prost types; the session layer carries
+//! them as opaque [`Envelope`]s.
+
+use std::collections::BTreeMap;
+
+use rand_core::OsRng;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use super::update::WeightedUpdate;
+use super::{
+    Aggregate, AggregationClient, AggregationProtocol, AggregationServer, Bulk, Envelope, JobFacts, LocalUpdate,
+    Messages, PartyIdentity, Peer, Problem, Progress, Quorum, Reveals, RoundInfo, StageName, parse_settings,
+};
+use crate::Error;
+use crate::secagg::graph::degree_for;
+use crate::secagg::protocol::{
+    AdvertiseKeys, Client, Config, EncryptedShare, IdentityVerifier, MaskedInput, Server, UnmaskRequest, UnmaskShares,
+};
+use crate::secagg::shamir::Share;
+
+/// Parties exchange encrypted key shares.
+pub const SHARES: StageName = StageName::new("secagg-shares");
+/// Parties send masked inputs.
+pub const MASKED_INPUT: StageName = StageName::new("secagg-masked-input");
+/// Parties reveal the shares that remove the masks.
+pub const UNMASK: StageName = StageName::new("secagg-unmask");
+
+/// The SecAgg+ protocol.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SecAggPlus;
+
+/// `[aggregation.secagg]` of a job spec.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecAggSettings {
+    /// Fraction of a party's neighbours whose shares rebuild its secrets, in (0.5, 1].
+    pub threshold: f64,
+    /// Bits of the modulus the encoded sum lives in, 16..=32.
+    pub bits: u32,
+    /// Each coordinate of a party's (example-weighted) update is clipped to [-clip, clip].
+    pub clip: f32,
+    /// The most training examples one party may weigh in with; its update
+    /// is scaled by n/max_examples before encoding.
+    pub max_examples: u64,
+}
+
+impl Default for SecAggSettings {
+    fn default() -> Self {
+        SecAggSettings { threshold: 0.6, bits: 32, clip: 1.0, max_examples: 100_000 }
+    }
+}
+
+impl SecAggSettings {
+    /// The settings in `table` with defaults filled in; errors name the field.
+    pub fn from_table(table: &toml::Table) -> Result<Self, Vec<Problem>> {
+        parse_settings(table)
+    }
+
+    fn check(&self, job: &JobFacts) -> Vec<Problem> {
+        let mut p = Vec::new();
+        if !(self.threshold > 0.5 && self.threshold <= 1.0) {
+            p.push(Problem::setting("threshold", format!("must be in (0.5, 1] (got {})", self.threshold)));
+        }
+        if !(16..=32).contains(&self.bits) {
+            p.push(Problem::setting("bits", format!("must be 16..=32 (got {})", self.bits)));
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            p.push(Problem::setting("clip", format!("must be positive and finite (got {})", self.clip)));
+        }
+        let parties = job.party_bound();
+        let bits = self.bits.min(32);
+        if self.max_examples == 0 || (self.max_examples as u128) * (parties as u128) >= 1u128 << bits {
+            p.push(Problem::setting(
+                "max_examples",
+                format!("must be positive and {parties} × max_examples must fit in {} bits", self.bits),
+            ));
+        } else if (((1u64 << bits) - 1) / parties as u64) < 256 {
+            p.push(Problem::setting("bits", format!("{} bits are too few for {parties} parties", self.bits)));
+        }
+        if job.min_parties < 2 {
+            p.push(Problem::spec("parties.min", "secure aggregation needs at least 2 parties"));
+        }
+        p
+    }
+}
+
+impl AggregationProtocol for SecAggPlus {
+    fn name(&self) -> &'static str {
+        "secagg"
+    }
+
+    fn describe(&self) -> &'static str {
+        "SecAgg+ secure aggregation; the coordinator learns only the example-weighted sum of the updates"
+    }
+
+    fn stages(&self) -> &'static [StageName] {
+        &[SHARES, MASKED_INPUT, UNMASK]
+    }
+
+    fn reveals(&self) -> Reveals {
+        Reveals::WeightedSum
+    }
+
+    fn validate(&self, settings: &toml::Table, job: &JobFacts) -> Vec<Problem> {
+        match SecAggSettings::from_table(settings) {
+            Ok(s) => s.check(job),
+            Err(problems) => problems,
+        }
+    }
+
+    fn server(&self, settings: &toml::Table, job: &JobFacts) -> Result<Box<dyn AggregationServer>, Error> {
+        let settings = settings_for(settings, job)?;
+        Ok(Box::new(SecAggServer { settings, job: job.clone(), round: None }))
+    }
+
+    fn client(
+        &self,
+        settings: &toml::Table,
+        job: &JobFacts,
+        party: PartyIdentity,
+    ) -> Result<Box<dyn AggregationClient>, Error> {
+        let settings = settings_for(settings, job)?;
+        Ok(Box::new(SecAggClient { settings, job: job.clone(), party, round: None }))
+    }
+}
+
+fn settings_for(table: &toml::Table, job: &JobFacts) -> Result<SecAggSettings, Error> {
+    let s = SecAggSettings::from_table(table).map_err(|p| problems(&p))?;
+    let checked = s.check(job);
+    if checked.is_empty() { Ok(s) } else { Err(problems(&checked)) }
+}
+
+fn problems(p: &[Problem]) -> Error {
+    let text: Vec<String> = p.iter().map(|p| format!("{}: {}", p.field, p.message)).collect();
+    Error::InvalidInput(format!("aggregation.secagg: {}", text.join("; ")))
+}
+
+/// This module's messages, as prost types (public for tools and adversarial
+/// tests that craft them): the wire form of
+/// [`crate::secagg::protocol`]'s messages, whose fields they mirror.
+#[allow(missing_docs)]
+pub mod wire {
+    /// The round's public parameters (with the fit task).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RoundConfig {
+        /// The round's parties, sorted; Shamir x-coordinate = index + 1.
+        #[prost(string, repeated, tag = "1")]
+        pub parties: Vec<String>,
+        #[prost(uint32, tag = "2")]
+        pub threshold: u32,
+        #[prost(uint32, tag = "3")]
+        pub degree: u32,
+        #[prost(bytes = "vec", tag = "4")]
+        pub graph_seed: Vec<u8>,
+        #[prost(uint32, tag = "5")]
+        pub bits: u32,
+        /// Encoded vector length: the model's values plus one weight coordinate.
+        #[prost(uint64, tag = "6")]
+        pub dim: u64,
+        #[prost(float, tag = "7")]
+        pub clip: f32,
+        #[prost(uint64, tag = "8")]
+        pub max_examples: u64,
+    }
+
+    /// A party's signed round keys and the certificate that verifies them.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Keys {
+        #[prost(string, tag = "1")]
+        pub party: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub enc_pk: Vec<u8>,
+        #[prost(bytes = "vec", tag = "3")]
+        pub mask_pk: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub signature: Vec<u8>,
+        /// DER, relayed by the coordinator from the party's TLS connection.
+        #[prost(bytes = "vec", tag = "5")]
+        pub certificate: Vec<u8>,
+    }
+
+    /// The neighbours' keys (secagg-shares task).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct KeyList {
+        #[prost(message, repeated, tag = "1")]
+        pub keys: Vec<Keys>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Share {
+        #[prost(string, tag = "1")]
+        pub from: String,
+        #[prost(string, tag = "2")]
+        pub to: String,
+        #[prost(bytes = "vec", tag = "3")]
+        pub nonce: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub ciphertext: Vec<u8>,
+    }
+
+    /// Encrypted shares (secagg-shares answer, secagg-masked-input task).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Shares {
+        #[prost(message, repeated, tag = "1")]
+        pub shares: Vec<Share>,
+    }
+
+    /// Who survived and who dropped (secagg-unmask task).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct UnmaskRequest {
+        #[prost(string, repeated, tag = "1")]
+        pub survivors: Vec<String>,
+        #[prost(string, repeated, tag = "2")]
+        pub dropped: Vec<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct OwnerShare {
+        #[prost(string, tag = "1")]
+        pub owner: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub share: Vec<u8>,
+    }
+
+    /// The shares that remove the masks (secagg-unmask answer).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct UnmaskShares {
+        #[prost(message, repeated, tag = "1")]
+        pub self_mask: Vec<OwnerShare>,
+        #[prost(message, repeated, tag = "2")]
+        pub mask_key: Vec<OwnerShare>,
+    }
+}
+
+/// Largest signature or certificate accepted in a key advert.
+const MAX_SIGNATURE: usize = 512;
+const MAX_CERTIFICATE: usize = 16 << 10;
+
+fn array<const N: usize>(b: &[u8], from: &str, what: &str) -> Result<[u8; N], Error> {
+    b.try_into().map_err(|_| Error::PeerMisbehaved {
+        party: from.to_owned(),
+        reason: format!("{what}: {} bytes, expected {N}", b.len()),
+    })
+}
+
+fn keys_to_wire(k: &AdvertiseKeys, certificate: &[u8]) -> wire::Keys {
+    wire::Keys {
+        party: k.party.clone(),
+        enc_pk: k.enc_pk.to_vec(),
+        mask_pk: k.mask_pk.to_vec(),
+        signature: k.signature.clone(),
+        certificate: certificate.to_vec(),
+    }
+}
+
+fn keys_from_wire(k: wire::Keys, from: &str) -> Result<(AdvertiseKeys, Vec<u8>), Error> {
+    if k.signature.len() > MAX_SIGNATURE || k.certificate.len() > MAX_CERTIFICATE {
+        return Err(Error::PeerMisbehaved {
+            party: from.to_owned(),
+            reason: format!("keys of {}: signature or certificate too large", k.party),
+        });
+    }
+    let advert = AdvertiseKeys {
+        enc_pk: array(&k.enc_pk, from, "enc_pk")?,
+        mask_pk: array(&k.mask_pk, from, "mask_pk")?,
+        party: k.party,
+        signature: k.signature,
+    };
+    Ok((advert, k.certificate))
+}
+
+fn shares_to_wire(s: &[EncryptedShare]) -> wire::Shares {
+    wire::Shares {
+        shares: s
+            .iter()
+            .map(|e| wire::Share {
+                from: e.from.clone(),
+                to: e.to.clone(),
+                nonce: e.nonce.to_vec(),
+                ciphertext: e.ciphertext.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn shares_from_wire(s: wire::Shares, from: &str, max: usize) -> Result<Vec<EncryptedShare>, Error> {
+    let bad = |reason: String| Error::PeerMisbehaved { party: from.to_owned(), reason };
+    if s.shares.len() > max {
+        return Err(bad(format!("{} shares; at most {max}", s.shares.len())));
+    }
+    s.shares
+        .into_iter()
+        .map(|e| {
+            if e.ciphertext.len() > 1024 {
+                return Err(bad("share ciphertext too large".into()));
+            }
+            Ok(EncryptedShare {
+                nonce: array(&e.nonce, from, "nonce")?,
+                from: e.from,
+                to: e.to,
+                ciphertext: e.ciphertext,
+            })
+        })
+        .collect()
+}
+
+fn unmask_shares_to_wire(u: &UnmaskShares) -> wire::UnmaskShares {
+    let conv = |v: &[(String, Share)]| {
+        v.iter().map(|(o, s)| wire::OwnerShare { owner: o.clone(), share: s.to_bytes().to_vec() }).collect()
+    };
+    wire::UnmaskShares { self_mask: conv(&u.self_mask), mask_key: conv(&u.mask_key) }
+}
+
+fn unmask_shares_from_wire(u: wire::UnmaskShares, party: &str, max: usize) -> Result<UnmaskShares, Error> {
+    let bad = |reason: String| Error::PeerMisbehaved { party: party.to_owned(), reason };
+    if u.self_mask.len() > max || u.mask_key.len() > max {
+        return Err(bad(format!("more than {max} unmask shares")));
+    }
+    let conv = |v: Vec<wire::OwnerShare>| -> Result<Vec<(String, Share)>, Error> {
+        v.into_iter()
+            .map(|o| {
+                Share::from_bytes(&o.share)
+                    .map(|s| (o.owner.clone(), s))
+                    .map_err(|e| bad(format!("share of {}: {e}", o.owner)))
+            })
+            .collect()
+    };
+    Ok(UnmaskShares { party: party.to_owned(), self_mask: conv(u.self_mask)?, mask_key: conv(u.mask_key)? })
+}
+
+/// The round's public parameters over `parties`: the graph degree grows like
+/// log n (the complete graph up to 20 parties), the threshold is the
+/// configured fraction of the degree, and the graph seed is a hash of the
+/// job and round.
+fn round_config(job: &str, round: u32, parties: &[String], dim: usize, s: &SecAggSettings) -> Config {
+    use sha2::Digest;
+    let n = parties.len();
+    let degree = degree_for(n, 20, 3.0);
+    let k = degree.min(n.saturating_sub(1));
+    let threshold = ((s.threshold * k as f64).ceil() as usize).clamp(2, k.max(2));
+    let mut seed_input = job.as_bytes().to_vec();
+    seed_input.extend_from_slice(&round.to_le_bytes());
+    Config {
+        job: job.to_owned(),
+        round,
+        parties: parties.to_vec(),
+        threshold,
+        degree,
+        graph_seed: sha2::Sha256::digest(&seed_input).into(),
+        bits: s.bits,
+        dim,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerStage {
+    Keys,
+    Shares,
+    Masked,
+    Unmask,
+}
+
+struct ServerRound {
+    server: Server,
+    encoding: WeightedUpdate,
+    stage: ServerStage,
+    /// Each advertiser's certificate, relayed with its keys.
+    certs: BTreeMap<String, Vec<u8>>,
+}
+
+struct SecAggServer {
+    settings: SecAggSettings,
+    job: JobFacts,
+    round: Option<ServerRound>,
+}
+
+impl SecAggServer {
+    fn current(&mut self) -> Result<&mut ServerRound, Error> {
+        self.round.as_mut().ok_or_else(|| Error::WrongStage("no secure-aggregation round in progress".into()))
+    }
+}
+
+impl AggregationServer for SecAggServer {
+    fn begin_round(&mut self, round: &RoundInfo<'_>) -> Result<Vec<u8>, Error> {
+        let dim = WeightedUpdate::words(round.global.num_values());
+        let config = round_config(&self.job.job_id, round.round, round.parties, dim, &self.settings);
+        let s = &self.settings;
+        let msg = wire::RoundConfig {
+            parties: config.parties.clone(),
+            threshold: config.threshold as u32,
+            degree: config.degree as u32,
+            graph_seed: config.graph_seed.to_vec(),
+            bits: config.bits,
+            dim: config.dim as u64,
+            clip: s.clip,
+            max_examples: s.max_examples,
+        };
+        let encoding = WeightedUpdate::new(s.bits, s.clip, s.max_examples, round.parties.len())?;
+        let server = Server::new(config)?;
+        self.round = Some(ServerRound { server, encoding, stage: ServerStage::Keys, certs: BTreeMap::new() });
+        Ok(prost::Message::encode_to_vec(&msg))
+    }
+
+    fn on_message(&mut self, from: Peer<'_>, message: Envelope) -> Result<(), Error> {
+        let party = from.name;
+        let max = self.job.max_parties;
+        let r = self.current()?;
+        let misbehaved = |reason: &str| Error::PeerMisbehaved { party: party.to_owned(), reason: reason.to_owned() };
+        match (r.stage, message.bulk) {
+            (ServerStage::Keys, Some(Bulk::Params(_))) => {
+                Err(misbehaved("sent a plaintext update in a secure-aggregation job"))
+            }
+            (ServerStage::Keys, None) => {
+                let keys: wire::Keys = Envelope::body(message.body).decode(party, "round keys")?;
+                let (advert, _) = keys_from_wire(keys, party)?;
+                if advert.party != party {
+                    return Err(misbehaved(&format!("advertised keys for {}", advert.party)));
+                }
+                r.server.on_keys(advert)?;
+                r.certs.insert(party.to_owned(), from.certificate.to_vec());
+                Ok(())
+            }
+            (ServerStage::Shares, None) => {
+                let shares: wire::Shares = Envelope::body(message.body).decode(party, "shares")?;
+                r.server.on_shares(party, shares_from_wire(shares, party, max)?)
+            }
+            (ServerStage::Masked, Some(Bulk::Words(values))) => {
+                r.server.on_masked(MaskedInput { party: party.to_owned(), values })
+            }
+            (ServerStage::Unmask, None) => {
+                let u: wire::UnmaskShares = Envelope::body(message.body).decode(party, "unmask shares")?;
+                r.server.on_unmask(unmask_shares_from_wire(u, party, max)?)
+            }
+            (stage, _) => Err(misbehaved(&format!("sent a message of the wrong form for the {stage:?} stage"))),
+        }
+    }
+
+    fn close_stage(&mut self) -> Result<Progress, Error> {
+        let r = self.current()?;
+        let progress = match r.stage {
+            ServerStage::Keys => {
+                let live = r.server.close_keys()?;
+                let mut per_party = Vec::with_capacity(live.len());
+                for p in live {
+                    let keys = r.server.keys_for(&p)?;
+                    let list = wire::KeyList {
+                        keys: keys
+                            .iter()
+                            .map(|k| keys_to_wire(k, r.certs.get(&k.party).map(Vec::as_slice).unwrap_or_default()))
+                            .collect(),
+                    };
+                    per_party.push((p, Envelope::encode(&list)));
+                }
+                r.stage = ServerStage::Shares;
+                Progress::Step { stage: SHARES, messages: Messages::PerParty(per_party), quorum: Quorum::JobMinimum }
+            }
+            ServerStage::Shares => {
+                let live = r.server.close_shares()?;
+                let per_party = live
+                    .into_iter()
+                    .map(|p| {
+                        let shares = shares_to_wire(&r.server.shares_for(&p));
+                        (p, Envelope::encode(&shares))
+                    })
+                    .collect();
+                r.stage = ServerStage::Masked;
+                Progress::Step {
+                    stage: MASKED_INPUT,
+                    messages: Messages::PerParty(per_party),
+                    quorum: Quorum::JobMinimum,
+                }
+            }
+            ServerStage::Masked => {
+                let req = r.server.close_masked()?;
+                let message =
+                    Envelope::encode(&wire::UnmaskRequest { survivors: req.survivors.clone(), dropped: req.dropped });
+                r.stage = ServerStage::Unmask;
+                // Each survivor's neighbours must answer, not a head count.
+                Progress::Step {
+                    stage: UNMASK,
+                    messages: Messages::Same { to: req.survivors, message },
+                    quorum: Quorum::Protocol,
+                }
+            }
+            ServerStage::Unmask => {
+                let (sum, contributors) = r.server.finish()?;
+                let (weighted_delta_sum, total_examples) = r.encoding.decode(&sum, contributors.len())?;
+                self.round = None;
+                Progress::Done(Aggregate::WeightedSum { weighted_delta_sum, total_examples, contributors })
+            }
+        };
+        Ok(progress)
+    }
+}
+
+struct ClientRound {
+    round: u32,
+    client: Client,
+    /// The encoded update until it is masked in place.
+    input: Vec<u32>,
+}
+
+impl Drop for ClientRound {
+    fn drop(&mut self) {
+        // The encoding of the party's update is as private as the update.
+        self.input.zeroize();
+    }
+}
+
+struct SecAggClient {
+    settings: SecAggSettings,
+    job: JobFacts,
+    party: PartyIdentity,
+    round: Option<ClientRound>,
+}
+
+fn coordinator_fault(reason: impl Into<String>) -> Error {
+    Error::PeerMisbehaved { party: "coordinator".into(), reason: reason.into() }
+}
+
+impl AggregationClient for SecAggClient {
+    fn contribute(&mut self, round: u32, round_message: &[u8], update: LocalUpdate<'_>) -> Result<Envelope, Error> {
+        self.round = None;
+        let rc: wire::RoundConfig = Envelope::body(round_message.to_vec()).decode("coordinator", "round config")?;
+        let dim = usize::try_from(rc.dim).ok().filter(|&d| d > 0 && d <= self.job.max_values + 1).ok_or_else(|| {
+            coordinator_fault(format!("secagg dim {} outside 1..={}", rc.dim, self.job.max_values + 1))
+        })?;
+        let expected = WeightedUpdate::words(update.global.num_values());
+        if dim != expected {
+            return Err(coordinator_fault(format!(
+                "secure aggregation over {dim} values for a model of {}",
+                update.global.num_values()
+            )));
+        }
+        if rc.parties.len() > self.job.max_parties {
+            return Err(coordinator_fault(format!(
+                "{} parties in the round; at most {}",
+                rc.parties.len(),
+                self.job.max_parties
+            )));
+        }
+        // Everything but the party list follows from the spec this party
+        // accepted and the round: derive it here instead of trusting the wire.
+        let config = round_config(&self.job.job_id, round, &rc.parties, dim, &self.settings);
+        let s = &self.settings;
+        let mismatch = [
+            ("threshold", rc.threshold as usize == config.threshold),
+            ("degree", rc.degree as usize == config.degree),
+            ("graph_seed", rc.graph_seed == config.graph_seed),
+            ("bits", rc.bits == s.bits),
+            ("clip", rc.clip.to_bits() == s.clip.to_bits()),
+            ("max_examples", rc.max_examples == s.max_examples),
+        ];
+        if let Some((field, _)) = mismatch.iter().find(|(_, ok)| !ok) {
+            return Err(coordinator_fault(format!("sent a round {field} that the job spec does not give")));
+        }
+        let encoding = WeightedUpdate::new(s.bits, s.clip, s.max_examples, config.parties.len())?;
+        let input = encoding.encode(update.global, &update.local, update.num_examples)?;
+        let (client, advert) = Client::new(config, &self.party.name, self.party.signer.as_ref(), &mut OsRng)?;
+        self.round = Some(ClientRound { round, client, input });
+        Ok(Envelope::encode(&keys_to_wire(&advert, &[])))
+    }
+
+    fn on_step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error> {
+        let max = self.job.max_parties;
+        let r = match self.round.as_mut() {
+            Some(r) if r.round == round => r,
+            _ => return Err(Error::WrongStage(format!("no secure-aggregation round {round} in progress here"))),
+        };
+        let answer = match stage {
+            SHARES => {
+                let list: wire::KeyList = message.decode("coordinator", "key list")?;
+                if list.keys.len() > max {
+                    return Err(coordinator_fault(format!("{} keys; at most {max}", list.keys.len())));
+                }
+                let mut adverts = Vec::with_capacity(list.keys.len());
+                for k in list.keys {
+                    let (advert, cert) = keys_from_wire(k, "coordinator")?;
+                    self.party.peers.add_peer(&advert.party, &cert)?;
+                    adverts.push(advert);
+                }
+                let verifier: &dyn IdentityVerifier = self.party.peers.as_ref();
+                let shares = r.client.on_keys(&adverts, verifier, &mut OsRng)?;
+                Envelope::encode(&shares_to_wire(&shares))
+            }
+            MASKED_INPUT => {
+                let shares = shares_from_wire(message.decode("coordinator", "shares")?, "coordinator", max)?;
+                let masked = r.client.on_shares(&shares, std::mem::take(&mut r.input))?;
+                Envelope { body: Vec::new(), bulk: Some(Bulk::Words(masked.values)) }
+            }
+            UNMASK => {
+                let req: wire::UnmaskRequest = message.decode("coordinator", "unmask request")?;
+                let answer = r.client.on_unmask(&UnmaskRequest { survivors: req.survivors, dropped: req.dropped })?;
+                self.round = None;
+                Envelope::encode(&unmask_shares_to_wire(&answer))
+            }
+            other => return Err(coordinator_fault(format!("sent a {other} step, which secagg does not have"))),
+        };
+        Ok(answer)
+    }
+
+    fn abandon(&mut self) {
+        self.round = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secagg::testing::identity;
+    use confide_algorithms::{Parameters, Tensor};
+
+    fn params(v: &[f32]) -> Parameters {
+        Parameters::new(vec![Tensor { name: "w".into(), shape: vec![v.len()], data: v.to_vec() }]).unwrap()
+    }
+
+    fn facts(n: usize) -> JobFacts {
+        JobFacts { job_id: "job".into(), named_parties: n, max_parties: 100, min_parties: 2, max_values: 1000 }
+    }
+
+    /// Runs a round of `n` parties through the two sides, with `drop_at`
+    /// parties vanishing before the masked input.
+    fn run(n: usize, drop: &[usize]) -> Result<(Vec<f64>, f64, Vec<String>), Error> {
+        let table = toml::toml! { max_examples = 100 };
+        let job = facts(n);
+        let names: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+        let global = params(&[0.5, -0.5]);
+        let mut server = SecAggPlus.server(&table, &job)?;
+        let mut clients: Vec<_> = names.iter().map(|p| SecAggPlus.client(&table, &job, identity(p)).unwrap()).collect();
+        let rm = server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global })?;
+        for (i, c) in clients.iter_mut().enumerate() {
+            let local = params(&[0.5 + i as f32 * 0.1, -0.5]);
+            let m = c.contribute(1, &rm, LocalUpdate { global: &global, local, num_examples: 10 * (i as u64 + 1) })?;
+            server.on_message(Peer { name: &names[i], certificate: &[] }, m)?;
+        }
+        let mut progress = server.close_stage()?;
+        loop {
+            match progress {
+                Progress::Done(Aggregate::WeightedSum { weighted_delta_sum, total_examples, contributors }) => {
+                    return Ok((weighted_delta_sum, total_examples, contributors));
+                }
+                Progress::Done(_) => panic!("secagg reveals only a sum"),
+                Progress::Step { stage, messages, .. } => {
+                    let msgs = match messages {
+                        Messages::PerParty(v) => v,
+                        Messages::Same { to, message } => to.into_iter().map(|p| (p, message.clone())).collect(),
+                    };
+                    for (p, m) in msgs {
+                        let i: usize = p[1..].parse().unwrap();
+                        if stage == MASKED_INPUT && drop.contains(&i) {
+                            continue;
+                        }
+                        let answer = clients[i].on_step(1, stage, m)?;
+                        server.on_message(Peer { name: &p, certificate: &[] }, answer)?;
+                    }
+                    progress = server.close_stage()?;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_two_sides_compute_the_weighted_delta_sum_with_dropouts() {
+        let (sum, total, who) = run(5, &[1]).unwrap();
+        assert_eq!(who, ["p0", "p2", "p3", "p4"]);
+        assert_eq!(total, 10.0 + 30.0 + 40.0 + 50.0);
+        // Σ nᵢ·Δᵢ for the first value: 10·0 + 30·0.2 + 40·0.3 + 50·0.4 = 38
+        assert!((sum[0] - 38.0).abs() < 1e-3, "{sum:?}");
+        assert!(sum[1].abs() < 1e-3);
+    }
+
+    #[test]
+    fn settings_are_validated_by_field() {
+        let p = SecAggPlus.validate(&toml::toml! { threshold = 0.4 bits = 40 clip = -1.0 }, &facts(3));
+        let fields: Vec<&str> = p.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["threshold", "bits", "clip"]);
+        let p = SecAggPlus.validate(&toml::toml! { colour = 1 }, &facts(3));
+        assert!(p[0].message.contains("colour"), "{p:?}");
+        let p = SecAggPlus.validate(&toml::Table::new(), &JobFacts { min_parties: 1, ..facts(3) });
+        assert_eq!((p[0].field.as_str(), p[0].absolute), ("parties.min", true));
+        assert_eq!(SecAggSettings::from_table(&toml::Table::new()).unwrap(), SecAggSettings::default());
+    }
+
+    #[test]
+    fn a_party_refuses_round_parameters_the_spec_does_not_give() {
+        let job = facts(4);
+        let names: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let global = params(&[0.0]);
+        let mut server = SecAggPlus.server(&toml::Table::new(), &job).unwrap();
+        let honest = server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global }).unwrap();
+        let good: wire::RoundConfig = prost::Message::decode(honest.as_slice()).unwrap();
+        assert_eq!((good.degree, good.threshold), (3, 2));
+        for (field, tamper) in [
+            ("threshold", wire::RoundConfig { threshold: 3, ..good.clone() }),
+            ("degree", wire::RoundConfig { degree: 2, ..good.clone() }),
+            ("graph_seed", wire::RoundConfig { graph_seed: vec![7; 32], ..good.clone() }),
+            ("max_examples", wire::RoundConfig { max_examples: 7, ..good.clone() }),
+        ] {
+            let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("a")).unwrap();
+            let update = LocalUpdate { global: &global, local: params(&[0.1]), num_examples: 5 };
+            let err = client.contribute(1, &prost::Message::encode_to_vec(&tamper), update).unwrap_err().to_string();
+            assert!(err.contains("coordinator") && err.contains(field), "{field}: {err}");
+        }
+        let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("a")).unwrap();
+        let update = LocalUpdate { global: &global, local: params(&[0.1]), num_examples: 5 };
+        client.contribute(1, &honest, update).unwrap();
+    }
+
+    #[test]
+    fn a_plaintext_update_is_refused_by_name() {
+        let job = facts(3);
+        let mut server = SecAggPlus.server(&toml::Table::new(), &job).unwrap();
+        let names: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let global = params(&[0.0]);
+        server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global }).unwrap();
+        let plain = Envelope { body: Vec::new(), bulk: Some(Bulk::Params(std::sync::Arc::new(global.clone()))) };
+        let err = server.on_message(Peer { name: "b", certificate: &[] }, plain).unwrap_err().to_string();
+        assert!(err.contains("party b") && err.contains("plaintext update"), "{err}");
+    }
+}

@@ -1,0 +1,129 @@
+//! How a party's update travels inside a modular sum, written once for every
+//! protocol that sums (SecAgg+ now, threshold HE next).
+//!
+//! A party with `n` examples encodes `n / max_examples · (local − global)`
+//! coordinate-wise in fixed point ([`FixedPoint`]) and appends `n` as one
+//! more word. Summing the encodings of the contributors therefore reveals
+//! Σ nᵢ·(localᵢ − global) (after scaling back by `max_examples`) and Σ nᵢ,
+//! exactly what a weighted mean needs, and nothing per party. Differential
+//! privacy noise will be added to the same words before masking.
+
+use confide_algorithms::Parameters;
+
+use crate::Error;
+use crate::secagg::encoding::FixedPoint;
+
+/// The agreed encoding of example-weighted updates for one round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WeightedUpdate {
+    fixed: FixedPoint,
+    max_examples: u64,
+}
+
+impl WeightedUpdate {
+    /// The encoding into Z_{2^bits} for sums of at most `max_parties`
+    /// updates with coordinates clipped to `[-clip, clip]` after weighting.
+    pub fn new(bits: u32, clip: f32, max_examples: u64, max_parties: usize) -> Result<Self, Error> {
+        if max_examples == 0 || (max_examples as u128) * (max_parties as u128) >= 1u128 << bits.min(32) {
+            return Err(Error::InvalidInput(format!(
+                "max_examples {max_examples} × {max_parties} parties does not fit in {bits} bits"
+            )));
+        }
+        Ok(WeightedUpdate { fixed: FixedPoint::new(bits, 0, clip, max_parties)?, max_examples })
+    }
+
+    /// Words per encoded update of a model with `values` values (the weight is one more).
+    pub fn words(values: usize) -> usize {
+        values + 1
+    }
+
+    /// The largest absolute error per value of a decoded sum of `n` updates,
+    /// as a fraction of Σ nᵢ·Δ (half a quantisation step per party, scaled).
+    pub fn max_error(&self, n: usize) -> f64 {
+        self.fixed.max_error(n) * self.max_examples as f64
+    }
+
+    /// Encodes `n/max_examples · (local − global)` and the weight `n`. A
+    /// local model of another shape, or with NaN or infinite values, is
+    /// refused: clipping would hide a diverged model inside the sum.
+    pub fn encode(&self, global: &Parameters, local: &Parameters, n: u64) -> Result<Vec<u32>, Error> {
+        if n == 0 || n > self.max_examples {
+            return Err(Error::InvalidInput(format!(
+                "this party trained on {n} examples; max_examples allows 1 to {}",
+                self.max_examples
+            )));
+        }
+        local
+            .check_matches(&global.spec())
+            .map_err(|e| Error::InvalidInput(format!("local model after training: {e}")))?;
+        let scale = (n as f64 / self.max_examples as f64) as f32;
+        // Encoded straight from the two models into the buffer the protocol
+        // then masks (or encrypts) in place: no intermediate vectors.
+        let mut out = Vec::with_capacity(Self::words(global.num_values()));
+        for (l, g) in local.tensors().iter().zip(global.tensors()) {
+            self.fixed.encode_into(l.data.iter().zip(&g.data).map(|(l, g)| (l - g) * scale), &mut out);
+        }
+        out.push(n as u32);
+        Ok(out)
+    }
+
+    /// Decodes the sum of `contributors` encodings into (Σ nᵢ·Δᵢ, Σ nᵢ).
+    pub fn decode(&self, sum: &[u32], contributors: usize) -> Result<(Vec<f64>, f64), Error> {
+        let Some((&weight, values)) = sum.split_last() else {
+            return Err(Error::InvalidInput("an empty sum".into()));
+        };
+        let total = f64::from(weight);
+        if total <= 0.0 {
+            return Err(Error::InvalidInput("the sum holds zero training examples".into()));
+        }
+        let decoded = self.fixed.decode_sum(values, contributors)?;
+        let scale = self.max_examples as f64;
+        Ok((decoded.into_iter().map(|v| v * scale).collect(), total))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_algorithms::Tensor;
+    use proptest::prelude::*;
+
+    fn params(v: &[f32]) -> Parameters {
+        Parameters::new(vec![Tensor { name: "w".into(), shape: vec![v.len()], data: v.to_vec() }]).unwrap()
+    }
+
+    #[test]
+    fn refuses_diverged_models_and_bad_counts() {
+        let enc = WeightedUpdate::new(32, 1.0, 100, 10).unwrap();
+        let g = params(&[0.0, 0.0]);
+        let err = enc.encode(&g, &params(&[f32::NAN, 0.0]), 5).unwrap_err().to_string();
+        assert!(err.contains("local model after training") && err.contains("NaN"), "{err}");
+        assert!(enc.encode(&g, &params(&[0.0]), 5).is_err());
+        assert!(enc.encode(&g, &params(&[0.0, 0.0]), 0).is_err());
+        assert!(enc.encode(&g, &params(&[0.0, 0.0]), 101).is_err());
+        assert!(WeightedUpdate::new(16, 1.0, 100_000, 3).is_err(), "weights overflow 16 bits");
+    }
+
+    proptest! {
+        #[test]
+        fn the_sum_of_encodings_decodes_to_the_weighted_delta_sum(
+            parties in proptest::collection::vec((1u64..=1000, proptest::collection::vec(-0.5f32..0.5, 4)), 1..12),
+        ) {
+            let enc = WeightedUpdate::new(32, 1.0, 1000, 12).unwrap();
+            let g = params(&[0.1, -0.2, 0.0, 0.3]);
+            let mut sum = vec![0u32; 5];
+            for (n, local) in &parties {
+                let words = enc.encode(&g, &params(local), *n).unwrap();
+                for (s, w) in sum.iter_mut().zip(words) { *s = s.wrapping_add(w); }
+            }
+            let (delta, total) = enc.decode(&sum, parties.len()).unwrap();
+            prop_assert_eq!(total, parties.iter().map(|(n, _)| *n as f64).sum::<f64>());
+            for j in 0..4 {
+                let exact: f64 = parties.iter().map(|(n, l)| *n as f64 * f64::from(l[j] - g.tensors()[0].data[j])).sum();
+                // Quantisation, plus the f32 rounding of n/N·Δ before encoding.
+                let bound = enc.max_error(parties.len()) + parties.len() as f64 * 1e-4;
+                prop_assert!((delta[j] - exact).abs() <= bound, "{} vs {}", delta[j], exact);
+            }
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The hospital's decision on a job offer: its [`Policy`] applied to the
+//! spec, before anything is loaded or sent.
+
+use std::collections::BTreeMap;
+
+use confide_algorithms::data::DatasetSource;
+use confide_proto::jobspec::JobSpec;
+
+use crate::config::Policy;
+use crate::plugins::PartyPlugins;
+
+/// Accepts `spec` (and returns the data set it uses) or says why not; the
+/// reason reaches the job's status.
+pub fn consider<'a>(
+    spec: &JobSpec,
+    dataset: &str,
+    policy: &Policy,
+    plugins: &PartyPlugins,
+    datasets: &'a BTreeMap<String, DatasetSource>,
+) -> Result<&'a DatasetSource, String> {
+    let kind = spec.kind.as_str();
+    if !policy.job_kinds.iter().any(|k| k == kind) {
+        return Err(format!("policy forbids job kind {kind:?} (accepted: {})", policy.job_kinds.join(", ")));
+    }
+    if plugins.kind(kind).is_none() {
+        return Err(format!("this party cannot run job kind {kind:?} (known: {})", plugins.kind_names().join(", ")));
+    }
+    let protocol = spec.aggregation.protocol.as_str();
+    if !policy.aggregation.iter().any(|m| m == protocol) {
+        return Err(format!(
+            "policy forbids aggregation protocol {protocol:?} (accepted: {})",
+            policy.aggregation.join(", ")
+        ));
+    }
+    if plugins.protocols().get(protocol).is_none() {
+        return Err(format!("this party has no aggregation protocol {protocol:?}"));
+    }
+    // No job has differential privacy yet: each costs its data set ε = ∞.
+    if policy.require_dp {
+        return Err("policy requires differential privacy; this job has none".into());
+    }
+    if let Some(max) = policy.max_epsilon {
+        return Err(format!(
+            "policy limits each data set to ε = {max}; this job has no differential privacy, so it would cost ε = ∞"
+        ));
+    }
+    if spec.min_parties() < policy.min_parties {
+        return Err(format!(
+            "policy requires jobs with at least {} parties; this one needs only {}",
+            policy.min_parties,
+            spec.min_parties()
+        ));
+    }
+    datasets.get(dataset).ok_or_else(|| format!("no data set named {dataset:?} at this party"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_proto::Limits;
+
+    fn spec(protocol: &str, min: usize) -> JobSpec {
+        let text = format!(
+            "name = \"p\"\nkind = \"train\"\n[parties]\nnames = [\"a\", \"b\", \"c\"]\nmin = {min}\ndataset = \"d\"\n\
+             [model]\nkind = \"logistic_regression\"\nclasses = 2\n[aggregation]\nprotocol = \"{protocol}\"\n"
+        );
+        JobSpec::parse(&text, "t", &Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn each_rule_refuses_with_its_reason() {
+        let plugins = PartyPlugins::default();
+        let data = BTreeMap::from([("d".to_string(), DatasetSource::csv("d.csv".into()))]);
+        let secagg_only = Policy { aggregation: vec!["secagg".into()], min_parties: 3, ..Policy::default() };
+        assert!(consider(&spec("secagg", 3), "d", &secagg_only, &plugins, &data).is_ok());
+        let cases = [
+            (spec("none", 3), "d", secagg_only.clone(), "policy forbids aggregation protocol \"none\""),
+            (spec("secagg", 2), "d", secagg_only.clone(), "at least 3 parties"),
+            (spec("secagg", 3), "x", secagg_only.clone(), "no data set named \"x\""),
+            (
+                spec("secagg", 3),
+                "d",
+                Policy { job_kinds: vec!["evaluate".into()], ..secagg_only.clone() },
+                "policy forbids job kind \"train\"",
+            ),
+            (
+                spec("secagg", 3),
+                "d",
+                Policy { require_dp: true, ..secagg_only.clone() },
+                "requires differential privacy",
+            ),
+            (spec("secagg", 3), "d", Policy { max_epsilon: Some(4.0), ..secagg_only.clone() }, "ε = ∞"),
+        ];
+        for (spec, ds, policy, why) in cases {
+            let e = consider(&spec, ds, &policy, &plugins, &data).unwrap_err();
+            assert!(e.contains(why), "{e} (wanted {why})");
+        }
+    }
+}

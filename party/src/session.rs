@@ -1,0 +1,290 @@
+//! The sans-IO session of one job at a party, mirroring the coordinator's.
+//!
+//! A [`PartySession`] takes the coordinator's tasks and the time and
+//! returns results; it never touches a socket or a clock, so a party's
+//! behaviour is tested on a virtual clock, and a whole federation can run in
+//! one process. The job's kind provides a [`JobHandler`] that answers the
+//! tasks (the training kinds: [`crate::training::TrainingHandler`]); the
+//! session enforces what holds for every kind:
+//!
+//! * tasks belong to this job and arrive in order: a replayed or older task
+//!   is refused, naming the coordinator;
+//! * a handler that panics (a buggy plug-in trainer) ends this party's part
+//!   in the job, and every later task is refused with the reason;
+//! * a round left open (a protocol step never came) is abandoned after
+//!   twice the job's stage deadline, wiping its secrets;
+//! * after the job closes, nothing more is done.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use confide_proto::messages::{ResultBody, Task, TaskResult};
+
+/// Milliseconds on the driver's clock (real or virtual).
+pub type Millis = u64;
+
+/// Answers one job's tasks: what a job kind does at a party.
+pub trait JobHandler: Send {
+    /// Does `task`; `Err` is the reason sent to the coordinator.
+    fn on_task(&mut self, task: Task) -> Result<ResultBody, String>;
+
+    /// Whether a round is open (waiting for further protocol steps).
+    fn round_open(&self) -> bool {
+        false
+    }
+
+    /// Forgets the open round and wipes its secrets.
+    fn abandon(&mut self) {}
+}
+
+/// An event for the session.
+#[derive(Debug)]
+pub enum PartyInput {
+    /// A task from the coordinator.
+    Task(Task),
+    /// The coordinator closed the job.
+    Closed {
+        /// Why (empty when it succeeded).
+        reason: String,
+    },
+    /// Time passed.
+    Tick,
+}
+
+/// What the driver must do.
+#[derive(Debug)]
+pub enum PartyOutput {
+    /// Send this result.
+    Result(TaskResult),
+    /// Tell the coordinator the task failed.
+    Failed {
+        /// The task.
+        task_id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Something the hospital should see in its log.
+    Note(String),
+}
+
+/// One job at this party.
+pub struct PartySession {
+    job_id: String,
+    handler: Box<dyn JobHandler>,
+    idle_after: Millis,
+    last_task: Option<(u64, u32)>,
+    aborted: Option<String>,
+    idle_deadline: Option<Millis>,
+    closed: bool,
+    out: VecDeque<PartyOutput>,
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+impl PartySession {
+    /// A session for `job_id` answered by `handler`; an open round is
+    /// abandoned after `idle_after` ms without a task.
+    pub fn new(job_id: &str, handler: Box<dyn JobHandler>, idle_after: Millis) -> Self {
+        PartySession {
+            job_id: job_id.to_owned(),
+            handler,
+            idle_after,
+            last_task: None,
+            aborted: None,
+            idle_deadline: None,
+            closed: false,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The next queued output.
+    pub fn poll_output(&mut self) -> Option<PartyOutput> {
+        self.out.pop_front()
+    }
+
+    /// When the session next needs a [`PartyInput::Tick`].
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.idle_deadline
+    }
+
+    /// Whether the job has closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Feeds one event at time `now`.
+    pub fn handle(&mut self, now: Millis, input: PartyInput) {
+        if self.closed {
+            return;
+        }
+        match input {
+            PartyInput::Task(task) => self.on_task(now, task),
+            PartyInput::Closed { reason } => {
+                self.handler.abandon();
+                self.closed = true;
+                self.idle_deadline = None;
+                if !reason.is_empty() {
+                    self.out.push_back(PartyOutput::Note(format!("job closed: {reason}")));
+                }
+            }
+            PartyInput::Tick => {
+                if self.idle_deadline.is_some_and(|d| now >= d) {
+                    self.idle_deadline = None;
+                    if self.handler.round_open() {
+                        self.handler.abandon();
+                        self.out.push_back(PartyOutput::Note(format!(
+                            "abandoned the open round after {} s without a task from the coordinator; its secrets are wiped",
+                            self.idle_after / 1000
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_task(&mut self, now: Millis, task: Task) {
+        let task_id = task.task_id;
+        let refuse =
+            |out: &mut VecDeque<PartyOutput>, reason: String| out.push_back(PartyOutput::Failed { task_id, reason });
+        if task.job_id != self.job_id {
+            return refuse(
+                &mut self.out,
+                format!("coordinator fault: a task of job {} reached job {}", task.job_id, self.job_id),
+            );
+        }
+        if let Some(reason) = &self.aborted {
+            return refuse(&mut self.out, format!("this party left the job: {reason}"));
+        }
+        if let Some((last_id, last_round)) = self.last_task {
+            if task_id <= last_id {
+                return refuse(
+                    &mut self.out,
+                    format!("coordinator fault: task {task_id} replayed or out of order (the last was {last_id})"),
+                );
+            }
+            if task.round < last_round {
+                return refuse(
+                    &mut self.out,
+                    format!("coordinator fault: a round {} task after round {last_round}", task.round),
+                );
+            }
+        }
+        self.last_task = Some((task_id, task.round));
+        let (job_id, round) = (task.job_id.clone(), task.round);
+        let handler = &mut self.handler;
+        match catch_unwind(AssertUnwindSafe(|| handler.on_task(task))) {
+            Ok(Ok(body)) => self.out.push_back(PartyOutput::Result(TaskResult { job_id, round, task_id, body })),
+            Ok(Err(reason)) => refuse(&mut self.out, reason),
+            Err(p) => {
+                let reason = format!("its trainer panicked: {}", panic_message(p.as_ref()));
+                self.handler.abandon();
+                self.aborted = Some(reason.clone());
+                self.out.push_back(PartyOutput::Note(format!("leaving the job: {reason}")));
+                refuse(&mut self.out, format!("this party left the job: {reason}"));
+            }
+        }
+        self.idle_deadline = self.handler.round_open().then_some(now + self.idle_after);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_proto::messages::{Envelope, TaskBody};
+
+    /// Answers aggregation steps; `panic_on` panics; keeps a round open after fit.
+    struct Script {
+        open: bool,
+        abandoned: usize,
+        panic_on: Option<&'static str>,
+    }
+
+    impl JobHandler for Script {
+        fn on_task(&mut self, task: Task) -> Result<ResultBody, String> {
+            let stage = task.body.stage_name().to_owned();
+            if self.panic_on == Some(stage.as_str()) {
+                panic!("bug in the plug-in");
+            }
+            self.open = stage != "secagg-unmask";
+            Ok(ResultBody::Aggregation { stage, message: Envelope::default() })
+        }
+        fn round_open(&self) -> bool {
+            self.open
+        }
+        fn abandon(&mut self) {
+            self.open = false;
+            self.abandoned += 1;
+        }
+    }
+
+    fn step(job: &str, round: u32, id: u64, stage: &str) -> PartyInput {
+        let body = TaskBody::Aggregation { stage: stage.into(), message: Envelope::default() };
+        PartyInput::Task(Task { job_id: job.into(), round, task_id: id, body })
+    }
+
+    fn outputs(s: &mut PartySession) -> Vec<PartyOutput> {
+        std::iter::from_fn(|| s.poll_output()).collect()
+    }
+
+    fn session(panic_on: Option<&'static str>) -> PartySession {
+        PartySession::new("j", Box::new(Script { open: false, abandoned: 0, panic_on }), 20_000)
+    }
+
+    #[test]
+    fn replayed_older_and_foreign_tasks_are_refused_naming_the_coordinator() {
+        let mut s = session(None);
+        s.handle(0, step("j", 2, 10, "secagg-shares"));
+        assert!(matches!(outputs(&mut s)[..], [PartyOutput::Result(_)]));
+        for (input, why) in [
+            (step("j", 2, 10, "secagg-shares"), "replayed"),
+            (step("j", 2, 9, "secagg-shares"), "replayed"),
+            (step("j", 1, 11, "secagg-shares"), "a round 1 task after round 2"),
+            (step("other", 2, 12, "secagg-shares"), "a task of job other"),
+        ] {
+            s.handle(0, input);
+            let out = outputs(&mut s);
+            let [PartyOutput::Failed { reason, .. }] = &out[..] else { panic!("{out:?}") };
+            assert!(reason.starts_with("coordinator fault") && reason.contains(why), "{reason}");
+        }
+    }
+
+    #[test]
+    fn a_panicking_handler_ends_the_party_s_part_in_the_job() {
+        let mut s = session(Some("secagg-masked-input"));
+        s.handle(0, step("j", 1, 1, "secagg-masked-input"));
+        let out = outputs(&mut s);
+        assert!(out.iter().any(
+            |o| matches!(o, PartyOutput::Failed { reason, .. } if reason.contains("panicked: bug in the plug-in"))
+        ));
+        s.handle(0, step("j", 1, 2, "secagg-unmask"));
+        let out = outputs(&mut s);
+        let [PartyOutput::Failed { reason, .. }] = &out[..] else { panic!("{out:?}") };
+        assert!(reason.contains("left the job") && reason.contains("panicked"), "{reason}");
+    }
+
+    #[test]
+    fn an_open_round_is_abandoned_on_the_virtual_clock() {
+        let mut s = session(None);
+        s.handle(1_000, step("j", 1, 1, "secagg-shares"));
+        outputs(&mut s);
+        assert_eq!(s.next_deadline(), Some(21_000));
+        s.handle(20_999, PartyInput::Tick);
+        assert!(outputs(&mut s).is_empty());
+        s.handle(21_000, PartyInput::Tick);
+        let out = outputs(&mut s);
+        assert!(matches!(&out[..], [PartyOutput::Note(n)] if n.contains("abandoned the open round")), "{out:?}");
+        assert_eq!(s.next_deadline(), None);
+        // A finished round leaves nothing to time out.
+        s.handle(30_000, step("j", 2, 2, "secagg-unmask"));
+        outputs(&mut s);
+        assert_eq!(s.next_deadline(), None);
+        s.handle(40_000, PartyInput::Closed { reason: "cancelled".into() });
+        s.handle(40_000, step("j", 3, 3, "secagg-shares"));
+        assert!(outputs(&mut s).iter().all(|o| matches!(o, PartyOutput::Note(_))), "a closed job does nothing");
+    }
+}

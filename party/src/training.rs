@@ -1,0 +1,160 @@
+//! The `train` and `evaluate` kinds at a party: a [`Trainer`] over the
+//! party's data and the job's aggregation protocol's client side.
+
+use std::time::Instant;
+
+use confide_algorithms::{FitConfig, Trainer};
+use confide_crypto::aggregation::{AggregationClient, LocalUpdate, StageName};
+use confide_proto::messages::{ResultBody, Task, TaskBody};
+
+use crate::plugins::{JobContext, PartyJobKind};
+use crate::session::JobHandler;
+
+/// The built-in kinds `train` and `evaluate`; both answer setup, fit,
+/// evaluate and the protocol's steps.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainingKind {
+    name: &'static str,
+}
+
+impl TrainingKind {
+    /// `train`.
+    pub const TRAIN: TrainingKind = TrainingKind { name: "train" };
+    /// `evaluate`.
+    pub const EVALUATE: TrainingKind = TrainingKind { name: "evaluate" };
+}
+
+impl PartyJobKind for TrainingKind {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn handler(&self, cx: JobContext<'_>) -> Result<Box<dyn JobHandler>, String> {
+        let spec = cx.spec;
+        let name = &spec.aggregation.protocol;
+        let protocol = cx
+            .protocols
+            .get(name)
+            .ok_or_else(|| format!("aggregation protocol {name:?} is not available at this party"))?;
+        let facts = spec.facts(cx.job_id, cx.limits);
+        let client = protocol
+            .client(&spec.aggregation.settings, &facts, cx.identity)
+            .map_err(|e| format!("aggregation.{name}: {e}"))?;
+        let trainer = cx.trainers.build(spec, cx.dataset, cx.party)?;
+        Ok(Box::new(TrainingHandler::new(trainer, client, protocol.stages())))
+    }
+}
+
+/// Answers a training job's tasks with a trainer and a protocol client.
+pub struct TrainingHandler {
+    trainer: Box<dyn Trainer>,
+    aggregation: Box<dyn AggregationClient>,
+    stages: &'static [StageName],
+    /// The round whose aggregation is in progress.
+    open: Option<u32>,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl TrainingHandler {
+    /// A handler over `trainer`, contributing through `aggregation`, whose
+    /// protocol has `stages`.
+    pub fn new(
+        trainer: Box<dyn Trainer>,
+        aggregation: Box<dyn AggregationClient>,
+        stages: &'static [StageName],
+    ) -> Self {
+        TrainingHandler { trainer, aggregation, stages, open: None }
+    }
+}
+
+impl JobHandler for TrainingHandler {
+    fn on_task(&mut self, task: Task) -> Result<ResultBody, String> {
+        let started = Instant::now();
+        let round = task.round;
+        match task.body {
+            TaskBody::Setup => {
+                let stats = self.trainer.feature_stats();
+                let params = self.trainer.parameters().map_err(err)?;
+                Ok(ResultBody::Setup { params, stats })
+            }
+            TaskBody::Fit { config, global, round_message } => {
+                self.fit(round, &config, &global, &round_message, started)
+            }
+            TaskBody::Evaluate { global } => {
+                self.trainer.set_parameters(&global).map_err(err)?;
+                let outcome = self.trainer.evaluate().map_err(err)?;
+                Ok(ResultBody::Evaluate {
+                    num_examples: outcome.num_examples,
+                    loss: outcome.loss,
+                    metrics: outcome.metrics,
+                })
+            }
+            TaskBody::Aggregation { stage, message } => {
+                let Some(&name) = self.stages.iter().find(|s| s.as_str() == stage) else {
+                    return Err(format!("coordinator fault: the job's protocol has no step {stage:?}"));
+                };
+                if self.open != Some(round) {
+                    return Err(format!(
+                        "coordinator fault: a {stage} step of round {round}, which this party is not in"
+                    ));
+                }
+                let last = self.stages.last() == Some(&name);
+                let answer = self.aggregation.on_step(round, name, message);
+                if last || answer.is_err() {
+                    self.open = None;
+                }
+                let message = answer.map_err(err)?;
+                Ok(ResultBody::Aggregation { stage, message })
+            }
+            TaskBody::Extension { stage, .. } => Err(format!("a training job has no {stage} stage")),
+        }
+    }
+
+    fn round_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    fn abandon(&mut self) {
+        self.open = None;
+        self.aggregation.abandon();
+    }
+}
+
+impl TrainingHandler {
+    fn fit(
+        &mut self,
+        round: u32,
+        config: &FitConfig,
+        global: &confide_algorithms::Parameters,
+        round_message: &[u8],
+        started: Instant,
+    ) -> Result<ResultBody, String> {
+        self.abandon();
+        // The configuration is checked here, not trusted: a zero batch size
+        // or a NaN learning rate from the wire must not crash the trainer.
+        let bad = config.train.validate();
+        if !bad.is_empty() || config.round != round {
+            let why =
+                if bad.is_empty() { format!("round {} in a round {round} task", config.round) } else { bad.join("; ") };
+            return Err(format!("coordinator fault: fit configuration: {why}"));
+        }
+        self.trainer.set_parameters(global).map_err(err)?;
+        let train_started = Instant::now();
+        let mut outcome = self.trainer.fit(config).map_err(err)?;
+        // Local training alone: lets the coordinator tell the framework's
+        // share of a round from the training's.
+        outcome.metrics.insert("train_ms".into(), train_started.elapsed().as_secs_f64() * 1000.0);
+        let local = self.trainer.parameters().map_err(err)?;
+        let update = LocalUpdate { global, local, num_examples: outcome.num_examples };
+        let contribution = self.aggregation.contribute(round, round_message, update).map_err(err)?;
+        if !self.stages.is_empty() {
+            self.open = Some(round);
+        }
+        let mut metrics = outcome.metrics;
+        metrics.insert("fit_ms".into(), started.elapsed().as_secs_f64() * 1000.0);
+        Ok(ResultBody::Fit { metrics, contribution })
+    }
+}
