@@ -54,8 +54,11 @@ const MIGRATIONS: &[&str] = &[
         completed_at INTEGER NOT NULL,
         PRIMARY KEY (job_id, round)
     );",
-    // 2: the job machine's state (strategy moments) saved with each checkpoint
-    "ALTER TABLE jobs ADD COLUMN state_path TEXT;",
+    // 2: the job machine's state (strategy moments) saved with each
+    // checkpoint, and the last checkpoint's round (a job kind without a
+    // model checkpoints its records and state only)
+    "ALTER TABLE jobs ADD COLUMN state_path TEXT;
+     ALTER TABLE jobs ADD COLUMN checkpoint_round INTEGER;",
 ];
 
 /// A job that was not finished when the coordinator stopped.
@@ -67,9 +70,11 @@ pub struct UnfinishedJob {
     pub spec_toml: String,
     /// Rounds completed.
     pub rounds_completed: u32,
-    /// Latest checkpoint (round, path), if any.
+    /// The round of the latest checkpoint, if any.
+    pub checkpoint: Option<u32>,
+    /// Latest model (round, path), if any.
     pub model: Option<(u32, PathBuf)>,
-    /// The job machine's state saved with that checkpoint, if any.
+    /// The job machine's state saved with the latest checkpoint, if any.
     pub state: Option<PathBuf>,
     /// Persisted party statuses.
     pub parties: BTreeMap<String, PartyStatus>,
@@ -183,12 +188,13 @@ impl Db {
     }
 
     /// Records a checkpoint: the model file and the state file (both already
-    /// durable) and, for a training round, its record, in one transaction.
+    /// durable; a kind without a model has none) and the round's record, in
+    /// one transaction.
     pub fn save_checkpoint(
         &self,
         id: &str,
         round: u32,
-        model: &Path,
+        model: Option<&Path>,
         state: Option<&Path>,
         record: Option<&RoundRecord>,
     ) -> Result<(), Error> {
@@ -204,13 +210,14 @@ impl Db {
             .map_err(sql)?;
         }
         tx.execute(
-            "UPDATE jobs SET rounds_completed = MAX(rounds_completed, ?2), model_round = ?3, model_path = ?4,
+            "UPDATE jobs SET rounds_completed = MAX(rounds_completed, ?2), checkpoint_round = ?3,
+             model_round = CASE WHEN ?4 IS NULL THEN model_round ELSE ?3 END, model_path = COALESCE(?4, model_path),
              state_path = ?6, state = 'running', updated_at = ?5 WHERE id = ?1",
             params![
                 id,
                 record.map_or(0, |r| r.round),
                 round,
-                model.to_string_lossy(),
+                model.map(|p| p.to_string_lossy().into_owned()),
                 unix_now() as i64,
                 state.map(|p| p.to_string_lossy().into_owned())
             ],
@@ -231,12 +238,13 @@ impl Db {
         let mut out = Vec::new();
         for id in ids {
             let conn = self.lock();
-            type Row = (String, u32, Option<u32>, Option<String>, Option<String>);
-            let (spec_toml, rounds_completed, model_round, model_path, state_path): Row = conn
+            type Row = (String, u32, Option<u32>, Option<String>, Option<String>, Option<u32>);
+            let (spec_toml, rounds_completed, model_round, model_path, state_path, checkpoint_round): Row = conn
                 .query_row(
-                    "SELECT spec_toml, rounds_completed, model_round, model_path, state_path FROM jobs WHERE id = ?1",
+                    "SELECT spec_toml, rounds_completed, model_round, model_path, state_path, checkpoint_round
+                     FROM jobs WHERE id = ?1",
                     [&id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
                 )
                 .map_err(sql)?;
             drop(conn);
@@ -245,6 +253,8 @@ impl Db {
                 id,
                 spec_toml,
                 rounds_completed,
+                // Databases from before migration 2 have model checkpoints only.
+                checkpoint: checkpoint_round.or(model_round),
                 model: model_round.zip(model_path.map(PathBuf::from)),
                 state: state_path.map(PathBuf::from),
                 parties,
@@ -418,16 +428,20 @@ mod tests {
                 dropped: BTreeMap::new(),
                 completed_at: 5,
             };
-            db.save_checkpoint("j1", 1, Path::new("/m/round-1"), Some(Path::new("/m/state-1")), Some(&rec)).unwrap();
+            db.save_checkpoint("j1", 1, Some(Path::new("/m/round-1")), Some(Path::new("/m/state-1")), Some(&rec))
+                .unwrap();
+            // A record-only checkpoint keeps the model of round 1.
+            let rec2 = RoundRecord { round: 2, ..rec.clone() };
+            db.save_checkpoint("j1", 2, None, None, Some(&rec2)).unwrap();
         }
         let db = Db::open(&path).unwrap();
         let st = db.job_status("j1", true).unwrap();
-        assert_eq!((st.state, st.rounds_completed, st.rounds_total), (JobState::Running, 1, 2));
+        assert_eq!((st.state, st.rounds_completed, st.rounds_total), (JobState::Running, 2, 2));
         assert_eq!(st.metrics["loss"], 0.5);
-        assert_eq!(st.history.len(), 1);
+        assert_eq!(st.history.len(), 2);
         let un = db.unfinished_jobs().unwrap();
         assert_eq!(un[0].model, Some((1, PathBuf::from("/m/round-1"))));
-        assert_eq!(un[0].state, Some(PathBuf::from("/m/state-1")));
+        assert_eq!((un[0].checkpoint, un[0].state.as_ref()), (Some(2), None));
         db.set_job_state("j1", JobState::Failed, Some("boom")).unwrap();
         assert!(db.unfinished_jobs().unwrap().is_empty());
         assert_eq!(db.job_status("j1", false).unwrap().error.as_deref(), Some("boom"));

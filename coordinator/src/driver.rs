@@ -74,13 +74,19 @@ const PARTY_FLUSH: Duration = Duration::from_millis(250);
 
 /// Writes a checkpoint durably: temp file, fsync, rename, fsync directory,
 /// for the model and (when non-empty) the machine's state.
-fn write_checkpoint(dir: &Path, job: &str, cp: &Checkpoint) -> Result<(PathBuf, Option<PathBuf>), Error> {
+fn write_checkpoint(dir: &Path, job: &str, cp: &Checkpoint) -> Result<(Option<PathBuf>, Option<PathBuf>), Error> {
     let job_dir = dir.join(job);
     std::fs::create_dir_all(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
     let meta: BTreeMap<String, String> =
         [("confide.job".to_string(), job.to_string()), ("confide.round".to_string(), cp.round.to_string())].into();
-    let model = job_dir.join(format!("round-{:05}.safetensors", cp.round));
-    write_durably(&model, &cp.model.to_safetensors(&meta)?)?;
+    let model = match &cp.model {
+        Some(m) => {
+            let path = job_dir.join(format!("round-{:05}.safetensors", cp.round));
+            write_durably(&path, &m.to_safetensors(&meta)?)?;
+            Some(path)
+        }
+        None => None,
+    };
     let state = if cp.state.is_empty() {
         None
     } else {
@@ -195,7 +201,7 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
                         r.metrics.insert("coordinator_ms".into(), round.busy.as_secs_f64() * 1000.0);
                     }
                     let saved = write_checkpoint(hub.models_dir(), &id, &cp).and_then(|(model, state)| {
-                        hub.db().save_checkpoint(&id, cp.round, &model, state.as_deref(), cp.record.as_ref())
+                        hub.db().save_checkpoint(&id, cp.round, model.as_deref(), state.as_deref(), cp.record.as_ref())
                     });
                     match saved {
                         Ok(()) => {

@@ -207,9 +207,9 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
                 continue;
             }
         };
-        let start = match job.model {
-            Some((round, path)) => {
-                let model = read_model(&path)?;
+        let start = match job.checkpoint {
+            Some(round) => {
+                let model = job.model.map(|(_, path)| read_model(&path)).transpose()?;
                 let state = driver::read_state(job.state.as_deref())?;
                 info!(job = %job.id, round, "resuming job from its checkpoint");
                 Start::Resume { round, model, state, parties: job.parties }

@@ -115,6 +115,34 @@ fn a_restarted_coordinator_resumes_and_ends_with_the_same_model() {
 }
 
 #[test]
+fn a_fedadam_job_resumed_after_sigkill_ends_with_the_uninterrupted_model() {
+    // FedAdam carries moments from round to round: unless they are saved
+    // with each checkpoint and restored, the resumed run drifts away.
+    let mut fed = Federation::new(&three(), &digits(), false, "2,1,1");
+    fed.start_coordinator();
+    fed.start_parties();
+    let text = job_spec(&fed.names, 3, 12, LOGREG10, "local_epochs = 2\nseed = 13\nlearning_rate = 0.05")
+        + "[strategy]\nname = \"fedadam\"\nserver_learning_rate = 0.05\n";
+    let a = fed.submit("a.toml", &text);
+    assert_eq!(fed.wait_done(&a, 120)["state"], "succeeded");
+    let model_a = Parameters::from_safetensors(&fed.model(&a)).expect("model a");
+
+    let b = fed.submit("b.toml", &text);
+    fed.wait_for(&b, 60, "three rounds", |s| s["rounds_completed"].as_u64() >= Some(3));
+    fed.signal_parties("STOP");
+    let before = fed.status(&b);
+    assert_eq!(before["state"], "running", "the job ended before the kill; make it longer: {before:#}");
+    fed.kill_coordinator();
+    fed.start_coordinator();
+    fed.signal_parties("CONT");
+    let st = fed.wait_done(&b, 120);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    assert!(fed.coordinator_log().contains("resuming job from its checkpoint"));
+    let model_b = Parameters::from_safetensors(&fed.model(&b)).expect("model b");
+    assert_eq!(model_a, model_b, "the resumed FedAdam job's model differs from the uninterrupted one");
+}
+
+#[test]
 fn malformed_job_specs_are_refused_with_every_field_named() {
     let mut fed = Federation::new(&["hospital-a", "hospital-b"], &breast_cancer(), true, "1,1");
     fed.start_coordinator();

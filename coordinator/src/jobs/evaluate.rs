@@ -81,7 +81,8 @@ impl Evaluation {
         let (global, already_done) = match setup.start {
             Start::Fresh { model: Some(m) } => (m.clone(), false),
             Start::Fresh { model: None } => return Err("from_job: an evaluate job needs a model to evaluate".into()),
-            Start::Resume { model, round, .. } => (model.clone(), *round >= 1),
+            Start::Resume { model: Some(model), round, .. } => (model.clone(), *round >= 1),
+            Start::Resume { model: None, .. } => return Err("the checkpoint to resume from has no model".into()),
         };
         let strategy = GuardedStrategy::new(setup.plugins.build_strategy(setup.spec)?)?;
         Ok(Evaluation { strategy, global: Arc::new(global), evaluator: Evaluator::default(), already_done })
@@ -108,7 +109,7 @@ impl JobMachine for Evaluation {
             return;
         }
         let record = cx.take_record();
-        cx.checkpoint(closed.round, self.global.clone(), record, State::new());
+        cx.checkpoint(closed.round, Some(self.global.clone()), record, State::new());
     }
 
     fn on_persisted(&mut self, cx: &mut Context<'_>, _: u32) {

@@ -60,8 +60,9 @@ impl Training {
         let (global, resume) = match setup.start {
             Start::Fresh { model } => (model.clone().map(Arc::new), None),
             Start::Resume { round, model, state, .. } => {
+                let model = model.clone().ok_or("the checkpoint to resume from has no model")?;
                 strategy.call("restore", |s| s.restore(&state.section("strategy")))?;
-                (Some(Arc::new(model.clone())), Some(*round))
+                (Some(Arc::new(model)), Some(*round))
             }
         };
         Ok(Training {
@@ -120,7 +121,7 @@ impl Training {
         self.global = Some(global.clone());
         cx.take_record();
         let state = self.state(cx);
-        cx.checkpoint(0, global, None, state);
+        cx.checkpoint(0, Some(global), None, state);
     }
 
     /// What is saved with each checkpoint: the strategy's state.
@@ -317,7 +318,7 @@ impl Training {
         let Some(global) = self.global.clone() else { return };
         let record = cx.take_record();
         let state = self.state(cx);
-        cx.checkpoint(round, global, record, state);
+        cx.checkpoint(round, Some(global), record, state);
     }
 }
 

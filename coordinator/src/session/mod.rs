@@ -107,8 +107,8 @@ impl Input {
 pub struct Checkpoint {
     /// Round the model results from (0: after setup).
     pub round: u32,
-    /// The model.
-    pub model: Arc<Parameters>,
+    /// The model (absent for a job kind without one).
+    pub model: Option<Arc<Parameters>>,
     /// The round's record (absent for round 0).
     pub record: Option<RoundRecord>,
     /// The job machine's state (strategy moments, ...), restored on resume.
@@ -155,8 +155,8 @@ pub enum Start {
     Resume {
         /// Last completed round.
         round: u32,
-        /// The model after that round.
-        model: Parameters,
+        /// The model after that round (absent for a job kind without one).
+        model: Option<Parameters>,
         /// The job machine's state saved with it.
         state: State,
         /// Party statuses as persisted.
@@ -715,7 +715,13 @@ impl Context<'_> {
     /// Persists a checkpoint; the machine hears [`JobMachine::on_persisted`]
     /// once it is durable. A round record takes the round's place in the
     /// job's history.
-    pub fn checkpoint(&mut self, round: u32, model: Arc<Parameters>, record: Option<RoundRecord>, state: State) {
+    pub fn checkpoint(
+        &mut self,
+        round: u32,
+        model: Option<Arc<Parameters>>,
+        record: Option<RoundRecord>,
+        state: State,
+    ) {
         let core = &mut *self.core;
         if core.phase == Phase::Done {
             return;

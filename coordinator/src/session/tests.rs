@@ -370,7 +370,7 @@ mod plaintext {
             ("b".to_string(), status(PartyState::Refused, Some("no".into()), 0)),
         ]
         .into();
-        let start = Start::Resume { round: 3, model: params(&[7.0]), state: State::new(), parties };
+        let start = Start::Resume { round: 3, model: Some(params(&[7.0])), state: State::new(), parties };
         let mut h = H::new(spec(&["a", "b"], 1, 5, ""), start);
         h.feed(Input::connected("a"));
         assert!(matches!(h.take()[0], Output::Offer { .. }));
@@ -644,7 +644,8 @@ mod guarantees {
     #[test]
     fn resuming_a_job_that_had_finished_its_rounds_runs_no_extra_round() {
         let parties = [("a".to_string(), PartyStatus { state: PartyState::Accepted, detail: None, last_round: 3 })];
-        let start = Start::Resume { round: 3, model: params(&[7.0]), state: State::new(), parties: parties.into() };
+        let start =
+            Start::Resume { round: 3, model: Some(params(&[7.0])), state: State::new(), parties: parties.into() };
         let mut h = H::new(spec(&["a"], 1, 3, ""), start);
         h.connect_and_accept(&["a"]);
         let out = h.take();
@@ -676,7 +677,7 @@ mod guarantees {
             let out = h.take();
             for c in checkpoints(&out) {
                 states.push((c.round, c.state.clone()));
-                last = Some(c.model.clone());
+                last = c.model.clone();
             }
             fit = task_pairs(out);
         }
@@ -699,10 +700,10 @@ mod guarantees {
             ("a".to_string(), PartyStatus { state: PartyState::Accepted, detail: None, last_round: 2 }),
             ("b".to_string(), PartyStatus { state: PartyState::Accepted, detail: None, last_round: 2 }),
         ];
-        let start = Start::Resume { round, model: model_after_2.clone(), state, parties: parties.clone().into() };
+        let start = Start::Resume { round, model: Some(model_after_2.clone()), state, parties: parties.clone().into() };
         let (resumed, _) = run_adam(start, 3, 4);
         assert_eq!(resumed, straight, "resumed with its moments, FedAdam ends where the uninterrupted run does");
-        let start = Start::Resume { round, model: model_after_2, state: State::new(), parties: parties.into() };
+        let start = Start::Resume { round, model: Some(model_after_2), state: State::new(), parties: parties.into() };
         let (forgetful, _) = run_adam(start, 3, 4);
         assert_ne!(forgetful, straight, "without the moments the run differs (so the test can fail)");
     }
