@@ -128,6 +128,13 @@ impl Parameters {
     /// Checks that `self` has exactly the names and shapes of `expected`, in
     /// order, and only finite values. Used on every update before aggregation.
     pub fn check_matches(&self, expected: &[TensorSpec]) -> Result<(), String> {
+        self.check_shapes(expected)?;
+        self.check_finite()
+    }
+
+    /// Checks names and shapes against `expected`, in order (not the values),
+    /// for callers that check finiteness in a pass of their own.
+    pub fn check_shapes(&self, expected: &[TensorSpec]) -> Result<(), String> {
         if self.tensors.len() != expected.len() {
             return Err(format!("{} tensors where {} are expected", self.tensors.len(), expected.len()));
         }
@@ -139,7 +146,7 @@ impl Parameters {
                 return Err(format!("tensor {} has shape {:?}, expected {:?}", t.name, t.shape, e.shape));
             }
         }
-        self.check_finite()
+        Ok(())
     }
 
     /// Serialises to safetensors; the tensor order is kept in the metadata

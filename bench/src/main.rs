@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
+use confide_algorithms::data::{CsvOptions, DatasetSource};
 use confide_algorithms::{
     Error as AlgoError, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, Parameters, Tensor, Trainer,
 };
@@ -50,9 +50,36 @@ enum Command {
         /// Measured rounds per configuration.
         #[arg(long, default_value_t = 5)]
         rounds: u32,
+        /// Repetitions: every configuration runs this many times, interleaved,
+        /// and the figures are medians across repetitions (shared machines
+        /// are noisy; interleaving spreads a slow spell over every mode).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Run the parties in this many child processes instead of in the
+        /// coordinator's process, so that the coordinator's own CPU time and
+        /// memory per party can be measured (0: one process).
+        #[arg(long, default_value_t = 0)]
+        party_processes: usize,
         /// Print JSON objects, one per line (the default output format).
         #[arg(long)]
         json: bool,
+    },
+    /// (Internal) Runs synthetic party nodes for `round --party-processes`
+    /// until its standard input closes, then prints their traffic as JSON.
+    #[command(hide = true)]
+    ServeParties {
+        /// The coordinator's URL.
+        #[arg(long)]
+        url: String,
+        /// The federation's PKI directory.
+        #[arg(long)]
+        pki: PathBuf,
+        /// Parameters of the synthetic model.
+        #[arg(long)]
+        params: usize,
+        /// The parties to run (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        names: Vec<String>,
     },
     /// Local training with libtorch: steps per second for the demo's MLP and
     /// for the CNN on the digits, and the per-round framework overhead of the
@@ -224,32 +251,80 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
-/// A federation run in this process: the coordinator and one party node per
-/// name as tasks of one tokio runtime, over loopback mutual TLS.
+/// A federation run from this process: the coordinator as tasks of this
+/// tokio runtime, and one party node per name, either as tasks of the same
+/// runtime or in `party_processes` child processes, all over loopback
+/// mutual TLS.
 struct Federation {
     dir: tempfile::TempDir,
     names: Vec<String>,
+    party_processes: usize,
 }
 
 /// What a finished benchmark job reports.
 struct FederationRun {
     status: JobStatus,
+    /// Bytes the parties sent and received.
     bytes: u64,
+    /// The coordinator process's resident memory before any party connected.
+    rss_before: u64,
+    /// Its largest resident memory while the parties were connected and the job ran.
+    rss_peak: u64,
+}
+
+/// A figure of this process from `/proc/self/status` (`VmRSS`: resident
+/// memory now; `VmHWM`: its high-water mark), in bytes (Linux; 0 elsewhere).
+fn memory(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix(field)
+                    .and_then(|v| v.trim_start_matches(':').trim().trim_end_matches(" kB").parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Resets the resident-memory high-water mark (Linux: `clear_refs` 5).
+fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// A party node's configuration for the benchmark.
+fn party_config(url: &str, pki: &PkiDir, name: &str, dataset: &str, source: DatasetSource) -> PartyConfig {
+    PartyConfig {
+        coordinator: url.to_owned(),
+        server_name: "localhost".into(),
+        ca: pki.ca_cert(),
+        cert: pki.party_cert(name),
+        key: pki.party_key(name),
+        datasets: [(dataset.to_string(), source)].into(),
+        policy: Policy { aggregation: vec!["none".into(), "secagg".into()], ..Policy::default() },
+        reconnect: Reconnect::default(),
+        limits: Limits::default(),
+        fault: Default::default(),
+        models: Default::default(),
+        training: Default::default(),
+        warnings: Vec::new(),
+    }
 }
 
 impl Federation {
-    fn new(names: Vec<String>) -> Result<Self, String> {
-        Ok(Federation { dir: tempfile::tempdir().map_err(|e| e.to_string())?, names })
+    fn new(names: Vec<String>, party_processes: usize) -> Result<Self, String> {
+        Ok(Federation { dir: tempfile::tempdir().map_err(|e| e.to_string())?, names, party_processes })
     }
 
     /// Runs `spec` (TOML) to its end with parties built by `factory`, each
-    /// party's data set `dataset` at `data(name)`.
+    /// party's data set `dataset` at `data(name)`. Child processes run
+    /// synthetic parties of `params` values.
     async fn run(
         &self,
         spec: String,
         factory: Arc<dyn TrainerFactory>,
         dataset: &str,
         data: impl Fn(&str) -> PathBuf,
+        params: usize,
     ) -> Result<FederationRun, String> {
         let pki = PkiDir::new(self.dir.path().join("pki"));
         pki.init("bench", &self.names, &[]).map_err(|e| e.to_string())?;
@@ -262,28 +337,42 @@ impl Federation {
         .await
         .map_err(|e| e.to_string())?;
         let url = format!("https://{}", coordinator.local_addr);
+        // What the parties cost the coordinator, connections and job data
+        // together, from before the first one connects.
+        reset_peak_memory();
+        let rss_before = memory("VmRSS");
         let mut stats: Vec<Arc<NodeStats>> = Vec::new();
         let mut tasks = Vec::new();
-        for n in &self.names {
-            let source = DatasetSource { path: data(n), format: DataFormat::Csv, csv: CsvOptions::default() };
-            let cfg = PartyConfig {
-                coordinator: url.clone(),
-                server_name: "localhost".into(),
-                ca: pki.ca_cert(),
-                cert: pki.party_cert(n),
-                key: pki.party_key(n),
-                datasets: [(dataset.to_string(), source)].into(),
-                policy: Policy { aggregation: vec!["none".into(), "secagg".into()], ..Policy::default() },
-                reconnect: Reconnect::default(),
-                limits: Limits::default(),
-                fault: Default::default(),
-                models: Default::default(),
-                training: Default::default(),
-                warnings: Vec::new(),
-            };
-            let node = PartyNode::new(cfg, factory.clone());
-            stats.push(node.stats());
-            tasks.push(tokio::spawn(async move { node.run().await }));
+        let mut children = Vec::new();
+        if self.party_processes == 0 {
+            for n in &self.names {
+                let cfg = party_config(&url, &pki, n, dataset, DatasetSource::csv(data(n)));
+                let node = PartyNode::new(cfg, factory.clone());
+                stats.push(node.stats());
+                tasks.push(tokio::spawn(async move { node.run().await }));
+            }
+        } else {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let per = self.names.len().div_ceil(self.party_processes);
+            for slice in self.names.chunks(per.max(1)) {
+                let child = std::process::Command::new(&exe)
+                    .args([
+                        "serve-parties",
+                        "--url",
+                        &url,
+                        "--params",
+                        &params.to_string(),
+                        "--names",
+                        &slice.join(","),
+                    ])
+                    .arg("--pki")
+                    .arg(pki.root())
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .map_err(|e| format!("cannot start party processes: {e}"))?;
+                children.push(child);
+            }
         }
         let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
         let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
@@ -302,8 +391,18 @@ impl Federation {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        let rss_peak = memory("VmHWM");
         for t in tasks {
             t.abort();
+        }
+        let mut bytes: u64 =
+            stats.iter().map(|s| s.bytes_sent.load(Ordering::Relaxed) + s.bytes_received.load(Ordering::Relaxed)).sum();
+        for mut child in children {
+            // Closing its standard input ends the child, which reports its traffic.
+            drop(child.stdin.take());
+            let out = child.wait_with_output().map_err(|e| e.to_string())?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            bytes += v["bytes"].as_u64().unwrap_or(0);
         }
         coordinator.stop().await;
         if status.state.as_str() != "succeeded" {
@@ -313,10 +412,31 @@ impl Federation {
                 status.error.clone().unwrap_or_default()
             ));
         }
-        let bytes =
-            stats.iter().map(|s| s.bytes_sent.load(Ordering::Relaxed) + s.bytes_received.load(Ordering::Relaxed)).sum();
-        Ok(FederationRun { status, bytes })
+        Ok(FederationRun { status, bytes, rss_before, rss_peak })
     }
+}
+
+/// `serve-parties`: synthetic party nodes until standard input closes.
+async fn serve_parties(url: String, pki: PathBuf, params: usize, names: Vec<String>) -> Result<(), String> {
+    let pki = PkiDir::new(pki);
+    let factory: Arc<dyn TrainerFactory> = Arc::new(SyntheticFactory { params });
+    let mut stats = Vec::new();
+    for n in &names {
+        let cfg = party_config(&url, &pki, n, "synthetic", DatasetSource::csv(PathBuf::from("unused")));
+        let node = PartyNode::new(cfg, factory.clone());
+        stats.push(node.stats());
+        tokio::spawn(async move { node.run().await });
+    }
+    tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let bytes: u64 =
+        stats.iter().map(|s| s.bytes_sent.load(Ordering::Relaxed) + s.bytes_received.load(Ordering::Relaxed)).sum();
+    println!("{}", serde_json::json!({ "bytes": bytes }));
+    Ok(())
 }
 
 /// Medians of round metrics over rounds `1..=rounds` (the last round, which
@@ -333,7 +453,13 @@ fn privacy_table(privacy: &str) -> Result<&'static str, String> {
     }
 }
 
-async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) -> Result<serde_json::Value, String> {
+async fn bench_round(
+    parties: usize,
+    params: usize,
+    privacy: &str,
+    rounds: u32,
+    party_processes: usize,
+) -> Result<serde_json::Value, String> {
     let privacy_table = privacy_table(privacy)?;
     let names: Vec<String> = (0..parties).map(|i| format!("p{i:03}")).collect();
     let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
@@ -344,9 +470,20 @@ async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) 
         rounds + 1,
         quoted.join(",")
     );
-    let fed = Federation::new(names)?;
-    let run = fed.run(spec, Arc::new(SyntheticFactory { params }), "synthetic", |_| PathBuf::from("unused")).await?;
+    let fed = Federation::new(names, party_processes)?;
+    let factory = Arc::new(SyntheticFactory { params });
+    let run = fed.run(spec, factory, "synthetic", |_| PathBuf::from("unused"), params).await?;
     let metric = |k: &str| round_median(&run.status, rounds, k);
+    // Process CPU per round as the mean over the measured rounds: per-round
+    // values have the kernel's 10 ms tick resolution, their sum is exact.
+    let cpu: Vec<f64> = run
+        .status
+        .history
+        .iter()
+        .filter(|r| r.round <= rounds)
+        .filter_map(|r| r.metrics.get("process_cpu_ms").copied())
+        .collect();
+    let cpu_per_round = if cpu.is_empty() { f64::NAN } else { cpu.iter().sum::<f64>() / cpu.len() as f64 };
     // Where the round's time goes: each stage's median duration.
     let stages: serde_json::Map<String, serde_json::Value> = run
         .status
@@ -369,8 +506,57 @@ async fn bench_round(parties: usize, params: usize, privacy: &str, rounds: u32) 
         "party_ms_median": metric("fit_ms"),
         "stage_ms_median": stages,
         "bytes_per_party": run.bytes / (parties as u64 * u64::from(rounds + 1)),
-        "topology": "coordinator and parties as tasks of one tokio runtime; gRPC over loopback mutual TLS 1.3",
+        // With the parties in other processes, the coordinator process's
+        // own CPU time and the memory the job added to it, per party.
+        "coordinator_process_cpu_ms_per_round": if party_processes > 0 { serde_json::json!(cpu_per_round) } else { serde_json::Value::Null },
+        "coordinator_rss_mb_before": run.rss_before as f64 / 1e6,
+        "coordinator_rss_mb_peak": run.rss_peak as f64 / 1e6,
+        "coordinator_memory_per_party_kb": if party_processes > 0 {
+            serde_json::json!(run.rss_peak.saturating_sub(run.rss_before) as f64 / 1e3 / parties as f64)
+        } else {
+            serde_json::Value::Null
+        },
+        "topology": if party_processes > 0 {
+            format!("coordinator in this process, parties in {party_processes} child processes; gRPC over loopback mutual TLS 1.3")
+        } else {
+            "coordinator and parties as tasks of one tokio runtime; gRPC over loopback mutual TLS 1.3".to_string()
+        },
     }))
+}
+
+/// One configuration's repetitions as one object: the repetition with the
+/// median round time, with the medians across repetitions of the headline
+/// figures and every repetition's round time.
+fn combine_runs(mut runs: Vec<serde_json::Value>) -> Option<serde_json::Value> {
+    if runs.is_empty() {
+        return None;
+    }
+    let figure =
+        |runs: &[serde_json::Value], k: &str| -> Vec<f64> { runs.iter().filter_map(|r| r[k].as_f64()).collect() };
+    let round_ms = figure(&runs, "round_ms_median");
+    let heads = [
+        "round_ms_median",
+        "coordinator_ms_median",
+        "party_ms_median",
+        "coordinator_process_cpu_ms_per_round",
+        "coordinator_memory_per_party_kb",
+        "coordinator_rss_mb_peak",
+    ];
+    let medians: Vec<(&str, Option<f64>)> =
+        heads.iter().map(|k| (*k, Some(figure(&runs, k)).filter(|v| !v.is_empty()).map(median))).collect();
+    let repetitions = runs.len();
+    runs.sort_by(|a, b| {
+        a["round_ms_median"].as_f64().unwrap_or(0.0).total_cmp(&b["round_ms_median"].as_f64().unwrap_or(0.0))
+    });
+    let mut v = runs.swap_remove(repetitions / 2);
+    for (k, m) in medians {
+        if let Some(m) = m {
+            v[k] = serde_json::json!(m);
+        }
+    }
+    v["repetitions"] = serde_json::json!(repetitions);
+    v["round_ms_runs"] = serde_json::json!(round_ms);
+    Some(v)
 }
 
 fn repo_root() -> PathBuf {
@@ -436,7 +622,7 @@ async fn bench_train_rounds(privacy: &str, rounds: u32) -> Result<serde_json::Va
     use confide_algorithms::data::Dataset;
     use confide_party::trainers::BuiltinTrainers;
     let names: Vec<String> = ["hospital-a", "hospital-b", "hospital-c"].map(String::from).to_vec();
-    let fed = Federation::new(names.clone())?;
+    let fed = Federation::new(names.clone(), 0)?;
     let path = repo_root().join("examples/data/breast_cancer.csv");
     let rows = Dataset::load_csv(&path, &CsvOptions { header: true, label_column: -1 }).map_err(|e| e.to_string())?;
     let (shuffled, _) = rows.split(0.0, 7);
@@ -457,7 +643,7 @@ async fn bench_train_rounds(privacy: &str, rounds: u32) -> Result<serde_json::Va
     let text = spec.to_toml();
     let dir = fed.dir.path().to_path_buf();
     let factory = Arc::new(BuiltinTrainers::new(Default::default(), 1));
-    let run = fed.run(text, factory, &spec.parties.dataset, |n| dir.join(format!("{n}.csv"))).await?;
+    let run = fed.run(text, factory, &spec.parties.dataset, |n| dir.join(format!("{n}.csv")), 0).await?;
     let per_round: Vec<f64> = run
         .status
         .history
@@ -483,31 +669,59 @@ async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
-        Command::Round { parties, params, privacy, rounds, json } => {
+        Command::ServeParties { url, pki, params, names } => {
+            if let Err(e) = serve_parties(url, pki, params, names).await {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
+        Command::Round { parties, params, privacy, rounds, repeat, party_processes, json } => {
             let mut failed = false;
+            let mut configs: Vec<(usize, usize, String)> = Vec::new();
             for &n in &parties {
                 for &p in &params {
-                    // Every mode of one configuration runs back to back, so the
-                    // overhead is a ratio measured in one run.
-                    let mut plain_ms = None;
-                    for mode in &privacy {
-                        match bench_round(n, p, mode, rounds.max(1)).await {
-                            Ok(mut v) => {
-                                let ms = v["round_ms_median"].as_f64();
-                                if mode == "none" {
-                                    plain_ms = ms;
-                                } else if let (Some(base), Some(ms)) = (plain_ms, ms) {
-                                    v["overhead_vs_plain"] = serde_json::json!(ms / base);
-                                }
-                                if json { println!("{v}") } else { println!("{v:#}") }
-                            }
-                            Err(e) => {
-                                eprintln!("error: parties={n} params={p} privacy={mode}: {e}");
-                                failed = true;
-                            }
+                    for m in &privacy {
+                        configs.push((n, p, m.clone()));
+                    }
+                }
+            }
+            let mut runs: Vec<Vec<serde_json::Value>> = vec![Vec::new(); configs.len()];
+            for _ in 0..repeat.max(1) {
+                // Every configuration back to back in each repetition, so
+                // ratios compare figures measured in one run.
+                for (i, (n, p, mode)) in configs.iter().enumerate() {
+                    match bench_round(*n, *p, mode, rounds.max(1), party_processes).await {
+                        Ok(v) => runs[i].push(v),
+                        Err(e) => {
+                            eprintln!("error: parties={n} params={p} privacy={mode}: {e}");
+                            failed = true;
                         }
                     }
                 }
+            }
+            let combined: Vec<Option<serde_json::Value>> = runs.into_iter().map(combine_runs).collect();
+            for (i, (n, p, mode)) in configs.iter().enumerate() {
+                let Some(mut v) = combined[i].clone() else { continue };
+                let field = |j: usize, k: &str| combined[j].as_ref().and_then(|c| c[k].as_f64());
+                // The plaintext run of the same size, and the smallest party
+                // count of the same size and mode, for ratios.
+                if mode != "none"
+                    && let Some(j) = configs.iter().position(|c| c.0 == *n && c.1 == *p && c.2 == "none")
+                    && let (Some(base), Some(ms)) = (field(j, "round_ms_median"), v["round_ms_median"].as_f64())
+                {
+                    v["overhead_vs_plain"] = serde_json::json!(ms / base);
+                }
+                let smallest = parties.iter().min().copied().unwrap_or(*n);
+                if *n != smallest
+                    && let Some(j) = configs.iter().position(|c| c.0 == smallest && c.1 == *p && c.2 == *mode)
+                {
+                    for k in ["round_ms_median", "coordinator_ms_median", "coordinator_process_cpu_ms_per_round"] {
+                        if let (Some(base), Some(x)) = (field(j, k), v[k].as_f64()) {
+                            v[format!("{k}_vs_{smallest}_parties")] = serde_json::json!(x / base);
+                        }
+                    }
+                }
+                if json { println!("{v}") } else { println!("{v:#}") }
             }
             std::process::exit(i32::from(failed));
         }

@@ -128,11 +128,62 @@ pub fn read_state(path: Option<&Path>) -> Result<State, Error> {
 }
 
 /// Round timing for the round record: wall time from the round's first fit
-/// task, and the coordinator's own busy time in it (session, encoding).
+/// task, the CPU time of the job's thread in it (session, aggregation,
+/// encoding), and of the whole process (all threads: TLS, decoding too).
 struct RoundClock {
     round: u32,
     started: Instant,
+    /// Wall time spent handling inputs and encoding tasks, where the
+    /// thread's CPU time cannot be read.
     busy: Duration,
+    thread_cpu_at_start: Option<Duration>,
+    process_cpu_at_start: Option<Duration>,
+}
+
+impl RoundClock {
+    fn new(round: u32) -> Self {
+        RoundClock {
+            round,
+            started: Instant::now(),
+            busy: Duration::ZERO,
+            thread_cpu_at_start: thread_cpu(),
+            process_cpu_at_start: process_cpu(),
+        }
+    }
+
+    /// The job thread's CPU time in the round (busy wall time as a fallback).
+    fn coordinator(&self) -> Duration {
+        match (self.thread_cpu_at_start, thread_cpu()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => self.busy,
+        }
+    }
+}
+
+/// Nanoseconds on CPU from a `schedstat` file (Linux).
+fn schedstat(path: &str) -> Option<Duration> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// CPU time of the calling thread so far (Linux; `None` elsewhere).
+pub fn thread_cpu() -> Option<Duration> {
+    schedstat("/proc/thread-self/schedstat")
+}
+
+/// CPU time (user + system) of this process so far, including threads that
+/// have ended, from `/proc/self/stat` (Linux; `None` elsewhere). Its
+/// resolution is the kernel's clock tick (10 ms): sums over rounds are
+/// exact, a single round's value is not.
+pub fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // utime and stime are the 14th and 15th fields, after the parenthesised
+    // command name, in ticks of 1/100 s.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// The job's thread: runs `session` until the job ends.
@@ -152,7 +203,7 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
     let mut feedback: Vec<Input> =
         hub.connected().into_iter().map(|(party, certificate)| Input::Connected { party, certificate }).collect();
     let mut encoder = Encoder::default();
-    let mut round = RoundClock { round: 0, started: Instant::now(), busy: Duration::ZERO };
+    let mut round = RoundClock::new(0);
     let mut marked_running = false;
     let mut parties: BTreeMap<String, PartyStatus> = BTreeMap::new();
     let mut last_flush = Instant::now();
@@ -171,9 +222,10 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
         for input in std::mem::take(&mut feedback) {
             handle(&mut session, input, &mut round);
         }
-        let mut changed = false;
+        // Watchers read the database: wake them when it changed.
+        let mut wrote = false;
+        let mut stage_changed = false;
         while let Some(out) = session.poll_output() {
-            changed = true;
             match out {
                 Output::Offer { party } => {
                     let msg = pb::JobOffer { dataset: spec.dataset_for(&party).to_owned(), ..offer.clone() };
@@ -182,8 +234,9 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
                     }
                 }
                 Output::Task { to, stage, task } => {
+                    stage_changed = true;
                     if stage == Stage::Fit && task.round != round.round {
-                        round = RoundClock { round: task.round, started: Instant::now(), busy: Duration::ZERO };
+                        round = RoundClock::new(task.round);
                     }
                     let t0 = Instant::now();
                     let encoded = Arc::new(encoder.encode(&task));
@@ -198,8 +251,12 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
                     if let Some(r) = cp.record.as_mut() {
                         r.completed_at = unix_now();
                         r.metrics.insert("round_ms".into(), round.started.elapsed().as_secs_f64() * 1000.0);
-                        r.metrics.insert("coordinator_ms".into(), round.busy.as_secs_f64() * 1000.0);
+                        r.metrics.insert("coordinator_ms".into(), round.coordinator().as_secs_f64() * 1000.0);
+                        if let (Some(a), Some(b)) = (round.process_cpu_at_start, process_cpu()) {
+                            r.metrics.insert("process_cpu_ms".into(), b.saturating_sub(a).as_secs_f64() * 1000.0);
+                        }
                     }
+                    wrote = true;
                     let saved = write_checkpoint(hub.models_dir(), &id, &cp).and_then(|(model, state)| {
                         hub.db().save_checkpoint(&id, cp.round, model.as_deref(), state.as_deref(), cp.record.as_ref())
                     });
@@ -217,6 +274,7 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
                     }
                 }
                 Output::Finished { state, error } => {
+                    wrote = true;
                     parties.extend(session.take_changed_parties());
                     if let Err(e) = hub.db().save_parties(&id, &parties) {
                         error!(job = %id, "cannot save party statuses: {e}");
@@ -246,19 +304,22 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
         }
         if session.is_running() && !marked_running {
             marked_running = true;
+            wrote = true;
             let _ = hub.db().set_job_state(&id, JobState::Running, None);
         }
         parties.extend(session.take_changed_parties());
-        let due = last_flush.elapsed() >= PARTY_FLUSH;
-        if !parties.is_empty() && (due || changed && session.current_stage().is_none()) {
+        // Statuses are written in batches: every PARTY_FLUSH, when a stage
+        // begins, and when nothing is being collected.
+        let due = last_flush.elapsed() >= PARTY_FLUSH || stage_changed || session.current_stage().is_none();
+        if !parties.is_empty() && due {
             if let Err(e) = hub.db().save_parties(&id, &parties) {
                 error!(job = %id, "cannot save party statuses: {e}");
             }
             parties.clear();
             last_flush = Instant::now();
-            changed = true;
+            wrote = true;
         }
-        if changed {
+        if wrote {
             hub.job_changed(&id);
         }
         if !feedback.is_empty() {

@@ -235,6 +235,9 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // Room for a whole update in flight (see `confide_proto::net`).
+            .initial_stream_window_size(confide_proto::net::HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(confide_proto::net::HTTP2_CONNECTION_WINDOW)
             .add_service(party_svc)
             .add_service(admin_svc)
             .serve_with_incoming_shutdown(incoming, async {
@@ -267,7 +270,7 @@ fn spawn_job(hub: &Arc<Hub>, id: String, spec: JobSpec, start: Start) -> Result<
     lock(&hub.jobs).insert(id.clone(), handle);
     let (hub2, id2) = (hub.clone(), id.clone());
     let spawned = std::thread::Builder::new()
-        .name(format!("job-{id}"))
+        .name(format!("coord-{id}"))
         .spawn(move || driver::run_job(hub2, id2, Arc::new(spec), start, rx));
     if let Err(e) = spawned {
         hub.job_ended(&id);

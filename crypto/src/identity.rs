@@ -65,6 +65,8 @@ struct VerifiedCert {
     der: Vec<u8>,
     /// Its subject public key, ready for signature checks.
     spki: Vec<u8>,
+    /// Its validity period, Unix seconds: re-checked without re-parsing.
+    valid: (i64, i64),
 }
 
 impl CertVerifier {
@@ -78,10 +80,20 @@ impl CertVerifier {
     /// Checks `cert_der` (issued by the CA, valid now, a party certificate
     /// naming `party`) and remembers it for [`IdentityVerifier::verify`].
     pub fn add_peer(&mut self, party: &str, cert_der: &[u8]) -> Result<(), Error> {
+        // The same bytes passed every check before: only the validity
+        // period can have changed.
+        if let Some(c) = self.certs.get(party)
+            && c.der == cert_der
+        {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if (c.valid.0..=c.valid.1).contains(&now) {
+                return Ok(());
+            }
+        }
         let checked = self.check_peer(party, cert_der);
         match checked {
-            Ok(spki) => {
-                self.certs.insert(party.to_owned(), VerifiedCert { der: cert_der.to_vec(), spki });
+            Ok((spki, valid)) => {
+                self.certs.insert(party.to_owned(), VerifiedCert { der: cert_der.to_vec(), spki, valid });
                 Ok(())
             }
             Err(e) => {
@@ -92,8 +104,9 @@ impl CertVerifier {
         }
     }
 
-    /// The checks of [`Self::add_peer`]; returns the certificate's public key.
-    fn check_peer(&self, party: &str, cert_der: &[u8]) -> Result<Vec<u8>, Error> {
+    /// The checks of [`Self::add_peer`]; returns the certificate's public
+    /// key and validity period.
+    fn check_peer(&self, party: &str, cert_der: &[u8]) -> Result<(Vec<u8>, (i64, i64)), Error> {
         let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| Error::PeerMisbehaved {
             party: party.into(),
             reason: format!("unparsable certificate: {e}"),
@@ -103,10 +116,7 @@ impl CertVerifier {
             return Err(bad("certificate expired or not yet valid".into()));
         }
         let spki = cert.public_key().subject_public_key.data.to_vec();
-        // The same bytes passed the CA and name checks before.
-        if self.certs.get(party).is_some_and(|c| c.der == cert_der) {
-            return Ok(spki);
-        }
+        let valid = (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp());
         let (_, ca) = X509Certificate::from_der(&self.ca_der).map_err(|e| Error::Certificate(e.to_string()))?;
         cert.verify_signature(Some(ca.public_key()))
             .map_err(|_| bad("certificate not issued by the federation CA".into()))?;
@@ -114,7 +124,7 @@ impl CertVerifier {
         if id.name != party || id.role != Role::Party {
             return Err(bad(format!("certificate names {} ({:?}), not party {party}", id.name, id.role)));
         }
-        Ok(spki)
+        Ok((spki, valid))
     }
 }
 

@@ -339,7 +339,17 @@ fn run_job(
             Err(RecvTimeoutError::Timeout) => PartyInput::Tick,
             Err(RecvTimeoutError::Disconnected) => PartyInput::Closed { reason: String::new() },
         };
+        let answered = matches!(input, PartyInput::Task(_));
         session.handle(now(), input);
+        if answered {
+            // Send the answer first, then work ahead while the others answer.
+            while let Some(out) = session.poll_output() {
+                if !send(&job_id, out, &outbox, &limits, &stats) {
+                    return;
+                }
+            }
+            session.handle(now(), PartyInput::Idle);
+        }
     }
     debug!(job = %job_id, "worker ended");
 }

@@ -35,6 +35,11 @@ pub trait JobHandler: Send {
 
     /// Forgets the open round and wipes its secrets.
     fn abandon(&mut self) {}
+
+    /// Work to do while the coordinator collects the other parties'
+    /// answers (e.g. a protocol's precomputation); called after each answer
+    /// has been sent.
+    fn idle_work(&mut self) {}
 }
 
 /// An event for the session.
@@ -49,6 +54,8 @@ pub enum PartyInput {
     },
     /// Time passed.
     Tick,
+    /// The last answer went out; the handler may work ahead.
+    Idle,
 }
 
 /// What the driver must do.
@@ -130,6 +137,17 @@ impl PartySession {
                 self.idle_deadline = None;
                 if !reason.is_empty() {
                     self.out.push_back(PartyOutput::Note(format!("job closed: {reason}")));
+                }
+            }
+            PartyInput::Idle => {
+                if self.aborted.is_none() {
+                    let handler = &mut self.handler;
+                    if let Err(p) = catch_unwind(AssertUnwindSafe(|| handler.idle_work())) {
+                        let reason = format!("its trainer panicked: {}", panic_message(p.as_ref()));
+                        self.handler.abandon();
+                        self.aborted = Some(reason.clone());
+                        self.out.push_back(PartyOutput::Note(format!("leaving the job: {reason}")));
+                    }
                 }
             }
             PartyInput::Tick => {

@@ -121,6 +121,12 @@ impl JobHandler for TrainingHandler {
         self.open = None;
         self.aggregation.abandon();
     }
+
+    fn idle_work(&mut self) {
+        if self.open.is_some() {
+            self.aggregation.precompute();
+        }
+    }
 }
 
 impl TrainingHandler {

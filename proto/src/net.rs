@@ -22,6 +22,12 @@ pub struct ClientIdentity<'a> {
     pub key: &'a Path,
 }
 
+/// HTTP/2 flow-control window per stream: large enough for a chunked
+/// multi-megabyte model to flow without waiting for window updates.
+pub const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
+/// HTTP/2 flow-control window per connection.
+pub const HTTP2_CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// Opens a mutually authenticated TLS channel to the coordinator.
 pub async fn connect(id: &ClientIdentity<'_>) -> Result<Channel, Error> {
     let read = |p: &Path| std::fs::read(p).map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())));
@@ -37,7 +43,11 @@ pub async fn connect(id: &ClientIdentity<'_>) -> Result<Channel, Error> {
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        // Room for a whole model in flight: a multi-megabyte transfer is not
+        // held up by window updates from a receiver that is busy training.
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW);
     endpoint
         .connect()
         .await

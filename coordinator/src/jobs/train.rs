@@ -9,7 +9,7 @@
 //! one. What the protocol reveals (individual updates or a weighted sum)
 //! decides which of the strategy's aggregation methods runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use confide_algorithms::trainer::apply_feature_stats;
@@ -157,20 +157,21 @@ impl Training {
             };
         // Group the parties by configuration: one task (encoded once) per group.
         let mut groups: Vec<(Vec<String>, FitConfig)> = Vec::new();
-        let mut selected: Vec<String> = Vec::with_capacity(plan.len());
+        let mut selected: BTreeSet<String> = BTreeSet::new();
         for i in plan {
             if available.binary_search(&i.party).is_err() || selected.contains(&i.party) {
                 let why = if selected.contains(&i.party) { "twice" } else { "but it is not available" };
                 return self
                     .fail(cx, format!("round {round}: {} selected party {} {why}", self.strategy.who(), i.party));
             }
-            selected.push(i.party.clone());
+            selected.insert(i.party.clone());
             match groups.iter_mut().find(|(_, c)| *c == i.config) {
                 Some((to, _)) => to.push(i.party),
                 None => groups.push((vec![i.party], i.config)),
             }
         }
-        selected.sort();
+        // Sorted: protocols index the round's parties by their order.
+        let selected: Vec<String> = selected.into_iter().collect();
         let info = RoundInfo { round, parties: &selected, global: &global };
         let who = format!("protocol {}", self.protocol_name);
         let round_message = match guarded(&who, "begin_round", || self.protocol.begin_round(&info)) {

@@ -303,6 +303,11 @@ pub trait AggregationClient: Send {
     /// A later step of `round`; returns the party's answer.
     fn on_step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error>;
 
+    /// Work the party can do while the coordinator collects the other
+    /// parties' answers (SecAgg+ computes its masks then); the driver calls
+    /// it after each answer is sent. Nothing by default.
+    fn precompute(&mut self) {}
+
     /// Forgets the round in progress (the job closed, or the coordinator went
     /// silent), wiping its secrets.
     fn abandon(&mut self);

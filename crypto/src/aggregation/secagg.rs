@@ -510,6 +510,10 @@ struct ClientRound {
     client: Client,
     /// The encoded update until it is masked in place.
     input: Vec<u32>,
+    /// Keys are in and shares sent: the masks can be computed ahead.
+    keyed: bool,
+    /// The input was handed to [`Client::premask`].
+    premasked: bool,
 }
 
 impl Drop for ClientRound {
@@ -569,7 +573,7 @@ impl AggregationClient for SecAggClient {
         let encoding = WeightedUpdate::new(s.bits, s.clip, s.max_examples, config.parties.len())?;
         let input = encoding.encode(update.global, &update.local, update.num_examples)?;
         let (client, advert) = Client::new(config, &self.party.name, self.party.signer.as_ref(), &mut OsRng)?;
-        self.round = Some(ClientRound { round, client, input });
+        self.round = Some(ClientRound { round, client, input, keyed: false, premasked: false });
         Ok(Envelope::encode(&keys_to_wire(&advert, &[])))
     }
 
@@ -593,11 +597,16 @@ impl AggregationClient for SecAggClient {
                 }
                 let verifier: &dyn IdentityVerifier = self.party.peers.as_ref();
                 let shares = r.client.on_keys(&adverts, verifier, &mut OsRng)?;
+                r.keyed = true;
                 Envelope::encode(&shares_to_wire(&shares))
             }
             MASKED_INPUT => {
                 let shares = shares_from_wire(message.decode("coordinator", "shares")?, "coordinator", max)?;
-                let masked = r.client.on_shares(&shares, std::mem::take(&mut r.input))?;
+                let masked = if r.premasked {
+                    r.client.on_shares_premasked(&shares)?
+                } else {
+                    r.client.on_shares(&shares, std::mem::take(&mut r.input))?
+                };
                 Envelope { body: Vec::new(), bulk: Some(Bulk::Words(masked.values)) }
             }
             UNMASK => {
@@ -609,6 +618,19 @@ impl AggregationClient for SecAggClient {
             other => return Err(coordinator_fault(format!("sent a {other} step, which secagg does not have"))),
         };
         Ok(answer)
+    }
+
+    fn precompute(&mut self) {
+        // While the coordinator collects every party's shares, mask the
+        // input with every neighbour that advertised keys; the masked-input
+        // step then only removes the masks of neighbours that never shared.
+        if let Some(r) = self.round.as_mut()
+            && r.keyed
+            && !r.premasked
+            && r.client.premask(std::mem::take(&mut r.input)).is_ok()
+        {
+            r.premasked = true;
+        }
     }
 
     fn abandon(&mut self) {

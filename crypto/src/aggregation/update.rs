@@ -76,9 +76,8 @@ impl WeightedUpdate {
         if total <= 0.0 {
             return Err(Error::InvalidInput("the sum holds zero training examples".into()));
         }
-        let decoded = self.fixed.decode_sum(values, contributors)?;
-        let scale = self.max_examples as f64;
-        Ok((decoded.into_iter().map(|v| v * scale).collect(), total))
+        let decoded = self.fixed.decode_sum_scaled(values, contributors, self.max_examples as f64)?;
+        Ok((decoded, total))
     }
 }
 

@@ -83,12 +83,18 @@ impl FixedPoint {
 
     /// Decodes the sum of `contributors` encodings.
     pub fn decode_sum(&self, sum: &[u32], contributors: usize) -> Result<Vec<f64>, Error> {
+        self.decode_sum_scaled(sum, contributors, 1.0)
+    }
+
+    /// [`FixedPoint::decode_sum`] times `scale`, in one pass.
+    pub fn decode_sum_scaled(&self, sum: &[u32], contributors: usize, scale: f64) -> Result<Vec<f64>, Error> {
         if contributors == 0 || contributors > self.max_parties {
             return Err(Error::InvalidInput(format!("{contributors} contributors for at most {}", self.max_parties)));
         }
         let c = f64::from(self.clip);
         let step = 2.0 * c / self.levels as f64;
-        Ok(sum.iter().map(|&s| f64::from(s) * step - contributors as f64 * c).collect())
+        let offset = contributors as f64 * c;
+        Ok(sum.iter().map(|&s| (f64::from(s) * step - offset) * scale).collect())
     }
 }
 

@@ -1,7 +1,7 @@
 //! Primitives of secure aggregation: key derivation, the AES-CTR mask PRG and
 //! end-to-end share encryption (AES-256-GCM).
 
-use aes::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
+use aes::cipher::{KeyIvInit, StreamCipherCore, StreamCipherSeekCore};
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use hkdf::Hkdf;
@@ -12,8 +12,11 @@ use zeroize::Zeroizing;
 use crate::Error;
 
 // A 32-bit block counter: the stream of one seed is at most 2^32 blocks (64 GiB),
-// far above any vector length, and the narrower counter is cheaper.
-type Aes128Ctr = ctr::Ctr32BE<aes::Aes128>;
+// far above any vector length, and the narrower counter is cheaper. The
+// block-level core is used directly: keystream blocks are written and added
+// to the vector, with no zero-filled buffer to XOR them into.
+type Aes128CtrCore = ctr::CtrCore<aes::Aes128, ctr::flavors::Ctr32BE>;
+type KeyBlock = aes::Block;
 
 const SALT: &[u8] = b"confide-secagg-v1";
 
@@ -58,7 +61,11 @@ pub fn apply_mask(acc: &mut [u32], seed: &[u8; 32], bits: u32, negate: bool) {
 /// over a multi-megabyte vector per stream. Long vectors are split across the
 /// machine's cores, each part seeking its streams to its own offset.
 pub fn apply_masks(acc: &mut [u32], masks: &[(&[u8; 32], bool)], bits: u32) {
-    let parts = parallel_parts(acc.len());
+    // Several maskings at once (parties sharing a machine, a server
+    // unmasking while parties mask) share the cores instead of each
+    // spawning one thread per core.
+    let active = ActiveMasking::enter();
+    let parts = parallel_parts(acc.len()).div_ceil(active.count()).max(1);
     if parts <= 1 {
         MaskStreams::new(masks, bits).apply_all(acc);
         return;
@@ -73,6 +80,26 @@ pub fn apply_masks(acc: &mut [u32], masks: &[(&[u8; 32], bool)], bits: u32) {
     });
 }
 
+/// Counts the maskings in progress in this process.
+struct ActiveMasking(usize);
+
+static ACTIVE_MASKINGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl ActiveMasking {
+    fn enter() -> Self {
+        ActiveMasking(ACTIVE_MASKINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
+    }
+    fn count(&self) -> usize {
+        self.0
+    }
+}
+
+impl Drop for ActiveMasking {
+    fn drop(&mut self) {
+        ACTIVE_MASKINGS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Words below which splitting a vector across threads costs more than it saves.
 const PARALLEL_MIN_WORDS: usize = 1 << 16;
 
@@ -85,13 +112,28 @@ fn parallel_parts(len: usize) -> usize {
     cores.min(len / PARALLEL_MIN_WORDS).max(1)
 }
 
+/// One mask stream: the cipher, whether it is subtracted, and the words of
+/// a keystream block left over when a block of the vector ended mid-block.
+struct MaskStream {
+    core: Aes128CtrCore,
+    negate: bool,
+    carry: [u32; 4],
+    carried: usize,
+}
+
 /// Several mask streams advanced together over consecutive blocks of a
 /// vector, from any word offset, so one vector can be masked in parts
 /// (one per core) with each block kept in L1 while every stream is added.
 pub struct MaskStreams {
-    ciphers: Vec<(Aes128Ctr, bool)>,
+    streams: Vec<MaskStream>,
     bits_mask: u32,
-    keystream: Vec<u32>,
+    keystream: Vec<KeyBlock>,
+}
+
+fn word(b: &KeyBlock, j: usize) -> u32 {
+    // Keystream bytes read as little-endian words, so the masks are the
+    // same on every platform.
+    u32::from_le_bytes([b[4 * j], b[4 * j + 1], b[4 * j + 2], b[4 * j + 3]])
 }
 
 impl MaskStreams {
@@ -106,16 +148,26 @@ impl MaskStreams {
     /// The same streams from word `first_word` on, to mask the part of a
     /// vector that starts there.
     pub fn starting_at(masks: &[(&[u8; 32], bool)], bits: u32, first_word: usize) -> MaskStreams {
-        let ciphers = masks
+        let streams = masks
             .iter()
-            .map(|(seed, neg)| {
-                let mut cipher = Aes128Ctr::new(seed[..16].into(), seed[16..].into());
-                // 4 bytes per word; the 32-bit counter covers 2^34 words.
-                cipher.seek(first_word as u64 * 4);
-                (cipher, *neg)
+            .map(|(seed, negate)| {
+                let mut core = Aes128CtrCore::new(seed[..16].into(), seed[16..].into());
+                // 4 words per AES block; the 32-bit counter covers 2^34 words.
+                core.set_block_pos((first_word / 4) as u32);
+                let mut s = MaskStream { core, negate: *negate, carry: [0; 4], carried: 0 };
+                let skip = first_word % 4;
+                if skip > 0 {
+                    let mut b = KeyBlock::default();
+                    s.core.write_keystream_block(&mut b);
+                    for j in skip..4 {
+                        s.carry[j] = word(&b, j);
+                    }
+                    s.carried = 4 - skip;
+                }
+                s
             })
             .collect();
-        MaskStreams { ciphers, bits_mask: value_mask(bits), keystream: vec![0; Self::BLOCK] }
+        MaskStreams { streams, bits_mask: value_mask(bits), keystream: vec![KeyBlock::default(); Self::BLOCK / 4] }
     }
 
     /// Applies the streams to all of `acc`, block by block.
@@ -127,19 +179,48 @@ impl MaskStreams {
 
     /// Adds or subtracts the next `block.len()` words of every stream.
     pub fn apply(&mut self, block: &mut [u32]) {
-        if self.keystream.len() < block.len() {
-            self.keystream.resize(block.len(), 0);
-        }
-        let ks = &mut self.keystream[..block.len()];
-        for (cipher, negate) in self.ciphers.iter_mut() {
-            ks.fill(0);
-            // The keystream is generated straight into 32-bit words, read as
-            // little-endian so the masks are the same on every platform.
-            cipher.apply_keystream(bytemuck::cast_slice_mut(ks));
-            if *negate {
-                block.iter_mut().zip(ks.iter()).for_each(|(a, r)| *a = a.wrapping_sub(u32::from_le(*r)));
+        let n = block.len();
+        for s in self.streams.iter_mut() {
+            let op: fn(u32, u32) -> u32 = if s.negate { u32::wrapping_sub } else { u32::wrapping_add };
+            // Words left over from the previous call's last keystream block.
+            let mut pos = 0;
+            while s.carried > 0 && pos < n {
+                block[pos] = op(block[pos], s.carry[4 - s.carried]);
+                s.carried -= 1;
+                pos += 1;
+            }
+            let full = (n - pos) / 4;
+            let tail = (n - pos) % 4;
+            let blocks = full + usize::from(tail > 0);
+            if self.keystream.len() < blocks {
+                self.keystream.resize(blocks, KeyBlock::default());
+            }
+            let ks = &mut self.keystream[..blocks];
+            s.core.write_keystream_blocks(ks);
+            let body = &mut block[pos..pos + 4 * full];
+            if s.negate {
+                for (a, k) in body.chunks_exact_mut(4).zip(ks.iter()) {
+                    for (j, x) in a.iter_mut().enumerate() {
+                        *x = x.wrapping_sub(word(k, j));
+                    }
+                }
             } else {
-                block.iter_mut().zip(ks.iter()).for_each(|(a, r)| *a = a.wrapping_add(u32::from_le(*r)));
+                for (a, k) in body.chunks_exact_mut(4).zip(ks.iter()) {
+                    for (j, x) in a.iter_mut().enumerate() {
+                        *x = x.wrapping_add(word(k, j));
+                    }
+                }
+            }
+            if tail > 0 {
+                let last = &ks[full];
+                let start = pos + 4 * full;
+                for j in 0..tail {
+                    block[start + j] = op(block[start + j], word(last, j));
+                }
+                for j in tail..4 {
+                    s.carry[j] = word(last, j);
+                }
+                s.carried = 4 - tail;
             }
         }
         if self.bits_mask != u32::MAX {
@@ -267,6 +348,39 @@ mod tests {
         let mut fused = vec![3u32; 5000];
         apply_masks(&mut fused, &[(&a, false), (&b, true)], 24);
         assert_eq!(one, fused);
+    }
+
+    #[test]
+    fn mask_streams_equal_the_reference_ctr_keystream_at_any_offset_and_block_size() {
+        use aes::cipher::{StreamCipher, StreamCipherSeek};
+        // The reference: the `ctr` crate's byte-level stream cipher over the
+        // whole vector, read as little-endian words.
+        let seed = [0x5au8; 32];
+        let len = 9001;
+        let mut reference = vec![0u8; len * 4];
+        let mut c = ctr::Ctr32BE::<aes::Aes128>::new(seed[..16].into(), seed[16..].into());
+        c.apply_keystream(&mut reference);
+        let words: Vec<u32> = reference.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        for first in [0usize, 1, 2, 3, 4, 5, 1003] {
+            for step in [1usize, 3, 4, 7, 4096, 5000] {
+                let mut acc = vec![0u32; len - first];
+                let mut m = MaskStreams::starting_at(&[(&seed, false)], 32, first);
+                for chunk in acc.chunks_mut(step) {
+                    m.apply(chunk);
+                }
+                assert_eq!(acc, words[first..], "first {first}, step {step}");
+            }
+        }
+        // Subtraction is the inverse, and the bit mask is applied.
+        let mut acc = vec![0u32; 10];
+        apply_masks(&mut acc, &[(&seed, true)], 20);
+        let want: Vec<u32> = words[..10].iter().map(|w| 0u32.wrapping_sub(*w) & 0xfffff).collect();
+        assert_eq!(acc, want);
+        let mut c2 = ctr::Ctr32BE::<aes::Aes128>::new(seed[..16].into(), seed[16..].into());
+        c2.seek(16u64 * 3);
+        let mut b = [0u8; 4];
+        c2.apply_keystream(&mut b);
+        assert_eq!(u32::from_le_bytes(b), words[12], "the reference seeks as the streams do");
     }
 
     #[test]

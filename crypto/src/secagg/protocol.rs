@@ -197,6 +197,9 @@ pub struct Client {
     peers: BTreeMap<String, PeerSecrets>,
     /// Shares received in stage 1: neighbour → (share of b, share of s).
     held: BTreeMap<String, (Share, Share)>,
+    /// The input masked ahead of stage 2 by [`Client::premask`], with every
+    /// neighbour that advertised keys.
+    premasked: Option<Vec<u32>>,
 }
 
 impl Client {
@@ -227,6 +230,7 @@ impl Client {
             stage: ClientStage::AwaitKeys,
             peers: BTreeMap::new(),
             held: BTreeMap::new(),
+            premasked: None,
             cfg,
         };
         Ok((client, msg))
@@ -318,14 +322,84 @@ impl Client {
     /// A rejected call drops `input` but leaves the client as it was.
     pub fn on_shares(&mut self, shares: &[EncryptedShare], mut input: Vec<u32>) -> Result<MaskedInput, Error> {
         self.expect(ClientStage::AwaitShares)?;
-        if input.len() != self.cfg.dim || !all_below(&input, self.cfg.bits) {
+        if self.premasked.is_some() {
+            return Err(Error::WrongStage("the input was premasked: call on_shares_premasked".into()));
+        }
+        self.check_input(&input)?;
+        let held = self.open_shares(shares)?;
+        let self_seed = self.cfg.self_seed(&self.self_seed, &self.me);
+        let mut masks: Vec<(&[u8; 32], bool)> = vec![(&self_seed, false)];
+        for peer in held.keys() {
+            let Some(secrets) = self.peers.get(peer) else { continue };
+            masks.push((&secrets.pair_seed, self.me.as_str() > peer.as_str()));
+        }
+        apply_masks(&mut input, &masks, self.cfg.bits);
+        self.held = held;
+        self.stage = ClientStage::AwaitUnmask;
+        Ok(MaskedInput { party: self.me.clone(), values: input })
+    }
+
+    /// Between stages 1 and 2, optionally: masks `input` with the self mask
+    /// and the pairwise mask of every neighbour that advertised keys, while
+    /// the coordinator is still collecting shares, so that stage 2 only has
+    /// to remove the masks of neighbours whose shares never came (usually
+    /// none). The masked vector is the one [`Client::on_shares`] would make.
+    pub fn premask(&mut self, mut input: Vec<u32>) -> Result<(), Error> {
+        self.expect(ClientStage::AwaitShares)?;
+        if self.premasked.is_some() {
+            return Err(Error::WrongStage("the input is already premasked".into()));
+        }
+        self.check_input(&input)?;
+        let self_seed = self.cfg.self_seed(&self.self_seed, &self.me);
+        let mut masks: Vec<(&[u8; 32], bool)> = vec![(&self_seed, false)];
+        for (peer, secrets) in &self.peers {
+            masks.push((&secrets.pair_seed, self.me.as_str() > peer.as_str()));
+        }
+        apply_masks(&mut input, &masks, self.cfg.bits);
+        self.premasked = Some(input);
+        Ok(())
+    }
+
+    /// Stage 2 after [`Client::premask`]: decrypts the shares and removes the
+    /// pairwise masks of neighbours that sent none. A rejected call leaves the
+    /// client (and its premasked input) as it was.
+    pub fn on_shares_premasked(&mut self, shares: &[EncryptedShare]) -> Result<MaskedInput, Error> {
+        self.expect(ClientStage::AwaitShares)?;
+        if self.premasked.is_none() {
+            return Err(Error::WrongStage("no premasked input: call premask first".into()));
+        }
+        let held = self.open_shares(shares)?;
+        // Undo what premask added for the neighbours that did not share.
+        let undo: Vec<(&[u8; 32], bool)> = self
+            .peers
+            .iter()
+            .filter(|(peer, _)| !held.contains_key(*peer))
+            .map(|(peer, secrets)| (&*secrets.pair_seed, self.me.as_str() <= peer.as_str()))
+            .collect();
+        let Some(mut input) = self.premasked.take() else {
+            return Err(Error::WrongStage("no premasked input".into()));
+        };
+        if !undo.is_empty() {
+            apply_masks(&mut input, &undo, self.cfg.bits);
+        }
+        self.held = held;
+        self.stage = ClientStage::AwaitUnmask;
+        Ok(MaskedInput { party: self.me.clone(), values: input })
+    }
+
+    fn check_input(&self, input: &[u32]) -> Result<(), Error> {
+        if input.len() != self.cfg.dim || !all_below(input, self.cfg.bits) {
             return Err(Error::InvalidInput(format!(
                 "input must be {} values below 2^{}",
                 self.cfg.dim, self.cfg.bits
             )));
         }
-        // Validate every share before keeping any: a rejected call leaves the
-        // client as it was.
+        Ok(())
+    }
+
+    /// Decrypts and checks the shares addressed to this party; every share
+    /// is validated before any is kept, and at least `threshold` must come.
+    fn open_shares(&self, shares: &[EncryptedShare]) -> Result<BTreeMap<String, (Share, Share)>, Error> {
         let mut held = BTreeMap::new();
         for s in shares {
             if s.to != self.me {
@@ -354,20 +428,10 @@ impl Client {
             }
             held.insert(s.from.clone(), (b, sk));
         }
-        self.held = held;
-        if self.held.len() < self.cfg.threshold {
-            return Err(Error::BelowThreshold(format!("{} neighbours shared keys", self.held.len())));
+        if held.len() < self.cfg.threshold {
+            return Err(Error::BelowThreshold(format!("{} neighbours shared keys", held.len())));
         }
-        let bits = self.cfg.bits;
-        let self_seed = self.cfg.self_seed(&self.self_seed, &self.me);
-        let mut masks: Vec<(&[u8; 32], bool)> = vec![(&self_seed, false)];
-        for peer in self.held.keys() {
-            let Some(secrets) = self.peers.get(peer) else { continue };
-            masks.push((&secrets.pair_seed, self.me.as_str() > peer.as_str()));
-        }
-        apply_masks(&mut input, &masks, bits);
-        self.stage = ClientStage::AwaitUnmask;
-        Ok(MaskedInput { party: self.me.clone(), values: input })
+        Ok(held)
     }
 
     /// Stage 3: for each neighbour whose shares this party holds, reveals the
@@ -428,6 +492,9 @@ pub struct Server {
     /// not n, and the sum is ready when the last input is in.
     masked_sum: Vec<u32>,
     request: Option<UnmaskRequest>,
+    /// The request's survivors and dropped parties as sets: each unmask
+    /// answer is checked in O(k log n), not O(k n).
+    request_sets: (BTreeSet<String>, BTreeSet<String>),
     unmask: BTreeMap<String, UnmaskShares>,
 }
 
@@ -445,6 +512,7 @@ impl Server {
             masked: BTreeSet::new(),
             masked_sum: Vec::new(),
             request: None,
+            request_sets: (BTreeSet::new(), BTreeSet::new()),
             unmask: BTreeMap::new(),
         })
     }
@@ -574,6 +642,7 @@ impl Server {
         }
         let survivors: Vec<String> = self.masked.iter().cloned().collect();
         let dropped: Vec<String> = self.shared.iter().filter(|p| !self.masked.contains(*p)).cloned().collect();
+        self.request_sets = (survivors.iter().cloned().collect(), dropped.iter().cloned().collect());
         let req = UnmaskRequest { survivors, dropped };
         self.request = Some(req.clone());
         self.stage = ServerStage::Unmask;
@@ -584,8 +653,11 @@ impl Server {
     /// seed only for survivors, shares of a mask key only for dropped parties.
     pub fn on_unmask(&mut self, msg: UnmaskShares) -> Result<(), Error> {
         self.expect(ServerStage::Unmask, &msg.party)?;
-        let Some(req) = &self.request else { return Err(Error::WrongStage("no unmask request".into())) };
-        if !req.survivors.contains(&msg.party) {
+        if self.request.is_none() {
+            return Err(Error::WrongStage("no unmask request".into()));
+        }
+        let (survivors, dropped) = &self.request_sets;
+        if !survivors.contains(&msg.party) {
             return Err(misbehaved(&msg.party, "is not a survivor"));
         }
         if self.unmask.contains_key(&msg.party) {
@@ -599,8 +671,8 @@ impl Server {
                 return Err(misbehaved(&msg.party, format!("bad or duplicate share of {owner}")));
             }
         }
-        if msg.self_mask.iter().any(|(o, _)| !req.survivors.contains(o))
-            || msg.mask_key.iter().any(|(o, _)| !req.dropped.contains(o))
+        if msg.self_mask.iter().any(|(o, _)| !survivors.contains(o))
+            || msg.mask_key.iter().any(|(o, _)| !dropped.contains(o))
         {
             return Err(misbehaved(&msg.party, "sent a share the request did not ask for"));
         }
@@ -616,13 +688,21 @@ impl Server {
         let Some(req) = self.request.clone() else { return Err(Error::WrongStage("no unmask request".into())) };
         let t = self.cfg.threshold;
         let bits = self.cfg.bits;
+        // Every answer's shares indexed by owner in one pass: O(n k), not a
+        // scan of all answers per owner.
+        let mut self_shares: BTreeMap<&str, Vec<Share>> = BTreeMap::new();
+        let mut key_shares: BTreeMap<&str, Vec<Share>> = BTreeMap::new();
+        for u in self.unmask.values() {
+            for (o, s) in &u.self_mask {
+                self_shares.entry(o.as_str()).or_default().push(s.clone());
+            }
+            for (o, s) in &u.mask_key {
+                key_shares.entry(o.as_str()).or_default().push(s.clone());
+            }
+        }
         let collect = |owner: &str, self_mask: bool| -> Vec<Share> {
-            self.unmask
-                .values()
-                .flat_map(|u| if self_mask { &u.self_mask } else { &u.mask_key })
-                .filter(|(o, _)| o == owner)
-                .map(|(_, s)| s.clone())
-                .collect()
+            let index = if self_mask { &self_shares } else { &key_shares };
+            index.get(owner).cloned().unwrap_or_default()
         };
         // Rebuild every seed first, then remove all masks in one fused pass.
         let mut seeds: Vec<(Zeroizing<[u8; 32]>, bool)> = Vec::new();
@@ -705,6 +785,11 @@ mod tests {
             match c.on_keys(&keys, &HashVerifier, &mut OsRng) {
                 Ok(shares) if reach[idx] >= 2 => {
                     server.on_shares(&p, shares)?;
+                    // Every other party masks ahead, while shares are collected:
+                    // the sum must not tell the two paths apart.
+                    if idx.is_multiple_of(2) {
+                        c.premask(inputs[idx].clone())?;
+                    }
                     live.insert(p, c);
                 }
                 Ok(_) | Err(Error::BelowThreshold(_)) => {}
@@ -715,7 +800,12 @@ mod tests {
         let mut masked: BTreeMap<String, Client> = BTreeMap::new();
         for (p, mut c) in live {
             let idx = cfg.index(&p).unwrap_or(0);
-            match c.on_shares(&server.shares_for(&p), inputs[idx].clone()) {
+            let masked_input = if idx.is_multiple_of(2) {
+                c.on_shares_premasked(&server.shares_for(&p))
+            } else {
+                c.on_shares(&server.shares_for(&p), inputs[idx].clone())
+            };
+            match masked_input {
                 Ok(y) if reach[idx] >= 3 => {
                     server.on_masked(y)?;
                     masked.insert(p, c);
@@ -758,6 +848,40 @@ mod tests {
         let (sum, survivors) = run(&cfg, &[4; 10], &x).unwrap();
         assert_eq!(survivors.len(), 10);
         assert_eq!(sum, plain_sum(&cfg, &x, &survivors));
+    }
+
+    #[test]
+    fn premasked_parties_remove_the_masks_of_neighbours_that_never_shared() {
+        // p01 and p05 advertise keys but send no shares: the even-numbered
+        // parties premasked with them and must take those masks out again.
+        let cfg = config(8, 300, 7, 4);
+        let x = inputs(8, 300, 5);
+        let mut reach = [4u8; 8];
+        reach[1] = 1;
+        reach[5] = 1;
+        let (sum, survivors) = run(&cfg, &reach, &x).unwrap();
+        assert_eq!(survivors, ["p00", "p02", "p03", "p04", "p06", "p07"]);
+        assert_eq!(sum, plain_sum(&cfg, &x, &survivors));
+    }
+
+    #[test]
+    fn premask_is_once_only_and_exclusive_with_a_plain_masked_input() {
+        let cfg = config(3, 8, 2, 2);
+        let mut clients: Vec<Client> = Vec::new();
+        let mut server = Server::new(cfg.clone()).unwrap();
+        for p in &cfg.parties {
+            let (c, m) = Client::new(cfg.clone(), p, &HashSigner(p.clone()), &mut OsRng).unwrap();
+            server.on_keys(m).unwrap();
+            clients.push(c);
+        }
+        server.close_keys().unwrap();
+        let c = &mut clients[0];
+        assert!(c.premask(vec![1; 8]).is_err(), "before the keys");
+        c.on_keys(&server.keys_for("p00").unwrap(), &HashVerifier, &mut OsRng).unwrap();
+        assert!(c.premask(vec![1; 7]).is_err(), "wrong length");
+        c.premask(vec![1; 8]).unwrap();
+        assert!(c.premask(vec![1; 8]).is_err(), "twice");
+        assert!(c.on_shares(&[], vec![1; 8]).is_err(), "a second input after premasking");
     }
 
     #[test]
