@@ -667,6 +667,10 @@ async fn bench_train_rounds(privacy: &str, rounds: u32) -> Result<serde_json::Va
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Logs only when asked (CONFIDE_LOG=debug): timelines for profiling.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("CONFIDE_LOG") {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::ServeParties { url, pki, params, names } => {

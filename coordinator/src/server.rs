@@ -238,6 +238,7 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
             // Room for a whole update in flight (see `confide_proto::net`).
             .initial_stream_window_size(confide_proto::net::HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(confide_proto::net::HTTP2_CONNECTION_WINDOW)
+            .max_frame_size(confide_proto::net::HTTP2_MAX_FRAME)
             .add_service(party_svc)
             .add_service(admin_svc)
             .serve_with_incoming_shutdown(incoming, async {

@@ -52,7 +52,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_message_bytes: 4 << 20,
-            chunk_bytes: 1 << 20,
+            chunk_bytes: 256 << 10,
             max_values: 64 << 20,
             max_tensors: 4096,
             max_parties: 1000,

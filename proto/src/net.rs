@@ -27,6 +27,9 @@ pub struct ClientIdentity<'a> {
 pub const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
 /// HTTP/2 flow-control window per connection.
 pub const HTTP2_CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest HTTP/2 frame accepted: a 1 MiB chunk travels in a few frames
+/// instead of 64.
+pub const HTTP2_MAX_FRAME: u32 = 1 << 20;
 
 /// Opens a mutually authenticated TLS channel to the coordinator.
 pub async fn connect(id: &ClientIdentity<'_>) -> Result<Channel, Error> {
@@ -47,7 +50,8 @@ pub async fn connect(id: &ClientIdentity<'_>) -> Result<Channel, Error> {
         // Room for a whole model in flight: a multi-megabyte transfer is not
         // held up by window updates from a receiver that is busy training.
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW);
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_frame_size(HTTP2_MAX_FRAME);
     endpoint
         .connect()
         .await

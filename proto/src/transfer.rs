@@ -132,7 +132,10 @@ pub struct Incoming {
     expected: usize,
     received: usize,
     buf: Buf,
-    chunk_bytes: usize,
+    /// Largest chunk accepted: what fits in one message, not this end's own
+    /// `chunk_bytes`, so two ends configured with different chunk sizes
+    /// still interoperate.
+    max_chunk: usize,
 }
 
 impl Incoming {
@@ -190,7 +193,7 @@ impl Incoming {
             expected: values * 4,
             received: 0,
             buf,
-            chunk_bytes: limits.chunk_bytes,
+            max_chunk: limits.max_message_bytes.saturating_sub(1024).max(4),
         })
     }
 
@@ -218,11 +221,11 @@ impl Incoming {
                 chunk.offset, self.received
             )));
         }
-        if chunk.data.is_empty() || chunk.data.len() > self.chunk_bytes {
+        if chunk.data.is_empty() || chunk.data.len() > self.max_chunk {
             return Err(Error::LimitExceeded(format!(
                 "chunk of {} bytes; chunks must hold 1 to {} bytes",
                 chunk.data.len(),
-                self.chunk_bytes
+                self.max_chunk
             )));
         }
         let end = self.received + chunk.data.len();
@@ -330,7 +333,14 @@ mod tests {
         let mut inc = Incoming::start(&e.header, &small_limits()).unwrap();
         assert!(inc.push(&cs[1]).is_err());
         assert!(inc.push(&pb::Chunk { transfer_id: 4, ..cs[0].clone() }).is_err());
-        assert!(inc.push(&pb::Chunk { transfer_id: 3, offset: 0, data: vec![0; 68].into() }).is_err());
+        // Larger than a message can carry (2048 − 1024 bytes), even though
+        // the transfer announced more bytes than that.
+        let big = encode(3, &Bulk::Params(Arc::new(params(900))));
+        let mut oversized = Incoming::start(&big.header, &small_limits()).unwrap();
+        let too_big = pb::Chunk { transfer_id: 3, offset: 0, data: vec![0; 1028].into() };
+        assert!(matches!(oversized.push(&too_big), Err(Error::LimitExceeded(_))));
+        // A peer using larger chunks than this end's own `chunk_bytes` is fine.
+        oversized.push(&pb::Chunk { transfer_id: 3, offset: 0, data: vec![0; 1024].into() }).unwrap();
         let mut inc = Incoming::start(&e.header, &small_limits()).unwrap();
         for c in &cs {
             inc.push(c).unwrap();

@@ -53,17 +53,24 @@ impl WeightedUpdate {
                 self.max_examples
             )));
         }
-        local
-            .check_matches(&global.spec())
-            .map_err(|e| Error::InvalidInput(format!("local model after training: {e}")))?;
+        let bad = |e: String| Error::InvalidInput(format!("local model after training: {e}"));
+        local.check_shapes(&global.spec()).map_err(bad)?;
         let scale = (n as f64 / self.max_examples as f64) as f32;
         // Encoded straight from the two models into the buffer the protocol
-        // then masks (or encrypts) in place: no intermediate vectors.
-        let mut out = Vec::with_capacity(Self::words(global.num_values()));
+        // then masks (or encrypts) in place: no intermediate vectors, and
+        // finiteness is checked in the same vectorised pass.
+        let mut out = vec![0u32; Self::words(global.num_values())];
+        let mut non_finite = false;
+        let mut at = 0;
         for (l, g) in local.tensors().iter().zip(global.tensors()) {
-            self.fixed.encode_into(l.data.iter().zip(&g.data).map(|(l, g)| (l - g) * scale), &mut out);
+            let end = at + l.data.len();
+            non_finite |= self.fixed.encode_scaled_delta(&l.data, &g.data, scale, &mut out[at..end]);
+            at = end;
         }
-        out.push(n as u32);
+        if non_finite {
+            local.check_finite().map_err(bad)?;
+        }
+        out[at] = n as u32;
         Ok(out)
     }
 
