@@ -524,6 +524,31 @@ async fn bench_round(
     }))
 }
 
+/// One run of `round` in a child process of this benchmark (one
+/// configuration, one repetition), its JSON object.
+fn bench_round_in_child(
+    parties: usize,
+    params: usize,
+    privacy: &str,
+    rounds: u32,
+    party_processes: usize,
+) -> Result<serde_json::Value, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(exe)
+        .args(["round", "--json", "--repeat", "1", "--privacy", privacy])
+        .args(["--parties", &parties.to_string(), "--params", &params.to_string(), "--rounds", &rounds.to_string()])
+        .args(["--party-processes", &party_processes.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot start a benchmark process: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("the benchmark process failed ({})", out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().ok_or("the benchmark process printed nothing")?;
+    serde_json::from_str(line).map_err(|e| format!("the benchmark process printed no JSON: {e}"))
+}
+
 /// One configuration's repetitions as one object: the repetition with the
 /// median round time, with the medians across repetitions of the headline
 /// figures and every repetition's round time.
@@ -694,7 +719,16 @@ async fn main() {
                 // Every configuration back to back in each repetition, so
                 // ratios compare figures measured in one run.
                 for (i, (n, p, mode)) in configs.iter().enumerate() {
-                    match bench_round(*n, *p, mode, rounds.max(1), party_processes).await {
+                    // With the parties in child processes, each run gets a
+                    // fresh coordinator process too: memory an earlier run
+                    // freed but the allocator kept would otherwise hide the
+                    // next run's growth.
+                    let run = if party_processes > 0 && configs.len() * repeat.max(1) > 1 {
+                        bench_round_in_child(*n, *p, mode, rounds.max(1), party_processes)
+                    } else {
+                        bench_round(*n, *p, mode, rounds.max(1), party_processes).await
+                    };
+                    match run {
                         Ok(v) => runs[i].push(v),
                         Err(e) => {
                             eprintln!("error: parties={n} params={p} privacy={mode}: {e}");
