@@ -24,6 +24,10 @@ fn three() -> Vec<&'static str> {
     vec!["hospital-a", "hospital-b", "hospital-c"]
 }
 
+fn names() -> Vec<String> {
+    three().into_iter().map(String::from).collect()
+}
+
 #[test]
 fn fedavg_job_equals_the_independently_computed_weighted_mean() {
     let mut fed = Federation::new(&three(), &breast_cancer(), true, "5,3,2");
@@ -87,19 +91,19 @@ fn below_the_minimum_the_job_fails_naming_the_missing_party() {
     assert!(err.contains("hospital-b") && err.contains("needs 3"), "{err}");
 }
 
-#[test]
-fn a_restarted_coordinator_resumes_and_ends_with_the_same_model() {
+/// Runs `text` once uninterrupted, then again with the coordinator killed
+/// (SIGKILL) and restarted after `kill_after` rounds while the parties are
+/// frozen mid-round; returns both final models and the resumed job's status.
+fn run_twice_with_a_kill(text: &str, kill_after: u64) -> (Parameters, Parameters, serde_json::Value) {
     let mut fed = Federation::new(&three(), &digits(), false, "2,1,1");
     fed.start_coordinator();
     fed.start_parties();
-    let text = job_spec(&fed.names, 3, 14, LOGREG10, "local_epochs = 3\nseed = 9\nlearning_rate = 0.05");
-    let a = fed.submit("a.toml", &text);
+    let a = fed.submit("a.toml", text);
     assert_eq!(fed.wait_done(&a, 120)["state"], "succeeded");
     let model_a = Parameters::from_safetensors(&fed.model(&a)).expect("model a");
 
-    let b = fed.submit("b.toml", &text);
-    fed.wait_for(&b, 60, "two rounds", |s| s["rounds_completed"].as_u64() >= Some(2));
-    // Freeze the parties mid-round, kill the coordinator, restart it.
+    let b = fed.submit("b.toml", text);
+    fed.wait_for(&b, 60, "some rounds", |s| s["rounds_completed"].as_u64() >= Some(kill_after));
     fed.signal_parties("STOP");
     let before = fed.status(&b);
     assert_eq!(before["state"], "running", "the job ended before the kill; make it longer: {before:#}");
@@ -108,9 +112,16 @@ fn a_restarted_coordinator_resumes_and_ends_with_the_same_model() {
     fed.signal_parties("CONT");
     let st = fed.wait_done(&b, 120);
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
-    assert_eq!(st["history"].as_array().map(Vec::len), Some(14));
     assert!(fed.coordinator_log().contains("resuming job from its checkpoint"));
     let model_b = Parameters::from_safetensors(&fed.model(&b)).expect("model b");
+    (model_a, model_b, st)
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_and_ends_with_the_same_model() {
+    let text = job_spec(&names(), 3, 14, LOGREG10, "local_epochs = 3\nseed = 9\nlearning_rate = 0.05");
+    let (model_a, model_b, st) = run_twice_with_a_kill(&text, 2);
+    assert_eq!(st["history"].as_array().map(Vec::len), Some(14));
     assert_eq!(model_a, model_b, "the resumed job's model differs from the uninterrupted one");
 }
 
@@ -118,27 +129,9 @@ fn a_restarted_coordinator_resumes_and_ends_with_the_same_model() {
 fn a_fedadam_job_resumed_after_sigkill_ends_with_the_uninterrupted_model() {
     // FedAdam carries moments from round to round: unless they are saved
     // with each checkpoint and restored, the resumed run drifts away.
-    let mut fed = Federation::new(&three(), &digits(), false, "2,1,1");
-    fed.start_coordinator();
-    fed.start_parties();
-    let text = job_spec(&fed.names, 3, 12, LOGREG10, "local_epochs = 2\nseed = 13\nlearning_rate = 0.05")
+    let text = job_spec(&names(), 3, 12, LOGREG10, "local_epochs = 2\nseed = 13\nlearning_rate = 0.05")
         + "[strategy]\nname = \"fedadam\"\nserver_learning_rate = 0.05\n";
-    let a = fed.submit("a.toml", &text);
-    assert_eq!(fed.wait_done(&a, 120)["state"], "succeeded");
-    let model_a = Parameters::from_safetensors(&fed.model(&a)).expect("model a");
-
-    let b = fed.submit("b.toml", &text);
-    fed.wait_for(&b, 60, "three rounds", |s| s["rounds_completed"].as_u64() >= Some(3));
-    fed.signal_parties("STOP");
-    let before = fed.status(&b);
-    assert_eq!(before["state"], "running", "the job ended before the kill; make it longer: {before:#}");
-    fed.kill_coordinator();
-    fed.start_coordinator();
-    fed.signal_parties("CONT");
-    let st = fed.wait_done(&b, 120);
-    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
-    assert!(fed.coordinator_log().contains("resuming job from its checkpoint"));
-    let model_b = Parameters::from_safetensors(&fed.model(&b)).expect("model b");
+    let (model_a, model_b, _) = run_twice_with_a_kill(&text, 3);
     assert_eq!(model_a, model_b, "the resumed FedAdam job's model differs from the uninterrupted one");
 }
 
