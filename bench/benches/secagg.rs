@@ -22,6 +22,8 @@ fn config() -> Config {
         graph_seed: [1; 32],
         bits: 32,
         dim: DIM,
+        binding: [0; 32],
+        min_survivors: 3,
     }
 }
 
@@ -33,7 +35,7 @@ fn prepared() -> (Server, Vec<Client>, Vec<Vec<EncryptedShare>>) {
     let mut clients = Vec::new();
     for p in &cfg.parties {
         let (c, m) = Client::new(cfg.clone(), p, &Tag(p.clone()), &mut OsRng).expect("client");
-        server.on_keys(m).expect("keys");
+        server.on_keys(m, &TagCheck).expect("keys");
         clients.push(c);
     }
     server.close_keys().expect("close");
@@ -72,10 +74,8 @@ fn server_unmasking(c: &mut Criterion) {
             for m in masked.into_iter().skip(dropped) {
                 server.on_masked(m).expect("masked");
             }
-            let req = server.close_masked().expect("close");
-            for c in clients.iter_mut().skip(dropped) {
-                server.on_unmask(c.on_unmask(&req).expect("unmask")).expect("on_unmask");
-            }
+            confide_crypto::secagg::testing::consistency_and_unmask(&mut server, clients.iter_mut().skip(dropped))
+                .expect("consistency and unmask");
             server
         };
         g.bench_function(format!("unmask_1M_{dropped}_dropped"), |b| {

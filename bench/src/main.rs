@@ -128,6 +128,8 @@ fn secagg_scaling(n: usize, dim: usize) -> Result<serde_json::Value, String> {
         graph_seed: [3; 32],
         bits: 32,
         dim,
+        binding: [0; 32],
+        min_survivors: 3,
     };
     let e = |e: confide_crypto::Error| e.to_string();
     let mut rng = rand_core::OsRng;
@@ -135,7 +137,7 @@ fn secagg_scaling(n: usize, dim: usize) -> Result<serde_json::Value, String> {
     let mut clients = Vec::with_capacity(n);
     for p in &cfg.parties {
         let (c, m) = Client::new(cfg.clone(), p, &BenchSigner(p.clone()), &mut rng).map_err(e)?;
-        server.on_keys(m).map_err(e)?;
+        server.on_keys(m, &BenchVerifier).map_err(e)?;
         clients.push(c);
     }
     server.close_keys().map_err(e)?;
@@ -171,10 +173,7 @@ fn secagg_scaling(n: usize, dim: usize) -> Result<serde_json::Value, String> {
         MaskStreams::new(&masks, cfg.bits).apply_all(&mut v);
         t.elapsed().as_secs_f64() * 1e3
     };
-    let req = server.close_masked().map_err(e)?;
-    for c in clients.iter_mut() {
-        server.on_unmask(c.on_unmask(&req).map_err(e)?).map_err(e)?;
-    }
+    confide_crypto::secagg::testing::consistency_and_unmask(&mut server, clients.iter_mut()).map_err(e)?;
     let t = Instant::now();
     let (sum, _) = server.finish().map_err(e)?;
     let unmask_ms = t.elapsed().as_secs_f64() * 1e3;

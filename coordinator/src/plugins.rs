@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use confide_algorithms::{Capabilities, FedAvg, Strategy};
-use confide_crypto::aggregation::{AggregationProtocol, Protocols, Reveals};
+use confide_crypto::aggregation::{AggregationProtocol, PeerVerifier, Protocols, Reveals};
 use confide_proto::jobspec::{JobSpec, StrategyConfig};
 
 use crate::jobs::guard::guarded;
@@ -29,12 +29,17 @@ use crate::jobs::{EvaluateKind, JobKind, TrainKind};
 /// Builds a registered strategy for a job.
 pub type StrategyFactory = Arc<dyn Fn(&JobSpec) -> Result<Box<dyn Strategy>, String> + Send + Sync>;
 
+/// Builds the verifier of the parties' certificates and signatures that
+/// each job's aggregation protocol uses.
+pub type PeerVerifierFactory = Arc<dyn Fn() -> Result<Box<dyn PeerVerifier>, String> + Send + Sync>;
+
 /// The strategies, protocols and job kinds of a coordinator build.
 #[derive(Clone)]
 pub struct Plugins {
     strategies: BTreeMap<String, StrategyFactory>,
     protocols: Protocols,
     kinds: BTreeMap<String, Arc<dyn JobKind>>,
+    peers: Option<PeerVerifierFactory>,
 }
 
 impl std::fmt::Debug for Plugins {
@@ -49,7 +54,7 @@ impl std::fmt::Debug for Plugins {
 
 impl Default for Plugins {
     fn default() -> Self {
-        Plugins { strategies: BTreeMap::new(), protocols: Protocols::default(), kinds: BTreeMap::new() }
+        Plugins { strategies: BTreeMap::new(), protocols: Protocols::default(), kinds: BTreeMap::new(), peers: None }
             .job_kind(TrainKind)
             .job_kind(EvaluateKind)
     }
@@ -126,6 +131,27 @@ impl Plugins {
     pub fn job_kind(mut self, kind: impl JobKind) -> Self {
         self.kinds.insert(kind.name().to_owned(), Arc::new(kind));
         self
+    }
+
+    /// Sets how jobs verify the parties' certificates and signatures. The
+    /// coordinator's server always installs the federation CA's verifier
+    /// ([`confide_crypto::identity::CertVerifier`]); this is for tests and
+    /// tools that drive sessions without it.
+    pub fn peer_verifier(
+        mut self,
+        build: impl Fn() -> Result<Box<dyn PeerVerifier>, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.peers = Some(Arc::new(build));
+        self
+    }
+
+    /// A verifier for one job; an error when none was set, so that no job
+    /// runs a protocol with its peers unchecked.
+    pub fn new_peer_verifier(&self) -> Result<Box<dyn PeerVerifier>, String> {
+        match &self.peers {
+            Some(build) => build(),
+            None => Err("no verifier of the parties' certificates is configured".into()),
+        }
     }
 
     /// Whether a strategy `name` is registered.

@@ -188,6 +188,17 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
     let pki = PkiDir::new(&config.pki);
     let tls_config = tls::server_config(&pki)?;
     pki.enrolled()?;
+    // Every job checks the parties' certificates and signatures against the
+    // federation CA before relaying anything of theirs.
+    let ca_path = pki.ca_cert();
+    let ca = std::fs::read(&ca_path).map_err(|e| Error::io(&ca_path, e))?;
+    confide_crypto::identity::CertVerifier::new(&ca)
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", ca_path.display())))?;
+    let plugins = plugins.peer_verifier(move || {
+        confide_crypto::identity::CertVerifier::new(&ca)
+            .map(|v| Box::new(v) as Box<dyn confide_crypto::aggregation::PeerVerifier>)
+            .map_err(|e| e.to_string())
+    });
     let hub = Arc::new(Hub {
         db,
         pki: pki.clone(),

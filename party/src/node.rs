@@ -247,6 +247,7 @@ impl PartyNode {
         let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?.clone();
         let identity = identity(cfg, me)?;
         let (plugins, trainers, limits) = (self.plugins.clone(), self.trainers.clone(), cfg.limits);
+        let min_parties = cfg.policy.min_parties;
         let (job_id, party, dataset) = (offer.job_id.clone(), me.to_owned(), offer.dataset.clone());
         let spec = Arc::new(spec);
         let idle_after = spec.timeouts.round_secs * 2000;
@@ -261,6 +262,7 @@ impl PartyNode {
                 protocols: plugins.protocols(),
                 identity,
                 limits: &limits,
+                min_parties,
             };
             kind.handler(cx).map_err(|e| format!("data set {dataset:?}: {e}"))
         })

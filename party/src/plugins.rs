@@ -32,6 +32,9 @@ pub struct JobContext<'a> {
     pub identity: PartyIdentity,
     /// The federation's limits.
     pub limits: &'a Limits,
+    /// The fewest parties this party's policy lets it take part with
+    /// (`policy.min_parties`); protocols hold every round to it.
+    pub min_parties: usize,
 }
 
 /// A job kind on the party's side: builds the handler of its tasks.

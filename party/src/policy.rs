@@ -75,7 +75,12 @@ mod tests {
         assert!(consider(&spec("secagg", 3), "d", &secagg_only, &plugins, &data).is_ok());
         let cases = [
             (spec("none", 3), "d", secagg_only.clone(), "policy forbids aggregation protocol \"none\""),
-            (spec("secagg", 2), "d", secagg_only.clone(), "at least 3 parties"),
+            (
+                spec("none", 2),
+                "d",
+                Policy { aggregation: vec!["none".into(), "secagg".into()], ..secagg_only.clone() },
+                "at least 3 parties",
+            ),
             (spec("secagg", 3), "x", secagg_only.clone(), "no data set named \"x\""),
             (
                 spec("secagg", 3),

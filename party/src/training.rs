@@ -36,7 +36,8 @@ impl PartyJobKind for TrainingKind {
             .protocols
             .get(name)
             .ok_or_else(|| format!("aggregation protocol {name:?} is not available at this party"))?;
-        let facts = spec.facts(cx.job_id, cx.limits);
+        let mut facts = spec.facts(cx.job_id, cx.limits);
+        facts.min_parties = facts.min_parties.max(cx.min_parties);
         let client = protocol
             .client(&spec.aggregation.settings, &facts, cx.identity)
             .map_err(|e| format!("aggregation.{name}: {e}"))?;
@@ -154,7 +155,7 @@ impl TrainingHandler {
         // share of a round from the training's.
         outcome.metrics.insert("train_ms".into(), train_started.elapsed().as_secs_f64() * 1000.0);
         let local = self.trainer.parameters().map_err(err)?;
-        let update = LocalUpdate { global, local, num_examples: outcome.num_examples };
+        let update = LocalUpdate { global, fit: config, local, num_examples: outcome.num_examples };
         let contribution = self.aggregation.contribute(round, round_message, update).map_err(err)?;
         if !self.stages.is_empty() {
             self.open = Some(round);

@@ -567,7 +567,11 @@ impl JobSpec {
     pub fn facts(&self, job_id: &str, limits: &Limits) -> JobFacts {
         JobFacts {
             job_id: job_id.to_owned(),
-            named_parties: self.parties.names.len(),
+            party_names: {
+                let mut names = self.parties.names.clone();
+                names.sort();
+                names
+            },
             max_parties: limits.max_parties,
             min_parties: self.min_parties(),
             max_values: limits.max_values,
@@ -769,7 +773,11 @@ impl RawJobSpec {
         };
         let facts = JobFacts {
             job_id: String::new(),
-            named_parties: names.len(),
+            party_names: {
+                let mut names = names.clone();
+                names.sort();
+                names
+            },
             max_parties: limits.max_parties,
             min_parties: min,
             max_values: limits.max_values,

@@ -22,7 +22,7 @@ use confide_coordinator::session::{Closed, Context, JobMachine};
 use confide_crypto::Error as CryptoError;
 use confide_crypto::aggregation::{
     Aggregate, AggregationClient, AggregationProtocol, AggregationServer, Bulk, Envelope, JobFacts, LocalUpdate,
-    Messages, PartyIdentity, Peer, Problem, Progress, Quorum, Reveals, RoundInfo, StageName,
+    Messages, PartyIdentity, Peer, PeerVerifier, Problem, Progress, Quorum, Reveals, RoundInfo, StageName,
 };
 use confide_crypto::pki::PkiDir;
 use confide_party::config::PartyConfig;
@@ -64,7 +64,12 @@ impl AggregationProtocol for TwoStep {
     fn validate(&self, settings: &toml::Table, _: &JobFacts) -> Vec<Problem> {
         settings.keys().map(|k| Problem::setting(k, "takes no settings")).collect()
     }
-    fn server(&self, _: &toml::Table, _: &JobFacts) -> Result<Box<dyn AggregationServer>, CryptoError> {
+    fn server(
+        &self,
+        _: &toml::Table,
+        _: &JobFacts,
+        _: Box<dyn PeerVerifier>,
+    ) -> Result<Box<dyn AggregationServer>, CryptoError> {
         Ok(Box::new(TwoStepServer::default()))
     }
     fn client(

@@ -54,9 +54,11 @@ impl Training {
             .get(name)
             .ok_or_else(|| format!("aggregation.protocol: no protocol named {name:?} in this coordinator"))?;
         let facts = spec.facts(setup.job_id, setup.limits);
-        let server =
-            guarded(&format!("protocol {name}"), "server", || protocol.server(&spec.aggregation.settings, &facts))?
-                .map_err(|e| format!("aggregation.{name}: {e}"))?;
+        let peers = setup.plugins.new_peer_verifier()?;
+        let server = guarded(&format!("protocol {name}"), "server", || {
+            protocol.server(&spec.aggregation.settings, &facts, peers)
+        })?
+        .map_err(|e| format!("aggregation.{name}: {e}"))?;
         let (global, resume) = match setup.start {
             Start::Fresh { model } => (model.clone().map(Arc::new), None),
             Start::Resume { round, model, state, .. } => {
@@ -172,7 +174,13 @@ impl Training {
         }
         // Sorted: protocols index the round's parties by their order.
         let selected: Vec<String> = selected.into_iter().collect();
-        let info = RoundInfo { round, parties: &selected, global: &global };
+        // One configuration for everyone, or none: protocols that hide the
+        // updates refuse a round where parties were configured differently.
+        let fit = match groups.as_slice() {
+            [(_, config)] => Some(config),
+            _ => None,
+        };
+        let info = RoundInfo { round, parties: &selected, global: &global, fit };
         let who = format!("protocol {}", self.protocol_name);
         let round_message = match guarded(&who, "begin_round", || self.protocol.begin_round(&info)) {
             Ok(Ok(m)) => m,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use confide_algorithms::{FeatureStats, Metrics, Parameters, State, Tensor};
 use confide_crypto::aggregation::plain::Plain;
-use confide_crypto::aggregation::secagg::{MASKED_INPUT, SHARES, SecAggPlus, UNMASK, wire};
+use confide_crypto::aggregation::secagg::{CONSISTENCY, MASKED_INPUT, SHARES, SecAggPlus, UNMASK, wire};
 use confide_crypto::aggregation::{AggregationClient, AggregationProtocol, Bulk, Envelope, LocalUpdate};
 use confide_crypto::secagg::testing::identity;
 use confide_proto::Limits;
@@ -25,7 +25,9 @@ fn params(v: &[f32]) -> Parameters {
 
 /// A session for `spec` with the built-in machines.
 fn session(spec: JobSpec, start: Start, plugins: &Plugins) -> Session {
-    jobs::session("job-t", Arc::new(spec), start, plugins, Limits::default(), 0).unwrap()
+    // Hash-tag signatures stand in for certificates here.
+    let plugins = plugins.clone().peer_verifier(|| Ok(Box::new(confide_crypto::secagg::testing::InsecureTagVerifier)));
+    jobs::session("job-t", Arc::new(spec), start, &plugins, Limits::default(), 0).unwrap()
 }
 
 /// One recipient's view of a task output.
@@ -95,8 +97,9 @@ fn plain_fit(task: &TaskOut, n: u64, v: &[f32]) -> ResultBody {
     let global = task.params.clone().expect("a fit task carries the model");
     let job = JobSpec::parse(BASE_SPEC, "t", &Limits::default()).unwrap().facts("job-t", &Limits::default());
     let mut client = Plain.client(&toml::Table::new(), &job, identity("x")).unwrap();
-    let contribution =
-        client.contribute(task.round, &[], LocalUpdate { global: &global, local: params(v), num_examples: n }).unwrap();
+    let TaskBody::Fit { config, .. } = &task.task.body else { panic!("not a fit task: {task:?}") };
+    let update = LocalUpdate { global: &global, fit: config, local: params(v), num_examples: n };
+    let contribution = client.contribute(task.round, &[], update).unwrap();
     ResultBody::Fit { metrics: Metrics::new(), contribution }
 }
 
@@ -468,9 +471,9 @@ mod secure {
 
         /// A party trains and advertises keys.
         fn fit(&mut self, p: &str, t: &TaskOut) -> Vec<Output> {
-            let TaskBody::Fit { global, round_message, .. } = &t.task.body else { panic!("{t:?}") };
+            let TaskBody::Fit { global, round_message, config } = &t.task.body else { panic!("{t:?}") };
             let (n, l) = local(p);
-            let update = LocalUpdate { global, local: params(&l), num_examples: n };
+            let update = LocalUpdate { global, fit: config, local: params(&l), num_examples: n };
             let contribution = self.clients.get_mut(p).unwrap().contribute(t.round, round_message, update).unwrap();
             self.answer(p, t.task_id, ResultBody::Fit { metrics: Metrics::new(), contribution })
         }
@@ -509,12 +512,18 @@ mod secure {
             masked = tasks(r.step(p, t));
         }
         assert!(masked.iter().all(|(_, t)| t.stage == Stage::Aggregation(MASKED_INPUT)));
-        let mut unmask = Vec::new();
+        let mut consistency = Vec::new();
         for (p, t) in masked.iter().filter(|(p, _)| p != "c") {
+            consistency = tasks(r.step(p, t));
+        }
+        assert!(consistency.is_empty(), "still waiting for c");
+        consistency = tasks(r.feed(Input::Disconnected("c".into())));
+        assert_eq!(consistency.len(), 3);
+        assert!(consistency.iter().all(|(_, t)| t.stage == Stage::Aggregation(CONSISTENCY)));
+        let mut unmask = Vec::new();
+        for (p, t) in &consistency {
             unmask = tasks(r.step(p, t));
         }
-        assert!(unmask.is_empty(), "still waiting for c");
-        unmask = tasks(r.feed(Input::Disconnected("c".into())));
         assert_eq!(unmask.len(), 3);
         let mut eval = Vec::new();
         for (p, t) in &unmask {
@@ -529,16 +538,20 @@ mod secure {
         assert_eq!(r.s.record().unwrap().dropped["c"], "secagg-masked-input: disconnected");
         assert_eq!(r.s.record().unwrap().participants, vec!["a", "b", "d"]);
         let metrics = &r.s.record().unwrap().metrics;
-        for stage in
-            [Stage::Fit, Stage::Aggregation(SHARES), Stage::Aggregation(MASKED_INPUT), Stage::Aggregation(UNMASK)]
-        {
+        for stage in [
+            Stage::Fit,
+            Stage::Aggregation(SHARES),
+            Stage::Aggregation(MASKED_INPUT),
+            Stage::Aggregation(CONSISTENCY),
+            Stage::Aggregation(UNMASK),
+        ] {
             assert!(metrics.contains_key(&stage.metric_name()), "{} missing from {metrics:?}", stage.metric_name());
         }
     }
 
     #[test]
     fn too_few_unmask_answers_fail_the_job_below_threshold() {
-        let (mut r, fit) = Run::start(2);
+        let (mut r, fit) = Run::start(3);
         let mut next = Vec::new();
         for (p, t) in &fit {
             next = tasks(r.fit(p, t));
@@ -547,8 +560,12 @@ mod secure {
         for (p, t) in &next {
             masked = tasks(r.step(p, t));
         }
-        let mut unmask = Vec::new();
+        let mut consistency = Vec::new();
         for (p, t) in &masked {
+            consistency = tasks(r.step(p, t));
+        }
+        let mut unmask = Vec::new();
+        for (p, t) in &consistency {
             unmask = tasks(r.step(p, t));
         }
         // Only a answers; b, c, d vanish: no party's self-mask can be rebuilt.
@@ -794,7 +811,7 @@ mod guarantees {
     fn a_strategy_that_cannot_use_a_weighted_sum_is_refused_before_the_job_runs() {
         let plugins = Plugins::new().strategy("plain-only", |_| Ok(Box::new(Plain)));
         let text = "[strategy]\nname = \"custom\"\ncustom = \"plain-only\"\n[aggregation]\nprotocol = \"secagg\"";
-        let err = plugins.check(&spec(&["a", "b"], 2, 1, text)).unwrap_err();
+        let err = plugins.check(&spec(&["a", "b", "c"], 3, 1, text)).unwrap_err();
         assert!(err.starts_with("strategy.custom:") && err.contains("reveals only their weighted sum"), "{err}");
         plugins.check(&spec(&["a", "b"], 2, 1, "[strategy]\nname = \"custom\"\ncustom = \"plain-only\"")).unwrap();
         let unknown = plugins.check(&spec(&["a", "b"], 2, 1, "").clone().with_kind("nope")).unwrap_err();

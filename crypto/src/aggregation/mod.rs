@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
-use confide_algorithms::Parameters;
+use confide_algorithms::{FitConfig, Parameters};
 
 use crate::Error;
 use crate::secagg::protocol::{IdentitySigner, IdentityVerifier};
@@ -117,8 +117,9 @@ pub enum Reveals {
 pub struct JobFacts {
     /// Job id (bound into keys, ciphertexts and seeds).
     pub job_id: String,
-    /// Named parties in the spec (0: any connected party may join).
-    pub named_parties: usize,
+    /// The parties the spec names, sorted (empty: any connected party may
+    /// join). A party refuses a round with anyone else in it.
+    pub party_names: Vec<String>,
     /// Most parties a job may have (the federation's limit).
     pub max_parties: usize,
     /// Fewest parties a stage needs.
@@ -130,7 +131,7 @@ pub struct JobFacts {
 impl JobFacts {
     /// Most parties a round can have: the named ones, else the federation's limit.
     pub fn party_bound(&self) -> usize {
-        if self.named_parties == 0 { self.max_parties } else { self.named_parties }
+        if self.party_names.is_empty() { self.max_parties } else { self.party_names.len() }
     }
 }
 
@@ -188,6 +189,63 @@ pub struct RoundInfo<'a> {
     pub parties: &'a [String],
     /// The global model the parties train from.
     pub global: &'a Parameters,
+    /// The fit configuration, when every party gets the same one (`None`:
+    /// the strategy configured parties differently). Protocols that hide
+    /// individual updates bind it, with the model, into what the parties
+    /// sign, so that the coordinator cannot give one party a different
+    /// model or learning rate and read its update off the sum.
+    pub fit: Option<&'a FitConfig>,
+}
+
+/// SHA-256 of what a party trains from in a round: the global model
+/// (names, shapes, values) and the fit configuration. Parties and the
+/// coordinator compute it independently; protocols bind it into signed
+/// messages so that parties given different models or configurations
+/// cannot complete a round together.
+pub fn training_digest(global: &Parameters, fit: &FitConfig) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"confide training digest v1");
+    h.update((global.tensors().len() as u64).to_le_bytes());
+    for t in global.tensors() {
+        h.update((t.name.len() as u64).to_le_bytes());
+        h.update(t.name.as_bytes());
+        h.update((t.shape.len() as u64).to_le_bytes());
+        for d in &t.shape {
+            h.update((*d as u64).to_le_bytes());
+        }
+        h.update((t.data.len() as u64).to_le_bytes());
+        for chunk in t.data.chunks(4096) {
+            let mut bytes = [0u8; 4 * 4096];
+            for (b, v) in bytes.chunks_exact_mut(4).zip(chunk) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            h.update(&bytes[..4 * chunk.len()]);
+        }
+    }
+    // Every field, by destructuring: a new field that is not hashed here
+    // does not compile.
+    let FitConfig { round, train } = fit;
+    let confide_algorithms::TrainConfig {
+        local_epochs,
+        batch_size,
+        learning_rate,
+        optimizer,
+        momentum,
+        l2,
+        proximal_mu,
+        seed,
+        validation_fraction,
+    } = train;
+    h.update(round.to_le_bytes());
+    h.update(local_epochs.to_le_bytes());
+    h.update((*batch_size as u64).to_le_bytes());
+    for x in [learning_rate, momentum, l2, proximal_mu, validation_fraction] {
+        h.update(x.to_bits().to_le_bytes());
+    }
+    h.update(format!("{optimizer:?}").as_bytes());
+    h.update(seed.to_le_bytes());
+    h.finalize().into()
 }
 
 /// One party's plaintext update, as [`plain`] reveals it.
@@ -288,6 +346,8 @@ pub trait AggregationServer: Send {
 pub struct LocalUpdate<'a> {
     /// The global model the round started from.
     pub global: &'a Parameters,
+    /// The fit configuration the party trained with.
+    pub fit: &'a FitConfig,
     /// The locally trained model.
     pub local: Parameters,
     /// Training examples used (the aggregation weight).
@@ -355,8 +415,15 @@ pub trait AggregationProtocol: Send + Sync + 'static {
     /// Checks `settings` (the spec's `[aggregation.NAME]` table, empty when absent).
     fn validate(&self, settings: &toml::Table, job: &JobFacts) -> Vec<Problem>;
 
-    /// The coordinator side for one job.
-    fn server(&self, settings: &toml::Table, job: &JobFacts) -> Result<Box<dyn AggregationServer>, Error>;
+    /// The coordinator side for one job. `peers` checks the parties'
+    /// certificates (the ones they present on their TLS connections) and
+    /// their signatures, for protocols that verify what they relay.
+    fn server(
+        &self,
+        settings: &toml::Table,
+        job: &JobFacts,
+        peers: Box<dyn PeerVerifier>,
+    ) -> Result<Box<dyn AggregationServer>, Error>;
 
     /// A party's side for one job.
     fn client(

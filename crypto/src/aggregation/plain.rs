@@ -46,7 +46,12 @@ impl AggregationProtocol for Plain {
         settings.keys().map(|k| Problem::setting(k, "protocol \"none\" takes no settings")).collect()
     }
 
-    fn server(&self, _: &toml::Table, _: &JobFacts) -> Result<Box<dyn AggregationServer>, Error> {
+    fn server(
+        &self,
+        _: &toml::Table,
+        _: &JobFacts,
+        _: Box<dyn super::PeerVerifier>,
+    ) -> Result<Box<dyn AggregationServer>, Error> {
         Ok(Box::new(PlainServer { expected: Vec::new(), updates: BTreeMap::new() }))
     }
 
@@ -118,29 +123,39 @@ impl AggregationClient for PlainClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use confide_algorithms::{Parameters, Tensor};
+    use confide_algorithms::{FitConfig, Parameters, Tensor, TrainConfig};
 
     fn params(v: &[f32]) -> Parameters {
         Parameters::new(vec![Tensor { name: "w".into(), shape: vec![v.len()], data: v.to_vec() }]).unwrap()
     }
 
     fn facts() -> JobFacts {
-        JobFacts { job_id: "j".into(), named_parties: 3, max_parties: 100, min_parties: 2, max_values: 1000 }
+        JobFacts {
+            job_id: "j".into(),
+            party_names: vec!["a".into(), "b".into(), "c".into()],
+            max_parties: 100,
+            min_parties: 2,
+            max_values: 1000,
+        }
     }
 
     fn contribution(n: u64, v: &[f32]) -> Envelope {
         let global = params(&[0.0; 2]);
         let identity = crate::secagg::testing::identity("x");
         let mut client = Plain.client(&toml::Table::new(), &facts(), identity).unwrap();
-        client.contribute(1, &[], LocalUpdate { global: &global, local: params(v), num_examples: n }).unwrap()
+        let fit = FitConfig { round: 1, train: TrainConfig::default() };
+        client
+            .contribute(1, &[], LocalUpdate { global: &global, fit: &fit, local: params(v), num_examples: n })
+            .unwrap()
     }
 
     #[test]
     fn collects_checked_updates_in_party_order() {
-        let mut server = Plain.server(&toml::Table::new(), &facts()).unwrap();
+        let peers = Box::new(crate::secagg::testing::InsecureTagVerifier);
+        let mut server = Plain.server(&toml::Table::new(), &facts(), peers).unwrap();
         let global = params(&[0.0, 0.0]);
         let parties = ["a".to_string(), "b".to_string(), "c".to_string()];
-        let msg = server.begin_round(&RoundInfo { round: 1, parties: &parties, global: &global }).unwrap();
+        let msg = server.begin_round(&RoundInfo { round: 1, parties: &parties, global: &global, fit: None }).unwrap();
         assert!(msg.is_empty());
         let peer = |name| Peer { name, certificate: &[] };
         server.on_message(peer("c"), contribution(3, &[1.0, 2.0])).unwrap();

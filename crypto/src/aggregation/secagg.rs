@@ -7,8 +7,16 @@
 //!                       → each party trains, encodes its update, answers with signed round keys
 //!  secagg-shares        neighbours' keys + certificates → encrypted Shamir shares
 //!  secagg-masked-input  shares addressed to the party → masked vector (bulk words)
-//!  secagg-unmask        survivors and dropped parties → the shares that remove the masks
+//!  secagg-consistency   the survivor set → the party's signature on it
+//!  secagg-unmask        the survivor set and its signatures (with the signers' certificates)
+//!                       → the shares that remove the masks
 //! ```
+//! A party takes nothing about the round on trust that it can derive: the
+//! threshold, degree, graph seed, bits, clip and `max_examples` follow from
+//! the spec it accepted; the party list must be parties the spec names, and
+//! at least 3 and the job's (and the party's own) minimum. A digest of all of
+//! it, with the global model and the fit configuration, is bound into every
+//! signature, so parties shown different rounds cannot complete one.
 //! Messages are this module's own prost types; the session layer carries
 //! them as opaque [`Envelope`]s.
 
@@ -21,12 +29,14 @@ use zeroize::Zeroize;
 use super::update::WeightedUpdate;
 use super::{
     Aggregate, AggregationClient, AggregationProtocol, AggregationServer, Bulk, Envelope, JobFacts, LocalUpdate,
-    Messages, PartyIdentity, Peer, Problem, Progress, Quorum, Reveals, RoundInfo, StageName, parse_settings,
+    Messages, PartyIdentity, Peer, PeerVerifier, Problem, Progress, Quorum, Reveals, RoundInfo, StageName,
+    parse_settings,
 };
 use crate::Error;
 use crate::secagg::graph::degree_for;
 use crate::secagg::protocol::{
-    AdvertiseKeys, Client, Config, EncryptedShare, IdentityVerifier, MaskedInput, Server, UnmaskRequest, UnmaskShares,
+    AdvertiseKeys, Client, Config, EncryptedShare, IdentityVerifier, MaskedInput, Server, SurvivorSignature,
+    UnmaskRequest, UnmaskShares,
 };
 use crate::secagg::shamir::Share;
 
@@ -34,8 +44,14 @@ use crate::secagg::shamir::Share;
 pub const SHARES: StageName = StageName::new("secagg-shares");
 /// Parties send masked inputs.
 pub const MASKED_INPUT: StageName = StageName::new("secagg-masked-input");
+/// Parties sign the survivor set.
+pub const CONSISTENCY: StageName = StageName::new("secagg-consistency");
 /// Parties reveal the shares that remove the masks.
 pub const UNMASK: StageName = StageName::new("secagg-unmask");
+
+/// Fewest parties in a secure round: with two, each learns the other's
+/// update from the sum.
+pub const MIN_ROUND_PARTIES: usize = 3;
 
 /// The SecAgg+ protocol.
 #[derive(Debug, Clone, Copy, Default)]
@@ -89,8 +105,13 @@ impl SecAggSettings {
         } else if (((1u64 << bits) - 1) / parties as u64) < 256 {
             p.push(Problem::setting("bits", format!("{} bits are too few for {parties} parties", self.bits)));
         }
-        if job.min_parties < 2 {
-            p.push(Problem::spec("parties.min", "secure aggregation needs at least 2 parties"));
+        if job.min_parties < MIN_ROUND_PARTIES {
+            p.push(Problem::spec(
+                "parties.min",
+                format!(
+                    "secure aggregation needs at least {MIN_ROUND_PARTIES} parties (with 2, each learns the other's update from the sum)"
+                ),
+            ));
         }
         p
     }
@@ -106,7 +127,7 @@ impl AggregationProtocol for SecAggPlus {
     }
 
     fn stages(&self) -> &'static [StageName] {
-        &[SHARES, MASKED_INPUT, UNMASK]
+        &[SHARES, MASKED_INPUT, CONSISTENCY, UNMASK]
     }
 
     fn reveals(&self) -> Reveals {
@@ -120,9 +141,14 @@ impl AggregationProtocol for SecAggPlus {
         }
     }
 
-    fn server(&self, settings: &toml::Table, job: &JobFacts) -> Result<Box<dyn AggregationServer>, Error> {
+    fn server(
+        &self,
+        settings: &toml::Table,
+        job: &JobFacts,
+        peers: Box<dyn PeerVerifier>,
+    ) -> Result<Box<dyn AggregationServer>, Error> {
         let settings = settings_for(settings, job)?;
-        Ok(Box::new(SecAggServer { settings, job: job.clone(), round: None }))
+        Ok(Box::new(SecAggServer { settings, job: job.clone(), peers, round: None }))
     }
 
     fn client(
@@ -217,13 +243,35 @@ pub mod wire {
         pub shares: Vec<Share>,
     }
 
-    /// Who survived and who dropped (secagg-unmask task).
+    /// The survivor set: the parties whose masked inputs are in the sum,
+    /// sorted (secagg-consistency task).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Survivors {
+        #[prost(string, repeated, tag = "1")]
+        pub survivors: Vec<String>,
+    }
+
+    /// A party's signature on the survivor set (secagg-consistency answer;
+    /// relayed with the signer's certificate in the unmask task).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SurvivorSignature {
+        #[prost(string, tag = "1")]
+        pub party: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub signature: Vec<u8>,
+        /// DER, relayed by the coordinator from the signer's TLS connection.
+        #[prost(bytes = "vec", tag = "3")]
+        pub certificate: Vec<u8>,
+    }
+
+    /// The survivor set and the signatures on it the party needs
+    /// (secagg-unmask task). Who dropped the party derives itself.
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct UnmaskRequest {
         #[prost(string, repeated, tag = "1")]
         pub survivors: Vec<String>,
-        #[prost(string, repeated, tag = "2")]
-        pub dropped: Vec<String>,
+        #[prost(message, repeated, tag = "2")]
+        pub signatures: Vec<SurvivorSignature>,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -343,8 +391,18 @@ fn unmask_shares_from_wire(u: wire::UnmaskShares, party: &str, max: usize) -> Re
 /// The round's public parameters over `parties`: the graph degree grows like
 /// log n (the complete graph up to 20 parties), the threshold is the
 /// configured fraction of the degree, and the graph seed is a hash of the
-/// job and round.
-fn round_config(job: &str, round: u32, parties: &[String], dim: usize, s: &SecAggSettings) -> Config {
+/// job and round. `training` is the digest of the global model and the fit
+/// configuration ([`super::training_digest`]); the binding hashes it with
+/// every other parameter of the round.
+fn round_config(
+    job: &str,
+    round: u32,
+    parties: &[String],
+    dim: usize,
+    s: &SecAggSettings,
+    training: [u8; 32],
+    min_survivors: usize,
+) -> Config {
     use sha2::Digest;
     let n = parties.len();
     let degree = degree_for(n, 20, 3.0);
@@ -352,15 +410,29 @@ fn round_config(job: &str, round: u32, parties: &[String], dim: usize, s: &SecAg
     let threshold = ((s.threshold * k as f64).ceil() as usize).clamp(2, k.max(2));
     let mut seed_input = job.as_bytes().to_vec();
     seed_input.extend_from_slice(&round.to_le_bytes());
+    let graph_seed: [u8; 32] = sha2::Sha256::digest(&seed_input).into();
+    let mut h = sha2::Sha256::new();
+    h.update(b"confide secagg round v1");
+    let names: Vec<&str> = parties.iter().map(String::as_str).collect();
+    h.update(crate::secagg::prim::context("round", job, round, &names));
+    for v in
+        [threshold as u64, degree as u64, u64::from(s.bits), dim as u64, u64::from(s.clip.to_bits()), s.max_examples]
+    {
+        h.update(v.to_le_bytes());
+    }
+    h.update(graph_seed);
+    h.update(training);
     Config {
         job: job.to_owned(),
         round,
         parties: parties.to_vec(),
         threshold,
         degree,
-        graph_seed: sha2::Sha256::digest(&seed_input).into(),
+        graph_seed,
         bits: s.bits,
         dim,
+        binding: h.finalize().into(),
+        min_survivors: min_survivors.max(MIN_ROUND_PARTIES),
     }
 }
 
@@ -369,6 +441,7 @@ enum ServerStage {
     Keys,
     Shares,
     Masked,
+    Consistency,
     Unmask,
 }
 
@@ -383,6 +456,9 @@ struct ServerRound {
 struct SecAggServer {
     settings: SecAggSettings,
     job: JobFacts,
+    /// Checks the parties' certificates and signatures before anything of
+    /// theirs is relayed.
+    peers: Box<dyn PeerVerifier>,
     round: Option<ServerRound>,
 }
 
@@ -395,7 +471,24 @@ impl SecAggServer {
 impl AggregationServer for SecAggServer {
     fn begin_round(&mut self, round: &RoundInfo<'_>) -> Result<Vec<u8>, Error> {
         let dim = WeightedUpdate::words(round.global.num_values());
-        let config = round_config(&self.job.job_id, round.round, round.parties, dim, &self.settings);
+        let Some(fit) = round.fit else {
+            return Err(Error::InvalidInput(
+                "the strategy gave the parties different fit configurations; under secure aggregation every party \
+                 must get the same one (a configuration of its own would let the coordinator read one party's \
+                 update off the sum)"
+                    .into(),
+            ));
+        };
+        let training = super::training_digest(round.global, fit);
+        let config = round_config(
+            &self.job.job_id,
+            round.round,
+            round.parties,
+            dim,
+            &self.settings,
+            training,
+            self.job.min_parties,
+        );
         let s = &self.settings;
         let msg = wire::RoundConfig {
             parties: config.parties.clone(),
@@ -416,7 +509,9 @@ impl AggregationServer for SecAggServer {
     fn on_message(&mut self, from: Peer<'_>, message: Envelope) -> Result<(), Error> {
         let party = from.name;
         let max = self.job.max_parties;
-        let r = self.current()?;
+        let r =
+            self.round.as_mut().ok_or_else(|| Error::WrongStage("no secure-aggregation round in progress".into()))?;
+        let peers = self.peers.as_mut();
         let misbehaved = |reason: &str| Error::PeerMisbehaved { party: party.to_owned(), reason: reason.to_owned() };
         match (r.stage, message.bulk) {
             (ServerStage::Keys, Some(Bulk::Params(_))) => {
@@ -428,7 +523,8 @@ impl AggregationServer for SecAggServer {
                 if advert.party != party {
                     return Err(misbehaved(&format!("advertised keys for {}", advert.party)));
                 }
-                r.server.on_keys(advert)?;
+                peers.add_peer(party, from.certificate)?;
+                r.server.on_keys(advert, &*peers)?;
                 r.certs.insert(party.to_owned(), from.certificate.to_vec());
                 Ok(())
             }
@@ -438,6 +534,15 @@ impl AggregationServer for SecAggServer {
             }
             (ServerStage::Masked, Some(Bulk::Words(values))) => {
                 r.server.on_masked(MaskedInput { party: party.to_owned(), values })
+            }
+            (ServerStage::Consistency, None) => {
+                let sig: wire::SurvivorSignature =
+                    Envelope::body(message.body).decode(party, "survivor-set signature")?;
+                if sig.party != party {
+                    return Err(misbehaved(&format!("signed the survivor set as {}", sig.party)));
+                }
+                r.server
+                    .on_survivor_signature(SurvivorSignature { party: sig.party, signature: sig.signature }, &*peers)
             }
             (ServerStage::Unmask, None) => {
                 let u: wire::UnmaskShares = Envelope::body(message.body).decode(party, "unmask shares")?;
@@ -483,16 +588,35 @@ impl AggregationServer for SecAggServer {
                 }
             }
             ServerStage::Masked => {
-                let req = r.server.close_masked()?;
-                let message =
-                    Envelope::encode(&wire::UnmaskRequest { survivors: req.survivors.clone(), dropped: req.dropped });
-                r.stage = ServerStage::Unmask;
-                // Each survivor's neighbours must answer, not a head count.
+                let survivors = r.server.close_masked()?;
+                let message = Envelope::encode(&wire::Survivors { survivors: survivors.clone() });
+                r.stage = ServerStage::Consistency;
+                // Each party's neighbours must sign, not a head count.
                 Progress::Step {
-                    stage: UNMASK,
-                    messages: Messages::Same { to: req.survivors, message },
+                    stage: CONSISTENCY,
+                    messages: Messages::Same { to: survivors, message },
                     quorum: Quorum::Protocol,
                 }
+            }
+            ServerStage::Consistency => {
+                let requests = r.server.close_consistency()?;
+                let per_party = requests
+                    .into_iter()
+                    .map(|(p, req)| {
+                        let signatures = req
+                            .signatures
+                            .into_iter()
+                            .map(|s| wire::SurvivorSignature {
+                                certificate: r.certs.get(&s.party).cloned().unwrap_or_default(),
+                                party: s.party,
+                                signature: s.signature,
+                            })
+                            .collect();
+                        (p, Envelope::encode(&wire::UnmaskRequest { survivors: req.survivors, signatures }))
+                    })
+                    .collect();
+                r.stage = ServerStage::Unmask;
+                Progress::Step { stage: UNMASK, messages: Messages::PerParty(per_party), quorum: Quorum::Protocol }
             }
             ServerStage::Unmask => {
                 let (sum, contributors) = r.server.finish()?;
@@ -555,9 +679,26 @@ impl AggregationClient for SecAggClient {
                 self.job.max_parties
             )));
         }
-        // Everything but the party list follows from the spec this party
-        // accepted and the round: derive it here instead of trusting the wire.
-        let config = round_config(&self.job.job_id, round, &rc.parties, dim, &self.settings);
+        // The party list is the coordinator's choice, within what the spec allows.
+        if !self.job.party_names.is_empty()
+            && let Some(p) = rc.parties.iter().find(|p| self.job.party_names.binary_search(p).is_err())
+        {
+            return Err(coordinator_fault(format!("put {p}, which the job spec does not name, in the round")));
+        }
+        let need = self.job.min_parties.max(MIN_ROUND_PARTIES);
+        if rc.parties.len() < need {
+            return Err(coordinator_fault(format!(
+                "started a round of {} parties; this party takes part in rounds of at least {need} \
+                 (the job's parties.min, its own policy.min_parties, and never fewer than {MIN_ROUND_PARTIES})",
+                rc.parties.len()
+            )));
+        }
+        // Everything else follows from the spec this party accepted, the
+        // model and configuration it was sent: derive it instead of trusting
+        // the wire, and bind it into the signatures.
+        let training = super::training_digest(update.global, update.fit);
+        let config =
+            round_config(&self.job.job_id, round, &rc.parties, dim, &self.settings, training, self.job.min_parties);
         let s = &self.settings;
         let mismatch = [
             ("threshold", rc.threshold as usize == config.threshold),
@@ -592,7 +733,12 @@ impl AggregationClient for SecAggClient {
                 let mut adverts = Vec::with_capacity(list.keys.len());
                 for k in list.keys {
                     let (advert, cert) = keys_from_wire(k, "coordinator")?;
-                    self.party.peers.add_peer(&advert.party, &cert)?;
+                    self.party.peers.add_peer(&advert.party, &cert).map_err(|e| {
+                        coordinator_fault(format!(
+                            "relayed a certificate for {} that does not check: {e}",
+                            advert.party
+                        ))
+                    })?;
                     adverts.push(advert);
                 }
                 let verifier: &dyn IdentityVerifier = self.party.peers.as_ref();
@@ -609,9 +755,37 @@ impl AggregationClient for SecAggClient {
                 };
                 Envelope { body: Vec::new(), bulk: Some(Bulk::Words(masked.values)) }
             }
+            CONSISTENCY => {
+                let req: wire::Survivors = message.decode("coordinator", "survivor set")?;
+                if req.survivors.len() > max {
+                    return Err(coordinator_fault(format!("{} survivors; at most {max}", req.survivors.len())));
+                }
+                let sig = r.client.on_survivors(&req.survivors, self.party.signer.as_ref())?;
+                Envelope::encode(&wire::SurvivorSignature {
+                    party: sig.party,
+                    signature: sig.signature,
+                    certificate: Vec::new(),
+                })
+            }
             UNMASK => {
                 let req: wire::UnmaskRequest = message.decode("coordinator", "unmask request")?;
-                let answer = r.client.on_unmask(&UnmaskRequest { survivors: req.survivors, dropped: req.dropped })?;
+                if req.survivors.len() > max || req.signatures.len() > max {
+                    return Err(coordinator_fault(format!("an unmask request of more than {max} names")));
+                }
+                let mut signatures = Vec::with_capacity(req.signatures.len());
+                for s in req.signatures {
+                    if s.signature.len() > MAX_SIGNATURE || s.certificate.len() > MAX_CERTIFICATE {
+                        return Err(coordinator_fault(format!("an oversized signature or certificate of {}", s.party)));
+                    }
+                    if s.party != self.party.name {
+                        self.party.peers.add_peer(&s.party, &s.certificate).map_err(|e| {
+                            coordinator_fault(format!("relayed a certificate for {} that does not check: {e}", s.party))
+                        })?;
+                    }
+                    signatures.push(SurvivorSignature { party: s.party, signature: s.signature });
+                }
+                let verifier: &dyn IdentityVerifier = self.party.peers.as_ref();
+                let answer = r.client.on_unmask(&UnmaskRequest { survivors: req.survivors, signatures }, verifier)?;
                 self.round = None;
                 Envelope::encode(&unmask_shares_to_wire(&answer))
             }
@@ -641,15 +815,27 @@ impl AggregationClient for SecAggClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secagg::testing::identity;
-    use confide_algorithms::{Parameters, Tensor};
+    use crate::secagg::testing::{InsecureTagVerifier, identity};
+    use confide_algorithms::{FitConfig, Parameters, Tensor, TrainConfig};
+
+    fn fit() -> FitConfig {
+        FitConfig { round: 1, train: TrainConfig::default() }
+    }
+
+    fn server(table: &toml::Table, job: &JobFacts) -> Box<dyn AggregationServer> {
+        SecAggPlus.server(table, job, Box::new(InsecureTagVerifier)).unwrap()
+    }
 
     fn params(v: &[f32]) -> Parameters {
         Parameters::new(vec![Tensor { name: "w".into(), shape: vec![v.len()], data: v.to_vec() }]).unwrap()
     }
 
     fn facts(n: usize) -> JobFacts {
-        JobFacts { job_id: "job".into(), named_parties: n, max_parties: 100, min_parties: 2, max_values: 1000 }
+        JobFacts { job_id: "job".into(), party_names: names(n), max_parties: 100, min_parties: 3, max_values: 1000 }
+    }
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("p{i}")).collect()
     }
 
     /// Runs a round of `n` parties through the two sides, with `drop_at`
@@ -657,14 +843,16 @@ mod tests {
     fn run(n: usize, drop: &[usize]) -> Result<(Vec<f64>, f64, Vec<String>), Error> {
         let table = toml::toml! { max_examples = 100 };
         let job = facts(n);
-        let names: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+        let names = names(n);
         let global = params(&[0.5, -0.5]);
-        let mut server = SecAggPlus.server(&table, &job)?;
+        let fit = fit();
+        let mut server = SecAggPlus.server(&table, &job, Box::new(InsecureTagVerifier))?;
         let mut clients: Vec<_> = names.iter().map(|p| SecAggPlus.client(&table, &job, identity(p)).unwrap()).collect();
-        let rm = server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global })?;
+        let rm = server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) })?;
         for (i, c) in clients.iter_mut().enumerate() {
             let local = params(&[0.5 + i as f32 * 0.1, -0.5]);
-            let m = c.contribute(1, &rm, LocalUpdate { global: &global, local, num_examples: 10 * (i as u64 + 1) })?;
+            let update = LocalUpdate { global: &global, fit: &fit, local, num_examples: 10 * (i as u64 + 1) };
+            let m = c.contribute(1, &rm, update)?;
             server.on_message(Peer { name: &names[i], certificate: &[] }, m)?;
         }
         let mut progress = server.close_stage()?;
@@ -710,7 +898,7 @@ mod tests {
         assert_eq!(fields, ["threshold", "bits", "clip"]);
         let p = SecAggPlus.validate(&toml::toml! { colour = 1 }, &facts(3));
         assert!(p[0].message.contains("colour"), "{p:?}");
-        let p = SecAggPlus.validate(&toml::Table::new(), &JobFacts { min_parties: 1, ..facts(3) });
+        let p = SecAggPlus.validate(&toml::Table::new(), &JobFacts { min_parties: 2, ..facts(3) });
         assert_eq!((p[0].field.as_str(), p[0].absolute), ("parties.min", true));
         assert_eq!(SecAggSettings::from_table(&toml::Table::new()).unwrap(), SecAggSettings::default());
     }
@@ -718,10 +906,11 @@ mod tests {
     #[test]
     fn a_party_refuses_round_parameters_the_spec_does_not_give() {
         let job = facts(4);
-        let names: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
-        let global = params(&[0.0]);
-        let mut server = SecAggPlus.server(&toml::Table::new(), &job).unwrap();
-        let honest = server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global }).unwrap();
+        let names = names(4);
+        let (global, fit) = (params(&[0.0]), fit());
+        let mut server = server(&toml::Table::new(), &job);
+        let info = RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) };
+        let honest = server.begin_round(&info).unwrap();
         let good: wire::RoundConfig = prost::Message::decode(honest.as_slice()).unwrap();
         assert_eq!((good.degree, good.threshold), (3, 2));
         for (field, tamper) in [
@@ -729,26 +918,41 @@ mod tests {
             ("degree", wire::RoundConfig { degree: 2, ..good.clone() }),
             ("graph_seed", wire::RoundConfig { graph_seed: vec![7; 32], ..good.clone() }),
             ("max_examples", wire::RoundConfig { max_examples: 7, ..good.clone() }),
+            (
+                "does not name",
+                wire::RoundConfig { parties: ["p0", "p1", "p2", "sybil"].map(String::from).to_vec(), ..good.clone() },
+            ),
+            ("at least 3", wire::RoundConfig { parties: names[..2].to_vec(), ..good.clone() }),
         ] {
-            let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("a")).unwrap();
-            let update = LocalUpdate { global: &global, local: params(&[0.1]), num_examples: 5 };
+            let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+            let update = LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5 };
             let err = client.contribute(1, &prost::Message::encode_to_vec(&tamper), update).unwrap_err().to_string();
             assert!(err.contains("coordinator") && err.contains(field), "{field}: {err}");
         }
-        let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("a")).unwrap();
-        let update = LocalUpdate { global: &global, local: params(&[0.1]), num_examples: 5 };
+        let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let update = LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5 };
         client.contribute(1, &honest, update).unwrap();
+    }
+
+    #[test]
+    fn per_party_fit_configurations_are_refused_under_secure_aggregation() {
+        let job = facts(3);
+        let names = names(3);
+        let global = params(&[0.0]);
+        let info = RoundInfo { round: 1, parties: &names, global: &global, fit: None };
+        let err = server(&toml::Table::new(), &job).begin_round(&info).unwrap_err().to_string();
+        assert!(err.contains("different fit configurations"), "{err}");
     }
 
     #[test]
     fn a_plaintext_update_is_refused_by_name() {
         let job = facts(3);
-        let mut server = SecAggPlus.server(&toml::Table::new(), &job).unwrap();
-        let names: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
-        let global = params(&[0.0]);
-        server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global }).unwrap();
+        let mut server = server(&toml::Table::new(), &job);
+        let names = names(3);
+        let (global, fit) = (params(&[0.0]), fit());
+        server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
         let plain = Envelope { body: Vec::new(), bulk: Some(Bulk::Params(std::sync::Arc::new(global.clone()))) };
-        let err = server.on_message(Peer { name: "b", certificate: &[] }, plain).unwrap_err().to_string();
-        assert!(err.contains("party b") && err.contains("plaintext update"), "{err}");
+        let err = server.on_message(Peer { name: "p1", certificate: &[] }, plain).unwrap_err().to_string();
+        assert!(err.contains("party p1") && err.contains("plaintext update"), "{err}");
     }
 }

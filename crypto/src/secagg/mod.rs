@@ -8,7 +8,7 @@
 //! Layers: [`shamir`] (secret sharing over GF(2^61 − 1)), [`prim`] (HKDF key
 //! derivation, AES-CTR mask PRG, AES-256-GCM share encryption), [`graph`]
 //! (the k-regular neighbour graph), [`encoding`] (fixed point in Z_{2^b}), and
-//! [`protocol`] (the four-stage client and server).
+//! [`protocol`] (the five-stage client and server).
 
 pub mod encoding;
 pub mod graph;

@@ -7,9 +7,19 @@
 //!                   b_u and s_u's secret; encrypt per neighbour
 //!  2 MaskedInput    on_shares(): decrypt; y_u = x_u + PRG(b_u)     collect y_u
 //!                   + Σ ±PRG(DH(s_u, s_v))
-//!  3 Unmask         on_unmask(): for each neighbour, the share    reconstruct b_v of survivors, s_v of dropped;
-//!                   of b_v (survivor) *or* of s_v (dropped)       remove masks; return Σ x_u
+//!  3 Consistency    on_survivors(): check U3, sign it once        send U3 (the parties whose y_u is in the sum)
+//!  4 Unmask         on_unmask(): with ≥ t signatures on U3 from   reconstruct b_v of survivors, s_v of dropped;
+//!                   v's neighbours, the share of b_v (v ∈ U3)     remove masks; return Σ x_u
+//!                   *or* of s_v (v ∉ U3) for each neighbour v
 //! ```
+//! The consistency stage (Bonawitz et al., CCS 2017, §4; per neighbourhood as
+//! in SecAgg+) stops a coordinator from showing different parties different
+//! survivor sets to collect both secrets of one party: an honest party signs
+//! one survivor set per round, and a share of v's secrets is revealed only
+//! under a set that at least t of v's k neighbours signed. Two sets that
+//! disagree about v would need 2t − k of v's neighbours to sign both, so
+//! while fewer than 2t − k of any party's neighbours are corrupt, no one
+//! sees both of an honest party's secrets (`docs/secure-aggregation.md`).
 //! Parties are identified by name; Shamir x-coordinates are 1 + the party's
 //! index in the sorted list of the round's parties.
 
@@ -56,6 +66,13 @@ pub struct Config {
     pub bits: u32,
     /// Vector length.
     pub dim: usize,
+    /// Everything the parties must agree on beyond the fields above (the
+    /// round's model and training configuration, hashed): bound into every
+    /// signature, so parties given different ones cannot complete a round.
+    pub binding: [u8; 32],
+    /// The fewest survivors whose sum a party lets be revealed (at least the
+    /// threshold). A party may demand more than the coordinator.
+    pub min_survivors: usize,
 }
 
 impl Config {
@@ -81,8 +98,18 @@ impl Config {
 
     fn keys_transcript(&self, party: &str, enc: &[u8; 32], mask: &[u8; 32]) -> Vec<u8> {
         let mut t = context("keys", &self.job, self.round, &[party]);
+        t.extend_from_slice(&self.binding);
         t.extend_from_slice(enc);
         t.extend_from_slice(mask);
+        t
+    }
+
+    /// What a party signs in the consistency stage: the survivor set of
+    /// this job, round and binding.
+    fn survivors_transcript(&self, survivors: &[String]) -> Vec<u8> {
+        let names: Vec<&str> = survivors.iter().map(String::as_str).collect();
+        let mut t = context("survivors", &self.job, self.round, &names);
+        t.extend_from_slice(&self.binding);
         t
     }
 
@@ -136,17 +163,27 @@ pub struct MaskedInput {
     pub values: Vec<u32>,
 }
 
-/// Stage 3 request: who survived (sent a masked input) and who dropped
-/// (shared keys but sent no masked input).
+/// A party's signature over the survivor set (stage 3 answer).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnmaskRequest {
-    /// Their self-masks are removed.
-    pub survivors: Vec<String>,
-    /// Their pairwise masks are removed.
-    pub dropped: Vec<String>,
+pub struct SurvivorSignature {
+    /// The signer.
+    pub party: String,
+    /// Its identity signature over job, round, binding and the survivor set.
+    pub signature: Vec<u8>,
 }
 
-/// Stage 3 answer: for each neighbour, one share — never both kinds for one party.
+/// Stage 4 request: the survivor set U3 (whose masked inputs are in the sum)
+/// and the signatures on it. A party derives who dropped itself: the
+/// neighbours whose shares it holds that are not in U3.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnmaskRequest {
+    /// Their self-masks are removed; sorted.
+    pub survivors: Vec<String>,
+    /// Signatures on `survivors`.
+    pub signatures: Vec<SurvivorSignature>,
+}
+
+/// Stage 4 answer: for each neighbour, one share — never both kinds for one party.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnmaskShares {
     /// Sender.
@@ -172,8 +209,21 @@ fn misbehaved(party: &str, reason: impl Into<String>) -> Error {
 enum ClientStage {
     AwaitKeys,
     AwaitShares,
+    AwaitSurvivors,
     AwaitUnmask,
     Done,
+}
+
+/// Checks that `names` are sorted, unique parties of the round; a list that
+/// is not is the coordinator's fault.
+fn check_party_list(cfg: &Config, names: &[String], what: &str) -> Result<(), Error> {
+    if !names.windows(2).all(|w| w[0] < w[1]) {
+        return Err(misbehaved("coordinator", format!("sent a {what} that is not sorted and unique")));
+    }
+    if let Some(p) = names.iter().find(|p| cfg.index(p).is_none()) {
+        return Err(misbehaved("coordinator", format!("named {p}, not a party of this round, in the {what}")));
+    }
+    Ok(())
 }
 
 /// What a party keeps of a neighbour after stage 1: the two Diffie–Hellman
@@ -188,6 +238,7 @@ struct PeerSecrets {
 /// One party's side of a round.
 pub struct Client {
     cfg: Config,
+    graph: Graph,
     me: String,
     neighbours: Vec<String>,
     enc_sk: StaticSecret,
@@ -200,6 +251,8 @@ pub struct Client {
     /// The input masked ahead of stage 2 by [`Client::premask`], with every
     /// neighbour that advertised keys.
     premasked: Option<Vec<u32>>,
+    /// The survivor set this party signed (once per round).
+    signed: Option<Vec<String>>,
 }
 
 impl Client {
@@ -214,6 +267,16 @@ impl Client {
         let graph = cfg.check()?;
         let idx = cfg.index(me).ok_or_else(|| Error::InvalidInput(format!("{me} is not a party of this round")))?;
         let neighbours = graph.neighbours(idx).iter().map(|&j| cfg.parties[j].clone()).collect();
+        if cfg.parties.len() < cfg.min_survivors {
+            return Err(misbehaved(
+                "coordinator",
+                format!(
+                    "started a round of {} parties; this party needs at least {}",
+                    cfg.parties.len(),
+                    cfg.min_survivors
+                ),
+            ));
+        }
         let enc_sk = StaticSecret::random_from_rng(&mut *rng);
         let mask_sk = StaticSecret::random_from_rng(&mut *rng);
         let mut seed = Zeroizing::new([0u8; 32]);
@@ -231,9 +294,16 @@ impl Client {
             peers: BTreeMap::new(),
             held: BTreeMap::new(),
             premasked: None,
+            signed: None,
+            graph,
             cfg,
         };
         Ok((client, msg))
+    }
+
+    /// This party's name.
+    pub fn name(&self) -> &str {
+        &self.me
     }
 
     fn expect(&self, stage: ClientStage) -> Result<(), Error> {
@@ -267,9 +337,21 @@ impl Client {
             if peers.contains_key(&k.party) {
                 return Err(misbehaved("coordinator", format!("sent keys of {} twice", k.party)));
             }
+            // The coordinator checks every advert before relaying it, so a
+            // bad signature here is its doing: keys substituted, or the
+            // neighbour given another model, configuration or party list.
             verifier
                 .verify(&k.party, &self.cfg.keys_transcript(&k.party, &k.enc_pk, &k.mask_pk), &k.signature)
-                .map_err(|e| misbehaved(&k.party, format!("bad key signature: {e}")))?;
+                .map_err(|e| {
+                    misbehaved(
+                        "coordinator",
+                        format!(
+                            "relayed round keys of {} that do not verify over this party's round \
+                             (substituted keys, or a different model, configuration or party list): {e}",
+                            k.party
+                        ),
+                    )
+                })?;
             if !seen_keys.insert(k.enc_pk) || !seen_keys.insert(k.mask_pk) || k.enc_pk == k.mask_pk {
                 return Err(misbehaved(&k.party, "reused a public key"));
             }
@@ -335,7 +417,7 @@ impl Client {
         }
         apply_masks(&mut input, &masks, self.cfg.bits);
         self.held = held;
-        self.stage = ClientStage::AwaitUnmask;
+        self.stage = ClientStage::AwaitSurvivors;
         Ok(MaskedInput { party: self.me.clone(), values: input })
     }
 
@@ -383,7 +465,7 @@ impl Client {
             apply_masks(&mut input, &undo, self.cfg.bits);
         }
         self.held = held;
-        self.stage = ClientStage::AwaitUnmask;
+        self.stage = ClientStage::AwaitSurvivors;
         Ok(MaskedInput { party: self.me.clone(), values: input })
     }
 
@@ -434,30 +516,100 @@ impl Client {
         Ok(held)
     }
 
-    /// Stage 3: for each neighbour whose shares this party holds, reveals the
-    /// share of its self-mask seed if it survived or of its mask key if it
-    /// dropped — never both, and only once per round.
-    pub fn on_unmask(&mut self, req: &UnmaskRequest) -> Result<UnmaskShares, Error> {
+    /// Stage 3: checks the survivor set and signs it. A party signs one
+    /// survivor set per round: whatever the coordinator asks later, this is
+    /// the only set it will reveal shares under.
+    pub fn on_survivors(
+        &mut self,
+        survivors: &[String],
+        signer: &dyn IdentitySigner,
+    ) -> Result<SurvivorSignature, Error> {
+        self.expect(ClientStage::AwaitSurvivors)?;
+        check_party_list(&self.cfg, survivors, "survivor set")?;
+        if survivors.binary_search(&self.me).is_err() {
+            return Err(misbehaved(
+                "coordinator",
+                "left this party, which sent its masked input, out of the survivors",
+            ));
+        }
+        let need = self.cfg.min_survivors.max(self.cfg.threshold);
+        if survivors.len() < need {
+            return Err(misbehaved(
+                "coordinator",
+                format!("asked to reveal a sum of {} survivors; this party needs at least {need}", survivors.len()),
+            ));
+        }
+        let live = self.neighbours.iter().filter(|n| survivors.binary_search(n).is_ok()).count();
+        if live < self.cfg.threshold {
+            return Err(misbehaved(
+                "coordinator",
+                format!("{live} of this party's neighbours survived; the threshold is {}", self.cfg.threshold),
+            ));
+        }
+        let signature = signer.sign(&self.cfg.survivors_transcript(survivors))?;
+        self.signed = Some(survivors.to_vec());
+        self.stage = ClientStage::AwaitUnmask;
+        Ok(SurvivorSignature { party: self.me.clone(), signature })
+    }
+
+    /// Stage 4: for each neighbour v whose shares this party holds, reveals
+    /// the share of v's self-mask seed if v is in the survivor set it signed,
+    /// or of v's mask key if not — never both, once per round, and only when
+    /// at least `threshold` of v's neighbours (this party included) signed
+    /// that same set. `verifier` must know the signers' certificates.
+    pub fn on_unmask(&mut self, req: &UnmaskRequest, verifier: &dyn IdentityVerifier) -> Result<UnmaskShares, Error> {
         self.expect(ClientStage::AwaitUnmask)?;
-        let survivors: BTreeSet<&String> = req.survivors.iter().collect();
-        let dropped: BTreeSet<&String> = req.dropped.iter().collect();
-        if survivors.len() != req.survivors.len() || dropped.len() != req.dropped.len() {
-            return Err(misbehaved("coordinator", "listed a party twice in the unmask request"));
+        let Some(signed) = self.signed.as_ref() else {
+            return Err(Error::WrongStage("no survivor set signed".into()));
+        };
+        if &req.survivors != signed {
+            return Err(misbehaved(
+                "coordinator",
+                "asked to unmask under a survivor set other than the one this party signed",
+            ));
         }
-        if let Some(p) = survivors.intersection(&dropped).next() {
-            return Err(misbehaved("coordinator", format!("asked for both secrets of {p}")));
+        let transcript = self.cfg.survivors_transcript(signed);
+        let mut signers: BTreeSet<usize> = BTreeSet::new();
+        signers.insert(self.x_of(&self.me)? as usize - 1);
+        for s in &req.signatures {
+            if s.party == self.me {
+                continue;
+            }
+            if signed.binary_search(&s.party).is_err() {
+                return Err(misbehaved(
+                    "coordinator",
+                    format!("relayed a survivor-set signature of {}, not a survivor", s.party),
+                ));
+            }
+            let idx = self.x_of(&s.party)? as usize - 1;
+            if !signers.insert(idx) {
+                return Err(misbehaved("coordinator", format!("relayed two survivor-set signatures of {}", s.party)));
+            }
+            verifier.verify(&s.party, &transcript, &s.signature).map_err(|e| {
+                misbehaved(
+                    "coordinator",
+                    format!("relayed a survivor-set signature of {} that does not verify over this set: {e}", s.party),
+                )
+            })?;
         }
-        if !survivors.contains(&self.me) {
-            return Err(misbehaved("coordinator", "left this party out of the survivors"));
-        }
-        if survivors.len() < self.cfg.threshold {
-            return Err(Error::BelowThreshold(format!("{} survivors; {} needed", survivors.len(), self.cfg.threshold)));
+        let t = self.cfg.threshold;
+        for peer in self.held.keys() {
+            let v = self.x_of(peer)? as usize - 1;
+            let backing = self.graph.neighbours(v).iter().filter(|j| signers.contains(j)).count();
+            if backing < t {
+                return Err(misbehaved(
+                    "coordinator",
+                    format!(
+                        "only {backing} of {peer}'s neighbours signed the survivor set; {t} needed before any share of {peer}'s secrets is revealed"
+                    ),
+                ));
+            }
         }
         let mut out = UnmaskShares { party: self.me.clone(), self_mask: Vec::new(), mask_key: Vec::new() };
         for (peer, (b, s)) in &self.held {
-            if survivors.contains(peer) {
+            if signed.binary_search(peer).is_ok() {
                 out.self_mask.push((peer.clone(), b.clone()));
-            } else if dropped.contains(peer) {
+            } else {
                 out.mask_key.push((peer.clone(), s.clone()));
             }
         }
@@ -472,6 +624,7 @@ enum ServerStage {
     Keys,
     Shares,
     Masked,
+    Consistency,
     Unmask,
     Done,
 }
@@ -491,10 +644,12 @@ pub struct Server {
     /// Σ y_u mod 2^32, added as inputs arrive: the server keeps one vector,
     /// not n, and the sum is ready when the last input is in.
     masked_sum: Vec<u32>,
-    request: Option<UnmaskRequest>,
-    /// The request's survivors and dropped parties as sets: each unmask
-    /// answer is checked in O(k log n), not O(k n).
-    request_sets: (BTreeSet<String>, BTreeSet<String>),
+    /// The survivors (U3) and the dropped sharers, once the masked inputs
+    /// are in: each unmask answer is checked in O(k log n), not O(k n).
+    survivors: BTreeSet<String>,
+    dropped: BTreeSet<String>,
+    /// Verified signatures on the survivor set, by signer.
+    signatures: BTreeMap<String, Vec<u8>>,
     unmask: BTreeMap<String, UnmaskShares>,
 }
 
@@ -511,8 +666,9 @@ impl Server {
             shared: BTreeSet::new(),
             masked: BTreeSet::new(),
             masked_sum: Vec::new(),
-            request: None,
-            request_sets: (BTreeSet::new(), BTreeSet::new()),
+            survivors: BTreeSet::new(),
+            dropped: BTreeSet::new(),
+            signatures: BTreeMap::new(),
             unmask: BTreeMap::new(),
         })
     }
@@ -533,8 +689,10 @@ impl Server {
         Ok(self.graph.neighbours(self.idx(party)?).iter().map(|&j| self.cfg.parties[j].clone()).collect())
     }
 
-    /// Stage 0 input.
-    pub fn on_keys(&mut self, msg: AdvertiseKeys) -> Result<(), Error> {
+    /// Stage 0 input. The signature is checked here, before the keys are
+    /// relayed: a party whose advert does not verify is dropped alone,
+    /// instead of making every neighbour refuse the stage.
+    pub fn on_keys(&mut self, msg: AdvertiseKeys, verifier: &dyn IdentityVerifier) -> Result<(), Error> {
         self.expect(ServerStage::Keys, &msg.party)?;
         self.idx(&msg.party)?;
         if self.keys.contains_key(&msg.party) {
@@ -543,6 +701,14 @@ impl Server {
         if msg.signature.is_empty() || msg.signature.len() > 512 {
             return Err(misbehaved(&msg.party, "signature missing or oversized"));
         }
+        verifier
+            .verify(&msg.party, &self.cfg.keys_transcript(&msg.party, &msg.enc_pk, &msg.mask_pk), &msg.signature)
+            .map_err(|e| {
+                misbehaved(
+                    &msg.party,
+                    format!("round keys whose signature does not verify over this round (another model, configuration or party list?): {e}"),
+                )
+            })?;
         self.keys.insert(msg.party.clone(), msg);
         Ok(())
     }
@@ -634,31 +800,100 @@ impl Server {
         Ok(())
     }
 
-    /// Ends stage 2: survivors sent masked inputs; the others dropped.
-    pub fn close_masked(&mut self) -> Result<UnmaskRequest, Error> {
+    /// Ends stage 2: survivors sent masked inputs; the other sharers
+    /// dropped. Returns the survivor set every survivor is asked to sign.
+    pub fn close_masked(&mut self) -> Result<Vec<String>, Error> {
         self.expect(ServerStage::Masked, "coordinator")?;
-        if self.masked.len() < self.cfg.threshold {
-            return Err(Error::BelowThreshold(format!("{} masked inputs", self.masked.len())));
+        let need = self.cfg.min_survivors.max(self.cfg.threshold);
+        if self.masked.len() < need {
+            return Err(Error::BelowThreshold(format!("{} masked inputs; {need} needed", self.masked.len())));
         }
-        let survivors: Vec<String> = self.masked.iter().cloned().collect();
-        let dropped: Vec<String> = self.shared.iter().filter(|p| !self.masked.contains(*p)).cloned().collect();
-        self.request_sets = (survivors.iter().cloned().collect(), dropped.iter().cloned().collect());
-        let req = UnmaskRequest { survivors, dropped };
-        self.request = Some(req.clone());
-        self.stage = ServerStage::Unmask;
-        Ok(req)
+        // Every secret to rebuild needs `threshold` answers from the owner's
+        // neighbours, and only survivors answer: an honest coordinator stops
+        // here rather than send a set the parties would (rightly) refuse.
+        let t = self.cfg.threshold;
+        let survived: Vec<bool> = self.cfg.parties.iter().map(|p| self.masked.contains(p)).collect();
+        for v in &self.shared {
+            let live = self.graph.neighbours(self.idx(v)?).iter().filter(|&&j| survived[j]).count();
+            if live < t {
+                return Err(Error::BelowThreshold(format!(
+                    "{live} of {v}'s neighbours sent masked inputs; {t} needed"
+                )));
+            }
+        }
+        self.survivors = self.masked.clone();
+        self.dropped = self.shared.iter().filter(|p| !self.masked.contains(*p)).cloned().collect();
+        self.stage = ServerStage::Consistency;
+        Ok(self.survivors.iter().cloned().collect())
     }
 
-    /// Stage 3 input. Enforces the privacy invariant: shares of a self-mask
+    /// Stage 3 input: a survivor's signature on the survivor set, checked
+    /// before it is relayed.
+    pub fn on_survivor_signature(
+        &mut self,
+        msg: SurvivorSignature,
+        verifier: &dyn IdentityVerifier,
+    ) -> Result<(), Error> {
+        self.expect(ServerStage::Consistency, &msg.party)?;
+        if !self.survivors.contains(&msg.party) {
+            return Err(misbehaved(&msg.party, "signed the survivor set without being a survivor"));
+        }
+        if self.signatures.contains_key(&msg.party) {
+            return Err(misbehaved(&msg.party, "signed the survivor set twice"));
+        }
+        if msg.signature.is_empty() || msg.signature.len() > 512 {
+            return Err(misbehaved(&msg.party, "signature missing or oversized"));
+        }
+        let survivors: Vec<String> = self.survivors.iter().cloned().collect();
+        verifier
+            .verify(&msg.party, &self.cfg.survivors_transcript(&survivors), &msg.signature)
+            .map_err(|e| misbehaved(&msg.party, format!("survivor-set signature does not verify: {e}")))?;
+        self.signatures.insert(msg.party, msg.signature);
+        Ok(())
+    }
+
+    /// Ends stage 3: the unmask request for each signer, with the
+    /// signatures it needs (those of its neighbours' neighbours). Fails
+    /// `BelowThreshold`, naming the party, when fewer than `threshold` of a
+    /// party's neighbours signed, since its secret could not be rebuilt.
+    pub fn close_consistency(&mut self) -> Result<Vec<(String, UnmaskRequest)>, Error> {
+        self.expect(ServerStage::Consistency, "coordinator")?;
+        let t = self.cfg.threshold;
+        let signer: Vec<bool> = self.cfg.parties.iter().map(|p| self.signatures.contains_key(p)).collect();
+        for v in self.survivors.iter().chain(&self.dropped) {
+            let backing = self.graph.neighbours(self.idx(v)?).iter().filter(|&&j| signer[j]).count();
+            if backing < t {
+                return Err(Error::BelowThreshold(format!(
+                    "{backing} of {v}'s neighbours signed the survivor set; {t} needed"
+                )));
+            }
+        }
+        let survivors: Vec<String> = self.survivors.iter().cloned().collect();
+        let mut out = Vec::with_capacity(self.signatures.len());
+        for u in self.signatures.keys() {
+            let mut wanted = BTreeSet::new();
+            for &v in self.graph.neighbours(self.idx(u)?) {
+                wanted.extend(self.graph.neighbours(v).iter().copied().filter(|&j| signer[j]));
+            }
+            let signatures = wanted
+                .into_iter()
+                .filter_map(|j| {
+                    let p = &self.cfg.parties[j];
+                    self.signatures.get(p).map(|s| SurvivorSignature { party: p.clone(), signature: s.clone() })
+                })
+                .collect();
+            out.push((u.clone(), UnmaskRequest { survivors: survivors.clone(), signatures }));
+        }
+        self.stage = ServerStage::Unmask;
+        Ok(out)
+    }
+
+    /// Stage 4 input. Enforces the privacy invariant: shares of a self-mask
     /// seed only for survivors, shares of a mask key only for dropped parties.
     pub fn on_unmask(&mut self, msg: UnmaskShares) -> Result<(), Error> {
         self.expect(ServerStage::Unmask, &msg.party)?;
-        if self.request.is_none() {
-            return Err(Error::WrongStage("no unmask request".into()));
-        }
-        let (survivors, dropped) = &self.request_sets;
-        if !survivors.contains(&msg.party) {
-            return Err(misbehaved(&msg.party, "is not a survivor"));
+        if !self.signatures.contains_key(&msg.party) {
+            return Err(misbehaved(&msg.party, "answered the unmask request without signing the survivor set"));
         }
         if self.unmask.contains_key(&msg.party) {
             return Err(misbehaved(&msg.party, "answered the unmask request twice"));
@@ -671,8 +906,8 @@ impl Server {
                 return Err(misbehaved(&msg.party, format!("bad or duplicate share of {owner}")));
             }
         }
-        if msg.self_mask.iter().any(|(o, _)| !survivors.contains(o))
-            || msg.mask_key.iter().any(|(o, _)| !dropped.contains(o))
+        if msg.self_mask.iter().any(|(o, _)| !self.survivors.contains(o))
+            || msg.mask_key.iter().any(|(o, _)| !self.dropped.contains(o))
         {
             return Err(misbehaved(&msg.party, "sent a share the request did not ask for"));
         }
@@ -680,12 +915,11 @@ impl Server {
         Ok(())
     }
 
-    /// Ends stage 3: the sum of the survivors' inputs mod 2^bits, or
+    /// Ends stage 4: the sum of the survivors' inputs mod 2^bits, or
     /// `BelowThreshold` naming a party whose secret cannot be rebuilt. Never
     /// returns a wrong sum for lack of shares.
     pub fn finish(&mut self) -> Result<(Vec<u32>, Vec<String>), Error> {
         self.expect(ServerStage::Unmask, "coordinator")?;
-        let Some(req) = self.request.clone() else { return Err(Error::WrongStage("no unmask request".into())) };
         let t = self.cfg.threshold;
         let bits = self.cfg.bits;
         // Every answer's shares indexed by owner in one pass: O(n k), not a
@@ -706,18 +940,23 @@ impl Server {
         };
         // Rebuild every seed first, then remove all masks in one fused pass.
         let mut seeds: Vec<(Zeroizing<[u8; 32]>, bool)> = Vec::new();
-        for v in &req.survivors {
+        let rebuild = |shares: &[Share], what: &str| -> Result<Zeroizing<[u8; 32]>, Error> {
+            if shares.len() < t {
+                return Err(Error::BelowThreshold(format!("{} shares of {what}; {t} needed", shares.len())));
+            }
+            shamir::combine(shares, t).map(Zeroizing::new).map_err(|e| match e {
+                Error::BelowThreshold(m) => Error::BelowThreshold(format!("{what}: {m}")),
+                other => Error::InvalidInput(format!("{what}: {other}")),
+            })
+        };
+        for v in &self.survivors {
             let shares = collect(v, true);
-            let b = Zeroizing::new(shamir::combine(&shares, t).map_err(|_| {
-                Error::BelowThreshold(format!("{} shares of {v}'s self-mask; {t} needed", shares.len()))
-            })?);
+            let b = rebuild(&shares, &format!("{v}'s self-mask"))?;
             seeds.push((self.cfg.self_seed(&b, v), true));
         }
-        for d in &req.dropped {
+        for d in &self.dropped {
             let shares = collect(d, false);
-            let sk = Zeroizing::new(shamir::combine(&shares, t).map_err(|_| {
-                Error::BelowThreshold(format!("{} shares of dropped {d}'s mask key; {t} needed", shares.len()))
-            })?);
+            let sk = rebuild(&shares, &format!("dropped {d}'s mask key"))?;
             let sk = StaticSecret::from(*sk);
             let advertised = self.keys.get(d).map(|k| k.mask_pk);
             if advertised != Some(PublicKey::from(&sk).to_bytes()) {
@@ -740,7 +979,7 @@ impl Server {
         let mut sum = std::mem::take(&mut self.masked_sum);
         apply_masks(&mut sum, &masks, bits);
         self.stage = ServerStage::Done;
-        Ok((sum, req.survivors))
+        Ok((sum, self.survivors.iter().cloned().collect()))
     }
 }
 
@@ -762,7 +1001,17 @@ mod tests {
             graph_seed: [5; 32],
             bits: 32,
             dim,
+            binding: [1; 32],
+            min_survivors: 2,
         }
+    }
+
+    fn consistency_and_unmask(
+        server: &mut Server,
+        answer: &mut BTreeMap<String, Client>,
+    ) -> Result<(Vec<u32>, Vec<String>), Error> {
+        crate::secagg::testing::consistency_and_unmask(server, answer.values_mut())?;
+        server.finish()
     }
 
     /// How far each party gets: 0 no keys, 1 keys only, 2 + shares,
@@ -773,7 +1022,7 @@ mod tests {
         for (i, p) in cfg.parties.iter().enumerate() {
             let (c, msg) = Client::new(cfg.clone(), p, &HashSigner(p.clone()), &mut OsRng)?;
             if reach[i] >= 1 {
-                server.on_keys(msg)?;
+                server.on_keys(msg, &HashVerifier)?;
                 clients.insert(p.clone(), c);
             }
         }
@@ -814,14 +1063,9 @@ mod tests {
                 Err(e) => return Err(e),
             }
         }
-        let req = server.close_masked()?;
-        for (p, mut c) in masked {
-            let idx = cfg.index(&p).unwrap_or(0);
-            if reach[idx] >= 4 {
-                server.on_unmask(c.on_unmask(&req)?)?;
-            }
-        }
-        server.finish()
+        // Parties at reach 3 sent their masked input and then vanished.
+        masked.retain(|p, _| reach[cfg.index(p).unwrap_or(0)] >= 4);
+        consistency_and_unmask(&mut server, &mut masked)
     }
 
     fn plain_sum(cfg: &Config, inputs: &[Vec<u32>], survivors: &[String]) -> Vec<u32> {
@@ -871,7 +1115,7 @@ mod tests {
         let mut server = Server::new(cfg.clone()).unwrap();
         for p in &cfg.parties {
             let (c, m) = Client::new(cfg.clone(), p, &HashSigner(p.clone()), &mut OsRng).unwrap();
-            server.on_keys(m).unwrap();
+            server.on_keys(m, &HashVerifier).unwrap();
             clients.push(c);
         }
         server.close_keys().unwrap();
@@ -965,7 +1209,7 @@ mod tests {
         let mut adverts = Vec::new();
         for p in &cfg.parties {
             let (c, m) = Client::new(cfg.clone(), p, &HashSigner(p.clone()), &mut OsRng).unwrap();
-            server.on_keys(m.clone()).unwrap();
+            server.on_keys(m.clone(), &HashVerifier).unwrap();
             clients.push(c);
             adverts.push(m);
         }
@@ -980,7 +1224,11 @@ mod tests {
         let mut keys = server.keys_for("p00").unwrap();
         keys[1].mask_pk = [9; 32]; // the coordinator swaps a key
         let err = clients[0].on_keys(&keys, &HashVerifier, &mut OsRng).err().unwrap();
-        assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p02"), "{err}");
+        // The coordinator verifies adverts before relaying: a bad one is its fault.
+        assert!(
+            matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("p02")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -993,7 +1241,7 @@ mod tests {
         let mut keys = server.keys_for("p00").unwrap();
         keys[0] = replay;
         assert!(matches!(clients[0].on_keys(&keys, &HashVerifier, &mut OsRng), Err(Error::PeerMisbehaved { .. })));
-        assert!(matches!(server.on_keys(adverts[0].clone()), Err(Error::PeerMisbehaved { .. })));
+        assert!(matches!(server.on_keys(adverts[0].clone(), &HashVerifier), Err(Error::PeerMisbehaved { .. })));
         let mut dup = server.keys_for("p01").unwrap();
         dup.push(dup[0].clone());
         assert!(clients[1].on_keys(&dup, &HashVerifier, &mut OsRng).is_err());
@@ -1045,15 +1293,17 @@ mod tests {
         for m in masked.iter().take(4) {
             server.on_masked(m.clone()).unwrap();
         }
-        let req = server.close_masked().unwrap();
-        assert_eq!(req.dropped, vec!["p04"]);
-        // A malicious request for both secrets of p01 is refused by the client.
-        let evil = UnmaskRequest { survivors: req.survivors.clone(), dropped: vec!["p01".into(), "p04".into()] };
-        assert!(matches!(clients[0].on_unmask(&evil), Err(Error::PeerMisbehaved { .. })));
+        let survivors = server.close_masked().unwrap();
+        assert_eq!(survivors, ["p00", "p01", "p02", "p03"]);
+        for c in clients.iter_mut().take(4) {
+            let p = c.me.clone();
+            server.on_survivor_signature(c.on_survivors(&survivors, &HashSigner(p)).unwrap(), &HashVerifier).unwrap();
+        }
+        let requests = server.close_consistency().unwrap();
         // Honest answers: each holds only one kind of share per party.
         let mut answers = Vec::new();
-        for c in clients.iter_mut().take(4) {
-            let a = c.on_unmask(&req).unwrap();
+        for ((_, req), c) in requests.iter().zip(clients.iter_mut()) {
+            let a = c.on_unmask(req, &HashVerifier).unwrap();
             let self_owners: BTreeSet<_> = a.self_mask.iter().map(|(o, _)| o.clone()).collect();
             let key_owners: BTreeSet<_> = a.mask_key.iter().map(|(o, _)| o.clone()).collect();
             assert!(self_owners.is_disjoint(&key_owners));
@@ -1061,7 +1311,7 @@ mod tests {
             answers.push(a);
         }
         // A client answers only once per round.
-        assert!(clients[0].on_unmask(&req).is_err());
+        assert!(clients[0].on_unmask(&requests[0].1, &HashVerifier).is_err());
         // The server rejects a self-mask share of the dropped party.
         let mut forged = answers[1].clone();
         forged.self_mask.push(("p04".into(), answers[1].mask_key[0].1.clone()));
@@ -1079,11 +1329,14 @@ mod tests {
         let mut server = Server::new(cfg.clone()).unwrap();
         assert!(
             server
-                .on_keys(AdvertiseKeys { party: "zz".into(), enc_pk: [1; 32], mask_pk: [2; 32], signature: vec![1] })
+                .on_keys(
+                    AdvertiseKeys { party: "zz".into(), enc_pk: [1; 32], mask_pk: [2; 32], signature: vec![1] },
+                    &HashVerifier
+                )
                 .is_err()
         );
         let (_, m) = Client::new(cfg.clone(), "p00", &HashSigner("p00".into()), &mut OsRng).unwrap();
-        server.on_keys(m).unwrap();
+        server.on_keys(m, &HashVerifier).unwrap();
         assert!(Client::new(config(3, 4, 2, 3), "p00", &HashSigner("p00".into()), &mut OsRng).is_err());
         assert!(Client::new(config(3, 4, 2, 1), "p00", &HashSigner("p00".into()), &mut OsRng).is_err());
         assert!(matches!(
@@ -1110,11 +1363,8 @@ mod tests {
             let p = c.me.clone();
             server.on_masked(c.on_shares(&server.shares_for(&p), x.to_vec()).unwrap()).unwrap();
         }
-        let req = server.close_masked().unwrap();
-        for c in clients.iter_mut() {
-            server.on_unmask(c.on_unmask(&req).unwrap()).unwrap();
-        }
-        let (sum, _) = server.finish().unwrap();
+        let mut all: BTreeMap<String, Client> = clients.into_iter().map(|c| (c.me.clone(), c)).collect();
+        let (sum, _) = consistency_and_unmask(&mut server, &mut all).unwrap();
         assert_eq!(sum, vec![111, 222, 333, (65535 + 44) % 65536]);
     }
 }

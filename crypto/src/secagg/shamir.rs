@@ -185,12 +185,16 @@ pub fn combine(shares: &[Share], threshold: usize) -> Result<[u8; 32], Error> {
     }
     let mut out = [0u8; 32];
     for (i, l) in acc.iter().enumerate() {
-        if *l >= 1 << 56 {
+        let start = i * LIMB_BYTES;
+        let end = (start + LIMB_BYTES).min(32);
+        // Each limb holds LIMB_BYTES bytes of the secret, the last only
+        // what is left (4): a larger value means the shares were not of
+        // one 32-byte secret.
+        if *l >= 1u64 << (8 * (end - start)) {
+            acc.zeroize();
             return Err(Error::InvalidInput("shares are inconsistent".into()));
         }
         let bytes = l.to_le_bytes();
-        let start = i * LIMB_BYTES;
-        let end = (start + LIMB_BYTES).min(32);
         out[start..end].copy_from_slice(&bytes[..end - start]);
     }
     acc.zeroize();
@@ -221,6 +225,19 @@ mod tests {
             Share { x: 2, y: limbs(&secret).map(|s| add(s, 10)) },
         ];
         assert_eq!(combine(&shares, 2).unwrap(), secret);
+    }
+
+    #[test]
+    fn a_reconstruction_beyond_32_bytes_is_refused() {
+        // The last limb carries 4 bytes: shares whose polynomial has a
+        // constant term of 2^32 there are not shares of any 32-byte secret.
+        let top = |d: u64| [0, 0, 0, 0, (1u64 << 32) + d];
+        let shares = vec![Share { x: 1, y: top(5) }, Share { x: 2, y: top(10) }];
+        let err = combine(&shares, 2).unwrap_err().to_string();
+        assert!(err.contains("inconsistent"), "{err}");
+        let fits = |d: u64| [0, 0, 0, 0, (1u64 << 32) - 1 + d];
+        let ok = combine(&[Share { x: 1, y: fits(5) }, Share { x: 2, y: fits(10) }], 2).unwrap();
+        assert_eq!(ok[28..], [0xff; 4]);
     }
 
     #[test]

@@ -43,3 +43,25 @@ pub fn identity(name: &str) -> crate::aggregation::PartyIdentity {
         peers: Box::new(InsecureTagVerifier),
     }
 }
+
+/// The consistency and unmask stages with hash-tag signatures: every client
+/// in `answer` (each sent its masked input) signs the survivor set and
+/// answers its unmask request; the server is then ready to `finish`.
+pub fn consistency_and_unmask<'a>(
+    server: &mut super::protocol::Server,
+    answer: impl IntoIterator<Item = &'a mut super::protocol::Client>,
+) -> Result<(), Error> {
+    let survivors = server.close_masked()?;
+    let mut clients: std::collections::BTreeMap<String, &mut super::protocol::Client> =
+        answer.into_iter().map(|c| (c.name().to_owned(), c)).collect();
+    for (p, c) in clients.iter_mut() {
+        server
+            .on_survivor_signature(c.on_survivors(&survivors, &InsecureTagSigner(p.clone()))?, &InsecureTagVerifier)?;
+    }
+    for (p, req) in server.close_consistency()? {
+        if let Some(c) = clients.get_mut(&p) {
+            server.on_unmask(c.on_unmask(&req, &InsecureTagVerifier)?)?;
+        }
+    }
+    Ok(())
+}
