@@ -113,12 +113,14 @@ use confide_crypto::secagg::testing::{InsecureTagSigner as BenchSigner, Insecure
 
 /// Runs one SecAgg+ round over `n` parties and reports per-stage costs.
 fn secagg_scaling(n: usize, dim: usize) -> Result<serde_json::Value, String> {
-    use confide_crypto::secagg::graph::degree_for;
+    use confide_crypto::secagg::params::{ThreatModel, choose};
     use confide_crypto::secagg::protocol::{Client, Config, Server};
     use std::time::Instant;
-    let degree = degree_for(n, 20, 3.0);
-    let k = degree.min(n - 1);
-    let threshold = ((0.6 * k as f64).ceil() as usize).clamp(2, k);
+    // The default threat model of [aggregation.secagg].
+    let tm = ThreatModel { corrupt_fraction: 0.05, dropout_fraction: 0.1 };
+    let chosen = choose(n, &tm).map_err(|e| e.to_string())?;
+    let (degree, threshold) = (chosen.degree, chosen.threshold);
+    let k = degree;
     let cfg = Config {
         job: "scaling".into(),
         round: 1,

@@ -470,8 +470,15 @@ fn validate(file: &std::path::Path, plugins: &Plugins) -> Result<(String, String
 async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
     match cmd {
         JobCmd::Validate { file } => {
-            validate(&file, plugins)?;
+            let (text, name) = validate(&file, plugins)?;
             println!("{}: valid", file.display());
+            // What the aggregation protocol makes of it (parameters, guarantees).
+            let spec = JobSpec::parse_with(&text, &name, &Limits::default(), plugins.protocols())?;
+            if let Some(p) = plugins.protocols().get(&spec.aggregation.protocol) {
+                for line in p.explain(&spec.aggregation.settings, &spec.facts("(new job)", &Limits::default())) {
+                    println!("  {line}");
+                }
+            }
             Ok(0)
         }
         JobCmd::Submit { file, watch, conn } => {

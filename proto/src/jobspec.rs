@@ -965,7 +965,14 @@ mod aggregation_tests {
             JobSpec::parse(&format!("{BASE}[aggregation]\nprotocol = \"secagg\"\n"), "f", &Limits::default()).unwrap();
         assert_eq!(
             SecAggSettings::from_table(&s.aggregation.settings).unwrap(),
-            SecAggSettings { threshold: 0.6, bits: 32, clip: 1.0, max_examples: 100_000 }
+            SecAggSettings {
+                corrupt_fraction: 0.05,
+                dropout_fraction: 0.1,
+                threshold: None,
+                bits: 32,
+                clip: 1.0,
+                max_examples: 100_000
+            }
         );
         let bad = format!(
             "{BASE}[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nthreshold = 0.4\nbits = 40\nclip = -1.0\n"
@@ -979,6 +986,13 @@ mod aggregation_tests {
         assert_eq!(paths(&unknown), ["aggregation.protocol"]);
         let typo = format!("{BASE}[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nthreshhold = 0.7\n");
         assert_eq!(paths(&typo), ["aggregation.secagg.threshhold"]);
+        let threat = format!(
+            "{BASE}[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\ncorrupt_fraction = 0.4\ndropout_fraction = 0.6\n"
+        );
+        assert_eq!(paths(&threat), ["aggregation.secagg.corrupt_fraction"]);
+        let threat =
+            format!("{BASE}[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\ndropout_fraction = 0.6\n");
+        assert_eq!(paths(&threat), ["aggregation.secagg.dropout_fraction"]);
     }
 
     #[test]

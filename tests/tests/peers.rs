@@ -250,18 +250,20 @@ async fn a_party_sending_nan_is_named_and_left_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_secure_aggregation_a_diverged_party_refuses_to_send_and_is_left_out() {
     install_crypto();
-    let names = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"];
-    let mut fed = Federation::new(&names, &breast_cancer(), true, "1,1,1,1");
+    // Five parties: with no corrupt party tolerated, the majority threshold
+    // (t = 3 of k = 4) lets a round of five lose one.
+    let names = ["hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e"];
+    let mut fed = Federation::new(&names, &breast_cancer(), true, "1,1,1,1,1");
     fed.start_coordinator();
     let policy = "[policy]\naggregation = [\"secagg\"]\n";
-    for n in &names[..3] {
+    for n in names.iter().filter(|n| **n != "hospital-d") {
         fed.start_party(n, policy);
     }
     let cfg = PartyConfig::load(&fed.party_config("hospital-d", policy)).expect("config");
     let node = PartyNode::new(cfg, Arc::new(NanFactory));
     let task = tokio::spawn(async move { node.run().await });
     let spec = job_spec(&fed.names, 3, 2, "kind = \"logistic_regression\"\nclasses = 2", "")
-        + "[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 1000\n";
+        + "[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 1000\ncorrupt_fraction = 0.0\n";
     let id = fed.submit("job.toml", &spec);
     let st = tokio::task::block_in_place(|| fed.wait_done(&id, 60));
     task.abort();
@@ -269,5 +271,8 @@ async fn under_secure_aggregation_a_diverged_party_refuses_to_send_and_is_left_o
     // The party says why, in its own words: nothing masked was ever sent.
     let dropped = st["history"][0]["dropped"]["hospital-d"].as_str().unwrap_or_default();
     assert!(dropped.contains("local model after training") && dropped.contains("NaN"), "{st:#}");
-    assert_eq!(st["history"][0]["participants"], serde_json::json!(["hospital-a", "hospital-b", "hospital-c"]));
+    assert_eq!(
+        st["history"][0]["participants"],
+        serde_json::json!(["hospital-a", "hospital-b", "hospital-c", "hospital-e"])
+    );
 }

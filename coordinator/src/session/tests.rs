@@ -403,11 +403,13 @@ mod plaintext {
 mod secure {
     use super::*;
 
-    const PARTIES: [&str; 4] = ["a", "b", "c", "d"];
+    // Five parties: the default threat model's majority threshold (t = 3 of
+    // k = 4) lets a round lose one.
+    const PARTIES: [&str; 5] = ["a", "b", "c", "d", "e"];
 
     fn spec(min: usize) -> JobSpec {
         let text = format!(
-            "name = \"s\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\", \"b\", \"c\", \"d\"]\nmin = {min}\n\
+            "name = \"s\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\", \"b\", \"c\", \"d\", \"e\"]\nmin = {min}\n\
              dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
              [aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 100\nclip = 2.0\n[timeouts]\nround_secs = 10\n"
         );
@@ -420,7 +422,8 @@ mod secure {
             "a" => (10, vec![1.0, -1.0]),
             "b" => (30, vec![0.5, 0.5]),
             "c" => (20, vec![-1.0, 1.5]),
-            _ => (40, vec![0.25, 0.0]),
+            "d" => (40, vec![0.25, 0.0]),
+            _ => (25, vec![-0.5, 0.75]),
         }
     }
 
@@ -501,7 +504,7 @@ mod secure {
     #[test]
     fn a_party_lost_at_the_masked_input_stage_is_left_out_of_an_exact_sum() {
         let (mut r, fit) = Run::start(3);
-        assert_eq!(fit.len(), 4);
+        assert_eq!(fit.len(), 5);
         let mut next = Vec::new();
         for (p, t) in &fit {
             next = tasks(r.fit(p, t));
@@ -518,25 +521,25 @@ mod secure {
         }
         assert!(consistency.is_empty(), "still waiting for c");
         consistency = tasks(r.feed(Input::Disconnected("c".into())));
-        assert_eq!(consistency.len(), 3);
+        assert_eq!(consistency.len(), 4);
         assert!(consistency.iter().all(|(_, t)| t.stage == Stage::Aggregation(CONSISTENCY)));
         let mut unmask = Vec::new();
         for (p, t) in &consistency {
             unmask = tasks(r.step(p, t));
         }
-        assert_eq!(unmask.len(), 3);
+        assert_eq!(unmask.len(), 4);
         let mut eval = Vec::new();
         for (p, t) in &unmask {
             eval = tasks(r.step(p, t));
         }
         assert!(eval.iter().all(|(_, t)| t.stage == Stage::Evaluate), "{eval:?}");
         let got: Vec<f32> = eval[0].1.params.as_ref().unwrap().flat_values().collect();
-        let want = expected(&["a", "b", "d"]);
+        let want = expected(&["a", "b", "d", "e"]);
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-4, "{got:?} vs {want:?}");
         }
         assert_eq!(r.s.record().unwrap().dropped["c"], "secagg-masked-input: disconnected");
-        assert_eq!(r.s.record().unwrap().participants, vec!["a", "b", "d"]);
+        assert_eq!(r.s.record().unwrap().participants, vec!["a", "b", "d", "e"]);
         let metrics = &r.s.record().unwrap().metrics;
         for stage in [
             Stage::Fit,
@@ -568,10 +571,10 @@ mod secure {
         for (p, t) in &consistency {
             unmask = tasks(r.step(p, t));
         }
-        // Only a answers; b, c, d vanish: no party's self-mask can be rebuilt.
+        // Only a answers; b, c, d, e vanish: no party's self-mask can be rebuilt.
         r.step("a", &unmask[0].1);
         let mut out = Vec::new();
-        for p in ["b", "c", "d"] {
+        for p in ["b", "c", "d", "e"] {
             out = r.feed(Input::Disconnected(p.into()));
         }
         let err = out
@@ -597,7 +600,7 @@ mod secure {
         for (p, t) in fit.iter().filter(|(p, _)| p != "d") {
             next = tasks(r.fit(p, t));
         }
-        assert_eq!(next.len(), 3);
+        assert_eq!(next.len(), 4);
         // c forwards shares that claim to come from a.
         let (p, t) = &next[2];
         assert_eq!(p, "c");

@@ -415,6 +415,12 @@ pub trait AggregationProtocol: Send + Sync + 'static {
     /// Checks `settings` (the spec's `[aggregation.NAME]` table, empty when absent).
     fn validate(&self, settings: &toml::Table, job: &JobFacts) -> Vec<Problem>;
 
+    /// What the protocol will do for a job with these settings, a line each
+    /// (its parameters and what they guarantee), for `confide job validate`.
+    fn explain(&self, _settings: &toml::Table, _job: &JobFacts) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The coordinator side for one job. `peers` checks the parties'
     /// certificates (the ones they present on their TLS connections) and
     /// their signatures, for protocols that verify what they relay.

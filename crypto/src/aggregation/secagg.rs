@@ -33,7 +33,7 @@ use super::{
     parse_settings,
 };
 use crate::Error;
-use crate::secagg::graph::degree_for;
+use crate::secagg::params::{self, ThreatModel};
 use crate::secagg::protocol::{
     AdvertiseKeys, Client, Config, EncryptedShare, IdentityVerifier, MaskedInput, Server, SurvivorSignature,
     UnmaskRequest, UnmaskShares,
@@ -61,8 +61,15 @@ pub struct SecAggPlus;
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecAggSettings {
-    /// Fraction of a party's neighbours whose shares rebuild its secrets, in (0.5, 1].
-    pub threshold: f64,
+    /// γ: the fraction of a round's parties that may be corrupt and collude
+    /// with the coordinator, in [0, 1/3). The degree and threshold follow.
+    pub corrupt_fraction: f64,
+    /// δ: the fraction of a round's parties that may drop out, in [0, 0.5).
+    pub dropout_fraction: f64,
+    /// No longer set directly (it follows from the two fractions); present
+    /// only so that an old spec setting it gets a clear error.
+    #[serde(skip_serializing)]
+    pub threshold: Option<f64>,
     /// Bits of the modulus the encoded sum lives in, 16..=32.
     pub bits: u32,
     /// Each coordinate of a party's (example-weighted) update is clipped to [-clip, clip].
@@ -74,11 +81,23 @@ pub struct SecAggSettings {
 
 impl Default for SecAggSettings {
     fn default() -> Self {
-        SecAggSettings { threshold: 0.6, bits: 32, clip: 1.0, max_examples: 100_000 }
+        SecAggSettings {
+            corrupt_fraction: 0.05,
+            dropout_fraction: 0.1,
+            threshold: None,
+            bits: 32,
+            clip: 1.0,
+            max_examples: 100_000,
+        }
     }
 }
 
 impl SecAggSettings {
+    /// The threat model the settings state.
+    pub fn threat_model(&self) -> ThreatModel {
+        ThreatModel { corrupt_fraction: self.corrupt_fraction, dropout_fraction: self.dropout_fraction }
+    }
+
     /// The settings in `table` with defaults filled in; errors name the field.
     pub fn from_table(table: &toml::Table) -> Result<Self, Vec<Problem>> {
         parse_settings(table)
@@ -86,8 +105,30 @@ impl SecAggSettings {
 
     fn check(&self, job: &JobFacts) -> Vec<Problem> {
         let mut p = Vec::new();
-        if !(self.threshold > 0.5 && self.threshold <= 1.0) {
-            p.push(Problem::setting("threshold", format!("must be in (0.5, 1] (got {})", self.threshold)));
+        if self.threshold.is_some() {
+            p.push(Problem::setting(
+                "threshold",
+                "is no longer set directly: it follows from corrupt_fraction and dropout_fraction \
+                 (see docs/secure-aggregation.md); remove it",
+            ));
+        }
+        let tm = self.threat_model();
+        if let Err(e) = params::check(&tm) {
+            let field = if e.starts_with("dropout") { "dropout_fraction" } else { "corrupt_fraction" };
+            p.push(Problem::setting(field, e));
+        } else {
+            // The largest round and the smallest one the job allows must both have parameters.
+            let mut sizes = vec![job.party_bound()];
+            if job.min_parties >= MIN_ROUND_PARTIES && job.min_parties < job.party_bound() {
+                sizes.push(job.min_parties);
+            }
+            for n in sizes {
+                if n >= MIN_ROUND_PARTIES
+                    && let Err(e) = params::choose(n, &tm)
+                {
+                    p.push(Problem::setting("dropout_fraction", e.to_string()));
+                }
+            }
         }
         if !(16..=32).contains(&self.bits) {
             p.push(Problem::setting("bits", format!("must be 16..=32 (got {})", self.bits)));
@@ -139,6 +180,30 @@ impl AggregationProtocol for SecAggPlus {
             Ok(s) => s.check(job),
             Err(problems) => problems,
         }
+    }
+
+    fn explain(&self, settings: &toml::Table, job: &JobFacts) -> Vec<String> {
+        let Ok(s) = SecAggSettings::from_table(settings) else { return Vec::new() };
+        let tm = s.threat_model();
+        let mut lines = vec![format!(
+            "secagg threat model: up to {:.0}% of a round's parties corrupt (colluding with the coordinator), \
+             up to {:.0}% dropping out; privacy at 2^-{} and correctness at 2^-{}",
+            tm.corrupt_fraction * 100.0,
+            tm.dropout_fraction * 100.0,
+            params::SIGMA,
+            params::ETA
+        )];
+        let mut sizes = vec![job.party_bound()];
+        if job.min_parties >= MIN_ROUND_PARTIES && job.min_parties < job.party_bound() {
+            sizes.push(job.min_parties);
+        }
+        for n in sizes {
+            match params::choose(n, &tm) {
+                Ok(p) => lines.push(format!("secagg with {n} parties: {p}")),
+                Err(e) => lines.push(format!("secagg with {n} parties: {e}")),
+            }
+        }
+        lines
     }
 
     fn server(
@@ -388,12 +453,12 @@ fn unmask_shares_from_wire(u: wire::UnmaskShares, party: &str, max: usize) -> Re
     Ok(UnmaskShares { party: party.to_owned(), self_mask: conv(u.self_mask)?, mask_key: conv(u.mask_key)? })
 }
 
-/// The round's public parameters over `parties`: the graph degree grows like
-/// log n (the complete graph up to 20 parties), the threshold is the
-/// configured fraction of the degree, and the graph seed is a hash of the
-/// job and round. `training` is the digest of the global model and the fit
-/// configuration ([`super::training_digest`]); the binding hashes it with
-/// every other parameter of the round.
+/// The round's public parameters over `parties`: the degree and threshold
+/// from the job's threat model ([`params::choose`]: the complete graph up to
+/// 20 parties), and the graph seed a hash of the job and round.
+/// `training` is the digest of the global model and the fit configuration
+/// ([`super::training_digest`]); the binding hashes it with every other
+/// parameter of the round.
 fn round_config(
     job: &str,
     round: u32,
@@ -402,12 +467,10 @@ fn round_config(
     s: &SecAggSettings,
     training: [u8; 32],
     min_survivors: usize,
-) -> Config {
+) -> Result<Config, Error> {
     use sha2::Digest;
-    let n = parties.len();
-    let degree = degree_for(n, 20, 3.0);
-    let k = degree.min(n.saturating_sub(1));
-    let threshold = ((s.threshold * k as f64).ceil() as usize).clamp(2, k.max(2));
+    let chosen = params::choose(parties.len(), &s.threat_model())?;
+    let (degree, threshold) = (chosen.degree, chosen.threshold);
     let mut seed_input = job.as_bytes().to_vec();
     seed_input.extend_from_slice(&round.to_le_bytes());
     let graph_seed: [u8; 32] = sha2::Sha256::digest(&seed_input).into();
@@ -422,7 +485,7 @@ fn round_config(
     }
     h.update(graph_seed);
     h.update(training);
-    Config {
+    Ok(Config {
         job: job.to_owned(),
         round,
         parties: parties.to_vec(),
@@ -433,7 +496,7 @@ fn round_config(
         dim,
         binding: h.finalize().into(),
         min_survivors: min_survivors.max(MIN_ROUND_PARTIES),
-    }
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -488,7 +551,7 @@ impl AggregationServer for SecAggServer {
             &self.settings,
             training,
             self.job.min_parties,
-        );
+        )?;
         let s = &self.settings;
         let msg = wire::RoundConfig {
             parties: config.parties.clone(),
@@ -698,7 +761,7 @@ impl AggregationClient for SecAggClient {
         // the wire, and bind it into the signatures.
         let training = super::training_digest(update.global, update.fit);
         let config =
-            round_config(&self.job.job_id, round, &rc.parties, dim, &self.settings, training, self.job.min_parties);
+            round_config(&self.job.job_id, round, &rc.parties, dim, &self.settings, training, self.job.min_parties)?;
         let s = &self.settings;
         let mismatch = [
             ("threshold", rc.threshold as usize == config.threshold),
@@ -912,9 +975,10 @@ mod tests {
         let info = RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) };
         let honest = server.begin_round(&info).unwrap();
         let good: wire::RoundConfig = prost::Message::decode(honest.as_slice()).unwrap();
-        assert_eq!((good.degree, good.threshold), (3, 2));
+        // Four parties, complete graph: t = ⌊4/2⌋ + 1, a majority.
+        assert_eq!((good.degree, good.threshold), (3, 3));
         for (field, tamper) in [
-            ("threshold", wire::RoundConfig { threshold: 3, ..good.clone() }),
+            ("threshold", wire::RoundConfig { threshold: 2, ..good.clone() }),
             ("degree", wire::RoundConfig { degree: 2, ..good.clone() }),
             ("graph_seed", wire::RoundConfig { graph_seed: vec![7; 32], ..good.clone() }),
             ("max_examples", wire::RoundConfig { max_examples: 7, ..good.clone() }),

@@ -1,4 +1,4 @@
-//! The SecAgg+ communication graph and its parameters.
+//! The SecAgg+ communication graph (its degree and threshold: [`super::params`]).
 //!
 //! Each party exchanges keys and shares only with its neighbours in a random
 //! k-regular graph (a Harary graph on a random permutation of the parties),
@@ -16,17 +16,6 @@ use crate::Error;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Graph {
     neighbours: Vec<Vec<usize>>,
-}
-
-/// The degree for `n` parties: the complete graph up to `complete_up_to`
-/// parties, else the smallest even k ≥ `security_factor` · log2(n), at most n − 1.
-pub fn degree_for(n: usize, complete_up_to: usize, security_factor: f64) -> usize {
-    if n <= complete_up_to.max(2) {
-        return n.saturating_sub(1);
-    }
-    let k = (security_factor * (n as f64).log2()).ceil() as usize;
-    let k = k + (k % 2);
-    k.clamp(2, n - 1)
 }
 
 impl Graph {
@@ -104,11 +93,7 @@ mod tests {
     }
 
     #[test]
-    fn small_federations_use_the_complete_graph() {
-        assert_eq!(degree_for(10, 20, 3.0), 9);
-        let d100 = degree_for(100, 20, 3.0);
-        let d200 = degree_for(200, 20, 3.0);
-        assert!(d100 < 30 && d200 <= d100 + 4, "{d100} {d200}");
+    fn a_degree_of_n_minus_1_or_more_is_the_complete_graph() {
         let g = Graph::new(5, 9, [0; 32]).unwrap();
         assert_eq!(g.neighbours(2), &[0, 1, 3, 4]);
         assert!(Graph::new(1, 1, [0; 32]).is_err());

@@ -12,6 +12,7 @@
 
 pub mod encoding;
 pub mod graph;
+pub mod params;
 pub mod prim;
 pub mod protocol;
 pub mod shamir;
