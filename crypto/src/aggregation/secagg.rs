@@ -782,6 +782,24 @@ impl AggregationClient for SecAggClient {
     }
 
     fn on_step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error> {
+        // A step this party cannot take now was asked for out of order.
+        self.step(round, stage, message).map_err(|e| match e {
+            Error::WrongStage(m) => coordinator_fault(format!("asked for the {stage} step out of order: {m}")),
+            other => other,
+        })
+    }
+
+    fn precompute(&mut self) {
+        self.precompute_masks();
+    }
+
+    fn abandon(&mut self) {
+        self.round = None;
+    }
+}
+
+impl SecAggClient {
+    fn step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error> {
         let max = self.job.max_parties;
         let r = match self.round.as_mut() {
             Some(r) if r.round == round => r,
@@ -857,7 +875,7 @@ impl AggregationClient for SecAggClient {
         Ok(answer)
     }
 
-    fn precompute(&mut self) {
+    fn precompute_masks(&mut self) {
         // While the coordinator collects every party's shares, mask the
         // input with every neighbour that advertised keys; the masked-input
         // step then only removes the masks of neighbours that never shared.
@@ -868,10 +886,6 @@ impl AggregationClient for SecAggClient {
         {
             r.premasked = true;
         }
-    }
-
-    fn abandon(&mut self) {
-        self.round = None;
     }
 }
 
@@ -982,6 +996,8 @@ mod tests {
             ("degree", wire::RoundConfig { degree: 2, ..good.clone() }),
             ("graph_seed", wire::RoundConfig { graph_seed: vec![7; 32], ..good.clone() }),
             ("max_examples", wire::RoundConfig { max_examples: 7, ..good.clone() }),
+            ("bits", wire::RoundConfig { bits: 16, ..good.clone() }),
+            ("clip", wire::RoundConfig { clip: 100.0, ..good.clone() }),
             (
                 "does not name",
                 wire::RoundConfig { parties: ["p0", "p1", "p2", "sybil"].map(String::from).to_vec(), ..good.clone() },
@@ -996,6 +1012,70 @@ mod tests {
         let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let update = LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5 };
         client.contribute(1, &honest, update).unwrap();
+    }
+
+    /// A malicious coordinator gives p0 another model (or learning rate) than
+    /// the others, to read p0's update off the sum (Pasquini et al., CCS
+    /// 2022). p0's keys are signed over what p0 was given, so an honest
+    /// coordinator drops p0 by name, and a malicious one that relays the keys
+    /// anyway is named by every neighbour.
+    #[test]
+    fn parties_given_different_models_or_configurations_cannot_complete_a_round() {
+        let job = facts(4);
+        let names = names(4);
+        let (global, fit) = (params(&[0.0, 0.0]), fit());
+        let mut coordinator = server(&toml::Table::new(), &job);
+        let info = RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) };
+        let rm = coordinator.begin_round(&info).unwrap();
+        let other_model = params(&[5.0, 5.0]);
+        let lr_zero = FitConfig { train: TrainConfig { learning_rate: 0.0, ..fit.train.clone() }, ..fit.clone() };
+        for (what, g, f) in [("model", &other_model, &fit), ("configuration", &global, &lr_zero)] {
+            let mut clients: Vec<_> =
+                names.iter().map(|p| SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap()).collect();
+            let mut adverts = Vec::new();
+            for (i, c) in clients.iter_mut().enumerate() {
+                let (gi, fi) = if i == 0 { (g, f) } else { (&global, &fit) };
+                let update = LocalUpdate { global: gi, fit: fi, local: params(&[0.1, 0.2]), num_examples: 5 };
+                adverts.push(c.contribute(1, &rm, update).unwrap());
+            }
+            let mut honest = server(&toml::Table::new(), &job);
+            honest.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
+            let err = honest.on_message(Peer { name: "p0", certificate: &[] }, adverts[0].clone()).unwrap_err();
+            assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p0"), "{what}: {err}");
+            // Relayed anyway: p1 refuses the stage and names the coordinator.
+            let keys: Vec<wire::Keys> =
+                adverts.iter().map(|a| prost::Message::decode(a.body.as_slice()).unwrap()).collect();
+            let list = Envelope::encode(&wire::KeyList { keys });
+            let err = clients[1].on_step(1, SHARES, list).unwrap_err();
+            assert!(
+                matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("p0")),
+                "{what}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn steps_out_of_order_are_the_coordinators_fault() {
+        let job = facts(3);
+        let names = names(3);
+        let (global, fit) = (params(&[0.0]), fit());
+        let mut server = server(&toml::Table::new(), &job);
+        let rm =
+            server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
+        let mut c = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        c.contribute(1, &rm, LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5 })
+            .unwrap();
+        let survivors = Envelope::encode(&wire::Survivors { survivors: names.clone() });
+        let unmask = Envelope::encode(&wire::UnmaskRequest { survivors: names.clone(), signatures: Vec::new() });
+        for (stage, msg) in [(CONSISTENCY, survivors), (UNMASK, unmask.clone())] {
+            let err = c.on_step(1, stage, msg).unwrap_err();
+            assert!(
+                matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("out of order")),
+                "{stage}: {err}"
+            );
+        }
+        let err = c.on_step(2, UNMASK, unmask).unwrap_err().to_string();
+        assert!(err.contains("coordinator") && err.contains("out of order"), "{err}");
     }
 
     #[test]

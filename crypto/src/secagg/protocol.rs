@@ -205,6 +205,35 @@ fn misbehaved(party: &str, reason: impl Into<String>) -> Error {
     Error::PeerMisbehaved { party: party.to_owned(), reason: reason.into() }
 }
 
+/// Whether the survivor set signed by `signer` (a flag per party index) is
+/// backed around `owner`: at least `t` of the neighbours of `owner` and of
+/// each of its neighbours signed it. Returns the first party whose
+/// neighbourhood is short, with its count. `memo` caches counts per party.
+///
+/// Why the neighbours' neighbourhoods too: isolating an input y_v needs v's
+/// self-mask seed (revealed under a set containing v) and the mask key of
+/// every neighbour v masked with (each revealed under a set without that
+/// neighbour). A set is revealed under only when t of the relevant
+/// neighbourhood signed it, and honest parties sign one set, so two sets
+/// backed in N(v) share 2t − k > c signers, one of them honest: asking for
+/// a neighbour's mask key requires backing in N(v) as well, which the set
+/// with v in it already holds.
+fn unbacked(
+    graph: &Graph,
+    owner: usize,
+    signer: &[bool],
+    t: usize,
+    memo: &mut [Option<usize>],
+) -> Option<(usize, usize)> {
+    let mut count = |x: usize| -> usize {
+        *memo[x].get_or_insert_with(|| graph.neighbours(x).iter().filter(|&&j| signer[j]).count())
+    };
+    std::iter::once(owner).chain(graph.neighbours(owner).iter().copied()).find_map(|x| {
+        let c = count(x);
+        (c < t).then_some((x, c))
+    })
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ClientStage {
     AwaitKeys,
@@ -304,6 +333,13 @@ impl Client {
     /// This party's name.
     pub fn name(&self) -> &str {
         &self.me
+    }
+
+    /// The shares this party holds: what a corrupt party hands the
+    /// coordinator in the adversarial tests.
+    #[cfg(test)]
+    pub(crate) fn held_shares(&self) -> &BTreeMap<String, (Share, Share)> {
+        &self.held
     }
 
     fn expect(&self, stage: ClientStage) -> Result<(), Error> {
@@ -569,8 +605,8 @@ impl Client {
             ));
         }
         let transcript = self.cfg.survivors_transcript(signed);
-        let mut signers: BTreeSet<usize> = BTreeSet::new();
-        signers.insert(self.x_of(&self.me)? as usize - 1);
+        let mut signers = vec![false; self.cfg.parties.len()];
+        signers[self.x_of(&self.me)? as usize - 1] = true;
         for s in &req.signatures {
             if s.party == self.me {
                 continue;
@@ -582,7 +618,7 @@ impl Client {
                 ));
             }
             let idx = self.x_of(&s.party)? as usize - 1;
-            if !signers.insert(idx) {
+            if std::mem::replace(&mut signers[idx], true) {
                 return Err(misbehaved("coordinator", format!("relayed two survivor-set signatures of {}", s.party)));
             }
             verifier.verify(&s.party, &transcript, &s.signature).map_err(|e| {
@@ -593,14 +629,15 @@ impl Client {
             })?;
         }
         let t = self.cfg.threshold;
+        let mut memo = vec![None; self.cfg.parties.len()];
         for peer in self.held.keys() {
             let v = self.x_of(peer)? as usize - 1;
-            let backing = self.graph.neighbours(v).iter().filter(|j| signers.contains(j)).count();
-            if backing < t {
+            if let Some((x, backing)) = unbacked(&self.graph, v, &signers, t, &mut memo) {
+                let x = &self.cfg.parties[x];
                 return Err(misbehaved(
                     "coordinator",
                     format!(
-                        "only {backing} of {peer}'s neighbours signed the survivor set; {t} needed before any share of {peer}'s secrets is revealed"
+                        "only {backing} of {x}'s neighbours signed the survivor set; {t} needed before any share of {peer}'s secrets is revealed"
                     ),
                 ));
             }
@@ -859,29 +896,46 @@ impl Server {
     pub fn close_consistency(&mut self) -> Result<Vec<(String, UnmaskRequest)>, Error> {
         self.expect(ServerStage::Consistency, "coordinator")?;
         let t = self.cfg.threshold;
+        let n = self.cfg.parties.len();
         let signer: Vec<bool> = self.cfg.parties.iter().map(|p| self.signatures.contains_key(p)).collect();
+        let mut memo = vec![None; n];
         for v in self.survivors.iter().chain(&self.dropped) {
-            let backing = self.graph.neighbours(self.idx(v)?).iter().filter(|&&j| signer[j]).count();
-            if backing < t {
+            if let Some((x, backing)) = unbacked(&self.graph, self.idx(v)?, &signer, t, &mut memo) {
                 return Err(Error::BelowThreshold(format!(
-                    "{backing} of {v}'s neighbours signed the survivor set; {t} needed"
+                    "{backing} of {}'s neighbours signed the survivor set; {t} needed to unmask {v}",
+                    self.cfg.parties[x]
                 )));
             }
         }
         let survivors: Vec<String> = self.survivors.iter().cloned().collect();
         let mut out = Vec::with_capacity(self.signatures.len());
-        for u in self.signatures.keys() {
-            let mut wanted = BTreeSet::new();
-            for &v in self.graph.neighbours(self.idx(u)?) {
-                wanted.extend(self.graph.neighbours(v).iter().copied().filter(|&j| signer[j]));
+        // Marks reused across recipients: `mark[j] == stamp` means j is taken.
+        let (mut near, mut wanted) = (vec![0usize; n], vec![0usize; n]);
+        for (stamp, u) in (1..).zip(self.signatures.keys()) {
+            // A recipient checks the neighbourhoods of its neighbours and of
+            // their neighbours: send the signers found there.
+            let mut around = Vec::new();
+            for &w in self.graph.neighbours(self.idx(u)?) {
+                for x in std::iter::once(w).chain(self.graph.neighbours(w).iter().copied()) {
+                    if near[x] != stamp {
+                        near[x] = stamp;
+                        around.push(x);
+                    }
+                }
             }
-            let signatures = wanted
-                .into_iter()
-                .filter_map(|j| {
-                    let p = &self.cfg.parties[j];
-                    self.signatures.get(p).map(|s| SurvivorSignature { party: p.clone(), signature: s.clone() })
-                })
-                .collect();
+            let mut signatures = Vec::new();
+            for x in around {
+                for &j in self.graph.neighbours(x) {
+                    if signer[j] && wanted[j] != stamp {
+                        wanted[j] = stamp;
+                        let p = &self.cfg.parties[j];
+                        if let Some(sig) = self.signatures.get(p) {
+                            signatures.push(SurvivorSignature { party: p.clone(), signature: sig.clone() });
+                        }
+                    }
+                }
+            }
+            signatures.sort_by(|a, b| a.party.cmp(&b.party));
             out.push((u.clone(), UnmaskRequest { survivors: survivors.clone(), signatures }));
         }
         self.stage = ServerStage::Unmask;
@@ -982,6 +1036,10 @@ impl Server {
         Ok((sum, self.survivors.iter().cloned().collect()))
     }
 }
+
+#[cfg(test)]
+#[path = "adversary_tests.rs"]
+mod adversary_tests;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,340 @@
+//! Attacks by a malicious coordinator (with corrupt parties up to the
+//! stated bound) on honest [`Client`]s: the tests play the coordinator and
+//! deviate from the protocol. Every attack must fail with an error naming
+//! the coordinator, and no test may rebuild both secrets of an honest party
+//! (which is what isolating its input takes).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use rand_core::OsRng;
+
+use super::*;
+use crate::secagg::params::{ThreatModel, choose};
+use crate::secagg::testing::{InsecureTagSigner as Tag, InsecureTagVerifier as TagCheck};
+
+fn config(n: usize, corrupt_fraction: f64) -> Config {
+    let p = choose(n, &ThreatModel { corrupt_fraction, dropout_fraction: 0.0 }).unwrap();
+    Config {
+        job: "job-a".into(),
+        round: 2,
+        parties: (0..n).map(|i| format!("p{i:02}")).collect(),
+        threshold: p.threshold,
+        degree: p.degree,
+        graph_seed: [9; 32],
+        bits: 32,
+        dim: 4,
+        binding: [3; 32],
+        min_survivors: 3,
+    }
+}
+
+fn names(cfg: &Config) -> Vec<String> {
+    cfg.parties.clone()
+}
+
+/// Every party honest through the masked inputs (the coordinator relays
+/// keys and shares faithfully, since tampering there is caught by
+/// signatures and AEAD, tested elsewhere). Returns the clients.
+fn through_masked(cfg: &Config) -> (Server, BTreeMap<String, Client>) {
+    let mut server = Server::new(cfg.clone()).unwrap();
+    let mut clients = BTreeMap::new();
+    for p in &cfg.parties {
+        let (c, m) = Client::new(cfg.clone(), p, &Tag(p.clone()), &mut OsRng).unwrap();
+        server.on_keys(m, &TagCheck).unwrap();
+        clients.insert(p.clone(), c);
+    }
+    server.close_keys().unwrap();
+    for (p, c) in clients.iter_mut() {
+        let s = c.on_keys(&server.keys_for(p).unwrap(), &TagCheck, &mut OsRng).unwrap();
+        server.on_shares(p, s).unwrap();
+    }
+    server.close_shares().unwrap();
+    for (i, (p, c)) in clients.iter_mut().enumerate() {
+        let y = c.on_shares(&server.shares_for(p), vec![i as u32; cfg.dim]).unwrap();
+        server.on_masked(y).unwrap();
+    }
+    (server, clients)
+}
+
+fn blames_coordinator(r: &Result<impl std::fmt::Debug, Error>) -> bool {
+    matches!(r, Err(Error::PeerMisbehaved { party, .. }) if party == "coordinator")
+}
+
+/// The signatures of `signers` on `set` (corrupt parties sign anything).
+fn signatures(cfg: &Config, set: &[String], signers: &[String]) -> Vec<SurvivorSignature> {
+    signers
+        .iter()
+        .map(|p| SurvivorSignature {
+            party: p.clone(),
+            signature: Tag(p.clone()).sign(&cfg.survivors_transcript(set)).unwrap(),
+        })
+        .collect()
+}
+
+#[test]
+fn survivor_sets_with_made_up_missing_or_unsorted_names_are_refused() {
+    let cfg = config(6, 0.0);
+    let (_, mut clients) = through_masked(&cfg);
+    let all = names(&cfg);
+    let c = clients.get_mut("p00").unwrap();
+    let signer = Tag("p00".into());
+    let mut made_up = all.clone();
+    made_up.push("zz-sybil".into());
+    let mut unsorted = all.clone();
+    unsorted.swap(0, 1);
+    let mut twice = all.clone();
+    twice.insert(1, all[1].clone());
+    let without_me = all[1..].to_vec();
+    let tiny = all[..2].to_vec();
+    for (what, set) in [
+        ("not a party of this round", made_up),
+        ("sorted", unsorted),
+        ("sorted", twice),
+        ("left this party", without_me),
+        ("at least", tiny),
+    ] {
+        let r = c.on_survivors(&set, &signer);
+        assert!(blames_coordinator(&r), "{what}: {r:?}");
+        assert!(format!("{:?}", r).contains(what), "{what}: {r:?}");
+    }
+    // None of that consumed the party's one signature.
+    c.on_survivors(&all, &signer).unwrap();
+    assert!(c.on_survivors(&all, &signer).is_err(), "a party signs once per round");
+}
+
+#[test]
+fn a_party_whose_neighbours_mostly_dropped_refuses_to_sign() {
+    // Sparse graph: the coordinator keeps p00 but declares most of its
+    // neighbours dropped, so that p00's input would be summed with too few.
+    let cfg = Config { degree: 4, threshold: 3, ..config(12, 0.0) };
+    let (_, mut clients) = through_masked(&cfg);
+    let graph = Graph::new(12, 4, cfg.graph_seed).unwrap();
+    let gone: BTreeSet<String> = graph.neighbours(0).iter().take(2).map(|&j| cfg.parties[j].clone()).collect();
+    let set: Vec<String> = names(&cfg).into_iter().filter(|p| !gone.contains(p)).collect();
+    let r = clients.get_mut("p00").unwrap().on_survivors(&set, &Tag("p00".into()));
+    assert!(blames_coordinator(&r) && format!("{r:?}").contains("neighbours survived"), "{r:?}");
+}
+
+#[test]
+fn unmasking_out_of_order_under_another_set_or_with_bad_signatures_is_refused() {
+    let cfg = config(6, 0.0);
+    let (_, mut clients) = through_masked(&cfg);
+    let all = names(&cfg);
+    let t = cfg.threshold;
+    let c = clients.get_mut("p00").unwrap();
+    let req = |set: &[String], sigs| UnmaskRequest { survivors: set.to_vec(), signatures: sigs };
+    // Before signing anything: out of order.
+    let early = c.on_unmask(&req(&all, signatures(&cfg, &all, &all)), &TagCheck);
+    assert!(matches!(early, Err(Error::WrongStage(_))), "{early:?}");
+    c.on_survivors(&all, &Tag("p00".into())).unwrap();
+    // Under a set other than the one it signed.
+    let other: Vec<String> = all[..5].to_vec();
+    let r = c.on_unmask(&req(&other, signatures(&cfg, &other, &all[..5])), &TagCheck);
+    assert!(blames_coordinator(&r) && format!("{r:?}").contains("other than the one"), "{r:?}");
+    // Too few signatures: t − 1 besides its own.
+    let r = c.on_unmask(&req(&all, signatures(&cfg, &all, &all[1..t - 1])), &TagCheck);
+    assert!(blames_coordinator(&r) && format!("{r:?}").contains("signed the survivor set"), "{r:?}");
+    // Signatures replayed from another round (another binding) or forged.
+    let replayed = Config { round: 1, ..cfg.clone() };
+    let r = c.on_unmask(&req(&all, signatures(&replayed, &all, &all)), &TagCheck);
+    assert!(blames_coordinator(&r) && format!("{r:?}").contains("does not verify"), "{r:?}");
+    let other_job = Config { job: "job-b".into(), ..cfg.clone() };
+    let r = c.on_unmask(&req(&all, signatures(&other_job, &all, &all)), &TagCheck);
+    assert!(blames_coordinator(&r), "{r:?}");
+    // A signature of a party outside the set, or twice the same signer.
+    let mut sigs = signatures(&cfg, &all, &all);
+    sigs.push(sigs[1].clone());
+    let r = c.on_unmask(&req(&all, sigs), &TagCheck);
+    assert!(blames_coordinator(&r) && format!("{r:?}").contains("two"), "{r:?}");
+    // The honest request still works, once.
+    let ok = req(&all, signatures(&cfg, &all, &all));
+    let answer = c.on_unmask(&ok, &TagCheck).unwrap();
+    assert!(answer.mask_key.is_empty() && answer.self_mask.len() == 5);
+    assert!(c.on_unmask(&ok, &TagCheck).is_err(), "a party answers once per round");
+}
+
+/// What the coordinator collects in an attack: every share honest parties
+/// reveal, plus every share the corrupt parties hold.
+#[derive(Default)]
+struct Loot {
+    self_mask: BTreeMap<String, BTreeSet<u64>>,
+    mask_key: BTreeMap<String, BTreeSet<u64>>,
+    /// Each party's neighbours it masked its input with.
+    masked_with: BTreeMap<String, Vec<String>>,
+}
+
+impl Loot {
+    fn add(&mut self, owner: &str, share: &Share, self_mask: bool) {
+        let map = if self_mask { &mut self.self_mask } else { &mut self.mask_key };
+        map.entry(owner.to_owned()).or_default().insert(share.x);
+    }
+    fn count(&self, owner: &str, self_mask: bool) -> usize {
+        let map = if self_mask { &self.self_mask } else { &self.mask_key };
+        map.get(owner).map_or(0, BTreeSet::len)
+    }
+}
+
+/// The split-view attack (Bonawitz et al. 2017, §4): the coordinator shows
+/// different honest parties different survivor sets (views), collects each
+/// set's signatures (corrupt parties sign every set), and asks every honest
+/// party to unmask under its own view with every signature on it. It wins
+/// if it gathers t shares of both secrets of one honest party.
+fn split_view_attack(cfg: &Config, corrupt: &BTreeSet<String>, views: &[Vec<String>], assign: &[usize]) -> Loot {
+    let (_, mut clients) = through_masked(cfg);
+    let mut loot = Loot::default();
+    for (p, c) in &clients {
+        loot.masked_with.insert(p.clone(), c.held_shares().keys().cloned().collect());
+    }
+    for c in corrupt {
+        for (owner, (b, s)) in clients[c].held_shares() {
+            loot.add(owner, b, true);
+            loot.add(owner, s, false);
+        }
+    }
+    // Each honest party is shown one view; it signs if the view passes its checks.
+    let mut shown: BTreeMap<String, usize> = BTreeMap::new();
+    let mut signers: Vec<Vec<String>> = vec![Vec::new(); views.len()];
+    for (i, p) in cfg.parties.iter().enumerate() {
+        if corrupt.contains(p) {
+            continue;
+        }
+        let v = assign[i] % views.len();
+        let c = clients.get_mut(p).unwrap();
+        match c.on_survivors(&views[v], &Tag(p.clone())) {
+            Ok(_) => {
+                shown.insert(p.clone(), v);
+                signers[v].push(p.clone());
+            }
+            Err(e) => assert!(matches!(&e, Error::PeerMisbehaved { party, .. } if party == "coordinator"), "{e}"),
+        }
+    }
+    for (p, v) in shown {
+        let mut all_signers: Vec<String> = signers[v].clone();
+        all_signers.extend(corrupt.iter().filter(|c| views[v].binary_search(c).is_ok()).cloned());
+        let req = UnmaskRequest { survivors: views[v].clone(), signatures: signatures(cfg, &views[v], &all_signers) };
+        match clients.get_mut(&p).unwrap().on_unmask(&req, &TagCheck) {
+            Ok(answer) => {
+                for (owner, share) in &answer.self_mask {
+                    loot.add(owner, share, true);
+                }
+                for (owner, share) in &answer.mask_key {
+                    loot.add(owner, share, false);
+                }
+            }
+            Err(e) => assert!(matches!(&e, Error::PeerMisbehaved { party, .. } if party == "coordinator"), "{e}"),
+        }
+    }
+    loot
+}
+
+/// Asserts that the coordinator cannot strip every mask off an honest
+/// party's input: it lacks the party's own mask key or self-mask seed, or
+/// the mask key of some honest neighbour the party masked with.
+fn assert_no_honest_input_exposed(cfg: &Config, corrupt: &BTreeSet<String>, loot: &Loot) {
+    let t = cfg.threshold;
+    for p in cfg.parties.iter().filter(|p| !corrupt.contains(*p)) {
+        let (b, s) = (loot.count(p, true), loot.count(p, false));
+        assert!(b < t || s < t, "{p}: {b} self-mask and {s} mask-key shares with t = {t}: its input is exposed");
+        if b >= t {
+            let entangled: Vec<&String> =
+                loot.masked_with[p].iter().filter(|w| !corrupt.contains(*w) && loot.count(w, false) < t).collect();
+            assert!(!entangled.is_empty(), "{p}: self-mask and every honest neighbour's mask key revealed: isolated");
+        }
+    }
+}
+
+#[test]
+fn the_classic_split_view_on_one_target_fails() {
+    // Target p00: half the parties see it as a survivor, half as dropped.
+    let cfg = config(10, 0.1);
+    let all = names(&cfg);
+    let without: Vec<String> = all[1..].to_vec();
+    let assign: Vec<usize> = (0..10).map(|i| usize::from(i >= 5)).collect();
+    let corrupt: BTreeSet<String> = ["p09".to_string()].into();
+    let loot = split_view_attack(&cfg, &corrupt, &[all, without], &assign);
+    assert_no_honest_input_exposed(&cfg, &corrupt, &loot);
+    // It does get one of the two: the attack is not vacuous.
+    assert!(loot.count("p00", true) + loot.count("p00", false) > 0);
+}
+
+#[test]
+fn the_same_attack_succeeds_below_the_threshold_bound() {
+    // What the bound buys: with t = 4 of k = 9 (2t − k = −1, not > c = 1),
+    // the split view hands the coordinator both secrets of p00, signatures
+    // and all: every view is signed by t of p00's neighbours. The attack in
+    // the test above is real; the threshold inequality is what stops it.
+    let cfg = Config { threshold: 4, ..config(10, 0.1) };
+    let all = names(&cfg);
+    let without: Vec<String> = all[1..].to_vec();
+    let assign: Vec<usize> = (0..10).map(|i| usize::from(i >= 5)).collect();
+    let corrupt: BTreeSet<String> = ["p09".to_string()].into();
+    let loot = split_view_attack(&cfg, &corrupt, &[all, without], &assign);
+    assert!(loot.count("p00", true) >= 4 && loot.count("p00", false) >= 4);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Sparse graphs, where neighbourhoods differ: views split along the
+    /// ring, corrupt neighbours up to c with 2t − k > c.
+    #[test]
+    fn no_split_view_isolates_an_honest_input_in_a_sparse_graph(
+        n in 14usize..32,
+        k in prop_oneof![Just(4usize), Just(6), Just(8)],
+        c in 0usize..2,
+        drops in proptest::collection::vec(proptest::collection::btree_set(0usize..32, 1..10), 2..5),
+        assign in proptest::collection::vec(0usize..5, 32),
+        corrupt_pick in proptest::collection::vec(0usize..32, 0..2),
+        seed in any::<u8>(),
+    ) {
+        let t = (k + c) / 2 + 1;
+        let cfg = Config {
+            threshold: t,
+            degree: k,
+            graph_seed: [seed; 32],
+            parties: (0..n).map(|i| format!("p{i:02}")).collect(),
+            ..config(5, 0.0)
+        };
+        let corrupt: BTreeSet<String> = corrupt_pick.iter().map(|&i| cfg.parties[i % n].clone()).take(c).collect();
+        let views: Vec<Vec<String>> = drops
+            .iter()
+            .map(|d| cfg.parties.iter().enumerate().filter(|(i, _)| !d.contains(i)).map(|(_, p)| p.clone()).collect())
+            .collect();
+        let loot = split_view_attack(&cfg, &corrupt, &views, &assign[..n]);
+        assert_no_honest_input_exposed(&cfg, &corrupt, &loot);
+    }
+
+    /// Any split of the parties into views, any corrupt set within the
+    /// stated bound, complete or sparse graphs: no honest input exposed.
+    #[test]
+    fn no_split_view_exposes_an_honest_input(
+        n in 5usize..26,
+        gamma in prop_oneof![Just(0.0), Just(0.1), Just(0.2)],
+        drops in proptest::collection::vec(proptest::collection::btree_set(0usize..26, 0..6), 2..4),
+        assign in proptest::collection::vec(0usize..4, 26),
+        corrupt_pick in proptest::collection::vec(0usize..26, 0..6),
+    ) {
+        let Ok(p) = choose(n, &ThreatModel { corrupt_fraction: gamma, dropout_fraction: 0.0 }) else {
+            return Ok(());
+        };
+        let cfg = Config {
+            threshold: p.threshold,
+            degree: p.degree,
+            parties: (0..n).map(|i| format!("p{i:02}")).collect(),
+            ..config(5, 0.0)
+        };
+        // Corrupt parties: at most the bound the parameters tolerate in any
+        // neighbourhood (for the sparse graph, at most c in total).
+        let bound = p.corrupt_neighbours;
+        let corrupt: BTreeSet<String> =
+            corrupt_pick.iter().map(|&i| cfg.parties[i % n].clone()).take(bound).collect();
+        let corrupt: BTreeSet<String> = corrupt.into_iter().take(bound).collect();
+        // Each view: everyone but some dropped parties.
+        let views: Vec<Vec<String>> = drops
+            .iter()
+            .map(|d| cfg.parties.iter().enumerate().filter(|(i, _)| !d.contains(i)).map(|(_, p)| p.clone()).collect())
+            .collect();
+        let loot = split_view_attack(&cfg, &corrupt, &views, &assign[..n]);
+        assert_no_honest_input_exposed(&cfg, &corrupt, &loot);
+    }
+}
