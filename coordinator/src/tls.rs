@@ -35,7 +35,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
 
 /// Reads a private key from a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
-    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let data = confide_crypto::pki::read_private_key(path).map_err(|e| Error::InvalidInput(e.to_string()))?;
     rustls_pemfile::private_key(&mut data.as_slice())
         .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?
         .ok_or_else(|| Error::Tls(format!("{}: no private key found", path.display())))

@@ -299,7 +299,11 @@ impl PkiDir {
     /// Loads the CA of this directory.
     pub fn load_ca(&self) -> Result<FederationCa, Error> {
         let cert = read_string(&self.ca_cert())?;
-        let key = Zeroizing::new(read_string(&self.ca_key())?);
+        let key = read_private_key(&self.ca_key())?;
+        let key = Zeroizing::new(
+            String::from_utf8(key.to_vec())
+                .map_err(|_| Error::InvalidInput(format!("{}: not a PEM file", self.ca_key().display())))?,
+        );
         FederationCa::from_pem(&cert, &key)
     }
 
@@ -371,6 +375,25 @@ fn create_dir(path: &Path) -> Result<(), Error> {
     fs::create_dir_all(path).map_err(|source| Error::Io { path: path.to_owned(), source })
 }
 
+/// Reads a private key file, refusing one that others can read or write:
+/// a key another local user could copy is no longer the owner's alone.
+pub fn read_private_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, Error> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = fs::metadata(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(Error::InvalidInput(format!(
+                "{}: private key is accessible to other users (mode {mode:o}); run: chmod 600 {}",
+                path.display(),
+                path.display()
+            )));
+        }
+    }
+    fs::read(path).map(Zeroizing::new).map_err(|source| Error::Io { path: path.to_owned(), source })
+}
+
 fn read_string(path: &Path) -> Result<String, Error> {
     fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })
 }
@@ -394,6 +417,22 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn private_keys_readable_by_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        fs::write(&path, b"-----BEGIN PRIVATE KEY-----").unwrap();
+        for (mode, ok) in [(0o600, true), (0o400, true), (0o644, false), (0o640, false), (0o602, false)] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let r = read_private_key(&path);
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}: {:?}", r.err());
+            if let Err(e) = r {
+                assert!(e.to_string().contains("chmod 600") && e.to_string().contains("k.pem"), "{e}");
+            }
+        }
+    }
 
     #[test]
     fn init_writes_role_tagged_certs_and_private_keys() {

@@ -275,7 +275,7 @@ impl PartyNode {
 /// The party's identity for protocols that sign and verify: its certificate
 /// key and the federation CA.
 fn identity(cfg: &PartyConfig, me: &str) -> Result<PartyIdentity, String> {
-    let key = std::fs::read(&cfg.key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
+    let key = confide_crypto::pki::read_private_key(&cfg.key).map_err(|e| e.to_string())?;
     let key = IdentityKey::from_pem(&key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
     let ca_pem = std::fs::read(&cfg.ca).map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
     let verifier = CertVerifier::new(&ca_pem).map_err(|e| format!("{}: {e}", cfg.ca.display()))?;

@@ -9,6 +9,12 @@
 //!
 //! * tasks belong to this job and arrive in order: a replayed or older task
 //!   is refused, naming the coordinator;
+//! * a coordinator fault a handler detects (a check of the protocol that
+//!   failed: a round it should not have started, a survivor set it should
+//!   not have sent) ends this party's part in the job: the reason is logged
+//!   as `coordinator fault: …`, sent to the coordinator, and every later
+//!   task of the job is refused with it, so a malicious coordinator cannot
+//!   retry with another trick or hide the fault from the hospital;
 //! * a handler that panics (a buggy plug-in trainer) ends this party's part
 //!   in the job, and every later task is refused with the reason;
 //! * a round left open (a protocol step never came) is abandoned after
@@ -23,10 +29,40 @@ use confide_proto::messages::{ResultBody, Task, TaskResult};
 /// Milliseconds on the driver's clock (real or virtual).
 pub type Millis = u64;
 
+/// Why a task was not done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskError {
+    /// This party cannot do it (its data, its trainer, a peer at fault): the
+    /// reason goes to the coordinator and the job goes on.
+    Refused(String),
+    /// The coordinator deviated from the protocol: the reason (which check
+    /// failed) goes to the coordinator and this party leaves the job.
+    CoordinatorFault(String),
+}
+
+impl From<String> for TaskError {
+    fn from(reason: String) -> Self {
+        TaskError::Refused(reason)
+    }
+}
+
+impl From<confide_crypto::Error> for TaskError {
+    /// A protocol error naming the coordinator is a coordinator fault; any
+    /// other is a refusal.
+    fn from(e: confide_crypto::Error) -> Self {
+        match e {
+            confide_crypto::Error::PeerMisbehaved { party, reason } if party == "coordinator" => {
+                TaskError::CoordinatorFault(reason)
+            }
+            other => TaskError::Refused(other.to_string()),
+        }
+    }
+}
+
 /// Answers one job's tasks: what a job kind does at a party.
 pub trait JobHandler: Send {
-    /// Does `task`; `Err` is the reason sent to the coordinator.
-    fn on_task(&mut self, task: Task) -> Result<ResultBody, String>;
+    /// Does `task`; the error says why not, and whose fault it is.
+    fn on_task(&mut self, task: Task) -> Result<ResultBody, TaskError>;
 
     /// Whether a round is open (waiting for further protocol steps).
     fn round_open(&self) -> bool {
@@ -197,7 +233,14 @@ impl PartySession {
         let handler = &mut self.handler;
         match catch_unwind(AssertUnwindSafe(|| handler.on_task(task))) {
             Ok(Ok(body)) => self.out.push_back(PartyOutput::Result(TaskResult { job_id, round, task_id, body })),
-            Ok(Err(reason)) => refuse(&mut self.out, reason),
+            Ok(Err(TaskError::Refused(reason))) => refuse(&mut self.out, reason),
+            Ok(Err(TaskError::CoordinatorFault(why))) => {
+                let reason = format!("coordinator fault: {why}");
+                self.handler.abandon();
+                self.aborted = Some(reason.clone());
+                self.out.push_back(PartyOutput::Note(format!("{reason}; leaving the job")));
+                refuse(&mut self.out, reason);
+            }
             Err(p) => {
                 let reason = format!("its trainer panicked: {}", panic_message(p.as_ref()));
                 self.handler.abandon();
@@ -223,10 +266,13 @@ mod tests {
     }
 
     impl JobHandler for Script {
-        fn on_task(&mut self, task: Task) -> Result<ResultBody, String> {
+        fn on_task(&mut self, task: Task) -> Result<ResultBody, TaskError> {
             let stage = task.body.stage_name().to_owned();
             if self.panic_on == Some(stage.as_str()) {
                 panic!("bug in the plug-in");
+            }
+            if stage == "secagg-consistency" {
+                return Err(TaskError::CoordinatorFault("left this party out of the survivors".into()));
             }
             self.open = stage != "secagg-unmask";
             Ok(ResultBody::Aggregation { stage, message: Envelope::default() })
@@ -283,6 +329,32 @@ mod tests {
         let out = outputs(&mut s);
         let [PartyOutput::Failed { reason, .. }] = &out[..] else { panic!("{out:?}") };
         assert!(reason.contains("left the job") && reason.contains("panicked"), "{reason}");
+    }
+
+    #[test]
+    fn a_coordinator_fault_ends_the_party_s_part_in_the_job_for_good() {
+        let mut s = session(None);
+        s.handle(0, step("j", 1, 1, "secagg-shares"));
+        outputs(&mut s);
+        s.handle(0, step("j", 1, 2, "secagg-consistency"));
+        let out = outputs(&mut s);
+        // The hospital's log says so, the coordinator is told, the round's secrets are wiped.
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, PartyOutput::Note(n) if n.starts_with("coordinator fault: left this party out"))),
+            "{out:?}"
+        );
+        assert!(out.iter().any(
+            |o| matches!(o, PartyOutput::Failed { reason, .. } if reason == "coordinator fault: left this party out of the survivors")
+        ));
+        assert_eq!(s.next_deadline(), None, "nothing left open");
+        // Later rounds are refused with the same reason, whatever they ask.
+        for (id, stage) in [(3, "fit"), (4, "secagg-shares")] {
+            s.handle(0, step("j", 2, id, stage));
+            let out = outputs(&mut s);
+            let [PartyOutput::Failed { reason, .. }] = &out[..] else { panic!("{out:?}") };
+            assert!(reason.contains("left the job: coordinator fault: left this party out"), "{reason}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use confide_crypto::aggregation::{AggregationClient, LocalUpdate, StageName};
 use confide_proto::messages::{ResultBody, Task, TaskBody};
 
 use crate::plugins::{JobContext, PartyJobKind};
-use crate::session::JobHandler;
+use crate::session::{JobHandler, TaskError};
 
 /// The built-in kinds `train` and `evaluate`; both answer setup, fit,
 /// evaluate and the protocol's steps.
@@ -72,7 +72,7 @@ impl TrainingHandler {
 }
 
 impl JobHandler for TrainingHandler {
-    fn on_task(&mut self, task: Task) -> Result<ResultBody, String> {
+    fn on_task(&mut self, task: Task) -> Result<ResultBody, TaskError> {
         let started = Instant::now();
         let round = task.round;
         match task.body {
@@ -95,22 +95,24 @@ impl JobHandler for TrainingHandler {
             }
             TaskBody::Aggregation { stage, message } => {
                 let Some(&name) = self.stages.iter().find(|s| s.as_str() == stage) else {
-                    return Err(format!("coordinator fault: the job's protocol has no step {stage:?}"));
+                    return Err(TaskError::CoordinatorFault(format!("the job's protocol has no step {stage:?}")));
                 };
                 if self.open != Some(round) {
-                    return Err(format!(
-                        "coordinator fault: a {stage} step of round {round}, which this party is not in"
-                    ));
+                    return Err(TaskError::CoordinatorFault(format!(
+                        "a {stage} step of round {round}, which this party is not in"
+                    )));
                 }
                 let last = self.stages.last() == Some(&name);
                 let answer = self.aggregation.on_step(round, name, message);
                 if last || answer.is_err() {
                     self.open = None;
                 }
-                let message = answer.map_err(err)?;
+                let message = answer?;
                 Ok(ResultBody::Aggregation { stage, message })
             }
-            TaskBody::Extension { stage, .. } => Err(format!("a training job has no {stage} stage")),
+            TaskBody::Extension { stage, .. } => {
+                Err(TaskError::CoordinatorFault(format!("a training job has no {stage} stage")))
+            }
         }
     }
 
@@ -138,7 +140,7 @@ impl TrainingHandler {
         global: &confide_algorithms::Parameters,
         round_message: &[u8],
         started: Instant,
-    ) -> Result<ResultBody, String> {
+    ) -> Result<ResultBody, TaskError> {
         self.abandon();
         // The configuration is checked here, not trusted: a zero batch size
         // or a NaN learning rate from the wire must not crash the trainer.
@@ -146,7 +148,7 @@ impl TrainingHandler {
         if !bad.is_empty() || config.round != round {
             let why =
                 if bad.is_empty() { format!("round {} in a round {round} task", config.round) } else { bad.join("; ") };
-            return Err(format!("coordinator fault: fit configuration: {why}"));
+            return Err(TaskError::CoordinatorFault(format!("fit configuration: {why}")));
         }
         self.trainer.set_parameters(global).map_err(err)?;
         let train_started = Instant::now();
@@ -156,7 +158,7 @@ impl TrainingHandler {
         outcome.metrics.insert("train_ms".into(), train_started.elapsed().as_secs_f64() * 1000.0);
         let local = self.trainer.parameters().map_err(err)?;
         let update = LocalUpdate { global, fit: config, local, num_examples: outcome.num_examples };
-        let contribution = self.aggregation.contribute(round, round_message, update).map_err(err)?;
+        let contribution = self.aggregation.contribute(round, round_message, update)?;
         if !self.stages.is_empty() {
             self.open = Some(round);
         }

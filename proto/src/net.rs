@@ -36,7 +36,10 @@ pub async fn connect(id: &ClientIdentity<'_>) -> Result<Channel, Error> {
     let read = |p: &Path| std::fs::read(p).map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())));
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(id.ca)?))
-        .identity(Identity::from_pem(read(id.cert)?, read(id.key)?))
+        .identity(Identity::from_pem(
+            read(id.cert)?,
+            confide_crypto::pki::read_private_key(id.key).map_err(|e| Error::InvalidInput(e.to_string()))?.as_slice(),
+        ))
         .domain_name(id.server_name);
     let endpoint = Endpoint::from_shared(id.url.to_owned())
         .map_err(|e| Error::InvalidInput(format!("coordinator address {:?}: {e}", id.url)))?

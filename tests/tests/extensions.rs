@@ -28,7 +28,7 @@ use confide_crypto::pki::PkiDir;
 use confide_party::config::PartyConfig;
 use confide_party::node::PartyNode;
 use confide_party::plugins::{JobContext, PartyJobKind, PartyPlugins};
-use confide_party::session::JobHandler;
+use confide_party::session::{JobHandler, TaskError};
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
 use confide_proto::Limits;
 use confide_proto::jobspec::JobSpec;
@@ -235,12 +235,12 @@ impl PartyJobKind for RowCountParty {
 }
 
 impl JobHandler for RowCounter {
-    fn on_task(&mut self, task: Task) -> Result<ResultBody, String> {
+    fn on_task(&mut self, task: Task) -> Result<ResultBody, TaskError> {
         match task.body {
             TaskBody::Extension { stage, .. } if stage == REPORT.as_str() => {
                 Ok(ResultBody::Extension { stage, message: Envelope::body(self.rows.to_le_bytes().to_vec()) })
             }
-            other => Err(format!("row-count has no {} stage", other.stage_name())),
+            other => Err(TaskError::CoordinatorFault(format!("row-count has no {} stage", other.stage_name()))),
         }
     }
 }

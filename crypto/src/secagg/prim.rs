@@ -136,6 +136,20 @@ fn word(b: &KeyBlock, j: usize) -> u32 {
     u32::from_le_bytes([b[4 * j], b[4 * j + 1], b[4 * j + 2], b[4 * j + 3]])
 }
 
+impl Drop for MaskStreams {
+    fn drop(&mut self) {
+        // The last keystream blocks are mask material: wipe them (the AES
+        // key schedules wipe themselves, with aes's `zeroize` feature).
+        use zeroize::Zeroize;
+        for b in &mut self.keystream {
+            b.as_mut_slice().zeroize();
+        }
+        for s in &mut self.streams {
+            s.carry.zeroize();
+        }
+    }
+}
+
 impl MaskStreams {
     /// Words per block in [`apply_masks`].
     pub const BLOCK: usize = 4096;
