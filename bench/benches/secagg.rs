@@ -85,5 +85,18 @@ fn server_unmasking(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, client_masking, server_unmasking);
+/// What binds a round to its model and configuration: hashed by every party
+/// and the coordinator once per round.
+fn training_digest(c: &mut Criterion) {
+    use confide_algorithms::{FitConfig, Parameters, Tensor, TrainConfig};
+    let data: Vec<f32> = (0..DIM).map(|i| i as f32 * 1e-6).collect();
+    let global = Parameters::new(vec![Tensor { name: "w".into(), shape: vec![DIM], data }]).expect("params");
+    let fit = FitConfig { round: 1, train: TrainConfig::default() };
+    let mut g = c.benchmark_group("secagg_binding");
+    g.sample_size(20);
+    g.bench_function("training_digest_1M", |b| b.iter(|| confide_crypto::aggregation::training_digest(&global, &fit)));
+    g.finish();
+}
+
+criterion_group!(benches, client_masking, server_unmasking, training_digest);
 criterion_main!(benches);

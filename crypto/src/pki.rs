@@ -155,23 +155,7 @@ impl FederationCa {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<IssuedCert, Error> {
-        let mut sans: Vec<String> = hosts.to_vec();
-        if role != Role::Coordinator {
-            sans.push(name.to_owned());
-        }
-        let mut params = CertificateParams::new(sans)?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
-        dn.push(DnType::OrganizationalUnitName, role.as_ou());
-        dn.push(DnType::OrganizationName, "Confide");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = match role {
-            Role::Coordinator => vec![ExtendedKeyUsagePurpose::ServerAuth],
-            Role::Party | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
-        };
-        params.use_authority_key_identifier_extension = true;
+        let mut params = leaf_params(role, name, hosts)?;
         params.not_before = not_before;
         params.not_after = not_after;
         let key = KeyPair::generate()?;
@@ -180,11 +164,94 @@ impl FederationCa {
         Ok(IssuedCert { cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
     }
 
+    /// Signs a certificate signing request made where its key lives
+    /// ([`party_key_request`]), for two years. The request must be signed by
+    /// its own key (proof of possession); the certificate names the party the
+    /// request's subject CN names and carries `role`, whatever else the
+    /// request asks for. Returns the name and the certificate (PEM).
+    pub fn sign_request(&self, csr_pem: &str, role: Role) -> Result<(String, String), Error> {
+        if role != Role::Party {
+            return Err(Error::InvalidInput("only party certificates are signed from requests".into()));
+        }
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| Error::InvalidInput(format!("certificate signing request: {e}")))?;
+        let name = match csr.params.distinguished_name.get(&DnType::CommonName) {
+            Some(rcgen::DnValue::Utf8String(s)) => s.clone(),
+            Some(rcgen::DnValue::PrintableString(s)) => s.as_str().to_owned(),
+            _ => return Err(Error::InvalidInput("certificate signing request: no subject CN (the party name)".into())),
+        };
+        validate_party_name(&name)?;
+        let mut params = leaf_params(role, &name, &[])?;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(730);
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let cert = params.signed_by(&csr.public_key, &issuer)?;
+        Ok((name, cert.pem()))
+    }
+
     /// Issues a certificate valid for two years from now.
     pub fn issue(&self, role: Role, name: &str, hosts: &[String]) -> Result<IssuedCert, Error> {
         let now = OffsetDateTime::now_utc();
         self.issue_with_validity(role, name, hosts, now - Duration::hours(1), now + Duration::days(730))
     }
+}
+
+/// A leaf certificate's parameters: name (CN), role (OU), SANs, usages.
+fn leaf_params(role: Role, name: &str, hosts: &[String]) -> Result<CertificateParams, Error> {
+    let mut sans: Vec<String> = hosts.to_vec();
+    if role != Role::Coordinator {
+        sans.push(name.to_owned());
+    }
+    let mut params = CertificateParams::new(sans)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn.push(DnType::OrganizationalUnitName, role.as_ou());
+    dn.push(DnType::OrganizationName, "Confide");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = match role {
+        Role::Coordinator => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        Role::Party | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// A party's key and certificate signing request, made on the party's own
+/// machine so that its private key never leaves it.
+pub struct KeyRequest {
+    /// The private key, PEM (PKCS#8); write it with mode 0600.
+    pub key_pem: Zeroizing<String>,
+    /// The request to send to whoever holds the federation CA, PEM.
+    pub csr_pem: String,
+}
+
+/// A new key for party `name` and its certificate signing request.
+pub fn party_key_request(name: &str) -> Result<KeyRequest, Error> {
+    validate_party_name(name)?;
+    let params = leaf_params(Role::Party, name, &[])?;
+    let key = KeyPair::generate()?;
+    let csr = params.serialize_request(&key)?;
+    let csr_pem = csr.pem()?;
+    Ok(KeyRequest { key_pem: Zeroizing::new(key.serialize_pem()), csr_pem })
+}
+
+/// Writes party `name`'s new key and request into `dir` (`NAME.key`, mode
+/// 0600, and `NAME.csr`), refusing to overwrite either. Returns both paths.
+pub fn write_key_request(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), Error> {
+    let req = party_key_request(name)?;
+    create_dir(dir)?;
+    let (key, csr) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.csr")));
+    for p in [&key, &csr] {
+        if p.exists() {
+            return Err(Error::AlreadyExists(p.display().to_string()));
+        }
+    }
+    write_file(&key, req.key_pem.as_bytes(), 0o600)?;
+    write_file(&csr, req.csr_pem.as_bytes(), 0o644)?;
+    Ok((key, csr))
 }
 
 /// Reads the holder's name and role out of a DER certificate that TLS has
@@ -305,6 +372,24 @@ impl PkiDir {
                 .map_err(|_| Error::InvalidInput(format!("{}: not a PEM file", self.ca_key().display())))?,
         );
         FederationCa::from_pem(&cert, &key)
+    }
+
+    /// Signs a party's certificate signing request with this directory's CA
+    /// and enrolls the party: writes `parties/NAME.pem` (never a key: the
+    /// key stayed with the party). Returns the name and the certificate path.
+    pub fn sign_party_request(&self, csr_pem: &str) -> Result<(String, PathBuf), Error> {
+        let ca = self.load_ca()?;
+        let (name, cert) = ca.sign_request(csr_pem, Role::Party)?;
+        let mut enrolled = self.enrolled()?;
+        if enrolled.iter().any(|p| p == &name) || self.party_cert(&name).exists() {
+            return Err(Error::AlreadyExists(format!("party {name}")));
+        }
+        create_dir(&self.root.join("parties"))?;
+        write_file(&self.party_cert(&name), cert.as_bytes(), 0o644)?;
+        enrolled.push(name.clone());
+        self.write_enrolled(&enrolled)?;
+        let path = self.party_cert(&name);
+        Ok((name, path))
     }
 
     /// Issues and enrolls one more party, leaving every other file untouched.
