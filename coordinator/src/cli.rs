@@ -94,7 +94,23 @@ enum CertsCmd {
         #[arg(long, default_value = "confide")]
         federation: String,
     },
-    /// Issue and enroll one more party without touching the others.
+    /// Sign a party's certificate signing request (made on the party's
+    /// machine with `confide-party keygen`) and enroll the party. Run it
+    /// where the CA key is kept, not on the coordinator's host.
+    Sign {
+        /// The PKI directory holding the CA (ca.pem, ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The request file (NAME.csr).
+        #[arg(long)]
+        csr: PathBuf,
+        /// The certificate's role: `party`.
+        #[arg(long, default_value = "party")]
+        role: String,
+    },
+    /// Issue and enroll one more party, generating its key here (for demos
+    /// and tests: a party's key should be made on its own machine, with
+    /// `confide-party keygen` and `confide certs sign`).
     Issue {
         /// The PKI directory.
         #[arg(long)]
@@ -232,6 +248,17 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             let pki = PkiDir::new(&dir);
             pki.init(&federation, &parties, &coordinator_hosts)?;
             println!("created federation PKI in {} for parties: {}", dir.display(), parties.join(", "));
+            Ok(0)
+        }
+        Command::Certs(CertsCmd::Sign { ca, csr, role }) => {
+            if role != "party" {
+                return Err(Error::InvalidInput(format!("--role {role:?}: only \"party\" requests are signed")));
+            }
+            let text = std::fs::read_to_string(&csr).map_err(|e| Error::io(&csr, e))?;
+            let (name, cert) = PkiDir::new(&ca)
+                .sign_party_request(&text)
+                .map_err(|e| Error::InvalidInput(format!("{}: {e}", csr.display())))?;
+            println!("signed and enrolled party {name}: {} (send it to the party with ca.pem)", cert.display());
             Ok(0)
         }
         Command::Certs(CertsCmd::Issue { dir, party }) => {

@@ -7,6 +7,13 @@
 //! (`federation.toml`): a certificate signed by the CA is necessary but not
 //! sufficient for a party to join.
 //!
+//! In production a party makes its own key and a certificate signing
+//! request ([`write_key_request`], `confide-party keygen`), and whoever keeps
+//! the CA key signs the request ([`PkiDir::sign_party_request`], `confide
+//! certs sign`): the key never leaves the party, and the coordinator's host
+//! needs no CA key. [`PkiDir::init`] can also make every key in one place,
+//! for demos and tests.
+//!
 //! Directory layout written by [`PkiDir::init`]:
 //! ```text
 //! DIR/ca.pem  ca.key            federation CA (key 0600)
@@ -231,7 +238,14 @@ pub struct KeyRequest {
 /// A new key for party `name` and its certificate signing request.
 pub fn party_key_request(name: &str) -> Result<KeyRequest, Error> {
     validate_party_name(name)?;
-    let params = leaf_params(Role::Party, name, &[])?;
+    // The request carries the name (and role, for the reader); the CA decides
+    // the certificate's usages and validity itself.
+    let mut params = CertificateParams::new(vec![name.to_owned()])?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn.push(DnType::OrganizationalUnitName, Role::Party.as_ou());
+    dn.push(DnType::OrganizationName, "Confide");
+    params.distinguished_name = dn;
     let key = KeyPair::generate()?;
     let csr = params.serialize_request(&key)?;
     let csr_pem = csr.pem()?;
@@ -502,6 +516,42 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_party_key_made_elsewhere_is_certified_from_its_request_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init("t", &["a".into()], &[]).unwrap();
+        let party_machine = dir.path().join("d-machine");
+        let (key, csr) = write_key_request(&party_machine, "d").unwrap();
+        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(write_key_request(&party_machine, "d").is_err(), "never overwrites a key");
+        let csr_pem = fs::read_to_string(&csr).unwrap();
+        let (name, cert) = pki.sign_party_request(&csr_pem).unwrap();
+        assert_eq!(name, "d");
+        assert!(!pki.party_key("d").exists(), "the CA side never sees or writes the key");
+        assert_eq!(pki.enrolled().unwrap(), ["a", "d"]);
+        // The certificate is for the party's own key, names it, and has the party role.
+        let der = pem_der_of(&fs::read_to_string(&cert).unwrap());
+        let id = peer_identity(&der).unwrap();
+        assert_eq!((id.name.as_str(), id.role), ("d", Role::Party));
+        let signer = crate::identity::IdentityKey::from_pem(&read_private_key(&key).unwrap()).unwrap();
+        let mut verifier = crate::identity::CertVerifier::new(fs::read(pki.ca_cert()).unwrap().as_slice()).unwrap();
+        verifier.add_peer("d", &der).unwrap();
+        use crate::secagg::protocol::{IdentitySigner, IdentityVerifier};
+        verifier.verify("d", b"m", &signer.sign(b"m").unwrap()).unwrap();
+        // Signing again, a tampered request, or a reserved name: refused.
+        assert!(pki.sign_party_request(&csr_pem).is_err(), "already enrolled");
+        let mut tampered = csr_pem.clone().into_bytes();
+        let i = tampered.len() / 2;
+        tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
+        assert!(pki.sign_party_request(&String::from_utf8(tampered).unwrap()).is_err());
+        assert!(party_key_request("confide-admin").is_err());
+    }
+
+    fn pem_der_of(pem: &str) -> Vec<u8> {
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap().1.contents
+    }
 
     #[test]
     fn private_keys_readable_by_others_are_refused() {

@@ -30,6 +30,18 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make this party's private key (NAME.key, mode 0600) and a
+    /// certificate signing request (NAME.csr) in DIR. Send only the request
+    /// to whoever holds the federation CA (`confide certs sign`); the key
+    /// never leaves this machine.
+    Keygen {
+        /// The party's name, as the federation enrolls it.
+        #[arg(long)]
+        name: String,
+        /// Where to write the key and the request.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Check the config file and load every data set, then exit.
     Check {
         /// The party's config file.
@@ -229,6 +241,17 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
             Err(e) => {
                 eprintln!("error: {e}");
                 2
+            }
+        },
+        Command::Keygen { name, out } => match confide_crypto::pki::write_key_request(&out, &name) {
+            Ok((key, csr)) => {
+                println!("private key: {} (mode 0600; keep it here)", key.display());
+                println!("certificate request: {} (send it for signing: confide certs sign --csr ...)", csr.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
             }
         },
         Command::Check { config } => match PartyConfig::load_with(&config, &plugins) {

@@ -44,6 +44,9 @@ pub struct Federation {
     pub coordinator_bin: PathBuf,
     /// The party program (default `confide-party`).
     pub party_bin: PathBuf,
+    /// The PKI directory the coordinator serves from (default: the whole
+    /// `pki` directory `confide certs init` wrote).
+    pub coordinator_pki: Option<PathBuf>,
 }
 
 impl Federation {
@@ -63,6 +66,7 @@ impl Federation {
             names,
             coordinator_bin,
             party_bin,
+            coordinator_pki: None,
         };
         std::fs::create_dir_all(fed.path("logs")).expect("logs dir");
         fed.run_ok(&["certs", "init", "--dir", &fed.s("pki"), "--parties", &parties.join(",")]);
@@ -96,7 +100,8 @@ impl Federation {
         self.dir.path().join(rel)
     }
 
-    fn s(&self, rel: &str) -> String {
+    /// [`Self::path`] as a string.
+    pub fn s(&self, rel: &str) -> String {
         self.path(rel).to_string_lossy().into_owned()
     }
 
@@ -138,7 +143,7 @@ impl Federation {
                 "--data-dir",
                 &self.s("coordinator"),
                 "--pki",
-                &self.s("pki"),
+                &self.coordinator_pki.clone().map_or_else(|| self.s("pki"), |p| p.to_string_lossy().into_owned()),
             ])
             .env("CONFIDE_LOG", "info")
             .stdin(Stdio::null())
@@ -182,6 +187,11 @@ impl Federation {
     /// Starts one party process.
     pub fn start_party(&mut self, name: &str, extra: &str) {
         let cfg = self.party_config(name, extra);
+        self.start_party_with_config(name, &cfg);
+    }
+
+    /// Starts one party process with the config file `cfg`.
+    pub fn start_party_with_config(&mut self, name: &str, cfg: &Path) {
         let child = Command::new(&self.party_bin)
             .args(["run", "--config", cfg.to_str().expect("utf-8")])
             .env("CONFIDE_LOG", "info")
