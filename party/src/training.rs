@@ -42,7 +42,10 @@ impl PartyJobKind for TrainingKind {
             .client(&spec.aggregation.settings, &facts, cx.identity)
             .map_err(|e| format!("aggregation.{name}: {e}"))?;
         let trainer = cx.trainers.build(spec, cx.dataset, cx.party)?;
-        Ok(Box::new(TrainingHandler::new(trainer, client, protocol.stages())))
+        let mut handler = TrainingHandler::new(trainer, client, protocol.stages());
+        handler.share_feature_stats = spec.model.standardize;
+        handler.share_fit_metrics = protocol.reveals() == confide_crypto::aggregation::Reveals::Updates;
+        Ok(Box::new(handler))
     }
 }
 
@@ -53,6 +56,13 @@ pub struct TrainingHandler {
     stages: &'static [StageName],
     /// The round whose aggregation is in progress.
     open: Option<u32>,
+    /// Whether setup sends the per-feature sums (only when the job
+    /// standardises its inputs: otherwise they are a side channel about the
+    /// party's rows with no use).
+    pub share_feature_stats: bool,
+    /// Whether the fit answer carries this party's training metrics in the
+    /// clear (not when the protocol hides individual updates).
+    pub share_fit_metrics: bool,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -67,7 +77,7 @@ impl TrainingHandler {
         aggregation: Box<dyn AggregationClient>,
         stages: &'static [StageName],
     ) -> Self {
-        TrainingHandler { trainer, aggregation, stages, open: None }
+        TrainingHandler { trainer, aggregation, stages, open: None, share_feature_stats: true, share_fit_metrics: true }
     }
 }
 
@@ -77,7 +87,7 @@ impl JobHandler for TrainingHandler {
         let round = task.round;
         match task.body {
             TaskBody::Setup => {
-                let stats = self.trainer.feature_stats();
+                let stats = if self.share_feature_stats { self.trainer.feature_stats() } else { Default::default() };
                 let params = self.trainer.parameters().map_err(err)?;
                 Ok(ResultBody::Setup { params, stats })
             }
@@ -157,13 +167,19 @@ impl TrainingHandler {
         // share of a round from the training's.
         outcome.metrics.insert("train_ms".into(), train_started.elapsed().as_secs_f64() * 1000.0);
         let local = self.trainer.parameters().map_err(err)?;
-        let update = LocalUpdate { global, fit: config, local, num_examples: outcome.num_examples };
+        let train_loss = outcome.metrics.get("train_loss").copied();
+        let update = LocalUpdate { global, fit: config, local, num_examples: outcome.num_examples, train_loss };
         let contribution = self.aggregation.contribute(round, round_message, update)?;
         if !self.stages.is_empty() {
             self.open = Some(round);
         }
         let mut metrics = outcome.metrics;
         metrics.insert("fit_ms".into(), started.elapsed().as_secs_f64() * 1000.0);
+        if !self.share_fit_metrics {
+            // The protocol hides this party's update: its loss travels inside
+            // the secure sum, and its timings (a hint of its data's size) not at all.
+            metrics.clear();
+        }
         Ok(ResultBody::Fit { metrics, contribution })
     }
 }

@@ -133,6 +133,7 @@ impl AggregationServer for TwoStepServer {
         Ok(Progress::Done(Aggregate::WeightedSum {
             weighted_delta_sum: std::mem::take(&mut self.sum),
             total_examples: total,
+            mean_train_loss: None,
             contributors: std::mem::take(&mut self.contributors),
         }))
     }

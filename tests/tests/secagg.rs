@@ -38,6 +38,11 @@ fn secure_aggregation_recovers_the_survivors_sum_when_two_parties_crash_mid_stag
         let why = st["history"][0]["dropped"][c].as_str().unwrap_or_default();
         assert!(why.starts_with("secagg-masked-input"), "{c}: {why}\n{st:#}");
     }
+    // The round's training loss is the secure example-weighted mean; no party's
+    // own loss or training time reached the coordinator.
+    let metrics = &st["history"][0]["metrics"];
+    assert!(metrics["train_loss"].as_f64().is_some_and(|l| l > 0.0 && l < 10.0), "{metrics:#}");
+    assert!(metrics.get("train_ms_max").is_none(), "{metrics:#}");
 
     // Independently: setup over all ten, then FedAvg over the eight survivors.
     let spec = JobSpec::parse(&text, "secagg.toml", &Limits::default()).expect("spec");

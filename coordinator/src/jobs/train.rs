@@ -281,21 +281,13 @@ impl Training {
                     .call(&format!("round {round} aggregation"), |s| s.aggregate_fit(round, &global, &results));
                 (next, participants)
             }
-            Aggregate::WeightedSum { weighted_delta_sum, total_examples, contributors } => {
-                let reported: Vec<&Metrics> = contributors.iter().filter_map(|p| self.fit_metrics.get(p)).collect();
-                if let Some(first) = reported.first() {
-                    for key in first.keys() {
-                        let vals: Vec<f64> = reported.iter().filter_map(|m| m.get(key).copied()).collect();
-                        if vals.len() == reported.len() {
-                            // Examples per party stay secret: a plain mean of the metrics.
-                            metrics.insert(key.clone(), vals.iter().sum::<f64>() / vals.len() as f64);
-                        }
-                    }
+            Aggregate::WeightedSum { weighted_delta_sum, total_examples, mean_train_loss, contributors } => {
+                // Only what the protocol aggregated: parties send no metrics
+                // of their own in the clear when it hides their updates.
+                if let Some(loss) = mean_train_loss {
+                    metrics.insert("train_loss".into(), loss);
                 }
                 metrics.insert("train_examples".into(), total_examples);
-                if let Some(max) = slowest(reported.into_iter(), "train_ms") {
-                    metrics.insert("train_ms_max".into(), max);
-                }
                 let next = self.strategy.call(&format!("round {round} aggregation"), |s| {
                     s.aggregate_secure_sum(round, &global, &weighted_delta_sum, total_examples)
                 });

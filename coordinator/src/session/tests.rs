@@ -98,7 +98,7 @@ fn plain_fit(task: &TaskOut, n: u64, v: &[f32]) -> ResultBody {
     let job = JobSpec::parse(BASE_SPEC, "t", &Limits::default()).unwrap().facts("job-t", &Limits::default());
     let mut client = Plain.client(&toml::Table::new(), &job, identity("x")).unwrap();
     let TaskBody::Fit { config, .. } = &task.task.body else { panic!("not a fit task: {task:?}") };
-    let update = LocalUpdate { global: &global, fit: config, local: params(v), num_examples: n };
+    let update = LocalUpdate { global: &global, fit: config, local: params(v), num_examples: n, train_loss: None };
     let contribution = client.contribute(task.round, &[], update).unwrap();
     ResultBody::Fit { metrics: Metrics::new(), contribution }
 }
@@ -476,7 +476,7 @@ mod secure {
         fn fit(&mut self, p: &str, t: &TaskOut) -> Vec<Output> {
             let TaskBody::Fit { global, round_message, config } = &t.task.body else { panic!("{t:?}") };
             let (n, l) = local(p);
-            let update = LocalUpdate { global, fit: config, local: params(&l), num_examples: n };
+            let update = LocalUpdate { global, fit: config, local: params(&l), num_examples: n, train_loss: None };
             let contribution = self.clients.get_mut(p).unwrap().contribute(t.round, round_message, update).unwrap();
             self.answer(p, t.task_id, ResultBody::Fit { metrics: Metrics::new(), contribution })
         }

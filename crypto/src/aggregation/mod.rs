@@ -278,6 +278,9 @@ pub enum Aggregate {
         weighted_delta_sum: Vec<f64>,
         /// Σ nᵢ.
         total_examples: f64,
+        /// The example-weighted mean training loss of the contributors that
+        /// reported one, aggregated with the updates.
+        mean_train_loss: Option<f64>,
         /// Whose updates are in the sum, sorted.
         contributors: Vec<String>,
     },
@@ -360,6 +363,9 @@ pub struct LocalUpdate<'a> {
     pub local: Parameters,
     /// Training examples used (the aggregation weight).
     pub num_examples: u64,
+    /// The training loss the party reported, if any: protocols that hide
+    /// individual updates aggregate it with them instead of revealing it.
+    pub train_loss: Option<f64>,
 }
 
 /// A protocol's party side for one job.

@@ -145,7 +145,11 @@ mod tests {
         let mut client = Plain.client(&toml::Table::new(), &facts(), identity).unwrap();
         let fit = FitConfig { round: 1, train: TrainConfig::default() };
         client
-            .contribute(1, &[], LocalUpdate { global: &global, fit: &fit, local: params(v), num_examples: n })
+            .contribute(
+                1,
+                &[],
+                LocalUpdate { global: &global, fit: &fit, local: params(v), num_examples: n, train_loss: None },
+            )
             .unwrap()
     }
 

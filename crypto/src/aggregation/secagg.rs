@@ -683,9 +683,15 @@ impl AggregationServer for SecAggServer {
             }
             ServerStage::Unmask => {
                 let (sum, contributors) = r.server.finish()?;
-                let (weighted_delta_sum, total_examples) = r.encoding.decode(&sum, contributors.len())?;
+                let (weighted_delta_sum, total_examples, mean_train_loss) =
+                    r.encoding.decode(&sum, contributors.len())?;
                 self.round = None;
-                Progress::Done(Aggregate::WeightedSum { weighted_delta_sum, total_examples, contributors })
+                Progress::Done(Aggregate::WeightedSum {
+                    weighted_delta_sum,
+                    total_examples,
+                    mean_train_loss,
+                    contributors,
+                })
             }
         };
         Ok(progress)
@@ -775,7 +781,7 @@ impl AggregationClient for SecAggClient {
             return Err(coordinator_fault(format!("sent a round {field} that the job spec does not give")));
         }
         let encoding = WeightedUpdate::new(s.bits, s.clip, s.max_examples, config.parties.len())?;
-        let input = encoding.encode(update.global, &update.local, update.num_examples)?;
+        let input = encoding.encode(update.global, &update.local, update.num_examples, update.train_loss)?;
         let (client, advert) = Client::new(config, &self.party.name, self.party.signer.as_ref(), &mut OsRng)?;
         self.round = Some(ClientRound { round, client, input, keyed: false, premasked: false });
         Ok(Envelope::encode(&keys_to_wire(&advert, &[])))
@@ -917,7 +923,7 @@ mod tests {
 
     /// Runs a round of `n` parties through the two sides, with `drop_at`
     /// parties vanishing before the masked input.
-    fn run(n: usize, drop: &[usize]) -> Result<(Vec<f64>, f64, Vec<String>), Error> {
+    fn run(n: usize, drop: &[usize]) -> Result<(Vec<f64>, f64, Option<f64>, Vec<String>), Error> {
         let table = toml::toml! { max_examples = 100 };
         let job = facts(n);
         let names = names(n);
@@ -928,15 +934,21 @@ mod tests {
         let rm = server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) })?;
         for (i, c) in clients.iter_mut().enumerate() {
             let local = params(&[0.5 + i as f32 * 0.1, -0.5]);
-            let update = LocalUpdate { global: &global, fit: &fit, local, num_examples: 10 * (i as u64 + 1) };
+            let (num_examples, train_loss) = (10 * (i as u64 + 1), Some(i as f64 + 1.0));
+            let update = LocalUpdate { global: &global, fit: &fit, local, num_examples, train_loss };
             let m = c.contribute(1, &rm, update)?;
             server.on_message(Peer { name: &names[i], certificate: &[] }, m)?;
         }
         let mut progress = server.close_stage()?;
         loop {
             match progress {
-                Progress::Done(Aggregate::WeightedSum { weighted_delta_sum, total_examples, contributors }) => {
-                    return Ok((weighted_delta_sum, total_examples, contributors));
+                Progress::Done(Aggregate::WeightedSum {
+                    weighted_delta_sum,
+                    total_examples,
+                    mean_train_loss,
+                    contributors,
+                }) => {
+                    return Ok((weighted_delta_sum, total_examples, mean_train_loss, contributors));
                 }
                 Progress::Done(_) => panic!("secagg reveals only a sum"),
                 Progress::Step { stage, messages, .. } => {
@@ -960,7 +972,10 @@ mod tests {
 
     #[test]
     fn the_two_sides_compute_the_weighted_delta_sum_with_dropouts() {
-        let (sum, total, who) = run(5, &[1]).unwrap();
+        let (sum, total, loss, who) = run(5, &[1]).unwrap();
+        // The example-weighted mean loss of the survivors, not any party's:
+        // (10·1 + 30·3 + 40·4 + 50·5) / 130.
+        assert!((loss.unwrap() - 510.0 / 130.0).abs() < 1e-3, "{loss:?}");
         assert_eq!(who, ["p0", "p2", "p3", "p4"]);
         assert_eq!(total, 10.0 + 30.0 + 40.0 + 50.0);
         // Σ nᵢ·Δᵢ for the first value: 10·0 + 30·0.2 + 40·0.3 + 50·0.4 = 38
@@ -1005,12 +1020,14 @@ mod tests {
             ("at least 3", wire::RoundConfig { parties: names[..2].to_vec(), ..good.clone() }),
         ] {
             let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-            let update = LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5 };
+            let update =
+                LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None };
             let err = client.contribute(1, &prost::Message::encode_to_vec(&tamper), update).unwrap_err().to_string();
             assert!(err.contains("coordinator") && err.contains(field), "{field}: {err}");
         }
         let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-        let update = LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5 };
+        let update =
+            LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None };
         client.contribute(1, &honest, update).unwrap();
     }
 
@@ -1035,7 +1052,8 @@ mod tests {
             let mut adverts = Vec::new();
             for (i, c) in clients.iter_mut().enumerate() {
                 let (gi, fi) = if i == 0 { (g, f) } else { (&global, &fit) };
-                let update = LocalUpdate { global: gi, fit: fi, local: params(&[0.1, 0.2]), num_examples: 5 };
+                let update =
+                    LocalUpdate { global: gi, fit: fi, local: params(&[0.1, 0.2]), num_examples: 5, train_loss: None };
                 adverts.push(c.contribute(1, &rm, update).unwrap());
             }
             let mut honest = server(&toml::Table::new(), &job);
@@ -1063,8 +1081,12 @@ mod tests {
         let rm =
             server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
         let mut c = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-        c.contribute(1, &rm, LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5 })
-            .unwrap();
+        c.contribute(
+            1,
+            &rm,
+            LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None },
+        )
+        .unwrap();
         let survivors = Envelope::encode(&wire::Survivors { survivors: names.clone() });
         let unmask = Envelope::encode(&wire::UnmaskRequest { survivors: names.clone(), signatures: Vec::new() });
         for (stage, msg) in [(CONSISTENCY, survivors), (UNMASK, unmask.clone())] {

@@ -5,13 +5,20 @@
 //! coordinate-wise in fixed point ([`FixedPoint`]) and appends `n` as one
 //! more word. Summing the encodings of the contributors therefore reveals
 //! Σ nᵢ·(localᵢ − global) (after scaling back by `max_examples`) and Σ nᵢ,
-//! exactly what a weighted mean needs, and nothing per party. Differential
-//! privacy noise will be added to the same words before masking.
+//! exactly what a weighted mean needs, and nothing per party. Two more words
+//! carry the party's training loss the same way (n/max_examples · loss,
+//! capped at [`LOSS_CAP`], and n again when it reported one), so the
+//! coordinator learns the example-weighted mean loss of the round and not
+//! any party's. Differential privacy noise will be added to the same words
+//! before masking.
 
 use confide_algorithms::Parameters;
 
 use crate::Error;
 use crate::secagg::encoding::FixedPoint;
+
+/// Training losses above this are counted as this in the secure mean.
+pub const LOSS_CAP: f64 = 100.0;
 
 /// The agreed encoding of example-weighted updates for one round.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,9 +39,10 @@ impl WeightedUpdate {
         Ok(WeightedUpdate { fixed: FixedPoint::new(bits, 0, clip, max_parties)?, max_examples })
     }
 
-    /// Words per encoded update of a model with `values` values (the weight is one more).
+    /// Words per encoded update of a model with `values` values: the
+    /// values, the weight, and the training loss and its weight.
     pub fn words(values: usize) -> usize {
-        values + 1
+        values + 3
     }
 
     /// The largest absolute error per value of a decoded sum of `n` updates,
@@ -46,7 +54,13 @@ impl WeightedUpdate {
     /// Encodes `n/max_examples · (local − global)` and the weight `n`. A
     /// local model of another shape, or with NaN or infinite values, is
     /// refused: clipping would hide a diverged model inside the sum.
-    pub fn encode(&self, global: &Parameters, local: &Parameters, n: u64) -> Result<Vec<u32>, Error> {
+    pub fn encode(
+        &self,
+        global: &Parameters,
+        local: &Parameters,
+        n: u64,
+        train_loss: Option<f64>,
+    ) -> Result<Vec<u32>, Error> {
         if n == 0 || n > self.max_examples {
             return Err(Error::InvalidInput(format!(
                 "this party trained on {n} examples; max_examples allows 1 to {}",
@@ -71,20 +85,32 @@ impl WeightedUpdate {
             local.check_finite().map_err(bad)?;
         }
         out[at] = n as u32;
+        // The loss as a fraction of the most any party can put in, in levels.
+        if let Some(loss) = train_loss.filter(|l| l.is_finite()) {
+            let fraction = (n as f64 / self.max_examples as f64) * (loss.clamp(0.0, LOSS_CAP) / LOSS_CAP);
+            out[at + 1] = (fraction * self.fixed.levels() as f64).round() as u32;
+            out[at + 2] = n as u32;
+        }
         Ok(out)
     }
 
-    /// Decodes the sum of `contributors` encodings into (Σ nᵢ·Δᵢ, Σ nᵢ).
-    pub fn decode(&self, sum: &[u32], contributors: usize) -> Result<(Vec<f64>, f64), Error> {
-        let Some((&weight, values)) = sum.split_last() else {
-            return Err(Error::InvalidInput("an empty sum".into()));
+    /// Decodes the sum of `contributors` encodings into (Σ nᵢ·Δᵢ, Σ nᵢ,
+    /// the example-weighted mean training loss of those that reported one).
+    pub fn decode(&self, sum: &[u32], contributors: usize) -> Result<(Vec<f64>, f64, Option<f64>), Error> {
+        let [values @ .., weight, loss_sum, loss_weight] = sum else {
+            return Err(Error::InvalidInput("a sum shorter than its three trailing words".into()));
         };
+        let (weight, loss_sum, loss_weight) = (*weight, *loss_sum, *loss_weight);
+        let mean_loss = (loss_weight > 0).then(|| {
+            f64::from(loss_sum) / self.fixed.levels() as f64 * self.max_examples as f64 * LOSS_CAP
+                / f64::from(loss_weight)
+        });
         let total = f64::from(weight);
         if total <= 0.0 {
             return Err(Error::InvalidInput("the sum holds zero training examples".into()));
         }
         let decoded = self.fixed.decode_sum_scaled(values, contributors, self.max_examples as f64)?;
-        Ok((decoded, total))
+        Ok((decoded, total, mean_loss))
     }
 }
 
@@ -102,30 +128,45 @@ mod tests {
     fn refuses_diverged_models_and_bad_counts() {
         let enc = WeightedUpdate::new(32, 1.0, 100, 10).unwrap();
         let g = params(&[0.0, 0.0]);
-        let err = enc.encode(&g, &params(&[f32::NAN, 0.0]), 5).unwrap_err().to_string();
+        let err = enc.encode(&g, &params(&[f32::NAN, 0.0]), 5, None).unwrap_err().to_string();
         assert!(err.contains("local model after training") && err.contains("NaN"), "{err}");
-        assert!(enc.encode(&g, &params(&[0.0]), 5).is_err());
-        assert!(enc.encode(&g, &params(&[0.0, 0.0]), 0).is_err());
-        assert!(enc.encode(&g, &params(&[0.0, 0.0]), 101).is_err());
+        assert!(enc.encode(&g, &params(&[0.0]), 5, None).is_err());
+        assert!(enc.encode(&g, &params(&[0.0, 0.0]), 0, None).is_err());
+        assert!(enc.encode(&g, &params(&[0.0, 0.0]), 101, None).is_err());
         assert!(WeightedUpdate::new(16, 1.0, 100_000, 3).is_err(), "weights overflow 16 bits");
     }
 
     proptest! {
         #[test]
-        fn the_sum_of_encodings_decodes_to_the_weighted_delta_sum(
-            parties in proptest::collection::vec((1u64..=1000, proptest::collection::vec(-0.5f32..0.5, 4)), 1..12),
+        fn the_sum_of_encodings_decodes_to_the_weighted_delta_sum_and_mean_loss(
+            parties in proptest::collection::vec(
+                (1u64..=1000, proptest::collection::vec(-0.5f32..0.5, 4), proptest::option::of(0.0f64..150.0)),
+                1..12,
+            ),
         ) {
             let enc = WeightedUpdate::new(32, 1.0, 1000, 12).unwrap();
             let g = params(&[0.1, -0.2, 0.0, 0.3]);
-            let mut sum = vec![0u32; 5];
-            for (n, local) in &parties {
-                let words = enc.encode(&g, &params(local), *n).unwrap();
+            let mut sum = vec![0u32; WeightedUpdate::words(4)];
+            for (n, local, loss) in &parties {
+                let words = enc.encode(&g, &params(local), *n, *loss).unwrap();
                 for (s, w) in sum.iter_mut().zip(words) { *s = s.wrapping_add(w); }
             }
-            let (delta, total) = enc.decode(&sum, parties.len()).unwrap();
-            prop_assert_eq!(total, parties.iter().map(|(n, _)| *n as f64).sum::<f64>());
+            let (delta, total, mean_loss) = enc.decode(&sum, parties.len()).unwrap();
+            prop_assert_eq!(total, parties.iter().map(|(n, _, _)| *n as f64).sum::<f64>());
+            // The example-weighted mean of the reported losses (capped), to the quantisation.
+            let reported: Vec<(f64, f64)> =
+                parties.iter().filter_map(|(n, _, l)| l.map(|l| (*n as f64, l.min(LOSS_CAP)))).collect();
+            let weight: f64 = reported.iter().map(|(n, _)| n).sum();
+            match mean_loss {
+                None => prop_assert!(reported.is_empty()),
+                Some(m) => {
+                    let exact = reported.iter().map(|(n, l)| n * l).sum::<f64>() / weight;
+                    let step = 1000.0 * LOSS_CAP / enc.fixed.levels() as f64;
+                    prop_assert!((m - exact).abs() <= parties.len() as f64 * step / weight + 1e-9, "{m} vs {exact}");
+                }
+            }
             for j in 0..4 {
-                let exact: f64 = parties.iter().map(|(n, l)| *n as f64 * f64::from(l[j] - g.tensors()[0].data[j])).sum();
+                let exact: f64 = parties.iter().map(|(n, l, _)| *n as f64 * f64::from(l[j] - g.tensors()[0].data[j])).sum();
                 // Quantisation, plus the f32 rounding of n/N·Δ before encoding.
                 let bound = enc.max_error(parties.len()) + parties.len() as f64 * 1e-4;
                 prop_assert!((delta[j] - exact).abs() <= bound, "{} vs {}", delta[j], exact);

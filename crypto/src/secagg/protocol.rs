@@ -784,8 +784,15 @@ impl Server {
                 return Err(misbehaved(from, "share ciphertext of the wrong size"));
             }
         }
-        if to.len() < self.cfg.threshold {
-            return Err(misbehaved(from, format!("sent only {} shares", to.len())));
+        // Exactly one share for each neighbour that advertised keys: a party
+        // that shares with only some of them (say t) could make its secret
+        // unrecoverable when one of those drops, failing the round on purpose.
+        let expected = neighbours.iter().filter(|n| self.keys.contains_key(*n)).count();
+        if to.len() != expected {
+            return Err(misbehaved(
+                from,
+                format!("sent {} shares; its {expected} neighbours with keys must each get one", to.len()),
+            ));
         }
         for s in shares {
             self.shares.entry(s.to.clone()).or_default().push(s);
@@ -1331,6 +1338,13 @@ mod tests {
         let mut wrong = shares[1].clone();
         wrong[0].from = "p03".into();
         assert!(server.on_shares("p02", wrong).is_err(), "shares claiming another sender");
+        let mut fewer = shares[1].clone();
+        fewer.pop();
+        let err = server.on_shares("p02", fewer).unwrap_err();
+        assert!(
+            matches!(&err, Error::PeerMisbehaved { party, reason } if party == "p02" && reason.contains("must each get one")),
+            "{err}"
+        );
         server.on_shares("p02", shares[1].clone()).unwrap();
         server.on_shares("p03", shares[2].clone()).unwrap();
         server.close_shares().unwrap();
