@@ -923,7 +923,10 @@ mod tests {
 
     /// Runs a round of `n` parties through the two sides, with `drop_at`
     /// parties vanishing before the masked input.
-    fn run(n: usize, drop: &[usize]) -> Result<(Vec<f64>, f64, Option<f64>, Vec<String>), Error> {
+    /// Σ nᵢ·Δᵢ, Σ nᵢ, the mean loss, the contributors.
+    type Outcome = (Vec<f64>, f64, Option<f64>, Vec<String>);
+
+    fn run(n: usize, drop: &[usize]) -> Result<Outcome, Error> {
         let table = toml::toml! { max_examples = 100 };
         let job = facts(n);
         let names = names(n);
