@@ -134,6 +134,7 @@ impl AggregationServer for TwoStepServer {
             weighted_delta_sum: std::mem::take(&mut self.sum),
             total_examples: total,
             mean_train_loss: None,
+            misbehaved: Vec::new(),
             contributors: std::mem::take(&mut self.contributors),
         }))
     }

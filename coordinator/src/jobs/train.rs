@@ -281,7 +281,17 @@ impl Training {
                     .call(&format!("round {round} aggregation"), |s| s.aggregate_fit(round, &global, &results));
                 (next, participants)
             }
-            Aggregate::WeightedSum { weighted_delta_sum, total_examples, mean_train_loss, contributors } => {
+            Aggregate::WeightedSum {
+                weighted_delta_sum,
+                total_examples,
+                mean_train_loss,
+                misbehaved,
+                contributors,
+            } => {
+                // Caught cheating while the sum was rebuilt: out of the job.
+                for (party, why) in misbehaved {
+                    cx.exclude(&party, &format!("round {round} {}: {why}", self.protocol_name));
+                }
                 // Only what the protocol aggregated: parties send no metrics
                 // of their own in the clear when it hides their updates.
                 if let Some(loss) = mean_train_loss {

@@ -281,6 +281,9 @@ pub enum Aggregate {
         /// The example-weighted mean training loss of the contributors that
         /// reported one, aggregated with the updates.
         mean_train_loss: Option<f64>,
+        /// Parties caught misbehaving while the sum was rebuilt (e.g. a wrong
+        /// unmask share), with why; the sum does not depend on them.
+        misbehaved: Vec<(String, String)>,
         /// Whose updates are in the sum, sorted.
         contributors: Vec<String>,
     },

@@ -280,6 +280,9 @@ pub mod wire {
         /// DER, relayed by the coordinator from the party's TLS connection.
         #[prost(bytes = "vec", tag = "5")]
         pub certificate: Vec<u8>,
+        /// Commitment to the party's self-mask seed.
+        #[prost(bytes = "vec", tag = "6")]
+        pub seed_commitment: Vec<u8>,
     }
 
     /// The neighbours' keys (secagg-shares task).
@@ -375,6 +378,7 @@ fn keys_to_wire(k: &AdvertiseKeys, certificate: &[u8]) -> wire::Keys {
         mask_pk: k.mask_pk.to_vec(),
         signature: k.signature.clone(),
         certificate: certificate.to_vec(),
+        seed_commitment: k.seed_commitment.to_vec(),
     }
 }
 
@@ -388,6 +392,7 @@ fn keys_from_wire(k: wire::Keys, from: &str) -> Result<(AdvertiseKeys, Vec<u8>),
     let advert = AdvertiseKeys {
         enc_pk: array(&k.enc_pk, from, "enc_pk")?,
         mask_pk: array(&k.mask_pk, from, "mask_pk")?,
+        seed_commitment: array(&k.seed_commitment, from, "seed_commitment")?,
         party: k.party,
         signature: k.signature,
     };
@@ -685,11 +690,13 @@ impl AggregationServer for SecAggServer {
                 let (sum, contributors) = r.server.finish()?;
                 let (weighted_delta_sum, total_examples, mean_train_loss) =
                     r.encoding.decode(&sum, contributors.len())?;
+                let misbehaved = r.server.flagged().iter().map(|(p, why)| (p.clone(), why.clone())).collect();
                 self.round = None;
                 Progress::Done(Aggregate::WeightedSum {
                     weighted_delta_sum,
                     total_examples,
                     mean_train_loss,
+                    misbehaved,
                     contributors,
                 })
             }
@@ -950,6 +957,7 @@ mod tests {
                     total_examples,
                     mean_train_loss,
                     contributors,
+                    ..
                 }) => {
                     return Ok((weighted_delta_sum, total_examples, mean_train_loss, contributors));
                 }

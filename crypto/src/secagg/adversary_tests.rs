@@ -338,3 +338,46 @@ proptest! {
         assert_no_honest_input_exposed(&cfg, &corrupt, &loot);
     }
 }
+
+/// A malicious party reveals a wrong share at unmasking, to corrupt the sum
+/// silently. Reconstructions are checked against the owner's signed
+/// commitment (self-mask seed) or public key (mask key): with a share to
+/// spare the sum is still exact and the holder is named; without, the round
+/// fails rather than return a wrong sum.
+#[test]
+fn a_wrong_unmask_share_is_caught_and_its_holder_named() {
+    for spare in [true, false] {
+        // Seven parties, t = 4 of k = 6. After the masked inputs only six
+        // answer (p00's shares come from five holders: one to spare), or
+        // only five (four holders: none to spare).
+        let cfg = config(7, 0.0);
+        let (mut server, mut clients) = through_masked(&cfg);
+        let answering: Vec<String> = cfg.parties.iter().take(if spare { 6 } else { 5 }).cloned().collect();
+        let survivors = server.close_masked().unwrap();
+        for p in &answering {
+            let sig = clients.get_mut(p).unwrap().on_survivors(&survivors, &Tag(p.clone())).unwrap();
+            server.on_survivor_signature(sig, &TagCheck).unwrap();
+        }
+        for (p, req) in server.close_consistency().unwrap() {
+            let mut answer = clients.get_mut(&p).unwrap().on_unmask(&req, &TagCheck).unwrap();
+            if p == "p01" {
+                // p01 shifts its share of p00's self-mask seed.
+                let share = &mut answer.self_mask.iter_mut().find(|(o, _)| o == "p00").unwrap().1;
+                share.y[0] = (share.y[0] + 1) % ((1u64 << 61) - 1);
+            }
+            server.on_unmask(answer).unwrap();
+        }
+        match server.finish() {
+            Ok((sum, _)) => {
+                assert!(spare, "no spare share: the wrong one cannot be told apart");
+                // Inputs were vec![i; dim] for party i: 0 + 1 + … + 6.
+                assert_eq!(sum, vec![21; cfg.dim]);
+                assert!(server.flagged()["p01"].contains("p00's self-mask"), "{:?}", server.flagged());
+            }
+            Err(e) => {
+                assert!(!spare, "{e}");
+                assert!(e.to_string().contains("p00's self-mask"), "{e}");
+            }
+        }
+    }
+}

@@ -96,12 +96,20 @@ impl Config {
         self.parties.binary_search_by(|p| p.as_str().cmp(party)).ok()
     }
 
-    fn keys_transcript(&self, party: &str, enc: &[u8; 32], mask: &[u8; 32]) -> Vec<u8> {
-        let mut t = context("keys", &self.job, self.round, &[party]);
+    fn keys_transcript(&self, k: &AdvertiseKeys) -> Vec<u8> {
+        let mut t = context("keys", &self.job, self.round, &[&k.party]);
         t.extend_from_slice(&self.binding);
-        t.extend_from_slice(enc);
-        t.extend_from_slice(mask);
+        t.extend_from_slice(&k.enc_pk);
+        t.extend_from_slice(&k.mask_pk);
+        t.extend_from_slice(&k.seed_commitment);
         t
+    }
+
+    /// A commitment to a party's self-mask seed, published (signed) with its
+    /// keys: a reconstruction from shares is checked against it, as the mask
+    /// key is checked against its public key, so a wrong share is caught.
+    fn seed_commitment(&self, b: &[u8; 32], party: &str) -> [u8; 32] {
+        *derive(b, &context("self-mask-commitment", &self.job, self.round, &[party]))
     }
 
     /// What a party signs in the consistency stage: the survivor set of
@@ -137,7 +145,10 @@ pub struct AdvertiseKeys {
     pub enc_pk: [u8; 32],
     /// X25519 key for pairwise masks.
     pub mask_pk: [u8; 32],
-    /// Identity signature over job, round, party and both keys.
+    /// Commitment to the self-mask seed (a one-way function of it).
+    pub seed_commitment: [u8; 32],
+    /// Identity signature over job, round, binding, party, both keys and
+    /// the commitment.
     pub signature: Vec<u8>,
 }
 
@@ -311,8 +322,9 @@ impl Client {
         let mut seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(seed.as_mut());
         let (enc_pk, mask_pk) = (PublicKey::from(&enc_sk).to_bytes(), PublicKey::from(&mask_sk).to_bytes());
-        let signature = signer.sign(&cfg.keys_transcript(me, &enc_pk, &mask_pk))?;
-        let msg = AdvertiseKeys { party: me.to_owned(), enc_pk, mask_pk, signature };
+        let seed_commitment = cfg.seed_commitment(&seed, me);
+        let mut msg = AdvertiseKeys { party: me.to_owned(), enc_pk, mask_pk, seed_commitment, signature: Vec::new() };
+        msg.signature = signer.sign(&cfg.keys_transcript(&msg))?;
         let client = Client {
             me: me.to_owned(),
             neighbours,
@@ -376,18 +388,16 @@ impl Client {
             // The coordinator checks every advert before relaying it, so a
             // bad signature here is its doing: keys substituted, or the
             // neighbour given another model, configuration or party list.
-            verifier
-                .verify(&k.party, &self.cfg.keys_transcript(&k.party, &k.enc_pk, &k.mask_pk), &k.signature)
-                .map_err(|e| {
-                    misbehaved(
-                        "coordinator",
-                        format!(
-                            "relayed round keys of {} that do not verify over this party's round \
+            verifier.verify(&k.party, &self.cfg.keys_transcript(k), &k.signature).map_err(|e| {
+                misbehaved(
+                    "coordinator",
+                    format!(
+                        "relayed round keys of {} that do not verify over this party's round \
                              (substituted keys, or a different model, configuration or party list): {e}",
-                            k.party
-                        ),
-                    )
-                })?;
+                        k.party
+                    ),
+                )
+            })?;
             if !seen_keys.insert(k.enc_pk) || !seen_keys.insert(k.mask_pk) || k.enc_pk == k.mask_pk {
                 return Err(misbehaved(&k.party, "reused a public key"));
             }
@@ -666,6 +676,60 @@ enum ServerStage {
     Done,
 }
 
+/// Rebuilds a secret from `shares` (threshold `t`) and checks it with
+/// `check` (against the owner's commitment or public key). When the first t
+/// shares do not give the committed secret, a wrong share is looked for by
+/// leaving one out at a time; every share that does not fit the secret then
+/// found flags its holder in `flagged`, and the secret is used. Fails when
+/// no t shares agree with the commitment. `what` names the secret.
+fn rebuild_checked(
+    shares: &[Share],
+    t: usize,
+    what: &str,
+    parties: &[String],
+    check: impl Fn(&[u8; 32]) -> bool,
+    flagged: &mut BTreeMap<String, String>,
+) -> Result<Zeroizing<[u8; 32]>, Error> {
+    if shares.len() < t {
+        return Err(Error::BelowThreshold(format!("{} shares of {what}; {t} needed", shares.len())));
+    }
+    let holder = |s: &Share| parties.get(s.x as usize - 1).cloned().unwrap_or_else(|| format!("x={}", s.x));
+    let try_subset = |subset: &[Share]| -> Option<Zeroizing<[u8; 32]>> {
+        shamir::combine(subset, t).ok().map(Zeroizing::new).filter(|s| check(s))
+    };
+    if let Some(secret) = try_subset(&shares[..t]) {
+        return Ok(secret);
+    }
+    // Some share is wrong: find t that agree with the commitment.
+    let mut good: Option<(Vec<Share>, Zeroizing<[u8; 32]>)> = None;
+    for skip in 0..shares.len() {
+        let subset: Vec<Share> =
+            shares.iter().enumerate().filter(|(i, _)| *i != skip).map(|(_, s)| s.clone()).take(t).collect();
+        if subset.len() == t
+            && let Some(secret) = try_subset(&subset)
+        {
+            good = Some((subset, secret));
+            break;
+        }
+    }
+    let Some((base, secret)) = good else {
+        return Err(Error::InvalidInput(format!(
+            "the {} shares of {what} do not rebuild the committed secret: more than one wrong share",
+            shares.len()
+        )));
+    };
+    // Each share outside the agreeing set, swapped in for one of them, must
+    // give the same secret.
+    for s in shares.iter().filter(|s| !base.iter().any(|b| b.x == s.x)) {
+        let mut swapped = base.clone();
+        swapped[0] = s.clone();
+        if try_subset(&swapped).is_none() {
+            flagged.insert(holder(s), format!("revealed a share of {what} that does not fit its commitment"));
+        }
+    }
+    Ok(secret)
+}
+
 /// The coordinator's side of a round. It only ever holds public keys,
 /// ciphertexts, the running sum of the masked vectors and — per party —
 /// shares of one secret.
@@ -688,6 +752,8 @@ pub struct Server {
     /// Verified signatures on the survivor set, by signer.
     signatures: BTreeMap<String, Vec<u8>>,
     unmask: BTreeMap<String, UnmaskShares>,
+    /// Holders whose shares were wrong, found by `finish`.
+    flagged: BTreeMap<String, String>,
 }
 
 impl Server {
@@ -707,6 +773,7 @@ impl Server {
             dropped: BTreeSet::new(),
             signatures: BTreeMap::new(),
             unmask: BTreeMap::new(),
+            flagged: BTreeMap::new(),
         })
     }
 
@@ -738,9 +805,7 @@ impl Server {
         if msg.signature.is_empty() || msg.signature.len() > 512 {
             return Err(misbehaved(&msg.party, "signature missing or oversized"));
         }
-        verifier
-            .verify(&msg.party, &self.cfg.keys_transcript(&msg.party, &msg.enc_pk, &msg.mask_pk), &msg.signature)
-            .map_err(|e| {
+        verifier.verify(&msg.party, &self.cfg.keys_transcript(&msg), &msg.signature).map_err(|e| {
                 misbehaved(
                     &msg.party,
                     format!("round keys whose signature does not verify over this round (another model, configuration or party list?): {e}"),
@@ -991,6 +1056,13 @@ impl Server {
         Ok(())
     }
 
+    /// The parties whose unmask shares did not fit the owner's commitment
+    /// (or advertised key) in the last [`Server::finish`], with why: the
+    /// sum was rebuilt without them.
+    pub fn flagged(&self) -> &BTreeMap<String, String> {
+        &self.flagged
+    }
+
     /// Ends stage 4: the sum of the survivors' inputs mod 2^bits, or
     /// `BelowThreshold` naming a party whose secret cannot be rebuilt. Never
     /// returns a wrong sum for lack of shares.
@@ -1016,28 +1088,20 @@ impl Server {
         };
         // Rebuild every seed first, then remove all masks in one fused pass.
         let mut seeds: Vec<(Zeroizing<[u8; 32]>, bool)> = Vec::new();
-        let rebuild = |shares: &[Share], what: &str| -> Result<Zeroizing<[u8; 32]>, Error> {
-            if shares.len() < t {
-                return Err(Error::BelowThreshold(format!("{} shares of {what}; {t} needed", shares.len())));
-            }
-            shamir::combine(shares, t).map(Zeroizing::new).map_err(|e| match e {
-                Error::BelowThreshold(m) => Error::BelowThreshold(format!("{what}: {m}")),
-                other => Error::InvalidInput(format!("{what}: {other}")),
-            })
-        };
+        let parties = &self.cfg.parties;
+        let mut flagged: BTreeMap<String, String> = BTreeMap::new();
         for v in &self.survivors {
-            let shares = collect(v, true);
-            let b = rebuild(&shares, &format!("{v}'s self-mask"))?;
+            let commitment = self.keys.get(v).map(|k| k.seed_commitment);
+            let check = |b: &[u8; 32]| Some(self.cfg.seed_commitment(b, v)) == commitment;
+            let b = rebuild_checked(&collect(v, true), t, &format!("{v}'s self-mask"), parties, check, &mut flagged)?;
             seeds.push((self.cfg.self_seed(&b, v), true));
         }
         for d in &self.dropped {
-            let shares = collect(d, false);
-            let sk = rebuild(&shares, &format!("dropped {d}'s mask key"))?;
-            let sk = StaticSecret::from(*sk);
             let advertised = self.keys.get(d).map(|k| k.mask_pk);
-            if advertised != Some(PublicKey::from(&sk).to_bytes()) {
-                return Err(misbehaved(d, "its mask-key shares do not match its advertised key"));
-            }
+            let check = |sk: &[u8; 32]| Some(PublicKey::from(&StaticSecret::from(*sk)).to_bytes()) == advertised;
+            let what = format!("dropped {d}'s mask key");
+            let sk = rebuild_checked(&collect(d, false), t, &what, parties, check, &mut flagged)?;
+            let sk = StaticSecret::from(*sk);
             for u in self.neighbours_of(d)? {
                 // Survivor u added +/-PRG(s_ud) iff it received d's shares.
                 let Some(uk) = self.keys.get(&u) else { continue };
@@ -1049,6 +1113,7 @@ impl Server {
                 seeds.push((self.cfg.pair_seed(dh.as_bytes(), &u, d), u.as_str() < d.as_str()));
             }
         }
+        self.flagged = flagged;
         // The masked inputs are already summed: remove every mask in one
         // pass (split across cores for long vectors).
         let masks: Vec<(&[u8; 32], bool)> = seeds.iter().map(|(s, neg)| (&**s, *neg)).collect();
@@ -1417,7 +1482,13 @@ mod tests {
         assert!(
             server
                 .on_keys(
-                    AdvertiseKeys { party: "zz".into(), enc_pk: [1; 32], mask_pk: [2; 32], signature: vec![1] },
+                    AdvertiseKeys {
+                        party: "zz".into(),
+                        enc_pk: [1; 32],
+                        mask_pk: [2; 32],
+                        seed_commitment: [3; 32],
+                        signature: vec![1],
+                    },
                     &HashVerifier
                 )
                 .is_err()
