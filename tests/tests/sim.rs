@@ -34,6 +34,8 @@ struct Sim {
     crash_at: BTreeMap<String, String>,
     /// The coordinator stops delivering tasks of this stage (a stalled coordinator).
     withhold: Option<String>,
+    /// A malicious coordinator rewrites tasks before they reach a party.
+    tamper: Option<Box<dyn FnMut(&str, &mut Task)>>,
     queue: VecDeque<Event>,
     model: Option<Arc<Parameters>>,
     end: Option<(JobState, Option<String>)>,
@@ -75,6 +77,7 @@ impl Sim {
             parties,
             crash_at: BTreeMap::new(),
             withhold: None,
+            tamper: None,
             queue: VecDeque::new(),
             model: None,
             end: None,
@@ -91,7 +94,10 @@ impl Sim {
         while let Some(event) = self.queue.pop_front() {
             match event {
                 Event::ToCoordinator(input) => self.coordinator.handle(self.now, input),
-                Event::ToParty(party, task) => {
+                Event::ToParty(party, mut task) => {
+                    if let Some(t) = self.tamper.as_mut() {
+                        t(&party, &mut task);
+                    }
                     if self.crash_at.get(&party).is_some_and(|s| s == task.body.stage_name()) {
                         self.parties.remove(&party);
                         self.queue.push_back(Event::ToCoordinator(Input::Disconnected(party)));
@@ -204,4 +210,44 @@ fn a_party_wipes_an_open_round_when_the_coordinator_goes_silent() {
     let wiped: BTreeSet<&str> =
         sim.notes.iter().filter(|(_, n)| n.contains("abandoned the open round")).map(|(p, _)| p.as_str()).collect();
     assert_eq!(wiped.len(), 3, "{:?}", sim.notes);
+}
+
+#[test]
+fn a_party_catches_a_coordinator_fault_leaves_the_job_and_says_so() {
+    use confide_crypto::aggregation::secagg::{CONSISTENCY, wire};
+    use confide_proto::messages::TaskBody;
+    let fed = federation(5);
+    let text = job_spec(&fed.names, 4, 2, LOGREG, "seed = 2") + SECAGG;
+    let mut sim = Sim::new(&fed, &text);
+    // The coordinator leaves site-0 out of the survivor set it shows site-0
+    // (to learn its mask key while its masked input is in the sum).
+    sim.tamper = Some(Box::new(|party, task| {
+        if let TaskBody::Aggregation { stage, message } = &mut task.body
+            && party == "site-0"
+            && stage == CONSISTENCY.as_str()
+        {
+            let mut set: wire::Survivors = message.decode("test", "survivors").expect("survivors");
+            set.survivors.retain(|p| p != "site-0");
+            *message = confide_crypto::aggregation::Envelope::encode(&set);
+        }
+    }));
+    sim.run();
+    // The hospital sees it in its own log, in its own words.
+    let fault: Vec<&String> = sim
+        .notes
+        .iter()
+        .filter(|(p, n)| p == "site-0" && n.starts_with("coordinator fault:"))
+        .map(|(_, n)| n)
+        .collect();
+    assert!(
+        fault.iter().any(|n| n.contains("out of the survivors") && n.contains("leaving the job")),
+        "{:?}",
+        sim.notes
+    );
+    // The coordinator is told, the job's record shows it, and site-0 stays out.
+    let (state, error) = sim.end.clone().expect("the job ended");
+    assert_eq!(state, JobState::Succeeded, "{error:?}");
+    let parties = sim.coordinator.parties();
+    let detail = parties["site-0"].detail.clone().unwrap_or_default();
+    assert!(detail.contains("coordinator fault") && detail.contains("out of the survivors"), "{detail}");
 }
