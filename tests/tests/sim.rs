@@ -21,6 +21,9 @@ use confide_proto::messages::Task;
 use confide_proto::status::JobState;
 use confide_tests::{Federation, independent_fedavg, job_spec, max_abs_diff, repo_root};
 
+/// Rewrites a task on its way to the named party.
+type Tamper = Box<dyn FnMut(&str, &mut Task)>;
+
 enum Event {
     ToCoordinator(Input),
     ToParty(String, Task),
@@ -35,7 +38,7 @@ struct Sim {
     /// The coordinator stops delivering tasks of this stage (a stalled coordinator).
     withhold: Option<String>,
     /// A malicious coordinator rewrites tasks before they reach a party.
-    tamper: Option<Box<dyn FnMut(&str, &mut Task)>>,
+    tamper: Option<Tamper>,
     queue: VecDeque<Event>,
     model: Option<Arc<Parameters>>,
     end: Option<(JobState, Option<String>)>,
