@@ -273,6 +273,32 @@ fn the_same_attack_succeeds_below_the_threshold_bound() {
     assert!(loot.count("p00", true) >= 4 && loot.count("p00", false) >= 4);
 }
 
+/// The split-view attack with up to `max_corrupt` corrupt parties picked by
+/// `corrupt_pick`, one view per drop set (everyone but those), each honest
+/// party shown the view `assign` gives it; then the check.
+fn attack_and_check(
+    cfg: &Config,
+    corrupt_pick: &[usize],
+    max_corrupt: usize,
+    drops: &[BTreeSet<usize>],
+    assign: &[usize],
+) {
+    let n = cfg.parties.len();
+    let corrupt: BTreeSet<String> = corrupt_pick
+        .iter()
+        .map(|&i| cfg.parties[i % n].clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .take(max_corrupt)
+        .collect();
+    let views: Vec<Vec<String>> = drops
+        .iter()
+        .map(|d| cfg.parties.iter().enumerate().filter(|(i, _)| !d.contains(i)).map(|(_, p)| p.clone()).collect())
+        .collect();
+    let loot = split_view_attack(cfg, &corrupt, &views, assign);
+    assert_no_honest_input_exposed(cfg, &corrupt, &loot);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     /// Sparse graphs, where neighbourhoods differ: views split along the
@@ -295,13 +321,7 @@ proptest! {
             parties: (0..n).map(|i| format!("p{i:02}")).collect(),
             ..config(5, 0.0)
         };
-        let corrupt: BTreeSet<String> = corrupt_pick.iter().map(|&i| cfg.parties[i % n].clone()).take(c).collect();
-        let views: Vec<Vec<String>> = drops
-            .iter()
-            .map(|d| cfg.parties.iter().enumerate().filter(|(i, _)| !d.contains(i)).map(|(_, p)| p.clone()).collect())
-            .collect();
-        let loot = split_view_attack(&cfg, &corrupt, &views, &assign[..n]);
-        assert_no_honest_input_exposed(&cfg, &corrupt, &loot);
+        attack_and_check(&cfg, &corrupt_pick, c, &drops, &assign[..n]);
     }
 
     /// Any split of the parties into views, any corrupt set within the
@@ -325,17 +345,7 @@ proptest! {
         };
         // Corrupt parties: at most the bound the parameters tolerate in any
         // neighbourhood (for the sparse graph, at most c in total).
-        let bound = p.corrupt_neighbours;
-        let corrupt: BTreeSet<String> =
-            corrupt_pick.iter().map(|&i| cfg.parties[i % n].clone()).take(bound).collect();
-        let corrupt: BTreeSet<String> = corrupt.into_iter().take(bound).collect();
-        // Each view: everyone but some dropped parties.
-        let views: Vec<Vec<String>> = drops
-            .iter()
-            .map(|d| cfg.parties.iter().enumerate().filter(|(i, _)| !d.contains(i)).map(|(_, p)| p.clone()).collect())
-            .collect();
-        let loot = split_view_attack(&cfg, &corrupt, &views, &assign[..n]);
-        assert_no_honest_input_exposed(&cfg, &corrupt, &loot);
+        attack_and_check(&cfg, &corrupt_pick, p.corrupt_neighbours, &drops, &assign[..n]);
     }
 }
 
