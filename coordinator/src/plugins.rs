@@ -2,13 +2,20 @@
 //! kinds, built-in and registered. A researcher's own `confide` binary adds
 //! to them (see `examples/custom_strategy.rs`):
 //!
-//! ```no_run
+//! ```
 //! # use confide_coordinator::plugins::Plugins;
-//! # fn my_strategy() -> Box<dyn confide_algorithms::Strategy> { unimplemented!() }
+//! use confide_algorithms::{FedAvg, Strategy};
 //! #[derive(serde::Deserialize)]
 //! #[serde(deny_unknown_fields)]
 //! struct Options { gamma: f64 }
-//! let plugins = Plugins::new().strategy_with_options("lr-decay", |o: Options, _spec| Ok(my_strategy()));
+//! // A real strategy would use `o.gamma`; FedAvg stands in for it here.
+//! let plugins = Plugins::new().strategy_with_options("lr-decay", |o: Options, _spec| {
+//!     if !(o.gamma > 0.0 && o.gamma <= 1.0) {
+//!         return Err(format!("gamma must be in (0, 1] (got {})", o.gamma));
+//!     }
+//!     Ok(Box::new(FedAvg) as Box<dyn Strategy>)
+//! });
+//! assert!(plugins.has_strategy("lr-decay"));
 //! ```
 //!
 //! A job spec selects a registered strategy with `[strategy] name = "custom"`,

@@ -963,17 +963,9 @@ mod aggregation_tests {
     fn secagg_settings_have_safe_defaults_and_are_validated() {
         let s =
             JobSpec::parse(&format!("{BASE}[aggregation]\nprotocol = \"secagg\"\n"), "f", &Limits::default()).unwrap();
-        assert_eq!(
-            SecAggSettings::from_table(&s.aggregation.settings).unwrap(),
-            SecAggSettings {
-                corrupt_fraction: 0.05,
-                dropout_fraction: 0.1,
-                threshold: None,
-                bits: 32,
-                clip: 1.0,
-                max_examples: 100_000
-            }
-        );
+        assert_eq!(SecAggSettings::from_table(&s.aggregation.settings).unwrap(), SecAggSettings::default());
+        let d = SecAggSettings::default();
+        assert_eq!((d.corrupt_fraction, d.dropout_fraction, d.bits, d.max_examples), (0.05, 0.1, 32, 100_000));
         let bad = format!(
             "{BASE}[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nthreshold = 0.4\nbits = 40\nclip = -1.0\n"
         );

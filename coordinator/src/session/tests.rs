@@ -588,6 +588,45 @@ mod secure {
     }
 
     #[test]
+    fn a_party_revealing_a_wrong_share_is_named_and_excluded_and_the_sum_stays_exact() {
+        let (mut r, fit) = Run::start(3);
+        let mut next = Vec::new();
+        for (p, t) in &fit {
+            next = tasks(r.fit(p, t));
+        }
+        for _ in [SHARES, MASKED_INPUT, CONSISTENCY] {
+            let mut following = Vec::new();
+            for (p, t) in &next {
+                following = tasks(r.step(p, t));
+            }
+            next = following;
+        }
+        assert!(next.iter().all(|(_, t)| t.stage == Stage::Aggregation(UNMASK)));
+        let mut eval = Vec::new();
+        for (p, t) in &next {
+            let mut message = r.client_answer(p, t);
+            if p == "b" {
+                // b flips a bit of its share of a's self-mask seed.
+                let mut answer: wire::UnmaskShares = prost::Message::decode(message.body.as_slice()).unwrap();
+                let share = answer.self_mask.iter_mut().find(|s| s.owner == "a").unwrap();
+                share.share[8] ^= 1;
+                message = Envelope::encode(&answer);
+            }
+            let stage = t.stage.name().to_owned();
+            eval = tasks(r.answer(p, t.task_id, ResultBody::Aggregation { stage, message }));
+        }
+        // a's other holders outvote the wrong share: the round completes exactly.
+        assert!(eval.iter().all(|(_, t)| t.stage == Stage::Evaluate), "{eval:?}");
+        let got: Vec<f32> = eval[0].1.params.as_ref().unwrap().flat_values().collect();
+        for (g, w) in got.iter().zip(&expected(&PARTIES)) {
+            assert!((g - w).abs() < 1e-4, "{got:?}");
+        }
+        let b = &r.s.parties()["b"];
+        assert_eq!(b.state, PartyState::Failed);
+        assert!(b.detail.as_deref().unwrap_or_default().contains("does not fit its commitment"), "{b:?}");
+    }
+
+    #[test]
     fn a_plaintext_update_or_forged_shares_drop_the_party_by_name() {
         let (mut r, fit) = Run::start(3);
         // d sends its parameters in the clear instead of keys.

@@ -118,14 +118,8 @@ impl SecAggSettings {
             p.push(Problem::setting(field, e));
         } else {
             // The largest round and the smallest one the job allows must both have parameters.
-            let mut sizes = vec![job.party_bound()];
-            if job.min_parties >= MIN_ROUND_PARTIES && job.min_parties < job.party_bound() {
-                sizes.push(job.min_parties);
-            }
-            for n in sizes {
-                if n >= MIN_ROUND_PARTIES
-                    && let Err(e) = params::choose(n, &tm)
-                {
+            for n in round_sizes(job) {
+                if let Err(e) = params::choose(n, &tm) {
                     p.push(Problem::setting("dropout_fraction", e.to_string()));
                 }
             }
@@ -156,6 +150,18 @@ impl SecAggSettings {
         }
         p
     }
+}
+
+/// The largest round a job can have and, when smaller, the smallest it
+/// allows: the sizes whose parameters validation checks and `explain` shows.
+fn round_sizes(job: &JobFacts) -> Vec<usize> {
+    let largest = job.party_bound();
+    let mut sizes = vec![largest];
+    if job.min_parties < largest {
+        sizes.push(job.min_parties);
+    }
+    sizes.retain(|&n| n >= MIN_ROUND_PARTIES);
+    sizes
 }
 
 impl AggregationProtocol for SecAggPlus {
@@ -193,11 +199,7 @@ impl AggregationProtocol for SecAggPlus {
             params::SIGMA,
             params::ETA
         )];
-        let mut sizes = vec![job.party_bound()];
-        if job.min_parties >= MIN_ROUND_PARTIES && job.min_parties < job.party_bound() {
-            sizes.push(job.min_parties);
-        }
-        for n in sizes {
+        for n in round_sizes(job) {
             match params::choose(n, &tm) {
                 Ok(p) => lines.push(format!("secagg with {n} parties: {p}")),
                 Err(e) => lines.push(format!("secagg with {n} parties: {e}")),
@@ -803,7 +805,18 @@ impl AggregationClient for SecAggClient {
     }
 
     fn precompute(&mut self) {
-        self.precompute_masks();
+        // While the coordinator collects every party's shares, mask the
+        // input with every neighbour that advertised keys; the masked-input
+        // step then only removes the masks of neighbours that never shared.
+        // premask refuses only an input of the wrong length or range, which
+        // the encoding rules out (and the masked-input step would then say so).
+        if let Some(r) = self.round.as_mut()
+            && r.keyed
+            && !r.premasked
+            && r.client.premask(std::mem::take(&mut r.input)).is_ok()
+        {
+            r.premasked = true;
+        }
     }
 
     fn abandon(&mut self) {
@@ -886,19 +899,6 @@ impl SecAggClient {
             other => return Err(coordinator_fault(format!("sent a {other} step, which secagg does not have"))),
         };
         Ok(answer)
-    }
-
-    fn precompute_masks(&mut self) {
-        // While the coordinator collects every party's shares, mask the
-        // input with every neighbour that advertised keys; the masked-input
-        // step then only removes the masks of neighbours that never shared.
-        if let Some(r) = self.round.as_mut()
-            && r.keyed
-            && !r.premasked
-            && r.client.premask(std::mem::take(&mut r.input)).is_ok()
-        {
-            r.premasked = true;
-        }
     }
 }
 

@@ -745,10 +745,11 @@ pub struct Server {
     /// Σ y_u mod 2^32, added as inputs arrive: the server keeps one vector,
     /// not n, and the sum is ready when the last input is in.
     masked_sum: Vec<u32>,
-    /// The survivors (U3) and the dropped sharers, once the masked inputs
-    /// are in: each unmask answer is checked in O(k log n), not O(k n).
-    survivors: BTreeSet<String>,
+    /// The dropped sharers, once the masked inputs are in (`masked` is then
+    /// the survivor set U3): each unmask answer is checked in O(k log n).
     dropped: BTreeSet<String>,
+    /// What survivors sign in stage 3, computed once when U3 is fixed.
+    survivors_transcript: Vec<u8>,
     /// Verified signatures on the survivor set, by signer.
     signatures: BTreeMap<String, Vec<u8>>,
     unmask: BTreeMap<String, UnmaskShares>,
@@ -769,7 +770,7 @@ impl Server {
             shared: BTreeSet::new(),
             masked: BTreeSet::new(),
             masked_sum: Vec::new(),
-            survivors: BTreeSet::new(),
+            survivors_transcript: Vec::new(),
             dropped: BTreeSet::new(),
             signatures: BTreeMap::new(),
             unmask: BTreeMap::new(),
@@ -930,10 +931,11 @@ impl Server {
                 )));
             }
         }
-        self.survivors = self.masked.clone();
+        let survivors: Vec<String> = self.masked.iter().cloned().collect();
+        self.survivors_transcript = self.cfg.survivors_transcript(&survivors);
         self.dropped = self.shared.iter().filter(|p| !self.masked.contains(*p)).cloned().collect();
         self.stage = ServerStage::Consistency;
-        Ok(self.survivors.iter().cloned().collect())
+        Ok(survivors)
     }
 
     /// Stage 3 input: a survivor's signature on the survivor set, checked
@@ -944,7 +946,7 @@ impl Server {
         verifier: &dyn IdentityVerifier,
     ) -> Result<(), Error> {
         self.expect(ServerStage::Consistency, &msg.party)?;
-        if !self.survivors.contains(&msg.party) {
+        if !self.masked.contains(&msg.party) {
             return Err(misbehaved(&msg.party, "signed the survivor set without being a survivor"));
         }
         if self.signatures.contains_key(&msg.party) {
@@ -953,9 +955,8 @@ impl Server {
         if msg.signature.is_empty() || msg.signature.len() > 512 {
             return Err(misbehaved(&msg.party, "signature missing or oversized"));
         }
-        let survivors: Vec<String> = self.survivors.iter().cloned().collect();
         verifier
-            .verify(&msg.party, &self.cfg.survivors_transcript(&survivors), &msg.signature)
+            .verify(&msg.party, &self.survivors_transcript, &msg.signature)
             .map_err(|e| misbehaved(&msg.party, format!("survivor-set signature does not verify: {e}")))?;
         self.signatures.insert(msg.party, msg.signature);
         Ok(())
@@ -971,7 +972,7 @@ impl Server {
         let n = self.cfg.parties.len();
         let signer: Vec<bool> = self.cfg.parties.iter().map(|p| self.signatures.contains_key(p)).collect();
         let mut memo = vec![None; n];
-        for v in self.survivors.iter().chain(&self.dropped) {
+        for v in self.masked.iter().chain(&self.dropped) {
             if let Some((x, backing)) = unbacked(&self.graph, self.idx(v)?, &signer, t, &mut memo) {
                 return Err(Error::BelowThreshold(format!(
                     "{backing} of {}'s neighbours signed the survivor set; {t} needed to unmask {v}",
@@ -979,7 +980,7 @@ impl Server {
                 )));
             }
         }
-        let survivors: Vec<String> = self.survivors.iter().cloned().collect();
+        let survivors: Vec<String> = self.masked.iter().cloned().collect();
         let mut out = Vec::with_capacity(self.signatures.len());
         // Marks reused across recipients: `mark[j] == stamp` means j is taken.
         let (mut near, mut wanted) = (vec![0usize; n], vec![0usize; n]);
@@ -1047,7 +1048,7 @@ impl Server {
                 return Err(misbehaved(&msg.party, format!("bad or duplicate share of {owner}")));
             }
         }
-        if msg.self_mask.iter().any(|(o, _)| !self.survivors.contains(o))
+        if msg.self_mask.iter().any(|(o, _)| !self.masked.contains(o))
             || msg.mask_key.iter().any(|(o, _)| !self.dropped.contains(o))
         {
             return Err(misbehaved(&msg.party, "sent a share the request did not ask for"));
@@ -1090,7 +1091,7 @@ impl Server {
         let mut seeds: Vec<(Zeroizing<[u8; 32]>, bool)> = Vec::new();
         let parties = &self.cfg.parties;
         let mut flagged: BTreeMap<String, String> = BTreeMap::new();
-        for v in &self.survivors {
+        for v in &self.masked {
             let commitment = self.keys.get(v).map(|k| k.seed_commitment);
             let check = |b: &[u8; 32]| Some(self.cfg.seed_commitment(b, v)) == commitment;
             let b = rebuild_checked(&collect(v, true), t, &format!("{v}'s self-mask"), parties, check, &mut flagged)?;
@@ -1120,7 +1121,7 @@ impl Server {
         let mut sum = std::mem::take(&mut self.masked_sum);
         apply_masks(&mut sum, &masks, bits);
         self.stage = ServerStage::Done;
-        Ok((sum, self.survivors.iter().cloned().collect()))
+        Ok((sum, self.masked.iter().cloned().collect()))
     }
 }
 
@@ -1256,14 +1257,7 @@ mod tests {
     #[test]
     fn premask_is_once_only_and_exclusive_with_a_plain_masked_input() {
         let cfg = config(3, 8, 2, 2);
-        let mut clients: Vec<Client> = Vec::new();
-        let mut server = Server::new(cfg.clone()).unwrap();
-        for p in &cfg.parties {
-            let (c, m) = Client::new(cfg.clone(), p, &HashSigner(p.clone()), &mut OsRng).unwrap();
-            server.on_keys(m, &HashVerifier).unwrap();
-            clients.push(c);
-        }
-        server.close_keys().unwrap();
+        let (server, mut clients, _) = setup(&cfg);
         let c = &mut clients[0];
         assert!(c.premask(vec![1; 8]).is_err(), "before the keys");
         c.on_keys(&server.keys_for("p00").unwrap(), &HashVerifier, &mut OsRng).unwrap();
