@@ -103,7 +103,10 @@ pub fn validate_party_name(name: &str) -> Result<(), Error> {
             "party name {name:?}: use 1 to {MAX_PARTY_NAME_LEN} lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
         )));
     }
-    if name == ADMIN_NAME || name == COORDINATOR_NAME {
+    // "coordinator" is how protocol errors name the coordinator as the one
+    // at fault: a party by that name could pass its own misbehaviour off as
+    // the coordinator's and make honest parties leave a job.
+    if name == ADMIN_NAME || name == COORDINATOR_NAME || name == "coordinator" {
         return Err(Error::InvalidInput(format!("party name {name:?} is reserved")));
     }
     Ok(())
@@ -602,7 +605,7 @@ mod tests {
 
     #[test]
     fn party_names_are_validated() {
-        for bad in ["", "A", "-x", "x y", ADMIN_NAME, &"a".repeat(64)] {
+        for bad in ["", "A", "-x", "x y", ADMIN_NAME, "coordinator", &"a".repeat(64)] {
             assert!(validate_party_name(bad).is_err(), "{bad:?}");
         }
         for good in ["a", "hospital-a", "site_1.eu"] {

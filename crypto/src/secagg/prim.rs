@@ -176,6 +176,7 @@ impl MaskStreams {
                     for j in skip..4 {
                         s.carry[j] = word(&b, j);
                     }
+                    zeroize::Zeroize::zeroize(b.as_mut_slice());
                     s.carried = 4 - skip;
                 }
                 s
