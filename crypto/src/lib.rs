@@ -2,8 +2,8 @@
 //!
 //! This crate knows nothing of networking. Layers, as in tfhe-rs:
 //!
-//! * low level: the federation's PKI ([`pki`]) and certificate-bound
-//!   signatures ([`identity`]); SecAgg+'s primitives and sans-IO state
+//! * low level: the federation's PKI ([`pki`]), its revocation list
+//!   ([`revocation`]) and certificate-bound signatures ([`identity`]); SecAgg+'s primitives and sans-IO state
 //!   machines ([`secagg`]);
 //! * protocol layer: [`aggregation`], every way the parties' updates are
 //!   combined (plaintext, SecAgg+; threshold HE next) behind one pair of
@@ -12,6 +12,7 @@
 pub mod aggregation;
 pub mod identity;
 pub mod pki;
+pub mod revocation;
 pub mod secagg;
 
 mod error;

@@ -144,6 +144,11 @@ impl FederationCa {
         Ok(FederationCa { cert_pem: cert_pem.to_owned(), key })
     }
 
+    /// The CA as the issuer of what it signs.
+    pub(crate) fn issuer(&self) -> Result<Issuer<'_, &KeyPair>, Error> {
+        Ok(Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?)
+    }
+
     /// The CA certificate, PEM.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem

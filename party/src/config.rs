@@ -61,6 +61,10 @@ pub struct Fault {
     /// `fit`, `evaluate`, or a protocol step such as `secagg-masked-input`).
     #[serde(default)]
     pub exit_on_stage: Option<String>,
+    /// Only on a task of this round (0 is setup): a protocol's steps run in
+    /// setup and evaluation too under secure aggregation.
+    #[serde(default)]
+    pub exit_on_round: Option<u32>,
 }
 
 /// How this machine trains.
@@ -241,6 +245,8 @@ impl PartyConfig {
             if !known.contains(&stage.as_str()) {
                 return Err(format!("fault.exit_on_stage: unknown stage {stage:?} ({})", known.join(", ")));
             }
+        } else if self.fault.exit_on_round.is_some() {
+            return Err("fault.exit_on_round: needs fault.exit_on_stage".into());
         }
         Ok(())
     }
@@ -276,5 +282,7 @@ mod tests {
         let e = load("[fault]\nexit_on_stage = \"secagg-unmask\"\n").map(|c| c.fault.exit_on_stage);
         assert_eq!(e.unwrap().as_deref(), Some("secagg-unmask"));
         assert!(load("[fault]\nexit_on_stage = \"secagg-nope\"\n").is_err());
+        let e = load("[fault]\nexit_on_round = 1\n").unwrap_err().to_string();
+        assert!(e.contains("fault.exit_on_round"), "{e}");
     }
 }

@@ -78,6 +78,13 @@ fn stage_of(task: &pb::Task) -> &str {
         Some(Body::Setup(_)) => "setup",
         Some(Body::Fit(_)) => "fit",
         Some(Body::Evaluate(_)) => "evaluate",
+        Some(Body::SecureSum(s)) => {
+            if s.of == pb::secure_sum_task::Of::FeatureStats as i32 {
+                "setup"
+            } else {
+                "evaluate"
+            }
+        }
         Some(Body::Aggregation(s) | Body::Extension(s)) => &s.stage,
         None => "unspecified",
     }
@@ -183,6 +190,7 @@ impl PartyNode {
                 coordinator_message::Body::Task(mut task) => {
                     if let Some(stage) = &cfg.fault.exit_on_stage
                         && stage_of(&task) == stage
+                        && cfg.fault.exit_on_round.is_none_or(|r| r == task.round)
                     {
                         warn!(job = %task.job_id, round = task.round, "fault injection: exiting on a {stage} task");
                         std::process::exit(3);

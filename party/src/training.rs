@@ -4,8 +4,9 @@
 use std::time::Instant;
 
 use confide_algorithms::{FitConfig, Trainer};
+use confide_crypto::aggregation::sum::{self, SumLayout};
 use confide_crypto::aggregation::{AggregationClient, LocalUpdate, StageName};
-use confide_proto::messages::{ResultBody, Task, TaskBody};
+use confide_proto::messages::{ResultBody, SumOf, Task, TaskBody};
 
 use crate::plugins::{JobContext, PartyJobKind};
 use crate::session::{JobHandler, TaskError};
@@ -43,8 +44,8 @@ impl PartyJobKind for TrainingKind {
             .map_err(|e| format!("aggregation.{name}: {e}"))?;
         let trainer = cx.trainers.build(spec, cx.dataset, cx.party)?;
         let mut handler = TrainingHandler::new(trainer, client, protocol.stages());
-        handler.share_feature_stats = spec.model.standardize;
-        handler.share_fit_metrics = protocol.reveals() == confide_crypto::aggregation::Reveals::Updates;
+        handler.standardize = spec.model.standardize;
+        handler.hides_values = protocol.reveals() != confide_crypto::aggregation::Reveals::Updates;
         Ok(Box::new(handler))
     }
 }
@@ -56,13 +57,15 @@ pub struct TrainingHandler {
     stages: &'static [StageName],
     /// The round whose aggregation is in progress.
     open: Option<u32>,
-    /// Whether setup sends the per-feature sums (only when the job
-    /// standardises its inputs: otherwise they are a side channel about the
-    /// party's rows with no use).
-    pub share_feature_stats: bool,
-    /// Whether the fit answer carries this party's training metrics in the
-    /// clear (not when the protocol hides individual updates).
-    pub share_fit_metrics: bool,
+    /// Whether the job standardises its inputs: only then does the party
+    /// contribute its per-feature sums (otherwise they are a side channel
+    /// about its rows with no use).
+    pub standardize: bool,
+    /// Whether the protocol hides individual values: then the party sends
+    /// no metric, count or statistic in the clear. Its training loss travels
+    /// inside the update's sum, its feature sums and evaluations in secure
+    /// sums of their own, its timings not at all.
+    pub hides_values: bool,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -77,7 +80,7 @@ impl TrainingHandler {
         aggregation: Box<dyn AggregationClient>,
         stages: &'static [StageName],
     ) -> Self {
-        TrainingHandler { trainer, aggregation, stages, open: None, share_feature_stats: true, share_fit_metrics: true }
+        TrainingHandler { trainer, aggregation, stages, open: None, standardize: true, hides_values: false }
     }
 }
 
@@ -87,13 +90,18 @@ impl JobHandler for TrainingHandler {
         let round = task.round;
         match task.body {
             TaskBody::Setup => {
-                let stats = if self.share_feature_stats { self.trainer.feature_stats() } else { Default::default() };
+                let in_clear = self.standardize && !self.hides_values;
+                let stats = if in_clear { self.trainer.feature_stats() } else { Default::default() };
                 let params = self.trainer.parameters().map_err(err)?;
                 Ok(ResultBody::Setup { params, stats })
             }
+            TaskBody::SecureSum { of, round_message } => self.secure_sum(round, of, &round_message),
             TaskBody::Fit { config, global, round_message } => {
                 self.fit(round, &config, &global, &round_message, started)
             }
+            TaskBody::Evaluate { .. } if self.hides_values => Err(TaskError::CoordinatorFault(
+                "asked for evaluation metrics in the clear, which this job's protocol sums securely".into(),
+            )),
             TaskBody::Evaluate { global } => {
                 self.trainer.set_parameters(&global).map_err(err)?;
                 let outcome = self.trainer.evaluate().map_err(err)?;
@@ -143,6 +151,36 @@ impl JobHandler for TrainingHandler {
 }
 
 impl TrainingHandler {
+    /// This party's statistics into a secure sum: the layout is derived
+    /// here, from what the party was asked and holds, never from the wire.
+    fn secure_sum(&mut self, round: u32, of: SumOf, round_message: &[u8]) -> Result<ResultBody, TaskError> {
+        self.abandon();
+        if !self.hides_values {
+            return Err(TaskError::CoordinatorFault("asked for a secure sum under a protocol that has none".into()));
+        }
+        let (layout, values) = match of {
+            SumOf::FeatureStats => {
+                if !self.standardize {
+                    return Err(TaskError::CoordinatorFault(
+                        "asked for feature statistics in a job that does not standardise its inputs".into(),
+                    ));
+                }
+                let stats = self.trainer.feature_stats();
+                (SumLayout::feature_stats(stats.sum.len()), sum::feature_stats_values(&stats))
+            }
+            SumOf::Evaluation { global } => {
+                self.trainer.set_parameters(&global).map_err(err)?;
+                let outcome = self.trainer.evaluate().map_err(err)?;
+                (SumLayout::evaluation(&global), sum::evaluation_values(&outcome)?)
+            }
+        };
+        let contribution = self.aggregation.contribute_sum(round, round_message, &layout, &values)?;
+        if !self.stages.is_empty() {
+            self.open = Some(round);
+        }
+        Ok(ResultBody::SecureSum { contribution })
+    }
+
     fn fit(
         &mut self,
         round: u32,
@@ -175,11 +213,79 @@ impl TrainingHandler {
         }
         let mut metrics = outcome.metrics;
         metrics.insert("fit_ms".into(), started.elapsed().as_secs_f64() * 1000.0);
-        if !self.share_fit_metrics {
+        if self.hides_values {
             // The protocol hides this party's update: its loss travels inside
             // the secure sum, and its timings (a hint of its data's size) not at all.
             metrics.clear();
         }
         Ok(ResultBody::Fit { metrics, contribution })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_algorithms::{Error, EvalOutcome, FeatureStats, FitOutcome, Parameters, Tensor};
+    use confide_crypto::aggregation::secagg::SecAggPlus;
+    use confide_crypto::aggregation::{AggregationProtocol, JobFacts};
+    use confide_crypto::secagg::testing::identity;
+    use std::sync::Arc;
+
+    /// A trainer whose statistics and evaluation are fixed.
+    struct Fixed;
+
+    impl Trainer for Fixed {
+        fn parameters(&self) -> Result<Parameters, Error> {
+            Parameters::new(vec![Tensor { name: "w".into(), shape: vec![1], data: vec![0.0] }])
+        }
+        fn set_parameters(&mut self, _: &Parameters) -> Result<(), Error> {
+            Ok(())
+        }
+        fn feature_stats(&self) -> FeatureStats {
+            FeatureStats { count: 7, sum: vec![1.0], sum_sq: vec![2.0] }
+        }
+        fn fit(&mut self, _: &FitConfig) -> Result<FitOutcome, Error> {
+            Ok(FitOutcome { num_examples: 7, metrics: Default::default() })
+        }
+        fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
+            Ok(EvalOutcome { num_examples: 3, loss: 0.5, metrics: [("accuracy".to_string(), 0.9)].into() })
+        }
+        fn predict(&self, _: &[f32]) -> Result<Vec<f32>, Error> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn handler(standardize: bool) -> TrainingHandler {
+        let names: Vec<String> = ["p0", "p1", "p2"].map(String::from).to_vec();
+        let job = JobFacts { job_id: "j".into(), party_names: names, max_parties: 10, min_parties: 3, max_values: 100 };
+        let client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let mut h = TrainingHandler::new(Box::new(Fixed), client, SecAggPlus.stages());
+        h.standardize = standardize;
+        h.hides_values = true;
+        h
+    }
+
+    fn task(round: u32, body: TaskBody) -> Task {
+        Task { job_id: "j".into(), round, task_id: 1, body }
+    }
+
+    /// Under a protocol that hides values, a coordinator asking for what
+    /// the protocol would hide, in the clear or without cause, is refused
+    /// as a coordinator fault, and nothing of the party's data is sent.
+    #[test]
+    fn nothing_the_protocol_hides_is_sent_in_the_clear() {
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let mut h = handler(false);
+        let ResultBody::Setup { stats, .. } = h.on_task(task(0, TaskBody::Setup)).unwrap() else { panic!() };
+        assert_eq!(stats, FeatureStats::default(), "no feature sums in the clear");
+        let err = h.on_task(task(1, TaskBody::Evaluate { global: global.clone() })).unwrap_err();
+        assert!(matches!(&err, TaskError::CoordinatorFault(m) if m.contains("in the clear")), "{err:?}");
+        let stats = TaskBody::SecureSum { of: SumOf::FeatureStats, round_message: Vec::new() };
+        let err = h.on_task(task(0, stats)).unwrap_err();
+        assert!(matches!(&err, TaskError::CoordinatorFault(m) if m.contains("does not standardise")), "{err:?}");
+        // With standardisation on, setup still sends no sums in the clear.
+        let mut h = handler(true);
+        let ResultBody::Setup { stats, .. } = h.on_task(task(0, TaskBody::Setup)).unwrap() else { panic!() };
+        assert_eq!(stats, FeatureStats::default());
     }
 }

@@ -72,6 +72,14 @@ pub enum TaskBody {
         /// The global model.
         global: Arc<Parameters>,
     },
+    /// Contribute statistics to a secure sum through the job's aggregation
+    /// protocol (under protocols that hide individual values).
+    SecureSum {
+        /// What to sum.
+        of: SumOf,
+        /// The protocol's round message.
+        round_message: Vec<u8>,
+    },
     /// A step of the aggregation protocol.
     Aggregation {
         /// The step's name.
@@ -88,13 +96,26 @@ pub enum TaskBody {
     },
 }
 
+/// What a [`TaskBody::SecureSum`] asks a party to sum.
+#[derive(Debug, Clone)]
+pub enum SumOf {
+    /// Its per-feature sums over its training rows (setup, and only when the
+    /// job standardises its inputs).
+    FeatureStats,
+    /// Its evaluation of `global` on held-out rows.
+    Evaluation {
+        /// The model to evaluate.
+        global: Arc<Parameters>,
+    },
+}
+
 impl TaskBody {
     /// The stage's name.
     pub fn stage_name(&self) -> &str {
         match self {
-            TaskBody::Setup => "setup",
+            TaskBody::Setup | TaskBody::SecureSum { of: SumOf::FeatureStats, .. } => "setup",
             TaskBody::Fit { .. } => "fit",
-            TaskBody::Evaluate { .. } => "evaluate",
+            TaskBody::Evaluate { .. } | TaskBody::SecureSum { of: SumOf::Evaluation { .. }, .. } => "evaluate",
             TaskBody::Aggregation { stage, .. } | TaskBody::Extension { stage, .. } => stage,
         }
     }
@@ -139,6 +160,11 @@ pub enum ResultBody {
         /// Further metrics.
         metrics: Metrics,
     },
+    /// A contribution to a secure sum, in the protocol's form.
+    SecureSum {
+        /// The protocol's contribution.
+        contribution: Envelope,
+    },
     /// The answer to an aggregation step.
     Aggregation {
         /// The step's name.
@@ -162,6 +188,7 @@ impl ResultBody {
             ResultBody::Setup { .. } => "setup",
             ResultBody::Fit { .. } => "fit",
             ResultBody::Evaluate { .. } => "evaluate",
+            ResultBody::SecureSum { .. } => "secure-sum",
             ResultBody::Aggregation { stage, .. } | ResultBody::Extension { stage, .. } => stage,
         }
     }
@@ -273,6 +300,15 @@ impl Task {
                 Some(Bulk::Params(global.clone())),
             ),
             TaskBody::Evaluate { global } => (Body::Evaluate(pb::EvaluateTask {}), Some(Bulk::Params(global.clone()))),
+            TaskBody::SecureSum { of, round_message } => {
+                let (kind, bulk) = match of {
+                    SumOf::FeatureStats => (pb::secure_sum_task::Of::FeatureStats, None),
+                    SumOf::Evaluation { global } => {
+                        (pb::secure_sum_task::Of::Evaluation, Some(Bulk::Params(global.clone())))
+                    }
+                };
+                (Body::SecureSum(pb::SecureSumTask { of: kind as i32, round_message: round_message.clone() }), bulk)
+            }
             TaskBody::Aggregation { stage, message } => (
                 Body::Aggregation(pb::StepMessage { stage: stage.clone(), body: message.body.clone() }),
                 message.bulk.clone(),
@@ -312,6 +348,19 @@ impl TryFrom<(pb::Task, Option<Bulk>)> for Task {
                 }
             }
             Body::Evaluate(_) => TaskBody::Evaluate { global: params_of(bulk, "evaluate task")? },
+            Body::SecureSum(s) => {
+                let of = match pb::secure_sum_task::Of::try_from(s.of) {
+                    Ok(pb::secure_sum_task::Of::FeatureStats) => {
+                        no_bulk(&bulk, "feature-statistics sum task")?;
+                        SumOf::FeatureStats
+                    }
+                    Ok(pb::secure_sum_task::Of::Evaluation) => {
+                        SumOf::Evaluation { global: params_of(bulk, "evaluation sum task")? }
+                    }
+                    Err(_) => return Err(violation(format!("a secure sum of unknown kind {}", s.of))),
+                };
+                TaskBody::SecureSum { of, round_message: s.round_message }
+            }
             Body::Aggregation(s) => {
                 let (stage, message) = step_from(s, bulk)?;
                 TaskBody::Aggregation { stage, message }
@@ -346,6 +395,9 @@ impl TaskResult {
                 Body::Evaluate(pb::EvaluateResult { num_examples, loss, metrics: metrics.into_iter().collect() }),
                 None,
             ),
+            ResultBody::SecureSum { contribution } => {
+                (Body::SecureSum(pb::SecureSumResult { contribution: contribution.body }), contribution.bulk)
+            }
             ResultBody::Aggregation { stage, message } => {
                 (Body::Aggregation(pb::StepMessage { stage, body: message.body }), message.bulk)
             }
@@ -391,6 +443,7 @@ impl TryFrom<(pb::TaskResult, Option<Bulk>)> for TaskResult {
                 no_bulk(&bulk, "evaluate result")?;
                 ResultBody::Evaluate { num_examples: e.num_examples, loss: e.loss, metrics: metrics_from(e.metrics)? }
             }
+            Body::SecureSum(s) => ResultBody::SecureSum { contribution: Envelope { body: s.contribution, bulk } },
             Body::Aggregation(s) => {
                 let (stage, message) = step_from(s, bulk)?;
                 ResultBody::Aggregation { stage, message }
@@ -442,6 +495,50 @@ mod tests {
         let back = TaskResult::try_from(result.into_wire()).unwrap();
         let ResultBody::Aggregation { stage, message } = back.body else { panic!() };
         assert_eq!((stage.as_str(), message.bulk), ("secagg-masked-input", Some(Bulk::Words(vec![5, 6]))));
+
+        for of in [SumOf::FeatureStats, SumOf::Evaluation { global: global() }] {
+            let body = TaskBody::SecureSum { of, round_message: vec![4] };
+            let task = Task { job_id: "j".into(), round: 0, task_id: 1, body };
+            let back = Task::try_from(task.to_wire()).unwrap();
+            assert_eq!(back.body.stage_name(), task.body.stage_name());
+            match (back.body, task.body) {
+                (
+                    TaskBody::SecureSum { of: SumOf::FeatureStats, round_message },
+                    TaskBody::SecureSum { of: SumOf::FeatureStats, .. },
+                ) => {
+                    assert_eq!(round_message, vec![4]);
+                }
+                (
+                    TaskBody::SecureSum { of: SumOf::Evaluation { global: g }, .. },
+                    TaskBody::SecureSum { of: SumOf::Evaluation { .. }, .. },
+                ) => {
+                    assert_eq!(&*g, &*global());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A secure sum of an unknown kind is refused, not guessed.
+        let (mut wire, bulk) = Task {
+            job_id: "j".into(),
+            round: 0,
+            task_id: 1,
+            body: TaskBody::SecureSum { of: SumOf::FeatureStats, round_message: Vec::new() },
+        }
+        .to_wire();
+        if let Some(pb::task::Body::SecureSum(s)) = wire.body.as_mut() {
+            s.of = 9;
+        }
+        assert!(Task::try_from((wire, bulk)).unwrap_err().to_string().contains("unknown kind 9"));
+        let result = TaskResult {
+            job_id: "j".into(),
+            round: 0,
+            task_id: 1,
+            body: ResultBody::SecureSum { contribution: Envelope::body(vec![7]) },
+        };
+        let ResultBody::SecureSum { contribution } = TaskResult::try_from(result.into_wire()).unwrap().body else {
+            panic!()
+        };
+        assert_eq!(contribution.body, vec![7]);
     }
 
     #[test]

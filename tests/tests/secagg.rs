@@ -20,7 +20,7 @@ fn secure_aggregation_recovers_the_survivors_sum_when_two_parties_crash_mid_stag
     for n in &names {
         let mut extra = String::from("[policy]\naggregation = [\"secagg\"]\n");
         if crashed.contains(&n.as_str()) {
-            extra.push_str("[fault]\nexit_on_stage = \"secagg-masked-input\"\n");
+            extra.push_str("[fault]\nexit_on_stage = \"secagg-masked-input\"\nexit_on_round = 1\n");
         }
         fed.start_party(n, &extra);
     }

@@ -33,8 +33,8 @@ struct Sim {
     now: u64,
     coordinator: Session,
     parties: BTreeMap<String, PartySession>,
-    /// Parties that vanish when they receive a task of this stage.
-    crash_at: BTreeMap<String, String>,
+    /// A party vanishes on receiving a task of this stage and round.
+    crash_at: BTreeMap<String, (String, u32)>,
     /// The coordinator stops delivering tasks of this stage (a stalled coordinator).
     withhold: Option<String>,
     /// A malicious coordinator rewrites tasks before they reach a party.
@@ -101,7 +101,7 @@ impl Sim {
                     if let Some(t) = self.tamper.as_mut() {
                         t(&party, &mut task);
                     }
-                    if self.crash_at.get(&party).is_some_and(|s| s == task.body.stage_name()) {
+                    if self.crash_at.get(&party).is_some_and(|(s, r)| s == task.body.stage_name() && *r == task.round) {
                         self.parties.remove(&party);
                         self.queue.push_back(Event::ToCoordinator(Input::Disconnected(party)));
                         continue;
@@ -180,7 +180,7 @@ fn a_secure_federation_on_the_virtual_clock_equals_fedavg_of_the_survivors() {
     let fed = federation(5);
     let text = job_spec(&fed.names, 4, 2, LOGREG, "seed = 2") + SECAGG;
     let mut sim = Sim::new(&fed, &text);
-    sim.crash_at.insert("site-3".into(), "secagg-masked-input".into());
+    sim.crash_at.insert("site-3".into(), ("secagg-masked-input".into(), 1));
     sim.run();
     assert_eq!(sim.end, Some((JobState::Succeeded, None)), "notes: {:?}", sim.notes);
     let spec = JobSpec::parse(&text, "sim.toml", &Limits::default()).expect("spec");

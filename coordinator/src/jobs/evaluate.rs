@@ -5,54 +5,108 @@ use std::sync::Arc;
 
 use confide_algorithms::{EvalResult, Parameters, State};
 use confide_crypto::aggregation::Quorum;
-use confide_proto::messages::{ResultBody, Stage, TaskBody};
+use confide_crypto::aggregation::sum::{self, SumLayout};
+use confide_proto::messages::{ResultBody, Stage, SumOf, TaskBody};
 use confide_proto::status::JobState;
 
 use super::Setup;
 use super::guard::GuardedStrategy;
+use super::protocol::{ProtocolDriver, sum_of};
 use crate::session::{Closed, Context, JobMachine, Start};
 
 /// The evaluation stage: every available party scores the global model on
 /// its held-out rows; the strategy averages the results into the round's
-/// metrics.
+/// metrics. Under a protocol that hides individual values the parties'
+/// evaluations are summed through it instead: the coordinator learns only
+/// the example-weighted means.
 #[derive(Default)]
 pub(crate) struct Evaluator {
     results: BTreeMap<String, EvalResult>,
+    /// A secure sum is in progress.
+    secure: bool,
 }
 
 impl Evaluator {
     /// Asks every available party to evaluate `global`.
-    pub(crate) fn begin(&mut self, cx: &mut Context<'_>, round: u32, global: &Arc<Parameters>) {
+    pub(crate) fn begin(
+        &mut self,
+        cx: &mut Context<'_>,
+        protocol: &mut ProtocolDriver,
+        round: u32,
+        global: &Arc<Parameters>,
+    ) -> Result<(), String> {
         self.results.clear();
         let to = cx.available(Stage::Evaluate, round);
-        cx.collect(
-            Stage::Evaluate,
-            round,
-            vec![(to, TaskBody::Evaluate { global: global.clone() })],
-            Quorum::JobMinimum,
-        );
-    }
-
-    /// One party's evaluation.
-    pub(crate) fn on_result(&mut self, party: &str, result: ResultBody) -> Result<(), String> {
-        let ResultBody::Evaluate { num_examples, loss, metrics } = result else {
-            return Err(format!("party {party} answered an evaluate task with a {} result", result.stage_name()));
+        self.secure = protocol.hides_values();
+        let body = if self.secure {
+            let round_message = protocol.begin_sum(round, &to, &SumLayout::evaluation(global))?;
+            TaskBody::SecureSum { of: SumOf::Evaluation { global: global.clone() }, round_message }
+        } else {
+            TaskBody::Evaluate { global: global.clone() }
         };
-        if !loss.is_finite() || metrics.values().any(|v| !v.is_finite()) {
-            return Err(format!("party {party} sent a bad evaluation: non-finite loss or metric"));
-        }
-        self.results.insert(party.to_owned(), EvalResult { party: party.to_owned(), num_examples, loss, metrics });
+        cx.collect(Stage::Evaluate, round, vec![(to, body)], Quorum::JobMinimum);
         Ok(())
     }
 
-    /// Aggregates the evaluations into the round's record.
-    pub(crate) fn finish(
+    /// Whether the evaluation's secure sum is in progress (its protocol
+    /// steps belong to it).
+    pub(crate) fn summing(&self) -> bool {
+        self.secure
+    }
+
+    /// One party's evaluation, or its part of the secure sum.
+    pub(crate) fn on_result(
         &mut self,
         cx: &mut Context<'_>,
-        strategy: &mut GuardedStrategy,
-        round: u32,
+        protocol: &mut ProtocolDriver,
+        party: &str,
+        result: ResultBody,
     ) -> Result<(), String> {
-        let results: Vec<EvalResult> = std::mem::take(&mut self.results).into_values().collect();
+        match result {
+            ResultBody::Evaluate { .. } if self.secure => {
+                Err(format!("party {party} sent its evaluation in the clear; this job sums evaluations securely"))
+            }
+            ResultBody::Evaluate { num_examples, loss, metrics } => {
+                if !loss.is_finite() || metrics.values().any(|v| !v.is_finite()) {
+                    return Err(format!("party {party} sent a bad evaluation: non-finite loss or metric"));
+                }
+                self.results
+                    .insert(party.to_owned(), EvalResult { party: party.to_owned(), num_examples, loss, metrics });
+                Ok(())
+            }
+            ResultBody::SecureSum { contribution } if self.secure => protocol.on_message(cx, party, contribution),
+            ResultBody::Aggregation { message, .. } if self.secure => protocol.on_message(cx, party, message),
+            other => Err(format!("party {party} answered an evaluate task with a {} result", other.stage_name())),
+        }
+    }
+
+    /// The evaluation's stage (or a step of its secure sum) closed: true
+    /// when the round's metrics are recorded, false while steps remain.
+    pub(crate) fn on_closed(
+        &mut self,
+        cx: &mut Context<'_>,
+        protocol: &mut ProtocolDriver,
+        strategy: &mut GuardedStrategy,
+        closed: &Closed,
+    ) -> Result<bool, String> {
+        let round = closed.round;
+        let results: Vec<EvalResult> = if self.secure {
+            let Some(aggregate) = protocol.advance(cx, closed)? else { return Ok(false) };
+            self.secure = false;
+            let (sums, contributors) = sum_of(cx, round, protocol.name(), aggregate)?;
+            let (num_examples, loss, metrics) =
+                sum::evaluation_from_sum(&sums).map_err(|e| format!("round {round} evaluation: {e}"))?;
+            if let Some(rec) = cx.record()
+                && rec.participants.is_empty()
+            {
+                rec.participants = contributors.clone();
+            }
+            // The strategy sees one result: the federation's, as summed.
+            let party = format!("secure sum of {} parties", contributors.len());
+            vec![EvalResult { party, num_examples, loss, metrics }]
+        } else {
+            std::mem::take(&mut self.results).into_values().collect()
+        };
         let metrics = strategy
             .call(&format!("round {round} evaluation"), |s| s.aggregate_evaluate(round, &results))
             .map_err(|e| if e.starts_with("round ") { e } else { format!("round {round} evaluation: {e}") })?;
@@ -62,13 +116,14 @@ impl Evaluator {
             }
             rec.metrics.extend(metrics);
         }
-        Ok(())
+        Ok(true)
     }
 }
 
 /// One federated evaluation of `from_job`'s model.
 pub struct Evaluation {
     strategy: GuardedStrategy,
+    protocol: ProtocolDriver,
     global: Arc<Parameters>,
     evaluator: Evaluator,
     /// Resumed after its checkpoint: nothing is left to do.
@@ -85,7 +140,8 @@ impl Evaluation {
             Start::Resume { model: None, .. } => return Err("the checkpoint to resume from has no model".into()),
         };
         let strategy = GuardedStrategy::new(setup.plugins.build_strategy(setup.spec)?)?;
-        Ok(Evaluation { strategy, global: Arc::new(global), evaluator: Evaluator::default(), already_done })
+        let protocol = ProtocolDriver::new(setup)?;
+        Ok(Evaluation { strategy, protocol, global: Arc::new(global), evaluator: Evaluator::default(), already_done })
     }
 }
 
@@ -96,17 +152,23 @@ impl JobMachine for Evaluation {
             return;
         }
         cx.begin_round(1);
-        self.evaluator.begin(cx, 1, &self.global);
+        if let Err(e) = self.evaluator.begin(cx, &mut self.protocol, 1, &self.global) {
+            cx.finish(JobState::Failed, Some(e));
+        }
     }
 
-    fn on_result(&mut self, _: &mut Context<'_>, party: &str, result: ResultBody) -> Result<(), String> {
-        self.evaluator.on_result(party, result)
+    fn on_result(&mut self, cx: &mut Context<'_>, party: &str, result: ResultBody) -> Result<(), String> {
+        self.evaluator.on_result(cx, &mut self.protocol, party, result)
     }
 
     fn on_closed(&mut self, cx: &mut Context<'_>, closed: Closed) {
-        if let Err(e) = self.evaluator.finish(cx, &mut self.strategy, closed.round) {
-            cx.finish(JobState::Failed, Some(e));
-            return;
+        match self.evaluator.on_closed(cx, &mut self.protocol, &mut self.strategy, &closed) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                cx.finish(JobState::Failed, Some(e));
+                return;
+            }
         }
         let record = cx.take_record();
         cx.checkpoint(closed.round, Some(self.global.clone()), record, State::new());

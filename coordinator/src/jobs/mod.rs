@@ -14,6 +14,7 @@ use crate::session::{JobMachine, Start};
 
 pub mod evaluate;
 pub mod guard;
+mod protocol;
 pub mod train;
 
 /// What a job kind's factory gets.

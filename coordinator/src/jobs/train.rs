@@ -12,23 +12,27 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use confide_algorithms::trainer::apply_feature_stats;
+use confide_algorithms::trainer::{INPUT_MEAN, apply_feature_stats};
 use confide_algorithms::{FeatureStats, FitConfig, FitResult, Metrics, Parameters, RoundContext, State};
-use confide_crypto::aggregation::{Aggregate, AggregationServer, Messages, Peer, Progress, Quorum, RoundInfo};
-use confide_proto::messages::{ResultBody, Stage, TaskBody};
+use confide_crypto::aggregation::sum::{self, SumLayout};
+use confide_crypto::aggregation::{Aggregate, Quorum, RoundInfo};
+use confide_proto::messages::{ResultBody, Stage, SumOf, TaskBody};
 use confide_proto::status::JobState;
 
 use super::Setup;
 use super::evaluate::Evaluator;
-use super::guard::{GuardedStrategy, guarded};
+use super::guard::GuardedStrategy;
+use super::protocol::{ProtocolDriver, sum_of};
 use crate::session::{Closed, Context, JobMachine, Start};
 
 /// The training machine.
 pub struct Training {
     strategy: GuardedStrategy,
-    protocol: Box<dyn AggregationServer>,
-    protocol_name: String,
+    protocol: ProtocolDriver,
     global: Option<Arc<Parameters>>,
+    /// Setup's secure sum of feature statistics is in progress, for this
+    /// agreed model.
+    summing_stats: Option<Parameters>,
     /// Resuming after the checkpoint of this round.
     resume: Option<u32>,
     setup: BTreeMap<String, (Parameters, FeatureStats)>,
@@ -47,18 +51,7 @@ impl Training {
     pub fn new(setup: &Setup<'_>) -> Result<Self, String> {
         let spec = setup.spec;
         let mut strategy = GuardedStrategy::new(setup.plugins.build_strategy(spec)?)?;
-        let name = &spec.aggregation.protocol;
-        let protocol = setup
-            .plugins
-            .protocols()
-            .get(name)
-            .ok_or_else(|| format!("aggregation.protocol: no protocol named {name:?} in this coordinator"))?;
-        let facts = spec.facts(setup.job_id, setup.limits);
-        let peers = setup.plugins.new_peer_verifier()?;
-        let server = guarded(&format!("protocol {name}"), "server", || {
-            protocol.server(&spec.aggregation.settings, &facts, peers)
-        })?
-        .map_err(|e| format!("aggregation.{name}: {e}"))?;
+        let protocol = ProtocolDriver::new(setup)?;
         let (global, resume) = match setup.start {
             Start::Fresh { model } => (model.clone().map(Arc::new), None),
             Start::Resume { round, model, state, .. } => {
@@ -69,9 +62,9 @@ impl Training {
         };
         Ok(Training {
             strategy,
-            protocol: server,
-            protocol_name: name.clone(),
+            protocol,
             global,
+            summing_stats: None,
             resume,
             setup: BTreeMap::new(),
             fit_metrics: BTreeMap::new(),
@@ -112,13 +105,53 @@ impl Training {
         if cx.below_min(Stage::Setup, 0, agreed.len()) {
             return;
         }
-        let mut global = reference;
-        if cx.spec().model.standardize
-            && let Err(e) = apply_feature_stats(&mut global, &merged)
-        {
-            self.fail(cx, format!("setup: {e}"));
-            return;
+        if !cx.spec().model.standardize {
+            return self.set_initial_model(cx, reference);
         }
+        if !self.protocol.hides_values() {
+            return self.standardize(cx, reference, &merged);
+        }
+        // The feature sums, summed through the protocol: the coordinator
+        // learns the federation's, no party's.
+        let features = reference.get(INPUT_MEAN).map(|t| t.data.len()).unwrap_or_default();
+        if features == 0 {
+            return self.fail(cx, format!("setup: the model lacks {INPUT_MEAN}, which standardisation needs"));
+        }
+        let round_message = match self.protocol.begin_sum(0, &agreed, &SumLayout::feature_stats(features)) {
+            Ok(m) => m,
+            Err(e) => return self.fail(cx, format!("setup: {e}")),
+        };
+        self.summing_stats = Some(reference);
+        let task = TaskBody::SecureSum { of: SumOf::FeatureStats, round_message };
+        cx.collect(Stage::Setup, 0, vec![(agreed, task)], Quorum::JobMinimum);
+    }
+
+    /// A step of setup's secure sum closed.
+    fn advance_stats(&mut self, cx: &mut Context<'_>, closed: &Closed) {
+        let aggregate = match self.protocol.advance(cx, closed) {
+            Ok(None) => return,
+            Ok(Some(a)) => a,
+            Err(e) => return self.fail(cx, format!("setup: {e}")),
+        };
+        let Some(reference) = self.summing_stats.take() else {
+            return self.fail(cx, "setup: a feature-statistics sum without a model".into());
+        };
+        let stats = sum_of(cx, 0, self.protocol.name(), aggregate)
+            .and_then(|(sums, _)| sum::feature_stats_from_sum(&sums).map_err(|e| e.to_string()));
+        match stats {
+            Ok(stats) => self.standardize(cx, reference, &stats),
+            Err(e) => self.fail(cx, format!("setup: {e}")),
+        }
+    }
+
+    fn standardize(&mut self, cx: &mut Context<'_>, mut model: Parameters, stats: &FeatureStats) {
+        match apply_feature_stats(&mut model, stats) {
+            Ok(()) => self.set_initial_model(cx, model),
+            Err(e) => self.fail(cx, format!("setup: {e}")),
+        }
+    }
+
+    fn set_initial_model(&mut self, cx: &mut Context<'_>, global: Parameters) {
         let global = Arc::new(global);
         self.global = Some(global.clone());
         cx.take_record();
@@ -181,10 +214,8 @@ impl Training {
             _ => None,
         };
         let info = RoundInfo { round, parties: &selected, global: &global, fit };
-        let who = format!("protocol {}", self.protocol_name);
-        let round_message = match guarded(&who, "begin_round", || self.protocol.begin_round(&info)) {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => return self.fail(cx, format!("round {round} aggregation ({}): {e}", self.protocol_name)),
+        let round_message = match self.protocol.begin_round(&info) {
+            Ok(m) => m,
             Err(e) => return self.fail(cx, e),
         };
         let tasks = groups
@@ -196,49 +227,12 @@ impl Training {
         cx.collect(Stage::Fit, round, tasks, Quorum::JobMinimum);
     }
 
-    fn on_protocol_message(
-        &mut self,
-        cx: &mut Context<'_>,
-        party: &str,
-        msg: confide_crypto::aggregation::Envelope,
-    ) -> Result<(), String> {
-        let who = format!("protocol {}", self.protocol_name);
-        let certificate = cx.certificate(party).to_vec();
-        let peer = Peer { name: party, certificate: &certificate };
-        match guarded(&who, "on_message", || self.protocol.on_message(peer, msg))? {
-            Ok(()) => Ok(()),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
     /// The fit stage or a protocol step closed: the next step, or the aggregate.
     fn advance_protocol(&mut self, cx: &mut Context<'_>, closed: &Closed) {
-        let round = closed.round;
-        let who = format!("protocol {}", self.protocol_name);
-        let progress = match guarded(&who, "close_stage", || self.protocol.close_stage()) {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                return self
-                    .fail(cx, format!("round {round} aggregation ({}, {}): {e}", self.protocol_name, closed.stage));
-            }
-            Err(e) => return self.fail(cx, e),
-        };
-        match progress {
-            Progress::Step { stage, messages, quorum } => {
-                let tasks = match messages {
-                    Messages::Same { to, message } => {
-                        vec![(to, TaskBody::Aggregation { stage: stage.as_str().to_owned(), message })]
-                    }
-                    Messages::PerParty(v) => v
-                        .into_iter()
-                        .map(|(p, message)| {
-                            (vec![p], TaskBody::Aggregation { stage: stage.as_str().to_owned(), message })
-                        })
-                        .collect(),
-                };
-                cx.collect(Stage::Aggregation(stage), round, tasks, quorum);
-            }
-            Progress::Done(aggregate) => self.aggregate(cx, round, aggregate),
+        match self.protocol.advance(cx, closed) {
+            Ok(None) => {}
+            Ok(Some(aggregate)) => self.aggregate(cx, closed.round, aggregate),
+            Err(e) => self.fail(cx, e),
         }
     }
 
@@ -290,7 +284,7 @@ impl Training {
             } => {
                 // Caught cheating while the sum was rebuilt: out of the job.
                 for (party, why) in misbehaved {
-                    cx.exclude(&party, &format!("round {round} {}: {why}", self.protocol_name));
+                    cx.exclude(&party, &format!("round {round} {}: {why}", self.protocol.name()));
                 }
                 // Only what the protocol aggregated: parties send no metrics
                 // of their own in the clear when it hides their updates.
@@ -302,6 +296,15 @@ impl Training {
                     s.aggregate_secure_sum(round, &global, &weighted_delta_sum, total_examples)
                 });
                 (next, contributors)
+            }
+            Aggregate::Sum { .. } => {
+                return self.fail(
+                    cx,
+                    format!(
+                        "round {round}: protocol {} answered a fit round with a sum of statistics",
+                        self.protocol.name()
+                    ),
+                );
             }
         };
         match next {
@@ -317,8 +320,10 @@ impl Training {
         }
         let spec = cx.spec().clone();
         if round.is_multiple_of(spec.evaluation.every) || round >= spec.rounds {
-            if let Some(g) = self.global.clone() {
-                self.evaluator.begin(cx, round, &g);
+            if let Some(g) = self.global.clone()
+                && let Err(e) = self.evaluator.begin(cx, &mut self.protocol, round, &g)
+            {
+                self.fail(cx, e);
             }
         } else {
             self.end_round(cx, round);
@@ -347,16 +352,27 @@ impl JobMachine for Training {
 
     fn on_result(&mut self, cx: &mut Context<'_>, party: &str, result: ResultBody) -> Result<(), String> {
         let Some((stage, _)) = cx.stage() else { return Err("no stage is open".into()) };
+        if self.evaluator.summing() || (stage == Stage::Evaluate) {
+            return self.evaluator.on_result(cx, &mut self.protocol, party, result);
+        }
         match (stage, result) {
-            (Stage::Setup, ResultBody::Setup { params, stats }) => {
+            (Stage::Setup, ResultBody::Setup { params, stats }) if self.summing_stats.is_none() => {
                 self.setup.insert(party.to_owned(), (params, stats));
                 Ok(())
+            }
+            (Stage::Setup, ResultBody::SecureSum { contribution }) if self.summing_stats.is_some() => {
+                self.protocol.on_message(cx, party, contribution)
             }
             (Stage::Fit, ResultBody::Fit { metrics, contribution }) => {
                 if let Some((k, v)) = metrics.iter().find(|(_, v)| !v.is_finite()) {
                     return Err(format!("party {party} sent a bad update: metric {k} is {v}"));
                 }
-                self.on_protocol_message(cx, party, contribution)?;
+                if self.protocol.hides_values() && !metrics.is_empty() {
+                    return Err(format!(
+                        "party {party} sent training metrics in the clear; this job's protocol hides them"
+                    ));
+                }
+                self.protocol.on_message(cx, party, contribution)?;
                 self.fit_metrics.insert(party.to_owned(), metrics);
                 Ok(())
             }
@@ -364,9 +380,8 @@ impl JobMachine for Training {
                 if stage != expected.as_str() {
                     return Err(format!("party {party} answered the {expected} step as {stage}"));
                 }
-                self.on_protocol_message(cx, party, message)
+                self.protocol.on_message(cx, party, message)
             }
-            (Stage::Evaluate, result) => self.evaluator.on_result(party, result),
             (stage, result) => {
                 Err(format!("party {party} answered a {stage} task with a {} result", result.stage_name()))
             }
@@ -374,13 +389,20 @@ impl JobMachine for Training {
     }
 
     fn on_closed(&mut self, cx: &mut Context<'_>, closed: Closed) {
+        if self.evaluator.summing() || closed.stage == Stage::Evaluate {
+            return match self.evaluator.on_closed(cx, &mut self.protocol, &mut self.strategy, &closed) {
+                Ok(true) => self.end_round(cx, closed.round),
+                Ok(false) => {}
+                Err(e) => self.fail(cx, e),
+            };
+        }
+        if self.summing_stats.is_some() {
+            return self.advance_stats(cx, &closed);
+        }
         match closed.stage {
             Stage::Setup => self.complete_setup(cx),
             Stage::Fit | Stage::Aggregation(_) => self.advance_protocol(cx, &closed),
-            Stage::Evaluate => match self.evaluator.finish(cx, &mut self.strategy, closed.round) {
-                Ok(()) => self.end_round(cx, closed.round),
-                Err(e) => self.fail(cx, e),
-            },
+            Stage::Evaluate => {}
             Stage::Extension(s) => self.fail(cx, format!("a training job has no {s} stage")),
         }
     }

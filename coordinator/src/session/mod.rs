@@ -423,8 +423,10 @@ impl Session {
                     }
                     let Some(c) = core.collection.take() else { return };
                     let elapsed = core.now.saturating_sub(c.started) as f64;
+                    // Summed: a stage can run more than once in a round (the
+                    // protocol's steps for the update, then for the evaluation).
                     if let Some(rec) = core.record.as_mut() {
-                        rec.metrics.insert(c.stage.metric_name(), elapsed);
+                        *rec.metrics.entry(c.stage.metric_name()).or_insert(0.0) += elapsed;
                     }
                     if c.quorum == Quorum::JobMinimum && core.below_min(c.stage, c.round, c.answered.len()) {
                         return;

@@ -5,14 +5,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use confide_algorithms::{FeatureStats, Metrics, Parameters, State, Tensor};
+use confide_algorithms::{EvalOutcome, FeatureStats, Metrics, Parameters, State, Tensor};
 use confide_crypto::aggregation::plain::Plain;
 use confide_crypto::aggregation::secagg::{CONSISTENCY, MASKED_INPUT, SHARES, SecAggPlus, UNMASK, wire};
+use confide_crypto::aggregation::sum::{self, SumLayout};
 use confide_crypto::aggregation::{AggregationClient, AggregationProtocol, Bulk, Envelope, LocalUpdate};
 use confide_crypto::secagg::testing::identity;
 use confide_proto::Limits;
 use confide_proto::jobspec::JobSpec;
-use confide_proto::messages::{ResultBody, Stage, Task, TaskBody};
+use confide_proto::messages::{ResultBody, Stage, SumOf, Task, TaskBody};
 use confide_proto::status::{JobState, PartyState, PartyStatus};
 
 use super::{Checkpoint, Input, Millis, Output, Session, Start};
@@ -45,7 +46,9 @@ fn task_pairs(outputs: Vec<Output>) -> Vec<(String, TaskOut)> {
     for o in outputs {
         if let Output::Task { to, stage, task } = o {
             let params = match &task.body {
-                TaskBody::Fit { global, .. } | TaskBody::Evaluate { global } => Some(global.clone()),
+                TaskBody::Fit { global, .. }
+                | TaskBody::Evaluate { global }
+                | TaskBody::SecureSum { of: SumOf::Evaluation { global }, .. } => Some(global.clone()),
                 _ => None,
             };
             for p in to {
@@ -494,6 +497,54 @@ mod secure {
             let stage = t.stage.name().to_owned();
             self.answer(p, t.task_id, ResultBody::Aggregation { stage, message })
         }
+
+        /// Party `p`'s part of a secure sum: its feature sums or its evaluation.
+        fn sum(&mut self, p: &str, t: &TaskOut) -> Vec<Output> {
+            let TaskBody::SecureSum { of, round_message } = &t.task.body else { panic!("{t:?}") };
+            let (layout, values) = match of {
+                SumOf::FeatureStats => (SumLayout::feature_stats(2), sum::feature_stats_values(&local_stats(p))),
+                SumOf::Evaluation { global } => {
+                    (SumLayout::evaluation(global), sum::evaluation_values(&local_eval(p)).unwrap())
+                }
+            };
+            let client = self.clients.get_mut(p).unwrap();
+            let contribution = client.contribute_sum(t.round, round_message, &layout, &values).unwrap();
+            self.answer(p, t.task_id, ResultBody::SecureSum { contribution })
+        }
+
+        /// Answers `tasks` and the protocol steps that follow until the
+        /// tasks of another stage (or none) come; returns the last outputs.
+        fn through_steps(&mut self, mut tasks: Vec<(String, TaskOut)>) -> Vec<Output> {
+            loop {
+                let mut out = Vec::new();
+                for (p, t) in &tasks {
+                    out = match &t.task.body {
+                        TaskBody::SecureSum { .. } => self.sum(p, t),
+                        _ => self.step(p, t),
+                    };
+                }
+                let next = task_pairs(out.clone());
+                if next.is_empty() || !next.iter().all(|(_, t)| matches!(t.stage, Stage::Aggregation(_))) {
+                    return out;
+                }
+                tasks = next;
+            }
+        }
+    }
+
+    fn local_stats(p: &str) -> FeatureStats {
+        let (n, v) = local(p);
+        FeatureStats {
+            count: n,
+            sum: v.iter().map(|x| f64::from(*x) * n as f64).collect(),
+            sum_sq: v.iter().map(|x| f64::from(x * x) * n as f64 + 1.0).collect(),
+        }
+    }
+
+    fn local_eval(p: &str) -> EvalOutcome {
+        let (n, v) = local(p);
+        let accuracy = f64::from(v[0].abs()) / 2.0;
+        EvalOutcome { num_examples: n, loss: f64::from(v[1].abs()), metrics: [("accuracy".into(), accuracy)].into() }
     }
 
     fn expected(parties: &[&str]) -> Vec<f32> {
@@ -533,6 +584,8 @@ mod secure {
             eval = tasks(r.step(p, t));
         }
         assert!(eval.iter().all(|(_, t)| t.stage == Stage::Evaluate), "{eval:?}");
+        // The evaluation is a secure sum too: no party is asked for its metrics in the clear.
+        assert!(eval.iter().all(|(_, t)| matches!(t.task.body, TaskBody::SecureSum { .. })), "{eval:?}");
         let got: Vec<f32> = eval[0].1.params.as_ref().unwrap().flat_values().collect();
         let want = expected(&["a", "b", "d", "e"]);
         for (g, w) in got.iter().zip(&want) {
@@ -540,7 +593,21 @@ mod secure {
         }
         assert_eq!(r.s.record().unwrap().dropped["c"], "secagg-masked-input: disconnected");
         assert_eq!(r.s.record().unwrap().participants, vec!["a", "b", "d", "e"]);
-        let metrics = &r.s.record().unwrap().metrics;
+        let out = r.through_steps(eval);
+        let Some(rec) = out.iter().find_map(|o| match o {
+            Output::Checkpoint(Checkpoint { round: 1, record: Some(rec), .. }) => Some(rec),
+            _ => None,
+        }) else {
+            panic!("the last round ends with its checkpoint: {out:?}")
+        };
+        let survivors = ["a", "b", "d", "e"];
+        let n: u64 = survivors.iter().map(|p| local(p).0).sum();
+        let mean = |f: &dyn Fn(&EvalOutcome) -> f64| {
+            survivors.iter().map(|p| f(&local_eval(p)) * local(p).0 as f64).sum::<f64>() / n as f64
+        };
+        assert!((rec.metrics["accuracy"] - mean(&|e| e.metrics["accuracy"])).abs() < 1e-6, "{:?}", rec.metrics);
+        assert!((rec.metrics["loss"] - mean(&|e| e.loss)).abs() < 1e-6, "{:?}", rec.metrics);
+        let metrics = &rec.metrics;
         for stage in [
             Stage::Fit,
             Stage::Aggregation(SHARES),
@@ -549,6 +616,55 @@ mod secure {
             Stage::Aggregation(UNMASK),
         ] {
             assert!(metrics.contains_key(&stage.metric_name()), "{} missing from {metrics:?}", stage.metric_name());
+        }
+    }
+
+    /// With standardisation on, setup's feature sums are a secure sum of
+    /// their own: no party's row count or feature means reach the
+    /// coordinator, and the model starts from the federation's statistics.
+    #[test]
+    fn setup_feature_statistics_are_summed_securely() {
+        let mut spec = spec(3);
+        spec.model.standardize = true;
+        let job = spec.facts("job-t", &Limits::default());
+        let clients = PARTIES
+            .iter()
+            .map(|p| (p.to_string(), SecAggPlus.client(&spec.aggregation.settings, &job, identity(p)).unwrap()))
+            .collect();
+        let mut r = Run { s: session(spec, Start::Fresh { model: None }, &Plugins::default()), clients };
+        for p in PARTIES {
+            r.feed(Input::connected(p));
+        }
+        let mut out = Vec::new();
+        for p in PARTIES {
+            out = r.feed(Input::Answer { party: p.into(), accepted: true, reason: String::new() });
+        }
+        let model = || {
+            let t = |name: &str, v: f32| Tensor { name: name.into(), shape: vec![2], data: vec![v; 2] };
+            Parameters::new(vec![t("input.mean", 0.0), t("input.std", 1.0), t("w", 0.0)]).unwrap()
+        };
+        let mut sums = Vec::new();
+        for (p, t) in tasks(out) {
+            // Nothing in the clear: the setup answer carries the architecture only.
+            let result = ResultBody::Setup { params: model(), stats: FeatureStats::default() };
+            sums = tasks(r.answer(&p, t.task_id, result));
+        }
+        assert_eq!(sums.len(), 5);
+        assert!(sums.iter().all(|(_, t)| t.stage == Stage::Setup
+            && matches!(t.task.body, TaskBody::SecureSum { of: SumOf::FeatureStats, .. })));
+        let fit = task_pairs(r.through_steps(sums));
+        assert!(fit.iter().all(|(_, t)| t.stage == Stage::Fit), "{fit:?}");
+        let mut pooled = FeatureStats::default();
+        for p in PARTIES {
+            pooled.merge(&local_stats(p)).unwrap();
+        }
+        let (mean, std) = pooled.mean_std();
+        let global = fit[0].1.params.as_ref().unwrap();
+        for (name, want) in [("input.mean", &mean), ("input.std", &std)] {
+            let got = &global.get(name).unwrap().data;
+            for (g, w) in got.iter().zip(want.iter()) {
+                assert!((g - w).abs() < 1e-5, "{name}: {got:?} vs {want:?}");
+            }
         }
     }
 

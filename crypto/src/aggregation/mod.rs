@@ -25,6 +25,8 @@
 //!   example-weighted sum.
 //! * [`update`]: the encoding of an update into a modular sum (fixed point,
 //!   example weight), written once for every protocol that sums.
+//! * [`sum`]: secure sums of statistics (setup feature sums, evaluation
+//!   metrics), so that protocols that hide updates hide these too.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -36,6 +38,7 @@ use crate::secagg::protocol::{IdentitySigner, IdentityVerifier};
 
 pub mod plain;
 pub mod secagg;
+pub mod sum;
 pub mod update;
 
 /// The name of one step of a protocol after the fit stage (e.g.
@@ -203,34 +206,8 @@ pub struct RoundInfo<'a> {
 /// messages so that parties given different models or configurations
 /// cannot complete a round together.
 pub fn training_digest(global: &Parameters, fit: &FitConfig) -> [u8; 32] {
-    // BLAKE3: every party hashes its model each round, and BLAKE3 runs at
-    // ~2.5 GB/s on one core here against SHA-256's 1.4 GB/s with the CPU's
-    // SHA extensions (`cargo bench --bench secagg`: training_digest_1M).
-    struct H(blake3::Hasher);
-    impl H {
-        fn update(&mut self, b: impl AsRef<[u8]>) {
-            self.0.update(b.as_ref());
-        }
-    }
-    let mut h = H(blake3::Hasher::new_derive_key("confide training digest v1"));
-    h.update((global.tensors().len() as u64).to_le_bytes());
-    for t in global.tensors() {
-        h.update((t.name.len() as u64).to_le_bytes());
-        h.update(t.name.as_bytes());
-        h.update((t.shape.len() as u64).to_le_bytes());
-        for d in &t.shape {
-            h.update((*d as u64).to_le_bytes());
-        }
-        h.update((t.data.len() as u64).to_le_bytes());
-        // The values as little-endian bytes: on little-endian machines their
-        // memory as it is, without a copy.
-        #[cfg(target_endian = "little")]
-        h.update(bytemuck::cast_slice::<f32, u8>(&t.data));
-        #[cfg(not(target_endian = "little"))]
-        for v in &t.data {
-            h.update(v.to_le_bytes());
-        }
-    }
+    let mut h = blake3::Hasher::new_derive_key("confide training digest v1");
+    hash_parameters(&mut h, global);
     // Every field, by destructuring: a new field that is not hashed here
     // does not compile.
     let FitConfig { round, train } = fit;
@@ -245,15 +222,59 @@ pub fn training_digest(global: &Parameters, fit: &FitConfig) -> [u8; 32] {
         seed,
         validation_fraction,
     } = train;
-    h.update(round.to_le_bytes());
-    h.update(local_epochs.to_le_bytes());
-    h.update((*batch_size as u64).to_le_bytes());
+    h.update(&round.to_le_bytes());
+    h.update(&local_epochs.to_le_bytes());
+    h.update(&(*batch_size as u64).to_le_bytes());
     for x in [learning_rate, momentum, l2, proximal_mu, validation_fraction] {
-        h.update(x.to_bits().to_le_bytes());
+        h.update(&x.to_bits().to_le_bytes());
     }
     h.update(format!("{optimizer:?}").as_bytes());
-    h.update(seed.to_le_bytes());
-    *h.0.finalize().as_bytes()
+    h.update(&seed.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// A hash (BLAKE3) of a model alone (names, shapes, values): what a secure
+/// evaluation binds.
+pub fn model_digest(global: &Parameters) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("confide model digest v1");
+    hash_parameters(&mut h, global);
+    *h.finalize().as_bytes()
+}
+
+fn hash_parameters(h: &mut blake3::Hasher, global: &Parameters) {
+    // BLAKE3: every party hashes its model each round, and BLAKE3 runs at
+    // ~2.5 GB/s on one core here against SHA-256's 1.4 GB/s with the CPU's
+    // SHA extensions (`cargo bench --bench secagg`: training_digest_1M).
+    h.update(&(global.tensors().len() as u64).to_le_bytes());
+    for t in global.tensors() {
+        h.update(&(t.name.len() as u64).to_le_bytes());
+        h.update(t.name.as_bytes());
+        h.update(&(t.shape.len() as u64).to_le_bytes());
+        for d in &t.shape {
+            h.update(&(*d as u64).to_le_bytes());
+        }
+        h.update(&(t.data.len() as u64).to_le_bytes());
+        // The values as little-endian bytes: on little-endian machines their
+        // memory as it is, without a copy.
+        #[cfg(target_endian = "little")]
+        h.update(bytemuck::cast_slice::<f32, u8>(&t.data));
+        #[cfg(not(target_endian = "little"))]
+        for v in &t.data {
+            h.update(&v.to_le_bytes());
+        }
+    }
+}
+
+/// A round that sums statistics instead of model updates (setup feature
+/// sums, evaluation metrics), under a protocol that hides individual values.
+#[derive(Debug, Clone, Copy)]
+pub struct SumRound<'a> {
+    /// The round (0 for setup).
+    pub round: u32,
+    /// The round's parties, sorted and unique.
+    pub parties: &'a [String],
+    /// What is summed; each party derives it on its own.
+    pub layout: &'a sum::SumLayout,
 }
 
 /// One party's plaintext update, as [`plain`] reveals it.
@@ -285,6 +306,15 @@ pub enum Aggregate {
         /// unmask share), with why; the sum does not depend on them.
         misbehaved: Vec<(String, String)>,
         /// Whose updates are in the sum, sorted.
+        contributors: Vec<String>,
+    },
+    /// The sum of a [`SumRound`]'s values.
+    Sum {
+        /// Per value of the layout, the sum over the contributors.
+        sums: Vec<f64>,
+        /// Parties caught misbehaving while the sum was rebuilt.
+        misbehaved: Vec<(String, String)>,
+        /// Whose values are in the sum, sorted.
         contributors: Vec<String>,
     },
 }
@@ -353,6 +383,13 @@ pub trait AggregationServer: Send {
 
     /// The current stage closed (everyone answered or the deadline passed).
     fn close_stage(&mut self) -> Result<Progress, Error>;
+
+    /// Starts a round that sums statistics (see [`SumRound`]); returns the
+    /// message each party's task carries. Protocols that reveal individual
+    /// updates need not: the session asks for statistics in the clear then.
+    fn begin_sum(&mut self, _round: &SumRound<'_>) -> Result<Vec<u8>, Error> {
+        Err(Error::InvalidInput("this protocol does not sum statistics".into()))
+    }
 }
 
 /// A party's update after local training.
@@ -376,6 +413,18 @@ pub trait AggregationClient: Send {
     /// The party's fit answer for `round`: its update in the protocol's form.
     /// `round_message` is what the coordinator's fit task carried.
     fn contribute(&mut self, round: u32, round_message: &[u8], update: LocalUpdate<'_>) -> Result<Envelope, Error>;
+
+    /// The party's answer to a [`SumRound`]: `values` (laid out as `layout`,
+    /// which the party derived itself) in the protocol's form.
+    fn contribute_sum(
+        &mut self,
+        _round: u32,
+        _round_message: &[u8],
+        _layout: &sum::SumLayout,
+        _values: &[f64],
+    ) -> Result<Envelope, Error> {
+        Err(Error::InvalidInput("this protocol does not sum statistics".into()))
+    }
 
     /// A later step of `round`; returns the party's answer.
     fn on_step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error>;

@@ -26,10 +26,11 @@ use rand_core::OsRng;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
+use super::sum::{SumLayout, WideSum};
 use super::update::WeightedUpdate;
 use super::{
     Aggregate, AggregationClient, AggregationProtocol, AggregationServer, Bulk, Envelope, JobFacts, LocalUpdate,
-    Messages, PartyIdentity, Peer, PeerVerifier, Problem, Progress, Quorum, Reveals, RoundInfo, StageName,
+    Messages, PartyIdentity, Peer, PeerVerifier, Problem, Progress, Quorum, Reveals, RoundInfo, StageName, SumRound,
     parse_settings,
 };
 use crate::Error;
@@ -463,16 +464,17 @@ fn unmask_shares_from_wire(u: wire::UnmaskShares, party: &str, max: usize) -> Re
 /// The round's public parameters over `parties`: the degree and threshold
 /// from the job's threat model ([`params::choose`]: the complete graph up to
 /// 20 parties), and the graph seed a hash of the job and round.
-/// `training` is the digest of the global model and the fit configuration
-/// ([`super::training_digest`]); the binding hashes it with every other
-/// parameter of the round.
+/// `subject` is what the round sums: the digest of the global model and the
+/// fit configuration ([`super::training_digest`]) for updates, a
+/// [`SumLayout`]'s digest for statistics; the binding hashes it with every
+/// other parameter of the round.
 fn round_config(
     job: &str,
     round: u32,
     parties: &[String],
     dim: usize,
     s: &SecAggSettings,
-    training: [u8; 32],
+    subject: [u8; 32],
     min_survivors: usize,
 ) -> Result<Config, Error> {
     use sha2::Digest;
@@ -491,7 +493,7 @@ fn round_config(
         h.update(v.to_le_bytes());
     }
     h.update(graph_seed);
-    h.update(training);
+    h.update(subject);
     Ok(Config {
         job: job.to_owned(),
         round,
@@ -515,9 +517,15 @@ enum ServerStage {
     Unmask,
 }
 
+/// How the round's sum decodes.
+enum Decoding {
+    Updates(WeightedUpdate),
+    Statistics(WideSum),
+}
+
 struct ServerRound {
     server: Server,
-    encoding: WeightedUpdate,
+    decoding: Decoding,
     stage: ServerStage,
     /// Each advertiser's certificate, relayed with its keys.
     certs: BTreeMap<String, Vec<u8>>,
@@ -536,6 +544,32 @@ impl SecAggServer {
     fn current(&mut self) -> Result<&mut ServerRound, Error> {
         self.round.as_mut().ok_or_else(|| Error::WrongStage("no secure-aggregation round in progress".into()))
     }
+
+    fn begin(
+        &mut self,
+        round: u32,
+        parties: &[String],
+        dim: usize,
+        subject: [u8; 32],
+        decoding: Decoding,
+    ) -> Result<Vec<u8>, Error> {
+        let config =
+            round_config(&self.job.job_id, round, parties, dim, &self.settings, subject, self.job.min_parties)?;
+        let s = &self.settings;
+        let msg = wire::RoundConfig {
+            parties: config.parties.clone(),
+            threshold: config.threshold as u32,
+            degree: config.degree as u32,
+            graph_seed: config.graph_seed.to_vec(),
+            bits: config.bits,
+            dim: config.dim as u64,
+            clip: s.clip,
+            max_examples: s.max_examples,
+        };
+        let server = Server::new(config)?;
+        self.round = Some(ServerRound { server, decoding, stage: ServerStage::Keys, certs: BTreeMap::new() });
+        Ok(prost::Message::encode_to_vec(&msg))
+    }
 }
 
 impl AggregationServer for SecAggServer {
@@ -549,31 +583,21 @@ impl AggregationServer for SecAggServer {
                     .into(),
             ));
         };
-        let training = super::training_digest(round.global, fit);
-        let config = round_config(
-            &self.job.job_id,
-            round.round,
-            round.parties,
-            dim,
-            &self.settings,
-            training,
-            self.job.min_parties,
-        )?;
         let s = &self.settings;
-        let msg = wire::RoundConfig {
-            parties: config.parties.clone(),
-            threshold: config.threshold as u32,
-            degree: config.degree as u32,
-            graph_seed: config.graph_seed.to_vec(),
-            bits: config.bits,
-            dim: config.dim as u64,
-            clip: s.clip,
-            max_examples: s.max_examples,
-        };
-        let encoding = WeightedUpdate::new(s.bits, s.clip, s.max_examples, round.parties.len())?;
-        let server = Server::new(config)?;
-        self.round = Some(ServerRound { server, encoding, stage: ServerStage::Keys, certs: BTreeMap::new() });
-        Ok(prost::Message::encode_to_vec(&msg))
+        let decoding = Decoding::Updates(WeightedUpdate::new(s.bits, s.clip, s.max_examples, round.parties.len())?);
+        self.begin(round.round, round.parties, dim, super::training_digest(round.global, fit), decoding)
+    }
+
+    fn begin_sum(&mut self, round: &SumRound<'_>) -> Result<Vec<u8>, Error> {
+        let encoding = WideSum::new(self.settings.bits, self.job.party_bound())?;
+        let dim = encoding.words(round.layout.values);
+        if dim == 0 || dim > self.job.max_values + 1 {
+            return Err(Error::InvalidInput(format!(
+                "a {} sum of {} values exceeds the job's limit",
+                round.layout.purpose, round.layout.values
+            )));
+        }
+        self.begin(round.round, round.parties, dim, round.layout.digest, Decoding::Statistics(encoding))
     }
 
     fn on_message(&mut self, from: Peer<'_>, message: Envelope) -> Result<(), Error> {
@@ -690,17 +714,25 @@ impl AggregationServer for SecAggServer {
             }
             ServerStage::Unmask => {
                 let (sum, contributors) = r.server.finish()?;
-                let (weighted_delta_sum, total_examples, mean_train_loss) =
-                    r.encoding.decode(&sum, contributors.len())?;
                 let misbehaved = r.server.flagged().iter().map(|(p, why)| (p.clone(), why.clone())).collect();
+                let aggregate = match &r.decoding {
+                    Decoding::Updates(encoding) => {
+                        let (weighted_delta_sum, total_examples, mean_train_loss) =
+                            encoding.decode(&sum, contributors.len())?;
+                        Aggregate::WeightedSum {
+                            weighted_delta_sum,
+                            total_examples,
+                            mean_train_loss,
+                            misbehaved,
+                            contributors,
+                        }
+                    }
+                    Decoding::Statistics(encoding) => {
+                        Aggregate::Sum { sums: encoding.decode(&sum)?, misbehaved, contributors }
+                    }
+                };
                 self.round = None;
-                Progress::Done(Aggregate::WeightedSum {
-                    weighted_delta_sum,
-                    total_examples,
-                    mean_train_loss,
-                    misbehaved,
-                    contributors,
-                })
+                Progress::Done(aggregate)
             }
         };
         Ok(progress)
@@ -739,61 +771,37 @@ fn coordinator_fault(reason: impl Into<String>) -> Error {
 impl AggregationClient for SecAggClient {
     fn contribute(&mut self, round: u32, round_message: &[u8], update: LocalUpdate<'_>) -> Result<Envelope, Error> {
         self.round = None;
-        let rc: wire::RoundConfig = Envelope::body(round_message.to_vec()).decode("coordinator", "round config")?;
-        let dim = usize::try_from(rc.dim).ok().filter(|&d| d > 0 && d <= self.job.max_values + 1).ok_or_else(|| {
-            coordinator_fault(format!("secagg dim {} outside 1..={}", rc.dim, self.job.max_values + 1))
-        })?;
-        let expected = WeightedUpdate::words(update.global.num_values());
-        if dim != expected {
-            return Err(coordinator_fault(format!(
-                "secure aggregation over {dim} values for a model of {}",
-                update.global.num_values()
-            )));
-        }
-        if rc.parties.len() > self.job.max_parties {
-            return Err(coordinator_fault(format!(
-                "{} parties in the round; at most {}",
-                rc.parties.len(),
-                self.job.max_parties
-            )));
-        }
-        // The party list is the coordinator's choice, within what the spec allows.
-        if !self.job.party_names.is_empty()
-            && let Some(p) = rc.parties.iter().find(|p| self.job.party_names.binary_search(p).is_err())
-        {
-            return Err(coordinator_fault(format!("put {p}, which the job spec does not name, in the round")));
-        }
-        let need = self.job.min_parties.max(MIN_ROUND_PARTIES);
-        if rc.parties.len() < need {
-            return Err(coordinator_fault(format!(
-                "started a round of {} parties; this party takes part in rounds of at least {need} \
-                 (the job's parties.min, its own policy.min_parties, and never fewer than {MIN_ROUND_PARTIES})",
-                rc.parties.len()
-            )));
-        }
-        // Everything else follows from the spec this party accepted, the
-        // model and configuration it was sent: derive it instead of trusting
-        // the wire, and bind it into the signatures.
+        let dim = WeightedUpdate::words(update.global.num_values());
         let training = super::training_digest(update.global, update.fit);
-        let config =
-            round_config(&self.job.job_id, round, &rc.parties, dim, &self.settings, training, self.job.min_parties)?;
+        let config = self.derive_round(round, round_message, dim, training)?;
         let s = &self.settings;
-        let mismatch = [
-            ("threshold", rc.threshold as usize == config.threshold),
-            ("degree", rc.degree as usize == config.degree),
-            ("graph_seed", rc.graph_seed == config.graph_seed),
-            ("bits", rc.bits == s.bits),
-            ("clip", rc.clip.to_bits() == s.clip.to_bits()),
-            ("max_examples", rc.max_examples == s.max_examples),
-        ];
-        if let Some((field, _)) = mismatch.iter().find(|(_, ok)| !ok) {
-            return Err(coordinator_fault(format!("sent a round {field} that the job spec does not give")));
-        }
         let encoding = WeightedUpdate::new(s.bits, s.clip, s.max_examples, config.parties.len())?;
         let input = encoding.encode(update.global, &update.local, update.num_examples, update.train_loss)?;
-        let (client, advert) = Client::new(config, &self.party.name, self.party.signer.as_ref(), &mut OsRng)?;
-        self.round = Some(ClientRound { round, client, input, keyed: false, premasked: false });
-        Ok(Envelope::encode(&keys_to_wire(&advert, &[])))
+        self.start(round, config, input)
+    }
+
+    fn contribute_sum(
+        &mut self,
+        round: u32,
+        round_message: &[u8],
+        layout: &SumLayout,
+        values: &[f64],
+    ) -> Result<Envelope, Error> {
+        self.round = None;
+        if values.len() != layout.values {
+            return Err(Error::InvalidInput(format!(
+                "{} values for a {} sum of {}",
+                values.len(),
+                layout.purpose,
+                layout.values
+            )));
+        }
+        // Limbs sized for the most parties the job can have: both sides
+        // derive the same encoding from the spec alone.
+        let encoding = WideSum::new(self.settings.bits, self.job.party_bound())?;
+        let config = self.derive_round(round, round_message, encoding.words(layout.values), layout.digest)?;
+        let input = encoding.encode(values)?;
+        self.start(round, config, input)
     }
 
     fn on_step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error> {
@@ -825,6 +833,62 @@ impl AggregationClient for SecAggClient {
 }
 
 impl SecAggClient {
+    /// The round the coordinator's `round_message` starts, as this party
+    /// derives it from the spec it accepted: `dim` words summing `subject`.
+    fn derive_round(&self, round: u32, round_message: &[u8], dim: usize, subject: [u8; 32]) -> Result<Config, Error> {
+        let rc: wire::RoundConfig = Envelope::body(round_message.to_vec()).decode("coordinator", "round config")?;
+        if rc.dim != dim as u64 {
+            return Err(coordinator_fault(format!("secure aggregation over {} values; this party sums {dim}", rc.dim)));
+        }
+        if rc.parties.len() > self.job.max_parties {
+            return Err(coordinator_fault(format!(
+                "{} parties in the round; at most {}",
+                rc.parties.len(),
+                self.job.max_parties
+            )));
+        }
+        // The party list is the coordinator's choice, within what the spec allows.
+        if !self.job.party_names.is_empty()
+            && let Some(p) = rc.parties.iter().find(|p| self.job.party_names.binary_search(p).is_err())
+        {
+            return Err(coordinator_fault(format!("put {p}, which the job spec does not name, in the round")));
+        }
+        let need = self.job.min_parties.max(MIN_ROUND_PARTIES);
+        if rc.parties.len() < need {
+            return Err(coordinator_fault(format!(
+                "started a round of {} parties; this party takes part in rounds of at least {need} \
+                 (the job's parties.min, its own policy.min_parties, and never fewer than {MIN_ROUND_PARTIES})",
+                rc.parties.len()
+            )));
+        }
+        // Everything else follows from the spec this party accepted, the
+        // model and configuration it was sent: derive it instead of trusting
+        // the wire, and bind it into the signatures.
+        let config =
+            round_config(&self.job.job_id, round, &rc.parties, dim, &self.settings, subject, self.job.min_parties)?;
+        let s = &self.settings;
+        let mismatch = [
+            ("threshold", rc.threshold as usize == config.threshold),
+            ("degree", rc.degree as usize == config.degree),
+            ("graph_seed", rc.graph_seed == config.graph_seed),
+            ("bits", rc.bits == s.bits),
+            ("clip", rc.clip.to_bits() == s.clip.to_bits()),
+            ("max_examples", rc.max_examples == s.max_examples),
+        ];
+        if let Some((field, _)) = mismatch.iter().find(|(_, ok)| !ok) {
+            return Err(coordinator_fault(format!("sent a round {field} that the job spec does not give")));
+        }
+        Ok(config)
+    }
+
+    /// Starts this party's side of `round` with its encoded `input`; the
+    /// answer is its signed round keys.
+    fn start(&mut self, round: u32, config: Config, input: Vec<u32>) -> Result<Envelope, Error> {
+        let (client, advert) = Client::new(config, &self.party.name, self.party.signer.as_ref(), &mut OsRng)?;
+        self.round = Some(ClientRound { round, client, input, keyed: false, premasked: false });
+        Ok(Envelope::encode(&keys_to_wire(&advert, &[])))
+    }
+
     fn step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error> {
         let max = self.job.max_parties;
         let r = match self.round.as_mut() {
@@ -949,19 +1013,26 @@ mod tests {
             let m = c.contribute(1, &rm, update)?;
             server.on_message(Peer { name: &names[i], certificate: &[] }, m)?;
         }
+        match drive(server.as_mut(), &mut clients, 1, drop)? {
+            Aggregate::WeightedSum { weighted_delta_sum, total_examples, mean_train_loss, contributors, .. } => {
+                Ok((weighted_delta_sum, total_examples, mean_train_loss, contributors))
+            }
+            other => panic!("secagg reveals only a sum: {other:?}"),
+        }
+    }
+
+    /// Runs the protocol's steps after the parties' contributions, parties
+    /// in `drop` vanishing before the masked input.
+    fn drive(
+        server: &mut dyn AggregationServer,
+        clients: &mut [Box<dyn AggregationClient>],
+        round: u32,
+        drop: &[usize],
+    ) -> Result<Aggregate, Error> {
         let mut progress = server.close_stage()?;
         loop {
             match progress {
-                Progress::Done(Aggregate::WeightedSum {
-                    weighted_delta_sum,
-                    total_examples,
-                    mean_train_loss,
-                    contributors,
-                    ..
-                }) => {
-                    return Ok((weighted_delta_sum, total_examples, mean_train_loss, contributors));
-                }
-                Progress::Done(_) => panic!("secagg reveals only a sum"),
+                Progress::Done(aggregate) => return Ok(aggregate),
                 Progress::Step { stage, messages, .. } => {
                     let msgs = match messages {
                         Messages::PerParty(v) => v,
@@ -972,13 +1043,65 @@ mod tests {
                         if stage == MASKED_INPUT && drop.contains(&i) {
                             continue;
                         }
-                        let answer = clients[i].on_step(1, stage, m)?;
+                        let answer = clients[i].on_step(round, stage, m)?;
                         server.on_message(Peer { name: &p, certificate: &[] }, answer)?;
                     }
                     progress = server.close_stage()?;
                 }
             }
         }
+    }
+
+    /// Setup statistics and evaluations travel through the same protocol:
+    /// the coordinator learns their sums, exactly, and no party's values.
+    #[test]
+    fn statistics_are_summed_exactly_with_dropouts() {
+        let n = 5;
+        let job = facts(n);
+        let names = names(n);
+        let layout = SumLayout::feature_stats(2);
+        let mut server = server(&toml::Table::new(), &job);
+        let rm = server.begin_sum(&SumRound { round: 0, parties: &names, layout: &layout }).unwrap();
+        let mut clients: Vec<_> =
+            names.iter().map(|p| SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap()).collect();
+        let values = |i: usize| vec![10.0 * (i + 1) as f64, -3.25 * i as f64, 1e6 + i as f64, 0.5, 7e9];
+        for (i, c) in clients.iter_mut().enumerate() {
+            let m = c.contribute_sum(0, &rm, &layout, &values(i)).unwrap();
+            server.on_message(Peer { name: &names[i], certificate: &[] }, m).unwrap();
+        }
+        let Aggregate::Sum { sums, contributors, .. } = drive(server.as_mut(), &mut clients, 0, &[2]).unwrap() else {
+            panic!("a statistics round ends in a sum")
+        };
+        assert_eq!(contributors, ["p0", "p1", "p3", "p4"]);
+        for (j, got) in sums.iter().enumerate() {
+            let exact: f64 = [0, 1, 3, 4].iter().map(|&i| values(i)[j]).sum();
+            assert!((got - exact).abs() < 1e-4, "value {j}: {got} vs {exact}");
+        }
+    }
+
+    /// A coordinator that asks one party to evaluate another model than the
+    /// others (to read that party's metrics off the sum) cannot complete the
+    /// round: the evaluated model is bound into the signed keys.
+    #[test]
+    fn an_evaluation_of_different_models_cannot_complete() {
+        let job = facts(3);
+        let names = names(3);
+        let (global, other) = (params(&[0.0]), params(&[9.0]));
+        let mut coordinator = server(&toml::Table::new(), &job);
+        let layout = SumLayout::evaluation(&global);
+        let rm = coordinator.begin_sum(&SumRound { round: 2, parties: &names, layout: &layout }).unwrap();
+        let mut p0 = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let values = [10.0, 5.0, 10.0, 9.0, 10.0, 0.0, 0.0];
+        let advert = p0.contribute_sum(2, &rm, &SumLayout::evaluation(&other), &values).unwrap();
+        let err = coordinator.on_message(Peer { name: "p0", certificate: &[] }, advert).unwrap_err();
+        assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p0"), "{err}");
+        // A sum of another length is refused before anything is sent.
+        let err = p0.contribute_sum(2, &rm, &layout, &values[..3]).unwrap_err().to_string();
+        assert!(err.contains("3 values"), "{err}");
+        // Plaintext protocols have no secure sums.
+        let mut plain =
+            crate::aggregation::plain::Plain.server(&toml::Table::new(), &job, Box::new(InsecureTagVerifier)).unwrap();
+        assert!(plain.begin_sum(&SumRound { round: 2, parties: &names, layout: &layout }).is_err());
     }
 
     #[test]
