@@ -108,6 +108,21 @@ enum CertsCmd {
         #[arg(long, default_value = "party")]
         role: String,
     },
+    /// Revoke a party's certificate: writes the CA-signed revocation list
+    /// (`revoked.crl.pem`, one version newer) and de-enrolls the party. Run
+    /// it where the CA key is kept; copy the list and `federation.toml` to
+    /// the coordinator's PKI directory, which applies them within seconds
+    /// (closing the party's streams and sending the list to every party).
+    Revoke {
+        /// The PKI directory holding the CA (ca.pem, ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The party.
+        name: String,
+        /// The certificate to revoke, when not `parties/NAME.pem` in `--ca`.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+    },
     /// Issue and enroll one more party, generating its key here (for demos
     /// and tests: a party's key should be made on its own machine, with
     /// `confide-party keygen` and `confide certs sign`).
@@ -259,6 +274,18 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                 .sign_party_request(&text)
                 .map_err(|e| Error::InvalidInput(format!("{}: {e}", csr.display())))?;
             println!("signed and enrolled party {name}: {} (send it to the party with ca.pem)", cert.display());
+            Ok(0)
+        }
+        Command::Certs(CertsCmd::Revoke { ca, name, cert }) => {
+            let cert = cert.map(|p| std::fs::read(&p).map_err(|e| Error::io(&p, e))).transpose()?;
+            let pki = PkiDir::new(&ca);
+            let list = pki.revoke_party(&name, cert.as_deref())?;
+            println!(
+                "revoked party {name}: revocation list version {} ({} certificates) in {}; party de-enrolled",
+                list.version(),
+                list.len(),
+                pki.revocation_file().display()
+            );
             Ok(0)
         }
         Command::Certs(CertsCmd::Issue { dir, party }) => {

@@ -7,11 +7,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use confide_algorithms::Parameters;
+use confide_crypto::identity::SharedRevocations;
 use confide_crypto::pki::{PkiDir, Role};
+use confide_crypto::revocation::Revocations;
 use confide_proto::jobspec::JobSpec;
 use confide_proto::messages::TaskResult;
 use confide_proto::pb::admin_service_server::{AdminService, AdminServiceServer};
@@ -75,6 +77,9 @@ struct JobHandle {
 pub struct Hub {
     db: Db,
     pki: PkiDir,
+    /// The newest revocation list, shared with the TLS handshake and every
+    /// job's certificate verifier.
+    revocations: SharedRevocations,
     limits: Limits,
     models_dir: PathBuf,
     parties: Mutex<HashMap<String, PartyConn>>,
@@ -139,6 +144,21 @@ impl Hub {
         }
     }
 
+    /// The revocation list in force.
+    pub fn revocation_list(&self) -> Revocations {
+        self.revocations.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Closes `party`'s stream now, saying why; its jobs see it disconnect.
+    fn expel(&self, party: &str, why: &str) {
+        let Some(conn) = lock(&self.parties).remove(party) else { return };
+        warn!(party = %party, "closing the stream: {why}");
+        let _ = conn.tx.try_send(Outbound::Close(Status::permission_denied(why.to_owned())));
+        let (db, name) = (self.db.clone(), party.to_owned());
+        spawn_db(move || db.party_seen(&name, false));
+        self.broadcast(&Input::Disconnected(party.to_owned()));
+    }
+
     fn broadcast(&self, input: &Input) {
         for j in lock(&self.jobs).values() {
             let _ = j.inputs.send(input.clone());
@@ -188,20 +208,24 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
     let pki = PkiDir::new(&config.pki);
     let tls_config = tls::server_config(&pki)?;
     pki.enrolled()?;
+    let revocations: SharedRevocations =
+        Arc::new(RwLock::new(pki.revocations().map_err(|e| Error::InvalidInput(e.to_string()))?));
     // Every job checks the parties' certificates and signatures against the
-    // federation CA before relaying anything of theirs.
+    // federation CA and the revocation list before relaying anything of theirs.
     let ca_path = pki.ca_cert();
     let ca = std::fs::read(&ca_path).map_err(|e| Error::io(&ca_path, e))?;
     confide_crypto::identity::CertVerifier::new(&ca)
         .map_err(|e| Error::InvalidInput(format!("{}: {e}", ca_path.display())))?;
+    let job_revocations = revocations.clone();
     let plugins = plugins.peer_verifier(move || {
-        confide_crypto::identity::CertVerifier::new(&ca)
+        confide_crypto::identity::CertVerifier::with_revocations(&ca, job_revocations.clone())
             .map(|v| Box::new(v) as Box<dyn confide_crypto::aggregation::PeerVerifier>)
             .map_err(|e| e.to_string())
     });
     let hub = Arc::new(Hub {
         db,
         pki: pki.clone(),
+        revocations: revocations.clone(),
         limits: config.limits,
         models_dir: config.data_dir.join("models"),
         parties: Mutex::new(HashMap::new()),
@@ -233,7 +257,8 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
         .await
         .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", config.listen)))?;
     let local_addr = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
-    let incoming = ReceiverStream::new(tls::accept_loop(listener, tls_config, pki));
+    let incoming = ReceiverStream::new(tls::accept_loop(listener, tls_config, pki, revocations));
+    tokio::spawn(watch_enrollment(hub.clone()));
     let max = hub.limits.max_message_bytes;
     let party_svc = PartyServiceServer::new(PartySvc { hub: hub.clone() })
         .max_decoding_message_size(max)
@@ -332,6 +357,7 @@ impl PartyService for PartySvc {
                 software_version: VERSION.into(),
                 max_message_bytes: hub.limits.max_message_bytes as u64,
                 max_values: hub.limits.max_values as u64,
+                revocations: Some(pb::RevocationList { crl: hub.revocation_list().der().to_vec() }),
             })),
         );
         let db_hub = hub.clone();
@@ -344,6 +370,51 @@ impl PartyService for PartySvc {
         hub.broadcast(&Input::Connected { party: name.clone(), certificate });
         tokio::spawn(reader(hub, name, conn_id, inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(resp_rx))))
+    }
+}
+
+/// How often the coordinator re-reads its enrollment and revocation lists.
+const ENROLLMENT_POLL: Duration = Duration::from_secs(2);
+
+/// Applies changes to the enrollment list and the revocation list while
+/// the coordinator runs: a newer revocation list goes to every connected
+/// party, and a party whose certificate it revokes, or that was removed
+/// from the enrollment list, has its open stream closed at once (its jobs
+/// see it leave; the handshake refuses it from then on).
+async fn watch_enrollment(hub: Arc<Hub>) {
+    loop {
+        tokio::time::sleep(ENROLLMENT_POLL).await;
+        let read = {
+            let pki = hub.pki.clone();
+            tokio::task::spawn_blocking(move || (pki.revocations(), pki.enrolled())).await
+        };
+        let Ok((revocations, enrolled)) = read else { continue };
+        match revocations {
+            Ok(newer) if newer.version() > hub.revocation_list().version() => {
+                info!(
+                    version = newer.version(),
+                    revoked = newer.len(),
+                    "revocation list updated; sending it to the parties"
+                );
+                let crl = newer.der().to_vec();
+                hub.revocations.write().unwrap_or_else(|p| p.into_inner()).update(newer).ok();
+                for (party, _) in hub.connected() {
+                    let msg = coordinator_message::Body::Revocations(pb::RevocationList { crl: crl.clone() });
+                    hub.send(&party, Outbound::Msg(msg));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!("revocation list not applied: {e}"),
+        }
+        let list = hub.revocation_list();
+        for (party, certificate) in hub.connected() {
+            let why = match (&enrolled, list.check(&party, &certificate)) {
+                (_, Err(_)) => format!("party {party}: its certificate is revoked (list version {})", list.version()),
+                (Ok(names), Ok(())) if !names.contains(&party) => format!("party {party} is no longer enrolled"),
+                _ => continue,
+            };
+            hub.expel(&party, &why);
+        }
     }
 }
 

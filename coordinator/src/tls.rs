@@ -2,13 +2,14 @@
 //!
 //! The coordinator runs its own accept loop instead of tonic's built-in TLS so
 //! that every refused peer is logged with the reason: no certificate, another
-//! CA, expired, unknown role, or a party name not enrolled.
+//! CA, expired, revoked, unknown role, or a party name not enrolled.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use confide_crypto::identity::SharedRevocations;
 use confide_crypto::pki::{self, PkiDir, Role};
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -68,6 +69,7 @@ pub fn accept_loop(
     listener: TcpListener,
     config: rustls::ServerConfig,
     pki: PkiDir,
+    revocations: SharedRevocations,
 ) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(Arc::new(config));
@@ -81,9 +83,9 @@ pub fn accept_loop(
                     continue;
                 }
             };
-            let (acceptor, tx, pki) = (acceptor.clone(), tx.clone(), pki.clone());
+            let (acceptor, tx, pki, revocations) = (acceptor.clone(), tx.clone(), pki.clone(), revocations.clone());
             tokio::spawn(async move {
-                if let Some(stream) = handshake(acceptor, tcp, addr, &pki).await {
+                if let Some(stream) = handshake(acceptor, tcp, addr, &pki, &revocations).await {
                     let _ = tx.send(Ok(stream)).await;
                 }
             });
@@ -97,6 +99,7 @@ async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
     pki: &PkiDir,
+    revocations: &SharedRevocations,
 ) -> Option<TlsStream<TcpStream>> {
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -121,6 +124,11 @@ async fn handshake(
             return None;
         }
     };
+    let revoked = revocations.read().unwrap_or_else(|p| p.into_inner()).check(&id.name, cert);
+    if revoked.is_err() {
+        warn!(peer = %addr, name = %id.name, "refused connection: the certificate of {} is revoked", id.name);
+        return None;
+    }
     match id.role {
         Role::Admin => {}
         Role::Coordinator => {

@@ -8,6 +8,7 @@
 //! substitute either.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, UnparsedPublicKey};
@@ -16,6 +17,7 @@ use zeroize::Zeroizing;
 
 use crate::Error;
 use crate::pki::{Role, peer_identity};
+use crate::revocation::Revocations;
 use crate::secagg::protocol::{IdentitySigner, IdentityVerifier};
 
 fn pem_der(pem: &[u8], what: &str) -> Result<Zeroizing<Vec<u8>>, Error> {
@@ -58,11 +60,19 @@ impl IdentitySigner for IdentityKey {
 pub struct CertVerifier {
     ca_der: Vec<u8>,
     certs: BTreeMap<String, VerifiedCert>,
+    /// The newest revocation list this side has accepted, shared with its
+    /// node so that a list arriving mid-job applies at once.
+    revocations: SharedRevocations,
 }
+
+/// A revocation list shared between a node and its jobs' verifiers.
+pub type SharedRevocations = Arc<RwLock<Revocations>>;
 
 /// A certificate that passed [`CertVerifier::add_peer`].
 struct VerifiedCert {
     der: Vec<u8>,
+    /// Its serial number, checked against the revocation list at each use.
+    serial: Vec<u8>,
     /// Its subject public key, ready for signature checks.
     spki: Vec<u8>,
     /// Its validity period, Unix seconds: re-checked without re-parsing.
@@ -72,9 +82,26 @@ struct VerifiedCert {
 impl CertVerifier {
     /// A verifier trusting the CA in `ca_pem`.
     pub fn new(ca_pem: &[u8]) -> Result<CertVerifier, Error> {
+        Self::with_revocations(ca_pem, Arc::new(RwLock::new(Revocations::empty())))
+    }
+
+    /// A verifier trusting the CA in `ca_pem` that refuses the certificates
+    /// `revocations` revokes (now or once it is updated).
+    pub fn with_revocations(ca_pem: &[u8], revocations: SharedRevocations) -> Result<CertVerifier, Error> {
         let ca_der = pem_der(ca_pem, "CA certificate")?.to_vec();
         X509Certificate::from_der(&ca_der).map_err(|e| Error::Certificate(format!("CA certificate: {e}")))?;
-        Ok(CertVerifier { ca_der, certs: BTreeMap::new() })
+        Ok(CertVerifier { ca_der, certs: BTreeMap::new(), revocations })
+    }
+
+    fn revoked(&self, party: &str, serial: &[u8]) -> Result<(), Error> {
+        let list = self.revocations.read().unwrap_or_else(|p| p.into_inner());
+        if list.is_revoked(serial) {
+            return Err(Error::PeerMisbehaved {
+                party: party.to_owned(),
+                reason: format!("its certificate is revoked (revocation list version {})", list.version()),
+            });
+        }
+        Ok(())
     }
 
     /// Checks `cert_der` (issued by the CA, valid now, a party certificate
@@ -87,13 +114,13 @@ impl CertVerifier {
         {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             if (c.valid.0..=c.valid.1).contains(&now) {
-                return Ok(());
+                return self.revoked(party, &c.serial);
             }
         }
         let checked = self.check_peer(party, cert_der);
         match checked {
-            Ok((spki, valid)) => {
-                self.certs.insert(party.to_owned(), VerifiedCert { der: cert_der.to_vec(), spki, valid });
+            Ok(verified) => {
+                self.certs.insert(party.to_owned(), verified);
                 Ok(())
             }
             Err(e) => {
@@ -104,9 +131,8 @@ impl CertVerifier {
         }
     }
 
-    /// The checks of [`Self::add_peer`]; returns the certificate's public
-    /// key and validity period.
-    fn check_peer(&self, party: &str, cert_der: &[u8]) -> Result<(Vec<u8>, (i64, i64)), Error> {
+    /// The checks of [`Self::add_peer`].
+    fn check_peer(&self, party: &str, cert_der: &[u8]) -> Result<VerifiedCert, Error> {
         let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| Error::PeerMisbehaved {
             party: party.into(),
             reason: format!("unparsable certificate: {e}"),
@@ -124,7 +150,9 @@ impl CertVerifier {
         if id.name != party || id.role != Role::Party {
             return Err(bad(format!("certificate names {} ({:?}), not party {party}", id.name, id.role)));
         }
-        Ok((spki, valid))
+        let serial = crate::revocation::certificate_serial(cert_der)?;
+        self.revoked(party, &serial)?;
+        Ok(VerifiedCert { der: cert_der.to_vec(), serial, spki, valid })
     }
 }
 
@@ -134,6 +162,8 @@ impl IdentityVerifier for CertVerifier {
             .certs
             .get(party)
             .ok_or_else(|| Error::PeerMisbehaved { party: party.into(), reason: "no verified certificate".into() })?;
+        // Revoked since it was verified: refused from then on.
+        self.revoked(party, &cert.serial)?;
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &cert.spki)
             .verify(msg, sig)
             .map_err(|_| Error::PeerMisbehaved { party: party.into(), reason: "signature does not verify".into() })
@@ -143,6 +173,10 @@ impl IdentityVerifier for CertVerifier {
 impl crate::aggregation::PeerVerifier for CertVerifier {
     fn add_peer(&mut self, party: &str, certificate: &[u8]) -> Result<(), Error> {
         CertVerifier::add_peer(self, party, certificate)
+    }
+
+    fn revocation_version(&self) -> u64 {
+        self.revocations.read().unwrap_or_else(|p| p.into_inner()).version()
     }
 }
 
@@ -190,5 +224,33 @@ mod tests {
             .issue_with_validity(Role::Party, "a", &[], now - time::Duration::days(3), now - time::Duration::days(1))
             .unwrap();
         assert!(v.add_peer("a", &der_of(&expired.cert_pem)).is_err());
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_refused_even_once_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("t", &["a".into(), "b".into()], &[]).unwrap();
+        let ca = std::fs::read(pki.ca_cert()).unwrap();
+        let list = Arc::new(RwLock::new(Revocations::empty()));
+        let mut v = CertVerifier::with_revocations(&ca, list.clone()).unwrap();
+        let cert_a = der_of(&std::fs::read_to_string(pki.party_cert("a")).unwrap());
+        let key_a = IdentityKey::from_pem(&std::fs::read(pki.party_key("a")).unwrap()).unwrap();
+        v.add_peer("a", &cert_a).unwrap();
+        let sig = key_a.sign(b"keys").unwrap();
+        v.verify("a", b"keys", &sig).unwrap();
+        use crate::aggregation::PeerVerifier;
+        assert_eq!(v.revocation_version(), 0);
+        // The CA revokes a; the node hands the new list to its verifiers.
+        let new = pki.revoke_party("a", None).unwrap();
+        assert!(!pki.enrolled().unwrap().contains(&"a".to_string()), "a is de-enrolled");
+        list.write().unwrap().update(new).unwrap();
+        assert_eq!(v.revocation_version(), 1);
+        for err in [v.verify("a", b"keys", &sig).unwrap_err(), v.add_peer("a", &cert_a).unwrap_err()] {
+            assert!(err.to_string().contains("revoked"), "{err}");
+        }
+        // b is untouched.
+        v.add_peer("b", &der_of(&std::fs::read_to_string(pki.party_cert("b")).unwrap())).unwrap();
+        assert_eq!(pki.revocations().unwrap().version(), 1);
     }
 }

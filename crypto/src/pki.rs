@@ -21,6 +21,7 @@
 //! DIR/admin.pem admin.key       admin client certificate used by the CLI
 //! DIR/parties/NAME.pem .key     one client certificate per party
 //! DIR/federation.toml           enrolled party names
+//! DIR/revoked.crl.pem           revoked certificates (after `confide certs revoke`)
 //! ```
 
 use std::fs;
@@ -295,6 +296,17 @@ pub fn peer_identity(cert_der: &[u8]) -> Result<PeerIdentity, Error> {
     Ok(PeerIdentity { name, role })
 }
 
+/// A certificate's DER from PEM or DER.
+fn pem_or_der(cert: &[u8]) -> Result<Vec<u8>, Error> {
+    if cert.starts_with(b"-----") {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert)
+            .map_err(|e| Error::Certificate(format!("certificate: not PEM: {e}")))?;
+        Ok(pem.contents)
+    } else {
+        Ok(cert.to_vec())
+    }
+}
+
 /// The PKI directory of a federation (see the module docs for its layout).
 #[derive(Debug, Clone)]
 pub struct PkiDir {
@@ -346,6 +358,67 @@ impl PkiDir {
     /// The enrollment list.
     pub fn federation_file(&self) -> PathBuf {
         self.root.join("federation.toml")
+    }
+    /// The revocation list (absent until the first revocation).
+    pub fn revocation_file(&self) -> PathBuf {
+        self.root.join(crate::revocation::CRL_FILE)
+    }
+
+    /// The directory's revocation list, verified against its CA; the empty
+    /// list when there is none.
+    pub fn revocations(&self) -> Result<crate::revocation::Revocations, Error> {
+        let path = self.revocation_file();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(crate::revocation::Revocations::empty());
+            }
+            Err(source) => return Err(Error::Io { path, source }),
+        };
+        let ca = fs::read(self.ca_cert()).map_err(|source| Error::Io { path: self.ca_cert(), source })?;
+        crate::revocation::Revocations::parse(&bytes, &ca, &path.display().to_string())
+    }
+
+    /// Revokes party `name`'s certificate (`parties/NAME.pem` here, or
+    /// `certificate` when given: the PEM the party was issued) with this
+    /// directory's CA: writes a revocation list one version newer and
+    /// removes the party from the enrollment list. Returns the new list.
+    pub fn revoke_party(
+        &self,
+        name: &str,
+        certificate: Option<&[u8]>,
+    ) -> Result<crate::revocation::Revocations, Error> {
+        let ca = self.load_ca()?;
+        let cert = match certificate {
+            Some(c) => c.to_vec(),
+            None => {
+                let path = self.party_cert(name);
+                fs::read(&path).map_err(|e| {
+                    Error::InvalidInput(format!(
+                        "{}: {e} (no certificate of party {name} here; pass the one it was issued)",
+                        path.display()
+                    ))
+                })?
+            }
+        };
+        let id = peer_identity(&pem_or_der(&cert)?)?;
+        if id.name != name || id.role != Role::Party {
+            return Err(Error::InvalidInput(format!(
+                "the certificate names {} ({:?}), not party {name}",
+                id.name, id.role
+            )));
+        }
+        let serial = crate::revocation::certificate_serial(&cert)?;
+        let list = ca.revoke(&self.revocations()?, &serial)?;
+        let path = self.revocation_file();
+        let tmp = path.with_extension("pem.tmp");
+        write_file(&tmp, list.pem().as_bytes(), 0o644)?;
+        fs::rename(&tmp, &path).map_err(|source| Error::Io { path, source })?;
+        if self.federation_file().exists() {
+            let enrolled: Vec<String> = self.enrolled()?.into_iter().filter(|p| p != name).collect();
+            self.write_enrolled(&enrolled)?;
+        }
+        Ok(list)
     }
 
     /// Creates a new federation: CA, coordinator certificate (for `hosts`;

@@ -25,6 +25,11 @@ pub struct PartyConfig {
     pub cert: PathBuf,
     /// This party's private key.
     pub key: PathBuf,
+    /// Where the party keeps the newest revocation list it has accepted
+    /// (default: next to its key, `NAME.crl.pem` for `NAME.key`), so that
+    /// after a restart it still refuses an older list.
+    #[serde(default)]
+    pub revocation_list: Option<PathBuf>,
     /// Data sets by name; jobs refer to these names, never to paths.
     #[serde(default)]
     pub datasets: BTreeMap<String, DatasetSource>,
@@ -181,6 +186,9 @@ impl PartyConfig {
         cfg.ca = base.join(&cfg.ca);
         cfg.cert = base.join(&cfg.cert);
         cfg.key = base.join(&cfg.key);
+        if let Some(r) = cfg.revocation_list.as_mut() {
+            *r = base.join(&*r);
+        }
         for d in cfg.datasets.values_mut() {
             d.path = base.join(&d.path);
         }
@@ -192,6 +200,11 @@ impl PartyConfig {
             *w = format!("{}: {w}", path.display());
         }
         Ok(cfg)
+    }
+
+    /// Where the newest accepted revocation list is kept.
+    pub fn revocation_list_path(&self) -> PathBuf {
+        self.revocation_list.clone().unwrap_or_else(|| self.key.with_extension("crl.pem"))
     }
 
     /// Checks values that serde cannot, against the built-in protocols and kinds.

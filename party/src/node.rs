@@ -8,13 +8,14 @@
 //! the session decides everything else.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use confide_crypto::aggregation::PartyIdentity;
-use confide_crypto::identity::{CertVerifier, IdentityKey};
+use confide_crypto::identity::{CertVerifier, IdentityKey, SharedRevocations};
+use confide_crypto::revocation::Revocations;
 use confide_proto::jobspec::JobSpec;
 use confide_proto::messages::Task;
 use confide_proto::net::{ClientIdentity, connect};
@@ -50,6 +51,9 @@ pub struct PartyNode {
     plugins: PartyPlugins,
     trainers: Arc<dyn TrainerFactory>,
     stats: Arc<NodeStats>,
+    /// The newest revocation list accepted, shared with every job's
+    /// certificate verifier.
+    revocations: SharedRevocations,
 }
 
 struct Outbox {
@@ -100,7 +104,13 @@ impl PartyNode {
     pub fn with_plugins(config: PartyConfig, plugins: PartyPlugins) -> PartyNode {
         let trainers =
             plugins.trainer_factory().cloned().unwrap_or_else(|| Arc::new(BuiltinTrainers::for_config(&config)));
-        PartyNode { config, plugins, trainers, stats: Arc::new(NodeStats::default()) }
+        PartyNode {
+            config,
+            plugins,
+            trainers,
+            stats: Arc::new(NodeStats::default()),
+            revocations: Arc::new(RwLock::new(Revocations::empty())),
+        }
     }
 
     /// Its traffic counters.
@@ -128,9 +138,49 @@ impl PartyNode {
         }
     }
 
+    /// The revocation list in force at this party.
+    pub fn revocation_list(&self) -> Revocations {
+        self.revocations.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Accepts a revocation list (DER or PEM) from `source` if the CA signed
+    /// it and it is not older than the newest seen; a newer one is kept on
+    /// disk. An older one is the coordinator's fault and is refused.
+    fn accept_revocations(&self, bytes: &[u8], source: &str) -> Result<(), String> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let ca = std::fs::read(&self.config.ca).map_err(|e| format!("{}: {e}", self.config.ca.display()))?;
+        let list = Revocations::parse(bytes, &ca, source).map_err(|e| e.to_string())?;
+        let pem = list.pem();
+        let version = list.version();
+        let newer = self
+            .revocations
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .update(list)
+            .map_err(|e| format!("{source}: {e}"))?;
+        if newer {
+            let path = self.config.revocation_list_path();
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, pem)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            info!(version, "accepted revocation list version {version}");
+        }
+        Ok(())
+    }
+
     /// One connection: returns whether the coordinator welcomed us.
     async fn serve_once(&self) -> Result<bool, Error> {
         let cfg = &self.config;
+        // The newest list this party has kept: a coordinator cannot roll it back.
+        let kept = cfg.revocation_list_path();
+        match std::fs::read(&kept) {
+            Ok(bytes) => self.accept_revocations(&bytes, &kept.display().to_string()).map_err(Error::Config)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::Config(format!("{}: {e}", kept.display()))),
+        }
         let id = ClientIdentity {
             url: &cfg.coordinator,
             server_name: &cfg.server_name,
@@ -168,6 +218,15 @@ impl PartyNode {
                     info!(party = %w.party, coordinator_version = %w.software_version, "connected to the coordinator");
                     me = w.party;
                     welcomed = true;
+                    let crl = w.revocations.map(|r| r.crl).unwrap_or_default();
+                    if let Err(e) = self.accept_revocations(&crl, "the coordinator's revocation list") {
+                        warn!("coordinator fault: {e}");
+                    }
+                }
+                coordinator_message::Body::Revocations(r) => {
+                    if let Err(e) = self.accept_revocations(&r.crl, "the coordinator's revocation list") {
+                        warn!("coordinator fault: {e}");
+                    }
                 }
                 coordinator_message::Body::Offer(offer) => {
                     let job_id = offer.job_id.clone();
@@ -253,7 +312,7 @@ impl PartyNode {
         )
         .map_err(|e| format!("invalid job spec: {e}"))?;
         let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?.clone();
-        let identity = identity(cfg, me)?;
+        let identity = identity(cfg, me, &self.revocations)?;
         let (plugins, trainers, limits) = (self.plugins.clone(), self.trainers.clone(), cfg.limits);
         let min_parties = cfg.policy.min_parties;
         let (job_id, party, dataset) = (offer.job_id.clone(), me.to_owned(), offer.dataset.clone());
@@ -281,12 +340,13 @@ impl PartyNode {
 }
 
 /// The party's identity for protocols that sign and verify: its certificate
-/// key and the federation CA.
-fn identity(cfg: &PartyConfig, me: &str) -> Result<PartyIdentity, String> {
+/// key, the federation CA and the revocation list.
+fn identity(cfg: &PartyConfig, me: &str, revocations: &SharedRevocations) -> Result<PartyIdentity, String> {
     let key = confide_crypto::pki::read_private_key(&cfg.key).map_err(|e| e.to_string())?;
     let key = IdentityKey::from_pem(&key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
     let ca_pem = std::fs::read(&cfg.ca).map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
-    let verifier = CertVerifier::new(&ca_pem).map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
+    let verifier = CertVerifier::with_revocations(&ca_pem, revocations.clone())
+        .map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
     Ok(PartyIdentity { name: me.to_owned(), signer: Arc::new(key), peers: Box::new(verifier) })
 }
 

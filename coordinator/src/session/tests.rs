@@ -739,7 +739,7 @@ mod secure {
         }
         let b = &r.s.parties()["b"];
         assert_eq!(b.state, PartyState::Failed);
-        assert!(b.detail.as_deref().unwrap_or_default().contains("does not fit its commitment"), "{b:?}");
+        assert!(b.detail.as_deref().unwrap_or_default().contains("other than the one its dealer sent"), "{b:?}");
     }
 
     #[test]

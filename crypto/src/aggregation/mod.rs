@@ -445,6 +445,13 @@ pub trait AggregationClient: Send {
 pub trait PeerVerifier: IdentityVerifier + Send {
     /// Accepts `certificate` (DER) as `party`'s after checking it.
     fn add_peer(&mut self, party: &str, certificate: &[u8]) -> Result<(), Error>;
+
+    /// The version of the revocation list it checks against (0: none).
+    /// Protocols bind it into each round, so that parties holding
+    /// different lists cannot complete one together.
+    fn revocation_version(&self) -> u64 {
+        0
+    }
 }
 
 /// Who a party is, for protocols that sign or verify.

@@ -36,7 +36,7 @@ use super::{
 use crate::Error;
 use crate::secagg::params::{self, ThreatModel};
 use crate::secagg::protocol::{
-    AdvertiseKeys, Client, Config, EncryptedShare, IdentityVerifier, MaskedInput, Server, SurvivorSignature,
+    AdvertiseKeys, Client, Config, EncryptedShare, IdentityVerifier, MaskedInput, Sealed, Server, SurvivorSignature,
     UnmaskRequest, UnmaskShares,
 };
 use crate::secagg::shamir::Share;
@@ -267,6 +267,10 @@ pub mod wire {
         pub clip: f32,
         #[prost(uint64, tag = "8")]
         pub max_examples: u64,
+        /// The version of the revocation list the round's certificates are
+        /// checked against.
+        #[prost(uint64, tag = "9")]
+        pub revocation_version: u64,
     }
 
     /// A party's signed round keys and the certificate that verifies them.
@@ -295,6 +299,7 @@ pub mod wire {
         pub keys: Vec<Keys>,
     }
 
+    /// A dealer's two encrypted shares for one holder, signed by the dealer.
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Share {
         #[prost(string, tag = "1")]
@@ -302,9 +307,16 @@ pub mod wire {
         #[prost(string, tag = "2")]
         pub to: String,
         #[prost(bytes = "vec", tag = "3")]
-        pub nonce: Vec<u8>,
+        pub self_mask_nonce: Vec<u8>,
         #[prost(bytes = "vec", tag = "4")]
-        pub ciphertext: Vec<u8>,
+        pub self_mask: Vec<u8>,
+        #[prost(bytes = "vec", tag = "5")]
+        pub mask_key_nonce: Vec<u8>,
+        #[prost(bytes = "vec", tag = "6")]
+        pub mask_key: Vec<u8>,
+        /// The dealer's identity signature over both.
+        #[prost(bytes = "vec", tag = "7")]
+        pub signature: Vec<u8>,
     }
 
     /// Encrypted shares (secagg-shares answer, secagg-masked-input task).
@@ -351,6 +363,9 @@ pub mod wire {
         pub owner: String,
         #[prost(bytes = "vec", tag = "2")]
         pub share: Vec<u8>,
+        /// The key of this share as its dealer sent it.
+        #[prost(bytes = "vec", tag = "3")]
+        pub key: Vec<u8>,
     }
 
     /// The shares that remove the masks (secagg-unmask answer).
@@ -409,8 +424,11 @@ fn shares_to_wire(s: &[EncryptedShare]) -> wire::Shares {
             .map(|e| wire::Share {
                 from: e.from.clone(),
                 to: e.to.clone(),
-                nonce: e.nonce.to_vec(),
-                ciphertext: e.ciphertext.clone(),
+                self_mask_nonce: e.self_mask.nonce.to_vec(),
+                self_mask: e.self_mask.ciphertext.clone(),
+                mask_key_nonce: e.mask_key.nonce.to_vec(),
+                mask_key: e.mask_key.ciphertext.clone(),
+                signature: e.signature.clone(),
             })
             .collect(),
     }
@@ -424,14 +442,15 @@ fn shares_from_wire(s: wire::Shares, from: &str, max: usize) -> Result<Vec<Encry
     s.shares
         .into_iter()
         .map(|e| {
-            if e.ciphertext.len() > 1024 {
-                return Err(bad("share ciphertext too large".into()));
+            if e.self_mask.len() > 1024 || e.mask_key.len() > 1024 || e.signature.len() > MAX_SIGNATURE {
+                return Err(bad("share ciphertext or signature too large".into()));
             }
             Ok(EncryptedShare {
-                nonce: array(&e.nonce, from, "nonce")?,
+                self_mask: Sealed { nonce: array(&e.self_mask_nonce, from, "nonce")?, ciphertext: e.self_mask },
+                mask_key: Sealed { nonce: array(&e.mask_key_nonce, from, "nonce")?, ciphertext: e.mask_key },
                 from: e.from,
                 to: e.to,
-                ciphertext: e.ciphertext,
+                signature: e.signature,
             })
         })
         .collect()
@@ -439,7 +458,13 @@ fn shares_from_wire(s: wire::Shares, from: &str, max: usize) -> Result<Vec<Encry
 
 fn unmask_shares_to_wire(u: &UnmaskShares) -> wire::UnmaskShares {
     let conv = |v: &[(String, Share)]| {
-        v.iter().map(|(o, s)| wire::OwnerShare { owner: o.clone(), share: s.to_bytes().to_vec() }).collect()
+        v.iter()
+            .map(|(o, s)| wire::OwnerShare {
+                owner: o.clone(),
+                share: s.to_bytes().to_vec(),
+                key: u.keys.get(o).map(|k| k.to_vec()).unwrap_or_default(),
+            })
+            .collect()
     };
     wire::UnmaskShares { self_mask: conv(&u.self_mask), mask_key: conv(&u.mask_key) }
 }
@@ -449,16 +474,21 @@ fn unmask_shares_from_wire(u: wire::UnmaskShares, party: &str, max: usize) -> Re
     if u.self_mask.len() > max || u.mask_key.len() > max {
         return Err(bad(format!("more than {max} unmask shares")));
     }
-    let conv = |v: Vec<wire::OwnerShare>| -> Result<Vec<(String, Share)>, Error> {
+    let mut keys = BTreeMap::new();
+    let mut conv = |v: Vec<wire::OwnerShare>| -> Result<Vec<(String, Share)>, Error> {
         v.into_iter()
             .map(|o| {
+                let key: [u8; 32] = array(&o.key, party, "share key")?;
+                keys.insert(o.owner.clone(), key);
                 Share::from_bytes(&o.share)
                     .map(|s| (o.owner.clone(), s))
                     .map_err(|e| bad(format!("share of {}: {e}", o.owner)))
             })
             .collect()
     };
-    Ok(UnmaskShares { party: party.to_owned(), self_mask: conv(u.self_mask)?, mask_key: conv(u.mask_key)? })
+    let self_mask = conv(u.self_mask)?;
+    let mask_key = conv(u.mask_key)?;
+    Ok(UnmaskShares { party: party.to_owned(), self_mask, mask_key, keys })
 }
 
 /// The round's public parameters over `parties`: the degree and threshold
@@ -474,9 +504,10 @@ fn round_config(
     parties: &[String],
     dim: usize,
     s: &SecAggSettings,
-    subject: [u8; 32],
+    bound: Bound,
     min_survivors: usize,
 ) -> Result<Config, Error> {
+    let Bound { subject, revocation_version } = bound;
     use sha2::Digest;
     let chosen = params::choose(parties.len(), &s.threat_model())?;
     let (degree, threshold) = (chosen.degree, chosen.threshold);
@@ -487,9 +518,15 @@ fn round_config(
     h.update(b"confide secagg round v1");
     let names: Vec<&str> = parties.iter().map(String::as_str).collect();
     h.update(crate::secagg::prim::context("round", job, round, &names));
-    for v in
-        [threshold as u64, degree as u64, u64::from(s.bits), dim as u64, u64::from(s.clip.to_bits()), s.max_examples]
-    {
+    for v in [
+        threshold as u64,
+        degree as u64,
+        u64::from(s.bits),
+        dim as u64,
+        u64::from(s.clip.to_bits()),
+        s.max_examples,
+        revocation_version,
+    ] {
         h.update(v.to_le_bytes());
     }
     h.update(graph_seed);
@@ -506,6 +543,15 @@ fn round_config(
         binding: h.finalize().into(),
         min_survivors: min_survivors.max(MIN_ROUND_PARTIES),
     })
+}
+
+/// What a round is bound to besides its parameters.
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    /// What it sums (see [`round_config`]).
+    subject: [u8; 32],
+    /// The revocation list its certificates are checked against.
+    revocation_version: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -553,10 +599,19 @@ impl SecAggServer {
         subject: [u8; 32],
         decoding: Decoding,
     ) -> Result<Vec<u8>, Error> {
-        let config =
-            round_config(&self.job.job_id, round, parties, dim, &self.settings, subject, self.job.min_parties)?;
+        let revocations = self.peers.revocation_version();
+        let config = round_config(
+            &self.job.job_id,
+            round,
+            parties,
+            dim,
+            &self.settings,
+            Bound { subject, revocation_version: revocations },
+            self.job.min_parties,
+        )?;
         let s = &self.settings;
         let msg = wire::RoundConfig {
+            revocation_version: revocations,
             parties: config.parties.clone(),
             threshold: config.threshold as u32,
             degree: config.degree as u32,
@@ -624,7 +679,19 @@ impl AggregationServer for SecAggServer {
             }
             (ServerStage::Shares, None) => {
                 let shares: wire::Shares = Envelope::body(message.body).decode(party, "shares")?;
-                r.server.on_shares(party, shares_from_wire(shares, party, max)?)
+                let shares = shares_from_wire(shares, party, max)?;
+                // Each share is signed by its dealer: the evidence that names
+                // the dealer if the share turns out not to fit at unmasking.
+                for s in &shares {
+                    if s.from != party {
+                        return Err(misbehaved(&format!("sent a share as {}", s.from)));
+                    }
+                    let transcript = r.server.config().share_transcript(s);
+                    peers
+                        .verify(party, &transcript, &s.signature)
+                        .map_err(|_| misbehaved(&format!("its share for {} does not carry its signature", s.to)))?;
+                }
+                r.server.on_shares(party, shares)
             }
             (ServerStage::Masked, Some(Bulk::Words(values))) => {
                 r.server.on_masked(MaskedInput { party: party.to_owned(), values })
@@ -864,8 +931,25 @@ impl SecAggClient {
         // Everything else follows from the spec this party accepted, the
         // model and configuration it was sent: derive it instead of trusting
         // the wire, and bind it into the signatures.
-        let config =
-            round_config(&self.job.job_id, round, &rc.parties, dim, &self.settings, subject, self.job.min_parties)?;
+        // The round's certificates are checked against the list this party
+        // has: a coordinator (or parties) behind it cannot slip a revoked
+        // certificate past parties that know of the revocation.
+        let revocations = self.party.peers.revocation_version();
+        if rc.revocation_version != revocations {
+            return Err(coordinator_fault(format!(
+                "bound the round to revocation list version {}; this party has version {revocations}",
+                rc.revocation_version
+            )));
+        }
+        let config = round_config(
+            &self.job.job_id,
+            round,
+            &rc.parties,
+            dim,
+            &self.settings,
+            Bound { subject, revocation_version: revocations },
+            self.job.min_parties,
+        )?;
         let s = &self.settings;
         let mismatch = [
             ("threshold", rc.threshold as usize == config.threshold),
@@ -913,7 +997,10 @@ impl SecAggClient {
                     adverts.push(advert);
                 }
                 let verifier: &dyn IdentityVerifier = self.party.peers.as_ref();
-                let shares = r.client.on_keys(&adverts, verifier, &mut OsRng)?;
+                let mut shares = r.client.on_keys(&adverts, verifier, &mut OsRng)?;
+                for s in &mut shares {
+                    s.signature = self.party.signer.sign(&r.client.config().share_transcript(s))?;
+                }
                 r.keyed = true;
                 Envelope::encode(&shares_to_wire(&shares))
             }
@@ -1165,6 +1252,29 @@ mod tests {
         client.contribute(1, &honest, update).unwrap();
     }
 
+    /// A coordinator that has not applied a revocation (or claims an older
+    /// list) cannot start a round with a party that has: the version is
+    /// compared and bound into the signatures.
+    #[test]
+    fn a_round_is_bound_to_the_revocation_list_version() {
+        use crate::secagg::testing::{InsecureTagSigner, VersionedTagVerifier};
+        let job = facts(3);
+        let names = names(3);
+        let (global, fit) = (params(&[0.0]), fit());
+        let mut stale = SecAggPlus.server(&toml::Table::new(), &job, Box::new(VersionedTagVerifier(1))).unwrap();
+        let rm = stale.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
+        let party = PartyIdentity {
+            name: "p0".into(),
+            signer: std::sync::Arc::new(InsecureTagSigner("p0".into())),
+            peers: Box::new(VersionedTagVerifier(2)),
+        };
+        let mut client = SecAggPlus.client(&toml::Table::new(), &job, party).unwrap();
+        let update =
+            LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None };
+        let err = client.contribute(1, &rm, update).unwrap_err().to_string();
+        assert!(err.contains("coordinator") && err.contains("revocation list version 1"), "{err}");
+    }
+
     /// A malicious coordinator gives p0 another model (or learning rate) than
     /// the others, to read p0's update off the sum (Pasquini et al., CCS
     /// 2022). p0's keys are signed over what p0 was given, so an honest
@@ -1203,6 +1313,46 @@ mod tests {
                 matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("p0")),
                 "{what}: {err}"
             );
+        }
+    }
+
+    /// Each encrypted share carries its dealer's signature; the coordinator
+    /// checks it before relaying, so a share without one drops its dealer.
+    #[test]
+    fn shares_without_their_dealers_signature_are_refused_naming_the_dealer() {
+        let job = facts(3);
+        let names = names(3);
+        let (global, fit) = (params(&[0.0]), fit());
+        let mut server = server(&toml::Table::new(), &job);
+        let rm =
+            server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
+        let mut clients: Vec<_> =
+            names.iter().map(|p| SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap()).collect();
+        for (i, c) in clients.iter_mut().enumerate() {
+            let update =
+                LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None };
+            let m = c.contribute(1, &rm, update).unwrap();
+            server.on_message(Peer { name: &names[i], certificate: &[] }, m).unwrap();
+        }
+        let Progress::Step { messages: Messages::PerParty(lists), .. } = server.close_stage().unwrap() else {
+            panic!()
+        };
+        for (p, list) in lists {
+            let i: usize = p[1..].parse().unwrap();
+            let answer = clients[i].on_step(1, SHARES, list).unwrap();
+            let mut shares: wire::Shares = prost::Message::decode(answer.body.as_slice()).unwrap();
+            assert!(shares.shares.iter().all(|s| !s.signature.is_empty()), "every share is signed");
+            if p == "p1" {
+                shares.shares[0].signature[0] ^= 1;
+                let err =
+                    server.on_message(Peer { name: &p, certificate: &[] }, Envelope::encode(&shares)).unwrap_err();
+                assert!(
+                    matches!(&err, Error::PeerMisbehaved { party, reason } if party == "p1" && reason.contains("signature")),
+                    "{err}"
+                );
+            } else {
+                server.on_message(Peer { name: &p, certificate: &[] }, answer).unwrap();
+            }
         }
     }
 

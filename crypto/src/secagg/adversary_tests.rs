@@ -391,3 +391,97 @@ fn a_wrong_unmask_share_is_caught_and_its_holder_named() {
         }
     }
 }
+
+/// Runs a seven-party round to the end with `tamper` applied to the shares
+/// p00 deals to p01 (before relaying) and `tamper_answer` to p01's unmask
+/// answer; returns the server after `finish` and the sum.
+fn blame_round(
+    tamper_dealt: impl Fn(&Config, &Client, &mut EncryptedShare),
+    tamper_answer: impl Fn(&mut UnmaskShares),
+) -> (Server, Vec<u32>) {
+    let cfg = config(7, 0.0);
+    let mut server = Server::new(cfg.clone()).unwrap();
+    let mut clients = BTreeMap::new();
+    for p in &cfg.parties {
+        let (c, m) = Client::new(cfg.clone(), p, &Tag(p.clone()), &mut OsRng).unwrap();
+        server.on_keys(m, &TagCheck).unwrap();
+        clients.insert(p.clone(), c);
+    }
+    server.close_keys().unwrap();
+    for (p, c) in clients.iter_mut() {
+        let mut s = c.on_keys(&server.keys_for(p).unwrap(), &TagCheck, &mut OsRng).unwrap();
+        if p == "p00" {
+            let to_p01 = s.iter_mut().find(|s| s.to == "p01").unwrap();
+            tamper_dealt(&cfg, c, to_p01);
+        }
+        server.on_shares(p, s).unwrap();
+    }
+    server.close_shares().unwrap();
+    for (i, (p, c)) in clients.iter_mut().enumerate() {
+        let y = c.on_shares(&server.shares_for(p), vec![i as u32; cfg.dim]).unwrap();
+        server.on_masked(y).unwrap();
+    }
+    let survivors = server.close_masked().unwrap();
+    for (p, c) in clients.iter_mut() {
+        server.on_survivor_signature(c.on_survivors(&survivors, &Tag(p.clone())).unwrap(), &TagCheck).unwrap();
+    }
+    for (p, req) in server.close_consistency().unwrap() {
+        let mut answer = clients.get_mut(&p).unwrap().on_unmask(&req, &TagCheck).unwrap();
+        if p == "p01" {
+            tamper_answer(&mut answer);
+        }
+        server.on_unmask(answer).unwrap();
+    }
+    let (sum, _) = server.finish().unwrap();
+    (server, sum)
+}
+
+/// A malicious dealer sends one holder a wrong share of its self-mask seed
+/// (validly encrypted, so the holder cannot tell): the holder reveals it
+/// with its key, the coordinator opens the share the dealer sent with that
+/// key, finds the same wrong value, and names the dealer — not the honest
+/// holder. The sum stays exact.
+#[test]
+fn a_share_dealt_wrong_names_its_dealer_not_its_holder() {
+    let (server, sum) = blame_round(
+        |cfg, dealer, share| {
+            let dh = *dealer.peers["p01"].enc_dh;
+            let key = cfg.share_key(&dh, "p00", "p01", ShareKind::SelfMask);
+            let mut wrong = cfg.open_share(share, ShareKind::SelfMask, &key).unwrap();
+            wrong.y[0] = (wrong.y[0] + 1) % ((1u64 << 61) - 1);
+            let plain = wrong.to_bytes();
+            let (nonce, ciphertext) =
+                seal(&key, &plain, &cfg.share_aad("p00", "p01", ShareKind::SelfMask), &mut OsRng).unwrap();
+            share.self_mask = Sealed { nonce, ciphertext };
+        },
+        |_| {},
+    );
+    assert_eq!(sum, vec![21; 4]);
+    let flagged = server.flagged();
+    assert!(flagged.get("p00").is_some_and(|w| w.contains("dealt p01")), "{flagged:?}");
+    assert!(!flagged.contains_key("p01"), "the honest holder is not blamed: {flagged:?}");
+}
+
+/// A holder that reveals a wrong share, or a key that does not open the
+/// share it was dealt, is named itself.
+#[test]
+fn a_holder_revealing_a_wrong_share_or_key_is_named() {
+    let (server, _) = blame_round(
+        |_, _, _| {},
+        |a| {
+            let share = &mut a.self_mask.iter_mut().find(|(o, _)| o == "p00").unwrap().1;
+            share.y[0] = (share.y[0] + 1) % ((1u64 << 61) - 1);
+        },
+    );
+    assert!(server.flagged()["p01"].contains("other than the one its dealer sent"), "{:?}", server.flagged());
+    assert!(!server.flagged().contains_key("p00"));
+    let (server, _) = blame_round(
+        |_, _, _| {},
+        |a| {
+            let share = &mut a.self_mask.iter_mut().find(|(o, _)| o == "p00").unwrap().1;
+            share.y[0] = (share.y[0] + 1) % ((1u64 << 61) - 1);
+            a.keys.get_mut("p00").unwrap()[0] ^= 1;
+        },
+    );
+    assert!(server.flagged()["p01"].contains("does not open"), "{:?}", server.flagged());
+}

@@ -121,8 +121,37 @@ impl Config {
         t
     }
 
-    fn share_aad(&self, from: &str, to: &str) -> Vec<u8> {
-        context("share", &self.job, self.round, &[from, to])
+    fn share_aad(&self, from: &str, to: &str, kind: ShareKind) -> Vec<u8> {
+        context("share", &self.job, self.round, &[from, to, kind.label()])
+    }
+
+    /// What a dealer signs for the shares it sends one holder: job, round,
+    /// binding, dealer, holder, and both encrypted shares.
+    pub fn share_transcript(&self, s: &EncryptedShare) -> Vec<u8> {
+        let mut t = context("share-signature", &self.job, self.round, &[&s.from, &s.to]);
+        t.extend_from_slice(&self.binding);
+        for sealed in [&s.self_mask, &s.mask_key] {
+            t.extend_from_slice(&sealed.nonce);
+            t.extend_from_slice(&(sealed.ciphertext.len() as u64).to_le_bytes());
+            t.extend_from_slice(&sealed.ciphertext);
+        }
+        t
+    }
+
+    /// The key of one share sent by `from` to `to`, from their DH secret.
+    fn share_key(&self, dh: &[u8; 32], from: &str, to: &str, kind: ShareKind) -> Zeroizing<[u8; 32]> {
+        derive(dh, &self.share_aad(from, to, kind))
+    }
+
+    /// Opens one relayed share with a key its holder revealed; `None` when
+    /// the key does not open it.
+    fn open_share(&self, s: &EncryptedShare, kind: ShareKind, key: &[u8; 32]) -> Option<Share> {
+        let sealed = match kind {
+            ShareKind::SelfMask => &s.self_mask,
+            ShareKind::MaskKey => &s.mask_key,
+        };
+        let plain = open(key, &sealed.nonce, &sealed.ciphertext, &self.share_aad(&s.from, &s.to, kind))?;
+        Share::from_bytes(&plain).ok()
     }
 
     /// The pairwise mask seed of `a` and `b` from their DH secret.
@@ -152,17 +181,52 @@ pub struct AdvertiseKeys {
     pub signature: Vec<u8>,
 }
 
-/// Stage 1 message: shares for one neighbour, end-to-end encrypted.
+/// One share, AES-GCM encrypted under a key of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    /// Random per message.
+    pub nonce: [u8; 12],
+    /// The share's bytes and the tag.
+    pub ciphertext: Vec<u8>,
+}
+
+/// Stage 1 message: shares for one neighbour, end-to-end encrypted. Each
+/// share has a key of its own (derived from the pair's Diffie–Hellman
+/// secret, the direction and the kind), so that at unmasking the holder can
+/// reveal the key of the one share it reveals, and the coordinator can tell
+/// a share its dealer got wrong from one its holder falsified, without
+/// learning the other share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncryptedShare {
-    /// Sender.
+    /// Sender (the dealer).
     pub from: String,
-    /// Recipient.
+    /// Recipient (the holder).
     pub to: String,
-    /// AES-GCM nonce (random per message).
-    pub nonce: [u8; 12],
-    /// Ciphertext of the self-mask share and the mask-key share.
-    pub ciphertext: Vec<u8>,
+    /// The share of the dealer's self-mask seed.
+    pub self_mask: Sealed,
+    /// The share of the dealer's mask key.
+    pub mask_key: Sealed,
+    /// The dealer's identity signature over [`Config::share_transcript`],
+    /// added and checked by the protocol layer (empty in the core).
+    pub signature: Vec<u8>,
+}
+
+/// Which of a dealer's two secrets a share belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShareKind {
+    /// The self-mask seed (revealed for survivors).
+    SelfMask,
+    /// The mask key (revealed for dropped parties).
+    MaskKey,
+}
+
+impl ShareKind {
+    fn label(self) -> &'static str {
+        match self {
+            ShareKind::SelfMask => "self-mask",
+            ShareKind::MaskKey => "mask-key",
+        }
+    }
 }
 
 /// Stage 2 message: the masked input.
@@ -203,6 +267,10 @@ pub struct UnmaskShares {
     pub self_mask: Vec<(String, Share)>,
     /// Shares of dropped parties' mask keys.
     pub mask_key: Vec<(String, Share)>,
+    /// By owner, the key that decrypts the revealed share as its dealer
+    /// sent it (the key of that share only): a share that does not fit its
+    /// commitment is then blamed on its dealer or its holder.
+    pub keys: BTreeMap<String, [u8; 32]>,
 }
 
 /// Whether every word is below 2^bits: trivially so with 32 bits, otherwise
@@ -296,6 +364,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// The round's configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
     /// Starts a round: makes the key pairs and the self-mask seed, and returns
     /// the signed stage-0 message.
     pub fn new(
@@ -425,12 +498,21 @@ impl Client {
         let s_shares = shamir::split(&s_secret, t, &xs, rng)?;
         let mut out = Vec::with_capacity(self.peers.len());
         for ((peer, secrets), (b, s)) in self.peers.iter().zip(b_shares.iter().zip(&s_shares)) {
-            let mut plain = Zeroizing::new(Vec::with_capacity(2 * Share::BYTES));
-            plain.extend_from_slice(&b.to_bytes());
-            plain.extend_from_slice(&s.to_bytes());
-            let key = self.share_key(&self.me, peer, secrets);
-            let (nonce, ciphertext) = seal(&key, &plain, &self.cfg.share_aad(&self.me, peer), rng)?;
-            out.push(EncryptedShare { from: self.me.clone(), to: peer.clone(), nonce, ciphertext });
+            let mut seal_one = |share: &Share, kind: ShareKind| -> Result<Sealed, Error> {
+                let plain = Zeroizing::new(share.to_bytes());
+                let key = self.cfg.share_key(&secrets.enc_dh, &self.me, peer, kind);
+                let (nonce, ciphertext) = seal(&key, plain.as_ref(), &self.cfg.share_aad(&self.me, peer, kind), rng)?;
+                Ok(Sealed { nonce, ciphertext })
+            };
+            let self_mask = seal_one(b, ShareKind::SelfMask)?;
+            let mask_key = seal_one(s, ShareKind::MaskKey)?;
+            out.push(EncryptedShare {
+                from: self.me.clone(),
+                to: peer.clone(),
+                self_mask,
+                mask_key,
+                signature: Vec::new(),
+            });
         }
         self.stage = ClientStage::AwaitShares;
         Ok(out)
@@ -438,11 +520,6 @@ impl Client {
 
     fn x_of(&self, party: &str) -> Result<u64, Error> {
         self.cfg.index(party).map(|i| i as u64 + 1).ok_or_else(|| misbehaved(party, "not a party of this round"))
-    }
-
-    /// The AES-GCM key of shares sent by `from` to `to` (one key per direction).
-    fn share_key(&self, from: &str, to: &str, peer: &PeerSecrets) -> Zeroizing<[u8; 32]> {
-        derive(peer.enc_dh.as_ref(), &self.cfg.share_aad(from, to))
     }
 
     /// Stage 2: decrypts the shares addressed to this party and masks `input`
@@ -542,14 +619,14 @@ impl Client {
             if held.contains_key(&s.from) {
                 return Err(misbehaved(&s.from, "sent two shares"));
             }
-            let key = self.share_key(&s.from, &self.me, secrets);
-            let plain = open(&key, &s.nonce, &s.ciphertext, &self.cfg.share_aad(&s.from, &self.me))
-                .ok_or_else(|| misbehaved(&s.from, "share does not decrypt (tampered, replayed or misaddressed)"))?;
-            if plain.len() != 2 * Share::BYTES {
-                return Err(misbehaved(&s.from, "share of the wrong size"));
-            }
-            let b = Share::from_bytes(&plain[..Share::BYTES]).map_err(|e| misbehaved(&s.from, e.to_string()))?;
-            let sk = Share::from_bytes(&plain[Share::BYTES..]).map_err(|e| misbehaved(&s.from, e.to_string()))?;
+            let open_one = |kind: ShareKind| -> Result<Share, Error> {
+                let key = self.cfg.share_key(&secrets.enc_dh, &s.from, &self.me, kind);
+                self.cfg.open_share(s, kind, &key).ok_or_else(|| {
+                    misbehaved(&s.from, "share does not decrypt (tampered, replayed, misaddressed or malformed)")
+                })
+            };
+            let b = open_one(ShareKind::SelfMask)?;
+            let sk = open_one(ShareKind::MaskKey)?;
             let my_x = self.x_of(&self.me)?;
             if b.x != my_x || sk.x != my_x {
                 return Err(misbehaved(&s.from, "share for another holder"));
@@ -652,12 +729,18 @@ impl Client {
                 ));
             }
         }
-        let mut out = UnmaskShares { party: self.me.clone(), self_mask: Vec::new(), mask_key: Vec::new() };
+        let mut out =
+            UnmaskShares { party: self.me.clone(), self_mask: Vec::new(), mask_key: Vec::new(), keys: BTreeMap::new() };
         for (peer, (b, s)) in &self.held {
-            if signed.binary_search(peer).is_ok() {
+            let kind = if signed.binary_search(peer).is_ok() {
                 out.self_mask.push((peer.clone(), b.clone()));
+                ShareKind::SelfMask
             } else {
                 out.mask_key.push((peer.clone(), s.clone()));
+                ShareKind::MaskKey
+            };
+            if let Some(secrets) = self.peers.get(peer) {
+                out.keys.insert(peer.clone(), *self.cfg.share_key(&secrets.enc_dh, peer, &self.me, kind));
             }
         }
         self.stage = ClientStage::Done;
@@ -679,21 +762,19 @@ enum ServerStage {
 /// Rebuilds a secret from `shares` (threshold `t`) and checks it with
 /// `check` (against the owner's commitment or public key). When the first t
 /// shares do not give the committed secret, a wrong share is looked for by
-/// leaving one out at a time; every share that does not fit the secret then
-/// found flags its holder in `flagged`, and the secret is used. Fails when
-/// no t shares agree with the commitment. `what` names the secret.
+/// leaving one out at a time; the x-coordinate of every share that does not
+/// fit the secret then found goes into `wrong`, and the secret is used.
+/// Fails when no t shares agree with the commitment. `what` names the secret.
 fn rebuild_checked(
     shares: &[Share],
     t: usize,
     what: &str,
-    parties: &[String],
     check: impl Fn(&[u8; 32]) -> bool,
-    flagged: &mut BTreeMap<String, String>,
+    wrong: &mut Vec<u64>,
 ) -> Result<Zeroizing<[u8; 32]>, Error> {
     if shares.len() < t {
         return Err(Error::BelowThreshold(format!("{} shares of {what}; {t} needed", shares.len())));
     }
-    let holder = |s: &Share| parties.get(s.x as usize - 1).cloned().unwrap_or_else(|| format!("x={}", s.x));
     let try_subset = |subset: &[Share]| -> Option<Zeroizing<[u8; 32]>> {
         shamir::combine(subset, t).ok().map(Zeroizing::new).filter(|s| check(s))
     };
@@ -724,7 +805,7 @@ fn rebuild_checked(
         let mut swapped = base.clone();
         swapped[0] = s.clone();
         if try_subset(&swapped).is_none() {
-            flagged.insert(holder(s), format!("revealed a share of {what} that does not fit its commitment"));
+            wrong.push(s.x);
         }
     }
     Ok(secret)
@@ -758,6 +839,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// The round's configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
     /// A server for one round.
     pub fn new(cfg: Config) -> Result<Server, Error> {
         let graph = cfg.check()?;
@@ -846,7 +932,7 @@ impl Server {
             if s.from != from || !neighbours.contains(&s.to) || !self.keys.contains_key(&s.to) || !to.insert(&s.to) {
                 return Err(misbehaved(from, format!("bad share addressing ({} → {})", s.from, s.to)));
             }
-            if s.ciphertext.len() != 2 * Share::BYTES + 16 {
+            if s.self_mask.ciphertext.len() != Share::BYTES + 16 || s.mask_key.ciphertext.len() != Share::BYTES + 16 {
                 return Err(misbehaved(from, "share ciphertext of the wrong size"));
             }
         }
@@ -1047,6 +1133,12 @@ impl Server {
             if !neighbours.contains(owner) || share.x != x || !seen.insert(owner) {
                 return Err(misbehaved(&msg.party, format!("bad or duplicate share of {owner}")));
             }
+            if !msg.keys.contains_key(owner) {
+                return Err(misbehaved(&msg.party, format!("revealed a share of {owner} without its key")));
+            }
+        }
+        if msg.keys.len() != seen.len() {
+            return Err(misbehaved(&msg.party, "revealed keys of shares it did not reveal"));
         }
         if msg.self_mask.iter().any(|(o, _)| !self.masked.contains(o))
             || msg.mask_key.iter().any(|(o, _)| !self.dropped.contains(o))
@@ -1057,8 +1149,49 @@ impl Server {
         Ok(())
     }
 
-    /// The parties whose unmask shares did not fit the owner's commitment
-    /// (or advertised key) in the last [`Server::finish`], with why: the
+    /// Decides who is to blame for each of `owner`'s shares (of `kind`) at
+    /// x-coordinates `wrong`, which do not fit its commitment: the holder
+    /// revealed a key for it; if that key opens the share the dealer sent
+    /// (and signed) to the same value, the dealer dealt it wrong, otherwise
+    /// the holder falsified it.
+    fn blame(&self, owner: &str, kind: ShareKind, wrong: &[u64], flagged: &mut BTreeMap<String, String>) {
+        let what = match kind {
+            ShareKind::SelfMask => format!("{owner}'s self-mask"),
+            ShareKind::MaskKey => format!("{owner}'s mask key"),
+        };
+        for &x in wrong {
+            let Some(holder) = self.cfg.parties.get(x as usize - 1) else { continue };
+            let revealed = self.unmask.get(holder).and_then(|u| {
+                let list = if kind == ShareKind::SelfMask { &u.self_mask } else { &u.mask_key };
+                let share = list.iter().find(|(o, _)| o == owner).map(|(_, s)| s.clone())?;
+                Some((share, *u.keys.get(owner)?))
+            });
+            let dealt = self.shares.get(holder).and_then(|v| v.iter().find(|s| s.from == owner));
+            let verdict = match (revealed, dealt) {
+                (Some((share, key)), Some(dealt)) => match self.cfg.open_share(dealt, kind, &key) {
+                    Some(sent) if sent == share => Some((
+                        owner.to_owned(),
+                        format!(
+                            "dealt {holder} a share of its {} that does not fit its commitment (the share it signed)",
+                            kind.label()
+                        ),
+                    )),
+                    Some(_) => {
+                        Some((holder.clone(), format!("revealed a share of {what} other than the one its dealer sent")))
+                    }
+                    None => Some((holder.clone(), format!("revealed a key that does not open its share of {what}"))),
+                },
+                _ => Some((holder.clone(), format!("revealed a share of {what} that does not fit its commitment"))),
+            };
+            if let Some((who, why)) = verdict {
+                flagged.entry(who).or_insert(why);
+            }
+        }
+    }
+
+    /// The parties caught with shares that did not fit the owner's
+    /// commitment (or advertised key) in the last [`Server::finish`] — the
+    /// dealer that dealt it or the holder that falsified it — with why: the
     /// sum was rebuilt without them.
     pub fn flagged(&self) -> &BTreeMap<String, String> {
         &self.flagged
@@ -1089,19 +1222,22 @@ impl Server {
         };
         // Rebuild every seed first, then remove all masks in one fused pass.
         let mut seeds: Vec<(Zeroizing<[u8; 32]>, bool)> = Vec::new();
-        let parties = &self.cfg.parties;
         let mut flagged: BTreeMap<String, String> = BTreeMap::new();
         for v in &self.masked {
             let commitment = self.keys.get(v).map(|k| k.seed_commitment);
             let check = |b: &[u8; 32]| Some(self.cfg.seed_commitment(b, v)) == commitment;
-            let b = rebuild_checked(&collect(v, true), t, &format!("{v}'s self-mask"), parties, check, &mut flagged)?;
+            let mut wrong = Vec::new();
+            let b = rebuild_checked(&collect(v, true), t, &format!("{v}'s self-mask"), check, &mut wrong)?;
+            self.blame(v, ShareKind::SelfMask, &wrong, &mut flagged);
             seeds.push((self.cfg.self_seed(&b, v), true));
         }
         for d in &self.dropped {
             let advertised = self.keys.get(d).map(|k| k.mask_pk);
             let check = |sk: &[u8; 32]| Some(PublicKey::from(&StaticSecret::from(*sk)).to_bytes()) == advertised;
             let what = format!("dropped {d}'s mask key");
-            let sk = rebuild_checked(&collect(d, false), t, &what, parties, check, &mut flagged)?;
+            let mut wrong = Vec::new();
+            let sk = rebuild_checked(&collect(d, false), t, &what, check, &mut wrong)?;
+            self.blame(d, ShareKind::MaskKey, &wrong, &mut flagged);
             let sk = StaticSecret::from(*sk);
             for u in self.neighbours_of(d)? {
                 // Survivor u added +/-PRG(s_ud) iff it received d's shares.
@@ -1410,7 +1546,7 @@ mod tests {
 
         // A share tampered with, or from another job's context, does not decrypt.
         let mut to_p01 = server.shares_for("p01");
-        to_p01[0].ciphertext[3] ^= 1;
+        to_p01[0].self_mask.ciphertext[3] ^= 1;
         let err = clients[1].on_shares(&to_p01, vec![0; 8]).err().unwrap();
         assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == &to_p01[0].from), "{err}");
     }

@@ -13,6 +13,24 @@ pub struct InsecureTagSigner(pub String);
 /// Accepts exactly the tags of [`InsecureTagSigner`].
 pub struct InsecureTagVerifier;
 
+/// [`InsecureTagVerifier`] claiming a revocation list of this version.
+pub struct VersionedTagVerifier(pub u64);
+
+impl IdentityVerifier for VersionedTagVerifier {
+    fn verify(&self, party: &str, msg: &[u8], sig: &[u8]) -> Result<(), Error> {
+        InsecureTagVerifier.verify(party, msg, sig)
+    }
+}
+
+impl crate::aggregation::PeerVerifier for VersionedTagVerifier {
+    fn add_peer(&mut self, _: &str, _: &[u8]) -> Result<(), Error> {
+        Ok(())
+    }
+    fn revocation_version(&self) -> u64 {
+        self.0
+    }
+}
+
 fn tag(party: &str, msg: &[u8]) -> Vec<u8> {
     Sha256::new().chain_update(party.as_bytes()).chain_update([0]).chain_update(msg).finalize().to_vec()
 }

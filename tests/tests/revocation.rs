@@ -1,0 +1,60 @@
+//! Certificate revocation end to end: the CA revokes a party's certificate;
+//! the running coordinator closes that party's stream, refuses its
+//! reconnections, and sends the new list to the other parties, which keep
+//! it on disk and bind its version into every secure round they then run.
+
+use std::time::{Duration, Instant};
+
+use confide_crypto::revocation::Revocations;
+use confide_tests::{Federation, job_spec, repo_root};
+
+fn eventually(what: &str, fed: &Federation, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(40), "{what} did not happen\n{}", fed.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_revoked_party_is_cut_off_and_the_others_hold_and_bind_the_new_list() {
+    let four = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"];
+    let mut fed = Federation::new(&four, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1,1,1");
+    fed.start_coordinator();
+    for n in four {
+        fed.start_party(n, "[policy]\naggregation = [\"secagg\"]\n");
+    }
+    eventually("four parties connecting", &fed, || fed.coordinator_log().matches("party connected").count() >= 4);
+
+    // Where the CA key is kept (here the same directory the coordinator serves from).
+    let out = fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "hospital-d"]);
+    assert!(out.contains("revocation list version 1"), "{out}");
+    let enrolled = std::fs::read_to_string(fed.path("pki/federation.toml")).expect("enrollment");
+    assert!(!enrolled.contains("hospital-d"), "{enrolled}");
+
+    // The running coordinator closes d's stream and refuses it from then on.
+    eventually("the revoked party's stream closing", &fed, || {
+        fed.coordinator_log().contains("closing the stream: party hospital-d: its certificate is revoked")
+    });
+    eventually("the revoked party's reconnection being refused", &fed, || {
+        fed.coordinator_log().contains("refused connection: the certificate of hospital-d is revoked")
+    });
+
+    // Every other party received the list, checked the CA's signature, and kept it.
+    let ca = std::fs::read(fed.path("pki/ca.pem")).expect("ca");
+    for n in &four[..3] {
+        let kept = fed.path(&format!("pki/parties/{n}.crl.pem"));
+        eventually(&format!("{n} keeping the list"), &fed, || kept.exists());
+        let list = Revocations::parse(&std::fs::read(&kept).expect("list"), &ca, "kept").expect("a CA-signed list");
+        assert_eq!((list.version(), list.len()), (1, 1), "{n}");
+    }
+
+    // A secure job among the others: each round is bound to version 1 on
+    // every side, so it completes.
+    let names: Vec<String> = four[..3].iter().map(|s| s.to_string()).collect();
+    let text = job_spec(&names, 3, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 1")
+        + "[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 1000\nclip = 4.0\n";
+    let id = fed.submit("after-revocation.toml", &text);
+    let st = fed.wait_done(&id, 120);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+}
