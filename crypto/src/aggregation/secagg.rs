@@ -299,7 +299,7 @@ pub mod wire {
         pub keys: Vec<Keys>,
     }
 
-    /// A dealer's two encrypted shares for one holder, signed by the dealer.
+    /// A dealer's two encrypted shares for one holder.
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Share {
         #[prost(string, tag = "1")]
@@ -314,9 +314,6 @@ pub mod wire {
         pub mask_key_nonce: Vec<u8>,
         #[prost(bytes = "vec", tag = "6")]
         pub mask_key: Vec<u8>,
-        /// The dealer's identity signature over both.
-        #[prost(bytes = "vec", tag = "7")]
-        pub signature: Vec<u8>,
     }
 
     /// Encrypted shares (secagg-shares answer, secagg-masked-input task).
@@ -324,6 +321,10 @@ pub mod wire {
     pub struct Shares {
         #[prost(message, repeated, tag = "1")]
         pub shares: Vec<Share>,
+        /// In the answer: the dealer's identity signature over all of them
+        /// (`Config::shares_transcript`), checked by the coordinator.
+        #[prost(bytes = "vec", tag = "2")]
+        pub signature: Vec<u8>,
     }
 
     /// The survivor set: the parties whose masked inputs are in the sum,
@@ -417,8 +418,9 @@ fn keys_from_wire(k: wire::Keys, from: &str) -> Result<(AdvertiseKeys, Vec<u8>),
     Ok((advert, k.certificate))
 }
 
-fn shares_to_wire(s: &[EncryptedShare]) -> wire::Shares {
+fn shares_to_wire(s: &[EncryptedShare], signature: Vec<u8>) -> wire::Shares {
     wire::Shares {
+        signature,
         shares: s
             .iter()
             .map(|e| wire::Share {
@@ -428,7 +430,6 @@ fn shares_to_wire(s: &[EncryptedShare]) -> wire::Shares {
                 self_mask: e.self_mask.ciphertext.clone(),
                 mask_key_nonce: e.mask_key.nonce.to_vec(),
                 mask_key: e.mask_key.ciphertext.clone(),
-                signature: e.signature.clone(),
             })
             .collect(),
     }
@@ -442,15 +443,14 @@ fn shares_from_wire(s: wire::Shares, from: &str, max: usize) -> Result<Vec<Encry
     s.shares
         .into_iter()
         .map(|e| {
-            if e.self_mask.len() > 1024 || e.mask_key.len() > 1024 || e.signature.len() > MAX_SIGNATURE {
-                return Err(bad("share ciphertext or signature too large".into()));
+            if e.self_mask.len() > 1024 || e.mask_key.len() > 1024 {
+                return Err(bad("share ciphertext too large".into()));
             }
             Ok(EncryptedShare {
                 self_mask: Sealed { nonce: array(&e.self_mask_nonce, from, "nonce")?, ciphertext: e.self_mask },
                 mask_key: Sealed { nonce: array(&e.mask_key_nonce, from, "nonce")?, ciphertext: e.mask_key },
                 from: e.from,
                 to: e.to,
-                signature: e.signature,
             })
         })
         .collect()
@@ -679,18 +679,17 @@ impl AggregationServer for SecAggServer {
             }
             (ServerStage::Shares, None) => {
                 let shares: wire::Shares = Envelope::body(message.body).decode(party, "shares")?;
-                let shares = shares_from_wire(shares, party, max)?;
-                // Each share is signed by its dealer: the evidence that names
-                // the dealer if the share turns out not to fit at unmasking.
-                for s in &shares {
-                    if s.from != party {
-                        return Err(misbehaved(&format!("sent a share as {}", s.from)));
-                    }
-                    let transcript = r.server.config().share_transcript(s);
-                    peers
-                        .verify(party, &transcript, &s.signature)
-                        .map_err(|_| misbehaved(&format!("its share for {} does not carry its signature", s.to)))?;
+                if shares.signature.len() > MAX_SIGNATURE {
+                    return Err(misbehaved("sent an oversized signature"));
                 }
+                let signature = shares.signature.clone();
+                let shares = shares_from_wire(shares, party, max)?;
+                // The dealer signs its shares: the evidence that names it if
+                // one of them turns out not to fit at unmasking.
+                let transcript = r.server.config().shares_transcript(party, &shares);
+                peers
+                    .verify(party, &transcript, &signature)
+                    .map_err(|_| misbehaved("its shares do not carry its signature"))?;
                 r.server.on_shares(party, shares)
             }
             (ServerStage::Masked, Some(Bulk::Words(values))) => {
@@ -737,7 +736,7 @@ impl AggregationServer for SecAggServer {
                 let per_party = live
                     .into_iter()
                     .map(|p| {
-                        let shares = shares_to_wire(&r.server.shares_for(&p));
+                        let shares = shares_to_wire(&r.server.shares_for(&p), Vec::new());
                         (p, Envelope::encode(&shares))
                     })
                     .collect();
@@ -997,12 +996,11 @@ impl SecAggClient {
                     adverts.push(advert);
                 }
                 let verifier: &dyn IdentityVerifier = self.party.peers.as_ref();
-                let mut shares = r.client.on_keys(&adverts, verifier, &mut OsRng)?;
-                for s in &mut shares {
-                    s.signature = self.party.signer.sign(&r.client.config().share_transcript(s))?;
-                }
+                let shares = r.client.on_keys(&adverts, verifier, &mut OsRng)?;
+                let signature =
+                    self.party.signer.sign(&r.client.config().shares_transcript(&self.party.name, &shares))?;
                 r.keyed = true;
-                Envelope::encode(&shares_to_wire(&shares))
+                Envelope::encode(&shares_to_wire(&shares, signature))
             }
             MASKED_INPUT => {
                 let shares = shares_from_wire(message.decode("coordinator", "shares")?, "coordinator", max)?;
@@ -1341,9 +1339,9 @@ mod tests {
             let i: usize = p[1..].parse().unwrap();
             let answer = clients[i].on_step(1, SHARES, list).unwrap();
             let mut shares: wire::Shares = prost::Message::decode(answer.body.as_slice()).unwrap();
-            assert!(shares.shares.iter().all(|s| !s.signature.is_empty()), "every share is signed");
+            assert!(!shares.signature.is_empty(), "the shares are signed");
             if p == "p1" {
-                shares.shares[0].signature[0] ^= 1;
+                shares.shares[0].self_mask[0] ^= 1;
                 let err =
                     server.on_message(Peer { name: &p, certificate: &[] }, Envelope::encode(&shares)).unwrap_err();
                 assert!(

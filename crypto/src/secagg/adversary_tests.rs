@@ -437,7 +437,7 @@ fn blame_round(
 }
 
 /// A malicious dealer sends one holder a wrong share of its self-mask seed
-/// (validly encrypted, so the holder cannot tell): the holder reveals it
+/// (validly encrypted and signed, so the holder cannot tell): the holder reveals it
 /// with its key, the coordinator opens the share the dealer sent with that
 /// key, finds the same wrong value, and names the dealer — not the honest
 /// holder. The sum stays exact.

@@ -125,15 +125,25 @@ impl Config {
         context("share", &self.job, self.round, &[from, to, kind.label()])
     }
 
-    /// What a dealer signs for the shares it sends one holder: job, round,
-    /// binding, dealer, holder, and both encrypted shares.
-    pub fn share_transcript(&self, s: &EncryptedShare) -> Vec<u8> {
-        let mut t = context("share-signature", &self.job, self.round, &[&s.from, &s.to]);
+    /// What a dealer signs for the shares it deals in a round (one
+    /// signature for all of them, checked by the coordinator before it
+    /// relays any): job, round, binding, dealer, and for each holder in
+    /// order its name and both encrypted shares.
+    pub fn shares_transcript(&self, dealer: &str, shares: &[EncryptedShare]) -> Vec<u8> {
+        let mut t = context("shares-signature", &self.job, self.round, &[dealer]);
         t.extend_from_slice(&self.binding);
-        for sealed in [&s.self_mask, &s.mask_key] {
-            t.extend_from_slice(&sealed.nonce);
-            t.extend_from_slice(&(sealed.ciphertext.len() as u64).to_le_bytes());
-            t.extend_from_slice(&sealed.ciphertext);
+        let mut sorted: Vec<&EncryptedShare> = shares.iter().collect();
+        sorted.sort_by(|a, b| a.to.cmp(&b.to));
+        for s in sorted {
+            t.extend_from_slice(&(s.from.len() as u64).to_le_bytes());
+            t.extend_from_slice(s.from.as_bytes());
+            t.extend_from_slice(&(s.to.len() as u64).to_le_bytes());
+            t.extend_from_slice(s.to.as_bytes());
+            for sealed in [&s.self_mask, &s.mask_key] {
+                t.extend_from_slice(&sealed.nonce);
+                t.extend_from_slice(&(sealed.ciphertext.len() as u64).to_le_bytes());
+                t.extend_from_slice(&sealed.ciphertext);
+            }
         }
         t
     }
@@ -195,7 +205,8 @@ pub struct Sealed {
 /// secret, the direction and the kind), so that at unmasking the holder can
 /// reveal the key of the one share it reveals, and the coordinator can tell
 /// a share its dealer got wrong from one its holder falsified, without
-/// learning the other share.
+/// learning the other share. The dealer signs all its shares of a round
+/// together ([`Config::shares_transcript`], in the protocol layer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncryptedShare {
     /// Sender (the dealer).
@@ -206,9 +217,6 @@ pub struct EncryptedShare {
     pub self_mask: Sealed,
     /// The share of the dealer's mask key.
     pub mask_key: Sealed,
-    /// The dealer's identity signature over [`Config::share_transcript`],
-    /// added and checked by the protocol layer (empty in the core).
-    pub signature: Vec<u8>,
 }
 
 /// Which of a dealer's two secrets a share belongs to.
@@ -506,13 +514,7 @@ impl Client {
             };
             let self_mask = seal_one(b, ShareKind::SelfMask)?;
             let mask_key = seal_one(s, ShareKind::MaskKey)?;
-            out.push(EncryptedShare {
-                from: self.me.clone(),
-                to: peer.clone(),
-                self_mask,
-                mask_key,
-                signature: Vec::new(),
-            });
+            out.push(EncryptedShare { from: self.me.clone(), to: peer.clone(), self_mask, mask_key });
         }
         self.stage = ClientStage::AwaitShares;
         Ok(out)
