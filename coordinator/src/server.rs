@@ -382,6 +382,8 @@ const ENROLLMENT_POLL: Duration = Duration::from_secs(2);
 /// from the enrollment list, has its open stream closed at once (its jobs
 /// see it leave; the handshake refuses it from then on).
 async fn watch_enrollment(hub: Arc<Hub>) {
+    // A bad list is reported once, not every poll.
+    let mut last_error = String::new();
     loop {
         tokio::time::sleep(ENROLLMENT_POLL).await;
         let read = {
@@ -396,6 +398,7 @@ async fn watch_enrollment(hub: Arc<Hub>) {
                     revoked = newer.len(),
                     "revocation list updated; sending it to the parties"
                 );
+                last_error.clear();
                 let crl = newer.der().to_vec();
                 hub.revocations.write().unwrap_or_else(|p| p.into_inner()).update(newer).ok();
                 for (party, _) in hub.connected() {
@@ -403,8 +406,14 @@ async fn watch_enrollment(hub: Arc<Hub>) {
                     hub.send(&party, Outbound::Msg(msg));
                 }
             }
-            Ok(_) => {}
-            Err(e) => warn!("revocation list not applied: {e}"),
+            Ok(_) => last_error.clear(),
+            Err(e) => {
+                let e = e.to_string();
+                if e != last_error {
+                    warn!("revocation list not applied: {e}");
+                    last_error = e;
+                }
+            }
         }
         let list = hub.revocation_list();
         for (party, certificate) in hub.connected() {

@@ -150,7 +150,8 @@ impl CertVerifier {
         if id.name != party || id.role != Role::Party {
             return Err(bad(format!("certificate names {} ({:?}), not party {party}", id.name, id.role)));
         }
-        let serial = crate::revocation::certificate_serial(cert_der)?;
+        // The serial of the certificate already parsed (the list normalises it).
+        let serial = cert.raw_serial().to_vec();
         self.revoked(party, &serial)?;
         Ok(VerifiedCert { der: cert_der.to_vec(), serial, spki, valid })
     }

@@ -296,14 +296,15 @@ pub fn peer_identity(cert_der: &[u8]) -> Result<PeerIdentity, Error> {
     Ok(PeerIdentity { name, role })
 }
 
-/// A certificate's DER from PEM or DER.
-fn pem_or_der(cert: &[u8]) -> Result<Vec<u8>, Error> {
-    if cert.starts_with(b"-----") {
-        let (_, pem) = x509_parser::pem::parse_x509_pem(cert)
-            .map_err(|e| Error::Certificate(format!("certificate: not PEM: {e}")))?;
+/// The DER of a PEM block (any label) or of DER bytes as they are; `what`
+/// names the input in errors.
+pub(crate) fn pem_or_der(bytes: &[u8], what: &str) -> Result<Vec<u8>, Error> {
+    if bytes.starts_with(b"-----") {
+        let (_, pem) =
+            x509_parser::pem::parse_x509_pem(bytes).map_err(|e| Error::Certificate(format!("{what}: not PEM: {e}")))?;
         Ok(pem.contents)
     } else {
-        Ok(cert.to_vec())
+        Ok(bytes.to_vec())
     }
 }
 
@@ -401,14 +402,15 @@ impl PkiDir {
                 })?
             }
         };
-        let id = peer_identity(&pem_or_der(&cert)?)?;
+        let der = pem_or_der(&cert, "certificate")?;
+        let id = peer_identity(&der)?;
         if id.name != name || id.role != Role::Party {
             return Err(Error::InvalidInput(format!(
                 "the certificate names {} ({:?}), not party {name}",
                 id.name, id.role
             )));
         }
-        let serial = crate::revocation::certificate_serial(&cert)?;
+        let serial = crate::revocation::certificate_serial(&der)?;
         let list = ca.revoke(&self.revocations()?, &serial)?;
         let path = self.revocation_file();
         let tmp = path.with_extension("pem.tmp");

@@ -19,7 +19,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
 use crate::Error;
-use crate::pki::FederationCa;
+use crate::pki::{FederationCa, pem_or_der};
 
 /// Where a PKI directory keeps its revocation list.
 pub const CRL_FILE: &str = "revoked.crl.pem";
@@ -44,12 +44,6 @@ fn normalise(serial: &[u8]) -> Vec<u8> {
     serial[start..].to_vec()
 }
 
-fn ca_certificate(ca_pem: &[u8]) -> Result<Vec<u8>, Error> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(ca_pem)
-        .map_err(|e| Error::Certificate(format!("CA certificate: not PEM: {e}")))?;
-    Ok(pem.contents)
-}
-
 impl Revocations {
     /// The empty list (version 0), before any revocation.
     pub fn empty() -> Self {
@@ -60,18 +54,10 @@ impl Revocations {
     /// (`ca_pem`); `source` names it in errors.
     pub fn parse(bytes: &[u8], ca_pem: &[u8], source: &str) -> Result<Self, Error> {
         let bad = |why: String| Error::Certificate(format!("{source}: {why}"));
-        let der = if bytes.starts_with(b"-----") {
-            let (_, pem) = x509_parser::pem::parse_x509_pem(bytes).map_err(|e| bad(format!("not PEM: {e}")))?;
-            if pem.label != "X509 CRL" {
-                return Err(bad(format!("a PEM {} block, not an X509 CRL", pem.label)));
-            }
-            pem.contents
-        } else {
-            bytes.to_vec()
-        };
+        let der = pem_or_der(bytes, source)?;
         let (_, crl) =
             CertificateRevocationList::from_der(&der).map_err(|e| bad(format!("not a revocation list: {e}")))?;
-        let ca_der = ca_certificate(ca_pem)?;
+        let ca_der = pem_or_der(ca_pem, "CA certificate")?;
         let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| Error::Certificate(format!("CA: {e}")))?;
         if crl.issuer() != ca.subject() {
             return Err(bad("not issued by the federation CA".into()));
@@ -163,13 +149,7 @@ impl Revocations {
 
 /// The serial number of a certificate (PEM or DER).
 pub fn certificate_serial(cert: &[u8]) -> Result<Vec<u8>, Error> {
-    let der = if cert.starts_with(b"-----") {
-        let (_, pem) =
-            x509_parser::pem::parse_x509_pem(cert).map_err(|e| Error::Certificate(format!("not PEM: {e}")))?;
-        pem.contents
-    } else {
-        cert.to_vec()
-    };
+    let der = pem_or_der(cert, "certificate")?;
     let (_, c) = X509Certificate::from_der(&der).map_err(|e| Error::Certificate(e.to_string()))?;
     Ok(normalise(c.raw_serial()))
 }

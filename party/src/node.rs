@@ -171,16 +171,21 @@ impl PartyNode {
         Ok(())
     }
 
+    /// Loads the newest list this party has kept (none before the first
+    /// revocation), so that after a restart a coordinator cannot roll it back.
+    fn load_kept_revocations(&self) -> Result<(), String> {
+        let kept = self.config.revocation_list_path();
+        match std::fs::read(&kept) {
+            Ok(bytes) => self.accept_revocations(&bytes, &kept.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("{}: {e}", kept.display())),
+        }
+    }
+
     /// One connection: returns whether the coordinator welcomed us.
     async fn serve_once(&self) -> Result<bool, Error> {
         let cfg = &self.config;
-        // The newest list this party has kept: a coordinator cannot roll it back.
-        let kept = cfg.revocation_list_path();
-        match std::fs::read(&kept) {
-            Ok(bytes) => self.accept_revocations(&bytes, &kept.display().to_string()).map_err(Error::Config)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::Config(format!("{}: {e}", kept.display()))),
-        }
+        self.load_kept_revocations().map_err(Error::Config)?;
         let id = ClientIdentity {
             url: &cfg.coordinator,
             server_name: &cfg.server_name,
@@ -464,5 +469,59 @@ fn send(job_id: &str, out: PartyOutput, outbox: &Outbox, limits: &Limits, stats:
             warn!(job = %job_id, "{note}");
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_crypto::pki::PkiDir;
+
+    fn node(pki: &PkiDir, name: &str) -> PartyNode {
+        let cfg = PartyConfig {
+            coordinator: "https://localhost:1".into(),
+            server_name: "localhost".into(),
+            ca: pki.ca_cert(),
+            cert: pki.party_cert(name),
+            key: pki.party_key(name),
+            revocation_list: None,
+            datasets: Default::default(),
+            models: Default::default(),
+            training: Default::default(),
+            policy: Default::default(),
+            reconnect: Default::default(),
+            limits: Default::default(),
+            fault: Default::default(),
+            warnings: Vec::new(),
+        };
+        PartyNode::with_plugins(cfg, PartyPlugins::new())
+    }
+
+    /// A coordinator that sends an older revocation list (to bring a revoked
+    /// peer back), before or after the party restarts, or a list another CA
+    /// signed, is refused: the party keeps the newest list it has accepted.
+    #[test]
+    fn a_coordinator_cannot_roll_back_or_forge_the_revocation_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("t", &["a".into(), "b".into(), "c".into()], &[]).unwrap();
+        let v1 = pki.revoke_party("b", None).unwrap();
+        let v2 = pki.revoke_party("c", None).unwrap();
+        let a = node(&pki, "a");
+        a.accept_revocations(v2.der(), "coordinator").unwrap();
+        assert_eq!(a.revocation_list().version(), 2);
+        let err = a.accept_revocations(v1.der(), "coordinator").unwrap_err();
+        assert!(err.contains("older"), "{err}");
+        assert_eq!(a.revocation_list().version(), 2);
+        // After a restart the kept list still rules.
+        let restarted = node(&pki, "a");
+        restarted.load_kept_revocations().unwrap();
+        assert_eq!(restarted.revocation_list().version(), 2);
+        assert!(restarted.accept_revocations(v1.der(), "coordinator").is_err());
+        // A list signed by another CA is refused whatever its version.
+        let evil = confide_crypto::pki::FederationCa::generate("evil").unwrap();
+        let forged = evil.revoke(&v2, &[1]).unwrap();
+        assert!(restarted.accept_revocations(forged.der(), "coordinator").is_err());
+        assert_eq!(restarted.revocation_list().version(), 2);
     }
 }

@@ -448,9 +448,9 @@ mod secure {
             self.feed(Input::Result { party: party.into(), task_id, result })
         }
 
-        /// Recruits, runs setup, and returns the secure fit tasks.
-        fn start(min: usize) -> (Run, Vec<(String, TaskOut)>) {
-            let spec = spec(min);
+        /// Connects the five parties to a session of `spec`, each with a
+        /// SecAgg+ client; returns the run and the setup tasks.
+        fn recruit(spec: JobSpec) -> (Run, Vec<Output>) {
             let job = spec.facts("job-t", &Limits::default());
             let clients = PARTIES
                 .iter()
@@ -467,6 +467,12 @@ mod secure {
             for p in PARTIES {
                 out = r.feed(Input::Answer { party: p.into(), accepted: true, reason: String::new() });
             }
+            (r, out)
+        }
+
+        /// Recruits, runs setup, and returns the secure fit tasks.
+        fn start(min: usize) -> (Run, Vec<(String, TaskOut)>) {
+            let (mut r, out) = Run::recruit(spec(min));
             let mut fit = Vec::new();
             for (p, t) in tasks(out) {
                 let result = ResultBody::Setup { params: params(&[0.0, 0.0]), stats: FeatureStats::default() };
@@ -626,19 +632,7 @@ mod secure {
     fn setup_feature_statistics_are_summed_securely() {
         let mut spec = spec(3);
         spec.model.standardize = true;
-        let job = spec.facts("job-t", &Limits::default());
-        let clients = PARTIES
-            .iter()
-            .map(|p| (p.to_string(), SecAggPlus.client(&spec.aggregation.settings, &job, identity(p)).unwrap()))
-            .collect();
-        let mut r = Run { s: session(spec, Start::Fresh { model: None }, &Plugins::default()), clients };
-        for p in PARTIES {
-            r.feed(Input::connected(p));
-        }
-        let mut out = Vec::new();
-        for p in PARTIES {
-            out = r.feed(Input::Answer { party: p.into(), accepted: true, reason: String::new() });
-        }
+        let (mut r, out) = Run::recruit(spec);
         let model = || {
             let t = |name: &str, v: f32| Tensor { name: name.into(), shape: vec![2], data: vec![v; 2] };
             Parameters::new(vec![t("input.mean", 0.0), t("input.std", 1.0), t("w", 0.0)]).unwrap()

@@ -64,9 +64,9 @@ impl SumLayout {
 /// value. Each is a fraction in [0, 1]; a value outside is refused.
 pub const SECURE_METRICS: [&str; 2] = ["accuracy", "auc"];
 
-/// Losses above this are counted as this in a secure evaluation (as in
-/// training: one party's diverged loss cannot swamp the mean).
-pub use super::update::LOSS_CAP;
+// Losses above this are counted as this in a secure evaluation, as in
+// training: one party's diverged loss cannot swamp the mean.
+use super::update::LOSS_CAP;
 
 /// A party's feature statistics as the values of [`SumLayout::feature_stats`].
 pub fn feature_stats_values(stats: &FeatureStats) -> Vec<f64> {

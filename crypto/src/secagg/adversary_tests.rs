@@ -37,6 +37,15 @@ fn names(cfg: &Config) -> Vec<String> {
 /// keys and shares faithfully, since tampering there is caught by
 /// signatures and AEAD, tested elsewhere). Returns the clients.
 fn through_masked(cfg: &Config) -> (Server, BTreeMap<String, Client>) {
+    through_masked_dealing(cfg, |_, _, _| {})
+}
+
+/// [`through_masked`], with `deal` applied to each party's shares before
+/// they reach the server (a malicious dealer).
+fn through_masked_dealing(
+    cfg: &Config,
+    deal: impl Fn(&str, &Client, &mut Vec<EncryptedShare>),
+) -> (Server, BTreeMap<String, Client>) {
     let mut server = Server::new(cfg.clone()).unwrap();
     let mut clients = BTreeMap::new();
     for p in &cfg.parties {
@@ -46,7 +55,8 @@ fn through_masked(cfg: &Config) -> (Server, BTreeMap<String, Client>) {
     }
     server.close_keys().unwrap();
     for (p, c) in clients.iter_mut() {
-        let s = c.on_keys(&server.keys_for(p).unwrap(), &TagCheck, &mut OsRng).unwrap();
+        let mut s = c.on_keys(&server.keys_for(p).unwrap(), &TagCheck, &mut OsRng).unwrap();
+        deal(p, c, &mut s);
         server.on_shares(p, s).unwrap();
     }
     server.close_shares().unwrap();
@@ -400,27 +410,11 @@ fn blame_round(
     tamper_answer: impl Fn(&mut UnmaskShares),
 ) -> (Server, Vec<u32>) {
     let cfg = config(7, 0.0);
-    let mut server = Server::new(cfg.clone()).unwrap();
-    let mut clients = BTreeMap::new();
-    for p in &cfg.parties {
-        let (c, m) = Client::new(cfg.clone(), p, &Tag(p.clone()), &mut OsRng).unwrap();
-        server.on_keys(m, &TagCheck).unwrap();
-        clients.insert(p.clone(), c);
-    }
-    server.close_keys().unwrap();
-    for (p, c) in clients.iter_mut() {
-        let mut s = c.on_keys(&server.keys_for(p).unwrap(), &TagCheck, &mut OsRng).unwrap();
+    let (mut server, mut clients) = through_masked_dealing(&cfg, |p, c, shares| {
         if p == "p00" {
-            let to_p01 = s.iter_mut().find(|s| s.to == "p01").unwrap();
-            tamper_dealt(&cfg, c, to_p01);
+            tamper_dealt(&cfg, c, shares.iter_mut().find(|s| s.to == "p01").unwrap());
         }
-        server.on_shares(p, s).unwrap();
-    }
-    server.close_shares().unwrap();
-    for (i, (p, c)) in clients.iter_mut().enumerate() {
-        let y = c.on_shares(&server.shares_for(p), vec![i as u32; cfg.dim]).unwrap();
-        server.on_masked(y).unwrap();
-    }
+    });
     let survivors = server.close_masked().unwrap();
     for (p, c) in clients.iter_mut() {
         server.on_survivor_signature(c.on_survivors(&survivors, &Tag(p.clone())).unwrap(), &TagCheck).unwrap();

@@ -1169,25 +1169,23 @@ impl Server {
                 Some((share, *u.keys.get(owner)?))
             });
             let dealt = self.shares.get(holder).and_then(|v| v.iter().find(|s| s.from == owner));
-            let verdict = match (revealed, dealt) {
+            let (who, why) = match (revealed, dealt) {
                 (Some((share, key)), Some(dealt)) => match self.cfg.open_share(dealt, kind, &key) {
-                    Some(sent) if sent == share => Some((
+                    Some(sent) if sent == share => (
                         owner.to_owned(),
                         format!(
                             "dealt {holder} a share of its {} that does not fit its commitment (the share it signed)",
                             kind.label()
                         ),
-                    )),
+                    ),
                     Some(_) => {
-                        Some((holder.clone(), format!("revealed a share of {what} other than the one its dealer sent")))
+                        (holder.clone(), format!("revealed a share of {what} other than the one its dealer sent"))
                     }
-                    None => Some((holder.clone(), format!("revealed a key that does not open its share of {what}"))),
+                    None => (holder.clone(), format!("revealed a key that does not open its share of {what}")),
                 },
-                _ => Some((holder.clone(), format!("revealed a share of {what} that does not fit its commitment"))),
+                _ => (holder.clone(), format!("revealed a share of {what} that does not fit its commitment")),
             };
-            if let Some((who, why)) = verdict {
-                flagged.entry(who).or_insert(why);
-            }
+            flagged.entry(who).or_insert(why);
         }
     }
 
