@@ -118,7 +118,13 @@ enum CertsCmd {
         #[arg(long)]
         ca: PathBuf,
         /// The party.
-        name: String,
+        #[arg(required_unless_present = "coordinator")]
+        name: Option<String>,
+        /// Revoke the coordinator's certificate instead (`coordinator.pem`
+        /// in `--ca`, or `--cert`): parties given the list (in their
+        /// `revocation_list` file, or pushed) refuse to connect to it.
+        #[arg(long, conflicts_with = "name")]
+        coordinator: bool,
         /// The certificate to revoke, when not `parties/NAME.pem` in `--ca`.
         #[arg(long)]
         cert: Option<PathBuf>,
@@ -276,15 +282,19 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             println!("signed and enrolled party {name}: {} (send it to the party with ca.pem)", cert.display());
             Ok(0)
         }
-        Command::Certs(CertsCmd::Revoke { ca, name, cert }) => {
+        Command::Certs(CertsCmd::Revoke { ca, name, coordinator, cert }) => {
             let cert = cert.map(|p| std::fs::read(&p).map_err(|e| Error::io(&p, e))).transpose()?;
             let pki = PkiDir::new(&ca);
-            let list = pki.revoke_party(&name, cert.as_deref())?;
+            let (list, what) = match name {
+                Some(name) if !coordinator => (pki.revoke_party(&name, cert.as_deref())?, format!("party {name}")),
+                _ => (pki.revoke_coordinator(cert.as_deref())?, "the coordinator's certificate".to_owned()),
+            };
             println!(
-                "revoked party {name}: revocation list version {} ({} certificates) in {}; party de-enrolled",
+                "revoked {what}: revocation list version {} ({} certificates) in {}{}",
                 list.version(),
                 list.len(),
-                pki.revocation_file().display()
+                pki.revocation_file().display(),
+                if coordinator { "" } else { "; party de-enrolled" }
             );
             Ok(0)
         }

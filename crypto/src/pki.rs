@@ -410,16 +410,41 @@ impl PkiDir {
                 id.name, id.role
             )));
         }
-        let serial = crate::revocation::certificate_serial(&der)?;
+        let list = self.add_revocation(&ca, &der)?;
+        if self.federation_file().exists() {
+            let enrolled: Vec<String> = self.enrolled()?.into_iter().filter(|p| p != name).collect();
+            self.write_enrolled(&enrolled)?;
+        }
+        Ok(list)
+    }
+
+    /// Revokes the coordinator's certificate (`coordinator.pem` here, or
+    /// `certificate`): parties holding the new list refuse to connect to a
+    /// coordinator that shows it. Returns the new list.
+    pub fn revoke_coordinator(&self, certificate: Option<&[u8]>) -> Result<crate::revocation::Revocations, Error> {
+        let ca = self.load_ca()?;
+        let cert = match certificate {
+            Some(c) => c.to_vec(),
+            None => {
+                let path = self.coordinator_cert();
+                fs::read(&path).map_err(|source| Error::Io { path, source })?
+            }
+        };
+        let der = pem_or_der(&cert, "certificate")?;
+        if peer_identity(&der)?.role != Role::Coordinator {
+            return Err(Error::InvalidInput("the certificate is not a coordinator certificate".into()));
+        }
+        self.add_revocation(&ca, &der)
+    }
+
+    /// Writes a revocation list one version newer that adds `cert_der`.
+    fn add_revocation(&self, ca: &FederationCa, cert_der: &[u8]) -> Result<crate::revocation::Revocations, Error> {
+        let serial = crate::revocation::certificate_serial(cert_der)?;
         let list = ca.revoke(&self.revocations()?, &serial)?;
         let path = self.revocation_file();
         let tmp = path.with_extension("pem.tmp");
         write_file(&tmp, list.pem().as_bytes(), 0o644)?;
         fs::rename(&tmp, &path).map_err(|source| Error::Io { path, source })?;
-        if self.federation_file().exists() {
-            let enrolled: Vec<String> = self.enrolled()?.into_iter().filter(|p| p != name).collect();
-            self.write_enrolled(&enrolled)?;
-        }
         Ok(list)
     }
 

@@ -18,7 +18,7 @@ use confide_crypto::identity::{CertVerifier, IdentityKey, SharedRevocations};
 use confide_crypto::revocation::Revocations;
 use confide_proto::jobspec::JobSpec;
 use confide_proto::messages::Task;
-use confide_proto::net::{ClientIdentity, connect};
+use confide_proto::net::{ClientIdentity, CoordinatorCertificate, connect_checking_revocations};
 use confide_proto::pb::party_service_client::PartyServiceClient;
 use confide_proto::pb::{self, coordinator_message, party_message};
 use confide_proto::transfer::{self, Bulk, Incoming};
@@ -171,6 +171,21 @@ impl PartyNode {
         Ok(())
     }
 
+    /// Ends the connection when the list now in force revokes the
+    /// certificate the coordinator showed (a list can arrive mid-connection).
+    fn refuse_revoked_coordinator(&self, shown: &CoordinatorCertificate) -> Result<(), Error> {
+        let shown = shown.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(cert) = shown else { return Ok(()) };
+        let list = self.revocations.read().unwrap_or_else(|p| p.into_inner());
+        match list.check("the coordinator", &cert) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Error::PeerMisbehaved(format!(
+                "its certificate is revoked (revocation list version {})",
+                list.version()
+            ))),
+        }
+    }
+
     /// Loads the newest list this party has kept (none before the first
     /// revocation), so that after a restart a coordinator cannot roll it back.
     fn load_kept_revocations(&self) -> Result<(), String> {
@@ -193,7 +208,11 @@ impl PartyNode {
             cert: &cfg.cert,
             key: &cfg.key,
         };
-        let channel = connect(&id).await.map_err(|e| Error::Transport(e.to_string()))?;
+        // The handshake refuses a coordinator certificate that the list
+        // this party holds revokes.
+        let (channel, coordinator_cert) = connect_checking_revocations(&id, Some(self.revocations.clone()))
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
         let max = cfg.limits.max_message_bytes;
         let mut client = PartyServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max);
         let (tx, rx) = mpsc::channel::<pb::PartyMessage>(32);
@@ -227,11 +246,13 @@ impl PartyNode {
                     if let Err(e) = self.accept_revocations(&crl, "the coordinator's revocation list") {
                         warn!("coordinator fault: {e}");
                     }
+                    self.refuse_revoked_coordinator(&coordinator_cert)?;
                 }
                 coordinator_message::Body::Revocations(r) => {
                     if let Err(e) = self.accept_revocations(&r.crl, "the coordinator's revocation list") {
                         warn!("coordinator fault: {e}");
                     }
+                    self.refuse_revoked_coordinator(&coordinator_cert)?;
                 }
                 coordinator_message::Body::Offer(offer) => {
                     let job_id = offer.job_id.clone();

@@ -1,9 +1,21 @@
 //! Client-side connection set-up shared by the CLI and the party node.
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use confide_crypto::identity::SharedRevocations;
+use hyper_util::rt::TokioIo;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::net::TcpStream;
+use tonic::codegen::http::Uri;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::Error;
 
@@ -33,20 +45,39 @@ pub const HTTP2_MAX_FRAME: u32 = 1 << 20;
 
 /// Opens a mutually authenticated TLS channel to the coordinator.
 pub async fn connect(id: &ClientIdentity<'_>) -> Result<Channel, Error> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())));
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(id.ca)?))
-        .identity(Identity::from_pem(
-            read(id.cert)?,
-            confide_crypto::pki::read_private_key(id.key).map_err(|e| Error::InvalidInput(e.to_string()))?.as_slice(),
-        ))
-        .domain_name(id.server_name);
-    let endpoint = Endpoint::from_shared(id.url.to_owned())
+    Ok(connect_checking_revocations(id, None).await?.0)
+}
+
+/// The certificate the coordinator showed at the channel's latest handshake
+/// (the channel reconnects by itself), to check against a newer revocation
+/// list that arrives while connected.
+pub type CoordinatorCertificate = Arc<Mutex<Option<CertificateDer<'static>>>>;
+
+/// Opens a mutually authenticated TLS channel to the coordinator and, when
+/// `revocations` is given, refuses a coordinator whose certificate that list
+/// revokes (checked at the handshake against the newest list at that time).
+///
+/// tonic's own TLS settings take no certificate-verifier hook, so the
+/// handshake is done here with tokio-rustls and the channel is given the
+/// finished TLS stream.
+pub async fn connect_checking_revocations(
+    id: &ClientIdentity<'_>,
+    revocations: Option<SharedRevocations>,
+) -> Result<(Channel, CoordinatorCertificate), Error> {
+    let tls = client_config(id, revocations)?;
+    let server_name = ServerName::try_from(id.server_name.to_owned())
+        .map_err(|e| Error::InvalidInput(format!("server name {:?}: {e}", id.server_name)))?;
+    let uri: Uri = id.url.parse().map_err(|e| Error::InvalidInput(format!("coordinator address {:?}: {e}", id.url)))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(Error::InvalidInput(format!("coordinator address {:?}: must start with https://", id.url)));
+    }
+    let authority =
+        uri.authority().ok_or_else(|| Error::InvalidInput(format!("coordinator address {:?}: no host", id.url)))?;
+    let address = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(443));
+    // The channel's own URI says http: the TLS is ours, done by the connector.
+    let endpoint = Endpoint::from_shared(format!("http://{authority}"))
         .map_err(|e| Error::InvalidInput(format!("coordinator address {:?}: {e}", id.url)))?
-        .tls_config(tls)
-        .map_err(|e| Error::InvalidInput(format!("TLS configuration: {e}")))?
         .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
@@ -55,10 +86,133 @@ pub async fn connect(id: &ClientIdentity<'_>) -> Result<Channel, Error> {
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .max_frame_size(HTTP2_MAX_FRAME);
-    endpoint
-        .connect()
+    let seen = CoordinatorCertificate::default();
+    let connector =
+        TlsConnector { tls: tokio_rustls::TlsConnector::from(Arc::new(tls)), server_name, address, seen: seen.clone() };
+    let channel = endpoint
+        .connect_with_connector(connector)
         .await
-        .map_err(|e| Error::Transport(format!("cannot connect to {}: {}", id.url, source_chain(&e))))
+        .map_err(|e| Error::Transport(format!("cannot connect to {}: {}", id.url, source_chain(&e))))?;
+    Ok((channel, seen))
+}
+
+/// The client side of mutual TLS: our certificate, the federation CA as the
+/// only root, ALPN h2 for gRPC.
+fn client_config(id: &ClientIdentity<'_>, revocations: Option<SharedRevocations>) -> Result<ClientConfig, Error> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())));
+    let pem_certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>, Error> {
+        let certs: Vec<_> = rustls_pemfile::certs(&mut read(p)?.as_slice())
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))?;
+        if certs.is_empty() {
+            return Err(Error::InvalidInput(format!("{}: no certificate found", p.display())));
+        }
+        Ok(certs)
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for c in pem_certs(id.ca)? {
+        roots.add(c).map_err(|e| Error::InvalidInput(format!("{}: {e}", id.ca.display())))?;
+    }
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", id.ca.display())))?;
+    let key_pem = confide_crypto::pki::read_private_key(id.key).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", id.key.display())))?
+        .ok_or_else(|| Error::InvalidInput(format!("{}: no private key found", id.key.display())))?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::InvalidInput(format!("TLS configuration: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CoordinatorVerifier { webpki, revocations }))
+        .with_client_auth_cert(pem_certs(id.cert)?, key)
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", id.cert.display())))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The usual WebPKI checks against the federation CA, then the revocation
+/// list the party holds: a coordinator whose certificate the federation's
+/// CA revoked cannot hide that by not distributing the list.
+#[derive(Debug)]
+struct CoordinatorVerifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    revocations: Option<SharedRevocations>,
+}
+
+impl ServerCertVerifier for CoordinatorVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        if let Some(list) = &self.revocations {
+            let list = list.read().unwrap_or_else(|p| p.into_inner());
+            if list.check("the coordinator", end_entity).is_err() {
+                return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+            }
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// Connects TCP and runs the client TLS handshake for the channel.
+#[derive(Clone)]
+struct TlsConnector {
+    tls: tokio_rustls::TlsConnector,
+    server_name: ServerName<'static>,
+    address: String,
+    seen: CoordinatorCertificate,
+}
+
+impl tower_service::Service<Uri> for TlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = TcpStream::connect(&this.address).await?;
+            tcp.set_nodelay(true)?;
+            let tls = this.tls.connect(this.server_name, tcp).await?;
+            let certificate =
+                tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+            *this.seen.lock().unwrap_or_else(|p| p.into_inner()) = certificate;
+            Ok(TokioIo::new(tls))
+        })
+    }
 }
 
 /// Formats an error with its sources, which is where tonic puts the useful part.

@@ -18,13 +18,14 @@ fn eventually(what: &str, fed: &Federation, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn a_revoked_party_is_cut_off_and_the_others_hold_and_bind_the_new_list() {
-    let four = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"];
-    let mut fed = Federation::new(&four, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1,1,1");
+    let five = ["hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e"];
+    let four = &five[..4];
+    let mut fed = Federation::new(&five, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1,1,1,1");
     fed.start_coordinator();
-    for n in four {
+    for n in five {
         fed.start_party(n, "[policy]\naggregation = [\"secagg\"]\n");
     }
-    eventually("four parties connecting", &fed, || fed.coordinator_log().matches("party connected").count() >= 4);
+    eventually("five parties connecting", &fed, || fed.coordinator_log().matches("party connected").count() >= 5);
 
     // Where the CA key is kept (here the same directory the coordinator serves from).
     let out = fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "hospital-d"]);
@@ -57,4 +58,24 @@ fn a_revoked_party_is_cut_off_and_the_others_hold_and_bind_the_new_list() {
     let id = fed.submit("after-revocation.toml", &text);
     let st = fed.wait_done(&id, 120);
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+
+    // De-enrolment alone (no revocation) closes the party's stream too.
+    let enrolled = std::fs::read_to_string(fed.path("pki/federation.toml")).expect("enrollment");
+    std::fs::write(fed.path("pki/federation.toml"), enrolled.replace("\"hospital-e\",", "")).expect("enrollment");
+    eventually("the de-enrolled party's stream closing", &fed, || {
+        fed.coordinator_log().contains("closing the stream: party hospital-e is no longer enrolled")
+    });
+
+    // The CA revokes the coordinator's own certificate. The coordinator
+    // pushes the list (version 2) like any other; a party that holds it
+    // drops the connection and refuses the coordinator at every handshake
+    // from then on, whatever the coordinator does.
+    let out = fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "--coordinator"]);
+    assert!(out.contains("revoked the coordinator's certificate: revocation list version 2"), "{out}");
+    let party_log = || std::fs::read_to_string(fed.path("logs/hospital-a.log")).unwrap_or_default();
+    eventually("the party refusing the revoked coordinator", &fed, || {
+        let log = party_log();
+        log.contains("coordinator misbehaved: its certificate is revoked (revocation list version 2)")
+            && log.contains("invalid peer certificate: Revoked")
+    });
 }
