@@ -127,8 +127,11 @@ fn client_config(id: &ClientIdentity<'_>, revocations: Option<SharedRevocations>
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(CoordinatorVerifier { webpki, revocations }))
         .with_client_auth_cert(pem_certs(id.cert)?, key)
-        .map_err(|e| Error::InvalidInput(format!("{}: {e}", id.cert.display())))?;
+        .map_err(|e| Error::InvalidInput(format!("{} with key {}: {e}", id.cert.display(), id.key.display())))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // A resumed TLS session skips certificate verification, and with it the
+    // revocation check: every handshake verifies the coordinator afresh.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 

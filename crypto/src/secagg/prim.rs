@@ -134,11 +134,13 @@ impl MaskStream {
         // One 16-byte store per counter block.
         let mut first = [0u8; 16];
         first[..12].copy_from_slice(&self.nonce);
-        let nonce = u128::from_be_bytes(first);
+        let mut nonce = u128::from_be_bytes(first);
         for (i, b) in blocks.iter_mut().enumerate() {
             let block = nonce | u128::from(self.counter.wrapping_add(i as u32));
             *b = block.to_be_bytes().into();
         }
+        zeroize::Zeroize::zeroize(&mut first);
+        zeroize::Zeroize::zeroize(&mut nonce);
         self.counter = self.counter.wrapping_add(blocks.len() as u32);
         self.cipher.encrypt_blocks(blocks);
     }
@@ -170,6 +172,7 @@ impl Drop for MaskStreams {
         for s in &mut self.streams {
             s.carry.zeroize();
             s.nonce.zeroize();
+            s.counter.zeroize();
         }
     }
 }
