@@ -22,24 +22,12 @@ use tracing::{info, warn};
 
 use crate::Error;
 
-/// Reads every certificate in a PEM file.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(Error::Tls(format!("{}: no certificate found", path.display())));
-    }
-    Ok(certs)
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    confide_proto::net::load_certs(path).map_err(|e| Error::Tls(e.to_string()))
 }
 
-/// Reads a private key from a PEM file.
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
-    let data = confide_crypto::pki::read_private_key(path).map_err(|e| Error::InvalidInput(e.to_string()))?;
-    rustls_pemfile::private_key(&mut data.as_slice())
-        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?
-        .ok_or_else(|| Error::Tls(format!("{}: no private key found", path.display())))
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    confide_proto::net::load_key(path).map_err(|e| Error::Tls(e.to_string()))
 }
 
 /// The server configuration: TLS 1.3 only, client certificates required and

@@ -3,7 +3,8 @@
 //! version.
 //!
 //! `confide certs revoke NAME` (on the CA's machine) adds the party's
-//! certificate and writes `revoked.crl.pem`; the coordinator, given the file,
+//! certificate (`--coordinator`: the coordinator's) and writes
+//! `revoked.crl.pem`; the coordinator, given the file,
 //! refuses the certificate at the TLS handshake, closes the party's open
 //! streams and sends the list to every party. A party accepts a list only if
 //! the CA signed it and its version is not older than the newest it has seen

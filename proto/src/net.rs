@@ -11,7 +11,7 @@ use confide_crypto::identity::SharedRevocations;
 use hyper_util::rt::TokioIo;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
 use tonic::codegen::http::Uri;
@@ -96,37 +96,43 @@ pub async fn connect_checking_revocations(
     Ok((channel, seen))
 }
 
+/// Reads every certificate in a PEM file (at least one).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let data = std::fs::read(path).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::InvalidInput(format!("{}: no certificate found", path.display())));
+    }
+    Ok(certs)
+}
+
+/// Reads a private key from a PEM file (refused when others can read it).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    let data = confide_crypto::pki::read_private_key(path).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    rustls_pemfile::private_key(&mut data.as_slice())
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?
+        .ok_or_else(|| Error::InvalidInput(format!("{}: no private key found", path.display())))
+}
+
 /// The client side of mutual TLS: our certificate, the federation CA as the
 /// only root, ALPN h2 for gRPC.
 fn client_config(id: &ClientIdentity<'_>, revocations: Option<SharedRevocations>) -> Result<ClientConfig, Error> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())));
-    let pem_certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>, Error> {
-        let certs: Vec<_> = rustls_pemfile::certs(&mut read(p)?.as_slice())
-            .collect::<Result<_, _>>()
-            .map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))?;
-        if certs.is_empty() {
-            return Err(Error::InvalidInput(format!("{}: no certificate found", p.display())));
-        }
-        Ok(certs)
-    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
-    for c in pem_certs(id.ca)? {
+    for c in load_certs(id.ca)? {
         roots.add(c).map_err(|e| Error::InvalidInput(format!("{}: {e}", id.ca.display())))?;
     }
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| Error::InvalidInput(format!("{}: {e}", id.ca.display())))?;
-    let key_pem = confide_crypto::pki::read_private_key(id.key).map_err(|e| Error::InvalidInput(e.to_string()))?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| Error::InvalidInput(format!("{}: {e}", id.key.display())))?
-        .ok_or_else(|| Error::InvalidInput(format!("{}: no private key found", id.key.display())))?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::InvalidInput(format!("TLS configuration: {e}")))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(CoordinatorVerifier { webpki, revocations }))
-        .with_client_auth_cert(pem_certs(id.cert)?, key)
+        .with_client_auth_cert(load_certs(id.cert)?, load_key(id.key)?)
         .map_err(|e| Error::InvalidInput(format!("{} with key {}: {e}", id.cert.display(), id.key.display())))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     // A resumed TLS session skips certificate verification, and with it the

@@ -1073,6 +1073,24 @@ mod tests {
         JobFacts { job_id: "job".into(), party_names: names(n), max_parties: 100, min_parties: 3, max_values: 1000 }
     }
 
+    /// A server that has begun round 1 of `n` parties on a one-weight model.
+    struct Begun {
+        job: JobFacts,
+        names: Vec<String>,
+        global: Parameters,
+        fit: FitConfig,
+        server: Box<dyn AggregationServer>,
+        round_message: Vec<u8>,
+    }
+
+    fn begun_round(n: usize) -> Begun {
+        let (job, names, global, fit) = (facts(n), names(n), params(&[0.0]), fit());
+        let mut server = server(&toml::Table::new(), &job);
+        let round_message =
+            server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
+        Begun { job, names, global, fit, server, round_message }
+    }
+
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("p{i}")).collect()
     }
@@ -1318,12 +1336,7 @@ mod tests {
     /// checks it before relaying, so a share without one drops its dealer.
     #[test]
     fn shares_without_their_dealers_signature_are_refused_naming_the_dealer() {
-        let job = facts(3);
-        let names = names(3);
-        let (global, fit) = (params(&[0.0]), fit());
-        let mut server = server(&toml::Table::new(), &job);
-        let rm =
-            server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
+        let Begun { job, names, global, fit, mut server, round_message: rm } = begun_round(3);
         let mut clients: Vec<_> =
             names.iter().map(|p| SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap()).collect();
         for (i, c) in clients.iter_mut().enumerate() {
@@ -1356,12 +1369,7 @@ mod tests {
 
     #[test]
     fn steps_out_of_order_are_the_coordinators_fault() {
-        let job = facts(3);
-        let names = names(3);
-        let (global, fit) = (params(&[0.0]), fit());
-        let mut server = server(&toml::Table::new(), &job);
-        let rm =
-            server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
+        let Begun { job, names, global, fit, round_message: rm, .. } = begun_round(3);
         let mut c = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         c.contribute(
             1,
@@ -1394,11 +1402,7 @@ mod tests {
 
     #[test]
     fn a_plaintext_update_is_refused_by_name() {
-        let job = facts(3);
-        let mut server = server(&toml::Table::new(), &job);
-        let names = names(3);
-        let (global, fit) = (params(&[0.0]), fit());
-        server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
+        let Begun { global, mut server, .. } = begun_round(3);
         let plain = Envelope { body: Vec::new(), bulk: Some(Bulk::Params(std::sync::Arc::new(global.clone()))) };
         let err = server.on_message(Peer { name: "p1", certificate: &[] }, plain).unwrap_err().to_string();
         assert!(err.contains("party p1") && err.contains("plaintext update"), "{err}");
