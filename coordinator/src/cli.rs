@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use confide_crypto::pki::PkiDir;
 use confide_proto::Limits;
 use confide_proto::jobspec::{JobSpec, StrategyConfig};
-use confide_proto::net::{ClientIdentity, connect, source_chain};
+use confide_proto::net::{ClientIdentity, connect_checking_revocations, source_chain};
 use confide_proto::pb;
 use confide_proto::pb::admin_service_client::AdminServiceClient;
 use confide_proto::status::{JobState, JobStatus};
@@ -490,7 +490,13 @@ async fn admin(conn: &AdminConn) -> Result<AdminServiceClient<Channel>, Error> {
     let pki = PkiDir::new(&conn.pki);
     let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
     let id = ClientIdentity { url: &conn.coordinator, server_name: &conn.server_name, ca: &ca, cert: &cert, key: &key };
-    let channel = connect(&id).await.map_err(|e| Error::Io(e.to_string()))?;
+    // The CA directory's revocation list (verified against its CA): an
+    // administrator's commands never go to a coordinator whose certificate
+    // the CA has revoked.
+    let revocations = pki.revocations().map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let (channel, _) = connect_checking_revocations(&id, Some(std::sync::Arc::new(std::sync::RwLock::new(revocations))))
+        .await
+        .map_err(|e| Error::Io(e.to_string()))?;
     let max = Limits::default().max_message_bytes;
     Ok(AdminServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max))
 }

@@ -78,4 +78,9 @@ fn a_revoked_party_is_cut_off_and_the_others_hold_and_bind_the_new_list() {
         log.contains("coordinator misbehaved: its certificate is revoked (revocation list version 2)")
             && log.contains("invalid peer certificate: Revoked")
     });
+    // The administrator's CLI reads the CA directory's list and refuses the
+    // coordinator too.
+    let refused = fed.cli(&["job", "list"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("Revoked"), "{err}");
 }
