@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test build lint bench bench-round bench-train doc clean setup
+.PHONY: demo test build lint bench bench-round bench-train bench-dp doc clean setup
 
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
@@ -33,6 +33,9 @@ bench-round: setup
 
 bench-train: setup
 	$(CARGO) run --release -p confide-bench -- train
+
+bench-dp: setup
+	$(CARGO) run --release -p confide-bench -- dp
 
 bench: setup
 	$(CARGO) bench -p confide-bench

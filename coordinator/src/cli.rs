@@ -494,9 +494,10 @@ async fn admin(conn: &AdminConn) -> Result<AdminServiceClient<Channel>, Error> {
     // administrator's commands never go to a coordinator whose certificate
     // the CA has revoked.
     let revocations = pki.revocations().map_err(|e| Error::InvalidInput(e.to_string()))?;
-    let (channel, _) = connect_checking_revocations(&id, Some(std::sync::Arc::new(std::sync::RwLock::new(revocations))))
-        .await
-        .map_err(|e| Error::Io(e.to_string()))?;
+    let (channel, _) =
+        connect_checking_revocations(&id, Some(std::sync::Arc::new(std::sync::RwLock::new(revocations))))
+            .await
+            .map_err(|e| Error::Io(e.to_string()))?;
     let max = Limits::default().max_message_bytes;
     Ok(AdminServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max))
 }

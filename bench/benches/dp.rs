@@ -1,0 +1,39 @@
+//! Criterion benches of differential privacy: exact discrete Gaussian noise
+//! and the RDP accountant (`confide-bench dp` prints the same as JSON, with
+//! OpenDP's sampler timed in the same run).
+
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
+use confide_dp::rdp::{DpEvent, RdpAccountant};
+use confide_dp::sampler::DiscreteGaussian;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+fn noise(c: &mut Criterion) {
+    let n = 1_000_000;
+    let mut g = c.benchmark_group("dp_noise");
+    g.throughput(Throughput::Elements(n as u64));
+    g.sample_size(10);
+    for sigma in [1_000u32, 1_000_000] {
+        let dg = DiscreteGaussian::with_sigma(sigma).expect("sigma");
+        let mut out = vec![0i64; n];
+        g.bench_function(format!("discrete_gaussian_1M_sigma_{sigma}"), |b| {
+            b.iter(|| dg.fill(&mut out).expect("fill"))
+        });
+    }
+    g.finish();
+}
+
+fn accountant(c: &mut Criterion) {
+    let event = DpEvent::PoissonSampledGaussian { sampling_rate: 0.01, noise_multiplier: 1.1 };
+    c.bench_function("rdp_epsilon_1000_steps", |b| {
+        b.iter(|| {
+            let mut acc = RdpAccountant::new();
+            acc.compose(&event, 1000).expect("compose");
+            acc.epsilon(1e-5).expect("epsilon")
+        })
+    });
+}
+
+criterion_group!(benches, noise, accountant);
+criterion_main!(benches);

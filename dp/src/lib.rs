@@ -1,0 +1,21 @@
+//! Differential privacy for Confide.
+//!
+//! Pure computation, like `crypto`: nothing here knows about networking or
+//! libtorch. Two parts:
+//!
+//! * [`sampler`]: exact discrete Gaussian noise (Canonne, Kamath, Steinke
+//!   2020) in integer arithmetic only, so no floating-point leakage
+//!   (Mironov 2012), drawn from a ChaCha20 stream seeded by the operating
+//!   system;
+//! * [`rdp`]: a Rényi-DP accountant for the (Poisson-subsampled) Gaussian
+//!   mechanism (Mironov, Talwar, Zhang 2019), with the (ε, δ) conversion of
+//!   Canonne–Kamath–Steinke / Asoodeh et al., and calibration of a noise
+//!   multiplier to a target ε. Its values are checked against Google's
+//!   `dp_accounting` (`scripts/dp_reference.py`).
+
+pub mod rdp;
+pub mod sampler;
+mod special;
+
+mod error;
+pub use error::Error;
