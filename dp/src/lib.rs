@@ -11,8 +11,13 @@
 //!   mechanism (Mironov, Talwar, Zhang 2019), with the (ε, δ) conversion of
 //!   Canonne–Kamath–Steinke / Asoodeh et al., and calibration of a noise
 //!   multiplier to a target ε. Its values are checked against Google's
-//!   `dp_accounting` (`scripts/dp_reference.py`).
+//!   `dp_accounting` (`scripts/dp_reference.py`);
+//! * [`ddg`]: the distributed discrete Gaussian (Kairouz, Liu, Steinke 2021)
+//!   that parties add before secure aggregation: rotation, conditional
+//!   randomized rounding, integer noise and modular clipping, and its RDP
+//!   bound.
 
+pub mod ddg;
 pub mod rdp;
 pub mod sampler;
 mod special;

@@ -46,6 +46,20 @@ pub enum DpEvent {
         /// σ / Δ₂.
         noise_multiplier: f64,
     },
+    /// One round of the distributed discrete Gaussian ([`crate::ddg`]):
+    /// Kairouz–Liu–Steinke's Proposition 14 for the sum of the honest
+    /// parties' discrete Gaussians. Never the continuous formulas: a sum of
+    /// discrete Gaussians is not a discrete Gaussian.
+    DistributedDiscreteGaussian {
+        /// Δ₁ / (√n·σ), lattice units (n honest parties, each σ).
+        l1_scale: f64,
+        /// Δ₂ / (√n·σ).
+        l2_scale: f64,
+        /// τ of the paper's Theorem 1.
+        tau: f64,
+        /// The rotated dimension d'.
+        dim: u64,
+    },
 }
 
 impl DpEvent {
@@ -53,6 +67,16 @@ impl DpEvent {
         let (q, z) = match *self {
             DpEvent::Gaussian { noise_multiplier } => (1.0, noise_multiplier),
             DpEvent::PoissonSampledGaussian { sampling_rate, noise_multiplier } => (sampling_rate, noise_multiplier),
+            DpEvent::DistributedDiscreteGaussian { l1_scale, l2_scale, tau, dim } => {
+                let fine = |x: f64| x.is_finite() && x >= 0.0;
+                if !(fine(l1_scale) && fine(l2_scale) && fine(tau)) || dim == 0 {
+                    return Err(Error::InvalidInput(format!(
+                        "distributed discrete Gaussian: l1_scale {l1_scale}, l2_scale {l2_scale}, tau {tau}, dim {dim} \
+                         must be finite, non-negative and dim positive"
+                    )));
+                }
+                return Ok(());
+            }
         };
         if !(0.0..=1.0).contains(&q) {
             return Err(Error::InvalidInput(format!("sampling_rate must be in [0, 1] (got {q})")));
@@ -69,6 +93,9 @@ impl DpEvent {
             DpEvent::Gaussian { noise_multiplier } => subsampled_gaussian_rdp(1.0, noise_multiplier, alpha),
             DpEvent::PoissonSampledGaussian { sampling_rate, noise_multiplier } => {
                 subsampled_gaussian_rdp(sampling_rate, noise_multiplier, alpha)
+            }
+            DpEvent::DistributedDiscreteGaussian { l1_scale, l2_scale, tau, dim } => {
+                crate::ddg::ddg_rdp(alpha, l1_scale, l2_scale, tau, dim)
             }
         }
     }

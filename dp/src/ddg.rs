@@ -1,0 +1,486 @@
+//! The distributed discrete Gaussian mechanism (Kairouz, Liu and Steinke,
+//! "The Distributed Discrete Gaussian Mechanism for Federated Learning with
+//! Secure Aggregation", ICML 2021), as its authors' code implements it.
+//!
+//! Each party, for a vector x ∈ R^d:
+//! 1. pads x to d' = 2^⌈log₂ d⌉ and rotates it: a Rademacher diagonal from a
+//!    seed every party shares, then the normalised Walsh–Hadamard transform
+//!    (orthonormal, so the L2 norm is kept; it flattens the vector so that
+//!    rounding and the modular wrap-around behave);
+//! 2. clips it to L2 norm c and scales it by s = 1/γ;
+//! 3. rounds it to integers at random (⌊v⌋ + Bernoulli(v − ⌊v⌋)), again
+//!    until the *integer* norm² is at most a bound fixed in advance
+//!    (conditional randomized rounding: the bound is what the privacy
+//!    analysis uses, and it is checked exactly in integers);
+//! 4. adds discrete Gaussian noise N_Z(0, σ²) per coordinate, σ an integer
+//!    (its own exact sampler, [`crate::sampler`]), and
+//! 5. writes the result modulo 2^b: the words secure aggregation sums.
+//!
+//! The coordinator sees only the modular sum. Decoding re-centres it,
+//! divides by s and undoes the rotation. The noise is calibrated so that
+//! the *honest* survivors' noise alone gives the stated ε: colluding
+//! parties can subtract their own.
+
+use rand::{CryptoRng, Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::sampler::DiscreteGaussian;
+
+/// The largest integer noise σ the sampler takes.
+const MAX_SIGMA: f64 = (1u64 << 26) as f64;
+
+/// Conditional rounding retries before giving up (the authors' code: 1,000).
+const MAX_ROUNDING_TRIES: usize = 1000;
+
+/// What a job fixes for the mechanism.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DdgConfig {
+    /// c: every party's vector is clipped to this L2 norm.
+    pub clip: f64,
+    /// z: the honest parties' noise together has standard deviation z·c.
+    pub noise_multiplier: f64,
+    /// d: values per vector.
+    pub dim: usize,
+    /// b: bits of the modulus the sum lives in (2..=32).
+    pub bits: u32,
+    /// The most parties whose vectors are summed (the wrap-around budget).
+    pub max_parties: usize,
+    /// The fewest honest parties whose noise is in the sum (the noise
+    /// calibration): the round's minimum survivors less the corrupt ones.
+    pub honest_parties: usize,
+    /// β ∈ [0, 1): conditional rounding (0 = plain randomized rounding; the
+    /// paper recommends e^{−1/2}).
+    pub beta: f64,
+    /// k: standard deviations of the noisy sum kept inside the modulus.
+    pub k_stddevs: f64,
+}
+
+/// The mechanism, calibrated.
+#[derive(Debug, Clone)]
+pub struct Ddg {
+    cfg: DdgConfig,
+    padded: usize,
+    scale: f64,
+    local_sigma: u32,
+    /// s·Δ̃₂: the paper's norm bound after rounding, in lattice units. The
+    /// accounting uses it as the L2 sensitivity.
+    bound: f64,
+    /// ⌊(s·Δ̃₂)²⌋: the integer norm² every rounded vector is checked
+    /// against, exactly, so that no vector exceeds the sensitivity.
+    bound_sq: u128,
+    noise: DiscreteGaussian,
+}
+
+impl Ddg {
+    /// Calibrates the scale and the integer noise for `cfg` (the authors'
+    /// heuristic scale: k standard deviations of the noisy sum of
+    /// `max_parties` vectors fit the 2^b modulus).
+    pub fn new(cfg: DdgConfig) -> Result<Ddg, Error> {
+        let bad = |field: &str, why: String| Err(Error::InvalidInput(format!("{field}: {why}")));
+        if !(cfg.clip.is_finite() && cfg.clip > 0.0) {
+            return bad("clip", format!("must be positive and finite (got {})", cfg.clip));
+        }
+        if !(cfg.noise_multiplier.is_finite() && cfg.noise_multiplier > 0.0) {
+            return bad("noise_multiplier", format!("must be positive and finite (got {})", cfg.noise_multiplier));
+        }
+        if cfg.dim == 0 || cfg.dim > 1 << 30 {
+            return bad("dim", format!("must be 1..=2^30 (got {})", cfg.dim));
+        }
+        if !(2..=32).contains(&cfg.bits) {
+            return bad("bits", format!("must be 2..=32 (got {})", cfg.bits));
+        }
+        if cfg.honest_parties == 0 || cfg.honest_parties > cfg.max_parties {
+            return bad(
+                "honest_parties",
+                format!("must be 1..=max_parties ({}) (got {})", cfg.max_parties, cfg.honest_parties),
+            );
+        }
+        if !(0.0..1.0).contains(&cfg.beta) {
+            return bad("beta", format!("must be in [0, 1) (got {})", cfg.beta));
+        }
+        if !(cfg.k_stddevs.is_finite() && cfg.k_stddevs > 0.0) {
+            return bad("k_stddevs", format!("must be positive (got {})", cfg.k_stddevs));
+        }
+        let padded = cfg.dim.next_power_of_two();
+        let (n, c, k) = (cfg.max_parties as f64, cfg.clip, cfg.k_stddevs);
+        let local_stddev = cfg.noise_multiplier * c / (cfg.honest_parties as f64).sqrt();
+        let room = 2f64.powi(2 * cfg.bits as i32) - n * k * k;
+        if room <= 0.0 {
+            return bad("bits", format!("{} bits are too few for {} parties at k = {k}", cfg.bits, cfg.max_parties));
+        }
+        let mut scale =
+            room.sqrt() / (2.0 * k * (c * c * n * n / padded as f64 + n * local_stddev * local_stddev).sqrt());
+        // The sampler's integer σ is at most 2^26: past that, a finer lattice
+        // gains nothing (the rounding is already 10^-8 of the noise).
+        scale = scale.min(MAX_SIGMA / local_stddev);
+        let local_sigma = (local_stddev * scale).ceil();
+        if local_sigma < 1.0 {
+            return bad("bits", format!("{} bits leave no room for the noise at this scale", cfg.bits));
+        }
+        // Rounding inflates the norm (Theorem 1 / Prop. 22, lattice units).
+        let (cs, root_d) = (c * scale, (padded as f64).sqrt());
+        let mut bound = cs + root_d;
+        if cfg.beta > 0.0 {
+            let sq = cs * cs + 0.25 * padded as f64 + (2.0 * (1.0 / cfg.beta).ln()).sqrt() * (cs + 0.5 * root_d);
+            bound = bound.min(sq.sqrt());
+        }
+        let bound_sq = (bound * bound).floor() as u128;
+        let noise = DiscreteGaussian::with_sigma(local_sigma as u32)?;
+        Ok(Ddg { cfg, padded, scale, local_sigma: local_sigma as u32, bound, bound_sq, noise })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DdgConfig {
+        &self.cfg
+    }
+
+    /// s = 1/γ: lattice points per unit.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// Each party's noise σ, in lattice units.
+    pub fn local_sigma(&self) -> u32 {
+        self.local_sigma
+    }
+
+    /// d': the rotated (padded) length.
+    pub fn padded_dim(&self) -> usize {
+        self.padded
+    }
+
+    /// Δ₂ in lattice units: the paper's bound s·Δ̃₂. Every vector's integer
+    /// norm² is checked against ⌊(s·Δ̃₂)²⌋, so none exceeds it.
+    pub fn l2_sensitivity(&self) -> f64 {
+        self.bound
+    }
+
+    /// Δ₁ in lattice units: at most √d'·Δ₂, and at most Δ₂² for integers.
+    pub fn l1_sensitivity(&self) -> f64 {
+        let l2 = self.l2_sensitivity();
+        l2 * (self.padded as f64).sqrt().min(l2)
+    }
+
+    /// The accountant's event for one round.
+    pub fn event(&self) -> crate::rdp::DpEvent {
+        let n = self.cfg.honest_parties;
+        let sigma = f64::from(self.local_sigma);
+        let norm = (n as f64).sqrt() * sigma;
+        crate::rdp::DpEvent::DistributedDiscreteGaussian {
+            l1_scale: self.l1_sensitivity() / norm,
+            l2_scale: self.l2_sensitivity() / norm,
+            tau: tau(sigma, n),
+            dim: self.padded as u64,
+        }
+    }
+
+    /// One party's noise vector, drawn ahead of the round (it does not
+    /// depend on the data).
+    pub fn sample_noise(&self) -> Result<Vec<i64>, Error> {
+        let mut noise = vec![0i64; self.padded];
+        self.noise.fill(&mut noise)?;
+        Ok(noise)
+    }
+
+    /// Rotates, clips, scales and rounds `x` (length d): the integer vector
+    /// before noise, with its norm² checked against the bound.
+    pub fn quantize<R: CryptoRng + ?Sized>(
+        &self,
+        x: &[f32],
+        rotation_seed: &[u8; 32],
+        rng: &mut R,
+    ) -> Result<Vec<i64>, Error> {
+        if x.len() != self.cfg.dim {
+            return Err(Error::InvalidInput(format!(
+                "vector of {} values; the mechanism takes {}",
+                x.len(),
+                self.cfg.dim
+            )));
+        }
+        if x.iter().any(|v| !v.is_finite()) {
+            return Err(Error::InvalidInput("vector has NaN or infinite values".into()));
+        }
+        let mut v: Vec<f64> = x.iter().map(|&a| f64::from(a)).collect();
+        v.resize(self.padded, 0.0);
+        rotate(&mut v, rotation_seed);
+        let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        let factor = self.scale * if norm > self.cfg.clip { self.cfg.clip / norm } else { 1.0 };
+        v.iter_mut().for_each(|a| *a *= factor);
+        let mut out = vec![0i64; self.padded];
+        for _ in 0..MAX_ROUNDING_TRIES {
+            let mut norm_sq: u128 = 0;
+            for (o, &a) in out.iter_mut().zip(&v) {
+                let floor = a.floor();
+                let up = rng.random::<f64>() < a - floor;
+                *o = floor as i64 + i64::from(up);
+                norm_sq += u128::from(o.unsigned_abs()) * u128::from(o.unsigned_abs());
+            }
+            if norm_sq <= self.bound_sq {
+                return Ok(out);
+            }
+        }
+        Err(Error::InvalidInput(format!(
+            "conditional rounding failed {MAX_ROUNDING_TRIES} times (β = {} too small for this vector)",
+            self.cfg.beta
+        )))
+    }
+
+    /// One party's words: `quantize(x)` plus `noise` (from
+    /// [`Ddg::sample_noise`]), modulo 2^b.
+    pub fn encode<R: CryptoRng + ?Sized>(
+        &self,
+        x: &[f32],
+        noise: &[i64],
+        rotation_seed: &[u8; 32],
+        rng: &mut R,
+    ) -> Result<Vec<u32>, Error> {
+        if noise.len() != self.padded {
+            return Err(Error::InvalidInput(format!("{} noise values for {} coordinates", noise.len(), self.padded)));
+        }
+        let q = self.quantize(x, rotation_seed, rng)?;
+        let modulus = 1i128 << self.cfg.bits;
+        Ok(q.iter().zip(noise).map(|(&a, &e)| (i128::from(a) + i128::from(e)).rem_euclid(modulus) as u32).collect())
+    }
+
+    /// The sum of the parties' vectors (clipped, plus noise) from the
+    /// modular sum of their words.
+    pub fn decode(&self, sum: &[u32], rotation_seed: &[u8; 32]) -> Result<Vec<f64>, Error> {
+        if sum.len() != self.padded {
+            return Err(Error::InvalidInput(format!("a sum of {} words for {} coordinates", sum.len(), self.padded)));
+        }
+        let modulus = 1i64 << self.cfg.bits;
+        let half = modulus / 2;
+        let mut v: Vec<f64> = sum
+            .iter()
+            .map(|&w| {
+                let w = i64::from(w) & (modulus - 1);
+                (if w >= half { w - modulus } else { w }) as f64 / self.scale
+            })
+            .collect();
+        unrotate(&mut v, rotation_seed);
+        v.truncate(self.cfg.dim);
+        Ok(v)
+    }
+}
+
+/// τ of the paper's Theorem 1: how far a sum of n discrete Gaussians (each
+/// σ) is from one discrete Gaussian, as the authors' code computes it.
+pub fn tau(sigma: f64, n: usize) -> f64 {
+    let mut t = 0.0;
+    for k in 1..n {
+        let k = k as f64;
+        t += (-2.0 * (std::f64::consts::PI * sigma).powi(2) * (k / (k + 1.0))).exp();
+    }
+    10.0 * t
+}
+
+/// RDP at order α of the (distributed) discrete Gaussian: the paper's
+/// Proposition 14, with sensitivities scaled by the total honest noise.
+pub fn ddg_rdp(alpha: f64, l1_scale: f64, l2_scale: f64, tau: f64, dim: u64) -> f64 {
+    let d = dim as f64;
+    let t1 = alpha / 2.0 * l2_scale * l2_scale + tau * d;
+    let t2 = alpha / 2.0 * (l2_scale * l2_scale + 2.0 * l1_scale * tau + tau * tau * d);
+    let t3 = alpha / 2.0 * (l2_scale + d.sqrt() * tau).powi(2);
+    t1.min(t2).min(t3)
+}
+
+/// The signs of the rotation's diagonal.
+fn signs(len: usize, seed: &[u8; 32]) -> Vec<bool> {
+    let mut rng = ChaCha20Rng::from_seed(*seed);
+    (0..len).map(|_| rng.next_u32() & 1 == 1).collect()
+}
+
+/// In-place fast Walsh–Hadamard transform, normalised (orthonormal).
+fn hadamard(v: &mut [f64]) {
+    let n = v.len();
+    let mut h = 1;
+    while h < n {
+        for block in v.chunks_mut(2 * h) {
+            let (lo, hi) = block.split_at_mut(h);
+            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                let (x, y) = (*a, *b);
+                *a = x + y;
+                *b = x - y;
+            }
+        }
+        h *= 2;
+    }
+    let norm = 1.0 / (n as f64).sqrt();
+    v.iter_mut().for_each(|a| *a *= norm);
+}
+
+/// H·D·v (D the seed's signs).
+fn rotate(v: &mut [f64], seed: &[u8; 32]) {
+    let signs = signs(v.len(), seed);
+    for (a, s) in v.iter_mut().zip(signs) {
+        if s {
+            *a = -*a;
+        }
+    }
+    hadamard(v);
+}
+
+/// D·H·v: the inverse of [`rotate`] (H is symmetric and orthonormal).
+fn unrotate(v: &mut [f64], seed: &[u8; 32]) {
+    hadamard(v);
+    let signs = signs(v.len(), seed);
+    for (a, s) in v.iter_mut().zip(signs) {
+        if s {
+            *a = -*a;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dim: usize, parties: usize, bits: u32) -> DdgConfig {
+        DdgConfig {
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            dim,
+            bits,
+            max_parties: parties,
+            honest_parties: parties,
+            beta: (-0.5f64).exp(),
+            k_stddevs: 4.0,
+        }
+    }
+
+    fn rng(seed: u64) -> ChaCha20Rng {
+        ChaCha20Rng::seed_from_u64(seed)
+    }
+
+    /// What secure aggregation would hand the coordinator: the parties'
+    /// words (each from its vector and noise) summed modulo 2^32.
+    fn modular_sum<'a>(
+        ddg: &Ddg,
+        parties: impl Iterator<Item = (&'a [f32], Vec<i64>)>,
+        seed: &[u8; 32],
+        g: &mut ChaCha20Rng,
+    ) -> Vec<u32> {
+        let mut sum = vec![0u32; ddg.padded_dim()];
+        for (x, noise) in parties {
+            let words = ddg.encode(x, &noise, seed, g).expect("encode");
+            sum.iter_mut().zip(&words).for_each(|(s, w)| *s = s.wrapping_add(*w));
+        }
+        sum
+    }
+
+    #[test]
+    fn rotation_is_orthonormal_and_inverted() {
+        let seed = [7u8; 32];
+        let x: Vec<f64> = (0..64).map(|i| (i as f64 * 0.37).sin()).collect();
+        let mut y = x.clone();
+        rotate(&mut y, &seed);
+        let (nx, ny) = (x.iter().map(|a| a * a).sum::<f64>(), y.iter().map(|a| a * a).sum::<f64>());
+        assert!((nx - ny).abs() < 1e-12 * nx);
+        unrotate(&mut y, &seed);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        // A one-hot vector is spread flat: every coordinate ±1/√d.
+        let mut e = vec![0.0; 64];
+        e[5] = 1.0;
+        rotate(&mut e, &seed);
+        assert!(e.iter().all(|a| (a.abs() - 0.125).abs() < 1e-12));
+    }
+
+    #[test]
+    fn quantized_vectors_respect_the_integer_norm_bound() {
+        let ddg = Ddg::new(config(1000, 10, 20)).expect("params");
+        let mut g = rng(1);
+        for scale in [0.01f32, 1.0, 1e6] {
+            let x: Vec<f32> = (0..1000).map(|i| scale * ((i * 7919) % 13) as f32 - 6.0 * scale).collect();
+            let q = ddg.quantize(&x, &[1; 32], &mut g).expect("quantize");
+            let norm_sq: u128 = q.iter().map(|&a| (a as i128 * a as i128) as u128).sum();
+            assert!(norm_sq <= ddg.bound_sq, "scale {scale}: {norm_sq} > {}", ddg.bound_sq);
+        }
+        // The bound is the clip (scaled) up to the rounding's inflation.
+        assert!(ddg.l2_sensitivity() >= ddg.scale() && ddg.l2_sensitivity() < ddg.scale() * 1.05);
+    }
+
+    #[test]
+    fn the_modular_sum_decodes_to_the_sum_of_clipped_vectors() {
+        let (dim, parties) = (300, 5);
+        let ddg = Ddg::new(config(dim, parties, 32)).expect("params");
+        let seed = [3u8; 32];
+        let mut g = rng(2);
+        let xs: Vec<Vec<f32>> =
+            (0..parties).map(|p| (0..dim).map(|i| (((i + p * 31) % 17) as f32 - 8.0) * 0.01).collect()).collect();
+        let zero = vec![0i64; ddg.padded_dim()];
+        let sum = modular_sum(&ddg, xs.iter().map(|x| (x.as_slice(), zero.clone())), &seed, &mut g);
+        let decoded = ddg.decode(&sum, &seed).expect("decode");
+        for (i, d) in decoded.iter().enumerate() {
+            let want: f64 = xs.iter().map(|x| f64::from(x[i])).sum();
+            // Rounding error only: a few lattice steps at most.
+            assert!((d - want).abs() < 20.0 / ddg.scale(), "coordinate {i}: {d} vs {want}");
+        }
+        // A huge vector is clipped: its contribution has norm ≤ c (+ rounding).
+        let huge: Vec<f32> = (0..dim).map(|i| 1e3 * (i as f32 + 1.0)).collect();
+        let words = ddg.encode(&huge, &zero, &seed, &mut g).expect("encode");
+        let back = ddg.decode(&words, &seed).expect("decode");
+        let norm = back.iter().map(|a| a * a).sum::<f64>().sqrt();
+        assert!(norm <= ddg.l2_sensitivity() / ddg.scale() + 1e-9, "norm {norm}");
+    }
+
+    /// The noise in the decoded sum has the calibrated variance: survivors ×
+    /// σ² in lattice units, with every party surviving and with two dropped.
+    #[test]
+    fn summed_noise_has_the_calibrated_variance() {
+        let (dim, parties) = (4096, 6);
+        let ddg = Ddg::new(config(dim, parties, 32)).expect("params");
+        let seed = [9u8; 32];
+        let mut g = rng(3);
+        let x = vec![0f32; dim];
+        for survivors in [parties, parties - 2] {
+            let inputs = (0..survivors).map(|_| (x.as_slice(), ddg.sample_noise().expect("noise")));
+            let sum = modular_sum(&ddg, inputs, &seed, &mut g);
+            let decoded = ddg.decode(&sum, &seed).expect("decode");
+            let var = decoded.iter().map(|a| a * a).sum::<f64>() / dim as f64;
+            let want = survivors as f64 * f64::from(ddg.local_sigma()).powi(2) / ddg.scale().powi(2);
+            // 4096 coordinates: the sample variance is within 10% with
+            // probability far above 1 − 10^-6 (its relative sd is 2.2%).
+            assert!((var / want - 1.0).abs() < 0.1, "{survivors} survivors: variance {var}, calibrated {want}");
+            // And the honest noise alone carries (z·c)²: σ_int ≥ z·c·s/√n_h.
+            let central = f64::from(ddg.local_sigma()).powi(2) * parties as f64 / ddg.scale().powi(2);
+            assert!(central >= 1.0 - 1e-9);
+        }
+    }
+
+    #[test]
+    fn rdp_without_collusion_effects_is_the_gaussians() {
+        // Large σ: τ underflows, and ε(α) = α·l2²/2 with l2 ≈ 1/z.
+        let ddg = Ddg::new(config(1 << 16, 10, 32)).expect("params");
+        let crate::rdp::DpEvent::DistributedDiscreteGaussian { l1_scale, l2_scale, tau: t, dim } = ddg.event() else {
+            panic!("event")
+        };
+        assert_eq!(t, 0.0);
+        assert!((l2_scale - 1.0).abs() < 1e-3, "l2 scale {l2_scale}");
+        assert!((ddg_rdp(8.0, l1_scale, l2_scale, t, dim) - 4.0 * l2_scale * l2_scale).abs() < 1e-12);
+        // Small σ: τ is positive and the bound exceeds the Gaussian's.
+        assert!(tau(1.0, 10) > 0.0 && ddg_rdp(8.0, 3.0, 1.0, tau(1.0, 10), 100) > 4.0);
+    }
+
+    #[test]
+    fn bad_configurations_name_the_field() {
+        for (cfg, field) in [
+            (DdgConfig { clip: 0.0, ..config(10, 3, 16) }, "clip"),
+            (DdgConfig { bits: 1, ..config(10, 3, 16) }, "bits"),
+            (DdgConfig { honest_parties: 4, ..config(10, 3, 16) }, "honest_parties"),
+            (DdgConfig { beta: 1.0, ..config(10, 3, 16) }, "beta"),
+            (DdgConfig { dim: 0, ..config(10, 3, 16) }, "dim"),
+            (config(10, 100, 3), "bits"),
+        ] {
+            let err = Ddg::new(cfg).expect_err("refused").to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        let ddg = Ddg::new(config(10, 3, 16)).expect("params");
+        assert!(ddg.quantize(&[1.0; 9], &[0; 32], &mut rng(1)).is_err());
+        assert!(ddg.quantize(&[f32::NAN; 10], &[0; 32], &mut rng(1)).is_err());
+    }
+}

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Reference values for Confide's distributed discrete Gaussian (dp/src/ddg.rs).
+
+The RDP of the distributed discrete Gaussian comes from its authors' own code:
+google-research/federated, distributed_dp/accounting_utils.py (Kairouz, Liu,
+Steinke, ICML 2021), at commit a5af8c4433c9ee2d2b1565f1bcc68c89e2000a6b. That
+module imports tensorflow_privacy only to convert RDP to epsilon; this script
+gives it dp_accounting's conversion instead (the same bound), so TensorFlow is not
+needed. The output is committed as dp/tests/data/ddg_reference.json and checked by
+dp/tests/ddg_reference.rs.
+
+    git clone https://github.com/google-research/federated /tmp/federated
+    git -C /tmp/federated checkout a5af8c4433c9ee2d2b1565f1bcc68c89e2000a6b
+    python3 -m venv /tmp/dpa && /tmp/dpa/bin/pip install dp-accounting==0.6.0 scipy
+    /tmp/dpa/bin/python scripts/ddg_reference.py /tmp/federated > dp/tests/data/ddg_reference.json
+
+Confide's calibration (the part of this script that is Confide's, not the
+authors'): the authors' heuristic scale for `max_parties` at k = 4, capped so that
+the integer local sigma stays at most 2^26 (the sampler's limit), and the local
+sigma rounded up to an integer. The authors' epsilon is then evaluated at exactly
+that integer sigma, with the honest parties as the number of noise shares.
+"""
+import importlib.metadata as md
+import json
+import math
+import sys
+import types
+
+import numpy as np
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_mod
+
+captured = {}
+SPOT_ORDERS = [2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 256]
+
+
+def get_privacy_spent(orders, rdp, target_delta):
+    captured["rdp"] = [float(r) for r in rdp]
+    eps, order = rdp_mod.compute_epsilon(orders, rdp, target_delta)
+    return eps, None, order
+
+
+def main():
+    repo = sys.argv[1]
+    stub = types.ModuleType("tensorflow_privacy")
+    stub.get_privacy_spent = get_privacy_spent
+    stub.compute_rdp = None
+    sys.modules["tensorflow_privacy"] = stub
+    sys.path.insert(0, repo + "/distributed_dp")
+    import accounting_utils as au
+
+    cases = []
+    # 16 to 32 bits: the practical settings (large sigma, tau = 0); 4 and 6 bits
+    # at d = 100: sigma of a few lattice units, where tau and the l1 term count.
+    grid = [(dim, bits) for dim in [1000, 65536] for bits in [16, 20, 32]] + [(100, 4), (100, 6)]
+    for dim, bits in grid:
+        if True:
+            for (n_max, n_honest) in [(5, 5), (10, 7)]:
+                for z in [0.5, 1.0, 2.0]:
+                    for beta in [0.0, math.exp(-0.5)]:
+                        for rounds in [1, 50]:
+                            c = 1.0
+                            padded = 1 << (dim - 1).bit_length()
+                            local_stddev = z * c / math.sqrt(n_honest)
+                            scale = au.heuristic_scale_factor(local_stddev, c, bits, n_max, padded, 4.0)
+                            scale = min(scale, 2.0**26 / local_stddev)
+                            sigma_int = math.ceil(local_stddev * scale)
+                            eps, order = au.ddgauss_epsilon(
+                                gamma=1.0 / scale,
+                                local_stddev=sigma_int / scale,
+                                num_clients=n_honest,
+                                l2_sens=c,
+                                beta=beta,
+                                dim=padded,
+                                q=1.0,
+                                steps=rounds,
+                                delta=1e-5,
+                            )
+                            cases.append({
+                                "clip": c, "noise_multiplier": z, "dim": dim, "bits": bits,
+                                "max_parties": n_max, "honest_parties": n_honest, "beta": beta,
+                                "rounds": rounds, "delta": 1e-5,
+                                "scale": float(scale), "local_sigma": sigma_int,
+                                "epsilon": float(eps), "order": float(order),
+                            })
+                            if rounds == 1:
+                                # One round's RDP at a spread of orders.
+                                cases[-1]["rdp_at"] = {
+                                    str(o): captured["rdp"][list(au.RDP_ORDERS).index(o)] for o in SPOT_ORDERS
+                                }
+    json.dump({
+        "generator": "scripts/ddg_reference.py",
+        "authors_code": "google-research/federated@a5af8c4433c9ee2d2b1565f1bcc68c89e2000a6b distributed_dp/accounting_utils.py",
+        "dp_accounting": md.version("dp-accounting"),
+        "orders": [float(o) for o in au.RDP_ORDERS],
+        "cases": cases,
+    }, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
