@@ -862,6 +862,15 @@ fn bench_dp(
             runs.push(start.elapsed().as_secs_f64() * 1e3);
         }
         let ours = median_ms(runs);
+        // The same on one thread: OpenDP's sampler below runs on one.
+        let mut one = Vec::new();
+        let mut rng = confide_dp::sampler::os_seeded_rng().map_err(|e| e.to_string())?;
+        for _ in 0..repeat {
+            let start = Instant::now();
+            dg.fill_from(&mut out, &mut rng);
+            one.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        let one_thread = median_ms(one);
         // OpenDP's exact sampler (big rationals), timed on a sample and
         // scaled to the same number of coordinates, in this same run.
         let start = Instant::now();
@@ -880,6 +889,8 @@ fn bench_dp(
             "opendp_ms_extrapolated": opendp_ms,
             "opendp_samples_timed": opendp_samples,
             "speedup_vs_opendp": opendp_ms / ours,
+            "noise_ms_one_thread": one_thread,
+            "speedup_vs_opendp_per_thread": opendp_ms / one_thread,
         }));
     }
     // One party's distributed-DP encoding of a 1M update (10 parties, 7
@@ -906,7 +917,7 @@ fn bench_dp(
             let noise = ddg.sample_noise().map_err(|e| e.to_string())?;
             presample.push(start.elapsed().as_secs_f64() * 1e3);
             let start = Instant::now();
-            ddg.encode(&update, &noise, &[7; 32], &mut rng).map_err(|e| e.to_string())?;
+            ddg.encode(&update, noise, &[7; 32], &mut rng).map_err(|e| e.to_string())?;
             encode.push(start.elapsed().as_secs_f64() * 1e3);
         }
         lines.push(serde_json::json!({

@@ -5,6 +5,10 @@ pub enum Error {
     /// A parameter is out of its range.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The operating system refused what the computation needs (its random
+    /// number generator, a thread).
+    #[error("system: {0}")]
+    System(String),
     /// No parameter in the searched range reaches the target.
     #[error("unreachable target: {0}")]
     Unreachable(String),

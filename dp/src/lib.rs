@@ -1,7 +1,7 @@
 //! Differential privacy for Confide.
 //!
 //! Pure computation, like `crypto`: nothing here knows about networking or
-//! libtorch. Two parts:
+//! libtorch. Three parts:
 //!
 //! * [`sampler`]: exact discrete Gaussian noise (Canonne, Kamath, Steinke
 //!   2020) in integer arithmetic only, so no floating-point leakage

@@ -208,7 +208,42 @@ pub fn epsilon_from_rdp(orders: &[f64], rdp: &[f64], delta: f64) -> Result<(f64,
 #[serde(deny_unknown_fields)]
 pub struct RdpAccountant {
     orders: Vec<f64>,
+    /// ∞ at orders where the mechanism has no finite RDP (no noise, or a
+    /// series that did not converge): written as "inf", which JSON can hold.
+    #[serde(with = "finite_or_inf")]
     rdp: Vec<f64>,
+}
+
+/// Serde for RDP values: numbers, and the string "inf" for +∞ (JSON has no
+/// infinity, and serde_json would write `null` and then refuse to read it).
+mod finite_or_inf {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Number(f64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(values: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        let out: Vec<Value> = values
+            .iter()
+            .map(|&v| if v == f64::INFINITY { Value::Text("inf".into()) } else { Value::Number(v) })
+            .collect();
+        out.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        Vec::<Value>::deserialize(d)?
+            .into_iter()
+            .map(|v| match v {
+                Value::Number(x) if x.is_finite() && x >= 0.0 => Ok(x),
+                Value::Text(t) if t == "inf" => Ok(f64::INFINITY),
+                _ => Err(serde::de::Error::custom("an RDP value must be a non-negative number or \"inf\"")),
+            })
+            .collect()
+    }
 }
 
 impl Default for RdpAccountant {
@@ -247,6 +282,17 @@ impl RdpAccountant {
     /// Composes `event` `count` times: RDP adds up order by order.
     pub fn compose(&mut self, event: &DpEvent, count: u64) -> Result<(), Error> {
         event.check()?;
+        if count == 0 {
+            // Nothing spent (and 0·∞ would be NaN).
+            return Ok(());
+        }
+        if self.orders.len() != self.rdp.len() {
+            return Err(Error::InvalidInput(format!(
+                "accountant state has {} orders and {} RDP values",
+                self.orders.len(),
+                self.rdp.len()
+            )));
+        }
         for (r, &a) in self.rdp.iter_mut().zip(&self.orders) {
             *r += count as f64 * event.rdp(a);
         }
@@ -287,6 +333,9 @@ pub fn calibrate_noise_multiplier(
 ) -> Result<f64, Error> {
     if !(target_epsilon > 0.0 && target_epsilon.is_finite()) {
         return Err(Error::InvalidInput(format!("target epsilon must be positive and finite (got {target_epsilon})")));
+    }
+    if steps == 0 {
+        return Err(Error::InvalidInput("steps must be at least 1 (no steps need no noise)".into()));
     }
     let eps = |z: f64| epsilon(&event(z), steps, delta);
     let mut hi = 1.0;
@@ -372,6 +421,19 @@ mod tests {
         for (x, y) in b.rdp().iter().zip(c.rdp()) {
             assert!((x - y).abs() <= 1e-12 * y);
         }
+        // Orders with infinite RDP (q = 0.2, z = 0.5: the series at α < 2
+        // does not converge) survive a checkpoint too.
+        let mut d = RdpAccountant::new();
+        d.compose(&DpEvent::PoissonSampledGaussian { sampling_rate: 0.2, noise_multiplier: 0.5 }, 3).expect("compose");
+        assert!(d.rdp().iter().any(|r| r.is_infinite()));
+        let back: RdpAccountant = serde_json::from_str(&serde_json::to_string(&d).expect("json")).expect("parse");
+        assert_eq!(d, back);
+        assert_eq!(d.epsilon(1e-5).expect("eps"), back.epsilon(1e-5).expect("eps"));
+        assert!(serde_json::from_str::<RdpAccountant>(r#"{"orders":[2.0],"rdp":[-1.0]}"#).is_err());
+        // Zero compositions spend nothing, even at infinite orders.
+        let before = d.clone();
+        d.compose(&DpEvent::Gaussian { noise_multiplier: 0.0 }, 0).expect("compose");
+        assert_eq!(d, before);
     }
 
     #[test]
@@ -384,6 +446,7 @@ mod tests {
         assert!(a.epsilon(0.0).expect_err("delta").to_string().contains("delta"));
         assert!(RdpAccountant::with_orders(vec![1.0]).is_err());
         assert!(calibrate_noise_multiplier(0.0, 1e-5, 10, |z| DpEvent::Gaussian { noise_multiplier: z }).is_err());
+        assert!(calibrate_noise_multiplier(1.0, 1e-5, 0, |z| DpEvent::Gaussian { noise_multiplier: z }).is_err());
     }
 
     #[test]

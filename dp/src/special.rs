@@ -6,7 +6,8 @@ pub(crate) fn ln_gamma(x: f64) -> f64 {
 }
 
 /// ln(erfc(x)), accurate where erfc underflows (x > ~26): there the
-/// asymptotic series scipy's fallback uses, with relative error below 10^−10.
+/// asymptotic series dp_accounting falls back on when scipy lacks
+/// `log_ndtr`, with relative error below 10^−10.
 pub(crate) fn ln_erfc(x: f64) -> f64 {
     let r = libm::erfc(x);
     if r > 1e-300 {
