@@ -285,9 +285,10 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
         Command::Certs(CertsCmd::Revoke { ca, name, coordinator, cert }) => {
             let cert = cert.map(|p| std::fs::read(&p).map_err(|e| Error::io(&p, e))).transpose()?;
             let pki = PkiDir::new(&ca);
+            // clap makes NAME and --coordinator exclusive, and one required.
             let (list, what) = match name {
-                Some(name) if !coordinator => (pki.revoke_party(&name, cert.as_deref())?, format!("party {name}")),
-                _ => (pki.revoke_coordinator(cert.as_deref())?, "the coordinator's certificate".to_owned()),
+                Some(name) => (pki.revoke_party(&name, cert.as_deref())?, format!("party {name}")),
+                None => (pki.revoke_coordinator(cert.as_deref())?, "the coordinator's certificate".to_owned()),
             };
             println!(
                 "revoked {what}: revocation list version {} ({} certificates) in {}{}",

@@ -64,27 +64,33 @@ pub enum DpEvent {
 
 impl DpEvent {
     fn check(&self) -> Result<(), Error> {
-        let (q, z) = match *self {
-            DpEvent::Gaussian { noise_multiplier } => (1.0, noise_multiplier),
-            DpEvent::PoissonSampledGaussian { sampling_rate, noise_multiplier } => (sampling_rate, noise_multiplier),
-            DpEvent::DistributedDiscreteGaussian { l1_scale, l2_scale, tau, dim } => {
-                let fine = |x: f64| x.is_finite() && x >= 0.0;
-                if !(fine(l1_scale) && fine(l2_scale) && fine(tau)) || dim == 0 {
-                    return Err(Error::InvalidInput(format!(
-                        "distributed discrete Gaussian: l1_scale {l1_scale}, l2_scale {l2_scale}, tau {tau}, dim {dim} \
-                         must be finite, non-negative and dim positive"
-                    )));
-                }
-                return Ok(());
+        let noise = |z: f64| {
+            if z.is_finite() && z >= 0.0 {
+                Ok(())
+            } else {
+                Err(Error::InvalidInput(format!("noise_multiplier must be finite and non-negative (got {z})")))
             }
         };
-        if !(0.0..=1.0).contains(&q) {
-            return Err(Error::InvalidInput(format!("sampling_rate must be in [0, 1] (got {q})")));
+        match *self {
+            DpEvent::Gaussian { noise_multiplier } => noise(noise_multiplier),
+            DpEvent::PoissonSampledGaussian { sampling_rate, noise_multiplier } => {
+                if !(0.0..=1.0).contains(&sampling_rate) {
+                    return Err(Error::InvalidInput(format!("sampling_rate must be in [0, 1] (got {sampling_rate})")));
+                }
+                noise(noise_multiplier)
+            }
+            DpEvent::DistributedDiscreteGaussian { l1_scale, l2_scale, tau, dim } => {
+                let fine = |x: f64| x.is_finite() && x >= 0.0;
+                if fine(l1_scale) && fine(l2_scale) && fine(tau) && dim > 0 {
+                    Ok(())
+                } else {
+                    Err(Error::InvalidInput(format!(
+                        "distributed discrete Gaussian: l1_scale {l1_scale}, l2_scale {l2_scale} and tau {tau} \
+                         must be finite and non-negative, dim {dim} positive"
+                    )))
+                }
+            }
         }
-        if z.is_nan() || z < 0.0 || z.is_infinite() {
-            return Err(Error::InvalidInput(format!("noise_multiplier must be finite and non-negative (got {z})")));
-        }
-        Ok(())
     }
 
     /// The event's RDP at order `alpha` > 1 (∞ without noise).
@@ -443,6 +449,8 @@ mod tests {
         assert!(err.expect_err("q").to_string().contains("sampling_rate"));
         let err = a.compose(&DpEvent::Gaussian { noise_multiplier: f64::NAN }, 1);
         assert!(err.expect_err("z").to_string().contains("noise_multiplier"));
+        let ddg = DpEvent::DistributedDiscreteGaussian { l1_scale: 1.0, l2_scale: f64::NAN, tau: 0.0, dim: 8 };
+        assert!(a.compose(&ddg, 1).expect_err("nan").to_string().contains("l2_scale NaN"));
         assert!(a.epsilon(0.0).expect_err("delta").to_string().contains("delta"));
         assert!(RdpAccountant::with_orders(vec![1.0]).is_err());
         assert!(calibrate_noise_multiplier(0.0, 1e-5, 10, |z| DpEvent::Gaussian { noise_multiplier: z }).is_err());
