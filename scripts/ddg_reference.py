@@ -87,12 +87,28 @@ def main():
                                 cases[-1]["rdp_at"] = {
                                     str(o): captured["rdp"][list(au.RDP_ORDERS).index(o)] for o in SPOT_ORDERS
                                 }
+    # DP-SGD with discrete Gaussian noise: the Poisson-subsampled discrete
+    # Gaussian, accounted with the authors' `compute_rdp_dgaussian` at tau = 0
+    # (their Zhu-Wang Theorem 5 route), converted with dp_accounting.
+    subsampled = []
+    for q in [0.001, 0.01, 0.05, 0.2]:
+        for z in [0.6, 1.0, 1.1, 2.0, 5.0]:
+            for steps in [1, 100, 1000, 10000]:
+                for delta in [1e-5, 1e-6]:
+                    rdp = au.compute_rdp_dgaussian(q, 1.0 / z, 1.0 / z, 0.0, 1, steps, au.RDP_ORDERS)
+                    eps, order = rdp_mod.compute_epsilon(au.RDP_ORDERS, rdp, delta)
+                    entry = {"q": q, "noise_multiplier": z, "steps": steps, "delta": delta,
+                             "epsilon": float(eps), "order": float(order)}
+                    if steps == 1 and delta == 1e-5:
+                        entry["rdp_at"] = {str(o): float(rdp[list(au.RDP_ORDERS).index(o)]) for o in SPOT_ORDERS}
+                    subsampled.append(entry)
     json.dump({
         "generator": "scripts/ddg_reference.py",
         "authors_code": "google-research/federated@a5af8c4433c9ee2d2b1565f1bcc68c89e2000a6b distributed_dp/accounting_utils.py",
         "dp_accounting": md.version("dp-accounting"),
         "orders": [float(o) for o in au.RDP_ORDERS],
         "cases": cases,
+        "subsampled_discrete_gaussian": subsampled,
     }, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

@@ -24,6 +24,6 @@ pub use params::{Parameters, Tensor, TensorSpec};
 pub use state::State;
 pub use strategy::{Capabilities, EvalResult, FedAvg, FitInstruction, FitResult, RoundContext, Strategy};
 pub use trainer::{
-    Architecture, Engine, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, ModelKind,
+    Architecture, DpSgdPlan, Engine, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, ModelKind,
     OptimizerKind, RawModel, TrainConfig, Trainer,
 };

@@ -442,6 +442,39 @@ pub struct FitConfig {
     pub train: TrainConfig,
 }
 
+/// Example-level differential privacy for one job's local training
+/// (DP-SGD). The party derives it from the job spec it accepted, never from
+/// a round's message, because it fixes what the training costs in ε: the
+/// number of steps, the sampling rate and the noise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpSgdPlan {
+    /// C: each row's gradient is clipped to this L2 norm.
+    pub max_grad_norm: f64,
+    /// z = σ / C.
+    pub noise_multiplier: f64,
+    /// q: each row is in a step's Poisson sample with this probability.
+    pub sampling_rate: f64,
+    /// The public divisor of each step's noisy gradient sum (the spec's
+    /// `training.batch_size`, the expected sample size).
+    pub expected_batch_size: usize,
+    /// Steps per round: ⌈local_epochs / q⌉.
+    pub steps_per_round: u64,
+}
+
+impl DpSgdPlan {
+    /// The DP-SGD noise and sampler for a model with `dim` trainable values.
+    pub fn mechanism(&self, dim: usize) -> Result<confide_dp::dpsgd::DpSgd, Error> {
+        confide_dp::dpsgd::DpSgd::new(confide_dp::dpsgd::DpSgdConfig {
+            max_grad_norm: self.max_grad_norm,
+            noise_multiplier: self.noise_multiplier,
+            sampling_rate: self.sampling_rate,
+            expected_batch_size: self.expected_batch_size as f64,
+            dim,
+        })
+        .map_err(|e| Error::InvalidInput(format!("dp: {e}")))
+    }
+}
+
 /// What a party reports after local training.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FitOutcome {
@@ -595,6 +628,22 @@ pub trait Trainer: Send {
     fn feature_stats(&self) -> FeatureStats;
     /// Trains locally from the current parameters.
     fn fit(&mut self, config: &FitConfig) -> Result<FitOutcome, Error>;
+    /// Whether [`Trainer::fit_private`] is implemented: the party refuses a
+    /// DP-SGD job at acceptance when it is not.
+    fn supports_dp_sgd(&self) -> bool {
+        false
+    }
+    /// Trains with DP-SGD: `plan.steps_per_round` steps, each on a Poisson
+    /// sample, with per-example gradients computed in batch, clipped, summed
+    /// and noised by [`DpSgdPlan::mechanism`]. `config` supplies only what
+    /// is post-processing (learning rate, optimiser, regularisation); the
+    /// steps and the sampling come from `plan`. The outcome reports no
+    /// metric: a training loss would be an un-noised statistic of the rows.
+    fn fit_private(&mut self, _config: &FitConfig, _plan: &DpSgdPlan) -> Result<FitOutcome, Error> {
+        Err(Error::InvalidInput(
+            "this trainer cannot compute per-example gradients, so it cannot train with DP-SGD".into(),
+        ))
+    }
     /// Evaluates the current parameters on the local held-out rows.
     fn evaluate(&mut self) -> Result<EvalOutcome, Error>;
     /// Class probabilities for `rows` rows of features (row-major), row-major

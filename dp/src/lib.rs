@@ -15,9 +15,12 @@
 //! * [`ddg`]: the distributed discrete Gaussian (Kairouz, Liu, Steinke 2021)
 //!   that parties add before secure aggregation: rotation, conditional
 //!   randomized rounding, integer noise and modular clipping, and its RDP
-//!   bound.
+//!   bound;
+//! * [`dpsgd`]: DP-SGD's Poisson sampling, clipping and exact lattice noise
+//!   for a party's local training.
 
 pub mod ddg;
+pub mod dpsgd;
 pub mod rdp;
 pub mod sampler;
 mod special;
