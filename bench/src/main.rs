@@ -321,6 +321,7 @@ fn party_config(url: &str, pki: &PkiDir, name: &str, dataset: &str, source: Data
         cert: pki.party_cert(name),
         key: pki.party_key(name),
         revocation_list: None,
+        ledger: None,
         datasets: [(dataset.to_string(), source)].into(),
         policy: Policy { aggregation: vec!["none".into(), "secagg".into()], ..Policy::default() },
         reconnect: Reconnect::default(),

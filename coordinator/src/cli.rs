@@ -180,6 +180,10 @@ enum JobCmd {
     Validate {
         /// The spec.
         file: PathBuf,
+        /// Print the noise multiplier that makes the spec's [dp] job cost
+        /// this ε (at its δ, sampling rate, rounds and epochs).
+        #[arg(long)]
+        target_epsilon: Option<f64>,
     },
     /// Submit a job spec.
     Submit {
@@ -539,9 +543,41 @@ fn validate(file: &std::path::Path, plugins: &Plugins) -> Result<(String, String
     Ok((text, name))
 }
 
+/// What a spec's `[dp]` table does and costs, a line each.
+fn explain_dp(spec: &JobSpec) -> Vec<String> {
+    let Some(dp) = &spec.dp else {
+        return vec!["dp: none (a party whose policy sets max_epsilon refuses this job: it costs ε = ∞)".into()];
+    };
+    let steps = dp.steps_per_round(&spec.training);
+    let total = steps.saturating_mul(u64::from(spec.rounds));
+    let eps = dp.epsilon(&spec.training, spec.rounds);
+    let mut mtz = confide_dp::rdp::RdpAccountant::with_orders(confide_dp::rdp::integer_orders()).unwrap_or_default();
+    let continuous = confide_dp::rdp::DpEvent::PoissonSampledGaussian {
+        sampling_rate: dp.sampling_rate,
+        noise_multiplier: dp.noise_multiplier,
+    };
+    let reference = mtz.compose(&continuous, total).ok().and_then(|()| mtz.epsilon(dp.delta).ok()).map(|e| e.0);
+    vec![
+        format!(
+            "dp: example-level DP-SGD at each party: sampling rate q = {}, noise multiplier z = {:.4}, clipping norm C = {}, \
+             {steps} steps per round (⌈local_epochs / q⌉), {total} in all, noisy sums divided by batch_size = {}",
+            dp.sampling_rate, dp.noise_multiplier, dp.max_grad_norm, spec.training.batch_size
+        ),
+        format!(
+            "dp: ε = {eps:.4} at δ = {:e} for each party's data set over the whole job (RDP accountant, Zhu–Wang bound \
+             for the Poisson-subsampled discrete Gaussian){}",
+            dp.delta,
+            reference.map_or(String::new(), |r| format!("; the continuous-Gaussian figure would be {r:.4}"))
+        ),
+        "dp: parties send only their noisy updates (weight 1 each): no feature statistics, evaluation metrics, loss, \
+         example count or timing; the job runs no federated evaluation"
+            .into(),
+    ]
+}
+
 async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
     match cmd {
-        JobCmd::Validate { file } => {
+        JobCmd::Validate { file, target_epsilon } => {
             let (text, name) = validate(&file, plugins)?;
             println!("{}: valid", file.display());
             // What the aggregation protocol makes of it (parameters, guarantees).
@@ -550,6 +586,23 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
                 for line in p.explain(&spec.aggregation.settings, &spec.facts("(new job)", &Limits::default())) {
                     println!("  {line}");
                 }
+            }
+            for line in explain_dp(&spec) {
+                println!("  {line}");
+            }
+            if let Some(target) = target_epsilon {
+                let dp = spec.dp.as_ref().ok_or_else(|| {
+                    Error::Refused(format!("{name}: --target-epsilon needs a [dp] table (sampling_rate, delta)"))
+                })?;
+                let z = confide_proto::dpspec::noise_for_target(
+                    target,
+                    dp.delta,
+                    dp.sampling_rate,
+                    &spec.training,
+                    spec.rounds,
+                )
+                .map_err(|e| Error::Refused(format!("{name}: --target-epsilon {target}: {e}")))?;
+                println!("  noise_multiplier = {z:.4} reaches ε = {target} at δ = {:e} (put it in [dp])", dp.delta);
             }
             Ok(0)
         }
@@ -646,7 +699,14 @@ fn print_status(st: &JobStatus) {
     println!("job {} ({}, {})", st.id, st.name, st.kind);
     println!("  state:   {}", st.state.as_str());
     println!("  rounds:  {}/{}", st.rounds_completed, st.rounds_total);
-    println!("  privacy: aggregation {}", st.privacy.aggregation);
+    match (&st.privacy.dp, st.privacy.epsilon, st.privacy.delta) {
+        (Some(level), Some(eps), Some(delta)) => println!(
+            "  privacy: aggregation {}, {level}-level DP: ε = {eps:.4} spent at δ = {delta:e} ({} accountant)",
+            st.privacy.aggregation,
+            st.privacy.accountant.as_deref().unwrap_or("rdp")
+        ),
+        _ => println!("  privacy: aggregation {}, no differential privacy", st.privacy.aggregation),
+    }
     if !st.metrics.is_empty() {
         println!("  metrics: {}", metrics_line(st));
     }

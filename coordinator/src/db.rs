@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use confide_proto::dpspec::DpSpec;
 use confide_proto::jobspec::JobSpec;
 use confide_proto::status::{JobState, JobStatus, ModelInfo, PartyState, PartyStatus, PrivacyStatus, RoundRecord};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -59,6 +60,11 @@ const MIGRATIONS: &[&str] = &[
     // model checkpoints its records and state only)
     "ALTER TABLE jobs ADD COLUMN state_path TEXT;
      ALTER TABLE jobs ADD COLUMN checkpoint_round INTEGER;",
+    // 3: a [dp] job's level, delta and accountant (its epsilon is in each
+    // round's record)
+    "ALTER TABLE jobs ADD COLUMN dp_level TEXT;
+     ALTER TABLE jobs ADD COLUMN dp_delta REAL;
+     ALTER TABLE jobs ADD COLUMN dp_accountant TEXT;",
 ];
 
 /// A job that was not finished when the coordinator stopped.
@@ -148,9 +154,21 @@ impl Db {
         let now = unix_now() as i64;
         let conn = self.lock();
         conn.execute(
-            "INSERT INTO jobs (id, name, kind, spec_toml, state, privacy_mode, rounds_total, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?7)",
-            params![id, spec.name, spec.kind.as_str(), spec.to_toml(), spec.aggregation.protocol, spec.rounds, now],
+            "INSERT INTO jobs (id, name, kind, spec_toml, state, privacy_mode, rounds_total, created_at, updated_at,
+                               dp_level, dp_delta, dp_accountant)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?7, ?8, ?9, ?10)",
+            params![
+                id,
+                spec.name,
+                spec.kind.as_str(),
+                spec.to_toml(),
+                spec.aggregation.protocol,
+                spec.rounds,
+                now,
+                spec.dp.as_ref().map(|_| DpSpec::LEVEL),
+                spec.dp.as_ref().map(|d| d.delta),
+                spec.dp.as_ref().map(|_| DpSpec::ACCOUNTANT),
+            ],
         )
         .map_err(sql)?;
         Ok(())
@@ -297,12 +315,25 @@ impl Db {
 
     /// The full status of a job.
     pub fn job_status(&self, id: &str, with_history: bool) -> Result<JobStatus, Error> {
-        type Row = (String, String, String, String, u32, u32, Option<String>, Option<u32>, Option<String>, i64, i64);
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            u32,
+            u32,
+            Option<String>,
+            Option<u32>,
+            Option<String>,
+            i64,
+            i64,
+            (Option<String>, Option<f64>, Option<String>),
+        );
         let row: Option<Row> = self
             .lock()
             .query_row(
                 "SELECT name, kind, state, privacy_mode, rounds_total, rounds_completed, error, model_round, model_path,
-                        created_at, updated_at FROM jobs WHERE id = ?1",
+                        created_at, updated_at, dp_level, dp_delta, dp_accountant FROM jobs WHERE id = ?1",
                 [id],
                 |r| {
                     Ok((
@@ -317,15 +348,19 @@ impl Db {
                         r.get(8)?,
                         r.get(9)?,
                         r.get(10)?,
+                        (r.get(11)?, r.get(12)?, r.get(13)?),
                     ))
                 },
             )
             .optional()
             .map_err(sql)?;
-        let (name, kind, state, mode, total, done, error, model_round, model_path, created, updated) =
+        let (name, kind, state, mode, total, done, error, model_round, model_path, created, updated, dp) =
             row.ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+        let (dp_level, dp_delta, dp_accountant) = dp;
         let history = self.history(id, if with_history { u32::MAX } else { 1 })?;
         let metrics = history.last().map(|r| r.metrics.clone()).unwrap_or_default();
+        // ε after the last completed round (0 before any).
+        let epsilon = dp_level.as_ref().map(|_| metrics.get("epsilon").copied().unwrap_or(0.0));
         Ok(JobStatus {
             id: id.to_owned(),
             name,
@@ -336,7 +371,13 @@ impl Db {
             parties: self.parties_of(id)?,
             metrics,
             history: if with_history { history } else { Vec::new() },
-            privacy: PrivacyStatus { aggregation: mode, dp: None, epsilon: None, delta: None },
+            privacy: PrivacyStatus {
+                aggregation: mode,
+                epsilon,
+                dp: dp_level,
+                delta: dp_delta,
+                accountant: dp_accountant,
+            },
             error,
             model: model_round.zip(model_path).map(|(round, path)| ModelInfo { round, path }),
             created_at: created as u64,

@@ -329,6 +329,21 @@ impl RdpAccountant {
         RdpAccountant { orders, rdp }
     }
 
+    /// An accountant restored from its [`RdpAccountant::orders`] and
+    /// [`RdpAccountant::rdp`] (as a checkpoint keeps them).
+    pub fn from_parts(orders: Vec<f64>, rdp: Vec<f64>) -> Result<Self, Error> {
+        let mut acc = Self::with_orders(orders)?;
+        if rdp.len() != acc.orders.len() || rdp.iter().any(|r| r.is_nan() || *r < 0.0) {
+            return Err(Error::InvalidInput(format!(
+                "{} RDP values for {} orders, each non-negative",
+                rdp.len(),
+                acc.orders.len()
+            )));
+        }
+        acc.rdp = rdp;
+        Ok(acc)
+    }
+
     /// An accountant over `orders` (each > 1).
     pub fn with_orders(orders: Vec<f64>) -> Result<Self, Error> {
         if orders.is_empty() || orders.iter().any(|&a| a.is_nan() || a <= 1.0) {

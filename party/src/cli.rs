@@ -42,6 +42,16 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Show the privacy ledger: the ε and δ each data set has spent, job by
+    /// job, against the policy's `max_epsilon`.
+    Budget {
+        /// The party's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the ledger as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the config file and load every data set, then exit.
     Check {
         /// The party's config file.
@@ -232,6 +242,11 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
                 for w in &cfg.warnings {
                     tracing::warn!("{w}");
                 }
+                // An unreadable ledger stops the party: it must not forget what it spent.
+                if let Err(e) = crate::ledger::Ledger::open(&cfg.ledger_path()) {
+                    eprintln!("error: {e}");
+                    return 2;
+                }
                 let node = PartyNode::with_plugins(cfg, plugins);
                 tokio::select! {
                     _ = node.run() => 0,
@@ -254,6 +269,7 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
                 1
             }
         },
+        Command::Budget { config, json } => report(budget(&config, json, &plugins)),
         Command::Check { config } => match PartyConfig::load_with(&config, &plugins) {
             Ok(cfg) => {
                 for w in &cfg.warnings {
@@ -283,6 +299,48 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
             report(evaluate(&spec, &model, &data, json, config.as_deref()))
         }
     }
+}
+
+fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Result<(), String> {
+    let cfg = PartyConfig::load_with(config, plugins).map_err(|e| e.to_string())?;
+    let ledger = crate::ledger::Ledger::open(&cfg.ledger_path())?.snapshot();
+    let max = cfg.policy.max_epsilon;
+    if json {
+        let datasets: serde_json::Map<String, serde_json::Value> = cfg
+            .datasets
+            .keys()
+            .chain(ledger.datasets.keys().filter(|k| !cfg.datasets.contains_key(*k)))
+            .map(|name| {
+                let d = ledger.datasets.get(name).cloned().unwrap_or_default();
+                let value = serde_json::json!({
+                    "epsilon": d.epsilon(),
+                    "delta": d.delta(),
+                    "max_epsilon": max,
+                    "remaining": max.map(|m| (m - d.epsilon()).max(0.0)),
+                    "jobs": d.jobs,
+                });
+                (name.clone(), value)
+            })
+            .collect();
+        let out = serde_json::json!({ "ledger": cfg.ledger_path(), "datasets": datasets });
+        println!("{out}");
+        return Ok(());
+    }
+    println!("privacy ledger {}", cfg.ledger_path().display());
+    let limit = max.map_or("no limit (policy.max_epsilon unset)".to_string(), |m| format!("policy.max_epsilon = {m}"));
+    println!("{limit}; costs of separate jobs add up");
+    for name in cfg.datasets.keys().chain(ledger.datasets.keys().filter(|k| !cfg.datasets.contains_key(*k))) {
+        let d = ledger.datasets.get(name).cloned().unwrap_or_default();
+        let remaining = max.map_or(String::new(), |m| format!(", {:.4} remaining", (m - d.epsilon()).max(0.0)));
+        println!("data set {name}: ε = {:.4}, δ = {:e}{remaining}", d.epsilon(), d.delta());
+        for (id, j) in &d.jobs {
+            println!(
+                "  job {id} ({}): ε = {:.4}, δ = {:e}, {}/{} rounds trained",
+                j.name, j.epsilon, j.delta, j.rounds_started, j.rounds_reserved
+            );
+        }
+    }
+    Ok(())
 }
 
 fn report(r: Result<(), String>) -> i32 {

@@ -30,6 +30,10 @@ pub struct PartyConfig {
     /// after a restart it still refuses an older list.
     #[serde(default)]
     pub revocation_list: Option<PathBuf>,
+    /// The privacy ledger: what each data set has spent in ε (default: next
+    /// to the key, `NAME.ledger.json` for `NAME.key`). See `confide-party budget`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<PathBuf>,
     /// Data sets by name; jobs refer to these names, never to paths.
     #[serde(default)]
     pub datasets: BTreeMap<String, DatasetSource>,
@@ -186,6 +190,9 @@ impl PartyConfig {
         cfg.ca = base.join(&cfg.ca);
         cfg.cert = base.join(&cfg.cert);
         cfg.key = base.join(&cfg.key);
+        if let Some(l) = &mut cfg.ledger {
+            *l = base.join(&*l);
+        }
         if let Some(r) = cfg.revocation_list.as_mut() {
             *r = base.join(&*r);
         }
@@ -200,6 +207,11 @@ impl PartyConfig {
             *w = format!("{}: {w}", path.display());
         }
         Ok(cfg)
+    }
+
+    /// The privacy ledger's file.
+    pub fn ledger_path(&self) -> PathBuf {
+        self.ledger.clone().unwrap_or_else(|| self.key.with_extension("ledger.json"))
     }
 
     /// Where the newest accepted revocation list is kept.

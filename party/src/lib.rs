@@ -9,11 +9,13 @@
 //!
 //! Layers: [`session`] is the sans-IO session of one job (tested on a
 //! virtual clock); [`training`] the built-in kinds' task handler;
+//! [`ledger`] the privacy budget each data set has spent;
 //! [`plugins`] the registry of trainers, protocols and kinds; [`node`] the
 //! driver (connection loop, one thread per job); [`cli`] the program.
 
 pub mod cli;
 pub mod config;
+pub mod ledger;
 pub mod local;
 pub mod node;
 pub mod plugins;

@@ -62,8 +62,9 @@ pub fn evaluate(
 }
 
 /// Trains `spec`'s model on `rows` alone, with the same schedule a federated
-/// job runs (`rounds` × `local_epochs` epochs, same optimiser and seed), and
-/// standardisation from these rows' statistics. `on_round` sees each round's
+/// job runs (`rounds` × `local_epochs` epochs, same optimiser and seed, and
+/// the same DP-SGD under `[dp]`), and standardisation from these rows'
+/// statistics (or the spec's public ranges under `[dp]`). `on_round` sees each round's
 /// training metrics.
 pub fn train(
     trainers: &BuiltinTrainers,
@@ -74,14 +75,26 @@ pub fn train(
     let mut t: Box<dyn Trainer> = trainers.build_from(spec, rows, Dataset::default(), "local")?;
     if spec.model.standardize {
         let mut p = t.parameters().map_err(|e| e.to_string())?;
-        apply_feature_stats(&mut p, &t.feature_stats()).map_err(|e| e.to_string())?;
+        // Under [dp], the spec's public ranges, as in the federated job.
+        let stats = match spec.dp.as_ref().and_then(|dp| dp.range_stats()) {
+            Some(stats) => stats,
+            None => t.feature_stats(),
+        };
+        apply_feature_stats(&mut p, &stats).map_err(|e| format!("dp.feature_ranges: {e}"))?;
         t.set_parameters(&p).map_err(|e| e.to_string())?;
     }
     let mut train = spec.training.clone();
     // Alone there is no global model to stay near.
     train.proximal_mu = 0.0;
+    let plan = spec.dp.as_ref().map(|dp| dp.plan(&spec.training));
     for round in 1..=spec.rounds {
-        let out = t.fit(&FitConfig { round, train: train.clone() }).map_err(|e| format!("round {round}: {e}"))?;
+        let config = FitConfig { round, train: train.clone() };
+        let out = match &plan {
+            // DP-SGD with the same plan, so the baseline costs the same ε.
+            Some(plan) => t.fit_private(&config, plan),
+            None => t.fit(&config),
+        }
+        .map_err(|e| format!("round {round}: {e}"))?;
         on_round(round, &out.metrics);
     }
     t.parameters().map_err(|e| e.to_string())

@@ -54,6 +54,9 @@ pub struct PartyNode {
     /// The newest revocation list accepted, shared with every job's
     /// certificate verifier.
     revocations: SharedRevocations,
+    /// The privacy ledger (or why it could not be read: then every job
+    /// offer is refused with that reason).
+    ledger: Result<Arc<crate::ledger::Ledger>, String>,
 }
 
 struct Outbox {
@@ -104,12 +107,14 @@ impl PartyNode {
     pub fn with_plugins(config: PartyConfig, plugins: PartyPlugins) -> PartyNode {
         let trainers =
             plugins.trainer_factory().cloned().unwrap_or_else(|| Arc::new(BuiltinTrainers::for_config(&config)));
+        let ledger = crate::ledger::Ledger::open(&config.ledger_path());
         PartyNode {
             config,
             plugins,
             trainers,
             stats: Arc::new(NodeStats::default()),
             revocations: Arc::new(RwLock::new(Revocations::empty())),
+            ledger,
         }
     }
 
@@ -339,6 +344,11 @@ impl PartyNode {
         .map_err(|e| format!("invalid job spec: {e}"))?;
         let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?.clone();
         let identity = identity(cfg, me, &self.revocations)?;
+        // The job's whole privacy cost is reserved, durably, before the data
+        // is touched; released again only if the job cannot even start here.
+        let ledger = self.ledger.clone()?;
+        let budget = ledger.reserve(&offer.job_id, &spec, &offer.dataset, cfg.policy.max_epsilon)?;
+        let job_budget = budget.clone();
         let (plugins, trainers, limits) = (self.plugins.clone(), self.trainers.clone(), cfg.limits);
         let min_parties = cfg.policy.min_parties;
         let (job_id, party, dataset) = (offer.job_id.clone(), me.to_owned(), offer.dataset.clone());
@@ -356,11 +366,14 @@ impl PartyNode {
                 identity,
                 limits: &limits,
                 min_parties,
+                budget: Some(job_budget),
             };
             kind.handler(cx).map_err(|e| format!("data set {dataset:?}: {e}"))
         })
         .await
-        .map_err(|e| format!("trainer set-up panicked: {e}"))??;
+        .map_err(|e| format!("trainer set-up panicked: {e}"))
+        .and_then(|built| built)
+        .inspect_err(|_| budget.release_unstarted())?;
         Ok(PartySession::new(&offer.job_id, handler, idle_after))
     }
 }
@@ -506,6 +519,7 @@ mod tests {
             cert: pki.party_cert(name),
             key: pki.party_key(name),
             revocation_list: None,
+            ledger: None,
             datasets: Default::default(),
             models: Default::default(),
             training: Default::default(),

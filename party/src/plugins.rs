@@ -35,6 +35,9 @@ pub struct JobContext<'a> {
     /// The fewest parties this party's policy lets it take part with
     /// (`policy.min_parties`); protocols hold every round to it.
     pub min_parties: usize,
+    /// The job's reservation in the privacy ledger: a DP job's every
+    /// training round goes through it (`None` outside a node, in tests).
+    pub budget: Option<crate::ledger::RoundGuard>,
 }
 
 /// A job kind on the party's side: builds the handler of its tasks.

@@ -35,14 +35,18 @@ pub fn consider<'a>(
     if plugins.protocols().get(protocol).is_none() {
         return Err(format!("this party has no aggregation protocol {protocol:?}"));
     }
-    // No job has differential privacy yet: each costs its data set ε = ∞.
-    if policy.require_dp {
-        return Err("policy requires differential privacy; this job has none".into());
-    }
-    if let Some(max) = policy.max_epsilon {
-        return Err(format!(
-            "policy limits each data set to ε = {max}; this job has no differential privacy, so it would cost ε = ∞"
-        ));
+    // A job without differential privacy costs its data set ε = ∞. The
+    // cost of one with it is checked against the data set's spending by the
+    // ledger, which reserves it (crate::ledger).
+    if spec.dp.is_none() {
+        if policy.require_dp {
+            return Err("policy requires differential privacy; this job has none".into());
+        }
+        if let Some(max) = policy.max_epsilon {
+            return Err(format!(
+                "policy limits each data set to ε = {max}; this job has no differential privacy, so it would cost ε = ∞"
+            ));
+        }
     }
     if spec.min_parties() < policy.min_parties {
         return Err(format!(

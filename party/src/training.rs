@@ -3,11 +3,13 @@
 
 use std::time::Instant;
 
-use confide_algorithms::{FitConfig, Trainer};
+use confide_algorithms::trainer::INPUT_MEAN;
+use confide_algorithms::{DpSgdPlan, FitConfig, Trainer};
 use confide_crypto::aggregation::sum::{self, SumLayout};
 use confide_crypto::aggregation::{AggregationClient, LocalUpdate, StageName};
 use confide_proto::messages::{ResultBody, SumOf, Task, TaskBody};
 
+use crate::ledger::RoundGuard;
 use crate::plugins::{JobContext, PartyJobKind};
 use crate::session::{JobHandler, TaskError};
 
@@ -46,6 +48,26 @@ impl PartyJobKind for TrainingKind {
         let mut handler = TrainingHandler::new(trainer, client, protocol.stages());
         handler.standardize = spec.model.standardize;
         handler.hides_values = protocol.reveals() != confide_crypto::aggregation::Reveals::Updates;
+        if let Some(dp) = &spec.dp {
+            if !handler.trainer.supports_dp_sgd() {
+                return Err(format!(
+                    "the job has [dp], but this party's {} trainer cannot compute per-example gradients",
+                    spec.model.kind().as_str()
+                ));
+            }
+            if let Some(ranges) = &dp.feature_ranges {
+                let params = handler.trainer.parameters().map_err(err)?;
+                let features = params.get(INPUT_MEAN).map_or(0, |t| t.data.len());
+                if ranges.len() != features {
+                    return Err(format!(
+                        "dp.feature_ranges gives {} ranges; this data set has {features} features",
+                        ranges.len()
+                    ));
+                }
+            }
+            handler.dp = Some(dp.plan(&spec.training));
+            handler.budget = cx.budget;
+        }
         Ok(Box::new(handler))
     }
 }
@@ -66,6 +88,12 @@ pub struct TrainingHandler {
     /// inside the update's sum, its feature sums and evaluations in secure
     /// sums of their own, its timings not at all.
     pub hides_values: bool,
+    /// DP-SGD, derived from the accepted spec: then every round trains
+    /// with it, and nothing but the noisy update leaves the party (no
+    /// statistics, metrics, loss, example count or timing).
+    pub dp: Option<DpSgdPlan>,
+    /// The job's reservation in the privacy ledger.
+    pub budget: Option<RoundGuard>,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -80,7 +108,16 @@ impl TrainingHandler {
         aggregation: Box<dyn AggregationClient>,
         stages: &'static [StageName],
     ) -> Self {
-        TrainingHandler { trainer, aggregation, stages, open: None, standardize: true, hides_values: false }
+        TrainingHandler {
+            trainer,
+            aggregation,
+            stages,
+            open: None,
+            standardize: true,
+            hides_values: false,
+            dp: None,
+            budget: None,
+        }
     }
 }
 
@@ -89,8 +126,15 @@ impl JobHandler for TrainingHandler {
         let started = Instant::now();
         let round = task.round;
         match task.body {
+            TaskBody::SecureSum { .. } | TaskBody::Evaluate { .. } if self.dp.is_some() => {
+                Err(TaskError::CoordinatorFault(
+                    "asked for statistics of the rows (feature sums or evaluation metrics) in a job with \
+                     differential privacy, which covers only the noisy updates"
+                        .into(),
+                ))
+            }
             TaskBody::Setup => {
-                let in_clear = self.standardize && !self.hides_values;
+                let in_clear = self.standardize && !self.hides_values && self.dp.is_none();
                 let stats = if in_clear { self.trainer.feature_stats() } else { Default::default() };
                 let params = self.trainer.parameters().map_err(err)?;
                 Ok(ResultBody::Setup { params, stats })
@@ -199,6 +243,9 @@ impl TrainingHandler {
             return Err(TaskError::CoordinatorFault(format!("fit configuration: {why}")));
         }
         self.trainer.set_parameters(global).map_err(err)?;
+        if let Some(plan) = self.dp {
+            return self.fit_private(round, config, global, round_message, &plan);
+        }
         let train_started = Instant::now();
         let mut outcome = self.trainer.fit(config).map_err(err)?;
         // Local training alone: lets the coordinator tell the framework's
@@ -219,6 +266,31 @@ impl TrainingHandler {
             metrics.clear();
         }
         Ok(ResultBody::Fit { metrics, contribution })
+    }
+
+    /// A DP-SGD round: the round is recorded in the privacy ledger first
+    /// (refused beyond the rounds reserved), then the steps, sampling and
+    /// noise of the accepted spec's plan. The update weighs 1 (the party's
+    /// example count is not noised) and carries no loss or metric.
+    fn fit_private(
+        &mut self,
+        round: u32,
+        config: &FitConfig,
+        global: &confide_algorithms::Parameters,
+        round_message: &[u8],
+        plan: &DpSgdPlan,
+    ) -> Result<ResultBody, TaskError> {
+        if let Some(budget) = &self.budget {
+            budget.start_round().map_err(TaskError::CoordinatorFault)?;
+        }
+        self.trainer.fit_private(config, plan).map_err(err)?;
+        let local = self.trainer.parameters().map_err(err)?;
+        let update = LocalUpdate { global, fit: config, local, num_examples: 1, train_loss: None };
+        let contribution = self.aggregation.contribute(round, round_message, update)?;
+        if !self.stages.is_empty() {
+            self.open = Some(round);
+        }
+        Ok(ResultBody::Fit { metrics: Default::default(), contribution })
     }
 }
 

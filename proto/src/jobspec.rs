@@ -16,6 +16,7 @@ use confide_crypto::aggregation::{JobFacts, Protocols, Reveals};
 use serde::{Deserialize, Serialize};
 
 use crate::Limits;
+use crate::dpspec::{DpSpec, RawDp};
 
 /// What a job does. The built-in kinds are variants; a kind registered by a
 /// coordinator and party build of your own is [`JobKind::Extension`].
@@ -463,9 +464,9 @@ pub struct RawJobSpec {
     /// Deprecated: `[privacy] mode` and SecAgg+ settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<LegacyPrivacy>,
-    /// Differential privacy (not available yet: refused by validation).
+    /// Differential privacy (see [`crate::dpspec`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dp: Option<toml::Value>,
+    pub dp: Option<RawDp>,
     /// Settings of an extension job kind.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub extension: toml::Table,
@@ -497,6 +498,8 @@ pub struct JobSpec {
     pub evaluation: EvaluationSpec,
     /// How the parties' updates reach the coordinator.
     pub aggregation: AggregationSpec,
+    /// Differential privacy, when the job has it.
+    pub dp: Option<DpSpec>,
     /// Settings of an extension job kind (its `[extension]` table).
     pub extension: toml::Table,
     /// Deadlines.
@@ -596,7 +599,7 @@ impl JobSpec {
             evaluation: self.evaluation.clone(),
             aggregation: Some(RawAggregation { protocol: Some(self.aggregation.protocol.clone()), tables }),
             privacy: None,
-            dp: None,
+            dp: self.dp.as_ref().map(DpSpec::to_raw),
             extension: self.extension.clone(),
             timeouts: self.timeouts.clone(),
         }
@@ -815,8 +818,42 @@ impl RawJobSpec {
                 }
             }
         }
-        if self.dp.is_some() {
-            err("dp", "differential privacy is not available in this version of Confide; remove the [dp] table".into());
+        let mut dp = None;
+        if let Some(raw) = &self.dp {
+            if kind != JobKind::Train {
+                err("dp", format!("applies to train jobs (kind is {:?})", kind.as_str()));
+            }
+            if matches!(
+                self.model.kind,
+                confide_algorithms::ModelKind::Torchscript | confide_algorithms::ModelKind::Custom
+            ) {
+                err(
+                    "model.kind",
+                    format!(
+                        "DP-SGD needs per-example gradients, which Confide computes for logistic_regression, mlp \
+                         and cnn; a {} model cannot train with [dp]",
+                        self.model.kind.as_str()
+                    ),
+                );
+            }
+            match (self.model.standardize, &raw.feature_ranges) {
+                (true, None) => err(
+                    "dp.feature_ranges",
+                    "model.standardize needs each feature's public [low, high] range under [dp]: feature \
+                     statistics of the rows would cost privacy (or set model.standardize = false)"
+                        .into(),
+                ),
+                (false, Some(_)) => err("dp.feature_ranges", "only applies when model.standardize = true".into()),
+                _ => {}
+            }
+            match raw.validate(&self.training, self.rounds) {
+                Ok(d) => dp = Some(d),
+                Err(problems) => {
+                    for (field, msg) in problems {
+                        err(&format!("dp.{field}"), msg);
+                    }
+                }
+            }
         }
         if !matches!(kind, JobKind::Extension(_)) && !self.extension.is_empty() {
             err("extension", format!("only applies to extension job kinds (kind is {:?})", kind.as_str()));
@@ -843,6 +880,7 @@ impl RawJobSpec {
             training: self.training,
             evaluation: self.evaluation,
             aggregation,
+            dp,
             extension: self.extension,
             timeouts: self.timeouts,
             warnings,
@@ -1005,8 +1043,23 @@ mod aggregation_tests {
     }
 
     #[test]
-    fn differential_privacy_is_refused_until_it_exists() {
-        assert_eq!(paths(&format!("{BASE}[dp]\nepsilon = 1.0\n")), ["dp"]);
+    fn a_dp_table_is_typed_checked_against_the_job_and_round_trips() {
+        let ok = format!(
+            "{BASE}standardize = false\n[dp]\ntarget_epsilon = 3.0\nsampling_rate = 0.1\n[aggregation]\nprotocol = \"secagg\"\n"
+        );
+        let s = JobSpec::parse(&ok, "f", &Limits::default()).unwrap();
+        let dp = s.dp.clone().unwrap();
+        assert!(dp.epsilon(&s.training, s.rounds) <= 3.0);
+        assert_eq!(JobSpec::parse(&s.to_toml(), "x", &Limits::default()).unwrap(), s);
+        // Standardisation needs public ranges; an evaluate job, a
+        // TorchScript model and bad settings are refused, each at its field.
+        assert_eq!(paths(&format!("{BASE}[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.1\n")), ["dp.feature_ranges"]);
+        let script = ok.replace("kind = \"logistic_regression\"", "kind = \"torchscript\"\ntorchscript = \"m\"");
+        assert_eq!(paths(&script), ["model.kind"]);
+        let evaluate = ok.replace("kind = \"train\"", "kind = \"evaluate\"\nfrom_job = \"j1\"");
+        assert_eq!(paths(&evaluate), ["dp"]);
+        assert_eq!(paths(&ok.replace("sampling_rate = 0.1", "sampling_rate = 0.0")), ["dp.sampling_rate"]);
+        assert_eq!(paths(&ok.replace("[dp]", "[dp]\nepsilon = 1.0")), ["dp.epsilon"]);
     }
 }
 

@@ -137,6 +137,9 @@ pub struct PrivacyStatus {
     /// δ, when DP is on (null otherwise).
     #[serde(default)]
     pub delta: Option<f64>,
+    /// The accountant that computed ε (`rdp`), when DP is on.
+    #[serde(default)]
+    pub accountant: Option<String>,
 }
 
 /// The latest model of a job.
@@ -292,6 +295,7 @@ impl From<JobStatus> for pb::JobStatus {
                 dp: s.privacy.dp,
                 epsilon: s.privacy.epsilon,
                 delta: s.privacy.delta,
+                accountant: s.privacy.accountant,
             }),
             error: s.error,
             model: s.model.map(|m| pb::ModelInfo { round: m.round, path: m.path }),
@@ -328,6 +332,7 @@ impl TryFrom<pb::JobStatus> for JobStatus {
                 dp: privacy.dp,
                 epsilon: privacy.epsilon,
                 delta: privacy.delta,
+                accountant: privacy.accountant,
             },
             error: s.error,
             model: s.model.map(|m| ModelInfo { round: m.round, path: m.path }),
@@ -363,7 +368,13 @@ mod tests {
                 dropped: [("b".to_string(), "fit: disconnected".to_string())].into(),
                 completed_at: 9,
             }],
-            privacy: PrivacyStatus { aggregation: "secagg".into(), dp: None, epsilon: None, delta: None },
+            privacy: PrivacyStatus {
+                aggregation: "secagg".into(),
+                dp: None,
+                epsilon: None,
+                delta: None,
+                accountant: None,
+            },
             error: None,
             model: Some(ModelInfo { round: 1, path: "/m".into() }),
             created_at: 1,

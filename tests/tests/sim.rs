@@ -70,6 +70,7 @@ impl Sim {
                 identity: identity(name),
                 limits: &Limits::default(),
                 min_parties: 1,
+                budget: None,
             };
             let handler = TrainingKind::TRAIN.handler(cx).expect("handler");
             parties.insert(name.clone(), PartySession::new("sim", handler, spec.timeouts.round_secs * 2000));

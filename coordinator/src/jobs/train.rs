@@ -16,6 +16,8 @@ use confide_algorithms::trainer::{INPUT_MEAN, apply_feature_stats};
 use confide_algorithms::{FeatureStats, FitConfig, FitResult, Metrics, Parameters, RoundContext, State};
 use confide_crypto::aggregation::sum::{self, SumLayout};
 use confide_crypto::aggregation::{Aggregate, Quorum, RoundInfo};
+use confide_dp::rdp::RdpAccountant;
+use confide_proto::dpspec::{empty_accountant, epsilon_of};
 use confide_proto::messages::{ResultBody, Stage, SumOf, TaskBody};
 use confide_proto::status::JobState;
 
@@ -38,6 +40,9 @@ pub struct Training {
     setup: BTreeMap<String, (Parameters, FeatureStats)>,
     fit_metrics: BTreeMap<String, Metrics>,
     evaluator: Evaluator,
+    /// The example-level DP accountant of a `[dp]` job: rounds whose
+    /// training ran, saved with each checkpoint.
+    privacy: Option<RdpAccountant>,
 }
 
 /// The largest `key` any party reported (e.g. the slowest local training).
@@ -52,11 +57,24 @@ impl Training {
         let spec = setup.spec;
         let mut strategy = GuardedStrategy::new(setup.plugins.build_strategy(spec)?)?;
         let protocol = ProtocolDriver::new(setup)?;
+        let mut privacy = spec.dp.as_ref().map(|_| empty_accountant());
         let (global, resume) = match setup.start {
             Start::Fresh { model } => (model.clone().map(Arc::new), None),
             Start::Resume { round, model, state, .. } => {
                 let model = model.clone().ok_or("the checkpoint to resume from has no model")?;
                 strategy.call("restore", |s| s.restore(&state.section("strategy")))?;
+                if privacy.is_some() {
+                    let saved = state.section("privacy");
+                    let (orders, rdp) = (saved.get("orders"), saved.get("rdp"));
+                    let accountant = orders
+                        .zip(rdp)
+                        .ok_or_else(|| "the checkpoint of a [dp] job has no privacy accountant".to_string())
+                        .and_then(|(o, r)| {
+                            RdpAccountant::from_parts(o.to_vec(), r.to_vec())
+                                .map_err(|e| format!("the checkpoint's privacy accountant: {e}"))
+                        })?;
+                    privacy = Some(accountant);
+                }
                 (Some(Arc::new(model)), Some(*round))
             }
         };
@@ -69,6 +87,7 @@ impl Training {
             setup: BTreeMap::new(),
             fit_metrics: BTreeMap::new(),
             evaluator: Evaluator::default(),
+            privacy,
         })
     }
 
@@ -107,6 +126,14 @@ impl Training {
         }
         if !cx.spec().model.standardize {
             return self.set_initial_model(cx, reference);
+        }
+        // Under [dp] no statistic of the rows is asked for: the spec's
+        // public ranges standardise the inputs.
+        if let Some(dp) = &cx.spec().dp {
+            return match dp.range_stats() {
+                Some(stats) => self.standardize(cx, reference, &stats),
+                None => self.fail(cx, "setup: [dp] with model.standardize needs dp.feature_ranges".into()),
+            };
         }
         if !self.protocol.hides_values() {
             return self.standardize(cx, reference, &merged);
@@ -165,6 +192,12 @@ impl Training {
             Ok(s) => {
                 let mut state = State::new();
                 state.insert_section("strategy", s);
+                if let Some(acc) = &self.privacy {
+                    let mut saved = State::new();
+                    saved.insert("orders", acc.orders().to_vec());
+                    saved.insert("rdp", acc.rdp().to_vec());
+                    state.insert_section("privacy", saved);
+                }
                 state
             }
             Err(e) => {
@@ -224,6 +257,11 @@ impl Training {
                 (to, TaskBody::Fit { config, global: global.clone(), round_message: round_message.clone() })
             })
             .collect();
+        // The round's training is about to run at the parties: it is spent.
+        let spec = cx.spec().clone();
+        if let (Some(acc), Some(dp)) = (self.privacy.as_mut(), spec.dp.as_ref()) {
+            dp.compose_rounds(acc, &spec.training, 1);
+        }
         cx.collect(Stage::Fit, round, tasks, Quorum::JobMinimum);
     }
 
@@ -314,12 +352,17 @@ impl Training {
         for p in &participants {
             cx.contributed(p, round);
         }
+        let spec = cx.spec().clone();
+        if let (Some(acc), Some(dp)) = (&self.privacy, &spec.dp) {
+            metrics.insert("epsilon".into(), epsilon_of(acc.clone(), dp.delta));
+        }
         if let Some(rec) = cx.record() {
             rec.participants = participants;
             rec.metrics.extend(metrics);
         }
-        let spec = cx.spec().clone();
-        if round.is_multiple_of(spec.evaluation.every) || round >= spec.rounds {
+        // A [dp] job has no federated evaluation: the parties' metrics on
+        // their rows would be un-noised statistics the DP does not cover.
+        if spec.dp.is_none() && (round.is_multiple_of(spec.evaluation.every) || round >= spec.rounds) {
             if let Some(g) = self.global.clone()
                 && let Err(e) = self.evaluator.begin(cx, &mut self.protocol, round, &g)
             {

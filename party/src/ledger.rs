@@ -1,0 +1,324 @@
+//! The hospital's privacy ledger: what each of its data sets has spent in
+//! record-level (ε, δ), kept by the party itself, never by the coordinator.
+//!
+//! * **Before accepting a job** the party computes from the spec what the
+//!   whole job will cost the data set (a job without DP costs ε = ∞) and
+//!   refuses it if the data set's spending would pass `policy.max_epsilon`.
+//! * **On acceptance** it *reserves* the whole job's cost in the ledger
+//!   file (written to a temporary file, fsynced, renamed, directory
+//!   fsynced) before it touches the data. A crash at any later point
+//!   leaves at least what was spent on record: the ledger never
+//!   under-counts. A job offered again (the coordinator resumed it) is not
+//!   charged twice.
+//! * **Before each round's training** it records the round as started,
+//!   durably, and refuses a round beyond the ones reserved (a coordinator
+//!   that asks for more rounds than the spec, or re-runs rounds, cannot
+//!   spend more than was reserved).
+//!
+//! Costs of separate jobs add up (basic composition of (ε, δ)): a
+//! conservative total that needs no assumption on how the jobs relate.
+//! One party process owns a ledger file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use confide_proto::jobspec::JobSpec;
+use serde::{Deserialize, Serialize};
+
+/// What one job reserved against one data set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobCharge {
+    /// The job's name.
+    pub name: String,
+    /// ε reserved for the whole job.
+    pub epsilon: f64,
+    /// δ reserved for the whole job.
+    pub delta: f64,
+    /// Rounds the reservation covers.
+    pub rounds_reserved: u32,
+    /// Rounds whose training started at this party.
+    pub rounds_started: u32,
+    /// Unix seconds of acceptance.
+    pub accepted_at: u64,
+}
+
+/// One data set's spending.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DatasetLedger {
+    /// Jobs by id.
+    pub jobs: BTreeMap<String, JobCharge>,
+}
+
+impl DatasetLedger {
+    /// Total ε reserved (basic composition).
+    pub fn epsilon(&self) -> f64 {
+        self.jobs.values().map(|j| j.epsilon).sum()
+    }
+
+    /// Total δ reserved.
+    pub fn delta(&self) -> f64 {
+        self.jobs.values().map(|j| j.delta).sum()
+    }
+}
+
+/// The ledger file's contents.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LedgerFile {
+    /// Format version (1).
+    pub version: u32,
+    /// Data sets by name.
+    pub datasets: BTreeMap<String, DatasetLedger>,
+}
+
+/// What a job would cost a data set, from its spec alone.
+pub fn job_cost(spec: &JobSpec) -> (f64, f64) {
+    match &spec.dp {
+        Some(dp) => (dp.epsilon(&spec.training, spec.rounds), dp.delta),
+        None => (f64::INFINITY, 0.0),
+    }
+}
+
+/// The ledger of one party, shared by its jobs.
+#[derive(Debug)]
+pub struct Ledger {
+    path: PathBuf,
+    state: Mutex<LedgerFile>,
+}
+
+impl Ledger {
+    /// Opens the ledger at `path` (an absent file is an empty ledger; an
+    /// unreadable or malformed one is an error naming the file, never
+    /// silently reset).
+    pub fn open(path: &Path) -> Result<Arc<Ledger>, String> {
+        let state = match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let file: LedgerFile = serde_json::from_str(&text)
+                    .map_err(|e| format!("{}: not a privacy ledger: {e}", path.display()))?;
+                if file.version != 1 {
+                    return Err(format!("{}: ledger version {} (this party reads 1)", path.display(), file.version));
+                }
+                file
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => LedgerFile { version: 1, ..LedgerFile::default() },
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        Ok(Arc::new(Ledger { path: path.to_owned(), state: Mutex::new(state) }))
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A copy of the contents.
+    pub fn snapshot(&self) -> LedgerFile {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Reserves `spec`'s cost for `job_id` against `dataset` if it fits
+    /// `max_epsilon`, durably; returns the guard the job's rounds go
+    /// through. Already reserved (an offer of the same job again): the
+    /// existing reservation.
+    pub fn reserve(
+        self: &Arc<Self>,
+        job_id: &str,
+        spec: &JobSpec,
+        dataset: &str,
+        max_epsilon: Option<f64>,
+    ) -> Result<RoundGuard, String> {
+        let (epsilon, delta) = job_cost(spec);
+        let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
+        let entry = state.datasets.get(dataset).cloned().unwrap_or_default();
+        if entry.jobs.contains_key(job_id) {
+            return Ok(RoundGuard { ledger: self.clone(), dataset: dataset.to_owned(), job_id: job_id.to_owned() });
+        }
+        if let Some(max) = max_epsilon {
+            let spent = entry.epsilon();
+            if !epsilon.is_finite() {
+                return Err(format!(
+                    "policy limits data set {dataset:?} to ε = {max}; this job has no differential privacy, \
+                     so it would cost ε = ∞"
+                ));
+            }
+            if spent + epsilon > max * (1.0 + 1e-12) {
+                return Err(format!(
+                    "data set {dataset:?} has spent ε = {spent:.4} of the policy's {max}; this job would cost \
+                     ε = {epsilon:.4} (δ = {delta:e}), so {:.4} in all",
+                    spent + epsilon
+                ));
+            }
+        }
+        if !epsilon.is_finite() {
+            // No DP and no limit: nothing to record.
+            return Ok(RoundGuard { ledger: self.clone(), dataset: dataset.to_owned(), job_id: String::new() });
+        }
+        let mut next = state.clone();
+        next.datasets.entry(dataset.to_owned()).or_default().jobs.insert(
+            job_id.to_owned(),
+            JobCharge {
+                name: spec.name.clone(),
+                epsilon,
+                delta,
+                rounds_reserved: spec.rounds,
+                rounds_started: 0,
+                accepted_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            },
+        );
+        self.write(&next)?;
+        *state = next;
+        Ok(RoundGuard { ledger: self.clone(), dataset: dataset.to_owned(), job_id: job_id.to_owned() })
+    }
+
+    /// Drops a reservation no round has used (the job could not start at
+    /// this party): nothing was computed on the data for it.
+    fn release_unstarted(&self, dataset: &str, job_id: &str) -> Result<(), String> {
+        let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
+        let mut next = state.clone();
+        let Some(d) = next.datasets.get_mut(dataset) else { return Ok(()) };
+        if d.jobs.get(job_id).is_none_or(|j| j.rounds_started > 0) {
+            return Ok(());
+        }
+        d.jobs.remove(job_id);
+        if d.jobs.is_empty() {
+            next.datasets.remove(dataset);
+        }
+        self.write(&next)?;
+        *state = next;
+        Ok(())
+    }
+
+    fn start_round(&self, dataset: &str, job_id: &str) -> Result<(), String> {
+        let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
+        let mut next = state.clone();
+        let charge = next
+            .datasets
+            .get_mut(dataset)
+            .and_then(|d| d.jobs.get_mut(job_id))
+            .ok_or_else(|| format!("the privacy ledger has no reservation for job {job_id}"))?;
+        if charge.rounds_started >= charge.rounds_reserved {
+            return Err(format!(
+                "the privacy ledger reserved {} training rounds of this job for data set {dataset:?}, and all have \
+                 run; another would spend privacy budget that was never reserved",
+                charge.rounds_reserved
+            ));
+        }
+        charge.rounds_started += 1;
+        self.write(&next)?;
+        *state = next;
+        Ok(())
+    }
+
+    /// Writes durably: temporary file, fsync, rename, fsync of the directory.
+    fn write(&self, file: &LedgerFile) -> Result<(), String> {
+        let fail = |e: std::io::Error| format!("privacy ledger {}: {e}", self.path.display());
+        let text = serde_json::to_string_pretty(file).map_err(|e| format!("privacy ledger: {e}"))?;
+        let dir = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(fail)?;
+        let tmp = self.path.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+            f.write_all(text.as_bytes()).map_err(fail)?;
+            f.sync_all().map_err(fail)?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(fail)?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)
+    }
+}
+
+/// A job's reservation: each training round goes through it.
+#[derive(Debug, Clone)]
+pub struct RoundGuard {
+    ledger: Arc<Ledger>,
+    dataset: String,
+    /// Empty when the job has nothing to account (no DP).
+    job_id: String,
+}
+
+impl RoundGuard {
+    /// Records a round's training as started, durably, or refuses it when
+    /// the reservation's rounds have all run.
+    pub fn start_round(&self) -> Result<(), String> {
+        if self.job_id.is_empty() {
+            return Ok(());
+        }
+        self.ledger.start_round(&self.dataset, &self.job_id)
+    }
+
+    /// Releases the reservation if no round has started (the job could not
+    /// be set up here). A failure to write leaves it reserved: over-, never
+    /// under-counting.
+    pub fn release_unstarted(&self) {
+        if !self.job_id.is_empty()
+            && let Err(e) = self.ledger.release_unstarted(&self.dataset, &self.job_id)
+        {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_proto::Limits;
+
+    fn spec(rounds: u32, dp: bool) -> JobSpec {
+        let dp = if dp { "[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\n" } else { "" };
+        let text = format!(
+            "name = \"p\"\nkind = \"train\"\nrounds = {rounds}\n[parties]\nnames = [\"a\", \"b\", \"c\"]\n\
+             dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n{dp}"
+        );
+        JobSpec::parse(&text, "t", &Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn reserves_durably_refuses_over_budget_and_counts_rounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        let job = spec(3, true);
+        let (eps, delta) = job_cost(&job);
+        assert!(eps.is_finite() && eps > 0.0 && delta == 1e-5);
+        let guard = ledger.reserve("j1", &job, "d", Some(eps * 2.5)).unwrap();
+        // Durable at once: a new process reading the file sees the reservation.
+        let reread = Ledger::open(&path).unwrap().snapshot();
+        assert_eq!(reread.datasets["d"].jobs["j1"].epsilon, eps);
+        // The same job again is not charged twice; another fits once more, not twice.
+        ledger.reserve("j1", &job, "d", Some(eps * 2.5)).unwrap();
+        ledger.reserve("j2", &job, "d", Some(eps * 2.5)).unwrap();
+        let e = ledger.reserve("j3", &job, "d", Some(eps * 2.5)).unwrap_err();
+        assert!(e.contains("has spent") && e.contains("\"d\""), "{e}");
+        // Other data sets have their own budget; a job without DP costs ∞.
+        ledger.reserve("j3", &job, "other", Some(eps * 2.5)).unwrap();
+        let e = ledger.reserve("j4", &spec(3, false), "d", Some(100.0)).unwrap_err();
+        assert!(e.contains("ε = ∞"), "{e}");
+        // Rounds: three reserved, a fourth refused, and the count survives a restart.
+        for _ in 0..2 {
+            guard.start_round().unwrap();
+        }
+        let reopened = Ledger::open(&path).unwrap();
+        let again = reopened.reserve("j1", &job, "d", None).unwrap();
+        again.start_round().unwrap();
+        let e = again.start_round().unwrap_err();
+        assert!(e.contains("all have run"), "{e}");
+        // A started job keeps its reservation; an unstarted one can be released.
+        again.release_unstarted();
+        let j3 = reopened.reserve("j3", &job, "d", None).unwrap();
+        j3.release_unstarted();
+        assert!(!reopened.snapshot().datasets["d"].jobs.contains_key("j3"));
+        assert_eq!(reopened.snapshot().datasets["d"].jobs["j1"].rounds_started, 3);
+        assert!((reopened.snapshot().datasets["d"].epsilon() - 2.0 * eps).abs() < 1e-12, "j1 and j2");
+    }
+
+    #[test]
+    fn a_corrupt_ledger_is_an_error_naming_the_file_not_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        std::fs::write(&path, "{ not json").unwrap();
+        let e = Ledger::open(&path).unwrap_err();
+        assert!(e.contains("ledger.json") && e.contains("not a privacy ledger"), "{e}");
+    }
+}

@@ -1,0 +1,338 @@
+//! The `[dp]` table of a job spec: differential privacy for a training job.
+//!
+//! ```toml
+//! [dp]
+//! level = "example"        # DP-SGD at each party (the only level so far)
+//! target_epsilon = 4.0     # or noise_multiplier = 1.1 (both: checked against each other)
+//! delta = 1e-5
+//! sampling_rate = 0.05     # q: each row is in a step's sample with this probability
+//! max_grad_norm = 1.0      # C: each row's gradient is clipped to this L2 norm
+//! accountant = "rdp"
+//! feature_ranges = [[0, 30], [9, 40]]   # public ranges, when model.standardize
+//! ```
+//!
+//! Every party derives the mechanism and its ε from this table alone (the
+//! steps per round are ⌈local_epochs / q⌉, the divisor of each step's noisy
+//! sum is `training.batch_size`), so what a round costs never depends on
+//! what the coordinator sends.
+
+use confide_algorithms::{DpSgdPlan, FeatureStats, TrainConfig};
+use confide_dp::dpsgd::{MAX_NOISE_MULTIPLIER, step_event};
+use confide_dp::rdp::{RdpAccountant, calibrate_noise_multiplier, integer_orders};
+use serde::{Deserialize, Serialize};
+
+/// Most DP-SGD steps a job may take (rounds × steps per round).
+pub const MAX_DP_STEPS: u64 = 10_000_000;
+
+/// The `[dp]` table as written.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDp {
+    /// `example` (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// The ε the whole job may cost each party's data set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_epsilon: Option<f64>,
+    /// z = σ / C (computed from `target_epsilon` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
+    /// δ (default 1e-5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
+    /// q.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_rate: Option<f64>,
+    /// C (default 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+    /// `rdp` (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accountant: Option<String>,
+    /// Public `[low, high]` range of each feature, for standardisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_ranges: Option<Vec<[f64; 2]>>,
+}
+
+/// Differential privacy of a training job, validated, with the noise
+/// multiplier resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpSpec {
+    /// The target ε, when the spec gave one.
+    pub target_epsilon: Option<f64>,
+    /// z = σ / C.
+    pub noise_multiplier: f64,
+    /// δ.
+    pub delta: f64,
+    /// q.
+    pub sampling_rate: f64,
+    /// C.
+    pub max_grad_norm: f64,
+    /// Public feature ranges that standardise the inputs instead of the
+    /// data's own statistics.
+    pub feature_ranges: Option<Vec<[f64; 2]>>,
+}
+
+impl DpSpec {
+    /// The level's name in job status.
+    pub const LEVEL: &'static str = "example";
+    /// The accountant's name in job status.
+    pub const ACCOUNTANT: &'static str = "rdp";
+
+    /// DP-SGD steps in one round of `training`: ⌈local_epochs / q⌉.
+    pub fn steps_per_round(&self, training: &TrainConfig) -> u64 {
+        steps_per_round(training.local_epochs, self.sampling_rate)
+    }
+
+    /// The plan every party trains with.
+    pub fn plan(&self, training: &TrainConfig) -> DpSgdPlan {
+        DpSgdPlan {
+            max_grad_norm: self.max_grad_norm,
+            noise_multiplier: self.noise_multiplier,
+            sampling_rate: self.sampling_rate,
+            expected_batch_size: training.batch_size,
+            steps_per_round: self.steps_per_round(training),
+        }
+    }
+
+    /// An accountant that has composed `rounds` rounds of `training`.
+    pub fn accountant(&self, training: &TrainConfig, rounds: u32) -> RdpAccountant {
+        let mut acc = empty_accountant();
+        self.compose_rounds(&mut acc, training, rounds);
+        acc
+    }
+
+    /// Composes `rounds` more rounds into `acc`.
+    pub fn compose_rounds(&self, acc: &mut RdpAccountant, training: &TrainConfig, rounds: u32) {
+        let steps = self.steps_per_round(training).saturating_mul(u64::from(rounds));
+        // The event's parameters were validated with the spec.
+        let _ = acc.compose(&step_event(self.sampling_rate, self.noise_multiplier), steps);
+    }
+
+    /// The ε `rounds` rounds cost each party's data set, at this δ.
+    pub fn epsilon(&self, training: &TrainConfig, rounds: u32) -> f64 {
+        epsilon_of(self.accountant(training, rounds), self.delta)
+    }
+
+    /// The standardisation the public ranges give: each feature's range
+    /// maps to [−1, 1] (mean (lo+hi)/2, std (hi−lo)/2).
+    pub fn range_stats(&self) -> Option<FeatureStats> {
+        let ranges = self.feature_ranges.as_ref()?;
+        // count 1, sum = mean, sum_sq = mean² + std², so mean_std() gives them back.
+        let mean: Vec<f64> = ranges.iter().map(|[lo, hi]| (lo + hi) / 2.0).collect();
+        let sum_sq = ranges.iter().zip(&mean).map(|([lo, hi], m)| m * m + ((hi - lo) / 2.0).powi(2)).collect();
+        Some(FeatureStats { count: 1, sum: mean, sum_sq })
+    }
+
+    /// Back to the table (noise multiplier resolved, target kept).
+    pub fn to_raw(&self) -> RawDp {
+        RawDp {
+            level: Some(Self::LEVEL.into()),
+            target_epsilon: self.target_epsilon,
+            noise_multiplier: Some(self.noise_multiplier),
+            delta: Some(self.delta),
+            sampling_rate: Some(self.sampling_rate),
+            max_grad_norm: Some(self.max_grad_norm),
+            accountant: Some(Self::ACCOUNTANT.into()),
+            feature_ranges: self.feature_ranges.clone(),
+        }
+    }
+}
+
+/// An accountant over the orders the discrete Gaussian is bounded at.
+pub fn empty_accountant() -> RdpAccountant {
+    RdpAccountant::with_orders(integer_orders()).unwrap_or_default()
+}
+
+/// ε of `acc` at `delta` (∞ when no order bounds it).
+pub fn epsilon_of(acc: RdpAccountant, delta: f64) -> f64 {
+    acc.epsilon(delta).map(|(e, _)| e).unwrap_or(f64::INFINITY)
+}
+
+fn steps_per_round(local_epochs: u32, q: f64) -> u64 {
+    (f64::from(local_epochs) / q).ceil() as u64
+}
+
+/// ε of `steps` DP-SGD steps at (q, z, δ).
+fn steps_epsilon(q: f64, z: f64, steps: u64, delta: f64) -> f64 {
+    let mut acc = empty_accountant();
+    if acc.compose(&step_event(q, z), steps).is_err() {
+        return f64::INFINITY;
+    }
+    epsilon_of(acc, delta)
+}
+
+/// The smallest noise multiplier with which `rounds` rounds of `training`
+/// at sampling rate `q` cost at most `target` at `delta`.
+pub fn noise_for_target(target: f64, delta: f64, q: f64, training: &TrainConfig, rounds: u32) -> Result<f64, String> {
+    let steps = steps_per_round(training.local_epochs, q).saturating_mul(u64::from(rounds));
+    let z = calibrate_noise_multiplier(target, delta, steps, |z| step_event(q, z)).map_err(|e| e.to_string())?;
+    // Calibration ran on the requested z; noise is drawn at ⌈z·2^20⌉/2^20,
+    // never less, so the target holds.
+    if z > MAX_NOISE_MULTIPLIER {
+        return Err(format!(
+            "ε = {target} over {steps} steps needs noise_multiplier {z:.3}, above the largest ({MAX_NOISE_MULTIPLIER}); \
+             raise target_epsilon or sampling_rate, or train fewer rounds or epochs"
+        ));
+    }
+    Ok(z)
+}
+
+impl RawDp {
+    /// Every `(field, message)` problem (relative to `dp`), or the typed table.
+    pub fn validate(&self, training: &TrainConfig, rounds: u32) -> Result<DpSpec, Vec<(String, String)>> {
+        let mut e: Vec<(String, String)> = Vec::new();
+        let mut err = |f: &str, m: String| e.push((f.to_owned(), m));
+        match self.level.as_deref().unwrap_or(DpSpec::LEVEL) {
+            DpSpec::LEVEL => {}
+            "party" => err(
+                "level",
+                "party-level DP (DP-FedAvg, central or distributed) is not available in this version; \
+                 use level = \"example\""
+                    .into(),
+            ),
+            other => err("level", format!("unknown level {other:?} (example)")),
+        }
+        match self.accountant.as_deref().unwrap_or(DpSpec::ACCOUNTANT) {
+            DpSpec::ACCOUNTANT => {}
+            "pld" => err(
+                "accountant",
+                "the PLD accountant is not available in this version; use accountant = \"rdp\"".into(),
+            ),
+            other => err("accountant", format!("unknown accountant {other:?} (rdp)")),
+        }
+        let delta = self.delta.unwrap_or(1e-5);
+        if !(delta.is_finite() && delta > 0.0 && delta <= 1e-3) {
+            err("delta", format!("must be in (0, 1e-3] (got {delta})"));
+        }
+        let q = self.sampling_rate.unwrap_or(f64::NAN);
+        match self.sampling_rate {
+            None => err("sampling_rate", "required: the probability that a row is in a step's sample".into()),
+            Some(q) if !(q.is_finite() && q > 0.0 && q <= 1.0) => {
+                err("sampling_rate", format!("must be in (0, 1] (got {q})"))
+            }
+            Some(_) => {}
+        }
+        let c = self.max_grad_norm.unwrap_or(1.0);
+        if !(c.is_finite() && c > 0.0 && c <= 1e6) {
+            err("max_grad_norm", format!("must be in (0, 1e6] (got {c})"));
+        }
+        if let Some(z) = self.noise_multiplier
+            && !(z.is_finite() && z > 0.0 && z <= MAX_NOISE_MULTIPLIER)
+        {
+            err("noise_multiplier", format!("must be in (0, {MAX_NOISE_MULTIPLIER}] (got {z})"));
+        }
+        if let Some(t) = self.target_epsilon
+            && !(t.is_finite() && t > 0.0 && t <= 100.0)
+        {
+            err("target_epsilon", format!("must be in (0, 100] (got {t})"));
+        }
+        if self.noise_multiplier.is_none() && self.target_epsilon.is_none() {
+            err("noise_multiplier", "give noise_multiplier or target_epsilon".into());
+        }
+        if let Some(ranges) = &self.feature_ranges {
+            if ranges.is_empty() || ranges.len() > 1_000_000 {
+                err("feature_ranges", "1 to 1000000 [low, high] pairs".into());
+            }
+            if let Some((i, [lo, hi])) =
+                ranges.iter().enumerate().find(|(_, [lo, hi])| !(lo.is_finite() && hi.is_finite() && lo < hi))
+            {
+                err(&format!("feature_ranges[{i}]"), format!("[{lo}, {hi}] is not a finite range with low < high"));
+            }
+        }
+        let steps = if q.is_finite() && q > 0.0 {
+            steps_per_round(training.local_epochs, q).saturating_mul(u64::from(rounds))
+        } else {
+            0
+        };
+        if steps > MAX_DP_STEPS {
+            err("sampling_rate", format!("rounds × ⌈local_epochs / q⌉ = {steps} steps; the limit is {MAX_DP_STEPS}"));
+        }
+        if !e.is_empty() {
+            return Err(e);
+        }
+        let noise_multiplier = match (self.noise_multiplier, self.target_epsilon) {
+            (Some(z), Some(target)) => {
+                let eps = steps_epsilon(q, z, steps, delta);
+                if eps > target * (1.0 + 1e-9) {
+                    return Err(vec![(
+                        "noise_multiplier".into(),
+                        format!(
+                            "noise_multiplier {z} costs ε = {eps:.4} over {steps} steps, above target_epsilon {target}"
+                        ),
+                    )]);
+                }
+                z
+            }
+            (Some(z), None) => z,
+            (None, Some(target)) => {
+                noise_for_target(target, delta, q, training, rounds).map_err(|m| vec![("target_epsilon".into(), m)])?
+            }
+            (None, None) => {
+                return Err(vec![("noise_multiplier".into(), "give noise_multiplier or target_epsilon".into())]);
+            }
+        };
+        Ok(DpSpec {
+            target_epsilon: self.target_epsilon,
+            noise_multiplier,
+            delta,
+            sampling_rate: q,
+            max_grad_norm: c,
+            feature_ranges: self.feature_ranges.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(extra: &str) -> RawDp {
+        toml::from_str(&format!("sampling_rate = 0.05\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn a_target_epsilon_resolves_to_the_smallest_noise_that_meets_it() {
+        let training = TrainConfig { local_epochs: 1, ..TrainConfig::default() };
+        let dp = raw("target_epsilon = 2.0").validate(&training, 10).unwrap();
+        let eps = dp.epsilon(&training, 10);
+        assert!(eps <= 2.0 && eps > 1.99, "{eps}");
+        assert_eq!(dp.steps_per_round(&training), 20);
+        // Round trip: both settings, checked against each other.
+        let again = dp.to_raw().validate(&training, 10).unwrap();
+        assert_eq!(again, dp);
+        // A noise multiplier that overshoots its target is refused.
+        let low = raw("target_epsilon = 2.0\nnoise_multiplier = 0.5").validate(&training, 10).unwrap_err();
+        assert_eq!(low[0].0, "noise_multiplier");
+        assert!(low[0].1.contains("above target_epsilon"), "{low:?}");
+    }
+
+    #[test]
+    fn every_bad_setting_is_named() {
+        let training = TrainConfig::default();
+        let bad: RawDp = toml::from_str(
+            "level = \"party\"\naccountant = \"pld\"\ndelta = 0.5\nsampling_rate = 2.0\nmax_grad_norm = -1.0\n\
+             noise_multiplier = 100.0\nfeature_ranges = [[1.0, 0.0]]",
+        )
+        .unwrap();
+        let fields: Vec<String> = bad.validate(&training, 1).unwrap_err().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            ["level", "accountant", "delta", "sampling_rate", "max_grad_norm", "noise_multiplier", "feature_ranges[0]"]
+        );
+        let none: RawDp = toml::from_str("sampling_rate = 0.1").unwrap();
+        assert_eq!(none.validate(&training, 1).unwrap_err()[0].0, "noise_multiplier");
+        let unreachable = raw("target_epsilon = 0.01").validate(&TrainConfig { local_epochs: 50, ..training }, 1000);
+        assert!(unreachable.is_err());
+    }
+
+    #[test]
+    fn public_ranges_standardise_to_minus_one_one() {
+        let dp = raw("noise_multiplier = 1.0\nfeature_ranges = [[0.0, 10.0], [-4.0, 0.0]]")
+            .validate(&TrainConfig::default(), 1)
+            .unwrap();
+        let (mean, std) = dp.range_stats().unwrap().mean_std();
+        assert_eq!(mean, vec![5.0, -2.0]);
+        assert_eq!(std, vec![5.0, 2.0]);
+    }
+}
