@@ -37,6 +37,12 @@ ADDR=$(sed -n 's/.*listening on //p' "$DEMO/logs/coordinator.out")
 [ -n "$ADDR" ] || { echo "coordinator did not start:"; cat "$DEMO/logs/coordinator.log"; exit 1; }
 echo "   coordinator at $ADDR"
 
+# Each data set may spend at most this record-level ε across all jobs; a job
+# without differential privacy (ε = ∞) is refused. CONFIDE_DEMO_MAX_EPSILON=none
+# lifts the limit (scripts/privacy_utility.py runs the job without DP too).
+MAX_EPSILON=${CONFIDE_DEMO_MAX_EPSILON:-10.0}
+MAX_EPSILON_LINE="max_epsilon = $MAX_EPSILON"
+[ "$MAX_EPSILON" = none ] && MAX_EPSILON_LINE=""
 echo "== 4. starting the parties (they only dial out)"
 for p in "${PARTIES[@]}"; do
   cat >"$DEMO/$p.toml" <<TOML
@@ -52,9 +58,7 @@ format = "csv"
 [policy]
 job_kinds = ["train", "evaluate"]
 aggregation = ["none", "secagg"]
-# Each data set may spend at most this record-level ε across all jobs; a job
-# without differential privacy (ε = ∞) is refused.
-max_epsilon = 10.0
+$MAX_EPSILON_LINE
 TOML
   "$BIN/confide-party" run --config "$DEMO/$p.toml" 2>"$DEMO/logs/$p.log" &
   PIDS+=($!)

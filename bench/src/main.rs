@@ -115,6 +115,17 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         repeat: usize,
     },
+    /// DP-SGD's local training against non-private training, time per step,
+    /// same run: the demo MLP on the breast-cancer rows, the digits CNN
+    /// (libtorch) and the pure-Rust logistic regression.
+    DpSgd {
+        /// Steps timed per measurement.
+        #[arg(long, default_value_t = 200)]
+        steps: u64,
+        /// Timed repetitions (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+    },
     /// Per-party and server cost of SecAgg+ as the federation grows (the
     /// protocol alone, in one process, no network).
     SecaggScaling {
@@ -820,6 +831,13 @@ async fn main() {
                 }
             }
         }
+        Command::DpSgd { steps, repeat } => match bench_dp_sgd(steps.max(1), repeat.max(1)) {
+            Ok(lines) => lines.iter().for_each(|v| println!("{v}")),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        },
         Command::SecaggScaling { parties, params } => {
             let mut failed = false;
             for n in parties {
@@ -842,6 +860,85 @@ fn median_ms(mut runs: Vec<f64>) -> f64 {
 }
 
 /// `confide-bench dp`: noise and accountant timings.
+/// Time per step of DP-SGD (`fit_private`) and of ordinary training
+/// (`fit`) on the same model and rows, alternating, medians of `repeat`.
+fn bench_dp_sgd(steps: u64, repeat: usize) -> Result<Vec<serde_json::Value>, String> {
+    use confide_algorithms::data::{CsvOptions, Dataset};
+    use confide_algorithms::trainer::apply_feature_stats;
+    use confide_algorithms::{DpSgdPlan, FitConfig, ModelConfig, TrainConfig, Trainer};
+    use std::time::Instant;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data");
+    let load = |file: &str, header: bool| {
+        Dataset::load_csv(&root.join(file), &CsvOptions { header, label_column: -1 }).map_err(|e| e.to_string())
+    };
+    let (bc, digits) = (load("breast_cancer.csv", true)?, load("digits.csv.gz", false)?);
+    confide_party::torch::set_threads(1);
+    let cases: Vec<(&str, ModelConfig, Dataset, usize, bool)> = vec![
+        ("mlp_breast_cancer", ModelConfig::mlp(2, vec![32, 16]), bc.clone(), 16, true),
+        ("cnn_digits", ModelConfig::cnn(10, vec![16, 32], [1, 8, 8]), digits, 32, true),
+        ("logreg_rust_breast_cancer", ModelConfig::logistic_regression(2), bc, 16, false),
+    ];
+    let mut lines = Vec::new();
+    for (name, model, rows, batch, torch) in cases {
+        let n = rows.len();
+        let mut t: Box<dyn Trainer> = if torch {
+            Box::new(
+                confide_party::torch::TorchTrainer::new(&model, None, rows.clone(), Dataset::default(), 1, 0)
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            Box::new(
+                confide_algorithms::LogisticRegression::new(2, rows.clone(), Dataset::default(), 1, 0)
+                    .map_err(|e| e.to_string())?,
+            )
+        };
+        let mut p = t.parameters().map_err(|e| e.to_string())?;
+        apply_feature_stats(&mut p, &rows.feature_stats()).map_err(|e| e.to_string())?;
+        t.set_parameters(&p).map_err(|e| e.to_string())?;
+        // Ordinary training: whole epochs of `batch`-row steps, at least `steps`.
+        let per_epoch = n.div_ceil(batch) as u64;
+        let epochs = steps.div_ceil(per_epoch).max(1);
+        let train = TrainConfig {
+            local_epochs: epochs as u32,
+            batch_size: batch,
+            learning_rate: 0.01,
+            ..TrainConfig::default()
+        };
+        let config = FitConfig { round: 1, train };
+        let plan = DpSgdPlan {
+            max_grad_norm: 1.0,
+            noise_multiplier: 1.0,
+            sampling_rate: batch as f64 / n as f64,
+            expected_batch_size: batch,
+            steps_per_round: steps,
+        };
+        let (mut plain, mut private) = (Vec::new(), Vec::new());
+        for _ in 0..repeat {
+            t.set_parameters(&p).map_err(|e| e.to_string())?;
+            let start = Instant::now();
+            t.fit(&config).map_err(|e| e.to_string())?;
+            plain.push(start.elapsed().as_secs_f64() * 1e3 / (epochs * per_epoch) as f64);
+            t.set_parameters(&p).map_err(|e| e.to_string())?;
+            let start = Instant::now();
+            t.fit_private(&config, &plan).map_err(|e| e.to_string())?;
+            private.push(start.elapsed().as_secs_f64() * 1e3 / steps as f64);
+        }
+        let (plain, private) = (median_ms(plain), median_ms(private));
+        lines.push(serde_json::json!({
+            "bench": "dp_sgd_step",
+            "model": name,
+            "rows": n,
+            "batch": batch,
+            "trainable_values": p.num_values() - 2 * rows.num_features,
+            "plain_ms_per_step": plain,
+            "dp_sgd_ms_per_step": private,
+            "ratio": private / plain,
+            "runs": repeat,
+        }));
+    }
+    Ok(lines)
+}
+
 fn bench_dp(
     coordinates: usize,
     sigmas: &[u32],

@@ -9,12 +9,13 @@
 //!    [`DpSgd::clip_factor`] so that its L2 norm is at most
 //!    [`DpSgd::clip_norm`], and sums the scaled gradients in `f64`;
 //! 3. calls [`DpSgd::privatize`], which puts the sum on the lattice γ·Z^d
-//!    (γ = C / 2^20 for the clipping norm C), adds exact discrete Gaussian
+//!    (γ = C / 2^20 for the clipping norm C, or a coarser 2^16–2^19 for
+//!    noise multipliers above 64), adds exact discrete Gaussian
 //!    noise N_Z(0, σ_int²) per coordinate, and divides by the expected batch
 //!    size (a public constant, as Opacus's `expected_batch_size`: dividing
 //!    by the sample's real size would reveal it).
 //!
-//! Why the lattice sensitivity is at most 2^20 = C/γ: adding or removing
+//! Why the lattice sensitivity is at most 2^20 = C/γ (2^bits in general): adding or removing
 //! one row changes the exact sum by one clipped gradient, of norm at most
 //! `clip_norm` = C − 2γ√d. Rounding each coordinate to the nearest lattice
 //! point moves the difference of two sums by less than one unit per
@@ -22,7 +23,7 @@
 //! n·2^-52·(Σ|terms|)/γ ≤ 2^-12 units per coordinate for n ≤ 2^20 rows, far
 //! inside the second √d. So the noise-free integer vectors of neighbouring
 //! data sets differ by at most C/γ in L2, and the step is the discrete
-//! Gaussian mechanism with noise multiplier σ_int / 2^20 on a Poisson
+//! Gaussian mechanism with noise multiplier σ_int / 2^bits on a Poisson
 //! subsample: [`crate::rdp::DpEvent::PoissonSampledDiscreteGaussian`].
 //! Everything after the noise (the division, the optimiser) is
 //! post-processing.
@@ -35,12 +36,17 @@ use crate::Error;
 use crate::rdp::DpEvent;
 use crate::sampler::{DiscreteGaussian, os_seeded_rng};
 
-/// The L2 sensitivity of a step's sum in lattice units.
-pub const LATTICE_SENSITIVITY: f64 = (1u64 << 20) as f64;
+/// The L2 sensitivity of a step's sum in lattice units, 2^bits: 2^20 for
+/// noise multipliers up to 64, fewer bits above so that σ_int = ⌈z·2^bits⌉
+/// stays within the sampler's integer σ ≤ 2^26 (2^16 at z = 1024).
+pub fn lattice_sensitivity(noise_multiplier: f64) -> f64 {
+    let need = noise_multiplier.max(1.0).log2().ceil() as u32;
+    f64::from(1u32 << 26u32.saturating_sub(need).min(20))
+}
 
-/// The largest noise multiplier: σ_int = ⌈z·2^20⌉ stays within the
-/// sampler's integer σ ≤ 2^26.
-pub const MAX_NOISE_MULTIPLIER: f64 = 64.0;
+/// The largest noise multiplier (the lattice keeps at least 2^16 units of
+/// sensitivity).
+pub const MAX_NOISE_MULTIPLIER: f64 = 1024.0;
 
 /// Most rows a step may sum (the f64 error bound above).
 pub const MAX_ROWS: usize = 1 << 20;
@@ -68,6 +74,11 @@ pub struct DpSgd {
     sigma_int: u32,
     noise: DiscreteGaussian,
     rng: ChaCha20Rng,
+    /// The next steps' noise vectors, drawn by a thread of their own while
+    /// the trainer computes gradients (the noise does not depend on the
+    /// data); `None` if the thread could not start, then noise is drawn
+    /// inline.
+    pipeline: Option<std::sync::mpsc::Receiver<Zeroizing<Vec<i64>>>>,
     /// floor(q·2^64): a row is sampled when a uniform u64 is below it.
     sample_threshold: u64,
     sample_all: bool,
@@ -100,24 +111,31 @@ impl DpSgd {
         if !(b.is_finite() && b >= 1.0) {
             return Err(Error::InvalidInput(format!("expected batch size must be at least 1 (got {b})")));
         }
-        // 2√d must stay well below 2^20 lattice units of sensitivity.
+        // 2√d must stay well below the lattice units of sensitivity.
+        let lattice = lattice_sensitivity(z);
         let root_d = (cfg.dim as f64).sqrt();
-        if cfg.dim == 0 || 2.0 * root_d > LATTICE_SENSITIVITY / 2.0 {
-            return Err(Error::InvalidInput(format!("{} trainable values: DP-SGD takes 1 to 2^36", cfg.dim)));
+        if cfg.dim == 0 || 2.0 * root_d > lattice / 2.0 {
+            return Err(Error::InvalidInput(format!(
+                "{} trainable values: DP-SGD at noise multiplier {z} takes 1 to {}",
+                cfg.dim,
+                (lattice / 4.0).powi(2)
+            )));
         }
-        let gamma = c / LATTICE_SENSITIVITY;
-        let sigma = (z * LATTICE_SENSITIVITY).ceil();
+        let gamma = c / lattice;
+        let sigma = (z * lattice).ceil();
         let sigma_int = sigma as u32;
         let sample_all = q >= 1.0;
         // floor(q·2^64) without overflow: q < 1 here, so q·2^64 < 2^64.
         let sample_threshold = if sample_all { u64::MAX } else { (q * 18_446_744_073_709_551_616.0) as u64 };
+        let noise = DiscreteGaussian::with_sigma(sigma_int)?;
         Ok(DpSgd {
             cfg,
             gamma,
             clip_norm: c - 2.0 * gamma * root_d,
             sigma_int,
-            noise: DiscreteGaussian::with_sigma(sigma_int)?,
+            noise,
             rng: os_seeded_rng()?,
+            pipeline: noise_pipeline(noise, cfg.dim),
             sample_threshold,
             sample_all,
         })
@@ -147,9 +165,9 @@ impl DpSgd {
         }
     }
 
-    /// The noise multiplier actually applied: σ_int / 2^20 ≥ z.
+    /// The noise multiplier actually applied: σ_int / 2^bits ≥ z.
     pub fn effective_noise_multiplier(&self) -> f64 {
-        f64::from(self.sigma_int) / LATTICE_SENSITIVITY
+        f64::from(self.sigma_int) / lattice_sensitivity(self.cfg.noise_multiplier)
     }
 
     /// What one step costs: the Poisson-subsampled discrete Gaussian.
@@ -182,8 +200,14 @@ impl DpSgd {
         if clipped_sum.iter().any(|v| !v.is_finite()) {
             return Err(Error::InvalidInput("the clipped gradient sum has NaN or infinite values".into()));
         }
-        let mut noise = Zeroizing::new(vec![0i64; clipped_sum.len()]);
-        dp.noise.fill_from(&mut noise, &mut dp.rng);
+        let noise = match dp.pipeline.as_ref().and_then(|p| p.recv().ok()) {
+            Some(noise) => noise,
+            None => {
+                let mut noise = Zeroizing::new(vec![0i64; clipped_sum.len()]);
+                dp.noise.fill_from(&mut noise, &mut dp.rng);
+                noise
+            }
+        };
         let out_scale = dp.gamma / dp.cfg.expected_batch_size;
         for (s, n) in clipped_sum.iter_mut().zip(noise.iter()) {
             // |sum/γ| ≤ rows·2^20 ≤ 2^40: exact integers in f64.
@@ -194,11 +218,33 @@ impl DpSgd {
     }
 }
 
+/// Starts a thread that draws `dim`-coordinate noise vectors from its own
+/// OS-seeded ChaCha20 stream, two steps ahead. It ends when the receiver is
+/// dropped; the vectors are wiped when dropped.
+fn noise_pipeline(noise: DiscreteGaussian, dim: usize) -> Option<std::sync::mpsc::Receiver<Zeroizing<Vec<i64>>>> {
+    let mut rng = os_seeded_rng().ok()?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Zeroizing<Vec<i64>>>(2);
+    std::thread::Builder::new()
+        .name("dp-sgd-noise".into())
+        .spawn(move || {
+            loop {
+                let mut v = Zeroizing::new(vec![0i64; dim]);
+                noise.fill_from(&mut v, &mut rng);
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        })
+        .ok()?;
+    Some(rx)
+}
+
 /// One DP-SGD step's privacy event: the discrete Gaussian with multiplier
-/// ⌈z·2^20⌉/2^20 on a Poisson subsample at rate `q`.
+/// ⌈z·2^bits⌉/2^bits on a Poisson subsample at rate `q`.
 pub fn step_event(q: f64, z: f64) -> DpEvent {
-    let sigma_int = (z * LATTICE_SENSITIVITY).ceil();
-    DpEvent::PoissonSampledDiscreteGaussian { sampling_rate: q, noise_multiplier: sigma_int / LATTICE_SENSITIVITY }
+    let lattice = lattice_sensitivity(z);
+    let sigma_int = (z * lattice).ceil();
+    DpEvent::PoissonSampledDiscreteGaussian { sampling_rate: q, noise_multiplier: sigma_int / lattice }
 }
 
 /// Draws a Poisson sample from any CSPRNG (for tests with fixed seeds).
@@ -220,7 +266,7 @@ mod tests {
     fn refuses_bad_settings_naming_them() {
         for (bad, field) in [
             (DpSgdConfig { max_grad_norm: 0.0, ..cfg(4) }, "max_grad_norm"),
-            (DpSgdConfig { noise_multiplier: 65.0, ..cfg(4) }, "noise_multiplier"),
+            (DpSgdConfig { noise_multiplier: 1025.0, ..cfg(4) }, "noise_multiplier"),
             (DpSgdConfig { sampling_rate: 0.0, ..cfg(4) }, "sampling_rate"),
             (DpSgdConfig { expected_batch_size: 0.5, ..cfg(4) }, "batch size"),
             (cfg(0), "trainable values"),
@@ -234,7 +280,12 @@ mod tests {
     fn clipping_leaves_room_for_rounding_and_the_noise_is_rounded_up() {
         let dp = DpSgd::new(cfg(10_000)).unwrap();
         // C − 2γ√d with γ = 2^-20.
-        assert!((dp.clip_norm() - (1.0 - 200.0 / LATTICE_SENSITIVITY)).abs() < 1e-15);
+        assert!((dp.clip_norm() - (1.0 - 200.0 / f64::from(1 << 20))).abs() < 1e-15);
+        assert_eq!(lattice_sensitivity(64.0), f64::from(1 << 20));
+        assert_eq!(lattice_sensitivity(65.0), f64::from(1 << 19));
+        assert_eq!(lattice_sensitivity(1024.0), f64::from(1 << 16));
+        let big = DpSgd::new(DpSgdConfig { noise_multiplier: 300.0, ..cfg(4) }).unwrap();
+        assert!(big.sigma_int <= 1 << 26 && big.effective_noise_multiplier() >= 300.0);
         assert_eq!(dp.clip_factor(0.5), 1.0);
         assert!((dp.clip_factor(4.0) * 4.0 - dp.clip_norm()).abs() < 1e-15);
         assert_eq!(dp.clip_factor(f64::NAN), 0.0);
@@ -262,7 +313,7 @@ mod tests {
                     .zip(&with)
                     .map(|(a, b)| ((b / dp.gamma).round() - (a / dp.gamma).round()).powi(2))
                     .sum();
-                assert!(d2.sqrt() <= LATTICE_SENSITIVITY, "dim {dim}: {}", d2.sqrt());
+                assert!(d2.sqrt() <= lattice_sensitivity(1.0), "dim {dim}: {}", d2.sqrt());
             }
         }
     }

@@ -11,9 +11,10 @@
 //!   under-counts. A job offered again (the coordinator resumed it) is not
 //!   charged twice.
 //! * **Before each round's training** it records the round as started,
-//!   durably, and refuses a round beyond the ones reserved (a coordinator
-//!   that asks for more rounds than the spec, or re-runs rounds, cannot
-//!   spend more than was reserved).
+//!   durably. A round beyond the ones reserved (a coordinator that re-runs
+//!   a round after a restart, or asks for more than the spec's) is charged
+//!   first: the job's reservation grows to the ε of the rounds started, if
+//!   the budget allows it, else the round is refused.
 //!
 //! Costs of separate jobs add up (basic composition of (ε, δ)): a
 //! conservative total that needs no assumption on how the jobs relate.
@@ -23,6 +24,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use confide_algorithms::TrainConfig;
+use confide_proto::dpspec::DpSpec;
 use confide_proto::jobspec::JobSpec;
 use serde::{Deserialize, Serialize};
 
@@ -130,8 +133,15 @@ impl Ledger {
         let (epsilon, delta) = job_cost(spec);
         let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
         let entry = state.datasets.get(dataset).cloned().unwrap_or_default();
+        let guard = |job_id: &str| RoundGuard {
+            ledger: self.clone(),
+            dataset: dataset.to_owned(),
+            job_id: job_id.to_owned(),
+            max_epsilon,
+            cost: spec.dp.clone().map(|dp| (dp, spec.training.clone())),
+        };
         if entry.jobs.contains_key(job_id) {
-            return Ok(RoundGuard { ledger: self.clone(), dataset: dataset.to_owned(), job_id: job_id.to_owned() });
+            return Ok(guard(job_id));
         }
         if let Some(max) = max_epsilon {
             let spent = entry.epsilon();
@@ -151,7 +161,7 @@ impl Ledger {
         }
         if !epsilon.is_finite() {
             // No DP and no limit: nothing to record.
-            return Ok(RoundGuard { ledger: self.clone(), dataset: dataset.to_owned(), job_id: String::new() });
+            return Ok(guard(""));
         }
         let mut next = state.clone();
         next.datasets.entry(dataset.to_owned()).or_default().jobs.insert(
@@ -169,7 +179,7 @@ impl Ledger {
         );
         self.write(&next)?;
         *state = next;
-        Ok(RoundGuard { ledger: self.clone(), dataset: dataset.to_owned(), job_id: job_id.to_owned() })
+        Ok(guard(job_id))
     }
 
     /// Drops a reservation no round has used (the job could not start at
@@ -190,20 +200,36 @@ impl Ledger {
         Ok(())
     }
 
-    fn start_round(&self, dataset: &str, job_id: &str) -> Result<(), String> {
+    fn start_round(&self, guard: &RoundGuard) -> Result<(), String> {
+        let (dataset, job_id) = (guard.dataset.as_str(), guard.job_id.as_str());
         let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
         let mut next = state.clone();
-        let charge = next
+        let d = next
             .datasets
             .get_mut(dataset)
-            .and_then(|d| d.jobs.get_mut(job_id))
             .ok_or_else(|| format!("the privacy ledger has no reservation for job {job_id}"))?;
+        let others: f64 = d.jobs.iter().filter(|(id, _)| *id != job_id).map(|(_, j)| j.epsilon).sum();
+        let charge =
+            d.jobs.get_mut(job_id).ok_or_else(|| format!("the privacy ledger has no reservation for job {job_id}"))?;
         if charge.rounds_started >= charge.rounds_reserved {
-            return Err(format!(
-                "the privacy ledger reserved {} training rounds of this job for data set {dataset:?}, and all have \
-                 run; another would spend privacy budget that was never reserved",
-                charge.rounds_reserved
-            ));
+            // A round beyond the reservation: charged before it runs.
+            let Some((dp, training)) = &guard.cost else {
+                return Err(format!("job {job_id} has no DP cost to extend its reservation with"));
+            };
+            let rounds = charge.rounds_started + 1;
+            let epsilon = dp.epsilon(training, rounds);
+            if let Some(max) = guard.max_epsilon
+                && others + epsilon > max * (1.0 + 1e-12)
+            {
+                return Err(format!(
+                    "the coordinator asked for training round {rounds} of a job reserved for {} rounds; for data set \
+                     {dataset:?} that would cost ε = {epsilon:.4}, {:.4} in all, above the policy's {max}",
+                    charge.rounds_reserved,
+                    others + epsilon
+                ));
+            }
+            charge.epsilon = epsilon;
+            charge.rounds_reserved = rounds;
         }
         charge.rounds_started += 1;
         self.write(&next)?;
@@ -236,6 +262,9 @@ pub struct RoundGuard {
     dataset: String,
     /// Empty when the job has nothing to account (no DP).
     job_id: String,
+    max_epsilon: Option<f64>,
+    /// What n rounds cost, to extend the reservation.
+    cost: Option<(DpSpec, TrainConfig)>,
 }
 
 impl RoundGuard {
@@ -245,7 +274,7 @@ impl RoundGuard {
         if self.job_id.is_empty() {
             return Ok(());
         }
-        self.ledger.start_round(&self.dataset, &self.job_id)
+        self.ledger.start_round(self)
     }
 
     /// Releases the reservation if no round has started (the job could not
@@ -282,35 +311,42 @@ mod tests {
         let job = spec(3, true);
         let (eps, delta) = job_cost(&job);
         assert!(eps.is_finite() && eps > 0.0 && delta == 1e-5);
-        let guard = ledger.reserve("j1", &job, "d", Some(eps * 2.5)).unwrap();
+        let guard = ledger.reserve("j1", &job, "d", Some(eps * 2.05)).unwrap();
         // Durable at once: a new process reading the file sees the reservation.
         let reread = Ledger::open(&path).unwrap().snapshot();
         assert_eq!(reread.datasets["d"].jobs["j1"].epsilon, eps);
         // The same job again is not charged twice; another fits once more, not twice.
-        ledger.reserve("j1", &job, "d", Some(eps * 2.5)).unwrap();
-        ledger.reserve("j2", &job, "d", Some(eps * 2.5)).unwrap();
-        let e = ledger.reserve("j3", &job, "d", Some(eps * 2.5)).unwrap_err();
+        ledger.reserve("j1", &job, "d", Some(eps * 2.05)).unwrap();
+        ledger.reserve("j2", &job, "d", Some(eps * 2.05)).unwrap();
+        let e = ledger.reserve("j3", &job, "d", Some(eps * 2.05)).unwrap_err();
         assert!(e.contains("has spent") && e.contains("\"d\""), "{e}");
         // Other data sets have their own budget; a job without DP costs ∞.
-        ledger.reserve("j3", &job, "other", Some(eps * 2.5)).unwrap();
+        ledger.reserve("j3", &job, "other", Some(eps * 2.05)).unwrap();
         let e = ledger.reserve("j4", &spec(3, false), "d", Some(100.0)).unwrap_err();
         assert!(e.contains("ε = ∞"), "{e}");
-        // Rounds: three reserved, a fourth refused, and the count survives a restart.
+        // Rounds: three reserved; the count survives a restart; a fourth
+        // (a re-run) is charged first, and refused when the budget is spent.
         for _ in 0..2 {
             guard.start_round().unwrap();
         }
         let reopened = Ledger::open(&path).unwrap();
-        let again = reopened.reserve("j1", &job, "d", None).unwrap();
+        let again = reopened.reserve("j1", &job, "d", Some(eps * 2.05)).unwrap();
         again.start_round().unwrap();
         let e = again.start_round().unwrap_err();
-        assert!(e.contains("all have run"), "{e}");
+        assert!(e.contains("round 4") && e.contains("above the policy"), "{e}");
+        assert_eq!(reopened.snapshot().datasets["d"].jobs["j1"].rounds_started, 3);
+        let unlimited = reopened.reserve("j1", &job, "d", None).unwrap();
+        unlimited.start_round().unwrap();
+        let charged = reopened.snapshot().datasets["d"].jobs["j1"].clone();
+        let four = job.dp.as_ref().unwrap().epsilon(&job.training, 4);
+        assert_eq!((charged.rounds_started, charged.rounds_reserved, charged.epsilon), (4, 4, four));
+        assert!(four > eps);
+        assert!((reopened.snapshot().datasets["d"].epsilon() - eps - four).abs() < 1e-12, "j1 and j2");
         // A started job keeps its reservation; an unstarted one can be released.
         again.release_unstarted();
         let j3 = reopened.reserve("j3", &job, "d", None).unwrap();
         j3.release_unstarted();
         assert!(!reopened.snapshot().datasets["d"].jobs.contains_key("j3"));
-        assert_eq!(reopened.snapshot().datasets["d"].jobs["j1"].rounds_started, 3);
-        assert!((reopened.snapshot().datasets["d"].epsilon() - 2.0 * eps).abs() < 1e-12, "j1 and j2");
     }
 
     #[test]

@@ -294,7 +294,23 @@ impl TorchTrainer {
     /// trick), and a convolution's is g·unfold(a)ᵀ, formed by a batched
     /// matrix product. The clipped sums are matrix products with the clip
     /// factors folded into g.
+    #[cfg(test)]
     fn clipped_gradient_sum(&self, idx: &[usize], clip: &dyn Fn(f64) -> f64) -> Result<(Vec<f64>, Vec<f64>), Error> {
+        let rows: Vec<f32> = idx.iter().flat_map(|&i| self.train.row(i).iter().copied()).collect();
+        let xs = if idx.is_empty() { Tensor::zeros([0], (Kind::Float, Device::Cpu)) } else { self.inputs(&rows)? };
+        let ys = Self::labels(&self.train, idx);
+        self.clipped_gradient_sum_of(&xs, &ys, idx.len(), clip)
+    }
+
+    /// [`TorchTrainer::clipped_gradient_sum`] of `batch` standardised rows
+    /// `xs` (in the model's input shape) with labels `ys`.
+    fn clipped_gradient_sum_of(
+        &self,
+        xs: &Tensor,
+        ys: &Tensor,
+        batch_rows: usize,
+        clip: &dyn Fn(f64) -> f64,
+    ) -> Result<(Vec<f64>, Vec<f64>), Error> {
         let layers = self
             .layers
             .as_ref()
@@ -302,14 +318,12 @@ impl TorchTrainer {
         let vars = self.vs.variables();
         let var = |n: &str| vars.get(n).ok_or_else(|| Error::Training(format!("tensor {n} vanished")));
         let mut sums: std::collections::BTreeMap<String, Tensor> = std::collections::BTreeMap::new();
-        if idx.is_empty() {
+        if batch_rows == 0 {
             let total: usize = self.names.iter().map(|n| var(n).map(|v| v.numel())).sum::<Result<_, _>>()?;
             return Ok((vec![0.0; total], Vec::new()));
         }
-        let rows: Vec<f32> = idx.iter().flat_map(|&i| self.train.row(i).iter().copied()).collect();
-        let mut a = self.inputs(&rows)?;
-        let ys = Self::labels(&self.train, idx);
-        let batch = to_i64(idx.len());
+        let mut a = xs.shallow_clone();
+        let batch = to_i64(batch_rows);
         let mut kept: Vec<(&DpLayer, Tensor)> = Vec::new();
         let mut outs: Vec<Tensor> = Vec::new();
         for layer in layers {
@@ -332,7 +346,7 @@ impl TorchTrainer {
             }
         }
         // The summed (not averaged) loss: its gradient at row i's z is row i's own.
-        let loss = a.cross_entropy_for_logits(&ys) * (idx.len() as f64);
+        let loss = a.cross_entropy_for_logits(ys) * (batch_rows as f64);
         let grads = Tensor::f_run_backward(&[&loss], &outs, false, false).map_err(torch_err("backward"))?;
         let f64_of = |t: &Tensor| t.f_to_kind(Kind::Double).map_err(torch_err("dtype"));
         let mut norm2 = Tensor::zeros([batch], (Kind::Double, Device::Cpu));
@@ -367,8 +381,8 @@ impl TorchTrainer {
                 DpLayer::Flatten => {}
             }
         }
-        let mut norms = vec![0f64; idx.len()];
-        norm2.sqrt().f_copy_data(&mut norms, idx.len()).map_err(torch_err("norms"))?;
+        let mut norms = vec![0f64; batch_rows];
+        norm2.sqrt().f_copy_data(&mut norms, batch_rows).map_err(torch_err("norms"))?;
         let factors: Vec<f64> = norms.iter().map(|&n| clip(n)).collect();
         let c = Tensor::from_slice(&factors);
         for (name, per_row, db) in per_layer {
@@ -531,26 +545,39 @@ impl Trainer for TorchTrainer {
             .iter()
             .map(|n| self.variable(n).map(|v| (v.shallow_clone(), v.detach().copy())))
             .collect::<Result<_, _>>()?;
+        // Gradients are set, not computed, each step: give every variable a
+        // gradient tensor once (a backward pass of Σ 0·w).
+        let zero = params
+            .iter()
+            .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |acc, (w, _)| acc + (w * 0.0).sum(Kind::Float));
+        zero.backward();
+        let x_all = self.inputs(&self.train.features)?;
         for _ in 0..plan.steps_per_round {
             let sample = dp.poisson_sample(self.train.len());
-            let (mut sum, _) = self.clipped_gradient_sum(&sample, &|n| dp.clip_factor(n))?;
+            let idx: Vec<i64> = sample.iter().map(|&i| to_i64(i)).collect();
+            let xs = x_all.f_index_select(0, &Tensor::from_slice(&idx)).map_err(torch_err("batch"))?;
+            let ys = Self::labels(&self.train, &sample);
+            let (mut sum, _) = self.clipped_gradient_sum_of(&xs, &ys, sample.len(), &|n| dp.clip_factor(n))?;
             dp.privatize(&mut sum).map_err(|e| Error::InvalidInput(format!("dp: {e}")))?;
-            // The optimiser takes the noisy gradient as the gradient of the
-            // surrogate Σ⟨w, noisy⟩ (plus the proximal term): its update,
-            // momentum, Adam moments and weight decay are post-processing.
-            let mut at = 0;
-            let mut surrogate = Tensor::zeros([], (Kind::Float, Device::Cpu));
-            for ((w, w0), size) in params.iter().zip(&sizes) {
-                let len = size.iter().product::<i64>().max(0) as usize;
-                let noisy: Vec<f32> = sum[at..at + len].iter().map(|&v| v as f32).collect();
-                at += len;
-                let noisy = Tensor::from_slice(&noisy).f_view(size.as_slice()).map_err(torch_err("gradient shape"))?;
-                surrogate += (w * noisy).sum(Kind::Float);
-                if tc.proximal_mu > 0.0 {
-                    surrogate += (w - w0).square().sum(Kind::Float) * (tc.proximal_mu / 2.0);
+            // The noisy gradient (plus the proximal term's) becomes each
+            // variable's gradient; the optimiser's update, momentum, Adam
+            // moments and weight decay are post-processing.
+            let noisy = Tensor::from_slice(&sum).to_kind(Kind::Float);
+            let mut at = 0i64;
+            tch::no_grad(|| -> Result<(), Error> {
+                for ((w, w0), size) in params.iter().zip(&sizes) {
+                    let len = size.iter().product::<i64>().max(0);
+                    let g = noisy.narrow(0, at, len).view(size.as_slice());
+                    at += len;
+                    let mut grad = w.grad();
+                    grad.f_copy_(&g).map_err(torch_err("gradient"))?;
+                    if tc.proximal_mu > 0.0 {
+                        let _ = grad.f_add_(&((w - w0) * tc.proximal_mu)).map_err(torch_err("proximal term"))?;
+                    }
                 }
-            }
-            opt.backward_step(&surrogate);
+                Ok(())
+            })?;
+            opt.step();
         }
         for (w, _) in &params {
             let finite = w.isfinite().all().int64_value(&[]) != 0;

@@ -337,6 +337,77 @@ mod tests {
         h
     }
 
+    /// [`Fixed`] that trains with DP-SGD.
+    struct FixedDp;
+
+    impl Trainer for FixedDp {
+        fn parameters(&self) -> Result<Parameters, Error> {
+            Fixed.parameters()
+        }
+        fn set_parameters(&mut self, p: &Parameters) -> Result<(), Error> {
+            Fixed.set_parameters(p)
+        }
+        fn feature_stats(&self) -> FeatureStats {
+            Fixed.feature_stats()
+        }
+        fn fit(&mut self, c: &FitConfig) -> Result<FitOutcome, Error> {
+            Fixed.fit(c)
+        }
+        fn supports_dp_sgd(&self) -> bool {
+            true
+        }
+        fn fit_private(&mut self, _: &FitConfig, _: &DpSgdPlan) -> Result<FitOutcome, Error> {
+            Ok(FitOutcome { num_examples: 7, metrics: [("train_loss".to_string(), 0.3)].into() })
+        }
+        fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
+            Fixed.evaluate()
+        }
+        fn predict(&self, f: &[f32]) -> Result<Vec<f32>, Error> {
+            Fixed.predict(f)
+        }
+    }
+
+    /// In a DP job, even under a protocol that reveals updates, the party
+    /// sends no statistic of its rows (a coordinator asking for feature
+    /// sums or evaluation metrics, in the clear or summed, is refused as a
+    /// fault), and its fit answer carries no metric, loss or example count.
+    #[test]
+    fn a_dp_job_sends_only_the_noisy_update() {
+        use confide_crypto::aggregation::plain::Plain;
+        let job =
+            JobFacts { job_id: "j".into(), party_names: Vec::new(), max_parties: 10, min_parties: 1, max_values: 100 };
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let mut h = TrainingHandler::new(Box::new(FixedDp), client, Plain.stages());
+        h.dp = Some(DpSgdPlan {
+            max_grad_norm: 1.0,
+            noise_multiplier: 1.0,
+            sampling_rate: 0.1,
+            expected_batch_size: 4,
+            steps_per_round: 10,
+        });
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let ResultBody::Setup { stats, .. } = h.on_task(task(0, TaskBody::Setup)).unwrap() else { panic!() };
+        assert_eq!(stats, FeatureStats::default(), "no feature sums");
+        for body in [
+            TaskBody::Evaluate { global: global.clone() },
+            TaskBody::SecureSum { of: SumOf::FeatureStats, round_message: Vec::new() },
+            TaskBody::SecureSum { of: SumOf::Evaluation { global: global.clone() }, round_message: Vec::new() },
+        ] {
+            let err = h.on_task(task(1, body)).unwrap_err();
+            assert!(matches!(&err, TaskError::CoordinatorFault(m) if m.contains("differential privacy")), "{err:?}");
+        }
+        let fit = TaskBody::Fit {
+            config: FitConfig { round: 1, train: Default::default() },
+            global,
+            round_message: Vec::new(),
+        };
+        let ResultBody::Fit { metrics, contribution } = h.on_task(task(1, fit)).unwrap() else { panic!() };
+        assert!(metrics.is_empty(), "{metrics:?}");
+        // The plain protocol's body is the weight (protobuf field 1, varint):
+        // 1, whatever the party's row count (7 here).
+        assert_eq!(contribution.body, [0x08, 0x01], "a DP update weighs 1");
+    }
+
     fn task(round: u32, body: TaskBody) -> Task {
         Task { job_id: "j".into(), round, task_id: 1, body }
     }

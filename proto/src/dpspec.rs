@@ -312,7 +312,7 @@ mod tests {
         let training = TrainConfig::default();
         let bad: RawDp = toml::from_str(
             "level = \"party\"\naccountant = \"pld\"\ndelta = 0.5\nsampling_rate = 2.0\nmax_grad_norm = -1.0\n\
-             noise_multiplier = 100.0\nfeature_ranges = [[1.0, 0.0]]",
+             noise_multiplier = 2000.0\nfeature_ranges = [[1.0, 0.0]]",
         )
         .unwrap();
         let fields: Vec<String> = bad.validate(&training, 1).unwrap_err().into_iter().map(|(f, _)| f).collect();

@@ -385,7 +385,7 @@ mod tests {
         let json: serde_json::Value = serde_json::to_value(&st).unwrap();
         assert_eq!(
             json["privacy"],
-            serde_json::json!({"aggregation": "secagg", "dp": null, "epsilon": null, "delta": null})
+            serde_json::json!({"aggregation": "secagg", "dp": null, "epsilon": null, "delta": null, "accountant": null})
         );
         assert!(JobState::try_from(0).is_err());
     }

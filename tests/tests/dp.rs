@@ -1,0 +1,132 @@
+//! Differential privacy end to end: real `confide` and `confide-party`
+//! processes. Each hospital's ledger refuses what its budget does not allow
+//! and never under-counts, even when the party is killed mid-job; the
+//! coordinator's ε survives its own restart.
+
+use std::path::PathBuf;
+
+use confide_proto::Limits;
+use confide_proto::jobspec::JobSpec;
+use confide_tests::{Federation, repo_root};
+use serde_json::Value;
+
+fn three() -> Vec<&'static str> {
+    vec!["hospital-a", "hospital-b", "hospital-c"]
+}
+
+/// A DP-SGD job (pure-Rust logistic regression) over the federation's parties.
+fn dp_spec(protocol: &str, min: usize, rounds: u32, z: f64) -> String {
+    format!(
+        "name = \"dp\"\nkind = \"train\"\nrounds = {rounds}\n[parties]\nnames = [\"hospital-a\", \"hospital-b\", \
+         \"hospital-c\"]\nmin = {min}\ndataset = \"data\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\n\
+         standardize = false\n[training]\nlocal_epochs = 1\nbatch_size = 8\nlearning_rate = 0.01\nseed = 3\n\
+         validation_fraction = 0.0\n[dp]\nnoise_multiplier = {z}\nsampling_rate = 0.05\ndelta = 1e-5\n\
+         [aggregation]\nprotocol = \"{protocol}\"\n[aggregation.{protocol}]\n{}\n[timeouts]\nrecruit_secs = 30\n\
+         round_secs = 30\n",
+        if protocol == "secagg" { "max_examples = 1" } else { "" }
+    )
+}
+
+fn cost(text: &str) -> f64 {
+    let spec = JobSpec::parse(text, "dp.toml", &Limits::default()).expect("spec");
+    spec.dp.as_ref().expect("dp").epsilon(&spec.training, spec.rounds)
+}
+
+fn policy(max_epsilon: f64) -> String {
+    format!("[policy]\naggregation = [\"none\", \"secagg\"]\nmax_epsilon = {max_epsilon}\n")
+}
+
+fn ledger(fed: &Federation, party: &str) -> Value {
+    let cfg = fed.path(&format!("{party}.toml"));
+    let out = std::process::Command::new(confide_tests::bin_dir().join("confide-party"))
+        .args(["budget", "--config", cfg.to_str().expect("utf-8"), "--json"])
+        .output()
+        .expect("confide-party budget");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("budget JSON")
+}
+
+fn breast_cancer() -> PathBuf {
+    repo_root().join("examples/data/breast_cancer.csv")
+}
+
+/// hospital-c's budget is below the job's cost: it refuses, with the reason
+/// in the job's status, and the others train. hospital-b is then killed
+/// (SIGKILL) mid-job: its ledger still holds the whole job's cost and every
+/// round it started. A second job that would take hospital-a past its
+/// budget is refused with what it has spent.
+#[test]
+fn the_ledger_refuses_over_budget_jobs_and_survives_a_sigkill_without_under_counting() {
+    let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
+    fed.start_coordinator();
+    let text = dp_spec("none", 2, 400, 2.0);
+    let eps = cost(&text);
+    assert!(eps.is_finite() && eps > 0.5, "{eps}");
+    fed.start_party("hospital-a", &policy(eps * 1.5));
+    fed.start_party("hospital-b", &policy(eps * 1.5));
+    fed.start_party("hospital-c", &policy(eps * 0.5));
+    let id = fed.submit("dp.toml", &text);
+    let st = fed.wait_for(&id, 60, "three rounds", |s| s["rounds_completed"].as_u64() >= Some(3));
+    let refused = st["parties"]["hospital-c"]["detail"].as_str().unwrap_or_default().to_string();
+    assert!(refused.contains("would cost") && refused.contains("data"), "{st:#}");
+    assert_eq!(st["privacy"]["dp"], "example");
+    assert_eq!(st["privacy"]["accountant"], "rdp");
+    fed.kill_party("hospital-b");
+    let b = ledger(&fed, "hospital-b");
+    let job = &b["datasets"]["data"]["jobs"][&id];
+    assert_eq!(job["epsilon"].as_f64(), Some(eps), "the whole job stays reserved: {b:#}");
+    assert!(job["rounds_started"].as_u64() >= Some(3), "{b:#}");
+    assert!(b["datasets"]["data"]["epsilon"].as_f64() >= Some(eps), "{b:#}");
+    // hospital-c spent nothing.
+    assert_eq!(ledger(&fed, "hospital-c")["datasets"]["data"]["epsilon"].as_f64(), Some(0.0));
+    // Below its minimum without hospital-b, the job fails.
+    assert_eq!(fed.wait_done(&id, 60)["state"], "failed");
+
+    // hospital-a has 0.5·eps of its 1.5·eps left: not enough for another job.
+    let second = fed.submit("dp2.toml", &text.replace("min = 2", "min = 1"));
+    let st = fed.wait_done(&second, 60);
+    let why = st["parties"]["hospital-a"]["detail"].as_str().unwrap_or_default();
+    assert!(why.contains("has spent"), "{st:#}");
+    assert_ne!(st["state"], "succeeded");
+}
+
+/// The coordinator's accountant is saved with each checkpoint: after a
+/// SIGKILL and restart, the job reports the same ε for the same rounds,
+/// and at the end exactly the ε of its rounds, as `confide job validate`
+/// computes it from the spec.
+#[test]
+fn epsilon_is_unchanged_across_a_coordinator_restart() {
+    let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
+    fed.start_coordinator();
+    for p in three() {
+        fed.start_party(p, "[policy]\naggregation = [\"secagg\"]\n");
+    }
+    let rounds = 12;
+    let text = dp_spec("secagg", 3, rounds, 1.5);
+    let id = fed.submit("dp.toml", &text);
+    fed.wait_for(&id, 60, "two rounds", |s| s["rounds_completed"].as_u64() >= Some(2));
+    fed.signal_parties("STOP");
+    let before = fed.status(&id);
+    assert_eq!(before["state"], "running", "{before:#}");
+    let spent = before["privacy"]["epsilon"].as_f64().expect("epsilon");
+    let spec = JobSpec::parse(&text, "dp.toml", &Limits::default()).expect("spec");
+    let dp = spec.dp.as_ref().expect("dp");
+    let done = before["rounds_completed"].as_u64().expect("rounds") as u32;
+    assert!((spent - dp.epsilon(&spec.training, done)).abs() < 1e-9, "{spent} after {done} rounds");
+    fed.kill_coordinator();
+    fed.start_coordinator();
+    let after = fed.status(&id);
+    assert_eq!(after["rounds_completed"], before["rounds_completed"]);
+    assert_eq!(after["privacy"]["epsilon"].as_f64(), Some(spent), "ε changed across the restart");
+    fed.signal_parties("CONT");
+    let st = fed.wait_done(&id, 120);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    let total = dp.epsilon(&spec.training, rounds);
+    assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - total).abs() < 1e-9, "{st:#}");
+    assert!(total <= cost(&text) + 1e-12);
+    // Each hospital's ledger holds at least what the job reports.
+    for p in three() {
+        let l = ledger(&fed, p);
+        assert!(l["datasets"]["data"]["epsilon"].as_f64() >= Some(total), "{p}: {l:#}");
+    }
+}
