@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test build lint bench bench-round bench-train bench-dp doc clean setup
+.PHONY: demo test build lint bench bench-round bench-train bench-dp bench-dp-sgd doc clean setup
 
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
@@ -36,6 +36,9 @@ bench-train: setup
 
 bench-dp: setup
 	$(CARGO) run --release -p confide-bench -- dp
+
+bench-dp-sgd: setup
+	$(CARGO) run --release -p confide-bench -- dp-sgd
 
 bench: setup
 	$(CARGO) bench -p confide-bench

@@ -400,9 +400,20 @@ impl RdpAccountant {
     }
 }
 
-/// ε after `steps` compositions of `event` at `delta`.
+/// The orders an accountant for `event` should track: [`integer_orders`]
+/// for the subsampled discrete Gaussian (bounded only there), the default
+/// grid otherwise.
+pub fn orders_for(event: &DpEvent) -> Vec<f64> {
+    match event {
+        DpEvent::PoissonSampledDiscreteGaussian { .. } => integer_orders(),
+        _ => default_orders(),
+    }
+}
+
+/// ε after `steps` compositions of `event` at `delta`, over
+/// [`orders_for`] the event (so calibration and accounting agree).
 pub fn epsilon(event: &DpEvent, steps: u64, delta: f64) -> Result<f64, Error> {
-    let mut acc = RdpAccountant::new();
+    let mut acc = RdpAccountant::with_orders(orders_for(event))?;
     acc.compose(event, steps)?;
     Ok(acc.epsilon(delta)?.0)
 }

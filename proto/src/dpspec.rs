@@ -297,6 +297,13 @@ mod tests {
         let dp = raw("target_epsilon = 2.0").validate(&training, 10).unwrap();
         let eps = dp.epsilon(&training, 10);
         assert!(eps <= 2.0 && eps > 1.99, "{eps}");
+        // Small targets need large z, where the accountant's orders matter:
+        // calibration and accounting use the same ones.
+        for target in [0.5, 0.1] {
+            let dp = raw(&format!("target_epsilon = {target}")).validate(&training, 20).unwrap();
+            let eps = dp.epsilon(&training, 20);
+            assert!(eps <= target && eps > 0.99 * target, "{target}: {eps} at z = {}", dp.noise_multiplier);
+        }
         assert_eq!(dp.steps_per_round(&training), 20);
         // Round trip: both settings, checked against each other.
         let again = dp.to_raw().validate(&training, 10).unwrap();
