@@ -110,6 +110,6 @@ print(f"central test accuracy:   {cacc:.4f}  (same model, pooled rows; differenc
 print(f"model: {model}")
 print(json.dumps({"federated_accuracy": round(acc, 4), "central_accuracy": round(cacc, 4),
                   "rounds": status["rounds_completed"], "privacy": status["privacy"]["aggregation"],
-                  "epsilon": status["privacy"].get("epsilon"), "model": model}))
+                  "epsilon": None if eps is None else round(eps, 4), "model": model}))
 sys.exit(0 if status["state"] == "succeeded" else 1)
 PY

@@ -5,6 +5,8 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
 use crate::data::Dataset;
+use confide_dp::dpsgd::{CHUNK_ROWS, CompensatedSum};
+
 use crate::trainer::{DpSgdPlan, INPUT_MEAN, INPUT_STD, classification_outcome, row_count};
 use crate::{
     Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, Parameters, Tensor, TensorSpec, Trainer,
@@ -252,21 +254,31 @@ impl Trainer for LogisticRegression {
         // The step's clipped gradient sum, weights then biases.
         let mut sum = vec![0.0; c * d + c];
         for _ in 0..plan.steps_per_round {
-            sum.iter_mut().for_each(|v| *v = 0.0);
-            for i in dp.poisson_sample(self.train.len()) {
-                standardize(self.train.row(i), &mean, &std, &mut x);
-                logit_gradient(&w, &b, &x, self.train.labels[i] as usize, &mut g);
-                let g2: f64 = g.iter().map(|v| v * v).sum();
-                let x2: f64 = x.iter().map(|v| v * v).sum();
-                let f = dp.clip_factor((g2 * (x2 + 1.0)).sqrt());
-                for k in 0..c {
-                    let gk = f * g[k];
-                    for j in 0..d {
-                        sum[k * d + j] += gk * x[j];
+            let mut total = CompensatedSum::new(sum.len());
+            for chunk in dp.poisson_sample(self.train.len()).chunks(CHUNK_ROWS) {
+                sum.iter_mut().for_each(|v| *v = 0.0);
+                for &i in chunk {
+                    standardize(self.train.row(i), &mean, &std, &mut x);
+                    logit_gradient(&w, &b, &x, self.train.labels[i] as usize, &mut g);
+                    let g2: f64 = g.iter().map(|v| v * v).sum();
+                    let x2: f64 = x.iter().map(|v| v * v).sum();
+                    // 0 for a non-finite norm: that row adds nothing (and
+                    // no NaN reaches the sum).
+                    let f = dp.clip_factor((g2 * (x2 + 1.0)).sqrt());
+                    if f == 0.0 {
+                        continue;
                     }
-                    sum[c * d + k] += gk;
+                    for k in 0..c {
+                        let gk = f * g[k];
+                        for j in 0..d {
+                            sum[k * d + j] += gk * x[j];
+                        }
+                        sum[c * d + k] += gk;
+                    }
                 }
+                total.add(&sum);
             }
+            sum = total.finish();
             dp.privatize(&mut sum).map_err(|e| Error::InvalidInput(format!("dp: {e}")))?;
             // ∇ = noisy mean gradient + l2·w + μ·(w − w₀), then momentum:
             // all post-processing of the noisy gradient and public values.

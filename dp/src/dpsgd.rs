@@ -15,13 +15,17 @@
 //!    size (a public constant, as Opacus's `expected_batch_size`: dividing
 //!    by the sample's real size would reveal it).
 //!
-//! Why the lattice sensitivity is at most 2^20 = C/γ (2^bits in general): adding or removing
-//! one row changes the exact sum by one clipped gradient, of norm at most
-//! `clip_norm` = C − 2γ√d. Rounding each coordinate to the nearest lattice
-//! point moves the difference of two sums by less than one unit per
-//! coordinate, √d in L2; the f64 summation's own error is below
-//! n·2^-52·(Σ|terms|)/γ ≤ 2^-12 units per coordinate for n ≤ 2^20 rows, far
-//! inside the second √d. So the noise-free integer vectors of neighbouring
+//! Why the lattice sensitivity is at most 2^20 = C/γ (2^bits in general):
+//! adding or removing one row changes the exact sum by one clipped gradient,
+//! of norm at most `clip_norm` = C − 2γ√d. Rounding each coordinate to the
+//! nearest lattice point moves the difference of two sums by less than one
+//! unit per coordinate, √d in L2. The floating-point summation's own error
+//! must fit the second √d: trainers sum at most [`CHUNK_ROWS`] = 2^12 rows in
+//! plain f64 (error ≤ n·2^-53·n·C: at most 2^24·2^-53·2^20 = 2^-9 lattice
+//! units per coordinate) and fold the chunks into a [`CompensatedSum`]
+//! (error about 2^-52 of Σ|chunk sums| ≤ n·2^20 units: below 2^-9 units for
+//! up to 2^23 sampled rows), under 2^-8 units per coordinate in all. So the
+//! noise-free integer vectors of neighbouring
 //! data sets differ by at most C/γ in L2, and the step is the discrete
 //! Gaussian mechanism with noise multiplier σ_int / 2^bits on a Poisson
 //! subsample: [`crate::rdp::DpEvent::PoissonSampledDiscreteGaussian`].
@@ -48,8 +52,38 @@ pub fn lattice_sensitivity(noise_multiplier: f64) -> f64 {
 /// sensitivity).
 pub const MAX_NOISE_MULTIPLIER: f64 = 1024.0;
 
-/// Most rows a step may sum (the f64 error bound above).
-pub const MAX_ROWS: usize = 1 << 20;
+/// Rows a trainer sums in plain f64 before folding the partial sum into a
+/// [`CompensatedSum`] (the error bound above).
+pub const CHUNK_ROWS: usize = 1 << 12;
+
+/// Neumaier's compensated summation of vectors: the error of the total is
+/// about 2·2^-53·Σ|parts|, whatever the number of parts.
+#[derive(Debug, Clone)]
+pub struct CompensatedSum {
+    sum: Vec<f64>,
+    compensation: Vec<f64>,
+}
+
+impl CompensatedSum {
+    /// A zero sum of `len`-value vectors.
+    pub fn new(len: usize) -> Self {
+        CompensatedSum { sum: vec![0.0; len], compensation: vec![0.0; len] }
+    }
+
+    /// Adds `part` (of the same length; extra values are ignored).
+    pub fn add(&mut self, part: &[f64]) {
+        for ((s, c), &x) in self.sum.iter_mut().zip(&mut self.compensation).zip(part) {
+            let t = *s + x;
+            *c += if s.abs() >= x.abs() { (*s - t) + x } else { (x - t) + *s };
+            *s = t;
+        }
+    }
+
+    /// The total.
+    pub fn finish(self) -> Vec<f64> {
+        self.sum.into_iter().zip(self.compensation).map(|(s, c)| s + c).collect()
+    }
+}
 
 /// DP-SGD's settings for one party's training.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -210,7 +244,7 @@ impl DpSgd {
         };
         let out_scale = dp.gamma / dp.cfg.expected_batch_size;
         for (s, n) in clipped_sum.iter_mut().zip(noise.iter()) {
-            // |sum/γ| ≤ rows·2^20 ≤ 2^40: exact integers in f64.
+            // |sum/γ| ≤ rows·2^20: exact integers in f64 below 2^53.
             let lattice = (*s / dp.gamma).round();
             *s = (lattice + *n as f64) * out_scale;
         }
@@ -335,6 +369,18 @@ mod tests {
         assert!(v.iter().all(|x| ((x / unit) - (x / unit).round()).abs() < 1e-6), "every output is on the lattice");
         assert!(dp.privatize(&mut [0.0; 3]).is_err());
         assert!(dp.privatize(&mut vec![f64::NAN; dim]).is_err());
+    }
+
+    #[test]
+    fn compensated_sums_keep_what_plain_sums_lose() {
+        let mut c = CompensatedSum::new(1);
+        let mut plain = 0.0;
+        for x in [1e16, 1.0, -1e16, 1.0] {
+            c.add(&[x]);
+            plain += x;
+        }
+        assert_eq!(c.finish(), vec![2.0]);
+        assert_ne!(plain, 2.0);
     }
 
     #[test]

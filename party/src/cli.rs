@@ -303,7 +303,7 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
 
 fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Result<(), String> {
     let cfg = PartyConfig::load_with(config, plugins).map_err(|e| e.to_string())?;
-    let ledger = crate::ledger::Ledger::open(&cfg.ledger_path())?.snapshot();
+    let ledger = crate::ledger::Ledger::read(&cfg.ledger_path())?;
     let max = cfg.policy.max_epsilon;
     if json {
         let datasets: serde_json::Map<String, serde_json::Value> = cfg

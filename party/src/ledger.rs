@@ -18,7 +18,8 @@
 //!
 //! Costs of separate jobs add up (basic composition of (ε, δ)): a
 //! conservative total that needs no assumption on how the jobs relate.
-//! One party process owns a ledger file.
+//! One party process owns a ledger file: it holds an exclusive lock on
+//! `LEDGER.lock` while the ledger is open, and a second process is refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,10 @@ pub struct JobCharge {
     pub rounds_started: u32,
     /// Unix seconds of acceptance.
     pub accepted_at: u64,
+    /// What the cost was computed from (the spec's DP settings, rounds and
+    /// schedule): a job offered again under the same id must match it.
+    #[serde(default)]
+    pub terms: String,
 }
 
 /// One data set's spending.
@@ -74,6 +79,17 @@ pub struct LedgerFile {
     pub datasets: BTreeMap<String, DatasetLedger>,
 }
 
+/// Everything a job's cost depends on, as text: the DP settings, the rounds
+/// and the local schedule.
+fn cost_terms(spec: &JobSpec) -> String {
+    format!(
+        "{:?} rounds={} training={:?}",
+        spec.dp,
+        spec.rounds,
+        (spec.training.local_epochs, spec.training.batch_size)
+    )
+}
+
 /// What a job would cost a data set, from its spec alone.
 pub fn job_cost(spec: &JobSpec) -> (f64, f64) {
     match &spec.dp {
@@ -87,6 +103,10 @@ pub fn job_cost(spec: &JobSpec) -> (f64, f64) {
 pub struct Ledger {
     path: PathBuf,
     state: Mutex<LedgerFile>,
+    /// An exclusive lock on `PATH.lock`, held while the ledger is open: a
+    /// second process on the same ledger would overwrite this one's
+    /// reservations.
+    _lock: std::fs::File,
 }
 
 impl Ledger {
@@ -94,7 +114,30 @@ impl Ledger {
     /// unreadable or malformed one is an error naming the file, never
     /// silently reset).
     pub fn open(path: &Path) -> Result<Arc<Ledger>, String> {
-        let state = match std::fs::read_to_string(path) {
+        let lock_path = path.with_extension("lock");
+        if let Some(dir) = lock_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        lock.try_lock().map_err(|e| {
+            format!(
+                "privacy ledger {} is in use by another process ({e}); one party process owns a ledger",
+                path.display()
+            )
+        })?;
+        let state = Self::read(path)?;
+        Ok(Arc::new(Ledger { path: path.to_owned(), state: Mutex::new(state), _lock: lock }))
+    }
+
+    /// The ledger's contents, read without taking it (for display while a
+    /// party runs); an absent file is an empty ledger.
+    pub fn read(path: &Path) -> Result<LedgerFile, String> {
+        Ok(match std::fs::read_to_string(path) {
             Ok(text) => {
                 let file: LedgerFile = serde_json::from_str(&text)
                     .map_err(|e| format!("{}: not a privacy ledger: {e}", path.display()))?;
@@ -105,8 +148,7 @@ impl Ledger {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => LedgerFile { version: 1, ..LedgerFile::default() },
             Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        Ok(Arc::new(Ledger { path: path.to_owned(), state: Mutex::new(state) }))
+        })
     }
 
     /// The file.
@@ -140,7 +182,15 @@ impl Ledger {
             max_epsilon,
             cost: spec.dp.clone().map(|dp| (dp, spec.training.clone())),
         };
-        if entry.jobs.contains_key(job_id) {
+        if let Some(existing) = entry.jobs.get(job_id) {
+            // Offered again (the coordinator resumed it): the reservation
+            // holds only for the terms it was computed from.
+            if existing.terms != cost_terms(spec) {
+                return Err(format!(
+                    "job {job_id} was accepted for data set {dataset:?} with other privacy terms; a job cannot \
+                     change its DP settings, rounds or schedule once accepted"
+                ));
+            }
             return Ok(guard(job_id));
         }
         if let Some(max) = max_epsilon {
@@ -175,29 +225,12 @@ impl Ledger {
                 accepted_at: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
+                terms: cost_terms(spec),
             },
         );
         self.write(&next)?;
         *state = next;
         Ok(guard(job_id))
-    }
-
-    /// Drops a reservation no round has used (the job could not start at
-    /// this party): nothing was computed on the data for it.
-    fn release_unstarted(&self, dataset: &str, job_id: &str) -> Result<(), String> {
-        let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
-        let mut next = state.clone();
-        let Some(d) = next.datasets.get_mut(dataset) else { return Ok(()) };
-        if d.jobs.get(job_id).is_none_or(|j| j.rounds_started > 0) {
-            return Ok(());
-        }
-        d.jobs.remove(job_id);
-        if d.jobs.is_empty() {
-            next.datasets.remove(dataset);
-        }
-        self.write(&next)?;
-        *state = next;
-        Ok(())
     }
 
     fn start_round(&self, guard: &RoundGuard) -> Result<(), String> {
@@ -276,17 +309,6 @@ impl RoundGuard {
         }
         self.ledger.start_round(self)
     }
-
-    /// Releases the reservation if no round has started (the job could not
-    /// be set up here). A failure to write leaves it reserved: over-, never
-    /// under-counting.
-    pub fn release_unstarted(&self) {
-        if !self.job_id.is_empty()
-            && let Err(e) = self.ledger.release_unstarted(&self.dataset, &self.job_id)
-        {
-            tracing::warn!("{e}");
-        }
-    }
 }
 
 #[cfg(test)]
@@ -313,10 +335,14 @@ mod tests {
         assert!(eps.is_finite() && eps > 0.0 && delta == 1e-5);
         let guard = ledger.reserve("j1", &job, "d", Some(eps * 2.05)).unwrap();
         // Durable at once: a new process reading the file sees the reservation.
-        let reread = Ledger::open(&path).unwrap().snapshot();
+        let reread = Ledger::read(&path).unwrap();
         assert_eq!(reread.datasets["d"].jobs["j1"].epsilon, eps);
         // The same job again is not charged twice; another fits once more, not twice.
         ledger.reserve("j1", &job, "d", Some(eps * 2.05)).unwrap();
+        // The same id with cheaper-looking terms is refused, not matched to
+        // the old reservation (the coordinator cannot swap the spec).
+        let e = ledger.reserve("j1", &spec(30, true), "d", None).unwrap_err();
+        assert!(e.contains("other privacy terms"), "{e}");
         ledger.reserve("j2", &job, "d", Some(eps * 2.05)).unwrap();
         let e = ledger.reserve("j3", &job, "d", Some(eps * 2.05)).unwrap_err();
         assert!(e.contains("has spent") && e.contains("\"d\""), "{e}");
@@ -329,6 +355,10 @@ mod tests {
         for _ in 0..2 {
             guard.start_round().unwrap();
         }
+        // One process owns the ledger: a second open is refused until the first closes.
+        let e = Ledger::open(&path).unwrap_err();
+        assert!(e.contains("in use by another process"), "{e}");
+        drop((guard, ledger));
         let reopened = Ledger::open(&path).unwrap();
         let again = reopened.reserve("j1", &job, "d", Some(eps * 2.05)).unwrap();
         again.start_round().unwrap();
@@ -342,11 +372,6 @@ mod tests {
         assert_eq!((charged.rounds_started, charged.rounds_reserved, charged.epsilon), (4, 4, four));
         assert!(four > eps);
         assert!((reopened.snapshot().datasets["d"].epsilon() - eps - four).abs() < 1e-12, "j1 and j2");
-        // A started job keeps its reservation; an unstarted one can be released.
-        again.release_unstarted();
-        let j3 = reopened.reserve("j3", &job, "d", None).unwrap();
-        j3.release_unstarted();
-        assert!(!reopened.snapshot().datasets["d"].jobs.contains_key("j3"));
     }
 
     #[test]

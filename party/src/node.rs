@@ -345,13 +345,13 @@ impl PartyNode {
         let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?.clone();
         let identity = identity(cfg, me, &self.revocations)?;
         // The job's whole privacy cost is reserved, durably, before the data
-        // is touched; released again only if the job cannot even start here.
+        // is touched.
         let ledger = self.ledger.clone()?;
-        let budget = ledger.reserve(&offer.job_id, &spec, &offer.dataset, cfg.policy.max_epsilon)?;
-        let job_budget = budget.clone();
+        let job_budget = ledger.reserve(&offer.job_id, &spec, &offer.dataset, cfg.policy.max_epsilon)?;
         let (plugins, trainers, limits) = (self.plugins.clone(), self.trainers.clone(), cfg.limits);
         let min_parties = cfg.policy.min_parties;
         let (job_id, party, dataset) = (offer.job_id.clone(), me.to_owned(), offer.dataset.clone());
+        let spec_has_dp = spec.dp.is_some();
         let spec = Arc::new(spec);
         let idle_after = spec.timeouts.round_secs * 2000;
         let handler = tokio::task::spawn_blocking(move || {
@@ -372,8 +372,18 @@ impl PartyNode {
         })
         .await
         .map_err(|e| format!("trainer set-up panicked: {e}"))
-        .and_then(|built| built)
-        .inspect_err(|_| budget.release_unstarted())?;
+        .and_then(|built| built);
+        // Under DP, why the job could not be set up on the data (a label out
+        // of range, a malformed cell) is about the rows: it stays in this
+        // party's log, and the reservation stands (the data was read).
+        let handler = match (handler, spec_has_dp) {
+            (Ok(h), _) => h,
+            (Err(e), false) => return Err(e),
+            (Err(e), true) => {
+                warn!(job = %offer.job_id, "refused: {e}");
+                return Err("could not set up the job on its data set (the reason is in this party's log)".into());
+            }
+        };
         Ok(PartySession::new(&offer.job_id, handler, idle_after))
     }
 }

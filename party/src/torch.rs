@@ -17,6 +17,7 @@ use confide_algorithms::{
     Architecture, Error, EvalOutcome, FeatureStats, FitConfig, FitOutcome, Metrics, ModelConfig, OptimizerKind,
     Parameters, Tensor as NamedTensor, TensorSpec, Trainer,
 };
+use confide_dp::dpsgd::{CHUNK_ROWS, CompensatedSum};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use tch::nn::{self, Module, OptimizerConfig};
@@ -357,10 +358,16 @@ impl TorchTrainer {
         }
         let mut per_layer: Vec<(String, PerRow, Tensor)> = Vec::new();
         for ((layer, input), g) in kept.into_iter().zip(grads) {
-            let g = f64_of(&g)?;
-            let input = f64_of(&input)?;
+            // NaN and ±∞ (a hostile model can overflow f32 on chosen rows)
+            // become 0 before anything is computed from them, so every
+            // row's contribution is finite and its norm is computed from
+            // exactly what is summed; no NaN can reach the sum or an error.
+            let clean = |t: &Tensor| t.f_nan_to_num(0.0, 0.0, 0.0).map_err(torch_err("nan_to_num"));
             match layer {
                 DpLayer::Linear { name, .. } => {
+                    // f32 values are exact in f64, and so are their products.
+                    let g = clean(&f64_of(&g)?)?;
+                    let input = clean(&f64_of(&input)?)?;
                     let g2 = g.square().sum_dim_intlist(1, false, Kind::Double);
                     let a2 = input.square().sum_dim_intlist(1, false, Kind::Double);
                     norm2 += &g2 * (a2 + 1.0);
@@ -369,10 +376,14 @@ impl TorchTrainer {
                 DpLayer::Conv { name } => {
                     let w = var(&format!("{name}.weight"))?;
                     let out = g.size()[1];
-                    let g = g.f_reshape([batch, out, -1]).map_err(torch_err("reshape"))?;
-                    let unfolded = input.f_im2col([3, 3], [1, 1], [1, 1], [1, 1]).map_err(torch_err("im2col"))?;
-                    let dw = g.f_bmm(&unfolded.transpose(1, 2)).map_err(torch_err("bmm"))?;
-                    let db = g.sum_dim_intlist(2, false, Kind::Double);
+                    // Each row's gradient is formed in f32 (a per-row vector
+                    // like any other: its norm below is computed from exactly
+                    // these values); the sum over rows is in f64.
+                    let g = clean(&g)?.f_reshape([batch, out, -1]).map_err(torch_err("reshape"))?;
+                    let unfolded =
+                        clean(&input)?.f_im2col([3, 3], [1, 1], [1, 1], [1, 1]).map_err(torch_err("im2col"))?;
+                    let dw = clean(&f64_of(&g.f_bmm(&unfolded.transpose(1, 2)).map_err(torch_err("bmm"))?)?)?;
+                    let db = clean(&f64_of(&g.sum_dim_intlist(2, false, Kind::Float))?)?;
                     norm2 = norm2
                         + dw.square().sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double)
                         + db.square().sum_dim_intlist(1, false, Kind::Double);
@@ -554,10 +565,15 @@ impl Trainer for TorchTrainer {
         let x_all = self.inputs(&self.train.features)?;
         for _ in 0..plan.steps_per_round {
             let sample = dp.poisson_sample(self.train.len());
-            let idx: Vec<i64> = sample.iter().map(|&i| to_i64(i)).collect();
-            let xs = x_all.f_index_select(0, &Tensor::from_slice(&idx)).map_err(torch_err("batch"))?;
-            let ys = Self::labels(&self.train, &sample);
-            let (mut sum, _) = self.clipped_gradient_sum_of(&xs, &ys, sample.len(), &|n| dp.clip_factor(n))?;
+            let mut total = CompensatedSum::new(dim);
+            for chunk in sample.chunks(CHUNK_ROWS) {
+                let idx: Vec<i64> = chunk.iter().map(|&i| to_i64(i)).collect();
+                let xs = x_all.f_index_select(0, &Tensor::from_slice(&idx)).map_err(torch_err("batch"))?;
+                let ys = Self::labels(&self.train, chunk);
+                let (part, _) = self.clipped_gradient_sum_of(&xs, &ys, chunk.len(), &|n| dp.clip_factor(n))?;
+                total.add(&part);
+            }
+            let mut sum = total.finish();
             dp.privatize(&mut sum).map_err(|e| Error::InvalidInput(format!("dp: {e}")))?;
             // The noisy gradient (plus the proximal term's) becomes each
             // variable's gradient; the optimiser's update, momentum, Adam

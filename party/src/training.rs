@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use confide_algorithms::trainer::INPUT_MEAN;
+use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD};
 use confide_algorithms::{DpSgdPlan, FitConfig, Trainer};
 use confide_crypto::aggregation::sum::{self, SumLayout};
 use confide_crypto::aggregation::{AggregationClient, LocalUpdate, StageName};
@@ -55,16 +55,24 @@ impl PartyJobKind for TrainingKind {
                     spec.model.kind().as_str()
                 ));
             }
-            if let Some(ranges) = &dp.feature_ranges {
-                let params = handler.trainer.parameters().map_err(err)?;
-                let features = params.get(INPUT_MEAN).map_or(0, |t| t.data.len());
+            // The input standardisation every global model must carry: the
+            // spec's public ranges, or none. A coordinator that changes it
+            // (a tiny std can make chosen rows overflow) is refused.
+            let mut inputs = handler.trainer.parameters().map_err(err)?;
+            if let (Some(ranges), Some(stats)) = (&dp.feature_ranges, dp.range_stats()) {
+                let features = inputs.get(INPUT_MEAN).map_or(0, |t| t.data.len());
                 if ranges.len() != features {
                     return Err(format!(
                         "dp.feature_ranges gives {} ranges; this data set has {features} features",
                         ranges.len()
                     ));
                 }
+                confide_algorithms::trainer::apply_feature_stats(&mut inputs, &stats).map_err(err)?;
             }
+            let standardisation = |p: &confide_algorithms::Parameters| {
+                [INPUT_MEAN, INPUT_STD].map(|n| p.get(n).map(|t| t.data.clone()).unwrap_or_default())
+            };
+            handler.dp_inputs = Some(standardisation(&inputs));
             handler.dp = Some(dp.plan(&spec.training));
             handler.budget = cx.budget;
         }
@@ -94,6 +102,9 @@ pub struct TrainingHandler {
     pub dp: Option<DpSgdPlan>,
     /// The job's reservation in the privacy ledger.
     pub budget: Option<RoundGuard>,
+    /// Under DP, the `input.mean` and `input.std` every global model must
+    /// carry (derived from the spec).
+    pub dp_inputs: Option<[Vec<f32>; 2]>,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -117,6 +128,7 @@ impl TrainingHandler {
             hides_values: false,
             dp: None,
             budget: None,
+            dp_inputs: None,
         }
     }
 }
@@ -280,6 +292,24 @@ impl TrainingHandler {
         round_message: &[u8],
         plan: &DpSgdPlan,
     ) -> Result<ResultBody, TaskError> {
+        // The input standardisation is the spec's, whatever the global
+        // model carries: a coordinator cannot choose it (a tiny input.std
+        // would make chosen rows overflow), and the aggregate's rounding
+        // cannot move it.
+        if let Some([mean, std]) = &self.dp_inputs {
+            let mut own = global.clone();
+            for (name, values) in own.values_mut() {
+                let fixed = match name {
+                    INPUT_MEAN => mean,
+                    INPUT_STD => std,
+                    _ => continue,
+                };
+                if values.len() == fixed.len() {
+                    values.copy_from_slice(fixed);
+                }
+            }
+            self.trainer.set_parameters(&own).map_err(err)?;
+        }
         if let Some(budget) = &self.budget {
             budget.start_round().map_err(TaskError::CoordinatorFault)?;
         }
@@ -338,14 +368,19 @@ mod tests {
     }
 
     /// [`Fixed`] that trains with DP-SGD.
-    struct FixedDp;
+    /// It records every model it is given.
+    #[derive(Default)]
+    struct FixedDp {
+        given: Arc<std::sync::Mutex<Vec<Parameters>>>,
+    }
 
     impl Trainer for FixedDp {
         fn parameters(&self) -> Result<Parameters, Error> {
             Fixed.parameters()
         }
         fn set_parameters(&mut self, p: &Parameters) -> Result<(), Error> {
-            Fixed.set_parameters(p)
+            self.given.lock().unwrap().push(p.clone());
+            Ok(())
         }
         fn feature_stats(&self) -> FeatureStats {
             Fixed.feature_stats()
@@ -377,7 +412,7 @@ mod tests {
         let job =
             JobFacts { job_id: "j".into(), party_names: Vec::new(), max_parties: 10, min_parties: 1, max_values: 100 };
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-        let mut h = TrainingHandler::new(Box::new(FixedDp), client, Plain.stages());
+        let mut h = TrainingHandler::new(Box::new(FixedDp::default()), client, Plain.stages());
         h.dp = Some(DpSgdPlan {
             max_grad_norm: 1.0,
             noise_multiplier: 1.0,
@@ -396,16 +431,57 @@ mod tests {
             let err = h.on_task(task(1, body)).unwrap_err();
             assert!(matches!(&err, TaskError::CoordinatorFault(m) if m.contains("differential privacy")), "{err:?}");
         }
-        let fit = TaskBody::Fit {
+        let fit = || TaskBody::Fit {
             config: FitConfig { round: 1, train: Default::default() },
-            global,
+            global: global.clone(),
             round_message: Vec::new(),
         };
-        let ResultBody::Fit { metrics, contribution } = h.on_task(task(1, fit)).unwrap() else { panic!() };
+
+        let ResultBody::Fit { metrics, contribution } = h.on_task(task(1, fit())).unwrap() else { panic!() };
         assert!(metrics.is_empty(), "{metrics:?}");
         // The plain protocol's body is the weight (protobuf field 1, varint):
         // 1, whatever the party's row count (7 here).
         assert_eq!(contribution.body, [0x08, 0x01], "a DP update weighs 1");
+    }
+
+    /// Under DP the party trains with the spec's input standardisation,
+    /// whatever the coordinator's global model carries (a tiny `input.std`
+    /// from a hostile coordinator would make chosen rows overflow).
+    #[test]
+    fn a_dp_party_trains_with_the_specs_standardisation_not_the_wires() {
+        use confide_crypto::aggregation::plain::Plain;
+        let job =
+            JobFacts { job_id: "j".into(), party_names: Vec::new(), max_parties: 10, min_parties: 1, max_values: 100 };
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let trainer = FixedDp::default();
+        let given = trainer.given.clone();
+        let mut h = TrainingHandler::new(Box::new(trainer), client, Plain.stages());
+        h.dp = Some(DpSgdPlan {
+            max_grad_norm: 1.0,
+            noise_multiplier: 1.0,
+            sampling_rate: 0.1,
+            expected_batch_size: 4,
+            steps_per_round: 1,
+        });
+        h.dp_inputs = Some([vec![0.0, 2.0], vec![1.0, 3.0]]);
+        let tensor = |name: &str, data: Vec<f32>| Tensor { name: name.into(), shape: vec![data.len()], data };
+        let hostile = Arc::new(
+            Parameters::new(vec![
+                tensor(INPUT_MEAN, vec![5.0, 5.0]),
+                tensor(INPUT_STD, vec![1e-30, 1e-30]),
+                tensor("w", vec![0.0]),
+            ])
+            .unwrap(),
+        );
+        let fit = TaskBody::Fit {
+            config: FitConfig { round: 1, train: Default::default() },
+            global: hostile,
+            round_message: Vec::new(),
+        };
+        h.on_task(task(1, fit)).unwrap();
+        let last = given.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(last.get(INPUT_MEAN).unwrap().data, [0.0, 2.0]);
+        assert_eq!(last.get(INPUT_STD).unwrap().data, [1.0, 3.0]);
     }
 
     fn task(round: u32, body: TaskBody) -> Task {

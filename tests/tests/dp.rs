@@ -72,10 +72,19 @@ fn the_ledger_refuses_over_budget_jobs_and_survives_a_sigkill_without_under_coun
     assert_eq!(st["privacy"]["dp"], "example");
     assert_eq!(st["privacy"]["accountant"], "rdp");
     fed.kill_party("hospital-b");
+    // Every round hospital-b contributed to was recorded before it trained.
+    let seen = fed.status(&id);
+    let contributed = seen["history"]
+        .as_array()
+        .map(|h| {
+            h.iter().filter(|r| r["participants"].as_array().is_some_and(|p| p.contains(&"hospital-b".into()))).count()
+        })
+        .unwrap_or_default() as u64;
+    assert!(contributed >= 3, "{seen:#}");
     let b = ledger(&fed, "hospital-b");
     let job = &b["datasets"]["data"]["jobs"][&id];
     assert_eq!(job["epsilon"].as_f64(), Some(eps), "the whole job stays reserved: {b:#}");
-    assert!(job["rounds_started"].as_u64() >= Some(3), "{b:#}");
+    assert!(job["rounds_started"].as_u64() >= Some(contributed), "{contributed} rounds contributed: {b:#}");
     assert!(b["datasets"]["data"]["epsilon"].as_f64() >= Some(eps), "{b:#}");
     // hospital-c spent nothing.
     assert_eq!(ledger(&fed, "hospital-c")["datasets"]["data"]["epsilon"].as_f64(), Some(0.0));
