@@ -312,8 +312,9 @@ fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Resul
             .chain(ledger.datasets.keys().filter(|k| !cfg.datasets.contains_key(*k)))
             .map(|name| {
                 let d = ledger.datasets.get(name).cloned().unwrap_or_default();
+                let eps = d.epsilon();
                 let value = serde_json::json!({
-                    "epsilon": d.epsilon(),
+                    "epsilon": if eps.is_finite() { serde_json::json!(eps) } else { serde_json::json!("inf") },
                     "delta": d.delta(),
                     "max_epsilon": max,
                     "remaining": max.map(|m| (m - d.epsilon()).max(0.0)),

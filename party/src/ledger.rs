@@ -35,7 +35,8 @@ use serde::{Deserialize, Serialize};
 pub struct JobCharge {
     /// The job's name.
     pub name: String,
-    /// ε reserved for the whole job.
+    /// ε reserved for the whole job (∞, written "inf", for a job without DP).
+    #[serde(with = "finite_or_inf")]
     pub epsilon: f64,
     /// δ reserved for the whole job.
     pub delta: f64,
@@ -88,6 +89,29 @@ fn cost_terms(spec: &JobSpec) -> String {
         spec.rounds,
         (spec.training.local_epochs, spec.training.batch_size)
     )
+}
+
+/// Serde for ε: numbers, and "inf" for a job without DP (JSON has no ∞).
+mod finite_or_inf {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() { s.serialize_f64(*v) } else { s.serialize_str("inf") }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Value {
+            Number(f64),
+            Text(String),
+        }
+        match Value::deserialize(d)? {
+            Value::Number(x) if x.is_finite() && x >= 0.0 => Ok(x),
+            Value::Text(t) if t == "inf" => Ok(f64::INFINITY),
+            _ => Err(serde::de::Error::custom("ε must be a non-negative number or \"inf\"")),
+        }
+    }
 }
 
 /// What a job would cost a data set, from its spec alone.
@@ -209,10 +233,6 @@ impl Ledger {
                 ));
             }
         }
-        if !epsilon.is_finite() {
-            // No DP and no limit: nothing to record.
-            return Ok(guard(""));
-        }
         let mut next = state.clone();
         next.datasets.entry(dataset.to_owned()).or_default().jobs.insert(
             job_id.to_owned(),
@@ -230,7 +250,9 @@ impl Ledger {
         );
         self.write(&next)?;
         *state = next;
-        Ok(guard(job_id))
+        // A job without DP is on record (its data set has then spent ε = ∞);
+        // its rounds are not counted.
+        Ok(guard(if epsilon.is_finite() { job_id } else { "" }))
     }
 
     fn start_round(&self, guard: &RoundGuard) -> Result<(), String> {
@@ -346,10 +368,13 @@ mod tests {
         ledger.reserve("j2", &job, "d", Some(eps * 2.05)).unwrap();
         let e = ledger.reserve("j3", &job, "d", Some(eps * 2.05)).unwrap_err();
         assert!(e.contains("has spent") && e.contains("\"d\""), "{e}");
-        // Other data sets have their own budget; a job without DP costs ∞.
+        // Other data sets have their own budget; a job without DP costs ∞:
+        // refused under a limit, recorded as ∞ (and read back) without one.
         ledger.reserve("j3", &job, "other", Some(eps * 2.05)).unwrap();
         let e = ledger.reserve("j4", &spec(3, false), "d", Some(100.0)).unwrap_err();
         assert!(e.contains("ε = ∞"), "{e}");
+        ledger.reserve("j5", &spec(3, false), "plain", None).unwrap().start_round().unwrap();
+        assert_eq!(Ledger::read(&path).unwrap().datasets["plain"].epsilon(), f64::INFINITY);
         // Rounds: three reserved; the count survives a restart; a fourth
         // (a re-run) is charged first, and refused when the budget is spent.
         for _ in 0..2 {
