@@ -543,6 +543,8 @@ fn validate(file: &std::path::Path, plugins: &Plugins) -> Result<(String, String
     Ok((text, name))
 }
 
+use confide_proto::dpspec::DpLevel;
+
 /// What a spec's `[dp]` table does and costs, a line each.
 fn explain_dp(spec: &JobSpec) -> Vec<String> {
     let Some(dp) = &spec.dp else {
@@ -557,16 +559,33 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
         noise_multiplier: dp.noise_multiplier,
     };
     let reference = mtz.compose(&continuous, total).ok().and_then(|()| mtz.epsilon(dp.delta).ok()).map(|e| e.0);
-    vec![
-        format!(
-            "dp: example-level DP-SGD at each party: sampling rate q = {}, noise multiplier z = {:.4}, clipping norm C = {}, \
-             {steps} steps per round (⌈local_epochs / q⌉), {total} in all, noisy sums divided by batch_size = {}",
-            dp.sampling_rate, dp.noise_multiplier, dp.max_grad_norm, spec.training.batch_size
+    let (what, whom) = match dp.level {
+        DpLevel::Example => (
+            format!(
+                "dp: example-level DP-SGD at each party: sampling rate q = {}, noise multiplier z = {:.4}, clipping \
+                 norm C = {}, {steps} steps per round (⌈local_epochs / q⌉), {total} in all, noisy sums divided by \
+                 batch_size = {}",
+                dp.sampling_rate, dp.noise_multiplier, dp.clip, spec.training.batch_size
+            ),
+            "each party's data set (one record added or removed)",
         ),
+        DpLevel::Party => (
+            format!(
+                "dp: party-level DP-FedAvg, central: each update clipped to L2 norm {}, the coordinator adds discrete \
+                 Gaussian noise (z = {:.4}) to their sum, {total} noisy sums in all; parties must set \
+                 policy.accept_central_dp (the coordinator is trusted with the noise)",
+                dp.clip, dp.noise_multiplier
+            ),
+            "each party (its whole data set added or removed), so each record too",
+        ),
+    };
+    vec![
+        what,
         format!(
-            "dp: ε = {eps:.4} at δ = {:e} for each party's data set over the whole job (RDP accountant, Zhu–Wang bound \
-             for the Poisson-subsampled discrete Gaussian){}",
+            "dp: ε = {eps:.4} at δ = {:e} for {whom} over the whole job (RDP accountant; the discrete Gaussian's own \
+             bounds{}){}",
             dp.delta,
+            if dp.level == DpLevel::Example { ", Zhu–Wang for the Poisson subsampling" } else { "" },
             reference.map_or(String::new(), |r| format!("; the continuous-Gaussian figure would be {r:.4}"))
         ),
         "dp: parties send only their noisy updates (weight 1 each): no feature statistics, evaluation metrics, loss, \
@@ -597,6 +616,7 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
                 let z = confide_proto::dpspec::noise_for_target(
                     target,
                     dp.delta,
+                    dp.level,
                     dp.sampling_rate,
                     &spec.training,
                     spec.rounds,

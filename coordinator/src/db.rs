@@ -165,7 +165,7 @@ impl Db {
                 spec.aggregation.protocol,
                 spec.rounds,
                 now,
-                spec.dp.as_ref().map(|_| DpSpec::LEVEL),
+                spec.dp.as_ref().map(|d| d.level.as_str()),
                 spec.dp.as_ref().map(|d| d.delta),
                 spec.dp.as_ref().map(|_| DpSpec::ACCOUNTANT),
             ],

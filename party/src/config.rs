@@ -118,6 +118,11 @@ pub struct Policy {
     /// differential privacy costs ε = ∞, so it is refused whenever this is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_epsilon: Option<f64>,
+    /// Accept party-level DP whose noise the coordinator adds (`[dp] level
+    /// = "party"`, central DP-FedAvg). Off by default: it trusts the
+    /// coordinator, which then sees every update before the noise.
+    #[serde(default)]
+    pub accept_central_dp: bool,
     /// Fewest parties a job must require; guards against a job that would
     /// make one party's update stand out.
     #[serde(default = "default_min_parties")]
@@ -144,6 +149,7 @@ impl Default for Policy {
             aggregation: default_aggregation(),
             require_dp: false,
             max_epsilon: None,
+            accept_central_dp: false,
             min_parties: default_min_parties(),
             privacy_modes: None,
         }

@@ -86,7 +86,9 @@ pub fn train(
     let mut train = spec.training.clone();
     // Alone there is no global model to stay near.
     train.proximal_mu = 0.0;
-    let plan = spec.dp.as_ref().map(|dp| dp.plan(&spec.training));
+    // Example-level DP trains with DP-SGD; a party-level job alone has no
+    // aggregate to noise, and trains as usual.
+    let plan = spec.dp.as_ref().and_then(|dp| dp.plan(&spec.training));
     for round in 1..=spec.rounds {
         let config = FitConfig { round, train: train.clone() };
         let out = match &plan {

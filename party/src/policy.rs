@@ -48,6 +48,11 @@ pub fn consider<'a>(
             ));
         }
     }
+    if spec.dp.as_ref().is_some_and(|d| d.level == confide_proto::dpspec::DpLevel::Party) && !policy.accept_central_dp {
+        return Err("the job's party-level DP noise is added by the coordinator, which sees every update first \
+                    (central DP); policy.accept_central_dp is not set"
+            .into());
+    }
     if spec.min_parties() < policy.min_parties {
         return Err(format!(
             "policy requires jobs with at least {} parties; this one needs only {}",
@@ -69,6 +74,13 @@ mod tests {
              [model]\nkind = \"logistic_regression\"\nclasses = 2\n[aggregation]\nprotocol = \"{protocol}\"\n"
         );
         JobSpec::parse(&text, "t", &Limits::default()).unwrap()
+    }
+
+    fn central_dp() -> JobSpec {
+        let text = "name = \"p\"\nkind = \"train\"\n[parties]\nnames = [\"a\", \"b\", \"c\"]\nmin = 3\ndataset = \"d\"\n\
+                    [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+                    [dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\n";
+        JobSpec::parse(text, "t", &Limits::default()).unwrap()
     }
 
     #[test]
@@ -99,7 +111,15 @@ mod tests {
                 "requires differential privacy",
             ),
             (spec("secagg", 3), "d", Policy { max_epsilon: Some(4.0), ..secagg_only.clone() }, "ε = ∞"),
+            (
+                central_dp(),
+                "d",
+                Policy { aggregation: vec!["none".into()], ..secagg_only.clone() },
+                "policy.accept_central_dp",
+            ),
         ];
+        let trusting = Policy { aggregation: vec!["none".into()], accept_central_dp: true, ..secagg_only.clone() };
+        assert!(consider(&central_dp(), "d", &trusting, &plugins, &data).is_ok());
         for (spec, ds, policy, why) in cases {
             let e = consider(&spec, ds, &policy, &plugins, &data).unwrap_err();
             assert!(e.contains(why), "{e} (wanted {why})");

@@ -9,6 +9,8 @@ use confide_crypto::aggregation::sum::{self, SumLayout};
 use confide_crypto::aggregation::{AggregationClient, LocalUpdate, StageName};
 use confide_proto::messages::{ResultBody, SumOf, Task, TaskBody};
 
+use confide_proto::dpspec::DpLevel;
+
 use crate::ledger::RoundGuard;
 use crate::plugins::{JobContext, PartyJobKind};
 use crate::session::{JobHandler, TaskError};
@@ -49,7 +51,7 @@ impl PartyJobKind for TrainingKind {
         handler.standardize = spec.model.standardize;
         handler.hides_values = protocol.reveals() != confide_crypto::aggregation::Reveals::Updates;
         if let Some(dp) = &spec.dp {
-            if !handler.trainer.supports_dp_sgd() {
+            if dp.level == DpLevel::Example && !handler.trainer.supports_dp_sgd() {
                 return Err(format!(
                     "the job has [dp], but this party's {} trainer cannot compute per-example gradients",
                     spec.model.kind().as_str()
@@ -73,7 +75,10 @@ impl PartyJobKind for TrainingKind {
                 [INPUT_MEAN, INPUT_STD].map(|n| p.get(n).map(|t| t.data.clone()).unwrap_or_default())
             };
             handler.dp_inputs = Some(standardisation(&inputs));
-            handler.dp = Some(dp.plan(&spec.training));
+            handler.dp = dp.plan(&spec.training);
+            if dp.level == DpLevel::Party {
+                handler.party_clip = Some(dp.clip);
+            }
             handler.budget = cx.budget;
         }
         Ok(Box::new(handler))
@@ -100,6 +105,8 @@ pub struct TrainingHandler {
     /// with it, and nothing but the noisy update leaves the party (no
     /// statistics, metrics, loss, example count or timing).
     pub dp: Option<DpSgdPlan>,
+    /// Party-level DP: the L2 norm each round's update is clipped to.
+    pub party_clip: Option<f64>,
     /// The job's reservation in the privacy ledger.
     pub budget: Option<RoundGuard>,
     /// Under DP, the `input.mean` and `input.std` every global model must
@@ -127,6 +134,7 @@ impl TrainingHandler {
             standardize: true,
             hides_values: false,
             dp: None,
+            party_clip: None,
             budget: None,
             dp_inputs: None,
         }
@@ -138,7 +146,7 @@ impl JobHandler for TrainingHandler {
         let started = Instant::now();
         let round = task.round;
         match task.body {
-            TaskBody::SecureSum { .. } | TaskBody::Evaluate { .. } if self.dp.is_some() => {
+            TaskBody::SecureSum { .. } | TaskBody::Evaluate { .. } if self.private() => {
                 Err(TaskError::CoordinatorFault(
                     "asked for statistics of the rows (feature sums or evaluation metrics) in a job with \
                      differential privacy, which covers only the noisy updates"
@@ -146,7 +154,7 @@ impl JobHandler for TrainingHandler {
                 ))
             }
             TaskBody::Setup => {
-                let in_clear = self.standardize && !self.hides_values && self.dp.is_none();
+                let in_clear = self.standardize && !self.hides_values && !self.private();
                 let stats = if in_clear { self.trainer.feature_stats() } else { Default::default() };
                 let params = self.trainer.parameters().map_err(err)?;
                 Ok(ResultBody::Setup { params, stats })
@@ -255,8 +263,8 @@ impl TrainingHandler {
             return Err(TaskError::CoordinatorFault(format!("fit configuration: {why}")));
         }
         self.trainer.set_parameters(global).map_err(err)?;
-        if let Some(plan) = self.dp {
-            return self.fit_private(round, config, global, round_message, &plan);
+        if self.private() {
+            return self.fit_private(round, config, global, round_message);
         }
         let train_started = Instant::now();
         let mut outcome = self.trainer.fit(config).map_err(err)?;
@@ -280,17 +288,23 @@ impl TrainingHandler {
         Ok(ResultBody::Fit { metrics, contribution })
     }
 
-    /// A DP-SGD round: the round is recorded in the privacy ledger first
-    /// (refused beyond the rounds reserved), then the steps, sampling and
-    /// noise of the accepted spec's plan. The update weighs 1 (the party's
-    /// example count is not noised) and carries no loss or metric.
+    /// Whether the job has differential privacy (either level).
+    fn private(&self) -> bool {
+        self.dp.is_some() || self.party_clip.is_some()
+    }
+
+    /// A round of a DP job: the round is recorded in the privacy ledger
+    /// first (refused beyond what the budget allows), then DP-SGD with the
+    /// accepted spec's plan (example level), or ordinary training with the
+    /// update clipped to the spec's norm (party level; the coordinator adds
+    /// the noise). The update weighs 1 (the party's example count is not
+    /// noised) and carries no loss or metric.
     fn fit_private(
         &mut self,
         round: u32,
         config: &FitConfig,
         global: &confide_algorithms::Parameters,
         round_message: &[u8],
-        plan: &DpSgdPlan,
     ) -> Result<ResultBody, TaskError> {
         // The input standardisation is the spec's, whatever the global
         // model carries: a coordinator cannot choose it (a tiny input.std
@@ -313,8 +327,21 @@ impl TrainingHandler {
         if let Some(budget) = &self.budget {
             budget.start_round().map_err(TaskError::CoordinatorFault)?;
         }
-        self.trainer.fit_private(config, plan).map_err(err)?;
-        let local = self.trainer.parameters().map_err(err)?;
+        let local = match (self.dp, self.party_clip) {
+            (Some(plan), _) => {
+                self.trainer.fit_private(config, &plan).map_err(err)?;
+                self.trainer.parameters().map_err(err)?
+            }
+            (None, Some(clip)) => {
+                // Whatever the training did (a diverged model included), the
+                // update sent is finite and within the clip: no error
+                // message depends on the rows.
+                let outcome = self.trainer.fit(config);
+                let local = outcome.and_then(|_| self.trainer.parameters()).unwrap_or_else(|_| global.clone());
+                clip_update(global, &local, clip)
+            }
+            (None, None) => return Err(TaskError::Refused("no differential privacy to apply".into())),
+        };
         let update = LocalUpdate { global, fit: config, local, num_examples: 1, train_loss: None };
         let contribution = self.aggregation.contribute(round, round_message, update)?;
         if !self.stages.is_empty() {
@@ -322,6 +349,30 @@ impl TrainingHandler {
         }
         Ok(ResultBody::Fit { metrics: Default::default(), contribution })
     }
+}
+
+/// `global + f·(local − global)` with f = min(1, clip/‖local − global‖₂),
+/// the norm over every value in f64; a non-finite update becomes no update.
+pub fn clip_update(
+    global: &confide_algorithms::Parameters,
+    local: &confide_algorithms::Parameters,
+    clip: f64,
+) -> confide_algorithms::Parameters {
+    let pairs = || local.tensors().iter().zip(global.tensors()).flat_map(|(l, g)| l.data.iter().zip(&g.data));
+    let norm = pairs().map(|(l, g)| (f64::from(*l) - f64::from(*g)).powi(2)).sum::<f64>().sqrt();
+    if !norm.is_finite() || local.spec() != global.spec() {
+        return global.clone();
+    }
+    // Slightly inside the clip, so that rounding to f32 cannot push it over.
+    let f = if norm > clip * (1.0 - 1e-6) { clip * (1.0 - 1e-6) / norm } else { 1.0 };
+    let mut out = global.clone();
+    for ((_, values), l) in out.values_mut().zip(local.tensors()) {
+        for (v, lv) in values.iter_mut().zip(&l.data) {
+            let g = f64::from(*v);
+            *v = (g + f * (f64::from(*lv) - g)) as f32;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -482,6 +533,69 @@ mod tests {
         let last = given.lock().unwrap().last().cloned().unwrap();
         assert_eq!(last.get(INPUT_MEAN).unwrap().data, [0.0, 2.0]);
         assert_eq!(last.get(INPUT_STD).unwrap().data, [1.0, 3.0]);
+    }
+
+    /// A trainer whose training moves every value by +100.
+    struct Jumping(Parameters);
+
+    impl Trainer for Jumping {
+        fn parameters(&self) -> Result<Parameters, Error> {
+            Ok(self.0.clone())
+        }
+        fn set_parameters(&mut self, p: &Parameters) -> Result<(), Error> {
+            self.0 = p.clone();
+            Ok(())
+        }
+        fn feature_stats(&self) -> FeatureStats {
+            Fixed.feature_stats()
+        }
+        fn fit(&mut self, _: &FitConfig) -> Result<FitOutcome, Error> {
+            for (_, v) in self.0.values_mut() {
+                v.iter_mut().for_each(|x| *x += 100.0);
+            }
+            Ok(FitOutcome { num_examples: 50, metrics: [("train_loss".to_string(), 0.1)].into() })
+        }
+        fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
+            Fixed.evaluate()
+        }
+        fn predict(&self, f: &[f32]) -> Result<Vec<f32>, Error> {
+            Fixed.predict(f)
+        }
+    }
+
+    /// Party-level DP: the party sends its update clipped to the spec's
+    /// norm, weighing 1, with no metric.
+    #[test]
+    fn a_party_level_dp_update_is_clipped_and_bare() {
+        use confide_crypto::aggregation::Bulk;
+        use confide_crypto::aggregation::plain::Plain;
+        let job =
+            JobFacts { job_id: "j".into(), party_names: Vec::new(), max_parties: 10, min_parties: 1, max_values: 100 };
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let start =
+            Parameters::new(vec![Tensor { name: "w".into(), shape: vec![3], data: vec![0.5, 0.0, -1.0] }]).unwrap();
+        let mut h = TrainingHandler::new(Box::new(Jumping(start.clone())), client, Plain.stages());
+        h.party_clip = Some(2.0);
+        let fit = TaskBody::Fit {
+            config: FitConfig { round: 1, train: Default::default() },
+            global: Arc::new(start.clone()),
+            round_message: Vec::new(),
+        };
+        let ResultBody::Fit { metrics, contribution } = h.on_task(task(1, fit)).unwrap() else { panic!() };
+        assert!(metrics.is_empty());
+        assert_eq!(contribution.body, [0x08, 0x01], "weight 1");
+        let Some(Bulk::Params(local)) = contribution.bulk else { panic!("no model") };
+        let moved: f64 = local.tensors()[0]
+            .data
+            .iter()
+            .zip(&start.tensors()[0].data)
+            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(moved <= 2.0 && moved > 1.99, "{moved}");
+        // Non-finite training results become no update, not an error.
+        let nan = Parameters::new(vec![Tensor { name: "w".into(), shape: vec![3], data: vec![f32::NAN; 3] }]).unwrap();
+        assert_eq!(clip_update(&start, &nan, 1.0), start);
     }
 
     fn task(round: u32, body: TaskBody) -> Task {

@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [dp]
-//! level = "example"        # DP-SGD at each party (the only level so far)
+//! level = "example"        # DP-SGD at each party; or "party" (DP-FedAvg, below)
 //! target_epsilon = 4.0     # or noise_multiplier = 1.1 (both: checked against each other)
 //! delta = 1e-5
 //! sampling_rate = 0.05     # q: each row is in a step's sample with this probability
@@ -10,6 +10,11 @@
 //! accountant = "rdp"
 //! feature_ranges = [[0, 30], [9, 40]]   # public ranges, when model.standardize
 //! ```
+//!
+//! `level = "party"` is DP-FedAvg with central noise (`aggregation.protocol =
+//! "none"`): each party clips its update to `update_clip`, and the
+//! coordinator adds discrete Gaussian noise to their sum; neighbouring data
+//! sets differ by one party's whole data set.
 //!
 //! Every party derives the mechanism and its ε from this table alone (the
 //! steps per round are ⌈local_epochs / q⌉, the divisor of each step's noisy
@@ -43,9 +48,12 @@ pub struct RawDp {
     /// q.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling_rate: Option<f64>,
-    /// C (default 1.0).
+    /// example: C (default 1.0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_grad_norm: Option<f64>,
+    /// party: each party's update is clipped to this L2 norm (default 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_clip: Option<f64>,
     /// `rdp` (default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accountant: Option<String>,
@@ -54,45 +62,67 @@ pub struct RawDp {
     pub feature_ranges: Option<Vec<[f64; 2]>>,
 }
 
+/// Who is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpLevel {
+    /// Each record, by DP-SGD at each party.
+    Example,
+    /// Each party's whole data set, by clipped updates and noise the
+    /// coordinator adds to their sum (central DP-FedAvg).
+    Party,
+}
+
+impl DpLevel {
+    /// The name in specs and job status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DpLevel::Example => "example",
+            DpLevel::Party => "party",
+        }
+    }
+}
+
 /// Differential privacy of a training job, validated, with the noise
 /// multiplier resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DpSpec {
+    /// Who is protected.
+    pub level: DpLevel,
     /// The target ε, when the spec gave one.
     pub target_epsilon: Option<f64>,
     /// z = σ / C.
     pub noise_multiplier: f64,
     /// δ.
     pub delta: f64,
-    /// q.
+    /// q (1 at party level: every party's update in every round).
     pub sampling_rate: f64,
-    /// C.
-    pub max_grad_norm: f64,
+    /// C: the per-row gradient norm (example level) or the per-party update
+    /// norm (party level).
+    pub clip: f64,
     /// Public feature ranges that standardise the inputs instead of the
     /// data's own statistics.
     pub feature_ranges: Option<Vec<[f64; 2]>>,
 }
 
 impl DpSpec {
-    /// The level's name in job status.
-    pub const LEVEL: &'static str = "example";
     /// The accountant's name in job status.
     pub const ACCOUNTANT: &'static str = "rdp";
 
-    /// DP-SGD steps in one round of `training`: ⌈local_epochs / q⌉.
+    /// Noisy releases in one round of `training`: ⌈local_epochs / q⌉ DP-SGD
+    /// steps (example level), or the one noisy sum (party level).
     pub fn steps_per_round(&self, training: &TrainConfig) -> u64 {
-        steps_per_round(training.local_epochs, self.sampling_rate)
+        steps_per_round(self.level, training.local_epochs, self.sampling_rate)
     }
 
-    /// The plan every party trains with.
-    pub fn plan(&self, training: &TrainConfig) -> DpSgdPlan {
-        DpSgdPlan {
-            max_grad_norm: self.max_grad_norm,
+    /// The DP-SGD plan every party trains with (example level).
+    pub fn plan(&self, training: &TrainConfig) -> Option<DpSgdPlan> {
+        (self.level == DpLevel::Example).then(|| DpSgdPlan {
+            max_grad_norm: self.clip,
             noise_multiplier: self.noise_multiplier,
             sampling_rate: self.sampling_rate,
             expected_batch_size: training.batch_size,
             steps_per_round: self.steps_per_round(training),
-        }
+        })
     }
 
     /// An accountant that has composed `rounds` rounds of `training`.
@@ -127,12 +157,13 @@ impl DpSpec {
     /// Back to the table (noise multiplier resolved, target kept).
     pub fn to_raw(&self) -> RawDp {
         RawDp {
-            level: Some(Self::LEVEL.into()),
+            level: Some(self.level.as_str().into()),
             target_epsilon: self.target_epsilon,
             noise_multiplier: Some(self.noise_multiplier),
             delta: Some(self.delta),
-            sampling_rate: Some(self.sampling_rate),
-            max_grad_norm: Some(self.max_grad_norm),
+            sampling_rate: (self.level == DpLevel::Example).then_some(self.sampling_rate),
+            max_grad_norm: (self.level == DpLevel::Example).then_some(self.clip),
+            update_clip: (self.level == DpLevel::Party).then_some(self.clip),
             accountant: Some(Self::ACCOUNTANT.into()),
             feature_ranges: self.feature_ranges.clone(),
         }
@@ -149,8 +180,11 @@ pub fn epsilon_of(acc: RdpAccountant, delta: f64) -> f64 {
     acc.epsilon(delta).map(|(e, _)| e).unwrap_or(f64::INFINITY)
 }
 
-fn steps_per_round(local_epochs: u32, q: f64) -> u64 {
-    (f64::from(local_epochs) / q).ceil() as u64
+fn steps_per_round(level: DpLevel, local_epochs: u32, q: f64) -> u64 {
+    match level {
+        DpLevel::Example => (f64::from(local_epochs) / q).ceil() as u64,
+        DpLevel::Party => 1,
+    }
 }
 
 /// ε of `steps` DP-SGD steps at (q, z, δ).
@@ -163,9 +197,16 @@ fn steps_epsilon(q: f64, z: f64, steps: u64, delta: f64) -> f64 {
 }
 
 /// The smallest noise multiplier with which `rounds` rounds of `training`
-/// at sampling rate `q` cost at most `target` at `delta`.
-pub fn noise_for_target(target: f64, delta: f64, q: f64, training: &TrainConfig, rounds: u32) -> Result<f64, String> {
-    let steps = steps_per_round(training.local_epochs, q).saturating_mul(u64::from(rounds));
+/// at `level` and sampling rate `q` cost at most `target` at `delta`.
+pub fn noise_for_target(
+    target: f64,
+    delta: f64,
+    level: DpLevel,
+    q: f64,
+    training: &TrainConfig,
+    rounds: u32,
+) -> Result<f64, String> {
+    let steps = steps_per_round(level, training.local_epochs, q).saturating_mul(u64::from(rounds));
     let z = calibrate_noise_multiplier(target, delta, steps, |z| step_event(q, z)).map_err(|e| e.to_string())?;
     // Calibration ran on the requested z; noise is drawn at ⌈z·2^20⌉/2^20,
     // never less, so the target holds.
@@ -183,16 +224,14 @@ impl RawDp {
     pub fn validate(&self, training: &TrainConfig, rounds: u32) -> Result<DpSpec, Vec<(String, String)>> {
         let mut e: Vec<(String, String)> = Vec::new();
         let mut err = |f: &str, m: String| e.push((f.to_owned(), m));
-        match self.level.as_deref().unwrap_or(DpSpec::LEVEL) {
-            DpSpec::LEVEL => {}
-            "party" => err(
-                "level",
-                "party-level DP (DP-FedAvg, central or distributed) is not available in this version; \
-                 use level = \"example\""
-                    .into(),
-            ),
-            other => err("level", format!("unknown level {other:?} (example)")),
-        }
+        let level = match self.level.as_deref().unwrap_or("example") {
+            "example" => DpLevel::Example,
+            "party" => DpLevel::Party,
+            other => {
+                err("level", format!("unknown level {other:?} (example, party)"));
+                DpLevel::Example
+            }
+        };
         match self.accountant.as_deref().unwrap_or(DpSpec::ACCOUNTANT) {
             DpSpec::ACCOUNTANT => {}
             "pld" => err(
@@ -205,17 +244,37 @@ impl RawDp {
         if !(delta.is_finite() && delta > 0.0 && delta <= 1e-3) {
             err("delta", format!("must be in (0, 1e-3] (got {delta})"));
         }
-        let q = self.sampling_rate.unwrap_or(f64::NAN);
-        match self.sampling_rate {
-            None => err("sampling_rate", "required: the probability that a row is in a step's sample".into()),
-            Some(q) if !(q.is_finite() && q > 0.0 && q <= 1.0) => {
-                err("sampling_rate", format!("must be in (0, 1] (got {q})"))
+        let (q, c) = match level {
+            DpLevel::Example => {
+                if self.update_clip.is_some() {
+                    err("update_clip", "only applies to level = \"party\" (use max_grad_norm)".into());
+                }
+                match self.sampling_rate {
+                    None => err("sampling_rate", "required: the probability that a row is in a step's sample".into()),
+                    Some(q) if !(q.is_finite() && q > 0.0 && q <= 1.0) => {
+                        err("sampling_rate", format!("must be in (0, 1] (got {q})"))
+                    }
+                    Some(_) => {}
+                }
+                (self.sampling_rate.unwrap_or(f64::NAN), ("max_grad_norm", self.max_grad_norm.unwrap_or(1.0)))
             }
-            Some(_) => {}
-        }
-        let c = self.max_grad_norm.unwrap_or(1.0);
+            DpLevel::Party => {
+                for (field, set) in
+                    [("sampling_rate", self.sampling_rate.is_some()), ("max_grad_norm", self.max_grad_norm.is_some())]
+                {
+                    if set {
+                        err(
+                            field,
+                            "only applies to level = \"example\" (party level clips updates: update_clip)".into(),
+                        );
+                    }
+                }
+                (1.0, ("update_clip", self.update_clip.unwrap_or(1.0)))
+            }
+        };
+        let (clip_field, c) = c;
         if !(c.is_finite() && c > 0.0 && c <= 1e6) {
-            err("max_grad_norm", format!("must be in (0, 1e6] (got {c})"));
+            err(clip_field, format!("must be in (0, 1e6] (got {c})"));
         }
         if let Some(z) = self.noise_multiplier
             && !(z.is_finite() && z > 0.0 && z <= MAX_NOISE_MULTIPLIER)
@@ -241,7 +300,7 @@ impl RawDp {
             }
         }
         let steps = if q.is_finite() && q > 0.0 {
-            steps_per_round(training.local_epochs, q).saturating_mul(u64::from(rounds))
+            steps_per_round(level, training.local_epochs, q).saturating_mul(u64::from(rounds))
         } else {
             0
         };
@@ -265,19 +324,19 @@ impl RawDp {
                 z
             }
             (Some(z), None) => z,
-            (None, Some(target)) => {
-                noise_for_target(target, delta, q, training, rounds).map_err(|m| vec![("target_epsilon".into(), m)])?
-            }
+            (None, Some(target)) => noise_for_target(target, delta, level, q, training, rounds)
+                .map_err(|m| vec![("target_epsilon".into(), m)])?,
             (None, None) => {
                 return Err(vec![("noise_multiplier".into(), "give noise_multiplier or target_epsilon".into())]);
             }
         };
         Ok(DpSpec {
+            level,
             target_epsilon: self.target_epsilon,
             noise_multiplier,
             delta,
             sampling_rate: q,
-            max_grad_norm: c,
+            clip: c,
             feature_ranges: self.feature_ranges.clone(),
         })
     }
@@ -318,7 +377,7 @@ mod tests {
     fn every_bad_setting_is_named() {
         let training = TrainConfig::default();
         let bad: RawDp = toml::from_str(
-            "level = \"party\"\naccountant = \"pld\"\ndelta = 0.5\nsampling_rate = 2.0\nmax_grad_norm = -1.0\n\
+            "level = \"group\"\naccountant = \"pld\"\ndelta = 0.5\nsampling_rate = 2.0\nmax_grad_norm = -1.0\n\
              noise_multiplier = 2000.0\nfeature_ranges = [[1.0, 0.0]]",
         )
         .unwrap();
@@ -331,6 +390,27 @@ mod tests {
         assert_eq!(none.validate(&training, 1).unwrap_err()[0].0, "noise_multiplier");
         let unreachable = raw("target_epsilon = 0.01").validate(&TrainConfig { local_epochs: 50, ..training }, 1000);
         assert!(unreachable.is_err());
+    }
+
+    #[test]
+    fn party_level_has_one_release_per_round_and_its_own_clip() {
+        let training = TrainConfig { local_epochs: 3, ..TrainConfig::default() };
+        let party: RawDp = toml::from_str("level = \"party\"\nnoise_multiplier = 1.0\nupdate_clip = 0.5").unwrap();
+        let dp = party.validate(&training, 10).unwrap();
+        assert_eq!((dp.level, dp.clip, dp.sampling_rate), (DpLevel::Party, 0.5, 1.0));
+        assert_eq!(dp.steps_per_round(&training), 1);
+        assert!(dp.plan(&training).is_none());
+        // Ten unsampled Gaussian releases at z = 1: α·10/2 per order.
+        let acc = dp.accountant(&training, 10);
+        assert_eq!(acc.rdp()[0], 10.0);
+        assert_eq!(dp.to_raw().validate(&training, 10).unwrap(), dp);
+        let bad: RawDp =
+            toml::from_str("level = \"party\"\nnoise_multiplier = 1.0\nsampling_rate = 0.1\nmax_grad_norm = 1.0")
+                .unwrap();
+        let fields: Vec<String> = bad.validate(&training, 1).unwrap_err().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(fields, ["sampling_rate", "max_grad_norm"]);
+        let example: RawDp = toml::from_str("sampling_rate = 0.1\nnoise_multiplier = 1.0\nupdate_clip = 1.0").unwrap();
+        assert_eq!(example.validate(&training, 1).unwrap_err()[0].0, "update_clip");
     }
 
     #[test]

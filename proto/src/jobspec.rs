@@ -847,7 +847,31 @@ impl RawJobSpec {
                 _ => {}
             }
             match raw.validate(&self.training, self.rounds) {
-                Ok(d) => dp = Some(d),
+                Ok(d) => {
+                    if d.level == crate::dpspec::DpLevel::Party {
+                        if aggregation.protocol != "none" {
+                            err(
+                                "dp.level",
+                                format!(
+                                    "party-level DP here is central: the coordinator adds the noise to the sum of \
+                                     the clipped updates, so it needs aggregation.protocol = \"none\" (got {:?}); \
+                                     distributed noise under secure aggregation is not available yet",
+                                    aggregation.protocol
+                                ),
+                            );
+                        }
+                        if strategy_ok && self.strategy.typed().capabilities().is_some_and(|c| !c.weighted_sum) {
+                            err(
+                                "strategy.name",
+                                format!(
+                                    "{:?} needs individual updates; party-level DP releases only their noisy sum",
+                                    self.strategy.typed().name()
+                                ),
+                            );
+                        }
+                    }
+                    dp = Some(d)
+                }
                 Err(problems) => {
                     for (field, msg) in problems {
                         err(&format!("dp.{field}"), msg);
@@ -1060,6 +1084,14 @@ mod aggregation_tests {
         assert_eq!(paths(&evaluate), ["dp"]);
         assert_eq!(paths(&ok.replace("sampling_rate = 0.1", "sampling_rate = 0.0")), ["dp.sampling_rate"]);
         assert_eq!(paths(&ok.replace("[dp]", "[dp]\nepsilon = 1.0")), ["dp.epsilon"]);
+        // Party level: central, so only without secure aggregation, and with a
+        // strategy that aggregates from a sum.
+        let party = ok.replace("sampling_rate = 0.1", "level = \"party\"");
+        assert_eq!(paths(&party), ["dp.level"]);
+        let central = party.replace("protocol = \"secagg\"", "protocol = \"none\"");
+        let s = JobSpec::parse(&central, "f", &Limits::default()).unwrap();
+        assert_eq!(s.dp.as_ref().map(|d| d.level), Some(crate::dpspec::DpLevel::Party));
+        assert_eq!(paths(&central.replace("[dp]", "[strategy]\nname = \"median\"\n[dp]")), ["strategy.name"]);
     }
 }
 

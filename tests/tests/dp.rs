@@ -139,3 +139,32 @@ fn epsilon_is_unchanged_across_a_coordinator_restart() {
         assert!(l["datasets"]["data"]["epsilon"].as_f64() >= Some(total), "{p}: {l:#}");
     }
 }
+
+/// Central party-level DP (DP-FedAvg) under `protocol = "none"`: parties
+/// that opt in clip their updates, the coordinator adds the noise, the job
+/// reports the party-level ε its spec costs, and each ledger records it.
+#[test]
+fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
+    let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
+    fed.start_coordinator();
+    for p in three() {
+        fed.start_party(p, "[policy]\naggregation = [\"none\"]\naccept_central_dp = true\nmax_epsilon = 50.0\n");
+    }
+    let text = dp_spec("none", 3, 4, 1.5).replace(
+        "[dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.05\n",
+        "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.5\nupdate_clip = 0.5\n",
+    );
+    assert!(text.contains("level = \"party\""), "{text}");
+    let id = fed.submit("central.toml", &text);
+    let st = fed.wait_done(&id, 90);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    assert_eq!(st["privacy"]["dp"], "party");
+    let total = cost(&text);
+    assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - total).abs() < 1e-9, "{st:#}");
+    // No party sent a metric of its own.
+    assert!(st["history"][0]["metrics"].get("train_loss").is_none(), "{st:#}");
+    for p in three() {
+        let l = ledger(&fed, p);
+        assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(total), "{p}: {l:#}");
+    }
+}

@@ -12,6 +12,7 @@ use confide_proto::jobspec::JobSpec;
 use crate::plugins::Plugins;
 use crate::session::{JobMachine, Start};
 
+mod central_dp;
 pub mod evaluate;
 pub mod guard;
 mod protocol;

@@ -17,7 +17,7 @@ use confide_algorithms::{FeatureStats, FitConfig, FitResult, Metrics, Parameters
 use confide_crypto::aggregation::sum::{self, SumLayout};
 use confide_crypto::aggregation::{Aggregate, Quorum, RoundInfo};
 use confide_dp::rdp::RdpAccountant;
-use confide_proto::dpspec::{empty_accountant, epsilon_of};
+use confide_proto::dpspec::{DpLevel, empty_accountant, epsilon_of};
 use confide_proto::messages::{ResultBody, Stage, SumOf, TaskBody};
 use confide_proto::status::JobState;
 
@@ -280,6 +280,26 @@ impl Training {
         };
         let mut metrics = Metrics::new();
         let (next, participants) = match aggregate {
+            Aggregate::Updates(updates) if cx.spec().dp.as_ref().is_some_and(|d| d.level == DpLevel::Party) => {
+                // Central DP-FedAvg: only the noisy sum of clipped updates
+                // reaches the strategy.
+                if cx.below_min(Stage::Fit, round, updates.len()) {
+                    return;
+                }
+                let spec = cx.spec().clone();
+                let Some(dp) = spec.dp.as_ref() else { return };
+                let denominator =
+                    if spec.parties.names.is_empty() { spec.min_parties() } else { spec.parties.names.len() };
+                let participants: Vec<String> = updates.iter().map(|u| u.party.clone()).collect();
+                let next =
+                    super::central_dp::noisy_update_sum(&global, &updates, dp.clip, dp.noise_multiplier, denominator)
+                        .and_then(|(sum, weight)| {
+                            self.strategy.call(&format!("round {round} aggregation"), |s| {
+                                s.aggregate_secure_sum(round, &global, &sum, weight)
+                            })
+                        });
+                (next, participants)
+            }
             Aggregate::Updates(updates) => {
                 let results: Vec<FitResult> = updates
                     .into_iter()
