@@ -62,6 +62,25 @@ impl LogisticRegression {
         self.params.get(name).map(|t| t.data.as_slice()).unwrap_or(&[])
     }
 
+    /// A tensor's values in f64 (training works in f64).
+    fn tensor_f64(&self, name: &str) -> Vec<f64> {
+        self.tensor(name).iter().map(|&v| f64::from(v)).collect()
+    }
+
+    /// Writes trained weights and biases back into the parameters.
+    fn store_weights(&mut self, w: &[f64], b: &[f64]) {
+        for (name, values) in self.params.values_mut() {
+            let src = match name {
+                WEIGHT => w,
+                BIAS => b,
+                _ => continue,
+            };
+            for (dst, s) in values.iter_mut().zip(src) {
+                *dst = *s as f32;
+            }
+        }
+    }
+
     /// Class probabilities of one row, written into `out`.
     fn probs(&self, row: &[f32], out: &mut [f64]) {
         let (mean, std) = (self.tensor(INPUT_MEAN), self.tensor(INPUT_STD));
@@ -175,12 +194,7 @@ impl Trainer for LogisticRegression {
         let tc = &config.train;
         let (c, d) = (self.classes, self.features);
         let lr = tc.learning_rate;
-        let mut w: Vec<f64> = self.tensor(WEIGHT).iter().map(|&v| v as f64).collect();
-        let mut b: Vec<f64> = self.tensor(BIAS).iter().map(|&v| v as f64).collect();
-        let (mean, std): (Vec<f64>, Vec<f64>) = (
-            self.tensor(INPUT_MEAN).iter().map(|&v| v as f64).collect(),
-            self.tensor(INPUT_STD).iter().map(|&v| v as f64).collect(),
-        );
+        let [mut w, mut b, mean, std] = [WEIGHT, BIAS, INPUT_MEAN, INPUT_STD].map(|n| self.tensor_f64(n));
         // FedProx anchors: the parameters this round started from.
         let (w0, b0) = (w.clone(), b.clone());
         let (mu, momentum) = (tc.proximal_mu, tc.momentum);
@@ -220,16 +234,7 @@ impl Trainer for LogisticRegression {
                 }
             }
         }
-        for (name, values) in self.params.values_mut() {
-            let src = match name {
-                WEIGHT => &w,
-                BIAS => &b,
-                _ => continue,
-            };
-            for (dst, s) in values.iter_mut().zip(src) {
-                *dst = *s as f32;
-            }
-        }
+        self.store_weights(&w, &b);
         let mut metrics = Metrics::new();
         metrics.insert("train_loss".into(), loss_sum / seen.max(1) as f64);
         Ok(FitOutcome { num_examples: self.train.len() as u64, metrics })
@@ -243,10 +248,7 @@ impl Trainer for LogisticRegression {
         let tc = &config.train;
         let (c, d) = (self.classes, self.features);
         let mut dp = plan.mechanism(c * d + c)?;
-        let mut w: Vec<f64> = self.tensor(WEIGHT).iter().map(|&v| f64::from(v)).collect();
-        let mut b: Vec<f64> = self.tensor(BIAS).iter().map(|&v| f64::from(v)).collect();
-        let mean: Vec<f64> = self.tensor(INPUT_MEAN).iter().map(|&v| f64::from(v)).collect();
-        let std: Vec<f64> = self.tensor(INPUT_STD).iter().map(|&v| f64::from(v)).collect();
+        let [mut w, mut b, mean, std] = [WEIGHT, BIAS, INPUT_MEAN, INPUT_STD].map(|n| self.tensor_f64(n));
         let (w0, b0) = (w.clone(), b.clone());
         let (lr, mu, momentum) = (tc.learning_rate, tc.proximal_mu, tc.momentum);
         let mut velocity = vec![0.0; c * d + c];
@@ -292,16 +294,7 @@ impl Trainer for LogisticRegression {
                 *p -= lr * *v;
             }
         }
-        for (name, values) in self.params.values_mut() {
-            let src = match name {
-                WEIGHT => &w,
-                BIAS => &b,
-                _ => continue,
-            };
-            for (dst, s) in values.iter_mut().zip(src) {
-                *dst = *s as f32;
-            }
-        }
+        self.store_weights(&w, &b);
         if !w.iter().chain(&b).all(|v| v.is_finite()) {
             return Err(Error::InvalidInput(
                 "DP-SGD diverged (NaN or infinite weights): lower the learning rate".into(),

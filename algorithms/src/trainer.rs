@@ -462,7 +462,8 @@ pub struct DpSgdPlan {
 }
 
 impl DpSgdPlan {
-    /// The DP-SGD noise and sampler for a model with `dim` trainable values.
+    /// The DP-SGD noise and sampler for a model with `dim` trainable
+    /// values, its noise drawn ahead on a thread of its own.
     pub fn mechanism(&self, dim: usize) -> Result<confide_dp::dpsgd::DpSgd, Error> {
         confide_dp::dpsgd::DpSgd::new(confide_dp::dpsgd::DpSgdConfig {
             max_grad_norm: self.max_grad_norm,
@@ -471,6 +472,7 @@ impl DpSgdPlan {
             expected_batch_size: self.expected_batch_size as f64,
             dim,
         })
+        .map(confide_dp::dpsgd::DpSgd::pipelined)
         .map_err(|e| Error::InvalidInput(format!("dp: {e}")))
     }
 }

@@ -109,9 +109,8 @@ pub struct DpSgd {
     noise: DiscreteGaussian,
     rng: ChaCha20Rng,
     /// The next steps' noise vectors, drawn by a thread of their own while
-    /// the trainer computes gradients (the noise does not depend on the
-    /// data); `None` if the thread could not start, then noise is drawn
-    /// inline.
+    /// the trainer computes gradients ([`DpSgd::pipelined`]); `None`: noise
+    /// is drawn inline.
     pipeline: Option<std::sync::mpsc::Receiver<Zeroizing<Vec<i64>>>>,
     /// floor(q·2^64): a row is sampled when a uniform u64 is below it.
     sample_threshold: u64,
@@ -169,10 +168,19 @@ impl DpSgd {
             sigma_int,
             noise,
             rng: os_seeded_rng()?,
-            pipeline: noise_pipeline(noise, cfg.dim),
+            pipeline: None,
             sample_threshold,
             sample_all,
         })
+    }
+
+    /// Draws each step's noise on a thread of its own, two steps ahead,
+    /// while the caller computes gradients (the noise does not depend on
+    /// the data). Worth it for many steps; a single release (central DP)
+    /// would only draw vectors nobody uses.
+    pub fn pipelined(mut self) -> Self {
+        self.pipeline = noise_pipeline(self.noise, self.cfg.dim);
+        self
     }
 
     /// The settings.
@@ -223,29 +231,28 @@ impl DpSgd {
     /// by its [`DpSgd::clip_factor`]) into the noisy mean gradient, in place:
     /// γ·(round(sum/γ) + N_Z(0, σ_int²)) / expected batch size.
     pub fn privatize(&mut self, clipped_sum: &mut [f64]) -> Result<(), Error> {
-        let dp = self;
-        if clipped_sum.len() != dp.cfg.dim {
+        if clipped_sum.len() != self.cfg.dim {
             return Err(Error::InvalidInput(format!(
                 "a gradient of {} values; DP-SGD was set up for {}",
                 clipped_sum.len(),
-                dp.cfg.dim
+                self.cfg.dim
             )));
         }
         if clipped_sum.iter().any(|v| !v.is_finite()) {
             return Err(Error::InvalidInput("the clipped gradient sum has NaN or infinite values".into()));
         }
-        let noise = match dp.pipeline.as_ref().and_then(|p| p.recv().ok()) {
+        let noise = match self.pipeline.as_ref().and_then(|p| p.recv().ok()) {
             Some(noise) => noise,
             None => {
                 let mut noise = Zeroizing::new(vec![0i64; clipped_sum.len()]);
-                dp.noise.fill_from(&mut noise, &mut dp.rng);
+                self.noise.fill_from(&mut noise, &mut self.rng);
                 noise
             }
         };
-        let out_scale = dp.gamma / dp.cfg.expected_batch_size;
+        let out_scale = self.gamma / self.cfg.expected_batch_size;
         for (s, n) in clipped_sum.iter_mut().zip(noise.iter()) {
             // |sum/γ| ≤ rows·2^20: exact integers in f64 below 2^53.
-            let lattice = (*s / dp.gamma).round();
+            let lattice = (*s / self.gamma).round();
             *s = (lattice + *n as f64) * out_scale;
         }
         Ok(())
@@ -358,7 +365,7 @@ mod tests {
     #[test]
     fn privatized_noise_has_the_calibrated_variance() {
         let dim = 200_000;
-        let mut dp = DpSgd::new(DpSgdConfig { noise_multiplier: 0.5, ..cfg(dim) }).unwrap();
+        let mut dp = DpSgd::new(DpSgdConfig { noise_multiplier: 0.5, ..cfg(dim) }).unwrap().pipelined();
         let mut v = vec![0.0; dim];
         dp.privatize(&mut v).unwrap();
         let unit = dp.gamma / dp.cfg.expected_batch_size;

@@ -223,6 +223,16 @@ impl TorchTrainer {
         Ok(t)
     }
 
+    /// The round's optimiser over the model's variables.
+    fn optimizer(&self, tc: &confide_algorithms::TrainConfig) -> Result<nn::Optimizer, Error> {
+        match tc.optimizer {
+            OptimizerKind::Adam => nn::Adam { wd: tc.l2, ..Default::default() }.build(&self.vs, tc.learning_rate),
+            _ => nn::Sgd { momentum: tc.momentum, dampening: 0.0, wd: tc.l2, nesterov: false }
+                .build(&self.vs, tc.learning_rate),
+        }
+        .map_err(torch_err("optimizer"))
+    }
+
     /// Standardised rows as a batch tensor in the model's input shape.
     fn inputs(&self, rows: &[f32]) -> Result<Tensor, Error> {
         let mut x: Vec<f32> = rows.to_vec();
@@ -477,12 +487,7 @@ impl Trainer for TorchTrainer {
 
     fn fit(&mut self, config: &FitConfig) -> Result<FitOutcome, Error> {
         let tc = &config.train;
-        let mut opt = match tc.optimizer {
-            OptimizerKind::Adam => nn::Adam { wd: tc.l2, ..Default::default() }.build(&self.vs, tc.learning_rate),
-            _ => nn::Sgd { momentum: tc.momentum, dampening: 0.0, wd: tc.l2, nesterov: false }
-                .build(&self.vs, tc.learning_rate),
-        }
-        .map_err(torch_err("optimizer"))?;
+        let mut opt = self.optimizer(tc)?;
         // FedProx anchors: detached copies of the parameters this round starts from.
         let anchors: Vec<(Tensor, Tensor)> = if tc.proximal_mu > 0.0 {
             self.names
@@ -545,12 +550,7 @@ impl Trainer for TorchTrainer {
             self.names.iter().map(|n| vars.get(n).map(|v| v.size()).unwrap_or_default()).collect();
         let dim: usize = sizes.iter().map(|s| s.iter().product::<i64>().max(0) as usize).sum();
         let mut dp = plan.mechanism(dim)?;
-        let mut opt = match tc.optimizer {
-            OptimizerKind::Adam => nn::Adam { wd: tc.l2, ..Default::default() }.build(&self.vs, tc.learning_rate),
-            _ => nn::Sgd { momentum: tc.momentum, dampening: 0.0, wd: tc.l2, nesterov: false }
-                .build(&self.vs, tc.learning_rate),
-        }
-        .map_err(torch_err("optimizer"))?;
+        let mut opt = self.optimizer(tc)?;
         let params: Vec<(Tensor, Tensor)> = self
             .names
             .iter()
