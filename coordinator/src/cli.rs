@@ -569,6 +569,29 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
             ),
             "each party's data set (one record added or removed)",
         ),
+        DpLevel::Party if dp.distributed.is_some() => {
+            let d = dp.distributed.unwrap_or(confide_proto::dpspec::DistributedNoise {
+                bits: 0,
+                max_parties: 0,
+                honest_parties: 0,
+            });
+            (
+                format!(
+                    "dp: party-level DP-FedAvg, distributed: each party clips its update to L2 norm {}, rotates it, \
+                     rounds it onto a lattice and adds its share of discrete Gaussian noise before masking \
+                     (Kairouz–Liu–Steinke), so the coordinator never sees an un-noised sum; the noise is calibrated \
+                     (z = {:.4}) for {} honest parties (parties.min less the {} corrupt parties the protocol's \
+                     threat model allows), in a {}-bit sum of up to {} parties; {total} noisy sums in all",
+                    dp.clip,
+                    dp.noise_multiplier,
+                    d.honest_parties,
+                    spec.min_parties().saturating_sub(d.honest_parties),
+                    d.bits,
+                    d.max_parties
+                ),
+                "each party (its whole data set added or removed), so each record too",
+            )
+        }
         DpLevel::Party => (
             format!(
                 "dp: party-level DP-FedAvg, central: each update clipped to L2 norm {}, the coordinator adds discrete \
@@ -585,7 +608,14 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
             "dp: ε = {eps:.4} at δ = {:e} for {whom} over the whole job (RDP accountant; the discrete Gaussian's own \
              bounds{}){}",
             dp.delta,
-            if dp.level == DpLevel::Example { ", Zhu–Wang for the Poisson subsampling" } else { "" },
+            match (dp.level, dp.distributed) {
+                (DpLevel::Example, _) => ", Zhu–Wang for the Poisson subsampling",
+                (DpLevel::Party, Some(_)) => {
+                    ": Kairouz–Liu–Steinke's bound for a sum of discrete Gaussians, at the worst model size up \
+                     to dp.max_model_values"
+                }
+                _ => "",
+            },
             reference.map_or(String::new(), |r| format!("; the continuous-Gaussian figure would be {r:.4}"))
         ),
         "dp: parties send only their noisy updates (weight 1 each): no feature statistics, evaluation metrics, loss, \
@@ -618,6 +648,9 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
                     dp.delta,
                     dp.level,
                     dp.sampling_rate,
+                    dp.clip,
+                    dp.distributed,
+                    dp.model_values_bound(),
                     &spec.training,
                     spec.rounds,
                 )

@@ -84,60 +84,9 @@ impl Ddg {
     /// heuristic scale: k standard deviations of the noisy sum of
     /// `max_parties` vectors fit the 2^b modulus).
     pub fn new(cfg: DdgConfig) -> Result<Ddg, Error> {
-        let bad = |field: &str, why: String| Err(Error::InvalidInput(format!("{field}: {why}")));
-        if !(cfg.clip.is_finite() && cfg.clip > 0.0) {
-            return bad("clip", format!("must be positive and finite (got {})", cfg.clip));
-        }
-        if !(cfg.noise_multiplier.is_finite() && cfg.noise_multiplier > 0.0) {
-            return bad("noise_multiplier", format!("must be positive and finite (got {})", cfg.noise_multiplier));
-        }
-        if cfg.dim == 0 || cfg.dim > 1 << 30 {
-            return bad("dim", format!("must be 1..=2^30 (got {})", cfg.dim));
-        }
-        if !(2..=32).contains(&cfg.bits) {
-            return bad("bits", format!("must be 2..=32 (got {})", cfg.bits));
-        }
-        if cfg.honest_parties == 0 || cfg.honest_parties > cfg.max_parties {
-            return bad(
-                "honest_parties",
-                format!("must be 1..=max_parties ({}) (got {})", cfg.max_parties, cfg.honest_parties),
-            );
-        }
-        if !(0.0..1.0).contains(&cfg.beta) {
-            return bad("beta", format!("must be in [0, 1) (got {})", cfg.beta));
-        }
-        if !(cfg.k_stddevs.is_finite() && cfg.k_stddevs > 0.0) {
-            return bad("k_stddevs", format!("must be positive (got {})", cfg.k_stddevs));
-        }
-        let padded = cfg.dim.next_power_of_two();
-        let (n, c, k) = (cfg.max_parties as f64, cfg.clip, cfg.k_stddevs);
-        if !(c * c * n * n).is_finite() {
-            return bad("clip", format!("{c} is too large to calibrate for {} parties", cfg.max_parties));
-        }
-        let local_stddev = cfg.noise_multiplier * c / (cfg.honest_parties as f64).sqrt();
-        let room = 2f64.powi(2 * cfg.bits as i32) - n * k * k;
-        if room <= 0.0 {
-            return bad("bits", format!("{} bits are too few for {} parties at k = {k}", cfg.bits, cfg.max_parties));
-        }
-        let mut scale =
-            room.sqrt() / (2.0 * k * (c * c * n * n / padded as f64 + n * local_stddev * local_stddev).sqrt());
-        // The sampler's integer σ is at most 2^26: past that, a finer lattice
-        // gains nothing (the rounding is already 10^-8 of the noise).
-        scale = scale.min(MAX_SIGMA / local_stddev);
-        let local_sigma = (local_stddev * scale).ceil();
-        if local_sigma < 1.0 {
-            return bad("bits", format!("{} bits leave no room for the noise at this scale", cfg.bits));
-        }
-        // Rounding inflates the norm (Theorem 1 / Prop. 22, lattice units).
-        let (cs, root_d) = (c * scale, (padded as f64).sqrt());
-        let mut bound = cs + root_d;
-        if cfg.beta > 0.0 {
-            let sq = cs * cs + 0.25 * padded as f64 + (2.0 * (1.0 / cfg.beta).ln()).sqrt() * (cs + 0.5 * root_d);
-            bound = bound.min(sq.sqrt());
-        }
-        let bound_sq = (bound * bound).floor() as u128;
-        let noise = DiscreteGaussian::with_sigma(local_sigma as u32)?;
-        Ok(Ddg { cfg, padded, scale, local_sigma: local_sigma as u32, bound, bound_sq, noise })
+        let Calibration { padded, scale, local_sigma, bound, bound_sq } = Calibration::of(&cfg)?;
+        let noise = DiscreteGaussian::with_sigma(local_sigma)?;
+        Ok(Ddg { cfg, padded, scale, local_sigma, bound, bound_sq, noise })
     }
 
     /// The configuration.
@@ -168,21 +117,17 @@ impl Ddg {
 
     /// Δ₁ in lattice units: at most √d'·Δ₂, and at most Δ₂² for integers.
     pub fn l1_sensitivity(&self) -> f64 {
-        let l2 = self.l2_sensitivity();
-        l2 * (self.padded as f64).sqrt().min(l2)
+        self.calibration().l1()
     }
 
     /// The accountant's event for one round.
     pub fn event(&self) -> crate::rdp::DpEvent {
-        let n = self.cfg.honest_parties;
-        let sigma = f64::from(self.local_sigma);
-        let norm = (n as f64).sqrt() * sigma;
-        crate::rdp::DpEvent::DistributedDiscreteGaussian {
-            l1_scale: self.l1_sensitivity() / norm,
-            l2_scale: self.l2_sensitivity() / norm,
-            tau: tau(sigma, n),
-            dim: self.padded as u64,
-        }
+        self.calibration().event(self.cfg.honest_parties)
+    }
+
+    fn calibration(&self) -> Calibration {
+        let Ddg { padded, scale, local_sigma, bound, bound_sq, .. } = *self;
+        Calibration { padded, scale, local_sigma, bound, bound_sq }
     }
 
     /// One party's noise vector, drawn ahead of the round (it does not
@@ -281,11 +226,128 @@ impl Ddg {
     }
 }
 
+/// The mechanism's numbers for a configuration: what [`Ddg::new`] uses and
+/// what the accountant needs, without building the sampler.
+#[derive(Debug, Clone, Copy)]
+struct Calibration {
+    padded: usize,
+    scale: f64,
+    local_sigma: u32,
+    bound: f64,
+    bound_sq: u128,
+}
+
+impl Calibration {
+    fn of(cfg: &DdgConfig) -> Result<Calibration, Error> {
+        let bad = |field: &str, why: String| Err(Error::InvalidInput(format!("{field}: {why}")));
+        if !(cfg.clip.is_finite() && cfg.clip > 0.0) {
+            return bad("clip", format!("must be positive and finite (got {})", cfg.clip));
+        }
+        if !(cfg.noise_multiplier.is_finite() && cfg.noise_multiplier > 0.0) {
+            return bad("noise_multiplier", format!("must be positive and finite (got {})", cfg.noise_multiplier));
+        }
+        if cfg.dim == 0 || cfg.dim > 1 << 30 {
+            return bad("dim", format!("must be 1..=2^30 (got {})", cfg.dim));
+        }
+        if !(2..=32).contains(&cfg.bits) {
+            return bad("bits", format!("must be 2..=32 (got {})", cfg.bits));
+        }
+        if cfg.honest_parties == 0 || cfg.honest_parties > cfg.max_parties {
+            return bad(
+                "honest_parties",
+                format!("must be 1..=max_parties ({}) (got {})", cfg.max_parties, cfg.honest_parties),
+            );
+        }
+        if !(0.0..1.0).contains(&cfg.beta) {
+            return bad("beta", format!("must be in [0, 1) (got {})", cfg.beta));
+        }
+        if !(cfg.k_stddevs.is_finite() && cfg.k_stddevs > 0.0) {
+            return bad("k_stddevs", format!("must be positive (got {})", cfg.k_stddevs));
+        }
+        let padded = cfg.dim.next_power_of_two();
+        let (n, c, k) = (cfg.max_parties as f64, cfg.clip, cfg.k_stddevs);
+        if !(c * c * n * n).is_finite() {
+            return bad("clip", format!("{c} is too large to calibrate for {} parties", cfg.max_parties));
+        }
+        let local_stddev = cfg.noise_multiplier * c / (cfg.honest_parties as f64).sqrt();
+        let room = 2f64.powi(2 * cfg.bits as i32) - n * k * k;
+        if room <= 0.0 {
+            return bad("bits", format!("{} bits are too few for {} parties at k = {k}", cfg.bits, cfg.max_parties));
+        }
+        let mut scale =
+            room.sqrt() / (2.0 * k * (c * c * n * n / padded as f64 + n * local_stddev * local_stddev).sqrt());
+        // The sampler's integer σ is at most 2^26: past that, a finer lattice
+        // gains nothing (the rounding is already 10^-8 of the noise).
+        scale = scale.min(MAX_SIGMA / local_stddev);
+        let local_sigma = (local_stddev * scale).ceil();
+        if local_sigma < 1.0 {
+            return bad("bits", format!("{} bits leave no room for the noise at this scale", cfg.bits));
+        }
+        // Rounding inflates the norm (Theorem 1 / Prop. 22, lattice units).
+        let (cs, root_d) = (c * scale, (padded as f64).sqrt());
+        let mut bound = cs + root_d;
+        if cfg.beta > 0.0 {
+            let sq = cs * cs + 0.25 * padded as f64 + (2.0 * (1.0 / cfg.beta).ln()).sqrt() * (cs + 0.5 * root_d);
+            bound = bound.min(sq.sqrt());
+        }
+        let bound_sq = (bound * bound).floor() as u128;
+        Ok(Calibration { padded, scale, local_sigma: local_sigma as u32, bound, bound_sq })
+    }
+
+    fn l1(&self) -> f64 {
+        self.bound * (self.padded as f64).sqrt().min(self.bound)
+    }
+
+    fn event(&self, honest_parties: usize) -> crate::rdp::DpEvent {
+        let sigma = f64::from(self.local_sigma);
+        let norm = (honest_parties as f64).sqrt() * sigma;
+        crate::rdp::DpEvent::DistributedDiscreteGaussian {
+            l1_scale: self.l1() / norm,
+            l2_scale: self.bound / norm,
+            tau: tau(sigma, honest_parties),
+            dim: self.padded as u64,
+        }
+    }
+}
+
+/// The largest rotated length the mechanism is accounted for (2^26, the
+/// default limit on a model's values).
+pub const MAX_PADDED_DIM: usize = 1 << 26;
+
+/// The accountant's events of one round at every rotated length 1, 2, 4, …
+/// up to `max_dim` rounded up to a power of two, `cfg.dim` aside: a bound
+/// that holds whatever size the model turns out to have, computed from the
+/// job spec alone (before anyone has seen a model). Compose them with
+/// [`crate::rdp::RdpAccountant::compose_worst`].
+pub fn events_up_to(cfg: &DdgConfig, max_dim: usize) -> Result<Vec<crate::rdp::DpEvent>, Error> {
+    if max_dim == 0 || max_dim > MAX_PADDED_DIM {
+        return Err(Error::InvalidInput(format!("dim: must be 1..={MAX_PADDED_DIM} (got {max_dim})")));
+    }
+    let top = max_dim.next_power_of_two();
+    let mut events = Vec::new();
+    let mut d = 1;
+    while d <= top {
+        events.push(Calibration::of(&DdgConfig { dim: d, ..*cfg })?.event(cfg.honest_parties));
+        d *= 2;
+    }
+    Ok(events)
+}
+
 /// One party's noise for one round: drawn by [`Ddg::sample_noise`], used
 /// once by [`Ddg::encode`] (which takes it by value), wiped when dropped.
 pub struct DdgNoise(Zeroizing<Vec<i64>>);
 
 impl DdgNoise {
+    /// Its length (the rotated dimension it was drawn for).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty (never, for a drawn one).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// No noise, for tests of the encoding alone.
     #[cfg(test)]
     fn zero(len: usize) -> DdgNoise {
@@ -510,6 +572,24 @@ mod tests {
         assert!((ddg_rdp(8.0, l1_scale, l2_scale, t, dim) - 4.0 * l2_scale * l2_scale).abs() < 1e-12);
         // Small σ: τ is positive and the bound exceeds the Gaussian's.
         assert!(tau(1.0, 10) > 0.0 && ddg_rdp(8.0, 3.0, 1.0, tau(1.0, 10), 100) > 4.0);
+    }
+
+    /// The spec's bound covers the mechanism at every model size: at each
+    /// order, the worst event's RDP is at least the actual one's.
+    #[test]
+    fn the_bound_over_sizes_covers_every_model() {
+        let cfg = config(1, 10, 16);
+        let events = events_up_to(&cfg, 1 << 20).expect("events");
+        assert_eq!(events.len(), 21);
+        for dim in [1usize, 3, 1000, 65_537, 1 << 20] {
+            let actual = Ddg::new(DdgConfig { dim, ..cfg }).expect("params").event();
+            for a in [2.0, 8.0, 64.0, 256.0] {
+                let worst = events.iter().map(|e| e.rdp(a)).fold(0.0, f64::max);
+                assert!(actual.rdp(a) <= worst, "dim {dim}, order {a}");
+            }
+        }
+        assert!(events_up_to(&cfg, MAX_PADDED_DIM + 1).is_err());
+        assert!(events_up_to(&cfg, 0).is_err());
     }
 
     #[test]

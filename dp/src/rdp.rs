@@ -383,6 +383,27 @@ impl RdpAccountant {
         Ok(())
     }
 
+    /// Composes, `count` times, a mechanism known only to be one of
+    /// `events` (e.g. the distributed discrete Gaussian at whichever model
+    /// size the job turns out to have): at each order the worst of their
+    /// RDP bounds, which bounds the mechanism's whatever it is.
+    pub fn compose_worst(&mut self, events: &[DpEvent], count: u64) -> Result<(), Error> {
+        if events.is_empty() {
+            return Err(Error::InvalidInput("no events to take the worst of".into()));
+        }
+        for e in events {
+            e.check()?;
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        for (r, &a) in self.rdp.iter_mut().zip(&self.orders) {
+            let worst = events.iter().map(|e| e.rdp(a)).fold(0.0f64, f64::max);
+            *r += count as f64 * worst;
+        }
+        Ok(())
+    }
+
     /// Adds another accountant's spending (same orders).
     pub fn absorb(&mut self, other: &RdpAccountant) -> Result<(), Error> {
         if other.orders != self.orders {
@@ -432,13 +453,22 @@ pub fn calibrate_noise_multiplier(
     if steps == 0 {
         return Err(Error::InvalidInput("steps must be at least 1 (no steps need no noise)".into()));
     }
-    let eps = |z: f64| epsilon(&event(z), steps, delta);
+    calibrate_by(target_epsilon, &format!("at δ = {delta} over {steps} steps"), |z| epsilon(&event(z), steps, delta))
+}
+
+/// The smallest noise multiplier z (to 10^-4 relative) with `eps(z)` ≤
+/// `target_epsilon`, for any ε that decreases in z; `what` says where the
+/// target applies, for the error when no z up to 10^6 reaches it.
+pub fn calibrate_by(target_epsilon: f64, what: &str, eps: impl Fn(f64) -> Result<f64, Error>) -> Result<f64, Error> {
+    if !(target_epsilon > 0.0 && target_epsilon.is_finite()) {
+        return Err(Error::InvalidInput(format!("target epsilon must be positive and finite (got {target_epsilon})")));
+    }
     let mut hi = 1.0;
     while eps(hi)? > target_epsilon {
         hi *= 2.0;
         if hi > 1e6 {
             return Err(Error::Unreachable(format!(
-                "no noise multiplier up to 10^6 reaches ε = {target_epsilon} at δ = {delta} over {steps} steps"
+                "no noise multiplier up to 10^6 reaches ε = {target_epsilon} {what}"
             )));
         }
     }

@@ -48,7 +48,9 @@ pub fn consider<'a>(
             ));
         }
     }
-    if spec.dp.as_ref().is_some_and(|d| d.level == confide_proto::dpspec::DpLevel::Party) && !policy.accept_central_dp {
+    if spec.dp.as_ref().is_some_and(|d| d.level == confide_proto::dpspec::DpLevel::Party && d.distributed.is_none())
+        && !policy.accept_central_dp
+    {
         return Err("the job's party-level DP noise is added by the coordinator, which sees every update first \
                     (central DP); policy.accept_central_dp is not set"
             .into());

@@ -327,6 +327,8 @@ impl TrainingHandler {
         if let Some(budget) = &self.budget {
             budget.start_round().map_err(TaskError::CoordinatorFault)?;
         }
+        // Distributed noise does not depend on the data: drawn before training.
+        self.aggregation.prepare(global);
         let local = match (self.dp, self.party_clip) {
             (Some(plan), _) => {
                 self.trainer.fit_private(config, &plan).map_err(err)?;
@@ -410,7 +412,14 @@ mod tests {
 
     fn handler(standardize: bool) -> TrainingHandler {
         let names: Vec<String> = ["p0", "p1", "p2"].map(String::from).to_vec();
-        let job = JobFacts { job_id: "j".into(), party_names: names, max_parties: 10, min_parties: 3, max_values: 100 };
+        let job = JobFacts {
+            job_id: "j".into(),
+            party_names: names,
+            max_parties: 10,
+            min_parties: 3,
+            max_values: 100,
+            distributed_dp: None,
+        };
         let client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let mut h = TrainingHandler::new(Box::new(Fixed), client, SecAggPlus.stages());
         h.standardize = standardize;
@@ -460,8 +469,14 @@ mod tests {
     #[test]
     fn a_dp_job_sends_only_the_noisy_update() {
         use confide_crypto::aggregation::plain::Plain;
-        let job =
-            JobFacts { job_id: "j".into(), party_names: Vec::new(), max_parties: 10, min_parties: 1, max_values: 100 };
+        let job = JobFacts {
+            job_id: "j".into(),
+            party_names: Vec::new(),
+            max_parties: 10,
+            min_parties: 1,
+            max_values: 100,
+            distributed_dp: None,
+        };
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let mut h = TrainingHandler::new(Box::new(FixedDp::default()), client, Plain.stages());
         h.dp = Some(DpSgdPlan {
@@ -501,8 +516,14 @@ mod tests {
     #[test]
     fn a_dp_party_trains_with_the_specs_standardisation_not_the_wires() {
         use confide_crypto::aggregation::plain::Plain;
-        let job =
-            JobFacts { job_id: "j".into(), party_names: Vec::new(), max_parties: 10, min_parties: 1, max_values: 100 };
+        let job = JobFacts {
+            job_id: "j".into(),
+            party_names: Vec::new(),
+            max_parties: 10,
+            min_parties: 1,
+            max_values: 100,
+            distributed_dp: None,
+        };
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let trainer = FixedDp::default();
         let given = trainer.given.clone();
@@ -569,8 +590,14 @@ mod tests {
     fn a_party_level_dp_update_is_clipped_and_bare() {
         use confide_crypto::aggregation::Bulk;
         use confide_crypto::aggregation::plain::Plain;
-        let job =
-            JobFacts { job_id: "j".into(), party_names: Vec::new(), max_parties: 10, min_parties: 1, max_values: 100 };
+        let job = JobFacts {
+            job_id: "j".into(),
+            party_names: Vec::new(),
+            max_parties: 10,
+            min_parties: 1,
+            max_values: 100,
+            distributed_dp: None,
+        };
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let start =
             Parameters::new(vec![Tensor { name: "w".into(), shape: vec![3], data: vec![0.5, 0.0, -1.0] }]).unwrap();

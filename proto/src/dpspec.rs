@@ -11,10 +11,13 @@
 //! feature_ranges = [[0, 30], [9, 40]]   # public ranges, when model.standardize
 //! ```
 //!
-//! `level = "party"` is DP-FedAvg with central noise (`aggregation.protocol =
-//! "none"`): each party clips its update to `update_clip`, and the
-//! coordinator adds discrete Gaussian noise to their sum; neighbouring data
-//! sets differ by one party's whole data set.
+//! `level = "party"` is DP-FedAvg: each party clips its update to
+//! `update_clip`; neighbouring data sets differ by one party's whole data
+//! set. Under `aggregation.protocol = "none"` the coordinator adds discrete
+//! Gaussian noise to the sum (central); under a protocol that sums
+//! (`secagg`) each party adds its share of the noise before masking, the
+//! distributed discrete Gaussian ([`confide_dp::ddg`]), calibrated for the
+//! fewest honest survivors the protocol's threat model allows.
 //!
 //! Every party derives the mechanism and its ε from this table alone (the
 //! steps per round are ⌈local_epochs / q⌉, the divisor of each step's noisy
@@ -22,8 +25,9 @@
 //! what the coordinator sends.
 
 use confide_algorithms::{DpSgdPlan, FeatureStats, TrainConfig};
+use confide_dp::ddg::{DdgConfig, MAX_PADDED_DIM, events_up_to};
 use confide_dp::dpsgd::{MAX_NOISE_MULTIPLIER, step_event};
-use confide_dp::rdp::{RdpAccountant, calibrate_noise_multiplier, integer_orders};
+use confide_dp::rdp::{DpEvent, RdpAccountant, calibrate_by, integer_orders};
 use serde::{Deserialize, Serialize};
 
 /// Most DP-SGD steps a job may take (rounds × steps per round).
@@ -54,6 +58,12 @@ pub struct RawDp {
     /// party: each party's update is clipped to this L2 norm (default 1.0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_clip: Option<f64>,
+    /// party, distributed: the most trained values the model may have
+    /// (default 2^26). The mechanism's rounding costs a little more privacy
+    /// the longer the vector, and ε must follow from the spec before anyone
+    /// has seen the model, so it is accounted at the worst size up to this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_model_values: Option<u64>,
     /// `rdp` (default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accountant: Option<String>,
@@ -62,13 +72,50 @@ pub struct RawDp {
     pub feature_ranges: Option<Vec<[f64; 2]>>,
 }
 
+/// β of conditional randomized rounding (the paper's e^{−1/2}).
+pub const DDG_BETA: f64 = 0.606_530_659_712_633_4;
+
+/// Standard deviations of the noisy sum the modulus holds (KLS's k = 4).
+pub const DDG_K_STDDEVS: f64 = 4.0;
+
+/// What a summing protocol fixes for distributed noise (party level under
+/// `secagg`): all of it from the spec, so every party derives the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DistributedNoise {
+    /// Bits of the modulus the sum lives in.
+    pub bits: u32,
+    /// The most parties a round can have (the parties the spec names).
+    pub max_parties: usize,
+    /// The fewest honest parties whose noise is in any sum the protocol
+    /// reveals: the job's `parties.min` less the corrupt parties the
+    /// protocol's threat model allows (they can subtract their own noise).
+    pub honest_parties: usize,
+}
+
+impl DistributedNoise {
+    /// The mechanism at clip `clip`, noise multiplier `z`, for `dim` values.
+    pub fn config(&self, clip: f64, z: f64, dim: usize) -> DdgConfig {
+        DdgConfig {
+            clip,
+            noise_multiplier: z,
+            dim,
+            bits: self.bits,
+            max_parties: self.max_parties,
+            honest_parties: self.honest_parties,
+            beta: DDG_BETA,
+            k_stddevs: DDG_K_STDDEVS,
+        }
+    }
+}
+
 /// Who is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DpLevel {
     /// Each record, by DP-SGD at each party.
     Example,
-    /// Each party's whole data set, by clipped updates and noise the
-    /// coordinator adds to their sum (central DP-FedAvg).
+    /// Each party's whole data set, by clipped updates and noise added to
+    /// their sum: by the coordinator (central DP-FedAvg) or by the parties
+    /// before masking (distributed).
     Party,
 }
 
@@ -102,6 +149,11 @@ pub struct DpSpec {
     /// Public feature ranges that standardise the inputs instead of the
     /// data's own statistics.
     pub feature_ranges: Option<Vec<[f64; 2]>>,
+    /// Party level under a summing protocol: the distributed discrete
+    /// Gaussian's parameters (derived from the spec, not written in `[dp]`).
+    pub distributed: Option<DistributedNoise>,
+    /// `max_model_values` as written (distributed noise).
+    pub max_model_values: Option<usize>,
 }
 
 impl DpSpec {
@@ -135,8 +187,24 @@ impl DpSpec {
     /// Composes `rounds` more rounds into `acc`.
     pub fn compose_rounds(&self, acc: &mut RdpAccountant, training: &TrainConfig, rounds: u32) {
         let steps = self.steps_per_round(training).saturating_mul(u64::from(rounds));
-        // The event's parameters were validated with the spec.
-        let _ = acc.compose(&step_event(self.sampling_rate, self.noise_multiplier), steps);
+        compose(acc, self.release_events(self.noise_multiplier), steps);
+    }
+
+    /// The distributed mechanism for a model of `dim` values (party level
+    /// under a summing protocol).
+    pub fn ddg_config(&self, dim: usize) -> Option<DdgConfig> {
+        let d = self.distributed.filter(|_| self.level == DpLevel::Party)?;
+        Some(d.config(self.clip, self.noise_multiplier, dim))
+    }
+
+    /// The most trained values a model may have under distributed noise:
+    /// what the noise is accounted for (and what the protocol enforces).
+    pub fn model_values_bound(&self) -> usize {
+        self.max_model_values.unwrap_or(MAX_PADDED_DIM)
+    }
+
+    fn release_events(&self, z: f64) -> Result<Vec<DpEvent>, String> {
+        release_events(self.level, self.sampling_rate, self.clip, self.distributed, self.model_values_bound(), z)
     }
 
     /// The ε `rounds` rounds cost each party's data set, at this δ.
@@ -165,6 +233,7 @@ impl DpSpec {
             max_grad_norm: (self.level == DpLevel::Example).then_some(self.clip),
             update_clip: (self.level == DpLevel::Party).then_some(self.clip),
             accountant: Some(Self::ACCOUNTANT.into()),
+            max_model_values: self.max_model_values.map(|m| m as u64),
             feature_ranges: self.feature_ranges.clone(),
         }
     }
@@ -180,6 +249,35 @@ pub fn epsilon_of(acc: RdpAccountant, delta: f64) -> f64 {
     acc.epsilon(delta).map(|(e, _)| e).unwrap_or(f64::INFINITY)
 }
 
+/// The accountant's events of one noisy release at noise multiplier `z`:
+/// the mechanism is one of them. One for DP-SGD's step and central noise;
+/// for distributed noise one per model size up to `max_values` (rounded up
+/// to a power of two), since the mechanism's rounding depends on the size
+/// and ε must follow from the spec alone, before anyone has seen a model.
+fn release_events(
+    level: DpLevel,
+    q: f64,
+    clip: f64,
+    distributed: Option<DistributedNoise>,
+    max_values: usize,
+    z: f64,
+) -> Result<Vec<DpEvent>, String> {
+    match distributed {
+        Some(d) if level == DpLevel::Party => {
+            events_up_to(&d.config(clip, z, max_values), max_values).map_err(|e| e.to_string())
+        }
+        _ => Ok(vec![step_event(q, z)]),
+    }
+}
+
+/// Composes `count` releases; a mechanism that could not be built costs ∞.
+fn compose(acc: &mut RdpAccountant, events: Result<Vec<DpEvent>, String>, count: u64) {
+    let composed = events.map_err(|_| ()).and_then(|e| acc.compose_worst(&e, count).map_err(|_| ()));
+    if composed.is_err() {
+        let _ = acc.compose(&DpEvent::Gaussian { noise_multiplier: 0.0 }, 1);
+    }
+}
+
 fn steps_per_round(level: DpLevel, local_epochs: u32, q: f64) -> u64 {
     match level {
         DpLevel::Example => (f64::from(local_epochs) / q).ceil() as u64,
@@ -187,27 +285,42 @@ fn steps_per_round(level: DpLevel, local_epochs: u32, q: f64) -> u64 {
     }
 }
 
-/// ε of `steps` DP-SGD steps at (q, z, δ).
-fn steps_epsilon(q: f64, z: f64, steps: u64, delta: f64) -> f64 {
+/// ε of `steps` releases at (z, δ).
+fn steps_epsilon(events: Result<Vec<DpEvent>, String>, steps: u64, delta: f64) -> f64 {
     let mut acc = empty_accountant();
-    if acc.compose(&step_event(q, z), steps).is_err() {
-        return f64::INFINITY;
-    }
+    compose(&mut acc, events, steps);
     epsilon_of(acc, delta)
 }
 
 /// The smallest noise multiplier with which `rounds` rounds of `training`
-/// at `level` and sampling rate `q` cost at most `target` at `delta`.
+/// at `level`, sampling rate `q` and clip `clip` (with `distributed` noise,
+/// when the protocol sums) cost at most `target` at `delta`.
+#[allow(clippy::too_many_arguments)]
 pub fn noise_for_target(
     target: f64,
     delta: f64,
     level: DpLevel,
     q: f64,
+    clip: f64,
+    distributed: Option<DistributedNoise>,
+    max_values: usize,
     training: &TrainConfig,
     rounds: u32,
 ) -> Result<f64, String> {
     let steps = steps_per_round(level, training.local_epochs, q).saturating_mul(u64::from(rounds));
-    let z = calibrate_noise_multiplier(target, delta, steps, |z| step_event(q, z)).map_err(|e| e.to_string())?;
+    if steps == 0 {
+        return Err("no noisy release to calibrate (0 rounds)".into());
+    }
+    let eps = |z: f64| Ok(steps_epsilon(release_events(level, q, clip, distributed, max_values, z), steps, delta));
+    let z = calibrate_by(target, &format!("at δ = {delta} over {steps} releases"), eps).map_err(|e| {
+        let hint = if distributed.is_some() {
+            " (with distributed noise the lattice's rounding costs privacy that more noise cannot buy back: give the \
+             sum more bits, aggregation.secagg.bits, or bound the model, dp.max_model_values)"
+        } else {
+            ""
+        };
+        format!("{e}{hint}")
+    })?;
     // Calibration ran on the requested z; noise is drawn at ⌈z·2^20⌉/2^20,
     // never less, so the target holds.
     if z > MAX_NOISE_MULTIPLIER {
@@ -221,7 +334,14 @@ pub fn noise_for_target(
 
 impl RawDp {
     /// Every `(field, message)` problem (relative to `dp`), or the typed table.
-    pub fn validate(&self, training: &TrainConfig, rounds: u32) -> Result<DpSpec, Vec<(String, String)>> {
+    /// `distributed`: what the job's summing protocol fixes for distributed
+    /// noise at party level (`None` under `protocol = "none"`).
+    pub fn validate(
+        &self,
+        training: &TrainConfig,
+        rounds: u32,
+        distributed: Option<DistributedNoise>,
+    ) -> Result<DpSpec, Vec<(String, String)>> {
         let mut e: Vec<(String, String)> = Vec::new();
         let mut err = |f: &str, m: String| e.push((f.to_owned(), m));
         let level = match self.level.as_deref().unwrap_or("example") {
@@ -299,6 +419,18 @@ impl RawDp {
                 err(&format!("feature_ranges[{i}]"), format!("[{lo}, {hi}] is not a finite range with low < high"));
             }
         }
+        let max_values = match self.max_model_values {
+            Some(m) if distributed.is_none() || level != DpLevel::Party => {
+                err("max_model_values", format!("only applies to party-level DP under a protocol that sums (got {m})"));
+                MAX_PADDED_DIM
+            }
+            Some(m) if m == 0 || m > MAX_PADDED_DIM as u64 => {
+                err("max_model_values", format!("must be 1..={MAX_PADDED_DIM} (got {m})"));
+                MAX_PADDED_DIM
+            }
+            Some(m) => m as usize,
+            None => MAX_PADDED_DIM,
+        };
         let steps = if q.is_finite() && q > 0.0 {
             steps_per_round(level, training.local_epochs, q).saturating_mul(u64::from(rounds))
         } else {
@@ -312,7 +444,7 @@ impl RawDp {
         }
         let noise_multiplier = match (self.noise_multiplier, self.target_epsilon) {
             (Some(z), Some(target)) => {
-                let eps = steps_epsilon(q, z, steps, delta);
+                let eps = steps_epsilon(release_events(level, q, c, distributed, max_values, z), steps, delta);
                 if eps > target * (1.0 + 1e-9) {
                     return Err(vec![(
                         "noise_multiplier".into(),
@@ -324,8 +456,10 @@ impl RawDp {
                 z
             }
             (Some(z), None) => z,
-            (None, Some(target)) => noise_for_target(target, delta, level, q, training, rounds)
-                .map_err(|m| vec![("target_epsilon".into(), m)])?,
+            (None, Some(target)) => {
+                { noise_for_target(target, delta, level, q, c, distributed, max_values, training, rounds) }
+                    .map_err(|m| vec![("target_epsilon".into(), m)])?
+            }
             (None, None) => {
                 return Err(vec![("noise_multiplier".into(), "give noise_multiplier or target_epsilon".into())]);
             }
@@ -338,6 +472,8 @@ impl RawDp {
             sampling_rate: q,
             clip: c,
             feature_ranges: self.feature_ranges.clone(),
+            distributed: distributed.filter(|_| level == DpLevel::Party),
+            max_model_values: self.max_model_values.map(|m| m as usize),
         })
     }
 }
@@ -353,22 +489,22 @@ mod tests {
     #[test]
     fn a_target_epsilon_resolves_to_the_smallest_noise_that_meets_it() {
         let training = TrainConfig { local_epochs: 1, ..TrainConfig::default() };
-        let dp = raw("target_epsilon = 2.0").validate(&training, 10).unwrap();
+        let dp = raw("target_epsilon = 2.0").validate(&training, 10, None).unwrap();
         let eps = dp.epsilon(&training, 10);
         assert!(eps <= 2.0 && eps > 1.99, "{eps}");
         // Small targets need large z, where the accountant's orders matter:
         // calibration and accounting use the same ones.
         for target in [0.5, 0.1] {
-            let dp = raw(&format!("target_epsilon = {target}")).validate(&training, 20).unwrap();
+            let dp = raw(&format!("target_epsilon = {target}")).validate(&training, 20, None).unwrap();
             let eps = dp.epsilon(&training, 20);
             assert!(eps <= target && eps > 0.99 * target, "{target}: {eps} at z = {}", dp.noise_multiplier);
         }
         assert_eq!(dp.steps_per_round(&training), 20);
         // Round trip: both settings, checked against each other.
-        let again = dp.to_raw().validate(&training, 10).unwrap();
+        let again = dp.to_raw().validate(&training, 10, None).unwrap();
         assert_eq!(again, dp);
         // A noise multiplier that overshoots its target is refused.
-        let low = raw("target_epsilon = 2.0\nnoise_multiplier = 0.5").validate(&training, 10).unwrap_err();
+        let low = raw("target_epsilon = 2.0\nnoise_multiplier = 0.5").validate(&training, 10, None).unwrap_err();
         assert_eq!(low[0].0, "noise_multiplier");
         assert!(low[0].1.contains("above target_epsilon"), "{low:?}");
     }
@@ -381,14 +517,15 @@ mod tests {
              noise_multiplier = 2000.0\nfeature_ranges = [[1.0, 0.0]]",
         )
         .unwrap();
-        let fields: Vec<String> = bad.validate(&training, 1).unwrap_err().into_iter().map(|(f, _)| f).collect();
+        let fields: Vec<String> = bad.validate(&training, 1, None).unwrap_err().into_iter().map(|(f, _)| f).collect();
         assert_eq!(
             fields,
             ["level", "accountant", "delta", "sampling_rate", "max_grad_norm", "noise_multiplier", "feature_ranges[0]"]
         );
         let none: RawDp = toml::from_str("sampling_rate = 0.1").unwrap();
-        assert_eq!(none.validate(&training, 1).unwrap_err()[0].0, "noise_multiplier");
-        let unreachable = raw("target_epsilon = 0.01").validate(&TrainConfig { local_epochs: 50, ..training }, 1000);
+        assert_eq!(none.validate(&training, 1, None).unwrap_err()[0].0, "noise_multiplier");
+        let unreachable =
+            raw("target_epsilon = 0.01").validate(&TrainConfig { local_epochs: 50, ..training }, 1000, None);
         assert!(unreachable.is_err());
     }
 
@@ -396,27 +533,58 @@ mod tests {
     fn party_level_has_one_release_per_round_and_its_own_clip() {
         let training = TrainConfig { local_epochs: 3, ..TrainConfig::default() };
         let party: RawDp = toml::from_str("level = \"party\"\nnoise_multiplier = 1.0\nupdate_clip = 0.5").unwrap();
-        let dp = party.validate(&training, 10).unwrap();
+        let dp = party.validate(&training, 10, None).unwrap();
         assert_eq!((dp.level, dp.clip, dp.sampling_rate), (DpLevel::Party, 0.5, 1.0));
         assert_eq!(dp.steps_per_round(&training), 1);
         assert!(dp.plan(&training).is_none());
         // Ten unsampled Gaussian releases at z = 1: α·10/2 per order.
         let acc = dp.accountant(&training, 10);
         assert_eq!(acc.rdp()[0], 10.0);
-        assert_eq!(dp.to_raw().validate(&training, 10).unwrap(), dp);
+        assert_eq!(dp.to_raw().validate(&training, 10, None).unwrap(), dp);
         let bad: RawDp =
             toml::from_str("level = \"party\"\nnoise_multiplier = 1.0\nsampling_rate = 0.1\nmax_grad_norm = 1.0")
                 .unwrap();
-        let fields: Vec<String> = bad.validate(&training, 1).unwrap_err().into_iter().map(|(f, _)| f).collect();
+        let fields: Vec<String> = bad.validate(&training, 1, None).unwrap_err().into_iter().map(|(f, _)| f).collect();
         assert_eq!(fields, ["sampling_rate", "max_grad_norm"]);
         let example: RawDp = toml::from_str("sampling_rate = 0.1\nnoise_multiplier = 1.0\nupdate_clip = 1.0").unwrap();
-        assert_eq!(example.validate(&training, 1).unwrap_err()[0].0, "update_clip");
+        assert_eq!(example.validate(&training, 1, None).unwrap_err()[0].0, "update_clip");
+    }
+
+    /// Distributed noise is accounted with its own bound at the worst model
+    /// size: at 32 bits the lattice is so fine that it costs what central
+    /// noise costs (to 10^-3), at 16 bits visibly more; a target calibrates.
+    #[test]
+    fn distributed_noise_has_its_own_accounting() {
+        let training = TrainConfig::default();
+        let party: RawDp = toml::from_str("level = \"party\"\nnoise_multiplier = 1.0\nupdate_clip = 0.5").unwrap();
+        let bounded = RawDp { max_model_values: Some(1 << 20), ..party.clone() };
+        let central = party.validate(&training, 10, None).unwrap();
+        let noise = |bits| DistributedNoise { bits, max_parties: 10, honest_parties: 8 };
+        let wide = party.validate(&training, 10, Some(noise(32))).unwrap();
+        let narrow = bounded.validate(&training, 10, Some(noise(16))).unwrap();
+        let (c, w, n) = (central.epsilon(&training, 10), wide.epsilon(&training, 10), narrow.epsilon(&training, 10));
+        assert!(w >= c && w < c * 1.001, "central {c}, 32-bit distributed {w}");
+        assert!(n > w * 1.001, "16 bits: {n} vs {w}");
+        assert_eq!(wide.ddg_config(1000).map(|d| (d.dim, d.honest_parties, d.bits)), Some((1000, 8, 32)));
+        assert!(central.ddg_config(1000).is_none());
+        // At 16 bits, a target needs a bounded model: the rounding of a
+        // 2^26-value vector alone costs more than ε = 2 over ten rounds.
+        let target: RawDp = toml::from_str("level = \"party\"\ntarget_epsilon = 2.0").unwrap();
+        let err = target.validate(&training, 10, Some(noise(16))).unwrap_err();
+        assert!(err[0].1.contains("dp.max_model_values"), "{err:?}");
+        let target = RawDp { max_model_values: Some(1 << 20), ..target };
+        let dp = target.validate(&training, 10, Some(noise(16))).unwrap();
+        let eps = dp.epsilon(&training, 10);
+        assert!(eps <= 2.0 && eps > 1.99, "{eps} at z = {}", dp.noise_multiplier);
+        // Checked against each other after the round trip, with the same noise.
+        let raw = dp.to_raw();
+        assert_eq!(raw.validate(&training, 10, Some(noise(16))).unwrap(), dp);
     }
 
     #[test]
     fn public_ranges_standardise_to_minus_one_one() {
         let dp = raw("noise_multiplier = 1.0\nfeature_ranges = [[0.0, 10.0], [-4.0, 0.0]]")
-            .validate(&TrainConfig::default(), 1)
+            .validate(&TrainConfig::default(), 1, None)
             .unwrap();
         let (mean, std) = dp.range_stats().unwrap().mean_std();
         assert_eq!(mean, vec![5.0, -2.0]);

@@ -578,6 +578,7 @@ impl JobSpec {
             max_parties: limits.max_parties,
             min_parties: self.min_parties(),
             max_values: limits.max_values,
+            distributed_dp: self.dp.as_ref().and_then(|d| d.ddg_config(d.model_values_bound())),
         }
     }
 
@@ -784,6 +785,7 @@ impl RawJobSpec {
             max_parties: limits.max_parties,
             min_parties: min,
             max_values: limits.max_values,
+            distributed_dp: None,
         };
         match protocols.get(&aggregation.protocol) {
             None => err(
@@ -846,20 +848,49 @@ impl RawJobSpec {
                 (false, Some(_)) => err("dp.feature_ranges", "only applies when model.standardize = true".into()),
                 _ => {}
             }
-            match raw.validate(&self.training, self.rounds) {
-                Ok(d) => {
-                    if d.level == crate::dpspec::DpLevel::Party {
-                        if aggregation.protocol != "none" {
+            // Party level under a protocol that sums: distributed noise,
+            // calibrated for the fewest honest parties any revealed sum holds.
+            let mut distributed = None;
+            if raw.level.as_deref() == Some("party") && aggregation.protocol != "none" {
+                match protocols.get(&aggregation.protocol).and_then(|p| p.noise_carrier(&aggregation.settings, &facts))
+                {
+                    None => err(
+                        "dp.level",
+                        format!(
+                            "party-level DP needs aggregation.protocol = \"none\" (central noise, added by the \
+                             coordinator) or a protocol that sums and carries distributed noise (\"secagg\"); \
+                             {:?} does not",
+                            aggregation.protocol
+                        ),
+                    ),
+                    Some(_) if names.is_empty() => err(
+                        "parties.names",
+                        "distributed DP calibrates each party's noise for the parties of the job: name them".into(),
+                    ),
+                    Some(carrier) => {
+                        let honest = min.saturating_sub(carrier.corrupt_parties);
+                        if honest == 0 {
                             err(
-                                "dp.level",
+                                "parties.min",
                                 format!(
-                                    "party-level DP here is central: the coordinator adds the noise to the sum of \
-                                     the clipped updates, so it needs aggregation.protocol = \"none\" (got {:?}); \
-                                     distributed noise under secure aggregation is not available yet",
-                                    aggregation.protocol
+                                    "{min} parties, of which the protocol's threat model lets {} be corrupt, leave \
+                                     no honest party's noise in the sum; raise parties.min",
+                                    carrier.corrupt_parties
                                 ),
                             );
+                        } else {
+                            distributed = Some(crate::dpspec::DistributedNoise {
+                                bits: carrier.bits,
+                                max_parties: names.len(),
+                                honest_parties: honest,
+                            });
                         }
+                    }
+                }
+            }
+            match raw.validate(&self.training, self.rounds, distributed) {
+                Ok(d) => {
+                    if d.level == crate::dpspec::DpLevel::Party {
                         if strategy_ok && self.strategy.typed().capabilities().is_some_and(|c| !c.weighted_sum) {
                             err(
                                 "strategy.name",
@@ -1084,10 +1115,31 @@ mod aggregation_tests {
         assert_eq!(paths(&evaluate), ["dp"]);
         assert_eq!(paths(&ok.replace("sampling_rate = 0.1", "sampling_rate = 0.0")), ["dp.sampling_rate"]);
         assert_eq!(paths(&ok.replace("[dp]", "[dp]\nepsilon = 1.0")), ["dp.epsilon"]);
-        // Party level: central, so only without secure aggregation, and with a
-        // strategy that aggregates from a sum.
+        // Party level: distributed under secure aggregation, calibrated for
+        // parties.min less the corrupt parties secagg's threat model allows
+        // (⌊0.05 × 3⌋ = 0 here); round-trips; the protocol gets it.
         let party = ok.replace("sampling_rate = 0.1", "level = \"party\"");
-        assert_eq!(paths(&party), ["dp.level"]);
+        let s = JobSpec::parse(&party, "f", &Limits::default()).unwrap();
+        let dp = s.dp.clone().unwrap();
+        let want = crate::dpspec::DistributedNoise { bits: 32, max_parties: 3, honest_parties: 3 };
+        assert_eq!(dp.distributed, Some(want));
+        let eps = dp.epsilon(&s.training, s.rounds);
+        assert!(eps <= 3.0 && eps > 2.99, "{eps}");
+        assert_eq!(JobSpec::parse(&s.to_toml(), "x", &Limits::default()).unwrap(), s);
+        let template = s.facts("j", &Limits::default()).distributed_dp.unwrap();
+        assert_eq!((template.honest_parties, template.max_parties, template.bits), (3, 3, 32));
+        // Ten named parties, parties.min = 3, up to 30% corrupt: no honest
+        // noise is guaranteed. Unnamed parties: no party count to calibrate for.
+        let ten = "names = [\"a\", \"b\", \"c\", \"d\", \"e\", \"f\", \"g\", \"h\", \"i\", \"j\"]\nmin = 3";
+        let corrupt = party
+            .replace("names = [\"a\", \"b\", \"c\"]", ten)
+            .replace("protocol = \"secagg\"", "protocol = \"secagg\"\n[aggregation.secagg]\ncorrupt_fraction = 0.3");
+        assert_eq!(paths(&corrupt), ["parties.min"]);
+        let fewer = corrupt.replace("corrupt_fraction = 0.3", "corrupt_fraction = 0.1");
+        let s = JobSpec::parse(&fewer, "f", &Limits::default()).unwrap();
+        assert_eq!(s.dp.unwrap().distributed.map(|d| d.honest_parties), Some(2));
+        let unnamed = party.replace("names = [\"a\", \"b\", \"c\"]", "min = 3");
+        assert_eq!(paths(&unnamed), ["parties.names"]);
         let central = party.replace("protocol = \"secagg\"", "protocol = \"none\"");
         let s = JobSpec::parse(&central, "f", &Limits::default()).unwrap();
         assert_eq!(s.dp.as_ref().map(|d| d.level), Some(crate::dpspec::DpLevel::Party));

@@ -168,3 +168,35 @@ fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
         assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(total), "{p}: {l:#}");
     }
 }
+
+/// Distributed party-level DP under `secagg`: each party adds its share of
+/// the discrete Gaussian before masking, so no party needs to trust the
+/// coordinator with the noise (`accept_central_dp` is not set). The job
+/// reports the distributed mechanism's own ε, which each ledger records.
+#[test]
+fn a_distributed_party_level_dp_job_runs_under_secure_aggregation() {
+    let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
+    fed.start_coordinator();
+    for p in three() {
+        fed.start_party(p, "[policy]\naggregation = [\"secagg\"]\nmax_epsilon = 50.0\n");
+    }
+    let text = dp_spec("secagg", 3, 4, 1.5)
+        .replace(
+            "[dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.05\n",
+            "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.5\nupdate_clip = 0.5\n",
+        )
+        .replace("learning_rate = 0.01", "learning_rate = 0.1");
+    assert!(text.contains("level = \"party\""), "{text}");
+    let spec = JobSpec::parse(&text, "d.toml", &Limits::default()).expect("spec");
+    assert!(spec.dp.as_ref().is_some_and(|d| d.distributed.is_some()), "{text}");
+    let id = fed.submit("distributed.toml", &text);
+    let st = fed.wait_done(&id, 120);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    assert_eq!(st["privacy"]["dp"], "party");
+    let total = cost(&text);
+    assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - total).abs() < 1e-9, "{st:#}");
+    for p in three() {
+        let l = ledger(&fed, p);
+        assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(total), "{p}: {l:#}");
+    }
+}

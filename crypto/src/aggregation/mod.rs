@@ -116,7 +116,7 @@ pub enum Reveals {
 }
 
 /// What a protocol may know of the job it serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobFacts {
     /// Job id (bound into keys, ciphertexts and seeds).
     pub job_id: String,
@@ -129,6 +129,10 @@ pub struct JobFacts {
     pub min_parties: usize,
     /// Most values in a model.
     pub max_values: usize,
+    /// Party-level DP with distributed noise: the mechanism every party
+    /// derived from the spec (its `dim` is the accounting bound; each round
+    /// sets the model's own). Protocols that sum add it to each update.
+    pub distributed_dp: Option<confide_dp::ddg::DdgConfig>,
 }
 
 impl JobFacts {
@@ -136,6 +140,15 @@ impl JobFacts {
     pub fn party_bound(&self) -> usize {
         if self.party_names.is_empty() { self.max_parties } else { self.party_names.len() }
     }
+}
+
+/// What a summing protocol offers distributed noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoiseCarrier {
+    /// Bits of the modulus its sums live in.
+    pub bits: u32,
+    /// The most corrupt parties in a round of the job's largest size.
+    pub corrupt_parties: usize,
 }
 
 /// A problem with a protocol's settings.
@@ -426,6 +439,11 @@ pub trait AggregationClient: Send {
         Err(Error::InvalidInput("this protocol does not sum statistics".into()))
     }
 
+    /// Work that does not depend on the party's data for the round about to
+    /// train from `global` (distributed DP draws its noise here), called
+    /// before training. Nothing by default.
+    fn prepare(&mut self, _global: &Parameters) {}
+
     /// A later step of `round`; returns the party's answer.
     fn on_step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error>;
 
@@ -492,6 +510,16 @@ pub trait AggregationProtocol: Send + Sync + 'static {
     /// (its parameters and what they guarantee), for `confide job validate`.
     fn explain(&self, _settings: &toml::Table, _job: &JobFacts) -> Vec<String> {
         Vec::new()
+    }
+
+    /// For party-level DP with distributed noise: the modulus bits of the
+    /// protocol's sums and how many of a round's parties its threat model
+    /// lets be corrupt (they can subtract their own noise). `None` (the
+    /// default): the protocol cannot carry distributed noise. A protocol
+    /// that returns it must encode updates with [`update::NoisyUpdate`]
+    /// when `job.distributed_dp` is set.
+    fn noise_carrier(&self, _settings: &toml::Table, _job: &JobFacts) -> Option<NoiseCarrier> {
+        None
     }
 
     /// The coordinator side for one job. `peers` checks the parties'

@@ -136,6 +136,7 @@ mod tests {
             max_parties: 100,
             min_parties: 2,
             max_values: 1000,
+            distributed_dp: None,
         }
     }
 

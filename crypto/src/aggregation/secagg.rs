@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use super::sum::{SumLayout, WideSum};
-use super::update::WeightedUpdate;
+use super::update::{NoisyUpdate, WeightedUpdate};
 use super::{
     Aggregate, AggregationClient, AggregationProtocol, AggregationServer, Bulk, Envelope, JobFacts, LocalUpdate,
     Messages, PartyIdentity, Peer, PeerVerifier, Problem, Progress, Quorum, Reveals, RoundInfo, StageName, SumRound,
@@ -40,6 +40,7 @@ use crate::secagg::protocol::{
     UnmaskRequest, UnmaskShares,
 };
 use crate::secagg::shamir::Share;
+use confide_dp::ddg::DdgNoise;
 
 /// Parties exchange encrypted key shares.
 pub const SHARES: StageName = StageName::new("secagg-shares");
@@ -189,6 +190,14 @@ impl AggregationProtocol for SecAggPlus {
         }
     }
 
+    fn noise_carrier(&self, settings: &toml::Table, job: &JobFacts) -> Option<super::NoiseCarrier> {
+        let s = SecAggSettings::from_table(settings).ok()?;
+        // At most ⌊γn⌋ of a round's n parties are corrupt, and n is at most
+        // the job's party bound.
+        let corrupt_parties = (s.corrupt_fraction * job.party_bound() as f64).floor() as usize;
+        Some(super::NoiseCarrier { bits: s.bits, corrupt_parties })
+    }
+
     fn explain(&self, settings: &toml::Table, job: &JobFacts) -> Vec<String> {
         let Ok(s) = SecAggSettings::from_table(settings) else { return Vec::new() };
         let tm = s.threat_model();
@@ -226,7 +235,7 @@ impl AggregationProtocol for SecAggPlus {
         party: PartyIdentity,
     ) -> Result<Box<dyn AggregationClient>, Error> {
         let settings = settings_for(settings, job)?;
-        Ok(Box::new(SecAggClient { settings, job: job.clone(), party, round: None }))
+        Ok(Box::new(SecAggClient { settings, job: job.clone(), party, round: None, noise: None, noise_len: None }))
     }
 }
 
@@ -271,6 +280,10 @@ pub mod wire {
         /// checked against.
         #[prost(uint64, tag = "9")]
         pub revocation_version: u64,
+        /// Party-level DP with distributed noise: the mechanism's digest
+        /// ([`super::NoisyUpdate::digest`]); empty without.
+        #[prost(bytes = "vec", tag = "10")]
+        pub dp_digest: Vec<u8>,
     }
 
     /// A party's signed round keys and the certificate that verifies them.
@@ -507,7 +520,7 @@ fn round_config(
     bound: Bound,
     min_survivors: usize,
 ) -> Result<Config, Error> {
-    let Bound { subject, revocation_version } = bound;
+    let Bound { subject, revocation_version, dp } = bound;
     use sha2::Digest;
     let chosen = params::choose(parties.len(), &s.threat_model())?;
     let (degree, threshold) = (chosen.degree, chosen.threshold);
@@ -531,6 +544,10 @@ fn round_config(
     }
     h.update(graph_seed);
     h.update(subject);
+    if let Some(dp) = dp {
+        h.update(b"distributed dp");
+        h.update(dp);
+    }
     Ok(Config {
         job: job.to_owned(),
         round,
@@ -552,6 +569,8 @@ struct Bound {
     subject: [u8; 32],
     /// The revocation list its certificates are checked against.
     revocation_version: u64,
+    /// The distributed DP mechanism's digest, when updates carry noise.
+    dp: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -566,6 +585,8 @@ enum ServerStage {
 /// How the round's sum decodes.
 enum Decoding {
     Updates(WeightedUpdate),
+    /// Clipped updates with distributed noise, each weighing 1.
+    Noisy(NoisyUpdate),
     Statistics(WideSum),
 }
 
@@ -600,13 +621,17 @@ impl SecAggServer {
         decoding: Decoding,
     ) -> Result<Vec<u8>, Error> {
         let revocations = self.peers.revocation_version();
+        let dp = match &decoding {
+            Decoding::Noisy(n) => Some(n.digest()),
+            _ => None,
+        };
         let config = round_config(
             &self.job.job_id,
             round,
             parties,
             dim,
             &self.settings,
-            Bound { subject, revocation_version: revocations },
+            Bound { subject, revocation_version: revocations, dp },
             self.job.min_parties,
         )?;
         let s = &self.settings;
@@ -620,6 +645,7 @@ impl SecAggServer {
             dim: config.dim as u64,
             clip: s.clip,
             max_examples: s.max_examples,
+            dp_digest: dp.map(|d| d.to_vec()).unwrap_or_default(),
         };
         let server = Server::new(config)?;
         self.round = Some(ServerRound { server, decoding, stage: ServerStage::Keys, certs: BTreeMap::new() });
@@ -629,7 +655,6 @@ impl SecAggServer {
 
 impl AggregationServer for SecAggServer {
     fn begin_round(&mut self, round: &RoundInfo<'_>) -> Result<Vec<u8>, Error> {
-        let dim = WeightedUpdate::words(round.global.num_values());
         let Some(fit) = round.fit else {
             return Err(Error::InvalidInput(
                 "the strategy gave the parties different fit configurations; under secure aggregation every party \
@@ -639,7 +664,16 @@ impl AggregationServer for SecAggServer {
             ));
         };
         let s = &self.settings;
-        let decoding = Decoding::Updates(WeightedUpdate::new(s.bits, s.clip, s.max_examples, round.parties.len())?);
+        let (dim, decoding) = match &self.job.distributed_dp {
+            Some(template) => {
+                let noisy = NoisyUpdate::new(template, &self.job.job_id, round.round, round.global)?;
+                (noisy.words(), Decoding::Noisy(noisy))
+            }
+            None => (
+                WeightedUpdate::words(round.global.num_values()),
+                Decoding::Updates(WeightedUpdate::new(s.bits, s.clip, s.max_examples, round.parties.len())?),
+            ),
+        };
         self.begin(round.round, round.parties, dim, super::training_digest(round.global, fit), decoding)
     }
 
@@ -793,6 +827,15 @@ impl AggregationServer for SecAggServer {
                             contributors,
                         }
                     }
+                    Decoding::Noisy(encoding) => Aggregate::WeightedSum {
+                        weighted_delta_sum: encoding.decode(&sum)?,
+                        // Each weighs 1: the strategy's mean divides by the
+                        // contributors, which the coordinator knows anyway.
+                        total_examples: contributors.len() as f64,
+                        mean_train_loss: None,
+                        misbehaved,
+                        contributors,
+                    },
                     Decoding::Statistics(encoding) => {
                         Aggregate::Sum { sums: encoding.decode(&sum)?, misbehaved, contributors }
                     }
@@ -828,6 +871,11 @@ struct SecAggClient {
     job: JobFacts,
     party: PartyIdentity,
     round: Option<ClientRound>,
+    /// Distributed DP: noise drawn ahead for the next round (see
+    /// [`AggregationClient::prepare`]), used once.
+    noise: Option<DdgNoise>,
+    /// The noise length of the last round, to draw the next one's ahead.
+    noise_len: Option<usize>,
 }
 
 fn coordinator_fault(reason: impl Into<String>) -> Error {
@@ -837,13 +885,35 @@ fn coordinator_fault(reason: impl Into<String>) -> Error {
 impl AggregationClient for SecAggClient {
     fn contribute(&mut self, round: u32, round_message: &[u8], update: LocalUpdate<'_>) -> Result<Envelope, Error> {
         self.round = None;
-        let dim = WeightedUpdate::words(update.global.num_values());
         let training = super::training_digest(update.global, update.fit);
-        let config = self.derive_round(round, round_message, dim, training)?;
-        let s = &self.settings;
-        let encoding = WeightedUpdate::new(s.bits, s.clip, s.max_examples, config.parties.len())?;
-        let input = encoding.encode(update.global, &update.local, update.num_examples, update.train_loss)?;
-        self.start(round, config, input)
+        let input = if let Some(template) = &self.job.distributed_dp {
+            let noisy = NoisyUpdate::new(template, &self.job.job_id, round, update.global)?;
+            let bound = Some(noisy.digest());
+            let config = self.derive_round(round, round_message, noisy.words(), training, bound)?;
+            let noise = match self.noise.take() {
+                Some(n) if n.len() == noisy.words() => n,
+                _ => noisy.sample_noise()?,
+            };
+            self.noise_len = Some(noisy.words());
+            (config, noisy.encode(update.global, &update.local, noise)?)
+        } else {
+            let dim = WeightedUpdate::words(update.global.num_values());
+            let config = self.derive_round(round, round_message, dim, training, None)?;
+            let s = &self.settings;
+            let encoding = WeightedUpdate::new(s.bits, s.clip, s.max_examples, config.parties.len())?;
+            (config, encoding.encode(update.global, &update.local, update.num_examples, update.train_loss)?)
+        };
+        self.start(round, input.0, input.1)
+    }
+
+    fn prepare(&mut self, global: &confide_algorithms::Parameters) {
+        // The noise does not depend on the data: draw it before training.
+        let Some(template) = &self.job.distributed_dp else { return };
+        if let Ok(noisy) = NoisyUpdate::new(template, &self.job.job_id, 0, global)
+            && self.noise.as_ref().is_none_or(|n| n.len() != noisy.words())
+        {
+            self.noise = noisy.sample_noise().ok();
+        }
     }
 
     fn contribute_sum(
@@ -865,7 +935,7 @@ impl AggregationClient for SecAggClient {
         // Limbs sized for the most parties the job can have: both sides
         // derive the same encoding from the spec alone.
         let encoding = WideSum::new(self.settings.bits, self.job.party_bound())?;
-        let config = self.derive_round(round, round_message, encoding.words(layout.values), layout.digest)?;
+        let config = self.derive_round(round, round_message, encoding.words(layout.values), layout.digest, None)?;
         let input = encoding.encode(values)?;
         self.start(round, config, input)
     }
@@ -890,6 +960,15 @@ impl AggregationClient for SecAggClient {
             && r.client.premask(std::mem::take(&mut r.input)).is_ok()
         {
             r.premasked = true;
+            return;
+        }
+        // Under distributed DP, the next round's noise (data-independent)
+        // while the coordinator collects the others' answers.
+        if let (None, Some(len), Some(template)) = (&self.noise, self.noise_len, &self.job.distributed_dp) {
+            let dim = len.min(confide_dp::ddg::MAX_PADDED_DIM);
+            if let Ok(ddg) = confide_dp::ddg::Ddg::new(confide_dp::ddg::DdgConfig { dim, ..*template }) {
+                self.noise = ddg.sample_noise().ok();
+            }
         }
     }
 
@@ -901,7 +980,14 @@ impl AggregationClient for SecAggClient {
 impl SecAggClient {
     /// The round the coordinator's `round_message` starts, as this party
     /// derives it from the spec it accepted: `dim` words summing `subject`.
-    fn derive_round(&self, round: u32, round_message: &[u8], dim: usize, subject: [u8; 32]) -> Result<Config, Error> {
+    fn derive_round(
+        &self,
+        round: u32,
+        round_message: &[u8],
+        dim: usize,
+        subject: [u8; 32],
+        dp: Option<[u8; 32]>,
+    ) -> Result<Config, Error> {
         let rc: wire::RoundConfig = Envelope::body(round_message.to_vec()).decode("coordinator", "round config")?;
         if rc.dim != dim as u64 {
             return Err(coordinator_fault(format!("secure aggregation over {} values; this party sums {dim}", rc.dim)));
@@ -946,11 +1032,12 @@ impl SecAggClient {
             &rc.parties,
             dim,
             &self.settings,
-            Bound { subject, revocation_version: revocations },
+            Bound { subject, revocation_version: revocations, dp },
             self.job.min_parties,
         )?;
         let s = &self.settings;
         let mismatch = [
+            ("dp", rc.dp_digest == dp.map(|d| d.to_vec()).unwrap_or_default()),
             ("threshold", rc.threshold as usize == config.threshold),
             ("degree", rc.degree as usize == config.degree),
             ("graph_seed", rc.graph_seed == config.graph_seed),
@@ -1070,7 +1157,14 @@ mod tests {
     }
 
     fn facts(n: usize) -> JobFacts {
-        JobFacts { job_id: "job".into(), party_names: names(n), max_parties: 100, min_parties: 3, max_values: 1000 }
+        JobFacts {
+            job_id: "job".into(),
+            party_names: names(n),
+            max_parties: 100,
+            min_parties: 3,
+            max_values: 1000,
+            distributed_dp: None,
+        }
     }
 
     /// A server that has begun round 1 of `n` parties on a one-weight model.
@@ -1330,6 +1424,169 @@ mod tests {
                 "{what}: {err}"
             );
         }
+    }
+
+    /// Party-level DP with distributed noise for `n` parties of which the
+    /// spec counts `honest` on, at noise multiplier `z` and clip 1.
+    fn noisy_facts(n: usize, honest: usize, z: f64) -> JobFacts {
+        let template = confide_dp::ddg::DdgConfig {
+            clip: 1.0,
+            noise_multiplier: z,
+            dim: confide_dp::ddg::MAX_PADDED_DIM,
+            bits: 32,
+            max_parties: n,
+            honest_parties: honest,
+            beta: (-0.5f64).exp(),
+            k_stddevs: 4.0,
+        };
+        JobFacts { distributed_dp: Some(template), ..facts(n) }
+    }
+
+    /// A model with a frozen input standardisation (3 values) and 4,000
+    /// trained ones.
+    fn model(w: impl Fn(usize) -> f32) -> Parameters {
+        Parameters::new(vec![
+            Tensor { name: confide_algorithms::trainer::INPUT_STD.into(), shape: vec![3], data: vec![1.0; 3] },
+            Tensor { name: "w".into(), shape: vec![4000], data: (0..4000).map(w).collect() },
+        ])
+        .unwrap()
+    }
+
+    /// A round of distributed DP: each party's local model from `local`,
+    /// parties in `drop` vanishing before the masked input. The decoded sum,
+    /// its weight, the contributors and the round's mechanism.
+    fn run_noisy(
+        job: &JobFacts,
+        local: impl Fn(usize) -> Parameters,
+        drop: &[usize],
+    ) -> (Vec<f64>, f64, Vec<String>, NoisyUpdate) {
+        let names = names(job.party_names.len());
+        let (global, fit) = (model(|_| 0.0), fit());
+        let table = toml::Table::new();
+        let mut server = server(&table, job);
+        let rm =
+            server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
+        let mut clients: Vec<_> = names.iter().map(|p| SecAggPlus.client(&table, job, identity(p)).unwrap()).collect();
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.prepare(&global);
+            let update = LocalUpdate { global: &global, fit: &fit, local: local(i), num_examples: 1, train_loss: None };
+            let m = c.contribute(1, &rm, update).unwrap();
+            server.on_message(Peer { name: &names[i], certificate: &[] }, m).unwrap();
+        }
+        let mechanism = NoisyUpdate::new(job.distributed_dp.as_ref().unwrap(), &job.job_id, 1, &global).unwrap();
+        match drive(server.as_mut(), &mut clients, 1, drop).unwrap() {
+            Aggregate::WeightedSum { weighted_delta_sum, total_examples, mean_train_loss, contributors, .. } => {
+                assert_eq!(mean_train_loss, None, "no loss travels under DP");
+                (weighted_delta_sum, total_examples, contributors, mechanism)
+            }
+            other => panic!("secagg reveals only a sum: {other:?}"),
+        }
+    }
+
+    /// With (almost) no noise the coordinator gets Σ clip(Δᵢ): small updates
+    /// whole, a huge one cut to the clip, the frozen tensor untouched, each
+    /// party weighing 1.
+    #[test]
+    fn distributed_dp_sums_each_partys_clipped_update() {
+        let job = noisy_facts(4, 3, 1e-4);
+        let small = |i: usize| move |j: usize| 0.001 * ((j * 7 + i) % 5) as f32;
+        let local = |i: usize| if i == 3 { model(|_| 1000.0) } else { model(small(i)) };
+        let (sum, total, contributors, m) = run_noisy(&job, local, &[]);
+        assert_eq!((total, contributors.len()), (4.0, 4));
+        assert_eq!(&sum[..3], &[0.0; 3], "the frozen standardisation gets no noise");
+        // The huge update, clipped to norm 1: 1/√4000 per value.
+        let clipped = 1.0 / 4000f64.sqrt();
+        let slack = 4.0 * 4.0 / m.mechanism().scale() + 1e-3;
+        for j in 0..4000 {
+            let want: f64 = (0..3).map(|i| f64::from(small(i)(j))).sum::<f64>() + clipped;
+            assert!((sum[3 + j] - want).abs() < slack, "value {j}: {} vs {want}", sum[3 + j]);
+        }
+    }
+
+    /// The noise in the unmasked sum has the calibrated variance — each
+    /// survivor's σ², so z²·c²·survivors/honest in all — with every party
+    /// and with one dropped; the honest parties' share alone is (z·c)².
+    #[test]
+    fn distributed_noise_in_the_unmasked_sum_has_the_calibrated_variance() {
+        let (n, honest, z) = (5, 4, 0.5);
+        let job = noisy_facts(n, honest, z);
+        for drop in [&[][..], &[2][..]] {
+            let (sum, total, _, m) = run_noisy(&job, |_| model(|_| 0.0), drop);
+            let survivors = (n - drop.len()) as f64;
+            assert_eq!(total, survivors);
+            let var = sum[3..].iter().map(|v| v * v).sum::<f64>() / 4000.0;
+            let want = survivors * (f64::from(m.mechanism().local_sigma()) / m.mechanism().scale()).powi(2);
+            // 4,000 values: the sample variance's relative sd is 2.2%; 12% is
+            // 5.4 sd (fresh OS noise each run: a false alarm below 10^-7).
+            assert!((var / want - 1.0).abs() < 0.12, "dropped {drop:?}: variance {var}, calibrated {want}");
+            let honest_share = honest as f64 * (f64::from(m.mechanism().local_sigma()) / m.mechanism().scale()).powi(2);
+            assert!(honest_share >= (z * 1.0f64).powi(2) * (1.0 - 1e-9), "{honest_share}");
+        }
+    }
+
+    /// A coordinator that starts a round with other DP parameters than the
+    /// spec the party accepted (less noise, more honest parties assumed, no
+    /// noise at all) is refused and named.
+    #[test]
+    fn a_party_refuses_a_round_with_other_noise_than_its_spec() {
+        let job = noisy_facts(3, 3, 1.0);
+        let global = model(|_| 0.0);
+        let fit = fit();
+        let names = names(3);
+        for (what, coordinator_job) in [
+            ("less noise", noisy_facts(3, 3, 0.1)),
+            ("more honest parties", JobFacts { min_parties: 3, ..noisy_facts(4, 4, 1.0) }),
+            ("no noise", facts(3)),
+        ] {
+            let coordinator_job = JobFacts { party_names: names.clone(), ..coordinator_job };
+            let mut coordinator = server(&toml::Table::new(), &coordinator_job);
+            let rm = coordinator
+                .begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) })
+                .unwrap();
+            let mut p0 = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+            let update =
+                LocalUpdate { global: &global, fit: &fit, local: model(|_| 0.1), num_examples: 1, train_loss: None };
+            let err = p0.contribute(1, &rm, update).unwrap_err();
+            assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "coordinator"), "{what}: {err}");
+        }
+    }
+
+    /// Split view: the coordinator gives p0 a spec with less noise (a round
+    /// message to match) and the others the real one. p0's signed keys bind
+    /// its mechanism, so the round cannot complete: the coordinator's check
+    /// drops p0, and relayed anyway, p0's keys make p1 refuse the stage.
+    #[test]
+    fn parties_given_different_dp_settings_cannot_complete_a_round() {
+        let names = names(4);
+        let (real, weak) = (noisy_facts(4, 3, 1.0), noisy_facts(4, 3, 0.05));
+        let (global, fit) = (model(|_| 0.0), fit());
+        let info = RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) };
+        let rm = server(&toml::Table::new(), &real).begin_round(&info).unwrap();
+        let rm_weak = server(&toml::Table::new(), &weak).begin_round(&info).unwrap();
+        let mut clients: Vec<_> = names
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                SecAggPlus.client(&toml::Table::new(), if i == 0 { &weak } else { &real }, identity(p)).unwrap()
+            })
+            .collect();
+        let mut adverts = Vec::new();
+        for (i, c) in clients.iter_mut().enumerate() {
+            let update =
+                LocalUpdate { global: &global, fit: &fit, local: model(|_| 0.1), num_examples: 1, train_loss: None };
+            adverts.push(c.contribute(1, if i == 0 { &rm_weak } else { &rm }, update).unwrap());
+        }
+        let mut coordinator = server(&toml::Table::new(), &real);
+        coordinator.begin_round(&info).unwrap();
+        let err = coordinator.on_message(Peer { name: "p0", certificate: &[] }, adverts[0].clone()).unwrap_err();
+        assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p0"), "{err}");
+        let keys: Vec<wire::Keys> =
+            adverts.iter().map(|a| prost::Message::decode(a.body.as_slice()).unwrap()).collect();
+        let err = clients[1].on_step(1, SHARES, Envelope::encode(&wire::KeyList { keys })).unwrap_err();
+        assert!(
+            matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("p0")),
+            "{err}"
+        );
     }
 
     /// Each encrypted share carries its dealer's signature; the coordinator

@@ -9,10 +9,13 @@
 //! carry the party's training loss the same way (n/max_examples · loss,
 //! capped at [`LOSS_CAP`], and n again when it reported one), so the
 //! coordinator learns the example-weighted mean loss of the round and not
-//! any party's. Differential privacy noise will be added to the same words
-//! before masking.
+//! any party's. Under party-level DP with distributed noise,
+//! [`NoisyUpdate`] replaces it: clipped updates, each with its share of the
+//! noise, weighing 1.
 
 use confide_algorithms::Parameters;
+use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD};
+use confide_dp::ddg::{Ddg, DdgConfig, DdgNoise, MAX_PADDED_DIM};
 
 use crate::Error;
 use crate::secagg::encoding::FixedPoint;
@@ -111,6 +114,128 @@ impl WeightedUpdate {
         }
         let decoded = self.fixed.decode_sum_scaled(values, contributors, self.max_examples as f64)?;
         Ok((decoded, total, mean_loss))
+    }
+}
+
+/// An update under party-level DP with distributed noise (the distributed
+/// discrete Gaussian of Kairouz, Liu and Steinke, [`confide_dp::ddg`]):
+/// `local − global` over the trained tensors, rotated, clipped to the
+/// spec's L2 norm, rounded onto the lattice, plus the party's own share of
+/// the noise, modulo 2^b. Every update weighs 1 and carries no loss: the
+/// sum reveals Σ clip(Δᵢ) plus noise and nothing else. The frozen input
+/// standardisation (`input.mean`, `input.std`) is left out: it is not
+/// trained, and noise on it would only be thrown away.
+pub struct NoisyUpdate {
+    ddg: Ddg,
+    /// The shared rotation's seed: a hash of the job and round (public; it
+    /// spreads the vector so that rounding and the wrap-around behave).
+    rotation: [u8; 32],
+    /// Per tensor of the model: its length and whether it is in the vector.
+    layout: Vec<(usize, bool)>,
+}
+
+impl std::fmt::Debug for NoisyUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NoisyUpdate").field("config", self.ddg.config()).finish_non_exhaustive()
+    }
+}
+
+fn frozen(name: &str) -> bool {
+    name == INPUT_MEAN || name == INPUT_STD
+}
+
+impl NoisyUpdate {
+    /// The mechanism of `template` (from the spec) for round `round` of job
+    /// `job_id`, training from `global`.
+    pub fn new(template: &DdgConfig, job_id: &str, round: u32, global: &Parameters) -> Result<Self, Error> {
+        let layout: Vec<(usize, bool)> = global.tensors().iter().map(|t| (t.data.len(), !frozen(&t.name))).collect();
+        let dim: usize = layout.iter().filter(|(_, on)| *on).map(|(n, _)| n).sum();
+        // The noise is accounted for models up to the template's size.
+        let most = template.dim.min(MAX_PADDED_DIM);
+        if dim == 0 || dim > most {
+            return Err(Error::InvalidInput(format!(
+                "the model has {dim} trained values; the job's distributed DP is accounted for 1 to {most} \
+                 (dp.max_model_values)"
+            )));
+        }
+        let ddg = Ddg::new(DdgConfig { dim, ..*template })
+            .map_err(|e| Error::InvalidInput(format!("distributed DP: {e}")))?;
+        let mut h = blake3::Hasher::new_derive_key("confide ddg rotation v1");
+        h.update(&(job_id.len() as u64).to_le_bytes());
+        h.update(job_id.as_bytes());
+        h.update(&round.to_le_bytes());
+        Ok(NoisyUpdate { ddg, rotation: *h.finalize().as_bytes(), layout })
+    }
+
+    /// Words per encoded update: the rotated length (a power of two).
+    pub fn words(&self) -> usize {
+        self.ddg.padded_dim()
+    }
+
+    /// A hash of every parameter of the mechanism (clip, noise, bits,
+    /// parties, honest parties, rounding, length): what a round binds, so
+    /// that parties holding different `[dp]` settings cannot complete one.
+    pub fn digest(&self) -> [u8; 32] {
+        let c = self.ddg.config();
+        let mut h = blake3::Hasher::new_derive_key("confide ddg config v1");
+        for v in [c.clip.to_bits(), c.noise_multiplier.to_bits(), c.beta.to_bits(), c.k_stddevs.to_bits()] {
+            h.update(&v.to_le_bytes());
+        }
+        for v in [c.dim as u64, u64::from(c.bits), c.max_parties as u64, c.honest_parties as u64] {
+            h.update(&v.to_le_bytes());
+        }
+        h.update(&self.rotation);
+        *h.finalize().as_bytes()
+    }
+
+    /// The mechanism.
+    pub fn mechanism(&self) -> &Ddg {
+        &self.ddg
+    }
+
+    /// Draws this party's noise for the round (data-independent: it may be
+    /// drawn ahead, see [`super::AggregationClient::prepare`]).
+    pub fn sample_noise(&self) -> Result<DdgNoise, Error> {
+        self.ddg.sample_noise().map_err(|e| Error::InvalidInput(format!("distributed DP noise: {e}")))
+    }
+
+    /// Encodes `local − global` with `noise` (consumed). A local model of
+    /// another shape, or with NaN or infinite values, is refused.
+    pub fn encode(&self, global: &Parameters, local: &Parameters, noise: DdgNoise) -> Result<Vec<u32>, Error> {
+        let bad = |e: String| Error::InvalidInput(format!("local model after training: {e}"));
+        local.check_shapes(&global.spec()).map_err(bad)?;
+        let mut delta = zeroize::Zeroizing::new(Vec::with_capacity(self.ddg.config().dim));
+        for (l, g) in local.tensors().iter().zip(global.tensors()) {
+            if !frozen(&g.name) {
+                delta.extend(l.data.iter().zip(&g.data).map(|(a, b)| a - b));
+            }
+        }
+        if delta.iter().any(|v| !v.is_finite()) {
+            local.check_finite().map_err(bad)?;
+            return Err(bad("the update overflows".into()));
+        }
+        let dp = |e: confide_dp::Error| Error::InvalidInput(format!("distributed DP: {e}"));
+        // The rounding's coins: a CSPRNG from the OS, like the noise.
+        let mut rng = confide_dp::sampler::os_seeded_rng().map_err(dp)?;
+        self.ddg.encode(&delta, noise, &self.rotation, &mut rng).map_err(dp)
+    }
+
+    /// The modular sum of the contributors' words → Σ clip(Δᵢ) + noise per
+    /// model value (0 for the frozen tensors).
+    pub fn decode(&self, sum: &[u32]) -> Result<Vec<f64>, Error> {
+        let trained =
+            self.ddg.decode(sum, &self.rotation).map_err(|e| Error::InvalidInput(format!("distributed DP: {e}")))?;
+        let mut out = Vec::with_capacity(self.layout.iter().map(|(n, _)| n).sum());
+        let mut at = 0;
+        for &(n, on) in &self.layout {
+            if on {
+                out.extend_from_slice(&trained[at..at + n]);
+                at += n;
+            } else {
+                out.extend(std::iter::repeat_n(0.0, n));
+            }
+        }
+        Ok(out)
     }
 }
 
