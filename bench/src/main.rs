@@ -80,6 +80,9 @@ enum Command {
         /// The parties to run (comma-separated).
         #[arg(long, value_delimiter = ',')]
         names: Vec<String>,
+        /// Rounds of distributed-DP noise each party draws ahead.
+        #[arg(long, default_value_t = 1)]
+        noise_rounds_ahead: usize,
     },
     /// Local training with libtorch: steps per second for the demo's MLP and
     /// for the CNN on the digits, and the per-round framework overhead of the
@@ -291,6 +294,8 @@ struct Federation {
     dir: tempfile::TempDir,
     names: Vec<String>,
     party_processes: usize,
+    /// Rounds of distributed-DP noise each party draws ahead.
+    noise_rounds_ahead: usize,
 }
 
 /// What a finished benchmark job reports.
@@ -324,7 +329,14 @@ fn reset_peak_memory() {
 }
 
 /// A party node's configuration for the benchmark.
-fn party_config(url: &str, pki: &PkiDir, name: &str, dataset: &str, source: DatasetSource) -> PartyConfig {
+fn party_config(
+    url: &str,
+    pki: &PkiDir,
+    name: &str,
+    dataset: &str,
+    source: DatasetSource,
+    ahead: usize,
+) -> PartyConfig {
     PartyConfig {
         coordinator: url.to_owned(),
         server_name: "localhost".into(),
@@ -339,14 +351,19 @@ fn party_config(url: &str, pki: &PkiDir, name: &str, dataset: &str, source: Data
         limits: Limits::default(),
         fault: Default::default(),
         models: Default::default(),
-        training: Default::default(),
+        training: confide_party::config::TrainingSettings { dp_noise_rounds_ahead: ahead, ..Default::default() },
         warnings: Vec::new(),
     }
 }
 
 impl Federation {
     fn new(names: Vec<String>, party_processes: usize) -> Result<Self, String> {
-        Ok(Federation { dir: tempfile::tempdir().map_err(|e| e.to_string())?, names, party_processes })
+        Ok(Federation {
+            dir: tempfile::tempdir().map_err(|e| e.to_string())?,
+            names,
+            party_processes,
+            noise_rounds_ahead: 1,
+        })
     }
 
     /// Runs `spec` (TOML) to its end with parties built by `factory`, each
@@ -380,7 +397,7 @@ impl Federation {
         let mut children = Vec::new();
         if self.party_processes == 0 {
             for n in &self.names {
-                let cfg = party_config(&url, &pki, n, dataset, DatasetSource::csv(data(n)));
+                let cfg = party_config(&url, &pki, n, dataset, DatasetSource::csv(data(n)), self.noise_rounds_ahead);
                 let node = PartyNode::new(cfg, factory.clone());
                 stats.push(node.stats());
                 tasks.push(tokio::spawn(async move { node.run().await }));
@@ -398,6 +415,8 @@ impl Federation {
                         &params.to_string(),
                         "--names",
                         &slice.join(","),
+                        "--noise-rounds-ahead",
+                        &self.noise_rounds_ahead.to_string(),
                     ])
                     .arg("--pki")
                     .arg(pki.root())
@@ -451,12 +470,18 @@ impl Federation {
 }
 
 /// `serve-parties`: synthetic party nodes until standard input closes.
-async fn serve_parties(url: String, pki: PathBuf, params: usize, names: Vec<String>) -> Result<(), String> {
+async fn serve_parties(
+    url: String,
+    pki: PathBuf,
+    params: usize,
+    names: Vec<String>,
+    ahead: usize,
+) -> Result<(), String> {
     let pki = PkiDir::new(pki);
     let factory: Arc<dyn TrainerFactory> = Arc::new(SyntheticFactory { params });
     let mut stats = Vec::new();
     for n in &names {
-        let cfg = party_config(&url, &pki, n, "synthetic", DatasetSource::csv(PathBuf::from("unused")));
+        let cfg = party_config(&url, &pki, n, "synthetic", DatasetSource::csv(PathBuf::from("unused")), ahead);
         let node = PartyNode::new(cfg, factory.clone());
         stats.push(node.stats());
         tokio::spawn(async move { node.run().await });
@@ -483,8 +508,30 @@ fn privacy_table(privacy: &str) -> Result<&'static str, String> {
     match privacy {
         "none" => Ok(""),
         "secagg" => Ok("[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 1000\n"),
-        other => Err(format!("--privacy {other}: unknown (none, secagg)")),
+        // Party-level DP with distributed noise under secagg.
+        "secagg-dp" => Ok("[aggregation]\nprotocol = \"secagg\"\n[dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\n\
+                           update_clip = 1.0\n"),
+        other => Err(format!("--privacy {other}: unknown (none, secagg, secagg-dp)")),
     }
+}
+
+/// What one party spends drawing its distributed-DP noise for a model of
+/// `params` values ahead of a round of `parties` (the job's spec as the
+/// round benchmark runs it): milliseconds, median of three.
+fn dp_presample_ms(spec: &str, params: usize) -> Result<f64, String> {
+    use std::time::Instant;
+    let spec = load_spec(spec, "bench")?;
+    let dp = spec.dp.as_ref().ok_or("no [dp]")?;
+    let cfg = dp.ddg_config(params).ok_or("no distributed noise")?;
+    let ddg = confide_dp::ddg::Ddg::new(cfg).map_err(|e| e.to_string())?;
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let noise = ddg.sample_noise().map_err(|e| e.to_string())?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        drop(noise);
+    }
+    Ok(median(times))
 }
 
 async fn bench_round(
@@ -504,7 +551,12 @@ async fn bench_round(
         rounds + 1,
         quoted.join(",")
     );
-    let fed = Federation::new(names, party_processes)?;
+    let presample = if privacy == "secagg-dp" { Some(dp_presample_ms(&spec, params)?) } else { None };
+    let mut fed = Federation::new(names, party_processes)?;
+    // Every measured round's noise is drawn before the first: the target
+    // excludes it (it does not depend on the data), and ten parties sharing
+    // two cores could not hide it between rounds.
+    fed.noise_rounds_ahead = rounds as usize + 1;
     let factory = Arc::new(SyntheticFactory { params });
     let run = fed.run(spec, factory, "synthetic", |_| PathBuf::from("unused"), params).await?;
     let metric = |k: &str| round_median(&run.status, rounds, k);
@@ -539,6 +591,11 @@ async fn bench_round(
         "coordinator_ms_median": metric("coordinator_ms"),
         "party_ms_median": metric("fit_ms"),
         "stage_ms_median": stages,
+        // Distributed DP: each party's noise for one round. Every round's is
+        // drawn with the first round's training (one slow round of those
+        // measured, which their median does not follow), so the median
+        // round time excludes it.
+        "dp_presample_ms": presample,
         "bytes_per_party": run.bytes / (parties as u64 * u64::from(rounds + 1)),
         // With the parties in other processes, the coordinator process's
         // own CPU time and the memory the job added to it, per party.
@@ -732,8 +789,8 @@ async fn main() {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::ServeParties { url, pki, params, names } => {
-            if let Err(e) = serve_parties(url, pki, params, names).await {
+        Command::ServeParties { url, pki, params, names, noise_rounds_ahead } => {
+            if let Err(e) = serve_parties(url, pki, params, names, noise_rounds_ahead).await {
                 eprintln!("error: {e}");
                 std::process::exit(1);
             }

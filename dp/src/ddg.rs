@@ -21,7 +21,7 @@
 //! the *honest* survivors' noise alone gives the stated ε: colluding
 //! parties can subtract their own.
 
-use rand::{CryptoRng, Rng, RngCore, SeedableRng};
+use rand::{CryptoRng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
@@ -146,6 +146,14 @@ impl Ddg {
         rotation_seed: &[u8; 32],
         rng: &mut R,
     ) -> Result<Zeroizing<Vec<i64>>, Error> {
+        let v = self.rotated(x, rotation_seed)?;
+        let mut out = Zeroizing::new(vec![0i64; self.padded]);
+        self.round(&v, rng, |i, r| out[i] = r)?;
+        Ok(out)
+    }
+
+    /// `x` clipped, rotated and scaled onto the lattice, before rounding.
+    fn rotated(&self, x: &[f32], rotation_seed: &[u8; 32]) -> Result<Zeroizing<Vec<f64>>, Error> {
         if x.len() != self.cfg.dim {
             return Err(Error::InvalidInput(format!(
                 "vector of {} values; the mechanism takes {}",
@@ -156,25 +164,49 @@ impl Ddg {
         if x.iter().any(|v| !v.is_finite()) {
             return Err(Error::InvalidInput("vector has NaN or infinite values".into()));
         }
+        // The rotation is orthonormal, so the norm is the input's: the clip,
+        // the scale and H's normalisation fold into the signs' pass.
+        let norm = x.iter().map(|&a| f64::from(a) * f64::from(a)).sum::<f64>().sqrt();
+        let clip = if norm > self.cfg.clip { self.cfg.clip / norm } else { 1.0 };
+        let factor = self.scale * clip / (self.padded as f64).sqrt();
         // The rotated and rounded vectors are the update in other words:
         // wiped when dropped.
-        let mut v = Zeroizing::new(x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>());
-        v.resize(self.padded, 0.0);
-        rotate(&mut v, rotation_seed);
-        let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
-        let factor = self.scale * if norm > self.cfg.clip { self.cfg.clip / norm } else { 1.0 };
-        v.iter_mut().for_each(|a| *a *= factor);
-        let mut out = Zeroizing::new(vec![0i64; self.padded]);
+        let mut v = Zeroizing::new(vec![0f64; self.padded]);
+        signed_copy(x, factor, rotation_seed, &mut v);
+        fwht(&mut v);
+        Ok(v)
+    }
+
+    /// Rounds the rotated vector `v` at random, handing each integer to
+    /// `sink(i, value)`, again until the integer norm² is within the bound
+    /// (conditional randomized rounding; `sink` overwrites on a retry).
+    fn round<R: CryptoRng + ?Sized>(
+        &self,
+        v: &[f64],
+        rng: &mut R,
+        mut sink: impl FnMut(usize, i64),
+    ) -> Result<(), Error> {
+        let mut coins = Zeroizing::new(vec![0u8; 2 * ROUNDING_CHUNK]);
         for _ in 0..MAX_ROUNDING_TRIES {
             let mut norm_sq: u128 = 0;
-            for (o, &a) in out.iter_mut().zip(v.iter()) {
-                let floor = a.floor();
-                let up = rng.random::<f64>() < a - floor;
-                *o = floor as i64 + i64::from(up);
-                norm_sq += u128::from(o.unsigned_abs()) * u128::from(o.unsigned_abs());
+            for (c, vc) in v.chunks(ROUNDING_CHUNK).enumerate() {
+                let bytes = &mut coins[..2 * vc.len()];
+                rng.fill_bytes(bytes);
+                for (k, (&a, u)) in vc.iter().zip(bytes.chunks_exact(2)).enumerate() {
+                    // Up with probability a − ⌊a⌋, to 2^-16 (a uniform u16):
+                    // the rounding's bias is at most 2^-16 of a lattice step,
+                    // far below the noise; privacy rests on the exact norm
+                    // check, not on the rounding's distribution.
+                    let floor = a.floor();
+                    let coin = f64::from(u16::from_le_bytes([u[0], u[1]])) * COIN_SCALE;
+                    let r = floor as i64 + i64::from(coin < a - floor);
+                    let m = u128::from(r.unsigned_abs());
+                    norm_sq += m * m;
+                    sink(c * ROUNDING_CHUNK + k, r);
+                }
             }
             if norm_sq <= self.bound_sq {
-                return Ok(out);
+                return Ok(());
             }
         }
         Err(Error::InvalidInput(format!(
@@ -197,12 +229,15 @@ impl Ddg {
         if noise.0.len() != self.padded {
             return Err(Error::InvalidInput(format!("{} noise values for {} coordinates", noise.0.len(), self.padded)));
         }
-        let q = self.quantize(x, rotation_seed, rng)?;
-        let modulus = 1i128 << self.cfg.bits;
-        Ok(q.iter()
-            .zip(noise.0.iter())
-            .map(|(&a, &e)| (i128::from(a) + i128::from(e)).rem_euclid(modulus) as u32)
-            .collect())
+        let v = self.rotated(x, rotation_seed)?;
+        // Each rounded value goes straight into its word with the noise:
+        // two's complement, so the low b bits of the sum are its residue
+        // mod 2^b (|a|, |e| < 2^62: the sum does not overflow).
+        let mask = (1u64 << self.cfg.bits) - 1;
+        let mut words = vec![0u32; self.padded];
+        let e = &noise.0;
+        self.round(&v, rng, |i, a| words[i] = ((a.wrapping_add(e[i]) as u64) & mask) as u32)?;
+        Ok(words)
     }
 
     /// The sum of the parties' vectors (clipped, plus noise) from the
@@ -217,14 +252,26 @@ impl Ddg {
             .iter()
             .map(|&w| {
                 let w = i64::from(w) & (modulus - 1);
-                (if w >= half { w - modulus } else { w }) as f64 / self.scale
+                (if w >= half { w - modulus } else { w }) as f64
             })
             .collect();
-        unrotate(&mut v, rotation_seed);
+        // D·H·v / (s·√d'): H is symmetric, so this undoes the rotation.
+        fwht(&mut v);
+        let factor = 1.0 / (self.scale * (self.padded as f64).sqrt());
+        let mut signs = SignStream::new(rotation_seed);
+        for a in v.iter_mut() {
+            *a *= if signs.next_negative() { -factor } else { factor };
+        }
         v.truncate(self.cfg.dim);
         Ok(v)
     }
 }
+
+/// Rounding coins are drawn this many at a time.
+const ROUNDING_CHUNK: usize = 4096;
+
+/// 2^-16: a u16 as a fraction of one.
+const COIN_SCALE: f64 = 1.0 / 65_536.0;
 
 /// The mechanism's numbers for a configuration: what [`Ddg::new`] uses and
 /// what the accountant needs, without building the sampler.
@@ -376,50 +423,125 @@ pub fn ddg_rdp(alpha: f64, l1_scale: f64, l2_scale: f64, tau: f64, dim: u64) -> 
     t1.min(t2).min(t3)
 }
 
-/// The signs of the rotation's diagonal.
-fn signs(len: usize, seed: &[u8; 32]) -> Vec<bool> {
-    let mut rng = ChaCha20Rng::from_seed(*seed);
-    (0..len).map(|_| rng.next_u32() & 1 == 1).collect()
+/// The signs of the rotation's diagonal D, 64 per ChaCha20 word, from the
+/// shared seed.
+struct SignStream {
+    rng: ChaCha20Rng,
+    word: u64,
+    left: u32,
 }
 
-/// In-place fast Walsh–Hadamard transform, normalised (orthonormal).
-fn hadamard(v: &mut [f64]) {
-    let n = v.len();
-    let mut h = 1;
-    while h < n {
-        for block in v.chunks_mut(2 * h) {
-            let (lo, hi) = block.split_at_mut(h);
-            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
-                let (x, y) = (*a, *b);
-                *a = x + y;
-                *b = x - y;
-            }
-        }
-        h *= 2;
+impl SignStream {
+    fn new(seed: &[u8; 32]) -> Self {
+        SignStream { rng: ChaCha20Rng::from_seed(*seed), word: 0, left: 0 }
     }
-    let norm = 1.0 / (n as f64).sqrt();
+
+    fn next_negative(&mut self) -> bool {
+        if self.left == 0 {
+            self.word = self.rng.next_u64();
+            self.left = 64;
+        }
+        let bit = self.word & 1 == 1;
+        self.word >>= 1;
+        self.left -= 1;
+        bit
+    }
+}
+
+/// `out = factor · D·x`, zero-padded: 64 values per sign word, the sign
+/// flipped by its bit (no branch), the same signs as [`SignStream`].
+fn signed_copy(x: &[f32], factor: f64, seed: &[u8; 32], out: &mut [f64]) {
+    let mut rng = ChaCha20Rng::from_seed(*seed);
+    for (oc, xc) in out.chunks_mut(64).zip(x.chunks(64)) {
+        let word = rng.next_u64();
+        for (k, (o, &a)) in oc.iter_mut().zip(xc).enumerate() {
+            let flip = ((word >> k) & 1) << 63;
+            *o = f64::from_bits((factor * f64::from(a)).to_bits() ^ flip);
+        }
+    }
+}
+
+/// Values per block whose transform levels run while the block is in the
+/// L1 cache (16 KiB of f64).
+const FWHT_BLOCK: usize = 1 << 11;
+
+/// In-place fast Walsh–Hadamard transform, unnormalised (H·v, H² = n·I).
+/// The levels inside a cache-sized block run block by block; the rest, two
+/// at a time (radix 4), so a vector of 2^20 takes 5 passes over memory
+/// instead of 20.
+fn fwht(v: &mut [f64]) {
+    let n = v.len();
+    debug_assert!(n.is_power_of_two());
+    let b = FWHT_BLOCK.min(n);
+    for block in v.chunks_exact_mut(b) {
+        levels(block, 1, b);
+    }
+    levels(v, b, n);
+}
+
+/// The transform's levels h = from, 2·from, … below `to`.
+fn levels(v: &mut [f64], from: usize, to: usize) {
+    let mut h = from;
+    while h < to {
+        if 4 * h <= to {
+            radix4(v, h);
+            h *= 4;
+        } else {
+            radix2(v, h);
+            h *= 2;
+        }
+    }
+}
+
+fn radix2(v: &mut [f64], h: usize) {
+    for block in v.chunks_exact_mut(2 * h) {
+        let (lo, hi) = block.split_at_mut(h);
+        for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+            let (x, y) = (*a, *b);
+            *a = x + y;
+            *b = x - y;
+        }
+    }
+}
+
+/// Levels h and 2h at once.
+fn radix4(v: &mut [f64], h: usize) {
+    for block in v.chunks_exact_mut(4 * h) {
+        let (q0, rest) = block.split_at_mut(h);
+        let (q1, rest) = rest.split_at_mut(h);
+        let (q2, q3) = rest.split_at_mut(h);
+        for (((a, b), c), d) in q0.iter_mut().zip(q1.iter_mut()).zip(q2.iter_mut()).zip(q3.iter_mut()) {
+            let (s0, d0, s1, d1) = (*a + *b, *a - *b, *c + *d, *c - *d);
+            *a = s0 + s1;
+            *b = d0 + d1;
+            *c = s0 - s1;
+            *d = d0 - d1;
+        }
+    }
+}
+
+/// H·D·v, orthonormal (for tests of the fast path).
+#[cfg(test)]
+fn rotate(v: &mut [f64], seed: &[u8; 32]) {
+    let mut signs = SignStream::new(seed);
+    for a in v.iter_mut() {
+        if signs.next_negative() {
+            *a = -*a;
+        }
+    }
+    fwht(v);
+    let norm = 1.0 / (v.len() as f64).sqrt();
     v.iter_mut().for_each(|a| *a *= norm);
 }
 
-/// H·D·v (D the seed's signs).
-fn rotate(v: &mut [f64], seed: &[u8; 32]) {
-    let signs = signs(v.len(), seed);
-    for (a, s) in v.iter_mut().zip(signs) {
-        if s {
-            *a = -*a;
-        }
-    }
-    hadamard(v);
-}
-
-/// D·H·v: the inverse of [`rotate`] (H is symmetric and orthonormal).
+/// D·H·v: the inverse of [`rotate`].
+#[cfg(test)]
 fn unrotate(v: &mut [f64], seed: &[u8; 32]) {
-    hadamard(v);
-    let signs = signs(v.len(), seed);
-    for (a, s) in v.iter_mut().zip(signs) {
-        if s {
-            *a = -*a;
-        }
+    fwht(v);
+    let norm = 1.0 / (v.len() as f64).sqrt();
+    let mut signs = SignStream::new(seed);
+    for a in v.iter_mut() {
+        *a *= if signs.next_negative() { -norm } else { norm };
     }
 }
 
@@ -459,6 +581,24 @@ mod tests {
             sum.iter_mut().zip(&words).for_each(|(s, w)| *s = s.wrapping_add(*w) & mask);
         }
         sum
+    }
+
+    /// The blocked, radix-4 transform is the Hadamard matrix: against the
+    /// definition H[i][j] = (−1)^popcount(i & j) at every size up to 2^13
+    /// (past one cache block).
+    #[test]
+    fn the_fast_transform_is_the_hadamard_matrix() {
+        for log in 0..=13 {
+            let n = 1usize << log;
+            let x: Vec<f64> = (0..n).map(|i| ((i * 2654435761) % 1000) as f64 / 7.0 - 50.0).collect();
+            let mut fast = x.clone();
+            fwht(&mut fast);
+            for i in (0..n).step_by((n / 64).max(1)) {
+                let want: f64 =
+                    x.iter().enumerate().map(|(j, &a)| if (i & j).count_ones() % 2 == 0 { a } else { -a }).sum();
+                assert!((fast[i] - want).abs() < 1e-9 * (1.0 + want.abs()), "n = {n}, row {i}: {} vs {want}", fast[i]);
+            }
+        }
     }
 
     #[test]

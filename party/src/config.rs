@@ -84,6 +84,16 @@ pub struct TrainingSettings {
     /// for small models; raise it for large ones).
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// Under distributed DP, rounds of noise drawn ahead (1 to 64; default
+    /// 1, the next round's, drawn between rounds). Each costs 8 bytes per
+    /// model value; more lets a party that is busy between rounds draw the
+    /// noise of several at once, before the job's first round.
+    #[serde(default = "default_noise_rounds_ahead")]
+    pub dp_noise_rounds_ahead: usize,
+}
+
+fn default_noise_rounds_ahead() -> usize {
+    1
 }
 
 fn default_threads() -> usize {
@@ -92,7 +102,7 @@ fn default_threads() -> usize {
 
 impl Default for TrainingSettings {
     fn default() -> Self {
-        TrainingSettings { threads: default_threads() }
+        TrainingSettings { threads: default_threads(), dp_noise_rounds_ahead: default_noise_rounds_ahead() }
     }
 }
 
@@ -234,6 +244,12 @@ impl PartyConfig {
     /// moves the deprecated `policy.privacy_modes` to `policy.aggregation`.
     pub fn validate_with(&mut self, plugins: &crate::plugins::PartyPlugins) -> Result<(), String> {
         self.limits.validate().map_err(|e| e.to_string())?;
+        if !(1..=64).contains(&self.training.dp_noise_rounds_ahead) {
+            return Err(format!(
+                "training.dp_noise_rounds_ahead: must be 1..=64 (got {})",
+                self.training.dp_noise_rounds_ahead
+            ));
+        }
         if !(1..=256).contains(&self.training.threads) {
             return Err(format!("training.threads: must be 1..=256 (got {})", self.training.threads));
         }

@@ -350,6 +350,7 @@ impl PartyNode {
         let job_budget = ledger.reserve(&offer.job_id, &spec, &offer.dataset, cfg.policy.max_epsilon)?;
         let (plugins, trainers, limits) = (self.plugins.clone(), self.trainers.clone(), cfg.limits);
         let min_parties = cfg.policy.min_parties;
+        let noise_rounds_ahead = cfg.training.dp_noise_rounds_ahead;
         let (job_id, party, dataset) = (offer.job_id.clone(), me.to_owned(), offer.dataset.clone());
         let spec_has_dp = spec.dp.is_some();
         let spec = Arc::new(spec);
@@ -367,6 +368,7 @@ impl PartyNode {
                 limits: &limits,
                 min_parties,
                 budget: Some(job_budget),
+                noise_rounds_ahead,
             };
             kind.handler(cx).map_err(|e| format!("data set {dataset:?}: {e}"))
         })

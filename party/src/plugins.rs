@@ -38,6 +38,9 @@ pub struct JobContext<'a> {
     /// The job's reservation in the privacy ledger: a DP job's every
     /// training round goes through it (`None` outside a node, in tests).
     pub budget: Option<crate::ledger::RoundGuard>,
+    /// Distributed DP: rounds of noise to draw ahead
+    /// (`[training] dp_noise_rounds_ahead`).
+    pub noise_rounds_ahead: usize,
 }
 
 /// A job kind on the party's side: builds the handler of its tasks.

@@ -43,6 +43,7 @@ impl PartyJobKind for TrainingKind {
             .ok_or_else(|| format!("aggregation protocol {name:?} is not available at this party"))?;
         let mut facts = spec.facts(cx.job_id, cx.limits);
         facts.min_parties = facts.min_parties.max(cx.min_parties);
+        facts.noise_rounds_ahead = cx.noise_rounds_ahead.max(1);
         let client = protocol
             .client(&spec.aggregation.settings, &facts, cx.identity)
             .map_err(|e| format!("aggregation.{name}: {e}"))?;
@@ -419,6 +420,7 @@ mod tests {
             min_parties: 3,
             max_values: 100,
             distributed_dp: None,
+            noise_rounds_ahead: 1,
         };
         let client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let mut h = TrainingHandler::new(Box::new(Fixed), client, SecAggPlus.stages());
@@ -476,6 +478,7 @@ mod tests {
             min_parties: 1,
             max_values: 100,
             distributed_dp: None,
+            noise_rounds_ahead: 1,
         };
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let mut h = TrainingHandler::new(Box::new(FixedDp::default()), client, Plain.stages());
@@ -523,6 +526,7 @@ mod tests {
             min_parties: 1,
             max_values: 100,
             distributed_dp: None,
+            noise_rounds_ahead: 1,
         };
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let trainer = FixedDp::default();
@@ -597,6 +601,7 @@ mod tests {
             min_parties: 1,
             max_values: 100,
             distributed_dp: None,
+            noise_rounds_ahead: 1,
         };
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let start =

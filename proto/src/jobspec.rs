@@ -579,6 +579,7 @@ impl JobSpec {
             min_parties: self.min_parties(),
             max_values: limits.max_values,
             distributed_dp: self.dp.as_ref().and_then(|d| d.ddg_config(d.model_values_bound())),
+            noise_rounds_ahead: 1,
         }
     }
 
@@ -786,6 +787,7 @@ impl RawJobSpec {
             min_parties: min,
             max_values: limits.max_values,
             distributed_dp: None,
+            noise_rounds_ahead: 1,
         };
         match protocols.get(&aggregation.protocol) {
             None => err(
@@ -890,16 +892,17 @@ impl RawJobSpec {
             }
             match raw.validate(&self.training, self.rounds, distributed) {
                 Ok(d) => {
-                    if d.level == crate::dpspec::DpLevel::Party {
-                        if strategy_ok && self.strategy.typed().capabilities().is_some_and(|c| !c.weighted_sum) {
-                            err(
-                                "strategy.name",
-                                format!(
-                                    "{:?} needs individual updates; party-level DP releases only their noisy sum",
-                                    self.strategy.typed().name()
-                                ),
-                            );
-                        }
+                    if d.level == crate::dpspec::DpLevel::Party
+                        && strategy_ok
+                        && self.strategy.typed().capabilities().is_some_and(|c| !c.weighted_sum)
+                    {
+                        err(
+                            "strategy.name",
+                            format!(
+                                "{:?} needs individual updates; party-level DP releases only their noisy sum",
+                                self.strategy.typed().name()
+                            ),
+                        );
                     }
                     dp = Some(d)
                 }

@@ -71,6 +71,7 @@ impl Sim {
                 limits: &Limits::default(),
                 min_parties: 1,
                 budget: None,
+                noise_rounds_ahead: 1,
             };
             let handler = TrainingKind::TRAIN.handler(cx).expect("handler");
             parties.insert(name.clone(), PartySession::new("sim", handler, spec.timeouts.round_secs * 2000));

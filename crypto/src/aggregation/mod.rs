@@ -133,6 +133,10 @@ pub struct JobFacts {
     /// derived from the spec (its `dim` is the accounting bound; each round
     /// sets the model's own). Protocols that sum add it to each update.
     pub distributed_dp: Option<confide_dp::ddg::DdgConfig>,
+    /// Distributed DP: how many rounds of noise a party draws ahead (at
+    /// least 1). The party's own choice of memory against round time
+    /// (`[training] dp_noise_rounds_ahead`), not part of the spec.
+    pub noise_rounds_ahead: usize,
 }
 
 impl JobFacts {

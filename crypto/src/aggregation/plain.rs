@@ -137,6 +137,7 @@ mod tests {
             min_parties: 2,
             max_values: 1000,
             distributed_dp: None,
+            noise_rounds_ahead: 1,
         }
     }
 

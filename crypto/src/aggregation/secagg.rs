@@ -235,7 +235,14 @@ impl AggregationProtocol for SecAggPlus {
         party: PartyIdentity,
     ) -> Result<Box<dyn AggregationClient>, Error> {
         let settings = settings_for(settings, job)?;
-        Ok(Box::new(SecAggClient { settings, job: job.clone(), party, round: None, noise: None, noise_len: None }))
+        Ok(Box::new(SecAggClient {
+            settings,
+            job: job.clone(),
+            party,
+            round: None,
+            noise: Default::default(),
+            noise_len: None,
+        }))
     }
 }
 
@@ -586,7 +593,7 @@ enum ServerStage {
 enum Decoding {
     Updates(WeightedUpdate),
     /// Clipped updates with distributed noise, each weighing 1.
-    Noisy(NoisyUpdate),
+    Noisy(Box<NoisyUpdate>),
     Statistics(WideSum),
 }
 
@@ -667,7 +674,7 @@ impl AggregationServer for SecAggServer {
         let (dim, decoding) = match &self.job.distributed_dp {
             Some(template) => {
                 let noisy = NoisyUpdate::new(template, &self.job.job_id, round.round, round.global)?;
-                (noisy.words(), Decoding::Noisy(noisy))
+                (noisy.words(), Decoding::Noisy(Box::new(noisy)))
             }
             None => (
                 WeightedUpdate::words(round.global.num_values()),
@@ -871,9 +878,9 @@ struct SecAggClient {
     job: JobFacts,
     party: PartyIdentity,
     round: Option<ClientRound>,
-    /// Distributed DP: noise drawn ahead for the next round (see
-    /// [`AggregationClient::prepare`]), used once.
-    noise: Option<DdgNoise>,
+    /// Distributed DP: noise drawn ahead for the next rounds (see
+    /// [`AggregationClient::prepare`]), each used once.
+    noise: std::collections::VecDeque<DdgNoise>,
     /// The noise length of the last round, to draw the next one's ahead.
     noise_len: Option<usize>,
 }
@@ -890,9 +897,11 @@ impl AggregationClient for SecAggClient {
             let noisy = NoisyUpdate::new(template, &self.job.job_id, round, update.global)?;
             let bound = Some(noisy.digest());
             let config = self.derive_round(round, round_message, noisy.words(), training, bound)?;
-            let noise = match self.noise.take() {
-                Some(n) if n.len() == noisy.words() => n,
-                _ => noisy.sample_noise()?,
+            // Noise drawn for another model size is of no use (and is wiped).
+            self.noise.retain(|n| n.len() == noisy.words());
+            let noise = match self.noise.pop_front() {
+                Some(n) => n,
+                None => noisy.sample_noise()?,
             };
             self.noise_len = Some(noisy.words());
             (config, noisy.encode(update.global, &update.local, noise)?)
@@ -909,10 +918,15 @@ impl AggregationClient for SecAggClient {
     fn prepare(&mut self, global: &confide_algorithms::Parameters) {
         // The noise does not depend on the data: draw it before training.
         let Some(template) = &self.job.distributed_dp else { return };
-        if let Ok(noisy) = NoisyUpdate::new(template, &self.job.job_id, 0, global)
-            && self.noise.as_ref().is_none_or(|n| n.len() != noisy.words())
-        {
-            self.noise = noisy.sample_noise().ok();
+        let Ok(noisy) = NoisyUpdate::new(template, &self.job.job_id, 0, global) else { return };
+        self.noise.retain(|n| n.len() == noisy.words());
+        if self.noise.is_empty() {
+            for _ in 0..self.job.noise_rounds_ahead.max(1) {
+                match noisy.sample_noise() {
+                    Ok(n) => self.noise.push_back(n),
+                    Err(_) => break,
+                }
+            }
         }
     }
 
@@ -962,12 +976,19 @@ impl AggregationClient for SecAggClient {
             r.premasked = true;
             return;
         }
-        // Under distributed DP, the next round's noise (data-independent)
-        // while the coordinator collects the others' answers.
-        if let (None, Some(len), Some(template)) = (&self.noise, self.noise_len, &self.job.distributed_dp) {
+        // Under distributed DP, once this party's part of a round is done,
+        // the next round's noise (data-independent), while the coordinator
+        // finishes the round: not earlier, where it would slow the round's
+        // own steps.
+        if self.round.is_some() {
+            return;
+        }
+        if let (true, Some(len), Some(template)) = (self.noise.is_empty(), self.noise_len, &self.job.distributed_dp) {
             let dim = len.min(confide_dp::ddg::MAX_PADDED_DIM);
-            if let Ok(ddg) = confide_dp::ddg::Ddg::new(confide_dp::ddg::DdgConfig { dim, ..*template }) {
-                self.noise = ddg.sample_noise().ok();
+            if let Ok(ddg) = confide_dp::ddg::Ddg::new(confide_dp::ddg::DdgConfig { dim, ..*template })
+                && let Ok(n) = ddg.sample_noise()
+            {
+                self.noise.push_back(n);
             }
         }
     }
@@ -1164,6 +1185,7 @@ mod tests {
             min_parties: 3,
             max_values: 1000,
             distributed_dp: None,
+            noise_rounds_ahead: 1,
         }
     }
 

@@ -261,6 +261,42 @@ mod tests {
         assert!(WeightedUpdate::new(16, 1.0, 100_000, 3).is_err(), "weights overflow 16 bits");
     }
 
+    /// Distributed DP: a model larger than the spec accounts for is
+    /// refused by name; the frozen standardisation is not in the vector
+    /// and decodes as no change.
+    #[test]
+    fn a_noisy_update_refuses_models_beyond_its_bound_and_leaves_the_frozen_tensors_out() {
+        let template = DdgConfig {
+            clip: 1.0,
+            noise_multiplier: 1e-3,
+            dim: 8,
+            bits: 32,
+            max_parties: 3,
+            honest_parties: 3,
+            beta: 0.6,
+            k_stddevs: 4.0,
+        };
+        let err = NoisyUpdate::new(&template, "j", 1, &params(&[0.0; 9])).unwrap_err().to_string();
+        assert!(err.contains("dp.max_model_values") && err.contains("9 trained values"), "{err}");
+        let global = Parameters::new(vec![
+            Tensor { name: INPUT_MEAN.into(), shape: vec![4], data: vec![0.0; 4] },
+            Tensor { name: "w".into(), shape: vec![8], data: vec![0.0; 8] },
+        ])
+        .unwrap();
+        let enc = NoisyUpdate::new(&template, "j", 1, &global).unwrap();
+        assert_eq!(enc.words(), 8, "only the 8 trained values");
+        let mut local = global.clone();
+        for (name, v) in local.values_mut() {
+            v.iter_mut().for_each(|x| *x = if name == "w" { 0.1 } else { 5.0 });
+        }
+        let words = enc.encode(&global, &local, enc.sample_noise().unwrap()).unwrap();
+        let back = enc.decode(&words).unwrap();
+        assert_eq!(&back[..4], &[0.0; 4]);
+        assert!(back[4..].iter().all(|v| (v - 0.1).abs() < 1e-2), "{back:?}");
+        // Another round rotates with another seed: its mechanism differs.
+        assert_ne!(NoisyUpdate::new(&template, "j", 2, &global).unwrap().digest(), enc.digest());
+    }
+
     proptest! {
         #[test]
         fn the_sum_of_encodings_decodes_to_the_weighted_delta_sum_and_mean_loss(
