@@ -581,13 +581,18 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
                      rounds it onto a lattice and adds its share of discrete Gaussian noise before masking \
                      (Kairouz–Liu–Steinke), so the coordinator never sees an un-noised sum; the noise is calibrated \
                      (z = {:.4}) for {} honest parties (parties.min less the {} corrupt parties the protocol's \
-                     threat model allows), in a {}-bit sum of up to {} parties; {total} noisy sums in all",
+                     threat model allows), in a {}-bit sum of up to {} parties; {total} noisy sums in all{}",
                     dp.clip,
                     dp.noise_multiplier,
                     d.honest_parties,
                     spec.min_parties().saturating_sub(d.honest_parties),
                     d.bits,
-                    d.max_parties
+                    d.max_parties,
+                    dp.adaptive.map_or(String::new(), |a| format!(
+                        "; adaptive clipping from {} towards the {} quantile of the update norms (η = {}, the count \
+                         of unclipped updates noised at σ = {} in the same release, so ε is unchanged)",
+                        dp.clip, a.target_quantile, a.learning_rate, a.count_stddev
+                    )),
                 ),
                 "each party (its whole data set added or removed), so each record too",
             )

@@ -63,6 +63,46 @@ pub struct DdgConfig {
     pub k_stddevs: f64,
 }
 
+/// Adaptive clipping (Andrew, Thakkar, McMahan and Ramaswamy, NeurIPS 2021)
+/// under distributed noise: each party appends (b − ½)·κ to its update,
+/// b = 1 when its update's norm is within the round's clip C, and the whole
+/// vector goes through the mechanism with the joint clip C' = √(C² + κ²/4)
+/// and multiplier z. The count of unclipped updates then comes out of the
+/// same noisy sum with noise σ_b = z·C'/κ, at no privacy cost beyond the
+/// mechanism's own: one release of sensitivity C' and noise z·C'. The next
+/// round's clip moves geometrically toward the target quantile.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdaptiveClip {
+    /// γ: the fraction of updates the clip should leave whole.
+    pub target_quantile: f64,
+    /// η: C ← C·exp(−η·(b̄ − γ)).
+    pub learning_rate: f64,
+    /// σ_b: the noise on the count of unclipped updates, in counts. More
+    /// than z/2: the rest of the noise budget protects the updates.
+    pub count_stddev: f64,
+}
+
+impl AdaptiveClip {
+    /// (C', κ) for round clip `clip` at noise multiplier `z`, or `None` when
+    /// σ_b ≤ z/2 leaves nothing for the updates.
+    pub fn joint(&self, clip: f64, z: f64) -> Option<(f64, f64)> {
+        let rest = 1.0 - z * z / (4.0 * self.count_stddev * self.count_stddev);
+        if !(rest > 0.0 && clip > 0.0 && clip.is_finite()) {
+            return None;
+        }
+        let joint = clip / rest.sqrt();
+        Some((joint, z * joint / self.count_stddev))
+    }
+
+    /// The next round's clip, from this round's noisy count of unclipped
+    /// updates among `contributors`.
+    pub fn next_clip(&self, clip: f64, unclipped: f64, contributors: usize) -> f64 {
+        let fraction = if contributors == 0 { self.target_quantile } else { unclipped / contributors as f64 };
+        let fraction = if fraction.is_finite() { fraction.clamp(0.0, 1.0) } else { self.target_quantile };
+        clip * (-self.learning_rate * (fraction - self.target_quantile)).exp()
+    }
+}
+
 /// The mechanism, calibrated.
 #[derive(Debug, Clone)]
 pub struct Ddg {

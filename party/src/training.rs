@@ -78,7 +78,10 @@ impl PartyJobKind for TrainingKind {
             handler.dp_inputs = Some(standardisation(&inputs));
             handler.dp = dp.plan(&spec.training);
             if dp.level == DpLevel::Party {
-                handler.party_clip = Some(dp.clip);
+                // Distributed noise clips inside the encoding (at the
+                // round's clip, which adaptive clipping moves): here only
+                // non-finite updates are replaced.
+                handler.party_clip = Some(if dp.distributed.is_some() { f64::INFINITY } else { dp.clip });
             }
             handler.budget = cx.budget;
         }
@@ -421,6 +424,7 @@ mod tests {
             max_values: 100,
             distributed_dp: None,
             noise_rounds_ahead: 1,
+            adaptive_clip: None,
         };
         let client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let mut h = TrainingHandler::new(Box::new(Fixed), client, SecAggPlus.stages());
@@ -479,6 +483,7 @@ mod tests {
             max_values: 100,
             distributed_dp: None,
             noise_rounds_ahead: 1,
+            adaptive_clip: None,
         };
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let mut h = TrainingHandler::new(Box::new(FixedDp::default()), client, Plain.stages());
@@ -527,6 +532,7 @@ mod tests {
             max_values: 100,
             distributed_dp: None,
             noise_rounds_ahead: 1,
+            adaptive_clip: None,
         };
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let trainer = FixedDp::default();
@@ -602,6 +608,7 @@ mod tests {
             max_values: 100,
             distributed_dp: None,
             noise_rounds_ahead: 1,
+            adaptive_clip: None,
         };
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let start =

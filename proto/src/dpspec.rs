@@ -25,7 +25,7 @@
 //! what the coordinator sends.
 
 use confide_algorithms::{DpSgdPlan, FeatureStats, TrainConfig};
-use confide_dp::ddg::{DdgConfig, MAX_PADDED_DIM, events_up_to};
+use confide_dp::ddg::{AdaptiveClip, DdgConfig, MAX_PADDED_DIM, events_up_to};
 use confide_dp::dpsgd::{MAX_NOISE_MULTIPLIER, step_event};
 use confide_dp::rdp::{DpEvent, RdpAccountant, calibrate_by, integer_orders};
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,17 @@ pub struct RawDp {
     /// has seen the model, so it is accounted at the worst size up to this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_model_values: Option<u64>,
+    /// party, distributed: adaptive clipping towards this quantile of the
+    /// parties' update norms (`update_clip` is then the first round's clip).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_clip_quantile: Option<f64>,
+    /// Adaptive clipping: η of the geometric update (default 0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_clip_rate: Option<f64>,
+    /// Adaptive clipping: the noise on the count of unclipped updates, in
+    /// counts (default max(parties / 20, noise_multiplier); above z/2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_count_stddev: Option<f64>,
     /// `rdp` (default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accountant: Option<String>,
@@ -154,6 +165,8 @@ pub struct DpSpec {
     pub distributed: Option<DistributedNoise>,
     /// `max_model_values` as written (distributed noise).
     pub max_model_values: Option<usize>,
+    /// Adaptive clipping (distributed noise): `clip` is the first round's.
+    pub adaptive: Option<AdaptiveClip>,
 }
 
 impl DpSpec {
@@ -234,6 +247,9 @@ impl DpSpec {
             update_clip: (self.level == DpLevel::Party).then_some(self.clip),
             accountant: Some(Self::ACCOUNTANT.into()),
             max_model_values: self.max_model_values.map(|m| m as u64),
+            adaptive_clip_quantile: self.adaptive.map(|a| a.target_quantile),
+            adaptive_clip_rate: self.adaptive.map(|a| a.learning_rate),
+            clip_count_stddev: self.adaptive.map(|a| a.count_stddev),
             feature_ranges: self.feature_ranges.clone(),
         }
     }
@@ -464,6 +480,43 @@ impl RawDp {
                 return Err(vec![("noise_multiplier".into(), "give noise_multiplier or target_epsilon".into())]);
             }
         };
+        let adaptive = match (self.adaptive_clip_quantile, self.adaptive_clip_rate, self.clip_count_stddev) {
+            (None, None, None) => None,
+            (None, _, _) => {
+                let f = if self.adaptive_clip_rate.is_some() { "adaptive_clip_rate" } else { "clip_count_stddev" };
+                return Err(vec![(f.into(), "only applies with adaptive_clip_quantile".into())]);
+            }
+            (Some(quantile), rate, stddev) => {
+                let Some(d) = distributed.filter(|_| level == DpLevel::Party) else {
+                    return Err(vec![(
+                        "adaptive_clip_quantile".into(),
+                        "adaptive clipping is built for party-level DP with distributed noise (under a protocol \
+                         that sums, e.g. secagg); elsewhere the clip is fixed"
+                            .into(),
+                    )]);
+                };
+                let rate = rate.unwrap_or(0.2);
+                let stddev = stddev.unwrap_or((d.max_parties as f64 / 20.0).max(noise_multiplier));
+                let a = AdaptiveClip { target_quantile: quantile, learning_rate: rate, count_stddev: stddev };
+                if !(quantile > 0.0 && quantile < 1.0) {
+                    return Err(vec![("adaptive_clip_quantile".into(), format!("must be in (0, 1) (got {quantile})"))]);
+                }
+                if !(rate.is_finite() && rate > 0.0 && rate <= 10.0) {
+                    return Err(vec![("adaptive_clip_rate".into(), format!("must be in (0, 10] (got {rate})"))]);
+                }
+                if !stddev.is_finite() || a.joint(c, noise_multiplier).is_none() {
+                    return Err(vec![(
+                        "clip_count_stddev".into(),
+                        format!(
+                            "must exceed noise_multiplier / 2 = {} (got {stddev}): the count's noise comes out of \
+                             the same budget as the updates'",
+                            noise_multiplier / 2.0
+                        ),
+                    )]);
+                }
+                Some(a)
+            }
+        };
         Ok(DpSpec {
             level,
             target_epsilon: self.target_epsilon,
@@ -474,6 +527,7 @@ impl RawDp {
             feature_ranges: self.feature_ranges.clone(),
             distributed: distributed.filter(|_| level == DpLevel::Party),
             max_model_values: self.max_model_values.map(|m| m as usize),
+            adaptive,
         })
     }
 }
@@ -579,6 +633,30 @@ mod tests {
         // Checked against each other after the round trip, with the same noise.
         let raw = dp.to_raw();
         assert_eq!(raw.validate(&training, 10, Some(noise(16))).unwrap(), dp);
+    }
+
+    /// Adaptive clipping rides in the distributed release (same ε as a fixed
+    /// clip), takes its defaults from the spec, and is refused elsewhere or
+    /// with a count noise that leaves nothing for the updates.
+    #[test]
+    fn adaptive_clipping_is_for_distributed_noise_and_checked() {
+        let training = TrainConfig::default();
+        let noise = Some(DistributedNoise { bits: 32, max_parties: 40, honest_parties: 30 });
+        let raw: RawDp =
+            toml::from_str("level = \"party\"\nnoise_multiplier = 1.0\nadaptive_clip_quantile = 0.5").unwrap();
+        let dp = raw.validate(&training, 5, noise).unwrap();
+        let want = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_stddev: 2.0 };
+        assert_eq!(dp.adaptive, Some(want));
+        let fixed = RawDp { adaptive_clip_quantile: None, ..raw.clone() }.validate(&training, 5, noise).unwrap();
+        assert_eq!(dp.epsilon(&training, 5), fixed.epsilon(&training, 5));
+        assert_eq!(dp.to_raw().validate(&training, 5, noise).unwrap(), dp);
+        let field = |r: RawDp, n| r.validate(&training, 5, n).unwrap_err()[0].0.clone();
+        assert_eq!(field(raw.clone(), None), "adaptive_clip_quantile");
+        assert_eq!(field(RawDp { clip_count_stddev: Some(0.5), ..raw.clone() }, noise), "clip_count_stddev");
+        assert_eq!(field(RawDp { adaptive_clip_quantile: Some(1.0), ..raw.clone() }, noise), "adaptive_clip_quantile");
+        assert_eq!(field(RawDp { adaptive_clip_rate: Some(0.0), ..raw.clone() }, noise), "adaptive_clip_rate");
+        let orphan = RawDp { adaptive_clip_quantile: None, adaptive_clip_rate: Some(0.1), ..raw };
+        assert_eq!(field(orphan, noise), "adaptive_clip_rate");
     }
 
     #[test]

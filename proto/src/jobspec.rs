@@ -580,6 +580,7 @@ impl JobSpec {
             max_values: limits.max_values,
             distributed_dp: self.dp.as_ref().and_then(|d| d.ddg_config(d.model_values_bound())),
             noise_rounds_ahead: 1,
+            adaptive_clip: self.dp.as_ref().and_then(|d| d.adaptive),
         }
     }
 
@@ -788,6 +789,7 @@ impl RawJobSpec {
             max_values: limits.max_values,
             distributed_dp: None,
             noise_rounds_ahead: 1,
+            adaptive_clip: None,
         };
         match protocols.get(&aggregation.protocol) {
             None => err(

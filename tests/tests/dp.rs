@@ -173,6 +173,7 @@ fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
 /// the discrete Gaussian before masking, so no party needs to trust the
 /// coordinator with the noise (`accept_central_dp` is not set). The job
 /// reports the distributed mechanism's own ε, which each ledger records.
+/// The clip adapts (the count of unclipped updates rides in the same sum).
 #[test]
 fn a_distributed_party_level_dp_job_runs_under_secure_aggregation() {
     let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
@@ -183,7 +184,7 @@ fn a_distributed_party_level_dp_job_runs_under_secure_aggregation() {
     let text = dp_spec("secagg", 3, 4, 1.5)
         .replace(
             "[dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.05\n",
-            "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.5\nupdate_clip = 0.5\n",
+            "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.5\nupdate_clip = 0.5\nadaptive_clip_quantile = 0.5\n",
         )
         .replace("learning_rate = 0.01", "learning_rate = 0.1");
     assert!(text.contains("level = \"party\""), "{text}");

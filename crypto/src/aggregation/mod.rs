@@ -137,6 +137,9 @@ pub struct JobFacts {
     /// least 1). The party's own choice of memory against round time
     /// (`[training] dp_noise_rounds_ahead`), not part of the spec.
     pub noise_rounds_ahead: usize,
+    /// Distributed DP with adaptive clipping: `distributed_dp.clip` is the
+    /// first round's clip; the coordinator moves it each round.
+    pub adaptive_clip: Option<confide_dp::ddg::AdaptiveClip>,
 }
 
 impl JobFacts {

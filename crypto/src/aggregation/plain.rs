@@ -138,6 +138,7 @@ mod tests {
             max_values: 1000,
             distributed_dp: None,
             noise_rounds_ahead: 1,
+            adaptive_clip: None,
         }
     }
 

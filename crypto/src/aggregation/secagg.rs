@@ -225,7 +225,8 @@ impl AggregationProtocol for SecAggPlus {
         peers: Box<dyn PeerVerifier>,
     ) -> Result<Box<dyn AggregationServer>, Error> {
         let settings = settings_for(settings, job)?;
-        Ok(Box::new(SecAggServer { settings, job: job.clone(), peers, round: None }))
+        let dp_clip = job.distributed_dp.map_or(0.0, |t| t.clip);
+        Ok(Box::new(SecAggServer { settings, job: job.clone(), dp_clip, peers, round: None }))
     }
 
     fn client(
@@ -291,6 +292,10 @@ pub mod wire {
         /// ([`super::NoisyUpdate::digest`]); empty without.
         #[prost(bytes = "vec", tag = "10")]
         pub dp_digest: Vec<u8>,
+        /// Distributed DP with adaptive clipping: the round's clip (the
+        /// coordinator's to choose: privacy does not depend on it).
+        #[prost(double, tag = "11")]
+        pub dp_clip: f64,
     }
 
     /// A party's signed round keys and the certificate that verifies them.
@@ -608,6 +613,9 @@ struct ServerRound {
 struct SecAggServer {
     settings: SecAggSettings,
     job: JobFacts,
+    /// Distributed DP: the clip of the next round (moved each round under
+    /// adaptive clipping).
+    dp_clip: f64,
     /// Checks the parties' certificates and signatures before anything of
     /// theirs is relayed.
     peers: Box<dyn PeerVerifier>,
@@ -615,10 +623,6 @@ struct SecAggServer {
 }
 
 impl SecAggServer {
-    fn current(&mut self) -> Result<&mut ServerRound, Error> {
-        self.round.as_mut().ok_or_else(|| Error::WrongStage("no secure-aggregation round in progress".into()))
-    }
-
     fn begin(
         &mut self,
         round: u32,
@@ -653,6 +657,10 @@ impl SecAggServer {
             clip: s.clip,
             max_examples: s.max_examples,
             dp_digest: dp.map(|d| d.to_vec()).unwrap_or_default(),
+            dp_clip: match &decoding {
+                Decoding::Noisy(n) => n.clip(),
+                _ => 0.0,
+            },
         };
         let server = Server::new(config)?;
         self.round = Some(ServerRound { server, decoding, stage: ServerStage::Keys, certs: BTreeMap::new() });
@@ -673,7 +681,15 @@ impl AggregationServer for SecAggServer {
         let s = &self.settings;
         let (dim, decoding) = match &self.job.distributed_dp {
             Some(template) => {
-                let noisy = NoisyUpdate::new(template, &self.job.job_id, round.round, round.global)?;
+                let adaptive = self.job.adaptive_clip.as_ref();
+                let noisy = NoisyUpdate::with_clip(
+                    template,
+                    adaptive,
+                    self.dp_clip,
+                    &self.job.job_id,
+                    round.round,
+                    round.global,
+                )?;
                 (noisy.words(), Decoding::Noisy(Box::new(noisy)))
             }
             None => (
@@ -754,7 +770,10 @@ impl AggregationServer for SecAggServer {
     }
 
     fn close_stage(&mut self) -> Result<Progress, Error> {
-        let r = self.current()?;
+        let adaptive = self.job.adaptive_clip;
+        let mut next_clip = None;
+        let r =
+            self.round.as_mut().ok_or_else(|| Error::WrongStage("no secure-aggregation round in progress".into()))?;
         let progress = match r.stage {
             ServerStage::Keys => {
                 let live = r.server.close_keys()?;
@@ -834,15 +853,23 @@ impl AggregationServer for SecAggServer {
                             contributors,
                         }
                     }
-                    Decoding::Noisy(encoding) => Aggregate::WeightedSum {
-                        weighted_delta_sum: encoding.decode(&sum)?,
-                        // Each weighs 1: the strategy's mean divides by the
-                        // contributors, which the coordinator knows anyway.
-                        total_examples: contributors.len() as f64,
-                        mean_train_loss: None,
-                        misbehaved,
-                        contributors,
-                    },
+                    Decoding::Noisy(encoding) => {
+                        let (weighted_delta_sum, unclipped) = encoding.decode_with_count(&sum, contributors.len())?;
+                        // Adaptive clipping: the next round's clip, from the
+                        // noisy count (post-processing of the release).
+                        if let (Some(a), Some(count)) = (adaptive, unclipped) {
+                            next_clip = Some(a.next_clip(encoding.clip(), count, contributors.len()));
+                        }
+                        Aggregate::WeightedSum {
+                            weighted_delta_sum,
+                            // Each weighs 1: the strategy's mean divides by the
+                            // contributors, which the coordinator knows anyway.
+                            total_examples: contributors.len() as f64,
+                            mean_train_loss: None,
+                            misbehaved,
+                            contributors,
+                        }
+                    }
                     Decoding::Statistics(encoding) => {
                         Aggregate::Sum { sums: encoding.decode(&sum)?, misbehaved, contributors }
                     }
@@ -851,6 +878,9 @@ impl AggregationServer for SecAggServer {
                 Progress::Done(aggregate)
             }
         };
+        if let Some(clip) = next_clip {
+            self.dp_clip = clip;
+        }
         Ok(progress)
     }
 }
@@ -894,7 +924,9 @@ impl AggregationClient for SecAggClient {
         self.round = None;
         let training = super::training_digest(update.global, update.fit);
         let input = if let Some(template) = &self.job.distributed_dp {
-            let noisy = NoisyUpdate::new(template, &self.job.job_id, round, update.global)?;
+            let clip = self.round_clip(template, round_message)?;
+            let adaptive = self.job.adaptive_clip.as_ref();
+            let noisy = NoisyUpdate::with_clip(template, adaptive, clip, &self.job.job_id, round, update.global)?;
             let bound = Some(noisy.digest());
             let config = self.derive_round(round, round_message, noisy.words(), training, bound)?;
             // Noise drawn for another model size is of no use (and is wiped).
@@ -918,7 +950,10 @@ impl AggregationClient for SecAggClient {
     fn prepare(&mut self, global: &confide_algorithms::Parameters) {
         // The noise does not depend on the data: draw it before training.
         let Some(template) = &self.job.distributed_dp else { return };
-        let Ok(noisy) = NoisyUpdate::new(template, &self.job.job_id, 0, global) else { return };
+        let adaptive = self.job.adaptive_clip.as_ref();
+        let Ok(noisy) = NoisyUpdate::with_clip(template, adaptive, template.clip, &self.job.job_id, 0, global) else {
+            return;
+        };
         self.noise.retain(|n| n.len() == noisy.words());
         if self.noise.is_empty() {
             for _ in 0..self.job.noise_rounds_ahead.max(1) {
@@ -999,6 +1034,24 @@ impl AggregationClient for SecAggClient {
 }
 
 impl SecAggClient {
+    /// Distributed DP: the round's clip. Fixed by the spec, or under adaptive
+    /// clipping the coordinator's (ε does not depend on it: the noise scales
+    /// with the clip), within 2^±20 of the spec's first clip.
+    fn round_clip(&self, template: &confide_dp::ddg::DdgConfig, round_message: &[u8]) -> Result<f64, Error> {
+        if self.job.adaptive_clip.is_none() {
+            return Ok(template.clip);
+        }
+        let rc: wire::RoundConfig = Envelope::body(round_message.to_vec()).decode("coordinator", "round config")?;
+        let (low, high) = (template.clip / 1_048_576.0, template.clip * 1_048_576.0);
+        if !(rc.dp_clip.is_finite() && rc.dp_clip >= low && rc.dp_clip <= high) {
+            return Err(coordinator_fault(format!(
+                "sent an adaptive clip of {} (the spec's first clip is {}; at most 2^20 times either way)",
+                rc.dp_clip, template.clip
+            )));
+        }
+        Ok(rc.dp_clip)
+    }
+
     /// The round the coordinator's `round_message` starts, as this party
     /// derives it from the spec it accepted: `dim` words summing `subject`.
     fn derive_round(
@@ -1186,6 +1239,7 @@ mod tests {
             max_values: 1000,
             distributed_dp: None,
             noise_rounds_ahead: 1,
+            adaptive_clip: None,
         }
     }
 
@@ -1544,6 +1598,66 @@ mod tests {
             let honest_share = honest as f64 * (f64::from(m.mechanism().local_sigma()) / m.mechanism().scale()).powi(2);
             assert!(honest_share >= (z * 1.0f64).powi(2) * (1.0 - 1e-9), "{honest_share}");
         }
+    }
+
+    /// Adaptive clipping: updates of norm 0.1 all fit a first clip of 1, so
+    /// the noisy count says so and the clip shrinks by e^{−η(1−γ)} a round
+    /// towards the median norm; a party refuses a clip far off the spec's.
+    #[test]
+    fn adaptive_clipping_moves_the_clip_towards_the_target_quantile() {
+        let adaptive = confide_dp::ddg::AdaptiveClip { target_quantile: 0.5, learning_rate: 0.5, count_stddev: 0.01 };
+        let job = JobFacts { adaptive_clip: Some(adaptive), ..noisy_facts(3, 3, 1e-3) };
+        let names = names(3);
+        let (global, fit) = (model(|_| 0.0), fit());
+        let table = toml::Table::new();
+        let mut coordinator = server(&table, &job);
+        let mut clients: Vec<_> = names.iter().map(|p| SecAggPlus.client(&table, &job, identity(p)).unwrap()).collect();
+        let small = 0.1 / 4000f32.sqrt();
+        let mut clips = Vec::new();
+        for round in 1..=3 {
+            let info = RoundInfo { round, parties: &names, global: &global, fit: Some(&fit) };
+            let rm = coordinator.begin_round(&info).unwrap();
+            let rc: wire::RoundConfig = prost::Message::decode(rm.as_slice()).unwrap();
+            clips.push(rc.dp_clip);
+            for (i, c) in clients.iter_mut().enumerate() {
+                let update = LocalUpdate {
+                    global: &global,
+                    fit: &fit,
+                    local: model(|_| small),
+                    num_examples: 1,
+                    train_loss: None,
+                };
+                let m = c.contribute(round, &rm, update).unwrap();
+                coordinator.on_message(Peer { name: &names[i], certificate: &[] }, m).unwrap();
+            }
+            let Aggregate::WeightedSum { weighted_delta_sum, .. } =
+                drive(coordinator.as_mut(), &mut clients, round, &[]).unwrap()
+            else {
+                panic!("a sum")
+            };
+            // The updates themselves pass whole (the count is not in them).
+            assert_eq!(weighted_delta_sum.len(), 4003);
+            // (Noise 10^-3 a value: their mean is within 10^-4 of 3 × 0.1/√4000.)
+            let mean = weighted_delta_sum[3..].iter().sum::<f64>() / 4000.0;
+            assert!((mean - 3.0 * f64::from(small)).abs() < 1e-4, "{mean}");
+        }
+        assert_eq!(clips[0], 1.0);
+        for w in clips.windows(2) {
+            assert!((w[1] / w[0] - (-0.25f64).exp()).abs() < 0.01, "{clips:?}");
+        }
+        // A coordinator that sends an absurd clip is refused and named.
+        let mut coordinator = server(&table, &job);
+        let info = RoundInfo { round: 9, parties: &names, global: &global, fit: Some(&fit) };
+        let rm = coordinator.begin_round(&info).unwrap();
+        let mut rc: wire::RoundConfig = prost::Message::decode(rm.as_slice()).unwrap();
+        rc.dp_clip = 1e9;
+        let update =
+            LocalUpdate { global: &global, fit: &fit, local: model(|_| small), num_examples: 1, train_loss: None };
+        let err = clients[0].contribute(9, &prost::Message::encode_to_vec(&rc), update).unwrap_err();
+        assert!(
+            matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("clip")),
+            "{err}"
+        );
     }
 
     /// A coordinator that starts a round with other DP parameters than the

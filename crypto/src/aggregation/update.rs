@@ -15,7 +15,7 @@
 
 use confide_algorithms::Parameters;
 use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD};
-use confide_dp::ddg::{Ddg, DdgConfig, DdgNoise, MAX_PADDED_DIM};
+use confide_dp::ddg::{AdaptiveClip, Ddg, DdgConfig, DdgNoise, MAX_PADDED_DIM};
 
 use crate::Error;
 use crate::secagg::encoding::FixedPoint;
@@ -132,6 +132,9 @@ pub struct NoisyUpdate {
     rotation: [u8; 32],
     /// Per tensor of the model: its length and whether it is in the vector.
     layout: Vec<(usize, bool)>,
+    /// Adaptive clipping: the round's clip C and the weight κ of the
+    /// appended count coordinate (b − ½)·κ.
+    count: Option<(f64, f64)>,
 }
 
 impl std::fmt::Debug for NoisyUpdate {
@@ -146,25 +149,49 @@ fn frozen(name: &str) -> bool {
 
 impl NoisyUpdate {
     /// The mechanism of `template` (from the spec) for round `round` of job
-    /// `job_id`, training from `global`.
+    /// `job_id`, training from `global`, with a fixed clip.
     pub fn new(template: &DdgConfig, job_id: &str, round: u32, global: &Parameters) -> Result<Self, Error> {
+        Self::with_clip(template, None, template.clip, job_id, round, global)
+    }
+
+    /// [`NoisyUpdate::new`] with this round's `clip` and, under adaptive
+    /// clipping, the count of unclipped updates appended (the mechanism then
+    /// clips at the joint norm C').
+    pub fn with_clip(
+        template: &DdgConfig,
+        adaptive: Option<&AdaptiveClip>,
+        clip: f64,
+        job_id: &str,
+        round: u32,
+        global: &Parameters,
+    ) -> Result<Self, Error> {
         let layout: Vec<(usize, bool)> = global.tensors().iter().map(|t| (t.data.len(), !frozen(&t.name))).collect();
-        let dim: usize = layout.iter().filter(|(_, on)| *on).map(|(n, _)| n).sum();
+        let trained: usize = layout.iter().filter(|(_, on)| *on).map(|(n, _)| n).sum();
+        let (dim, joint_clip, count) = match adaptive {
+            None => (trained, clip, None),
+            Some(a) => {
+                let (joint, kappa) = a
+                    .joint(clip, template.noise_multiplier)
+                    .ok_or_else(|| Error::InvalidInput(format!("adaptive clipping: no joint clip for clip {clip}")))?;
+                (trained + 1, joint, Some((clip, kappa)))
+            }
+        };
         // The noise is accounted for models up to the template's size.
         let most = template.dim.min(MAX_PADDED_DIM);
-        if dim == 0 || dim > most {
+        if trained == 0 || dim > most {
             return Err(Error::InvalidInput(format!(
-                "the model has {dim} trained values; the job's distributed DP is accounted for 1 to {most} \
+                "the model has {trained} trained values ({dim} with adaptive clipping's count); the job's \
+                 distributed DP is accounted for 1 to {most} \
                  (dp.max_model_values)"
             )));
         }
-        let ddg = Ddg::new(DdgConfig { dim, ..*template })
+        let ddg = Ddg::new(DdgConfig { dim, clip: joint_clip, ..*template })
             .map_err(|e| Error::InvalidInput(format!("distributed DP: {e}")))?;
         let mut h = blake3::Hasher::new_derive_key("confide ddg rotation v1");
         h.update(&(job_id.len() as u64).to_le_bytes());
         h.update(job_id.as_bytes());
         h.update(&round.to_le_bytes());
-        Ok(NoisyUpdate { ddg, rotation: *h.finalize().as_bytes(), layout })
+        Ok(NoisyUpdate { ddg, rotation: *h.finalize().as_bytes(), layout, count })
     }
 
     /// Words per encoded update: the rotated length (a power of two).
@@ -214,6 +241,17 @@ impl NoisyUpdate {
             local.check_finite().map_err(bad)?;
             return Err(bad("the update overflows".into()));
         }
+        if let Some((clip, kappa)) = self.count {
+            // Adaptive clipping: clip to C here (a hair inside, against f32
+            // rounding), and append whether the update fitted.
+            let norm = delta.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+            let fits = norm <= clip;
+            if !fits {
+                let f = (clip * (1.0 - 1e-6) / norm) as f32;
+                delta.iter_mut().for_each(|v| *v *= f);
+            }
+            delta.push(((f64::from(u8::from(fits)) - 0.5) * kappa) as f32);
+        }
         let dp = |e: confide_dp::Error| Error::InvalidInput(format!("distributed DP: {e}"));
         // The rounding's coins: a CSPRNG from the OS, like the noise.
         let mut rng = confide_dp::sampler::os_seeded_rng().map_err(dp)?;
@@ -223,8 +261,18 @@ impl NoisyUpdate {
     /// The modular sum of the contributors' words → Σ clip(Δᵢ) + noise per
     /// model value (0 for the frozen tensors).
     pub fn decode(&self, sum: &[u32]) -> Result<Vec<f64>, Error> {
-        let trained =
+        self.decode_with_count(sum, 0).map(|(values, _)| values)
+    }
+
+    /// [`NoisyUpdate::decode`] and, under adaptive clipping, the noisy count
+    /// of the `contributors`' updates that fitted within the clip.
+    pub fn decode_with_count(&self, sum: &[u32], contributors: usize) -> Result<(Vec<f64>, Option<f64>), Error> {
+        let mut trained =
             self.ddg.decode(sum, &self.rotation).map_err(|e| Error::InvalidInput(format!("distributed DP: {e}")))?;
+        let count = match self.count {
+            Some((_, kappa)) => trained.pop().map(|c| c / kappa + contributors as f64 / 2.0),
+            None => None,
+        };
         let mut out = Vec::with_capacity(self.layout.iter().map(|(n, _)| n).sum());
         let mut at = 0;
         for &(n, on) in &self.layout {
@@ -235,7 +283,12 @@ impl NoisyUpdate {
                 out.extend(std::iter::repeat_n(0.0, n));
             }
         }
-        Ok(out)
+        Ok((out, count))
+    }
+
+    /// The round's clip C (of the update, before the count coordinate).
+    pub fn clip(&self) -> f64 {
+        self.count.map_or(self.ddg.config().clip, |(c, _)| c)
     }
 }
 
