@@ -39,6 +39,18 @@ impl ProtocolDriver {
         Ok(ProtocolDriver { server, name: name.clone(), reveals })
     }
 
+    /// What the protocol's server carries between rounds (checkpointed).
+    pub(crate) fn state(&self) -> Result<confide_algorithms::State, String> {
+        guarded(&self.who(), "state", || self.server.state())
+    }
+
+    /// Restores [`ProtocolDriver::state`] from a checkpoint.
+    pub(crate) fn restore(&mut self, state: &confide_algorithms::State) -> Result<(), String> {
+        let who = self.who();
+        guarded(&who, "restore", || self.server.restore(state))?
+            .map_err(|e| format!("aggregation.{}: restoring from the checkpoint: {e}", self.name))
+    }
+
     /// The protocol's name.
     pub(crate) fn name(&self) -> &str {
         &self.name

@@ -56,13 +56,14 @@ impl Training {
     pub fn new(setup: &Setup<'_>) -> Result<Self, String> {
         let spec = setup.spec;
         let mut strategy = GuardedStrategy::new(setup.plugins.build_strategy(spec)?)?;
-        let protocol = ProtocolDriver::new(setup)?;
+        let mut protocol = ProtocolDriver::new(setup)?;
         let mut privacy = spec.dp.as_ref().map(|_| empty_accountant());
         let (global, resume) = match setup.start {
             Start::Fresh { model } => (model.clone().map(Arc::new), None),
             Start::Resume { round, model, state, .. } => {
                 let model = model.clone().ok_or("the checkpoint to resume from has no model")?;
                 strategy.call("restore", |s| s.restore(&state.section("strategy")))?;
+                protocol.restore(&state.section("aggregation"))?;
                 if privacy.is_some() {
                     let saved = state.section("privacy");
                     let (orders, rdp) = (saved.get("orders"), saved.get("rdp"));
@@ -192,6 +193,13 @@ impl Training {
             Ok(s) => {
                 let mut state = State::new();
                 state.insert_section("strategy", s);
+                match self.protocol.state() {
+                    Ok(p) => state.insert_section("aggregation", p),
+                    Err(e) => {
+                        self.fail(cx, e);
+                        return State::new();
+                    }
+                }
                 if let Some(acc) = &self.privacy {
                     let mut saved = State::new();
                     saved.insert("orders", acc.orders().to_vec());

@@ -410,6 +410,19 @@ pub trait AggregationServer: Send {
     fn begin_sum(&mut self, _round: &SumRound<'_>) -> Result<Vec<u8>, Error> {
         Err(Error::InvalidInput("this protocol does not sum statistics".into()))
     }
+
+    /// What the server carries from round to round (an adaptive clip),
+    /// saved with each checkpoint so that a resumed job goes on from it.
+    /// Nothing by default.
+    fn state(&self) -> confide_algorithms::State {
+        confide_algorithms::State::new()
+    }
+
+    /// Restores [`AggregationServer::state`] from a checkpoint, before a
+    /// resumed job's first round.
+    fn restore(&mut self, _state: &confide_algorithms::State) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// A party's update after local training.

@@ -883,6 +883,29 @@ impl AggregationServer for SecAggServer {
         }
         Ok(progress)
     }
+
+    fn state(&self) -> confide_algorithms::State {
+        let mut state = confide_algorithms::State::new();
+        if self.job.adaptive_clip.is_some() {
+            state.insert("dp_clip", vec![self.dp_clip]);
+        }
+        state
+    }
+
+    fn restore(&mut self, state: &confide_algorithms::State) -> Result<(), Error> {
+        if self.job.adaptive_clip.is_none() {
+            return Ok(());
+        }
+        match state.get("dp_clip") {
+            Some(&[clip]) if clip.is_finite() && clip > 0.0 => {
+                self.dp_clip = clip;
+                Ok(())
+            }
+            other => {
+                Err(Error::InvalidInput(format!("the checkpoint's adaptive clip is {other:?}, not a positive number")))
+            }
+        }
+    }
 }
 
 struct ClientRound {
@@ -1645,6 +1668,17 @@ mod tests {
         for w in clips.windows(2) {
             assert!((w[1] / w[0] - (-0.25f64).exp()).abs() < 0.01, "{clips:?}");
         }
+        // The clip is checkpointed: a coordinator restored from the state
+        // starts the next round where this one would.
+        let saved = coordinator.state();
+        let mut resumed = server(&table, &job);
+        resumed.restore(&saved).unwrap();
+        let info = RoundInfo { round: 4, parties: &names, global: &global, fit: Some(&fit) };
+        let (a, b) = (coordinator.begin_round(&info).unwrap(), resumed.begin_round(&info).unwrap());
+        assert_eq!(a, b);
+        let rc: wire::RoundConfig = prost::Message::decode(a.as_slice()).unwrap();
+        assert!(rc.dp_clip < clips[2] * 0.8, "{} after {clips:?}", rc.dp_clip);
+        assert!(resumed.restore(&confide_algorithms::State::new()).is_err());
         // A coordinator that sends an absurd clip is refused and named.
         let mut coordinator = server(&table, &job);
         let info = RoundInfo { round: 9, parties: &names, global: &global, fit: Some(&fit) };
