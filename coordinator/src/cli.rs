@@ -594,7 +594,7 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
                         dp.clip, a.target_quantile, a.learning_rate, a.count_stddev
                     )),
                 ),
-                "each party (its whole data set added or removed), so each record too",
+                "each party (its whole data set added or removed)",
             )
         }
         DpLevel::Party => (
@@ -604,10 +604,17 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
                  policy.accept_central_dp (the coordinator is trusted with the noise)",
                 dp.clip, dp.noise_multiplier
             ),
-            "each party (its whole data set added or removed), so each record too",
+            "each party (its whole data set added or removed)",
         ),
     };
-    vec![
+    let record = (dp.level == DpLevel::Party).then(|| {
+        format!(
+            "dp: per record, ε = {:.4}: what each hospital's ledger charges (a changed record moves its party's \
+             clipped update by up to twice the clip)",
+            dp.record_epsilon(&spec.training, spec.rounds)
+        )
+    });
+    let mut lines = vec![
         what,
         format!(
             "dp: ε = {eps:.4} at δ = {:e} for {whom} over the whole job (RDP accountant; the discrete Gaussian's own \
@@ -626,7 +633,9 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
         "dp: parties send only their noisy updates (weight 1 each): no feature statistics, evaluation metrics, loss, \
          example count or timing; the job runs no federated evaluation"
             .into(),
-    ]
+    ];
+    lines.extend(record);
+    lines
 }
 
 async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {

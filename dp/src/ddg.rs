@@ -94,12 +94,23 @@ impl AdaptiveClip {
         Some((joint, z * joint / self.count_stddev))
     }
 
+    /// How far (a factor either way) a clip may move from the first one:
+    /// parties refuse a round clip beyond it, and the coordinator never
+    /// moves it there.
+    pub const RANGE: f64 = 1_048_576.0;
+
+    /// Whether `clip` is within [`AdaptiveClip::RANGE`] of `first`.
+    pub fn in_range(first: f64, clip: f64) -> bool {
+        clip.is_finite() && clip >= first / Self::RANGE && clip <= first * Self::RANGE
+    }
+
     /// The next round's clip, from this round's noisy count of unclipped
-    /// updates among `contributors`.
-    pub fn next_clip(&self, clip: f64, unclipped: f64, contributors: usize) -> f64 {
+    /// updates among `contributors`, kept within range of `first`.
+    pub fn next_clip(&self, first: f64, clip: f64, unclipped: f64, contributors: usize) -> f64 {
         let fraction = if contributors == 0 { self.target_quantile } else { unclipped / contributors as f64 };
         let fraction = if fraction.is_finite() { fraction.clamp(0.0, 1.0) } else { self.target_quantile };
-        clip * (-self.learning_rate * (fraction - self.target_quantile)).exp()
+        let next = clip * (-self.learning_rate * (fraction - self.target_quantile)).exp();
+        next.clamp(first / Self::RANGE, first * Self::RANGE)
     }
 }
 
@@ -175,7 +186,7 @@ impl Ddg {
     pub fn sample_noise(&self) -> Result<DdgNoise, Error> {
         let mut noise = Zeroizing::new(vec![0i64; self.padded]);
         self.noise.fill(&mut noise)?;
-        Ok(DdgNoise(noise))
+        Ok(DdgNoise(noise, self.local_sigma))
     }
 
     /// Rotates, clips, scales and rounds `x` (length d): the integer vector
@@ -268,6 +279,14 @@ impl Ddg {
     ) -> Result<Vec<u32>, Error> {
         if noise.0.len() != self.padded {
             return Err(Error::InvalidInput(format!("{} noise values for {} coordinates", noise.0.len(), self.padded)));
+        }
+        // Noise drawn at another σ (another mechanism) would change the
+        // guarantee. (Zero noise is for this module's tests only.)
+        if noise.1 != self.local_sigma && !(cfg!(test) && noise.1 == 0) {
+            return Err(Error::InvalidInput(format!(
+                "noise drawn at σ = {}; this mechanism's is {}",
+                noise.1, self.local_sigma
+            )));
         }
         let v = self.rotated(x, rotation_seed)?;
         // Each rounded value goes straight into its word with the noise:
@@ -422,12 +441,17 @@ pub fn events_up_to(cfg: &DdgConfig, max_dim: usize) -> Result<Vec<crate::rdp::D
 
 /// One party's noise for one round: drawn by [`Ddg::sample_noise`], used
 /// once by [`Ddg::encode`] (which takes it by value), wiped when dropped.
-pub struct DdgNoise(Zeroizing<Vec<i64>>);
+pub struct DdgNoise(Zeroizing<Vec<i64>>, u32);
 
 impl DdgNoise {
     /// Its length (the rotated dimension it was drawn for).
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// The σ it was drawn at, in lattice units.
+    pub fn sigma(&self) -> u32 {
+        self.1
     }
 
     /// Whether it is empty (never, for a drawn one).
@@ -438,7 +462,7 @@ impl DdgNoise {
     /// No noise, for tests of the encoding alone.
     #[cfg(test)]
     fn zero(len: usize) -> DdgNoise {
-        DdgNoise(Zeroizing::new(vec![0; len]))
+        DdgNoise(Zeroizing::new(vec![0; len]), 0)
     }
 }
 
@@ -770,6 +794,24 @@ mod tests {
         }
         assert!(events_up_to(&cfg, MAX_PADDED_DIM + 1).is_err());
         assert!(events_up_to(&cfg, 0).is_err());
+    }
+
+    /// The mechanism in lattice units does not depend on the clip: the
+    /// scale follows it, so σ and the accountant's event are the same at
+    /// every clip (adaptive clipping relies on it).
+    #[test]
+    fn the_mechanism_does_not_depend_on_the_clip() {
+        for bits in [16u32, 32] {
+            let base = Ddg::new(config(5000, 10, bits)).expect("params");
+            for clip in [1.0 / 1_048_576.0, 1e-3, 0.37, 1e3, 1_048_576.0] {
+                let other = Ddg::new(DdgConfig { clip, ..config(5000, 10, bits) }).expect("params");
+                assert_eq!(other.local_sigma(), base.local_sigma(), "bits {bits}, clip {clip}");
+                for a in [2.0, 16.0, 128.0] {
+                    let (x, y) = (other.event().rdp(a), base.event().rdp(a));
+                    assert!((x - y).abs() <= 1e-9 * y, "bits {bits}, clip {clip}, order {a}: {x} vs {y}");
+                }
+            }
+        }
     }
 
     #[test]

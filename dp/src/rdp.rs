@@ -122,6 +122,23 @@ impl DpEvent {
         }
     }
 
+    /// The same release for neighbours twice as far apart (e.g. one record
+    /// changed inside a party whose whole clipped update is the unit).
+    pub fn at_double_sensitivity(self) -> DpEvent {
+        match self {
+            DpEvent::Gaussian { noise_multiplier } => DpEvent::Gaussian { noise_multiplier: noise_multiplier / 2.0 },
+            DpEvent::PoissonSampledGaussian { sampling_rate, noise_multiplier } => {
+                DpEvent::PoissonSampledGaussian { sampling_rate, noise_multiplier: noise_multiplier / 2.0 }
+            }
+            DpEvent::PoissonSampledDiscreteGaussian { sampling_rate, noise_multiplier } => {
+                DpEvent::PoissonSampledDiscreteGaussian { sampling_rate, noise_multiplier: noise_multiplier / 2.0 }
+            }
+            DpEvent::DistributedDiscreteGaussian { l1_scale, l2_scale, tau, dim } => {
+                DpEvent::DistributedDiscreteGaussian { l1_scale: 2.0 * l1_scale, l2_scale: 2.0 * l2_scale, tau, dim }
+            }
+        }
+    }
+
     /// The event's RDP at order `alpha` > 1 (∞ without noise).
     pub fn rdp(&self, alpha: f64) -> f64 {
         match *self {

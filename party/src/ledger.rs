@@ -117,7 +117,8 @@ mod finite_or_inf {
 /// What a job would cost a data set, from its spec alone.
 pub fn job_cost(spec: &JobSpec) -> (f64, f64) {
     match &spec.dp {
-        Some(dp) => (dp.epsilon(&spec.training, spec.rounds), dp.delta),
+        // Per record: at party level, more than the party-level ε the job states.
+        Some(dp) => (dp.record_epsilon(&spec.training, spec.rounds), dp.delta),
         None => (f64::INFINITY, 0.0),
     }
 }
@@ -272,7 +273,7 @@ impl Ledger {
                 return Err(format!("job {job_id} has no DP cost to extend its reservation with"));
             };
             let rounds = charge.rounds_started + 1;
-            let epsilon = dp.epsilon(training, rounds);
+            let epsilon = dp.record_epsilon(training, rounds);
             if let Some(max) = guard.max_epsilon
                 && others + epsilon > max * (1.0 + 1e-12)
             {

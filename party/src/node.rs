@@ -353,6 +353,8 @@ impl PartyNode {
         let noise_rounds_ahead = cfg.training.dp_noise_rounds_ahead;
         let (job_id, party, dataset) = (offer.job_id.clone(), me.to_owned(), offer.dataset.clone());
         let spec_has_dp = spec.dp.is_some();
+        let fit_answer_after =
+            spec.dp.as_ref().and_then(|d| d.answer_fit_after_secs).map(|s| (s * 1000.0).ceil() as u64);
         let spec = Arc::new(spec);
         let idle_after = spec.timeouts.round_secs * 2000;
         let handler = tokio::task::spawn_blocking(move || {
@@ -386,7 +388,7 @@ impl PartyNode {
                 return Err("could not set up the job on its data set (the reason is in this party's log)".into());
             }
         };
-        Ok(PartySession::new(&offer.job_id, handler, idle_after))
+        Ok(PartySession::new(&offer.job_id, handler, idle_after).with_fit_answer_after(fit_answer_after))
     }
 }
 

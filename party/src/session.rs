@@ -120,6 +120,12 @@ pub struct PartySession {
     idle_deadline: Option<Millis>,
     closed: bool,
     out: VecDeque<PartyOutput>,
+    /// Fit answers are held until this long after their task arrived (a
+    /// DP job's `answer_fit_after_secs`), so that how long training took
+    /// does not show.
+    fit_answer_after: Option<Millis>,
+    /// Answers held, with when they go out.
+    held: Vec<(Millis, PartyOutput)>,
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -142,7 +148,15 @@ impl PartySession {
             idle_deadline: None,
             closed: false,
             out: VecDeque::new(),
+            fit_answer_after: None,
+            held: Vec::new(),
         }
+    }
+
+    /// Holds each fit answer until `after` ms from its task's arrival.
+    pub fn with_fit_answer_after(mut self, after: Option<Millis>) -> Self {
+        self.fit_answer_after = after;
+        self
     }
 
     /// The next queued output.
@@ -152,7 +166,7 @@ impl PartySession {
 
     /// When the session next needs a [`PartyInput::Tick`].
     pub fn next_deadline(&self) -> Option<Millis> {
-        self.idle_deadline
+        self.held.iter().map(|(t, _)| *t).chain(self.idle_deadline).min()
     }
 
     /// Whether the job has closed.
@@ -165,10 +179,16 @@ impl PartySession {
         if self.closed {
             return;
         }
+        // Held answers that are due go out, in the order they were made.
+        while let Some(i) = self.held.iter().position(|(t, _)| *t <= now) {
+            let (_, out) = self.held.remove(i);
+            self.out.push_back(out);
+        }
         match input {
             PartyInput::Task(task) => self.on_task(now, task),
             PartyInput::Closed { reason } => {
                 self.handler.abandon();
+                self.held.clear();
                 self.closed = true;
                 self.idle_deadline = None;
                 if !reason.is_empty() {
@@ -232,7 +252,14 @@ impl PartySession {
         let (job_id, round) = (task.job_id.clone(), task.round);
         let handler = &mut self.handler;
         match catch_unwind(AssertUnwindSafe(|| handler.on_task(task))) {
-            Ok(Ok(body)) => self.out.push_back(PartyOutput::Result(TaskResult { job_id, round, task_id, body })),
+            Ok(Ok(body)) => {
+                let hold = matches!(body, ResultBody::Fit { .. }).then_some(self.fit_answer_after).flatten();
+                let out = PartyOutput::Result(TaskResult { job_id, round, task_id, body });
+                match hold {
+                    Some(after) => self.held.push((now + after, out)),
+                    None => self.out.push_back(out),
+                }
+            }
             Ok(Err(TaskError::Refused(reason))) => refuse(&mut self.out, reason),
             Ok(Err(TaskError::CoordinatorFault(why))) => {
                 let reason = format!("coordinator fault: {why}");
@@ -275,6 +302,9 @@ mod tests {
                 return Err(TaskError::CoordinatorFault("left this party out of the survivors".into()));
             }
             self.open = stage != "secagg-unmask";
+            if stage == "fit" {
+                return Ok(ResultBody::Fit { metrics: Default::default(), contribution: Envelope::default() });
+            }
             Ok(ResultBody::Aggregation { stage, message: Envelope::default() })
         }
         fn round_open(&self) -> bool {
@@ -315,6 +345,27 @@ mod tests {
             let [PartyOutput::Failed { reason, .. }] = &out[..] else { panic!("{out:?}") };
             assert!(reason.starts_with("coordinator fault") && reason.contains(why), "{reason}");
         }
+    }
+
+    /// A DP job's fit answers wait until the floor after their task
+    /// arrived (on the session's clock), whatever training took; other
+    /// answers go at once; a held answer dies with the job.
+    #[test]
+    fn fit_answers_are_held_until_the_floor_and_other_answers_are_not() {
+        let mut s = session(None).with_fit_answer_after(Some(5_000));
+        s.handle(1_000, step("j", 1, 1, "fit"));
+        assert!(outputs(&mut s).is_empty());
+        assert_eq!(s.next_deadline(), Some(6_000));
+        s.handle(5_999, PartyInput::Tick);
+        assert!(outputs(&mut s).is_empty());
+        s.handle(6_000, PartyInput::Tick);
+        assert!(matches!(outputs(&mut s)[..], [PartyOutput::Result(_)]));
+        s.handle(6_100, step("j", 1, 2, "secagg-shares"));
+        assert!(matches!(outputs(&mut s)[..], [PartyOutput::Result(_)]));
+        s.handle(7_000, step("j", 2, 3, "fit"));
+        s.handle(7_001, PartyInput::Closed { reason: String::new() });
+        s.handle(20_000, PartyInput::Tick);
+        assert!(outputs(&mut s).iter().all(|o| !matches!(o, PartyOutput::Result(_))));
     }
 
     #[test]

@@ -212,9 +212,8 @@ impl JobHandler for TrainingHandler {
     }
 
     fn idle_work(&mut self) {
-        if self.open.is_some() {
-            self.aggregation.precompute();
-        }
+        // Also after a round: distributed DP draws the next round's noise then.
+        self.aggregation.precompute();
     }
 }
 

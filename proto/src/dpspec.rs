@@ -75,6 +75,11 @@ pub struct RawDp {
     /// counts (default max(parties / 20, noise_multiplier); above z/2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_count_stddev: Option<f64>,
+    /// Each party answers a fit task no sooner than this many seconds after
+    /// it arrived, so that how long its training took (a hint of its data
+    /// set's size) does not show unless training takes longer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_fit_after_secs: Option<f64>,
     /// `rdp` (default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accountant: Option<String>,
@@ -167,6 +172,8 @@ pub struct DpSpec {
     pub max_model_values: Option<usize>,
     /// Adaptive clipping (distributed noise): `clip` is the first round's.
     pub adaptive: Option<AdaptiveClip>,
+    /// The floor on a fit answer's time, in seconds (see [`RawDp`]).
+    pub answer_fit_after_secs: Option<f64>,
 }
 
 impl DpSpec {
@@ -220,9 +227,27 @@ impl DpSpec {
         release_events(self.level, self.sampling_rate, self.clip, self.distributed, self.model_values_bound(), z)
     }
 
-    /// The ε `rounds` rounds cost each party's data set, at this δ.
+    /// The ε `rounds` rounds cost each party's data set, at this δ: for
+    /// each record (example level) or for each party's whole data set
+    /// (party level), as the level states.
     pub fn epsilon(&self, training: &TrainConfig, rounds: u32) -> f64 {
         epsilon_of(self.accountant(training, rounds), self.delta)
+    }
+
+    /// The ε `rounds` rounds cost each *record*, what a hospital's ledger
+    /// charges. At party level a record changed (or added, or removed)
+    /// moves its party's clipped update anywhere in the clip ball, so by up
+    /// to twice the clip while the party stays in the sum: the same releases
+    /// at twice the sensitivity (adding or removing the whole party moves it
+    /// by the clip at most, which is what [`DpSpec::epsilon`] states).
+    pub fn record_epsilon(&self, training: &TrainConfig, rounds: u32) -> f64 {
+        if self.level == DpLevel::Example {
+            return self.epsilon(training, rounds);
+        }
+        let events = self
+            .release_events(self.noise_multiplier)
+            .map(|e| e.into_iter().map(DpEvent::at_double_sensitivity).collect());
+        steps_epsilon(events, self.steps_per_round(training).saturating_mul(u64::from(rounds)), self.delta)
     }
 
     /// The standardisation the public ranges give: each feature's range
@@ -250,6 +275,7 @@ impl DpSpec {
             adaptive_clip_quantile: self.adaptive.map(|a| a.target_quantile),
             adaptive_clip_rate: self.adaptive.map(|a| a.learning_rate),
             clip_count_stddev: self.adaptive.map(|a| a.count_stddev),
+            answer_fit_after_secs: self.answer_fit_after_secs,
             feature_ranges: self.feature_ranges.clone(),
         }
     }
@@ -435,6 +461,11 @@ impl RawDp {
                 err(&format!("feature_ranges[{i}]"), format!("[{lo}, {hi}] is not a finite range with low < high"));
             }
         }
+        if let Some(t) = self.answer_fit_after_secs
+            && !(t.is_finite() && t > 0.0 && t <= 86_400.0)
+        {
+            err("answer_fit_after_secs", format!("must be in (0, 86400] seconds (got {t})"));
+        }
         let max_values = match self.max_model_values {
             Some(m) if distributed.is_none() || level != DpLevel::Party => {
                 err("max_model_values", format!("only applies to party-level DP under a protocol that sums (got {m})"));
@@ -528,6 +559,7 @@ impl RawDp {
             distributed: distributed.filter(|_| level == DpLevel::Party),
             max_model_values: self.max_model_values.map(|m| m as usize),
             adaptive,
+            answer_fit_after_secs: self.answer_fit_after_secs,
         })
     }
 }

@@ -871,6 +871,17 @@ impl RawJobSpec {
                         "parties.names",
                         "distributed DP calibrates each party's noise for the parties of the job: name them".into(),
                     ),
+                    Some(carrier) if names.len() > carrier.max_parties => err(
+                        "parties.names",
+                        format!(
+                            "distributed DP under {:?} is for up to {} parties: larger rounds use sparse graphs, where \
+                             secure aggregation proves only that an unmasked input is summed with one other honest \
+                             input, not the parties.min less corrupt ones the noise is calibrated for ({} named)",
+                            aggregation.protocol,
+                            carrier.max_parties,
+                            names.len()
+                        ),
+                    ),
                     Some(carrier) => {
                         let honest = min.saturating_sub(carrier.corrupt_parties);
                         if honest == 0 {
@@ -894,6 +905,17 @@ impl RawJobSpec {
             }
             match raw.validate(&self.training, self.rounds, distributed) {
                 Ok(d) => {
+                    if let Some(t) = d.answer_fit_after_secs
+                        && t >= self.timeouts.round_secs as f64
+                    {
+                        err(
+                            "dp.answer_fit_after_secs",
+                            format!(
+                                "{t} s would make every answer miss the round's deadline (timeouts.round_secs = {})",
+                                self.timeouts.round_secs
+                            ),
+                        );
+                    }
                     if d.level == crate::dpspec::DpLevel::Party
                         && strategy_ok
                         && self.strategy.typed().capabilities().is_some_and(|c| !c.weighted_sum)
@@ -1145,6 +1167,17 @@ mod aggregation_tests {
         assert_eq!(s.dp.unwrap().distributed.map(|d| d.honest_parties), Some(2));
         let unnamed = party.replace("names = [\"a\", \"b\", \"c\"]", "min = 3");
         assert_eq!(paths(&unnamed), ["parties.names"]);
+        // Past 20 parties secagg's rounds use sparse graphs, which do not
+        // guarantee the honest noise the calibration counts on.
+        let many: Vec<String> = (0..21).map(|i| format!("\"p{i}\"")).collect();
+        let many = party.replace("names = [\"a\", \"b\", \"c\"]", &format!("names = [{}]", many.join(", ")));
+        assert_eq!(paths(&many), ["parties.names"]);
+        // The fit answer's time floor: positive, and inside the round's deadline.
+        let floor = |t: &str| party.replace("[dp]", &format!("[dp]\nanswer_fit_after_secs = {t}"));
+        let s = JobSpec::parse(&floor("2.5"), "f", &Limits::default()).unwrap();
+        assert_eq!(s.dp.unwrap().answer_fit_after_secs, Some(2.5));
+        assert_eq!(paths(&floor("0.0")), ["dp.answer_fit_after_secs"]);
+        assert_eq!(paths(&format!("{}[timeouts]\nround_secs = 10\n", floor("20.0"))), ["dp.answer_fit_after_secs"]);
         let central = party.replace("protocol = \"secagg\"", "protocol = \"none\"");
         let s = JobSpec::parse(&central, "f", &Limits::default()).unwrap();
         assert_eq!(s.dp.as_ref().map(|d| d.level), Some(crate::dpspec::DpLevel::Party));

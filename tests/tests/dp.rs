@@ -32,6 +32,12 @@ fn cost(text: &str) -> f64 {
     spec.dp.as_ref().expect("dp").epsilon(&spec.training, spec.rounds)
 }
 
+/// What a hospital's ledger charges for the spec: ε per record.
+fn record_cost(text: &str) -> f64 {
+    let spec = JobSpec::parse(text, "dp.toml", &Limits::default()).expect("spec");
+    spec.dp.as_ref().expect("dp").record_epsilon(&spec.training, spec.rounds)
+}
+
 fn policy(max_epsilon: f64) -> String {
     format!("[policy]\naggregation = [\"none\", \"secagg\"]\nmax_epsilon = {max_epsilon}\n")
 }
@@ -142,7 +148,8 @@ fn epsilon_is_unchanged_across_a_coordinator_restart() {
 
 /// Central party-level DP (DP-FedAvg) under `protocol = "none"`: parties
 /// that opt in clip their updates, the coordinator adds the noise, the job
-/// reports the party-level ε its spec costs, and each ledger records it.
+/// reports the party-level ε its spec costs, and each ledger charges the
+/// per-record ε.
 #[test]
 fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
     let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
@@ -163,16 +170,20 @@ fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
     assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - total).abs() < 1e-9, "{st:#}");
     // No party sent a metric of its own.
     assert!(st["history"][0]["metrics"].get("train_loss").is_none(), "{st:#}");
+    // The ledgers charge the per-record ε, above the party-level one.
+    let per_record = record_cost(&text);
+    assert!(per_record > total * 1.5, "{per_record} vs {total}");
     for p in three() {
         let l = ledger(&fed, p);
-        assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(total), "{p}: {l:#}");
+        assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(per_record), "{p}: {l:#}");
     }
 }
 
 /// Distributed party-level DP under `secagg`: each party adds its share of
 /// the discrete Gaussian before masking, so no party needs to trust the
 /// coordinator with the noise (`accept_central_dp` is not set). The job
-/// reports the distributed mechanism's own ε, which each ledger records.
+/// reports the distributed mechanism's own ε; each ledger charges the
+/// per-record ε.
 /// The clip adapts (the count of unclipped updates rides in the same sum).
 #[test]
 fn a_distributed_party_level_dp_job_runs_under_secure_aggregation() {
@@ -184,7 +195,8 @@ fn a_distributed_party_level_dp_job_runs_under_secure_aggregation() {
     let text = dp_spec("secagg", 3, 4, 1.5)
         .replace(
             "[dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.05\n",
-            "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.5\nupdate_clip = 0.5\nadaptive_clip_quantile = 0.5\n",
+            "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.5\nupdate_clip = 0.5\nadaptive_clip_quantile = 0.5\n\
+             answer_fit_after_secs = 0.3\n",
         )
         .replace("learning_rate = 0.01", "learning_rate = 0.1");
     assert!(text.contains("level = \"party\""), "{text}");
@@ -196,8 +208,11 @@ fn a_distributed_party_level_dp_job_runs_under_secure_aggregation() {
     assert_eq!(st["privacy"]["dp"], "party");
     let total = cost(&text);
     assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - total).abs() < 1e-9, "{st:#}");
+    // The ledgers charge the per-record ε, above the party-level one.
+    let per_record = record_cost(&text);
+    assert!(per_record > total * 1.5, "{per_record} vs {total}");
     for p in three() {
         let l = ledger(&fed, p);
-        assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(total), "{p}: {l:#}");
+        assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(per_record), "{p}: {l:#}");
     }
 }

@@ -156,6 +156,10 @@ pub struct NoiseCarrier {
     pub bits: u32,
     /// The most corrupt parties in a round of the job's largest size.
     pub corrupt_parties: usize,
+    /// The most parties a job may have for the guarantee the noise is
+    /// calibrated on (every revealed sum holds all but the corrupt ones of
+    /// at least `parties.min` parties) to hold.
+    pub max_parties: usize,
 }
 
 /// A problem with a protocol's settings.

@@ -193,9 +193,11 @@ impl AggregationProtocol for SecAggPlus {
     fn noise_carrier(&self, settings: &toml::Table, job: &JobFacts) -> Option<super::NoiseCarrier> {
         let s = SecAggSettings::from_table(settings).ok()?;
         // At most ⌊γn⌋ of a round's n parties are corrupt, and n is at most
-        // the job's party bound.
-        let corrupt_parties = (s.corrupt_fraction * job.party_bound() as f64).floor() as usize;
-        Some(super::NoiseCarrier { bits: s.bits, corrupt_parties })
+        // the job's party bound. Only rounds on the complete graph reveal a
+        // single sum over at least parties.min survivors; with sparse
+        // graphs SecAgg+ proves far less (docs/secure-aggregation.md).
+        let corrupt_parties = params::corrupt_parties(job.party_bound(), &s.threat_model());
+        Some(super::NoiseCarrier { bits: s.bits, corrupt_parties, max_parties: params::COMPLETE_UP_TO })
     }
 
     fn explain(&self, settings: &toml::Table, job: &JobFacts) -> Vec<String> {
@@ -858,7 +860,8 @@ impl AggregationServer for SecAggServer {
                         // Adaptive clipping: the next round's clip, from the
                         // noisy count (post-processing of the release).
                         if let (Some(a), Some(count)) = (adaptive, unclipped) {
-                            next_clip = Some(a.next_clip(encoding.clip(), count, contributors.len()));
+                            let first = self.job.distributed_dp.map_or(encoding.clip(), |t| t.clip);
+                            next_clip = Some(a.next_clip(first, encoding.clip(), count, contributors.len()));
                         }
                         Aggregate::WeightedSum {
                             weighted_delta_sum,
@@ -897,7 +900,9 @@ impl AggregationServer for SecAggServer {
             return Ok(());
         }
         match state.get("dp_clip") {
-            Some(&[clip]) if clip.is_finite() && clip > 0.0 => {
+            Some(&[clip])
+                if self.job.distributed_dp.is_some_and(|t| confide_dp::ddg::AdaptiveClip::in_range(t.clip, clip)) =>
+            {
                 self.dp_clip = clip;
                 Ok(())
             }
@@ -953,7 +958,8 @@ impl AggregationClient for SecAggClient {
             let bound = Some(noisy.digest());
             let config = self.derive_round(round, round_message, noisy.words(), training, bound)?;
             // Noise drawn for another model size is of no use (and is wiped).
-            self.noise.retain(|n| n.len() == noisy.words());
+            let sigma = noisy.mechanism().local_sigma();
+            self.noise.retain(|n| n.len() == noisy.words() && n.sigma() == sigma);
             let noise = match self.noise.pop_front() {
                 Some(n) => n,
                 None => noisy.sample_noise()?,
@@ -977,9 +983,12 @@ impl AggregationClient for SecAggClient {
         let Ok(noisy) = NoisyUpdate::with_clip(template, adaptive, template.clip, &self.job.job_id, 0, global) else {
             return;
         };
-        self.noise.retain(|n| n.len() == noisy.words());
+        let sigma = noisy.mechanism().local_sigma();
+        self.noise.retain(|n| n.len() == noisy.words() && n.sigma() == sigma);
         if self.noise.is_empty() {
-            for _ in 0..self.job.noise_rounds_ahead.max(1) {
+            // At most 1 GiB of noise ahead, whatever the model's size.
+            let fits = ((1usize << 30) / (8 * noisy.words())).max(1);
+            for _ in 0..self.job.noise_rounds_ahead.clamp(1, fits) {
                 match noisy.sample_noise() {
                     Ok(n) => self.noise.push_back(n),
                     Err(_) => break,
@@ -1065,8 +1074,7 @@ impl SecAggClient {
             return Ok(template.clip);
         }
         let rc: wire::RoundConfig = Envelope::body(round_message.to_vec()).decode("coordinator", "round config")?;
-        let (low, high) = (template.clip / 1_048_576.0, template.clip * 1_048_576.0);
-        if !(rc.dp_clip.is_finite() && rc.dp_clip >= low && rc.dp_clip <= high) {
+        if !confide_dp::ddg::AdaptiveClip::in_range(template.clip, rc.dp_clip) {
             return Err(coordinator_fault(format!(
                 "sent an adaptive clip of {} (the spec's first clip is {}; at most 2^20 times either way)",
                 rc.dp_clip, template.clip
@@ -1679,6 +1687,22 @@ mod tests {
         let rc: wire::RoundConfig = prost::Message::decode(a.as_slice()).unwrap();
         assert!(rc.dp_clip < clips[2] * 0.8, "{} after {clips:?}", rc.dp_clip);
         assert!(resumed.restore(&confide_algorithms::State::new()).is_err());
+        // Split view of the clip: p0 is shown another (in-range) clip than
+        // the others; its keys bind it, so the coordinator's check drops it.
+        let info = RoundInfo { round: 10, parties: &names, global: &global, fit: Some(&fit) };
+        let rm = coordinator.begin_round(&info).unwrap();
+        let mut rc: wire::RoundConfig = prost::Message::decode(rm.as_slice()).unwrap();
+        // (With the round message's digest forged to match: otherwise p0
+        // itself refuses the round.)
+        rc.dp_clip *= 2.0;
+        let template = job.distributed_dp.unwrap();
+        let shown = NoisyUpdate::with_clip(&template, Some(&adaptive), rc.dp_clip, &job.job_id, 10, &global).unwrap();
+        rc.dp_digest = shown.digest().to_vec();
+        let update =
+            LocalUpdate { global: &global, fit: &fit, local: model(|_| small), num_examples: 1, train_loss: None };
+        let advert = clients[0].contribute(10, &prost::Message::encode_to_vec(&rc), update).unwrap();
+        let err = coordinator.on_message(Peer { name: "p0", certificate: &[] }, advert).unwrap_err();
+        assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p0"), "{err}");
         // A coordinator that sends an absurd clip is refused and named.
         let mut coordinator = server(&table, &job);
         let info = RoundInfo { round: 9, parties: &names, global: &global, fit: Some(&fit) };

@@ -231,25 +231,31 @@ impl NoisyUpdate {
     pub fn encode(&self, global: &Parameters, local: &Parameters, noise: DdgNoise) -> Result<Vec<u32>, Error> {
         let bad = |e: String| Error::InvalidInput(format!("local model after training: {e}"));
         local.check_shapes(&global.spec()).map_err(bad)?;
+        // The difference and its norm in f64, where no pair of finite f32
+        // values overflows: whether an error is sent must not depend on the
+        // rows. A non-finite update (a diverged model) becomes no update.
+        let pairs = || {
+            local
+                .tensors()
+                .iter()
+                .zip(global.tensors())
+                .filter(|(_, g)| !frozen(&g.name))
+                .flat_map(|(l, g)| l.data.iter().zip(&g.data).map(|(&a, &b)| f64::from(a) - f64::from(b)))
+        };
+        let norm = pairs().map(|d| d * d).sum::<f64>().sqrt();
+        let clip = self.clip();
+        let (fits, factor) = if !norm.is_finite() {
+            (true, 0.0)
+        } else if norm <= clip {
+            (true, 1.0)
+        } else {
+            // A hair inside, against the rounding to f32.
+            (false, clip * (1.0 - 1e-6) / norm)
+        };
         let mut delta = zeroize::Zeroizing::new(Vec::with_capacity(self.ddg.config().dim));
-        for (l, g) in local.tensors().iter().zip(global.tensors()) {
-            if !frozen(&g.name) {
-                delta.extend(l.data.iter().zip(&g.data).map(|(a, b)| a - b));
-            }
-        }
-        if delta.iter().any(|v| !v.is_finite()) {
-            local.check_finite().map_err(bad)?;
-            return Err(bad("the update overflows".into()));
-        }
-        if let Some((clip, kappa)) = self.count {
-            // Adaptive clipping: clip to C here (a hair inside, against f32
-            // rounding), and append whether the update fitted.
-            let norm = delta.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
-            let fits = norm <= clip;
-            if !fits {
-                let f = (clip * (1.0 - 1e-6) / norm) as f32;
-                delta.iter_mut().for_each(|v| *v *= f);
-            }
+        delta.extend(pairs().map(|d| if factor == 0.0 { 0.0 } else { (d * factor) as f32 }));
+        if let Some((_, kappa)) = self.count {
+            // Adaptive clipping: whether the update fitted, weighted.
             delta.push(((f64::from(u8::from(fits)) - 0.5) * kappa) as f32);
         }
         let dp = |e: confide_dp::Error| Error::InvalidInput(format!("distributed DP: {e}"));
@@ -346,6 +352,48 @@ mod tests {
         let back = enc.decode(&words).unwrap();
         assert_eq!(&back[..4], &[0.0; 4]);
         assert!(back[4..].iter().all(|v| (v - 0.1).abs() < 1e-2), "{back:?}");
+        // A coordinator's model at f32's edge, or a diverged local model:
+        // no error (its presence would depend on the rows), no update.
+        let mut edge = global.clone();
+        for (name, v) in edge.values_mut() {
+            if name == "w" {
+                v.iter_mut().for_each(|x| *x = -3e38);
+            }
+        }
+        let mut far = edge.clone();
+        for (_, v) in far.values_mut() {
+            v.iter_mut().for_each(|x| *x = 3e38);
+        }
+        let words = enc.encode(&edge, &far, enc.sample_noise().unwrap()).unwrap();
+        let back = enc.decode(&words).unwrap();
+        assert!(back[4..].iter().all(|v| (v - 1.0 / 8f64.sqrt()).abs() < 1e-2), "clipped to norm 1: {back:?}");
+        let mut nan = global.clone();
+        for (_, v) in nan.values_mut() {
+            v[0] = f32::NAN;
+        }
+        let words = enc.encode(&global, &nan, enc.sample_noise().unwrap()).unwrap();
+        assert!(enc.decode(&words).unwrap().iter().all(|v| v.abs() < 1e-2));
+        // Adaptive clipping: the count of updates within the clip comes out
+        // of the sum (two of four here), the updates clipped.
+        let adaptive = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_stddev: 0.01 };
+        let counted =
+            NoisyUpdate::with_clip(&DdgConfig { dim: 16, ..template }, Some(&adaptive), 0.5, "j", 1, &global).unwrap();
+        let modulus_mask = u32::MAX;
+        let mut sum = vec![0u32; counted.words()];
+        for norm in [0.1f32, 0.4, 2.0, 9.0] {
+            let mut l = global.clone();
+            for (name, v) in l.values_mut() {
+                if name == "w" {
+                    v.iter_mut().for_each(|x| *x = norm / 8f32.sqrt());
+                }
+            }
+            let words = counted.encode(&global, &l, counted.sample_noise().unwrap()).unwrap();
+            sum.iter_mut().zip(&words).for_each(|(s, w)| *s = s.wrapping_add(*w) & modulus_mask);
+        }
+        let (values, count) = counted.decode_with_count(&sum, 4).unwrap();
+        assert!((count.unwrap() - 2.0).abs() < 0.1, "{count:?}");
+        let per_value = (0.1 + 0.4 + 0.5 + 0.5) / 8f64.sqrt();
+        assert!(values[4..].iter().all(|v| (v - per_value).abs() < 1e-2), "{values:?}");
         // Another round rotates with another seed: its mechanism differs.
         assert_ne!(NoisyUpdate::new(&template, "j", 2, &global).unwrap().digest(), enc.digest());
     }

@@ -118,8 +118,14 @@ pub fn choose(n: usize, tm: &ThreatModel) -> Result<RoundParams, Error> {
 /// A tiny slack so that fractions like 0.05 × 100 floor to 5, not 4.
 const SMALL: f64 = 1e-14;
 
+/// The most corrupt parties the threat model allows in a round of `n`:
+/// ⌊γn⌋ (with a hair of slack so that 0.05 × 100 is 5).
+pub fn corrupt_parties(n: usize, tm: &ThreatModel) -> usize {
+    ((tm.corrupt_fraction + SMALL) * n as f64).floor() as usize
+}
+
 fn complete(n: usize, tm: &ThreatModel) -> Result<RoundParams, Error> {
-    let corrupt = ((tm.corrupt_fraction + SMALL) * n as f64).floor() as usize;
+    let corrupt = corrupt_parties(n, tm);
     let dropped = ((tm.dropout_fraction + SMALL) * n as f64).floor() as usize;
     let k = n - 1;
     let t = ((n + corrupt) / 2 + 1).max(2);
