@@ -601,8 +601,14 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
             format!(
                 "dp: party-level DP-FedAvg, central: each update clipped to L2 norm {}, the coordinator adds discrete \
                  Gaussian noise (z = {:.4}) to their sum, {total} noisy sums in all; parties must set \
-                 policy.accept_central_dp (the coordinator is trusted with the noise)",
-                dp.clip, dp.noise_multiplier
+                 policy.accept_central_dp (the coordinator is trusted with the noise){}",
+                dp.clip,
+                dp.noise_multiplier,
+                dp.adaptive.map_or(String::new(), |a| format!(
+                    "; adaptive clipping from {} towards the {} quantile of the update norms (η = {}, the count of \
+                     unclipped updates noised at σ = {} in the same release, so ε is unchanged)",
+                    dp.clip, a.target_quantile, a.learning_rate, a.count_stddev
+                )),
             ),
             "each party (its whole data set added or removed)",
         ),

@@ -81,7 +81,10 @@ impl PartyJobKind for TrainingKind {
                 // Distributed noise clips inside the encoding (at the
                 // round's clip, which adaptive clipping moves): here only
                 // non-finite updates are replaced.
-                handler.party_clip = Some(if dp.distributed.is_some() { f64::INFINITY } else { dp.clip });
+                // Central adaptive clipping: the coordinator (trusted with
+                // the updates there) clips at a clip the party does not know.
+                let inside = dp.distributed.is_some() || dp.adaptive.is_some();
+                handler.party_clip = Some(if inside { f64::INFINITY } else { dp.clip });
             }
             handler.budget = cx.budget;
         }

@@ -518,16 +518,15 @@ impl RawDp {
                 return Err(vec![(f.into(), "only applies with adaptive_clip_quantile".into())]);
             }
             (Some(quantile), rate, stddev) => {
-                let Some(d) = distributed.filter(|_| level == DpLevel::Party) else {
+                if level != DpLevel::Party {
                     return Err(vec![(
                         "adaptive_clip_quantile".into(),
-                        "adaptive clipping is built for party-level DP with distributed noise (under a protocol \
-                         that sums, e.g. secagg); elsewhere the clip is fixed"
-                            .into(),
+                        "adaptive clipping is for party-level DP (level = \"party\"); DP-SGD's clip is fixed".into(),
                     )]);
-                };
+                }
+                let parties = distributed.map_or(0, |d| d.max_parties) as f64;
                 let rate = rate.unwrap_or(0.2);
-                let stddev = stddev.unwrap_or((d.max_parties as f64 / 20.0).max(noise_multiplier));
+                let stddev = stddev.unwrap_or((parties / 20.0).max(noise_multiplier));
                 let a = AdaptiveClip { target_quantile: quantile, learning_rate: rate, count_stddev: stddev };
                 if !(quantile > 0.0 && quantile < 1.0) {
                     return Err(vec![("adaptive_clip_quantile".into(), format!("must be in (0, 1) (got {quantile})"))]);
@@ -683,7 +682,11 @@ mod tests {
         assert_eq!(dp.epsilon(&training, 5), fixed.epsilon(&training, 5));
         assert_eq!(dp.to_raw().validate(&training, 5, noise).unwrap(), dp);
         let field = |r: RawDp, n| r.validate(&training, 5, n).unwrap_err()[0].0.clone();
-        assert_eq!(field(raw.clone(), None), "adaptive_clip_quantile");
+        // Central noise too (σ_b defaults to z there); DP-SGD: no.
+        let central = raw.validate(&training, 5, None).unwrap();
+        assert_eq!(central.adaptive.map(|a| a.count_stddev), Some(1.0));
+        let example = RawDp { level: None, sampling_rate: Some(0.1), ..raw.clone() };
+        assert_eq!(field(example, None), "adaptive_clip_quantile");
         assert_eq!(field(RawDp { clip_count_stddev: Some(0.5), ..raw.clone() }, noise), "clip_count_stddev");
         assert_eq!(field(RawDp { adaptive_clip_quantile: Some(1.0), ..raw.clone() }, noise), "adaptive_clip_quantile");
         assert_eq!(field(RawDp { adaptive_clip_rate: Some(0.0), ..raw.clone() }, noise), "adaptive_clip_rate");

@@ -159,7 +159,7 @@ fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
     }
     let text = dp_spec("none", 3, 4, 1.5).replace(
         "[dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.05\n",
-        "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.5\nupdate_clip = 0.5\n",
+        "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.5\nupdate_clip = 0.5\nadaptive_clip_quantile = 0.5\n",
     );
     assert!(text.contains("level = \"party\""), "{text}");
     let id = fed.submit("central.toml", &text);

@@ -12,21 +12,36 @@
 use confide_algorithms::Parameters;
 use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD};
 use confide_crypto::aggregation::PartyUpdate;
+use confide_dp::ddg::AdaptiveClip;
 use confide_dp::dpsgd::{CompensatedSum, DpSgd, DpSgdConfig};
 
 /// The noisy weighted delta sum and its total weight for
 /// `Strategy::aggregate_secure_sum`: Σ clip(localᵢ − global) plus noise,
-/// scaled so that the strategy's mean divides by `denominator`.
+/// scaled so that the strategy's mean divides by `denominator`. Under
+/// adaptive clipping (Andrew et al. 2021) each clipped update carries one
+/// more value, (bᵢ − ½)·κ with bᵢ = 1 when it fitted the clip, the joint
+/// vector is noised at the joint clip C′ (one release, the ε of a fixed
+/// clip), and the noisy count of updates that fitted comes back third.
 pub fn noisy_update_sum(
     global: &Parameters,
     updates: &[PartyUpdate],
     clip: f64,
     noise_multiplier: f64,
     denominator: usize,
-) -> Result<(Vec<f64>, f64), String> {
-    let dim = global.num_values();
+    adaptive: Option<&AdaptiveClip>,
+) -> Result<(Vec<f64>, f64, Option<f64>), String> {
+    let values = global.num_values();
+    let (joint, kappa) = match adaptive {
+        None => (clip, None),
+        Some(a) => {
+            let (joint, kappa) =
+                a.joint(clip, noise_multiplier).ok_or_else(|| format!("central DP: no joint clip for clip {clip}"))?;
+            (joint, Some(kappa))
+        }
+    };
+    let dim = values + usize::from(kappa.is_some());
     let mut dp = DpSgd::new(DpSgdConfig {
-        max_grad_norm: clip,
+        max_grad_norm: joint,
         noise_multiplier,
         sampling_rate: 1.0,
         expected_batch_size: denominator.max(1) as f64,
@@ -45,6 +60,15 @@ pub fn noisy_update_sum(
         {
             *d = f64::from(*l) - g;
         }
+        if let Some(kappa) = kappa {
+            // Clip the update to C itself, then append whether it fitted.
+            let norm = delta[..values].iter().map(|v| v * v).sum::<f64>().sqrt();
+            let fits = norm <= clip;
+            if norm.is_finite() && !fits {
+                delta[..values].iter_mut().for_each(|v| *v *= clip / norm);
+            }
+            delta[values] = (f64::from(u8::from(fits)) - 0.5) * kappa;
+        }
         let norm = delta.iter().map(|v| v * v).sum::<f64>().sqrt();
         // 0 for a non-finite update: it adds nothing.
         let f = dp.clip_factor(norm);
@@ -55,6 +79,11 @@ pub fn noisy_update_sum(
     }
     let mut sum = total.finish();
     dp.privatize(&mut sum).map_err(|e| format!("central DP: {e}"))?;
+    // privatize divided by the denominator: the count's coordinate back to
+    // counts (Σ (bᵢ − ½) = Σ bᵢ − m/2).
+    let weight = denominator.max(1) as f64;
+    let count = kappa.map(|k| sum[values] * weight / k + updates.len() as f64 / 2.0);
+    sum.truncate(values);
     // The frozen input standardisation is not trained: it keeps its value
     // (dropping the noise on it is post-processing).
     let mut at = 0;
@@ -65,11 +94,10 @@ pub fn noisy_update_sum(
         }
         at = end;
     }
-    // privatize divided by the denominator; the strategy divides the sum
-    // by its total weight, so hand it back as a sum of that weight.
-    let weight = denominator.max(1) as f64;
+    // The strategy divides the sum by its total weight, so hand it back as a
+    // sum of that weight.
     sum.iter_mut().for_each(|v| *v *= weight);
-    Ok((sum, weight))
+    Ok((sum, weight, count))
 }
 
 #[cfg(test)]
@@ -91,12 +119,27 @@ mod tests {
     fn each_partys_contribution_is_clipped() {
         let global = params(vec![0.0; 4]);
         let updates = [update("a", vec![1000.0, 0.0, 0.0, 0.0]), update("b", vec![0.0, 0.1, 0.0, 0.0])];
-        let (sum, weight) = noisy_update_sum(&global, &updates, 1.0, 1e-6, 2).unwrap();
+        let (sum, weight, count) = noisy_update_sum(&global, &updates, 1.0, 1e-6, 2, None).unwrap();
+        assert_eq!(count, None);
         assert_eq!(weight, 2.0);
         assert!((sum[0] - 1.0).abs() < 1e-3, "{sum:?}");
         assert!((sum[1] - 0.1).abs() < 1e-3, "{sum:?}");
         let bad = [update("c", vec![0.0; 3])];
-        assert!(noisy_update_sum(&global, &bad, 1.0, 1.0, 1).unwrap_err().contains("party c"));
+        assert!(noisy_update_sum(&global, &bad, 1.0, 1.0, 1, None).unwrap_err().contains("party c"));
+    }
+
+    /// Adaptive clipping: two of four updates fit a clip of 0.5; the noisy
+    /// count says so, the updates are clipped to 0.5, the count is not in
+    /// the sum.
+    #[test]
+    fn the_count_of_updates_within_the_clip_comes_back() {
+        let global = params(vec![0.0; 4]);
+        let a = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_stddev: 0.01 };
+        let updates = [0.1f32, 0.4, 2.0, 9.0].map(|n| update("p", vec![n, 0.0, 0.0, 0.0]));
+        let (sum, weight, count) = noisy_update_sum(&global, &updates, 0.5, 1e-4, 4, Some(&a)).unwrap();
+        assert_eq!((sum.len(), weight), (4, 4.0));
+        assert!((count.unwrap() - 2.0).abs() < 0.05, "{count:?}");
+        assert!((sum[0] - (0.1 + 0.4 + 0.5 + 0.5)).abs() < 0.01, "{sum:?}");
     }
 
     /// The frozen input standardisation gets no noise.
@@ -107,7 +150,7 @@ mod tests {
             Tensor { name: "w".into(), shape: vec![2], data: vec![0.0, 0.0] },
         ])
         .unwrap();
-        let (sum, _) = noisy_update_sum(&global, &[], 1.0, 5.0, 1).unwrap();
+        let (sum, ..) = noisy_update_sum(&global, &[], 1.0, 5.0, 1, None).unwrap();
         assert_eq!(&sum[..2], &[0.0, 0.0]);
         assert!(sum[2] != 0.0 || sum[3] != 0.0);
     }
@@ -118,7 +161,7 @@ mod tests {
     fn the_noise_has_the_calibrated_variance() {
         let dim = 100_000;
         let global = params(vec![0.0; dim]);
-        let (sum, _) = noisy_update_sum(&global, &[], 0.5, 2.0, 4).unwrap();
+        let (sum, ..) = noisy_update_sum(&global, &[], 0.5, 2.0, 4, None).unwrap();
         let var = sum.iter().map(|v| v * v).sum::<f64>() / dim as f64;
         let want = (2.0f64 * 0.5).powi(2);
         assert!((var - want).abs() < 6.0 * want * (2.0 / dim as f64).sqrt(), "{var} vs {want}");

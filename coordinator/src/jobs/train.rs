@@ -43,6 +43,8 @@ pub struct Training {
     /// The example-level DP accountant of a `[dp]` job: rounds whose
     /// training ran, saved with each checkpoint.
     privacy: Option<RdpAccountant>,
+    /// Central party-level DP with adaptive clipping: the next round's clip.
+    central_clip: Option<f64>,
 }
 
 /// The largest `key` any party reported (e.g. the slowest local training).
@@ -58,6 +60,7 @@ impl Training {
         let mut strategy = GuardedStrategy::new(setup.plugins.build_strategy(spec)?)?;
         let mut protocol = ProtocolDriver::new(setup)?;
         let mut privacy = spec.dp.as_ref().map(|_| empty_accountant());
+        let mut central_clip = None;
         let (global, resume) = match setup.start {
             Start::Fresh { model } => (model.clone().map(Arc::new), None),
             Start::Resume { round, model, state, .. } => {
@@ -75,6 +78,9 @@ impl Training {
                                 .map_err(|e| format!("the checkpoint's privacy accountant: {e}"))
                         })?;
                     privacy = Some(accountant);
+                    if let Some(&[clip]) = saved.get("clip") {
+                        central_clip = Some(clip);
+                    }
                 }
                 (Some(Arc::new(model)), Some(*round))
             }
@@ -89,6 +95,7 @@ impl Training {
             fit_metrics: BTreeMap::new(),
             evaluator: Evaluator::default(),
             privacy,
+            central_clip,
         })
     }
 
@@ -204,6 +211,9 @@ impl Training {
                     let mut saved = State::new();
                     saved.insert("orders", acc.orders().to_vec());
                     saved.insert("rdp", acc.rdp().to_vec());
+                    if let Some(clip) = self.central_clip {
+                        saved.insert("clip", vec![clip]);
+                    }
                     state.insert_section("privacy", saved);
                 }
                 state
@@ -299,13 +309,26 @@ impl Training {
                 let denominator =
                     if spec.parties.names.is_empty() { spec.min_parties() } else { spec.parties.names.len() };
                 let participants: Vec<String> = updates.iter().map(|u| u.party.clone()).collect();
-                let next =
-                    super::central_dp::noisy_update_sum(&global, &updates, dp.clip, dp.noise_multiplier, denominator)
-                        .and_then(|(sum, weight)| {
-                            self.strategy.call(&format!("round {round} aggregation"), |s| {
-                                s.aggregate_secure_sum(round, &global, &sum, weight)
-                            })
-                        });
+                let clip = self.central_clip.unwrap_or(dp.clip);
+                let adaptive = dp.adaptive.as_ref();
+                let next = super::central_dp::noisy_update_sum(
+                    &global,
+                    &updates,
+                    clip,
+                    dp.noise_multiplier,
+                    denominator,
+                    adaptive,
+                )
+                .and_then(|(sum, weight, count)| {
+                    // Adaptive clipping: the next round's clip from the noisy
+                    // count (post-processing), checkpointed with the accountant.
+                    if let (Some(a), Some(count)) = (adaptive, count) {
+                        self.central_clip = Some(a.next_clip(dp.clip, clip, count, updates.len()));
+                    }
+                    self.strategy.call(&format!("round {round} aggregation"), |s| {
+                        s.aggregate_secure_sum(round, &global, &sum, weight)
+                    })
+                });
                 (next, participants)
             }
             Aggregate::Updates(updates) => {
