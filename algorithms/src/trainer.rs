@@ -557,6 +557,12 @@ pub const INPUT_MEAN: &str = "input.mean";
 /// See [`INPUT_MEAN`].
 pub const INPUT_STD: &str = "input.std";
 
+/// Whether tensor `name` is the input standardisation: frozen, not trained,
+/// so DP noise on it would only be thrown away.
+pub fn is_input_standardisation(name: &str) -> bool {
+    name == INPUT_MEAN || name == INPUT_STD
+}
+
 /// Writes federated feature statistics into a model's `input.mean`/`input.std`.
 pub fn apply_feature_stats(params: &mut Parameters, stats: &FeatureStats) -> Result<(), Error> {
     let (mean, std) = stats.mean_std();

@@ -78,11 +78,10 @@ impl PartyJobKind for TrainingKind {
             handler.dp_inputs = Some(standardisation(&inputs));
             handler.dp = dp.plan(&spec.training);
             if dp.level == DpLevel::Party {
-                // Distributed noise clips inside the encoding (at the
-                // round's clip, which adaptive clipping moves): here only
-                // non-finite updates are replaced.
-                // Central adaptive clipping: the coordinator (trusted with
-                // the updates there) clips at a clip the party does not know.
+                // Distributed noise clips inside the encoding, and under
+                // central adaptive clipping the coordinator (trusted with the
+                // updates there) clips at a clip the party does not know:
+                // then only non-finite updates are replaced here.
                 let inside = dp.distributed.is_some() || dp.adaptive.is_some();
                 handler.party_clip = Some(if inside { f64::INFINITY } else { dp.clip });
             }
@@ -418,16 +417,7 @@ mod tests {
 
     fn handler(standardize: bool) -> TrainingHandler {
         let names: Vec<String> = ["p0", "p1", "p2"].map(String::from).to_vec();
-        let job = JobFacts {
-            job_id: "j".into(),
-            party_names: names,
-            max_parties: 10,
-            min_parties: 3,
-            max_values: 100,
-            distributed_dp: None,
-            noise_rounds_ahead: 1,
-            adaptive_clip: None,
-        };
+        let job = JobFacts::new("j", names, 10, 3, 100);
         let client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let mut h = TrainingHandler::new(Box::new(Fixed), client, SecAggPlus.stages());
         h.standardize = standardize;
@@ -477,16 +467,7 @@ mod tests {
     #[test]
     fn a_dp_job_sends_only_the_noisy_update() {
         use confide_crypto::aggregation::plain::Plain;
-        let job = JobFacts {
-            job_id: "j".into(),
-            party_names: Vec::new(),
-            max_parties: 10,
-            min_parties: 1,
-            max_values: 100,
-            distributed_dp: None,
-            noise_rounds_ahead: 1,
-            adaptive_clip: None,
-        };
+        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let mut h = TrainingHandler::new(Box::new(FixedDp::default()), client, Plain.stages());
         h.dp = Some(DpSgdPlan {
@@ -526,16 +507,7 @@ mod tests {
     #[test]
     fn a_dp_party_trains_with_the_specs_standardisation_not_the_wires() {
         use confide_crypto::aggregation::plain::Plain;
-        let job = JobFacts {
-            job_id: "j".into(),
-            party_names: Vec::new(),
-            max_parties: 10,
-            min_parties: 1,
-            max_values: 100,
-            distributed_dp: None,
-            noise_rounds_ahead: 1,
-            adaptive_clip: None,
-        };
+        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let trainer = FixedDp::default();
         let given = trainer.given.clone();
@@ -602,16 +574,7 @@ mod tests {
     fn a_party_level_dp_update_is_clipped_and_bare() {
         use confide_crypto::aggregation::Bulk;
         use confide_crypto::aggregation::plain::Plain;
-        let job = JobFacts {
-            job_id: "j".into(),
-            party_names: Vec::new(),
-            max_parties: 10,
-            min_parties: 1,
-            max_values: 100,
-            distributed_dp: None,
-            noise_rounds_ahead: 1,
-            adaptive_clip: None,
-        };
+        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let start =
             Parameters::new(vec![Tensor { name: "w".into(), shape: vec![3], data: vec![0.5, 0.0, -1.0] }]).unwrap();

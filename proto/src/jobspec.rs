@@ -569,18 +569,15 @@ impl JobSpec {
     /// What the aggregation protocol of job `job_id` may know of it.
     pub fn facts(&self, job_id: &str, limits: &Limits) -> JobFacts {
         JobFacts {
-            job_id: job_id.to_owned(),
-            party_names: {
-                let mut names = self.parties.names.clone();
-                names.sort();
-                names
-            },
-            max_parties: limits.max_parties,
-            min_parties: self.min_parties(),
-            max_values: limits.max_values,
             distributed_dp: self.dp.as_ref().and_then(|d| d.ddg_config(d.model_values_bound())),
-            noise_rounds_ahead: 1,
             adaptive_clip: self.dp.as_ref().and_then(|d| d.adaptive),
+            ..JobFacts::new(
+                job_id,
+                self.parties.names.clone(),
+                limits.max_parties,
+                self.min_parties(),
+                limits.max_values,
+            )
         }
     }
 
@@ -777,20 +774,7 @@ impl RawJobSpec {
         } else {
             ("aggregation.protocol".to_string(), format!("aggregation.{}", aggregation.protocol))
         };
-        let facts = JobFacts {
-            job_id: String::new(),
-            party_names: {
-                let mut names = names.clone();
-                names.sort();
-                names
-            },
-            max_parties: limits.max_parties,
-            min_parties: min,
-            max_values: limits.max_values,
-            distributed_dp: None,
-            noise_rounds_ahead: 1,
-            adaptive_clip: None,
-        };
+        let facts = JobFacts::new("", names.clone(), limits.max_parties, min, limits.max_values);
         match protocols.get(&aggregation.protocol) {
             None => err(
                 &protocol_field,

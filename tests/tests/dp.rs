@@ -52,6 +52,33 @@ fn ledger(fed: &Federation, party: &str) -> Value {
     serde_json::from_slice(&out.stdout).expect("budget JSON")
 }
 
+/// A running federation of the three hospitals, each with `policy`.
+fn federation(policy: &str) -> Federation {
+    let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
+    fed.start_coordinator();
+    for p in three() {
+        fed.start_party(p, policy);
+    }
+    fed
+}
+
+/// A party-level DP job ran to its end: the status states the party-level ε
+/// its spec costs, and each hospital's ledger charges the per-record ε,
+/// which is higher (a record moves its party's clipped update by up to
+/// twice the clip).
+fn assert_party_level_costs(fed: &Federation, id: &str, text: &str, st: &Value) {
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    assert_eq!(st["privacy"]["dp"], "party");
+    let total = cost(text);
+    assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - total).abs() < 1e-9, "{st:#}");
+    let per_record = record_cost(text);
+    assert!(per_record > total * 1.5, "{per_record} vs {total}");
+    for p in three() {
+        let l = ledger(fed, p);
+        assert_eq!(l["datasets"]["data"]["jobs"][id]["epsilon"].as_f64(), Some(per_record), "{p}: {l:#}");
+    }
+}
+
 fn breast_cancer() -> PathBuf {
     repo_root().join("examples/data/breast_cancer.csv")
 }
@@ -111,11 +138,7 @@ fn the_ledger_refuses_over_budget_jobs_and_survives_a_sigkill_without_under_coun
 /// computes it from the spec.
 #[test]
 fn epsilon_is_unchanged_across_a_coordinator_restart() {
-    let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
-    fed.start_coordinator();
-    for p in three() {
-        fed.start_party(p, "[policy]\naggregation = [\"secagg\"]\n");
-    }
+    let mut fed = federation("[policy]\naggregation = [\"secagg\"]\n");
     let rounds = 12;
     let text = dp_spec("secagg", 3, rounds, 1.5);
     let id = fed.submit("dp.toml", &text);
@@ -152,11 +175,7 @@ fn epsilon_is_unchanged_across_a_coordinator_restart() {
 /// per-record ε.
 #[test]
 fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
-    let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
-    fed.start_coordinator();
-    for p in three() {
-        fed.start_party(p, "[policy]\naggregation = [\"none\"]\naccept_central_dp = true\nmax_epsilon = 50.0\n");
-    }
+    let fed = federation("[policy]\naggregation = [\"none\"]\naccept_central_dp = true\nmax_epsilon = 50.0\n");
     let text = dp_spec("none", 3, 4, 1.5).replace(
         "[dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.05\n",
         "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.5\nupdate_clip = 0.5\nadaptive_clip_quantile = 0.5\n",
@@ -164,19 +183,9 @@ fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
     assert!(text.contains("level = \"party\""), "{text}");
     let id = fed.submit("central.toml", &text);
     let st = fed.wait_done(&id, 90);
-    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
-    assert_eq!(st["privacy"]["dp"], "party");
-    let total = cost(&text);
-    assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - total).abs() < 1e-9, "{st:#}");
+    assert_party_level_costs(&fed, &id, &text, &st);
     // No party sent a metric of its own.
     assert!(st["history"][0]["metrics"].get("train_loss").is_none(), "{st:#}");
-    // The ledgers charge the per-record ε, above the party-level one.
-    let per_record = record_cost(&text);
-    assert!(per_record > total * 1.5, "{per_record} vs {total}");
-    for p in three() {
-        let l = ledger(&fed, p);
-        assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(per_record), "{p}: {l:#}");
-    }
 }
 
 /// Distributed party-level DP under `secagg`: each party adds its share of
@@ -187,11 +196,7 @@ fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
 /// The clip adapts (the count of unclipped updates rides in the same sum).
 #[test]
 fn a_distributed_party_level_dp_job_runs_under_secure_aggregation() {
-    let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
-    fed.start_coordinator();
-    for p in three() {
-        fed.start_party(p, "[policy]\naggregation = [\"secagg\"]\nmax_epsilon = 50.0\n");
-    }
+    let fed = federation("[policy]\naggregation = [\"secagg\"]\nmax_epsilon = 50.0\n");
     let text = dp_spec("secagg", 3, 4, 1.5)
         .replace(
             "[dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.05\n",
@@ -204,15 +209,5 @@ fn a_distributed_party_level_dp_job_runs_under_secure_aggregation() {
     assert!(spec.dp.as_ref().is_some_and(|d| d.distributed.is_some()), "{text}");
     let id = fed.submit("distributed.toml", &text);
     let st = fed.wait_done(&id, 120);
-    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
-    assert_eq!(st["privacy"]["dp"], "party");
-    let total = cost(&text);
-    assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - total).abs() < 1e-9, "{st:#}");
-    // The ledgers charge the per-record ε, above the party-level one.
-    let per_record = record_cost(&text);
-    assert!(per_record > total * 1.5, "{per_record} vs {total}");
-    for p in three() {
-        let l = ledger(&fed, p);
-        assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(per_record), "{p}: {l:#}");
-    }
+    assert_party_level_costs(&fed, &id, &text, &st);
 }

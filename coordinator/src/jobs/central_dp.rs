@@ -10,7 +10,7 @@
 //! (the parties the spec names, or its minimum), never by how many answered.
 
 use confide_algorithms::Parameters;
-use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD};
+use confide_algorithms::trainer::is_input_standardisation;
 use confide_crypto::aggregation::PartyUpdate;
 use confide_dp::ddg::AdaptiveClip;
 use confide_dp::dpsgd::{CompensatedSum, DpSgd, DpSgdConfig};
@@ -89,7 +89,7 @@ pub fn noisy_update_sum(
     let mut at = 0;
     for t in global.tensors() {
         let end = at + t.data.len();
-        if t.name == INPUT_MEAN || t.name == INPUT_STD {
+        if is_input_standardisation(&t.name) {
             sum[at..end].iter_mut().for_each(|v| *v = 0.0);
         }
         at = end;
@@ -104,6 +104,7 @@ pub fn noisy_update_sum(
 mod tests {
     use super::*;
     use confide_algorithms::Tensor;
+    use confide_algorithms::trainer::INPUT_STD;
 
     fn params(v: Vec<f32>) -> Parameters {
         Parameters::new(vec![Tensor { name: "w".into(), shape: vec![v.len()], data: v }]).unwrap()

@@ -143,6 +143,29 @@ pub struct JobFacts {
 }
 
 impl JobFacts {
+    /// The facts of job `job_id` without DP: the named parties (sorted
+    /// here), the federation's limits on parties and values, and the
+    /// fewest parties a stage needs.
+    pub fn new(
+        job_id: &str,
+        mut party_names: Vec<String>,
+        max_parties: usize,
+        min_parties: usize,
+        max_values: usize,
+    ) -> Self {
+        party_names.sort();
+        JobFacts {
+            job_id: job_id.to_owned(),
+            party_names,
+            max_parties,
+            min_parties,
+            max_values,
+            distributed_dp: None,
+            noise_rounds_ahead: 1,
+            adaptive_clip: None,
+        }
+    }
+
     /// Most parties a round can have: the named ones, else the federation's limit.
     pub fn party_bound(&self) -> usize {
         if self.party_names.is_empty() { self.max_parties } else { self.party_names.len() }

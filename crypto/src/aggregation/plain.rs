@@ -130,16 +130,7 @@ mod tests {
     }
 
     fn facts() -> JobFacts {
-        JobFacts {
-            job_id: "j".into(),
-            party_names: vec!["a".into(), "b".into(), "c".into()],
-            max_parties: 100,
-            min_parties: 2,
-            max_values: 1000,
-            distributed_dp: None,
-            noise_rounds_ahead: 1,
-            adaptive_clip: None,
-        }
+        JobFacts::new("j", vec!["a".into(), "b".into(), "c".into()], 100, 2, 1000)
     }
 
     fn contribution(n: u64, v: &[f32]) -> Envelope {

@@ -40,7 +40,7 @@ use crate::secagg::protocol::{
     UnmaskRequest, UnmaskShares,
 };
 use crate::secagg::shamir::Share;
-use confide_dp::ddg::DdgNoise;
+use confide_dp::ddg::{Ddg, DdgNoise};
 
 /// Parties exchange encrypted key shares.
 pub const SHARES: StageName = StageName::new("secagg-shares");
@@ -244,7 +244,7 @@ impl AggregationProtocol for SecAggPlus {
             party,
             round: None,
             noise: Default::default(),
-            noise_len: None,
+            last_mechanism: None,
         }))
     }
 }
@@ -634,9 +634,9 @@ impl SecAggServer {
         decoding: Decoding,
     ) -> Result<Vec<u8>, Error> {
         let revocations = self.peers.revocation_version();
-        let dp = match &decoding {
-            Decoding::Noisy(n) => Some(n.digest()),
-            _ => None,
+        let (dp, dp_clip) = match &decoding {
+            Decoding::Noisy(n) => (Some(n.digest()), n.clip()),
+            _ => (None, 0.0),
         };
         let config = round_config(
             &self.job.job_id,
@@ -659,10 +659,7 @@ impl SecAggServer {
             clip: s.clip,
             max_examples: s.max_examples,
             dp_digest: dp.map(|d| d.to_vec()).unwrap_or_default(),
-            dp_clip: match &decoding {
-                Decoding::Noisy(n) => n.clip(),
-                _ => 0.0,
-            },
+            dp_clip,
         };
         let server = Server::new(config)?;
         self.round = Some(ServerRound { server, decoding, stage: ServerStage::Keys, certs: BTreeMap::new() });
@@ -939,8 +936,8 @@ struct SecAggClient {
     /// Distributed DP: noise drawn ahead for the next rounds (see
     /// [`AggregationClient::prepare`]), each used once.
     noise: std::collections::VecDeque<DdgNoise>,
-    /// The noise length of the last round, to draw the next one's ahead.
-    noise_len: Option<usize>,
+    /// The last round's mechanism, to draw the next round's noise with.
+    last_mechanism: Option<Ddg>,
 }
 
 fn coordinator_fault(reason: impl Into<String>) -> Error {
@@ -957,14 +954,12 @@ impl AggregationClient for SecAggClient {
             let noisy = NoisyUpdate::with_clip(template, adaptive, clip, &self.job.job_id, round, update.global)?;
             let bound = Some(noisy.digest());
             let config = self.derive_round(round, round_message, noisy.words(), training, bound)?;
-            // Noise drawn for another model size is of no use (and is wiped).
-            let sigma = noisy.mechanism().local_sigma();
-            self.noise.retain(|n| n.len() == noisy.words() && n.sigma() == sigma);
+            self.keep_noise_for(noisy.mechanism());
             let noise = match self.noise.pop_front() {
                 Some(n) => n,
                 None => noisy.sample_noise()?,
             };
-            self.noise_len = Some(noisy.words());
+            self.last_mechanism = Some(noisy.mechanism().clone());
             (config, noisy.encode(update.global, &update.local, noise)?)
         } else {
             let dim = WeightedUpdate::words(update.global.num_values());
@@ -983,17 +978,12 @@ impl AggregationClient for SecAggClient {
         let Ok(noisy) = NoisyUpdate::with_clip(template, adaptive, template.clip, &self.job.job_id, 0, global) else {
             return;
         };
-        let sigma = noisy.mechanism().local_sigma();
-        self.noise.retain(|n| n.len() == noisy.words() && n.sigma() == sigma);
+        let ddg = noisy.mechanism();
+        self.keep_noise_for(ddg);
         if self.noise.is_empty() {
             // At most 1 GiB of noise ahead, whatever the model's size.
-            let fits = ((1usize << 30) / (8 * noisy.words())).max(1);
-            for _ in 0..self.job.noise_rounds_ahead.clamp(1, fits) {
-                match noisy.sample_noise() {
-                    Ok(n) => self.noise.push_back(n),
-                    Err(_) => break,
-                }
-            }
+            let fits = ((1usize << 30) / (8 * ddg.padded_dim())).max(1);
+            self.draw_noise(ddg, self.job.noise_rounds_ahead.clamp(1, fits));
         }
     }
 
@@ -1050,13 +1040,11 @@ impl AggregationClient for SecAggClient {
         if self.round.is_some() {
             return;
         }
-        if let (true, Some(len), Some(template)) = (self.noise.is_empty(), self.noise_len, &self.job.distributed_dp) {
-            let dim = len.min(confide_dp::ddg::MAX_PADDED_DIM);
-            if let Ok(ddg) = confide_dp::ddg::Ddg::new(confide_dp::ddg::DdgConfig { dim, ..*template })
-                && let Ok(n) = ddg.sample_noise()
-            {
-                self.noise.push_back(n);
-            }
+        if self.noise.is_empty()
+            && let Some(ddg) = self.last_mechanism.take()
+        {
+            self.draw_noise(&ddg, 1);
+            self.last_mechanism = Some(ddg);
         }
     }
 
@@ -1066,6 +1054,22 @@ impl AggregationClient for SecAggClient {
 }
 
 impl SecAggClient {
+    /// Keeps only the noise drawn for `ddg`: noise drawn for another
+    /// mechanism (another model size) is of no use and is wiped.
+    fn keep_noise_for(&mut self, ddg: &Ddg) {
+        self.noise.retain(|n| n.len() == ddg.padded_dim() && n.sigma() == ddg.local_sigma());
+    }
+
+    /// Draws `count` noise vectors for `ddg` into the pool.
+    fn draw_noise(&mut self, ddg: &Ddg, count: usize) {
+        for _ in 0..count {
+            match ddg.sample_noise() {
+                Ok(n) => self.noise.push_back(n),
+                Err(_) => break,
+            }
+        }
+    }
+
     /// Distributed DP: the round's clip. Fixed by the spec, or under adaptive
     /// clipping the coordinator's (ε does not depend on it: the noise scales
     /// with the clip), within 2^±20 of the spec's first clip.
@@ -1262,16 +1266,7 @@ mod tests {
     }
 
     fn facts(n: usize) -> JobFacts {
-        JobFacts {
-            job_id: "job".into(),
-            party_names: names(n),
-            max_parties: 100,
-            min_parties: 3,
-            max_values: 1000,
-            distributed_dp: None,
-            noise_rounds_ahead: 1,
-            adaptive_clip: None,
-        }
+        JobFacts::new("job", names(n), 100, 3, 1000)
     }
 
     /// A server that has begun round 1 of `n` parties on a one-weight model.

@@ -14,7 +14,7 @@
 //! noise, weighing 1.
 
 use confide_algorithms::Parameters;
-use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD};
+use confide_algorithms::trainer::is_input_standardisation;
 use confide_dp::ddg::{AdaptiveClip, Ddg, DdgConfig, DdgNoise, MAX_PADDED_DIM};
 
 use crate::Error;
@@ -143,10 +143,6 @@ impl std::fmt::Debug for NoisyUpdate {
     }
 }
 
-fn frozen(name: &str) -> bool {
-    name == INPUT_MEAN || name == INPUT_STD
-}
-
 impl NoisyUpdate {
     /// The mechanism of `template` (from the spec) for round `round` of job
     /// `job_id`, training from `global`, with a fixed clip.
@@ -165,7 +161,8 @@ impl NoisyUpdate {
         round: u32,
         global: &Parameters,
     ) -> Result<Self, Error> {
-        let layout: Vec<(usize, bool)> = global.tensors().iter().map(|t| (t.data.len(), !frozen(&t.name))).collect();
+        let layout: Vec<(usize, bool)> =
+            global.tensors().iter().map(|t| (t.data.len(), !is_input_standardisation(&t.name))).collect();
         let trained: usize = layout.iter().filter(|(_, on)| *on).map(|(n, _)| n).sum();
         let (dim, joint_clip, count) = match adaptive {
             None => (trained, clip, None),
@@ -239,7 +236,7 @@ impl NoisyUpdate {
                 .tensors()
                 .iter()
                 .zip(global.tensors())
-                .filter(|(_, g)| !frozen(&g.name))
+                .filter(|(_, g)| !is_input_standardisation(&g.name))
                 .flat_map(|(l, g)| l.data.iter().zip(&g.data).map(|(&a, &b)| f64::from(a) - f64::from(b)))
         };
         let norm = pairs().map(|d| d * d).sum::<f64>().sqrt();
@@ -302,6 +299,7 @@ impl NoisyUpdate {
 mod tests {
     use super::*;
     use confide_algorithms::Tensor;
+    use confide_algorithms::trainer::INPUT_MEAN;
     use proptest::prelude::*;
 
     fn params(v: &[f32]) -> Parameters {
