@@ -33,6 +33,16 @@ fn accountant(c: &mut Criterion) {
             acc.epsilon(1e-5).expect("epsilon")
         })
     });
+    let mut g = c.benchmark_group("pld");
+    g.sample_size(10);
+    g.bench_function("pld_epsilon_1000_steps", |b| {
+        b.iter(|| {
+            let mut acc = confide_dp::pld::PldAccountant::new(0);
+            acc.compose(&event, 1000).expect("compose");
+            acc.epsilon(1e-5).expect("epsilon")
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(benches, noise, accountant);

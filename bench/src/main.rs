@@ -1086,24 +1086,40 @@ fn bench_dp(
         }));
     }
     let event = DpEvent::PoissonSampledGaussian { sampling_rate: 0.01, noise_multiplier: 1.1 };
-    let mut runs = Vec::new();
-    let mut eps = 0.0;
-    for _ in 0..repeat.max(20) {
-        let start = Instant::now();
+    // ε for `steps` DP-SGD steps, timed: RDP, then the PLD on the same case
+    // (continuous noise, so no lattice slack: the figure dp_accounting's
+    // PLDAccountant also computes).
+    let timed = |runs: usize, eps_of: &dyn Fn() -> Result<f64, String>| -> Result<(f64, f64), String> {
+        let mut times = Vec::new();
+        let mut eps = 0.0;
+        for _ in 0..runs {
+            let start = Instant::now();
+            eps = eps_of()?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok((eps, median_ms(times)))
+    };
+    let rdp = timed(repeat.max(20), &|| {
         let mut acc = RdpAccountant::new();
         acc.compose(&event, steps).map_err(|e| e.to_string())?;
-        eps = acc.epsilon(1e-5).map_err(|e| e.to_string())?.0;
-        runs.push(start.elapsed().as_secs_f64() * 1e3);
+        Ok(acc.epsilon(1e-5).map_err(|e| e.to_string())?.0)
+    })?;
+    let pld = timed(repeat.clamp(3, 10), &|| {
+        let mut acc = confide_dp::pld::PldAccountant::new(0);
+        acc.compose(&event, steps).map_err(|e| e.to_string())?;
+        acc.epsilon(1e-5).map_err(|e| e.to_string())
+    })?;
+    for (name, (eps, ms)) in [("rdp", rdp), ("pld", pld)] {
+        lines.push(serde_json::json!({
+            "bench": "dp_accountant",
+            "accountant": name,
+            "sampling_rate": 0.01,
+            "noise_multiplier": 1.1,
+            "steps": steps,
+            "delta": 1e-5,
+            "epsilon": eps,
+            "ms_median": ms,
+        }));
     }
-    lines.push(serde_json::json!({
-        "bench": "dp_accountant",
-        "accountant": "rdp",
-        "sampling_rate": 0.01,
-        "noise_multiplier": 1.1,
-        "steps": steps,
-        "delta": 1e-5,
-        "epsilon": eps,
-        "ms_median": median_ms(runs),
-    }));
     Ok(lines)
 }

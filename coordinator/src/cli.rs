@@ -543,7 +543,7 @@ fn validate(file: &std::path::Path, plugins: &Plugins) -> Result<(String, String
     Ok((text, name))
 }
 
-use confide_proto::dpspec::DpLevel;
+use confide_proto::dpspec::{AccountantKind, DpLevel};
 
 /// What a spec's `[dp]` table does and costs, a line each.
 fn explain_dp(spec: &JobSpec) -> Vec<String> {
@@ -622,20 +622,36 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
     });
     let mut lines = vec![
         what,
-        format!(
-            "dp: ε = {eps:.4} at δ = {:e} for {whom} over the whole job (RDP accountant; the discrete Gaussian's own \
-             bounds{}){}",
-            dp.delta,
-            match (dp.level, dp.distributed) {
-                (DpLevel::Example, _) => ", Zhu–Wang for the Poisson subsampling",
-                (DpLevel::Party, Some(_)) => {
-                    ": Kairouz–Liu–Steinke's bound for a sum of discrete Gaussians, at the worst model size up \
-                     to dp.max_model_values"
-                }
-                _ => "",
-            },
-            reference.map_or(String::new(), |r| format!("; the continuous-Gaussian figure would be {r:.4}"))
-        ),
+        match dp.accountant {
+            AccountantKind::Rdp => format!(
+                "dp: ε = {eps:.4} at δ = {:e} for {whom} over the whole job (RDP accountant; the discrete Gaussian's \
+                 own bounds{}){}",
+                dp.delta,
+                match (dp.level, dp.distributed) {
+                    (DpLevel::Example, _) => ", Zhu–Wang for the Poisson subsampling",
+                    (DpLevel::Party, Some(_)) => {
+                        ": Kairouz–Liu–Steinke's bound for a sum of discrete Gaussians, at the worst model size up \
+                         to dp.max_model_values"
+                    }
+                    _ => "",
+                },
+                reference.map_or(String::new(), |r| format!("; the continuous-Gaussian figure would be {r:.4}"))
+            ),
+            AccountantKind::Pld => {
+                let slack = match dp.accountant(&spec.training, spec.rounds) {
+                    confide_proto::dpspec::Accountant::Pld(acc) => acc.lattice_slack(),
+                    confide_proto::dpspec::Accountant::Rdp(_) => 0.0,
+                };
+                format!(
+                    "dp: ε = {eps:.4} at δ = {:e} for {whom} over the whole job (PLD accountant: connect-the-dots at \
+                     interval {}, FFT composition; the lattice's discrete noise is within total variation {slack:.2e} \
+                     of rounded continuous noise for models of up to {} values, charged against δ)",
+                    dp.delta,
+                    confide_dp::pld::DEFAULT_INTERVAL,
+                    dp.model_values_bound(),
+                )
+            }
+        },
         "dp: parties send only their noisy updates (weight 1 each): no feature statistics, evaluation metrics, loss, \
          example count or timing; the job runs no federated evaluation"
             .into(),
@@ -664,6 +680,7 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
                     Error::Refused(format!("{name}: --target-epsilon needs a [dp] table (sampling_rate, delta)"))
                 })?;
                 let z = confide_proto::dpspec::noise_for_target(
+                    dp.accountant,
                     target,
                     dp.delta,
                     dp.level,

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use confide_proto::dpspec::DpSpec;
 use confide_proto::jobspec::JobSpec;
 use confide_proto::status::{JobState, JobStatus, ModelInfo, PartyState, PartyStatus, PrivacyStatus, RoundRecord};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -167,7 +166,7 @@ impl Db {
                 now,
                 spec.dp.as_ref().map(|d| d.level.as_str()),
                 spec.dp.as_ref().map(|d| d.delta),
-                spec.dp.as_ref().map(|_| DpSpec::ACCOUNTANT),
+                spec.dp.as_ref().map(|d| d.accountant.as_str()),
             ],
         )
         .map_err(sql)?;

@@ -1,7 +1,7 @@
 //! Differential privacy for Confide.
 //!
 //! Pure computation, like `crypto`: nothing here knows about networking or
-//! libtorch. Three parts:
+//! libtorch. Its parts:
 //!
 //! * [`sampler`]: exact discrete Gaussian noise (Canonne, Kamath, Steinke
 //!   2020) in integer arithmetic only, so no floating-point leakage
@@ -12,6 +12,10 @@
 //!   Canonne–Kamath–Steinke / Asoodeh et al., and calibration of a noise
 //!   multiplier to a target ε. Its values are checked against Google's
 //!   `dp_accounting` (`scripts/dp_reference.py`);
+//! * [`pld`]: a privacy-loss-distribution accountant for the same
+//!   mechanisms (connect-the-dots, FFT composition, as `dp_accounting`),
+//!   tighter than RDP, with the lattice's discrete noise bridged to the
+//!   continuous PLD by a total-variation bound charged against δ;
 //! * [`ddg`]: the distributed discrete Gaussian (Kairouz, Liu, Steinke 2021)
 //!   that parties add before secure aggregation: rotation, conditional
 //!   randomized rounding, integer noise and modular clipping, and its RDP
@@ -21,6 +25,7 @@
 
 pub mod ddg;
 pub mod dpsgd;
+pub mod pld;
 pub mod rdp;
 pub mod sampler;
 mod special;

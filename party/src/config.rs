@@ -133,6 +133,13 @@ pub struct Policy {
     /// coordinator, which then sees every update before the noise.
     #[serde(default)]
     pub accept_central_dp: bool,
+    /// The least fraction of a round's parties that the job's aggregation
+    /// protocol must tolerate being corrupt (colluding with the
+    /// coordinator): secure aggregation's parameters and distributed DP's
+    /// noise are calibrated for the spec's `corrupt_fraction`, so a spec
+    /// below this hospital's own assumption is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_corrupt_fraction: Option<f64>,
     /// Fewest parties a job must require; guards against a job that would
     /// make one party's update stand out.
     #[serde(default = "default_min_parties")]
@@ -160,6 +167,7 @@ impl Default for Policy {
             require_dp: false,
             max_epsilon: None,
             accept_central_dp: false,
+            min_corrupt_fraction: None,
             min_parties: default_min_parties(),
             privacy_modes: None,
         }
@@ -287,6 +295,13 @@ impl PartyConfig {
         {
             return Err(format!("policy.max_epsilon: must be positive and finite (got {e})"));
         }
+        if let Some(f) = self.policy.min_corrupt_fraction
+            && !(0.0..1.0 / 3.0).contains(&f)
+        {
+            return Err(format!(
+                "policy.min_corrupt_fraction: must be in [0, 1/3), what secure aggregation can tolerate (got {f})"
+            ));
+        }
         if let Some(stage) = &self.fault.exit_on_stage {
             let known = plugins.stage_names();
             if !known.contains(&stage.as_str()) {
@@ -326,6 +341,9 @@ mod tests {
         assert!(e.contains("policy.aggregation: unknown protocol \"paillier\""), "{e}");
         let e = load("[policy]\nmax_epsilon = -1.0\n").unwrap_err().to_string();
         assert!(e.contains("policy.max_epsilon"), "{e}");
+        let e = load("[policy]\nmin_corrupt_fraction = 0.5\n").unwrap_err().to_string();
+        assert!(e.contains("policy.min_corrupt_fraction") && e.contains("1/3"), "{e}");
+        assert_eq!(load("[policy]\nmin_corrupt_fraction = 0.1\n").unwrap().policy.min_corrupt_fraction, Some(0.1));
         let e = load("[fault]\nexit_on_stage = \"secagg-unmask\"\n").map(|c| c.fault.exit_on_stage);
         assert_eq!(e.unwrap().as_deref(), Some("secagg-unmask"));
         assert!(load("[fault]\nexit_on_stage = \"secagg-nope\"\n").is_err());

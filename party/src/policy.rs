@@ -32,8 +32,17 @@ pub fn consider<'a>(
             policy.aggregation.join(", ")
         ));
     }
-    if plugins.protocols().get(protocol).is_none() {
+    let Some(aggregation) = plugins.protocols().get(protocol) else {
         return Err(format!("this party has no aggregation protocol {protocol:?}"));
+    };
+    if let Some(floor) = policy.min_corrupt_fraction
+        && let Some(tolerated) = aggregation.tolerated_corrupt_fraction(&spec.aggregation.settings)
+        && tolerated < floor
+    {
+        return Err(format!(
+            "policy requires tolerating at least {floor} of a round's parties corrupt; the job's {protocol} \
+             corrupt_fraction is {tolerated} (its masking and any distributed DP noise assume no more)"
+        ));
     }
     // A job without differential privacy costs its data set ε = ∞. The
     // cost of one with it is checked against the data set's spending by the
@@ -114,6 +123,12 @@ mod tests {
             ),
             (spec("secagg", 3), "d", Policy { max_epsilon: Some(4.0), ..secagg_only.clone() }, "ε = ∞"),
             (
+                spec("secagg", 3),
+                "d",
+                Policy { min_corrupt_fraction: Some(0.1), ..secagg_only.clone() },
+                "corrupt_fraction is 0.05",
+            ),
+            (
                 central_dp(),
                 "d",
                 Policy { aggregation: vec!["none".into()], ..secagg_only.clone() },
@@ -122,6 +137,11 @@ mod tests {
         ];
         let trusting = Policy { aggregation: vec!["none".into()], accept_central_dp: true, ..secagg_only.clone() };
         assert!(consider(&central_dp(), "d", &trusting, &plugins, &data).is_ok());
+        // A spec that assumes at least the hospital's floor is accepted.
+        let cautious = Policy { min_corrupt_fraction: Some(0.1), ..secagg_only.clone() };
+        let mut wary = spec("secagg", 3);
+        wary.aggregation.settings.insert("corrupt_fraction".into(), toml::Value::Float(0.1));
+        assert!(consider(&wary, "d", &cautious, &plugins, &data).is_ok());
         for (spec, ds, policy, why) in cases {
             let e = consider(&spec, ds, &policy, &plugins, &data).unwrap_err();
             assert!(e.contains(why), "{e} (wanted {why})");

@@ -9,7 +9,7 @@ use confide_crypto::aggregation::sum::{self, SumLayout};
 use confide_crypto::aggregation::{AggregationClient, LocalUpdate, StageName};
 use confide_proto::messages::{ResultBody, SumOf, Task, TaskBody};
 
-use confide_proto::dpspec::DpLevel;
+use confide_proto::dpspec::{AccountantKind, DpLevel};
 
 use crate::ledger::RoundGuard;
 use crate::plugins::{JobContext, PartyJobKind};
@@ -77,6 +77,7 @@ impl PartyJobKind for TrainingKind {
             };
             handler.dp_inputs = Some(standardisation(&inputs));
             handler.dp = dp.plan(&spec.training);
+            handler.dp_values_bound = (dp.accountant == AccountantKind::Pld).then(|| dp.model_values_bound());
             if dp.level == DpLevel::Party {
                 // Distributed noise clips inside the encoding, and under
                 // central adaptive clipping the coordinator (trusted with the
@@ -113,6 +114,9 @@ pub struct TrainingHandler {
     pub dp: Option<DpSgdPlan>,
     /// Party-level DP: the L2 norm each round's update is clipped to.
     pub party_clip: Option<f64>,
+    /// With the PLD accountant: the most values a model may have, since
+    /// the accountant's lattice slack was charged for that many.
+    pub dp_values_bound: Option<usize>,
     /// The job's reservation in the privacy ledger.
     pub budget: Option<RoundGuard>,
     /// Under DP, the `input.mean` and `input.std` every global model must
@@ -141,6 +145,7 @@ impl TrainingHandler {
             hides_values: false,
             dp: None,
             party_clip: None,
+            dp_values_bound: None,
             budget: None,
             dp_inputs: None,
         }
@@ -328,6 +333,15 @@ impl TrainingHandler {
                 }
             }
             self.trainer.set_parameters(&own).map_err(err)?;
+        }
+        if let Some(bound) = self.dp_values_bound
+            && global.num_values() > bound
+        {
+            return Err(TaskError::CoordinatorFault(format!(
+                "the global model has {} values, more than the {bound} the spec's PLD accountant was charged for \
+                 (dp.max_model_values)",
+                global.num_values()
+            )));
         }
         if let Some(budget) = &self.budget {
             budget.start_round().map_err(TaskError::CoordinatorFault)?;

@@ -27,6 +27,7 @@
 use confide_algorithms::{DpSgdPlan, FeatureStats, TrainConfig};
 use confide_dp::ddg::{AdaptiveClip, DdgConfig, MAX_PADDED_DIM, events_up_to};
 use confide_dp::dpsgd::{MAX_NOISE_MULTIPLIER, step_event};
+use confide_dp::pld::PldAccountant;
 use confide_dp::rdp::{DpEvent, RdpAccountant, calibrate_by, integer_orders};
 use serde::{Deserialize, Serialize};
 
@@ -80,7 +81,7 @@ pub struct RawDp {
     /// set's size) does not show unless training takes longer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer_fit_after_secs: Option<f64>,
-    /// `rdp` (default).
+    /// `rdp` (default) or `pld` (tighter; not for distributed noise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accountant: Option<String>,
     /// Public `[low, high]` range of each feature, for standardisation.
@@ -145,6 +146,84 @@ impl DpLevel {
     }
 }
 
+/// Which accountant turns a job's releases into (ε, δ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountantKind {
+    /// Rényi DP ([`confide_dp::rdp`]): every mechanism, the distributed one
+    /// included; the default.
+    Rdp,
+    /// The privacy loss distribution ([`confide_dp::pld`]): tighter, for
+    /// DP-SGD and central noise (the distributed mechanism has no PLD).
+    Pld,
+}
+
+impl AccountantKind {
+    /// The name in specs and job status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountantKind::Rdp => "rdp",
+            AccountantKind::Pld => "pld",
+        }
+    }
+
+    /// An empty accountant of this kind; `values` bounds the noised values
+    /// of one release (the PLD's lattice slack needs it).
+    pub fn empty(self, values: usize) -> Accountant {
+        match self {
+            AccountantKind::Rdp => Accountant::Rdp(empty_accountant()),
+            AccountantKind::Pld => Accountant::Pld(PldAccountant::new(values as u64)),
+        }
+    }
+}
+
+/// A job's accountant, of either kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Accountant {
+    /// Rényi DP over the discrete Gaussian's integer orders.
+    Rdp(RdpAccountant),
+    /// The privacy loss distribution.
+    Pld(PldAccountant),
+}
+
+impl Accountant {
+    /// Composes `count` releases of the worst of `events` (one per model
+    /// size for distributed noise); a mechanism that could not be built, or
+    /// that this accountant cannot bound, costs ∞.
+    fn compose(&mut self, events: Result<Vec<DpEvent>, String>, count: u64) {
+        let infinite = DpEvent::Gaussian { noise_multiplier: 0.0 };
+        match self {
+            Accountant::Rdp(acc) => {
+                if events.map_err(|_| ()).and_then(|e| acc.compose_worst(&e, count).map_err(|_| ())).is_err() {
+                    let _ = acc.compose(&infinite, 1);
+                }
+            }
+            Accountant::Pld(acc) => {
+                // A PLD describes one mechanism: anything else costs ∞.
+                let single = events.ok().filter(|e| e.len() == 1);
+                if single.and_then(|e| acc.compose(&e[0], count).ok()).is_none() {
+                    let _ = acc.compose(&infinite, 1);
+                }
+            }
+        }
+    }
+
+    /// ε at `delta` (∞ when nothing bounds it).
+    pub fn epsilon(&self, delta: f64) -> f64 {
+        match self {
+            Accountant::Rdp(acc) => acc.epsilon(delta).map(|(e, _)| e).unwrap_or(f64::INFINITY),
+            Accountant::Pld(acc) => acc.epsilon(delta).unwrap_or(f64::INFINITY),
+        }
+    }
+
+    /// The accountant's name in job status.
+    pub fn kind(&self) -> AccountantKind {
+        match self {
+            Accountant::Rdp(_) => AccountantKind::Rdp,
+            Accountant::Pld(_) => AccountantKind::Pld,
+        }
+    }
+}
+
 /// Differential privacy of a training job, validated, with the noise
 /// multiplier resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,12 +253,11 @@ pub struct DpSpec {
     pub adaptive: Option<AdaptiveClip>,
     /// The floor on a fit answer's time, in seconds (see [`RawDp`]).
     pub answer_fit_after_secs: Option<f64>,
+    /// The accountant that states ε.
+    pub accountant: AccountantKind,
 }
 
 impl DpSpec {
-    /// The accountant's name in job status.
-    pub const ACCOUNTANT: &'static str = "rdp";
-
     /// Noisy releases in one round of `training`: ⌈local_epochs / q⌉ DP-SGD
     /// steps (example level), or the one noisy sum (party level).
     pub fn steps_per_round(&self, training: &TrainConfig) -> u64 {
@@ -198,16 +276,16 @@ impl DpSpec {
     }
 
     /// An accountant that has composed `rounds` rounds of `training`.
-    pub fn accountant(&self, training: &TrainConfig, rounds: u32) -> RdpAccountant {
-        let mut acc = empty_accountant();
+    pub fn accountant(&self, training: &TrainConfig, rounds: u32) -> Accountant {
+        let mut acc = self.accountant.empty(self.model_values_bound());
         self.compose_rounds(&mut acc, training, rounds);
         acc
     }
 
     /// Composes `rounds` more rounds into `acc`.
-    pub fn compose_rounds(&self, acc: &mut RdpAccountant, training: &TrainConfig, rounds: u32) {
+    pub fn compose_rounds(&self, acc: &mut Accountant, training: &TrainConfig, rounds: u32) {
         let steps = self.steps_per_round(training).saturating_mul(u64::from(rounds));
-        compose(acc, self.release_events(self.noise_multiplier), steps);
+        acc.compose(self.release_events(self.noise_multiplier), steps);
     }
 
     /// The distributed mechanism for a model of `dim` values (party level
@@ -218,7 +296,9 @@ impl DpSpec {
     }
 
     /// The most trained values a model may have under distributed noise:
-    /// what the noise is accounted for (and what the protocol enforces).
+    /// what the noise is accounted for (and what the protocol enforces);
+    /// with the PLD accountant, the values each release noises (its
+    /// lattice slack).
     pub fn model_values_bound(&self) -> usize {
         self.max_model_values.unwrap_or(MAX_PADDED_DIM)
     }
@@ -231,7 +311,7 @@ impl DpSpec {
     /// each record (example level) or for each party's whole data set
     /// (party level), as the level states.
     pub fn epsilon(&self, training: &TrainConfig, rounds: u32) -> f64 {
-        epsilon_of(self.accountant(training, rounds), self.delta)
+        self.accountant(training, rounds).epsilon(self.delta)
     }
 
     /// The ε `rounds` rounds cost each *record*, what a hospital's ledger
@@ -247,7 +327,8 @@ impl DpSpec {
         let events = self
             .release_events(self.noise_multiplier)
             .map(|e| e.into_iter().map(DpEvent::at_double_sensitivity).collect());
-        steps_epsilon(events, self.steps_per_round(training).saturating_mul(u64::from(rounds)), self.delta)
+        let steps = self.steps_per_round(training).saturating_mul(u64::from(rounds));
+        steps_epsilon(self.accountant, self.model_values_bound(), events, steps, self.delta)
     }
 
     /// The standardisation the public ranges give: each feature's range
@@ -270,7 +351,7 @@ impl DpSpec {
             sampling_rate: (self.level == DpLevel::Example).then_some(self.sampling_rate),
             max_grad_norm: (self.level == DpLevel::Example).then_some(self.clip),
             update_clip: (self.level == DpLevel::Party).then_some(self.clip),
-            accountant: Some(Self::ACCOUNTANT.into()),
+            accountant: Some(self.accountant.as_str().into()),
             max_model_values: self.max_model_values.map(|m| m as u64),
             adaptive_clip_quantile: self.adaptive.map(|a| a.target_quantile),
             adaptive_clip_rate: self.adaptive.map(|a| a.learning_rate),
@@ -284,11 +365,6 @@ impl DpSpec {
 /// An accountant over the orders the discrete Gaussian is bounded at.
 pub fn empty_accountant() -> RdpAccountant {
     RdpAccountant::with_orders(integer_orders()).unwrap_or_default()
-}
-
-/// ε of `acc` at `delta` (∞ when no order bounds it).
-pub fn epsilon_of(acc: RdpAccountant, delta: f64) -> f64 {
-    acc.epsilon(delta).map(|(e, _)| e).unwrap_or(f64::INFINITY)
 }
 
 /// The accountant's events of one noisy release at noise multiplier `z`:
@@ -312,14 +388,6 @@ fn release_events(
     }
 }
 
-/// Composes `count` releases; a mechanism that could not be built costs ∞.
-fn compose(acc: &mut RdpAccountant, events: Result<Vec<DpEvent>, String>, count: u64) {
-    let composed = events.map_err(|_| ()).and_then(|e| acc.compose_worst(&e, count).map_err(|_| ()));
-    if composed.is_err() {
-        let _ = acc.compose(&DpEvent::Gaussian { noise_multiplier: 0.0 }, 1);
-    }
-}
-
 fn steps_per_round(level: DpLevel, local_epochs: u32, q: f64) -> u64 {
     match level {
         DpLevel::Example => (f64::from(local_epochs) / q).ceil() as u64,
@@ -328,10 +396,16 @@ fn steps_per_round(level: DpLevel, local_epochs: u32, q: f64) -> u64 {
 }
 
 /// ε of `steps` releases at (z, δ).
-fn steps_epsilon(events: Result<Vec<DpEvent>, String>, steps: u64, delta: f64) -> f64 {
-    let mut acc = empty_accountant();
-    compose(&mut acc, events, steps);
-    epsilon_of(acc, delta)
+fn steps_epsilon(
+    kind: AccountantKind,
+    values: usize,
+    events: Result<Vec<DpEvent>, String>,
+    steps: u64,
+    delta: f64,
+) -> f64 {
+    let mut acc = kind.empty(values);
+    acc.compose(events, steps);
+    acc.epsilon(delta)
 }
 
 /// The smallest noise multiplier with which `rounds` rounds of `training`
@@ -339,6 +413,7 @@ fn steps_epsilon(events: Result<Vec<DpEvent>, String>, steps: u64, delta: f64) -
 /// when the protocol sums) cost at most `target` at `delta`.
 #[allow(clippy::too_many_arguments)]
 pub fn noise_for_target(
+    kind: AccountantKind,
     target: f64,
     delta: f64,
     level: DpLevel,
@@ -353,7 +428,9 @@ pub fn noise_for_target(
     if steps == 0 {
         return Err("no noisy release to calibrate (0 rounds)".into());
     }
-    let eps = |z: f64| Ok(steps_epsilon(release_events(level, q, clip, distributed, max_values, z), steps, delta));
+    let eps = |z: f64| {
+        Ok(steps_epsilon(kind, max_values, release_events(level, q, clip, distributed, max_values, z), steps, delta))
+    };
     let z = calibrate_by(target, &format!("at δ = {delta} over {steps} releases"), eps).map_err(|e| {
         let hint = if distributed.is_some() {
             " (with distributed noise the lattice's rounding costs privacy that more noise cannot buy back: give the \
@@ -394,14 +471,23 @@ impl RawDp {
                 DpLevel::Example
             }
         };
-        match self.accountant.as_deref().unwrap_or(DpSpec::ACCOUNTANT) {
-            DpSpec::ACCOUNTANT => {}
-            "pld" => err(
-                "accountant",
-                "the PLD accountant is not available in this version; use accountant = \"rdp\"".into(),
-            ),
-            other => err("accountant", format!("unknown accountant {other:?} (rdp)")),
-        }
+        let accountant = match self.accountant.as_deref().unwrap_or("rdp") {
+            "rdp" => AccountantKind::Rdp,
+            "pld" if distributed.is_some() && level == DpLevel::Party => {
+                err(
+                    "accountant",
+                    "the distributed discrete Gaussian has only its RDP bound (Kairouz, Liu, Steinke 2021), no \
+                     PLD: use accountant = \"rdp\""
+                        .into(),
+                );
+                AccountantKind::Rdp
+            }
+            "pld" => AccountantKind::Pld,
+            other => {
+                err("accountant", format!("unknown accountant {other:?} (rdp, pld)"));
+                AccountantKind::Rdp
+            }
+        };
         let delta = self.delta.unwrap_or(1e-5);
         if !(delta.is_finite() && delta > 0.0 && delta <= 1e-3) {
             err("delta", format!("must be in (0, 1e-3] (got {delta})"));
@@ -466,9 +552,16 @@ impl RawDp {
         {
             err("answer_fit_after_secs", format!("must be in (0, 86400] seconds (got {t})"));
         }
+        let bounds_values = (distributed.is_some() && level == DpLevel::Party) || accountant == AccountantKind::Pld;
         let max_values = match self.max_model_values {
-            Some(m) if distributed.is_none() || level != DpLevel::Party => {
-                err("max_model_values", format!("only applies to party-level DP under a protocol that sums (got {m})"));
+            Some(m) if !bounds_values => {
+                err(
+                    "max_model_values",
+                    format!(
+                        "only applies to party-level DP under a protocol that sums, or with accountant = \"pld\" \
+                         (got {m})"
+                    ),
+                );
                 MAX_PADDED_DIM
             }
             Some(m) if m == 0 || m > MAX_PADDED_DIM as u64 => {
@@ -491,7 +584,8 @@ impl RawDp {
         }
         let noise_multiplier = match (self.noise_multiplier, self.target_epsilon) {
             (Some(z), Some(target)) => {
-                let eps = steps_epsilon(release_events(level, q, c, distributed, max_values, z), steps, delta);
+                let events = release_events(level, q, c, distributed, max_values, z);
+                let eps = steps_epsilon(accountant, max_values, events, steps, delta);
                 if eps > target * (1.0 + 1e-9) {
                     return Err(vec![(
                         "noise_multiplier".into(),
@@ -504,7 +598,7 @@ impl RawDp {
             }
             (Some(z), None) => z,
             (None, Some(target)) => {
-                { noise_for_target(target, delta, level, q, c, distributed, max_values, training, rounds) }
+                { noise_for_target(accountant, target, delta, level, q, c, distributed, max_values, training, rounds) }
                     .map_err(|m| vec![("target_epsilon".into(), m)])?
             }
             (None, None) => {
@@ -558,6 +652,7 @@ impl RawDp {
             distributed: distributed.filter(|_| level == DpLevel::Party),
             max_model_values: self.max_model_values.map(|m| m as usize),
             adaptive,
+            accountant,
             answer_fit_after_secs: self.answer_fit_after_secs,
         })
     }
@@ -598,7 +693,7 @@ mod tests {
     fn every_bad_setting_is_named() {
         let training = TrainConfig::default();
         let bad: RawDp = toml::from_str(
-            "level = \"group\"\naccountant = \"pld\"\ndelta = 0.5\nsampling_rate = 2.0\nmax_grad_norm = -1.0\n\
+            "level = \"group\"\naccountant = \"prv\"\ndelta = 0.5\nsampling_rate = 2.0\nmax_grad_norm = -1.0\n\
              noise_multiplier = 2000.0\nfeature_ranges = [[1.0, 0.0]]",
         )
         .unwrap();
@@ -615,6 +710,35 @@ mod tests {
     }
 
     #[test]
+    fn the_pld_accountant_is_selectable_tighter_and_refused_for_distributed_noise() {
+        let training = TrainConfig { local_epochs: 1, ..TrainConfig::default() };
+        let rdp = raw("noise_multiplier = 1.1").validate(&training, 10, None).unwrap();
+        let pld = raw("noise_multiplier = 1.1\naccountant = \"pld\"\nmax_model_values = 10000")
+            .validate(&training, 10, None)
+            .unwrap();
+        assert_eq!((rdp.accountant, pld.accountant), (AccountantKind::Rdp, AccountantKind::Pld));
+        let (e_rdp, e_pld) = (rdp.epsilon(&training, 10), pld.epsilon(&training, 10));
+        assert!(e_pld < e_rdp * 0.9, "PLD {e_pld} vs RDP {e_rdp}");
+        assert!(matches!(pld.accountant(&training, 3), Accountant::Pld(_)));
+        assert_eq!(pld.to_raw().validate(&training, 10, None).unwrap(), pld);
+        // A target is met under the PLD with less noise than under RDP.
+        let target = |acc: &str| {
+            raw(&format!("target_epsilon = 2.0\naccountant = \"{acc}\"")).validate(&training, 10, None).unwrap()
+        };
+        let (t_rdp, t_pld) = (target("rdp"), target("pld"));
+        assert!(t_pld.noise_multiplier < t_rdp.noise_multiplier);
+        assert!(t_pld.epsilon(&training, 10) <= 2.0 * (1.0 + 1e-9));
+        // max_model_values without the PLD or distributed noise is refused.
+        let err = raw("noise_multiplier = 1.1\nmax_model_values = 10").validate(&training, 10, None);
+        assert_eq!(err.unwrap_err()[0].0, "max_model_values");
+        // The distributed discrete Gaussian has no PLD.
+        let d = DistributedNoise { bits: 32, max_parties: 10, honest_parties: 5 };
+        let party: RawDp = toml::from_str("level = \"party\"\nnoise_multiplier = 1.0\naccountant = \"pld\"").unwrap();
+        let errs = party.validate(&training, 10, Some(d)).unwrap_err();
+        assert!(errs.iter().any(|(f, m)| f == "accountant" && m.contains("RDP")), "{errs:?}");
+    }
+
+    #[test]
     fn party_level_has_one_release_per_round_and_its_own_clip() {
         let training = TrainConfig { local_epochs: 3, ..TrainConfig::default() };
         let party: RawDp = toml::from_str("level = \"party\"\nnoise_multiplier = 1.0\nupdate_clip = 0.5").unwrap();
@@ -623,7 +747,7 @@ mod tests {
         assert_eq!(dp.steps_per_round(&training), 1);
         assert!(dp.plan(&training).is_none());
         // Ten unsampled Gaussian releases at z = 1: α·10/2 per order.
-        let acc = dp.accountant(&training, 10);
+        let Accountant::Rdp(acc) = dp.accountant(&training, 10) else { panic!("rdp by default") };
         assert_eq!(acc.rdp()[0], 10.0);
         assert_eq!(dp.to_raw().validate(&training, 10, None).unwrap(), dp);
         let bad: RawDp =

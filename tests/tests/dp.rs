@@ -138,13 +138,40 @@ fn the_ledger_refuses_over_budget_jobs_and_survives_a_sigkill_without_under_coun
 /// computes it from the spec.
 #[test]
 fn epsilon_is_unchanged_across_a_coordinator_restart() {
+    epsilon_survives_a_restart(&dp_spec("secagg", 3, 12, 1.5), 12);
+}
+
+/// The same with the PLD accountant, whose checkpointed state is the
+/// rounds it composed.
+#[test]
+fn pld_epsilon_is_unchanged_across_a_coordinator_restart() {
+    let text = dp_spec("secagg", 3, 12, 1.5).replace("delta = 1e-5\n", "delta = 1e-5\naccountant = \"pld\"\n");
+    let spec = JobSpec::parse(&text, "dp.toml", &Limits::default()).expect("spec");
+    assert_eq!(spec.dp.as_ref().expect("dp").accountant, confide_proto::dpspec::AccountantKind::Pld);
+    epsilon_survives_a_restart(&text, 12);
+}
+
+/// The job's status once its parties are stopped and no answer sent before
+/// the stop can close another round.
+fn settled_status(fed: &Federation, id: &str) -> Value {
+    let mut before = fed.status(id);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let now = fed.status(id);
+        if now["rounds_completed"] == before["rounds_completed"] {
+            return now;
+        }
+        before = now;
+    }
+}
+
+fn epsilon_survives_a_restart(text: &str, rounds: u32) {
     let mut fed = federation("[policy]\naggregation = [\"secagg\"]\n");
-    let rounds = 12;
-    let text = dp_spec("secagg", 3, rounds, 1.5);
+    let text = text.to_owned();
     let id = fed.submit("dp.toml", &text);
     fed.wait_for(&id, 60, "two rounds", |s| s["rounds_completed"].as_u64() >= Some(2));
     fed.signal_parties("STOP");
-    let before = fed.status(&id);
+    let before = settled_status(&fed, &id);
     assert_eq!(before["state"], "running", "{before:#}");
     let spent = before["privacy"]["epsilon"].as_f64().expect("epsilon");
     let spec = JobSpec::parse(&text, "dp.toml", &Limits::default()).expect("spec");
@@ -159,6 +186,7 @@ fn epsilon_is_unchanged_across_a_coordinator_restart() {
     fed.signal_parties("CONT");
     let st = fed.wait_done(&id, 120);
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    assert_eq!(st["privacy"]["accountant"], dp.accountant.as_str(), "{st:#}");
     let total = dp.epsilon(&spec.training, rounds);
     assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - total).abs() < 1e-9, "{st:#}");
     assert!(total <= cost(&text) + 1e-12);
@@ -186,6 +214,50 @@ fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
     assert_party_level_costs(&fed, &id, &text, &st);
     // No party sent a metric of its own.
     assert!(st["history"][0]["metrics"].get("train_loss").is_none(), "{st:#}");
+}
+
+/// Central adaptive clipping's clip is checkpointed with the accountant: a
+/// restarted coordinator goes on from the saved clip, not the spec's first
+/// one (each round's clip is in its metrics, `dp_clip`). The first clip is
+/// far above the updates' norms and the rate high, so the clip falls fast;
+/// every round's clip must be one step of the update rule from the one
+/// before, which a clip lost in the restart (back to 100) is not.
+#[test]
+fn central_adaptive_clip_survives_a_coordinator_restart() {
+    let mut fed = federation("[policy]\naggregation = [\"none\"]\naccept_central_dp = true\nmax_epsilon = 500.0\n");
+    let (first, rate, quantile): (f64, f64, f64) = (100.0, 2.0, 0.05);
+    let text = dp_spec("none", 3, 6, 1.5).replace(
+        "[dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.05\n",
+        &format!(
+            "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.5\nupdate_clip = {first:.1}\nadaptive_clip_quantile = \
+             {quantile}\nadaptive_clip_rate = {rate:.1}\n"
+        ),
+    );
+    let id = fed.submit("central.toml", &text);
+    fed.wait_for(&id, 60, "two rounds", |s| s["rounds_completed"].as_u64() >= Some(2));
+    fed.signal_parties("STOP");
+    let before = settled_status(&fed, &id);
+    let done = before["rounds_completed"].as_u64().expect("rounds") as usize;
+    let clips = |st: &Value| -> Vec<f64> {
+        st["history"].as_array().expect("history").iter().filter_map(|r| r["metrics"]["dp_clip"].as_f64()).collect()
+    };
+    let saved = clips(&before);
+    assert_eq!(saved.len(), done, "{before:#}");
+    fed.kill_coordinator();
+    fed.start_coordinator();
+    fed.signal_parties("CONT");
+    let st = fed.wait_done(&id, 120);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    let all = clips(&st);
+    assert_eq!(all.len(), 6, "{st:#}");
+    assert_eq!(&all[..done], saved.as_slice());
+    assert_eq!(all[0], first, "the first round clips at update_clip");
+    // One step moves the clip by a factor in [e^{−η(1−γ)}, e^{ηγ}].
+    let (down, up) = ((-rate * (1.0 - quantile)).exp(), (rate * quantile).exp());
+    assert!(saved[done - 1] * up < first, "the clip did not fall before the restart: {all:?}");
+    for w in all.windows(2) {
+        assert!(w[1] <= w[0] * up * (1.0 + 1e-9) && w[1] >= w[0] * down * (1.0 - 1e-9), "{all:?}");
+    }
 }
 
 /// Distributed party-level DP under `secagg`: each party adds its share of

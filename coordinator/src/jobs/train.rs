@@ -17,7 +17,7 @@ use confide_algorithms::{FeatureStats, FitConfig, FitResult, Metrics, Parameters
 use confide_crypto::aggregation::sum::{self, SumLayout};
 use confide_crypto::aggregation::{Aggregate, Quorum, RoundInfo};
 use confide_dp::rdp::RdpAccountant;
-use confide_proto::dpspec::{DpLevel, empty_accountant, epsilon_of};
+use confide_proto::dpspec::{Accountant, DpLevel};
 use confide_proto::messages::{ResultBody, Stage, SumOf, TaskBody};
 use confide_proto::status::JobState;
 
@@ -42,9 +42,11 @@ pub struct Training {
     evaluator: Evaluator,
     /// The example-level DP accountant of a `[dp]` job: rounds whose
     /// training ran, saved with each checkpoint.
-    privacy: Option<RdpAccountant>,
+    privacy: Option<Accountant>,
     /// Central party-level DP with adaptive clipping: the next round's clip.
     central_clip: Option<f64>,
+    /// The rounds `privacy` has composed (the PLD accountant's saved state).
+    privacy_rounds: u32,
 }
 
 /// The largest `key` any party reported (e.g. the slowest local training).
@@ -59,25 +61,37 @@ impl Training {
         let spec = setup.spec;
         let mut strategy = GuardedStrategy::new(setup.plugins.build_strategy(spec)?)?;
         let mut protocol = ProtocolDriver::new(setup)?;
-        let mut privacy = spec.dp.as_ref().map(|_| empty_accountant());
+        let mut privacy = spec.dp.as_ref().map(|dp| dp.accountant(&spec.training, 0));
         let mut central_clip = None;
+        let mut privacy_rounds = 0;
         let (global, resume) = match setup.start {
             Start::Fresh { model } => (model.clone().map(Arc::new), None),
             Start::Resume { round, model, state, .. } => {
                 let model = model.clone().ok_or("the checkpoint to resume from has no model")?;
                 strategy.call("restore", |s| s.restore(&state.section("strategy")))?;
                 protocol.restore(&state.section("aggregation"))?;
-                if privacy.is_some() {
+                if let (Some(fresh), Some(dp)) = (privacy.as_mut(), spec.dp.as_ref()) {
                     let saved = state.section("privacy");
-                    let (orders, rdp) = (saved.get("orders"), saved.get("rdp"));
-                    let accountant = orders
-                        .zip(rdp)
-                        .ok_or_else(|| "the checkpoint of a [dp] job has no privacy accountant".to_string())
-                        .and_then(|(o, r)| {
-                            RdpAccountant::from_parts(o.to_vec(), r.to_vec())
-                                .map_err(|e| format!("the checkpoint's privacy accountant: {e}"))
-                        })?;
-                    privacy = Some(accountant);
+                    let missing = || "the checkpoint of a [dp] job has no privacy accountant".to_string();
+                    match fresh {
+                        Accountant::Rdp(_) => {
+                            let (orders, rdp) = saved.get("orders").zip(saved.get("rdp")).ok_or_else(missing)?;
+                            let acc = RdpAccountant::from_parts(orders.to_vec(), rdp.to_vec())
+                                .map_err(|e| format!("the checkpoint's privacy accountant: {e}"))?;
+                            *fresh = Accountant::Rdp(acc);
+                        }
+                        // The PLD's state is the rounds it composed; the
+                        // releases of each follow from the spec.
+                        Accountant::Pld(_) => match saved.get("pld_rounds") {
+                            Some(&[rounds])
+                                if rounds >= 0.0 && rounds <= f64::from(u32::MAX) && rounds.fract() == 0.0 =>
+                            {
+                                privacy_rounds = rounds as u32;
+                                *fresh = dp.accountant(&spec.training, privacy_rounds);
+                            }
+                            _ => return Err(missing()),
+                        },
+                    }
                     if let Some(&[clip]) = saved.get("clip") {
                         central_clip = Some(clip);
                     }
@@ -96,6 +110,7 @@ impl Training {
             evaluator: Evaluator::default(),
             privacy,
             central_clip,
+            privacy_rounds,
         })
     }
 
@@ -209,8 +224,13 @@ impl Training {
                 }
                 if let Some(acc) = &self.privacy {
                     let mut saved = State::new();
-                    saved.insert("orders", acc.orders().to_vec());
-                    saved.insert("rdp", acc.rdp().to_vec());
+                    match acc {
+                        Accountant::Rdp(acc) => {
+                            saved.insert("orders", acc.orders().to_vec());
+                            saved.insert("rdp", acc.rdp().to_vec());
+                        }
+                        Accountant::Pld(_) => saved.insert("pld_rounds", vec![f64::from(self.privacy_rounds)]),
+                    }
                     if let Some(clip) = self.central_clip {
                         saved.insert("clip", vec![clip]);
                     }
@@ -279,6 +299,7 @@ impl Training {
         let spec = cx.spec().clone();
         if let (Some(acc), Some(dp)) = (self.privacy.as_mut(), spec.dp.as_ref()) {
             dp.compose_rounds(acc, &spec.training, 1);
+            self.privacy_rounds += 1;
         }
         cx.collect(Stage::Fit, round, tasks, Quorum::JobMinimum);
     }
@@ -311,6 +332,10 @@ impl Training {
                 let participants: Vec<String> = updates.iter().map(|u| u.party.clone()).collect();
                 let clip = self.central_clip.unwrap_or(dp.clip);
                 let adaptive = dp.adaptive.as_ref();
+                // The round's clip is public (a function of earlier noisy counts).
+                if adaptive.is_some() {
+                    metrics.insert("dp_clip".into(), clip);
+                }
                 let next = super::central_dp::noisy_update_sum(
                     &global,
                     &updates,
@@ -405,7 +430,7 @@ impl Training {
         }
         let spec = cx.spec().clone();
         if let (Some(acc), Some(dp)) = (&self.privacy, &spec.dp) {
-            metrics.insert("epsilon".into(), epsilon_of(acc.clone(), dp.delta));
+            metrics.insert("epsilon".into(), acc.epsilon(dp.delta));
         }
         if let Some(rec) = cx.record() {
             rec.participants = participants;

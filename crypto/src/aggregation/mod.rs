@@ -569,6 +569,15 @@ pub trait AggregationProtocol: Send + Sync + 'static {
         None
     }
 
+    /// The fraction of a round's parties that may be corrupt (colluding
+    /// with the coordinator) under which these settings' guarantees hold,
+    /// including the distributed-DP noise calibrated from it. `None` (the
+    /// default): the protocol makes no such claim. A party's
+    /// `policy.min_corrupt_fraction` refuses settings below its floor.
+    fn tolerated_corrupt_fraction(&self, _settings: &toml::Table) -> Option<f64> {
+        None
+    }
+
     /// The coordinator side for one job. `peers` checks the parties'
     /// certificates (the ones they present on their TLS connections) and
     /// their signatures, for protocols that verify what they relay.

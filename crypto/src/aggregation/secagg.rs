@@ -200,6 +200,10 @@ impl AggregationProtocol for SecAggPlus {
         Some(super::NoiseCarrier { bits: s.bits, corrupt_parties, max_parties: params::COMPLETE_UP_TO })
     }
 
+    fn tolerated_corrupt_fraction(&self, settings: &toml::Table) -> Option<f64> {
+        SecAggSettings::from_table(settings).ok().map(|s| s.corrupt_fraction)
+    }
+
     fn explain(&self, settings: &toml::Table, job: &JobFacts) -> Vec<String> {
         let Ok(s) = SecAggSettings::from_table(settings) else { return Vec::new() };
         let tm = s.threat_model();
