@@ -214,14 +214,6 @@ impl Accountant {
             Accountant::Pld(acc) => acc.epsilon(delta).unwrap_or(f64::INFINITY),
         }
     }
-
-    /// The accountant's name in job status.
-    pub fn kind(&self) -> AccountantKind {
-        match self {
-            Accountant::Rdp(_) => AccountantKind::Rdp,
-            Accountant::Pld(_) => AccountantKind::Pld,
-        }
-    }
 }
 
 /// Differential privacy of a training job, validated, with the noise

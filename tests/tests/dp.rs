@@ -151,6 +151,25 @@ fn pld_epsilon_is_unchanged_across_a_coordinator_restart() {
     epsilon_survives_a_restart(&text, 12);
 }
 
+/// The PLD accountant charged its lattice slack for `dp.max_model_values`
+/// values per release: a party refuses to train a larger global model (a
+/// coordinator that sends one is named), so the job fails rather than
+/// spending more than it stated.
+#[test]
+fn a_model_larger_than_the_pld_accounted_for_is_refused() {
+    let fed = federation("[policy]\naggregation = [\"secagg\"]\n");
+    // The logistic regression on 30 features has 62 values.
+    let text = dp_spec("secagg", 3, 2, 1.5)
+        .replace("delta = 1e-5\n", "delta = 1e-5\naccountant = \"pld\"\nmax_model_values = 10\n");
+    let spec = JobSpec::parse(&text, "dp.toml", &Limits::default()).expect("spec");
+    assert_eq!(spec.dp.as_ref().expect("dp").model_values_bound(), 10);
+    let id = fed.submit("pld.toml", &text);
+    let st = fed.wait_done(&id, 60);
+    assert_eq!(st["state"], "failed", "{st:#}");
+    let text = format!("{st}{}", fed.logs());
+    assert!(text.contains("dp.max_model_values"), "{st:#}");
+}
+
 /// The job's status once its parties are stopped and no answer sent before
 /// the stop can close another round.
 fn settled_status(fed: &Federation, id: &str) -> Value {
