@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test build lint bench bench-round bench-train bench-dp bench-dp-sgd doc clean setup
+.PHONY: demo test build lint bench bench-round bench-train bench-dp bench-dp-sgd bench-he doc clean setup
 
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
@@ -30,6 +30,9 @@ doc: setup
 
 bench-round: setup
 	$(CARGO) run --release -p confide-bench -- round --parties 10 --params 1000000 --privacy none --json
+
+bench-he: setup
+	$(CARGO) run --release -p confide-bench -- he --parties 3,10,50 --values 1000000
 
 bench-train: setup
 	$(CARGO) run --release -p confide-bench -- train

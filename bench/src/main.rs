@@ -6,6 +6,8 @@
 //! would. Parties run a synthetic trainer (one cheap pass over the
 //! parameters), so the figures are the framework's cost, not a model's.
 
+mod he_bench;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -116,6 +118,22 @@ enum Command {
         steps: u64,
         /// Timed repetitions (medians are reported).
         #[arg(long, default_value_t = 5)]
+        repeat: usize,
+    },
+    /// Threshold-HE steps (key generation, encryption, server addition,
+    /// linear hash, decryption shares, combination) and bytes per party.
+    He {
+        /// Party counts (comma-separated for a table).
+        #[arg(long, value_delimiter = ',', default_value = "3,10,50")]
+        parties: Vec<usize>,
+        /// Values per update.
+        #[arg(long, default_value_t = 1_000_000)]
+        values: usize,
+        /// Plaintext bits (capped at what the parameters allow).
+        #[arg(long, default_value_t = 24)]
+        bits: u32,
+        /// Timed repetitions (medians are reported).
+        #[arg(long, default_value_t = 3)]
         repeat: usize,
     },
     /// DP-SGD's local training against non-private training, time per step,
@@ -887,6 +905,19 @@ async fn main() {
                     std::process::exit(1);
                 }
             }
+        }
+        Command::He { parties, values, bits, repeat } => {
+            let mut failed = false;
+            for n in parties {
+                match he_bench::bench_he(n.max(3), values.max(1), bits.clamp(1, 32), repeat.max(1)) {
+                    Ok(v) => println!("{v}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            std::process::exit(i32::from(failed));
         }
         Command::DpSgd { steps, repeat } => match bench_dp_sgd(steps.max(1), repeat.max(1)) {
             Ok(lines) => lines.iter().for_each(|v| println!("{v}")),

@@ -6,10 +6,12 @@
 //!   ([`revocation`]) and certificate-bound signatures ([`identity`]); SecAgg+'s primitives and sans-IO state
 //!   machines ([`secagg`]);
 //! * protocol layer: [`aggregation`], every way the parties' updates are
-//!   combined (plaintext, SecAgg+; threshold HE next) behind one pair of
+//!   combined (plaintext, SecAgg+; threshold HE in [`he`], its protocol next) behind one pair of
 //!   traits that the coordinator's and the party's sessions drive.
 
 pub mod aggregation;
+#[cfg(feature = "he")]
+pub mod he;
 pub mod identity;
 pub mod pki;
 pub mod revocation;

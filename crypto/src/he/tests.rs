@@ -1,0 +1,360 @@
+//! End-to-end tests of the HE layer: key generation, encryption, addition,
+//! threshold decryption over random party counts, thresholds and dropout
+//! sets; collusion below the threshold; bad decryption shares.
+
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+use super::decrypt::lagrange_at_zero;
+use super::params::{HeParams, point, threshold_for};
+use super::ring::{self, N};
+use super::*;
+use crate::Error;
+
+struct Federation {
+    params: HeParams,
+    pk: PublicKey,
+    keys: Vec<KeyShare>,
+}
+
+fn federation(n: usize, tau: usize, bits: u32, budget_log2: u32) -> Federation {
+    let params = HeParams::new(n, tau, bits, budget_log2, 2).unwrap();
+    let crp = CommonPoly::derive(b"test spec hash | epoch 0");
+    let mut rng = Csprng::from_os();
+    let dealings: Vec<Dealing> = (0..n).map(|i| deal(&params, &crp, i, &mut rng).unwrap()).collect();
+    let pk = PublicKey::assemble(&crp, &dealings.iter().map(|d| d.public_share.clone()).collect::<Vec<_>>()).unwrap();
+    let keys = (0..n)
+        .map(|j| {
+            let mine: Vec<SecretShare> = dealings.iter().map(|d| d.shares[j].clone()).collect();
+            KeyShare::assemble(&params, j, &mine, 0).unwrap()
+        })
+        .collect();
+    Federation { params, pk, keys }
+}
+
+fn random_values(rng: &mut impl Rng, len: usize, bits: u32) -> Vec<u32> {
+    (0..len).map(|_| (rng.random::<u64>() & ((1u64 << bits) - 1)) as u32).collect()
+}
+
+fn expected_sum(inputs: &[Vec<u32>], bits: u32) -> Vec<u32> {
+    let mask = (1u64 << bits) - 1;
+    (0..inputs[0].len()).map(|i| (inputs.iter().map(|v| v[i] as u64).sum::<u64>() & mask) as u32).collect()
+}
+
+/// Encrypts each contributor's input and sums the ciphertexts.
+fn aggregate(f: &Federation, inputs: &[Vec<u32>]) -> Aggregate {
+    let mut rng = Csprng::from_os();
+    let len = inputs[0].len();
+    let mut agg = Aggregate::new(len.div_ceil(N) * N);
+    for input in inputs {
+        let ct = f.pk.precompute(len, &mut rng).encrypt(&f.params, input).unwrap();
+        // Through the wire form, as a coordinator receives it.
+        let ct = Ciphertext::from_bytes(&f.params, len, &ct.to_bytes(&f.params), "party").unwrap();
+        agg.add(&ct.c0, &ct.c1, 1, &f.params).unwrap();
+    }
+    agg
+}
+
+fn shares(
+    f: &mut Federation,
+    agg: &Aggregate,
+    decryptors: &[usize],
+    answering: &[usize],
+) -> Vec<Option<DecryptionShare>> {
+    let mut rng = Csprng::from_os();
+    decryptors
+        .iter()
+        .map(|&j| {
+            answering
+                .contains(&j)
+                .then(|| f.keys[j].decryption_share(&f.params, &agg.c1, decryptors, &mut rng).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn sums_decrypt_exactly_and_wrap_modulo_2_to_the_b() {
+    let mut f = federation(5, 3, 16, 26);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+    let mut inputs: Vec<Vec<u32>> = (0..4).map(|_| random_values(&mut rng, 5000, 16)).collect();
+    inputs[0][0] = 0xffff; // wraps
+    inputs[1][0] = 0xffff;
+    let agg = aggregate(&f, &inputs);
+    let all = [0, 1, 2, 3, 4];
+    let s = shares(&mut f, &agg, &all, &all);
+    let out = combine(&f.params, &agg, &all, &s, 5000).unwrap();
+    assert_eq!(out.values, expected_sum(&inputs, 16));
+    assert!(out.faulty.is_empty());
+    // A decryptor that vanishes after the set was fixed costs nothing while τ + 1 answer.
+    let s = shares(&mut f, &agg, &all, &[0, 2, 3, 4]);
+    assert_eq!(combine(&f.params, &agg, &all, &s, 5000).unwrap().values, expected_sum(&inputs, 16));
+}
+
+#[test]
+fn below_tau_plus_one_answers_fails_cleanly_naming_the_missing() {
+    let mut f = federation(5, 3, 16, 26);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
+    let inputs: Vec<Vec<u32>> = (0..3).map(|_| random_values(&mut rng, 100, 16)).collect();
+    let agg = aggregate(&f, &inputs);
+    let all = [0, 1, 2, 3, 4];
+    let s = shares(&mut f, &agg, &all, &[1, 3, 4]);
+    let err = combine(&f.params, &agg, &all, &s, 100).unwrap_err();
+    assert!(matches!(err, Error::BelowThreshold(_)), "{err}");
+    assert!(err.to_string().contains("[0, 2]"), "{err}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Random party counts, corruption bounds, contributor sets, decryption
+    /// sets and dropouts inside them: the exact sum, or a clean failure — never
+    /// a wrong sum.
+    #[test]
+    fn random_federations_decrypt_exactly_or_fail_cleanly(
+        n in 3usize..9,
+        corrupt_frac in 0.0f64..0.3,
+        seed in any::<u64>(),
+    ) {
+        let c = (corrupt_frac * n as f64) as usize;
+        let tau = threshold_for(n, c);
+        prop_assume!(tau < n); // τ + 1 decryptors must exist
+        let bits = 12;
+        let mut f = federation(n, tau, bits, 24);
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+        let contributors = rng.random_range(1..=n);
+        let len = rng.random_range(1..2 * N);
+        let inputs: Vec<Vec<u32>> = (0..contributors).map(|_| random_values(&mut rng, len, bits)).collect();
+        let agg = aggregate(&f, &inputs);
+        let size = rng.random_range(tau + 1..=n);
+        let mut all: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() { all.swap(i, rng.random_range(0..=i)); }
+        let mut decryptors = all[..size].to_vec();
+        decryptors.sort_unstable();
+        let answering: Vec<usize> = decryptors.iter().copied().filter(|_| rng.random_bool(0.8)).collect();
+        let s = shares(&mut f, &agg, &decryptors, &answering);
+        match combine(&f.params, &agg, &decryptors, &s, len) {
+            Ok(out) => {
+                prop_assert!(answering.len() > tau);
+                prop_assert_eq!(out.values, expected_sum(&inputs, bits));
+                prop_assert!(out.faulty.is_empty());
+            }
+            Err(Error::BelowThreshold(_)) => prop_assert!(answering.len() <= tau),
+            Err(e) => prop_assert!(false, "unexpected error {e}"),
+        }
+    }
+}
+
+/// The coordinator plus τ − 1 parties hold τ − 1 key shares. Interpolating
+/// them (the best linear use) and decrypting the victim's ciphertext yields
+/// values unrelated to the victim's input.
+#[test]
+fn a_coalition_below_the_threshold_learns_noise_not_the_value() {
+    let f = federation(7, 4, 16, 26);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+    let victim = random_values(&mut rng, N, 16);
+    let ct = f.pk.precompute(N, &mut Csprng::from_os()).encrypt(&f.params, &victim).unwrap();
+    // Control: τ raw key shares do decrypt (so the test can fail).
+    let decrypt_with = |coalition: &[usize]| -> Vec<u32> {
+        let pts: Vec<i64> = coalition.iter().map(|&j| point(j)).collect();
+        let mut s_ntt = ring::zero();
+        for (pos, &j) in coalition.iter().enumerate() {
+            let mut y = f.keys[j].y_ntt.clone();
+            ring::scale_assign(&mut y, lagrange_at_zero(&pts, pos).unwrap());
+            ring::add_assign(&mut s_ntt, &y);
+        }
+        let mut c1 = ct.c1.clone();
+        ring::ntt(&mut c1);
+        ring::mul_ntt_assign(&mut c1, &s_ntt);
+        ring::intt(&mut c1);
+        let k = f.params.switch_bits;
+        let shift = k - f.params.bits;
+        ct.c0
+            .iter()
+            .zip(&c1)
+            .map(|(&c0, &d)| {
+                let w = c0.wrapping_add(ring::switch_to_pow2(d, k)) & ((1u64 << k) - 1);
+                ((w.wrapping_add(1 << (shift - 1)) & ((1u64 << k) - 1)) >> shift) as u32
+            })
+            .collect()
+    };
+    assert_eq!(decrypt_with(&[0, 2, 4, 6]), victim);
+    let guess = decrypt_with(&[1, 3, 5]);
+    let agree = guess.iter().zip(&victim).filter(|(a, b)| a == b).count();
+    // Independent uniform 16-bit values agree on ~N/65536 slots; 5 or more is < 1e-4 likely.
+    assert!(agree < 5, "{agree} of {N} slots recovered");
+    // And the high byte is uncorrelated too (not "noise around the value").
+    let close = guess.iter().zip(&victim).filter(|(a, b)| (**a as i64 - **b as i64).abs() < 256).count();
+    assert!(close < 64, "{close} slots within 256");
+}
+
+/// One decryptor sends a bad share, in each way an attacker would try; the
+/// result is the true sum with the sender named (τ + 2 answers), or an error
+/// (τ + 1 answers) — never a wrong sum.
+#[test]
+fn a_bad_decryption_share_is_caught_and_named() {
+    let mut f = federation(6, 4, 16, 26);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
+    let inputs: Vec<Vec<u32>> = (0..6).map(|_| random_values(&mut rng, 3000, 16)).collect();
+    let truth = expected_sum(&inputs, 16);
+    let agg = aggregate(&f, &inputs);
+    let all: Vec<usize> = (0..6).collect();
+    let honest = shares(&mut f, &agg, &all, &all);
+    let k = f.params.switch_bits;
+    let kmask = (1u64 << k) - 1;
+    let step = 1u64 << (k - f.params.bits);
+    let x_b = point(2) as u64; // the cheater is key party 2
+    let x_inv = {
+        let mut y = x_b;
+        for _ in 0..5 {
+            y = y.wrapping_mul(2u64.wrapping_sub(x_b.wrapping_mul(y)));
+        }
+        y
+    };
+    type Attack = Box<dyn Fn(&mut Vec<u64>)>;
+    let attacks: Vec<(&str, Attack)> = vec![
+        ("plaintext shift", Box::new(move |d: &mut Vec<u64>| d[7] = (d[7] + 5 * step) & kmask)),
+        ("random slot", Box::new(move |d: &mut Vec<u64>| d[100] ^= 0x1234_5678_9abc & kmask)),
+        ("modular", Box::new(move |d: &mut Vec<u64>| d[9] = (d[9].wrapping_add(step.wrapping_mul(x_inv))) & kmask)),
+        (
+            "whole share",
+            Box::new(move |d: &mut Vec<u64>| {
+                d.iter_mut().enumerate().for_each(|(i, v)| *v = (i as u64 * 7919) & kmask)
+            }),
+        ),
+        ("every slot shifted", Box::new(move |d: &mut Vec<u64>| d.iter_mut().for_each(|v| *v = (*v + step) & kmask))),
+    ];
+    for (name, attack) in &attacks {
+        let mut bad = honest.clone();
+        if let Some(d) = bad[2].as_mut() {
+            attack(&mut d.0);
+        }
+        let out = combine(&f.params, &agg, &all, &bad, 3000).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(out.values, truth, "{name}");
+        assert_eq!(out.faulty, vec![2], "{name}");
+        // With only τ + 1 answers it is detected but cannot be named.
+        let mut fewer = bad.clone();
+        fewer[5] = None;
+        let err = combine(&f.params, &agg, &all, &fewer, 3000).unwrap_err();
+        assert!(matches!(err, Error::PeerMisbehaved { .. }), "{name}: {err}");
+        assert!(err.to_string().contains("one of key parties [0, 1, 2, 3, 4]"), "{name}: {err}");
+    }
+    // A tiny perturbation inside the noise margin is harmless: still the true sum.
+    let mut tiny = honest.clone();
+    if let Some(d) = tiny[2].as_mut() {
+        d.0[11] = (d.0[11] + 3) & kmask;
+    }
+    assert_eq!(combine(&f.params, &agg, &all, &tiny, 3000).unwrap().values, truth);
+}
+
+#[test]
+fn decryptors_refuse_bad_requests_and_an_exhausted_budget() {
+    let mut f = federation(5, 3, 16, 13); // budget 8192 coefficients: two blocks
+    let inputs = vec![vec![1u32; 10]; 3];
+    let agg = aggregate(&f, &inputs);
+    let mut rng = Csprng::from_os();
+    let p = f.params.clone();
+    let key = &mut f.keys[0];
+    let e = key.decryption_share(&p, &agg.c1, &[1, 2, 3, 4], &mut rng).unwrap_err();
+    assert!(e.to_string().contains("without this party"), "{e}");
+    let e = key.decryption_share(&p, &agg.c1, &[0, 2, 1, 3], &mut rng).unwrap_err();
+    assert!(e.to_string().contains("sorted"), "{e}");
+    let e = key.decryption_share(&p, &agg.c1, &[0, 1, 2], &mut rng).unwrap_err();
+    assert!(e.to_string().contains("τ + 1 = 4"), "{e}");
+    let e = key.decryption_share(&p, &agg.c1, &[0, 1, 2, 9], &mut rng).unwrap_err();
+    assert!(e.to_string().contains("outside"), "{e}");
+    key.decryption_share(&p, &agg.c1, &[0, 1, 2, 3], &mut rng).unwrap();
+    key.decryption_share(&p, &agg.c1, &[0, 1, 2, 3], &mut rng).unwrap();
+    assert_eq!(key.decrypted(), 8192);
+    let e = key.decryption_share(&p, &agg.c1, &[0, 1, 2, 3], &mut rng).unwrap_err();
+    assert!(e.to_string().contains("key budget exhausted"), "{e}");
+}
+
+#[test]
+fn malformed_ciphertexts_are_rejected_naming_the_sender() {
+    let f = federation(3, 2, 16, 20);
+    let ct = f.pk.precompute(10, &mut Csprng::from_os()).encrypt(&f.params, &[3; 10]).unwrap();
+    let bytes = ct.to_bytes(&f.params);
+    assert_eq!(bytes.len(), f.params.ciphertext_bytes(10));
+    let e = Ciphertext::from_bytes(&f.params, 10, &bytes[1..], "hospital-b").unwrap_err();
+    assert!(e.to_string().contains("hospital-b") && e.to_string().contains("expected"), "{e}");
+    // A c1 coefficient at q (encodable in 62 bits, but not a residue).
+    let mut bad = ct.clone();
+    bad.c1[5] = ring::Q;
+    let e = Ciphertext::from_bytes(&f.params, 10, &bad.to_bytes(&f.params), "hospital-c").unwrap_err();
+    assert!(e.to_string().contains("hospital-c") && e.to_string().contains("below q"), "{e}");
+    let e = Ciphertext::from_bytes(&f.params, 5000, &bytes, "hospital-d").unwrap_err();
+    assert!(e.to_string().contains("hospital-d"), "{e}");
+    // Values wider than b bits are refused before encryption.
+    let e = f.pk.precompute(1, &mut Csprng::from_os()).encrypt(&f.params, &[1 << 16]).unwrap_err();
+    assert!(e.to_string().contains("16 bits"), "{e}");
+}
+
+#[test]
+fn the_linear_hash_of_a_sum_is_the_sum_of_hashes_and_binds_every_coefficient() {
+    let f = federation(3, 2, 16, 20);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+    let cts: Vec<Ciphertext> = (0..3)
+        .map(|_| {
+            f.pk.precompute(5000, &mut Csprng::from_os())
+                .encrypt(&f.params, &random_values(&mut rng, 5000, 16))
+                .unwrap()
+        })
+        .collect();
+    let mut agg = Aggregate::new(2 * N);
+    for ct in &cts {
+        agg.add(&ct.c0, &ct.c1, 1, &f.params).unwrap();
+    }
+    let h = LinearHash::new(b"job 1 round 4 commitment abc");
+    let parts: Vec<[u64; 3]> = cts.iter().map(|ct| h.hash(&[&ct.c0, &ct.c1])).collect();
+    let expected = hash::sum_hashes(&parts);
+    assert_eq!(h.hash(&[&agg.c0, &agg.c1]), expected);
+    // The aggregate without one party, or with one coefficient changed, does not match.
+    let mut partial = Aggregate::new(2 * N);
+    partial.add(&cts[0].c0, &cts[0].c1, 1, &f.params).unwrap();
+    assert_ne!(h.hash(&[&partial.c0, &partial.c1]), expected);
+    let mut tweaked = agg.clone();
+    tweaked.c1[2 * N - 1] = ring::add_mod(tweaked.c1[2 * N - 1], 1);
+    assert_ne!(h.hash(&[&tweaked.c0, &tweaked.c1]), expected);
+    // Another transcript gives other coefficients.
+    assert_ne!(LinearHash::new(b"job 1 round 5").hash(&[&agg.c0, &agg.c1]), expected);
+}
+
+#[test]
+fn key_generation_known_answers() {
+    // The common random polynomial is a pure function of the transcript.
+    let crp = CommonPoly::derive(b"confide he known answer");
+    let mut h = blake3::Hasher::new();
+    for v in &crp.a_ntt {
+        h.update(&v.to_le_bytes());
+    }
+    assert_eq!(h.finalize().to_hex().as_str(), KAT_CRP);
+    // A dealing reconstructs: any τ shares interpolate to the dealer's public relation
+    // p_i + a·s_i = e_i (small).
+    let params = HeParams::new(4, 3, 16, 20, 1).unwrap();
+    let d = deal(&params, &crp, 1, &mut Csprng::for_tests(9)).unwrap();
+    let pts: Vec<i64> = [0usize, 2, 3].iter().map(|&j| point(j)).collect();
+    let mut s = ring::zero();
+    for (pos, &j) in [0usize, 2, 3].iter().enumerate() {
+        let mut y = d.shares[j].to_bytes();
+        let share = SecretShare::from_bytes(&y, 1, j, "dealer").unwrap();
+        y.clear();
+        let mut v = share_values(&share);
+        ring::scale_assign(&mut v, lagrange_at_zero(&pts, pos).unwrap());
+        ring::add_assign(&mut s, &v);
+    }
+    assert!(s.iter().all(|&c| ring::centred(c).abs() <= 1), "the interpolated secret is ternary");
+    let mut a = crp.a_ntt.clone();
+    ring::intt(&mut a);
+    // intt of an NTT-domain vector without the 1/N: normalise.
+    tfhe_ntt::prime64::Plan::try_new(N, ring::Q).unwrap().normalize(&mut a);
+    let mut e = ring::mul(&a, &s);
+    ring::add_assign(&mut e, &d.public_share.0);
+    assert!(e.iter().all(|&c| ring::centred(c).abs() < 40), "p_i + a·s_i is a small error");
+}
+
+fn share_values(s: &SecretShare) -> Vec<u64> {
+    // Through the wire form: the only public accessor.
+    super::pack::unpack(&s.to_bytes(), N, 62, "share").unwrap()
+}
+
+const KAT_CRP: &str = "d74b21288b1725191371e27418fd1a284d76921522b6da1a59a6126a3e8bf830";
