@@ -7,7 +7,7 @@
 //! flooding noise and a cross-check of surplus shares ([`decrypt`]), and a
 //! linear hash that lets decryptors verify what they are asked to decrypt
 //! ([`hash`]). Built on TFHE-rs: its CSPRNG and XOF for all randomness and
-//! `tfhe-ntt` (the NTT TFHE-rs uses) for products in Z_q[X]/(X^N + 1).
+//! `tfhe-ntt` (the NTT TFHE-rs uses) for products in Z_q\[X\]/(X^N + 1).
 //!
 //! TFHE-rs is licensed BSD-3-Clause-Clear with Zama's patent terms (free for
 //! research and prototyping; commercial use needs Zama's patent licence):

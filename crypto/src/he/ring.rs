@@ -1,4 +1,4 @@
-//! Arithmetic in R_q = Z_q[X]/(X^N + 1) with q = 2^62 − 2^16 + 1 (prime), on
+//! Arithmetic in R_q = Z_q\[X\]/(X^N + 1) with q = 2^62 − 2^16 + 1 (prime), on
 //! `tfhe-ntt`'s 64-bit prime NTT.
 //!
 //! A prime modulus (not TFHE's 2^64) because Shamir-shared keys need
