@@ -82,7 +82,7 @@ pub fn bench_he(parties: usize, values: usize, bits: u32, repeat: usize) -> Resu
         combine.push(t_comb);
     }
     // Each add above is one ciphertext; "add" is the server's total for all parties.
-    let add_total = median(add.clone()) * parties as f64;
+    let add_total = median(add) * parties as f64;
     let upload = params.ciphertext_bytes(values);
     let f32_bytes = 4 * values;
     let share_bytes = he::pack::packed_len(slots, params.switch_bits);

@@ -284,7 +284,7 @@ impl Ctx<'_> {
 
 /// The inverse of an odd `x` modulo 2^64 (Newton–Hensel: five steps double the
 /// correct bits from 3 to 96).
-fn inverse_mod_2_64(x: u64) -> u64 {
+pub(crate) fn inverse_mod_2_64(x: u64) -> u64 {
     let mut y = x; // correct to 3 bits for odd x
     for _ in 0..5 {
         y = y.wrapping_mul(2u64.wrapping_sub(x.wrapping_mul(y)));

@@ -77,7 +77,7 @@ impl EncryptionMasks {
     }
 
     /// Encrypts `values` (each below 2^b) with this randomness, consuming it.
-    pub fn encrypt(self, params: &HeParams, values: &[u32]) -> Result<Ciphertext, Error> {
+    pub fn encrypt(mut self, params: &HeParams, values: &[u32]) -> Result<Ciphertext, Error> {
         if values.len() > self.slots() {
             return Err(Error::InvalidInput(format!(
                 "he: {} values for randomness precomputed for {} slots",
@@ -90,14 +90,16 @@ impl EncryptionMasks {
             return Err(Error::InvalidInput(format!("he: value {i} does not fit in {} bits", params.bits)));
         }
         let k = params.switch_bits;
-        let mut c0 = self.c0.clone();
+        // Taken, not copied: the masks become the ciphertext in place (c0 is no
+        // longer secret once the plaintext is added and it is switched).
+        let mut c0 = std::mem::take(&mut self.c0);
         for (c, &m) in c0.iter_mut().zip(values) {
             *c = ring::add_mod(*c, encode(m as u64, params.bits));
         }
         for c in c0.iter_mut() {
             *c = ring::switch_to_pow2(*c, k);
         }
-        let c1 = self.c1.clone();
+        let c1 = std::mem::take(&mut self.c1);
         Ok(Ciphertext { c0, c1 })
     }
 }
@@ -160,7 +162,7 @@ impl Aggregate {
         }
         // Integer sums of k-bit values stay below 2^64 while count < 2^(64−k).
         let total = self.count + count;
-        if params.switch_bits < 64 && (total as u128) >= (1u128 << (64 - params.switch_bits)) {
+        if (total as u128) >= (1u128 << (64 - params.switch_bits)) {
             return Err(Error::InvalidInput(format!("he: {total} ciphertexts overflow the c0 sum")));
         }
         for (a, &b) in self.c0.iter_mut().zip(c0) {

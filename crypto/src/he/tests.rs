@@ -203,13 +203,7 @@ fn a_bad_decryption_share_is_caught_and_named() {
     let kmask = (1u64 << k) - 1;
     let step = 1u64 << (k - f.params.bits);
     let x_b = point(2) as u64; // the cheater is key party 2
-    let x_inv = {
-        let mut y = x_b;
-        for _ in 0..5 {
-            y = y.wrapping_mul(2u64.wrapping_sub(x_b.wrapping_mul(y)));
-        }
-        y
-    };
+    let x_inv = super::decrypt::inverse_mod_2_64(x_b);
     type Attack = Box<dyn Fn(&mut Vec<u64>)>;
     let attacks: Vec<(&str, Attack)> = vec![
         ("plaintext shift", Box::new(move |d: &mut Vec<u64>| d[7] = (d[7] + 5 * step) & kmask)),
