@@ -364,7 +364,7 @@ fn party_config(
         revocation_list: None,
         ledger: None,
         datasets: [(dataset.to_string(), source)].into(),
-        policy: Policy { aggregation: vec!["none".into(), "secagg".into()], ..Policy::default() },
+        policy: Policy { aggregation: vec!["none".into(), "secagg".into(), "he".into()], ..Policy::default() },
         reconnect: Reconnect::default(),
         limits: Limits::default(),
         fault: Default::default(),
@@ -526,10 +526,12 @@ fn privacy_table(privacy: &str) -> Result<&'static str, String> {
     match privacy {
         "none" => Ok(""),
         "secagg" => Ok("[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 1000\n"),
+        // A key budget of 2^24 coefficients: one key for 16 rounds of 10^6 values.
+        "he" => Ok("[aggregation]\nprotocol = \"he\"\n[aggregation.he]\nmax_examples = 1000\nkey_budget_log2 = 24\n"),
         // Party-level DP with distributed noise under secagg.
         "secagg-dp" => Ok("[aggregation]\nprotocol = \"secagg\"\n[dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\n\
                            update_clip = 1.0\n"),
-        other => Err(format!("--privacy {other}: unknown (none, secagg, secagg-dp)")),
+        other => Err(format!("--privacy {other}: unknown (none, secagg, secagg-dp, he)")),
     }
 }
 
@@ -772,7 +774,8 @@ async fn bench_train_rounds(privacy: &str, rounds: u32) -> Result<serde_json::Va
     spec.aggregation = match privacy {
         "none" => AggregationSpec::default(),
         "secagg" => AggregationSpec { protocol: "secagg".into(), settings: toml::toml! { max_examples = 1000 } },
-        other => return Err(format!("--privacy {other}: unknown (none, secagg)")),
+        "he" => AggregationSpec { protocol: "he".into(), settings: toml::toml! { max_examples = 1000 } },
+        other => return Err(format!("--privacy {other}: unknown (none, secagg, he)")),
     };
     let text = spec.to_toml();
     let dir = fed.dir.path().to_path_buf();

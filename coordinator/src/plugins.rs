@@ -90,7 +90,7 @@ pub fn builtin_strategy(config: &StrategyConfig) -> Option<Box<dyn Strategy>> {
 }
 
 impl Plugins {
-    /// The built-in strategies, protocols (`none`, `secagg`) and kinds (`train`, `evaluate`).
+    /// The built-in strategies, protocols (`none`, `secagg`, `he`) and kinds (`train`, `evaluate`).
     pub fn new() -> Self {
         Plugins::default()
     }

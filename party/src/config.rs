@@ -117,7 +117,7 @@ pub struct Policy {
     /// Job kinds accepted (`train`, `evaluate`, or a kind this build registers).
     #[serde(default = "default_kinds")]
     pub job_kinds: Vec<String>,
-    /// Aggregation protocols accepted (`none`, `secagg`, or one this build
+    /// Aggregation protocols accepted (`none`, `secagg`, `he`, or one this build
     /// registers): e.g. `["secagg"]` requires secure aggregation.
     #[serde(default = "default_aggregation")]
     pub aggregation: Vec<String>,

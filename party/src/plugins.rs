@@ -85,7 +85,7 @@ impl Default for PartyPlugins {
 
 impl PartyPlugins {
     /// The built-in trainers (for the party's `[models]` and threads),
-    /// protocols (`none`, `secagg`) and kinds (`train`, `evaluate`).
+    /// protocols (`none`, `secagg`, `he`) and kinds (`train`, `evaluate`).
     pub fn new() -> Self {
         PartyPlugins::default()
     }

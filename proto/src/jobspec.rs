@@ -342,7 +342,7 @@ impl From<&StrategyConfig> for RawStrategy {
 /// and its settings (the spec's `[aggregation.NAME]` table).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AggregationSpec {
-    /// The protocol (`none`, `secagg`, ...).
+    /// The protocol (`none`, `secagg`, `he`, ...).
     pub protocol: String,
     /// Its settings table as written (the protocol fills in defaults).
     pub settings: toml::Table,

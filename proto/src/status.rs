@@ -126,7 +126,7 @@ pub struct RoundRecord {
 /// How a job protects the parties' data, and what it has spent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyStatus {
-    /// The aggregation protocol (`none`, `secagg`, ...).
+    /// The aggregation protocol (`none`, `secagg`, `he`, ...).
     pub aggregation: String,
     /// The differential-privacy level, when the job has one (null otherwise).
     #[serde(default)]

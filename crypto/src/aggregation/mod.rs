@@ -25,6 +25,9 @@
 //!   example-weighted sum.
 //! * [`update`]: the encoding of an update into a modular sum (fixed point,
 //!   example weight), written once for every protocol that sums.
+//! * `he` (`he`, feature `he`): threshold-RLWE homomorphic encryption under
+//!   a collective key; the coordinator adds ciphertexts and learns only the
+//!   example-weighted sum.
 //! * [`sum`]: secure sums of statistics (setup feature sums, evaluation
 //!   metrics), so that protocols that hide updates hide these too.
 
@@ -36,6 +39,8 @@ use confide_algorithms::{FitConfig, Parameters};
 use crate::Error;
 use crate::secagg::protocol::{IdentitySigner, IdentityVerifier};
 
+#[cfg(feature = "he")]
+pub mod he;
 pub mod plain;
 pub mod secagg;
 pub mod sum;
@@ -616,10 +621,15 @@ impl Default for Protocols {
 }
 
 impl Protocols {
-    /// The protocols built into Confide: `none` and `secagg`.
+    /// The protocols built into Confide: `none`, `secagg` and (feature `he`) `he`.
     pub fn builtin() -> &'static Protocols {
         static BUILTIN: OnceLock<Protocols> = OnceLock::new();
-        BUILTIN.get_or_init(|| Protocols { by_name: BTreeMap::new() }.with(plain::Plain).with(secagg::SecAggPlus))
+        BUILTIN.get_or_init(|| {
+            let protocols = Protocols { by_name: BTreeMap::new() }.with(plain::Plain).with(secagg::SecAggPlus);
+            #[cfg(feature = "he")]
+            let protocols = protocols.with(he::ThresholdHe);
+            protocols
+        })
     }
 
     /// These protocols and `protocol` (replacing one of the same name).

@@ -60,7 +60,70 @@ pub struct Dealing {
     pub shares: Vec<SecretShare>,
 }
 
-/// Deals party `dealer`'s key material for a key of `params.key_parties` parties.
+/// A dealer's secret s_i between committing to p_i and dealing its shares:
+/// the key epoch's size (and so the Shamir threshold) is known only once
+/// every commitment is in. Consumed by [`DealerSecret::deal`]; zeroized on drop.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct DealerSecret {
+    secret: Poly,
+}
+
+impl std::fmt::Debug for DealerSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DealerSecret(..)")
+    }
+}
+
+impl DealerSecret {
+    /// Draws s_i (ternary) and e_i and returns s_i with p_i = e_i − a·s_i,
+    /// which the dealer commits to before anyone reveals theirs.
+    pub fn generate(crp: &CommonPoly, rng: &mut Csprng) -> (DealerSecret, PublicKeyShare) {
+        let secret = rng.ternary();
+        let mut a_s = secret.clone();
+        ring::ntt(&mut a_s);
+        ring::mul_ntt_assign(&mut a_s, &crp.a_ntt);
+        ring::intt(&mut a_s);
+        let mut public = rng.gaussian(SIGMA);
+        ring::sub_assign(&mut public, &a_s);
+        a_s.zeroize();
+        (DealerSecret { secret }, PublicKeyShare(public))
+    }
+
+    /// Shares s_i among the key's `params.key_parties` parties as `dealer`:
+    /// F_i(x_j) for every j, F_i of degree τ − 1 with uniform coefficients.
+    pub fn deal(self, params: &HeParams, dealer: usize, rng: &mut Csprng) -> Result<Vec<SecretShare>, Error> {
+        if dealer >= params.key_parties {
+            return Err(Error::InvalidInput(format!(
+                "he: dealer index {dealer} outside the key's {} parties",
+                params.key_parties
+            )));
+        }
+        let mut coefficients: Vec<Poly> = (1..params.threshold).map(|_| rng.uniform()).collect();
+        let shares = params
+            .points()
+            .iter()
+            .enumerate()
+            .map(|(recipient, &x)| {
+                let x = ring::from_signed(x);
+                // Horner: ((R_{τ−1}·x + R_{τ−2})·x + …)·x + s_i
+                let mut y = ring::zero();
+                for c in coefficients.iter().rev() {
+                    ring::add_assign(&mut y, c);
+                    ring::scale_assign(&mut y, x);
+                }
+                ring::add_assign(&mut y, &self.secret);
+                SecretShare { dealer, recipient, values: y }
+            })
+            .collect();
+        for c in coefficients.iter_mut() {
+            c.zeroize();
+        }
+        Ok(shares)
+    }
+}
+
+/// Deals party `dealer`'s key material for a key of `params.key_parties`
+/// parties in one step (when the key's size is known up front).
 pub fn deal(params: &HeParams, crp: &CommonPoly, dealer: usize, rng: &mut Csprng) -> Result<Dealing, Error> {
     if dealer >= params.key_parties {
         return Err(Error::InvalidInput(format!(
@@ -68,39 +131,9 @@ pub fn deal(params: &HeParams, crp: &CommonPoly, dealer: usize, rng: &mut Csprng
             params.key_parties
         )));
     }
-    let mut secret = rng.ternary();
-    // p_i = e_i − a·s_i
-    let mut a_s = secret.clone();
-    ring::ntt(&mut a_s);
-    ring::mul_ntt_assign(&mut a_s, &crp.a_ntt);
-    ring::intt(&mut a_s);
-    let mut public = rng.gaussian(SIGMA);
-    ring::sub_assign(&mut public, &a_s);
-    a_s.zeroize();
-
-    // F_i(x) = s_i + R_1 x + … + R_{τ−1} x^{τ−1}, coefficients uniform mod q.
-    let mut coefficients: Vec<Poly> = (1..params.threshold).map(|_| rng.uniform()).collect();
-    let shares = params
-        .points()
-        .iter()
-        .enumerate()
-        .map(|(recipient, &x)| {
-            let x = ring::from_signed(x);
-            // Horner: ((R_{τ−1}·x + R_{τ−2})·x + …)·x + s_i
-            let mut y = ring::zero();
-            for c in coefficients.iter().rev() {
-                ring::add_assign(&mut y, c);
-                ring::scale_assign(&mut y, x);
-            }
-            ring::add_assign(&mut y, &secret);
-            SecretShare { dealer, recipient, values: y }
-        })
-        .collect();
-    secret.zeroize();
-    for c in coefficients.iter_mut() {
-        c.zeroize();
-    }
-    Ok(Dealing { public_share: PublicKeyShare(public), shares })
+    let (secret, public_share) = DealerSecret::generate(crp, rng);
+    let shares = secret.deal(params, dealer, rng)?;
+    Ok(Dealing { public_share, shares })
 }
 
 impl PublicKeyShare {

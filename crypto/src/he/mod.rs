@@ -28,6 +28,6 @@ mod tests;
 pub use decrypt::{Decrypted, DecryptionShare, combine};
 pub use encrypt::{Aggregate, Ciphertext, EncryptionMasks};
 pub use hash::LinearHash;
-pub use keygen::{CommonPoly, Dealing, KeyShare, PublicKey, PublicKeyShare, SecretShare, deal};
+pub use keygen::{CommonPoly, DealerSecret, Dealing, KeyShare, PublicKey, PublicKeyShare, SecretShare, deal};
 pub use params::HeParams;
 pub use sample::Csprng;

@@ -1,0 +1,2616 @@
+//! `he`: threshold-RLWE homomorphic aggregation ([`crate::he`]) as an
+//! aggregation protocol. Parties encrypt their encoded updates under a
+//! collective public key whose secret is Shamir-shared among them; the
+//! coordinator only adds ciphertexts, and at least τ + 1 key parties decrypt
+//! the sum — each only after checking, with a linear hash, that it is the sum
+//! of the round's signed ciphertexts of at least `parties.min` parties.
+//!
+//! ```text
+//!  fit            round config (parties, keygen?, key epoch, bits, dim, clip, max_examples)
+//!                 keygen round: signed commitment to p_i and an X25519 key → he-key-deal
+//!                 otherwise:    signed upload record + ciphertext           → he-hash
+//!  he-key-deal    every signed commitment → p_i and one sealed Shamir share per key party
+//!  he-key-confirm the dealers' p_j and the shares addressed to the party
+//!                 → the party checks p_j against the commitments, assembles the key,
+//!                   and answers with its signed upload record + ciphertext
+//!  he-hash        the contributors and the coordinator's commitment to Σ c1
+//!                 → the party's signed linear hash of its own c1
+//!  he-decrypt     Σ c1, every upload record and hash (and the c1 of contributors that
+//!                 did not hash) → checked, the party's flooded decryption share
+//! ```
+//! A key epoch lasts until its flooding budget would be exceeded or a round
+//! has parties outside it; the coordinator then starts a new one (a keygen
+//! round). Everything a party can derive (threshold, parameters, the common
+//! random polynomial, the round binding) it derives from the spec it
+//! accepted; the binding is in every signature.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand_core::OsRng;
+use serde::{Deserialize, Serialize};
+use x25519_dalek::{PublicKey as DhPublic, StaticSecret};
+use zeroize::Zeroizing;
+
+use super::sum::{SumLayout, WideSum};
+use super::update::{NoisyUpdate, WeightedUpdate};
+use super::{
+    Aggregate, AggregationClient, AggregationProtocol, AggregationServer, Bulk, Envelope, JobFacts, LocalUpdate,
+    Messages, PartyIdentity, Peer, PeerVerifier, Problem, Progress, Quorum, Reveals, RoundInfo, StageName, SumRound,
+    parse_settings,
+};
+use crate::Error;
+use crate::he::{
+    self, Ciphertext, CommonPoly, Csprng, DealerSecret, DecryptionShare, HeParams, KeyShare, LinearHash, PublicKey,
+    PublicKeyShare, SecretShare,
+};
+use crate::secagg::prim;
+
+/// Parties reveal their public-key shares and deal their secret shares.
+pub const KEY_DEAL: StageName = StageName::new("he-key-deal");
+/// Parties assemble the collective key and upload their ciphertexts.
+pub const KEY_CONFIRM: StageName = StageName::new("he-key-confirm");
+/// Parties sign the linear hash of their ciphertext.
+pub const HASH: StageName = StageName::new("he-hash");
+/// Parties check the aggregate and send decryption shares.
+pub const DECRYPT: StageName = StageName::new("he-decrypt");
+
+/// Fewest parties whose ciphertexts a decryption may sum: with two, each
+/// learns the other's update from the sum.
+pub const MIN_ROUND_PARTIES: usize = 3;
+
+/// Most bytes of a signature or certificate relayed.
+const MAX_SIGNATURE: usize = 512;
+const MAX_CERTIFICATE: usize = 16 << 10;
+
+/// The threshold-HE protocol.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ThresholdHe;
+
+/// `[aggregation.he]` of a job spec.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeSettings {
+    /// γ: the fraction of a key epoch's parties that may be corrupt and
+    /// collude with the coordinator, in [0, 1/3). The threshold follows:
+    /// τ = ⌊(n + ⌊γn⌋)/2⌋ + 1 shares decrypt.
+    pub corrupt_fraction: f64,
+    /// Bits of the plaintext modulus the encoded sum lives in. Unset: the
+    /// most the job's largest key allows (each side derives it from the spec).
+    pub bits: Option<u32>,
+    /// Each coordinate of a party's (example-weighted) update is clipped to [-clip, clip].
+    pub clip: f32,
+    /// The most training examples one party may weigh in with.
+    pub max_examples: u64,
+    /// log2 of the coefficients a key may help decrypt before a new key
+    /// epoch (the flooding noise's Rényi budget), 10..=40.
+    pub key_budget_log2: u32,
+    /// Decryptors asked beyond τ + 1 (tolerated silent decryptors; with one
+    /// more than τ + 1 answering, a bad share's sender is named).
+    pub surplus: usize,
+}
+
+impl Default for HeSettings {
+    fn default() -> Self {
+        HeSettings {
+            corrupt_fraction: 0.1,
+            bits: None,
+            clip: 1.0,
+            max_examples: 10_000,
+            key_budget_log2: 20,
+            surplus: 2,
+        }
+    }
+}
+
+impl HeSettings {
+    /// The settings in `table` with defaults filled in; errors name the field.
+    pub fn from_table(table: &toml::Table) -> Result<Self, Vec<Problem>> {
+        parse_settings(table)
+    }
+
+    /// The plaintext bits: as set, or the most every key size the job
+    /// allows can decrypt exactly (at most 32).
+    pub fn plaintext_bits(&self, job: &JobFacts) -> u32 {
+        if let Some(b) = self.bits {
+            return b;
+        }
+        round_sizes(job)
+            .into_iter()
+            .map(|n| {
+                let t = he::params::threshold_for(n, self.corrupt_parties(n));
+                HeParams::new(n, t, 1, self.key_budget_log2.clamp(10, 40), self.surplus.max(1))
+                    .map_or(0, |p| p.max_bits())
+            })
+            .min()
+            .unwrap_or(0)
+            .min(he::params::MAX_BITS)
+    }
+
+    /// The bits once resolved ([`HeSettings::plaintext_bits`]).
+    fn b(&self) -> u32 {
+        self.bits.unwrap_or(he::params::MAX_BITS)
+    }
+
+    /// Corrupt parties tolerated among `n` key parties.
+    pub fn corrupt_parties(&self, n: usize) -> usize {
+        (self.corrupt_fraction * n as f64).floor() as usize
+    }
+
+    /// The parameters of a key epoch of `n` parties: every party computes
+    /// them from the spec and the epoch's size alone.
+    pub fn params(&self, n: usize) -> Result<HeParams, Error> {
+        if n < MIN_ROUND_PARTIES {
+            return Err(Error::BelowThreshold(format!(
+                "he: a key of {n} parties; at least {MIN_ROUND_PARTIES} are needed"
+            )));
+        }
+        let threshold = he::params::threshold_for(n, self.corrupt_parties(n));
+        if threshold + 1 > n {
+            return Err(Error::InvalidInput(format!(
+                "he: with {n} parties and corrupt_fraction {} the threshold is {threshold}; a checked \
+                 decryption needs τ + 1 = {} decryptors",
+                self.corrupt_fraction,
+                threshold + 1
+            )));
+        }
+        HeParams::new(n, threshold, self.b(), self.key_budget_log2, self.surplus.max(1))
+    }
+
+    fn check(&self, job: &JobFacts) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let s = HeSettings { bits: Some(self.plaintext_bits(job)), ..*self };
+        let s = &s;
+        if !(self.corrupt_fraction.is_finite() && (0.0..1.0 / 3.0).contains(&self.corrupt_fraction)) {
+            p.push(Problem::setting(
+                "corrupt_fraction",
+                format!("must be in [0, 1/3) (got {})", self.corrupt_fraction),
+            ));
+        }
+        if !(10..=40).contains(&self.key_budget_log2) {
+            p.push(Problem::setting("key_budget_log2", format!("must be 10..=40 (got {})", self.key_budget_log2)));
+        }
+        if !(1..=8).contains(&self.surplus) {
+            p.push(Problem::setting("surplus", format!("must be 1..=8 (got {})", self.surplus)));
+        }
+        if !(8..=he::params::MAX_BITS).contains(&s.b()) {
+            let why = if self.bits.is_some() {
+                "must be"
+            } else {
+                "the largest key's noise leaves fewer than 8; reduce key_budget_log2 or surplus, or the parties"
+            };
+            p.push(Problem::setting("bits", format!("{why} 8..={} (got {})", he::params::MAX_BITS, s.b())));
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            p.push(Problem::setting("clip", format!("must be positive and finite (got {})", self.clip)));
+        }
+        if job.min_parties < MIN_ROUND_PARTIES {
+            p.push(Problem::spec(
+                "parties.min",
+                format!("he needs at least {MIN_ROUND_PARTIES} parties (with 2, each learns the other's update from the sum)"),
+            ));
+        }
+        if !p.is_empty() {
+            return p;
+        }
+        let parties = job.party_bound();
+        if self.max_examples == 0 || (self.max_examples as u128) * (parties as u128) >= 1u128 << s.b() {
+            p.push(Problem::setting(
+                "max_examples",
+                format!("must be positive and {parties} × max_examples must fit in {} bits", s.b()),
+            ));
+        }
+        for n in round_sizes(job) {
+            if let Err(e) = s.params(n) {
+                let field = if e.to_string().contains("bits") { "bits" } else { "corrupt_fraction" };
+                p.push(Problem::setting(field, format!("for {n} parties: {e}")));
+            }
+        }
+        if WideSum::new(s.b(), parties).is_err() {
+            p.push(Problem::setting(
+                "bits",
+                format!("{} bits leave no room to sum {parties} parties' statistics", s.b()),
+            ));
+        }
+        p
+    }
+}
+
+/// The largest key epoch a job can have and, when smaller, the smallest.
+fn round_sizes(job: &JobFacts) -> Vec<usize> {
+    let largest = job.party_bound();
+    let mut sizes = vec![largest];
+    if job.min_parties < largest {
+        sizes.push(job.min_parties.max(MIN_ROUND_PARTIES));
+    }
+    sizes.retain(|&n| n >= MIN_ROUND_PARTIES);
+    sizes.dedup();
+    sizes
+}
+
+fn settings_for(table: &toml::Table, job: &JobFacts) -> Result<HeSettings, Error> {
+    let mut s = HeSettings::from_table(table).map_err(|p| problems(&p))?;
+    s.bits = Some(s.plaintext_bits(job));
+    let checked = s.check(job);
+    if checked.is_empty() { Ok(s) } else { Err(problems(&checked)) }
+}
+
+fn problems(p: &[Problem]) -> Error {
+    let text: Vec<String> = p.iter().map(|p| format!("{}: {}", p.field, p.message)).collect();
+    Error::InvalidInput(format!("aggregation.he: {}", text.join("; ")))
+}
+
+impl AggregationProtocol for ThresholdHe {
+    fn name(&self) -> &'static str {
+        "he"
+    }
+
+    fn describe(&self) -> &'static str {
+        "threshold homomorphic encryption under a collective key no party holds; the coordinator adds \
+         ciphertexts and learns only the example-weighted sum"
+    }
+
+    fn stages(&self) -> &'static [StageName] {
+        &[KEY_DEAL, KEY_CONFIRM, HASH, DECRYPT]
+    }
+
+    fn reveals(&self) -> Reveals {
+        Reveals::WeightedSum
+    }
+
+    fn validate(&self, settings: &toml::Table, job: &JobFacts) -> Vec<Problem> {
+        match HeSettings::from_table(settings) {
+            Ok(s) => s.check(job),
+            Err(p) => p,
+        }
+    }
+
+    fn explain(&self, settings: &toml::Table, job: &JobFacts) -> Vec<String> {
+        let Ok(mut s) = HeSettings::from_table(settings) else { return Vec::new() };
+        s.bits = Some(s.plaintext_bits(job));
+        let mut lines = vec![format!(
+            "he threat model: up to {:.0}% of a key's parties corrupt (colluding with the coordinator); \
+             decryption sums of at least {} parties only; key budget 2^{} coefficients per key epoch",
+            s.corrupt_fraction * 100.0,
+            job.min_parties.max(MIN_ROUND_PARTIES),
+            s.key_budget_log2
+        )];
+        for n in round_sizes(job) {
+            match s.params(n) {
+                Ok(p) => lines.push(format!(
+                    "he with {n} parties: τ = {} of {n} decrypt, {} asked; {} plaintext bits, c0 at {} bits, \
+                     {:.2} bytes per value uploaded",
+                    p.threshold,
+                    p.threshold + p.surplus,
+                    p.bits,
+                    p.switch_bits,
+                    p.ciphertext_bytes(he::ring::N) as f64 / he::ring::N as f64
+                )),
+                Err(e) => lines.push(format!("he with {n} parties: {e}")),
+            }
+        }
+        lines
+    }
+
+    fn noise_carrier(&self, settings: &toml::Table, job: &JobFacts) -> Option<super::NoiseCarrier> {
+        let s = settings_for(settings, job).ok()?;
+        // Every decrypted sum holds at least parties.min ciphertexts; at most
+        // ⌊γn⌋ of them are corrupt and can subtract their own noise.
+        Some(super::NoiseCarrier {
+            bits: s.b(),
+            corrupt_parties: s.corrupt_parties(job.party_bound()),
+            max_parties: job.max_parties,
+        })
+    }
+
+    fn tolerated_corrupt_fraction(&self, settings: &toml::Table) -> Option<f64> {
+        HeSettings::from_table(settings).ok().map(|s| s.corrupt_fraction)
+    }
+
+    fn server(
+        &self,
+        settings: &toml::Table,
+        job: &JobFacts,
+        peers: Box<dyn PeerVerifier>,
+    ) -> Result<Box<dyn AggregationServer>, Error> {
+        let settings = settings_for(settings, job)?;
+        let dp_clip = job.distributed_dp.map_or(0.0, |t| t.clip);
+        Ok(Box::new(HeServer { settings, job: job.clone(), dp_clip, peers, epoch: None, round: None }))
+    }
+
+    fn client(
+        &self,
+        settings: &toml::Table,
+        job: &JobFacts,
+        party: PartyIdentity,
+    ) -> Result<Box<dyn AggregationClient>, Error> {
+        let settings = settings_for(settings, job)?;
+        Ok(Box::new(HeClient {
+            settings,
+            job: job.clone(),
+            party,
+            epoch: None,
+            round: None,
+            decrypted: BTreeMap::new(),
+            masks: None,
+            last_values: None,
+        }))
+    }
+}
+
+/// This module's messages, as prost types (public for adversarial tests
+/// that craft them).
+#[allow(missing_docs)]
+pub mod wire {
+    /// The round's public parameters (with the fit task).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RoundConfig {
+        #[prost(string, repeated, tag = "1")]
+        pub parties: Vec<String>,
+        /// A new key epoch starts with this round.
+        #[prost(bool, tag = "2")]
+        pub keygen: bool,
+        /// The key epoch's id (the binding of its keygen round); empty in a keygen round.
+        #[prost(bytes = "vec", tag = "3")]
+        pub epoch: Vec<u8>,
+        #[prost(uint32, tag = "4")]
+        pub bits: u32,
+        #[prost(uint64, tag = "5")]
+        pub dim: u64,
+        #[prost(float, tag = "6")]
+        pub clip: f32,
+        #[prost(uint64, tag = "7")]
+        pub max_examples: u64,
+        #[prost(uint64, tag = "8")]
+        pub revocation_version: u64,
+        #[prost(bytes = "vec", tag = "9")]
+        pub dp_digest: Vec<u8>,
+        #[prost(double, tag = "10")]
+        pub dp_clip: f64,
+    }
+
+    /// A party's signed commitment to its public-key share, with the X25519
+    /// key its Shamir shares are sealed to.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct KeyCommit {
+        #[prost(string, tag = "1")]
+        pub party: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub commitment: Vec<u8>,
+        #[prost(bytes = "vec", tag = "3")]
+        pub dh_public: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub signature: Vec<u8>,
+        /// The party's certificate (DER), as relayed by the coordinator.
+        #[prost(bytes = "vec", tag = "5")]
+        pub certificate: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct CommitList {
+        #[prost(message, repeated, tag = "1")]
+        pub commits: Vec<KeyCommit>,
+    }
+
+    /// One Shamir share sealed (AES-256-GCM) to its recipient.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SealedShare {
+        #[prost(string, tag = "1")]
+        pub dealer: String,
+        #[prost(string, tag = "2")]
+        pub recipient: String,
+        #[prost(bytes = "vec", tag = "3")]
+        pub nonce: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub ciphertext: Vec<u8>,
+    }
+
+    /// A dealer's answer to he-key-deal (travels as bulk bytes).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Deal {
+        #[prost(bytes = "vec", tag = "1")]
+        pub public_share: Vec<u8>,
+        #[prost(message, repeated, tag = "2")]
+        pub shares: Vec<SealedShare>,
+    }
+
+    /// One dealer's public share and the share it sealed to the recipient.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Dealt {
+        #[prost(bytes = "vec", tag = "1")]
+        pub public_share: Vec<u8>,
+        #[prost(message, optional, tag = "2")]
+        pub share: Option<SealedShare>,
+    }
+
+    /// What one party receives in he-key-confirm (travels as bulk bytes).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct KeyDelivery {
+        #[prost(message, repeated, tag = "1")]
+        pub dealt: Vec<Dealt>,
+    }
+
+    /// A party's signed record of its ciphertext (the ciphertext follows as bulk words).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Upload {
+        #[prost(string, tag = "1")]
+        pub party: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub fingerprint: Vec<u8>,
+        #[prost(bytes = "vec", tag = "3")]
+        pub c0_hash: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub c1_hash: Vec<u8>,
+        #[prost(uint64, tag = "5")]
+        pub bytes: u64,
+        #[prost(bytes = "vec", tag = "6")]
+        pub signature: Vec<u8>,
+        #[prost(bytes = "vec", tag = "7")]
+        pub certificate: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HashRequest {
+        #[prost(string, repeated, tag = "1")]
+        pub contributors: Vec<String>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub commitment: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HashValue {
+        #[prost(string, tag = "1")]
+        pub party: String,
+        #[prost(uint64, repeated, tag = "2")]
+        pub values: Vec<u64>,
+        #[prost(bytes = "vec", tag = "3")]
+        pub signature: Vec<u8>,
+    }
+
+    /// The decryption request; Σ c1 and then each vanished contributor's c1
+    /// (62-bit packed, in `vanished` order) follow as bulk bytes.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DecryptRequest {
+        #[prost(string, repeated, tag = "1")]
+        pub contributors: Vec<String>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub commitment: Vec<u8>,
+        #[prost(message, repeated, tag = "3")]
+        pub uploads: Vec<Upload>,
+        #[prost(message, repeated, tag = "4")]
+        pub hashes: Vec<HashValue>,
+        #[prost(string, repeated, tag = "5")]
+        pub decryptors: Vec<String>,
+        #[prost(string, repeated, tag = "6")]
+        pub vanished: Vec<String>,
+        #[prost(uint64, tag = "7")]
+        pub bytes: u64,
+    }
+
+    /// The length of the bytes that follow as bulk words.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Framed {
+        #[prost(uint64, tag = "1")]
+        pub bytes: u64,
+    }
+}
+
+// ---------------------------------------------------------------- framing
+
+fn to_words(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks(4)
+        .map(|c| {
+            let mut w = [0u8; 4];
+            w[..c.len()].copy_from_slice(c);
+            u32::from_le_bytes(w)
+        })
+        .collect()
+}
+
+fn from_words(words: &[u32], len: u64, from: &str, what: &str) -> Result<Vec<u8>, Error> {
+    let len = usize::try_from(len).map_err(|_| misbehaved(from, format!("{what}: absurd length")))?;
+    if words.len() != len.div_ceil(4) {
+        return Err(misbehaved(from, format!("{what}: {} words for {len} bytes", words.len())));
+    }
+    let mut out = Vec::with_capacity(words.len() * 4);
+    for w in words {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    if out[len..].iter().any(|&b| b != 0) {
+        return Err(misbehaved(from, format!("{what}: non-zero padding")));
+    }
+    out.truncate(len);
+    Ok(out)
+}
+
+/// A message too large for a body (key material, ciphertexts) as bulk words.
+fn framed(header: &impl prost::Message, payload: &[u8]) -> Envelope {
+    Envelope { body: header.encode_to_vec(), bulk: Some(Bulk::Words(to_words(payload))) }
+}
+
+fn framed_message(msg: &impl prost::Message) -> Envelope {
+    let bytes = msg.encode_to_vec();
+    framed(&wire::Framed { bytes: bytes.len() as u64 }, &bytes)
+}
+
+fn unframe_message<T: prost::Message + Default>(e: Envelope, from: &str, what: &str) -> Result<T, Error> {
+    let header: wire::Framed = e.decode(from, what)?;
+    let Some(Bulk::Words(words)) = e.bulk else { return Err(misbehaved(from, format!("{what} without its bytes"))) };
+    let bytes = from_words(&words, header.bytes, from, what)?;
+    T::decode(bytes.as_slice()).map_err(|err| misbehaved(from, format!("malformed {what}: {err}")))
+}
+
+fn misbehaved(party: &str, reason: impl Into<String>) -> Error {
+    Error::PeerMisbehaved { party: party.to_owned(), reason: reason.into() }
+}
+
+fn coordinator_fault(reason: impl Into<String>) -> Error {
+    misbehaved("coordinator", reason)
+}
+
+// ------------------------------------------------------- transcripts
+
+fn hash_u64s(label: &str, v: &[u64]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key(label);
+    #[cfg(target_endian = "little")]
+    h.update(bytemuck::cast_slice::<u64, u8>(v));
+    #[cfg(not(target_endian = "little"))]
+    for x in v {
+        h.update(&x.to_le_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+fn c0_hash(c0: &[u64]) -> [u8; 32] {
+    hash_u64s("confide he c0 v1", c0)
+}
+
+fn c1_hash(c1: &[u64]) -> [u8; 32] {
+    hash_u64s("confide he c1 v1", c1)
+}
+
+fn aggregate_commitment(c1: &[u64]) -> [u8; 32] {
+    hash_u64s("confide he aggregate c1 v1", c1)
+}
+
+fn public_share_commitment(bytes: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("confide he public-key share v1");
+    h.update(bytes);
+    *h.finalize().as_bytes()
+}
+
+fn transcript(label: &str, binding: &[u8; 32], party: &str, parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in [label.as_bytes(), binding.as_slice(), party.as_bytes()].into_iter().chain(parts.iter().copied()) {
+        out.extend_from_slice(&(p.len() as u64).to_le_bytes());
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+fn names_bytes(names: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for n in names {
+        out.extend_from_slice(&(n.len() as u64).to_le_bytes());
+        out.extend_from_slice(n.as_bytes());
+    }
+    out
+}
+
+fn commit_transcript(binding: &[u8; 32], party: &str, commitment: &[u8], dh_public: &[u8]) -> Vec<u8> {
+    transcript("he-commit", binding, party, &[commitment, dh_public])
+}
+
+fn upload_transcript(binding: &[u8; 32], u: &wire::Upload) -> Vec<u8> {
+    transcript("he-upload", binding, &u.party, &[&u.fingerprint, &u.c0_hash, &u.c1_hash, &u.bytes.to_le_bytes()])
+}
+
+fn hash_transcript(
+    binding: &[u8; 32],
+    party: &str,
+    commitment: &[u8],
+    contributors: &[String],
+    values: &[u64],
+) -> Vec<u8> {
+    let v: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    transcript("he-hash", binding, party, &[commitment, &names_bytes(contributors), &v])
+}
+
+/// The linear hash's key: fixed only by the coordinator's commitment to Σ c1
+/// (and the round and contributors), so it cannot be chosen before the sum.
+fn linear_hash(binding: &[u8; 32], commitment: &[u8], contributors: &[String]) -> LinearHash {
+    LinearHash::new(&transcript("he-linear-hash", binding, "", &[commitment, &names_bytes(contributors)]))
+}
+
+fn share_aad(binding: &[u8; 32], dealer: &str, recipient: &str) -> Vec<u8> {
+    transcript("he-share", binding, dealer, &[recipient.as_bytes()])
+}
+
+fn share_key(
+    own: &StaticSecret,
+    peer: &[u8; 32],
+    binding: &[u8; 32],
+    dealer: &str,
+    recipient: &str,
+) -> Zeroizing<[u8; 32]> {
+    let dh = Zeroizing::new(own.diffie_hellman(&DhPublic::from(*peer)).to_bytes());
+    prim::derive(dh.as_slice(), &share_aad(binding, dealer, recipient))
+}
+
+fn crp(epoch: &[u8; 32]) -> CommonPoly {
+    CommonPoly::derive(&transcript("he-crp", epoch, "", &[]))
+}
+
+fn array32(b: &[u8], from: &str, what: &str) -> Result<[u8; 32], Error> {
+    b.try_into().map_err(|_| misbehaved(from, format!("{what} of {} bytes, expected 32", b.len())))
+}
+
+// ------------------------------------------------------------ round
+
+/// A round's public parameters as both sides derive them.
+#[derive(Debug, Clone)]
+struct Derived {
+    round: u32,
+    parties: Vec<String>,
+    keygen: bool,
+    /// The key epoch (its keygen round's binding; this round's own when keygen).
+    epoch: [u8; 32],
+    dim: usize,
+    /// What the round sums (model and fit configuration, or a sum layout).
+    subject: [u8; 32],
+    /// Everything above, the spec's settings and the DP mechanism, hashed:
+    /// in every signature of the round.
+    binding: [u8; 32],
+}
+
+#[allow(clippy::too_many_arguments)]
+fn derive_round(
+    job: &str,
+    round: u32,
+    parties: &[String],
+    keygen: bool,
+    epoch: Option<[u8; 32]>,
+    dim: usize,
+    s: &HeSettings,
+    subject: [u8; 32],
+    revocation_version: u64,
+    dp: Option<[u8; 32]>,
+) -> Derived {
+    let mut h = blake3::Hasher::new_derive_key("confide he round v1");
+    let names: Vec<&str> = parties.iter().map(String::as_str).collect();
+    h.update(&prim::context("round", job, round, &names));
+    h.update(&[u8::from(keygen)]);
+    h.update(&epoch.unwrap_or_default());
+    for v in [
+        u64::from(s.b()),
+        dim as u64,
+        u64::from(s.clip.to_bits()),
+        s.max_examples,
+        s.corrupt_fraction.to_bits(),
+        u64::from(s.key_budget_log2),
+        s.surplus as u64,
+        revocation_version,
+    ] {
+        h.update(&v.to_le_bytes());
+    }
+    h.update(&subject);
+    if let Some(dp) = dp {
+        h.update(b"distributed dp");
+        h.update(&dp);
+    }
+    let binding = *h.finalize().as_bytes();
+    Derived { round, parties: parties.to_vec(), keygen, epoch: epoch.unwrap_or(binding), dim, subject, binding }
+}
+
+/// How a round's sum decodes.
+enum Decoding {
+    Updates(WeightedUpdate),
+    Noisy(Box<NoisyUpdate>),
+    Statistics(WideSum),
+}
+
+// ------------------------------------------------------------ server
+
+struct ServerEpoch {
+    id: [u8; 32],
+    params: HeParams,
+    key_parties: Vec<String>,
+    fingerprint: [u8; 32],
+    /// Coefficients decrypted under this key (each decryptor's budget use).
+    decrypted: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerStage {
+    Commits,
+    Deals,
+    Uploads,
+    Hashes,
+    Decrypt,
+}
+
+struct ServerRound {
+    derived: Derived,
+    decoding: Decoding,
+    stage: ServerStage,
+    certs: BTreeMap<String, Vec<u8>>,
+    commits: BTreeMap<String, wire::KeyCommit>,
+    deals: BTreeMap<String, wire::Deal>,
+    /// The epoch a keygen round is building.
+    pending: Option<ServerEpoch>,
+    uploads: BTreeMap<String, (wire::Upload, Vec<u64>)>,
+    aggregate: Option<he::Aggregate>,
+    contributors: Vec<String>,
+    commitment: [u8; 32],
+    hashes: BTreeMap<String, wire::HashValue>,
+    decryptors: Vec<String>,
+    shares: BTreeMap<String, DecryptionShare>,
+    /// Parties caught misbehaving on the way (reported with the sum).
+    flagged: Vec<(String, String)>,
+}
+
+struct HeServer {
+    settings: HeSettings,
+    job: JobFacts,
+    dp_clip: f64,
+    peers: Box<dyn PeerVerifier>,
+    epoch: Option<ServerEpoch>,
+    round: Option<ServerRound>,
+}
+
+impl HeServer {
+    fn need(&self) -> usize {
+        self.job.min_parties.max(MIN_ROUND_PARTIES)
+    }
+
+    fn begin(
+        &mut self,
+        round: u32,
+        parties: &[String],
+        dim: usize,
+        subject: [u8; 32],
+        decoding: Decoding,
+    ) -> Result<Vec<u8>, Error> {
+        let slots = dim.div_ceil(he::ring::N) as u64 * he::ring::N as u64;
+        // A new key when there is none, when a party is outside it, or when
+        // decrypting this round would exceed its flooding budget.
+        let keygen = match &self.epoch {
+            None => true,
+            Some(e) => {
+                parties.iter().any(|p| e.key_parties.binary_search(p).is_err())
+                    || e.decrypted + slots > e.params.key_budget
+            }
+        };
+        let epoch = if keygen { None } else { self.epoch.as_ref().map(|e| e.id) };
+        let revocations = self.peers.revocation_version();
+        let dp = match &decoding {
+            Decoding::Noisy(n) => Some(n.digest()),
+            _ => None,
+        };
+        let derived = derive_round(
+            &self.job.job_id,
+            round,
+            parties,
+            keygen,
+            epoch,
+            dim,
+            &self.settings,
+            subject,
+            revocations,
+            dp,
+        );
+        let s = &self.settings;
+        let msg = wire::RoundConfig {
+            parties: parties.to_vec(),
+            keygen,
+            epoch: epoch.map(|e| e.to_vec()).unwrap_or_default(),
+            bits: s.b(),
+            dim: dim as u64,
+            clip: s.clip,
+            max_examples: s.max_examples,
+            revocation_version: revocations,
+            dp_digest: dp.map(|d| d.to_vec()).unwrap_or_default(),
+            dp_clip: match &decoding {
+                Decoding::Noisy(n) => n.clip(),
+                _ => 0.0,
+            },
+        };
+        let stage = if keygen { ServerStage::Commits } else { ServerStage::Uploads };
+        self.round = Some(ServerRound {
+            derived,
+            decoding,
+            stage,
+            certs: BTreeMap::new(),
+            commits: BTreeMap::new(),
+            deals: BTreeMap::new(),
+            pending: None,
+            uploads: BTreeMap::new(),
+            aggregate: None,
+            contributors: Vec::new(),
+            commitment: [0; 32],
+            hashes: BTreeMap::new(),
+            decryptors: Vec::new(),
+            shares: BTreeMap::new(),
+            flagged: Vec::new(),
+        });
+        Ok(prost::Message::encode_to_vec(&msg))
+    }
+
+    fn current_epoch<'a>(epoch: &'a Option<ServerEpoch>, r: &'a ServerRound) -> Result<&'a ServerEpoch, Error> {
+        r.pending.as_ref().or(epoch.as_ref()).ok_or_else(|| Error::WrongStage("he: no key epoch".into()))
+    }
+
+    fn on_upload(&mut self, party: &str, certificate: &[u8], message: Envelope) -> Result<(), Error> {
+        let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round in progress".into()))?;
+        let (params, fingerprint, in_key) = {
+            let e = Self::current_epoch(&self.epoch, r)?;
+            (e.params.clone(), e.fingerprint, e.key_parties.iter().any(|p| p == party))
+        };
+        let mut upload: wire::Upload = message.decode(party, "upload record")?;
+        if upload.party != party {
+            return Err(misbehaved(party, format!("sent an upload record for {}", upload.party)));
+        }
+        if upload.signature.len() > MAX_SIGNATURE {
+            return Err(misbehaved(party, "sent an oversized signature"));
+        }
+        if r.uploads.contains_key(party) {
+            return Err(misbehaved(party, "uploaded twice"));
+        }
+        if !in_key {
+            return Err(misbehaved(party, "uploaded without being a party of the key epoch"));
+        }
+        if upload.fingerprint != fingerprint {
+            return Err(misbehaved(party, "encrypted under another key than the epoch's"));
+        }
+        self.peers.add_peer(party, certificate)?;
+        self.peers.verify(party, &upload_transcript(&r.derived.binding, &upload), &upload.signature).map_err(|_| {
+            misbehaved(party, "its upload record does not carry its signature (or is for another job or round)")
+        })?;
+        let Some(Bulk::Words(words)) = message.bulk else {
+            return Err(misbehaved(party, "an upload without its ciphertext"));
+        };
+        let expected = params.ciphertext_bytes(r.derived.dim.max(1)) as u64;
+        if upload.bytes != expected {
+            return Err(misbehaved(party, format!("a ciphertext of {} bytes, expected {expected}", upload.bytes)));
+        }
+        let bytes = from_words(&words, upload.bytes, party, "ciphertext")?;
+        let ct = Ciphertext::from_bytes(&params, r.derived.dim.max(1), &bytes, party)?;
+        if c0_hash(&ct.c0).as_slice() != upload.c0_hash || c1_hash(&ct.c1).as_slice() != upload.c1_hash {
+            return Err(misbehaved(party, "its ciphertext does not match its signed upload record"));
+        }
+        let aggregate = r.aggregate.get_or_insert_with(|| he::Aggregate::new(ct.c1.len()));
+        aggregate.add(&ct.c0, &ct.c1, 1, &params)?;
+        upload.certificate = certificate.to_vec();
+        r.uploads.insert(party.to_owned(), (upload, ct.c1));
+        Ok(())
+    }
+}
+
+impl AggregationServer for HeServer {
+    fn begin_round(&mut self, round: &RoundInfo<'_>) -> Result<Vec<u8>, Error> {
+        let Some(fit) = round.fit else {
+            return Err(Error::InvalidInput(
+                "the strategy gave the parties different fit configurations; under he every party must get the \
+                 same one (a configuration of its own would let the coordinator read one party's update off the sum)"
+                    .into(),
+            ));
+        };
+        let s = &self.settings;
+        let (dim, decoding) = match &self.job.distributed_dp {
+            Some(template) => {
+                let noisy = NoisyUpdate::with_clip(
+                    template,
+                    self.job.adaptive_clip.as_ref(),
+                    self.dp_clip,
+                    &self.job.job_id,
+                    round.round,
+                    round.global,
+                )?;
+                (noisy.words(), Decoding::Noisy(Box::new(noisy)))
+            }
+            None => (
+                WeightedUpdate::words(round.global.num_values()),
+                Decoding::Updates(WeightedUpdate::new(s.b(), s.clip, s.max_examples, self.job.party_bound())?),
+            ),
+        };
+        self.begin(round.round, round.parties, dim, super::training_digest(round.global, fit), decoding)
+    }
+
+    fn begin_sum(&mut self, round: &SumRound<'_>) -> Result<Vec<u8>, Error> {
+        let encoding = WideSum::new(self.settings.b(), self.job.party_bound())?;
+        let dim = encoding.words(round.layout.values);
+        if dim == 0 || dim > self.job.max_values + 1 {
+            return Err(Error::InvalidInput(format!(
+                "a {} sum of {} values exceeds the job's limit",
+                round.layout.purpose, round.layout.values
+            )));
+        }
+        self.begin(round.round, round.parties, dim, round.layout.digest, Decoding::Statistics(encoding))
+    }
+
+    fn on_message(&mut self, from: Peer<'_>, message: Envelope) -> Result<(), Error> {
+        let party = from.name;
+        let stage =
+            self.round.as_ref().map(|r| r.stage).ok_or_else(|| Error::WrongStage("no he round in progress".into()))?;
+        if !self.round.as_ref().is_some_and(|r| r.derived.parties.iter().any(|p| p == party)) {
+            return Err(misbehaved(party, "is not a party of this round"));
+        }
+        if matches!(message.bulk, Some(Bulk::Params(_))) {
+            return Err(misbehaved(party, "sent a plaintext update in an he job"));
+        }
+        match stage {
+            ServerStage::Commits => {
+                let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round".into()))?;
+                let commit: wire::KeyCommit = message.decode(party, "key commitment")?;
+                if commit.party != party {
+                    return Err(misbehaved(party, format!("committed as {}", commit.party)));
+                }
+                if commit.commitment.len() != 32
+                    || commit.dh_public.len() != 32
+                    || commit.signature.len() > MAX_SIGNATURE
+                {
+                    return Err(misbehaved(party, "a malformed key commitment"));
+                }
+                self.peers.add_peer(party, from.certificate)?;
+                self.peers
+                    .verify(
+                        party,
+                        &commit_transcript(&r.derived.binding, party, &commit.commitment, &commit.dh_public),
+                        &commit.signature,
+                    )
+                    .map_err(|_| misbehaved(party, "its key commitment does not carry its signature"))?;
+                r.certs.insert(party.to_owned(), from.certificate.to_vec());
+                r.commits.insert(party.to_owned(), commit);
+                Ok(())
+            }
+            ServerStage::Deals => {
+                let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round".into()))?;
+                let deal: wire::Deal = unframe_message(message, party, "dealing")?;
+                let epoch = r.pending.as_ref().ok_or_else(|| Error::WrongStage("no key being dealt".into()))?;
+                let commit = r.commits.get(party).ok_or_else(|| misbehaved(party, "dealt without a commitment"))?;
+                if public_share_commitment(&deal.public_share).as_slice() != commit.commitment {
+                    return Err(misbehaved(party, "revealed a public-key share that does not match its commitment"));
+                }
+                PublicKeyShare::from_bytes(&deal.public_share, party)?;
+                let recipients: Vec<&str> = deal.shares.iter().map(|s| s.recipient.as_str()).collect();
+                let others: Vec<&str> = epoch.key_parties.iter().map(String::as_str).filter(|p| *p != party).collect();
+                if recipients != others || deal.shares.iter().any(|s| s.dealer != party || s.nonce.len() != 12) {
+                    return Err(misbehaved(party, "did not deal one sealed share to each other key party, in order"));
+                }
+                r.deals.insert(party.to_owned(), deal);
+                Ok(())
+            }
+            ServerStage::Uploads => self.on_upload(party, from.certificate, message),
+            ServerStage::Hashes => {
+                let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round".into()))?;
+                let hv: wire::HashValue = message.decode(party, "hash value")?;
+                if hv.party != party || hv.values.len() != he::hash::RHO || hv.signature.len() > MAX_SIGNATURE {
+                    return Err(misbehaved(party, "a malformed hash value"));
+                }
+                if !r.uploads.contains_key(party) {
+                    return Err(misbehaved(party, "hashed a ciphertext it did not upload"));
+                }
+                self.peers
+                    .verify(
+                        party,
+                        &hash_transcript(&r.derived.binding, party, &r.commitment, &r.contributors, &hv.values),
+                        &hv.signature,
+                    )
+                    .map_err(|_| misbehaved(party, "its hash value does not carry its signature"))?;
+                // The values are checked when the stage closes: all at once
+                // against the hash of the sum, one by one only if that fails.
+                r.hashes.insert(party.to_owned(), hv);
+                Ok(())
+            }
+            ServerStage::Decrypt => {
+                let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round".into()))?;
+                if !r.decryptors.iter().any(|d| d == party) {
+                    return Err(misbehaved(party, "sent a decryption share without being asked"));
+                }
+                let params = Self::current_epoch(&self.epoch, r)?.params.clone();
+                let header: wire::Framed = message.decode(party, "decryption share")?;
+                let Some(Bulk::Words(words)) = message.bulk else {
+                    return Err(misbehaved(party, "a decryption share without its bytes"));
+                };
+                let bytes = from_words(&words, header.bytes, party, "decryption share")?;
+                let slots = r.aggregate.as_ref().map_or(0, |a| a.c1.len());
+                let share = DecryptionShare::from_bytes(&params, slots, &bytes, party)?;
+                r.shares.insert(party.to_owned(), share);
+                Ok(())
+            }
+        }
+    }
+
+    fn close_stage(&mut self) -> Result<Progress, Error> {
+        let need = self.need();
+        let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round in progress".into()))?;
+        match r.stage {
+            ServerStage::Commits => {
+                let key_parties: Vec<String> = r.commits.keys().cloned().collect();
+                if key_parties.len() < need {
+                    return Err(Error::BelowThreshold(format!(
+                        "he: {} parties committed to key shares; a key needs at least {need}",
+                        key_parties.len()
+                    )));
+                }
+                let params = self.settings.params(key_parties.len())?;
+                r.pending = Some(ServerEpoch {
+                    id: r.derived.epoch,
+                    params,
+                    key_parties: key_parties.clone(),
+                    fingerprint: [0; 32],
+                    decrypted: 0,
+                });
+                let commits = r
+                    .commits
+                    .values()
+                    .map(|c| wire::KeyCommit {
+                        certificate: r.certs.get(&c.party).cloned().unwrap_or_default(),
+                        ..c.clone()
+                    })
+                    .collect();
+                r.stage = ServerStage::Deals;
+                Ok(Progress::Step {
+                    stage: KEY_DEAL,
+                    messages: Messages::Same {
+                        to: key_parties,
+                        message: Envelope::encode(&wire::CommitList { commits }),
+                    },
+                    quorum: Quorum::JobMinimum,
+                })
+            }
+            ServerStage::Deals => {
+                let dealers: Vec<String> = r.deals.keys().cloned().collect();
+                let pending = r.pending.as_mut().ok_or_else(|| Error::WrongStage("no key being dealt".into()))?;
+                if dealers.len() < need.max(pending.params.threshold) {
+                    return Err(Error::BelowThreshold(format!(
+                        "he: {} parties dealt key shares; the key needs at least {}",
+                        dealers.len(),
+                        need.max(pending.params.threshold)
+                    )));
+                }
+                let mut shares = Vec::with_capacity(dealers.len());
+                for d in &dealers {
+                    shares.push(PublicKeyShare::from_bytes(&r.deals[d].public_share, d)?);
+                }
+                pending.fingerprint = PublicKey::assemble(&crp(&pending.id), &shares)?.fingerprint();
+                // Each dealer receives every dealer's public share and the
+                // share sealed to it.
+                let per_party = dealers
+                    .iter()
+                    .map(|to| {
+                        let dealt = dealers
+                            .iter()
+                            .map(|d| wire::Dealt {
+                                public_share: r.deals[d].public_share.clone(),
+                                share: r.deals[d].shares.iter().find(|s| &s.recipient == to).cloned(),
+                            })
+                            .collect();
+                        (to.clone(), framed_message(&wire::KeyDelivery { dealt }))
+                    })
+                    .collect();
+                r.stage = ServerStage::Uploads;
+                Ok(Progress::Step {
+                    stage: KEY_CONFIRM,
+                    messages: Messages::PerParty(per_party),
+                    quorum: Quorum::JobMinimum,
+                })
+            }
+            ServerStage::Uploads => {
+                if let Some(p) = r.pending.take() {
+                    self.epoch = Some(p);
+                }
+                let contributors: Vec<String> = r.uploads.keys().cloned().collect();
+                if contributors.len() < need {
+                    return Err(Error::BelowThreshold(format!(
+                        "he: {} ciphertexts; a decryption needs the sum of at least {need}",
+                        contributors.len()
+                    )));
+                }
+                let aggregate =
+                    r.aggregate.as_ref().ok_or_else(|| Error::BelowThreshold("he: no ciphertexts".into()))?;
+                r.commitment = aggregate_commitment(&aggregate.c1);
+                r.contributors = contributors.clone();
+                r.stage = ServerStage::Hashes;
+                let message = Envelope::encode(&wire::HashRequest {
+                    contributors: contributors.clone(),
+                    commitment: r.commitment.to_vec(),
+                });
+                Ok(Progress::Step {
+                    stage: HASH,
+                    messages: Messages::Same { to: contributors, message },
+                    quorum: Quorum::Protocol,
+                })
+            }
+            ServerStage::Hashes => {
+                let epoch = self.epoch.as_ref().ok_or_else(|| Error::WrongStage("he: no key epoch".into()))?;
+                let params = &epoch.params;
+                // A wrong hash value would make the decryptors refuse: find
+                // any (one hash of the sum when all are right) and treat its
+                // sender as vanished, so its c1 goes to the decryptors.
+                let hash = linear_hash(&r.derived.binding, &r.commitment, &r.contributors);
+                let aggregate =
+                    r.aggregate.as_ref().ok_or_else(|| Error::BelowThreshold("he: no ciphertexts".into()))?;
+                let mut known: Vec<[u64; he::hash::RHO]> = Vec::with_capacity(r.contributors.len());
+                let mut rest: Vec<&String> = Vec::new();
+                for p in &r.contributors {
+                    match r.hashes.get(p).and_then(|h| <[u64; he::hash::RHO]>::try_from(h.values.as_slice()).ok()) {
+                        Some(v) => known.push(v),
+                        None => rest.push(p),
+                    }
+                }
+                if !rest.is_empty() {
+                    let mut rest_c1 = vec![0u64; aggregate.c1.len()];
+                    for p in &rest {
+                        he::ring::add_assign(&mut rest_c1, &r.uploads[*p].1);
+                    }
+                    known.push(hash.hash(&[&rest_c1]));
+                }
+                if he::hash::sum_hashes(&known) != hash.hash(&[&aggregate.c1]) {
+                    let liars: Vec<String> = r
+                        .hashes
+                        .iter()
+                        .filter(|(p, h)| h.values.as_slice() != hash.hash(&[&r.uploads[*p].1]).as_slice())
+                        .map(|(p, _)| p.clone())
+                        .collect();
+                    for p in liars {
+                        r.hashes.remove(&p);
+                        r.flagged.push((p, "signed a linear hash that is not its ciphertext's".into()));
+                    }
+                }
+                // Decryptors: key parties alive now (they hashed), smallest
+                // Shamir points first (the smallest decoding noise).
+                let alive: Vec<String> =
+                    epoch.key_parties.iter().filter(|p| r.hashes.contains_key(*p)).cloned().collect();
+                if alive.len() < params.threshold + 1 {
+                    return Err(Error::BelowThreshold(format!(
+                        "he: {} key parties answered; a checked decryption needs τ + 1 = {}",
+                        alive.len(),
+                        params.threshold + 1
+                    )));
+                }
+                r.decryptors = alive.into_iter().take(params.threshold + params.surplus).collect();
+                let vanished: Vec<String> =
+                    r.contributors.iter().filter(|p| !r.hashes.contains_key(*p)).cloned().collect();
+                let aggregate =
+                    r.aggregate.as_ref().ok_or_else(|| Error::BelowThreshold("he: no ciphertexts".into()))?;
+                let mut payload = Vec::new();
+                he::pack::pack(&aggregate.c1, 62, &mut payload);
+                for v in &vanished {
+                    he::pack::pack(&r.uploads[v].1, 62, &mut payload);
+                }
+                let request = wire::DecryptRequest {
+                    contributors: r.contributors.clone(),
+                    commitment: r.commitment.to_vec(),
+                    uploads: r.uploads.values().map(|(u, _)| u.clone()).collect(),
+                    hashes: r.hashes.values().cloned().collect(),
+                    decryptors: r.decryptors.clone(),
+                    vanished,
+                    bytes: payload.len() as u64,
+                };
+                r.stage = ServerStage::Decrypt;
+                Ok(Progress::Step {
+                    stage: DECRYPT,
+                    messages: Messages::Same { to: r.decryptors.clone(), message: framed(&request, &payload) },
+                    quorum: Quorum::Protocol,
+                })
+            }
+            ServerStage::Decrypt => {
+                let epoch = self.epoch.as_mut().ok_or_else(|| Error::WrongStage("he: no key epoch".into()))?;
+                let aggregate =
+                    r.aggregate.as_ref().ok_or_else(|| Error::BelowThreshold("he: no ciphertexts".into()))?;
+                let indices: Vec<usize> =
+                    r.decryptors.iter().filter_map(|d| epoch.key_parties.binary_search(d).ok()).collect();
+                let shares: Vec<Option<DecryptionShare>> = r.decryptors.iter().map(|d| r.shares.remove(d)).collect();
+                // Every decryptor that answered used its budget on the whole aggregate.
+                epoch.decrypted += aggregate.c1.len() as u64;
+                let result = he::combine(&epoch.params, aggregate, &indices, &shares, r.derived.dim);
+                let result = result.map_err(|e| match e {
+                    Error::PeerMisbehaved { party, reason } => Error::InvalidInput(format!(
+                        "he: decryption failed, no sum ({party}: {reason}; with a bad share among τ + 1, naming its \
+                         sender needs one more decryptor)"
+                    )),
+                    other => other,
+                })?;
+                let mut misbehaved: Vec<(String, String)> = std::mem::take(&mut r.flagged);
+                misbehaved.extend(
+                    result
+                        .faulty
+                        .iter()
+                        .filter_map(|&i| epoch.key_parties.get(i))
+                        .map(|p| (p.clone(), "sent a decryption share that failed the cross-check".to_owned())),
+                );
+                let contributors = r.contributors.clone();
+                let sum = result.values;
+                let aggregate = match &r.decoding {
+                    Decoding::Updates(encoding) => {
+                        let (weighted_delta_sum, total_examples, mean_train_loss) =
+                            encoding.decode(&sum, contributors.len())?;
+                        Aggregate::WeightedSum {
+                            weighted_delta_sum,
+                            total_examples,
+                            mean_train_loss,
+                            misbehaved,
+                            contributors,
+                        }
+                    }
+                    Decoding::Noisy(encoding) => {
+                        let (weighted_delta_sum, unclipped) = encoding.decode_with_count(&sum, contributors.len())?;
+                        if let (Some(a), Some(count)) = (self.job.adaptive_clip, unclipped) {
+                            let first = self.job.distributed_dp.map_or(encoding.clip(), |t| t.clip);
+                            self.dp_clip = a.next_clip(first, encoding.clip(), count, contributors.len());
+                        }
+                        Aggregate::WeightedSum {
+                            weighted_delta_sum,
+                            total_examples: contributors.len() as f64,
+                            mean_train_loss: None,
+                            misbehaved,
+                            contributors,
+                        }
+                    }
+                    Decoding::Statistics(encoding) => {
+                        Aggregate::Sum { sums: encoding.decode(&sum)?, misbehaved, contributors }
+                    }
+                };
+                self.round = None;
+                Ok(Progress::Done(aggregate))
+            }
+        }
+    }
+
+    fn state(&self) -> confide_algorithms::State {
+        let mut state = confide_algorithms::State::new();
+        if self.job.adaptive_clip.is_some() {
+            state.insert("dp_clip", vec![self.dp_clip]);
+        }
+        state
+    }
+
+    fn restore(&mut self, state: &confide_algorithms::State) -> Result<(), Error> {
+        if self.job.adaptive_clip.is_none() {
+            return Ok(());
+        }
+        match state.get("dp_clip") {
+            Some(&[clip])
+                if self.job.distributed_dp.is_some_and(|t| confide_dp::ddg::AdaptiveClip::in_range(t.clip, clip)) =>
+            {
+                self.dp_clip = clip;
+                Ok(())
+            }
+            other => {
+                Err(Error::InvalidInput(format!("the checkpoint's adaptive clip is {other:?}, not a positive number")))
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------ client
+
+struct ClientEpoch {
+    id: [u8; 32],
+    params: HeParams,
+    key_parties: Vec<String>,
+    public_key: PublicKey,
+    fingerprint: [u8; 32],
+    share: KeyShare,
+}
+
+enum ClientStage {
+    /// Keygen: committed; waiting for the commitment list.
+    Committed { secret: DealerSecret, dh: StaticSecret, public_share: Vec<u8> },
+    /// Keygen: dealt; waiting for the key material addressed to it.
+    Dealt {
+        dh: StaticSecret,
+        own_share: SecretShare,
+        params: HeParams,
+        key_parties: Vec<String>,
+        commits: BTreeMap<String, ([u8; 32], [u8; 32])>,
+    },
+    /// Uploaded; waiting for the hash request.
+    Uploaded { c1: Vec<u64> },
+    /// Hashed; waiting for the decryption request.
+    Hashed { commitment: [u8; 32], contributors: Vec<String>, own: Vec<u64> },
+}
+
+struct ClientRound {
+    derived: Derived,
+    input: Zeroizing<Vec<u32>>,
+    stage: ClientStage,
+}
+
+struct HeClient {
+    settings: HeSettings,
+    job: JobFacts,
+    party: PartyIdentity,
+    epoch: Option<ClientEpoch>,
+    round: Option<ClientRound>,
+    /// The contributor set of each (round, subject) this party decrypted: it
+    /// decrypts a round again only for the same set (a resumed round), so
+    /// the coordinator cannot difference two sums of one round.
+    decrypted: BTreeMap<(u32, [u8; 32]), Vec<String>>,
+    /// Encryption randomness precomputed for the current key and a model size.
+    masks: Option<([u8; 32], usize, he::EncryptionMasks)>,
+    /// Values of the last update encrypted: the next round's likely size.
+    last_values: Option<usize>,
+}
+
+impl HeClient {
+    fn need(&self) -> usize {
+        self.job.min_parties.max(MIN_ROUND_PARTIES)
+    }
+
+    /// The round the coordinator's `round_message` starts, as this party
+    /// derives it from the spec it accepted.
+    fn derive(
+        &self,
+        round: u32,
+        round_message: &[u8],
+        dim: usize,
+        subject: [u8; 32],
+        dp: Option<[u8; 32]>,
+    ) -> Result<Derived, Error> {
+        let rc: wire::RoundConfig = Envelope::body(round_message.to_vec()).decode("coordinator", "round config")?;
+        if rc.dim != dim as u64 {
+            return Err(coordinator_fault(format!("an he round over {} values; this party sums {dim}", rc.dim)));
+        }
+        if rc.parties.len() > self.job.max_parties {
+            return Err(coordinator_fault(format!(
+                "{} parties in the round; at most {}",
+                rc.parties.len(),
+                self.job.max_parties
+            )));
+        }
+        if !rc.parties.windows(2).all(|w| w[0] < w[1]) {
+            return Err(coordinator_fault("a round's party list that is not sorted and unique"));
+        }
+        if !rc.parties.contains(&self.party.name) {
+            return Err(coordinator_fault("a round without this party"));
+        }
+        if !self.job.party_names.is_empty()
+            && let Some(p) = rc.parties.iter().find(|p| self.job.party_names.binary_search(p).is_err())
+        {
+            return Err(coordinator_fault(format!("put {p}, which the job spec does not name, in the round")));
+        }
+        let need = self.need();
+        if rc.parties.len() < need {
+            return Err(coordinator_fault(format!(
+                "started a round of {} parties; this party takes part in rounds of at least {need}",
+                rc.parties.len()
+            )));
+        }
+        let revocations = self.party.peers.revocation_version();
+        if rc.revocation_version != revocations {
+            return Err(coordinator_fault(format!(
+                "bound the round to revocation list version {}; this party has version {revocations}",
+                rc.revocation_version
+            )));
+        }
+        let s = &self.settings;
+        let mismatch = [
+            ("dp", rc.dp_digest == dp.map(|d| d.to_vec()).unwrap_or_default()),
+            ("bits", rc.bits == s.b()),
+            ("clip", rc.clip.to_bits() == s.clip.to_bits()),
+            ("max_examples", rc.max_examples == s.max_examples),
+        ];
+        if let Some((field, _)) = mismatch.iter().find(|(_, ok)| !ok) {
+            return Err(coordinator_fault(format!("sent a round {field} that the job spec does not give")));
+        }
+        let epoch = if rc.keygen {
+            if !rc.epoch.is_empty() {
+                return Err(coordinator_fault("named a key epoch in a keygen round"));
+            }
+            None
+        } else {
+            let id = array32(&rc.epoch, "coordinator", "key epoch")?;
+            match &self.epoch {
+                Some(e) if e.id == id => {
+                    if let Some(p) = rc.parties.iter().find(|p| e.key_parties.binary_search(p).is_err()) {
+                        return Err(coordinator_fault(format!("put {p}, who holds no share of the key, in the round")));
+                    }
+                    Some(id)
+                }
+                _ => return Err(coordinator_fault("named a key epoch this party holds no share of")),
+            }
+        };
+        Ok(derive_round(&self.job.job_id, round, &rc.parties, rc.keygen, epoch, dim, s, subject, revocations, dp))
+    }
+
+    /// Draws encryption randomness for `values` values under the current key.
+    fn precompute_masks(&mut self, values: usize) {
+        let Some(epoch) = &self.epoch else { return };
+        let slots = values.div_ceil(he::ring::N).max(1) * he::ring::N;
+        if matches!(&self.masks, Some((id, s, _)) if *id == epoch.id && *s == slots) {
+            return;
+        }
+        // The budget this key has left must allow another decryption.
+        if epoch.share.decrypted() + slots as u64 > epoch.params.key_budget {
+            return;
+        }
+        let masks = epoch.public_key.precompute(values, &mut Csprng::from_os());
+        self.masks = Some((epoch.id, slots, masks));
+    }
+
+    fn round_clip(&self, template: &confide_dp::ddg::DdgConfig, round_message: &[u8]) -> Result<f64, Error> {
+        if self.job.adaptive_clip.is_none() {
+            return Ok(template.clip);
+        }
+        let rc: wire::RoundConfig = Envelope::body(round_message.to_vec()).decode("coordinator", "round config")?;
+        if !confide_dp::ddg::AdaptiveClip::in_range(template.clip, rc.dp_clip) {
+            return Err(coordinator_fault(format!(
+                "sent an adaptive clip of {} (the spec's first clip is {}; at most 2^20 times either way)",
+                rc.dp_clip, template.clip
+            )));
+        }
+        Ok(rc.dp_clip)
+    }
+
+    /// Starts this party's side of a round with its encoded input.
+    fn start(&mut self, derived: Derived, input: Vec<u32>) -> Result<Envelope, Error> {
+        self.round = None;
+        let input = Zeroizing::new(input);
+        if derived.keygen {
+            let mut rng = Csprng::from_os();
+            let (secret, public_share) = DealerSecret::generate(&crp(&derived.epoch), &mut rng);
+            let public_share = public_share.to_bytes();
+            let dh = StaticSecret::random_from_rng(OsRng);
+            let dh_public = DhPublic::from(&dh).to_bytes();
+            let commitment = public_share_commitment(&public_share);
+            let signature = self.party.signer.sign(&commit_transcript(
+                &derived.binding,
+                &self.party.name,
+                &commitment,
+                &dh_public,
+            ))?;
+            let commit = wire::KeyCommit {
+                party: self.party.name.clone(),
+                commitment: commitment.to_vec(),
+                dh_public: dh_public.to_vec(),
+                signature,
+                certificate: Vec::new(),
+            };
+            self.round =
+                Some(ClientRound { derived, input, stage: ClientStage::Committed { secret, dh, public_share } });
+            return Ok(Envelope::encode(&commit));
+        }
+        let (envelope, c1) = self.encrypt(&derived, &input)?;
+        self.round = Some(ClientRound { derived, input, stage: ClientStage::Uploaded { c1 } });
+        Ok(envelope)
+    }
+
+    /// Encrypts `input` under the epoch's key; the signed upload record and the ciphertext.
+    fn encrypt(&mut self, derived: &Derived, input: &[u32]) -> Result<(Envelope, Vec<u64>), Error> {
+        let epoch = self.epoch.as_ref().ok_or_else(|| coordinator_fault("asked for a ciphertext before a key"))?;
+        let slots = input.len().div_ceil(he::ring::N).max(1) * he::ring::N;
+        let masks = match self.masks.take() {
+            Some((id, s, m)) if id == epoch.id && s == slots => m,
+            _ => epoch.public_key.precompute(input.len().max(1), &mut Csprng::from_os()),
+        };
+        let ct = masks.encrypt(&epoch.params, input)?;
+        self.last_values = Some(input.len().max(1));
+        let bytes = ct.to_bytes(&epoch.params);
+        let mut upload = wire::Upload {
+            party: self.party.name.clone(),
+            fingerprint: epoch.fingerprint.to_vec(),
+            c0_hash: c0_hash(&ct.c0).to_vec(),
+            c1_hash: c1_hash(&ct.c1).to_vec(),
+            bytes: bytes.len() as u64,
+            signature: Vec::new(),
+            certificate: Vec::new(),
+        };
+        upload.signature = self.party.signer.sign(&upload_transcript(&derived.binding, &upload))?;
+        Ok((framed(&upload, &bytes), ct.c1))
+    }
+
+    fn step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error> {
+        let max = self.job.max_parties;
+        let mut r = match self.round.take() {
+            Some(r) if r.derived.round == round => r,
+            other => {
+                self.round = other;
+                return Err(Error::WrongStage(format!("no he round {round} in progress here")));
+            }
+        };
+        let result = self.advance(&mut r, stage, message, max);
+        // A refused step ends the round (its secrets are dropped and
+        // zeroized), and so does the decryption share, its last.
+        if result.is_ok() && stage != DECRYPT {
+            self.round = Some(r);
+        }
+        result
+    }
+
+    fn advance(
+        &mut self,
+        r: &mut ClientRound,
+        stage: StageName,
+        message: Envelope,
+        max: usize,
+    ) -> Result<Envelope, Error> {
+        let me = self.party.name.clone();
+        let binding = r.derived.binding;
+        let placeholder = ClientStage::Hashed { commitment: [0; 32], contributors: Vec::new(), own: Vec::new() };
+        match (stage, std::mem::replace(&mut r.stage, placeholder)) {
+            (KEY_DEAL, ClientStage::Committed { secret, dh, public_share }) => {
+                let list: wire::CommitList = message.decode("coordinator", "commitment list")?;
+                if list.commits.len() > max {
+                    return Err(coordinator_fault(format!("{} key commitments; at most {max}", list.commits.len())));
+                }
+                let mut commits = BTreeMap::new();
+                for c in list.commits {
+                    if !r.derived.parties.contains(&c.party) {
+                        return Err(coordinator_fault(format!(
+                            "relayed a key commitment of {}, not a party of the round",
+                            c.party
+                        )));
+                    }
+                    if c.signature.len() > MAX_SIGNATURE || c.certificate.len() > MAX_CERTIFICATE {
+                        return Err(coordinator_fault(format!("an oversized signature or certificate of {}", c.party)));
+                    }
+                    if c.party != me {
+                        self.party.peers.add_peer(&c.party, &c.certificate).map_err(|e| {
+                            coordinator_fault(format!("relayed a certificate for {} that does not check: {e}", c.party))
+                        })?;
+                    }
+                    // This party's own commitment is checked against what it made, below.
+                    if c.party != me {
+                        self.party
+                            .peers
+                            .verify(
+                                &c.party,
+                                &commit_transcript(&binding, &c.party, &c.commitment, &c.dh_public),
+                                &c.signature,
+                            )
+                            .map_err(|e| {
+                                coordinator_fault(format!(
+                                    "relayed a key commitment of {} without its signature ({e})",
+                                    c.party
+                                ))
+                            })?;
+                    }
+                    let commitment = array32(&c.commitment, "coordinator", "commitment")?;
+                    let dh_public = array32(&c.dh_public, "coordinator", "X25519 key")?;
+                    if commits.insert(c.party.clone(), (commitment, dh_public)).is_some() {
+                        return Err(coordinator_fault(format!("relayed two key commitments of {}", c.party)));
+                    }
+                }
+                let mine = commits.get(&me).ok_or_else(|| coordinator_fault("left this party's key commitment out"))?;
+                if mine.0 != public_share_commitment(&public_share) || mine.1 != DhPublic::from(&dh).to_bytes() {
+                    return Err(coordinator_fault("relayed a key commitment for this party that it did not make"));
+                }
+                if commits.len() < self.need() {
+                    return Err(coordinator_fault(format!(
+                        "a key of {} parties; this party takes part in keys of at least {}",
+                        commits.len(),
+                        self.need()
+                    )));
+                }
+                let key_parties: Vec<String> = commits.keys().cloned().collect();
+                let params = self.settings.params(key_parties.len())?;
+                let index =
+                    key_parties.binary_search(&me).map_err(|_| coordinator_fault("a key without this party"))?;
+                let mut rng = Csprng::from_os();
+                let mut shares = secret.deal(&params, index, &mut rng)?;
+                let own_share = shares.remove(index);
+                let mut sealed = Vec::with_capacity(shares.len());
+                for s in &shares {
+                    let to = &key_parties[s.recipient];
+                    let key = share_key(&dh, &commits[to].1, &binding, &me, to);
+                    let plain = Zeroizing::new(s.to_bytes());
+                    let (nonce, ciphertext) = prim::seal(&key, &plain, &share_aad(&binding, &me, to), &mut OsRng)?;
+                    sealed.push(wire::SealedShare {
+                        dealer: me.clone(),
+                        recipient: to.clone(),
+                        nonce: nonce.to_vec(),
+                        ciphertext,
+                    });
+                }
+                r.stage = ClientStage::Dealt { dh, own_share, params, key_parties, commits };
+                Ok(framed_message(&wire::Deal { public_share, shares: sealed }))
+            }
+            (KEY_CONFIRM, ClientStage::Dealt { dh, own_share, params, key_parties, commits }) => {
+                let delivery: wire::KeyDelivery = unframe_message(message, "coordinator", "key delivery")?;
+                if delivery.dealt.len() > key_parties.len() {
+                    return Err(coordinator_fault("more dealers than key parties"));
+                }
+                let mut public_shares = Vec::with_capacity(delivery.dealt.len());
+                let mut secret_shares = Vec::with_capacity(delivery.dealt.len());
+                let mut dealers = BTreeSet::new();
+                for d in delivery.dealt {
+                    // The dealer is whoever committed to this public share.
+                    let commitment = public_share_commitment(&d.public_share);
+                    let Some((dealer, (_, dh_public))) = commits.iter().find(|(_, (c, _))| *c == commitment) else {
+                        return Err(coordinator_fault("relayed a public-key share nobody committed to"));
+                    };
+                    if !dealers.insert(dealer.clone()) {
+                        return Err(coordinator_fault(format!("relayed {dealer}'s dealing twice")));
+                    }
+                    public_shares.push(PublicKeyShare::from_bytes(&d.public_share, dealer)?);
+                    let dealer_index =
+                        key_parties.binary_search(dealer).map_err(|_| coordinator_fault("a dealer outside the key"))?;
+                    if *dealer == me {
+                        secret_shares.push(own_share.clone());
+                        continue;
+                    }
+                    let s = d.share.ok_or_else(|| {
+                        coordinator_fault(format!("relayed {dealer}'s dealing without this party's share"))
+                    })?;
+                    if &s.dealer != dealer || s.recipient != me {
+                        return Err(coordinator_fault(format!(
+                            "relayed a share of {} for {} as {dealer}'s for this party",
+                            s.dealer, s.recipient
+                        )));
+                    }
+                    let nonce: [u8; 12] = s
+                        .nonce
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| misbehaved(dealer, "a share nonce of the wrong size"))?;
+                    let key = share_key(&dh, dh_public, &binding, dealer, &me);
+                    let plain = prim::open(&key, &nonce, &s.ciphertext, &share_aad(&binding, dealer, &me)).ok_or_else(
+                        || {
+                            misbehaved(
+                                dealer,
+                                "its key share does not decrypt (sealed to another key or tampered with)",
+                            )
+                        },
+                    )?;
+                    let index =
+                        key_parties.binary_search(&me).map_err(|_| coordinator_fault("a key without this party"))?;
+                    secret_shares.push(SecretShare::from_bytes(&plain, dealer_index, index, dealer)?);
+                }
+                if !dealers.contains(&me) {
+                    return Err(coordinator_fault("left this party's own dealing out of the key"));
+                }
+                if dealers.len() < self.need().max(params.threshold) {
+                    return Err(coordinator_fault(format!(
+                        "a key dealt by {} parties; at least {} must deal",
+                        dealers.len(),
+                        self.need().max(params.threshold)
+                    )));
+                }
+                let public_key = PublicKey::assemble(&crp(&r.derived.epoch), &public_shares)?;
+                let index =
+                    key_parties.binary_search(&me).map_err(|_| coordinator_fault("a key without this party"))?;
+                let share = KeyShare::assemble(&params, index, &secret_shares, 0)?;
+                self.masks = None;
+                self.epoch = Some(ClientEpoch {
+                    id: r.derived.epoch,
+                    fingerprint: public_key.fingerprint(),
+                    params,
+                    key_parties,
+                    public_key,
+                    share,
+                });
+                let (envelope, c1) = self.encrypt(&r.derived, &r.input)?;
+                r.input.iter_mut().for_each(|v| *v = 0);
+                r.stage = ClientStage::Uploaded { c1 };
+                Ok(envelope)
+            }
+            (HASH, ClientStage::Uploaded { c1 }) => {
+                let req: wire::HashRequest = message.decode("coordinator", "hash request")?;
+                self.check_contributors(&r.derived, &req.contributors)?;
+                let commitment = array32(&req.commitment, "coordinator", "aggregate commitment")?;
+                let values = linear_hash(&binding, &commitment, &req.contributors).hash(&[&c1]).to_vec();
+                let signature =
+                    self.party.signer.sign(&hash_transcript(&binding, &me, &commitment, &req.contributors, &values))?;
+                r.stage = ClientStage::Hashed { commitment, contributors: req.contributors, own: values.clone() };
+                Ok(Envelope::encode(&wire::HashValue { party: me, values, signature }))
+            }
+            (DECRYPT, ClientStage::Hashed { commitment, contributors, own }) => {
+                self.decrypt(&r.derived, message, &commitment, &contributors, &own)
+            }
+            (other, _) => Err(Error::WrongStage(format!("{other} at this point of the round"))),
+        }
+    }
+
+    fn check_contributors(&self, derived: &Derived, contributors: &[String]) -> Result<(), Error> {
+        if !contributors.windows(2).all(|w| w[0] < w[1]) {
+            return Err(coordinator_fault("a contributor list that is not sorted and unique"));
+        }
+        if let Some(p) = contributors.iter().find(|p| !derived.parties.contains(p)) {
+            return Err(coordinator_fault(format!("counted {p}, not a party of the round, as a contributor")));
+        }
+        if contributors.len() < self.need() {
+            return Err(coordinator_fault(format!(
+                "asked about a sum of {} ciphertexts; this party decrypts only sums of at least {}",
+                contributors.len(),
+                self.need()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a decryption request and answers with this party's flooded
+    /// share. Every refusal names the coordinator.
+    fn decrypt(
+        &mut self,
+        derived: &Derived,
+        message: Envelope,
+        hashed: &[u8; 32],
+        hashed_by: &[String],
+        own_hash: &[u64],
+    ) -> Result<Envelope, Error> {
+        let req: wire::DecryptRequest = message.decode("coordinator", "decryption request")?;
+        if req.commitment != hashed.as_slice() || req.contributors != hashed_by {
+            return Err(coordinator_fault(
+                "asked for the decryption of another aggregate or contributor set than the one this party hashed",
+            ));
+        }
+        let Some(Bulk::Words(words)) = message.bulk else {
+            return Err(coordinator_fault("a decryption request without the aggregate"));
+        };
+        let payload = from_words(&words, req.bytes, "coordinator", "decryption request")?;
+        let epoch = self.epoch.as_mut().ok_or_else(|| coordinator_fault("asked for a decryption before a key"))?;
+        let binding = derived.binding;
+        // The sum must be of at least `min` of the round's parties.
+        let contributors = req.contributors;
+        {
+            let need = self.job.min_parties.max(MIN_ROUND_PARTIES);
+            if !contributors.windows(2).all(|w| w[0] < w[1]) {
+                return Err(coordinator_fault("a contributor list that is not sorted and unique"));
+            }
+            if let Some(p) = contributors.iter().find(|p| !derived.parties.contains(p)) {
+                return Err(coordinator_fault(format!("counted {p}, not a party of the round, as a contributor")));
+            }
+            if contributors.len() < need {
+                return Err(coordinator_fault(format!(
+                    "asked for the decryption of a sum of {} ciphertexts; this party decrypts only sums of at least {need}",
+                    contributors.len()
+                )));
+            }
+        }
+        let commitment = array32(&req.commitment, "coordinator", "aggregate commitment")?;
+        let slots = derived.dim.max(1).div_ceil(he::ring::N) * he::ring::N;
+        let c1_bytes = he::pack::packed_len(slots, 62);
+        if payload.len() != c1_bytes * (1 + req.vanished.len()) {
+            return Err(coordinator_fault("a decryption request whose aggregate is not of the round's size"));
+        }
+        let unpack = |i: usize, what: &str| -> Result<Vec<u64>, Error> {
+            let v = he::pack::unpack(&payload[i * c1_bytes..(i + 1) * c1_bytes], slots, 62, what)
+                .map_err(|e| coordinator_fault(e.to_string()))?;
+            if v.iter().any(|&c| c >= he::ring::Q) {
+                return Err(coordinator_fault(format!("{what}: a coefficient not below q")));
+            }
+            Ok(v)
+        };
+        let c1 = unpack(0, "aggregate c1")?;
+        if aggregate_commitment(&c1) != commitment {
+            return Err(coordinator_fault("sent an aggregate that is not the one it committed to"));
+        }
+        // Every contributor signed an upload under this key in this round.
+        let mut uploads = BTreeMap::new();
+        for u in req.uploads {
+            if u.signature.len() > MAX_SIGNATURE || u.certificate.len() > MAX_CERTIFICATE {
+                return Err(coordinator_fault(format!("an oversized signature or certificate of {}", u.party)));
+            }
+            uploads.insert(u.party.clone(), u);
+        }
+        for p in &contributors {
+            let u =
+                uploads.get(p).ok_or_else(|| coordinator_fault(format!("counted {p} without its signed upload")))?;
+            // This party's own record matters only through its hash, checked below.
+            if *p != self.party.name {
+                self.party.peers.add_peer(p, &u.certificate).map_err(|e| {
+                    coordinator_fault(format!("relayed a certificate for {p} that does not check: {e}"))
+                })?;
+                self.party.peers.verify(p, &upload_transcript(&binding, u), &u.signature).map_err(|_| {
+                    coordinator_fault(format!("relayed an upload record of {p} that {p} did not sign for this round"))
+                })?;
+            }
+            if u.fingerprint != epoch.fingerprint {
+                return Err(coordinator_fault(format!("counted {p}'s ciphertext under another key")));
+            }
+        }
+        // The linear hash of Σ c1 must be the sum of the contributors' own.
+        let hash = linear_hash(&binding, &commitment, &contributors);
+        let hashes: BTreeMap<&str, &wire::HashValue> = req.hashes.iter().map(|h| (h.party.as_str(), h)).collect();
+        let mut expected = Vec::with_capacity(contributors.len());
+        if req.vanished.contains(&self.party.name) {
+            return Err(coordinator_fault("listed this party, which hashed its ciphertext, as vanished"));
+        }
+        for p in &contributors {
+            if *p == self.party.name {
+                let v: [u64; he::hash::RHO] =
+                    own_hash.try_into().map_err(|_| Error::WrongStage("no hash of this party's own".into()))?;
+                expected.push(v);
+                continue;
+            }
+            if let Some(pos) = req.vanished.iter().position(|v| v == p) {
+                let theirs = unpack(1 + pos, "a vanished contributor's c1")?;
+                if c1_hash(&theirs).as_slice() != uploads[p].c1_hash {
+                    return Err(coordinator_fault(format!("relayed a c1 for {p} that is not the one {p} signed")));
+                }
+                expected.push(hash.hash(&[&theirs]));
+                continue;
+            }
+            let h = hashes
+                .get(p.as_str())
+                .ok_or_else(|| coordinator_fault(format!("counted {p} without its hash or its c1")))?;
+            self.party
+                .peers
+                .verify(p, &hash_transcript(&binding, p, &commitment, &contributors, &h.values), &h.signature)
+                .map_err(|_| coordinator_fault(format!("relayed a hash value of {p} that {p} did not sign")))?;
+            let v: [u64; he::hash::RHO] = h
+                .values
+                .as_slice()
+                .try_into()
+                .map_err(|_| coordinator_fault(format!("a hash value of {p} of the wrong size")))?;
+            expected.push(v);
+        }
+        if he::hash::sum_hashes(&expected) != hash.hash(&[&c1]) {
+            return Err(coordinator_fault(
+                "asked for the decryption of an aggregate that is not the sum of the contributors' ciphertexts",
+            ));
+        }
+        // Decryptors: key parties, sorted by key index, this party among them.
+        let mut indices = Vec::with_capacity(req.decryptors.len());
+        for d in &req.decryptors {
+            indices.push(
+                epoch
+                    .key_parties
+                    .binary_search(d)
+                    .map_err(|_| coordinator_fault(format!("named {d}, who holds no key share, as a decryptor")))?,
+            );
+        }
+        // Once per round and subject, unless for the very same sum.
+        let key = (derived.round, derived.subject);
+        if let Some(previous) = self.decrypted.get(&key)
+            && *previous != contributors
+        {
+            return Err(coordinator_fault(format!(
+                "asked for a second decryption of round {} over other contributors than the first",
+                derived.round
+            )));
+        }
+        let share = epoch.share.decryption_share(&epoch.params, &c1, &indices, &mut Csprng::from_os()).map_err(
+            |e| match e {
+                Error::InvalidInput(m) | Error::BelowThreshold(m) => {
+                    coordinator_fault(format!("asked for a decryption this party refuses: {m}"))
+                }
+                other => other,
+            },
+        )?;
+        self.decrypted.insert(key, contributors);
+        let bytes = share.to_bytes(&epoch.params);
+        Ok(framed(&wire::Framed { bytes: bytes.len() as u64 }, &bytes))
+    }
+}
+
+impl AggregationClient for HeClient {
+    fn contribute(&mut self, round: u32, round_message: &[u8], update: LocalUpdate<'_>) -> Result<Envelope, Error> {
+        self.round = None;
+        let training = super::training_digest(update.global, update.fit);
+        let (derived, input) = if let Some(template) = &self.job.distributed_dp {
+            let clip = self.round_clip(template, round_message)?;
+            let noisy = NoisyUpdate::with_clip(
+                template,
+                self.job.adaptive_clip.as_ref(),
+                clip,
+                &self.job.job_id,
+                round,
+                update.global,
+            )?;
+            let derived = self.derive(round, round_message, noisy.words(), training, Some(noisy.digest()))?;
+            let noise = noisy.sample_noise()?;
+            (derived, noisy.encode(update.global, &update.local, noise)?)
+        } else {
+            let dim = WeightedUpdate::words(update.global.num_values());
+            let derived = self.derive(round, round_message, dim, training, None)?;
+            let s = &self.settings;
+            let encoding = WeightedUpdate::new(s.b(), s.clip, s.max_examples, self.job.party_bound())?;
+            (derived, encoding.encode(update.global, &update.local, update.num_examples, update.train_loss)?)
+        };
+        self.start(derived, input)
+    }
+
+    fn contribute_sum(
+        &mut self,
+        round: u32,
+        round_message: &[u8],
+        layout: &SumLayout,
+        values: &[f64],
+    ) -> Result<Envelope, Error> {
+        self.round = None;
+        if values.len() != layout.values {
+            return Err(Error::InvalidInput(format!(
+                "{} values for a {} sum of {}",
+                values.len(),
+                layout.purpose,
+                layout.values
+            )));
+        }
+        let encoding = WideSum::new(self.settings.b(), self.job.party_bound())?;
+        let derived = self.derive(round, round_message, encoding.words(layout.values), layout.digest, None)?;
+        let input = encoding.encode(values)?;
+        self.start(derived, input)
+    }
+
+    fn prepare(&mut self, global: &confide_algorithms::Parameters) {
+        // Encryption randomness does not depend on the data: draw it before
+        // training, for an update of this model's size under the current
+        // key (unless it was drawn after the last round).
+        if self.job.distributed_dp.is_none() {
+            self.precompute_masks(WeightedUpdate::words(global.num_values()));
+        }
+    }
+
+    fn precompute(&mut self) {
+        // Once this party's part of a round is done, the next round's
+        // encryption randomness, while the coordinator finishes the round.
+        if self.round.is_none()
+            && let Some(values) = self.last_values
+        {
+            self.precompute_masks(values);
+        }
+    }
+
+    fn on_step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error> {
+        self.step(round, stage, message).map_err(|e| match e {
+            Error::WrongStage(m) => coordinator_fault(format!("asked for the {stage} step out of order: {m}")),
+            other => other,
+        })
+    }
+
+    fn abandon(&mut self) {
+        self.round = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secagg::testing::{InsecureTagVerifier, identity};
+    use confide_algorithms::{FitConfig, Parameters, Tensor, TrainConfig};
+
+    fn fit(round: u32) -> FitConfig {
+        FitConfig { round, train: TrainConfig::default() }
+    }
+
+    fn params(v: &[f32]) -> Parameters {
+        Parameters::new(vec![Tensor { name: "w".into(), shape: vec![v.len()], data: v.to_vec() }]).unwrap()
+    }
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("p{i}")).collect()
+    }
+
+    fn table() -> toml::Table {
+        toml::toml! { max_examples = 100 }
+    }
+
+    /// A federation of `n` parties in one process: the coordinator's side
+    /// and every party's, messages passed by hand.
+    struct Fed {
+        names: Vec<String>,
+        server: Box<dyn AggregationServer>,
+        clients: BTreeMap<String, Box<dyn AggregationClient>>,
+    }
+
+    /// Rewrites a message at a stage for a party.
+    type Hook<'a> = &'a mut dyn FnMut(StageName, &str, &mut Envelope);
+    /// Σ nᵢ·Δᵢ, Σ nᵢ, the contributors and who misbehaved.
+    type Weighted<'a> = (&'a [f64], f64, &'a [String], &'a [(String, String)]);
+    /// What a test expects in the refusal, and the edit to the round config.
+    type Edit = (&'static str, Box<dyn Fn(&mut wire::RoundConfig)>);
+    /// The binding, commitment and contributors a lying party signs over.
+    type Seen = Option<([u8; 32], [u8; 32], Vec<String>)>;
+
+    /// What a test does to the coordinator's messages and the parties' answers.
+    #[derive(Default)]
+    struct Script<'a> {
+        /// Parties that stop answering from this stage on.
+        silent: BTreeMap<String, StageName>,
+        /// Rewrites a message to a party before it is delivered.
+        tamper: Option<Hook<'a>>,
+        /// Rewrites a party's answer before the coordinator sees it.
+        forge: Option<Hook<'a>>,
+        /// Refusals by parties (stage, party, error).
+        refusals: Vec<(StageName, String, String)>,
+    }
+
+    impl Fed {
+        fn new(n: usize, min: usize) -> Fed {
+            let job = JobFacts::new("job", names(n), 100, min, 1 << 20);
+            let names = names(n);
+            let server = ThresholdHe.server(&table(), &job, Box::new(InsecureTagVerifier)).unwrap();
+            let clients =
+                names.iter().map(|p| (p.clone(), ThresholdHe.client(&table(), &job, identity(p)).unwrap())).collect();
+            Fed { names, server, clients }
+        }
+
+        /// Round `round` over `parties` where party i moves its weights by
+        /// `delta(i)` on `n_i = 10(i+1)` examples.
+        fn round(
+            &mut self,
+            round: u32,
+            parties: &[String],
+            global: &Parameters,
+            script: &mut Script<'_>,
+        ) -> Result<Aggregate, Error> {
+            let fit = fit(round);
+            let rm = self.server.begin_round(&RoundInfo { round, parties, global, fit: Some(&fit) })?;
+            for p in parties {
+                let i: usize = p[1..].parse().unwrap();
+                let local =
+                    params(&global.tensors()[0].data.iter().map(|w| w + 0.01 * (i as f32 + 1.0)).collect::<Vec<_>>());
+                let update =
+                    LocalUpdate { global, fit: &fit, local, num_examples: 10 * (i as u64 + 1), train_loss: Some(1.0) };
+                let client = self.clients.get_mut(p).unwrap();
+                client.prepare(global);
+                let m = client.contribute(round, &rm, update)?;
+                self.server.on_message(Peer { name: p, certificate: &[] }, m)?;
+            }
+            self.drive(round, script)
+        }
+
+        fn drive(&mut self, round: u32, script: &mut Script<'_>) -> Result<Aggregate, Error> {
+            loop {
+                match self.server.close_stage()? {
+                    Progress::Done(a) => return Ok(a),
+                    Progress::Step { stage, messages, .. } => {
+                        let deliveries: Vec<(String, Envelope)> = match messages {
+                            Messages::Same { to, message } => to.into_iter().map(|p| (p, message.clone())).collect(),
+                            Messages::PerParty(v) => v,
+                        };
+                        for (p, mut m) in deliveries {
+                            if script.silent.get(&p).is_some_and(|s| self.stage_index(*s) <= self.stage_index(stage)) {
+                                continue;
+                            }
+                            if let Some(t) = script.tamper.as_mut() {
+                                t(stage, &p, &mut m);
+                            }
+                            match self.clients.get_mut(&p).unwrap().on_step(round, stage, m) {
+                                Ok(mut answer) => {
+                                    if let Some(f) = script.forge.as_mut() {
+                                        f(stage, &p, &mut answer);
+                                    }
+                                    // A rejected answer drops its sender, as the session does.
+                                    let _ = self.server.on_message(Peer { name: &p, certificate: &[] }, answer);
+                                }
+                                Err(e) => script.refusals.push((stage, p.clone(), e.to_string())),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        fn stage_index(&self, s: StageName) -> usize {
+            ThresholdHe.stages().iter().position(|x| *x == s).unwrap()
+        }
+    }
+
+    /// Σ nᵢ·Δᵢ for parties `who` (Δᵢ = 0.01(i+1) on every weight).
+    fn expected(who: &[usize]) -> (f64, f64) {
+        let num: f64 = who.iter().map(|&i| 10.0 * (i as f64 + 1.0) * 0.01 * (i as f64 + 1.0)).sum();
+        let den: f64 = who.iter().map(|&i| 10.0 * (i as f64 + 1.0)).sum();
+        (num, den)
+    }
+
+    fn weighted(a: &Aggregate) -> Weighted<'_> {
+        match a {
+            Aggregate::WeightedSum { weighted_delta_sum, total_examples, contributors, misbehaved, .. } => {
+                (weighted_delta_sum, *total_examples, contributors, misbehaved)
+            }
+            other => panic!("he reveals only a sum: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rounds_sum_exactly_and_reuse_the_key_epoch() {
+        let mut fed = Fed::new(5, 3);
+        let global = params(&[0.5, -0.25, 0.0]);
+        let names = fed.names.clone();
+        for round in 1..=2 {
+            let a = fed.round(round, &names, &global, &mut Script::default()).unwrap();
+            let (sum, total, contributors, misbehaved) = weighted(&a);
+            let (num, den) = expected(&[0, 1, 2, 3, 4]);
+            assert_eq!(total, den);
+            for v in sum {
+                assert!((v - num).abs() < 0.05, "{v} vs {num}");
+            }
+            assert_eq!(contributors, names.as_slice());
+            assert!(misbehaved.is_empty());
+        }
+        // Round 2 reused round 1's key: no key stages, the same epoch.
+        let rm = fed
+            .server
+            .begin_round(&RoundInfo { round: 3, parties: &names, global: &global, fit: Some(&fit(3)) })
+            .unwrap();
+        let rc: wire::RoundConfig = prost::Message::decode(rm.as_slice()).unwrap();
+        assert!(!rc.keygen && rc.epoch.len() == 32);
+    }
+
+    #[test]
+    fn statistics_are_summed_under_the_same_key() {
+        let mut fed = Fed::new(4, 3);
+        let names = fed.names.clone();
+        let layout = SumLayout::feature_stats(2);
+        let rm = fed.server.begin_sum(&SumRound { round: 0, parties: &names, layout: &layout }).unwrap();
+        for (i, p) in names.iter().enumerate() {
+            let values: Vec<f64> = (0..layout.values).map(|k| (i * 10 + k) as f64 - 7.5).collect();
+            let m = fed.clients.get_mut(p).unwrap().contribute_sum(0, &rm, &layout, &values).unwrap();
+            fed.server.on_message(Peer { name: p, certificate: &[] }, m).unwrap();
+        }
+        let Aggregate::Sum { sums, contributors, .. } = fed.drive(0, &mut Script::default()).unwrap() else { panic!() };
+        assert_eq!(contributors.len(), 4);
+        for (k, s) in sums.iter().enumerate() {
+            let want: f64 = (0..4).map(|i| (i * 10 + k) as f64 - 7.5).sum();
+            assert!((s - want).abs() < 1e-6, "{s} vs {want}");
+        }
+        // The next round (a model) reuses the key dealt for the statistics.
+        let global = params(&[0.0; 4]);
+        let a = fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        assert_eq!(weighted(&a).1, expected(&[0, 1, 2, 3]).1);
+    }
+
+    #[test]
+    fn contributors_that_vanish_after_uploading_are_still_counted() {
+        let mut fed = Fed::new(6, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        // Key epoch first, then a round where p5 uploads and is never heard of again.
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let mut script = Script { silent: [("p5".to_string(), HASH)].into(), ..Script::default() };
+        let a = fed.round(2, &names, &global, &mut script).unwrap();
+        let (sum, total, contributors, _) = weighted(&a);
+        let (num, den) = expected(&[0, 1, 2, 3, 4, 5]);
+        assert_eq!((total, contributors.len()), (den, 6));
+        assert!((sum[0] - num).abs() < 0.05);
+    }
+
+    #[test]
+    fn decryption_fails_cleanly_below_the_threshold() {
+        // n = 5, γ = 0.1: τ = 3, a checked decryption needs 4 answers.
+        let mut fed = Fed::new(5, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let silent = [("p0".to_string(), DECRYPT), ("p1".to_string(), DECRYPT)].into();
+        let err = fed.round(2, &names, &global, &mut Script { silent, ..Script::default() }).unwrap_err();
+        assert!(matches!(err, Error::BelowThreshold(_)), "{err}");
+        // One silent decryptor of τ + 2 asked: still a checked sum.
+        let silent = [("p1".to_string(), DECRYPT)].into();
+        let a = fed.round(3, &names, &global, &mut Script { silent, ..Script::default() }).unwrap();
+        assert_eq!(weighted(&a).1, expected(&[0, 1, 2, 3, 4]).1);
+    }
+
+    #[test]
+    fn a_bad_decryption_share_is_named_and_the_sum_still_right() {
+        let mut fed = Fed::new(6, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        let mut forge = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == DECRYPT
+                && p == "p2"
+                && let Some(Bulk::Words(w)) = m.bulk.as_mut()
+            {
+                w[0] ^= 1 << 20;
+            }
+        };
+        let mut script = Script { forge: Some(&mut forge), ..Script::default() };
+        let a = fed.round(1, &names, &global, &mut script).unwrap();
+        let (sum, _, _, misbehaved) = weighted(&a);
+        assert!((sum[0] - expected(&[0, 1, 2, 3, 4, 5]).0).abs() < 0.05);
+        assert_eq!(misbehaved.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["p2"]);
+    }
+
+    /// Runs round 1 (the key epoch) and round 2 with `tamper` rewriting the
+    /// coordinator's messages; the parties' refusals.
+    fn refusals_under(
+        n: usize,
+        tamper: &mut dyn FnMut(StageName, &str, &mut Envelope),
+    ) -> Vec<(StageName, String, String)> {
+        let mut fed = Fed::new(n, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        let mut script = Script { tamper: Some(tamper), ..Script::default() };
+        let _ = fed.round(1, &names, &global, &mut script);
+        script.refusals
+    }
+
+    fn edit_request(m: &mut Envelope, f: impl FnOnce(&mut wire::DecryptRequest, &mut Vec<u8>)) {
+        let req: wire::DecryptRequest = m.decode("test", "request").unwrap();
+        let Some(Bulk::Words(w)) = m.bulk.take() else { panic!() };
+        let mut payload = from_words(&w, req.bytes, "test", "payload").unwrap();
+        let mut req = req;
+        f(&mut req, &mut payload);
+        req.bytes = payload.len() as u64;
+        *m = framed(&req, &payload);
+    }
+
+    #[test]
+    fn a_decryption_of_one_partys_ciphertext_is_refused_naming_the_coordinator() {
+        // The coordinator keeps p0's c1 aside and asks for its decryption as
+        // if it were the sum (the hashes then do not add up).
+        let mut c1_of_p0: Option<Vec<u8>> = None;
+        let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
+            if stage == DECRYPT {
+                edit_request(m, |req, payload| {
+                    let len = payload.len() / (1 + req.vanished.len());
+                    let own = c1_of_p0.get_or_insert_with(|| payload[..len].to_vec()).clone();
+                    payload[..len].copy_from_slice(&own);
+                    req.commitment = vec![0; 32];
+                });
+            }
+        };
+        let r = refusals_under(5, &mut tamper);
+        assert!(r.iter().filter(|(s, _, _)| *s == DECRYPT).count() >= 4, "{r:?}");
+        assert!(r.iter().all(|(_, _, e)| e.contains("party coordinator misbehaved")), "{r:?}");
+    }
+
+    #[test]
+    fn a_sum_that_is_not_the_contributors_is_refused() {
+        // The coordinator replaces Σ c1 by c1 of a sum it chose, with a
+        // matching commitment: the linear hash catches it.
+        let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
+            if stage == DECRYPT {
+                edit_request(m, |req, payload| {
+                    let len = payload.len() / (1 + req.vanished.len());
+                    let slots = len * 8 / 62;
+                    let mut c1 = he::pack::unpack(&payload[..len], slots, 62, "c1").unwrap();
+                    c1[7] = (c1[7] + 1) % he::ring::Q;
+                    let mut packed = Vec::new();
+                    he::pack::pack(&c1, 62, &mut packed);
+                    payload[..len].copy_from_slice(&packed);
+                    req.commitment = aggregate_commitment(&c1).to_vec();
+                });
+            }
+        };
+        let r = refusals_under(5, &mut tamper);
+        let decrypt: Vec<_> = r.iter().filter(|(s, _, _)| *s == DECRYPT).collect();
+        assert!(!decrypt.is_empty(), "{r:?}");
+        assert!(
+            decrypt
+                .iter()
+                .all(|(_, _, e)| e.contains("coordinator") && e.contains("another aggregate")
+                    || e.contains("not the sum")),
+            "{decrypt:?}"
+        );
+    }
+
+    #[test]
+    fn sums_of_fewer_than_min_parties_and_made_up_contributors_are_refused() {
+        for edit in 0..3 {
+            let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
+                if stage == HASH {
+                    let mut req: wire::HashRequest = m.decode("t", "t").unwrap();
+                    match edit {
+                        0 => req.contributors.truncate(2),
+                        1 => req.contributors.push("zz-sybil".into()),
+                        _ => req.contributors.reverse(),
+                    }
+                    *m = Envelope::encode(&req);
+                }
+            };
+            let r = refusals_under(5, &mut tamper);
+            let hash: Vec<_> = r.iter().filter(|(s, _, _)| *s == HASH).collect();
+            assert!(!hash.is_empty(), "edit {edit}: {r:?}");
+            assert!(hash.iter().all(|(_, _, e)| e.contains("coordinator")), "{hash:?}");
+        }
+    }
+
+    #[test]
+    fn a_second_decryption_of_a_round_over_other_parties_is_refused() {
+        let mut fed = Fed::new(5, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        // Round 2 over all five, then round 2 again (same model and
+        // configuration) without p4: the difference would be p4's update.
+        fed.round(2, &names, &global, &mut Script::default()).unwrap();
+        let mut script = Script::default();
+        let err = fed.round(2, &names[..4], &global, &mut script).unwrap_err();
+        assert!(matches!(err, Error::BelowThreshold(_)), "{err}");
+        assert!(
+            script.refusals.iter().any(|(s, _, e)| *s == DECRYPT && e.contains("second decryption of round 2")),
+            "{:?}",
+            script.refusals
+        );
+        // The very same sum again (a resumed round) is answered.
+        fed.round(2, &names, &global, &mut Script::default()).unwrap();
+    }
+
+    #[test]
+    fn uploads_with_a_bad_signature_the_wrong_size_or_round_are_rejected_naming_the_sender() {
+        let mut fed = Fed::new(4, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        // An upload for round 2 offered in round 3.
+        let rm2 = fed
+            .server
+            .begin_round(&RoundInfo { round: 2, parties: &names, global: &global, fit: Some(&fit(2)) })
+            .unwrap();
+        let fit2 = fit(2);
+        let update = |i: usize, fit: &FitConfig| -> Parameters {
+            let _ = fit;
+            params(&[0.1, 0.2 + i as f32])
+        };
+        let old = fed
+            .clients
+            .get_mut("p0")
+            .unwrap()
+            .contribute(
+                2,
+                &rm2,
+                LocalUpdate {
+                    global: &global,
+                    fit: &fit2,
+                    local: update(0, &fit2),
+                    num_examples: 10,
+                    train_loss: None,
+                },
+            )
+            .unwrap();
+        let fit3 = fit(3);
+        let rm3 = fed
+            .server
+            .begin_round(&RoundInfo { round: 3, parties: &names, global: &global, fit: Some(&fit3) })
+            .unwrap();
+        let err = fed.server.on_message(Peer { name: "p0", certificate: &[] }, old).unwrap_err().to_string();
+        assert!(err.contains("party p0 misbehaved") && err.contains("signature"), "{err}");
+        // A signature by someone else.
+        let u =
+            LocalUpdate { global: &global, fit: &fit3, local: update(1, &fit3), num_examples: 11, train_loss: None };
+        let mut m = fed.clients.get_mut("p1").unwrap().contribute(3, &rm3, u).unwrap();
+        let err = fed.server.on_message(Peer { name: "p2", certificate: &[] }, m.clone()).unwrap_err().to_string();
+        assert!(err.contains("party p2 misbehaved"), "{err}");
+        // A truncated ciphertext.
+        if let Some(Bulk::Words(w)) = m.bulk.as_mut() {
+            w.truncate(w.len() - 1);
+        }
+        let err = fed.server.on_message(Peer { name: "p1", certificate: &[] }, m).unwrap_err().to_string();
+        assert!(err.contains("party p1 misbehaved"), "{err}");
+        // A plaintext update.
+        let plain = Envelope { body: vec![], bulk: Some(Bulk::Params(std::sync::Arc::new(global.clone()))) };
+        let err = fed.server.on_message(Peer { name: "p3", certificate: &[] }, plain).unwrap_err().to_string();
+        assert!(err.contains("plaintext"), "{err}");
+    }
+
+    #[test]
+    fn a_public_share_that_does_not_match_its_commitment_is_refused() {
+        let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
+            if stage == KEY_CONFIRM {
+                let mut d: wire::KeyDelivery = unframe_message(m.clone(), "t", "t").unwrap();
+                d.dealt[0].public_share[3] ^= 1;
+                *m = framed_message(&d);
+            }
+        };
+        let r = refusals_under(4, &mut tamper);
+        assert!(
+            r.iter().any(|(s, _, e)| *s == KEY_CONFIRM && e.contains("coordinator") && e.contains("nobody committed")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_key_without_the_party_or_with_too_few_dealers_is_refused() {
+        let mut tamper = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == KEY_DEAL && p == "p0" {
+                let mut l: wire::CommitList = m.decode("t", "t").unwrap();
+                l.commits.retain(|c| c.party != "p0");
+                *m = Envelope::encode(&l);
+            }
+            if stage == KEY_CONFIRM && p == "p1" {
+                let mut d: wire::KeyDelivery = unframe_message(m.clone(), "t", "t").unwrap();
+                d.dealt.truncate(2);
+                *m = framed_message(&d);
+            }
+        };
+        let r = refusals_under(5, &mut tamper);
+        assert!(
+            r.iter().any(|(s, p, e)| *s == KEY_DEAL && p == "p0" && e.contains("left this party's key commitment out")),
+            "{r:?}"
+        );
+        assert!(r.iter().any(|(s, p, e)| *s == KEY_CONFIRM && p == "p1" && e.contains("coordinator")), "{r:?}");
+    }
+
+    #[test]
+    fn round_parameters_the_spec_does_not_give_are_refused() {
+        let mut fed = Fed::new(4, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        let fit1 = fit(1);
+        let rm = fed
+            .server
+            .begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) })
+            .unwrap();
+        let edits: Vec<Edit> = vec![
+            ("bits", Box::new(|c| c.bits = 16)),
+            ("clip", Box::new(|c| c.clip = 9.0)),
+            ("at least 3", Box::new(|c| c.parties.truncate(2))),
+            ("does not name", Box::new(|c| c.parties.push("zz".into()))),
+            (
+                "holds no share",
+                Box::new(|c| {
+                    c.keygen = false;
+                    c.epoch = vec![1; 32];
+                }),
+            ),
+        ];
+        for (want, edit) in edits {
+            let mut rc: wire::RoundConfig = prost::Message::decode(rm.as_slice()).unwrap();
+            edit(&mut rc);
+            let u = LocalUpdate {
+                global: &global,
+                fit: &fit1,
+                local: params(&[0.1, 0.1]),
+                num_examples: 5,
+                train_loss: None,
+            };
+            let err = fed
+                .clients
+                .get_mut("p0")
+                .unwrap()
+                .contribute(1, &prost::Message::encode_to_vec(&rc), u)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("party coordinator misbehaved") && err.contains(want), "{want}: {err}");
+        }
+    }
+
+    /// Party-level DP with distributed noise under he: the decrypted sum is
+    /// Σ clip(Δᵢ) plus the parties' noise, with the calibrated variance.
+    #[test]
+    fn distributed_dp_noise_is_carried_through_encryption() {
+        let n = 4;
+        let job = JobFacts::new("job", names(n), 100, 3, 1 << 20);
+        let bits = settings_for(&toml::Table::new(), &job).unwrap().b();
+        let carrier = ThresholdHe.noise_carrier(&toml::Table::new(), &job).unwrap();
+        assert_eq!(carrier.bits, bits);
+        let template = confide_dp::ddg::DdgConfig {
+            clip: 1.0,
+            noise_multiplier: 0.5,
+            dim: confide_dp::ddg::MAX_PADDED_DIM,
+            bits,
+            max_parties: n,
+            honest_parties: 3,
+            beta: (-0.5f64).exp(),
+            k_stddevs: 4.0,
+        };
+        let job = JobFacts { distributed_dp: Some(template), ..job };
+        let names = names(n);
+        let mut server = ThresholdHe.server(&toml::Table::new(), &job, Box::new(InsecureTagVerifier)).unwrap();
+        let mut clients: BTreeMap<String, Box<dyn AggregationClient>> = names
+            .iter()
+            .map(|p| (p.clone(), ThresholdHe.client(&toml::Table::new(), &job, identity(p)).unwrap()))
+            .collect();
+        let global = params(&vec![0.0; 2000]);
+        let fit1 = fit(1);
+        let rm =
+            server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) }).unwrap();
+        for p in &names {
+            // Updates far beyond the clip: each is cut to norm 1.
+            let local = params(&vec![100.0; 2000]);
+            let u = LocalUpdate { global: &global, fit: &fit1, local, num_examples: 1, train_loss: None };
+            let m = clients.get_mut(p).unwrap().contribute(1, &rm, u).unwrap();
+            server.on_message(Peer { name: p, certificate: &[] }, m).unwrap();
+        }
+        let mut fed = Fed { names: names.clone(), server, clients };
+        let a = fed.drive(1, &mut Script::default()).unwrap();
+        let (sum, total, _, _) = weighted(&a);
+        assert_eq!(total, 4.0);
+        let mechanism = NoisyUpdate::new(&template, "job", 1, &global).unwrap();
+        let clipped = 4.0 / 2000f64.sqrt();
+        let mean = sum.iter().sum::<f64>() / sum.len() as f64;
+        let var = sum.iter().map(|v| (v - clipped).powi(2)).sum::<f64>() / sum.len() as f64;
+        let want = 4.0 * (f64::from(mechanism.mechanism().local_sigma()) / mechanism.mechanism().scale()).powi(2);
+        assert!((mean - clipped).abs() < 0.1 * want.sqrt() + 0.01, "mean {mean} vs {clipped}");
+        assert!((var / want - 1.0).abs() < 0.15, "variance {var} vs {want}");
+    }
+
+    #[test]
+    fn a_contributor_that_signs_a_wrong_hash_is_flagged_and_still_counted() {
+        let mut fed = Fed::new(5, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        let mut forge = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == HASH && p == "p1" {
+                let mut hv: wire::HashValue = m.decode("t", "t").unwrap();
+                let req_binding_and_rest = hv.values[0];
+                hv.values[0] = (req_binding_and_rest + 1) % he::ring::Q;
+                // Re-signed by p1 itself: a lying party, not a forgery.
+                LYING.with(|l| {
+                    let (binding, commitment, contributors) = l.borrow().clone().unwrap();
+                    let t = hash_transcript(&binding, "p1", &commitment, &contributors, &hv.values);
+                    use crate::secagg::protocol::IdentitySigner;
+                    hv.signature = crate::secagg::testing::InsecureTagSigner("p1".into()).sign(&t).unwrap();
+                });
+                *m = Envelope::encode(&hv);
+            }
+        };
+        let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
+            if stage == HASH {
+                let req: wire::HashRequest = m.decode("t", "t").unwrap();
+                let commitment: [u8; 32] = req.commitment.as_slice().try_into().unwrap();
+                LYING.with(|l| {
+                    let binding = l.borrow().as_ref().map(|x| x.0);
+                    *l.borrow_mut() = binding.map(|b| (b, commitment, req.contributors.clone()));
+                });
+            }
+        };
+        // The round's binding, as the parties derive it.
+        let fit1 = fit(1);
+        let rm = fed
+            .server
+            .begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) })
+            .unwrap();
+        let derived = {
+            let HeClientView(c) = HeClientView::of(&fed, &rm, &global, &fit1);
+            c
+        };
+        LYING.with(|l| *l.borrow_mut() = Some((derived, [0; 32], Vec::new())));
+        for p in &names {
+            let i: usize = p[1..].parse().unwrap();
+            let u = LocalUpdate {
+                global: &global,
+                fit: &fit1,
+                local: params(&[0.01 * (i as f32 + 1.0); 2]),
+                num_examples: 10 * (i as u64 + 1),
+                train_loss: None,
+            };
+            let m = fed.clients.get_mut(p).unwrap().contribute(1, &rm, u).unwrap();
+            fed.server.on_message(Peer { name: p, certificate: &[] }, m).unwrap();
+        }
+        let mut script = Script { forge: Some(&mut forge), tamper: Some(&mut tamper), ..Script::default() };
+        let a = fed.drive(1, &mut script).unwrap();
+        let (sum, total, contributors, misbehaved) = weighted(&a);
+        assert!(script.refusals.is_empty(), "{:?}", script.refusals);
+        assert_eq!((total, contributors.len()), (expected(&[0, 1, 2, 3, 4]).1, 5));
+        assert!((sum[0] - expected(&[0, 1, 2, 3, 4]).0).abs() < 0.05);
+        assert!(misbehaved.iter().any(|(p, why)| p == "p1" && why.contains("linear hash")), "{misbehaved:?}");
+    }
+
+    thread_local! {
+        static LYING: std::cell::RefCell<Seen> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// The binding a party derives for a round message.
+    struct HeClientView([u8; 32]);
+
+    impl HeClientView {
+        fn of(fed: &Fed, rm: &[u8], global: &Parameters, fit: &FitConfig) -> HeClientView {
+            let rc: wire::RoundConfig = prost::Message::decode(rm).unwrap();
+            let job = JobFacts::new("job", fed.names.clone(), 100, 3, 1 << 20);
+            let s = settings_for(&table(), &job).unwrap();
+            let epoch = (!rc.keygen).then(|| rc.epoch.as_slice().try_into().unwrap());
+            let d = derive_round(
+                "job",
+                1,
+                &rc.parties,
+                rc.keygen,
+                epoch,
+                WeightedUpdate::words(global.num_values()),
+                &s,
+                crate::aggregation::training_digest(global, fit),
+                0,
+                None,
+            );
+            HeClientView(d.binding)
+        }
+    }
+
+    #[test]
+    fn settings_are_validated_by_field() {
+        let job = JobFacts::new("j", names(10), 100, 3, 1000);
+        let bad = |t: toml::Table| ThresholdHe.validate(&t, &job).into_iter().map(|p| p.field).collect::<Vec<_>>();
+        assert!(bad(toml::Table::new()).is_empty(), "{:?}", ThresholdHe.validate(&toml::Table::new(), &job));
+        assert_eq!(bad(toml::toml! { corrupt_fraction = 0.5 }), ["corrupt_fraction"]);
+        assert_eq!(bad(toml::toml! { bits = 40 }), ["bits"]);
+        let b = bad(toml::toml! { bits = 32 });
+        assert!(!b.is_empty() && b.iter().all(|f| f == "bits"), "32 bits leave no room for the noise: {b:?}");
+        // Unset, the bits follow from the largest key: 21 for 10 parties.
+        let resolved = settings_for(&toml::Table::new(), &job).unwrap();
+        assert_eq!(resolved.bits, Some(21));
+        let fifty = JobFacts::new("j", names(50), 100, 3, 1000);
+        // Fifty parties leave 10 bits: too few for 50 × max_examples, said by field.
+        assert_eq!(HeSettings::default().plaintext_bits(&fifty), 10);
+        assert!(ThresholdHe.validate(&toml::Table::new(), &fifty).iter().any(|p| p.field == "max_examples"));
+        assert_eq!(bad(toml::toml! { key_budget_log2 = 50 }), ["key_budget_log2"]);
+        assert_eq!(bad(toml::toml! { nope = 1 }), ["nope"]);
+        let two = JobFacts::new("j", names(2), 100, 2, 1000);
+        assert!(ThresholdHe.validate(&toml::Table::new(), &two).iter().any(|p| p.field == "parties.min" && p.absolute));
+        assert!(ThresholdHe.explain(&toml::Table::new(), &job).iter().any(|l| l.contains("with 10 parties")));
+    }
+}
