@@ -114,10 +114,10 @@ impl HeSettings {
         if let Some(b) = self.bits {
             return b;
         }
-        round_sizes(job)
+        round_sizes(job, self)
             .into_iter()
             .map(|n| {
-                let t = he::params::threshold_for(n, self.corrupt_parties(n));
+                let t = he::params::threshold_for(n, self.corrupt_parties(job.party_bound()));
                 HeParams::new(n, t, 1, self.key_budget_log2.clamp(10, 40), self.surplus.max(1))
                     .map_or(0, |p| p.max_bits())
             })
@@ -131,20 +131,37 @@ impl HeSettings {
         self.bits.unwrap_or(he::params::MAX_BITS)
     }
 
-    /// Corrupt parties tolerated among `n` key parties.
-    pub fn corrupt_parties(&self, n: usize) -> usize {
-        (self.corrupt_fraction * n as f64).floor() as usize
+    /// Corrupt parties tolerated in a job of at most `parties` parties:
+    /// ⌊γ·parties⌋, whatever the size of the key the coordinator gathers
+    /// (a small key must not lower the threshold below the coalition).
+    pub fn corrupt_parties(&self, parties: usize) -> usize {
+        (self.corrupt_fraction * parties as f64).floor() as usize
     }
 
-    /// The parameters of a key epoch of `n` parties: every party computes
-    /// them from the spec and the epoch's size alone.
-    pub fn params(&self, n: usize) -> Result<HeParams, Error> {
+    /// The fewest parties a key may have in this job: the job's minimum
+    /// (at least 3) and the smallest key whose threshold exceeds the
+    /// job's corrupt parties with room for a checked decryption.
+    pub fn key_floor(&self, job: &JobFacts) -> usize {
+        let corrupt = self.corrupt_parties(job.party_bound());
+        job.min_parties.max(MIN_ROUND_PARTIES).max(Self::min_key_parties(corrupt))
+    }
+
+    /// The smallest key whose threshold leaves room for a checked
+    /// decryption with `corrupt` corrupt parties (and at least 3).
+    pub fn min_key_parties(corrupt: usize) -> usize {
+        (MIN_ROUND_PARTIES..).find(|&n| he::params::threshold_for(n, corrupt) < n).unwrap_or(usize::MAX)
+    }
+
+    /// The parameters of a key epoch of `n` parties in a job with at most
+    /// `corrupt` corrupt parties: every party computes them from the spec
+    /// and the epoch's size alone. τ = ⌊(n + corrupt)/2⌋ + 1 > corrupt.
+    pub fn params(&self, n: usize, corrupt: usize) -> Result<HeParams, Error> {
         if n < MIN_ROUND_PARTIES {
             return Err(Error::BelowThreshold(format!(
                 "he: a key of {n} parties; at least {MIN_ROUND_PARTIES} are needed"
             )));
         }
-        let threshold = he::params::threshold_for(n, self.corrupt_parties(n));
+        let threshold = he::params::threshold_for(n, corrupt);
         if threshold + 1 > n {
             return Err(Error::InvalidInput(format!(
                 "he: with {n} parties and corrupt_fraction {} the threshold is {threshold}; a checked \
@@ -199,8 +216,19 @@ impl HeSettings {
                 format!("must be positive and {parties} × max_examples must fit in {} bits", s.b()),
             ));
         }
-        for n in round_sizes(job) {
-            if let Err(e) = s.params(n) {
+        let corrupt = s.corrupt_parties(parties);
+        if s.key_floor(job) > parties {
+            p.push(Problem::setting(
+                "corrupt_fraction",
+                format!(
+                    "with up to {corrupt} corrupt parties a key needs at least {} parties for a checked \
+                     decryption; the job has at most {parties}",
+                    s.key_floor(job)
+                ),
+            ));
+        }
+        for n in round_sizes(job, s) {
+            if let Err(e) = s.params(n, corrupt) {
                 let field = if e.to_string().contains("bits") { "bits" } else { "corrupt_fraction" };
                 p.push(Problem::setting(field, format!("for {n} parties: {e}")));
             }
@@ -215,15 +243,16 @@ impl HeSettings {
     }
 }
 
-/// The largest key epoch a job can have and, when smaller, the smallest.
-fn round_sizes(job: &JobFacts) -> Vec<usize> {
+/// The largest key epoch a job can have and, when smaller, the smallest
+/// one a party accepts ([`HeSettings::key_floor`]).
+fn round_sizes(job: &JobFacts, s: &HeSettings) -> Vec<usize> {
     let largest = job.party_bound();
     let mut sizes = vec![largest];
-    if job.min_parties < largest {
-        sizes.push(job.min_parties.max(MIN_ROUND_PARTIES));
+    let floor = s.key_floor(job);
+    if floor < largest {
+        sizes.push(floor);
     }
     sizes.retain(|&n| n >= MIN_ROUND_PARTIES);
-    sizes.dedup();
     sizes
 }
 
@@ -274,8 +303,8 @@ impl AggregationProtocol for ThresholdHe {
             job.min_parties.max(MIN_ROUND_PARTIES),
             s.key_budget_log2
         )];
-        for n in round_sizes(job) {
-            match s.params(n) {
+        for n in round_sizes(job, &s) {
+            match s.params(n, s.corrupt_parties(job.party_bound())) {
                 Ok(p) => lines.push(format!(
                     "he with {n} parties: τ = {} of {n} decrypt, {} asked; {} plaintext bits, c0 at {} bits, \
                      {:.2} bytes per value uploaded",
@@ -314,7 +343,15 @@ impl AggregationProtocol for ThresholdHe {
     ) -> Result<Box<dyn AggregationServer>, Error> {
         let settings = settings_for(settings, job)?;
         let dp_clip = job.distributed_dp.map_or(0.0, |t| t.clip);
-        Ok(Box::new(HeServer { settings, job: job.clone(), dp_clip, peers, epoch: None, round: None }))
+        Ok(Box::new(HeServer {
+            settings,
+            job: job.clone(),
+            dp_clip,
+            peers,
+            epoch: None,
+            round: None,
+            suspect_key: false,
+        }))
     }
 
     fn client(
@@ -420,6 +457,8 @@ pub mod wire {
         pub public_share: Vec<u8>,
         #[prost(message, optional, tag = "2")]
         pub share: Option<SealedShare>,
+        #[prost(string, tag = "3")]
+        pub dealer: String,
     }
 
     /// What one party receives in he-key-confirm (travels as bulk bytes).
@@ -573,8 +612,13 @@ fn aggregate_commitment(c1: &[u64]) -> [u8; 32] {
     hash_u64s("confide he aggregate c1 v1", c1)
 }
 
-fn public_share_commitment(bytes: &[u8]) -> [u8; 32] {
+/// H(binding, party, p_i): bound to the round and the dealer, so nobody
+/// can pass another party's commitment off as its own.
+fn public_share_commitment(binding: &[u8; 32], party: &str, bytes: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new_derive_key("confide he public-key share v1");
+    h.update(binding);
+    h.update(&(party.len() as u64).to_le_bytes());
+    h.update(party.as_bytes());
     h.update(bytes);
     *h.finalize().as_bytes()
 }
@@ -756,6 +800,8 @@ struct HeServer {
     peers: Box<dyn PeerVerifier>,
     epoch: Option<ServerEpoch>,
     round: Option<ServerRound>,
+    /// The last stage failed in a way that may be the key's fault.
+    suspect_key: bool,
 }
 
 impl HeServer {
@@ -938,6 +984,10 @@ impl AggregationServer for HeServer {
         if matches!(message.bulk, Some(Bulk::Params(_))) {
             return Err(misbehaved(party, "sent a plaintext update in an he job"));
         }
+        // The limit every party applies to what the coordinator relays.
+        if from.certificate.len() > MAX_CERTIFICATE {
+            return Err(misbehaved(party, "presented an oversized certificate"));
+        }
         match stage {
             ServerStage::Commits => {
                 let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round".into()))?;
@@ -968,7 +1018,9 @@ impl AggregationServer for HeServer {
                 let deal: wire::Deal = unframe_message(message, party, "dealing")?;
                 let epoch = r.pending.as_ref().ok_or_else(|| Error::WrongStage("no key being dealt".into()))?;
                 let commit = r.commits.get(party).ok_or_else(|| misbehaved(party, "dealt without a commitment"))?;
-                if public_share_commitment(&deal.public_share).as_slice() != commit.commitment {
+                if public_share_commitment(&r.derived.binding, party, &deal.public_share).as_slice()
+                    != commit.commitment
+                {
                     return Err(misbehaved(party, "revealed a public-key share that does not match its commitment"));
                 }
                 PublicKeyShare::from_bytes(&deal.public_share, party)?;
@@ -984,7 +1036,11 @@ impl AggregationServer for HeServer {
             ServerStage::Hashes => {
                 let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round".into()))?;
                 let hv: wire::HashValue = message.decode(party, "hash value")?;
-                if hv.party != party || hv.values.len() != he::hash::RHO || hv.signature.len() > MAX_SIGNATURE {
+                if hv.party != party
+                    || hv.values.len() != he::hash::RHO
+                    || hv.values.iter().any(|&v| v >= he::ring::Q)
+                    || hv.signature.len() > MAX_SIGNATURE
+                {
                     return Err(misbehaved(party, "a malformed hash value"));
                 }
                 if !r.uploads.contains_key(party) {
@@ -1022,18 +1078,47 @@ impl AggregationServer for HeServer {
     }
 
     fn close_stage(&mut self) -> Result<Progress, Error> {
+        let progress = self.advance();
+        // A failed round that was dealing a key, or a decryption that failed
+        // naming nobody, leaves no key behind: the next round deals afresh.
+        if progress.is_err() {
+            self.round = None;
+            if self.suspect_key {
+                self.epoch = None;
+            }
+        }
+        progress
+    }
+
+    fn state(&self) -> confide_algorithms::State {
+        super::adaptive_clip_state(&self.job, self.dp_clip)
+    }
+
+    fn restore(&mut self, state: &confide_algorithms::State) -> Result<(), Error> {
+        if let Some(clip) = super::restore_adaptive_clip(&self.job, state)? {
+            self.dp_clip = clip;
+        }
+        Ok(())
+    }
+}
+
+impl HeServer {
+    fn advance(&mut self) -> Result<Progress, Error> {
         let need = self.need();
+        let key_floor = self.settings.key_floor(&self.job);
+        self.suspect_key = false;
         let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round in progress".into()))?;
         match r.stage {
             ServerStage::Commits => {
                 let key_parties: Vec<String> = r.commits.keys().cloned().collect();
-                if key_parties.len() < need {
+                if key_parties.len() < key_floor {
                     return Err(Error::BelowThreshold(format!(
-                        "he: {} parties committed to key shares; a key needs at least {need}",
+                        "he: {} parties committed to key shares; a key needs at least {key_floor}",
                         key_parties.len()
                     )));
                 }
-                let params = self.settings.params(key_parties.len())?;
+                let params =
+                    self.settings.params(key_parties.len(), self.settings.corrupt_parties(self.job.party_bound()))?;
                 r.pending = Some(ServerEpoch {
                     id: r.derived.epoch,
                     params,
@@ -1082,6 +1167,7 @@ impl AggregationServer for HeServer {
                         let dealt = dealers
                             .iter()
                             .map(|d| wire::Dealt {
+                                dealer: d.clone(),
                                 public_share: r.deals[d].public_share.clone(),
                                 share: r.deals[d].shares.iter().find(|s| &s.recipient == to).cloned(),
                             })
@@ -1097,15 +1183,17 @@ impl AggregationServer for HeServer {
                 })
             }
             ServerStage::Uploads => {
-                if let Some(p) = r.pending.take() {
-                    self.epoch = Some(p);
-                }
                 let contributors: Vec<String> = r.uploads.keys().cloned().collect();
                 if contributors.len() < need {
+                    self.suspect_key = r.pending.is_some();
                     return Err(Error::BelowThreshold(format!(
                         "he: {} ciphertexts; a decryption needs the sum of at least {need}",
                         contributors.len()
                     )));
+                }
+                // The key is in use only once enough parties encrypted under it.
+                if let Some(p) = r.pending.take() {
+                    self.epoch = Some(p);
                 }
                 let aggregate =
                     r.aggregate.as_ref().ok_or_else(|| Error::BelowThreshold("he: no ciphertexts".into()))?;
@@ -1205,6 +1293,11 @@ impl AggregationServer for HeServer {
                 // Every decryptor that answered used its budget on the whole aggregate.
                 epoch.decrypted += aggregate.c1.len() as u64;
                 let result = he::combine(&epoch.params, aggregate, &indices, &shares, r.derived.dim);
+                if result.as_ref().is_err_and(|e| matches!(e, Error::PeerMisbehaved { .. })) {
+                    // Shares that cannot be reconciled: perhaps a dealer's bad
+                    // key share. Deal a new key next round.
+                    self.suspect_key = true;
+                }
                 let result = result.map_err(|e| match e {
                     Error::PeerMisbehaved { party, reason } => Error::InvalidInput(format!(
                         "he: decryption failed, no sum ({party}: {reason}; with a bad share among τ + 1, naming its \
@@ -1257,31 +1350,6 @@ impl AggregationServer for HeServer {
             }
         }
     }
-
-    fn state(&self) -> confide_algorithms::State {
-        let mut state = confide_algorithms::State::new();
-        if self.job.adaptive_clip.is_some() {
-            state.insert("dp_clip", vec![self.dp_clip]);
-        }
-        state
-    }
-
-    fn restore(&mut self, state: &confide_algorithms::State) -> Result<(), Error> {
-        if self.job.adaptive_clip.is_none() {
-            return Ok(());
-        }
-        match state.get("dp_clip") {
-            Some(&[clip])
-                if self.job.distributed_dp.is_some_and(|t| confide_dp::ddg::AdaptiveClip::in_range(t.clip, clip)) =>
-            {
-                self.dp_clip = clip;
-                Ok(())
-            }
-            other => {
-                Err(Error::InvalidInput(format!("the checkpoint's adaptive clip is {other:?}, not a positive number")))
-            }
-        }
-    }
 }
 
 // ------------------------------------------------------------ client
@@ -1327,7 +1395,7 @@ struct HeClient {
     /// The contributor set of each (round, subject) this party decrypted: it
     /// decrypts a round again only for the same set (a resumed round), so
     /// the coordinator cannot difference two sums of one round.
-    decrypted: BTreeMap<(u32, [u8; 32]), Vec<String>>,
+    decrypted: BTreeMap<(u32, [u8; 32]), [u8; 32]>,
     /// Encryption randomness precomputed for the current key and a model size.
     masks: Option<([u8; 32], usize, he::EncryptionMasks)>,
     /// Values of the last update encrypted: the next round's likely size.
@@ -1454,7 +1522,7 @@ impl HeClient {
             let public_share = public_share.to_bytes();
             let dh = StaticSecret::random_from_rng(OsRng);
             let dh_public = DhPublic::from(&dh).to_bytes();
-            let commitment = public_share_commitment(&public_share);
+            let commitment = public_share_commitment(&derived.binding, &self.party.name, &public_share);
             let signature = self.party.signer.sign(&commit_transcript(
                 &derived.binding,
                 &self.party.name,
@@ -1574,18 +1642,22 @@ impl HeClient {
                     }
                 }
                 let mine = commits.get(&me).ok_or_else(|| coordinator_fault("left this party's key commitment out"))?;
-                if mine.0 != public_share_commitment(&public_share) || mine.1 != DhPublic::from(&dh).to_bytes() {
+                if mine.0 != public_share_commitment(&binding, &me, &public_share)
+                    || mine.1 != DhPublic::from(&dh).to_bytes()
+                {
                     return Err(coordinator_fault("relayed a key commitment for this party that it did not make"));
                 }
-                if commits.len() < self.need() {
+                let key_floor = self.settings.key_floor(&self.job);
+                if commits.len() < key_floor {
                     return Err(coordinator_fault(format!(
-                        "a key of {} parties; this party takes part in keys of at least {}",
-                        commits.len(),
-                        self.need()
+                        "a key of {} parties; this party takes part in keys of at least {key_floor} (the job's \
+                         minimum, and enough that its corrupt parties stay below the threshold)",
+                        commits.len()
                     )));
                 }
                 let key_parties: Vec<String> = commits.keys().cloned().collect();
-                let params = self.settings.params(key_parties.len())?;
+                let params =
+                    self.settings.params(key_parties.len(), self.settings.corrupt_parties(self.job.party_bound()))?;
                 let index =
                     key_parties.binary_search(&me).map_err(|_| coordinator_fault("a key without this party"))?;
                 let mut rng = Csprng::from_os();
@@ -1616,11 +1688,17 @@ impl HeClient {
                 let mut secret_shares = Vec::with_capacity(delivery.dealt.len());
                 let mut dealers = BTreeSet::new();
                 for d in delivery.dealt {
-                    // The dealer is whoever committed to this public share.
-                    let commitment = public_share_commitment(&d.public_share);
-                    let Some((dealer, (_, dh_public))) = commits.iter().find(|(_, (c, _))| *c == commitment) else {
-                        return Err(coordinator_fault("relayed a public-key share nobody committed to"));
+                    let Some((dealer, (commitment, dh_public))) = commits.get_key_value(&d.dealer) else {
+                        return Err(coordinator_fault(format!(
+                            "relayed a dealing of {}, who made no key commitment",
+                            d.dealer
+                        )));
                     };
+                    if public_share_commitment(&binding, dealer, &d.public_share) != *commitment {
+                        return Err(coordinator_fault(format!(
+                            "relayed a public-key share for {dealer} that {dealer} did not commit to"
+                        )));
+                    }
                     if !dealers.insert(dealer.clone()) {
                         return Err(coordinator_fault(format!("relayed {dealer}'s dealing twice")));
                     }
@@ -1640,18 +1718,18 @@ impl HeClient {
                             s.dealer, s.recipient
                         )));
                     }
-                    let nonce: [u8; 12] = s
-                        .nonce
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| misbehaved(dealer, "a share nonce of the wrong size"))?;
+                    let nonce: [u8; 12] = s.nonce.as_slice().try_into().map_err(|_| {
+                        coordinator_fault(format!("relayed a key share of {dealer} with a malformed nonce"))
+                    })?;
                     let key = share_key(&dh, dh_public, &binding, dealer, &me);
                     let plain = prim::open(&key, &nonce, &s.ciphertext, &share_aad(&binding, dealer, &me)).ok_or_else(
                         || {
-                            misbehaved(
-                                dealer,
-                                "its key share does not decrypt (sealed to another key or tampered with)",
-                            )
+                            // Unsigned in transit: the coordinator tampered
+                            // with it, or the dealer sealed it wrongly.
+                            coordinator_fault(format!(
+                                "relayed a key share of {dealer} that does not open (tampered with in transit, or \
+                                 sealed wrongly by {dealer})"
+                            ))
                         },
                     )?;
                     let index =
@@ -1834,7 +1912,9 @@ impl HeClient {
                 .values
                 .as_slice()
                 .try_into()
-                .map_err(|_| coordinator_fault(format!("a hash value of {p} of the wrong size")))?;
+                .ok()
+                .filter(|v: &[u64; he::hash::RHO]| v.iter().all(|&x| x < he::ring::Q))
+                .ok_or_else(|| coordinator_fault(format!("relayed a hash value of {p} of the wrong size or range")))?;
             expected.push(v);
         }
         if he::hash::sum_hashes(&expected) != hash.hash(&[&c1]) {
@@ -1852,13 +1932,15 @@ impl HeClient {
                     .map_err(|_| coordinator_fault(format!("named {d}, who holds no key share, as a decryptor")))?,
             );
         }
-        // Once per round and subject, unless for the very same sum.
+        // Once per round and subject, unless for the very same aggregate
+        // (a share lost in transit): two aggregates of one round would
+        // differ by whoever is not in both, or average their DP noise away.
         let key = (derived.round, derived.subject);
         if let Some(previous) = self.decrypted.get(&key)
-            && *previous != contributors
+            && *previous != commitment
         {
             return Err(coordinator_fault(format!(
-                "asked for a second decryption of round {} over other contributors than the first",
+                "asked for a second decryption of round {} over another aggregate than the first",
                 derived.round
             )));
         }
@@ -1870,7 +1952,7 @@ impl HeClient {
                 other => other,
             },
         )?;
-        self.decrypted.insert(key, contributors);
+        self.decrypted.insert(key, commitment);
         let bytes = share.to_bytes(&epoch.params);
         Ok(framed(&wire::Framed { bytes: bytes.len() as u64 }, &bytes))
     }
@@ -2307,8 +2389,12 @@ mod tests {
             "{:?}",
             script.refusals
         );
-        // The very same sum again (a resumed round) is answered.
-        fed.round(2, &names, &global, &mut Script::default()).unwrap();
+        // The same contributors again, freshly encrypted (a resumed round, or
+        // a coordinator after fresh DP noise to average): another aggregate,
+        // refused too.
+        let mut script = Script::default();
+        assert!(fed.round(2, &names, &global, &mut script).is_err());
+        assert!(script.refusals.iter().any(|(s, _, e)| *s == DECRYPT && e.contains("another aggregate")));
     }
 
     #[test]
@@ -2379,7 +2465,7 @@ mod tests {
         };
         let r = refusals_under(4, &mut tamper);
         assert!(
-            r.iter().any(|(s, _, e)| *s == KEY_CONFIRM && e.contains("coordinator") && e.contains("nobody committed")),
+            r.iter().any(|(s, _, e)| *s == KEY_CONFIRM && e.contains("coordinator") && e.contains("did not commit to")),
             "{r:?}"
         );
     }
@@ -2589,6 +2675,38 @@ mod tests {
             );
             HeClientView(d.binding)
         }
+    }
+
+    /// A coordinator that gathers a small key (its corrupt parties and few
+    /// honest ones) would lower τ to the coalition's size: parties derive
+    /// the corrupt bound from the job, not the key, and refuse small keys.
+    #[test]
+    fn a_key_too_small_for_the_jobs_corrupt_parties_is_refused() {
+        // 20 parties, γ = 0.1: up to 2 corrupt, so keys of at least 5.
+        assert_eq!(HeSettings::min_key_parties(2), 5);
+        let mut fed = Fed::new(20, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
+            if stage == KEY_DEAL {
+                let mut l: wire::CommitList = m.decode("t", "t").unwrap();
+                l.commits.truncate(4);
+                *m = Envelope::encode(&l);
+            }
+        };
+        let mut script = Script { tamper: Some(&mut tamper), ..Script::default() };
+        assert!(fed.round(1, &names[..6], &global, &mut script).is_err());
+        let refusals: Vec<_> = script.refusals.iter().filter(|(s, _, _)| *s == KEY_DEAL).collect();
+        assert!(!refusals.is_empty(), "{:?}", script.refusals);
+        // Those in the small key refuse its size; the others, being left out.
+        for (_, p, e) in &refusals {
+            let want =
+                if ["p0", "p1", "p2", "p3"].contains(&p.as_str()) { "keys of at least 5" } else { "left this party's" };
+            assert!(e.contains(want), "{p}: {e}");
+        }
+        // And the coordinator's own side does not start such a key.
+        let err = fed.round(2, &names[..4], &global, &mut Script::default()).unwrap_err();
+        assert!(err.to_string().contains("a key needs at least 5"), "{err}");
     }
 
     #[test]

@@ -177,6 +177,32 @@ impl JobFacts {
     }
 }
 
+/// The adaptive DP clip a summing protocol carries from round to round, as
+/// checkpoint state (nothing without adaptive clipping).
+pub(crate) fn adaptive_clip_state(job: &JobFacts, clip: f64) -> confide_algorithms::State {
+    let mut state = confide_algorithms::State::new();
+    if job.adaptive_clip.is_some() {
+        state.insert("dp_clip", vec![clip]);
+    }
+    state
+}
+
+/// The adaptive DP clip saved by [`adaptive_clip_state`], checked against
+/// the spec's range; `None` without adaptive clipping.
+pub(crate) fn restore_adaptive_clip(job: &JobFacts, state: &confide_algorithms::State) -> Result<Option<f64>, Error> {
+    if job.adaptive_clip.is_none() {
+        return Ok(None);
+    }
+    match state.get("dp_clip") {
+        Some(&[clip]) if job.distributed_dp.is_some_and(|t| confide_dp::ddg::AdaptiveClip::in_range(t.clip, clip)) => {
+            Ok(Some(clip))
+        }
+        other => {
+            Err(Error::InvalidInput(format!("the checkpoint's adaptive clip is {other:?}, not a positive number")))
+        }
+    }
+}
+
 /// What a summing protocol offers distributed noise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NoiseCarrier {

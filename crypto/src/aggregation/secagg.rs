@@ -889,28 +889,14 @@ impl AggregationServer for SecAggServer {
     }
 
     fn state(&self) -> confide_algorithms::State {
-        let mut state = confide_algorithms::State::new();
-        if self.job.adaptive_clip.is_some() {
-            state.insert("dp_clip", vec![self.dp_clip]);
-        }
-        state
+        super::adaptive_clip_state(&self.job, self.dp_clip)
     }
 
     fn restore(&mut self, state: &confide_algorithms::State) -> Result<(), Error> {
-        if self.job.adaptive_clip.is_none() {
-            return Ok(());
+        if let Some(clip) = super::restore_adaptive_clip(&self.job, state)? {
+            self.dp_clip = clip;
         }
-        match state.get("dp_clip") {
-            Some(&[clip])
-                if self.job.distributed_dp.is_some_and(|t| confide_dp::ddg::AdaptiveClip::in_range(t.clip, clip)) =>
-            {
-                self.dp_clip = clip;
-                Ok(())
-            }
-            other => {
-                Err(Error::InvalidInput(format!("the checkpoint's adaptive clip is {other:?}, not a positive number")))
-            }
-        }
+        Ok(())
     }
 }
 
