@@ -62,6 +62,10 @@ pub struct PartyNode {
 struct Outbox {
     tx: mpsc::Sender<pb::PartyMessage>,
     stats: Arc<NodeStats>,
+    /// Held while one result's header and chunks go out: the jobs' workers
+    /// share the stream, and the coordinator reassembles one transfer at a
+    /// time, so two jobs' chunks must not interleave.
+    transfer: std::sync::Mutex<()>,
 }
 
 impl Outbox {
@@ -221,7 +225,7 @@ impl PartyNode {
         let max = cfg.limits.max_message_bytes;
         let mut client = PartyServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max);
         let (tx, rx) = mpsc::channel::<pb::PartyMessage>(32);
-        let outbox = Arc::new(Outbox { tx, stats: self.stats.clone() });
+        let outbox = Arc::new(Outbox { tx, stats: self.stats.clone(), transfer: std::sync::Mutex::new(()) });
         outbox.send(party_message::Body::Hello(pb::Hello { software_version: VERSION.into() })).await;
         let mut inbound = client
             .join(ReceiverStream::new(rx))
@@ -494,6 +498,8 @@ fn send(job_id: &str, out: PartyOutput, outbox: &Outbox, limits: &Limits, stats:
             };
             let bytes = encoded.as_ref().map_or(0, |e| e.bytes.len());
             msg.bulk = encoded.as_ref().map(|e| e.header.clone());
+            // A poisoned lock guards nothing but order: go on with it.
+            let _transfer = outbox.transfer.lock().unwrap_or_else(|p| p.into_inner());
             if !outbox.send_blocking(party_message::Body::Result(msg)) {
                 return false;
             }
