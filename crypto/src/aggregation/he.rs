@@ -1421,38 +1421,19 @@ impl HeClient {
         if rc.dim != dim as u64 {
             return Err(coordinator_fault(format!("an he round over {} values; this party sums {dim}", rc.dim)));
         }
-        if rc.parties.len() > self.job.max_parties {
-            return Err(coordinator_fault(format!(
-                "{} parties in the round; at most {}",
-                rc.parties.len(),
-                self.job.max_parties
-            )));
-        }
         if !rc.parties.windows(2).all(|w| w[0] < w[1]) {
             return Err(coordinator_fault("a round's party list that is not sorted and unique"));
         }
         if !rc.parties.contains(&self.party.name) {
             return Err(coordinator_fault("a round without this party"));
         }
-        if !self.job.party_names.is_empty()
-            && let Some(p) = rc.parties.iter().find(|p| self.job.party_names.binary_search(p).is_err())
-        {
-            return Err(coordinator_fault(format!("put {p}, which the job spec does not name, in the round")));
-        }
-        let need = self.need();
-        if rc.parties.len() < need {
-            return Err(coordinator_fault(format!(
-                "started a round of {} parties; this party takes part in rounds of at least {need}",
-                rc.parties.len()
-            )));
-        }
-        let revocations = self.party.peers.revocation_version();
-        if rc.revocation_version != revocations {
-            return Err(coordinator_fault(format!(
-                "bound the round to revocation list version {}; this party has version {revocations}",
-                rc.revocation_version
-            )));
-        }
+        let revocations = super::check_round_parties(
+            &self.job,
+            &rc.parties,
+            self.need(),
+            rc.revocation_version,
+            self.party.peers.as_ref(),
+        )?;
         let s = &self.settings;
         let mismatch = [
             ("dp", rc.dp_digest == dp.map(|d| d.to_vec()).unwrap_or_default()),
@@ -1503,13 +1484,7 @@ impl HeClient {
             return Ok(template.clip);
         }
         let rc: wire::RoundConfig = Envelope::body(round_message.to_vec()).decode("coordinator", "round config")?;
-        if !confide_dp::ddg::AdaptiveClip::in_range(template.clip, rc.dp_clip) {
-            return Err(coordinator_fault(format!(
-                "sent an adaptive clip of {} (the spec's first clip is {}; at most 2^20 times either way)",
-                rc.dp_clip, template.clip
-            )));
-        }
-        Ok(rc.dp_clip)
+        super::accepted_dp_clip(&self.job, template, rc.dp_clip)
     }
 
     /// Starts this party's side of a round with its encoded input.
@@ -1820,23 +1795,9 @@ impl HeClient {
         let payload = from_words(&words, req.bytes, "coordinator", "decryption request")?;
         let epoch = self.epoch.as_mut().ok_or_else(|| coordinator_fault("asked for a decryption before a key"))?;
         let binding = derived.binding;
-        // The sum must be of at least `min` of the round's parties.
+        // The contributors are the ones this party hashed for, which it
+        // checked then (round parties, sorted, at least `parties.min`).
         let contributors = req.contributors;
-        {
-            let need = self.job.min_parties.max(MIN_ROUND_PARTIES);
-            if !contributors.windows(2).all(|w| w[0] < w[1]) {
-                return Err(coordinator_fault("a contributor list that is not sorted and unique"));
-            }
-            if let Some(p) = contributors.iter().find(|p| !derived.parties.contains(p)) {
-                return Err(coordinator_fault(format!("counted {p}, not a party of the round, as a contributor")));
-            }
-            if contributors.len() < need {
-                return Err(coordinator_fault(format!(
-                    "asked for the decryption of a sum of {} ciphertexts; this party decrypts only sums of at least {need}",
-                    contributors.len()
-                )));
-            }
-        }
         let commitment = array32(&req.commitment, "coordinator", "aggregate commitment")?;
         let slots = derived.dim.max(1).div_ceil(he::ring::N) * he::ring::N;
         let c1_bytes = he::pack::packed_len(slots, 62);

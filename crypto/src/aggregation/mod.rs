@@ -177,6 +177,63 @@ impl JobFacts {
     }
 }
 
+/// A party's checks on the party list and revocation-list version of a
+/// round the coordinator started, shared by the protocols that hide
+/// updates: at most the federation's limit, only parties the spec names,
+/// at least `need`, and bound to the revocation list this party holds
+/// (returned), so a revoked certificate cannot be slipped past it.
+pub(crate) fn check_round_parties(
+    job: &JobFacts,
+    parties: &[String],
+    need: usize,
+    round_revocations: u64,
+    peers: &dyn PeerVerifier,
+) -> Result<u64, Error> {
+    let fault = |reason: String| Error::PeerMisbehaved { party: "coordinator".into(), reason };
+    if parties.len() > job.max_parties {
+        return Err(fault(format!("{} parties in the round; at most {}", parties.len(), job.max_parties)));
+    }
+    if !job.party_names.is_empty()
+        && let Some(p) = parties.iter().find(|p| job.party_names.binary_search(p).is_err())
+    {
+        return Err(fault(format!("put {p}, which the job spec does not name, in the round")));
+    }
+    if parties.len() < need {
+        return Err(fault(format!(
+            "started a round of {} parties; this party takes part in rounds of at least {need} \
+             (the job's parties.min, its own policy.min_parties, and never fewer than 3)",
+            parties.len()
+        )));
+    }
+    let revocations = peers.revocation_version();
+    if round_revocations != revocations {
+        return Err(fault(format!(
+            "bound the round to revocation list version {round_revocations}; this party has version {revocations}"
+        )));
+    }
+    Ok(revocations)
+}
+
+/// Distributed DP: the round's clip, as a party accepts it. Fixed by the
+/// spec, or under adaptive clipping the coordinator's `sent` (ε does not
+/// depend on it: the noise scales with the clip), within 2^±20 of the
+/// spec's first clip.
+pub(crate) fn accepted_dp_clip(job: &JobFacts, template: &confide_dp::ddg::DdgConfig, sent: f64) -> Result<f64, Error> {
+    if job.adaptive_clip.is_none() {
+        return Ok(template.clip);
+    }
+    if !confide_dp::ddg::AdaptiveClip::in_range(template.clip, sent) {
+        return Err(Error::PeerMisbehaved {
+            party: "coordinator".into(),
+            reason: format!(
+                "sent an adaptive clip of {sent} (the spec's first clip is {}; at most 2^20 times either way)",
+                template.clip
+            ),
+        });
+    }
+    Ok(sent)
+}
+
 /// The adaptive DP clip a summing protocol carries from round to round, as
 /// checkpoint state (nothing without adaptive clipping).
 pub(crate) fn adaptive_clip_state(job: &JobFacts, clip: f64) -> confide_algorithms::State {

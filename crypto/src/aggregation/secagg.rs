@@ -1068,13 +1068,7 @@ impl SecAggClient {
             return Ok(template.clip);
         }
         let rc: wire::RoundConfig = Envelope::body(round_message.to_vec()).decode("coordinator", "round config")?;
-        if !confide_dp::ddg::AdaptiveClip::in_range(template.clip, rc.dp_clip) {
-            return Err(coordinator_fault(format!(
-                "sent an adaptive clip of {} (the spec's first clip is {}; at most 2^20 times either way)",
-                rc.dp_clip, template.clip
-            )));
-        }
-        Ok(rc.dp_clip)
+        super::accepted_dp_clip(&self.job, template, rc.dp_clip)
     }
 
     /// The round the coordinator's `round_message` starts, as this party
@@ -1091,40 +1085,17 @@ impl SecAggClient {
         if rc.dim != dim as u64 {
             return Err(coordinator_fault(format!("secure aggregation over {} values; this party sums {dim}", rc.dim)));
         }
-        if rc.parties.len() > self.job.max_parties {
-            return Err(coordinator_fault(format!(
-                "{} parties in the round; at most {}",
-                rc.parties.len(),
-                self.job.max_parties
-            )));
-        }
-        // The party list is the coordinator's choice, within what the spec allows.
-        if !self.job.party_names.is_empty()
-            && let Some(p) = rc.parties.iter().find(|p| self.job.party_names.binary_search(p).is_err())
-        {
-            return Err(coordinator_fault(format!("put {p}, which the job spec does not name, in the round")));
-        }
-        let need = self.job.min_parties.max(MIN_ROUND_PARTIES);
-        if rc.parties.len() < need {
-            return Err(coordinator_fault(format!(
-                "started a round of {} parties; this party takes part in rounds of at least {need} \
-                 (the job's parties.min, its own policy.min_parties, and never fewer than {MIN_ROUND_PARTIES})",
-                rc.parties.len()
-            )));
-        }
-        // Everything else follows from the spec this party accepted, the
-        // model and configuration it was sent: derive it instead of trusting
-        // the wire, and bind it into the signatures.
-        // The round's certificates are checked against the list this party
-        // has: a coordinator (or parties) behind it cannot slip a revoked
-        // certificate past parties that know of the revocation.
-        let revocations = self.party.peers.revocation_version();
-        if rc.revocation_version != revocations {
-            return Err(coordinator_fault(format!(
-                "bound the round to revocation list version {}; this party has version {revocations}",
-                rc.revocation_version
-            )));
-        }
+        // The party list is the coordinator's choice, within what the spec
+        // allows. Everything else follows from the spec this party accepted,
+        // the model and configuration it was sent: derive it instead of
+        // trusting the wire, and bind it into the signatures.
+        let revocations = super::check_round_parties(
+            &self.job,
+            &rc.parties,
+            self.job.min_parties.max(MIN_ROUND_PARTIES),
+            rc.revocation_version,
+            self.party.peers.as_ref(),
+        )?;
         let config = round_config(
             &self.job.job_id,
             round,
