@@ -42,6 +42,32 @@ enum Command {
     /// Prepare data files (for demos and tests).
     #[command(subcommand)]
     Data(DataCmd),
+    /// Run a relay: an intermediate aggregator that parties dial instead of
+    /// the coordinator; it sums their `he` ciphertexts and forwards one.
+    Relay {
+        /// Address parties dial.
+        #[arg(long, default_value = "127.0.0.1:7444")]
+        listen: SocketAddr,
+        /// The coordinator's URL.
+        #[arg(long, default_value = "https://127.0.0.1:7443")]
+        coordinator: String,
+        /// Name in the coordinator's certificate.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// The federation CA certificate.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The relay's certificate (`confide certs relay`).
+        #[arg(long)]
+        cert: PathBuf,
+        /// The relay's private key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Seconds a task's first upload waits for the other parties' before
+        /// the relay forwards what it has.
+        #[arg(long, default_value_t = 30)]
+        hold_secs: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -79,6 +105,20 @@ enum DataCmd {
 
 #[derive(Subcommand, Debug)]
 enum CertsCmd {
+    /// Issue a relay's certificate (`relays/NAME.pem` and `.key`), for the
+    /// hosts parties dial it at. A relay speaks for a party only with the
+    /// party's signed delegation, so it is not enrolled.
+    Relay {
+        /// The PKI directory holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The relay's name.
+        #[arg(long)]
+        name: String,
+        /// Host names or IPs the relay is reached at (localhost and 127.0.0.1 are always included).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
     /// Create a federation CA and certificates for the coordinator, the admin CLI and each party.
     Init {
         /// Directory to write into.
@@ -244,7 +284,9 @@ enum JobCmd {
 pub fn main_with(plugins: Plugins) -> ! {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONFIDE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only on a terminal: log files stay greppable.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = tokio::runtime::Builder::new_multi_thread()
@@ -301,6 +343,34 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                 pki.revocation_file().display(),
                 if coordinator { "" } else { "; party de-enrolled" }
             );
+            Ok(0)
+        }
+        Command::Certs(CertsCmd::Relay { dir, name, hosts }) => {
+            let pki = PkiDir::new(&dir);
+            pki.issue_relay(&name, &hosts)?;
+            println!("issued relay {name}: {} and {}", pki.relay_cert(&name).display(), pki.relay_key(&name).display());
+            Ok(0)
+        }
+        Command::Relay { listen, coordinator, server_name, ca, cert, key, hold_secs } => {
+            if hold_secs == 0 || hold_secs > 3600 {
+                return Err(Error::InvalidInput(format!("--hold-secs {hold_secs}: must be 1 to 3600")));
+            }
+            let cfg = crate::relay::RelayConfig {
+                listen,
+                coordinator,
+                server_name,
+                ca,
+                cert,
+                key,
+                hold: std::time::Duration::from_secs(hold_secs),
+                limits: confide_proto::Limits::default(),
+            };
+            let running = crate::relay::start(cfg).await?;
+            println!("relay listening on {}", running.local_addr);
+            tokio::select! {
+                r = running.wait() => r?,
+                _ = shutdown_signal() => tracing::info!("shutting down"),
+            }
             Ok(0)
         }
         Command::Certs(CertsCmd::Issue { dir, party }) => {
@@ -803,6 +873,17 @@ fn print_status(st: &JobStatus) {
     for (name, p) in &st.parties {
         let detail = p.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default();
         println!("  party {name}: {}{detail}", p.state.as_str());
+    }
+    // Who the last round counted, and what the protocol says they did
+    // (under he: who decrypted, which relay summed whose ciphertexts).
+    if let Some(last) = st.history.last() {
+        println!("  round {}: contributors {}", last.round, last.participants.join(", "));
+        for (role, parties) in &last.roles {
+            println!("    {role}: {}", parties.join(", "));
+        }
+        for (party, why) in &last.dropped {
+            println!("    dropped {party}: {why}");
+        }
     }
     if let Some(m) = &st.model {
         println!("  model:   round {} at {}", m.round, m.path);

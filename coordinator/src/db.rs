@@ -64,6 +64,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN dp_level TEXT;
      ALTER TABLE jobs ADD COLUMN dp_delta REAL;
      ALTER TABLE jobs ADD COLUMN dp_accountant TEXT;",
+    // 4: what the aggregation protocol says parties did in a round, by role
+    // (decryptors, relay groups)
+    "ALTER TABLE rounds ADD COLUMN roles_json TEXT NOT NULL DEFAULT '{}';",
 ];
 
 /// A job that was not finished when the coordinator stopped.
@@ -220,9 +223,17 @@ impl Db {
         if let Some(r) = record {
             let json = |v: &dyn erased::Json| v.to_json();
             tx.execute(
-                "INSERT OR REPLACE INTO rounds (job_id, round, metrics_json, participants_json, dropped_json, completed_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, r.round, json(&r.metrics), json(&r.participants), json(&r.dropped), r.completed_at as i64],
+                "INSERT OR REPLACE INTO rounds (job_id, round, metrics_json, participants_json, dropped_json, completed_at,
+                 roles_json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    r.round,
+                    json(&r.metrics),
+                    json(&r.participants),
+                    json(&r.dropped),
+                    r.completed_at as i64,
+                    json(&r.roles)
+                ],
             )
             .map_err(sql)?;
         }
@@ -389,7 +400,7 @@ impl Db {
         let conn = self.lock();
         let mut st = conn
             .prepare(
-                "SELECT round, metrics_json, participants_json, dropped_json, completed_at FROM rounds
+                "SELECT round, metrics_json, participants_json, dropped_json, completed_at, roles_json FROM rounds
                  WHERE job_id = ?1 ORDER BY round DESC LIMIT ?2",
             )
             .map_err(sql)?;
@@ -401,12 +412,13 @@ impl Db {
                     r.get::<_, String>(2)?,
                     r.get::<_, String>(3)?,
                     r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
                 ))
             })
             .map_err(sql)?;
         let mut out = Vec::new();
         for row in rows {
-            let (round, m, p, d, at) = row.map_err(sql)?;
+            let (round, m, p, d, at, roles) = row.map_err(sql)?;
             let bad = |e: serde_json::Error| Error::Storage(format!("job {id} round {round}: {e}"));
             out.push(RoundRecord {
                 round,
@@ -414,6 +426,7 @@ impl Db {
                 participants: serde_json::from_str(&p).map_err(bad)?,
                 dropped: serde_json::from_str(&d).map_err(bad)?,
                 completed_at: at as u64,
+                roles: serde_json::from_str(&roles).map_err(bad)?,
             });
         }
         out.reverse();
@@ -467,6 +480,7 @@ mod tests {
                 participants: vec!["a".into()],
                 dropped: BTreeMap::new(),
                 completed_at: 5,
+                roles: [("decryptors".to_string(), vec!["a".into()])].into(),
             };
             db.save_checkpoint("j1", 1, Some(Path::new("/m/round-1")), Some(Path::new("/m/state-1")), Some(&rec))
                 .unwrap();

@@ -14,6 +14,7 @@ pub mod db;
 pub mod driver;
 pub mod jobs;
 pub mod plugins;
+pub mod relay;
 pub mod server;
 pub mod session;
 pub mod tls;

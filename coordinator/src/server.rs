@@ -328,18 +328,32 @@ impl PartyService for PartySvc {
 
     async fn join(&self, req: Request<Streaming<pb::PartyMessage>>) -> Result<Response<Self::JoinStream>, Status> {
         let id = peer_of(&req)?;
-        if id.role != Role::Party {
-            return Err(Status::permission_denied(format!("{} is not a party certificate", id.name)));
-        }
         let hub = self.hub.clone();
-        let name = id.name;
-        // Given to the jobs' aggregation protocols, e.g. for SecAgg+ to
-        // relay with the party's keys so that peers verify its signature
-        // against the CA themselves.
-        let certificate: Arc<[u8]> = req
-            .peer_certs()
-            .and_then(|c| c.first().map(|c| Arc::from(c.as_ref())))
-            .unwrap_or_else(|| Arc::from(Vec::new()));
+        let (name, certificate): (String, Arc<[u8]>) = match id.role {
+            // Given to the jobs' aggregation protocols, e.g. for SecAgg+ to
+            // relay with the party's keys so that peers verify its signature
+            // against the CA themselves.
+            Role::Party => (
+                id.name,
+                req.peer_certs()
+                    .and_then(|c| c.first().map(|c| Arc::from(c.as_ref())))
+                    .unwrap_or_else(|| Arc::from(Vec::new())),
+            ),
+            Role::Relay => {
+                let relay = id.name;
+                let hub2 = hub.clone();
+                let (meta, relay2) = (req.metadata().clone(), relay.clone());
+                let admitted = tokio::task::spawn_blocking(move || admit_relayed(&hub2, &relay2, &meta))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let (name, cert) = admitted.inspect_err(|s| {
+                    warn!(relay = %relay, "refused a stream through the relay: {}", s.message());
+                })?;
+                info!(relay = %relay, party = %name, "party connecting through a relay");
+                (name, Arc::from(cert))
+            }
+            _ => return Err(Status::permission_denied(format!("{} is not a party certificate", id.name))),
+        };
         let inbound = req.into_inner();
         let (resp_tx, resp_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(16);
         let (out_tx, out_rx) = mpsc::channel::<Outbound>(256);
@@ -370,6 +384,47 @@ impl PartyService for PartySvc {
         hub.broadcast(&Input::Connected { party: name.clone(), certificate });
         tokio::spawn(reader(hub, name, conn_id, inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(resp_rx))))
+    }
+}
+
+/// Metadata a relay sends with a stream it opens for a party (see
+/// [`confide_crypto::relay`]).
+pub const RELAYED_CERT: &str = "confide-party-cert-bin";
+/// The party's delegation signature.
+pub const RELAYED_SIGNATURE: &str = "confide-delegation-bin";
+/// The delegation's time, Unix seconds.
+pub const RELAYED_TIME: &str = "confide-delegation-time";
+
+/// Admits a stream a relay opens for a party: the party's certificate is the
+/// federation's (not revoked), the party is enrolled, and it signed a
+/// recent delegation to this relay. Returns its name and certificate.
+fn admit_relayed(hub: &Hub, relay: &str, meta: &tonic::metadata::MetadataMap) -> Result<(String, Vec<u8>), Status> {
+    let bin = |key: &str| -> Result<Vec<u8>, Status> {
+        let v = meta
+            .get_bin(key)
+            .ok_or_else(|| Status::unauthenticated(format!("relay {relay}: no {key} for the party it carries")))?;
+        v.to_bytes().map(|b| b.to_vec()).map_err(|_| Status::invalid_argument(format!("relay {relay}: bad {key}")))
+    };
+    let cert = bin(RELAYED_CERT)?;
+    let signature = bin(RELAYED_SIGNATURE)?;
+    let time: u64 = meta
+        .get(RELAYED_TIME)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Status::unauthenticated(format!("relay {relay}: no {RELAYED_TIME}")))?;
+    if cert.len() > 16 << 10 || signature.len() > 512 {
+        return Err(Status::invalid_argument(format!("relay {relay}: an oversized certificate or delegation")));
+    }
+    let ca = std::fs::read(hub.pki.ca_cert()).map_err(|e| Status::internal(format!("CA certificate: {e}")))?;
+    let mut verifier = confide_crypto::identity::CertVerifier::with_revocations(&ca, hub.revocations.clone())
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let party = confide_crypto::relay::check_delegation(&mut verifier, &cert, relay, time, &signature, now)
+        .map_err(|e| Status::permission_denied(format!("relay {relay}: {e}")))?;
+    match hub.pki.enrolled() {
+        Ok(list) if list.contains(&party) => Ok((party, cert)),
+        Ok(_) => Err(Status::permission_denied(format!("party {party} (through relay {relay}) is not enrolled"))),
+        Err(e) => Err(Status::internal(format!("cannot read the enrollment list: {e}"))),
     }
 }
 

@@ -33,10 +33,15 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
 /// The server configuration: TLS 1.3 only, client certificates required and
 /// verified against the federation CA, ALPN h2 for gRPC.
 pub fn server_config(pki: &PkiDir) -> Result<rustls::ServerConfig, Error> {
+    server_config_with(&pki.ca_cert(), &pki.coordinator_cert(), &pki.coordinator_key())
+}
+
+/// [`server_config`] for any server certificate of the federation (a relay's).
+pub fn server_config_with(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::ServerConfig, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
-    for c in load_certs(&pki.ca_cert())? {
-        roots.add(c).map_err(|e| Error::Tls(format!("{}: {e}", pki.ca_cert().display())))?;
+    for c in load_certs(ca)? {
+        roots.add(c).map_err(|e| Error::Tls(format!("{}: {e}", ca.display())))?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
@@ -45,10 +50,25 @@ pub fn server_config(pki: &PkiDir) -> Result<rustls::ServerConfig, Error> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&pki.coordinator_cert())?, load_key(&pki.coordinator_key())?)
-        .map_err(|e| Error::Tls(format!("{}: {e}", pki.coordinator_cert().display())))?;
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| Error::Tls(format!("{}: {e}", cert.display())))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
+}
+
+/// Who a server admits after the TLS handshake.
+#[derive(Clone)]
+pub enum Admission {
+    /// The coordinator: enrolled parties, relays and the admin, none revoked.
+    Coordinator {
+        /// The federation directory (its enrollment list).
+        pki: PkiDir,
+        /// The revocation list in force.
+        revocations: SharedRevocations,
+    },
+    /// A relay: party certificates of the federation (the coordinator checks
+    /// enrollment and revocation when the relay opens the party's stream).
+    Relay,
 }
 
 /// Accepts TCP connections, runs the TLS handshake and the enrollment check,
@@ -58,6 +78,15 @@ pub fn accept_loop(
     config: rustls::ServerConfig,
     pki: PkiDir,
     revocations: SharedRevocations,
+) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
+    accept_loop_with(listener, config, Admission::Coordinator { pki, revocations })
+}
+
+/// [`accept_loop`] with the admission rules of another server.
+pub fn accept_loop_with(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    admission: Admission,
 ) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(Arc::new(config));
@@ -71,9 +100,9 @@ pub fn accept_loop(
                     continue;
                 }
             };
-            let (acceptor, tx, pki, revocations) = (acceptor.clone(), tx.clone(), pki.clone(), revocations.clone());
+            let (acceptor, tx, admission) = (acceptor.clone(), tx.clone(), admission.clone());
             tokio::spawn(async move {
-                if let Some(stream) = handshake(acceptor, tcp, addr, &pki, &revocations).await {
+                if let Some(stream) = handshake(acceptor, tcp, addr, &admission).await {
                     let _ = tx.send(Ok(stream)).await;
                 }
             });
@@ -86,8 +115,7 @@ async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     addr: SocketAddr,
-    pki: &PkiDir,
-    revocations: &SharedRevocations,
+    admission: &Admission,
 ) -> Option<TlsStream<TcpStream>> {
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -112,13 +140,26 @@ async fn handshake(
             return None;
         }
     };
+    let (pki, revocations) = match admission {
+        Admission::Coordinator { pki, revocations } => (pki, revocations),
+        Admission::Relay if id.role == Role::Party => {
+            info!(peer = %addr, party = %id.name, "authenticated party");
+            return Some(stream);
+        }
+        Admission::Relay => {
+            warn!(peer = %addr, name = %id.name, "refused connection: a relay serves party certificates only");
+            return None;
+        }
+    };
     let revoked = revocations.read().unwrap_or_else(|p| p.into_inner()).check(&id.name, cert);
     if revoked.is_err() {
         warn!(peer = %addr, name = %id.name, "refused connection: the certificate of {} is revoked", id.name);
         return None;
     }
     match id.role {
-        Role::Admin => {}
+        // A relay speaks for a party only with that party's delegation,
+        // checked (with the enrollment list) when it opens the party's stream.
+        Role::Admin | Role::Relay => {}
         Role::Coordinator => {
             warn!(peer = %addr, name = %id.name, "refused connection: a coordinator certificate cannot be used as a client");
             return None;

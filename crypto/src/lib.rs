@@ -14,6 +14,7 @@ pub mod aggregation;
 pub mod he;
 pub mod identity;
 pub mod pki;
+pub mod relay;
 pub mod revocation;
 pub mod secagg;
 

@@ -54,6 +54,10 @@ pub enum Role {
     Admin,
     /// The coordinator's server certificate.
     Coordinator,
+    /// An intermediate aggregator (`confide relay`): a server to the parties
+    /// that dial it and a client of the coordinator. It speaks for a party
+    /// only with that party's signed delegation.
+    Relay,
 }
 
 impl Role {
@@ -62,6 +66,7 @@ impl Role {
             Role::Party => "confide-party",
             Role::Admin => "confide-admin",
             Role::Coordinator => "confide-coordinator",
+            Role::Relay => "confide-relay",
         }
     }
 
@@ -70,6 +75,7 @@ impl Role {
             "confide-party" => Some(Role::Party),
             "confide-admin" => Some(Role::Admin),
             "confide-coordinator" => Some(Role::Coordinator),
+            "confide-relay" => Some(Role::Relay),
             _ => None,
         }
     }
@@ -230,6 +236,7 @@ fn leaf_params(role: Role, name: &str, hosts: &[String]) -> Result<CertificatePa
     params.extended_key_usages = match role {
         Role::Coordinator => vec![ExtendedKeyUsagePurpose::ServerAuth],
         Role::Party | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Role::Relay => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
     };
     params.use_authority_key_identifier_extension = true;
     Ok(params)
@@ -512,6 +519,37 @@ impl PkiDir {
         self.write_enrolled(&enrolled)?;
         let path = self.party_cert(&name);
         Ok((name, path))
+    }
+
+    /// A relay's certificate (`relays/NAME.pem`).
+    pub fn relay_cert(&self, name: &str) -> PathBuf {
+        self.root.join("relays").join(format!("{name}.pem"))
+    }
+
+    /// A relay's private key (`relays/NAME.key`).
+    pub fn relay_key(&self, name: &str) -> PathBuf {
+        self.root.join("relays").join(format!("{name}.key"))
+    }
+
+    /// Issues a relay certificate for `name`, served at `hosts` (DNS names
+    /// or IP addresses the parties dial; `localhost` and `127.0.0.1` are
+    /// always included). A relay is not enrolled: it can speak only for
+    /// parties that sign a delegation to it.
+    pub fn issue_relay(&self, name: &str, hosts: &[String]) -> Result<(), Error> {
+        validate_party_name(name)?;
+        if self.relay_cert(name).exists() {
+            return Err(Error::AlreadyExists(format!("relay {name:?}")));
+        }
+        let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
+        for h in hosts {
+            if !sans.contains(h) {
+                sans.push(h.clone());
+            }
+        }
+        let ca = self.load_ca()?;
+        let issued = ca.issue(Role::Relay, name, &sans)?;
+        create_dir(&self.root.join("relays"))?;
+        write_pair(&self.relay_cert(name), &self.relay_key(name), &issued)
     }
 
     /// Issues and enrolls one more party, leaving every other file untouched.

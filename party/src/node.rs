@@ -226,7 +226,8 @@ impl PartyNode {
         let mut client = PartyServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max);
         let (tx, rx) = mpsc::channel::<pb::PartyMessage>(32);
         let outbox = Arc::new(Outbox { tx, stats: self.stats.clone(), transfer: std::sync::Mutex::new(()) });
-        outbox.send(party_message::Body::Hello(pb::Hello { software_version: VERSION.into() })).await;
+        let hello = hello(cfg, &coordinator_cert).map_err(Error::Config)?;
+        outbox.send(party_message::Body::Hello(hello)).await;
         let mut inbound = client
             .join(ReceiverStream::new(rx))
             .await
@@ -394,6 +395,33 @@ impl PartyNode {
         };
         Ok(PartySession::new(&offer.job_id, handler, idle_after).with_fit_answer_after(fit_answer_after))
     }
+}
+
+/// The first message: with a delegation when the server this party dialled
+/// is a relay (its verified certificate says so), so that the relay can
+/// carry the stream to the coordinator, and only that relay.
+fn hello(cfg: &PartyConfig, server: &CoordinatorCertificate) -> Result<pb::Hello, String> {
+    let mut hello = pb::Hello { software_version: VERSION.into(), ..Default::default() };
+    let shown = server.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(relay) = shown.and_then(|c| confide_crypto::pki::peer_identity(&c).ok()) else { return Ok(hello) };
+    if relay.role != confide_crypto::pki::Role::Relay {
+        return Ok(hello);
+    }
+    let own = confide_proto::net::load_certs(&cfg.cert).map_err(|e| e.to_string())?;
+    let me = own
+        .first()
+        .map(|c| confide_crypto::pki::peer_identity(c))
+        .transpose()
+        .map_err(|e| format!("{}: {e}", cfg.cert.display()))?
+        .ok_or_else(|| format!("{}: no certificate", cfg.cert.display()))?;
+    let key = confide_crypto::pki::read_private_key(&cfg.key).map_err(|e| e.to_string())?;
+    let key = IdentityKey::from_pem(&key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    hello.relay_delegation = confide_crypto::relay::sign_delegation(&key, &me.name, &relay.name, now)
+        .map_err(|e| format!("signing the delegation to relay {}: {e}", relay.name))?;
+    hello.delegation_time = now;
+    info!(relay = %relay.name, "dialled a relay; delegating this party's stream to it");
+    Ok(hello)
 }
 
 /// The party's identity for protocols that sign and verify: its certificate

@@ -121,6 +121,11 @@ pub struct RoundRecord {
     pub dropped: BTreeMap<String, String>,
     /// Unix seconds.
     pub completed_at: u64,
+    /// What the aggregation protocol says parties did in the round beyond
+    /// contributing, by role (e.g. `decryptors` under `he`, or the members
+    /// of a relay's group).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub roles: BTreeMap<String, Vec<String>>,
 }
 
 /// How a job protects the parties' data, and what it has spent.
@@ -251,6 +256,7 @@ impl From<RoundRecord> for pb::RoundRecord {
             participants: r.participants,
             dropped: r.dropped.into_iter().collect(),
             completed_at: r.completed_at,
+            roles: r.roles.into_iter().map(|(k, v)| (k, pb::PartyList { parties: v })).collect(),
         }
     }
 }
@@ -263,6 +269,7 @@ impl From<pb::RoundRecord> for RoundRecord {
             participants: r.participants,
             dropped: r.dropped.into_iter().collect(),
             completed_at: r.completed_at,
+            roles: r.roles.into_iter().map(|(k, v)| (k, v.parties)).collect(),
         }
     }
 }
@@ -367,6 +374,7 @@ mod tests {
                 participants: vec!["a".into()],
                 dropped: [("b".to_string(), "fit: disconnected".to_string())].into(),
                 completed_at: 9,
+                roles: [("decryptors".to_string(), vec!["a".into()])].into(),
             }],
             privacy: PrivacyStatus {
                 aggregation: "secagg".into(),

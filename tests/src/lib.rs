@@ -47,6 +47,7 @@ pub struct Federation {
     /// The PKI directory the coordinator serves from (default: the whole
     /// `pki` directory `confide certs init` wrote).
     pub coordinator_pki: Option<PathBuf>,
+    relays: BTreeMap<String, Child>,
 }
 
 impl Federation {
@@ -67,6 +68,7 @@ impl Federation {
             coordinator_bin,
             party_bin,
             coordinator_pki: None,
+            relays: BTreeMap::new(),
         };
         std::fs::create_dir_all(fed.path("logs")).expect("logs dir");
         fed.run_ok(&["certs", "init", "--dir", &fed.s("pki"), "--parties", &parties.join(",")]);
@@ -184,6 +186,59 @@ impl Federation {
         path
     }
 
+    /// Issues relay `name`'s certificate, starts `confide relay` towards the
+    /// coordinator and returns the address parties dial it at.
+    pub fn start_relay(&mut self, name: &str) -> String {
+        self.run_ok(&["certs", "relay", "--dir", &self.s("pki"), "--name", name]);
+        let out_path = self.path(&format!("logs/relay-{name}.out"));
+        let child = Command::new(&self.coordinator_bin)
+            .args([
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--coordinator",
+                &format!("https://{}", self.addr),
+                "--ca",
+                &self.s("pki/ca.pem"),
+                "--cert",
+                &self.s(&format!("pki/relays/{name}.pem")),
+                "--key",
+                &self.s(&format!("pki/relays/{name}.key")),
+                "--hold-secs",
+                "20",
+            ])
+            .env("CONFIDE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out_path).expect("log file"))
+            .stderr(append(&self.path(&format!("logs/relay-{name}.log"))))
+            .spawn()
+            .expect("spawn relay");
+        self.relays.insert(name.to_string(), child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+            if let Some(addr) = text.lines().find_map(|l| l.strip_prefix("relay listening on ")) {
+                return addr.trim().to_string();
+            }
+            assert!(Instant::now() < deadline, "relay {name} did not start\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts one party process that dials the relay at `relay` instead of
+    /// the coordinator.
+    pub fn start_party_via(&mut self, name: &str, relay: &str, extra: &str) {
+        let cfg = self.party_config(name, extra);
+        let text = std::fs::read_to_string(&cfg).expect("party config");
+        let text = text.replacen(
+            &format!("coordinator = \"https://{}\"", self.addr),
+            &format!("coordinator = \"https://{relay}\""),
+            1,
+        );
+        std::fs::write(&cfg, text).expect("party config");
+        self.start_party_with_config(name, &cfg);
+    }
+
     /// Starts one party process.
     pub fn start_party(&mut self, name: &str, extra: &str) {
         let cfg = self.party_config(name, extra);
@@ -297,7 +352,7 @@ fn append(path: &Path) -> std::fs::File {
 
 impl Drop for Federation {
     fn drop(&mut self) {
-        for (_, mut c) in std::mem::take(&mut self.parties) {
+        for (_, mut c) in std::mem::take(&mut self.parties).into_iter().chain(std::mem::take(&mut self.relays)) {
             let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
             let _ = c.kill();
             let _ = c.wait();

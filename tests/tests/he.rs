@@ -40,6 +40,9 @@ fn he_job_matches_secagg_and_counts_a_party_that_crashed_after_uploading() {
     // site-3 uploaded in round 2 and vanished: its ciphertext is in the sum.
     let all = serde_json::json!(["site-0", "site-1", "site-2", "site-3", "site-4"]);
     assert_eq!(he["history"][1]["participants"], all, "{he:#}");
+    // Who decrypted round 2: key parties that answered, never site-3.
+    let decryptors = he["history"][1]["roles"]["decryptors"].as_array().cloned().unwrap_or_default();
+    assert!(decryptors.len() >= 3 && !decryptors.contains(&serde_json::json!("site-3")), "{he:#}");
     let why = he["history"][1]["dropped"]["site-3"].as_str().unwrap_or_default();
     assert!(why.starts_with("he-hash"), "{why}\n{he:#}");
     // The key was dealt with the setup statistics (round 0); the training

@@ -113,7 +113,13 @@ impl ProtocolDriver {
                 cx.collect(Stage::Aggregation(stage), round, tasks, quorum);
                 Ok(None)
             }
-            Progress::Done(aggregate) => Ok(Some(aggregate)),
+            Progress::Done(aggregate) => {
+                let roles = guarded(&self.who(), "round_roles", || self.server.round_roles())?;
+                if let Some(rec) = cx.record() {
+                    rec.roles.extend(roles);
+                }
+                Ok(Some(aggregate))
+            }
         }
     }
 }

@@ -640,6 +640,7 @@ impl Context<'_> {
             participants: Vec::new(),
             dropped: BTreeMap::new(),
             completed_at: 0,
+            roles: BTreeMap::new(),
         });
     }
 

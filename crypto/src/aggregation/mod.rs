@@ -526,6 +526,13 @@ pub trait AggregationServer: Send {
         Err(Error::InvalidInput("this protocol does not sum statistics".into()))
     }
 
+    /// After [`Progress::Done`]: what parties did in the round beyond
+    /// contributing, by role (shown with the round's record; e.g. who
+    /// decrypted). Never anything the protocol hides.
+    fn round_roles(&mut self) -> std::collections::BTreeMap<String, Vec<String>> {
+        std::collections::BTreeMap::new()
+    }
+
     /// What the server carries from round to round (an adaptive clip),
     /// saved with each checkpoint so that a resumed job goes on from it.
     /// Nothing by default.

@@ -351,6 +351,7 @@ impl AggregationProtocol for ThresholdHe {
             epoch: None,
             round: None,
             suspect_key: false,
+            roles: BTreeMap::new(),
         }))
     }
 
@@ -485,6 +486,17 @@ pub mod wire {
         pub signature: Vec<u8>,
         #[prost(bytes = "vec", tag = "7")]
         pub certificate: Vec<u8>,
+        /// The relay that summed this ciphertext into its group (not signed:
+        /// the linear hash checks what the relay forwards).
+        #[prost(string, tag = "8")]
+        pub relay: String,
+        /// On the record that carries a relay's group sum: the other members'
+        /// signed records (the group's c0 and c1 sums follow as bulk words).
+        #[prost(message, repeated, tag = "9")]
+        pub group: Vec<Upload>,
+        /// Bytes of the group sum that follow (0 on a member's own record).
+        #[prost(uint64, tag = "10")]
+        pub group_bytes: u64,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -577,6 +589,10 @@ fn unframe_message<T: prost::Message + Default>(e: Envelope, from: &str, what: &
     let Some(Bulk::Words(words)) = e.bulk else { return Err(misbehaved(from, format!("{what} without its bytes"))) };
     let bytes = from_words(&words, header.bytes, from, what)?;
     T::decode(bytes.as_slice()).map_err(|err| misbehaved(from, format!("malformed {what}: {err}")))
+}
+
+fn describe_left_out(groups: &[(String, Vec<String>)]) -> String {
+    groups.iter().map(|(relay, members)| format!("{relay}: {}", members.join(", "))).collect::<Vec<_>>().join("; ")
 }
 
 fn misbehaved(party: &str, reason: impl Into<String>) -> Error {
@@ -782,7 +798,16 @@ struct ServerRound {
     deals: BTreeMap<String, wire::Deal>,
     /// The epoch a keygen round is building.
     pending: Option<ServerEpoch>,
-    uploads: BTreeMap<String, (wire::Upload, Vec<u64>)>,
+    /// Each contributor's signed record and its c1 (none for a relay
+    /// group's member: only the group's sum came).
+    uploads: BTreeMap<String, (wire::Upload, Option<Vec<u64>>)>,
+    /// Relay groups: their members and sums, checked as a whole.
+    groups: Vec<RelayGroup>,
+    /// Relay groups left out of the sum: relay and members.
+    left_out: Vec<(String, Vec<String>)>,
+    /// Members of left-out groups that answered the hash request again:
+    /// alive key parties, so decryptors, though not contributors.
+    alive_outside: BTreeSet<String>,
     aggregate: Option<he::Aggregate>,
     contributors: Vec<String>,
     commitment: [u8; 32],
@@ -791,6 +816,14 @@ struct ServerRound {
     shares: BTreeMap<String, DecryptionShare>,
     /// Parties caught misbehaving on the way (reported with the sum).
     flagged: Vec<(String, String)>,
+}
+
+/// The sum a relay forwarded for its members.
+struct RelayGroup {
+    relay: String,
+    members: Vec<String>,
+    c0: Vec<u64>,
+    c1: Vec<u64>,
 }
 
 struct HeServer {
@@ -802,6 +835,8 @@ struct HeServer {
     round: Option<ServerRound>,
     /// The last stage failed in a way that may be the key's fault.
     suspect_key: bool,
+    /// The finished round's roles (decryptors, relay groups).
+    roles: BTreeMap<String, Vec<String>>,
 }
 
 impl HeServer {
@@ -871,6 +906,9 @@ impl HeServer {
             deals: BTreeMap::new(),
             pending: None,
             uploads: BTreeMap::new(),
+            groups: Vec::new(),
+            left_out: Vec::new(),
+            alive_outside: BTreeSet::new(),
             aggregate: None,
             contributors: Vec::new(),
             commitment: [0; 32],
@@ -896,8 +934,45 @@ impl HeServer {
         if upload.party != party {
             return Err(misbehaved(party, format!("sent an upload record for {}", upload.party)));
         }
-        if upload.signature.len() > MAX_SIGNATURE {
-            return Err(misbehaved(party, "sent an oversized signature"));
+        if !upload.relay.is_empty() {
+            if upload.group.is_empty() && upload.group_bytes == 0 && message.bulk.is_none() {
+                // A relay group's member: its signed record comes with the
+                // group's sum, on the leader's message.
+                return Ok(());
+            }
+            return self.on_group(party, certificate, upload, message.bulk);
+        }
+        let expected = params.ciphertext_bytes(r.derived.dim.max(1)) as u64;
+        Self::check_record(&mut *self.peers, r, &upload, party, certificate, in_key, &fingerprint, expected)?;
+        let Some(Bulk::Words(words)) = message.bulk else {
+            return Err(misbehaved(party, "an upload without its ciphertext"));
+        };
+        let bytes = from_words(&words, upload.bytes, party, "ciphertext")?;
+        let ct = Ciphertext::from_bytes(&params, r.derived.dim.max(1), &bytes, party)?;
+        if c0_hash(&ct.c0).as_slice() != upload.c0_hash || c1_hash(&ct.c1).as_slice() != upload.c1_hash {
+            return Err(misbehaved(party, "its ciphertext does not match its signed upload record"));
+        }
+        let aggregate = r.aggregate.get_or_insert_with(|| he::Aggregate::new(ct.c1.len()));
+        aggregate.add(&ct.c0, &ct.c1, 1, &params)?;
+        upload.certificate = certificate.to_vec();
+        r.uploads.insert(party.to_owned(), (upload, Some(ct.c1)));
+        Ok(())
+    }
+
+    /// The checks every signed upload record passes, direct or in a group.
+    #[allow(clippy::too_many_arguments)]
+    fn check_record(
+        peers: &mut dyn PeerVerifier,
+        r: &ServerRound,
+        upload: &wire::Upload,
+        party: &str,
+        certificate: &[u8],
+        in_key: bool,
+        fingerprint: &[u8; 32],
+        expected_bytes: u64,
+    ) -> Result<(), Error> {
+        if upload.signature.len() > MAX_SIGNATURE || certificate.len() > MAX_CERTIFICATE {
+            return Err(misbehaved(party, "sent an oversized signature or certificate"));
         }
         if r.uploads.contains_key(party) {
             return Err(misbehaved(party, "uploaded twice"));
@@ -908,26 +983,93 @@ impl HeServer {
         if upload.fingerprint != fingerprint {
             return Err(misbehaved(party, "encrypted under another key than the epoch's"));
         }
-        self.peers.add_peer(party, certificate)?;
-        self.peers.verify(party, &upload_transcript(&r.derived.binding, &upload), &upload.signature).map_err(|_| {
+        if upload.bytes != expected_bytes {
+            return Err(misbehaved(
+                party,
+                format!("a ciphertext of {} bytes, expected {expected_bytes}", upload.bytes),
+            ));
+        }
+        peers.add_peer(party, certificate)?;
+        peers.verify(party, &upload_transcript(&r.derived.binding, upload), &upload.signature).map_err(|_| {
             misbehaved(party, "its upload record does not carry its signature (or is for another job or round)")
-        })?;
-        let Some(Bulk::Words(words)) = message.bulk else {
-            return Err(misbehaved(party, "an upload without its ciphertext"));
-        };
+        })
+    }
+
+    /// A relay's group sum, on the record of its last member: every member's
+    /// signed record is checked as a direct upload's; the sum itself is
+    /// checked against their signed linear hashes when the hash stage closes.
+    fn on_group(
+        &mut self,
+        leader: &str,
+        certificate: &[u8],
+        mut upload: wire::Upload,
+        bulk: Option<Bulk>,
+    ) -> Result<(), Error> {
+        let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round in progress".into()))?;
+        let e = Self::current_epoch(&self.epoch, r)?;
+        let (params, fingerprint) = (e.params.clone(), e.fingerprint);
+        let key_parties = e.key_parties.clone();
+        let relay = upload.relay.clone();
+        let group = std::mem::take(&mut upload.group);
+        if group.len() + 1 > r.derived.parties.len() {
+            return Err(misbehaved(leader, format!("relay {relay} forwarded a group larger than the round")));
+        }
         let expected = params.ciphertext_bytes(r.derived.dim.max(1)) as u64;
-        if upload.bytes != expected {
-            return Err(misbehaved(party, format!("a ciphertext of {} bytes, expected {expected}", upload.bytes)));
+        let mut members: Vec<(wire::Upload, Vec<u8>)> = Vec::with_capacity(group.len() + 1);
+        for mut m in group {
+            if !r.derived.parties.contains(&m.party) || m.party == leader {
+                return Err(misbehaved(
+                    leader,
+                    format!("relay {relay} grouped {}, not another party of the round", m.party),
+                ));
+            }
+            if members.iter().any(|(x, _)| x.party == m.party) {
+                return Err(misbehaved(leader, format!("relay {relay} grouped {} twice", m.party)));
+            }
+            let cert = std::mem::take(&mut m.certificate);
+            members.push((m, cert));
         }
-        let bytes = from_words(&words, upload.bytes, party, "ciphertext")?;
-        let ct = Ciphertext::from_bytes(&params, r.derived.dim.max(1), &bytes, party)?;
-        if c0_hash(&ct.c0).as_slice() != upload.c0_hash || c1_hash(&ct.c1).as_slice() != upload.c1_hash {
-            return Err(misbehaved(party, "its ciphertext does not match its signed upload record"));
+        members.push((upload, certificate.to_vec()));
+        for (m, cert) in &members {
+            let in_key = key_parties.binary_search(&m.party).is_ok();
+            Self::check_record(&mut *self.peers, r, m, &m.party, cert, in_key, &fingerprint, expected).map_err(
+                |e| match e {
+                    Error::PeerMisbehaved { party, reason } if party != leader => {
+                        misbehaved(leader, format!("relay {relay} forwarded a record of {party} that fails: {reason}"))
+                    }
+                    other => other,
+                },
+            )?;
         }
-        let aggregate = r.aggregate.get_or_insert_with(|| he::Aggregate::new(ct.c1.len()));
-        aggregate.add(&ct.c0, &ct.c1, 1, &params)?;
-        upload.certificate = certificate.to_vec();
-        r.uploads.insert(party.to_owned(), (upload, ct.c1));
+        let Some(Bulk::Words(words)) = bulk else {
+            return Err(misbehaved(leader, format!("relay {relay} forwarded a group without its sum")));
+        };
+        let slots = r.derived.dim.max(1).div_ceil(he::ring::N) * he::ring::N;
+        let count = members.len();
+        let want = relay::group_bytes(slots, params.switch_bits, count) as u64;
+        if members.last().map(|(m, _)| m.group_bytes) != Some(want) {
+            return Err(misbehaved(leader, format!("relay {relay} forwarded a group sum that is not {want} bytes")));
+        }
+        let bytes = from_words(&words, want, leader, "group sum")?;
+        let c0_len = he::pack::packed_len(slots, relay::group_c0_bits(params.switch_bits, count));
+        let bad = |e: Error| misbehaved(leader, format!("relay {relay}: {e}"));
+        let c0 = he::pack::unpack(&bytes[..c0_len], slots, relay::group_c0_bits(params.switch_bits, count), "group c0")
+            .map_err(bad)?;
+        let c1 = he::pack::unpack(&bytes[c0_len..], slots, 62, "group c1").map_err(bad)?;
+        if c1.iter().any(|&c| c >= he::ring::Q) {
+            return Err(misbehaved(leader, format!("relay {relay}: a group c1 coefficient not below q")));
+        }
+        let aggregate = r.aggregate.get_or_insert_with(|| he::Aggregate::new(slots));
+        aggregate.add(&c0, &c1, count, &params)?;
+        let mut names: Vec<String> = members.iter().map(|(m, _)| m.party.clone()).collect();
+        names.sort();
+        for (mut m, cert) in members {
+            m.certificate = cert;
+            m.relay.clear();
+            m.group_bytes = 0;
+            r.uploads.insert(m.party.clone(), (m, None));
+        }
+        r.groups.push(RelayGroup { relay, members: names, c0, c1 });
         Ok(())
     }
 }
@@ -1043,7 +1185,8 @@ impl AggregationServer for HeServer {
                 {
                     return Err(misbehaved(party, "a malformed hash value"));
                 }
-                if !r.uploads.contains_key(party) {
+                let outside = r.left_out.iter().any(|(_, members)| members.iter().any(|m| m == party));
+                if !r.uploads.contains_key(party) && !outside {
                     return Err(misbehaved(party, "hashed a ciphertext it did not upload"));
                 }
                 self.peers
@@ -1053,6 +1196,11 @@ impl AggregationServer for HeServer {
                         &hv.signature,
                     )
                     .map_err(|_| misbehaved(party, "its hash value does not carry its signature"))?;
+                if outside {
+                    // Alive (a decryptor), its ciphertext not in the sum.
+                    r.alive_outside.insert(party.to_owned());
+                    return Ok(());
+                }
                 // The values are checked when the stage closes: all at once
                 // against the hash of the sum, one by one only if that fails.
                 r.hashes.insert(party.to_owned(), hv);
@@ -1088,6 +1236,10 @@ impl AggregationServer for HeServer {
             }
         }
         progress
+    }
+
+    fn round_roles(&mut self) -> BTreeMap<String, Vec<String>> {
+        std::mem::take(&mut self.roles)
     }
 
     fn state(&self) -> confide_algorithms::State {
@@ -1213,10 +1365,69 @@ impl HeServer {
             ServerStage::Hashes => {
                 let epoch = self.epoch.as_ref().ok_or_else(|| Error::WrongStage("he: no key epoch".into()))?;
                 let params = &epoch.params;
+                let hash = linear_hash(&r.derived.binding, &r.commitment, &r.contributors);
+                // A relay group counts only as a whole, and only when its sum
+                // is its members' signed hashes; otherwise it leaves the
+                // round and the rest hash again over the smaller sum.
+                let mut broken = Vec::new();
+                for (i, g) in r.groups.iter().enumerate() {
+                    let mut values = Vec::with_capacity(g.members.len());
+                    for m in &g.members {
+                        match r.hashes.get(m).and_then(|h| <[u64; he::hash::RHO]>::try_from(h.values.as_slice()).ok()) {
+                            Some(v) => values.push(v),
+                            None => break,
+                        }
+                    }
+                    if values.len() < g.members.len() || he::hash::sum_hashes(&values) != hash.hash(&[&g.c1]) {
+                        broken.push(i);
+                    }
+                }
+                if !broken.is_empty() {
+                    let aggregate =
+                        r.aggregate.as_mut().ok_or_else(|| Error::BelowThreshold("he: no ciphertexts".into()))?;
+                    for &i in broken.iter().rev() {
+                        let g = r.groups.remove(i);
+                        for (a, b) in aggregate.c0.iter_mut().zip(&g.c0) {
+                            *a = a.wrapping_sub(*b);
+                        }
+                        he::ring::sub_assign(&mut aggregate.c1, &g.c1);
+                        aggregate.count -= g.members.len();
+                        for m in &g.members {
+                            r.uploads.remove(m);
+                        }
+                        r.left_out.push((g.relay, g.members));
+                    }
+                    let contributors: Vec<String> = r.uploads.keys().cloned().collect();
+                    if contributors.len() < need {
+                        return Err(Error::BelowThreshold(format!(
+                            "he: {} ciphertexts after leaving out relay groups whose sum their members' hashes do \
+                             not confirm ({}); a decryption needs the sum of at least {need}",
+                            contributors.len(),
+                            describe_left_out(&r.left_out)
+                        )));
+                    }
+                    r.commitment = aggregate_commitment(&aggregate.c1);
+                    r.contributors = contributors.clone();
+                    r.hashes.clear();
+                    r.alive_outside.clear();
+                    let message = Envelope::encode(&wire::HashRequest {
+                        contributors: contributors.clone(),
+                        commitment: r.commitment.to_vec(),
+                    });
+                    // The left-out members hash too: they hold key shares
+                    // and may be needed as decryptors.
+                    let mut to = contributors;
+                    to.extend(r.left_out.iter().flat_map(|(_, m)| m.iter().cloned()));
+                    to.sort();
+                    return Ok(Progress::Step {
+                        stage: HASH,
+                        messages: Messages::Same { to, message },
+                        quorum: Quorum::Protocol,
+                    });
+                }
                 // A wrong hash value would make the decryptors refuse: find
                 // any (one hash of the sum when all are right) and treat its
                 // sender as vanished, so its c1 goes to the decryptors.
-                let hash = linear_hash(&r.derived.binding, &r.commitment, &r.contributors);
                 let aggregate =
                     r.aggregate.as_ref().ok_or_else(|| Error::BelowThreshold("he: no ciphertexts".into()))?;
                 let mut known: Vec<[u64; he::hash::RHO]> = Vec::with_capacity(r.contributors.len());
@@ -1230,7 +1441,10 @@ impl HeServer {
                 if !rest.is_empty() {
                     let mut rest_c1 = vec![0u64; aggregate.c1.len()];
                     for p in &rest {
-                        he::ring::add_assign(&mut rest_c1, &r.uploads[*p].1);
+                        let c1 = r.uploads[*p].1.as_ref().ok_or_else(|| {
+                            Error::WrongStage(format!("he: {p}'s ciphertext came in a group and is not held"))
+                        })?;
+                        he::ring::add_assign(&mut rest_c1, c1);
                     }
                     known.push(hash.hash(&[&rest_c1]));
                 }
@@ -1238,7 +1452,12 @@ impl HeServer {
                     let liars: Vec<String> = r
                         .hashes
                         .iter()
-                        .filter(|(p, h)| h.values.as_slice() != hash.hash(&[&r.uploads[*p].1]).as_slice())
+                        .filter(|(p, h)| {
+                            r.uploads[*p]
+                                .1
+                                .as_ref()
+                                .is_some_and(|c1| h.values.as_slice() != hash.hash(&[c1]).as_slice())
+                        })
                         .map(|(p, _)| p.clone())
                         .collect();
                     for p in liars {
@@ -1248,8 +1467,12 @@ impl HeServer {
                 }
                 // Decryptors: key parties alive now (they hashed), smallest
                 // Shamir points first (the smallest decoding noise).
-                let alive: Vec<String> =
-                    epoch.key_parties.iter().filter(|p| r.hashes.contains_key(*p)).cloned().collect();
+                let alive: Vec<String> = epoch
+                    .key_parties
+                    .iter()
+                    .filter(|p| r.hashes.contains_key(*p) || r.alive_outside.contains(*p))
+                    .cloned()
+                    .collect();
                 if alive.len() < params.threshold + 1 {
                     return Err(Error::BelowThreshold(format!(
                         "he: {} key parties answered; a checked decryption needs τ + 1 = {}",
@@ -1265,7 +1488,10 @@ impl HeServer {
                 let mut payload = Vec::new();
                 he::pack::pack(&aggregate.c1, 62, &mut payload);
                 for v in &vanished {
-                    he::pack::pack(&r.uploads[v].1, 62, &mut payload);
+                    let c1 = r.uploads[v].1.as_ref().ok_or_else(|| {
+                        Error::WrongStage(format!("he: {v}'s ciphertext came in a group and is not held"))
+                    })?;
+                    he::pack::pack(c1, 62, &mut payload);
                 }
                 let request = wire::DecryptRequest {
                     contributors: r.contributors.clone(),
@@ -1290,6 +1516,21 @@ impl HeServer {
                 let indices: Vec<usize> =
                     r.decryptors.iter().filter_map(|d| epoch.key_parties.binary_search(d).ok()).collect();
                 let shares: Vec<Option<DecryptionShare>> = r.decryptors.iter().map(|d| r.shares.remove(d)).collect();
+                // Who decrypted, and which relays summed whose ciphertexts.
+                let of = match &r.decoding {
+                    Decoding::Statistics(_) => " (statistics)",
+                    _ => "",
+                };
+                self.roles.clear();
+                let answered =
+                    r.decryptors.iter().zip(&shares).filter(|(_, s)| s.is_some()).map(|(d, _)| d.clone()).collect();
+                self.roles.insert(format!("decryptors{of}"), answered);
+                for g in &r.groups {
+                    self.roles.insert(format!("relay {}{of}", g.relay), g.members.clone());
+                }
+                for (relay, members) in &r.left_out {
+                    self.roles.insert(format!("left out: relay {relay}{of}"), members.clone());
+                }
                 // Every decryptor that answered used its budget on the whole aggregate.
                 epoch.decrypted += aggregate.c1.len() as u64;
                 let result = he::combine(&epoch.params, aggregate, &indices, &shares, r.derived.dim);
@@ -1377,7 +1618,9 @@ enum ClientStage {
     /// Uploaded; waiting for the hash request.
     Uploaded { c1: Vec<u64> },
     /// Hashed; waiting for the decryption request.
-    Hashed { commitment: [u8; 32], contributors: Vec<String>, own: Vec<u64> },
+    /// Kept c1: the coordinator may ask again over a smaller sum (a relay
+    /// group left out) before it asks for a decryption.
+    Hashed { commitment: [u8; 32], contributors: Vec<String>, own: Vec<u64>, c1: Vec<u64> },
 }
 
 struct ClientRound {
@@ -1538,7 +1781,7 @@ impl HeClient {
             c1_hash: c1_hash(&ct.c1).to_vec(),
             bytes: bytes.len() as u64,
             signature: Vec::new(),
-            certificate: Vec::new(),
+            ..Default::default()
         };
         upload.signature = self.party.signer.sign(&upload_transcript(&derived.binding, &upload))?;
         Ok((framed(&upload, &bytes), ct.c1))
@@ -1571,7 +1814,8 @@ impl HeClient {
     ) -> Result<Envelope, Error> {
         let me = self.party.name.clone();
         let binding = r.derived.binding;
-        let placeholder = ClientStage::Hashed { commitment: [0; 32], contributors: Vec::new(), own: Vec::new() };
+        let placeholder =
+            ClientStage::Hashed { commitment: [0; 32], contributors: Vec::new(), own: Vec::new(), c1: Vec::new() };
         match (stage, std::mem::replace(&mut r.stage, placeholder)) {
             (KEY_DEAL, ClientStage::Committed { secret, dh, public_share }) => {
                 let list: wire::CommitList = message.decode("coordinator", "commitment list")?;
@@ -1739,17 +1983,17 @@ impl HeClient {
                 r.stage = ClientStage::Uploaded { c1 };
                 Ok(envelope)
             }
-            (HASH, ClientStage::Uploaded { c1 }) => {
+            (HASH, ClientStage::Uploaded { c1 } | ClientStage::Hashed { c1, .. }) => {
                 let req: wire::HashRequest = message.decode("coordinator", "hash request")?;
                 self.check_contributors(&r.derived, &req.contributors)?;
                 let commitment = array32(&req.commitment, "coordinator", "aggregate commitment")?;
                 let values = linear_hash(&binding, &commitment, &req.contributors).hash(&[&c1]).to_vec();
                 let signature =
                     self.party.signer.sign(&hash_transcript(&binding, &me, &commitment, &req.contributors, &values))?;
-                r.stage = ClientStage::Hashed { commitment, contributors: req.contributors, own: values.clone() };
+                r.stage = ClientStage::Hashed { commitment, contributors: req.contributors, own: values.clone(), c1 };
                 Ok(Envelope::encode(&wire::HashValue { party: me, values, signature }))
             }
-            (DECRYPT, ClientStage::Hashed { commitment, contributors, own }) => {
+            (DECRYPT, ClientStage::Hashed { commitment, contributors, own, .. }) => {
                 self.decrypt(&r.derived, message, &commitment, &contributors, &own)
             }
             (other, _) => Err(Error::WrongStage(format!("{other} at this point of the round"))),
@@ -1999,6 +2243,8 @@ impl AggregationClient for HeClient {
     }
 }
 
+pub mod relay;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2027,8 +2273,12 @@ mod tests {
         names: Vec<String>,
         server: Box<dyn AggregationServer>,
         clients: BTreeMap<String, Box<dyn AggregationClient>>,
+        /// The current round's message (a relay reads the round's size off it).
+        round_message: Vec<u8>,
     }
 
+    /// Rewrites a relay's forwarded message (relay, party, message).
+    type RelayHook<'a> = &'a mut dyn FnMut(&str, &str, &mut Envelope);
     /// Rewrites a message at a stage for a party.
     type Hook<'a> = &'a mut dyn FnMut(StageName, &str, &mut Envelope);
     /// Σ nᵢ·Δᵢ, Σ nᵢ, the contributors and who misbehaved.
@@ -2049,6 +2299,11 @@ mod tests {
         forge: Option<Hook<'a>>,
         /// Refusals by parties (stage, party, error).
         refusals: Vec<(StageName, String, String)>,
+        /// Relays and the parties that dial them: their uploads are summed
+        /// by an [`relay::UploadGroup`] before the coordinator sees them.
+        relays: Vec<(&'static str, Vec<String>)>,
+        /// Rewrites a relay's forwarded messages (relay, party, message).
+        relay_forge: Option<RelayHook<'a>>,
     }
 
     impl Fed {
@@ -2058,7 +2313,7 @@ mod tests {
             let server = ThresholdHe.server(&table(), &job, Box::new(InsecureTagVerifier)).unwrap();
             let clients =
                 names.iter().map(|p| (p.clone(), ThresholdHe.client(&table(), &job, identity(p)).unwrap())).collect();
-            Fed { names, server, clients }
+            Fed { names, server, clients, round_message: Vec::new() }
         }
 
         /// Round `round` over `parties` where party i moves its weights by
@@ -2072,6 +2327,9 @@ mod tests {
         ) -> Result<Aggregate, Error> {
             let fit = fit(round);
             let rm = self.server.begin_round(&RoundInfo { round, parties, global, fit: Some(&fit) })?;
+            self.round_message = rm.clone();
+            let keygen = Envelope::body(rm.clone()).decode::<wire::RoundConfig>("c", "rc").unwrap().keygen;
+            let mut answers = Vec::new();
             for p in parties {
                 let i: usize = p[1..].parse().unwrap();
                 let local =
@@ -2081,9 +2339,44 @@ mod tests {
                 let client = self.clients.get_mut(p).unwrap();
                 client.prepare(global);
                 let m = client.contribute(round, &rm, update)?;
-                self.server.on_message(Peer { name: p, certificate: &[] }, m)?;
+                answers.push((p.clone(), m));
+            }
+            if keygen {
+                for (p, m) in answers {
+                    self.server.on_message(Peer { name: &p, certificate: &[] }, m)?;
+                }
+            } else {
+                self.uploads(answers, script)?;
             }
             self.drive(round, script)
+        }
+
+        /// Delivers uploads, through their relays where the script has them.
+        fn uploads(&mut self, answers: Vec<(String, Envelope)>, script: &mut Script<'_>) -> Result<(), Error> {
+            let mut direct = Vec::new();
+            let mut groups: Vec<(&str, relay::UploadGroup)> = script
+                .relays
+                .iter()
+                .map(|(r, _)| (*r, relay::UploadGroup::new(r, &self.round_message).unwrap()))
+                .collect();
+            for (p, m) in answers {
+                match script.relays.iter().position(|(_, members)| members.contains(&p)) {
+                    Some(i) => groups[i].1.add(&p, &[], m)?,
+                    None => direct.push((p, m)),
+                }
+            }
+            for (relay, group) in groups {
+                for (p, mut m) in group.finish() {
+                    if let Some(f) = script.relay_forge.as_mut() {
+                        f(relay, &p, &mut m);
+                    }
+                    direct.push((p, m));
+                }
+            }
+            for (p, m) in direct {
+                self.server.on_message(Peer { name: &p, certificate: &[] }, m)?;
+            }
+            Ok(())
         }
 
         fn drive(&mut self, round: u32, script: &mut Script<'_>) -> Result<Aggregate, Error> {
@@ -2095,6 +2388,7 @@ mod tests {
                             Messages::Same { to, message } => to.into_iter().map(|p| (p, message.clone())).collect(),
                             Messages::PerParty(v) => v,
                         };
+                        let mut uploads = Vec::new();
                         for (p, mut m) in deliveries {
                             if script.silent.get(&p).is_some_and(|s| self.stage_index(*s) <= self.stage_index(stage)) {
                                 continue;
@@ -2107,11 +2401,18 @@ mod tests {
                                     if let Some(f) = script.forge.as_mut() {
                                         f(stage, &p, &mut answer);
                                     }
+                                    if stage == KEY_CONFIRM {
+                                        uploads.push((p.clone(), answer));
+                                        continue;
+                                    }
                                     // A rejected answer drops its sender, as the session does.
                                     let _ = self.server.on_message(Peer { name: &p, certificate: &[] }, answer);
                                 }
                                 Err(e) => script.refusals.push((stage, p.clone(), e.to_string())),
                             }
+                        }
+                        if !uploads.is_empty() {
+                            self.uploads(uploads, script)?;
                         }
                     }
                 }
@@ -2200,6 +2501,148 @@ mod tests {
         let (num, den) = expected(&[0, 1, 2, 3, 4, 5]);
         assert_eq!((total, contributors.len()), (den, 6));
         assert!((sum[0] - num).abs() < 0.05);
+    }
+
+    fn relays() -> Vec<(&'static str, Vec<String>)> {
+        vec![("edge-a", vec!["p0".into(), "p1".into(), "p2".into()]), ("edge-b", vec!["p3".into(), "p4".into()])]
+    }
+
+    #[test]
+    fn relay_group_sums_are_counted_with_every_member() {
+        // Two relays (3 and 2 parties) and two parties that dial the
+        // coordinator directly; the keygen round's uploads (answers to
+        // he-key-confirm) and a later round's go through the relays.
+        let mut fed = Fed::new(7, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 3]);
+        let mut sizes = Vec::new();
+        let mut forge = |_: &str, p: &str, m: &mut Envelope| {
+            sizes.push((
+                p.to_owned(),
+                m.bulk.as_ref().map_or(0, |b| match b {
+                    Bulk::Words(w) => w.len(),
+                    _ => 0,
+                }),
+            ))
+        };
+        for round in 1..=2 {
+            let mut script = Script { relays: relays(), relay_forge: Some(&mut forge), ..Script::default() };
+            let a = fed.round(round, &names, &global, &mut script).unwrap();
+            assert!(script.refusals.is_empty(), "{:?}", script.refusals);
+            let (sum, total, contributors, misbehaved) = weighted(&a);
+            let (num, den) = expected(&[0, 1, 2, 3, 4, 5, 6]);
+            assert_eq!((total, contributors, misbehaved), (den, &names[..], &[][..]));
+            assert!((sum[0] - num).abs() < 0.05, "round {round}: {} vs {num}", sum[0]);
+        }
+        // One ciphertext-sized message per relay and round; members' records come bare.
+        let carried: Vec<&(String, usize)> = sizes.iter().filter(|(_, w)| *w > 0).collect();
+        assert_eq!(carried.len(), 4, "{sizes:?}");
+        assert_eq!(sizes.len(), 10);
+    }
+
+    #[test]
+    fn a_relay_group_whose_sum_is_not_its_members_is_left_out_and_the_rest_hash_again() {
+        let mut fed = Fed::new(7, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 3]);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        // edge-a adds one to a c1 coefficient of its sum (any change will do:
+        // dropping a member's ciphertext, or adding another's twice).
+        let mut forge = |relay: &str, _: &str, m: &mut Envelope| {
+            if let (true, Some(Bulk::Words(w))) = (relay == "edge-a", m.bulk.as_mut()) {
+                let last = w.len() - 1;
+                w[last - 10] ^= 1;
+            }
+        };
+        let mut script = Script { relays: relays(), relay_forge: Some(&mut forge), ..Script::default() };
+        let a = fed.round(2, &names, &global, &mut script).unwrap();
+        assert!(script.refusals.is_empty(), "{:?}", script.refusals);
+        let (sum, total, contributors, _) = weighted(&a);
+        let (num, den) = expected(&[3, 4, 5, 6]);
+        assert_eq!((total, contributors), (den, &names[3..]));
+        assert!((sum[0] - num).abs() < 0.05);
+    }
+
+    #[test]
+    fn a_relay_member_that_vanishes_before_hashing_takes_its_group_out_of_the_sum() {
+        let mut fed = Fed::new(7, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 3]);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let mut script = Script { relays: relays(), silent: [("p4".to_string(), HASH)].into(), ..Script::default() };
+        let a = fed.round(2, &names, &global, &mut script).unwrap();
+        let (sum, total, contributors, _) = weighted(&a);
+        let (num, den) = expected(&[0, 1, 2, 5, 6]);
+        let kept: Vec<String> = ["p0", "p1", "p2", "p5", "p6"].map(String::from).to_vec();
+        assert_eq!((total, contributors), (den, &kept[..]));
+        assert!((sum[0] - num).abs() < 0.05);
+        // Below the minimum after leaving groups out: a clean failure, no sum.
+        let mut fed = Fed::new(5, 4);
+        let names = fed.names.clone();
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let mut script = Script {
+            relays: vec![("edge-a", vec!["p0".into(), "p1".into()])],
+            silent: [("p1".to_string(), HASH)].into(),
+            ..Script::default()
+        };
+        let e = fed.round(2, &names, &global, &mut script).unwrap_err().to_string();
+        assert!(e.contains("edge-a: p0, p1") && e.contains("at least 4"), "{e}");
+    }
+
+    #[test]
+    fn a_relay_cannot_count_a_party_twice_or_forward_a_record_that_does_not_check() {
+        let global = params(&[0.0; 3]);
+        let setup = || {
+            let mut fed = Fed::new(5, 3);
+            let names = fed.names.clone();
+            fed.round(1, &names, &global, &mut Script::default()).unwrap();
+            fed
+        };
+        let uploads = |fed: &mut Fed| -> Vec<(String, Envelope)> {
+            let fit = fit(2);
+            let names = fed.names.clone();
+            let rm = fed
+                .server
+                .begin_round(&RoundInfo { round: 2, parties: &names, global: &global, fit: Some(&fit) })
+                .unwrap();
+            fed.round_message = rm.clone();
+            names
+                .iter()
+                .map(|p| {
+                    let local = params(&[0.1; 3]);
+                    let update = LocalUpdate { global: &global, fit: &fit, local, num_examples: 10, train_loss: None };
+                    (p.clone(), fed.clients.get_mut(p).unwrap().contribute(2, &rm, update).unwrap())
+                })
+                .collect()
+        };
+        // A group that repeats a direct upload: refused naming the leader and the relay.
+        let mut fed = setup();
+        let mut ups = uploads(&mut fed);
+        fed.server.on_message(Peer { name: "p0", certificate: &[] }, ups[0].1.clone()).unwrap();
+        let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
+        for (p, m) in ups.drain(..2) {
+            g.add(&p, &[], m).unwrap();
+        }
+        let (leader, m) = g.finish().pop().unwrap();
+        let e = fed.server.on_message(Peer { name: &leader, certificate: &[] }, m).unwrap_err().to_string();
+        assert!(e.contains("p1") && e.contains("edge-a") && e.contains("p0") && e.contains("twice"), "{e}");
+        // A member's record the relay altered (another fingerprint): refused naming the relay.
+        let mut fed = setup();
+        let ups = uploads(&mut fed);
+        let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
+        for (p, m) in ups.into_iter().take(2) {
+            g.add(&p, &[], m).unwrap();
+        }
+        let (leader, mut m) = g.finish().pop().unwrap();
+        let mut rec: wire::Upload = m.decode("t", "t").unwrap();
+        rec.group[0].c1_hash[0] ^= 1;
+        m.body = prost::Message::encode_to_vec(&rec);
+        let e = fed.server.on_message(Peer { name: &leader, certificate: &[] }, m).unwrap_err().to_string();
+        assert!(e.contains("relay edge-a forwarded a record of p0"), "{e}");
+        // The relay refuses an upload that is not one, naming its sender.
+        let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
+        let e = g.add("p3", &[], Envelope::body(vec![1, 2, 3])).unwrap_err().to_string();
+        assert!(e.contains("p3"), "{e}");
     }
 
     #[test]
@@ -2534,7 +2977,7 @@ mod tests {
             let m = clients.get_mut(p).unwrap().contribute(1, &rm, u).unwrap();
             server.on_message(Peer { name: p, certificate: &[] }, m).unwrap();
         }
-        let mut fed = Fed { names: names.clone(), server, clients };
+        let mut fed = Fed { names: names.clone(), server, clients, round_message: Vec::new() };
         let a = fed.drive(1, &mut Script::default()).unwrap();
         let (sum, total, _, _) = weighted(&a);
         assert_eq!(total, 4.0);

@@ -1,0 +1,157 @@
+//! Hierarchical `he` aggregation: two `confide relay` processes with three
+//! real parties each. Every relay sums its parties' ciphertexts and
+//! forwards one per round; the coordinator admits each relayed stream only
+//! with the party's delegation, and the job reaches the accuracy of a
+//! direct one.
+
+use confide_tests::{Federation, job_spec, repo_root};
+
+const LOGREG2: &str = "kind = \"logistic_regression\"\nclasses = 2";
+
+#[test]
+fn two_relays_of_three_parties_sum_their_ciphertexts_and_the_job_succeeds() {
+    let names: Vec<String> = (0..6).map(|i| format!("site-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut fed = Federation::new(&refs, &repo_root().join("examples/data/breast_cancer.csv"), true, "3,2,2,2,1,2");
+    fed.start_coordinator();
+    let relays = [fed.start_relay("edge-a"), fed.start_relay("edge-b")];
+    for (i, n) in names.iter().enumerate() {
+        let mut extra = "[policy]\naggregation = [\"he\"]\n".to_owned();
+        // site-4 exits when round 3's fit task reaches it: its relay must
+        // not wait for it, and forwards the other two's sum.
+        if n == "site-4" {
+            extra.push_str("[fault]\nexit_on_stage = \"fit\"\nexit_on_round = 3\n");
+        }
+        fed.start_party_via(n, &relays[i / 3], &extra);
+    }
+    let text = job_spec(&names, 4, 3, LOGREG2, "seed = 4\nlocal_epochs = 2\nlearning_rate = 0.1")
+        + "[aggregation]\nprotocol = \"he\"\n[aggregation.he]\nmax_examples = 1000\nclip = 4.0\n";
+    let id = fed.submit("he-relay.toml", &text);
+    let st = fed.wait_done(&id, 240);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    let all = serde_json::json!(names);
+    for round in 0..2 {
+        assert_eq!(st["history"][round]["participants"], all, "round {round}: {st:#}\n{}", fed.logs());
+    }
+    let without_4 = serde_json::json!(["site-0", "site-1", "site-2", "site-3", "site-5"]);
+    assert_eq!(st["history"][2]["participants"], without_4, "{st:#}\n{}", fed.logs());
+    // The status names each relay's group and who decrypted.
+    let roles = &st["history"][1]["roles"];
+    assert_eq!(roles["relay edge-a"], serde_json::json!(names[..3]), "{st:#}");
+    assert_eq!(roles["relay edge-b"], serde_json::json!(names[3..]), "{st:#}");
+    assert_eq!(st["history"][2]["roles"]["relay edge-b"], serde_json::json!(["site-3", "site-5"]), "{st:#}");
+    let decryptors = roles["decryptors"].as_array().cloned().unwrap_or_default();
+    assert!(
+        decryptors.len() >= 4 && decryptors.iter().all(|d| all.as_array().is_some_and(|a| a.contains(d))),
+        "{st:#}"
+    );
+    let text = fed.run_ok(&["job", "status", &id]);
+    assert!(text.contains("decryptors: site-") && text.contains("relay edge-b: site-3, site-5"), "{text}");
+    let accuracy = st["metrics"]["accuracy"].as_f64().unwrap_or(0.0);
+    assert!(accuracy > 0.9, "accuracy {accuracy}\n{st:#}");
+    // Each party's stream came through its relay, admitted on its delegation.
+    let log = fed.coordinator_log();
+    for (i, n) in names.iter().enumerate() {
+        let relay = ["edge-a", "edge-b"][i / 3];
+        assert!(
+            log.lines().any(|l| l.contains("through a relay") && l.contains(relay) && l.contains(n.as_str())),
+            "{n} via {relay}:\n{log}"
+        );
+    }
+    // Each relay forwarded one sum of its three parties per he round (the
+    // keygen round with the setup statistics, then training and evaluation).
+    for relay in ["edge-a", "edge-b"] {
+        let text = std::fs::read_to_string(fed.path(&format!("logs/relay-{relay}.log"))).unwrap_or_default();
+        let sums = text.lines().filter(|l| l.contains("forwarding a group sum") && l.contains("members=3")).count();
+        assert!(sums >= 3, "relay {relay} forwarded {sums} sums of three:\n{text}");
+        // Never a wait for the hold time: a member that left is not waited for.
+        assert!(!text.contains("hold time over"), "{text}");
+    }
+}
+
+/// Opens a party stream at the coordinator as relay `relay`, carrying
+/// `party`'s certificate and the given delegation; returns the party name
+/// the coordinator welcomed, or its refusal.
+async fn relayed_join(
+    fed: &Federation,
+    relay: &str,
+    party: &str,
+    signature: &[u8],
+    time: u64,
+) -> Result<String, String> {
+    use confide_proto::net::{ClientIdentity, connect};
+    use confide_proto::pb::{self, coordinator_message, party_message, party_service_client::PartyServiceClient};
+    let (ca, cert, key) = (
+        fed.path("pki/ca.pem"),
+        fed.path(&format!("pki/relays/{relay}.pem")),
+        fed.path(&format!("pki/relays/{relay}.key")),
+    );
+    let url = format!("https://{}", fed.addr);
+    let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
+    let channel = connect(&id).await.map_err(|e| e.to_string())?;
+    let party_pem = std::fs::read(fed.path(&format!("pki/parties/{party}.pem"))).map_err(|e| e.to_string())?;
+    let der =
+        confide_proto::net::load_certs(&fed.path(&format!("pki/parties/{party}.pem"))).map_err(|e| e.to_string())?;
+    assert!(!party_pem.is_empty());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::PartyMessage { body: Some(party_message::Body::Hello(pb::Hello::default())) }).await.ok();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let meta = req.metadata_mut();
+    meta.insert_bin("confide-party-cert-bin", tonic::metadata::MetadataValue::from_bytes(der[0].as_ref()));
+    if !signature.is_empty() {
+        meta.insert_bin("confide-delegation-bin", tonic::metadata::MetadataValue::from_bytes(signature));
+    }
+    meta.insert("confide-delegation-time", time.to_string().parse().expect("ascii"));
+    let mut inbound =
+        PartyServiceClient::new(channel).join(req).await.map_err(|s| s.message().to_string())?.into_inner();
+    let first = inbound.message().await.map_err(|s| s.message().to_string())?;
+    drop(tx);
+    match first.and_then(|m| m.body) {
+        Some(coordinator_message::Body::Welcome(w)) => Ok(w.party),
+        other => Err(format!("unexpected {other:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_relay() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut fed = Federation::new(
+        &["site-0", "site-1", "site-2"],
+        &repo_root().join("examples/data/breast_cancer.csv"),
+        true,
+        "1,1,1",
+    );
+    fed.start_coordinator();
+    fed.run_ok(&["certs", "relay", "--dir", &fed.s("pki"), "--name", "edge-a"]);
+    fed.run_ok(&["certs", "relay", "--dir", &fed.s("pki"), "--name", "edge-b"]);
+    let key = confide_crypto::pki::read_private_key(&fed.path("pki/parties/site-0.key")).expect("key");
+    let key = confide_crypto::identity::IdentityKey::from_pem(&key).expect("key");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let to_a = confide_crypto::relay::sign_delegation(&key, "site-0", "edge-a", now).expect("sign");
+    // The relay it delegated to is admitted as site-0.
+    assert_eq!(relayed_join(&fed, "edge-a", "site-0", &to_a, now).await.as_deref(), Ok("site-0"));
+    // Another relay cannot reuse the delegation, nor claim another party with it.
+    let e = relayed_join(&fed, "edge-b", "site-0", &to_a, now).await.unwrap_err();
+    assert!(e.contains("relay edge-b") && e.contains("did not sign"), "{e}");
+    let e = relayed_join(&fed, "edge-a", "site-1", &to_a, now).await.unwrap_err();
+    assert!(e.contains("site-1") && e.contains("did not sign"), "{e}");
+    // No delegation, or a stale one.
+    let e = relayed_join(&fed, "edge-a", "site-0", &[], now).await.unwrap_err();
+    assert!(e.contains("no confide-delegation-bin"), "{e}");
+    let old = now - 3600;
+    let stale = confide_crypto::relay::sign_delegation(&key, "site-0", "edge-a", old).expect("sign");
+    let e = relayed_join(&fed, "edge-a", "site-0", &stale, old).await.unwrap_err();
+    assert!(e.contains("from now"), "{e}");
+    // A relay certificate does not open the admin API.
+    let (ca, cert, key) =
+        (fed.path("pki/ca.pem"), fed.path("pki/relays/edge-a.pem"), fed.path("pki/relays/edge-a.key"));
+    let url = format!("https://{}", fed.addr);
+    let id =
+        confide_proto::net::ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
+    let channel = confide_proto::net::connect(&id).await.expect("connect");
+    let mut admin = confide_proto::pb::admin_service_client::AdminServiceClient::new(channel);
+    let refused = admin.list_jobs(confide_proto::pb::ListJobsRequest {}).await.expect_err("relay is not admin");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let log = fed.coordinator_log();
+    assert!(log.contains("refused a stream through the relay"), "{log}");
+}
