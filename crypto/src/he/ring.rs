@@ -141,13 +141,43 @@ pub fn scale_assign(p: &mut [u64], c: u64) {
 #[inline]
 pub fn switch_to_pow2(x: u64, k: u32) -> u64 {
     let num = ((x as u128) << k) + (Q as u128 / 2);
-    ((num / Q as u128) as u64) & ((1u64 << k) - 1)
+    // ⌊num / Q⌋ without a 128-bit division (run for every coefficient of
+    // every upload and decryption share): with Q = 2^62 − δ, δ = 2^16 − 1,
+    // q1 = ⌊num/2^62⌋ + ⌊⌊num/2^62⌋·δ/2^62⌋ never exceeds the quotient and
+    // misses it by at most a few, which the remainder corrects.
+    const DELTA: u128 = (1 << 16) - 1;
+    let q0 = num >> 62;
+    let mut q = q0 + ((q0 * DELTA) >> 62);
+    let mut r = num - q * Q as u128;
+    while r >= Q as u128 {
+        q += 1;
+        r -= Q as u128;
+    }
+    (q as u64) & ((1u64 << k) - 1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn switching_matches_the_128_bit_division(x in 0..Q, k in 1u32..=62) {
+            let num = ((x as u128) << k) + (Q as u128 / 2);
+            prop_assert_eq!(switch_to_pow2(x, k), ((num / Q as u128) as u64) & ((1u64 << k) - 1));
+        }
+    }
+
+    #[test]
+    fn switching_edges() {
+        for k in [1u32, 20, 34, 36, 48, 62] {
+            for x in [0, 1, Q / 2, Q / 2 + 1, Q - 2, Q - 1] {
+                let num = ((x as u128) << k) + (Q as u128 / 2);
+                assert_eq!(switch_to_pow2(x, k), ((num / Q as u128) as u64) & ((1u64 << k) - 1), "{x} {k}");
+            }
+        }
+    }
 
     fn schoolbook(a: &[u64], b: &[u64]) -> Poly {
         let mut out = vec![0u64; N];
