@@ -358,6 +358,7 @@ fn party_config(
     PartyConfig {
         coordinator: url.to_owned(),
         server_name: "localhost".into(),
+        relay: None,
         ca: pki.ca_cert(),
         cert: pki.party_cert(name),
         key: pki.party_key(name),

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use confide_crypto::aggregation::he::{self as he_protocol, relay::UploadGroup};
 use confide_crypto::aggregation::{AggregationProtocol, Envelope};
@@ -37,7 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::Error;
-use crate::server::{RELAYED_CERT, RELAYED_SIGNATURE, RELAYED_TIME};
+use crate::server::{RELAYED_CERT, RELAYED_NONCE, RELAYED_SIGNATURE, RELAYED_TIME};
 use crate::tls::{self, Admission, peer_of};
 
 /// How a relay runs.
@@ -115,6 +115,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, Error> {
         members: Mutex::default(),
         rounds: Mutex::default(),
         next_transfer: AtomicU64::new(1 << 62),
+        next_pending: AtomicU64::new(1),
     });
     let svc =
         PartyServiceServer::new(RelaySvc { shared }).max_decoding_message_size(max).max_encoding_message_size(max);
@@ -158,6 +159,7 @@ struct Shared {
     /// key-confirm step are the round's uploads).
     rounds: Mutex<HashMap<(String, u32), KeygenRound>>,
     next_transfer: AtomicU64,
+    next_pending: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -166,21 +168,36 @@ struct Member {
     up: Upstream,
 }
 
+/// One member's upload, held until its group is summed.
+struct Held {
+    /// The connection it came on: a member that reconnected since is not
+    /// asked to carry the sum, and its upload is not counted.
+    conn: u64,
+    result: TaskResult,
+    contribution: Envelope,
+    certificate: Arc<[u8]>,
+}
+
 /// One task whose answers are ciphertext uploads.
 struct Pending {
+    /// Tells a re-created entry from the one a timer was started for.
+    id: u64,
+    created: Instant,
     round_message: Vec<u8>,
     /// Parties given the task that may still answer.
     expected: BTreeSet<String>,
-    group: Option<UploadGroup>,
-    /// Each member's result, its contribution taken out.
-    results: HashMap<String, TaskResult>,
+    held: HashMap<String, Held>,
     timer: bool,
 }
 
-/// A keygen round's message and the relay's parties asked to deal in it.
-type KeygenRound = (Vec<u8>, BTreeSet<String>);
+/// A keygen round's message, the relay's parties asked to deal in it, and
+/// when the relay saw it start.
+type KeygenRound = (Vec<u8>, BTreeSet<String>, Instant);
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// How long state of a task or keygen round that never finished is kept.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 impl Shared {
     fn is_he(&self, job: &str) -> bool {
@@ -196,6 +213,10 @@ impl Shared {
         if !self.is_he(&task.job_id) {
             return;
         }
+        // State of tasks that never completed (every member failed) goes
+        // after a while, so a long-running relay does not grow.
+        lock(&self.pending).retain(|_, p| p.created.elapsed() < FORGET_AFTER.max(self.config.hold * 4));
+        lock(&self.rounds).retain(|_, r| r.2.elapsed() < FORGET_AFTER);
         use pb::task::Body;
         let round = (task.job_id.clone(), task.round);
         let (round_message, among): (Vec<u8>, BTreeSet<String>) = match &task.body {
@@ -207,20 +228,20 @@ impl Shared {
                     return;
                 };
                 if rc.keygen {
-                    lock(&self.rounds).insert(round, (round_message.clone(), BTreeSet::new()));
+                    lock(&self.rounds).insert(round, (round_message.clone(), BTreeSet::new(), Instant::now()));
                     return;
                 }
                 (round_message.clone(), rc.parties.into_iter().collect())
             }
             Some(Body::Aggregation(s)) if s.stage == he_protocol::KEY_DEAL.as_str() => {
-                if let Some((_, dealers)) = lock(&self.rounds).get_mut(&round) {
+                if let Some((_, dealers, _)) = lock(&self.rounds).get_mut(&round) {
                     dealers.insert(party.to_owned());
                 }
                 return;
             }
             Some(Body::Aggregation(s)) if s.stage == he_protocol::KEY_CONFIRM.as_str() => {
                 match lock(&self.rounds).get(&round).cloned() {
-                    Some(r) => r,
+                    Some((rm, dealers, _)) => (rm, dealers),
                     None => {
                         debug!(job = %task.job_id, "key confirmation of a round this relay did not see start");
                         return;
@@ -231,74 +252,66 @@ impl Shared {
         };
         let connected: BTreeSet<String> = lock(&self.members).keys().cloned().collect();
         let mut p = lock(&self.pending);
-        let entry = p.entry((task.job_id.clone(), task.task_id)).or_insert_with(|| {
-            let mut fresh = Pending::new(&round_message);
-            fresh.expected = connected.intersection(&among).cloned().collect();
-            fresh
+        let entry = p.entry((task.job_id.clone(), task.task_id)).or_insert_with(|| Pending {
+            id: self.next_pending.fetch_add(1, Ordering::Relaxed),
+            created: Instant::now(),
+            round_message,
+            expected: connected.intersection(&among).cloned().collect(),
+            held: HashMap::new(),
+            timer: false,
         });
         entry.expected.insert(party.to_owned());
     }
 
-    /// A result from `party`: an upload it holds, or `Some` to forward.
-    fn on_result(self: &Arc<Self>, party: &str, certificate: &[u8], result: TaskResult) -> Option<TaskResult> {
+    /// A result from `party` on connection `conn`: an upload it holds, or
+    /// `Some` to forward.
+    fn on_result(
+        self: &Arc<Self>,
+        party: &str,
+        conn: u64,
+        certificate: &Arc<[u8]>,
+        result: TaskResult,
+    ) -> Option<TaskResult> {
         let key = (result.job_id.clone(), result.task_id);
         let mut pending = lock(&self.pending);
         let Some(p) = pending.get_mut(&key) else { return Some(result) };
-        if !p.expected.contains(party) {
+        if !p.expected.contains(party) || p.held.contains_key(party) {
             return Some(result);
         }
-        let (mut result, contribution) = take_contribution(result);
+        let (result, contribution) = take_contribution(result);
         let Some(contribution) = contribution else { return Some(result) };
-        let group = match p.group.take() {
-            Some(g) => Ok(g),
-            None => UploadGroup::new(&self.name, &p.round_message),
-        };
-        let mut group = match group {
-            Ok(g) => g,
-            Err(e) => {
-                warn!(party, "cannot group this upload: {e}");
-                put_contribution(&mut result, contribution);
-                return Some(result);
-            }
-        };
-        match group.add(party, certificate, contribution.clone()) {
-            Ok(()) => {
-                p.group = Some(group);
-                p.results.insert(party.to_owned(), result);
-            }
-            Err(e) => {
-                // Forwarded as it came, for the coordinator to judge.
-                warn!(party, "an upload the relay cannot add: {e}");
-                p.group = Some(group);
-                p.expected.remove(party);
-                put_contribution(&mut result, contribution);
-                drop(pending);
-                self.maybe_flush(&key);
-                return Some(result);
-            }
-        }
-        let start_timer = !p.timer;
+        p.held.insert(party.to_owned(), Held { conn, result, contribution, certificate: certificate.clone() });
+        let timer = (!p.timer).then_some(p.id);
         p.timer = true;
         drop(pending);
-        if start_timer {
+        if let Some(id) = timer {
             let (shared, key2) = (self.clone(), key.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(shared.config.hold).await;
-                shared.flush(&key2, "hold time over");
+                shared.flush(&key2, Some(id), "hold time over");
             });
         }
         self.maybe_flush(&key);
         None
     }
 
-    /// `party` will not answer task `key` (it failed it or disconnected).
-    fn gone(&self, party: &str, key: Option<&(String, u64)>) {
+    /// `party` will not answer task `key` (or, with `None`, any task: its
+    /// connection `conn` ended), unless it has since reconnected.
+    fn gone(&self, party: &str, conn: u64, key: Option<&(String, u64)>) {
+        if lock(&self.members).get(party).is_some_and(|m| m.conn != conn) {
+            return;
+        }
         let keys: Vec<(String, u64)> = {
             let mut pending = lock(&self.pending);
             pending
                 .iter_mut()
-                .filter(|(k, p)| key.is_none_or(|x| x == *k) && !p.results.contains_key(party))
-                .filter_map(|(k, p)| p.expected.remove(party).then(|| k.clone()))
+                .filter(|(k, _)| key.is_none_or(|x| x == *k))
+                .filter_map(|(k, p)| {
+                    // Its upload goes too: it cannot hash, so counting it
+                    // would only get the whole group left out.
+                    let held = p.held.remove(party).is_some();
+                    (p.expected.remove(party) || held).then(|| k.clone())
+                })
                 .collect()
         };
         for k in keys {
@@ -309,44 +322,72 @@ impl Shared {
     fn maybe_flush(&self, key: &(String, u64)) {
         let complete = lock(&self.pending)
             .get(key)
-            .is_some_and(|p| !p.results.is_empty() && p.expected.iter().all(|m| p.results.contains_key(m)));
+            .is_some_and(|p| !p.held.is_empty() && p.expected.iter().all(|m| p.held.contains_key(m)));
         if complete {
-            self.flush(key, "every member answered");
+            self.flush(key, None, "every member answered");
         }
     }
 
-    /// Sums what came for task `key` and forwards it.
-    fn flush(&self, key: &(String, u64), why: &str) {
-        let Some(mut p) = lock(&self.pending).remove(key) else { return };
-        let Some(group) = p.group.take() else { return };
-        let members = group.len();
+    /// Sums the uploads held for task `key` (when `id` is given, only if
+    /// the entry is still the one it names) and forwards them: one sum on
+    /// the stream of a member still connected on the connection it
+    /// uploaded on; an upload that cannot be added goes as it came, for
+    /// the coordinator to judge.
+    fn flush(&self, key: &(String, u64), id: Option<u64>, why: &str) {
+        let p = {
+            let mut pending = lock(&self.pending);
+            if id.is_some_and(|id| pending.get(key).is_none_or(|p| p.id != id)) {
+                return;
+            }
+            let Some(p) = pending.remove(key) else { return };
+            p
+        };
         let upstreams = lock(&self.members).clone();
-        // The sum travels on the stream of a member still connected.
-        let leader = p.results.keys().find(|m| upstreams.contains_key(*m)).cloned();
-        let out = group.finish_led_by(leader.as_deref());
-        info!(job = %key.0, task = key.1, members, "forwarding a group sum ({why})");
-        for (party, envelope) in out {
-            let Some(mut result) = p.results.remove(&party) else { continue };
-            put_contribution(&mut result, envelope);
-            let Some(member) = upstreams.get(&party) else {
-                warn!(party = %party, "left before its group was forwarded");
+        let mut group = match UploadGroup::new(&self.name, &p.round_message) {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(job = %key.0, "cannot group this task's uploads: {e}");
+                return;
+            }
+        };
+        let mut results: HashMap<String, TaskResult> = HashMap::new();
+        let mut as_they_came = Vec::new();
+        let mut held: Vec<(String, Held)> = p.held.into_iter().collect();
+        held.sort_by(|a, b| a.0.cmp(&b.0));
+        for (party, h) in held {
+            if upstreams.get(&party).is_none_or(|m| m.conn != h.conn) {
+                warn!(party = %party, "left after uploading; its upload is not forwarded");
                 continue;
-            };
+            }
+            match group.add(&party, &h.certificate, h.contribution.clone()) {
+                Ok(()) => {
+                    results.insert(party, h.result);
+                }
+                Err(e) => {
+                    warn!(party = %party, "an upload the relay cannot add, forwarded as it came: {e}");
+                    let mut r = h.result;
+                    put_contribution(&mut r, h.contribution);
+                    as_they_came.push((party, r));
+                }
+            }
+        }
+        let members = group.len();
+        if members > 0 {
+            info!(job = %key.0, task = key.1, members, "forwarding a group sum ({why})");
+        }
+        let leader = results.keys().next().cloned();
+        let mut out: Vec<(String, TaskResult)> = as_they_came;
+        for (party, envelope) in group.finish_led_by(leader.as_deref()) {
+            if let Some(mut r) = results.remove(&party) {
+                put_contribution(&mut r, envelope);
+                out.push((party, r));
+            }
+        }
+        for (party, result) in out {
+            let Some(member) = upstreams.get(&party) else { continue };
             let (up, limits, id) =
                 (member.up.clone(), self.config.limits, self.next_transfer.fetch_add(1, Ordering::Relaxed));
             tokio::spawn(async move { send_result(&up, result, id, limits.chunk_bytes).await });
-        }
-    }
-}
-
-impl Pending {
-    fn new(round_message: &[u8]) -> Pending {
-        Pending {
-            round_message: round_message.to_vec(),
-            expected: BTreeSet::new(),
-            group: None,
-            results: HashMap::new(),
-            timer: false,
         }
     }
 }
@@ -431,9 +472,22 @@ impl PartyService for RelaySvc {
             cert: &cfg.cert,
             key: &cfg.key,
         };
-        let (channel, _) = connect_checking_revocations(&client_id, None)
+        let (channel, shown) = connect_checking_revocations(&client_id, None)
             .await
             .map_err(|e| Status::unavailable(format!("relay {}: {e}", shared.name)))?;
+        // Only the coordinator: never another relay or a party's certificate.
+        let upstream_role = shown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|c| confide_crypto::pki::peer_identity(c).ok())
+            .map(|id| id.role);
+        if upstream_role != Some(confide_crypto::pki::Role::Coordinator) {
+            return Err(Status::unavailable(format!(
+                "relay {}: {} does not show a coordinator certificate",
+                shared.name, cfg.coordinator
+            )));
+        }
         let max = cfg.limits.max_message_bytes;
         let mut client = PartyServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max);
         let (up_tx, up_rx) = mpsc::channel::<pb::PartyMessage>(32);
@@ -442,6 +496,7 @@ impl PartyService for RelaySvc {
         let meta = request.metadata_mut();
         meta.insert_bin(RELAYED_CERT, tonic::metadata::MetadataValue::from_bytes(&certificate));
         meta.insert_bin(RELAYED_SIGNATURE, tonic::metadata::MetadataValue::from_bytes(&hello.relay_delegation));
+        meta.insert_bin(RELAYED_NONCE, tonic::metadata::MetadataValue::from_bytes(&hello.delegation_nonce));
         meta.insert(
             RELAYED_TIME,
             hello.delegation_time.to_string().parse().map_err(|_| Status::internal("delegation time"))?,
@@ -553,7 +608,7 @@ async fn pump_up(
                 }
             }
             Some(party_message::Body::Failed(f)) => {
-                shared.gone(&party, Some(&(f.job_id.clone(), f.task_id)));
+                shared.gone(&party, conn, Some(&(f.job_id.clone(), f.task_id)));
                 let tx = up.lock().await;
                 if tx.send(pb::PartyMessage { body: Some(party_message::Body::Failed(f)) }).await.is_err() {
                     break "the coordinator's stream ended".into();
@@ -573,7 +628,7 @@ async fn pump_up(
             Ok(r) => r,
             Err(e) => break format!("malformed result: {e}"),
         };
-        if let Some(forward) = shared.on_result(&party, &certificate, result) {
+        if let Some(forward) = shared.on_result(&party, conn, &certificate, result) {
             let id = shared.next_transfer.fetch_add(1, Ordering::Relaxed);
             send_result(&up, forward, id, limits.chunk_bytes).await;
         }
@@ -585,5 +640,5 @@ async fn pump_up(
             members.remove(&party);
         }
     }
-    shared.gone(&party, None);
+    shared.gone(&party, conn, None);
 }

@@ -64,6 +64,8 @@ struct PartyConn {
     conn_id: u64,
     tx: mpsc::Sender<Outbound>,
     certificate: Arc<[u8]>,
+    /// The relay that carries the stream, and its certificate.
+    relay: Option<(String, Arc<[u8]>)>,
 }
 
 /// A running job: where its inputs go, and who watches its status.
@@ -83,6 +85,8 @@ pub struct Hub {
     limits: Limits,
     models_dir: PathBuf,
     parties: Mutex<HashMap<String, PartyConn>>,
+    /// Delegation nonces admitted recently (each once).
+    delegations: Mutex<confide_crypto::relay::SeenNonces>,
     jobs: Mutex<HashMap<String, JobHandle>>,
     next_id: AtomicU64,
     plugins: Plugins,
@@ -116,6 +120,14 @@ impl Hub {
     /// Connected parties and their certificates.
     pub fn connected(&self) -> Vec<(String, Arc<[u8]>)> {
         lock(&self.parties).iter().map(|(n, c)| (n.clone(), c.certificate.clone())).collect()
+    }
+
+    /// Parties connected through a relay: party, relay and its certificate.
+    fn relayed(&self) -> Vec<(String, String, Arc<[u8]>)> {
+        lock(&self.parties)
+            .iter()
+            .filter_map(|(n, c)| c.relay.as_ref().map(|(r, cert)| (n.clone(), r.clone(), cert.clone())))
+            .collect()
     }
 
     /// Queues a message for a party; false if it is not connected or its queue is full.
@@ -229,6 +241,7 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
         limits: config.limits,
         models_dir: config.data_dir.join("models"),
         parties: Mutex::new(HashMap::new()),
+        delegations: Mutex::default(),
         jobs: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         plugins,
@@ -329,7 +342,7 @@ impl PartyService for PartySvc {
     async fn join(&self, req: Request<Streaming<pb::PartyMessage>>) -> Result<Response<Self::JoinStream>, Status> {
         let id = peer_of(&req)?;
         let hub = self.hub.clone();
-        let (name, certificate): (String, Arc<[u8]>) = match id.role {
+        let (name, certificate, relay): (String, Arc<[u8]>, Option<(String, Arc<[u8]>)>) = match id.role {
             // Given to the jobs' aggregation protocols, e.g. for SecAgg+ to
             // relay with the party's keys so that peers verify its signature
             // against the CA themselves.
@@ -338,6 +351,7 @@ impl PartyService for PartySvc {
                 req.peer_certs()
                     .and_then(|c| c.first().map(|c| Arc::from(c.as_ref())))
                     .unwrap_or_else(|| Arc::from(Vec::new())),
+                None,
             ),
             Role::Relay => {
                 let relay = id.name;
@@ -350,7 +364,11 @@ impl PartyService for PartySvc {
                     warn!(relay = %relay, "refused a stream through the relay: {}", s.message());
                 })?;
                 info!(relay = %relay, party = %name, "party connecting through a relay");
-                (name, Arc::from(cert))
+                let relay_cert: Arc<[u8]> = req
+                    .peer_certs()
+                    .and_then(|c| c.first().map(|c| Arc::from(c.as_ref())))
+                    .unwrap_or_else(|| Arc::from(Vec::new()));
+                (name, Arc::from(cert), Some((relay, relay_cert)))
             }
             _ => return Err(Status::permission_denied(format!("{} is not a party certificate", id.name))),
         };
@@ -358,7 +376,7 @@ impl PartyService for PartySvc {
         let (resp_tx, resp_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(16);
         let (out_tx, out_rx) = mpsc::channel::<Outbound>(256);
         let conn_id = hub.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn = PartyConn { conn_id, tx: out_tx, certificate: certificate.clone() };
+        let conn = PartyConn { conn_id, tx: out_tx, certificate: certificate.clone(), relay };
         let previous = lock(&hub.parties).insert(name.clone(), conn);
         if previous.is_some() {
             info!(party = %name, "party reconnected; the older stream is closed");
@@ -394,6 +412,8 @@ pub const RELAYED_CERT: &str = "confide-party-cert-bin";
 pub const RELAYED_SIGNATURE: &str = "confide-delegation-bin";
 /// The delegation's time, Unix seconds.
 pub const RELAYED_TIME: &str = "confide-delegation-time";
+/// The delegation's nonce.
+pub const RELAYED_NONCE: &str = "confide-delegation-nonce-bin";
 
 /// Admits a stream a relay opens for a party: the party's certificate is the
 /// federation's (not revoked), the party is enrolled, and it signed a
@@ -407,6 +427,7 @@ fn admit_relayed(hub: &Hub, relay: &str, meta: &tonic::metadata::MetadataMap) ->
     };
     let cert = bin(RELAYED_CERT)?;
     let signature = bin(RELAYED_SIGNATURE)?;
+    let nonce = bin(RELAYED_NONCE)?;
     let time: u64 = meta
         .get(RELAYED_TIME)
         .and_then(|v| v.to_str().ok())
@@ -419,8 +440,11 @@ fn admit_relayed(hub: &Hub, relay: &str, meta: &tonic::metadata::MetadataMap) ->
     let mut verifier = confide_crypto::identity::CertVerifier::with_revocations(&ca, hub.revocations.clone())
         .map_err(|e| Status::internal(e.to_string()))?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let party = confide_crypto::relay::check_delegation(&mut verifier, &cert, relay, time, &signature, now)
+    let party = confide_crypto::relay::check_delegation(&mut verifier, &cert, relay, time, &nonce, &signature, now)
         .map_err(|e| Status::permission_denied(format!("relay {relay}: {e}")))?;
+    if !lock(&hub.delegations).first_use(&nonce, now) {
+        return Err(Status::permission_denied(format!("relay {relay}: replayed a delegation of {party}")));
+    }
     match hub.pki.enrolled() {
         Ok(list) if list.contains(&party) => Ok((party, cert)),
         Ok(_) => Err(Status::permission_denied(format!("party {party} (through relay {relay}) is not enrolled"))),
@@ -478,6 +502,12 @@ async fn watch_enrollment(hub: Arc<Hub>) {
                 _ => continue,
             };
             hub.expel(&party, &why);
+        }
+        // A revoked relay loses every stream it carries.
+        for (party, relay, certificate) in hub.relayed() {
+            if list.check(&relay, &certificate).is_err() {
+                hub.expel(&party, &format!("party {party}: its relay {relay}'s certificate is revoked"));
+            }
         }
     }
 }

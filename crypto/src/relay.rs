@@ -6,9 +6,10 @@
 //! (with its certificate key) the relay's name, as it read it off the
 //! relay's verified server certificate, and the time. The coordinator
 //! accepts a stream a relay opens for a party only with such a signature,
-//! made for that relay, within [`MAX_CLOCK_SKEW_SECS`] of its own clock: a
-//! relay cannot speak for parties that do not dial it, and another relay
-//! cannot reuse a delegation.
+//! made for that relay, within [`MAX_CLOCK_SKEW_SECS`] of its own clock, and
+//! only once (each carries a fresh nonce the coordinator remembers): a relay
+//! cannot speak for parties that do not dial it, another relay cannot reuse
+//! a delegation, and the same relay cannot replay one for a second stream.
 
 use crate::Error;
 use crate::identity::CertVerifier;
@@ -18,10 +19,13 @@ use crate::secagg::protocol::{IdentitySigner, IdentityVerifier};
 /// How far a delegation's time may be from the coordinator's clock.
 pub const MAX_CLOCK_SKEW_SECS: u64 = 300;
 
+/// Bytes of a delegation's nonce.
+pub const NONCE_BYTES: usize = 16;
+
 /// The bytes a party signs to delegate its stream to `relay` at `unix_secs`.
-pub fn delegation_transcript(party: &str, relay: &str, unix_secs: u64) -> Vec<u8> {
+pub fn delegation_transcript(party: &str, relay: &str, unix_secs: u64, nonce: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    for part in [b"confide-relay-delegation-v1".as_slice(), party.as_bytes(), relay.as_bytes()] {
+    for part in [b"confide-relay-delegation-v2".as_slice(), party.as_bytes(), relay.as_bytes(), nonce] {
         out.extend_from_slice(&(part.len() as u64).to_le_bytes());
         out.extend_from_slice(part);
     }
@@ -29,28 +33,38 @@ pub fn delegation_transcript(party: &str, relay: &str, unix_secs: u64) -> Vec<u8
     out
 }
 
-/// The party's signature delegating its stream to `relay`.
+/// The party's signature delegating its stream to `relay`, and its nonce.
 pub fn sign_delegation(
     signer: &impl IdentitySigner,
     party: &str,
     relay: &str,
     unix_secs: u64,
-) -> Result<Vec<u8>, Error> {
-    signer.sign(&delegation_transcript(party, relay, unix_secs))
+) -> Result<(Vec<u8>, [u8; NONCE_BYTES]), Error> {
+    let mut nonce = [0u8; NONCE_BYTES];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    Ok((signer.sign(&delegation_transcript(party, relay, unix_secs, &nonce))?, nonce))
 }
 
 /// Checks a delegation the relay named `relay` presents: `party_cert` is a
 /// party certificate of the federation (not revoked), `signature` is its
 /// holder's over this relay and `unix_secs`, and `unix_secs` is within
-/// [`MAX_CLOCK_SKEW_SECS`] of `now`. Returns the party's name.
+/// [`MAX_CLOCK_SKEW_SECS`] of `now`. Returns the party's name. (Whether the
+/// nonce was used before is the caller's to check: [`SeenNonces`].)
 pub fn check_delegation(
     verifier: &mut CertVerifier,
     party_cert: &[u8],
     relay: &str,
     unix_secs: u64,
+    nonce: &[u8],
     signature: &[u8],
     now: u64,
 ) -> Result<String, Error> {
+    if nonce.len() != NONCE_BYTES {
+        return Err(Error::PeerMisbehaved {
+            party: relay.to_owned(),
+            reason: format!("presented a delegation nonce of {} bytes, not {NONCE_BYTES}", nonce.len()),
+        });
+    }
     let id = peer_identity(party_cert)?;
     if id.role != Role::Party {
         return Err(Error::InvalidInput(format!(
@@ -60,7 +74,7 @@ pub fn check_delegation(
     }
     let party = id.name;
     verifier.add_peer(&party, party_cert)?;
-    verifier.verify(&party, &delegation_transcript(&party, relay, unix_secs), signature).map_err(|_| {
+    verifier.verify(&party, &delegation_transcript(&party, relay, unix_secs, nonce), signature).map_err(|_| {
         Error::PeerMisbehaved {
             party: relay.to_owned(),
             reason: format!("presented a delegation that {party} did not sign for this relay"),
@@ -76,6 +90,26 @@ pub fn check_delegation(
         });
     }
     Ok(party)
+}
+
+/// The nonces of the delegations admitted in the last
+/// 2 × [`MAX_CLOCK_SKEW_SECS`] (older ones fail the time check anyway).
+#[derive(Default)]
+pub struct SeenNonces(std::collections::HashMap<[u8; NONCE_BYTES], u64>);
+
+impl SeenNonces {
+    /// Records `nonce` at `now`; false if it was seen before.
+    pub fn first_use(&mut self, nonce: &[u8], now: u64) -> bool {
+        self.0.retain(|_, at| now.saturating_sub(*at) <= 2 * MAX_CLOCK_SKEW_SECS);
+        let Ok(n) = <[u8; NONCE_BYTES]>::try_from(nonce) else { return false };
+        match self.0.entry(n) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(now);
+                true
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -95,25 +129,32 @@ mod tests {
     #[test]
     fn a_delegation_holds_for_its_relay_and_time_only() {
         let (mut v, key, cert, ca) = setup();
-        let sig = sign_delegation(&key, "site-1", "edge-a", 1000).unwrap();
-        assert_eq!(check_delegation(&mut v, &cert, "edge-a", 1000, &sig, 1100).unwrap(), "site-1");
+        let (sig, nonce) = sign_delegation(&key, "site-1", "edge-a", 1000).unwrap();
+        assert_eq!(check_delegation(&mut v, &cert, "edge-a", 1000, &nonce, &sig, 1100).unwrap(), "site-1");
         // Another relay cannot reuse it.
-        let e = check_delegation(&mut v, &cert, "edge-b", 1000, &sig, 1100).unwrap_err().to_string();
+        let e = check_delegation(&mut v, &cert, "edge-b", 1000, &nonce, &sig, 1100).unwrap_err().to_string();
         assert!(e.contains("edge-b") && e.contains("did not sign"), "{e}");
-        // Nor can a later time be claimed for it.
-        assert!(check_delegation(&mut v, &cert, "edge-a", 1001, &sig, 1100).is_err());
+        // Nor can a later time or another nonce be claimed for it.
+        assert!(check_delegation(&mut v, &cert, "edge-a", 1001, &nonce, &sig, 1100).is_err());
+        assert!(check_delegation(&mut v, &cert, "edge-a", 1000, &[0; NONCE_BYTES], &sig, 1100).is_err());
+        assert!(check_delegation(&mut v, &cert, "edge-a", 1000, &nonce[..8], &sig, 1100).is_err());
         // Stale.
-        let e = check_delegation(&mut v, &cert, "edge-a", 1000, &sig, 1000 + MAX_CLOCK_SKEW_SECS + 1)
+        let e = check_delegation(&mut v, &cert, "edge-a", 1000, &nonce, &sig, 1000 + MAX_CLOCK_SKEW_SECS + 1)
             .unwrap_err()
             .to_string();
         assert!(e.contains("edge-a") && e.contains("from now"), "{e}");
         // A relay certificate is not a party's.
         let relay = ca.issue(Role::Relay, "edge-a", &[]).unwrap();
         let relay_der = x509_parser::pem::parse_x509_pem(relay.cert_pem.as_bytes()).unwrap().1.contents;
-        assert!(check_delegation(&mut v, &relay_der, "edge-a", 1000, &sig, 1000).is_err());
+        assert!(check_delegation(&mut v, &relay_der, "edge-a", 1000, &nonce, &sig, 1000).is_err());
         // A certificate of another CA.
         let (_, other_key, other_cert, _) = setup();
-        let sig = sign_delegation(&other_key, "site-1", "edge-a", 1000).unwrap();
-        assert!(check_delegation(&mut v, &other_cert, "edge-a", 1000, &sig, 1000).is_err());
+        let (sig, nonce) = sign_delegation(&other_key, "site-1", "edge-a", 1000).unwrap();
+        assert!(check_delegation(&mut v, &other_cert, "edge-a", 1000, &nonce, &sig, 1000).is_err());
+        // Each nonce is admitted once; forgotten only when its time is out of range anyway.
+        let mut seen = SeenNonces::default();
+        assert!(seen.first_use(&nonce, 1000));
+        assert!(!seen.first_use(&nonce, 1100));
+        assert!(seen.first_use(&nonce, 1000 + 2 * MAX_CLOCK_SKEW_SECS + 1));
     }
 }

@@ -19,6 +19,12 @@ pub struct PartyConfig {
     /// Name in the coordinator's certificate (default `localhost`).
     #[serde(default = "default_server_name")]
     pub server_name: String,
+    /// The relay this party dials instead of the coordinator (`confide
+    /// relay`), by the name in its certificate. Without it the party talks
+    /// only to a server with the coordinator's certificate, and never
+    /// delegates its stream to a relay it did not choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
     /// Federation CA certificate.
     pub ca: PathBuf,
     /// This party's certificate; its subject CN is the party's name.
@@ -252,6 +258,9 @@ impl PartyConfig {
     /// moves the deprecated `policy.privacy_modes` to `policy.aggregation`.
     pub fn validate_with(&mut self, plugins: &crate::plugins::PartyPlugins) -> Result<(), String> {
         self.limits.validate().map_err(|e| e.to_string())?;
+        if let Some(r) = &self.relay {
+            confide_crypto::pki::validate_party_name(r).map_err(|e| format!("relay: {e}"))?;
+        }
         if !(1..=64).contains(&self.training.dp_noise_rounds_ahead) {
             return Err(format!(
                 "training.dp_noise_rounds_ahead: must be 1..=64 (got {})",

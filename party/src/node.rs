@@ -403,10 +403,14 @@ impl PartyNode {
 fn hello(cfg: &PartyConfig, server: &CoordinatorCertificate) -> Result<pb::Hello, String> {
     let mut hello = pb::Hello { software_version: VERSION.into(), ..Default::default() };
     let shown = server.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let Some(relay) = shown.and_then(|c| confide_crypto::pki::peer_identity(&c).ok()) else { return Ok(hello) };
-    if relay.role != confide_crypto::pki::Role::Relay {
+    let server = shown
+        .map(|c| confide_crypto::pki::peer_identity(&c))
+        .transpose()
+        .map_err(|e| format!("{}: the server's certificate: {e}", cfg.coordinator))?
+        .ok_or_else(|| format!("{}: no server certificate", cfg.coordinator))?;
+    let Some(relay) = relay_to_delegate(cfg.relay.as_deref(), &server, &cfg.coordinator)? else {
         return Ok(hello);
-    }
+    };
     let own = confide_proto::net::load_certs(&cfg.cert).map_err(|e| e.to_string())?;
     let me = own
         .first()
@@ -417,11 +421,39 @@ fn hello(cfg: &PartyConfig, server: &CoordinatorCertificate) -> Result<pb::Hello
     let key = confide_crypto::pki::read_private_key(&cfg.key).map_err(|e| e.to_string())?;
     let key = IdentityKey::from_pem(&key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    hello.relay_delegation = confide_crypto::relay::sign_delegation(&key, &me.name, &relay.name, now)
+    let (signature, nonce) = confide_crypto::relay::sign_delegation(&key, &me.name, &relay.name, now)
         .map_err(|e| format!("signing the delegation to relay {}: {e}", relay.name))?;
+    hello.relay_delegation = signature;
+    hello.delegation_nonce = nonce.to_vec();
     hello.delegation_time = now;
     info!(relay = %relay.name, "dialled a relay; delegating this party's stream to it");
     Ok(hello)
+}
+
+/// Whom the server this party dialled is, against its config: the
+/// coordinator when no relay is configured; exactly the configured relay
+/// otherwise (returned: the party delegates its stream to it).
+fn relay_to_delegate(
+    configured: Option<&str>,
+    server: &confide_crypto::pki::PeerIdentity,
+    url: &str,
+) -> Result<Option<confide_crypto::pki::PeerIdentity>, String> {
+    use confide_crypto::pki::Role;
+    match (configured, server.role) {
+        (None, Role::Coordinator) => Ok(None),
+        (Some(r), Role::Relay) if r == server.name => Ok(Some(server.clone())),
+        (None, Role::Relay) => Err(format!(
+            "{url} is relay {}, which this party's config does not name (set `relay = \"{}\"` to dial it)",
+            server.name, server.name
+        )),
+        (Some(r), Role::Relay) => Err(format!("{url} is relay {}, not the configured relay {r}", server.name)),
+        (Some(r), Role::Coordinator) => {
+            Err(format!("{url} is the coordinator, but this party's config names relay {r}"))
+        }
+        (_, role) => {
+            Err(format!("{url} shows a {role:?} certificate ({}), neither coordinator nor relay", server.name))
+        }
+    }
 }
 
 /// The party's identity for protocols that sign and verify: its certificate
@@ -559,10 +591,29 @@ mod tests {
     use super::*;
     use confide_crypto::pki::PkiDir;
 
+    #[test]
+    fn a_party_delegates_only_to_the_relay_its_config_names() {
+        use confide_crypto::pki::{PeerIdentity, Role};
+        let id = |name: &str, role| PeerIdentity { name: name.into(), role };
+        let url = "https://x:1";
+        assert_eq!(relay_to_delegate(None, &id("coordinator", Role::Coordinator), url), Ok(None));
+        let edge = id("edge-a", Role::Relay);
+        assert_eq!(relay_to_delegate(Some("edge-a"), &edge, url), Ok(Some(edge.clone())));
+        let e = relay_to_delegate(None, &edge, url).unwrap_err();
+        assert!(e.contains("relay edge-a") && e.contains("relay = \"edge-a\""), "{e}");
+        let e = relay_to_delegate(Some("edge-b"), &edge, url).unwrap_err();
+        assert!(e.contains("not the configured relay edge-b"), "{e}");
+        let e = relay_to_delegate(Some("edge-a"), &id("coordinator", Role::Coordinator), url).unwrap_err();
+        assert!(e.contains("names relay edge-a"), "{e}");
+        assert!(relay_to_delegate(None, &id("site-2", Role::Party), url).is_err());
+        assert!(relay_to_delegate(None, &id("admin", Role::Admin), url).is_err());
+    }
+
     fn node(pki: &PkiDir, name: &str) -> PartyNode {
         let cfg = PartyConfig {
             coordinator: "https://localhost:1".into(),
             server_name: "localhost".into(),
+            relay: None,
             ca: pki.ca_cert(),
             cert: pki.party_cert(name),
             key: pki.party_key(name),

@@ -225,14 +225,15 @@ impl Federation {
         }
     }
 
-    /// Starts one party process that dials the relay at `relay` instead of
-    /// the coordinator.
-    pub fn start_party_via(&mut self, name: &str, relay: &str, extra: &str) {
+    /// Starts one party process that dials relay `relay` (named in its
+    /// config, as a party must to delegate to it) at `addr` instead of the
+    /// coordinator.
+    pub fn start_party_via(&mut self, name: &str, relay: &str, addr: &str, extra: &str) {
         let cfg = self.party_config(name, extra);
         let text = std::fs::read_to_string(&cfg).expect("party config");
         let text = text.replacen(
             &format!("coordinator = \"https://{}\"", self.addr),
-            &format!("coordinator = \"https://{relay}\""),
+            &format!("coordinator = \"https://{addr}\"\nrelay = \"{relay}\""),
             1,
         );
         std::fs::write(&cfg, text).expect("party config");

@@ -22,7 +22,7 @@ fn two_relays_of_three_parties_sum_their_ciphertexts_and_the_job_succeeds() {
         if n == "site-4" {
             extra.push_str("[fault]\nexit_on_stage = \"fit\"\nexit_on_round = 3\n");
         }
-        fed.start_party_via(n, &relays[i / 3], &extra);
+        fed.start_party_via(n, ["edge-a", "edge-b"][i / 3], &relays[i / 3], &extra);
     }
     let text = job_spec(&names, 4, 3, LOGREG2, "seed = 4\nlocal_epochs = 2\nlearning_rate = 0.1")
         + "[aggregation]\nprotocol = \"he\"\n[aggregation.he]\nmax_examples = 1000\nclip = 4.0\n";
@@ -76,7 +76,7 @@ async fn relayed_join(
     fed: &Federation,
     relay: &str,
     party: &str,
-    signature: &[u8],
+    (signature, nonce): (&[u8], &[u8]),
     time: u64,
 ) -> Result<String, String> {
     use confide_proto::net::{ClientIdentity, connect};
@@ -101,6 +101,7 @@ async fn relayed_join(
     if !signature.is_empty() {
         meta.insert_bin("confide-delegation-bin", tonic::metadata::MetadataValue::from_bytes(signature));
     }
+    meta.insert_bin("confide-delegation-nonce-bin", tonic::metadata::MetadataValue::from_bytes(nonce));
     meta.insert("confide-delegation-time", time.to_string().parse().expect("ascii"));
     let mut inbound =
         PartyServiceClient::new(channel).join(req).await.map_err(|s| s.message().to_string())?.into_inner();
@@ -127,20 +128,27 @@ async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_r
     let key = confide_crypto::pki::read_private_key(&fed.path("pki/parties/site-0.key")).expect("key");
     let key = confide_crypto::identity::IdentityKey::from_pem(&key).expect("key");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
-    let to_a = confide_crypto::relay::sign_delegation(&key, "site-0", "edge-a", now).expect("sign");
+    let sign =
+        |relay: &str, time: u64| confide_crypto::relay::sign_delegation(&key, "site-0", relay, time).expect("sign");
+    let (sig, nonce) = sign("edge-a", now);
+    let to_a = (sig.as_slice(), nonce.as_slice());
     // The relay it delegated to is admitted as site-0.
-    assert_eq!(relayed_join(&fed, "edge-a", "site-0", &to_a, now).await.as_deref(), Ok("site-0"));
-    // Another relay cannot reuse the delegation, nor claim another party with it.
-    let e = relayed_join(&fed, "edge-b", "site-0", &to_a, now).await.unwrap_err();
+    assert_eq!(relayed_join(&fed, "edge-a", "site-0", to_a, now).await.as_deref(), Ok("site-0"));
+    // Once: the same relay cannot replay it for a second stream.
+    let e = relayed_join(&fed, "edge-a", "site-0", to_a, now).await.unwrap_err();
+    assert!(e.contains("replayed a delegation of site-0"), "{e}");
+    // Another relay cannot reuse a delegation, nor claim another party with it.
+    let (sig, nonce) = sign("edge-a", now);
+    let e = relayed_join(&fed, "edge-b", "site-0", (&sig, &nonce), now).await.unwrap_err();
     assert!(e.contains("relay edge-b") && e.contains("did not sign"), "{e}");
-    let e = relayed_join(&fed, "edge-a", "site-1", &to_a, now).await.unwrap_err();
+    let e = relayed_join(&fed, "edge-a", "site-1", (&sig, &nonce), now).await.unwrap_err();
     assert!(e.contains("site-1") && e.contains("did not sign"), "{e}");
     // No delegation, or a stale one.
-    let e = relayed_join(&fed, "edge-a", "site-0", &[], now).await.unwrap_err();
+    let e = relayed_join(&fed, "edge-a", "site-0", (&[], &nonce), now).await.unwrap_err();
     assert!(e.contains("no confide-delegation-bin"), "{e}");
     let old = now - 3600;
-    let stale = confide_crypto::relay::sign_delegation(&key, "site-0", "edge-a", old).expect("sign");
-    let e = relayed_join(&fed, "edge-a", "site-0", &stale, old).await.unwrap_err();
+    let (sig, nonce) = sign("edge-a", old);
+    let e = relayed_join(&fed, "edge-a", "site-0", (&sig, &nonce), old).await.unwrap_err();
     assert!(e.contains("from now"), "{e}");
     // A relay certificate does not open the admin API.
     let (ca, cert, key) =

@@ -515,6 +515,10 @@ pub mod wire {
         pub values: Vec<u64>,
         #[prost(bytes = "vec", tag = "3")]
         pub signature: Vec<u8>,
+        /// The linear hash of its c0 (as integers mod q) under a key of its
+        /// own: how the coordinator checks a relay's c0 sum.
+        #[prost(uint64, repeated, tag = "4")]
+        pub c0_values: Vec<u64>,
     }
 
     /// The decryption request; Σ c1 and then each vanished contributor's c1
@@ -671,15 +675,23 @@ fn hash_transcript(
     commitment: &[u8],
     contributors: &[String],
     values: &[u64],
+    c0_values: &[u64],
 ) -> Vec<u8> {
     let v: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-    transcript("he-hash", binding, party, &[commitment, &names_bytes(contributors), &v])
+    let v0: Vec<u8> = c0_values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    transcript("he-hash", binding, party, &[commitment, &names_bytes(contributors), &v, &v0])
 }
 
 /// The linear hash's key: fixed only by the coordinator's commitment to Σ c1
 /// (and the round and contributors), so it cannot be chosen before the sum.
 fn linear_hash(binding: &[u8; 32], commitment: &[u8], contributors: &[String]) -> LinearHash {
     LinearHash::new(&transcript("he-linear-hash", binding, "", &[commitment, &names_bytes(contributors)]))
+}
+
+/// The linear hash of c0 (another key, fixed at the same point): relays
+/// forward only c0 sums, which nothing else checks.
+fn c0_linear_hash(binding: &[u8; 32], commitment: &[u8], contributors: &[String]) -> LinearHash {
+    LinearHash::new(&transcript("he-linear-hash-c0", binding, "", &[commitment, &names_bytes(contributors)]))
 }
 
 fn share_aad(binding: &[u8; 32], dealer: &str, recipient: &str) -> Vec<u8> {
@@ -940,7 +952,23 @@ impl HeServer {
                 // group's sum, on the leader's message.
                 return Ok(());
             }
-            return self.on_group(party, certificate, upload, message.bulk);
+            let relay = upload.relay.clone();
+            let mut members: Vec<String> = upload.group.iter().map(|m| m.party.clone()).collect();
+            members.push(party.to_owned());
+            return match self.on_group(party, certificate, upload, message.bulk) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // The relay's fault or one member's, not the leader's
+                    // alone: the group is left out, the reason in the
+                    // round's roles; nobody is dropped for it.
+                    let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round".into()))?;
+                    members.retain(|m| r.derived.parties.contains(m) && !r.uploads.contains_key(m));
+                    members.sort();
+                    members.dedup();
+                    r.left_out.push((format!("{relay} (refused: {e})"), members));
+                    Ok(())
+                }
+            };
         }
         let expected = params.ciphertext_bytes(r.derived.dim.max(1)) as u64;
         Self::check_record(&mut *self.peers, r, &upload, party, certificate, in_key, &fingerprint, expected)?;
@@ -1017,6 +1045,8 @@ impl HeServer {
         let expected = params.ciphertext_bytes(r.derived.dim.max(1)) as u64;
         let mut members: Vec<(wire::Upload, Vec<u8>)> = Vec::with_capacity(group.len() + 1);
         for mut m in group {
+            m.group.clear();
+            m.group_bytes = 0;
             if !r.derived.parties.contains(&m.party) || m.party == leader {
                 return Err(misbehaved(
                     leader,
@@ -1046,6 +1076,9 @@ impl HeServer {
         };
         let slots = r.derived.dim.max(1).div_ceil(he::ring::N) * he::ring::N;
         let count = members.len();
+        if relay::group_c0_bits(params.switch_bits, count) > 64 {
+            return Err(misbehaved(leader, format!("relay {relay} forwarded a group too large for one c0 sum")));
+        }
         let want = relay::group_bytes(slots, params.switch_bits, count) as u64;
         if members.last().map(|(m, _)| m.group_bytes) != Some(want) {
             return Err(misbehaved(leader, format!("relay {relay} forwarded a group sum that is not {want} bytes")));
@@ -1180,7 +1213,8 @@ impl AggregationServer for HeServer {
                 let hv: wire::HashValue = message.decode(party, "hash value")?;
                 if hv.party != party
                     || hv.values.len() != he::hash::RHO
-                    || hv.values.iter().any(|&v| v >= he::ring::Q)
+                    || hv.c0_values.len() != he::hash::RHO
+                    || hv.values.iter().chain(&hv.c0_values).any(|&v| v >= he::ring::Q)
                     || hv.signature.len() > MAX_SIGNATURE
                 {
                     return Err(misbehaved(party, "a malformed hash value"));
@@ -1192,7 +1226,14 @@ impl AggregationServer for HeServer {
                 self.peers
                     .verify(
                         party,
-                        &hash_transcript(&r.derived.binding, party, &r.commitment, &r.contributors, &hv.values),
+                        &hash_transcript(
+                            &r.derived.binding,
+                            party,
+                            &r.commitment,
+                            &r.contributors,
+                            &hv.values,
+                            &hv.c0_values,
+                        ),
                         &hv.signature,
                     )
                     .map_err(|_| misbehaved(party, "its hash value does not carry its signature"))?;
@@ -1356,11 +1397,13 @@ impl HeServer {
                     contributors: contributors.clone(),
                     commitment: r.commitment.to_vec(),
                 });
-                Ok(Progress::Step {
-                    stage: HASH,
-                    messages: Messages::Same { to: contributors, message },
-                    quorum: Quorum::Protocol,
-                })
+                // Members of refused relay groups hash too: they hold key
+                // shares and may be needed as decryptors.
+                let mut to = contributors;
+                to.extend(r.left_out.iter().flat_map(|(_, m)| m.iter().cloned()));
+                to.sort();
+                to.dedup();
+                Ok(Progress::Step { stage: HASH, messages: Messages::Same { to, message }, quorum: Quorum::Protocol })
             }
             ServerStage::Hashes => {
                 let epoch = self.epoch.as_ref().ok_or_else(|| Error::WrongStage("he: no key epoch".into()))?;
@@ -1370,15 +1413,25 @@ impl HeServer {
                 // is its members' signed hashes; otherwise it leaves the
                 // round and the rest hash again over the smaller sum.
                 let mut broken = Vec::new();
+                let hash0 = c0_linear_hash(&r.derived.binding, &r.commitment, &r.contributors);
+                let rho = |v: &[u64]| <[u64; he::hash::RHO]>::try_from(v).ok();
                 for (i, g) in r.groups.iter().enumerate() {
-                    let mut values = Vec::with_capacity(g.members.len());
+                    let (mut values, mut values0) = (Vec::new(), Vec::new());
                     for m in &g.members {
-                        match r.hashes.get(m).and_then(|h| <[u64; he::hash::RHO]>::try_from(h.values.as_slice()).ok()) {
-                            Some(v) => values.push(v),
+                        match r.hashes.get(m).and_then(|h| Some((rho(&h.values)?, rho(&h.c0_values)?))) {
+                            Some((v, v0)) => {
+                                values.push(v);
+                                values0.push(v0);
+                            }
                             None => break,
                         }
                     }
-                    if values.len() < g.members.len() || he::hash::sum_hashes(&values) != hash.hash(&[&g.c1]) {
+                    // Both halves: c1 (what decryptors check) and c0 (which
+                    // carries the plaintext and nothing else would check).
+                    if values.len() < g.members.len()
+                        || he::hash::sum_hashes(&values) != hash.hash(&[&g.c1])
+                        || he::hash::sum_hashes(&values0) != hash0.hash(&[&g.c0])
+                    {
                         broken.push(i);
                     }
                 }
@@ -1419,6 +1472,7 @@ impl HeServer {
                     let mut to = contributors;
                     to.extend(r.left_out.iter().flat_map(|(_, m)| m.iter().cloned()));
                     to.sort();
+                    to.dedup();
                     return Ok(Progress::Step {
                         stage: HASH,
                         messages: Messages::Same { to, message },
@@ -1522,14 +1576,18 @@ impl HeServer {
                     _ => "",
                 };
                 self.roles.clear();
-                let answered =
+                let answered: Vec<String> =
                     r.decryptors.iter().zip(&shares).filter(|(_, s)| s.is_some()).map(|(d, _)| d.clone()).collect();
-                self.roles.insert(format!("decryptors{of}"), answered);
+                // The relay names are as the relays state them (unsigned);
+                // two groups under one name are listed together.
                 for g in &r.groups {
-                    self.roles.insert(format!("relay {}{of}", g.relay), g.members.clone());
+                    self.roles.entry(format!("relay {}{of}", g.relay)).or_default().extend(g.members.iter().cloned());
                 }
                 for (relay, members) in &r.left_out {
-                    self.roles.insert(format!("left out: relay {relay}{of}"), members.clone());
+                    self.roles
+                        .entry(format!("left out: relay {relay}{of}"))
+                        .or_default()
+                        .extend(members.iter().cloned());
                 }
                 // Every decryptor that answered used its budget on the whole aggregate.
                 epoch.decrypted += aggregate.c1.len() as u64;
@@ -1546,6 +1604,13 @@ impl HeServer {
                     )),
                     other => other,
                 })?;
+                // Decryptors: the answers combined, without any share that
+                // failed the cross-check.
+                let faulty: Vec<&String> = result.faulty.iter().filter_map(|&i| epoch.key_parties.get(i)).collect();
+                self.roles.insert(
+                    format!("decryptors{of}"),
+                    answered.iter().filter(|d| !faulty.contains(d)).cloned().collect(),
+                );
                 let mut misbehaved: Vec<(String, String)> = std::mem::take(&mut r.flagged);
                 misbehaved.extend(
                     result
@@ -1616,11 +1681,11 @@ enum ClientStage {
         commits: BTreeMap<String, ([u8; 32], [u8; 32])>,
     },
     /// Uploaded; waiting for the hash request.
-    Uploaded { c1: Vec<u64> },
+    Uploaded { c0: Vec<u64>, c1: Vec<u64> },
     /// Hashed; waiting for the decryption request.
     /// Kept c1: the coordinator may ask again over a smaller sum (a relay
     /// group left out) before it asks for a decryption.
-    Hashed { commitment: [u8; 32], contributors: Vec<String>, own: Vec<u64>, c1: Vec<u64> },
+    Hashed { commitment: [u8; 32], contributors: Vec<String>, own: Vec<u64>, c0: Vec<u64>, c1: Vec<u64> },
 }
 
 struct ClientRound {
@@ -1758,13 +1823,13 @@ impl HeClient {
                 Some(ClientRound { derived, input, stage: ClientStage::Committed { secret, dh, public_share } });
             return Ok(Envelope::encode(&commit));
         }
-        let (envelope, c1) = self.encrypt(&derived, &input)?;
-        self.round = Some(ClientRound { derived, input, stage: ClientStage::Uploaded { c1 } });
+        let (envelope, c0, c1) = self.encrypt(&derived, &input)?;
+        self.round = Some(ClientRound { derived, input, stage: ClientStage::Uploaded { c0, c1 } });
         Ok(envelope)
     }
 
     /// Encrypts `input` under the epoch's key; the signed upload record and the ciphertext.
-    fn encrypt(&mut self, derived: &Derived, input: &[u32]) -> Result<(Envelope, Vec<u64>), Error> {
+    fn encrypt(&mut self, derived: &Derived, input: &[u32]) -> Result<(Envelope, Vec<u64>, Vec<u64>), Error> {
         let epoch = self.epoch.as_ref().ok_or_else(|| coordinator_fault("asked for a ciphertext before a key"))?;
         let slots = input.len().div_ceil(he::ring::N).max(1) * he::ring::N;
         let masks = match self.masks.take() {
@@ -1784,7 +1849,7 @@ impl HeClient {
             ..Default::default()
         };
         upload.signature = self.party.signer.sign(&upload_transcript(&derived.binding, &upload))?;
-        Ok((framed(&upload, &bytes), ct.c1))
+        Ok((framed(&upload, &bytes), ct.c0, ct.c1))
     }
 
     fn step(&mut self, round: u32, stage: StageName, message: Envelope) -> Result<Envelope, Error> {
@@ -1814,8 +1879,13 @@ impl HeClient {
     ) -> Result<Envelope, Error> {
         let me = self.party.name.clone();
         let binding = r.derived.binding;
-        let placeholder =
-            ClientStage::Hashed { commitment: [0; 32], contributors: Vec::new(), own: Vec::new(), c1: Vec::new() };
+        let placeholder = ClientStage::Hashed {
+            commitment: [0; 32],
+            contributors: Vec::new(),
+            own: Vec::new(),
+            c0: Vec::new(),
+            c1: Vec::new(),
+        };
         match (stage, std::mem::replace(&mut r.stage, placeholder)) {
             (KEY_DEAL, ClientStage::Committed { secret, dh, public_share }) => {
                 let list: wire::CommitList = message.decode("coordinator", "commitment list")?;
@@ -1978,20 +2048,44 @@ impl HeClient {
                     public_key,
                     share,
                 });
-                let (envelope, c1) = self.encrypt(&r.derived, &r.input)?;
+                let (envelope, c0, c1) = self.encrypt(&r.derived, &r.input)?;
                 r.input.iter_mut().for_each(|v| *v = 0);
-                r.stage = ClientStage::Uploaded { c1 };
+                r.stage = ClientStage::Uploaded { c0, c1 };
                 Ok(envelope)
             }
-            (HASH, ClientStage::Uploaded { c1 } | ClientStage::Hashed { c1, .. }) => {
+            (HASH, stage @ (ClientStage::Uploaded { .. } | ClientStage::Hashed { .. })) => {
                 let req: wire::HashRequest = message.decode("coordinator", "hash request")?;
                 self.check_contributors(&r.derived, &req.contributors)?;
+                let (c0, c1) = match stage {
+                    ClientStage::Uploaded { c0, c1 } => (c0, c1),
+                    ClientStage::Hashed { contributors, c0, c1, .. } => {
+                        // Again only over a smaller sum (a relay group left
+                        // out): never a set it was not asked about before.
+                        let subset = req.contributors.len() < contributors.len()
+                            && req.contributors.iter().all(|p| contributors.binary_search(p).is_ok());
+                        if !subset {
+                            return Err(coordinator_fault(
+                                "asked for a second hash over contributors that are not a subset of the first's",
+                            ));
+                        }
+                        (c0, c1)
+                    }
+                    _ => return Err(Error::WrongStage("he-hash at this point of the round".into())),
+                };
                 let commitment = array32(&req.commitment, "coordinator", "aggregate commitment")?;
                 let values = linear_hash(&binding, &commitment, &req.contributors).hash(&[&c1]).to_vec();
-                let signature =
-                    self.party.signer.sign(&hash_transcript(&binding, &me, &commitment, &req.contributors, &values))?;
-                r.stage = ClientStage::Hashed { commitment, contributors: req.contributors, own: values.clone(), c1 };
-                Ok(Envelope::encode(&wire::HashValue { party: me, values, signature }))
+                let c0_values = c0_linear_hash(&binding, &commitment, &req.contributors).hash(&[&c0]).to_vec();
+                let signature = self.party.signer.sign(&hash_transcript(
+                    &binding,
+                    &me,
+                    &commitment,
+                    &req.contributors,
+                    &values,
+                    &c0_values,
+                ))?;
+                r.stage =
+                    ClientStage::Hashed { commitment, contributors: req.contributors, own: values.clone(), c0, c1 };
+                Ok(Envelope::encode(&wire::HashValue { party: me, values, signature, c0_values }))
             }
             (DECRYPT, ClientStage::Hashed { commitment, contributors, own, .. }) => {
                 self.decrypt(&r.derived, message, &commitment, &contributors, &own)
@@ -2111,7 +2205,11 @@ impl HeClient {
                 .ok_or_else(|| coordinator_fault(format!("counted {p} without its hash or its c1")))?;
             self.party
                 .peers
-                .verify(p, &hash_transcript(&binding, p, &commitment, &contributors, &h.values), &h.signature)
+                .verify(
+                    p,
+                    &hash_transcript(&binding, p, &commitment, &contributors, &h.values, &h.c0_values),
+                    &h.signature,
+                )
                 .map_err(|_| coordinator_fault(format!("relayed a hash value of {p} that {p} did not sign")))?;
             let v: [u64; he::hash::RHO] = h
                 .values
@@ -2542,25 +2640,30 @@ mod tests {
 
     #[test]
     fn a_relay_group_whose_sum_is_not_its_members_is_left_out_and_the_rest_hash_again() {
-        let mut fed = Fed::new(7, 3);
-        let names = fed.names.clone();
-        let global = params(&[0.0; 3]);
-        fed.round(1, &names, &global, &mut Script::default()).unwrap();
-        // edge-a adds one to a c1 coefficient of its sum (any change will do:
-        // dropping a member's ciphertext, or adding another's twice).
-        let mut forge = |relay: &str, _: &str, m: &mut Envelope| {
-            if let (true, Some(Bulk::Words(w))) = (relay == "edge-a", m.bulk.as_mut()) {
-                let last = w.len() - 1;
-                w[last - 10] ^= 1;
-            }
-        };
-        let mut script = Script { relays: relays(), relay_forge: Some(&mut forge), ..Script::default() };
-        let a = fed.round(2, &names, &global, &mut script).unwrap();
-        assert!(script.refusals.is_empty(), "{:?}", script.refusals);
-        let (sum, total, contributors, _) = weighted(&a);
-        let (num, den) = expected(&[3, 4, 5, 6]);
-        assert_eq!((total, contributors), (den, &names[3..]));
-        assert!((sum[0] - num).abs() < 0.05);
+        // edge-a changes one coefficient of its c1 sum, or of its c0 sum
+        // (which carries the plaintext: a shifted c0 would shift the
+        // decrypted sum if nothing checked it); any change will do, e.g.
+        // dropping a member's ciphertext or adding another's twice.
+        for word in [Some(0usize), None] {
+            let mut fed = Fed::new(7, 3);
+            let names = fed.names.clone();
+            let global = params(&[0.0; 3]);
+            fed.round(1, &names, &global, &mut Script::default()).unwrap();
+            let mut forge = |relay: &str, _: &str, m: &mut Envelope| {
+                if let (true, Some(Bulk::Words(w))) = (relay == "edge-a", m.bulk.as_mut()) {
+                    let at = word.unwrap_or(w.len() - 10);
+                    w[at] ^= 1;
+                }
+            };
+            let mut script = Script { relays: relays(), relay_forge: Some(&mut forge), ..Script::default() };
+            let a = fed.round(2, &names, &global, &mut script).unwrap();
+            assert!(script.refusals.is_empty(), "{:?}", script.refusals);
+            let (sum, total, contributors, _) = weighted(&a);
+            let (num, den) = expected(&[3, 4, 5, 6]);
+            assert_eq!((total, contributors), (den, &names[3..]), "word {word:?}");
+            assert!((sum[0] - num).abs() < 0.05);
+            assert_eq!(fed.server.round_roles().get("left out: relay edge-a"), Some(&names[..3].to_vec()));
+        }
     }
 
     #[test]
@@ -2592,12 +2695,6 @@ mod tests {
     #[test]
     fn a_relay_cannot_count_a_party_twice_or_forward_a_record_that_does_not_check() {
         let global = params(&[0.0; 3]);
-        let setup = || {
-            let mut fed = Fed::new(5, 3);
-            let names = fed.names.clone();
-            fed.round(1, &names, &global, &mut Script::default()).unwrap();
-            fed
-        };
         let uploads = |fed: &mut Fed| -> Vec<(String, Envelope)> {
             let fit = fit(2);
             let names = fed.names.clone();
@@ -2615,8 +2712,26 @@ mod tests {
                 })
                 .collect()
         };
-        // A group that repeats a direct upload: refused naming the leader and the relay.
-        let mut fed = setup();
+        // The round goes on without a refused group; the reason is in its roles.
+        let finish = |fed: &mut Fed, rest: Vec<(String, Envelope)>| -> (Vec<String>, BTreeMap<String, Vec<String>>) {
+            for (p, m) in rest {
+                fed.server.on_message(Peer { name: &p, certificate: &[] }, m).unwrap();
+            }
+            let a = fed.drive(2, &mut Script::default()).unwrap();
+            (weighted(&a).2.to_vec(), fed.server.round_roles())
+        };
+        let left_out = |roles: &BTreeMap<String, Vec<String>>| -> (String, Vec<String>) {
+            roles
+                .iter()
+                .find(|(k, _)| k.starts_with("left out: relay edge-a"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .unwrap()
+        };
+        // A group that repeats a direct upload: left out (its leader not
+        // dropped for it), naming the relay and the party counted twice.
+        let mut fed = Fed::new(6, 3);
+        let names = fed.names.clone();
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
         let mut ups = uploads(&mut fed);
         fed.server.on_message(Peer { name: "p0", certificate: &[] }, ups[0].1.clone()).unwrap();
         let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
@@ -2624,25 +2739,41 @@ mod tests {
             g.add(&p, &[], m).unwrap();
         }
         let (leader, m) = g.finish().pop().unwrap();
-        let e = fed.server.on_message(Peer { name: &leader, certificate: &[] }, m).unwrap_err().to_string();
-        assert!(e.contains("p1") && e.contains("edge-a") && e.contains("p0") && e.contains("twice"), "{e}");
-        // A member's record the relay altered (another fingerprint): refused naming the relay.
-        let mut fed = setup();
-        let ups = uploads(&mut fed);
+        fed.server.on_message(Peer { name: &leader, certificate: &[] }, m).unwrap();
+        let (contributors, roles) = finish(&mut fed, ups);
+        assert_eq!(contributors, ["p0", "p2", "p3", "p4", "p5"]);
+        let (why, members) = left_out(&roles);
+        assert!(why.contains("edge-a") && why.contains("p0") && why.contains("twice"), "{why}");
+        assert_eq!(members, ["p1"]);
+        // A member's record the relay altered (another c1 hash): left out, naming the relay.
+        let mut fed = Fed::new(6, 3);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let mut ups = uploads(&mut fed);
         let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
-        for (p, m) in ups.into_iter().take(2) {
+        for (p, m) in ups.drain(..2) {
             g.add(&p, &[], m).unwrap();
         }
         let (leader, mut m) = g.finish().pop().unwrap();
         let mut rec: wire::Upload = m.decode("t", "t").unwrap();
         rec.group[0].c1_hash[0] ^= 1;
         m.body = prost::Message::encode_to_vec(&rec);
-        let e = fed.server.on_message(Peer { name: &leader, certificate: &[] }, m).unwrap_err().to_string();
-        assert!(e.contains("relay edge-a forwarded a record of p0"), "{e}");
+        fed.server.on_message(Peer { name: &leader, certificate: &[] }, m).unwrap();
+        let (contributors, roles) = finish(&mut fed, ups);
+        assert_eq!(contributors, ["p2", "p3", "p4", "p5"]);
+        let (why, members) = left_out(&roles);
+        assert!(why.contains("relay edge-a forwarded a record of p0"), "{why}");
+        assert_eq!(members, ["p0", "p1"]);
         // The relay refuses an upload that is not one, naming its sender.
         let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
         let e = g.add("p3", &[], Envelope::body(vec![1, 2, 3])).unwrap_err().to_string();
         assert!(e.contains("p3"), "{e}");
+        // Or whose bytes are not the ones its record signs.
+        let (p, mut m) = uploads(&mut fed).remove(0);
+        if let Some(Bulk::Words(w)) = m.bulk.as_mut() {
+            w[3] ^= 1;
+        }
+        let e = g.add(&p, &[], m).unwrap_err().to_string();
+        assert!(e.contains(&p) && e.contains("signed upload record"), "{e}");
     }
 
     #[test]
@@ -2679,6 +2810,9 @@ mod tests {
         let (sum, _, _, misbehaved) = weighted(&a);
         assert!((sum[0] - expected(&[0, 1, 2, 3, 4, 5]).0).abs() < 0.05);
         assert_eq!(misbehaved.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["p2"]);
+        // The status lists the decryptors whose shares were combined: not p2.
+        let decryptors = fed.server.round_roles().remove("decryptors").unwrap();
+        assert!(decryptors.len() >= 4 && !decryptors.contains(&"p2".to_string()), "{decryptors:?}");
     }
 
     /// Runs round 1 (the key epoch) and round 2 with `tamper` rewriting the
@@ -3003,7 +3137,7 @@ mod tests {
                 // Re-signed by p1 itself: a lying party, not a forgery.
                 LYING.with(|l| {
                     let (binding, commitment, contributors) = l.borrow().clone().unwrap();
-                    let t = hash_transcript(&binding, "p1", &commitment, &contributors, &hv.values);
+                    let t = hash_transcript(&binding, "p1", &commitment, &contributors, &hv.values, &hv.c0_values);
                     use crate::secagg::protocol::IdentitySigner;
                     hv.signature = crate::secagg::testing::InsecureTagSigner("p1".into()).sign(&t).unwrap();
                 });

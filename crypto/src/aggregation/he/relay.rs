@@ -13,7 +13,7 @@
 //! hash again (see `HeServer`).
 
 use super::wire;
-use super::{Bulk, Envelope, Error, from_words, misbehaved, to_words};
+use super::{Bulk, Envelope, Error, c0_hash, c1_hash, from_words, misbehaved, to_words};
 use crate::he;
 
 /// Width of one coefficient of a group's c0 sum: the switched width plus
@@ -108,6 +108,11 @@ impl UploadGroup {
         if c1.iter().any(|&c| c >= he::ring::Q) {
             return Err(misbehaved(party, "c1: a coefficient not below q"));
         }
+        // What the coordinator checks of a direct upload, and can no longer
+        // check of a summed one: the bytes are the ones the party signed.
+        if c0_hash(&c0).as_slice() != record.c0_hash || c1_hash(&c1).as_slice() != record.c1_hash {
+            return Err(misbehaved(party, "its ciphertext does not match its signed upload record"));
+        }
         if group_c0_bits(bits, self.records.len() + 1) > 64 {
             return Err(Error::InvalidInput(format!("relay {}: too many members for one group sum", self.relay)));
         }
@@ -163,7 +168,9 @@ impl UploadGroup {
             if let Some(l) = leader.as_mut() {
                 l.group.push(r.clone());
             }
-            // The coordinator takes a member's certificate from its stream.
+            // The coordinator checks members' certificates (from the
+            // leader's group records) against the CA; a member's own record
+            // travels bare.
             r.certificate.clear();
             out.push((r.party.clone(), Envelope::encode(&r)));
         }
