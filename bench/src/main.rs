@@ -403,6 +403,7 @@ impl Federation {
             data_dir: self.dir.path().join("coordinator"),
             pki: pki.root().to_path_buf(),
             limits: Limits::default(),
+            models: Default::default(),
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -456,7 +457,10 @@ impl Federation {
             .into_inner()
             .job_id;
         let status = loop {
-            let s = admin.get_job(pb::JobRef { job_id: job.clone() }).await.map_err(|s| s.message().to_string())?;
+            let s = admin
+                .get_job(pb::JobRef { job_id: job.clone(), round: None })
+                .await
+                .map_err(|s| s.message().to_string())?;
             let st = JobStatus::try_from(s.into_inner()).map_err(|e| e.to_string())?;
             if st.state.is_terminal() {
                 break st;

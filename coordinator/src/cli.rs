@@ -42,6 +42,9 @@ enum Command {
     /// Prepare data files (for demos and tests).
     #[command(subcommand)]
     Data(DataCmd),
+    /// Model versions (every kept checkpoint, with its lineage).
+    #[command(subcommand)]
+    Model(ModelCmd),
     /// Run a relay: an intermediate aggregator that parties dial instead of
     /// the coordinator; it sums their `he` ciphertexts and forwards one.
     Relay {
@@ -100,6 +103,21 @@ enum DataCmd {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelCmd {
+    /// List kept model versions, newest first: job, round, metrics, SHA-256.
+    List {
+        /// Only this job's.
+        #[arg(long)]
+        job: Option<String>,
+        /// One JSON object per version.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
     },
 }
 
@@ -267,10 +285,14 @@ enum JobCmd {
         #[command(flatten)]
         conn: AdminConn,
     },
-    /// Download a job's latest model (safetensors).
+    /// Download a job's latest model (safetensors), or a kept version.
     Model {
         /// Job id.
         id: String,
+        /// The version after this round (`confide model list` shows the
+        /// kept ones) instead of the latest.
+        #[arg(long)]
+        round: Option<u32>,
         /// Where to write it.
         #[arg(long)]
         out: PathBuf,
@@ -389,6 +411,37 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             Ok(0)
         }
         Command::Job(cmd) => job(cmd, &plugins).await,
+        Command::Model(ModelCmd::List { job, json, conn }) => {
+            let mut client = admin(&conn).await?;
+            let reply = client
+                .list_models(pb::ListModelsRequest { job_id: job.unwrap_or_default() })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            for m in reply.models {
+                let metrics: std::collections::BTreeMap<String, f64> = m.metrics.into_iter().collect();
+                if json {
+                    let v = serde_json::json!({
+                        "job_id": m.job_id, "round": m.round, "sha256": m.sha256, "bytes": m.bytes,
+                        "metrics": metrics, "created_at": m.created_at,
+                    });
+                    println!("{v}");
+                } else {
+                    let shown: Vec<String> = ["accuracy", "auc", "loss"]
+                        .iter()
+                        .filter_map(|k| metrics.get(*k).map(|v| format!("{k} {v:.4}")))
+                        .collect();
+                    println!(
+                        "{} round {:>4}  {}  sha256 {}",
+                        m.job_id,
+                        m.round,
+                        shown.join(", "),
+                        &m.sha256[..16.min(m.sha256.len())]
+                    );
+                }
+            }
+            Ok(0)
+        }
         Command::Data(DataCmd::Split { input, header, parties, weights, dirichlet, test_fraction, seed, out }) => {
             split_data(&input, header, &parties, &weights, dirichlet, test_fraction, seed, &out)?;
             Ok(0)
@@ -547,6 +600,7 @@ fn coordinator_config(
             data_dir: PathBuf::from("confide-data"),
             pki: PathBuf::from("pki"),
             limits: Limits::default(),
+            models: Default::default(),
         },
     };
     if let Some(l) = listen {
@@ -557,6 +611,11 @@ fn coordinator_config(
     }
     if let Some(p) = pki {
         cfg.pki = p;
+    }
+    if cfg.models.keep_last == 1 {
+        return Err(Error::InvalidInput(
+            "models.keep_last: 0 (keep every version) or at least 2 (a resumed job needs its latest checkpoint)".into(),
+        ));
     }
     Ok(cfg)
 }
@@ -803,7 +862,9 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
         }
         JobCmd::Status { id, json, conn } => {
             let mut client = admin(&conn).await?;
-            let st = parse_status(client.get_job(pb::JobRef { job_id: id }).await.map_err(rpc_err)?.into_inner())?;
+            let st = parse_status(
+                client.get_job(pb::JobRef { job_id: id, round: None }).await.map_err(rpc_err)?.into_inner(),
+            )?;
             if json {
                 println!("{}", serde_json::to_string(&st).unwrap_or_default());
             } else {
@@ -817,14 +878,15 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
         }
         JobCmd::Cancel { id, conn } => {
             let mut client = admin(&conn).await?;
-            let st = client.cancel_job(pb::JobRef { job_id: id }).await.map_err(rpc_err)?.into_inner();
+            let st = client.cancel_job(pb::JobRef { job_id: id, round: None }).await.map_err(rpc_err)?.into_inner();
             let st = parse_status(st)?;
             println!("job {} is {}", st.id, st.state.as_str());
             Ok(0)
         }
-        JobCmd::Model { id, out, conn } => {
+        JobCmd::Model { id, round: wanted, out, conn } => {
             let mut client = admin(&conn).await?;
-            let mut stream = client.get_model(pb::JobRef { job_id: id.clone() }).await.map_err(rpc_err)?.into_inner();
+            let mut stream =
+                client.get_model(pb::JobRef { job_id: id.clone(), round: wanted }).await.map_err(rpc_err)?.into_inner();
             let mut bytes = Vec::new();
             let mut round = 0;
             while let Some(c) = stream.message().await.map_err(rpc_err)? {
@@ -894,7 +956,8 @@ fn print_status(st: &JobStatus) {
 }
 
 async fn watch_job(client: &mut AdminServiceClient<Channel>, id: &str) -> Result<i32, Error> {
-    let mut stream = client.watch_job(pb::JobRef { job_id: id.to_owned() }).await.map_err(rpc_err)?.into_inner();
+    let mut stream =
+        client.watch_job(pb::JobRef { job_id: id.to_owned(), round: None }).await.map_err(rpc_err)?.into_inner();
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] round {pos}/{len} {msg}")

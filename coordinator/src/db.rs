@@ -67,7 +67,50 @@ const MIGRATIONS: &[&str] = &[
     // 4: what the aggregation protocol says parties did in a round, by role
     // (decryptors, relay groups)
     "ALTER TABLE rounds ADD COLUMN roles_json TEXT NOT NULL DEFAULT '{}';",
+    // 5: model versions: every kept checkpoint of a model, with its lineage
+    // (job, round, the round's metrics) and digest, instead of only the
+    // latest path in jobs
+    "CREATE TABLE models (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        round INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        metrics_json TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (job_id, round)
+    );",
 ];
+
+/// A model checkpoint as written: where, its SHA-256 and size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedModel {
+    /// The safetensors file.
+    pub path: PathBuf,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// File size.
+    pub bytes: u64,
+}
+
+/// One kept version of a job's model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelVersion {
+    /// The job that trained it.
+    pub job_id: String,
+    /// The round it is the global model after.
+    pub round: u32,
+    /// The file.
+    pub path: PathBuf,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// File size.
+    pub bytes: u64,
+    /// The round's aggregated metrics.
+    pub metrics: BTreeMap<String, f64>,
+    /// Unix seconds.
+    pub created_at: u64,
+}
 
 /// A job that was not finished when the coordinator stopped.
 #[derive(Debug, Clone)]
@@ -214,12 +257,29 @@ impl Db {
         &self,
         id: &str,
         round: u32,
-        model: Option<&Path>,
+        model: Option<&SavedModel>,
         state: Option<&Path>,
         record: Option<&RoundRecord>,
     ) -> Result<(), Error> {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(sql)?;
+        if let Some(m) = model {
+            let metrics = record.map(|r| &r.metrics).cloned().unwrap_or_default();
+            tx.execute(
+                "INSERT OR REPLACE INTO models (job_id, round, path, sha256, bytes, metrics_json, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    round,
+                    m.path.to_string_lossy(),
+                    m.sha256,
+                    m.bytes as i64,
+                    serde_json::to_string(&metrics).map_err(|e| Error::Storage(e.to_string()))?,
+                    unix_now() as i64
+                ],
+            )
+            .map_err(sql)?;
+        }
         if let Some(r) = record {
             let json = |v: &dyn erased::Json| v.to_json();
             tx.execute(
@@ -245,7 +305,7 @@ impl Db {
                 id,
                 record.map_or(0, |r| r.round),
                 round,
-                model.map(|p| p.to_string_lossy().into_owned()),
+                model.map(|m| m.path.to_string_lossy().into_owned()),
                 unix_now() as i64,
                 state.map(|p| p.to_string_lossy().into_owned())
             ],
@@ -321,6 +381,72 @@ impl Db {
             None => Err(Error::NotFound(format!("job {id}"))),
             Some((r, p)) => Ok(r.zip(p.map(PathBuf::from))),
         }
+    }
+
+    /// Kept model versions, of one job or all, newest first.
+    pub fn model_versions(&self, job: Option<&str>) -> Result<Vec<ModelVersion>, Error> {
+        let conn = self.lock();
+        let mut st = conn
+            .prepare(
+                "SELECT job_id, round, path, sha256, bytes, metrics_json, created_at FROM models
+                 WHERE ?1 IS NULL OR job_id = ?1 ORDER BY created_at DESC, job_id, round DESC",
+            )
+            .map_err(sql)?;
+        let rows = st
+            .query_map(params![job], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
+            })
+            .map_err(sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job_id, round, path, sha256, bytes, metrics, at) = row.map_err(sql)?;
+            let metrics = serde_json::from_str(&metrics)
+                .map_err(|e| Error::Storage(format!("model of job {job_id} round {round}: {e}")))?;
+            out.push(ModelVersion {
+                job_id,
+                round,
+                path: PathBuf::from(path),
+                sha256,
+                bytes: bytes as u64,
+                metrics,
+                created_at: at as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The kept version of `job`'s model after `round`.
+    pub fn model_version(&self, job: &str, round: u32) -> Result<Option<ModelVersion>, Error> {
+        Ok(self.model_versions(Some(job))?.into_iter().find(|m| m.round == round))
+    }
+
+    /// Forgets all but the newest `keep_last` versions of `job`'s model
+    /// (never its latest checkpoint, which a resumed job starts from) and
+    /// returns the files no longer referenced, for the caller to delete.
+    pub fn forget_model_versions(&self, job: &str, keep_last: usize) -> Result<Vec<PathBuf>, Error> {
+        let versions = self.model_versions(Some(job))?;
+        let mut rounds: Vec<u32> = versions.iter().map(|v| v.round).collect();
+        rounds.sort_unstable_by(|a, b| b.cmp(a));
+        let old: Vec<u32> = rounds.into_iter().skip(keep_last.max(1)).collect();
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(sql)?;
+        let mut gone = Vec::new();
+        for r in &old {
+            tx.execute("DELETE FROM models WHERE job_id = ?1 AND round = ?2", params![job, r]).map_err(sql)?;
+            if let Some(v) = versions.iter().find(|v| v.round == *r) {
+                gone.push(v.path.clone());
+            }
+        }
+        tx.commit().map_err(sql)?;
+        Ok(gone)
     }
 
     /// The full status of a job.
@@ -482,8 +608,9 @@ mod tests {
                 completed_at: 5,
                 roles: [("decryptors".to_string(), vec!["a".into()])].into(),
             };
-            db.save_checkpoint("j1", 1, Some(Path::new("/m/round-1")), Some(Path::new("/m/state-1")), Some(&rec))
-                .unwrap();
+            let model =
+                |r: u32| SavedModel { path: format!("/m/round-{r}").into(), sha256: format!("{r:064x}"), bytes: 10 };
+            db.save_checkpoint("j1", 1, Some(&model(1)), Some(Path::new("/m/state-1")), Some(&rec)).unwrap();
             // A record-only checkpoint keeps the model of round 1.
             let rec2 = RoundRecord { round: 2, ..rec.clone() };
             db.save_checkpoint("j1", 2, None, None, Some(&rec2)).unwrap();
@@ -500,6 +627,43 @@ mod tests {
         assert!(db.unfinished_jobs().unwrap().is_empty());
         assert_eq!(db.job_status("j1", false).unwrap().error.as_deref(), Some("boom"));
         assert!(matches!(db.job_status("nope", false), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn model_versions_keep_their_lineage_and_retention_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("c.db")).unwrap();
+        let spec = JobSpec::parse(SPEC, "t", &Limits::default()).unwrap();
+        db.insert_job("j1", &spec).unwrap();
+        for r in 1..=4u32 {
+            let rec = RoundRecord {
+                round: r,
+                metrics: [("accuracy".to_string(), 0.5 + r as f64 / 10.0)].into(),
+                participants: vec!["a".into()],
+                dropped: BTreeMap::new(),
+                completed_at: 5,
+                roles: BTreeMap::new(),
+            };
+            let m =
+                SavedModel { path: format!("/m/round-{r}").into(), sha256: format!("{r:064x}"), bytes: 10 * r as u64 };
+            db.save_checkpoint("j1", r, Some(&m), None, Some(&rec)).unwrap();
+        }
+        let v = db.model_version("j1", 2).unwrap().unwrap();
+        assert_eq!(
+            (v.round, v.bytes, v.metrics["accuracy"], v.path.clone()),
+            (2, 20, 0.7, PathBuf::from("/m/round-2"))
+        );
+        assert_eq!(db.model_versions(None).unwrap().len(), 4);
+        // Keep the newest two: rounds 1 and 2 are forgotten, their files returned.
+        let gone = db.forget_model_versions("j1", 2).unwrap();
+        assert_eq!(gone, [PathBuf::from("/m/round-2"), PathBuf::from("/m/round-1")]);
+        let kept: Vec<u32> = db.model_versions(Some("j1")).unwrap().iter().map(|v| v.round).collect();
+        assert_eq!(kept, [4, 3]);
+        assert!(db.model_version("j1", 1).unwrap().is_none());
+        // Never the latest, whatever the setting.
+        db.forget_model_versions("j1", 0).unwrap();
+        assert_eq!(db.model_versions(Some("j1")).unwrap().len(), 1);
+        assert_eq!(db.model_of("j1").unwrap(), Some((4, PathBuf::from("/m/round-4"))));
     }
 
     #[test]

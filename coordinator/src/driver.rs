@@ -21,6 +21,7 @@ use confide_proto::messages::Stage;
 use confide_proto::pb::{self, coordinator_message};
 use confide_proto::status::{JobState, PartyStatus};
 use confide_proto::transfer;
+use sha2::Digest;
 use tracing::{error, info, warn};
 
 use crate::Error;
@@ -74,7 +75,11 @@ const PARTY_FLUSH: Duration = Duration::from_millis(250);
 
 /// Writes a checkpoint durably: temp file, fsync, rename, fsync directory,
 /// for the model and (when non-empty) the machine's state.
-fn write_checkpoint(dir: &Path, job: &str, cp: &Checkpoint) -> Result<(Option<PathBuf>, Option<PathBuf>), Error> {
+fn write_checkpoint(
+    dir: &Path,
+    job: &str,
+    cp: &Checkpoint,
+) -> Result<(Option<crate::db::SavedModel>, Option<PathBuf>), Error> {
     let job_dir = dir.join(job);
     std::fs::create_dir_all(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
     let meta: BTreeMap<String, String> =
@@ -82,8 +87,10 @@ fn write_checkpoint(dir: &Path, job: &str, cp: &Checkpoint) -> Result<(Option<Pa
     let model = match &cp.model {
         Some(m) => {
             let path = job_dir.join(format!("round-{:05}.safetensors", cp.round));
-            write_durably(&path, &m.to_safetensors(&meta)?)?;
-            Some(path)
+            let bytes = m.to_safetensors(&meta)?;
+            write_durably(&path, &bytes)?;
+            let sha256 = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            Some(crate::db::SavedModel { path, sha256, bytes: bytes.len() as u64 })
         }
         None => None,
     };
@@ -96,13 +103,10 @@ fn write_checkpoint(dir: &Path, job: &str, cp: &Checkpoint) -> Result<(Option<Pa
     };
     let d = std::fs::File::open(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
     d.sync_all().map_err(|e| Error::io(&job_dir, e))?;
-    // Keep the previous checkpoint too; older ones are no longer referenced.
+    // Keep the previous state too; older ones are no longer referenced.
+    // (Model files are versions, kept as `[models] keep_last` says.)
     if cp.round >= 2 {
-        for name in
-            [format!("round-{:05}.safetensors", cp.round - 2), format!("round-{:05}.state.safetensors", cp.round - 2)]
-        {
-            let _ = std::fs::remove_file(job_dir.join(name));
-        }
+        let _ = std::fs::remove_file(job_dir.join(format!("round-{:05}.state.safetensors", cp.round - 2)));
     }
     Ok((model, state))
 }
@@ -258,7 +262,21 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
                     }
                     wrote = true;
                     let saved = write_checkpoint(hub.models_dir(), &id, &cp).and_then(|(model, state)| {
-                        hub.db().save_checkpoint(&id, cp.round, model.as_deref(), state.as_deref(), cp.record.as_ref())
+                        hub.db().save_checkpoint(
+                            &id,
+                            cp.round,
+                            model.as_ref(),
+                            state.as_deref(),
+                            cp.record.as_ref(),
+                        )?;
+                        // Model versions beyond the retention go, file and record.
+                        let keep = hub.retention().keep_last;
+                        if model.is_some() && keep > 0 {
+                            for path in hub.db().forget_model_versions(&id, keep)? {
+                                let _ = std::fs::remove_file(&path);
+                            }
+                        }
+                        Ok(())
                     });
                     match saved {
                         Ok(()) => {

@@ -48,6 +48,25 @@ pub struct CoordinatorConfig {
     /// Boundary limits.
     #[serde(default)]
     pub limits: Limits,
+    /// How many versions of each job's model are kept.
+    #[serde(default)]
+    pub models: ModelRetention,
+}
+
+/// `[models]` in the coordinator's config.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRetention {
+    /// Versions (one per round) of each job's model kept, newest first;
+    /// 0 keeps every round's. At least 2 otherwise (a resumed job needs its
+    /// latest checkpoint while the next is written).
+    pub keep_last: usize,
+}
+
+impl Default for ModelRetention {
+    fn default() -> Self {
+        ModelRetention { keep_last: 10 }
+    }
 }
 
 /// What goes down a party's stream.
@@ -84,6 +103,7 @@ pub struct Hub {
     revocations: SharedRevocations,
     limits: Limits,
     models_dir: PathBuf,
+    retention: ModelRetention,
     parties: Mutex<HashMap<String, PartyConn>>,
     /// Delegation nonces admitted recently (each once).
     delegations: Mutex<confide_crypto::relay::SeenNonces>,
@@ -110,6 +130,11 @@ impl Hub {
     /// Strategies, protocols and kinds of this build.
     pub fn plugins(&self) -> &Plugins {
         &self.plugins
+    }
+
+    /// How many model versions each job keeps.
+    pub fn retention(&self) -> ModelRetention {
+        self.retention
     }
 
     /// Where checkpoints go.
@@ -240,6 +265,7 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
         revocations: revocations.clone(),
         limits: config.limits,
         models_dir: config.data_dir.join("models"),
+        retention: config.models,
         parties: Mutex::new(HashMap::new()),
         delegations: Mutex::default(),
         jobs: Mutex::new(HashMap::new()),
@@ -802,11 +828,29 @@ impl AdminService for AdminSvc {
 
     async fn get_model(&self, req: Request<pb::JobRef>) -> Result<Response<Self::GetModelStream>, Status> {
         require_admin(&req)?;
-        let id = req.into_inner().job_id;
+        let r = req.into_inner();
+        let (id, wanted) = (r.job_id, r.round);
         let hub = self.hub.clone();
         let (round, bytes) = blocking(move || {
-            let (round, path) =
-                hub.db.model_of(&id)?.ok_or_else(|| Error::NotFound(format!("job {id} has no model yet")))?;
+            let (round, path) = match wanted {
+                None => hub.db.model_of(&id)?.ok_or_else(|| Error::NotFound(format!("job {id} has no model yet")))?,
+                Some(round) => {
+                    let v = hub.db.model_version(&id, round)?.ok_or_else(|| {
+                        let kept: Vec<String> = hub
+                            .db
+                            .model_versions(Some(&id))
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|v| v.round.to_string())
+                            .collect();
+                        Error::NotFound(format!(
+                            "job {id} has no kept model of round {round} (kept: {})",
+                            if kept.is_empty() { "none".to_owned() } else { kept.join(", ") }
+                        ))
+                    })?;
+                    (v.round, v.path)
+                }
+            };
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
             Ok((round, bytes))
         })
@@ -817,6 +861,25 @@ impl AdminService for AdminSvc {
         let msgs: Vec<Result<pb::ModelChunk, Status>> =
             bytes.chunks(chunk).map(|c| Ok(pb::ModelChunk { total_bytes: total, round, data: c.to_vec() })).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(msgs))))
+    }
+
+    async fn list_models(&self, req: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsReply>, Status> {
+        require_admin(&req)?;
+        let job = req.into_inner().job_id;
+        let hub = self.hub.clone();
+        let versions = blocking(move || hub.db.model_versions((!job.is_empty()).then_some(job.as_str()))).await?;
+        let models = versions
+            .into_iter()
+            .map(|v| pb::ModelVersion {
+                job_id: v.job_id,
+                round: v.round,
+                sha256: v.sha256,
+                bytes: v.bytes,
+                metrics: v.metrics.into_iter().collect(),
+                created_at: v.created_at,
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsReply { models }))
     }
 }
 

@@ -309,6 +309,7 @@ impl InProcess {
             data_dir,
             pki: fed.path("pki"),
             limits: Limits::default(),
+            models: Default::default(),
         };
         let coordinator = server::start_with(config, plugins).await.expect("coordinator");
         fed.addr = coordinator.local_addr.to_string();
@@ -333,7 +334,8 @@ impl InProcess {
 
     async fn wait_done(&mut self, id: &str) -> JobStatus {
         for _ in 0..2400 {
-            let st = self.admin.get_job(pb::JobRef { job_id: id.into() }).await.expect("status").into_inner();
+            let st =
+                self.admin.get_job(pb::JobRef { job_id: id.into(), round: None }).await.expect("status").into_inner();
             let st = JobStatus::try_from(st).expect("typed status");
             if st.state.is_terminal() {
                 return st;
@@ -344,7 +346,8 @@ impl InProcess {
     }
 
     async fn model(&mut self, id: &str) -> Parameters {
-        let mut stream = self.admin.get_model(pb::JobRef { job_id: id.into() }).await.expect("model").into_inner();
+        let mut stream =
+            self.admin.get_model(pb::JobRef { job_id: id.into(), round: None }).await.expect("model").into_inner();
         let mut bytes = Vec::new();
         while let Some(c) = stream.message().await.expect("chunk") {
             bytes.extend_from_slice(&c.data);
