@@ -592,6 +592,58 @@ mod tests {
     use confide_crypto::pki::PkiDir;
 
     #[test]
+    fn two_jobs_results_never_interleave_on_the_shared_stream() {
+        use confide_proto::messages::{ResultBody, TaskResult};
+        // A one-message queue: every chunk waits for the reader, so two
+        // workers sending at once would interleave without the lock.
+        let (tx, mut rx) = mpsc::channel::<pb::PartyMessage>(1);
+        let stats = Arc::new(NodeStats::default());
+        let outbox = Arc::new(Outbox { tx, stats: stats.clone(), transfer: std::sync::Mutex::new(()) });
+        let limits = Limits { chunk_bytes: 64, ..Limits::default() };
+        let workers: Vec<_> = (1..=2u64)
+            .map(|task_id| {
+                let (outbox, stats) = (outbox.clone(), stats.clone());
+                std::thread::spawn(move || {
+                    for round in 0..5 {
+                        let body = ResultBody::SecureSum {
+                            contribution: confide_crypto::aggregation::Envelope {
+                                body: vec![task_id as u8],
+                                bulk: Some(Bulk::Words(vec![task_id as u32; 200])),
+                            },
+                        };
+                        let r = TaskResult { job_id: format!("job-{task_id}"), round, task_id, body };
+                        assert!(send(&format!("job-{task_id}"), PartyOutput::Result(r), &outbox, &limits, &stats));
+                    }
+                })
+            })
+            .collect();
+        drop(outbox);
+        // Each result's chunks follow it, all of its transfer, before the next result.
+        let (mut open, mut results, mut chunks) = (None::<u64>, 0, 0);
+        while let Some(m) = rx.blocking_recv() {
+            match m.body {
+                Some(party_message::Body::Result(r)) => {
+                    assert_eq!(open, None, "a result started inside another's transfer");
+                    open = r.bulk.map(|h| h.transfer_id);
+                    results += 1;
+                }
+                Some(party_message::Body::Chunk(c)) => {
+                    assert_eq!(open, Some(c.transfer_id), "a chunk of another transfer");
+                    chunks += 1;
+                    if c.offset as usize + c.data.len() == 800 {
+                        open = None;
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        for w in workers {
+            w.join().unwrap();
+        }
+        assert_eq!((results, chunks), (10, 10 * 800usize.div_ceil(64)));
+    }
+
+    #[test]
     fn a_party_delegates_only_to_the_relay_its_config_names() {
         use confide_crypto::pki::{PeerIdentity, Role};
         let id = |name: &str, role| PeerIdentity { name: name.into(), role };
