@@ -148,8 +148,9 @@ type Upstream = Arc<tokio::sync::Mutex<mpsc::Sender<pb::PartyMessage>>>;
 struct Shared {
     name: String,
     config: RelayConfig,
-    /// Jobs whose uploads the relay sums (their protocol is `he`).
-    jobs: Mutex<HashMap<String, bool>>,
+    /// The `he` jobs whose uploads the relay sums, and how long it holds
+    /// a task's uploads in each.
+    jobs: Mutex<HashMap<String, Duration>>,
     /// Upload tasks in progress, by (job, task id).
     pending: Mutex<HashMap<(String, u64), Pending>>,
     /// The upstream of each connected party.
@@ -201,7 +202,32 @@ const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 impl Shared {
     fn is_he(&self, job: &str) -> bool {
-        lock(&self.jobs).get(job).copied().unwrap_or(false)
+        lock(&self.jobs).contains_key(job)
+    }
+
+    /// How long a task's first upload in `job` waits for the others: the
+    /// relay's `hold`, but at most a quarter of the job's stage timeout,
+    /// so that the sum still reaches the coordinator in time.
+    fn hold(&self, job: &str) -> Duration {
+        lock(&self.jobs).get(job).copied().unwrap_or(self.config.hold)
+    }
+
+    /// Notes a job offer: an `he` job's uploads are summed.
+    fn on_offer(&self, offer: &pb::JobOffer) {
+        let Ok(spec) = toml::from_str::<toml::Table>(&offer.spec_toml) else { return };
+        let protocol = spec.get("aggregation").and_then(|a| a.get("protocol")).and_then(|p| p.as_str());
+        if protocol != Some(he_protocol::ThresholdHe.name()) {
+            return;
+        }
+        // The spec's default stage timeout is 300 s (confide_proto::jobspec::Timeouts).
+        let stage_secs = spec
+            .get("timeouts")
+            .and_then(|t| t.get("round_secs"))
+            .and_then(|v| v.as_integer())
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or(300);
+        let hold = self.config.hold.min(Duration::from_secs(stage_secs.max(4) / 4));
+        lock(&self.jobs).insert(offer.job_id.clone(), hold);
     }
 
     /// Notes a task going down to `party`: an upload task of an `he` job
@@ -286,8 +312,9 @@ impl Shared {
         drop(pending);
         if let Some(id) = timer {
             let (shared, key2) = (self.clone(), key.clone());
+            let hold = self.hold(&key.0);
             tokio::spawn(async move {
-                tokio::time::sleep(shared.config.hold).await;
+                tokio::time::sleep(hold).await;
                 shared.flush(&key2, Some(id), "hold time over");
             });
         }
@@ -524,13 +551,7 @@ async fn pump_down(
         match upstream.message().await {
             Ok(Some(msg)) => {
                 match &msg.body {
-                    Some(coordinator_message::Body::Offer(o)) => {
-                        let he = toml::from_str::<toml::Table>(&o.spec_toml).ok().is_some_and(|t| {
-                            t.get("aggregation").and_then(|a| a.get("protocol")).and_then(|p| p.as_str())
-                                == Some(he_protocol::ThresholdHe.name())
-                        });
-                        lock(&shared.jobs).insert(o.job_id.clone(), he);
-                    }
+                    Some(coordinator_message::Body::Offer(o)) => shared.on_offer(o),
                     Some(coordinator_message::Body::Task(t)) => shared.on_task(&party, t),
                     Some(coordinator_message::Body::Closed(c)) => {
                         lock(&shared.jobs).remove(&c.job_id);
@@ -641,4 +662,49 @@ async fn pump_up(
         }
     }
     shared.gone(&party, conn, None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(hold_secs: u64) -> Shared {
+        Shared {
+            name: "edge-a".into(),
+            config: RelayConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                coordinator: "https://127.0.0.1:1".into(),
+                server_name: "localhost".into(),
+                ca: "ca.pem".into(),
+                cert: "c.pem".into(),
+                key: "k.pem".into(),
+                hold: Duration::from_secs(hold_secs),
+                limits: Limits::default(),
+            },
+            jobs: Mutex::default(),
+            pending: Mutex::default(),
+            members: Mutex::default(),
+            rounds: Mutex::default(),
+            next_transfer: AtomicU64::new(1),
+            next_pending: AtomicU64::new(1),
+        }
+    }
+
+    fn offer(job: &str, spec: &str) -> pb::JobOffer {
+        pb::JobOffer { job_id: job.into(), spec_toml: spec.into(), dataset: "d".into() }
+    }
+
+    #[test]
+    fn only_he_jobs_are_summed_and_the_hold_fits_the_stage_timeout() {
+        let s = shared(30);
+        s.on_offer(&offer("plain", "[aggregation]\nprotocol = \"secagg\"\n"));
+        s.on_offer(&offer("he", "[aggregation]\nprotocol = \"he\"\n"));
+        s.on_offer(&offer("he-fast", "[aggregation]\nprotocol = \"he\"\n[timeouts]\nround_secs = 20\n"));
+        s.on_offer(&offer("bad", "not toml ["));
+        assert!(!s.is_he("plain") && !s.is_he("bad") && s.is_he("he"));
+        // The relay's own hold under the default 300 s stage timeout; a
+        // quarter of a short one, so the sum is not late.
+        assert_eq!(s.hold("he"), Duration::from_secs(30));
+        assert_eq!(s.hold("he-fast"), Duration::from_secs(5));
+    }
 }
