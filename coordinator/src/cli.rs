@@ -175,9 +175,13 @@ enum CertsCmd {
         /// The PKI directory holding the CA (ca.pem, ca.key).
         #[arg(long)]
         ca: PathBuf,
-        /// The party.
+        /// The party (or, with `--relay`, the relay).
         #[arg(required_unless_present = "coordinator")]
         name: Option<String>,
+        /// NAME is a relay (`relays/NAME.pem` in `--ca`, or `--cert`): the
+        /// coordinator closes every stream it carries.
+        #[arg(long, conflicts_with = "coordinator")]
+        relay: bool,
         /// Revoke the coordinator's certificate instead (`coordinator.pem`
         /// in `--ca`, or `--cert`): parties given the list (in their
         /// `revocation_list` file, or pushed) refuse to connect to it.
@@ -350,11 +354,12 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             println!("signed and enrolled party {name}: {} (send it to the party with ca.pem)", cert.display());
             Ok(0)
         }
-        Command::Certs(CertsCmd::Revoke { ca, name, coordinator, cert }) => {
+        Command::Certs(CertsCmd::Revoke { ca, name, coordinator, relay, cert }) => {
             let cert = cert.map(|p| std::fs::read(&p).map_err(|e| Error::io(&p, e))).transpose()?;
             let pki = PkiDir::new(&ca);
             // clap makes NAME and --coordinator exclusive, and one required.
             let (list, what) = match name {
+                Some(name) if relay => (pki.revoke_relay(&name, cert.as_deref())?, format!("relay {name}")),
                 Some(name) => (pki.revoke_party(&name, cert.as_deref())?, format!("party {name}")),
                 None => (pki.revoke_coordinator(cert.as_deref())?, "the coordinator's certificate".to_owned()),
             };
@@ -363,7 +368,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                 list.version(),
                 list.len(),
                 pki.revocation_file().display(),
-                if coordinator { "" } else { "; party de-enrolled" }
+                if coordinator || relay { "" } else { "; party de-enrolled" }
             );
             Ok(0)
         }

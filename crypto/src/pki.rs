@@ -444,6 +444,38 @@ impl PkiDir {
         self.add_revocation(&ca, &der)
     }
 
+    /// Revokes relay `name`'s certificate (`relays/NAME.pem` here, or
+    /// `certificate`): the coordinator closes every stream the relay
+    /// carries and refuses it at the handshake. Returns the new list.
+    pub fn revoke_relay(
+        &self,
+        name: &str,
+        certificate: Option<&[u8]>,
+    ) -> Result<crate::revocation::Revocations, Error> {
+        let ca = self.load_ca()?;
+        let cert = match certificate {
+            Some(c) => c.to_vec(),
+            None => {
+                let path = self.relay_cert(name);
+                fs::read(&path).map_err(|e| {
+                    Error::InvalidInput(format!(
+                        "{}: {e} (no certificate of relay {name} here; pass the one it was issued)",
+                        path.display()
+                    ))
+                })?
+            }
+        };
+        let der = pem_or_der(&cert, "certificate")?;
+        let id = peer_identity(&der)?;
+        if id.name != name || id.role != Role::Relay {
+            return Err(Error::InvalidInput(format!(
+                "the certificate names {} ({:?}), not relay {name}",
+                id.name, id.role
+            )));
+        }
+        self.add_revocation(&ca, &der)
+    }
+
     /// Writes a revocation list one version newer that adds `cert_der`.
     fn add_revocation(&self, ca: &FederationCa, cert_der: &[u8]) -> Result<crate::revocation::Revocations, Error> {
         let serial = crate::revocation::certificate_serial(cert_der)?;

@@ -67,6 +67,22 @@ fn two_relays_of_three_parties_sum_their_ciphertexts_and_the_job_succeeds() {
         // Never a wait for the hold time: a member that left is not waited for.
         assert!(!text.contains("hold time over"), "{text}");
     }
+    // Revoking a relay closes every stream it carries, and its parties,
+    // given the new list, refuse it at the handshake from then on.
+    fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "--relay", "edge-a"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let log = fed.coordinator_log();
+        let expelled = ["site-0", "site-1", "site-2"]
+            .iter()
+            .all(|p| log.contains(&format!("party {p}: its relay edge-a's certificate is revoked")));
+        let party = std::fs::read_to_string(fed.path("logs/site-0.log")).unwrap_or_default();
+        if expelled && party.contains("invalid peer certificate: Revoked") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "relay edge-a not cut off:\n{}", fed.logs());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Opens a party stream at the coordinator as relay `relay`, carrying
