@@ -204,8 +204,11 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
         }
     };
     let offer = pb::JobOffer { job_id: id.clone(), spec_toml: spec.to_toml(), dataset: String::new() };
-    let mut feedback: Vec<Input> =
-        hub.connected().into_iter().map(|(party, certificate)| Input::Connected { party, certificate }).collect();
+    let mut feedback: Vec<Input> = hub
+        .connections()
+        .into_iter()
+        .map(|(party, certificate, relay)| Input::Connected { party, certificate, relay })
+        .collect();
     let mut encoder = Encoder::default();
     let mut round = RoundClock::new(0);
     let mut marked_running = false;

@@ -147,6 +147,14 @@ impl Hub {
         lock(&self.parties).iter().map(|(n, c)| (n.clone(), c.certificate.clone())).collect()
     }
 
+    /// Connected parties, their certificates and the relays carrying them.
+    pub fn connections(&self) -> Vec<(String, Arc<[u8]>, Option<String>)> {
+        lock(&self.parties)
+            .iter()
+            .map(|(n, c)| (n.clone(), c.certificate.clone(), c.relay.as_ref().map(|(r, _)| r.clone())))
+            .collect()
+    }
+
     /// Parties connected through a relay: party, relay and its certificate.
     fn relayed(&self) -> Vec<(String, String, Arc<[u8]>)> {
         lock(&self.parties)
@@ -402,6 +410,7 @@ impl PartyService for PartySvc {
         let (resp_tx, resp_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(16);
         let (out_tx, out_rx) = mpsc::channel::<Outbound>(256);
         let conn_id = hub.next_id.fetch_add(1, Ordering::Relaxed);
+        let via = relay.as_ref().map(|(r, _)| r.clone());
         let conn = PartyConn { conn_id, tx: out_tx, certificate: certificate.clone(), relay };
         let previous = lock(&hub.parties).insert(name.clone(), conn);
         if previous.is_some() {
@@ -425,7 +434,7 @@ impl PartyService for PartySvc {
         if previous.is_some() {
             hub.broadcast(&Input::Disconnected(name.clone()));
         }
-        hub.broadcast(&Input::Connected { party: name.clone(), certificate });
+        hub.broadcast(&Input::Connected { party: name.clone(), certificate, relay: via });
         tokio::spawn(reader(hub, name, conn_id, inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(resp_rx))))
     }

@@ -88,7 +88,8 @@ impl ProtocolDriver {
     /// A party's contribution or step answer.
     pub(crate) fn on_message(&mut self, cx: &mut Context<'_>, party: &str, msg: Envelope) -> Result<(), String> {
         let certificate = cx.certificate(party).to_vec();
-        let peer = Peer { name: party, certificate: &certificate };
+        let relay = cx.relay(party).map(str::to_owned);
+        let peer = Peer { name: party, certificate: &certificate, relay: relay.as_deref() };
         match guarded(&self.who(), "on_message", || self.server.on_message(peer, msg))? {
             Ok(()) => Ok(()),
             Err(e) => Err(e.to_string()),

@@ -47,6 +47,8 @@ pub enum Input {
         party: String,
         /// Its TLS client certificate.
         certificate: Arc<[u8]>,
+        /// The relay carrying its stream, if any.
+        relay: Option<String>,
     },
     /// A party's connection ended.
     Disconnected(String),
@@ -98,7 +100,7 @@ pub enum Input {
 impl Input {
     /// `party` connected without a certificate (tests, tools).
     pub fn connected(party: &str) -> Input {
-        Input::Connected { party: party.to_owned(), certificate: Arc::from(Vec::new()) }
+        Input::Connected { party: party.to_owned(), certificate: Arc::from(Vec::new()), relay: None }
     }
 }
 
@@ -226,6 +228,8 @@ pub struct Core {
     /// Parties whose status changed since [`Session::take_changed_parties`].
     changed: BTreeSet<String>,
     connected: BTreeMap<String, Arc<[u8]>>,
+    /// The relay carrying each relayed party's stream.
+    relays: BTreeMap<String, String>,
     collection: Option<Collection>,
     record: Option<RoundRecord>,
     rounds_completed: u32,
@@ -263,6 +267,7 @@ impl Session {
             parties: BTreeMap::new(),
             changed: BTreeSet::new(),
             connected: BTreeMap::new(),
+            relays: BTreeMap::new(),
             collection: None,
             record: None,
             rounds_completed: 0,
@@ -350,9 +355,10 @@ impl Session {
         self.core.now = now;
         let Session { core, machine } = self;
         match input {
-            Input::Connected { party, certificate } => core.on_connected(party, certificate),
+            Input::Connected { party, certificate, relay } => core.on_connected(party, certificate, relay),
             Input::Disconnected(p) => {
                 core.connected.remove(&p);
+                core.relays.remove(&p);
                 core.drop_from_stage(&p, "disconnected");
             }
             Input::Answer { party, accepted, reason } => core.on_answer(party, accepted, reason),
@@ -453,8 +459,12 @@ impl Core {
         self.changed.insert(party.to_owned());
     }
 
-    fn on_connected(&mut self, p: String, certificate: Arc<[u8]>) {
+    fn on_connected(&mut self, p: String, certificate: Arc<[u8]>, relay: Option<String>) {
         self.connected.insert(p.clone(), certificate);
+        match relay {
+            Some(r) => self.relays.insert(p.clone(), r),
+            None => self.relays.remove(&p),
+        };
         let open_recruitment = self.spec.parties.names.is_empty() && matches!(self.phase, Phase::Recruiting { .. });
         match self.parties.get(&p).map(|s| s.state) {
             Some(PartyState::Refused | PartyState::Failed) => {}
@@ -625,6 +635,11 @@ impl Context<'_> {
     /// The open collection's stage and round.
     pub fn stage(&self) -> Option<(Stage, u32)> {
         self.core.collection.as_ref().map(|c| (c.stage, c.round))
+    }
+
+    /// The relay carrying `party`'s current connection, if any.
+    pub fn relay(&self, party: &str) -> Option<&str> {
+        self.core.relays.get(party).map(String::as_str)
     }
 
     /// The certificate (DER) `party` presented on its current connection.

@@ -316,6 +316,10 @@ pub struct Peer<'a> {
     pub name: &'a str,
     /// Its TLS client certificate, DER.
     pub certificate: &'a [u8],
+    /// The relay that carries its stream (`confide relay`), as the
+    /// coordinator admitted it on the party's delegation; `None` when the
+    /// party dialled the coordinator itself.
+    pub relay: Option<&'a str>,
 }
 
 /// A round as the coordinator starts it.

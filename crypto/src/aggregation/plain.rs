@@ -155,7 +155,7 @@ mod tests {
         let parties = ["a".to_string(), "b".to_string(), "c".to_string()];
         let msg = server.begin_round(&RoundInfo { round: 1, parties: &parties, global: &global, fit: None }).unwrap();
         assert!(msg.is_empty());
-        let peer = |name| Peer { name, certificate: &[] };
+        let peer = |name| Peer { name, certificate: &[], relay: None };
         server.on_message(peer("c"), contribution(3, &[1.0, 2.0])).unwrap();
         server.on_message(peer("a"), contribution(1, &[3.0, 4.0])).unwrap();
         let err = server.on_message(peer("b"), contribution(1, &[f32::NAN, 0.0])).unwrap_err().to_string();

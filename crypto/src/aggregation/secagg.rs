@@ -1271,7 +1271,7 @@ mod tests {
             let (num_examples, train_loss) = (10 * (i as u64 + 1), Some(i as f64 + 1.0));
             let update = LocalUpdate { global: &global, fit: &fit, local, num_examples, train_loss };
             let m = c.contribute(1, &rm, update)?;
-            server.on_message(Peer { name: &names[i], certificate: &[] }, m)?;
+            server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m)?;
         }
         match drive(server.as_mut(), &mut clients, 1, drop)? {
             Aggregate::WeightedSum { weighted_delta_sum, total_examples, mean_train_loss, contributors, .. } => {
@@ -1304,7 +1304,7 @@ mod tests {
                             continue;
                         }
                         let answer = clients[i].on_step(round, stage, m)?;
-                        server.on_message(Peer { name: &p, certificate: &[] }, answer)?;
+                        server.on_message(Peer { name: &p, certificate: &[], relay: None }, answer)?;
                     }
                     progress = server.close_stage()?;
                 }
@@ -1327,7 +1327,7 @@ mod tests {
         let values = |i: usize| vec![10.0 * (i + 1) as f64, -3.25 * i as f64, 1e6 + i as f64, 0.5, 7e9];
         for (i, c) in clients.iter_mut().enumerate() {
             let m = c.contribute_sum(0, &rm, &layout, &values(i)).unwrap();
-            server.on_message(Peer { name: &names[i], certificate: &[] }, m).unwrap();
+            server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m).unwrap();
         }
         let Aggregate::Sum { sums, contributors, .. } = drive(server.as_mut(), &mut clients, 0, &[2]).unwrap() else {
             panic!("a statistics round ends in a sum")
@@ -1353,7 +1353,7 @@ mod tests {
         let mut p0 = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let values = [10.0, 5.0, 10.0, 9.0, 10.0, 0.0, 0.0];
         let advert = p0.contribute_sum(2, &rm, &SumLayout::evaluation(&other), &values).unwrap();
-        let err = coordinator.on_message(Peer { name: "p0", certificate: &[] }, advert).unwrap_err();
+        let err = coordinator.on_message(Peer { name: "p0", certificate: &[], relay: None }, advert).unwrap_err();
         assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p0"), "{err}");
         // A sum of another length is refused before anything is sent.
         let err = p0.contribute_sum(2, &rm, &layout, &values[..3]).unwrap_err().to_string();
@@ -1475,7 +1475,8 @@ mod tests {
             }
             let mut honest = server(&toml::Table::new(), &job);
             honest.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
-            let err = honest.on_message(Peer { name: "p0", certificate: &[] }, adverts[0].clone()).unwrap_err();
+            let err =
+                honest.on_message(Peer { name: "p0", certificate: &[], relay: None }, adverts[0].clone()).unwrap_err();
             assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p0"), "{what}: {err}");
             // Relayed anyway: p1 refuses the stage and names the coordinator.
             let keys: Vec<wire::Keys> =
@@ -1534,7 +1535,7 @@ mod tests {
             c.prepare(&global);
             let update = LocalUpdate { global: &global, fit: &fit, local: local(i), num_examples: 1, train_loss: None };
             let m = c.contribute(1, &rm, update).unwrap();
-            server.on_message(Peer { name: &names[i], certificate: &[] }, m).unwrap();
+            server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m).unwrap();
         }
         let mechanism = NoisyUpdate::new(job.distributed_dp.as_ref().unwrap(), &job.job_id, 1, &global).unwrap();
         match drive(server.as_mut(), &mut clients, 1, drop).unwrap() {
@@ -1615,7 +1616,7 @@ mod tests {
                     train_loss: None,
                 };
                 let m = c.contribute(round, &rm, update).unwrap();
-                coordinator.on_message(Peer { name: &names[i], certificate: &[] }, m).unwrap();
+                coordinator.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m).unwrap();
             }
             let Aggregate::WeightedSum { weighted_delta_sum, .. } =
                 drive(coordinator.as_mut(), &mut clients, round, &[]).unwrap()
@@ -1657,7 +1658,7 @@ mod tests {
         let update =
             LocalUpdate { global: &global, fit: &fit, local: model(|_| small), num_examples: 1, train_loss: None };
         let advert = clients[0].contribute(10, &prost::Message::encode_to_vec(&rc), update).unwrap();
-        let err = coordinator.on_message(Peer { name: "p0", certificate: &[] }, advert).unwrap_err();
+        let err = coordinator.on_message(Peer { name: "p0", certificate: &[], relay: None }, advert).unwrap_err();
         assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p0"), "{err}");
         // A coordinator that sends an absurd clip is refused and named.
         let mut coordinator = server(&table, &job);
@@ -1728,7 +1729,8 @@ mod tests {
         }
         let mut coordinator = server(&toml::Table::new(), &real);
         coordinator.begin_round(&info).unwrap();
-        let err = coordinator.on_message(Peer { name: "p0", certificate: &[] }, adverts[0].clone()).unwrap_err();
+        let err =
+            coordinator.on_message(Peer { name: "p0", certificate: &[], relay: None }, adverts[0].clone()).unwrap_err();
         assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p0"), "{err}");
         let keys: Vec<wire::Keys> =
             adverts.iter().map(|a| prost::Message::decode(a.body.as_slice()).unwrap()).collect();
@@ -1750,7 +1752,7 @@ mod tests {
             let update =
                 LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None };
             let m = c.contribute(1, &rm, update).unwrap();
-            server.on_message(Peer { name: &names[i], certificate: &[] }, m).unwrap();
+            server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m).unwrap();
         }
         let Progress::Step { messages: Messages::PerParty(lists), .. } = server.close_stage().unwrap() else {
             panic!()
@@ -1762,14 +1764,15 @@ mod tests {
             assert!(!shares.signature.is_empty(), "the shares are signed");
             if p == "p1" {
                 shares.shares[0].self_mask[0] ^= 1;
-                let err =
-                    server.on_message(Peer { name: &p, certificate: &[] }, Envelope::encode(&shares)).unwrap_err();
+                let err = server
+                    .on_message(Peer { name: &p, certificate: &[], relay: None }, Envelope::encode(&shares))
+                    .unwrap_err();
                 assert!(
                     matches!(&err, Error::PeerMisbehaved { party, reason } if party == "p1" && reason.contains("signature")),
                     "{err}"
                 );
             } else {
-                server.on_message(Peer { name: &p, certificate: &[] }, answer).unwrap();
+                server.on_message(Peer { name: &p, certificate: &[], relay: None }, answer).unwrap();
             }
         }
     }
@@ -1811,7 +1814,7 @@ mod tests {
     fn a_plaintext_update_is_refused_by_name() {
         let Begun { global, mut server, .. } = begun_round(3);
         let plain = Envelope { body: Vec::new(), bulk: Some(Bulk::Params(std::sync::Arc::new(global.clone()))) };
-        let err = server.on_message(Peer { name: "p1", certificate: &[] }, plain).unwrap_err().to_string();
+        let err = server.on_message(Peer { name: "p1", certificate: &[], relay: None }, plain).unwrap_err().to_string();
         assert!(err.contains("party p1") && err.contains("plaintext update"), "{err}");
     }
 }

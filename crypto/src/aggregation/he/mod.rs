@@ -936,7 +936,8 @@ impl HeServer {
         r.pending.as_ref().or(epoch.as_ref()).ok_or_else(|| Error::WrongStage("he: no key epoch".into()))
     }
 
-    fn on_upload(&mut self, party: &str, certificate: &[u8], message: Envelope) -> Result<(), Error> {
+    fn on_upload(&mut self, from: Peer<'_>, message: Envelope) -> Result<(), Error> {
+        let (party, certificate) = (from.name, from.certificate);
         let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round in progress".into()))?;
         let (params, fingerprint, in_key) = {
             let e = Self::current_epoch(&self.epoch, r)?;
@@ -955,7 +956,20 @@ impl HeServer {
             let relay = upload.relay.clone();
             let mut members: Vec<String> = upload.group.iter().map(|m| m.party.clone()).collect();
             members.push(party.to_owned());
-            return match self.on_group(party, certificate, upload, message.bulk) {
+            // Only the relay that carries the leader's stream (as admitted on
+            // the leader's delegation) can have summed its group.
+            let claimed = if from.relay == Some(relay.as_str()) {
+                Ok(())
+            } else {
+                Err(misbehaved(
+                    party,
+                    format!(
+                        "a group of relay {relay} came {}",
+                        from.relay.map_or("directly".to_owned(), |r| format!("through relay {r}"))
+                    ),
+                ))
+            };
+            return match claimed.and_then(|()| self.on_group(party, certificate, upload, message.bulk)) {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     // The relay's fault or one member's, not the leader's
@@ -1207,7 +1221,7 @@ impl AggregationServer for HeServer {
                 r.deals.insert(party.to_owned(), deal);
                 Ok(())
             }
-            ServerStage::Uploads => self.on_upload(party, from.certificate, message),
+            ServerStage::Uploads => self.on_upload(from, message),
             ServerStage::Hashes => {
                 let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round".into()))?;
                 let hv: wire::HashValue = message.decode(party, "hash value")?;
@@ -2441,7 +2455,7 @@ mod tests {
             }
             if keygen {
                 for (p, m) in answers {
-                    self.server.on_message(Peer { name: &p, certificate: &[] }, m)?;
+                    self.server.on_message(Peer { name: &p, certificate: &[], relay: None }, m)?;
                 }
             } else {
                 self.uploads(answers, script)?;
@@ -2463,16 +2477,20 @@ mod tests {
                     None => direct.push((p, m)),
                 }
             }
+            let mut relayed = Vec::new();
             for (relay, group) in groups {
                 for (p, mut m) in group.finish() {
                     if let Some(f) = script.relay_forge.as_mut() {
                         f(relay, &p, &mut m);
                     }
-                    direct.push((p, m));
+                    relayed.push((p, m, relay));
                 }
             }
             for (p, m) in direct {
-                self.server.on_message(Peer { name: &p, certificate: &[] }, m)?;
+                self.server.on_message(Peer { name: &p, certificate: &[], relay: None }, m)?;
+            }
+            for (p, m, relay) in relayed {
+                self.server.on_message(Peer { name: &p, certificate: &[], relay: Some(relay) }, m)?;
             }
             Ok(())
         }
@@ -2504,7 +2522,9 @@ mod tests {
                                         continue;
                                     }
                                     // A rejected answer drops its sender, as the session does.
-                                    let _ = self.server.on_message(Peer { name: &p, certificate: &[] }, answer);
+                                    let _ = self
+                                        .server
+                                        .on_message(Peer { name: &p, certificate: &[], relay: None }, answer);
                                 }
                                 Err(e) => script.refusals.push((stage, p.clone(), e.to_string())),
                             }
@@ -2572,7 +2592,7 @@ mod tests {
         for (i, p) in names.iter().enumerate() {
             let values: Vec<f64> = (0..layout.values).map(|k| (i * 10 + k) as f64 - 7.5).collect();
             let m = fed.clients.get_mut(p).unwrap().contribute_sum(0, &rm, &layout, &values).unwrap();
-            fed.server.on_message(Peer { name: p, certificate: &[] }, m).unwrap();
+            fed.server.on_message(Peer { name: p, certificate: &[], relay: None }, m).unwrap();
         }
         let Aggregate::Sum { sums, contributors, .. } = fed.drive(0, &mut Script::default()).unwrap() else { panic!() };
         assert_eq!(contributors.len(), 4);
@@ -2715,7 +2735,7 @@ mod tests {
         // The round goes on without a refused group; the reason is in its roles.
         let finish = |fed: &mut Fed, rest: Vec<(String, Envelope)>| -> (Vec<String>, BTreeMap<String, Vec<String>>) {
             for (p, m) in rest {
-                fed.server.on_message(Peer { name: &p, certificate: &[] }, m).unwrap();
+                fed.server.on_message(Peer { name: &p, certificate: &[], relay: None }, m).unwrap();
             }
             let a = fed.drive(2, &mut Script::default()).unwrap();
             (weighted(&a).2.to_vec(), fed.server.round_roles())
@@ -2733,13 +2753,13 @@ mod tests {
         let names = fed.names.clone();
         fed.round(1, &names, &global, &mut Script::default()).unwrap();
         let mut ups = uploads(&mut fed);
-        fed.server.on_message(Peer { name: "p0", certificate: &[] }, ups[0].1.clone()).unwrap();
+        fed.server.on_message(Peer { name: "p0", certificate: &[], relay: None }, ups[0].1.clone()).unwrap();
         let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
         for (p, m) in ups.drain(..2) {
             g.add(&p, &[], m).unwrap();
         }
         let (leader, m) = g.finish().pop().unwrap();
-        fed.server.on_message(Peer { name: &leader, certificate: &[] }, m).unwrap();
+        fed.server.on_message(Peer { name: &leader, certificate: &[], relay: Some("edge-a") }, m).unwrap();
         let (contributors, roles) = finish(&mut fed, ups);
         assert_eq!(contributors, ["p0", "p2", "p3", "p4", "p5"]);
         let (why, members) = left_out(&roles);
@@ -2757,12 +2777,29 @@ mod tests {
         let mut rec: wire::Upload = m.decode("t", "t").unwrap();
         rec.group[0].c1_hash[0] ^= 1;
         m.body = prost::Message::encode_to_vec(&rec);
-        fed.server.on_message(Peer { name: &leader, certificate: &[] }, m).unwrap();
+        fed.server.on_message(Peer { name: &leader, certificate: &[], relay: Some("edge-a") }, m).unwrap();
         let (contributors, roles) = finish(&mut fed, ups);
         assert_eq!(contributors, ["p2", "p3", "p4", "p5"]);
         let (why, members) = left_out(&roles);
         assert!(why.contains("relay edge-a forwarded a record of p0"), "{why}");
         assert_eq!(members, ["p0", "p1"]);
+        // A group under a relay's name on a stream that relay does not carry
+        // (another relay's, or a party's own): left out, whoever summed it.
+        for via in [None, Some("edge-b")] {
+            let mut fed = Fed::new(6, 3);
+            fed.round(1, &names, &global, &mut Script::default()).unwrap();
+            let mut ups = uploads(&mut fed);
+            let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
+            for (p, m) in ups.drain(..2) {
+                g.add(&p, &[], m).unwrap();
+            }
+            let (leader, m) = g.finish().pop().unwrap();
+            fed.server.on_message(Peer { name: &leader, certificate: &[], relay: via }, m).unwrap();
+            let (contributors, roles) = finish(&mut fed, ups);
+            assert_eq!(contributors, ["p2", "p3", "p4", "p5"]);
+            let (why, _) = left_out(&roles);
+            assert!(why.contains("a group of relay edge-a came"), "{why}");
+        }
         // The relay refuses an upload that is not one, naming its sender.
         let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
         let e = g.add("p3", &[], Envelope::body(vec![1, 2, 3])).unwrap_err().to_string();
@@ -2972,23 +3009,29 @@ mod tests {
             .server
             .begin_round(&RoundInfo { round: 3, parties: &names, global: &global, fit: Some(&fit3) })
             .unwrap();
-        let err = fed.server.on_message(Peer { name: "p0", certificate: &[] }, old).unwrap_err().to_string();
+        let err =
+            fed.server.on_message(Peer { name: "p0", certificate: &[], relay: None }, old).unwrap_err().to_string();
         assert!(err.contains("party p0 misbehaved") && err.contains("signature"), "{err}");
         // A signature by someone else.
         let u =
             LocalUpdate { global: &global, fit: &fit3, local: update(1, &fit3), num_examples: 11, train_loss: None };
         let mut m = fed.clients.get_mut("p1").unwrap().contribute(3, &rm3, u).unwrap();
-        let err = fed.server.on_message(Peer { name: "p2", certificate: &[] }, m.clone()).unwrap_err().to_string();
+        let err = fed
+            .server
+            .on_message(Peer { name: "p2", certificate: &[], relay: None }, m.clone())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("party p2 misbehaved"), "{err}");
         // A truncated ciphertext.
         if let Some(Bulk::Words(w)) = m.bulk.as_mut() {
             w.truncate(w.len() - 1);
         }
-        let err = fed.server.on_message(Peer { name: "p1", certificate: &[] }, m).unwrap_err().to_string();
+        let err = fed.server.on_message(Peer { name: "p1", certificate: &[], relay: None }, m).unwrap_err().to_string();
         assert!(err.contains("party p1 misbehaved"), "{err}");
         // A plaintext update.
         let plain = Envelope { body: vec![], bulk: Some(Bulk::Params(std::sync::Arc::new(global.clone()))) };
-        let err = fed.server.on_message(Peer { name: "p3", certificate: &[] }, plain).unwrap_err().to_string();
+        let err =
+            fed.server.on_message(Peer { name: "p3", certificate: &[], relay: None }, plain).unwrap_err().to_string();
         assert!(err.contains("plaintext"), "{err}");
     }
 
@@ -3109,7 +3152,7 @@ mod tests {
             let local = params(&vec![100.0; 2000]);
             let u = LocalUpdate { global: &global, fit: &fit1, local, num_examples: 1, train_loss: None };
             let m = clients.get_mut(p).unwrap().contribute(1, &rm, u).unwrap();
-            server.on_message(Peer { name: p, certificate: &[] }, m).unwrap();
+            server.on_message(Peer { name: p, certificate: &[], relay: None }, m).unwrap();
         }
         let mut fed = Fed { names: names.clone(), server, clients, round_message: Vec::new() };
         let a = fed.drive(1, &mut Script::default()).unwrap();
@@ -3175,7 +3218,7 @@ mod tests {
                 train_loss: None,
             };
             let m = fed.clients.get_mut(p).unwrap().contribute(1, &rm, u).unwrap();
-            fed.server.on_message(Peer { name: p, certificate: &[] }, m).unwrap();
+            fed.server.on_message(Peer { name: p, certificate: &[], relay: None }, m).unwrap();
         }
         let mut script = Script { forge: Some(&mut forge), tamper: Some(&mut tamper), ..Script::default() };
         let a = fed.drive(1, &mut script).unwrap();
