@@ -2747,6 +2747,14 @@ mod tests {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .unwrap()
         };
+        // edge-a's group of the first two uploads: its leader and message.
+        let group_of_two = |fed: &Fed, ups: &mut Vec<(String, Envelope)>| -> (String, Envelope) {
+            let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
+            for (p, m) in ups.drain(..2) {
+                g.add(&p, &[], m).unwrap();
+            }
+            g.finish().pop().unwrap()
+        };
         // A group that repeats a direct upload: left out (its leader not
         // dropped for it), naming the relay and the party counted twice.
         let mut fed = Fed::new(6, 3);
@@ -2754,11 +2762,7 @@ mod tests {
         fed.round(1, &names, &global, &mut Script::default()).unwrap();
         let mut ups = uploads(&mut fed);
         fed.server.on_message(Peer { name: "p0", certificate: &[], relay: None }, ups[0].1.clone()).unwrap();
-        let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
-        for (p, m) in ups.drain(..2) {
-            g.add(&p, &[], m).unwrap();
-        }
-        let (leader, m) = g.finish().pop().unwrap();
+        let (leader, m) = group_of_two(&fed, &mut ups);
         fed.server.on_message(Peer { name: &leader, certificate: &[], relay: Some("edge-a") }, m).unwrap();
         let (contributors, roles) = finish(&mut fed, ups);
         assert_eq!(contributors, ["p0", "p2", "p3", "p4", "p5"]);
@@ -2769,11 +2773,7 @@ mod tests {
         let mut fed = Fed::new(6, 3);
         fed.round(1, &names, &global, &mut Script::default()).unwrap();
         let mut ups = uploads(&mut fed);
-        let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
-        for (p, m) in ups.drain(..2) {
-            g.add(&p, &[], m).unwrap();
-        }
-        let (leader, mut m) = g.finish().pop().unwrap();
+        let (leader, mut m) = group_of_two(&fed, &mut ups);
         let mut rec: wire::Upload = m.decode("t", "t").unwrap();
         rec.group[0].c1_hash[0] ^= 1;
         m.body = prost::Message::encode_to_vec(&rec);
@@ -2789,11 +2789,7 @@ mod tests {
             let mut fed = Fed::new(6, 3);
             fed.round(1, &names, &global, &mut Script::default()).unwrap();
             let mut ups = uploads(&mut fed);
-            let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
-            for (p, m) in ups.drain(..2) {
-                g.add(&p, &[], m).unwrap();
-            }
-            let (leader, m) = g.finish().pop().unwrap();
+            let (leader, m) = group_of_two(&fed, &mut ups);
             fed.server.on_message(Peer { name: &leader, certificate: &[], relay: via }, m).unwrap();
             let (contributors, roles) = finish(&mut fed, ups);
             assert_eq!(contributors, ["p2", "p3", "p4", "p5"]);
