@@ -207,7 +207,7 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
     let mut feedback: Vec<Input> = hub
         .connections()
         .into_iter()
-        .map(|(party, certificate, relay)| Input::Connected { party, certificate, relay })
+        .map(|c| Input::Connected { party: c.party, certificate: c.certificate, relay: c.relay.map(|(r, _)| r) })
         .collect();
     let mut encoder = Encoder::default();
     let mut round = RoundClock::new(0);

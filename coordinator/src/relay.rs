@@ -16,7 +16,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,15 +29,15 @@ use confide_proto::pb::party_service_client::PartyServiceClient;
 use confide_proto::pb::party_service_server::{PartyService, PartyServiceServer};
 use confide_proto::pb::{self, coordinator_message, party_message};
 use confide_proto::transfer::{self, Incoming};
-use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::Error;
+use crate::server::BoxStream;
 use crate::server::{RELAYED_CERT, RELAYED_NONCE, RELAYED_SIGNATURE, RELAYED_TIME};
-use crate::tls::{self, Admission, peer_of};
+use crate::tls::{self, Admission, peer_certificate, peer_of};
 
 /// How a relay runs.
 #[derive(Debug, Clone)]
@@ -465,8 +464,6 @@ struct RelaySvc {
     shared: Arc<Shared>,
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
 #[tonic::async_trait]
 impl PartyService for RelaySvc {
     type JoinStream = BoxStream<pb::CoordinatorMessage>;
@@ -474,10 +471,7 @@ impl PartyService for RelaySvc {
     async fn join(&self, req: Request<Streaming<pb::PartyMessage>>) -> Result<Response<Self::JoinStream>, Status> {
         let id = peer_of(&req)?;
         let party = id.name;
-        let certificate: Arc<[u8]> = req
-            .peer_certs()
-            .and_then(|c| c.first().map(|c| Arc::from(c.as_ref())))
-            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let certificate = peer_certificate(&req)?;
         let mut inbound = req.into_inner();
         // The first message carries the party's delegation to this relay.
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {

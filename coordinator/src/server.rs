@@ -33,7 +33,7 @@ use crate::db::Db;
 use crate::driver::{self, EncodedTask};
 use crate::plugins::Plugins;
 use crate::session::{Input, Start};
-use crate::tls::{self, peer_of};
+use crate::tls::{self, peer_certificate, peer_of};
 
 /// How the coordinator is set up (`confide coordinator serve`).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -77,6 +77,16 @@ pub enum Outbound {
     Task(Arc<EncodedTask>),
     /// Ends the stream with this status.
     Close(Status),
+}
+
+/// A connected party as [`Hub::connections`] lists it.
+pub struct Connection {
+    /// The party's name.
+    pub party: String,
+    /// Its certificate (DER).
+    pub certificate: Arc<[u8]>,
+    /// The relay carrying its stream, and the relay's certificate.
+    pub relay: Option<(String, Arc<[u8]>)>,
 }
 
 struct PartyConn {
@@ -142,24 +152,12 @@ impl Hub {
         &self.models_dir
     }
 
-    /// Connected parties and their certificates.
-    pub fn connected(&self) -> Vec<(String, Arc<[u8]>)> {
-        lock(&self.parties).iter().map(|(n, c)| (n.clone(), c.certificate.clone())).collect()
-    }
-
-    /// Connected parties, their certificates and the relays carrying them.
-    pub fn connections(&self) -> Vec<(String, Arc<[u8]>, Option<String>)> {
+    /// Connected parties: name, the certificate of the stream, and the
+    /// relay carrying it (name and certificate), if any.
+    pub fn connections(&self) -> Vec<Connection> {
         lock(&self.parties)
             .iter()
-            .map(|(n, c)| (n.clone(), c.certificate.clone(), c.relay.as_ref().map(|(r, _)| r.clone())))
-            .collect()
-    }
-
-    /// Parties connected through a relay: party, relay and its certificate.
-    fn relayed(&self) -> Vec<(String, String, Arc<[u8]>)> {
-        lock(&self.parties)
-            .iter()
-            .filter_map(|(n, c)| c.relay.as_ref().map(|(r, cert)| (n.clone(), r.clone(), cert.clone())))
+            .map(|(n, c)| Connection { party: n.clone(), certificate: c.certificate.clone(), relay: c.relay.clone() })
             .collect()
     }
 
@@ -367,7 +365,8 @@ struct PartySvc {
     hub: Arc<Hub>,
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+/// A streaming response of the party or admin service.
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl PartyService for PartySvc {
@@ -375,18 +374,13 @@ impl PartyService for PartySvc {
 
     async fn join(&self, req: Request<Streaming<pb::PartyMessage>>) -> Result<Response<Self::JoinStream>, Status> {
         let id = peer_of(&req)?;
+        let shown = peer_certificate(&req)?;
         let hub = self.hub.clone();
         let (name, certificate, relay): (String, Arc<[u8]>, Option<(String, Arc<[u8]>)>) = match id.role {
             // Given to the jobs' aggregation protocols, e.g. for SecAgg+ to
             // relay with the party's keys so that peers verify its signature
             // against the CA themselves.
-            Role::Party => (
-                id.name,
-                req.peer_certs()
-                    .and_then(|c| c.first().map(|c| Arc::from(c.as_ref())))
-                    .unwrap_or_else(|| Arc::from(Vec::new())),
-                None,
-            ),
+            Role::Party => (id.name, shown, None),
             Role::Relay => {
                 let relay = id.name;
                 let hub2 = hub.clone();
@@ -398,11 +392,7 @@ impl PartyService for PartySvc {
                     warn!(relay = %relay, "refused a stream through the relay: {}", s.message());
                 })?;
                 info!(relay = %relay, party = %name, "party connecting through a relay");
-                let relay_cert: Arc<[u8]> = req
-                    .peer_certs()
-                    .and_then(|c| c.first().map(|c| Arc::from(c.as_ref())))
-                    .unwrap_or_else(|| Arc::from(Vec::new()));
-                (name, Arc::from(cert), Some((relay, relay_cert)))
+                (name, Arc::from(cert), Some((relay, shown)))
             }
             _ => return Err(Status::permission_denied(format!("{} is not a party certificate", id.name))),
         };
@@ -515,9 +505,9 @@ async fn watch_enrollment(hub: Arc<Hub>) {
                 last_error.clear();
                 let crl = newer.der().to_vec();
                 hub.revocations.write().unwrap_or_else(|p| p.into_inner()).update(newer).ok();
-                for (party, _) in hub.connected() {
+                for c in hub.connections() {
                     let msg = coordinator_message::Body::Revocations(pb::RevocationList { crl: crl.clone() });
-                    hub.send(&party, Outbound::Msg(msg));
+                    hub.send(&c.party, Outbound::Msg(msg));
                 }
             }
             Ok(_) => last_error.clear(),
@@ -530,19 +520,18 @@ async fn watch_enrollment(hub: Arc<Hub>) {
             }
         }
         let list = hub.revocation_list();
-        for (party, certificate) in hub.connected() {
-            let why = match (&enrolled, list.check(&party, &certificate)) {
-                (_, Err(_)) => format!("party {party}: its certificate is revoked (list version {})", list.version()),
-                (Ok(names), Ok(())) if !names.contains(&party) => format!("party {party} is no longer enrolled"),
+        for Connection { party, certificate, relay } in hub.connections() {
+            let relay_revoked = relay.as_ref().filter(|(r, cert)| list.check(r, cert).is_err());
+            let why = match (&enrolled, list.check(&party, &certificate), relay_revoked) {
+                (_, Err(_), _) => {
+                    format!("party {party}: its certificate is revoked (list version {})", list.version())
+                }
+                // A revoked relay loses every stream it carries.
+                (_, _, Some((r, _))) => format!("party {party}: its relay {r}'s certificate is revoked"),
+                (Ok(names), Ok(()), None) if !names.contains(&party) => format!("party {party} is no longer enrolled"),
                 _ => continue,
             };
             hub.expel(&party, &why);
-        }
-        // A revoked relay loses every stream it carries.
-        for (party, relay, certificate) in hub.relayed() {
-            if list.check(&relay, &certificate).is_err() {
-                hub.expel(&party, &format!("party {party}: its relay {relay}'s certificate is revoked"));
-            }
         }
     }
 }

@@ -180,6 +180,14 @@ async fn handshake(
     Some(stream)
 }
 
+/// The certificate (DER) the peer of a request presented (already verified
+/// by [`accept_loop`]).
+pub fn peer_certificate<T>(req: &tonic::Request<T>) -> Result<Arc<[u8]>, tonic::Status> {
+    req.peer_certs()
+        .and_then(|c| c.first().map(|c| Arc::from(c.as_ref())))
+        .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))
+}
+
 /// The identity of the peer of a request (already verified by [`accept_loop`]).
 pub fn peer_of<T>(req: &tonic::Request<T>) -> Result<pki::PeerIdentity, tonic::Status> {
     let certs = req.peer_certs().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;

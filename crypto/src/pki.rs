@@ -397,26 +397,7 @@ impl PkiDir {
         certificate: Option<&[u8]>,
     ) -> Result<crate::revocation::Revocations, Error> {
         let ca = self.load_ca()?;
-        let cert = match certificate {
-            Some(c) => c.to_vec(),
-            None => {
-                let path = self.party_cert(name);
-                fs::read(&path).map_err(|e| {
-                    Error::InvalidInput(format!(
-                        "{}: {e} (no certificate of party {name} here; pass the one it was issued)",
-                        path.display()
-                    ))
-                })?
-            }
-        };
-        let der = pem_or_der(&cert, "certificate")?;
-        let id = peer_identity(&der)?;
-        if id.name != name || id.role != Role::Party {
-            return Err(Error::InvalidInput(format!(
-                "the certificate names {} ({:?}), not party {name}",
-                id.name, id.role
-            )));
-        }
+        let der = self.named_certificate(Role::Party, name, certificate, &self.party_cert(name))?;
         let list = self.add_revocation(&ca, &der)?;
         if self.federation_file().exists() {
             let enrolled: Vec<String> = self.enrolled()?.into_iter().filter(|p| p != name).collect();
@@ -453,27 +434,37 @@ impl PkiDir {
         certificate: Option<&[u8]>,
     ) -> Result<crate::revocation::Revocations, Error> {
         let ca = self.load_ca()?;
-        let cert = match certificate {
+        let der = self.named_certificate(Role::Relay, name, certificate, &self.relay_cert(name))?;
+        self.add_revocation(&ca, &der)
+    }
+
+    /// The certificate (DER) of `role` `name` to revoke: `given` (PEM or
+    /// DER), or the one issued here at `kept`; refused unless it names them.
+    fn named_certificate(&self, role: Role, name: &str, given: Option<&[u8]>, kept: &Path) -> Result<Vec<u8>, Error> {
+        let what = match role {
+            Role::Party => "party",
+            Role::Relay => "relay",
+            Role::Admin => "admin",
+            Role::Coordinator => "coordinator",
+        };
+        let cert = match given {
             Some(c) => c.to_vec(),
-            None => {
-                let path = self.relay_cert(name);
-                fs::read(&path).map_err(|e| {
-                    Error::InvalidInput(format!(
-                        "{}: {e} (no certificate of relay {name} here; pass the one it was issued)",
-                        path.display()
-                    ))
-                })?
-            }
+            None => fs::read(kept).map_err(|e| {
+                Error::InvalidInput(format!(
+                    "{}: {e} (no certificate of {what} {name} here; pass the one it was issued)",
+                    kept.display()
+                ))
+            })?,
         };
         let der = pem_or_der(&cert, "certificate")?;
         let id = peer_identity(&der)?;
-        if id.name != name || id.role != Role::Relay {
+        if id.name != name || id.role != role {
             return Err(Error::InvalidInput(format!(
-                "the certificate names {} ({:?}), not relay {name}",
+                "the certificate names {} ({:?}), not {what} {name}",
                 id.name, id.role
             )));
         }
-        self.add_revocation(&ca, &der)
+        Ok(der.to_vec())
     }
 
     /// Writes a revocation list one version newer that adds `cert_der`.

@@ -177,6 +177,64 @@ impl JobFacts {
     }
 }
 
+/// How a hiding protocol's round sum decodes: weighted updates, clipped
+/// updates with distributed noise (each weighing 1), or statistics.
+pub(crate) enum Decoding {
+    Updates(update::WeightedUpdate),
+    Noisy(Box<update::NoisyUpdate>),
+    Statistics(sum::WideSum),
+}
+
+impl Decoding {
+    /// The round's result from its decrypted or unmasked sum over
+    /// `contributors`; under adaptive clipping also the next round's clip,
+    /// from the noisy count (post-processing of the release).
+    pub(crate) fn aggregate(
+        &self,
+        job: &JobFacts,
+        sum: &[u32],
+        contributors: Vec<String>,
+        misbehaved: Vec<(String, String)>,
+    ) -> Result<(Aggregate, Option<f64>), Error> {
+        Ok(match self {
+            Decoding::Updates(encoding) => {
+                let (weighted_delta_sum, total_examples, mean_train_loss) = encoding.decode(sum, contributors.len())?;
+                let a = Aggregate::WeightedSum {
+                    weighted_delta_sum,
+                    total_examples,
+                    mean_train_loss,
+                    misbehaved,
+                    contributors,
+                };
+                (a, None)
+            }
+            Decoding::Noisy(encoding) => {
+                let (weighted_delta_sum, unclipped) = encoding.decode_with_count(sum, contributors.len())?;
+                let next_clip = match (job.adaptive_clip, unclipped) {
+                    (Some(a), Some(count)) => {
+                        let first = job.distributed_dp.map_or(encoding.clip(), |t| t.clip);
+                        Some(a.next_clip(first, encoding.clip(), count, contributors.len()))
+                    }
+                    _ => None,
+                };
+                let a = Aggregate::WeightedSum {
+                    weighted_delta_sum,
+                    // Each weighs 1: the strategy's mean divides by the
+                    // contributors, which the coordinator knows anyway.
+                    total_examples: contributors.len() as f64,
+                    mean_train_loss: None,
+                    misbehaved,
+                    contributors,
+                };
+                (a, next_clip)
+            }
+            Decoding::Statistics(encoding) => {
+                (Aggregate::Sum { sums: encoding.decode(sum)?, misbehaved, contributors }, None)
+            }
+        })
+    }
+}
+
 /// A party's checks on the party list and revocation-list version of a
 /// round the coordinator started, shared by the protocols that hide
 /// updates: at most the federation's limit, only parties the spec names,

@@ -29,7 +29,7 @@ use zeroize::Zeroize;
 use super::sum::{SumLayout, WideSum};
 use super::update::{NoisyUpdate, WeightedUpdate};
 use super::{
-    Aggregate, AggregationClient, AggregationProtocol, AggregationServer, Bulk, Envelope, JobFacts, LocalUpdate,
+    AggregationClient, AggregationProtocol, AggregationServer, Bulk, Decoding, Envelope, JobFacts, LocalUpdate,
     Messages, PartyIdentity, Peer, PeerVerifier, Problem, Progress, Quorum, Reveals, RoundInfo, StageName, SumRound,
     parse_settings,
 };
@@ -600,14 +600,6 @@ enum ServerStage {
     Unmask,
 }
 
-/// How the round's sum decodes.
-enum Decoding {
-    Updates(WeightedUpdate),
-    /// Clipped updates with distributed noise, each weighing 1.
-    Noisy(Box<NoisyUpdate>),
-    Statistics(WideSum),
-}
-
 struct ServerRound {
     server: Server,
     decoding: Decoding,
@@ -773,7 +765,6 @@ impl AggregationServer for SecAggServer {
     }
 
     fn close_stage(&mut self) -> Result<Progress, Error> {
-        let adaptive = self.job.adaptive_clip;
         let mut next_clip = None;
         let r =
             self.round.as_mut().ok_or_else(|| Error::WrongStage("no secure-aggregation round in progress".into()))?;
@@ -844,40 +835,8 @@ impl AggregationServer for SecAggServer {
             ServerStage::Unmask => {
                 let (sum, contributors) = r.server.finish()?;
                 let misbehaved = r.server.flagged().iter().map(|(p, why)| (p.clone(), why.clone())).collect();
-                let aggregate = match &r.decoding {
-                    Decoding::Updates(encoding) => {
-                        let (weighted_delta_sum, total_examples, mean_train_loss) =
-                            encoding.decode(&sum, contributors.len())?;
-                        Aggregate::WeightedSum {
-                            weighted_delta_sum,
-                            total_examples,
-                            mean_train_loss,
-                            misbehaved,
-                            contributors,
-                        }
-                    }
-                    Decoding::Noisy(encoding) => {
-                        let (weighted_delta_sum, unclipped) = encoding.decode_with_count(&sum, contributors.len())?;
-                        // Adaptive clipping: the next round's clip, from the
-                        // noisy count (post-processing of the release).
-                        if let (Some(a), Some(count)) = (adaptive, unclipped) {
-                            let first = self.job.distributed_dp.map_or(encoding.clip(), |t| t.clip);
-                            next_clip = Some(a.next_clip(first, encoding.clip(), count, contributors.len()));
-                        }
-                        Aggregate::WeightedSum {
-                            weighted_delta_sum,
-                            // Each weighs 1: the strategy's mean divides by the
-                            // contributors, which the coordinator knows anyway.
-                            total_examples: contributors.len() as f64,
-                            mean_train_loss: None,
-                            misbehaved,
-                            contributors,
-                        }
-                    }
-                    Decoding::Statistics(encoding) => {
-                        Aggregate::Sum { sums: encoding.decode(&sum)?, misbehaved, contributors }
-                    }
-                };
+                let aggregate;
+                (aggregate, next_clip) = r.decoding.aggregate(&self.job, &sum, contributors, misbehaved)?;
                 self.round = None;
                 Progress::Done(aggregate)
             }
@@ -1211,6 +1170,7 @@ impl SecAggClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregation::Aggregate;
     use crate::secagg::testing::{InsecureTagVerifier, identity};
     use confide_algorithms::{FitConfig, Parameters, Tensor, TrainConfig};
 

@@ -34,7 +34,7 @@ use zeroize::Zeroizing;
 use super::sum::{SumLayout, WideSum};
 use super::update::{NoisyUpdate, WeightedUpdate};
 use super::{
-    Aggregate, AggregationClient, AggregationProtocol, AggregationServer, Bulk, Envelope, JobFacts, LocalUpdate,
+    AggregationClient, AggregationProtocol, AggregationServer, Bulk, Decoding, Envelope, JobFacts, LocalUpdate,
     Messages, PartyIdentity, Peer, PeerVerifier, Problem, Progress, Quorum, Reveals, RoundInfo, StageName, SumRound,
     parse_settings,
 };
@@ -505,6 +505,10 @@ pub mod wire {
         pub contributors: Vec<String>,
         #[prost(bytes = "vec", tag = "2")]
         pub commitment: Vec<u8>,
+        /// Contributors whose ciphertexts came in a relay's group sum: they
+        /// also hash their c0 (nobody else pays for it).
+        #[prost(string, repeated, tag = "3")]
+        pub grouped: Vec<String>,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -774,13 +778,6 @@ fn derive_round(
     Derived { round, parties: parties.to_vec(), keygen, epoch: epoch.unwrap_or(binding), dim, subject, binding }
 }
 
-/// How a round's sum decodes.
-enum Decoding {
-    Updates(WeightedUpdate),
-    Noisy(Box<NoisyUpdate>),
-    Statistics(WideSum),
-}
-
 // ------------------------------------------------------------ server
 
 struct ServerEpoch {
@@ -836,6 +833,37 @@ struct RelayGroup {
     members: Vec<String>,
     c0: Vec<u64>,
     c1: Vec<u64>,
+}
+
+impl ServerRound {
+    /// Commits to the aggregate and asks for the contributors' linear
+    /// hashes (relay-group members also hash their c0, the only check of a
+    /// group's c0 sum). Members of left-out relay groups are asked too: they
+    /// hold key shares and may be needed as decryptors.
+    fn hash_step(&mut self, contributors: Vec<String>) -> Result<Progress, Error> {
+        let aggregate = self.aggregate.as_ref().ok_or_else(|| Error::BelowThreshold("he: no ciphertexts".into()))?;
+        self.commitment = aggregate_commitment(&aggregate.c1);
+        self.contributors = contributors.clone();
+        self.hashes.clear();
+        self.alive_outside.clear();
+        self.stage = ServerStage::Hashes;
+        let mut grouped: Vec<String> = self.groups.iter().flat_map(|g| g.members.iter().cloned()).collect();
+        grouped.sort();
+        let message = Envelope::encode(&wire::HashRequest {
+            contributors: contributors.clone(),
+            commitment: self.commitment.to_vec(),
+            grouped,
+        });
+        let mut to = contributors;
+        to.extend(self.left_out.iter().flat_map(|(_, m)| m.iter().cloned()));
+        to.sort();
+        to.dedup();
+        Ok(Progress::Step { stage: HASH, messages: Messages::Same { to, message }, quorum: Quorum::Protocol })
+    }
+
+    fn grouped(&self, party: &str) -> bool {
+        self.groups.iter().any(|g| g.members.iter().any(|m| m == party))
+    }
 }
 
 struct HeServer {
@@ -1227,7 +1255,7 @@ impl AggregationServer for HeServer {
                 let hv: wire::HashValue = message.decode(party, "hash value")?;
                 if hv.party != party
                     || hv.values.len() != he::hash::RHO
-                    || hv.c0_values.len() != he::hash::RHO
+                    || hv.c0_values.len() != if r.grouped(party) { he::hash::RHO } else { 0 }
                     || hv.values.iter().chain(&hv.c0_values).any(|&v| v >= he::ring::Q)
                     || hv.signature.len() > MAX_SIGNATURE
                 {
@@ -1402,22 +1430,7 @@ impl HeServer {
                 if let Some(p) = r.pending.take() {
                     self.epoch = Some(p);
                 }
-                let aggregate =
-                    r.aggregate.as_ref().ok_or_else(|| Error::BelowThreshold("he: no ciphertexts".into()))?;
-                r.commitment = aggregate_commitment(&aggregate.c1);
-                r.contributors = contributors.clone();
-                r.stage = ServerStage::Hashes;
-                let message = Envelope::encode(&wire::HashRequest {
-                    contributors: contributors.clone(),
-                    commitment: r.commitment.to_vec(),
-                });
-                // Members of refused relay groups hash too: they hold key
-                // shares and may be needed as decryptors.
-                let mut to = contributors;
-                to.extend(r.left_out.iter().flat_map(|(_, m)| m.iter().cloned()));
-                to.sort();
-                to.dedup();
-                Ok(Progress::Step { stage: HASH, messages: Messages::Same { to, message }, quorum: Quorum::Protocol })
+                r.hash_step(contributors)
             }
             ServerStage::Hashes => {
                 let epoch = self.epoch.as_ref().ok_or_else(|| Error::WrongStage("he: no key epoch".into()))?;
@@ -1473,25 +1486,7 @@ impl HeServer {
                             describe_left_out(&r.left_out)
                         )));
                     }
-                    r.commitment = aggregate_commitment(&aggregate.c1);
-                    r.contributors = contributors.clone();
-                    r.hashes.clear();
-                    r.alive_outside.clear();
-                    let message = Envelope::encode(&wire::HashRequest {
-                        contributors: contributors.clone(),
-                        commitment: r.commitment.to_vec(),
-                    });
-                    // The left-out members hash too: they hold key shares
-                    // and may be needed as decryptors.
-                    let mut to = contributors;
-                    to.extend(r.left_out.iter().flat_map(|(_, m)| m.iter().cloned()));
-                    to.sort();
-                    to.dedup();
-                    return Ok(Progress::Step {
-                        stage: HASH,
-                        messages: Messages::Same { to, message },
-                        quorum: Quorum::Protocol,
-                    });
+                    return r.hash_step(contributors);
                 }
                 // A wrong hash value would make the decryptors refuse: find
                 // any (one hash of the sum when all are right) and treat its
@@ -1633,38 +1628,11 @@ impl HeServer {
                         .filter_map(|&i| epoch.key_parties.get(i))
                         .map(|p| (p.clone(), "sent a decryption share that failed the cross-check".to_owned())),
                 );
-                let contributors = r.contributors.clone();
-                let sum = result.values;
-                let aggregate = match &r.decoding {
-                    Decoding::Updates(encoding) => {
-                        let (weighted_delta_sum, total_examples, mean_train_loss) =
-                            encoding.decode(&sum, contributors.len())?;
-                        Aggregate::WeightedSum {
-                            weighted_delta_sum,
-                            total_examples,
-                            mean_train_loss,
-                            misbehaved,
-                            contributors,
-                        }
-                    }
-                    Decoding::Noisy(encoding) => {
-                        let (weighted_delta_sum, unclipped) = encoding.decode_with_count(&sum, contributors.len())?;
-                        if let (Some(a), Some(count)) = (self.job.adaptive_clip, unclipped) {
-                            let first = self.job.distributed_dp.map_or(encoding.clip(), |t| t.clip);
-                            self.dp_clip = a.next_clip(first, encoding.clip(), count, contributors.len());
-                        }
-                        Aggregate::WeightedSum {
-                            weighted_delta_sum,
-                            total_examples: contributors.len() as f64,
-                            mean_train_loss: None,
-                            misbehaved,
-                            contributors,
-                        }
-                    }
-                    Decoding::Statistics(encoding) => {
-                        Aggregate::Sum { sums: encoding.decode(&sum)?, misbehaved, contributors }
-                    }
-                };
+                let (aggregate, next_clip) =
+                    r.decoding.aggregate(&self.job, &result.values, r.contributors.clone(), misbehaved)?;
+                if let Some(clip) = next_clip {
+                    self.dp_clip = clip;
+                }
                 self.round = None;
                 Ok(Progress::Done(aggregate))
             }
@@ -2088,7 +2056,11 @@ impl HeClient {
                 };
                 let commitment = array32(&req.commitment, "coordinator", "aggregate commitment")?;
                 let values = linear_hash(&binding, &commitment, &req.contributors).hash(&[&c1]).to_vec();
-                let c0_values = c0_linear_hash(&binding, &commitment, &req.contributors).hash(&[&c0]).to_vec();
+                let c0_values = if req.grouped.contains(&me) {
+                    c0_linear_hash(&binding, &commitment, &req.contributors).hash(&[&c0]).to_vec()
+                } else {
+                    Vec::new()
+                };
                 let signature = self.party.signer.sign(&hash_transcript(
                     &binding,
                     &me,
@@ -2360,6 +2332,7 @@ pub mod relay;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregation::Aggregate;
     use crate::secagg::testing::{InsecureTagVerifier, identity};
     use confide_algorithms::{FitConfig, Parameters, Tensor, TrainConfig};
 
@@ -2643,8 +2616,17 @@ mod tests {
                 }),
             ))
         };
+        // Only relay-group members pay for a hash of their c0.
+        let mut c0_hashed = BTreeMap::new();
+        let mut seen = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == HASH {
+                let hv: wire::HashValue = m.decode("t", "t").unwrap();
+                c0_hashed.insert(p.to_owned(), hv.c0_values.len());
+            }
+        };
         for round in 1..=2 {
-            let mut script = Script { relays: relays(), relay_forge: Some(&mut forge), ..Script::default() };
+            let mut script =
+                Script { relays: relays(), relay_forge: Some(&mut forge), forge: Some(&mut seen), ..Script::default() };
             let a = fed.round(round, &names, &global, &mut script).unwrap();
             assert!(script.refusals.is_empty(), "{:?}", script.refusals);
             let (sum, total, contributors, misbehaved) = weighted(&a);
@@ -2652,6 +2634,8 @@ mod tests {
             assert_eq!((total, contributors, misbehaved), (den, &names[..], &[][..]));
             assert!((sum[0] - num).abs() < 0.05, "round {round}: {} vs {num}", sum[0]);
         }
+        let rho = he::hash::RHO;
+        assert_eq!(c0_hashed.values().copied().collect::<Vec<_>>(), [rho, rho, rho, rho, rho, 0, 0]);
         // One ciphertext-sized message per relay and round; members' records come bare.
         let carried: Vec<&(String, usize)> = sizes.iter().filter(|(_, w)| *w > 0).collect();
         assert_eq!(carried.len(), 4, "{sizes:?}");
