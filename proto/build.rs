@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Chunks of one vector are slices of one shared buffer: sending a
         // model to n parties does not copy it n times.
         .bytes(".confide.v1.Chunk.data")
+        .bytes(".confide.v1.ModelPart.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -61,6 +61,12 @@ impl Dataset {
     /// Loads a CSV file (gzip when the name ends in `.gz`). Every malformed
     /// line is reported with its number.
     pub fn load_csv(path: &Path, opts: &CsvOptions) -> Result<Dataset, Error> {
+        let text = Self::read_text(path)?;
+        Self::parse_csv(&text, opts, path)
+    }
+
+    /// A text file's contents, gunzipped when the name ends in `.gz`.
+    pub fn read_text(path: &Path) -> Result<String, Error> {
         let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
         let raw = std::fs::read(path).map_err(|e| err(0, e.to_string()))?;
         let text = if path.extension().is_some_and(|e| e == "gz") {
@@ -72,7 +78,7 @@ impl Dataset {
         } else {
             String::from_utf8(raw).map_err(|_| err(0, "not UTF-8 text".into()))?
         };
-        Self::parse_csv(&text, opts, path)
+        Ok(text)
     }
 
     fn parse_csv(text: &str, opts: &CsvOptions, path: &Path) -> Result<Dataset, Error> {

@@ -147,6 +147,46 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         repeat: usize,
     },
+    /// The party's local prediction endpoint: requests and rows per second
+    /// and p50/p99 latency for the demo MLP (breast cancer, hidden [32, 16],
+    /// one libtorch thread), for each client count and request size. The
+    /// load generator runs in the same process (2 tokio workers).
+    Serve {
+        /// Concurrent keep-alive connections (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        clients: Vec<usize>,
+        /// Rows per request (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        rows_per_request: Vec<usize>,
+        /// Seconds per configuration.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// Load a running prediction endpoint (a party's `[serve] listen`) and
+    /// report throughput, latency, failures and which deployments answered.
+    Load {
+        /// The endpoint's address.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// The service.
+        #[arg(long)]
+        service: String,
+        /// Rows to send: a labelled CSV (the label column is dropped).
+        #[arg(long)]
+        data: PathBuf,
+        /// The CSV starts with a header line.
+        #[arg(long)]
+        header: bool,
+        /// Rows per request.
+        #[arg(long, default_value_t = 1)]
+        rows_per_request: usize,
+        /// Concurrent keep-alive connections.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Per-party and server cost of SecAgg+ as the federation grows (the
     /// protocol alone, in one process, no network).
     SecaggScaling {
@@ -162,6 +202,94 @@ enum Command {
 // The protocol-only benchmark uses a hash tag instead of ECDSA, so the
 // figures are the protocol's own cost.
 use confide_crypto::secagg::testing::{InsecureTagSigner as BenchSigner, InsecureTagVerifier as BenchVerifier};
+
+/// The `serve` benchmark: a party serving the demo MLP on its endpoint,
+/// deployed the way a coordinator would (signed, pulled, verified).
+async fn serve_bench(clients: &[usize], rows: &[usize], seconds: f64) -> Result<Vec<serde_json::Value>, String> {
+    use confide_proto::deploy::{DeployAction, DeploymentRecord, SignedDeployment};
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let pki = PkiDir::new(dir.path().join("pki"));
+    pki.init("bench", &["site-0".into()], &[]).map_err(|e| e.to_string())?;
+    let cfg_path = dir.path().join("site-0.toml");
+    let text = format!(
+        "coordinator = \"https://127.0.0.1:1\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n[training]\nthreads = 1\n\
+         [serve]\nservices = [\"demo\"]\nlisten = \"127.0.0.1:0\"\n",
+        pki.ca_cert(),
+        pki.party_cert("site-0"),
+        pki.party_key("site-0")
+    );
+    std::fs::write(&cfg_path, text).map_err(|e| e.to_string())?;
+    let cfg = PartyConfig::load(&cfg_path).map_err(|e| e.to_string())?;
+    let data = repo_root().join("examples/data/breast_cancer.csv");
+    let ds = confide_algorithms::data::Dataset::load_csv(&data, &CsvOptions { header: true, label_column: -1 })
+        .map_err(|e| e.to_string())?;
+    // The demo's MLP, trained one epoch (the figures do not depend on the weights).
+    let model = confide_algorithms::ModelConfig::mlp(2, vec![32, 16]);
+    let factory = confide_party::trainers::BuiltinTrainers::for_config(&cfg);
+    let (train, held_out) = ds.split(0.2, 1);
+    let mut t = factory.build_model(&model, 1, train, held_out, "site-0")?;
+    let params = t.parameters().map_err(|e| e.to_string())?;
+    let mut stats_model = params.clone();
+    confide_algorithms::trainer::apply_feature_stats(&mut stats_model, &ds.feature_stats())
+        .map_err(|e| e.to_string())?;
+    t.set_parameters(&stats_model).map_err(|e| e.to_string())?;
+    t.fit(&FitConfig { round: 1, train: Default::default() }).map_err(|e| e.to_string())?;
+    let bytes = t.parameters().and_then(|p| p.to_safetensors(&Default::default())).map_err(|e| e.to_string())?;
+    let record = DeploymentRecord {
+        service: "demo".into(),
+        sequence: 1,
+        action: DeployAction::Deploy,
+        job_id: "bench".into(),
+        round: 1,
+        sha256: confide_party::serving::sha256_hex(&bytes),
+        architecture: toml::to_string(&model).map_err(|e| e.to_string())?,
+        rollback_to: None,
+        issued_at: 0,
+        admin: confide_crypto::pki::ADMIN_NAME.into(),
+    };
+    let key = confide_crypto::pki::read_private_key(&pki.admin_key()).map_err(|e| e.to_string())?;
+    let key = confide_crypto::identity::IdentityKey::from_pem(&key).map_err(|e| e.to_string())?;
+    let cert = std::fs::read(pki.admin_cert()).map_err(|e| e.to_string())?;
+    let cert_der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(&cert).map_err(|e| e.to_string())?.to_vec()
+    };
+    let signed = SignedDeployment::sign(record, &key, cert_der).map_err(|e| e.to_string())?;
+    let node = PartyNode::with_plugins(cfg, confide_party::plugins::PartyPlugins::default());
+    let addr = node.start_serving().await.map_err(|e| e.to_string())?.ok_or("the endpoint did not start")?;
+    let registry = node.serving().ok_or("not serving")?;
+    let pull = registry.offer(&signed.to_pb())?.ok_or("nothing to pull")?;
+    let part = pb::ModelPart {
+        service: pull.service,
+        sequence: pull.sequence,
+        total_bytes: bytes.len() as u64,
+        offset: 0,
+        data: bytes.clone().into(),
+        error: String::new(),
+    };
+    let (d, got) = registry.on_part(part)?.ok_or("incomplete model")?;
+    registry.install(d, &got, false)?;
+    let mut out = Vec::new();
+    for &r in rows {
+        for &c in clients {
+            let body = confide_bench::loadgen::body(&ds.features, ds.num_features, r.max(1));
+            let report = confide_bench::loadgen::run(
+                addr,
+                "/v1/services/demo/predict",
+                body,
+                r.max(1),
+                c,
+                Duration::from_secs_f64(seconds.max(0.1)),
+            )
+            .await;
+            let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+            v["bench"] = "serve".into();
+            v["model"] = "mlp [32, 16], 30 features, 2 classes".into();
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
 
 /// Runs one SecAgg+ round over `n` parties and reports per-stage costs.
 fn secagg_scaling(n: usize, dim: usize) -> Result<serde_json::Value, String> {
@@ -368,6 +496,7 @@ fn party_config(
         policy: Policy { aggregation: vec!["none".into(), "secagg".into(), "he".into()], ..Policy::default() },
         reconnect: Reconnect::default(),
         limits: Limits::default(),
+        serve: Default::default(),
         fault: Default::default(),
         models: Default::default(),
         training: confide_party::config::TrainingSettings { dp_noise_rounds_ahead: ahead, ..Default::default() },
@@ -934,6 +1063,42 @@ async fn main() {
                 std::process::exit(1);
             }
         },
+        Command::Serve { clients, rows_per_request, seconds } => {
+            match serve_bench(&clients, &rows_per_request, seconds).await {
+                Ok(lines) => {
+                    for l in lines {
+                        println!("{l}");
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Command::Load { addr, service, data, header, rows_per_request, clients, seconds } => {
+            let ds = match confide_algorithms::data::Dataset::load_csv(&data, &CsvOptions { header, label_column: -1 })
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(2);
+                }
+            };
+            let body = confide_bench::loadgen::body(&ds.features, ds.num_features, rows_per_request.max(1));
+            let path = format!("/v1/services/{service}/predict");
+            let report = confide_bench::loadgen::run(
+                addr,
+                &path,
+                body,
+                rows_per_request.max(1),
+                clients,
+                Duration::from_secs_f64(seconds.max(0.1)),
+            )
+            .await;
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            std::process::exit(i32::from(report.failures > 0));
+        }
         Command::SecaggScaling { parties, params } => {
             let mut failed = false;
             for n in parties {

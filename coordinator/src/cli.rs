@@ -1,5 +1,7 @@
 //! The `confide` command: PKI, the coordinator, and job management.
 
+use confide_proto::deploy::{DeployAction, DeploymentRecord, SignedDeployment, rollback_record};
+use sha2::Digest;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -114,6 +116,40 @@ enum ModelCmd {
         #[arg(long)]
         job: Option<String>,
         /// One JSON object per version.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Deploy a job's model version to a service: downloads it, checks its
+    /// SHA-256, signs the deployment with the admin key and submits it; the
+    /// parties that serve the service verify the signature, pull the model
+    /// and swap it in.
+    Deploy {
+        /// The service's name.
+        service: String,
+        /// The job whose model to deploy.
+        #[arg(long)]
+        job: String,
+        /// The version after this round (default: the newest kept).
+        #[arg(long)]
+        round: Option<u32>,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Return a service to the version its current deployment replaced
+    /// (signed like a deployment; repeat to go further back).
+    Rollback {
+        /// The service's name.
+        service: String,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Services with their current version and deployment history.
+    Services {
+        /// Only this service.
+        service: Option<String>,
+        /// One JSON object per deployment.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -428,7 +464,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                 if json {
                     let v = serde_json::json!({
                         "job_id": m.job_id, "round": m.round, "sha256": m.sha256, "bytes": m.bytes,
-                        "metrics": metrics, "created_at": m.created_at,
+                        "metrics": metrics, "created_at": m.created_at, "services": m.services,
                     });
                     println!("{v}");
                 } else {
@@ -436,13 +472,70 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                         .iter()
                         .filter_map(|k| metrics.get(*k).map(|v| format!("{k} {v:.4}")))
                         .collect();
+                    let deployed = if m.services.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  services {}", m.services.join(", "))
+                    };
                     println!(
-                        "{} round {:>4}  {}  sha256 {}",
+                        "{} round {:>4}  {}  sha256 {}{deployed}",
                         m.job_id,
                         m.round,
                         shown.join(", "),
                         &m.sha256[..16.min(m.sha256.len())]
                     );
+                }
+            }
+            Ok(0)
+        }
+        Command::Model(ModelCmd::Deploy { service, job, round, conn }) => {
+            deploy(&conn, &service, &job, round).await?;
+            Ok(0)
+        }
+        Command::Model(ModelCmd::Rollback { service, conn }) => {
+            rollback(&conn, &service).await?;
+            Ok(0)
+        }
+        Command::Model(ModelCmd::Services { service, json, conn }) => {
+            let mut client = admin(&conn).await?;
+            let pki = PkiDir::new(&conn.pki);
+            let reply = client
+                .list_services(pb::ListServicesRequest { service: service.clone().unwrap_or_default() })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            if reply.services.is_empty() {
+                match service {
+                    Some(s) => return Err(Error::NotFound(format!("service {s} has no deployment"))),
+                    None => println!("no services deployed"),
+                }
+            }
+            for s in reply.services {
+                let history = verified_history(&pki, &s)?;
+                if !json {
+                    println!("{}", s.service);
+                }
+                for (i, d) in history.iter().enumerate() {
+                    let r = &d.record;
+                    if json {
+                        let v = serde_json::json!({
+                            "service": r.service, "sequence": r.sequence, "current": i == 0,
+                            "action": r.action.as_str(), "job_id": r.job_id, "round": r.round,
+                            "sha256": r.sha256, "rollback_to": r.rollback_to, "issued_at": r.issued_at,
+                            "signed_by": r.admin,
+                        });
+                        println!("{v}");
+                    } else {
+                        println!(
+                            "  {} {:>3}  {:<8} job {} round {}  sha256 {}",
+                            if i == 0 { "*" } else { " " },
+                            r.sequence,
+                            r.action.as_str(),
+                            r.job_id,
+                            r.round,
+                            &r.sha256[..16]
+                        );
+                    }
                 }
             }
             Ok(0)
@@ -639,6 +732,137 @@ async fn admin(conn: &AdminConn) -> Result<AdminServiceClient<Channel>, Error> {
             .map_err(|e| Error::Io(e.to_string()))?;
     let max = Limits::default().max_message_bytes;
     Ok(AdminServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max))
+}
+
+/// The admin key and certificate of the PKI directory, and the name in it.
+fn admin_signer(pki: &PkiDir) -> Result<(confide_crypto::identity::IdentityKey, Vec<u8>, String), Error> {
+    let key_pem = confide_crypto::pki::read_private_key(&pki.admin_key())?;
+    let key = confide_crypto::identity::IdentityKey::from_pem(&key_pem)?;
+    let pem = std::fs::read(pki.admin_cert()).map_err(|e| Error::io(&pki.admin_cert(), e))?;
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| Error::InvalidInput(format!("{}: no certificate", pki.admin_cert().display())))?
+        .to_vec();
+    let name = confide_crypto::pki::peer_identity(&der)?.name;
+    Ok((key, der, name))
+}
+
+/// A service's history from the coordinator, each deployment verified
+/// against the CA: the CLI signs on top of it only what an admin signed.
+fn verified_history(pki: &PkiDir, s: &pb::ServiceStatus) -> Result<Vec<SignedDeployment>, Error> {
+    let ca = std::fs::read(pki.ca_cert()).map_err(|e| Error::io(&pki.ca_cert(), e))?;
+    let revocations = pki.revocations()?;
+    s.deployments
+        .iter()
+        .map(|d| {
+            SignedDeployment::verify(d, &ca, &revocations)
+                .map_err(|e| Error::InvalidInput(format!("service {}: the coordinator's history: {e}", s.service)))
+        })
+        .collect()
+}
+
+async fn service_history(
+    client: &mut AdminServiceClient<Channel>,
+    pki: &PkiDir,
+    service: &str,
+) -> Result<Vec<SignedDeployment>, Error> {
+    let reply = client
+        .list_services(pb::ListServicesRequest { service: service.to_owned() })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    match reply.services.iter().find(|s| s.service == service) {
+        Some(s) => verified_history(pki, s),
+        None => Ok(Vec::new()),
+    }
+}
+
+async fn submit_deployment(
+    client: &mut AdminServiceClient<Channel>,
+    pki: &PkiDir,
+    record: DeploymentRecord,
+) -> Result<(), Error> {
+    let (key, der, _) = admin_signer(pki)?;
+    let signed = SignedDeployment::sign(record, &key, der).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    client.deploy(signed.to_pb()).await.map_err(rpc_err)?;
+    let r = &signed.record;
+    println!(
+        "service {}: deployment {} ({}) of job {} round {} (sha256 {}); parties serving it pull and swap it in",
+        r.service,
+        r.sequence,
+        r.action.as_str(),
+        r.job_id,
+        r.round,
+        &r.sha256[..16]
+    );
+    Ok(())
+}
+
+async fn deploy(conn: &AdminConn, service: &str, job: &str, round: Option<u32>) -> Result<(), Error> {
+    confide_proto::deploy::validate_service_name(service).map_err(Error::InvalidInput)?;
+    let pki = PkiDir::new(&conn.pki);
+    let mut client = admin(conn).await?;
+    let versions =
+        client.list_models(pb::ListModelsRequest { job_id: job.to_owned() }).await.map_err(rpc_err)?.into_inner();
+    let version = match round {
+        Some(r) => versions.models.iter().find(|m| m.round == r),
+        None => versions.models.iter().max_by_key(|m| m.round),
+    }
+    .ok_or_else(|| match round {
+        Some(r) => Error::NotFound(format!("job {job} has no kept model version after round {r}")),
+        None => Error::NotFound(format!("job {job} has no model version")),
+    })?;
+    // The administrator signs a hash they computed over the bytes, not the
+    // coordinator's word for it.
+    let mut stream = client
+        .get_model(pb::JobRef { job_id: job.to_owned(), round: Some(version.round) })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(c) = stream.message().await.map_err(rpc_err)? {
+        if c.total_bytes > 1 << 34 || bytes.len() + c.data.len() > c.total_bytes as usize {
+            return Err(Error::Io("model transfer exceeds its announced size".into()));
+        }
+        bytes.extend_from_slice(&c.data);
+    }
+    confide_algorithms::Parameters::from_safetensors(&bytes)?;
+    let sha256: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    if sha256 != version.sha256 {
+        return Err(Error::InvalidInput(format!(
+            "the model of job {job} round {} hashes to {sha256}, not the {} the coordinator lists",
+            version.round, version.sha256
+        )));
+    }
+    let history = service_history(&mut client, &pki, service).await?;
+    let current = history.first().map(|d| d.record.sequence);
+    let (_, _, admin_name) = admin_signer(&pki)?;
+    let record = DeploymentRecord {
+        service: service.to_owned(),
+        sequence: current.unwrap_or(0) + 1,
+        action: DeployAction::Deploy,
+        job_id: job.to_owned(),
+        round: version.round,
+        sha256,
+        architecture: version.architecture.clone(),
+        rollback_to: current,
+        issued_at: crate::db::unix_now(),
+        admin: admin_name,
+    };
+    submit_deployment(&mut client, &pki, record).await
+}
+
+async fn rollback(conn: &AdminConn, service: &str) -> Result<(), Error> {
+    let pki = PkiDir::new(&conn.pki);
+    let mut client = admin(conn).await?;
+    let history = service_history(&mut client, &pki, service).await?;
+    let current = history.first().ok_or_else(|| Error::NotFound(format!("service {service} has no deployment")))?;
+    let records: Vec<DeploymentRecord> = history.iter().map(|d| d.record.clone()).collect();
+    let (_, _, admin_name) = admin_signer(&pki)?;
+    let record =
+        rollback_record(&current.record, &records, &admin_name, crate::db::unix_now()).map_err(Error::InvalidInput)?;
+    submit_deployment(&mut client, &pki, record).await
 }
 
 fn rpc_err(s: tonic::Status) -> Error {

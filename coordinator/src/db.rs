@@ -80,7 +80,38 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         PRIMARY KEY (job_id, round)
     );",
+    // 6: service deployments: each an administrator's signed record binding
+    // a model version to a service, kept forever (the rollback history);
+    // the versions they name are never removed by retention
+    "CREATE TABLE deployments (
+        service TEXT NOT NULL,
+        sequence INTEGER NOT NULL,
+        job_id TEXT NOT NULL,
+        round INTEGER NOT NULL,
+        record BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        admin_certificate BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (service, sequence)
+    );",
 ];
+
+/// A stored deployment: the signed record as the administrator sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDeployment {
+    /// The service.
+    pub service: String,
+    /// Its sequence within the service.
+    pub sequence: u64,
+    /// The record's bytes, as signed.
+    pub record: Vec<u8>,
+    /// The administrator's signature.
+    pub signature: Vec<u8>,
+    /// The administrator's certificate, DER.
+    pub admin_certificate: Vec<u8>,
+    /// When the coordinator stored it (Unix seconds).
+    pub created_at: u64,
+}
 
 /// A model checkpoint as written: where, its SHA-256 and size.
 #[derive(Debug, Clone, PartialEq)]
@@ -429,8 +460,9 @@ impl Db {
     }
 
     /// Forgets all but the newest `keep_last` versions of `job`'s model
-    /// (never its latest checkpoint, which a resumed job starts from) and
-    /// returns the files no longer referenced, for the caller to delete.
+    /// (never its latest checkpoint, which a resumed job starts from, nor
+    /// a version any service's deployment history names) and returns the
+    /// files no longer referenced, for the caller to delete.
     pub fn forget_model_versions(&self, job: &str, keep_last: usize) -> Result<Vec<PathBuf>, Error> {
         let versions = self.model_versions(Some(job))?;
         let mut rounds: Vec<u32> = versions.iter().map(|v| v.round).collect();
@@ -440,6 +472,16 @@ impl Db {
         let tx = conn.transaction().map_err(sql)?;
         let mut gone = Vec::new();
         for r in &old {
+            let deployed: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM deployments WHERE job_id = ?1 AND round = ?2",
+                    params![job, r],
+                    |row| row.get(0),
+                )
+                .map_err(sql)?;
+            if deployed > 0 {
+                continue;
+            }
             tx.execute("DELETE FROM models WHERE job_id = ?1 AND round = ?2", params![job, r]).map_err(sql)?;
             if let Some(v) = versions.iter().find(|v| v.round == *r) {
                 gone.push(v.path.clone());
@@ -447,6 +489,81 @@ impl Db {
         }
         tx.commit().map_err(sql)?;
         Ok(gone)
+    }
+
+    /// Stores a deployment as the next of its service: `sequence` must be
+    /// one more than the service's newest (else another deployment came
+    /// first, and the caller signs again). `job_id`/`round` name the version,
+    /// which retention then keeps for good.
+    pub fn add_deployment(&self, d: &StoredDeployment, job_id: &str, round: u32) -> Result<(), Error> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(sql)?;
+        let newest: i64 = tx
+            .query_row("SELECT COALESCE(MAX(sequence), 0) FROM deployments WHERE service = ?1", [&d.service], |r| {
+                r.get(0)
+            })
+            .map_err(sql)?;
+        if d.sequence != newest as u64 + 1 {
+            return Err(Error::Refused(format!(
+                "service {}: deployment {} is not the next (the newest is {newest}); list the service and sign again",
+                d.service, d.sequence
+            )));
+        }
+        let kept: bool = tx
+            .query_row("SELECT COUNT(*) FROM models WHERE job_id = ?1 AND round = ?2", params![job_id, round], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n > 0)
+            .map_err(sql)?;
+        if !kept {
+            return Err(Error::NotFound(format!("no kept model version of job {job_id} after round {round}")));
+        }
+        tx.execute(
+            "INSERT INTO deployments (service, sequence, job_id, round, record, signature, admin_certificate, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![d.service, d.sequence as i64, job_id, round, d.record, d.signature, d.admin_certificate, d.created_at as i64],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
+    /// Deployments of one service or all, by service, newest first.
+    pub fn deployments(&self, service: Option<&str>) -> Result<Vec<StoredDeployment>, Error> {
+        let conn = self.lock();
+        let mut st = conn
+            .prepare(
+                "SELECT service, sequence, record, signature, admin_certificate, created_at FROM deployments
+                 WHERE ?1 IS NULL OR service = ?1 ORDER BY service, sequence DESC",
+            )
+            .map_err(sql)?;
+        let rows = st
+            .query_map(params![service], |r| {
+                Ok(StoredDeployment {
+                    service: r.get(0)?,
+                    sequence: r.get::<_, i64>(1)? as u64,
+                    record: r.get(2)?,
+                    signature: r.get(3)?,
+                    admin_certificate: r.get(4)?,
+                    created_at: r.get::<_, i64>(5)? as u64,
+                })
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(sql)
+    }
+
+    /// The services whose deployment history names `job`'s version after `round`.
+    pub fn services_of(&self, job: &str, round: u32) -> Result<Vec<String>, Error> {
+        let conn = self.lock();
+        let mut st = conn
+            .prepare("SELECT DISTINCT service FROM deployments WHERE job_id = ?1 AND round = ?2 ORDER BY service")
+            .map_err(sql)?;
+        let rows = st.query_map(params![job, round], |r| r.get(0)).map_err(sql)?;
+        rows.collect::<Result<Vec<String>, _>>().map_err(sql)
+    }
+
+    /// A job's spec, TOML.
+    pub fn spec_toml(&self, job: &str) -> Result<Option<String>, Error> {
+        self.lock().query_row("SELECT spec_toml FROM jobs WHERE id = ?1", [job], |r| r.get(0)).optional().map_err(sql)
     }
 
     /// The full status of a job.
@@ -662,6 +779,31 @@ mod tests {
         assert!(db.model_version("j1", 1).unwrap().is_none());
         // Never the latest, whatever the setting.
         db.forget_model_versions("j1", 0).unwrap();
+        // A deployed version outlives retention, and so does the rest of
+        // its service's history.
+        let deployment = |seq: u64| StoredDeployment {
+            service: "triage".into(),
+            sequence: seq,
+            record: vec![1],
+            signature: vec![2],
+            admin_certificate: vec![3],
+            created_at: 5,
+        };
+        let newest = *kept.first().unwrap();
+        db.add_deployment(&deployment(1), "j1", newest).unwrap();
+        let e = db.add_deployment(&deployment(1), "j1", newest).unwrap_err().to_string();
+        assert!(e.contains("not the next"), "{e}");
+        let e = db.add_deployment(&deployment(2), "j1", 99).unwrap_err().to_string();
+        assert!(e.contains("round 99"), "{e}");
+        for r in 10..13 {
+            let model = SavedModel { path: format!("/m/round-{r}").into(), sha256: format!("{r:064x}"), bytes: 1 };
+            db.save_checkpoint("j1", r, Some(&model), None, None).unwrap();
+        }
+        let gone = db.forget_model_versions("j1", 2).unwrap();
+        assert!(!gone.contains(&PathBuf::from(format!("/m/round-{newest}"))), "{gone:?}");
+        assert!(db.model_version("j1", newest).unwrap().is_some());
+        assert_eq!(db.services_of("j1", newest).unwrap(), vec!["triage".to_string()]);
+        assert_eq!(db.deployments(Some("triage")).unwrap().len(), 1);
         assert_eq!(db.model_versions(Some("j1")).unwrap().len(), 1);
         assert_eq!(db.model_of("j1").unwrap(), Some((4, PathBuf::from("/m/round-4"))));
     }

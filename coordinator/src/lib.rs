@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod plugins;
 pub mod relay;
 pub mod server;
+pub mod services;
 pub mod session;
 pub mod tls;
 

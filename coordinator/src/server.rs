@@ -75,6 +75,15 @@ pub enum Outbound {
     Msg(coordinator_message::Body),
     /// A task and its bulk vector in chunks, shared by all its recipients.
     Task(Arc<EncodedTask>),
+    /// A pulled model (or why it cannot be had), sent as [`pb::ModelPart`]s.
+    Model {
+        /// The service.
+        service: String,
+        /// The deployment's sequence.
+        sequence: u64,
+        /// The safetensors bytes, or the reason for the party.
+        bytes: Result<bytes::Bytes, String>,
+    },
     /// Ends the stream with this status.
     Close(Status),
 }
@@ -147,6 +156,18 @@ impl Hub {
         self.retention
     }
 
+    /// The federation's PKI directory.
+    pub fn pki(&self) -> &PkiDir {
+        &self.pki
+    }
+
+    /// Queues a message for every connected party.
+    pub fn send_all(&self, body: &coordinator_message::Body) {
+        for c in lock(&self.parties).values() {
+            let _ = c.tx.try_send(Outbound::Msg(body.clone()));
+        }
+    }
+
     /// Where checkpoints go.
     pub fn models_dir(&self) -> &Path {
         &self.models_dir
@@ -159,6 +180,12 @@ impl Hub {
             .iter()
             .map(|(n, c)| Connection { party: n.clone(), certificate: c.certificate.clone(), relay: c.relay.clone() })
             .collect()
+    }
+
+    /// The queue of `party`'s current stream, to send to it without holding
+    /// the hub (a pulled model waits for room rather than being dropped).
+    fn parties_sender(&self, party: &str) -> Option<mpsc::Sender<Outbound>> {
+        lock(&self.parties).get(party).map(|c| c.tx.clone())
     }
 
     /// Queues a message for a party; false if it is not connected or its queue is full.
@@ -419,7 +446,15 @@ impl PartyService for PartySvc {
         );
         let db_hub = hub.clone();
         let db_name = name.clone();
-        spawn_db(move || db_hub.db.party_seen(&db_name, true));
+        spawn_db(move || {
+            db_hub.db.party_seen(&db_name, true)?;
+            // The services' current deployments: a party that serves one
+            // pulls its model if it does not hold it yet.
+            for d in crate::services::current_deployments(&db_hub.db)? {
+                db_hub.send(&db_name, Outbound::Msg(coordinator_message::Body::Deployment(d)));
+            }
+            Ok(())
+        });
         info!(party = %name, "party connected");
         if previous.is_some() {
             hub.broadcast(&Input::Disconnected(name.clone()));
@@ -566,6 +601,38 @@ async fn writer(
                 }
                 ok
             }
+            Outbound::Model { service, sequence, bytes } => {
+                let part = |offset: usize, data: bytes::Bytes, total: usize, error: String| pb::ModelPart {
+                    service: service.clone(),
+                    sequence,
+                    total_bytes: total as u64,
+                    offset: offset as u64,
+                    data,
+                    error,
+                };
+                match bytes {
+                    Err(e) => tx
+                        .send(wrap(coordinator_message::Body::ModelPart(part(0, Default::default(), 0, e))))
+                        .await
+                        .is_ok(),
+                    Ok(b) => {
+                        let mut ok;
+                        let step = chunk_bytes.max(1);
+                        // An empty model still sends one (empty) part, so the party's pull ends.
+                        let mut offset = 0;
+                        loop {
+                            let end = (offset + step).min(b.len());
+                            let msg = part(offset, b.slice(offset..end), b.len(), String::new());
+                            ok = tx.send(wrap(coordinator_message::Body::ModelPart(msg))).await.is_ok();
+                            offset = end;
+                            if !ok || offset >= b.len() {
+                                break;
+                            }
+                        }
+                        ok
+                    }
+                }
+            }
             Outbound::Close(status) => {
                 let _ = tx.send(Err(status)).await;
                 false
@@ -677,6 +744,20 @@ fn on_party_message(
                     Ok(())
                 }
             }
+        }
+        Some(party_message::Body::Pull(p)) => {
+            debug!(party = name, service = %p.service, sequence = p.sequence, "model pull");
+            let (db, party, hub_send) = (hub.db.clone(), name.to_owned(), hub.parties_sender(name));
+            tokio::task::spawn_blocking(move || {
+                let bytes = crate::services::model_for_pull(&db, &p.service, p.sequence).map(bytes::Bytes::from);
+                if let Err(e) = &bytes {
+                    warn!(party = %party, service = %p.service, "model pull refused: {e}");
+                }
+                if let Some(tx) = hub_send {
+                    let _ = tx.blocking_send(Outbound::Model { service: p.service, sequence: p.sequence, bytes });
+                }
+            });
+            Ok(())
         }
         Some(party_message::Body::Chunk(c)) => {
             let p = pending.as_mut().ok_or("chunk without an announced transfer")?;
@@ -865,19 +946,61 @@ impl AdminService for AdminSvc {
         require_admin(&req)?;
         let job = req.into_inner().job_id;
         let hub = self.hub.clone();
-        let versions = blocking(move || hub.db.model_versions((!job.is_empty()).then_some(job.as_str()))).await?;
+        let versions = blocking(move || {
+            let versions = hub.db.model_versions((!job.is_empty()).then_some(job.as_str()))?;
+            let mut out = Vec::with_capacity(versions.len());
+            let mut architectures: HashMap<String, String> = HashMap::new();
+            for v in versions {
+                if !architectures.contains_key(&v.job_id) {
+                    let model = crate::services::architecture_of(&hub.db, &v.job_id, &hub.limits)?;
+                    let text = toml::to_string(&model).map_err(|e| Error::Storage(format!("job {}: {e}", v.job_id)))?;
+                    architectures.insert(v.job_id.clone(), text);
+                }
+                let architecture = architectures.get(&v.job_id).cloned().unwrap_or_default();
+                let services = hub.db.services_of(&v.job_id, v.round)?;
+                out.push((v, architecture, services));
+            }
+            Ok(out)
+        })
+        .await?;
         let models = versions
             .into_iter()
-            .map(|v| pb::ModelVersion {
+            .map(|(v, architecture, services)| pb::ModelVersion {
                 job_id: v.job_id,
                 round: v.round,
                 sha256: v.sha256,
                 bytes: v.bytes,
                 metrics: v.metrics.into_iter().collect(),
                 created_at: v.created_at,
+                architecture,
+                services,
             })
             .collect();
         Ok(Response::new(pb::ListModelsReply { models }))
+    }
+
+    async fn deploy(&self, req: Request<pb::ServiceDeployment>) -> Result<Response<pb::ServiceStatus>, Status> {
+        require_admin(&req)?;
+        let caller = peer_certificate(&req)?;
+        let msg = req.into_inner();
+        let hub = self.hub.clone();
+        let pushed = msg.clone();
+        let status = blocking(move || crate::services::deploy(&hub, &msg, &caller)).await?;
+        self.hub.send_all(&coordinator_message::Body::Deployment(pushed));
+        Ok(Response::new(status))
+    }
+
+    async fn list_services(
+        &self,
+        req: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesReply>, Status> {
+        require_admin(&req)?;
+        let service = req.into_inner().service;
+        let hub = self.hub.clone();
+        let services =
+            blocking(move || crate::services::statuses(&hub.db, (!service.is_empty()).then_some(service.as_str())))
+                .await?;
+        Ok(Response::new(pb::ListServicesReply { services }))
     }
 }
 

@@ -157,6 +157,45 @@ impl CertVerifier {
     }
 }
 
+/// Verifies a statement signed by the holder of `cert_der`: a certificate
+/// the federation CA issued, valid now, of `role`, not revoked by
+/// `revocations`, whose key signed `msg`. Returns who signed it. For rare,
+/// one-off statements (an administrator's deployment), where a
+/// [`CertVerifier`]'s cache buys nothing.
+pub fn verify_statement(
+    ca_pem: &[u8],
+    revocations: &Revocations,
+    role: Role,
+    cert_der: &[u8],
+    msg: &[u8],
+    sig: &[u8],
+) -> Result<crate::pki::PeerIdentity, Error> {
+    let ca_der = pem_der(ca_pem, "CA certificate")?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| Error::Certificate(format!("CA certificate: {e}")))?;
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| Error::Certificate(format!("unparsable certificate: {e}")))?;
+    let id = peer_identity(cert_der)?;
+    let who = format!("{:?} certificate {}", id.role, id.name);
+    if id.role != role {
+        return Err(Error::Certificate(format!("a {who} where a {role:?} certificate is needed")));
+    }
+    if !cert.validity().is_valid() {
+        return Err(Error::Certificate(format!("{who} is expired or not yet valid")));
+    }
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| Error::Certificate(format!("{who} was not issued by the federation CA")))?;
+    if revocations.is_revoked(cert.raw_serial()) {
+        return Err(Error::Certificate(format!(
+            "{who} is revoked (revocation list version {})",
+            revocations.version()
+        )));
+    }
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &cert.public_key().subject_public_key.data)
+        .verify(msg, sig)
+        .map_err(|_| Error::Certificate(format!("the signature does not verify with the {who}")))?;
+    Ok(id)
+}
+
 impl IdentityVerifier for CertVerifier {
     fn verify(&self, party: &str, msg: &[u8], sig: &[u8]) -> Result<(), Error> {
         let cert = self
@@ -225,6 +264,34 @@ mod tests {
             .issue_with_validity(Role::Party, "a", &[], now - time::Duration::days(3), now - time::Duration::days(1))
             .unwrap();
         assert!(v.add_peer("a", &der_of(&expired.cert_pem)).is_err());
+    }
+
+    #[test]
+    fn statements_verify_only_for_their_role_ca_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("t", &["a".into()], &[]).unwrap();
+        let ca = std::fs::read(pki.ca_cert()).unwrap();
+        let admin_key = IdentityKey::from_pem(&std::fs::read(pki.admin_key()).unwrap()).unwrap();
+        let admin = der_of(&std::fs::read_to_string(pki.admin_cert()).unwrap());
+        let party_key = IdentityKey::from_pem(&std::fs::read(pki.party_key("a")).unwrap()).unwrap();
+        let party = der_of(&std::fs::read_to_string(pki.party_cert("a")).unwrap());
+        let none = Revocations::empty();
+        let sig = admin_key.sign(b"deploy").unwrap();
+        let id = verify_statement(&ca, &none, Role::Admin, &admin, b"deploy", &sig).unwrap();
+        assert_eq!(id.role, Role::Admin);
+        let refused = |role, cert: &[u8], msg: &[u8], sig: &[u8]| {
+            verify_statement(&ca, &none, role, cert, msg, sig).unwrap_err().to_string()
+        };
+        assert!(refused(Role::Admin, &admin, b"deploy!", &sig).contains("does not verify"));
+        // A party's signature with its own certificate is not an administrator's.
+        let psig = party_key.sign(b"deploy").unwrap();
+        assert!(refused(Role::Admin, &party, b"deploy", &psig).contains("Party certificate a"));
+        // An administrator of another CA.
+        let evil = FederationCa::generate("evil").unwrap().issue(Role::Admin, "admin", &[]).unwrap();
+        let evil_key = IdentityKey::from_pem(evil.key_pem.as_bytes()).unwrap();
+        let e = refused(Role::Admin, &der_of(&evil.cert_pem), b"deploy", &evil_key.sign(b"deploy").unwrap());
+        assert!(e.contains("not issued by the federation CA"), "{e}");
     }
 
     #[test]

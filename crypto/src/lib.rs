@@ -16,6 +16,7 @@ pub mod identity;
 pub mod pki;
 pub mod relay;
 pub mod revocation;
+pub mod sealed;
 pub mod secagg;
 
 mod error;

@@ -79,6 +79,26 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Answer a batch of rows with a service's deployed model, as this
+    /// party serves it (the kept, verified deployment; no coordinator
+    /// needed). Prints CSV: the predicted class, then each class's probability.
+    Predict {
+        /// The party's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The service (one of `[serve] services`).
+        #[arg(long)]
+        service: String,
+        /// CSV of feature rows (no label column), optionally gzip-compressed.
+        #[arg(long)]
+        data: PathBuf,
+        /// The file starts with a header line.
+        #[arg(long)]
+        header: bool,
+        /// Write the CSV here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Evaluate a model (e.g. from `confide job model`) on local rows.
     Evaluate {
         /// The job spec the model was trained with.
@@ -122,6 +142,97 @@ impl DataArgs {
                 csv: CsvOptions { header: self.header, label_column: self.label_column },
             })
             .collect()
+    }
+}
+
+/// Feature rows of a CSV file (no labels): the values, the row count and
+/// the width. Errors name the file, line and column.
+fn feature_rows(path: &std::path::Path, header: bool) -> Result<(Vec<f32>, usize, usize), String> {
+    let text = confide_algorithms::data::Dataset::read_text(path).map_err(|e| e.to_string())?;
+    let (mut values, mut rows, mut width) = (Vec::new(), 0usize, None);
+    for (i, line) in text.lines().enumerate().skip(usize::from(header)) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let before = values.len();
+        for (j, cell) in line.split(',').enumerate() {
+            let v: f32 = cell.trim().parse().map_err(|_| {
+                format!("{}:{}: column {}: {:?} is not a number", path.display(), i + 1, j + 1, cell.trim())
+            })?;
+            if !v.is_finite() {
+                return Err(format!("{}:{}: column {}: {v} is not finite", path.display(), i + 1, j + 1));
+            }
+            values.push(v);
+        }
+        let w = values.len() - before;
+        match width {
+            None => width = Some(w),
+            Some(expected) if expected != w => {
+                return Err(format!("{}:{}: {w} values, but the first row has {expected}", path.display(), i + 1));
+            }
+            Some(_) => {}
+        }
+        rows += 1;
+    }
+    let width = width.ok_or_else(|| format!("{}: no rows", path.display()))?;
+    Ok((values, rows, width))
+}
+
+async fn predict(
+    config: &std::path::Path,
+    plugins: &PartyPlugins,
+    service: &str,
+    data: &std::path::Path,
+    header: bool,
+    out: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let cfg = PartyConfig::load_with(config, plugins).map_err(|e| e.to_string())?;
+    if !cfg.serve.services.iter().any(|s| s == service) {
+        return Err(format!("{}: serve.services does not list {service:?}", config.display()));
+    }
+    let node = PartyNode::with_plugins(cfg, PartyPlugins::default());
+    let registry = node.open_serving().map_err(|e| e.to_string())?.ok_or("this party serves nothing")?;
+    let served = registry.current(service).map_err(|e| e.to_string())?;
+    let (rows, count, width) = feature_rows(data, header)?;
+    if width != served.width {
+        return Err(format!(
+            "{}: {width} values per row, but service {service}'s model takes {}",
+            data.display(),
+            served.width
+        ));
+    }
+    let per = registry.config().max_rows;
+    let mut text = String::from("prediction");
+    for c in 0..served.classes {
+        text.push_str(&format!(",p{c}"));
+    }
+    text.push('\n');
+    for chunk in rows.chunks(per * width) {
+        let n = chunk.len() / width;
+        let p = registry.predict(service, chunk.to_vec(), n, width).await.map_err(|e| e.to_string())?;
+        for row in p.probabilities.chunks(p.classes) {
+            let best = row.iter().enumerate().fold(0, |b, (c, &v)| if v > row[b] { c } else { b });
+            text.push_str(&best.to_string());
+            for v in row {
+                text.push_str(&format!(",{v}"));
+            }
+            text.push('\n');
+        }
+    }
+    let r = &served.deployment.record;
+    eprintln!(
+        "{count} rows answered by service {service}: deployment {} (job {} round {}, sha256 {})",
+        r.sequence,
+        r.job_id,
+        r.round,
+        &r.sha256[..16]
+    );
+    match out {
+        Some(path) => std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display())),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
     }
 }
 
@@ -250,6 +361,11 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
                     return 2;
                 }
                 let node = PartyNode::with_plugins(cfg, plugins);
+                // A bad [serve] table or a taken port stops the party at start.
+                if let Err(e) = node.start_serving().await {
+                    eprintln!("error: {e}");
+                    return 2;
+                }
                 tokio::select! {
                     _ = node.run() => 0,
                     _ = tokio::signal::ctrl_c() => 0,
@@ -260,6 +376,15 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
                 2
             }
         },
+        Command::Predict { config, service, data, header, out } => {
+            match predict(&config, &plugins, &service, &data, header, out.as_deref()).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    2
+                }
+            }
+        }
         Command::Keygen { name, out } => match confide_crypto::pki::write_key_request(&out, &name) {
             Ok((key, csr)) => {
                 println!("private key: {} (mode 0600; keep it here)", key.display());

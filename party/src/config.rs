@@ -59,12 +59,90 @@ pub struct PartyConfig {
     /// Boundary limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Serving deployed models to this hospital's applications.
+    #[serde(default)]
+    pub serve: ServeConfig,
     /// Fault injection for chaos tests; absent in production configs.
     #[serde(default)]
     pub fault: Fault,
     /// Deprecations found while loading (logged at start).
     #[serde(skip)]
     pub warnings: Vec<String>,
+}
+
+/// `[serve]`: which services this party serves, and where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// The services whose deployments this party pulls and serves; any
+    /// other deployment is ignored.
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// The local HTTP endpoint (`POST /v1/services/NAME/predict`, `GET
+    /// /healthz`); none by default. Keep it on a loopback or hospital-internal
+    /// address: it has no authentication of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Where verified deployments and their models are kept (default: next
+    /// to the key, `NAME.serve/` for `NAME.key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Most rows one batch of concurrent requests is answered in.
+    #[serde(default = "default_max_batch_rows")]
+    pub max_batch_rows: usize,
+    /// Most rows in one request.
+    #[serde(default = "default_max_rows")]
+    pub max_rows: usize,
+    /// Largest request body, bytes.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+fn default_max_batch_rows() -> usize {
+    1024
+}
+fn default_max_rows() -> usize {
+    4096
+}
+fn default_max_body_bytes() -> usize {
+    4 << 20
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            services: Vec::new(),
+            listen: None,
+            dir: None,
+            max_batch_rows: default_max_batch_rows(),
+            max_rows: default_max_rows(),
+            max_body_bytes: default_max_body_bytes(),
+        }
+    }
+}
+
+impl ServeConfig {
+    fn validate(&self) -> Result<(), String> {
+        for (i, s) in self.services.iter().enumerate() {
+            confide_proto::deploy::validate_service_name(s).map_err(|e| format!("serve.services[{i}]: {e}"))?;
+            if self.services[..i].contains(s) {
+                return Err(format!("serve.services[{i}]: {s:?} is listed twice"));
+            }
+        }
+        if self.listen.is_some() && self.services.is_empty() {
+            return Err("serve.listen: list the services to serve in serve.services".into());
+        }
+        if !(1..=1_000_000).contains(&self.max_batch_rows) {
+            return Err(format!("serve.max_batch_rows: must be 1..=1000000 (got {})", self.max_batch_rows));
+        }
+        if !(1..=1_000_000).contains(&self.max_rows) {
+            return Err(format!("serve.max_rows: must be 1..=1000000 (got {})", self.max_rows));
+        }
+        if !(1024..=1 << 30).contains(&self.max_body_bytes) {
+            return Err(format!("serve.max_body_bytes: must be 1 KiB..=1 GiB (got {})", self.max_body_bytes));
+        }
+        Ok(())
+    }
 }
 
 /// Makes the party crash on purpose, to test the federation's dropout
@@ -232,6 +310,9 @@ impl PartyConfig {
         for m in cfg.models.values_mut() {
             *m = base.join(&*m);
         }
+        if let Some(d) = &mut cfg.serve.dir {
+            *d = base.join(&*d);
+        }
         cfg.validate_with(plugins).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         for w in &mut cfg.warnings {
             *w = format!("{}: {w}", path.display());
@@ -242,6 +323,11 @@ impl PartyConfig {
     /// The privacy ledger's file.
     pub fn ledger_path(&self) -> PathBuf {
         self.ledger.clone().unwrap_or_else(|| self.key.with_extension("ledger.json"))
+    }
+
+    /// Where verified deployments and their models are kept.
+    pub fn serve_dir(&self) -> PathBuf {
+        self.serve.dir.clone().unwrap_or_else(|| self.key.with_extension("serve"))
     }
 
     /// Where the newest accepted revocation list is kept.
@@ -261,6 +347,7 @@ impl PartyConfig {
         if let Some(r) = &self.relay {
             confide_crypto::pki::validate_party_name(r).map_err(|e| format!("relay: {e}"))?;
         }
+        self.serve.validate()?;
         if !(1..=64).contains(&self.training.dp_noise_rounds_ahead) {
             return Err(format!(
                 "training.dp_noise_rounds_ahead: must be 1..=64 (got {})",
@@ -358,5 +445,16 @@ mod tests {
         assert!(load("[fault]\nexit_on_stage = \"secagg-nope\"\n").is_err());
         let e = load("[fault]\nexit_on_round = 1\n").unwrap_err().to_string();
         assert!(e.contains("fault.exit_on_round"), "{e}");
+        let c = load("[serve]\nservices = [\"triage\"]\nlisten = \"127.0.0.1:8080\"\n").unwrap();
+        assert_eq!(c.serve.services, ["triage"]);
+        assert!(c.serve_dir().ends_with("k.serve"));
+        let e = load("[serve]\nservices = [\"a b\"]\n").unwrap_err().to_string();
+        assert!(e.contains("serve.services[0]"), "{e}");
+        let e = load("[serve]\nservices = [\"a\", \"a\"]\n").unwrap_err().to_string();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = load("[serve]\nlisten = \"127.0.0.1:8080\"\n").unwrap_err().to_string();
+        assert!(e.contains("serve.listen"), "{e}");
+        let e = load("[serve]\nservices = [\"a\"]\nmax_rows = 0\n").unwrap_err().to_string();
+        assert!(e.contains("serve.max_rows"), "{e}");
     }
 }

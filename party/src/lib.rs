@@ -20,6 +20,7 @@ pub mod local;
 pub mod node;
 pub mod plugins;
 pub mod policy;
+pub mod serving;
 pub mod session;
 #[cfg(feature = "torch")]
 pub mod torch;

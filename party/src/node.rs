@@ -57,6 +57,8 @@ pub struct PartyNode {
     /// The privacy ledger (or why it could not be read: then every job
     /// offer is refused with that reason).
     ledger: Result<Arc<crate::ledger::Ledger>, String>,
+    /// The services this party serves (set by [`PartyNode::start_serving`]).
+    serving: std::sync::OnceLock<Arc<crate::serving::Registry>>,
 }
 
 struct Outbox {
@@ -119,6 +121,7 @@ impl PartyNode {
             stats: Arc::new(NodeStats::default()),
             revocations: Arc::new(RwLock::new(Revocations::empty())),
             ledger,
+            serving: std::sync::OnceLock::new(),
         }
     }
 
@@ -127,8 +130,50 @@ impl PartyNode {
         self.stats.clone()
     }
 
+    /// Starts serving `[serve] services`: loads and verifies the kept
+    /// deployments and binds `[serve] listen`. Returns the endpoint's
+    /// address, if it has one. Called once, before [`PartyNode::run`] (which
+    /// calls it if it was not); a second call does nothing.
+    pub async fn start_serving(&self) -> Result<Option<std::net::SocketAddr>, Error> {
+        if self.serving.get().is_some() {
+            return Ok(None);
+        }
+        let Some(registry) = self.open_serving()? else { return Ok(None) };
+        match self.config.serve.listen {
+            Some(addr) => {
+                let bound = crate::serving::http::serve(registry, addr).await.map_err(Error::Config)?;
+                info!(%bound, "prediction endpoint listening");
+                Ok(Some(bound))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Loads the services' kept deployments (verified against the newest
+    /// revocation list this party holds) without listening: what `confide-party
+    /// predict` answers from. `None` when the party serves nothing.
+    pub fn open_serving(&self) -> Result<Option<Arc<crate::serving::Registry>>, Error> {
+        if let Some(r) = self.serving.get() {
+            return Ok(Some(r.clone()));
+        }
+        if self.config.serve.services.is_empty() {
+            return Ok(None);
+        }
+        self.load_kept_revocations().map_err(Error::Config)?;
+        let registry = crate::serving::Registry::open(&self.config, self.revocations.clone()).map_err(Error::Config)?;
+        Ok(registry.map(|r| self.serving.get_or_init(|| r).clone()))
+    }
+
+    /// The services this party serves, once started.
+    pub fn serving(&self) -> Option<Arc<crate::serving::Registry>> {
+        self.serving.get().cloned()
+    }
+
     /// Connects, serves, and reconnects with exponential back-off forever.
     pub async fn run(&self) {
+        if let Err(e) = self.start_serving().await {
+            warn!("not serving models: {e}");
+        }
         let (initial, max) = (self.config.reconnect.initial_ms, self.config.reconnect.max_ms);
         let mut delay = initial;
         loop {
@@ -318,6 +363,33 @@ impl PartyNode {
                     {
                         let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                         route(&jobs, &outbox, task, Some(bulk)).await;
+                    }
+                }
+                coordinator_message::Body::Deployment(d) => {
+                    if let Some(registry) = self.serving.get() {
+                        match registry.offer(&d) {
+                            Ok(Some(pull)) => {
+                                outbox.send(party_message::Body::Pull(pull)).await;
+                            }
+                            Ok(None) => {}
+                            Err(e) => warn!("coordinator fault: {e}"),
+                        }
+                    }
+                }
+                coordinator_message::Body::ModelPart(part) => {
+                    if let Some(registry) = self.serving.get() {
+                        match registry.on_part(part) {
+                            Ok(Some((deployment, bytes))) => {
+                                let registry = registry.clone();
+                                tokio::task::spawn_blocking(move || {
+                                    if let Err(e) = registry.install(deployment, &bytes, true) {
+                                        warn!("deployment refused: {e}");
+                                    }
+                                });
+                            }
+                            Ok(None) => {}
+                            Err(e) => warn!("coordinator fault: {e}"),
+                        }
                     }
                 }
                 coordinator_message::Body::Closed(c) => {
@@ -677,6 +749,7 @@ mod tests {
             policy: Default::default(),
             reconnect: Default::default(),
             limits: Default::default(),
+            serve: Default::default(),
             fault: Default::default(),
             warnings: Vec::new(),
         };

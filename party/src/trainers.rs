@@ -59,8 +59,19 @@ impl BuiltinTrainers {
         held_out: Dataset,
         party: &str,
     ) -> Result<Box<dyn Trainer>, String> {
-        let model = &spec.model;
-        let seed = spec.training.seed;
+        self.build_model(&spec.model, spec.training.seed, train, held_out, party)
+    }
+
+    /// A trainer for `model`, initialised from `seed`, over rows already
+    /// loaded and split.
+    pub fn build_model(
+        &self,
+        model: &confide_algorithms::ModelConfig,
+        seed: u64,
+        train: Dataset,
+        held_out: Dataset,
+        party: &str,
+    ) -> Result<Box<dyn Trainer>, String> {
         match (model.engine(), &model.architecture) {
             (Engine::Rust, Architecture::LogisticRegression { .. }) => {
                 let m = LogisticRegression::new(model.classes, train, held_out, seed, party_salt(party))
@@ -96,6 +107,31 @@ impl BuiltinTrainers {
                 if HAS_TORCH { "" } else { " (built without the `torch` feature)" }
             )),
         }
+    }
+}
+
+impl BuiltinTrainers {
+    /// A model for inference only: `model`'s architecture holding `params`.
+    /// Loading the tensors checks their names and shapes against the
+    /// architecture, so a model that is not what `model` describes is
+    /// refused. The width comes from the input standardisation every
+    /// built-in model carries; one zero row is the probe the trainers run
+    /// to check that the network maps a row to `classes` logits.
+    pub fn inference_model(
+        &self,
+        model: &confide_algorithms::ModelConfig,
+        params: &confide_algorithms::Parameters,
+    ) -> Result<Box<dyn Trainer>, String> {
+        let width = params
+            .get(confide_algorithms::trainer::INPUT_MEAN)
+            .map(|t| t.data.len())
+            .filter(|&w| w > 0)
+            .ok_or("the model has no input.mean tensor (not a model of a built-in kind)")?;
+        let probe = Dataset { features: vec![0.0; width], labels: vec![0], num_features: width };
+        let none = Dataset { features: Vec::new(), labels: Vec::new(), num_features: width };
+        let mut m = self.build_model(model, 0, probe, none, "inference")?;
+        m.set_parameters(params).map_err(|e| format!("the tensors are not this architecture's: {e}"))?;
+        Ok(m)
     }
 }
 

@@ -9,6 +9,7 @@
 //! * [`status`]: the JSON job status shown by `confide job status --json`.
 //! * [`Limits`]: every size the federation enforces at its boundaries.
 
+pub mod deploy;
 pub mod dpspec;
 pub mod jobspec;
 pub mod messages;

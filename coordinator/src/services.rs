@@ -1,0 +1,160 @@
+//! Services: model versions bound to names by administrators' signed
+//! deployments, pushed to the parties and pulled by those that serve them.
+//!
+//! The coordinator checks a deployment before storing it (an admin signed
+//! it, it is the service's next, it names a kept version with that hash
+//! and the job's architecture, a rollback returns to the version it
+//! should), but parties do not rely on that: each verifies the signature,
+//! the sequence, the hash and the architecture itself
+//! (`confide_party::serving`).
+
+use confide_algorithms::ModelConfig;
+use confide_proto::deploy::{DeployAction, DeploymentRecord, SignedDeployment, rollback_record};
+use confide_proto::jobspec::JobSpec;
+use confide_proto::pb;
+
+use crate::Error;
+use crate::db::{Db, StoredDeployment, unix_now};
+use crate::server::Hub;
+
+fn to_pb(d: &StoredDeployment) -> pb::ServiceDeployment {
+    pb::ServiceDeployment {
+        record: d.record.clone(),
+        signature: d.signature.clone(),
+        admin_certificate: d.admin_certificate.clone(),
+    }
+}
+
+/// Every service's current (newest) deployment, as parties receive them.
+pub fn current_deployments(db: &Db) -> Result<Vec<pb::ServiceDeployment>, Error> {
+    let mut out: Vec<pb::ServiceDeployment> = Vec::new();
+    let mut last = None;
+    for d in db.deployments(None)? {
+        if last.as_deref() != Some(d.service.as_str()) {
+            out.push(to_pb(&d));
+            last = Some(d.service.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Services with their histories (newest first), one or all.
+pub fn statuses(db: &Db, service: Option<&str>) -> Result<Vec<pb::ServiceStatus>, Error> {
+    let mut out: Vec<pb::ServiceStatus> = Vec::new();
+    for d in db.deployments(service)? {
+        match out.last_mut() {
+            Some(s) if s.service == d.service => {
+                s.deployments.push(to_pb(&d));
+                s.created_at = d.created_at;
+            }
+            _ => out.push(pb::ServiceStatus {
+                service: d.service.clone(),
+                deployments: vec![to_pb(&d)],
+                created_at: d.created_at,
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// The `[model]` table of a job, as deployments carry it.
+pub fn architecture_of(db: &Db, job: &str, limits: &confide_proto::Limits) -> Result<ModelConfig, Error> {
+    let toml = db.spec_toml(job)?.ok_or_else(|| Error::NotFound(format!("job {job}")))?;
+    let spec = JobSpec::parse(&toml, &format!("spec of job {job}"), limits)?;
+    Ok(spec.model)
+}
+
+/// The records of a service's history, newest first, as stored.
+fn history(db: &Db, service: &str) -> Result<Vec<DeploymentRecord>, Error> {
+    db.deployments(Some(service))?
+        .iter()
+        .map(|d| {
+            serde_json::from_slice(&d.record).map_err(|e| {
+                Error::Storage(format!("service {service}: stored deployment {} is unreadable: {e}", d.sequence))
+            })
+        })
+        .collect()
+}
+
+/// Checks and stores a deployment the administrator holding
+/// `caller_certificate` signed; returns the service's new status. The
+/// caller then pushes it to the parties.
+pub fn deploy(hub: &Hub, msg: &pb::ServiceDeployment, caller_certificate: &[u8]) -> Result<pb::ServiceStatus, Error> {
+    let ca = std::fs::read(hub.pki().ca_cert()).map_err(|e| Error::io(&hub.pki().ca_cert(), e))?;
+    let signed =
+        SignedDeployment::verify(msg, &ca, &hub.revocation_list()).map_err(|e| Error::Refused(e.to_string()))?;
+    if signed.admin_certificate != caller_certificate {
+        return Err(Error::Refused("the deployment is signed with another certificate than the caller's".into()));
+    }
+    let r = &signed.record;
+    let db = hub.db();
+    let version = db.model_version(&r.job_id, r.round)?.ok_or_else(|| {
+        Error::NotFound(format!("job {} has no kept model version after round {}", r.job_id, r.round))
+    })?;
+    if version.sha256 != r.sha256 {
+        return Err(Error::Refused(format!(
+            "the record's sha256 {} is not that of job {} round {} ({})",
+            r.sha256, r.job_id, r.round, version.sha256
+        )));
+    }
+    let architecture = architecture_of(db, &r.job_id, hub.limits())?;
+    if architecture != signed.model {
+        return Err(Error::Refused(format!("the record's architecture is not job {}'s [model] table", r.job_id)));
+    }
+    let history = history(db, &r.service)?;
+    let current = history.first();
+    match (r.action, current) {
+        (DeployAction::Deploy, _) => {
+            let expected = current.map(|c| c.sequence);
+            if r.rollback_to != expected {
+                return Err(Error::Refused(format!(
+                    "service {}: a deployment must roll back to the current one ({expected:?}), not {:?}",
+                    r.service, r.rollback_to
+                )));
+            }
+        }
+        (DeployAction::Rollback, None) => {
+            return Err(Error::Refused(format!("service {} has nothing deployed to roll back", r.service)));
+        }
+        (DeployAction::Rollback, Some(c)) => {
+            let expected = rollback_record(c, &history, &r.admin, r.issued_at).map_err(Error::Refused)?;
+            if &expected != r {
+                return Err(Error::Refused(format!(
+                    "service {}: a rollback from deployment {} returns to job {} round {} as deployment {}",
+                    r.service, c.sequence, expected.job_id, expected.round, expected.sequence
+                )));
+            }
+        }
+    }
+    let stored = StoredDeployment {
+        service: r.service.clone(),
+        sequence: r.sequence,
+        record: signed.bytes.clone(),
+        signature: signed.signature.clone(),
+        admin_certificate: signed.admin_certificate.clone(),
+        created_at: unix_now(),
+    };
+    db.add_deployment(&stored, &r.job_id, r.round)?;
+    tracing::info!(
+        service = %r.service, sequence = r.sequence, job = %r.job_id, round = r.round,
+        action = r.action.as_str(), "deployed"
+    );
+    statuses(db, Some(&r.service))?
+        .pop()
+        .ok_or_else(|| Error::Storage(format!("service {} vanished after its deployment", r.service)))
+}
+
+/// The model bytes of deployment `sequence` of `service`, for a party that
+/// pulls it; the error is what the party is told.
+pub fn model_for_pull(db: &Db, service: &str, sequence: u64) -> Result<Vec<u8>, String> {
+    let history = history(db, service).map_err(|e| e.to_string())?;
+    let r = history
+        .iter()
+        .find(|r| r.sequence == sequence)
+        .ok_or_else(|| format!("service {service} has no deployment {sequence}"))?;
+    let v = db
+        .model_version(&r.job_id, r.round)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("the model of job {} round {} is gone", r.job_id, r.round))?;
+    std::fs::read(&v.path).map_err(|e| format!("reading the model of job {} round {}: {e}", r.job_id, r.round))
+}

@@ -1,0 +1,207 @@
+//! The party's local prediction endpoint (axum):
+//!
+//! * `POST /v1/services/{name}/predict` with `{"rows": [[f, ...], ...]}`
+//!   answers `{"service", "probabilities", "predictions", "version",
+//!   "provenance"}`;
+//! * `GET /healthz` answers `{"status": "ok", "services": {...}}` with each
+//!   service's deployed version (or `ready: false`).
+//!
+//! Errors are JSON `{"error": "..."}` naming what is wrong: 400 for a body
+//! that is not the expected JSON (with the path of the first bad value), 404
+//! for a service not served here, 413 for a body or row count over the
+//! limits, 422 for a row of the wrong width, 503 before a first deployment.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::{Registry, ServeError, Served};
+
+/// The endpoint's routes over `registry`.
+pub fn router(registry: Arc<Registry>) -> Router {
+    let limit = registry.config().max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/services/{name}/predict", post(predict))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(registry)
+}
+
+/// Binds `addr` and serves the endpoint until the process ends; returns the
+/// bound address (useful with port 0).
+pub async fn serve(registry: Arc<Registry>, addr: SocketAddr) -> Result<SocketAddr, String> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("serve.listen {addr}: cannot bind: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| format!("serve.listen {addr}: {e}"))?;
+    let app = router(registry);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!("the prediction endpoint stopped: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn status_of(e: &ServeError) -> StatusCode {
+    match e {
+        ServeError::UnknownService(_) => StatusCode::NOT_FOUND,
+        ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ServeError::WrongWidth { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        ServeError::BadRequest(m) if m.starts_with("rows: ") && m.contains("at most") => StatusCode::PAYLOAD_TOO_LARGE,
+        ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        ServeError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn version_json(s: &Served) -> Value {
+    let r = &s.deployment.record;
+    json!({
+        "sequence": r.sequence,
+        "action": r.action.as_str(),
+        "job_id": r.job_id,
+        "round": r.round,
+        "sha256": r.sha256,
+    })
+}
+
+async fn healthz(State(registry): State<Arc<Registry>>) -> Response {
+    let services: serde_json::Map<String, Value> = registry
+        .services()
+        .into_iter()
+        .map(|(name, served)| {
+            let v = match served {
+                Some(s) => {
+                    json!({ "ready": true, "width": s.width, "classes": s.classes, "version": version_json(&s) })
+                }
+                None => json!({ "ready": false }),
+            };
+            (name, v)
+        })
+        .collect();
+    axum::Json(json!({ "status": "ok", "services": services })).into_response()
+}
+
+/// The rows of a request body, row-major, with their count and width; the
+/// error names the first bad value by its path.
+pub fn parse_rows(body: &[u8], max_rows: usize) -> Result<(Vec<f32>, usize, usize), ServeError> {
+    let bad = |m: String| ServeError::BadRequest(m);
+    let v: Value = serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    let Value::Object(mut obj) = v else { return Err(bad("the body must be a JSON object with \"rows\"".into())) };
+    if let Some(k) = obj.keys().find(|k| k.as_str() != "rows") {
+        return Err(bad(format!("unknown field {k:?} (the body has \"rows\" only)")));
+    }
+    let Some(Value::Array(rows)) = obj.remove("rows") else {
+        return Err(bad("rows: missing, or not an array of rows".into()));
+    };
+    if rows.is_empty() {
+        return Err(bad("rows: empty".into()));
+    }
+    if rows.len() > max_rows {
+        return Err(bad(format!("rows: {} rows, at most {max_rows} per request", rows.len())));
+    }
+    let width = match &rows[0] {
+        Value::Array(r) => r.len(),
+        _ => return Err(bad("rows[0]: not an array of numbers".into())),
+    };
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for (i, row) in rows.iter().enumerate() {
+        let Value::Array(row) = row else { return Err(bad(format!("rows[{i}]: not an array of numbers"))) };
+        if row.len() != width {
+            return Err(bad(format!("rows[{i}]: {} values, but rows[0] has {width}", row.len())));
+        }
+        for (j, x) in row.iter().enumerate() {
+            match x.as_f64() {
+                Some(f) if f.is_finite() && f.abs() <= f64::from(f32::MAX) => out.push(f as f32),
+                _ => return Err(bad(format!("rows[{i}][{j}]: {x} is not a finite number"))),
+            }
+        }
+    }
+    Ok((out, rows.len(), width))
+}
+
+async fn predict(
+    State(registry): State<Arc<Registry>>,
+    Path(name): Path<String>,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body exceeds {} bytes ([serve] max_body_bytes)", registry.config().max_body_bytes),
+            );
+        }
+        Err(r) => return error(r.status(), r.body_text()),
+    };
+    // Unknown or not yet deployed: said before the body is parsed.
+    let served = match registry.current(&name) {
+        Ok(s) => s,
+        Err(e) => return error(status_of(&e), e.to_string()),
+    };
+    let (rows, count, width) = match parse_rows(&body, registry.config().max_rows) {
+        Ok(r) => r,
+        Err(e) => return error(status_of(&e), e.to_string()),
+    };
+    if width != served.width {
+        let e = ServeError::WrongWidth { service: name, what: "rows[0]".into(), got: width, expected: served.width };
+        return error(status_of(&e), e.to_string());
+    }
+    match registry.predict(&name, rows, count, width).await {
+        Ok(p) => {
+            let k = p.classes.max(1);
+            let probabilities: Vec<&[f32]> = p.probabilities.chunks(k).collect();
+            let predictions: Vec<usize> = probabilities
+                .iter()
+                .map(|row| row.iter().enumerate().fold(0, |best, (c, &v)| if v > row[best] { c } else { best }))
+                .collect();
+            let r = &p.served.deployment.record;
+            axum::Json(json!({
+                "service": name,
+                "probabilities": probabilities,
+                "predictions": predictions,
+                "version": version_json(&p.served),
+                "provenance": {
+                    "answered_by": "edge",
+                    "signed_by": r.admin,
+                    "issued_at": r.issued_at,
+                },
+            }))
+            .into_response()
+        }
+        Err(e) => error(status_of(&e), e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_bodies_are_named_by_the_path_of_the_first_bad_value() {
+        let e = |b: &str| parse_rows(b.as_bytes(), 3).unwrap_err().to_string();
+        assert!(e("nope").contains("not JSON"));
+        assert!(e("[1]").contains("JSON object"));
+        assert!(e("{\"rows\": [[1, 2]], \"x\": 1}").contains("unknown field \"x\""));
+        assert!(e("{\"rows\": 3}").starts_with("rows:"));
+        assert!(e("{\"rows\": []}").contains("empty"));
+        assert!(e("{\"rows\": [[1], [2], [3], [4]]}").contains("at most 3"));
+        assert!(e("{\"rows\": [[1, 2], [3]]}").contains("rows[1]: 1 values"));
+        assert!(e("{\"rows\": [[1, \"a\"]]}").contains("rows[0][1]: \"a\" is not a finite number"));
+        assert!(e("{\"rows\": [[1, 1e300]]}").contains("rows[0][1]"));
+        assert!(e("{\"rows\": [7]}").contains("rows[0]: not an array"));
+        let (v, n, w) = parse_rows(b"{\"rows\": [[1, 2.5], [3, -4]]}", 3).unwrap();
+        assert_eq!((v, n, w), (vec![1.0, 2.5, 3.0, -4.0], 2, 2));
+    }
+}

@@ -1,0 +1,751 @@
+//! Serving deployed models to the hospital's own applications.
+//!
+//! A party serves the services its `[serve] services` lists, and only
+//! models an administrator deployed: a deployment arrives over the
+//! coordinator stream as a signed record ([`SignedDeployment`]), which this
+//! module verifies against the federation CA (an admin certificate, not
+//! revoked) before pulling the model. The model's bytes must have the
+//! signed SHA-256 and its tensors the signed architecture; each service's
+//! sequence only grows, so the coordinator cannot replay an older
+//! deployment. Verified deployments are kept in `[serve] dir` and served
+//! again after a restart, before the coordinator is reachable.
+//!
+//! Each service has one worker thread that owns its model (libtorch models
+//! are `Send`, not `Sync`) and answers queued requests in batches: requests
+//! that arrive while a batch runs are answered together by the next one.
+//! A new version is swapped in between two batches, so no request in
+//! flight fails or sees half a model.
+
+pub mod http;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, RwLock};
+
+use confide_algorithms::{Parameters, Trainer};
+use confide_crypto::identity::SharedRevocations;
+use confide_proto::deploy::SignedDeployment;
+use confide_proto::pb;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tracing::{info, warn};
+
+use crate::config::{PartyConfig, ServeConfig};
+use crate::trainers::BuiltinTrainers;
+
+/// A model version a service answers with, and what it takes.
+#[derive(Debug)]
+pub struct Served {
+    /// The verified deployment.
+    pub deployment: SignedDeployment,
+    /// Features per row.
+    pub width: usize,
+    /// Classes (probabilities per row).
+    pub classes: usize,
+}
+
+/// One request's answer.
+#[derive(Debug)]
+pub struct Prediction {
+    /// Row-major class probabilities, `rows × classes`.
+    pub probabilities: Vec<f32>,
+    /// Probabilities per row.
+    pub classes: usize,
+    /// The version that answered.
+    pub served: Arc<Served>,
+}
+
+/// Why a prediction could not be made.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The service is not in `[serve] services`.
+    #[error("service {0:?} is not served here (see [serve] services)")]
+    UnknownService(String),
+    /// No version has been deployed to (or verified for) the service yet.
+    #[error("service {0} has no deployed model yet")]
+    NotReady(String),
+    /// A row's width is not the model's.
+    #[error("{what}: {got} values, but service {service}'s model takes {expected}")]
+    WrongWidth {
+        /// The service.
+        service: String,
+        /// Which row.
+        what: String,
+        /// Its width.
+        got: usize,
+        /// The model's.
+        expected: usize,
+    },
+    /// The request is malformed or too large.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The model failed.
+    #[error("prediction failed: {0}")]
+    Failed(String),
+}
+
+struct PredictJob {
+    rows: Vec<f32>,
+    count: usize,
+    width: usize,
+    reply: tokio::sync::oneshot::Sender<Result<Prediction, ServeError>>,
+}
+
+enum WorkerMsg {
+    Predict(PredictJob),
+    Swap(Box<dyn Trainer>, Arc<Served>),
+}
+
+/// One served service: its worker's queue and the version it answers with.
+struct Service {
+    name: String,
+    current: RwLock<Option<Arc<Served>>>,
+    worker: Mutex<Sender<WorkerMsg>>,
+}
+
+impl Service {
+    fn current(&self) -> Option<Arc<Served>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn sequence(&self) -> u64 {
+        self.current().map_or(0, |s| s.deployment.record.sequence)
+    }
+}
+
+/// A model being pulled.
+struct Pull {
+    deployment: SignedDeployment,
+    bytes: Vec<u8>,
+}
+
+/// The deployed models of the services this party serves.
+pub struct Registry {
+    services: BTreeMap<String, Arc<Service>>,
+    store: PathBuf,
+    ca_pem: Vec<u8>,
+    revocations: SharedRevocations,
+    builder: BuiltinTrainers,
+    config: ServeConfig,
+    max_model_bytes: usize,
+    pulls: Mutex<HashMap<String, Pull>>,
+}
+
+/// What a deployment kept in the store looks like on disk.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredDeployment {
+    /// The signed record (JSON, as signed).
+    record: String,
+    /// Hex.
+    signature: String,
+    /// Hex, DER.
+    admin_certificate: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, String> {
+    if !s.len().is_multiple_of(2) {
+        return Err("odd number of hex digits".into());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// SHA-256 of `bytes`, lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&sha2::Sha256::digest(bytes))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let tmp = path.with_extension("part");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl Registry {
+    /// The registry of `config`'s `[serve]` table, with each service's
+    /// kept deployment loaded (and verified again); `None` when the party
+    /// serves nothing. `revocations` is the node's list in force.
+    pub fn open(config: &PartyConfig, revocations: SharedRevocations) -> Result<Option<Arc<Registry>>, String> {
+        let serve = &config.serve;
+        if serve.services.is_empty() {
+            return Ok(None);
+        }
+        let ca_pem = std::fs::read(&config.ca).map_err(|e| format!("{}: {e}", config.ca.display()))?;
+        let store = config.serve_dir();
+        std::fs::create_dir_all(&store).map_err(|e| format!("serve.dir {}: {e}", store.display()))?;
+        let mut services = BTreeMap::new();
+        for name in &serve.services {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (max_batch, service) = (serve.max_batch_rows, name.clone());
+            std::thread::Builder::new()
+                .name(format!("serve-{name}"))
+                .spawn(move || worker(&service, rx, max_batch))
+                .map_err(|e| format!("starting the worker of service {name}: {e}"))?;
+            let svc = Service { name: name.clone(), current: RwLock::new(None), worker: Mutex::new(tx) };
+            services.insert(name.clone(), Arc::new(svc));
+        }
+        let registry = Registry {
+            services,
+            store,
+            ca_pem,
+            revocations,
+            builder: BuiltinTrainers::for_config(config),
+            config: serve.clone(),
+            max_model_bytes: config.limits.max_values.saturating_mul(4).saturating_add(1 << 20),
+            pulls: Mutex::new(HashMap::new()),
+        };
+        for name in &serve.services {
+            match registry.load_kept(name) {
+                Ok(Some(seq)) => info!(service = %name, sequence = seq, "serving the kept deployment"),
+                Ok(None) => {}
+                Err(e) => warn!(service = %name, "the kept deployment is not served: {e}"),
+            }
+        }
+        Ok(Some(Arc::new(registry)))
+    }
+
+    /// The `[serve]` settings.
+    pub fn config(&self) -> &ServeConfig {
+        &self.config
+    }
+
+    /// The services served, with the version each answers with.
+    pub fn services(&self) -> Vec<(String, Option<Arc<Served>>)> {
+        self.services.values().map(|s| (s.name.clone(), s.current())).collect()
+    }
+
+    /// The version `service` answers with.
+    pub fn current(&self, service: &str) -> Result<Arc<Served>, ServeError> {
+        let svc = self.services.get(service).ok_or_else(|| ServeError::UnknownService(service.to_owned()))?;
+        svc.current().ok_or_else(|| ServeError::NotReady(service.to_owned()))
+    }
+
+    fn dir(&self, service: &str) -> PathBuf {
+        self.store.join(service)
+    }
+
+    /// Loads `service`'s kept deployment, verified as if it had just arrived.
+    fn load_kept(&self, service: &str) -> Result<Option<u64>, String> {
+        let dir = self.dir(service);
+        let path = dir.join("deployment.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let kept: StoredDeployment = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let msg = pb::ServiceDeployment {
+            record: kept.record.into_bytes(),
+            signature: unhex(&kept.signature).map_err(|e| format!("{}: signature: {e}", path.display()))?,
+            admin_certificate: unhex(&kept.admin_certificate)
+                .map_err(|e| format!("{}: admin_certificate: {e}", path.display()))?,
+        };
+        let d = self.verify(&msg).map_err(|e| format!("{}: {e}", path.display()))?;
+        if d.record.service != service {
+            return Err(format!("{}: a deployment of service {}", path.display(), d.record.service));
+        }
+        let model = dir.join(format!("model-{}.safetensors", d.record.sha256));
+        let bytes = std::fs::read(&model).map_err(|e| format!("{}: {e}", model.display()))?;
+        let seq = d.record.sequence;
+        self.install(d, &bytes, false)?;
+        Ok(Some(seq))
+    }
+
+    fn verify(&self, msg: &pb::ServiceDeployment) -> Result<SignedDeployment, String> {
+        let list = self.revocations.read().unwrap_or_else(|p| p.into_inner()).clone();
+        SignedDeployment::verify(msg, &self.ca_pem, &list).map_err(|e| e.to_string())
+    }
+
+    /// A deployment from the coordinator: verified, and if it is for a
+    /// service served here and newer than the one served, the pull to send.
+    /// An error is a coordinator fault (forged, replayed or conflicting).
+    pub fn offer(&self, msg: &pb::ServiceDeployment) -> Result<Option<pb::ModelPull>, String> {
+        let d = self.verify(msg).map_err(|e| format!("the coordinator relayed a deployment that fails: {e}"))?;
+        let r = &d.record;
+        let Some(svc) = self.services.get(&r.service) else { return Ok(None) };
+        let held = svc.current();
+        let held_seq = held.as_ref().map_or(0, |h| h.deployment.record.sequence);
+        if r.sequence < held_seq {
+            return Err(format!(
+                "the coordinator sent deployment {} of service {}, older than the {held_seq} served here (a replay)",
+                r.sequence, r.service
+            ));
+        }
+        if r.sequence == held_seq {
+            return match held {
+                Some(h) if h.deployment.bytes == d.bytes => Ok(None),
+                _ => Err(format!(
+                    "the coordinator sent another deployment {} of service {} than the one served here",
+                    r.sequence, r.service
+                )),
+            };
+        }
+        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        if pulls.get(&r.service).is_some_and(|p| p.deployment.record.sequence >= r.sequence) {
+            return Ok(None);
+        }
+        let pull = pb::ModelPull { service: r.service.clone(), sequence: r.sequence };
+        info!(service = %r.service, sequence = r.sequence, job = %r.job_id, round = r.round, "pulling a deployed model");
+        pulls.insert(r.service.clone(), Pull { deployment: d, bytes: Vec::new() });
+        Ok(Some(pull))
+    }
+
+    /// A part of a pulled model; the deployment and its bytes once complete.
+    /// An error ends the pull (a coordinator fault or its refusal).
+    pub fn on_part(&self, part: pb::ModelPart) -> Result<Option<(SignedDeployment, Vec<u8>)>, String> {
+        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(pull) = pulls.get_mut(&part.service) else {
+            return Err(format!(
+                "the coordinator sent a model part of service {:?}, which was not pulled",
+                part.service
+            ));
+        };
+        let fail = |pulls: &mut HashMap<String, Pull>, why: String| {
+            pulls.remove(&part.service);
+            Err(why)
+        };
+        if pull.deployment.record.sequence != part.sequence {
+            return Ok(None); // a part of a pull this one superseded
+        }
+        if !part.error.is_empty() {
+            let why = format!("the coordinator could not send the model of service {}: {}", part.service, part.error);
+            return fail(&mut pulls, why);
+        }
+        let total = usize::try_from(part.total_bytes).unwrap_or(usize::MAX);
+        if total > self.max_model_bytes {
+            let why = format!("a model of {total} bytes exceeds this party's limit of {}", self.max_model_bytes);
+            return fail(&mut pulls, why);
+        }
+        if part.offset != pull.bytes.len() as u64 || pull.bytes.len() + part.data.len() > total {
+            return fail(&mut pulls, format!("the model parts of service {} are out of order", part.service));
+        }
+        pull.bytes.extend_from_slice(&part.data);
+        if pull.bytes.len() < total {
+            return Ok(None);
+        }
+        let Some(done) = pulls.remove(&part.service) else { return Ok(None) };
+        Ok(Some((done.deployment, done.bytes)))
+    }
+
+    /// Checks a pulled model against its deployment (hash, architecture),
+    /// keeps both in the store when `keep`, and swaps it in. Blocking: it
+    /// hashes, parses and builds the model.
+    pub fn install(&self, d: SignedDeployment, bytes: &[u8], keep: bool) -> Result<(), String> {
+        let r = &d.record;
+        let svc = self.services.get(&r.service).ok_or_else(|| format!("service {} is not served here", r.service))?;
+        let sha = sha256_hex(bytes);
+        if sha != r.sha256 {
+            return Err(format!(
+                "the model of deployment {} of service {} has SHA-256 {sha}, not the signed {}",
+                r.sequence, r.service, r.sha256
+            ));
+        }
+        let params = Parameters::from_safetensors(bytes).map_err(|e| format!("the deployed model: {e}"))?;
+        let model = self.builder.inference_model(&d.model, &params).map_err(|e| {
+            format!(
+                "the model of deployment {} of service {} is not its signed architecture: {e}",
+                r.sequence, r.service
+            )
+        })?;
+        let width = params.get(confide_algorithms::trainer::INPUT_MEAN).map_or(0, |t| t.data.len());
+        if r.sequence < svc.sequence() {
+            return Err(format!("deployment {} of service {} arrived after a newer one", r.sequence, r.service));
+        }
+        if keep {
+            self.keep(&d, bytes)?;
+        }
+        let served = Arc::new(Served { width, classes: d.model.classes, deployment: d });
+        let swap = WorkerMsg::Swap(model, served.clone());
+        svc.worker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(swap)
+            .map_err(|_| format!("the worker of service {} has stopped", svc.name))?;
+        let r = &served.deployment.record;
+        info!(service = %r.service, sequence = r.sequence, job = %r.job_id, round = r.round, action = r.action.as_str(), "now serving");
+        *svc.current.write().unwrap_or_else(|p| p.into_inner()) = Some(served);
+        Ok(())
+    }
+
+    /// Writes the model, then the deployment naming it, then removes older
+    /// models: a crash leaves the previous deployment and its model intact.
+    fn keep(&self, d: &SignedDeployment, bytes: &[u8]) -> Result<(), String> {
+        let dir = self.dir(&d.record.service);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let model_name = format!("model-{}.safetensors", d.record.sha256);
+        write_atomically(&dir.join(&model_name), bytes)?;
+        let kept = StoredDeployment {
+            record: String::from_utf8(d.bytes.clone()).map_err(|e| format!("deployment record: {e}"))?,
+            signature: hex(&d.signature),
+            admin_certificate: hex(&d.admin_certificate),
+        };
+        let json = serde_json::to_vec_pretty(&kept).map_err(|e| e.to_string())?;
+        write_atomically(&dir.join("deployment.json"), &json)?;
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("model-") && name != model_name {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers `count` rows of `width` features (row-major) with the
+    /// service's current version, batched with concurrent requests.
+    pub async fn predict(
+        &self,
+        service: &str,
+        rows: Vec<f32>,
+        count: usize,
+        width: usize,
+    ) -> Result<Prediction, ServeError> {
+        let svc = self.services.get(service).ok_or_else(|| ServeError::UnknownService(service.to_owned()))?;
+        if count > self.config.max_rows {
+            return Err(ServeError::BadRequest(format!(
+                "rows: {count} rows, at most {} per request ([serve] max_rows)",
+                self.config.max_rows
+            )));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = PredictJob { rows, count, width, reply: tx };
+        svc.worker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(WorkerMsg::Predict(job))
+            .map_err(|_| ServeError::Failed(format!("the worker of service {service} has stopped")))?;
+        rx.await.map_err(|_| ServeError::Failed(format!("the worker of service {service} dropped the request")))?
+    }
+}
+
+/// A service's worker: owns the model, answers queued requests in batches
+/// of up to `max_batch_rows` rows, and swaps models between batches.
+fn worker(service: &str, rx: Receiver<WorkerMsg>, max_batch_rows: usize) {
+    let mut model: Option<(Box<dyn Trainer>, Arc<Served>)> = None;
+    let mut next: Option<WorkerMsg> = None;
+    loop {
+        let msg = match next.take() {
+            Some(m) => m,
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => return,
+            },
+        };
+        match msg {
+            WorkerMsg::Swap(m, served) => model = Some((m, served)),
+            WorkerMsg::Predict(first) => {
+                let mut rows = first.count;
+                let mut batch = vec![first];
+                while rows < max_batch_rows {
+                    match rx.try_recv() {
+                        Ok(WorkerMsg::Predict(j)) => {
+                            rows += j.count;
+                            batch.push(j);
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    }
+                }
+                answer(service, model.as_ref(), batch);
+            }
+        }
+    }
+}
+
+fn answer(service: &str, model: Option<&(Box<dyn Trainer>, Arc<Served>)>, batch: Vec<PredictJob>) {
+    let Some((m, served)) = model else {
+        for j in batch {
+            let _ = j.reply.send(Err(ServeError::NotReady(service.to_owned())));
+        }
+        return;
+    };
+    let mut ok = Vec::with_capacity(batch.len());
+    for j in batch {
+        if j.width == served.width && j.rows.len() == j.count * j.width {
+            ok.push(j);
+        } else {
+            let _ = j.reply.send(Err(ServeError::WrongWidth {
+                service: service.to_owned(),
+                what: "rows".into(),
+                got: j.width,
+                expected: served.width,
+            }));
+        }
+    }
+    if ok.is_empty() {
+        return;
+    }
+    let all: Vec<f32> = if ok.len() == 1 {
+        std::mem::take(&mut ok[0].rows)
+    } else {
+        ok.iter().flat_map(|j| j.rows.iter().copied()).collect()
+    };
+    match m.predict(&all) {
+        Ok(probs) if probs.len() == all.len() / served.width.max(1) * served.classes => {
+            let mut at = 0;
+            for j in ok {
+                let n = j.count * served.classes;
+                let probabilities = probs[at..at + n].to_vec();
+                at += n;
+                let _ = j.reply.send(Ok(Prediction { probabilities, classes: served.classes, served: served.clone() }));
+            }
+        }
+        Ok(probs) => {
+            let why = format!(
+                "the model returned {} probabilities for {} rows",
+                probs.len(),
+                all.len() / served.width.max(1)
+            );
+            for j in ok {
+                let _ = j.reply.send(Err(ServeError::Failed(why.clone())));
+            }
+        }
+        Err(e) => {
+            for j in ok {
+                let _ = j.reply.send(Err(ServeError::Failed(e.to_string())));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_algorithms::ModelConfig;
+    use confide_algorithms::data::Dataset;
+    use confide_crypto::identity::IdentityKey;
+    use confide_crypto::pki::{ADMIN_NAME, PkiDir};
+    use confide_crypto::revocation::Revocations;
+    use confide_proto::deploy::{DeployAction, DeploymentRecord};
+
+    const LOGREG: &str = "kind = \"logistic_regression\"\nclasses = 2\n";
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        pki: PkiDir,
+        config: PartyConfig,
+        revocations: SharedRevocations,
+    }
+
+    fn der(pem: &[u8]) -> Vec<u8> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem).unwrap().to_vec()
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init("t", &["a".into()], &[]).unwrap();
+        let path = dir.path().join("a.toml");
+        let text = format!(
+            "coordinator = \"https://x:1\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[serve]\nservices = [\"triage\"]\nmax_batch_rows = 64\n",
+            pki.ca_cert().display(),
+            pki.party_cert("a").display(),
+            pki.party_key("a").display()
+        );
+        std::fs::write(&path, text).unwrap();
+        let config = PartyConfig::load(&path).unwrap();
+        Fixture { dir, pki, config, revocations: Arc::new(RwLock::new(Revocations::empty())) }
+    }
+
+    /// A trained two-class model over 3 features, as safetensors bytes.
+    fn model_bytes(seed: u64) -> Vec<u8> {
+        let rows: Vec<f32> = (0..40).map(|i| ((i * 7 + seed as usize) % 11) as f32 / 5.0).collect();
+        let labels: Vec<u32> = (0..rows.len() / 4 * 4 / 3).map(|i| (i % 2) as u32).collect();
+        let n = labels.len();
+        let train = Dataset { features: rows[..n * 3].to_vec(), labels, num_features: 3 };
+        let none = Dataset { num_features: 3, ..Default::default() };
+        let mut m = BuiltinTrainers::default()
+            .build_model(&ModelConfig::logistic_regression(2), seed, train, none, "a")
+            .unwrap();
+        let tc = confide_algorithms::FitConfig { round: 1, train: Default::default() };
+        m.fit(&tc).unwrap();
+        m.parameters().unwrap().to_safetensors(&Default::default()).unwrap()
+    }
+
+    fn record(seq: u64, bytes: &[u8], architecture: &str) -> DeploymentRecord {
+        DeploymentRecord {
+            service: "triage".into(),
+            sequence: seq,
+            action: DeployAction::Deploy,
+            job_id: "job-1".into(),
+            round: seq as u32,
+            sha256: sha256_hex(bytes),
+            architecture: architecture.into(),
+            rollback_to: seq.checked_sub(1).filter(|&s| s > 0),
+            issued_at: 1,
+            admin: ADMIN_NAME.into(),
+        }
+    }
+
+    fn admin_signed(f: &Fixture, r: DeploymentRecord) -> pb::ServiceDeployment {
+        let key = IdentityKey::from_pem(&std::fs::read(f.pki.admin_key()).unwrap()).unwrap();
+        let cert = der(&std::fs::read(f.pki.admin_cert()).unwrap());
+        SignedDeployment::sign(r, &key, cert).unwrap().to_pb()
+    }
+
+    /// Offers a deployment and delivers its model in two parts.
+    fn deliver(reg: &Registry, msg: &pb::ServiceDeployment, bytes: &[u8]) -> Result<(), String> {
+        let pull = reg.offer(msg)?.ok_or("nothing to pull")?;
+        let half = bytes.len() / 2;
+        let part = |offset: usize, data: &[u8]| pb::ModelPart {
+            service: pull.service.clone(),
+            sequence: pull.sequence,
+            total_bytes: bytes.len() as u64,
+            offset: offset as u64,
+            data: data.to_vec().into(),
+            error: String::new(),
+        };
+        assert!(reg.on_part(part(0, &bytes[..half]))?.is_none());
+        let (d, got) = reg.on_part(part(half, &bytes[half..]))?.ok_or("incomplete")?;
+        reg.install(d, &got, true)
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().build().unwrap()
+    }
+
+    #[test]
+    fn a_party_serves_only_what_an_administrator_signed_and_never_an_older_one() {
+        let f = fixture();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let (v1, v2) = (model_bytes(1), model_bytes(2));
+        assert_eq!(reg.current("triage").unwrap_err(), ServeError::NotReady("triage".into()));
+        // Signed by an administrator: pulled, checked and served.
+        let d1 = admin_signed(&f, record(1, &v1, LOGREG));
+        deliver(&reg, &d1, &v1).unwrap();
+        let rows = vec![0.5, 1.0, 1.5, 0.0, 0.1, 0.2];
+        let p = rt().block_on(reg.predict("triage", rows.clone(), 2, 3)).unwrap();
+        let direct = BuiltinTrainers::default()
+            .inference_model(&ModelConfig::logistic_regression(2), &Parameters::from_safetensors(&v1).unwrap())
+            .unwrap()
+            .predict(&rows)
+            .unwrap();
+        assert_eq!((p.probabilities, p.served.deployment.record.sequence), (direct, 1));
+        // The same deployment again (a reconnect) is nothing to do.
+        assert_eq!(reg.offer(&d1).unwrap(), None);
+
+        // A party's certificate cannot deploy, nor can anyone edit a record.
+        let party_key = IdentityKey::from_pem(&std::fs::read(f.pki.party_key("a")).unwrap()).unwrap();
+        let party_cert = der(&std::fs::read(f.pki.party_cert("a")).unwrap());
+        let mut forged_record = record(2, &v2, LOGREG);
+        forged_record.admin = "a".into();
+        let forged = SignedDeployment::sign(forged_record, &party_key, party_cert).unwrap().to_pb();
+        assert!(reg.offer(&forged).unwrap_err().contains("Party certificate a"));
+        let mut edited = admin_signed(&f, record(2, &v2, LOGREG));
+        edited.record = serde_json::to_vec(&record(2, &v1, LOGREG)).unwrap();
+        assert!(reg.offer(&edited).unwrap_err().contains("does not verify"));
+        // Another deployment under a sequence already served.
+        let other1 = admin_signed(&f, record(1, &v2, LOGREG));
+        assert!(reg.offer(&other1).unwrap_err().contains("another deployment 1"));
+
+        // A model whose bytes are not the signed ones.
+        let d2 = admin_signed(&f, record(2, &v2, LOGREG));
+        let e = deliver(&reg, &d2, &v1).unwrap_err();
+        assert!(e.contains("SHA-256") && e.contains("not the signed"), "{e}");
+        // A model that is not the signed architecture.
+        let mlp = admin_signed(&f, record(2, &v2, "kind = \"mlp\"\nclasses = 2\nhidden = [4]\n"));
+        let e = deliver(&reg, &mlp, &v2).unwrap_err();
+        assert!(e.contains("not its signed architecture"), "{e}");
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 1, "nothing refused was swapped in");
+
+        // Version 2 goes in; then the coordinator replays version 1.
+        deliver(&reg, &d2, &v2).unwrap();
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 2);
+        let e = reg.offer(&d1).unwrap_err();
+        assert!(e.contains("older than the 2 served here"), "{e}");
+        // A deployment of a service this party does not serve is ignored.
+        let mut other = record(1, &v1, LOGREG);
+        other.service = "billing".into();
+        assert_eq!(reg.offer(&admin_signed(&f, other)).unwrap(), None);
+        // Parts nobody pulled are refused.
+        let stray = pb::ModelPart { service: "triage".into(), sequence: 9, total_bytes: 1, ..Default::default() };
+        assert!(reg.on_part(stray).unwrap_err().contains("not pulled"));
+
+        // After a restart the kept deployment is verified and served at
+        // once, and the replay is still refused.
+        drop(reg);
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 2);
+        assert!(reg.offer(&d1).unwrap_err().contains("a replay"));
+        // A tampered store is not served.
+        let kept = f.config.serve_dir().join("triage").join(format!("model-{}.safetensors", sha256_hex(&v2)));
+        std::fs::write(&kept, &v1).unwrap();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        assert!(reg.current("triage").is_err());
+        let _ = &f.dir;
+    }
+
+    #[test]
+    fn a_revoked_administrator_cannot_deploy() {
+        let f = fixture();
+        let v1 = model_bytes(1);
+        let d1 = admin_signed(&f, record(1, &v1, LOGREG));
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let admin = der(&std::fs::read(f.pki.admin_cert()).unwrap());
+        let serial = confide_crypto::revocation::certificate_serial(&admin).unwrap();
+        let list = f.pki.load_ca().unwrap().revoke(&Revocations::empty(), &serial).unwrap();
+        f.revocations.write().unwrap().update(list).unwrap();
+        let e = reg.offer(&d1).unwrap_err();
+        assert!(e.contains("revoked"), "{e}");
+    }
+
+    #[test]
+    fn requests_in_flight_during_swaps_all_succeed_with_one_version_or_the_other() {
+        let f = fixture();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let versions: Vec<Vec<u8>> = (1..=4).map(model_bytes).collect();
+        deliver(&reg, &admin_signed(&f, record(1, &versions[0], LOGREG)), &versions[0]).unwrap();
+        // Versions 2 to 4 are swapped in from another thread while
+        // requests keep arriving.
+        let swapper = {
+            let (reg, versions) = (reg.clone(), versions.clone());
+            let signed: Vec<_> = (1..4).map(|i| admin_signed(&f, record(i as u64 + 1, &versions[i], LOGREG))).collect();
+            std::thread::spawn(move || {
+                for (d, v) in signed.iter().zip(&versions[1..]) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    deliver(&reg, d, v).unwrap();
+                }
+            })
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let reg2 = reg.clone();
+        let answers = rt.block_on(async move {
+            let mut out = Vec::new();
+            for wave in 0..20 {
+                let tasks: Vec<_> = (0..20)
+                    .map(|i| {
+                        let reg = reg2.clone();
+                        tokio::spawn(async move {
+                            let rows = vec![(wave * 20 + i) as f32 / 100.0, 1.0, -1.0];
+                            reg.predict("triage", rows, 1, 3).await.map(|p| p.served.deployment.record.sequence)
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    out.push(t.await.unwrap());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            out
+        });
+        swapper.join().unwrap();
+        assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 4);
+    }
+}
