@@ -11,6 +11,7 @@
 
 pub mod data;
 mod error;
+pub mod hard_examples;
 pub mod logreg;
 pub mod params;
 pub mod state;

@@ -7,6 +7,7 @@
 //! parameters), so the figures are the framework's cost, not a model's.
 
 mod he_bench;
+mod joint_bench;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -161,6 +162,14 @@ enum Command {
         /// Seconds per configuration.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+    },
+    /// Hard-example mining on the UCI digits: an edge MLP and a cloud CNN,
+    /// each rule at several thresholds, against edge-only and cloud-only
+    /// (fraction forwarded, accuracy, McNemar's test against cloud-only).
+    Joint {
+        /// Training epochs of both models.
+        #[arg(long, default_value_t = 30)]
+        epochs: u32,
     },
     /// Load a running prediction endpoint (a party's `[serve] listen`) and
     /// report throughput, latency, failures and which deployments answered.
@@ -492,6 +501,7 @@ fn party_config(
         key: pki.party_key(name),
         revocation_list: None,
         ledger: None,
+        audit_log: None,
         datasets: [(dataset.to_string(), source)].into(),
         policy: Policy { aggregation: vec!["none".into(), "secagg".into(), "he".into()], ..Policy::default() },
         reconnect: Reconnect::default(),
@@ -1070,6 +1080,15 @@ async fn main() {
                         println!("{l}");
                     }
                 }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Command::Joint { epochs } => {
+            match joint_bench::bench_joint(&repo_root().join("examples/data/digits.csv.gz"), epochs.max(1)) {
+                Ok(lines) => lines.iter().for_each(|v| println!("{v}")),
                 Err(e) => {
                     eprintln!("error: {e}");
                     std::process::exit(1);

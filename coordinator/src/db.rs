@@ -779,6 +779,8 @@ mod tests {
         assert!(db.model_version("j1", 1).unwrap().is_none());
         // Never the latest, whatever the setting.
         db.forget_model_versions("j1", 0).unwrap();
+        assert_eq!(db.model_versions(Some("j1")).unwrap().len(), 1);
+        assert_eq!(db.model_of("j1").unwrap(), Some((4, PathBuf::from("/m/round-4"))));
         // A deployed version outlives retention, and so does the rest of
         // its service's history.
         let deployment = |seq: u64| StoredDeployment {
@@ -804,8 +806,6 @@ mod tests {
         assert!(db.model_version("j1", newest).unwrap().is_some());
         assert_eq!(db.services_of("j1", newest).unwrap(), vec!["triage".to_string()]);
         assert_eq!(db.deployments(Some("triage")).unwrap().len(), 1);
-        assert_eq!(db.model_versions(Some("j1")).unwrap().len(), 1);
-        assert_eq!(db.model_of("j1").unwrap(), Some((4, PathBuf::from("/m/round-4"))));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct PartyConfig {
     /// to the key, `NAME.ledger.json` for `NAME.key`). See `confide-party budget`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ledger: Option<PathBuf>,
+    /// The audit log of forwarded inputs, JSON lines (default: next to the
+    /// key, `NAME.audit.jsonl` for `NAME.key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_log: Option<PathBuf>,
     /// Data sets by name; jobs refer to these names, never to paths.
     #[serde(default)]
     pub datasets: BTreeMap<String, DatasetSource>,
@@ -228,9 +232,21 @@ pub struct Policy {
     /// make one party's update stand out.
     #[serde(default = "default_min_parties")]
     pub min_parties: usize,
+    /// Joint inference: for each service, the cloud parties allowed to
+    /// receive its raw inputs (encrypted to them). A service not listed
+    /// never forwards an input; its unsure answers are flagged `hard`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub share_inputs: BTreeMap<String, Vec<String>>,
     /// Deprecated name of `aggregation`.
     #[serde(default, skip_serializing)]
     pub privacy_modes: Option<Vec<String>>,
+}
+
+impl Policy {
+    /// Whether inputs of `service` may go to cloud party `cloud`.
+    pub fn may_share_inputs(&self, service: &str, cloud: &str) -> bool {
+        self.share_inputs.get(service).is_some_and(|allowed| allowed.iter().any(|c| c == cloud))
+    }
 }
 
 fn default_kinds() -> Vec<String> {
@@ -253,6 +269,7 @@ impl Default for Policy {
             accept_central_dp: false,
             min_corrupt_fraction: None,
             min_parties: default_min_parties(),
+            share_inputs: BTreeMap::new(),
             privacy_modes: None,
         }
     }
@@ -310,6 +327,9 @@ impl PartyConfig {
         for m in cfg.models.values_mut() {
             *m = base.join(&*m);
         }
+        if let Some(a) = &mut cfg.audit_log {
+            *a = base.join(&*a);
+        }
         if let Some(d) = &mut cfg.serve.dir {
             *d = base.join(&*d);
         }
@@ -323,6 +343,11 @@ impl PartyConfig {
     /// The privacy ledger's file.
     pub fn ledger_path(&self) -> PathBuf {
         self.ledger.clone().unwrap_or_else(|| self.key.with_extension("ledger.json"))
+    }
+
+    /// The audit log: every input this party forwarded, and to whom.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.audit_log.clone().unwrap_or_else(|| self.key.with_extension("audit.jsonl"))
     }
 
     /// Where verified deployments and their models are kept.
@@ -348,6 +373,13 @@ impl PartyConfig {
             confide_crypto::pki::validate_party_name(r).map_err(|e| format!("relay: {e}"))?;
         }
         self.serve.validate()?;
+        for (service, clouds) in &self.policy.share_inputs {
+            confide_proto::deploy::validate_service_name(service).map_err(|e| format!("policy.share_inputs: {e}"))?;
+            for (i, c) in clouds.iter().enumerate() {
+                confide_crypto::pki::validate_party_name(c)
+                    .map_err(|e| format!("policy.share_inputs.{service}[{i}]: {e}"))?;
+            }
+        }
         if !(1..=64).contains(&self.training.dp_noise_rounds_ahead) {
             return Err(format!(
                 "training.dp_noise_rounds_ahead: must be 1..=64 (got {})",
@@ -456,5 +488,11 @@ mod tests {
         assert!(e.contains("serve.listen"), "{e}");
         let e = load("[serve]\nservices = [\"a\"]\nmax_rows = 0\n").unwrap_err().to_string();
         assert!(e.contains("serve.max_rows"), "{e}");
+        let c = load("[policy.share_inputs]\ndigits = [\"cloud-0\"]\n").unwrap();
+        assert!(c.policy.may_share_inputs("digits", "cloud-0"));
+        assert!(!c.policy.may_share_inputs("digits", "cloud-1") && !c.policy.may_share_inputs("triage", "cloud-0"));
+        assert!(c.audit_log_path().ends_with("k.audit.jsonl"));
+        let e = load("[policy.share_inputs]\ndigits = [\"bad name\"]\n").unwrap_err().to_string();
+        assert!(e.contains("policy.share_inputs.digits[0]"), "{e}");
     }
 }

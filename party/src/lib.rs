@@ -13,6 +13,7 @@
 //! [`plugins`] the registry of trainers, protocols and kinds; [`node`] the
 //! driver (connection loop, one thread per job); [`cli`] the program.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod ledger;

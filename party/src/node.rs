@@ -743,6 +743,7 @@ mod tests {
             key: pki.party_key(name),
             revocation_list: None,
             ledger: None,
+            audit_log: None,
             datasets: Default::default(),
             models: Default::default(),
             training: Default::default(),
