@@ -30,6 +30,9 @@ fn train(model: &ModelConfig, train: &Dataset, test: &Dataset, epochs: u32) -> R
     Ok(t)
 }
 
+/// A rule at a threshold.
+type RuleOf = fn(f64) -> HardExampleRule;
+
 fn argmax(row: &[f32]) -> usize {
     row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b })
 }
@@ -61,7 +64,7 @@ pub fn bench_joint(data: &std::path::Path, epochs: u32) -> Result<Vec<serde_json
         serde_json::json!({ "bench": "joint", "mode": "cloud-only", "rows": n, "forwarded": 1.0, "accuracy": cloud_acc,
             "model": "cnn [16, 32]" }),
     ];
-    let grid: [(fn(f64) -> HardExampleRule, &[f64]); 3] = [
+    let grid: [(RuleOf, &[f64]); 3] = [
         (|t| HardExampleRule::Confidence { threshold: t }, &[0.6, 0.8, 0.9, 0.95, 0.99]),
         (|t| HardExampleRule::Margin { threshold: t }, &[0.2, 0.4, 0.6, 0.8, 0.9]),
         (|t| HardExampleRule::Entropy { threshold: t }, &[0.05, 0.1, 0.2, 0.3, 0.5]),
