@@ -255,6 +255,7 @@ async fn serve_bench(clients: &[usize], rows: &[usize], seconds: f64) -> Result<
         rollback_to: None,
         issued_at: 0,
         admin: confide_crypto::pki::ADMIN_NAME.into(),
+        joint: None,
     };
     let key = confide_crypto::pki::read_private_key(&pki.admin_key()).map_err(|e| e.to_string())?;
     let key = confide_crypto::identity::IdentityKey::from_pem(&key).map_err(|e| e.to_string())?;
@@ -507,6 +508,7 @@ fn party_config(
         reconnect: Reconnect::default(),
         limits: Limits::default(),
         serve: Default::default(),
+        cloud: Default::default(),
         fault: Default::default(),
         models: Default::default(),
         training: confide_party::config::TrainingSettings { dp_noise_rounds_ahead: ahead, ..Default::default() },

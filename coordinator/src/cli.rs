@@ -1,6 +1,7 @@
 //! The `confide` command: PKI, the coordinator, and job management.
 
-use confide_proto::deploy::{DeployAction, DeploymentRecord, SignedDeployment, rollback_record};
+use confide_algorithms::hard_examples::HardExampleRule;
+use confide_proto::deploy::{DeployAction, DeploymentRecord, JointConfig, SignedDeployment, rollback_record};
 use sha2::Digest;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -135,6 +136,8 @@ enum ModelCmd {
         #[arg(long)]
         round: Option<u32>,
         #[command(flatten)]
+        joint: JointArgs,
+        #[command(flatten)]
         conn: AdminConn,
     },
     /// Return a service to the version its current deployment replaced
@@ -155,6 +158,53 @@ enum ModelCmd {
         #[command(flatten)]
         conn: AdminConn,
     },
+}
+
+/// Joint inference: the cloud tier of the deployed (edge) service.
+#[derive(Args, Debug, Clone)]
+struct JointArgs {
+    /// The cloud party that answers the edge's hard examples (its config
+    /// declares `[cloud]`; each edge's `policy.share_inputs` must allow it).
+    #[arg(long)]
+    cloud: Option<String>,
+    /// The cloud party's service that answers them.
+    #[arg(long, requires = "cloud")]
+    cloud_service: Option<String>,
+    /// Which edge answers are hard: confidence, margin or entropy.
+    #[arg(long, requires = "cloud", default_value = "margin")]
+    hard_examples: String,
+    /// The rule's threshold (confidence and margin: hard below it, in (0, 1];
+    /// entropy: hard above it, in [0, 1)).
+    #[arg(long, requires = "cloud", default_value_t = 0.2)]
+    threshold: f64,
+    /// How long an edge waits for the cloud before answering itself, flagged.
+    #[arg(long, requires = "cloud", default_value_t = 1000)]
+    timeout_ms: u64,
+}
+
+impl JointArgs {
+    fn config(&self) -> Result<Option<JointConfig>, Error> {
+        let Some(cloud) = &self.cloud else { return Ok(None) };
+        let cloud_service = self
+            .cloud_service
+            .clone()
+            .ok_or_else(|| Error::InvalidInput("--cloud needs --cloud-service (the cloud party's service)".into()))?;
+        let rule: HardExampleRule =
+            toml::from_str(&format!("rule = {:?}\nthreshold = {:?}\n", self.hard_examples, self.threshold)).map_err(
+                |_| {
+                    Error::InvalidInput(format!(
+                        "--hard-examples: {:?} is not a rule (confidence, margin, entropy)",
+                        self.hard_examples
+                    ))
+                },
+            )?;
+        let joint =
+            JointConfig { cloud: cloud.clone(), cloud_service, hard_examples: rule, timeout_ms: self.timeout_ms };
+        joint
+            .validate()
+            .map_err(|e| Error::InvalidInput(format!("--{}", e.replacen("joint.", "", 1).replace('_', "-"))))?;
+        Ok(Some(joint))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -488,8 +538,8 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             }
             Ok(0)
         }
-        Command::Model(ModelCmd::Deploy { service, job, round, conn }) => {
-            deploy(&conn, &service, &job, round).await?;
+        Command::Model(ModelCmd::Deploy { service, job, round, joint, conn }) => {
+            deploy(&conn, &service, &job, round, joint.config()?).await?;
             Ok(0)
         }
         Command::Model(ModelCmd::Rollback { service, conn }) => {
@@ -522,7 +572,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                             "service": r.service, "sequence": r.sequence, "current": i == 0,
                             "action": r.action.as_str(), "job_id": r.job_id, "round": r.round,
                             "sha256": r.sha256, "rollback_to": r.rollback_to, "issued_at": r.issued_at,
-                            "signed_by": r.admin,
+                            "signed_by": r.admin, "joint": r.joint,
                         });
                         println!("{v}");
                     } else {
@@ -799,7 +849,13 @@ async fn submit_deployment(
     Ok(())
 }
 
-async fn deploy(conn: &AdminConn, service: &str, job: &str, round: Option<u32>) -> Result<(), Error> {
+async fn deploy(
+    conn: &AdminConn,
+    service: &str,
+    job: &str,
+    round: Option<u32>,
+    joint: Option<JointConfig>,
+) -> Result<(), Error> {
     confide_proto::deploy::validate_service_name(service).map_err(Error::InvalidInput)?;
     let pki = PkiDir::new(&conn.pki);
     let mut client = admin(conn).await?;
@@ -849,6 +905,7 @@ async fn deploy(conn: &AdminConn, service: &str, job: &str, round: Option<u32>) 
         rollback_to: current,
         issued_at: crate::db::unix_now(),
         admin: admin_name,
+        joint,
     };
     submit_deployment(&mut client, &pki, record).await
 }

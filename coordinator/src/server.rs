@@ -124,6 +124,12 @@ pub struct Hub {
     models_dir: PathBuf,
     retention: ModelRetention,
     parties: Mutex<HashMap<String, PartyConn>>,
+    /// Cloud parties' signed keys (joint inference), by (party, service),
+    /// relayed to every party with the certificate of the stream they came on.
+    cloud_keys: Mutex<HashMap<(String, String), pb::CloudKeyAnnouncement>>,
+    /// Each service's joint-inference route (its current deployment's cloud
+    /// tier), cached; cleared by every deployment.
+    joint_routes: Mutex<HashMap<String, Option<confide_proto::deploy::JointConfig>>>,
     /// Delegation nonces admitted recently (each once).
     delegations: Mutex<confide_crypto::relay::SeenNonces>,
     jobs: Mutex<HashMap<String, JobHandle>>,
@@ -159,6 +165,16 @@ impl Hub {
     /// The federation's PKI directory.
     pub fn pki(&self) -> &PkiDir {
         &self.pki
+    }
+
+    /// The cloud tier of `service`'s current deployment.
+    fn joint_route(&self, service: &str) -> Result<Option<confide_proto::deploy::JointConfig>, Error> {
+        if let Some(r) = lock(&self.joint_routes).get(service) {
+            return Ok(r.clone());
+        }
+        let route = crate::services::joint_route(&self.db, service)?;
+        lock(&self.joint_routes).insert(service.to_owned(), route.clone());
+        Ok(route)
     }
 
     /// Queues a message for every connected party.
@@ -301,6 +317,8 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
         retention: config.models,
         parties: Mutex::new(HashMap::new()),
         delegations: Mutex::default(),
+        cloud_keys: Mutex::default(),
+        joint_routes: Mutex::default(),
         jobs: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         plugins,
@@ -452,6 +470,10 @@ impl PartyService for PartySvc {
             // pulls its model if it does not hold it yet.
             for d in crate::services::current_deployments(&db_hub.db)? {
                 db_hub.send(&db_name, Outbound::Msg(coordinator_message::Body::Deployment(d)));
+            }
+            let keys: Vec<pb::CloudKeyAnnouncement> = lock(&db_hub.cloud_keys).values().cloned().collect();
+            for k in keys {
+                db_hub.send(&db_name, Outbound::Msg(coordinator_message::Body::CloudKey(k)));
             }
             Ok(())
         });
@@ -759,6 +781,54 @@ fn on_party_message(
             });
             Ok(())
         }
+        Some(party_message::Body::CloudKey(k)) => {
+            confide_proto::deploy::validate_service_name(&k.service).map_err(|e| format!("cloud key: {e}"))?;
+            if k.public_key.len() != 32 || k.signature.len() > 256 {
+                return Err("cloud key: a public key of 32 bytes and a signature".into());
+            }
+            let certificate =
+                lock(&hub.parties).get(name).map(|c| c.certificate.to_vec()).ok_or("cloud key from a closed stream")?;
+            let announcement = pb::CloudKeyAnnouncement { party: name.to_owned(), key: Some(k.clone()), certificate };
+            info!(party = name, service = %k.service, "cloud key announced");
+            lock(&hub.cloud_keys).insert((name.to_owned(), k.service), announcement.clone());
+            hub.send_all(&coordinator_message::Body::CloudKey(announcement));
+            Ok(())
+        }
+        Some(party_message::Body::Forward(f)) => {
+            // Only to the cloud tier the service's current deployment names.
+            let refuse = |why: String| {
+                let answer = pb::ForwardAnswer {
+                    request_id: f.request_id,
+                    peer: f.peer.clone(),
+                    ciphertext: Vec::new(),
+                    error: why,
+                };
+                hub.send(name, Outbound::Msg(coordinator_message::Body::ForwardAnswer(answer)));
+            };
+            match hub.joint_route(&f.service) {
+                Ok(Some(j)) if j.cloud == f.peer && j.cloud_service == f.cloud_service => {
+                    let cloud = f.peer.clone();
+                    let delivered = pb::Forward { peer: name.to_owned(), ..f.clone() };
+                    if !hub.send(&cloud, Outbound::Msg(coordinator_message::Body::Forwarded(delivered))) {
+                        refuse(format!("cloud party {cloud} is not connected"));
+                    }
+                }
+                Ok(_) => refuse(format!(
+                    "service {}'s deployment does not send hard examples to {}'s service {}",
+                    f.service, f.peer, f.cloud_service
+                )),
+                Err(e) => refuse(format!("service {}: {e}", f.service)),
+            }
+            Ok(())
+        }
+        Some(party_message::Body::ForwardAnswer(a)) => {
+            let edge = a.peer.clone();
+            let delivered = pb::ForwardAnswer { peer: name.to_owned(), ..a };
+            if !hub.send(&edge, Outbound::Msg(coordinator_message::Body::ForwardAnswer(delivered))) {
+                debug!(party = name, edge = %edge, "an answer for a party that left");
+            }
+            Ok(())
+        }
         Some(party_message::Body::Chunk(c)) => {
             let p = pending.as_mut().ok_or("chunk without an announced transfer")?;
             p.incoming.push(&c).map_err(|e| e.to_string())?;
@@ -986,6 +1056,7 @@ impl AdminService for AdminSvc {
         let hub = self.hub.clone();
         let pushed = msg.clone();
         let status = blocking(move || crate::services::deploy(&hub, &msg, &caller)).await?;
+        lock(&self.hub.joint_routes).clear();
         self.hub.send_all(&coordinator_message::Body::Deployment(pushed));
         Ok(Response::new(status))
     }

@@ -144,6 +144,11 @@ pub fn deploy(hub: &Hub, msg: &pb::ServiceDeployment, caller_certificate: &[u8])
         .ok_or_else(|| Error::Storage(format!("service {} vanished after its deployment", r.service)))
 }
 
+/// The cloud tier of `service`'s current deployment, if it has one.
+pub fn joint_route(db: &Db, service: &str) -> Result<Option<confide_proto::deploy::JointConfig>, Error> {
+    Ok(history(db, service)?.into_iter().next().and_then(|r| r.joint))
+}
+
 /// The model bytes of deployment `sequence` of `service`, for a party that
 /// pulls it; the error is what the party is told.
 pub fn model_for_pull(db: &Db, service: &str, sequence: u64) -> Result<Vec<u8>, String> {

@@ -76,6 +76,11 @@ impl AuditLog {
     }
 }
 
+/// Unix milliseconds now.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// SHA-256 of rows as sent: their little-endian `f32` bytes.
 pub fn rows_sha256(rows: &[f32]) -> String {
     use sha2::Digest;

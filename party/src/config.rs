@@ -66,12 +66,26 @@ pub struct PartyConfig {
     /// Serving deployed models to this hospital's applications.
     #[serde(default)]
     pub serve: ServeConfig,
+    /// Joint inference: this party answers other parties' hard examples.
+    #[serde(default)]
+    pub cloud: CloudConfig,
     /// Fault injection for chaos tests; absent in production configs.
     #[serde(default)]
     pub fault: Fault,
     /// Deprecations found while loading (logged at start).
     #[serde(skip)]
     pub warnings: Vec<String>,
+}
+
+/// `[cloud]`: the services whose hard examples this party answers for edge
+/// parties (joint inference). Each must be in `[serve] services` too: the
+/// cloud model is a deployment like any other.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// The cloud services.
+    #[serde(default)]
+    pub services: Vec<String>,
 }
 
 /// `[serve]`: which services this party serves, and where.
@@ -373,6 +387,13 @@ impl PartyConfig {
             confide_crypto::pki::validate_party_name(r).map_err(|e| format!("relay: {e}"))?;
         }
         self.serve.validate()?;
+        for (i, s) in self.cloud.services.iter().enumerate() {
+            if !self.serve.services.contains(s) {
+                return Err(format!(
+                    "cloud.services[{i}]: {s:?} must also be in serve.services (its model is deployed)"
+                ));
+            }
+        }
         for (service, clouds) in &self.policy.share_inputs {
             confide_proto::deploy::validate_service_name(service).map_err(|e| format!("policy.share_inputs: {e}"))?;
             for (i, c) in clouds.iter().enumerate() {
@@ -492,6 +513,8 @@ mod tests {
         assert!(c.policy.may_share_inputs("digits", "cloud-0"));
         assert!(!c.policy.may_share_inputs("digits", "cloud-1") && !c.policy.may_share_inputs("triage", "cloud-0"));
         assert!(c.audit_log_path().ends_with("k.audit.jsonl"));
+        let e = load("[cloud]\nservices = [\"x\"]\n").unwrap_err().to_string();
+        assert!(e.contains("cloud.services[0]"), "{e}");
         let e = load("[policy.share_inputs]\ndigits = [\"bad name\"]\n").unwrap_err().to_string();
         assert!(e.contains("policy.share_inputs.digits[0]"), "{e}");
     }

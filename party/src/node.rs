@@ -177,7 +177,11 @@ impl PartyNode {
         let (initial, max) = (self.config.reconnect.initial_ms, self.config.reconnect.max_ms);
         let mut delay = initial;
         loop {
-            match self.serve_once().await {
+            let served = self.serve_once().await;
+            if let Some(registry) = self.serving.get() {
+                registry.disconnected();
+            }
+            match served {
                 Ok(true) => {
                     info!("the coordinator closed the stream; reconnecting");
                     delay = initial;
@@ -302,6 +306,12 @@ impl PartyNode {
                         warn!("coordinator fault: {e}");
                     }
                     self.refuse_revoked_coordinator(&coordinator_cert)?;
+                    if let Some(registry) = self.serving.get() {
+                        for key in registry.connected(&me, outbox.tx.clone()) {
+                            info!(service = %key.service, "announcing this party's cloud key");
+                            outbox.send(party_message::Body::CloudKey(key)).await;
+                        }
+                    }
                 }
                 coordinator_message::Body::Revocations(r) => {
                     if let Err(e) = self.accept_revocations(&r.crl, "the coordinator's revocation list") {
@@ -390,6 +400,37 @@ impl PartyNode {
                             Ok(None) => {}
                             Err(e) => warn!("coordinator fault: {e}"),
                         }
+                    }
+                }
+                coordinator_message::Body::CloudKey(a) => {
+                    if let Some(registry) = self.serving.get()
+                        && let Err(e) = registry.on_cloud_key(&a)
+                    {
+                        warn!("coordinator fault: {e}");
+                    }
+                }
+                coordinator_message::Body::Forwarded(f) => {
+                    if let Some(registry) = self.serving.get() {
+                        let (registry, outbox) = (registry.clone(), outbox.clone());
+                        tokio::spawn(async move {
+                            let answer = registry.on_forwarded(f).await;
+                            outbox.send(party_message::Body::ForwardAnswer(answer)).await;
+                        });
+                    } else {
+                        let answer = pb::ForwardAnswer {
+                            request_id: f.request_id,
+                            peer: f.peer,
+                            ciphertext: Vec::new(),
+                            error: "this party serves no models".into(),
+                        };
+                        outbox.send(party_message::Body::ForwardAnswer(answer)).await;
+                    }
+                }
+                coordinator_message::Body::ForwardAnswer(a) => {
+                    if let Some(registry) = self.serving.get()
+                        && let Err(e) = registry.on_forward_answer(a)
+                    {
+                        warn!("coordinator fault: {e}");
                     }
                 }
                 coordinator_message::Body::Closed(c) => {
@@ -751,6 +792,7 @@ mod tests {
             reconnect: Default::default(),
             limits: Default::default(),
             serve: Default::default(),
+            cloud: Default::default(),
             fault: Default::default(),
             warnings: Vec::new(),
         };

@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use confide_algorithms::ModelConfig;
+use confide_algorithms::hard_examples::HardExampleRule;
 use confide_crypto::identity::verify_statement;
 use confide_crypto::pki::Role;
 use confide_crypto::revocation::Revocations;
@@ -46,8 +47,37 @@ impl DeployAction {
     }
 }
 
+/// Joint inference: the cloud tier of an edge service. Signed with the
+/// deployment, so the coordinator cannot send a service's hard examples to
+/// another party (and the edge's `policy.share_inputs` must allow this one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JointConfig {
+    /// The cloud party.
+    pub cloud: String,
+    /// Its service that answers hard examples (one of its `[cloud] services`).
+    pub cloud_service: String,
+    /// Which edge answers are hard.
+    pub hard_examples: HardExampleRule,
+    /// How long the edge waits for the cloud before it answers itself (flagged).
+    pub timeout_ms: u64,
+}
+
+impl JointConfig {
+    /// Checks every field; errors name the field.
+    pub fn validate(&self) -> Result<(), String> {
+        confide_crypto::pki::validate_party_name(&self.cloud).map_err(|e| format!("joint.cloud: {e}"))?;
+        validate_service_name(&self.cloud_service).map_err(|e| format!("joint.cloud_service: {e}"))?;
+        self.hard_examples.validate().map_err(|e| format!("joint.hard_examples.{e}"))?;
+        if !(1..=60_000).contains(&self.timeout_ms) {
+            return Err(format!("joint.timeout_ms: must be 1..=60000 (got {})", self.timeout_ms));
+        }
+        Ok(())
+    }
+}
+
 /// The signed body of a deployment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentRecord {
     /// The service's name.
@@ -70,6 +100,9 @@ pub struct DeploymentRecord {
     pub issued_at: u64,
     /// The signing administrator (the name in their certificate).
     pub admin: String,
+    /// The cloud tier, for joint inference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joint: Option<JointConfig>,
 }
 
 /// Checks a service name: what `[serve] services` and URLs carry.
@@ -100,6 +133,9 @@ impl DeploymentRecord {
         if self.rollback_to.is_some_and(|p| p >= self.sequence) {
             return Err("rollback_to: must name an earlier deployment".into());
         }
+        if let Some(j) = &self.joint {
+            j.validate()?;
+        }
         let model: ModelConfig =
             toml::from_str(&self.architecture).map_err(|e| format!("architecture: {}", e.to_string().trim()))?;
         Ok(model)
@@ -112,7 +148,7 @@ impl DeploymentRecord {
 }
 
 /// A deployment with its signature, as verified or as made.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SignedDeployment {
     /// The parsed record.
     pub record: DeploymentRecord,
@@ -222,6 +258,7 @@ pub fn rollback_record(
         rollback_to: target.rollback_to,
         issued_at: now,
         admin: admin.to_owned(),
+        joint: target.joint.clone(),
     })
 }
 
@@ -247,6 +284,7 @@ mod tests {
             rollback_to,
             issued_at: 1,
             admin: confide_crypto::pki::ADMIN_NAME.into(),
+            joint: None,
         }
     }
 
@@ -297,6 +335,19 @@ mod tests {
         r = record(1, 2, None);
         r.architecture = "kind = \"mlp\"\nclasses = 1\n".into();
         assert!(r.validate().unwrap_err().starts_with("architecture:"));
+        let joint = |timeout_ms, threshold| JointConfig {
+            cloud: "cloud-0".into(),
+            cloud_service: "bc-cloud".into(),
+            hard_examples: HardExampleRule::Margin { threshold },
+            timeout_ms,
+        };
+        r = record(1, 2, None);
+        r.joint = Some(joint(500, 0.2));
+        r.validate().unwrap();
+        r.joint = Some(joint(0, 0.2));
+        assert!(r.validate().unwrap_err().starts_with("joint.timeout_ms:"));
+        r.joint = Some(joint(500, 2.0));
+        assert!(r.validate().unwrap_err().starts_with("joint.hard_examples.threshold:"));
     }
 
     #[test]

@@ -111,7 +111,8 @@ fn deployed_versions_are_served_swapped_under_load_rolled_back_and_bad_input_is_
         assert!((a - f64::from(*b)).abs() < 1e-6, "{served:?} vs {local:?}");
     }
     assert_eq!(v["version"]["round"], 1);
-    assert_eq!(v["provenance"]["answered_by"], "edge");
+    assert_eq!(v["provenance"]["answered_by"], serde_json::json!(vec!["edge"; 5]));
+    assert_eq!(v["hard"], serde_json::json!(vec![false; 5]));
     assert_eq!(v["predictions"].as_array().map(Vec::len), Some(5));
 
     // The batch CLI answers from the kept deployment the same way.

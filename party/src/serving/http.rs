@@ -1,8 +1,9 @@
 //! The party's local prediction endpoint (axum):
 //!
 //! * `POST /v1/services/{name}/predict` with `{"rows": [[f, ...], ...]}`
-//!   answers `{"service", "probabilities", "predictions", "version",
-//!   "provenance"}`;
+//!   answers `{"service", "probabilities", "predictions", "hard", "version",
+//!   "provenance"}` (per row, who answered: the edge or, for a hard example
+//!   of a service with a cloud tier, the cloud);
 //! * `GET /healthz` answers `{"status": "ok", "services": {...}}` with each
 //!   service's deployed version (or `ready: false`).
 //!
@@ -22,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use super::{Registry, ServeError, Served};
+use super::{Registry, RowSource, ServeError, Served};
 
 /// The endpoint's routes over `registry`.
 pub fn router(registry: Arc<Registry>) -> Router {
@@ -158,7 +159,7 @@ async fn predict(
         let e = ServeError::WrongWidth { service: name, what: "rows[0]".into(), got: width, expected: served.width };
         return error(status_of(&e), e.to_string());
     }
-    match registry.predict(&name, rows, count, width).await {
+    match registry.answer(&name, rows, count, width).await {
         Ok(p) => {
             let k = p.classes.max(1);
             let probabilities: Vec<&[f32]> = p.probabilities.chunks(k).collect();
@@ -167,15 +168,20 @@ async fn predict(
                 .map(|row| row.iter().enumerate().fold(0, |best, (c, &v)| if v > row[best] { c } else { best }))
                 .collect();
             let r = &p.served.deployment.record;
+            let answered_by: Vec<&str> = p.sources.iter().map(|s| s.as_str()).collect();
+            let hard: Vec<bool> = p.sources.iter().map(|s| *s != RowSource::Edge).collect();
             axum::Json(json!({
                 "service": name,
                 "probabilities": probabilities,
                 "predictions": predictions,
+                "hard": hard,
                 "version": version_json(&p.served),
                 "provenance": {
-                    "answered_by": "edge",
+                    "answered_by": answered_by,
                     "signed_by": r.admin,
                     "issued_at": r.issued_at,
+                    "cloud": p.cloud,
+                    "fallback": p.fallback,
                 },
             }))
             .into_response()

@@ -17,6 +17,7 @@
 //! flight fails or sees half a model.
 
 pub mod http;
+pub mod joint;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -131,6 +132,49 @@ pub struct Registry {
     config: ServeConfig,
     max_model_bytes: usize,
     pulls: Mutex<HashMap<String, Pull>>,
+    /// This party's name, from the coordinator's welcome.
+    me: RwLock<String>,
+    /// The current coordinator stream, for forwarded requests.
+    uplink: Mutex<Option<tokio::sync::mpsc::Sender<pb::PartyMessage>>>,
+    joint: joint::Joint,
+}
+
+/// Where a row's answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowSource {
+    /// The edge model, sure enough.
+    Edge,
+    /// The cloud model (a hard example, forwarded).
+    Cloud,
+    /// The edge model, though the row is hard (not forwarded: see the answer's fallback).
+    EdgeHard,
+}
+
+impl RowSource {
+    /// The name in answers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowSource::Edge | RowSource::EdgeHard => "edge",
+            RowSource::Cloud => "cloud",
+        }
+    }
+}
+
+/// An answer to a request, with where each row's answer came from.
+#[derive(Debug)]
+pub struct Answer {
+    /// Row-major class probabilities.
+    pub probabilities: Vec<f32>,
+    /// Probabilities per row.
+    pub classes: usize,
+    /// The edge version.
+    pub served: Arc<Served>,
+    /// Per row.
+    pub sources: Vec<RowSource>,
+    /// The cloud version that answered the forwarded rows.
+    pub cloud: Option<joint::CloudVersion>,
+    /// Why hard rows were answered at the edge.
+    pub fallback: Option<String>,
 }
 
 /// What a deployment kept in the store looks like on disk.
@@ -195,9 +239,13 @@ impl Registry {
             let svc = Service { name: name.clone(), current: RwLock::new(None), worker: Mutex::new(tx) };
             services.insert(name.clone(), Arc::new(svc));
         }
+        let joint = joint::Joint::open(config, &store, ca_pem.clone(), revocations.clone())?;
         let registry = Registry {
             services,
             store,
+            me: RwLock::new(String::new()),
+            uplink: Mutex::new(None),
+            joint,
             ca_pem,
             revocations,
             builder: BuiltinTrainers::for_config(config),
@@ -403,6 +451,110 @@ impl Registry {
         Ok(())
     }
 
+    /// A new coordinator stream: this party's name and its queue. Returns the
+    /// cloud keys to announce on it.
+    pub fn connected(&self, me: &str, uplink: tokio::sync::mpsc::Sender<pb::PartyMessage>) -> Vec<pb::CloudKey> {
+        *self.me.write().unwrap_or_else(|p| p.into_inner()) = me.to_owned();
+        *self.uplink.lock().unwrap_or_else(|p| p.into_inner()) = Some(uplink);
+        self.joint.announcements(me)
+    }
+
+    /// The stream closed: pending forwards fall back at once.
+    pub fn disconnected(&self) {
+        *self.uplink.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.joint.disconnected();
+    }
+
+    /// A cloud party's key relayed by the coordinator.
+    pub fn on_cloud_key(&self, a: &pb::CloudKeyAnnouncement) -> Result<(), String> {
+        self.joint.on_cloud_key(a)
+    }
+
+    /// The answer to one of this party's forwarded requests.
+    pub fn on_forward_answer(&self, a: pb::ForwardAnswer) -> Result<(), String> {
+        self.joint.on_answer(a)
+    }
+
+    /// Cloud side: answers an edge party's forwarded request with the cloud
+    /// service's current version.
+    pub async fn on_forwarded(&self, f: pb::Forward) -> pb::ForwardAnswer {
+        let me = self.me.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let answer = async {
+            let (rows, width, reply) = self.joint.open_request(&me, &f)?;
+            let count = rows.len() / width;
+            let p = self.predict(&f.cloud_service, rows, count, width).await.map_err(|e| e.to_string())?;
+            let r = &p.served.deployment.record;
+            let version = joint::CloudVersion {
+                party: me.clone(),
+                service: f.cloud_service.clone(),
+                sequence: r.sequence,
+                job_id: r.job_id.clone(),
+                round: r.round,
+                sha256: r.sha256.clone(),
+            };
+            joint::Joint::seal_answer(&me, &f, reply, p.classes, p.probabilities, version)
+        }
+        .await;
+        match answer {
+            Ok(ciphertext) => {
+                pb::ForwardAnswer { request_id: f.request_id, peer: f.peer, ciphertext, error: String::new() }
+            }
+            Err(e) => {
+                warn!(edge = %f.peer, service = %f.cloud_service, "cannot answer a forwarded request: {e}");
+                pb::ForwardAnswer { request_id: f.request_id, peer: f.peer, ciphertext: Vec::new(), error: e }
+            }
+        }
+    }
+
+    /// Answers a request: the edge model, and for a service deployed with a
+    /// cloud tier, the cloud model for the rows the edge finds hard (when
+    /// the policy lets them go, the cloud's key is verified and it answers
+    /// in time; otherwise the edge's answer, flagged).
+    pub async fn answer(
+        &self,
+        service: &str,
+        rows: Vec<f32>,
+        count: usize,
+        width: usize,
+    ) -> Result<Answer, ServeError> {
+        let keep = if self.current(service)?.deployment.record.joint.is_some() { Some(rows.clone()) } else { None };
+        let p = self.predict(service, rows, count, width).await?;
+        let k = p.classes.max(1);
+        let mut answer = Answer {
+            sources: vec![RowSource::Edge; count],
+            probabilities: p.probabilities,
+            classes: p.classes,
+            served: p.served,
+            cloud: None,
+            fallback: None,
+        };
+        let (Some(j), Some(rows)) = (answer.served.deployment.record.joint.clone(), keep) else { return Ok(answer) };
+        let hard: Vec<usize> =
+            (0..count).filter(|&i| j.hard_examples.is_hard(&answer.probabilities[i * k..(i + 1) * k])).collect();
+        if hard.is_empty() {
+            return Ok(answer);
+        }
+        let hard_rows: Vec<f32> = hard.iter().flat_map(|&i| rows[i * width..(i + 1) * width].iter().copied()).collect();
+        let me = self.me.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let uplink = self.uplink.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match self.joint.forward(&me, uplink, service, &j, &hard_rows, width, k).await {
+            Ok((probs, version)) => {
+                for (n, &i) in hard.iter().enumerate() {
+                    answer.probabilities[i * k..(i + 1) * k].copy_from_slice(&probs[n * k..(n + 1) * k]);
+                    answer.sources[i] = RowSource::Cloud;
+                }
+                answer.cloud = Some(version);
+            }
+            Err(why) => {
+                for &i in &hard {
+                    answer.sources[i] = RowSource::EdgeHard;
+                }
+                answer.fallback = Some(why);
+            }
+        }
+        Ok(answer)
+    }
+
     /// Answers `count` rows of `width` features (row-major) with the
     /// service's current version, batched with concurrent requests.
     pub async fn predict(
@@ -550,7 +702,7 @@ mod tests {
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let pki = PkiDir::new(dir.path().join("pki"));
-        pki.init("t", &["a".into()], &[]).unwrap();
+        pki.init("t", &["a".into(), "c".into()], &[]).unwrap();
         let path = dir.path().join("a.toml");
         let text = format!(
             "coordinator = \"https://x:1\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[serve]\nservices = [\"triage\"]\nmax_batch_rows = 64\n",
@@ -590,6 +742,7 @@ mod tests {
             rollback_to: seq.checked_sub(1).filter(|&s| s > 0),
             issued_at: 1,
             admin: ADMIN_NAME.into(),
+            joint: None,
         }
     }
 
@@ -689,6 +842,52 @@ mod tests {
         let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
         assert!(reg.current("triage").is_err());
         let _ = &f.dir;
+    }
+
+    #[test]
+    fn a_cloud_key_is_kept_only_as_its_party_signed_it() {
+        use confide_crypto::sealed::CloudSecret;
+        use confide_crypto::secagg::protocol::IdentitySigner;
+        let f = fixture();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let id = |p: &str| IdentityKey::from_pem(&std::fs::read(f.pki.party_key(p)).unwrap()).unwrap();
+        let cert = |p: &str| der(&std::fs::read(f.pki.party_cert(p)).unwrap());
+        let announce = |party: &str, cert: Vec<u8>, public: [u8; 32], signer: &IdentityKey, as_party: &str| {
+            let signature =
+                signer.sign(&confide_crypto::sealed::cloud_key_transcript(as_party, "svc", &public, 5)).unwrap();
+            pb::CloudKeyAnnouncement {
+                party: party.into(),
+                key: Some(pb::CloudKey { service: "svc".into(), public_key: public.to_vec(), issued_at: 5, signature }),
+                certificate: cert,
+            }
+        };
+        let real = CloudSecret::generate(&mut rand_core::OsRng).public();
+        let coordinators = CloudSecret::generate(&mut rand_core::OsRng).public();
+        reg.on_cloud_key(&announce("c", cert("c"), real, &id("c"), "c")).unwrap();
+        // The coordinator swaps in its own key under c's signature.
+        let mut swapped = announce("c", cert("c"), real, &id("c"), "c");
+        if let Some(k) = swapped.key.as_mut() {
+            k.public_key = coordinators.to_vec();
+        }
+        assert!(reg.on_cloud_key(&swapped).unwrap_err().contains("signature does not verify"));
+        // Or has another party (a) sign it, with a's certificate, as c's.
+        let e = reg.on_cloud_key(&announce("c", cert("a"), coordinators, &id("a"), "c")).unwrap_err();
+        assert!(e.contains("names a"), "{e}");
+        // A certificate of another CA.
+        let evil = confide_crypto::pki::FederationCa::generate("evil")
+            .unwrap()
+            .issue(confide_crypto::pki::Role::Party, "c", &[])
+            .unwrap();
+        let evil_key = IdentityKey::from_pem(evil.key_pem.as_bytes()).unwrap();
+        let e =
+            reg.on_cloud_key(&announce("c", der(evil.cert_pem.as_bytes()), coordinators, &evil_key, "c")).unwrap_err();
+        assert!(e.contains("not issued by the federation CA"), "{e}");
+        // c revoked: its key is refused from then on.
+        let serial = confide_crypto::revocation::certificate_serial(&cert("c")).unwrap();
+        let list = f.pki.load_ca().unwrap().revoke(&Revocations::empty(), &serial).unwrap();
+        f.revocations.write().unwrap().update(list).unwrap();
+        let e = reg.on_cloud_key(&announce("c", cert("c"), real, &id("c"), "c")).unwrap_err();
+        assert!(e.contains("revoked"), "{e}");
     }
 
     #[test]

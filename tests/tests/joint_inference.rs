@@ -1,0 +1,229 @@
+//! Joint inference end to end: an edge service whose signed deployment names
+//! a cloud tier forwards its hard examples, encrypted to the cloud party's
+//! signed key, through the coordinator; the answer comes back with its
+//! provenance, every forwarded input is in the edge's audit log, an edge
+//! whose policy does not allow the cloud flags its hard rows instead, and a
+//! cloud party that is down makes the edge answer itself, flagged.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use confide_bench::loadgen::request_once;
+use confide_tests::{Federation, job_spec, repo_root};
+use serde_json::Value;
+
+fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (status, text) = rt.block_on(request_once(addr, "POST", path, body)).expect("http");
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn endpoint(fed: &Federation, party: &str) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(fed.path(&format!("logs/{party}.log"))).unwrap_or_default();
+        if let Some(a) = log
+            .lines()
+            .filter(|l| l.contains("prediction endpoint listening"))
+            .find_map(|l| l.split("bound=").nth(1).and_then(|a| a.split_whitespace().next()?.parse().ok()))
+        {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "no endpoint at {party}\n{}", fed.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_ready(fed: &Federation, addr: SocketAddr, service: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, text) = rt.block_on(request_once(addr, "GET", "/healthz", "")).expect("http");
+        let v: Value = serde_json::from_str(&text).expect("json");
+        if v["services"][service]["ready"] == true {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{service} never ready: {v}\n{}", fed.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connects as site-1 (replacing its stream) and sends two forwards: one to
+/// a party the deployment does not name, one with a ciphertext not sealed
+/// to the cloud's key. Returns the two answers' errors.
+fn rogue_forwards(fed: &Federation) -> Vec<String> {
+    use confide_proto::net::{ClientIdentity, connect};
+    use confide_proto::pb::{self, coordinator_message, party_message, party_service_client::PartyServiceClient};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let (ca, cert, key) =
+            (fed.path("pki/ca.pem"), fed.path("pki/parties/site-1.pem"), fed.path("pki/parties/site-1.key"));
+        let url = format!("https://{}", fed.addr);
+        let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
+        let channel = connect(&id).await.expect("connect");
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let send = |body| pb::PartyMessage { body: Some(body) };
+        tx.send(send(party_message::Body::Hello(pb::Hello::default()))).await.expect("hello");
+        let mut inbound = PartyServiceClient::new(channel)
+            .join(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("join")
+            .into_inner();
+        let forward = |request_id, peer: &str, cloud_service: &str| pb::Forward {
+            request_id,
+            peer: peer.into(),
+            service: "triage".into(),
+            cloud_service: cloud_service.into(),
+            ephemeral: vec![9; 32],
+            ciphertext: vec![0; 48],
+        };
+        tx.send(send(party_message::Body::Forward(forward(1, "site-0", "triage")))).await.expect("send");
+        tx.send(send(party_message::Body::Forward(forward(2, "cloud-0", "triage-cloud")))).await.expect("send");
+        let mut errors = vec![String::new(), String::new()];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while errors.iter().any(String::is_empty) {
+            let msg = tokio::time::timeout_at(deadline, inbound.message()).await.expect("answers").expect("stream");
+            if let Some(coordinator_message::Body::ForwardAnswer(a)) = msg.and_then(|m| m.body) {
+                assert!(a.ciphertext.is_empty());
+                errors[(a.request_id - 1) as usize] = a.error;
+            }
+        }
+        errors
+    })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    confide_party::serving::sha256_hex(bytes)
+}
+
+#[test]
+fn hard_examples_go_to_the_cloud_encrypted_audited_and_only_where_policy_allows() {
+    let names: Vec<String> = ["site-0", "site-1", "cloud-0"].iter().map(|s| s.to_string()).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut fed = Federation::new(&refs, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1,1");
+    fed.start_coordinator();
+    let edge = "[serve]\nservices = [\"triage\"]\nlisten = \"127.0.0.1:0\"\n";
+    fed.start_party("site-0", &format!("{edge}[policy.share_inputs]\ntriage = [\"cloud-0\"]\n"));
+    fed.start_party("site-1", edge);
+    fed.start_party(
+        "cloud-0",
+        "[serve]\nservices = [\"triage-cloud\"]\nlisten = \"127.0.0.1:0\"\n[cloud]\nservices = [\"triage-cloud\"]\n",
+    );
+    let (a0, a1, ac) = (endpoint(&fed, "site-0"), endpoint(&fed, "site-1"), endpoint(&fed, "cloud-0"));
+    let text = job_spec(&names, 3, 3, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.1");
+    let id = fed.submit("joint.toml", &text);
+    let st = fed.wait_done(&id, 120);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+
+    // The cloud model: round 3; the edge model: round 1, with a cloud tier
+    // that finds almost every row hard.
+    fed.run_ok(&["model", "deploy", "triage-cloud", "--job", &id, "--round", "3"]);
+    wait_ready(&fed, ac, "triage-cloud");
+    let out = fed.run_ok(&[
+        "model",
+        "deploy",
+        "triage",
+        "--job",
+        &id,
+        "--round",
+        "1",
+        "--cloud",
+        "cloud-0",
+        "--cloud-service",
+        "triage-cloud",
+        "--hard-examples",
+        "confidence",
+        "--threshold",
+        "0.99999",
+        "--timeout-ms",
+        "5000",
+    ]);
+    assert!(out.contains("deployment 1"), "{out}");
+    wait_ready(&fed, a0, "triage");
+    wait_ready(&fed, a1, "triage");
+    let services = fed.run_ok(&["model", "services", "triage", "--json"]);
+    assert!(services.contains("\"cloud\":\"cloud-0\""), "{services}");
+
+    let rows = confide_algorithms::data::Dataset::load_csv(
+        &fed.path("data/site-0.csv"),
+        &confide_algorithms::data::CsvOptions::default(),
+    )
+    .expect("rows");
+    let five: Vec<&[f32]> = (0..5).map(|i| rows.row(i)).collect();
+    let body = serde_json::json!({ "rows": five }).to_string();
+    let path = "/v1/services/triage/predict";
+
+    // site-0 may share with cloud-0: its hard rows are the cloud's answers,
+    // which are the round-3 model's.
+    let (status, v) = post(a0, path, &body);
+    assert_eq!(status, 200, "{v}");
+    let by: Vec<&str> =
+        v["provenance"]["answered_by"].as_array().expect("rows").iter().filter_map(|x| x.as_str()).collect();
+    let hard: Vec<bool> = v["hard"].as_array().expect("rows").iter().map(|h| h == true).collect();
+    assert!(by.contains(&"cloud"), "{v}\n{}", fed.logs());
+    assert_eq!(v["provenance"]["cloud"]["party"], "cloud-0", "{v}");
+    assert_eq!(v["provenance"]["cloud"]["round"], 3, "{v}");
+    assert_eq!(v["version"]["round"], 1, "{v}");
+    let m3 = fed.path("round-3.safetensors");
+    fed.run_ok(&["job", "model", &id, "--round", "3", "--out", m3.to_str().expect("utf-8")]);
+    let params = confide_algorithms::Parameters::from_safetensors(&std::fs::read(&m3).expect("model")).expect("model");
+    let cloud_model = confide_party::trainers::BuiltinTrainers::default()
+        .inference_model(&confide_algorithms::ModelConfig::logistic_regression(2), &params)
+        .expect("model");
+    let mut forwarded_rows: Vec<f32> = Vec::new();
+    for (i, row) in five.iter().enumerate() {
+        let got: Vec<f64> = v["probabilities"][i].as_array().expect("row").iter().filter_map(Value::as_f64).collect();
+        if by[i] == "cloud" {
+            assert!(hard[i]);
+            let want = cloud_model.predict(row).expect("predict");
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - f64::from(*b)).abs() < 1e-6, "row {i}: {got:?} vs {want:?}");
+            }
+            forwarded_rows.extend_from_slice(row);
+        }
+    }
+    // The audit log holds the forwarded rows' hash, the destination and its
+    // certificate's fingerprint; the input itself is not in it.
+    let audit = confide_party::audit::AuditLog::read(&fed.path("pki/parties/site-0.audit.jsonl")).expect("audit");
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let cloud_pem = std::fs::read(fed.path("pki/parties/cloud-0.pem")).expect("cert");
+    let cloud_der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(&cloud_pem).expect("pem").to_vec()
+    };
+    let a = &audit[0];
+    assert_eq!((a.service.as_str(), a.destination.as_str()), ("triage", "cloud-0"));
+    assert_eq!(a.destination_certificate_sha256, sha256_hex(&cloud_der));
+    assert_eq!(a.input_sha256, confide_party::audit::rows_sha256(&forwarded_rows));
+    assert_eq!(a.rows, forwarded_rows.len() / 30);
+
+    // site-1's policy does not name cloud-0: its hard rows are its own
+    // answers, flagged, and nothing leaves it.
+    let (status, v) = post(a1, path, &body);
+    assert_eq!(status, 200, "{v}");
+    assert!(v["provenance"]["answered_by"].as_array().expect("rows").iter().all(|x| x == "edge"), "{v}");
+    assert!(v["hard"].as_array().expect("rows").iter().any(|h| h == true), "{v}");
+    assert!(v["provenance"]["fallback"].as_str().unwrap_or("").contains("policy.share_inputs"), "{v}");
+    assert!(
+        confide_party::audit::AuditLog::read(&fed.path("pki/parties/site-1.audit.jsonl")).expect("audit").is_empty()
+    );
+
+    // A party cannot use the coordinator to send inputs anywhere else than
+    // the cloud tier the service's signed deployment names, and the cloud
+    // party refuses a request not sealed to its key.
+    let answers = rogue_forwards(&fed);
+    assert!(answers[0].contains("does not send hard examples to site-0"), "{answers:?}");
+    assert!(answers[1].contains("does not open"), "{answers:?}\n{}", fed.logs());
+
+    // The cloud party goes down: site-0 answers itself, flagged, at once.
+    fed.kill_party("cloud-0");
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let (status, v) = post(a0, path, &body);
+    assert_eq!(status, 200, "{v}");
+    assert!(v["provenance"]["answered_by"].as_array().expect("rows").iter().all(|x| x == "edge"), "{v}");
+    let why = v["provenance"]["fallback"].as_str().unwrap_or("");
+    assert!(why.contains("cloud-0") && why.contains("not connected"), "{v}");
+    assert!(t0.elapsed() < Duration::from_secs(4), "the fallback waited for the timeout");
+}
