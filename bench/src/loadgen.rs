@@ -82,6 +82,18 @@ pub struct LoadReport {
     pub p99_ms: f64,
     /// Answers by deployment sequence (which version answered).
     pub versions: BTreeMap<u64, u64>,
+    /// Rows the cloud tier answered (joint inference).
+    pub rows_from_cloud: u64,
+    /// Hard rows the edge answered itself (flagged: not forwarded).
+    pub rows_edge_fallback: u64,
+    /// Median latency of requests the cloud tier answered, ms.
+    pub cloud_p50_ms: f64,
+    /// Their 99th percentile, ms.
+    pub cloud_p99_ms: f64,
+    /// With labels: whether each body's (single) row was predicted right,
+    /// by its first answer (`None`: never answered).
+    #[serde(skip)]
+    pub correct: Vec<Option<bool>>,
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -97,10 +109,31 @@ struct ClientResult {
     failures: u64,
     first_failure: Option<String>,
     versions: BTreeMap<u64, u64>,
+    from_cloud: u64,
+    fallback: u64,
+    cloud_latencies_ms: Vec<f64>,
+    correct: Vec<Option<bool>>,
 }
 
-async fn one_client(addr: SocketAddr, path: String, body: Bytes, until: Instant) -> ClientResult {
-    let mut r = ClientResult { latencies_ms: Vec::new(), failures: 0, first_failure: None, versions: BTreeMap::new() };
+async fn one_client(
+    addr: SocketAddr,
+    path: String,
+    bodies: Vec<Bytes>,
+    labels: Option<Vec<u32>>,
+    first: usize,
+    until: Instant,
+) -> ClientResult {
+    let mut r = ClientResult {
+        latencies_ms: Vec::new(),
+        failures: 0,
+        first_failure: None,
+        versions: BTreeMap::new(),
+        from_cloud: 0,
+        fallback: 0,
+        cloud_latencies_ms: Vec::new(),
+        correct: vec![None; if labels.is_some() { bodies.len() } else { 0 }],
+    };
+    let mut next = first;
     let fail = |r: &mut ClientResult, why: String| {
         r.failures += 1;
         r.first_failure.get_or_insert(why);
@@ -113,17 +146,31 @@ async fn one_client(addr: SocketAddr, path: String, body: Bytes, until: Instant)
         }
     };
     while Instant::now() < until {
+        let index = next % bodies.len().max(1);
+        let body = bodies[index].clone();
+        next += 1;
         let t0 = Instant::now();
-        match client.request("POST", &path, body.clone()).await {
+        match client.request("POST", &path, body).await {
             Ok((200, answer)) => {
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
-                match serde_json::from_slice::<serde_json::Value>(&answer)
-                    .ok()
-                    .and_then(|v| v["version"]["sequence"].as_u64())
-                {
+                let v = serde_json::from_slice::<serde_json::Value>(&answer).unwrap_or_default();
+                match v["version"]["sequence"].as_u64() {
                     Some(seq) => {
                         *r.versions.entry(seq).or_default() += 1;
                         r.latencies_ms.push(ms);
+                        let by = v["provenance"]["answered_by"].as_array().cloned().unwrap_or_default();
+                        let hard = v["hard"].as_array().cloned().unwrap_or_default();
+                        let cloud_rows = by.iter().filter(|b| *b == "cloud").count() as u64;
+                        r.from_cloud += cloud_rows;
+                        if cloud_rows > 0 {
+                            r.cloud_latencies_ms.push(ms);
+                        }
+                        if let Some(labels) = &labels
+                            && r.correct[index].is_none()
+                        {
+                            r.correct[index] = Some(v["predictions"][0].as_u64() == Some(u64::from(labels[index])));
+                        }
+                        r.fallback += by.iter().zip(&hard).filter(|(b, h)| *b == "edge" && **h == true).count() as u64;
                     }
                     None => fail(&mut r, format!("not a prediction: {}", String::from_utf8_lossy(&answer))),
                 }
@@ -151,12 +198,32 @@ pub async fn run(
     clients: usize,
     duration: Duration,
 ) -> LoadReport {
+    run_bodies(addr, path, vec![body], None, rows, clients, duration).await
+}
+
+/// [`run`] with requests taken in turn from `bodies` (each of `rows` rows),
+/// each client starting at a different one; with `labels` (one per body of
+/// one row), which bodies were predicted right.
+pub async fn run_bodies(
+    addr: SocketAddr,
+    path: &str,
+    bodies: Vec<Bytes>,
+    labels: Option<Vec<u32>>,
+    rows: usize,
+    clients: usize,
+    duration: Duration,
+) -> LoadReport {
     let start = Instant::now();
     let until = start + duration;
-    let tasks: Vec<_> =
-        (0..clients.max(1)).map(|_| tokio::spawn(one_client(addr, path.to_owned(), body.clone(), until))).collect();
+    let spread = bodies.len() / clients.max(1);
+    let tasks: Vec<_> = (0..clients.max(1))
+        .map(|c| tokio::spawn(one_client(addr, path.to_owned(), bodies.clone(), labels.clone(), c * spread, until)))
+        .collect();
     let mut latencies = Vec::new();
     let (mut failures, mut first_failure, mut versions) = (0, None, BTreeMap::new());
+    let (mut from_cloud, mut fallback) = (0, 0);
+    let mut cloud_latencies = Vec::new();
+    let mut correct: Vec<Option<bool>> = vec![None; if labels.is_some() { bodies.len() } else { 0 }];
     for t in tasks {
         match t.await {
             Ok(r) => {
@@ -168,6 +235,14 @@ pub async fn run(
                 for (k, v) in r.versions {
                     *versions.entry(k).or_default() += v;
                 }
+                from_cloud += r.from_cloud;
+                fallback += r.fallback;
+                cloud_latencies.extend(r.cloud_latencies_ms);
+                for (c, mine) in correct.iter_mut().zip(r.correct) {
+                    if c.is_none() {
+                        *c = mine;
+                    }
+                }
             }
             Err(e) => {
                 failures += 1;
@@ -177,6 +252,7 @@ pub async fn run(
     }
     let seconds = start.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
+    cloud_latencies.sort_by(f64::total_cmp);
     let ok = latencies.len() as u64;
     LoadReport {
         requests: ok + failures,
@@ -190,6 +266,11 @@ pub async fn run(
         p50_ms: percentile(&latencies, 0.5),
         p99_ms: percentile(&latencies, 0.99),
         versions,
+        rows_from_cloud: from_cloud,
+        rows_edge_fallback: fallback,
+        cloud_p50_ms: percentile(&cloud_latencies, 0.5),
+        cloud_p99_ms: percentile(&cloud_latencies, 0.99),
+        correct,
     }
 }
 

@@ -170,6 +170,17 @@ enum Command {
         /// Training epochs of both models.
         #[arg(long, default_value_t = 30)]
         epochs: u32,
+        /// Instead: latency through a federation in this process (an edge
+        /// party, a cloud party, the coordinator), the models trained by
+        /// one-party jobs of `epochs` rounds.
+        #[arg(long)]
+        latency: bool,
+        /// Concurrent clients of the edge's endpoint (with --latency).
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds per configuration (with --latency).
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
     },
     /// Load a running prediction endpoint (a party's `[serve] listen`) and
     /// report throughput, latency, failures and which deployments answered.
@@ -1088,8 +1099,14 @@ async fn main() {
                 }
             }
         }
-        Command::Joint { epochs } => {
-            match joint_bench::bench_joint(&repo_root().join("examples/data/digits.csv.gz"), epochs.max(1)) {
+        Command::Joint { epochs, latency, clients, seconds } => {
+            let data = repo_root().join("examples/data/digits.csv.gz");
+            let result = if latency {
+                joint_bench::bench_joint_latency(&data, epochs.max(1), clients.max(1), seconds.max(0.1)).await
+            } else {
+                joint_bench::bench_joint(&data, epochs.max(1))
+            };
+            match result {
                 Ok(lines) => lines.iter().for_each(|v| println!("{v}")),
                 Err(e) => {
                     eprintln!("error: {e}");
