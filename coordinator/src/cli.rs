@@ -576,8 +576,22 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                         });
                         println!("{v}");
                     } else {
+                        let tier = r
+                            .joint
+                            .as_ref()
+                            .map(|j| {
+                                format!(
+                                    "  cloud {}/{} ({} {}, {} ms)",
+                                    j.cloud,
+                                    j.cloud_service,
+                                    j.hard_examples.name(),
+                                    j.hard_examples.threshold(),
+                                    j.timeout_ms
+                                )
+                            })
+                            .unwrap_or_default();
                         println!(
-                            "  {} {:>3}  {:<8} job {} round {}  sha256 {}",
+                            "  {} {:>3}  {:<8} job {} round {}  sha256 {}{tier}",
                             if i == 0 { "*" } else { " " },
                             r.sequence,
                             r.action.as_str(),

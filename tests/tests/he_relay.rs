@@ -6,6 +6,18 @@
 
 use confide_tests::{Federation, job_spec, repo_root};
 
+/// Three parties with thirds of the breast-cancer rows, and a coordinator.
+fn three_sites() -> Federation {
+    let mut fed = Federation::new(
+        &["site-0", "site-1", "site-2"],
+        &repo_root().join("examples/data/breast_cancer.csv"),
+        true,
+        "1,1,1",
+    );
+    fed.start_coordinator();
+    fed
+}
+
 const LOGREG2: &str = "kind = \"logistic_regression\"\nclasses = 2";
 
 #[test]
@@ -132,13 +144,7 @@ async fn relayed_join(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_relay() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut fed = Federation::new(
-        &["site-0", "site-1", "site-2"],
-        &repo_root().join("examples/data/breast_cancer.csv"),
-        true,
-        "1,1,1",
-    );
-    fed.start_coordinator();
+    let fed = three_sites();
     fed.run_ok(&["certs", "relay", "--dir", &fed.s("pki"), "--name", "edge-a"]);
     fed.run_ok(&["certs", "relay", "--dir", &fed.s("pki"), "--name", "edge-b"]);
     let key = confide_crypto::pki::read_private_key(&fed.path("pki/parties/site-0.key")).expect("key");
@@ -178,4 +184,43 @@ async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_r
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     let log = fed.coordinator_log();
     assert!(log.contains("refused a stream through the relay"), "{log}");
+}
+
+/// A party talks through a relay only if its config names that relay: one
+/// that names another relay, and one that names none, both refuse the relay
+/// their address leads to (its certificate says who it is), while a party
+/// that names it connects through it.
+#[test]
+fn a_party_refuses_a_relay_its_config_does_not_name() {
+    let mut fed = three_sites();
+    let addr = fed.start_relay("edge-b");
+    fed.start_party_via("site-0", "edge-a", &addr, "");
+    let cfg = fed.party_config("site-1", "");
+    let text = std::fs::read_to_string(&cfg).expect("config").replacen(
+        &format!("coordinator = \"https://{}\"", fed.addr),
+        &format!("coordinator = \"https://{addr}\""),
+        1,
+    );
+    std::fs::write(&cfg, text).expect("config");
+    fed.start_party_with_config("site-1", &cfg);
+    fed.start_party_via("site-2", "edge-b", &addr, "");
+    let log = |party: &str| std::fs::read_to_string(fed.path(&format!("logs/{party}.log"))).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let connected = fed.coordinator_log().lines().any(|l| l.contains("party connected") && l.contains("site-2"));
+        let refused_0 = log("site-0").contains("is relay edge-b, not the configured relay edge-a");
+        let refused_1 = log("site-1").contains("is relay edge-b, which this party's config does not name");
+        if connected && refused_0 && refused_1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", fed.logs());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let coordinator = fed.coordinator_log();
+    for refused in ["site-0", "site-1"] {
+        assert!(
+            !coordinator.lines().any(|l| l.contains("party connected") && l.contains(refused)),
+            "{refused} reached the coordinator through a relay it did not name\n{coordinator}"
+        );
+    }
 }

@@ -144,6 +144,8 @@ fn hard_examples_go_to_the_cloud_encrypted_audited_and_only_where_policy_allows(
     wait_ready(&fed, a1, "triage");
     let services = fed.run_ok(&["model", "services", "triage", "--json"]);
     assert!(services.contains("\"cloud\":\"cloud-0\""), "{services}");
+    let human = fed.run_ok(&["model", "services", "triage"]);
+    assert!(human.contains("cloud cloud-0/triage-cloud (confidence 0.99999, 5000 ms)"), "{human}");
 
     let rows = confide_algorithms::data::Dataset::load_csv(
         &fed.path("data/site-0.csv"),
