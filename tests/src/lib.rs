@@ -341,9 +341,35 @@ impl Federation {
         s
     }
 
+    /// Starts `confide-bench load`: `clients` keep-alive clients sending
+    /// party `party`'s rows, one per request, to `service` at `addr` for
+    /// `seconds`.
+    pub fn start_load(&self, addr: &str, service: &str, party: &str, clients: usize, seconds: u32) -> Load {
+        let child = Command::new(self.bin.join("confide-bench"))
+            .args(["load", "--addr", addr, "--service", service, "--data", &self.s(&format!("data/{party}.csv"))])
+            .args(["--clients", &clients.to_string(), "--seconds", &seconds.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("confide-bench load");
+        Load(child)
+    }
+
     /// The coordinator's log so far.
     pub fn coordinator_log(&self) -> String {
         std::fs::read_to_string(self.path("logs/coordinator.log")).unwrap_or_default()
+    }
+}
+
+/// A running `confide-bench load` ([`Federation::start_load`]).
+pub struct Load(Child);
+
+impl Load {
+    /// Waits for the run to end and returns its JSON report.
+    pub fn report(self) -> Value {
+        let out = self.0.wait_with_output().expect("load");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("load report: {e}: {}", String::from_utf8_lossy(&out.stderr)))
     }
 }
 

@@ -222,17 +222,10 @@ fn hard_examples_go_to_the_cloud_encrypted_audited_and_only_where_policy_allows(
     // The cloud party is killed while four clients keep site-0 busy: no
     // request fails; rows the cloud answered before, the edge after
     // (flagged; requests in flight at the kill wait out the timeout).
-    let load = std::process::Command::new(confide_tests::bin_dir().join("confide-bench"))
-        .args(["load", "--addr", &a0.to_string(), "--service", "triage", "--data", &fed.s("data/site-0.csv")])
-        .args(["--clients", "4", "--seconds", "3"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("confide-bench load");
+    let load = fed.start_load(&a0.to_string(), "triage", "site-0", 4, 3);
     std::thread::sleep(Duration::from_millis(1200));
     fed.kill_party("cloud-0");
-    let out = load.wait_with_output().expect("load");
-    let report: Value = serde_json::from_slice(&out.stdout).expect("load report");
+    let report = load.report();
     assert_eq!(report["failures"], 0, "{report}\n{}", fed.logs());
     assert!(report["rows_from_cloud"].as_u64() > Some(0), "{report}");
     assert!(report["rows_edge_fallback"].as_u64() > Some(0), "{report}");

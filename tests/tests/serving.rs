@@ -134,17 +134,10 @@ fn deployed_versions_are_served_swapped_under_load_rolled_back_and_bad_input_is_
 
     // Hot swap under load: round 3 is deployed while four clients send
     // requests back to back; not one fails, and both versions answer.
-    let load = std::process::Command::new(bin_dir().join("confide-bench"))
-        .args(["load", "--addr", &addr.to_string(), "--service", "triage", "--data", &fed.s("data/site-0.csv")])
-        .args(["--clients", "4", "--seconds", "6"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("confide-bench load");
+    let load = fed.start_load(&addr.to_string(), "triage", "site-0", 4, 6);
     std::thread::sleep(Duration::from_millis(1500));
     fed.run_ok(&["model", "deploy", "triage", "--job", &id]);
-    let out = load.wait_with_output().expect("load");
-    let report: Value = serde_json::from_slice(&out.stdout).expect("load report");
+    let report = load.report();
     assert_eq!(report["failures"], 0, "{report}\n{}", fed.logs());
     assert!(report["versions"]["1"].as_u64() > Some(0) && report["versions"]["2"].as_u64() > Some(0), "{report}");
     assert_eq!(wait_for_sequence(&fed, addr, "triage", 2)["version"]["round"], 3);
