@@ -13,7 +13,14 @@ use confide_algorithms::trainer::apply_feature_stats;
 use confide_algorithms::{FitConfig, ModelConfig, OptimizerKind, TrainConfig, Trainer};
 use confide_party::trainers::BuiltinTrainers;
 
-fn train(model: &ModelConfig, train: &Dataset, test: &Dataset, epochs: u32) -> Result<Box<dyn Trainer>, String> {
+/// `model` trained on `train` (standardised with its statistics) for
+/// `epochs` epochs of Adam, one libtorch thread.
+pub(crate) fn train(
+    model: &ModelConfig,
+    train: &Dataset,
+    test: &Dataset,
+    epochs: u32,
+) -> Result<Box<dyn Trainer>, String> {
     let factory = BuiltinTrainers::new(Default::default(), 1);
     let mut t = factory.build_model(model, 7, train.clone(), test.clone(), "bench")?;
     let mut p = t.parameters().map_err(|e| e.to_string())?;
@@ -198,13 +205,7 @@ pub async fn bench_joint_latency(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let key_pem = confide_crypto::pki::read_private_key(&pki.admin_key()).map_err(|x| e(&x))?;
-    let admin_key = confide_crypto::identity::IdentityKey::from_pem(&key_pem).map_err(|x| e(&x))?;
-    let admin_der = {
-        use rustls::pki_types::pem::PemObject;
-        let pem = std::fs::read(pki.admin_cert()).map_err(|x| e(&x))?;
-        rustls::pki_types::CertificateDer::from_pem_slice(&pem).map_err(|x| e(&x))?.to_vec()
-    };
+    let (admin_key, admin_der, _) = confide_proto::deploy::admin_signer(&pki).map_err(|x| e(&x))?;
     let version = |models: &pb::ListModelsReply| {
         models.models.iter().max_by_key(|m| m.round).cloned().ok_or_else(|| "no model version".to_string())
     };

@@ -245,15 +245,8 @@ async fn serve_bench(clients: &[usize], rows: &[usize], seconds: f64) -> Result<
         .map_err(|e| e.to_string())?;
     // The demo's MLP, trained one epoch (the figures do not depend on the weights).
     let model = confide_algorithms::ModelConfig::mlp(2, vec![32, 16]);
-    let factory = confide_party::trainers::BuiltinTrainers::for_config(&cfg);
     let (train, held_out) = ds.split(0.2, 1);
-    let mut t = factory.build_model(&model, 1, train, held_out, "site-0")?;
-    let params = t.parameters().map_err(|e| e.to_string())?;
-    let mut stats_model = params.clone();
-    confide_algorithms::trainer::apply_feature_stats(&mut stats_model, &ds.feature_stats())
-        .map_err(|e| e.to_string())?;
-    t.set_parameters(&stats_model).map_err(|e| e.to_string())?;
-    t.fit(&FitConfig { round: 1, train: Default::default() }).map_err(|e| e.to_string())?;
+    let t = joint_bench::train(&model, &train, &held_out, 1)?;
     let bytes = t.parameters().and_then(|p| p.to_safetensors(&Default::default())).map_err(|e| e.to_string())?;
     let record = DeploymentRecord {
         service: "demo".into(),
@@ -268,13 +261,7 @@ async fn serve_bench(clients: &[usize], rows: &[usize], seconds: f64) -> Result<
         admin: confide_crypto::pki::ADMIN_NAME.into(),
         joint: None,
     };
-    let key = confide_crypto::pki::read_private_key(&pki.admin_key()).map_err(|e| e.to_string())?;
-    let key = confide_crypto::identity::IdentityKey::from_pem(&key).map_err(|e| e.to_string())?;
-    let cert = std::fs::read(pki.admin_cert()).map_err(|e| e.to_string())?;
-    let cert_der = {
-        use rustls::pki_types::pem::PemObject;
-        rustls::pki_types::CertificateDer::from_pem_slice(&cert).map_err(|e| e.to_string())?.to_vec()
-    };
+    let (key, cert_der, _) = confide_proto::deploy::admin_signer(&pki).map_err(|e| e.to_string())?;
     let signed = SignedDeployment::sign(record, &key, cert_der).map_err(|e| e.to_string())?;
     let node = PartyNode::with_plugins(cfg, confide_party::plugins::PartyPlugins::default());
     let addr = node.start_serving().await.map_err(|e| e.to_string())?.ok_or("the endpoint did not start")?;

@@ -1,8 +1,9 @@
 //! The `confide` command: PKI, the coordinator, and job management.
 
 use confide_algorithms::hard_examples::HardExampleRule;
-use confide_proto::deploy::{DeployAction, DeploymentRecord, JointConfig, SignedDeployment, rollback_record};
-use sha2::Digest;
+use confide_proto::deploy::{
+    DeployAction, DeploymentRecord, JointConfig, SignedDeployment, admin_signer, rollback_record,
+};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -798,18 +799,25 @@ async fn admin(conn: &AdminConn) -> Result<AdminServiceClient<Channel>, Error> {
     Ok(AdminServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max))
 }
 
-/// The admin key and certificate of the PKI directory, and the name in it.
-fn admin_signer(pki: &PkiDir) -> Result<(confide_crypto::identity::IdentityKey, Vec<u8>, String), Error> {
-    let key_pem = confide_crypto::pki::read_private_key(&pki.admin_key())?;
-    let key = confide_crypto::identity::IdentityKey::from_pem(&key_pem)?;
-    let pem = std::fs::read(pki.admin_cert()).map_err(|e| Error::io(&pki.admin_cert(), e))?;
-    let der = rustls_pemfile::certs(&mut pem.as_slice())
-        .next()
-        .and_then(Result::ok)
-        .ok_or_else(|| Error::InvalidInput(format!("{}: no certificate", pki.admin_cert().display())))?
-        .to_vec();
-    let name = confide_crypto::pki::peer_identity(&der)?.name;
-    Ok((key, der, name))
+/// A job's model (the latest, or the version after `round`): its round and
+/// safetensors bytes, checked to parse.
+async fn download_model(
+    client: &mut AdminServiceClient<Channel>,
+    job: &str,
+    round: Option<u32>,
+) -> Result<(u32, Vec<u8>), Error> {
+    let mut stream =
+        client.get_model(pb::JobRef { job_id: job.to_owned(), round }).await.map_err(rpc_err)?.into_inner();
+    let (mut bytes, mut got) = (Vec::new(), 0);
+    while let Some(c) = stream.message().await.map_err(rpc_err)? {
+        if c.total_bytes > 1 << 34 || bytes.len() + c.data.len() > c.total_bytes as usize {
+            return Err(Error::Io("model transfer exceeds its announced size".into()));
+        }
+        got = c.round;
+        bytes.extend_from_slice(&c.data);
+    }
+    confide_algorithms::Parameters::from_safetensors(&bytes)?;
+    Ok((got, bytes))
 }
 
 /// A service's history from the coordinator, each deployment verified
@@ -842,13 +850,17 @@ async fn service_history(
     }
 }
 
+/// The administrator's key, certificate and name (see [`admin_signer`]).
+fn signer(pki: &PkiDir) -> Result<(confide_crypto::identity::IdentityKey, Vec<u8>, String), Error> {
+    admin_signer(pki).map_err(|e| Error::InvalidInput(e.to_string()))
+}
+
 async fn submit_deployment(
     client: &mut AdminServiceClient<Channel>,
-    pki: &PkiDir,
+    (key, der): (&confide_crypto::identity::IdentityKey, Vec<u8>),
     record: DeploymentRecord,
 ) -> Result<(), Error> {
-    let (key, der, _) = admin_signer(pki)?;
-    let signed = SignedDeployment::sign(record, &key, der).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let signed = SignedDeployment::sign(record, key, der).map_err(|e| Error::InvalidInput(e.to_string()))?;
     client.deploy(signed.to_pb()).await.map_err(rpc_err)?;
     let r = &signed.record;
     println!(
@@ -885,20 +897,8 @@ async fn deploy(
     })?;
     // The administrator signs a hash they computed over the bytes, not the
     // coordinator's word for it.
-    let mut stream = client
-        .get_model(pb::JobRef { job_id: job.to_owned(), round: Some(version.round) })
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
-    let mut bytes = Vec::new();
-    while let Some(c) = stream.message().await.map_err(rpc_err)? {
-        if c.total_bytes > 1 << 34 || bytes.len() + c.data.len() > c.total_bytes as usize {
-            return Err(Error::Io("model transfer exceeds its announced size".into()));
-        }
-        bytes.extend_from_slice(&c.data);
-    }
-    confide_algorithms::Parameters::from_safetensors(&bytes)?;
-    let sha256: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let (_, bytes) = download_model(&mut client, job, Some(version.round)).await?;
+    let sha256 = confide_proto::deploy::model_sha256(&bytes);
     if sha256 != version.sha256 {
         return Err(Error::InvalidInput(format!(
             "the model of job {job} round {} hashes to {sha256}, not the {} the coordinator lists",
@@ -907,7 +907,7 @@ async fn deploy(
     }
     let history = service_history(&mut client, &pki, service).await?;
     let current = history.first().map(|d| d.record.sequence);
-    let (_, _, admin_name) = admin_signer(&pki)?;
+    let (key, der, admin_name) = signer(&pki)?;
     let record = DeploymentRecord {
         service: service.to_owned(),
         sequence: current.unwrap_or(0) + 1,
@@ -921,7 +921,7 @@ async fn deploy(
         admin: admin_name,
         joint,
     };
-    submit_deployment(&mut client, &pki, record).await
+    submit_deployment(&mut client, (&key, der), record).await
 }
 
 async fn rollback(conn: &AdminConn, service: &str) -> Result<(), Error> {
@@ -930,10 +930,10 @@ async fn rollback(conn: &AdminConn, service: &str) -> Result<(), Error> {
     let history = service_history(&mut client, &pki, service).await?;
     let current = history.first().ok_or_else(|| Error::NotFound(format!("service {service} has no deployment")))?;
     let records: Vec<DeploymentRecord> = history.iter().map(|d| d.record.clone()).collect();
-    let (_, _, admin_name) = admin_signer(&pki)?;
+    let (key, der, admin_name) = signer(&pki)?;
     let record =
         rollback_record(&current.record, &records, &admin_name, crate::db::unix_now()).map_err(Error::InvalidInput)?;
-    submit_deployment(&mut client, &pki, record).await
+    submit_deployment(&mut client, (&key, der), record).await
 }
 
 fn rpc_err(s: tonic::Status) -> Error {
@@ -1185,18 +1185,7 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
         }
         JobCmd::Model { id, round: wanted, out, conn } => {
             let mut client = admin(&conn).await?;
-            let mut stream =
-                client.get_model(pb::JobRef { job_id: id.clone(), round: wanted }).await.map_err(rpc_err)?.into_inner();
-            let mut bytes = Vec::new();
-            let mut round = 0;
-            while let Some(c) = stream.message().await.map_err(rpc_err)? {
-                if c.total_bytes > 1 << 34 || bytes.len() + c.data.len() > c.total_bytes as usize {
-                    return Err(Error::Io("model transfer exceeds its announced size".into()));
-                }
-                round = c.round;
-                bytes.extend_from_slice(&c.data);
-            }
-            confide_algorithms::Parameters::from_safetensors(&bytes)?;
+            let (round, bytes) = download_model(&mut client, &id, wanted).await?;
             let tmp = out.with_extension("part");
             std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
             std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;

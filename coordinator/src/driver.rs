@@ -21,7 +21,6 @@ use confide_proto::messages::Stage;
 use confide_proto::pb::{self, coordinator_message};
 use confide_proto::status::{JobState, PartyStatus};
 use confide_proto::transfer;
-use sha2::Digest;
 use tracing::{error, info, warn};
 
 use crate::Error;
@@ -89,7 +88,7 @@ fn write_checkpoint(
             let path = job_dir.join(format!("round-{:05}.safetensors", cp.round));
             let bytes = m.to_safetensors(&meta)?;
             write_durably(&path, &bytes)?;
-            let sha256 = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            let sha256 = confide_proto::deploy::model_sha256(&bytes);
             Some(crate::db::SavedModel { path, sha256, bytes: bytes.len() as u64 })
         }
         None => None,

@@ -203,14 +203,14 @@ async fn predict(
     }
     let per = registry.config().max_rows;
     let mut text = String::from("prediction");
-    for c in 0..served.classes {
+    for c in 0..served.classes() {
         text.push_str(&format!(",p{c}"));
     }
     text.push('\n');
     for chunk in rows.chunks(per * width) {
         let n = chunk.len() / width;
         let p = registry.predict(service, chunk.to_vec(), n, width).await.map_err(|e| e.to_string())?;
-        for row in p.probabilities.chunks(p.classes) {
+        for row in p.probabilities.chunks(p.served.classes()) {
             let best = row.iter().enumerate().fold(0, |b, (c, &v)| if v > row[b] { c } else { b });
             text.push_str(&best.to_string());
             for v in row {

@@ -105,6 +105,14 @@ pub struct DeploymentRecord {
     pub joint: Option<JointConfig>,
 }
 
+/// A model version's digest: SHA-256 of its safetensors bytes, lowercase
+/// hex. The coordinator records it with each checkpoint, the administrator
+/// signs it, and a party checks pulled bytes against it.
+pub fn model_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Checks a service name: what `[serve] services` and URLs carry.
 pub fn validate_service_name(name: &str) -> Result<(), String> {
     if name.is_empty()
@@ -232,6 +240,23 @@ impl SignedDeployment {
     }
 }
 
+/// The administrator's signing key, certificate (DER) and name, from a PKI
+/// directory (`confide certs init` writes them there; keep them on the
+/// administrator's machine).
+pub fn admin_signer(
+    pki: &confide_crypto::pki::PkiDir,
+) -> Result<(confide_crypto::identity::IdentityKey, Vec<u8>, String), Error> {
+    let key_pem = confide_crypto::pki::read_private_key(&pki.admin_key())
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", pki.admin_key().display())))?;
+    let key = confide_crypto::identity::IdentityKey::from_pem(&key_pem)
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", pki.admin_key().display())))?;
+    let der = crate::net::load_certs(&pki.admin_cert())?.swap_remove(0).to_vec();
+    let name = confide_crypto::pki::peer_identity(&der)
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", pki.admin_cert().display())))?
+        .name;
+    Ok((key, der, name))
+}
+
 /// The record a rollback of `current` signs: the version `current` replaced,
 /// with the next sequence. `history` is the service's deployments.
 pub fn rollback_record(
@@ -268,10 +293,6 @@ mod tests {
     use confide_crypto::identity::IdentityKey;
     use confide_crypto::pki::PkiDir;
 
-    fn der(pem: &[u8]) -> Vec<u8> {
-        rustls_pemfile::certs(&mut &pem[..]).next().unwrap().unwrap().to_vec()
-    }
-
     pub(crate) fn record(seq: u64, round: u32, rollback_to: Option<u64>) -> DeploymentRecord {
         DeploymentRecord {
             service: "triage".into(),
@@ -294,8 +315,8 @@ mod tests {
         let pki = PkiDir::new(dir.path());
         pki.init("t", &["a".into()], &[]).unwrap();
         let ca = std::fs::read(pki.ca_cert()).unwrap();
-        let key = IdentityKey::from_pem(&std::fs::read(pki.admin_key()).unwrap()).unwrap();
-        let cert = der(&std::fs::read(pki.admin_cert()).unwrap());
+        let (key, cert, name) = admin_signer(&pki).unwrap();
+        assert_eq!(name, confide_crypto::pki::ADMIN_NAME);
         let none = Revocations::empty();
         let signed = SignedDeployment::sign(record(1, 2, None), &key, cert.clone()).unwrap();
         let back = SignedDeployment::verify(&signed.to_pb(), &ca, &none).unwrap();
@@ -307,7 +328,7 @@ mod tests {
         assert!(e.contains("does not verify"), "{e}");
         // A party signs one with its own certificate.
         let party_key = IdentityKey::from_pem(&std::fs::read(pki.party_key("a")).unwrap()).unwrap();
-        let party_cert = der(&std::fs::read(pki.party_cert("a")).unwrap());
+        let party_cert = crate::net::load_certs(&pki.party_cert("a")).unwrap()[0].to_vec();
         let forged = SignedDeployment::sign(record(1, 2, None), &party_key, party_cert).unwrap();
         let e = SignedDeployment::verify(&forged.to_pb(), &ca, &none).unwrap_err().to_string();
         assert!(e.contains("Party certificate a"), "{e}");

@@ -341,6 +341,24 @@ impl Federation {
         s
     }
 
+    /// The address party `party`'s prediction endpoint logged at start
+    /// (`[serve] listen`, possibly port 0).
+    pub fn party_endpoint(&self, party: &str) -> std::net::SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = std::fs::read_to_string(self.path(&format!("logs/{party}.log"))).unwrap_or_default();
+            if let Some(addr) = log
+                .lines()
+                .filter(|l| l.contains("prediction endpoint listening"))
+                .find_map(|l| l.split("bound=").nth(1).and_then(|a| a.split_whitespace().next()?.parse().ok()))
+            {
+                return addr;
+            }
+            assert!(Instant::now() < deadline, "no prediction endpoint at {party}\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts `confide-bench load`: `clients` keep-alive clients sending
     /// party `party`'s rows, one per request, to `service` at `addr` for
     /// `seconds`.

@@ -19,22 +19,6 @@ fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, Value) {
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
-fn endpoint(fed: &Federation, party: &str) -> SocketAddr {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = std::fs::read_to_string(fed.path(&format!("logs/{party}.log"))).unwrap_or_default();
-        if let Some(a) = log
-            .lines()
-            .filter(|l| l.contains("prediction endpoint listening"))
-            .find_map(|l| l.split("bound=").nth(1).and_then(|a| a.split_whitespace().next()?.parse().ok()))
-        {
-            return a;
-        }
-        assert!(Instant::now() < deadline, "no endpoint at {party}\n{}", fed.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn wait_ready(fed: &Federation, addr: SocketAddr, service: &str) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -111,7 +95,7 @@ fn hard_examples_go_to_the_cloud_encrypted_audited_and_only_where_policy_allows(
         "cloud-0",
         "[serve]\nservices = [\"triage-cloud\"]\nlisten = \"127.0.0.1:0\"\n[cloud]\nservices = [\"triage-cloud\"]\n",
     );
-    let (a0, a1, ac) = (endpoint(&fed, "site-0"), endpoint(&fed, "site-1"), endpoint(&fed, "cloud-0"));
+    let (a0, a1, ac) = (fed.party_endpoint("site-0"), fed.party_endpoint("site-1"), fed.party_endpoint("cloud-0"));
     let text = job_spec(&names, 3, 3, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.1");
     let id = fed.submit("joint.toml", &text);
     let st = fed.wait_done(&id, 120);
@@ -190,11 +174,7 @@ fn hard_examples_go_to_the_cloud_encrypted_audited_and_only_where_policy_allows(
     // certificate's fingerprint; the input itself is not in it.
     let audit = confide_party::audit::AuditLog::read(&fed.path("pki/parties/site-0.audit.jsonl")).expect("audit");
     assert_eq!(audit.len(), 1, "{audit:?}");
-    let cloud_pem = std::fs::read(fed.path("pki/parties/cloud-0.pem")).expect("cert");
-    let cloud_der = {
-        use rustls::pki_types::pem::PemObject;
-        rustls::pki_types::CertificateDer::from_pem_slice(&cloud_pem).expect("pem").to_vec()
-    };
+    let cloud_der = confide_proto::net::load_certs(&fed.path("pki/parties/cloud-0.pem")).expect("cert")[0].to_vec();
     let a = &audit[0];
     assert_eq!((a.service.as_str(), a.destination.as_str()), ("triage", "cloud-0"));
     assert_eq!(a.destination_certificate_sha256, sha256_hex(&cloud_der));

@@ -14,23 +14,6 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
-/// The endpoint address a party logged at start.
-fn endpoint(fed: &Federation, party: &str) -> SocketAddr {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = std::fs::read_to_string(fed.path(&format!("logs/{party}.log"))).unwrap_or_default();
-        if let Some(addr) = log
-            .lines()
-            .filter(|l| l.contains("prediction endpoint listening"))
-            .find_map(|l| l.split("bound=").nth(1).and_then(|a| a.split_whitespace().next()?.parse().ok()))
-        {
-            return addr;
-        }
-        assert!(Instant::now() < deadline, "no endpoint\n{}", fed.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn get(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
     let (status, text) = rt().block_on(request_once(addr, method, path, body)).expect("http");
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
@@ -63,7 +46,7 @@ fn deployed_versions_are_served_swapped_under_load_rolled_back_and_bad_input_is_
     let serve = "[serve]\nservices = [\"triage\"]\nlisten = \"127.0.0.1:0\"\nmax_rows = 50\nmax_body_bytes = 65536\n";
     fed.start_party("site-0", serve);
     fed.start_party("site-1", "");
-    let addr = endpoint(&fed, "site-0");
+    let addr = fed.party_endpoint("site-0");
     // Before any deployment: healthy, not ready, and predictions say why.
     let (status, v) = get(addr, "GET", "/healthz", "");
     assert_eq!((status, &v["services"]["triage"]["ready"]), (200, &Value::Bool(false)), "{v}");

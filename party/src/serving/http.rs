@@ -59,7 +59,7 @@ fn status_of(e: &ServeError) -> StatusCode {
         ServeError::UnknownService(_) => StatusCode::NOT_FOUND,
         ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
         ServeError::WrongWidth { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        ServeError::BadRequest(m) if m.starts_with("rows: ") && m.contains("at most") => StatusCode::PAYLOAD_TOO_LARGE,
+        ServeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ServeError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -83,7 +83,7 @@ async fn healthz(State(registry): State<Arc<Registry>>) -> Response {
         .map(|(name, served)| {
             let v = match served {
                 Some(s) => {
-                    json!({ "ready": true, "width": s.width, "classes": s.classes, "version": version_json(&s) })
+                    json!({ "ready": true, "width": s.width, "classes": s.classes(), "version": version_json(&s) })
                 }
                 None => json!({ "ready": false }),
             };
@@ -109,7 +109,7 @@ pub fn parse_rows(body: &[u8], max_rows: usize) -> Result<(Vec<f32>, usize, usiz
         return Err(bad("rows: empty".into()));
     }
     if rows.len() > max_rows {
-        return Err(bad(format!("rows: {} rows, at most {max_rows} per request", rows.len())));
+        return Err(ServeError::TooLarge(format!("rows: {} rows, at most {max_rows} per request", rows.len())));
     }
     let width = match &rows[0] {
         Value::Array(r) => r.len(),
@@ -161,7 +161,7 @@ async fn predict(
     }
     match registry.answer(&name, rows, count, width).await {
         Ok(p) => {
-            let k = p.classes.max(1);
+            let k = p.served.classes().max(1);
             let probabilities: Vec<&[f32]> = p.probabilities.chunks(k).collect();
             let predictions: Vec<usize> = probabilities
                 .iter()

@@ -29,7 +29,6 @@ use confide_crypto::identity::SharedRevocations;
 use confide_proto::deploy::SignedDeployment;
 use confide_proto::pb;
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 use tracing::{info, warn};
 
 use crate::config::{PartyConfig, ServeConfig};
@@ -42,8 +41,13 @@ pub struct Served {
     pub deployment: SignedDeployment,
     /// Features per row.
     pub width: usize,
-    /// Classes (probabilities per row).
-    pub classes: usize,
+}
+
+impl Served {
+    /// Classes: probabilities per row.
+    pub fn classes(&self) -> usize {
+        self.deployment.model.classes
+    }
 }
 
 /// One request's answer.
@@ -51,8 +55,6 @@ pub struct Served {
 pub struct Prediction {
     /// Row-major class probabilities, `rows × classes`.
     pub probabilities: Vec<f32>,
-    /// Probabilities per row.
-    pub classes: usize,
     /// The version that answered.
     pub served: Arc<Served>,
 }
@@ -79,9 +81,12 @@ pub enum ServeError {
         /// The model's.
         expected: usize,
     },
-    /// The request is malformed or too large.
+    /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The request has more rows (or bytes) than this party takes.
+    #[error("{0}")]
+    TooLarge(String),
     /// The model failed.
     #[error("prediction failed: {0}")]
     Failed(String),
@@ -165,8 +170,6 @@ impl RowSource {
 pub struct Answer {
     /// Row-major class probabilities.
     pub probabilities: Vec<f32>,
-    /// Probabilities per row.
-    pub classes: usize,
     /// The edge version.
     pub served: Arc<Served>,
     /// Per row.
@@ -203,9 +206,9 @@ fn unhex(s: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
-/// SHA-256 of `bytes`, lowercase hex.
+/// SHA-256 of `bytes`, lowercase hex (a model version's digest).
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&sha2::Sha256::digest(bytes))
+    confide_proto::deploy::model_sha256(bytes)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
@@ -413,7 +416,7 @@ impl Registry {
         if keep {
             self.keep(&d, bytes)?;
         }
-        let served = Arc::new(Served { width, classes: d.model.classes, deployment: d });
+        let served = Arc::new(Served { width, deployment: d });
         let swap = WorkerMsg::Swap(model, served.clone());
         svc.worker
             .lock()
@@ -492,7 +495,7 @@ impl Registry {
                 round: r.round,
                 sha256: r.sha256.clone(),
             };
-            joint::Joint::seal_answer(&me, &f, reply, p.classes, p.probabilities, version)
+            joint::Joint::seal_answer(&me, &f, reply, p.served.classes(), p.probabilities, version)
         }
         .await;
         match answer {
@@ -519,11 +522,10 @@ impl Registry {
     ) -> Result<Answer, ServeError> {
         let keep = if self.current(service)?.deployment.record.joint.is_some() { Some(rows.clone()) } else { None };
         let p = self.predict(service, rows, count, width).await?;
-        let k = p.classes.max(1);
+        let k = p.served.classes().max(1);
         let mut answer = Answer {
             sources: vec![RowSource::Edge; count],
             probabilities: p.probabilities,
-            classes: p.classes,
             served: p.served,
             cloud: None,
             fallback: None,
@@ -566,7 +568,7 @@ impl Registry {
     ) -> Result<Prediction, ServeError> {
         let svc = self.services.get(service).ok_or_else(|| ServeError::UnknownService(service.to_owned()))?;
         if count > self.config.max_rows {
-            return Err(ServeError::BadRequest(format!(
+            return Err(ServeError::TooLarge(format!(
                 "rows: {count} rows, at most {} per request ([serve] max_rows)",
                 self.config.max_rows
             )));
@@ -648,13 +650,13 @@ fn answer(service: &str, model: Option<&(Box<dyn Trainer>, Arc<Served>)>, batch:
         ok.iter().flat_map(|j| j.rows.iter().copied()).collect()
     };
     match m.predict(&all) {
-        Ok(probs) if probs.len() == all.len() / served.width.max(1) * served.classes => {
+        Ok(probs) if probs.len() == all.len() / served.width.max(1) * served.classes() => {
             let mut at = 0;
             for j in ok {
-                let n = j.count * served.classes;
+                let n = j.count * served.classes();
                 let probabilities = probs[at..at + n].to_vec();
                 at += n;
-                let _ = j.reply.send(Ok(Prediction { probabilities, classes: served.classes, served: served.clone() }));
+                let _ = j.reply.send(Ok(Prediction { probabilities, served: served.clone() }));
             }
         }
         Ok(probs) => {
