@@ -141,6 +141,13 @@ impl Dataset {
         (self.select(t), self.select(h))
     }
 
+    /// Appends `other`'s rows (of the same width).
+    pub fn append(&mut self, other: &Dataset) {
+        self.num_features = other.num_features;
+        self.features.extend_from_slice(&other.features);
+        self.labels.extend_from_slice(&other.labels);
+    }
+
     /// The rows at `indices`, in that order.
     pub fn select(&self, indices: &[usize]) -> Dataset {
         let mut out = Dataset { num_features: self.num_features, ..Dataset::default() };
@@ -181,10 +188,16 @@ impl Dataset {
 }
 
 /// Where a data set lives and how to read it (a party's `[datasets.NAME]` table).
+///
+/// `path` is a file, or a directory of CSV batches (`*.csv`, `*.csv.gz`,
+/// read in name order): a *watched* data set, which incremental pipelines
+/// retrain on as batches arrive. Each batch of a directory is split into
+/// training and held-out rows on its own, so a row stays on its side of
+/// the split as batches are added.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetSource {
-    /// The file.
+    /// The file or directory.
     pub path: PathBuf,
     /// Its format.
     #[serde(default)]
@@ -192,6 +205,13 @@ pub struct DatasetSource {
     /// CSV layout.
     #[serde(flatten)]
     pub csv: CsvOptions,
+    /// For one job, only these batches of a directory (set by the party).
+    #[serde(skip)]
+    pub only: Option<Vec<PathBuf>>,
+    /// For one job, every selected row is held out (set by the party to
+    /// score versions on new batches).
+    #[serde(skip)]
+    pub all_held_out: bool,
 }
 
 /// Supported file formats.
@@ -206,15 +226,103 @@ pub enum DataFormat {
 impl DatasetSource {
     /// A CSV file with the default layout (no header, label last).
     pub fn csv(path: PathBuf) -> Self {
-        DatasetSource { path, format: DataFormat::Csv, csv: CsvOptions::default() }
+        DatasetSource { path, format: DataFormat::Csv, csv: CsvOptions::default(), only: None, all_held_out: false }
     }
 
-    /// Loads the data set.
-    pub fn load(&self) -> Result<Dataset, Error> {
-        match self.format {
-            DataFormat::Csv => Dataset::load_csv(&self.path, &self.csv),
-        }
+    /// Whether `path` is a directory of batches.
+    pub fn is_watched(&self) -> bool {
+        self.path.is_dir()
     }
+
+    /// The batches of a watched data set, in name order.
+    pub fn batches(&self) -> Result<Vec<PathBuf>, Error> {
+        let rd = std::fs::read_dir(&self.path)
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", self.path.display())))?;
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::InvalidInput(format!("{}: {e}", self.path.display())))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // A batch being written is `*.tmp` or hidden until it is renamed.
+            if !name.starts_with('.') && (name.ends_with(".csv") || name.ends_with(".csv.gz")) {
+                out.push(entry.path());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn files(&self) -> Result<Vec<PathBuf>, Error> {
+        if !self.is_watched() {
+            return Ok(vec![self.path.clone()]);
+        }
+        let files = match &self.only {
+            Some(only) => only.clone(),
+            None => self.batches()?,
+        };
+        if files.is_empty() && self.only.is_none() {
+            return Err(Error::InvalidInput(format!("{}: no CSV batches in the directory", self.path.display())));
+        }
+        Ok(files)
+    }
+
+    /// Loads the data set (every batch of a directory).
+    pub fn load(&self) -> Result<Dataset, Error> {
+        let DataFormat::Csv = self.format;
+        if !self.is_watched() {
+            return Dataset::load_csv(&self.path, &self.csv);
+        }
+        let mut all = Dataset::default();
+        self.each_batch(|_, ds| all.append(ds))?;
+        Ok(all)
+    }
+
+    /// Reads each selected batch, checking that all have one width.
+    fn each_batch(&self, mut f: impl FnMut(&str, &Dataset)) -> Result<usize, Error> {
+        let mut width = None;
+        for file in self.files()? {
+            let ds = Dataset::load_csv(&file, &self.csv)?;
+            match width {
+                None => width = Some(ds.num_features),
+                Some(w) if w != ds.num_features => {
+                    return Err(Error::InvalidInput(format!(
+                        "{}: {} features; the directory's other batches have {w}",
+                        file.display(),
+                        ds.num_features
+                    )));
+                }
+                Some(_) => {}
+            }
+            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            f(&name, &ds);
+        }
+        Ok(width.unwrap_or(0))
+    }
+
+    /// Loads the data set and splits off a seeded `fraction` as held-out
+    /// rows: `(train, held_out)`. A directory's batches are split one by one
+    /// (seeded by the batch's name), so each row's side never changes.
+    pub fn load_split(&self, fraction: f64, seed: u64) -> Result<(Dataset, Dataset), Error> {
+        let DataFormat::Csv = self.format;
+        if !self.is_watched() {
+            let ds = Dataset::load_csv(&self.path, &self.csv)?;
+            return Ok(if self.all_held_out { (ds.clone(), ds) } else { ds.split(fraction, seed) });
+        }
+        let mut train = Dataset::default();
+        let mut held = Dataset::default();
+        let width = self.each_batch(|name, ds| {
+            let (t, h) = if self.all_held_out { (ds.clone(), ds.clone()) } else { ds.split(fraction, seed ^ fnv1a(name)) };
+            train.append(&t);
+            held.append(&h);
+        })?;
+        train.num_features = width;
+        held.num_features = width;
+        Ok((train, held))
+    }
+}
+
+/// FNV-1a of a batch's name: a stable per-batch split seed.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[cfg(test)]
@@ -236,6 +344,30 @@ mod tests {
         assert!(e.to_string().contains(":2"), "{e}");
         assert!(Dataset::parse_csv("1,2,0.5\n", &CsvOptions::default(), p).is_err());
         assert!(Dataset::parse_csv("", &CsvOptions::default(), p).is_err());
+    }
+
+    #[test]
+    fn a_directory_is_its_batches_each_split_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = |from: usize| (from..from + 20).map(|v| format!("{v},{}\n", v % 2)).collect::<String>();
+        std::fs::write(dir.path().join("001.csv"), rows(0)).unwrap();
+        let src = DatasetSource::csv(dir.path().to_owned());
+        assert!(src.is_watched());
+        let (_, held1) = src.load_split(0.25, 3).unwrap();
+        // A second batch does not move the first batch's held-out rows.
+        std::fs::write(dir.path().join("002.csv"), rows(100)).unwrap();
+        std::fs::write(dir.path().join(".003.csv"), "not yet").unwrap();
+        let (train2, held2) = src.load_split(0.25, 3).unwrap();
+        assert_eq!(&held2.features[..held1.features.len()], &held1.features[..]);
+        assert_eq!(train2.len() + held2.len(), 40);
+        assert_eq!(src.load().unwrap().len(), 40);
+        // A batch of another width is named.
+        std::fs::write(dir.path().join("004.csv"), "1,2,0\n").unwrap();
+        let e = src.load().unwrap_err().to_string();
+        assert!(e.contains("004.csv") && e.contains("other batches"), "{e}");
+        let empty = tempfile::tempdir().unwrap();
+        let e = DatasetSource::csv(empty.path().to_owned()).load().unwrap_err().to_string();
+        assert!(e.contains("no CSV batches"), "{e}");
     }
 
     #[test]

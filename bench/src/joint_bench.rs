@@ -183,7 +183,7 @@ pub async fn bench_joint_latency(
         ("cloud-0", "kind = \"cnn\"\nclasses = 10\nchannels = [16, 32]\nimage = [1, 8, 8]"),
     ] {
         let r = admin
-            .submit_job(pb::SubmitJobRequest { spec_toml: spec(party, model), file_name: party.into() })
+            .submit_job(pb::SubmitJobRequest { spec_toml: spec(party, model), file_name: party.into(), grant: None })
             .await
             .map_err(|s| s.message().to_string())?;
         jobs.push(r.into_inner().job_id);
@@ -230,6 +230,7 @@ pub async fn bench_joint_latency(
         issued_at: 0,
         admin: confide_crypto::pki::ADMIN_NAME.into(),
         joint,
+        pipeline: None,
     };
     let mut deploy = async |r: DeploymentRecord| -> Result<(), String> {
         let signed = SignedDeployment::sign(r, &admin_key, admin_der.clone()).map_err(|x| e(&x))?;

@@ -260,6 +260,7 @@ async fn serve_bench(clients: &[usize], rows: &[usize], seconds: f64) -> Result<
         issued_at: 0,
         admin: confide_crypto::pki::ADMIN_NAME.into(),
         joint: None,
+        pipeline: None,
     };
     let (key, cert_der, _) = confide_proto::deploy::admin_signer(&pki).map_err(|e| e.to_string())?;
     let signed = SignedDeployment::sign(record, &key, cert_der).map_err(|e| e.to_string())?;
@@ -590,7 +591,7 @@ impl Federation {
         let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
         let mut admin = AdminServiceClient::new(connect(&id).await.map_err(|e| e.to_string())?);
         let job = admin
-            .submit_job(pb::SubmitJobRequest { spec_toml: spec, file_name: "bench".into() })
+            .submit_job(pb::SubmitJobRequest { spec_toml: spec, file_name: "bench".into(), grant: None })
             .await
             .map_err(|s| s.message().to_string())?
             .into_inner()

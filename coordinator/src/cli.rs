@@ -341,6 +341,10 @@ enum JobCmd {
         /// Follow progress until the job ends.
         #[arg(long)]
         watch: bool,
+        /// For an incremental pipeline: how long the grant you sign lets it
+        /// deploy new versions of its service (days).
+        #[arg(long, default_value_t = 30.0)]
+        grant_days: f64,
         #[command(flatten)]
         conn: AdminConn,
     },
@@ -573,7 +577,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                             "service": r.service, "sequence": r.sequence, "current": i == 0,
                             "action": r.action.as_str(), "job_id": r.job_id, "round": r.round,
                             "sha256": r.sha256, "rollback_to": r.rollback_to, "issued_at": r.issued_at,
-                            "signed_by": r.admin, "joint": r.joint,
+                            "signed_by": r.admin, "joint": r.joint, "pipeline": r.pipeline,
                         });
                         println!("{v}");
                     } else {
@@ -591,6 +595,12 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                                 )
                             })
                             .unwrap_or_default();
+                        let by = r
+                            .pipeline
+                            .as_ref()
+                            .map(|p| format!("  by pipeline {} iteration {} ({})", p.job, p.iteration, p.reason))
+                            .unwrap_or_default();
+                        let tier = format!("{tier}{by}");
                         println!(
                             "  {} {:>3}  {:<8} job {} round {}  sha256 {}{tier}",
                             if i == 0 { "*" } else { " " },
@@ -920,8 +930,43 @@ async fn deploy(
         issued_at: crate::db::unix_now(),
         admin: admin_name,
         joint,
+        pipeline: None,
     };
     submit_deployment(&mut client, (&key, der), record).await
+}
+
+/// For an incremental pipeline, the grant the administrator signs: it lets
+/// the coordinator deploy versions of the pipeline's service, of its
+/// architecture, keeping the service's current cloud tier, for `days`.
+async fn pipeline_grant(
+    client: &mut AdminServiceClient<Channel>,
+    conn: &AdminConn,
+    text: &str,
+    name: &str,
+    plugins: &Plugins,
+    days: f64,
+) -> Result<Option<pb::SignedGrant>, Error> {
+    let spec = JobSpec::parse_with(text, name, &Limits::default(), plugins.protocols())?;
+    let Some(inc) = &spec.incremental else { return Ok(None) };
+    if !(days.is_finite() && days > 0.0 && days <= 366.0) {
+        return Err(Error::InvalidInput(format!("--grant-days: must be in (0, 366] (got {days})")));
+    }
+    let pki = PkiDir::new(&conn.pki);
+    let history = service_history(client, &pki, &inc.service).await?;
+    let joint = history.first().and_then(|d| d.record.joint.clone());
+    let (key, der, admin_name) = signer(&pki)?;
+    let now = crate::db::unix_now();
+    let grant = confide_proto::deploy::PipelineGrant {
+        service: inc.service.clone(),
+        spec_sha256: confide_proto::deploy::spec_sha256(text),
+        architecture: toml::to_string(&spec.model).map_err(|e| Error::InvalidInput(format!("{name}: model: {e}")))?,
+        joint,
+        issued_at: now,
+        expires_at: now + (days * 86_400.0) as u64,
+        admin: admin_name,
+    };
+    let signed = confide_proto::deploy::SignedGrant::sign(grant, &key, der).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    Ok(Some(signed.to_pb()))
 }
 
 async fn rollback(conn: &AdminConn, service: &str) -> Result<(), Error> {
@@ -1125,12 +1170,13 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
             }
             Ok(0)
         }
-        JobCmd::Submit { file, watch, conn } => {
+        JobCmd::Submit { file, watch, grant_days, conn } => {
             // Validated locally first so errors show without a round trip.
             let (text, name) = validate(&file, plugins)?;
             let mut client = admin(&conn).await?;
+            let grant = pipeline_grant(&mut client, &conn, &text, &name, plugins, grant_days).await?;
             let id = client
-                .submit_job(pb::SubmitJobRequest { spec_toml: text, file_name: name })
+                .submit_job(pb::SubmitJobRequest { spec_toml: text, file_name: name, grant })
                 .await
                 .map_err(rpc_err)?
                 .into_inner()
@@ -1238,6 +1284,25 @@ fn print_status(st: &JobStatus) {
     }
     if let Some(m) = &st.model {
         println!("  model:   round {} at {}", m.round, m.path);
+    }
+    if let Some(phase) = &st.pipeline_phase {
+        println!("  pipeline: {phase}");
+    }
+    for it in &st.iterations {
+        println!("  iteration {}: {} (trigger: {})", it.iteration, it.outcome, it.trigger);
+        if !it.check.is_empty() {
+            println!("    check:     {}", it.check);
+        }
+        if !it.candidate_job.is_empty() {
+            println!("    candidate: job {} round {}", it.candidate_job, it.candidate_round);
+        }
+        if !it.gate.is_empty() {
+            println!("    gate:      {}", it.gate);
+        }
+        if let Some(seq) = it.deployed_sequence {
+            let took = it.trigger_to_deploy_ms.map(|ms| format!(" ({ms} ms after the trigger)")).unwrap_or_default();
+            println!("    deployed:  deployment {seq}{took}");
+        }
     }
     if let Some(e) = &st.error {
         println!("  error:   {e}");

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use confide_proto::jobspec::JobSpec;
-use confide_proto::status::{JobState, JobStatus, ModelInfo, PartyState, PartyStatus, PrivacyStatus, RoundRecord};
+use confide_proto::status::{
+    JobState, JobStatus, ModelInfo, PartyState, PartyStatus, PipelineIteration, PrivacyStatus, RoundRecord,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::Error;
@@ -94,6 +96,21 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         PRIMARY KEY (service, sequence)
     );",
+    // 7: incremental pipelines: the administrator's grant (a pipeline's
+    // deployments carry it), what the pipeline is doing, and its iterations
+    "ALTER TABLE deployments ADD COLUMN grant_msg BLOB;
+    CREATE TABLE pipelines (
+        job_id TEXT PRIMARY KEY,
+        grant_msg BLOB NOT NULL,
+        phase TEXT NOT NULL,
+        last_trigger_at INTEGER NOT NULL
+    );
+    CREATE TABLE pipeline_iterations (
+        job_id TEXT NOT NULL,
+        iteration INTEGER NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (job_id, iteration)
+    );",
 ];
 
 /// A stored deployment: the signed record as the administrator sent it.
@@ -107,8 +124,11 @@ pub struct StoredDeployment {
     pub record: Vec<u8>,
     /// The administrator's signature.
     pub signature: Vec<u8>,
-    /// The administrator's certificate, DER.
+    /// The administrator's certificate, DER (the coordinator's under a grant).
     pub admin_certificate: Vec<u8>,
+    /// The administrator's grant, for a pipeline's deployment (encoded
+    /// `confide.v1.SignedGrant`).
+    pub grant: Option<Vec<u8>>,
     /// When the coordinator stored it (Unix seconds).
     pub created_at: u64,
 }
@@ -519,9 +539,20 @@ impl Db {
             return Err(Error::NotFound(format!("no kept model version of job {job_id} after round {round}")));
         }
         tx.execute(
-            "INSERT INTO deployments (service, sequence, job_id, round, record, signature, admin_certificate, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![d.service, d.sequence as i64, job_id, round, d.record, d.signature, d.admin_certificate, d.created_at as i64],
+            "INSERT INTO deployments (service, sequence, job_id, round, record, signature, admin_certificate, created_at,
+                                      grant_msg)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                d.service,
+                d.sequence as i64,
+                job_id,
+                round,
+                d.record,
+                d.signature,
+                d.admin_certificate,
+                d.created_at as i64,
+                d.grant
+            ],
         )
         .map_err(sql)?;
         tx.commit().map_err(sql)
@@ -532,7 +563,7 @@ impl Db {
         let conn = self.lock();
         let mut st = conn
             .prepare(
-                "SELECT service, sequence, record, signature, admin_certificate, created_at FROM deployments
+                "SELECT service, sequence, record, signature, admin_certificate, created_at, grant_msg FROM deployments
                  WHERE ?1 IS NULL OR service = ?1 ORDER BY service, sequence DESC",
             )
             .map_err(sql)?;
@@ -545,6 +576,7 @@ impl Db {
                     signature: r.get(3)?,
                     admin_certificate: r.get(4)?,
                     created_at: r.get::<_, i64>(5)? as u64,
+                    grant: r.get(6)?,
                 })
             })
             .map_err(sql)?;
@@ -564,6 +596,90 @@ impl Db {
     /// A job's spec, TOML.
     pub fn spec_toml(&self, job: &str) -> Result<Option<String>, Error> {
         self.lock().query_row("SELECT spec_toml FROM jobs WHERE id = ?1", [job], |r| r.get(0)).optional().map_err(sql)
+    }
+
+    /// Removes an ended job that left nothing worth keeping (a pipeline's
+    /// count of new rows that did not trigger): its rows, and its model
+    /// directory under `models_dir`. A job a deployment names is kept.
+    pub fn forget_job(&self, id: &str, models_dir: &Path) -> Result<(), Error> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(sql)?;
+        let deployed: i64 =
+            tx.query_row("SELECT COUNT(*) FROM deployments WHERE job_id = ?1", [id], |r| r.get(0)).map_err(sql)?;
+        if deployed > 0 {
+            return Ok(());
+        }
+        for table in ["models", "rounds", "job_parties"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE job_id = ?1"), [id]).map_err(sql)?;
+        }
+        tx.execute("DELETE FROM jobs WHERE id = ?1 AND state IN ('succeeded', 'failed', 'cancelled')", [id])
+            .map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        drop(conn);
+        let dir = models_dir.join(id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&dir, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a newly submitted pipeline with its grant.
+    pub fn insert_pipeline(&self, job_id: &str, grant: &[u8]) -> Result<(), Error> {
+        self.lock()
+            .execute(
+                "INSERT INTO pipelines (job_id, grant_msg, phase, last_trigger_at) VALUES (?1, ?2, 'waiting', ?3)",
+                params![job_id, grant, unix_now() as i64],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// A pipeline's grant, phase and last trigger time (Unix seconds).
+    pub fn pipeline(&self, job_id: &str) -> Result<Option<(Vec<u8>, String, u64)>, Error> {
+        self.lock()
+            .query_row("SELECT grant_msg, phase, last_trigger_at FROM pipelines WHERE job_id = ?1", [job_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            })
+            .optional()
+            .map_err(sql)
+    }
+
+    /// Sets what a pipeline is doing (and, with `triggered`, when it last
+    /// started an iteration).
+    pub fn set_pipeline_phase(&self, job_id: &str, phase: &str, triggered: Option<u64>) -> Result<(), Error> {
+        self.lock()
+            .execute(
+                "UPDATE pipelines SET phase = ?2, last_trigger_at = COALESCE(?3, last_trigger_at) WHERE job_id = ?1",
+                params![job_id, phase, triggered.map(|t| t as i64)],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Writes (inserts or replaces) one iteration of a pipeline.
+    pub fn save_iteration(&self, job_id: &str, it: &PipelineIteration) -> Result<(), Error> {
+        let json = serde_json::to_string(it).map_err(|e| Error::Storage(format!("iteration record: {e}")))?;
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO pipeline_iterations (job_id, iteration, record) VALUES (?1, ?2, ?3)",
+                params![job_id, it.iteration, json],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// A pipeline's iterations, oldest first.
+    pub fn iterations(&self, job_id: &str) -> Result<Vec<PipelineIteration>, Error> {
+        let conn = self.lock();
+        let mut st = conn
+            .prepare("SELECT record FROM pipeline_iterations WHERE job_id = ?1 ORDER BY iteration")
+            .map_err(sql)?;
+        let rows = st.query_map([job_id], |r| r.get::<_, String>(0)).map_err(sql)?;
+        rows.map(|r| {
+            let json = r.map_err(sql)?;
+            serde_json::from_str(&json).map_err(|e| Error::Storage(format!("pipeline {job_id}: iteration record: {e}")))
+        })
+        .collect()
     }
 
     /// The full status of a job.
@@ -635,6 +751,8 @@ impl Db {
             model: model_round.zip(model_path).map(|(round, path)| ModelInfo { round, path }),
             created_at: created as u64,
             updated_at: updated as u64,
+            iterations: self.iterations(id)?,
+            pipeline_phase: self.pipeline(id)?.map(|(_, phase, _)| phase),
         })
     }
 
@@ -789,6 +907,7 @@ mod tests {
             record: vec![1],
             signature: vec![2],
             admin_certificate: vec![3],
+            grant: None,
             created_at: 5,
         };
         let newest = *kept.first().unwrap();

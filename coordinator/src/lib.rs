@@ -13,6 +13,7 @@ pub mod cli;
 pub mod db;
 pub mod driver;
 pub mod jobs;
+pub mod pipeline;
 pub mod plugins;
 pub mod relay;
 pub mod server;

@@ -31,7 +31,7 @@ use confide_crypto::aggregation::{AggregationProtocol, PeerVerifier, Protocols, 
 use confide_proto::jobspec::{JobSpec, StrategyConfig};
 
 use crate::jobs::guard::guarded;
-use crate::jobs::{EvaluateKind, JobKind, TrainKind};
+use crate::jobs::{EvaluateKind, IncrementalKind, JobKind, TrainKind};
 
 /// Builds a registered strategy for a job.
 pub type StrategyFactory = Arc<dyn Fn(&JobSpec) -> Result<Box<dyn Strategy>, String> + Send + Sync>;
@@ -64,6 +64,7 @@ impl Default for Plugins {
         Plugins { strategies: BTreeMap::new(), protocols: Protocols::default(), kinds: BTreeMap::new(), peers: None }
             .job_kind(TrainKind)
             .job_kind(EvaluateKind)
+            .job_kind(IncrementalKind)
     }
 }
 
@@ -90,7 +91,8 @@ pub fn builtin_strategy(config: &StrategyConfig) -> Option<Box<dyn Strategy>> {
 }
 
 impl Plugins {
-    /// The built-in strategies, protocols (`none`, `secagg`, `he`) and kinds (`train`, `evaluate`).
+    /// The built-in strategies, protocols (`none`, `secagg`, `he`) and kinds (`train`, `evaluate`,
+    /// `incremental`).
     pub fn new() -> Self {
         Plugins::default()
     }

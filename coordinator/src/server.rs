@@ -184,6 +184,13 @@ impl Hub {
         }
     }
 
+    /// A deployment was stored: forget cached joint-inference routes and
+    /// push it to every party.
+    pub fn deployed(&self, msg: pb::ServiceDeployment) {
+        lock(&self.joint_routes).clear();
+        self.send_all(&coordinator_message::Body::Deployment(msg));
+    }
+
     /// Where checkpoints go.
     pub fn models_dir(&self) -> &Path {
         &self.models_dir
@@ -219,6 +226,11 @@ impl Hub {
     /// The job's thread has ended; its watchers see the channel close.
     pub fn job_ended(&self, id: &str) {
         lock(&self.jobs).remove(id);
+    }
+
+    /// Asks job `id` to stop (as `confide job cancel` does).
+    pub(crate) fn cancel(&self, id: &str) {
+        self.route(id, Input::Cancel);
     }
 
     fn route(&self, job_id: &str, input: Input) {
@@ -391,14 +403,18 @@ fn initial_model(hub: &Hub, spec: &JobSpec) -> Result<Option<Parameters>, Error>
     }
 }
 
-fn spawn_job(hub: &Arc<Hub>, id: String, spec: JobSpec, start: Start) -> Result<(), Error> {
+/// Starts job `id` on a thread of its own: a session, or a pipeline,
+/// as its kind says.
+pub(crate) fn spawn_job(hub: &Arc<Hub>, id: String, spec: JobSpec, start: Start) -> Result<(), Error> {
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = JobHandle { inputs: tx, status: watch::channel(0).0 };
     lock(&hub.jobs).insert(id.clone(), handle);
     let (hub2, id2) = (hub.clone(), id.clone());
-    let spawned = std::thread::Builder::new()
-        .name(format!("coord-{id}"))
-        .spawn(move || driver::run_job(hub2, id2, Arc::new(spec), start, rx));
+    let driver = hub.plugins.kind(spec.kind.as_str()).map_or(crate::jobs::Driver::Session, |k| k.driver());
+    let spawned = std::thread::Builder::new().name(format!("coord-{id}")).spawn(move || match driver {
+        crate::jobs::Driver::Pipeline => crate::pipeline::run(hub2, id2, spec, rx),
+        _ => driver::run_job(hub2, id2, Arc::new(spec), start, rx),
+    });
     if let Err(e) = spawned {
         hub.job_ended(&id);
         return Err(Error::Io(format!("cannot start a thread for job {id}: {e}")));
@@ -886,7 +902,7 @@ async fn job_status(hub: &Arc<Hub>, id: &str, history: bool) -> Result<pb::JobSt
     blocking(move || hub.db.job_status(&id, history)).await.map(pb::JobStatus::from)
 }
 
-fn new_job_id() -> String {
+pub(crate) fn new_job_id() -> String {
     let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     format!("j{ms:x}-{:04x}", rand::random::<u16>())
 }
@@ -1056,8 +1072,7 @@ impl AdminService for AdminSvc {
         let hub = self.hub.clone();
         let pushed = msg.clone();
         let status = blocking(move || crate::services::deploy(&hub, &msg, &caller)).await?;
-        lock(&self.hub.joint_routes).clear();
-        self.hub.send_all(&coordinator_message::Body::Deployment(pushed));
+        self.hub.deployed(pushed);
         Ok(Response::new(status))
     }
 
@@ -1078,7 +1093,7 @@ impl AdminService for AdminSvc {
 /// Validates a submitted spec as a whole (fields, enrolment, this build's
 /// kinds, strategies, protocols and capabilities), stores it and starts it.
 fn submit(hub: &Arc<Hub>, r: pb::SubmitJobRequest) -> Result<(String, Vec<String>), Error> {
-    let file = if r.file_name.is_empty() { "(submitted spec)".to_owned() } else { r.file_name };
+    let file = if r.file_name.is_empty() { "(submitted spec)".to_owned() } else { r.file_name.clone() };
     let spec = JobSpec::parse_with(&r.spec_toml, &file, &hub.limits, hub.plugins.protocols())?;
     let enrolled = hub.pki.enrolled()?;
     let unknown: Vec<String> = spec
@@ -1099,8 +1114,21 @@ fn submit(hub: &Arc<Hub>, r: pb::SubmitJobRequest) -> Result<(String, Vec<String
         Error::NotFound(m) => Error::Refused(format!("{file}: from_job: {m}")),
         e => e,
     })?;
+    let grant = match (&spec.incremental, &r.grant) {
+        (Some(_), Some(g)) => Some(crate::pipeline::check_grant(hub, &spec, &r.spec_toml, g)?),
+        (Some(_), None) => {
+            return Err(Error::Refused(format!(
+                "{file}: an incremental pipeline needs the administrator's grant to deploy (confide job submit signs one)"
+            )));
+        }
+        (None, Some(_)) => return Err(Error::Refused(format!("{file}: only an incremental pipeline carries a grant"))),
+        (None, None) => None,
+    };
     let id = new_job_id();
     hub.db.insert_job(&id, &spec)?;
+    if let Some(g) = grant {
+        hub.db.insert_pipeline(&id, &g)?;
+    }
     info!(job = %id, name = %spec.name, "job submitted");
     for w in &spec.warnings {
         warn!(job = %id, "{file}: {w}");

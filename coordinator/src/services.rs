@@ -22,6 +22,7 @@ fn to_pb(d: &StoredDeployment) -> pb::ServiceDeployment {
         record: d.record.clone(),
         signature: d.signature.clone(),
         admin_certificate: d.admin_certificate.clone(),
+        grant: d.grant.as_deref().and_then(|g| prost::Message::decode(g).ok()),
     }
 }
 
@@ -86,6 +87,78 @@ pub fn deploy(hub: &Hub, msg: &pb::ServiceDeployment, caller_certificate: &[u8])
     if signed.admin_certificate != caller_certificate {
         return Err(Error::Refused("the deployment is signed with another certificate than the caller's".into()));
     }
+    if signed.grant.is_some() {
+        return Err(Error::Refused("only a pipeline deploys under a grant".into()));
+    }
+    store(hub, &signed)
+}
+
+/// Signs a pipeline's deployment (or rollback) with the coordinator's key
+/// under the administrator's grant, checks and stores it like any other.
+pub fn deploy_by_pipeline(
+    hub: &Hub,
+    record: DeploymentRecord,
+    grant: confide_proto::deploy::SignedGrant,
+) -> Result<(pb::ServiceStatus, pb::ServiceDeployment), Error> {
+    let (key, cert, _) =
+        confide_proto::deploy::coordinator_signer(hub.pki()).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let signed =
+        SignedDeployment::sign_under_grant(record, grant, &key, cert).map_err(|e| Error::Refused(e.to_string()))?;
+    let status = store(hub, &signed)?;
+    Ok((status, signed.to_pb()))
+}
+
+/// The service's history, newest first, and the record a pipeline's next
+/// deployment of `job_id` after `round` would carry (all but its pipeline step).
+pub fn next_record(
+    hub: &Hub,
+    service: &str,
+    job_id: &str,
+    round: u32,
+    signer: &str,
+    grant: &confide_proto::deploy::PipelineGrant,
+) -> Result<DeploymentRecord, Error> {
+    let version = hub.db().model_version(job_id, round)?.ok_or_else(|| {
+        Error::NotFound(format!("job {job_id} has no kept model version after round {round}"))
+    })?;
+    let current = history(hub.db(), service)?.into_iter().next();
+    Ok(DeploymentRecord {
+        service: service.to_owned(),
+        sequence: current.as_ref().map_or(1, |c| c.sequence + 1),
+        action: DeployAction::Deploy,
+        job_id: job_id.to_owned(),
+        round,
+        sha256: version.sha256,
+        architecture: grant.architecture.clone(),
+        rollback_to: current.map(|c| c.sequence),
+        issued_at: unix_now(),
+        admin: signer.to_owned(),
+        joint: grant.joint.clone(),
+        pipeline: None,
+    })
+}
+
+/// The record a pipeline's rollback of `service` would carry (all but its
+/// pipeline step), and the version it returns to.
+pub fn rollback_for_pipeline(hub: &Hub, service: &str, signer: &str) -> Result<DeploymentRecord, Error> {
+    let history = history(hub.db(), service)?;
+    let current = history.first().ok_or_else(|| Error::NotFound(format!("service {service} has no deployment")))?;
+    rollback_record(current, &history, signer, unix_now()).map_err(Error::Refused)
+}
+
+/// The service's current deployment record, if any.
+pub fn current_record(db: &Db, service: &str) -> Result<Option<DeploymentRecord>, Error> {
+    Ok(history(db, service)?.into_iter().next())
+}
+
+/// The record the service's current deployment replaced, if any.
+pub fn previous_record(db: &Db, service: &str) -> Result<Option<DeploymentRecord>, Error> {
+    let history = history(db, service)?;
+    let Some(prev) = history.first().and_then(|c| c.rollback_to) else { return Ok(None) };
+    Ok(history.into_iter().find(|r| r.sequence == prev))
+}
+
+fn store(hub: &Hub, signed: &SignedDeployment) -> Result<pb::ServiceStatus, Error> {
     let r = &signed.record;
     let db = hub.db();
     let version = db.model_version(&r.job_id, r.round)?.ok_or_else(|| {
@@ -117,7 +190,8 @@ pub fn deploy(hub: &Hub, msg: &pb::ServiceDeployment, caller_certificate: &[u8])
             return Err(Error::Refused(format!("service {} has nothing deployed to roll back", r.service)));
         }
         (DeployAction::Rollback, Some(c)) => {
-            let expected = rollback_record(c, &history, &r.admin, r.issued_at).map_err(Error::Refused)?;
+            let mut expected = rollback_record(c, &history, &r.admin, r.issued_at).map_err(Error::Refused)?;
+            expected.pipeline = r.pipeline.clone();
             if &expected != r {
                 return Err(Error::Refused(format!(
                     "service {}: a rollback from deployment {} returns to job {} round {} as deployment {}",
@@ -132,6 +206,7 @@ pub fn deploy(hub: &Hub, msg: &pb::ServiceDeployment, caller_certificate: &[u8])
         record: signed.bytes.clone(),
         signature: signed.signature.clone(),
         admin_certificate: signed.admin_certificate.clone(),
+        grant: signed.grant.as_ref().map(|g| prost::Message::encode_to_vec(&g.to_pb())),
         created_at: unix_now(),
     };
     db.add_deployment(&stored, &r.job_id, r.round)?;

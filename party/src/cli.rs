@@ -140,6 +140,8 @@ impl DataArgs {
                 path: p.clone(),
                 format: DataFormat::Csv,
                 csv: CsvOptions { header: self.header, label_column: self.label_column },
+                only: None,
+                all_held_out: false,
             })
             .collect()
     }

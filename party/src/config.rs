@@ -230,6 +230,14 @@ pub struct Policy {
     /// differential privacy costs ε = ∞, so it is refused whenever this is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_epsilon: Option<f64>,
+    /// Run evaluate jobs (an incremental pipeline's row counts and gate
+    /// metrics, summed through the job's aggregation protocol) although
+    /// `require_dp` or `max_epsilon` is set. They carry no differential
+    /// privacy: what they reveal (aggregate counts, losses and accuracies on
+    /// held-out and new rows) is outside the ε this party accounts. Off by
+    /// default.
+    #[serde(default)]
+    pub evaluations_outside_budget: bool,
     /// Accept party-level DP whose noise the coordinator adds (`[dp] level
     /// = "party"`, central DP-FedAvg). Off by default: it trusts the
     /// coordinator, which then sees every update before the noise.
@@ -280,6 +288,7 @@ impl Default for Policy {
             aggregation: default_aggregation(),
             require_dp: false,
             max_epsilon: None,
+            evaluations_outside_budget: false,
             accept_central_dp: false,
             min_corrupt_fraction: None,
             min_parties: default_min_parties(),
@@ -362,6 +371,29 @@ impl PartyConfig {
     /// The audit log: every input this party forwarded, and to whom.
     pub fn audit_log_path(&self) -> PathBuf {
         self.audit_log.clone().unwrap_or_else(|| self.key.with_extension("audit.jsonl"))
+    }
+
+    /// Which batches of its watched data sets each incremental pipeline has
+    /// trained on (next to the key, `NAME.pipelines.json`).
+    pub fn pipelines_path(&self) -> PathBuf {
+        self.key.with_extension("pipelines.json")
+    }
+
+    /// The hard examples met while serving, kept for labelling, beside the
+    /// audit log (`NAME.hard-examples.csv`).
+    pub fn hard_examples_path(&self) -> PathBuf {
+        self.beside_audit_log("hard-examples.csv")
+    }
+
+    /// The hospital's labels of hard examples (`sha256,label` lines), beside
+    /// the audit log (`NAME.labels.csv`).
+    pub fn labels_path(&self) -> PathBuf {
+        self.beside_audit_log("labels.csv")
+    }
+
+    fn beside_audit_log(&self, suffix: &str) -> PathBuf {
+        let stem = self.key.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "party".into());
+        self.audit_log_path().with_file_name(format!("{stem}.{suffix}"))
     }
 
     /// Where verified deployments and their models are kept.

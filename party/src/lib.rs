@@ -27,6 +27,7 @@ pub mod session;
 pub mod torch;
 pub mod trainers;
 pub mod training;
+pub mod watch;
 
 mod error;
 pub use error::Error;

@@ -59,6 +59,9 @@ pub struct PartyNode {
     ledger: Result<Arc<crate::ledger::Ledger>, String>,
     /// The services this party serves (set by [`PartyNode::start_serving`]).
     serving: std::sync::OnceLock<Arc<crate::serving::Registry>>,
+    /// Incremental pipelines' watched data sets (or why their state could
+    /// not be read: then every pipeline job is refused with that reason).
+    watches: Result<Arc<crate::watch::Watches>, String>,
 }
 
 struct Outbox {
@@ -114,6 +117,13 @@ impl PartyNode {
         let trainers =
             plugins.trainer_factory().cloned().unwrap_or_else(|| Arc::new(BuiltinTrainers::for_config(&config)));
         let ledger = crate::ledger::Ledger::open(&config.ledger_path());
+        let watches = crate::watch::Watches::open(
+            &config.pipelines_path(),
+            &config.hard_examples_path(),
+            &config.labels_path(),
+            &config.key.with_extension("pipelines"),
+        )
+        .map(Arc::new);
         PartyNode {
             config,
             plugins,
@@ -122,6 +132,7 @@ impl PartyNode {
             revocations: Arc::new(RwLock::new(Revocations::empty())),
             ledger,
             serving: std::sync::OnceLock::new(),
+            watches,
         }
     }
 
@@ -161,6 +172,9 @@ impl PartyNode {
         }
         self.load_kept_revocations().map_err(Error::Config)?;
         let registry = crate::serving::Registry::open(&self.config, self.revocations.clone()).map_err(Error::Config)?;
+        if let (Some(r), Ok(w)) = (&registry, &self.watches) {
+            r.keep_hard_examples_in(w.clone());
+        }
         Ok(registry.map(|r| self.serving.get_or_init(|| r).clone()))
     }
 
@@ -460,12 +474,28 @@ impl PartyNode {
             self.plugins.protocols(),
         )
         .map_err(|e| format!("invalid job spec: {e}"))?;
-        let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?.clone();
+        let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?;
         let identity = identity(cfg, me, &self.revocations)?;
         // The job's whole privacy cost is reserved, durably, before the data
         // is touched.
-        let ledger = self.ledger.clone()?;
-        let job_budget = ledger.reserve(&offer.job_id, &spec, &offer.dataset, cfg.policy.max_epsilon)?;
+        // (An evaluate job the policy lets run outside the budget reserves nothing.)
+        let job_budget = if spec.kind == confide_proto::jobspec::JobKind::Evaluate
+            && spec.dp.is_none()
+            && cfg.policy.evaluations_outside_budget
+        {
+            None
+        } else {
+            let ledger = self.ledger.clone()?;
+            Some(ledger.reserve(&offer.job_id, &spec, &offer.dataset, cfg.policy.max_epsilon)?)
+        };
+        // A pipeline's job narrows the watched data set to its batches (a
+        // train job marks the new ones as its iteration's), once the budget
+        // is reserved.
+        let source = match (&spec.pipeline, &self.watches) {
+            (None, _) => source.clone(),
+            (Some(_), Ok(w)) => w.select(&spec, &offer.dataset, source)?,
+            (Some(_), Err(e)) => return Err(format!("incremental pipelines: {e}")),
+        };
         let (plugins, trainers, limits) = (self.plugins.clone(), self.trainers.clone(), cfg.limits);
         let min_parties = cfg.policy.min_parties;
         let noise_rounds_ahead = cfg.training.dp_noise_rounds_ahead;
@@ -487,7 +517,7 @@ impl PartyNode {
                 identity,
                 limits: &limits,
                 min_parties,
-                budget: Some(job_budget),
+                budget: job_budget,
                 noise_rounds_ahead,
             };
             kind.handler(cx).map_err(|e| format!("data set {dataset:?}: {e}"))

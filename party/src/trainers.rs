@@ -137,8 +137,8 @@ impl BuiltinTrainers {
 
 impl TrainerFactory for BuiltinTrainers {
     fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {
-        let ds = data.load().map_err(|e| e.to_string())?;
-        let (train, held_out) = ds.split(spec.training.validation_fraction, spec.training.seed);
+        let (train, held_out) =
+            data.load_split(spec.training.validation_fraction, spec.training.seed).map_err(|e| e.to_string())?;
         self.build_from(spec, train, held_out, party).map_err(|e| format!("{}: {e}", data.path.display()))
     }
 }

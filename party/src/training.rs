@@ -47,7 +47,14 @@ impl PartyJobKind for TrainingKind {
         let client = protocol
             .client(&spec.aggregation.settings, &facts, cx.identity)
             .map_err(|e| format!("aggregation.{name}: {e}"))?;
-        let trainer = cx.trainers.build(spec, cx.dataset, cx.party)?;
+        let trainer: Box<dyn Trainer> = if crate::watch::no_rows(cx.dataset) {
+            if spec.kind != confide_proto::jobspec::JobKind::Evaluate {
+                return Err("a pipeline's training job found no batch in the watched data set".into());
+            }
+            Box::new(NoRows)
+        } else {
+            cx.trainers.build(spec, cx.dataset, cx.party)?
+        };
         let mut handler = TrainingHandler::new(trainer, client, protocol.stages());
         handler.standardize = spec.model.standardize;
         handler.hides_values = protocol.reveals() != confide_crypto::aggregation::Reveals::Updates;
@@ -122,6 +129,31 @@ pub struct TrainingHandler {
     /// Under DP, the `input.mean` and `input.std` every global model must
     /// carry (derived from the spec).
     pub dp_inputs: Option<[Vec<f32>; 2]>,
+}
+
+/// A pipeline's evaluation on new rows that found none: it answers with
+/// zero examples, so the sum counts none from this party.
+struct NoRows;
+
+impl Trainer for NoRows {
+    fn parameters(&self) -> Result<confide_algorithms::Parameters, confide_algorithms::Error> {
+        Err(confide_algorithms::Error::InvalidInput("no rows to train on".into()))
+    }
+    fn set_parameters(&mut self, _: &confide_algorithms::Parameters) -> Result<(), confide_algorithms::Error> {
+        Ok(())
+    }
+    fn feature_stats(&self) -> confide_algorithms::FeatureStats {
+        confide_algorithms::FeatureStats::default()
+    }
+    fn fit(&mut self, _: &FitConfig) -> Result<confide_algorithms::FitOutcome, confide_algorithms::Error> {
+        Err(confide_algorithms::Error::InvalidInput("no rows to train on".into()))
+    }
+    fn evaluate(&mut self) -> Result<confide_algorithms::EvalOutcome, confide_algorithms::Error> {
+        Ok(confide_algorithms::EvalOutcome { num_examples: 0, loss: 0.0, metrics: Default::default() })
+    }
+    fn predict(&self, _: &[f32]) -> Result<Vec<f32>, confide_algorithms::Error> {
+        Err(confide_algorithms::Error::InvalidInput("no model rows".into()))
+    }
 }
 
 fn err(e: impl std::fmt::Display) -> String {

@@ -24,6 +24,9 @@ use crate::{Error, pb};
 /// Domain separation of deployment signatures.
 pub const SIGNATURE_DOMAIN: &[u8] = b"confide-deployment-v1\0";
 
+/// Domain separation of pipeline grants.
+pub const GRANT_DOMAIN: &[u8] = b"confide-pipeline-grant-v1\0";
+
 /// Largest encoded record accepted (the architecture is a small table).
 pub const MAX_RECORD_BYTES: usize = 16 << 10;
 
@@ -103,6 +106,172 @@ pub struct DeploymentRecord {
     /// The cloud tier, for joint inference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joint: Option<JointConfig>,
+    /// Set when an incremental pipeline made this deployment (signed by the
+    /// coordinator under the administrator's [`PipelineGrant`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineStep>,
+}
+
+/// What an automatic deployment says about the pipeline step that made it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineStep {
+    /// The pipeline's job id.
+    pub job: String,
+    /// SHA-256 of the pipeline's spec as submitted (what the grant names).
+    pub spec_sha256: String,
+    /// The iteration.
+    pub iteration: u32,
+    /// Why: the gate's or the post-deployment check's figures.
+    pub reason: String,
+}
+
+/// An administrator's permission, signed when the pipeline is submitted,
+/// for the coordinator to deploy and roll back versions of one service on
+/// the pipeline's behalf: only of `architecture`, with exactly `joint`,
+/// for the pipeline whose spec hashes to `spec_sha256`, until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineGrant {
+    /// The service.
+    pub service: String,
+    /// SHA-256 of the pipeline's spec TOML, lowercase hex.
+    pub spec_sha256: String,
+    /// The `[model]` table every deployed version must have (TOML).
+    pub architecture: String,
+    /// The cloud tier every deployment keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joint: Option<JointConfig>,
+    /// When the administrator signed it (Unix seconds).
+    pub issued_at: u64,
+    /// No deployment under the grant is accepted after this (Unix seconds).
+    pub expires_at: u64,
+    /// The signing administrator.
+    pub admin: String,
+}
+
+/// A grant with its signature.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignedGrant {
+    /// The parsed grant.
+    pub grant: PipelineGrant,
+    /// The architecture it names, parsed.
+    pub model: ModelConfig,
+    /// The grant's bytes exactly as signed.
+    pub bytes: Vec<u8>,
+    /// The administrator's signature.
+    pub signature: Vec<u8>,
+    /// The administrator's certificate, DER.
+    pub admin_certificate: Vec<u8>,
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl PipelineGrant {
+    /// Checks every field; errors name the field.
+    pub fn validate(&self) -> Result<ModelConfig, String> {
+        validate_service_name(&self.service).map_err(|e| format!("service: {e}"))?;
+        if !is_sha256_hex(&self.spec_sha256) {
+            return Err(format!("spec_sha256: {:?} is not 64 lowercase hex digits", self.spec_sha256));
+        }
+        if self.expires_at <= self.issued_at {
+            return Err("expires_at: must be after issued_at".into());
+        }
+        if let Some(j) = &self.joint {
+            j.validate()?;
+        }
+        toml::from_str(&self.architecture).map_err(|e| format!("architecture: {}", e.to_string().trim()))
+    }
+}
+
+impl SignedGrant {
+    /// Signs `grant` with an administrator's key.
+    pub fn sign(grant: PipelineGrant, key: &impl IdentitySigner, admin_certificate: Vec<u8>) -> Result<Self, Error> {
+        let model = grant.validate().map_err(|e| Error::InvalidInput(format!("pipeline grant: {e}")))?;
+        let bytes = serde_json::to_vec(&grant).map_err(|e| Error::InvalidInput(format!("pipeline grant: {e}")))?;
+        let signature = key
+            .sign(&[GRANT_DOMAIN, &bytes].concat())
+            .map_err(|e| Error::InvalidInput(format!("signing the pipeline grant: {e}")))?;
+        Ok(SignedGrant { grant, model, bytes, signature, admin_certificate })
+    }
+
+    /// Verifies a grant from the wire against the federation CA.
+    pub fn verify(msg: &pb::SignedGrant, ca_pem: &[u8], revocations: &Revocations) -> Result<Self, Error> {
+        if msg.grant.len() > MAX_RECORD_BYTES {
+            return Err(Error::InvalidInput(format!(
+                "pipeline grant of {} bytes (at most {MAX_RECORD_BYTES})",
+                msg.grant.len()
+            )));
+        }
+        let admin = verify_statement(
+            ca_pem,
+            revocations,
+            Role::Admin,
+            &msg.admin_certificate,
+            &[GRANT_DOMAIN, &msg.grant].concat(),
+            &msg.signature,
+        )
+        .map_err(|e| Error::InvalidInput(format!("pipeline grant signature: {e}")))?;
+        let grant: PipelineGrant =
+            serde_json::from_slice(&msg.grant).map_err(|e| Error::InvalidInput(format!("pipeline grant: {e}")))?;
+        let model = grant.validate().map_err(|e| Error::InvalidInput(format!("pipeline grant: {e}")))?;
+        if grant.admin != admin.name {
+            return Err(Error::InvalidInput(format!(
+                "pipeline grant: admin {:?} but signed by {:?}",
+                grant.admin, admin.name
+            )));
+        }
+        Ok(SignedGrant {
+            grant,
+            model,
+            bytes: msg.grant.clone(),
+            signature: msg.signature.clone(),
+            admin_certificate: msg.admin_certificate.clone(),
+        })
+    }
+
+    /// The wire form.
+    pub fn to_pb(&self) -> pb::SignedGrant {
+        pb::SignedGrant {
+            grant: self.bytes.clone(),
+            signature: self.signature.clone(),
+            admin_certificate: self.admin_certificate.clone(),
+        }
+    }
+
+    /// Whether `record`, signed by the coordinator, is one this grant
+    /// allows: same service, architecture and cloud tier, made by the
+    /// granted pipeline within the grant's validity.
+    pub fn allows(&self, record: &DeploymentRecord, model: &ModelConfig) -> Result<(), String> {
+        let g = &self.grant;
+        let step = record.pipeline.as_ref().ok_or("the record names no pipeline step")?;
+        if record.service != g.service {
+            return Err(format!("the grant is for service {}, not {}", g.service, record.service));
+        }
+        if step.spec_sha256 != g.spec_sha256 {
+            return Err("the record's pipeline is not the one the grant names".into());
+        }
+        if model != &self.model {
+            return Err("the record's architecture is not the granted one".into());
+        }
+        if record.joint != g.joint {
+            return Err("the record's cloud tier is not the granted one".into());
+        }
+        if record.issued_at < g.issued_at || record.issued_at > g.expires_at {
+            return Err(format!(
+                "issued at {} outside the grant's validity ({}..={})",
+                record.issued_at, g.issued_at, g.expires_at
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// SHA-256 of a pipeline's spec text, lowercase hex (what its grant names).
+pub fn spec_sha256(spec_toml: &str) -> String {
+    model_sha256(spec_toml.as_bytes())
 }
 
 /// A model version's digest: SHA-256 of its safetensors bytes, lowercase
@@ -166,8 +335,10 @@ pub struct SignedDeployment {
     pub bytes: Vec<u8>,
     /// The administrator's signature.
     pub signature: Vec<u8>,
-    /// The administrator's certificate, DER.
+    /// The administrator's certificate, DER (the coordinator's under a grant).
     pub admin_certificate: Vec<u8>,
+    /// The grant an automatic deployment is made under.
+    pub grant: Option<SignedGrant>,
 }
 
 fn transcript(bytes: &[u8]) -> Vec<u8> {
@@ -186,7 +357,26 @@ impl SignedDeployment {
         let bytes = serde_json::to_vec(&record).map_err(|e| Error::InvalidInput(format!("deployment record: {e}")))?;
         let signature =
             key.sign(&transcript(&bytes)).map_err(|e| Error::InvalidInput(format!("signing the deployment: {e}")))?;
-        Ok(SignedDeployment { record, model, bytes, signature, admin_certificate })
+        if record.pipeline.is_some() {
+            return Err(Error::InvalidInput("a pipeline's deployment is signed under its grant".into()));
+        }
+        Ok(SignedDeployment { record, model, bytes, signature, admin_certificate, grant: None })
+    }
+
+    /// Signs a pipeline's deployment with the coordinator's key under
+    /// `grant`; `certificate` is the coordinator's (DER).
+    pub fn sign_under_grant(
+        record: DeploymentRecord,
+        grant: SignedGrant,
+        key: &impl IdentitySigner,
+        certificate: Vec<u8>,
+    ) -> Result<SignedDeployment, Error> {
+        let model = record.validate().map_err(Error::InvalidInput)?;
+        grant.allows(&record, &model).map_err(|e| Error::InvalidInput(format!("pipeline grant: {e}")))?;
+        let bytes = serde_json::to_vec(&record).map_err(|e| Error::InvalidInput(format!("deployment record: {e}")))?;
+        let signature =
+            key.sign(&transcript(&bytes)).map_err(|e| Error::InvalidInput(format!("signing the deployment: {e}")))?;
+        Ok(SignedDeployment { record, model, bytes, signature, admin_certificate: certificate, grant: Some(grant) })
     }
 
     /// Verifies a deployment from the wire: an admin certificate of the
@@ -203,10 +393,14 @@ impl SignedDeployment {
                 msg.record.len()
             )));
         }
+        // An administrator signs a deployment; the coordinator signs one only
+        // under a grant an administrator signed.
+        let grant = msg.grant.as_ref().map(|g| SignedGrant::verify(g, ca_pem, revocations)).transpose()?;
+        let signer_role = if grant.is_some() { Role::Coordinator } else { Role::Admin };
         let admin = verify_statement(
             ca_pem,
             revocations,
-            Role::Admin,
+            signer_role,
             &msg.admin_certificate,
             &transcript(&msg.record),
             &msg.signature,
@@ -215,6 +409,13 @@ impl SignedDeployment {
         let record: DeploymentRecord =
             serde_json::from_slice(&msg.record).map_err(|e| Error::InvalidInput(format!("deployment record: {e}")))?;
         let model = record.validate().map_err(|e| Error::InvalidInput(format!("deployment record: {e}")))?;
+        match (&grant, &record.pipeline) {
+            (Some(g), _) => g.allows(&record, &model).map_err(|e| Error::InvalidInput(format!("pipeline grant: {e}")))?,
+            (None, Some(_)) => {
+                return Err(Error::InvalidInput("deployment record: a pipeline's deployment without its grant".into()));
+            }
+            (None, None) => {}
+        }
         if record.admin != admin.name {
             return Err(Error::InvalidInput(format!(
                 "deployment record: admin {:?} but signed by {:?}",
@@ -227,6 +428,7 @@ impl SignedDeployment {
             bytes: msg.record.clone(),
             signature: msg.signature.clone(),
             admin_certificate: msg.admin_certificate.clone(),
+            grant,
         })
     }
 
@@ -236,6 +438,7 @@ impl SignedDeployment {
             record: self.bytes.clone(),
             signature: self.signature.clone(),
             admin_certificate: self.admin_certificate.clone(),
+            grant: self.grant.as_ref().map(SignedGrant::to_pb),
         }
     }
 }
@@ -246,13 +449,28 @@ impl SignedDeployment {
 pub fn admin_signer(
     pki: &confide_crypto::pki::PkiDir,
 ) -> Result<(confide_crypto::identity::IdentityKey, Vec<u8>, String), Error> {
-    let key_pem = confide_crypto::pki::read_private_key(&pki.admin_key())
-        .map_err(|e| Error::InvalidInput(format!("{}: {e}", pki.admin_key().display())))?;
+    signer(&pki.admin_key(), &pki.admin_cert())
+}
+
+/// The coordinator's signing key, certificate (DER) and name: it signs a
+/// pipeline's deployments under the administrator's grant.
+pub fn coordinator_signer(
+    pki: &confide_crypto::pki::PkiDir,
+) -> Result<(confide_crypto::identity::IdentityKey, Vec<u8>, String), Error> {
+    signer(&pki.coordinator_key(), &pki.coordinator_cert())
+}
+
+fn signer(
+    key_path: &std::path::Path,
+    cert_path: &std::path::Path,
+) -> Result<(confide_crypto::identity::IdentityKey, Vec<u8>, String), Error> {
+    let key_pem = confide_crypto::pki::read_private_key(key_path)
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", key_path.display())))?;
     let key = confide_crypto::identity::IdentityKey::from_pem(&key_pem)
-        .map_err(|e| Error::InvalidInput(format!("{}: {e}", pki.admin_key().display())))?;
-    let der = crate::net::load_certs(&pki.admin_cert())?.swap_remove(0).to_vec();
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", key_path.display())))?;
+    let der = crate::net::load_certs(cert_path)?.swap_remove(0).to_vec();
     let name = confide_crypto::pki::peer_identity(&der)
-        .map_err(|e| Error::InvalidInput(format!("{}: {e}", pki.admin_cert().display())))?
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", cert_path.display())))?
         .name;
     Ok((key, der, name))
 }
@@ -284,6 +502,7 @@ pub fn rollback_record(
         issued_at: now,
         admin: admin.to_owned(),
         joint: target.joint.clone(),
+        pipeline: None,
     })
 }
 
@@ -306,6 +525,7 @@ mod tests {
             issued_at: 1,
             admin: confide_crypto::pki::ADMIN_NAME.into(),
             joint: None,
+            pipeline: None,
         }
     }
 
@@ -339,6 +559,100 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("signed by \"confide-admin\""), "{e}");
+    }
+
+    fn grant(service: &str, spec: &str) -> PipelineGrant {
+        PipelineGrant {
+            service: service.into(),
+            spec_sha256: spec_sha256(spec),
+            architecture: "kind = \"logistic_regression\"\nclasses = 2\n".into(),
+            joint: None,
+            issued_at: 1,
+            expires_at: 1000,
+            admin: confide_crypto::pki::ADMIN_NAME.into(),
+        }
+    }
+
+    fn pipeline_record(seq: u64, spec: &str) -> DeploymentRecord {
+        let mut r = record(seq, 2, seq.checked_sub(1).filter(|&s| s > 0));
+        r.admin = "confide-coordinator".into();
+        r.issued_at = 10;
+        r.pipeline = Some(PipelineStep { job: "p1".into(), spec_sha256: spec_sha256(spec), iteration: 1, reason: "gate".into() });
+        r
+    }
+
+    /// The coordinator deploys for a pipeline only within the
+    /// administrator's grant: what it signs alone, or outside the grant
+    /// (another service, pipeline, architecture, cloud tier or time), or
+    /// under a grant a party signed, is refused.
+    #[test]
+    fn a_pipeline_deploys_only_within_the_administrators_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("t", &["a".into()], &["localhost".into()]).unwrap();
+        let ca = std::fs::read(pki.ca_cert()).unwrap();
+        let none = Revocations::empty();
+        let (admin_key, admin_cert, _) = admin_signer(&pki).unwrap();
+        let (coord_key, coord_cert, coord_name) = coordinator_signer(&pki).unwrap();
+        let signed_grant = |g: PipelineGrant| SignedGrant::sign(g, &admin_key, admin_cert.clone()).unwrap();
+        let ok = SignedDeployment::sign_under_grant(
+            pipeline_record(2, "spec"),
+            signed_grant(grant("triage", "spec")),
+            &coord_key,
+            coord_cert.clone(),
+        )
+        .unwrap();
+        assert_eq!(coord_name, "confide-coordinator");
+        let back = SignedDeployment::verify(&ok.to_pb(), &ca, &none).unwrap();
+        assert_eq!(back.grant.unwrap().grant.service, "triage");
+        // Without the grant, the coordinator's signature is not an admin's.
+        let mut bare = ok.to_pb();
+        bare.grant = None;
+        let e = SignedDeployment::verify(&bare, &ca, &none).unwrap_err().to_string();
+        assert!(e.contains("deployment signature"), "{e}");
+        // The coordinator cannot sign a pipeline record as an administrator would.
+        assert!(SignedDeployment::sign(pipeline_record(2, "spec"), &coord_key, coord_cert.clone()).is_err());
+        // Outside the grant: each is refused by the party's verification.
+        let forge = |r: DeploymentRecord, g: PipelineGrant| {
+            let bytes = serde_json::to_vec(&r).unwrap();
+            let signature = coord_key.sign(&transcript(&bytes)).unwrap();
+            let msg = pb::ServiceDeployment {
+                record: bytes,
+                signature,
+                admin_certificate: coord_cert.clone(),
+                grant: Some(signed_grant(g).to_pb()),
+            };
+            SignedDeployment::verify(&msg, &ca, &none).unwrap_err().to_string()
+        };
+        let e = forge(pipeline_record(2, "spec"), grant("billing", "spec"));
+        assert!(e.contains("for service billing"), "{e}");
+        let e = forge(pipeline_record(2, "other spec"), grant("triage", "spec"));
+        assert!(e.contains("not the one the grant names"), "{e}");
+        let mut mlp = pipeline_record(2, "spec");
+        mlp.architecture = "kind = \"mlp\"\nclasses = 2\nhidden = [4]\n".into();
+        let e = forge(mlp, grant("triage", "spec"));
+        assert!(e.contains("architecture"), "{e}");
+        let mut late = pipeline_record(2, "spec");
+        late.issued_at = 5000;
+        let e = forge(late, grant("triage", "spec"));
+        assert!(e.contains("outside the grant's validity"), "{e}");
+        let mut cloud = pipeline_record(2, "spec");
+        cloud.joint = Some(JointConfig {
+            cloud: "a".into(),
+            cloud_service: "big".into(),
+            hard_examples: HardExampleRule::Confidence { threshold: 0.9 },
+            timeout_ms: 100,
+        });
+        let e = forge(cloud, grant("triage", "spec"));
+        assert!(e.contains("cloud tier"), "{e}");
+        // A grant signed by a party is no grant.
+        let party_key = IdentityKey::from_pem(&std::fs::read(pki.party_key("a")).unwrap()).unwrap();
+        let party_cert = crate::net::load_certs(&pki.party_cert("a")).unwrap()[0].to_vec();
+        let fake = SignedGrant::sign(grant("triage", "spec"), &party_key, party_cert).unwrap();
+        let mut msg = ok.to_pb();
+        msg.grant = Some(fake.to_pb());
+        let e = SignedDeployment::verify(&msg, &ca, &none).unwrap_err().to_string();
+        assert!(e.contains("pipeline grant signature"), "{e}");
     }
 
     #[test]

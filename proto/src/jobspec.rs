@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Limits;
 use crate::dpspec::{DpSpec, RawDp};
+use crate::pipeline::{IncrementalSpec, PipelineRef};
 
 /// What a job does. The built-in kinds are variants; a kind registered by a
 /// coordinator and party build of your own is [`JobKind::Extension`].
@@ -26,6 +27,8 @@ pub enum JobKind {
     Train,
     /// One federated evaluation of an earlier job's model (`from_job`).
     Evaluate,
+    /// An incremental learning pipeline (see [`crate::pipeline`]).
+    Incremental,
     /// A kind registered by name (see `docs/architecture.md`).
     Extension(String),
 }
@@ -36,6 +39,7 @@ impl JobKind {
         match self {
             JobKind::Train => "train",
             JobKind::Evaluate => "evaluate",
+            JobKind::Incremental => "incremental",
             JobKind::Extension(name) => name,
         }
     }
@@ -45,6 +49,7 @@ impl JobKind {
         match name {
             "train" => JobKind::Train,
             "evaluate" => JobKind::Evaluate,
+            "incremental" => JobKind::Incremental,
             other => JobKind::Extension(other.to_owned()),
         }
     }
@@ -470,6 +475,12 @@ pub struct RawJobSpec {
     /// Settings of an extension job kind.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub extension: toml::Table,
+    /// An incremental pipeline's settings (`kind = "incremental"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental: Option<IncrementalSpec>,
+    /// The pipeline that started this train or evaluate job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineRef>,
     /// Deadlines.
     #[serde(default)]
     pub timeouts: Timeouts,
@@ -502,6 +513,10 @@ pub struct JobSpec {
     pub dp: Option<DpSpec>,
     /// Settings of an extension job kind (its `[extension]` table).
     pub extension: toml::Table,
+    /// An incremental pipeline's settings (`kind = "incremental"`).
+    pub incremental: Option<IncrementalSpec>,
+    /// The pipeline that started this train or evaluate job.
+    pub pipeline: Option<PipelineRef>,
     /// Deadlines.
     pub timeouts: Timeouts,
     /// Deprecations found while parsing (not part of the spec's meaning).
@@ -601,6 +616,8 @@ impl JobSpec {
             privacy: None,
             dp: self.dp.as_ref().map(DpSpec::to_raw),
             extension: self.extension.clone(),
+            incremental: self.incremental.clone(),
+            pipeline: self.pipeline.clone(),
             timeouts: self.timeouts.clone(),
         }
     }
@@ -810,7 +827,7 @@ impl RawJobSpec {
         }
         let mut dp = None;
         if let Some(raw) = &self.dp {
-            if kind != JobKind::Train {
+            if kind != JobKind::Train && kind != JobKind::Incremental {
                 err("dp", format!("applies to train jobs (kind is {:?})", kind.as_str()));
             }
             if matches!(
@@ -921,6 +938,27 @@ impl RawJobSpec {
                 }
             }
         }
+        match (&kind, &self.incremental) {
+            (JobKind::Incremental, None) => err("incremental", "an incremental job needs its [incremental] table".into()),
+            (JobKind::Incremental, Some(i)) => {
+                for (f, m) in i.validate() {
+                    err(&f, m);
+                }
+                if self.from_job.is_some() {
+                    err("from_job", "an incremental pipeline starts from its service's deployed version".into());
+                }
+            }
+            (_, Some(_)) => err("incremental", format!("only applies to incremental jobs (kind is {:?})", kind.as_str())),
+            (_, None) => {}
+        }
+        if let Some(p) = &self.pipeline {
+            if !matches!(kind, JobKind::Train | JobKind::Evaluate) {
+                err("pipeline", format!("marks a pipeline's train and evaluate jobs (kind is {:?})", kind.as_str()));
+            }
+            for (f, m) in p.validate() {
+                err(&f, m);
+            }
+        }
         if !matches!(kind, JobKind::Extension(_)) && !self.extension.is_empty() {
             err("extension", format!("only applies to extension job kinds (kind is {:?})", kind.as_str()));
         }
@@ -948,6 +986,8 @@ impl RawJobSpec {
             aggregation,
             dp,
             extension: self.extension,
+            incremental: self.incremental,
+            pipeline: self.pipeline,
             timeouts: self.timeouts,
             warnings,
         })

@@ -14,6 +14,7 @@ pub mod dpspec;
 pub mod jobspec;
 pub mod messages;
 pub mod net;
+pub mod pipeline;
 pub mod status;
 pub mod transfer;
 

@@ -190,6 +190,100 @@ pub struct JobStatus {
     pub created_at: u64,
     /// Unix seconds.
     pub updated_at: u64,
+    /// An incremental pipeline's iterations, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub iterations: Vec<PipelineIteration>,
+    /// What an incremental pipeline is doing now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_phase: Option<String>,
+}
+
+/// One iteration of an incremental pipeline, as `confide job status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PipelineIteration {
+    /// From 1.
+    pub iteration: u32,
+    /// Why it started (new rows, period).
+    pub trigger: String,
+    /// New labelled rows across the parties when it started.
+    pub new_rows: u64,
+    /// The post-deployment check of the previous deployment on the new
+    /// rows, and any rollback it led to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub check: String,
+    /// The candidate's training job.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub candidate_job: String,
+    /// The round the candidate is the model after.
+    pub candidate_round: u32,
+    /// The gate metric of the candidate on the held-out rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_metric: Option<f64>,
+    /// The gate metric of the deployed version on the held-out rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed_metric: Option<f64>,
+    /// The gate's verdict.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gate: String,
+    /// The deployment made (its sequence), if the gate passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed_sequence: Option<u64>,
+    /// `running`, `deployed`, `kept`, `failed` or `paused`.
+    pub outcome: String,
+    /// Unix seconds.
+    pub started_at: u64,
+    /// Unix seconds (0 while running).
+    pub finished_at: u64,
+    /// Milliseconds from the trigger to the stored deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger_to_deploy_ms: Option<u64>,
+    /// Of which the parties' training and evaluation took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_ms: Option<u64>,
+}
+
+impl From<PipelineIteration> for pb::PipelineIteration {
+    fn from(i: PipelineIteration) -> Self {
+        pb::PipelineIteration {
+            iteration: i.iteration,
+            trigger: i.trigger,
+            new_rows: i.new_rows,
+            check: i.check,
+            candidate_job: i.candidate_job,
+            candidate_round: i.candidate_round,
+            candidate_metric: i.candidate_metric,
+            deployed_metric: i.deployed_metric,
+            gate: i.gate,
+            deployed_sequence: i.deployed_sequence,
+            outcome: i.outcome,
+            started_at: i.started_at,
+            finished_at: i.finished_at,
+            trigger_to_deploy_ms: i.trigger_to_deploy_ms,
+            compute_ms: i.compute_ms,
+        }
+    }
+}
+
+impl From<pb::PipelineIteration> for PipelineIteration {
+    fn from(i: pb::PipelineIteration) -> Self {
+        PipelineIteration {
+            iteration: i.iteration,
+            trigger: i.trigger,
+            new_rows: i.new_rows,
+            check: i.check,
+            candidate_job: i.candidate_job,
+            candidate_round: i.candidate_round,
+            candidate_metric: i.candidate_metric,
+            deployed_metric: i.deployed_metric,
+            gate: i.gate,
+            deployed_sequence: i.deployed_sequence,
+            outcome: i.outcome,
+            started_at: i.started_at,
+            finished_at: i.finished_at,
+            trigger_to_deploy_ms: i.trigger_to_deploy_ms,
+            compute_ms: i.compute_ms,
+        }
+    }
 }
 
 // ------------------------------------------------------------- wire form
@@ -308,6 +402,8 @@ impl From<JobStatus> for pb::JobStatus {
             model: s.model.map(|m| pb::ModelInfo { round: m.round, path: m.path }),
             created_at: s.created_at,
             updated_at: s.updated_at,
+            iterations: s.iterations.into_iter().map(pb::PipelineIteration::from).collect(),
+            pipeline_phase: s.pipeline_phase.unwrap_or_default(),
         }
     }
 }
@@ -345,6 +441,8 @@ impl TryFrom<pb::JobStatus> for JobStatus {
             model: s.model.map(|m| ModelInfo { round: m.round, path: m.path }),
             created_at: s.created_at,
             updated_at: s.updated_at,
+            iterations: s.iterations.into_iter().map(PipelineIteration::from).collect(),
+            pipeline_phase: Some(s.pipeline_phase).filter(|p| !p.is_empty()),
         })
     }
 }
@@ -387,6 +485,16 @@ mod tests {
             model: Some(ModelInfo { round: 1, path: "/m".into() }),
             created_at: 1,
             updated_at: 2,
+            iterations: vec![PipelineIteration {
+                iteration: 1,
+                trigger: "120 new rows".into(),
+                new_rows: 120,
+                candidate_metric: Some(0.9),
+                outcome: "deployed".into(),
+                deployed_sequence: Some(2),
+                ..PipelineIteration::default()
+            }],
+            pipeline_phase: Some("waiting".into()),
         };
         let back = JobStatus::try_from(pb::JobStatus::from(st.clone())).unwrap();
         assert_eq!(back, st);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
+use confide_algorithms::data::DatasetSource;
 use confide_algorithms::trainer::apply_feature_stats;
 use confide_algorithms::{FeatureStats, FitConfig, Parameters, TrainConfig, Trainer};
 use serde_json::Value;
@@ -84,11 +84,7 @@ impl Federation {
 
     /// Party `name`'s data file, as `confide data split` wrote it.
     pub fn party_data(&self, name: &str) -> DatasetSource {
-        DatasetSource {
-            path: self.path(&format!("data/{name}.csv")),
-            format: DataFormat::Csv,
-            csv: CsvOptions::default(),
-        }
+        DatasetSource::csv(self.path(&format!("data/{name}.csv")))
     }
 
     /// One trainer per party over its data file, built by `build(data, party)`

@@ -328,7 +328,7 @@ impl InProcess {
     }
 
     async fn submit(&mut self, spec: &str) -> Result<String, tonic::Status> {
-        let req = pb::SubmitJobRequest { spec_toml: spec.into(), file_name: "job.toml".into() };
+        let req = pb::SubmitJobRequest { spec_toml: spec.into(), file_name: "job.toml".into(), grant: None };
         Ok(self.admin.submit_job(req).await?.into_inner().job_id)
     }
 

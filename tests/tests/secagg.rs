@@ -1,7 +1,7 @@
 //! Secure aggregation end to end: ten real party processes, two of which
 //! crash during the masked-input stage.
 
-use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
+use confide_algorithms::data::DatasetSource;
 use confide_algorithms::trainer::apply_feature_stats;
 use confide_algorithms::{FeatureStats, Parameters, Trainer};
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
@@ -47,11 +47,7 @@ fn secure_aggregation_recovers_the_survivors_sum_when_two_parties_crash_mid_stag
     // Independently: setup over all ten, then FedAvg over the eight survivors.
     let spec = JobSpec::parse(&text, "secagg.toml", &Limits::default()).expect("spec");
     let build = |n: &str| {
-        let src = DatasetSource {
-            path: fed.path(&format!("data/{n}.csv")),
-            format: DataFormat::Csv,
-            csv: CsvOptions::default(),
-        };
+        let src = DatasetSource::csv(fed.path(&format!("data/{n}.csv")));
         BuiltinTrainers::default().build(&spec, &src, n).expect("trainer")
     };
     let mut stats = FeatureStats::default();

@@ -6,36 +6,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use confide_bench::loadgen::request_once;
 use confide_tests::{Federation, bin_dir, job_spec, repo_root};
 use serde_json::Value;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
-}
-
-fn get(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let (status, text) = rt().block_on(request_once(addr, method, path, body)).expect("http");
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
-/// Polls `/healthz` until `service` answers with deployment `sequence`.
-fn wait_for_sequence(fed: &Federation, addr: SocketAddr, service: &str, sequence: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, v) = get(addr, "GET", "/healthz", "");
-        assert_eq!(status, 200, "{v}");
-        if v["services"][service]["version"]["sequence"] == sequence {
-            return v["services"][service].clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "service {service} never reached deployment {sequence}: {v}\n{}",
-            fed.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+mod http;
+use http::{get, wait_for_sequence};
 
 #[test]
 fn deployed_versions_are_served_swapped_under_load_rolled_back_and_bad_input_is_named() {

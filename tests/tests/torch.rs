@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use confide_algorithms::Parameters;
-use confide_algorithms::data::{CsvOptions, DataFormat, DatasetSource};
+use confide_algorithms::data::DatasetSource;
 use confide_party::local;
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
 use confide_proto::Limits;
@@ -19,7 +19,7 @@ fn three() -> Vec<&'static str> {
 }
 
 fn csv(path: PathBuf) -> DatasetSource {
-    DatasetSource { path, format: DataFormat::Csv, csv: CsvOptions::default() }
+    DatasetSource::csv(path)
 }
 
 /// The held-out test rows `confide data split` wrote, which no party trained on.

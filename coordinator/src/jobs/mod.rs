@@ -1,8 +1,9 @@
 //! Job kinds: what the coordinator does with a job of each kind. A kind is a
 //! [`JobKind`] registered by name with [`crate::plugins::Plugins`]; it
 //! checks its specs at submission and builds one [`JobMachine`] per job,
-//! which the session drives. The built-in kinds are `train` and `evaluate`;
-//! `docs/architecture.md` shows how to add one.
+//! which the session drives, or runs as a pipeline that starts jobs of
+//! other kinds ([`Driver`]). The built-in kinds are `train`, `evaluate` and
+//! `incremental`; `docs/architecture.md` shows how to add one.
 
 use std::sync::Arc;
 
@@ -43,6 +44,46 @@ pub trait JobKind: Send + Sync + 'static {
 
     /// The state machine of one job.
     fn machine(&self, setup: &Setup<'_>) -> Result<Box<dyn JobMachine>, String>;
+
+    /// How the coordinator runs jobs of this kind.
+    fn driver(&self) -> Driver {
+        Driver::Session
+    }
+}
+
+/// How a job kind runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Driver {
+    /// One session with the parties, driving the kind's [`JobMachine`].
+    Session,
+    /// An incremental pipeline (`crate::pipeline`): it talks to the parties
+    /// only through the train and evaluate jobs it starts.
+    Pipeline,
+}
+
+/// `incremental`: a pipeline that retrains a service's deployed model as
+/// new data arrives, gates and deploys (see `docs/incremental.md`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IncrementalKind;
+
+impl JobKind for IncrementalKind {
+    fn name(&self) -> &'static str {
+        "incremental"
+    }
+
+    fn check(&self, spec: &JobSpec, plugins: &Plugins) -> Result<(), String> {
+        // Its iterations are train jobs of the same spec.
+        plugins.check_strategy(spec)
+    }
+
+    fn machine(&self, _: &Setup<'_>) -> Result<Box<dyn JobMachine>, String> {
+        Err("an incremental pipeline runs no session of its own".into())
+    }
+
+    fn driver(&self) -> Driver {
+        Driver::Pipeline
+    }
 }
 
 /// `train`: federated training for `rounds` rounds.

@@ -142,6 +142,8 @@ pub struct Registry {
     /// The current coordinator stream, for forwarded requests.
     uplink: Mutex<Option<tokio::sync::mpsc::Sender<pb::PartyMessage>>>,
     joint: joint::Joint,
+    /// Where hard examples are kept for labelling (incremental pipelines).
+    hard_examples: std::sync::OnceLock<Arc<crate::watch::Watches>>,
 }
 
 /// Where a row's answer came from.
@@ -190,6 +192,10 @@ struct StoredDeployment {
     signature: String,
     /// Hex, DER.
     admin_certificate: String,
+    /// A pipeline's deployment: the administrator's grant, hex of the
+    /// encoded `SignedGrant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    grant: Option<String>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -249,6 +255,7 @@ impl Registry {
             me: RwLock::new(String::new()),
             uplink: Mutex::new(None),
             joint,
+            hard_examples: std::sync::OnceLock::new(),
             ca_pem,
             revocations,
             builder: BuiltinTrainers::for_config(config),
@@ -301,6 +308,14 @@ impl Registry {
             signature: unhex(&kept.signature).map_err(|e| format!("{}: signature: {e}", path.display()))?,
             admin_certificate: unhex(&kept.admin_certificate)
                 .map_err(|e| format!("{}: admin_certificate: {e}", path.display()))?,
+            grant: kept
+                .grant
+                .map(|g| {
+                    let bytes = unhex(&g)?;
+                    <pb::SignedGrant as prost::Message>::decode(bytes.as_slice()).map_err(|e| e.to_string())
+                })
+                .transpose()
+                .map_err(|e| format!("{}: grant: {e}", path.display()))?,
         };
         let d = self.verify(&msg).map_err(|e| format!("{}: {e}", path.display()))?;
         if d.record.service != service {
@@ -318,6 +333,12 @@ impl Registry {
         SignedDeployment::verify(msg, &self.ca_pem, &list).map_err(|e| e.to_string())
     }
 
+    /// Keeps the hard examples of services with a cloud tier in `watches`
+    /// for the hospital to label (see [`crate::watch`]).
+    pub fn keep_hard_examples_in(&self, watches: Arc<crate::watch::Watches>) {
+        let _ = self.hard_examples.set(watches);
+    }
+
     /// A deployment from the coordinator: verified, and if it is for a
     /// service served here and newer than the one served, the pull to send.
     /// An error is a coordinator fault (forged, replayed or conflicting).
@@ -325,6 +346,19 @@ impl Registry {
         let d = self.verify(msg).map_err(|e| format!("the coordinator relayed a deployment that fails: {e}"))?;
         let r = &d.record;
         let Some(svc) = self.services.get(&r.service) else { return Ok(None) };
+        // A pipeline's grant ends: a new deployment under it is refused
+        // after its expiry by this party's clock, whatever the record says.
+        if let Some(g) = &d.grant {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if now > g.grant.expires_at {
+                return Err(format!(
+                    "the coordinator sent a pipeline's deployment {} of service {} under a grant that expired at {}",
+                    r.sequence, r.service, g.grant.expires_at
+                ));
+            }
+        }
         let held = svc.current();
         let held_seq = held.as_ref().map_or(0, |h| h.deployment.record.sequence);
         if r.sequence < held_seq {
@@ -440,6 +474,7 @@ impl Registry {
             record: String::from_utf8(d.bytes.clone()).map_err(|e| format!("deployment record: {e}"))?,
             signature: hex(&d.signature),
             admin_certificate: hex(&d.admin_certificate),
+            grant: d.grant.as_ref().map(|g| hex(&prost::Message::encode_to_vec(&g.to_pb()))),
         };
         let json = serde_json::to_vec_pretty(&kept).map_err(|e| e.to_string())?;
         write_atomically(&dir.join("deployment.json"), &json)?;
@@ -537,6 +572,13 @@ impl Registry {
             return Ok(answer);
         }
         let hard_rows: Vec<f32> = hard.iter().flat_map(|&i| rows[i * width..(i + 1) * width].iter().copied()).collect();
+        if let Some(w) = self.hard_examples.get() {
+            let (w, name, kept) = (w.clone(), service.to_owned(), hard_rows.clone());
+            let stored = tokio::task::spawn_blocking(move || w.keep_hard_examples(&name, &kept, width)).await;
+            if let Ok(Err(e)) | Err(e) = stored.map_err(|e| e.to_string()) {
+                warn!(service, "cannot keep hard examples for labelling: {e}");
+            }
+        }
         let me = self.me.read().unwrap_or_else(|p| p.into_inner()).clone();
         let uplink = self.uplink.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match self.joint.forward(&me, uplink, service, &j, &hard_rows, width, k).await {
@@ -745,6 +787,7 @@ mod tests {
             issued_at: 1,
             admin: ADMIN_NAME.into(),
             joint: None,
+            pipeline: None,
         }
     }
 
@@ -843,6 +886,52 @@ mod tests {
         std::fs::write(&kept, &v1).unwrap();
         let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
         assert!(reg.current("triage").is_err());
+        let _ = &f.dir;
+    }
+
+    /// A pipeline's deployment, signed by the coordinator under the
+    /// administrator's grant, is served and kept with its grant (verified
+    /// again after a restart); once the grant has expired by this party's
+    /// clock, no new one is taken, whatever the record's own time says.
+    #[test]
+    fn a_pipeline_deploys_under_its_grant_until_it_expires() {
+        use confide_proto::deploy::{PipelineGrant, PipelineStep, SignedGrant, coordinator_signer};
+        let f = fixture();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let (v1, v2, v3) = (model_bytes(1), model_bytes(2), model_bytes(3));
+        deliver(&reg, &admin_signed(&f, record(1, &v1, LOGREG)), &v1).unwrap();
+        let (admin_key, admin_cert, _) = confide_proto::deploy::admin_signer(&f.pki).unwrap();
+        let (coord_key, coord_cert, coord_name) = coordinator_signer(&f.pki).unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let grant = |expires_at: u64| {
+            let g = PipelineGrant {
+                service: "triage".into(),
+                spec_sha256: "ab".repeat(32),
+                architecture: LOGREG.into(),
+                joint: None,
+                issued_at: now - 100,
+                expires_at,
+                admin: ADMIN_NAME.into(),
+            };
+            SignedGrant::sign(g, &admin_key, admin_cert.clone()).unwrap()
+        };
+        let by_pipeline = |seq: u64, bytes: &[u8], g: SignedGrant| {
+            let mut r = record(seq, bytes, LOGREG);
+            r.admin = coord_name.clone();
+            r.issued_at = now - 50;
+            r.pipeline =
+                Some(PipelineStep { job: "p1".into(), spec_sha256: "ab".repeat(32), iteration: 1, reason: "gate".into() });
+            SignedDeployment::sign_under_grant(r, g, &coord_key, coord_cert.clone()).unwrap().to_pb()
+        };
+        deliver(&reg, &by_pipeline(2, &v2, grant(now + 3600)), &v2).unwrap();
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 2);
+        drop(reg);
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let served = reg.current("triage").unwrap();
+        assert_eq!(served.deployment.record.sequence, 2, "kept with its grant and verified again");
+        assert!(served.deployment.grant.is_some());
+        let e = reg.offer(&by_pipeline(3, &v3, grant(now - 10))).unwrap_err();
+        assert!(e.contains("grant that expired"), "{e}");
         let _ = &f.dir;
     }
 

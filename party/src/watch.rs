@@ -1,0 +1,334 @@
+//! Watched data sets for incremental pipelines.
+//!
+//! A watched data set is a directory of CSV batches. For each pipeline the
+//! party remembers which batches an iteration trained on, durably, so a
+//! batch no iteration has trained on is *new*: the pipeline counts new rows
+//! (through its aggregation protocol) to trigger, scores the deployed
+//! version on them after a deployment, and marks them when it trains. The
+//! coordinator never learns file names, and cannot make a party forget a
+//! batch: the marks only grow.
+//!
+//! Hard examples the party met while serving a service with a cloud tier
+//! are kept at the party (`NAME.hard-examples.csv`, next to the audit log,
+//! mode 0600: the rows never leave it except as the joint-inference policy
+//! allows). The hospital labels them in `NAME.labels.csv` (`sha256,label`
+//! lines); labelled ones join the next iteration of that service's pipeline
+//! as one more batch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use confide_algorithms::data::DatasetSource;
+use confide_proto::jobspec::{JobKind, JobSpec};
+use confide_proto::pipeline::{PipelineRef, PipelineRows};
+use serde::{Deserialize, Serialize};
+
+/// Which batches each pipeline's iterations trained on.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Marks {
+    /// Pipeline job id → batch key → the iteration that trained on it.
+    pipelines: BTreeMap<String, BTreeMap<String, u32>>,
+}
+
+/// The party's watch state and its hard-example files.
+pub struct Watches {
+    state_path: PathBuf,
+    marks: Mutex<Marks>,
+    hard_examples: PathBuf,
+    labels: PathBuf,
+    /// Where the labelled hard examples of a job are written as a batch.
+    scratch: PathBuf,
+    hard_log: Mutex<()>,
+}
+
+/// Whether a job's selection holds no batch (a pipeline's count of new
+/// rows that finds none): the party then answers with zero examples.
+pub fn no_rows(source: &DatasetSource) -> bool {
+    source.only.as_ref().is_some_and(Vec::is_empty)
+}
+
+/// The key a labelled hard example is marked under.
+fn label_key(sha: &str) -> String {
+    format!("label:{sha}")
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("part");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).write(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl Watches {
+    /// Opens the state at `state_path`; hard examples and labels live at
+    /// the given paths, generated batches under `scratch`.
+    pub fn open(state_path: &Path, hard_examples: &Path, labels: &Path, scratch: &Path) -> Result<Watches, String> {
+        let marks = match std::fs::read(state_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", state_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Marks::default(),
+            Err(e) => return Err(format!("{}: {e}", state_path.display())),
+        };
+        Ok(Watches {
+            state_path: state_path.to_owned(),
+            marks: Mutex::new(marks),
+            hard_examples: hard_examples.to_owned(),
+            labels: labels.to_owned(),
+            scratch: scratch.to_owned(),
+            hard_log: Mutex::new(()),
+        })
+    }
+
+    /// Keeps hard rows of `service` (row-major, `width` features) for
+    /// labelling: one `sha256,service,features...` line each, synced.
+    pub fn keep_hard_examples(&self, service: &str, rows: &[f32], width: usize) -> Result<(), String> {
+        if width == 0 {
+            return Ok(());
+        }
+        let mut text = String::new();
+        for row in rows.chunks(width) {
+            text.push_str(&crate::audit::rows_sha256(row));
+            text.push(',');
+            text.push_str(service);
+            for v in row {
+                text.push(',');
+                text.push_str(&v.to_string());
+            }
+            text.push('\n');
+        }
+        let _guard = self.hard_log.lock().unwrap_or_else(|p| p.into_inner());
+        let mut opts = std::fs::OpenOptions::new();
+        opts.create(true).append(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let path = &self.hard_examples;
+        let mut f = opts.open(path).map_err(|e| format!("hard examples {}: {e}", path.display()))?;
+        f.write_all(text.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The hard examples of `service` the hospital has labelled: SHA-256
+    /// → (features, label). A malformed line is an error naming it.
+    fn labelled(&self, service: &str) -> Result<BTreeMap<String, (Vec<String>, u32)>, String> {
+        let read = |p: &Path| match std::fs::read_to_string(p) {
+            Ok(t) => Ok(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(format!("{}: {e}", p.display())),
+        };
+        let mut labels: HashMap<String, u32> = HashMap::new();
+        for (i, line) in read(&self.labels)?.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let at = || format!("{}:{}", self.labels.display(), i + 1);
+            let (sha, label) = line.split_once(',').ok_or_else(|| format!("{}: expected sha256,label", at()))?;
+            let label: u32 =
+                label.trim().parse().map_err(|_| format!("{}: label {:?} is not a class number", at(), label.trim()))?;
+            labels.insert(sha.trim().to_owned(), label);
+        }
+        let mut out = BTreeMap::new();
+        if labels.is_empty() {
+            return Ok(out);
+        }
+        for (i, line) in read(&self.hard_examples)?.lines().enumerate() {
+            let mut cells = line.split(',');
+            let (Some(sha), Some(svc)) = (cells.next(), cells.next()) else {
+                return Err(format!("{}:{}: malformed line", self.hard_examples.display(), i + 1));
+            };
+            if svc != service {
+                continue;
+            }
+            if let Some(&label) = labels.get(sha) {
+                out.insert(sha.to_owned(), (cells.map(str::to_owned).collect(), label));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The rows job `spec` of a pipeline uses: `source` narrowed to the
+    /// batches (and labelled hard examples) its `[pipeline]` table asks
+    /// for. A train job marks the new ones as trained on by its iteration,
+    /// durably, before it touches them. The source as it is when the spec
+    /// is no pipeline's; no batch at all (see [`no_rows`]) when a job on the
+    /// new rows finds none.
+    pub fn select(&self, spec: &JobSpec, dataset: &str, source: &DatasetSource) -> Result<DatasetSource, String> {
+        let Some(p) = &spec.pipeline else { return Ok(source.clone()) };
+        if !source.is_watched() {
+            return Err(format!(
+                "data set {dataset:?} is a file; a pipeline's jobs need a watched directory of CSV batches"
+            ));
+        }
+        let batches = source.batches().map_err(|e| e.to_string())?;
+        let labelled = self.labelled(&p.service)?;
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = marks.pipelines.get(&p.job).cloned().unwrap_or_default();
+        let is_new = |key: &str| mine.get(key).is_none_or(|&it| it >= p.iteration);
+        let batch_key = |b: &Path| format!("{dataset}/{}", b.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        let new_batches: Vec<PathBuf> = batches.iter().filter(|b| is_new(&batch_key(b))).cloned().collect();
+        let new_labels: Vec<&String> = labelled.keys().filter(|sha| is_new(&label_key(sha))).collect();
+        let mut out = source.clone();
+        match (&spec.kind, p.rows) {
+            (JobKind::Train, PipelineRows::All) => {
+                let entry = marks.pipelines.entry(p.job.clone()).or_default();
+                for b in &new_batches {
+                    entry.insert(batch_key(b), p.iteration);
+                }
+                for sha in &new_labels {
+                    entry.insert(label_key(sha), p.iteration);
+                }
+                let json = serde_json::to_vec_pretty(&*marks).map_err(|e| e.to_string())?;
+                write_durably(&self.state_path, &json)?;
+                let mut files = batches;
+                files.extend(self.labelled_batch(p, &labelled, labelled.keys())?);
+                out.only = Some(files);
+            }
+            (JobKind::Evaluate, PipelineRows::All) => out.only = Some(batches),
+            (JobKind::Evaluate, PipelineRows::New) => {
+                let mut files = new_batches;
+                files.extend(self.labelled_batch(p, &labelled, new_labels.into_iter())?);
+                out.only = Some(files);
+                out.all_held_out = true;
+            }
+            (kind, rows) => {
+                return Err(format!("a pipeline's {} job on rows {rows:?} is not one this party runs", kind.as_str()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the chosen labelled hard examples as a batch for one job.
+    fn labelled_batch<'a>(
+        &self,
+        p: &PipelineRef,
+        labelled: &BTreeMap<String, (Vec<String>, u32)>,
+        which: impl Iterator<Item = &'a String>,
+    ) -> Result<Option<PathBuf>, String> {
+        let mut text = String::new();
+        for sha in which {
+            if let Some((features, label)) = labelled.get(sha) {
+                text.push_str(&features.join(","));
+                text.push(',');
+                text.push_str(&label.to_string());
+                text.push('\n');
+            }
+        }
+        if text.is_empty() {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(&self.scratch).map_err(|e| format!("{}: {e}", self.scratch.display()))?;
+        let path = self.scratch.join(format!("labelled-{}-{}-{:?}.csv", p.job, p.iteration, p.rows).to_lowercase());
+        write_durably(&path, text.as_bytes())?;
+        Ok(Some(path))
+    }
+
+    /// The iterations that trained on each batch of `pipeline` (for tests
+    /// and `confide-party` diagnostics).
+    pub fn marks(&self, pipeline: &str) -> BTreeMap<String, u32> {
+        let marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        marks.pipelines.get(pipeline).cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_proto::Limits;
+
+    fn spec(kind: &str, iteration: u32, rows: &str) -> JobSpec {
+        let from = if kind == "evaluate" { "from_job = \"j0\"\n" } else { "" };
+        let text = format!(
+            "name = \"p\"\nkind = \"{kind}\"\n{from}[parties]\nnames = [\"a\"]\ndataset = \"d\"\n[model]\nkind = \
+             \"logistic_regression\"\nclasses = 2\n[pipeline]\njob = \"p1\"\niteration = {iteration}\nservice = \
+             \"triage\"\nrows = \"{rows}\"\n"
+        );
+        JobSpec::parse(&text, "spec", &Limits::default()).unwrap()
+    }
+
+    fn batch(dir: &Path, name: &str, rows: &[(f32, u32)]) {
+        let text: String = rows.iter().map(|(x, y)| format!("{x},{y}\n")).collect();
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    #[test]
+    fn new_batches_are_the_ones_no_earlier_iteration_trained_on_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let open = || {
+            Watches::open(
+                &dir.path().join("w.json"),
+                &dir.path().join("hard.csv"),
+                &dir.path().join("labels.csv"),
+                &dir.path().join("scratch"),
+            )
+            .unwrap()
+        };
+        let w = open();
+        let src = DatasetSource::csv(data.clone());
+        batch(&data, "001.csv", &[(1.0, 0), (2.0, 1)]);
+        batch(&data, "002.csv", &[(3.0, 1)]);
+        std::fs::write(data.join(".003.csv.tmp"), "garbage").unwrap();
+        // Iteration 1 counts both batches as new, then trains on them.
+        let probe = w.select(&spec("evaluate", 1, "new"), "d", &src).unwrap();
+        assert_eq!(probe.load().unwrap().len(), 3);
+        let train = w.select(&spec("train", 1, "all"), "d", &src).unwrap();
+        assert_eq!(train.load().unwrap().len(), 3);
+        // A retried iteration 1 still sees them as its own new rows; iteration 2 does not.
+        assert_eq!(w.select(&spec("evaluate", 1, "new"), "d", &src).unwrap().load().unwrap().len(), 3);
+        assert!(no_rows(&w.select(&spec("evaluate", 2, "new"), "d", &src).unwrap()));
+        batch(&data, "003.csv", &[(4.0, 0), (5.0, 0)]);
+        let w = open();
+        let next = w.select(&spec("evaluate", 2, "new"), "d", &src).unwrap();
+        assert_eq!(next.load().unwrap().labels, vec![0, 0]);
+        assert!(next.all_held_out);
+        assert_eq!(w.marks("p1").len(), 2);
+        // A file data set cannot be watched.
+        let e = w.select(&spec("train", 2, "all"), "d", &DatasetSource::csv(data.join("001.csv"))).unwrap_err();
+        assert!(e.contains("watched directory"), "{e}");
+    }
+
+    #[test]
+    fn labelled_hard_examples_join_the_next_iteration() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        batch(&data, "001.csv", &[(1.0, 0)]);
+        let w = Watches::open(
+            &dir.path().join("w.json"),
+            &dir.path().join("hard.csv"),
+            &dir.path().join("labels.csv"),
+            &dir.path().join("scratch"),
+        )
+        .unwrap();
+        let src = DatasetSource::csv(data.clone());
+        w.select(&spec("train", 1, "all"), "d", &src).unwrap();
+        w.keep_hard_examples("triage", &[7.0, 8.0], 1).unwrap();
+        w.keep_hard_examples("other", &[9.0], 1).unwrap();
+        // Unlabelled hard examples are not rows yet.
+        assert!(no_rows(&w.select(&spec("evaluate", 2, "new"), "d", &src).unwrap()));
+        let sha7 = crate::audit::rows_sha256(&[7.0]);
+        let sha9 = crate::audit::rows_sha256(&[9.0]);
+        std::fs::write(dir.path().join("labels.csv"), format!("# sha256,label\n{sha7},1\n{sha9},0\n")).unwrap();
+        let new = w.select(&spec("evaluate", 2, "new"), "d", &src).unwrap().load().unwrap();
+        assert_eq!((new.features.clone(), new.labels.clone()), (vec![7.0], vec![1]), "only the service's labelled one");
+        let train = w.select(&spec("train", 2, "all"), "d", &src).unwrap().load().unwrap();
+        assert_eq!(train.len(), 2);
+        assert!(no_rows(&w.select(&spec("evaluate", 3, "new"), "d", &src).unwrap()));
+        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},x\n")).unwrap();
+        let e = w.select(&spec("evaluate", 3, "new"), "d", &src).unwrap_err();
+        assert!(e.contains("labels.csv:1") && e.contains("class number"), "{e}");
+    }
+}

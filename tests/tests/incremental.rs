@@ -1,0 +1,208 @@
+//! Incremental learning on real processes: a pipeline bound to a served
+//! service counts new batches in the parties' watched directories, trains
+//! from the deployed version, gates on the held-out rows, deploys under the
+//! administrator's grant (the serving party verifies it), survives a
+//! coordinator restart, rolls back when the next (corrupted) batch shows
+//! the deployed version worse than the one it replaced, and a gate that
+//! asks for more than the candidate gives keeps the deployed version.
+
+use std::path::Path;
+
+use confide_tests::{Federation, job_spec, repo_root};
+use serde_json::Value;
+
+mod http;
+use http::wait_for_sequence;
+
+/// Writes rows as a batch the way a hospital's export would: a hidden
+/// temporary file renamed into the watched directory.
+fn drop_batch(dir: &Path, name: &str, rows: &[String]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, rows.concat()).expect("batch");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename batch");
+}
+
+/// The party's rows, as CSV lines, with the label (last cell) flipped when `flip`.
+fn rows(fed: &Federation, party: &str, range: std::ops::Range<usize>, flip: bool) -> Vec<String> {
+    let text = std::fs::read_to_string(fed.path(&format!("data/{party}.csv"))).expect("party data");
+    text.lines()
+        .skip(range.start)
+        .take(range.len())
+        .map(|l| {
+            let (features, label) = l.rsplit_once(',').expect("label");
+            let label = if flip { 1 - label.trim().parse::<u32>().expect("label") } else { label.trim().parse().expect("label") };
+            format!("{features},{label}\n")
+        })
+        .collect()
+}
+
+fn iteration(st: &Value, i: usize) -> Value {
+    st["iterations"].get(i).cloned().unwrap_or(Value::Null)
+}
+
+fn pipeline_spec(names: &[String], min_delta: f64, max_iterations: u32) -> String {
+    job_spec(names, 2, 3, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.1")
+        .replace("kind = \"train\"", "kind = \"incremental\"")
+        .replace("dataset = \"data\"", "dataset = \"watched\"")
+        + &format!(
+            "[incremental]\nservice = \"triage\"\nmin_new_rows = 100\npoll_secs = 0.3\nmetric = \"accuracy\"\n\
+             min_delta = {min_delta}\nmax_iterations = {max_iterations}\n"
+        )
+}
+
+#[test]
+fn a_pipeline_retrains_gates_deploys_survives_a_restart_and_rolls_back_a_worse_version() {
+    let names: Vec<String> = (0..2).map(|i| format!("site-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut fed = Federation::new(&refs, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1");
+    for n in &names {
+        let dir = fed.path(&format!("batches/{n}"));
+        std::fs::create_dir_all(&dir).expect("watched dir");
+        drop_batch(&dir, "001.csv", &rows(&fed, n, 0..170, false));
+    }
+    fed.start_coordinator();
+    let watched = |n: &str| format!("[datasets.watched]\npath = \"batches/{n}\"\n");
+    let serve = "[serve]\nservices = [\"triage\"]\nlisten = \"127.0.0.1:0\"\n";
+    fed.start_party("site-0", &format!("{}{serve}", watched("site-0")));
+    fed.start_party("site-1", &watched("site-1"));
+    let addr = fed.party_endpoint("site-0");
+
+    // A barely trained first version, deployed by the administrator.
+    let weak = job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.00001")
+        .replace("dataset = \"data\"", "dataset = \"watched\"");
+    let v1 = fed.submit("weak.toml", &weak);
+    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
+    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
+    wait_for_sequence(&fed, addr, "triage", 1);
+
+    // The pipeline: its first count finds batch 001 new (170 rows a party),
+    // trains from version 1, and the gate passes.
+    let p = fed.submit("pipeline.toml", &pipeline_spec(&names, 0.0, 2));
+    let st = fed.wait_for(&p, 180, "iteration 1 to deploy", |s| iteration(s, 0)["outcome"] != "running"
+        && iteration(s, 0)["outcome"].is_string());
+    let it1 = iteration(&st, 0);
+    assert_eq!(it1["outcome"], "deployed", "{st:#}\n{}", fed.logs());
+    assert_eq!(it1["new_rows"], 340, "{it1:#}");
+    assert!(it1["trigger"].as_str().unwrap_or("").contains("340 new rows"), "{it1:#}");
+    assert!(it1["gate"].as_str().unwrap_or("").starts_with("passed"), "{it1:#}");
+    assert!(it1["candidate_metric"].as_f64() >= it1["deployed_metric"].as_f64(), "{it1:#}");
+    assert!(it1["trigger_to_deploy_ms"].as_u64().is_some_and(|ms| ms > 0), "{it1:#}");
+    assert_eq!(it1["deployed_sequence"], 2);
+    // The serving party verified the coordinator's deployment under the
+    // administrator's grant, pulled it and serves it.
+    let served = wait_for_sequence(&fed, addr, "triage", 2);
+    assert_eq!(served["version"]["job_id"], it1["candidate_job"], "{served:#}");
+    let services = fed.run_ok(&["model", "services", "triage", "--json"]);
+    assert!(services.contains(&format!("\"{p}\"")), "the history names the pipeline: {services}");
+    let text = fed.run_ok(&["job", "status", &p]);
+    assert!(text.contains("iteration 1: deployed") && text.contains("gate:      passed"), "{text}");
+
+    // Without new rows nothing happens; the status survives a restart and
+    // the pipeline goes on from where it was.
+    fed.kill_coordinator();
+    fed.start_coordinator();
+    let st = fed.wait_for(&p, 60, "the pipeline to wait again", |s| {
+        s["pipeline_phase"].as_str().is_some_and(|ph| ph.starts_with("waiting for new rows (iteration 2)"))
+    });
+    assert_eq!(iteration(&st, 0)["outcome"], "deployed", "{st:#}");
+    assert_eq!(st["state"], "running");
+
+    // A corrupted batch (labels flipped) arrives: on it, version 2 scores
+    // below version 1, so the pipeline rolls back before it retrains.
+    for n in &names {
+        drop_batch(&fed.path(&format!("batches/{n}")), "002.csv", &rows(&fed, n, 170..284, true));
+    }
+    let st = fed.wait_for(&p, 240, "the pipeline to end", |s| s["state"] != "running");
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    let it2 = iteration(&st, 1);
+    assert!(it2["check"].as_str().unwrap_or("").contains("rolled back"), "{it2:#}");
+    let history: Vec<Value> = fed
+        .run_ok(&["model", "services", "triage", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("history line"))
+        .collect();
+    let rollback = history.iter().find(|d| d["sequence"] == 3).expect("deployment 3");
+    assert_eq!(
+        (rollback["action"].as_str(), rollback["job_id"].as_str(), rollback["round"].as_u64()),
+        (Some("rollback"), Some(v1.as_str()), Some(1)),
+        "{rollback:#}"
+    );
+    assert_eq!((rollback["pipeline"]["job"].as_str(), rollback["pipeline"]["iteration"].as_u64()), (Some(p.as_str()), Some(2)));
+    // After the rollback the iteration retrained from version 1; its gate
+    // decided whether a fourth deployment followed.
+    let newest = if it2["outcome"] == "deployed" { 4 } else { 3 };
+    assert_eq!(history.iter().map(|d| d["sequence"].as_u64().unwrap_or(0)).max(), Some(newest), "{it2:#}");
+    wait_for_sequence(&fed, addr, "triage", newest);
+
+    // A gate asking for a whole point of accuracy keeps what is deployed.
+    let strict = fed.submit("strict.toml", &pipeline_spec(&names, 1.0, 1));
+    let st = fed.wait_for(&strict, 240, "the strict pipeline to end", |s| s["state"] != "running");
+    let it = iteration(&st, 0);
+    assert_eq!((st["state"].as_str(), it["outcome"].as_str()), (Some("succeeded"), Some("kept")), "{st:#}");
+    assert!(it["gate"].as_str().unwrap_or("").starts_with("refused"), "{it:#}");
+    assert!(it["deployed_sequence"].is_null(), "{it:#}");
+    let (status, health) = http::get(addr, "GET", "/healthz", "");
+    assert_eq!((status, health["services"]["triage"]["version"]["sequence"].as_u64()), (200, Some(newest)), "{health}");
+}
+
+fn dp_spec(names: &[String], kind: &str, extra: &str) -> String {
+    let names: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        "name = \"dp pipeline\"\nkind = \"{kind}\"\nrounds = 2\n[parties]\nnames = [{}]\nmin = 2\ndataset = \"watched\"\n\
+         [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n[training]\nlocal_epochs = 1\n\
+         batch_size = 8\nlearning_rate = 0.05\nseed = 3\n[dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.05\n\
+         delta = 1e-5\n[timeouts]\nrecruit_secs = 30\nround_secs = 30\n{extra}",
+        names.join(", ")
+    )
+}
+
+/// Under DP each iteration's training job is charged to every party's
+/// ledger before it touches the data; when a party's budget cannot pay for
+/// the next one, the pipeline pauses, naming the party and its ledger.
+#[test]
+fn a_dp_pipeline_pauses_when_a_partys_budget_would_be_exceeded() {
+    let names: Vec<String> = (0..2).map(|i| format!("site-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut fed = Federation::new(&refs, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1");
+    for n in &names {
+        let dir = fed.path(&format!("batches/{n}"));
+        std::fs::create_dir_all(&dir).expect("watched dir");
+        drop_batch(&dir, "001.csv", &rows(&fed, n, 0..170, false));
+    }
+    let first = dp_spec(&names, "train", "");
+    let spec = confide_proto::jobspec::JobSpec::parse(&first, "dp.toml", &confide_proto::Limits::default()).expect("spec");
+    let cost = spec.dp.as_ref().expect("dp").epsilon(&spec.training, spec.rounds);
+    // Room for the first version and one iteration, not two.
+    let budget = 2.5 * cost;
+    fed.start_coordinator();
+    for n in &names {
+        let serve = if n == "site-0" { "[serve]\nservices = [\"triage\"]\n" } else { "" };
+        let extra = format!(
+            "[datasets.watched]\npath = \"batches/{n}\"\n[policy]\naggregation = [\"none\"]\nmax_epsilon = {budget}\n\
+             evaluations_outside_budget = true\n{serve}"
+        );
+        fed.start_party(n, &extra);
+    }
+    let v1 = fed.submit("first.toml", &first);
+    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
+    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "2"]);
+    let inc = "[incremental]\nservice = \"triage\"\nmin_new_rows = 100\npoll_secs = 0.3\nmin_delta = -1.0\n";
+    let p = fed.submit("pipeline.toml", &dp_spec(&names, "incremental", inc));
+    let st = fed.wait_for(&p, 180, "iteration 1", |s| iteration(s, 0)["outcome"].as_str().is_some_and(|o| o != "running"));
+    assert_eq!(iteration(&st, 0)["outcome"], "deployed", "{st:#}\n{}", fed.logs());
+    for n in &names {
+        drop_batch(&fed.path(&format!("batches/{n}")), "002.csv", &rows(&fed, n, 170..284, false));
+    }
+    let st = fed.wait_for(&p, 180, "the pipeline to pause", |s| {
+        s["pipeline_phase"].as_str().is_some_and(|ph| ph.starts_with("paused"))
+    });
+    let phase = st["pipeline_phase"].as_str().unwrap_or("");
+    assert!(phase.contains("party site-") && phase.contains("has spent ε"), "{phase}");
+    assert_eq!((st["state"].as_str(), iteration(&st, 1)["outcome"].as_str()), (Some("running"), Some("paused")), "{st:#}");
+    // The ledger charged two jobs, not three.
+    let ledger = std::fs::read_to_string(fed.path("pki/parties/site-1.ledger.json")).expect("ledger");
+    let charged: Value = serde_json::from_str(&ledger).expect("ledger JSON");
+    assert_eq!(charged["datasets"]["watched"]["jobs"].as_object().map(|j| j.len()), Some(2), "{charged:#}");
+    let out = fed.run_ok(&["job", "cancel", &p]);
+    assert!(out.contains("cancelled"), "{out}");
+}
