@@ -274,6 +274,20 @@ pub async fn run_bodies(
     }
 }
 
+/// Request bodies covering every row of `values` in turn, `rows` per
+/// request (the last wraps around to the first rows).
+pub fn bodies(values: &[f32], width: usize, rows: usize) -> Vec<Bytes> {
+    let total = values.len() / width.max(1);
+    let rows = rows.max(1);
+    (0..total.div_ceil(rows).max(1))
+        .map(|b| {
+            let picked: Vec<&[f32]> =
+                (0..rows).map(|i| &values[((b * rows + i) % total.max(1)) * width..][..width]).collect();
+            Bytes::from(serde_json::json!({ "rows": picked }).to_string())
+        })
+        .collect()
+}
+
 /// A request body of `rows` rows of `width` features, from `values`
 /// (row-major, cycled).
 pub fn body(values: &[f32], width: usize, rows: usize) -> Bytes {

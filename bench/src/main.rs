@@ -7,6 +7,7 @@
 //! parameters), so the figures are the framework's cost, not a model's.
 
 mod he_bench;
+mod incremental_bench;
 mod joint_bench;
 
 use std::path::PathBuf;
@@ -181,6 +182,18 @@ enum Command {
         /// Seconds per configuration (with --latency).
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+    },
+    /// An incremental pipeline on the UCI digits in a federation in this
+    /// process: time from each trigger to the deployed version, the
+    /// framework's share of it, and from a batch landing to the new
+    /// version answering at the serving party.
+    Incremental {
+        /// Batches after the first (one iteration each).
+        #[arg(long, default_value_t = 3)]
+        batches: usize,
+        /// The pipeline's poll interval (seconds).
+        #[arg(long, default_value_t = 0.2)]
+        poll_secs: f64,
     },
     /// Load a running prediction endpoint (a party's `[serve] listen`) and
     /// report throughput, latency, failures and which deployments answered.
@@ -1102,6 +1115,16 @@ async fn main() {
                 }
             }
         }
+        Command::Incremental { batches, poll_secs } => {
+            let data = repo_root().join("examples/data/digits.csv.gz");
+            match incremental_bench::bench_incremental(&data, batches.max(1), poll_secs).await {
+                Ok(lines) => lines.iter().for_each(|v| println!("{v}")),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Command::Load { addr, service, data, header, rows_per_request, clients, seconds } => {
             let ds = match confide_algorithms::data::Dataset::load_csv(&data, &CsvOptions { header, label_column: -1 })
             {
@@ -1111,12 +1134,14 @@ async fn main() {
                     std::process::exit(2);
                 }
             };
-            let body = confide_bench::loadgen::body(&ds.features, ds.num_features, rows_per_request.max(1));
+            // Every row of the file in turn, so hard examples come too.
+            let bodies = confide_bench::loadgen::bodies(&ds.features, ds.num_features, rows_per_request.max(1));
             let path = format!("/v1/services/{service}/predict");
-            let report = confide_bench::loadgen::run(
+            let report = confide_bench::loadgen::run_bodies(
                 addr,
                 &path,
-                body,
+                bodies,
+                None,
                 rows_per_request.max(1),
                 clients,
                 Duration::from_secs_f64(seconds.max(0.1)),

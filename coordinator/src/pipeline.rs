@@ -436,7 +436,7 @@ impl Pipeline {
             if st.state.is_terminal() {
                 return Ok(st);
             }
-            match self.inputs.recv_timeout(Duration::from_millis(100)) {
+            match self.inputs.recv_timeout(Duration::from_millis(10)) {
                 Ok(Input::Cancel) => {
                     self.hub.cancel(id);
                     return Err(Stop::Cancelled);
