@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test build lint bench bench-round bench-train bench-dp bench-dp-sgd bench-he bench-serve doc clean setup
+.PHONY: demo test build lint bench bench-round bench-train bench-dp bench-dp-sgd bench-he bench-serve bench-incremental doc clean setup
 
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
@@ -45,6 +45,9 @@ bench-dp-sgd: setup
 
 bench-serve: setup
 	$(CARGO) run --release -p confide-bench -- serve
+
+bench-incremental: setup
+	$(CARGO) run --release -p confide-bench -- incremental
 
 bench: setup
 	$(CARGO) bench -p confide-bench

@@ -236,8 +236,8 @@ impl DatasetSource {
 
     /// The batches of a watched data set, in name order.
     pub fn batches(&self) -> Result<Vec<PathBuf>, Error> {
-        let rd = std::fs::read_dir(&self.path)
-            .map_err(|e| Error::InvalidInput(format!("{}: {e}", self.path.display())))?;
+        let rd =
+            std::fs::read_dir(&self.path).map_err(|e| Error::InvalidInput(format!("{}: {e}", self.path.display())))?;
         let mut out = Vec::new();
         for entry in rd {
             let entry = entry.map_err(|e| Error::InvalidInput(format!("{}: {e}", self.path.display())))?;
@@ -310,7 +310,8 @@ impl DatasetSource {
         let mut train = Dataset::default();
         let mut held = Dataset::default();
         let width = self.each_batch(|name, ds| {
-            let (t, h) = if self.all_held_out { (ds.clone(), ds.clone()) } else { ds.split(fraction, seed ^ fnv1a(name)) };
+            let (t, h) =
+                if self.all_held_out { (ds.clone(), ds.clone()) } else { ds.split(fraction, seed ^ fnv1a(name)) };
             train.append(&t);
             held.append(&h);
         })?;

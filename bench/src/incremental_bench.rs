@@ -160,11 +160,12 @@ pub async fn bench_incremental(data: &Path, batches: usize, poll_secs: f64) -> R
     admin.deploy(signed.to_pb()).await.map_err(|s| s.message().to_string())?;
 
     // The pipeline, with the administrator's grant. Its first iteration
-    // trains on the first batch (new to it); then one batch lands at a time.
+    // trains on the first batch (new to it); then one batch lands at each
+    // party at a time, and the trigger waits for all three.
     let inc = format!(
         "[incremental]\nservice = \"digits\"\nmin_new_rows = {}\npoll_secs = {poll_secs}\nmin_delta = -1.0\n\
          max_iterations = {}\n",
-        per,
+        per * parts,
         total_batches
     );
     let text = spec("incremental", &inc);
@@ -202,7 +203,9 @@ pub async fn bench_incremental(data: &Path, batches: usize, poll_secs: f64) -> R
         let seq = it.deployed_sequence.ok_or_else(|| format!("iteration {iteration} did not deploy: {}", it.gate))?;
         // Until the serving party answers with it.
         loop {
-            let (_, body) = confide_bench::loadgen::request_once(endpoint, "GET", "/healthz", "").await.map_err(|x| x.to_string())?;
+            let (_, body) = confide_bench::loadgen::request_once(endpoint, "GET", "/healthz", "")
+                .await
+                .map_err(|x| x.to_string())?;
             let v: serde_json::Value = serde_json::from_str(&body).map_err(|x| e(&x))?;
             if v["services"]["digits"]["version"]["sequence"].as_u64() == Some(seq) {
                 break;

@@ -965,7 +965,8 @@ async fn pipeline_grant(
         expires_at: now + (days * 86_400.0) as u64,
         admin: admin_name,
     };
-    let signed = confide_proto::deploy::SignedGrant::sign(grant, &key, der).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let signed =
+        confide_proto::deploy::SignedGrant::sign(grant, &key, der).map_err(|e| Error::InvalidInput(e.to_string()))?;
     Ok(Some(signed.to_pb()))
 }
 

@@ -671,9 +671,8 @@ impl Db {
     /// A pipeline's iterations, oldest first.
     pub fn iterations(&self, job_id: &str) -> Result<Vec<PipelineIteration>, Error> {
         let conn = self.lock();
-        let mut st = conn
-            .prepare("SELECT record FROM pipeline_iterations WHERE job_id = ?1 ORDER BY iteration")
-            .map_err(sql)?;
+        let mut st =
+            conn.prepare("SELECT record FROM pipeline_iterations WHERE job_id = ?1 ORDER BY iteration").map_err(sql)?;
         let rows = st.query_map([job_id], |r| r.get::<_, String>(0)).map_err(sql)?;
         rows.map(|r| {
             let json = r.map_err(sql)?;

@@ -24,7 +24,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use confide_algorithms::Parameters;
-use confide_proto::deploy::{DeploymentRecord, PipelineStep, SignedGrant, spec_sha256};
+use confide_proto::deploy::{DeployAction, DeploymentRecord, PipelineStep, SignedGrant, spec_sha256};
 use confide_proto::jobspec::{JobKind, JobSpec};
 use confide_proto::pb;
 use confide_proto::pipeline::{IncrementalSpec, PipelineRef, PipelineRows};
@@ -110,7 +110,16 @@ pub fn run(hub: Arc<Hub>, id: String, spec: JobSpec, inputs: Receiver<Input>) {
         let ca = std::fs::read(hub.pki().ca_cert()).map_err(|e| e.to_string())?;
         let grant = SignedGrant::verify(&msg, &ca, &hub.revocation_list()).map_err(|e| e.to_string())?;
         let spec_sha256 = grant.grant.spec_sha256.clone();
-        Ok(Pipeline { hub: hub.clone(), id: id.clone(), spec: spec.clone(), inc, grant, spec_sha256, inputs, compute_ms: 0 })
+        Ok(Pipeline {
+            hub: hub.clone(),
+            id: id.clone(),
+            spec: spec.clone(),
+            inc,
+            grant,
+            spec_sha256,
+            inputs,
+            compute_ms: 0,
+        })
     };
     match setup() {
         Ok(mut p) => {
@@ -190,7 +199,10 @@ impl Pipeline {
                 return Ok(());
             }
             if self.grant.grant.expires_at <= unix_now() {
-                return Err(Stop::Pause(format!("the administrator's grant expired at {}", self.grant.grant.expires_at)));
+                return Err(Stop::Pause(format!(
+                    "the administrator's grant expired at {}",
+                    self.grant.grant.expires_at
+                )));
             }
             let Some(current) = crate::services::current_record(self.hub.db(), &self.inc.service)? else {
                 self.phase(&format!("waiting for a first deployment of service {}", self.inc.service), false);
@@ -201,9 +213,23 @@ impl Pipeline {
                 Some(it) => it,
                 None => {
                     self.phase(&format!("waiting for new rows (iteration {number})"), false);
-                    let Some((trigger, new_rows)) = self.trigger(number, &current)? else {
-                        self.sleep(poll)?;
-                        continue;
+                    let (trigger, new_rows) = match self.trigger(number, &current) {
+                        Ok(Some(t)) => t,
+                        Ok(None) => {
+                            self.sleep(poll)?;
+                            continue;
+                        }
+                        // A count that fails (a party offline, or refusing
+                        // it) is retried: nothing has started yet.
+                        Err(Stop::Pause(why)) => {
+                            self.phase(
+                                &format!("waiting for new rows (iteration {number}): the count failed: {why}"),
+                                false,
+                            );
+                            self.sleep(poll.max(Duration::from_secs(1)))?;
+                            continue;
+                        }
+                        Err(other) => return Err(other),
                     };
                     let it = PipelineIteration {
                         iteration: number,
@@ -263,7 +289,12 @@ impl Pipeline {
         })
     }
 
-    fn iteration(&mut self, it: &mut PipelineIteration, current: DeploymentRecord, started: Instant) -> Result<(), Stop> {
+    fn iteration(
+        &mut self,
+        it: &mut PipelineIteration,
+        current: DeploymentRecord,
+        started: Instant,
+    ) -> Result<(), Stop> {
         let n = it.iteration;
         let mut deployed = current;
         // 1. The version this pipeline deployed last, on the batch that came
@@ -296,7 +327,8 @@ impl Pipeline {
         self.compute_ms += history.iter().filter_map(|r| r.metrics.get("train_ms_max")).sum::<f64>().round() as u64;
         // 3. The gate, on the held-out rows.
         self.phase(&format!("iteration {n}: evaluating the candidate"), false);
-        let candidate = DeploymentRecord { job_id: it.candidate_job.clone(), round: candidate_round, ..deployed.clone() };
+        let candidate =
+            DeploymentRecord { job_id: it.candidate_job.clone(), round: candidate_round, ..deployed.clone() };
         let cand = self.evaluate(n, &candidate, PipelineRows::All, "gate candidate")?;
         let dep = self.evaluate(n, &deployed, PipelineRows::All, "gate deployed")?;
         let (Some(cand), Some(dep)) = (cand, dep) else {
@@ -309,10 +341,8 @@ impl Pipeline {
         it.deployed_metric = Some(d);
         let gain = self.inc.improvement(c, d);
         if gain < self.inc.min_delta {
-            it.gate = format!(
-                "refused: {metric} {c:.4} vs deployed {d:.4} ({gain:+.4} < min_delta {})",
-                self.inc.min_delta
-            );
+            it.gate =
+                format!("refused: {metric} {c:.4} vs deployed {d:.4} ({gain:+.4} < min_delta {})", self.inc.min_delta);
             it.outcome = "kept".into();
             return Ok(());
         }
@@ -320,8 +350,14 @@ impl Pipeline {
             format!("passed: {metric} {c:.4} vs deployed {d:.4} ({gain:+.4} >= min_delta {})", self.inc.min_delta);
         // 4. Deploy.
         self.phase(&format!("iteration {n}: deploying"), false);
-        let mut record =
-            crate::services::next_record(&self.hub, &self.inc.service, &it.candidate_job, candidate_round, &self.signer()?, &self.grant.grant)?;
+        let mut record = crate::services::next_record(
+            &self.hub,
+            &self.inc.service,
+            &it.candidate_job,
+            candidate_round,
+            &self.signer()?,
+            &self.grant.grant,
+        )?;
         record.pipeline = Some(self.step(n, it.gate.clone()));
         let seq = record.sequence;
         let (_, msg) = crate::services::deploy_by_pipeline(&self.hub, record, self.grant.clone())?;
@@ -336,7 +372,8 @@ impl Pipeline {
     /// Compares the version this pipeline deployed with the one it
     /// replaced, on the new rows; rolls back when it is worse.
     fn post_deployment_check(&mut self, n: u32, deployed: &mut DeploymentRecord) -> Result<String, Stop> {
-        let mine = deployed.pipeline.as_ref().is_some_and(|p| p.job == self.id) && deployed.action.as_str() == "deploy";
+        let mine =
+            deployed.pipeline.as_ref().is_some_and(|p| p.job == self.id) && deployed.action == DeployAction::Deploy;
         if !mine {
             return Ok(String::new());
         }
@@ -390,9 +427,10 @@ impl Pipeline {
 
     /// The model of a deployed version.
     fn version(&self, r: &DeploymentRecord) -> Result<Parameters, Stop> {
-        let v = self.hub.db().model_version(&r.job_id, r.round)?.ok_or_else(|| {
-            Stop::Pause(format!("the model of job {} round {} is no longer kept", r.job_id, r.round))
-        })?;
+        let v =
+            self.hub.db().model_version(&r.job_id, r.round)?.ok_or_else(|| {
+                Stop::Pause(format!("the model of job {} round {} is no longer kept", r.job_id, r.round))
+            })?;
         let bytes = std::fs::read(&v.path).map_err(|e| Error::io(&v.path, e))?;
         Ok(Parameters::from_safetensors(&bytes).map_err(Error::from)?)
     }
@@ -409,7 +447,8 @@ impl Pipeline {
         raw.kind = kind.as_str().to_owned();
         raw.incremental = None;
         raw.from_job = Some(from_job.to_owned());
-        raw.pipeline = Some(PipelineRef { job: self.id.clone(), iteration: n, service: self.inc.service.clone(), rows });
+        raw.pipeline =
+            Some(PipelineRef { job: self.id.clone(), iteration: n, service: self.inc.service.clone(), rows });
         if kind == JobKind::Evaluate {
             raw.rounds = 1;
             // An evaluation reveals metrics, never updates: DP applies to
@@ -476,7 +515,12 @@ impl Pipeline {
             if error.contains("no evaluation examples") || error.contains("holds no examples") {
                 return Ok((None, id));
             }
-            return Err(Stop::Pause(format!("{what} evaluation job {id} {}: {}", st.state.as_str(), refusals(&st))));
+            let why = format!("{what} evaluation job {id} {}: {}", st.state.as_str(), refusals(&st));
+            if rows == PipelineRows::New && what == "count" {
+                // Retried: the failed count is not kept.
+                self.hub.db().forget_job(&id, self.hub.models_dir())?;
+            }
+            return Err(Stop::Pause(why));
         }
         let rows = st.metrics.get("num_examples").copied().unwrap_or(0.0).round() as u64;
         Ok(((rows > 0).then_some(Scored { rows, metrics: st.metrics }), id))

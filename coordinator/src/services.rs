@@ -118,9 +118,10 @@ pub fn next_record(
     signer: &str,
     grant: &confide_proto::deploy::PipelineGrant,
 ) -> Result<DeploymentRecord, Error> {
-    let version = hub.db().model_version(job_id, round)?.ok_or_else(|| {
-        Error::NotFound(format!("job {job_id} has no kept model version after round {round}"))
-    })?;
+    let version = hub
+        .db()
+        .model_version(job_id, round)?
+        .ok_or_else(|| Error::NotFound(format!("job {job_id} has no kept model version after round {round}")))?;
     let current = history(hub.db(), service)?.into_iter().next();
     Ok(DeploymentRecord {
         service: service.to_owned(),

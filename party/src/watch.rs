@@ -135,8 +135,10 @@ impl Watches {
             }
             let at = || format!("{}:{}", self.labels.display(), i + 1);
             let (sha, label) = line.split_once(',').ok_or_else(|| format!("{}: expected sha256,label", at()))?;
-            let label: u32 =
-                label.trim().parse().map_err(|_| format!("{}: label {:?} is not a class number", at(), label.trim()))?;
+            let label: u32 = label
+                .trim()
+                .parse()
+                .map_err(|_| format!("{}: label {:?} is not a class number", at(), label.trim()))?;
             labels.insert(sha.trim().to_owned(), label);
         }
         let mut out = BTreeMap::new();
@@ -176,7 +178,8 @@ impl Watches {
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         let mine = marks.pipelines.get(&p.job).cloned().unwrap_or_default();
         let is_new = |key: &str| mine.get(key).is_none_or(|&it| it >= p.iteration);
-        let batch_key = |b: &Path| format!("{dataset}/{}", b.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        let batch_key =
+            |b: &Path| format!("{dataset}/{}", b.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
         let new_batches: Vec<PathBuf> = batches.iter().filter(|b| is_new(&batch_key(b))).cloned().collect();
         let new_labels: Vec<&String> = labelled.keys().filter(|sha| is_new(&label_key(sha))).collect();
         let mut out = source.clone();

@@ -410,7 +410,9 @@ impl SignedDeployment {
             serde_json::from_slice(&msg.record).map_err(|e| Error::InvalidInput(format!("deployment record: {e}")))?;
         let model = record.validate().map_err(|e| Error::InvalidInput(format!("deployment record: {e}")))?;
         match (&grant, &record.pipeline) {
-            (Some(g), _) => g.allows(&record, &model).map_err(|e| Error::InvalidInput(format!("pipeline grant: {e}")))?,
+            (Some(g), _) => {
+                g.allows(&record, &model).map_err(|e| Error::InvalidInput(format!("pipeline grant: {e}")))?
+            }
             (None, Some(_)) => {
                 return Err(Error::InvalidInput("deployment record: a pipeline's deployment without its grant".into()));
             }
@@ -577,7 +579,12 @@ mod tests {
         let mut r = record(seq, 2, seq.checked_sub(1).filter(|&s| s > 0));
         r.admin = "confide-coordinator".into();
         r.issued_at = 10;
-        r.pipeline = Some(PipelineStep { job: "p1".into(), spec_sha256: spec_sha256(spec), iteration: 1, reason: "gate".into() });
+        r.pipeline = Some(PipelineStep {
+            job: "p1".into(),
+            spec_sha256: spec_sha256(spec),
+            iteration: 1,
+            reason: "gate".into(),
+        });
         r
     }
 

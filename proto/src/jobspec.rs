@@ -939,7 +939,9 @@ impl RawJobSpec {
             }
         }
         match (&kind, &self.incremental) {
-            (JobKind::Incremental, None) => err("incremental", "an incremental job needs its [incremental] table".into()),
+            (JobKind::Incremental, None) => {
+                err("incremental", "an incremental job needs its [incremental] table".into())
+            }
             (JobKind::Incremental, Some(i)) => {
                 for (f, m) in i.validate() {
                     err(&f, m);
@@ -948,7 +950,9 @@ impl RawJobSpec {
                     err("from_job", "an incremental pipeline starts from its service's deployed version".into());
                 }
             }
-            (_, Some(_)) => err("incremental", format!("only applies to incremental jobs (kind is {:?})", kind.as_str())),
+            (_, Some(_)) => {
+                err("incremental", format!("only applies to incremental jobs (kind is {:?})", kind.as_str()))
+            }
             (_, None) => {}
         }
         if let Some(p) = &self.pipeline {

@@ -137,7 +137,9 @@ impl PipelineRef {
     /// Checks every field; `(field, message)` pairs, paths under `pipeline`.
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut e = Vec::new();
-        if self.job.is_empty() || self.job.len() > 64 || !self.job.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        if self.job.is_empty()
+            || self.job.len() > 64
+            || !self.job.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         {
             e.push(("pipeline.job".into(), format!("{:?} is not a job id", self.job)));
         }

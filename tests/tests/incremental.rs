@@ -30,7 +30,11 @@ fn rows(fed: &Federation, party: &str, range: std::ops::Range<usize>, flip: bool
         .take(range.len())
         .map(|l| {
             let (features, label) = l.rsplit_once(',').expect("label");
-            let label = if flip { 1 - label.trim().parse::<u32>().expect("label") } else { label.trim().parse().expect("label") };
+            let label = if flip {
+                1 - label.trim().parse::<u32>().expect("label")
+            } else {
+                label.trim().parse().expect("label")
+            };
             format!("{features},{label}\n")
         })
         .collect()
@@ -50,17 +54,26 @@ fn pipeline_spec(names: &[String], min_delta: f64, max_iterations: u32) -> Strin
         )
 }
 
-#[test]
-fn a_pipeline_retrains_gates_deploys_survives_a_restart_and_rolls_back_a_worse_version() {
-    let names: Vec<String> = (0..2).map(|i| format!("site-{i}")).collect();
+/// `n` parties sharing the breast-cancer rows, each with a watched
+/// directory `batches/NAME` holding its first `first_rows` rows as batch
+/// 001; the coordinator started.
+fn watched_federation(n: usize, first_rows: usize) -> (Federation, Vec<String>) {
+    let names: Vec<String> = (0..n).map(|i| format!("site-{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut fed = Federation::new(&refs, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1");
-    for n in &names {
-        let dir = fed.path(&format!("batches/{n}"));
+    let weights = vec!["1"; n].join(",");
+    let mut fed = Federation::new(&refs, &repo_root().join("examples/data/breast_cancer.csv"), true, &weights);
+    for name in &names {
+        let dir = fed.path(&format!("batches/{name}"));
         std::fs::create_dir_all(&dir).expect("watched dir");
-        drop_batch(&dir, "001.csv", &rows(&fed, n, 0..170, false));
+        drop_batch(&dir, "001.csv", &rows(&fed, name, 0..first_rows, false));
     }
     fed.start_coordinator();
+    (fed, names)
+}
+
+#[test]
+fn a_pipeline_retrains_gates_deploys_survives_a_restart_and_rolls_back_a_worse_version() {
+    let (mut fed, names) = watched_federation(2, 170);
     let watched = |n: &str| format!("[datasets.watched]\npath = \"batches/{n}\"\n");
     let serve = "[serve]\nservices = [\"triage\"]\nlisten = \"127.0.0.1:0\"\n";
     fed.start_party("site-0", &format!("{}{serve}", watched("site-0")));
@@ -68,8 +81,9 @@ fn a_pipeline_retrains_gates_deploys_survives_a_restart_and_rolls_back_a_worse_v
     let addr = fed.party_endpoint("site-0");
 
     // A barely trained first version, deployed by the administrator.
-    let weak = job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.00001")
-        .replace("dataset = \"data\"", "dataset = \"watched\"");
+    let weak =
+        job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.00001")
+            .replace("dataset = \"data\"", "dataset = \"watched\"");
     let v1 = fed.submit("weak.toml", &weak);
     assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
     fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
@@ -78,8 +92,9 @@ fn a_pipeline_retrains_gates_deploys_survives_a_restart_and_rolls_back_a_worse_v
     // The pipeline: its first count finds batch 001 new (170 rows a party),
     // trains from version 1, and the gate passes.
     let p = fed.submit("pipeline.toml", &pipeline_spec(&names, 0.0, 2));
-    let st = fed.wait_for(&p, 180, "iteration 1 to deploy", |s| iteration(s, 0)["outcome"] != "running"
-        && iteration(s, 0)["outcome"].is_string());
+    let st = fed.wait_for(&p, 180, "iteration 1 to deploy", |s| {
+        iteration(s, 0)["outcome"] != "running" && iteration(s, 0)["outcome"].is_string()
+    });
     let it1 = iteration(&st, 0);
     assert_eq!(it1["outcome"], "deployed", "{st:#}\n{}", fed.logs());
     assert_eq!(it1["new_rows"], 340, "{it1:#}");
@@ -127,7 +142,10 @@ fn a_pipeline_retrains_gates_deploys_survives_a_restart_and_rolls_back_a_worse_v
         (Some("rollback"), Some(v1.as_str()), Some(1)),
         "{rollback:#}"
     );
-    assert_eq!((rollback["pipeline"]["job"].as_str(), rollback["pipeline"]["iteration"].as_u64()), (Some(p.as_str()), Some(2)));
+    assert_eq!(
+        (rollback["pipeline"]["job"].as_str(), rollback["pipeline"]["iteration"].as_u64()),
+        (Some(p.as_str()), Some(2))
+    );
     // After the rollback the iteration retrained from version 1; its gate
     // decided whether a fourth deployment followed.
     let newest = if it2["outcome"] == "deployed" { 4 } else { 3 };
@@ -161,20 +179,13 @@ fn dp_spec(names: &[String], kind: &str, extra: &str) -> String {
 /// the next one, the pipeline pauses, naming the party and its ledger.
 #[test]
 fn a_dp_pipeline_pauses_when_a_partys_budget_would_be_exceeded() {
-    let names: Vec<String> = (0..2).map(|i| format!("site-{i}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut fed = Federation::new(&refs, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1");
-    for n in &names {
-        let dir = fed.path(&format!("batches/{n}"));
-        std::fs::create_dir_all(&dir).expect("watched dir");
-        drop_batch(&dir, "001.csv", &rows(&fed, n, 0..170, false));
-    }
+    let (mut fed, names) = watched_federation(2, 170);
     let first = dp_spec(&names, "train", "");
-    let spec = confide_proto::jobspec::JobSpec::parse(&first, "dp.toml", &confide_proto::Limits::default()).expect("spec");
+    let spec =
+        confide_proto::jobspec::JobSpec::parse(&first, "dp.toml", &confide_proto::Limits::default()).expect("spec");
     let cost = spec.dp.as_ref().expect("dp").epsilon(&spec.training, spec.rounds);
     // Room for the first version and one iteration, not two.
     let budget = 2.5 * cost;
-    fed.start_coordinator();
     for n in &names {
         let serve = if n == "site-0" { "[serve]\nservices = [\"triage\"]\n" } else { "" };
         let extra = format!(
@@ -188,7 +199,8 @@ fn a_dp_pipeline_pauses_when_a_partys_budget_would_be_exceeded() {
     fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "2"]);
     let inc = "[incremental]\nservice = \"triage\"\nmin_new_rows = 100\npoll_secs = 0.3\nmin_delta = -1.0\n";
     let p = fed.submit("pipeline.toml", &dp_spec(&names, "incremental", inc));
-    let st = fed.wait_for(&p, 180, "iteration 1", |s| iteration(s, 0)["outcome"].as_str().is_some_and(|o| o != "running"));
+    let st =
+        fed.wait_for(&p, 180, "iteration 1", |s| iteration(s, 0)["outcome"].as_str().is_some_and(|o| o != "running"));
     assert_eq!(iteration(&st, 0)["outcome"], "deployed", "{st:#}\n{}", fed.logs());
     for n in &names {
         drop_batch(&fed.path(&format!("batches/{n}")), "002.csv", &rows(&fed, n, 170..284, false));
@@ -198,11 +210,130 @@ fn a_dp_pipeline_pauses_when_a_partys_budget_would_be_exceeded() {
     });
     let phase = st["pipeline_phase"].as_str().unwrap_or("");
     assert!(phase.contains("party site-") && phase.contains("has spent ε"), "{phase}");
-    assert_eq!((st["state"].as_str(), iteration(&st, 1)["outcome"].as_str()), (Some("running"), Some("paused")), "{st:#}");
+    assert_eq!(
+        (st["state"].as_str(), iteration(&st, 1)["outcome"].as_str()),
+        (Some("running"), Some("paused")),
+        "{st:#}"
+    );
     // The ledger charged two jobs, not three.
     let ledger = std::fs::read_to_string(fed.path("pki/parties/site-1.ledger.json")).expect("ledger");
     let charged: Value = serde_json::from_str(&ledger).expect("ledger JSON");
     assert_eq!(charged["datasets"]["watched"]["jobs"].as_object().map(|j| j.len()), Some(2), "{charged:#}");
     let out = fed.run_ok(&["job", "cancel", &p]);
     assert!(out.contains("cancelled"), "{out}");
+}
+
+/// The coordinator starts a pipeline only with an administrator's grant for
+/// exactly the spec submitted, its service and its architecture.
+#[test]
+fn a_pipeline_is_refused_without_a_matching_administrators_grant() {
+    use confide_crypto::pki::PkiDir;
+    use confide_proto::deploy::{PipelineGrant, SignedGrant, admin_signer, spec_sha256};
+    use confide_proto::net::{ClientIdentity, connect};
+    use confide_proto::pb::{self, admin_service_client::AdminServiceClient};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (fed, names) = watched_federation(2, 10);
+    let spec = pipeline_spec(&names, 0.0, 1);
+    let pki = PkiDir::new(fed.path("pki"));
+    let (akey, acert, admin) = admin_signer(&pki).expect("admin");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let grant = |service: &str, text: &str, architecture: &str| PipelineGrant {
+        service: service.into(),
+        spec_sha256: spec_sha256(text),
+        architecture: architecture.into(),
+        joint: None,
+        issued_at: now,
+        expires_at: now + 3600,
+        admin: admin.clone(),
+    };
+    let logreg = "kind = \"logistic_regression\"\nclasses = 2\n";
+    let party_key =
+        confide_crypto::identity::IdentityKey::from_pem(&std::fs::read(pki.party_key("site-0")).expect("key"))
+            .expect("key");
+    let party_cert = confide_proto::net::load_certs(&pki.party_cert("site-0")).expect("cert")[0].to_vec();
+    let cases: Vec<(Option<SignedGrant>, &str)> = vec![
+        (None, "needs the administrator's grant"),
+        (
+            Some(SignedGrant::sign(grant("triage", "another spec", logreg), &akey, acert.clone()).expect("grant")),
+            "another spec",
+        ),
+        (
+            Some(SignedGrant::sign(grant("billing", &spec, logreg), &akey, acert.clone()).expect("grant")),
+            "for service billing",
+        ),
+        (
+            Some(
+                SignedGrant::sign(
+                    grant("triage", &spec, "kind = \"mlp\"\nclasses = 2\nhidden = [4]\n"),
+                    &akey,
+                    acert.clone(),
+                )
+                .expect("grant"),
+            ),
+            "architecture",
+        ),
+        (
+            Some(SignedGrant::sign(grant("triage", &spec, logreg), &party_key, party_cert).expect("grant")),
+            "grant signature",
+        ),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
+        let url = format!("https://{}", fed.addr);
+        let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
+        let mut client = AdminServiceClient::new(connect(&id).await.expect("admin connection"));
+        for (grant, expected) in cases {
+            let req = pb::SubmitJobRequest {
+                spec_toml: spec.clone(),
+                file_name: "pipeline.toml".into(),
+                grant: grant.map(|g| g.to_pb()),
+            };
+            let e = client.submit_job(req).await.expect_err("refused").message().to_string();
+            assert!(e.contains(expected), "{expected}: {e}");
+        }
+        // A train job carries no grant.
+        let train = job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 1");
+        let g = SignedGrant::sign(grant("triage", &train, logreg), &akey, acert.clone()).expect("grant");
+        let req = pb::SubmitJobRequest { spec_toml: train, file_name: "train.toml".into(), grant: Some(g.to_pb()) };
+        let e = client.submit_job(req).await.expect_err("refused").message().to_string();
+        assert!(e.contains("only an incremental pipeline carries a grant"), "{e}");
+    });
+}
+
+/// Under secure aggregation every job of the pipeline goes through it: the
+/// parties accept only `secagg` jobs, so the count of new rows and the
+/// gate's metrics reach the coordinator only as sums.
+#[test]
+fn a_pipeline_under_secure_aggregation_counts_and_gates_through_secure_sums() {
+    let (mut fed, names) = watched_federation(3, 120);
+    for n in &names {
+        let serve = if n == "site-0" { "[serve]\nservices = [\"triage\"]\n" } else { "" };
+        let extra =
+            format!("[datasets.watched]\npath = \"batches/{n}\"\n[policy]\naggregation = [\"secagg\"]\n{serve}");
+        fed.start_party(n, &extra);
+    }
+    let secagg = "[aggregation]\nprotocol = \"secagg\"\n[aggregation.secagg]\nmax_examples = 1000\nclip = 4.0\n";
+    let first =
+        job_spec(&names, 3, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.00001")
+            .replace("dataset = \"data\"", "dataset = \"watched\"")
+            + secagg;
+    let v1 = fed.submit("first.toml", &first);
+    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
+    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
+    let spec = pipeline_spec(&names, 0.0, 1).replace("min = 2", "min = 3") + secagg;
+    let p = fed.submit("pipeline.toml", &spec);
+    let st = fed.wait_for(&p, 240, "the pipeline to end", |s| s["state"] != "running");
+    let it = iteration(&st, 0);
+    assert_eq!(
+        (st["state"].as_str(), it["outcome"].as_str()),
+        (Some("succeeded"), Some("deployed")),
+        "{st:#}\n{}",
+        fed.logs()
+    );
+    assert_eq!(it["new_rows"], 360, "the secure sum of the parties' new rows: {it:#}");
+    let count = it["trigger"].as_str().and_then(|t| t.split("count job ").nth(1)).map(|j| j.trim_end_matches(')'));
+    let count = fed.status(count.expect("count job"));
+    assert_eq!(count["privacy"]["aggregation"], "secagg", "{count:#}");
+    assert!(count["history"][0]["participants"].as_array().is_some_and(|p| p.len() == 3), "{count:#}");
 }

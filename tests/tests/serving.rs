@@ -3,8 +3,7 @@
 //! on its local HTTP endpoint, hot-swapped under load with no failed request,
 //! rolled back, and refused with a 4xx that names the problem.
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use confide_tests::{Federation, bin_dir, job_spec, repo_root};
 use serde_json::Value;

@@ -349,9 +349,7 @@ impl Registry {
         // A pipeline's grant ends: a new deployment under it is refused
         // after its expiry by this party's clock, whatever the record says.
         if let Some(g) = &d.grant {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             if now > g.grant.expires_at {
                 return Err(format!(
                     "the coordinator sent a pipeline's deployment {} of service {} under a grant that expired at {}",
@@ -919,8 +917,12 @@ mod tests {
             let mut r = record(seq, bytes, LOGREG);
             r.admin = coord_name.clone();
             r.issued_at = now - 50;
-            r.pipeline =
-                Some(PipelineStep { job: "p1".into(), spec_sha256: "ab".repeat(32), iteration: 1, reason: "gate".into() });
+            r.pipeline = Some(PipelineStep {
+                job: "p1".into(),
+                spec_sha256: "ab".repeat(32),
+                iteration: 1,
+                reason: "gate".into(),
+            });
             SignedDeployment::sign_under_grant(r, g, &coord_key, coord_cert.clone()).unwrap().to_pb()
         };
         deliver(&reg, &by_pipeline(2, &v2, grant(now + 3600)), &v2).unwrap();
