@@ -152,15 +152,42 @@ fn a_pipeline_retrains_gates_deploys_survives_a_restart_and_rolls_back_a_worse_v
     assert_eq!(history.iter().map(|d| d["sequence"].as_u64().unwrap_or(0)).max(), Some(newest), "{it2:#}");
     wait_for_sequence(&fed, addr, "triage", newest);
 
-    // A gate asking for a whole point of accuracy keeps what is deployed.
-    let strict = fed.submit("strict.toml", &pipeline_spec(&names, 1.0, 1));
-    let st = fed.wait_for(&strict, 240, "the strict pipeline to end", |s| s["state"] != "running");
+    // The administrator deploys iteration 1's candidate (a good model)
+    // again, and a pipeline whose training shrinks every weight (a heavy L2
+    // penalty) produces a worse candidate, which its gate refuses: the
+    // good model stays.
+    // The hospitals drop the corrupted batch first (a batch removed is no
+    // longer read).
+    for n in &names {
+        std::fs::remove_file(fed.path(&format!("batches/{n}/002.csv"))).expect("remove the corrupted batch");
+    }
+    let good = it1["candidate_job"].as_str().expect("candidate job").to_owned();
+    fed.run_ok(&["model", "deploy", "triage", "--job", &good, "--round", "3"]);
+    let good_seq = newest + 1;
+    wait_for_sequence(&fed, addr, "triage", good_seq);
+    let shrink = pipeline_spec(&names, 0.0, 1)
+        .replace("learning_rate = 0.1", "learning_rate = 0.1\nl2 = 5.0")
+        .replace("metric = \"accuracy\"", "metric = \"loss\"");
+    let worse = fed.submit("worse.toml", &shrink);
+    let st = fed.wait_for(&worse, 240, "the second pipeline to end", |s| s["state"] != "running");
     let it = iteration(&st, 0);
     assert_eq!((st["state"].as_str(), it["outcome"].as_str()), (Some("succeeded"), Some("kept")), "{st:#}");
+    assert!(it["candidate_metric"].as_f64() > it["deployed_metric"].as_f64(), "a worse (higher) loss: {it:#}");
     assert!(it["gate"].as_str().unwrap_or("").starts_with("refused"), "{it:#}");
     assert!(it["deployed_sequence"].is_null(), "{it:#}");
     let (status, health) = http::get(addr, "GET", "/healthz", "");
-    assert_eq!((status, health["services"]["triage"]["version"]["sequence"].as_u64()), (200, Some(newest)), "{health}");
+    let served = &health["services"]["triage"]["version"];
+    assert_eq!(
+        (status, served["sequence"].as_u64(), served["job_id"].as_str()),
+        (200, Some(good_seq), Some(good.as_str()))
+    );
+
+    // A gate asking for a whole point of accuracy keeps what is deployed too.
+    let strict = fed.submit("strict.toml", &pipeline_spec(&names, 1.0, 1));
+    let st = fed.wait_for(&strict, 240, "the strict pipeline to end", |s| s["state"] != "running");
+    let it = iteration(&st, 0);
+    assert_eq!(it["outcome"], "kept", "{st:#}");
+    assert!(it["gate"].as_str().unwrap_or("").contains("< min_delta 1"), "{it:#}");
 }
 
 fn dp_spec(names: &[String], kind: &str, extra: &str) -> String {
