@@ -209,6 +209,21 @@ impl Pipeline {
                 self.sleep(poll)?;
                 continue;
             };
+            // Training starts from the deployed model: it must be this
+            // pipeline's architecture (an administrator may have deployed
+            // another since).
+            let deployed_model: Result<confide_algorithms::ModelConfig, _> = toml::from_str(&current.architecture);
+            if deployed_model.as_ref().ok() != Some(&self.spec.model) {
+                self.phase(
+                    &format!(
+                        "waiting: deployment {} of service {} is not this pipeline's [model] architecture",
+                        current.sequence, self.inc.service
+                    ),
+                    false,
+                );
+                self.sleep(poll)?;
+                continue;
+            }
             let mut it = match resumed {
                 Some(it) => it,
                 None => {
