@@ -41,7 +41,9 @@ pub struct Watches {
     labels: PathBuf,
     /// Where the labelled hard examples of a job are written as a batch.
     scratch: PathBuf,
-    hard_log: Mutex<()>,
+    /// The hard examples already kept, `service:sha256` (read from the file
+    /// on first use): each is kept once, however often it is asked.
+    hard_seen: Mutex<Option<std::collections::HashSet<String>>>,
 }
 
 /// Whether a job's selection holds no batch (a pipeline's count of new
@@ -85,19 +87,43 @@ impl Watches {
             hard_examples: hard_examples.to_owned(),
             labels: labels.to_owned(),
             scratch: scratch.to_owned(),
-            hard_log: Mutex::new(()),
+            hard_seen: Mutex::new(None),
         })
     }
 
     /// Keeps hard rows of `service` (row-major, `width` features) for
-    /// labelling: one `sha256,service,features...` line each, synced.
+    /// labelling: one `sha256,service,features...` line for each row not
+    /// kept before, synced.
     pub fn keep_hard_examples(&self, service: &str, rows: &[f32], width: usize) -> Result<(), String> {
         if width == 0 {
             return Ok(());
         }
+        let path = &self.hard_examples;
+        let mut seen = self.hard_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.is_none() {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(format!("hard examples {}: {e}", path.display())),
+            };
+            let keys = text
+                .lines()
+                .filter_map(|l| {
+                    let mut cells = l.split(',');
+                    let (sha, svc) = (cells.next()?, cells.next()?);
+                    Some(format!("{svc}:{sha}"))
+                })
+                .collect();
+            *seen = Some(keys);
+        }
+        let Some(seen) = seen.as_mut() else { return Ok(()) };
         let mut text = String::new();
         for row in rows.chunks(width) {
-            text.push_str(&crate::audit::rows_sha256(row));
+            let sha = crate::audit::rows_sha256(row);
+            if !seen.insert(format!("{service}:{sha}")) {
+                continue;
+            }
+            text.push_str(&sha);
             text.push(',');
             text.push_str(service);
             for v in row {
@@ -106,7 +132,9 @@ impl Watches {
             }
             text.push('\n');
         }
-        let _guard = self.hard_log.lock().unwrap_or_else(|p| p.into_inner());
+        if text.is_empty() {
+            return Ok(());
+        }
         let mut opts = std::fs::OpenOptions::new();
         opts.create(true).append(true);
         #[cfg(unix)]
@@ -114,7 +142,6 @@ impl Watches {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(0o600);
         }
-        let path = &self.hard_examples;
         let mut f = opts.open(path).map_err(|e| format!("hard examples {}: {e}", path.display()))?;
         f.write_all(text.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| format!("{}: {e}", path.display()))
     }
@@ -265,20 +292,18 @@ mod tests {
         std::fs::write(dir.join(name), text).unwrap();
     }
 
+    /// Watches with every file under `dir`.
+    fn open_in(dir: &Path) -> Watches {
+        Watches::open(&dir.join("w.json"), &dir.join("hard.csv"), &dir.join("labels.csv"), &dir.join("scratch"))
+            .unwrap()
+    }
+
     #[test]
     fn new_batches_are_the_ones_no_earlier_iteration_trained_on_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
-        let open = || {
-            Watches::open(
-                &dir.path().join("w.json"),
-                &dir.path().join("hard.csv"),
-                &dir.path().join("labels.csv"),
-                &dir.path().join("scratch"),
-            )
-            .unwrap()
-        };
+        let open = || open_in(dir.path());
         let w = open();
         let src = DatasetSource::csv(data.clone());
         batch(&data, "001.csv", &[(1.0, 0), (2.0, 1)]);
@@ -309,17 +334,18 @@ mod tests {
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         batch(&data, "001.csv", &[(1.0, 0)]);
-        let w = Watches::open(
-            &dir.path().join("w.json"),
-            &dir.path().join("hard.csv"),
-            &dir.path().join("labels.csv"),
-            &dir.path().join("scratch"),
-        )
-        .unwrap();
+        let open = || open_in(dir.path());
+        let w = open();
         let src = DatasetSource::csv(data.clone());
         w.select(&spec("train", 1, "all"), "d", &src).unwrap();
         w.keep_hard_examples("triage", &[7.0, 8.0], 1).unwrap();
+        w.keep_hard_examples("triage", &[7.0, 7.0], 1).unwrap();
         w.keep_hard_examples("other", &[9.0], 1).unwrap();
+        let kept = std::fs::read_to_string(dir.path().join("hard.csv")).unwrap();
+        assert_eq!(kept.lines().count(), 3, "each hard example once: {kept}");
+        let reopened = open();
+        reopened.keep_hard_examples("triage", &[8.0], 1).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("hard.csv")).unwrap(), kept, "also after a restart");
         // Unlabelled hard examples are not rows yet.
         assert!(no_rows(&w.select(&spec("evaluate", 2, "new"), "d", &src).unwrap()));
         let sha7 = crate::audit::rows_sha256(&[7.0]);
