@@ -16,6 +16,7 @@
 # and a JSON line. Not part of `make test` (its pieces are tested there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/demo-lib.sh
 BIN=${CONFIDE_BIN:-target/debug}
 DEMO=target/demo-lifecycle
 rm -rf "$DEMO"
@@ -44,13 +45,7 @@ done
 BATCH_ROWS=$(wc -l <"$DEMO/batches/hospital-a/001.csv")
 
 echo "== 3. coordinator"
-"$BIN/confide" coordinator serve --listen 127.0.0.1:0 --data-dir "$DEMO/coordinator" --pki "$DEMO/pki" \
-  >"$DEMO/logs/coordinator.out" 2>"$DEMO/logs/coordinator.log" &
-PIDS+=($!)
-for _ in $(seq 100); do grep -q "listening on" "$DEMO/logs/coordinator.out" 2>/dev/null && break; sleep 0.1; done
-ADDR=$(sed -n 's/.*listening on //p' "$DEMO/logs/coordinator.out")
-[ -n "$ADDR" ] || { echo "coordinator did not start:"; cat "$DEMO/logs/coordinator.log"; exit 1; }
-echo "   coordinator at $ADDR"
+start_coordinator
 
 echo "== 4. parties (they only dial out); hospital-a serves \"digits\" on a local endpoint"
 for p in "${ALL[@]}"; do

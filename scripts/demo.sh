@@ -10,6 +10,7 @@
 # prints one JSON line for scripts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/demo-lib.sh
 BIN=${CONFIDE_BIN:-target/debug}
 DEMO=target/demo
 rm -rf "$DEMO"
@@ -29,13 +30,7 @@ echo "      class balance drawn from Dirichlet(1)); 20% held out as a test set n
   --out "$DEMO/data" | sed 's/^/   /'
 
 echo "== 3. starting the coordinator"
-"$BIN/confide" coordinator serve --listen 127.0.0.1:0 --data-dir "$DEMO/coordinator" --pki "$DEMO/pki" \
-  >"$DEMO/logs/coordinator.out" 2>"$DEMO/logs/coordinator.log" &
-PIDS+=($!)
-for _ in $(seq 100); do grep -q "listening on" "$DEMO/logs/coordinator.out" 2>/dev/null && break; sleep 0.1; done
-ADDR=$(sed -n 's/.*listening on //p' "$DEMO/logs/coordinator.out")
-[ -n "$ADDR" ] || { echo "coordinator did not start:"; cat "$DEMO/logs/coordinator.log"; exit 1; }
-echo "   coordinator at $ADDR"
+start_coordinator
 
 # Each data set may spend at most this record-level ε across all jobs; a job
 # without differential privacy (ε = ∞) is refused. CONFIDE_DEMO_MAX_EPSILON=none

@@ -24,14 +24,11 @@ use confide_algorithms::data::{CsvOptions, Dataset};
 /// Runs the benchmark: `batches` batches after the first, polled every
 /// `poll_secs`. One JSON object per iteration, then a summary.
 pub async fn bench_incremental(data: &Path, batches: usize, poll_secs: f64) -> Result<Vec<serde_json::Value>, String> {
-    use confide_coordinator::server::{self, CoordinatorConfig};
     use confide_crypto::pki::PkiDir;
     use confide_party::config::PartyConfig;
     use confide_party::node::PartyNode;
     use confide_proto::deploy::{DeployAction, DeploymentRecord, PipelineGrant, SignedDeployment, SignedGrant};
-    use confide_proto::net::{ClientIdentity, connect};
-    use confide_proto::pb::{self, admin_service_client::AdminServiceClient};
-    use confide_proto::status::JobStatus;
+    use confide_proto::pb;
 
     let e = |e: &dyn std::fmt::Display| e.to_string();
     let names = ["hospital-a", "hospital-b", "hospital-c"];
@@ -56,16 +53,7 @@ pub async fn bench_incremental(data: &Path, batches: usize, poll_secs: f64) -> R
     for p in 0..parts {
         write_batch(p, 0)?;
     }
-    let coordinator = server::start(CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().map_err(|_| "addr")?,
-        data_dir: dir.path().join("coordinator"),
-        pki: pki.root().to_path_buf(),
-        limits: Default::default(),
-        models: Default::default(),
-    })
-    .await
-    .map_err(|x| e(&x))?;
-    let url = format!("https://{}", coordinator.local_addr);
+    let (coordinator, url) = crate::inproc::start_coordinator(dir.path(), &pki).await?;
     let mut nodes = Vec::new();
     let mut endpoint = None;
     for (i, name) in names.iter().enumerate() {
@@ -92,9 +80,7 @@ pub async fn bench_incremental(data: &Path, batches: usize, poll_secs: f64) -> R
     let endpoint = endpoint.ok_or("no prediction endpoint")?;
     let _tasks: Vec<_> = nodes.iter().cloned().map(|n| tokio::spawn(async move { n.run().await })).collect();
 
-    let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
-    let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
-    let mut admin = AdminServiceClient::new(connect(&id).await.map_err(|x| e(&x))?);
+    let mut admin = crate::inproc::admin(&pki, &url).await?;
     let model = "kind = \"mlp\"\nclasses = 10\nhidden = [32]";
     let spec = |kind: &str, extra: &str| {
         format!(
@@ -103,24 +89,6 @@ pub async fn bench_incremental(data: &Path, batches: usize, poll_secs: f64) -> R
              optimizer = \"adam\"\nlearning_rate = 0.01\nbatch_size = 32\nseed = 7\n[timeouts]\nrecruit_secs = 60\n{extra}"
         )
     };
-    let wait = async |admin: &mut AdminServiceClient<_>, job: &str, until: &dyn Fn(&JobStatus) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let st = admin
-                .get_job(pb::JobRef { job_id: job.to_owned(), round: None })
-                .await
-                .map_err(|s| s.message().to_string())?
-                .into_inner();
-            let st = JobStatus::try_from(st).map_err(|x| e(&x))?;
-            if until(&st) {
-                return Ok::<_, String>(st);
-            }
-            if Instant::now() > deadline {
-                return Err(format!("job {job} did not get there in 600 s: {:?}", st.pipeline_phase));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     // The first version, trained on the first batch and deployed.
     let first = admin
         .submit_job(pb::SubmitJobRequest { spec_toml: spec("train", ""), file_name: "first".into(), grant: None })
@@ -128,19 +96,8 @@ pub async fn bench_incremental(data: &Path, batches: usize, poll_secs: f64) -> R
         .map_err(|s| s.message().to_string())?
         .into_inner()
         .job_id;
-    let st = wait(&mut admin, &first, &|s| s.state.is_terminal()).await?;
-    if st.state.as_str() != "succeeded" {
-        return Err(format!("first job: {}", st.error.unwrap_or_default()));
-    }
-    let v = admin
-        .list_models(pb::ListModelsRequest { job_id: first.clone() })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner()
-        .models
-        .into_iter()
-        .max_by_key(|m| m.round)
-        .ok_or("no model version")?;
+    crate::inproc::wait_succeeded(&mut admin, &first).await?;
+    let v = crate::inproc::latest_version(&mut admin, &first).await?;
     let (admin_key, admin_der, admin_name) = confide_proto::deploy::admin_signer(&pki).map_err(|x| e(&x))?;
     let record = DeploymentRecord {
         service: "digits".into(),
@@ -195,7 +152,7 @@ pub async fn bench_incremental(data: &Path, batches: usize, poll_secs: f64) -> R
             }
             landed = Instant::now();
         }
-        let st = wait(&mut admin, &pipeline, &|s| {
+        let st = crate::inproc::wait(&mut admin, &pipeline, |s| {
             s.iterations.get(iteration - 1).is_some_and(|it| it.outcome != "running") || s.state.is_terminal()
         })
         .await?;

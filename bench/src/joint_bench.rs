@@ -115,13 +115,11 @@ pub async fn bench_joint_latency(
     clients: usize,
     seconds: f64,
 ) -> Result<Vec<serde_json::Value>, String> {
-    use confide_coordinator::server::{self, CoordinatorConfig};
     use confide_crypto::pki::PkiDir;
     use confide_party::config::PartyConfig;
     use confide_party::node::PartyNode;
     use confide_proto::deploy::{DeployAction, DeploymentRecord, JointConfig, SignedDeployment};
-    use confide_proto::net::{ClientIdentity, connect};
-    use confide_proto::pb::{self, admin_service_client::AdminServiceClient};
+    use confide_proto::pb;
     use std::time::Duration;
 
     let e = |e: &dyn std::fmt::Display| e.to_string();
@@ -131,16 +129,7 @@ pub async fn bench_joint_latency(
     let ds = Dataset::load_csv(data, &CsvOptions { header: false, label_column: -1 }).map_err(|x| e(&x))?;
     let (train_rows, test) = ds.split(0.3, 11);
     std::fs::write(dir.path().join("train.csv"), train_rows.to_csv()).map_err(|x| e(&x))?;
-    let coordinator = server::start(CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().map_err(|_| "addr")?,
-        data_dir: dir.path().join("coordinator"),
-        pki: pki.root().to_path_buf(),
-        limits: Default::default(),
-        models: Default::default(),
-    })
-    .await
-    .map_err(|x| e(&x))?;
-    let url = format!("https://{}", coordinator.local_addr);
+    let (coordinator, url) = crate::inproc::start_coordinator(dir.path(), &pki).await?;
     let config = |name: &str, extra: &str| -> Result<PartyConfig, String> {
         let path = dir.path().join(format!("{name}.toml"));
         let text = format!(
@@ -167,9 +156,7 @@ pub async fn bench_joint_latency(
     let cloud_addr = cloud.start_serving().await.map_err(|x| e(&x))?.ok_or("no cloud endpoint")?;
     let tasks = [edge.clone(), cloud.clone()].map(|n| tokio::spawn(async move { n.run().await }));
 
-    let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
-    let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
-    let mut admin = AdminServiceClient::new(connect(&id).await.map_err(|x| e(&x))?);
+    let mut admin = crate::inproc::admin(&pki, &url).await?;
     let spec = |party: &str, model: &str| {
         format!(
             "name = \"{party}\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"{party}\"]\ndataset = \"digits\"\n\
@@ -189,34 +176,12 @@ pub async fn bench_joint_latency(
         jobs.push(r.into_inner().job_id);
     }
     for job in &jobs {
-        loop {
-            let st = admin
-                .get_job(pb::JobRef { job_id: job.clone(), round: None })
-                .await
-                .map_err(|s| s.message().to_string())?
-                .into_inner();
-            let st = confide_proto::status::JobStatus::try_from(st).map_err(|x| e(&x))?;
-            if st.state.is_terminal() {
-                if st.state.as_str() != "succeeded" {
-                    return Err(format!("job {job}: {}", st.error.unwrap_or_default()));
-                }
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::inproc::wait_succeeded(&mut admin, job).await?;
     }
     let (admin_key, admin_der, _) = confide_proto::deploy::admin_signer(&pki).map_err(|x| e(&x))?;
-    let version = |models: &pb::ListModelsReply| {
-        models.models.iter().max_by_key(|m| m.round).cloned().ok_or_else(|| "no model version".to_string())
-    };
     let mut versions = Vec::new();
     for job in &jobs {
-        let listed = admin
-            .list_models(pb::ListModelsRequest { job_id: job.clone() })
-            .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner();
-        versions.push(version(&listed)?);
+        versions.push(crate::inproc::latest_version(&mut admin, job).await?);
     }
     let record = |service: &str, seq: u64, v: &pb::ModelVersion, joint: Option<JointConfig>| DeploymentRecord {
         service: service.into(),

@@ -8,6 +8,7 @@
 
 mod he_bench;
 mod incremental_bench;
+mod inproc;
 mod joint_bench;
 
 use std::path::PathBuf;

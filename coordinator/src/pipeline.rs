@@ -91,7 +91,6 @@ struct Pipeline {
     spec: JobSpec,
     inc: IncrementalSpec,
     grant: SignedGrant,
-    spec_sha256: String,
     inputs: Receiver<Input>,
     /// What the parties spent computing in the current iteration (ms).
     compute_ms: u64,
@@ -109,17 +108,7 @@ pub fn run(hub: Arc<Hub>, id: String, spec: JobSpec, inputs: Receiver<Input>) {
         let msg: pb::SignedGrant = prost::Message::decode(grant.as_slice()).map_err(|e| format!("grant: {e}"))?;
         let ca = std::fs::read(hub.pki().ca_cert()).map_err(|e| e.to_string())?;
         let grant = SignedGrant::verify(&msg, &ca, &hub.revocation_list()).map_err(|e| e.to_string())?;
-        let spec_sha256 = grant.grant.spec_sha256.clone();
-        Ok(Pipeline {
-            hub: hub.clone(),
-            id: id.clone(),
-            spec: spec.clone(),
-            inc,
-            grant,
-            spec_sha256,
-            inputs,
-            compute_ms: 0,
-        })
+        Ok(Pipeline { hub: hub.clone(), id: id.clone(), spec: spec.clone(), inc, grant, inputs, compute_ms: 0 })
     };
     match setup() {
         Ok(mut p) => {
@@ -148,9 +137,9 @@ impl Pipeline {
 
     fn finish(&mut self, end: Result<(), Stop>) {
         let db = self.hub.db();
-        let (state, why) = match end {
-            Ok(()) => (JobState::Succeeded, None),
-            Err(Stop::Cancelled) => (JobState::Cancelled, None),
+        let state = match end {
+            Ok(()) => JobState::Succeeded,
+            Err(Stop::Cancelled) => JobState::Cancelled,
             Err(Stop::Gone) => return,
             Err(Stop::Pause(why)) => {
                 // Paused, not failed: the job stays running (a coordinator
@@ -165,11 +154,11 @@ impl Pipeline {
                         Err(_) => return,
                     }
                 }
-                (JobState::Cancelled, None)
+                JobState::Cancelled
             }
         };
         let _ = db.set_pipeline_phase(&self.id, state.as_str(), None);
-        let _ = db.set_job_state(&self.id, state, why);
+        let _ = db.set_job_state(&self.id, state, None);
     }
 
     /// Sleeps `d`, or returns early on cancellation.
@@ -426,7 +415,7 @@ impl Pipeline {
     }
 
     fn step(&self, iteration: u32, reason: String) -> PipelineStep {
-        PipelineStep { job: self.id.clone(), spec_sha256: self.spec_sha256.clone(), iteration, reason }
+        PipelineStep { job: self.id.clone(), spec_sha256: self.grant.grant.spec_sha256.clone(), iteration, reason }
     }
 
     fn metric(&self, s: &Scored) -> Result<f64, Stop> {
@@ -525,11 +514,6 @@ impl Pipeline {
         let id = self.submit(spec, model)?;
         let st = self.wait(&id)?;
         if st.state != JobState::Succeeded {
-            let error = st.error.clone().unwrap_or_default();
-            // No party holds such rows: the sums count none.
-            if error.contains("no evaluation examples") || error.contains("holds no examples") {
-                return Ok((None, id));
-            }
             let why = format!("{what} evaluation job {id} {}: {}", st.state.as_str(), refusals(&st));
             if rows == PipelineRows::New && what == "count" {
                 // Retried: the failed count is not kept.

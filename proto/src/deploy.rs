@@ -199,30 +199,15 @@ impl SignedGrant {
 
     /// Verifies a grant from the wire against the federation CA.
     pub fn verify(msg: &pb::SignedGrant, ca_pem: &[u8], revocations: &Revocations) -> Result<Self, Error> {
-        if msg.grant.len() > MAX_RECORD_BYTES {
-            return Err(Error::InvalidInput(format!(
-                "pipeline grant of {} bytes (at most {MAX_RECORD_BYTES})",
-                msg.grant.len()
-            )));
-        }
-        let admin = verify_statement(
-            ca_pem,
-            revocations,
+        let grant: PipelineGrant = open_statement(
+            ("pipeline grant", "pipeline grant"),
+            GRANT_DOMAIN,
             Role::Admin,
-            &msg.admin_certificate,
-            &[GRANT_DOMAIN, &msg.grant].concat(),
-            &msg.signature,
-        )
-        .map_err(|e| Error::InvalidInput(format!("pipeline grant signature: {e}")))?;
-        let grant: PipelineGrant =
-            serde_json::from_slice(&msg.grant).map_err(|e| Error::InvalidInput(format!("pipeline grant: {e}")))?;
+            (&msg.grant, &msg.signature, &msg.admin_certificate),
+            (ca_pem, revocations),
+            |g: &PipelineGrant| g.admin.clone(),
+        )?;
         let model = grant.validate().map_err(|e| Error::InvalidInput(format!("pipeline grant: {e}")))?;
-        if grant.admin != admin.name {
-            return Err(Error::InvalidInput(format!(
-                "pipeline grant: admin {:?} but signed by {:?}",
-                grant.admin, admin.name
-            )));
-        }
         Ok(SignedGrant {
             grant,
             model,
@@ -341,6 +326,31 @@ pub struct SignedDeployment {
     pub grant: Option<SignedGrant>,
 }
 
+/// Opens a signed JSON statement from the wire: at most
+/// [`MAX_RECORD_BYTES`], signed over `domain ‖ bytes` by a certificate of
+/// `role` that the CA issued and `revocations` does not revoke, parsed, and
+/// naming its signer (`signer_named`). `what` and `signed` name it in errors.
+fn open_statement<T: serde::de::DeserializeOwned>(
+    (what, signed): (&str, &str),
+    domain: &[u8],
+    role: Role,
+    (bytes, signature, certificate): (&[u8], &[u8], &[u8]),
+    (ca_pem, revocations): (&[u8], &Revocations),
+    signer_named: impl Fn(&T) -> String,
+) -> Result<T, Error> {
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(Error::InvalidInput(format!("{what} of {} bytes (at most {MAX_RECORD_BYTES})", bytes.len())));
+    }
+    let signer = verify_statement(ca_pem, revocations, role, certificate, &[domain, bytes].concat(), signature)
+        .map_err(|e| Error::InvalidInput(format!("{signed} signature: {e}")))?;
+    let statement: T = serde_json::from_slice(bytes).map_err(|e| Error::InvalidInput(format!("{what}: {e}")))?;
+    let named = signer_named(&statement);
+    if named != signer.name {
+        return Err(Error::InvalidInput(format!("{what}: admin {named:?} but signed by {:?}", signer.name)));
+    }
+    Ok(statement)
+}
+
 fn transcript(bytes: &[u8]) -> Vec<u8> {
     [SIGNATURE_DOMAIN, bytes].concat()
 }
@@ -387,27 +397,18 @@ impl SignedDeployment {
         ca_pem: &[u8],
         revocations: &Revocations,
     ) -> Result<SignedDeployment, Error> {
-        if msg.record.len() > MAX_RECORD_BYTES {
-            return Err(Error::InvalidInput(format!(
-                "deployment record of {} bytes (at most {MAX_RECORD_BYTES})",
-                msg.record.len()
-            )));
-        }
         // An administrator signs a deployment; the coordinator signs one only
         // under a grant an administrator signed.
         let grant = msg.grant.as_ref().map(|g| SignedGrant::verify(g, ca_pem, revocations)).transpose()?;
         let signer_role = if grant.is_some() { Role::Coordinator } else { Role::Admin };
-        let admin = verify_statement(
-            ca_pem,
-            revocations,
+        let record: DeploymentRecord = open_statement(
+            ("deployment record", "deployment"),
+            SIGNATURE_DOMAIN,
             signer_role,
-            &msg.admin_certificate,
-            &transcript(&msg.record),
-            &msg.signature,
-        )
-        .map_err(|e| Error::InvalidInput(format!("deployment signature: {e}")))?;
-        let record: DeploymentRecord =
-            serde_json::from_slice(&msg.record).map_err(|e| Error::InvalidInput(format!("deployment record: {e}")))?;
+            (&msg.record, &msg.signature, &msg.admin_certificate),
+            (ca_pem, revocations),
+            |r: &DeploymentRecord| r.admin.clone(),
+        )?;
         let model = record.validate().map_err(|e| Error::InvalidInput(format!("deployment record: {e}")))?;
         match (&grant, &record.pipeline) {
             (Some(g), _) => {
@@ -417,12 +418,6 @@ impl SignedDeployment {
                 return Err(Error::InvalidInput("deployment record: a pipeline's deployment without its grant".into()));
             }
             (None, None) => {}
-        }
-        if record.admin != admin.name {
-            return Err(Error::InvalidInput(format!(
-                "deployment record: admin {:?} but signed by {:?}",
-                record.admin, admin.name
-            )));
         }
         Ok(SignedDeployment {
             record,

@@ -94,19 +94,30 @@ impl Evaluator {
             let Some(aggregate) = protocol.advance(cx, closed)? else { return Ok(false) };
             self.secure = false;
             let (sums, contributors) = sum_of(cx, round, protocol.name(), aggregate)?;
-            let (num_examples, loss, metrics) =
-                sum::evaluation_from_sum(&sums).map_err(|e| format!("round {round} evaluation: {e}"))?;
             if let Some(rec) = cx.record()
                 && rec.participants.is_empty()
             {
                 rec.participants = contributors.clone();
             }
+            if sums.first().is_some_and(|n| n.round() < 1.0) {
+                return Ok(no_examples(cx));
+            }
+            let (num_examples, loss, metrics) =
+                sum::evaluation_from_sum(&sums).map_err(|e| format!("round {round} evaluation: {e}"))?;
             // The strategy sees one result: the federation's, as summed.
             let party = format!("secure sum of {} parties", contributors.len());
             vec![EvalResult { party, num_examples, loss, metrics }]
         } else {
             std::mem::take(&mut self.results).into_values().collect()
         };
+        if results.iter().all(|r| r.num_examples == 0) {
+            if let Some(rec) = cx.record()
+                && rec.participants.is_empty()
+            {
+                rec.participants = results.iter().map(|r| r.party.clone()).collect();
+            }
+            return Ok(no_examples(cx));
+        }
         let metrics = strategy
             .call(&format!("round {round} evaluation"), |s| s.aggregate_evaluate(round, &results))
             .map_err(|e| if e.starts_with("round ") { e } else { format!("round {round} evaluation: {e}") })?;
@@ -118,6 +129,16 @@ impl Evaluator {
         }
         Ok(true)
     }
+}
+
+/// An evaluation over no rows at all (e.g. a pipeline's count of new rows
+/// when none arrived): nothing for the strategy to average, so the round
+/// records only `num_examples = 0`.
+fn no_examples(cx: &mut Context<'_>) -> bool {
+    if let Some(rec) = cx.record() {
+        rec.metrics.insert("num_examples".into(), 0.0);
+    }
+    true
 }
 
 /// One federated evaluation of `from_job`'s model.

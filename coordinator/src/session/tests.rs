@@ -387,6 +387,28 @@ mod plaintext {
         assert_eq!(t[0].1.params.as_ref().unwrap().tensors()[0].data, vec![7.0]);
     }
 
+    /// An evaluation over no rows at all (a pipeline's count when nothing
+    /// new arrived) succeeds with zero examples rather than failing.
+    #[test]
+    fn an_evaluation_over_no_rows_records_zero_examples() {
+        let mut spec = spec(&["a", "b"], 2, 1, "from_job = \"j0\"");
+        spec.kind = confide_proto::jobspec::JobKind::Evaluate;
+        let mut h = H::new(spec, Start::Fresh { model: Some(params(&[1.0])) });
+        h.connect_and_accept(&["a", "b"]);
+        let tasks = h.tasks();
+        assert!(tasks.iter().all(|(_, t)| t.stage == Stage::Evaluate), "{tasks:?}");
+        for (p, t) in &tasks {
+            h.eval(p, t, 0, 0.0);
+        }
+        let out = h.take();
+        let record = out.iter().find_map(|o| match o {
+            Output::Checkpoint(Checkpoint { record: Some(r), .. }) => Some(r.clone()),
+            _ => None,
+        });
+        assert_eq!(record.expect("a round record").metrics.get("num_examples"), Some(&0.0));
+        assert_eq!(finished(&out).map(|f| f.0), Some(JobState::Succeeded), "{out:?}");
+    }
+
     #[test]
     fn evaluation_cadence_and_cancel() {
         let mut h = H::new(spec(&["a"], 1, 3, "[evaluation]\nevery = 2"), Start::Fresh { model: None });

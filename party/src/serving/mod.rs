@@ -571,11 +571,14 @@ impl Registry {
         }
         let hard_rows: Vec<f32> = hard.iter().flat_map(|&i| rows[i * width..(i + 1) * width].iter().copied()).collect();
         if let Some(w) = self.hard_examples.get() {
+            // Kept for labelling off the request's path: the answer does not
+            // wait for the file.
             let (w, name, kept) = (w.clone(), service.to_owned(), hard_rows.clone());
-            let stored = tokio::task::spawn_blocking(move || w.keep_hard_examples(&name, &kept, width)).await;
-            if let Ok(Err(e)) | Err(e) = stored.map_err(|e| e.to_string()) {
-                warn!(service, "cannot keep hard examples for labelling: {e}");
-            }
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = w.keep_hard_examples(&name, &kept, width) {
+                    warn!(service = %name, "cannot keep hard examples for labelling: {e}");
+                }
+            });
         }
         let me = self.me.read().unwrap_or_else(|p| p.into_inner()).clone();
         let uplink = self.uplink.lock().unwrap_or_else(|p| p.into_inner()).clone();
