@@ -179,7 +179,7 @@ impl Drop for MaskStreams {
 
 impl MaskStreams {
     /// Words per block in [`apply_masks`].
-    pub const BLOCK: usize = 4096;
+    pub const BLOCK: usize = 2048;
 
     /// Streams for `(seed, subtract)` pairs, modulo 2^bits.
     pub fn new(masks: &[(&[u8; 32], bool)], bits: u32) -> MaskStreams {
