@@ -169,7 +169,10 @@ pub fn weighted_metrics(results: &[EvalResult]) -> Result<Metrics, Error> {
         return Err(Error::EmptyAggregation("no evaluation examples".into()));
     }
     let mut out = Metrics::new();
-    out.insert("loss".into(), results.iter().map(|r| r.loss * r.num_examples as f64).sum::<f64>() / total as f64);
+    // A NaN loss is one not reported (a DP evaluation releases none).
+    if results.iter().all(|r| !r.loss.is_nan()) {
+        out.insert("loss".into(), results.iter().map(|r| r.loss * r.num_examples as f64).sum::<f64>() / total as f64);
+    }
     if let Some(first) = results.first() {
         for key in first.metrics.keys() {
             if results.iter().all(|r| r.metrics.contains_key(key)) {

@@ -1025,6 +1025,24 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
     let Some(dp) = &spec.dp else {
         return vec!["dp: none (a party whose policy sets max_epsilon refuses this job: it costs ε = ∞)".into()];
     };
+    if dp.release == confide_proto::dpspec::DpRelease::Evaluation {
+        let eps = dp.epsilon(&spec.training, spec.rounds);
+        return vec![
+            format!(
+                "dp: example-level DP for the evaluation: each party releases its count of rows and of rows \
+                 classified correctly, once, each with discrete Gaussian noise of σ = {:.4} (z = {:.4}, \
+                 L2 sensitivity √2)",
+                confide_dp::evaluation::NoisyCounts::new(dp.noise_multiplier).map_or(f64::NAN, |n| n.stddev()),
+                dp.noise_multiplier
+            ),
+            format!(
+                "dp: ε = {eps:.4} at δ = {:e} for each party's data set (one row added or removed), {} accountant; \
+                 the loss and AUC are not released, the accuracy is the ratio of the noisy sums",
+                dp.delta,
+                dp.accountant.as_str()
+            ),
+        ];
+    }
     let steps = dp.steps_per_round(&spec.training);
     let total = steps.saturating_mul(u64::from(spec.rounds));
     let eps = dp.epsilon(&spec.training, spec.rounds);
@@ -1154,18 +1172,29 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
                 let dp = spec.dp.as_ref().ok_or_else(|| {
                     Error::Refused(format!("{name}: --target-epsilon needs a [dp] table (sampling_rate, delta)"))
                 })?;
-                let z = confide_proto::dpspec::noise_for_target(
-                    dp.accountant,
-                    target,
-                    dp.delta,
-                    dp.level,
-                    dp.sampling_rate,
-                    dp.clip,
-                    dp.distributed,
-                    dp.model_values_bound(),
-                    &spec.training,
-                    spec.rounds,
-                )
+                let z = if dp.release == confide_proto::dpspec::DpRelease::Evaluation {
+                    let raw = confide_proto::dpspec::RawDp {
+                        noise_multiplier: None,
+                        target_epsilon: Some(target),
+                        ..dp.to_raw()
+                    };
+                    raw.validate_evaluation()
+                        .map(|d| d.noise_multiplier)
+                        .map_err(|e| e.into_iter().map(|(f, m)| format!("dp.{f}: {m}")).collect::<Vec<_>>().join("; "))
+                } else {
+                    confide_proto::dpspec::noise_for_target(
+                        dp.accountant,
+                        target,
+                        dp.delta,
+                        dp.level,
+                        dp.sampling_rate,
+                        dp.clip,
+                        dp.distributed,
+                        dp.model_values_bound(),
+                        &spec.training,
+                        spec.rounds,
+                    )
+                }
                 .map_err(|e| Error::Refused(format!("{name}: --target-epsilon {target}: {e}")))?;
                 println!("  noise_multiplier = {z:.4} reaches ε = {target} at δ = {:e} (put it in [dp])", dp.delta);
             }

@@ -21,10 +21,12 @@
 //!   randomized rounding, integer noise and modular clipping, and its RDP
 //!   bound;
 //! * [`dpsgd`]: DP-SGD's Poisson sampling, clipping and exact lattice noise
-//!   for a party's local training.
+//!   for a party's local training;
+//! * [`evaluation`]: the noisy counts a party releases in a DP evaluation.
 
 pub mod ddg;
 pub mod dpsgd;
+pub mod evaluation;
 pub mod pld;
 pub mod rdp;
 pub mod sampler;

@@ -9,7 +9,7 @@ use confide_crypto::aggregation::sum::{self, SumLayout};
 use confide_crypto::aggregation::{AggregationClient, LocalUpdate, StageName};
 use confide_proto::messages::{ResultBody, SumOf, Task, TaskBody};
 
-use confide_proto::dpspec::{AccountantKind, DpLevel};
+use confide_proto::dpspec::{AccountantKind, DpLevel, DpRelease};
 
 use crate::ledger::RoundGuard;
 use crate::plugins::{JobContext, PartyJobKind};
@@ -58,7 +58,11 @@ impl PartyJobKind for TrainingKind {
         let mut handler = TrainingHandler::new(trainer, client, protocol.stages());
         handler.standardize = spec.model.standardize;
         handler.hides_values = protocol.reveals() != confide_crypto::aggregation::Reveals::Updates;
-        if let Some(dp) = &spec.dp {
+        if let Some(dp) = spec.dp.as_ref().filter(|d| d.release == DpRelease::Evaluation) {
+            let noise = confide_dp::evaluation::NoisyCounts::new(dp.noise_multiplier).map_err(err)?;
+            handler.eval_noise = Some(noise);
+            handler.budget = cx.budget;
+        } else if let Some(dp) = &spec.dp {
             if dp.level == DpLevel::Example && !handler.trainer.supports_dp_sgd() {
                 return Err(format!(
                     "the job has [dp], but this party's {} trainer cannot compute per-example gradients",
@@ -129,6 +133,12 @@ pub struct TrainingHandler {
     /// Under DP, the `input.mean` and `input.std` every global model must
     /// carry (derived from the spec).
     pub dp_inputs: Option<[Vec<f32>; 2]>,
+    /// An evaluate job with `[dp]`: the party releases only its noisy
+    /// counts of rows and of rows classified correctly, once.
+    pub eval_noise: Option<confide_dp::evaluation::NoisyCounts>,
+    /// The DP evaluation's release was made: an evaluate job has one round,
+    /// so a second request (averaging away the noise) is a coordinator fault.
+    eval_released: bool,
 }
 
 /// A pipeline's evaluation on new rows that found none: it answers with
@@ -180,6 +190,8 @@ impl TrainingHandler {
             dp_values_bound: None,
             budget: None,
             dp_inputs: None,
+            eval_noise: None,
+            eval_released: false,
         }
     }
 }
@@ -196,8 +208,27 @@ impl JobHandler for TrainingHandler {
                         .into(),
                 ))
             }
+            TaskBody::Fit { .. } | TaskBody::SecureSum { of: SumOf::FeatureStats, .. } if self.eval_noise.is_some() => {
+                Err(TaskError::CoordinatorFault(
+                    "asked to train or to sum feature statistics in an evaluation with differential privacy, \
+                     which releases only noisy counts"
+                        .into(),
+                ))
+            }
+            TaskBody::Evaluate { global } if self.eval_noise.is_some() && !self.hides_values => {
+                let noisy = self.noisy_evaluation(&global)?;
+                // Post-processing of the noisy counts: a count below one
+                // weighs nothing; the accuracy is clamped to [0, 1].
+                let examples = noisy.examples.max(0) as u64;
+                let mut metrics = confide_algorithms::Metrics::new();
+                if let Some(c) = noisy.correct {
+                    let accuracy = if examples == 0 { 0.0 } else { (c as f64 / examples as f64).clamp(0.0, 1.0) };
+                    metrics.insert("accuracy".into(), accuracy);
+                }
+                Ok(ResultBody::Evaluate { num_examples: examples, loss: f64::NAN, metrics })
+            }
             TaskBody::Setup => {
-                let in_clear = self.standardize && !self.hides_values && !self.private();
+                let in_clear = self.standardize && !self.hides_values && !self.private() && self.eval_noise.is_none();
                 let stats = if in_clear { self.trainer.feature_stats() } else { Default::default() };
                 let params = self.trainer.parameters().map_err(err)?;
                 Ok(ResultBody::Setup { params, stats })
@@ -274,6 +305,10 @@ impl TrainingHandler {
                 let stats = self.trainer.feature_stats();
                 (SumLayout::feature_stats(stats.sum.len()), sum::feature_stats_values(&stats))
             }
+            SumOf::Evaluation { global } if self.eval_noise.is_some() => {
+                let noisy = self.noisy_evaluation(&global)?;
+                (SumLayout::evaluation(&global), sum::noisy_evaluation_values(&noisy))
+            }
             SumOf::Evaluation { global } => {
                 self.trainer.set_parameters(&global).map_err(err)?;
                 let outcome = self.trainer.evaluate().map_err(err)?;
@@ -331,6 +366,35 @@ impl TrainingHandler {
     }
 
     /// Whether the job has differential privacy (either level).
+    /// A DP evaluation's one release: recorded in the privacy ledger first
+    /// (a second request is refused), then the counts with fresh noise
+    /// from an OS-seeded CSPRNG. The trainer's loss and other metrics stay
+    /// here; the accuracy becomes a count of rows (exact: the trainers
+    /// report `correct / n`).
+    fn noisy_evaluation(
+        &mut self,
+        global: &confide_algorithms::Parameters,
+    ) -> Result<confide_dp::evaluation::NoisyEvaluation, TaskError> {
+        let Some(noise) = self.eval_noise else {
+            return Err(TaskError::Refused("no differential privacy to apply".into()));
+        };
+        if self.eval_released {
+            return Err(TaskError::CoordinatorFault(
+                "asked again for this evaluation's noisy counts: an evaluate job releases them once".into(),
+            ));
+        }
+        if let Some(budget) = &self.budget {
+            budget.start_round().map_err(TaskError::CoordinatorFault)?;
+        }
+        self.eval_released = true;
+        self.trainer.set_parameters(global).map_err(err)?;
+        let outcome = self.trainer.evaluate().map_err(err)?;
+        let n = outcome.num_examples;
+        let correct = outcome.metrics.get("accuracy").map(|a| (a.clamp(0.0, 1.0) * n as f64).round() as u64);
+        let mut rng = confide_dp::sampler::os_seeded_rng().map_err(err)?;
+        Ok(noise.release(n, correct, &mut rng).map_err(err)?)
+    }
+
     fn private(&self) -> bool {
         self.dp.is_some() || self.party_clip.is_some()
     }
@@ -545,6 +609,74 @@ mod tests {
         // The plain protocol's body is the weight (protobuf field 1, varint):
         // 1, whatever the party's row count (7 here).
         assert_eq!(contribution.body, [0x08, 0x01], "a DP update weighs 1");
+    }
+
+    /// A trainer that evaluates `n` rows at accuracy 0.9 and loss 0.3.
+    struct Rows(u64);
+
+    impl Trainer for Rows {
+        fn parameters(&self) -> Result<Parameters, Error> {
+            Fixed.parameters()
+        }
+        fn set_parameters(&mut self, _: &Parameters) -> Result<(), Error> {
+            Ok(())
+        }
+        fn feature_stats(&self) -> FeatureStats {
+            Fixed.feature_stats()
+        }
+        fn fit(&mut self, c: &FitConfig) -> Result<FitOutcome, Error> {
+            Fixed.fit(c)
+        }
+        fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
+            Ok(EvalOutcome { num_examples: self.0, loss: 0.3, metrics: [("accuracy".to_string(), 0.9)].into() })
+        }
+        fn predict(&self, f: &[f32]) -> Result<Vec<f32>, Error> {
+            Fixed.predict(f)
+        }
+    }
+
+    /// An evaluate job with `[dp]` releases its noisy counts once: no loss,
+    /// no feature sums, no training, and a replayed evaluate task is refused
+    /// by the ledger, which recorded the release before it was sent.
+    #[test]
+    fn a_dp_evaluation_releases_noisy_counts_once_and_nothing_else() {
+        use confide_crypto::aggregation::plain::Plain;
+        let text = "name = \"e\"\nkind = \"evaluate\"\nfrom_job = \"j0\"\n[parties]\nnames = [\"p0\"]\nmin = 1\n\
+                    dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\n[dp]\nnoise_multiplier = 2.0\n";
+        let spec = confide_proto::jobspec::JobSpec::parse(text, "e", &confide_proto::Limits::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = crate::ledger::Ledger::open(&dir.path().join("ledger.json")).unwrap();
+        let guard = ledger.reserve("e1", &spec, "d", Some(10.0)).unwrap();
+        let job = JobFacts::new("e1", Vec::new(), 10, 1, 100);
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let mut h = TrainingHandler::new(Box::new(Rows(100_000)), client, Plain.stages());
+        h.eval_noise = Some(confide_dp::evaluation::NoisyCounts::new(2.0).unwrap());
+        h.budget = Some(guard);
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let ResultBody::Setup { stats, .. } = h.on_task(task(0, TaskBody::Setup)).unwrap() else { panic!() };
+        assert_eq!(stats, FeatureStats::default(), "no feature sums");
+        let fit = TaskBody::Fit {
+            config: FitConfig { round: 1, train: Default::default() },
+            global: global.clone(),
+            round_message: Vec::new(),
+        };
+        for body in [fit, TaskBody::SecureSum { of: SumOf::FeatureStats, round_message: Vec::new() }] {
+            let err = h.on_task(task(1, body)).unwrap_err();
+            assert!(matches!(&err, TaskError::CoordinatorFault(m) if m.contains("noisy counts")), "{err:?}");
+        }
+        let ResultBody::Evaluate { num_examples, loss, metrics } =
+            h.on_task(task(1, TaskBody::Evaluate { global: global.clone() })).unwrap()
+        else {
+            panic!()
+        };
+        assert!(loss.is_nan(), "no loss released");
+        assert_eq!(metrics.keys().collect::<Vec<_>>(), ["accuracy"]);
+        // σ = 2√2 ≈ 2.8 rows on each count: 8σ bounds hold at any seed.
+        assert!(num_examples.abs_diff(100_000) < 23, "{num_examples}");
+        assert!((metrics["accuracy"] - 0.9).abs() < 5e-4, "{metrics:?}");
+        let again = h.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
+        assert!(matches!(&again, TaskError::CoordinatorFault(m) if m.contains("once")), "{again:?}");
+        assert_eq!(ledger.snapshot().datasets["d"].jobs["e1"].rounds_started, 1);
     }
 
     /// Under DP the party trains with the spec's input standardisation,

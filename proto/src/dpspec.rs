@@ -146,6 +146,17 @@ impl DpLevel {
     }
 }
 
+/// What a job's noisy releases are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpRelease {
+    /// A training job's updates (DP-SGD steps, or noisy sums of updates).
+    Training,
+    /// An evaluate job's result: each party's count of rows and of rows
+    /// classified correctly, with discrete Gaussian noise
+    /// ([`confide_dp::evaluation`]); one release per job.
+    Evaluation,
+}
+
 /// Which accountant turns a job's releases into (ε, δ).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountantKind {
@@ -247,18 +258,23 @@ pub struct DpSpec {
     pub answer_fit_after_secs: Option<f64>,
     /// The accountant that states ε.
     pub accountant: AccountantKind,
+    /// What is released: training updates, or an evaluation's counts.
+    pub release: DpRelease,
 }
 
 impl DpSpec {
     /// Noisy releases in one round of `training`: ⌈local_epochs / q⌉ DP-SGD
     /// steps (example level), or the one noisy sum (party level).
     pub fn steps_per_round(&self, training: &TrainConfig) -> u64 {
-        steps_per_round(self.level, training.local_epochs, self.sampling_rate)
+        match self.release {
+            DpRelease::Training => steps_per_round(self.level, training.local_epochs, self.sampling_rate),
+            DpRelease::Evaluation => 1,
+        }
     }
 
     /// The DP-SGD plan every party trains with (example level).
     pub fn plan(&self, training: &TrainConfig) -> Option<DpSgdPlan> {
-        (self.level == DpLevel::Example).then(|| DpSgdPlan {
+        (self.level == DpLevel::Example && self.release == DpRelease::Training).then(|| DpSgdPlan {
             max_grad_norm: self.clip,
             noise_multiplier: self.noise_multiplier,
             sampling_rate: self.sampling_rate,
@@ -292,10 +308,17 @@ impl DpSpec {
     /// with the PLD accountant, the values each release noises (its
     /// lattice slack).
     pub fn model_values_bound(&self) -> usize {
+        if self.release == DpRelease::Evaluation {
+            // An evaluation noises two counts, whatever the model.
+            return 2;
+        }
         self.max_model_values.unwrap_or(MAX_PADDED_DIM)
     }
 
     fn release_events(&self, z: f64) -> Result<Vec<DpEvent>, String> {
+        if self.release == DpRelease::Evaluation {
+            return Ok(vec![confide_dp::evaluation::event(z)]);
+        }
         release_events(self.level, self.sampling_rate, self.clip, self.distributed, self.model_values_bound(), z)
     }
 
@@ -335,6 +358,16 @@ impl DpSpec {
 
     /// Back to the table (noise multiplier resolved, target kept).
     pub fn to_raw(&self) -> RawDp {
+        if self.release == DpRelease::Evaluation {
+            return RawDp {
+                level: Some(self.level.as_str().into()),
+                target_epsilon: self.target_epsilon,
+                noise_multiplier: Some(self.noise_multiplier),
+                delta: Some(self.delta),
+                accountant: Some(self.accountant.as_str().into()),
+                ..RawDp::default()
+            };
+        }
         RawDp {
             level: Some(self.level.as_str().into()),
             target_epsilon: self.target_epsilon,
@@ -646,6 +679,109 @@ impl RawDp {
             adaptive,
             accountant,
             answer_fit_after_secs: self.answer_fit_after_secs,
+            release: DpRelease::Training,
+        })
+    }
+
+    /// The `[dp]` table of an evaluate job: example level, `noise_multiplier`
+    /// or `target_epsilon`, `delta` and `accountant`; nothing about training
+    /// applies. The job releases each party's noisy counts once.
+    pub fn validate_evaluation(&self) -> Result<DpSpec, Vec<(String, String)>> {
+        let mut e: Vec<(String, String)> = Vec::new();
+        let mut err = |f: &str, m: String| e.push((f.to_owned(), m));
+        match self.level.as_deref().unwrap_or("example") {
+            "example" => {}
+            "party" => err(
+                "level",
+                "an evaluation protects each row (level = \"example\"): its counts move by one per row".into(),
+            ),
+            other => err("level", format!("unknown level {other:?} (example)")),
+        }
+        let training_only = [
+            ("sampling_rate", self.sampling_rate.is_some()),
+            ("max_grad_norm", self.max_grad_norm.is_some()),
+            ("update_clip", self.update_clip.is_some()),
+            ("max_model_values", self.max_model_values.is_some()),
+            ("adaptive_clip_quantile", self.adaptive_clip_quantile.is_some()),
+            ("adaptive_clip_rate", self.adaptive_clip_rate.is_some()),
+            ("clip_count_stddev", self.clip_count_stddev.is_some()),
+            ("answer_fit_after_secs", self.answer_fit_after_secs.is_some()),
+            ("feature_ranges", self.feature_ranges.is_some()),
+        ];
+        for (field, set) in training_only {
+            if set {
+                err(field, "only applies to train jobs (an evaluation releases noisy counts, no gradients)".into());
+            }
+        }
+        let accountant = match self.accountant.as_deref().unwrap_or("rdp") {
+            "rdp" => AccountantKind::Rdp,
+            "pld" => AccountantKind::Pld,
+            other => {
+                err("accountant", format!("unknown accountant {other:?} (rdp, pld)"));
+                AccountantKind::Rdp
+            }
+        };
+        let delta = self.delta.unwrap_or(1e-5);
+        if !(delta.is_finite() && delta > 0.0 && delta <= 1e-3) {
+            err("delta", format!("must be in (0, 1e-3] (got {delta})"));
+        }
+        if let Some(z) = self.noise_multiplier
+            && !(z.is_finite() && z > 0.0 && z <= MAX_NOISE_MULTIPLIER)
+        {
+            err("noise_multiplier", format!("must be in (0, {MAX_NOISE_MULTIPLIER}] (got {z})"));
+        }
+        if let Some(t) = self.target_epsilon
+            && !(t.is_finite() && t > 0.0 && t <= 100.0)
+        {
+            err("target_epsilon", format!("must be in (0, 100] (got {t})"));
+        }
+        if self.noise_multiplier.is_none() && self.target_epsilon.is_none() {
+            err("noise_multiplier", "give noise_multiplier or target_epsilon".into());
+        }
+        if !e.is_empty() {
+            return Err(e);
+        }
+        // Two values per release: the PLD's lattice slack is charged for them.
+        let eps = |z: f64| steps_epsilon(accountant, 2, Ok(vec![confide_dp::evaluation::event(z)]), 1, delta);
+        let noise_multiplier = match (self.noise_multiplier, self.target_epsilon) {
+            (Some(z), Some(target)) if eps(z) > target * (1.0 + 1e-9) => {
+                return Err(vec![(
+                    "noise_multiplier".into(),
+                    format!("noise_multiplier {z} costs ε = {:.4}, above target_epsilon {target}", eps(z)),
+                )]);
+            }
+            (Some(z), _) => z,
+            (None, Some(target)) => {
+                let z = calibrate_by(target, &format!("at δ = {delta} for one evaluation"), |z| Ok(eps(z)))
+                    .map_err(|m| vec![("target_epsilon".to_owned(), m.to_string())])?;
+                if z > MAX_NOISE_MULTIPLIER {
+                    return Err(vec![(
+                        "target_epsilon".into(),
+                        format!(
+                            "ε = {target} needs noise_multiplier {z:.3}, above the largest ({MAX_NOISE_MULTIPLIER})"
+                        ),
+                    )]);
+                }
+                z
+            }
+            (None, None) => {
+                return Err(vec![("noise_multiplier".into(), "give noise_multiplier or target_epsilon".into())]);
+            }
+        };
+        Ok(DpSpec {
+            level: DpLevel::Example,
+            target_epsilon: self.target_epsilon,
+            noise_multiplier,
+            delta,
+            sampling_rate: 1.0,
+            clip: (confide_dp::evaluation::COUNTS_SENSITIVITY_SQ as f64).sqrt(),
+            feature_ranges: None,
+            distributed: None,
+            max_model_values: None,
+            adaptive: None,
+            answer_fit_after_secs: None,
+            accountant,
+            release: DpRelease::Evaluation,
         })
     }
 }

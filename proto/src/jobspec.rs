@@ -826,7 +826,18 @@ impl RawJobSpec {
             }
         }
         let mut dp = None;
-        if let Some(raw) = &self.dp {
+        if let Some(raw) = self.dp.as_ref().filter(|_| kind == JobKind::Evaluate) {
+            // An evaluation releases noisy counts: no gradients, so any model
+            // kind (TorchScript included) and no feature ranges.
+            match raw.validate_evaluation() {
+                Ok(d) => dp = Some(d),
+                Err(problems) => {
+                    for (field, msg) in problems {
+                        err(&format!("dp.{field}"), msg);
+                    }
+                }
+            }
+        } else if let Some(raw) = &self.dp {
             if kind != JobKind::Train && kind != JobKind::Incremental {
                 err("dp", format!("applies to train jobs (kind is {:?})", kind.as_str()));
             }
@@ -1153,6 +1164,31 @@ mod aggregation_tests {
     }
 
     #[test]
+    fn an_evaluate_jobs_dp_table_releases_noisy_counts_once() {
+        let evaluate = format!("{BASE}[dp]\ntarget_epsilon = 1.0\n[aggregation]\nprotocol = \"secagg\"\n")
+            .replace("kind = \"train\"", "kind = \"evaluate\"\nfrom_job = \"j1\"");
+        let s = JobSpec::parse(&evaluate, "e", &Limits::default()).unwrap();
+        let dp = s.dp.clone().unwrap();
+        assert_eq!(dp.release, crate::dpspec::DpRelease::Evaluation);
+        assert_eq!((dp.steps_per_round(&s.training), dp.plan(&s.training)), (1, None));
+        let eps = dp.epsilon(&s.training, s.rounds);
+        assert!(eps <= 1.0 && eps > 0.99, "{eps}");
+        // Local epochs or rounds of training settings do not change what it costs.
+        let epochs = evaluate.replace("[dp]", "[training]\nlocal_epochs = 5\n[dp]");
+        let s5 = JobSpec::parse(&epochs, "e", &Limits::default()).unwrap();
+        assert_eq!(s5.dp.as_ref().unwrap().epsilon(&s5.training, s5.rounds), eps);
+        assert_eq!(JobSpec::parse(&s.to_toml(), "x", &Limits::default()).unwrap(), s);
+        // No gradients: a TorchScript model and standardisation need nothing more.
+        let script = evaluate.replace("kind = \"logistic_regression\"", "kind = \"torchscript\"\ntorchscript = \"m\"");
+        assert!(JobSpec::parse(&script, "e", &Limits::default()).is_ok());
+        assert_eq!(paths(&evaluate.replace("[dp]", "[dp]\nlevel = \"party\"")), ["dp.level"]);
+        assert_eq!(paths(&evaluate.replace("[dp]", "[dp]\nfeature_ranges = [[0.0, 1.0]]")), ["dp.feature_ranges"]);
+        assert_eq!(paths(&evaluate.replace("target_epsilon = 1.0", "delta = 1e-5")), ["dp.noise_multiplier"]);
+        let over = evaluate.replace("[dp]", "[dp]\nnoise_multiplier = 0.5");
+        assert_eq!(paths(&over), ["dp.noise_multiplier"]);
+    }
+
+    #[test]
     fn a_dp_table_is_typed_checked_against_the_job_and_round_trips() {
         let ok = format!(
             "{BASE}standardize = false\n[dp]\ntarget_epsilon = 3.0\nsampling_rate = 0.1\n[aggregation]\nprotocol = \"secagg\"\n"
@@ -1166,8 +1202,10 @@ mod aggregation_tests {
         assert_eq!(paths(&format!("{BASE}[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.1\n")), ["dp.feature_ranges"]);
         let script = ok.replace("kind = \"logistic_regression\"", "kind = \"torchscript\"\ntorchscript = \"m\"");
         assert_eq!(paths(&script), ["model.kind"]);
+        // An evaluate job's [dp] releases noisy counts: training's settings
+        // are refused there, each at its field.
         let evaluate = ok.replace("kind = \"train\"", "kind = \"evaluate\"\nfrom_job = \"j1\"");
-        assert_eq!(paths(&evaluate), ["dp"]);
+        assert_eq!(paths(&evaluate), ["dp.sampling_rate"]);
         assert_eq!(paths(&ok.replace("sampling_rate = 0.1", "sampling_rate = 0.0")), ["dp.sampling_rate"]);
         assert_eq!(paths(&ok.replace("[dp]", "[dp]\nepsilon = 1.0")), ["dp.epsilon"]);
         // Party level: distributed under secure aggregation, calibrated for

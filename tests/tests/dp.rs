@@ -302,3 +302,39 @@ fn a_distributed_party_level_dp_job_runs_under_secure_aggregation() {
     let st = fed.wait_done(&id, 120);
     assert_party_level_costs(&fed, &id, &text, &st);
 }
+
+/// An evaluate job with `[dp]`: hospitals whose policy sets `max_epsilon`
+/// accept it, and each ledger is charged exactly its ε, for one release.
+/// Under secure aggregation the coordinator learns only the sums of the
+/// parties' noisy counts: the status shows the accuracy and ε, no loss (a
+/// row's loss is unbounded, so it is not released).
+#[test]
+fn a_dp_evaluation_releases_only_noisy_counts_and_is_charged_to_each_ledger() {
+    let fed = federation(&policy(20.0));
+    let train = dp_spec("secagg", 3, 2, 2.0);
+    let id = fed.submit("dp.toml", &train);
+    assert_eq!(fed.wait_done(&id, 90)["state"], "succeeded", "{}", fed.logs());
+    let eval = format!(
+        "name = \"dp-eval\"\nkind = \"evaluate\"\nfrom_job = \"{id}\"\n[parties]\nnames = [\"hospital-a\", \
+         \"hospital-b\", \"hospital-c\"]\nmin = 3\ndataset = \"data\"\n[model]\nkind = \"logistic_regression\"\n\
+         classes = 2\nstandardize = false\n[dp]\ntarget_epsilon = 1.0\n[aggregation]\nprotocol = \"secagg\"\n\
+         [timeouts]\nrecruit_secs = 30\nround_secs = 30\n"
+    );
+    let eps = cost(&eval);
+    assert!(eps <= 1.0 && eps > 0.99, "{eps}");
+    assert_eq!(record_cost(&eval), eps, "example level: the ledger charges what the job states");
+    let ev = fed.submit("dp-eval.toml", &eval);
+    let st = fed.wait_done(&ev, 60);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    let accuracy = st["metrics"]["accuracy"].as_f64().unwrap_or_default();
+    assert!((0.5..=1.0).contains(&accuracy), "{st:#}");
+    assert!(st["metrics"].get("loss").is_none(), "no loss is released: {st:#}");
+    assert!((st["privacy"]["epsilon"].as_f64().unwrap_or_default() - eps).abs() < 1e-9, "{st:#}");
+    assert_eq!(st["history"][0]["participants"].as_array().map(Vec::len), Some(3), "{st:#}");
+    for p in three() {
+        let l = ledger(&fed, p);
+        let job = &l["datasets"]["data"]["jobs"][&ev];
+        assert_eq!(job["epsilon"].as_f64(), Some(eps), "{p}: {l:#}");
+        assert_eq!(job["rounds_started"].as_u64(), Some(1), "{p}: one release: {l:#}");
+    }
+}

@@ -67,7 +67,9 @@ impl Evaluator {
                 Err(format!("party {party} sent its evaluation in the clear; this job sums evaluations securely"))
             }
             ResultBody::Evaluate { num_examples, loss, metrics } => {
-                if !loss.is_finite() || metrics.values().any(|v| !v.is_finite()) {
+                // A DP evaluation releases no loss (NaN: not reported).
+                let no_loss = loss.is_nan() && cx.spec().dp.is_some();
+                if !(loss.is_finite() || no_loss) || metrics.values().any(|v| !v.is_finite()) {
                     return Err(format!("party {party} sent a bad evaluation: non-finite loss or metric"));
                 }
                 self.results
@@ -121,11 +123,21 @@ impl Evaluator {
         let metrics = strategy
             .call(&format!("round {round} evaluation"), |s| s.aggregate_evaluate(round, &results))
             .map_err(|e| if e.starts_with("round ") { e } else { format!("round {round} evaluation: {e}") })?;
+        // A DP evaluate job states what its one release cost each row.
+        let spec = cx.spec().clone();
+        let epsilon = spec
+            .dp
+            .as_ref()
+            .filter(|d| d.release == confide_proto::dpspec::DpRelease::Evaluation)
+            .map(|d| d.epsilon(&spec.training, 1));
         if let Some(rec) = cx.record() {
             if rec.participants.is_empty() {
                 rec.participants = results.iter().map(|r| r.party.clone()).collect();
             }
             rec.metrics.extend(metrics);
+            if let Some(e) = epsilon {
+                rec.metrics.insert("epsilon".into(), e);
+            }
         }
         Ok(true)
     }

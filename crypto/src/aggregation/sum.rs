@@ -106,6 +106,22 @@ pub fn evaluation_values(outcome: &EvalOutcome) -> Result<Vec<f64>, Error> {
     Ok(v)
 }
 
+/// A party's noisy evaluation ([`confide_dp::evaluation`]) as the values of
+/// [`SumLayout::evaluation`]: the noisy row count weighs the accuracy, the
+/// loss and AUC are not released (their weights are 0, so the sum reports
+/// neither).
+pub fn noisy_evaluation_values(release: &confide_dp::evaluation::NoisyEvaluation) -> Vec<f64> {
+    let n = release.examples as f64;
+    let mut v = vec![n, 0.0, 0.0];
+    for name in SECURE_METRICS {
+        match (name, release.correct) {
+            ("accuracy", Some(c)) => v.extend([c as f64, n]),
+            _ => v.extend([0.0, 0.0]),
+        }
+    }
+    v
+}
+
 /// The federation's evaluation from the summed values: total examples,
 /// example-weighted mean loss, and the example-weighted mean of each
 /// metric some party reported.
@@ -272,6 +288,21 @@ mod tests {
         assert!(!metrics.contains_key("f1"), "metrics outside the layout stay at the party");
         let bad = evaluation_values(&outcome(10, 0.1, 1.5, None)).unwrap_err().to_string();
         assert!(bad.contains("accuracy is 1.5"), "{bad}");
+    }
+
+    #[test]
+    fn noisy_evaluations_sum_to_an_accuracy_and_release_no_loss() {
+        use confide_dp::evaluation::NoisyEvaluation;
+        let a = noisy_evaluation_values(&NoisyEvaluation { examples: 103, correct: Some(88) });
+        // A party whose trainer has no accuracy, and a noisy count below 0.
+        let b = noisy_evaluation_values(&NoisyEvaluation { examples: -2, correct: None });
+        let c = noisy_evaluation_values(&NoisyEvaluation { examples: 298, correct: Some(212) });
+        let sum: Vec<f64> = (0..a.len()).map(|i| a[i] + b[i] + c[i]).collect();
+        let (n, loss, metrics) = evaluation_from_sum(&sum).unwrap();
+        assert_eq!(n, 399);
+        assert!(loss.is_nan(), "no loss released");
+        assert!((metrics["accuracy"] - 300.0 / 401.0).abs() < 1e-12, "{metrics:?}");
+        assert!(!metrics.contains_key("auc"));
     }
 
     #[test]
