@@ -641,6 +641,11 @@ pub trait Trainer: Send {
     fn supports_dp_sgd(&self) -> bool {
         false
     }
+    /// [`Trainer::supports_dp_sgd`] with the reason when not (e.g. which part
+    /// of a TorchScript module has no per-example gradients here).
+    fn dp_sgd_support(&self) -> Result<(), String> {
+        if self.supports_dp_sgd() { Ok(()) } else { Err("it cannot compute per-example gradients".into()) }
+    }
     /// Trains with DP-SGD: `plan.steps_per_round` steps, each on a Poisson
     /// sample, with per-example gradients computed in batch, clipped, summed
     /// and noised by [`DpSgdPlan::mechanism`]. `config` supplies only what

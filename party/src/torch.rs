@@ -54,16 +54,133 @@ impl Net {
     }
 }
 
-/// A layer of a built-in model as DP-SGD's batched per-example gradients
-/// see it (`name.weight`, `name.bias` in the var store).
-#[derive(Debug, Clone)]
+/// A layer as DP-SGD's batched per-example gradients see it, with its
+/// weight's and bias's names in the var store.
+#[derive(Debug, Clone, PartialEq)]
 enum DpLayer {
-    /// `x·Wᵀ + b`, then ReLU unless it is the output layer.
-    Linear { name: String, relu: bool },
+    /// `x·Wᵀ + b`, then the activation.
+    Linear { weight: String, bias: String, activation: Activation },
     /// A 3×3 convolution (padding 1), then ReLU and 2×2 max-pooling.
-    Conv { name: String },
+    Conv { weight: String, bias: String },
     /// Flattens the feature maps before the output layer.
     Flatten,
+}
+
+/// An element-wise activation after a linear layer (its per-example
+/// weight gradient is still g ⊗ a, g the gradient at the layer's output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    Relu,
+    Tanh,
+    /// The output layer's logits.
+    Identity,
+}
+
+impl Activation {
+    fn apply(self, z: &Tensor) -> Tensor {
+        match self {
+            Activation::Relu => z.relu(),
+            Activation::Tanh => z.tanh(),
+            Activation::Identity => z.shallow_clone(),
+        }
+    }
+}
+
+fn linear(name: &str, activation: Activation) -> DpLayer {
+    DpLayer::Linear { weight: format!("{name}.weight"), bias: format!("{name}.bias"), activation }
+}
+
+/// Most linear layers a TorchScript module may have for DP-SGD (each hidden
+/// one's activation is found among three by trying them all).
+const MAX_SCRIPT_LAYERS: usize = 6;
+
+/// The layers of a TorchScript module, when its forward is a chain of
+/// linear layers with ReLU, tanh or no activation between them: the
+/// variables must pair into weights `[out, in]` and biases `[out]` (by the
+/// names' common prefix) that chain from `features` inputs to `classes`
+/// outputs in exactly one way, and one choice of activations must
+/// reproduce the module's forward on `probe` rows. DP-SGD then trains
+/// through this reconstruction: its privacy rests on the per-example
+/// gradients of what it computes, whatever the module's own code does;
+/// the probe makes the trained model the module's. Otherwise the reason.
+fn script_layers(
+    vars: &std::collections::BTreeMap<String, Tensor>,
+    features: usize,
+    classes: usize,
+    probe: &Tensor,
+    forward: &dyn Fn(&Tensor) -> Result<Tensor, Error>,
+) -> Result<Vec<DpLayer>, String> {
+    let mut pairs: std::collections::BTreeMap<&str, (Option<&str>, Option<&str>)> = Default::default();
+    for name in vars.keys() {
+        if let Some(prefix) = name.strip_suffix("weight") {
+            pairs.entry(prefix).or_default().0 = Some(name);
+        } else if let Some(prefix) = name.strip_suffix("bias") {
+            pairs.entry(prefix).or_default().1 = Some(name);
+        } else {
+            return Err(format!("its parameter {name:?} is neither a linear layer's weight nor its bias"));
+        }
+    }
+    // (weight, bias, inputs, outputs)
+    let mut layers: Vec<(&str, &str, i64, i64)> = Vec::new();
+    for (prefix, pair) in &pairs {
+        let (Some(w), Some(b)) = *pair else {
+            return Err(format!("its parameters {prefix}weight and {prefix}bias do not come in pairs"));
+        };
+        match (vars[w].size().as_slice(), vars[b].size().as_slice()) {
+            (&[out, inp], &[bias]) if bias == out => layers.push((w, b, inp, out)),
+            (ws, bs) => return Err(format!("{w} {ws:?} and {b} {bs:?} are not a linear layer's")),
+        }
+    }
+    if layers.is_empty() || layers.len() > MAX_SCRIPT_LAYERS {
+        return Err(format!("it has {} linear layers; DP-SGD takes 1 to {MAX_SCRIPT_LAYERS}", layers.len()));
+    }
+    let mut chain = Vec::with_capacity(layers.len());
+    let mut width = to_i64(features);
+    while !layers.is_empty() {
+        let next: Vec<usize> = (0..layers.len()).filter(|&i| layers[i].2 == width).collect();
+        let [i] = next.as_slice() else {
+            return Err(format!("its linear layers do not chain from {features} inputs in exactly one way"));
+        };
+        let l = layers.remove(*i);
+        width = l.3;
+        chain.push(l);
+    }
+    if width != to_i64(classes) {
+        return Err(format!("its linear layers end in {width} outputs, not the {classes} classes"));
+    }
+    tch::no_grad(|| {
+        let want = forward(probe).map_err(|e| e.to_string())?;
+        let tolerance = 1e-5 * want.abs().max().double_value(&[]).max(1.0);
+        let hidden = chain.len() - 1;
+        let choices = [Activation::Relu, Activation::Tanh, Activation::Identity];
+        for code in 0..3usize.pow(hidden as u32) {
+            let layers: Vec<DpLayer> = chain
+                .iter()
+                .enumerate()
+                .map(|(k, (w, b, _, _))| DpLayer::Linear {
+                    weight: (*w).to_owned(),
+                    bias: (*b).to_owned(),
+                    activation: if k < hidden {
+                        choices[code / 3usize.pow(k as u32) % 3]
+                    } else {
+                        Activation::Identity
+                    },
+                })
+                .collect();
+            let mut a = probe.shallow_clone();
+            for l in &layers {
+                if let DpLayer::Linear { weight, bias, activation } = l {
+                    a = activation.apply(&a.linear(&vars[weight], Some(&vars[bias])));
+                }
+            }
+            if a.size() == want.size() && (a - &want).abs().max().double_value(&[]) <= tolerance {
+                return Ok(layers);
+            }
+        }
+        Err("its forward is not a chain of its linear layers with ReLU, tanh or no activation between them \
+             (checked on probe rows)"
+            .to_owned())
+    })
 }
 
 /// A libtorch model over one party's rows.
@@ -71,6 +188,8 @@ pub struct TorchTrainer {
     /// The built-in model's layers, for DP-SGD (`None` for TorchScript,
     /// whose per-example gradients cannot be derived from its code).
     layers: Option<Vec<DpLayer>>,
+    /// Why a TorchScript module has no per-example gradients here.
+    dp_refusal: Option<String>,
     vs: nn::VarStore,
     net: Net,
     /// Trainable tensors' names, sorted: the wire order after the input statistics.
@@ -175,19 +294,17 @@ impl TorchTrainer {
             }
         };
         let layers = match &model.architecture {
-            Architecture::LogisticRegression { .. } => {
-                Some(vec![DpLayer::Linear { name: "linear".into(), relu: false }])
-            }
+            Architecture::LogisticRegression { .. } => Some(vec![linear("linear", Activation::Identity)]),
             Architecture::Mlp { hidden } => Some(
                 (0..hidden.len())
-                    .map(|i| DpLayer::Linear { name: format!("fc{i}"), relu: true })
-                    .chain([DpLayer::Linear { name: "out".into(), relu: false }])
+                    .map(|i| linear(&format!("fc{i}"), Activation::Relu))
+                    .chain([linear("out", Activation::Identity)])
                     .collect(),
             ),
             Architecture::Cnn { channels, .. } => Some(
                 (0..channels.len())
-                    .map(|i| DpLayer::Conv { name: format!("conv{i}") })
-                    .chain([DpLayer::Flatten, DpLayer::Linear { name: "out".into(), relu: false }])
+                    .map(|i| DpLayer::Conv { weight: format!("conv{i}.weight"), bias: format!("conv{i}.bias") })
+                    .chain([DpLayer::Flatten, linear("out", Activation::Identity)])
                     .collect(),
             ),
             _ => None,
@@ -197,8 +314,9 @@ impl TorchTrainer {
         if names.is_empty() {
             return Err(Error::InvalidInput("the model has no trainable parameters".into()));
         }
-        let t = TorchTrainer {
+        let mut t = TorchTrainer {
             layers,
+            dp_refusal: None,
             vs,
             net,
             names,
@@ -219,6 +337,19 @@ impl TorchTrainer {
                 "the model maps one {d}-feature row to shape {:?}; expected [1, {classes}] logits",
                 probe.size()
             )));
+        }
+        if let Net::Script(_) = &t.net {
+            // Probe rows: up to 64 of the data's, and as many synthetic
+            // ones of both signs and several scales (deterministic).
+            let rows = t.train.len().min(64);
+            let mut probe: Vec<f32> = t.train.features[..rows * d].to_vec();
+            probe.extend((0..rows.max(8) * d).map(|k| (0.37 * k as f32).sin() * (1 + k % 5) as f32));
+            let x = t.inputs(&probe)?;
+            let vars: std::collections::BTreeMap<String, Tensor> = t.vs.variables().into_iter().collect();
+            match script_layers(&vars, d, classes, &x, &|x| t.net.forward(x)) {
+                Ok(layers) => t.layers = Some(layers),
+                Err(why) => t.dp_refusal = Some(why),
+            }
         }
         Ok(t)
     }
@@ -322,10 +453,12 @@ impl TorchTrainer {
         batch_rows: usize,
         clip: &dyn Fn(f64) -> f64,
     ) -> Result<(Vec<f64>, Vec<f64>), Error> {
-        let layers = self
-            .layers
-            .as_ref()
-            .ok_or_else(|| Error::InvalidInput("a TorchScript model has no per-example gradients".into()))?;
+        let layers = self.layers.as_ref().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "this TorchScript module has no per-example gradients Confide can derive: {}",
+                self.dp_refusal.as_deref().unwrap_or("no layers")
+            ))
+        })?;
         let vars = self.vs.variables();
         let var = |n: &str| vars.get(n).ok_or_else(|| Error::Training(format!("tensor {n} vanished")));
         let mut sums: std::collections::BTreeMap<String, Tensor> = std::collections::BTreeMap::new();
@@ -339,15 +472,15 @@ impl TorchTrainer {
         let mut outs: Vec<Tensor> = Vec::new();
         for layer in layers {
             match layer {
-                DpLayer::Linear { name, relu } => {
-                    let (w, b) = (var(&format!("{name}.weight"))?, var(&format!("{name}.bias"))?);
+                DpLayer::Linear { weight, bias, activation } => {
+                    let (w, b) = (var(weight)?, var(bias)?);
                     let z = a.f_linear(w, Some(b)).map_err(torch_err("linear"))?;
                     kept.push((layer, a.detach()));
-                    a = if *relu { z.relu() } else { z.shallow_clone() };
+                    a = activation.apply(&z);
                     outs.push(z);
                 }
-                DpLayer::Conv { name } => {
-                    let (w, b) = (var(&format!("{name}.weight"))?, var(&format!("{name}.bias"))?);
+                DpLayer::Conv { weight, bias } => {
+                    let (w, b) = (var(weight)?, var(bias)?);
                     let z = a.f_conv2d(w, Some(b), [1, 1], [1, 1], [1, 1], 1).map_err(torch_err("conv2d"))?;
                     kept.push((layer, a.detach()));
                     a = z.relu().max_pool2d_default(2);
@@ -366,7 +499,7 @@ impl TorchTrainer {
             Outer { g: Tensor, a: Tensor },
             Full { dw: Tensor, shape: Vec<i64> },
         }
-        let mut per_layer: Vec<(String, PerRow, Tensor)> = Vec::new();
+        let mut per_layer: Vec<(&String, &String, PerRow, Tensor)> = Vec::new();
         for ((layer, input), g) in kept.into_iter().zip(grads) {
             // NaN and ±∞ (a hostile model can overflow f32 on chosen rows)
             // become 0 before anything is computed from them, so every
@@ -374,17 +507,17 @@ impl TorchTrainer {
             // exactly what is summed; no NaN can reach the sum or an error.
             let clean = |t: &Tensor| t.f_nan_to_num(0.0, 0.0, 0.0).map_err(torch_err("nan_to_num"));
             match layer {
-                DpLayer::Linear { name, .. } => {
+                DpLayer::Linear { weight, bias, .. } => {
                     // f32 values are exact in f64, and so are their products.
                     let g = clean(&f64_of(&g)?)?;
                     let input = clean(&f64_of(&input)?)?;
                     let g2 = g.square().sum_dim_intlist(1, false, Kind::Double);
                     let a2 = input.square().sum_dim_intlist(1, false, Kind::Double);
                     norm2 += &g2 * (a2 + 1.0);
-                    per_layer.push((name.clone(), PerRow::Outer { g: g.shallow_clone(), a: input }, g));
+                    per_layer.push((weight, bias, PerRow::Outer { g: g.shallow_clone(), a: input }, g));
                 }
-                DpLayer::Conv { name } => {
-                    let w = var(&format!("{name}.weight"))?;
+                DpLayer::Conv { weight, bias } => {
+                    let w = var(weight)?;
                     let out = g.size()[1];
                     // Each row's gradient is formed in f32 (a per-row vector
                     // like any other: its norm below is computed from exactly
@@ -397,7 +530,7 @@ impl TorchTrainer {
                     norm2 = norm2
                         + dw.square().sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double)
                         + db.square().sum_dim_intlist(1, false, Kind::Double);
-                    per_layer.push((name.clone(), PerRow::Full { dw, shape: w.size() }, db));
+                    per_layer.push((weight, bias, PerRow::Full { dw, shape: w.size() }, db));
                 }
                 DpLayer::Flatten => {}
             }
@@ -406,7 +539,7 @@ impl TorchTrainer {
         norm2.sqrt().f_copy_data(&mut norms, batch_rows).map_err(torch_err("norms"))?;
         let factors: Vec<f64> = norms.iter().map(|&n| clip(n)).collect();
         let c = Tensor::from_slice(&factors);
-        for (name, per_row, db) in per_layer {
+        for (weight_name, bias_name, per_row, db) in per_layer {
             let bias = (&db * c.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Double);
             let weight = match per_row {
                 PerRow::Outer { g, a } => (g * c.unsqueeze(1)).transpose(0, 1).matmul(&a),
@@ -414,8 +547,8 @@ impl TorchTrainer {
                     (dw * c.view([-1, 1, 1])).sum_dim_intlist(0, false, Kind::Double).reshape(shape.as_slice())
                 }
             };
-            sums.insert(format!("{name}.weight"), weight);
-            sums.insert(format!("{name}.bias"), bias);
+            sums.insert(weight_name.clone(), weight);
+            sums.insert(bias_name.clone(), bias);
         }
         let mut flat = Vec::new();
         for n in &self.names {
@@ -541,6 +674,14 @@ impl Trainer for TorchTrainer {
 
     fn supports_dp_sgd(&self) -> bool {
         self.layers.is_some()
+    }
+
+    fn dp_sgd_support(&self) -> Result<(), String> {
+        match (&self.layers, &self.dp_refusal) {
+            (Some(_), _) => Ok(()),
+            (None, Some(why)) => Err(format!("a TorchScript module needs per-example gradients, but {why}")),
+            (None, None) => Err("it cannot compute per-example gradients".into()),
+        }
     }
 
     fn fit_private(&mut self, config: &FitConfig, plan: &DpSgdPlan) -> Result<FitOutcome, Error> {
@@ -761,20 +902,26 @@ mod tests {
     /// DP-SGD's batched per-example gradients (linear layers by the outer
     /// product trick, convolutions by unfold and a batched product) equal
     /// one backward pass per row, in norm and in the clipped sum, for the
-    /// logistic regression, the MLP and the CNN.
+    /// logistic regression, the MLP, the CNN and a TorchScript module (a
+    /// tanh MLP: its one-at-a-time gradients come from the module's own
+    /// forward, so the reconstruction DP-SGD trains through is checked
+    /// against the module's code).
     #[test]
     fn per_example_gradients_equal_one_at_a_time_gradients() {
         let (bc, digits) = (data("breast_cancer.csv"), data("digits.csv.gz"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/breast_cancer_mlp.pt");
         let cases = [
             (
                 ModelConfig::new(2, Architecture::LogisticRegression { engine: confide_algorithms::Engine::Torch }),
                 bc.clone(),
+                None,
             ),
-            (ModelConfig::mlp(2, vec![16, 8]), bc),
-            (ModelConfig::cnn(10, vec![4, 8], [1, 8, 8]), digits),
+            (ModelConfig::mlp(2, vec![16, 8]), bc.clone(), None),
+            (ModelConfig::cnn(10, vec![4, 8], [1, 8, 8]), digits, None),
+            (ModelConfig::new(2, Architecture::Torchscript { file: "bc".into() }), bc, Some(script.as_path())),
         ];
-        for (model, ds) in cases {
-            let t = standardised(&model, ds, Dataset::default(), None);
+        for (model, ds, script) in cases {
+            let t = standardised(&model, ds, Dataset::default(), script);
             assert!(t.supports_dp_sgd());
             let idx = [3usize, 17, 40, 41, 99];
             let clip = |n: f64| if n > 0.5 { 0.5 / n } else { 1.0 };
@@ -802,11 +949,11 @@ mod tests {
         }
     }
 
-    /// DP-SGD trains the MLP on the breast-cancer rows to a useful model
-    /// (z = 1, q = 0.05, 60 steps) and reports no training loss; a
-    /// TorchScript model is refused.
+    /// DP-SGD trains the MLP, and the TorchScript tanh MLP, on the
+    /// breast-cancer rows to a useful model (z = 1, q = 0.05, 60 steps) and
+    /// reports no training loss.
     #[test]
-    fn dp_sgd_trains_the_mlp_and_refuses_torchscript() {
+    fn dp_sgd_trains_the_mlp_and_a_torchscript_mlp() {
         let (train, test) = data("breast_cancer.csv").split(0.25, 1);
         let mut t = standardised(&ModelConfig::mlp(2, vec![16]), train.clone(), test, None);
         let plan = DpSgdPlan {
@@ -823,17 +970,66 @@ mod tests {
         let e = t.evaluate().unwrap();
         assert!(e.metrics["accuracy"] > 0.9, "{e:?}");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/breast_cancer_mlp.pt");
-        let mut ts = TorchTrainer::new(
-            &ModelConfig::new(2, Architecture::Torchscript { file: "m".into() }),
-            Some(&script),
-            train,
-            Dataset::default(),
-            0,
-            0,
-        )
-        .unwrap();
-        assert!(!ts.supports_dp_sgd());
-        assert!(ts.fit_private(&cfg, &plan).unwrap_err().to_string().contains("per-example"));
+        let (_, test) = data("breast_cancer.csv").split(0.25, 1);
+        let model = ModelConfig::new(2, Architecture::Torchscript { file: "m".into() });
+        let mut ts = standardised(&model, train, test, Some(&script));
+        assert!(ts.supports_dp_sgd());
+        assert_eq!(
+            ts.layers.as_ref().map(|l| l.iter().map(|l| format!("{l:?}")).collect::<Vec<_>>().join(" ")),
+            Some(
+                "Linear { weight: \"hidden_weight\", bias: \"hidden_bias\", activation: Tanh } \
+                 Linear { weight: \"out_weight\", bias: \"out_bias\", activation: Identity }"
+                    .into()
+            )
+        );
+        assert!(ts.fit_private(&cfg, &plan).unwrap().metrics.is_empty());
+        let e = ts.evaluate().unwrap();
+        assert!(e.metrics["accuracy"] > 0.9, "{e:?}");
+    }
+
+    /// A TorchScript module is trained with DP-SGD only when its variables
+    /// chain as linear layers in one way and one choice of activations
+    /// reproduces its forward; otherwise the reason is given.
+    #[test]
+    fn a_torchscript_module_that_is_not_a_linear_chain_is_refused_with_the_reason() {
+        let t = |shape: &[i64]| Tensor::ones(shape, (Kind::Float, Device::Cpu)) * 0.1;
+        let vars: std::collections::BTreeMap<String, Tensor> =
+            [("a.weight", t(&[4, 3])), ("a.bias", t(&[4])), ("b.weight", t(&[2, 4])), ("b.bias", t(&[2]))]
+                .into_iter()
+                .map(|(n, v)| (n.to_owned(), v))
+                .collect();
+        let probe = Tensor::from_slice(&[0.5f32, -1.0, 2.0, -3.0, 0.25, 1.5]).view([2, 3]);
+        let mlp = |act: fn(&Tensor) -> Tensor| {
+            let vars =
+                vars.iter().map(|(n, v)| (n.clone(), v.shallow_clone())).collect::<std::collections::BTreeMap<_, _>>();
+            move |x: &Tensor| -> Result<Tensor, Error> {
+                Ok(act(&x.linear(&vars["a.weight"], Some(&vars["a.bias"])))
+                    .linear(&vars["b.weight"], Some(&vars["b.bias"])))
+            }
+        };
+        let relu = script_layers(&vars, 3, 2, &probe, &mlp(|z| z.relu())).unwrap();
+        assert_eq!(relu[0], linear("a", Activation::Relu));
+        assert_eq!(relu[1], linear("b", Activation::Identity));
+        // A sigmoid is none of the three.
+        let why = script_layers(&vars, 3, 2, &probe, &mlp(|z| z.sigmoid())).unwrap_err();
+        assert!(why.contains("not a chain"), "{why}");
+        // Wrong outputs, an unpaired or non-linear parameter.
+        assert!(script_layers(&vars, 3, 3, &probe, &mlp(|z| z.relu())).unwrap_err().contains("not the 3 classes"));
+        let mut odd =
+            vars.iter().map(|(n, v)| (n.clone(), v.shallow_clone())).collect::<std::collections::BTreeMap<_, _>>();
+        odd.remove("b.bias");
+        assert!(script_layers(&odd, 3, 2, &probe, &mlp(|z| z.relu())).unwrap_err().contains("pairs"));
+        odd.insert("b.bias".into(), t(&[2]));
+        odd.insert("scale".into(), t(&[1]));
+        assert!(script_layers(&odd, 3, 2, &probe, &mlp(|z| z.relu())).unwrap_err().contains("\"scale\""));
+        // Two layers that could each come first: ambiguous, refused.
+        let square: std::collections::BTreeMap<String, Tensor> =
+            [("a.weight", t(&[3, 3])), ("a.bias", t(&[3])), ("b.weight", t(&[3, 3])), ("b.bias", t(&[3]))]
+                .into_iter()
+                .map(|(n, v)| (n.to_owned(), v))
+                .collect();
+        let why = script_layers(&square, 3, 3, &probe, &|x| Ok(x.shallow_clone())).unwrap_err();
+        assert!(why.contains("exactly one way"), "{why}");
     }
 
     #[test]

@@ -63,9 +63,11 @@ impl PartyJobKind for TrainingKind {
             handler.eval_noise = Some(noise);
             handler.budget = cx.budget;
         } else if let Some(dp) = &spec.dp {
-            if dp.level == DpLevel::Example && !handler.trainer.supports_dp_sgd() {
+            if dp.level == DpLevel::Example
+                && let Err(why) = handler.trainer.dp_sgd_support()
+            {
                 return Err(format!(
-                    "the job has [dp], but this party's {} trainer cannot compute per-example gradients",
+                    "the job has [dp] (DP-SGD), but this party's {} trainer cannot train with it: {why}",
                     spec.model.kind().as_str()
                 ));
             }
