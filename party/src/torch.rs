@@ -461,7 +461,6 @@ impl TorchTrainer {
         })?;
         let vars = self.vs.variables();
         let var = |n: &str| vars.get(n).ok_or_else(|| Error::Training(format!("tensor {n} vanished")));
-        let mut sums: std::collections::BTreeMap<String, Tensor> = std::collections::BTreeMap::new();
         if batch_rows == 0 {
             let total: usize = self.names.iter().map(|n| var(n).map(|v| v.numel())).sum::<Result<_, _>>()?;
             return Ok((vec![0.0; total], Vec::new()));
@@ -493,28 +492,49 @@ impl TorchTrainer {
         let loss = a.cross_entropy_for_logits(ys) * (batch_rows as f64);
         let grads = Tensor::f_run_backward(&[&loss], &outs, false, false).map_err(torch_err("backward"))?;
         let f64_of = |t: &Tensor| t.f_to_kind(Kind::Double).map_err(torch_err("dtype"));
-        let mut norm2 = Tensor::zeros([batch], (Kind::Double, Device::Cpu));
-        // Per layer: (name, per-row weight gradient or the factors to form it, per-row bias gradient).
+        // NaN and ±∞ (a hostile model can overflow f32 on chosen rows)
+        // become 0 before anything is computed from them, so every row's
+        // contribution is finite and its norm is computed from exactly what
+        // is summed; no NaN can reach the sum or an error.
+        let clean = |t: &Tensor| t.f_nan_to_num(0.0, 0.0, 0.0).map_err(torch_err("nan_to_num"));
+        let rows = batch_rows;
+        let mut norm2 = vec![0f64; rows];
+        // Per layer: its tensors' names and the per-row factors to sum.
         enum PerRow {
-            Outer { g: Tensor, a: Tensor },
-            Full { dw: Tensor, shape: Vec<i64> },
+            /// A linear layer: each row's output gradient g (rows × out)
+            /// and input a (rows × in), read out once and summed in Rust:
+            /// a handful of small libtorch calls per layer cost more than
+            /// the arithmetic.
+            Outer { g: zeroize::Zeroizing<Vec<f32>>, a: zeroize::Zeroizing<Vec<f32>>, out: usize, inp: usize },
+            /// A convolution: each row's weight gradient, formed by a
+            /// batched product, and its bias gradient.
+            Full { dw: Tensor, db: Tensor, shape: Vec<i64> },
         }
-        let mut per_layer: Vec<(&String, &String, PerRow, Tensor)> = Vec::new();
+        let read = |t: &Tensor| -> Result<zeroize::Zeroizing<Vec<f32>>, Error> {
+            let t = t.f_contiguous().map_err(torch_err("layout"))?;
+            let n = t.numel();
+            let mut v = zeroize::Zeroizing::new(vec![0f32; n]);
+            t.f_copy_data(&mut v, n).map_err(torch_err("read"))?;
+            v.iter_mut().for_each(|x| {
+                if !x.is_finite() {
+                    *x = 0.0;
+                }
+            });
+            Ok(v)
+        };
+        let mut per_layer: Vec<(&String, &String, PerRow)> = Vec::new();
         for ((layer, input), g) in kept.into_iter().zip(grads) {
-            // NaN and ±∞ (a hostile model can overflow f32 on chosen rows)
-            // become 0 before anything is computed from them, so every
-            // row's contribution is finite and its norm is computed from
-            // exactly what is summed; no NaN can reach the sum or an error.
-            let clean = |t: &Tensor| t.f_nan_to_num(0.0, 0.0, 0.0).map_err(torch_err("nan_to_num"));
             match layer {
                 DpLayer::Linear { weight, bias, .. } => {
-                    // f32 values are exact in f64, and so are their products.
-                    let g = clean(&f64_of(&g)?)?;
-                    let input = clean(&f64_of(&input)?)?;
-                    let g2 = g.square().sum_dim_intlist(1, false, Kind::Double);
-                    let a2 = input.square().sum_dim_intlist(1, false, Kind::Double);
-                    norm2 += &g2 * (a2 + 1.0);
-                    per_layer.push((weight, bias, PerRow::Outer { g: g.shallow_clone(), a: input }, g));
+                    let (g, a) = (read(&g)?, read(&input)?);
+                    let (out, inp) = (g.len() / rows.max(1), a.len() / rows.max(1));
+                    // ‖g ⊗ a‖² + ‖g‖² = ‖g‖²(‖a‖² + 1), f32 values exact in f64.
+                    for (i, n2) in norm2.iter_mut().enumerate() {
+                        let g2: f64 = g[i * out..(i + 1) * out].iter().map(|&v| f64::from(v).powi(2)).sum();
+                        let a2: f64 = a[i * inp..(i + 1) * inp].iter().map(|&v| f64::from(v).powi(2)).sum();
+                        *n2 += g2 * (a2 + 1.0);
+                    }
+                    per_layer.push((weight, bias, PerRow::Outer { g, a, out, inp }));
                 }
                 DpLayer::Conv { weight, bias } => {
                     let w = var(weight)?;
@@ -527,24 +547,46 @@ impl TorchTrainer {
                         clean(&input)?.f_im2col([3, 3], [1, 1], [1, 1], [1, 1]).map_err(torch_err("im2col"))?;
                     let dw = clean(&f64_of(&g.f_bmm(&unfolded.transpose(1, 2)).map_err(torch_err("bmm"))?)?)?;
                     let db = clean(&f64_of(&g.sum_dim_intlist(2, false, Kind::Float))?)?;
-                    norm2 = norm2
-                        + dw.square().sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double)
+                    let layer_norm2 = dw.square().sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double)
                         + db.square().sum_dim_intlist(1, false, Kind::Double);
-                    per_layer.push((weight, bias, PerRow::Full { dw, shape: w.size() }, db));
+                    let mut v = vec![0f64; rows];
+                    layer_norm2.f_copy_data(&mut v, rows).map_err(torch_err("norms"))?;
+                    norm2.iter_mut().zip(&v).for_each(|(n, x)| *n += x);
+                    per_layer.push((weight, bias, PerRow::Full { dw, db, shape: w.size() }));
                 }
                 DpLayer::Flatten => {}
             }
         }
-        let mut norms = vec![0f64; batch_rows];
-        norm2.sqrt().f_copy_data(&mut norms, batch_rows).map_err(torch_err("norms"))?;
+        let norms: Vec<f64> = norm2.iter().map(|n| n.sqrt()).collect();
         let factors: Vec<f64> = norms.iter().map(|&n| clip(n)).collect();
         let c = Tensor::from_slice(&factors);
-        for (weight_name, bias_name, per_row, db) in per_layer {
-            let bias = (&db * c.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Double);
-            let weight = match per_row {
-                PerRow::Outer { g, a } => (g * c.unsqueeze(1)).transpose(0, 1).matmul(&a),
-                PerRow::Full { dw, shape } => {
-                    (dw * c.view([-1, 1, 1])).sum_dim_intlist(0, false, Kind::Double).reshape(shape.as_slice())
+        let mut sums: std::collections::BTreeMap<String, Vec<f64>> = std::collections::BTreeMap::new();
+        for (weight_name, bias_name, per_row) in per_layer {
+            let (weight, bias) = match per_row {
+                PerRow::Outer { g, a, out, inp } => {
+                    let (mut w, mut b) = (vec![0f64; out * inp], vec![0f64; out]);
+                    for (i, &f) in factors.iter().enumerate() {
+                        let (gi, ai) = (&g[i * out..(i + 1) * out], &a[i * inp..(i + 1) * inp]);
+                        for (o, &gv) in gi.iter().enumerate() {
+                            let fg = f * f64::from(gv);
+                            b[o] += fg;
+                            for (wv, &av) in w[o * inp..(o + 1) * inp].iter_mut().zip(ai) {
+                                *wv += fg * f64::from(av);
+                            }
+                        }
+                    }
+                    (w, b)
+                }
+                PerRow::Full { dw, db, shape } => {
+                    let values = |t: Tensor| -> Result<Vec<f64>, Error> {
+                        let t = t.f_contiguous().map_err(torch_err("layout"))?;
+                        let n = t.numel();
+                        let mut v = vec![0f64; n];
+                        t.f_copy_data(&mut v, n).map_err(torch_err("read gradient"))?;
+                        Ok(v)
+                    };
+                    let w = (dw * c.view([-1, 1, 1])).sum_dim_intlist(0, false, Kind::Double).reshape(shape.as_slice());
+                    (values(w)?, values((&db * c.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Double))?)
                 }
             };
             sums.insert(weight_name.clone(), weight);
@@ -553,11 +595,7 @@ impl TorchTrainer {
         let mut flat = Vec::new();
         for n in &self.names {
             let t = sums.remove(n).ok_or_else(|| Error::Training(format!("no per-example gradient for {n}")))?;
-            let t = t.f_contiguous().map_err(torch_err("layout"))?;
-            let len = t.numel();
-            let start = flat.len();
-            flat.resize(start + len, 0.0);
-            t.f_copy_data(&mut flat[start..], len).map_err(torch_err("read gradient"))?;
+            flat.extend_from_slice(&t);
         }
         Ok((flat, norms))
     }
