@@ -434,8 +434,9 @@ impl TorchTrainer {
     /// row i's z alone), then per row: a linear layer's weight gradient is
     /// g ⊗ a, of squared norm ‖g‖²·‖a‖² without forming it (Goodfellow's
     /// trick), and a convolution's is g·unfold(a)ᵀ, formed by a batched
-    /// matrix product. The clipped sums are matrix products with the clip
-    /// factors folded into g.
+    /// matrix product. A linear layer's sums are formed in Rust from g and
+    /// a read out once; a convolution's are libtorch products with the clip
+    /// factors folded in.
     #[cfg(test)]
     fn clipped_gradient_sum(&self, idx: &[usize], clip: &dyn Fn(f64) -> f64) -> Result<(Vec<f64>, Vec<f64>), Error> {
         let rows: Vec<f32> = idx.iter().flat_map(|&i| self.train.row(i).iter().copied()).collect();
