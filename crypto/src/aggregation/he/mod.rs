@@ -9,7 +9,7 @@
 //!  fit            round config (parties, keygen?, key epoch, bits, dim, clip, max_examples)
 //!                 keygen round: signed commitment to p_i and an X25519 key → he-key-deal
 //!                 otherwise:    signed upload record + ciphertext           → he-hash
-//!  he-key-deal    every signed commitment → p_i and one sealed Shamir share per key party
+//!  he-key-deal    every signed commitment → p_i and one sealed, dealer-signed Shamir share per key party
 //!  he-key-confirm the dealers' p_j and the shares addressed to the party
 //!                 → the party checks p_j against the commitments, assembles the key,
 //!                   and answers with its signed upload record + ciphertext
@@ -440,6 +440,11 @@ pub mod wire {
         pub nonce: Vec<u8>,
         #[prost(bytes = "vec", tag = "4")]
         pub ciphertext: Vec<u8>,
+        /// The dealer's signature over the sealed share: a recipient tells
+        /// a share altered in transit (the coordinator's doing) from one
+        /// the dealer sealed wrongly (the dealer's).
+        #[prost(bytes = "vec", tag = "5")]
+        pub signature: Vec<u8>,
     }
 
     /// A dealer's answer to he-key-deal (travels as bulk bytes).
@@ -696,6 +701,10 @@ fn linear_hash(binding: &[u8; 32], commitment: &[u8], contributors: &[String]) -
 /// forward only c0 sums, which nothing else checks.
 fn c0_linear_hash(binding: &[u8; 32], commitment: &[u8], contributors: &[String]) -> LinearHash {
     LinearHash::new(&transcript("he-linear-hash-c0", binding, "", &[commitment, &names_bytes(contributors)]))
+}
+
+fn sealed_share_transcript(binding: &[u8; 32], s: &wire::SealedShare) -> Vec<u8> {
+    transcript("he-sealed-share", binding, &s.dealer, &[s.recipient.as_bytes(), &s.nonce, &s.ciphertext])
 }
 
 fn share_aad(binding: &[u8; 32], dealer: &str, recipient: &str) -> Vec<u8> {
@@ -1245,6 +1254,21 @@ impl AggregationServer for HeServer {
                 let others: Vec<&str> = epoch.key_parties.iter().map(String::as_str).filter(|p| *p != party).collect();
                 if recipients != others || deal.shares.iter().any(|s| s.dealer != party || s.nonce.len() != 12) {
                     return Err(misbehaved(party, "did not deal one sealed share to each other key party, in order"));
+                }
+                // Checked before relaying, so that one dealer's bad signature
+                // drops that dealer, not every recipient.
+                for share in &deal.shares {
+                    if share.signature.len() > MAX_SIGNATURE
+                        || self
+                            .peers
+                            .verify(party, &sealed_share_transcript(&r.derived.binding, share), &share.signature)
+                            .is_err()
+                    {
+                        return Err(misbehaved(
+                            party,
+                            format!("its key share for {} does not carry its signature", share.recipient),
+                        ));
+                    }
                 }
                 r.deals.insert(party.to_owned(), deal);
                 Ok(())
@@ -1940,12 +1964,15 @@ impl HeClient {
                     let key = share_key(&dh, &commits[to].1, &binding, &me, to);
                     let plain = Zeroizing::new(s.to_bytes());
                     let (nonce, ciphertext) = prim::seal(&key, &plain, &share_aad(&binding, &me, to), &mut OsRng)?;
-                    sealed.push(wire::SealedShare {
+                    let mut share = wire::SealedShare {
                         dealer: me.clone(),
                         recipient: to.clone(),
                         nonce: nonce.to_vec(),
                         ciphertext,
-                    });
+                        signature: Vec::new(),
+                    };
+                    share.signature = self.party.signer.sign(&sealed_share_transcript(&binding, &share))?;
+                    sealed.push(share);
                 }
                 r.stage = ClientStage::Dealt { dh, own_share, params, key_parties, commits };
                 Ok(framed_message(&wire::Deal { public_share, shares: sealed }))
@@ -1992,15 +2019,30 @@ impl HeClient {
                     let nonce: [u8; 12] = s.nonce.as_slice().try_into().map_err(|_| {
                         coordinator_fault(format!("relayed a key share of {dealer} with a malformed nonce"))
                     })?;
+                    // The dealer signed what it sealed (the coordinator checks
+                    // that before relaying): a share without its signature
+                    // was altered in transit.
+                    if s.signature.len() > MAX_SIGNATURE
+                        || self
+                            .party
+                            .peers
+                            .verify(dealer, &sealed_share_transcript(&binding, &s), &s.signature)
+                            .is_err()
+                    {
+                        return Err(coordinator_fault(format!(
+                            "relayed a key share of {dealer} that {dealer} did not sign (altered in transit)"
+                        )));
+                    }
                     let key = share_key(&dh, dh_public, &binding, dealer, &me);
                     let plain = prim::open(&key, &nonce, &s.ciphertext, &share_aad(&binding, dealer, &me)).ok_or_else(
                         || {
-                            // Unsigned in transit: the coordinator tampered
-                            // with it, or the dealer sealed it wrongly.
-                            coordinator_fault(format!(
-                                "relayed a key share of {dealer} that does not open (tampered with in transit, or \
-                                 sealed wrongly by {dealer})"
-                            ))
+                            // Signed by the dealer, sealed to this party's
+                            // committed key, and still not opening: the
+                            // dealer sealed it wrongly.
+                            misbehaved(
+                                dealer,
+                                "sealed this party a key share, under its own signature, that does not open",
+                            )
                         },
                     )?;
                     let index =
@@ -3029,6 +3071,79 @@ mod tests {
             r.iter().any(|(s, _, e)| *s == KEY_CONFIRM && e.contains("coordinator") && e.contains("did not commit to")),
             "{r:?}"
         );
+    }
+
+    /// A sealed key share altered in transit no longer carries its dealer's
+    /// signature: its recipient names the coordinator.
+    #[test]
+    fn a_key_share_altered_in_transit_names_the_coordinator() {
+        let mut tamper = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == KEY_CONFIRM && p == "p1" {
+                let mut d: wire::KeyDelivery = unframe_message(m.clone(), "t", "t").unwrap();
+                let dealt = d.dealt.iter_mut().find(|x| x.dealer == "p0").unwrap();
+                dealt.share.as_mut().unwrap().ciphertext[0] ^= 1;
+                *m = framed_message(&d);
+            }
+        };
+        let r = refusals_under(4, &mut tamper);
+        assert!(
+            r.iter().any(|(s, p, e)| *s == KEY_CONFIRM
+                && p == "p1"
+                && e.contains("party coordinator misbehaved")
+                && e.contains("p0 did not sign")),
+            "{r:?}"
+        );
+    }
+
+    /// A dealer that seals a share wrongly under its own signature (the
+    /// coordinator relays it, since the signature checks) is named by the
+    /// share's recipient, and the coordinator is not blamed.
+    #[test]
+    fn a_dealer_that_seals_a_share_wrongly_is_named_by_its_recipient() {
+        let mut fed = Fed::new(4, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        let fit1 = fit(1);
+        let rm = fed
+            .server
+            .begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) })
+            .unwrap();
+        let HeClientView(binding) = HeClientView::of(&fed, &rm, &global, &fit1);
+        for p in &names {
+            let u = LocalUpdate {
+                global: &global,
+                fit: &fit1,
+                local: params(&[0.01; 2]),
+                num_examples: 10,
+                train_loss: None,
+            };
+            let m = fed.clients.get_mut(p).unwrap().contribute(1, &rm, u).unwrap();
+            fed.server.on_message(Peer { name: p, certificate: &[], relay: None }, m).unwrap();
+        }
+        let mut forge = move |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == KEY_DEAL && p == "p0" {
+                let mut d: wire::Deal = unframe_message(m.clone(), "t", "t").unwrap();
+                let share = d.shares.iter_mut().find(|s| s.recipient == "p1").unwrap();
+                share.ciphertext[0] ^= 1;
+                // Re-signed by p0: a dealer that seals wrongly, not a forgery.
+                use crate::secagg::protocol::IdentitySigner;
+                share.signature = crate::secagg::testing::InsecureTagSigner("p0".into())
+                    .sign(&sealed_share_transcript(&binding, share))
+                    .unwrap();
+                *m = framed_message(&d);
+            }
+        };
+        let mut script = Script { forge: Some(&mut forge), ..Script::default() };
+        let _ = fed.drive(1, &mut script);
+        let r = &script.refusals;
+        assert!(
+            r.iter().any(|(s, p, e)| *s == KEY_CONFIRM
+                && p == "p1"
+                && e.contains("party p0 misbehaved")
+                && e.contains("does not open")),
+            "{r:?}"
+        );
+        assert!(!r.iter().any(|(_, _, e)| e.contains("coordinator")), "{r:?}");
     }
 
     #[test]
