@@ -496,27 +496,11 @@ impl RawDp {
                 DpLevel::Example
             }
         };
-        let accountant = match self.accountant.as_deref().unwrap_or("rdp") {
-            "rdp" => AccountantKind::Rdp,
-            "pld" if distributed.is_some() && level == DpLevel::Party => {
-                err(
-                    "accountant",
-                    "the distributed discrete Gaussian has only its RDP bound (Kairouz, Liu, Steinke 2021), no \
-                     PLD: use accountant = \"rdp\""
-                        .into(),
-                );
-                AccountantKind::Rdp
-            }
-            "pld" => AccountantKind::Pld,
-            other => {
-                err("accountant", format!("unknown accountant {other:?} (rdp, pld)"));
-                AccountantKind::Rdp
-            }
-        };
-        let delta = self.delta.unwrap_or(1e-5);
-        if !(delta.is_finite() && delta > 0.0 && delta <= 1e-3) {
-            err("delta", format!("must be in (0, 1e-3] (got {delta})"));
-        }
+        let pld_refusal = (distributed.is_some() && level == DpLevel::Party).then_some(
+            "the distributed discrete Gaussian has only its RDP bound (Kairouz, Liu, Steinke 2021), no PLD: use \
+             accountant = \"rdp\"",
+        );
+        let (accountant, delta) = self.accountant_and_delta(pld_refusal, &mut err);
         let (q, c) = match level {
             DpLevel::Example => {
                 if self.update_clip.is_some() {
@@ -549,19 +533,7 @@ impl RawDp {
         if !(c.is_finite() && c > 0.0 && c <= 1e6) {
             err(clip_field, format!("must be in (0, 1e6] (got {c})"));
         }
-        if let Some(z) = self.noise_multiplier
-            && !(z.is_finite() && z > 0.0 && z <= MAX_NOISE_MULTIPLIER)
-        {
-            err("noise_multiplier", format!("must be in (0, {MAX_NOISE_MULTIPLIER}] (got {z})"));
-        }
-        if let Some(t) = self.target_epsilon
-            && !(t.is_finite() && t > 0.0 && t <= 100.0)
-        {
-            err("target_epsilon", format!("must be in (0, 100] (got {t})"));
-        }
-        if self.noise_multiplier.is_none() && self.target_epsilon.is_none() {
-            err("noise_multiplier", "give noise_multiplier or target_epsilon".into());
-        }
+        self.check_noise(&mut err);
         if let Some(ranges) = &self.feature_ranges {
             if ranges.is_empty() || ranges.len() > 1_000_000 {
                 err("feature_ranges", "1 to 1000000 [low, high] pairs".into());
@@ -607,29 +579,12 @@ impl RawDp {
         if !e.is_empty() {
             return Err(e);
         }
-        let noise_multiplier = match (self.noise_multiplier, self.target_epsilon) {
-            (Some(z), Some(target)) => {
-                let events = release_events(level, q, c, distributed, max_values, z);
-                let eps = steps_epsilon(accountant, max_values, events, steps, delta);
-                if eps > target * (1.0 + 1e-9) {
-                    return Err(vec![(
-                        "noise_multiplier".into(),
-                        format!(
-                            "noise_multiplier {z} costs ε = {eps:.4} over {steps} steps, above target_epsilon {target}"
-                        ),
-                    )]);
-                }
-                z
-            }
-            (Some(z), None) => z,
-            (None, Some(target)) => {
-                { noise_for_target(accountant, target, delta, level, q, c, distributed, max_values, training, rounds) }
-                    .map_err(|m| vec![("target_epsilon".into(), m)])?
-            }
-            (None, None) => {
-                return Err(vec![("noise_multiplier".into(), "give noise_multiplier or target_epsilon".into())]);
-            }
+        let eps = |z: f64| {
+            steps_epsilon(accountant, max_values, release_events(level, q, c, distributed, max_values, z), steps, delta)
         };
+        let noise_multiplier = self.resolve_noise(&format!(" over {steps} steps"), eps, |target| {
+            noise_for_target(accountant, target, delta, level, q, c, distributed, max_values, training, rounds)
+        })?;
         let adaptive = match (self.adaptive_clip_quantile, self.adaptive_clip_rate, self.clip_count_stddev) {
             (None, None, None) => None,
             (None, _, _) => {
@@ -683,6 +638,69 @@ impl RawDp {
         })
     }
 
+    /// The accountant (`pld_refusal`: why the job's mechanism has no PLD)
+    /// and δ, each checked.
+    fn accountant_and_delta(
+        &self,
+        pld_refusal: Option<&str>,
+        err: &mut impl FnMut(&str, String),
+    ) -> (AccountantKind, f64) {
+        let accountant = match (self.accountant.as_deref().unwrap_or("rdp"), pld_refusal) {
+            ("rdp", _) => AccountantKind::Rdp,
+            ("pld", Some(why)) => {
+                err("accountant", why.into());
+                AccountantKind::Rdp
+            }
+            ("pld", None) => AccountantKind::Pld,
+            (other, _) => {
+                err("accountant", format!("unknown accountant {other:?} (rdp, pld)"));
+                AccountantKind::Rdp
+            }
+        };
+        let delta = self.delta.unwrap_or(1e-5);
+        if !(delta.is_finite() && delta > 0.0 && delta <= 1e-3) {
+            err("delta", format!("must be in (0, 1e-3] (got {delta})"));
+        }
+        (accountant, delta)
+    }
+
+    /// `noise_multiplier` and `target_epsilon`: each in range, one at least.
+    fn check_noise(&self, err: &mut impl FnMut(&str, String)) {
+        if let Some(z) = self.noise_multiplier
+            && !(z.is_finite() && z > 0.0 && z <= MAX_NOISE_MULTIPLIER)
+        {
+            err("noise_multiplier", format!("must be in (0, {MAX_NOISE_MULTIPLIER}] (got {z})"));
+        }
+        if let Some(t) = self.target_epsilon
+            && !(t.is_finite() && t > 0.0 && t <= 100.0)
+        {
+            err("target_epsilon", format!("must be in (0, 100] (got {t})"));
+        }
+        if self.noise_multiplier.is_none() && self.target_epsilon.is_none() {
+            err("noise_multiplier", "give noise_multiplier or target_epsilon".into());
+        }
+    }
+
+    /// The noise multiplier: as given (refused if it costs more than a
+    /// target also given, `eps(z)` being its cost, `over` what), or
+    /// `calibrate(target)`.
+    fn resolve_noise(
+        &self,
+        over: &str,
+        eps: impl Fn(f64) -> f64,
+        calibrate: impl FnOnce(f64) -> Result<f64, String>,
+    ) -> Result<f64, Vec<(String, String)>> {
+        match (self.noise_multiplier, self.target_epsilon) {
+            (Some(z), Some(target)) if eps(z) > target * (1.0 + 1e-9) => Err(vec![(
+                "noise_multiplier".into(),
+                format!("noise_multiplier {z} costs ε = {:.4}{over}, above target_epsilon {target}", eps(z)),
+            )]),
+            (Some(z), _) => Ok(z),
+            (None, Some(target)) => calibrate(target).map_err(|m| vec![("target_epsilon".into(), m)]),
+            (None, None) => Err(vec![("noise_multiplier".into(), "give noise_multiplier or target_epsilon".into())]),
+        }
+    }
+
     /// The `[dp]` table of an evaluate job: example level, `noise_multiplier`
     /// or `target_epsilon`, `delta` and `accountant`; nothing about training
     /// applies. The job releases each party's noisy counts once.
@@ -713,61 +731,23 @@ impl RawDp {
                 err(field, "only applies to train jobs (an evaluation releases noisy counts, no gradients)".into());
             }
         }
-        let accountant = match self.accountant.as_deref().unwrap_or("rdp") {
-            "rdp" => AccountantKind::Rdp,
-            "pld" => AccountantKind::Pld,
-            other => {
-                err("accountant", format!("unknown accountant {other:?} (rdp, pld)"));
-                AccountantKind::Rdp
-            }
-        };
-        let delta = self.delta.unwrap_or(1e-5);
-        if !(delta.is_finite() && delta > 0.0 && delta <= 1e-3) {
-            err("delta", format!("must be in (0, 1e-3] (got {delta})"));
-        }
-        if let Some(z) = self.noise_multiplier
-            && !(z.is_finite() && z > 0.0 && z <= MAX_NOISE_MULTIPLIER)
-        {
-            err("noise_multiplier", format!("must be in (0, {MAX_NOISE_MULTIPLIER}] (got {z})"));
-        }
-        if let Some(t) = self.target_epsilon
-            && !(t.is_finite() && t > 0.0 && t <= 100.0)
-        {
-            err("target_epsilon", format!("must be in (0, 100] (got {t})"));
-        }
-        if self.noise_multiplier.is_none() && self.target_epsilon.is_none() {
-            err("noise_multiplier", "give noise_multiplier or target_epsilon".into());
-        }
+        let (accountant, delta) = self.accountant_and_delta(None, &mut err);
+        self.check_noise(&mut err);
         if !e.is_empty() {
             return Err(e);
         }
         // Two values per release: the PLD's lattice slack is charged for them.
         let eps = |z: f64| steps_epsilon(accountant, 2, Ok(vec![confide_dp::evaluation::event(z)]), 1, delta);
-        let noise_multiplier = match (self.noise_multiplier, self.target_epsilon) {
-            (Some(z), Some(target)) if eps(z) > target * (1.0 + 1e-9) => {
-                return Err(vec![(
-                    "noise_multiplier".into(),
-                    format!("noise_multiplier {z} costs ε = {:.4}, above target_epsilon {target}", eps(z)),
-                )]);
+        let noise_multiplier = self.resolve_noise("", eps, |target| {
+            let z = calibrate_by(target, &format!("at δ = {delta} for one evaluation"), |z| Ok(eps(z)))
+                .map_err(|m| m.to_string())?;
+            if z > MAX_NOISE_MULTIPLIER {
+                return Err(format!(
+                    "ε = {target} needs noise_multiplier {z:.3}, above the largest ({MAX_NOISE_MULTIPLIER})"
+                ));
             }
-            (Some(z), _) => z,
-            (None, Some(target)) => {
-                let z = calibrate_by(target, &format!("at δ = {delta} for one evaluation"), |z| Ok(eps(z)))
-                    .map_err(|m| vec![("target_epsilon".to_owned(), m.to_string())])?;
-                if z > MAX_NOISE_MULTIPLIER {
-                    return Err(vec![(
-                        "target_epsilon".into(),
-                        format!(
-                            "ε = {target} needs noise_multiplier {z:.3}, above the largest ({MAX_NOISE_MULTIPLIER})"
-                        ),
-                    )]);
-                }
-                z
-            }
-            (None, None) => {
-                return Err(vec![("noise_multiplier".into(), "give noise_multiplier or target_epsilon".into())]);
-            }
-        };
+            Ok(z)
+        })?;
         Ok(DpSpec {
             level: DpLevel::Example,
             target_epsilon: self.target_epsilon,
