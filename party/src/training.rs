@@ -676,8 +676,14 @@ mod tests {
         // σ = 2√2 ≈ 2.8 rows on each count: 8σ bounds hold at any seed.
         assert!(num_examples.abs_diff(100_000) < 23, "{num_examples}");
         assert!((metrics["accuracy"] - 0.9).abs() < 5e-4, "{metrics:?}");
-        let again = h.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
+        let again = h.on_task(task(1, TaskBody::Evaluate { global: global.clone() })).unwrap_err();
         assert!(matches!(&again, TaskError::CoordinatorFault(m) if m.contains("once")), "{again:?}");
+        // Under a protocol that hides values, even noisy counts travel only
+        // in the secure sum: a request for them in the clear is refused.
+        let mut secure = handler(false);
+        secure.eval_noise = Some(confide_dp::evaluation::NoisyCounts::new(2.0).unwrap());
+        let clear = secure.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
+        assert!(matches!(&clear, TaskError::CoordinatorFault(m) if m.contains("in the clear")), "{clear:?}");
         assert_eq!(ledger.snapshot().datasets["d"].jobs["e1"].rounds_started, 1);
     }
 

@@ -3095,12 +3095,9 @@ mod tests {
         );
     }
 
-    /// A dealer that seals a share wrongly under its own signature (the
-    /// coordinator relays it, since the signature checks) is named by the
-    /// share's recipient, and the coordinator is not blamed.
-    #[test]
-    fn a_dealer_that_seals_a_share_wrongly_is_named_by_its_recipient() {
-        let mut fed = Fed::new(4, 3);
+    /// Round 1 (a keygen round) begun, every party's commitment given to
+    /// the server; returns the round message and the parties' binding.
+    fn keygen_round_committed(fed: &mut Fed) -> (Vec<u8>, [u8; 32]) {
         let names = fed.names.clone();
         let global = params(&[0.0; 2]);
         let fit1 = fit(1);
@@ -3108,7 +3105,7 @@ mod tests {
             .server
             .begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) })
             .unwrap();
-        let HeClientView(binding) = HeClientView::of(&fed, &rm, &global, &fit1);
+        let HeClientView(binding) = HeClientView::of(fed, &rm, &global, &fit1);
         for p in &names {
             let u = LocalUpdate {
                 global: &global,
@@ -3120,6 +3117,17 @@ mod tests {
             let m = fed.clients.get_mut(p).unwrap().contribute(1, &rm, u).unwrap();
             fed.server.on_message(Peer { name: p, certificate: &[], relay: None }, m).unwrap();
         }
+        (rm, binding)
+    }
+
+    /// A dealer that seals a share wrongly under its own signature (the
+    /// coordinator relays it, since the signature checks) is named by the
+    /// share's recipient, and the coordinator is not blamed; the others
+    /// key and sum without the recipient.
+    #[test]
+    fn a_dealer_that_seals_a_share_wrongly_is_named_by_its_recipient() {
+        let mut fed = Fed::new(5, 3);
+        let (_, binding) = keygen_round_committed(&mut fed);
         let mut forge = move |stage: StageName, p: &str, m: &mut Envelope| {
             if stage == KEY_DEAL && p == "p0" {
                 let mut d: wire::Deal = unframe_message(m.clone(), "t", "t").unwrap();
@@ -3134,7 +3142,7 @@ mod tests {
             }
         };
         let mut script = Script { forge: Some(&mut forge), ..Script::default() };
-        let _ = fed.drive(1, &mut script);
+        let a = fed.drive(1, &mut script).unwrap();
         let r = &script.refusals;
         assert!(
             r.iter().any(|(s, p, e)| *s == KEY_CONFIRM
@@ -3144,6 +3152,28 @@ mod tests {
             "{r:?}"
         );
         assert!(!r.iter().any(|(_, _, e)| e.contains("coordinator")), "{r:?}");
+        assert_eq!(weighted(&a).2, &["p0", "p2", "p3", "p4"]);
+    }
+
+    /// A dealer whose sealed share does not carry its signature is refused
+    /// by the coordinator before anything is relayed: it is left out of the
+    /// key alone, and no other party refuses or blames the coordinator.
+    #[test]
+    fn a_dealer_whose_share_is_not_signed_is_dropped_alone() {
+        let mut fed = Fed::new(5, 3);
+        keygen_round_committed(&mut fed);
+        let mut forge = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == KEY_DEAL && p == "p0" {
+                let mut d: wire::Deal = unframe_message(m.clone(), "t", "t").unwrap();
+                d.shares[0].signature[0] ^= 1;
+                *m = framed_message(&d);
+            }
+        };
+        let mut script = Script { forge: Some(&mut forge), ..Script::default() };
+        let a = fed.drive(1, &mut script).unwrap();
+        // Only p0 itself objects (its own dealing is not in the key).
+        assert!(script.refusals.iter().all(|(_, p, _)| p == "p0"), "{:?}", script.refusals);
+        assert_eq!(weighted(&a).2, &["p1", "p2", "p3", "p4"]);
     }
 
     #[test]
