@@ -767,6 +767,15 @@ async fn bench_round(
         "params": params,
         "rounds": rounds,
         "round_ms_median": metric("round_ms"),
+        // Each measured round's time (of the median repetition), so that a
+        // slow first round (key generation, drawing randomness ahead) shows.
+        "round_ms_by_round": run
+            .status
+            .history
+            .iter()
+            .filter(|r| r.round <= rounds)
+            .filter_map(|r| r.metrics.get("round_ms").map(|ms| ms.round()))
+            .collect::<Vec<f64>>(),
         "coordinator_ms_median": metric("coordinator_ms"),
         "party_ms_median": metric("fit_ms"),
         "stage_ms_median": stages,

@@ -476,6 +476,9 @@ pub fn noise_for_target(
     Ok(z)
 }
 
+/// The refusal for a `[dp]` table with neither way of choosing the noise.
+const NOISE_REQUIRED: &str = "give noise_multiplier or target_epsilon";
+
 impl RawDp {
     /// Every `(field, message)` problem (relative to `dp`), or the typed table.
     /// `distributed`: what the job's summing protocol fixes for distributed
@@ -677,7 +680,7 @@ impl RawDp {
             err("target_epsilon", format!("must be in (0, 100] (got {t})"));
         }
         if self.noise_multiplier.is_none() && self.target_epsilon.is_none() {
-            err("noise_multiplier", "give noise_multiplier or target_epsilon".into());
+            err("noise_multiplier", NOISE_REQUIRED.into());
         }
     }
 
@@ -691,13 +694,20 @@ impl RawDp {
         calibrate: impl FnOnce(f64) -> Result<f64, String>,
     ) -> Result<f64, Vec<(String, String)>> {
         match (self.noise_multiplier, self.target_epsilon) {
-            (Some(z), Some(target)) if eps(z) > target * (1.0 + 1e-9) => Err(vec![(
-                "noise_multiplier".into(),
-                format!("noise_multiplier {z} costs ε = {:.4}{over}, above target_epsilon {target}", eps(z)),
-            )]),
-            (Some(z), _) => Ok(z),
+            (Some(z), Some(target)) => {
+                let cost = eps(z);
+                if cost > target * (1.0 + 1e-9) {
+                    return Err(vec![(
+                        "noise_multiplier".into(),
+                        format!("noise_multiplier {z} costs ε = {cost:.4}{over}, above target_epsilon {target}"),
+                    )]);
+                }
+                Ok(z)
+            }
+            (Some(z), None) => Ok(z),
             (None, Some(target)) => calibrate(target).map_err(|m| vec![("target_epsilon".into(), m)]),
-            (None, None) => Err(vec![("noise_multiplier".into(), "give noise_multiplier or target_epsilon".into())]),
+            // `check_noise` has refused this already; kept so the match is total.
+            (None, None) => Err(vec![("noise_multiplier".into(), NOISE_REQUIRED.into())]),
         }
     }
 

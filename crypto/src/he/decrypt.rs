@@ -18,6 +18,38 @@ use super::ring::{self, N, Q};
 use super::sample::Csprng;
 use crate::Error;
 
+/// The flooding noise of one decryption share (Gaussian of σ_f, as residues
+/// mod q), drawn before the aggregate is known. Consumed by
+/// [`KeyShare::decryption_share_with`], so it never floods two shares (their
+/// difference would cancel it); zeroized on drop, since with the share it
+/// would reveal λ·F(x)·c1.
+#[derive(zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub struct FloodingNoise {
+    noise: Vec<u64>,
+    #[zeroize(skip)]
+    sigma: f64,
+}
+
+impl FloodingNoise {
+    /// Noise for a decryption of `slots` coefficients under `params`.
+    pub fn draw(params: &HeParams, slots: usize, rng: &mut Csprng) -> FloodingNoise {
+        let mut noise = vec![0u64; slots];
+        rng.add_gaussian(&mut noise, params.flood_sigma);
+        FloodingNoise { noise, sigma: params.flood_sigma }
+    }
+
+    /// The number of coefficients it floods.
+    pub fn slots(&self) -> usize {
+        self.noise.len()
+    }
+}
+
+impl std::fmt::Debug for FloodingNoise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FloodingNoise({} slots, σ = {})", self.noise.len(), self.sigma)
+    }
+}
+
 /// One decryptor's share, switched to 2^k.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecryptionShare(pub Vec<u64>);
@@ -85,7 +117,30 @@ impl KeyShare {
         decryptors: &[usize],
         rng: &mut Csprng,
     ) -> Result<DecryptionShare, Error> {
+        let flood = FloodingNoise::draw(params, c1.len(), rng);
+        self.decryption_share_with(params, c1, decryptors, flood)
+    }
+
+    /// [`KeyShare::decryption_share`] with flooding noise drawn beforehand
+    /// (it does not depend on the aggregate), consumed here so that it
+    /// floods one share only.
+    pub fn decryption_share_with(
+        &mut self,
+        params: &HeParams,
+        c1: &[u64],
+        decryptors: &[usize],
+        flood: FloodingNoise,
+    ) -> Result<DecryptionShare, Error> {
         check_decryptors(params, decryptors)?;
+        if flood.sigma.to_bits() != params.flood_sigma.to_bits() || flood.noise.len() != c1.len() {
+            return Err(Error::InvalidInput(format!(
+                "he: flooding noise for {} slots at σ = {} given for {} slots at σ = {}",
+                flood.noise.len(),
+                flood.sigma,
+                c1.len(),
+                params.flood_sigma
+            )));
+        }
         let me = decryptors
             .iter()
             .position(|&i| i == self.index)
@@ -107,13 +162,12 @@ impl KeyShare {
         let k = params.switch_bits;
         let mut out = Vec::with_capacity(c1.len());
         let mut block = vec![0u64; N];
-        for chunk in c1.chunks_exact(N) {
+        for (chunk, noise) in c1.chunks_exact(N).zip(flood.noise.chunks_exact(N)) {
             block.copy_from_slice(chunk);
             ring::ntt(&mut block);
             ring::mul_ntt_assign(&mut block, &scaled);
             ring::intt(&mut block);
-            rng.add_gaussian(&mut block, params.flood_sigma);
-            out.extend(block.iter().map(|&v| ring::switch_to_pow2(v, k)));
+            out.extend(block.iter().zip(noise).map(|(&v, &e)| ring::switch_to_pow2(ring::add_mod(v, e), k)));
         }
         zeroize::Zeroize::zeroize(&mut scaled);
         zeroize::Zeroize::zeroize(&mut block);

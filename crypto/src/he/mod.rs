@@ -25,7 +25,7 @@ pub mod sample;
 #[cfg(test)]
 mod tests;
 
-pub use decrypt::{Decrypted, DecryptionShare, combine};
+pub use decrypt::{Decrypted, DecryptionShare, FloodingNoise, combine};
 pub use encrypt::{Aggregate, Ciphertext, EncryptionMasks};
 pub use hash::LinearHash;
 pub use keygen::{CommonPoly, DealerSecret, Dealing, KeyShare, PublicKey, PublicKeyShare, SecretShare, deal};

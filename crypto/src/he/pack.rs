@@ -37,19 +37,29 @@ pub fn unpack(bytes: &[u8], count: usize, bits: u32, what: &str) -> Result<Vec<u
         return Err(Error::InvalidInput(format!("{what}: {} bytes, expected {expected}", bytes.len())));
     }
     let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
-    let mut out = Vec::with_capacity(count);
+    let mut out = vec![0u64; count];
     let mut acc: u128 = 0;
     let mut held: u32 = 0;
-    let mut chunks = bytes.chunks(8);
-    while out.len() < count {
+    let mut words = bytes.chunks_exact(8);
+    let mut tail = words.remainder();
+    for o in out.iter_mut() {
         if held < bits {
-            let chunk = chunks.next().unwrap_or(&[]);
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            acc |= (u64::from_le_bytes(w) as u128) << held;
-            held += 8 * chunk.len() as u32;
+            // The length check above guarantees the bits are there: whole
+            // words first, then the short tail once.
+            let (w, n) = match words.next() {
+                Some(c) => (u64::from_le_bytes(c.try_into().unwrap_or([0; 8])), 64),
+                None => {
+                    let mut w = [0u8; 8];
+                    w[..tail.len()].copy_from_slice(tail);
+                    let n = 8 * tail.len() as u32;
+                    tail = &[];
+                    (u64::from_le_bytes(w), n)
+                }
+            };
+            acc |= (w as u128) << held;
+            held += n;
         }
-        out.push(acc as u64 & mask);
+        *o = acc as u64 & mask;
         acc >>= bits;
         held -= bits;
     }

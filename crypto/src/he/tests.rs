@@ -90,6 +90,45 @@ fn sums_decrypt_exactly_and_wrap_modulo_2_to_the_b() {
     assert_eq!(combine(&f.params, &agg, &all, &s, 5000).unwrap().values, expected_sum(&inputs, 16));
 }
 
+/// Flooding noise drawn before the aggregate is known gives the same
+/// exact sum, floods exactly one share, and is refused for another size or
+/// another key's σ_f (a mismatch would leave coefficients unflooded).
+#[test]
+fn flooding_noise_drawn_ahead_decrypts_exactly_and_fits_only_its_share() {
+    let mut f = federation(5, 3, 16, 26);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+    let inputs: Vec<Vec<u32>> = (0..3).map(|_| random_values(&mut rng, 3000, 16)).collect();
+    let agg = aggregate(&f, &inputs);
+    let all = [0, 1, 2, 3, 4];
+    let mut csprng = Csprng::from_os();
+    let floods: Vec<FloodingNoise> =
+        all.iter().map(|_| FloodingNoise::draw(&f.params, agg.c1.len(), &mut csprng)).collect();
+    let s: Vec<Option<DecryptionShare>> = floods
+        .into_iter()
+        .zip(all)
+        .map(|(flood, j)| Some(f.keys[j].decryption_share_with(&f.params, &agg.c1, &all, flood).unwrap()))
+        .collect();
+    let out = combine(&f.params, &agg, &all, &s, 3000).unwrap();
+    assert_eq!(out.values, expected_sum(&inputs, 16));
+    assert!(out.faulty.is_empty());
+    // The flood was applied: the share differs from the unflooded λ·F(x)·c1.
+    // (Only where the noise carries past a 2^k step: σ_f is small beside
+    // q / 2^k, so few coefficients change after the switch.)
+    let zero = FloodingNoise::draw(&HeParams { flood_sigma: 0.0, ..f.params.clone() }, agg.c1.len(), &mut csprng);
+    let unflooded =
+        f.keys[0].decryption_share_with(&HeParams { flood_sigma: 0.0, ..f.params.clone() }, &agg.c1, &all, zero);
+    let unflooded = unflooded.unwrap();
+    assert_ne!(s[0].as_ref().unwrap().0, unflooded.0);
+    // Noise for another size, or drawn at another σ, is refused.
+    let short = FloodingNoise::draw(&f.params, agg.c1.len() - N, &mut csprng);
+    let err = f.keys[1].decryption_share_with(&f.params, &agg.c1, &all, short).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(ref m) if m.contains("slots")), "{err}");
+    let other = HeParams { flood_sigma: f.params.flood_sigma / 2.0, ..f.params.clone() };
+    let weak = FloodingNoise::draw(&other, agg.c1.len(), &mut csprng);
+    let err = f.keys[1].decryption_share_with(&f.params, &agg.c1, &all, weak).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(ref m) if m.contains("σ")), "{err}");
+}
+
 #[test]
 fn below_tau_plus_one_answers_fails_cleanly_naming_the_missing() {
     let mut f = federation(5, 3, 16, 26);

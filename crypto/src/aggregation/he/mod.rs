@@ -24,7 +24,7 @@
 //! random polynomial, the round binding) it derives from the spec it
 //! accepted; the binding is in every signature.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rand_core::OsRng;
 use serde::{Deserialize, Serialize};
@@ -369,7 +369,7 @@ impl AggregationProtocol for ThresholdHe {
             epoch: None,
             round: None,
             decrypted: BTreeMap::new(),
-            masks: None,
+            ahead: None,
             last_values: None,
         }))
     }
@@ -561,14 +561,15 @@ pub mod wire {
 // ---------------------------------------------------------------- framing
 
 fn to_words(bytes: &[u8]) -> Vec<u32> {
-    bytes
-        .chunks(4)
-        .map(|c| {
-            let mut w = [0u8; 4];
-            w[..c.len()].copy_from_slice(c);
-            u32::from_le_bytes(w)
-        })
-        .collect()
+    // One copy into word storage (a memcpy on little-endian machines, which
+    // the transfer layer then sends without another).
+    let mut words = vec![0u32; bytes.len().div_ceil(4)];
+    let out: &mut [u8] = bytemuck::cast_slice_mut(words.as_mut_slice());
+    out[..bytes.len()].copy_from_slice(bytes);
+    if cfg!(target_endian = "big") {
+        words.iter_mut().for_each(|w| *w = u32::from_le(*w));
+    }
+    words
 }
 
 fn from_words(words: &[u32], len: u64, from: &str, what: &str) -> Result<Vec<u8>, Error> {
@@ -576,10 +577,11 @@ fn from_words(words: &[u32], len: u64, from: &str, what: &str) -> Result<Vec<u8>
     if words.len() != len.div_ceil(4) {
         return Err(misbehaved(from, format!("{what}: {} words for {len} bytes", words.len())));
     }
-    let mut out = Vec::with_capacity(words.len() * 4);
-    for w in words {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
+    let mut out = if cfg!(target_endian = "little") {
+        bytemuck::cast_slice::<u32, u8>(words).to_vec()
+    } else {
+        words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    };
     if out[len..].iter().any(|&b| b != 0) {
         return Err(misbehaved(from, format!("{what}: non-zero padding")));
     }
@@ -1666,6 +1668,22 @@ impl HeServer {
 
 // ------------------------------------------------------------ client
 
+/// Randomness that does not depend on the data, drawn ahead of rounds
+/// under one key for one model size, so that the round does not wait for
+/// it. Each item is consumed by one round: a mask by one encryption, a
+/// flood by one decryption share.
+struct Ahead {
+    epoch: [u8; 32],
+    slots: usize,
+    masks: VecDeque<he::EncryptionMasks>,
+    floods: VecDeque<he::FloodingNoise>,
+}
+
+impl Ahead {
+    /// Two mask residues and one flood residue per slot and round.
+    const BYTES_PER_SLOT: usize = 24;
+}
+
 struct ClientEpoch {
     id: [u8; 32],
     params: HeParams,
@@ -1710,8 +1728,8 @@ struct HeClient {
     /// decrypts a round again only for the same set (a resumed round), so
     /// the coordinator cannot difference two sums of one round.
     decrypted: BTreeMap<(u32, [u8; 32]), [u8; 32]>,
-    /// Encryption randomness precomputed for the current key and a model size.
-    masks: Option<([u8; 32], usize, he::EncryptionMasks)>,
+    /// Randomness drawn ahead of rounds for the current key and a model size.
+    ahead: Option<Ahead>,
     /// Values of the last update encrypted: the next round's likely size.
     last_values: Option<usize>,
 }
@@ -1778,19 +1796,30 @@ impl HeClient {
         Ok(derive_round(&self.job.job_id, round, &rc.parties, rc.keygen, epoch, dim, s, subject, revocations, dp))
     }
 
-    /// Draws encryption randomness for `values` values under the current key.
+    /// Draws encryption randomness and flooding noise for updates of
+    /// `values` values under the current key, for as many rounds ahead as
+    /// the party's `[training] dp_noise_rounds_ahead` asks (at most 1 GiB,
+    /// and no more rounds than the key's decryption budget has left), once
+    /// the last batch is used up.
     fn precompute_masks(&mut self, values: usize) {
         let Some(epoch) = &self.epoch else { return };
         let slots = values.div_ceil(he::ring::N).max(1) * he::ring::N;
-        if matches!(&self.masks, Some((id, s, _)) if *id == epoch.id && *s == slots) {
-            return;
+        if !matches!(&self.ahead, Some(a) if a.epoch == epoch.id && a.slots == slots) {
+            self.ahead = Some(Ahead { epoch: epoch.id, slots, masks: VecDeque::new(), floods: VecDeque::new() });
         }
-        // The budget this key has left must allow another decryption.
-        if epoch.share.decrypted() + slots as u64 > epoch.params.key_budget {
-            return;
+        let Some(ahead) = self.ahead.as_mut() else { return };
+        let fits = ((1usize << 30) / (Ahead::BYTES_PER_SLOT * slots)).max(1);
+        let budget = epoch.params.key_budget.saturating_sub(epoch.share.decrypted()) / slots as u64;
+        let rounds = self.job.noise_rounds_ahead.clamp(1, fits).min(usize::try_from(budget).unwrap_or(usize::MAX));
+        // Refilled only once used up, as distributed DP's noise is: a batch
+        // drawn while the party is idle, not a top-up racing every round.
+        let mut rng = Csprng::from_os();
+        if ahead.masks.is_empty() {
+            ahead.masks.extend((0..rounds).map(|_| epoch.public_key.precompute(values, &mut rng)));
         }
-        let masks = epoch.public_key.precompute(values, &mut Csprng::from_os());
-        self.masks = Some((epoch.id, slots, masks));
+        if ahead.floods.is_empty() {
+            ahead.floods.extend((0..rounds).map(|_| he::FloodingNoise::draw(&epoch.params, slots, &mut rng)));
+        }
     }
 
     fn round_clip(&self, template: &confide_dp::ddg::DdgConfig, round_message: &[u8]) -> Result<f64, Error> {
@@ -1838,10 +1867,11 @@ impl HeClient {
     fn encrypt(&mut self, derived: &Derived, input: &[u32]) -> Result<(Envelope, Vec<u64>, Vec<u64>), Error> {
         let epoch = self.epoch.as_ref().ok_or_else(|| coordinator_fault("asked for a ciphertext before a key"))?;
         let slots = input.len().div_ceil(he::ring::N).max(1) * he::ring::N;
-        let masks = match self.masks.take() {
-            Some((id, s, m)) if id == epoch.id && s == slots => m,
-            _ => epoch.public_key.precompute(input.len().max(1), &mut Csprng::from_os()),
+        let drawn = match self.ahead.as_mut() {
+            Some(a) if a.epoch == epoch.id && a.slots == slots => a.masks.pop_front(),
+            _ => None,
         };
+        let masks = drawn.unwrap_or_else(|| epoch.public_key.precompute(input.len().max(1), &mut Csprng::from_os()));
         let ct = masks.encrypt(&epoch.params, input)?;
         self.last_values = Some(input.len().max(1));
         let bytes = ct.to_bytes(&epoch.params);
@@ -2063,7 +2093,7 @@ impl HeClient {
                 let index =
                     key_parties.binary_search(&me).map_err(|_| coordinator_fault("a key without this party"))?;
                 let share = KeyShare::assemble(&params, index, &secret_shares, 0)?;
-                self.masks = None;
+                self.ahead = None;
                 self.epoch = Some(ClientEpoch {
                     id: r.derived.epoch,
                     fingerprint: public_key.fingerprint(),
@@ -2275,14 +2305,17 @@ impl HeClient {
                 derived.round
             )));
         }
-        let share = epoch.share.decryption_share(&epoch.params, &c1, &indices, &mut Csprng::from_os()).map_err(
-            |e| match e {
-                Error::InvalidInput(m) | Error::BelowThreshold(m) => {
-                    coordinator_fault(format!("asked for a decryption this party refuses: {m}"))
-                }
-                other => other,
-            },
-        )?;
+        let drawn = match self.ahead.as_mut() {
+            Some(a) if a.epoch == epoch.id && a.slots == c1.len() => a.floods.pop_front(),
+            _ => None,
+        };
+        let flood = drawn.unwrap_or_else(|| he::FloodingNoise::draw(&epoch.params, c1.len(), &mut Csprng::from_os()));
+        let share = epoch.share.decryption_share_with(&epoch.params, &c1, &indices, flood).map_err(|e| match e {
+            Error::InvalidInput(m) | Error::BelowThreshold(m) => {
+                coordinator_fault(format!("asked for a decryption this party refuses: {m}"))
+            }
+            other => other,
+        })?;
         self.decrypted.insert(key, commitment);
         let bytes = share.to_bytes(&epoch.params);
         Ok(framed(&wire::Framed { bytes: bytes.len() as u64 }, &bytes))
