@@ -10,6 +10,7 @@
 //!   traits that the coordinator's and the party's sessions drive.
 
 pub mod aggregation;
+pub mod dleq;
 #[cfg(feature = "he")]
 pub mod he;
 pub mod identity;

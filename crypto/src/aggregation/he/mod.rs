@@ -26,9 +26,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::dleq::{self, DhSecret, DleqProof};
 use rand_core::OsRng;
 use serde::{Deserialize, Serialize};
-use x25519_dalek::{PublicKey as DhPublic, StaticSecret};
 use zeroize::Zeroizing;
 
 use super::sum::{SumLayout, WideSum};
@@ -351,6 +351,7 @@ impl AggregationProtocol for ThresholdHe {
             epoch: None,
             round: None,
             suspect_key: false,
+            convicted: BTreeMap::new(),
             roles: BTreeMap::new(),
         }))
     }
@@ -502,6 +503,25 @@ pub mod wire {
         /// Bytes of the group sum that follow (0 on a member's own record).
         #[prost(uint64, tag = "10")]
         pub group_bytes: u64,
+        /// In a key's first round: the dealers whose signed shares to this
+        /// party did not open, each with the proven pairwise key (for the
+        /// coordinator only: it strips them before relaying the record).
+        #[prost(message, repeated, tag = "11")]
+        pub complaints: Vec<KeyComplaint>,
+    }
+
+    /// "`dealer`'s share to me, under its signature, does not open": the
+    /// Diffie–Hellman value of the two committed keys, with a
+    /// Chaum–Pedersen proof that it is, so the coordinator can try the share
+    /// itself and convict the dealer or the complainer.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct KeyComplaint {
+        #[prost(string, tag = "1")]
+        pub dealer: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub shared: Vec<u8>,
+        #[prost(bytes = "vec", tag = "3")]
+        pub proof: Vec<u8>,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -713,15 +733,28 @@ fn share_aad(binding: &[u8; 32], dealer: &str, recipient: &str) -> Vec<u8> {
     transcript("he-share", binding, dealer, &[recipient.as_bytes()])
 }
 
+/// The key sealing `dealer`'s share to `recipient`, from their
+/// Diffie–Hellman value (which a complaint reveals to the coordinator).
+fn share_key_from(shared: &[u8; 32], binding: &[u8; 32], dealer: &str, recipient: &str) -> Zeroizing<[u8; 32]> {
+    prim::derive(shared.as_slice(), &share_aad(binding, dealer, recipient))
+}
+
 fn share_key(
-    own: &StaticSecret,
+    own: &DhSecret,
     peer: &[u8; 32],
+    peer_name: &str,
     binding: &[u8; 32],
     dealer: &str,
     recipient: &str,
-) -> Zeroizing<[u8; 32]> {
-    let dh = Zeroizing::new(own.diffie_hellman(&DhPublic::from(*peer)).to_bytes());
-    prim::derive(dh.as_slice(), &share_aad(binding, dealer, recipient))
+) -> Result<Zeroizing<[u8; 32]>, Error> {
+    let shared = own.agree(peer, peer_name)?;
+    Ok(share_key_from(&shared, binding, dealer, recipient))
+}
+
+/// What a complaint's proof is bound to: the key's round, the dealer and
+/// the complainer, so it proves nothing about another pair or round.
+fn complaint_context(binding: &[u8; 32], dealer: &str, recipient: &str) -> Vec<u8> {
+    transcript("he-complaint", binding, dealer, &[recipient.as_bytes()])
 }
 
 fn crp(epoch: &[u8; 32]) -> CommonPoly {
@@ -798,6 +831,9 @@ struct ServerEpoch {
     fingerprint: [u8; 32],
     /// Coefficients decrypted under this key (each decryptor's budget use).
     decrypted: u64,
+    /// Key parties whose share a convicted dealer spoiled: never decryptors.
+    /// A key with any is retired after its first round.
+    spoiled: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -886,6 +922,10 @@ struct HeServer {
     round: Option<ServerRound>,
     /// The last stage failed in a way that may be the key's fault.
     suspect_key: bool,
+    /// Dealers proven to have sealed a bad key share (by a checked
+    /// complaint), with the proof's description: left out of every later
+    /// round and key of this job.
+    convicted: BTreeMap<String, String>,
     /// The finished round's roles (decryptors, relay groups).
     roles: BTreeMap<String, Vec<String>>,
 }
@@ -904,6 +944,10 @@ impl HeServer {
         decoding: Decoding,
     ) -> Result<Vec<u8>, Error> {
         let slots = dim.div_ceil(he::ring::N) as u64 * he::ring::N as u64;
+        // A dealer convicted of a bad key share is in no later round (the
+        // round config leaves it out, so its messages are refused).
+        let kept: Vec<String> = parties.iter().filter(|p| !self.convicted.contains_key(*p)).cloned().collect();
+        let parties = kept.as_slice();
         // A new key when there is none, when a party is outside it, or when
         // decrypting this round would exceed its flooding budget.
         let keygen = match &self.epoch {
@@ -986,6 +1030,11 @@ impl HeServer {
         if upload.party != party {
             return Err(misbehaved(party, format!("sent an upload record for {}", upload.party)));
         }
+        // Complaints are checked before anything changes, and never relayed.
+        let complaints = std::mem::take(&mut upload.complaints);
+        if !complaints.is_empty() {
+            Self::check_complaints(r, party, &complaints)?;
+        }
         if !upload.relay.is_empty() {
             if upload.group.is_empty() && upload.group_bytes == 0 && message.bulk.is_none() {
                 // A relay group's member: its signed record comes with the
@@ -1037,6 +1086,60 @@ impl HeServer {
         aggregate.add(&ct.c0, &ct.c1, 1, &params)?;
         upload.certificate = certificate.to_vec();
         r.uploads.insert(party.to_owned(), (upload, Some(ct.c1)));
+        // Proven: each dealer complained about is out of this job's later
+        // keys and rounds; the complainer's share lacks its part, so it
+        // does not decrypt, and the key is retired after this round.
+        for c in complaints {
+            let reason = format!(
+                "sealed {party} a key share, under its own signature, that does not open (proven by {party}'s \
+                 complaint in round {})",
+                r.derived.round
+            );
+            r.flagged.push((c.dealer.clone(), reason.clone()));
+            self.convicted.insert(c.dealer, reason);
+            if let Some(p) = r.pending.as_mut() {
+                p.spoiled.insert(party.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `party`'s complaints about its key shares: each names a dealer
+    /// of the key being dealt and reveals the pairwise Diffie–Hellman value
+    /// with a proof that it is the one of the two committed keys; the
+    /// coordinator then opens the dealer's signed share itself. `Ok` only
+    /// if every complaint is proven (the share does not open); a false
+    /// complaint names the complainer.
+    fn check_complaints(r: &ServerRound, party: &str, complaints: &[wire::KeyComplaint]) -> Result<(), Error> {
+        if r.pending.is_none() || complaints.len() > r.deals.len() {
+            return Err(misbehaved(party, "complained about key shares outside a key's first round"));
+        }
+        let binding = &r.derived.binding;
+        let key_of = |p: &str| -> Result<[u8; 32], Error> {
+            let c = r.commits.get(p).ok_or_else(|| misbehaved(party, format!("complained about {p}, no dealer")))?;
+            array32(&c.dh_public, p, "key")
+        };
+        let mut seen = BTreeSet::new();
+        for c in complaints {
+            let dealer = c.dealer.as_str();
+            if dealer == party || !seen.insert(dealer) {
+                return Err(misbehaved(party, format!("complained about {dealer} twice or about itself")));
+            }
+            let share = r
+                .deals
+                .get(dealer)
+                .and_then(|d| d.shares.iter().find(|s| s.recipient == party))
+                .ok_or_else(|| misbehaved(party, format!("complained about {dealer}, who dealt it no share")))?;
+            let shared = array32(&c.shared, party, "revealed key")?;
+            let proof = DleqProof::from_bytes(&c.proof, party)?;
+            let context = complaint_context(binding, dealer, party);
+            dleq::verify(&key_of(party)?, &key_of(dealer)?, &shared, &proof, &context, party)?;
+            let key = share_key_from(&shared, binding, dealer, party);
+            let nonce: [u8; 12] = share.nonce.as_slice().try_into().map_err(|_| misbehaved(dealer, "a bad nonce"))?;
+            if prim::open(&key, &nonce, &share.ciphertext, &share_aad(binding, dealer, party)).is_some() {
+                return Err(misbehaved(party, format!("complained about {dealer}'s key share, which opens")));
+            }
+        }
         Ok(())
     }
 
@@ -1224,8 +1327,8 @@ impl AggregationServer for HeServer {
                     return Err(misbehaved(party, format!("committed as {}", commit.party)));
                 }
                 if commit.commitment.len() != 32
-                    || commit.dh_public.len() != 32
                     || commit.signature.len() > MAX_SIGNATURE
+                    || array32(&commit.dh_public, party, "key").and_then(|k| dleq::check_public(&k, party)).is_err()
                 {
                     return Err(misbehaved(party, "a malformed key commitment"));
                 }
@@ -1386,6 +1489,7 @@ impl HeServer {
                     key_parties: key_parties.clone(),
                     fingerprint: [0; 32],
                     decrypted: 0,
+                    spoiled: BTreeSet::new(),
                 });
                 let commits = r
                     .commits
@@ -1560,6 +1664,7 @@ impl HeServer {
                     .key_parties
                     .iter()
                     .filter(|p| r.hashes.contains_key(*p) || r.alive_outside.contains(*p))
+                    .filter(|p| !epoch.spoiled.contains(*p))
                     .cloned()
                     .collect();
                 if alive.len() < params.threshold + 1 {
@@ -1585,7 +1690,12 @@ impl HeServer {
                 let request = wire::DecryptRequest {
                     contributors: r.contributors.clone(),
                     commitment: r.commitment.to_vec(),
-                    uploads: r.uploads.values().map(|(u, _)| u.clone()).collect(),
+                    // Never a complaint's revealed key, whatever came in.
+                    uploads: r
+                        .uploads
+                        .values()
+                        .map(|(u, _)| wire::Upload { complaints: Vec::new(), ..u.clone() })
+                        .collect(),
                     hashes: r.hashes.values().cloned().collect(),
                     decryptors: r.decryptors.clone(),
                     vanished,
@@ -1659,6 +1769,11 @@ impl HeServer {
                 if let Some(clip) = next_clip {
                     self.dp_clip = clip;
                 }
+                // A key a convicted dealer took part in serves this round
+                // only: the next deals one without it.
+                if !epoch.spoiled.is_empty() {
+                    self.epoch = None;
+                }
                 self.round = None;
                 Ok(Progress::Done(aggregate))
             }
@@ -1690,15 +1805,17 @@ struct ClientEpoch {
     key_parties: Vec<String>,
     public_key: PublicKey,
     fingerprint: [u8; 32],
-    share: KeyShare,
+    /// `None` after a complaint: a share without a dealer's part would
+    /// only spoil decryptions, so this party takes none under this key.
+    share: Option<KeyShare>,
 }
 
 enum ClientStage {
     /// Keygen: committed; waiting for the commitment list.
-    Committed { secret: DealerSecret, dh: StaticSecret, public_share: Vec<u8> },
+    Committed { secret: DealerSecret, dh: DhSecret, public_share: Vec<u8> },
     /// Keygen: dealt; waiting for the key material addressed to it.
     Dealt {
-        dh: StaticSecret,
+        dh: DhSecret,
         own_share: SecretShare,
         params: HeParams,
         key_parties: Vec<String>,
@@ -1809,7 +1926,8 @@ impl HeClient {
         }
         let Some(ahead) = self.ahead.as_mut() else { return };
         let fits = ((1usize << 30) / (Ahead::BYTES_PER_SLOT * slots)).max(1);
-        let budget = epoch.params.key_budget.saturating_sub(epoch.share.decrypted()) / slots as u64;
+        let used = epoch.share.as_ref().map_or(0, KeyShare::decrypted);
+        let budget = epoch.params.key_budget.saturating_sub(used) / slots as u64;
         let rounds = self.job.noise_rounds_ahead.clamp(1, fits).min(usize::try_from(budget).unwrap_or(usize::MAX));
         // Refilled only once used up, as distributed DP's noise is: a batch
         // drawn while the party is idle, not a top-up racing every round.
@@ -1838,8 +1956,8 @@ impl HeClient {
             let mut rng = Csprng::from_os();
             let (secret, public_share) = DealerSecret::generate(&crp(&derived.epoch), &mut rng);
             let public_share = public_share.to_bytes();
-            let dh = StaticSecret::random_from_rng(OsRng);
-            let dh_public = DhPublic::from(&dh).to_bytes();
+            let dh = DhSecret::generate(&mut OsRng);
+            let dh_public = dh.public();
             let commitment = public_share_commitment(&derived.binding, &self.party.name, &public_share);
             let signature = self.party.signer.sign(&commit_transcript(
                 &derived.binding,
@@ -1858,13 +1976,19 @@ impl HeClient {
                 Some(ClientRound { derived, input, stage: ClientStage::Committed { secret, dh, public_share } });
             return Ok(Envelope::encode(&commit));
         }
-        let (envelope, c0, c1) = self.encrypt(&derived, &input)?;
+        let (envelope, c0, c1) = self.encrypt(&derived, &input, Vec::new())?;
         self.round = Some(ClientRound { derived, input, stage: ClientStage::Uploaded { c0, c1 } });
         Ok(envelope)
     }
 
-    /// Encrypts `input` under the epoch's key; the signed upload record and the ciphertext.
-    fn encrypt(&mut self, derived: &Derived, input: &[u32]) -> Result<(Envelope, Vec<u64>, Vec<u64>), Error> {
+    /// Encrypts `input` under the epoch's key; the signed upload record (with
+    /// this party's complaints about its key shares, if any) and the ciphertext.
+    fn encrypt(
+        &mut self,
+        derived: &Derived,
+        input: &[u32],
+        complaints: Vec<wire::KeyComplaint>,
+    ) -> Result<(Envelope, Vec<u64>, Vec<u64>), Error> {
         let epoch = self.epoch.as_ref().ok_or_else(|| coordinator_fault("asked for a ciphertext before a key"))?;
         let slots = input.len().div_ceil(he::ring::N).max(1) * he::ring::N;
         let drawn = match self.ahead.as_mut() {
@@ -1885,6 +2009,7 @@ impl HeClient {
             ..Default::default()
         };
         upload.signature = self.party.signer.sign(&upload_transcript(&derived.binding, &upload))?;
+        upload.complaints = complaints;
         Ok((framed(&upload, &bytes), ct.c0, ct.c1))
     }
 
@@ -1961,15 +2086,16 @@ impl HeClient {
                             })?;
                     }
                     let commitment = array32(&c.commitment, "coordinator", "commitment")?;
-                    let dh_public = array32(&c.dh_public, "coordinator", "X25519 key")?;
+                    let dh_public = array32(&c.dh_public, "coordinator", "Diffie–Hellman key")?;
+                    dleq::check_public(&dh_public, &c.party).map_err(|_| {
+                        coordinator_fault(format!("relayed a key commitment of {} with a malformed key", c.party))
+                    })?;
                     if commits.insert(c.party.clone(), (commitment, dh_public)).is_some() {
                         return Err(coordinator_fault(format!("relayed two key commitments of {}", c.party)));
                     }
                 }
                 let mine = commits.get(&me).ok_or_else(|| coordinator_fault("left this party's key commitment out"))?;
-                if mine.0 != public_share_commitment(&binding, &me, &public_share)
-                    || mine.1 != DhPublic::from(&dh).to_bytes()
-                {
+                if mine.0 != public_share_commitment(&binding, &me, &public_share) || mine.1 != dh.public() {
                     return Err(coordinator_fault("relayed a key commitment for this party that it did not make"));
                 }
                 let key_floor = self.settings.key_floor(&self.job);
@@ -1991,7 +2117,7 @@ impl HeClient {
                 let mut sealed = Vec::with_capacity(shares.len());
                 for s in &shares {
                     let to = &key_parties[s.recipient];
-                    let key = share_key(&dh, &commits[to].1, &binding, &me, to);
+                    let key = share_key(&dh, &commits[to].1, to, &binding, &me, to)?;
                     let plain = Zeroizing::new(s.to_bytes());
                     let (nonce, ciphertext) = prim::seal(&key, &plain, &share_aad(&binding, &me, to), &mut OsRng)?;
                     let mut share = wire::SealedShare {
@@ -2014,6 +2140,7 @@ impl HeClient {
                 }
                 let mut public_shares = Vec::with_capacity(delivery.dealt.len());
                 let mut secret_shares = Vec::with_capacity(delivery.dealt.len());
+                let mut complaints = Vec::new();
                 let mut dealers = BTreeSet::new();
                 for d in delivery.dealt {
                     let Some((dealer, (commitment, dh_public))) = commits.get_key_value(&d.dealer) else {
@@ -2063,18 +2190,24 @@ impl HeClient {
                             "relayed a key share of {dealer} that {dealer} did not sign (altered in transit)"
                         )));
                     }
-                    let key = share_key(&dh, dh_public, &binding, dealer, &me);
-                    let plain = prim::open(&key, &nonce, &s.ciphertext, &share_aad(&binding, dealer, &me)).ok_or_else(
-                        || {
-                            // Signed by the dealer, sealed to this party's
-                            // committed key, and still not opening: the
-                            // dealer sealed it wrongly.
-                            misbehaved(
-                                dealer,
-                                "sealed this party a key share, under its own signature, that does not open",
-                            )
-                        },
-                    )?;
+                    let key = share_key(&dh, dh_public, dealer, &binding, dealer, &me)?;
+                    let Some(plain) = prim::open(&key, &nonce, &s.ciphertext, &share_aad(&binding, dealer, &me)) else {
+                        // Signed by the dealer, sealed to this party's
+                        // committed key, and still not opening: the dealer
+                        // sealed it wrongly. This party proves it to the
+                        // coordinator (the pairwise key, with a proof that
+                        // it is the one of the two committed keys), encrypts
+                        // under the key all the same, and never decrypts
+                        // with a share that lacks the dealer's part.
+                        let context = complaint_context(&binding, dealer, &me);
+                        let (shared, proof) = dh.reveal(dh_public, dealer, &context, &mut OsRng)?;
+                        complaints.push(wire::KeyComplaint {
+                            dealer: dealer.clone(),
+                            shared: shared.to_vec(),
+                            proof: proof.to_bytes().to_vec(),
+                        });
+                        continue;
+                    };
                     let index =
                         key_parties.binary_search(&me).map_err(|_| coordinator_fault("a key without this party"))?;
                     secret_shares.push(SecretShare::from_bytes(&plain, dealer_index, index, dealer)?);
@@ -2092,7 +2225,11 @@ impl HeClient {
                 let public_key = PublicKey::assemble(&crp(&r.derived.epoch), &public_shares)?;
                 let index =
                     key_parties.binary_search(&me).map_err(|_| coordinator_fault("a key without this party"))?;
-                let share = KeyShare::assemble(&params, index, &secret_shares, 0)?;
+                let share = if complaints.is_empty() {
+                    Some(KeyShare::assemble(&params, index, &secret_shares, 0)?)
+                } else {
+                    None
+                };
                 self.ahead = None;
                 self.epoch = Some(ClientEpoch {
                     id: r.derived.epoch,
@@ -2102,7 +2239,7 @@ impl HeClient {
                     public_key,
                     share,
                 });
-                let (envelope, c0, c1) = self.encrypt(&r.derived, &r.input)?;
+                let (envelope, c0, c1) = self.encrypt(&r.derived, &r.input, complaints)?;
                 r.input.iter_mut().for_each(|v| *v = 0);
                 r.stage = ClientStage::Uploaded { c0, c1 };
                 Ok(envelope)
@@ -2310,7 +2447,12 @@ impl HeClient {
             _ => None,
         };
         let flood = drawn.unwrap_or_else(|| he::FloodingNoise::draw(&epoch.params, c1.len(), &mut Csprng::from_os()));
-        let share = epoch.share.decryption_share_with(&epoch.params, &c1, &indices, flood).map_err(|e| match e {
+        let key_share = epoch.share.as_mut().ok_or_else(|| {
+            coordinator_fault(
+                "asked for a decryption under a key whose share to this party a dealer spoiled (this party complained)",
+            )
+        })?;
+        let share = key_share.decryption_share_with(&epoch.params, &c1, &indices, flood).map_err(|e| match e {
             Error::InvalidInput(m) | Error::BelowThreshold(m) => {
                 coordinator_fault(format!("asked for a decryption this party refuses: {m}"))
             }
@@ -2464,6 +2606,10 @@ mod tests {
         relays: Vec<(&'static str, Vec<String>)>,
         /// Rewrites a relay's forwarded messages (relay, party, message).
         relay_forge: Option<RelayHook<'a>>,
+        /// When set, the coordinator's rejections of direct uploads (party,
+        /// error) are collected here and drop their senders, as the session
+        /// does, instead of failing the test's round.
+        rejected: Option<Vec<(String, String)>>,
     }
 
     impl Fed {
@@ -2535,7 +2681,11 @@ mod tests {
                 }
             }
             for (p, m) in direct {
-                self.server.on_message(Peer { name: &p, certificate: &[], relay: None }, m)?;
+                let result = self.server.on_message(Peer { name: &p, certificate: &[], relay: None }, m);
+                match (&mut script.rejected, result) {
+                    (Some(rejected), Err(e)) => rejected.push((p.clone(), e.to_string())),
+                    (_, result) => result?,
+                }
             }
             for (p, m, relay) in relayed {
                 self.server.on_message(Peer { name: &p, certificate: &[], relay: Some(relay) }, m)?;
@@ -3153,15 +3303,9 @@ mod tests {
         (rm, binding)
     }
 
-    /// A dealer that seals a share wrongly under its own signature (the
-    /// coordinator relays it, since the signature checks) is named by the
-    /// share's recipient, and the coordinator is not blamed; the others
-    /// key and sum without the recipient.
-    #[test]
-    fn a_dealer_that_seals_a_share_wrongly_is_named_by_its_recipient() {
-        let mut fed = Fed::new(5, 3);
-        let (_, binding) = keygen_round_committed(&mut fed);
-        let mut forge = move |stage: StageName, p: &str, m: &mut Envelope| {
+    /// p0 deals p1 a share that does not open, under p0's own signature.
+    fn seal_wrongly_for_p1(binding: [u8; 32]) -> impl FnMut(StageName, &str, &mut Envelope) {
+        move |stage: StageName, p: &str, m: &mut Envelope| {
             if stage == KEY_DEAL && p == "p0" {
                 let mut d: wire::Deal = unframe_message(m.clone(), "t", "t").unwrap();
                 let share = d.shares.iter_mut().find(|s| s.recipient == "p1").unwrap();
@@ -3173,19 +3317,121 @@ mod tests {
                     .unwrap();
                 *m = framed_message(&d);
             }
-        };
+        }
+    }
+
+    /// A dealer that seals a share wrongly under its own signature (the
+    /// coordinator relays it, since the signature checks) is convicted on
+    /// its recipient's complaint, which the coordinator checks itself: the
+    /// revealed pairwise key carries a Chaum–Pedersen proof against the two
+    /// committed keys, and the dealer's signed share does not open under
+    /// it. The round still sums everyone (the recipient encrypts under the
+    /// public key) but the recipient does not decrypt; the next round deals
+    /// a new key without the dealer, and the dealer is in no later round.
+    #[test]
+    fn a_dealer_that_seals_a_share_wrongly_is_convicted_on_a_checked_complaint() {
+        let mut fed = Fed::new(5, 3);
+        let (_, binding) = keygen_round_committed(&mut fed);
+        let mut forge = seal_wrongly_for_p1(binding);
         let mut script = Script { forge: Some(&mut forge), ..Script::default() };
         let a = fed.drive(1, &mut script).unwrap();
-        let r = &script.refusals;
+        assert!(script.refusals.is_empty(), "{:?}", script.refusals);
+        let (_, _, contributors, misbehaved) = weighted(&a);
+        assert_eq!(contributors, &["p0", "p1", "p2", "p3", "p4"]);
         assert!(
-            r.iter().any(|(s, p, e)| *s == KEY_CONFIRM
-                && p == "p1"
-                && e.contains("party p0 misbehaved")
-                && e.contains("does not open")),
-            "{r:?}"
+            misbehaved.iter().any(|(p, e)| p == "p0" && e.contains("does not open") && e.contains("p1's complaint")),
+            "{misbehaved:?}"
         );
-        assert!(!r.iter().any(|(_, _, e)| e.contains("coordinator")), "{r:?}");
-        assert_eq!(weighted(&a).2, &["p0", "p2", "p3", "p4"]);
+        let decryptors = fed.server.round_roles().remove("decryptors").unwrap();
+        assert!(!decryptors.contains(&"p1".to_string()), "{decryptors:?}");
+        // Round 2: even if the session lists p0, the round leaves it out and
+        // deals a new key.
+        let global = params(&[0.0; 2]);
+        let fit2 = fit(2);
+        let rm = fed
+            .server
+            .begin_round(&RoundInfo { round: 2, parties: &fed.names.clone(), global: &global, fit: Some(&fit2) })
+            .unwrap();
+        let rc: wire::RoundConfig = Envelope::body(rm).decode("c", "rc").unwrap();
+        assert!(rc.keygen && rc.parties == ["p1", "p2", "p3", "p4"], "{rc:?}");
+        let rest: Vec<String> = fed.names[1..].to_vec();
+        let a = fed.round(2, &rest, &global, &mut Script::default()).unwrap();
+        assert_eq!(weighted(&a).2, &["p1", "p2", "p3", "p4"]);
+        assert!(weighted(&a).3.is_empty());
+    }
+
+    /// A complainer that lies is named, and nobody is convicted: with a
+    /// proof that does not check, or with a true proof about a share that
+    /// opens (here the share p1 sees was altered and re-signed as p0's, a
+    /// stand-in for a party that reveals its key and claims a good share is
+    /// bad: the coordinator opens the share p0 actually dealt).
+    #[test]
+    fn a_false_complaint_names_the_complainer() {
+        for bogus_proof in [true, false] {
+            let mut fed = Fed::new(5, 3);
+            let (_, binding) = keygen_round_committed(&mut fed);
+            let mut tamper = move |stage: StageName, p: &str, m: &mut Envelope| {
+                if !bogus_proof && stage == KEY_CONFIRM && p == "p1" {
+                    let mut d: wire::KeyDelivery = unframe_message(m.clone(), "t", "t").unwrap();
+                    let share = d.dealt.iter_mut().find(|x| x.dealer == "p0").unwrap().share.as_mut().unwrap();
+                    share.ciphertext[0] ^= 1;
+                    use crate::secagg::protocol::IdentitySigner;
+                    share.signature = crate::secagg::testing::InsecureTagSigner("p0".into())
+                        .sign(&sealed_share_transcript(&binding, share))
+                        .unwrap();
+                    *m = framed_message(&d);
+                }
+            };
+            let mut forge = move |stage: StageName, p: &str, m: &mut Envelope| {
+                if bogus_proof && stage == KEY_CONFIRM && p == "p1" {
+                    let mut u: wire::Upload = m.decode("t", "t").unwrap();
+                    u.complaints.push(wire::KeyComplaint {
+                        dealer: "p2".into(),
+                        shared: dleq::DhSecret::generate(&mut OsRng).public().to_vec(),
+                        proof: vec![1; 64],
+                    });
+                    m.body = prost::Message::encode_to_vec(&u);
+                }
+            };
+            let mut script = Script {
+                tamper: Some(&mut tamper),
+                forge: Some(&mut forge),
+                rejected: Some(Vec::new()),
+                ..Script::default()
+            };
+            let a = fed.drive(1, &mut script).unwrap();
+            let rejected = script.rejected.unwrap();
+            let expected = if bogus_proof { "proof" } else { "which opens" };
+            assert!(
+                rejected.iter().any(|(p, e)| p == "p1" && e.contains("party p1 misbehaved") && e.contains(expected)),
+                "{rejected:?}"
+            );
+            let (_, _, contributors, misbehaved) = weighted(&a);
+            assert_eq!(contributors, &["p0", "p2", "p3", "p4"]);
+            assert!(misbehaved.is_empty(), "{misbehaved:?}");
+        }
+    }
+
+    /// A revealed pairwise key reaches the coordinator only: the records
+    /// relayed to decryptors carry no complaint.
+    #[test]
+    fn complaints_are_not_relayed_to_other_parties() {
+        let mut fed = Fed::new(5, 3);
+        let (_, binding) = keygen_round_committed(&mut fed);
+        let mut forge = seal_wrongly_for_p1(binding);
+        let mut checked = 0;
+        let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
+            if stage == DECRYPT {
+                let req: wire::DecryptRequest = m.decode("t", "t").unwrap();
+                assert_eq!(req.uploads.len(), 5);
+                assert!(req.uploads.iter().all(|u| u.complaints.is_empty()));
+                checked += 1;
+            }
+        };
+        let mut script = Script { forge: Some(&mut forge), tamper: Some(&mut tamper), ..Script::default() };
+        fed.drive(1, &mut script).unwrap();
+        drop(script);
+        assert!(checked >= 4, "{checked} decryption requests checked");
     }
 
     /// A dealer whose sealed share does not carry its signature is refused

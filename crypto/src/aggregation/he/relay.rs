@@ -85,6 +85,11 @@ impl UploadGroup {
         if record.party != party || !record.relay.is_empty() || !record.group.is_empty() {
             return Err(misbehaved(party, "an upload record that is not its own plain upload"));
         }
+        if !record.complaints.is_empty() {
+            // Only the coordinator can check a complaint (it holds the
+            // signed commitments and shares): forwarded alone, unchanged.
+            return Err(misbehaved(party, "an upload with key complaints, for the coordinator to judge"));
+        }
         if self.records.iter().any(|r| r.party == party) {
             return Err(misbehaved(party, "uploaded twice"));
         }
