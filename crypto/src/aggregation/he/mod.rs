@@ -952,9 +952,13 @@ impl HeServer {
         // decrypting this round would exceed its flooding budget.
         let keygen = match &self.epoch {
             None => true,
+            // Also when a convicted dealer spoiled a share of this key, even
+            // if the round it was convicted in failed before retiring it.
             Some(e) => {
                 parties.iter().any(|p| e.key_parties.binary_search(p).is_err())
                     || e.decrypted + slots > e.params.key_budget
+                    || !e.spoiled.is_empty()
+                    || e.key_parties.iter().any(|p| self.convicted.contains_key(p))
             }
         };
         let epoch = if keygen { None } else { self.epoch.as_ref().map(|e| e.id) };
@@ -1664,6 +1668,9 @@ impl HeServer {
                     .key_parties
                     .iter()
                     .filter(|p| r.hashes.contains_key(*p) || r.alive_outside.contains(*p))
+                    // A convicted dealer may still decrypt in the round it is
+                    // convicted in (its share is cross-checked): leaving it
+                    // out too could leave fewer than τ + 1.
                     .filter(|p| !epoch.spoiled.contains(*p))
                     .cloned()
                     .collect();
