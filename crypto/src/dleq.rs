@@ -163,19 +163,16 @@ mod tests {
     use proptest::prelude::*;
     use rand::SeedableRng;
 
+    /// Two reproducible secrets (the seeded RNG is rand 0.9's, so the bytes
+    /// are drawn here rather than through `DhSecret::generate`).
     fn pair(seed: u64) -> (DhSecret, DhSecret) {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-        let a = DhSecret(Scalar::from_bytes_mod_order_wide(&{
+        let mut secret = || {
             let mut w = [0u8; 64];
             rand::RngCore::fill_bytes(&mut rng, &mut w);
-            w
-        }));
-        let b = DhSecret(Scalar::from_bytes_mod_order_wide(&{
-            let mut w = [0u8; 64];
-            rand::RngCore::fill_bytes(&mut rng, &mut w);
-            w
-        }));
-        (a, b)
+            DhSecret(Scalar::from_bytes_mod_order_wide(&w))
+        };
+        (secret(), secret())
     }
 
     /// Known answers: the Ristretto basepoint's encoding and 2·B's (from

@@ -91,8 +91,9 @@ fn sums_decrypt_exactly_and_wrap_modulo_2_to_the_b() {
 }
 
 /// Flooding noise drawn before the aggregate is known gives the same
-/// exact sum, floods exactly one share, and is refused for another size or
-/// another key's σ_f (a mismatch would leave coefficients unflooded).
+/// exact sum, is applied, and is refused for another size or another
+/// key's σ_f (a mismatch would leave coefficients unflooded). That one
+/// flood serves one share only is the type's doing: it is moved in.
 #[test]
 fn flooding_noise_drawn_ahead_decrypts_exactly_and_fits_only_its_share() {
     let mut f = federation(5, 3, 16, 26);
@@ -114,10 +115,9 @@ fn flooding_noise_drawn_ahead_decrypts_exactly_and_fits_only_its_share() {
     // The flood was applied: the share differs from the unflooded λ·F(x)·c1.
     // (Only where the noise carries past a 2^k step: σ_f is small beside
     // q / 2^k, so few coefficients change after the switch.)
-    let zero = FloodingNoise::draw(&HeParams { flood_sigma: 0.0, ..f.params.clone() }, agg.c1.len(), &mut csprng);
-    let unflooded =
-        f.keys[0].decryption_share_with(&HeParams { flood_sigma: 0.0, ..f.params.clone() }, &agg.c1, &all, zero);
-    let unflooded = unflooded.unwrap();
+    let unflooded_params = HeParams { flood_sigma: 0.0, ..f.params.clone() };
+    let zero = FloodingNoise::draw(&unflooded_params, agg.c1.len(), &mut csprng);
+    let unflooded = f.keys[0].decryption_share_with(&unflooded_params, &agg.c1, &all, zero).unwrap();
     assert_ne!(s[0].as_ref().unwrap().0, unflooded.0);
     // Noise for another size, or drawn at another σ, is refused.
     let short = FloodingNoise::draw(&f.params, agg.c1.len() - N, &mut csprng);
