@@ -508,6 +508,11 @@ pub mod wire {
         /// coordinator only: it strips them before relaying the record).
         #[prost(message, repeated, tag = "11")]
         pub complaints: Vec<KeyComplaint>,
+        /// A hash of `complaints` (empty when there are none), signed with
+        /// the record and kept when the complaints are stripped, so nobody
+        /// on the way (a relay) can drop or add one unnoticed.
+        #[prost(bytes = "vec", tag = "12")]
+        pub complaints_hash: Vec<u8>,
     }
 
     /// "`dealer`'s share to me, under its signature, does not open": the
@@ -697,7 +702,24 @@ fn commit_transcript(binding: &[u8; 32], party: &str, commitment: &[u8], dh_publ
 }
 
 fn upload_transcript(binding: &[u8; 32], u: &wire::Upload) -> Vec<u8> {
-    transcript("he-upload", binding, &u.party, &[&u.fingerprint, &u.c0_hash, &u.c1_hash, &u.bytes.to_le_bytes()])
+    transcript(
+        "he-upload",
+        binding,
+        &u.party,
+        &[&u.fingerprint, &u.c0_hash, &u.c1_hash, &u.bytes.to_le_bytes(), &u.complaints_hash],
+    )
+}
+
+/// The signed hash of `party`'s complaints: empty when there are none.
+fn complaints_hash(binding: &[u8; 32], party: &str, complaints: &[wire::KeyComplaint]) -> Vec<u8> {
+    if complaints.is_empty() {
+        return Vec::new();
+    }
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(3 * complaints.len());
+    for c in complaints {
+        parts.extend([c.dealer.as_bytes(), c.shared.as_slice(), c.proof.as_slice()]);
+    }
+    blake3::hash(&transcript("he-complaints", binding, party, &parts)).as_bytes().to_vec()
 }
 
 fn hash_transcript(
@@ -1034,9 +1056,17 @@ impl HeServer {
         if upload.party != party {
             return Err(misbehaved(party, format!("sent an upload record for {}", upload.party)));
         }
-        // Complaints are checked before anything changes, and never relayed.
+        // Complaints are checked before anything changes, and never relayed;
+        // the signed record says whether there are any, and which.
         let complaints = std::mem::take(&mut upload.complaints);
+        if upload.complaints_hash != complaints_hash(&r.derived.binding, party, &complaints) {
+            let via = from.relay.map_or(String::new(), |relay| format!(" (or relay {relay} altered them)"));
+            return Err(misbehaved(party, format!("sent key complaints that its signed upload record does not{via}")));
+        }
         if !complaints.is_empty() {
+            if !upload.relay.is_empty() {
+                return Err(misbehaved(party, "key complaints on a relay group's record"));
+            }
             Self::check_complaints(r, party, &complaints)?;
         }
         if !upload.relay.is_empty() {
@@ -1095,8 +1125,8 @@ impl HeServer {
         // does not decrypt, and the key is retired after this round.
         for c in complaints {
             let reason = format!(
-                "sealed {party} a key share, under its own signature, that does not open (proven by {party}'s \
-                 complaint in round {})",
+                "sealed {party} a key share, under its own signature, that does not open to a key share (proven \
+                 by {party}'s complaint in round {})",
                 r.derived.round
             );
             r.flagged.push((c.dealer.clone(), reason.clone()));
@@ -1140,7 +1170,11 @@ impl HeServer {
             dleq::verify(&key_of(party)?, &key_of(dealer)?, &shared, &proof, &context, party)?;
             let key = share_key_from(&shared, binding, dealer, party);
             let nonce: [u8; 12] = share.nonce.as_slice().try_into().map_err(|_| misbehaved(dealer, "a bad nonce"))?;
-            if prim::open(&key, &nonce, &share.ciphertext, &share_aad(binding, dealer, party)).is_some() {
+            // A share that opens to a well-formed key share is good, and the
+            // complaint false; one that does not open, or opens to bytes
+            // that are not a key share, convicts the dealer.
+            let opened = prim::open(&key, &nonce, &share.ciphertext, &share_aad(binding, dealer, party));
+            if opened.is_some_and(|plain| SecretShare::from_bytes(&plain, 0, 0, dealer).is_ok()) {
                 return Err(misbehaved(party, format!("complained about {dealer}'s key share, which opens")));
             }
         }
@@ -1215,6 +1249,13 @@ impl HeServer {
             }
             if members.iter().any(|(x, _)| x.party == m.party) {
                 return Err(misbehaved(leader, format!("relay {relay} grouped {} twice", m.party)));
+            }
+            if !m.complaints.is_empty() || !m.complaints_hash.is_empty() {
+                // A relay forwards an upload with complaints alone.
+                return Err(misbehaved(
+                    leader,
+                    format!("relay {relay} grouped {}'s upload with key complaints", m.party),
+                ));
             }
             let cert = std::mem::take(&mut m.certificate);
             members.push((m, cert));
@@ -2013,6 +2054,7 @@ impl HeClient {
             c1_hash: c1_hash(&ct.c1).to_vec(),
             bytes: bytes.len() as u64,
             signature: Vec::new(),
+            complaints_hash: complaints_hash(&derived.binding, &self.party.name, &complaints),
             ..Default::default()
         };
         upload.signature = self.party.signer.sign(&upload_transcript(&derived.binding, &upload))?;
@@ -2126,6 +2168,8 @@ impl HeClient {
                     let to = &key_parties[s.recipient];
                     let key = share_key(&dh, &commits[to].1, to, &binding, &me, to)?;
                     let plain = Zeroizing::new(s.to_bytes());
+                    #[cfg(test)]
+                    let plain = tests::dealer_fault(&me, to, plain);
                     let (nonce, ciphertext) = prim::seal(&key, &plain, &share_aad(&binding, &me, to), &mut OsRng)?;
                     let mut share = wire::SealedShare {
                         dealer: me.clone(),
@@ -2198,10 +2242,17 @@ impl HeClient {
                         )));
                     }
                     let key = share_key(&dh, dh_public, dealer, &binding, dealer, &me)?;
-                    let Some(plain) = prim::open(&key, &nonce, &s.ciphertext, &share_aad(&binding, dealer, &me)) else {
+                    let index =
+                        key_parties.binary_search(&me).map_err(|_| coordinator_fault("a key without this party"))?;
+                    let opened = prim::open(&key, &nonce, &s.ciphertext, &share_aad(&binding, dealer, &me))
+                        .and_then(|plain| SecretShare::from_bytes(&plain, dealer_index, index, dealer).ok());
+                    let Some(secret_share) = opened else {
                         // Signed by the dealer, sealed to this party's
-                        // committed key, and still not opening: the dealer
-                        // sealed it wrongly. This party proves it to the
+                        // committed key, and still not opening to a key
+                        // share: the dealer sealed it wrongly (a malformed
+                        // share as much as a bad seal, so that a dealer
+                        // cannot make its recipient refuse the round). This
+                        // party proves it to the
                         // coordinator (the pairwise key, with a proof that
                         // it is the one of the two committed keys), encrypts
                         // under the key all the same, and never decrypts
@@ -2215,9 +2266,7 @@ impl HeClient {
                         });
                         continue;
                     };
-                    let index =
-                        key_parties.binary_search(&me).map_err(|_| coordinator_fault("a key without this party"))?;
-                    secret_shares.push(SecretShare::from_bytes(&plain, dealer_index, index, dealer)?);
+                    secret_shares.push(secret_share);
                 }
                 if !dealers.contains(&me) {
                     return Err(coordinator_fault("left this party's own dealing out of the key"));
@@ -2621,7 +2670,11 @@ mod tests {
 
     impl Fed {
         fn new(n: usize, min: usize) -> Fed {
-            let job = JobFacts::new("job", names(n), 100, min, 1 << 20);
+            Fed::with_job(JobFacts::new("job", names(n), 100, min, 1 << 20))
+        }
+
+        fn with_job(job: JobFacts) -> Fed {
+            let n = job.party_names.len();
             let names = names(n);
             let server = ThresholdHe.server(&table(), &job, Box::new(InsecureTagVerifier)).unwrap();
             let clients =
@@ -2651,7 +2704,10 @@ mod tests {
                     LocalUpdate { global, fit: &fit, local, num_examples: 10 * (i as u64 + 1), train_loss: Some(1.0) };
                 let client = self.clients.get_mut(p).unwrap();
                 client.prepare(global);
-                let m = client.contribute(round, &rm, update)?;
+                let mut m = client.contribute(round, &rm, update)?;
+                if let Some(f) = script.forge.as_mut() {
+                    f(if keygen { KEY_COMMIT_ANSWER } else { CONTRIBUTE }, p, &mut m);
+                }
                 answers.push((p.clone(), m));
             }
             if keygen {
@@ -3327,6 +3383,80 @@ mod tests {
         }
     }
 
+    /// Test-only stage names for a party's answer to the round message: its
+    /// upload, or its key commitment in a key's first round.
+    const CONTRIBUTE: StageName = StageName::new("test: upload");
+    const KEY_COMMIT_ANSWER: StageName = StageName::new("test: key commitment");
+
+    /// Encryption randomness drawn several rounds ahead is used once each:
+    /// with the same input every round, every ciphertext differs (a reused
+    /// mask would repeat it) across batch refills, and every sum decrypts
+    /// exactly (the flooding noise drawn ahead fits its shares).
+    #[test]
+    fn randomness_drawn_rounds_ahead_is_used_once_across_refills() {
+        let mut job = JobFacts::new("job", names(4), 100, 3, 1 << 20);
+        job.noise_rounds_ahead = 3;
+        let mut fed = Fed::with_job(job);
+        let names = fed.names.clone();
+        let global = params(&[0.5, -0.25, 0.0]);
+        let mut ciphertexts = BTreeSet::new();
+        for round in 1..=8 {
+            let mut seen = |stage: StageName, p: &str, m: &mut Envelope| {
+                if p == "p0" && (stage == CONTRIBUTE || stage == KEY_CONFIRM) {
+                    let u: wire::Upload = m.decode("t", "t").unwrap();
+                    assert!(ciphertexts.insert(u.c1_hash), "round {round}: a ciphertext repeated");
+                }
+            };
+            let mut script = Script { forge: Some(&mut seen), ..Script::default() };
+            let a = fed.round(round, &names, &global, &mut script).unwrap();
+            drop(script);
+            let (sum, total, contributors, _) = weighted(&a);
+            let (num, den) = expected(&[0, 1, 2, 3]);
+            assert_eq!((total, contributors), (den, names.as_slice()));
+            assert!(sum.iter().all(|v| (v - num).abs() < 0.05), "round {round}: {sum:?} vs {num}");
+        }
+        assert_eq!(ciphertexts.len(), 8);
+    }
+
+    thread_local! {
+        /// (dealer, recipient): the dealer seals that recipient bytes that
+        /// are not a key share, correctly encrypted and signed.
+        static MALFORMED_SHARE: std::cell::RefCell<Option<(String, String)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// The test-only fault a dealer applies to a share's plaintext before
+    /// sealing it (none unless a test set [`MALFORMED_SHARE`]).
+    pub(super) fn dealer_fault(dealer: &str, recipient: &str, plain: Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
+        let hit = MALFORMED_SHARE.with(|m| m.borrow().as_ref().is_some_and(|(d, r)| d == dealer && r == recipient));
+        if hit { Zeroizing::new(vec![0xff; plain.len()]) } else { plain }
+    }
+
+    /// A dealer that seals its recipient bytes that open but are not a key
+    /// share (every coefficient above q) cannot make the recipient refuse
+    /// the round: the recipient complains as for a share that does not
+    /// open, and the coordinator, opening the share itself, convicts the
+    /// dealer.
+    #[test]
+    fn a_dealer_that_seals_a_malformed_share_is_convicted_too() {
+        MALFORMED_SHARE.with(|m| *m.borrow_mut() = Some(("p0".into(), "p1".into())));
+        let mut fed = Fed::new(5, 3);
+        keygen_round_committed(&mut fed);
+        let mut script = Script::default();
+        let a = fed.drive(1, &mut script);
+        MALFORMED_SHARE.with(|m| *m.borrow_mut() = None);
+        let a = a.unwrap();
+        assert!(script.refusals.is_empty(), "{:?}", script.refusals);
+        let (_, _, contributors, misbehaved) = weighted(&a);
+        assert_eq!(contributors, &["p0", "p1", "p2", "p3", "p4"]);
+        assert!(
+            misbehaved.iter().any(|(p, e)| p == "p0" && e.contains("does not open to a key share")),
+            "{misbehaved:?}"
+        );
+        let decryptors = fed.server.round_roles().remove("decryptors").unwrap();
+        assert!(!decryptors.contains(&"p1".to_string()), "{decryptors:?}");
+    }
+
     /// A dealer that seals a share wrongly under its own signature (the
     /// coordinator relays it, since the signature checks) is convicted on
     /// its recipient's complaint, which the coordinator checks itself: the
@@ -3397,6 +3527,12 @@ mod tests {
                         shared: dleq::DhSecret::generate(&mut OsRng).public().to_vec(),
                         proof: vec![1; 64],
                     });
+                    // p1 itself lies: it signs the record over the complaint.
+                    u.complaints_hash = complaints_hash(&binding, "p1", &u.complaints);
+                    use crate::secagg::protocol::IdentitySigner;
+                    u.signature = crate::secagg::testing::InsecureTagSigner("p1".into())
+                        .sign(&upload_transcript(&binding, &u))
+                        .unwrap();
                     m.body = prost::Message::encode_to_vec(&u);
                 }
             };
@@ -3416,6 +3552,45 @@ mod tests {
             let (_, _, contributors, misbehaved) = weighted(&a);
             assert_eq!(contributors, &["p0", "p2", "p3", "p4"]);
             assert!(misbehaved.is_empty(), "{misbehaved:?}");
+        }
+    }
+
+    /// The upload record signs its complaints: one dropped on the way (the
+    /// dealer would go unconvicted) or added (an honest party would be
+    /// named a false complainer) is caught, and the record is refused.
+    #[test]
+    fn complaints_dropped_or_added_in_transit_are_caught() {
+        for drop_it in [true, false] {
+            let mut fed = Fed::new(5, 3);
+            let (_, binding) = keygen_round_committed(&mut fed);
+            let mut seal = seal_wrongly_for_p1(binding);
+            let mut forge = move |stage: StageName, p: &str, m: &mut Envelope| {
+                if drop_it {
+                    seal(stage, p, m);
+                }
+                if stage == KEY_CONFIRM && p == "p1" {
+                    let mut u: wire::Upload = m.decode("t", "t").unwrap();
+                    if drop_it {
+                        assert_eq!(u.complaints.len(), 1);
+                        u.complaints.clear();
+                    } else {
+                        assert!(u.complaints.is_empty());
+                        u.complaints.push(wire::KeyComplaint {
+                            dealer: "p2".into(),
+                            shared: vec![0; 32],
+                            proof: vec![0; 64],
+                        });
+                    }
+                    m.body = prost::Message::encode_to_vec(&u);
+                }
+            };
+            let mut script = Script { forge: Some(&mut forge), rejected: Some(Vec::new()), ..Script::default() };
+            let _ = fed.drive(1, &mut script);
+            let rejected = script.rejected.unwrap();
+            assert!(
+                rejected.iter().any(|(p, e)| p == "p1" && e.contains("signed upload record does not")),
+                "{rejected:?}"
+            );
         }
     }
 
