@@ -24,6 +24,7 @@ pub async fn start_coordinator(dir: &Path, pki: &PkiDir) -> Result<(RunningCoord
         pki: pki.root().to_path_buf(),
         limits: Default::default(),
         models: Default::default(),
+        metrics: Default::default(),
     })
     .await
     .map_err(|x| e(&x))?;

@@ -524,6 +524,7 @@ fn party_config(
         cloud: Default::default(),
         fault: Default::default(),
         models: Default::default(),
+        metrics: Default::default(),
         training: confide_party::config::TrainingSettings { dp_noise_rounds_ahead: ahead, ..Default::default() },
         warnings: Vec::new(),
     }
@@ -558,6 +559,7 @@ impl Federation {
             pki: pki.root().to_path_buf(),
             limits: Limits::default(),
             models: Default::default(),
+            metrics: Default::default(),
         })
         .await
         .map_err(|e| e.to_string())?;

@@ -307,6 +307,10 @@ enum CoordinatorCmd {
         /// PKI directory.
         #[arg(long)]
         pki: Option<PathBuf>,
+        /// Where Prometheus scrapes `/metrics` (default 127.0.0.1:9464), or
+        /// `off`.
+        #[arg(long = "metrics-listen")]
+        metrics_listen: Option<String>,
     },
 }
 
@@ -496,10 +500,22 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             println!("issued and enrolled party {party} in {}", dir.display());
             Ok(0)
         }
-        Command::Coordinator(CoordinatorCmd::Serve { config, listen, data_dir, pki }) => {
-            let cfg = coordinator_config(config.as_deref(), listen, data_dir, pki)?;
+        Command::Coordinator(CoordinatorCmd::Serve { config, listen, data_dir, pki, metrics_listen }) => {
+            let mut cfg = coordinator_config(config.as_deref(), listen, data_dir, pki)?;
+            match metrics_listen.as_deref() {
+                None => {}
+                Some("off") => cfg.metrics.listen = None,
+                Some(a) => {
+                    cfg.metrics.listen = Some(a.parse().map_err(|e| {
+                        Error::InvalidInput(format!("--metrics-listen: {a:?} is not an address or `off`: {e}"))
+                    })?)
+                }
+            }
             let running = server::start_with(cfg, plugins).await?;
             println!("coordinator listening on {}", running.local_addr);
+            if let Some(addr) = running.metrics_addr {
+                println!("metrics listening on {addr}");
+            }
             tokio::select! {
                 r = running_wait(running) => r?,
                 _ = shutdown_signal() => tracing::info!("shutting down"),
@@ -774,6 +790,7 @@ fn coordinator_config(
             pki: PathBuf::from("pki"),
             limits: Limits::default(),
             models: Default::default(),
+            metrics: server::default_metrics(),
         },
     };
     if let Some(l) = listen {

@@ -793,6 +793,13 @@ impl Db {
         Ok(out)
     }
 
+    /// How many jobs are in each state (for the `confide_jobs` gauge).
+    pub fn job_counts(&self) -> Result<Vec<(String, i64)>, Error> {
+        let conn = self.lock();
+        let mut st = conn.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state").map_err(sql)?;
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql)?.collect::<Result<_, _>>().map_err(sql)
+    }
+
     /// Every job, newest first, without history.
     pub fn list_jobs(&self) -> Result<Vec<JobStatus>, Error> {
         let ids: Vec<String> = {

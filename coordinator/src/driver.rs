@@ -284,6 +284,7 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
                         Ok(()) => {
                             if let Some(r) = &cp.record {
                                 info!(job = %id, round = cp.round, metrics = ?r.metrics, dropped = ?r.dropped, "round completed");
+                                hub.metrics().round_completed(&id, r);
                             }
                             feedback.push(Input::Persisted { round: cp.round });
                         }

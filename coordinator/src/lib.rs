@@ -6,8 +6,8 @@
 //! (training, evaluation); [`plugins`] the registry of strategies,
 //! aggregation protocols and kinds; [`db`] the SQLite persistence;
 //! [`driver`] runs each job's session on a thread of its own; [`server`] is
-//! the tokio/tonic side with [`tls`] for mutual TLS; [`cli`] the `confide`
-//! command.
+//! the tokio/tonic side with [`tls`] for mutual TLS; [`telemetry`] its
+//! Prometheus metrics; [`cli`] the `confide` command.
 
 pub mod cli;
 pub mod db;
@@ -19,6 +19,7 @@ pub mod relay;
 pub mod server;
 pub mod services;
 pub mod session;
+pub mod telemetry;
 pub mod tls;
 
 mod error;

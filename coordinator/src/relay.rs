@@ -104,7 +104,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, Error> {
         .await
         .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", config.listen)))?;
     let local_addr = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
-    let incoming = ReceiverStream::new(tls::accept_loop_with(listener, tls_config, Admission::Relay));
+    let incoming = ReceiverStream::new(tls::accept_loop(listener, tls_config, Admission::Relay, None));
     let max = config.limits.max_message_bytes;
     let shared = Arc::new(Shared {
         name: id.name.clone(),

@@ -33,7 +33,9 @@ use crate::db::Db;
 use crate::driver::{self, EncodedTask};
 use crate::plugins::Plugins;
 use crate::session::{Input, Start};
+use crate::telemetry::CoordinatorMetrics;
 use crate::tls::{self, peer_certificate, peer_of};
+use confide_proto::telemetry::{MetricsConfig, MetricsServer};
 
 /// How the coordinator is set up (`confide coordinator serve`).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -51,6 +53,18 @@ pub struct CoordinatorConfig {
     /// How many versions of each job's model are kept.
     #[serde(default)]
     pub models: ModelRetention,
+    /// Where Prometheus scrapes `/metrics` (plain HTTP: loopback or a
+    /// monitoring network). A config file without `[metrics]` gets
+    /// [`default_metrics`]; `listen` absent turns it off.
+    #[serde(default = "default_metrics")]
+    pub metrics: MetricsConfig,
+}
+
+/// The coordinator's default metrics endpoint: loopback, port 9464
+/// (Prometheus's exporter-port convention), so nothing is exposed beyond
+/// the host unless configured.
+pub fn default_metrics() -> MetricsConfig {
+    MetricsConfig { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))) }
 }
 
 /// `[models]` in the coordinator's config.
@@ -135,6 +149,7 @@ pub struct Hub {
     jobs: Mutex<HashMap<String, JobHandle>>,
     next_id: AtomicU64,
     plugins: Plugins,
+    metrics: CoordinatorMetrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -142,6 +157,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Hub {
+    /// The coordinator's Prometheus metrics.
+    pub fn metrics(&self) -> &CoordinatorMetrics {
+        &self.metrics
+    }
+
+    /// Sets the gauges read off state, before a scrape.
+    fn refresh_metrics(&self) {
+        let enrolled = self.pki.enrolled().unwrap_or_default();
+        let connected: Vec<String> = lock(&self.parties).keys().cloned().collect();
+        let jobs = self.db.job_counts().unwrap_or_else(|e| {
+            warn!("metrics: cannot count jobs: {e}");
+            Vec::new()
+        });
+        self.metrics.refresh(&enrolled, &connected, &jobs);
+    }
+
     /// The database.
     pub fn db(&self) -> &Db {
         &self.db
@@ -226,6 +257,7 @@ impl Hub {
     /// The job's thread has ended; its watchers see the channel close.
     pub fn job_ended(&self, id: &str) {
         lock(&self.jobs).remove(id);
+        self.metrics.job_ended(id);
     }
 
     /// Asks job `id` to stop (as `confide job cancel` does).
@@ -268,6 +300,9 @@ impl Hub {
 pub struct RunningCoordinator {
     /// The address it listens on (useful with port 0).
     pub local_addr: SocketAddr,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
+    _metrics: Option<MetricsServer>,
     shutdown: Option<oneshot::Sender<()>>,
     join: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -334,6 +369,7 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
         jobs: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         plugins,
+        metrics: CoordinatorMetrics::new().map_err(|e| Error::Io(format!("metrics: {e}")))?,
     });
     for job in hub.db.unfinished_jobs()? {
         let file = format!("job {}", job.id);
@@ -359,7 +395,24 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
         .await
         .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", config.listen)))?;
     let local_addr = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
-    let incoming = ReceiverStream::new(tls::accept_loop(listener, tls_config, pki, revocations));
+    let metrics = match config.metrics.listen {
+        Some(listen) => {
+            let h = hub.clone();
+            let refresh = Arc::new(move || h.refresh_metrics());
+            Some(
+                confide_proto::telemetry::serve(listen, hub.metrics.registry.clone(), refresh)
+                    .await
+                    .map_err(Error::Io)?,
+            )
+        }
+        None => None,
+    };
+    let incoming = ReceiverStream::new(tls::accept_loop(
+        listener,
+        tls_config,
+        tls::Admission::Coordinator { pki, revocations },
+        Some(hub.metrics.tls_refusals()),
+    ));
     tokio::spawn(watch_enrollment(hub.clone()));
     let max = hub.limits.max_message_bytes;
     let party_svc = PartyServiceServer::new(PartySvc { hub: hub.clone() })
@@ -384,7 +437,11 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
             }),
     );
     info!(%local_addr, "coordinator listening (mutual TLS 1.3)");
-    Ok(RunningCoordinator { local_addr, shutdown: Some(shutdown_tx), join })
+    let metrics_addr = metrics.as_ref().map(|m| m.local_addr);
+    if let Some(addr) = metrics_addr {
+        info!(%addr, "metrics at http://{addr}/metrics");
+    }
+    Ok(RunningCoordinator { local_addr, metrics_addr, _metrics: metrics, shutdown: Some(shutdown_tx), join })
 }
 
 fn read_model(path: &Path) -> Result<Parameters, Error> {
@@ -467,7 +524,8 @@ impl PartyService for PartySvc {
         if previous.is_some() {
             info!(party = %name, "party reconnected; the older stream is closed");
         }
-        tokio::spawn(writer(out_rx, resp_tx, hub.limits.chunk_bytes));
+        let (sent, received) = hub.metrics.stream_counters(&name);
+        tokio::spawn(writer(out_rx, resp_tx, hub.limits.chunk_bytes, sent));
         hub.send(
             &name,
             Outbound::Msg(coordinator_message::Body::Welcome(pb::Welcome {
@@ -498,7 +556,7 @@ impl PartyService for PartySvc {
             hub.broadcast(&Input::Disconnected(name.clone()));
         }
         hub.broadcast(&Input::Connected { party: name.clone(), certificate, relay: via });
-        tokio::spawn(reader(hub, name, conn_id, inbound));
+        tokio::spawn(reader(hub, name, conn_id, inbound, received));
         Ok(Response::new(Box::pin(ReceiverStream::new(resp_rx))))
     }
 }
@@ -622,8 +680,13 @@ async fn writer(
     mut rx: mpsc::Receiver<Outbound>,
     tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
     chunk_bytes: usize,
+    sent_bytes: prometheus::IntCounter,
 ) {
-    let wrap = |b| Ok(pb::CoordinatorMessage { body: Some(b) });
+    let wrap = |b| {
+        let m = pb::CoordinatorMessage { body: Some(b) };
+        sent_bytes.inc_by(prost::Message::encoded_len(&m) as u64);
+        Ok(m)
+    };
     while let Some(out) = rx.recv().await {
         let ok = match out {
             Outbound::Msg(body) => tx.send(wrap(body)).await.is_ok(),
@@ -687,11 +750,18 @@ struct PendingResult {
     incoming: Incoming,
 }
 
-async fn reader(hub: Arc<Hub>, name: String, conn_id: u64, mut inbound: Streaming<pb::PartyMessage>) {
+async fn reader(
+    hub: Arc<Hub>,
+    name: String,
+    conn_id: u64,
+    mut inbound: Streaming<pb::PartyMessage>,
+    received_bytes: prometheus::IntCounter,
+) {
     let mut pending: Option<PendingResult> = None;
     loop {
         match inbound.message().await {
             Ok(Some(msg)) => {
+                received_bytes.inc_by(prost::Message::encoded_len(&msg) as u64);
                 if let Err(reason) = on_party_message(&hub, &name, msg, &mut pending) {
                     warn!(party = %name, "closing the stream: {reason}");
                     if let Some(p) = pending.take() {
@@ -825,7 +895,9 @@ fn on_party_message(
                 Ok(Some(j)) if j.cloud == f.peer && j.cloud_service == f.cloud_service => {
                     let cloud = f.peer.clone();
                     let delivered = pb::Forward { peer: name.to_owned(), ..f.clone() };
-                    if !hub.send(&cloud, Outbound::Msg(coordinator_message::Body::Forwarded(delivered))) {
+                    if hub.send(&cloud, Outbound::Msg(coordinator_message::Body::Forwarded(delivered))) {
+                        hub.metrics.forwarded(&f.service);
+                    } else {
                         refuse(format!("cloud party {cloud} is not connected"));
                     }
                 }

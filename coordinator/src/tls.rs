@@ -71,22 +71,15 @@ pub enum Admission {
     Relay,
 }
 
-/// Accepts TCP connections, runs the TLS handshake and the enrollment check,
-/// and hands authenticated streams to tonic through the returned channel.
+/// Accepts TCP connections and completes the TLS handshake on each, then
+/// checks the client certificate against `admission`'s rules. Refused
+/// connections are logged with their reason, and counted by reason class in
+/// `refusals` when given.
 pub fn accept_loop(
     listener: TcpListener,
     config: rustls::ServerConfig,
-    pki: PkiDir,
-    revocations: SharedRevocations,
-) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
-    accept_loop_with(listener, config, Admission::Coordinator { pki, revocations })
-}
-
-/// [`accept_loop`] with the admission rules of another server.
-pub fn accept_loop_with(
-    listener: TcpListener,
-    config: rustls::ServerConfig,
     admission: Admission,
+    refusals: Option<prometheus::IntCounterVec>,
 ) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(Arc::new(config));
@@ -100,10 +93,18 @@ pub fn accept_loop_with(
                     continue;
                 }
             };
-            let (acceptor, tx, admission) = (acceptor.clone(), tx.clone(), admission.clone());
+            let (acceptor, tx, admission, refusals) =
+                (acceptor.clone(), tx.clone(), admission.clone(), refusals.clone());
             tokio::spawn(async move {
-                if let Some(stream) = handshake(acceptor, tcp, addr, &admission).await {
-                    let _ = tx.send(Ok(stream)).await;
+                match handshake(acceptor, tcp, addr, &admission).await {
+                    Ok(stream) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Err(refusal) => {
+                        if let Some(r) = refusals {
+                            r.with_label_values(&[refusal.as_str()]).inc();
+                        }
+                    }
                 }
             });
         }
@@ -111,50 +112,106 @@ pub fn accept_loop_with(
     rx
 }
 
+/// Why a connection was refused, as a bounded metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The handshake did not finish in time.
+    Timeout,
+    /// The client presented no certificate.
+    NoCertificate,
+    /// The certificate is not the federation CA's.
+    UnknownIssuer,
+    /// The certificate has expired or is not valid yet.
+    Expired,
+    /// The certificate is on the revocation list.
+    Revoked,
+    /// A certificate of the wrong role here (a coordinator's as a client, a
+    /// relay's or admin's at a relay), or one without a Confide identity.
+    WrongRole,
+    /// A party certificate not in the enrollment list (or the list unreadable).
+    NotEnrolled,
+    /// Any other handshake failure (protocol version, a bad signature...).
+    HandshakeFailed,
+}
+
+impl Refusal {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Timeout => "timeout",
+            Refusal::NoCertificate => "no_certificate",
+            Refusal::UnknownIssuer => "unknown_issuer",
+            Refusal::Expired => "expired",
+            Refusal::Revoked => "revoked",
+            Refusal::WrongRole => "wrong_role",
+            Refusal::NotEnrolled => "not_enrolled",
+            Refusal::HandshakeFailed => "handshake_failed",
+        }
+    }
+
+    /// The class of a failed handshake, from rustls's error when it has one.
+    fn of_handshake(e: &std::io::Error) -> Refusal {
+        use rustls::{CertificateError, Error as TlsError};
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<TlsError>()) {
+            Some(TlsError::NoCertificatesPresented) => Refusal::NoCertificate,
+            Some(TlsError::InvalidCertificate(c)) => match c {
+                CertificateError::UnknownIssuer => Refusal::UnknownIssuer,
+                CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. } => Refusal::Expired,
+                CertificateError::Revoked => Refusal::Revoked,
+                _ => Refusal::HandshakeFailed,
+            },
+            _ => Refusal::HandshakeFailed,
+        }
+    }
+}
+
 async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     addr: SocketAddr,
     admission: &Admission,
-) -> Option<TlsStream<TcpStream>> {
+) -> Result<TlsStream<TcpStream>, Refusal> {
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
         Err(_) => {
             warn!(peer = %addr, "refused connection: TLS handshake timed out");
-            return None;
+            return Err(Refusal::Timeout);
         }
         Ok(Err(e)) => {
             warn!(peer = %addr, "refused connection: TLS handshake failed: {e}");
-            return None;
+            return Err(Refusal::of_handshake(&e));
         }
         Ok(Ok(s)) => s,
     };
     let Some(cert) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
         warn!(peer = %addr, "refused connection: no client certificate");
-        return None;
+        return Err(Refusal::NoCertificate);
     };
     let id = match pki::peer_identity(cert) {
         Ok(id) => id,
         Err(e) => {
             warn!(peer = %addr, "refused connection: {e}");
-            return None;
+            return Err(Refusal::WrongRole);
         }
     };
     let (pki, revocations) = match admission {
         Admission::Coordinator { pki, revocations } => (pki, revocations),
         Admission::Relay if id.role == Role::Party => {
             info!(peer = %addr, party = %id.name, "authenticated party");
-            return Some(stream);
+            return Ok(stream);
         }
         Admission::Relay => {
             warn!(peer = %addr, name = %id.name, "refused connection: a relay serves party certificates only");
-            return None;
+            return Err(Refusal::WrongRole);
         }
     };
     let revoked = revocations.read().unwrap_or_else(|p| p.into_inner()).check(&id.name, cert);
     if revoked.is_err() {
         warn!(peer = %addr, name = %id.name, "refused connection: the certificate of {} is revoked", id.name);
-        return None;
+        return Err(Refusal::Revoked);
     }
     match id.role {
         // A relay speaks for a party only with that party's delegation,
@@ -162,22 +219,22 @@ async fn handshake(
         Role::Admin | Role::Relay => {}
         Role::Coordinator => {
             warn!(peer = %addr, name = %id.name, "refused connection: a coordinator certificate cannot be used as a client");
-            return None;
+            return Err(Refusal::WrongRole);
         }
         Role::Party => match pki.enrolled() {
             Ok(list) if list.contains(&id.name) => {}
             Ok(_) => {
                 warn!(peer = %addr, party = %id.name, "refused connection: party {} is not enrolled in this federation", id.name);
-                return None;
+                return Err(Refusal::NotEnrolled);
             }
             Err(e) => {
                 warn!(peer = %addr, party = %id.name, "refused connection: cannot read the enrollment list: {e}");
-                return None;
+                return Err(Refusal::NotEnrolled);
             }
         },
     }
     info!(peer = %addr, name = %id.name, role = ?id.role, "authenticated connection");
-    Some(stream)
+    Ok(stream)
 }
 
 /// The certificate (DER) the peer of a request presented (already verified

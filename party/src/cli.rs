@@ -362,9 +362,13 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
                     eprintln!("error: {e}");
                     return 2;
                 }
-                let node = PartyNode::with_plugins(cfg, plugins);
+                let node = std::sync::Arc::new(PartyNode::with_plugins(cfg, plugins));
                 // A bad [serve] table or a taken port stops the party at start.
                 if let Err(e) = node.start_serving().await {
+                    eprintln!("error: {e}");
+                    return 2;
+                }
+                if let Err(e) = node.start_metrics().await {
                     eprintln!("error: {e}");
                     return 2;
                 }

@@ -72,6 +72,10 @@ pub struct PartyConfig {
     /// Fault injection for chaos tests; absent in production configs.
     #[serde(default)]
     pub fault: Fault,
+    /// Prometheus metrics for the hospital's monitoring: off unless
+    /// `listen` is set.
+    #[serde(default)]
+    pub metrics: confide_proto::telemetry::MetricsConfig,
     /// Deprecations found while loading (logged at start).
     #[serde(skip)]
     pub warnings: Vec<String>,

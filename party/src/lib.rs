@@ -23,6 +23,7 @@ pub mod plugins;
 pub mod policy;
 pub mod serving;
 pub mod session;
+pub mod telemetry;
 #[cfg(feature = "torch")]
 pub mod torch;
 pub mod trainers;

@@ -32,6 +32,7 @@ use crate::Error;
 use crate::config::PartyConfig;
 use crate::plugins::{JobContext, PartyPlugins};
 use crate::session::{PartyInput, PartyOutput, PartySession};
+use crate::telemetry::{PartyMetrics, SharedMetrics};
 use crate::trainers::{BuiltinTrainers, TrainerFactory};
 
 /// Traffic counters (for logs and benchmarks).
@@ -62,6 +63,9 @@ pub struct PartyNode {
     /// Incremental pipelines' watched data sets (or why their state could
     /// not be read: then every pipeline job is refused with that reason).
     watches: Result<Arc<crate::watch::Watches>, String>,
+    /// Its Prometheus metrics (served when `[metrics] listen` is set).
+    metrics: SharedMetrics,
+    metrics_server: std::sync::OnceLock<confide_proto::telemetry::MetricsServer>,
 }
 
 struct Outbox {
@@ -133,7 +137,53 @@ impl PartyNode {
             ledger,
             serving: std::sync::OnceLock::new(),
             watches,
+            // Fixed, distinct, valid names: registering them cannot fail
+            // (`telemetry::tests` registers the same set).
+            metrics: Arc::new(PartyMetrics::new().unwrap_or_else(|e| panic!("party metrics: {e}"))),
+            metrics_server: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Its Prometheus metrics.
+    pub fn metrics(&self) -> SharedMetrics {
+        self.metrics.clone()
+    }
+
+    /// Sets the gauges read off state, before a scrape.
+    fn refresh_metrics(&self) {
+        self.metrics
+            .bytes(self.stats.bytes_sent.load(Ordering::Relaxed), self.stats.bytes_received.load(Ordering::Relaxed));
+        if let Ok(ledger) = &self.ledger {
+            let spent: Vec<(String, f64, f64)> =
+                ledger.snapshot().datasets.iter().map(|(n, d)| (n.clone(), d.epsilon(), d.delta())).collect();
+            let budgets: Vec<(String, f64)> = match self.config.policy.max_epsilon {
+                Some(max) => self.config.datasets.keys().map(|n| (n.clone(), max)).collect(),
+                None => Vec::new(),
+            };
+            self.metrics.ledger(&spent, &budgets);
+        }
+    }
+
+    /// Serves `/metrics` when `[metrics] listen` is set; returns its address.
+    /// Called by [`PartyNode::run`]; a second call does nothing.
+    pub async fn start_metrics(self: &Arc<Self>) -> Result<Option<std::net::SocketAddr>, Error> {
+        let Some(listen) = self.config.metrics.listen else { return Ok(None) };
+        if let Some(s) = self.metrics_server.get() {
+            return Ok(Some(s.local_addr));
+        }
+        let node = Arc::downgrade(self);
+        let refresh = Arc::new(move || {
+            if let Some(n) = node.upgrade() {
+                n.refresh_metrics();
+            }
+        });
+        let server = confide_proto::telemetry::serve(listen, self.metrics.registry.clone(), refresh)
+            .await
+            .map_err(Error::Config)?;
+        let addr = server.local_addr;
+        info!(%addr, "metrics at http://{addr}/metrics");
+        let _ = self.metrics_server.set(server);
+        Ok(Some(addr))
     }
 
     /// Its traffic counters.
@@ -175,6 +225,9 @@ impl PartyNode {
         if let (Some(r), Ok(w)) = (&registry, &self.watches) {
             r.keep_hard_examples_in(w.clone());
         }
+        if let Some(r) = &registry {
+            r.count_in(self.metrics.clone());
+        }
         Ok(registry.map(|r| self.serving.get_or_init(|| r).clone()))
     }
 
@@ -192,6 +245,7 @@ impl PartyNode {
         let mut delay = initial;
         loop {
             let served = self.serve_once().await;
+            self.metrics.set_connected(false);
             if let Some(registry) = self.serving.get() {
                 registry.disconnected();
             }
@@ -315,6 +369,7 @@ impl PartyNode {
                     info!(party = %w.party, coordinator_version = %w.software_version, "connected to the coordinator");
                     me = w.party;
                     welcomed = true;
+                    self.metrics.set_connected(true);
                     let crl = w.revocations.map(|r| r.crl).unwrap_or_default();
                     if let Err(e) = self.accept_revocations(&crl, "the coordinator's revocation list") {
                         warn!("coordinator fault: {e}");
@@ -337,8 +392,15 @@ impl PartyNode {
                     let job_id = offer.job_id.clone();
                     let answer = match self.accept(&offer, &me).await {
                         Ok(session) => {
-                            let worker =
-                                spawn_job(job_id.clone(), session, outbox.clone(), cfg.limits, self.stats.clone());
+                            let worker = spawn_job(
+                                job_id.clone(),
+                                session,
+                                outbox.clone(),
+                                cfg.limits,
+                                self.stats.clone(),
+                                self.metrics.clone(),
+                            );
+                            self.metrics.job_offer(true);
                             // An older session of the job (before a reconnect) ends with its sender.
                             jobs.insert(job_id.clone(), worker);
                             info!(job = %job_id, dataset = %offer.dataset, "accepted job");
@@ -346,6 +408,7 @@ impl PartyNode {
                         }
                         Err(reason) => {
                             warn!(job = %job_id, "refused job: {reason}");
+                            self.metrics.job_offer(false);
                             pb::JobAnswer { job_id, accepted: false, reason }
                         }
                     };
@@ -631,30 +694,33 @@ fn spawn_job(
     outbox: Arc<Outbox>,
     limits: Limits,
     stats: Arc<NodeStats>,
+    metrics: SharedMetrics,
 ) -> Sender<PartyInput> {
     let (tx, rx) = std::sync::mpsc::channel::<PartyInput>();
     let spawned = std::thread::Builder::new()
         .name(format!("job-{job_id}"))
-        .spawn(move || run_job(job_id, session, rx, outbox, limits, stats));
+        .spawn(move || run_job(job_id, session, rx, Sent { outbox, limits, stats, metrics }));
     if let Err(e) = spawned {
         warn!("cannot start a worker thread: {e}");
     }
     tx
 }
 
-fn run_job(
-    job_id: String,
-    mut session: PartySession,
-    rx: Receiver<PartyInput>,
+/// Where a job's worker sends its outputs, and what it counts.
+struct Sent {
     outbox: Arc<Outbox>,
     limits: Limits,
     stats: Arc<NodeStats>,
-) {
+    metrics: SharedMetrics,
+}
+
+fn run_job(job_id: String, mut session: PartySession, rx: Receiver<PartyInput>, to: Sent) {
     let clock = Instant::now();
     let now = || clock.elapsed().as_millis() as u64;
+    let mut task_arrived: Option<Instant> = None;
     loop {
         while let Some(out) = session.poll_output() {
-            if !send(&job_id, out, &outbox, &limits, &stats) {
+            if !send(&job_id, out, &to, task_arrived.take()) {
                 return;
             }
         }
@@ -670,11 +736,14 @@ fn run_job(
             Err(RecvTimeoutError::Disconnected) => PartyInput::Closed { reason: String::new() },
         };
         let answered = matches!(input, PartyInput::Task(_));
+        if answered {
+            task_arrived = Some(Instant::now());
+        }
         session.handle(now(), input);
         if answered {
             // Send the answer first, then work ahead while the others answer.
             while let Some(out) = session.poll_output() {
-                if !send(&job_id, out, &outbox, &limits, &stats) {
+                if !send(&job_id, out, &to, task_arrived.take()) {
                     return;
                 }
             }
@@ -684,8 +753,10 @@ fn run_job(
     debug!(job = %job_id, "worker ended");
 }
 
-/// Sends one output; false when the stream is gone.
-fn send(job_id: &str, out: PartyOutput, outbox: &Outbox, limits: &Limits, stats: &NodeStats) -> bool {
+/// Sends one output (a result `since` its task arrived, when known); false
+/// when the stream is gone.
+fn send(job_id: &str, out: PartyOutput, to: &Sent, since: Option<Instant>) -> bool {
+    let (outbox, limits, stats) = (&*to.outbox, &to.limits, &*to.stats);
     match out {
         PartyOutput::Result(result) => {
             let (round, task_id, stage) = (result.round, result.task_id, result.body.stage_name().to_owned());
@@ -714,6 +785,7 @@ fn send(job_id: &str, out: PartyOutput, outbox: &Outbox, limits: &Limits, stats:
                 }
             }
             stats.tasks_done.fetch_add(1, Ordering::Relaxed);
+            to.metrics.task_done(&stage, since.map(|t| t.elapsed()));
             info!(job = %job_id, round, stage = %stage, bytes, "sent result ({what})");
             true
         }
@@ -746,6 +818,7 @@ mod tests {
         let workers: Vec<_> = (1..=2u64)
             .map(|task_id| {
                 let (outbox, stats) = (outbox.clone(), stats.clone());
+                let to = Sent { outbox, limits, stats, metrics: Arc::new(PartyMetrics::new().unwrap()) };
                 std::thread::spawn(move || {
                     for round in 0..5 {
                         let body = ResultBody::SecureSum {
@@ -755,7 +828,7 @@ mod tests {
                             },
                         };
                         let r = TaskResult { job_id: format!("job-{task_id}"), round, task_id, body };
-                        assert!(send(&format!("job-{task_id}"), PartyOutput::Result(r), &outbox, &limits, &stats));
+                        assert!(send(&format!("job-{task_id}"), PartyOutput::Result(r), &to, None));
                     }
                 })
             })
@@ -824,6 +897,7 @@ mod tests {
             serve: Default::default(),
             cloud: Default::default(),
             fault: Default::default(),
+            metrics: Default::default(),
             warnings: Vec::new(),
         };
         PartyNode::with_plugins(cfg, PartyPlugins::new())

@@ -7,6 +7,7 @@
 //! * [`jobspec`]: the TOML job spec and its validation (every error with its
 //!   field path and file name).
 //! * [`status`]: the JSON job status shown by `confide job status --json`.
+//! * [`telemetry`]: Prometheus metrics served at `/metrics`.
 //! * [`Limits`]: every size the federation enforces at its boundaries.
 
 pub mod deploy;
@@ -16,6 +17,7 @@ pub mod messages;
 pub mod net;
 pub mod pipeline;
 pub mod status;
+pub mod telemetry;
 pub mod transfer;
 
 pub use messages::{Stage, StageName};

@@ -29,6 +29,20 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `GET http://ADDR/metrics`: the body, after checking the status and the
+/// Prometheus text-format content type.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: confide\r\nConnection: close\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
 /// A running federation.
 pub struct Federation {
     /// Scratch directory (PKI, data, logs, coordinator data).
@@ -48,6 +62,8 @@ pub struct Federation {
     /// `pki` directory `confide certs init` wrote).
     pub coordinator_pki: Option<PathBuf>,
     relays: BTreeMap<String, Child>,
+    /// The coordinator's `/metrics` address once it has started.
+    pub metrics_addr: String,
 }
 
 impl Federation {
@@ -69,6 +85,7 @@ impl Federation {
             party_bin,
             coordinator_pki: None,
             relays: BTreeMap::new(),
+            metrics_addr: String::new(),
         };
         std::fs::create_dir_all(fed.path("logs")).expect("logs dir");
         fed.run_ok(&["certs", "init", "--dir", &fed.s("pki"), "--parties", &parties.join(",")]);
@@ -142,6 +159,9 @@ impl Federation {
                 &self.s("coordinator"),
                 "--pki",
                 &self.coordinator_pki.clone().map_or_else(|| self.s("pki"), |p| p.to_string_lossy().into_owned()),
+                // Tests run side by side: never the default port.
+                "--metrics-listen",
+                "127.0.0.1:0",
             ])
             .env("CONFIDE_LOG", "info")
             .stdin(Stdio::null())
@@ -153,8 +173,12 @@ impl Federation {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let text = std::fs::read_to_string(&out_path).unwrap_or_default();
-            if let Some(addr) = text.lines().find_map(|l| l.strip_prefix("coordinator listening on ")) {
+            let metrics = text.lines().find_map(|l| l.strip_prefix("metrics listening on "));
+            if let (Some(addr), Some(m)) =
+                (text.lines().find_map(|l| l.strip_prefix("coordinator listening on ")), metrics)
+            {
                 self.addr = addr.trim().to_string();
+                self.metrics_addr = m.trim().to_string();
                 return;
             }
             assert!(Instant::now() < deadline, "coordinator did not start\n{}", self.logs());
@@ -253,6 +277,22 @@ impl Federation {
             .spawn()
             .expect("spawn party");
         self.parties.insert(name.to_string(), child);
+    }
+
+    /// The `/metrics` address party `name` logged (its config set
+    /// `[metrics] listen`), waiting up to 20 s for it.
+    pub fn party_metrics_addr(&self, name: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = std::fs::read_to_string(self.path(&format!("logs/{name}.log"))).unwrap_or_default();
+            if let Some(rest) = log.split("metrics at http://").nth(1)
+                && let Some(addr) = rest.split("/metrics").next()
+            {
+                return addr.to_string();
+            }
+            assert!(Instant::now() < deadline, "party {name} did not serve metrics\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts every party.

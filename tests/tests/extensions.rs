@@ -310,6 +310,7 @@ impl InProcess {
             pki: fed.path("pki"),
             limits: Limits::default(),
             models: Default::default(),
+            metrics: Default::default(),
         };
         let coordinator = server::start_with(config, plugins).await.expect("coordinator");
         fed.addr = coordinator.local_addr.to_string();

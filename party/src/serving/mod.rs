@@ -144,6 +144,8 @@ pub struct Registry {
     joint: joint::Joint,
     /// Where hard examples are kept for labelling (incremental pipelines).
     hard_examples: std::sync::OnceLock<Arc<crate::watch::Watches>>,
+    /// The node's metrics, once it counts requests.
+    metrics: std::sync::OnceLock<crate::telemetry::SharedMetrics>,
 }
 
 /// Where a row's answer came from.
@@ -256,6 +258,7 @@ impl Registry {
             uplink: Mutex::new(None),
             joint,
             hard_examples: std::sync::OnceLock::new(),
+            metrics: std::sync::OnceLock::new(),
             ca_pem,
             revocations,
             builder: BuiltinTrainers::for_config(config),
@@ -547,6 +550,34 @@ impl Registry {
     /// the policy lets them go, the cloud's key is verified and it answers
     /// in time; otherwise the edge's answer, flagged).
     pub async fn answer(
+        &self,
+        service: &str,
+        rows: Vec<f32>,
+        count: usize,
+        width: usize,
+    ) -> Result<Answer, ServeError> {
+        let started = std::time::Instant::now();
+        let answer = self.answer_rows(service, rows, count, width).await;
+        if let Some(m) = self.metrics.get()
+            && self.services.contains_key(service)
+        {
+            let n = |source: RowSource| match &answer {
+                Ok(a) => a.sources.iter().filter(|s| **s == source).count() as u64,
+                Err(_) => 0,
+            };
+            let rows =
+                [("edge", n(RowSource::Edge)), ("cloud", n(RowSource::Cloud)), ("edge_hard", n(RowSource::EdgeHard))];
+            m.inference(service, answer.is_ok(), started.elapsed(), &rows);
+        }
+        answer
+    }
+
+    /// Counts requests, latency and who answered which rows in `metrics`.
+    pub fn count_in(&self, metrics: crate::telemetry::SharedMetrics) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    async fn answer_rows(
         &self,
         service: &str,
         rows: Vec<f32>,
