@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test build lint bench bench-round bench-train bench-dp bench-dp-sgd bench-he bench-serve bench-incremental doc clean setup
+.PHONY: demo test build lint bench bench-round bench-metrics bench-train bench-dp bench-dp-sgd bench-he bench-serve bench-incremental doc clean setup
 
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
@@ -19,6 +19,7 @@ demo: build
 # Binaries and examples first: the end-to-end tests start the real `confide`,
 # `confide-party` and example processes.
 test: build
+	@./scripts/setup-browser
 	$(CARGO) test --workspace --all-targets
 
 lint: setup
@@ -30,6 +31,10 @@ doc: setup
 
 bench-round: setup
 	$(CARGO) run --release -p confide-bench -- round --parties 10 --params 1000000 --privacy none --json
+
+# Metrics on (served and scraped every second) against off, same run.
+bench-metrics: setup
+	$(CARGO) run --release -p confide-bench -- round --parties 10 --params 1000000 --privacy none --metrics off,on --rounds 20 --repeat 3 --json
 
 bench-he: setup
 	$(CARGO) run --release -p confide-bench -- he --parties 3,10,50 --values 1000000

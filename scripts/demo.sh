@@ -66,6 +66,14 @@ echo "      (libtorch MLP; DP-SGD at each hospital; secure aggregation: the coor
 "$BIN/confide" job validate "$SPEC" | sed 's/^/   /' 
 JOB=$("$BIN/confide" job submit "$SPEC" | head -1)
 echo "   job $JOB"
+# The web dashboard, on this machine, reading the admin API with the admin
+# certificate (CONFIDE_DEMO_DASHBOARD=ADDR picks its address).
+"$BIN/confide" dashboard --listen "${CONFIDE_DEMO_DASHBOARD:-127.0.0.1:0}" \
+  >"$DEMO/logs/dashboard.out" 2>"$DEMO/logs/dashboard.log" &
+PIDS+=($!)
+for _ in $(seq 100); do grep -q "^dashboard listening on" "$DEMO/logs/dashboard.out" 2>/dev/null && break; sleep 0.1; done
+DASHBOARD=$(sed -n 's/^dashboard listening on //p' "$DEMO/logs/dashboard.out")
+echo "   follow it live at $DASHBOARD/jobs/$JOB"
 "$BIN/confide" job watch "$JOB"
 MODEL="$DEMO/model.safetensors"
 "$BIN/confide" job model "$JOB" --out "$MODEL"
@@ -84,6 +92,16 @@ for p in "${PARTIES[@]}"; do
   "$BIN/confide-party" train-local --spec "$SPEC" --json --test "$DEMO/data/test.csv" --data "$DEMO/data/$p.csv" \
     >"$DEMO/local-$p.json"
 done
+
+# CONFIDE_DEMO_SCREENSHOT=FILE: the finished job's dashboard page as a PNG
+# (headless Chromium; how the README's screenshot is made).
+if [ -n "${CONFIDE_DEMO_SCREENSHOT:-}" ] && [ -n "$DASHBOARD" ]; then
+  chromium --headless=new --no-sandbox --disable-gpu --disable-dev-shm-usage --disable-quic --no-first-run \
+    --disable-background-networking --disable-component-update --disable-sync --hide-scrollbars \
+    --user-data-dir="$DEMO/chromium" --window-size=1300,1450 --screenshot="$CONFIDE_DEMO_SCREENSHOT" \
+    "$DASHBOARD/jobs/$JOB" 2>/dev/null
+  echo "   dashboard screenshot: $CONFIDE_DEMO_SCREENSHOT"
+fi
 
 python3 - "$DEMO" "$MODEL" "${PARTIES[@]}" <<'PY'
 import json, sys
@@ -108,3 +126,8 @@ print(json.dumps({"federated_accuracy": round(acc, 4), "central_accuracy": round
                   "epsilon": None if eps is None else round(eps, 4), "model": model}))
 sys.exit(0 if status["state"] == "succeeded" else 1)
 PY
+# CONFIDE_DEMO_HOLD=1: keep the federation and the dashboard running to look around.
+if [ -n "${CONFIDE_DEMO_HOLD:-}" ]; then
+  echo "the federation and the dashboard ($DASHBOARD) keep running; Ctrl-C ends them"
+  wait
+fi

@@ -65,6 +65,11 @@ enum Command {
         /// memory per party can be measured (0: one process).
         #[arg(long, default_value_t = 0)]
         party_processes: usize,
+        /// Prometheus metrics (comma-separated for a comparison): `off`, or
+        /// `on` (served by the coordinator and the in-process parties and
+        /// scraped every 200 ms).
+        #[arg(long, value_delimiter = ',', default_value = "off")]
+        metrics: Vec<String>,
         /// Print JSON objects, one per line (the default output format).
         #[arg(long)]
         json: bool,
@@ -465,6 +470,9 @@ struct Federation {
     party_processes: usize,
     /// Rounds of distributed-DP noise each party draws ahead.
     noise_rounds_ahead: usize,
+    /// Serve Prometheus metrics from the coordinator and the in-process
+    /// parties, and scrape them every 200 ms while the job runs.
+    metrics: bool,
 }
 
 /// What a finished benchmark job reports.
@@ -476,6 +484,8 @@ struct FederationRun {
     rss_before: u64,
     /// Its largest resident memory while the parties were connected and the job ran.
     rss_peak: u64,
+    /// Successful `/metrics` scrapes while the job ran (0 with metrics off).
+    scrapes: u64,
 }
 
 /// A figure of this process from `/proc/self/status` (`VmRSS`: resident
@@ -537,6 +547,7 @@ impl Federation {
             names,
             party_processes,
             noise_rounds_ahead: 1,
+            metrics: false,
         })
     }
 
@@ -559,11 +570,12 @@ impl Federation {
             pki: pki.root().to_path_buf(),
             limits: Limits::default(),
             models: Default::default(),
-            metrics: Default::default(),
+            metrics: self.metrics_config(),
         })
         .await
         .map_err(|e| e.to_string())?;
         let url = format!("https://{}", coordinator.local_addr);
+        let mut scraped: Vec<std::net::SocketAddr> = coordinator.metrics_addr.into_iter().collect();
         // What the parties cost the coordinator, connections and job data
         // together, from before the first one connects.
         reset_peak_memory();
@@ -573,9 +585,12 @@ impl Federation {
         let mut children = Vec::new();
         if self.party_processes == 0 {
             for n in &self.names {
-                let cfg = party_config(&url, &pki, n, dataset, DatasetSource::csv(data(n)), self.noise_rounds_ahead);
-                let node = PartyNode::new(cfg, factory.clone());
+                let mut cfg =
+                    party_config(&url, &pki, n, dataset, DatasetSource::csv(data(n)), self.noise_rounds_ahead);
+                cfg.metrics = self.metrics_config();
+                let node = Arc::new(PartyNode::new(cfg, factory.clone()));
                 stats.push(node.stats());
+                scraped.extend(node.start_metrics().await.map_err(|e| e.to_string())?);
                 tasks.push(tokio::spawn(async move { node.run().await }));
             }
         } else {
@@ -602,6 +617,10 @@ impl Federation {
                     .map_err(|e| format!("cannot start party processes: {e}"))?;
                 children.push(child);
             }
+        }
+        let scrapes = Arc::new(Scrapes::default());
+        if !scraped.is_empty() {
+            tasks.push(tokio::spawn(scrape_every_second(scraped, scrapes.clone())));
         }
         let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
         let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
@@ -644,7 +663,60 @@ impl Federation {
                 status.error.clone().unwrap_or_default()
             ));
         }
-        Ok(FederationRun { status, bytes, rss_before, rss_peak })
+        if let Some(f) = scrapes.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(f);
+        }
+        let scrapes = scrapes.ok.load(Ordering::Relaxed);
+        Ok(FederationRun { status, bytes, rss_before, rss_peak, scrapes })
+    }
+}
+
+impl Federation {
+    fn metrics_config(&self) -> confide_proto::telemetry::MetricsConfig {
+        confide_proto::telemetry::MetricsConfig {
+            listen: self.metrics.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        }
+    }
+}
+
+/// What the scraper did: successful scrapes, and the first failure.
+#[derive(Default)]
+struct Scrapes {
+    ok: std::sync::atomic::AtomicU64,
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+/// Scrapes every `/metrics` address every 200 ms (Prometheus's default
+/// interval is 15 s: 75 times as often, so that every round meets scrapes)
+/// until aborted. A failure is
+/// kept and fails the run, so that "metrics on" never silently measures
+/// nothing.
+async fn scrape_every_second(addrs: Vec<std::net::SocketAddr>, log: Arc<Scrapes>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        for a in &addrs {
+            let body = async {
+                let mut s = tokio::net::TcpStream::connect(a).await?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await?;
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).await?;
+                Ok::<_, std::io::Error>(out)
+            };
+            let failure = match body.await {
+                Ok(out) if out.starts_with(b"HTTP/1.1 200") => None,
+                Ok(out) => Some(format!("scraping {a}: {}", String::from_utf8_lossy(&out[..out.len().min(200)]))),
+                Err(e) => Some(format!("scraping {a}: {e}")),
+            };
+            match failure {
+                None => {
+                    log.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(f) => {
+                    log.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(f);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -721,6 +793,7 @@ async fn bench_round(
     privacy: &str,
     rounds: u32,
     party_processes: usize,
+    metrics: bool,
 ) -> Result<serde_json::Value, String> {
     let privacy_table = privacy_table(privacy)?;
     let names: Vec<String> = (0..parties).map(|i| format!("p{i:03}")).collect();
@@ -734,6 +807,7 @@ async fn bench_round(
     );
     let presample = if privacy == "secagg-dp" { Some(dp_presample_ms(&spec, params)?) } else { None };
     let mut fed = Federation::new(names, party_processes)?;
+    fed.metrics = metrics;
     // Every measured round's noise is drawn before the first: the target
     // excludes it (it does not depend on the data), and ten parties sharing
     // two cores could not hide it between rounds.
@@ -765,6 +839,8 @@ async fn bench_round(
     Ok(serde_json::json!({
         "bench": "round",
         "privacy": privacy,
+        "metrics": if metrics { "on" } else { "off" },
+        "metrics_scrapes": run.scrapes,
         "parties": parties,
         "params": params,
         "rounds": rounds,
@@ -813,10 +889,12 @@ fn bench_round_in_child(
     privacy: &str,
     rounds: u32,
     party_processes: usize,
+    metrics: bool,
 ) -> Result<serde_json::Value, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let out = std::process::Command::new(exe)
         .args(["round", "--json", "--repeat", "1", "--privacy", privacy])
+        .args(["--metrics", if metrics { "on" } else { "off" }])
         .args(["--parties", &parties.to_string(), "--params", &params.to_string(), "--rounds", &rounds.to_string()])
         .args(["--party-processes", &party_processes.to_string()])
         .stderr(std::process::Stdio::inherit())
@@ -986,13 +1064,26 @@ async fn main() {
                 std::process::exit(1);
             }
         }
-        Command::Round { parties, params, privacy, rounds, repeat, party_processes, json } => {
+        Command::Round { parties, params, privacy, rounds, repeat, party_processes, metrics, json } => {
             let mut failed = false;
-            let mut configs: Vec<(usize, usize, String)> = Vec::new();
+            let mut metric_modes: Vec<bool> = Vec::new();
+            for m in &metrics {
+                match m.as_str() {
+                    "off" => metric_modes.push(false),
+                    "on" => metric_modes.push(true),
+                    other => {
+                        eprintln!("error: --metrics {other}: unknown (off, on)");
+                        std::process::exit(2);
+                    }
+                }
+            }
+            let mut configs: Vec<(usize, usize, String, bool)> = Vec::new();
             for &n in &parties {
                 for &p in &params {
                     for m in &privacy {
-                        configs.push((n, p, m.clone()));
+                        for &on in &metric_modes {
+                            configs.push((n, p, m.clone(), on));
+                        }
                     }
                 }
             }
@@ -1000,40 +1091,48 @@ async fn main() {
             for _ in 0..repeat.max(1) {
                 // Every configuration back to back in each repetition, so
                 // ratios compare figures measured in one run.
-                for (i, (n, p, mode)) in configs.iter().enumerate() {
+                for (i, (n, p, mode, on)) in configs.iter().enumerate() {
                     // With the parties in child processes, each run gets a
                     // fresh coordinator process too: memory an earlier run
                     // freed but the allocator kept would otherwise hide the
                     // next run's growth.
                     let run = if party_processes > 0 && configs.len() * repeat.max(1) > 1 {
-                        bench_round_in_child(*n, *p, mode, rounds.max(1), party_processes)
+                        bench_round_in_child(*n, *p, mode, rounds.max(1), party_processes, *on)
                     } else {
-                        bench_round(*n, *p, mode, rounds.max(1), party_processes).await
+                        bench_round(*n, *p, mode, rounds.max(1), party_processes, *on).await
                     };
                     match run {
                         Ok(v) => runs[i].push(v),
                         Err(e) => {
-                            eprintln!("error: parties={n} params={p} privacy={mode}: {e}");
+                            eprintln!("error: parties={n} params={p} privacy={mode} metrics={on}: {e}");
                             failed = true;
                         }
                     }
                 }
             }
             let combined: Vec<Option<serde_json::Value>> = runs.into_iter().map(combine_runs).collect();
-            for (i, (n, p, mode)) in configs.iter().enumerate() {
+            for (i, (n, p, mode, on)) in configs.iter().enumerate() {
                 let Some(mut v) = combined[i].clone() else { continue };
                 let field = |j: usize, k: &str| combined[j].as_ref().and_then(|c| c[k].as_f64());
-                // The plaintext run of the same size, and the smallest party
-                // count of the same size and mode, for ratios.
+                // The plaintext run of the same size (and metrics setting),
+                // and the smallest party count of the same size and mode,
+                // for ratios.
                 if mode != "none"
-                    && let Some(j) = configs.iter().position(|c| c.0 == *n && c.1 == *p && c.2 == "none")
+                    && let Some(j) = configs.iter().position(|c| c.0 == *n && c.1 == *p && c.2 == "none" && c.3 == *on)
                     && let (Some(base), Some(ms)) = (field(j, "round_ms_median"), v["round_ms_median"].as_f64())
                 {
                     v["overhead_vs_plain"] = serde_json::json!(ms / base);
                 }
+                if *on
+                    && let Some(j) = configs.iter().position(|c| c.0 == *n && c.1 == *p && c.2 == *mode && !c.3)
+                    && let (Some(base), Some(ms)) = (field(j, "round_ms_median"), v["round_ms_median"].as_f64())
+                {
+                    v["round_ms_vs_metrics_off"] = serde_json::json!(ms / base);
+                }
                 let smallest = parties.iter().min().copied().unwrap_or(*n);
                 if *n != smallest
-                    && let Some(j) = configs.iter().position(|c| c.0 == smallest && c.1 == *p && c.2 == *mode)
+                    && let Some(j) =
+                        configs.iter().position(|c| c.0 == smallest && c.1 == *p && c.2 == *mode && c.3 == *on)
                 {
                     for k in ["round_ms_median", "coordinator_ms_median", "coordinator_process_cpu_ms_per_round"] {
                         if let (Some(base), Some(x)) = (field(j, k), v[k].as_f64()) {

@@ -49,6 +49,16 @@ enum Command {
     /// Model versions (every kept checkpoint, with its lineage).
     #[command(subcommand)]
     Model(ModelCmd),
+    /// Serve a web dashboard of the federation on this machine: it reads
+    /// the coordinator's admin API with the admin certificate; browsers
+    /// connect to it over plain HTTP on `--listen` (loopback by default).
+    Dashboard {
+        /// Where browsers connect.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
     /// Run a relay: an intermediate aggregator that parties dial instead of
     /// the coordinator; it sums their `he` ciphertexts and forwards one.
     Relay {
@@ -522,6 +532,16 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             }
             Ok(0)
         }
+        Command::Dashboard { listen, conn } => {
+            let client = admin(&conn).await?;
+            let running = crate::dashboard::start(listen, client, PkiDir::new(&conn.pki)).await?;
+            println!("dashboard listening on http://{}", running.local_addr);
+            tokio::select! {
+                r = running.wait() => r?,
+                _ = shutdown_signal() => tracing::info!("shutting down"),
+            }
+            Ok(0)
+        }
         Command::Job(cmd) => job(cmd, &plugins).await,
         Command::Model(ModelCmd::List { job, json, conn }) => {
             let mut client = admin(&conn).await?;
@@ -585,6 +605,15 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                 let history = verified_history(&pki, &s)?;
                 if !json {
                     println!("{}", s.service);
+                    if let Some(rows) = s.serving.as_ref().filter(|r| r.requests > 0) {
+                        let total = rows.edge_rows + rows.cloud_rows + rows.edge_hard_rows;
+                        println!(
+                            "  serving: {} requests, {total} rows, {:.1}% forwarded to the cloud tier (reported by {})",
+                            rows.requests,
+                            100.0 * rows.cloud_rows as f64 / total.max(1) as f64,
+                            s.serving_parties.join(", ")
+                        );
+                    }
                 }
                 for (i, d) in history.iter().enumerate() {
                     let r = &d.record;
@@ -594,6 +623,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                             "action": r.action.as_str(), "job_id": r.job_id, "round": r.round,
                             "sha256": r.sha256, "rollback_to": r.rollback_to, "issued_at": r.issued_at,
                             "signed_by": r.admin, "joint": r.joint, "pipeline": r.pipeline,
+                            "serving": if i == 0 { serving_json(&s) } else { serde_json::Value::Null },
                         });
                         println!("{v}");
                     } else {
@@ -985,6 +1015,17 @@ async fn pipeline_grant(
     let signed =
         confide_proto::deploy::SignedGrant::sign(grant, &key, der).map_err(|e| Error::InvalidInput(e.to_string()))?;
     Ok(Some(signed.to_pb()))
+}
+
+/// A service's summed serving reports, for `model services --json`.
+fn serving_json(s: &pb::ServiceStatus) -> serde_json::Value {
+    match &s.serving {
+        Some(r) => serde_json::json!({
+            "requests": r.requests, "edge_rows": r.edge_rows, "cloud_rows": r.cloud_rows,
+            "edge_hard_rows": r.edge_hard_rows, "parties": s.serving_parties,
+        }),
+        None => serde_json::Value::Null,
+    }
 }
 
 async fn rollback(conn: &AdminConn, service: &str) -> Result<(), Error> {

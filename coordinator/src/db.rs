@@ -239,6 +239,16 @@ impl Db {
         Ok(())
     }
 
+    /// Every party ever connected: name, first and latest connection (Unix seconds).
+    pub fn parties_seen(&self) -> Result<Vec<(String, u64, u64)>, Error> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("SELECT name, first_seen, last_seen FROM parties ORDER BY name").map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+            .map_err(sql)?;
+        rows.map(|r| r.map(|(n, f, l)| (n, f.max(0) as u64, l.max(0) as u64)).map_err(sql)).collect()
+    }
+
     /// Marks every party disconnected (at start-up).
     pub fn reset_connections(&self) -> Result<(), Error> {
         self.lock().execute("UPDATE parties SET connected = 0", []).map_err(sql)?;

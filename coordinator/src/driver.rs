@@ -135,6 +135,9 @@ pub fn read_state(path: Option<&Path>) -> Result<State, Error> {
 /// encoding), and of the whole process (all threads: TLS, decoding too).
 struct RoundClock {
     round: u32,
+    /// The round's span (child of the job's): log lines while the round
+    /// runs carry its number.
+    span: tracing::Span,
     started: Instant,
     /// Wall time spent handling inputs and encoding tasks, where the
     /// thread's CPU time cannot be read.
@@ -147,6 +150,7 @@ impl RoundClock {
     fn new(round: u32) -> Self {
         RoundClock {
             round,
+            span: tracing::info_span!("round", round),
             started: Instant::now(),
             busy: Duration::ZERO,
             thread_cpu_at_start: thread_cpu(),
@@ -160,6 +164,28 @@ impl RoundClock {
             (Some(a), Some(b)) => b.saturating_sub(a),
             _ => self.busy,
         }
+    }
+}
+
+/// The stage being collected: its span (child of the round's), so that a
+/// slow stage shows in the logs with its job and round.
+struct StageClock {
+    stage: Stage,
+    round: u32,
+    started: Instant,
+    span: tracing::Span,
+}
+
+impl StageClock {
+    fn new(stage: Stage, round: &RoundClock) -> Self {
+        let span = tracing::info_span!(parent: &round.span, "stage", stage = %stage);
+        StageClock { stage, round: round.round, started: Instant::now(), span }
+    }
+
+    /// Logs the stage's duration inside its span.
+    fn finish(self) {
+        let _entered = self.span.enter();
+        info!(ms = self.started.elapsed().as_millis() as u64, "stage finished");
     }
 }
 
@@ -191,6 +217,9 @@ pub fn process_cpu() -> Option<Duration> {
 
 /// The job's thread: runs `session` until the job ends.
 pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: Receiver<Input>) {
+    // Entered for the thread's life: every line the job logs names it.
+    let job_span = tracing::info_span!("job", job = %id);
+    let _job_entered = job_span.enter();
     let clock = Instant::now();
     let now = || clock.elapsed().as_millis() as u64;
     let mut session = match crate::jobs::session(&id, spec.clone(), start, hub.plugins(), *hub.limits(), now()) {
@@ -210,11 +239,14 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
         .collect();
     let mut encoder = Encoder::default();
     let mut round = RoundClock::new(0);
+    let mut current_stage: Option<StageClock> = None;
     let mut marked_running = false;
     let mut parties: BTreeMap<String, PartyStatus> = BTreeMap::new();
     let mut last_flush = Instant::now();
     let mut finished = false;
-    let handle = |session: &mut Session, input: Input, round: &mut RoundClock| {
+    let handle = |session: &mut Session, input: Input, round: &mut RoundClock, stage: &Option<StageClock>| {
+        let _round_entered = round.span.enter();
+        let _stage_entered = stage.as_ref().map(|s| s.span.enter());
         let t0 = Instant::now();
         let at = now();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.handle(at, input)));
@@ -226,7 +258,7 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
     };
     loop {
         for input in std::mem::take(&mut feedback) {
-            handle(&mut session, input, &mut round);
+            handle(&mut session, input, &mut round, &current_stage);
         }
         // Watchers read the database: wake them when it changed.
         let mut wrote = false;
@@ -242,7 +274,16 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
                 Output::Task { to, stage, task } => {
                     stage_changed = true;
                     if stage == Stage::Fit && task.round != round.round {
+                        if let Some(s) = current_stage.take() {
+                            s.finish();
+                        }
                         round = RoundClock::new(task.round);
+                    }
+                    if current_stage.as_ref().is_none_or(|s| s.stage != stage || s.round != round.round) {
+                        if let Some(s) = current_stage.take() {
+                            s.finish();
+                        }
+                        current_stage = Some(StageClock::new(stage, &round));
                     }
                     let t0 = Instant::now();
                     let encoded = Arc::new(encoder.encode(&task));
@@ -254,6 +295,9 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
                     round.busy += t0.elapsed();
                 }
                 Output::Checkpoint(mut cp) => {
+                    if let Some(s) = current_stage.take() {
+                        s.finish();
+                    }
                     if let Some(r) = cp.record.as_mut() {
                         r.completed_at = unix_now();
                         r.metrics.insert("round_ms".into(), round.started.elapsed().as_secs_f64() * 1000.0);

@@ -10,6 +10,7 @@
 //! Prometheus metrics; [`cli`] the `confide` command.
 
 pub mod cli;
+pub mod dashboard;
 pub mod db;
 pub mod driver;
 pub mod jobs;

@@ -118,7 +118,15 @@ struct PartyConn {
     certificate: Arc<[u8]>,
     /// The relay that carries the stream, and its certificate.
     relay: Option<(String, Arc<[u8]>)>,
+    /// What its hello said: software version and advertised policy.
+    hello: Option<pb::Hello>,
 }
+
+/// Most services one serving report may list.
+const MAX_SERVING_SERVICES: usize = 256;
+
+/// The longest advertised policy kept (JSON bytes).
+const MAX_POLICY_JSON: usize = 16 * 1024;
 
 /// A running job: where its inputs go, and who watches its status.
 struct JobHandle {
@@ -146,6 +154,9 @@ pub struct Hub {
     joint_routes: Mutex<HashMap<String, Option<confide_proto::deploy::JointConfig>>>,
     /// Delegation nonces admitted recently (each once).
     delegations: Mutex<confide_crypto::relay::SeenNonces>,
+    /// Each serving party's latest report: requests and rows by source per
+    /// service, since that party started.
+    serving: Mutex<HashMap<String, Vec<pb::ServiceRows>>>,
     jobs: Mutex<HashMap<String, JobHandle>>,
     next_id: AtomicU64,
     plugins: Plugins,
@@ -364,6 +375,7 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
         retention: config.models,
         parties: Mutex::new(HashMap::new()),
         delegations: Mutex::default(),
+        serving: Mutex::default(),
         cloud_keys: Mutex::default(),
         joint_routes: Mutex::default(),
         jobs: Mutex::new(HashMap::new()),
@@ -519,7 +531,7 @@ impl PartyService for PartySvc {
         let (out_tx, out_rx) = mpsc::channel::<Outbound>(256);
         let conn_id = hub.next_id.fetch_add(1, Ordering::Relaxed);
         let via = relay.as_ref().map(|(r, _)| r.clone());
-        let conn = PartyConn { conn_id, tx: out_tx, certificate: certificate.clone(), relay };
+        let conn = PartyConn { conn_id, tx: out_tx, certificate: certificate.clone(), relay, hello: None };
         let previous = lock(&hub.parties).insert(name.clone(), conn);
         if previous.is_some() {
             info!(party = %name, "party reconnected; the older stream is closed");
@@ -814,6 +826,19 @@ fn on_party_message(
         None => Err("empty message".into()),
         Some(party_message::Body::Hello(h)) => {
             debug!(party = name, version = %h.software_version, "hello");
+            if h.policy_json.len() > MAX_POLICY_JSON || h.software_version.len() > 256 {
+                return Err(format!(
+                    "hello: policy_json or software_version too long (at most {MAX_POLICY_JSON} and 256 bytes)"
+                ));
+            }
+            if !h.policy_json.is_empty() && serde_json::from_str::<serde_json::Value>(&h.policy_json).is_err() {
+                return Err("hello: policy_json is not JSON".into());
+            }
+            let kept =
+                pb::Hello { software_version: h.software_version, policy_json: h.policy_json, ..Default::default() };
+            if let Some(c) = lock(&hub.parties).get_mut(name) {
+                c.hello = Some(kept);
+            }
             Ok(())
         }
         Some(party_message::Body::JobAnswer(a)) => {
@@ -907,6 +932,15 @@ fn on_party_message(
                 )),
                 Err(e) => refuse(format!("service {}: {e}", f.service)),
             }
+            Ok(())
+        }
+        Some(party_message::Body::Serving(r)) => {
+            if r.services.len() > MAX_SERVING_SERVICES || r.services.iter().any(|s| s.service.len() > 128) {
+                return Err(format!(
+                    "serving report: more than {MAX_SERVING_SERVICES} services or a name over 128 bytes"
+                ));
+            }
+            lock(&hub.serving).insert(name.to_owned(), r.services);
             Ok(())
         }
         Some(party_message::Body::ForwardAnswer(a)) => {
@@ -1155,11 +1189,67 @@ impl AdminService for AdminSvc {
         require_admin(&req)?;
         let service = req.into_inner().service;
         let hub = self.hub.clone();
-        let services =
-            blocking(move || crate::services::statuses(&hub.db, (!service.is_empty()).then_some(service.as_str())))
+        let hub2 = hub.clone();
+        let mut services =
+            blocking(move || crate::services::statuses(&hub2.db, (!service.is_empty()).then_some(service.as_str())))
                 .await?;
+        let reports = lock(&hub.serving);
+        for s in &mut services {
+            let mut total = pb::ServiceRows { service: s.service.clone(), ..Default::default() };
+            let mut parties: Vec<String> = Vec::new();
+            for (party, rows) in reports.iter() {
+                for r in rows.iter().filter(|r| r.service == s.service) {
+                    total.requests = total.requests.saturating_add(r.requests);
+                    total.edge_rows = total.edge_rows.saturating_add(r.edge_rows);
+                    total.cloud_rows = total.cloud_rows.saturating_add(r.cloud_rows);
+                    total.edge_hard_rows = total.edge_hard_rows.saturating_add(r.edge_hard_rows);
+                    parties.push(party.clone());
+                }
+            }
+            parties.sort();
+            s.serving = Some(total);
+            s.serving_parties = parties;
+        }
+        drop(reports);
         Ok(Response::new(pb::ListServicesReply { services }))
     }
+
+    async fn list_parties(
+        &self,
+        req: Request<pb::ListPartiesRequest>,
+    ) -> Result<Response<pb::ListPartiesReply>, Status> {
+        require_admin(&req)?;
+        let hub = self.hub.clone();
+        let parties = blocking(move || party_infos(&hub)).await?;
+        Ok(Response::new(pb::ListPartiesReply { parties }))
+    }
+}
+
+/// Enrolled parties and any other that ever connected, with what the
+/// coordinator knows of their current stream.
+fn party_infos(hub: &Hub) -> Result<Vec<pb::PartyInfo>, Error> {
+    let enrolled = hub.pki.enrolled()?;
+    let mut infos: std::collections::BTreeMap<String, pb::PartyInfo> = enrolled
+        .iter()
+        .map(|n| (n.clone(), pb::PartyInfo { name: n.clone(), enrolled: true, ..Default::default() }))
+        .collect();
+    for (name, first_seen, last_seen) in hub.db.parties_seen()? {
+        let info = infos.entry(name.clone()).or_insert_with(|| pb::PartyInfo { name, ..Default::default() });
+        info.first_seen = first_seen;
+        info.last_seen = last_seen;
+    }
+    for (name, c) in lock(&hub.parties).iter() {
+        let info =
+            infos.entry(name.clone()).or_insert_with(|| pb::PartyInfo { name: name.clone(), ..Default::default() });
+        info.connected = true;
+        info.certificate_not_after = confide_crypto::pki::not_after(&c.certificate).unwrap_or(0);
+        info.relay = c.relay.as_ref().map(|(r, _)| r.clone()).unwrap_or_default();
+        if let Some(h) = &c.hello {
+            info.software_version = h.software_version.clone();
+            info.policy_json = h.policy_json.clone();
+        }
+    }
+    Ok(infos.into_values().collect())
 }
 
 /// Validates a submitted spec as a whole (fields, enrolment, this build's

@@ -52,6 +52,9 @@ pub fn statuses(db: &Db, service: Option<&str>) -> Result<Vec<pb::ServiceStatus>
                 service: d.service.clone(),
                 deployments: vec![to_pb(&d)],
                 created_at: d.created_at,
+                // Filled by the admin API from the parties' reports.
+                serving: None,
+                serving_parties: Vec::new(),
             }),
         }
     }

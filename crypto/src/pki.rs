@@ -303,6 +303,14 @@ pub fn peer_identity(cert_der: &[u8]) -> Result<PeerIdentity, Error> {
     Ok(PeerIdentity { name, role })
 }
 
+/// When a DER certificate expires, in Unix seconds (shown to
+/// administrators, so that a party's certificate is renewed in time).
+pub fn not_after(cert_der: &[u8]) -> Result<u64, Error> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| Error::Certificate(format!("unparsable certificate: {e}")))?;
+    Ok(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0))
+}
+
 /// The DER of a PEM block (any label) or of DER bytes as they are; `what`
 /// names the input in errors.
 pub(crate) fn pem_or_der(bytes: &[u8], what: &str) -> Result<Vec<u8>, Error> {
@@ -720,6 +728,15 @@ mod tests {
 
     fn pem_der_of(pem: &str) -> Vec<u8> {
         x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap().1.contents
+    }
+
+    #[test]
+    fn not_after_reads_the_issued_expiry() {
+        let ca = FederationCa::generate("t").unwrap();
+        let until = OffsetDateTime::from_unix_timestamp(2_000_000_000).unwrap();
+        let issued = ca.issue_with_validity(Role::Party, "a", &[], until - Duration::days(1), until).unwrap();
+        assert_eq!(not_after(&pem_der_of(&issued.cert_pem)).unwrap(), 2_000_000_000);
+        assert!(not_after(b"not a certificate").is_err());
     }
 
     #[test]

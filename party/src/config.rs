@@ -118,6 +118,16 @@ pub struct ServeConfig {
     /// Largest request body, bytes.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Tell the coordinator, every 10 s while it changes, how many requests
+    /// and rows each service answered and how many rows went to the cloud
+    /// tier (counts since this node started; never rows or answers), so
+    /// that the administrator's dashboard shows the forwarded fraction.
+    #[serde(default = "default_true")]
+    pub report_counts: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_max_batch_rows() -> usize {
@@ -139,6 +149,7 @@ impl Default for ServeConfig {
             max_batch_rows: default_max_batch_rows(),
             max_rows: default_max_rows(),
             max_body_bytes: default_max_body_bytes(),
+            report_counts: true,
         }
     }
 }

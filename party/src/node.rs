@@ -380,6 +380,9 @@ impl PartyNode {
                             info!(service = %key.service, "announcing this party's cloud key");
                             outbox.send(party_message::Body::CloudKey(key)).await;
                         }
+                        if cfg.serve.report_counts {
+                            tokio::spawn(report_serving(registry.clone(), outbox.tx.clone()));
+                        }
                     }
                 }
                 coordinator_message::Body::Revocations(r) => {
@@ -607,7 +610,13 @@ impl PartyNode {
 /// is a relay (its verified certificate says so), so that the relay can
 /// carry the stream to the coordinator, and only that relay.
 fn hello(cfg: &PartyConfig, server: &CoordinatorCertificate) -> Result<pb::Hello, String> {
-    let mut hello = pb::Hello { software_version: VERSION.into(), ..Default::default() };
+    let mut hello = pb::Hello {
+        software_version: VERSION.into(),
+        // Advertised so administrators see what this party accepts; it is
+        // applied here to every offer whatever the coordinator does with it.
+        policy_json: serde_json::to_string(&cfg.policy).unwrap_or_default(),
+        ..Default::default()
+    };
     let shown = server.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let server = shown
         .map(|c| confide_crypto::pki::peer_identity(&c))
@@ -707,6 +716,31 @@ fn spawn_job(
 }
 
 /// Where a job's worker sends its outputs, and what it counts.
+/// How often a serving party reports its counts (when they changed).
+const SERVING_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Sends the serving counts every [`SERVING_REPORT_EVERY`] while they
+/// change, until the stream closes.
+async fn report_serving(registry: Arc<crate::serving::Registry>, uplink: mpsc::Sender<pb::PartyMessage>) {
+    let mut last: Vec<pb::ServiceRows> = Vec::new();
+    loop {
+        let now = registry.tally();
+        if now != last {
+            let msg = pb::PartyMessage {
+                body: Some(party_message::Body::Serving(pb::ServingReport { services: now.clone() })),
+            };
+            if uplink.send(msg).await.is_err() {
+                return;
+            }
+            last = now;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(SERVING_REPORT_EVERY) => {}
+            _ = uplink.closed() => return,
+        }
+    }
+}
+
 struct Sent {
     outbox: Arc<Outbox>,
     limits: Limits,
@@ -715,11 +749,18 @@ struct Sent {
 }
 
 fn run_job(job_id: String, mut session: PartySession, rx: Receiver<PartyInput>, to: Sent) {
+    // Entered for the thread's life: every line the job logs names it.
+    let job_span = tracing::info_span!("job", job = %job_id);
+    let _job_entered = job_span.enter();
     let clock = Instant::now();
     let now = || clock.elapsed().as_millis() as u64;
     let mut task_arrived: Option<Instant> = None;
+    // The task being worked on: its round and stage on every line logged
+    // while it is handled and answered.
+    let mut task_span = tracing::Span::none();
     loop {
         while let Some(out) = session.poll_output() {
+            let _entered = task_span.enter();
             if !send(&job_id, out, &to, task_arrived.take()) {
                 return;
             }
@@ -736,9 +777,11 @@ fn run_job(job_id: String, mut session: PartySession, rx: Receiver<PartyInput>, 
             Err(RecvTimeoutError::Disconnected) => PartyInput::Closed { reason: String::new() },
         };
         let answered = matches!(input, PartyInput::Task(_));
-        if answered {
+        if let PartyInput::Task(t) = &input {
             task_arrived = Some(Instant::now());
+            task_span = tracing::info_span!("round", round = t.round, stage = %t.body.stage_name());
         }
+        let entered = task_span.enter();
         session.handle(now(), input);
         if answered {
             // Send the answer first, then work ahead while the others answer.
@@ -749,6 +792,7 @@ fn run_job(job_id: String, mut session: PartySession, rx: Receiver<PartyInput>, 
             }
             session.handle(now(), PartyInput::Idle);
         }
+        drop(entered);
     }
     debug!(job = %job_id, "worker ended");
 }
@@ -785,8 +829,10 @@ fn send(job_id: &str, out: PartyOutput, to: &Sent, since: Option<Instant>) -> bo
                 }
             }
             stats.tasks_done.fetch_add(1, Ordering::Relaxed);
-            to.metrics.task_done(&stage, since.map(|t| t.elapsed()));
-            info!(job = %job_id, round, stage = %stage, bytes, "sent result ({what})");
+            let took = since.map(|t| t.elapsed());
+            to.metrics.task_done(&stage, took);
+            let ms = took.map(|d| d.as_millis() as u64);
+            info!(job = %job_id, round, stage = %stage, bytes, ms, "sent result ({what})");
             true
         }
         PartyOutput::Failed { task_id, reason } => {

@@ -12,6 +12,8 @@ use confide_algorithms::trainer::apply_feature_stats;
 use confide_algorithms::{FeatureStats, FitConfig, Parameters, TrainConfig, Trainer};
 use serde_json::Value;
 
+pub mod webdriver;
+
 /// Where cargo put the binaries (`target/debug` next to the test executable).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -412,6 +414,50 @@ impl Federation {
     /// The coordinator's log so far.
     pub fn coordinator_log(&self) -> String {
         std::fs::read_to_string(self.path("logs/coordinator.log")).unwrap_or_default()
+    }
+}
+
+/// A running `confide dashboard` ([`Federation::start_dashboard`]),
+/// stopped on drop.
+pub struct Dashboard {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Federation {
+    /// Starts `confide dashboard` on a free loopback port, with the
+    /// administrator's PKI, against this federation's coordinator.
+    pub fn start_dashboard(&self) -> Dashboard {
+        let out_path = self.path("logs/dashboard.out");
+        let child = Command::new(self.bin.join("confide"))
+            .args(["dashboard", "--listen", "127.0.0.1:0"])
+            .env("CONFIDE_COORDINATOR", format!("https://{}", self.addr))
+            .env("CONFIDE_PKI", self.path("pki"))
+            .env("CONFIDE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out_path).expect("log file"))
+            .stderr(append(&self.path("logs/dashboard.log")))
+            .spawn()
+            .expect("spawn the dashboard");
+        let mut d = Dashboard { child, addr: String::new() };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+            if let Some(a) = text.lines().find_map(|l| l.strip_prefix("dashboard listening on http://")) {
+                d.addr = a.trim().to_owned();
+                return d;
+            }
+            assert!(Instant::now() < deadline, "the dashboard did not start\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

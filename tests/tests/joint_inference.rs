@@ -210,6 +210,26 @@ fn hard_examples_go_to_the_cloud_encrypted_audited_and_only_where_policy_allows(
     assert!(report["rows_from_cloud"].as_u64() > Some(0), "{report}");
     assert!(report["rows_edge_fallback"].as_u64() > Some(0), "{report}");
 
+    // site-0's serving report reaches the coordinator (every 10 s while
+    // it changes): counts only, with the forwarded rows among them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let serving = loop {
+        let out = fed.run_ok(&["model", "services", "triage", "--json"]);
+        let current: Value = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["current"] == true)
+            .expect("the current deployment");
+        let s = current["serving"].clone();
+        if s["cloud_rows"].as_u64() >= report["rows_from_cloud"].as_u64() && s["requests"].as_u64() > Some(0) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no serving report with the load's rows: {current}\n{report}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(serving["parties"].as_array().expect("parties").iter().any(|p| p == "site-0"), "{serving}");
+    assert!(serving["edge_hard_rows"].as_u64() >= report["rows_edge_fallback"].as_u64(), "{serving}\n{report}");
+
     // Once the coordinator knows it is gone, site-0 answers itself at once.
     let t0 = Instant::now();
     let (status, v) = post(a0, path, &body);

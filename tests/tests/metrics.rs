@@ -67,6 +67,24 @@ fn the_coordinator_and_a_party_expose_what_a_job_did() {
     assert!(value(&a, "confide_party_sent_bytes_total", &[]).is_some_and(|b| b > 1000.0));
     // A job without DP costs ε = ∞ in the ledger.
     assert_eq!(value(&a, "confide_party_epsilon_spent", &[("dataset", "data")]), Some(f64::INFINITY));
+
+    // Tracing spans: a stage's duration is logged with its job and round.
+    let log = fed.coordinator_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!("job{{job={id}}}:round{{round=2}}:stage{{stage=fit}}")))
+        .unwrap_or_else(|| panic!("no fit stage span of round 2:\n{log}"));
+    assert!(
+        log.lines().any(|l| l.contains("round{round=2}:stage{stage=fit}") && l.contains("stage finished ms=")),
+        "{line}"
+    );
+    let party_log = std::fs::read_to_string(fed.path("logs/hospital-b.log")).unwrap();
+    assert!(
+        party_log
+            .lines()
+            .any(|l| l.contains(&format!("job{{job={id}}}:round{{round=2 stage=fit}}")) && l.contains("ms=")),
+        "{party_log}"
+    );
 }
 
 /// A TLS handshake without a client certificate is refused and counted by

@@ -146,6 +146,9 @@ pub struct Registry {
     hard_examples: std::sync::OnceLock<Arc<crate::watch::Watches>>,
     /// The node's metrics, once it counts requests.
     metrics: std::sync::OnceLock<crate::telemetry::SharedMetrics>,
+    /// Requests and rows by source per service since the node started,
+    /// for the serving report to the coordinator.
+    tally: Mutex<BTreeMap<String, pb::ServiceRows>>,
 }
 
 /// Where a row's answer came from.
@@ -259,6 +262,7 @@ impl Registry {
             joint,
             hard_examples: std::sync::OnceLock::new(),
             metrics: std::sync::OnceLock::new(),
+            tally: Mutex::new(BTreeMap::new()),
             ca_pem,
             revocations,
             builder: BuiltinTrainers::for_config(config),
@@ -558,18 +562,34 @@ impl Registry {
     ) -> Result<Answer, ServeError> {
         let started = std::time::Instant::now();
         let answer = self.answer_rows(service, rows, count, width).await;
-        if let Some(m) = self.metrics.get()
-            && self.services.contains_key(service)
+        if !self.services.contains_key(service) {
+            return answer;
+        }
+        let n = |source: RowSource| match &answer {
+            Ok(a) => a.sources.iter().filter(|s| **s == source).count() as u64,
+            Err(_) => 0,
+        };
+        let (edge, cloud, edge_hard) = (n(RowSource::Edge), n(RowSource::Cloud), n(RowSource::EdgeHard));
         {
-            let n = |source: RowSource| match &answer {
-                Ok(a) => a.sources.iter().filter(|s| **s == source).count() as u64,
-                Err(_) => 0,
-            };
-            let rows =
-                [("edge", n(RowSource::Edge)), ("cloud", n(RowSource::Cloud)), ("edge_hard", n(RowSource::EdgeHard))];
+            let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+            let t = tally
+                .entry(service.to_owned())
+                .or_insert_with(|| pb::ServiceRows { service: service.to_owned(), ..Default::default() });
+            t.requests += 1;
+            t.edge_rows += edge;
+            t.cloud_rows += cloud;
+            t.edge_hard_rows += edge_hard;
+        }
+        if let Some(m) = self.metrics.get() {
+            let rows = [("edge", edge), ("cloud", cloud), ("edge_hard", edge_hard)];
             m.inference(service, answer.is_ok(), started.elapsed(), &rows);
         }
         answer
+    }
+
+    /// Each service's requests and rows by source since the node started.
+    pub fn tally(&self) -> Vec<pb::ServiceRows> {
+        self.tally.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
     /// Counts requests, latency and who answered which rows in `metrics`.
