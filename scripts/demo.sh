@@ -98,7 +98,7 @@ done
 if [ -n "${CONFIDE_DEMO_SCREENSHOT:-}" ] && [ -n "$DASHBOARD" ]; then
   chromium --headless=new --no-sandbox --disable-gpu --disable-dev-shm-usage --disable-quic --no-first-run \
     --disable-background-networking --disable-component-update --disable-sync --hide-scrollbars \
-    --user-data-dir="$DEMO/chromium" --window-size=1300,1450 --screenshot="$CONFIDE_DEMO_SCREENSHOT" \
+    --user-data-dir="$DEMO/chromium" --window-size=1340,1200 --screenshot="$CONFIDE_DEMO_SCREENSHOT" \
     "$DASHBOARD/jobs/$JOB" 2>/dev/null
   echo "   dashboard screenshot: $CONFIDE_DEMO_SCREENSHOT"
 fi

@@ -343,7 +343,7 @@ const COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e
 /// the y axis at 0.
 pub fn line_chart(id: &str, title: &str, series: &[(String, Vec<(f64, f64)>)], from_zero: bool) -> String {
     let (w, h) = (600.0_f64, 230.0_f64);
-    let (left, right, top, bottom) = (56.0, 180.0, 24.0, 30.0);
+    let (left, right, top, bottom) = (56.0, 200.0, 24.0, 30.0);
     let points: Vec<(f64, f64)> =
         series.iter().flat_map(|(_, p)| p.iter().copied()).filter(|(_, y)| y.is_finite()).collect();
     let mut out = format!("<figure class=\"chart\" id=\"chart-{id}\"><figcaption>{}</figcaption>", esc(title));
