@@ -56,6 +56,11 @@ enum Command {
         /// Where browsers connect.
         #[arg(long, default_value = "127.0.0.1:8090")]
         listen: SocketAddr,
+        /// A host name browsers use to reach it, besides `localhost` and IP
+        /// addresses (repeatable); any other `Host` is refused, against DNS
+        /// rebinding.
+        #[arg(long = "allow-host")]
+        allow_host: Vec<String>,
         #[command(flatten)]
         conn: AdminConn,
     },
@@ -532,9 +537,9 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             }
             Ok(0)
         }
-        Command::Dashboard { listen, conn } => {
+        Command::Dashboard { listen, allow_host, conn } => {
             let client = admin(&conn).await?;
-            let running = crate::dashboard::start(listen, client, PkiDir::new(&conn.pki)).await?;
+            let running = crate::dashboard::start(listen, client, PkiDir::new(&conn.pki), allow_host).await?;
             println!("dashboard listening on http://{}", running.local_addr);
             tokio::select! {
                 r = running.wait() => r?,
@@ -606,7 +611,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                 if !json {
                     println!("{}", s.service);
                     if let Some(rows) = s.serving.as_ref().filter(|r| r.requests > 0) {
-                        let total = rows.edge_rows + rows.cloud_rows + rows.edge_hard_rows;
+                        let total = rows.edge_rows.saturating_add(rows.cloud_rows).saturating_add(rows.edge_hard_rows);
                         println!(
                             "  serving: {} requests, {total} rows, {:.1}% forwarded to the cloud tier (reported by {})",
                             rows.requests,

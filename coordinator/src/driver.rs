@@ -273,7 +273,9 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
                 }
                 Output::Task { to, stage, task } => {
                     stage_changed = true;
-                    if stage == Stage::Fit && task.round != round.round {
+                    // A later round's first task starts its clock (fit in a
+                    // training job; the first stage of other kinds).
+                    if task.round > round.round {
                         if let Some(s) = current_stage.take() {
                             s.finish();
                         }

@@ -802,6 +802,8 @@ async fn reader(
         let mut parties = lock(&hub.parties);
         if parties.get(&name).is_some_and(|c| c.conn_id == conn_id) {
             parties.remove(&name);
+            // Its serving counts go with its stream.
+            lock(&hub.serving).remove(&name);
             true
         } else {
             false
@@ -826,16 +828,18 @@ fn on_party_message(
         None => Err("empty message".into()),
         Some(party_message::Body::Hello(h)) => {
             debug!(party = name, version = %h.software_version, "hello");
-            if h.policy_json.len() > MAX_POLICY_JSON || h.software_version.len() > 256 {
-                return Err(format!(
-                    "hello: policy_json or software_version too long (at most {MAX_POLICY_JSON} and 256 bytes)"
-                ));
+            // Both are advisory, shown to administrators: one that does not
+            // fit is dropped with a warning, never a reason to close the stream.
+            let mut policy_json = h.policy_json;
+            if policy_json.len() > MAX_POLICY_JSON {
+                warn!(party = name, "hello: its advertised policy exceeds {MAX_POLICY_JSON} bytes; not kept");
+                policy_json.clear();
+            } else if !policy_json.is_empty() && serde_json::from_str::<serde_json::Value>(&policy_json).is_err() {
+                warn!(party = name, "hello: its advertised policy is not JSON; not kept");
+                policy_json.clear();
             }
-            if !h.policy_json.is_empty() && serde_json::from_str::<serde_json::Value>(&h.policy_json).is_err() {
-                return Err("hello: policy_json is not JSON".into());
-            }
-            let kept =
-                pb::Hello { software_version: h.software_version, policy_json: h.policy_json, ..Default::default() };
+            let software_version: String = h.software_version.chars().take(64).collect();
+            let kept = pb::Hello { software_version, policy_json, ..Default::default() };
             if let Some(c) = lock(&hub.parties).get_mut(name) {
                 c.hello = Some(kept);
             }
@@ -935,11 +939,7 @@ fn on_party_message(
             Ok(())
         }
         Some(party_message::Body::Serving(r)) => {
-            if r.services.len() > MAX_SERVING_SERVICES || r.services.iter().any(|s| s.service.len() > 128) {
-                return Err(format!(
-                    "serving report: more than {MAX_SERVING_SERVICES} services or a name over 128 bytes"
-                ));
-            }
+            check_serving_report(&r)?;
             lock(&hub.serving).insert(name.to_owned(), r.services);
             Ok(())
         }
@@ -1225,6 +1225,22 @@ impl AdminService for AdminSvc {
     }
 }
 
+/// A serving report within bounds: at most [`MAX_SERVING_SERVICES`]
+/// services, each a valid service name, none twice.
+fn check_serving_report(r: &pb::ServingReport) -> Result<(), String> {
+    if r.services.len() > MAX_SERVING_SERVICES {
+        return Err(format!("serving report: {} services (at most {MAX_SERVING_SERVICES})", r.services.len()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in &r.services {
+        confide_proto::deploy::validate_service_name(&s.service).map_err(|e| format!("serving report: {e}"))?;
+        if !seen.insert(s.service.as_str()) {
+            return Err(format!("serving report: service {} listed twice", s.service));
+        }
+    }
+    Ok(())
+}
+
 /// Enrolled parties and any other that ever connected, with what the
 /// coordinator knows of their current stream.
 fn party_infos(hub: &Hub) -> Result<Vec<pb::PartyInfo>, Error> {
@@ -1298,4 +1314,25 @@ fn submit(hub: &Arc<Hub>, r: pb::SubmitJobRequest) -> Result<(String, Vec<String
     let warnings = spec.warnings.iter().map(|w| format!("{file}: {w}")).collect();
     spawn_job(hub, id.clone(), spec, Start::Fresh { model })?;
     Ok((id, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(service: &str) -> pb::ServiceRows {
+        pb::ServiceRows { service: service.into(), requests: 1, edge_rows: 1, ..Default::default() }
+    }
+
+    #[test]
+    fn serving_reports_are_bounded_named_and_without_repeats() {
+        let ok = pb::ServingReport { services: vec![rows("triage"), rows("triage-cloud")] };
+        assert!(check_serving_report(&ok).is_ok());
+        let twice = pb::ServingReport { services: vec![rows("triage"), rows("triage")] };
+        assert!(check_serving_report(&twice).unwrap_err().contains("triage listed twice"));
+        let bad = pb::ServingReport { services: vec![rows("<script>")] };
+        assert!(check_serving_report(&bad).unwrap_err().contains("not a service name"));
+        let many = pb::ServingReport { services: (0..=MAX_SERVING_SERVICES).map(|i| rows(&format!("s{i}"))).collect() };
+        assert!(check_serving_report(&many).unwrap_err().contains("at most 256"));
+    }
 }

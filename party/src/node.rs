@@ -614,7 +614,11 @@ fn hello(cfg: &PartyConfig, server: &CoordinatorCertificate) -> Result<pb::Hello
         software_version: VERSION.into(),
         // Advertised so administrators see what this party accepts; it is
         // applied here to every offer whatever the coordinator does with it.
-        policy_json: serde_json::to_string(&cfg.policy).unwrap_or_default(),
+        // (Not sent when it exceeds what the coordinator keeps: 16 KiB.)
+        policy_json: serde_json::to_string(&cfg.policy)
+            .ok()
+            .filter(|j| j.len() <= MAX_ADVERTISED_POLICY)
+            .unwrap_or_default(),
         ..Default::default()
     };
     let shown = server.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -716,6 +720,10 @@ fn spawn_job(
 }
 
 /// Where a job's worker sends its outputs, and what it counts.
+/// The largest policy advertised in the hello (JSON bytes): the
+/// coordinator keeps no more.
+const MAX_ADVERTISED_POLICY: usize = 16 * 1024;
+
 /// How often a serving party reports its counts (when they changed).
 const SERVING_REPORT_EVERY: Duration = Duration::from_secs(10);
 
@@ -724,7 +732,8 @@ const SERVING_REPORT_EVERY: Duration = Duration::from_secs(10);
 async fn report_serving(registry: Arc<crate::serving::Registry>, uplink: mpsc::Sender<pb::PartyMessage>) {
     let mut last: Vec<pb::ServiceRows> = Vec::new();
     loop {
-        let now = registry.tally();
+        // The coordinator takes at most 256 services per report.
+        let now: Vec<pb::ServiceRows> = registry.tally().into_iter().take(256).collect();
         if now != last {
             let msg = pb::PartyMessage {
                 body: Some(party_message::Body::Serving(pb::ServingReport { services: now.clone() })),

@@ -62,6 +62,8 @@ fn the_job_page_follows_a_job_live_in_a_real_browser() {
     );
     let st = fed.status(&id);
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    // The server ends the stream after the job: the page hears `end`.
+    b.wait_until(30, "return (window.confideDashboard || {}).ended === true", "return window.confideDashboard");
     let seen = b.eval(
         "const d = window.confideDashboard || {};
          const pts = s => [...document.querySelectorAll(s + ' polyline')].map(p => p.dataset.series + ':' + p.dataset.points);

@@ -10,9 +10,10 @@
 //!
 //! Whoever can reach the listen address can read what the administrator
 //! can, so it listens on loopback by default, answers only requests whose
-//! `Host` is its own address (a web page cannot reach it through DNS
-//! rebinding), and sends a content security policy that allows no inline
-//! script.
+//! `Host` is `localhost`, an IP literal or a name given with `--allow-host`,
+//! with its port (a web page cannot reach it through DNS rebinding, which
+//! sends the page's own name), and sends a content security policy that
+//! allows no inline script.
 
 pub mod render;
 
@@ -48,8 +49,26 @@ struct Dashboard {
     /// The federation's PKI: deployment records are verified against its CA
     /// and revocation list, not taken on the coordinator's word.
     pki: PkiDir,
-    /// `Host` values this dashboard answers.
-    hosts: Vec<String>,
+    /// The port browsers reach it on: a `Host` must name it.
+    port: u16,
+    /// Host names answered besides `localhost` and IP literals
+    /// (`--allow-host`).
+    allowed_names: Vec<String>,
+}
+
+/// Whether a request's `Host` header names this dashboard: `localhost`, an
+/// IP literal or one of `names`, with its `port`. A page served from another
+/// site that rebinds its own name to this address sends that name, which is
+/// refused.
+fn host_allowed(host: &str, port: u16, names: &[String]) -> bool {
+    let Some((name, host_port)) = host.rsplit_once(':') else { return false };
+    if host_port.parse::<u16>().ok() != Some(port) {
+        return false;
+    }
+    let literal = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost")
+        || literal.parse::<std::net::IpAddr>().is_ok()
+        || names.iter().any(|a| a.eq_ignore_ascii_case(name))
 }
 
 /// A running dashboard.
@@ -67,24 +86,19 @@ impl RunningDashboard {
 }
 
 /// Binds `listen` and serves the dashboard from `admin`, a connected
-/// admin-API client.
+/// admin-API client; `allowed_names` are host names (besides `localhost`
+/// and IP literals) that browsers may use to reach it.
 pub async fn start(
     listen: SocketAddr,
     admin: AdminServiceClient<Channel>,
     pki: PkiDir,
+    allowed_names: Vec<String>,
 ) -> Result<RunningDashboard, Error> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Io(format!("dashboard --listen {listen}: {e}")))?;
     let local_addr = listener.local_addr().map_err(|e| Error::Io(format!("dashboard --listen {listen}: {e}")))?;
-    let port = local_addr.port();
-    let mut hosts = vec![local_addr.to_string(), format!("localhost:{port}"), format!("127.0.0.1:{port}")];
-    if local_addr.ip().is_unspecified() {
-        // Listening everywhere: the operator chose to expose it; any host name
-        // with this port is answered.
-        hosts.clear();
-    }
-    let state = Arc::new(Dashboard { admin, pki, hosts });
+    let state = Arc::new(Dashboard { admin, pki, port: local_addr.port(), allowed_names });
     let app = Router::new()
         .route("/", get(overview))
         .route("/jobs/{id}", get(job_page))
@@ -106,7 +120,7 @@ pub async fn start(
 /// security headers to every answer.
 async fn guard(State(d): State<Arc<Dashboard>>, req: Request, next: Next) -> Response {
     let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    if !d.hosts.is_empty() && !d.hosts.iter().any(|h| h == host) {
+    if !host_allowed(host, d.port, &d.allowed_names) {
         return (StatusCode::MISDIRECTED_REQUEST, format!("this dashboard does not answer for host {host:?}\n"))
             .into_response();
     }
@@ -203,11 +217,13 @@ fn status_events(
                     .event("status")
                     .id(format!("{}-{}", st.rounds_completed, st.updated_at))
                     .data(render::job_page(&st)),
-                Err(e) => Event::default().event("failure").data(render::esc(&e)),
+                // Shown with textContent: raw text, not HTML.
+                Err(e) => Event::default().event("failure").data(e),
             };
             Ok(event)
         })
-        .chain(futures::stream::once(async { Ok(Event::default().event("end").data("")) }))
+        // A `data` line, or browsers do not dispatch the event.
+        .chain(futures::stream::once(async { Ok(Event::default().event("end").data("end")) }))
 }
 
 async fn models_page(State(d): State<Arc<Dashboard>>) -> Response {
@@ -245,4 +261,28 @@ fn verify_services(pki: &PkiDir, services: &[pb::ServiceStatus]) -> Result<Vec<r
             serving_parties: s.serving_parties.clone(),
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_its_own_hosts_are_answered() {
+        for ok in ["127.0.0.1:8090", "localhost:8090", "LOCALHOST:8090", "[::1]:8090", "10.0.0.7:8090"] {
+            assert!(host_allowed(ok, 8090, &[]), "{ok}");
+        }
+        for refused in ["attacker.example:8090", "127.0.0.1:80", "localhost", "", "dash.hospital.org:8090"] {
+            assert!(!host_allowed(refused, 8090, &[]), "{refused}");
+        }
+        assert!(host_allowed("dash.hospital.org:8090", 8090, &["dash.hospital.org".into()]));
+    }
+
+    #[test]
+    fn job_ids_are_checked_before_the_admin_api() {
+        assert!(check_job_id("j1a23fea5006-6edc").is_none());
+        for bad in ["", "../etc", "a/b", "x y", &"a".repeat(129)] {
+            assert!(check_job_id(bad).is_some(), "{bad}");
+        }
+    }
 }

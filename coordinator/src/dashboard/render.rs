@@ -96,7 +96,8 @@ pub fn overview(parties: &[pb::PartyInfo], jobs: &[JobStatus], now: u64) -> Stri
             let expiry = if p.certificate_not_after == 0 {
                 String::new()
             } else {
-                let days = (p.certificate_not_after as i64 - now as i64) / 86_400;
+                let until = i64::try_from(p.certificate_not_after).unwrap_or(i64::MAX);
+                let days = until.saturating_sub(i64::try_from(now).unwrap_or(i64::MAX)) / 86_400;
                 let class = if days < 30 { "warn" } else { "" };
                 format!("<span class=\"{class}\">{} ({days} days)</span>", when(p.certificate_not_after))
             };
@@ -345,7 +346,7 @@ pub fn line_chart(id: &str, title: &str, series: &[(String, Vec<(f64, f64)>)], f
     let (w, h) = (600.0_f64, 230.0_f64);
     let (left, right, top, bottom) = (56.0, 200.0, 24.0, 30.0);
     let points: Vec<(f64, f64)> =
-        series.iter().flat_map(|(_, p)| p.iter().copied()).filter(|(_, y)| y.is_finite()).collect();
+        series.iter().flat_map(|(_, p)| p.iter().copied()).filter(|&(x, y)| plottable(x, y)).collect();
     let mut out = format!("<figure class=\"chart\" id=\"chart-{id}\"><figcaption>{}</figcaption>", esc(title));
     if points.is_empty() {
         out.push_str("<p class=\"muted\">No data yet.</p></figure>");
@@ -392,11 +393,16 @@ pub fn line_chart(id: &str, title: &str, series: &[(String, Vec<(f64, f64)>)], f
             ty = sy(y) + 4.0
         );
     }
+    // The first and last rounds, and a middle one strictly between them.
     let mid = ((x_min + x_max) / 2.0).round();
-    for x in [x_min, mid, x_max] {
-        if x == mid && (mid == x_min || mid == x_max) {
-            continue;
-        }
+    let mut ticks = vec![x_min];
+    if mid > x_min && mid < x_max {
+        ticks.push(mid);
+    }
+    if x_max > x_min {
+        ticks.push(x_max);
+    }
+    for x in ticks {
         let _ = write!(
             out,
             "<text class=\"tick\" x=\"{px:.1}\" y=\"{ty}\" text-anchor=\"middle\">{x}</text>",
@@ -414,7 +420,7 @@ pub fn line_chart(id: &str, title: &str, series: &[(String, Vec<(f64, f64)>)], f
     let mut labels: Vec<(f64, String, &str)> = Vec::new();
     for (i, (name, pts)) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|(_, y)| y.is_finite()).collect();
+        let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|&(x, y)| plottable(x, y)).collect();
         if pts.is_empty() {
             continue;
         }
@@ -441,16 +447,18 @@ pub fn line_chart(id: &str, title: &str, series: &[(String, Vec<(f64, f64)>)], f
         }
     }
     labels.sort_by(|a, b| a.0.total_cmp(&b.0));
-    // 13 px apart, pushed down, then back up from the bottom edge.
+    // 13 px apart (closer when many must fit), pushed down, then back up
+    // from the bottom edge, never above the top.
+    let gap = if labels.len() > 1 { 13.0_f64.min((h - 8.0 - top) / (labels.len() - 1) as f64) } else { 13.0 };
     let mut ys: Vec<f64> = Vec::with_capacity(labels.len());
     for (y, _, _) in &labels {
         let prev = ys.last().copied().unwrap_or(f64::NEG_INFINITY);
-        ys.push(y.max(prev + 13.0));
+        ys.push(y.max(prev + gap));
     }
     let mut floor = h - 8.0;
     for y in ys.iter_mut().rev() {
-        *y = y.min(floor);
-        floor = *y - 13.0;
+        *y = y.min(floor).max(top);
+        floor = *y - gap;
     }
     for ((_, text, colour), y) in labels.into_iter().zip(ys) {
         let _ = write!(
@@ -463,6 +471,12 @@ pub fn line_chart(id: &str, title: &str, series: &[(String, Vec<(f64, f64)>)], f
     }
     out.push_str("</svg></figure>");
     out
+}
+
+/// Values a chart can place: finite and small enough that their range
+/// stays finite (a party's metric of 1e308 is dropped, not drawn as NaN).
+fn plottable(x: f64, y: f64) -> bool {
+    x.is_finite() && y.is_finite() && x.abs() < 1e12 && y.abs() < 1e300
 }
 
 /// A tick or label value in at most 4 significant digits.
@@ -494,7 +508,7 @@ pub struct ServiceView {
 
 /// Rows answered and the forwarded fraction, from serving reports.
 fn serving_line(rows: &pb::ServiceRows, parties: &[String]) -> String {
-    let total = rows.edge_rows + rows.cloud_rows + rows.edge_hard_rows;
+    let total = rows.edge_rows.saturating_add(rows.cloud_rows).saturating_add(rows.edge_hard_rows);
     if parties.is_empty() || rows.requests == 0 {
         return "<p class=\"muted\">No serving party has reported a prediction yet.</p>".into();
     }
@@ -642,6 +656,24 @@ mod tests {
             assert!((0.0..=600.0).contains(&x) && (0.0..=230.0).contains(&y), "{c}");
         }
         assert!(line_chart("x", "X", &[], false).contains("No data yet"));
+        // One round: one x tick; two rounds: both.
+        let one = line_chart("l", "L", &[("loss".into(), vec![(1.0, 0.5)])], false);
+        assert_eq!(one.matches("text-anchor=\"middle\"").count(), 1, "{one}");
+        let two = line_chart("l", "L", &[("loss".into(), vec![(1.0, 0.5), (2.0, 0.4)])], false);
+        assert!(two.contains(">1</text>") && two.contains(">2</text>"), "{two}");
+        // Extreme values are dropped, never NaN; twenty series keep their
+        // labels inside the drawing.
+        let wild = line_chart("w", "W", &[("a".into(), vec![(1.0, 1e308), (2.0, -1e308), (3.0, 0.5)])], false);
+        assert!(!wild.contains("NaN") && !wild.contains("inf") && wild.contains("data-points=\"1\""), "{wild}");
+        let many: Vec<(String, Vec<(f64, f64)>)> =
+            (0..20).map(|i| (format!("s{i}"), vec![(1.0, 1.0), (2.0, f64::from(i) * 1e-3)])).collect();
+        let crowded = line_chart("m", "M", &many, false);
+        for y in crowded.split("class=\"label\"").skip(1).map(|t| {
+            let y = t.split("y=\"").nth(1).unwrap().split('"').next().unwrap();
+            y.parse::<f64>().unwrap()
+        }) {
+            assert!((24.0..=230.0).contains(&y), "a label at y = {y}");
+        }
         // A flat series still draws inside the box.
         let flat = line_chart("e", "ε", &[("epsilon".into(), vec![(1.0, 2.0), (2.0, 2.0)])], true);
         assert!(flat.contains("data-points=\"2\"") && !flat.contains("NaN"), "{flat}");
