@@ -171,7 +171,6 @@ impl RoundClock {
 /// slow stage shows in the logs with its job and round.
 struct StageClock {
     stage: Stage,
-    round: u32,
     started: Instant,
     span: tracing::Span,
 }
@@ -179,7 +178,7 @@ struct StageClock {
 impl StageClock {
     fn new(stage: Stage, round: &RoundClock) -> Self {
         let span = tracing::info_span!(parent: &round.span, "stage", stage = %stage);
-        StageClock { stage, round: round.round, started: Instant::now(), span }
+        StageClock { stage, started: Instant::now(), span }
     }
 
     /// Logs the stage's duration inside its span.
@@ -275,15 +274,13 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
                     stage_changed = true;
                     // A later round's first task starts its clock (fit in a
                     // training job; the first stage of other kinds).
-                    if task.round > round.round {
+                    let new_round = task.round > round.round;
+                    if new_round || current_stage.as_ref().is_none_or(|s| s.stage != stage) {
                         if let Some(s) = current_stage.take() {
                             s.finish();
                         }
-                        round = RoundClock::new(task.round);
-                    }
-                    if current_stage.as_ref().is_none_or(|s| s.stage != stage || s.round != round.round) {
-                        if let Some(s) = current_stage.take() {
-                            s.finish();
+                        if new_round {
+                            round = RoundClock::new(task.round);
                         }
                         current_stage = Some(StageClock::new(stage, &round));
                     }

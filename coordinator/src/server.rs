@@ -3,6 +3,8 @@
 //! jobs' threads ([`crate::driver`]), and serves the admin API.
 
 use std::collections::HashMap;
+
+use confide_proto::{MAX_ADVERTISED_POLICY, MAX_SERVING_SERVICES};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -121,12 +123,6 @@ struct PartyConn {
     /// What its hello said: software version and advertised policy.
     hello: Option<pb::Hello>,
 }
-
-/// Most services one serving report may list.
-const MAX_SERVING_SERVICES: usize = 256;
-
-/// The longest advertised policy kept (JSON bytes).
-const MAX_POLICY_JSON: usize = 16 * 1024;
 
 /// A running job: where its inputs go, and who watches its status.
 struct JobHandle {
@@ -828,18 +824,10 @@ fn on_party_message(
         None => Err("empty message".into()),
         Some(party_message::Body::Hello(h)) => {
             debug!(party = name, version = %h.software_version, "hello");
-            // Both are advisory, shown to administrators: one that does not
-            // fit is dropped with a warning, never a reason to close the stream.
-            let mut policy_json = h.policy_json;
-            if policy_json.len() > MAX_POLICY_JSON {
-                warn!(party = name, "hello: its advertised policy exceeds {MAX_POLICY_JSON} bytes; not kept");
-                policy_json.clear();
-            } else if !policy_json.is_empty() && serde_json::from_str::<serde_json::Value>(&policy_json).is_err() {
-                warn!(party = name, "hello: its advertised policy is not JSON; not kept");
-                policy_json.clear();
+            let (kept, dropped) = kept_hello(h);
+            if let Some(why) = dropped {
+                warn!(party = name, "hello: {why}; not kept");
             }
-            let software_version: String = h.software_version.chars().take(64).collect();
-            let kept = pb::Hello { software_version, policy_json, ..Default::default() };
             if let Some(c) = lock(&hub.parties).get_mut(name) {
                 c.hello = Some(kept);
             }
@@ -1225,6 +1213,26 @@ impl AdminService for AdminSvc {
     }
 }
 
+/// What the coordinator keeps of a hello: the software version (64
+/// characters at most) and the advertised policy, which is advisory, shown
+/// to administrators: one too large or not JSON is dropped (and why is
+/// returned), never a reason to close the stream.
+fn kept_hello(h: pb::Hello) -> (pb::Hello, Option<String>) {
+    let mut policy_json = h.policy_json;
+    let dropped = if policy_json.len() > MAX_ADVERTISED_POLICY {
+        Some(format!("its advertised policy exceeds {MAX_ADVERTISED_POLICY} bytes"))
+    } else if !policy_json.is_empty() && serde_json::from_str::<serde_json::Value>(&policy_json).is_err() {
+        Some("its advertised policy is not JSON".to_owned())
+    } else {
+        None
+    };
+    if dropped.is_some() {
+        policy_json.clear();
+    }
+    let software_version: String = h.software_version.chars().take(64).collect();
+    (pb::Hello { software_version, policy_json, ..Default::default() }, dropped)
+}
+
 /// A serving report within bounds: at most [`MAX_SERVING_SERVICES`]
 /// services, each a valid service name, none twice.
 fn check_serving_report(r: &pb::ServingReport) -> Result<(), String> {
@@ -1322,6 +1330,19 @@ mod tests {
 
     fn rows(service: &str) -> pb::ServiceRows {
         pb::ServiceRows { service: service.into(), requests: 1, edge_rows: 1, ..Default::default() }
+    }
+
+    #[test]
+    fn an_advertised_policy_too_large_or_not_json_is_dropped_not_fatal() {
+        let hello =
+            |policy: String| pb::Hello { software_version: "v".repeat(100), policy_json: policy, ..Default::default() };
+        let (kept, why) = kept_hello(hello(r#"{"min_parties":3}"#.into()));
+        assert_eq!((kept.policy_json.as_str(), why, kept.software_version.len()), (r#"{"min_parties":3}"#, None, 64));
+        let (kept, why) = kept_hello(hello("<b>not json".into()));
+        assert!(kept.policy_json.is_empty() && why.unwrap().contains("not JSON"));
+        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_ADVERTISED_POLICY));
+        let (kept, why) = kept_hello(hello(big));
+        assert!(kept.policy_json.is_empty() && why.unwrap().contains("exceeds"));
     }
 
     #[test]

@@ -381,7 +381,7 @@ impl PartyNode {
                             outbox.send(party_message::Body::CloudKey(key)).await;
                         }
                         if cfg.serve.report_counts {
-                            tokio::spawn(report_serving(registry.clone(), outbox.tx.clone()));
+                            tokio::spawn(report_serving(registry.clone(), outbox.clone()));
                         }
                     }
                 }
@@ -617,7 +617,7 @@ fn hello(cfg: &PartyConfig, server: &CoordinatorCertificate) -> Result<pb::Hello
         // (Not sent when it exceeds what the coordinator keeps: 16 KiB.)
         policy_json: serde_json::to_string(&cfg.policy)
             .ok()
-            .filter(|j| j.len() <= MAX_ADVERTISED_POLICY)
+            .filter(|j| j.len() <= confide_proto::MAX_ADVERTISED_POLICY)
             .unwrap_or_default(),
         ..Default::default()
     };
@@ -719,37 +719,30 @@ fn spawn_job(
     tx
 }
 
-/// Where a job's worker sends its outputs, and what it counts.
-/// The largest policy advertised in the hello (JSON bytes): the
-/// coordinator keeps no more.
-const MAX_ADVERTISED_POLICY: usize = 16 * 1024;
-
 /// How often a serving party reports its counts (when they changed).
 const SERVING_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// Sends the serving counts every [`SERVING_REPORT_EVERY`] while they
 /// change, until the stream closes.
-async fn report_serving(registry: Arc<crate::serving::Registry>, uplink: mpsc::Sender<pb::PartyMessage>) {
+async fn report_serving(registry: Arc<crate::serving::Registry>, outbox: Arc<Outbox>) {
     let mut last: Vec<pb::ServiceRows> = Vec::new();
     loop {
-        // The coordinator takes at most 256 services per report.
-        let now: Vec<pb::ServiceRows> = registry.tally().into_iter().take(256).collect();
+        let now: Vec<pb::ServiceRows> =
+            registry.tally().into_iter().take(confide_proto::MAX_SERVING_SERVICES).collect();
         if now != last {
-            let msg = pb::PartyMessage {
-                body: Some(party_message::Body::Serving(pb::ServingReport { services: now.clone() })),
-            };
-            if uplink.send(msg).await.is_err() {
+            if !outbox.send(party_message::Body::Serving(pb::ServingReport { services: now.clone() })).await {
                 return;
             }
             last = now;
         }
         tokio::select! {
             _ = tokio::time::sleep(SERVING_REPORT_EVERY) => {}
-            _ = uplink.closed() => return,
+            _ = outbox.tx.closed() => return,
         }
     }
 }
 
+/// Where a job's worker sends its outputs, and what it counts.
 struct Sent {
     outbox: Arc<Outbox>,
     limits: Limits,

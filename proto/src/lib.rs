@@ -34,6 +34,13 @@ pub mod pb {
 /// Software version announced in `Hello`/`Welcome`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The largest advertised policy a hello carries (JSON bytes): a party
+/// sends none larger, the coordinator keeps none larger.
+pub const MAX_ADVERTISED_POLICY: usize = 16 * 1024;
+
+/// The most services one serving report lists, on both sides.
+pub const MAX_SERVING_SERVICES: usize = 256;
+
 /// Sizes enforced at the federation's boundaries. Both ends check them before
 /// buffering, so an oversized or lying peer costs at most one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
