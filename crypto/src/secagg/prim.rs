@@ -1,9 +1,9 @@
 //! Primitives of secure aggregation: key derivation, the AES-CTR mask PRG and
 //! end-to-end share encryption (AES-256-GCM).
 
-use aes::cipher::BlockEncrypt;
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use aes_vaes::cipher::{BlockCipherEncrypt, KeyInit as _};
 use hkdf::Hkdf;
 use rand_core::{CryptoRng, RngCore};
 use sha2::Sha256;
@@ -15,10 +15,11 @@ use crate::Error;
 // `Ctr32BE`, against which the tests check it): the stream of one seed is at
 // most 2^32 blocks (64 GiB), far above any vector length. The counter blocks
 // are built here and encrypted in bulk with `encrypt_blocks`, which keeps
-// eight AES-NI pipelines busy: about twice the throughput of the `ctr`
+// the AES pipelines busy (VAES where the CPU has it, AES-NI otherwise; the
+// `aes` crate decides at run time): about twice the throughput of the `ctr`
 // crate's keystream, and masking is most of what secure aggregation adds to
 // a round.
-type KeyBlock = aes::Block;
+type KeyBlock = aes_vaes::Block;
 
 const SALT: &[u8] = b"confide-secagg-v1";
 
@@ -117,7 +118,7 @@ fn parallel_parts(len: usize) -> usize {
 /// One mask stream: the cipher, whether it is subtracted, and the words of
 /// a keystream block left over when a block of the vector ended mid-block.
 struct MaskStream {
-    cipher: aes::Aes128,
+    cipher: aes_vaes::Aes128,
     /// The first 12 bytes of every counter block (the IV's).
     nonce: [u8; 12],
     /// The next block's counter (the IV's last 4 bytes, big-endian, plus
@@ -192,7 +193,10 @@ impl MaskStreams {
         let streams = masks
             .iter()
             .map(|(seed, negate)| {
-                let cipher = aes::Aes128::new(seed[..16].into());
+                let mut key = [0u8; 16];
+                key.copy_from_slice(&seed[..16]);
+                let cipher = aes_vaes::Aes128::new(&key.into());
+                zeroize::Zeroize::zeroize(&mut key);
                 let mut nonce = [0u8; 12];
                 nonce.copy_from_slice(&seed[16..28]);
                 let initial = u32::from_be_bytes([seed[28], seed[29], seed[30], seed[31]]);
