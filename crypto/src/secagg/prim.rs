@@ -118,7 +118,8 @@ fn parallel_parts(len: usize) -> usize {
 /// One mask stream: the cipher, whether it is subtracted, and the words of
 /// a keystream block left over when a block of the vector ended mid-block.
 struct MaskStream {
-    cipher: aes_vaes::Aes128,
+    /// Encryption only: no decryption key schedule is expanded.
+    cipher: aes_vaes::Aes128Enc,
     /// The first 12 bytes of every counter block (the IV's).
     nonce: [u8; 12],
     /// The next block's counter (the IV's last 4 bytes, big-endian, plus
@@ -195,7 +196,8 @@ impl MaskStreams {
             .map(|(seed, negate)| {
                 let mut key = [0u8; 16];
                 key.copy_from_slice(&seed[..16]);
-                let cipher = aes_vaes::Aes128::new(&key.into());
+                // From a reference: no unwiped copy of the key.
+                let cipher = aes_vaes::Aes128Enc::new((&key).into());
                 zeroize::Zeroize::zeroize(&mut key);
                 let mut nonce = [0u8; 12];
                 nonce.copy_from_slice(&seed[16..28]);
