@@ -3,8 +3,6 @@
 //! jobs' threads ([`crate::driver`]), and serves the admin API.
 
 use std::collections::HashMap;
-
-use confide_proto::{MAX_ADVERTISED_POLICY, MAX_SERVING_SERVICES};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -24,6 +22,7 @@ use confide_proto::pb::{self, coordinator_message, party_message};
 use confide_proto::status::JobState;
 use confide_proto::transfer::{self, Incoming};
 use confide_proto::{Limits, VERSION};
+use confide_proto::{MAX_ADVERTISED_POLICY, MAX_SERVING_SERVICES};
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
