@@ -24,6 +24,39 @@ fn noise(c: &mut Criterion) {
     g.finish();
 }
 
+/// One party's distributed-DP encoding of a 1M-value update (rotation,
+/// conditional rounding, noise added, words out): the part of the fit
+/// stage that `secagg-dp` adds to a round (the noise itself is drawn ahead).
+fn ddg_encode(c: &mut Criterion) {
+    use confide_dp::ddg::{Ddg, DdgConfig};
+    let dim = 1_000_000;
+    let cfg = DdgConfig {
+        clip: 1.0,
+        noise_multiplier: 1.0,
+        dim,
+        bits: 32,
+        max_parties: 10,
+        honest_parties: 7,
+        beta: (-0.5f64).exp(),
+        k_stddevs: 4.0,
+    };
+    let ddg = Ddg::new(cfg).expect("mechanism");
+    let x: Vec<f32> = (0..dim).map(|i| ((i as f32) * 0.37).sin() * 1e-3).collect();
+    let seed = [7u8; 32];
+    let mut rng = confide_dp::sampler::os_seeded_rng().expect("rng");
+    let mut g = c.benchmark_group("ddg");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(dim as u64));
+    g.bench_function("encode_1M", |b| {
+        b.iter_batched(
+            || ddg.sample_noise().expect("noise"),
+            |noise| ddg.encode(&x, noise, &seed, &mut rng).expect("encode"),
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
 fn accountant(c: &mut Criterion) {
     let event = DpEvent::PoissonSampledGaussian { sampling_rate: 0.01, noise_multiplier: 1.1 };
     c.bench_function("rdp_epsilon_1000_steps", |b| {
@@ -45,5 +78,5 @@ fn accountant(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, noise, accountant);
+criterion_group!(benches, noise, ddg_encode, accountant);
 criterion_main!(benches);

@@ -380,7 +380,7 @@ fn secagg_scaling(n: usize, dim: usize) -> Result<serde_json::Value, String> {
         let masks: Vec<(&[u8; 32], bool)> = seeds.iter().map(|s| (s, false)).collect();
         let mut v = input.clone();
         let t = Instant::now();
-        MaskStreams::new(&masks, cfg.bits).apply_all(&mut v);
+        MaskStreams::new(&[0u8; 12], &masks, cfg.bits).apply_all(&mut v);
         t.elapsed().as_secs_f64() * 1e3
     };
     confide_crypto::secagg::testing::consistency_and_unmask(&mut server, clients.iter_mut()).map_err(e)?;

@@ -30,7 +30,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use super::graph::Graph;
-use super::prim::{apply_masks, context, derive, open, seal, value_mask};
+use super::prim::{apply_masks, context, derive, mask_iv, open, seal, value_mask};
 use super::shamir::{self, Share};
 use crate::Error;
 
@@ -172,6 +172,11 @@ impl Config {
 
     fn self_seed(&self, b: &[u8; 32], party: &str) -> Zeroizing<[u8; 32]> {
         derive(b, &context("self-mask", &self.job, self.round, &[party]))
+    }
+
+    /// The counter blocks' IV of this round's mask streams.
+    fn mask_iv(&self) -> super::prim::MaskIv {
+        mask_iv(&self.job, self.round)
     }
 }
 
@@ -540,7 +545,7 @@ impl Client {
             let Some(secrets) = self.peers.get(peer) else { continue };
             masks.push((&secrets.pair_seed, self.me.as_str() > peer.as_str()));
         }
-        apply_masks(&mut input, &masks, self.cfg.bits);
+        apply_masks(&mut input, &self.cfg.mask_iv(), &masks, self.cfg.bits);
         self.held = held;
         self.stage = ClientStage::AwaitSurvivors;
         Ok(MaskedInput { party: self.me.clone(), values: input })
@@ -562,7 +567,7 @@ impl Client {
         for (peer, secrets) in &self.peers {
             masks.push((&secrets.pair_seed, self.me.as_str() > peer.as_str()));
         }
-        apply_masks(&mut input, &masks, self.cfg.bits);
+        apply_masks(&mut input, &self.cfg.mask_iv(), &masks, self.cfg.bits);
         self.premasked = Some(input);
         Ok(())
     }
@@ -587,7 +592,7 @@ impl Client {
             return Err(Error::WrongStage("no premasked input".into()));
         };
         if !undo.is_empty() {
-            apply_masks(&mut input, &undo, self.cfg.bits);
+            apply_masks(&mut input, &self.cfg.mask_iv(), &undo, self.cfg.bits);
         }
         self.held = held;
         self.stage = ClientStage::AwaitSurvivors;
@@ -1255,7 +1260,7 @@ impl Server {
         // pass (split across cores for long vectors).
         let masks: Vec<(&[u8; 32], bool)> = seeds.iter().map(|(s, neg)| (&**s, *neg)).collect();
         let mut sum = std::mem::take(&mut self.masked_sum);
-        apply_masks(&mut sum, &masks, bits);
+        apply_masks(&mut sum, &self.cfg.mask_iv(), &masks, bits);
         self.stage = ServerStage::Done;
         Ok((sum, self.masked.iter().cloned().collect()))
     }
