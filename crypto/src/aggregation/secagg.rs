@@ -546,7 +546,10 @@ fn round_config(
     seed_input.extend_from_slice(&round.to_le_bytes());
     let graph_seed: [u8; 32] = sha2::Sha256::digest(&seed_input).into();
     let mut h = sha2::Sha256::new();
-    h.update(b"confide secagg round v1");
+    // v2: the mask streams share the round's IV (`prim::mask_iv`). A party
+    // of another version binds another round, so a mixed round fails at the
+    // signature checks instead of summing to garbage.
+    h.update(b"confide secagg round v2");
     let names: Vec<&str> = parties.iter().map(String::as_str).collect();
     h.update(crate::secagg::prim::context("round", job, round, &names));
     for v in [
