@@ -231,15 +231,22 @@ impl NoisyUpdate {
         // The difference and its norm in f64, where no pair of finite f32
         // values overflows: whether an error is sent must not depend on the
         // rows. A non-finite update (a diverged model) becomes no update.
-        let pairs = || {
-            local
-                .tensors()
-                .iter()
-                .zip(global.tensors())
-                .filter(|(_, g)| !is_input_standardisation(&g.name))
-                .flat_map(|(l, g)| l.data.iter().zip(&g.data).map(|(&a, &b)| f64::from(a) - f64::from(b)))
-        };
-        let norm = pairs().map(|d| d * d).sum::<f64>().sqrt();
+        // Tensor by tensor (not one flattened iterator), so the loops vectorise.
+        let trained =
+            || local.tensors().iter().zip(global.tensors()).filter(|(_, g)| !is_input_standardisation(&g.name));
+        let norm = trained()
+            .map(|(l, g)| {
+                l.data
+                    .iter()
+                    .zip(&g.data)
+                    .map(|(&a, &b)| {
+                        let d = f64::from(a) - f64::from(b);
+                        d * d
+                    })
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            .sqrt();
         let clip = self.clip();
         let (fits, factor) = if !norm.is_finite() {
             (true, 0.0)
@@ -249,11 +256,30 @@ impl NoisyUpdate {
             // A hair inside, against the rounding to f32.
             (false, clip * (1.0 - 1e-6) / norm)
         };
-        let mut delta = zeroize::Zeroizing::new(Vec::with_capacity(self.ddg.config().dim));
-        delta.extend(pairs().map(|d| if factor == 0.0 { 0.0 } else { (d * factor) as f32 }));
+        let mut delta = zeroize::Zeroizing::new(vec![0f32; self.ddg.config().dim]);
+        let mut at = 0;
+        for (l, g) in trained() {
+            let end = at + l.data.len();
+            let Some(out) = delta.get_mut(at..end) else {
+                return Err(Error::InvalidInput("the model has more trained values than the mechanism".into()));
+            };
+            if factor != 0.0 {
+                for ((o, &a), &b) in out.iter_mut().zip(&l.data).zip(&g.data) {
+                    *o = ((f64::from(a) - f64::from(b)) * factor) as f32;
+                }
+            }
+            at = end;
+        }
+        let counted = usize::from(self.count.is_some());
+        if at + counted != delta.len() {
+            return Err(Error::InvalidInput(format!(
+                "{at} trained values for a mechanism of {}",
+                delta.len() - counted
+            )));
+        }
         if let Some((_, kappa)) = self.count {
             // Adaptive clipping: whether the update fitted, weighted.
-            delta.push(((f64::from(u8::from(fits)) - 0.5) * kappa) as f32);
+            delta[at] = ((f64::from(u8::from(fits)) - 0.5) * kappa) as f32;
         }
         let dp = |e: confide_dp::Error| Error::InvalidInput(format!("distributed DP: {e}"));
         // The rounding's coins: a CSPRNG from the OS, like the noise.
