@@ -293,10 +293,11 @@ impl Ddg {
         // two's complement, so the low b bits of the sum are its residue
         // mod 2^b (|a|, |e| < 2^62: the sum does not overflow).
         let mask = (1u64 << self.cfg.bits) - 1;
-        let mut words = vec![0u32; self.padded];
+        // Wiped if the rounding fails part-way (handed over whole otherwise).
+        let mut words = Zeroizing::new(vec![0u32; self.padded]);
         let e = &noise.0;
         self.round(&v, rng, |i, a| words[i] = ((a.wrapping_add(e[i]) as u64) & mask) as u32)?;
-        Ok(words)
+        Ok(std::mem::take(&mut *words))
     }
 
     /// The sum of the parties' vectors (clipped, plus noise) from the
@@ -491,8 +492,8 @@ thread_local! {
     /// The buffer [`Rotated`] lends, kept between encodings on a thread: a
     /// party encodes every round on its job's thread, and a fresh 8 MB
     /// allocation (2^20 values) costs a page fault per 4 KiB page on its
-    /// first write, about a quarter of an encoding's time. It holds zeros
-    /// between uses.
+    /// first write, about a third of an encoding's time. It holds zeros
+    /// between uses, and at most [`KEPT_ROTATION_VALUES`].
     static ROTATION_BUFFER: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -529,8 +530,15 @@ impl Drop for Rotated {
     fn drop(&mut self) {
         use zeroize::Zeroize;
         let mut v = std::mem::take(&mut self.0);
-        // Every element and the spare capacity; the allocation is kept.
-        v.zeroize();
+        // Every element and the spare capacity, keeping the length: the
+        // buffer holds zeros until its next use.
+        v.as_mut_slice().zeroize();
+        v.spare_capacity_mut().zeroize();
+        if v.capacity() > KEPT_ROTATION_VALUES {
+            // A larger model's buffer is freed (wiped): a thread that ran
+            // one job keeps at most 16 MiB after it.
+            return;
+        }
         let _ = ROTATION_BUFFER.try_with(|b| {
             if let Ok(mut slot) = b.try_borrow_mut()
                 && slot.capacity() < v.capacity()
@@ -540,6 +548,10 @@ impl Drop for Rotated {
         });
     }
 }
+
+/// The largest rotation buffer a thread keeps between encodings (2^21
+/// values, 16 MiB): models up to 2 million values.
+const KEPT_ROTATION_VALUES: usize = 1 << 21;
 
 /// The signs of the rotation's diagonal D, 64 per ChaCha20 word, from the
 /// shared seed.
@@ -701,22 +713,24 @@ mod tests {
         sum
     }
 
-    /// The blocked, radix-4 transform is the Hadamard matrix: against the
-    /// definition H[i][j] = (−1)^popcount(i & j) at every size up to 2^13
-    /// (past one cache block).
     #[test]
-    fn the_rotation_buffer_is_kept_for_the_thread_and_left_empty() {
+    fn the_rotation_buffer_is_kept_for_the_thread_and_wiped() {
         let ddg = Ddg::new(config(1000, 5, 32)).unwrap();
         let x: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.01).sin()).collect();
         let first = ddg.quantize(&x, &[3; 32], &mut rng(1)).unwrap();
-        let kept = ROTATION_BUFFER.with(|b| (b.borrow().len(), b.borrow().capacity()));
-        assert_eq!(kept.0, 0, "wiped and cleared after use");
-        assert!(kept.1 >= ddg.padded_dim(), "the allocation is kept for the next encoding");
+        ROTATION_BUFFER.with(|b| {
+            let kept = b.borrow();
+            assert!(kept.len() >= ddg.padded_dim(), "the allocation is kept for the next encoding");
+            assert!(kept.iter().all(|&v| v == 0.0), "and holds zeros");
+        });
         // Reusing it changes nothing (rounding coins aside: same seed).
         let again = ddg.quantize(&x, &[3; 32], &mut rng(1)).unwrap();
         assert_eq!(*first, *again);
     }
 
+    /// The blocked, radix-4 transform is the Hadamard matrix: against the
+    /// definition H[i][j] = (−1)^popcount(i & j) at every size up to 2^13
+    /// (past one cache block).
     #[test]
     fn the_fast_transform_is_the_hadamard_matrix() {
         for log in 0..=13 {
