@@ -28,19 +28,8 @@ fn noise(c: &mut Criterion) {
 /// conditional rounding, noise added, words out): the part of the fit
 /// stage that `secagg-dp` adds to a round (the noise itself is drawn ahead).
 fn ddg_encode(c: &mut Criterion) {
-    use confide_dp::ddg::{Ddg, DdgConfig};
     let dim = 1_000_000;
-    let cfg = DdgConfig {
-        clip: 1.0,
-        noise_multiplier: 1.0,
-        dim,
-        bits: 32,
-        max_parties: 10,
-        honest_parties: 7,
-        beta: (-0.5f64).exp(),
-        k_stddevs: 4.0,
-    };
-    let ddg = Ddg::new(cfg).expect("mechanism");
+    let ddg = confide_bench::ddg_bench_mechanism(dim).expect("mechanism");
     let x: Vec<f32> = (0..dim).map(|i| ((i as f32) * 0.37).sin() * 1e-3).collect();
     let seed = [7u8; 32];
     let mut rng = confide_dp::sampler::os_seeded_rng().expect("rng");

@@ -1418,18 +1418,7 @@ fn bench_dp(
     // honest, 32 bits): the noise drawn ahead of the round, then rotation,
     // clipping, conditional rounding, noise and the modular words.
     {
-        use confide_dp::ddg::{Ddg, DdgConfig};
-        let ddg = Ddg::new(DdgConfig {
-            clip: 1.0,
-            noise_multiplier: 1.0,
-            dim: coordinates,
-            bits: 32,
-            max_parties: 10,
-            honest_parties: 7,
-            beta: (-0.5f64).exp(),
-            k_stddevs: 4.0,
-        })
-        .map_err(|e| e.to_string())?;
+        let ddg = confide_bench::ddg_bench_mechanism(coordinates)?;
         let update: Vec<f32> = (0..coordinates).map(|i| ((i % 1000) as f32 - 500.0) * 1e-6).collect();
         let mut rng = confide_dp::sampler::os_seeded_rng().map_err(|e| e.to_string())?;
         let (mut presample, mut encode) = (Vec::new(), Vec::new());

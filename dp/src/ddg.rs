@@ -507,7 +507,9 @@ impl Rotated {
         let mut v = ROTATION_BUFFER
             .try_with(|b| b.try_borrow_mut().map(|mut slot| std::mem::take(&mut *slot)).unwrap_or_default())
             .unwrap_or_default();
-        v.clear();
+        // The kept buffer holds zeros (only `drop` puts it back, wiped): no
+        // need to write them again.
+        v.truncate(len);
         v.resize(len, 0.0);
         Rotated(v)
     }

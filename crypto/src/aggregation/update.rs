@@ -235,6 +235,12 @@ impl NoisyUpdate {
         // loop vectorises, and neither pass pays an adaptor per value.
         let trained =
             || local.tensors().iter().zip(global.tensors()).filter(|(_, g)| !is_input_standardisation(&g.name));
+        let dim = self.ddg.config().dim;
+        let counted = usize::from(self.count.is_some());
+        let values: usize = trained().map(|(l, _)| l.data.len()).sum();
+        if values + counted != dim {
+            return Err(Error::InvalidInput(format!("{values} trained values for a mechanism of {}", dim - counted)));
+        }
         let norm = trained()
             .map(|(l, g)| {
                 l.data
@@ -257,30 +263,21 @@ impl NoisyUpdate {
             // A hair inside, against the rounding to f32.
             (false, clip * (1.0 - 1e-6) / norm)
         };
-        let mut delta = zeroize::Zeroizing::new(vec![0f32; self.ddg.config().dim]);
-        let mut at = 0;
-        for (l, g) in trained() {
-            let end = at + l.data.len();
-            let Some(out) = delta.get_mut(at..end) else {
-                return Err(Error::InvalidInput("the model has more trained values than the mechanism".into()));
-            };
-            if factor != 0.0 {
+        // Sized from the check above: every tensor's range is in bounds.
+        let mut delta = zeroize::Zeroizing::new(vec![0f32; dim]);
+        if factor != 0.0 {
+            let mut at = 0;
+            for (l, g) in trained() {
+                let out = &mut delta[at..at + l.data.len()];
                 for ((o, &a), &b) in out.iter_mut().zip(&l.data).zip(&g.data) {
                     *o = ((f64::from(a) - f64::from(b)) * factor) as f32;
                 }
+                at += l.data.len();
             }
-            at = end;
-        }
-        let counted = usize::from(self.count.is_some());
-        if at + counted != delta.len() {
-            return Err(Error::InvalidInput(format!(
-                "{at} trained values for a mechanism of {}",
-                delta.len() - counted
-            )));
         }
         if let Some((_, kappa)) = self.count {
             // Adaptive clipping: whether the update fitted, weighted.
-            delta[at] = ((f64::from(u8::from(fits)) - 0.5) * kappa) as f32;
+            delta[values] = ((f64::from(u8::from(fits)) - 0.5) * kappa) as f32;
         }
         let dp = |e: confide_dp::Error| Error::InvalidInput(format!("distributed DP: {e}"));
         // The rounding's coins: a CSPRNG from the OS, like the noise.

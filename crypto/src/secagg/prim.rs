@@ -173,6 +173,12 @@ pub struct MaskStreams {
     keystream: Vec<KeyBlock>,
 }
 
+/// The counter block of keystream block `counter` under `iv` (the IV in
+/// the upper 96 bits, the counter big-endian in the lower 32).
+fn counter_block(iv: u128, counter: u32) -> KeyBlock {
+    (iv | u128::from(counter)).to_be_bytes().into()
+}
+
 fn word(b: &KeyBlock, j: usize) -> u32 {
     // Keystream bytes read as little-endian words, so the masks are the
     // same on every platform.
@@ -232,7 +238,7 @@ impl MaskStreams {
         let skip = first_word % 4;
         if skip > 0 {
             // The rest of the block the part starts in, carried.
-            m.counters[0] = (m.iv | u128::from(m.counter)).to_be_bytes().into();
+            m.counters[0] = counter_block(m.iv, m.counter);
             let MaskStreams { streams, counters, keystream, .. } = &mut m;
             for s in streams.iter_mut() {
                 encrypt_counters(&s.cipher, &counters[..1], &mut keystream[..1]);
@@ -272,7 +278,7 @@ impl MaskStreams {
         }
         // The counter blocks, once for every stream.
         for (i, c) in self.counters[..blocks].iter_mut().enumerate() {
-            *c = (self.iv | u128::from(self.counter.wrapping_add(i as u32))).to_be_bytes().into();
+            *c = counter_block(self.iv, self.counter.wrapping_add(i as u32));
         }
         let MaskStreams { streams, counters, keystream, .. } = self;
         for s in streams.iter_mut() {
