@@ -186,7 +186,15 @@ impl Ddg {
     pub fn sample_noise(&self) -> Result<DdgNoise, Error> {
         let mut noise = Zeroizing::new(vec![0i64; self.padded]);
         self.noise.fill(&mut noise)?;
-        Ok(DdgNoise(noise, self.local_sigma))
+        // Kept modulo 2^b (its residue is all the words carry): half the
+        // memory of i64, and the encoding turns it into the words in place.
+        let mask = self.word_mask();
+        Ok(DdgNoise(Zeroizing::new(noise.iter().map(|&e| e as u32 & mask).collect()), self.local_sigma))
+    }
+
+    /// 2^b − 1: the words' bits.
+    fn word_mask(&self) -> u32 {
+        u32::MAX >> (32 - self.cfg.bits)
     }
 
     /// Rotates, clips, scales and rounds `x` (length d): the integer vector
@@ -197,68 +205,66 @@ impl Ddg {
         rotation_seed: &[u8; 32],
         rng: &mut R,
     ) -> Result<Zeroizing<Vec<i64>>, Error> {
-        let v = self.rotated(x, rotation_seed)?;
+        let (v, factor) = self.rotated(copy_in(x), rotation_seed)?;
         let mut out = Zeroizing::new(vec![0i64; self.padded]);
-        self.round(&v, rng, |i, r| out[i] = r)?;
+        // A failed attempt is overwritten by the next.
+        self.round(&v, factor, rng, |at, r, undo| {
+            if !undo {
+                out[at..at + r.len()].copy_from_slice(r);
+            }
+        })?;
         Ok(out)
     }
 
-    /// `x` clipped, rotated and scaled onto the lattice, before rounding.
-    fn rotated(&self, x: &[f32], rotation_seed: &[u8; 32]) -> Result<Rotated, Error> {
-        if x.len() != self.cfg.dim {
-            return Err(Error::InvalidInput(format!(
-                "vector of {} values; the mechanism takes {}",
-                x.len(),
-                self.cfg.dim
-            )));
-        }
-        if x.iter().any(|v| !v.is_finite()) {
+    /// The vector `fill` writes (d values, into the rotation's buffer),
+    /// rotated, with the factor that clips and scales it onto the lattice
+    /// (applied as it is rounded: the transform is linear).
+    fn rotated(
+        &self,
+        fill: impl FnOnce(&mut [f64]) -> Result<(), Error>,
+        rotation_seed: &[u8; 32],
+    ) -> Result<(Rotated, f64), Error> {
+        // The rotated and rounded vectors are the update in other words:
+        // wiped when dropped, also when `fill` fails part-way. The padding
+        // holds zeros (the kept buffer does between uses).
+        let mut v = Rotated::zeros(self.padded);
+        fill(&mut v[..self.cfg.dim])?;
+        // The rotation is orthonormal, so the norm is the input's, taken in
+        // the signs' pass.
+        let norm_sq = signs_and_first_levels(&mut v, rotation_seed);
+        if !norm_sq.is_finite() {
             return Err(Error::InvalidInput("vector has NaN or infinite values".into()));
         }
-        // The rotation is orthonormal, so the norm is the input's: the clip,
-        // the scale and H's normalisation fold into the signs' pass.
-        let norm = x.iter().map(|&a| f64::from(a) * f64::from(a)).sum::<f64>().sqrt();
+        upper_levels(&mut v, FWHT_BLOCK);
+        let norm = norm_sq.sqrt();
         let clip = if norm > self.cfg.clip { self.cfg.clip / norm } else { 1.0 };
-        let factor = self.scale * clip / (self.padded as f64).sqrt();
-        // The rotated and rounded vectors are the update in other words:
-        // wiped when dropped.
-        let mut v = Rotated::zeros(self.padded);
-        signed_copy(x, factor, rotation_seed, &mut v);
-        fwht(&mut v);
-        Ok(v)
+        Ok((v, self.scale * clip / (self.padded as f64).sqrt()))
     }
 
-    /// Rounds the rotated vector `v` at random, handing each integer to
-    /// `sink(i, value)`, again until the integer norm² is within the bound
-    /// (conditional randomized rounding; `sink` overwrites on a retry).
+    /// Conditional randomized rounding of the rotated vector `v` (times
+    /// `factor`): attempts, each with coins from a fresh seed drawn from
+    /// `rng`, handing each chunk of integers to `sink(first index, values,
+    /// false)`, until the exact integer norm² is within the bound. After a
+    /// failed attempt the sink is handed the same integers again with
+    /// `true` (the same coins, from the same seed), so a sink that
+    /// accumulates in place can take them back out.
     fn round<R: CryptoRng + ?Sized>(
         &self,
         v: &[f64],
+        factor: f64,
         rng: &mut R,
-        mut sink: impl FnMut(usize, i64),
+        mut sink: impl FnMut(usize, &[i64], bool),
     ) -> Result<(), Error> {
         let mut coins = Zeroizing::new(vec![0u8; 2 * ROUNDING_CHUNK]);
+        let mut rounded = Zeroizing::new(vec![0i64; ROUNDING_CHUNK]);
         for _ in 0..MAX_ROUNDING_TRIES {
-            let mut norm_sq: u128 = 0;
-            for (c, vc) in v.chunks(ROUNDING_CHUNK).enumerate() {
-                let bytes = &mut coins[..2 * vc.len()];
-                rng.fill_bytes(bytes);
-                for (k, (&a, u)) in vc.iter().zip(bytes.chunks_exact(2)).enumerate() {
-                    // Up with probability a − ⌊a⌋, to 2^-16 (a uniform u16):
-                    // the rounding's bias is at most 2^-16 of a lattice step,
-                    // far below the noise; privacy rests on the exact norm
-                    // check, not on the rounding's distribution.
-                    let floor = a.floor();
-                    let coin = f64::from(u16::from_le_bytes([u[0], u[1]])) * COIN_SCALE;
-                    let r = floor as i64 + i64::from(coin < a - floor);
-                    let m = u128::from(r.unsigned_abs());
-                    norm_sq += m * m;
-                    sink(c * ROUNDING_CHUNK + k, r);
-                }
-            }
+            let mut coin_seed = Zeroizing::new([0u8; 32]);
+            rng.fill_bytes(&mut *coin_seed);
+            let norm_sq = round_once(v, factor, &coin_seed, &mut coins, &mut rounded, &mut |at, r| sink(at, r, false));
             if norm_sq <= self.bound_sq {
                 return Ok(());
             }
+            round_once(v, factor, &coin_seed, &mut coins, &mut rounded, &mut |at, r| sink(at, r, true));
         }
         Err(Error::InvalidInput(format!(
             "conditional rounding failed {MAX_ROUNDING_TRIES} times (β = {} too small for this vector)",
@@ -277,6 +283,19 @@ impl Ddg {
         rotation_seed: &[u8; 32],
         rng: &mut R,
     ) -> Result<Vec<u32>, Error> {
+        self.encode_with(copy_in(x), noise, rotation_seed, rng)
+    }
+
+    /// [`Ddg::encode`] of the vector `fill` writes into the slice it is
+    /// given (d values, in the rotation's own buffer: no copy of a vector
+    /// the caller builds anyway). An error from `fill` is returned as is.
+    pub fn encode_with<R: CryptoRng + ?Sized>(
+        &self,
+        fill: impl FnOnce(&mut [f64]) -> Result<(), Error>,
+        noise: DdgNoise,
+        rotation_seed: &[u8; 32],
+        rng: &mut R,
+    ) -> Result<Vec<u32>, Error> {
         if noise.0.len() != self.padded {
             return Err(Error::InvalidInput(format!("{} noise values for {} coordinates", noise.0.len(), self.padded)));
         }
@@ -288,15 +307,18 @@ impl Ddg {
                 noise.1, self.local_sigma
             )));
         }
-        let v = self.rotated(x, rotation_seed)?;
-        // Each rounded value goes straight into its word with the noise:
-        // two's complement, so the low b bits of the sum are its residue
-        // mod 2^b (|a|, |e| < 2^62: the sum does not overflow).
-        let mask = (1u64 << self.cfg.bits) - 1;
-        // Wiped if the rounding fails part-way (handed over whole otherwise).
-        let mut words = Zeroizing::new(vec![0u32; self.padded]);
-        let e = &noise.0;
-        self.round(&v, rng, |i, a| words[i] = ((a.wrapping_add(e[i]) as u64) & mask) as u32)?;
+        let (v, factor) = self.rotated(fill, rotation_seed)?;
+        // The noise (mod 2^b) becomes the words in place: each rounded value
+        // is added to its noise modulo 2^b (two's complement), so the sum
+        // of the words is the sum's residue. No fresh 4 MB to fault in, and
+        // half the memory traffic. A failed rounding attempt subtracts its
+        // integers again, leaving the noise as it was. Wiped if the rounding
+        // fails (handed over whole otherwise).
+        let mask = self.word_mask();
+        let mut words = noise.0;
+        self.round(&v, factor, rng, |at, r, undo| {
+            Loop::AddRounded(&mut words[at..at + r.len()], r, mask, undo).run();
+        })?;
         Ok(std::mem::take(&mut *words))
     }
 
@@ -327,11 +349,12 @@ impl Ddg {
     }
 }
 
+/// The largest clip in lattice units (c·s) the rounding takes: 2^45, so
+/// that 2^16 times any coordinate fits an i64 with room to spare.
+const MAX_LATTICE_NORM: f64 = (1u64 << 45) as f64;
+
 /// Rounding coins are drawn this many at a time.
 const ROUNDING_CHUNK: usize = 4096;
-
-/// 2^-16: a u16 as a fraction of one.
-const COIN_SCALE: f64 = 1.0 / 65_536.0;
 
 /// The mechanism's numbers for a configuration: what [`Ddg::new`] uses and
 /// what the accountant needs, without building the sampler.
@@ -392,6 +415,17 @@ impl Calibration {
         }
         // Rounding inflates the norm (Theorem 1 / Prop. 22, lattice units).
         let (cs, root_d) = (c * scale, (padded as f64).sqrt());
+        // No coordinate of a clipped vector exceeds c·s: the rounding's
+        // fixed point (2^16·a in an i64) needs it below 2^45. Only a near-zero
+        // k or noise multiplier asks for a lattice that fine.
+        if cs >= MAX_LATTICE_NORM {
+            return bad(
+                "k_stddevs",
+                format!(
+                    "the clip is {cs:.3e} lattice steps at this calibration (at most 2^45): raise k_stddevs or noise_multiplier"
+                ),
+            );
+        }
         let mut bound = cs + root_d;
         if cfg.beta > 0.0 {
             let sq = cs * cs + 0.25 * padded as f64 + (2.0 * (1.0 / cfg.beta).ln()).sqrt() * (cs + 0.5 * root_d);
@@ -442,7 +476,7 @@ pub fn events_up_to(cfg: &DdgConfig, max_dim: usize) -> Result<Vec<crate::rdp::D
 
 /// One party's noise for one round: drawn by [`Ddg::sample_noise`], used
 /// once by [`Ddg::encode`] (which takes it by value), wiped when dropped.
-pub struct DdgNoise(Zeroizing<Vec<i64>>, u32);
+pub struct DdgNoise(Zeroizing<Vec<u32>>, u32);
 
 impl DdgNoise {
     /// Its length (the rotated dimension it was drawn for).
@@ -580,22 +614,220 @@ impl SignStream {
     }
 }
 
-/// `out = factor · D·x`, zero-padded: 64 values per sign word, the sign
-/// flipped by its bit (no branch), the same signs as [`SignStream`].
-fn signed_copy(x: &[f32], factor: f64, seed: &[u8; 32], out: &mut [f64]) {
-    let mut rng = ChaCha20Rng::from_seed(*seed);
-    for (oc, xc) in out.chunks_mut(64).zip(x.chunks(64)) {
-        let word = rng.next_u64();
-        for (k, (o, &a)) in oc.iter_mut().zip(xc).enumerate() {
-            let flip = ((word >> k) & 1) << 63;
-            *o = f64::from_bits((factor * f64::from(a)).to_bits() ^ flip);
+/// Writes `x` as f64 into the slice it is given (of the mechanism's d).
+fn copy_in(x: &[f32]) -> impl FnOnce(&mut [f64]) -> Result<(), Error> + '_ {
+    move |out| {
+        if x.len() != out.len() {
+            return Err(Error::InvalidInput(format!(
+                "vector of {} values; the mechanism takes {}",
+                x.len(),
+                out.len()
+            )));
+        }
+        out.iter_mut().zip(x).for_each(|(o, &a)| *o = f64::from(a));
+        Ok(())
+    }
+}
+
+/// The vectorised loops: each runs compiled for the widest vector
+/// instructions the CPU has (AVX2 or AVX-512, detected at run time by
+/// `pulp`, which TFHE-rs uses too), four or eight f64 wide instead of the
+/// baseline x86-64 build's two. Each is a type whose `with_simd` (and
+/// everything it calls) is `#[inline(always)]`, so the loop is compiled
+/// inside pulp's target-feature function; a closure would be compiled
+/// apart, for the baseline. The results are the same bits: no operation is
+/// reordered or fused.
+enum Loop<'a> {
+    /// [`signs_and_first_levels`].
+    SignsAndFirstLevels(&'a mut [f64], &'a [u8; 32]),
+    /// [`levels`] `from..n`.
+    Levels(&'a mut [f64], usize),
+    /// [`round_chunk`] (the norm² comes back as `Ok(norm²)`).
+    RoundChunk(&'a [f64], f64, &'a [u8], &'a mut [i64]),
+    /// [`add_rounded`] (subtracting when the flag is set).
+    AddRounded(&'a mut [u32], &'a [i64], u32, bool),
+}
+
+impl pulp::WithSimd for Loop<'_> {
+    type Output = u128;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> u128 {
+        match self {
+            Loop::SignsAndFirstLevels(v, seed) => u128::from(signs_and_first_levels_inline(v, seed).to_bits()),
+            Loop::Levels(v, from) => {
+                let n = v.len();
+                levels(v, from.min(n), n);
+                0
+            }
+            Loop::RoundChunk(v, factor, coins, out) => round_chunk(v, factor, coins, out),
+            Loop::AddRounded(words, rounded, mask, subtract) => {
+                add_rounded(words, rounded, mask, subtract);
+                0
+            }
         }
     }
+}
+
+impl Loop<'_> {
+    fn run(self) -> u128 {
+        pulp::Arch::new().dispatch(self)
+    }
+}
+
+/// The largest lattice value rounded: 2^46, above any clipped vector's
+/// coordinate (c·s < 2^45 by the calibration), so clamping to it changes
+/// nothing and bounds what the integer arithmetic below sees.
+const ROUNDING_LIMIT: f64 = (1u64 << 46) as f64;
+
+/// 1.5·2^52: adding it to an integer-valued f64 below 2^51 in magnitude
+/// leaves the integer in the low bits (two's complement around the
+/// constant's bits), a conversion to i64 that vectorises without AVX-512.
+const TO_INT: f64 = 6_755_399_441_055_744.0;
+
+/// Rounds one chunk of the rotated vector at random into `out` and returns
+/// its exact integer norm².
+///
+/// The lattice value x = factor·a rounds up with probability x − ⌊x⌋, to
+/// 2^-16: up when a uniform u16 coin, over 2^16, is below x − ⌊x⌋ (exact in
+/// f64). The rounding's bias is at most 2^-16 of a lattice step, far below
+/// the noise; privacy rests on the exact norm check, not on the rounding's
+/// distribution. Each |r| ≤ 2^46 + 1 splits into 23-bit halves whose
+/// products, summed in u64 over a chunk (at most 2^12 values), make the
+/// norm² exactly.
+#[inline(always)]
+fn round_chunk(v: &[f64], factor: f64, coins: &[u8], out: &mut [i64]) -> u128 {
+    const LOW: u64 = (1 << 23) - 1;
+    debug_assert!(v.len() <= ROUNDING_CHUNK);
+    let (mut hh, mut hl, mut ll) = (0u64, 0u64, 0u64);
+    for ((o, &a), u) in out.iter_mut().zip(v).zip(coins.chunks_exact(2)) {
+        let x = (a * factor).clamp(-ROUNDING_LIMIT, ROUNDING_LIMIT);
+        let floor = x.floor();
+        let coin = f64::from(u16::from_le_bytes([u[0], u[1]])) * (1.0 / 65_536.0);
+        let up = if coin < x - floor { 1.0 } else { 0.0 };
+        let r = ((floor + up + TO_INT).to_bits() as i64).wrapping_sub(TO_INT.to_bits() as i64);
+        *o = r;
+        let m = r.unsigned_abs();
+        let (hi, lo) = (u64::from((m >> 23) as u32), m & LOW);
+        hh += hi * hi;
+        hl += hi * lo;
+        ll += lo * lo;
+    }
+    (u128::from(hh) << 46) + (u128::from(hl) << 24) + u128::from(ll)
+}
+
+/// `words ± rounded` modulo 2^b (`mask`).
+#[inline(always)]
+fn add_rounded(words: &mut [u32], rounded: &[i64], mask: u32, subtract: bool) {
+    if subtract {
+        words.iter_mut().zip(rounded).for_each(|(w, &a)| *w = w.wrapping_sub(a as u32) & mask);
+    } else {
+        words.iter_mut().zip(rounded).for_each(|(w, &a)| *w = w.wrapping_add(a as u32) & mask);
+    }
+}
+
+/// One attempt of [`Ddg::round`]: the coins from `coin_seed` (ChaCha12,
+/// the CSPRNG of `rand`'s `StdRng`: it expands a fresh 256-bit seed from
+/// the OS-seeded ChaCha20 and is 1.6 times as fast over the 2 MiB of coins
+/// a million values take); returns the exact integer norm².
+fn round_once(
+    v: &[f64],
+    factor: f64,
+    coin_seed: &[u8; 32],
+    coins: &mut [u8],
+    rounded: &mut [i64],
+    sink: &mut impl FnMut(usize, &[i64]),
+) -> u128 {
+    let mut coin_rng = rand_chacha::ChaCha12Rng::from_seed(*coin_seed);
+    let mut norm_sq: u128 = 0;
+    for (c, vc) in v.chunks(ROUNDING_CHUNK).enumerate() {
+        let bytes = &mut coins[..2 * vc.len()];
+        coin_rng.fill_bytes(bytes);
+        let out = &mut rounded[..vc.len()];
+        norm_sq += Loop::RoundChunk(vc, factor, bytes, out).run();
+        sink(c * ROUNDING_CHUNK, out);
+    }
+    norm_sq
 }
 
 /// Values per block whose transform levels run while the block is in the
 /// L1 cache (16 KiB of f64).
 const FWHT_BLOCK: usize = 1 << 11;
+
+/// `v ← D·v` (the signs of [`SignStream`], 64 values per word, flipped
+/// without a branch), and the transform's levels inside each L1 block, in
+/// one pass over memory; returns ‖v‖² (in eight lanes, so the sum
+/// vectorises). The first three levels run on eight values at a time in
+/// registers, where the radix-4 loops would handle one or four per step.
+fn signs_and_first_levels(v: &mut [f64], seed: &[u8; 32]) -> f64 {
+    f64::from_bits(Loop::SignsAndFirstLevels(v, seed).run() as u64)
+}
+
+#[inline(always)]
+fn signs_and_first_levels_inline(v: &mut [f64], seed: &[u8; 32]) -> f64 {
+    let mut rng = ChaCha20Rng::from_seed(*seed);
+    let n = v.len();
+    if n < 64 {
+        // Below one sign word and eight values: the plain way.
+        let word = rng.next_u64();
+        let mut norm_sq = 0.0;
+        for (k, a) in v.iter_mut().enumerate() {
+            norm_sq += *a * *a;
+            *a = f64::from_bits(a.to_bits() ^ (((word >> k) & 1) << 63));
+        }
+        levels(v, 1, n);
+        return norm_sq;
+    }
+    let b = FWHT_BLOCK.min(n);
+    let mut lanes = [0.0f64; 8];
+    // Each step a simple loop over the block (in L1), so that each
+    // vectorises on its own.
+    for block in v.chunks_exact_mut(b) {
+        for chunk in block.chunks_exact_mut(64) {
+            let word = rng.next_u64();
+            for (k, a) in chunk.iter_mut().enumerate() {
+                *a = f64::from_bits(a.to_bits() ^ (((word >> k) & 1) << 63));
+            }
+        }
+        for group in block.chunks_exact(8) {
+            for k in 0..8 {
+                lanes[k] += group[k] * group[k];
+            }
+        }
+        for group in block.chunks_exact_mut(8) {
+            let x: [f64; 8] = [group[0], group[1], group[2], group[3], group[4], group[5], group[6], group[7]];
+            group.copy_from_slice(&wht8(x));
+        }
+        levels(block, 8, b);
+    }
+    lanes.iter().sum()
+}
+
+/// The transform of eight values (levels 1, 2 and 4), written as swaps,
+/// sums, differences and picks so that it compiles to in-register
+/// permutes and blends.
+#[inline(always)]
+fn wht8(x: [f64; 8]) -> [f64; 8] {
+    // Level 1: pairs.
+    let s = [x[1], x[0], x[3], x[2], x[5], x[4], x[7], x[6]];
+    let mut a = [0.0; 8];
+    for k in 0..8 {
+        a[k] = if k & 1 == 0 { x[k] + s[k] } else { s[k] - x[k] };
+    }
+    // Level 2: pairs of pairs.
+    let s = [a[2], a[3], a[0], a[1], a[6], a[7], a[4], a[5]];
+    let mut b = [0.0; 8];
+    for k in 0..8 {
+        b[k] = if k & 2 == 0 { a[k] + s[k] } else { s[k] - a[k] };
+    }
+    // Level 4: halves.
+    let mut c = [0.0; 8];
+    for k in 0..4 {
+        c[k] = b[k] + b[k + 4];
+        c[k + 4] = b[k] - b[k + 4];
+    }
+    c
+}
 
 /// In-place fast Walsh–Hadamard transform, unnormalised (H·v, H² = n·I).
 /// The levels inside a cache-sized block run block by block; the rest, two
@@ -606,12 +838,19 @@ fn fwht(v: &mut [f64]) {
     debug_assert!(n.is_power_of_two());
     let b = FWHT_BLOCK.min(n);
     for block in v.chunks_exact_mut(b) {
-        levels(block, 1, b);
+        Loop::Levels(block, 1).run();
     }
-    levels(v, b, n);
+    upper_levels(v, b);
+}
+
+/// The transform's levels from `from` (those below done) to the end,
+/// vectorised.
+fn upper_levels(v: &mut [f64], from: usize) {
+    Loop::Levels(v, from).run();
 }
 
 /// The transform's levels h = from, 2·from, … below `to`.
+#[inline(always)]
 fn levels(v: &mut [f64], from: usize, to: usize) {
     let mut h = from;
     while h < to {
@@ -625,6 +864,7 @@ fn levels(v: &mut [f64], from: usize, to: usize) {
     }
 }
 
+#[inline(always)]
 fn radix2(v: &mut [f64], h: usize) {
     for block in v.chunks_exact_mut(2 * h) {
         let (lo, hi) = block.split_at_mut(h);
@@ -637,6 +877,7 @@ fn radix2(v: &mut [f64], h: usize) {
 }
 
 /// Levels h and 2h at once.
+#[inline(always)]
 fn radix4(v: &mut [f64], h: usize) {
     for block in v.chunks_exact_mut(4 * h) {
         let (q0, rest) = block.split_at_mut(h);
@@ -730,6 +971,35 @@ mod tests {
         assert_eq!(*first, *again);
     }
 
+    /// The encoding's fused pass (signs, norm, the levels inside blocks) and
+    /// the levels above are the reference rotation (the signs, then a plain
+    /// radix-2 transform), at sizes that take every path: below one sign
+    /// word, inside one block, and several blocks.
+    #[test]
+    fn the_fused_rotation_is_the_reference_rotation() {
+        let seed = [9u8; 32];
+        for log in [0, 1, 3, 5, 6, 7, 11, 12, 14] {
+            let n = 1usize << log;
+            let x: Vec<f64> = (0..n).map(|i| ((i * 2654435761) % 1000) as f64 / 7.0 - 50.0).collect();
+            let mut want = x.clone();
+            let mut signs = SignStream::new(&seed);
+            want.iter_mut().for_each(|a| *a = if signs.next_negative() { -*a } else { *a });
+            let mut h = 1;
+            while h < n {
+                radix2(&mut want, h);
+                h *= 2;
+            }
+            let mut got = x.clone();
+            let norm_sq = signs_and_first_levels(&mut got, &seed);
+            upper_levels(&mut got, FWHT_BLOCK);
+            let norm_x: f64 = x.iter().map(|a| a * a).sum();
+            assert!((norm_sq - norm_x).abs() <= 1e-12 * norm_x, "n = {n}: norm² {norm_sq} vs {norm_x}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-9 * (1.0 + w.abs()), "n = {n}, [{i}]: {g} vs {w}");
+            }
+        }
+    }
+
     /// The blocked, radix-4 transform is the Hadamard matrix: against the
     /// definition H[i][j] = (−1)^popcount(i & j) at every size up to 2^13
     /// (past one cache block).
@@ -765,6 +1035,52 @@ mod tests {
         e[5] = 1.0;
         rotate(&mut e, &seed);
         assert!(e.iter().all(|a| (a.abs() - 0.125).abs() < 1e-12));
+    }
+
+    /// A failed rounding attempt is taken back out of the words exactly:
+    /// with a vector built to sit on the bound (integer coordinates whose
+    /// squares sum to just under it, and 58 halves that each round up with
+    /// probability ½), about half the attempts fail, and after every
+    /// accepted one the words are the noise plus that attempt's integers,
+    /// whose exact norm² is within the bound.
+    #[test]
+    fn failed_rounding_attempts_leave_the_noise_intact() {
+        let ddg = Ddg::new(DdgConfig { beta: 0.99, ..config(64, 5, 20) }).unwrap();
+        let mask = ddg.word_mask();
+        // Greedy: six integers whose squares sum to within a few of
+        // bound² − 29 (the halves' mean excess).
+        let mut v = vec![0.5f64; 64];
+        let mut left = ddg.bound_sq - 29;
+        for a in v.iter_mut().take(6) {
+            let root = (left as f64).sqrt().floor() as u128;
+            let root = (root.saturating_sub(2)..=root + 2).filter(|r| r * r <= left).max().unwrap();
+            *a = root as f64;
+            left -= root * root;
+        }
+        assert!(left < 4, "the integers sit on the bound ({left} left)");
+        let mut g = rng(5);
+        let (mut failed, mut accepted) = (0, 0);
+        for _ in 0..40 {
+            let noise: Vec<u32> = (0..64).map(|_| g.next_u32() & mask).collect();
+            let mut words = noise.clone();
+            let mut last = vec![0i64; 64];
+            ddg.round(&v, 1.0, &mut g, |at, r, undo| {
+                add_rounded(&mut words[at..at + r.len()], r, mask, undo);
+                if undo {
+                    failed += 1;
+                } else {
+                    last[at..at + r.len()].copy_from_slice(r);
+                }
+            })
+            .unwrap();
+            accepted += 1;
+            let norm_sq: u128 = last.iter().map(|&r| u128::from(r.unsigned_abs()).pow(2)).sum();
+            assert!(norm_sq <= ddg.bound_sq);
+            for ((w, e), r) in words.iter().zip(&noise).zip(&last) {
+                assert_eq!(*w, e.wrapping_add(*r as u32) & mask);
+            }
+        }
+        assert!(failed >= 10 && accepted == 40, "{failed} failed attempts over {accepted} roundings");
     }
 
     /// Below the clip a vector keeps its norm (to rounding); above it, it is

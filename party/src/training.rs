@@ -457,7 +457,7 @@ impl TrainingHandler {
                 // message depends on the rows.
                 let outcome = self.trainer.fit(config);
                 let local = outcome.and_then(|_| self.trainer.parameters()).unwrap_or_else(|_| global.clone());
-                clip_update(global, &local, clip)
+                clip_update(global, local, clip)
             }
             (None, None) => return Err(TaskError::Refused("no differential privacy to apply".into())),
         };
@@ -472,26 +472,56 @@ impl TrainingHandler {
 
 /// `global + f·(local − global)` with f = min(1, clip/‖local − global‖₂),
 /// the norm over every value in f64; a non-finite update becomes no update.
+/// An update within the clip (every one under distributed DP, whose
+/// encoding clips: there the clip is infinite) is `local` itself, not a
+/// copy.
 pub fn clip_update(
     global: &confide_algorithms::Parameters,
-    local: &confide_algorithms::Parameters,
+    local: confide_algorithms::Parameters,
     clip: f64,
 ) -> confide_algorithms::Parameters {
-    let pairs = || local.tensors().iter().zip(global.tensors()).flat_map(|(l, g)| l.data.iter().zip(&g.data));
-    let norm = pairs().map(|(l, g)| (f64::from(*l) - f64::from(*g)).powi(2)).sum::<f64>().sqrt();
-    if !norm.is_finite() || local.spec() != global.spec() {
+    if local.spec() != global.spec() {
+        return global.clone();
+    }
+    let norm = local
+        .tensors()
+        .iter()
+        .zip(global.tensors())
+        .map(|(l, g)| squared_distance(&l.data, &g.data))
+        .sum::<f64>()
+        .sqrt();
+    if !norm.is_finite() {
         return global.clone();
     }
     // Slightly inside the clip, so that rounding to f32 cannot push it over.
-    let f = if norm > clip * (1.0 - 1e-6) { clip * (1.0 - 1e-6) / norm } else { 1.0 };
-    let mut out = global.clone();
-    for ((_, values), l) in out.values_mut().zip(local.tensors()) {
-        for (v, lv) in values.iter_mut().zip(&l.data) {
-            let g = f64::from(*v);
-            *v = (g + f * (f64::from(*lv) - g)) as f32;
+    let limit = clip * (1.0 - 1e-6);
+    if norm <= limit {
+        return local;
+    }
+    let f = limit / norm;
+    let mut out = local;
+    for ((_, values), g) in out.values_mut().zip(global.tensors()) {
+        for (v, gv) in values.iter_mut().zip(&g.data) {
+            let g = f64::from(*gv);
+            *v = (g + f * (f64::from(*v) - g)) as f32;
         }
     }
     out
+}
+
+/// ‖a − b‖² in f64 (where no pair of finite f32 values overflows), summed
+/// in eight lanes so that the loop vectorises.
+fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for k in 0..8 {
+            let d = f64::from(a[k]) - f64::from(b[k]);
+            lanes[k] += d * d;
+        }
+    }
+    let rest = a.len() - a.len() % 8;
+    let tail: f64 = a[rest..].iter().zip(&b[rest..]).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum();
+    lanes.iter().sum::<f64>() + tail
 }
 
 #[cfg(test)]
@@ -785,7 +815,7 @@ mod tests {
         assert!(moved <= 2.0 && moved > 1.99, "{moved}");
         // Non-finite training results become no update, not an error.
         let nan = Parameters::new(vec![Tensor { name: "w".into(), shape: vec![3], data: vec![f32::NAN; 3] }]).unwrap();
-        assert_eq!(clip_update(&start, &nan, 1.0), start);
+        assert_eq!(clip_update(&start, nan, 1.0), start);
     }
 
     fn task(round: u32, body: TaskBody) -> Task {

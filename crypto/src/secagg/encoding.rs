@@ -86,6 +86,24 @@ impl FixedPoint {
     /// was NaN or infinite. One branch-free pass over plain slices, which
     /// the compiler vectorises: the hot loop of every secure round.
     pub fn encode_scaled_delta(&self, local: &[f32], global: &[f32], weight: f32, out: &mut [u32]) -> bool {
+        /// The loop, compiled for the CPU's widest vector instructions
+        /// (AVX2 or AVX-512, detected at run time by `pulp`; its `with_simd`
+        /// and everything it calls are inlined into pulp's target-feature
+        /// function). The same operations in the same order: the same bits.
+        struct ScaledDelta<'a>(&'a FixedPoint, &'a [f32], &'a [f32], f32, &'a mut [u32]);
+        impl pulp::WithSimd for ScaledDelta<'_> {
+            type Output = bool;
+            #[inline(always)]
+            fn with_simd<S: pulp::Simd>(self, _: S) -> bool {
+                let ScaledDelta(fixed, local, global, weight, out) = self;
+                fixed.encode_scaled_delta_inline(local, global, weight, out)
+            }
+        }
+        pulp::Arch::new().dispatch(ScaledDelta(self, local, global, weight, out))
+    }
+
+    #[inline(always)]
+    fn encode_scaled_delta_inline(&self, local: &[f32], global: &[f32], weight: f32, out: &mut [u32]) -> bool {
         let c = f64::from(self.clip);
         let scale = self.levels as f64 / (2.0 * c);
         const ROUND: f64 = (1u64 << 52) as f64;
