@@ -189,7 +189,8 @@ impl Ddg {
         // Kept modulo 2^b (its residue is all the words carry): half the
         // memory of i64, and the encoding turns it into the words in place.
         let mask = self.word_mask();
-        Ok(DdgNoise(Zeroizing::new(noise.iter().map(|&e| e as u32 & mask).collect()), self.local_sigma))
+        let residues = Zeroizing::new(noise.iter().map(|&e| e as u32 & mask).collect());
+        Ok(DdgNoise(residues, self.local_sigma, self.cfg.bits))
     }
 
     /// 2^b − 1: the words' bits.
@@ -300,11 +301,18 @@ impl Ddg {
             return Err(Error::InvalidInput(format!("{} noise values for {} coordinates", noise.0.len(), self.padded)));
         }
         // Noise drawn at another σ (another mechanism) would change the
-        // guarantee. (Zero noise is for this module's tests only.)
+        // guarantee, and noise kept modulo fewer bits would be off-centre
+        // here. (Zero noise is for this module's tests only.)
         if noise.1 != self.local_sigma && !(cfg!(test) && noise.1 == 0) {
             return Err(Error::InvalidInput(format!(
                 "noise drawn at σ = {}; this mechanism's is {}",
                 noise.1, self.local_sigma
+            )));
+        }
+        if noise.2 != self.cfg.bits && !(cfg!(test) && noise.1 == 0) {
+            return Err(Error::InvalidInput(format!(
+                "noise kept modulo 2^{}; this mechanism's words have {} bits",
+                noise.2, self.cfg.bits
             )));
         }
         let (v, factor) = self.rotated(fill, rotation_seed)?;
@@ -350,7 +358,9 @@ impl Ddg {
 }
 
 /// The largest clip in lattice units (c·s) the rounding takes: 2^45, so
-/// that 2^16 times any coordinate fits an i64 with room to spare.
+/// that every rounded integer is at most 2^46 + 1 in magnitude, which the
+/// rounding's conversion ([`TO_INT`], below 2^51) and its exact norm² (23-bit
+/// halves, [`round_chunk`]) need.
 const MAX_LATTICE_NORM: f64 = (1u64 << 45) as f64;
 
 /// Rounding coins are drawn this many at a time.
@@ -416,8 +426,9 @@ impl Calibration {
         // Rounding inflates the norm (Theorem 1 / Prop. 22, lattice units).
         let (cs, root_d) = (c * scale, (padded as f64).sqrt());
         // No coordinate of a clipped vector exceeds c·s: the rounding's
-        // fixed point (2^16·a in an i64) needs it below 2^45. Only a near-zero
-        // k or noise multiplier asks for a lattice that fine.
+        // integer arithmetic needs it below 2^45 (see MAX_LATTICE_NORM).
+        // Only a near-zero k or noise multiplier asks for a lattice that
+        // fine.
         if cs >= MAX_LATTICE_NORM {
             return bad(
                 "k_stddevs",
@@ -476,7 +487,7 @@ pub fn events_up_to(cfg: &DdgConfig, max_dim: usize) -> Result<Vec<crate::rdp::D
 
 /// One party's noise for one round: drawn by [`Ddg::sample_noise`], used
 /// once by [`Ddg::encode`] (which takes it by value), wiped when dropped.
-pub struct DdgNoise(Zeroizing<Vec<u32>>, u32);
+pub struct DdgNoise(Zeroizing<Vec<u32>>, u32, u32);
 
 impl DdgNoise {
     /// Its length (the rotated dimension it was drawn for).
@@ -489,6 +500,11 @@ impl DdgNoise {
         self.1
     }
 
+    /// b: it is kept modulo 2^b, for words of b bits.
+    pub fn bits(&self) -> u32 {
+        self.2
+    }
+
     /// Whether it is empty (never, for a drawn one).
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -497,7 +513,7 @@ impl DdgNoise {
     /// No noise, for tests of the encoding alone.
     #[cfg(test)]
     fn zero(len: usize) -> DdgNoise {
-        DdgNoise(Zeroizing::new(vec![0; len]), 0)
+        DdgNoise(Zeroizing::new(vec![0; len]), 0, 0)
     }
 }
 
@@ -630,9 +646,10 @@ fn copy_in(x: &[f32]) -> impl FnOnce(&mut [f64]) -> Result<(), Error> + '_ {
 }
 
 /// The vectorised loops: each runs compiled for the widest vector
-/// instructions the CPU has (AVX2 or AVX-512, detected at run time by
-/// `pulp`, which TFHE-rs uses too), four or eight f64 wide instead of the
-/// baseline x86-64 build's two. Each is a type whose `with_simd` (and
+/// instructions the CPU has (AVX2, or AVX-512 with pulp's `x86-v4`
+/// feature, which the workspace enables; detected at run time by `pulp`,
+/// which TFHE-rs uses too), four or eight f64 wide instead of the baseline
+/// x86-64 build's two. Each is a type whose `with_simd` (and
 /// everything it calls) is `#[inline(always)]`, so the loop is compiled
 /// inside pulp's target-feature function; a closure would be compiled
 /// apart, for the baseline. The results are the same bits: no operation is
@@ -642,7 +659,7 @@ enum Loop<'a> {
     SignsAndFirstLevels(&'a mut [f64], &'a [u8; 32]),
     /// [`levels`] `from..n`.
     Levels(&'a mut [f64], usize),
-    /// [`round_chunk`] (the norm² comes back as `Ok(norm²)`).
+    /// [`round_chunk`] (returns the chunk's norm²).
     RoundChunk(&'a [f64], f64, &'a [u8], &'a mut [i64]),
     /// [`add_rounded`] (subtracting when the flag is set).
     AddRounded(&'a mut [u32], &'a [i64], u32, bool),
@@ -690,9 +707,11 @@ const TO_INT: f64 = 6_755_399_441_055_744.0;
 ///
 /// The lattice value x = factor·a rounds up with probability x − ⌊x⌋, to
 /// 2^-16: up when a uniform u16 coin, over 2^16, is below x − ⌊x⌋ (exact in
-/// f64). The rounding's bias is at most 2^-16 of a lattice step, far below
-/// the noise; privacy rests on the exact norm check, not on the rounding's
-/// distribution. Each |r| ≤ 2^46 + 1 splits into 23-bit halves whose
+/// f64 except for x just below 0, where it can round up by 2^-53). The
+/// rounding's bias is at most 2^-16 of a lattice step, far below the noise;
+/// privacy rests on the exact norm check, not on the rounding's
+/// distribution. (`floor` is an instruction inside pulp's SSE4.1-and-up
+/// function, a libm call only in the baseline fallback.) Each |r| ≤ 2^46 + 1 splits into 23-bit halves whose
 /// products, summed in u64 over a chunk (at most 2^12 values), make the
 /// norm² exactly.
 #[inline(always)]
@@ -701,7 +720,10 @@ fn round_chunk(v: &[f64], factor: f64, coins: &[u8], out: &mut [i64]) -> u128 {
     debug_assert!(v.len() <= ROUNDING_CHUNK);
     let (mut hh, mut hl, mut ll) = (0u64, 0u64, 0u64);
     for ((o, &a), u) in out.iter_mut().zip(v).zip(coins.chunks_exact(2)) {
-        let x = (a * factor).clamp(-ROUNDING_LIMIT, ROUNDING_LIMIT);
+        // max then min, not clamp: a NaN (ruled out by the finite norm)
+        // would still come out as a bounded value.
+        #[allow(clippy::manual_clamp)]
+        let x = (a * factor).max(-ROUNDING_LIMIT).min(ROUNDING_LIMIT);
         let floor = x.floor();
         let coin = f64::from(u16::from_le_bytes([u[0], u[1]])) * (1.0 / 65_536.0);
         let up = if coin < x - floor { 1.0 } else { 0.0 };
@@ -768,7 +790,7 @@ fn signs_and_first_levels_inline(v: &mut [f64], seed: &[u8; 32]) -> f64 {
     let mut rng = ChaCha20Rng::from_seed(*seed);
     let n = v.len();
     if n < 64 {
-        // Below one sign word and eight values: the plain way.
+        // Vectors shorter than one sign word (n ≤ 32): the plain way.
         let word = rng.next_u64();
         let mut norm_sq = 0.0;
         for (k, a) in v.iter_mut().enumerate() {
@@ -1222,6 +1244,8 @@ mod tests {
             (DdgConfig { beta: 1.0, ..config(10, 3, 16) }, "beta"),
             (DdgConfig { dim: 0, ..config(10, 3, 16) }, "dim"),
             (config(10, 100, 3), "bits"),
+            // A lattice finer than the rounding's integers take (c·s ≥ 2^45).
+            (DdgConfig { noise_multiplier: 1e-6, k_stddevs: 1e-5, ..config(1, 1, 32) }, "k_stddevs"),
         ] {
             let err = Ddg::new(cfg).expect_err("refused").to_string();
             assert!(err.contains(field), "{field}: {err}");
@@ -1229,5 +1253,67 @@ mod tests {
         let ddg = Ddg::new(config(10, 3, 16)).expect("params");
         assert!(ddg.quantize(&[1.0; 9], &[0; 32], &mut rng(1)).is_err());
         assert!(ddg.quantize(&[f32::NAN; 10], &[0; 32], &mut rng(1)).is_err());
+        // Noise kept for words of another width is refused.
+        // (σ is at the sampler's cap at 31 and 32 bits: only b differs.)
+        let other = Ddg::new(config(10, 3, 31)).expect("params").sample_noise().expect("noise");
+        let ddg = Ddg::new(config(10, 3, 32)).expect("params");
+        assert_eq!(other.sigma(), ddg.local_sigma(), "the same σ: only b differs");
+        let err = ddg.encode(&[0.1; 10], other, &[0; 32], &mut rng(1)).expect_err("refused").to_string();
+        assert!(err.contains("2^31"), "{err}");
+    }
+
+    /// `encode` is the noise plus `quantize`'s integers, modulo 2^b, when
+    /// both draw their coins from the same seeded generator: over three
+    /// rounding chunks, at 20 and 32 bits, for a clipped vector at β = 0.99,
+    /// where a good share of attempts fail (counted) and are taken back out.
+    #[test]
+    fn encoding_is_the_noise_plus_the_quantized_vector() {
+        for bits in [20, 32] {
+            let ddg = Ddg::new(DdgConfig { beta: 0.99, ..config(3 * ROUNDING_CHUNK, 5, bits) }).expect("params");
+            let x: Vec<f32> = (0..3 * ROUNDING_CHUNK).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0).collect();
+            let seed = [4u8; 32];
+            let (v, factor) = ddg.rotated(copy_in(&x), &seed).expect("rotated");
+            let (mut failed, mut g) = (0, rng(9));
+            for _ in 0..20 {
+                ddg.round(&v, factor, &mut g, |_, _, undo| failed += usize::from(undo)).expect("round");
+            }
+            assert!(failed >= 5 * 3, "{failed} undone chunks over 20 roundings");
+            drop(v);
+            for trial in 0..4 {
+                let noise = ddg.sample_noise().expect("noise");
+                let residues = noise.0.clone();
+                let words = ddg.encode(&x, noise, &seed, &mut rng(trial)).expect("encode");
+                let quantized = ddg.quantize(&x, &seed, &mut rng(trial)).expect("quantize");
+                let mask = ddg.word_mask();
+                for ((w, e), q) in words.iter().zip(residues.iter()).zip(quantized.iter()) {
+                    assert_eq!(*w, e.wrapping_add(*q as u32) & mask, "{bits} bits");
+                }
+            }
+        }
+    }
+
+    /// The rounding's norm² from 23-bit halves is the exact sum of squares,
+    /// for a full chunk of values up to the clamp (2^46), negative and
+    /// positive, and every value rounds to its floor or the next integer.
+    #[test]
+    fn the_rounding_norm_is_exact_at_the_limit() {
+        let mut g = rng(3);
+        let v: Vec<f64> = (0..ROUNDING_CHUNK)
+            .map(|i| {
+                let magnitude = ROUNDING_LIMIT * (f64::from(g.next_u32()) / f64::from(u32::MAX));
+                let x = if i % 7 == 0 { ROUNDING_LIMIT } else { magnitude + 0.25 };
+                if i % 2 == 0 { x } else { -x }
+            })
+            .collect();
+        let mut coins = vec![0u8; 2 * ROUNDING_CHUNK];
+        g.fill_bytes(&mut coins);
+        let mut out = vec![0i64; ROUNDING_CHUNK];
+        let norm_sq = round_chunk(&v, 1.0, &coins, &mut out);
+        let want: u128 = out.iter().map(|&r| u128::from(r.unsigned_abs()).pow(2)).sum();
+        assert_eq!(norm_sq, want);
+        assert!(want > 1u128 << 100, "values near the limit: {want}");
+        for (&r, &x) in out.iter().zip(&v) {
+            assert!(r as f64 == x.floor() || r as f64 == x.floor() + 1.0, "{x} → {r}");
+        }
     }
 }

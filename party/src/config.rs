@@ -202,8 +202,8 @@ pub struct TrainingSettings {
     #[serde(default = "default_threads")]
     pub threads: usize,
     /// Under distributed DP, rounds of noise drawn ahead (1 to 64; default
-    /// 1, the next round's, drawn between rounds). Each costs 8 bytes per
-    /// model value; more lets a party that is busy between rounds draw the
+    /// 1, the next round's, drawn between rounds). Each costs 4 bytes per
+    /// model value (kept modulo 2^b); more lets a party that is busy between rounds draw the
     /// noise of several at once, before the job's first round. Under `he`,
     /// likewise the rounds of encryption randomness and flooding noise
     /// drawn ahead (24 bytes per value each).

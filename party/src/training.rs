@@ -495,7 +495,8 @@ pub fn clip_update(
     }
     // Slightly inside the clip, so that rounding to f32 cannot push it over.
     let limit = clip * (1.0 - 1e-6);
-    if norm <= limit {
+    // A NaN clip keeps the update, as a factor of 1 did.
+    if norm <= limit || limit.is_nan() {
         return local;
     }
     let f = limit / norm;
@@ -816,6 +817,32 @@ mod tests {
         // Non-finite training results become no update, not an error.
         let nan = Parameters::new(vec![Tensor { name: "w".into(), shape: vec![3], data: vec![f32::NAN; 3] }]).unwrap();
         assert_eq!(clip_update(&start, nan, 1.0), start);
+    }
+
+    /// Within the clip the update is the local model itself, bit for bit
+    /// (an infinite clip included, as under distributed DP); above it, it
+    /// moves from the global model by just under the clip, in the same
+    /// direction; a model of another shape is no update.
+    #[test]
+    fn clip_update_keeps_a_small_update_and_scales_a_large_one() {
+        let model = |data: Vec<f32>| Parameters::new(vec![Tensor { name: "w".into(), shape: vec![3], data }]).unwrap();
+        let global = model(vec![0.5, 0.0, -1.0]);
+        let local = model(vec![0.625, 3.0, -1.0]);
+        for clip in [4.0, f64::INFINITY, f64::NAN] {
+            assert_eq!(clip_update(&global, local.clone(), clip), local, "clip {clip}");
+        }
+        let clipped = clip_update(&global, local.clone(), 1.0);
+        let step: Vec<f64> = clipped.tensors()[0]
+            .data
+            .iter()
+            .zip(&global.tensors()[0].data)
+            .map(|(a, b)| f64::from(*a) - f64::from(*b))
+            .collect();
+        let norm = step.iter().map(|d| d * d).sum::<f64>().sqrt();
+        assert!(norm <= 1.0 && norm > 0.999, "{norm}");
+        assert!((step[1] / norm - 3.0 / 3.0026_f64).abs() < 1e-3 && step[2] == 0.0, "{step:?}");
+        let other = Parameters::new(vec![Tensor { name: "v".into(), shape: vec![3], data: vec![9.0; 3] }]).unwrap();
+        assert_eq!(clip_update(&global, other, 1.0), global);
     }
 
     fn task(round: u32, body: TaskBody) -> Task {

@@ -934,7 +934,7 @@ impl AggregationClient for SecAggClient {
         self.keep_noise_for(ddg);
         if self.noise.is_empty() {
             // At most 1 GiB of noise ahead, whatever the model's size.
-            let fits = ((1usize << 30) / (8 * ddg.padded_dim())).max(1);
+            let fits = ((1usize << 30) / (std::mem::size_of::<u32>() * ddg.padded_dim())).max(1);
             self.draw_noise(ddg, self.job.noise_rounds_ahead.clamp(1, fits));
         }
     }
@@ -1009,7 +1009,8 @@ impl SecAggClient {
     /// Keeps only the noise drawn for `ddg`: noise drawn for another
     /// mechanism (another model size) is of no use and is wiped.
     fn keep_noise_for(&mut self, ddg: &Ddg) {
-        self.noise.retain(|n| n.len() == ddg.padded_dim() && n.sigma() == ddg.local_sigma());
+        self.noise
+            .retain(|n| n.len() == ddg.padded_dim() && n.sigma() == ddg.local_sigma() && n.bits() == ddg.config().bits);
     }
 
     /// Draws `count` noise vectors for `ddg` into the pool.
