@@ -480,7 +480,9 @@ pub fn clip_update(
     local: confide_algorithms::Parameters,
     clip: f64,
 ) -> confide_algorithms::Parameters {
-    if local.spec() != global.spec() {
+    // A clip that is not positive (never, from a validated spec) fails
+    // closed: no update rather than an unbounded one.
+    if local.spec() != global.spec() || clip.is_nan() || clip <= 0.0 {
         return global.clone();
     }
     let norm = local
@@ -495,8 +497,7 @@ pub fn clip_update(
     }
     // Slightly inside the clip, so that rounding to f32 cannot push it over.
     let limit = clip * (1.0 - 1e-6);
-    // A NaN clip keeps the update, as a factor of 1 did.
-    if norm <= limit || limit.is_nan() {
+    if norm <= limit {
         return local;
     }
     let f = limit / norm;
@@ -822,14 +823,18 @@ mod tests {
     /// Within the clip the update is the local model itself, bit for bit
     /// (an infinite clip included, as under distributed DP); above it, it
     /// moves from the global model by just under the clip, in the same
-    /// direction; a model of another shape is no update.
+    /// direction; a model of another shape, or a clip that is not positive,
+    /// is no update.
     #[test]
     fn clip_update_keeps_a_small_update_and_scales_a_large_one() {
         let model = |data: Vec<f32>| Parameters::new(vec![Tensor { name: "w".into(), shape: vec![3], data }]).unwrap();
         let global = model(vec![0.5, 0.0, -1.0]);
         let local = model(vec![0.625, 3.0, -1.0]);
-        for clip in [4.0, f64::INFINITY, f64::NAN] {
+        for clip in [4.0, f64::INFINITY] {
             assert_eq!(clip_update(&global, local.clone(), clip), local, "clip {clip}");
+        }
+        for clip in [f64::NAN, 0.0, -1.0] {
+            assert_eq!(clip_update(&global, local.clone(), clip), global, "clip {clip}");
         }
         let clipped = clip_update(&global, local.clone(), 1.0);
         let step: Vec<f64> = clipped.tensors()[0]
