@@ -433,7 +433,8 @@ impl Calibration {
             return bad(
                 "k_stddevs",
                 format!(
-                    "the clip is {cs:.3e} lattice steps at this calibration (at most 2^45): raise k_stddevs or noise_multiplier"
+                    "the clip is {cs:.3e} lattice steps at this calibration (at most 2^45): \
+                     raise k_stddevs or noise_multiplier"
                 ),
             );
         }
@@ -711,9 +712,9 @@ const TO_INT: f64 = 6_755_399_441_055_744.0;
 /// rounding's bias is at most 2^-16 of a lattice step, far below the noise;
 /// privacy rests on the exact norm check, not on the rounding's
 /// distribution. (`floor` is an instruction inside pulp's AVX2/AVX-512
-/// functions, a libm call only in the baseline fallback.) Each |r| ≤ 2^46 + 1 splits into 23-bit halves whose
-/// products, summed in u64 over a chunk (at most 2^12 values), make the
-/// norm² exactly.
+/// functions, a libm call only in the baseline fallback.) Each
+/// |r| ≤ 2^46 + 1 splits into 23-bit halves whose products, summed in u64
+/// over a chunk (at most 2^12 values), make the norm² exactly.
 #[inline(always)]
 fn round_chunk(v: &[f64], factor: f64, coins: &[u8], out: &mut [i64]) -> u128 {
     const LOW: u64 = (1 << 23) - 1;

@@ -203,8 +203,9 @@ pub struct TrainingSettings {
     pub threads: usize,
     /// Under distributed DP, rounds of noise drawn ahead (1 to 64; default
     /// 1, the next round's, drawn between rounds). Each costs 4 bytes per
-    /// model value, padded to a power of two (kept modulo 2^b); more lets a party that is busy between rounds draw the
-    /// noise of several at once, before the job's first round. Under `he`,
+    /// model value, padded to a power of two (kept modulo 2^b); more lets a
+    /// party that is busy between rounds draw the noise of several at once,
+    /// before the job's first round. Under `he`,
     /// likewise the rounds of encryption randomness and flooding noise
     /// drawn ahead (24 bytes per value each).
     #[serde(default = "default_noise_rounds_ahead")]

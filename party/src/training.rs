@@ -92,10 +92,13 @@ impl PartyJobKind for TrainingKind {
             handler.dp = dp.plan(&spec.training);
             handler.dp_values_bound = (dp.accountant == AccountantKind::Pld).then(|| dp.model_values_bound());
             if dp.level == DpLevel::Party {
-                // Distributed noise clips inside the encoding, and under
-                // central adaptive clipping the coordinator (trusted with the
-                // updates there) clips at a clip the party does not know:
-                // then only non-finite updates are replaced here.
+                // Distributed noise clips inside the encoding, which also
+                // turns a non-finite update into none: the party leaves the
+                // update to it. Under central adaptive clipping the
+                // coordinator (trusted with the updates there) clips at a
+                // clip the party does not know: then only non-finite updates
+                // are replaced here.
+                handler.encoding_clips = dp.distributed.is_some();
                 let inside = dp.distributed.is_some() || dp.adaptive.is_some();
                 handler.party_clip = Some(if inside { f64::INFINITY } else { dp.clip });
             }
@@ -127,6 +130,10 @@ pub struct TrainingHandler {
     pub dp: Option<DpSgdPlan>,
     /// Party-level DP: the L2 norm each round's update is clipped to.
     pub party_clip: Option<f64>,
+    /// Party-level DP whose aggregation encoding clips the update itself
+    /// (distributed noise: `NoisyUpdate`, which also makes a non-finite
+    /// update none): the party does not clip it a second time.
+    pub encoding_clips: bool,
     /// With the PLD accountant: the most values a model may have, since
     /// the accountant's lattice slack was charged for that many.
     pub dp_values_bound: Option<usize>,
@@ -189,6 +196,7 @@ impl TrainingHandler {
             hides_values: false,
             dp: None,
             party_clip: None,
+            encoding_clips: false,
             dp_values_bound: None,
             budget: None,
             dp_inputs: None,
@@ -457,7 +465,7 @@ impl TrainingHandler {
                 // message depends on the rows.
                 let outcome = self.trainer.fit(config);
                 let local = outcome.and_then(|_| self.trainer.parameters()).unwrap_or_else(|_| global.clone());
-                clip_update(global, local, clip)
+                if self.encoding_clips { local } else { clip_update(global, local, clip) }
             }
             (None, None) => return Err(TaskError::Refused("no differential privacy to apply".into())),
         };
@@ -472,9 +480,7 @@ impl TrainingHandler {
 
 /// `global + f·(local − global)` with f = min(1, clip/‖local − global‖₂),
 /// the norm over every value in f64; a non-finite update becomes no update.
-/// An update within the clip (every one under distributed DP, whose
-/// encoding clips: there the clip is infinite) is `local` itself, not a
-/// copy.
+/// An update within the clip is `local` itself, not a copy.
 pub fn clip_update(
     global: &confide_algorithms::Parameters,
     local: confide_algorithms::Parameters,
@@ -821,7 +827,7 @@ mod tests {
     }
 
     /// Within the clip the update is the local model itself, bit for bit
-    /// (an infinite clip included, as under distributed DP); above it, it
+    /// (an infinite clip included, as under central adaptive clipping); above it, it
     /// moves from the global model by just under the clip, in the same
     /// direction; a model of another shape, or a clip that is not positive,
     /// is no update.
