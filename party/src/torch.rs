@@ -433,10 +433,9 @@ impl TorchTrainer {
     /// backward of the summed loss to the z's only (row i's loss depends on
     /// row i's z alone), then per row: a linear layer's weight gradient is
     /// g ⊗ a, of squared norm ‖g‖²·‖a‖² without forming it (Goodfellow's
-    /// trick), and a convolution's is g·unfold(a)ᵀ, formed by a batched
-    /// matrix product. A linear layer's sums are formed in Rust from g and
-    /// a read out once; a convolution's are libtorch products with the clip
-    /// factors folded in.
+    /// trick), and a convolution's is g·unfold(a)ᵀ, formed row by row
+    /// ([`ConvRows::row`]). Both are computed in Rust from g and a, read
+    /// out of libtorch once per layer.
     #[cfg(test)]
     fn clipped_gradient_sum(&self, idx: &[usize], clip: &dyn Fn(f64) -> f64) -> Result<(Vec<f64>, Vec<f64>), Error> {
         let rows: Vec<f32> = idx.iter().flat_map(|&i| self.train.row(i).iter().copied()).collect();
@@ -467,7 +466,6 @@ impl TorchTrainer {
             return Ok((vec![0.0; total], Vec::new()));
         }
         let mut a = xs.shallow_clone();
-        let batch = to_i64(batch_rows);
         let mut kept: Vec<(&DpLayer, Tensor)> = Vec::new();
         let mut outs: Vec<Tensor> = Vec::new();
         for layer in layers {
@@ -492,12 +490,12 @@ impl TorchTrainer {
         // The summed (not averaged) loss: its gradient at row i's z is row i's own.
         let loss = a.cross_entropy_for_logits(ys) * (batch_rows as f64);
         let grads = Tensor::f_run_backward(&[&loss], &outs, false, false).map_err(torch_err("backward"))?;
-        let f64_of = |t: &Tensor| t.f_to_kind(Kind::Double).map_err(torch_err("dtype"));
         // NaN and ±∞ (a hostile model can overflow f32 on chosen rows)
-        // become 0 before anything is computed from them, so every row's
-        // contribution is finite and its norm is computed from exactly what
-        // is summed; no NaN can reach the sum or an error.
-        let clean = |t: &Tensor| t.f_nan_to_num(0.0, 0.0, 0.0).map_err(torch_err("nan_to_num"));
+        // become 0 as each tensor is read out (`read`), before anything is
+        // computed from them, so every row's contribution is finite and its
+        // norm is computed from exactly what is summed; no NaN can reach the
+        // sum or an error. (Products and sums of finite f32 values cannot
+        // overflow f64.)
         let rows = batch_rows;
         let mut norm2 = vec![0f64; rows];
         // Per layer: its tensors' names and the per-row factors to sum.
@@ -507,9 +505,11 @@ impl TorchTrainer {
             /// a handful of small libtorch calls per layer cost more than
             /// the arithmetic.
             Outer { g: zeroize::Zeroizing<Vec<f32>>, a: zeroize::Zeroizing<Vec<f32>>, out: usize, inp: usize },
-            /// A convolution: each row's weight gradient, formed by a
-            /// batched product, and its bias gradient.
-            Full { dw: Tensor, db: Tensor, shape: Vec<i64> },
+            /// A convolution: each row's output gradient and input, read
+            /// out once; each row's weight and bias gradients are formed in
+            /// Rust ([`ConvRows`]), once for the norms and once more for the
+            /// sum, in a scratch buffer kept in cache.
+            Conv(ConvRows),
         }
         let read = |t: &Tensor| -> Result<zeroize::Zeroizing<Vec<f32>>, Error> {
             let t = t.f_contiguous().map_err(torch_err("layout"))?;
@@ -538,29 +538,34 @@ impl TorchTrainer {
                     per_layer.push((weight, bias, PerRow::Outer { g, a, out, inp }));
                 }
                 DpLayer::Conv { weight, bias } => {
-                    let w = var(weight)?;
-                    let out = g.size()[1];
-                    // Each row's gradient is formed in f32 (a per-row vector
-                    // like any other: its norm below is computed from exactly
-                    // these values); the sum over rows is in f64.
-                    let g = clean(&g)?.f_reshape([batch, out, -1]).map_err(torch_err("reshape"))?;
-                    let unfolded =
-                        clean(&input)?.f_im2col([3, 3], [1, 1], [1, 1], [1, 1]).map_err(torch_err("im2col"))?;
-                    let dw = clean(&f64_of(&g.f_bmm(&unfolded.transpose(1, 2)).map_err(torch_err("bmm"))?)?)?;
-                    let db = clean(&f64_of(&g.sum_dim_intlist(2, false, Kind::Float))?)?;
-                    let layer_norm2 = dw.square().sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double)
-                        + db.square().sum_dim_intlist(1, false, Kind::Double);
-                    let mut v = vec![0f64; rows];
-                    layer_norm2.f_copy_data(&mut v, rows).map_err(torch_err("norms"))?;
-                    norm2.iter_mut().zip(&v).for_each(|(n, x)| *n += x);
-                    per_layer.push((weight, bias, PerRow::Full { dw, db, shape: w.size() }));
+                    // [rows, channels, h, w] in, [rows, out, h, w] out (3×3,
+                    // padding 1, stride 1: the same h and w).
+                    let (gs, is) = (g.size(), input.size());
+                    let (&[_, out, h, w], &[_, ch, ih, iw]) = (gs.as_slice(), is.as_slice()) else {
+                        return Err(Error::Training(format!("convolution {weight}: shapes {gs:?} and {is:?}")));
+                    };
+                    let dim = |v: i64| usize::try_from(v).unwrap_or(0);
+                    if (ih, iw) != (h, w) {
+                        return Err(Error::Training(format!("convolution {weight}: shapes {gs:?} and {is:?}")));
+                    }
+                    let conv =
+                        ConvRows { g: read(&g)?, a: read(&input)?, out: dim(out), ch: dim(ch), h: dim(h), w: dim(w) };
+                    if conv.g.len() != rows * conv.out * conv.positions()
+                        || conv.a.len() != rows * conv.ch * conv.positions()
+                    {
+                        return Err(Error::Training(format!("convolution {weight}: shapes {gs:?} and {is:?}")));
+                    }
+                    let mut scratch = ConvScratch::new(&conv);
+                    for (i, n2) in norm2.iter_mut().enumerate() {
+                        *n2 += conv.row(i, &mut scratch);
+                    }
+                    per_layer.push((weight, bias, PerRow::Conv(conv)));
                 }
                 DpLayer::Flatten => {}
             }
         }
         let norms: Vec<f64> = norm2.iter().map(|n| n.sqrt()).collect();
         let factors: Vec<f64> = norms.iter().map(|&n| clip(n)).collect();
-        let c = Tensor::from_slice(&factors);
         let mut sums: std::collections::BTreeMap<String, Vec<f64>> = std::collections::BTreeMap::new();
         for (weight_name, bias_name, per_row) in per_layer {
             let (weight, bias) = match per_row {
@@ -578,16 +583,20 @@ impl TorchTrainer {
                     }
                     (w, b)
                 }
-                PerRow::Full { dw, db, shape } => {
-                    let values = |t: Tensor| -> Result<Vec<f64>, Error> {
-                        let t = t.f_contiguous().map_err(torch_err("layout"))?;
-                        let n = t.numel();
-                        let mut v = vec![0f64; n];
-                        t.f_copy_data(&mut v, n).map_err(torch_err("read gradient"))?;
-                        Ok(v)
-                    };
-                    let w = (dw * c.view([-1, 1, 1])).sum_dim_intlist(0, false, Kind::Double).reshape(shape.as_slice());
-                    (values(w)?, values((&db * c.unsqueeze(1)).sum_dim_intlist(0, false, Kind::Double))?)
+                PerRow::Conv(conv) => {
+                    // Each row's gradient formed again, the same operations
+                    // in the same order: the same values whose norm was taken.
+                    let mut scratch = ConvScratch::new(&conv);
+                    let (mut w, mut b) = (vec![0f64; scratch.dw.len()], vec![0f64; scratch.db.len()]);
+                    for (i, &f) in factors.iter().enumerate() {
+                        conv.row(i, &mut scratch);
+                        w.iter_mut().zip(scratch.dw.iter()).for_each(|(s, &d)| *s += f * d);
+                        b.iter_mut().zip(scratch.db.iter()).for_each(|(s, &d)| *s += f * d);
+                    }
+                    // The weight's layout: the padding of each row dropped.
+                    let k = conv.kernel_values();
+                    let w = w.chunks_exact(scratch.stride).flat_map(|row| row[..k].iter().copied()).collect();
+                    (w, b)
                 }
             };
             sums.insert(weight_name.clone(), weight);
@@ -599,6 +608,154 @@ impl TorchTrainer {
             flat.extend_from_slice(&t);
         }
         Ok((flat, norms))
+    }
+}
+
+/// A convolution layer's per-row quantities for DP-SGD (3×3 kernel,
+/// padding 1, stride 1): each row's gradient at the layer's output `g`
+/// (rows × out × h·w) and its input `a` (rows × ch × h·w), read out once
+/// (non-finite values zeroed, wiped when dropped).
+struct ConvRows {
+    g: zeroize::Zeroizing<Vec<f32>>,
+    a: zeroize::Zeroizing<Vec<f32>>,
+    out: usize,
+    ch: usize,
+    h: usize,
+    w: usize,
+}
+
+/// One row's patches and gradients, reused from row to row (a few tens of
+/// KiB, in cache) and wiped when dropped: they are per-example gradients.
+/// Rows of `patches` and `dw` are [`ConvScratch::stride`] values long, the
+/// kernel's ch·9 values padded with zeros to a multiple of [`KERNEL_TILE`],
+/// so the product below runs on whole tiles.
+struct ConvScratch {
+    stride: usize,
+    /// The row's input patches, h·w × stride (im2col, transposed).
+    patches: zeroize::Zeroizing<Vec<f64>>,
+    /// The row's weight gradient, out × stride.
+    dw: zeroize::Zeroizing<Vec<f64>>,
+    /// The row's bias gradient, out.
+    db: zeroize::Zeroizing<Vec<f64>>,
+}
+
+/// Kernel values per tile of the per-row product (one AVX-512 register of
+/// f64, two AVX2 ones).
+const KERNEL_TILE: usize = 8;
+
+/// Output channels per tile of the per-row product.
+const CHANNEL_TILE: usize = 4;
+
+impl ConvScratch {
+    fn new(c: &ConvRows) -> Self {
+        let stride = c.kernel_values().next_multiple_of(KERNEL_TILE);
+        ConvScratch {
+            stride,
+            // The padding stays zero: rows are written up to ch·9 only.
+            patches: zeroize::Zeroizing::new(vec![0.0; c.positions() * stride]),
+            dw: zeroize::Zeroizing::new(vec![0.0; c.out * stride]),
+            db: zeroize::Zeroizing::new(vec![0.0; c.out]),
+        }
+    }
+}
+
+impl ConvRows {
+    /// Output (and input) positions per channel.
+    fn positions(&self) -> usize {
+        self.h * self.w
+    }
+
+    /// Weights per output channel: ch·3·3.
+    fn kernel_values(&self) -> usize {
+        self.ch * 9
+    }
+
+    /// Row `i`'s weight gradient dW[o][c,ky,kx] = Σ_{y,x} g[o,y,x]·a[c,y+ky−1,x+kx−1]
+    /// (zero outside the image) and bias gradient Σ_{y,x} g[o,y,x] into
+    /// `s`, in f64 from the f32 values (each product exact); returns their
+    /// squared norm. The same row gives the same bits every time.
+    ///
+    /// Formed here rather than by libtorch ops (unfold, a batched product,
+    /// f64 copies, squares, sums): a dozen small ops per layer and several
+    /// megabytes of fresh tensors per step cost more than the arithmetic.
+    /// The product dW = G·P (G the row's out × h·w output gradient, P its
+    /// h·w × ch·9 patches) runs on tiles of 4 channels × 8 kernel values
+    /// held in registers, compiled for AVX2/AVX-512 (detected at run time
+    /// by `pulp`).
+    fn row(&self, i: usize, s: &mut ConvScratch) -> f64 {
+        struct Row<'a>(&'a ConvRows, usize, &'a mut ConvScratch);
+        impl pulp::WithSimd for Row<'_> {
+            type Output = f64;
+            #[inline(always)]
+            fn with_simd<S: pulp::Simd>(self, _: S) -> f64 {
+                self.0.row_inline(self.1, self.2)
+            }
+        }
+        pulp::Arch::new().dispatch(Row(self, i, s))
+    }
+
+    #[inline(always)]
+    fn row_inline(&self, i: usize, s: &mut ConvScratch) -> f64 {
+        let (l, k, stride, (h, w)) = (self.positions(), self.kernel_values(), s.stride, (self.h, self.w));
+        let a = &self.a[i * self.ch * l..(i + 1) * self.ch * l];
+        let g = &self.g[i * self.out * l..(i + 1) * self.out * l];
+        // patches[(y,x)][(c,ky,kx)] = a[c][y+ky−1][x+kx−1], or 0 outside.
+        for y in 0..h {
+            for x in 0..w {
+                let patch = &mut s.patches[(y * w + x) * stride..(y * w + x) * stride + k];
+                for (c, plane) in a.chunks_exact(l).enumerate() {
+                    for ky in 0..3 {
+                        let yy = (y + ky).wrapping_sub(1);
+                        for kx in 0..3 {
+                            let xx = (x + kx).wrapping_sub(1);
+                            patch[c * 9 + ky * 3 + kx] =
+                                if yy < h && xx < w { f64::from(plane[yy * w + xx]) } else { 0.0 };
+                        }
+                    }
+                }
+            }
+        }
+        let patches = &s.patches[..];
+        let mut o = 0;
+        while o < self.out {
+            let rows = CHANNEL_TILE.min(self.out - o);
+            for kb in (0..stride).step_by(KERNEL_TILE) {
+                let mut acc = [[0.0f64; KERNEL_TILE]; CHANNEL_TILE];
+                for p in 0..l {
+                    let mut u = [0.0f64; KERNEL_TILE];
+                    u.copy_from_slice(&patches[p * stride + kb..p * stride + kb + KERNEL_TILE]);
+                    if rows == CHANNEL_TILE {
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let gv = f64::from(g[(o + r) * l + p]);
+                            for j in 0..KERNEL_TILE {
+                                acc[j] += gv * u[j];
+                            }
+                        }
+                    } else {
+                        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                            let gv = f64::from(g[(o + r) * l + p]);
+                            for j in 0..KERNEL_TILE {
+                                acc[j] += gv * u[j];
+                            }
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    s.dw[(o + r) * stride + kb..(o + r) * stride + kb + KERNEL_TILE].copy_from_slice(acc);
+                }
+            }
+            o += rows;
+        }
+        let mut lanes = [0.0f64; KERNEL_TILE];
+        for tile in s.dw.chunks_exact(KERNEL_TILE) {
+            for j in 0..KERNEL_TILE {
+                lanes[j] += tile[j] * tile[j];
+            }
+        }
+        for (db, go) in s.db.iter_mut().zip(g.chunks_exact(l)) {
+            *db = go.iter().map(|&v| f64::from(v)).sum();
+        }
+        lanes.iter().sum::<f64>() + s.db.iter().map(|d| d * d).sum::<f64>()
     }
 }
 
@@ -939,7 +1096,7 @@ mod tests {
     }
 
     /// DP-SGD's batched per-example gradients (linear layers by the outer
-    /// product trick, convolutions by unfold and a batched product) equal
+    /// product trick, convolutions formed row by row in tiles) equal
     /// one backward pass per row, in norm and in the clipped sum, for the
     /// logistic regression, the MLP, the CNN and a TorchScript module (a
     /// tanh MLP: its one-at-a-time gradients come from the module's own
@@ -956,7 +1113,9 @@ mod tests {
                 None,
             ),
             (ModelConfig::mlp(2, vec![16, 8]), bc.clone(), None),
-            (ModelConfig::cnn(10, vec![4, 8], [1, 8, 8]), digits, None),
+            (ModelConfig::cnn(10, vec![4, 8], [1, 8, 8]), digits.clone(), None),
+            // Channel counts that leave partial tiles (3 and 5 channels).
+            (ModelConfig::cnn(10, vec![3, 5], [1, 8, 8]), digits, None),
             (ModelConfig::new(2, Architecture::Torchscript { file: "bc".into() }), bc, Some(script.as_path())),
         ];
         for (model, ds, script) in cases {
