@@ -43,6 +43,10 @@ fn ddg_encode(c: &mut Criterion) {
             criterion::BatchSize::PerIteration,
         )
     });
+    // The coordinator's side, once per round on its critical path: the
+    // modular sum back to Σ clip(Δᵢ) + noise.
+    let words = ddg.encode(&x, ddg.sample_noise().expect("noise"), &seed, &mut rng).expect("encode");
+    g.bench_function("decode_1M", |b| b.iter(|| ddg.decode(&words, &seed).expect("decode")));
     g.finish();
 }
 

@@ -333,27 +333,40 @@ impl Ddg {
     /// The sum of the parties' vectors (clipped, plus noise) from the
     /// modular sum of their words.
     pub fn decode(&self, sum: &[u32], rotation_seed: &[u8; 32]) -> Result<Vec<f64>, Error> {
+        let mut out = vec![0.0; self.cfg.dim];
+        self.decode_with(sum, rotation_seed, |at, values| out[at..at + values.len()].copy_from_slice(values))?;
+        Ok(out)
+    }
+
+    /// [`Ddg::decode`], handing the d values to `sink(first index, values)`
+    /// in consecutive chunks, so a caller can place them where it needs
+    /// them without a copy of the whole vector.
+    ///
+    /// The words are centred into the thread's rotation buffer (the b-bit
+    /// residues sign-extended), transformed, and each chunk's signs and
+    /// scale applied as it is handed over; the loops are compiled for the
+    /// CPU's widest vector instructions, as the encoding's are.
+    pub fn decode_with(
+        &self,
+        sum: &[u32],
+        rotation_seed: &[u8; 32],
+        mut sink: impl FnMut(usize, &[f64]),
+    ) -> Result<(), Error> {
         if sum.len() != self.padded {
             return Err(Error::InvalidInput(format!("a sum of {} words for {} coordinates", sum.len(), self.padded)));
         }
-        let modulus = 1i64 << self.cfg.bits;
-        let half = modulus / 2;
-        let mut v: Vec<f64> = sum
-            .iter()
-            .map(|&w| {
-                let w = i64::from(w) & (modulus - 1);
-                (if w >= half { w - modulus } else { w }) as f64
-            })
-            .collect();
+        let mut v = Rotated::zeros(self.padded);
+        Loop::Centre(sum, &mut v, self.cfg.bits).run();
         // D·H·v / (s·√d'): H is symmetric, so this undoes the rotation.
         fwht(&mut v);
         let factor = 1.0 / (self.scale * (self.padded as f64).sqrt());
-        let mut signs = SignStream::new(rotation_seed);
-        for a in v.iter_mut() {
-            *a *= if signs.next_negative() { -factor } else { factor };
+        let mut signs = ChaCha20Rng::from_seed(*rotation_seed);
+        // Chunks of whole sign words (64 values each), in order.
+        for (c, chunk) in v[..self.cfg.dim].chunks_mut(FWHT_BLOCK).enumerate() {
+            Loop::SignsAndScale(chunk, &mut signs, factor).run();
+            sink(c * FWHT_BLOCK, chunk);
         }
-        v.truncate(self.cfg.dim);
-        Ok(v)
+        Ok(())
     }
 }
 
@@ -608,12 +621,14 @@ const KEPT_ROTATION_VALUES: usize = 1 << 21;
 
 /// The signs of the rotation's diagonal D, 64 per ChaCha20 word, from the
 /// shared seed.
+#[cfg(test)]
 struct SignStream {
     rng: ChaCha20Rng,
     word: u64,
     left: u32,
 }
 
+#[cfg(test)]
 impl SignStream {
     fn new(seed: &[u8; 32]) -> Self {
         SignStream { rng: ChaCha20Rng::from_seed(*seed), word: 0, left: 0 }
@@ -664,6 +679,10 @@ enum Loop<'a> {
     RoundChunk(&'a [f64], f64, &'a [u8], &'a mut [i64]),
     /// [`add_rounded`] (subtracting when the flag is set).
     AddRounded(&'a mut [u32], &'a [i64], u32, bool),
+    /// [`centre`]: b-bit words as signed values.
+    Centre(&'a [u32], &'a mut [f64], u32),
+    /// [`signs_and_scale`].
+    SignsAndScale(&'a mut [f64], &'a mut ChaCha20Rng, f64),
 }
 
 impl pulp::WithSimd for Loop<'_> {
@@ -681,6 +700,14 @@ impl pulp::WithSimd for Loop<'_> {
             Loop::RoundChunk(v, factor, coins, out) => round_chunk(v, factor, coins, out),
             Loop::AddRounded(words, rounded, mask, subtract) => {
                 add_rounded(words, rounded, mask, subtract);
+                0
+            }
+            Loop::Centre(words, out, bits) => {
+                centre(words, out, bits);
+                0
+            }
+            Loop::SignsAndScale(v, signs, factor) => {
+                signs_and_scale(v, signs, factor);
                 0
             }
         }
@@ -746,6 +773,30 @@ fn add_rounded(words: &mut [u32], rounded: &[i64], mask: u32, subtract: bool) {
         words.iter_mut().zip(rounded).for_each(|(w, &a)| *w = w.wrapping_sub(a as u32) & mask);
     } else {
         words.iter_mut().zip(rounded).for_each(|(w, &a)| *w = w.wrapping_add(a as u32) & mask);
+    }
+}
+
+/// `out[i]` = `words[i]` read as a b-bit two's-complement value (the
+/// residue in −2^(b−1)..2^(b−1)), by shifting its sign bit to bit 31 and
+/// back.
+#[inline(always)]
+fn centre(words: &[u32], out: &mut [f64], bits: u32) {
+    let shift = 32 - bits.clamp(1, 32);
+    for (o, &w) in out.iter_mut().zip(words) {
+        *o = f64::from(((w << shift) as i32) >> shift);
+    }
+}
+
+/// `v ← factor·D·v` for one chunk (a multiple of 64 values, the last
+/// chunk excepted), D's signs from the stream, 64 per word as in the
+/// encoding, flipped without a branch.
+#[inline(always)]
+fn signs_and_scale(v: &mut [f64], signs: &mut ChaCha20Rng, factor: f64) {
+    for chunk in v.chunks_mut(64) {
+        let word = signs.next_u64();
+        for (k, a) in chunk.iter_mut().enumerate() {
+            *a = f64::from_bits(a.to_bits() ^ (((word >> k) & 1) << 63)) * factor;
+        }
     }
 }
 
@@ -977,6 +1028,26 @@ mod tests {
             sum.iter_mut().zip(&words).for_each(|(s, w)| *s = s.wrapping_add(*w) & mask);
         }
         sum
+    }
+
+    /// The decoder's centring is the residue in −2^(b−1)..2^(b−1) of each
+    /// word modulo 2^b (bits above b ignored), through the vectorised
+    /// dispatch, for every b.
+    #[test]
+    fn centring_reads_words_as_signed_residues() {
+        let mut g = rng(3);
+        let mut words: Vec<u32> = (0..1000).map(|_| g.next_u32()).collect();
+        words.extend([0, 1, u32::MAX, 1 << 31, (1 << 31) - 1]);
+        for bits in 2..=32u32 {
+            let mut out = vec![0.0; words.len()];
+            Loop::Centre(&words, &mut out, bits).run();
+            for (&w, &o) in words.iter().zip(&out) {
+                let modulus = 1i64 << bits;
+                let r = i64::from(w) & (modulus - 1);
+                let expected = if r >= modulus / 2 { r - modulus } else { r };
+                assert_eq!(o, expected as f64, "word {w:#x} at {bits} bits");
+            }
+        }
     }
 
     #[test]

@@ -286,22 +286,48 @@ impl NoisyUpdate {
     /// [`NoisyUpdate::decode`] and, under adaptive clipping, the noisy count
     /// of the `contributors`' updates that fitted within the clip.
     pub fn decode_with_count(&self, sum: &[u32], contributors: usize) -> Result<(Vec<f64>, Option<f64>), Error> {
-        let mut trained =
-            self.ddg.decode(sum, &self.rotation).map_err(|e| Error::InvalidInput(format!("distributed DP: {e}")))?;
-        let count = match self.count {
-            Some((_, kappa)) => trained.pop().map(|c| c / kappa + contributors as f64 / 2.0),
-            None => None,
-        };
-        let mut out = Vec::with_capacity(self.layout.iter().map(|(n, _)| n).sum());
-        let mut at = 0;
+        // The trained values go straight to their tensors' places in the
+        // model's layout (the frozen tensors stay 0), chunk by chunk as the
+        // mechanism decodes them; the count coordinate, last, aside.
+        let total: usize = self.layout.iter().map(|(n, _)| n).sum();
+        let mut out = vec![0.0; total];
+        // (start in the trained vector, start in the layout, length) per trained tensor.
+        let mut places = Vec::new();
+        let (mut trained_at, mut layout_at) = (0, 0);
         for &(n, on) in &self.layout {
             if on {
-                out.extend_from_slice(&trained[at..at + n]);
-                at += n;
-            } else {
-                out.extend(std::iter::repeat_n(0.0, n));
+                places.push((trained_at, layout_at, n));
+                trained_at += n;
             }
+            layout_at += n;
         }
+        let mut count_value = None;
+        let mut place = 0;
+        self.ddg
+            .decode_with(sum, &self.rotation, |at, values| {
+                let end = at + values.len();
+                let mut i = at;
+                while i < end {
+                    // Past the last tensor: the count coordinate.
+                    let Some(&(from, to, n)) = places.get(place) else {
+                        count_value = values.get(i - at).copied();
+                        i += 1;
+                        continue;
+                    };
+                    if i >= from + n {
+                        place += 1;
+                        continue;
+                    }
+                    let take = (from + n).min(end) - i;
+                    out[to + (i - from)..to + (i - from) + take].copy_from_slice(&values[i - at..i - at + take]);
+                    i += take;
+                }
+            })
+            .map_err(|e| Error::InvalidInput(format!("distributed DP: {e}")))?;
+        let count = match self.count {
+            Some((_, kappa)) => count_value.map(|c| c / kappa + contributors as f64 / 2.0),
+            None => None,
+        };
         Ok((out, count))
     }
 
@@ -448,6 +474,53 @@ mod tests {
         assert!(values[4..].iter().all(|v| (v - per_value).abs() < 1e-2), "{values:?}");
         // Another round rotates with another seed: its mechanism differs.
         assert_ne!(NoisyUpdate::new(&template, "j", 2, &global).unwrap().digest(), enc.digest());
+    }
+
+    /// The decoded values go to their tensors' places, across the
+    /// decoder's chunks, around frozen tensors in the middle and at the
+    /// end, with and without adaptive clipping's count coordinate: the
+    /// same as the mechanism's own decoding spread out by the layout.
+    #[test]
+    fn decoded_values_land_in_their_tensors_places() {
+        use confide_algorithms::trainer::INPUT_STD;
+        use rand::{RngCore as _, SeedableRng as _};
+        let global = Parameters::new(vec![
+            Tensor { name: "a".into(), shape: vec![3000], data: vec![0.0; 3000] },
+            Tensor { name: INPUT_MEAN.into(), shape: vec![5], data: vec![0.0; 5] },
+            Tensor { name: "b".into(), shape: vec![2500], data: vec![0.0; 2500] },
+            Tensor { name: INPUT_STD.into(), shape: vec![5], data: vec![1.0; 5] },
+        ])
+        .unwrap();
+        let template = DdgConfig {
+            clip: 1.0,
+            noise_multiplier: 1e-3,
+            dim: 8192,
+            bits: 20,
+            max_parties: 3,
+            honest_parties: 3,
+            beta: 0.6,
+            k_stddevs: 4.0,
+        };
+        let adaptive = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_stddev: 0.01 };
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+        for adaptive in [None, Some(&adaptive)] {
+            let enc = NoisyUpdate::with_clip(&template, adaptive, 0.5, "j", 3, &global).unwrap();
+            let sum: Vec<u32> = (0..enc.words()).map(|_| rng.next_u32() & 0xF_FFFF).collect();
+            let flat = enc.ddg.decode(&sum, &enc.rotation).unwrap();
+            let (values, count) = enc.decode_with_count(&sum, 3).unwrap();
+            assert_eq!(values.len(), 5510);
+            assert_eq!(&values[..3000], &flat[..3000]);
+            assert_eq!(&values[3000..3005], &[0.0; 5]);
+            assert_eq!(&values[3005..5505], &flat[3000..5500]);
+            assert_eq!(&values[5505..], &[0.0; 5]);
+            match adaptive {
+                None => assert_eq!((count, flat.len()), (None, 5500)),
+                Some(_) => {
+                    let (_, kappa) = enc.count.unwrap();
+                    assert_eq!(count, Some(flat[5500] / kappa + 1.5));
+                }
+            }
+        }
     }
 
     proptest! {
