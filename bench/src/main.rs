@@ -1122,6 +1122,23 @@ async fn main() {
                     && let (Some(base), Some(ms)) = (field(j, "round_ms_median"), v["round_ms_median"].as_f64())
                 {
                     v["overhead_vs_plain"] = serde_json::json!(ms / base);
+                    // Each repetition's ratio to the plaintext run measured
+                    // just before it (the same repetition): drift of a shared
+                    // machine over the whole run cancels in each pair.
+                    let runs = |c: &Option<serde_json::Value>| -> Vec<f64> {
+                        c.as_ref()
+                            .and_then(|c| c["round_ms_runs"].as_array().cloned())
+                            .unwrap_or_default()
+                            .iter()
+                            .filter_map(serde_json::Value::as_f64)
+                            .collect()
+                    };
+                    let (plain, secure) = (runs(&combined[j]), runs(&combined[i]));
+                    if plain.len() == secure.len() && !plain.is_empty() {
+                        let paired: Vec<f64> = secure.iter().zip(&plain).map(|(s, p)| s / p).collect();
+                        v["overhead_vs_plain_paired_median"] = serde_json::json!(median(paired.clone()));
+                        v["overhead_vs_plain_by_repetition"] = serde_json::json!(paired);
+                    }
                 }
                 if *on
                     && let Some(j) = configs.iter().position(|c| c.0 == *n && c.1 == *p && c.2 == *mode && !c.3)

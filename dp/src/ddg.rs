@@ -828,6 +828,10 @@ fn round_once(
 /// L1 cache (16 KiB of f64).
 const FWHT_BLOCK: usize = 1 << 11;
 
+// The decoder applies the signs chunk by chunk, 64 per word: every chunk
+// but the last must start at a word boundary.
+const _: () = assert!(FWHT_BLOCK.is_multiple_of(64));
+
 /// `v ← D·v` (the signs of [`SignStream`], 64 values per word, flipped
 /// without a branch), and the transform's levels inside each L1 block, in
 /// one pass over memory; returns ‖v‖² (in eight lanes, so the sum
@@ -1028,6 +1032,37 @@ mod tests {
             sum.iter_mut().zip(&words).for_each(|(s, w)| *s = s.wrapping_add(*w) & mask);
         }
         sum
+    }
+
+    /// The chunked, vectorised decoding is bit for bit the plain one it
+    /// replaced (centre as i64, the transform, one sign per value from
+    /// [`SignStream`], one factor), over several chunks with a last one
+    /// that is not a whole sign word, at 20 and 32 bits.
+    #[test]
+    fn decoding_is_the_plain_decoding() {
+        let mut g = rng(11);
+        for bits in [20u32, 32] {
+            let ddg = Ddg::new(config(5000, 3, bits)).unwrap();
+            let words: Vec<u32> = (0..ddg.padded_dim()).map(|_| g.next_u32()).collect();
+            let seed = [9u8; 32];
+            let modulus = 1i64 << bits;
+            let mut v: Vec<f64> = words
+                .iter()
+                .map(|&w| {
+                    let w = i64::from(w) & (modulus - 1);
+                    (if w >= modulus / 2 { w - modulus } else { w }) as f64
+                })
+                .collect();
+            fwht(&mut v);
+            let factor = 1.0 / (ddg.scale() * (ddg.padded_dim() as f64).sqrt());
+            let mut signs = SignStream::new(&seed);
+            for a in v.iter_mut() {
+                *a *= if signs.next_negative() { -factor } else { factor };
+            }
+            v.truncate(5000);
+            let decoded = ddg.decode(&words, &seed).unwrap();
+            assert!(decoded.iter().zip(&v).all(|(a, b)| a.to_bits() == b.to_bits()), "at {bits} bits");
+        }
     }
 
     /// The decoder's centring is the residue in −2^(b−1)..2^(b−1) of each

@@ -545,7 +545,7 @@ impl TorchTrainer {
                         return Err(Error::Training(format!("convolution {weight}: shapes {gs:?} and {is:?}")));
                     };
                     let dim = |v: i64| usize::try_from(v).unwrap_or(0);
-                    if (ih, iw) != (h, w) {
+                    if (ih, iw) != (h, w) || [out, h, w, ch].contains(&0) {
                         return Err(Error::Training(format!("convolution {weight}: shapes {gs:?} and {is:?}")));
                     }
                     let conv =
@@ -624,8 +624,11 @@ struct ConvRows {
     w: usize,
 }
 
-/// One row's patches and gradients, reused from row to row (a few tens of
-/// KiB, in cache) and wiped when dropped: they are per-example gradients.
+/// One row's patches and gradients, reused from row to row and wiped when
+/// dropped: they are per-example gradients. The patches take h·w·ch·9
+/// values per row (36 KiB for the digits CNN's second layer, in cache;
+/// larger images take more, still one row's worth rather than the whole
+/// batch's unfolded input that libtorch's unfold made).
 /// Rows of `patches` and `dw` are [`ConvScratch::stride`] values long, the
 /// kernel's ch·9 values padded with zeros to a multiple of [`KERNEL_TILE`],
 /// so the product below runs on whole tiles.
@@ -1114,8 +1117,11 @@ mod tests {
             ),
             (ModelConfig::mlp(2, vec![16, 8]), bc.clone(), None),
             (ModelConfig::cnn(10, vec![4, 8], [1, 8, 8]), digits.clone(), None),
-            // Channel counts that leave partial tiles (3 and 5 channels).
-            (ModelConfig::cnn(10, vec![3, 5], [1, 8, 8]), digits, None),
+            // Channel counts that leave partial tiles (3 and 5 channels),
+            // a non-square image, and several input channels.
+            (ModelConfig::cnn(10, vec![3, 5], [1, 8, 8]), digits.clone(), None),
+            (ModelConfig::cnn(10, vec![3, 5], [1, 4, 16]), digits.clone(), None),
+            (ModelConfig::cnn(10, vec![6], [4, 4, 4]), digits, None),
             (ModelConfig::new(2, Architecture::Torchscript { file: "bc".into() }), bc, Some(script.as_path())),
         ];
         for (model, ds, script) in cases {

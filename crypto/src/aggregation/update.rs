@@ -484,13 +484,15 @@ mod tests {
     fn decoded_values_land_in_their_tensors_places() {
         use confide_algorithms::trainer::INPUT_STD;
         use rand::{RngCore as _, SeedableRng as _};
-        let global = Parameters::new(vec![
-            Tensor { name: "a".into(), shape: vec![3000], data: vec![0.0; 3000] },
-            Tensor { name: INPUT_MEAN.into(), shape: vec![5], data: vec![0.0; 5] },
-            Tensor { name: "b".into(), shape: vec![2500], data: vec![0.0; 2500] },
-            Tensor { name: INPUT_STD.into(), shape: vec![5], data: vec![1.0; 5] },
-        ])
-        .unwrap();
+        let tensor = |name: &str, n: usize| Tensor { name: name.into(), shape: vec![n], data: vec![0.0; n] };
+        // Frozen tensors in the middle and at the end, or first; a tensor
+        // boundary inside a chunk (3000) or exactly on one (2048, 4096: the
+        // decoder's chunks are 2048 values), and then the count coordinate
+        // alone in its chunk.
+        let layouts = [
+            vec![tensor("a", 3000), tensor(INPUT_MEAN, 5), tensor("b", 2500), tensor(INPUT_STD, 5)],
+            vec![tensor(INPUT_MEAN, 5), tensor("a", 2048), tensor(INPUT_STD, 5), tensor("b", 2048)],
+        ];
         let template = DdgConfig {
             clip: 1.0,
             noise_multiplier: 1e-3,
@@ -503,21 +505,32 @@ mod tests {
         };
         let adaptive = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_stddev: 0.01 };
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
-        for adaptive in [None, Some(&adaptive)] {
-            let enc = NoisyUpdate::with_clip(&template, adaptive, 0.5, "j", 3, &global).unwrap();
-            let sum: Vec<u32> = (0..enc.words()).map(|_| rng.next_u32() & 0xF_FFFF).collect();
-            let flat = enc.ddg.decode(&sum, &enc.rotation).unwrap();
-            let (values, count) = enc.decode_with_count(&sum, 3).unwrap();
-            assert_eq!(values.len(), 5510);
-            assert_eq!(&values[..3000], &flat[..3000]);
-            assert_eq!(&values[3000..3005], &[0.0; 5]);
-            assert_eq!(&values[3005..5505], &flat[3000..5500]);
-            assert_eq!(&values[5505..], &[0.0; 5]);
-            match adaptive {
-                None => assert_eq!((count, flat.len()), (None, 5500)),
-                Some(_) => {
-                    let (_, kappa) = enc.count.unwrap();
-                    assert_eq!(count, Some(flat[5500] / kappa + 1.5));
+        for layout in layouts {
+            let global = Parameters::new(layout).unwrap();
+            for adaptive in [None, Some(&adaptive)] {
+                let enc = NoisyUpdate::with_clip(&template, adaptive, 0.5, "j", 3, &global).unwrap();
+                let sum: Vec<u32> = (0..enc.words()).map(|_| rng.next_u32() & 0xF_FFFF).collect();
+                let flat = enc.ddg.decode(&sum, &enc.rotation).unwrap();
+                let (values, count) = enc.decode_with_count(&sum, 3).unwrap();
+                // The trained values in order, zeros where the frozen tensors are.
+                let mut expected = Vec::new();
+                let mut at = 0;
+                for t in global.tensors() {
+                    if is_input_standardisation(&t.name) {
+                        expected.extend(std::iter::repeat_n(0.0, t.data.len()));
+                    } else {
+                        expected.extend_from_slice(&flat[at..at + t.data.len()]);
+                        at += t.data.len();
+                    }
+                }
+                assert_eq!(values, expected);
+                match adaptive {
+                    None => assert_eq!((count, flat.len()), (None, at)),
+                    Some(_) => {
+                        let (_, kappa) = enc.count.unwrap();
+                        assert_eq!(flat.len(), at + 1);
+                        assert_eq!(count, Some(flat[at] / kappa + 1.5));
+                    }
                 }
             }
         }
