@@ -793,10 +793,18 @@ fn centre(words: &[u32], out: &mut [f64], bits: u32) {
 #[inline(always)]
 fn signs_and_scale(v: &mut [f64], signs: &mut ChaCha20Rng, factor: f64) {
     for chunk in v.chunks_mut(64) {
-        let word = signs.next_u64();
-        for (k, a) in chunk.iter_mut().enumerate() {
-            *a = f64::from_bits(a.to_bits() ^ (((word >> k) & 1) << 63)) * factor;
-        }
+        flip_signs(chunk, signs.next_u64());
+        chunk.iter_mut().for_each(|a| *a *= factor);
+    }
+}
+
+/// Negates `chunk[k]` (at most 64 values) where bit k of `word` is set,
+/// by flipping its sign bit: no branch, and the same signs as
+/// [`SignStream`] gives one by one.
+#[inline(always)]
+fn flip_signs(chunk: &mut [f64], word: u64) {
+    for (k, a) in chunk.iter_mut().enumerate() {
+        *a = f64::from_bits(a.to_bits() ^ (((word >> k) & 1) << 63));
     }
 }
 
@@ -847,12 +855,8 @@ fn signs_and_first_levels_inline(v: &mut [f64], seed: &[u8; 32]) -> f64 {
     let n = v.len();
     if n < 64 {
         // Vectors shorter than one sign word (n ≤ 32): the plain way.
-        let word = rng.next_u64();
-        let mut norm_sq = 0.0;
-        for (k, a) in v.iter_mut().enumerate() {
-            norm_sq += *a * *a;
-            *a = f64::from_bits(a.to_bits() ^ (((word >> k) & 1) << 63));
-        }
+        let norm_sq = v.iter().map(|a| a * a).sum();
+        flip_signs(v, rng.next_u64());
         levels(v, 1, n);
         return norm_sq;
     }
@@ -862,10 +866,7 @@ fn signs_and_first_levels_inline(v: &mut [f64], seed: &[u8; 32]) -> f64 {
     // vectorises on its own.
     for block in v.chunks_exact_mut(b) {
         for chunk in block.chunks_exact_mut(64) {
-            let word = rng.next_u64();
-            for (k, a) in chunk.iter_mut().enumerate() {
-                *a = f64::from_bits(a.to_bits() ^ (((word >> k) & 1) << 63));
-            }
+            flip_signs(chunk, rng.next_u64());
         }
         for group in block.chunks_exact(8) {
             for k in 0..8 {

@@ -727,19 +727,10 @@ impl ConvRows {
                 for p in 0..l {
                     let mut u = [0.0f64; KERNEL_TILE];
                     u.copy_from_slice(&patches[p * stride + kb..p * stride + kb + KERNEL_TILE]);
-                    if rows == CHANNEL_TILE {
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let gv = f64::from(g[(o + r) * l + p]);
-                            for j in 0..KERNEL_TILE {
-                                acc[j] += gv * u[j];
-                            }
-                        }
-                    } else {
-                        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                            let gv = f64::from(g[(o + r) * l + p]);
-                            for j in 0..KERNEL_TILE {
-                                acc[j] += gv * u[j];
-                            }
+                    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                        let gv = f64::from(g[(o + r) * l + p]);
+                        for j in 0..KERNEL_TILE {
+                            acc[j] += gv * u[j];
                         }
                     }
                 }
