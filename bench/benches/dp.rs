@@ -47,6 +47,29 @@ fn ddg_encode(c: &mut Criterion) {
     // modular sum back to Σ clip(Δᵢ) + noise.
     let words = ddg.encode(&x, ddg.sample_noise().expect("noise"), &seed, &mut rng).expect("encode");
     g.bench_function("decode_1M", |b| b.iter(|| ddg.decode(&words, &seed).expect("decode")));
+    // The party's whole path: local − global over a model's tensors (a
+    // 999 × 1000 layer and its bias), clipped, rotated, rounded, noised.
+    let tensor = |name: &str, shape: Vec<usize>, f: &dyn Fn(usize) -> f32| {
+        let len = shape.iter().product();
+        confide_algorithms::Tensor { name: name.into(), shape, data: (0..len).map(f).collect() }
+    };
+    let model = |shift: f32| {
+        confide_algorithms::Parameters::new(vec![
+            tensor("w", vec![999, 1000], &|i| ((i as f32) * 0.37).sin() + shift * ((i as f32) * 0.11).cos()),
+            tensor("b", vec![1000], &|i| shift * (i as f32) * 1e-3),
+        ])
+        .expect("model")
+    };
+    let (global, local) = (model(0.0), model(1e-3));
+    let template = *ddg.config();
+    let update = confide_crypto::aggregation::update::NoisyUpdate::new(&template, "bench", 1, &global).expect("update");
+    g.bench_function("noisy_update_encode_1M", |b| {
+        b.iter_batched(
+            || update.sample_noise().expect("noise"),
+            |noise| update.encode(&global, &local, noise).expect("encode"),
+            criterion::BatchSize::PerIteration,
+        )
+    });
     g.finish();
 }
 

@@ -206,10 +206,11 @@ impl Ddg {
         rotation_seed: &[u8; 32],
         rng: &mut R,
     ) -> Result<Zeroizing<Vec<i64>>, Error> {
-        let (v, factor) = self.rotated(copy_in(x), rotation_seed)?;
+        self.check_length(x)?;
+        let rotated = self.rotated(copy_in(x), rotation_seed)?;
         let mut out = Zeroizing::new(vec![0i64; self.padded]);
         // A failed attempt is overwritten by the next.
-        self.round(&v, factor, rng, |at, r, undo| {
+        self.round(&rotated, rng, |at, r, undo| {
             if !undo {
                 out[at..at + r.len()].copy_from_slice(r);
             }
@@ -217,33 +218,30 @@ impl Ddg {
         Ok(out)
     }
 
-    /// The vector `fill` writes (d values, into the rotation's buffer),
-    /// rotated, with the factor that clips and scales it onto the lattice
-    /// (applied as it is rounded: the transform is linear).
+    /// The vector `fill` writes (d values, into the rotation's buffer,
+    /// block by block), rotated, with the factor that clips and scales it
+    /// onto the lattice (applied as it is rounded: the transform is linear).
     fn rotated(
         &self,
-        fill: impl FnOnce(&mut [f64]) -> Result<(), Error>,
+        mut fill: impl FnMut(usize, &mut [f64]) -> Result<(), Error>,
         rotation_seed: &[u8; 32],
-    ) -> Result<(Rotated, f64), Error> {
+    ) -> Result<Prepared, Error> {
         // The rotated and rounded vectors are the update in other words:
         // wiped when dropped, also when `fill` fails part-way. The padding
         // holds zeros (the kept buffer does between uses).
         let mut v = Rotated::zeros(self.padded);
-        fill(&mut v[..self.cfg.dim])?;
-        // The rotation is orthonormal, so the norm is the input's, taken in
-        // the signs' pass.
-        let norm_sq = signs_and_first_levels(&mut v, rotation_seed);
+        let norm_sq = rotate_in_blocks(&mut v, self.cfg.dim, &mut fill, rotation_seed)?;
+        // The rotation is orthonormal, so the norm is the input's.
         if !norm_sq.is_finite() {
             return Err(Error::InvalidInput("vector has NaN or infinite values".into()));
         }
-        upper_levels(&mut v, FWHT_BLOCK);
         let norm = norm_sq.sqrt();
         let clip = if norm > self.cfg.clip { self.cfg.clip / norm } else { 1.0 };
-        Ok((v, self.scale * clip / (self.padded as f64).sqrt()))
+        Ok(Prepared { v, factor: self.scale * clip / (self.padded as f64).sqrt() })
     }
 
-    /// Conditional randomized rounding of the rotated vector `v` (times
-    /// `factor`): attempts, each with coins from a fresh seed drawn from
+    /// Conditional randomized rounding of the `rotated` vector (times its
+    /// factor): attempts, each with coins from a fresh seed drawn from
     /// `rng`, handing each chunk of integers to `sink(first index, values,
     /// false)`, until the exact integer norm² is within the bound. After a
     /// failed attempt the sink is handed the same integers again with
@@ -251,21 +249,19 @@ impl Ddg {
     /// accumulates in place can take them back out.
     fn round<R: CryptoRng + ?Sized>(
         &self,
-        v: &[f64],
-        factor: f64,
+        rotated: &Prepared,
         rng: &mut R,
         mut sink: impl FnMut(usize, &[i64], bool),
     ) -> Result<(), Error> {
-        let mut coins = Zeroizing::new(vec![0u8; 2 * ROUNDING_CHUNK]);
-        let mut rounded = Zeroizing::new(vec![0i64; ROUNDING_CHUNK]);
+        let mut buffers = RoundingBuffers::new();
         for _ in 0..MAX_ROUNDING_TRIES {
             let mut coin_seed = Zeroizing::new([0u8; 32]);
             rng.fill_bytes(&mut *coin_seed);
-            let norm_sq = round_once(v, factor, &coin_seed, &mut coins, &mut rounded, &mut |at, r| sink(at, r, false));
+            let norm_sq = round_once(rotated, &coin_seed, &mut buffers, &mut |at, r| sink(at, r, false));
             if norm_sq <= self.bound_sq {
                 return Ok(());
             }
-            round_once(v, factor, &coin_seed, &mut coins, &mut rounded, &mut |at, r| sink(at, r, true));
+            round_once(rotated, &coin_seed, &mut buffers, &mut |at, r| sink(at, r, true));
         }
         Err(Error::InvalidInput(format!(
             "conditional rounding failed {MAX_ROUNDING_TRIES} times (β = {} too small for this vector)",
@@ -284,15 +280,30 @@ impl Ddg {
         rotation_seed: &[u8; 32],
         rng: &mut R,
     ) -> Result<Vec<u32>, Error> {
+        self.check_length(x)?;
         self.encode_with(copy_in(x), noise, rotation_seed, rng)
     }
 
-    /// [`Ddg::encode`] of the vector `fill` writes into the slice it is
-    /// given (d values, in the rotation's own buffer: no copy of a vector
-    /// the caller builds anyway). An error from `fill` is returned as is.
+    fn check_length(&self, x: &[f32]) -> Result<(), Error> {
+        if x.len() != self.cfg.dim {
+            return Err(Error::InvalidInput(format!(
+                "vector of {} values; the mechanism takes {}",
+                x.len(),
+                self.cfg.dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Ddg::encode`] of the vector `fill` writes, a block at a time:
+    /// `fill(at, out)` writes values `at..at + out.len()` (of d), for
+    /// consecutive blocks in order, straight into the rotation's own buffer
+    /// while the block is in cache (no copy of a vector the caller builds
+    /// anyway, and no pass of its own). An error from `fill` is returned as
+    /// is.
     pub fn encode_with<R: CryptoRng + ?Sized>(
         &self,
-        fill: impl FnOnce(&mut [f64]) -> Result<(), Error>,
+        fill: impl FnMut(usize, &mut [f64]) -> Result<(), Error>,
         noise: DdgNoise,
         rotation_seed: &[u8; 32],
         rng: &mut R,
@@ -315,7 +326,7 @@ impl Ddg {
                 noise.2, self.cfg.bits
             )));
         }
-        let (v, factor) = self.rotated(fill, rotation_seed)?;
+        let rotated = self.rotated(fill, rotation_seed)?;
         // The noise (mod 2^b) becomes the words in place: each rounded value
         // is added to its noise modulo 2^b (two's complement), so the sum
         // of the words is the sum's residue. No fresh 4 MB to fault in, and
@@ -324,7 +335,7 @@ impl Ddg {
         // fails (handed over whole otherwise).
         let mask = self.word_mask();
         let mut words = noise.0;
-        self.round(&v, factor, rng, |at, r, undo| {
+        self.round(&rotated, rng, |at, r, undo| {
             Loop::AddRounded(&mut words[at..at + r.len()], r, mask, undo).run();
         })?;
         Ok(std::mem::take(&mut *words))
@@ -596,22 +607,25 @@ impl Drop for Rotated {
     fn drop(&mut self) {
         use zeroize::Zeroize;
         let mut v = std::mem::take(&mut self.0);
-        // Every element and the spare capacity, keeping the length: the
-        // buffer holds zeros until its next use.
-        v.as_mut_slice().zeroize();
-        v.spare_capacity_mut().zeroize();
-        if v.capacity() > KEPT_ROTATION_VALUES {
-            // A larger model's buffer is freed (wiped): a thread that ran
-            // one job keeps at most 16 MiB after it.
-            return;
-        }
         let _ = ROTATION_BUFFER.try_with(|b| {
+            // A larger model's buffer is not kept: a thread that ran one
+            // job keeps at most 16 MiB after it.
             if let Ok(mut slot) = b.try_borrow_mut()
+                && v.capacity() <= KEPT_ROTATION_VALUES
                 && slot.capacity() < v.capacity()
             {
-                *slot = v;
+                // Kept: zeros written by a plain (vectorised) fill, which
+                // the compiler cannot drop, since the buffer is read again
+                // by its next user; the length stays, and the buffer holds
+                // zeros until then.
+                v.fill(0.0);
+                v.spare_capacity_mut().zeroize();
+                *slot = std::mem::take(&mut v);
             }
         });
+        // Freed (not kept): wiped by volatile writes, which the compiler
+        // keeps before the free. (Empty when kept.)
+        v.zeroize();
     }
 }
 
@@ -646,17 +660,11 @@ impl SignStream {
     }
 }
 
-/// Writes `x` as f64 into the slice it is given (of the mechanism's d).
-fn copy_in(x: &[f32]) -> impl FnOnce(&mut [f64]) -> Result<(), Error> + '_ {
-    move |out| {
-        if x.len() != out.len() {
-            return Err(Error::InvalidInput(format!(
-                "vector of {} values; the mechanism takes {}",
-                x.len(),
-                out.len()
-            )));
-        }
-        out.iter_mut().zip(x).for_each(|(o, &a)| *o = f64::from(a));
+/// Writes `x` as f64 into the blocks it is given (`x` checked to hold the
+/// mechanism's d values first: [`Ddg::check_length`]).
+fn copy_in(x: &[f32]) -> impl FnMut(usize, &mut [f64]) -> Result<(), Error> + '_ {
+    move |at, out| {
+        out.iter_mut().zip(&x[at..]).for_each(|(o, &a)| *o = f64::from(a));
         Ok(())
     }
 }
@@ -671,10 +679,13 @@ fn copy_in(x: &[f32]) -> impl FnOnce(&mut [f64]) -> Result<(), Error> + '_ {
 /// apart, for the baseline. The results are the same bits: no operation is
 /// reordered or fused.
 enum Loop<'a> {
-    /// [`signs_and_first_levels`].
-    SignsAndFirstLevels(&'a mut [f64], &'a [u8; 32]),
-    /// [`levels`] `from..n`.
-    Levels(&'a mut [f64], usize),
+    /// [`signs_and_first_levels`] of one block, the signs from the stream,
+    /// the squares added to the lanes.
+    SignsAndFirstLevels(&'a mut [f64], &'a mut ChaCha20Rng, &'a mut [f64; 8]),
+    /// [`levels`] `from..to`.
+    Levels(&'a mut [f64], usize, usize),
+    /// [`block_levels`].
+    BlockLevels(&'a mut [f64]),
     /// [`round_chunk`] (returns the chunk's norm²).
     RoundChunk(&'a [f64], f64, &'a [u8], &'a mut [i64]),
     /// [`add_rounded`] (subtracting when the flag is set).
@@ -689,12 +700,19 @@ impl pulp::WithSimd for Loop<'_> {
     type Output = u128;
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) -> u128 {
+    fn with_simd<S: pulp::Simd>(self, simd: S) -> u128 {
         match self {
-            Loop::SignsAndFirstLevels(v, seed) => u128::from(signs_and_first_levels_inline(v, seed).to_bits()),
-            Loop::Levels(v, from) => {
+            Loop::SignsAndFirstLevels(block, signs, lanes) => {
+                signs_and_first_levels(simd, block, signs, lanes);
+                0
+            }
+            Loop::BlockLevels(block) => {
+                block_levels(simd, block);
+                0
+            }
+            Loop::Levels(v, from, to) => {
                 let n = v.len();
-                levels(v, from.min(n), n);
+                levels(v, from.min(n), to.min(n));
                 0
             }
             Loop::RoundChunk(v, factor, coins, out) => round_chunk(v, factor, coins, out),
@@ -808,25 +826,78 @@ fn flip_signs(chunk: &mut [f64], word: u64) {
     }
 }
 
+/// A vector ready for rounding: rotated, with the factor that clips and
+/// scales it onto the lattice, applied as each value is rounded.
+struct Prepared {
+    v: Rotated,
+    factor: f64,
+}
+
+/// `v` (zeros, a power of two long) ← H·D·(the first `d` values `fill`
+/// writes, block by block, then zeros); returns ‖v‖² before the transform
+/// (H is not normalised here: H² = n·I).
+fn rotate_in_blocks(
+    v: &mut [f64],
+    d: usize,
+    fill: &mut impl FnMut(usize, &mut [f64]) -> Result<(), Error>,
+    rotation_seed: &[u8; 32],
+) -> Result<f64, Error> {
+    let n = v.len();
+    debug_assert!(n.is_power_of_two() && d <= n);
+    let mut signs = ChaCha20Rng::from_seed(*rotation_seed);
+    if n < 64 {
+        // Vectors shorter than one sign word (n ≤ 32): the plain way.
+        fill(0, &mut v[..d])?;
+        let norm_sq = v.iter().map(|a| a * a).sum();
+        flip_signs(v, signs.next_u64());
+        levels(v, 1, n);
+        return Ok(norm_sq);
+    }
+    // Each block written, its signs flipped, its norm² taken and its
+    // levels run while it is in the L1 cache: one pass over memory. The
+    // blocks past d hold zeros and stay zeros.
+    let mut lanes = [0.0f64; 8];
+    let b = FWHT_BLOCK.min(n);
+    for (at, block) in (0..d).step_by(b).zip(v.chunks_exact_mut(b)) {
+        fill(at, &mut block[..b.min(d - at)])?;
+        Loop::SignsAndFirstLevels(block, &mut signs, &mut lanes).run();
+    }
+    Loop::Levels(v, b, n).run();
+    Ok(lanes.iter().sum())
+}
+
+/// The rounding's scratch: its coins and integers, wiped when dropped.
+struct RoundingBuffers {
+    coins: Zeroizing<Vec<u8>>,
+    rounded: Zeroizing<Vec<i64>>,
+}
+
+impl RoundingBuffers {
+    fn new() -> Self {
+        RoundingBuffers {
+            coins: Zeroizing::new(vec![0u8; 2 * ROUNDING_CHUNK]),
+            rounded: Zeroizing::new(vec![0i64; ROUNDING_CHUNK]),
+        }
+    }
+}
+
 /// One attempt of [`Ddg::round`]: the coins from `coin_seed` (ChaCha12,
 /// the CSPRNG of `rand`'s `StdRng`: it expands a fresh 256-bit seed from
 /// the OS-seeded ChaCha20 and is 1.6 times as fast over the 2 MiB of coins
 /// a million values take); returns the exact integer norm².
 fn round_once(
-    v: &[f64],
-    factor: f64,
+    rotated: &Prepared,
     coin_seed: &[u8; 32],
-    coins: &mut [u8],
-    rounded: &mut [i64],
+    buffers: &mut RoundingBuffers,
     sink: &mut impl FnMut(usize, &[i64]),
 ) -> u128 {
     let mut coin_rng = rand_chacha::ChaCha12Rng::from_seed(*coin_seed);
     let mut norm_sq: u128 = 0;
-    for (c, vc) in v.chunks(ROUNDING_CHUNK).enumerate() {
-        let bytes = &mut coins[..2 * vc.len()];
-        coin_rng.fill_bytes(bytes);
-        let out = &mut rounded[..vc.len()];
-        norm_sq += Loop::RoundChunk(vc, factor, bytes, out).run();
+    for (c, vc) in rotated.v.chunks(ROUNDING_CHUNK).enumerate() {
+        let coins = &mut buffers.coins[..2 * vc.len()];
+        coin_rng.fill_bytes(coins);
+        let out = &mut buffers.rounded[..vc.len()];
+        norm_sq += Loop::RoundChunk(vc, rotated.factor, coins, out).run();
         sink(c * ROUNDING_CHUNK, out);
     }
     norm_sq
@@ -840,72 +911,82 @@ const FWHT_BLOCK: usize = 1 << 11;
 // but the last must start at a word boundary.
 const _: () = assert!(FWHT_BLOCK.is_multiple_of(64));
 
-/// `v ← D·v` (the signs of [`SignStream`], 64 values per word, flipped
-/// without a branch), and the transform's levels inside each L1 block, in
-/// one pass over memory; returns ‖v‖² (in eight lanes, so the sum
-/// vectorises). The first three levels run on eight values at a time in
-/// registers, where the radix-4 loops would handle one or four per step.
-fn signs_and_first_levels(v: &mut [f64], seed: &[u8; 32]) -> f64 {
-    f64::from_bits(Loop::SignsAndFirstLevels(v, seed).run() as u64)
-}
-
+/// `block ← D·block` (the next signs of [`SignStream`], 64 values per
+/// word, flipped without a branch), its squares added to `lanes` (eight,
+/// so the sum vectorises) and the transform's levels inside the block, in
+/// one pass while it is in the L1 cache. The first three levels run on
+/// eight values at a time in registers, where the radix-4 loops would
+/// handle one or four per step.
 #[inline(always)]
-fn signs_and_first_levels_inline(v: &mut [f64], seed: &[u8; 32]) -> f64 {
-    let mut rng = ChaCha20Rng::from_seed(*seed);
-    let n = v.len();
-    if n < 64 {
-        // Vectors shorter than one sign word (n ≤ 32): the plain way.
-        let norm_sq = v.iter().map(|a| a * a).sum();
-        flip_signs(v, rng.next_u64());
-        levels(v, 1, n);
-        return norm_sq;
-    }
-    let b = FWHT_BLOCK.min(n);
-    let mut lanes = [0.0f64; 8];
+fn signs_and_first_levels<S: pulp::Simd>(simd: S, block: &mut [f64], signs: &mut ChaCha20Rng, lanes: &mut [f64; 8]) {
     // Each step a simple loop over the block (in L1), so that each
     // vectorises on its own.
-    for block in v.chunks_exact_mut(b) {
-        for chunk in block.chunks_exact_mut(64) {
-            flip_signs(chunk, rng.next_u64());
-        }
-        for group in block.chunks_exact(8) {
-            for k in 0..8 {
-                lanes[k] += group[k] * group[k];
-            }
-        }
-        for group in block.chunks_exact_mut(8) {
-            let x: [f64; 8] = [group[0], group[1], group[2], group[3], group[4], group[5], group[6], group[7]];
-            group.copy_from_slice(&wht8(x));
-        }
-        levels(block, 8, b);
+    for chunk in block.chunks_exact_mut(64) {
+        flip_signs(chunk, signs.next_u64());
     }
-    lanes.iter().sum()
+    let (groups, _) = block.as_chunks::<8>();
+    for group in groups {
+        for k in 0..8 {
+            lanes[k] += group[k] * group[k];
+        }
+    }
+    block_levels(simd, block);
 }
 
-/// The transform of eight values (levels 1, 2 and 4), written as swaps,
-/// sums, differences and picks so that it compiles to in-register
-/// permutes and blends.
+/// The signs of H₈'s rows as f64 sign bits: `-0.0` where H₈[j][k] = −1,
+/// i.e. popcount(j & k) is odd (XOR with it negates; H₈ is symmetric).
+const H8_SIGNS: [[f64; 8]; 8] = {
+    let mut rows = [[0.0f64; 8]; 8];
+    let mut j: usize = 0;
+    while j < 8 {
+        let mut k: usize = 0;
+        while k < 8 {
+            if (j & k).count_ones() % 2 == 1 {
+                rows[j][k] = -0.0;
+            }
+            k += 1;
+        }
+        j += 1;
+    }
+    rows
+};
+
+/// The levels of one block (a power of two, at least 8 long): the first
+/// three as H₈·x on each group of eight values, the rest by [`levels`].
+///
+/// H₈·x is formed in vector registers (one for a group under AVX-512, two
+/// under AVX2): each input broadcast, its sign pattern applied by XOR
+/// (exact), and added into the group's outputs. Written with `pulp`'s
+/// vector types, because from plain arrays the compiler vectorised across
+/// groups instead, with gathers and scatters that took a fifth of the
+/// encoding. The outputs are sums of the same eight terms as the
+/// butterflies', in another order (within rounding of them).
 #[inline(always)]
-fn wht8(x: [f64; 8]) -> [f64; 8] {
-    // Level 1: pairs.
-    let s = [x[1], x[0], x[3], x[2], x[5], x[4], x[7], x[6]];
-    let mut a = [0.0; 8];
-    for k in 0..8 {
-        a[k] = if k & 1 == 0 { x[k] + s[k] } else { s[k] - x[k] };
+fn block_levels<S: pulp::Simd>(simd: S, block: &mut [f64]) {
+    let lanes = S::F64_LANES;
+    if lanes <= 8 && 8 % lanes == 0 && block.len() >= 8 {
+        let regs = 8 / lanes;
+        let zero = simd.splat_f64s(0.0);
+        let (groups, _) = S::as_mut_simd_f64s(block);
+        for group in groups.chunks_exact_mut(regs) {
+            let mut x = [0.0f64; 8];
+            x.copy_from_slice(pulp::bytemuck::cast_slice::<S::f64s, f64>(group));
+            let mut out = [zero; 8];
+            for (j, &value) in x.iter().enumerate() {
+                let broadcast = simd.splat_f64s(value);
+                let signs = pulp::bytemuck::cast_slice::<f64, S::f64s>(&H8_SIGNS[j]);
+                for (o, &sign) in out[..regs].iter_mut().zip(signs) {
+                    *o = simd.add_f64s(*o, simd.xor_f64s(broadcast, sign));
+                }
+            }
+            group.copy_from_slice(&out[..regs]);
+        }
+        let b = block.len();
+        levels(block, 8, b);
+    } else {
+        let b = block.len();
+        levels(block, 1, b);
     }
-    // Level 2: pairs of pairs.
-    let s = [a[2], a[3], a[0], a[1], a[6], a[7], a[4], a[5]];
-    let mut b = [0.0; 8];
-    for k in 0..8 {
-        b[k] = if k & 2 == 0 { a[k] + s[k] } else { s[k] - a[k] };
-    }
-    // Level 4: halves.
-    let mut c = [0.0; 8];
-    for k in 0..4 {
-        c[k] = b[k] + b[k + 4];
-        c[k + 4] = b[k] - b[k + 4];
-    }
-    c
 }
 
 /// In-place fast Walsh–Hadamard transform, unnormalised (H·v, H² = n·I).
@@ -916,16 +997,14 @@ fn fwht(v: &mut [f64]) {
     let n = v.len();
     debug_assert!(n.is_power_of_two());
     let b = FWHT_BLOCK.min(n);
-    for block in v.chunks_exact_mut(b) {
-        Loop::Levels(block, 1).run();
+    if b < 8 {
+        levels(v, 1, n);
+        return;
     }
-    upper_levels(v, b);
-}
-
-/// The transform's levels from `from` (those below done) to the end,
-/// vectorised.
-fn upper_levels(v: &mut [f64], from: usize) {
-    Loop::Levels(v, from).run();
+    for block in v.chunks_exact_mut(b) {
+        Loop::BlockLevels(block).run();
+    }
+    Loop::Levels(v, b, n).run();
 }
 
 /// The transform's levels h = from, 2·from, … below `to`.
@@ -1104,14 +1183,29 @@ mod tests {
     /// The encoding's fused pass (signs, norm, the levels inside blocks) and
     /// the levels above are the reference rotation (the signs, then a plain
     /// radix-2 transform), at sizes that take every path: below one sign
-    /// word, inside one block, and several blocks.
+    /// word, inside one block, and several blocks; with the input filling
+    /// all of it or part (a last block in part, padding blocks never
+    /// filled, which stay zeros).
     #[test]
     fn the_fused_rotation_is_the_reference_rotation() {
         let seed = [9u8; 32];
-        for log in [0, 1, 3, 5, 6, 7, 11, 12, 14] {
-            let n = 1usize << log;
-            let x: Vec<f64> = (0..n).map(|i| ((i * 2654435761) % 1000) as f64 / 7.0 - 50.0).collect();
+        let b = FWHT_BLOCK;
+        // (n, d): d = n at every size; then a last block filled in part, a
+        // single value, and padding blocks that are never filled.
+        let mut cases: Vec<(usize, usize)> =
+            [0, 1, 3, 5, 6, 7, 11, 12, 13, 14, 16].map(|log| (1 << log, 1 << log)).to_vec();
+        cases.extend([
+            (64, 1),
+            (64, 37),
+            (1 << 14, (1 << 14) - 5),
+            (1 << 14, b + 1),
+            (1 << 14, 2 * b),
+            (1 << 16, 3 * b + 17),
+        ]);
+        for (n, d) in cases {
+            let x: Vec<f64> = (0..d).map(|i| ((i * 2654435761) % 1000) as f64 / 7.0 - 50.0).collect();
             let mut want = x.clone();
+            want.resize(n, 0.0);
             let mut signs = SignStream::new(&seed);
             want.iter_mut().for_each(|a| *a = if signs.next_negative() { -*a } else { *a });
             let mut h = 1;
@@ -1119,13 +1213,67 @@ mod tests {
                 radix2(&mut want, h);
                 h *= 2;
             }
-            let mut got = x.clone();
-            let norm_sq = signs_and_first_levels(&mut got, &seed);
-            upper_levels(&mut got, FWHT_BLOCK);
+            let mut got = vec![0.0; n];
+            let mut filled = Vec::new();
+            let mut fill = |at: usize, out: &mut [f64]| {
+                filled.push((at, out.len()));
+                out.copy_from_slice(&x[at..at + out.len()]);
+                Ok(())
+            };
+            let norm_sq = rotate_in_blocks(&mut got, d, &mut fill, &seed).unwrap();
+            let blocks: Vec<_> = if n < 64 {
+                vec![(0, d)]
+            } else {
+                let b = b.min(n);
+                (0..d).step_by(b).map(|at| (at, b.min(d - at))).collect()
+            };
+            assert_eq!(filled, blocks, "n = {n}, d = {d}: the blocks holding values, in order");
             let norm_x: f64 = x.iter().map(|a| a * a).sum();
-            assert!((norm_sq - norm_x).abs() <= 1e-12 * norm_x, "n = {n}: norm² {norm_sq} vs {norm_x}");
+            assert!((norm_sq - norm_x).abs() <= 1e-12 * norm_x, "n = {n}, d = {d}: norm² {norm_sq} vs {norm_x}");
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() < 1e-9 * (1.0 + w.abs()), "n = {n}, [{i}]: {g} vs {w}");
+                assert!((g - w).abs() < 1e-9 * (1.0 + w.abs()), "n = {n}, d = {d}, [{i}]: {g} vs {w}");
+            }
+        }
+    }
+
+    /// A block's levels are the plain radix-2 levels' (to rounding) under
+    /// every instruction set the CPU has, not only the widest the dispatch
+    /// picks: the group transform's registers hold a group (AVX-512), half
+    /// of one (AVX2) or a value (the fallback).
+    #[test]
+    fn block_levels_are_the_plain_levels_under_every_instruction_set() {
+        struct Op<'a>(&'a mut [f64]);
+        impl pulp::WithSimd for Op<'_> {
+            type Output = ();
+            #[inline(always)]
+            fn with_simd<S: pulp::Simd>(self, simd: S) {
+                block_levels(simd, self.0);
+            }
+        }
+        for n in [8, 64, FWHT_BLOCK] {
+            let x: Vec<f64> = (0..n).map(|i| ((i * 2654435761) % 1000) as f64 / 7.0 - 50.0).collect();
+            let mut want = x.clone();
+            levels(&mut want, 1, n);
+            let mut runs: Vec<(&str, Vec<f64>)> = Vec::new();
+            let mut got = x.clone();
+            pulp::Simd::vectorize(pulp::Scalar::new(), Op(&mut got));
+            runs.push(("scalar", got));
+            #[cfg(target_arch = "x86_64")]
+            if let Some(simd) = pulp::x86::V3::try_new() {
+                let mut got = x.clone();
+                pulp::Simd::vectorize(simd, Op(&mut got));
+                runs.push(("avx2", got));
+            }
+            #[cfg(target_arch = "x86_64")]
+            if let Some(simd) = pulp::x86::V4::try_new() {
+                let mut got = x.clone();
+                pulp::Simd::vectorize(simd, Op(&mut got));
+                runs.push(("avx512", got));
+            }
+            for (isa, got) in runs {
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() < 1e-9 * (1.0 + w.abs()), "{isa}, n = {n}, [{i}]: {g} vs {w}");
+                }
             }
         }
     }
@@ -1194,7 +1342,8 @@ mod tests {
             let noise: Vec<u32> = (0..64).map(|_| g.next_u32() & mask).collect();
             let mut words = noise.clone();
             let mut last = vec![0i64; 64];
-            ddg.round(&v, 1.0, &mut g, |at, r, undo| {
+            let prepared = Prepared { v: Rotated(v.clone()), factor: 1.0 };
+            ddg.round(&prepared, &mut g, |at, r, undo| {
                 add_rounded(&mut words[at..at + r.len()], r, mask, undo);
                 if undo {
                     failed += 1;
@@ -1382,13 +1531,13 @@ mod tests {
             let ddg = Ddg::new(DdgConfig { beta: 0.99, ..config(3 * ROUNDING_CHUNK, 5, bits) }).expect("params");
             let x: Vec<f32> = (0..3 * ROUNDING_CHUNK).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0).collect();
             let seed = [4u8; 32];
-            let (v, factor) = ddg.rotated(copy_in(&x), &seed).expect("rotated");
+            let rotated = ddg.rotated(copy_in(&x), &seed).expect("rotated");
             let mut undone = 0;
             for trial in 0..8 {
-                ddg.round(&v, factor, &mut rng(trial), |_, _, undo| undone += usize::from(undo)).expect("round");
+                ddg.round(&rotated, &mut rng(trial), |_, _, undo| undone += usize::from(undo)).expect("round");
             }
             assert!(undone >= 4, "{undone} undone chunks over the trials' roundings: no attempt failed");
-            drop(v);
+            drop(rotated);
             for trial in 0..8 {
                 let noise = ddg.sample_noise().expect("noise");
                 let residues = noise.0.clone();

@@ -495,7 +495,7 @@ pub fn clip_update(
         .tensors()
         .iter()
         .zip(global.tensors())
-        .map(|(l, g)| squared_distance(&l.data, &g.data))
+        .map(|(l, g)| confide_algorithms::params::squared_distance(&l.data, &g.data))
         .sum::<f64>()
         .sqrt();
     if !norm.is_finite() {
@@ -515,21 +515,6 @@ pub fn clip_update(
         }
     }
     out
-}
-
-/// ‖a − b‖² in f64 (where no pair of finite f32 values overflows), summed
-/// in eight lanes so that the loop vectorises.
-fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for k in 0..8 {
-            let d = f64::from(a[k]) - f64::from(b[k]);
-            lanes[k] += d * d;
-        }
-    }
-    let rest = a.len() - a.len() % 8;
-    let tail: f64 = a[rest..].iter().zip(&b[rest..]).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum();
-    lanes.iter().sum::<f64>() + tail
 }
 
 #[cfg(test)]

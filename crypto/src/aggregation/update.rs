@@ -14,6 +14,7 @@
 //! noise, weighing 1.
 
 use confide_algorithms::Parameters;
+use confide_algorithms::params::{scaled_difference_into, squared_distance};
 use confide_algorithms::trainer::is_input_standardisation;
 use confide_dp::ddg::{AdaptiveClip, Ddg, DdgConfig, DdgNoise, MAX_PADDED_DIM};
 
@@ -231,8 +232,6 @@ impl NoisyUpdate {
         // The difference and its norm in f64, where no pair of finite f32
         // values overflows: whether an error is sent must not depend on the
         // rows. A non-finite update (a diverged model) becomes no update.
-        // Tensor by tensor (not one flattened iterator), so the loop
-        // vectorises.
         let trained =
             || local.tensors().iter().zip(global.tensors()).filter(|(_, g)| !is_input_standardisation(&g.name));
         let dim = self.ddg.config().dim;
@@ -242,32 +241,41 @@ impl NoisyUpdate {
             return Err(Error::InvalidInput(format!("{values} trained values for a mechanism of {}", dim - counted)));
         }
         let clip = self.clip();
-        let count = self.count;
-        // Written straight into the mechanism's rotation buffer (wiped with
-        // it), the norm taken in the same pass.
-        let fill = |out: &mut [f64]| {
-            let mut at = 0;
-            let mut norm_sq = 0.0;
-            for (l, g) in trained() {
-                norm_sq += difference_into(&mut out[at..at + l.data.len()], &l.data, &g.data);
-                at += l.data.len();
-            }
-            let norm = norm_sq.sqrt();
-            let update = &mut out[..values];
-            let fits = if !norm.is_finite() {
-                update.fill(0.0);
-                true
-            } else if norm <= clip {
-                true
-            } else {
-                // A hair inside, against rounding.
-                let factor = clip * (1.0 - 1e-6) / norm;
-                update.iter_mut().for_each(|d| *d *= factor);
-                false
-            };
-            if let Some((_, kappa)) = count {
-                // Adaptive clipping: whether the update fitted, weighted.
-                out[values] = (f64::from(u8::from(fits)) - 0.5) * kappa;
+        // The norm first, reading the two models only: the mechanism then
+        // reads them once more, writing each block of the (clipped)
+        // difference straight into its rotation buffer as it transforms it.
+        let tensors: Vec<(&[f32], &[f32])> = trained().map(|(l, g)| (&l.data[..], &g.data[..])).collect();
+        let norm = tensors.iter().map(|(l, g)| squared_distance(l, g)).sum::<f64>().sqrt();
+        let (scale, fits) = if !norm.is_finite() {
+            (None, true)
+        } else if norm <= clip {
+            (Some(1.0), true)
+        } else {
+            // A hair inside, against rounding.
+            (Some(clip * (1.0 - 1e-6) / norm), false)
+        };
+        // Adaptive clipping: whether the update fitted, weighted, last.
+        let count = self.count.map(|(_, kappa)| (f64::from(u8::from(fits)) - 0.5) * kappa);
+        let mut place = TensorCursor::default();
+        let fill = |at: usize, out: &mut [f64]| {
+            let mut i = 0;
+            while i < out.len() {
+                let Some((t, offset)) = place.find(&tensors, at + i) else {
+                    // Past the trained values: the count coordinate.
+                    out[i] = count.unwrap_or(0.0);
+                    i += 1;
+                    continue;
+                };
+                let (l, g) = tensors[t];
+                let take = (l.len() - offset).min(out.len() - i);
+                match scale {
+                    Some(scale) => {
+                        scaled_difference_into(&mut out[i..i + take], &l[offset..], &g[offset..], scale);
+                    }
+                    // A non-finite update (a diverged model) becomes no update.
+                    None => out[i..i + take].fill(0.0),
+                }
+                i += take;
             }
             Ok(())
         };
@@ -337,42 +345,29 @@ impl NoisyUpdate {
     }
 }
 
-/// `out = local − global` in f64 (where no pair of finite f32 values
-/// overflows); returns ‖out‖², summed in eight lanes so that the loop
-/// vectorises, compiled for the CPU's widest vector instructions (AVX2 or
-/// AVX-512, detected at run time by `pulp`: the loop is inlined into its
-/// target-feature function; same operations, same bits).
-fn difference_into(out: &mut [f64], local: &[f32], global: &[f32]) -> f64 {
-    struct Difference<'a>(&'a mut [f64], &'a [f32], &'a [f32]);
-    impl pulp::WithSimd for Difference<'_> {
-        type Output = f64;
-        #[inline(always)]
-        fn with_simd<S: pulp::Simd>(self, _: S) -> f64 {
-            difference_into_inline(self.0, self.1, self.2)
-        }
-    }
-    pulp::Arch::new().dispatch(Difference(out, local, global))
+/// Where the values a block asks for are: the tensor and the offset in it
+/// of a flat index over the trained tensors, found from the last place
+/// (the mechanism asks for consecutive blocks in order).
+#[derive(Default)]
+struct TensorCursor {
+    tensor: usize,
+    start: usize,
 }
 
-#[inline(always)]
-fn difference_into_inline(out: &mut [f64], local: &[f32], global: &[f32]) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    let (o8, l8, g8) = (out.chunks_exact_mut(8), local.chunks_exact(8), global.chunks_exact(8));
-    let (o_rest, l_rest, g_rest) = (o8.len() * 8, l8.len() * 8, g8.len() * 8);
-    for ((o, l), g) in o8.zip(l8).zip(g8) {
-        for k in 0..8 {
-            let d = f64::from(l[k]) - f64::from(g[k]);
-            o[k] = d;
-            lanes[k] += d * d;
+impl TensorCursor {
+    fn find(&mut self, tensors: &[(&[f32], &[f32])], index: usize) -> Option<(usize, usize)> {
+        if index < self.start {
+            *self = TensorCursor::default();
         }
+        while let Some((l, _)) = tensors.get(self.tensor) {
+            if index < self.start + l.len() {
+                return Some((self.tensor, index - self.start));
+            }
+            self.start += l.len();
+            self.tensor += 1;
+        }
+        None
     }
-    let mut sum: f64 = lanes.iter().sum();
-    for ((o, &a), &b) in out[o_rest..].iter_mut().zip(&local[l_rest..]).zip(&global[g_rest..]) {
-        let d = f64::from(a) - f64::from(b);
-        *o = d;
-        sum += d * d;
-    }
-    sum
 }
 
 #[cfg(test)]
@@ -474,6 +469,79 @@ mod tests {
         assert!(values[4..].iter().all(|v| (v - per_value).abs() < 1e-2), "{values:?}");
         // Another round rotates with another seed: its mechanism differs.
         assert_ne!(NoisyUpdate::new(&template, "j", 2, &global).unwrap().digest(), enc.digest());
+    }
+
+    /// The mechanism reads the difference block by block across tensor
+    /// boundaries (2,048 values a block; a frozen tensor between two
+    /// trained ones; the count coordinate in the last block): each value
+    /// decodes to its own clipped difference, below and above the clip,
+    /// with and without adaptive clipping's count.
+    #[test]
+    fn the_difference_is_read_across_blocks_and_tensors() {
+        // 5,508 trained values (the count mid-block); then 2,048, which puts
+        // the count alone at the start of the second block.
+        for shapes in [&[("w1", 3001), (INPUT_MEAN, 100), ("w2", 2500), ("b", 7)][..], &[("w", 2000), ("b", 48)]] {
+            difference_read_across_blocks(shapes);
+        }
+    }
+
+    fn difference_read_across_blocks(shapes: &[(&str, usize)]) {
+        let model = |f: &dyn Fn(usize) -> f32| {
+            let mut at = 0;
+            let tensors = shapes
+                .iter()
+                .map(|&(name, n)| {
+                    let data = (at..at + n).map(f).collect();
+                    at += n;
+                    Tensor { name: name.into(), shape: vec![n], data }
+                })
+                .collect();
+            Parameters::new(tensors).unwrap()
+        };
+        let global = model(&|i| (i as f32 * 0.01).sin());
+        let trained: usize = shapes.iter().filter(|(name, _)| *name != INPUT_MEAN).map(|(_, n)| n).sum();
+        let template = DdgConfig {
+            clip: 1.0,
+            noise_multiplier: 1e-4,
+            dim: trained + 1,
+            bits: 32,
+            max_parties: 3,
+            honest_parties: 3,
+            beta: 0.6,
+            k_stddevs: 4.0,
+        };
+        let adaptive = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_stddev: 0.01 };
+        for counted in [None, Some(&adaptive)] {
+            for size in [0.5f32, 4.0] {
+                // Differences of norm ≈ `size`, each value distinct.
+                let step = |i: usize| size * ((i % 97) as f32 - 48.0) / 28.0 / (trained as f32).sqrt();
+                let local = model(&|i| (i as f32 * 0.01).sin() + step(i));
+                let enc = NoisyUpdate::with_clip(&template, counted, 1.0, "j", 1, &global).unwrap();
+                assert_eq!(enc.words(), (trained + usize::from(counted.is_some())).next_power_of_two());
+                let words = enc.encode(&global, &local, enc.sample_noise().unwrap()).unwrap();
+                let (back, count) = enc.decode_with_count(&words, 1).unwrap();
+                let mut want: Vec<f64> = Vec::new();
+                let mut norm_sq = 0.0;
+                for ((l, g), &(name, _)) in local.tensors().iter().zip(global.tensors()).zip(shapes) {
+                    for (&a, &b) in l.data.iter().zip(&g.data) {
+                        let d = f64::from(a) - f64::from(b);
+                        want.push(if name == INPUT_MEAN { f64::NAN } else { d });
+                        if name != INPUT_MEAN {
+                            norm_sq += d * d;
+                        }
+                    }
+                }
+                let factor = (1.0 / norm_sq.sqrt()).min(1.0);
+                for (i, (got, w)) in back.iter().zip(&want).enumerate() {
+                    let w = if w.is_nan() { 0.0 } else { w * factor };
+                    assert!((got - w).abs() < 2e-3, "size {size}, [{i}]: {got} vs {w}");
+                }
+                if counted.is_some() {
+                    let fitted = if size < 1.0 { 1.0 } else { 0.0 };
+                    assert!((count.unwrap() - fitted).abs() < 0.1, "size {size}: count {count:?}");
+                }
+            }
+        }
     }
 
     /// The decoded values go to their tensors' places, across the
