@@ -997,10 +997,6 @@ fn fwht(v: &mut [f64]) {
     let n = v.len();
     debug_assert!(n.is_power_of_two());
     let b = FWHT_BLOCK.min(n);
-    if b < 8 {
-        levels(v, 1, n);
-        return;
-    }
     for block in v.chunks_exact_mut(b) {
         Loop::BlockLevels(block).run();
     }

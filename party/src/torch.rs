@@ -541,19 +541,20 @@ impl TorchTrainer {
                     // [rows, channels, h, w] in, [rows, out, h, w] out (3×3,
                     // padding 1, stride 1: the same h and w).
                     let (gs, is) = (g.size(), input.size());
+                    let bad_shapes = || Error::Training(format!("convolution {weight}: shapes {gs:?} and {is:?}"));
                     let (&[_, out, h, w], &[_, ch, ih, iw]) = (gs.as_slice(), is.as_slice()) else {
-                        return Err(Error::Training(format!("convolution {weight}: shapes {gs:?} and {is:?}")));
+                        return Err(bad_shapes());
                     };
                     let dim = |v: i64| usize::try_from(v).unwrap_or(0);
                     if (ih, iw) != (h, w) || [out, h, w, ch].contains(&0) {
-                        return Err(Error::Training(format!("convolution {weight}: shapes {gs:?} and {is:?}")));
+                        return Err(bad_shapes());
                     }
                     let conv =
                         ConvRows { g: read(&g)?, a: read(&input)?, out: dim(out), ch: dim(ch), h: dim(h), w: dim(w) };
                     if conv.g.len() != rows * conv.out * conv.positions()
                         || conv.a.len() != rows * conv.ch * conv.positions()
                     {
-                        return Err(Error::Training(format!("convolution {weight}: shapes {gs:?} and {is:?}")));
+                        return Err(bad_shapes());
                     }
                     let mut scratch = ConvScratch::new(&conv);
                     for (i, n2) in norm2.iter_mut().enumerate() {

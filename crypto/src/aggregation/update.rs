@@ -13,6 +13,8 @@
 //! [`NoisyUpdate`] replaces it: clipped updates, each with its share of the
 //! noise, weighing 1.
 
+use std::ops::Range;
+
 use confide_algorithms::Parameters;
 use confide_algorithms::params::{scaled_difference_into, squared_distance};
 use confide_algorithms::trainer::is_input_standardisation;
@@ -245,6 +247,7 @@ impl NoisyUpdate {
         // reads them once more, writing each block of the (clipped)
         // difference straight into its rotation buffer as it transforms it.
         let tensors: Vec<(&[f32], &[f32])> = trained().map(|(l, g)| (&l.data[..], &g.data[..])).collect();
+        let lens: Vec<usize> = tensors.iter().map(|(l, _)| l.len()).collect();
         let norm = tensors.iter().map(|(l, g)| squared_distance(l, g)).sum::<f64>().sqrt();
         let (scale, fits) = if !norm.is_finite() {
             (None, true)
@@ -256,27 +259,17 @@ impl NoisyUpdate {
         };
         // Adaptive clipping: whether the update fitted, weighted, last.
         let count = self.count.map(|(_, kappa)| (f64::from(u8::from(fits)) - 0.5) * kappa);
-        let mut place = TensorCursor::default();
+        let mut cursor = TensorCursor::default();
         let fill = |at: usize, out: &mut [f64]| {
-            let mut i = 0;
-            while i < out.len() {
-                let Some((t, offset)) = place.find(&tensors, at + i) else {
-                    // Past the trained values: the count coordinate.
-                    out[i] = count.unwrap_or(0.0);
-                    i += 1;
-                    continue;
-                };
-                let (l, g) = tensors[t];
-                let take = (l.len() - offset).min(out.len() - i);
-                match scale {
-                    Some(scale) => {
-                        scaled_difference_into(&mut out[i..i + take], &l[offset..], &g[offset..], scale);
-                    }
-                    // A non-finite update (a diverged model) becomes no update.
-                    None => out[i..i + take].fill(0.0),
+            cursor.runs(&lens, at, out.len(), |run, r| match (run, scale) {
+                (Some((t, offset)), Some(scale)) => {
+                    let (l, g) = tensors[t];
+                    scaled_difference_into(&mut out[r], &l[offset..], &g[offset..], scale);
                 }
-                i += take;
-            }
+                // A non-finite update (a diverged model) becomes no update.
+                (Some(_), None) => out[r].fill(0.0),
+                (None, _) => out[r].fill(count.unwrap_or(0.0)),
+            });
             Ok(())
         };
         let dp = |e: confide_dp::Error| Error::InvalidInput(format!("distributed DP: {e}"));
@@ -299,37 +292,24 @@ impl NoisyUpdate {
         // mechanism decodes them; the count coordinate, last, aside.
         let total: usize = self.layout.iter().map(|(n, _)| n).sum();
         let mut out = vec![0.0; total];
-        // (start in the trained vector, start in the layout, length) per trained tensor.
-        let mut places = Vec::new();
-        let (mut trained_at, mut layout_at) = (0, 0);
+        // Per trained tensor: its length and where it starts in the layout.
+        let (mut lens, mut starts) = (Vec::new(), Vec::new());
+        let mut layout_at = 0;
         for &(n, on) in &self.layout {
             if on {
-                places.push((trained_at, layout_at, n));
-                trained_at += n;
+                lens.push(n);
+                starts.push(layout_at);
             }
             layout_at += n;
         }
         let mut count_value = None;
-        let mut place = 0;
+        let mut cursor = TensorCursor::default();
         self.ddg
             .decode_with(sum, &self.rotation, |at, values| {
-                let end = at + values.len();
-                let mut i = at;
-                while i < end {
-                    // Past the last tensor: the count coordinate.
-                    let Some(&(from, to, n)) = places.get(place) else {
-                        count_value = values.get(i - at).copied();
-                        i += 1;
-                        continue;
-                    };
-                    if i >= from + n {
-                        place += 1;
-                        continue;
-                    }
-                    let take = (from + n).min(end) - i;
-                    out[to + (i - from)..to + (i - from) + take].copy_from_slice(&values[i - at..i - at + take]);
-                    i += take;
-                }
+                cursor.runs(&lens, at, values.len(), |run, r| match run {
+                    Some((t, offset)) => out[starts[t] + offset..][..r.len()].copy_from_slice(&values[r]),
+                    None => count_value = Some(values[r.start]),
+                });
             })
             .map_err(|e| Error::InvalidInput(format!("distributed DP: {e}")))?;
         let count = match self.count {
@@ -345,9 +325,10 @@ impl NoisyUpdate {
     }
 }
 
-/// Where the values a block asks for are: the tensor and the offset in it
-/// of a flat index over the trained tensors, found from the last place
-/// (the mechanism asks for consecutive blocks in order).
+/// Where a position of the trained vector (the trained tensors end to
+/// end, then adaptive clipping's count coordinate) is, remembered from the
+/// last one asked: the mechanism fills and decodes the vector in
+/// consecutive chunks, in order.
 #[derive(Default)]
 struct TensorCursor {
     tensor: usize,
@@ -355,15 +336,43 @@ struct TensorCursor {
 }
 
 impl TensorCursor {
-    fn find(&mut self, tensors: &[(&[f32], &[f32])], index: usize) -> Option<(usize, usize)> {
+    /// Splits positions `at..at + len` into runs: `run(Some((tensor,
+    /// offset)), range)` for values of one trained tensor (of lengths
+    /// `lens`) from `offset`, at `range` of the chunk; `run(None, range)`
+    /// for a single position past the last tensor (the count coordinate).
+    fn runs(
+        &mut self,
+        lens: &[usize],
+        at: usize,
+        len: usize,
+        mut run: impl FnMut(Option<(usize, usize)>, Range<usize>),
+    ) {
+        let mut i = 0;
+        while i < len {
+            match self.find(lens, at + i) {
+                Some((t, offset)) => {
+                    let take = (lens[t] - offset).min(len - i);
+                    run(Some((t, offset)), i..i + take);
+                    i += take;
+                }
+                None => {
+                    run(None, i..i + 1);
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// The tensor holding position `index` and the offset in it.
+    fn find(&mut self, lens: &[usize], index: usize) -> Option<(usize, usize)> {
         if index < self.start {
             *self = TensorCursor::default();
         }
-        while let Some((l, _)) = tensors.get(self.tensor) {
-            if index < self.start + l.len() {
+        while let Some(&n) = lens.get(self.tensor) {
+            if index < self.start + n {
                 return Some((self.tensor, index - self.start));
             }
-            self.start += l.len();
+            self.start += n;
             self.tensor += 1;
         }
         None
