@@ -353,6 +353,10 @@ impl TrainingHandler {
         if self.private() {
             return self.fit_private(round, config, global, round_message);
         }
+        // Data-independent protocol work (he: the encryption randomness) is
+        // drawn before training, so that a party whose round ends early
+        // (one not asked to decrypt) does not draw it inside the next round.
+        self.aggregation.prepare(global);
         let train_started = Instant::now();
         let mut outcome = self.trainer.fit(config).map_err(err)?;
         // Local training alone: lets the coordinator tell the framework's
@@ -708,6 +712,61 @@ mod tests {
         let clear = secure.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
         assert!(matches!(&clear, TaskError::CoordinatorFault(m) if m.contains("in the clear")), "{clear:?}");
         assert_eq!(ledger.snapshot().datasets["d"].jobs["e1"].rounds_started, 1);
+    }
+
+    /// An aggregation client that logs what the handler asks of it, in order.
+    struct Recording {
+        inner: Box<dyn AggregationClient>,
+        log: Arc<std::sync::Mutex<Vec<&'static str>>>,
+    }
+
+    impl AggregationClient for Recording {
+        fn contribute(
+            &mut self,
+            round: u32,
+            round_message: &[u8],
+            update: confide_crypto::aggregation::LocalUpdate<'_>,
+        ) -> Result<confide_crypto::aggregation::Envelope, confide_crypto::Error> {
+            self.log.lock().unwrap().push("contribute");
+            self.inner.contribute(round, round_message, update)
+        }
+        fn prepare(&mut self, global: &Parameters) {
+            self.log.lock().unwrap().push("prepare");
+            self.inner.prepare(global)
+        }
+        fn on_step(
+            &mut self,
+            round: u32,
+            stage: confide_crypto::aggregation::StageName,
+            message: confide_crypto::aggregation::Envelope,
+        ) -> Result<confide_crypto::aggregation::Envelope, confide_crypto::Error> {
+            self.inner.on_step(round, stage, message)
+        }
+        fn abandon(&mut self) {
+            self.inner.abandon()
+        }
+    }
+
+    /// Without DP too, the protocol's data-independent work (he: the
+    /// encryption randomness) is asked for before training: a party that
+    /// is not asked to decrypt never idles between its upload and the next
+    /// round, and used to draw that randomness inside the round.
+    #[test]
+    fn protocol_work_is_prepared_before_training_without_dp() {
+        use confide_crypto::aggregation::plain::Plain;
+        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let inner = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let client = Box::new(Recording { inner, log: log.clone() });
+        let mut h = TrainingHandler::new(Box::new(Fixed), client, Plain.stages());
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let fit = TaskBody::Fit {
+            config: FitConfig { round: 1, train: Default::default() },
+            global,
+            round_message: Vec::new(),
+        };
+        assert!(matches!(h.on_task(task(1, fit)).unwrap(), ResultBody::Fit { .. }));
+        assert_eq!(*log.lock().unwrap(), ["prepare", "contribute"]);
     }
 
     /// Under DP the party trains with the spec's input standardisation,

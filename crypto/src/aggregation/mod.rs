@@ -644,8 +644,9 @@ pub trait AggregationClient: Send {
     }
 
     /// Work that does not depend on the party's data for the round about to
-    /// train from `global` (distributed DP draws its noise here), called
-    /// before training. Nothing by default.
+    /// train from `global` (distributed DP draws its noise here, `he` its
+    /// encryption randomness), called before training, with or without DP.
+    /// Nothing by default.
     fn prepare(&mut self, _global: &Parameters) {}
 
     /// A later step of `round`; returns the party's answer.

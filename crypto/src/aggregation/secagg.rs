@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use super::sum::{SumLayout, WideSum};
-use super::update::{NoisyUpdate, WeightedUpdate};
+use super::update::{NoisePool, NoisyUpdate, WeightedUpdate};
 use super::{
     AggregationClient, AggregationProtocol, AggregationServer, Bulk, Decoding, Envelope, JobFacts, LocalUpdate,
     Messages, PartyIdentity, Peer, PeerVerifier, Problem, Progress, Quorum, Reveals, RoundInfo, StageName, SumRound,
@@ -40,7 +40,7 @@ use crate::secagg::protocol::{
     UnmaskRequest, UnmaskShares,
 };
 use crate::secagg::shamir::Share;
-use confide_dp::ddg::{Ddg, DdgNoise};
+use confide_dp::ddg::Ddg;
 
 /// Parties exchange encrypted key shares.
 pub const SHARES: StageName = StageName::new("secagg-shares");
@@ -887,7 +887,7 @@ struct SecAggClient {
     round: Option<ClientRound>,
     /// Distributed DP: noise drawn ahead for the next rounds (see
     /// [`AggregationClient::prepare`]), each used once.
-    noise: std::collections::VecDeque<DdgNoise>,
+    noise: NoisePool,
     /// The last round's mechanism, to draw the next round's noise with.
     last_mechanism: Option<Ddg>,
 }
@@ -906,11 +906,7 @@ impl AggregationClient for SecAggClient {
             let noisy = NoisyUpdate::with_clip(template, adaptive, clip, &self.job.job_id, round, update.global)?;
             let bound = Some(noisy.digest());
             let config = self.derive_round(round, round_message, noisy.words(), training, bound)?;
-            self.keep_noise_for(noisy.mechanism());
-            let noise = match self.noise.pop_front() {
-                Some(n) => n,
-                None => noisy.sample_noise()?,
-            };
+            let noise = self.noise.take_for(&noisy)?;
             self.last_mechanism = Some(noisy.mechanism().clone());
             (config, noisy.encode(update.global, &update.local, noise)?)
         } else {
@@ -926,17 +922,8 @@ impl AggregationClient for SecAggClient {
     fn prepare(&mut self, global: &confide_algorithms::Parameters) {
         // The noise does not depend on the data: draw it before training.
         let Some(template) = &self.job.distributed_dp else { return };
-        let adaptive = self.job.adaptive_clip.as_ref();
-        let Ok(noisy) = NoisyUpdate::with_clip(template, adaptive, template.clip, &self.job.job_id, 0, global) else {
-            return;
-        };
-        let ddg = noisy.mechanism();
-        self.keep_noise_for(ddg);
-        if self.noise.is_empty() {
-            // At most 1 GiB of noise ahead, whatever the model's size.
-            let fits = ((1usize << 30) / (std::mem::size_of::<u32>() * ddg.padded_dim())).max(1);
-            self.draw_noise(ddg, self.job.noise_rounds_ahead.clamp(1, fits));
-        }
+        let j = &self.job;
+        self.noise.prepare(template, j.adaptive_clip.as_ref(), &j.job_id, j.noise_rounds_ahead, global);
     }
 
     fn contribute_sum(
@@ -995,7 +982,7 @@ impl AggregationClient for SecAggClient {
         if self.noise.is_empty()
             && let Some(ddg) = self.last_mechanism.take()
         {
-            self.draw_noise(&ddg, 1);
+            self.noise.draw(&ddg, 1);
             self.last_mechanism = Some(ddg);
         }
     }
@@ -1006,23 +993,6 @@ impl AggregationClient for SecAggClient {
 }
 
 impl SecAggClient {
-    /// Keeps only the noise drawn for `ddg`: noise drawn for another
-    /// mechanism (another model size) is of no use and is wiped.
-    fn keep_noise_for(&mut self, ddg: &Ddg) {
-        self.noise
-            .retain(|n| n.len() == ddg.padded_dim() && n.sigma() == ddg.local_sigma() && n.bits() == ddg.config().bits);
-    }
-
-    /// Draws `count` noise vectors for `ddg` into the pool.
-    fn draw_noise(&mut self, ddg: &Ddg, count: usize) {
-        for _ in 0..count {
-            match ddg.sample_noise() {
-                Ok(n) => self.noise.push_back(n),
-                Err(_) => break,
-            }
-        }
-    }
-
     /// Distributed DP: the round's clip. Fixed by the spec, or under adaptive
     /// clipping the coordinator's (ε does not depend on it: the noise scales
     /// with the clip), within 2^±20 of the spec's first clip.

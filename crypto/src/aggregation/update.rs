@@ -120,6 +120,74 @@ impl WeightedUpdate {
     }
 }
 
+/// Distributed-DP noise drawn ahead of rounds (it does not depend on the
+/// data), for the clients of every protocol that carries it: filled before
+/// training, taken by the round's encoding. Noise drawn for another
+/// mechanism (model size, σ, bits) is of no use and is wiped.
+#[derive(Default)]
+pub(crate) struct NoisePool(std::collections::VecDeque<DdgNoise>);
+
+impl NoisePool {
+    /// Keeps only the noise drawn for `ddg`.
+    pub(crate) fn keep_for(&mut self, ddg: &Ddg) {
+        self.0
+            .retain(|n| n.len() == ddg.padded_dim() && n.sigma() == ddg.local_sigma() && n.bits() == ddg.config().bits);
+    }
+
+    /// Whether nothing is drawn.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Draws `count` noise vectors for `ddg`.
+    pub(crate) fn draw(&mut self, ddg: &Ddg, count: usize) {
+        for _ in 0..count {
+            match ddg.sample_noise() {
+                Ok(n) => self.0.push_back(n),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Before training from `global`: keeps what fits the spec's mechanism
+    /// and, once it is used up, draws `rounds_ahead` rounds of it (at most
+    /// 1 GiB, whatever the model's size).
+    pub(crate) fn prepare(
+        &mut self,
+        template: &DdgConfig,
+        adaptive: Option<&AdaptiveClip>,
+        job_id: &str,
+        rounds_ahead: usize,
+        global: &Parameters,
+    ) {
+        let Ok(noisy) = NoisyUpdate::with_clip(template, adaptive, template.clip, job_id, 0, global) else {
+            return;
+        };
+        let ddg = noisy.mechanism();
+        self.keep_for(ddg);
+        if self.0.is_empty() {
+            let fits = ((1usize << 30) / (std::mem::size_of::<u32>() * ddg.padded_dim())).max(1);
+            self.draw(ddg, rounds_ahead.clamp(1, fits));
+        }
+    }
+
+    /// The round's noise for `noisy`: drawn ahead if any fits, else now.
+    pub(crate) fn take_for(&mut self, noisy: &NoisyUpdate) -> Result<DdgNoise, Error> {
+        self.keep_for(noisy.mechanism());
+        match self.0.pop_front() {
+            Some(n) => Ok(n),
+            None => noisy.sample_noise(),
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Noise vectors drawn for one round's encoding (inside the round),
+    /// not into a pool ahead of it.
+    pub(crate) static INLINE_NOISE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// An update under party-level DP with distributed noise (the distributed
 /// discrete Gaussian of Kairouz, Liu and Steinke, [`confide_dp::ddg`]):
 /// `local − global` over the trained tensors, rotated, clipped to the
@@ -223,6 +291,8 @@ impl NoisyUpdate {
     /// Draws this party's noise for the round (data-independent: it may be
     /// drawn ahead, see [`super::AggregationClient::prepare`]).
     pub fn sample_noise(&self) -> Result<DdgNoise, Error> {
+        #[cfg(test)]
+        INLINE_NOISE.with(|c| c.set(c.get() + 1));
         self.ddg.sample_noise().map_err(|e| Error::InvalidInput(format!("distributed DP noise: {e}")))
     }
 

@@ -105,8 +105,9 @@ pub fn check_decryptors(params: &HeParams, decryptors: &[usize]) -> Result<(), E
 }
 
 impl KeyShare {
-    /// This party's decryption share of the aggregate's c1 for the announced
-    /// set `decryptors` (key-party indices). Refuses a set without this party,
+    /// This party's decryption share of the aggregate's c1 (in the
+    /// normalised NTT domain, as [`super::Aggregate`] holds it) for the
+    /// announced set `decryptors` (key-party indices). Refuses a set without this party,
     /// a malformed set, or one that would exceed the key's flooding budget.
     /// The caller has already checked that `c1` is the sum it may decrypt
     /// (the linear hash).
@@ -157,14 +158,16 @@ impl KeyShare {
         }
         let points: Vec<i64> = decryptors.iter().map(|&i| super::params::point(i)).collect();
         let lambda = lagrange_at_zero(&points, me)?;
+        // c1 comes in the normalised NTT domain and mul_ntt_assign divides by
+        // N once more: λ·N cancels it, so one inverse transform per block
+        // gives λ·F(x_j)·c1.
         let mut scaled = self.y_ntt.clone();
-        ring::scale_assign(&mut scaled, lambda);
+        ring::scale_assign(&mut scaled, ring::mul_mod(lambda, N as u64));
         let k = params.switch_bits;
         let mut out = Vec::with_capacity(c1.len());
         let mut block = vec![0u64; N];
         for (chunk, noise) in c1.chunks_exact(N).zip(flood.noise.chunks_exact(N)) {
             block.copy_from_slice(chunk);
-            ring::ntt(&mut block);
             ring::mul_ntt_assign(&mut block, &scaled);
             ring::intt(&mut block);
             out.extend(block.iter().zip(noise).map(|(&v, &e)| ring::switch_to_pow2(ring::add_mod(v, e), k)));

@@ -6,7 +6,11 @@
 //! ternary and e0, e1 Gaussian, all fresh per block. c0 is switched to 2^k
 //! before upload (only its top bits carry the plaintext); c1 stays mod q
 //! because decryption shares multiply it by Shamir shares, which are uniform
-//! mod q.
+//! mod q. c1 travels in the NTT domain (normalised, so that the inverse
+//! transform gives the polynomial): addition is the same in either domain,
+//! and a decryptor then multiplies pointwise and transforms once instead of
+//! twice. Forming it costs the encryptor nothing more (a·u is a pointwise
+//! product already; e1 takes the transform a·u no longer needs).
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -26,12 +30,13 @@ pub struct EncryptionMasks {
     c1: Vec<u64>,
 }
 
-/// One party's ciphertext: c0 mod 2^k and c1 mod q, `blocks · N` slots each.
+/// One party's ciphertext: c0 mod 2^k and c1 mod q (in the NTT domain),
+/// `blocks · N` slots each.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ciphertext {
     /// Switched c0, each below 2^k.
     pub c0: Vec<u64>,
-    /// c1, each below q.
+    /// c1 in the normalised NTT domain, each below q.
     pub c1: Vec<u64>,
 }
 
@@ -50,11 +55,16 @@ impl PublicKey {
             ring::mul_ntt_assign(&mut pu, &u);
             ring::intt(&mut pu);
             rng.add_gaussian(&mut pu, SIGMA);
+            // c1 = a·u + e1 in the (normalised) NTT domain.
             let mut au: Poly = self.a_ntt.clone();
             ring::mul_ntt_assign(&mut au, &u);
-            ring::intt(&mut au);
-            rng.add_gaussian(&mut au, SIGMA);
             u.zeroize();
+            let mut e1 = ring::zero();
+            rng.add_gaussian(&mut e1, SIGMA);
+            ring::ntt(&mut e1);
+            ring::normalize(&mut e1);
+            ring::add_assign(&mut au, &e1);
+            e1.zeroize();
             c0.extend_from_slice(&pu);
             c1.extend_from_slice(&au);
             pu.zeroize();
@@ -139,7 +149,7 @@ impl Ciphertext {
 pub struct Aggregate {
     /// Σ c0 over the integers (reduced mod 2^k only when decoding).
     pub c0: Vec<u64>,
-    /// Σ c1 mod q.
+    /// Σ c1 mod q, in the normalised NTT domain as each c1 is.
     pub c1: Vec<u64>,
     /// Ciphertexts summed.
     pub count: usize,

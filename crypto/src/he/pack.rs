@@ -12,20 +12,38 @@ pub fn packed_len(count: usize, bits: u32) -> usize {
 /// Appends `values` (each below 2^bits) to `out`, `bits` bits each.
 pub fn pack(values: &[u64], bits: u32, out: &mut Vec<u8>) {
     debug_assert!((1..=64).contains(&bits));
-    out.reserve(packed_len(values.len(), bits));
+    let start = out.len();
+    let len = packed_len(values.len(), bits);
+    // Whole words stored into the sized buffer (no per-word capacity check;
+    // callers reserve the exact size, so no slack that would regrow it).
+    out.resize(start + len, 0);
+    let dst = &mut out[start..];
     let mut acc: u128 = 0;
     let mut held: u32 = 0;
+    let mut at = 0usize;
     for &v in values {
         acc |= (v as u128) << held;
         held += bits;
-        while held >= 64 {
-            out.extend_from_slice(&(acc as u64).to_le_bytes());
+        if held >= 64 {
+            dst[at..at + 8].copy_from_slice(&(acc as u64).to_le_bytes());
+            at += 8;
             acc >>= 64;
             held -= 64;
         }
     }
-    let tail = held.div_ceil(8) as usize;
-    out.extend_from_slice(&(acc as u64).to_le_bytes()[..tail]);
+    // What is left is the last, partial word: len − at < 8 bytes.
+    let rest = len - at;
+    dst[at..].copy_from_slice(&(acc as u64).to_le_bytes()[..rest]);
+}
+
+/// Value `i` of `bytes` packed at `bits` (mask `mask`), reading the 16 bytes
+/// from its first byte, which the caller guarantees are there.
+#[inline(always)]
+fn read(bytes: &[u8], i: usize, bits: usize, mask: u64) -> u64 {
+    let bit = i * bits;
+    let mut w = [0u8; 16];
+    w.copy_from_slice(&bytes[bit / 8..bit / 8 + 16]);
+    (u128::from_le_bytes(w) >> (bit % 8)) as u64 & mask
 }
 
 /// Reads `count` values of `bits` bits from exactly [`packed_len`] bytes;
@@ -37,33 +55,27 @@ pub fn unpack(bytes: &[u8], count: usize, bits: u32, what: &str) -> Result<Vec<u
         return Err(Error::InvalidInput(format!("{what}: {} bytes, expected {expected}", bytes.len())));
     }
     let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
-    let mut out = vec![0u64; count];
-    let mut acc: u128 = 0;
-    let mut held: u32 = 0;
-    let mut words = bytes.chunks_exact(8);
-    let mut tail = words.remainder();
-    for o in out.iter_mut() {
-        if held < bits {
-            // The length check above guarantees the bits are there: whole
-            // words first, then the short tail once.
-            let (w, n) = match words.next() {
-                Some(c) => (u64::from_le_bytes(c.try_into().unwrap_or([0; 8])), 64),
-                None => {
-                    let mut w = [0u8; 8];
-                    w[..tail.len()].copy_from_slice(tail);
-                    let n = 8 * tail.len() as u32;
-                    tail = &[];
-                    (u64::from_le_bytes(w), n)
-                }
-            };
-            acc |= (w as u128) << held;
-            held += n;
-        }
-        *o = acc as u64 & mask;
-        acc >>= bits;
-        held -= bits;
+    let b = bits as usize;
+    // Values whose 16-byte window lies inside `bytes` are read in place (one
+    // unaligned load and a shift each, no branch); the last few from a
+    // zero-padded copy of the tail.
+    let direct = if bytes.len() >= 16 { ((bytes.len() - 16) * 8 / b + 1).min(count) } else { 0 };
+    let mut out = Vec::with_capacity(count);
+    out.extend((0..direct).map(|i| read(bytes, i, b, mask)));
+    if direct < count {
+        let from = direct * b / 8;
+        let mut tail = bytes[from..].to_vec();
+        tail.resize(bytes.len() - from + 16, 0);
+        let skip = direct * b - from * 8;
+        out.extend((0..count - direct).map(|i| {
+            let bit = skip + i * b;
+            let mut w = [0u8; 16];
+            w.copy_from_slice(&tail[bit / 8..bit / 8 + 16]);
+            (u128::from_le_bytes(w) >> (bit % 8)) as u64 & mask
+        }));
     }
-    if acc != 0 {
+    let used = count * b % 8;
+    if used != 0 && bytes.last().is_some_and(|&last| last >> used != 0) {
         return Err(Error::InvalidInput(format!("{what}: nonzero padding bits")));
     }
     Ok(out)
@@ -85,7 +97,65 @@ mod tests {
         assert!(unpack(&[0], 3, 3, "c1").unwrap_err().to_string().contains("c1: 1 bytes, expected 2"));
     }
 
+    /// The layout bit by bit: value i's bit j is bit i·bits + j of the
+    /// little-endian byte string.
+    fn reference(values: &[u64], bits: u32) -> Vec<u8> {
+        let mut out = vec![0u8; packed_len(values.len(), bits)];
+        for (i, &v) in values.iter().enumerate() {
+            for j in 0..bits as usize {
+                if v >> j & 1 == 1 {
+                    let bit = i * bits as usize + j;
+                    out[bit / 8] |= 1 << (bit % 8);
+                }
+            }
+        }
+        out
+    }
+
     proptest! {
+        #[test]
+        fn matches_the_bit_by_bit_layout(bits in 1u32..=64, seed in any::<u64>(), count in 0usize..200, prefix in 0usize..3) {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+            let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            let values: Vec<u64> = (0..count).map(|_| rng.random::<u64>() & mask).collect();
+            // Appends after what `out` already holds.
+            let mut out = vec![0xAB; prefix];
+            pack(&values, bits, &mut out);
+            prop_assert_eq!(&out[..prefix], &vec![0xAB; prefix][..]);
+            prop_assert_eq!(&out[prefix..], &reference(&values, bits)[..]);
+        }
+
+        #[test]
+        fn any_nonzero_padding_is_refused(bits in 1u32..=63, count in 1usize..100, pad in 1u8..=255) {
+            let values = vec![0u64; count];
+            let mut out = Vec::new();
+            pack(&values, bits, &mut out);
+            let used = (count * bits as usize % 8) as u32;
+            prop_assume!(used != 0);
+            let pad = pad << used;
+            prop_assume!(pad != 0);
+            if let Some(last) = out.last_mut() {
+                *last |= pad;
+            }
+            prop_assert!(unpack(&out, count, bits, "x").is_err());
+        }
+
+        /// Any byte string of the right length (untrusted input) is either
+        /// refused or read as values that pack back to exactly those bytes:
+        /// no panic, one encoding per value.
+        #[test]
+        fn arbitrary_bytes_are_refused_or_canonical(bits in 1u32..=64, count in 0usize..40, seed in any::<u64>()) {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+            let bytes: Vec<u8> = (0..packed_len(count, bits)).map(|_| rng.random()).collect();
+            if let Ok(values) = unpack(&bytes, count, bits, "x") {
+                let mut again = Vec::new();
+                pack(&values, bits, &mut again);
+                prop_assert_eq!(again, bytes);
+            }
+        }
+
         #[test]
         fn round_trips(bits in 1u32..=64, seed in any::<u64>(), count in 0usize..300) {
             use rand::{Rng, SeedableRng};

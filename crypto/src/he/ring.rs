@@ -15,9 +15,10 @@ pub const N: usize = 4096;
 /// unity the negacyclic NTT needs) and below 2^62 (tfhe-ntt's fast path).
 pub const Q: u64 = (1 << 62) - (1 << 16) + 1;
 
-/// A polynomial of `N` coefficients in `[0, Q)`, in either the coefficient
-/// or the (bit-reversed, unnormalised) NTT domain; the type does not say which,
-/// the functions do.
+/// A polynomial of `N` coefficients in `[0, Q)`, in the coefficient domain
+/// or the (bit-reversed) NTT domain, unnormalised (after [`ntt`]) or
+/// normalised (after [`normalize`] or [`mul_ntt_assign`], as ciphertexts'
+/// c1 travel); the type does not say which, the functions do.
 pub type Poly = Vec<u64>;
 
 fn plan() -> &'static Plan {
@@ -48,6 +49,13 @@ pub fn intt(p: &mut [u64]) {
 /// ring product.
 pub fn mul_ntt_assign(lhs: &mut [u64], rhs: &[u64]) {
     plan().mul_assign_normalize(lhs, rhs);
+}
+
+/// `p ⊙= 1/N` in the NTT domain: turns a forward transform into the
+/// representation [`intt`] maps back to the polynomial itself (the one
+/// [`mul_ntt_assign`] produces for products).
+pub fn normalize(p: &mut [u64]) {
+    plan().normalize(p);
 }
 
 /// The ring product of two coefficient-domain polynomials (three NTTs; tests
@@ -140,20 +148,24 @@ pub fn scale_assign(p: &mut [u64], c: u64) {
 /// Switches `x ∈ [0, Q)` to the modulus 2^k: `⌊2^k · x / Q⌉ mod 2^k`.
 #[inline]
 pub fn switch_to_pow2(x: u64, k: u32) -> u64 {
+    debug_assert!(x < Q && (1..=62).contains(&k));
     let num = ((x as u128) << k) + (Q as u128 / 2);
     // ⌊num / Q⌋ without a 128-bit division (run for every coefficient of
     // every upload and decryption share): with Q = 2^62 − δ, δ = 2^16 − 1,
-    // q1 = ⌊num/2^62⌋ + ⌊⌊num/2^62⌋·δ/2^62⌋ never exceeds the quotient and
-    // misses it by at most a few, which the remainder corrects.
+    // A = ⌊num/2^62⌋ and B = ⌊A·δ/2^62⌋, q = A + B never exceeds the
+    // quotient and num − q·Q = (num mod 2^62) + (A·δ mod 2^62) + B·δ is
+    // below 2^63 + 2^33 < 3Q (A < 2^63, so B < 2^17): at most two
+    // corrections. Unrolled: LLVM turns a correction loop into a call to
+    // the 128-bit division it was meant to avoid.
     const DELTA: u128 = (1 << 16) - 1;
-    let q0 = num >> 62;
-    let mut q = q0 + ((q0 * DELTA) >> 62);
-    let mut r = num - q * Q as u128;
-    while r >= Q as u128 {
-        q += 1;
-        r -= Q as u128;
-    }
-    (q as u64) & ((1u64 << k) - 1)
+    let a = num >> 62;
+    let mut q = (a + ((a * DELTA) >> 62)) as u64;
+    let mut r = (num - q as u128 * Q as u128) as u64;
+    let over = u64::from(r >= Q);
+    q += over;
+    r -= over * Q;
+    q += u64::from(r >= Q);
+    q & ((1u64 << k) - 1)
 }
 
 #[cfg(test)]
@@ -222,6 +234,27 @@ mod tests {
         let mut minus_one = zero();
         minus_one[0] = Q - 1;
         assert_eq!(mul(&x1, &xn1), minus_one);
+    }
+
+    #[test]
+    fn normalised_transform_round_trips_and_multiplies() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+        let x: Poly = (0..N).map(|_| rng.random_range(0..Q)).collect();
+        let y: Poly = (0..N).map(|_| rng.random_range(0..Q)).collect();
+        let mut e = x.clone();
+        ntt(&mut e);
+        normalize(&mut e);
+        let mut back = e.clone();
+        intt(&mut back);
+        assert_eq!(back, x);
+        // The decryptor's product: E(x) ⊙ (N·ntt(y)) / N, one inverse transform.
+        let mut yn = y.clone();
+        ntt(&mut yn);
+        scale_assign(&mut yn, N as u64);
+        mul_ntt_assign(&mut e, &yn);
+        intt(&mut e);
+        assert_eq!(e, mul(&x, &y));
     }
 
     #[test]

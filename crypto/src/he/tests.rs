@@ -201,8 +201,9 @@ fn a_coalition_below_the_threshold_learns_noise_not_the_value() {
             ring::scale_assign(&mut y, lagrange_at_zero(&pts, pos).unwrap());
             ring::add_assign(&mut s_ntt, &y);
         }
+        // c1 is in the normalised NTT domain: s·N cancels mul_ntt_assign's 1/N.
+        ring::scale_assign(&mut s_ntt, N as u64);
         let mut c1 = ct.c1.clone();
-        ring::ntt(&mut c1);
         ring::mul_ntt_assign(&mut c1, &s_ntt);
         ring::intt(&mut c1);
         let k = f.params.switch_bits;

@@ -24,6 +24,7 @@
 //! random polynomial, the round binding) it derives from the spec it
 //! accepted; the binding is in every signature.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::dleq::{self, DhSecret, DleqProof};
@@ -32,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::sum::{SumLayout, WideSum};
-use super::update::{NoisyUpdate, WeightedUpdate};
+use super::update::{NoisePool, NoisyUpdate, WeightedUpdate};
 use super::{
     AggregationClient, AggregationProtocol, AggregationServer, Bulk, Decoding, Envelope, JobFacts, LocalUpdate,
     Messages, PartyIdentity, Peer, PeerVerifier, Problem, Progress, Quorum, Reveals, RoundInfo, StageName, SumRound,
@@ -372,6 +373,7 @@ impl AggregationProtocol for ThresholdHe {
             decrypted: BTreeMap::new(),
             ahead: None,
             last_values: None,
+            noise: NoisePool::default(),
         }))
     }
 }
@@ -597,21 +599,28 @@ fn to_words(bytes: &[u8]) -> Vec<u32> {
     words
 }
 
-fn from_words(words: &[u32], len: u64, from: &str, what: &str) -> Result<Vec<u8>, Error> {
+/// The `len` bytes carried in `words`: a view of them on little-endian
+/// machines (no copy of a ciphertext on arrival), a copy elsewhere.
+fn from_words<'a>(words: &'a [u32], len: u64, from: &str, what: &str) -> Result<Cow<'a, [u8]>, Error> {
     let len = usize::try_from(len).map_err(|_| misbehaved(from, format!("{what}: absurd length")))?;
     if words.len() != len.div_ceil(4) {
         return Err(misbehaved(from, format!("{what}: {} words for {len} bytes", words.len())));
     }
-    let mut out = if cfg!(target_endian = "little") {
-        bytemuck::cast_slice::<u32, u8>(words).to_vec()
+    let out: Cow<'a, [u8]> = if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice::<u32, u8>(words))
     } else {
-        words.iter().flat_map(|w| w.to_le_bytes()).collect()
+        Cow::Owned(words.iter().flat_map(|w| w.to_le_bytes()).collect())
     };
     if out[len..].iter().any(|&b| b != 0) {
         return Err(misbehaved(from, format!("{what}: non-zero padding")));
     }
-    out.truncate(len);
-    Ok(out)
+    Ok(match out {
+        Cow::Borrowed(b) => Cow::Borrowed(&b[..len]),
+        Cow::Owned(mut v) => {
+            v.truncate(len);
+            Cow::Owned(v)
+        }
+    })
 }
 
 /// A message too large for a body (key material, ciphertexts) as bulk words.
@@ -628,7 +637,7 @@ fn unframe_message<T: prost::Message + Default>(e: Envelope, from: &str, what: &
     let header: wire::Framed = e.decode(from, what)?;
     let Some(Bulk::Words(words)) = e.bulk else { return Err(misbehaved(from, format!("{what} without its bytes"))) };
     let bytes = from_words(&words, header.bytes, from, what)?;
-    T::decode(bytes.as_slice()).map_err(|err| misbehaved(from, format!("malformed {what}: {err}")))
+    T::decode(&*bytes).map_err(|err| misbehaved(from, format!("malformed {what}: {err}")))
 }
 
 fn describe_left_out(groups: &[(String, Vec<String>)]) -> String {
@@ -818,7 +827,10 @@ fn derive_round(
     revocation_version: u64,
     dp: Option<[u8; 32]>,
 ) -> Derived {
-    let mut h = blake3::Hasher::new_derive_key("confide he round v1");
+    // v2: c1 in the NTT domain and the rank-one linear hash. Parties of
+    // different versions then fail at each other's signatures over the
+    // round, not at a decryptor's hash check (which blames the coordinator).
+    let mut h = blake3::Hasher::new_derive_key("confide he round v2");
     let names: Vec<&str> = parties.iter().map(String::as_str).collect();
     h.update(&prim::context("round", job, round, &names));
     h.update(&[u8::from(keygen)]);
@@ -1897,6 +1909,8 @@ struct HeClient {
     ahead: Option<Ahead>,
     /// Values of the last update encrypted: the next round's likely size.
     last_values: Option<usize>,
+    /// Distributed-DP noise drawn ahead of rounds.
+    noise: NoisePool,
 }
 
 impl HeClient {
@@ -2043,7 +2057,11 @@ impl HeClient {
             Some(a) if a.epoch == epoch.id && a.slots == slots => a.masks.pop_front(),
             _ => None,
         };
-        let masks = drawn.unwrap_or_else(|| epoch.public_key.precompute(input.len().max(1), &mut Csprng::from_os()));
+        let masks = drawn.unwrap_or_else(|| {
+            #[cfg(test)]
+            tests::INLINE_MASKS.with(|n| n.set(n.get() + 1));
+            epoch.public_key.precompute(input.len().max(1), &mut Csprng::from_os())
+        });
         let ct = masks.encrypt(&epoch.params, input)?;
         self.last_values = Some(input.len().max(1));
         let bytes = ct.to_bytes(&epoch.params);
@@ -2535,7 +2553,7 @@ impl AggregationClient for HeClient {
                 update.global,
             )?;
             let derived = self.derive(round, round_message, noisy.words(), training, Some(noisy.digest()))?;
-            let noise = noisy.sample_noise()?;
+            let noise = self.noise.take_for(&noisy)?;
             (derived, noisy.encode(update.global, &update.local, noise)?)
         } else {
             let dim = WeightedUpdate::words(update.global.num_values());
@@ -2572,10 +2590,21 @@ impl AggregationClient for HeClient {
     fn prepare(&mut self, global: &confide_algorithms::Parameters) {
         // Encryption randomness does not depend on the data: draw it before
         // training, for an update of this model's size under the current
-        // key (unless it was drawn after the last round).
-        if self.job.distributed_dp.is_none() {
-            self.precompute_masks(WeightedUpdate::words(global.num_values()));
-        }
+        // key (unless it was drawn after the last round). Under distributed
+        // DP the update is the mechanism's padded words, whose number
+        // depends only on the model's shape; its noise is drawn here too.
+        let words = match &self.job.distributed_dp {
+            None => WeightedUpdate::words(global.num_values()),
+            Some(template) => {
+                let j = &self.job;
+                self.noise.prepare(template, j.adaptive_clip.as_ref(), &j.job_id, j.noise_rounds_ahead, global);
+                match NoisyUpdate::with_clip(template, j.adaptive_clip.as_ref(), template.clip, &j.job_id, 0, global) {
+                    Ok(noisy) => noisy.words(),
+                    Err(_) => return,
+                }
+            }
+        };
+        self.precompute_masks(words);
     }
 
     fn precompute(&mut self) {
@@ -3137,7 +3166,7 @@ mod tests {
     fn edit_request(m: &mut Envelope, f: impl FnOnce(&mut wire::DecryptRequest, &mut Vec<u8>)) {
         let req: wire::DecryptRequest = m.decode("test", "request").unwrap();
         let Some(Bulk::Words(w)) = m.bulk.take() else { panic!() };
-        let mut payload = from_words(&w, req.bytes, "test", "payload").unwrap();
+        let mut payload = from_words(&w, req.bytes, "test", "payload").unwrap().into_owned();
         let mut req = req;
         f(&mut req, &mut payload);
         req.bytes = payload.len() as u64;
@@ -3416,6 +3445,53 @@ mod tests {
             assert!(sum.iter().all(|v| (v - num).abs() < 0.05), "round {round}: {sum:?} vs {num}");
         }
         assert_eq!(ciphertexts.len(), 8);
+    }
+
+    thread_local! {
+        /// Encryptions whose randomness was not drawn ahead (drawn inside
+        /// the round instead).
+        pub(super) static INLINE_MASKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Every party, decryptor or not, with or without distributed DP, has
+    /// its encryption randomness drawn before the round's contribution once
+    /// it holds a key (only the keygen round, with no key yet, draws
+    /// inside), and its distributed-DP noise in every round.
+    #[test]
+    fn every_party_draws_its_randomness_before_the_round() {
+        for dp in [false, true] {
+            let n = 7;
+            let mut job = JobFacts::new("job", names(n), 100, 3, 1 << 20);
+            if dp {
+                job.distributed_dp = Some(confide_dp::ddg::DdgConfig {
+                    clip: 1.0,
+                    noise_multiplier: 0.5,
+                    dim: confide_dp::ddg::MAX_PADDED_DIM,
+                    bits: settings_for(&toml::Table::new(), &job).unwrap().b(),
+                    max_parties: n,
+                    honest_parties: 3,
+                    beta: (-0.5f64).exp(),
+                    k_stddevs: 4.0,
+                });
+            }
+            let mut fed = Fed::with_job(job);
+            let names = fed.names.clone();
+            let global = params(&[0.5, -0.25, 0.0]);
+            let mut decryptors = BTreeSet::new();
+            for round in 1..=4 {
+                INLINE_MASKS.with(|c| c.set(0));
+                crate::aggregation::update::INLINE_NOISE.with(|c| c.set(0));
+                fed.round(round, &names, &global, &mut Script::default()).unwrap();
+                let inline = INLINE_MASKS.with(|c| c.get());
+                // The keygen round encrypts under a key dealt within it.
+                assert_eq!(inline, if round == 1 { n } else { 0 }, "dp {dp}, round {round}");
+                // Distributed DP's noise needs no key: drawn ahead from the first round.
+                assert_eq!(crate::aggregation::update::INLINE_NOISE.with(|c| c.get()), 0, "dp {dp}, round {round}");
+                decryptors.extend(fed.server.round_roles().remove("decryptors").unwrap_or_default());
+            }
+            // Some party was never asked to decrypt (so never idled after a share).
+            assert!(decryptors.len() < n, "{decryptors:?}");
+        }
     }
 
     thread_local! {
