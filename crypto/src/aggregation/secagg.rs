@@ -921,9 +921,7 @@ impl AggregationClient for SecAggClient {
 
     fn prepare(&mut self, global: &confide_algorithms::Parameters) {
         // The noise does not depend on the data: draw it before training.
-        let Some(template) = &self.job.distributed_dp else { return };
-        let j = &self.job;
-        self.noise.prepare(template, j.adaptive_clip.as_ref(), &j.job_id, j.noise_rounds_ahead, global);
+        self.noise.prepare(&self.job, global);
     }
 
     fn contribute_sum(

@@ -149,26 +149,23 @@ impl NoisePool {
         }
     }
 
-    /// Before training from `global`: keeps what fits the spec's mechanism
-    /// and, once it is used up, draws `rounds_ahead` rounds of it (at most
-    /// 1 GiB, whatever the model's size).
-    pub(crate) fn prepare(
-        &mut self,
-        template: &DdgConfig,
-        adaptive: Option<&AdaptiveClip>,
-        job_id: &str,
-        rounds_ahead: usize,
-        global: &Parameters,
-    ) {
-        let Ok(noisy) = NoisyUpdate::with_clip(template, adaptive, template.clip, job_id, 0, global) else {
-            return;
-        };
+    /// Before training from `global` under the job's distributed DP: keeps
+    /// what fits the spec's mechanism and, once it is used up, draws
+    /// `noise_rounds_ahead` rounds of it (at most 1 GiB, whatever the
+    /// model's size). Returns the mechanism's words per update (its padded
+    /// length, which depends only on the model's shape); `None` without
+    /// distributed DP or for a model it cannot encode.
+    pub(crate) fn prepare(&mut self, job: &super::JobFacts, global: &Parameters) -> Option<usize> {
+        let template = job.distributed_dp.as_ref()?;
+        let adaptive = job.adaptive_clip.as_ref();
+        let noisy = NoisyUpdate::with_clip(template, adaptive, template.clip, &job.job_id, 0, global).ok()?;
         let ddg = noisy.mechanism();
         self.keep_for(ddg);
         if self.0.is_empty() {
             let fits = ((1usize << 30) / (std::mem::size_of::<u32>() * ddg.padded_dim())).max(1);
-            self.draw(ddg, rounds_ahead.clamp(1, fits));
+            self.draw(ddg, job.noise_rounds_ahead.clamp(1, fits));
         }
+        Some(noisy.words())
     }
 
     /// The round's noise for `noisy`: drawn ahead if any fits, else now.

@@ -36,11 +36,10 @@ pub fn pack(values: &[u64], bits: u32, out: &mut Vec<u8>) {
     dst[at..].copy_from_slice(&(acc as u64).to_le_bytes()[..rest]);
 }
 
-/// Value `i` of `bytes` packed at `bits` (mask `mask`), reading the 16 bytes
-/// from its first byte, which the caller guarantees are there.
+/// The value (mask `mask`) starting at bit `bit` of `bytes`, reading the 16
+/// bytes from its first byte, which the caller guarantees are there.
 #[inline(always)]
-fn read(bytes: &[u8], i: usize, bits: usize, mask: u64) -> u64 {
-    let bit = i * bits;
+fn read(bytes: &[u8], bit: usize, mask: u64) -> u64 {
     let mut w = [0u8; 16];
     w.copy_from_slice(&bytes[bit / 8..bit / 8 + 16]);
     (u128::from_le_bytes(w) >> (bit % 8)) as u64 & mask
@@ -61,18 +60,13 @@ pub fn unpack(bytes: &[u8], count: usize, bits: u32, what: &str) -> Result<Vec<u
     // zero-padded copy of the tail.
     let direct = if bytes.len() >= 16 { ((bytes.len() - 16) * 8 / b + 1).min(count) } else { 0 };
     let mut out = Vec::with_capacity(count);
-    out.extend((0..direct).map(|i| read(bytes, i, b, mask)));
+    out.extend((0..direct).map(|i| read(bytes, i * b, mask)));
     if direct < count {
         let from = direct * b / 8;
         let mut tail = bytes[from..].to_vec();
         tail.resize(bytes.len() - from + 16, 0);
         let skip = direct * b - from * 8;
-        out.extend((0..count - direct).map(|i| {
-            let bit = skip + i * b;
-            let mut w = [0u8; 16];
-            w.copy_from_slice(&tail[bit / 8..bit / 8 + 16]);
-            (u128::from_le_bytes(w) >> (bit % 8)) as u64 & mask
-        }));
+        out.extend((0..count - direct).map(|i| read(&tail, skip + i * b, mask)));
     }
     let used = count * b % 8;
     if used != 0 && bytes.last().is_some_and(|&last| last >> used != 0) {

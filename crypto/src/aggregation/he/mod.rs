@@ -2593,15 +2593,12 @@ impl AggregationClient for HeClient {
         // key (unless it was drawn after the last round). Under distributed
         // DP the update is the mechanism's padded words, whose number
         // depends only on the model's shape; its noise is drawn here too.
-        let words = match &self.job.distributed_dp {
-            None => WeightedUpdate::words(global.num_values()),
-            Some(template) => {
-                let j = &self.job;
-                self.noise.prepare(template, j.adaptive_clip.as_ref(), &j.job_id, j.noise_rounds_ahead, global);
-                match NoisyUpdate::with_clip(template, j.adaptive_clip.as_ref(), template.clip, &j.job_id, 0, global) {
-                    Ok(noisy) => noisy.words(),
-                    Err(_) => return,
-                }
+        let words = if self.job.distributed_dp.is_none() {
+            WeightedUpdate::words(global.num_values())
+        } else {
+            match self.noise.prepare(&self.job, global) {
+                Some(words) => words,
+                None => return,
             }
         };
         self.precompute_masks(words);
@@ -3463,16 +3460,7 @@ mod tests {
             let n = 7;
             let mut job = JobFacts::new("job", names(n), 100, 3, 1 << 20);
             if dp {
-                job.distributed_dp = Some(confide_dp::ddg::DdgConfig {
-                    clip: 1.0,
-                    noise_multiplier: 0.5,
-                    dim: confide_dp::ddg::MAX_PADDED_DIM,
-                    bits: settings_for(&toml::Table::new(), &job).unwrap().b(),
-                    max_parties: n,
-                    honest_parties: 3,
-                    beta: (-0.5f64).exp(),
-                    k_stddevs: 4.0,
-                });
+                job.distributed_dp = Some(ddg_template(&job));
             }
             let mut fed = Fed::with_job(job);
             let names = fed.names.clone();
@@ -3779,6 +3767,21 @@ mod tests {
         }
     }
 
+    /// Distributed DP for `job` (unit clip, noise multiplier 0.5, 3 honest
+    /// parties, the protocol's bits).
+    fn ddg_template(job: &JobFacts) -> confide_dp::ddg::DdgConfig {
+        confide_dp::ddg::DdgConfig {
+            clip: 1.0,
+            noise_multiplier: 0.5,
+            dim: confide_dp::ddg::MAX_PADDED_DIM,
+            bits: settings_for(&toml::Table::new(), job).unwrap().b(),
+            max_parties: job.party_names.len(),
+            honest_parties: 3,
+            beta: (-0.5f64).exp(),
+            k_stddevs: 4.0,
+        }
+    }
+
     /// Party-level DP with distributed noise under he: the decrypted sum is
     /// Σ clip(Δᵢ) plus the parties' noise, with the calibrated variance.
     #[test]
@@ -3788,16 +3791,7 @@ mod tests {
         let bits = settings_for(&toml::Table::new(), &job).unwrap().b();
         let carrier = ThresholdHe.noise_carrier(&toml::Table::new(), &job).unwrap();
         assert_eq!(carrier.bits, bits);
-        let template = confide_dp::ddg::DdgConfig {
-            clip: 1.0,
-            noise_multiplier: 0.5,
-            dim: confide_dp::ddg::MAX_PADDED_DIM,
-            bits,
-            max_parties: n,
-            honest_parties: 3,
-            beta: (-0.5f64).exp(),
-            k_stddevs: 4.0,
-        };
+        let template = ddg_template(&job);
         let job = JobFacts { distributed_dp: Some(template), ..job };
         let names = names(n);
         let mut server = ThresholdHe.server(&toml::Table::new(), &job, Box::new(InsecureTagVerifier)).unwrap();
