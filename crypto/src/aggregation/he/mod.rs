@@ -2631,7 +2631,7 @@ pub mod relay;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregation::Aggregate;
+    use crate::aggregation::{Aggregate, training_digest};
     use crate::secagg::testing::{InsecureTagVerifier, identity};
     use confide_algorithms::{FitConfig, Parameters, Tensor, TrainConfig};
 
@@ -2690,7 +2690,8 @@ mod tests {
         relay_forge: Option<RelayHook<'a>>,
         /// When set, the coordinator's rejections of direct uploads (party,
         /// error) are collected here and drop their senders, as the session
-        /// does, instead of failing the test's round.
+        /// does, instead of failing the test's round; so are its rejections
+        /// of answers at later stages (which always drop their senders).
         rejected: Option<Vec<(String, String)>>,
     }
 
@@ -2754,19 +2755,25 @@ mod tests {
                 .iter()
                 .map(|(r, _)| (*r, relay::UploadGroup::new(r, &self.round_message).unwrap()))
                 .collect();
+            // What a relay cannot add (an upload with key complaints, say) it
+            // forwards as it came, as `confide relay` does.
+            let mut relayed = Vec::new();
             for (p, m) in answers {
                 match script.relays.iter().position(|(_, members)| members.contains(&p)) {
-                    Some(i) => groups[i].1.add(&p, &[], m)?,
+                    Some(i) => {
+                        if groups[i].1.add(&p, &[], m.clone()).is_err() {
+                            relayed.push((p, m, groups[i].0));
+                        }
+                    }
                     None => direct.push((p, m)),
                 }
             }
-            let mut relayed = Vec::new();
             for (relay, group) in groups {
-                for (p, mut m) in group.finish() {
-                    if let Some(f) = script.relay_forge.as_mut() {
-                        f(relay, &p, &mut m);
-                    }
-                    relayed.push((p, m, relay));
+                relayed.extend(group.finish().into_iter().map(|(p, m)| (p, m, relay)));
+            }
+            if let Some(f) = script.relay_forge.as_mut() {
+                for (p, m, relay) in relayed.iter_mut() {
+                    f(relay, p, m);
                 }
             }
             for (p, m) in direct {
@@ -2777,7 +2784,11 @@ mod tests {
                 }
             }
             for (p, m, relay) in relayed {
-                self.server.on_message(Peer { name: &p, certificate: &[], relay: Some(relay) }, m)?;
+                let result = self.server.on_message(Peer { name: &p, certificate: &[], relay: Some(relay) }, m);
+                match (&mut script.rejected, result) {
+                    (Some(rejected), Err(e)) => rejected.push((p.clone(), e.to_string())),
+                    (_, result) => result?,
+                }
             }
             Ok(())
         }
@@ -2809,9 +2820,12 @@ mod tests {
                                         continue;
                                     }
                                     // A rejected answer drops its sender, as the session does.
-                                    let _ = self
+                                    let result = self
                                         .server
                                         .on_message(Peer { name: &p, certificate: &[], relay: None }, answer);
+                                    if let (Some(rejected), Err(e)) = (&mut script.rejected, result) {
+                                        rejected.push((p.clone(), e.to_string()));
+                                    }
                                 }
                                 Err(e) => script.refusals.push((stage, p.clone(), e.to_string())),
                             }
@@ -2958,27 +2972,40 @@ mod tests {
 
     #[test]
     fn a_relay_group_whose_sum_is_not_its_members_is_left_out_and_the_rest_hash_again() {
-        // edge-a changes one coefficient of its c1 sum, or of its c0 sum
-        // (which carries the plaintext: a shifted c0 would shift the
-        // decrypted sum if nothing checked it); any change will do, e.g.
-        // dropping a member's ciphertext or adding another's twice.
-        for word in [Some(0usize), None] {
+        // edge-a changes one coefficient of its c1 sum, or shifts the first
+        // coefficient of its c0 sum by one plaintext step (c0 carries the
+        // plaintext: the decrypted sum would move by that step if nothing
+        // checked it); any change will do, e.g. dropping a member's
+        // ciphertext or adding another's twice.
+        let job = JobFacts::new("job", names(7), 100, 3, 1 << 20);
+        let s = settings_for(&table(), &job).unwrap();
+        let p = s.params(7, s.corrupt_parties(7)).unwrap();
+        // The group's c0 sum is packed first, its first coefficient in the
+        // lowest bits; 2^(k−b) is one plaintext step at the 2^k scale.
+        let step = p.switch_bits - p.bits;
+        assert!(step < 32);
+        for c0 in [true, false] {
             let mut fed = Fed::new(7, 3);
             let names = fed.names.clone();
             let global = params(&[0.0; 3]);
             fed.round(1, &names, &global, &mut Script::default()).unwrap();
             let mut forge = |relay: &str, _: &str, m: &mut Envelope| {
                 if let (true, Some(Bulk::Words(w))) = (relay == "edge-a", m.bulk.as_mut()) {
-                    let at = word.unwrap_or(w.len() - 10);
-                    w[at] ^= 1;
+                    if c0 {
+                        w[0] ^= 1 << step;
+                    } else {
+                        let at = w.len() - 10;
+                        w[at] ^= 1;
+                    }
                 }
             };
             let mut script = Script { relays: relays(), relay_forge: Some(&mut forge), ..Script::default() };
             let a = fed.round(2, &names, &global, &mut script).unwrap();
             assert!(script.refusals.is_empty(), "{:?}", script.refusals);
-            let (sum, total, contributors, _) = weighted(&a);
+            let (sum, total, contributors, misbehaved) = weighted(&a);
             let (num, den) = expected(&[3, 4, 5, 6]);
-            assert_eq!((total, contributors), (den, &names[3..]), "word {word:?}");
+            assert_eq!((total, contributors), (den, &names[3..]), "c0 changed: {c0}");
+            assert!(misbehaved.is_empty(), "nobody is named: {misbehaved:?}");
             assert!((sum[0] - num).abs() < 0.05);
             assert_eq!(fed.server.round_roles().get("left out: relay edge-a"), Some(&names[..3].to_vec()));
         }
@@ -2992,7 +3019,8 @@ mod tests {
         fed.round(1, &names, &global, &mut Script::default()).unwrap();
         let mut script = Script { relays: relays(), silent: [("p4".to_string(), HASH)].into(), ..Script::default() };
         let a = fed.round(2, &names, &global, &mut script).unwrap();
-        let (sum, total, contributors, _) = weighted(&a);
+        let (sum, total, contributors, misbehaved) = weighted(&a);
+        assert!(misbehaved.is_empty(), "nobody is named: {misbehaved:?}");
         let (num, den) = expected(&[0, 1, 2, 5, 6]);
         let kept: Vec<String> = ["p0", "p1", "p2", "p5", "p6"].map(String::from).to_vec();
         assert_eq!((total, contributors), (den, &kept[..]));
@@ -3008,6 +3036,56 @@ mod tests {
         };
         let e = fed.round(2, &names, &global, &mut script).unwrap_err().to_string();
         assert!(e.contains("edge-a: p0, p1") && e.contains("at least 4"), "{e}");
+    }
+
+    #[test]
+    fn a_relay_member_that_signs_a_wrong_hash_takes_its_group_out_and_nobody_is_named() {
+        // p1, behind edge-a with p0 and p2, signs (itself) a linear hash that
+        // is not its ciphertext's. The coordinator holds only the group's
+        // sum, so it cannot tell p1's fault from the relay's: the group
+        // leaves the round, the rest hash again, and nobody is named.
+        let mut fed = Fed::new(7, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 3]);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let rm2 = fed
+            .server
+            .begin_round(&RoundInfo { round: 2, parties: &names, global: &global, fit: Some(&fit(2)) })
+            .unwrap();
+        let binding = HeClientView::of_round(&fed, &rm2, &global, &fit(2), 2).0;
+        let request: std::cell::RefCell<Option<([u8; 32], Vec<String>)>> = Default::default();
+        let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
+            if stage == HASH {
+                let req: wire::HashRequest = m.decode("t", "t").unwrap();
+                *request.borrow_mut() = Some((req.commitment.as_slice().try_into().unwrap(), req.contributors));
+            }
+        };
+        let lied = std::cell::Cell::new(0);
+        let mut forge = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == HASH && p == "p1" {
+                let mut hv: wire::HashValue = m.decode("t", "t").unwrap();
+                hv.values[0] = (hv.values[0] + 1) % he::ring::Q;
+                let (commitment, contributors) = request.borrow().clone().unwrap();
+                let t = hash_transcript(&binding, "p1", &commitment, &contributors, &hv.values, &hv.c0_values);
+                use crate::secagg::protocol::IdentitySigner;
+                hv.signature = crate::secagg::testing::InsecureTagSigner("p1".into()).sign(&t).unwrap();
+                *m = Envelope::encode(&hv);
+                lied.set(lied.get() + 1);
+            }
+        };
+        let mut script =
+            Script { relays: relays(), tamper: Some(&mut tamper), forge: Some(&mut forge), ..Script::default() };
+        let a = fed.round(2, &names, &global, &mut script).unwrap();
+        // (Asked again with the rest, as every live key party is, since
+        // decryptors are chosen among those who answer.)
+        assert!(lied.get() >= 1);
+        assert!(script.refusals.is_empty(), "{:?}", script.refusals);
+        let (sum, total, contributors, misbehaved) = weighted(&a);
+        let (num, den) = expected(&[3, 4, 5, 6]);
+        assert_eq!((total, contributors), (den, &names[3..]));
+        assert!((sum[0] - num).abs() < 0.05);
+        assert!(misbehaved.is_empty(), "{misbehaved:?}");
+        assert_eq!(fed.server.round_roles().get("left out: relay edge-a"), Some(&names[..3].to_vec()));
     }
 
     #[test]
@@ -3173,7 +3251,9 @@ mod tests {
     #[test]
     fn a_decryption_of_one_partys_ciphertext_is_refused_naming_the_coordinator() {
         // The coordinator keeps p0's c1 aside and asks for its decryption as
-        // if it were the sum (the hashes then do not add up).
+        // if it were the sum, after the parties hashed for the real one: the
+        // commitment is not the one they hashed for. (Committing to p0's c1
+        // before the hash stage is the next test's attack.)
         let mut c1_of_p0: Option<Vec<u8>> = None;
         let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
             if stage == DECRYPT {
@@ -3193,7 +3273,8 @@ mod tests {
     #[test]
     fn a_sum_that_is_not_the_contributors_is_refused() {
         // The coordinator replaces Σ c1 by c1 of a sum it chose, with a
-        // matching commitment: the linear hash catches it.
+        // matching commitment, after the parties hashed for the real one:
+        // each refuses an aggregate other than the one it hashed.
         let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
             if stage == DECRYPT {
                 edit_request(m, |req, payload| {
@@ -3214,8 +3295,7 @@ mod tests {
         assert!(
             decrypt
                 .iter()
-                .all(|(_, _, e)| e.contains("coordinator") && e.contains("another aggregate")
-                    || e.contains("not the sum")),
+                .all(|(_, _, e)| e.contains("party coordinator misbehaved") && e.contains("another aggregate")),
             "{decrypt:?}"
         );
     }
@@ -3241,6 +3321,202 @@ mod tests {
         }
     }
 
+    /// Each contributor's c1 as it uploaded it (one block: the tests' models
+    /// are tiny), read off its upload by a forge hook.
+    fn c1_of_upload(m: &Envelope) -> Vec<u64> {
+        let u: wire::Upload = m.decode("test", "upload").unwrap();
+        let Some(Bulk::Words(w)) = &m.bulk else { panic!("an upload without its ciphertext") };
+        let bytes = from_words(w, u.bytes, "test", "ciphertext").unwrap();
+        let c1_len = he::pack::packed_len(he::ring::N, 62);
+        assert!(bytes.len() > c1_len, "one block expected");
+        he::pack::unpack(&bytes[bytes.len() - c1_len..], he::ring::N, 62, "c1").unwrap()
+    }
+
+    #[test]
+    fn a_forged_aggregate_committed_before_hashing_fails_the_linear_hash_naming_the_coordinator() {
+        // The attack the linear hash exists for: the coordinator commits, at
+        // the hash stage, to c1 of one party's ciphertext (or of a sum over
+        // fewer than `parties.min`) under the full contributor list, so that
+        // every later check that compares commitments passes, and then asks
+        // for that aggregate's decryption with every party's genuine signed
+        // record and hash. Only H(aggregate) = Σ signed hashes stands in the
+        // way. The honest server in this harness would not go on after the
+        // hashes (they do not add up for it either), so the test plays the
+        // coordinator from there, by hand.
+        for victims in [vec!["p0"], vec!["p0", "p1"]] {
+            let mut fed = Fed::new(5, 3);
+            let names = fed.names.clone();
+            let global = params(&[0.0; 2]);
+            fed.round(1, &names, &global, &mut Script::default()).unwrap();
+            let uploads: std::cell::RefCell<BTreeMap<String, (wire::Upload, Vec<u64>)>> = Default::default();
+            let hashes: std::cell::RefCell<Vec<wire::HashValue>> = Default::default();
+            let forged = || {
+                let mut sum = vec![0u64; he::ring::N];
+                for v in &victims {
+                    he::ring::add_assign(&mut sum, &uploads.borrow()[*v].1);
+                }
+                sum
+            };
+            let mut forge = |stage: StageName, p: &str, m: &mut Envelope| {
+                if stage == CONTRIBUTE {
+                    let u: wire::Upload = m.decode("t", "t").unwrap();
+                    uploads.borrow_mut().insert(p.to_owned(), (u, c1_of_upload(m)));
+                }
+                if stage == HASH {
+                    hashes.borrow_mut().push(m.decode("t", "t").unwrap());
+                }
+            };
+            let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
+                if stage == HASH {
+                    let mut req: wire::HashRequest = m.decode("t", "t").unwrap();
+                    assert_eq!(req.contributors, names, "the full list stays");
+                    req.commitment = aggregate_commitment(&forged()).to_vec();
+                    *m = Envelope::encode(&req);
+                }
+            };
+            let mut script = Script { forge: Some(&mut forge), tamper: Some(&mut tamper), ..Script::default() };
+            let _ = fed.round(2, &names, &global, &mut script);
+            assert!(script.refusals.is_empty(), "{:?}", script.refusals);
+            let mut payload = Vec::new();
+            he::pack::pack(&forged(), 62, &mut payload);
+            let request = wire::DecryptRequest {
+                contributors: names.clone(),
+                commitment: aggregate_commitment(&forged()).to_vec(),
+                uploads: uploads.borrow().values().map(|(u, _)| u.clone()).collect(),
+                hashes: hashes.borrow().clone(),
+                decryptors: names.clone(),
+                vanished: Vec::new(),
+                bytes: payload.len() as u64,
+            };
+            assert_eq!(request.hashes.len(), 5);
+            for p in &names {
+                let err = fed
+                    .clients
+                    .get_mut(p)
+                    .unwrap()
+                    .on_step(2, DECRYPT, framed(&request, &payload))
+                    .map(|_| ())
+                    .expect_err("a share for the forged aggregate")
+                    .to_string();
+                assert!(
+                    err.contains("party coordinator misbehaved")
+                        && err.contains("not the sum of the contributors' ciphertexts"),
+                    "{victims:?}: {p}: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn relayed_records_hashes_and_ciphertexts_that_do_not_check_are_refused_naming_the_coordinator() {
+        // Each edit is made to the decryption request of every decryptor; the
+        // victim is another contributor than the recipient.
+        type RequestEdit = Box<dyn Fn(&str, &mut wire::DecryptRequest, &mut Vec<u8>)>;
+        let victim = |p: &str| if p == "p0" { "p1".to_owned() } else { "p0".to_owned() };
+        let c1_len = |req: &wire::DecryptRequest, payload: &Vec<u8>| payload.len() / (1 + req.vanished.len());
+        let edits: Vec<(&str, RequestEdit)> = vec![
+            ("without its signed upload", Box::new(move |p, req, _| req.uploads.retain(|u| u.party != victim(p)))),
+            (
+                "did not sign for this round",
+                Box::new(move |p, req, _| {
+                    let u = req.uploads.iter_mut().find(|u| u.party == victim(p)).unwrap();
+                    u.bytes += 1;
+                }),
+            ),
+            ("without its hash or its c1", Box::new(move |p, req, _| req.hashes.retain(|h| h.party != victim(p)))),
+            (
+                "hash value of {q}",
+                Box::new(move |p, req, _| {
+                    let h = req.hashes.iter_mut().find(|h| h.party == victim(p)).unwrap();
+                    h.values[0] = (h.values[0] + 1) % he::ring::Q;
+                }),
+            ),
+            (
+                "as vanished",
+                Box::new(move |p, req, payload| {
+                    let aggregate = payload[..c1_len(req, payload)].to_vec();
+                    req.vanished.push(p.to_owned());
+                    payload.extend_from_slice(&aggregate);
+                }),
+            ),
+            (
+                "that is not the one {q}",
+                Box::new(move |p, req, payload| {
+                    // The victim "vanished": the coordinator relays a c1 for
+                    // it, here the aggregate's, not the victim's own.
+                    let aggregate = payload[..c1_len(req, payload)].to_vec();
+                    req.hashes.retain(|h| h.party != victim(p));
+                    req.vanished.push(victim(p));
+                    payload.extend_from_slice(&aggregate);
+                }),
+            ),
+            ("holds no key share", Box::new(|_, req, _| req.decryptors.push("zz-outsider".into()))),
+        ];
+        for (want, edit) in edits {
+            let mut tamper = |stage: StageName, p: &str, m: &mut Envelope| {
+                if stage == DECRYPT {
+                    edit_request(m, |req, payload| edit(p, req, payload));
+                }
+            };
+            let r = refusals_under(5, &mut tamper);
+            let decrypt: Vec<_> = r.iter().filter(|(s, _, _)| *s == DECRYPT).collect();
+            assert!(decrypt.len() >= 4, "{want}: {r:?}");
+            for (_, p, e) in decrypt {
+                // "{q}" in a fragment stands for the victim's name.
+                let want = want.replace("{q}", &victim(p));
+                assert!(e.contains("party coordinator misbehaved") && e.contains(&want), "{want}: {p}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_round_binding_covers_the_model_the_fit_configuration_and_every_setting() {
+        // A coordinator that shows one party another model, learning rate or
+        // setting than the rest (to isolate its update in the "sum") gets a
+        // different binding for it, and every signature over the round (its
+        // upload record, its hash) then fails at the other parties, which
+        // refuse naming the coordinator (the test above, "did not sign for
+        // this round").
+        let job = JobFacts::new("job", names(5), 100, 3, 1 << 20);
+        let s = settings_for(&table(), &job).unwrap();
+        let parties = names(5);
+        let global = params(&[0.0, 1.0]);
+        let subject = training_digest(&global, &fit(2));
+        let base = |s: &HeSettings, subject: [u8; 32], revocation: u64, dp: Option<[u8; 32]>| {
+            derive_round("job", 2, &parties, false, Some([7; 32]), 2, s, subject, revocation, dp).binding
+        };
+        let binding = base(&s, subject, 0, None);
+        let mut other_fit = fit(2);
+        other_fit.train.learning_rate *= 0.0;
+        let mut variants = vec![
+            ("model", base(&s, training_digest(&params(&[0.0, 1.5]), &fit(2)), 0, None)),
+            ("fit configuration", base(&s, training_digest(&global, &other_fit), 0, None)),
+            ("revocation list", base(&s, subject, 1, None)),
+            ("distributed dp", base(&s, subject, 0, Some([1; 32]))),
+            ("round", derive_round("job", 3, &parties, false, Some([7; 32]), 2, &s, subject, 0, None).binding),
+            ("parties", derive_round("job", 2, &parties[..4], false, Some([7; 32]), 2, &s, subject, 0, None).binding),
+            ("epoch", derive_round("job", 2, &parties, false, Some([8; 32]), 2, &s, subject, 0, None).binding),
+            ("job", derive_round("other", 2, &parties, false, Some([7; 32]), 2, &s, subject, 0, None).binding),
+        ];
+        type SettingEdit = Box<dyn Fn(&mut HeSettings)>;
+        let settings: [(&str, SettingEdit); 6] = [
+            ("bits", Box::new(|s| s.bits = Some(s.b() - 1))),
+            ("clip", Box::new(|s| s.clip *= 2.0)),
+            ("max_examples", Box::new(|s| s.max_examples += 1)),
+            ("corrupt_fraction", Box::new(|s| s.corrupt_fraction += 0.01)),
+            ("key_budget_log2", Box::new(|s| s.key_budget_log2 += 1)),
+            ("surplus", Box::new(|s| s.surplus += 1)),
+        ];
+        for (name, edit) in settings {
+            let mut changed = s;
+            edit(&mut changed);
+            variants.push((name, base(&changed, subject, 0, None)));
+        }
+        for (name, b) in variants {
+            assert_ne!(b, binding, "the binding does not cover the {name}");
+        }
+    }
+
     #[test]
     fn a_second_decryption_of_a_round_over_other_parties_is_refused() {
         let mut fed = Fed::new(5, 3);
@@ -3254,7 +3530,9 @@ mod tests {
         let err = fed.round(2, &names[..4], &global, &mut script).unwrap_err();
         assert!(matches!(err, Error::BelowThreshold(_)), "{err}");
         assert!(
-            script.refusals.iter().any(|(s, _, e)| *s == DECRYPT && e.contains("second decryption of round 2")),
+            script.refusals.iter().any(|(s, _, e)| *s == DECRYPT
+                && e.contains("party coordinator misbehaved")
+                && e.contains("second decryption of round 2")),
             "{:?}",
             script.refusals
         );
@@ -3263,7 +3541,9 @@ mod tests {
         // refused too.
         let mut script = Script::default();
         assert!(fed.round(2, &names, &global, &mut script).is_err());
-        assert!(script.refusals.iter().any(|(s, _, e)| *s == DECRYPT && e.contains("another aggregate")));
+        assert!(script.refusals.iter().any(|(s, _, e)| *s == DECRYPT
+            && e.contains("party coordinator misbehaved")
+            && e.contains("another aggregate")));
     }
 
     #[test]
@@ -3326,7 +3606,7 @@ mod tests {
         let plain = Envelope { body: vec![], bulk: Some(Bulk::Params(std::sync::Arc::new(global.clone()))) };
         let err =
             fed.server.on_message(Peer { name: "p3", certificate: &[], relay: None }, plain).unwrap_err().to_string();
-        assert!(err.contains("plaintext"), "{err}");
+        assert!(err.contains("party p3 misbehaved") && err.contains("plaintext"), "{err}");
     }
 
     #[test]
@@ -3487,13 +3767,78 @@ mod tests {
         /// are not a key share, correctly encrypted and signed.
         static MALFORMED_SHARE: std::cell::RefCell<Option<(String, String)>> =
             const { std::cell::RefCell::new(None) };
+        /// (dealer, recipient): the dealer seals that recipient a well-formed
+        /// key share that is wrong (one coefficient off), which no complaint
+        /// can show.
+        static WRONG_SHARE: std::cell::RefCell<Option<(String, String)>> =
+            const { std::cell::RefCell::new(None) };
     }
 
     /// The test-only fault a dealer applies to a share's plaintext before
-    /// sealing it (none unless a test set [`MALFORMED_SHARE`]).
+    /// sealing it (none unless a test set [`MALFORMED_SHARE`] or [`WRONG_SHARE`]).
     pub(super) fn dealer_fault(dealer: &str, recipient: &str, plain: Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
-        let hit = MALFORMED_SHARE.with(|m| m.borrow().as_ref().is_some_and(|(d, r)| d == dealer && r == recipient));
-        if hit { Zeroizing::new(vec![0xff; plain.len()]) } else { plain }
+        let hits = |t: &'static std::thread::LocalKey<std::cell::RefCell<Option<(String, String)>>>| {
+            t.with(|m| m.borrow().as_ref().is_some_and(|(d, r)| d == dealer && r == recipient))
+        };
+        if hits(&MALFORMED_SHARE) {
+            return Zeroizing::new(vec![0xff; plain.len()]);
+        }
+        if hits(&WRONG_SHARE) {
+            let mut v = he::pack::unpack(&plain, he::ring::N, 62, "share").unwrap();
+            v[0] = (v[0] + 1) % he::ring::Q;
+            let mut out = Zeroizing::new(Vec::new());
+            he::pack::pack(&v, 62, &mut out);
+            return out;
+        }
+        plain
+    }
+
+    /// A dealer that seals its recipient a share that opens and is well
+    /// formed but wrong: no complaint can show it (there is no commitment to
+    /// the dealer's Shamir polynomial), so the recipient's decryption shares
+    /// are wrong under that key. They never give a wrong sum: with τ + 2
+    /// answers the recipient is named and the sum is right; with τ + 1 the
+    /// bad share is detected, the round fails with no sum, and the
+    /// coordinator forgets the key and deals a new one.
+    #[test]
+    fn a_share_that_opens_but_is_wrong_names_its_recipient_and_never_gives_a_wrong_sum() {
+        WRONG_SHARE.with(|m| *m.borrow_mut() = Some(("p0".into(), "p1".into())));
+        let outcome = std::panic::catch_unwind(|| {
+            // τ = 3 of 5, all five decrypt (τ + 2): p1 is named, the sum is right.
+            let mut fed = Fed::new(5, 3);
+            let names = fed.names.clone();
+            let global = params(&[0.0; 2]);
+            for round in 1..=2 {
+                let mut script = Script::default();
+                let a = fed.round(round, &names, &global, &mut script).unwrap();
+                let (sum, _, contributors, misbehaved) = weighted(&a);
+                assert_eq!(contributors, &names[..]);
+                assert!((sum[0] - expected(&[0, 1, 2, 3, 4]).0).abs() < 0.05, "round {round}: {sum:?}");
+                assert!(
+                    misbehaved.iter().any(|(p, e)| p == "p1" && e.contains("decryption share")),
+                    "round {round}: {misbehaved:?}"
+                );
+            }
+            // Only τ + 1 answer (p4 silent at decryption): detected, no sum.
+            let mut fed = Fed::new(5, 3);
+            let names = fed.names.clone();
+            let global = params(&[0.0; 2]);
+            let mut script = Script { silent: [("p4".to_string(), DECRYPT)].into(), ..Script::default() };
+            let err = fed.round(1, &names, &global, &mut script).unwrap_err();
+            assert!(err.to_string().contains("no sum") && err.to_string().contains("cross-check"), "{err}");
+            // The next round deals a new key (honest this time) and sums right.
+            WRONG_SHARE.with(|m| *m.borrow_mut() = None);
+            let a = fed.round(2, &names, &global, &mut Script::default()).unwrap();
+            let rc: wire::RoundConfig = prost::Message::decode(fed.round_message.as_slice()).unwrap();
+            assert!(rc.keygen, "a new key after a round whose shares could not be reconciled");
+            let (sum, _, _, misbehaved) = weighted(&a);
+            assert!((sum[0] - expected(&[0, 1, 2, 3, 4]).0).abs() < 0.05);
+            assert!(misbehaved.is_empty(), "{misbehaved:?}");
+        });
+        WRONG_SHARE.with(|m| *m.borrow_mut() = None);
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e);
+        }
     }
 
     /// A dealer that seals its recipient bytes that open but are not a key
@@ -3561,6 +3906,75 @@ mod tests {
         assert!(weighted(&a).3.is_empty());
     }
 
+    /// A complaint reveals the pair's Diffie–Hellman value K to the
+    /// coordinator (and, behind a relay, to the relay). K opens the two
+    /// shares between that pair under that key, which each of the two holds
+    /// anyway, and nothing else: no other pair's share, and not that pair's
+    /// shares under another key.
+    #[test]
+    fn a_revealed_pairwise_key_opens_only_that_pairs_two_shares() {
+        let mut fed = Fed::new(5, 3);
+        let (_, binding) = keygen_round_committed(&mut fed);
+        let mut seal = seal_wrongly_for_p1(binding);
+        let deals: std::cell::RefCell<Vec<wire::SealedShare>> = Default::default();
+        let revealed: std::cell::RefCell<Option<[u8; 32]>> = Default::default();
+        let mut forge = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == KEY_DEAL {
+                // As dealt, before p0's share to p1 is spoiled.
+                let d: wire::Deal = unframe_message(m.clone(), "t", "t").unwrap();
+                deals.borrow_mut().extend(d.shares);
+            }
+            seal(stage, p, m);
+            if stage == KEY_CONFIRM && p == "p1" {
+                let u: wire::Upload = m.decode("t", "t").unwrap();
+                assert_eq!(u.complaints.len(), 1);
+                *revealed.borrow_mut() = Some(u.complaints[0].shared.as_slice().try_into().unwrap());
+            }
+        };
+        let mut script = Script { forge: Some(&mut forge), ..Script::default() };
+        fed.drive(1, &mut script).unwrap();
+        let k = revealed.into_inner().expect("p1 complained");
+        let deals = deals.into_inner();
+        assert_eq!(deals.len(), 5 * 4);
+        let opens = |s: &wire::SealedShare, binding: &[u8; 32]| {
+            let key = share_key_from(&k, binding, &s.dealer, &s.recipient);
+            let nonce: [u8; 12] = s.nonce.as_slice().try_into().unwrap();
+            prim::open(&key, &nonce, &s.ciphertext, &share_aad(binding, &s.dealer, &s.recipient)).is_some()
+        };
+        for s in &deals {
+            let pair = [s.dealer.as_str(), s.recipient.as_str()];
+            let ours = pair == ["p0", "p1"] || pair == ["p1", "p0"];
+            assert_eq!(opens(s, &binding), ours, "{pair:?}");
+            let mut other_key = binding;
+            other_key[0] ^= 1;
+            assert!(!opens(s, &other_key), "{pair:?} under another key");
+        }
+    }
+
+    /// The conviction stands when the round it came in fails: the key the
+    /// convicted dealer took part in is not used again, and it is left out
+    /// of the next round, which deals a new key.
+    #[test]
+    fn a_key_with_a_convicted_dealer_is_replaced_even_when_its_round_fails() {
+        let mut fed = Fed::new(5, 3);
+        let (_, binding) = keygen_round_committed(&mut fed);
+        let mut forge = seal_wrongly_for_p1(binding);
+        let silent = ["p2", "p3", "p4"].iter().map(|p| (p.to_string(), DECRYPT)).collect();
+        let mut script = Script { forge: Some(&mut forge), silent, ..Script::default() };
+        let err = fed.drive(1, &mut script).unwrap_err();
+        assert!(matches!(err, Error::BelowThreshold(_)), "{err}");
+        let global = params(&[0.0; 2]);
+        let rm = fed
+            .server
+            .begin_round(&RoundInfo { round: 2, parties: &fed.names.clone(), global: &global, fit: Some(&fit(2)) })
+            .unwrap();
+        let rc: wire::RoundConfig = Envelope::body(rm).decode("c", "rc").unwrap();
+        assert!(rc.keygen && rc.parties == ["p1", "p2", "p3", "p4"], "{rc:?}");
+        let rest: Vec<String> = fed.names[1..].to_vec();
+        let a = fed.round(2, &rest, &global, &mut Script::default()).unwrap();
+        assert_eq!(weighted(&a).2, &["p1", "p2", "p3", "p4"]);
+    }
+
     /// A complainer that lies is named, and nobody is convicted: with a
     /// proof that does not check, or with a true proof about a share that
     /// opens (here the share p1 sees was altered and re-signed as p0's, a
@@ -3624,38 +4038,84 @@ mod tests {
     /// named a false complainer) is caught, and the record is refused.
     #[test]
     fn complaints_dropped_or_added_in_transit_are_caught() {
-        for drop_it in [true, false] {
+        // Dropped or added on the way, directly or by the relay p1 dials
+        // (which forwards an upload with complaints alone, as it came).
+        for (drop_it, via_relay) in [(true, false), (false, false), (true, true), (false, true)] {
             let mut fed = Fed::new(5, 3);
             let (_, binding) = keygen_round_committed(&mut fed);
             let mut seal = seal_wrongly_for_p1(binding);
-            let mut forge = move |stage: StageName, p: &str, m: &mut Envelope| {
+            let mut edit = move |m: &mut Envelope| {
+                let mut u: wire::Upload = m.decode("t", "t").unwrap();
+                if drop_it {
+                    assert_eq!(u.complaints.len(), 1);
+                    u.complaints.clear();
+                } else {
+                    assert!(u.complaints.is_empty());
+                    u.complaints.push(wire::KeyComplaint {
+                        dealer: "p2".into(),
+                        shared: vec![0; 32],
+                        proof: vec![0; 64],
+                    });
+                }
+                m.body = prost::Message::encode_to_vec(&u);
+            };
+            let edit = std::cell::RefCell::new(&mut edit);
+            let mut forge = |stage: StageName, p: &str, m: &mut Envelope| {
                 if drop_it {
                     seal(stage, p, m);
                 }
-                if stage == KEY_CONFIRM && p == "p1" {
-                    let mut u: wire::Upload = m.decode("t", "t").unwrap();
-                    if drop_it {
-                        assert_eq!(u.complaints.len(), 1);
-                        u.complaints.clear();
-                    } else {
-                        assert!(u.complaints.is_empty());
-                        u.complaints.push(wire::KeyComplaint {
-                            dealer: "p2".into(),
-                            shared: vec![0; 32],
-                            proof: vec![0; 64],
-                        });
-                    }
-                    m.body = prost::Message::encode_to_vec(&u);
+                if stage == KEY_CONFIRM && p == "p1" && !via_relay {
+                    (edit.borrow_mut())(m);
                 }
             };
-            let mut script = Script { forge: Some(&mut forge), rejected: Some(Vec::new()), ..Script::default() };
+            let mut relay_forge = |relay: &str, p: &str, m: &mut Envelope| {
+                if via_relay && relay == "edge-a" && p == "p1" {
+                    (edit.borrow_mut())(m);
+                }
+            };
+            let mut script = Script {
+                forge: Some(&mut forge),
+                relay_forge: Some(&mut relay_forge),
+                relays: if via_relay { vec![("edge-a", vec!["p1".into()])] } else { Vec::new() },
+                rejected: Some(Vec::new()),
+                ..Script::default()
+            };
             let _ = fed.drive(1, &mut script);
             let rejected = script.rejected.unwrap();
+            let want = if via_relay { " (or relay edge-a altered them)" } else { "signed upload record does not" };
             assert!(
-                rejected.iter().any(|(p, e)| p == "p1" && e.contains("signed upload record does not")),
-                "{rejected:?}"
+                rejected.iter().any(|(p, e)| p == "p1"
+                    && e.contains("party p1 misbehaved")
+                    && e.contains("signed upload record does not")
+                    && e.contains(want)),
+                "drop {drop_it}, relay {via_relay}: {rejected:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_relay_forwards_an_upload_with_complaints_alone_and_the_dealer_is_convicted() {
+        // p1 dials relay edge-a with p2; p0 seals p1 a share that does not
+        // open. The relay cannot add p1's upload (it carries a complaint),
+        // so it forwards it as it came; the coordinator checks the
+        // complaint and convicts p0, as for a direct upload.
+        let mut fed = Fed::new(5, 3);
+        let (_, binding) = keygen_round_committed(&mut fed);
+        let mut forge = seal_wrongly_for_p1(binding);
+        let mut script = Script {
+            forge: Some(&mut forge),
+            relays: vec![("edge-a", vec!["p1".into(), "p2".into()])],
+            rejected: Some(Vec::new()),
+            ..Script::default()
+        };
+        let a = fed.drive(1, &mut script).unwrap();
+        let (_, _, contributors, misbehaved) = weighted(&a);
+        assert!(misbehaved.iter().any(|(p, e)| p == "p0" && e.contains("does not open")), "{misbehaved:?}");
+        assert!(
+            contributors.contains(&"p1".to_string()) && contributors.contains(&"p2".to_string()),
+            "{contributors:?}"
+        );
+        assert!(script.rejected.unwrap().is_empty());
     }
 
     /// A revealed pairwise key reaches the coordinator only: the records
@@ -3694,11 +4154,124 @@ mod tests {
                 *m = framed_message(&d);
             }
         };
-        let mut script = Script { forge: Some(&mut forge), ..Script::default() };
+        let mut script = Script { forge: Some(&mut forge), rejected: Some(Vec::new()), ..Script::default() };
         let a = fed.drive(1, &mut script).unwrap();
-        // Only p0 itself objects (its own dealing is not in the key).
+        // The coordinator names p0 alone, and only p0 itself objects (its
+        // own dealing is not in the key).
+        let rejected = script.rejected.unwrap();
+        assert!(
+            rejected.len() == 1
+                && rejected[0].0 == "p0"
+                && rejected[0].1.contains("party p0 misbehaved")
+                && rejected[0].1.contains("does not carry its signature"),
+            "{rejected:?}"
+        );
         assert!(script.refusals.iter().all(|(_, p, _)| p == "p0"), "{:?}", script.refusals);
         assert_eq!(weighted(&a).2, &["p1", "p2", "p3", "p4"]);
+    }
+
+    #[test]
+    fn commitment_lists_and_key_deliveries_that_do_not_check_are_refused_naming_the_coordinator() {
+        // Edits to the commitment list (key-deal stage) and to the key
+        // delivery (key-confirm stage) sent to each party; "{q}" in a
+        // fragment stands for another party than the recipient.
+        type ListEdit = Box<dyn Fn(&str, &mut wire::CommitList)>;
+        let other = |p: &str| if p == "p0" { "p1".to_owned() } else { "p0".to_owned() };
+        let lists: Vec<(&str, ListEdit)> = vec![
+            (
+                "not a party of the round",
+                Box::new(|_, l| {
+                    let mut c = l.commits[0].clone();
+                    c.party = "zz-sybil".into();
+                    l.commits.push(c);
+                }),
+            ),
+            (
+                "key commitment of {q} without its signature",
+                Box::new(move |p, l| {
+                    let c = l.commits.iter_mut().find(|c| c.party == other(p)).unwrap();
+                    c.commitment[0] ^= 1;
+                }),
+            ),
+            (
+                "two key commitments of {q}",
+                Box::new(move |p, l| {
+                    let c = l.commits.iter().find(|c| c.party == other(p)).unwrap().clone();
+                    l.commits.push(c);
+                }),
+            ),
+            (
+                "for this party that it did not make",
+                Box::new(|p, l| {
+                    let c = l.commits.iter_mut().find(|c| c.party == p).unwrap();
+                    c.commitment[0] ^= 1;
+                }),
+            ),
+        ];
+        for (want, edit) in lists {
+            let mut tamper = |stage: StageName, p: &str, m: &mut Envelope| {
+                if stage == KEY_DEAL {
+                    let mut l: wire::CommitList = m.decode("t", "t").unwrap();
+                    edit(p, &mut l);
+                    *m = Envelope::encode(&l);
+                }
+            };
+            let r = refusals_under(5, &mut tamper);
+            let deal: Vec<_> = r.iter().filter(|(s, _, _)| *s == KEY_DEAL).collect();
+            assert_eq!(deal.len(), 5, "{want}: {r:?}");
+            for (_, p, e) in deal {
+                let want = want.replace("{q}", &other(p));
+                assert!(e.contains("party coordinator misbehaved") && e.contains(&want), "{want}: {p}: {e}");
+            }
+        }
+        // A key delivery without the party's own dealing: the key would then
+        // hold no secret this party knows to be honest.
+        let mut tamper = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == KEY_CONFIRM {
+                let mut d: wire::KeyDelivery = unframe_message(m.clone(), "t", "t").unwrap();
+                d.dealt.retain(|d| d.dealer != p);
+                *m = framed_message(&d);
+            }
+        };
+        let r = refusals_under(5, &mut tamper);
+        let confirm: Vec<_> = r.iter().filter(|(s, _, _)| *s == KEY_CONFIRM).collect();
+        assert_eq!(confirm.len(), 5, "{r:?}");
+        assert!(
+            confirm.iter().all(|(_, _, e)| e.contains("party coordinator misbehaved")
+                && e.contains("left this party's own dealing out of the key")),
+            "{confirm:?}"
+        );
+    }
+
+    #[test]
+    fn a_second_hash_over_contributors_that_are_not_a_strict_subset_is_refused() {
+        // The coordinator may ask again at the hash stage only over fewer
+        // contributors (after leaving out a relay group): asked again over
+        // the same set, each party refuses. The parties stop answering at
+        // decryption, so they all sit in their hashed state.
+        let mut fed = Fed::new(5, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let requests: std::cell::RefCell<Vec<(String, Envelope)>> = Default::default();
+        let mut capture = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == HASH {
+                requests.borrow_mut().push((p.to_owned(), m.clone()));
+            }
+        };
+        let silent = names.iter().map(|p| (p.clone(), DECRYPT)).collect();
+        let mut script = Script { tamper: Some(&mut capture), silent, ..Script::default() };
+        assert!(fed.round(2, &names, &global, &mut script).is_err(), "nobody decrypted");
+        assert!(script.refusals.is_empty(), "{:?}", script.refusals);
+        let requests = requests.into_inner();
+        assert_eq!(requests.len(), 5);
+        for (p, m) in requests {
+            let err = fed.clients.get_mut(&p).unwrap().on_step(2, HASH, m).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                err.contains("party coordinator misbehaved") && err.contains("not a subset of the first's"),
+                "{p}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -3738,6 +4311,13 @@ mod tests {
             ("clip", Box::new(|c| c.clip = 9.0)),
             ("at least 3", Box::new(|c| c.parties.truncate(2))),
             ("does not name", Box::new(|c| c.parties.push("zz".into()))),
+            ("not sorted and unique", Box::new(|c| c.parties.reverse())),
+            ("not sorted and unique", Box::new(|c| c.parties[1] = c.parties[0].clone())),
+            ("a round without this party", Box::new(|c| c.parties.retain(|p| p != "p0"))),
+            ("max_examples", Box::new(|c| c.max_examples += 1)),
+            ("dp", Box::new(|c| c.dp_digest = vec![1; 32])),
+            ("values; this party sums", Box::new(|c| c.dim += 1)),
+            ("key epoch in a keygen round", Box::new(|c| c.epoch = vec![1; 32])),
             (
                 "holds no share",
                 Box::new(|c| {
@@ -3894,13 +4474,17 @@ mod tests {
 
     impl HeClientView {
         fn of(fed: &Fed, rm: &[u8], global: &Parameters, fit: &FitConfig) -> HeClientView {
+            HeClientView::of_round(fed, rm, global, fit, 1)
+        }
+
+        fn of_round(fed: &Fed, rm: &[u8], global: &Parameters, fit: &FitConfig, round: u32) -> HeClientView {
             let rc: wire::RoundConfig = prost::Message::decode(rm).unwrap();
             let job = JobFacts::new("job", fed.names.clone(), 100, 3, 1 << 20);
             let s = settings_for(&table(), &job).unwrap();
             let epoch = (!rc.keygen).then(|| rc.epoch.as_slice().try_into().unwrap());
             let d = derive_round(
                 "job",
-                1,
+                round,
                 &rc.parties,
                 rc.keygen,
                 epoch,
