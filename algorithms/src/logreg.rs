@@ -491,6 +491,38 @@ mod tests {
         assert!(moved(false) > 100.0);
     }
 
+    /// The update a DP-SGD step releases carries the calibrated noise: one
+    /// full-batch step (q = 1, so the clipped sum is the same in every run)
+    /// at z = 4 departs from the same step at next to no noise by
+    /// lr·N(0, (z·C)²)/B per value. A trainer that skipped the noise, or
+    /// scaled it wrongly, fails (the normalised deviations' variance would
+    /// be 0, or far from 1).
+    #[test]
+    fn a_dp_sgd_step_releases_the_calibrated_noise() {
+        let ds = breast_cancer();
+        let rows = ds.len();
+        let cfg = FitConfig { round: 1, train: TrainConfig { learning_rate: 0.5, ..TrainConfig::default() } };
+        let flat = |p: &Parameters| -> Vec<f64> {
+            [WEIGHT, BIAS].iter().flat_map(|n| p.get(n).unwrap().data.iter().map(|&v| f64::from(v))).collect()
+        };
+        let step = |z: f64| {
+            let mut m = LogisticRegression::new(2, ds.clone(), Dataset::default(), 1, 0).unwrap();
+            let mut p = m.parameters().unwrap();
+            apply_feature_stats(&mut p, &ds.feature_stats()).unwrap();
+            m.set_parameters(&p).unwrap();
+            m.fit_private(&cfg, &plan(z, 1.0, rows, 1)).unwrap();
+            flat(&m.parameters().unwrap())
+        };
+        let quiet = step(1e-9);
+        let sd = 0.5 * 4.0 * 1.0 / rows as f64;
+        // Four noisy steps of 62 values each: the sample variance of 248
+        // N(0, 1) values is outside 0.6..1.5 in under 1e-6 of runs.
+        let normalised: Vec<f64> =
+            (0..4).flat_map(|_| quiet.iter().zip(step(4.0)).map(|(a, b)| (b - a) / sd).collect::<Vec<_>>()).collect();
+        let variance = normalised.iter().map(|v| v * v).sum::<f64>() / normalised.len() as f64;
+        assert!((0.6..1.5).contains(&variance), "{variance}");
+    }
+
     /// DP-SGD at z = 1, q = 0.05 (ε ≈ 1.9 at δ = 1e-5 after 5 rounds of 20
     /// steps) still learns the breast-cancer data.
     #[test]

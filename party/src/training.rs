@@ -714,6 +714,28 @@ mod tests {
         assert_eq!(ledger.snapshot().datasets["d"].jobs["e1"].rounds_started, 1);
     }
 
+    /// The counts a DP evaluation releases carry noise: at σ = 1000√2 rows
+    /// on each count the chance that both come out exact is below 1e-7,
+    /// and they stay within 8σ. (The test above, at a small σ, would pass
+    /// with no noise at all.)
+    #[test]
+    fn a_dp_evaluation_adds_noise_to_what_it_releases() {
+        use confide_crypto::aggregation::plain::Plain;
+        let job = JobFacts::new("e1", Vec::new(), 10, 1, 100);
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let mut h = TrainingHandler::new(Box::new(Rows(100_000)), client, Plain.stages());
+        h.eval_noise = Some(confide_dp::evaluation::NoisyCounts::new(1000.0).unwrap());
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let ResultBody::Evaluate { num_examples, metrics, .. } =
+            h.on_task(task(1, TaskBody::Evaluate { global })).unwrap()
+        else {
+            panic!()
+        };
+        let sigma = 1000.0 * 2f64.sqrt();
+        assert!((num_examples as f64 - 100_000.0).abs() < 8.0 * sigma, "{num_examples}");
+        assert!(num_examples != 100_000 || metrics["accuracy"] != 0.9, "{num_examples} {metrics:?}: no noise");
+    }
+
     /// An aggregation client that logs what the handler asks of it, in order.
     struct Recording {
         inner: Box<dyn AggregationClient>,

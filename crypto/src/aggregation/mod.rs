@@ -248,6 +248,9 @@ pub(crate) fn check_round_parties(
     peers: &dyn PeerVerifier,
 ) -> Result<u64, Error> {
     let fault = |reason: String| Error::PeerMisbehaved { party: "coordinator".into(), reason };
+    if !parties.windows(2).all(|w| w[0] < w[1]) {
+        return Err(fault("sent a round's party list that is not sorted and unique".into()));
+    }
     if parties.len() > job.max_parties {
         return Err(fault(format!("{} parties in the round; at most {}", parties.len(), job.max_parties)));
     }

@@ -1344,12 +1344,21 @@ mod tests {
                 wire::RoundConfig { parties: ["p0", "p1", "p2", "sybil"].map(String::from).to_vec(), ..good.clone() },
             ),
             ("at least 3", wire::RoundConfig { parties: names[..2].to_vec(), ..good.clone() }),
+            (
+                "not sorted and unique",
+                wire::RoundConfig { parties: names.iter().rev().cloned().collect(), ..good.clone() },
+            ),
+            (
+                "not sorted and unique",
+                wire::RoundConfig { parties: ["p0", "p1", "p1", "p2"].map(String::from).to_vec(), ..good.clone() },
+            ),
+            ("this party sums", wire::RoundConfig { dim: good.dim + 1, ..good.clone() }),
         ] {
             let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
             let update =
                 LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None };
             let err = client.contribute(1, &prost::Message::encode_to_vec(&tamper), update).unwrap_err().to_string();
-            assert!(err.contains("coordinator") && err.contains(field), "{field}: {err}");
+            assert!(err.contains("party coordinator misbehaved") && err.contains(field), "{field}: {err}");
         }
         let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let update =

@@ -905,6 +905,14 @@ impl Server {
                     format!("round keys whose signature does not verify over this round (another model, configuration or party list?): {e}"),
                 )
             })?;
+        // A key used twice (by this party for both purposes, or one another
+        // party advertised) would make every neighbour refuse the stage, as
+        // each party checks the same: the party that came second is dropped
+        // alone instead.
+        let taken = |k: &[u8; 32]| self.keys.values().any(|o| o.enc_pk == *k || o.mask_pk == *k);
+        if msg.enc_pk == msg.mask_pk || taken(&msg.enc_pk) || taken(&msg.mask_pk) {
+            return Err(misbehaved(&msg.party, "reused a public key"));
+        }
         self.keys.insert(msg.party.clone(), msg);
         Ok(())
     }
@@ -1554,6 +1562,36 @@ mod tests {
         to_p01[0].self_mask.ciphertext[3] ^= 1;
         let err = clients[1].on_shares(&to_p01, vec![0; 8]).err().unwrap();
         assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == &to_p01[0].from), "{err}");
+    }
+
+    #[test]
+    fn the_coordinator_drops_a_party_that_reuses_a_public_key_alone() {
+        let cfg = config(4, 8, 3, 2);
+        let mut server = Server::new(cfg.clone()).unwrap();
+        let adverts: Vec<AdvertiseKeys> = cfg
+            .parties
+            .iter()
+            .map(|p| Client::new(cfg.clone(), p, &HashSigner(p.clone()), &mut OsRng).unwrap().1)
+            .collect();
+        server.on_keys(adverts[0].clone(), &HashVerifier).unwrap();
+        // p01 advertises p00's mask key as its own (signed by p01): dropped,
+        // named; p00 stays.
+        let mut copy = adverts[1].clone();
+        copy.mask_pk = adverts[0].mask_pk;
+        copy.signature = HashSigner("p01".into()).sign(&cfg.keys_transcript(&copy)).unwrap();
+        let err = server.on_keys(copy, &HashVerifier).unwrap_err();
+        assert!(
+            matches!(&err, Error::PeerMisbehaved { party, reason } if party == "p01" && reason.contains("reused a public key")),
+            "{err}"
+        );
+        // The same key for both purposes.
+        let mut same = adverts[2].clone();
+        same.mask_pk = same.enc_pk;
+        same.signature = HashSigner("p02".into()).sign(&cfg.keys_transcript(&same)).unwrap();
+        let err = server.on_keys(same, &HashVerifier).unwrap_err();
+        assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p02"), "{err}");
+        server.on_keys(adverts[3].clone(), &HashVerifier).unwrap();
+        assert_eq!(server.close_keys().unwrap(), ["p00", "p03"]);
     }
 
     /// Every party through stage 1: the server awaits masked inputs.
