@@ -345,6 +345,14 @@ pub mod wire {
         pub mask_key_nonce: Vec<u8>,
         #[prost(bytes = "vec", tag = "6")]
         pub mask_key: Vec<u8>,
+        /// Relayed to the holder: the dealer's signature over the digests
+        /// of all its shares (`Config::digests_transcript`)...
+        #[prost(bytes = "vec", tag = "7")]
+        pub dealer_signature: Vec<u8>,
+        /// ...and those digests, in holder order, so the holder can tell a
+        /// share its dealer sealed wrongly from one altered in transit.
+        #[prost(bytes = "vec", repeated, tag = "8")]
+        pub dealer_digests: Vec<Vec<u8>>,
     }
 
     /// Encrypted shares (secagg-shares answer, secagg-masked-input task).
@@ -461,6 +469,8 @@ fn shares_to_wire(s: &[EncryptedShare], signature: Vec<u8>) -> wire::Shares {
                 self_mask: e.self_mask.ciphertext.clone(),
                 mask_key_nonce: e.mask_key.nonce.to_vec(),
                 mask_key: e.mask_key.ciphertext.clone(),
+                dealer_signature: Vec::new(),
+                dealer_digests: Vec::new(),
             })
             .collect(),
     }
@@ -485,6 +495,53 @@ fn shares_from_wire(s: wire::Shares, from: &str, max: usize) -> Result<Vec<Encry
             })
         })
         .collect()
+}
+
+/// Each dealer's signature and share digests, as the coordinator relays
+/// them with the shares it forwards to a holder (bounded: at most `max`
+/// digests of 32 bytes each, a signature of at most `MAX_SIGNATURE`).
+type DealerEvidence = BTreeMap<String, (Vec<u8>, Vec<[u8; 32]>)>;
+
+fn dealer_evidence(s: &wire::Shares, max: usize) -> Result<DealerEvidence, Error> {
+    let mut out = BTreeMap::new();
+    for share in &s.shares {
+        if share.dealer_signature.len() > MAX_SIGNATURE || share.dealer_digests.len() > max {
+            return Err(coordinator_fault(format!("oversized evidence for the share of {}", share.from)));
+        }
+        let digests = share
+            .dealer_digests
+            .iter()
+            .map(|d| <[u8; 32]>::try_from(d.as_slice()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| coordinator_fault(format!("a malformed digest for the share of {}", share.from)))?;
+        out.insert(share.from.clone(), (share.dealer_signature.clone(), digests));
+    }
+    Ok(out)
+}
+
+/// A share that does not open names its dealer only if the dealer signed
+/// exactly what arrived: otherwise the coordinator altered it on the way
+/// (the holder cannot tell the two apart from the ciphertext alone, and
+/// without this a coordinator could make a party refuse and point at an
+/// honest dealer).
+fn blame_for_a_share(
+    e: Error,
+    shares: &[EncryptedShare],
+    evidence: &DealerEvidence,
+    cfg: &Config,
+    peers: &dyn PeerVerifier,
+) -> Error {
+    let Error::PeerMisbehaved { party: dealer, reason } = &e else { return e };
+    let Some(share) = shares.iter().find(|s| &s.from == dealer) else { return e };
+    let signed = evidence.get(dealer).is_some_and(|(signature, digests)| {
+        digests.contains(&Config::share_digest(share))
+            && peers.verify(dealer, &cfg.digests_transcript(dealer, digests), signature).is_ok()
+    });
+    if signed {
+        e
+    } else {
+        coordinator_fault(format!("relayed a share of {dealer} that {dealer} did not sign ({reason})"))
+    }
 }
 
 fn unmask_shares_to_wire(u: &UnmaskShares) -> wire::UnmaskShares {
@@ -549,7 +606,7 @@ fn round_config(
     // v2: the mask streams share the round's IV (`prim::mask_iv`). A party
     // of another version binds another round, so a mixed round fails at the
     // signature checks instead of summing to garbage.
-    h.update(b"confide secagg round v2");
+    h.update(b"confide secagg round v3");
     let names: Vec<&str> = parties.iter().map(String::as_str).collect();
     h.update(crate::secagg::prim::context("round", job, round, &names));
     for v in [
@@ -609,6 +666,9 @@ struct ServerRound {
     stage: ServerStage,
     /// Each advertiser's certificate, relayed with its keys.
     certs: BTreeMap<String, Vec<u8>>,
+    /// Each dealer's signature and the digests it covers, relayed with each
+    /// of its shares.
+    evidence: BTreeMap<String, (Vec<u8>, Vec<[u8; 32]>)>,
 }
 
 struct SecAggServer {
@@ -661,7 +721,13 @@ impl SecAggServer {
             dp_clip,
         };
         let server = Server::new(config)?;
-        self.round = Some(ServerRound { server, decoding, stage: ServerStage::Keys, certs: BTreeMap::new() });
+        self.round = Some(ServerRound {
+            server,
+            decoding,
+            stage: ServerStage::Keys,
+            certs: BTreeMap::new(),
+            evidence: BTreeMap::new(),
+        });
         Ok(prost::Message::encode_to_vec(&msg))
     }
 }
@@ -740,12 +806,16 @@ impl AggregationServer for SecAggServer {
                 let signature = shares.signature.clone();
                 let shares = shares_from_wire(shares, party, max)?;
                 // The dealer signs its shares: the evidence that names it if
-                // one of them turns out not to fit at unmasking.
-                let transcript = r.server.config().shares_transcript(party, &shares);
+                // one of them turns out not to fit at unmasking, or not to
+                // open at its holder.
+                let digests = Config::share_digests(&shares);
+                let transcript = r.server.config().digests_transcript(party, &digests);
                 peers
                     .verify(party, &transcript, &signature)
                     .map_err(|_| misbehaved("its shares do not carry its signature"))?;
-                r.server.on_shares(party, shares)
+                r.server.on_shares(party, shares)?;
+                r.evidence.insert(party.to_owned(), (signature, digests));
+                Ok(())
             }
             (ServerStage::Masked, Some(Bulk::Words(values))) => {
                 r.server.on_masked(MaskedInput { party: party.to_owned(), values })
@@ -793,7 +863,13 @@ impl AggregationServer for SecAggServer {
                 let per_party = live
                     .into_iter()
                     .map(|p| {
-                        let shares = shares_to_wire(&r.server.shares_for(&p), Vec::new());
+                        let mut shares = shares_to_wire(&r.server.shares_for(&p), Vec::new());
+                        for s in &mut shares.shares {
+                            if let Some((signature, digests)) = r.evidence.get(&s.from) {
+                                s.dealer_signature = signature.clone();
+                                s.dealer_digests = digests.iter().map(|d| d.to_vec()).collect();
+                            }
+                        }
                         (p, Envelope::encode(&shares))
                     })
                     .collect();
@@ -1091,12 +1167,17 @@ impl SecAggClient {
                 Envelope::encode(&shares_to_wire(&shares, signature))
             }
             MASKED_INPUT => {
-                let shares = shares_from_wire(message.decode("coordinator", "shares")?, "coordinator", max)?;
+                let wire_shares: wire::Shares = message.decode("coordinator", "shares")?;
+                let evidence = dealer_evidence(&wire_shares, max)?;
+                let shares = shares_from_wire(wire_shares, "coordinator", max)?;
                 let masked = if r.premasked {
-                    r.client.on_shares_premasked(&shares)?
+                    r.client.on_shares_premasked(&shares)
                 } else {
-                    r.client.on_shares(&shares, std::mem::take(&mut r.input))?
+                    r.client.on_shares(&shares, std::mem::take(&mut r.input))
                 };
+                let masked = masked.map_err(|e| {
+                    blame_for_a_share(e, &shares, &evidence, r.client.config(), self.party.peers.as_ref())
+                })?;
                 Envelope { body: Vec::new(), bulk: Some(Bulk::Words(masked.values)) }
             }
             CONSISTENCY => {
@@ -1715,6 +1796,107 @@ mod tests {
             } else {
                 server.on_message(Peer { name: &p, certificate: &[], relay: None }, answer).unwrap();
             }
+        }
+    }
+
+    /// A share the coordinator alters on its way to the holder no longer
+    /// matches what its dealer signed: the holder names the coordinator,
+    /// not the dealer (without the dealer's signed digests, relayed with
+    /// each share, it could not tell the two apart).
+    #[test]
+    fn a_share_altered_in_transit_names_the_coordinator_not_its_dealer() {
+        let Begun { job, names, global, fit, mut server, round_message: rm } = begun_round(4);
+        let mut clients: Vec<_> =
+            names.iter().map(|p| SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap()).collect();
+        for (i, c) in clients.iter_mut().enumerate() {
+            let update =
+                LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None };
+            let m = c.contribute(1, &rm, update).unwrap();
+            server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m).unwrap();
+        }
+        let Progress::Step { messages: Messages::PerParty(lists), .. } = server.close_stage().unwrap() else {
+            panic!()
+        };
+        for (p, list) in lists {
+            let i: usize = p[1..].parse().unwrap();
+            let answer = clients[i].on_step(1, SHARES, list).unwrap();
+            server.on_message(Peer { name: &p, certificate: &[], relay: None }, answer).unwrap();
+        }
+        let Progress::Step { stage, messages: Messages::PerParty(to_holders), .. } = server.close_stage().unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(stage, MASKED_INPUT);
+        for (p, m) in to_holders {
+            let i: usize = p[1..].parse().unwrap();
+            let mut shares: wire::Shares = m.decode("t", "t").unwrap();
+            assert!(shares.shares.iter().all(|s| !s.dealer_signature.is_empty() && s.dealer_digests.len() == 3));
+            if p == "p1" {
+                let dealer = shares.shares[0].from.clone();
+                shares.shares[0].self_mask[3] ^= 1;
+                let err = clients[i].on_step(1, MASKED_INPUT, Envelope::encode(&shares)).unwrap_err().to_string();
+                assert!(
+                    err.contains("party coordinator misbehaved")
+                        && err.contains(&format!("relayed a share of {dealer} that {dealer} did not sign")),
+                    "{err}"
+                );
+            } else {
+                clients[i].on_step(1, MASKED_INPUT, m).unwrap();
+            }
+        }
+    }
+
+    /// The holder's verdict on a share that does not open, from the dealer's
+    /// relayed evidence: the dealer is named only when its signature covers
+    /// exactly that share; a share outside the signed digests, evidence
+    /// missing, or a signature that does not check is the coordinator's.
+    #[test]
+    fn a_share_that_does_not_open_is_blamed_on_whoever_the_evidence_shows() {
+        use crate::secagg::protocol::{Client, IdentitySigner};
+        use crate::secagg::testing::InsecureTagSigner;
+        let names = names(3);
+        let cfg = Config {
+            job: "job".into(),
+            round: 1,
+            parties: names.clone(),
+            threshold: 2,
+            degree: 2,
+            graph_seed: [0; 32],
+            bits: 32,
+            dim: 1,
+            binding: [5; 32],
+            min_survivors: 2,
+        };
+        let mut clients = Vec::new();
+        let mut adverts = Vec::new();
+        for p in &names {
+            let (c, a) = Client::new(cfg.clone(), p, &InsecureTagSigner(p.clone()), &mut OsRng).unwrap();
+            clients.push(c);
+            adverts.push(a);
+        }
+        let dealt = clients[0].on_keys(&adverts[1..], &InsecureTagVerifier, &mut OsRng).unwrap();
+        let signature = InsecureTagSigner("p0".into()).sign(&cfg.shares_transcript("p0", &dealt)).unwrap();
+        let digests = Config::share_digests(&dealt);
+        let to_p1: Vec<EncryptedShare> = dealt.iter().filter(|s| s.to == "p1").cloned().collect();
+        let bad = || Error::PeerMisbehaved { party: "p0".into(), reason: "its share does not decrypt".into() };
+        let verdict = |shares: &[EncryptedShare], evidence: &DealerEvidence| {
+            blame_for_a_share(bad(), shares, evidence, &cfg, &InsecureTagVerifier).to_string()
+        };
+        let signed: DealerEvidence = [("p0".to_string(), (signature.clone(), digests.clone()))].into();
+        // Signed as it arrived: the dealer sealed it wrongly.
+        assert!(verdict(&to_p1, &signed).contains("party p0 misbehaved"));
+        // Altered after signing, unsigned, or under a signature that fails.
+        let mut altered = to_p1.clone();
+        altered[0].mask_key.ciphertext[0] ^= 1;
+        let mut forged = signed.clone();
+        forged.get_mut("p0").unwrap().0[0] ^= 1;
+        for (what, shares, evidence) in [
+            ("altered", &altered, &signed),
+            ("no evidence", &to_p1, &DealerEvidence::new()),
+            ("bad signature", &to_p1, &forged),
+        ] {
+            let v = verdict(shares, evidence);
+            assert!(v.contains("party coordinator misbehaved") && v.contains("that p0 did not sign"), "{what}: {v}");
         }
     }
 

@@ -125,25 +125,48 @@ impl Config {
         context("share", &self.job, self.round, &[from, to, kind.label()])
     }
 
-    /// What a dealer signs for the shares it deals in a round (one
-    /// signature for all of them, checked by the coordinator before it
-    /// relays any): job, round, binding, dealer, and for each holder in
-    /// order its name and both encrypted shares.
-    pub fn shares_transcript(&self, dealer: &str, shares: &[EncryptedShare]) -> Vec<u8> {
-        let mut t = context("shares-signature", &self.job, self.round, &[dealer]);
-        t.extend_from_slice(&self.binding);
+    /// A digest of one encrypted share: its dealer, holder and both sealed
+    /// halves. The dealer signs the list of its shares' digests, so a holder
+    /// given the list can check its own share against the dealer's
+    /// signature without seeing the other holders' shares.
+    pub fn share_digest(s: &EncryptedShare) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("confide secagg share digest v1");
+        for part in [s.from.as_bytes(), s.to.as_bytes()] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        for sealed in [&s.self_mask, &s.mask_key] {
+            h.update(&sealed.nonce);
+            h.update(&(sealed.ciphertext.len() as u64).to_le_bytes());
+            h.update(&sealed.ciphertext);
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// The digests of a dealer's shares, in holder order: what its
+    /// signature covers.
+    pub fn share_digests(shares: &[EncryptedShare]) -> Vec<[u8; 32]> {
         let mut sorted: Vec<&EncryptedShare> = shares.iter().collect();
         sorted.sort_by(|a, b| a.to.cmp(&b.to));
-        for s in sorted {
-            t.extend_from_slice(&(s.from.len() as u64).to_le_bytes());
-            t.extend_from_slice(s.from.as_bytes());
-            t.extend_from_slice(&(s.to.len() as u64).to_le_bytes());
-            t.extend_from_slice(s.to.as_bytes());
-            for sealed in [&s.self_mask, &s.mask_key] {
-                t.extend_from_slice(&sealed.nonce);
-                t.extend_from_slice(&(sealed.ciphertext.len() as u64).to_le_bytes());
-                t.extend_from_slice(&sealed.ciphertext);
-            }
+        sorted.into_iter().map(Self::share_digest).collect()
+    }
+
+    /// What a dealer signs for the shares it deals in a round (one
+    /// signature for all of them, checked by the coordinator before it
+    /// relays any): job, round, binding, dealer, and the digests of its
+    /// shares in holder order.
+    pub fn shares_transcript(&self, dealer: &str, shares: &[EncryptedShare]) -> Vec<u8> {
+        self.digests_transcript(dealer, &Self::share_digests(shares))
+    }
+
+    /// [`Config::shares_transcript`] from the digests alone, as a holder
+    /// rebuilds it from the list the coordinator relays with its share.
+    pub fn digests_transcript(&self, dealer: &str, digests: &[[u8; 32]]) -> Vec<u8> {
+        let mut t = context("shares-signature v2", &self.job, self.round, &[dealer]);
+        t.extend_from_slice(&self.binding);
+        t.extend_from_slice(&(digests.len() as u64).to_le_bytes());
+        for d in digests {
+            t.extend_from_slice(d);
         }
         t
     }
@@ -1557,7 +1580,11 @@ mod tests {
         server.on_shares("p03", shares[2].clone()).unwrap();
         server.close_shares().unwrap();
 
-        // A share tampered with, or from another job's context, does not decrypt.
+        // A share tampered with, or from another job's context, does not
+        // decrypt. The core names its dealer; the party's protocol layer then
+        // checks the dealer's relayed signature and names the coordinator
+        // instead when the dealer did not sign what arrived
+        // (`aggregation::secagg`'s `a_share_altered_in_transit_names_the_coordinator_not_its_dealer`).
         let mut to_p01 = server.shares_for("p01");
         to_p01[0].self_mask.ciphertext[3] ^= 1;
         let err = clients[1].on_shares(&to_p01, vec![0; 8]).err().unwrap();
