@@ -1513,6 +1513,14 @@ mod tests {
         assert_eq!(other.sigma(), ddg.local_sigma(), "the same σ: only b differs");
         let err = ddg.encode(&[0.1; 10], other, &[0; 32], &mut rng(1)).expect_err("refused").to_string();
         assert!(err.contains("2^31"), "{err}");
+        // Noise of another mechanism (another σ, here half the noise) is
+        // refused: it would change the guarantee.
+        let weaker = Ddg::new(DdgConfig { noise_multiplier: 0.5, ..config(10, 3, 16) }).expect("params");
+        let ddg = Ddg::new(config(10, 3, 16)).expect("params");
+        assert_ne!(weaker.local_sigma(), ddg.local_sigma());
+        let noise = weaker.sample_noise().expect("noise");
+        let err = ddg.encode(&[0.1; 10], noise, &[0; 32], &mut rng(1)).expect_err("refused").to_string();
+        assert!(err.contains("noise drawn at σ"), "{err}");
     }
 
     /// `encode` is the noise plus `quantize`'s integers, modulo 2^b, when

@@ -339,13 +339,16 @@ mod tests {
     use super::*;
     use confide_proto::Limits;
 
-    fn spec(rounds: u32, dp: bool) -> JobSpec {
+    fn spec_text(rounds: u32, dp: bool) -> String {
         let dp = if dp { "[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\n" } else { "" };
-        let text = format!(
+        format!(
             "name = \"p\"\nkind = \"train\"\nrounds = {rounds}\n[parties]\nnames = [\"a\", \"b\", \"c\"]\n\
              dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n{dp}"
-        );
-        JobSpec::parse(&text, "t", &Limits::default()).unwrap()
+        )
+    }
+
+    fn spec(rounds: u32, dp: bool) -> JobSpec {
+        JobSpec::parse(&spec_text(rounds, dp), "t", &Limits::default()).unwrap()
     }
 
     #[test]
@@ -366,6 +369,24 @@ mod tests {
         // the old reservation (the coordinator cannot swap the spec).
         let e = ledger.reserve("j1", &spec(30, true), "d", None).unwrap_err();
         assert!(e.contains("other privacy terms"), "{e}");
+        // Other DP settings or another schedule under the same id, likewise.
+        let retuned = |from: &str, to: &str| {
+            let text = spec_text(3, true).replace(from, to);
+            JobSpec::parse(&text, "t", &Limits::default()).unwrap()
+        };
+        for (from, to) in [
+            ("noise_multiplier = 1.0", "noise_multiplier = 4.0"),
+            ("sampling_rate = 0.05", "sampling_rate = 0.01"),
+            (
+                "rounds = 3",
+                "rounds = 3
+[training]
+local_epochs = 2",
+            ),
+        ] {
+            let e = ledger.reserve("j1", &retuned(from, to), "d", None).unwrap_err();
+            assert!(e.contains("other privacy terms"), "{to}: {e}");
+        }
         ledger.reserve("j2", &job, "d", Some(eps * 2.05)).unwrap();
         let e = ledger.reserve("j3", &job, "d", Some(eps * 2.05)).unwrap_err();
         assert!(e.contains("has spent") && e.contains("\"d\""), "{e}");

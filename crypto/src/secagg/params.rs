@@ -360,6 +360,21 @@ mod tests {
         assert!(choose(3, &tm(0.0, 0.4)).is_err(), "3 parties cannot lose one with t = 2 of 2");
     }
 
+    /// The figures `docs/secure-aggregation.md` gives for the default
+    /// threat model (5 % corrupt, 10 % dropping out).
+    #[test]
+    fn the_documented_figures_at_the_defaults() {
+        let d = tm(0.05, 0.1);
+        let p = choose(5, &d).unwrap();
+        assert_eq!((p.degree, p.threshold, p.complete), (4, 3, true));
+        let p = choose(80, &d).unwrap();
+        assert_eq!((p.degree, p.threshold, p.complete), (22, 14, false));
+        let p = choose(1000, &d).unwrap();
+        assert_eq!((p.degree, p.threshold), (90, 58));
+        assert!((p.privacy_failure_log2 - -41.0).abs() < 0.5, "{p}");
+        assert!((p.correctness_failure_log2 - -31.6).abs() < 0.05, "{p}");
+    }
+
     #[test]
     fn impossible_threat_models_are_refused_by_field() {
         assert!(check(&tm(0.34, 0.0)).unwrap_err().contains("corrupt_fraction"));

@@ -1633,6 +1633,33 @@ mod tests {
         (server, clients)
     }
 
+    /// The coordinator checks each survivor-set signature before relaying
+    /// it: one that does not verify, or a party's signature offered as
+    /// another's, names its sender; the genuine one is kept.
+    #[test]
+    fn the_coordinator_checks_survivor_signatures_before_relaying_them() {
+        let cfg = config(4, 4, 3, 2);
+        let (mut server, mut clients) = through_shares(&cfg);
+        for c in clients.iter_mut() {
+            let p = c.me.clone();
+            let m = c.on_shares(&server.shares_for(&p), vec![1, 2, 3, 4]).unwrap();
+            server.on_masked(m).unwrap();
+        }
+        let survivors = server.close_masked().unwrap();
+        let genuine = clients[0].on_survivors(&survivors, &HashSigner("p00".into())).unwrap();
+        let mut bad = genuine.clone();
+        bad.signature[0] ^= 1;
+        let err = server.on_survivor_signature(bad, &HashVerifier).unwrap_err();
+        assert!(
+            matches!(&err, Error::PeerMisbehaved { party, reason } if party == "p00" && reason.contains("does not verify")),
+            "{err}"
+        );
+        let stolen = SurvivorSignature { party: "p01".into(), signature: genuine.signature.clone() };
+        let err = server.on_survivor_signature(stolen, &HashVerifier).unwrap_err();
+        assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p01"), "{err}");
+        server.on_survivor_signature(genuine, &HashVerifier).unwrap();
+    }
+
     #[test]
     fn the_server_never_gets_both_secrets_of_a_party() {
         let cfg = config(5, 4, 4, 3);
@@ -1664,10 +1691,13 @@ mod tests {
         }
         // A client answers only once per round.
         assert!(clients[0].on_unmask(&requests[0].1, &HashVerifier).is_err());
-        // The server rejects a self-mask share of the dropped party.
+        // The server rejects a self-mask share of the dropped party, naming
+        // the holder that offered it.
         let mut forged = answers[1].clone();
         forged.self_mask.push(("p04".into(), answers[1].mask_key[0].1.clone()));
-        assert!(server.on_unmask(forged).is_err());
+        let holder = forged.party.clone();
+        let err = server.on_unmask(forged).unwrap_err();
+        assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if *party == holder), "{err}");
         for a in answers {
             server.on_unmask(a).unwrap();
         }
@@ -1679,28 +1709,26 @@ mod tests {
     fn wrong_sizes_are_rejected_naming_the_party() {
         let cfg = config(3, 4, 2, 2);
         let mut server = Server::new(cfg.clone()).unwrap();
-        assert!(
-            server
-                .on_keys(
-                    AdvertiseKeys {
-                        party: "zz".into(),
-                        enc_pk: [1; 32],
-                        mask_pk: [2; 32],
-                        seed_commitment: [3; 32],
-                        signature: vec![1],
-                    },
-                    &HashVerifier
-                )
-                .is_err()
-        );
+        let outsider = server
+            .on_keys(
+                AdvertiseKeys {
+                    party: "zz".into(),
+                    enc_pk: [1; 32],
+                    mask_pk: [2; 32],
+                    seed_commitment: [3; 32],
+                    signature: vec![1],
+                },
+                &HashVerifier,
+            )
+            .unwrap_err();
+        assert!(matches!(&outsider, Error::PeerMisbehaved { party, .. } if party == "zz"), "{outsider}");
         let (_, m) = Client::new(cfg.clone(), "p00", &HashSigner("p00".into()), &mut OsRng).unwrap();
         server.on_keys(m, &HashVerifier).unwrap();
         assert!(Client::new(config(3, 4, 2, 3), "p00", &HashSigner("p00".into()), &mut OsRng).is_err());
         assert!(Client::new(config(3, 4, 2, 1), "p00", &HashSigner("p00".into()), &mut OsRng).is_err());
-        assert!(matches!(
-            server.on_masked(MaskedInput { party: "p00".into(), values: vec![0; 4] }),
-            Err(Error::PeerMisbehaved { .. })
-        ));
+        // A masked input out of turn (before the shares stage closed) names its sender.
+        let early = server.on_masked(MaskedInput { party: "p00".into(), values: vec![0; 4] }).unwrap_err();
+        assert!(matches!(&early, Error::PeerMisbehaved { party, .. } if party == "p00"), "{early}");
     }
 
     #[test]
