@@ -450,6 +450,63 @@ fn a_wrong_unmask_share_is_caught_and_its_holder_named() {
     }
 }
 
+/// The same for a dropped party's mask key: p06 shares its secrets and
+/// never sends its masked input, so the coordinator rebuilds its mask key
+/// from the holders' shares and checks it against p06's advertised public
+/// key. p01 shifts its share: with one or two shares to spare the sum is
+/// exact and p01 is named. (In this complete graph of seven, every answer
+/// set that leaves the survivors' self masks rebuildable holds a spare
+/// share of p06's key; the no-spare case is the self-mask test's above.)
+#[test]
+fn a_wrong_mask_key_share_is_caught_against_the_advertised_key() {
+    for answering in [6, 5] {
+        let cfg = config(7, 0.0);
+        let mut server = Server::new(cfg.clone()).unwrap();
+        let mut clients = BTreeMap::new();
+        for p in &cfg.parties {
+            let (c, m) = Client::new(cfg.clone(), p, &Tag(p.clone()), &mut OsRng).unwrap();
+            server.on_keys(m, &TagCheck).unwrap();
+            clients.insert(p.clone(), c);
+        }
+        server.close_keys().unwrap();
+        for (p, c) in clients.iter_mut() {
+            let s = c.on_keys(&server.keys_for(p).unwrap(), &TagCheck, &mut OsRng).unwrap();
+            server.on_shares(p, s).unwrap();
+        }
+        server.close_shares().unwrap();
+        for (i, (p, c)) in clients.iter_mut().enumerate() {
+            let y = c.on_shares(&server.shares_for(p), vec![i as u32; cfg.dim]).unwrap();
+            if p != "p06" {
+                server.on_masked(y).unwrap();
+            }
+        }
+        let survivors = server.close_masked().unwrap();
+        assert!(!survivors.contains(&"p06".to_string()));
+        // p06's shares are held by its six neighbours, p00..p05; six or
+        // five of them answer (t = 4).
+        let answering: Vec<String> = cfg.parties.iter().take(answering).cloned().collect();
+        for p in &answering {
+            let sig = clients.get_mut(p).unwrap().on_survivors(&survivors, &Tag(p.clone())).unwrap();
+            server.on_survivor_signature(sig, &TagCheck).unwrap();
+        }
+        for (p, req) in server.close_consistency().unwrap() {
+            let mut answer = clients.get_mut(&p).unwrap().on_unmask(&req, &TagCheck).unwrap();
+            if p == "p01" {
+                // A shift well above the three low bits X25519 clamps away
+                // (a change there rebuilds an equivalent key, which does
+                // no harm and cannot be seen).
+                let share = &mut answer.mask_key.iter_mut().find(|(o, _)| o == "p06").unwrap().1;
+                share.y[0] = (share.y[0] + (1 << 40)) % ((1u64 << 61) - 1);
+            }
+            server.on_unmask(answer).unwrap();
+        }
+        let (sum, _) = server.finish().unwrap();
+        // Inputs were vec![i; dim] for parties 0..=5.
+        assert_eq!(sum, vec![15; cfg.dim]);
+        assert!(server.flagged().get("p01").is_some_and(|f| f.contains("p06's mask key")), "{:?}", server.flagged());
+    }
+}
+
 /// Runs a seven-party round to the end with `tamper` applied to the shares
 /// p00 deals to p01 (before relaying) and `tamper_answer` to p01's unmask
 /// answer; returns the server after `finish` and the sum.
