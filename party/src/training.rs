@@ -569,6 +569,8 @@ mod tests {
     #[derive(Default)]
     struct FixedDp {
         given: Arc<std::sync::Mutex<Vec<Parameters>>>,
+        /// The plan and learning rate each DP-SGD fit ran with.
+        plans: Arc<std::sync::Mutex<Vec<(DpSgdPlan, f64)>>>,
     }
 
     impl Trainer for FixedDp {
@@ -588,7 +590,8 @@ mod tests {
         fn supports_dp_sgd(&self) -> bool {
             true
         }
-        fn fit_private(&mut self, _: &FitConfig, _: &DpSgdPlan) -> Result<FitOutcome, Error> {
+        fn fit_private(&mut self, c: &FitConfig, plan: &DpSgdPlan) -> Result<FitOutcome, Error> {
+            self.plans.lock().unwrap().push((*plan, c.train.learning_rate));
             Ok(FitOutcome { num_examples: 7, metrics: [("train_loss".to_string(), 0.3)].into() })
         }
         fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
@@ -638,6 +641,46 @@ mod tests {
         // The plain protocol's body is the weight (protobuf field 1, varint):
         // 1, whatever the party's row count (7 here).
         assert_eq!(contribution.body, [0x08, 0x01], "a DP update weighs 1");
+    }
+
+    /// The DP-SGD mechanism is the one planned from the accepted spec,
+    /// whatever the round's fit configuration says: a coordinator that
+    /// sends more epochs, a batch of one or other settings changes what is
+    /// post-processing (the learning rate), never the steps, sampling rate,
+    /// batch divisor or noise that fix ε.
+    #[test]
+    fn dp_sgd_runs_the_specs_plan_whatever_the_fit_configuration_says() {
+        use confide_crypto::aggregation::plain::Plain;
+        let text = "name = \"p\"\nkind = \"train\"\nrounds = 2\n[parties]\nnames = [\"p0\"]\nmin = 1\n\
+                    dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+                    [training]\nlocal_epochs = 2\nbatch_size = 8\n\
+                    [dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.1\n";
+        let spec = confide_proto::jobspec::JobSpec::parse(text, "p", &confide_proto::Limits::default()).unwrap();
+        let planned = spec.dp.as_ref().unwrap().plan(&spec.training).unwrap();
+        assert_eq!(
+            (planned.noise_multiplier, planned.sampling_rate, planned.expected_batch_size, planned.steps_per_round),
+            (1.5, 0.1, 8, 20),
+            "steps = ⌈local_epochs / q⌉"
+        );
+        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let trainer = FixedDp::default();
+        let plans = trainer.plans.clone();
+        let mut h = TrainingHandler::new(Box::new(trainer), client, Plain.stages());
+        h.dp = Some(planned);
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let hostile = confide_algorithms::TrainConfig {
+            local_epochs: 50,
+            batch_size: 1,
+            learning_rate: 0.5,
+            ..Default::default()
+        };
+        h.on_task(task(
+            1,
+            TaskBody::Fit { config: FitConfig { round: 1, train: hostile }, global, round_message: Vec::new() },
+        ))
+        .unwrap();
+        assert_eq!(*plans.lock().unwrap(), [(planned, 0.5)]);
     }
 
     /// A trainer that evaluates `n` rows at accuracy 0.9 and loss 0.3.
