@@ -758,6 +758,29 @@ mod secure {
         assert!(b.detail.as_deref().unwrap_or_default().contains("other than the one its dealer sent"), "{b:?}");
     }
 
+    /// Under secure aggregation a fit answer carries no metric: one that
+    /// sends its training loss in the clear is refused by name, so the
+    /// loss reaches neither the round's record nor the status, and the
+    /// round goes on without it.
+    #[test]
+    fn training_metrics_in_the_clear_are_refused_by_name() {
+        let (mut r, fit) = Run::start(3);
+        let (e_task, e_fit) = fit.iter().find(|(p, _)| p == "e").map(|(_, t)| (t.task_id, t)).unwrap();
+        let TaskBody::Fit { global, round_message, config } = &e_fit.task.body else { panic!() };
+        let (n, l) = local("e");
+        let update = LocalUpdate { global, fit: config, local: params(&l), num_examples: n, train_loss: Some(0.25) };
+        let contribution = r.clients.get_mut("e").unwrap().contribute(e_fit.round, round_message, update).unwrap();
+        let leaky = ResultBody::Fit { metrics: [("train_loss".to_string(), 0.25)].into(), contribution };
+        r.answer("e", e_task, leaky);
+        let e = r.s.parties()["e"].detail.clone().unwrap_or_default();
+        assert!(e.contains("party e sent training metrics in the clear"), "{e}");
+        let mut next = Vec::new();
+        for (p, t) in fit.iter().filter(|(p, _)| p != "e") {
+            next = tasks(r.fit(p, t));
+        }
+        assert_eq!(next.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["a", "b", "c", "d"]);
+    }
+
     #[test]
     fn a_plaintext_update_or_forged_shares_drop_the_party_by_name() {
         let (mut r, fit) = Run::start(3);

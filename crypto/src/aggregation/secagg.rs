@@ -1366,8 +1366,25 @@ mod tests {
         let mut p0 = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let values = [10.0, 5.0, 10.0, 9.0, 10.0, 0.0, 0.0];
         let advert = p0.contribute_sum(2, &rm, &SumLayout::evaluation(&other), &values).unwrap();
-        let err = coordinator.on_message(Peer { name: "p0", certificate: &[], relay: None }, advert).unwrap_err();
+        let err =
+            coordinator.on_message(Peer { name: "p0", certificate: &[], relay: None }, advert.clone()).unwrap_err();
         assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p0"), "{err}");
+        // A malicious coordinator relays p0's keys anyway: p1, evaluating the
+        // model the round names, refuses and names the coordinator.
+        let mut p1 = SecAggPlus.client(&toml::Table::new(), &job, identity("p1")).unwrap();
+        let mut p2 = SecAggPlus.client(&toml::Table::new(), &job, identity("p2")).unwrap();
+        let adverts = [
+            advert,
+            p1.contribute_sum(2, &rm, &layout, &values).unwrap(),
+            p2.contribute_sum(2, &rm, &layout, &values).unwrap(),
+        ];
+        let keys: Vec<wire::Keys> =
+            adverts.iter().map(|a| prost::Message::decode(a.body.as_slice()).unwrap()).collect();
+        let err = p1.on_step(2, SHARES, Envelope::encode(&wire::KeyList { keys })).unwrap_err();
+        assert!(
+            matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("p0")),
+            "{err}"
+        );
         // A sum of another length is refused before anything is sent.
         let err = p0.contribute_sum(2, &rm, &layout, &values[..3]).unwrap_err().to_string();
         assert!(err.contains("3 values"), "{err}");
