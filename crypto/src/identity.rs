@@ -264,6 +264,14 @@ mod tests {
             .issue_with_validity(Role::Party, "a", &[], now - time::Duration::days(3), now - time::Duration::days(1))
             .unwrap();
         assert!(v.add_peer("a", &der_of(&expired.cert_pem)).is_err());
+        // A certificate of the federation CA for "a" in another role (a
+        // relay's, an administrator's, the coordinator's) is not a party's.
+        let ca_issuer = pki.load_ca().unwrap();
+        for role in [Role::Relay, Role::Admin, Role::Coordinator] {
+            let other = ca_issuer.issue(role, "a", &[]).unwrap();
+            let e = v.add_peer("a", &der_of(&other.cert_pem)).unwrap_err().to_string();
+            assert!(e.contains("party a misbehaved") && e.contains("not party a"), "{role:?}: {e}");
+        }
     }
 
     #[test]
