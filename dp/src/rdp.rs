@@ -509,6 +509,44 @@ pub fn calibrate_by(target_epsilon: f64, what: &str, eps: impl Fn(f64) -> Result
 mod tests {
     use super::*;
 
+    /// Party-level records are charged at twice the sensitivity (one record
+    /// moves a party's whole clipped update): the Gaussian's RDP becomes
+    /// four times larger, the sampled mechanisms keep their rate at half the
+    /// noise multiplier, and the distributed mechanism's L1 and L2 scales
+    /// double while τ (the divergence from a true discrete Gaussian, which
+    /// does not depend on the neighbours) stays.
+    #[test]
+    fn double_sensitivity_is_half_the_noise_multiplier_or_twice_the_scales() {
+        let g = DpEvent::Gaussian { noise_multiplier: 3.0 };
+        for a in [2.0, 8.0, 32.0] {
+            let (x, y) = (g.at_double_sensitivity().rdp(a), 4.0 * g.rdp(a));
+            assert!((x - y).abs() <= 1e-12 * y, "order {a}: {x} vs {y}");
+        }
+        for e in [
+            DpEvent::PoissonSampledGaussian { sampling_rate: 0.01, noise_multiplier: 1.2 },
+            DpEvent::PoissonSampledDiscreteGaussian { sampling_rate: 0.01, noise_multiplier: 1.2 },
+        ] {
+            let doubled = e.at_double_sensitivity();
+            let expected = match e {
+                DpEvent::PoissonSampledGaussian { sampling_rate, .. } => {
+                    DpEvent::PoissonSampledGaussian { sampling_rate, noise_multiplier: 0.6 }
+                }
+                DpEvent::PoissonSampledDiscreteGaussian { sampling_rate, .. } => {
+                    DpEvent::PoissonSampledDiscreteGaussian { sampling_rate, noise_multiplier: 0.6 }
+                }
+                _ => unreachable!(),
+            };
+            assert_eq!(doubled, expected);
+            assert!(doubled.rdp(8.0) > e.rdp(8.0));
+        }
+        let d = DpEvent::DistributedDiscreteGaussian { l1_scale: 0.3, l2_scale: 0.01, tau: 1e-6, dim: 1024 };
+        assert_eq!(
+            d.at_double_sensitivity(),
+            DpEvent::DistributedDiscreteGaussian { l1_scale: 0.6, l2_scale: 0.02, tau: 1e-6, dim: 1024 }
+        );
+        assert!(d.at_double_sensitivity().rdp(8.0) > d.rdp(8.0));
+    }
+
     #[test]
     fn unsampled_gaussian_rdp_is_alpha_over_two_z_squared() {
         let e = DpEvent::Gaussian { noise_multiplier: 2.0 };
