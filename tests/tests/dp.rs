@@ -208,6 +208,14 @@ fn epsilon_survives_a_restart(text: &str, rounds: u32) {
     assert_eq!(st["privacy"]["accountant"], dp.accountant.as_str(), "{st:#}");
     let total = dp.epsilon(&spec.training, rounds);
     assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - total).abs() < 1e-9, "{st:#}");
+    // Each round's record carries the ε spent up to it, restart or not.
+    let history = st["history"].as_array().expect("history");
+    assert_eq!(history.len(), rounds as usize, "{st:#}");
+    for (i, r) in history.iter().enumerate() {
+        let round = r["round"].as_u64().expect("round") as u32;
+        let e = r["metrics"]["epsilon"].as_f64().unwrap_or_else(|| panic!("round {round} has no ε: {r:#}"));
+        assert!((e - dp.epsilon(&spec.training, round)).abs() < 1e-9, "record {i}, round {round}: ε {e}");
+    }
     assert!(total <= cost(&text) + 1e-12);
     // Each hospital's ledger holds at least what the job reports.
     for p in three() {
