@@ -132,6 +132,38 @@ fn the_ledger_refuses_over_budget_jobs_and_survives_a_sigkill_without_under_coun
     assert_ne!(st["state"], "succeeded");
 }
 
+/// A DP job that cannot be set up on a party's data set tells the
+/// coordinator only that (the reason, about the data, stays in the party's
+/// log), and the reservation stands: the data was read. Here the spec gives
+/// two feature ranges for a data set of 30 features.
+#[test]
+fn a_dp_job_that_fails_to_set_up_on_the_data_says_why_only_in_the_partys_log() {
+    let fed = federation(&policy(100.0));
+    let text = dp_spec("none", 1, 3, 2.0)
+        .replace("standardize = false", "standardize = true")
+        .replace("[dp]\n", "[dp]\nfeature_ranges = [[0, 1], [0, 1]]\n");
+    assert!(text.contains("feature_ranges"), "{text}");
+    // Every party connected first, so each one's own refusal is recorded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !three().iter().all(|p| fed.coordinator_log().lines().any(|l| l.contains("party connected") && l.contains(p)))
+    {
+        assert!(std::time::Instant::now() < deadline, "parties did not connect:\n{}", fed.logs());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let id = fed.submit("dp-bad.toml", &text);
+    let st = fed.wait_done(&id, 60);
+    assert_ne!(st["state"], "succeeded", "{st:#}");
+    for p in three() {
+        let detail = st["parties"][p]["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("could not set up the job on its data set"), "{p}: {st:#}");
+        assert!(!detail.contains("30 features"), "{p}: the reason left the party: {detail}");
+        let log = std::fs::read_to_string(fed.path(&format!("logs/{p}.log"))).unwrap_or_default();
+        assert!(log.contains("2 ranges") && log.contains("30 features"), "{p}'s log:\n{log}");
+        let l = ledger(&fed, p);
+        assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(cost(&text)), "{p}: {l:#}");
+    }
+}
+
 /// The coordinator's accountant is saved with each checkpoint: after a
 /// SIGKILL and restart, the job reports the same ε for the same rounds,
 /// and at the end exactly the ε of its rounds, as `confide job validate`
