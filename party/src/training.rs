@@ -683,6 +683,49 @@ mod tests {
         assert_eq!(*plans.lock().unwrap(), [(planned, 0.5)]);
     }
 
+    /// A coordinator that asks for more training rounds than the spec (or
+    /// re-runs one) gets each extra round charged to the ledger before any
+    /// training, and refused, naming the policy, once the data set's budget
+    /// cannot pay for it; the trainer never runs for a refused round.
+    #[test]
+    fn training_rounds_beyond_the_reservation_are_charged_first_or_refused() {
+        use confide_crypto::aggregation::plain::Plain;
+        let text = "name = \"p\"\nkind = \"train\"\nrounds = 2\n[parties]\nnames = [\"p0\"]\nmin = 1\n\
+                    dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+                    [dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.1\n";
+        let spec = confide_proto::jobspec::JobSpec::parse(text, "p", &confide_proto::Limits::default()).unwrap();
+        let dp = spec.dp.as_ref().unwrap();
+        let (two, three) = (dp.epsilon(&spec.training, 2), dp.epsilon(&spec.training, 3));
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = crate::ledger::Ledger::open(&dir.path().join("ledger.json")).unwrap();
+        // Room for three rounds of this job, not four.
+        let max = (three + dp.epsilon(&spec.training, 4)) / 2.0;
+        let guard = ledger.reserve("j1", &spec, "d", Some(max)).unwrap();
+        let job = JobFacts::new("j1", Vec::new(), 10, 1, 100);
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let trainer = FixedDp::default();
+        let plans = trainer.plans.clone();
+        let mut h = TrainingHandler::new(Box::new(trainer), client, Plain.stages());
+        h.dp = dp.plan(&spec.training);
+        h.budget = Some(guard);
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let fit = |round: u32| TaskBody::Fit {
+            config: FitConfig { round, train: Default::default() },
+            global: global.clone(),
+            round_message: Vec::new(),
+        };
+        for round in 1..=3 {
+            h.on_task(task(round, fit(round))).unwrap();
+        }
+        let charged = ledger.snapshot().datasets["d"].jobs["j1"].clone();
+        assert_eq!(charged.rounds_started, 3);
+        assert!((charged.epsilon - three).abs() < 1e-9 && charged.epsilon > two, "{charged:?}");
+        let err = h.on_task(task(4, fit(4))).unwrap_err();
+        assert!(matches!(&err, TaskError::CoordinatorFault(m) if m.contains("above the policy")), "{err:?}");
+        assert_eq!(plans.lock().unwrap().len(), 3, "no training for the refused round");
+        assert_eq!(ledger.snapshot().datasets["d"].jobs["j1"].rounds_started, 3);
+    }
+
     /// A trainer that evaluates `n` rows at accuracy 0.9 and loss 0.3.
     struct Rows(u64);
 
