@@ -800,26 +800,35 @@ mod tests {
         assert_eq!(ledger.snapshot().datasets["d"].jobs["e1"].rounds_started, 1);
     }
 
-    /// The counts a DP evaluation releases carry noise: at σ = 1000√2 rows
-    /// on each count the chance that both come out exact is below 1e-7,
-    /// and they stay within 8σ. (The test above, at a small σ, would pass
-    /// with no noise at all.)
+    /// Both counts a DP evaluation releases carry noise: at σ = 1000√2 rows
+    /// on each, the rows evaluated and the rows classified correctly (read
+    /// back as accuracy × rows) each come out exact with probability about
+    /// 2.8e-4; over three releases (each handler releases once) a count
+    /// exact in all three has probability about 2e-11. Each stays within 8σ.
+    /// (The test above, at a small σ, would pass with no noise at all.)
     #[test]
-    fn a_dp_evaluation_adds_noise_to_what_it_releases() {
+    fn a_dp_evaluation_adds_noise_to_both_counts_it_releases() {
         use confide_crypto::aggregation::plain::Plain;
-        let job = JobFacts::new("e1", Vec::new(), 10, 1, 100);
-        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-        let mut h = TrainingHandler::new(Box::new(Rows(100_000)), client, Plain.stages());
-        h.eval_noise = Some(confide_dp::evaluation::NoisyCounts::new(1000.0).unwrap());
-        let global = Arc::new(Fixed.parameters().unwrap());
-        let ResultBody::Evaluate { num_examples, metrics, .. } =
-            h.on_task(task(1, TaskBody::Evaluate { global })).unwrap()
-        else {
-            panic!()
-        };
         let sigma = 1000.0 * 2f64.sqrt();
-        assert!((num_examples as f64 - 100_000.0).abs() < 8.0 * sigma, "{num_examples}");
-        assert!(num_examples != 100_000 || metrics["accuracy"] != 0.9, "{num_examples} {metrics:?}: no noise");
+        let (mut rows_noised, mut correct_noised) = (false, false);
+        for _ in 0..3 {
+            let job = JobFacts::new("e1", Vec::new(), 10, 1, 100);
+            let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+            let mut h = TrainingHandler::new(Box::new(Rows(100_000)), client, Plain.stages());
+            h.eval_noise = Some(confide_dp::evaluation::NoisyCounts::new(1000.0).unwrap());
+            let global = Arc::new(Fixed.parameters().unwrap());
+            let ResultBody::Evaluate { num_examples, metrics, .. } =
+                h.on_task(task(1, TaskBody::Evaluate { global })).unwrap()
+            else {
+                panic!()
+            };
+            let correct = (metrics["accuracy"] * num_examples as f64).round();
+            assert!((num_examples as f64 - 100_000.0).abs() < 8.0 * sigma, "{num_examples}");
+            assert!((correct - 90_000.0).abs() < 8.0 * sigma, "{correct}");
+            rows_noised |= num_examples != 100_000;
+            correct_noised |= correct != 90_000.0;
+        }
+        assert!(rows_noised && correct_noised, "rows noised: {rows_noised}, correct rows noised: {correct_noised}");
     }
 
     /// An aggregation client that logs what the handler asks of it, in order.

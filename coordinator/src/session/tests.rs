@@ -759,9 +759,8 @@ mod secure {
     }
 
     /// Under secure aggregation a fit answer carries no metric: one that
-    /// sends its training loss in the clear is refused by name, so the
-    /// loss reaches neither the round's record nor the status, and the
-    /// round goes on without it.
+    /// sends its training loss in the clear is refused by name (its answer,
+    /// metrics and update, is not kept) and the round goes on without it.
     #[test]
     fn training_metrics_in_the_clear_are_refused_by_name() {
         let (mut r, fit) = Run::start(3);

@@ -242,6 +242,7 @@ impl Decoding {
 /// (returned), so a revoked certificate cannot be slipped past it.
 pub(crate) fn check_round_parties(
     job: &JobFacts,
+    me: &str,
     parties: &[String],
     need: usize,
     round_revocations: u64,
@@ -250,6 +251,9 @@ pub(crate) fn check_round_parties(
     let fault = |reason: String| Error::PeerMisbehaved { party: "coordinator".into(), reason };
     if !parties.windows(2).all(|w| w[0] < w[1]) {
         return Err(fault("sent a round's party list that is not sorted and unique".into()));
+    }
+    if parties.binary_search_by(|p| p.as_str().cmp(me)).is_err() {
+        return Err(fault("sent a round without this party".into()));
     }
     if parties.len() > job.max_parties {
         return Err(fault(format!("{} parties in the round; at most {}", parties.len(), job.max_parties)));

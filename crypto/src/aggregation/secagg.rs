@@ -1098,6 +1098,7 @@ impl SecAggClient {
         // trusting the wire, and bind it into the signatures.
         let revocations = super::check_round_parties(
             &self.job,
+            &self.party.name,
             &rc.parties,
             self.job.min_parties.max(MIN_ROUND_PARTIES),
             rc.revocation_version,
@@ -1451,6 +1452,7 @@ mod tests {
                 wire::RoundConfig { parties: ["p0", "p1", "p1", "p2"].map(String::from).to_vec(), ..good.clone() },
             ),
             ("this party sums", wire::RoundConfig { dim: good.dim + 1, ..good.clone() }),
+            ("without this party", wire::RoundConfig { parties: names[1..].to_vec(), ..good.clone() }),
         ] {
             let mut client = SecAggPlus.client(&toml::Table::new(), &job, identity("p0")).unwrap();
             let update =

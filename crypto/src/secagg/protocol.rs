@@ -508,7 +508,12 @@ impl Client {
                 )
             })?;
             if !seen_keys.insert(k.enc_pk) || !seen_keys.insert(k.mask_pk) || k.enc_pk == k.mask_pk {
-                return Err(misbehaved(&k.party, "reused a public key"));
+                // The coordinator refuses a reused key before relaying it
+                // (`Server::on_keys`): one that reaches a party is its doing.
+                return Err(misbehaved(
+                    "coordinator",
+                    format!("relayed round keys of {} that reuse a public key", k.party),
+                ));
             }
             peers.insert(k.party.clone(), (PublicKey::from(k.enc_pk), PublicKey::from(k.mask_pk)));
         }
@@ -647,7 +652,10 @@ impl Client {
                 ));
             };
             if held.contains_key(&s.from) {
-                return Err(misbehaved(&s.from, "sent two shares"));
+                // The coordinator accepts one share per dealer and holder:
+                // two reaching a holder are its doing (naming the dealer
+                // would let it frame an honest one).
+                return Err(misbehaved("coordinator", format!("relayed two shares of {}", s.from)));
             }
             let open_one = |kind: ShareKind| -> Result<Share, Error> {
                 let key = self.cfg.share_key(&secrets.enc_dh, &s.from, &self.me, kind);
@@ -849,6 +857,8 @@ pub struct Server {
     graph: Graph,
     stage: ServerStage,
     keys: BTreeMap<String, AdvertiseKeys>,
+    /// Every public key advertised this round, to refuse a reused one.
+    advertised: BTreeSet<[u8; 32]>,
     shares: BTreeMap<String, Vec<EncryptedShare>>,
     shared: BTreeSet<String>,
     /// Parties whose masked input is in `masked_sum`.
@@ -882,6 +892,7 @@ impl Server {
             graph,
             stage: ServerStage::Keys,
             keys: BTreeMap::new(),
+            advertised: BTreeSet::new(),
             shares: BTreeMap::new(),
             shared: BTreeSet::new(),
             masked: BTreeSet::new(),
@@ -932,10 +943,11 @@ impl Server {
         // party advertised) would make every neighbour refuse the stage, as
         // each party checks the same: the party that came second is dropped
         // alone instead.
-        let taken = |k: &[u8; 32]| self.keys.values().any(|o| o.enc_pk == *k || o.mask_pk == *k);
-        if msg.enc_pk == msg.mask_pk || taken(&msg.enc_pk) || taken(&msg.mask_pk) {
+        if msg.enc_pk == msg.mask_pk || self.advertised.contains(&msg.enc_pk) || self.advertised.contains(&msg.mask_pk)
+        {
             return Err(misbehaved(&msg.party, "reused a public key"));
         }
+        self.advertised.extend([msg.enc_pk, msg.mask_pk]);
         self.keys.insert(msg.party.clone(), msg);
         Ok(())
     }
@@ -1619,6 +1631,41 @@ mod tests {
         assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p02"), "{err}");
         server.on_keys(adverts[3].clone(), &HashVerifier).unwrap();
         assert_eq!(server.close_keys().unwrap(), ["p00", "p03"]);
+    }
+
+    /// What the coordinator refuses before relaying cannot be pinned on a
+    /// party when it reaches one anyway: a key list in which a (corrupt)
+    /// party's signed advert carries another's public key, and two shares
+    /// of one dealer, each name the coordinator (naming the party would let
+    /// a coordinator frame an honest one).
+    #[test]
+    fn reused_keys_and_duplicated_shares_that_reach_a_party_are_the_coordinators_doing() {
+        let cfg = config(4, 8, 3, 2);
+        let (server, mut clients, _) = setup(&cfg);
+        let mut keys = server.keys_for("p00").unwrap();
+        let j = keys.iter().position(|k| k.party == "p01").unwrap();
+        let i = keys.iter().position(|k| k.party == "p02").unwrap();
+        keys[i].mask_pk = keys[j].mask_pk;
+        keys[i].signature = HashSigner("p02".into()).sign(&cfg.keys_transcript(&keys[i])).unwrap();
+        // Whichever of the two comes first.
+        for order in [false, true] {
+            if order {
+                keys.swap(i, j);
+            }
+            let err = clients[0].on_keys(&keys, &HashVerifier, &mut OsRng).unwrap_err();
+            assert!(
+                matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("reuse")),
+                "{err}"
+            );
+        }
+        let (server, mut clients) = through_shares(&cfg);
+        let mut to_p01 = server.shares_for("p01");
+        to_p01.push(to_p01[0].clone());
+        let err = clients[1].on_shares(&to_p01, vec![0; 8]).unwrap_err();
+        assert!(
+            matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("two shares")),
+            "{err}"
+        );
     }
 
     /// Every party through stage 1: the server awaits masked inputs.

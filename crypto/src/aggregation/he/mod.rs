@@ -1932,14 +1932,9 @@ impl HeClient {
         if rc.dim != dim as u64 {
             return Err(coordinator_fault(format!("an he round over {} values; this party sums {dim}", rc.dim)));
         }
-        if !rc.parties.windows(2).all(|w| w[0] < w[1]) {
-            return Err(coordinator_fault("a round's party list that is not sorted and unique"));
-        }
-        if !rc.parties.contains(&self.party.name) {
-            return Err(coordinator_fault("a round without this party"));
-        }
         let revocations = super::check_round_parties(
             &self.job,
+            &self.party.name,
             &rc.parties,
             self.need(),
             rc.revocation_version,
@@ -3909,8 +3904,8 @@ mod tests {
     /// A complaint reveals the pair's Diffie–Hellman value K to the
     /// coordinator (and, behind a relay, to the relay). K opens the two
     /// shares between that pair under that key, which each of the two holds
-    /// anyway, and nothing else: no other pair's share, and not that pair's
-    /// shares under another key.
+    /// anyway, and no other pair's share. (Another key epoch's shares are
+    /// sealed under fresh Diffie–Hellman keys, so K says nothing about them.)
     #[test]
     fn a_revealed_pairwise_key_opens_only_that_pairs_two_shares() {
         let mut fed = Fed::new(5, 3);
@@ -3945,9 +3940,6 @@ mod tests {
             let pair = [s.dealer.as_str(), s.recipient.as_str()];
             let ours = pair == ["p0", "p1"] || pair == ["p1", "p0"];
             assert_eq!(opens(s, &binding), ours, "{pair:?}");
-            let mut other_key = binding;
-            other_key[0] ^= 1;
-            assert!(!opens(s, &other_key), "{pair:?} under another key");
         }
     }
 
