@@ -37,7 +37,7 @@ use crate::Error;
 use crate::secagg::params::{self, ThreatModel};
 use crate::secagg::protocol::{
     AdvertiseKeys, Client, Config, EncryptedShare, IdentityVerifier, MaskedInput, Sealed, Server, SurvivorSignature,
-    UnmaskRequest, UnmaskShares,
+    UnmaskRequest, UnmaskShares, share_tree_path, share_tree_root_from,
 };
 use crate::secagg::shamir::Share;
 use confide_dp::ddg::Ddg;
@@ -345,14 +345,19 @@ pub mod wire {
         pub mask_key_nonce: Vec<u8>,
         #[prost(bytes = "vec", tag = "6")]
         pub mask_key: Vec<u8>,
-        /// Relayed to the holder: the dealer's signature over the digests
-        /// of all its shares (`Config::digests_transcript`)...
+        /// Relayed to the holder: the dealer's signature over the Merkle
+        /// root of its shares' digests (`Config::shares_transcript`)...
         #[prost(bytes = "vec", tag = "7")]
         pub dealer_signature: Vec<u8>,
-        /// ...and those digests, in holder order, so the holder can tell a
+        /// ...the tree's leaf count, this share's leaf...
+        #[prost(uint32, tag = "8")]
+        pub dealer_leaves: u32,
+        #[prost(uint32, tag = "9")]
+        pub dealer_leaf: u32,
+        /// ...and the path from it to the root, so the holder can tell a
         /// share its dealer sealed wrongly from one altered in transit.
-        #[prost(bytes = "vec", repeated, tag = "8")]
-        pub dealer_digests: Vec<Vec<u8>>,
+        #[prost(bytes = "vec", repeated, tag = "10")]
+        pub dealer_path: Vec<Vec<u8>>,
     }
 
     /// Encrypted shares (secagg-shares answer, secagg-masked-input task).
@@ -470,7 +475,9 @@ fn shares_to_wire(s: &[EncryptedShare], signature: Vec<u8>) -> wire::Shares {
                 mask_key_nonce: e.mask_key.nonce.to_vec(),
                 mask_key: e.mask_key.ciphertext.clone(),
                 dealer_signature: Vec::new(),
-                dealer_digests: Vec::new(),
+                dealer_leaves: 0,
+                dealer_leaf: 0,
+                dealer_path: Vec::new(),
             })
             .collect(),
     }
@@ -497,24 +504,38 @@ fn shares_from_wire(s: wire::Shares, from: &str, max: usize) -> Result<Vec<Encry
         .collect()
 }
 
-/// Each dealer's signature and share digests, as the coordinator relays
-/// them with the shares it forwards to a holder (bounded: at most `max`
-/// digests of 32 bytes each, a signature of at most `MAX_SIGNATURE`).
-type DealerEvidence = BTreeMap<String, (Vec<u8>, Vec<[u8; 32]>)>;
+/// Each dealer's signature, leaf count, this holder's leaf and the path to
+/// the root, as the coordinator relays them with the shares it forwards
+/// (bounded: a path of at most 64 hashes of 32 bytes, a signature of at most
+/// `MAX_SIGNATURE`).
+struct Evidence {
+    signature: Vec<u8>,
+    leaves: usize,
+    leaf: usize,
+    path: Vec<[u8; 32]>,
+}
 
-fn dealer_evidence(s: &wire::Shares, max: usize) -> Result<DealerEvidence, Error> {
+type DealerEvidence = BTreeMap<String, Evidence>;
+
+fn dealer_evidence(s: &wire::Shares) -> Result<DealerEvidence, Error> {
     let mut out = BTreeMap::new();
     for share in &s.shares {
-        if share.dealer_signature.len() > MAX_SIGNATURE || share.dealer_digests.len() > max {
+        if share.dealer_signature.len() > MAX_SIGNATURE || share.dealer_path.len() > 64 {
             return Err(coordinator_fault(format!("oversized evidence for the share of {}", share.from)));
         }
-        let digests = share
-            .dealer_digests
+        let path = share
+            .dealer_path
             .iter()
             .map(|d| <[u8; 32]>::try_from(d.as_slice()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| coordinator_fault(format!("a malformed digest for the share of {}", share.from)))?;
-        out.insert(share.from.clone(), (share.dealer_signature.clone(), digests));
+            .map_err(|_| coordinator_fault(format!("a malformed path for the share of {}", share.from)))?;
+        let evidence = Evidence {
+            signature: share.dealer_signature.clone(),
+            leaves: share.dealer_leaves as usize,
+            leaf: share.dealer_leaf as usize,
+            path,
+        };
+        out.insert(share.from.clone(), evidence);
     }
     Ok(out)
 }
@@ -533,9 +554,10 @@ fn blame_for_a_share(
 ) -> Error {
     let Error::PeerMisbehaved { party: dealer, reason } = &e else { return e };
     let Some(share) = shares.iter().find(|s| &s.from == dealer) else { return e };
-    let signed = evidence.get(dealer).is_some_and(|(signature, digests)| {
-        digests.contains(&Config::share_digest(share))
-            && peers.verify(dealer, &cfg.digests_transcript(dealer, digests), signature).is_ok()
+    let signed = evidence.get(dealer).is_some_and(|ev| {
+        share_tree_root_from(Config::share_digest(share), ev.leaf, ev.leaves, &ev.path).is_some_and(|root| {
+            peers.verify(dealer, &cfg.root_transcript(dealer, ev.leaves, &root), &ev.signature).is_ok()
+        })
     });
     if signed {
         e
@@ -808,11 +830,11 @@ impl AggregationServer for SecAggServer {
                 // The dealer signs its shares: the evidence that names it if
                 // one of them turns out not to fit at unmasking, or not to
                 // open at its holder.
-                let digests = Config::share_digests(&shares);
-                let transcript = r.server.config().digests_transcript(party, &digests);
+                let transcript = r.server.config().shares_transcript(party, &shares);
                 peers
                     .verify(party, &transcript, &signature)
                     .map_err(|_| misbehaved("its shares do not carry its signature"))?;
+                let digests = Config::share_digests(&shares);
                 r.server.on_shares(party, shares)?;
                 r.evidence.insert(party.to_owned(), (signature, digests));
                 Ok(())
@@ -863,12 +885,19 @@ impl AggregationServer for SecAggServer {
                 let per_party = live
                     .into_iter()
                     .map(|p| {
-                        let mut shares = shares_to_wire(&r.server.shares_for(&p), Vec::new());
-                        for s in &mut shares.shares {
-                            if let Some((signature, digests)) = r.evidence.get(&s.from) {
-                                s.dealer_signature = signature.clone();
-                                s.dealer_digests = digests.iter().map(|d| d.to_vec()).collect();
-                            }
+                        let dealt = r.server.shares_for(&p);
+                        let mut shares = shares_to_wire(&dealt, Vec::new());
+                        for (w, e) in shares.shares.iter_mut().zip(&dealt) {
+                            let Some((signature, digests)) = r.evidence.get(&e.from) else { continue };
+                            // The share's leaf: its place among the dealer's
+                            // shares in holder order.
+                            let Some(leaf) = digests.iter().position(|d| *d == Config::share_digest(e)) else {
+                                continue;
+                            };
+                            w.dealer_signature = signature.clone();
+                            w.dealer_leaves = digests.len() as u32;
+                            w.dealer_leaf = leaf as u32;
+                            w.dealer_path = share_tree_path(digests, leaf).iter().map(|d| d.to_vec()).collect();
                         }
                         (p, Envelope::encode(&shares))
                     })
@@ -1162,6 +1191,8 @@ impl SecAggClient {
                 }
                 let verifier: &dyn IdentityVerifier = self.party.peers.as_ref();
                 let shares = r.client.on_keys(&adverts, verifier, &mut OsRng)?;
+                #[cfg(test)]
+                let shares = tests::dealer_fault(&self.party.name, shares);
                 let signature =
                     self.party.signer.sign(&r.client.config().shares_transcript(&self.party.name, &shares))?;
                 r.keyed = true;
@@ -1169,7 +1200,7 @@ impl SecAggClient {
             }
             MASKED_INPUT => {
                 let wire_shares: wire::Shares = message.decode("coordinator", "shares")?;
-                let evidence = dealer_evidence(&wire_shares, max)?;
+                let evidence = dealer_evidence(&wire_shares)?;
                 let shares = shares_from_wire(wire_shares, "coordinator", max)?;
                 let masked = if r.premasked {
                     r.client.on_shares_premasked(&shares)
@@ -1849,7 +1880,14 @@ mod tests {
         for (p, m) in to_holders {
             let i: usize = p[1..].parse().unwrap();
             let mut shares: wire::Shares = m.decode("t", "t").unwrap();
-            assert!(shares.shares.iter().all(|s| !s.dealer_signature.is_empty() && s.dealer_digests.len() == 3));
+            // Three dealers' shares, each with a path of two hashes (a tree
+            // of three leaves, padded to four).
+            assert!(
+                shares
+                    .shares
+                    .iter()
+                    .all(|s| !s.dealer_signature.is_empty() && s.dealer_leaves == 3 && s.dealer_path.len() == 2)
+            );
             if p == "p1" {
                 let dealer = shares.shares[0].from.clone();
                 shares.shares[0].self_mask[3] ^= 1;
@@ -1865,13 +1903,77 @@ mod tests {
         }
     }
 
+    thread_local! {
+        /// (dealer, holder): the dealer seals that holder a share that does
+        /// not open, and signs it as dealt.
+        static SPOILED_SHARE: std::cell::RefCell<Option<(String, String)>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// The test-only fault a dealer applies to its shares before signing
+    /// them (none unless a test set [`SPOILED_SHARE`]).
+    pub(super) fn dealer_fault(dealer: &str, mut shares: Vec<EncryptedShare>) -> Vec<EncryptedShare> {
+        SPOILED_SHARE.with(|f| {
+            if let Some((d, holder)) = f.borrow().as_ref()
+                && d == dealer
+                && let Some(s) = shares.iter_mut().find(|s| &s.to == holder)
+            {
+                s.self_mask.ciphertext[3] ^= 1;
+            }
+        });
+        shares
+    }
+
+    /// A dealer that seals a holder a share that does not open, under its
+    /// own signature, is named by that holder through the coordinator's
+    /// relayed evidence (the tree path to the root it signed): the real
+    /// relay's evidence, not a hand-built one.
+    #[test]
+    fn a_share_its_dealer_sealed_wrongly_names_the_dealer_through_the_relayed_evidence() {
+        SPOILED_SHARE.with(|f| *f.borrow_mut() = Some(("p2".into(), "p1".into())));
+        let outcome = std::panic::catch_unwind(|| {
+            let Begun { job, names, global, fit, mut server, round_message: rm } = begun_round(4);
+            let mut clients: Vec<_> =
+                names.iter().map(|p| SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap()).collect();
+            for (i, c) in clients.iter_mut().enumerate() {
+                let update = LocalUpdate {
+                    global: &global,
+                    fit: &fit,
+                    local: params(&[0.1]),
+                    num_examples: 5,
+                    train_loss: None,
+                };
+                let m = c.contribute(1, &rm, update).unwrap();
+                server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m).unwrap();
+            }
+            let Progress::Step { messages: Messages::PerParty(lists), .. } = server.close_stage().unwrap() else {
+                panic!()
+            };
+            for (p, list) in lists {
+                let i: usize = p[1..].parse().unwrap();
+                let answer = clients[i].on_step(1, SHARES, list).unwrap();
+                server.on_message(Peer { name: &p, certificate: &[], relay: None }, answer).unwrap();
+            }
+            let Progress::Step { messages: Messages::PerParty(to_holders), .. } = server.close_stage().unwrap() else {
+                panic!()
+            };
+            let (_, to_p1) = to_holders.into_iter().find(|(p, _)| p == "p1").unwrap();
+            let err = clients[1].on_step(1, MASKED_INPUT, to_p1).unwrap_err();
+            assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p2"), "{err}");
+        });
+        SPOILED_SHARE.with(|f| *f.borrow_mut() = None);
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e);
+        }
+    }
+
     /// The holder's verdict on a share that does not open, from the dealer's
     /// relayed evidence: the dealer is named only when its signature covers
-    /// exactly that share; a share outside the signed digests, evidence
-    /// missing, or a signature that does not check is the coordinator's.
+    /// exactly that share; a share outside the signed tree, evidence
+    /// missing, another leaf or a path that does not lead to the signed
+    /// root, or a signature that does not check, is the coordinator's.
     #[test]
     fn a_share_that_does_not_open_is_blamed_on_whoever_the_evidence_shows() {
-        use crate::secagg::protocol::{Client, IdentitySigner};
+        use crate::secagg::protocol::{Client, IdentitySigner, share_tree_path};
         use crate::secagg::testing::InsecureTagSigner;
         let names = names(3);
         let cfg = Config {
@@ -1897,24 +1999,33 @@ mod tests {
         let signature = InsecureTagSigner("p0".into()).sign(&cfg.shares_transcript("p0", &dealt)).unwrap();
         let digests = Config::share_digests(&dealt);
         let to_p1: Vec<EncryptedShare> = dealt.iter().filter(|s| s.to == "p1").cloned().collect();
+        let leaf = digests.iter().position(|d| *d == Config::share_digest(&to_p1[0])).unwrap();
         let bad = || Error::PeerMisbehaved { party: "p0".into(), reason: "its share does not decrypt".into() };
         let verdict = |shares: &[EncryptedShare], evidence: &DealerEvidence| {
             blame_for_a_share(bad(), shares, evidence, &cfg, &InsecureTagVerifier).to_string()
         };
-        let signed: DealerEvidence = [("p0".to_string(), (signature.clone(), digests.clone()))].into();
+        let evidence = |signature: Vec<u8>, leaf: usize, path: Vec<[u8; 32]>| -> DealerEvidence {
+            [("p0".to_string(), Evidence { signature, leaves: digests.len(), leaf, path })].into()
+        };
+        let path = share_tree_path(&digests, leaf);
+        let signed = evidence(signature.clone(), leaf, path.clone());
         // Signed as it arrived: the dealer sealed it wrongly.
         assert!(verdict(&to_p1, &signed).contains("party p0 misbehaved"));
-        // Altered after signing, unsigned, or under a signature that fails.
         let mut altered = to_p1.clone();
         altered[0].mask_key.ciphertext[0] ^= 1;
-        let mut forged = signed.clone();
-        forged.get_mut("p0").unwrap().0[0] ^= 1;
-        for (what, shares, evidence) in [
-            ("altered", &altered, &signed),
-            ("no evidence", &to_p1, &DealerEvidence::new()),
-            ("bad signature", &to_p1, &forged),
+        let mut forged = signature.clone();
+        forged[0] ^= 1;
+        let mut bent = path.clone();
+        bent[0][0] ^= 1;
+        for (what, shares, ev) in [
+            ("altered", &altered, signed),
+            ("no evidence", &to_p1, DealerEvidence::new()),
+            ("bad signature", &to_p1, evidence(forged, leaf, path.clone())),
+            ("another leaf", &to_p1, evidence(signature.clone(), 1 - leaf, path.clone())),
+            ("a bent path", &to_p1, evidence(signature.clone(), leaf, bent)),
+            ("a short path", &to_p1, evidence(signature.clone(), leaf, path[..0].to_vec())),
         ] {
-            let v = verdict(shares, evidence);
+            let v = verdict(shares, &ev);
             assert!(v.contains("party coordinator misbehaved") && v.contains("that p0 did not sign"), "{what}: {v}");
         }
     }

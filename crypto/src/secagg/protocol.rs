@@ -143,8 +143,8 @@ impl Config {
         *h.finalize().as_bytes()
     }
 
-    /// The digests of a dealer's shares, in holder order: what its
-    /// signature covers.
+    /// The digests of a dealer's shares, in holder order: the leaves of the
+    /// tree whose root its signature covers.
     pub fn share_digests(shares: &[EncryptedShare]) -> Vec<[u8; 32]> {
         let mut sorted: Vec<&EncryptedShare> = shares.iter().collect();
         sorted.sort_by(|a, b| a.to.cmp(&b.to));
@@ -153,21 +153,21 @@ impl Config {
 
     /// What a dealer signs for the shares it deals in a round (one
     /// signature for all of them, checked by the coordinator before it
-    /// relays any): job, round, binding, dealer, and the digests of its
-    /// shares in holder order.
+    /// relays any): job, round, binding, dealer, and the Merkle root of its
+    /// shares' digests in holder order. A holder checks its own share
+    /// against it with a path of ⌈log₂ k⌉ hashes, whatever the degree.
     pub fn shares_transcript(&self, dealer: &str, shares: &[EncryptedShare]) -> Vec<u8> {
-        self.digests_transcript(dealer, &Self::share_digests(shares))
+        let digests = Self::share_digests(shares);
+        self.root_transcript(dealer, digests.len(), &share_tree_root(&digests))
     }
 
-    /// [`Config::shares_transcript`] from the digests alone, as a holder
-    /// rebuilds it from the list the coordinator relays with its share.
-    pub fn digests_transcript(&self, dealer: &str, digests: &[[u8; 32]]) -> Vec<u8> {
-        let mut t = context("shares-signature v2", &self.job, self.round, &[dealer]);
+    /// [`Config::shares_transcript`] from the tree's leaf count and root, as
+    /// a holder rebuilds it from its share and the relayed path.
+    pub fn root_transcript(&self, dealer: &str, leaves: usize, root: &[u8; 32]) -> Vec<u8> {
+        let mut t = context("shares-signature v3", &self.job, self.round, &[dealer]);
         t.extend_from_slice(&self.binding);
-        t.extend_from_slice(&(digests.len() as u64).to_le_bytes());
-        for d in digests {
-            t.extend_from_slice(d);
-        }
+        t.extend_from_slice(&(leaves as u64).to_le_bytes());
+        t.extend_from_slice(root);
         t
     }
 
@@ -377,6 +377,63 @@ struct PeerSecrets {
     enc_dh: Zeroizing<[u8; 32]>,
     /// The pairwise mask seed, from the DH of the mask keys.
     pair_seed: Zeroizing<[u8; 32]>,
+}
+
+/// Merkle tree over a dealer's share digests (leaves in holder order,
+/// padded with zero leaves to a power of two), so that one signature covers
+/// every share and each holder checks its own with a short path.
+fn tree_node(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("confide secagg share tree v1");
+    h.update(left);
+    h.update(right);
+    *h.finalize().as_bytes()
+}
+
+fn tree_levels(leaves: &[[u8; 32]]) -> Vec<Vec<[u8; 32]>> {
+    let width = leaves.len().max(1).next_power_of_two();
+    let mut level: Vec<[u8; 32]> = leaves.to_vec();
+    level.resize(width, [0; 32]);
+    let mut levels = vec![level];
+    while levels.last().is_some_and(|l| l.len() > 1) {
+        let next =
+            levels.last().map(|l| l.chunks_exact(2).map(|p| tree_node(&p[0], &p[1])).collect()).unwrap_or_default();
+        levels.push(next);
+    }
+    levels
+}
+
+/// The root of the tree over `leaves`.
+pub fn share_tree_root(leaves: &[[u8; 32]]) -> [u8; 32] {
+    tree_levels(leaves).last().and_then(|l| l.first().copied()).unwrap_or([0; 32])
+}
+
+/// The siblings from leaf `index` up to the root (⌈log₂ leaves⌉ hashes).
+pub fn share_tree_path(leaves: &[[u8; 32]], index: usize) -> Vec<[u8; 32]> {
+    let levels = tree_levels(leaves);
+    let mut path = Vec::with_capacity(levels.len().saturating_sub(1));
+    let mut i = index;
+    for level in &levels[..levels.len() - 1] {
+        path.push(level.get(i ^ 1).copied().unwrap_or([0; 32]));
+        i /= 2;
+    }
+    path
+}
+
+/// The root that leaf `leaf` at `index` of a tree of `leaves` leaves and
+/// `path` imply; `None` for an index outside the tree or a path of the
+/// wrong length (what a coordinator could send to confuse a holder).
+pub fn share_tree_root_from(leaf: [u8; 32], index: usize, leaves: usize, path: &[[u8; 32]]) -> Option<[u8; 32]> {
+    let width = leaves.max(1).checked_next_power_of_two()?;
+    if index >= leaves || path.len() != width.trailing_zeros() as usize {
+        return None;
+    }
+    let mut node = leaf;
+    let mut i = index;
+    for sibling in path {
+        node = if i.is_multiple_of(2) { tree_node(&node, sibling) } else { tree_node(sibling, &node) };
+        i /= 2;
+    }
+    Some(node)
 }
 
 /// One party's side of a round.
@@ -1631,6 +1688,34 @@ mod tests {
         assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p02"), "{err}");
         server.on_keys(adverts[3].clone(), &HashVerifier).unwrap();
         assert_eq!(server.close_keys().unwrap(), ["p00", "p03"]);
+    }
+
+    /// The share tree: every leaf's path leads to the root for any leaf
+    /// count (1 to 33, padded to a power of two), a changed leaf, another
+    /// index, a changed sibling or a path of the wrong length does not, and
+    /// the path is ⌈log₂ k⌉ hashes.
+    #[test]
+    fn every_share_digest_proves_its_place_under_the_signed_root() {
+        for count in 1..=33usize {
+            let leaves: Vec<[u8; 32]> = (0..count).map(|i| [i as u8 + 1; 32]).collect();
+            let root = share_tree_root(&leaves);
+            for (i, leaf) in leaves.iter().enumerate() {
+                let path = share_tree_path(&leaves, i);
+                assert_eq!(path.len(), count.next_power_of_two().trailing_zeros() as usize);
+                assert_eq!(share_tree_root_from(*leaf, i, count, &path), Some(root), "{count}: leaf {i}");
+                assert_ne!(share_tree_root_from([0xee; 32], i, count, &path), Some(root));
+                if count > 1 {
+                    assert_ne!(share_tree_root_from(*leaf, (i + 1) % count, count, &path), Some(root));
+                    let mut bent = path.clone();
+                    bent[0][5] ^= 1;
+                    assert_ne!(share_tree_root_from(*leaf, i, count, &bent), Some(root));
+                }
+                assert_eq!(share_tree_root_from(*leaf, count, count, &path), None, "index outside");
+                let mut long = path.clone();
+                long.push([0; 32]);
+                assert_eq!(share_tree_root_from(*leaf, i, count, &long), None, "path too long");
+            }
+        }
     }
 
     /// What the coordinator refuses before relaying cannot be pinned on a
