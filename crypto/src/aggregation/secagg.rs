@@ -36,8 +36,8 @@ use super::{
 use crate::Error;
 use crate::secagg::params::{self, ThreatModel};
 use crate::secagg::protocol::{
-    AdvertiseKeys, Client, Config, EncryptedShare, IdentityVerifier, MaskedInput, Sealed, Server, SurvivorSignature,
-    UnmaskRequest, UnmaskShares, share_tree_path, share_tree_root_from,
+    AdvertiseKeys, Client, Config, EncryptedShare, IdentityVerifier, MaskedInput, Sealed, Server, ShareTree,
+    SurvivorSignature, UnmaskRequest, UnmaskShares, share_tree_root_from,
 };
 use crate::secagg::shamir::Share;
 use confide_dp::ddg::Ddg;
@@ -682,15 +682,24 @@ enum ServerStage {
     Unmask,
 }
 
+/// What the coordinator keeps of a dealer's signed shares to relay with
+/// each: the signature, the tree over the shares' digests, and the holders
+/// in leaf order (to find a holder's leaf without hashing again).
+struct DealtEvidence {
+    signature: Vec<u8>,
+    tree: ShareTree,
+    holders: Vec<String>,
+}
+
 struct ServerRound {
     server: Server,
     decoding: Decoding,
     stage: ServerStage,
     /// Each advertiser's certificate, relayed with its keys.
     certs: BTreeMap<String, Vec<u8>>,
-    /// Each dealer's signature and the digests it covers, relayed with each
-    /// of its shares.
-    evidence: BTreeMap<String, (Vec<u8>, Vec<[u8; 32]>)>,
+    /// Each dealer's signature, share tree and holders (in leaf order),
+    /// relayed with each of its shares.
+    evidence: BTreeMap<String, DealtEvidence>,
 }
 
 struct SecAggServer {
@@ -834,9 +843,11 @@ impl AggregationServer for SecAggServer {
                 peers
                     .verify(party, &transcript, &signature)
                     .map_err(|_| misbehaved("its shares do not carry its signature"))?;
-                let digests = Config::share_digests(&shares);
+                let tree = ShareTree::new(&Config::share_digests(&shares));
+                let mut holders: Vec<String> = shares.iter().map(|s| s.to.clone()).collect();
+                holders.sort();
                 r.server.on_shares(party, shares)?;
-                r.evidence.insert(party.to_owned(), (signature, digests));
+                r.evidence.insert(party.to_owned(), DealtEvidence { signature, tree, holders });
                 Ok(())
             }
             (ServerStage::Masked, Some(Bulk::Words(values))) => {
@@ -888,16 +899,14 @@ impl AggregationServer for SecAggServer {
                         let dealt = r.server.shares_for(&p);
                         let mut shares = shares_to_wire(&dealt, Vec::new());
                         for (w, e) in shares.shares.iter_mut().zip(&dealt) {
-                            let Some((signature, digests)) = r.evidence.get(&e.from) else { continue };
-                            // The share's leaf: its place among the dealer's
-                            // shares in holder order.
-                            let Some(leaf) = digests.iter().position(|d| *d == Config::share_digest(e)) else {
-                                continue;
-                            };
-                            w.dealer_signature = signature.clone();
-                            w.dealer_leaves = digests.len() as u32;
+                            let Some(ev) = r.evidence.get(&e.from) else { continue };
+                            // The share's leaf: its holder's place among the
+                            // dealer's holders.
+                            let Ok(leaf) = ev.holders.binary_search(&e.to) else { continue };
+                            w.dealer_signature = ev.signature.clone();
+                            w.dealer_leaves = ev.holders.len() as u32;
                             w.dealer_leaf = leaf as u32;
-                            w.dealer_path = share_tree_path(digests, leaf).iter().map(|d| d.to_vec()).collect();
+                            w.dealer_path = ev.tree.path(leaf).iter().map(|d| d.to_vec()).collect();
                         }
                         (p, Envelope::encode(&shares))
                     })
@@ -1295,6 +1304,47 @@ mod tests {
 
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("p{i}")).collect()
+    }
+
+    /// Every party's client, in party order.
+    type Clients = Vec<Box<dyn AggregationClient>>;
+    /// Messages to parties, by party.
+    type ToParties = Vec<(String, Envelope)>;
+
+    /// A round of `n` parties after every party advertised its keys: the
+    /// parties' clients, the coordinator, and its key lists (the
+    /// secagg-shares messages), one per party.
+    fn keyed(n: usize) -> (Clients, Box<dyn AggregationServer>, ToParties) {
+        let Begun { job, names, global, fit, mut server, round_message: rm } = begun_round(n);
+        let mut clients: Vec<_> =
+            names.iter().map(|p| SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap()).collect();
+        for (i, c) in clients.iter_mut().enumerate() {
+            let update =
+                LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None };
+            let m = c.contribute(1, &rm, update).unwrap();
+            server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m).unwrap();
+        }
+        let Progress::Step { messages: Messages::PerParty(lists), .. } = server.close_stage().unwrap() else {
+            panic!()
+        };
+        (clients, server, lists)
+    }
+
+    /// [`keyed`], then every party deals its shares: the clients and the
+    /// coordinator's secagg-masked-input messages (each holder's shares).
+    fn to_masked_input(n: usize) -> (Clients, ToParties) {
+        let (mut clients, mut server, lists) = keyed(n);
+        for (p, list) in lists {
+            let i: usize = p[1..].parse().unwrap();
+            let answer = clients[i].on_step(1, SHARES, list).unwrap();
+            server.on_message(Peer { name: &p, certificate: &[], relay: None }, answer).unwrap();
+        }
+        let Progress::Step { stage, messages: Messages::PerParty(to_holders), .. } = server.close_stage().unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(stage, MASKED_INPUT);
+        (clients, to_holders)
     }
 
     /// Runs a round of `n` parties through the two sides, with `drop_at`
@@ -1817,18 +1867,7 @@ mod tests {
     /// checks it before relaying, so a share without one drops its dealer.
     #[test]
     fn shares_without_their_dealers_signature_are_refused_naming_the_dealer() {
-        let Begun { job, names, global, fit, mut server, round_message: rm } = begun_round(3);
-        let mut clients: Vec<_> =
-            names.iter().map(|p| SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap()).collect();
-        for (i, c) in clients.iter_mut().enumerate() {
-            let update =
-                LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None };
-            let m = c.contribute(1, &rm, update).unwrap();
-            server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m).unwrap();
-        }
-        let Progress::Step { messages: Messages::PerParty(lists), .. } = server.close_stage().unwrap() else {
-            panic!()
-        };
+        let (mut clients, mut server, lists) = keyed(3);
         for (p, list) in lists {
             let i: usize = p[1..].parse().unwrap();
             let answer = clients[i].on_step(1, SHARES, list).unwrap();
@@ -1855,28 +1894,7 @@ mod tests {
     /// each share, it could not tell the two apart).
     #[test]
     fn a_share_altered_in_transit_names_the_coordinator_not_its_dealer() {
-        let Begun { job, names, global, fit, mut server, round_message: rm } = begun_round(4);
-        let mut clients: Vec<_> =
-            names.iter().map(|p| SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap()).collect();
-        for (i, c) in clients.iter_mut().enumerate() {
-            let update =
-                LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None };
-            let m = c.contribute(1, &rm, update).unwrap();
-            server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m).unwrap();
-        }
-        let Progress::Step { messages: Messages::PerParty(lists), .. } = server.close_stage().unwrap() else {
-            panic!()
-        };
-        for (p, list) in lists {
-            let i: usize = p[1..].parse().unwrap();
-            let answer = clients[i].on_step(1, SHARES, list).unwrap();
-            server.on_message(Peer { name: &p, certificate: &[], relay: None }, answer).unwrap();
-        }
-        let Progress::Step { stage, messages: Messages::PerParty(to_holders), .. } = server.close_stage().unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!(stage, MASKED_INPUT);
+        let (mut clients, to_holders) = to_masked_input(4);
         for (p, m) in to_holders {
             let i: usize = p[1..].parse().unwrap();
             let mut shares: wire::Shares = m.decode("t", "t").unwrap();
@@ -1931,31 +1949,7 @@ mod tests {
     fn a_share_its_dealer_sealed_wrongly_names_the_dealer_through_the_relayed_evidence() {
         SPOILED_SHARE.with(|f| *f.borrow_mut() = Some(("p2".into(), "p1".into())));
         let outcome = std::panic::catch_unwind(|| {
-            let Begun { job, names, global, fit, mut server, round_message: rm } = begun_round(4);
-            let mut clients: Vec<_> =
-                names.iter().map(|p| SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap()).collect();
-            for (i, c) in clients.iter_mut().enumerate() {
-                let update = LocalUpdate {
-                    global: &global,
-                    fit: &fit,
-                    local: params(&[0.1]),
-                    num_examples: 5,
-                    train_loss: None,
-                };
-                let m = c.contribute(1, &rm, update).unwrap();
-                server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m).unwrap();
-            }
-            let Progress::Step { messages: Messages::PerParty(lists), .. } = server.close_stage().unwrap() else {
-                panic!()
-            };
-            for (p, list) in lists {
-                let i: usize = p[1..].parse().unwrap();
-                let answer = clients[i].on_step(1, SHARES, list).unwrap();
-                server.on_message(Peer { name: &p, certificate: &[], relay: None }, answer).unwrap();
-            }
-            let Progress::Step { messages: Messages::PerParty(to_holders), .. } = server.close_stage().unwrap() else {
-                panic!()
-            };
+            let (mut clients, to_holders) = to_masked_input(4);
             let (_, to_p1) = to_holders.into_iter().find(|(p, _)| p == "p1").unwrap();
             let err = clients[1].on_step(1, MASKED_INPUT, to_p1).unwrap_err();
             assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p2"), "{err}");
@@ -1973,7 +1967,7 @@ mod tests {
     /// root, or a signature that does not check, is the coordinator's.
     #[test]
     fn a_share_that_does_not_open_is_blamed_on_whoever_the_evidence_shows() {
-        use crate::secagg::protocol::{Client, IdentitySigner, share_tree_path};
+        use crate::secagg::protocol::{Client, IdentitySigner};
         use crate::secagg::testing::InsecureTagSigner;
         let names = names(3);
         let cfg = Config {
@@ -2007,7 +2001,7 @@ mod tests {
         let evidence = |signature: Vec<u8>, leaf: usize, path: Vec<[u8; 32]>| -> DealerEvidence {
             [("p0".to_string(), Evidence { signature, leaves: digests.len(), leaf, path })].into()
         };
-        let path = share_tree_path(&digests, leaf);
+        let path = ShareTree::new(&digests).path(leaf);
         let signed = evidence(signature.clone(), leaf, path.clone());
         // Signed as it arrived: the dealer sealed it wrongly.
         assert!(verdict(&to_p1, &signed).contains("party p0 misbehaved"));

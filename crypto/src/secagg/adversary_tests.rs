@@ -46,6 +46,16 @@ fn through_masked_dealing(
     cfg: &Config,
     deal: impl Fn(&str, &Client, &mut Vec<EncryptedShare>),
 ) -> (Server, BTreeMap<String, Client>) {
+    through_masked_with(cfg, deal, &[])
+}
+
+/// [`through_masked_dealing`], with the parties in `absent` dropping after
+/// sharing (their masked inputs never reach the server).
+fn through_masked_with(
+    cfg: &Config,
+    deal: impl Fn(&str, &Client, &mut Vec<EncryptedShare>),
+    absent: &[&str],
+) -> (Server, BTreeMap<String, Client>) {
     let mut server = Server::new(cfg.clone()).unwrap();
     let mut clients = BTreeMap::new();
     for p in &cfg.parties {
@@ -62,9 +72,33 @@ fn through_masked_dealing(
     server.close_shares().unwrap();
     for (i, (p, c)) in clients.iter_mut().enumerate() {
         let y = c.on_shares(&server.shares_for(p), vec![i as u32; cfg.dim]).unwrap();
-        server.on_masked(y).unwrap();
+        if !absent.contains(&p.as_str()) {
+            server.on_masked(y).unwrap();
+        }
     }
     (server, clients)
+}
+
+/// Closes the masked inputs and has `answering` sign the survivor set and
+/// answer their unmask requests, each answer passed through `tamper` (with
+/// its sender) first; returns the survivors.
+fn unmask_by(
+    server: &mut Server,
+    clients: &mut BTreeMap<String, Client>,
+    answering: &[String],
+    tamper: impl Fn(&str, &mut UnmaskShares),
+) -> Vec<String> {
+    let survivors = server.close_masked().unwrap();
+    for p in answering {
+        let sig = clients.get_mut(p).unwrap().on_survivors(&survivors, &Tag(p.clone())).unwrap();
+        server.on_survivor_signature(sig, &TagCheck).unwrap();
+    }
+    for (p, req) in server.close_consistency().unwrap() {
+        let mut answer = clients.get_mut(&p).unwrap().on_unmask(&req, &TagCheck).unwrap();
+        tamper(&p, &mut answer);
+        server.on_unmask(answer).unwrap();
+    }
+    survivors
 }
 
 fn blames_coordinator(r: &Result<impl std::fmt::Debug, Error>) -> bool {
@@ -421,20 +455,13 @@ fn a_wrong_unmask_share_is_caught_and_its_holder_named() {
         let cfg = config(7, 0.0);
         let (mut server, mut clients) = through_masked(&cfg);
         let answering: Vec<String> = cfg.parties.iter().take(if spare { 6 } else { 5 }).cloned().collect();
-        let survivors = server.close_masked().unwrap();
-        for p in &answering {
-            let sig = clients.get_mut(p).unwrap().on_survivors(&survivors, &Tag(p.clone())).unwrap();
-            server.on_survivor_signature(sig, &TagCheck).unwrap();
-        }
-        for (p, req) in server.close_consistency().unwrap() {
-            let mut answer = clients.get_mut(&p).unwrap().on_unmask(&req, &TagCheck).unwrap();
+        unmask_by(&mut server, &mut clients, &answering, |p, answer| {
             if p == "p01" {
                 // p01 shifts its share of p00's self-mask seed.
                 let share = &mut answer.self_mask.iter_mut().find(|(o, _)| o == "p00").unwrap().1;
                 share.y[0] = (share.y[0] + 1) % ((1u64 << 61) - 1);
             }
-            server.on_unmask(answer).unwrap();
-        }
+        });
         match server.finish() {
             Ok((sum, _)) => {
                 assert!(spare, "no spare share: the wrong one cannot be told apart");
@@ -461,36 +488,11 @@ fn a_wrong_unmask_share_is_caught_and_its_holder_named() {
 fn a_wrong_mask_key_share_is_caught_against_the_advertised_key() {
     for answering in [6, 5] {
         let cfg = config(7, 0.0);
-        let mut server = Server::new(cfg.clone()).unwrap();
-        let mut clients = BTreeMap::new();
-        for p in &cfg.parties {
-            let (c, m) = Client::new(cfg.clone(), p, &Tag(p.clone()), &mut OsRng).unwrap();
-            server.on_keys(m, &TagCheck).unwrap();
-            clients.insert(p.clone(), c);
-        }
-        server.close_keys().unwrap();
-        for (p, c) in clients.iter_mut() {
-            let s = c.on_keys(&server.keys_for(p).unwrap(), &TagCheck, &mut OsRng).unwrap();
-            server.on_shares(p, s).unwrap();
-        }
-        server.close_shares().unwrap();
-        for (i, (p, c)) in clients.iter_mut().enumerate() {
-            let y = c.on_shares(&server.shares_for(p), vec![i as u32; cfg.dim]).unwrap();
-            if p != "p06" {
-                server.on_masked(y).unwrap();
-            }
-        }
-        let survivors = server.close_masked().unwrap();
-        assert!(!survivors.contains(&"p06".to_string()));
+        let (mut server, mut clients) = through_masked_with(&cfg, |_, _, _| {}, &["p06"]);
         // p06's shares are held by its six neighbours, p00..p05; six or
         // five of them answer (t = 4).
         let answering: Vec<String> = cfg.parties.iter().take(answering).cloned().collect();
-        for p in &answering {
-            let sig = clients.get_mut(p).unwrap().on_survivors(&survivors, &Tag(p.clone())).unwrap();
-            server.on_survivor_signature(sig, &TagCheck).unwrap();
-        }
-        for (p, req) in server.close_consistency().unwrap() {
-            let mut answer = clients.get_mut(&p).unwrap().on_unmask(&req, &TagCheck).unwrap();
+        let survivors = unmask_by(&mut server, &mut clients, &answering, |p, answer| {
             if p == "p01" {
                 // A shift well above the three low bits X25519 clamps away
                 // (a change there rebuilds an equivalent key, which does
@@ -498,8 +500,8 @@ fn a_wrong_mask_key_share_is_caught_against_the_advertised_key() {
                 let share = &mut answer.mask_key.iter_mut().find(|(o, _)| o == "p06").unwrap().1;
                 share.y[0] = (share.y[0] + (1 << 40)) % ((1u64 << 61) - 1);
             }
-            server.on_unmask(answer).unwrap();
-        }
+        });
+        assert!(!survivors.contains(&"p06".to_string()));
         let (sum, _) = server.finish().unwrap();
         // Inputs were vec![i; dim] for parties 0..=5.
         assert_eq!(sum, vec![15; cfg.dim]);
@@ -520,17 +522,11 @@ fn blame_round(
             tamper_dealt(&cfg, c, shares.iter_mut().find(|s| s.to == "p01").unwrap());
         }
     });
-    let survivors = server.close_masked().unwrap();
-    for (p, c) in clients.iter_mut() {
-        server.on_survivor_signature(c.on_survivors(&survivors, &Tag(p.clone())).unwrap(), &TagCheck).unwrap();
-    }
-    for (p, req) in server.close_consistency().unwrap() {
-        let mut answer = clients.get_mut(&p).unwrap().on_unmask(&req, &TagCheck).unwrap();
+    unmask_by(&mut server, &mut clients, &cfg.parties, |p, answer| {
         if p == "p01" {
-            tamper_answer(&mut answer);
+            tamper_answer(answer);
         }
-        server.on_unmask(answer).unwrap();
-    }
+    });
     let (sum, _) = server.finish().unwrap();
     (server, sum)
 }

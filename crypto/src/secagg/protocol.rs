@@ -158,7 +158,7 @@ impl Config {
     /// against it with a path of ⌈log₂ k⌉ hashes, whatever the degree.
     pub fn shares_transcript(&self, dealer: &str, shares: &[EncryptedShare]) -> Vec<u8> {
         let digests = Self::share_digests(shares);
-        self.root_transcript(dealer, digests.len(), &share_tree_root(&digests))
+        self.root_transcript(dealer, digests.len(), &ShareTree::new(&digests).root())
     }
 
     /// [`Config::shares_transcript`] from the tree's leaf count and root, as
@@ -389,34 +389,44 @@ fn tree_node(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-fn tree_levels(leaves: &[[u8; 32]]) -> Vec<Vec<[u8; 32]>> {
-    let width = leaves.len().max(1).next_power_of_two();
-    let mut level: Vec<[u8; 32]> = leaves.to_vec();
-    level.resize(width, [0; 32]);
-    let mut levels = vec![level];
-    while levels.last().is_some_and(|l| l.len() > 1) {
-        let next =
-            levels.last().map(|l| l.chunks_exact(2).map(|p| tree_node(&p[0], &p[1])).collect()).unwrap_or_default();
-        levels.push(next);
-    }
-    levels
+/// A dealer's share tree, built once: its root (what the dealer signs) and
+/// each leaf's path (what the coordinator relays with that share).
+pub struct ShareTree {
+    levels: Vec<Vec<[u8; 32]>>,
 }
 
-/// The root of the tree over `leaves`.
-pub fn share_tree_root(leaves: &[[u8; 32]]) -> [u8; 32] {
-    tree_levels(leaves).last().and_then(|l| l.first().copied()).unwrap_or([0; 32])
-}
-
-/// The siblings from leaf `index` up to the root (⌈log₂ leaves⌉ hashes).
-pub fn share_tree_path(leaves: &[[u8; 32]], index: usize) -> Vec<[u8; 32]> {
-    let levels = tree_levels(leaves);
-    let mut path = Vec::with_capacity(levels.len().saturating_sub(1));
-    let mut i = index;
-    for level in &levels[..levels.len() - 1] {
-        path.push(level.get(i ^ 1).copied().unwrap_or([0; 32]));
-        i /= 2;
+impl ShareTree {
+    /// The tree over `leaves` (the digests in holder order).
+    pub fn new(leaves: &[[u8; 32]]) -> ShareTree {
+        let width = leaves.len().max(1).next_power_of_two();
+        let mut level: Vec<[u8; 32]> = leaves.to_vec();
+        level.resize(width, [0; 32]);
+        let mut levels = vec![level];
+        while let Some(last) = levels.last().filter(|l| l.len() > 1) {
+            let next = last.chunks_exact(2).map(|p| tree_node(&p[0], &p[1])).collect();
+            levels.push(next);
+        }
+        ShareTree { levels }
     }
-    path
+
+    /// The root.
+    pub fn root(&self) -> [u8; 32] {
+        self.levels.last().and_then(|l| l.first().copied()).unwrap_or([0; 32])
+    }
+
+    /// The siblings from leaf `index` up to the root (⌈log₂ leaves⌉ hashes).
+    pub fn path(&self, index: usize) -> Vec<[u8; 32]> {
+        let mut i = index;
+        let below_root = &self.levels[..self.levels.len() - 1];
+        below_root
+            .iter()
+            .map(|level| {
+                let sibling = level.get(i ^ 1).copied().unwrap_or([0; 32]);
+                i /= 2;
+                sibling
+            })
+            .collect()
+    }
 }
 
 /// The root that leaf `leaf` at `index` of a tree of `leaves` leaves and
@@ -1698,9 +1708,10 @@ mod tests {
     fn every_share_digest_proves_its_place_under_the_signed_root() {
         for count in 1..=33usize {
             let leaves: Vec<[u8; 32]> = (0..count).map(|i| [i as u8 + 1; 32]).collect();
-            let root = share_tree_root(&leaves);
+            let tree = ShareTree::new(&leaves);
+            let root = tree.root();
             for (i, leaf) in leaves.iter().enumerate() {
-                let path = share_tree_path(&leaves, i);
+                let path = tree.path(i);
                 assert_eq!(path.len(), count.next_power_of_two().trailing_zeros() as usize);
                 assert_eq!(share_tree_root_from(*leaf, i, count, &path), Some(root), "{count}: leaf {i}");
                 assert_ne!(share_tree_root_from([0xee; 32], i, count, &path), Some(root));

@@ -2838,6 +2838,16 @@ mod tests {
         }
     }
 
+    /// A federation of `n` parties (job minimum 3) whose round 1 dealt the
+    /// key epoch, with its names and the zero model of `values` values.
+    fn keyed_fed(n: usize, values: usize) -> (Fed, Vec<String>, Parameters) {
+        let mut fed = Fed::new(n, 3);
+        let names = fed.names.clone();
+        let global = params(&vec![0.0; values]);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        (fed, names, global)
+    }
+
     /// Σ nᵢ·Δᵢ for parties `who` (Δᵢ = 0.01(i+1) on every weight).
     fn expected(who: &[usize]) -> (f64, f64) {
         let num: f64 = who.iter().map(|&i| 10.0 * (i as f64 + 1.0) * 0.01 * (i as f64 + 1.0)).sum();
@@ -2980,10 +2990,7 @@ mod tests {
         let step = p.switch_bits - p.bits;
         assert!(step < 32);
         for c0 in [true, false] {
-            let mut fed = Fed::new(7, 3);
-            let names = fed.names.clone();
-            let global = params(&[0.0; 3]);
-            fed.round(1, &names, &global, &mut Script::default()).unwrap();
+            let (mut fed, names, global) = keyed_fed(7, 3);
             let mut forge = |relay: &str, _: &str, m: &mut Envelope| {
                 if let (true, Some(Bulk::Words(w))) = (relay == "edge-a", m.bulk.as_mut()) {
                     if c0 {
@@ -3008,10 +3015,7 @@ mod tests {
 
     #[test]
     fn a_relay_member_that_vanishes_before_hashing_takes_its_group_out_of_the_sum() {
-        let mut fed = Fed::new(7, 3);
-        let names = fed.names.clone();
-        let global = params(&[0.0; 3]);
-        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let (mut fed, names, global) = keyed_fed(7, 3);
         let mut script = Script { relays: relays(), silent: [("p4".to_string(), HASH)].into(), ..Script::default() };
         let a = fed.round(2, &names, &global, &mut script).unwrap();
         let (sum, total, contributors, misbehaved) = weighted(&a);
@@ -3039,10 +3043,7 @@ mod tests {
         // is not its ciphertext's. The coordinator holds only the group's
         // sum, so it cannot tell p1's fault from the relay's: the group
         // leaves the round, the rest hash again, and nobody is named.
-        let mut fed = Fed::new(7, 3);
-        let names = fed.names.clone();
-        let global = params(&[0.0; 3]);
-        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let (mut fed, names, global) = keyed_fed(7, 3);
         let rm2 = fed
             .server
             .begin_round(&RoundInfo { round: 2, parties: &names, global: &global, fit: Some(&fit(2)) })
@@ -3183,10 +3184,7 @@ mod tests {
     #[test]
     fn decryption_fails_cleanly_below_the_threshold() {
         // n = 5, γ = 0.1: τ = 3, a checked decryption needs 4 answers.
-        let mut fed = Fed::new(5, 3);
-        let names = fed.names.clone();
-        let global = params(&[0.0; 2]);
-        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let (mut fed, names, global) = keyed_fed(5, 2);
         let silent = [("p0".to_string(), DECRYPT), ("p1".to_string(), DECRYPT)].into();
         let err = fed.round(2, &names, &global, &mut Script { silent, ..Script::default() }).unwrap_err();
         assert!(matches!(err, Error::BelowThreshold(_)), "{err}");
@@ -3339,10 +3337,7 @@ mod tests {
         // hashes (they do not add up for it either), so the test plays the
         // coordinator from there, by hand.
         for victims in [vec!["p0"], vec!["p0", "p1"]] {
-            let mut fed = Fed::new(5, 3);
-            let names = fed.names.clone();
-            let global = params(&[0.0; 2]);
-            fed.round(1, &names, &global, &mut Script::default()).unwrap();
+            let (mut fed, names, global) = keyed_fed(5, 2);
             let uploads: std::cell::RefCell<BTreeMap<String, (wire::Upload, Vec<u64>)>> = Default::default();
             let hashes: std::cell::RefCell<Vec<wire::HashValue>> = Default::default();
             let forged = || {
@@ -3514,10 +3509,7 @@ mod tests {
 
     #[test]
     fn a_second_decryption_of_a_round_over_other_parties_is_refused() {
-        let mut fed = Fed::new(5, 3);
-        let names = fed.names.clone();
-        let global = params(&[0.0; 2]);
-        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let (mut fed, names, global) = keyed_fed(5, 2);
         // Round 2 over all five, then round 2 again (same model and
         // configuration) without p4: the difference would be p4's update.
         fed.round(2, &names, &global, &mut Script::default()).unwrap();
@@ -3543,10 +3535,7 @@ mod tests {
 
     #[test]
     fn uploads_with_a_bad_signature_the_wrong_size_or_round_are_rejected_naming_the_sender() {
-        let mut fed = Fed::new(4, 3);
-        let names = fed.names.clone();
-        let global = params(&[0.0; 2]);
-        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let (mut fed, names, global) = keyed_fed(4, 2);
         // An upload for round 2 offered in round 3.
         let rm2 = fed
             .server
@@ -4241,10 +4230,7 @@ mod tests {
         // contributors (after leaving out a relay group): asked again over
         // the same set, each party refuses. The parties stop answering at
         // decryption, so they all sit in their hashed state.
-        let mut fed = Fed::new(5, 3);
-        let names = fed.names.clone();
-        let global = params(&[0.0; 2]);
-        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let (mut fed, names, global) = keyed_fed(5, 2);
         let requests: std::cell::RefCell<Vec<(String, Envelope)>> = Default::default();
         let mut capture = |stage: StageName, p: &str, m: &mut Envelope| {
             if stage == HASH {
