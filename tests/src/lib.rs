@@ -211,6 +211,13 @@ impl Federation {
     /// Issues relay `name`'s certificate, starts `confide relay` towards the
     /// coordinator and returns the address parties dial it at.
     pub fn start_relay(&mut self, name: &str) -> String {
+        let coordinator = format!("https://{}", self.addr);
+        self.start_relay_to(name, &coordinator)
+    }
+
+    /// [`Federation::start_relay`] with `upstream` as the coordinator's URL
+    /// (to test a relay pointed at a server that is not the coordinator).
+    pub fn start_relay_to(&mut self, name: &str, upstream: &str) -> String {
         self.run_ok(&["certs", "relay", "--dir", &self.s("pki"), "--name", name]);
         let out_path = self.path(&format!("logs/relay-{name}.out"));
         let child = Command::new(&self.coordinator_bin)
@@ -219,7 +226,7 @@ impl Federation {
                 "--listen",
                 "127.0.0.1:0",
                 "--coordinator",
-                &format!("https://{}", self.addr),
+                upstream,
                 "--ca",
                 &self.s("pki/ca.pem"),
                 "--cert",

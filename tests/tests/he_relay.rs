@@ -175,6 +175,29 @@ async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_r
     let (sig, nonce) = sign("edge-a", old);
     let e = relayed_join(&fed, "edge-a", "site-0", (&sig, &nonce), old).await.unwrap_err();
     assert!(e.contains("from now"), "{e}");
+    // A party that is not enrolled (its certificate still valid), and a
+    // revoked one, are refused even on a fresh delegation of their own.
+    let federation = fed.path("pki/federation.toml");
+    let text = std::fs::read_to_string(&federation).expect("enrollment list");
+    std::fs::write(&federation, text.replace("  \"site-2\",\n", "")).expect("enrollment list");
+    let key_of = |party: &str| {
+        let pem = confide_crypto::pki::read_private_key(&fed.path(&format!("pki/parties/{party}.key"))).expect("key");
+        confide_crypto::identity::IdentityKey::from_pem(&pem).expect("key")
+    };
+    let (sig, nonce) =
+        confide_crypto::relay::sign_delegation(&key_of("site-2"), "site-2", "edge-a", now).expect("sign");
+    let e = relayed_join(&fed, "edge-a", "site-2", (&sig, &nonce), now).await.unwrap_err();
+    assert!(e.contains("site-2 (through relay edge-a) is not enrolled"), "{e}");
+    fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "site-1"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !fed.coordinator_log().contains("revocation list updated") {
+        assert!(std::time::Instant::now() < deadline, "{}", fed.coordinator_log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (sig, nonce) =
+        confide_crypto::relay::sign_delegation(&key_of("site-1"), "site-1", "edge-a", now).expect("sign");
+    let e = relayed_join(&fed, "edge-a", "site-1", (&sig, &nonce), now).await.unwrap_err();
+    assert!(e.contains("relay edge-a") && e.contains("revoked"), "{e}");
     // A relay certificate does not open the admin API.
     let (ca, cert, key) =
         (fed.path("pki/ca.pem"), fed.path("pki/relays/edge-a.pem"), fed.path("pki/relays/edge-a.key"));
@@ -187,6 +210,30 @@ async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_r
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     let log = fed.coordinator_log();
     assert!(log.contains("refused a stream through the relay"), "{log}");
+}
+
+/// A relay dials only the coordinator: one whose upstream address leads to
+/// another relay (a rogue server with a certificate of the federation, but
+/// not the coordinator's) refuses to open the party's stream there, and the
+/// party never reaches the coordinator through it.
+#[test]
+fn a_relay_refuses_an_upstream_without_the_coordinator_certificate() {
+    let mut fed = three_sites();
+    let genuine = fed.start_relay("edge-b");
+    let rogue = fed.start_relay_to("edge-a", &format!("https://{genuine}"));
+    fed.start_party_via("site-0", "edge-a", &rogue, "");
+    let log = |name: &str| std::fs::read_to_string(fed.path(&format!("logs/{name}.log"))).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let refusal = format!("relay edge-a: https://{genuine} does not show a coordinator certificate");
+    while !(log("relay-edge-a").contains(&refusal) || log("site-0").contains(&refusal)) {
+        assert!(std::time::Instant::now() < deadline, "{}", fed.logs());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        !fed.coordinator_log().lines().any(|l| l.contains("party connected") && l.contains("site-0")),
+        "{}",
+        fed.logs()
+    );
 }
 
 /// A party talks through a relay only if its config names that relay: one
