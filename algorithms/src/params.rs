@@ -241,10 +241,11 @@ pub fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
     pulp::Arch::new().dispatch(Distance(a, b))
 }
 
-/// `out[i] = scale·(a[i] − b[i])` in f64 over `out`'s length (at most
-/// `a`'s and `b`'s), vectorised as [`squared_distance`] is.
-pub fn scaled_difference_into(out: &mut [f64], a: &[f32], b: &[f32], scale: f64) {
-    struct Difference<'a>(&'a mut [f64], &'a [f32], &'a [f32], f64);
+/// `out[i] = scale·(a[i] − b[i])`, formed in f64 and rounded once to f32,
+/// over `out`'s length (at most `a`'s and `b`'s), vectorised as
+/// [`squared_distance`] is.
+pub fn scaled_difference_into(out: &mut [f32], a: &[f32], b: &[f32], scale: f64) {
+    struct Difference<'a>(&'a mut [f32], &'a [f32], &'a [f32], f64);
     impl pulp::WithSimd for Difference<'_> {
         type Output = ();
         #[inline(always)]
@@ -256,11 +257,11 @@ pub fn scaled_difference_into(out: &mut [f64], a: &[f32], b: &[f32], scale: f64)
             let (b8, b_rest) = b[..n].as_chunks::<8>();
             for ((o, x), y) in o8.iter_mut().zip(a8).zip(b8) {
                 for k in 0..8 {
-                    o[k] = scale * (f64::from(x[k]) - f64::from(y[k]));
+                    o[k] = (scale * (f64::from(x[k]) - f64::from(y[k]))) as f32;
                 }
             }
             for ((o, &x), &y) in o_rest.iter_mut().zip(a_rest).zip(b_rest) {
-                *o = scale * (f64::from(x) - f64::from(y));
+                *o = (scale * (f64::from(x) - f64::from(y))) as f32;
             }
         }
     }
@@ -339,7 +340,7 @@ mod tests {
             let mut out = vec![7.0; a.len()];
             scaled_difference_into(&mut out, &a, &b, scale);
             for ((o, &x), &y) in out.iter().zip(&a).zip(&b) {
-                prop_assert_eq!(*o, scale * (f64::from(x) - f64::from(y)));
+                prop_assert_eq!(*o, (scale * (f64::from(x) - f64::from(y))) as f32);
             }
         }
         #[test]

@@ -327,7 +327,7 @@ impl NoisyUpdate {
         // Adaptive clipping: whether the update fitted, weighted, last.
         let count = self.count.map(|(_, kappa)| (f64::from(u8::from(fits)) - 0.5) * kappa);
         let mut cursor = TensorCursor::default();
-        let fill = |at: usize, out: &mut [f64]| {
+        let fill = |at: usize, out: &mut [f32]| {
             cursor.runs(&lens, at, out.len(), |run, r| match (run, scale) {
                 (Some((t, offset)), Some(scale)) => {
                     let (l, g) = tensors[t];
@@ -335,7 +335,7 @@ impl NoisyUpdate {
                 }
                 // A non-finite update (a diverged model) becomes no update.
                 (Some(_), None) => out[r].fill(0.0),
-                (None, _) => out[r].fill(count.unwrap_or(0.0)),
+                (None, _) => out[r].fill(count.unwrap_or(0.0) as f32),
             });
             Ok(())
         };
