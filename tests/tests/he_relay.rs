@@ -179,7 +179,9 @@ async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_r
     // revoked one, are refused even on a fresh delegation of their own.
     let federation = fed.path("pki/federation.toml");
     let text = std::fs::read_to_string(&federation).expect("enrollment list");
-    std::fs::write(&federation, text.replace("  \"site-2\",\n", "")).expect("enrollment list");
+    let without = text.replace("  \"site-2\",\n", "");
+    assert_ne!(without, text, "site-2 was enrolled");
+    std::fs::write(&federation, without).expect("enrollment list");
     let key_of = |party: &str| {
         let pem = confide_crypto::pki::read_private_key(&fed.path(&format!("pki/parties/{party}.key"))).expect("key");
         confide_crypto::identity::IdentityKey::from_pem(&pem).expect("key")
@@ -197,7 +199,7 @@ async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_r
     let (sig, nonce) =
         confide_crypto::relay::sign_delegation(&key_of("site-1"), "site-1", "edge-a", now).expect("sign");
     let e = relayed_join(&fed, "edge-a", "site-1", (&sig, &nonce), now).await.unwrap_err();
-    assert!(e.contains("relay edge-a") && e.contains("revoked"), "{e}");
+    assert!(e.contains("relay edge-a") && e.contains("site-1") && e.contains("revoked"), "{e}");
     // A relay certificate does not open the admin API.
     let (ca, cert, key) =
         (fed.path("pki/ca.pem"), fed.path("pki/relays/edge-a.pem"), fed.path("pki/relays/edge-a.key"));

@@ -298,9 +298,11 @@ impl NoisyUpdate {
     pub fn encode(&self, global: &Parameters, local: &Parameters, noise: DdgNoise) -> Result<Vec<u32>, Error> {
         let bad = |e: String| Error::InvalidInput(format!("local model after training: {e}"));
         local.check_shapes(&global.spec()).map_err(bad)?;
-        // The difference and its norm in f64, where no pair of finite f32
-        // values overflows: whether an error is sent must not depend on the
-        // rows. A non-finite update (a diverged model) becomes no update.
+        // The difference and its norm formed in f64, where no pair of
+        // finite f32 values overflows: whether an error is sent must not
+        // depend on the rows (the difference is stored as f32 for the
+        // rotation). A non-finite update (a diverged model) becomes no
+        // update.
         let trained =
             || local.tensors().iter().zip(global.tensors()).filter(|(_, g)| !is_input_standardisation(&g.name));
         let dim = self.ddg.config().dim;

@@ -117,18 +117,21 @@ fn pair(a: &str, b: &str) -> (String, String) {
     if a < b { (a.to_owned(), b.to_owned()) } else { (b.to_owned(), a.to_owned()) }
 }
 
-/// The pairs a coordinator can withhold, taken in `order` (indices into the
-/// graph's edges, any order, repeats ignored), each as long as both of its
-/// parties keep at least t neighbours with keys: fewer, and the party
-/// refuses the round (`BelowThreshold`) instead of masking.
+/// The pairs a coordinator can withhold: first p00's, down to t (so that
+/// p00 masks with t neighbours only), then others taken in `order`
+/// (indices into the graph's edges, repeats ignored), each as long as both
+/// of its parties keep at least t neighbours with keys: fewer, and the
+/// party refuses the round (`BelowThreshold`) instead of masking.
 fn withholdable(cfg: &Config, order: &[usize]) -> BTreeSet<(String, String)> {
     let n = cfg.parties.len();
     let graph = Graph::new(n, cfg.degree, cfg.graph_seed).unwrap();
     let edges: Vec<(usize, usize)> =
         (0..n).flat_map(|i| graph.neighbours(i).iter().filter(move |&&j| j > i).map(move |&j| (i, j))).collect();
+    let first: Vec<usize> = (0..edges.len()).filter(|&e| edges[e].0 == 0).collect();
+    let order: Vec<usize> = first.into_iter().chain(order.iter().copied()).collect();
     let mut kept: Vec<usize> = (0..n).map(|i| graph.neighbours(i).len()).collect();
     let mut withheld = BTreeSet::new();
-    for &e in order {
+    for &e in &order {
         let (i, j) = edges[e % edges.len()];
         if kept[i] > cfg.threshold && kept[j] > cfg.threshold && withheld.insert(pair(&cfg.parties[i], &cfg.parties[j]))
         {
@@ -437,15 +440,20 @@ fn on_a_sparse_graph_the_split_view_attack_collects_shares_but_never_an_input() 
 }
 
 /// A coordinator that withholds keys so that its target, p00, masks with
-/// only t neighbours, its corrupt neighbour among them, so that only the
-/// t − 1 honest ones, H, stand between it and p00's input. It then shows
-/// two views: everyone survived (to p00 and H: p00's self mask comes out
-/// of H and the corrupt party, t shares, if that view is backed) and H
-/// dropped (to the other parties, over 60 random splits of them: H's
-/// mask keys come out if that view is backed). At a t within the bound
-/// (2t − k > 1) the two views cannot both be backed; on the complete graph
-/// with t = ⌊k/2⌋ (`t_below_the_bound`) they can, and p00's input is bare:
-/// the attack is real.
+/// only t neighbours, its one corrupt neighbour among them, so that only
+/// the t − 1 honest ones, H, stand between it and p00's input. It then
+/// shows two views: everyone survived (to p00 and H: p00's self mask comes
+/// out of H and the corrupt party, t shares, if that view is backed) and H
+/// dropped (to each other party or not, over 60 random splits: H's mask
+/// keys come out if that view is signed and backed). Within the bound
+/// (2t − k > 1) p00's self mask comes out in some split but no mask key of
+/// H ever does: on the complete graph no party signs the second view (each
+/// sees fewer than t of its neighbours survive), on the sparse one the
+/// holders find it not backed around p00. On the complete graph with
+/// t = ⌊k/2⌋ (`t_below_the_bound`) the same attack bares p00's input, which
+/// shows the checks here can see an exposure (the plain split view of
+/// `the_same_attack_succeeds_below_the_threshold_bound` does too: what the
+/// withholding adds is that p00 masks with t neighbours only).
 fn withhold_and_split_on_one_target(mut cfg: Config, t_below_the_bound: bool) -> Result<(), String> {
     let n = cfg.parties.len();
     let graph = Graph::new(n, cfg.degree, cfg.graph_seed).unwrap();
@@ -475,16 +483,16 @@ fn withhold_and_split_on_one_target(mut cfg: Config, t_below_the_bound: bool) ->
         assert!(masked_with.contains(&name(corrupt_at)));
         let views = [everyone.clone(), without_h.clone()];
         let loot = split_view_attack_on(&cfg, clients, &corrupt, &views, &assign);
-        eprintln!(
-            "{n} self {} keys {:?}",
-            loot.count("p00", true),
-            h.iter().map(|&w| loot.count(&name(w), false)).collect::<Vec<_>>()
-        );
         let bare = loot.count("p00", true) >= t && h.iter().all(|&w| loot.count(&name(w), false) >= t);
         if bare {
             return Err(format!("{n} parties, t = {t}: p00's input is bare"));
         }
-        assert_no_honest_input_exposed(&cfg, &corrupt, &loot);
+        if !t_below_the_bound {
+            for &w in h {
+                assert!(loot.count(&name(w), false) < t, "{}'s mask key revealed", name(w));
+            }
+            assert_no_honest_input_exposed(&cfg, &corrupt, &loot);
+        }
         self_mask = self_mask.max(loot.count("p00", true));
     }
     // Half the attack works: in some split the first view is backed and
@@ -513,10 +521,8 @@ fn withholding_keys_so_that_a_party_masks_with_only_t_neighbours_does_not_isolat
     }
 }
 
-/// On the complete graph. (On the sparse one the attack fails even below
-/// the bound: a holder reveals only if the view is backed around every
-/// party it holds shares of and their neighbours, which two views split
-/// this way never are.)
+/// On the complete graph. (Not asserted on the sparse one, where this
+/// split does not bare the input even below the bound.)
 #[test]
 fn the_withholding_attack_isolates_a_party_below_the_threshold_bound() {
     let [complete, _] = complete_and_sparse();
@@ -577,9 +583,10 @@ proptest! {
     }
 
     /// The same attack after the coordinator withheld keys (pairs of
-    /// neighbours that never see each other's, down to t neighbours with
-    /// keys for some parties), so that parties mask with fewer neighbours,
-    /// some with only t.
+    /// neighbours that never see each other's): p00 down to t neighbours
+    /// with keys, others at random, so that parties mask with fewer
+    /// neighbours. k = 64 stands for the complete graph (k is capped at
+    /// n − 1).
     #[test]
     fn no_split_view_isolates_an_input_after_keys_were_withheld(
         n in 8usize..28,
@@ -601,6 +608,7 @@ proptest! {
             ..config(5, 0.0)
         };
         let clients = through_masked_withholding(&cfg, &withholdable(&cfg, &cuts));
+        prop_assert_eq!(clients["p00"].held_shares().len(), t, "p00 masks with t neighbours");
         attack_and_check(&cfg, clients, &corrupt_pick, c, &drops, &assign[..n]);
     }
 
