@@ -850,7 +850,11 @@ impl AggregationServer for SecAggServer {
                 r.evidence.insert(party.to_owned(), DealtEvidence { signature, tree, holders });
                 Ok(())
             }
-            (ServerStage::Masked, Some(Bulk::Words(values))) => {
+            (ServerStage::Masked, Some(Bulk::Words(words))) => {
+                // Packed at the round's b bits (`secagg::packing`).
+                let (dim, bits) = (r.server.config().dim, r.server.config().bits);
+                let values = crate::secagg::packing::unpack(&words, dim, bits)
+                    .map_err(|e| misbehaved(&format!("sent a masked input that is not packed as the round's: {e}")))?;
                 r.server.on_masked(MaskedInput { party: party.to_owned(), values })
             }
             (ServerStage::Consistency, None) => {
@@ -1219,7 +1223,10 @@ impl SecAggClient {
                 let masked = masked.map_err(|e| {
                     blame_for_a_share(e, &shares, &evidence, r.client.config(), self.party.peers.as_ref())
                 })?;
-                Envelope { body: Vec::new(), bulk: Some(Bulk::Words(masked.values)) }
+                // At the round's b bits on the wire, not a word each.
+                let bits = r.client.config().bits;
+                let words = if bits == 32 { masked.values } else { crate::secagg::packing::pack(&masked.values, bits) };
+                Envelope { body: Vec::new(), bulk: Some(Bulk::Words(words)) }
             }
             CONSISTENCY => {
                 let req: wire::Survivors = message.decode("coordinator", "survivor set")?;
@@ -1353,13 +1360,17 @@ mod tests {
     type Outcome = (Vec<f64>, f64, Option<f64>, Vec<String>);
 
     fn run(n: usize, drop: &[usize]) -> Result<Outcome, Error> {
-        let table = toml::toml! { max_examples = 100 };
+        run_with(&toml::toml! { max_examples = 100 }, n, drop)
+    }
+
+    /// [`run`] with the aggregation settings `table`.
+    fn run_with(table: &toml::Table, n: usize, drop: &[usize]) -> Result<Outcome, Error> {
         let job = facts(n);
         let names = names(n);
         let global = params(&[0.5, -0.5]);
         let fit = fit();
-        let mut server = SecAggPlus.server(&table, &job, Box::new(InsecureTagVerifier))?;
-        let mut clients: Vec<_> = names.iter().map(|p| SecAggPlus.client(&table, &job, identity(p)).unwrap()).collect();
+        let mut server = SecAggPlus.server(table, &job, Box::new(InsecureTagVerifier))?;
+        let mut clients: Vec<_> = names.iter().map(|p| SecAggPlus.client(table, &job, identity(p)).unwrap()).collect();
         let rm = server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) })?;
         for (i, c) in clients.iter_mut().enumerate() {
             let local = params(&[0.5 + i as f32 * 0.1, -0.5]);
@@ -1474,6 +1485,79 @@ mod tests {
         let mut plain =
             crate::aggregation::plain::Plain.server(&toml::Table::new(), &job, Box::new(InsecureTagVerifier)).unwrap();
         assert!(plain.begin_sum(&SumRound { round: 2, parties: &names, layout: &layout }).is_err());
+    }
+
+    /// Below 32 bits the masked inputs travel packed at the round's width
+    /// (`secagg::packing`): the same sums come out, with the fixed point's
+    /// coarser step at fewer bits.
+    #[test]
+    fn rounds_below_32_bits_sum_through_packed_masked_inputs() {
+        for bits in [20i64, 24, 31] {
+            let table = toml::toml! { max_examples = 100 bits = bits };
+            let (sum, total, _, who) = run_with(&table, 5, &[1]).unwrap();
+            assert_eq!(who, ["p0", "p2", "p3", "p4"], "{bits} bits");
+            assert_eq!(total, 130.0, "{bits} bits");
+            assert!((sum[0] - 38.0).abs() < 0.1 && sum[1].abs() < 0.1, "{bits} bits: {sum:?}");
+        }
+    }
+
+    /// A masked input not packed at the round's width (here a word per
+    /// value in a 24-bit round, or a stray bit past the last value) is
+    /// refused, naming its sender.
+    #[test]
+    fn a_masked_input_packed_otherwise_is_refused_naming_its_sender() {
+        let table = toml::toml! { max_examples = 100 bits = 24 };
+        let (job, names, global, fit) = (facts(4), names(4), params(&[0.5, -0.5]), fit());
+        let mut server = SecAggPlus.server(&table, &job, Box::new(InsecureTagVerifier)).unwrap();
+        let mut clients: Vec<_> = names.iter().map(|p| SecAggPlus.client(&table, &job, identity(p)).unwrap()).collect();
+        let rm =
+            server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) }).unwrap();
+        for (i, c) in clients.iter_mut().enumerate() {
+            let update = LocalUpdate {
+                global: &global,
+                fit: &fit,
+                local: params(&[0.6, -0.5]),
+                num_examples: 5,
+                train_loss: None,
+            };
+            let m = c.contribute(1, &rm, update).unwrap();
+            server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m).unwrap();
+        }
+        let mut progress = server.close_stage().unwrap();
+        loop {
+            let Progress::Step { stage, messages: Messages::PerParty(msgs), .. } = progress else { panic!() };
+            for (p, m) in msgs {
+                let i: usize = p[1..].parse().unwrap();
+                let answer = clients[i].on_step(1, stage, m).unwrap();
+                if stage == MASKED_INPUT && i < 2 {
+                    let Some(Bulk::Words(words)) = answer.bulk else { panic!("masked words") };
+                    let bad = if i == 0 {
+                        // A word per value, as at 32 bits.
+                        crate::secagg::packing::unpack(&words, words.len() * 32 / 24, 24).unwrap()
+                    } else {
+                        let mut w = words;
+                        *w.last_mut().unwrap() |= 1 << 31;
+                        w
+                    };
+                    let e = server
+                        .on_message(
+                            Peer { name: &p, certificate: &[], relay: None },
+                            Envelope { body: Vec::new(), bulk: Some(Bulk::Words(bad)) },
+                        )
+                        .unwrap_err();
+                    assert!(
+                        matches!(&e, Error::PeerMisbehaved { party, reason } if *party == p && reason.contains("not packed")),
+                        "{e}"
+                    );
+                    continue;
+                }
+                server.on_message(Peer { name: &p, certificate: &[], relay: None }, answer).unwrap();
+            }
+            if stage == MASKED_INPUT {
+                break;
+            }
+            progress = server.close_stage().unwrap();
+        }
     }
 
     #[test]

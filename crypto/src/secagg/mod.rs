@@ -7,11 +7,13 @@
 //!
 //! Layers: [`shamir`] (secret sharing over GF(2^61 − 1)), [`prim`] (HKDF key
 //! derivation, AES-CTR mask PRG, AES-256-GCM share encryption), [`graph`]
-//! (the k-regular neighbour graph), [`encoding`] (fixed point in Z_{2^b}), and
-//! [`protocol`] (the five-stage client and server).
+//! (the k-regular neighbour graph), [`encoding`] (fixed point in Z_{2^b}),
+//! [`packing`] (masked inputs at b bits on the wire) and [`protocol`] (the
+//! five-stage client and server).
 
 pub mod encoding;
 pub mod graph;
+pub mod packing;
 pub mod params;
 pub mod prim;
 pub mod protocol;
