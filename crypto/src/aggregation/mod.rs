@@ -77,7 +77,8 @@ impl std::fmt::Display for StageName {
 pub enum Bulk {
     /// A model: named f32 tensors.
     Params(Arc<Parameters>),
-    /// Raw 32-bit words (a masked vector in Z_{2^b}).
+    /// Raw 32-bit words (a masked vector in Z_{2^b}, packed at b bits when
+    /// b < 32: `secagg::packing`; or a protocol's own bytes).
     Words(Vec<u32>),
 }
 

@@ -853,7 +853,7 @@ impl AggregationServer for SecAggServer {
             (ServerStage::Masked, Some(Bulk::Words(words))) => {
                 // Packed at the round's b bits (`secagg::packing`).
                 let (dim, bits) = (r.server.config().dim, r.server.config().bits);
-                let values = crate::secagg::packing::unpack(&words, dim, bits)
+                let values = crate::secagg::packing::unpack(words, dim, bits)
                     .map_err(|e| misbehaved(&format!("sent a masked input that is not packed as the round's: {e}")))?;
                 r.server.on_masked(MaskedInput { party: party.to_owned(), values })
             }
@@ -1531,9 +1531,12 @@ mod tests {
                 let answer = clients[i].on_step(1, stage, m).unwrap();
                 if stage == MASKED_INPUT && i < 2 {
                     let Some(Bulk::Words(words)) = answer.bulk else { panic!("masked words") };
+                    // The round's vector: the model's two values and the
+                    // three trailing words (weight, loss, loss weight).
+                    let dim = 2 + 3;
                     let bad = if i == 0 {
                         // A word per value, as at 32 bits.
-                        crate::secagg::packing::unpack(&words, words.len() * 32 / 24, 24).unwrap()
+                        crate::secagg::packing::unpack(words, dim, 24).unwrap()
                     } else {
                         let mut w = words;
                         *w.last_mut().unwrap() |= 1 << 31;

@@ -13,6 +13,7 @@ pub fn packed_words(count: usize, bits: u32) -> usize {
 /// `values` (each below 2^bits, `bits` in 1..=32) packed `bits` bits each.
 pub fn pack(values: &[u32], bits: u32) -> Vec<u32> {
     debug_assert!((1..=32).contains(&bits));
+    debug_assert!(bits == 32 || values.iter().all(|&v| v >> bits == 0), "a value wider than {bits} bits");
     if bits == 32 {
         return values.to_vec();
     }
@@ -48,15 +49,16 @@ pub fn pack(values: &[u32], bits: u32) -> Vec<u32> {
 
 /// The `count` values of `bits` bits that `words` hold, or why they are not
 /// a packing of that many: another length, or nonzero bits past the last
-/// value.
-pub fn unpack(words: &[u32], count: usize, bits: u32) -> Result<Vec<u32>, String> {
+/// value. At 32 bits the words are the values, returned without a copy.
+pub fn unpack(words: Vec<u32>, count: usize, bits: u32) -> Result<Vec<u32>, String> {
     let expected = packed_words(count, bits);
     if words.len() != expected {
         return Err(format!("{} words for {count} values of {bits} bits; expected {expected}", words.len()));
     }
     if bits == 32 {
-        return Ok(words.to_vec());
+        return Ok(words);
     }
+    let words = &words[..];
     let mask = (1u32 << bits) - 1;
     let mut out = Vec::with_capacity(count);
     let mut from = words;
@@ -104,7 +106,7 @@ mod tests {
             let values: Vec<u32> = raw.iter().map(|v| v & mask).collect();
             let words = pack(&values, bits);
             prop_assert_eq!(words.len(), packed_words(values.len(), bits));
-            prop_assert_eq!(unpack(&words, values.len(), bits).unwrap(), values);
+            prop_assert_eq!(unpack(words, values.len(), bits).unwrap(), values);
         }
 
         /// Bits past the last value are refused, so an input has one
@@ -122,11 +124,11 @@ mod tests {
             if used != 0 && bit >= used {
                 let last = words.len() - 1;
                 words[last] |= 1 << bit;
-                prop_assert!(unpack(&words, values.len(), bits).unwrap_err().contains("nonzero bits"));
+                prop_assert!(unpack(words.clone(), values.len(), bits).unwrap_err().contains("nonzero bits"));
                 words[last] &= !(1 << bit);
             }
             words.push(0);
-            prop_assert!(unpack(&words, values.len(), bits).unwrap_err().contains("expected"));
+            prop_assert!(unpack(words, values.len(), bits).unwrap_err().contains("expected"));
         }
     }
 
@@ -137,6 +139,6 @@ mod tests {
         assert_eq!(words.len(), 750);
         // The layout: least significant bits first, end to end.
         assert_eq!(words[0], values[0] | values[1] << 24);
-        assert_eq!(unpack(&words, 1000, 24).unwrap(), values);
+        assert_eq!(unpack(words, 1000, 24).unwrap(), values);
     }
 }
