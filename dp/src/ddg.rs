@@ -1001,23 +1001,29 @@ fn signs_and_first_levels<S: pulp::Simd>(simd: S, block: &mut [f32], signs: &mut
     block_levels32(simd, block);
 }
 
-/// The signs of H₈'s rows as f64 sign bits: `-0.0` where H₈[j][k] = −1,
-/// i.e. popcount(j & k) is odd (XOR with it negates; H₈ is symmetric).
-const H8_SIGNS: [[f64; 8]; 8] = {
-    let mut rows = [[0.0f64; 8]; 8];
-    let mut j: usize = 0;
-    while j < 8 {
-        let mut k: usize = 0;
-        while k < 8 {
-            if (j & k).count_ones() % 2 == 1 {
-                rows[j][k] = -0.0;
+/// The signs of H_N's rows as sign bits of `$t`: `-0.0` where
+/// H_N[j][k] = −1, i.e. popcount(j & k) is odd (XOR with it negates; H_N
+/// is symmetric).
+macro_rules! hadamard_signs {
+    ($t:ty, $n:literal) => {{
+        let mut rows = [[0.0 as $t; $n]; $n];
+        let mut j: usize = 0;
+        while j < $n {
+            let mut k: usize = 0;
+            while k < $n {
+                if (j & k).count_ones() % 2 == 1 {
+                    rows[j][k] = -0.0;
+                }
+                k += 1;
             }
-            k += 1;
+            j += 1;
         }
-        j += 1;
-    }
-    rows
-};
+        rows
+    }};
+}
+
+/// H₈'s sign rows for f64 ([`hadamard_signs`]).
+const H8_SIGNS: [[f64; 8]; 8] = hadamard_signs!(f64, 8);
 
 /// The levels of one block (a power of two, at least 8 long): the first
 /// three as H₈·x on each group of eight values, the rest by [`levels`].
@@ -1057,22 +1063,8 @@ fn block_levels<S: pulp::Simd>(simd: S, block: &mut [f64]) {
     }
 }
 
-/// H₁₆'s sign rows for f32, as [`H8_SIGNS`] for f64.
-const H16_SIGNS: [[f32; 16]; 16] = {
-    let mut rows = [[0.0f32; 16]; 16];
-    let mut j: usize = 0;
-    while j < 16 {
-        let mut k: usize = 0;
-        while k < 16 {
-            if (j & k).count_ones() % 2 == 1 {
-                rows[j][k] = -0.0;
-            }
-            k += 1;
-        }
-        j += 1;
-    }
-    rows
-};
+/// H₁₆'s sign rows for f32 ([`hadamard_signs`]).
+const H16_SIGNS: [[f32; 16]; 16] = hadamard_signs!(f32, 16);
 
 /// [`block_levels`] for the encoding's f32: the first four levels as
 /// H₁₆·x on each group of sixteen values (one AVX-512 register, two AVX2

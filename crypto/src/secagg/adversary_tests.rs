@@ -29,6 +29,18 @@ fn config(n: usize, corrupt_fraction: f64) -> Config {
     }
 }
 
+/// A round of `n` parties on the graph of degree `k` drawn from `seed`,
+/// threshold `t` (the rest as [`config`]'s).
+fn graph_config(n: usize, k: usize, t: usize, seed: u8) -> Config {
+    Config {
+        threshold: t,
+        degree: k,
+        graph_seed: [seed; 32],
+        parties: (0..n).map(|i| format!("p{i:02}")).collect(),
+        ..config(5, 0.0)
+    }
+}
+
 fn names(cfg: &Config) -> Vec<String> {
     cfg.parties.clone()
 }
@@ -402,12 +414,8 @@ fn the_same_attack_succeeds_below_the_threshold_bound() {
 /// bound's t = 3 the attack still collects a share.
 #[test]
 fn on_a_sparse_graph_the_split_view_attack_collects_shares_but_never_an_input() {
-    let base = Config {
-        degree: 4,
-        graph_seed: [11; 32],
-        parties: (0..16).map(|i| format!("p{i:02}")).collect(),
-        ..config(5, 0.0)
-    };
+    // (The threshold is set per case below.)
+    let base = graph_config(16, 4, 2, 11);
     let graph = crate::secagg::graph::Graph::new(16, 4, base.graph_seed).unwrap();
     assert_eq!(graph.neighbours(0).len(), 4, "sparse");
     let all = names(&base);
@@ -504,14 +512,7 @@ fn withhold_and_split_on_one_target(mut cfg: Config, t_below_the_bound: bool) ->
 /// The complete graph (10 parties, one corrupt) and a sparse one (24
 /// parties, k = 8, t = 5).
 fn complete_and_sparse() -> [Config; 2] {
-    let sparse = Config {
-        degree: 8,
-        threshold: 5,
-        graph_seed: [5; 32],
-        parties: (0..24).map(|i| format!("p{i:02}")).collect(),
-        ..config(5, 0.0)
-    };
-    [config(10, 0.1), sparse]
+    [config(10, 0.1), graph_config(24, 8, 5, 5)]
 }
 
 #[test]
@@ -571,14 +572,7 @@ proptest! {
         corrupt_pick in proptest::collection::vec(0usize..32, 0..2),
         seed in any::<u8>(),
     ) {
-        let t = (k + c) / 2 + 1;
-        let cfg = Config {
-            threshold: t,
-            degree: k,
-            graph_seed: [seed; 32],
-            parties: (0..n).map(|i| format!("p{i:02}")).collect(),
-            ..config(5, 0.0)
-        };
+        let cfg = graph_config(n, k, (k + c) / 2 + 1, seed);
         attack_and_check(&cfg, through_masked(&cfg).1, &corrupt_pick, c, &drops, &assign[..n]);
     }
 
@@ -600,13 +594,7 @@ proptest! {
     ) {
         let k = k.min(n - 1);
         let t = (k + c) / 2 + 1;
-        let cfg = Config {
-            threshold: t,
-            degree: k,
-            graph_seed: [seed; 32],
-            parties: (0..n).map(|i| format!("p{i:02}")).collect(),
-            ..config(5, 0.0)
-        };
+        let cfg = graph_config(n, k, t, seed);
         let clients = through_masked_withholding(&cfg, &withholdable(&cfg, &cuts));
         prop_assert_eq!(clients["p00"].held_shares().len(), t, "p00 masks with t neighbours");
         attack_and_check(&cfg, clients, &corrupt_pick, c, &drops, &assign[..n]);
