@@ -16,7 +16,7 @@
 use std::ops::Range;
 
 use confide_algorithms::Parameters;
-use confide_algorithms::params::{scaled_difference_into, squared_distance};
+use confide_algorithms::params::scaled_difference_into;
 use confide_algorithms::trainer::is_input_standardisation;
 use confide_dp::ddg::{AdaptiveClip, Ddg, DdgConfig, DdgNoise, MAX_PADDED_DIM};
 
@@ -294,15 +294,12 @@ impl NoisyUpdate {
     }
 
     /// Encodes `local − global` with `noise` (consumed). A local model of
-    /// another shape, or with NaN or infinite values, is refused.
+    /// another shape is refused; one with NaN or infinite values (a
+    /// diverged model) is sent as no update, without an error, since
+    /// whether an error is sent must not depend on the rows.
     pub fn encode(&self, global: &Parameters, local: &Parameters, noise: DdgNoise) -> Result<Vec<u32>, Error> {
         let bad = |e: String| Error::InvalidInput(format!("local model after training: {e}"));
         local.check_shapes(&global.spec()).map_err(bad)?;
-        // The difference and its norm formed in f64, where no pair of
-        // finite f32 values overflows: whether an error is sent must not
-        // depend on the rows (the difference is stored as f32 for the
-        // rotation). A non-finite update (a diverged model) becomes no
-        // update.
         let trained =
             || local.tensors().iter().zip(global.tensors()).filter(|(_, g)| !is_input_standardisation(&g.name));
         let dim = self.ddg.config().dim;
@@ -311,40 +308,19 @@ impl NoisyUpdate {
         if values + counted != dim {
             return Err(Error::InvalidInput(format!("{values} trained values for a mechanism of {}", dim - counted)));
         }
-        let clip = self.clip();
-        // The norm first, reading the two models only: the mechanism then
-        // reads them once more, writing each block of the (clipped)
-        // difference straight into its rotation buffer as it transforms it.
         let tensors: Vec<(&[f32], &[f32])> = trained().map(|(l, g)| (&l.data[..], &g.data[..])).collect();
-        let lens: Vec<usize> = tensors.iter().map(|(l, _)| l.len()).collect();
-        let norm = tensors.iter().map(|(l, g)| squared_distance(l, g)).sum::<f64>().sqrt();
-        let (scale, fits) = if !norm.is_finite() {
-            (None, true)
-        } else if norm <= clip {
-            (Some(1.0), true)
-        } else {
-            // A hair inside, against rounding.
-            (Some(clip * (1.0 - 1e-6) / norm), false)
-        };
-        // Adaptive clipping: whether the update fitted, weighted, last.
-        let count = self.count.map(|(_, kappa)| (f64::from(u8::from(fits)) - 0.5) * kappa);
-        let mut cursor = TensorCursor::default();
-        let fill = |at: usize, out: &mut [f32]| {
-            cursor.runs(&lens, at, out.len(), |run, r| match (run, scale) {
-                (Some((t, offset)), Some(scale)) => {
-                    let (l, g) = tensors[t];
-                    scaled_difference_into(&mut out[r], &l[offset..], &g[offset..], scale);
-                }
-                // A non-finite update (a diverged model) becomes no update.
-                (Some(_), None) => out[r].fill(0.0),
-                (None, _) => out[r].fill(count.unwrap_or(0.0) as f32),
-            });
-            Ok(())
+        let mut source = UpdateSource {
+            lens: tensors.iter().map(|(l, _)| l.len()).collect(),
+            tensors,
+            clip: self.clip(),
+            kappa: self.count.map(|(_, kappa)| kappa),
+            cursor: TensorCursor::default(),
+            pass: Pass::Difference { norm_sq: 0.0 },
         };
         let dp = |e: confide_dp::Error| Error::InvalidInput(format!("distributed DP: {e}"));
         // The rounding's coins: a CSPRNG from the OS, like the noise.
         let mut rng = confide_dp::sampler::os_seeded_rng().map_err(dp)?;
-        self.ddg.encode_with(fill, noise, &self.rotation, &mut rng).map_err(dp)
+        self.ddg.encode_from(&mut source, noise, &self.rotation, &mut rng).map_err(dp)
     }
 
     /// The modular sum of the contributors' words → Σ clip(Δᵢ) + noise per
@@ -391,6 +367,118 @@ impl NoisyUpdate {
     /// The round's clip C (of the update, before the count coordinate).
     pub fn clip(&self) -> f64 {
         self.count.map_or(self.ddg.config().clip, |(c, _)| c)
+    }
+}
+
+/// A party's clipped update, written straight into the mechanism's
+/// rotation buffer: `local − global` over the trained tensors, then, under
+/// adaptive clipping, the count coordinate (b − ½)·κ, b = whether the
+/// update fitted within the clip.
+///
+/// One pass over the two models in the common case: the difference is
+/// written unscaled while its norm is summed (in f64, where no pair of
+/// finite f32 values overflows), and the clipping factor goes to the
+/// mechanism as the source's scale, which it applies exactly as it rounds
+/// (the rotation is linear). The count, written last, is divided by that
+/// factor so that it comes out as (b − ½)·κ. Whether an error is sent must
+/// not depend on the rows, so the rare updates this cannot carry are
+/// written again ([`Source::scale`] → `None`): a non-finite update (a
+/// diverged model) as no update, and one whose difference or count would
+/// not fit in f32 unscaled already scaled, as before this pass existed.
+struct UpdateSource<'a> {
+    tensors: Vec<(&'a [f32], &'a [f32])>,
+    lens: Vec<usize>,
+    /// The model part's clip.
+    clip: f64,
+    /// Adaptive clipping's κ, when the vector carries the count.
+    kappa: Option<f64>,
+    cursor: TensorCursor,
+    pass: Pass,
+}
+
+/// What an [`UpdateSource`] writes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pass {
+    /// The unscaled difference, summing its norm².
+    Difference { norm_sq: f64 },
+    /// Written again: the difference times this factor (0 for a diverged
+    /// model: zeros), the count as is.
+    Scaled { factor: f64, fitted: bool },
+}
+
+/// Unscaled differences this far from zero (in f64) are written scaled
+/// instead: their square sums, and a count divided by a tiny clipping
+/// factor, stay far inside f32 and f64.
+const UNSCALED_LIMIT: f64 = 1e30;
+
+impl UpdateSource<'_> {
+    /// The clipping factor for a model part of norm² `norm_sq`, and whether
+    /// it fitted (a hair inside the clip, against rounding).
+    fn clipping(&self, norm_sq: f64) -> (f64, bool) {
+        let norm = norm_sq.sqrt();
+        if norm <= self.clip { (1.0, true) } else { (self.clip * (1.0 - 1e-6) / norm, false) }
+    }
+
+    /// The count coordinate's value: (b − ½)·κ.
+    fn count(&self, fitted: bool) -> f64 {
+        (f64::from(u8::from(fitted)) - 0.5) * self.kappa.unwrap_or(0.0)
+    }
+}
+
+impl confide_dp::ddg::Source for UpdateSource<'_> {
+    fn write(&mut self, at: usize, out: &mut [f32]) -> Result<(), confide_dp::Error> {
+        let (tensors, lens) = (&self.tensors, &self.lens);
+        let mut pass = self.pass;
+        let mut count_at = None;
+        self.cursor.runs(lens, at, out.len(), |run, r| match (run, &mut pass) {
+            (Some((t, offset)), Pass::Difference { norm_sq, .. }) => {
+                let (l, g) = tensors[t];
+                *norm_sq += scaled_difference_into(&mut out[r], &l[offset..], &g[offset..], 1.0);
+            }
+            (Some((t, offset)), Pass::Scaled { factor, .. }) => {
+                let (l, g) = tensors[t];
+                if *factor == 0.0 {
+                    out[r].fill(0.0);
+                } else {
+                    scaled_difference_into(&mut out[r], &l[offset..], &g[offset..], *factor);
+                }
+            }
+            (None, _) => count_at = Some(r.start),
+        });
+        // The count comes after the whole model part: its norm is known.
+        if let Some(i) = count_at {
+            out[i] = match pass {
+                Pass::Difference { norm_sq } => {
+                    let (factor, fitted) = self.clipping(norm_sq);
+                    self.count(fitted) / factor
+                }
+                Pass::Scaled { fitted, .. } => self.count(fitted),
+            } as f32;
+        }
+        self.pass = pass;
+        Ok(())
+    }
+
+    fn scale(&mut self) -> Option<f64> {
+        match self.pass {
+            Pass::Difference { norm_sq } => {
+                let (factor, fitted) = self.clipping(norm_sq);
+                let count = self.count(fitted) / factor;
+                if norm_sq.is_finite() && norm_sq.sqrt() < UNSCALED_LIMIT && count.abs() < UNSCALED_LIMIT {
+                    return Some(factor);
+                }
+                // A diverged model is no update (it fitted: zero is within
+                // the clip); a huge one is written scaled.
+                self.pass = if norm_sq.is_finite() {
+                    Pass::Scaled { factor, fitted }
+                } else {
+                    Pass::Scaled { factor: 0.0, fitted: true }
+                };
+                self.cursor = TensorCursor::default();
+                None
+            }
+            Pass::Scaled { .. } => Some(1.0),
+        }
     }
 }
 
@@ -545,49 +633,103 @@ mod tests {
         assert!((count.unwrap() - 2.0).abs() < 0.1, "{count:?}");
         let per_value = (0.1 + 0.4 + 0.5 + 0.5) / 8f64.sqrt();
         assert!(values[4..].iter().all(|v| (v - per_value).abs() < 1e-2), "{values:?}");
+        // The updates written a second time carry the count too: a diverged
+        // model as no update that fitted, one too large to write unscaled
+        // (its difference overflows f32) clipped, not fitted.
+        for (local, update, fitted) in [(&nan, 0.0, 1.0), (&far, 0.5 / 8f64.sqrt(), 0.0)] {
+            let base = if fitted == 0.0 { &edge } else { &global };
+            let words = counted.encode(base, local, counted.sample_noise().unwrap()).unwrap();
+            let (values, count) = counted.decode_with_count(&words, 1).unwrap();
+            assert!((count.unwrap() - fitted).abs() < 0.1, "{count:?}");
+            assert!(values[4..].iter().all(|v| (v - update).abs() < 1e-2), "{values:?}");
+        }
         // Another round rotates with another seed: its mechanism differs.
         assert_ne!(NoisyUpdate::new(&template, "j", 2, &global).unwrap().digest(), enc.digest());
     }
 
     /// The mechanism reads the difference block by block across tensor
-    /// boundaries (2,048 values a block; a frozen tensor between two
+    /// boundaries (4,096 values a block; a frozen tensor between two
     /// trained ones; the count coordinate in the last block): each value
     /// decodes to its own clipped difference, below and above the clip,
-    /// with and without adaptive clipping's count.
+    /// with and without adaptive clipping's count; and the updates written
+    /// a second time (diverged, too large for f32 unscaled, a count too
+    /// large unscaled) across blocks too.
     #[test]
     fn the_difference_is_read_across_blocks_and_tensors() {
-        // 5,508 trained values (the count mid-block); then 2,048, which puts
-        // the count alone at the start of the second block.
-        for shapes in [&[("w1", 3001), (INPUT_MEAN, 100), ("w2", 2500), ("b", 7)][..], &[("w", 2000), ("b", 48)]] {
+        // 5,508 trained values (the count mid-block); then 4,096, which puts
+        // the count alone at the start of the second block (its value then
+        // rests on the norm summed over the first).
+        for shapes in [&[("w1", 3001), (INPUT_MEAN, 100), ("w2", 2500), ("b", 7)][..], &[("w", 4000), ("b", 96)]] {
             difference_read_across_blocks(shapes);
+            written_again_across_blocks(shapes);
         }
     }
 
-    fn difference_read_across_blocks(shapes: &[(&str, usize)]) {
-        let model = |f: &dyn Fn(usize) -> f32| {
-            let mut at = 0;
-            let tensors = shapes
-                .iter()
-                .map(|&(name, n)| {
-                    let data = (at..at + n).map(f).collect();
-                    at += n;
-                    Tensor { name: name.into(), shape: vec![n], data }
-                })
-                .collect();
-            Parameters::new(tensors).unwrap()
-        };
-        let global = model(&|i| (i as f32 * 0.01).sin());
-        let trained: usize = shapes.iter().filter(|(name, _)| *name != INPUT_MEAN).map(|(_, n)| n).sum();
-        let template = DdgConfig {
+    /// A model of `shapes` end to end, value i = f(i).
+    fn layered(shapes: &[(&str, usize)], f: &dyn Fn(usize) -> f32) -> Parameters {
+        let mut at = 0;
+        let tensors = shapes
+            .iter()
+            .map(|&(name, n)| {
+                let data = (at..at + n).map(f).collect();
+                at += n;
+                Tensor { name: name.into(), shape: vec![n], data }
+            })
+            .collect();
+        Parameters::new(tensors).unwrap()
+    }
+
+    /// A mechanism of `dim` values with noise small enough to check each
+    /// decoded value (z = 10^-4, clip 1, three parties, 32 bits).
+    fn low_noise(dim: usize) -> DdgConfig {
+        DdgConfig {
             clip: 1.0,
             noise_multiplier: 1e-4,
-            dim: trained + 1,
+            dim,
             bits: 32,
             max_parties: 3,
             honest_parties: 3,
             beta: 0.6,
             k_stddevs: 4.0,
-        };
+        }
+    }
+
+    fn written_again_across_blocks(shapes: &[(&str, usize)]) {
+        let model = |f: &dyn Fn(usize) -> f32| layered(shapes, f);
+        let global = model(&|i| (i as f32 * 0.01).sin());
+        let trained: usize = shapes.iter().filter(|(name, _)| *name != INPUT_MEAN).map(|(_, n)| n).sum();
+        let frozen: Vec<bool> =
+            shapes.iter().flat_map(|&(name, n)| std::iter::repeat_n(name == INPUT_MEAN, n)).collect();
+        let template = low_noise(trained + 1);
+        let adaptive = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_stddev: 0.01 };
+        let spread = 1.0 / (trained as f32).sqrt();
+        let nan_at = trained / 2;
+        let cases: [(&str, Option<&AdaptiveClip>, Parameters, f64); 4] = [
+            ("diverged", None, model(&|i| if i == nan_at { f32::NAN } else { 1.0 }), 0.0),
+            ("diverged, counted", Some(&adaptive), model(&|i| if i == nan_at { f32::INFINITY } else { 1.0 }), 0.0),
+            ("beyond f32", None, model(&|_| 1e36), spread.into()),
+            ("beyond f32, counted", Some(&adaptive), model(&|_| -1e36), (-spread).into()),
+        ];
+        for (what, counted, local, per_value) in cases {
+            let enc = NoisyUpdate::with_clip(&template, counted, 1.0, "j", 1, &global).unwrap();
+            let words = enc.encode(&global, &local, enc.sample_noise().unwrap()).unwrap();
+            let (back, count) = enc.decode_with_count(&words, 1).unwrap();
+            for (i, (got, &skip)) in back.iter().zip(&frozen).enumerate() {
+                let want = if skip { 0.0 } else { per_value };
+                assert!((got - want).abs() < 2e-3, "{what}, [{i}]: {got} vs {want}");
+            }
+            if counted.is_some() {
+                let fitted = if per_value == 0.0 { 1.0 } else { 0.0 };
+                assert!((count.unwrap() - fitted).abs() < 0.1, "{what}: count {count:?}");
+            }
+        }
+    }
+
+    fn difference_read_across_blocks(shapes: &[(&str, usize)]) {
+        let model = |f: &dyn Fn(usize) -> f32| layered(shapes, f);
+        let global = model(&|i| (i as f32 * 0.01).sin());
+        let trained: usize = shapes.iter().filter(|(name, _)| *name != INPUT_MEAN).map(|(_, n)| n).sum();
+        let template = low_noise(trained + 1);
         let adaptive = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_stddev: 0.01 };
         for counted in [None, Some(&adaptive)] {
             for size in [0.5f32, 4.0] {
@@ -620,6 +762,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A count that, divided by the clipping factor, would pass 10^30 while
+    /// the norm does not (a large κ against the clip: σ_b near z/2) has the
+    /// update written a second time, scaled, with the count as it is; the
+    /// first pass wrote the difference unscaled and the count divided.
+    /// (Through the whole mechanism such a κ makes the noise too large to
+    /// check values against, so the source is checked alone.)
+    #[test]
+    fn a_count_too_large_unscaled_is_written_again_scaled() {
+        use confide_dp::ddg::Source as _;
+        let n = 5000;
+        let global: Vec<f32> = (0..n).map(|i| (i as f32).sin()).collect();
+        let big = 1e25 / (n as f32).sqrt();
+        let local: Vec<f32> = global.iter().map(|g| g + big).collect();
+        let kappa = 1e6;
+        let mut source = UpdateSource {
+            tensors: vec![(&local[..], &global[..])],
+            lens: vec![n],
+            clip: 1.0,
+            kappa: Some(kappa),
+            cursor: TensorCursor::default(),
+            pass: Pass::Difference { norm_sq: 0.0 },
+        };
+        let write = |source: &mut UpdateSource<'_>| {
+            let mut out = vec![0.0f32; n + 1];
+            for (at, block) in (0..n + 1).step_by(4096).zip(out.chunks_mut(4096)) {
+                source.write(at, block).unwrap();
+            }
+            out
+        };
+        let first = write(&mut source);
+        let norm = f64::from(big) * (n as f64).sqrt();
+        let factor = (1.0 - 1e-6) / norm;
+        assert!((f64::from(first[7]) / f64::from(big) - 1.0).abs() < 1e-6, "unscaled: {}", first[7]);
+        let divided = -0.5 * kappa / factor;
+        assert!(divided < -1e30 && (f64::from(first[n]) / divided - 1.0).abs() < 1e-6, "{} vs {divided}", first[n]);
+        assert_eq!(source.scale(), None, "written again");
+        let second = write(&mut source);
+        assert_eq!(source.scale(), Some(1.0));
+        assert!((f64::from(second[7]) - f64::from(big) * factor).abs() < 1e-9, "scaled: {}", second[7]);
+        assert_eq!(second[n], (-0.5 * kappa) as f32, "the count as it is");
     }
 
     /// The decoded values go to their tensors' places, across the
