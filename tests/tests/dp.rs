@@ -280,7 +280,10 @@ fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
 /// one (each round's clip is in its metrics, `dp_clip`). The first clip is
 /// far above the updates' norms and the rate high, so the clip falls fast;
 /// every round's clip must be one step of the update rule from the one
-/// before, which a clip lost in the restart (back to 100) is not.
+/// before, which a clip lost in the restart (back to 100) is not. The
+/// count's noise is set low (σ_b = 0.8, just above z/2; the default is z,
+/// a standard deviation of half the fraction of three parties), so that
+/// the first two rounds' noisy counts do not move the clip up by chance.
 #[test]
 fn central_adaptive_clip_survives_a_coordinator_restart() {
     let mut fed = federation("[policy]\naggregation = [\"none\"]\naccept_central_dp = true\nmax_epsilon = 500.0\n");
@@ -289,7 +292,7 @@ fn central_adaptive_clip_survives_a_coordinator_restart() {
         "[dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.05\n",
         &format!(
             "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.5\nupdate_clip = {first:.1}\nadaptive_clip_quantile = \
-             {quantile}\nadaptive_clip_rate = {rate:.1}\n"
+             {quantile}\nadaptive_clip_rate = {rate:.1}\nclip_count_stddev = 0.8\n"
         ),
     );
     let id = fed.submit("central.toml", &text);
