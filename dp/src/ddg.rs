@@ -24,7 +24,7 @@
 use rand::{CryptoRng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rayon::iter::{IndexedParallelIterator as _, ParallelIterator as _};
-use rayon::slice::{ParallelSlice as _, ParallelSliceMut as _};
+use rayon::slice::ParallelSliceMut as _;
 use serde::{Deserialize, Serialize};
 
 use zeroize::Zeroizing;
@@ -375,27 +375,10 @@ impl Ddg {
         }
         let mut v = Rotated::zeros(self.padded);
         // D·H·v / (s·√d'): H is symmetric, so this undoes the rotation.
-        // Each block centred and its levels run while it is in the L1
-        // cache, then the upper levels.
-        // The levels up to a group's size run on each group of blocks
-        // while it is in the L2 cache (groups on every core); only those
-        // above cross memory.
-        let (n, bits) = (self.padded, self.cfg.bits);
-        let b = DECODE_BLOCK.min(n);
-        let group = DECODE_GROUP.min(n);
-        let centred = |(values, words): (&mut [f64], &[u32])| {
-            for (block, words) in values.chunks_exact_mut(b).zip(words.chunks_exact(b)) {
-                Loop::Centre(words, block, bits).run();
-                Loop::BlockLevels(block).run();
-            }
-            Loop::Levels(values, b, group).run();
-        };
-        if n >= PARALLEL_MIN {
-            v.par_chunks_exact_mut(group).zip(sum.par_chunks_exact(group)).for_each(centred);
-        } else {
-            v.chunks_exact_mut(group).zip(sum.chunks_exact(group)).for_each(centred);
-        }
-        upper_levels(&mut v, group);
+        let bits = self.cfg.bits;
+        fwht_with(&mut v, |at, block| {
+            Loop::Centre(&sum[at..at + block.len()], block, bits).run();
+        });
         let factor = 1.0 / (self.scale * (self.padded as f64).sqrt());
         let mut signs = ChaCha20Rng::from_seed(*rotation_seed);
         // Chunks of whole sign words (64 values each), in order.
@@ -610,10 +593,10 @@ thread_local! {
 
 /// The transform's levels h, 2h, 4h and 8h at once, one vector register
 /// of each of the sixteen runs h apart at a time: loaded, transformed in
-/// registers and stored, so each value crosses memory once for four
-/// levels (half the passes of [`radix4`] over a vector larger than the
-/// caches). The butterflies are [`radix2`]'s, in its order: the results
-/// are the same bits.
+/// registers and stored, so each value is loaded and stored once for four
+/// levels (twice for [`radix4`]), inside a block in the L1 cache
+/// ([`RADIX16_MAX_BYTES`]). The butterflies are [`radix2`]'s, in its
+/// order: the results are the same bits.
 macro_rules! radix16_in_registers {
     ($simd:ident, $v:ident, $h:ident, $lanes:ident, $as_simd:ident, $add:ident, $sub:ident) => {{
         let lanes = S::$lanes;
@@ -1032,11 +1015,10 @@ fn rotate_in_blocks(
             continue;
         }
         // Each block written, its signs flipped, its norm² taken and its
-        // levels run while it is in the L1 cache: one pass over memory (a
-        // pass each time the source writes). The blocks past d hold zeros
-        // and stay zeros.
-        // The levels up to a group's size run on each group of blocks
-        // while it is in the L2 cache; only those above cross memory.
+        // levels run while it is in the L1 cache, each group's levels above
+        // while the group is in the L2 cache, and only those above a group
+        // cross memory (a pass each time the source writes). The blocks
+        // past d hold zeros and stay zeros.
         let mut lanes = [0.0f64; 8];
         let b = ENCODE_BLOCK.min(n);
         let group = ENCODE_GROUP.min(n);
@@ -1289,23 +1271,35 @@ fn block_levels32<S: pulp::Simd>(simd: S, block: &mut [f32]) {
     }
 }
 
-/// In-place fast Walsh–Hadamard transform, unnormalised (H·v, H² = n·I),
-/// for tests: the levels inside a cache-sized block block by block, the
-/// rest as the decoding runs them ([`upper_levels`]).
+/// In-place fast Walsh–Hadamard transform, unnormalised (H·v, H² = n·I).
 #[cfg(test)]
 fn fwht(v: &mut [f64]) {
+    fwht_with(v, |_, _| {});
+}
+
+/// [`fwht`] of the vector `write(at, block)` puts into each block of `v`
+/// first (the decoding centres its words there). Each block is written and
+/// its levels run while it is in the L1 cache, each group's levels above
+/// while the group is in the L2 cache (groups on every core), and only the
+/// levels above a group cross memory ([`upper_levels`]).
+fn fwht_with(v: &mut [f64], write: impl Fn(usize, &mut [f64]) + Sync) {
     let n = v.len();
     debug_assert!(n.is_power_of_two());
     let b = DECODE_BLOCK.min(n);
-    let block_levels = |block: &mut [f64]| {
-        Loop::BlockLevels(block).run();
+    let group = DECODE_GROUP.min(n);
+    let transform = |(g, values): (usize, &mut [f64])| {
+        for (k, block) in values.chunks_exact_mut(b).enumerate() {
+            write(g * group + k * b, block);
+            Loop::BlockLevels(block).run();
+        }
+        Loop::Levels(values, b, group).run();
     };
     if n >= PARALLEL_MIN {
-        v.par_chunks_exact_mut(b).for_each(block_levels);
+        v.par_chunks_exact_mut(group).enumerate().for_each(transform);
     } else {
-        v.chunks_exact_mut(b).for_each(block_levels);
+        v.chunks_exact_mut(group).enumerate().for_each(transform);
     }
-    upper_levels(v, b);
+    upper_levels(v, group);
 }
 
 /// Vectors this long (and longer) are transformed on every core: the

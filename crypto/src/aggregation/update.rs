@@ -397,7 +397,7 @@ struct UpdateSource<'a> {
 }
 
 /// What an [`UpdateSource`] writes.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy)]
 enum Pass {
     /// The unscaled difference, summing its norm².
     Difference { norm_sq: f64 },
@@ -431,18 +431,16 @@ impl confide_dp::ddg::Source for UpdateSource<'_> {
         let mut pass = self.pass;
         let mut count_at = None;
         self.cursor.runs(lens, at, out.len(), |run, r| match (run, &mut pass) {
-            (Some((t, offset)), Pass::Difference { norm_sq, .. }) => {
+            (Some((t, offset)), Pass::Difference { norm_sq }) => {
                 let (l, g) = tensors[t];
                 *norm_sq += scaled_difference_into(&mut out[r], &l[offset..], &g[offset..], 1.0);
             }
-            (Some((t, offset)), Pass::Scaled { factor, .. }) => {
+            // A diverged model (factor 0) leaves the zeros `out` holds.
+            (Some((t, offset)), Pass::Scaled { factor, .. }) if *factor != 0.0 => {
                 let (l, g) = tensors[t];
-                if *factor == 0.0 {
-                    out[r].fill(0.0);
-                } else {
-                    scaled_difference_into(&mut out[r], &l[offset..], &g[offset..], *factor);
-                }
+                scaled_difference_into(&mut out[r], &l[offset..], &g[offset..], *factor);
             }
+            (Some(_), Pass::Scaled { .. }) => {}
             (None, _) => count_at = Some(r.start),
         });
         // The count comes after the whole model part: its norm is known.
@@ -474,7 +472,6 @@ impl confide_dp::ddg::Source for UpdateSource<'_> {
                 } else {
                     Pass::Scaled { factor: 0.0, fitted: true }
                 };
-                self.cursor = TensorCursor::default();
                 None
             }
             Pass::Scaled { .. } => Some(1.0),
