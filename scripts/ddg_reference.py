@@ -19,6 +19,11 @@ authors'): the authors' heuristic scale for `max_parties` at k = 4, capped so th
 the integer local sigma stays at most 2^26 (the sampler's limit), and the local
 sigma rounded up to an integer. The authors' epsilon is then evaluated at exactly
 that integer sigma, with the honest parties as the number of noise shares.
+
+Confide rotates vectors longer than 2^14 values in blocks of 2^14 (padded to a
+multiple of the block, not to a power of two; ROTATION_BLOCK in dp/src/ddg.rs):
+the heuristic's flattening length is then the block's, and the accounting's
+dimension the padded length.
 """
 import importlib.metadata as md
 import json
@@ -31,6 +36,14 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_mod
 
 captured = {}
 SPOT_ORDERS = [2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 256]
+ROTATION_BLOCK = 1 << 14
+
+
+def padded_len(dim):
+    """Confide's rotated length: a power of two up to a block, a multiple of it above."""
+    if dim <= ROTATION_BLOCK:
+        return 1 << (dim - 1).bit_length()
+    return -(-dim // ROTATION_BLOCK) * ROTATION_BLOCK
 
 
 def get_privacy_spent(orders, rdp, target_delta):
@@ -51,7 +64,8 @@ def main():
     cases = []
     # 16 to 32 bits: the practical settings (large sigma, tau = 0); 4 and 6 bits
     # at d = 100: sigma of a few lattice units, where tau and the l1 term count.
-    grid = [(dim, bits) for dim in [1000, 65536] for bits in [16, 20, 32]] + [(100, 4), (100, 6)]
+    # A million values: padded to 62 blocks (1,015,808), not to 2^20.
+    grid = [(dim, bits) for dim in [1000, 65536, 1_000_000] for bits in [16, 20, 32]] + [(100, 4), (100, 6)]
     for dim, bits in grid:
         if True:
             for (n_max, n_honest) in [(5, 5), (10, 7)]:
@@ -59,9 +73,10 @@ def main():
                     for beta in [0.0, math.exp(-0.5)]:
                         for rounds in [1, 50]:
                             c = 1.0
-                            padded = 1 << (dim - 1).bit_length()
+                            padded = padded_len(dim)
+                            flattened = min(padded, ROTATION_BLOCK)
                             local_stddev = z * c / math.sqrt(n_honest)
-                            scale = au.heuristic_scale_factor(local_stddev, c, bits, n_max, padded, 4.0)
+                            scale = au.heuristic_scale_factor(local_stddev, c, bits, n_max, flattened, 4.0)
                             scale = min(scale, 2.0**26 / local_stddev)
                             sigma_int = math.ceil(local_stddev * scale)
                             eps, order = au.ddgauss_epsilon(

@@ -199,16 +199,21 @@ impl FedAvg {
             return Err(Error::EmptyAggregation("no party updates with examples".into()));
         }
         let spec = global.spec();
-        let mut acc = vec![0f64; global.num_values()];
+        // Tensor by tensor, in loops over slices that vectorise (an iterator
+        // over the flattened model does not); the same sums in the same order.
+        let mut acc: Vec<Vec<f64>> = global.tensors().iter().map(|t| vec![0f64; t.data.len()]).collect();
         for r in results {
             check_update(&spec, r)?;
             let w = r.num_examples as f64 / total as f64;
-            for (a, v) in acc.iter_mut().zip(r.params.flat_values()) {
-                *a += w * v as f64;
+            for (a, t) in acc.iter_mut().zip(r.params.tensors()) {
+                a.iter_mut().zip(&t.data).for_each(|(a, &v)| *a += w * f64::from(v));
             }
         }
-        let flat: Vec<f32> = acc.into_iter().map(|v| v as f32).collect();
-        Parameters::from_flat(&spec, &flat)
+        let mut out = global.clone();
+        for ((_, values), a) in out.values_mut().zip(&acc) {
+            values.iter_mut().zip(a).for_each(|(v, &a)| *v = a as f32);
+        }
+        Ok(out)
     }
 }
 
@@ -242,12 +247,16 @@ impl Strategy for FedAvg {
         if !(total_examples.is_finite() && total_examples > 0.0) {
             return Err(Error::EmptyAggregation("no examples in the secure sum".into()));
         }
-        let flat: Vec<f32> = global
-            .flat_values()
-            .zip(weighted_delta_sum)
-            .map(|(g, d)| (f64::from(g) + d / total_examples) as f32)
-            .collect();
-        Parameters::from_flat(&global.spec(), &flat)
+        // Tensor by tensor, in place in a copy of the model (loops over
+        // slices vectorise; an iterator over the flattened model does not).
+        let mut out = global.clone();
+        let mut at = 0;
+        for (_, values) in out.values_mut() {
+            let deltas = &weighted_delta_sum[at..at + values.len()];
+            values.iter_mut().zip(deltas).for_each(|(v, d)| *v = (f64::from(*v) + d / total_examples) as f32);
+            at += values.len();
+        }
+        Ok(out)
     }
 }
 
@@ -293,6 +302,42 @@ mod tests {
         assert_eq!(out, plain);
         assert!(FedAvg.aggregate_secure_sum(1, &g, &[1.0], 4.0).is_err());
         assert!(FedAvg.aggregate_secure_sum(1, &g, &[1.0, 1.0], 0.0).is_err());
+    }
+
+    /// Over several tensors, both means are the flat formulas bit for bit:
+    /// each value's sum over the parties in order, then one rounding to f32.
+    #[test]
+    fn fedavg_means_over_several_tensors_are_the_flat_formulas() {
+        let model = |f: &dyn Fn(usize) -> f32| {
+            Parameters::new(vec![
+                Tensor { name: "w".into(), shape: vec![3, 5], data: (0..15).map(f).collect() },
+                Tensor { name: "b".into(), shape: vec![7], data: (15..22).map(f).collect() },
+            ])
+            .unwrap()
+        };
+        let global = model(&|i| (i as f32 * 0.37).sin());
+        let results: Vec<FitResult> = (0..3)
+            .map(|p| FitResult {
+                party: format!("p{p}"),
+                num_examples: 10 + 7 * p as u64,
+                params: model(&|i| (i as f32 * 0.37 + p as f32).cos() * 1e-3 + 0.5),
+                metrics: Default::default(),
+            })
+            .collect();
+        let total: u64 = results.iter().map(|r| r.num_examples).sum();
+        let mut want = vec![0f64; 22];
+        for r in &results {
+            let w = r.num_examples as f64 / total as f64;
+            want.iter_mut().zip(r.params.flat_values()).for_each(|(a, v)| *a += w * f64::from(v));
+        }
+        let got: Vec<f32> = FedAvg::weighted_mean(&global, &results).unwrap().flat_values().collect();
+        assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == (*w as f32).to_bits()), "{got:?}");
+        let deltas: Vec<f64> = (0..22).map(|i| (i as f64 - 11.0) * 0.013).collect();
+        let sum = FedAvg.aggregate_secure_sum(1, &global, &deltas, 3.0).unwrap();
+        for ((g, d), s) in global.flat_values().zip(&deltas).zip(sum.flat_values()) {
+            assert_eq!(s.to_bits(), ((f64::from(g) + d / 3.0) as f32).to_bits());
+        }
+        assert_eq!(sum.spec(), global.spec());
     }
 
     #[test]

@@ -162,6 +162,17 @@ impl Ddg {
         self.padded
     }
 
+    /// d' for a vector of `dim` values: the next power of two up to
+    /// [`ROTATION_BLOCK`], a multiple of it above.
+    pub fn padded_dim_for(dim: usize) -> usize {
+        if dim <= ROTATION_BLOCK { dim.next_power_of_two() } else { dim.div_ceil(ROTATION_BLOCK) * ROTATION_BLOCK }
+    }
+
+    /// The length of each block the rotation transforms on its own.
+    fn block(&self) -> usize {
+        self.padded.min(ROTATION_BLOCK)
+    }
+
     /// Δ₂ in lattice units: the paper's bound s·Δ̃₂. Every vector's integer
     /// norm² is checked against ⌊(s·Δ̃₂)²⌋, so none exceeds it.
     pub fn l2_sensitivity(&self) -> f64 {
@@ -246,7 +257,8 @@ impl Ddg {
         // rounding attempt.
         let limit = self.cfg.clip * (1.0 - CLIP_MARGIN);
         let clip = if norm > limit { limit / norm } else { 1.0 };
-        Ok(Prepared { v, factor: self.scale * scale * clip / (self.padded as f64).sqrt() })
+        // Each block's transform is orthonormal once divided by √(its length).
+        Ok(Prepared { v, factor: self.scale * scale * clip / (self.block() as f64).sqrt() })
     }
 
     /// Conditional randomized rounding of the `rotated` vector (times its
@@ -374,12 +386,13 @@ impl Ddg {
             return Err(Error::InvalidInput(format!("a sum of {} words for {} coordinates", sum.len(), self.padded)));
         }
         let mut v = Rotated::zeros(self.padded);
-        // D·H·v / (s·√d'): H is symmetric, so this undoes the rotation.
+        // D·H·v / (s·√B) block by block: H is symmetric, so this undoes the
+        // rotation.
         let bits = self.cfg.bits;
         fwht_with(&mut v, |at, block| {
             Loop::Centre(&sum[at..at + block.len()], block, bits).run();
         });
-        let factor = 1.0 / (self.scale * (self.padded as f64).sqrt());
+        let factor = 1.0 / (self.scale * (self.block() as f64).sqrt());
         let mut signs = ChaCha20Rng::from_seed(*rotation_seed);
         // Chunks of whole sign words (64 values each), in order.
         for (c, chunk) in v[..self.cfg.dim].chunks_mut(DECODE_BLOCK).enumerate() {
@@ -444,7 +457,10 @@ impl Calibration {
         if !(cfg.k_stddevs.is_finite() && cfg.k_stddevs > 0.0) {
             return bad("k_stddevs", format!("must be positive (got {})", cfg.k_stddevs));
         }
-        let padded = cfg.dim.next_power_of_two();
+        let padded = Ddg::padded_dim_for(cfg.dim);
+        // The rotation flattens each block on its own: a clipped vector
+        // spread over one block is what the modulus must fit.
+        let block = padded.min(ROTATION_BLOCK);
         let (n, c, k) = (cfg.max_parties as f64, cfg.clip, cfg.k_stddevs);
         if !(c * c * n * n).is_finite() {
             return bad("clip", format!("{c} is too large to calibrate for {} parties", cfg.max_parties));
@@ -455,7 +471,7 @@ impl Calibration {
             return bad("bits", format!("{} bits are too few for {} parties at k = {k}", cfg.bits, cfg.max_parties));
         }
         let mut scale =
-            room.sqrt() / (2.0 * k * (c * c * n * n / padded as f64 + n * local_stddev * local_stddev).sqrt());
+            room.sqrt() / (2.0 * k * (c * c * n * n / block as f64 + n * local_stddev * local_stddev).sqrt());
         // The sampler's integer σ is at most 2^26: past that, a finer lattice
         // gains nothing (the rounding is already 10^-8 of the noise).
         scale = scale.min(MAX_SIGMA / local_stddev);
@@ -507,21 +523,30 @@ impl Calibration {
 /// default limit on a model's values).
 pub const MAX_PADDED_DIM: usize = 1 << 26;
 
-/// The accountant's events of one round at every rotated length 1, 2, 4, …
-/// up to `max_dim` rounded up to a power of two, `cfg.dim` aside: a bound
-/// that holds whatever size the model turns out to have, computed from the
-/// job spec alone (before anyone has seen a model). Compose them with
+/// The accountant's events of one round at every rotated length a model of
+/// at most `max_dim` values can have, `cfg.dim` aside: a bound that holds
+/// whatever size the model turns out to have, computed from the job spec
+/// alone (before anyone has seen a model). Compose them with
 /// [`crate::rdp::RdpAccountant::compose_worst`].
+///
+/// The lengths are 1, 2, 4, … up to [`ROTATION_BLOCK`], and above it the
+/// multiples of the block, of which only the largest: from one block on,
+/// the scale and σ no longer depend on the length (the calibration's
+/// signal term is per block), and the sensitivities and τ·d' only grow
+/// with it, so every order's RDP does (tested).
 pub fn events_up_to(cfg: &DdgConfig, max_dim: usize) -> Result<Vec<crate::rdp::DpEvent>, Error> {
     if max_dim == 0 || max_dim > MAX_PADDED_DIM {
         return Err(Error::InvalidInput(format!("dim: must be 1..={MAX_PADDED_DIM} (got {max_dim})")));
     }
-    let top = max_dim.next_power_of_two();
+    let top = Ddg::padded_dim_for(max_dim);
     let mut events = Vec::new();
     let mut d = 1;
-    while d <= top {
+    while d <= top.min(ROTATION_BLOCK) {
         events.push(Calibration::of(&DdgConfig { dim: d, ..*cfg })?.event(cfg.honest_parties));
         d *= 2;
+    }
+    if top > ROTATION_BLOCK {
+        events.push(Calibration::of(&DdgConfig { dim: top, ..*cfg })?.event(cfg.honest_parties));
     }
     Ok(events)
 }
@@ -830,10 +855,6 @@ enum Loop<'a> {
     Centre(&'a [u32], &'a mut [f64], u32),
     /// [`signs_and_scale`].
     SignsAndScale(&'a mut [f64], &'a mut ChaCha20Rng, f64),
-    /// [`butterflies4`] (a piece of one radix-4 step of the decoding).
-    Butterflies4(&'a mut [f64], &'a mut [f64], &'a mut [f64], &'a mut [f64]),
-    /// [`butterflies2`].
-    Butterflies2(&'a mut [f64], &'a mut [f64]),
 }
 
 impl pulp::WithSimd for Loop<'_> {
@@ -871,14 +892,6 @@ impl pulp::WithSimd for Loop<'_> {
             }
             Loop::SignsAndScale(v, signs, factor) => {
                 signs_and_scale(v, signs, factor);
-                0
-            }
-            Loop::Butterflies4(a, b, c, d) => {
-                butterflies4(a, b, c, d);
-                0
-            }
-            Loop::Butterflies2(a, b) => {
-                butterflies2(a, b);
                 0
             }
         }
@@ -986,9 +999,10 @@ struct Prepared {
     factor: f64,
 }
 
-/// `v` (zeros, a power of two long) ← H·D·(the first `d` values the
-/// source writes, block by block, then zeros); returns ‖v‖² before the
-/// transform (H is not normalised here: H² = n·I) and the source's scale.
+/// `v` (zeros, [`Ddg::padded_dim_for`] long) ← H·D·(the first `d` values
+/// the source writes, block by block, then zeros), H the transform of each
+/// rotation block; returns ‖v‖² before the transform (H is not normalised
+/// here: H² = B·I) and the source's scale.
 fn rotate_in_blocks(
     v: &mut [f32],
     d: usize,
@@ -996,7 +1010,7 @@ fn rotate_in_blocks(
     rotation_seed: &[u8; 32],
 ) -> Result<(f64, f64), Error> {
     let n = v.len();
-    debug_assert!(n.is_power_of_two() && d <= n);
+    debug_assert!((n.is_power_of_two() || n.is_multiple_of(ROTATION_BLOCK)) && d <= n);
     for pass in 0..2 {
         if pass > 0 {
             // Written again: from zeros, with the same signs.
@@ -1014,24 +1028,22 @@ fn rotate_in_blocks(
             }
             continue;
         }
-        // Each block written, its signs flipped, its norm² taken and its
-        // levels run while it is in the L1 cache, each group's levels above
-        // while the group is in the L2 cache, and only those above a group
-        // cross memory (a pass each time the source writes). The blocks
-        // past d hold zeros and stay zeros.
+        // Each cache block written, its signs flipped, its norm² taken and
+        // its levels run while it is in the L1 cache, and each rotation
+        // block's levels above while it is in the L2 cache: no level
+        // crosses memory. The blocks past d hold zeros and stay zeros.
         let mut lanes = [0.0f64; 8];
         let b = ENCODE_BLOCK.min(n);
-        let group = ENCODE_GROUP.min(n);
-        for (start, values) in (0..d).step_by(group).zip(v.chunks_exact_mut(group)) {
-            let end = d.min(start + group);
+        let rotation = ROTATION_BLOCK.min(n);
+        for (start, values) in (0..d).step_by(rotation).zip(v.chunks_exact_mut(rotation)) {
+            let end = d.min(start + rotation);
             for (at, block) in (start..end).step_by(b).zip(values.chunks_exact_mut(b)) {
                 source.write(at, &mut block[..b.min(end - at)])?;
                 Loop::SignsAndFirstLevels(block, &mut signs, &mut lanes).run();
             }
-            Loop::Levels32(values, b, group).run();
+            Loop::Levels32(values, b, rotation).run();
         }
         if let Some(scale) = source.scale() {
-            Loop::Levels32(v, group, n).run();
             return Ok((lanes.iter().sum(), scale));
         }
     }
@@ -1133,17 +1145,19 @@ const DECODE_BLOCK: usize = 1 << 11;
 /// The same for the encoding's f32 (16 KiB).
 const ENCODE_BLOCK: usize = 1 << 12;
 
-/// Values per group of blocks whose levels above the block's run while
-/// the group is in the L2 cache (1 MiB of f64 in the decoding, of f32 in
-/// the encoding; the cores here have 2 MiB each): for 2^20 values, three
-/// levels cross memory in the decoding (two passes) instead of nine (five),
-/// two in the encoding (one pass) instead of eight (four).
-const DECODE_GROUP: usize = 1 << 17;
+/// The rotation's block: vectors longer than this are padded to a multiple
+/// of it (not to a power of two) and each block is rotated on its own
+/// (block-diagonal H, after the signs over the whole vector). The rotation
+/// stays orthonormal, so the norm, the rounding's bound and the guarantee
+/// are what they were; it flattens each block, which the calibration's
+/// signal term accounts for (c²n²/B, not c²n²/d'). A block's levels all run
+/// in the L1 and L2 caches (64 KiB of f32, 128 KiB of f64), so none
+/// crosses memory, the decoding's blocks share the cores without a level
+/// that spans them, and a million values take 1,015,808 words instead of
+/// 2^20.
+pub const ROTATION_BLOCK: usize = 1 << 14;
 
-/// [`DECODE_GROUP`] for the encoding's f32.
-const ENCODE_GROUP: usize = 1 << 18;
-
-const _: () = assert!(DECODE_GROUP.is_multiple_of(DECODE_BLOCK) && ENCODE_GROUP.is_multiple_of(ENCODE_BLOCK));
+const _: () = assert!(ROTATION_BLOCK.is_multiple_of(DECODE_BLOCK) && ROTATION_BLOCK.is_multiple_of(ENCODE_BLOCK));
 
 // The encoding's blocks take whole sign words.
 const _: () = assert!(ENCODE_BLOCK.is_multiple_of(64));
@@ -1271,91 +1285,49 @@ fn block_levels32<S: pulp::Simd>(simd: S, block: &mut [f32]) {
     }
 }
 
-/// In-place fast Walsh–Hadamard transform, unnormalised (H·v, H² = n·I).
+/// In-place fast Walsh–Hadamard transform of each rotation block,
+/// unnormalised (H·v, H² = B·I; the whole vector's up to one block).
 #[cfg(test)]
 fn fwht(v: &mut [f64]) {
     fwht_with(v, |_, _| {});
 }
 
 /// [`fwht`] of the vector `write(at, block)` puts into each block of `v`
-/// first (the decoding centres its words there). Each block is written and
-/// its levels run while it is in the L1 cache, each group's levels above
-/// while the group is in the L2 cache (groups on every core), and only the
-/// levels above a group cross memory ([`upper_levels`]).
+/// first (the decoding centres its words there): each rotation block's
+/// transform, its cache blocks written and their levels run while each is
+/// in the L1 cache, the levels above while the rotation block is in the
+/// L2 cache, the rotation blocks on every core.
 fn fwht_with(v: &mut [f64], write: impl Fn(usize, &mut [f64]) + Sync) {
     let n = v.len();
-    debug_assert!(n.is_power_of_two());
+    debug_assert!(n.is_power_of_two() || n.is_multiple_of(ROTATION_BLOCK));
     let b = DECODE_BLOCK.min(n);
-    let group = DECODE_GROUP.min(n);
+    let rotation = ROTATION_BLOCK.min(n);
     let transform = |(g, values): (usize, &mut [f64])| {
         for (k, block) in values.chunks_exact_mut(b).enumerate() {
-            write(g * group + k * b, block);
+            write(g * rotation + k * b, block);
             Loop::BlockLevels(block).run();
         }
-        Loop::Levels(values, b, group).run();
+        Loop::Levels(values, b, rotation).run();
     };
     if n >= PARALLEL_MIN {
-        v.par_chunks_exact_mut(group).enumerate().for_each(transform);
+        v.par_chunks_exact_mut(rotation).enumerate().for_each(transform);
     } else {
-        v.chunks_exact_mut(group).enumerate().for_each(transform);
+        v.chunks_exact_mut(rotation).enumerate().for_each(transform);
     }
-    upper_levels(v, group);
 }
 
 /// Vectors this long (and longer) are transformed on every core: the
 /// decoding is on the coordinator's critical path, where the parties wait
-/// for it with their cores idle. Shorter ones are one or two groups, not
-/// worth the threads.
-const PARALLEL_MIN: usize = 2 * DECODE_GROUP;
-
-/// Values of each run a task of [`upper_levels`] takes (128 KiB of f64).
-const PARALLEL_PIECE: usize = 1 << 14;
-
-/// The decoding's levels `from..n` (the blocks' done), each level's
-/// butterflies shared out in pieces among the cores: the top levels are
-/// one butterfly block over the whole vector, so its runs are cut into
-/// pieces, not the blocks. The same butterflies as [`levels`]'s radix-4
-/// and radix-2 steps, in the same order per value: the same bits.
-fn upper_levels(v: &mut [f64], from: usize) {
-    let n = v.len();
-    if n < PARALLEL_MIN {
-        Loop::Levels(v, from, n).run();
-        return;
-    }
-    let mut h = from;
-    while h < n {
-        let piece = h.min(PARALLEL_PIECE);
-        if 4 * h <= n {
-            v.par_chunks_exact_mut(4 * h).for_each(|block| {
-                let (q0, rest) = block.split_at_mut(h);
-                let (q1, rest) = rest.split_at_mut(h);
-                let (q2, q3) = rest.split_at_mut(h);
-                q0.par_chunks_mut(piece)
-                    .zip(q1.par_chunks_mut(piece))
-                    .zip(q2.par_chunks_mut(piece))
-                    .zip(q3.par_chunks_mut(piece))
-                    .for_each(|(((a, b), c), d)| {
-                        Loop::Butterflies4(a, b, c, d).run();
-                    });
-            });
-            h *= 4;
-        } else {
-            v.par_chunks_exact_mut(2 * h).for_each(|block| {
-                let (lo, hi) = block.split_at_mut(h);
-                lo.par_chunks_mut(piece).zip(hi.par_chunks_mut(piece)).for_each(|(a, b)| {
-                    Loop::Butterflies2(a, b).run();
-                });
-            });
-            h *= 2;
-        }
-    }
-}
+/// for it with their cores idle. Shorter ones are a few blocks, not worth
+/// the threads.
+const PARALLEL_MIN: usize = 8 * ROTATION_BLOCK;
 
 /// The largest span (16·h values) [`radix16`](Real::radix16) runs over: its
 /// sixteen runs must share the L1 cache. Runs further apart are a power of
 /// two of 4 KiB or more apart, so their lines fall in one set of the cache
-/// and evict each other (measured: two radix-16 passes over the upper
-/// levels of 2^20 f32 took a fifth longer than four radix-4 passes).
+/// and evict each other (measured, when the transform spanned 2^20 f32:
+/// two radix-16 passes over its upper levels took a fifth longer than four
+/// radix-4 passes).
 const RADIX16_MAX_BYTES: usize = 16 << 10;
 
 /// The transform's levels h = from, 2·from, … below `to`: four at a time
@@ -1489,8 +1461,8 @@ mod tests {
     #[test]
     fn decoding_is_the_plain_decoding() {
         let mut g = rng(11);
-        // One thread (8,192 values; 2^17, one group), and every core with
-        // a radix-2 (2^18) and a radix-4 (2^19) top level, and both (2^20).
+        // One block on one thread (8,192 values), several blocks on one
+        // thread (7 × 2^14), and on every core (13, 19 and 37 blocks).
         for (dim, bits) in [(5000, 20u32), (5000, 32), (100_000, 32), (200_000, 24), (300_000, 32), (600_000, 28)] {
             let ddg = Ddg::new(config(dim, 3, bits)).unwrap();
             let words: Vec<u32> = (0..ddg.padded_dim()).map(|_| g.next_u32()).collect();
@@ -1503,11 +1475,14 @@ mod tests {
                     (if w >= modulus / 2 { w - modulus } else { w }) as f64
                 })
                 .collect();
-            // The plain radix-2 transform: the values are integers below
-            // 2^31 · 2^20 in magnitude, exact in f64 in any order, so every
-            // order of the butterflies gives the same bits.
-            plain_levels(&mut v);
-            let factor = 1.0 / (ddg.scale() * (ddg.padded_dim() as f64).sqrt());
+            // The plain radix-2 transform of each rotation block: the values
+            // are integers below 2^31 · 2^14 in magnitude, exact in f64 in
+            // any order, so every order of the butterflies gives the same bits.
+            let block = ddg.padded_dim().min(ROTATION_BLOCK);
+            for b in v.chunks_mut(block) {
+                plain_levels(b);
+            }
+            let factor = 1.0 / (ddg.scale() * (block as f64).sqrt());
             let mut signs = SignStream::new(&seed);
             for a in v.iter_mut() {
                 *a *= if signs.next_negative() { -factor } else { factor };
@@ -1553,42 +1528,44 @@ mod tests {
         assert_eq!(*first, *again);
     }
 
-    /// The encoding's fused pass (signs, norm, the levels inside blocks) and
-    /// the levels above are the reference rotation (the signs, then a plain
-    /// radix-2 transform), at sizes that take every path: below one sign
-    /// word, inside one block, and several blocks; with the input filling
-    /// all of it or part (a last block in part, padding blocks never
-    /// filled, which stay zeros).
+    /// The encoding's fused pass (signs, norm, the levels inside cache
+    /// blocks) and the levels above are the reference rotation (the signs
+    /// over the whole vector, then a plain radix-2 transform of each
+    /// rotation block), at sizes that take every path: below one sign word,
+    /// inside one cache block, several, one rotation block and several (a
+    /// length that is not a power of two among them); with the input
+    /// filling all of it or part (a last block in part, padding blocks
+    /// never filled, which stay zeros).
     #[test]
     fn the_fused_rotation_is_the_reference_rotation() {
         let seed = [9u8; 32];
         let b = ENCODE_BLOCK;
+        let r = ROTATION_BLOCK;
         // (n, d): d = n at every size; then a last block filled in part, a
-        // single value, and padding blocks that are never filled; above a
-        // group (2^18), a second group filled in part, or not at all.
-        let g = ENCODE_GROUP;
+        // single value, and padding blocks that are never filled; past one
+        // rotation block, a last one filled in part, or not at all.
         let mut cases: Vec<(usize, usize)> =
             [0, 1, 3, 5, 6, 7, 11, 12, 13, 14, 16].map(|log| (1 << log, 1 << log)).to_vec();
         cases.extend([
             (64, 1),
             (64, 37),
-            (1 << 14, (1 << 14) - 5),
-            (1 << 14, b + 1),
-            (1 << 14, 2 * b),
+            (r, r - 5),
+            (r, b + 1),
+            (r, 2 * b),
             (1 << 16, 3 * b + 17),
-            (4 * g, g + 2 * b + 3),
-            (4 * g, g),
+            (3 * r, 3 * r),
+            (5 * r, 4 * r + 2 * b + 3),
+            (5 * r, 4 * r),
         ]);
         for (n, d) in cases {
+            assert_eq!(Ddg::padded_dim_for(n), n, "{n} is a rotated length");
             let x: Vec<f32> = (0..d).map(|i| ((i * 2654435761) % 1000) as f32 / 7.0 - 50.0).collect();
             let mut want: Vec<f64> = x.iter().map(|&a| f64::from(a)).collect();
             want.resize(n, 0.0);
             let mut signs = SignStream::new(&seed);
             want.iter_mut().for_each(|a| *a = if signs.next_negative() { -*a } else { *a });
-            let mut h = 1;
-            while h < n {
-                radix2(&mut want, h);
-                h *= 2;
+            for block in want.chunks_mut(r) {
+                plain_levels(block);
             }
             // Written once, and written again after a first pass of other
             // values (a source that asks for a second pass).
@@ -1607,9 +1584,9 @@ mod tests {
                 assert_eq!(source.filled, written, "n = {n}, d = {d}: the blocks holding values, in order, each pass");
                 let norm_x: f64 = x.iter().map(|&a| f64::from(a) * f64::from(a)).sum();
                 assert!((norm_sq - norm_x).abs() <= 1e-12 * norm_x, "n = {n}, d = {d}: norm² {norm_sq} vs {norm_x}");
-                // In f32: within 10^-5 of a typical coordinate (whose RMS is
-                // ‖x‖ in the unnormalised transform); the error is about 2^-22
-                // of it.
+                // In f32: within 10^-5 of ‖x‖ (a typical coordinate's RMS in
+                // the unnormalised transform is a block's norm); the error is
+                // about 2^-22 of it.
                 let tolerance = 1e-5 * norm_x.sqrt();
                 for (i, (&g, w)) in got.iter().zip(&want).enumerate() {
                     assert!((f64::from(g) - w).abs() < tolerance, "n = {n}, d = {d}, [{i}]: {g} vs {w}");
@@ -1994,8 +1971,9 @@ mod tests {
     fn the_bound_over_sizes_covers_every_model() {
         let cfg = config(1, 10, 16);
         let events = events_up_to(&cfg, 1 << 20).expect("events");
-        assert_eq!(events.len(), 21);
-        for dim in [1usize, 3, 1000, 65_537, 1 << 20] {
+        // 1, 2, 4, …, 2^14, then 2^20 (the longest multiple of the block).
+        assert_eq!(events.len(), 16);
+        for dim in [1usize, 3, 1000, 16_385, 65_537, 1_000_000, 1 << 20] {
             let actual = Ddg::new(DdgConfig { dim, ..cfg }).expect("params").event();
             for a in [2.0, 8.0, 64.0, 256.0] {
                 let worst = events.iter().map(|e| e.rdp(a)).fold(0.0, f64::max);
@@ -2162,5 +2140,45 @@ mod tests {
             assert!(r as f64 == x.floor() || r as f64 == x.floor() + 1.0, "{x} → {r}");
         }
         assert!(v.iter().any(|&a| (f64::from(a) * factor).fract() != 0.0), "some values round");
+    }
+
+    /// Above one rotation block, vectors are padded to a multiple of it,
+    /// not to a power of two; below, to a power of two, as before.
+    #[test]
+    fn vectors_are_padded_to_a_power_of_two_up_to_one_block_then_to_a_multiple_of_it() {
+        let r = ROTATION_BLOCK;
+        for (dim, padded) in
+            [(1, 1), (5, 8), (r - 1, r), (r, r), (r + 1, 2 * r), (3 * r, 3 * r), (1_000_000, 1_015_808)]
+        {
+            assert_eq!(Ddg::padded_dim_for(dim), padded, "{dim}");
+            assert_eq!(Ddg::new(config(dim, 3, 24)).unwrap().padded_dim(), padded, "{dim}");
+        }
+    }
+
+    /// Past one rotation block, each order's RDP grows with the rotated
+    /// length: what lets [`events_up_to`] account the longest alone.
+    #[test]
+    fn past_one_block_the_round_costs_more_the_longer_the_vector() {
+        for (parties, bits, z) in [(3, 20u32, 1.0), (10, 20, 0.7), (50, 24, 1.5), (200, 32, 0.5)] {
+            let cfg = DdgConfig { noise_multiplier: z, ..config(1, parties, bits) };
+            let mut last: Option<Vec<f64>> = None;
+            for blocks in [1usize, 2, 3, 7, 61, 62, 1000, 4096] {
+                let calibration = Calibration::of(&DdgConfig { dim: blocks * ROTATION_BLOCK, ..cfg }).unwrap();
+                let crate::rdp::DpEvent::DistributedDiscreteGaussian { l1_scale, l2_scale, tau, dim } =
+                    calibration.event(cfg.honest_parties)
+                else {
+                    panic!("not a distributed discrete Gaussian")
+                };
+                let rdp: Vec<f64> =
+                    [1.5, 2.0, 4.0, 16.0, 256.0].iter().map(|&a| ddg_rdp(a, l1_scale, l2_scale, tau, dim)).collect();
+                if let Some(before) = &last {
+                    assert!(
+                        rdp.iter().zip(before).all(|(now, then)| now >= then),
+                        "{blocks} blocks: {rdp:?} < {before:?}"
+                    );
+                }
+                last = Some(rdp);
+            }
+        }
     }
 }

@@ -11,10 +11,14 @@
 //!   under-counts. A job offered again (the coordinator resumed it) is not
 //!   charged twice.
 //! * **Before each round's training** it records the round as started,
-//!   durably. A round beyond the ones reserved (a coordinator that re-runs
+//!   and nothing the round computes leaves the party before that record is
+//!   durable. A round beyond the ones reserved (a coordinator that re-runs
 //!   a round after a restart, or asks for more than the spec's) is charged
 //!   first: the job's reservation grows to the ε of the rounds started, if
-//!   the budget allows it, else the round is refused.
+//!   the budget allows it, else the round is refused before any training.
+//!   The record's write (two fsyncs) runs on a thread of its own while the
+//!   round trains ([`RoundStarted`]): training spends nothing until its
+//!   result is released, so the write need only precede the release.
 //!
 //! Costs of separate jobs add up (basic composition of (ε, δ)): a
 //! conservative total that needs no assumption on how the jobs relate.
@@ -29,6 +33,32 @@ use confide_algorithms::TrainConfig;
 use confide_proto::dpspec::DpSpec;
 use confide_proto::jobspec::JobSpec;
 use serde::{Deserialize, Serialize};
+
+/// The ledger in memory: its contents, and how many changes they hold.
+#[derive(Debug, Default)]
+struct State {
+    file: LedgerFile,
+    version: u64,
+}
+
+/// A round recorded as started in memory, whose durable write is under
+/// way on a thread of its own. The round may train meanwhile; nothing it
+/// computes may leave the party before [`RoundStarted::durable`] returns.
+/// Dropped without waiting, the write still completes.
+#[must_use = "the round's record must be durable before its result leaves the party"]
+#[derive(Debug)]
+pub struct RoundStarted(Option<std::thread::JoinHandle<Result<(), String>>>);
+
+impl RoundStarted {
+    /// Waits until the round's record is on disk; an error (the write
+    /// failed) means the round's result must not be released.
+    pub fn durable(self) -> Result<(), String> {
+        match self.0 {
+            None => Ok(()),
+            Some(writer) => writer.join().unwrap_or_else(|_| Err("the privacy ledger's writer panicked".into())),
+        }
+    }
+}
 
 /// What one job reserved against one data set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,7 +157,11 @@ pub fn job_cost(spec: &JobSpec) -> (f64, f64) {
 #[derive(Debug)]
 pub struct Ledger {
     path: PathBuf,
-    state: Mutex<LedgerFile>,
+    state: Mutex<State>,
+    /// The latest [`State::version`] on disk; held while writing, so that
+    /// writes (from the rounds' writer threads and from reservations) run
+    /// one at a time and never replace a newer state with an older one.
+    written: Mutex<u64>,
     /// An exclusive lock on `PATH.lock`, held while the ledger is open: a
     /// second process on the same ledger would overwrite this one's
     /// reservations.
@@ -155,8 +189,13 @@ impl Ledger {
                 path.display()
             )
         })?;
-        let state = Self::read(path)?;
-        Ok(Arc::new(Ledger { path: path.to_owned(), state: Mutex::new(state), _lock: lock }))
+        let file = Self::read(path)?;
+        Ok(Arc::new(Ledger {
+            path: path.to_owned(),
+            state: Mutex::new(State { file, version: 0 }),
+            written: Mutex::new(0),
+            _lock: lock,
+        }))
     }
 
     /// The ledger's contents, read without taking it (for display while a
@@ -183,7 +222,7 @@ impl Ledger {
 
     /// A copy of the contents.
     pub fn snapshot(&self) -> LedgerFile {
-        self.state.lock().map(|s| s.clone()).unwrap_or_default()
+        self.state.lock().map(|s| s.file.clone()).unwrap_or_default()
     }
 
     /// Reserves `spec`'s cost for `job_id` against `dataset` if it fits
@@ -199,7 +238,7 @@ impl Ledger {
     ) -> Result<RoundGuard, String> {
         let (epsilon, delta) = job_cost(spec);
         let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
-        let entry = state.datasets.get(dataset).cloned().unwrap_or_default();
+        let entry = state.file.datasets.get(dataset).cloned().unwrap_or_default();
         let guard = |job_id: &str| RoundGuard {
             ledger: self.clone(),
             dataset: dataset.to_owned(),
@@ -234,7 +273,7 @@ impl Ledger {
                 ));
             }
         }
-        let mut next = state.clone();
+        let mut next = state.file.clone();
         next.datasets.entry(dataset.to_owned()).or_default().jobs.insert(
             job_id.to_owned(),
             JobCharge {
@@ -249,17 +288,20 @@ impl Ledger {
                 terms: cost_terms(spec),
             },
         );
-        self.write(&next)?;
-        *state = next;
+        // Durable before the job is accepted (the state lock held: no other
+        // change comes between).
+        self.write_version(&next, state.version + 1)?;
+        state.file = next;
+        state.version += 1;
         // A job without DP is on record (its data set has then spent ε = ∞);
         // its rounds are not counted.
         Ok(guard(if epsilon.is_finite() { job_id } else { "" }))
     }
 
-    fn start_round(&self, guard: &RoundGuard) -> Result<(), String> {
+    fn start_round(self: &Arc<Self>, guard: &RoundGuard) -> Result<RoundStarted, String> {
         let (dataset, job_id) = (guard.dataset.as_str(), guard.job_id.as_str());
         let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
-        let mut next = state.clone();
+        let mut next = state.file.clone();
         let d = next
             .datasets
             .get_mut(dataset)
@@ -288,8 +330,30 @@ impl Ledger {
             charge.rounds_reserved = rounds;
         }
         charge.rounds_started += 1;
-        self.write(&next)?;
-        *state = next;
+        // In memory at once (a later round or reservation counts it), on
+        // disk by the writer thread. A failed write fails the round, and
+        // the count stays: over-counting is the safe side.
+        state.file = next.clone();
+        state.version += 1;
+        let version = state.version;
+        drop(state);
+        let ledger = self.clone();
+        let writer = std::thread::Builder::new()
+            .name("privacy-ledger".into())
+            .spawn(move || ledger.write_version(&next, version))
+            .map_err(|e| format!("privacy ledger: cannot start its writer: {e}"))?;
+        Ok(RoundStarted(Some(writer)))
+    }
+
+    /// Writes `file`, the state at `version`, unless a later state is
+    /// already on disk (it holds this one's changes: the state only grows).
+    fn write_version(&self, file: &LedgerFile, version: u64) -> Result<(), String> {
+        let mut written = self.written.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
+        if *written >= version {
+            return Ok(());
+        }
+        self.write(file)?;
+        *written = version;
         Ok(())
     }
 
@@ -324,11 +388,13 @@ pub struct RoundGuard {
 }
 
 impl RoundGuard {
-    /// Records a round's training as started, durably, or refuses it when
-    /// the reservation's rounds have all run.
-    pub fn start_round(&self) -> Result<(), String> {
+    /// Records a round's training as started, or refuses it when the
+    /// reservation's rounds have all run and the budget cannot extend it.
+    /// The record becomes durable while the round trains: the round's
+    /// result may leave the party only once [`RoundStarted::durable`] says so.
+    pub fn start_round(&self) -> Result<RoundStarted, String> {
         if self.job_id.is_empty() {
-            return Ok(());
+            return Ok(RoundStarted(None));
         }
         self.ledger.start_round(self)
     }
@@ -395,12 +461,12 @@ local_epochs = 2",
         ledger.reserve("j3", &job, "other", Some(eps * 2.05)).unwrap();
         let e = ledger.reserve("j4", &spec(3, false), "d", Some(100.0)).unwrap_err();
         assert!(e.contains("ε = ∞"), "{e}");
-        ledger.reserve("j5", &spec(3, false), "plain", None).unwrap().start_round().unwrap();
+        ledger.reserve("j5", &spec(3, false), "plain", None).unwrap().start_round().unwrap().durable().unwrap();
         assert_eq!(Ledger::read(&path).unwrap().datasets["plain"].epsilon(), f64::INFINITY);
         // Rounds: three reserved; the count survives a restart; a fourth
         // (a re-run) is charged first, and refused when the budget is spent.
         for _ in 0..2 {
-            guard.start_round().unwrap();
+            guard.start_round().unwrap().durable().unwrap();
         }
         // One process owns the ledger: a second open is refused until the first closes.
         let e = Ledger::open(&path).unwrap_err();
@@ -408,12 +474,12 @@ local_epochs = 2",
         drop((guard, ledger));
         let reopened = Ledger::open(&path).unwrap();
         let again = reopened.reserve("j1", &job, "d", Some(eps * 2.05)).unwrap();
-        again.start_round().unwrap();
+        again.start_round().unwrap().durable().unwrap();
         let e = again.start_round().unwrap_err();
         assert!(e.contains("round 4") && e.contains("above the policy"), "{e}");
         assert_eq!(reopened.snapshot().datasets["d"].jobs["j1"].rounds_started, 3);
         let unlimited = reopened.reserve("j1", &job, "d", None).unwrap();
-        unlimited.start_round().unwrap();
+        unlimited.start_round().unwrap().durable().unwrap();
         let charged = reopened.snapshot().datasets["d"].jobs["j1"].clone();
         let four = job.dp.as_ref().unwrap().epsilon(&job.training, 4);
         assert_eq!((charged.rounds_started, charged.rounds_reserved, charged.epsilon), (4, 4, four));

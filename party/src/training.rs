@@ -397,16 +397,21 @@ impl TrainingHandler {
                 "asked again for this evaluation's noisy counts: an evaluate job releases them once".into(),
             ));
         }
-        if let Some(budget) = &self.budget {
-            budget.start_round().map_err(TaskError::CoordinatorFault)?;
-        }
+        let recorded = match &self.budget {
+            Some(budget) => Some(budget.start_round().map_err(TaskError::CoordinatorFault)?),
+            None => None,
+        };
         self.eval_released = true;
         self.trainer.set_parameters(global).map_err(err)?;
         let outcome = self.trainer.evaluate().map_err(err)?;
         let n = outcome.num_examples;
         let correct = outcome.metrics.get("accuracy").map(|a| (a.clamp(0.0, 1.0) * n as f64).round() as u64);
         let mut rng = confide_dp::sampler::os_seeded_rng().map_err(err)?;
-        Ok(noise.release(n, correct, &mut rng).map_err(err)?)
+        let released = noise.release(n, correct, &mut rng).map_err(err)?;
+        if let Some(recorded) = recorded {
+            recorded.durable().map_err(TaskError::Refused)?;
+        }
+        Ok(released)
     }
 
     fn private(&self) -> bool {
@@ -414,7 +419,9 @@ impl TrainingHandler {
     }
 
     /// A round of a DP job: the round is recorded in the privacy ledger
-    /// first (refused beyond what the budget allows), then DP-SGD with the
+    /// first (refused beyond what the budget allows; the record is made
+    /// durable while the round trains, and waited for before the
+    /// contribution is returned to be sent), then DP-SGD with the
     /// accepted spec's plan (example level), or ordinary training with the
     /// update clipped to the spec's norm (party level; the coordinator adds
     /// the noise). The update weighs 1 (the party's example count is not
@@ -453,9 +460,10 @@ impl TrainingHandler {
                 global.num_values()
             )));
         }
-        if let Some(budget) = &self.budget {
-            budget.start_round().map_err(TaskError::CoordinatorFault)?;
-        }
+        let recorded = match &self.budget {
+            Some(budget) => Some(budget.start_round().map_err(TaskError::CoordinatorFault)?),
+            None => None,
+        };
         // Distributed noise does not depend on the data: drawn before training.
         self.aggregation.prepare(global);
         let local = match (self.dp, self.party_clip) {
@@ -475,6 +483,13 @@ impl TrainingHandler {
         };
         let update = LocalUpdate { global, fit: config, local, num_examples: 1, train_loss: None };
         let contribution = self.aggregation.contribute(round, round_message, update)?;
+        if let Some(recorded) = recorded
+            && let Err(e) = recorded.durable()
+        {
+            // Not on record, so not sent: the round's state goes too.
+            self.abandon();
+            return Err(TaskError::Refused(e));
+        }
         if !self.stages.is_empty() {
             self.open = Some(round);
         }
@@ -687,13 +702,35 @@ mod tests {
     /// re-runs one) gets each extra round charged to the ledger before any
     /// training, and refused, naming the policy, once the data set's budget
     /// cannot pay for it; the trainer never runs for a refused round.
+    /// A one-party DP-SGD training job of `rounds` rounds.
+    fn dp_job(rounds: u32) -> confide_proto::jobspec::JobSpec {
+        let text = format!(
+            "name = \"p\"\nkind = \"train\"\nrounds = {rounds}\n[parties]\nnames = [\"p0\"]\nmin = 1\n\
+             dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+             [dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.1\n"
+        );
+        confide_proto::jobspec::JobSpec::parse(&text, "p", &confide_proto::Limits::default()).unwrap()
+    }
+
+    /// A handler for `spec` (job "j1", in the clear) training with
+    /// `trainer` under the spec's DP plan, its rounds through `guard`.
+    fn dp_handler(
+        spec: &confide_proto::jobspec::JobSpec,
+        trainer: FixedDp,
+        guard: crate::ledger::RoundGuard,
+    ) -> TrainingHandler {
+        use confide_crypto::aggregation::plain::Plain;
+        let job = JobFacts::new("j1", Vec::new(), 10, 1, 100);
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let mut h = TrainingHandler::new(Box::new(trainer), client, Plain.stages());
+        h.dp = spec.dp.as_ref().unwrap().plan(&spec.training);
+        h.budget = Some(guard);
+        h
+    }
+
     #[test]
     fn training_rounds_beyond_the_reservation_are_charged_first_or_refused() {
-        use confide_crypto::aggregation::plain::Plain;
-        let text = "name = \"p\"\nkind = \"train\"\nrounds = 2\n[parties]\nnames = [\"p0\"]\nmin = 1\n\
-                    dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
-                    [dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.1\n";
-        let spec = confide_proto::jobspec::JobSpec::parse(text, "p", &confide_proto::Limits::default()).unwrap();
+        let spec = dp_job(2);
         let dp = spec.dp.as_ref().unwrap();
         let (two, three) = (dp.epsilon(&spec.training, 2), dp.epsilon(&spec.training, 3));
         let dir = tempfile::tempdir().unwrap();
@@ -701,13 +738,9 @@ mod tests {
         // Room for three rounds of this job, not four.
         let max = (three + dp.epsilon(&spec.training, 4)) / 2.0;
         let guard = ledger.reserve("j1", &spec, "d", Some(max)).unwrap();
-        let job = JobFacts::new("j1", Vec::new(), 10, 1, 100);
-        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let trainer = FixedDp::default();
         let plans = trainer.plans.clone();
-        let mut h = TrainingHandler::new(Box::new(trainer), client, Plain.stages());
-        h.dp = dp.plan(&spec.training);
-        h.budget = Some(guard);
+        let mut h = dp_handler(&spec, trainer, guard);
         let global = Arc::new(Fixed.parameters().unwrap());
         let fit = |round: u32| TaskBody::Fit {
             config: FitConfig { round, train: Default::default() },
@@ -724,6 +757,38 @@ mod tests {
         assert!(matches!(&err, TaskError::CoordinatorFault(m) if m.contains("above the policy")), "{err:?}");
         assert_eq!(plans.lock().unwrap().len(), 3, "no training for the refused round");
         assert_eq!(ledger.snapshot().datasets["d"].jobs["j1"].rounds_started, 3);
+    }
+
+    /// The round's ledger record is written while the round trains, and
+    /// the contribution is returned (to be sent) only once it is on disk: a
+    /// round whose record cannot be written sends nothing and says why; the
+    /// count keeps it (the safe side), and the next round goes on.
+    #[test]
+    fn a_round_whose_ledger_record_cannot_be_written_sends_nothing() {
+        let spec = dp_job(3);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = crate::ledger::Ledger::open(&path).unwrap();
+        let guard = ledger.reserve("j1", &spec, "d", None).unwrap();
+        let mut h = dp_handler(&spec, FixedDp::default(), guard);
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let fit = |round: u32| TaskBody::Fit {
+            config: FitConfig { round, train: Default::default() },
+            global: global.clone(),
+            round_message: Vec::new(),
+        };
+        assert!(matches!(h.on_task(task(1, fit(1))).unwrap(), ResultBody::Fit { .. }));
+        // The write's temporary file cannot be created (a directory is in
+        // its place, which stops root too).
+        let blocker = path.with_extension("json.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        let err = h.on_task(task(2, fit(2))).unwrap_err();
+        assert!(matches!(&err, TaskError::Refused(m) if m.contains("privacy ledger")), "{err:?}");
+        assert_eq!(crate::ledger::Ledger::read(&path).unwrap().datasets["d"].jobs["j1"].rounds_started, 1);
+        std::fs::remove_dir(&blocker).unwrap();
+        assert!(matches!(h.on_task(task(3, fit(3))).unwrap(), ResultBody::Fit { .. }));
+        let on_disk = crate::ledger::Ledger::read(&path).unwrap().datasets["d"].jobs["j1"].clone();
+        assert_eq!(on_disk.rounds_started, 3, "the failed round is counted");
     }
 
     /// A trainer that evaluates `n` rows at accuracy 0.9 and loss 0.3.

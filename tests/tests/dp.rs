@@ -105,7 +105,7 @@ fn the_ledger_refuses_over_budget_jobs_and_survives_a_sigkill_without_under_coun
     assert_eq!(st["privacy"]["dp"], "example");
     assert_eq!(st["privacy"]["accountant"], "rdp");
     fed.kill_party("hospital-b");
-    // Every round hospital-b contributed to was recorded before it trained.
+    // Every round hospital-b contributed to was on record before its update was sent.
     let seen = fed.status(&id);
     let contributed = seen["history"]
         .as_array()

@@ -655,8 +655,13 @@ mod tests {
     fn the_difference_is_read_across_blocks_and_tensors() {
         // 5,508 trained values (the count mid-block); then 4,096, which puts
         // the count alone at the start of the second block (its value then
-        // rests on the norm summed over the first).
-        for shapes in [&[("w1", 3001), (INPUT_MEAN, 100), ("w2", 2500), ("b", 7)][..], &[("w", 4000), ("b", 96)]] {
+        // rests on the norm summed over the first); then 40,000, three
+        // rotation blocks (49,152 words, not a power of two).
+        for shapes in [
+            &[("w1", 3001), (INPUT_MEAN, 100), ("w2", 2500), ("b", 7)][..],
+            &[("w", 4000), ("b", 96)],
+            &[("w", 39_000), ("b", 1000)],
+        ] {
             difference_read_across_blocks(shapes);
             written_again_across_blocks(shapes);
         }
@@ -734,7 +739,7 @@ mod tests {
                 let step = |i: usize| size * ((i % 97) as f32 - 48.0) / 28.0 / (trained as f32).sqrt();
                 let local = model(&|i| (i as f32 * 0.01).sin() + step(i));
                 let enc = NoisyUpdate::with_clip(&template, counted, 1.0, "j", 1, &global).unwrap();
-                assert_eq!(enc.words(), (trained + usize::from(counted.is_some())).next_power_of_two());
+                assert_eq!(enc.words(), Ddg::padded_dim_for(trained + usize::from(counted.is_some())));
                 let words = enc.encode(&global, &local, enc.sample_noise().unwrap()).unwrap();
                 let (back, count) = enc.decode_with_count(&words, 1).unwrap();
                 let mut want: Vec<f64> = Vec::new();
