@@ -663,7 +663,7 @@ macro_rules! radix16_in_registers {
 /// The rotation's floating-point types: f32 in the encoding and f64 in the
 /// decoding. The encoding's rotation in f32 moves half the bytes of f64
 /// through memory, which bounds it; its rounding error (about 2^-22 of a
-/// coordinate after the 20 levels of 2^20 values) is far below one lattice
+/// coordinate after a block's 14 levels) is far below one lattice
 /// step's randomized rounding, let alone the noise, and privacy does not
 /// rest on it: the rounded integers' norm is checked exactly.
 trait Real:
@@ -1148,9 +1148,13 @@ const ENCODE_BLOCK: usize = 1 << 12;
 /// The rotation's block: vectors longer than this are padded to a multiple
 /// of it (not to a power of two) and each block is rotated on its own
 /// (block-diagonal H, after the signs over the whole vector). The rotation
-/// stays orthonormal, so the norm, the rounding's bound and the guarantee
-/// are what they were; it flattens each block, which the calibration's
-/// signal term accounts for (c²n²/B, not c²n²/d'). A block's levels all run
+/// stays orthonormal, so the norm is kept and privacy still rests on the
+/// exact norm check; it flattens each block, which the calibration's
+/// signal term accounts for (c²n²/B, not c²n²/d'). That can make the
+/// lattice coarser (with many parties and little noise), which costs
+/// utility and raises the accounted ε a little (the rounding's slack is
+/// then a larger share of the sensitivity); the accounting follows the
+/// lattice actually used. A block's levels all run
 /// in the L1 and L2 caches (64 KiB of f32, 128 KiB of f64), so none
 /// crosses memory, the decoding's blocks share the cores without a level
 /// that spans them, and a million values take 1,015,808 words instead of
@@ -1461,8 +1465,8 @@ mod tests {
     #[test]
     fn decoding_is_the_plain_decoding() {
         let mut g = rng(11);
-        // One block on one thread (8,192 values), several blocks on one
-        // thread (7 × 2^14), and on every core (13, 19 and 37 blocks).
+        // Less than a block on one thread (8,192 values), several blocks
+        // on one thread (7 × 2^14), and on every core (13, 19 and 37 blocks).
         for (dim, bits) in [(5000, 20u32), (5000, 32), (100_000, 32), (200_000, 24), (300_000, 32), (600_000, 28)] {
             let ddg = Ddg::new(config(dim, 3, bits)).unwrap();
             let words: Vec<u32> = (0..ddg.padded_dim()).map(|_| g.next_u32()).collect();

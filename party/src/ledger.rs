@@ -111,13 +111,18 @@ pub struct LedgerFile {
 }
 
 /// Everything a job's cost depends on, as text: the DP settings, the rounds
-/// and the local schedule.
+/// and the local schedule; under distributed noise also the mechanism's
+/// version, since its calibration (and so ε) changed with the rotation in
+/// blocks: a job reserved by an earlier binary is not resumed at the cost
+/// that binary computed.
 fn cost_terms(spec: &JobSpec) -> String {
+    let distributed = spec.dp.as_ref().and_then(|dp| dp.ddg_config(1)).is_some();
     format!(
-        "{:?} rounds={} training={:?}",
+        "{:?} rounds={} training={:?}{}",
         spec.dp,
         spec.rounds,
-        (spec.training.local_epochs, spec.training.batch_size)
+        (spec.training.local_epochs, spec.training.batch_size),
+        if distributed { format!(" ddg_rotation_block={}", confide_dp::ddg::ROTATION_BLOCK) } else { String::new() }
     )
 }
 
@@ -338,11 +343,15 @@ impl Ledger {
         let version = state.version;
         drop(state);
         let ledger = self.clone();
-        let writer = std::thread::Builder::new()
+        let snapshot = next.clone();
+        match std::thread::Builder::new()
             .name("privacy-ledger".into())
             .spawn(move || ledger.write_version(&next, version))
-            .map_err(|e| format!("privacy ledger: cannot start its writer: {e}"))?;
-        Ok(RoundStarted(Some(writer)))
+        {
+            Ok(writer) => Ok(RoundStarted(Some(writer))),
+            // No thread to be had: written here, before training.
+            Err(_) => self.write_version(&snapshot, version).map(|()| RoundStarted(None)),
+        }
     }
 
     /// Writes `file`, the state at `version`, unless a later state is
@@ -391,12 +400,20 @@ impl RoundGuard {
     /// Records a round's training as started, or refuses it when the
     /// reservation's rounds have all run and the budget cannot extend it.
     /// The record becomes durable while the round trains: the round's
-    /// result may leave the party only once [`RoundStarted::durable`] says so.
+    /// result may leave the party only once [`RoundStarted::durable`] says
+    /// so. A caller with nothing to do meanwhile uses
+    /// [`RoundGuard::start_round_durably`].
     pub fn start_round(&self) -> Result<RoundStarted, String> {
         if self.job_id.is_empty() {
             return Ok(RoundStarted(None));
         }
         self.ledger.start_round(self)
+    }
+
+    /// [`RoundGuard::start_round`] and the wait for its record together:
+    /// the round is on disk when this returns.
+    pub fn start_round_durably(&self) -> Result<(), String> {
+        self.start_round()?.durable()
     }
 }
 
@@ -485,6 +502,64 @@ local_epochs = 2",
         assert_eq!((charged.rounds_started, charged.rounds_reserved, charged.epsilon), (4, 4, four));
         assert!(four > eps);
         assert!((reopened.snapshot().datasets["d"].epsilon() - eps - four).abs() < 1e-12, "j1 and j2");
+    }
+
+    /// Writes run one at a time and never put an older state over a newer
+    /// one: a writer thread that comes late (its state already covered by
+    /// a later write, here a reservation's) writes nothing.
+    #[test]
+    fn a_late_write_never_replaces_a_newer_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        let mut older = LedgerFile { version: 1, ..LedgerFile::default() };
+        older.datasets.insert("old".into(), DatasetLedger::default());
+        let mut newer = LedgerFile { version: 1, ..LedgerFile::default() };
+        newer.datasets.insert("new".into(), DatasetLedger::default());
+        ledger.write_version(&newer, 2).unwrap();
+        ledger.write_version(&older, 1).unwrap();
+        assert_eq!(Ledger::read(&path).unwrap(), newer);
+        // A round started and a job reserved meanwhile: the file ends with
+        // both (a ledger of its own, whose versions are its own).
+        drop(ledger);
+        let path = dir.path().join("second.json");
+        let ledger = Ledger::open(&path).unwrap();
+        let job = spec(3, true);
+        let guard = ledger.reserve("j1", &job, "d", None).unwrap();
+        let started = guard.start_round().unwrap();
+        ledger.reserve("j2", &job, "e", None).unwrap();
+        started.durable().unwrap();
+        guard.start_round_durably().unwrap();
+        let on_disk = Ledger::read(&path).unwrap();
+        assert_eq!(on_disk.datasets["d"].jobs["j1"].rounds_started, 2);
+        assert!(on_disk.datasets["e"].jobs.contains_key("j2"));
+        assert_eq!(on_disk, ledger.snapshot());
+    }
+
+    /// Under distributed noise the terms name the rotation's block: a job
+    /// reserved by a binary that rotated differently (whose terms lack it)
+    /// is refused on resume, not continued at that binary's cost; a DP-SGD
+    /// job's terms are unchanged.
+    #[test]
+    fn a_distributed_dp_job_reserved_under_another_rotation_is_not_resumed() {
+        let text = spec_text(3, false)
+            + "[aggregation]\nprotocol = \"secagg\"\n[dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\nupdate_clip = 1.0\n";
+        let job = JobSpec::parse(&text, "t", &Limits::default()).unwrap();
+        let terms = cost_terms(&job);
+        assert!(terms.ends_with(&format!(" ddg_rotation_block={}", confide_dp::ddg::ROTATION_BLOCK)), "{terms}");
+        assert!(!cost_terms(&spec(3, true)).contains("ddg_rotation_block"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        ledger.reserve("j1", &job, "d", None).unwrap();
+        drop(ledger);
+        // The reservation as the binary before wrote it.
+        let mut file = Ledger::read(&path).unwrap();
+        let charge = file.datasets.get_mut("d").unwrap().jobs.get_mut("j1").unwrap();
+        charge.terms = terms.split(" ddg_rotation_block").next().unwrap().to_string();
+        std::fs::write(&path, serde_json::to_string(&file).unwrap()).unwrap();
+        let e = Ledger::open(&path).unwrap().reserve("j1", &job, "d", None).unwrap_err();
+        assert!(e.contains("other privacy terms"), "{e}");
     }
 
     #[test]

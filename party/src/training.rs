@@ -698,10 +698,6 @@ mod tests {
         assert_eq!(*plans.lock().unwrap(), [(planned, 0.5)]);
     }
 
-    /// A coordinator that asks for more training rounds than the spec (or
-    /// re-runs one) gets each extra round charged to the ledger before any
-    /// training, and refused, naming the policy, once the data set's budget
-    /// cannot pay for it; the trainer never runs for a refused round.
     /// A one-party DP-SGD training job of `rounds` rounds.
     fn dp_job(rounds: u32) -> confide_proto::jobspec::JobSpec {
         let text = format!(
@@ -728,6 +724,10 @@ mod tests {
         h
     }
 
+    /// A coordinator that asks for more training rounds than the spec (or
+    /// re-runs one) gets each extra round charged to the ledger before any
+    /// training, and refused, naming the policy, once the data set's budget
+    /// cannot pay for it; the trainer never runs for a refused round.
     #[test]
     fn training_rounds_beyond_the_reservation_are_charged_first_or_refused() {
         let spec = dp_job(2);

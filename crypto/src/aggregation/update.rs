@@ -259,17 +259,23 @@ impl NoisyUpdate {
         Ok(NoisyUpdate { ddg, rotation: *h.finalize().as_bytes(), layout, count })
     }
 
-    /// Words per encoded update: the rotated length (a power of two).
+    /// Words per encoded update: the rotated length (`Ddg::padded_dim_for`).
     pub fn words(&self) -> usize {
         self.ddg.padded_dim()
     }
 
     /// A hash of every parameter of the mechanism (clip, noise, bits,
-    /// parties, honest parties, rounding, length): what a round binds, so
-    /// that parties holding different `[dp]` settings cannot complete one.
+    /// parties, honest parties, rounding, length, the rotation's block):
+    /// what a round binds, so that parties holding different `[dp]`
+    /// settings, or binaries that rotate differently, cannot complete one.
     pub fn digest(&self) -> [u8; 32] {
         let c = self.ddg.config();
-        let mut h = blake3::Hasher::new_derive_key("confide ddg config v1");
+        // v2: the rotation in blocks (v1 rotated the whole vector, padded
+        // to a power of two).
+        let mut h = blake3::Hasher::new_derive_key("confide ddg config v2");
+        for v in [confide_dp::ddg::ROTATION_BLOCK as u64, self.ddg.padded_dim() as u64] {
+            h.update(&v.to_le_bytes());
+        }
         for v in [c.clip.to_bits(), c.noise_multiplier.to_bits(), c.beta.to_bits(), c.k_stddevs.to_bits()] {
             h.update(&v.to_le_bytes());
         }
