@@ -1217,76 +1217,86 @@ macro_rules! hadamard_signs {
 /// H₈'s sign rows for f64 ([`hadamard_signs`]).
 const H8_SIGNS: [[f64; 8]; 8] = hadamard_signs!(f64, 8);
 
-/// The levels of one block (a power of two, at least 8 long): the first
-/// three as H₈·x on each group of eight values, the rest by [`levels`].
+/// The first levels of one block as H_n·x on each group of n values
+/// (n = 8 in f64, 16 in f32: one AVX-512 register), the rest by
+/// [`levels`]; blocks shorter than a group, or registers wider than one,
+/// take [`levels`] from the first.
 ///
-/// H₈·x is formed in vector registers (one for a group under AVX-512, two
-/// under AVX2): each input broadcast, its sign pattern applied by XOR
-/// (exact), and added into the group's outputs. Written with `pulp`'s
-/// vector types, because from plain arrays the compiler vectorised across
-/// groups instead, with gathers and scatters that took a fifth of the
-/// encoding. The outputs are sums of the same eight terms as the
-/// butterflies', in another order (within rounding of them).
+/// H_n·x is formed in vector registers: each input broadcast, its sign
+/// pattern applied by XOR (exact), and added into the group's outputs.
+/// Written with `pulp`'s vector types, because from plain arrays the
+/// compiler vectorised across groups instead, with gathers and scatters
+/// that took a fifth of the encoding. The outputs are sums of the same n
+/// terms as the butterflies', in another order (within rounding of them).
+macro_rules! block_levels_in_registers {
+    ($simd:ident, $block:ident, $t:ty, $n:literal, $signs:ident, $lanes:ident, $as_simd:ident,
+     $splat:ident, $add:ident, $xor:ident, $reg:ident) => {{
+        let lanes = S::$lanes;
+        if lanes <= $n && $n % lanes == 0 && $block.len() >= $n {
+            let regs = $n / lanes;
+            let zero = $simd.$splat(0.0);
+            let (groups, _) = S::$as_simd($block);
+            for group in groups.chunks_exact_mut(regs) {
+                let mut x = [0.0 as $t; $n];
+                x.copy_from_slice(pulp::bytemuck::cast_slice::<S::$reg, $t>(group));
+                let mut out = [zero; $n];
+                for (j, &value) in x.iter().enumerate() {
+                    let broadcast = $simd.$splat(value);
+                    let signs = pulp::bytemuck::cast_slice::<$t, S::$reg>(&$signs[j]);
+                    for (o, &sign) in out[..regs].iter_mut().zip(signs) {
+                        *o = $simd.$add(*o, $simd.$xor(broadcast, sign));
+                    }
+                }
+                group.copy_from_slice(&out[..regs]);
+            }
+            let b = $block.len();
+            levels($simd, $block, $n, b);
+        } else {
+            let b = $block.len();
+            levels($simd, $block, 1, b);
+        }
+    }};
+}
+
+/// The levels of one f64 block (the decoding's; a power of two), the first
+/// three as H₈·x ([`block_levels_in_registers`]).
 #[inline(always)]
 fn block_levels<S: pulp::Simd>(simd: S, block: &mut [f64]) {
-    let lanes = S::F64_LANES;
-    if lanes <= 8 && 8 % lanes == 0 && block.len() >= 8 {
-        let regs = 8 / lanes;
-        let zero = simd.splat_f64s(0.0);
-        let (groups, _) = S::as_mut_simd_f64s(block);
-        for group in groups.chunks_exact_mut(regs) {
-            let mut x = [0.0f64; 8];
-            x.copy_from_slice(pulp::bytemuck::cast_slice::<S::f64s, f64>(group));
-            let mut out = [zero; 8];
-            for (j, &value) in x.iter().enumerate() {
-                let broadcast = simd.splat_f64s(value);
-                let signs = pulp::bytemuck::cast_slice::<f64, S::f64s>(&H8_SIGNS[j]);
-                for (o, &sign) in out[..regs].iter_mut().zip(signs) {
-                    *o = simd.add_f64s(*o, simd.xor_f64s(broadcast, sign));
-                }
-            }
-            group.copy_from_slice(&out[..regs]);
-        }
-        let b = block.len();
-        levels(simd, block, 8, b);
-    } else {
-        let b = block.len();
-        levels(simd, block, 1, b);
-    }
+    block_levels_in_registers!(
+        simd,
+        block,
+        f64,
+        8,
+        H8_SIGNS,
+        F64_LANES,
+        as_mut_simd_f64s,
+        splat_f64s,
+        add_f64s,
+        xor_f64s,
+        f64s
+    )
 }
 
 /// H₁₆'s sign rows for f32 ([`hadamard_signs`]).
 const H16_SIGNS: [[f32; 16]; 16] = hadamard_signs!(f32, 16);
 
-/// [`block_levels`] for the encoding's f32: the first four levels as
-/// H₁₆·x on each group of sixteen values (one AVX-512 register, two AVX2
-/// ones), the rest by [`levels`].
+/// The levels of one f32 block (the encoding's), the first four as H₁₆·x
+/// ([`block_levels_in_registers`]).
 #[inline(always)]
 fn block_levels32<S: pulp::Simd>(simd: S, block: &mut [f32]) {
-    let lanes = S::F32_LANES;
-    if lanes <= 16 && 16 % lanes == 0 && block.len() >= 16 {
-        let regs = 16 / lanes;
-        let zero = simd.splat_f32s(0.0);
-        let (groups, _) = S::as_mut_simd_f32s(block);
-        for group in groups.chunks_exact_mut(regs) {
-            let mut x = [0.0f32; 16];
-            x.copy_from_slice(pulp::bytemuck::cast_slice::<S::f32s, f32>(group));
-            let mut out = [zero; 16];
-            for (j, &value) in x.iter().enumerate() {
-                let broadcast = simd.splat_f32s(value);
-                let signs = pulp::bytemuck::cast_slice::<f32, S::f32s>(&H16_SIGNS[j]);
-                for (o, &sign) in out[..regs].iter_mut().zip(signs) {
-                    *o = simd.add_f32s(*o, simd.xor_f32s(broadcast, sign));
-                }
-            }
-            group.copy_from_slice(&out[..regs]);
-        }
-        let b = block.len();
-        levels(simd, block, 16, b);
-    } else {
-        let b = block.len();
-        levels(simd, block, 1, b);
-    }
+    block_levels_in_registers!(
+        simd,
+        block,
+        f32,
+        16,
+        H16_SIGNS,
+        F32_LANES,
+        as_mut_simd_f32s,
+        splat_f32s,
+        add_f32s,
+        xor_f32s,
+        f32s
+    )
 }
 
 /// In-place fast Walsh–Hadamard transform of each rotation block,
@@ -1636,14 +1646,49 @@ mod tests {
     /// the same bits, in f32 and f64, under every instruction set the CPU
     /// has (runs of one register, of several, and of one value under the
     /// scalar fallback).
-    #[test]
-    fn radix16_levels_are_the_radix2_levels_bit_for_bit() {
-        struct Op<'a, T>(&'a mut [T], usize);
-        impl<T: Real> pulp::WithSimd for Op<'_, T> {
+    /// A transform of a slice, to run under a chosen instruction set.
+    trait Transform<T> {
+        fn apply<S: pulp::Simd>(&self, simd: S, v: &mut [T]);
+    }
+
+    /// `x` transformed by `t` under every instruction set the CPU has (the
+    /// scalar fallback, AVX2, AVX-512), each result with its name: not only
+    /// the widest, which the dispatch picks.
+    fn under_every_isa<T: Clone, F: Transform<T>>(t: &F, x: &[T]) -> Vec<(&'static str, Vec<T>)> {
+        struct Op<'a, T, F>(&'a F, &'a mut [T]);
+        impl<T, F: Transform<T>> pulp::WithSimd for Op<'_, T, F> {
             type Output = ();
             #[inline(always)]
             fn with_simd<S: pulp::Simd>(self, simd: S) {
-                T::radix16(simd, self.0, self.1);
+                self.0.apply(simd, self.1);
+            }
+        }
+        let mut runs = Vec::new();
+        let mut got = x.to_vec();
+        pulp::Simd::vectorize(pulp::Scalar::new(), Op(t, &mut got));
+        runs.push(("scalar", got));
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V3::try_new() {
+            let mut got = x.to_vec();
+            pulp::Simd::vectorize(simd, Op(t, &mut got));
+            runs.push(("avx2", got));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V4::try_new() {
+            let mut got = x.to_vec();
+            pulp::Simd::vectorize(simd, Op(t, &mut got));
+            runs.push(("avx512", got));
+        }
+        runs
+    }
+
+    #[test]
+    fn radix16_levels_are_the_radix2_levels_bit_for_bit() {
+        struct Radix16(usize);
+        impl<T: Real> Transform<T> for Radix16 {
+            #[inline(always)]
+            fn apply<S: pulp::Simd>(&self, simd: S, v: &mut [T]) {
+                T::radix16(simd, v, self.0);
             }
         }
         fn check<T: Real + PartialEq + std::fmt::Debug>(x: &[T], h: usize) {
@@ -1651,20 +1696,8 @@ mod tests {
             for level in 0..4 {
                 radix2(&mut want, h << level);
             }
-            let mut got = x.to_vec();
-            pulp::Simd::vectorize(pulp::Scalar::new(), Op(&mut got, h));
-            assert_eq!(got, want, "scalar, h = {h}");
-            #[cfg(target_arch = "x86_64")]
-            if let Some(simd) = pulp::x86::V3::try_new() {
-                let mut got = x.to_vec();
-                pulp::Simd::vectorize(simd, Op(&mut got, h));
-                assert_eq!(got, want, "avx2, h = {h}");
-            }
-            #[cfg(target_arch = "x86_64")]
-            if let Some(simd) = pulp::x86::V4::try_new() {
-                let mut got = x.to_vec();
-                pulp::Simd::vectorize(simd, Op(&mut got, h));
-                assert_eq!(got, want, "avx512, h = {h}");
+            for (isa, got) in under_every_isa(&Radix16(h), x) {
+                assert_eq!(got, want, "{isa}, h = {h}");
             }
         }
         for h in [16, 32, 64, 256] {
@@ -1683,35 +1716,18 @@ mod tests {
     /// of one (AVX2) or a value (the fallback).
     #[test]
     fn block_levels_are_the_plain_levels_under_every_instruction_set() {
-        struct Op<'a>(&'a mut [f64]);
-        impl pulp::WithSimd for Op<'_> {
-            type Output = ();
+        struct BlockLevels;
+        impl Transform<f64> for BlockLevels {
             #[inline(always)]
-            fn with_simd<S: pulp::Simd>(self, simd: S) {
-                block_levels(simd, self.0);
+            fn apply<S: pulp::Simd>(&self, simd: S, v: &mut [f64]) {
+                block_levels(simd, v);
             }
         }
         for n in [8, 64, DECODE_BLOCK] {
             let x: Vec<f64> = (0..n).map(|i| ((i * 2654435761) % 1000) as f64 / 7.0 - 50.0).collect();
             let mut want = x.clone();
             plain_levels(&mut want);
-            let mut runs: Vec<(&str, Vec<f64>)> = Vec::new();
-            let mut got = x.clone();
-            pulp::Simd::vectorize(pulp::Scalar::new(), Op(&mut got));
-            runs.push(("scalar", got));
-            #[cfg(target_arch = "x86_64")]
-            if let Some(simd) = pulp::x86::V3::try_new() {
-                let mut got = x.clone();
-                pulp::Simd::vectorize(simd, Op(&mut got));
-                runs.push(("avx2", got));
-            }
-            #[cfg(target_arch = "x86_64")]
-            if let Some(simd) = pulp::x86::V4::try_new() {
-                let mut got = x.clone();
-                pulp::Simd::vectorize(simd, Op(&mut got));
-                runs.push(("avx512", got));
-            }
-            for (isa, got) in runs {
+            for (isa, got) in under_every_isa(&BlockLevels, &x) {
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!((g - w).abs() < 1e-9 * (1.0 + w.abs()), "{isa}, n = {n}, [{i}]: {g} vs {w}");
                 }
@@ -1723,12 +1739,11 @@ mod tests {
     /// the plain levels in f64, under every instruction set the CPU has.
     #[test]
     fn block_levels32_are_the_plain_levels_under_every_instruction_set() {
-        struct Op<'a>(&'a mut [f32]);
-        impl pulp::WithSimd for Op<'_> {
-            type Output = ();
+        struct BlockLevels32;
+        impl Transform<f32> for BlockLevels32 {
             #[inline(always)]
-            fn with_simd<S: pulp::Simd>(self, simd: S) {
-                block_levels32(simd, self.0);
+            fn apply<S: pulp::Simd>(&self, simd: S, v: &mut [f32]) {
+                block_levels32(simd, v);
             }
         }
         for n in [16, 64, ENCODE_BLOCK] {
@@ -1736,23 +1751,7 @@ mod tests {
             let mut want: Vec<f64> = x.iter().map(|&a| f64::from(a)).collect();
             plain_levels(&mut want);
             let norm: f64 = x.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
-            let mut runs: Vec<(&str, Vec<f32>)> = Vec::new();
-            let mut got = x.clone();
-            pulp::Simd::vectorize(pulp::Scalar::new(), Op(&mut got));
-            runs.push(("scalar", got));
-            #[cfg(target_arch = "x86_64")]
-            if let Some(simd) = pulp::x86::V3::try_new() {
-                let mut got = x.clone();
-                pulp::Simd::vectorize(simd, Op(&mut got));
-                runs.push(("avx2", got));
-            }
-            #[cfg(target_arch = "x86_64")]
-            if let Some(simd) = pulp::x86::V4::try_new() {
-                let mut got = x.clone();
-                pulp::Simd::vectorize(simd, Op(&mut got));
-                runs.push(("avx512", got));
-            }
-            for (isa, got) in runs {
+            for (isa, got) in under_every_isa(&BlockLevels32, &x) {
                 for (i, (&g, w)) in got.iter().zip(&want).enumerate() {
                     assert!((f64::from(g) - w).abs() < 1e-5 * norm, "{isa}, n = {n}, [{i}]: {g} vs {w}");
                 }
