@@ -338,19 +338,19 @@ impl Ledger {
         // In memory at once (a later round or reservation counts it), on
         // disk by the writer thread. A failed write fails the round, and
         // the count stays: over-counting is the safe side.
-        state.file = next.clone();
+        let next = Arc::new(next);
+        state.file = LedgerFile::clone(&next);
         state.version += 1;
         let version = state.version;
         drop(state);
-        let ledger = self.clone();
-        let snapshot = next.clone();
+        let (ledger, snapshot) = (self.clone(), next.clone());
         match std::thread::Builder::new()
             .name("privacy-ledger".into())
-            .spawn(move || ledger.write_version(&next, version))
+            .spawn(move || ledger.write_version(&snapshot, version))
         {
             Ok(writer) => Ok(RoundStarted(Some(writer))),
             // No thread to be had: written here, before training.
-            Err(_) => self.write_version(&snapshot, version).map(|()| RoundStarted(None)),
+            Err(_) => self.write_version(&next, version).map(|()| RoundStarted(None)),
         }
     }
 

@@ -395,8 +395,9 @@ pub fn empty_accountant() -> RdpAccountant {
 /// The accountant's events of one noisy release at noise multiplier `z`:
 /// the mechanism is one of them. One for DP-SGD's step and central noise;
 /// for distributed noise one per rotated length a model of up to
-/// `max_values` values can have (`ddg::events_up_to`), since the mechanism's rounding depends on the size
-/// and ε must follow from the spec alone, before anyone has seen a model.
+/// `max_values` values can have (`ddg::events_up_to`), since the
+/// mechanism's rounding depends on the size and ε must follow from the spec
+/// alone, before anyone has seen a model.
 fn release_events(
     level: DpLevel,
     q: f64,
