@@ -349,10 +349,10 @@ impl TrainingHandler {
                 if bad.is_empty() { format!("round {} in a round {round} task", config.round) } else { bad.join("; ") };
             return Err(TaskError::CoordinatorFault(format!("fit configuration: {why}")));
         }
-        self.trainer.set_parameters(global).map_err(err)?;
         if self.private() {
             return self.fit_private(round, config, global, round_message);
         }
+        self.trainer.set_parameters(global).map_err(err)?;
         // Data-independent protocol work (he: the encryption randomness) is
         // drawn before training, so that a party whose round ends early
         // (one not asked to decrypt) does not draw it inside the next round.
@@ -433,24 +433,6 @@ impl TrainingHandler {
         global: &confide_algorithms::Parameters,
         round_message: &[u8],
     ) -> Result<ResultBody, TaskError> {
-        // The input standardisation is the spec's, whatever the global
-        // model carries: a coordinator cannot choose it (a tiny input.std
-        // would make chosen rows overflow), and the aggregate's rounding
-        // cannot move it.
-        if let Some([mean, std]) = &self.dp_inputs {
-            let mut own = global.clone();
-            for (name, values) in own.values_mut() {
-                let fixed = match name {
-                    INPUT_MEAN => mean,
-                    INPUT_STD => std,
-                    _ => continue,
-                };
-                if values.len() == fixed.len() {
-                    values.copy_from_slice(fixed);
-                }
-            }
-            self.trainer.set_parameters(&own).map_err(err)?;
-        }
         if let Some(bound) = self.dp_values_bound
             && global.num_values() > bound
         {
@@ -460,6 +442,14 @@ impl TrainingHandler {
                 global.num_values()
             )));
         }
+        // The input standardisation is the spec's, whatever the global
+        // model carries: a coordinator cannot choose it (a tiny input.std
+        // would make chosen rows overflow), and the aggregate's rounding
+        // cannot move it. The trainer is given the model once, a copy only
+        // where the standardisation differs from the spec's (a model the
+        // size of the update is not copied twice a round for nothing).
+        let own = self.dp_inputs.as_ref().and_then(|fixed| with_standardisation(global, fixed));
+        self.trainer.set_parameters(own.as_ref().unwrap_or(global)).map_err(err)?;
         let recorded = match &self.budget {
             Some(budget) => Some(budget.start_round().map_err(TaskError::CoordinatorFault)?),
             None => None,
@@ -495,6 +485,37 @@ impl TrainingHandler {
         }
         Ok(ResultBody::Fit { metrics: Default::default(), contribution })
     }
+}
+
+/// `global` with its input standardisation (`input.mean`, `input.std`)
+/// replaced by `fixed`, or `None` where it already holds those values (or
+/// has no such tensors): the caller then uses `global` as it is.
+fn with_standardisation(
+    global: &confide_algorithms::Parameters,
+    fixed: &[Vec<f32>; 2],
+) -> Option<confide_algorithms::Parameters> {
+    let replacement = |name: &str| match name {
+        INPUT_MEAN => Some(&fixed[0]),
+        INPUT_STD => Some(&fixed[1]),
+        _ => None,
+    };
+    // Bit patterns compared, so that a NaN from the wire counts as a change.
+    let differs = global.tensors().iter().any(|t| {
+        replacement(&t.name)
+            .is_some_and(|f| f.len() == t.data.len() && f.iter().zip(&t.data).any(|(a, b)| a.to_bits() != b.to_bits()))
+    });
+    if !differs {
+        return None;
+    }
+    let mut own = global.clone();
+    for (name, values) in own.values_mut() {
+        if let Some(f) = replacement(name)
+            && values.len() == f.len()
+        {
+            values.copy_from_slice(f);
+        }
+    }
+    Some(own)
 }
 
 /// `global + f·(local − global)` with f = min(1, clip/‖local − global‖₂),
@@ -971,23 +992,39 @@ mod tests {
         });
         h.dp_inputs = Some([vec![0.0, 2.0], vec![1.0, 3.0]]);
         let tensor = |name: &str, data: Vec<f32>| Tensor { name: name.into(), shape: vec![data.len()], data };
-        let hostile = Arc::new(
-            Parameters::new(vec![
-                tensor(INPUT_MEAN, vec![5.0, 5.0]),
-                tensor(INPUT_STD, vec![1e-30, 1e-30]),
-                tensor("w", vec![0.0]),
-            ])
-            .unwrap(),
-        );
+        let model = |mean: Vec<f32>, std: Vec<f32>| {
+            Arc::new(
+                Parameters::new(vec![tensor(INPUT_MEAN, mean), tensor(INPUT_STD, std), tensor("w", vec![0.0])])
+                    .unwrap(),
+            )
+        };
+        // A negative std too: the trainer, which would refuse it, never
+        // sees it.
+        for (round, std) in [(1, vec![1e-30, 1e-30]), (2, vec![-1.0, f32::NAN])] {
+            let fit = TaskBody::Fit {
+                config: FitConfig { round, train: Default::default() },
+                global: model(vec![5.0, 5.0], std),
+                round_message: Vec::new(),
+            };
+            h.on_task(task(round, fit)).unwrap();
+            let given = given.lock().unwrap();
+            assert_eq!(given.len(), round as usize, "the trainer is given one model a round");
+            let last = given.last().unwrap();
+            assert_eq!(last.get(INPUT_MEAN).unwrap().data, [0.0, 2.0]);
+            assert_eq!(last.get(INPUT_STD).unwrap().data, [1.0, 3.0]);
+            assert_eq!(last.get("w").unwrap().data, [0.0], "the trained tensors are the wire's");
+        }
+        // A global model that carries the spec's standardisation is given
+        // as it is.
+        let honest = model(vec![0.0, 2.0], vec![1.0, 3.0]);
         let fit = TaskBody::Fit {
-            config: FitConfig { round: 1, train: Default::default() },
-            global: hostile,
+            config: FitConfig { round: 3, train: Default::default() },
+            global: honest.clone(),
             round_message: Vec::new(),
         };
-        h.on_task(task(1, fit)).unwrap();
-        let last = given.lock().unwrap().last().cloned().unwrap();
-        assert_eq!(last.get(INPUT_MEAN).unwrap().data, [0.0, 2.0]);
-        assert_eq!(last.get(INPUT_STD).unwrap().data, [1.0, 3.0]);
+        h.on_task(task(3, fit)).unwrap();
+        assert_eq!(given.lock().unwrap().len(), 3);
+        assert_eq!(given.lock().unwrap().last().unwrap(), &*honest);
     }
 
     /// A trainer whose training moves every value by +100.
