@@ -71,9 +71,11 @@ impl PartyJobKind for TrainingKind {
                     spec.model.kind().as_str()
                 ));
             }
-            // The input standardisation every global model must carry: the
-            // spec's public ranges, or none. A coordinator that changes it
-            // (a tiny std can make chosen rows overflow) is refused.
+            // The input standardisation the party trains with: the spec's
+            // public ranges, or none. A global model that carries another
+            // has it replaced (a tiny std can make chosen rows overflow);
+            // one whose values are not finite, or whose std is not
+            // positive, is refused.
             let mut inputs = handler.trainer.parameters().map_err(err)?;
             if let (Some(ranges), Some(stats)) = (&dp.feature_ranges, dp.range_stats()) {
                 let features = inputs.get(INPUT_MEAN).map_or(0, |t| t.data.len());
@@ -447,9 +449,17 @@ impl TrainingHandler {
         // would make chosen rows overflow), and the aggregate's rounding
         // cannot move it. The trainer is given the model once, a copy only
         // where the standardisation differs from the spec's (a model the
-        // size of the update is not copied twice a round for nothing).
+        // size of the update is not copied twice a round for nothing). A
+        // standardisation that no trainer would take is the coordinator's
+        // fault, said as such.
+        if let Some(why) = unusable_standardisation(global) {
+            return Err(TaskError::CoordinatorFault(format!("the global model's {why}")));
+        }
         let own = self.dp_inputs.as_ref().and_then(|fixed| with_standardisation(global, fixed));
-        self.trainer.set_parameters(own.as_ref().unwrap_or(global)).map_err(err)?;
+        // The model trained from: the update's clip measures the trained
+        // tensors' movement, not the standardisation's replacement.
+        let base = own.as_ref().unwrap_or(global);
+        self.trainer.set_parameters(base).map_err(err)?;
         let recorded = match &self.budget {
             Some(budget) => Some(budget.start_round().map_err(TaskError::CoordinatorFault)?),
             None => None,
@@ -466,8 +476,8 @@ impl TrainingHandler {
                 // update sent is finite and within the clip: no error
                 // message depends on the rows.
                 let outcome = self.trainer.fit(config);
-                let local = outcome.and_then(|_| self.trainer.parameters()).unwrap_or_else(|_| global.clone());
-                if self.encoding_clips { local } else { clip_update(global, local, clip) }
+                let local = outcome.and_then(|_| self.trainer.parameters()).unwrap_or_else(|_| base.clone());
+                if self.encoding_clips { local } else { clip_update(base, local, clip) }
             }
             (None, None) => return Err(TaskError::Refused("no differential privacy to apply".into())),
         };
@@ -487,9 +497,24 @@ impl TrainingHandler {
     }
 }
 
+/// Why `global`'s input standardisation cannot be trained with (a value
+/// that is not finite, a std that is not positive), if it cannot.
+fn unusable_standardisation(global: &confide_algorithms::Parameters) -> Option<String> {
+    global.tensors().iter().find_map(|t| {
+        let bad = match t.name.as_str() {
+            INPUT_MEAN => t.data.iter().find(|v| !v.is_finite()),
+            INPUT_STD => t.data.iter().find(|v| !v.is_finite() || **v <= 0.0),
+            _ => None,
+        }?;
+        Some(format!("{} holds {bad}", t.name))
+    })
+}
+
 /// `global` with its input standardisation (`input.mean`, `input.std`)
-/// replaced by `fixed`, or `None` where it already holds those values (or
-/// has no such tensors): the caller then uses `global` as it is.
+/// replaced by `fixed`, or `None` where it already holds those values, has
+/// no such tensors, or has them at another length than `fixed` (left as
+/// they are: the trainer refuses a model of another shape): the caller
+/// then uses `global` as it is.
 fn with_standardisation(
     global: &confide_algorithms::Parameters,
     fixed: &[Vec<f32>; 2],
@@ -499,7 +524,8 @@ fn with_standardisation(
         INPUT_STD => Some(&fixed[1]),
         _ => None,
     };
-    // Bit patterns compared, so that a NaN from the wire counts as a change.
+    // Bit patterns compared: the trainer gets exactly the spec's values
+    // (−0.0 and 0.0 too).
     let differs = global.tensors().iter().any(|t| {
         replacement(&t.name)
             .is_some_and(|f| f.len() == t.data.len() && f.iter().zip(&t.data).any(|(a, b)| a.to_bits() != b.to_bits()))
@@ -974,7 +1000,10 @@ mod tests {
 
     /// Under DP the party trains with the spec's input standardisation,
     /// whatever the coordinator's global model carries (a tiny `input.std`
-    /// from a hostile coordinator would make chosen rows overflow).
+    /// from a hostile coordinator would make chosen rows overflow), given
+    /// to the trainer once a round; one that no trainer could take (not
+    /// finite, a std not positive) is refused as the coordinator's fault,
+    /// before the trainer sees anything.
     #[test]
     fn a_dp_party_trains_with_the_specs_standardisation_not_the_wires() {
         use confide_crypto::aggregation::plain::Plain;
@@ -998,12 +1027,17 @@ mod tests {
                     .unwrap(),
             )
         };
-        // A negative std too: the trainer, which would refuse it, never
-        // sees it.
-        for (round, std) in [(1, vec![1e-30, 1e-30]), (2, vec![-1.0, f32::NAN])] {
+        // Another mean and a tiny std; the spec's mean and a tiny std only;
+        // another mean only.
+        let hostile = [
+            (vec![5.0, 5.0], vec![1e-30, 1e-30]),
+            (vec![0.0, 2.0], vec![1e-30, 3.0]),
+            (vec![0.0, -2.0], vec![1.0, 3.0]),
+        ];
+        for (round, (mean, std)) in (1..).zip(hostile) {
             let fit = TaskBody::Fit {
                 config: FitConfig { round, train: Default::default() },
-                global: model(vec![5.0, 5.0], std),
+                global: model(mean, std),
                 round_message: Vec::new(),
             };
             h.on_task(task(round, fit)).unwrap();
@@ -1014,20 +1048,35 @@ mod tests {
             assert_eq!(last.get(INPUT_STD).unwrap().data, [1.0, 3.0]);
             assert_eq!(last.get("w").unwrap().data, [0.0], "the trained tensors are the wire's");
         }
+        for (mean, std, named) in [
+            (vec![0.0, 2.0], vec![-1.0, 3.0], "input.std holds -1"),
+            (vec![0.0, 2.0], vec![1.0, f32::NAN], "input.std holds NaN"),
+            (vec![f32::INFINITY, 2.0], vec![1.0, 3.0], "input.mean holds inf"),
+        ] {
+            let fit = TaskBody::Fit {
+                config: FitConfig { round: 4, train: Default::default() },
+                global: model(mean, std),
+                round_message: Vec::new(),
+            };
+            let e = h.on_task(task(4, fit)).unwrap_err();
+            assert!(matches!(&e, TaskError::CoordinatorFault(m) if m.contains(named)), "{e:?}");
+            assert_eq!(given.lock().unwrap().len(), 3, "the trainer saw nothing of it");
+        }
         // A global model that carries the spec's standardisation is given
         // as it is.
         let honest = model(vec![0.0, 2.0], vec![1.0, 3.0]);
         let fit = TaskBody::Fit {
-            config: FitConfig { round: 3, train: Default::default() },
+            config: FitConfig { round: 4, train: Default::default() },
             global: honest.clone(),
             round_message: Vec::new(),
         };
-        h.on_task(task(3, fit)).unwrap();
-        assert_eq!(given.lock().unwrap().len(), 3);
+        h.on_task(task(4, fit)).unwrap();
+        assert_eq!(given.lock().unwrap().len(), 4);
         assert_eq!(given.lock().unwrap().last().unwrap(), &*honest);
     }
 
-    /// A trainer whose training moves every value by +100.
+    /// A trainer whose training moves every trained value by +100 (not the
+    /// frozen input standardisation).
     struct Jumping(Parameters);
 
     impl Trainer for Jumping {
@@ -1042,8 +1091,10 @@ mod tests {
             Fixed.feature_stats()
         }
         fn fit(&mut self, _: &FitConfig) -> Result<FitOutcome, Error> {
-            for (_, v) in self.0.values_mut() {
-                v.iter_mut().for_each(|x| *x += 100.0);
+            for (name, v) in self.0.values_mut() {
+                if name != INPUT_MEAN && name != INPUT_STD {
+                    v.iter_mut().for_each(|x| *x += 100.0);
+                }
             }
             Ok(FitOutcome { num_examples: 50, metrics: [("train_loss".to_string(), 0.1)].into() })
         }
@@ -1087,6 +1138,42 @@ mod tests {
         // Non-finite training results become no update, not an error.
         let nan = Parameters::new(vec![Tensor { name: "w".into(), shape: vec![3], data: vec![f32::NAN; 3] }]).unwrap();
         assert_eq!(clip_update(&start, nan, 1.0), start);
+
+        // A coordinator's own standardisation (a tiny std) is replaced by the
+        // spec's, and the clip measures the trained tensors' movement only:
+        // the replacement does not shrink the update.
+        let with_inputs = |std: Vec<f32>| {
+            Parameters::new(vec![
+                Tensor { name: INPUT_MEAN.into(), shape: vec![2], data: vec![0.0, 2.0] },
+                Tensor { name: INPUT_STD.into(), shape: vec![2], data: std },
+                Tensor { name: "w".into(), shape: vec![3], data: vec![0.5, 0.0, -1.0] },
+            ])
+            .unwrap()
+        };
+        let spec_std = vec![1000.0, 3000.0];
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let mut h = TrainingHandler::new(Box::new(Jumping(with_inputs(spec_std.clone()))), client, Plain.stages());
+        h.party_clip = Some(2.0);
+        h.dp_inputs = Some([vec![0.0, 2.0], spec_std.clone()]);
+        let hostile = Arc::new(with_inputs(vec![1e-30, 1e-30]));
+        let fit = TaskBody::Fit {
+            config: FitConfig { round: 1, train: Default::default() },
+            global: hostile.clone(),
+            round_message: Vec::new(),
+        };
+        let ResultBody::Fit { contribution, .. } = h.on_task(task(1, fit)).unwrap() else { panic!() };
+        let Some(Bulk::Params(local)) = contribution.bulk else { panic!("no model") };
+        assert_eq!(local.get(INPUT_STD).unwrap().data, spec_std);
+        let moved: f64 = local
+            .get("w")
+            .unwrap()
+            .data
+            .iter()
+            .zip(&hostile.get("w").unwrap().data)
+            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(moved <= 2.0 && moved > 1.99, "{moved}");
     }
 
     /// Within the clip the update is the local model itself, bit for bit
