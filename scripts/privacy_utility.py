@@ -11,11 +11,11 @@ docs/privacy-utility.png.
 
     cargo build --workspace --bins
     python3 -m venv /tmp/plot && /tmp/plot/bin/pip install matplotlib
-    /tmp/plot/bin/python scripts/privacy_utility.py [--repeats 2]
+    /tmp/plot/bin/python scripts/privacy_utility.py [--repeats 20]
 
 Every run draws fresh noise from the operating system's CSPRNG, so figures
 vary from run to run; each cell is the mean over the repeats, with the
-spread.
+spread (20 runs a target take about 5 minutes on the 2-core machine).
 """
 import argparse
 import json
@@ -51,7 +51,7 @@ def run_demo(spec_path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--epsilons", default="0.5,1,2,4,8,inf",
                     help="targets to run; rows for other targets are kept from docs/privacy-utility.json")
     args = ap.parse_args()
