@@ -170,7 +170,7 @@ impl Ddg {
 
     /// The length of each block the rotation transforms on its own.
     fn block(&self) -> usize {
-        self.padded.min(ROTATION_BLOCK)
+        rotation_block_of(self.padded)
     }
 
     /// Δ₂ in lattice units: the paper's bound s·Δ̃₂. Every vector's integer
@@ -460,7 +460,7 @@ impl Calibration {
         let padded = Ddg::padded_dim_for(cfg.dim);
         // The rotation flattens each block on its own: a clipped vector
         // spread over one block is what the modulus must fit.
-        let block = padded.min(ROTATION_BLOCK);
+        let block = rotation_block_of(padded);
         let (n, c, k) = (cfg.max_parties as f64, cfg.clip, cfg.k_stddevs);
         if !(c * c * n * n).is_finite() {
             return bad("clip", format!("{c} is too large to calibrate for {} parties", cfg.max_parties));
@@ -1034,7 +1034,7 @@ fn rotate_in_blocks(
         // crosses memory. The blocks past d hold zeros and stay zeros.
         let mut lanes = [0.0f64; 8];
         let b = ENCODE_BLOCK.min(n);
-        let rotation = ROTATION_BLOCK.min(n);
+        let rotation = rotation_block_of(n);
         for (start, values) in (0..d).step_by(rotation).zip(v.chunks_exact_mut(rotation)) {
             let end = d.min(start + rotation);
             for (at, block) in (start..end).step_by(b).zip(values.chunks_exact_mut(b)) {
@@ -1160,6 +1160,14 @@ const ENCODE_BLOCK: usize = 1 << 12;
 /// that spans them, and a million values take 1,015,808 words instead of
 /// 2^20.
 pub const ROTATION_BLOCK: usize = 1 << 14;
+
+/// The block each part of a vector of `padded` values
+/// ([`Ddg::padded_dim_for`]) is rotated in: the whole vector up to one
+/// [`ROTATION_BLOCK`], that block above. One function, so that the
+/// calibration, the encoding and the decoding cannot disagree on it.
+fn rotation_block_of(padded: usize) -> usize {
+    padded.min(ROTATION_BLOCK)
+}
 
 const _: () = assert!(ROTATION_BLOCK.is_multiple_of(DECODE_BLOCK) && ROTATION_BLOCK.is_multiple_of(ENCODE_BLOCK));
 
@@ -1315,7 +1323,7 @@ fn fwht_with(v: &mut [f64], write: impl Fn(usize, &mut [f64]) + Sync) {
     let n = v.len();
     debug_assert!(n.is_power_of_two() || n.is_multiple_of(ROTATION_BLOCK));
     let b = DECODE_BLOCK.min(n);
-    let rotation = ROTATION_BLOCK.min(n);
+    let rotation = rotation_block_of(n);
     let transform = |(g, values): (usize, &mut [f64])| {
         for (k, block) in values.chunks_exact_mut(b).enumerate() {
             write(g * rotation + k * b, block);
@@ -1492,7 +1500,7 @@ mod tests {
             // The plain radix-2 transform of each rotation block: the values
             // are integers below 2^31 · 2^14 in magnitude, exact in f64 in
             // any order, so every order of the butterflies gives the same bits.
-            let block = ddg.padded_dim().min(ROTATION_BLOCK);
+            let block = rotation_block_of(ddg.padded_dim());
             for b in v.chunks_mut(block) {
                 plain_levels(b);
             }
