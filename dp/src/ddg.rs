@@ -1010,7 +1010,7 @@ fn rotate_in_blocks(
     rotation_seed: &[u8; 32],
 ) -> Result<(f64, f64), Error> {
     let n = v.len();
-    debug_assert!((n.is_power_of_two() || n.is_multiple_of(ROTATION_BLOCK)) && d <= n);
+    debug_assert!(Ddg::padded_dim_for(n) == n && d <= n, "{n} is not a rotated length");
     for pass in 0..2 {
         if pass > 0 {
             // Written again: from zeros, with the same signs.
@@ -1321,7 +1321,7 @@ fn fwht(v: &mut [f64]) {
 /// L2 cache, the rotation blocks on every core.
 fn fwht_with(v: &mut [f64], write: impl Fn(usize, &mut [f64]) + Sync) {
     let n = v.len();
-    debug_assert!(n.is_power_of_two() || n.is_multiple_of(ROTATION_BLOCK));
+    debug_assert_eq!(Ddg::padded_dim_for(n), n, "not a rotated length");
     let b = DECODE_BLOCK.min(n);
     let rotation = rotation_block_of(n);
     let transform = |(g, values): (usize, &mut [f64])| {

@@ -401,19 +401,12 @@ impl RoundGuard {
     /// reservation's rounds have all run and the budget cannot extend it.
     /// The record becomes durable while the round trains: the round's
     /// result may leave the party only once [`RoundStarted::durable`] says
-    /// so. A caller with nothing to do meanwhile uses
-    /// [`RoundGuard::start_round_durably`].
+    /// so.
     pub fn start_round(&self) -> Result<RoundStarted, String> {
         if self.job_id.is_empty() {
             return Ok(RoundStarted(None));
         }
         self.ledger.start_round(self)
-    }
-
-    /// [`RoundGuard::start_round`] and the wait for its record together:
-    /// the round is on disk when this returns.
-    pub fn start_round_durably(&self) -> Result<(), String> {
-        self.start_round()?.durable()
     }
 }
 
@@ -529,7 +522,7 @@ local_epochs = 2",
         let started = guard.start_round().unwrap();
         ledger.reserve("j2", &job, "e", None).unwrap();
         started.durable().unwrap();
-        guard.start_round_durably().unwrap();
+        guard.start_round().unwrap().durable().unwrap();
         let on_disk = Ledger::read(&path).unwrap();
         assert_eq!(on_disk.datasets["d"].jobs["j1"].rounds_started, 2);
         assert!(on_disk.datasets["e"].jobs.contains_key("j2"));
