@@ -6,6 +6,7 @@
 //!   refuses it if the data set's spending would pass `policy.max_epsilon`.
 //! * **On acceptance** it *reserves* the whole job's cost in the ledger
 //!   file (written to a temporary file, fsynced, renamed, directory
+//!   fsynced; a directory the party creates for it has its parent
 //!   fsynced) before it touches the data. A crash at any later point
 //!   leaves at least what was spent on record: the ledger never
 //!   under-counts. A job offered again (the coordinator resumed it) is not
@@ -180,7 +181,7 @@ impl Ledger {
     pub fn open(path: &Path) -> Result<Arc<Ledger>, String> {
         let lock_path = path.with_extension("lock");
         if let Some(dir) = lock_path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            create_dirs_durably(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -371,16 +372,58 @@ impl Ledger {
         let fail = |e: std::io::Error| format!("privacy ledger {}: {e}", self.path.display());
         let text = serde_json::to_string_pretty(file).map_err(|e| format!("privacy ledger: {e}"))?;
         let dir = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(fail)?;
+        create_dirs_durably(dir).map_err(fail)?;
         let tmp = self.path.with_extension("json.tmp");
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp).map_err(fail)?;
             f.write_all(text.as_bytes()).map_err(fail)?;
             f.sync_all().map_err(fail)?;
+            durable_step(|| format!("sync file {}", tmp.display()));
         }
         std::fs::rename(&tmp, &self.path).map_err(fail)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)
+        durable_step(|| format!("rename {} -> {}", tmp.display(), self.path.display()));
+        sync_dir(dir).map_err(fail)
+    }
+}
+
+/// Creates `dir` and its missing ancestors, each new one's parent fsynced
+/// after it is made: after a power loss a ledger in a directory the party
+/// created would otherwise vanish with its directory entry, and an absent
+/// ledger reads as nothing spent.
+fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().unwrap_or(Path::new(""));
+    create_dirs_durably(parent)?;
+    match std::fs::create_dir(dir) {
+        Ok(()) => durable_step(|| format!("create dir {}", dir.display())),
+        // Made meanwhile by another thread, which syncs its parent too.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })
+}
+
+/// Fsyncs a directory, making the entries created or renamed in it durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+    durable_step(|| format!("sync dir {}", dir.display()));
+    Ok(())
+}
+
+/// The ledger's durable steps in the order taken, recorded in tests
+/// (`the_write_order_makes_every_step_durable_before_the_next`): the
+/// power-loss guarantee rests on that order, which a test can check but
+/// not cause.
+#[cfg(test)]
+static DURABLE_STEPS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn durable_step(_step: impl FnOnce() -> String) {
+    #[cfg(test)]
+    if let Ok(mut steps) = DURABLE_STEPS.lock() {
+        steps.push(_step());
     }
 }
 
@@ -553,6 +596,44 @@ local_epochs = 2",
         std::fs::write(&path, serde_json::to_string(&file).unwrap()).unwrap();
         let e = Ledger::open(&path).unwrap().reserve("j1", &job, "d", None).unwrap_err();
         assert!(e.contains("other privacy terms"), "{e}");
+    }
+
+    /// The durable steps taken under `root` so far (tests run in parallel:
+    /// other tests' steps are under other directories).
+    fn steps_under(root: &Path) -> Vec<String> {
+        let root = root.display().to_string();
+        let steps = DURABLE_STEPS.lock().unwrap();
+        steps
+            .iter()
+            .filter(|s| s.split(' ').any(|word| word.starts_with(&root)))
+            .map(|s| s.replace(&root, "ROOT"))
+            .collect()
+    }
+
+    #[test]
+    fn the_write_order_makes_every_step_durable_before_the_next() {
+        // A ledger in directories that do not exist yet: each is created
+        // with its parent fsynced, before anything is written in it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hospital").join("privacy").join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        assert_eq!(
+            steps_under(dir.path()),
+            ["create dir ROOT/hospital", "sync dir ROOT", "create dir ROOT/hospital/privacy", "sync dir ROOT/hospital",]
+        );
+        // A reservation, then a round: each is its contents fsynced under a
+        // temporary name, renamed over the ledger, the rename fsynced.
+        let job = spec(3, true);
+        let guard = ledger.reserve("j1", &job, "d", None).unwrap();
+        guard.start_round().unwrap().durable().unwrap();
+        let write = [
+            "sync file ROOT/hospital/privacy/ledger.json.tmp",
+            "rename ROOT/hospital/privacy/ledger.json.tmp -> ROOT/hospital/privacy/ledger.json",
+            "sync dir ROOT/hospital/privacy",
+        ];
+        assert_eq!(steps_under(dir.path())[4..], [write, write].concat());
+        let reread = Ledger::read(&path).unwrap();
+        assert_eq!(reread.datasets["d"].jobs["j1"].rounds_started, 1);
     }
 
     #[test]
