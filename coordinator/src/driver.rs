@@ -72,7 +72,8 @@ impl Encoder {
 /// display and resumption; a crash loses at most this much of them).
 const PARTY_FLUSH: Duration = Duration::from_millis(250);
 
-/// Writes a checkpoint durably: temp file, fsync, rename, fsync directory,
+/// Writes a checkpoint durably: temp file, fsync, rename, fsync directory
+/// (and, for a job's first, the new job directory's parent),
 /// for the model and (when non-empty) the machine's state.
 fn write_checkpoint(
     dir: &Path,
@@ -80,7 +81,12 @@ fn write_checkpoint(
     cp: &Checkpoint,
 ) -> Result<(Option<crate::db::SavedModel>, Option<PathBuf>), Error> {
     let job_dir = dir.join(job);
-    std::fs::create_dir_all(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
+    if !job_dir.is_dir() {
+        std::fs::create_dir_all(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
+        // The job's directory entry durable too, or a power loss could take
+        // the first checkpoint with it.
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))?;
+    }
     let meta: BTreeMap<String, String> =
         [("confide.job".to_string(), job.to_string()), ("confide.round".to_string(), cp.round.to_string())].into();
     let model = match &cp.model {
