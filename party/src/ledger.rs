@@ -399,8 +399,9 @@ fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
     create_dirs_durably(parent)?;
     match std::fs::create_dir(dir) {
         Ok(()) => durable_step(|| format!("create dir {}", dir.display())),
-        // Made meanwhile by another thread, which syncs its parent too.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        // Made meanwhile by another thread: synced here too, since that
+        // thread may not have synced it yet.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
         Err(e) => return Err(e),
     }
     sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })
