@@ -64,6 +64,38 @@ enum DpLayer {
     Conv { weight: String, bias: String },
     /// Flattens the feature maps before the output layer.
     Flatten,
+    /// Views each row's values as a channels × height × width image (a
+    /// TorchScript module that reshapes its input).
+    Image { shape: [i64; 3] },
+}
+
+impl DpLayer {
+    /// The layer applied to `a`: its output, and for a layer with weights
+    /// its output before the activation, z, whose gradient DP-SGD takes
+    /// per row. One definition for DP-SGD's forward pass and for checking
+    /// a TorchScript module's reconstruction against its own forward.
+    fn apply<'v>(
+        &self,
+        a: &Tensor,
+        var: &dyn Fn(&str) -> Result<&'v Tensor, Error>,
+    ) -> Result<(Tensor, Option<Tensor>), Error> {
+        match self {
+            DpLayer::Linear { weight, bias, activation } => {
+                let z = a.f_linear(var(weight)?, Some(var(bias)?)).map_err(torch_err("linear"))?;
+                Ok((activation.apply(&z), Some(z)))
+            }
+            DpLayer::Conv { weight, bias } => {
+                let z = a
+                    .f_conv2d(var(weight)?, Some(var(bias)?), [1, 1], [1, 1], [1, 1], 1)
+                    .map_err(torch_err("conv2d"))?;
+                Ok((z.relu().max_pool2d_default(2), Some(z)))
+            }
+            DpLayer::Flatten => Ok((a.flatten(1, -1), None)),
+            DpLayer::Image { shape: [c, h, w] } => {
+                Ok((a.f_view([-1, *c, *h, *w]).map_err(torch_err("image shape"))?, None))
+            }
+        }
+    }
 }
 
 /// An element-wise activation after a linear layer (its per-example
@@ -94,15 +126,26 @@ fn linear(name: &str, activation: Activation) -> DpLayer {
 /// one's activation is found among three by trying them all).
 const MAX_SCRIPT_LAYERS: usize = 6;
 
-/// The layers of a TorchScript module, when its forward is a chain of
-/// linear layers with ReLU, tanh or no activation between them: the
-/// variables must pair into weights `[out, in]` and biases `[out]` (by the
-/// names' common prefix) that chain from `features` inputs to `classes`
-/// outputs in exactly one way, and one choice of activations must
-/// reproduce the module's forward on `probe` rows. DP-SGD then trains
-/// through this reconstruction: its privacy rests on the per-example
-/// gradients of what it computes, whatever the module's own code does;
-/// the probe makes the trained model the module's. Otherwise the reason.
+/// Most convolutions a TorchScript module may have for DP-SGD.
+const MAX_SCRIPT_CONVOLUTIONS: usize = 6;
+
+/// A weight and bias pair's names, and its inputs and outputs (features, or
+/// channels for a convolution).
+type Pair<'a> = (&'a str, &'a str, i64, i64);
+
+/// The layers of a TorchScript module, when its forward is a chain DP-SGD
+/// has per-example gradients for: optionally 3×3 convolutions (padding 1),
+/// each followed by ReLU and 2×2 max-pooling, over each row viewed as an
+/// image, then flattened; then linear layers with ReLU, tanh or no
+/// activation between them (the built-in models' layers). The variables
+/// must pair into weights and biases (by the names' common prefix) that
+/// chain, convolutions by channels and linear layers by width, from
+/// `features` inputs to `classes` outputs in exactly one way, and one
+/// choice of image shape and activations must reproduce the module's
+/// forward on `probe` rows. DP-SGD then trains through this
+/// reconstruction: its privacy rests on the per-example gradients of what
+/// it computes, whatever the module's own code does; the probe makes the
+/// trained model the module's. Otherwise the reason.
 fn script_layers(
     vars: &std::collections::BTreeMap<String, Tensor>,
     features: usize,
@@ -117,47 +160,68 @@ fn script_layers(
         } else if let Some(prefix) = name.strip_suffix("bias") {
             pairs.entry(prefix).or_default().1 = Some(name);
         } else {
-            return Err(format!("its parameter {name:?} is neither a linear layer's weight nor its bias"));
+            return Err(format!("its parameter {name:?} is neither a layer's weight nor its bias"));
         }
     }
-    // (weight, bias, inputs, outputs)
-    let mut layers: Vec<(&str, &str, i64, i64)> = Vec::new();
+    let (mut linears, mut convolutions): (Vec<Pair>, Vec<Pair>) = Default::default();
     for (prefix, pair) in &pairs {
         let (Some(w), Some(b)) = *pair else {
             return Err(format!("its parameters {prefix}weight and {prefix}bias do not come in pairs"));
         };
         match (vars[w].size().as_slice(), vars[b].size().as_slice()) {
-            (&[out, inp], &[bias]) if bias == out => layers.push((w, b, inp, out)),
-            (ws, bs) => return Err(format!("{w} {ws:?} and {b} {bs:?} are not a linear layer's")),
+            (&[out, inp], &[bias]) if bias == out => linears.push((w, b, inp, out)),
+            (&[out, inp, 3, 3], &[bias]) if bias == out => convolutions.push((w, b, inp, out)),
+            (&[_, _, kh, kw], &[_]) => {
+                return Err(format!(
+                    "{w} is a {kh}×{kw} convolution's; DP-SGD takes 3×3 ones (padding 1, each followed by ReLU \
+                     and 2×2 max-pooling)"
+                ));
+            }
+            (ws, bs) => return Err(format!("{w} {ws:?} and {b} {bs:?} are not a linear layer's or a convolution's")),
         }
     }
-    if layers.is_empty() || layers.len() > MAX_SCRIPT_LAYERS {
-        return Err(format!("it has {} linear layers; DP-SGD takes 1 to {MAX_SCRIPT_LAYERS}", layers.len()));
+    if linears.is_empty() || linears.len() > MAX_SCRIPT_LAYERS {
+        return Err(format!("it has {} linear layers; DP-SGD takes 1 to {MAX_SCRIPT_LAYERS}", linears.len()));
     }
-    let mut chain = Vec::with_capacity(layers.len());
-    let mut width = to_i64(features);
-    while !layers.is_empty() {
-        let next: Vec<usize> = (0..layers.len()).filter(|&i| layers[i].2 == width).collect();
-        let [i] = next.as_slice() else {
-            return Err(format!("its linear layers do not chain from {features} inputs in exactly one way"));
-        };
-        let l = layers.remove(*i);
-        width = l.3;
-        chain.push(l);
+    if convolutions.len() > MAX_SCRIPT_CONVOLUTIONS {
+        return Err(format!(
+            "it has {} convolutions; DP-SGD takes at most {MAX_SCRIPT_CONVOLUTIONS}",
+            convolutions.len()
+        ));
     }
-    if width != to_i64(classes) {
-        return Err(format!("its linear layers end in {width} outputs, not the {classes} classes"));
+    // The layers before the linear ones, for each image shape the row could
+    // be viewed as, and the width they flatten to.
+    let fronts = convolution_fronts(&convolutions, to_i64(features))?;
+    let mut candidates = Vec::new();
+    let mut why = String::new();
+    for (front, width) in fronts {
+        match chain_of(linears.clone(), width, "linear layers", "inputs") {
+            Ok(chain) if chain.last().map(|l| l.3) == Some(to_i64(classes)) => candidates.push((front, chain)),
+            Ok(chain) => {
+                let end = chain.last().map_or(width, |l| l.3);
+                why = format!("its linear layers end in {end} outputs, not the {classes} classes");
+            }
+            Err(e) => why = e,
+        }
+    }
+    if candidates.is_empty() {
+        return Err(why);
     }
     tch::no_grad(|| {
         let want = forward(probe).map_err(|e| e.to_string())?;
         let tolerance = 1e-5 * want.abs().max().double_value(&[]).max(1.0);
-        let hidden = chain.len() - 1;
+        let var = |n: &str| vars.get(n).ok_or_else(|| Error::Training(format!("tensor {n} vanished")));
         let choices = [Activation::Relu, Activation::Tanh, Activation::Identity];
-        for code in 0..3usize.pow(hidden as u32) {
-            let layers: Vec<DpLayer> = chain
-                .iter()
-                .enumerate()
-                .map(|(k, (w, b, _, _))| DpLayer::Linear {
+        let run = |layers: &[DpLayer], x: &Tensor| {
+            layers.iter().try_fold(x.shallow_clone(), |a, l| l.apply(&a, &var).ok().map(|(next, _)| next))
+        };
+        for (front, chain) in &candidates {
+            // The convolutions once per image shape; the linear layers once
+            // per choice of activations.
+            let Some(flat) = run(front, probe) else { continue };
+            let hidden = chain.len() - 1;
+            for code in 0..3usize.pow(hidden as u32) {
+                let linear = chain.iter().enumerate().map(|(k, (w, b, _, _))| DpLayer::Linear {
                     weight: (*w).to_owned(),
                     bias: (*b).to_owned(),
                     activation: if k < hidden {
@@ -165,22 +229,85 @@ fn script_layers(
                     } else {
                         Activation::Identity
                     },
-                })
-                .collect();
-            let mut a = probe.shallow_clone();
-            for l in &layers {
-                if let DpLayer::Linear { weight, bias, activation } = l {
-                    a = activation.apply(&a.linear(&vars[weight], Some(&vars[bias])));
+                });
+                let linear: Vec<DpLayer> = linear.collect();
+                if let Some(a) = run(&linear, &flat)
+                    && a.size() == want.size()
+                    && (a - &want).abs().max().double_value(&[]) <= tolerance
+                {
+                    return Ok(front.iter().cloned().chain(linear).collect());
                 }
             }
-            if a.size() == want.size() && (a - &want).abs().max().double_value(&[]) <= tolerance {
-                return Ok(layers);
-            }
         }
-        Err("its forward is not a chain of its linear layers with ReLU, tanh or no activation between them \
-             (checked on probe rows)"
+        Err("its forward is not a chain of its layers that DP-SGD takes (3×3 convolutions with padding 1, each \
+             followed by ReLU and 2×2 max-pooling, then linear layers with ReLU, tanh or no activation between \
+             them; checked on probe rows)"
             .to_owned())
     })
+}
+
+/// `pairs` in the one order that chains them from `width` (each one's
+/// inputs the previous one's outputs), or why there is none.
+fn chain_of<'a>(mut pairs: Vec<Pair<'a>>, mut width: i64, what: &str, unit: &str) -> Result<Vec<Pair<'a>>, String> {
+    let first = width;
+    let mut chain = Vec::with_capacity(pairs.len());
+    while !pairs.is_empty() {
+        let next: Vec<usize> = (0..pairs.len()).filter(|&i| pairs[i].2 == width).collect();
+        let [i] = next.as_slice() else {
+            return Err(format!("its {what} do not chain from {first} {unit} in exactly one way"));
+        };
+        let l = pairs.remove(*i);
+        width = l.3;
+        chain.push(l);
+    }
+    Ok(chain)
+}
+
+/// A TorchScript module's layers before its linear ones, for each image
+/// shape its convolutions could view a row of `features` values as (the
+/// probe picks one): the view, the convolutions chained by channels, the
+/// flattening; and the width that leaves. Without convolutions, nothing
+/// and `features`.
+fn convolution_fronts(convolutions: &[Pair], features: i64) -> Result<Vec<(Vec<DpLayer>, i64)>, String> {
+    if convolutions.is_empty() {
+        return Ok(vec![(Vec::new(), features)]);
+    }
+    // The image's channels: the first convolution's inputs, which must
+    // divide the row's values.
+    let mut starts: Vec<i64> = convolutions.iter().map(|c| c.2).filter(|&c| c > 0 && features % c == 0).collect();
+    starts.sort_unstable();
+    starts.dedup();
+    let chains: Vec<(i64, Vec<Pair>)> = starts
+        .into_iter()
+        .filter_map(|c| chain_of(convolutions.to_vec(), c, "convolutions", "channels").ok().map(|chain| (c, chain)))
+        .collect();
+    let [(channels, chain)] = chains.as_slice() else {
+        return Err(format!("its convolutions do not chain from an image of {features} values in exactly one way"));
+    };
+    let last = chain.last().map_or(*channels, |l| l.3);
+    let pixels = features / channels;
+    let mut fronts = Vec::new();
+    // The squarest shapes first: the likeliest, so the probe finds the
+    // module's sooner.
+    let mut heights: Vec<i64> = (1..=pixels).filter(|h| pixels % h == 0).collect();
+    heights.sort_by_key(|&h| (h - pixels / h).abs());
+    for h in heights {
+        let w = pixels / h;
+        let mut layers = vec![DpLayer::Image { shape: [*channels, h, w] }];
+        let (mut hh, mut ww) = (h, w);
+        for (weight, bias, _, _) in chain {
+            layers.push(DpLayer::Conv { weight: (*weight).to_owned(), bias: (*bias).to_owned() });
+            (hh, ww) = (hh / 2, ww / 2);
+        }
+        if hh > 0 && ww > 0 {
+            layers.push(DpLayer::Flatten);
+            fronts.push((layers, last * hh * ww));
+        }
+    }
+    if fronts.is_empty() {
+        return Err(format!("its {} convolutions pool an image of {pixels} pixels away", chain.len()));
+    }
+    Ok(fronts)
 }
 
 /// A libtorch model over one party's rows.
@@ -469,23 +596,12 @@ impl TorchTrainer {
         let mut kept: Vec<(&DpLayer, Tensor)> = Vec::new();
         let mut outs: Vec<Tensor> = Vec::new();
         for layer in layers {
-            match layer {
-                DpLayer::Linear { weight, bias, activation } => {
-                    let (w, b) = (var(weight)?, var(bias)?);
-                    let z = a.f_linear(w, Some(b)).map_err(torch_err("linear"))?;
-                    kept.push((layer, a.detach()));
-                    a = activation.apply(&z);
-                    outs.push(z);
-                }
-                DpLayer::Conv { weight, bias } => {
-                    let (w, b) = (var(weight)?, var(bias)?);
-                    let z = a.f_conv2d(w, Some(b), [1, 1], [1, 1], [1, 1], 1).map_err(torch_err("conv2d"))?;
-                    kept.push((layer, a.detach()));
-                    a = z.relu().max_pool2d_default(2);
-                    outs.push(z);
-                }
-                DpLayer::Flatten => a = a.flatten(1, -1),
+            let (next, z) = layer.apply(&a, &var)?;
+            if let Some(z) = z {
+                kept.push((layer, a.detach()));
+                outs.push(z);
             }
+            a = next;
         }
         // The summed (not averaged) loss: its gradient at row i's z is row i's own.
         let loss = a.cross_entropy_for_logits(ys) * (batch_rows as f64);
@@ -562,7 +678,7 @@ impl TorchTrainer {
                     }
                     per_layer.push((weight, bias, PerRow::Conv(conv)));
                 }
-                DpLayer::Flatten => {}
+                DpLayer::Flatten | DpLayer::Image { .. } => {}
             }
         }
         let norms: Vec<f64> = norm2.iter().map(|n| n.sqrt()).collect();
@@ -1101,6 +1217,7 @@ mod tests {
     fn per_example_gradients_equal_one_at_a_time_gradients() {
         let (bc, digits) = (data("breast_cancer.csv"), data("digits.csv.gz"));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/breast_cancer_mlp.pt");
+        let cnn_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/digits_cnn.pt");
         let cases = [
             (
                 ModelConfig::new(2, Architecture::LogisticRegression { engine: confide_algorithms::Engine::Torch }),
@@ -1113,8 +1230,14 @@ mod tests {
             // a non-square image, and several input channels.
             (ModelConfig::cnn(10, vec![3, 5], [1, 8, 8]), digits.clone(), None),
             (ModelConfig::cnn(10, vec![3, 5], [1, 4, 16]), digits.clone(), None),
-            (ModelConfig::cnn(10, vec![6], [4, 4, 4]), digits, None),
+            (ModelConfig::cnn(10, vec![6], [4, 4, 4]), digits.clone(), None),
             (ModelConfig::new(2, Architecture::Torchscript { file: "bc".into() }), bc, Some(script.as_path())),
+            // The digits CNN as TorchScript (examples/models/make_digits_cnn.py).
+            (
+                ModelConfig::new(10, Architecture::Torchscript { file: "cnn".into() }),
+                digits,
+                Some(cnn_script.as_path()),
+            ),
         ];
         for (model, ds, script) in cases {
             let t = standardised(&model, ds, Dataset::default(), script);
@@ -1265,6 +1388,108 @@ mod tests {
                 .collect();
         let why = script_layers(&square, 3, 3, &probe, &|x| Ok(x.shallow_clone())).unwrap_err();
         assert!(why.contains("exactly one way"), "{why}");
+    }
+
+    /// DP-SGD trains the digits CNN brought as TorchScript
+    /// (`examples/models/digits_cnn.pt`, shaped like the built-in CNN)
+    /// through its reconstruction, to a useful model.
+    #[test]
+    fn dp_sgd_trains_a_torchscript_cnn_on_the_digits() {
+        let (train, test) = data("digits.csv.gz").split(0.25, 1);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/digits_cnn.pt");
+        let model = ModelConfig::new(10, Architecture::Torchscript { file: "cnn".into() });
+        let mut t = standardised(&model, train.clone(), test, Some(&script));
+        assert!(t.supports_dp_sgd(), "{:?}", t.dp_refusal);
+        assert_eq!(
+            t.layers.as_ref().map(|l| l.iter().map(|l| format!("{l:?}")).collect::<Vec<_>>().join(" ")),
+            Some(
+                "Image { shape: [1, 8, 8] } Conv { weight: \"conv0_weight\", bias: \"conv0_bias\" } \
+                 Conv { weight: \"conv1_weight\", bias: \"conv1_bias\" } Flatten \
+                 Linear { weight: \"out_weight\", bias: \"out_bias\", activation: Identity }"
+                    .into()
+            )
+        );
+        let plan = DpSgdPlan {
+            max_grad_norm: 1.0,
+            noise_multiplier: 1.0,
+            sampling_rate: 0.05,
+            expected_batch_size: (0.05 * train.len() as f64) as usize,
+            steps_per_round: 200,
+        };
+        let cfg =
+            FitConfig { round: 1, train: TrainConfig { learning_rate: 0.1, momentum: 0.9, ..TrainConfig::default() } };
+        assert!(t.fit_private(&cfg, &plan).unwrap().metrics.is_empty());
+        let e = t.evaluate().unwrap();
+        assert!(e.metrics["accuracy"] > 0.8, "{e:?}");
+    }
+
+    /// A TorchScript CNN is trained with DP-SGD when its convolutions are
+    /// the built-in CNN's (3×3, padding 1, each followed by ReLU and 2×2
+    /// max-pooling) over its rows viewed as an image: the image's shape is
+    /// found by the probe; another pooling, activation, kernel or layout
+    /// is refused with the reason.
+    #[test]
+    fn a_torchscript_cnn_is_reconstructed_or_refused_with_the_reason() {
+        let t = |shape: &[i64], seed: i64| {
+            tch::manual_seed(seed);
+            Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.3
+        };
+        // 2 channels of 4×8 in, 3 channels after the convolution, pooled
+        // to 2×4, then 5 hidden values and 2 classes.
+        let vars: std::collections::BTreeMap<String, Tensor> = [
+            ("c.weight", t(&[3, 2, 3, 3], 1)),
+            ("c.bias", t(&[3], 2)),
+            ("h.weight", t(&[5, 24], 3)),
+            ("h.bias", t(&[5], 4)),
+            ("o.weight", t(&[2, 5], 5)),
+            ("o.bias", t(&[2], 6)),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v))
+        .collect();
+        let probe = t(&[6, 64], 7);
+        // The module's blocks: ours, or with another pooling or activation
+        // (the same shapes, so only the probe can tell).
+        let cnn = |block: fn(Tensor) -> Tensor| {
+            let v =
+                vars.iter().map(|(n, v)| (n.clone(), v.shallow_clone())).collect::<std::collections::BTreeMap<_, _>>();
+            move |x: &Tensor| -> Result<Tensor, Error> {
+                let z = x.view([-1, 2, 4, 8]).conv2d(&v["c.weight"], Some(&v["c.bias"]), [1, 1], [1, 1], [1, 1], 1);
+                let hidden = block(z).flatten(1, -1).linear(&v["h.weight"], Some(&v["h.bias"])).tanh();
+                Ok(hidden.linear(&v["o.weight"], Some(&v["o.bias"])))
+            }
+        };
+        let layers = script_layers(&vars, 64, 2, &probe, &cnn(|z| z.relu().max_pool2d_default(2))).unwrap();
+        assert_eq!(
+            layers,
+            [
+                DpLayer::Image { shape: [2, 4, 8] },
+                DpLayer::Conv { weight: "c.weight".into(), bias: "c.bias".into() },
+                DpLayer::Flatten,
+                linear("h", Activation::Tanh),
+                linear("o", Activation::Identity),
+            ]
+        );
+        for other in [|z: Tensor| z.relu().avg_pool2d_default(2), |z: Tensor| z.sigmoid().max_pool2d_default(2)] {
+            let why = script_layers(&vars, 64, 2, &probe, &cnn(other)).unwrap_err();
+            assert!(why.contains("not a chain"), "{why}");
+        }
+        // A module whose first linear layer takes what the convolution
+        // leaves without pooling: no image shape chains.
+        let mut unpooled =
+            vars.iter().map(|(n, v)| (n.clone(), v.shallow_clone())).collect::<std::collections::BTreeMap<_, _>>();
+        unpooled.insert("h.weight".into(), t(&[5, 96], 9));
+        let why = script_layers(&unpooled, 64, 2, &probe, &|x| Ok(x.shallow_clone())).unwrap_err();
+        assert!(why.contains("linear layers do not chain from 24 inputs"), "{why}");
+        // A 5×5 kernel is named.
+        let mut five =
+            vars.iter().map(|(n, v)| (n.clone(), v.shallow_clone())).collect::<std::collections::BTreeMap<_, _>>();
+        five.insert("c.weight".into(), t(&[3, 2, 5, 5], 8));
+        let why = script_layers(&five, 64, 2, &probe, &|x| Ok(x.shallow_clone())).unwrap_err();
+        assert!(why.contains("c.weight is a 5×5 convolution's"), "{why}");
+        // Input channels that do not divide the row's values.
+        let why = script_layers(&vars, 63, 2, &probe, &|x| Ok(x.shallow_clone())).unwrap_err();
+        assert!(why.contains("do not chain from an image of 63 values"), "{why}");
     }
 
     #[test]

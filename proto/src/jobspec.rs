@@ -842,13 +842,14 @@ impl RawJobSpec {
                 err("dp", format!("applies to train jobs (kind is {:?})", kind.as_str()));
             }
             // A TorchScript module is checked by each party, against its own
-            // file (a chain of linear layers trains with DP-SGD).
+            // file (one built from the built-in models' layers trains with
+            // DP-SGD).
             if self.model.kind == confide_algorithms::ModelKind::Custom {
                 err(
                     "model.kind",
                     format!(
                         "DP-SGD needs per-example gradients, which Confide computes for logistic_regression, mlp, \
-                         cnn and TorchScript chains of linear layers; a {} model cannot train with [dp]",
+                         cnn and TorchScript modules built from their layers; a {} model cannot train with [dp]",
                         self.model.kind.as_str()
                     ),
                 );
