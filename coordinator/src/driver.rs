@@ -8,7 +8,7 @@
 //! acknowledged, the end is recorded. Whatever job machine the session
 //! runs, this loop is the same.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -73,7 +73,7 @@ impl Encoder {
 const PARTY_FLUSH: Duration = Duration::from_millis(250);
 
 /// Writes a checkpoint durably: temp file, fsync, rename, fsync directory
-/// (and, for a job's first, the new job directory's parent),
+/// (and the job directory's entry, see below),
 /// for the model and (when non-empty) the machine's state.
 fn write_checkpoint(
     dir: &Path,
@@ -81,11 +81,15 @@ fn write_checkpoint(
     cp: &Checkpoint,
 ) -> Result<(Option<crate::db::SavedModel>, Option<PathBuf>), Error> {
     let job_dir = dir.join(job);
-    if !job_dir.is_dir() {
-        std::fs::create_dir_all(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
-        // The job's directory entry durable too, or a power loss could take
-        // the first checkpoint with it.
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))?;
+    // The job's directory entry durable too, or a power loss could take the
+    // checkpoints with it: made with its parent synced, and synced once more
+    // at this process's first checkpoint of the job (an earlier run may have
+    // made it and crashed before syncing).
+    static SYNCED: std::sync::Mutex<BTreeSet<PathBuf>> = std::sync::Mutex::new(BTreeSet::new());
+    let first = SYNCED.lock().map(|mut synced| synced.insert(job_dir.clone())).unwrap_or(true);
+    confide_proto::durable::create_dirs(&job_dir, &mut |_| {}).map_err(Error::Io)?;
+    if first {
+        confide_proto::durable::sync_parent(&job_dir, &mut |_| {}).map_err(Error::Io)?;
     }
     let meta: BTreeMap<String, String> =
         [("confide.job".to_string(), job.to_string()), ("confide.round".to_string(), cp.round.to_string())].into();

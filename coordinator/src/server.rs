@@ -341,7 +341,13 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Erro
 /// [`start`] with a build's own strategies, protocols and job kinds.
 pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<RunningCoordinator, Error> {
     config.limits.validate().map_err(|e| Error::InvalidInput(e.to_string()))?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
+    // The checkpoints' directory durable before any checkpoint is written
+    // in it (and synced again at every start: an earlier run may have
+    // crashed before syncing its entry).
+    let models_dir = config.data_dir.join("models");
+    confide_proto::durable::create_dirs(&models_dir, &mut |_| {})
+        .and_then(|()| confide_proto::durable::sync_parent(&models_dir, &mut |_| {}))
+        .map_err(Error::Io)?;
     let db = Db::open(&config.data_dir.join("confide.db"))?;
     db.reset_connections()?;
     let pki = PkiDir::new(&config.pki);
@@ -366,7 +372,7 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
         pki: pki.clone(),
         revocations: revocations.clone(),
         limits: config.limits,
-        models_dir: config.data_dir.join("models"),
+        models_dir,
         retention: config.models,
         parties: Mutex::new(HashMap::new()),
         delegations: Mutex::default(),

@@ -11,19 +11,22 @@ by Confide) and returns [batch, 10] logits.
 This script needs no PyTorch: it writes the TorchScript archive itself (the
 module's TorchScript source, its parameters pickled as `torch.save` does,
 zipped), because the PyTorch wheel here cannot import without CUDA
-libraries. With a full PyTorch install the same module is
+libraries. With a full PyTorch install, `torch.jit.script` of this module
+writes the same parameters under the same names (the names are what the
+parties' models are matched by):
 
     class DigitsCnn(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv0 = torch.nn.Conv2d(1, 16, 3, padding=1)
-            self.conv1 = torch.nn.Conv2d(16, 32, 3, padding=1)
-            self.out = torch.nn.Linear(32 * 2 * 2, 10)
+            P = torch.nn.Parameter
+            self.conv0_weight, self.conv0_bias = P(torch.empty(16, 1, 3, 3)), P(torch.empty(16))
+            self.conv1_weight, self.conv1_bias = P(torch.empty(32, 16, 3, 3)), P(torch.empty(32))
+            self.out_weight, self.out_bias = P(torch.empty(10, 128)), P(torch.empty(10))
         def forward(self, x):
             x = x.reshape(-1, 1, 8, 8)
-            x = F.max_pool2d(F.relu(self.conv0(x)), 2)
-            x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-            return self.out(x.flatten(1))
+            x = F.max_pool2d(F.relu(F.conv2d(x, self.conv0_weight, self.conv0_bias, padding=1)), 2)
+            x = F.max_pool2d(F.relu(F.conv2d(x, self.conv1_weight, self.conv1_bias, padding=1)), 2)
+            return F.linear(x.flatten(1), self.out_weight, self.out_bias)
 
 Regenerate with:  python3 examples/models/make_digits_cnn.py
 """

@@ -7,7 +7,8 @@
 //! * **On acceptance** it *reserves* the whole job's cost in the ledger
 //!   file (written to a temporary file, fsynced, renamed, directory
 //!   fsynced; a directory the party creates for it has its parent
-//!   fsynced) before it touches the data. A crash at any later point
+//!   fsynced, and its entry is synced again at every start) before it
+//!   touches the data. A crash at any later point
 //!   leaves at least what was spent on record: the ledger never
 //!   under-counts. A job offered again (the coordinator resumed it) is not
 //!   charged twice.
@@ -32,6 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use confide_algorithms::TrainConfig;
 use confide_proto::dpspec::DpSpec;
+use confide_proto::durable;
 use confide_proto::jobspec::JobSpec;
 use serde::{Deserialize, Serialize};
 
@@ -180,9 +182,11 @@ impl Ledger {
     /// silently reset).
     pub fn open(path: &Path) -> Result<Arc<Ledger>, String> {
         let lock_path = path.with_extension("lock");
-        if let Some(dir) = lock_path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            create_dirs_durably(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
+        let dir = lock_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        create_dirs(dir)?;
+        // Made by an earlier run that crashed before syncing its entry:
+        // durable now, before anything is recorded in it.
+        durable::sync_parent(dir, &mut durable_step)?;
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -372,46 +376,24 @@ impl Ledger {
         let fail = |e: std::io::Error| format!("privacy ledger {}: {e}", self.path.display());
         let text = serde_json::to_string_pretty(file).map_err(|e| format!("privacy ledger: {e}"))?;
         let dir = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        create_dirs_durably(dir).map_err(fail)?;
+        create_dirs(dir)?;
         let tmp = self.path.with_extension("json.tmp");
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp).map_err(fail)?;
             f.write_all(text.as_bytes()).map_err(fail)?;
             f.sync_all().map_err(fail)?;
-            durable_step(|| format!("sync file {}", tmp.display()));
+            durable_step(format!("sync file {}", tmp.display()));
         }
         std::fs::rename(&tmp, &self.path).map_err(fail)?;
-        durable_step(|| format!("rename {} -> {}", tmp.display(), self.path.display()));
-        sync_dir(dir).map_err(fail)
+        durable_step(format!("rename {} -> {}", tmp.display(), self.path.display()));
+        durable::sync_dir(dir, &mut durable_step).map_err(|e| format!("privacy ledger: {e}"))
     }
 }
 
-/// Creates `dir` and its missing ancestors, each new one's parent fsynced
-/// after it is made: after a power loss a ledger in a directory the party
-/// created would otherwise vanish with its directory entry, and an absent
-/// ledger reads as nothing spent.
-fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
-    if dir.as_os_str().is_empty() || dir.is_dir() {
-        return Ok(());
-    }
-    let parent = dir.parent().unwrap_or(Path::new(""));
-    create_dirs_durably(parent)?;
-    match std::fs::create_dir(dir) {
-        Ok(()) => durable_step(|| format!("create dir {}", dir.display())),
-        // Made meanwhile by another thread: synced here too, since that
-        // thread may not have synced it yet.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
-        Err(e) => return Err(e),
-    }
-    sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })
-}
-
-/// Fsyncs a directory, making the entries created or renamed in it durable.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all())?;
-    durable_step(|| format!("sync dir {}", dir.display()));
-    Ok(())
+/// [`durable::create_dirs`], the error saying it is the ledger's.
+fn create_dirs(dir: &Path) -> Result<(), String> {
+    durable::create_dirs(dir, &mut durable_step).map_err(|e| format!("privacy ledger: {e}"))
 }
 
 /// The ledger's durable steps in the order taken, recorded in tests
@@ -421,10 +403,10 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 static DURABLE_STEPS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-fn durable_step(_step: impl FnOnce() -> String) {
+fn durable_step(_step: String) {
     #[cfg(test)]
     if let Ok(mut steps) = DURABLE_STEPS.lock() {
-        steps.push(_step());
+        steps.push(_step);
     }
 }
 
@@ -604,11 +586,7 @@ local_epochs = 2",
     fn steps_under(root: &Path) -> Vec<String> {
         let root = root.display().to_string();
         let steps = DURABLE_STEPS.lock().unwrap();
-        steps
-            .iter()
-            .filter(|s| s.split(' ').any(|word| word.starts_with(&root)))
-            .map(|s| s.replace(&root, "ROOT"))
-            .collect()
+        steps.iter().filter(|s| s.contains(&root)).map(|s| s.replace(&root, "ROOT")).collect()
     }
 
     #[test]
@@ -620,7 +598,15 @@ local_epochs = 2",
         let ledger = Ledger::open(&path).unwrap();
         assert_eq!(
             steps_under(dir.path()),
-            ["create dir ROOT/hospital", "sync dir ROOT", "create dir ROOT/hospital/privacy", "sync dir ROOT/hospital",]
+            [
+                "create dir ROOT/hospital",
+                "sync dir ROOT",
+                "create dir ROOT/hospital/privacy",
+                "sync dir ROOT/hospital",
+                // Once more at every open: an earlier run may have made the
+                // directory and crashed before syncing its entry.
+                "sync dir ROOT/hospital",
+            ]
         );
         // A reservation, then a round: each is its contents fsynced under a
         // temporary name, renamed over the ledger, the rename fsynced.
@@ -632,9 +618,13 @@ local_epochs = 2",
             "rename ROOT/hospital/privacy/ledger.json.tmp -> ROOT/hospital/privacy/ledger.json",
             "sync dir ROOT/hospital/privacy",
         ];
-        assert_eq!(steps_under(dir.path())[4..], [write, write].concat());
+        assert_eq!(steps_under(dir.path())[5..], [write, write].concat());
         let reread = Ledger::read(&path).unwrap();
         assert_eq!(reread.datasets["d"].jobs["j1"].rounds_started, 1);
+        // Reopened (a new run): the directory's entry is synced again.
+        drop((guard, ledger));
+        let _ledger = Ledger::open(&path).unwrap();
+        assert_eq!(steps_under(dir.path())[11..], ["sync dir ROOT/hospital"]);
     }
 
     #[test]

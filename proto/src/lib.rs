@@ -8,10 +8,12 @@
 //!   field path and file name).
 //! * [`status`]: the JSON job status shown by `confide job status --json`.
 //! * [`telemetry`]: Prometheus metrics served at `/metrics`.
+//! * [`durable`]: directories made durable for crash-safe files.
 //! * [`Limits`]: every size the federation enforces at its boundaries.
 
 pub mod deploy;
 pub mod dpspec;
+pub mod durable;
 pub mod jobspec;
 pub mod messages;
 pub mod net;

@@ -1,0 +1,72 @@
+//! Directories made durable. A file written crash-safely (temporary file,
+//! fsync, rename, fsync of its directory: the privacy ledger, a checkpoint)
+//! survives a power loss only if its directory's own entry does too: a
+//! directory the process created is lost with its contents unless its
+//! parent is fsynced after the creation. The party's ledger and the
+//! coordinator's checkpoints both need this, hence one definition here.
+//!
+//! Each function tells `note` the durable steps it takes, in order
+//! (`"create dir …"`, `"sync dir …"`), for tests that check the order; the
+//! steps a power loss would interrupt cannot be caused in a test, but their
+//! order can be checked.
+
+use std::path::Path;
+
+/// Creates `dir` and its missing ancestors, each new one's parent fsynced
+/// after it is made. A directory another thread or process makes meanwhile
+/// has its parent fsynced here too (its maker may not have done so yet).
+/// The error names the directory at fault.
+pub fn create_dirs(dir: &Path, note: &mut dyn FnMut(String)) -> Result<(), String> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().unwrap_or(Path::new(""));
+    create_dirs(parent, note)?;
+    match std::fs::create_dir(dir) {
+        Ok(()) => note(format!("create dir {}", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    }
+    sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent }, note)
+}
+
+/// Fsyncs a directory, making the entries created or renamed in it durable.
+/// The error names the directory.
+pub fn sync_dir(dir: &Path, note: &mut dyn FnMut(String)) -> Result<(), String> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
+    note(format!("sync dir {}", dir.display()));
+    Ok(())
+}
+
+/// Fsyncs the parent of `dir` (which exists): a process that created `dir`
+/// and crashed before fsyncing its parent left an entry a power loss could
+/// still take; called once when a process starts using `dir`, it makes
+/// that entry durable.
+pub fn sync_parent(dir: &Path, note: &mut dyn FnMut(String)) -> Result<(), String> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    sync_dir(parent, note)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_directories_are_created_each_with_its_parent_synced() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a").join("b");
+        let mut steps = Vec::new();
+        create_dirs(&dir, &mut |s| steps.push(s.replace(&root.path().display().to_string(), "ROOT"))).unwrap();
+        assert_eq!(steps, ["create dir ROOT/a", "sync dir ROOT", "create dir ROOT/a/b", "sync dir ROOT/a"]);
+        assert!(dir.is_dir());
+        // Existing: nothing to do.
+        steps.clear();
+        create_dirs(&dir, &mut |s| steps.push(s)).unwrap();
+        assert!(steps.is_empty());
+        // A file in the way is named.
+        let file = root.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let e = create_dirs(&file.join("c"), &mut |_| {}).unwrap_err();
+        assert!(e.starts_with(&format!("{}: ", file.display())), "{e}");
+    }
+}
