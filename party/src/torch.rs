@@ -627,7 +627,10 @@ impl TorchTrainer {
             /// out once; each row's weight and bias gradients are formed in
             /// Rust ([`ConvRows`]), once for the norms and once more for the
             /// sum, in a scratch buffer kept in cache.
-            Conv(ConvRows),
+            /// Each row's weight and bias gradients as the norm pass formed
+            /// them (when they fit [`STORED_CONV_GRADIENTS`]), so that the
+            /// sum pass scales and adds them instead of forming them again.
+            Conv(ConvRows, Option<zeroize::Zeroizing<Vec<f64>>>),
         }
         let read = |t: &Tensor| -> Result<zeroize::Zeroizing<Vec<f32>>, Error> {
             let t = t.f_contiguous().map_err(torch_err("layout"))?;
@@ -675,10 +678,17 @@ impl TorchTrainer {
                         return Err(bad_shapes());
                     }
                     let mut scratch = ConvScratch::new(&conv);
+                    let per_row = scratch.dw.len() + scratch.db.len();
+                    let mut stored = (rows * per_row <= STORED_CONV_GRADIENTS)
+                        .then(|| zeroize::Zeroizing::new(Vec::with_capacity(rows * per_row)));
                     for (i, n2) in norm2.iter_mut().enumerate() {
                         *n2 += conv.row(i, &mut scratch);
+                        if let Some(stored) = stored.as_mut() {
+                            stored.extend_from_slice(&scratch.dw);
+                            stored.extend_from_slice(&scratch.db);
+                        }
                     }
-                    per_layer.push((weight, bias, PerRow::Conv(conv)));
+                    per_layer.push((weight, bias, PerRow::Conv(conv, stored)));
                 }
                 DpLayer::Flatten | DpLayer::Image { .. } => {}
             }
@@ -702,15 +712,23 @@ impl TorchTrainer {
                     }
                     (w, b)
                 }
-                PerRow::Conv(conv) => {
-                    // Each row's gradient formed again, the same operations
-                    // in the same order: the same values whose norm was taken.
+                PerRow::Conv(conv, stored) => {
+                    // Each row's gradient as stored, or formed again by the
+                    // same operations in the same order: either way the
+                    // same values whose norm was taken.
                     let mut scratch = ConvScratch::new(&conv);
                     let (mut w, mut b) = (vec![0f64; scratch.dw.len()], vec![0f64; scratch.db.len()]);
+                    let per_row = w.len() + b.len();
                     for (i, &f) in factors.iter().enumerate() {
-                        conv.row(i, &mut scratch);
-                        w.iter_mut().zip(scratch.dw.iter()).for_each(|(s, &d)| *s += f * d);
-                        b.iter_mut().zip(scratch.db.iter()).for_each(|(s, &d)| *s += f * d);
+                        let (dw, db) = match &stored {
+                            Some(stored) => stored[i * per_row..(i + 1) * per_row].split_at(w.len()),
+                            None => {
+                                conv.row(i, &mut scratch);
+                                (&scratch.dw[..], &scratch.db[..])
+                            }
+                        };
+                        w.iter_mut().zip(dw).for_each(|(s, &d)| *s += f * d);
+                        b.iter_mut().zip(db).for_each(|(s, &d)| *s += f * d);
                     }
                     // The weight's layout: the padding of each row dropped.
                     let k = conv.kernel_values();
@@ -760,6 +778,12 @@ struct ConvScratch {
     /// The row's bias gradient, out.
     db: zeroize::Zeroizing<Vec<f64>>,
 }
+
+/// Most values of a convolution's per-row gradients kept from the norm pass
+/// for the sum pass (4 MiB of f64): a batch's worth for the models DP-SGD
+/// is used with here, in the L2 cache or near it; larger layers or batches
+/// form each row's gradient again instead.
+const STORED_CONV_GRADIENTS: usize = 1 << 19;
 
 /// Kernel values per tile of the per-row product (one AVX-512 register of
 /// f64, two AVX2 ones).
