@@ -477,14 +477,36 @@ async fn a_panicking_strategy_fails_its_job_by_name_while_another_job_goes_on() 
     f.stop().await;
 }
 
+/// A coordinator whose models directory cannot be made (a file is in the
+/// way) refuses to start, naming it, rather than failing each job's first
+/// checkpoint.
+#[tokio::test]
+async fn a_coordinator_whose_models_directory_cannot_be_made_refuses_to_start() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fed = Federation::new(&["hospital-a"], &repo_root().join("examples/data/breast_cancer.csv"), true, "1");
+    let data_dir = fed.path("coordinator");
+    std::fs::create_dir_all(&data_dir).expect("data dir");
+    std::fs::write(data_dir.join("models"), b"not a directory").expect("file");
+    let config = CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        data_dir: data_dir.clone(),
+        pki: fed.path("pki"),
+        limits: Limits::default(),
+        models: Default::default(),
+        metrics: Default::default(),
+    };
+    let err = server::start_with(config, Plugins::new()).await.err().expect("refused").to_string();
+    assert!(err.contains(&data_dir.join("models").display().to_string()), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_that_cannot_be_written_fails_the_job_with_its_cause() {
-    // The models directory is a file: every checkpoint write fails.
-    let prepare = |dir: &std::path::Path| {
-        std::fs::create_dir_all(dir).expect("data dir");
-        std::fs::write(dir.join("models"), b"not a directory").expect("file");
-    };
-    let mut f = InProcess::start(Plugins::new(), PartyPlugins::new(), "", prepare).await;
+    let mut f = InProcess::start(Plugins::new(), PartyPlugins::new(), "", |_| {}).await;
+    // The models directory replaced by a file once the coordinator runs:
+    // every checkpoint write fails.
+    let models = f.fed.path("coordinator").join("models");
+    std::fs::remove_dir(&models).expect("models dir");
+    std::fs::write(&models, b"not a directory").expect("file");
     let id = f.submit(&job_spec(&f.fed.names, 3, 2, LOGREG, "")).await.expect("submitted");
     let st = f.wait_done(&id).await;
     assert_eq!(st.state, JobState::Failed);
