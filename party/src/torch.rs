@@ -1294,6 +1294,21 @@ mod tests {
         }
     }
 
+    /// DP-SGD at z = 1 and q = 0.05 for `steps` steps over `rows` rows, with
+    /// SGD at learning rate 0.1 and momentum 0.9: the training tests' setting.
+    fn dp_sgd_setup(rows: usize, steps: u64) -> (DpSgdPlan, FitConfig) {
+        let plan = DpSgdPlan {
+            max_grad_norm: 1.0,
+            noise_multiplier: 1.0,
+            sampling_rate: 0.05,
+            expected_batch_size: (0.05 * rows as f64) as usize,
+            steps_per_round: steps,
+        };
+        let cfg =
+            FitConfig { round: 1, train: TrainConfig { learning_rate: 0.1, momentum: 0.9, ..TrainConfig::default() } };
+        (plan, cfg)
+    }
+
     /// DP-SGD trains the MLP, and the TorchScript tanh MLP, on the
     /// breast-cancer rows to a useful model (z = 1, q = 0.05, 60 steps) and
     /// reports no training loss.
@@ -1301,15 +1316,7 @@ mod tests {
     fn dp_sgd_trains_the_mlp_and_a_torchscript_mlp() {
         let (train, test) = data("breast_cancer.csv").split(0.25, 1);
         let mut t = standardised(&ModelConfig::mlp(2, vec![16]), train.clone(), test, None);
-        let plan = DpSgdPlan {
-            max_grad_norm: 1.0,
-            noise_multiplier: 1.0,
-            sampling_rate: 0.05,
-            expected_batch_size: (0.05 * train.len() as f64) as usize,
-            steps_per_round: 60,
-        };
-        let cfg =
-            FitConfig { round: 1, train: TrainConfig { learning_rate: 0.1, momentum: 0.9, ..TrainConfig::default() } };
+        let (plan, cfg) = dp_sgd_setup(train.len(), 60);
         let out = t.fit_private(&cfg, &plan).unwrap();
         assert!(out.metrics.is_empty());
         let e = t.evaluate().unwrap();
@@ -1435,15 +1442,7 @@ mod tests {
                     .into()
             )
         );
-        let plan = DpSgdPlan {
-            max_grad_norm: 1.0,
-            noise_multiplier: 1.0,
-            sampling_rate: 0.05,
-            expected_batch_size: (0.05 * train.len() as f64) as usize,
-            steps_per_round: 200,
-        };
-        let cfg =
-            FitConfig { round: 1, train: TrainConfig { learning_rate: 0.1, momentum: 0.9, ..TrainConfig::default() } };
+        let (plan, cfg) = dp_sgd_setup(train.len(), 200);
         assert!(t.fit_private(&cfg, &plan).unwrap().metrics.is_empty());
         let e = t.evaluate().unwrap();
         assert!(e.metrics["accuracy"] > 0.8, "{e:?}");
@@ -1516,6 +1515,13 @@ mod tests {
         five.insert("c.weight".into(), t(&[3, 2, 5, 5], 8));
         let why = script_layers(&five, 64, 2, &probe, &|x| Ok(x.shallow_clone())).unwrap_err();
         assert!(why.contains("c.weight is a 5×5 convolution's"), "{why}");
+        // More convolutions than DP-SGD takes.
+        let seven: std::collections::BTreeMap<String, Tensor> = (0..7)
+            .flat_map(|i| [(format!("c{i}.weight"), t(&[2, 2, 3, 3], i)), (format!("c{i}.bias"), t(&[2], i))])
+            .chain([("o.weight".to_owned(), t(&[2, 2], 9)), ("o.bias".to_owned(), t(&[2], 9))])
+            .collect();
+        let why = script_layers(&seven, 64, 2, &probe, &|x| Ok(x.shallow_clone())).unwrap_err();
+        assert!(why.contains("it has 7 convolutions; DP-SGD takes at most 6"), "{why}");
         // Input channels that do not divide the row's values.
         let why = script_layers(&vars, 63, 2, &probe, &|x| Ok(x.shallow_clone())).unwrap_err();
         assert!(why.contains("do not chain from an image of 63 values"), "{why}");
