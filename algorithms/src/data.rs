@@ -3,8 +3,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, FeatureStats};
@@ -82,9 +80,28 @@ impl Dataset {
     }
 
     fn parse_csv(text: &str, opts: &CsvOptions, path: &Path) -> Result<Dataset, Error> {
+        let (ds, _) = Self::parse_csv_with(text, opts, path, None)?;
+        if ds.is_empty() {
+            return Err(Error::Data { path: path.to_owned(), line: 0, reason: "no data rows".into() });
+        }
+        Ok(ds)
+    }
+
+    /// [`Dataset::parse_csv`] (but empty files pass); under `rules`, a row
+    /// that fails a check of its own (its width, a cell that is not a
+    /// finite number, a label that is not one of the classes) is dropped
+    /// instead of failing the file, and counted.
+    fn parse_csv_with(
+        text: &str,
+        opts: &CsvOptions,
+        path: &Path,
+        rules: Option<&RowRules>,
+    ) -> Result<(Dataset, usize), Error> {
         let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
         let mut ds = Dataset::default();
-        let mut width: Option<usize> = None;
+        let mut width: Option<usize> = rules.and_then(|r| r.features).map(|f| f + 1);
+        let mut dropped = 0;
+        let mut row = Vec::new();
         for (idx, line) in text.lines().enumerate() {
             let lineno = idx + 1;
             if (opts.header && idx == 0) || line.trim().is_empty() {
@@ -92,9 +109,6 @@ impl Dataset {
             }
             let cells: Vec<&str> = line.split(',').map(str::trim).collect();
             let w = *width.get_or_insert(cells.len());
-            if cells.len() != w {
-                return Err(err(lineno, format!("{} columns where earlier rows have {w}", cells.len())));
-            }
             if w < 2 {
                 return Err(err(lineno, "need at least one feature and a label".into()));
             }
@@ -104,41 +118,77 @@ impl Dataset {
                 Some(opts.label_column as usize).filter(|&i| i < w)
             }
             .ok_or_else(|| err(lineno, format!("label_column {} is outside {w} columns", opts.label_column)))?;
-            for (c, cell) in cells.iter().enumerate() {
-                if c == label_idx {
-                    let label: f64 =
-                        cell.parse().map_err(|_| err(lineno, format!("label {cell:?} is not a number")))?;
-                    if label < 0.0 || label.fract() != 0.0 || label > u32::MAX as f64 {
-                        return Err(err(lineno, format!("label {cell:?} is not a class index")));
-                    }
-                    ds.labels.push(label as u32);
-                } else {
-                    let v: f32 = cell
-                        .parse()
-                        .map_err(|_| err(lineno, format!("column {} value {cell:?} is not a number", c + 1)))?;
-                    if !v.is_finite() {
-                        return Err(err(lineno, format!("column {} value {cell:?} is not finite", c + 1)));
-                    }
-                    ds.features.push(v);
+            match parse_row(&cells, w, label_idx, &mut row) {
+                Ok(label) if rules.is_some_and(|r| label as usize >= r.classes) => dropped += 1,
+                Ok(label) => {
+                    ds.features.extend_from_slice(&row);
+                    ds.labels.push(label);
                 }
+                Err(_) if rules.is_some() => dropped += 1,
+                Err(reason) => return Err(err(lineno, reason)),
             }
             ds.num_features = w - 1;
         }
-        if ds.is_empty() {
-            return Err(err(0, "no data rows".into()));
-        }
-        Ok(ds)
+        Ok((ds, dropped))
     }
 
-    /// Splits off a seeded random `fraction` of the rows as a held-out set:
-    /// returns `(train, held_out)`.
+    /// Splits off about `fraction` of the rows as a held-out set, each row's
+    /// side decided by its own values and `seed` alone (a keyed hash):
+    /// returns `(train, held_out)`, each in the rows' order.
+    ///
+    /// Not a shuffle of positions: there, adding or removing one row moves
+    /// every later row's position and so, under the same seed, swaps many
+    /// rows between the sides, and example-level DP (whose neighbouring
+    /// data sets differ by one row) would not hold for the training set,
+    /// nor would a DP evaluation's sensitivity for the held-out one. Here a
+    /// row's side never depends on another row: data sets that differ by
+    /// one row give training sets, and held-out sets, that differ by at
+    /// most that row, whatever the seed. Equal rows fall on one side.
     pub fn split(&self, fraction: f64, seed: u64) -> (Dataset, Dataset) {
+        let (mut held, mut train) = (Vec::new(), Vec::new());
+        for i in 0..self.len() {
+            if self.is_held_out(i, fraction, seed) {
+                held.push(i);
+            } else {
+                train.push(i);
+            }
+        }
+        (self.select(&train), self.select(&held))
+    }
+
+    /// Exactly round(n·`fraction`) rows (at least one row left) held out by
+    /// a seeded shuffle of positions: `(rest, held_out)`. For preparing
+    /// data sets (`confide data split` writes its test file so); not for a
+    /// party's held-out rows, which [`Dataset::split`] chooses, since here
+    /// one row added or removed moves others between the sides.
+    pub fn shuffle_split(&self, fraction: f64, seed: u64) -> (Dataset, Dataset) {
+        use rand::SeedableRng as _;
+        use rand::seq::SliceRandom as _;
         let mut idx: Vec<usize> = (0..self.len()).collect();
         idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
         let held = ((self.len() as f64) * fraction).round() as usize;
         let held = held.min(self.len().saturating_sub(1));
         let (h, t) = idx.split_at(held);
         (self.select(t), self.select(h))
+    }
+
+    /// Whether row `i` is held out: a BLAKE3 hash of the seed, its values
+    /// and its label, as a uniform 64-bit number, is below `fraction`·2^64.
+    fn is_held_out(&self, i: usize, fraction: f64, seed: u64) -> bool {
+        // 0 (or NaN, which the spec refuses) holds nothing out.
+        if fraction.is_nan() || fraction <= 0.0 {
+            return false;
+        }
+        let mut h = blake3::Hasher::new_derive_key("confide held-out split v1");
+        h.update(&seed.to_le_bytes());
+        for v in self.row(i) {
+            h.update(&v.to_le_bytes());
+        }
+        h.update(&self.labels[i].to_le_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        // fraction < 1 (the spec's bound is 0.9): the product is below 2^64.
+        (u64::from_le_bytes(first) as f64) < fraction.min(1.0) * 2f64.powi(64)
     }
 
     /// Appends `other`'s rows (of the same width).
@@ -187,13 +237,53 @@ impl Dataset {
     }
 }
 
+/// One data line's `cells` (`width` of them, the label at `label_idx`):
+/// its features into `row`, and its label; or why it is not a row.
+fn parse_row(cells: &[&str], width: usize, label_idx: usize, row: &mut Vec<f32>) -> Result<u32, String> {
+    if cells.len() != width {
+        return Err(format!("{} columns where earlier rows have {width}", cells.len()));
+    }
+    row.clear();
+    let mut label = 0;
+    for (c, cell) in cells.iter().enumerate() {
+        if c == label_idx {
+            let l: f64 = cell.parse().map_err(|_| format!("label {cell:?} is not a number"))?;
+            if l < 0.0 || l.fract() != 0.0 || l > u32::MAX as f64 {
+                return Err(format!("label {cell:?} is not a class index"));
+            }
+            label = l as u32;
+        } else {
+            let v: f32 = cell.parse().map_err(|_| format!("column {} value {cell:?} is not a number", c + 1))?;
+            if !v.is_finite() {
+                return Err(format!("column {} value {cell:?} is not finite", c + 1));
+            }
+            row.push(v);
+        }
+    }
+    Ok(label)
+}
+
+/// How a DP job reads its rows (set by the party): a row that fails a
+/// check of its own is dropped, not a reason to refuse the job, since
+/// whether a job is refused must not depend on one patient's row (a
+/// coordinator could otherwise ask, through `model.classes`, whether any
+/// row has a label above k). Dropping a row is a function of that row
+/// alone, so data sets that differ by one row still differ by at most one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowRules {
+    /// Features per row when the spec fixes them (`dp.feature_ranges`);
+    /// otherwise the first row's width is the data set's.
+    pub features: Option<usize>,
+    /// Labels must be below this (`model.classes`).
+    pub classes: usize,
+}
+
 /// Where a data set lives and how to read it (a party's `[datasets.NAME]` table).
 ///
 /// `path` is a file, or a directory of CSV batches (`*.csv`, `*.csv.gz`,
 /// read in name order): a *watched* data set, which incremental pipelines
-/// retrain on as batches arrive. Each batch of a directory is split into
-/// training and held-out rows on its own, so a row stays on its side of
-/// the split as batches are added.
+/// retrain on as batches arrive. Each row's side of the held-out split is
+/// its own ([`Dataset::split`]), so it stays there as batches are added.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetSource {
@@ -212,6 +302,10 @@ pub struct DatasetSource {
     /// score versions on new batches).
     #[serde(skip)]
     pub all_held_out: bool,
+    /// For one DP job, rows that fail a check of their own are dropped
+    /// ([`RowRules`]; set by the party).
+    #[serde(skip)]
+    pub drop_invalid_rows: Option<RowRules>,
 }
 
 /// Supported file formats.
@@ -226,7 +320,14 @@ pub enum DataFormat {
 impl DatasetSource {
     /// A CSV file with the default layout (no header, label last).
     pub fn csv(path: PathBuf) -> Self {
-        DatasetSource { path, format: DataFormat::Csv, csv: CsvOptions::default(), only: None, all_held_out: false }
+        DatasetSource {
+            path,
+            format: DataFormat::Csv,
+            csv: CsvOptions::default(),
+            only: None,
+            all_held_out: false,
+            drop_invalid_rows: None,
+        }
     }
 
     /// Whether `path` is a directory of batches.
@@ -267,20 +368,32 @@ impl DatasetSource {
 
     /// Loads the data set (every batch of a directory).
     pub fn load(&self) -> Result<Dataset, Error> {
-        let DataFormat::Csv = self.format;
-        if !self.is_watched() {
-            return Dataset::load_csv(&self.path, &self.csv);
-        }
         let mut all = Dataset::default();
-        self.each_batch(|_, ds| all.append(ds))?;
+        let width = self.each_batch(|ds| all.append(ds))?;
+        all.num_features = width;
         Ok(all)
     }
 
-    /// Reads each selected batch, checking that all have one width.
-    fn each_batch(&self, mut f: impl FnMut(&str, &Dataset)) -> Result<usize, Error> {
+    /// Reads each selected batch (the file itself when it is not a
+    /// directory), checking that all have one width: under
+    /// [`DatasetSource::drop_invalid_rows`], the first rows' width, or the
+    /// spec's, is every batch's, and rows of another are dropped. Returns
+    /// the width and the rows dropped; no rows at all is an error.
+    fn each_batch_counted(&self, mut f: impl FnMut(&Dataset)) -> Result<(usize, usize), Error> {
+        let DataFormat::Csv = self.format;
+        let mut rules = self.drop_invalid_rows;
         let mut width = None;
+        let (mut rows, mut dropped) = (0, 0);
         for file in self.files()? {
-            let ds = Dataset::load_csv(&file, &self.csv)?;
+            let text = Dataset::read_text(&file)?;
+            let (ds, d) = Dataset::parse_csv_with(&text, &self.csv, &file, rules.as_ref())?;
+            dropped += d;
+            if ds.is_empty() {
+                if rules.is_none() {
+                    return Err(Error::Data { path: file, line: 0, reason: "no data rows".into() });
+                }
+                continue;
+            }
             match width {
                 None => width = Some(ds.num_features),
                 Some(w) if w != ds.num_features => {
@@ -292,38 +405,52 @@ impl DatasetSource {
                 }
                 Some(_) => {}
             }
-            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            f(&name, &ds);
+            if let Some(r) = rules.as_mut() {
+                r.features = Some(ds.num_features);
+            }
+            rows += ds.len();
+            f(&ds);
         }
-        Ok(width.unwrap_or(0))
+        if let (0, Some(r)) = (rows, self.drop_invalid_rows) {
+            let width = r.features.map_or_else(String::new, |n| format!("the {n} features the spec's ranges give, "));
+            return Err(Error::Data {
+                path: self.path.clone(),
+                line: 0,
+                reason: format!(
+                    "no valid data rows: all {dropped} dropped (a row needs {width}a finite number in each cell                      and a label below model.classes = {})",
+                    r.classes
+                ),
+            });
+        }
+        Ok((width.unwrap_or(0), dropped))
     }
 
-    /// Loads the data set and splits off a seeded `fraction` as held-out
-    /// rows: `(train, held_out)`. A directory's batches are split one by one
-    /// (seeded by the batch's name), so each row's side never changes.
+    fn each_batch(&self, f: impl FnMut(&Dataset)) -> Result<usize, Error> {
+        self.each_batch_counted(f).map(|(width, _)| width)
+    }
+
+    /// Loads the data set and splits off about `fraction` of it as held-out
+    /// rows ([`Dataset::split`]): `(train, held_out)`. Each row's side
+    /// depends on the row alone, so it never changes as a directory's
+    /// batches arrive.
     pub fn load_split(&self, fraction: f64, seed: u64) -> Result<(Dataset, Dataset), Error> {
-        let DataFormat::Csv = self.format;
-        if !self.is_watched() {
-            let ds = Dataset::load_csv(&self.path, &self.csv)?;
-            return Ok(if self.all_held_out { (ds.clone(), ds) } else { ds.split(fraction, seed) });
-        }
+        self.load_split_counted(fraction, seed).map(|(train, held, _)| (train, held))
+    }
+
+    /// [`DatasetSource::load_split`], with the rows dropped under
+    /// [`DatasetSource::drop_invalid_rows`].
+    pub fn load_split_counted(&self, fraction: f64, seed: u64) -> Result<(Dataset, Dataset, usize), Error> {
         let mut train = Dataset::default();
         let mut held = Dataset::default();
-        let width = self.each_batch(|name, ds| {
-            let (t, h) =
-                if self.all_held_out { (ds.clone(), ds.clone()) } else { ds.split(fraction, seed ^ fnv1a(name)) };
+        let (width, dropped) = self.each_batch_counted(|ds| {
+            let (t, h) = if self.all_held_out { (ds.clone(), ds.clone()) } else { ds.split(fraction, seed) };
             train.append(&t);
             held.append(&h);
         })?;
         train.num_features = width;
         held.num_features = width;
-        Ok((train, held))
+        Ok((train, held, dropped))
     }
-}
-
-/// FNV-1a of a batch's name: a stable per-batch split seed.
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[cfg(test)]
@@ -345,6 +472,112 @@ mod tests {
         assert!(e.to_string().contains(":2"), "{e}");
         assert!(Dataset::parse_csv("1,2,0.5\n", &CsvOptions::default(), p).is_err());
         assert!(Dataset::parse_csv("", &CsvOptions::default(), p).is_err());
+    }
+
+    /// A data set of `n` rows of 3 features from `seed`, some rows repeated.
+    fn rows(n: usize, seed: u64) -> Dataset {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut ds = Dataset { num_features: 3, ..Dataset::default() };
+        for i in 0..n {
+            if i > 0 && g.random_bool(0.05) {
+                let j = g.random_range(0..i);
+                let row = ds.row(j).to_vec();
+                ds.features.extend_from_slice(&row);
+                ds.labels.push(ds.labels[j]);
+            } else {
+                ds.features.extend((0..3).map(|_| g.random_range(-5.0f32..5.0)));
+                ds.labels.push(g.random_range(0..3));
+            }
+        }
+        ds
+    }
+
+    /// The rows of `ds` but row `i` (its neighbour; `ds` is the neighbour
+    /// with a row added there).
+    fn without(ds: &Dataset, i: usize) -> Dataset {
+        let keep: Vec<usize> = (0..ds.len()).filter(|&k| k != i).collect();
+        ds.select(&keep)
+    }
+
+    fn rows_of(ds: &Dataset) -> Vec<(Vec<u32>, u32)> {
+        (0..ds.len()).map(|i| (ds.row(i).iter().map(|v| v.to_bits()).collect(), ds.labels[i])).collect()
+    }
+
+    /// What example-level DP needs of the split: data sets that differ by
+    /// one row (removed anywhere, or added anywhere) split into training
+    /// sets, and held-out sets, that differ by at most that row, in the
+    /// same order, whatever the seed and fraction. (A seeded shuffle of
+    /// positions, the split before this one, fails it: one row removed
+    /// moves every later row's position.)
+    #[test]
+    fn neighbouring_data_sets_split_into_neighbouring_sides() {
+        for (case, fraction) in [0.1, 0.2, 0.5, 0.89].into_iter().enumerate() {
+            let ds = rows(300, case as u64);
+            let seed = 1000 + case as u64;
+            let (train, held) = ds.split(fraction, seed);
+            assert_eq!(train.len() + held.len(), ds.len());
+            for i in [0, 1, 7, 150, 299] {
+                let smaller = without(&ds, i);
+                let (t2, h2) = smaller.split(fraction, seed);
+                let (t, h) = (rows_of(&train), rows_of(&held));
+                let removed = &rows_of(&ds)[i];
+                // The row removed left exactly one side, once; nothing else moved.
+                let side_of_removed = if held.len() > h2.len() { (&h, rows_of(&h2)) } else { (&t, rows_of(&t2)) };
+                let other = if held.len() > h2.len() { (&t, rows_of(&t2)) } else { (&h, rows_of(&h2)) };
+                assert_eq!(other.0, &other.1, "fraction {fraction}, row {i}: the other side changed");
+                assert_eq!(side_of_removed.0.len(), side_of_removed.1.len() + 1);
+                let at = (0..side_of_removed.1.len())
+                    .find(|&k| side_of_removed.0[k] != side_of_removed.1[k])
+                    .unwrap_or(side_of_removed.1.len());
+                assert_eq!(&side_of_removed.0[at], removed, "fraction {fraction}, row {i}");
+                let mut rest = side_of_removed.0.clone();
+                rest.remove(at);
+                assert_eq!(rest, side_of_removed.1, "fraction {fraction}, row {i}: more than the row moved");
+            }
+        }
+    }
+
+    /// About `fraction` of the rows are held out (within 5 standard
+    /// deviations of a binomial count: fails by chance with probability
+    /// below 10^-6), another seed splits otherwise, and 0 holds out none.
+    #[test]
+    fn the_split_holds_out_about_the_fraction() {
+        let ds = rows(20_000, 9);
+        for fraction in [0.05, 0.2, 0.5] {
+            let held = ds.split(fraction, 3).1.len() as f64;
+            let (mean, sd) = (fraction * 20_000.0, (20_000.0 * fraction * (1.0 - fraction)).sqrt());
+            assert!((held - mean).abs() < 5.0 * sd, "fraction {fraction}: {held} held out");
+        }
+        assert_ne!(rows_of(&ds.split(0.2, 3).1), rows_of(&ds.split(0.2, 4).1), "the seed matters");
+        assert_eq!(ds.split(0.0, 3).1.len(), 0);
+    }
+
+    /// Under a DP job's rules each row that fails a check of its own is
+    /// dropped, not a reason to refuse the data set: a wrong width (the
+    /// spec's, even for the first row), a cell that is not a finite
+    /// number, a label that is not a class index or not below the classes.
+    /// The same file without the rules fails at its first bad line; with
+    /// no valid row it fails either way.
+    #[test]
+    fn a_dp_jobs_rows_that_fail_their_own_checks_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.csv");
+        let text = "9,9,9,0\n1,2,0\n3,x,1\n4,inf,1\n5,6,7\n7,8,-1\n9,1,0.5\n2,2,2\n,3,1\n";
+        std::fs::write(&path, text).unwrap();
+        let mut src = DatasetSource::csv(path.clone());
+        let e = src.load_split_counted(0.0, 1).unwrap_err().to_string();
+        assert!(e.contains("rows.csv:2") && e.contains("3 columns"), "{e}");
+        src.drop_invalid_rows = Some(RowRules { features: Some(2), classes: 3 });
+        let (train, held, dropped) = src.load_split_counted(0.0, 1).unwrap();
+        assert_eq!((train.features, train.labels, held.len(), dropped), (vec![1.0, 2.0, 2.0, 2.0], vec![0, 2], 0, 7));
+        // Without the spec's width, the first row's is the data set's.
+        src.drop_invalid_rows = Some(RowRules { features: None, classes: 3 });
+        assert_eq!(src.load_split_counted(0.0, 1).unwrap().0.labels, vec![0]);
+        std::fs::write(&path, "1,x,0\n5,6,7\n").unwrap();
+        src.drop_invalid_rows = Some(RowRules { features: Some(2), classes: 3 });
+        let e = src.load_split_counted(0.0, 1).unwrap_err().to_string();
+        assert!(e.contains("all 2 dropped") && e.contains("the 2 features"), "{e}");
     }
 
     #[test]
@@ -377,8 +610,17 @@ mod tests {
         let (t1, h1) = ds.split(0.25, 7);
         let (t2, h2) = ds.split(0.25, 7);
         assert_eq!((t1.clone(), h1.clone()), (t2, h2));
-        assert_eq!((t1.len(), h1.len()), (15, 5));
+        // Each row's side is its own: about a quarter of 20 are held out.
+        assert_eq!(t1.len() + h1.len(), 20);
+        assert!((1..=10).contains(&h1.len()), "{} held out", h1.len());
         let mut all: Vec<f32> = t1.features.iter().chain(&h1.features).copied().collect();
+        all.sort_by(f32::total_cmp);
+        assert_eq!(all, ds.features);
+        // The shuffle holds out exactly a quarter, the same for the seed.
+        let (t, h) = ds.shuffle_split(0.25, 7);
+        assert_eq!((t.len(), h.len()), (15, 5));
+        assert_eq!(ds.shuffle_split(0.25, 7), (t.clone(), h.clone()));
+        let mut all: Vec<f32> = t.features.iter().chain(&h.features).copied().collect();
         all.sort_by(f32::total_cmp);
         assert_eq!(all, ds.features);
     }

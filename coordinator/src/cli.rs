@@ -699,7 +699,7 @@ fn split_data(
         return Err(Error::InvalidInput("--test-fraction: must be in [0, 0.9)".into()));
     }
     let ds = Dataset::load_csv(input, &CsvOptions { header, label_column: -1 })?;
-    let (rest, test) = ds.split(test_fraction, seed);
+    let (rest, test) = ds.shuffle_split(test_fraction, seed);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let shares = match dirichlet {
         None => contiguous_shares(rest.len(), &weights),

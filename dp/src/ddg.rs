@@ -89,7 +89,8 @@ impl AdaptiveClip {
     /// σ_b ≤ z/2 leaves nothing for the updates.
     pub fn joint(&self, clip: f64, z: f64) -> Option<(f64, f64)> {
         let rest = 1.0 - z * z / (4.0 * self.count_stddev * self.count_stddev);
-        if !(rest > 0.0 && clip > 0.0 && clip.is_finite()) {
+        // A negative σ_b squares to a valid one, but would make κ negative.
+        if !(rest > 0.0 && self.count_stddev > 0.0 && clip > 0.0 && clip.is_finite()) {
             return None;
         }
         let joint = clip / rest.sqrt();
@@ -1441,6 +1442,29 @@ fn unrotate(v: &mut [f64], seed: &[u8; 32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Why adaptive clipping costs no ε beyond the fixed clip's: the
+    /// update (clipped to C) and its count coordinate (b − ½)·κ form one
+    /// vector of norm at most C′ with C′² = C² + κ²/4, noised at z·C′, so
+    /// the count's noise is σ_b in count units (z·C′/κ) while the vector's
+    /// noise multiplier stays z. A negative or too small σ_b is refused.
+    #[test]
+    fn the_joint_vector_carries_the_count_at_the_same_noise_multiplier() {
+        for (clip, z, sigma_b) in [(1.0, 1.0, 2.0), (0.1, 0.7, 0.5), (30.0, 2.5, 100.0), (1e-3, 1.0, 0.51)] {
+            let a = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_stddev: sigma_b };
+            let (joint, kappa) = a.joint(clip, z).expect("valid");
+            let rel = |x: f64, y: f64| ((x - y) / y).abs();
+            assert!(
+                rel(joint * joint, clip * clip + kappa * kappa / 4.0) < 1e-12,
+                "C′² = C² + κ²/4 at {clip}, {z}, {sigma_b}"
+            );
+            assert!(rel(z * joint / kappa, sigma_b) < 1e-12, "the count's noise is σ_b at {clip}, {z}, {sigma_b}");
+        }
+        for sigma_b in [-2.0, 0.5, 0.0, f64::NAN] {
+            let a = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_stddev: sigma_b };
+            assert_eq!(a.joint(1.0, 1.0), None, "σ_b = {sigma_b} at z = 1");
+        }
+    }
 
     fn config(dim: usize, parties: usize, bits: u32) -> DdgConfig {
         DdgConfig {

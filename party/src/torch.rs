@@ -1201,7 +1201,7 @@ mod tests {
 
     #[test]
     fn training_is_deterministic_with_a_seed_and_learns_breast_cancer() {
-        let (train, test) = data("breast_cancer.csv").split(0.25, 1);
+        let (train, test) = data("breast_cancer.csv").shuffle_split(0.25, 1);
         let model = ModelConfig::mlp(2, vec![64, 32]);
         let cfg = TrainConfig {
             local_epochs: 5,
@@ -1314,7 +1314,7 @@ mod tests {
     /// reports no training loss.
     #[test]
     fn dp_sgd_trains_the_mlp_and_a_torchscript_mlp() {
-        let (train, test) = data("breast_cancer.csv").split(0.25, 1);
+        let (train, test) = data("breast_cancer.csv").shuffle_split(0.25, 1);
         let mut t = standardised(&ModelConfig::mlp(2, vec![16]), train.clone(), test, None);
         let (plan, cfg) = dp_sgd_setup(train.len(), 60);
         let out = t.fit_private(&cfg, &plan).unwrap();
@@ -1322,7 +1322,7 @@ mod tests {
         let e = t.evaluate().unwrap();
         assert!(e.metrics["accuracy"] > 0.9, "{e:?}");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/breast_cancer_mlp.pt");
-        let (_, test) = data("breast_cancer.csv").split(0.25, 1);
+        let (_, test) = data("breast_cancer.csv").shuffle_split(0.25, 1);
         let model = ModelConfig::new(2, Architecture::Torchscript { file: "m".into() });
         let mut ts = standardised(&model, train, test, Some(&script));
         assert!(ts.supports_dp_sgd());
@@ -1346,7 +1346,7 @@ mod tests {
     /// values. A trainer that skipped the noise, or scaled it wrongly, fails.
     #[test]
     fn a_dp_sgd_step_releases_the_calibrated_noise() {
-        let (train, test) = data("breast_cancer.csv").split(0.25, 1);
+        let (train, test) = data("breast_cancer.csv").shuffle_split(0.25, 1);
         let rows = train.len();
         let mut t = standardised(&ModelConfig::mlp(2, vec![16]), train, test, None);
         let start = t.parameters().unwrap();
@@ -1428,7 +1428,7 @@ mod tests {
     /// through its reconstruction, to a useful model.
     #[test]
     fn dp_sgd_trains_a_torchscript_cnn_on_the_digits() {
-        let (train, test) = data("digits.csv.gz").split(0.25, 1);
+        let (train, test) = data("digits.csv.gz").shuffle_split(0.25, 1);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/digits_cnn.pt");
         let model = ModelConfig::new(10, Architecture::Torchscript { file: "cnn".into() });
         let mut t = standardised(&model, train.clone(), test, Some(&script));
@@ -1529,7 +1529,7 @@ mod tests {
 
     #[test]
     fn cnn_learns_the_digits() {
-        let (train, test) = data("digits.csv.gz").split(0.25, 1);
+        let (train, test) = data("digits.csv.gz").shuffle_split(0.25, 1);
         let model = ModelConfig::cnn(10, vec![8, 16], [1, 8, 8]);
         let mut t = standardised(&model, train, test, None);
         let cfg = TrainConfig { local_epochs: 8, learning_rate: 0.05, momentum: 0.9, ..TrainConfig::default() };
@@ -1548,7 +1548,7 @@ mod tests {
     #[test]
     fn a_torchscript_model_loads_and_trains() {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/breast_cancer_mlp.pt");
-        let (train, test) = data("breast_cancer.csv").split(0.25, 1);
+        let (train, test) = data("breast_cancer.csv").shuffle_split(0.25, 1);
         let model = ModelConfig::new(2, Architecture::Torchscript { file: "bc".into() });
         let mut t = standardised(&model, train, test, Some(&script));
         let names: Vec<String> = t.parameters().unwrap().spec().into_iter().map(|s| s.name).collect();

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use confide_algorithms::data::{Dataset, DatasetSource};
+use confide_algorithms::data::{Dataset, DatasetSource, RowRules};
 use confide_algorithms::{Architecture, Engine, LogisticRegression, Trainer};
 use confide_proto::jobspec::JobSpec;
 
@@ -137,8 +137,20 @@ impl BuiltinTrainers {
 
 impl TrainerFactory for BuiltinTrainers {
     fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {
-        let (train, held_out) =
-            data.load_split(spec.training.validation_fraction, spec.training.seed).map_err(|e| e.to_string())?;
+        // In a DP job a row that fails its own checks is dropped: whether
+        // the job is refused must not depend on one row.
+        let mut data = data.clone();
+        if let Some(dp) = &spec.dp {
+            let features = dp.feature_ranges.as_ref().map(Vec::len);
+            data.drop_invalid_rows = Some(RowRules { features, classes: spec.model.classes });
+        }
+        let (train, held_out, dropped) = data
+            .load_split_counted(spec.training.validation_fraction, spec.training.seed)
+            .map_err(|e| e.to_string())?;
+        if dropped > 0 {
+            // The count stays in this party's log.
+            tracing::warn!(party, dataset = %data.path.display(), dropped, "rows that failed their own checks were left out of this DP job");
+        }
         self.build_from(spec, train, held_out, party).map_err(|e| format!("{}: {e}", data.path.display()))
     }
 }

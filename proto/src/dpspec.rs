@@ -546,6 +546,17 @@ impl RawDp {
                 ranges.iter().enumerate().find(|(_, [lo, hi])| !(lo.is_finite() && hi.is_finite() && lo < hi))
             {
                 err(&format!("feature_ranges[{i}]"), format!("[{lo}, {hi}] is not a finite range with low < high"));
+            } else if let Some((i, [lo, hi])) = ranges.iter().enumerate().find(|(_, r)| !standardises(r)) {
+                // The standardisation travels as a mean and a std in f32,
+                // through sums (mean² + std²): a range too narrow for its
+                // distance from zero, or beyond f32, would come out as
+                // another standardisation than the one documented.
+                err(
+                    &format!("feature_ranges[{i}]"),
+                    format!(
+                        "[{lo}, {hi}] cannot be standardised to [-1, 1]: too narrow for its distance from zero                          (shift the feature) or beyond f32"
+                    ),
+                );
             }
         }
         if let Some(t) = self.answer_fit_after_secs
@@ -612,7 +623,7 @@ impl RawDp {
                 if !(rate.is_finite() && rate > 0.0 && rate <= 10.0) {
                     return Err(vec![("adaptive_clip_rate".into(), format!("must be in (0, 10] (got {rate})"))]);
                 }
-                if !stddev.is_finite() || a.joint(c, noise_multiplier).is_none() {
+                if !(stddev.is_finite() && stddev > noise_multiplier / 2.0) || a.joint(c, noise_multiplier).is_none() {
                     return Err(vec![(
                         "clip_count_stddev".into(),
                         format!(
@@ -777,6 +788,16 @@ impl RawDp {
     }
 }
 
+/// Whether a public range survives the standardisation's round trip
+/// ([`DpSpec::range_stats`], then `FeatureStats::mean_std`): its half-width
+/// back within 10^-3 of itself and above the 10^-8 below which a feature
+/// passes through unscaled, its mean and half-width finite in f32.
+fn standardises(&[lo, hi]: &[f64; 2]) -> bool {
+    let (mean, half) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
+    let back = ((mean * mean + half * half) - mean * mean).max(0.0).sqrt();
+    half > 1e-8 && (back - half).abs() <= 1e-3 * half && (mean as f32).is_finite() && (half as f32).is_finite()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -823,6 +844,20 @@ mod tests {
         );
         let none: RawDp = toml::from_str("sampling_rate = 0.1").unwrap();
         assert_eq!(none.validate(&training, 1, None).unwrap_err()[0].0, "noise_multiplier");
+        // Ranges the f32 standardisation cannot carry are named: too narrow
+        // for their distance from zero, or beyond f32; ordinary ones pass.
+        let ranges = |r: &str| {
+            let text = format!("sampling_rate = 0.1\nnoise_multiplier = 1.0\nfeature_ranges = {r}");
+            toml::from_str::<RawDp>(&text).unwrap().validate(&training, 1, None).err().map(|e| e[0].clone())
+        };
+        assert_eq!(ranges("[[0.0, 30.0], [-1e3, 1e3], [1e4, 10001.0]]"), None);
+        for bad in
+            ["[[0.0, 1.0], [1e9, 1000000001.0]]", "[[0.0, 1.0], [-1e300, 1e300]]", "[[0.0, 1.0], [1e8, 100000001.0]]"]
+        {
+            let (field, why) = ranges(bad).unwrap_or_else(|| panic!("{bad} passed"));
+            assert_eq!(field, "feature_ranges[1]", "{bad}: {why}");
+            assert!(why.contains("cannot be standardised"), "{bad}: {why}");
+        }
         let unreachable =
             raw("target_epsilon = 0.01").validate(&TrainConfig { local_epochs: 50, ..training }, 1000, None);
         assert!(unreachable.is_err());
@@ -931,6 +966,8 @@ mod tests {
         let example = RawDp { level: None, sampling_rate: Some(0.1), ..raw.clone() };
         assert_eq!(field(example, None), "adaptive_clip_quantile");
         assert_eq!(field(RawDp { clip_count_stddev: Some(0.5), ..raw.clone() }, noise), "clip_count_stddev");
+        // Negative: its square would pass, but it does not exceed z/2.
+        assert_eq!(field(RawDp { clip_count_stddev: Some(-5.0), ..raw.clone() }, noise), "clip_count_stddev");
         assert_eq!(field(RawDp { adaptive_clip_quantile: Some(1.0), ..raw.clone() }, noise), "adaptive_clip_quantile");
         assert_eq!(field(RawDp { adaptive_clip_rate: Some(0.0), ..raw.clone() }, noise), "adaptive_clip_rate");
         let orphan = RawDp { adaptive_clip_quantile: None, adaptive_clip_rate: Some(0.1), ..raw };

@@ -92,8 +92,20 @@ impl Training {
                             _ => return Err(missing()),
                         },
                     }
-                    if let Some(&[clip]) = saved.get("clip") {
-                        central_clip = Some(clip);
+                    // The adaptive clip, as the distributed path restores
+                    // it: within its range of the spec's first clip.
+                    match saved.get("clip") {
+                        Some(&[clip]) if confide_dp::ddg::AdaptiveClip::in_range(dp.clip, clip) && clip > 0.0 => {
+                            central_clip = Some(clip)
+                        }
+                        Some(other) => {
+                            return Err(format!(
+                                "the checkpoint's adaptive clip is {other:?}, not within {} of the spec's {}",
+                                confide_dp::ddg::AdaptiveClip::RANGE,
+                                dp.clip
+                            ));
+                        }
+                        None => {}
                     }
                 }
                 (Some(Arc::new(model)), Some(*round))
