@@ -49,6 +49,7 @@ key = "pki/parties/$p.key"
 [datasets.breast-cancer]
 path = "data/$p.csv"
 format = "csv"
+features = 30
 
 [policy]
 job_kinds = ["train", "evaluate"]

@@ -65,18 +65,29 @@ impl Dataset {
 
     /// A text file's contents, gunzipped when the name ends in `.gz`.
     pub fn read_text(path: &Path) -> Result<String, Error> {
+        Self::read_text_with(path, false)
+    }
+
+    /// [`Dataset::read_text`]; `lossy`: bytes that are not UTF-8 become
+    /// U+FFFD (their rows then fail their own checks) instead of failing
+    /// the file.
+    fn read_text_with(path: &Path, lossy: bool) -> Result<String, Error> {
         let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
         let raw = std::fs::read(path).map_err(|e| err(0, e.to_string()))?;
-        let text = if path.extension().is_some_and(|e| e == "gz") {
-            let mut s = String::new();
+        let bytes = if path.extension().is_some_and(|e| e == "gz") {
+            let mut out = Vec::new();
             flate2::read::GzDecoder::new(raw.as_slice())
-                .read_to_string(&mut s)
-                .map_err(|e| err(0, format!("not valid gzip text: {e}")))?;
-            s
+                .read_to_end(&mut out)
+                .map_err(|e| err(0, format!("not valid gzip: {e}")))?;
+            out
         } else {
-            String::from_utf8(raw).map_err(|_| err(0, "not UTF-8 text".into()))?
+            raw
         };
-        Ok(text)
+        match String::from_utf8(bytes) {
+            Ok(text) => Ok(text),
+            Err(e) if lossy => Ok(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            Err(_) => Err(err(0, "not UTF-8 text".into())),
+        }
     }
 
     fn parse_csv(text: &str, opts: &CsvOptions, path: &Path) -> Result<Dataset, Error> {
@@ -108,16 +119,30 @@ impl Dataset {
                 continue;
             }
             let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+            let label_index = |w: usize| {
+                if opts.label_column < 0 {
+                    w.checked_sub(opts.label_column.unsigned_abs() as usize)
+                } else {
+                    Some(opts.label_column as usize).filter(|&i| i < w)
+                }
+            };
+            // Under the rules without a width fixed in advance, the first
+            // row that passes its own checks fixes it: a malformed first
+            // row is dropped like any other, not taken as the width.
+            if width.is_none()
+                && rules.is_some()
+                && (cells.len() < 2
+                    || label_index(cells.len()).is_none_or(|l| parse_row(&cells, cells.len(), l, &mut row).is_err()))
+            {
+                dropped += 1;
+                continue;
+            }
             let w = *width.get_or_insert(cells.len());
             if w < 2 {
                 return Err(err(lineno, "need at least one feature and a label".into()));
             }
-            let label_idx = if opts.label_column < 0 {
-                w.checked_sub(opts.label_column.unsigned_abs() as usize)
-            } else {
-                Some(opts.label_column as usize).filter(|&i| i < w)
-            }
-            .ok_or_else(|| err(lineno, format!("label_column {} is outside {w} columns", opts.label_column)))?;
+            let label_idx = label_index(w)
+                .ok_or_else(|| err(lineno, format!("label_column {} is outside {w} columns", opts.label_column)))?;
             match parse_row(&cells, w, label_idx, &mut row) {
                 Ok(label) if rules.is_some_and(|r| label as usize >= r.classes) => dropped += 1,
                 Ok(label) => {
@@ -271,8 +296,10 @@ fn parse_row(cells: &[&str], width: usize, label_idx: usize, row: &mut Vec<f32>)
 /// alone, so data sets that differ by one row still differ by at most one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowRules {
-    /// Features per row when the spec fixes them (`dp.feature_ranges`);
-    /// otherwise the first row's width is the data set's.
+    /// Features per row when the spec (`dp.feature_ranges`) or the data
+    /// set (`features`) fixes them; otherwise the first row that passes its
+    /// own checks fixes the width, so one well-formed row of another width
+    /// placed first would still change which rows are taken.
     pub features: Option<usize>,
     /// Labels must be below this (`model.classes`).
     pub classes: usize,
@@ -302,6 +329,11 @@ pub struct DatasetSource {
     /// score versions on new batches).
     #[serde(skip)]
     pub all_held_out: bool,
+    /// Features per row, when the data set declares its width: a DP job
+    /// then takes only rows of this width ([`RowRules`]), whatever the
+    /// first row looks like.
+    #[serde(default)]
+    pub features: Option<usize>,
     /// For one DP job, rows that fail a check of their own are dropped
     /// ([`RowRules`]; set by the party).
     #[serde(skip)]
@@ -326,6 +358,7 @@ impl DatasetSource {
             csv: CsvOptions::default(),
             only: None,
             all_held_out: false,
+            features: None,
             drop_invalid_rows: None,
         }
     }
@@ -385,7 +418,7 @@ impl DatasetSource {
         let mut width = None;
         let (mut rows, mut dropped) = (0, 0);
         for file in self.files()? {
-            let text = Dataset::read_text(&file)?;
+            let text = Dataset::read_text_with(&file, rules.is_some())?;
             let (ds, d) = Dataset::parse_csv_with(&text, &self.csv, &file, rules.as_ref())?;
             dropped += d;
             if ds.is_empty() {
@@ -412,12 +445,14 @@ impl DatasetSource {
             f(&ds);
         }
         if let (0, Some(r)) = (rows, self.drop_invalid_rows) {
-            let width = r.features.map_or_else(String::new, |n| format!("the {n} features the spec's ranges give, "));
+            let width =
+                r.features.map_or_else(String::new, |n| format!("{n} features (the width fixed for the job), "));
             return Err(Error::Data {
                 path: self.path.clone(),
                 line: 0,
                 reason: format!(
-                    "no valid data rows: all {dropped} dropped (a row needs {width}a finite number in each cell                      and a label below model.classes = {})",
+                    "no valid data rows: all {dropped} dropped (a row needs {width}a finite number in each cell \
+                     and a label below model.classes = {})",
                     r.classes
                 ),
             });
@@ -571,13 +606,14 @@ mod tests {
         src.drop_invalid_rows = Some(RowRules { features: Some(2), classes: 3 });
         let (train, held, dropped) = src.load_split_counted(0.0, 1).unwrap();
         assert_eq!((train.features, train.labels, held.len(), dropped), (vec![1.0, 2.0, 2.0, 2.0], vec![0, 2], 0, 7));
-        // Without the spec's width, the first row's is the data set's.
+        // Without a width fixed in advance, the first row that passes its
+        // own checks fixes it.
         src.drop_invalid_rows = Some(RowRules { features: None, classes: 3 });
         assert_eq!(src.load_split_counted(0.0, 1).unwrap().0.labels, vec![0]);
         std::fs::write(&path, "1,x,0\n5,6,7\n").unwrap();
         src.drop_invalid_rows = Some(RowRules { features: Some(2), classes: 3 });
         let e = src.load_split_counted(0.0, 1).unwrap_err().to_string();
-        assert!(e.contains("all 2 dropped") && e.contains("the 2 features"), "{e}");
+        assert!(e.contains("all 2 dropped") && e.contains("2 features (the width fixed for the job)"), "{e}");
     }
 
     #[test]

@@ -48,7 +48,7 @@ fn argmax(row: &[f32]) -> usize {
 /// rule at each threshold.
 pub fn bench_joint(data: &std::path::Path, epochs: u32) -> Result<Vec<serde_json::Value>, String> {
     let ds = Dataset::load_csv(data, &CsvOptions { header: false, label_column: -1 }).map_err(|e| e.to_string())?;
-    let (train_rows, test) = ds.split(0.3, 11);
+    let (train_rows, test) = ds.shuffle_split(0.3, 11);
     let classes = 10;
     let edge_model = ModelConfig::mlp(classes, vec![16]);
     let cloud_model = ModelConfig::cnn(classes, vec![16, 32], [1, 8, 8]);
@@ -127,7 +127,7 @@ pub async fn bench_joint_latency(
     let pki = PkiDir::new(dir.path().join("pki"));
     pki.init("bench", &["edge-0".into(), "cloud-0".into()], &[]).map_err(|x| e(&x))?;
     let ds = Dataset::load_csv(data, &CsvOptions { header: false, label_column: -1 }).map_err(|x| e(&x))?;
-    let (train_rows, test) = ds.split(0.3, 11);
+    let (train_rows, test) = ds.shuffle_split(0.3, 11);
     std::fs::write(dir.path().join("train.csv"), train_rows.to_csv()).map_err(|x| e(&x))?;
     let (coordinator, url) = crate::inproc::start_coordinator(dir.path(), &pki).await?;
     let config = |name: &str, extra: &str| -> Result<PartyConfig, String> {

@@ -266,7 +266,7 @@ async fn serve_bench(clients: &[usize], rows: &[usize], seconds: f64) -> Result<
         .map_err(|e| e.to_string())?;
     // The demo's MLP, trained one epoch (the figures do not depend on the weights).
     let model = confide_algorithms::ModelConfig::mlp(2, vec![32, 16]);
-    let (train, held_out) = ds.split(0.2, 1);
+    let (train, held_out) = ds.shuffle_split(0.2, 1);
     let t = joint_bench::train(&model, &train, &held_out, 1)?;
     let bytes = t.parameters().and_then(|p| p.to_safetensors(&Default::default())).map_err(|e| e.to_string())?;
     let record = DeploymentRecord {
@@ -1016,7 +1016,7 @@ async fn bench_train_rounds(privacy: &str, rounds: u32) -> Result<serde_json::Va
     let fed = Federation::new(names.clone(), 0)?;
     let path = repo_root().join("examples/data/breast_cancer.csv");
     let rows = Dataset::load_csv(&path, &CsvOptions { header: true, label_column: -1 }).map_err(|e| e.to_string())?;
-    let (shuffled, _) = rows.split(0.0, 7);
+    let (shuffled, _) = rows.shuffle_split(0.0, 7);
     let bounds = [0, shuffled.len() / 2, shuffled.len() * 8 / 10, shuffled.len()];
     for (i, n) in names.iter().enumerate() {
         let part = shuffled.select(&(bounds[i]..bounds[i + 1]).collect::<Vec<_>>());

@@ -142,6 +142,7 @@ impl DataArgs {
                 csv: CsvOptions { header: self.header, label_column: self.label_column },
                 only: None,
                 all_held_out: false,
+                features: None,
                 drop_invalid_rows: None,
             })
             .collect()

@@ -135,15 +135,39 @@ impl BuiltinTrainers {
     }
 }
 
+/// The data set as a DP job reads it (`spec` with `[dp]`; otherwise as it
+/// is): a row that fails a check of its own is dropped, whatever trainer
+/// reads it, since whether a job is refused must not depend on one row
+/// ([`RowRules`]). The width is the spec's `dp.feature_ranges`' or the data
+/// set's declared `features` (refused when they disagree: neither is about
+/// the rows); without either, the first row that passes its own checks
+/// fixes it, which this party's log warns of.
+pub fn dp_rows(spec: &JobSpec, data: &DatasetSource) -> Result<DatasetSource, String> {
+    let mut data = data.clone();
+    let Some(dp) = &spec.dp else { return Ok(data) };
+    let ranges = dp.feature_ranges.as_ref().map(Vec::len);
+    let features = match (ranges, data.features) {
+        (Some(r), Some(d)) if r != d => {
+            return Err(format!(
+                "the spec's dp.feature_ranges give {r} features; this party's data set declares {d} (features)"
+            ));
+        }
+        (Some(n), _) | (None, Some(n)) => Some(n),
+        (None, None) => {
+            tracing::warn!(
+                dataset = %data.path.display(),
+                "a DP job on a data set that does not declare its width (features in [datasets.NAME]): the first \
+                 well-formed row fixes it"
+            );
+            None
+        }
+    };
+    data.drop_invalid_rows = Some(RowRules { features, classes: spec.model.classes });
+    Ok(data)
+}
+
 impl TrainerFactory for BuiltinTrainers {
     fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {
-        // In a DP job a row that fails its own checks is dropped: whether
-        // the job is refused must not depend on one row.
-        let mut data = data.clone();
-        if let Some(dp) = &spec.dp {
-            let features = dp.feature_ranges.as_ref().map(Vec::len);
-            data.drop_invalid_rows = Some(RowRules { features, classes: spec.model.classes });
-        }
         let (train, held_out, dropped) = data
             .load_split_counted(spec.training.validation_fraction, spec.training.seed)
             .map_err(|e| e.to_string())?;

@@ -53,7 +53,9 @@ impl PartyJobKind for TrainingKind {
             }
             Box::new(NoRows)
         } else {
-            cx.trainers.build(spec, cx.dataset, cx.party)?
+            // In a DP job rows that fail their own checks are dropped,
+            // for every trainer factory.
+            cx.trainers.build(spec, &crate::trainers::dp_rows(spec, cx.dataset)?, cx.party)?
         };
         let mut handler = TrainingHandler::new(trainer, client, protocol.stages());
         handler.standardize = spec.model.standardize;

@@ -554,7 +554,8 @@ impl RawDp {
                 err(
                     &format!("feature_ranges[{i}]"),
                     format!(
-                        "[{lo}, {hi}] cannot be standardised to [-1, 1]: too narrow for its distance from zero                          (shift the feature) or beyond f32"
+                        "[{lo}, {hi}] cannot be standardised to [-1, 1]: too narrow for its distance from zero \
+                         (shift the feature) or beyond f32"
                     ),
                 );
             }
@@ -789,13 +790,20 @@ impl RawDp {
 }
 
 /// Whether a public range survives the standardisation's round trip
-/// ([`DpSpec::range_stats`], then `FeatureStats::mean_std`): its half-width
-/// back within 10^-3 of itself and above the 10^-8 below which a feature
-/// passes through unscaled, its mean and half-width finite in f32.
+/// ([`DpSpec::range_stats`], then `FeatureStats::mean_std`, then f32): its
+/// half-width back within 10^-3 of itself and above the 10^-8 below which
+/// a feature passes through unscaled, its mean within 10^-3 of the
+/// half-width in f32, both finite in f32.
 fn standardises(&[lo, hi]: &[f64; 2]) -> bool {
     let (mean, half) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
     let back = ((mean * mean + half * half) - mean * mean).max(0.0).sqrt();
-    half > 1e-8 && (back - half).abs() <= 1e-3 * half && (mean as f32).is_finite() && (half as f32).is_finite()
+    // The mean as f32 (what the model carries) within 10^-3 of the half-width too.
+    let mean_f32 = f64::from(mean as f32);
+    half > 1e-8
+        && (back - half).abs() <= 1e-3 * half
+        && (mean_f32 - mean).abs() <= 1e-3 * half
+        && mean_f32.is_finite()
+        && (half as f32).is_finite()
 }
 
 #[cfg(test)]
@@ -851,9 +859,12 @@ mod tests {
             toml::from_str::<RawDp>(&text).unwrap().validate(&training, 1, None).err().map(|e| e[0].clone())
         };
         assert_eq!(ranges("[[0.0, 30.0], [-1e3, 1e3], [1e4, 10001.0]]"), None);
-        for bad in
-            ["[[0.0, 1.0], [1e9, 1000000001.0]]", "[[0.0, 1.0], [-1e300, 1e300]]", "[[0.0, 1.0], [1e8, 100000001.0]]"]
-        {
+        for bad in [
+            "[[0.0, 1.0], [1e9, 1000000001.0]]",
+            "[[0.0, 1.0], [-1e300, 1e300]]",
+            "[[0.0, 1.0], [1e8, 100000001.0]]",
+            "[[0.0, 1.0], [1e4, 10000.01]]",
+        ] {
             let (field, why) = ranges(bad).unwrap_or_else(|| panic!("{bad} passed"));
             assert_eq!(field, "feature_ranges[1]", "{bad}: {why}");
             assert!(why.contains("cannot be standardised"), "{bad}: {why}");

@@ -160,7 +160,10 @@ fn a_dp_job_that_fails_to_set_up_on_the_data_says_why_only_in_the_partys_log() {
         let log = std::fs::read_to_string(fed.path(&format!("logs/{p}.log"))).unwrap_or_default();
         // Rows of another width than the spec's ranges give are dropped,
         // and none is left.
-        assert!(log.contains("all") && log.contains("the 2 features the spec's ranges give"), "{p}'s log:\n{log}");
+        assert!(
+            log.contains("no valid data rows: all") && log.contains("2 features (the width fixed for the job)"),
+            "{p}'s log:\n{log}"
+        );
         let l = ledger(&fed, p);
         assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(cost(&text)), "{p}: {l:#}");
     }
@@ -169,33 +172,56 @@ fn a_dp_job_that_fails_to_set_up_on_the_data_says_why_only_in_the_partys_log() {
 /// A coordinator that asks, through `model.classes`, whether any of a
 /// hospital's rows has a label at or above k learns nothing from whether
 /// the party sets the job up: in a DP job the rows beyond the classes (and
-/// any other row that fails its own checks) are dropped, so two data sets
-/// that differ by one such row both set up. Without `[dp]` the party still
-/// refuses such data, naming the label.
+/// any other row that fails its own checks: a malformed first row too) are
+/// dropped, so data sets that differ by one such row all set up, on the
+/// same other rows. Without `[dp]` the party still refuses such data,
+/// naming the label. A declared width keeps even a well-formed row of
+/// another width, placed first, from changing which rows are taken.
 #[test]
 fn whether_a_dp_job_sets_up_does_not_depend_on_one_row() {
-    use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
+    use confide_party::trainers::{BuiltinTrainers, TrainerFactory, dp_rows};
     let dir = tempfile::tempdir().expect("dir");
     let rows: String = (0..40).map(|i| format!("{},{},{}\n", i as f32 * 0.1, (i % 5) as f32, i % 2)).collect();
-    let with_outlier = format!("{rows}0.5,0.5,3\n");
     let factory = BuiltinTrainers::new(Default::default(), 1);
     let text = dp_spec("none", 1, 2, 1.0);
     let spec = JobSpec::parse(&text, "dp.toml", &Limits::default()).expect("spec");
-    for (name, data) in [("plain.csv", &rows), ("outlier.csv", &with_outlier)] {
+    let mut plain = spec.clone();
+    plain.dp = None;
+    let cases = [
+        ("plain.csv", rows.clone(), None),
+        ("outlier.csv", format!("{rows}0.5,0.5,3\n"), None),
+        ("bad-first-row.csv", format!("0.5,,1\n{rows}"), None),
+        ("wide-first-row.csv", format!("1,2,3,1\n{rows}"), Some(2)),
+    ];
+    for (name, data, features) in cases {
         let path = dir.path().join(name);
         std::fs::write(&path, data).expect("write");
-        let source = confide_algorithms::data::DatasetSource::csv(path);
-        assert!(factory.build(&spec, &source, "hospital-a").is_ok(), "{name}: a DP job sets up");
-        let mut plain = spec.clone();
-        plain.dp = None;
+        let mut source = confide_algorithms::data::DatasetSource::csv(path);
+        source.features = features;
+        let dp_source = dp_rows(&spec, &source).expect("the DP reading");
+        let (train, _, dropped) = dp_source.load_split_counted(0.0, 1).expect("rows");
+        assert_eq!((train.len(), dropped), (40, usize::from(name != "plain.csv")), "{name}: the same 40 rows");
+        assert!(factory.build(&spec, &dp_source, "hospital-a").is_ok(), "{name}: a DP job sets up");
         let refused = factory.build(&plain, &source, "hospital-a").err();
-        if name == "outlier.csv" {
-            let why = refused.expect("refused without [dp]");
-            assert!(why.contains("label 3"), "{why}");
-        } else {
-            assert_eq!(refused, None);
+        match name {
+            "plain.csv" => assert_eq!(refused, None),
+            "outlier.csv" => assert!(refused.as_deref().is_some_and(|w| w.contains("label 3")), "{refused:?}"),
+            _ => assert!(refused.is_some(), "{name}: refused without [dp]"),
         }
     }
+    // The spec's ranges and the data set's declared width must agree.
+    let ranged = JobSpec::parse(
+        &text
+            .replace("standardize = false", "standardize = true")
+            .replace("[dp]\n", "[dp]\nfeature_ranges = [[0, 1]]\n"),
+        "dp.toml",
+        &Limits::default(),
+    )
+    .expect("spec");
+    let mut source = confide_algorithms::data::DatasetSource::csv(dir.path().join("plain.csv"));
+    source.features = Some(2);
+    let why = dp_rows(&ranged, &source).expect_err("disagree");
+    assert!(why.contains("give 1 features") && why.contains("declares 2"), "{why}");
 }
 
 /// The coordinator's accountant is saved with each checkpoint: after a

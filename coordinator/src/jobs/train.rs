@@ -92,17 +92,27 @@ impl Training {
                             _ => return Err(missing()),
                         },
                     }
-                    // The adaptive clip, as the distributed path restores
-                    // it: within its range of the spec's first clip.
+                    // The adaptive clip (none before its first update), as
+                    // the distributed path restores it: only under adaptive
+                    // clipping, within its range of the spec's first clip.
                     match saved.get("clip") {
-                        Some(&[clip]) if confide_dp::ddg::AdaptiveClip::in_range(dp.clip, clip) && clip > 0.0 => {
+                        Some(&[clip])
+                            if dp.adaptive.is_some() && confide_dp::ddg::AdaptiveClip::in_range(dp.clip, clip) =>
+                        {
                             central_clip = Some(clip)
                         }
                         Some(other) => {
                             return Err(format!(
-                                "the checkpoint's adaptive clip is {other:?}, not within {} of the spec's {}",
-                                confide_dp::ddg::AdaptiveClip::RANGE,
-                                dp.clip
+                                "the checkpoint's adaptive clip is {other:?}: the spec has {}",
+                                if dp.adaptive.is_some() {
+                                    format!(
+                                        "a first clip of {}, and the clip stays within {} of it",
+                                        dp.clip,
+                                        confide_dp::ddg::AdaptiveClip::RANGE
+                                    )
+                                } else {
+                                    "no adaptive clipping".to_string()
+                                }
                             ));
                         }
                         None => {}
