@@ -129,11 +129,14 @@ impl Dataset {
             // Under the rules without a width fixed in advance, the first
             // row that passes its own checks fixes it: a malformed first
             // row is dropped like any other, not taken as the width.
-            if width.is_none()
-                && rules.is_some()
-                && (cells.len() < 2
-                    || label_index(cells.len()).is_none_or(|l| parse_row(&cells, cells.len(), l, &mut row).is_err()))
-            {
+            let passes = |row: &mut Vec<f32>| {
+                cells.len() >= 2
+                    && label_index(cells.len()).is_some_and(|l| {
+                        parse_row(&cells, cells.len(), l, row)
+                            .is_ok_and(|label| rules.is_none_or(|r| (label as usize) < r.classes))
+                    })
+            };
+            if width.is_none() && rules.is_some() && !passes(&mut row) {
                 dropped += 1;
                 continue;
             }
@@ -409,8 +412,9 @@ impl DatasetSource {
 
     /// Reads each selected batch (the file itself when it is not a
     /// directory), checking that all have one width: under
-    /// [`DatasetSource::drop_invalid_rows`], the first rows' width, or the
-    /// spec's, is every batch's, and rows of another are dropped. Returns
+    /// [`DatasetSource::drop_invalid_rows`], the width fixed in advance, or
+    /// else the first valid row's, is every batch's, and rows of another
+    /// are dropped. Returns
     /// the width and the rows dropped; no rows at all is an error.
     fn each_batch_counted(&self, mut f: impl FnMut(&Dataset)) -> Result<(usize, usize), Error> {
         let DataFormat::Csv = self.format;
@@ -590,7 +594,7 @@ mod tests {
 
     /// Under a DP job's rules each row that fails a check of its own is
     /// dropped, not a reason to refuse the data set: a wrong width (the
-    /// spec's, even for the first row), a cell that is not a finite
+    /// one fixed in advance, even for the first row), a cell that is not a finite
     /// number, a label that is not a class index or not below the classes.
     /// The same file without the rules fails at its first bad line; with
     /// no valid row it fails either way.
@@ -610,6 +614,18 @@ mod tests {
         // own checks fixes it.
         src.drop_invalid_rows = Some(RowRules { features: None, classes: 3 });
         assert_eq!(src.load_split_counted(0.0, 1).unwrap().0.labels, vec![0]);
+        // A first row whose label is not below the classes does not fix
+        // it either (else a coordinator's model.classes would decide,
+        // through that row, which other rows are taken).
+        std::fs::write(&path, "9,9,9,5\n1,2,0\n3,4,1\n").unwrap();
+        let (train, _, dropped) = src.load_split_counted(0.0, 1).unwrap();
+        assert_eq!((train.labels, dropped), (vec![0, 1], 1));
+        // Bytes that are not UTF-8 drop their row, not the file.
+        std::fs::write(&path, b"1,2,0\n3,\xff,1\n5,6,1\n").unwrap();
+        let (train, _, dropped) = src.load_split_counted(0.0, 1).unwrap();
+        assert_eq!((train.labels, dropped), (vec![0, 1], 1));
+        src.drop_invalid_rows = None;
+        assert!(src.load_split_counted(0.0, 1).unwrap_err().to_string().contains("not UTF-8"));
         std::fs::write(&path, "1,x,0\n5,6,7\n").unwrap();
         src.drop_invalid_rows = Some(RowRules { features: Some(2), classes: 3 });
         let e = src.load_split_counted(0.0, 1).unwrap_err().to_string();

@@ -451,6 +451,11 @@ impl PartyConfig {
                     .map_err(|e| format!("policy.share_inputs.{service}[{i}]: {e}"))?;
             }
         }
+        for (name, d) in &self.datasets {
+            if d.features.is_some_and(|f| !(1..=1_000_000).contains(&f)) {
+                return Err(format!("datasets.{name}.features: must be 1..=1000000 (got {:?})", d.features));
+            }
+        }
         if !(1..=64).contains(&self.training.dp_noise_rounds_ahead) {
             return Err(format!(
                 "training.dp_noise_rounds_ahead: must be 1..=64 (got {})",
@@ -567,5 +572,16 @@ mod tests {
         assert!(e.contains("cloud.services[0]"), "{e}");
         let e = load("[policy.share_inputs]\ndigits = [\"bad name\"]\n").unwrap_err().to_string();
         assert!(e.contains("policy.share_inputs.digits[0]"), "{e}");
+    }
+
+    /// A data set's declared width (what a DP job takes rows of) is read
+    /// beside the CSV layout and checked, naming the data set.
+    #[test]
+    fn a_data_sets_declared_width_is_read_and_checked() {
+        let c = load("[datasets.bc]\npath = \"bc.csv\"\nheader = true\nfeatures = 30\n").unwrap();
+        assert_eq!((c.datasets["bc"].features, c.datasets["bc"].csv.header), (Some(30), true));
+        let e = load("[datasets.bc]\npath = \"bc.csv\"\nfeatures = 0\n").unwrap_err().to_string();
+        assert!(e.contains("datasets.bc.features"), "{e}");
+        assert!(load("[datasets.bc]\npath = \"bc.csv\"\nfeature = 30\n").is_err(), "a misspelt key is refused");
     }
 }

@@ -72,7 +72,19 @@ pub fn consider<'a>(
             spec.min_parties()
         ));
     }
-    datasets.get(dataset).ok_or_else(|| format!("no data set named {dataset:?} at this party"))
+    let source = datasets.get(dataset).ok_or_else(|| format!("no data set named {dataset:?} at this party"))?;
+    // A spec whose ranges disagree with the data set's declared width is
+    // refused here, with the reason and before anything is reserved: it
+    // is about the spec and the configuration, not the rows.
+    if let (Some(ranges), Some(features)) = (spec.dp.as_ref().and_then(|d| d.feature_ranges.as_ref()), source.features)
+        && ranges.len() != features
+    {
+        return Err(format!(
+            "the spec's dp.feature_ranges has {} ranges; data set {dataset:?} declares {features} features",
+            ranges.len()
+        ));
+    }
+    Ok(source)
 }
 
 #[cfg(test)]
@@ -147,5 +159,16 @@ mod tests {
             let e = consider(&spec, ds, &policy, &plugins, &data).unwrap_err();
             assert!(e.contains(why), "{e} (wanted {why})");
         }
+        // A DP spec whose ranges disagree with the data set's declared
+        // width is refused with the reason, before anything is reserved.
+        let mut ranged = central_dp();
+        ranged.dp.as_mut().expect("dp").feature_ranges = Some(vec![[0.0, 1.0]; 3]);
+        let mut declared = DatasetSource::csv("d.csv".into());
+        declared.features = Some(30);
+        let data = BTreeMap::from([("d".to_string(), declared)]);
+        let e = consider(&ranged, "d", &trusting, &plugins, &data).unwrap_err();
+        assert!(e.contains("has 3 ranges") && e.contains("declares 30 features"), "{e}");
+        ranged.dp.as_mut().expect("dp").feature_ranges = Some(vec![[0.0, 1.0]; 30]);
+        assert!(consider(&ranged, "d", &trusting, &plugins, &data).is_ok());
     }
 }

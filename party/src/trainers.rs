@@ -149,7 +149,7 @@ pub fn dp_rows(spec: &JobSpec, data: &DatasetSource) -> Result<DatasetSource, St
     let features = match (ranges, data.features) {
         (Some(r), Some(d)) if r != d => {
             return Err(format!(
-                "the spec's dp.feature_ranges give {r} features; this party's data set declares {d} (features)"
+                "the spec's dp.feature_ranges has {r} ranges; this party's data set declares {d} features"
             ));
         }
         (Some(n), _) | (None, Some(n)) => Some(n),

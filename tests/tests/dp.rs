@@ -221,7 +221,7 @@ fn whether_a_dp_job_sets_up_does_not_depend_on_one_row() {
     let mut source = confide_algorithms::data::DatasetSource::csv(dir.path().join("plain.csv"));
     source.features = Some(2);
     let why = dp_rows(&ranged, &source).expect_err("disagree");
-    assert!(why.contains("give 1 features") && why.contains("declares 2"), "{why}");
+    assert!(why.contains("has 1 ranges") && why.contains("declares 2 features"), "{why}");
 }
 
 /// The coordinator's accountant is saved with each checkpoint: after a
