@@ -76,14 +76,7 @@ pub fn consider<'a>(
     // A spec whose ranges disagree with the data set's declared width is
     // refused here, with the reason and before anything is reserved: it
     // is about the spec and the configuration, not the rows.
-    if let (Some(ranges), Some(features)) = (spec.dp.as_ref().and_then(|d| d.feature_ranges.as_ref()), source.features)
-        && ranges.len() != features
-    {
-        return Err(format!(
-            "the spec's dp.feature_ranges has {} ranges; data set {dataset:?} declares {features} features",
-            ranges.len()
-        ));
-    }
+    crate::trainers::dp_width(spec, source).map_err(|e| format!("data set {dataset:?}: {e}"))?;
     Ok(source)
 }
 

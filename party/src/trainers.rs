@@ -135,33 +135,38 @@ impl BuiltinTrainers {
     }
 }
 
+/// A DP job's width, fixed before any row is read: the spec's
+/// `dp.feature_ranges`' or the data set's declared `features`, refused when
+/// they disagree (neither is about the rows); `None` when neither fixes it.
+pub fn dp_width(spec: &JobSpec, data: &DatasetSource) -> Result<Option<usize>, String> {
+    let ranges = spec.dp.as_ref().and_then(|d| d.feature_ranges.as_ref()).map(Vec::len);
+    match (ranges, data.features) {
+        (Some(r), Some(d)) if r != d => {
+            Err(format!("the spec's dp.feature_ranges has {r} ranges; this party's data set declares {d} features"))
+        }
+        (width, declared) => Ok(width.or(declared)),
+    }
+}
+
 /// The data set as a DP job reads it (`spec` with `[dp]`; otherwise as it
 /// is): a row that fails a check of its own is dropped, whatever trainer
 /// reads it, since whether a job is refused must not depend on one row
-/// ([`RowRules`]). The width is the spec's `dp.feature_ranges`' or the data
-/// set's declared `features` (refused when they disagree: neither is about
-/// the rows); without either, the first row that passes its own checks
-/// fixes it, which this party's log warns of.
+/// ([`RowRules`]), at the width [`dp_width`] fixes; without one, the first
+/// row that passes its own checks fixes it, which this party's log warns
+/// of.
 pub fn dp_rows(spec: &JobSpec, data: &DatasetSource) -> Result<DatasetSource, String> {
     let mut data = data.clone();
-    let Some(dp) = &spec.dp else { return Ok(data) };
-    let ranges = dp.feature_ranges.as_ref().map(Vec::len);
-    let features = match (ranges, data.features) {
-        (Some(r), Some(d)) if r != d => {
-            return Err(format!(
-                "the spec's dp.feature_ranges has {r} ranges; this party's data set declares {d} features"
-            ));
-        }
-        (Some(n), _) | (None, Some(n)) => Some(n),
-        (None, None) => {
-            tracing::warn!(
-                dataset = %data.path.display(),
-                "a DP job on a data set that does not declare its width (features in [datasets.NAME]): the first \
-                 well-formed row fixes it"
-            );
-            None
-        }
-    };
+    if spec.dp.is_none() {
+        return Ok(data);
+    }
+    let features = dp_width(spec, &data)?;
+    if features.is_none() {
+        tracing::warn!(
+            dataset = %data.path.display(),
+            "a DP job on a data set that does not declare its width (features in [datasets.NAME]): the first \
+             well-formed row fixes it"
+        );
+    }
     data.drop_invalid_rows = Some(RowRules { features, classes: spec.model.classes });
     Ok(data)
 }

@@ -102,18 +102,15 @@ impl Training {
                             central_clip = Some(clip)
                         }
                         Some(other) => {
-                            return Err(format!(
-                                "the checkpoint's adaptive clip is {other:?}: the spec has {}",
-                                if dp.adaptive.is_some() {
-                                    format!(
-                                        "a first clip of {}, and the clip stays within {} of it",
-                                        dp.clip,
-                                        confide_dp::ddg::AdaptiveClip::RANGE
-                                    )
-                                } else {
-                                    "no adaptive clipping".to_string()
-                                }
-                            ));
+                            let allowed = match dp.adaptive {
+                                Some(_) => format!(
+                                    "a first clip of {}, and the clip stays within {} of it",
+                                    dp.clip,
+                                    confide_dp::ddg::AdaptiveClip::RANGE
+                                ),
+                                None => "no adaptive clipping".into(),
+                            };
+                            return Err(format!("the checkpoint's adaptive clip is {other:?}: the spec has {allowed}"));
                         }
                         None => {}
                     }
