@@ -359,8 +359,20 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
                 for w in &cfg.warnings {
                     tracing::warn!("{w}");
                 }
+                // A ledger that is not there is a fresh one, which is right
+                // only at a party's first start: say so where the operator
+                // looks (a moved config or key moves the default path).
+                let ledger = cfg.ledger_path();
+                if !ledger.exists() {
+                    tracing::warn!(
+                        "privacy ledger {} does not exist: starting an empty one. If this party has run jobs \
+                         before, its ledger is elsewhere (the default path follows the key file): stop the party \
+                         and set `ledger` to it, or the spending it recorded is not counted",
+                        ledger.display()
+                    );
+                }
                 // An unreadable ledger stops the party: it must not forget what it spent.
-                if let Err(e) = crate::ledger::Ledger::open(&cfg.ledger_path()) {
+                if let Err(e) = crate::ledger::Ledger::open(&ledger) {
                     eprintln!("error: {e}");
                     return 2;
                 }

@@ -456,6 +456,7 @@ impl PartyConfig {
                 return Err(format!("datasets.{name}.features: must be 1..=1000000 (got {:?})", d.features));
             }
         }
+        overlapping_datasets(&self.datasets)?;
         if !(1..=64).contains(&self.training.dp_noise_rounds_ahead) {
             return Err(format!(
                 "training.dp_noise_rounds_ahead: must be 1..=64 (got {})",
@@ -516,6 +517,50 @@ impl PartyConfig {
         }
         Ok(())
     }
+}
+
+/// Refuses two data sets over the same rows: one path the same as, or
+/// inside, another's (a file in a watched directory, or the directory
+/// itself). The privacy ledger keeps ε per data set name, so two names for
+/// the same rows would give them two budgets. Paths are compared as the
+/// filesystem resolves them (symbolic links followed) where they exist.
+fn overlapping_datasets(datasets: &BTreeMap<String, DatasetSource>) -> Result<(), String> {
+    let resolved: Vec<(&String, PathBuf)> = datasets
+        .iter()
+        .map(|(name, d)| {
+            // A path that does not exist yet (a watched directory made
+            // later) is compared with its `.` and `..` taken lexically.
+            let path = std::fs::canonicalize(&d.path).unwrap_or_else(|_| {
+                let absolute = std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone());
+                let mut out = PathBuf::new();
+                for c in absolute.components() {
+                    match c {
+                        std::path::Component::ParentDir => {
+                            out.pop();
+                        }
+                        std::path::Component::CurDir => {}
+                        other => out.push(other),
+                    }
+                }
+                out
+            });
+            (name, path)
+        })
+        .collect();
+    for (i, (a, pa)) in resolved.iter().enumerate() {
+        for (b, pb) in &resolved[i + 1..] {
+            if pa.starts_with(pb) || pb.starts_with(pa) {
+                return Err(format!(
+                    "datasets.{a} and datasets.{b}: {} and {} hold the same rows (one is, or is inside, the \
+                     other); the privacy ledger keeps each data set's ε under its name, so the rows would have two \
+                     budgets",
+                    pa.display(),
+                    pb.display()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -583,5 +628,25 @@ mod tests {
         let e = load("[datasets.bc]\npath = \"bc.csv\"\nfeatures = 0\n").unwrap_err().to_string();
         assert!(e.contains("datasets.bc.features"), "{e}");
         assert!(load("[datasets.bc]\npath = \"bc.csv\"\nfeature = 30\n").is_err(), "a misspelt key is refused");
+    }
+
+    /// Two names for the same rows would give them two privacy budgets:
+    /// the same file, a file inside a watched directory, or a path that
+    /// reaches the same file another way, is refused, naming both.
+    #[test]
+    fn two_data_sets_over_the_same_rows_are_refused() {
+        for (second, why) in [
+            ("bc.csv", "the same file"),
+            ("./sub/../bc.csv", "the same file another way"),
+            ("watched/001.csv", "a file in a watched directory"),
+        ] {
+            let text = format!(
+                "[datasets.bc]\npath = \"bc.csv\"\n[datasets.w]\npath = \"watched\"\n[datasets.again]\npath = \"{second}\"\n"
+            );
+            let e = load(&text).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains("datasets.") && e.contains("two") && e.contains("budgets"), "{why}: {e}");
+        }
+        let c = load("[datasets.bc]\npath = \"bc.csv\"\n[datasets.digits]\npath = \"digits.csv\"\n").unwrap();
+        assert_eq!(c.datasets.len(), 2, "distinct files are two data sets");
     }
 }

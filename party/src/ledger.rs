@@ -83,6 +83,10 @@ pub struct JobCharge {
     /// schedule): a job offered again under the same id must match it.
     #[serde(default)]
     pub terms: String,
+    /// Why this party left the job (a coordinator fault): the job is not
+    /// rejoined, so an offer of it again under the same id is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left: Option<String>,
 }
 
 /// One data set's spending.
@@ -156,9 +160,21 @@ mod finite_or_inf {
 pub fn job_cost(spec: &JobSpec) -> (f64, f64) {
     match &spec.dp {
         // Per record: at party level, more than the party-level ε the job states.
-        Some(dp) => (dp.record_epsilon(&spec.training, spec.rounds), dp.delta),
+        Some(dp) => (fail_closed(dp.record_epsilon(&spec.training, spec.rounds)), dp.delta),
         None => (f64::INFINITY, 0.0),
     }
+}
+
+/// An ε the accountant could not compute (NaN) counts as ∞: every budget
+/// check then refuses, where a NaN would pass every comparison.
+fn fail_closed(epsilon: f64) -> f64 {
+    if epsilon.is_nan() { f64::INFINITY } else { epsilon }
+}
+
+/// Whether a total spending is within `max` (to a relative 10⁻¹²: sums of
+/// the same costs in another order); false for NaN, which fails closed.
+fn within_budget(total: f64, max: f64) -> bool {
+    total <= max * (1.0 + 1e-12)
 }
 
 /// The ledger of one party, shared by its jobs.
@@ -249,14 +265,18 @@ impl Ledger {
         let (epsilon, delta) = job_cost(spec);
         let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
         let entry = state.file.datasets.get(dataset).cloned().unwrap_or_default();
-        let guard = |job_id: &str| RoundGuard {
+        let guard = |accounted: &str| RoundGuard {
             ledger: self.clone(),
             dataset: dataset.to_owned(),
-            job_id: job_id.to_owned(),
+            job: job_id.to_owned(),
+            job_id: accounted.to_owned(),
             max_epsilon,
             cost: spec.dp.clone().map(|dp| (dp, spec.training.clone())),
         };
         if let Some(existing) = entry.jobs.get(job_id) {
+            if let Some(why) = &existing.left {
+                return Err(format!("this party left job {job_id} and does not rejoin it: {why}"));
+            }
             // Offered again (the coordinator resumed it): the reservation
             // holds only for the terms it was computed from.
             if existing.terms != cost_terms(spec) {
@@ -275,7 +295,7 @@ impl Ledger {
                      so it would cost ε = ∞"
                 ));
             }
-            if spent + epsilon > max * (1.0 + 1e-12) {
+            if !within_budget(spent + epsilon, max) {
                 return Err(format!(
                     "data set {dataset:?} has spent ε = {spent:.4} of the policy's {max}; this job would cost \
                      ε = {epsilon:.4} (δ = {delta:e}), so {:.4} in all",
@@ -296,6 +316,7 @@ impl Ledger {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 terms: cost_terms(spec),
+                left: None,
             },
         );
         // Durable before the job is accepted (the state lock held: no other
@@ -306,6 +327,19 @@ impl Ledger {
         // A job without DP is on record (its data set has then spent ε = ∞);
         // its rounds are not counted.
         Ok(guard(if epsilon.is_finite() { job_id } else { "" }))
+    }
+
+    fn leave(&self, dataset: &str, job_id: &str, why: &str) -> Result<(), String> {
+        let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
+        let mut next = state.file.clone();
+        let Some(charge) = next.datasets.get_mut(dataset).and_then(|d| d.jobs.get_mut(job_id)) else {
+            return Err(format!("the privacy ledger has no reservation for job {job_id}"));
+        };
+        charge.left = Some(why.to_owned());
+        self.write_version(&next, state.version + 1)?;
+        state.file = next;
+        state.version += 1;
+        Ok(())
     }
 
     fn start_round(self: &Arc<Self>, guard: &RoundGuard) -> Result<RoundStarted, String> {
@@ -325,9 +359,9 @@ impl Ledger {
                 return Err(format!("job {job_id} has no DP cost to extend its reservation with"));
             };
             let rounds = charge.rounds_started + 1;
-            let epsilon = dp.record_epsilon(training, rounds);
+            let epsilon = fail_closed(dp.record_epsilon(training, rounds));
             if let Some(max) = guard.max_epsilon
-                && others + epsilon > max * (1.0 + 1e-12)
+                && !within_budget(others + epsilon, max)
             {
                 return Err(format!(
                     "the coordinator asked for training round {rounds} of a job reserved for {} rounds; for data set \
@@ -415,7 +449,10 @@ fn durable_step(_step: String) {
 pub struct RoundGuard {
     ledger: Arc<Ledger>,
     dataset: String,
-    /// Empty when the job has nothing to account (no DP).
+    /// The job's id.
+    job: String,
+    /// The job's id where it has rounds to account; empty when it has
+    /// nothing to account (no DP).
     job_id: String,
     max_epsilon: Option<f64>,
     /// What n rounds cost, to extend the reservation.
@@ -434,6 +471,19 @@ impl RoundGuard {
         }
         self.ledger.start_round(self)
     }
+
+    /// The rounds (or evaluation releases) the ledger recorded as started
+    /// for this job, in any session of it.
+    pub fn rounds_started(&self) -> u32 {
+        let state = self.ledger.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.file.datasets.get(&self.dataset).and_then(|d| d.jobs.get(&self.job)).map_or(0, |j| j.rounds_started)
+    }
+
+    /// Records, durably, that this party left the job over a coordinator
+    /// fault (`why`): an offer of the job again is refused.
+    pub fn leave(&self, why: &str) -> Result<(), String> {
+        self.ledger.leave(&self.dataset, &self.job, why)
+    }
 }
 
 #[cfg(test)]
@@ -451,6 +501,29 @@ mod tests {
 
     fn spec(rounds: u32, dp: bool) -> JobSpec {
         JobSpec::parse(&spec_text(rounds, dp), "t", &Limits::default()).unwrap()
+    }
+
+    /// A job this party left over a coordinator fault is not rejoined: the
+    /// ledger keeps the reason, durably, and an offer of the job again (in
+    /// this process or after a restart) is refused with it. A job without
+    /// DP is on record too, so leaving it is kept the same way.
+    #[test]
+    fn a_job_this_party_left_is_not_rejoined() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        for dp in [true, false] {
+            let ledger = Ledger::open(&path).unwrap();
+            let id = if dp { "dp-job" } else { "plain-job" };
+            let guard = ledger.reserve(id, &spec(3, dp), "d", None).unwrap();
+            assert!(ledger.reserve(id, &spec(3, dp), "d", None).is_ok(), "offered again before leaving");
+            guard.leave("coordinator fault: a survivor set it should not have sent").unwrap();
+            let e = ledger.reserve(id, &spec(3, dp), "d", None).err().unwrap();
+            assert!(e.contains("left job") && e.contains("survivor set"), "{e}");
+            drop((guard, ledger));
+            let reopened = Ledger::open(&path).unwrap();
+            let e = reopened.reserve(id, &spec(3, dp), "d", None).err().unwrap();
+            assert!(e.contains("does not rejoin"), "after a restart: {e}");
+        }
     }
 
     #[test]

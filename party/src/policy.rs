@@ -40,7 +40,7 @@ pub fn consider<'a>(
         && tolerated < floor
     {
         return Err(format!(
-            "policy requires tolerating at least {floor} of a round's parties corrupt; the job's {protocol} \
+            "policy requires tolerating at least {floor} of the parties corrupt; the job's {protocol} \
              corrupt_fraction is {tolerated} (its masking and any distributed DP noise assume no more)"
         ));
     }

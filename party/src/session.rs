@@ -14,7 +14,8 @@
 //!   not have sent) ends this party's part in the job: the reason is logged
 //!   as `coordinator fault: …`, sent to the coordinator, and every later
 //!   task of the job is refused with it, so a malicious coordinator cannot
-//!   retry with another trick or hide the fault from the hospital;
+//!   retry with another trick or hide the fault from the hospital (the
+//!   privacy ledger keeps it, so an offer of the job again is refused too);
 //! * a handler that panics (a buggy plug-in trainer) ends this party's part
 //!   in the job, and every later task is refused with the reason;
 //! * a round left open (a protocol step never came) is abandoned after
@@ -76,6 +77,14 @@ pub trait JobHandler: Send {
     /// answers (e.g. a protocol's precomputation); called after each answer
     /// has been sent.
     fn idle_work(&mut self) {}
+
+    /// This party leaves the job over a coordinator fault (`why`): a
+    /// handler with a durable record (the privacy ledger) keeps it there,
+    /// so that an offer of the job again does not start it afresh. An error
+    /// is the record's, for the hospital's log.
+    fn leave(&mut self, _why: &str) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// An event for the session.
@@ -266,6 +275,9 @@ impl PartySession {
                 self.handler.abandon();
                 self.aborted = Some(reason.clone());
                 self.out.push_back(PartyOutput::Note(format!("{reason}; leaving the job")));
+                if let Err(e) = self.handler.leave(&reason) {
+                    self.out.push_back(PartyOutput::Note(format!("could not record leaving the job: {e}")));
+                }
                 refuse(&mut self.out, reason);
             }
             Err(p) => {
@@ -290,6 +302,8 @@ mod tests {
         open: bool,
         abandoned: usize,
         panic_on: Option<&'static str>,
+        /// What `leave` was told, shared with the test.
+        left: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     }
 
     impl JobHandler for Script {
@@ -314,6 +328,10 @@ mod tests {
             self.open = false;
             self.abandoned += 1;
         }
+        fn leave(&mut self, why: &str) -> Result<(), String> {
+            self.left.lock().unwrap().push(why.to_owned());
+            Ok(())
+        }
     }
 
     fn step(job: &str, round: u32, id: u64, stage: &str) -> PartyInput {
@@ -326,7 +344,14 @@ mod tests {
     }
 
     fn session(panic_on: Option<&'static str>) -> PartySession {
-        PartySession::new("j", Box::new(Script { open: false, abandoned: 0, panic_on }), 20_000)
+        session_recording(panic_on, Default::default())
+    }
+
+    fn session_recording(
+        panic_on: Option<&'static str>,
+        left: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> PartySession {
+        PartySession::new("j", Box::new(Script { open: false, abandoned: 0, panic_on, left }), 20_000)
     }
 
     #[test]
@@ -384,7 +409,8 @@ mod tests {
 
     #[test]
     fn a_coordinator_fault_ends_the_party_s_part_in_the_job_for_good() {
-        let mut s = session(None);
+        let left = std::sync::Arc::default();
+        let mut s = session_recording(None, std::sync::Arc::clone(&left));
         s.handle(0, step("j", 1, 1, "secagg-shares"));
         outputs(&mut s);
         s.handle(0, step("j", 1, 2, "secagg-consistency"));
@@ -399,6 +425,9 @@ mod tests {
             |o| matches!(o, PartyOutput::Failed { reason, .. } if reason == "coordinator fault: left this party out of the survivors")
         ));
         assert_eq!(s.next_deadline(), None, "nothing left open");
+        // The handler is told, to keep it (the ledger does), so that an
+        // offer of the job again is refused.
+        assert_eq!(*left.lock().unwrap(), ["coordinator fault: left this party out of the survivors"]);
         // Later rounds are refused with the same reason, whatever they ask.
         for (id, stage) in [(3, "fit"), (4, "secagg-shares")] {
             s.handle(0, step("j", 2, id, stage));

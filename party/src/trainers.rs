@@ -180,6 +180,61 @@ impl TrainerFactory for BuiltinTrainers {
             // The count stays in this party's log.
             tracing::warn!(party, dataset = %data.path.display(), dropped, "rows that failed their own checks were left out of this DP job");
         }
-        self.build_from(spec, train, held_out, party).map_err(|e| format!("{}: {e}", data.path.display()))
+        // Held-out rows asked for and none fell on that side: evaluate
+        // none, not (the trainers' fallback) every training row.
+        let none_held_out = spec.training.validation_fraction > 0.0 && held_out.is_empty() && !data.all_held_out;
+        let trainer =
+            self.build_from(spec, train, held_out, party).map_err(|e| format!("{}: {e}", data.path.display()))?;
+        Ok(if none_held_out { Box::new(NoHeldOutRows(trainer)) } else { trainer })
+    }
+}
+
+/// A trainer whose held-out rows, split off at a positive
+/// `validation_fraction`, came out empty: it evaluates no rows, where the
+/// built-in trainers fall back to the training rows. Each row's side is a
+/// function of that row alone, so whether any row is held out depends on
+/// the rows: with the fallback, one row added or removed could move an
+/// evaluation from one row to the whole data set (a DP evaluation's counts
+/// with it, far beyond their sensitivity).
+struct NoHeldOutRows(Box<dyn Trainer>);
+
+impl Trainer for NoHeldOutRows {
+    fn parameters(&self) -> Result<confide_algorithms::Parameters, confide_algorithms::Error> {
+        self.0.parameters()
+    }
+    fn set_parameters(&mut self, params: &confide_algorithms::Parameters) -> Result<(), confide_algorithms::Error> {
+        self.0.set_parameters(params)
+    }
+    fn feature_stats(&self) -> confide_algorithms::FeatureStats {
+        self.0.feature_stats()
+    }
+    fn fit(
+        &mut self,
+        config: &confide_algorithms::FitConfig,
+    ) -> Result<confide_algorithms::FitOutcome, confide_algorithms::Error> {
+        self.0.fit(config)
+    }
+    fn supports_dp_sgd(&self) -> bool {
+        self.0.supports_dp_sgd()
+    }
+    fn dp_sgd_support(&self) -> Result<(), String> {
+        self.0.dp_sgd_support()
+    }
+    fn fit_private(
+        &mut self,
+        config: &confide_algorithms::FitConfig,
+        plan: &confide_algorithms::DpSgdPlan,
+    ) -> Result<confide_algorithms::FitOutcome, confide_algorithms::Error> {
+        self.0.fit_private(config, plan)
+    }
+    fn evaluate(&mut self) -> Result<confide_algorithms::EvalOutcome, confide_algorithms::Error> {
+        // The metrics every built-in classifier reports, over no rows: a
+        // DP evaluation releases the same counts (rows, rows correct) as
+        // over some.
+        let metrics = [("accuracy".to_string(), 0.0)].into();
+        Ok(confide_algorithms::EvalOutcome { num_examples: 0, loss: 0.0, metrics })
+    }
+    fn predict(&self, features: &[f32]) -> Result<Vec<f32>, confide_algorithms::Error> {
+        self.0.predict(features)
     }
 }

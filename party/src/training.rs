@@ -58,12 +58,12 @@ impl PartyJobKind for TrainingKind {
             cx.trainers.build(spec, &crate::trainers::dp_rows(spec, cx.dataset)?, cx.party)?
         };
         let mut handler = TrainingHandler::new(trainer, client, protocol.stages());
+        handler.evaluate_only = spec.kind == confide_proto::jobspec::JobKind::Evaluate;
         handler.standardize = spec.model.standardize;
         handler.hides_values = protocol.reveals() != confide_crypto::aggregation::Reveals::Updates;
         if let Some(dp) = spec.dp.as_ref().filter(|d| d.release == DpRelease::Evaluation) {
             let noise = confide_dp::evaluation::NoisyCounts::new(dp.noise_multiplier).map_err(err)?;
             handler.eval_noise = Some(noise);
-            handler.budget = cx.budget;
         } else if let Some(dp) = &spec.dp {
             if dp.level == DpLevel::Example
                 && let Err(why) = handler.trainer.dp_sgd_support()
@@ -106,8 +106,10 @@ impl PartyJobKind for TrainingKind {
                 let inside = dp.distributed.is_some() || dp.adaptive.is_some();
                 handler.party_clip = Some(if inside { f64::INFINITY } else { dp.clip });
             }
-            handler.budget = cx.budget;
         }
+        // Every job but an evaluation outside the budget has a ledger entry:
+        // its rounds are counted (under DP), and leaving it is recorded.
+        handler.budget = cx.budget;
         Ok(Box::new(handler))
     }
 }
@@ -149,8 +151,14 @@ pub struct TrainingHandler {
     /// An evaluate job with `[dp]`: the party releases only its noisy
     /// counts of rows and of rows classified correctly, once.
     pub eval_noise: Option<confide_dp::evaluation::NoisyCounts>,
-    /// The DP evaluation's release was made: an evaluate job has one round,
-    /// so a second request (averaging away the noise) is a coordinator fault.
+    /// An evaluate job: it evaluates one model once, and answers no
+    /// request to train, set up or sum feature statistics. (A job that
+    /// `policy.evaluations_outside_budget` lets run without `[dp]` and
+    /// without a reservation must not become an uncharged training job.)
+    pub evaluate_only: bool,
+    /// The evaluate job's release was made: it has one round, so a second
+    /// request (averaging away DP noise, or querying the rows with model
+    /// after model outside the budget) is a coordinator fault.
     eval_released: bool,
 }
 
@@ -205,6 +213,7 @@ impl TrainingHandler {
             budget: None,
             dp_inputs: None,
             eval_noise: None,
+            evaluate_only: false,
             eval_released: false,
         }
     }
@@ -215,6 +224,15 @@ impl JobHandler for TrainingHandler {
         let started = Instant::now();
         let round = task.round;
         match task.body {
+            TaskBody::Fit { .. } | TaskBody::Setup | TaskBody::SecureSum { of: SumOf::FeatureStats, .. }
+                if self.evaluate_only =>
+            {
+                Err(TaskError::CoordinatorFault(
+                    "asked to train, set up or sum feature statistics in an evaluate job, which only evaluates \
+                     a model"
+                        .into(),
+                ))
+            }
             TaskBody::SecureSum { .. } | TaskBody::Evaluate { .. } if self.private() => {
                 Err(TaskError::CoordinatorFault(
                     "asked for statistics of the rows (feature sums or evaluation metrics) in a job with \
@@ -255,6 +273,7 @@ impl JobHandler for TrainingHandler {
                 "asked for evaluation metrics in the clear, which this job's protocol sums securely".into(),
             )),
             TaskBody::Evaluate { global } => {
+                self.release_evaluation()?;
                 self.trainer.set_parameters(&global).map_err(err)?;
                 let outcome = self.trainer.evaluate().map_err(err)?;
                 Ok(ResultBody::Evaluate {
@@ -299,6 +318,10 @@ impl JobHandler for TrainingHandler {
         // Also after a round: distributed DP draws the next round's noise then.
         self.aggregation.precompute();
     }
+
+    fn leave(&mut self, why: &str) -> Result<(), String> {
+        self.budget.as_ref().map_or(Ok(()), |b| b.leave(why))
+    }
 }
 
 impl TrainingHandler {
@@ -324,6 +347,7 @@ impl TrainingHandler {
                 (SumLayout::evaluation(&global), sum::noisy_evaluation_values(&noisy))
             }
             SumOf::Evaluation { global } => {
+                self.release_evaluation()?;
                 self.trainer.set_parameters(&global).map_err(err)?;
                 let outcome = self.trainer.evaluate().map_err(err)?;
                 (SumLayout::evaluation(&global), sum::evaluation_values(&outcome)?)
@@ -383,7 +407,20 @@ impl TrainingHandler {
         Ok(ResultBody::Fit { metrics, contribution })
     }
 
-    /// Whether the job has differential privacy (either level).
+    /// An evaluation without DP noise: in an evaluate job, once.
+    fn release_evaluation(&mut self) -> Result<(), TaskError> {
+        if !self.evaluate_only {
+            return Ok(());
+        }
+        if self.eval_released {
+            return Err(TaskError::CoordinatorFault(
+                "asked again for this evaluate job's evaluation: an evaluate job evaluates one model once".into(),
+            ));
+        }
+        self.eval_released = true;
+        Ok(())
+    }
+
     /// A DP evaluation's one release: recorded in the privacy ledger first
     /// (a second request is refused), then the counts with fresh noise
     /// from an OS-seeded CSPRNG. The trainer's loss and other metrics stay
@@ -396,7 +433,9 @@ impl TrainingHandler {
         let Some(noise) = self.eval_noise else {
             return Err(TaskError::Refused("no differential privacy to apply".into()));
         };
-        if self.eval_released {
+        // Released in this session, or (the ledger says) in an earlier one
+        // of the same job, offered again.
+        if self.eval_released || self.budget.as_ref().is_some_and(|b| b.rounds_started() > 0) {
             return Err(TaskError::CoordinatorFault(
                 "asked again for this evaluation's noisy counts: an evaluate job releases them once".into(),
             ));
@@ -418,6 +457,7 @@ impl TrainingHandler {
         Ok(released)
     }
 
+    /// Whether the job has differential privacy (either level).
     fn private(&self) -> bool {
         self.dp.is_some() || self.party_clip.is_some()
     }
@@ -912,6 +952,49 @@ mod tests {
         let clear = secure.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
         assert!(matches!(&clear, TaskError::CoordinatorFault(m) if m.contains("in the clear")), "{clear:?}");
         assert_eq!(ledger.snapshot().datasets["d"].jobs["e1"].rounds_started, 1);
+        // The job offered again (a new session, the same reservation): the
+        // ledger remembers the release, so it is not made a second time.
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let mut again = TrainingHandler::new(Box::new(Rows(100_000)), client, Plain.stages());
+        again.eval_noise = Some(confide_dp::evaluation::NoisyCounts::new(2.0).unwrap());
+        again.budget = Some(ledger.reserve("e1", &spec, "d", Some(10.0)).unwrap());
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let e = again.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
+        assert!(matches!(&e, TaskError::CoordinatorFault(m) if m.contains("once")), "{e:?}");
+        assert_eq!(ledger.snapshot().datasets["d"].jobs["e1"].rounds_started, 1, "nothing more charged or released");
+    }
+
+    /// An evaluate job without `[dp]` (which `policy.evaluations_outside_budget`
+    /// runs with no reservation) evaluates one model once: a coordinator
+    /// that sends it set-up, training or a feature sum, or a second model to
+    /// evaluate, is refused, so it cannot become an uncharged training job
+    /// or a stream of queries on the rows.
+    #[test]
+    fn an_evaluate_job_evaluates_once_and_never_trains() {
+        use confide_crypto::aggregation::plain::Plain;
+        let job = JobFacts::new("e1", Vec::new(), 10, 1, 100);
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let mut h = TrainingHandler::new(Box::new(Rows(100)), client, Plain.stages());
+        h.evaluate_only = true;
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let fit = TaskBody::Fit {
+            config: FitConfig { round: 1, train: Default::default() },
+            global: global.clone(),
+            round_message: Vec::new(),
+        };
+        let feature_sum = TaskBody::SecureSum { of: SumOf::FeatureStats, round_message: Vec::new() };
+        for body in [TaskBody::Setup, fit, feature_sum] {
+            let err = h.on_task(task(1, body)).unwrap_err();
+            assert!(matches!(&err, TaskError::CoordinatorFault(m) if m.contains("only evaluates")), "{err:?}");
+        }
+        let ResultBody::Evaluate { num_examples, .. } =
+            h.on_task(task(1, TaskBody::Evaluate { global: global.clone() })).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(num_examples, 100);
+        let again = h.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
+        assert!(matches!(&again, TaskError::CoordinatorFault(m) if m.contains("once")), "{again:?}");
     }
 
     /// Both counts a DP evaluation releases carry noise: at σ = 1000√2 rows

@@ -13,7 +13,9 @@
 //! mode 0600: the rows never leave it except as the joint-inference policy
 //! allows). The hospital labels them in `NAME.labels.csv` (`sha256,label`
 //! lines); labelled ones join the next iteration of that service's pipeline
-//! as one more batch.
+//! as one more batch. They are charged to one data set's ledger entry: the
+//! data set of the first pipeline job that used them; a job on another data
+//! set cannot use them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -31,6 +33,12 @@ use serde::{Deserialize, Serialize};
 struct Marks {
     /// Pipeline job id → batch key → the iteration that trained on it.
     pipelines: BTreeMap<String, BTreeMap<String, u32>>,
+    /// Service → the data set its labelled hard examples are charged to:
+    /// the first a pipeline job used them with. The ledger keeps ε per data
+    /// set, so a labelled row used by jobs on two data sets would spend
+    /// both budgets; it is used with this one only.
+    #[serde(default)]
+    label_datasets: BTreeMap<String, String>,
 }
 
 /// The party's watch state and its hard-example files.
@@ -209,6 +217,29 @@ impl Watches {
             |b: &Path| format!("{dataset}/{}", b.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
         let new_batches: Vec<PathBuf> = batches.iter().filter(|b| is_new(&batch_key(b))).cloned().collect();
         let new_labels: Vec<&String> = labelled.keys().filter(|sha| is_new(&label_key(sha))).collect();
+        let uses_labels = !labelled.is_empty()
+            && matches!(
+                (&spec.kind, p.rows),
+                (JobKind::Train, PipelineRows::All) | (JobKind::Evaluate, PipelineRows::New)
+            );
+        if uses_labels {
+            match marks.label_datasets.get(&p.service) {
+                Some(bound) if bound != dataset => {
+                    return Err(format!(
+                        "service {:?}'s labelled hard examples are charged to data set {bound:?}, the first a \
+                         pipeline used them with; a pipeline job on data set {dataset:?} cannot use them (each \
+                         row's ε is kept by one data set's ledger)",
+                        p.service
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    marks.label_datasets.insert(p.service.clone(), dataset.to_owned());
+                    let json = serde_json::to_vec_pretty(&*marks).map_err(|e| e.to_string())?;
+                    write_durably(&self.state_path, &json)?;
+                }
+            }
+        }
         let mut out = source.clone();
         match (&spec.kind, p.rows) {
             (JobKind::Train, PipelineRows::All) => {
@@ -356,6 +387,14 @@ mod tests {
         let train = w.select(&spec("train", 2, "all"), "d", &src).unwrap().load().unwrap();
         assert_eq!(train.len(), 2);
         assert!(no_rows(&w.select(&spec("evaluate", 3, "new"), "d", &src).unwrap()));
+        // The labelled rows are charged to data set "d": a pipeline job on
+        // another data set cannot use them, also after a restart (each
+        // row's ε is kept by one ledger entry).
+        let other = w.select(&spec("train", 3, "all"), "e", &src).unwrap_err();
+        assert!(other.contains("charged to data set \"d\"") && other.contains("\"e\""), "{other}");
+        let other = open().select(&spec("evaluate", 3, "new"), "e", &src).unwrap_err();
+        assert!(other.contains("charged to data set \"d\""), "{other}");
+        assert_eq!(open().select(&spec("evaluate", 3, "all"), "e", &src).unwrap().load().unwrap().len(), 1);
         std::fs::write(dir.path().join("labels.csv"), format!("{sha7},x\n")).unwrap();
         let e = w.select(&spec("evaluate", 3, "new"), "d", &src).unwrap_err();
         assert!(e.contains("labels.csv:1") && e.contains("class number"), "{e}");

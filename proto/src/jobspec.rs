@@ -1228,10 +1228,15 @@ mod aggregation_tests {
         let corrupt = party
             .replace("names = [\"a\", \"b\", \"c\"]", ten)
             .replace("protocol = \"secagg\"", "protocol = \"secagg\"\n[aggregation.secagg]\ncorrupt_fraction = 0.3");
-        assert_eq!(paths(&corrupt), ["parties.min"]);
+        // (Nor can a round of three hold the federation's three colluders.)
+        assert_eq!(paths(&corrupt), ["aggregation.secagg.corrupt_fraction", "parties.min"]);
+        // Up to 10%: one colluder, in whatever round the coordinator puts
+        // it; a round of three cannot hold it (2t − n = 1, not > 1), one of
+        // four can.
         let fewer = corrupt.replace("corrupt_fraction = 0.3", "corrupt_fraction = 0.1");
-        let s = JobSpec::parse(&fewer, "f", &Limits::default()).unwrap();
-        assert_eq!(s.dp.unwrap().distributed.map(|d| d.honest_parties), Some(2));
+        assert_eq!(paths(&fewer), ["aggregation.secagg.corrupt_fraction"]);
+        let s = JobSpec::parse(&fewer.replace("min = 3", "min = 4"), "f", &Limits::default()).unwrap();
+        assert_eq!(s.dp.unwrap().distributed.map(|d| d.honest_parties), Some(3));
         let unnamed = party.replace("names = [\"a\", \"b\", \"c\"]", "min = 3");
         assert_eq!(paths(&unnamed), ["parties.names"]);
         // Past 20 parties secagg's rounds use sparse graphs, which do not

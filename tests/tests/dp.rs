@@ -224,6 +224,52 @@ fn whether_a_dp_job_sets_up_does_not_depend_on_one_row() {
     assert!(why.contains("has 1 ranges") && why.contains("declares 2 features"), "{why}");
 }
 
+/// Which rows a party holds out is a function of each row alone, so
+/// whether any row is held out depends on the rows. An evaluation over no
+/// held-out rows is over none, not (the trainers' fallback) over every
+/// training row: otherwise a coordinator that picks a seed and a tiny
+/// `validation_fraction` putting one known row alone on the held-out side
+/// would see a DP evaluation count about one row if the row is there and
+/// every row if it is not, far beyond the counts' sensitivity.
+#[test]
+fn an_evaluation_over_no_held_out_rows_is_over_none_not_every_row() {
+    use confide_party::trainers::{BuiltinTrainers, TrainerFactory, dp_rows};
+    let dir = tempfile::tempdir().expect("dir");
+    let rows: String = (0..200).map(|i| format!("{},{},{}\n", i as f32 * 0.1, (i % 5) as f32, i % 2)).collect();
+    let target = "7.25,1.5,1\n";
+    let (without, with) = (dir.path().join("without.csv"), dir.path().join("with.csv"));
+    std::fs::write(&without, &rows).expect("write");
+    std::fs::write(&with, format!("{rows}{target}")).expect("write");
+    // The attacker's search: a seed that holds out the target row and no other.
+    let all = confide_algorithms::data::DatasetSource::csv(with.clone()).load().expect("rows");
+    let fraction = 0.002;
+    let seed = (0..1_000_000u64)
+        .find(|&seed| {
+            let (_, held) = all.split(fraction, seed);
+            held.len() == 1 && held.labels == [1] && held.features == [7.25, 1.5]
+        })
+        .expect("a seed");
+    let spec = |dp: &str| {
+        let text = format!(
+            "name = \"e\"\nkind = \"evaluate\"\nfrom_job = \"j0\"\n[parties]\nnames = [\"p0\"]\nmin = 1\n\
+             dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+             [training]\nvalidation_fraction = {fraction}\nseed = {seed}\n{dp}"
+        );
+        JobSpec::parse(&text, "e.toml", &Limits::default()).expect("spec")
+    };
+    let factory = BuiltinTrainers::new(Default::default(), 1);
+    for spec in [spec("[dp]\nnoise_multiplier = 2.0\n"), spec("")] {
+        let evaluated = |path: &std::path::Path| {
+            let source = dp_rows(&spec, &confide_algorithms::data::DatasetSource::csv(path.to_owned())).expect("rows");
+            let mut trainer = factory.build(&spec, &source, "hospital-a").expect("trainer");
+            let outcome = trainer.evaluate().expect("evaluate");
+            (outcome.num_examples, outcome.metrics.contains_key("accuracy"))
+        };
+        assert_eq!(evaluated(&with), (1, true), "the target row alone");
+        assert_eq!(evaluated(&without), (0, true), "no row, and the same metrics");
+    }
+}
+
 /// The coordinator's accountant is saved with each checkpoint: after a
 /// SIGKILL and restart, the job reports the same ε for the same rounds,
 /// and at the end exactly the ε of its rounds, as `confide job validate`

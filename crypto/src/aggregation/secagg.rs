@@ -121,8 +121,16 @@ impl SecAggSettings {
         } else {
             // The largest round and the smallest one the job allows must both have parameters.
             for n in round_sizes(job) {
-                if let Err(e) = params::choose(n, &tm) {
-                    p.push(Problem::setting("dropout_fraction", e.to_string()));
+                if let Err(e) = params::choose_in(n, &tm, federation_corrupt(job, &tm)) {
+                    // Named for what makes it impossible: the colluders
+                    // alone, or only with the dropouts.
+                    let without_dropouts = params::ThreatModel { dropout_fraction: 0.0, ..tm };
+                    let field = if params::choose_in(n, &without_dropouts, federation_corrupt(job, &tm)).is_err() {
+                        "corrupt_fraction"
+                    } else {
+                        "dropout_fraction"
+                    };
+                    p.push(Problem::setting(field, e.to_string()));
                 }
             }
         }
@@ -152,6 +160,17 @@ impl SecAggSettings {
         }
         p
     }
+}
+
+/// The parties of the whole federation that may collude with the
+/// coordinator, ⌊γN⌋ of the N parties the spec names: every round counts
+/// them (the coordinator forms the rounds, so it can put them all in a
+/// small one), as the distributed DP noise does. A spec that names no
+/// parties leaves membership to enrolment, with no N to count from: each
+/// round then counts ⌊γn⌋ of its own n (docs/secure-aggregation.md says
+/// what that leaves out).
+fn federation_corrupt(job: &JobFacts, tm: &params::ThreatModel) -> usize {
+    if job.party_names.is_empty() { 0 } else { params::corrupt_parties(job.party_names.len(), tm) }
 }
 
 /// The largest round a job can have and, when smaller, the smallest it
@@ -192,8 +211,9 @@ impl AggregationProtocol for SecAggPlus {
 
     fn noise_carrier(&self, settings: &toml::Table, job: &JobFacts) -> Option<super::NoiseCarrier> {
         let s = SecAggSettings::from_table(settings).ok()?;
-        // At most ⌊γn⌋ of a round's n parties are corrupt, and n is at most
-        // the job's party bound. Only rounds on the complete graph reveal a
+        // At most ⌊γN⌋ of the job's N parties collude, in whatever round
+        // the coordinator puts them (each round's threshold counts them
+        // too: `federation_corrupt`). Only rounds on the complete graph reveal a
         // single sum over at least parties.min survivors; with sparse
         // graphs SecAgg+ proves far less (docs/secure-aggregation.md).
         let corrupt_parties = params::corrupt_parties(job.party_bound(), &s.threat_model());
@@ -208,7 +228,7 @@ impl AggregationProtocol for SecAggPlus {
         let Ok(s) = SecAggSettings::from_table(settings) else { return Vec::new() };
         let tm = s.threat_model();
         let mut lines = vec![format!(
-            "secagg threat model: up to {:.0}% of a round's parties corrupt (colluding with the coordinator), \
+            "secagg threat model: up to {:.0}% of the parties corrupt (colluding with the coordinator), \
              up to {:.0}% dropping out; privacy at 2^-{} and correctness at 2^-{}",
             tm.corrupt_fraction * 100.0,
             tm.dropout_fraction * 100.0,
@@ -216,7 +236,7 @@ impl AggregationProtocol for SecAggPlus {
             params::ETA
         )];
         for n in round_sizes(job) {
-            match params::choose(n, &tm) {
+            match params::choose_in(n, &tm, federation_corrupt(job, &tm)) {
                 Ok(p) => lines.push(format!("secagg with {n} parties: {p}")),
                 Err(e) => lines.push(format!("secagg with {n} parties: {e}")),
             }
@@ -615,11 +635,12 @@ fn round_config(
     dim: usize,
     s: &SecAggSettings,
     bound: Bound,
-    min_survivors: usize,
+    facts: &JobFacts,
 ) -> Result<Config, Error> {
     let Bound { subject, revocation_version, dp } = bound;
     use sha2::Digest;
-    let chosen = params::choose(parties.len(), &s.threat_model())?;
+    let tm = s.threat_model();
+    let chosen = params::choose_in(parties.len(), &tm, federation_corrupt(facts, &tm))?;
     let (degree, threshold) = (chosen.degree, chosen.threshold);
     let mut seed_input = job.as_bytes().to_vec();
     seed_input.extend_from_slice(&round.to_le_bytes());
@@ -658,7 +679,7 @@ fn round_config(
         bits: s.bits,
         dim,
         binding: h.finalize().into(),
-        min_survivors: min_survivors.max(MIN_ROUND_PARTIES),
+        min_survivors: facts.min_parties.max(MIN_ROUND_PARTIES),
     })
 }
 
@@ -735,7 +756,7 @@ impl SecAggServer {
             dim,
             &self.settings,
             Bound { subject, revocation_version: revocations, dp },
-            self.job.min_parties,
+            &self.job,
         )?;
         let s = &self.settings;
         let msg = wire::RoundConfig {
@@ -1153,7 +1174,7 @@ impl SecAggClient {
             dim,
             &self.settings,
             Bound { subject, revocation_version: revocations, dp },
-            self.job.min_parties,
+            &self.job,
         )?;
         let s = &self.settings;
         let mismatch = [
@@ -1289,6 +1310,28 @@ mod tests {
 
     fn facts(n: usize) -> JobFacts {
         JobFacts::new("job", names(n), 100, 3, 1000)
+    }
+
+    /// A round's threshold counts the federation's colluders (⌊γN⌋ of the
+    /// N named parties), not only ⌊γn⌋ of its own n: 20 named parties at
+    /// γ = 0.3 and a round of 12 get t = 10 (2t − n = 8 > 6), as both the
+    /// coordinator and every party derive it; the spec is checked at its
+    /// smallest round with the same count.
+    #[test]
+    fn a_rounds_threshold_counts_the_federations_colluders() {
+        let table: toml::Table = toml::from_str("corrupt_fraction = 0.3\ndropout_fraction = 0.0\n").unwrap();
+        let s = SecAggSettings::from_table(&table).unwrap();
+        let job = JobFacts::new("job", names(20), 100, 11, 1000);
+        let bound = Bound { subject: [0; 32], revocation_version: 0, dp: None };
+        let config = round_config("job", 1, &names(12), 4, &s, bound, &job).unwrap();
+        assert_eq!(config.threshold, 10);
+        assert!(2 * config.threshold - 12 > 6);
+        // A spec whose smallest round cannot hold the federation's
+        // colluders is refused when it is checked.
+        let small = JobFacts::new("job", names(20), 100, 8, 1000);
+        let problems = s.check(&small);
+        assert!(problems.iter().any(|p| p.message.contains("8 parties cannot tolerate 6 corrupt")), "{problems:?}");
+        assert!(s.check(&job).is_empty(), "{:?}", s.check(&job));
     }
 
     /// A server that has begun round 1 of `n` parties on a one-weight model.

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use rand_core::OsRng;
 
 use super::*;
-use crate::secagg::params::{ThreatModel, choose};
+use crate::secagg::params::{ThreatModel, choose, choose_in};
 use crate::secagg::testing::{InsecureTagSigner as Tag, InsecureTagVerifier as TagCheck};
 
 fn config(n: usize, corrupt_fraction: f64) -> Config {
@@ -401,6 +401,41 @@ fn the_same_attack_succeeds_below_the_threshold_bound() {
     let corrupt: BTreeSet<String> = ["p09".to_string()].into();
     let loot = split_view_attack(&cfg, &corrupt, &[all, without], &assign);
     assert!(loot.count("p00", true) >= 4 && loot.count("p00", false) >= 4);
+}
+
+/// The coordinator forms each round, so it can pack a federation's
+/// colluders into a small one: a job naming 20 parties at γ = 0.3 (six may
+/// collude) with min 11, and a round of 12 holding all six. The target p00
+/// and two honest parties are shown the survivor set of all 12, the other
+/// three honest parties the set without p00; the six colluders sign both.
+/// At the round's own ⌊γ·12⌋ = 3 (t = 8) both views gather t signatures and
+/// the coordinator rebuilds both of p00's secrets; counting the
+/// federation's six ([`choose_in`], t = 10) neither view passes for both.
+#[test]
+fn colluders_packed_into_a_small_round_cannot_isolate_an_input() {
+    let tm = ThreatModel { corrupt_fraction: 0.3, dropout_fraction: 0.0 };
+    let federation = crate::secagg::params::corrupt_parties(20, &tm);
+    assert_eq!(federation, 6);
+    let attack = |p: crate::secagg::params::RoundParams| {
+        let cfg = Config {
+            threshold: p.threshold,
+            degree: p.degree,
+            parties: (0..12).map(|i| format!("p{i:02}")).collect(),
+            ..config(5, 0.0)
+        };
+        let all = names(&cfg);
+        let without: Vec<String> = all[1..].to_vec();
+        let corrupt: BTreeSet<String> = all[6..].iter().cloned().collect();
+        let assign: Vec<usize> = (0..12).map(|i| usize::from(i >= 3)).collect();
+        let loot = split_view_attack(&cfg, &corrupt, &[all, without], &assign);
+        (cfg, corrupt, loot)
+    };
+    let (cfg, _, loot) = attack(choose(12, &tm).unwrap());
+    assert_eq!(cfg.threshold, 8);
+    assert!(loot.count("p00", true) >= 8 && loot.count("p00", false) >= 8, "the round's own bound: exposed");
+    let (cfg, corrupt, loot) = attack(choose_in(12, &tm, federation).unwrap());
+    assert_eq!(cfg.threshold, 10);
+    assert_no_honest_input_exposed(&cfg, &corrupt, &loot);
 }
 
 /// What the sparse-graph property test below exercises, on one sparse graph

@@ -6,7 +6,9 @@
 //!
 //! * **Complete graph** (up to [`COMPLETE_UP_TO`] parties, or when a sparse
 //!   graph would need nearly every party anyway): every party is every
-//!   other's neighbour, c = ⌊γn⌋ parties may be corrupt, and
+//!   other's neighbour, c = max(⌊γn⌋, ⌊γN⌋) parties may be corrupt (N the
+//!   job's named parties: the coordinator picks each round, so it can put
+//!   every colluder of the federation in a small one; [`choose_in`]), and
 //!   t = ⌊(n + c)/2⌋ + 1, so that two survivor sets can never both gather t
 //!   signatures (2t − n > c, Bonawitz et al. 2017): the coordinator learns at
 //!   most one sum. Correctness needs n − 1 − ⌊δn⌋ ≥ t.
@@ -37,7 +39,8 @@ pub const ETA: u32 = 30;
 /// The threat model a job states.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ThreatModel {
-    /// γ: fraction of the round's parties that may be corrupt.
+    /// γ: fraction of the parties that may be corrupt: of a round's, and
+    /// (what every round of a job counts too, [`choose_in`]) of the job's.
     pub corrupt_fraction: f64,
     /// δ: fraction of the round's parties that may drop out.
     pub dropout_fraction: f64,
@@ -103,16 +106,26 @@ pub fn check(tm: &ThreatModel) -> Result<(), String> {
 
 /// The degree and threshold for `n` parties under `tm`, or why none exists.
 pub fn choose(n: usize, tm: &ThreatModel) -> Result<RoundParams, Error> {
+    choose_in(n, tm, 0)
+}
+
+/// [`choose`] for a round of `n` parties drawn from a federation in which
+/// `federation_corrupt` parties may collude (⌊γN⌋ of its N named parties):
+/// the coordinator chooses each round's parties, so it can place every
+/// colluder in a small round. The round then assumes
+/// max(⌊γn⌋, `federation_corrupt`) of its n parties corrupt.
+pub fn choose_in(n: usize, tm: &ThreatModel, federation_corrupt: usize) -> Result<RoundParams, Error> {
     check(tm).map_err(Error::InvalidInput)?;
     if n < 3 {
         return Err(Error::InvalidInput(format!("secure aggregation needs at least 3 parties (got {n})")));
     }
+    let corrupt = corrupt_parties(n, tm).max(federation_corrupt);
     if n > COMPLETE_UP_TO
-        && let Some(p) = sparse(n, tm, SIGMA, ETA)
+        && let Some(p) = sparse(n, tm, corrupt, SIGMA, ETA)
     {
         return Ok(p);
     }
-    complete(n, tm)
+    complete(n, tm, corrupt)
 }
 
 /// A tiny slack so that fractions like 0.05 × 100 floor to 5, not 4.
@@ -124,8 +137,7 @@ pub fn corrupt_parties(n: usize, tm: &ThreatModel) -> usize {
     ((tm.corrupt_fraction + SMALL) * n as f64).floor() as usize
 }
 
-fn complete(n: usize, tm: &ThreatModel) -> Result<RoundParams, Error> {
-    let corrupt = corrupt_parties(n, tm);
+fn complete(n: usize, tm: &ThreatModel, corrupt: usize) -> Result<RoundParams, Error> {
     let dropped = ((tm.dropout_fraction + SMALL) * n as f64).floor() as usize;
     let k = n - 1;
     let t = ((n + corrupt) / 2 + 1).max(2);
@@ -147,9 +159,8 @@ fn complete(n: usize, tm: &ThreatModel) -> Result<RoundParams, Error> {
 
 /// The smallest even degree k < n − 1 that meets the sparse conditions at
 /// statistical security `sigma` and correctness `eta`.
-fn sparse(n: usize, tm: &ThreatModel, sigma: u32, eta: u32) -> Option<RoundParams> {
+fn sparse(n: usize, tm: &ThreatModel, corrupt: usize, sigma: u32, eta: u32) -> Option<RoundParams> {
     let nf = n as f64;
-    let corrupt = ((tm.corrupt_fraction + SMALL) * nf).floor() as usize;
     let survivors = ((1.0 - tm.dropout_fraction - SMALL) * nf).ceil() as usize;
     let bad = corrupt + ((tm.dropout_fraction + SMALL) * nf).floor() as usize;
     let privacy_q = 2f64.powi(-(sigma as i32 + 1)) / nf;
@@ -328,7 +339,9 @@ mod tests {
     /// the search above at that η.
     #[test]
     fn the_search_reproduces_googles_vectors() {
-        let eta20 = |n, g, d| sparse(n, &tm(g, d), 40, 20).map(|p| (p.degree, p.threshold)).unwrap();
+        let eta20 = |n, g, d| {
+            sparse(n, &tm(g, d), corrupt_parties(n, &tm(g, d)), 40, 20).map(|p| (p.degree, p.threshold)).unwrap()
+        };
         assert_eq!(eta20(100, 0.05, 0.05), (16, 11));
         assert_eq!(eta20(1000, 0.05, 0.05), (52, 37));
         assert_eq!(eta20(10000, 0.05, 0.05), (62, 44));
