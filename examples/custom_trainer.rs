@@ -46,11 +46,16 @@ struct LinearSvm {
     features: usize,
     train: Dataset,
     held_out: Dataset,
+    /// The spec holds out no rows (`validation_fraction = 0`): evaluate the
+    /// training rows. Decided by the spec, never by whether the split
+    /// happened to hold out any row: that depends on the rows, and one row
+    /// could then move an evaluation from one row to all of them.
+    evaluate_training_rows: bool,
     salt: u64,
 }
 
 impl LinearSvm {
-    fn new(train: Dataset, held_out: Dataset, salt: u64) -> Result<Self, Error> {
+    fn new(train: Dataset, held_out: Dataset, evaluate_training_rows: bool, salt: u64) -> Result<Self, Error> {
         if let Some(l) = train.labels.iter().chain(&held_out.labels).find(|&&l| l > 1) {
             return Err(Error::InvalidInput(format!("linear-svm is binary; found label {l}")));
         }
@@ -65,7 +70,7 @@ impl LinearSvm {
             Tensor { name: WEIGHT.into(), shape: vec![d], data: vec![0.0; d] },
             Tensor { name: BIAS.into(), shape: vec![1], data: vec![0.0] },
         ])?;
-        Ok(LinearSvm { params, features: d, train, held_out, salt })
+        Ok(LinearSvm { params, features: d, train, held_out, evaluate_training_rows, salt })
     }
 
     fn get(&self, name: &str) -> &[f32] {
@@ -147,7 +152,7 @@ impl Trainer for LinearSvm {
     }
 
     fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
-        let ds = if self.held_out.is_empty() { &self.train } else { &self.held_out };
+        let ds = if self.evaluate_training_rows { &self.train } else { &self.held_out };
         let (mut loss, mut correct) = (0.0, 0usize);
         for i in 0..ds.len() {
             let (y, s) = (sign(ds.labels[i]), self.score(ds.row(i)));
@@ -187,8 +192,9 @@ impl TrainerFactory for Trainers {
         }
         let rows = data.load().map_err(|e| e.to_string())?;
         let (train, held_out) = rows.split(spec.training.validation_fraction, spec.training.seed);
-        let svm =
-            LinearSvm::new(train, held_out, party_salt(party)).map_err(|e| format!("{}: {e}", data.path.display()))?;
+        let whole = spec.training.validation_fraction == 0.0;
+        let svm = LinearSvm::new(train, held_out, whole, party_salt(party))
+            .map_err(|e| format!("{}: {e}", data.path.display()))?;
         Ok(Box::new(svm))
     }
 }

@@ -519,9 +519,9 @@ impl PartyConfig {
     }
 }
 
-/// Refuses two data sets over the same rows: one path the same as, or
-/// inside, another's (a file in a watched directory, or the directory
-/// itself). The privacy ledger keeps ε per data set name, so two names for
+/// Refuses two data sets over the same rows: one path the same as
+/// another's, or a file directly in it (a watched directory's batches; a
+/// subdirectory's files are not its rows). The privacy ledger keeps ε per data set name, so two names for
 /// the same rows would give them two budgets. Paths are compared as the
 /// filesystem resolves them (symbolic links followed) where they exist.
 fn overlapping_datasets(datasets: &BTreeMap<String, DatasetSource>) -> Result<(), String> {
@@ -549,10 +549,11 @@ fn overlapping_datasets(datasets: &BTreeMap<String, DatasetSource>) -> Result<()
         .collect();
     for (i, (a, pa)) in resolved.iter().enumerate() {
         for (b, pb) in &resolved[i + 1..] {
-            if pa.starts_with(pb) || pb.starts_with(pa) {
+            // A watched directory's batches are the files directly in it.
+            if pa == pb || pa.parent() == Some(pb.as_path()) || pb.parent() == Some(pa.as_path()) {
                 return Err(format!(
-                    "datasets.{a} and datasets.{b}: {} and {} hold the same rows (one is, or is inside, the \
-                     other); the privacy ledger keeps each data set's ε under its name, so the rows would have two \
+                    "datasets.{a} and datasets.{b}: {} and {} hold the same rows (one is the other, or a file in \
+                     it); the privacy ledger keeps each data set's ε under its name, so the rows would have two \
                      budgets",
                     pa.display(),
                     pb.display()
@@ -648,5 +649,7 @@ mod tests {
         }
         let c = load("[datasets.bc]\npath = \"bc.csv\"\n[datasets.digits]\npath = \"digits.csv\"\n").unwrap();
         assert_eq!(c.datasets.len(), 2, "distinct files are two data sets");
+        let nested = "[datasets.w]\npath = \"watched\"\n[datasets.old]\npath = \"watched/archive/old.csv\"\n";
+        assert_eq!(load(nested).unwrap().datasets.len(), 2, "a subdirectory's file is not a batch of the directory");
     }
 }

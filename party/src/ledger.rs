@@ -63,6 +63,26 @@ impl RoundStarted {
     }
 }
 
+/// Why a round (or a release) was not started: the coordinator asked for
+/// more than the reservation and the budget allow (its fault), or the
+/// ledger could not record it here (this party's: it refuses the task and
+/// stays in the job).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartRefused {
+    /// Beyond what the job may spend, or a release made already.
+    Budget(String),
+    /// The ledger's own failure.
+    Ledger(String),
+}
+
+impl std::fmt::Display for StartRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartRefused::Budget(m) | StartRefused::Ledger(m) => f.write_str(m),
+        }
+    }
+}
+
 /// What one job reserved against one data set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobCharge {
@@ -336,39 +356,44 @@ impl Ledger {
             return Err(format!("the privacy ledger has no reservation for job {job_id}"));
         };
         charge.left = Some(why.to_owned());
-        self.write_version(&next, state.version + 1)?;
+        // Kept in memory even if the write fails (this process then refuses
+        // the job; the next write that succeeds carries it to disk).
+        let written = self.write_version(&next, state.version + 1);
         state.file = next;
         state.version += 1;
-        Ok(())
+        written
     }
 
-    fn start_round(self: &Arc<Self>, guard: &RoundGuard) -> Result<RoundStarted, String> {
+    fn start_round(self: &Arc<Self>, guard: &RoundGuard, once: bool) -> Result<RoundStarted, StartRefused> {
         let (dataset, job_id) = (guard.dataset.as_str(), guard.job_id.as_str());
-        let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
+        let local = StartRefused::Ledger;
+        let mut state = self.state.lock().map_err(|_| local("the privacy ledger's lock is poisoned".to_string()))?;
         let mut next = state.file.clone();
-        let d = next
-            .datasets
-            .get_mut(dataset)
-            .ok_or_else(|| format!("the privacy ledger has no reservation for job {job_id}"))?;
+        let missing = || local(format!("the privacy ledger has no reservation for job {job_id}"));
+        let d = next.datasets.get_mut(dataset).ok_or_else(missing)?;
         let others: f64 = d.jobs.iter().filter(|(id, _)| *id != job_id).map(|(_, j)| j.epsilon).sum();
-        let charge =
-            d.jobs.get_mut(job_id).ok_or_else(|| format!("the privacy ledger has no reservation for job {job_id}"))?;
+        let charge = d.jobs.get_mut(job_id).ok_or_else(missing)?;
+        if once && charge.rounds_started > 0 {
+            // Checked and counted under the one lock: two sessions of the
+            // job cannot both pass.
+            return Err(StartRefused::Budget(format!("job {job_id} made its one release already")));
+        }
         if charge.rounds_started >= charge.rounds_reserved {
             // A round beyond the reservation: charged before it runs.
             let Some((dp, training)) = &guard.cost else {
-                return Err(format!("job {job_id} has no DP cost to extend its reservation with"));
+                return Err(local(format!("job {job_id} has no DP cost to extend its reservation with")));
             };
             let rounds = charge.rounds_started + 1;
             let epsilon = fail_closed(dp.record_epsilon(training, rounds));
             if let Some(max) = guard.max_epsilon
                 && !within_budget(others + epsilon, max)
             {
-                return Err(format!(
+                return Err(StartRefused::Budget(format!(
                     "the coordinator asked for training round {rounds} of a job reserved for {} rounds; for data set \
                      {dataset:?} that would cost ε = {epsilon:.4}, {:.4} in all, above the policy's {max}",
                     charge.rounds_reserved,
                     others + epsilon
-                ));
+                )));
             }
             charge.epsilon = epsilon;
             charge.rounds_reserved = rounds;
@@ -389,7 +414,7 @@ impl Ledger {
         {
             Ok(writer) => Ok(RoundStarted(Some(writer))),
             // No thread to be had: written here, before training.
-            Err(_) => self.write_version(&next, version).map(|()| RoundStarted(None)),
+            Err(_) => self.write_version(&next, version).map(|()| RoundStarted(None)).map_err(local),
         }
     }
 
@@ -465,18 +490,21 @@ impl RoundGuard {
     /// The record becomes durable while the round trains: the round's
     /// result may leave the party only once [`RoundStarted::durable`] says
     /// so.
-    pub fn start_round(&self) -> Result<RoundStarted, String> {
+    pub fn start_round(&self) -> Result<RoundStarted, StartRefused> {
         if self.job_id.is_empty() {
             return Ok(RoundStarted(None));
         }
-        self.ledger.start_round(self)
+        self.ledger.start_round(self, false)
     }
 
-    /// The rounds (or evaluation releases) the ledger recorded as started
-    /// for this job, in any session of it.
-    pub fn rounds_started(&self) -> u32 {
-        let state = self.ledger.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.file.datasets.get(&self.dataset).and_then(|d| d.jobs.get(&self.job)).map_or(0, |j| j.rounds_started)
+    /// [`RoundGuard::start_round`] for a job that releases once (a DP
+    /// evaluation): refused if the ledger recorded a release of the job
+    /// already, in this session or an earlier one.
+    pub fn start_release_once(&self) -> Result<RoundStarted, StartRefused> {
+        if self.job_id.is_empty() {
+            return Ok(RoundStarted(None));
+        }
+        self.ledger.start_round(self, true)
     }
 
     /// Records, durably, that this party left the job over a coordinator
@@ -585,7 +613,10 @@ local_epochs = 2",
         let again = reopened.reserve("j1", &job, "d", Some(eps * 2.05)).unwrap();
         again.start_round().unwrap().durable().unwrap();
         let e = again.start_round().unwrap_err();
-        assert!(e.contains("round 4") && e.contains("above the policy"), "{e}");
+        assert!(
+            matches!(&e, StartRefused::Budget(m) if m.contains("round 4") && m.contains("above the policy")),
+            "{e}"
+        );
         assert_eq!(reopened.snapshot().datasets["d"].jobs["j1"].rounds_started, 3);
         let unlimited = reopened.reserve("j1", &job, "d", None).unwrap();
         unlimited.start_round().unwrap().durable().unwrap();

@@ -44,6 +44,18 @@ pub fn consider<'a>(
              corrupt_fraction is {tolerated} (its masking and any distributed DP noise assume no more)"
         ));
     }
+    // Without named parties there is no federation to count colluders in:
+    // secagg's rounds then count them within each round only.
+    if policy.min_corrupt_fraction.is_some()
+        && spec.parties.names.is_empty()
+        && aggregation.tolerated_corrupt_fraction(&spec.aggregation.settings).is_some()
+    {
+        return Err(format!(
+            "policy requires tolerating a fraction of the parties corrupt; the job names no parties, so its \
+             {protocol} rounds count colluders only within each round (a spec that names its parties is \
+             accepted)"
+        ));
+    }
     // A job without differential privacy costs its data set ε = ∞. The
     // cost of one with it is checked against the data set's spending by the
     // ledger, which reserves it (crate::ledger).
@@ -148,6 +160,11 @@ mod tests {
         let mut wary = spec("secagg", 3);
         wary.aggregation.settings.insert("corrupt_fraction".into(), toml::Value::Float(0.1));
         assert!(consider(&wary, "d", &cautious, &plugins, &data).is_ok());
+        // The same without named parties: no federation to count colluders
+        // in, so a hospital with a floor refuses it.
+        wary.parties.names.clear();
+        let e = consider(&wary, "d", &cautious, &plugins, &data).unwrap_err();
+        assert!(e.contains("names no parties"), "{e}");
         for (spec, ds, policy, why) in cases {
             let e = consider(&spec, ds, &policy, &plugins, &data).unwrap_err();
             assert!(e.contains(why), "{e} (wanted {why})");

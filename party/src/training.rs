@@ -151,14 +151,21 @@ pub struct TrainingHandler {
     /// An evaluate job with `[dp]`: the party releases only its noisy
     /// counts of rows and of rows classified correctly, once.
     pub eval_noise: Option<confide_dp::evaluation::NoisyCounts>,
+    /// The round last let go with its secrets wiped (`abandon`): a later
+    /// step of it is refused, not taken for a coordinator fault.
+    abandoned_round: Option<u32>,
+    /// Whether this session opened a round: before it has, a step is of a
+    /// round an earlier session (before a reconnect) began.
+    opened_any: bool,
     /// An evaluate job: it evaluates one model once, and answers no
     /// request to train, set up or sum feature statistics. (A job that
     /// `policy.evaluations_outside_budget` lets run without `[dp]` and
     /// without a reservation must not become an uncharged training job.)
     pub evaluate_only: bool,
     /// The evaluate job's release was made: it has one round, so a second
-    /// request (averaging away DP noise, or querying the rows with model
-    /// after model outside the budget) is a coordinator fault.
+    /// request in the session (averaging away DP noise) is a coordinator
+    /// fault. (A DP evaluation's release is also in the ledger, which
+    /// refuses it in a later session of the job.)
     eval_released: bool,
 }
 
@@ -180,7 +187,10 @@ impl Trainer for NoRows {
         Err(confide_algorithms::Error::InvalidInput("no rows to train on".into()))
     }
     fn evaluate(&mut self) -> Result<confide_algorithms::EvalOutcome, confide_algorithms::Error> {
-        Ok(confide_algorithms::EvalOutcome { num_examples: 0, loss: 0.0, metrics: Default::default() })
+        // The metrics of the built-in classifiers, over no rows: an
+        // evaluation over none has the shape of one over some.
+        let metrics = [("accuracy".to_string(), 0.0)].into();
+        Ok(confide_algorithms::EvalOutcome { num_examples: 0, loss: 0.0, metrics })
     }
     fn predict(&self, _: &[f32]) -> Result<Vec<f32>, confide_algorithms::Error> {
         Err(confide_algorithms::Error::InvalidInput("no model rows".into()))
@@ -189,6 +199,16 @@ impl Trainer for NoRows {
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
+}
+
+/// A round or release the ledger did not start: the coordinator's fault
+/// when it asked beyond the budget, this party's own (a refusal, staying in
+/// the job) when the ledger could not record it.
+fn refused(e: crate::ledger::StartRefused) -> TaskError {
+    match e {
+        crate::ledger::StartRefused::Budget(m) => TaskError::CoordinatorFault(m),
+        crate::ledger::StartRefused::Ledger(m) => TaskError::Refused(m),
+    }
 }
 
 impl TrainingHandler {
@@ -213,6 +233,8 @@ impl TrainingHandler {
             budget: None,
             dp_inputs: None,
             eval_noise: None,
+            abandoned_round: None,
+            opened_any: false,
             evaluate_only: false,
             eval_released: false,
         }
@@ -287,6 +309,16 @@ impl JobHandler for TrainingHandler {
                     return Err(TaskError::CoordinatorFault(format!("the job's protocol has no step {stage:?}")));
                 };
                 if self.open != Some(round) {
+                    // A round this party let go itself (no task came within
+                    // its deadline), or one a session before a reconnect
+                    // began: not the coordinator's fault, so not a reason to
+                    // leave the job for good.
+                    if self.abandoned_round == Some(round) || !self.opened_any {
+                        return Err(TaskError::Refused(format!(
+                            "a {stage} step of round {round}, which this party no longer holds (it abandoned the \
+                             round after its deadline, or reconnected since); the round's secrets are wiped"
+                        )));
+                    }
                     return Err(TaskError::CoordinatorFault(format!(
                         "a {stage} step of round {round}, which this party is not in"
                     )));
@@ -310,7 +342,9 @@ impl JobHandler for TrainingHandler {
     }
 
     fn abandon(&mut self) {
-        self.open = None;
+        if let Some(round) = self.open.take() {
+            self.abandoned_round = Some(round);
+        }
         self.aggregation.abandon();
     }
 
@@ -356,6 +390,7 @@ impl TrainingHandler {
         let contribution = self.aggregation.contribute_sum(round, round_message, &layout, &values)?;
         if !self.stages.is_empty() {
             self.open = Some(round);
+            self.opened_any = true;
         }
         Ok(ResultBody::SecureSum { contribution })
     }
@@ -396,6 +431,7 @@ impl TrainingHandler {
         let contribution = self.aggregation.contribute(round, round_message, update)?;
         if !self.stages.is_empty() {
             self.open = Some(round);
+            self.opened_any = true;
         }
         let mut metrics = outcome.metrics;
         metrics.insert("fit_ms".into(), started.elapsed().as_secs_f64() * 1000.0);
@@ -433,15 +469,21 @@ impl TrainingHandler {
         let Some(noise) = self.eval_noise else {
             return Err(TaskError::Refused("no differential privacy to apply".into()));
         };
-        // Released in this session, or (the ledger says) in an earlier one
-        // of the same job, offered again.
-        if self.eval_released || self.budget.as_ref().is_some_and(|b| b.rounds_started() > 0) {
-            return Err(TaskError::CoordinatorFault(
+        let again = || {
+            TaskError::CoordinatorFault(
                 "asked again for this evaluation's noisy counts: an evaluate job releases them once".into(),
-            ));
+            )
+        };
+        if self.eval_released {
+            return Err(again());
         }
+        // Released in an earlier session of the same job, offered again:
+        // the ledger says so.
         let recorded = match &self.budget {
-            Some(budget) => Some(budget.start_round().map_err(TaskError::CoordinatorFault)?),
+            Some(budget) => Some(budget.start_release_once().map_err(|e| match e {
+                crate::ledger::StartRefused::Budget(_) => again(),
+                local => refused(local),
+            })?),
             None => None,
         };
         self.eval_released = true;
@@ -503,7 +545,7 @@ impl TrainingHandler {
         let base = own.as_ref().unwrap_or(global);
         self.trainer.set_parameters(base).map_err(err)?;
         let recorded = match &self.budget {
-            Some(budget) => Some(budget.start_round().map_err(TaskError::CoordinatorFault)?),
+            Some(budget) => Some(budget.start_round().map_err(refused)?),
             None => None,
         };
         // Distributed noise does not depend on the data: drawn before training.
@@ -534,6 +576,7 @@ impl TrainingHandler {
         }
         if !self.stages.is_empty() {
             self.open = Some(round);
+            self.opened_any = true;
         }
         Ok(ResultBody::Fit { metrics: Default::default(), contribution })
     }
@@ -1313,5 +1356,27 @@ mod tests {
         let mut h = handler(true);
         let ResultBody::Setup { stats, .. } = h.on_task(task(0, TaskBody::Setup)).unwrap() else { panic!() };
         assert_eq!(stats, FeatureStats::default());
+    }
+
+    /// A step of a round this party let go itself (no task within its
+    /// deadline), or of a round a session before a reconnect began, is
+    /// refused and the party stays in the job; only a step of a round it was
+    /// never in is the coordinator's fault (which would end its part in the
+    /// job for good).
+    #[test]
+    fn a_step_of_a_round_this_party_let_go_is_refused_not_a_fault() {
+        let step =
+            |round| task(round, TaskBody::Aggregation { stage: "secagg-shares".into(), message: Default::default() });
+        let mut h = handler(false);
+        let e = h.on_task(step(1)).unwrap_err();
+        assert!(matches!(&e, TaskError::Refused(m) if m.contains("reconnected")), "a fresh session: {e:?}");
+        h.opened_any = true;
+        h.open = Some(2);
+        h.abandon();
+        assert_eq!((h.open, h.abandoned_round), (None, Some(2)));
+        let e = h.on_task(step(2)).unwrap_err();
+        assert!(matches!(&e, TaskError::Refused(m) if m.contains("abandoned")), "{e:?}");
+        let e = h.on_task(step(3)).unwrap_err();
+        assert!(matches!(&e, TaskError::CoordinatorFault(m) if m.contains("not in")), "{e:?}");
     }
 }

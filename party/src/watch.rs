@@ -33,10 +33,11 @@ use serde::{Deserialize, Serialize};
 struct Marks {
     /// Pipeline job id → batch key → the iteration that trained on it.
     pipelines: BTreeMap<String, BTreeMap<String, u32>>,
-    /// Service → the data set its labelled hard examples are charged to:
-    /// the first a pipeline job used them with. The ledger keeps ε per data
-    /// set, so a labelled row used by jobs on two data sets would spend
-    /// both budgets; it is used with this one only.
+    /// A labelled hard example's SHA-256 → the data set it is charged to:
+    /// the first a pipeline job used it with. The ledger keeps ε per data
+    /// set, so a labelled row used by jobs on two data sets (through two
+    /// services that met the same row, say) would spend both budgets; it
+    /// is used with this one only.
     #[serde(default)]
     label_datasets: BTreeMap<String, String>,
 }
@@ -217,28 +218,29 @@ impl Watches {
             |b: &Path| format!("{dataset}/{}", b.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
         let new_batches: Vec<PathBuf> = batches.iter().filter(|b| is_new(&batch_key(b))).cloned().collect();
         let new_labels: Vec<&String> = labelled.keys().filter(|sha| is_new(&label_key(sha))).collect();
-        let uses_labels = !labelled.is_empty()
-            && matches!(
-                (&spec.kind, p.rows),
-                (JobKind::Train, PipelineRows::All) | (JobKind::Evaluate, PipelineRows::New)
-            );
-        if uses_labels {
-            match marks.label_datasets.get(&p.service) {
-                Some(bound) if bound != dataset => {
-                    return Err(format!(
-                        "service {:?}'s labelled hard examples are charged to data set {bound:?}, the first a \
-                         pipeline used them with; a pipeline job on data set {dataset:?} cannot use them (each \
-                         row's ε is kept by one data set's ledger)",
-                        p.service
-                    ));
-                }
-                Some(_) => {}
-                None => {
-                    marks.label_datasets.insert(p.service.clone(), dataset.to_owned());
-                    let json = serde_json::to_vec_pretty(&*marks).map_err(|e| e.to_string())?;
-                    write_durably(&self.state_path, &json)?;
-                }
+        // The labelled rows the job uses: each is charged to one data set,
+        // the first a pipeline job used it with.
+        let used: Vec<&String> = match (&spec.kind, p.rows) {
+            (JobKind::Train, PipelineRows::All) => labelled.keys().collect(),
+            (JobKind::Evaluate, PipelineRows::New) => new_labels.clone(),
+            _ => Vec::new(),
+        };
+        if let Some(bound) = used.iter().find_map(|sha| marks.label_datasets.get(*sha).filter(|d| *d != dataset)) {
+            return Err(format!(
+                "labelled hard examples of service {:?} are charged to data set {bound:?}, the first a pipeline \
+                 used them with; a pipeline job on data set {dataset:?} cannot use them (each row's ε is kept by \
+                 one data set's ledger)",
+                p.service
+            ));
+        }
+        let unbound: Vec<String> =
+            used.iter().filter(|sha| !marks.label_datasets.contains_key(**sha)).map(|sha| (*sha).clone()).collect();
+        if !unbound.is_empty() {
+            for sha in unbound {
+                marks.label_datasets.insert(sha, dataset.to_owned());
             }
+            let json = serde_json::to_vec_pretty(&*marks).map_err(|e| e.to_string())?;
+            write_durably(&self.state_path, &json)?;
         }
         let mut out = source.clone();
         match (&spec.kind, p.rows) {
@@ -392,8 +394,15 @@ mod tests {
         // row's ε is kept by one ledger entry).
         let other = w.select(&spec("train", 3, "all"), "e", &src).unwrap_err();
         assert!(other.contains("charged to data set \"d\"") && other.contains("\"e\""), "{other}");
-        let other = open().select(&spec("evaluate", 3, "new"), "e", &src).unwrap_err();
+        // The same row met by another service and labelled (labels are by
+        // row): still charged to "d".
+        w.keep_hard_examples("second", &[7.0], 1).unwrap();
+        let mut second = spec("train", 3, "all");
+        second.pipeline.as_mut().unwrap().service = "second".into();
+        let other = w.select(&second, "e", &src).unwrap_err();
         assert!(other.contains("charged to data set \"d\""), "{other}");
+        let other = open().select(&spec("train", 3, "all"), "e", &src).unwrap_err();
+        assert!(other.contains("charged to data set \"d\""), "after a restart: {other}");
         assert_eq!(open().select(&spec("evaluate", 3, "all"), "e", &src).unwrap().load().unwrap().len(), 1);
         std::fs::write(dir.path().join("labels.csv"), format!("{sha7},x\n")).unwrap();
         let e = w.select(&spec("evaluate", 3, "new"), "d", &src).unwrap_err();

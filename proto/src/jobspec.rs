@@ -973,6 +973,11 @@ impl RawJobSpec {
             for (f, m) in p.validate() {
                 err(&f, m);
             }
+            // A DP evaluation in a pipeline is not built: over its new rows,
+            // whether any exists is a fact of the rows the release would show.
+            if kind == JobKind::Evaluate && self.dp.is_some() {
+                err("dp", "a pipeline's evaluate jobs have no differential privacy yet (not built)".into());
+            }
         }
         if !matches!(kind, JobKind::Extension(_)) && !self.extension.is_empty() {
             err("extension", format!("only applies to extension job kinds (kind is {:?})", kind.as_str()));
@@ -1173,6 +1178,10 @@ mod aggregation_tests {
         assert_eq!((dp.steps_per_round(&s.training), dp.plan(&s.training)), (1, None));
         let eps = dp.epsilon(&s.training, s.rounds);
         assert!(eps <= 1.0 && eps > 0.99, "{eps}");
+        // Not in a pipeline (not built): whether its new rows exist would show.
+        let piped = evaluate
+            .replace("[dp]", "[pipeline]\njob = \"p1\"\niteration = 1\nservice = \"triage\"\nrows = \"new\"\n[dp]");
+        assert_eq!(paths(&piped), ["dp"]);
         // Local epochs or rounds of training settings do not change what it costs.
         let epochs = evaluate.replace("[dp]", "[training]\nlocal_epochs = 5\n[dp]");
         let s5 = JobSpec::parse(&epochs, "e", &Limits::default()).unwrap();

@@ -1024,3 +1024,43 @@ mod guarantees {
         }
     }
 }
+
+/// A checkpoint's central adaptive clip is range-checked on resume, as the
+/// distributed path's is: a clip outside 2^±20 of the spec's first clip, a
+/// clip that is not a number, or a clip for a spec without adaptive
+/// clipping (a corrupt or edited checkpoint) fails the resume, naming it;
+/// a clip in range resumes.
+#[test]
+fn a_checkpoints_central_adaptive_clip_is_range_checked_on_resume() {
+    let adaptive = "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\nupdate_clip = 1.0\nadaptive_clip_quantile = 0.5\n";
+    let resume = |dp: &str, clip: f64| {
+        let text = format!(
+            "name = \"t\"\nkind = \"train\"\nrounds = 4\n{dp}[parties]\nnames = [\"a\", \"b\", \"c\"]\ndataset = \"d\"\n\
+             [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n"
+        );
+        let spec = JobSpec::parse(&text, "test", &Limits::default()).unwrap();
+        let mut saved = State::new();
+        match spec.dp.as_ref().unwrap().accountant(&spec.training, 2) {
+            confide_proto::dpspec::Accountant::Rdp(acc) => {
+                saved.insert("orders", acc.orders().to_vec());
+                saved.insert("rdp", acc.rdp().to_vec());
+            }
+            confide_proto::dpspec::Accountant::Pld(_) => unreachable!("the RDP accountant is the default"),
+        }
+        saved.insert("clip", vec![clip]);
+        let mut state = State::new();
+        state.insert_section("privacy", saved);
+        let start = Start::Resume { round: 2, model: Some(params(&[0.0])), state, parties: BTreeMap::new() };
+        let plugins =
+            Plugins::new().peer_verifier(|| Ok(Box::new(confide_crypto::secagg::testing::InsecureTagVerifier)));
+        jobs::session("job-t", Arc::new(spec), start, &plugins, Limits::default(), 0).err()
+    };
+    assert_eq!(resume(adaptive, 0.7), None, "a clip in range resumes");
+    for clip in [1e30, 1e-30, f64::NAN] {
+        let e = resume(adaptive, clip).expect("refused");
+        assert!(e.contains("adaptive clip") && e.contains("stays within"), "{clip}: {e}");
+    }
+    let fixed = adaptive.replace("adaptive_clip_quantile = 0.5\n", "");
+    let e = resume(&fixed, 0.7).expect("refused");
+    assert!(e.contains("no adaptive clipping"), "{e}");
+}

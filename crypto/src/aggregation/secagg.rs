@@ -119,19 +119,33 @@ impl SecAggSettings {
             let field = if e.starts_with("dropout") { "dropout_fraction" } else { "corrupt_fraction" };
             p.push(Problem::setting(field, e));
         } else {
-            // The largest round and the smallest one the job allows must both have parameters.
-            for n in round_sizes(job) {
-                if let Err(e) = params::choose_in(n, &tm, federation_corrupt(job, &tm)) {
-                    // Named for what makes it impossible: the colluders
-                    // alone, or only with the dropouts.
-                    let without_dropouts = params::ThreatModel { dropout_fraction: 0.0, ..tm };
-                    let field = if params::choose_in(n, &without_dropouts, federation_corrupt(job, &tm)).is_err() {
+            // Every round the job allows must have parameters: with the
+            // federation's colluders counted in each, a round between the
+            // smallest and the largest can fail where both pass.
+            let fc = federation_corrupt(job, &tm);
+            // Named for what makes it impossible: the colluders alone, or
+            // only with the dropouts. One problem per cause, for the
+            // smallest size, naming every size that fails.
+            let without_dropouts = params::ThreatModel { dropout_fraction: 0.0, ..tm };
+            let mut failing: BTreeMap<&str, (String, Vec<usize>)> = BTreeMap::new();
+            for n in checked_round_sizes(job) {
+                if let Err(e) = params::choose_in(n, &tm, fc) {
+                    let field = if params::choose_in(n, &without_dropouts, fc).is_err() {
                         "corrupt_fraction"
                     } else {
                         "dropout_fraction"
                     };
-                    p.push(Problem::setting(field, e.to_string()));
+                    failing.entry(field).or_insert_with(|| (e.to_string(), Vec::new())).1.push(n);
                 }
+            }
+            for (field, (first, sizes)) in failing {
+                let message = if sizes.len() == 1 {
+                    first
+                } else {
+                    let rest: Vec<String> = sizes[1..].iter().map(usize::to_string).collect();
+                    format!("{first}; so do rounds of {} parties", rest.join(", "))
+                };
+                p.push(Problem::setting(field, message));
             }
         }
         if !(16..=32).contains(&self.bits) {
@@ -160,6 +174,20 @@ impl SecAggSettings {
         }
         p
     }
+}
+
+/// The round sizes validation checks: every size from the smallest the
+/// job allows up to the complete graph's limit (where feasibility need not
+/// be monotone in the size), and the largest.
+fn checked_round_sizes(job: &JobFacts) -> Vec<usize> {
+    let largest = job.party_bound();
+    let smallest = job.min_parties.max(MIN_ROUND_PARTIES).min(largest);
+    let mut sizes: Vec<usize> = (smallest..=largest.min(params::COMPLETE_UP_TO)).collect();
+    if largest > params::COMPLETE_UP_TO || sizes.is_empty() {
+        sizes.push(largest);
+    }
+    sizes.retain(|&n| n >= MIN_ROUND_PARTIES);
+    sizes
 }
 
 /// The parties of the whole federation that may collude with the
@@ -1332,6 +1360,14 @@ mod tests {
         let problems = s.check(&small);
         assert!(problems.iter().any(|p| p.message.contains("8 parties cannot tolerate 6 corrupt")), "{problems:?}");
         assert!(s.check(&job).is_empty(), "{:?}", s.check(&job));
+        // Seven named parties at γ = 0.15 (one colluder) and δ = 0.2, min 4:
+        // rounds of 4 and 7 have parameters, one of 5 does not (t = 4 with
+        // three neighbours left after a dropout); every size is checked.
+        let table: toml::Table = toml::from_str("corrupt_fraction = 0.15\ndropout_fraction = 0.2\n").unwrap();
+        let s = SecAggSettings::from_table(&table).unwrap();
+        let seven = JobFacts::new("job", names(7), 100, 4, 1000);
+        let problems = s.check(&seven);
+        assert!(problems.iter().any(|p| p.message.contains("5 parties cannot tolerate")), "{problems:?}");
     }
 
     /// A server that has begun round 1 of `n` parties on a one-weight model.
