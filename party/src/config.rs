@@ -519,34 +519,47 @@ impl PartyConfig {
     }
 }
 
+/// `path` as the filesystem resolves it: its nearest existing ancestor
+/// canonicalised (symbolic links followed), the rest (not there yet: a
+/// watched directory made later) appended, with `.` and `..` taken
+/// lexically.
+fn resolved_path(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut lexical = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                lexical.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => lexical.push(other),
+        }
+    }
+    let mut base = lexical.as_path();
+    let mut rest = Vec::new();
+    while !base.exists() {
+        match (base.file_name(), base.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                base = parent;
+            }
+            _ => break,
+        }
+    }
+    let mut out = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_owned());
+    for name in rest.iter().rev() {
+        out.push(name);
+    }
+    out
+}
+
 /// Refuses two data sets over the same rows: one path the same as
 /// another's, or a file directly in it (a watched directory's batches; a
 /// subdirectory's files are not its rows). The privacy ledger keeps ε per data set name, so two names for
 /// the same rows would give them two budgets. Paths are compared as the
 /// filesystem resolves them (symbolic links followed) where they exist.
 fn overlapping_datasets(datasets: &BTreeMap<String, DatasetSource>) -> Result<(), String> {
-    let resolved: Vec<(&String, PathBuf)> = datasets
-        .iter()
-        .map(|(name, d)| {
-            // A path that does not exist yet (a watched directory made
-            // later) is compared with its `.` and `..` taken lexically.
-            let path = std::fs::canonicalize(&d.path).unwrap_or_else(|_| {
-                let absolute = std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone());
-                let mut out = PathBuf::new();
-                for c in absolute.components() {
-                    match c {
-                        std::path::Component::ParentDir => {
-                            out.pop();
-                        }
-                        std::path::Component::CurDir => {}
-                        other => out.push(other),
-                    }
-                }
-                out
-            });
-            (name, path)
-        })
-        .collect();
+    let resolved: Vec<(&String, PathBuf)> = datasets.iter().map(|(name, d)| (name, resolved_path(&d.path))).collect();
     for (i, (a, pa)) in resolved.iter().enumerate() {
         for (b, pb) in &resolved[i + 1..] {
             // A watched directory's batches are the files directly in it.
@@ -651,5 +664,18 @@ mod tests {
         assert_eq!(c.datasets.len(), 2, "distinct files are two data sets");
         let nested = "[datasets.w]\npath = \"watched\"\n[datasets.old]\npath = \"watched/archive/old.csv\"\n";
         assert_eq!(load(nested).unwrap().datasets.len(), 2, "a subdirectory's file is not a batch of the directory");
+        // A file not there yet, under a symbolic link to a watched directory.
+        #[cfg(unix)]
+        {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("watched")).unwrap();
+            std::os::unix::fs::symlink(dir.path().join("watched"), dir.path().join("alias")).unwrap();
+            let path = dir.path().join("p.toml");
+            let text = "coordinator = \"https://x:1\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+                        [datasets.w]\npath = \"watched\"\n[datasets.later]\npath = \"alias/002.csv\"\n";
+            std::fs::write(&path, text).unwrap();
+            let e = PartyConfig::load(&path).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains("two") && e.contains("budgets"), "through a symbolic link: {e}");
+        }
     }
 }

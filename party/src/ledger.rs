@@ -285,11 +285,12 @@ impl Ledger {
         let (epsilon, delta) = job_cost(spec);
         let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
         let entry = state.file.datasets.get(dataset).cloned().unwrap_or_default();
-        let guard = |accounted: &str| RoundGuard {
+        let guard = |accounted: &str, resumed: bool| RoundGuard {
             ledger: self.clone(),
             dataset: dataset.to_owned(),
             job: job_id.to_owned(),
             job_id: accounted.to_owned(),
+            resumed,
             max_epsilon,
             cost: spec.dp.clone().map(|dp| (dp, spec.training.clone())),
         };
@@ -305,7 +306,7 @@ impl Ledger {
                      change its DP settings, rounds or schedule once accepted"
                 ));
             }
-            return Ok(guard(job_id));
+            return Ok(guard(job_id, true));
         }
         if let Some(max) = max_epsilon {
             let spent = entry.epsilon();
@@ -346,7 +347,7 @@ impl Ledger {
         state.version += 1;
         // A job without DP is on record (its data set has then spent ε = ∞);
         // its rounds are not counted.
-        Ok(guard(if epsilon.is_finite() { job_id } else { "" }))
+        Ok(guard(if epsilon.is_finite() { job_id } else { "" }, false))
     }
 
     fn leave(&self, dataset: &str, job_id: &str, why: &str) -> Result<(), String> {
@@ -373,6 +374,10 @@ impl Ledger {
         let d = next.datasets.get_mut(dataset).ok_or_else(missing)?;
         let others: f64 = d.jobs.iter().filter(|(id, _)| *id != job_id).map(|(_, j)| j.epsilon).sum();
         let charge = d.jobs.get_mut(job_id).ok_or_else(missing)?;
+        if let Some(why) = &charge.left {
+            // A session that began before another left the job.
+            return Err(StartRefused::Budget(format!("this party left job {job_id}: {why}")));
+        }
         if once && charge.rounds_started > 0 {
             // Checked and counted under the one lock: two sessions of the
             // job cannot both pass.
@@ -479,6 +484,9 @@ pub struct RoundGuard {
     /// The job's id where it has rounds to account; empty when it has
     /// nothing to account (no DP).
     job_id: String,
+    /// The job was reserved before this offer (an offer of it again: a
+    /// reconnect, or the coordinator resumed it).
+    resumed: bool,
     max_epsilon: Option<f64>,
     /// What n rounds cost, to extend the reservation.
     cost: Option<(DpSpec, TrainConfig)>,
@@ -495,6 +503,12 @@ impl RoundGuard {
             return Ok(RoundStarted(None));
         }
         self.ledger.start_round(self, false)
+    }
+
+    /// Whether the job was reserved before this offer of it: a session that
+    /// continues one an earlier session took part in.
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// [`RoundGuard::start_round`] for a job that releases once (a DP

@@ -48,7 +48,7 @@ pub fn consider<'a>(
     // secagg's rounds then count them within each round only.
     if policy.min_corrupt_fraction.is_some()
         && spec.parties.names.is_empty()
-        && aggregation.tolerated_corrupt_fraction(&spec.aggregation.settings).is_some()
+        && aggregation.counts_colluders_per_round_without_names()
     {
         return Err(format!(
             "policy requires tolerating a fraction of the parties corrupt; the job names no parties, so its \

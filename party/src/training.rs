@@ -109,6 +109,7 @@ impl PartyJobKind for TrainingKind {
         }
         // Every job but an evaluation outside the budget has a ledger entry:
         // its rounds are counted (under DP), and leaving it is recorded.
+        handler.continues_earlier = cx.budget.as_ref().is_some_and(|b| b.resumed());
         handler.budget = cx.budget;
         Ok(Box::new(handler))
     }
@@ -154,9 +155,13 @@ pub struct TrainingHandler {
     /// The round last let go with its secrets wiped (`abandon`): a later
     /// step of it is refused, not taken for a coordinator fault.
     abandoned_round: Option<u32>,
-    /// Whether this session opened a round: before it has, a step is of a
-    /// round an earlier session (before a reconnect) began.
+    /// Whether this session opened a round: before it has, in a session
+    /// that continues an earlier one, a step is of a round the earlier
+    /// session began.
     opened_any: bool,
+    /// The job was offered again (a reconnect, or the coordinator resumed
+    /// it): an earlier session of it may have had a round open.
+    pub continues_earlier: bool,
     /// An evaluate job: it evaluates one model once, and answers no
     /// request to train, set up or sum feature statistics. (A job that
     /// `policy.evaluations_outside_budget` lets run without `[dp]` and
@@ -235,6 +240,7 @@ impl TrainingHandler {
             eval_noise: None,
             abandoned_round: None,
             opened_any: false,
+            continues_earlier: false,
             evaluate_only: false,
             eval_released: false,
         }
@@ -313,7 +319,7 @@ impl JobHandler for TrainingHandler {
                     // its deadline), or one a session before a reconnect
                     // began: not the coordinator's fault, so not a reason to
                     // leave the job for good.
-                    if self.abandoned_round == Some(round) || !self.opened_any {
+                    if self.abandoned_round == Some(round) || (self.continues_earlier && !self.opened_any) {
                         return Err(TaskError::Refused(format!(
                             "a {stage} step of round {round}, which this party no longer holds (it abandoned the \
                              round after its deadline, or reconnected since); the round's secrets are wiped"
@@ -342,10 +348,12 @@ impl JobHandler for TrainingHandler {
     }
 
     fn abandon(&mut self) {
-        if let Some(round) = self.open.take() {
+        // The session lets the round go (its deadline passed, the job
+        // closed or faulted): a later step of it is refused, not a fault.
+        if let Some(round) = self.open {
             self.abandoned_round = Some(round);
         }
-        self.aggregation.abandon();
+        self.drop_round();
     }
 
     fn idle_work(&mut self) {
@@ -359,10 +367,17 @@ impl JobHandler for TrainingHandler {
 }
 
 impl TrainingHandler {
+    /// Forgets the open round and wipes its secrets, as a new round's task
+    /// does (a step of the old round after it is the coordinator's fault).
+    fn drop_round(&mut self) {
+        self.open = None;
+        self.aggregation.abandon();
+    }
+
     /// This party's statistics into a secure sum: the layout is derived
     /// here, from what the party was asked and holds, never from the wire.
     fn secure_sum(&mut self, round: u32, of: SumOf, round_message: &[u8]) -> Result<ResultBody, TaskError> {
-        self.abandon();
+        self.drop_round();
         if !self.hides_values {
             return Err(TaskError::CoordinatorFault("asked for a secure sum under a protocol that has none".into()));
         }
@@ -403,7 +418,7 @@ impl TrainingHandler {
         round_message: &[u8],
         started: Instant,
     ) -> Result<ResultBody, TaskError> {
-        self.abandon();
+        self.drop_round();
         // The configuration is checked here, not trusted: a zero batch size
         // or a NaN learning rate from the wire must not crash the trainer.
         let bad = config.train.validate();
@@ -571,7 +586,7 @@ impl TrainingHandler {
             && let Err(e) = recorded.durable()
         {
             // Not on record, so not sent: the round's state goes too.
-            self.abandon();
+            self.drop_round();
             return Err(TaskError::Refused(e));
         }
         if !self.stages.is_empty() {
@@ -1369,7 +1384,11 @@ mod tests {
             |round| task(round, TaskBody::Aggregation { stage: "secagg-shares".into(), message: Default::default() });
         let mut h = handler(false);
         let e = h.on_task(step(1)).unwrap_err();
-        assert!(matches!(&e, TaskError::Refused(m) if m.contains("reconnected")), "a fresh session: {e:?}");
+        assert!(matches!(&e, TaskError::CoordinatorFault(m) if m.contains("not in")), "a first session: {e:?}");
+        let mut h = handler(false);
+        h.continues_earlier = true;
+        let e = h.on_task(step(1)).unwrap_err();
+        assert!(matches!(&e, TaskError::Refused(m) if m.contains("reconnected")), "a job offered again: {e:?}");
         h.opened_any = true;
         h.open = Some(2);
         h.abandon();

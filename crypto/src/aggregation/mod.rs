@@ -735,13 +735,21 @@ pub trait AggregationProtocol: Send + Sync + 'static {
         None
     }
 
-    /// The fraction of a round's parties that may be corrupt (colluding
-    /// with the coordinator) under which these settings' guarantees hold,
+    /// The fraction of the parties that may be corrupt (colluding with
+    /// the coordinator) under which these settings' guarantees hold,
     /// including the distributed-DP noise calibrated from it. `None` (the
     /// default): the protocol makes no such claim. A party's
     /// `policy.min_corrupt_fraction` refuses settings below its floor.
     fn tolerated_corrupt_fraction(&self, _settings: &toml::Table) -> Option<f64> {
         None
+    }
+
+    /// Whether a job that names no parties counts its colluders only
+    /// within each round (there is no federation size to count from), so
+    /// that a coordinator gathering them into one round is not covered. A
+    /// party whose policy sets `min_corrupt_fraction` refuses such a job.
+    fn counts_colluders_per_round_without_names(&self) -> bool {
+        false
     }
 
     /// The coordinator side for one job. `peers` checks the parties'

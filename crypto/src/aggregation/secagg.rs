@@ -176,19 +176,31 @@ impl SecAggSettings {
     }
 }
 
-/// The round sizes validation checks: every size from the smallest the
-/// job allows up to the complete graph's limit (where feasibility need not
-/// be monotone in the size), and the largest.
+/// The round sizes validation checks: every size the job allows, from its
+/// smallest to its largest (with the federation's colluders fixed,
+/// feasibility is not monotone in the size), at most
+/// [`MAX_CHECKED_ROUND_SIZES`] of them; past that, the smallest ones, every
+/// size up to the complete graph's limit, and the largest.
 fn checked_round_sizes(job: &JobFacts) -> Vec<usize> {
     let largest = job.party_bound();
     let smallest = job.min_parties.max(MIN_ROUND_PARTIES).min(largest);
-    let mut sizes: Vec<usize> = (smallest..=largest.min(params::COMPLETE_UP_TO)).collect();
-    if largest > params::COMPLETE_UP_TO || sizes.is_empty() {
-        sizes.push(largest);
-    }
+    let mut sizes: Vec<usize> = if largest - smallest < MAX_CHECKED_ROUND_SIZES {
+        (smallest..=largest).collect()
+    } else {
+        let mut s: Vec<usize> = (smallest..smallest + MAX_CHECKED_ROUND_SIZES).collect();
+        s.extend(smallest.max(MIN_ROUND_PARTIES)..=params::COMPLETE_UP_TO);
+        s.push(largest);
+        s.sort_unstable();
+        s.dedup();
+        s
+    };
     sizes.retain(|&n| n >= MIN_ROUND_PARTIES);
     sizes
 }
+
+/// The most round sizes [`checked_round_sizes`] takes (each a parameter
+/// search, at every party's validation of the spec).
+const MAX_CHECKED_ROUND_SIZES: usize = 256;
 
 /// The parties of the whole federation that may collude with the
 /// coordinator, ⌊γN⌋ of the N parties the spec names: every round counts
@@ -250,6 +262,11 @@ impl AggregationProtocol for SecAggPlus {
 
     fn tolerated_corrupt_fraction(&self, settings: &toml::Table) -> Option<f64> {
         SecAggSettings::from_table(settings).ok().map(|s| s.corrupt_fraction)
+    }
+
+    fn counts_colluders_per_round_without_names(&self) -> bool {
+        // `federation_corrupt`: no names, no N.
+        true
     }
 
     fn explain(&self, settings: &toml::Table, job: &JobFacts) -> Vec<String> {
