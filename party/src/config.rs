@@ -519,36 +519,31 @@ impl PartyConfig {
     }
 }
 
-/// `path` as the filesystem resolves it: its nearest existing ancestor
-/// canonicalised (symbolic links followed), the rest (not there yet: a
-/// watched directory made later) appended, with `.` and `..` taken
-/// lexically.
+/// `path` as the filesystem resolves it (symbolic links followed, `..`
+/// after them, as the kernel does); for a path not there yet (a watched
+/// directory made later), its nearest existing ancestor so resolved, and
+/// the rest appended with `.` and `..` taken as text.
 fn resolved_path(path: &Path) -> PathBuf {
+    if let Ok(resolved) = std::fs::canonicalize(path) {
+        return resolved;
+    }
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-    let mut lexical = PathBuf::new();
-    for c in absolute.components() {
+    let components: Vec<std::path::Component<'_>> = absolute.components().collect();
+    // The longest prefix that exists, as the filesystem reads it.
+    let mut cut = components.len();
+    while cut > 0 && !components[..cut].iter().collect::<PathBuf>().exists() {
+        cut -= 1;
+    }
+    let base: PathBuf = components[..cut].iter().collect();
+    let mut out = std::fs::canonicalize(&base).unwrap_or(base);
+    for c in &components[cut..] {
         match c {
             std::path::Component::ParentDir => {
-                lexical.pop();
+                out.pop();
             }
             std::path::Component::CurDir => {}
-            other => lexical.push(other),
+            other => out.push(other),
         }
-    }
-    let mut base = lexical.as_path();
-    let mut rest = Vec::new();
-    while !base.exists() {
-        match (base.file_name(), base.parent()) {
-            (Some(name), Some(parent)) => {
-                rest.push(name);
-                base = parent;
-            }
-            _ => break,
-        }
-    }
-    let mut out = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_owned());
-    for name in rest.iter().rev() {
-        out.push(name);
     }
     out
 }
@@ -676,6 +671,16 @@ mod tests {
             std::fs::write(&path, text).unwrap();
             let e = PartyConfig::load(&path).map(|_| ()).unwrap_err().to_string();
             assert!(e.contains("two") && e.contains("budgets"), "through a symbolic link: {e}");
+            // `..` after a symbolic link is the parent of its target: here
+            // the watched directory's own parent, so `alias/../watched/x.csv`
+            // is a batch of it.
+            std::fs::create_dir(dir.path().join("elsewhere")).unwrap();
+            std::os::unix::fs::symlink(dir.path().join("watched"), dir.path().join("elsewhere/in")).unwrap();
+            let text = "coordinator = \"https://x:1\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+                        [datasets.w]\npath = \"watched\"\n[datasets.up]\npath = \"elsewhere/in/../watched/x.csv\"\n";
+            std::fs::write(&path, text).unwrap();
+            let e = PartyConfig::load(&path).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains("budgets"), "`..` after a symbolic link: {e}");
         }
     }
 }

@@ -71,6 +71,9 @@ impl RoundStarted {
 pub enum StartRefused {
     /// Beyond what the job may spend, or a release made already.
     Budget(String),
+    /// This party left the job (over a coordinator fault, in another
+    /// session of it).
+    Left(String),
     /// The ledger's own failure.
     Ledger(String),
 }
@@ -78,7 +81,7 @@ pub enum StartRefused {
 impl std::fmt::Display for StartRefused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartRefused::Budget(m) | StartRefused::Ledger(m) => f.write_str(m),
+            StartRefused::Budget(m) | StartRefused::Left(m) | StartRefused::Ledger(m) => f.write_str(m),
         }
     }
 }
@@ -356,6 +359,10 @@ impl Ledger {
         let Some(charge) = next.datasets.get_mut(dataset).and_then(|d| d.jobs.get_mut(job_id)) else {
             return Err(format!("the privacy ledger has no reservation for job {job_id}"));
         };
+        if charge.left.is_some() {
+            // The first reason stands.
+            return Ok(());
+        }
         charge.left = Some(why.to_owned());
         // Kept in memory even if the write fails (this process then refuses
         // the job; the next write that succeeds carries it to disk).
@@ -376,7 +383,7 @@ impl Ledger {
         let charge = d.jobs.get_mut(job_id).ok_or_else(missing)?;
         if let Some(why) = &charge.left {
             // A session that began before another left the job.
-            return Err(StartRefused::Budget(format!("this party left job {job_id}: {why}")));
+            return Err(StartRefused::Left(format!("this party left job {job_id}: {why}")));
         }
         if once && charge.rounds_started > 0 {
             // Checked and counted under the one lock: two sessions of the

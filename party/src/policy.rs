@@ -48,6 +48,7 @@ pub fn consider<'a>(
     // secagg's rounds then count them within each round only.
     if policy.min_corrupt_fraction.is_some()
         && spec.parties.names.is_empty()
+        && aggregation.tolerated_corrupt_fraction(&spec.aggregation.settings).is_some()
         && aggregation.counts_colluders_per_round_without_names()
     {
         return Err(format!(
@@ -165,6 +166,11 @@ mod tests {
         wary.parties.names.clear();
         let e = consider(&wary, "d", &cautious, &plugins, &data).unwrap_err();
         assert!(e.contains("names no parties"), "{e}");
+        // `he` counts colluders from the federation's limit even then.
+        let he_policy = Policy { aggregation: vec!["he".into()], ..cautious.clone() };
+        let mut unnamed_he = spec("he", 3);
+        unnamed_he.parties.names.clear();
+        assert!(consider(&unnamed_he, "d", &he_policy, &plugins, &data).is_ok());
         for (spec, ds, policy, why) in cases {
             let e = consider(&spec, ds, &policy, &plugins, &data).unwrap_err();
             assert!(e.contains(why), "{e} (wanted {why})");

@@ -211,7 +211,7 @@ fn err(e: impl std::fmt::Display) -> String {
 /// the job) when the ledger could not record it.
 fn refused(e: crate::ledger::StartRefused) -> TaskError {
     match e {
-        crate::ledger::StartRefused::Budget(m) => TaskError::CoordinatorFault(m),
+        crate::ledger::StartRefused::Budget(m) | crate::ledger::StartRefused::Left(m) => TaskError::CoordinatorFault(m),
         crate::ledger::StartRefused::Ledger(m) => TaskError::Refused(m),
     }
 }
@@ -497,7 +497,7 @@ impl TrainingHandler {
         let recorded = match &self.budget {
             Some(budget) => Some(budget.start_release_once().map_err(|e| match e {
                 crate::ledger::StartRefused::Budget(_) => again(),
-                local => refused(local),
+                other => refused(other),
             })?),
             None => None,
         };

@@ -38,7 +38,7 @@ struct Marks {
     /// set, so a labelled row used by jobs on two data sets (through two
     /// services that met the same row, say) would spend both budgets; it
     /// is used with this one only.
-    #[serde(default)]
+    #[serde(default, alias = "label_datasets")]
     labelled_rows: BTreeMap<String, String>,
 }
 
@@ -266,13 +266,13 @@ impl Watches {
                 let json = serde_json::to_vec_pretty(&*marks).map_err(|e| e.to_string())?;
                 write_durably(&self.state_path, &json)?;
                 let mut files = batches;
-                files.extend(self.labelled_batch(p, &labelled, labelled.keys())?);
+                files.extend(self.labelled_batch(p, dataset, &labelled, labelled.keys())?);
                 out.only = Some(files);
             }
             (JobKind::Evaluate, PipelineRows::All) => out.only = Some(batches),
             (JobKind::Evaluate, PipelineRows::New) => {
                 let mut files = new_batches;
-                files.extend(self.labelled_batch(p, &labelled, new_labels.into_iter())?);
+                files.extend(self.labelled_batch(p, dataset, &labelled, new_labels.into_iter())?);
                 out.only = Some(files);
                 out.all_held_out = true;
             }
@@ -287,6 +287,7 @@ impl Watches {
     fn labelled_batch<'a>(
         &self,
         p: &PipelineRef,
+        dataset: &str,
         labelled: &BTreeMap<String, (Vec<String>, u32)>,
         which: impl Iterator<Item = &'a String>,
     ) -> Result<Option<PathBuf>, String> {
@@ -303,7 +304,12 @@ impl Watches {
             return Ok(None);
         }
         std::fs::create_dir_all(&self.scratch).map_err(|e| format!("{}: {e}", self.scratch.display()))?;
-        let path = self.scratch.join(format!("labelled-{}-{}-{:?}.csv", p.job, p.iteration, p.rows).to_lowercase());
+        // One file per data set as well: jobs on two data sets of the same
+        // pipeline iteration each read their own rows.
+        let safe: String =
+            dataset.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let path =
+            self.scratch.join(format!("labelled-{}-{safe}-{}-{:?}.csv", p.job, p.iteration, p.rows).to_lowercase());
         write_durably(&path, text.as_bytes())?;
         Ok(Some(path))
     }

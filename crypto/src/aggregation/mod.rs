@@ -748,8 +748,11 @@ pub trait AggregationProtocol: Send + Sync + 'static {
     /// within each round (there is no federation size to count from), so
     /// that a coordinator gathering them into one round is not covered. A
     /// party whose policy sets `min_corrupt_fraction` refuses such a job.
+    /// The default assumes so of any protocol that states a tolerated
+    /// fraction (it fails closed); a protocol that counts them across the
+    /// federation's limit says otherwise.
     fn counts_colluders_per_round_without_names(&self) -> bool {
-        false
+        true
     }
 
     /// The coordinator side for one job. `peers` checks the parties'

@@ -264,11 +264,6 @@ impl AggregationProtocol for SecAggPlus {
         SecAggSettings::from_table(settings).ok().map(|s| s.corrupt_fraction)
     }
 
-    fn counts_colluders_per_round_without_names(&self) -> bool {
-        // `federation_corrupt`: no names, no N.
-        true
-    }
-
     fn explain(&self, settings: &toml::Table, job: &JobFacts) -> Vec<String> {
         let Ok(s) = SecAggSettings::from_table(settings) else { return Vec::new() };
         let tm = s.threat_model();

@@ -336,6 +336,12 @@ impl AggregationProtocol for ThresholdHe {
         HeSettings::from_table(settings).ok().map(|s| s.corrupt_fraction)
     }
 
+    fn counts_colluders_per_round_without_names(&self) -> bool {
+        // Counted from the job's party bound (the federation's limit when
+        // no party is named), whatever the size of a key or a round.
+        false
+    }
+
     fn server(
         &self,
         settings: &toml::Table,
