@@ -519,53 +519,119 @@ impl PartyConfig {
     }
 }
 
-/// `path` as the filesystem resolves it (symbolic links followed, `..`
-/// after them, as the kernel does); for a path not there yet (a watched
-/// directory made later), its nearest existing ancestor so resolved, and
-/// the rest appended with `.` and `..` taken as text.
-fn resolved_path(path: &Path) -> PathBuf {
-    if let Ok(resolved) = std::fs::canonicalize(path) {
-        return resolved;
-    }
+/// Symbolic links [`resolved_path`] follows in one path, as the kernel's
+/// limit (`MAXSYMLINKS`); a path with more resolves no further.
+const MAX_LINKS: u32 = 40;
+
+/// `path` as the kernel resolves it, one component at a time: a symbolic
+/// link is followed wherever it is, also when what it points to does not
+/// exist yet (a watched directory made later, reached through a link made
+/// now); `..` is the parent of what the path so far resolved to; a
+/// component that does not exist is kept as written. For an existing path
+/// this is what `canonicalize` gives.
+pub(crate) fn resolved_path(path: &Path) -> PathBuf {
+    use std::path::Component;
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-    let components: Vec<std::path::Component<'_>> = absolute.components().collect();
-    // The longest prefix that exists, as the filesystem reads it.
-    let mut cut = components.len();
-    while cut > 0 && !components[..cut].iter().collect::<PathBuf>().exists() {
-        cut -= 1;
-    }
-    let base: PathBuf = components[..cut].iter().collect();
-    let mut out = std::fs::canonicalize(&base).unwrap_or(base);
-    for c in &components[cut..] {
-        match c {
-            std::path::Component::ParentDir => {
+    // The components still to walk, the next one last; owned, since a
+    // link's target joins them.
+    let owned = |p: &Path| -> Vec<(bool, std::ffi::OsString)> {
+        p.components().rev().map(|c| (matches!(c, Component::Prefix(_)), c.as_os_str().to_owned())).collect()
+    };
+    let mut todo = owned(&absolute);
+    let mut out = PathBuf::new();
+    let mut links = 0;
+    while let Some((is_prefix, part)) = todo.pop() {
+        match Path::new(&part).components().next() {
+            _ if is_prefix => out = PathBuf::from(&part),
+            Some(Component::RootDir) => out.push(&part),
+            Some(Component::ParentDir) => {
                 out.pop();
             }
-            std::path::Component::CurDir => {}
-            other => out.push(other),
+            Some(Component::Normal(name)) => {
+                let next = out.join(name);
+                let is_link = std::fs::symlink_metadata(&next).is_ok_and(|m| m.file_type().is_symlink());
+                if is_link
+                    && links < MAX_LINKS
+                    && let Ok(target) = std::fs::read_link(&next)
+                {
+                    // Relative to the link's directory (`out`); an absolute
+                    // target starts again from its root.
+                    links += 1;
+                    todo.extend(owned(&target));
+                    continue;
+                }
+                out = next;
+            }
+            _ => {}
         }
     }
     out
 }
 
+/// The files a data set's path reads, as (device, inode): the file, or a
+/// watched directory itself and every file directly in it (links
+/// followed). Two data sets sharing one are over the same rows however
+/// their paths are spelt (hard links, bind mounts, a batch that is a link
+/// to another data set's file).
+#[cfg(unix)]
+fn file_identities(path: &Path) -> Vec<((u64, u64), PathBuf)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut ids = Vec::new();
+    let Ok(meta) = std::fs::metadata(path) else { return ids };
+    ids.push(((meta.dev(), meta.ino()), path.to_owned()));
+    if meta.is_dir()
+        && let Ok(entries) = std::fs::read_dir(path)
+    {
+        for entry in entries.flatten() {
+            let file = entry.path();
+            if let Ok(m) = std::fs::metadata(&file)
+                && m.is_file()
+            {
+                ids.push(((m.dev(), m.ino()), file));
+            }
+        }
+    }
+    ids
+}
+
+#[cfg(not(unix))]
+fn file_identities(_path: &Path) -> Vec<((u64, u64), PathBuf)> {
+    Vec::new()
+}
+
 /// Refuses two data sets over the same rows: one path the same as
 /// another's, or a file directly in it (a watched directory's batches; a
-/// subdirectory's files are not its rows). The privacy ledger keeps ε per data set name, so two names for
-/// the same rows would give them two budgets. Paths are compared as the
-/// filesystem resolves them (symbolic links followed) where they exist.
-fn overlapping_datasets(datasets: &BTreeMap<String, DatasetSource>) -> Result<(), String> {
+/// subdirectory's files are not its rows), as the filesystem resolves them
+/// ([`resolved_path`]); or, for what exists, one file reached by both
+/// (hard links, bind mounts, a batch linking to another data set's file).
+/// The privacy ledger keeps ε per data set name, so two names for the same
+/// rows would give them two budgets. Checked at load and again at every
+/// job offer (a watched directory's files change while the party runs).
+pub(crate) fn overlapping_datasets(datasets: &BTreeMap<String, DatasetSource>) -> Result<(), String> {
+    let refused = |a: &str, b: &str, what: String| {
+        Err(format!(
+            "datasets.{a} and datasets.{b}: {what}; the privacy ledger keeps each data set's ε under its name, so \
+             the rows would have two budgets"
+        ))
+    };
     let resolved: Vec<(&String, PathBuf)> = datasets.iter().map(|(name, d)| (name, resolved_path(&d.path))).collect();
+    let files: Vec<Vec<((u64, u64), PathBuf)>> = resolved.iter().map(|(_, p)| file_identities(p)).collect();
     for (i, (a, pa)) in resolved.iter().enumerate() {
-        for (b, pb) in &resolved[i + 1..] {
+        for (j, (b, pb)) in resolved.iter().enumerate().skip(i + 1) {
             // A watched directory's batches are the files directly in it.
             if pa == pb || pa.parent() == Some(pb.as_path()) || pb.parent() == Some(pa.as_path()) {
-                return Err(format!(
-                    "datasets.{a} and datasets.{b}: {} and {} hold the same rows (one is the other, or a file in \
-                     it); the privacy ledger keeps each data set's ε under its name, so the rows would have two \
-                     budgets",
+                let what = format!(
+                    "{} and {} hold the same rows (one is the other, or a file in it)",
                     pa.display(),
                     pb.display()
-                ));
+                );
+                return refused(a, b, what);
+            }
+            for (id, fa) in &files[i] {
+                if let Some((_, fb)) = files[j].iter().find(|(other, _)| other == id) {
+                    let what = format!("{} and {} are the same file", fa.display(), fb.display());
+                    return refused(a, b, what);
+                }
             }
         }
     }
@@ -681,6 +747,49 @@ mod tests {
             std::fs::write(&path, text).unwrap();
             let e = PartyConfig::load(&path).map(|_| ()).unwrap_err().to_string();
             assert!(e.contains("budgets"), "`..` after a symbolic link: {e}");
+            let refused = |datasets: &str| {
+                let text = format!(
+                    "coordinator = \"https://x:1\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n{datasets}"
+                );
+                std::fs::write(&path, text).unwrap();
+                PartyConfig::load(&path).map(|_| ()).err().map(|e| e.to_string())
+            };
+            // A link to a directory not made yet: the two names are one
+            // directory once it is made.
+            std::os::unix::fs::symlink(dir.path().join("icu"), dir.path().join("icu-link")).unwrap();
+            let e = refused("[datasets.a]\npath = \"icu\"\n[datasets.b]\npath = \"icu-link\"\n");
+            assert!(e.is_some_and(|e| e.contains("budgets")), "through a dangling link");
+            let e = refused("[datasets.a]\npath = \"icu\"\n[datasets.b]\npath = \"icu-link/002.csv\"\n");
+            assert!(e.is_some_and(|e| e.contains("budgets")), "a file under a dangling link");
+            // A hard link, and a batch that links to another data set's file.
+            std::fs::write(dir.path().join("bc.csv"), "1,0\n").unwrap();
+            std::fs::hard_link(dir.path().join("bc.csv"), dir.path().join("copy.csv")).unwrap();
+            let e = refused("[datasets.a]\npath = \"bc.csv\"\n[datasets.b]\npath = \"copy.csv\"\n");
+            assert!(e.is_some_and(|e| e.contains("same file")), "a hard link");
+            std::os::unix::fs::symlink(dir.path().join("bc.csv"), dir.path().join("watched/link.csv")).unwrap();
+            let e = refused("[datasets.a]\npath = \"bc.csv\"\n[datasets.w]\npath = \"watched\"\n");
+            assert!(e.is_some_and(|e| e.contains("same file")), "a batch linking to another data set's file");
+            // A loop of links resolves no further, and is not a panic.
+            std::os::unix::fs::symlink(dir.path().join("loop-b"), dir.path().join("loop-a")).unwrap();
+            std::os::unix::fs::symlink(dir.path().join("loop-a"), dir.path().join("loop-b")).unwrap();
+            assert_eq!(refused("[datasets.a]\npath = \"loop-a/x.csv\"\n[datasets.b]\npath = \"bc.csv\"\n"), None);
+        }
+    }
+
+    /// For an existing path, the resolution is the kernel's (`canonicalize`).
+    #[cfg(unix)]
+    #[test]
+    fn an_existing_path_resolves_as_canonicalize_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("a/b/c")).unwrap();
+        std::fs::write(root.join("a/b/c/f.csv"), "").unwrap();
+        std::os::unix::fs::symlink("b/c", root.join("a/rel")).unwrap();
+        std::os::unix::fs::symlink(root.join("a/b"), root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../rel", root.join("abs/up")).unwrap();
+        for p in ["a/rel/f.csv", "abs/c/./f.csv", "abs/up/f.csv", "abs/up/../c/f.csv", "a/rel/../../rel/f.csv"] {
+            let path = root.join(p);
+            assert_eq!(resolved_path(&path), std::fs::canonicalize(&path).unwrap(), "{p}");
         }
     }
 }

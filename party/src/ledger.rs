@@ -117,6 +117,11 @@ pub struct JobCharge {
 pub struct DatasetLedger {
     /// Jobs by id.
     pub jobs: BTreeMap<String, JobCharge>,
+    /// Where the data set's rows were read (resolved paths): a data set
+    /// renamed in the configuration, or a new one over the same path, is
+    /// charged with what this entry spent.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub paths: std::collections::BTreeSet<String>,
 }
 
 impl DatasetLedger {
@@ -138,6 +143,24 @@ pub struct LedgerFile {
     pub version: u32,
     /// Data sets by name.
     pub datasets: BTreeMap<String, DatasetLedger>,
+}
+
+impl LedgerFile {
+    /// The ε the rows of data set `dataset` (read at `path`) have spent:
+    /// its own entry's jobs and those of every entry that read the same
+    /// path under another name, except job `skip` of `dataset`.
+    fn spent_by_rows(&self, dataset: &str, path: Option<&str>, skip: Option<&str>) -> f64 {
+        self.datasets
+            .iter()
+            .filter(|(name, d)| *name == dataset || path.is_some_and(|p| d.paths.contains(p)))
+            .flat_map(|(name, d)| {
+                d.jobs
+                    .iter()
+                    .filter(move |(id, _)| !(name == dataset && Some(id.as_str()) == skip))
+                    .map(|(_, j)| j.epsilon)
+            })
+            .sum()
+    }
 }
 
 /// Everything a job's cost depends on, as text: the DP settings, the rounds
@@ -285,6 +308,22 @@ impl Ledger {
         dataset: &str,
         max_epsilon: Option<f64>,
     ) -> Result<RoundGuard, String> {
+        self.reserve_at(job_id, spec, dataset, None, max_epsilon)
+    }
+
+    /// [`Ledger::reserve`] for a data set whose rows are read at `path`
+    /// (resolved): the budget counts what every entry that read that path
+    /// spent, whatever its name (a data set renamed in the configuration
+    /// keeps its spending), and the entry records the path.
+    pub fn reserve_at(
+        self: &Arc<Self>,
+        job_id: &str,
+        spec: &JobSpec,
+        dataset: &str,
+        path: Option<&Path>,
+        max_epsilon: Option<f64>,
+    ) -> Result<RoundGuard, String> {
+        let path = path.map(|p| p.to_string_lossy().into_owned());
         let (epsilon, delta) = job_cost(spec);
         let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
         let entry = state.file.datasets.get(dataset).cloned().unwrap_or_default();
@@ -296,6 +335,7 @@ impl Ledger {
             resumed,
             max_epsilon,
             cost: spec.dp.clone().map(|dp| (dp, spec.training.clone())),
+            path: path.clone(),
         };
         if let Some(existing) = entry.jobs.get(job_id) {
             if let Some(why) = &existing.left {
@@ -312,7 +352,7 @@ impl Ledger {
             return Ok(guard(job_id, true));
         }
         if let Some(max) = max_epsilon {
-            let spent = entry.epsilon();
+            let spent = state.file.spent_by_rows(dataset, path.as_deref(), None);
             if !epsilon.is_finite() {
                 return Err(format!(
                     "policy limits data set {dataset:?} to ε = {max}; this job has no differential privacy, \
@@ -328,7 +368,9 @@ impl Ledger {
             }
         }
         let mut next = state.file.clone();
-        next.datasets.entry(dataset.to_owned()).or_default().jobs.insert(
+        let record = next.datasets.entry(dataset.to_owned()).or_default();
+        record.paths.extend(path.clone());
+        record.jobs.insert(
             job_id.to_owned(),
             JobCharge {
                 name: spec.name.clone(),
@@ -360,8 +402,8 @@ impl Ledger {
             return Err(format!("the privacy ledger has no reservation for job {job_id}"));
         };
         if charge.left.is_some() {
-            // The first reason stands.
-            return Ok(());
+            // The first reason stands; if its write failed, it is retried.
+            return self.write_version(&state.file, state.version);
         }
         charge.left = Some(why.to_owned());
         // Kept in memory even if the write fails (this process then refuses
@@ -378,8 +420,8 @@ impl Ledger {
         let mut state = self.state.lock().map_err(|_| local("the privacy ledger's lock is poisoned".to_string()))?;
         let mut next = state.file.clone();
         let missing = || local(format!("the privacy ledger has no reservation for job {job_id}"));
+        let others = next.spent_by_rows(dataset, guard.path.as_deref(), Some(job_id));
         let d = next.datasets.get_mut(dataset).ok_or_else(missing)?;
-        let others: f64 = d.jobs.iter().filter(|(id, _)| *id != job_id).map(|(_, j)| j.epsilon).sum();
         let charge = d.jobs.get_mut(job_id).ok_or_else(missing)?;
         if let Some(why) = &charge.left {
             // A session that began before another left the job.
@@ -497,6 +539,8 @@ pub struct RoundGuard {
     max_epsilon: Option<f64>,
     /// What n rounds cost, to extend the reservation.
     cost: Option<(DpSpec, TrainConfig)>,
+    /// Where the data set's rows are read (resolved), when known.
+    path: Option<String>,
 }
 
 impl RoundGuard {
@@ -573,6 +617,69 @@ mod tests {
             let e = reopened.reserve(id, &spec(3, dp), "d", None).err().unwrap();
             assert!(e.contains("does not rejoin"), "after a restart: {e}");
         }
+    }
+
+    /// A data set renamed in the configuration (or a new name over the
+    /// same path) is charged with what the old name spent on those rows;
+    /// a data set at another path is not.
+    #[test]
+    fn the_same_rows_under_another_name_keep_their_spending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        let job = spec(3, true);
+        let (eps, _) = job_cost(&job);
+        let rows = Path::new("/data/bc.csv");
+        ledger.reserve_at("j1", &job, "bc", Some(rows), Some(eps * 1.5)).unwrap();
+        let e = ledger.reserve_at("j2", &job, "breast", Some(rows), Some(eps * 1.5)).err().unwrap();
+        assert!(e.contains("has spent") && e.contains("\"breast\""), "{e}");
+        drop(ledger);
+        let reopened = Ledger::open(&path).unwrap();
+        assert!(reopened.reserve_at("j2", &job, "breast", Some(rows), Some(eps * 1.5)).is_err(), "after a restart");
+        let other = reopened.reserve_at("j3", &job, "digits", Some(Path::new("/data/digits.csv")), Some(eps * 1.5));
+        assert!(other.is_ok(), "other rows");
+        // A round beyond the reservation counts the old name's spending
+        // too: room for one round beside it, not two.
+        let one = spec(1, true);
+        let (e1, e2) = (job_cost(&one).0, job_cost(&spec(2, true)).0);
+        let max = eps + (e1 + e2) / 2.0;
+        let guard = reopened.reserve_at("j4", &one, "renamed", Some(rows), Some(max)).unwrap();
+        guard.start_round().unwrap().durable().unwrap();
+        match guard.start_round() {
+            Err(StartRefused::Budget(why)) => assert!(why.contains("above the policy"), "{why}"),
+            other => panic!("a second round fits only without the old name's spending: {other:?}"),
+        }
+        let file = Ledger::read(&path).unwrap();
+        assert_eq!(file.datasets["renamed"].paths.iter().collect::<Vec<_>>(), ["/data/bc.csv"]);
+    }
+
+    /// A session that began before another session of the job left it
+    /// starts no further round or release (`StartRefused::Left`); the
+    /// first reason stands; a leave whose write failed is written by the
+    /// next leave, so a restart does not rejoin the job.
+    #[test]
+    fn leaving_stops_every_session_of_the_job_and_survives_a_failed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        let first = ledger.reserve("j", &spec(3, true), "d", None).unwrap();
+        let second = ledger.reserve("j", &spec(3, true), "d", None).unwrap();
+        first.start_round().unwrap().durable().unwrap();
+        // The write fails: its temporary file's name is taken by a directory.
+        let blocker = path.with_extension("json.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        assert!(first.leave("coordinator fault: first").is_err());
+        std::fs::remove_dir(&blocker).unwrap();
+        for start in [RoundGuard::start_round, RoundGuard::start_release_once] {
+            match start(&second) {
+                Err(StartRefused::Left(why)) => assert!(why.contains("first"), "{why}"),
+                other => panic!("expected Left, got {other:?}"),
+            }
+        }
+        second.leave("coordinator fault: second").unwrap();
+        drop((first, second, ledger));
+        let e = Ledger::open(&path).unwrap().reserve("j", &spec(3, true), "d", None).err().unwrap();
+        assert!(e.contains("does not rejoin") && e.contains("first") && !e.contains("second"), "{e}");
     }
 
     #[test]

@@ -542,6 +542,15 @@ impl PartyNode {
         .map_err(|e| format!("invalid job spec: {e}"))?;
         let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?;
         let identity = identity(cfg, me, &self.revocations)?;
+        // Checked again at every offer: a watched directory's files, and
+        // links, change while the party runs. The detail (local paths)
+        // stays in this party's log.
+        if let Err(e) = crate::config::overlapping_datasets(&cfg.datasets) {
+            warn!(job = %offer.job_id, "refused: {e}");
+            return Err("two of this party's data sets read the same rows (the detail is in its log); it accepts \
+                        no job until its configuration is fixed"
+                .into());
+        }
         // The job's whole privacy cost is reserved, durably, before the data
         // is touched.
         // (An evaluate job the policy lets run outside the budget reserves nothing.)
@@ -552,7 +561,8 @@ impl PartyNode {
             None
         } else {
             let ledger = self.ledger.clone()?;
-            Some(ledger.reserve(&offer.job_id, &spec, &offer.dataset, cfg.policy.max_epsilon)?)
+            let rows_at = crate::config::resolved_path(&source.path);
+            Some(ledger.reserve_at(&offer.job_id, &spec, &offer.dataset, Some(&rows_at), cfg.policy.max_epsilon)?)
         };
         // A pipeline's job narrows the watched data set to its batches (a
         // train job marks the new ones as its iteration's), once the budget

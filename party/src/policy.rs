@@ -44,6 +44,29 @@ pub fn consider<'a>(
              corrupt_fraction is {tolerated} (its masking and any distributed DP noise assume no more)"
         ));
     }
+    if let Some(floor) = policy.min_corrupt_fraction.filter(|f| *f > 0.0) {
+        let names = spec.parties.names.len();
+        match aggregation.tolerated_corrupt_fraction(&spec.aggregation.settings) {
+            // A protocol that hides updates but states no tolerance: its
+            // guarantee under collusion is unknown, so it fails closed (one
+            // that reveals every update hides nothing to collude for).
+            None if !matches!(aggregation.reveals(), confide_crypto::aggregation::Reveals::Updates) => {
+                return Err(format!(
+                    "policy requires tolerating at least {floor} of the parties corrupt; the job's {protocol} \
+                     states no fraction of corrupt parties it tolerates"
+                ));
+            }
+            // A floor above 0 asks for at least one colluder tolerated: a
+            // fraction of a small federation can round down to none.
+            Some(tolerated) if names > 0 && (tolerated * names as f64).floor() < 1.0 => {
+                return Err(format!(
+                    "policy requires tolerating at least {floor} of the parties corrupt; with the {names} parties \
+                     the job names, its {protocol} corrupt_fraction {tolerated} tolerates no colluder"
+                ));
+            }
+            _ => {}
+        }
+    }
     // Without named parties there is no federation to count colluders in:
     // secagg's rounds then count them within each round only.
     if policy.min_corrupt_fraction.is_some()
@@ -99,9 +122,16 @@ mod tests {
     use confide_proto::Limits;
 
     fn spec(protocol: &str, min: usize) -> JobSpec {
+        spec_of(protocol, min, 3)
+    }
+
+    /// A spec naming `named` parties.
+    fn spec_of(protocol: &str, min: usize, named: usize) -> JobSpec {
+        let names: Vec<String> = (0..named).map(|i| format!("\"p{i}\"")).collect();
         let text = format!(
-            "name = \"p\"\nkind = \"train\"\n[parties]\nnames = [\"a\", \"b\", \"c\"]\nmin = {min}\ndataset = \"d\"\n\
-             [model]\nkind = \"logistic_regression\"\nclasses = 2\n[aggregation]\nprotocol = \"{protocol}\"\n"
+            "name = \"p\"\nkind = \"train\"\n[parties]\nnames = [{}]\nmin = {min}\ndataset = \"d\"\n\
+             [model]\nkind = \"logistic_regression\"\nclasses = 2\n[aggregation]\nprotocol = \"{protocol}\"\n",
+            names.join(", ")
         );
         JobSpec::parse(&text, "t", &Limits::default()).unwrap()
     }
@@ -158,9 +188,14 @@ mod tests {
         assert!(consider(&central_dp(), "d", &trusting, &plugins, &data).is_ok());
         // A spec that assumes at least the hospital's floor is accepted.
         let cautious = Policy { min_corrupt_fraction: Some(0.1), ..secagg_only.clone() };
-        let mut wary = spec("secagg", 3);
+        let mut wary = spec_of("secagg", 3, 10);
         wary.aggregation.settings.insert("corrupt_fraction".into(), toml::Value::Float(0.1));
         assert!(consider(&wary, "d", &cautious, &plugins, &data).is_ok());
+        // Of three named parties, a tenth is none: refused.
+        let mut few = spec("secagg", 3);
+        few.aggregation.settings.insert("corrupt_fraction".into(), toml::Value::Float(0.1));
+        let e = consider(&few, "d", &cautious, &plugins, &data).unwrap_err();
+        assert!(e.contains("3 parties") && e.contains("tolerates no colluder"), "{e}");
         // The same without named parties: no federation to count colluders
         // in, so a hospital with a floor refuses it.
         wary.parties.names.clear();

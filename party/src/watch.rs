@@ -202,7 +202,22 @@ impl Watches {
     /// durably, before it touches them. The source as it is when the spec
     /// is no pipeline's; no batch at all (see [`no_rows`]) when a job on the
     /// new rows finds none.
+    ///
+    /// Under DP, why the rows could not be selected (a labels line's
+    /// label, a hard example's malformed line) is about the rows: it stays
+    /// in this party's log, and the error says only that it is there, as
+    /// for a DP job's set-up.
     pub fn select(&self, spec: &JobSpec, dataset: &str, source: &DatasetSource) -> Result<DatasetSource, String> {
+        match self.select_rows(spec, dataset, source) {
+            Err(e) if spec.dp.is_some() => {
+                tracing::warn!(dataset, "could not select a DP pipeline job's rows: {e}");
+                Err("could not select the pipeline's rows (the reason is in this party's log)".into())
+            }
+            selected => selected,
+        }
+    }
+
+    fn select_rows(&self, spec: &JobSpec, dataset: &str, source: &DatasetSource) -> Result<DatasetSource, String> {
         let Some(p) = &spec.pipeline else { return Ok(source.clone()) };
         if !source.is_watched() {
             return Err(format!(
@@ -304,12 +319,7 @@ impl Watches {
             return Ok(None);
         }
         std::fs::create_dir_all(&self.scratch).map_err(|e| format!("{}: {e}", self.scratch.display()))?;
-        // One file per data set as well: jobs on two data sets of the same
-        // pipeline iteration each read their own rows.
-        let safe: String =
-            dataset.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-        let path =
-            self.scratch.join(format!("labelled-{}-{safe}-{}-{:?}.csv", p.job, p.iteration, p.rows).to_lowercase());
+        let path = self.scratch.join(labelled_batch_name(&p.job, dataset, p.iteration, p.rows));
         write_durably(&path, text.as_bytes())?;
         Ok(Some(path))
     }
@@ -322,17 +332,37 @@ impl Watches {
     }
 }
 
+/// The scratch file of one job's labelled rows: one per pipeline, data set,
+/// iteration and rows, named by a hash of the four (each length-prefixed),
+/// so no two of them share a file whatever characters the names hold (the
+/// coordinator picks the pipeline's name, the hospital its data sets').
+fn labelled_batch_name(pipeline: &str, dataset: &str, iteration: u32, rows: PipelineRows) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [pipeline.as_bytes(), dataset.as_bytes(), format!("{iteration}/{rows:?}").as_bytes()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("labelled-{hex}.csv")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use confide_proto::Limits;
 
     fn spec(kind: &str, iteration: u32, rows: &str) -> JobSpec {
+        spec_with(kind, iteration, rows, "")
+    }
+
+    fn spec_with(kind: &str, iteration: u32, rows: &str, extra: &str) -> JobSpec {
         let from = if kind == "evaluate" { "from_job = \"j0\"\n" } else { "" };
         let text = format!(
             "name = \"p\"\nkind = \"{kind}\"\n{from}[parties]\nnames = [\"a\"]\ndataset = \"d\"\n[model]\nkind = \
              \"logistic_regression\"\nclasses = 2\n[pipeline]\njob = \"p1\"\niteration = {iteration}\nservice = \
-             \"triage\"\nrows = \"{rows}\"\n"
+             \"triage\"\nrows = \"{rows}\"\n{extra}"
         );
         JobSpec::parse(&text, "spec", &Limits::default()).unwrap()
     }
@@ -426,5 +456,62 @@ mod tests {
         std::fs::write(dir.path().join("labels.csv"), format!("{sha7},x\n")).unwrap();
         let e = w.select(&spec("evaluate", 3, "new"), "d", &src).unwrap_err();
         assert!(e.contains("labels.csv:1") && e.contains("class number"), "{e}");
+        // Under DP the reason (a row's label, its line) stays in the log.
+        let dp_train = spec_with(
+            "train",
+            3,
+            "all",
+            "[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\ndelta = 1e-5\nfeature_ranges = [[0.0, 10.0]]\n",
+        );
+        assert!(dp_train.dp.is_some());
+        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},malignant\n")).unwrap();
+        let e = w.select(&dp_train, "d", &src).unwrap_err();
+        assert!(!e.contains("malignant") && !e.contains("labels.csv") && e.contains("party's log"), "{e}");
+    }
+
+    /// A state file written before the field's rename (`label_datasets`)
+    /// keeps its bindings: a labelled row charged to data set "d" stays
+    /// out of jobs on "e".
+    #[test]
+    fn a_state_file_of_the_earlier_format_keeps_its_bindings() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        batch(&data, "001.csv", &[(1.0, 0)]);
+        let src = DatasetSource::csv(data.clone());
+        open_in(dir.path()).keep_hard_examples("triage", &[7.0], 1).unwrap();
+        let sha7 = crate::audit::rows_sha256(&[7.0]);
+        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},1\n")).unwrap();
+        std::fs::write(
+            dir.path().join("w.json"),
+            format!("{{\"pipelines\": {{}}, \"label_datasets\": {{\"{sha7}\": \"d\"}}}}"),
+        )
+        .unwrap();
+        let w = open_in(dir.path());
+        let on_e = w.select(&spec("train", 1, "all"), "e", &src).unwrap().load().unwrap();
+        assert_eq!(on_e.features, vec![1.0], "the batch, not the row charged to d");
+        let on_d = w.select(&spec("train", 1, "all"), "d", &src).unwrap().load().unwrap();
+        assert_eq!(on_d.len(), 2, "the batch and the labelled row");
+    }
+
+    /// Two jobs' labelled rows never share a scratch file, whatever their
+    /// names: data sets "a/b" and "a_b", pipelines "p-old" on "icu" and "p"
+    /// on "old-icu", names differing in case.
+    #[test]
+    fn labelled_batches_of_different_jobs_never_share_a_file() {
+        let all = PipelineRows::All;
+        let names = [
+            labelled_batch_name("p", "a/b", 2, all),
+            labelled_batch_name("p", "a_b", 2, all),
+            labelled_batch_name("p-old", "icu", 2, all),
+            labelled_batch_name("p", "old-icu", 2, all),
+            labelled_batch_name("P1", "d", 2, all),
+            labelled_batch_name("p1", "d", 2, all),
+            labelled_batch_name("p1", "d", 3, all),
+            labelled_batch_name("p1", "d", 2, PipelineRows::New),
+        ];
+        let distinct: std::collections::BTreeSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{names:?}");
+        assert_eq!(names[0], labelled_batch_name("p", "a/b", 2, all), "the same job, the same file");
     }
 }

@@ -370,6 +370,28 @@ const LOGREG: &str = "kind = \"logistic_regression\"\nclasses = 2";
 
 // ------------------------------------------------ the tests
 
+/// A registered protocol that hides updates but states no tolerated
+/// fraction of corrupt parties: a hospital with a collusion floor refuses
+/// it (its guarantee under collusion is unknown), one without accepts it.
+#[test]
+fn a_protocol_stating_no_collusion_bound_is_refused_under_a_collusion_floor() {
+    let party_plugins = PartyPlugins::new().protocol(TwoStep);
+    let names: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+    let text = job_spec(&names, 3, 2, LOGREG, "seed = 3") + "[aggregation]\nprotocol = \"test-two-step\"\n";
+    let spec = JobSpec::parse_with(&text, "job.toml", &Limits::default(), party_plugins.protocols()).expect("spec");
+    let dataset = spec.parties.dataset.clone();
+    let data = BTreeMap::from([(dataset.clone(), confide_algorithms::data::DatasetSource::csv("d.csv".into()))]);
+    let config = |extra: &str| {
+        let text = format!("[policy]\naggregation = [\"test-two-step\"]\n{extra}");
+        let table: toml::Table = toml::from_str(&text).expect("policy");
+        table["policy"].clone().try_into::<confide_party::config::Policy>().expect("policy")
+    };
+    assert!(confide_party::policy::consider(&spec, &dataset, &config(""), &party_plugins, &data).is_ok());
+    let floor = config("min_corrupt_fraction = 0.1\n");
+    let e = confide_party::policy::consider(&spec, &dataset, &floor, &party_plugins, &data).unwrap_err();
+    assert!(e.contains("states no fraction of corrupt parties"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_protocol_registered_in_one_place_runs_through_the_unchanged_session_and_drivers() {
     let plugins = Plugins::new().protocol(TwoStep);
