@@ -452,6 +452,15 @@ fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Resul
     let cfg = PartyConfig::load_with(config, plugins).map_err(|e| e.to_string())?;
     let ledger = crate::ledger::Ledger::read(&cfg.ledger_path())?;
     let max = cfg.policy.max_epsilon;
+    // What the node charges against: the rows' spending under every name
+    // that read the data set's path (a configured name), else the entry's.
+    let rows_path = |name: &str| {
+        cfg.datasets.get(name).map(|d| crate::config::resolved_path(&d.path).to_string_lossy().into_owned())
+    };
+    let rows_spent = |name: &str| ledger.spent_by_rows(name, rows_path(name).as_deref(), None);
+    let also = |name: &str| -> Vec<String> {
+        ledger.other_names_of(name, rows_path(name).as_deref()).into_iter().map(str::to_owned).collect()
+    };
     if json {
         let datasets: serde_json::Map<String, serde_json::Value> = cfg
             .datasets
@@ -464,7 +473,10 @@ fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Resul
                     "epsilon": if eps.is_finite() { serde_json::json!(eps) } else { serde_json::json!("inf") },
                     "delta": d.delta(),
                     "max_epsilon": max,
-                    "remaining": max.map(|m| (m - d.epsilon()).max(0.0)),
+                    "rows_epsilon": rows_spent(name),
+                    "also_as": also(name),
+                    "remaining": max.map(|m| (m - rows_spent(name)).max(0.0)),
+                    "paths": d.paths,
                     "jobs": d.jobs,
                 });
                 (name.clone(), value)
@@ -479,8 +491,14 @@ fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Resul
     println!("{limit}; costs of separate jobs add up");
     for name in cfg.datasets.keys().chain(ledger.datasets.keys().filter(|k| !cfg.datasets.contains_key(*k))) {
         let d = ledger.datasets.get(name).cloned().unwrap_or_default();
-        let remaining = max.map_or(String::new(), |m| format!(", {:.4} remaining", (m - d.epsilon()).max(0.0)));
-        println!("data set {name}: ε = {:.4}, δ = {:e}{remaining}", d.epsilon(), d.delta());
+        let (spent, others) = (rows_spent(name), also(name));
+        let remaining = max.map_or(String::new(), |m| format!(", {:.4} remaining", (m - spent).max(0.0)));
+        let rows = if others.is_empty() {
+            String::new()
+        } else {
+            format!("; its rows, also as {}: ε = {spent:.4}", others.join(", "))
+        };
+        println!("data set {name}: ε = {:.4}, δ = {:e}{rows}{remaining}", d.epsilon(), d.delta());
         for (id, j) in &d.jobs {
             println!(
                 "  job {id} ({}): ε = {:.4}, δ = {:e}, {}/{} rounds trained",

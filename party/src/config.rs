@@ -568,34 +568,26 @@ pub(crate) fn resolved_path(path: &Path) -> PathBuf {
     out
 }
 
-/// The files a data set's path reads, as (device, inode): the file, or a
-/// watched directory itself and every file directly in it (links
-/// followed). Two data sets sharing one are over the same rows however
-/// their paths are spelt (hard links, bind mounts, a batch that is a link
-/// to another data set's file).
+/// The files a data set reads, as (device, inode): its file, or a watched
+/// directory itself and its batches (`DatasetSource::batches`: the
+/// `.csv` and `.csv.gz` files directly in it, not hidden; links followed).
+/// Two data sets sharing one are over the same rows however their paths
+/// are spelt (hard links, bind mounts, a batch that is a link to another
+/// data set's file); other files in a directory are not rows and are not
+/// compared.
 #[cfg(unix)]
-fn file_identities(path: &Path) -> Vec<((u64, u64), PathBuf)> {
+fn file_identities(source: &DatasetSource) -> Vec<((u64, u64), PathBuf)> {
     use std::os::unix::fs::MetadataExt;
-    let mut ids = Vec::new();
-    let Ok(meta) = std::fs::metadata(path) else { return ids };
-    ids.push(((meta.dev(), meta.ino()), path.to_owned()));
-    if meta.is_dir()
-        && let Ok(entries) = std::fs::read_dir(path)
-    {
-        for entry in entries.flatten() {
-            let file = entry.path();
-            if let Ok(m) = std::fs::metadata(&file)
-                && m.is_file()
-            {
-                ids.push(((m.dev(), m.ino()), file));
-            }
-        }
+    let identity = |p: &Path| std::fs::metadata(p).ok().map(|m| ((m.dev(), m.ino()), p.to_owned()));
+    let mut ids: Vec<_> = identity(&source.path).into_iter().collect();
+    if source.is_watched() {
+        ids.extend(source.batches().unwrap_or_default().iter().filter_map(|b| identity(b)));
     }
     ids
 }
 
 #[cfg(not(unix))]
-fn file_identities(_path: &Path) -> Vec<((u64, u64), PathBuf)> {
+fn file_identities(_source: &DatasetSource) -> Vec<((u64, u64), PathBuf)> {
     Vec::new()
 }
 
@@ -615,9 +607,8 @@ pub(crate) fn overlapping_datasets(datasets: &BTreeMap<String, DatasetSource>) -
         ))
     };
     let resolved: Vec<(&String, PathBuf)> = datasets.iter().map(|(name, d)| (name, resolved_path(&d.path))).collect();
-    let files: Vec<Vec<((u64, u64), PathBuf)>> = resolved.iter().map(|(_, p)| file_identities(p)).collect();
     for (i, (a, pa)) in resolved.iter().enumerate() {
-        for (j, (b, pb)) in resolved.iter().enumerate().skip(i + 1) {
+        for (b, pb) in &resolved[i + 1..] {
             // A watched directory's batches are the files directly in it.
             if pa == pb || pa.parent() == Some(pb.as_path()) || pb.parent() == Some(pa.as_path()) {
                 let what = format!(
@@ -627,10 +618,20 @@ pub(crate) fn overlapping_datasets(datasets: &BTreeMap<String, DatasetSource>) -
                 );
                 return refused(a, b, what);
             }
-            for (id, fa) in &files[i] {
-                if let Some((_, fb)) = files[j].iter().find(|(other, _)| other == id) {
-                    let what = format!("{} and {} are the same file", fa.display(), fb.display());
-                    return refused(a, b, what);
+        }
+    }
+    // Every file once, by identity: linear in the batches.
+    let mut seen: std::collections::HashMap<(u64, u64), (&String, PathBuf)> = std::collections::HashMap::new();
+    for (name, d) in datasets {
+        for (id, file) in file_identities(d) {
+            match seen.get(&id) {
+                Some((other, first)) if *other != name => {
+                    let what = format!("{} and {} are the same file", first.display(), file.display());
+                    return refused(other, name, what);
+                }
+                Some(_) => {}
+                None => {
+                    seen.insert(id, (name, file));
                 }
             }
         }
@@ -769,6 +770,14 @@ mod tests {
             std::os::unix::fs::symlink(dir.path().join("bc.csv"), dir.path().join("watched/link.csv")).unwrap();
             let e = refused("[datasets.a]\npath = \"bc.csv\"\n[datasets.w]\npath = \"watched\"\n");
             assert!(e.is_some_and(|e| e.contains("same file")), "a batch linking to another data set's file");
+            // Other files in watched directories are not rows: two
+            // directories sharing a (hard-linked) README are two data sets.
+            std::fs::create_dir(dir.path().join("other")).unwrap();
+            std::fs::write(dir.path().join("watched/README.txt"), "about").unwrap();
+            std::fs::hard_link(dir.path().join("watched/README.txt"), dir.path().join("other/README.txt")).unwrap();
+            std::fs::remove_file(dir.path().join("watched/link.csv")).unwrap();
+            let e = refused("[datasets.w]\npath = \"watched\"\n[datasets.o]\npath = \"other\"\n");
+            assert_eq!(e, None, "a shared file that is no batch");
             // A loop of links resolves no further, and is not a panic.
             std::os::unix::fs::symlink(dir.path().join("loop-b"), dir.path().join("loop-a")).unwrap();
             std::os::unix::fs::symlink(dir.path().join("loop-a"), dir.path().join("loop-b")).unwrap();

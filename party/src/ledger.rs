@@ -149,7 +149,7 @@ impl LedgerFile {
     /// The ε the rows of data set `dataset` (read at `path`) have spent:
     /// its own entry's jobs and those of every entry that read the same
     /// path under another name, except job `skip` of `dataset`.
-    fn spent_by_rows(&self, dataset: &str, path: Option<&str>, skip: Option<&str>) -> f64 {
+    pub fn spent_by_rows(&self, dataset: &str, path: Option<&str>, skip: Option<&str>) -> f64 {
         self.datasets
             .iter()
             .filter(|(name, d)| *name == dataset || path.is_some_and(|p| d.paths.contains(p)))
@@ -160,6 +160,15 @@ impl LedgerFile {
                     .map(|(_, j)| j.epsilon)
             })
             .sum()
+    }
+
+    /// The other names under which the rows at `path` spent budget.
+    pub fn other_names_of(&self, dataset: &str, path: Option<&str>) -> Vec<&str> {
+        self.datasets
+            .iter()
+            .filter(|(name, d)| *name != dataset && path.is_some_and(|p| d.paths.contains(p)) && !d.jobs.is_empty())
+            .map(|(name, _)| name.as_str())
+            .collect()
     }
 }
 
@@ -349,6 +358,17 @@ impl Ledger {
                      change its DP settings, rounds or schedule once accepted"
                 ));
             }
+            if let Some(p) = &path
+                && !entry.paths.contains(p)
+            {
+                // The data set now reads another path: its spending
+                // follows the rows there too.
+                let mut next = state.file.clone();
+                next.datasets.entry(dataset.to_owned()).or_default().paths.insert(p.clone());
+                self.write_version(&next, state.version + 1)?;
+                state.file = next;
+                state.version += 1;
+            }
             return Ok(guard(job_id, true));
         }
         if let Some(max) = max_epsilon {
@@ -360,8 +380,14 @@ impl Ledger {
                 ));
             }
             if !within_budget(spent + epsilon, max) {
+                let others = state.file.other_names_of(dataset, path.as_deref());
+                let also = if others.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (its rows, also as {})", others.join(", "))
+                };
                 return Err(format!(
-                    "data set {dataset:?} has spent ε = {spent:.4} of the policy's {max}; this job would cost \
+                    "data set {dataset:?} has spent ε = {spent:.4}{also} of the policy's {max}; this job would cost \
                      ε = {epsilon:.4} (δ = {delta:e}), so {:.4} in all",
                     spent + epsilon
                 ));
@@ -395,11 +421,37 @@ impl Ledger {
         Ok(guard(if epsilon.is_finite() { job_id } else { "" }, false))
     }
 
+    /// Records where each named data set reads its rows (resolved paths),
+    /// for the entries the ledger has: at start, so that an entry written
+    /// before paths were kept, or a data set pointed elsewhere since, links
+    /// its spending to the rows' path before the data set is renamed. One
+    /// durable write if anything changed.
+    pub fn record_paths(&self, paths: &[(&str, &Path)]) -> Result<(), String> {
+        let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
+        let mut next = state.file.clone();
+        let mut changed = false;
+        for (name, path) in paths {
+            if let Some(d) = next.datasets.get_mut(*name) {
+                changed |= d.paths.insert(path.to_string_lossy().into_owned());
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        self.write_version(&next, state.version + 1)?;
+        state.file = next;
+        state.version += 1;
+        Ok(())
+    }
+
     fn leave(&self, dataset: &str, job_id: &str, why: &str) -> Result<(), String> {
         let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
         let mut next = state.file.clone();
         let Some(charge) = next.datasets.get_mut(dataset).and_then(|d| d.jobs.get_mut(job_id)) else {
-            return Err(format!("the privacy ledger has no reservation for job {job_id}"));
+            return Err(format!(
+                "privacy ledger {}: no reservation for job {job_id} on data set {dataset:?}",
+                self.path.display()
+            ));
         };
         if charge.left.is_some() {
             // The first reason stands; if its write failed, it is retried.
@@ -419,7 +471,12 @@ impl Ledger {
         let local = StartRefused::Ledger;
         let mut state = self.state.lock().map_err(|_| local("the privacy ledger's lock is poisoned".to_string()))?;
         let mut next = state.file.clone();
-        let missing = || local(format!("the privacy ledger has no reservation for job {job_id}"));
+        let missing = || {
+            local(format!(
+                "privacy ledger {}: no reservation for job {job_id} on data set {dataset:?}",
+                self.path.display()
+            ))
+        };
         let others = next.spent_by_rows(dataset, guard.path.as_deref(), Some(job_id));
         let d = next.datasets.get_mut(dataset).ok_or_else(missing)?;
         let charge = d.jobs.get_mut(job_id).ok_or_else(missing)?;
@@ -651,6 +708,25 @@ mod tests {
         }
         let file = Ledger::read(&path).unwrap();
         assert_eq!(file.datasets["renamed"].paths.iter().collect::<Vec<_>>(), ["/data/bc.csv"]);
+        assert_eq!(file.other_names_of("renamed", Some("/data/bc.csv")), ["bc"]);
+    }
+
+    /// An entry written before paths were kept gets the path its name
+    /// reads at start, so a rename after the upgrade keeps its spending.
+    #[test]
+    fn an_entry_without_a_path_gets_its_rows_path_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let job = spec(3, true);
+        let (eps, _) = job_cost(&job);
+        Ledger::open(&path).unwrap().reserve("j1", &job, "bc", None).unwrap();
+        assert!(Ledger::read(&path).unwrap().datasets["bc"].paths.is_empty(), "an entry of the earlier kind");
+        let rows = Path::new("/data/bc.csv");
+        let ledger = Ledger::open(&path).unwrap();
+        ledger.record_paths(&[("bc", rows), ("unknown", Path::new("/x"))]).unwrap();
+        assert!(!Ledger::read(&path).unwrap().datasets.contains_key("unknown"), "no entry made for a name");
+        let e = ledger.reserve_at("j2", &job, "breast", Some(rows), Some(eps * 1.5)).err().unwrap();
+        assert!(e.contains("also as bc"), "{e}");
     }
 
     /// A session that began before another session of the job left it

@@ -121,6 +121,14 @@ impl PartyNode {
         let trainers =
             plugins.trainer_factory().cloned().unwrap_or_else(|| Arc::new(BuiltinTrainers::for_config(&config)));
         let ledger = crate::ledger::Ledger::open(&config.ledger_path());
+        if let Ok(l) = &ledger {
+            let rows: Vec<(&str, std::path::PathBuf)> =
+                config.datasets.iter().map(|(n, d)| (n.as_str(), crate::config::resolved_path(&d.path))).collect();
+            let rows: Vec<(&str, &std::path::Path)> = rows.iter().map(|(n, p)| (*n, p.as_path())).collect();
+            if let Err(e) = l.record_paths(&rows) {
+                warn!("privacy ledger: could not record the data sets' paths: {e}");
+            }
+        }
         let watches = crate::watch::Watches::open(
             &config.pipelines_path(),
             &config.hard_examples_path(),
@@ -545,7 +553,12 @@ impl PartyNode {
         // Checked again at every offer: a watched directory's files, and
         // links, change while the party runs. The detail (local paths)
         // stays in this party's log.
-        if let Err(e) = crate::config::overlapping_datasets(&cfg.datasets) {
+        // Off the message loop: it reads every watched directory.
+        let datasets = cfg.datasets.clone();
+        let overlap = tokio::task::spawn_blocking(move || crate::config::overlapping_datasets(&datasets))
+            .await
+            .unwrap_or_else(|e| Err(format!("the data sets' overlap check panicked: {e}")));
+        if let Err(e) = overlap {
             warn!(job = %offer.job_id, "refused: {e}");
             return Err("two of this party's data sets read the same rows (the detail is in its log); it accepts \
                         no job until its configuration is fixed"

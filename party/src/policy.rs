@@ -37,13 +37,14 @@ pub fn consider<'a>(
     };
     if let Some(floor) = policy.min_corrupt_fraction
         && let Some(tolerated) = aggregation.tolerated_corrupt_fraction(&spec.aggregation.settings)
-        && tolerated < floor
+        && (tolerated.is_nan() || tolerated < floor)
     {
         return Err(format!(
             "policy requires tolerating at least {floor} of the parties corrupt; the job's {protocol} \
              corrupt_fraction is {tolerated} (its masking and any distributed DP noise assume no more)"
         ));
     }
+    // (Comparisons written to fail closed on a NaN fraction.)
     if let Some(floor) = policy.min_corrupt_fraction.filter(|f| *f > 0.0) {
         let names = spec.parties.names.len();
         match aggregation.tolerated_corrupt_fraction(&spec.aggregation.settings) {
@@ -58,7 +59,7 @@ pub fn consider<'a>(
             }
             // A floor above 0 asks for at least one colluder tolerated: a
             // fraction of a small federation can round down to none.
-            Some(tolerated) if names > 0 && (tolerated * names as f64).floor() < 1.0 => {
+            Some(tolerated) if names > 0 && (tolerated.is_nan() || (tolerated * names as f64).floor() < 1.0) => {
                 return Err(format!(
                     "policy requires tolerating at least {floor} of the parties corrupt; with the {names} parties \
                      the job names, its {protocol} corrupt_fraction {tolerated} tolerates no colluder"

@@ -137,6 +137,11 @@ pub struct PartySession {
     held: Vec<(Millis, PartyOutput)>,
 }
 
+/// What the coordinator is told of a trainer's panic: its message can
+/// quote the rows (a value, a label out of range), so it stays in this
+/// party's log, as a DP job's set-up failures do.
+const PANICKED: &str = "its trainer panicked (the message is in this party's log)";
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
@@ -208,10 +213,11 @@ impl PartySession {
                 if self.aborted.is_none() {
                     let handler = &mut self.handler;
                     if let Err(p) = catch_unwind(AssertUnwindSafe(|| handler.idle_work())) {
-                        let reason = format!("its trainer panicked: {}", panic_message(p.as_ref()));
                         self.handler.abandon();
-                        self.aborted = Some(reason.clone());
-                        self.out.push_back(PartyOutput::Note(format!("leaving the job: {reason}")));
+                        let detail = panic_message(p.as_ref());
+                        self.out
+                            .push_back(PartyOutput::Note(format!("leaving the job: its trainer panicked: {detail}")));
+                        self.aborted = Some(PANICKED.into());
                     }
                 }
             }
@@ -281,11 +287,11 @@ impl PartySession {
                 refuse(&mut self.out, reason);
             }
             Err(p) => {
-                let reason = format!("its trainer panicked: {}", panic_message(p.as_ref()));
                 self.handler.abandon();
-                self.aborted = Some(reason.clone());
-                self.out.push_back(PartyOutput::Note(format!("leaving the job: {reason}")));
-                refuse(&mut self.out, format!("this party left the job: {reason}"));
+                let detail = panic_message(p.as_ref());
+                self.out.push_back(PartyOutput::Note(format!("leaving the job: its trainer panicked: {detail}")));
+                self.aborted = Some(PANICKED.into());
+                refuse(&mut self.out, format!("this party left the job: {PANICKED}"));
             }
         }
         self.idle_deadline = self.handler.round_open().then_some(now + self.idle_after);
@@ -399,8 +405,12 @@ mod tests {
         s.handle(0, step("j", 1, 1, "secagg-masked-input"));
         let out = outputs(&mut s);
         assert!(out.iter().any(
-            |o| matches!(o, PartyOutput::Failed { reason, .. } if reason.contains("panicked: bug in the plug-in"))
+            |o| matches!(o, PartyOutput::Failed { reason, .. } if reason.contains("panicked") && !reason.contains("bug"))
         ));
+        assert!(
+            out.iter().any(|o| matches!(o, PartyOutput::Note(n) if n.contains("panicked: bug in the plug-in"))),
+            "the message is logged here: {out:?}"
+        );
         s.handle(0, step("j", 1, 2, "secagg-unmask"));
         let out = outputs(&mut s);
         let [PartyOutput::Failed { reason, .. }] = &out[..] else { panic!("{out:?}") };

@@ -121,6 +121,17 @@ fn the_ledger_refuses_over_budget_jobs_and_survives_a_sigkill_without_under_coun
     assert!(b["datasets"]["data"]["epsilon"].as_f64() >= Some(eps), "{b:#}");
     // hospital-c spent nothing.
     assert_eq!(ledger(&fed, "hospital-c")["datasets"]["data"]["epsilon"].as_f64(), Some(0.0));
+    // Renamed in hospital-b's configuration, the data set keeps what its
+    // rows spent: `budget` shows the old name's spending against the new.
+    let cfg = fed.path("hospital-b.toml");
+    let text_b = std::fs::read_to_string(&cfg).expect("hospital-b's config");
+    std::fs::write(&cfg, text_b.replace("[datasets.data]", "[datasets.renamed]")).expect("renamed");
+    let renamed = ledger(&fed, "hospital-b");
+    let row = &renamed["datasets"]["renamed"];
+    let spent = b["datasets"]["data"]["epsilon"].as_f64();
+    assert_eq!((row["epsilon"].as_f64(), row["rows_epsilon"].as_f64()), (Some(0.0), spent), "{renamed:#}");
+    assert_eq!(row["also_as"], serde_json::json!(["data"]), "{renamed:#}");
+    std::fs::write(&cfg, text_b).expect("restored");
     // Below its minimum without hospital-b, the job fails.
     assert_eq!(fed.wait_done(&id, 60)["state"], "failed");
 
