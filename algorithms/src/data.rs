@@ -308,6 +308,13 @@ pub struct RowRules {
     pub classes: usize,
 }
 
+/// Whether a file directly in a watched directory is one of its batches:
+/// a `.csv` or `.csv.gz` file, not hidden (a batch being written is `*.tmp`
+/// or hidden until it is renamed).
+pub fn is_batch_name(name: &str) -> bool {
+    !name.starts_with('.') && (name.ends_with(".csv") || name.ends_with(".csv.gz"))
+}
+
 /// Where a data set lives and how to read it (a party's `[datasets.NAME]` table).
 ///
 /// `path` is a file, or a directory of CSV batches (`*.csv`, `*.csv.gz`,
@@ -378,9 +385,7 @@ impl DatasetSource {
         let mut out = Vec::new();
         for entry in rd {
             let entry = entry.map_err(|e| Error::InvalidInput(format!("{}: {e}", self.path.display())))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            // A batch being written is `*.tmp` or hidden until it is renamed.
-            if !name.starts_with('.') && (name.ends_with(".csv") || name.ends_with(".csv.gz")) {
+            if is_batch_name(&entry.file_name().to_string_lossy()) {
                 out.push(entry.path());
             }
         }

@@ -473,7 +473,11 @@ fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Resul
                     "epsilon": if eps.is_finite() { serde_json::json!(eps) } else { serde_json::json!("inf") },
                     "delta": d.delta(),
                     "max_epsilon": max,
-                    "rows_epsilon": rows_spent(name),
+                    "rows_epsilon": if rows_spent(name).is_finite() {
+                        serde_json::json!(rows_spent(name))
+                    } else {
+                        serde_json::json!("inf")
+                    },
                     "also_as": also(name),
                     "remaining": max.map(|m| (m - rows_spent(name)).max(0.0)),
                     "paths": d.paths,

@@ -609,8 +609,13 @@ pub(crate) fn overlapping_datasets(datasets: &BTreeMap<String, DatasetSource>) -
     let resolved: Vec<(&String, PathBuf)> = datasets.iter().map(|(name, d)| (name, resolved_path(&d.path))).collect();
     for (i, (a, pa)) in resolved.iter().enumerate() {
         for (b, pb) in &resolved[i + 1..] {
-            // A watched directory's batches are the files directly in it.
-            if pa == pb || pa.parent() == Some(pb.as_path()) || pb.parent() == Some(pa.as_path()) {
+            // A watched directory's batches are the files directly in it
+            // with a batch's name (other files are not rows).
+            let batch_of = |file: &Path, dir: &Path| {
+                file.parent() == Some(dir)
+                    && file.file_name().is_some_and(|n| confide_algorithms::data::is_batch_name(&n.to_string_lossy()))
+            };
+            if pa == pb || batch_of(pa, pb) || batch_of(pb, pa) {
                 let what = format!(
                     "{} and {} hold the same rows (one is the other, or a file in it)",
                     pa.display(),
@@ -778,6 +783,11 @@ mod tests {
             std::fs::remove_file(dir.path().join("watched/link.csv")).unwrap();
             let e = refused("[datasets.w]\npath = \"watched\"\n[datasets.o]\npath = \"other\"\n");
             assert_eq!(e, None, "a shared file that is no batch");
+            // Nor is a file of another kind, or a subdirectory, a batch.
+            for inside in ["watched/notes.txt", "watched/sub", "watched/.002.csv.tmp"] {
+                let e = refused(&format!("[datasets.w]\npath = \"watched\"\n[datasets.x]\npath = \"{inside}\"\n"));
+                assert_eq!(e, None, "{inside}");
+            }
             // A loop of links resolves no further, and is not a panic.
             std::os::unix::fs::symlink(dir.path().join("loop-b"), dir.path().join("loop-a")).unwrap();
             std::os::unix::fs::symlink(dir.path().join("loop-a"), dir.path().join("loop-b")).unwrap();

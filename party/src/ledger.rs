@@ -358,6 +358,18 @@ impl Ledger {
                      change its DP settings, rounds or schedule once accepted"
                 ));
             }
+            // The rows the name reads now may have spent under other
+            // names since (a data set pointed elsewhere): the reservation
+            // holds only while their whole spending is within the budget.
+            if let Some(max) = max_epsilon {
+                let spent = state.file.spent_by_rows(dataset, path.as_deref(), None);
+                if !within_budget(spent, max) {
+                    return Err(format!(
+                        "job {job_id} was accepted for data set {dataset:?}, whose rows have spent ε = {spent:.4} \
+                         in all (under other names as well), above the policy's {max}"
+                    ));
+                }
+            }
             if let Some(p) = &path
                 && !entry.paths.contains(p)
             {
@@ -380,11 +392,12 @@ impl Ledger {
                 ));
             }
             if !within_budget(spent + epsilon, max) {
-                let others = state.file.other_names_of(dataset, path.as_deref());
-                let also = if others.is_empty() {
-                    String::new()
+                // The other names stay here (the reason reaches the
+                // coordinator): only that there are some.
+                let also = if state.file.other_names_of(dataset, path.as_deref()).is_empty() {
+                    ""
                 } else {
-                    format!(" (its rows, also as {})", others.join(", "))
+                    " (its rows, under other names as well)"
                 };
                 return Err(format!(
                     "data set {dataset:?} has spent ε = {spent:.4}{also} of the policy's {max}; this job would cost \
@@ -471,12 +484,8 @@ impl Ledger {
         let local = StartRefused::Ledger;
         let mut state = self.state.lock().map_err(|_| local("the privacy ledger's lock is poisoned".to_string()))?;
         let mut next = state.file.clone();
-        let missing = || {
-            local(format!(
-                "privacy ledger {}: no reservation for job {job_id} on data set {dataset:?}",
-                self.path.display()
-            ))
-        };
+        // (Sent to the coordinator as a refusal: no local path in it.)
+        let missing = || local(format!("the privacy ledger has no reservation for job {job_id}"));
         let others = next.spent_by_rows(dataset, guard.path.as_deref(), Some(job_id));
         let d = next.datasets.get_mut(dataset).ok_or_else(missing)?;
         let charge = d.jobs.get_mut(job_id).ok_or_else(missing)?;
@@ -726,7 +735,15 @@ mod tests {
         ledger.record_paths(&[("bc", rows), ("unknown", Path::new("/x"))]).unwrap();
         assert!(!Ledger::read(&path).unwrap().datasets.contains_key("unknown"), "no entry made for a name");
         let e = ledger.reserve_at("j2", &job, "breast", Some(rows), Some(eps * 1.5)).err().unwrap();
-        assert!(e.contains("also as bc"), "{e}");
+        assert!(e.contains("under other names as well") && !e.contains("bc"), "{e}");
+        // A job reserved on these rows under another name, offered again
+        // after they spent more elsewhere, is refused.
+        let guard = ledger.reserve_at("j3", &job, "fresh", Some(Path::new("/data/other.csv")), None).unwrap();
+        drop(guard);
+        ledger.record_paths(&[("fresh", rows)]).unwrap();
+        let e = ledger.reserve_at("j3", &job, "fresh", Some(rows), Some(eps * 1.5)).err().unwrap();
+        assert!(e.contains("whose rows have spent"), "{e}");
+        assert!(ledger.reserve_at("j3", &job, "fresh", Some(rows), Some(eps * 2.5)).is_ok(), "within the budget");
     }
 
     /// A session that began before another session of the job left it

@@ -553,7 +553,8 @@ impl PartyNode {
         // Checked again at every offer: a watched directory's files, and
         // links, change while the party runs. The detail (local paths)
         // stays in this party's log.
-        // Off the message loop: it reads every watched directory.
+        // On a blocking thread, not the runtime's (it reads every watched
+        // directory); the message loop still waits for this offer's answer.
         let datasets = cfg.datasets.clone();
         let overlap = tokio::task::spawn_blocking(move || crate::config::overlapping_datasets(&datasets))
             .await
@@ -612,7 +613,11 @@ impl PartyNode {
             kind.handler(cx).map_err(|e| format!("data set {dataset:?}: {e}"))
         })
         .await
-        .map_err(|e| format!("trainer set-up panicked: {e}"))
+        .map_err(|e| {
+            // The panic's message can quote a row: it stays in this log.
+            warn!(job = %offer.job_id, "trainer set-up panicked: {e}");
+            "trainer set-up panicked (the message is in this party's log)".to_string()
+        })
         .and_then(|built| built);
         // Under DP, why the job could not be set up on the data (a label out
         // of range, a malformed cell) is about the rows: it stays in this

@@ -202,6 +202,17 @@ impl Trainer for NoRows {
     }
 }
 
+/// A trainer's failure in a DP job, on the rows (training, its result, an
+/// evaluation): its text can quote them (a TorchScript module's message, a
+/// plug-in's), so it stays in this party's log and the coordinator is told
+/// only what failed.
+fn kept_local<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> TaskError {
+    move |e| {
+        tracing::warn!("{what} failed: {e}");
+        TaskError::Refused(format!("{what} failed (the reason is in this party's log)"))
+    }
+}
+
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
@@ -503,11 +514,11 @@ impl TrainingHandler {
         };
         self.eval_released = true;
         self.trainer.set_parameters(global).map_err(err)?;
-        let outcome = self.trainer.evaluate().map_err(err)?;
+        let outcome = self.trainer.evaluate().map_err(kept_local("the evaluation"))?;
         let n = outcome.num_examples;
         let correct = outcome.metrics.get("accuracy").map(|a| (a.clamp(0.0, 1.0) * n as f64).round() as u64);
         let mut rng = confide_dp::sampler::os_seeded_rng().map_err(err)?;
-        let released = noise.release(n, correct, &mut rng).map_err(err)?;
+        let released = noise.release(n, correct, &mut rng).map_err(kept_local("the evaluation's release"))?;
         if let Some(recorded) = recorded {
             recorded.durable().map_err(TaskError::Refused)?;
         }
@@ -567,8 +578,8 @@ impl TrainingHandler {
         self.aggregation.prepare(global);
         let local = match (self.dp, self.party_clip) {
             (Some(plan), _) => {
-                self.trainer.fit_private(config, &plan).map_err(err)?;
-                self.trainer.parameters().map_err(err)?
+                self.trainer.fit_private(config, &plan).map_err(kept_local("DP-SGD training"))?;
+                self.trainer.parameters().map_err(kept_local("reading the trained model"))?
             }
             (None, Some(clip)) => {
                 // Whatever the training did (a diverged model included), the

@@ -93,13 +93,14 @@ pub fn feature_stats_from_sum(sum: &[f64]) -> Result<FeatureStats, Error> {
 pub fn evaluation_values(outcome: &EvalOutcome) -> Result<Vec<f64>, Error> {
     let n = outcome.num_examples as f64;
     if !outcome.loss.is_finite() {
-        return Err(Error::InvalidInput(format!("evaluation loss is {}", outcome.loss)));
+        // The value stays out of errors: they reach the coordinator.
+        return Err(Error::InvalidInput("evaluation loss is not finite".into()));
     }
     let mut v = vec![n, n * outcome.loss.clamp(0.0, LOSS_CAP), n];
     for name in SECURE_METRICS {
         match outcome.metrics.get(name) {
             Some(&m) if (0.0..=1.0).contains(&m) => v.extend([n * m, n]),
-            Some(m) => return Err(Error::InvalidInput(format!("evaluation metric {name} is {m}, not in [0, 1]"))),
+            Some(_) => return Err(Error::InvalidInput(format!("evaluation metric {name} is not in [0, 1]"))),
             None => v.extend([0.0, 0.0]),
         }
     }
@@ -181,7 +182,12 @@ impl WideSum {
         for (i, v) in values.iter().enumerate() {
             let q = (v * scale).round();
             if !q.is_finite() || q.abs() > bound {
-                return Err(Error::InvalidInput(format!("value {i} ({v}) is too large to sum securely")));
+                // Which value, not what it is: the error reaches the
+                // coordinator, and the sum is to hide it.
+                return Err(Error::InvalidInput(format!(
+                    "value {i} is too large to sum securely (beyond ±{:e})",
+                    bound / scale
+                )));
             }
             let mut u = (q as i64) as u64;
             for _ in 0..self.limbs {
@@ -287,7 +293,7 @@ mod tests {
         assert!((metrics["auc"] - 0.95).abs() < 1e-9, "over the parties that reported it");
         assert!(!metrics.contains_key("f1"), "metrics outside the layout stay at the party");
         let bad = evaluation_values(&outcome(10, 0.1, 1.5, None)).unwrap_err().to_string();
-        assert!(bad.contains("accuracy is 1.5"), "{bad}");
+        assert!(bad.contains("accuracy is not in [0, 1]") && !bad.contains("1.5"), "the value stays out: {bad}");
     }
 
     #[test]
