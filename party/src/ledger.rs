@@ -364,9 +364,14 @@ impl Ledger {
             if let Some(max) = max_epsilon {
                 let spent = state.file.spent_by_rows(dataset, path.as_deref(), None);
                 if !within_budget(spent, max) {
+                    let also = if state.file.other_names_of(dataset, path.as_deref()).is_empty() {
+                        ""
+                    } else {
+                        " (under other names as well)"
+                    };
                     return Err(format!(
                         "job {job_id} was accepted for data set {dataset:?}, whose rows have spent ε = {spent:.4} \
-                         in all (under other names as well), above the policy's {max}"
+                         in all{also}, above the policy's {max}"
                     ));
                 }
             }

@@ -172,6 +172,10 @@ pub struct TrainingHandler {
     /// fault. (A DP evaluation's release is also in the ledger, which
     /// refuses it in a later session of the job.)
     eval_released: bool,
+    /// The trainer has been given a model and rows to train (a fit began):
+    /// from then on it holds a local model, which a set-up answer (the
+    /// trainer's parameters) would hand over whole.
+    trained: bool,
 }
 
 /// A pipeline's evaluation on new rows that found none: it answers with
@@ -254,6 +258,7 @@ impl TrainingHandler {
             continues_earlier: false,
             evaluate_only: false,
             eval_released: false,
+            trained: false,
         }
     }
 }
@@ -298,6 +303,13 @@ impl JobHandler for TrainingHandler {
                 }
                 Ok(ResultBody::Evaluate { num_examples: examples, loss: f64::NAN, metrics })
             }
+            // Set-up answers with the trainer's parameters: its starting
+            // model before any training, its local model after (unclipped,
+            // un-noised, unmasked). Set-up comes before the rounds; asked
+            // after one, it would bare the update.
+            TaskBody::Setup if self.trained => Err(TaskError::CoordinatorFault(
+                "asked to set up after training: the answer would be this party's local model in the clear".into(),
+            )),
             TaskBody::Setup => {
                 let in_clear = self.standardize && !self.hides_values && !self.private() && self.eval_noise.is_none();
                 let stats = if in_clear { self.trainer.feature_stats() } else { Default::default() };
@@ -430,6 +442,7 @@ impl TrainingHandler {
         started: Instant,
     ) -> Result<ResultBody, TaskError> {
         self.drop_round();
+        self.trained = true;
         // The configuration is checked here, not trusted: a zero batch size
         // or a NaN learning rate from the wire must not crash the trainer.
         let bad = config.train.validate();
@@ -1289,6 +1302,13 @@ mod tests {
             .sum::<f64>()
             .sqrt();
         assert!(moved <= 2.0 && moved > 1.99, "{moved}");
+        // Set-up asked after the round would answer with the trainer's
+        // parameters, the unclipped local model: refused.
+        match h.on_task(task(1, TaskBody::Setup)) {
+            Err(TaskError::CoordinatorFault(why)) => assert!(why.contains("after training"), "{why}"),
+            Ok(ResultBody::Setup { params, .. }) => panic!("the local model handed over: {params:?}"),
+            other => panic!("{other:?}"),
+        }
         // Non-finite training results become no update, not an error.
         let nan = Parameters::new(vec![Tensor { name: "w".into(), shape: vec![3], data: vec![f32::NAN; 3] }]).unwrap();
         assert_eq!(clip_update(&start, nan, 1.0), start);
