@@ -176,6 +176,12 @@ pub struct TrainingHandler {
     /// from then on it holds a local model, which a set-up answer (the
     /// trainer's parameters) would hand over whole.
     trained: bool,
+    /// The feature statistics went into a secure sum: they are summed once,
+    /// at set-up. A second sum over other parties would give this party's
+    /// statistics exactly, by difference.
+    stats_summed: bool,
+    /// The round of the last evaluation released (train jobs: one a round).
+    last_evaluation: Option<u32>,
 }
 
 /// A pipeline's evaluation on new rows that found none: it answers with
@@ -259,6 +265,8 @@ impl TrainingHandler {
             evaluate_only: false,
             eval_released: false,
             trained: false,
+            stats_summed: false,
+            last_evaluation: None,
         }
     }
 }
@@ -324,7 +332,7 @@ impl JobHandler for TrainingHandler {
                 "asked for evaluation metrics in the clear, which this job's protocol sums securely".into(),
             )),
             TaskBody::Evaluate { global } => {
-                self.release_evaluation()?;
+                self.release_evaluation(round)?;
                 self.trainer.set_parameters(&global).map_err(err)?;
                 let outcome = self.trainer.evaluate().map_err(err)?;
                 Ok(ResultBody::Evaluate {
@@ -411,6 +419,15 @@ impl TrainingHandler {
                         "asked for feature statistics in a job that does not standardise its inputs".into(),
                     ));
                 }
+                if self.stats_summed || self.trained {
+                    return Err(TaskError::CoordinatorFault(
+                        "asked again for the feature statistics' secure sum (or after training): it is summed \
+                         once, at set-up; a second sum over other parties would give this party's statistics by \
+                         difference"
+                            .into(),
+                    ));
+                }
+                self.stats_summed = true;
                 let stats = self.trainer.feature_stats();
                 (SumLayout::feature_stats(stats.sum.len()), sum::feature_stats_values(&stats))
             }
@@ -419,7 +436,7 @@ impl TrainingHandler {
                 (SumLayout::evaluation(&global), sum::noisy_evaluation_values(&noisy))
             }
             SumOf::Evaluation { global } => {
-                self.release_evaluation()?;
+                self.release_evaluation(round)?;
                 self.trainer.set_parameters(&global).map_err(err)?;
                 let outcome = self.trainer.evaluate().map_err(err)?;
                 (SumLayout::evaluation(&global), sum::evaluation_values(&outcome)?)
@@ -483,16 +500,20 @@ impl TrainingHandler {
     }
 
     /// An evaluation without DP noise: in an evaluate job, once.
-    fn release_evaluation(&mut self) -> Result<(), TaskError> {
-        if !self.evaluate_only {
-            return Ok(());
-        }
-        if self.eval_released {
+    /// An evaluation is released once a round (a train job evaluates each
+    /// round's global model once), and once in all in an evaluate job (one
+    /// model, once). Repeated within a round, over other parties, its sums
+    /// would give this party's metrics by difference, exactly; across
+    /// rounds that is "comparing rounds" (docs/secure-aggregation.md).
+    fn release_evaluation(&mut self, round: u32) -> Result<(), TaskError> {
+        let again = self.eval_released && (self.evaluate_only || self.last_evaluation.is_some_and(|r| round <= r));
+        if again {
             return Err(TaskError::CoordinatorFault(
-                "asked again for this evaluate job's evaluation: an evaluate job evaluates one model once".into(),
+                "asked again for an evaluation: a round's model is evaluated once (an evaluate job's, once)".into(),
             ));
         }
         self.eval_released = true;
+        self.last_evaluation = Some(round);
         Ok(())
     }
 
@@ -1402,6 +1423,32 @@ mod tests {
         let mut h = handler(true);
         let ResultBody::Setup { stats, .. } = h.on_task(task(0, TaskBody::Setup)).unwrap() else { panic!() };
         assert_eq!(stats, FeatureStats::default());
+        // The feature statistics go into one secure sum, at set-up: asked
+        // again (over other parties, to difference), or after training,
+        // they are refused.
+        let stats = || TaskBody::SecureSum { of: SumOf::FeatureStats, round_message: Vec::new() };
+        let again = |e: &TaskError| matches!(e, TaskError::CoordinatorFault(m) if m.contains("asked again"));
+        let first = h.on_task(task(0, stats()));
+        assert!(!first.as_ref().is_err_and(again), "the first is answered: {first:?}");
+        assert!(h.on_task(task(0, stats())).is_err_and(|e| again(&e)), "a second sum");
+        let mut h = handler(true);
+        let fit = TaskBody::Fit {
+            config: FitConfig { round: 1, train: Default::default() },
+            global: global.clone(),
+            round_message: Vec::new(),
+        };
+        let _ = h.on_task(task(1, fit));
+        assert!(h.on_task(task(1, stats())).is_err_and(|e| again(&e)), "after training");
+        // An evaluation's secure sum is released once a round in a train
+        // job: asked again in the round (over other parties) it is refused.
+        let evaluation =
+            || TaskBody::SecureSum { of: SumOf::Evaluation { global: global.clone() }, round_message: Vec::new() };
+        let mut h = handler(true);
+        let first = h.on_task(task(1, evaluation()));
+        assert!(!first.as_ref().is_err_and(again), "the first is answered: {first:?}");
+        assert!(h.on_task(task(1, evaluation())).is_err_and(|e| again(&e)), "a second in the round");
+        let next = h.on_task(task(2, evaluation()));
+        assert!(!next.as_ref().is_err_and(again), "the next round's is answered: {next:?}");
     }
 
     /// A step of a round this party let go itself (no task within its

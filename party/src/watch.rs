@@ -243,6 +243,17 @@ impl Watches {
         let labelled: BTreeMap<String, (Vec<String>, u32)> =
             labelled.into_iter().filter(|(sha, _)| marks.labelled_rows.get(sha).is_none_or(|d| d == dataset)).collect();
         let mine = marks.pipelines.get(&p.job).cloned().unwrap_or_default();
+        // The marks only grow: a train job of an iteration older than one
+        // that already trained here would count that one's batches as new
+        // and mark them as its own.
+        if let (JobKind::Train, Some(&latest)) = (&spec.kind, mine.values().max())
+            && p.iteration < latest
+        {
+            return Err(format!(
+                "pipeline {} asks iteration {} to train; iteration {latest} already trained here",
+                p.job, p.iteration
+            ));
+        }
         let is_new = |key: &str| mine.get(key).is_none_or(|&it| it >= p.iteration);
         let batch_key =
             |b: &Path| format!("{dataset}/{}", b.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
@@ -403,6 +414,12 @@ mod tests {
         assert_eq!(next.load().unwrap().labels, vec![0, 0]);
         assert!(next.all_held_out);
         assert_eq!(w.marks("p1").len(), 2);
+        // Once iteration 2 trained, a train job of iteration 1 is refused
+        // (the marks only grow); a retried iteration 2 is not.
+        w.select(&spec("train", 2, "all"), "d", &src).unwrap();
+        let e = w.select(&spec("train", 1, "all"), "d", &src).unwrap_err();
+        assert!(e.contains("iteration 2 already trained"), "{e}");
+        assert!(w.select(&spec("train", 2, "all"), "d", &src).is_ok());
         // A file data set cannot be watched.
         let e = w.select(&spec("train", 2, "all"), "d", &DatasetSource::csv(data.join("001.csv"))).unwrap_err();
         assert!(e.contains("watched directory"), "{e}");

@@ -45,6 +45,12 @@ impl WeightedUpdate {
         Ok(WeightedUpdate { fixed: FixedPoint::new(bits, 0, clip, max_parties)?, max_examples })
     }
 
+    /// The weight a party that trained on `n` examples puts in the sum:
+    /// n, at most `max_examples`.
+    pub fn weight(&self, n: u64) -> u64 {
+        n.min(self.max_examples)
+    }
+
     /// Words per encoded update of a model with `values` values: the
     /// values, the weight, and the training loss and its weight.
     pub fn words(values: usize) -> usize {
@@ -60,6 +66,11 @@ impl WeightedUpdate {
     /// Encodes `n/max_examples · (local − global)` and the weight `n`. A
     /// local model of another shape, or with NaN or infinite values, is
     /// refused: clipping would hide a diverged model inside the sum.
+    ///
+    /// A party with more rows than `max_examples` weighs as `max_examples`
+    /// (see [`WeightedUpdate::weight`]): the coordinator chooses the bound,
+    /// so a refusal would tell it whether n passes any bound it likes, and
+    /// the sum is there to hide n. The errors say nothing of the values.
     pub fn encode(
         &self,
         global: &Parameters,
@@ -67,12 +78,10 @@ impl WeightedUpdate {
         n: u64,
         train_loss: Option<f64>,
     ) -> Result<Vec<u32>, Error> {
-        if n == 0 || n > self.max_examples {
-            return Err(Error::InvalidInput(format!(
-                "this party trained on {n} examples; max_examples allows 1 to {}",
-                self.max_examples
-            )));
+        if n == 0 {
+            return Err(Error::InvalidInput("this party trained on no examples".into()));
         }
+        let n = self.weight(n);
         let bad = |e: String| Error::InvalidInput(format!("local model after training: {e}"));
         local.check_shapes(&global.spec()).map_err(bad)?;
         let scale = (n as f64 / self.max_examples as f64) as f32;
@@ -88,7 +97,8 @@ impl WeightedUpdate {
             at = end;
         }
         if non_finite {
-            local.check_finite().map_err(bad)?;
+            // Which value diverged stays here (it depends on the rows).
+            return Err(Error::InvalidInput("local model after training has NaN or infinite values".into()));
         }
         out[at] = n as u32;
         // The loss as a fraction of the most any party can put in, in levels.
@@ -555,10 +565,17 @@ mod tests {
         let enc = WeightedUpdate::new(32, 1.0, 100, 10).unwrap();
         let g = params(&[0.0, 0.0]);
         let err = enc.encode(&g, &params(&[f32::NAN, 0.0]), 5, None).unwrap_err().to_string();
-        assert!(err.contains("local model after training") && err.contains("NaN"), "{err}");
+        assert_eq!(err, "invalid input: local model after training has NaN or infinite values", "no index, no value");
         assert!(enc.encode(&g, &params(&[0.0]), 5, None).is_err());
         assert!(enc.encode(&g, &params(&[0.0, 0.0]), 0, None).is_err());
-        assert!(enc.encode(&g, &params(&[0.0, 0.0]), 101, None).is_err());
+        // More rows than max_examples weigh as max_examples: no refusal that
+        // would tell the coordinator n passed the bound it chose.
+        let local = params(&[0.5, -0.5]);
+        assert_eq!(
+            enc.encode(&g, &local, 4821, Some(0.3)).unwrap(),
+            enc.encode(&g, &local, 100, Some(0.3)).unwrap(),
+            "saturated at the bound"
+        );
         assert!(WeightedUpdate::new(16, 1.0, 100_000, 3).is_err(), "weights overflow 16 bits");
     }
 
