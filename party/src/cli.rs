@@ -468,18 +468,16 @@ fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Resul
             .chain(ledger.datasets.keys().filter(|k| !cfg.datasets.contains_key(*k)))
             .map(|name| {
                 let d = ledger.datasets.get(name).cloned().unwrap_or_default();
-                let eps = d.epsilon();
+                let finite_or_inf =
+                    |e: f64| if e.is_finite() { serde_json::json!(e) } else { serde_json::json!("inf") };
+                let spent = rows_spent(name);
                 let value = serde_json::json!({
-                    "epsilon": if eps.is_finite() { serde_json::json!(eps) } else { serde_json::json!("inf") },
+                    "epsilon": finite_or_inf(d.epsilon()),
                     "delta": d.delta(),
                     "max_epsilon": max,
-                    "rows_epsilon": if rows_spent(name).is_finite() {
-                        serde_json::json!(rows_spent(name))
-                    } else {
-                        serde_json::json!("inf")
-                    },
+                    "rows_epsilon": finite_or_inf(spent),
                     "also_as": also(name),
-                    "remaining": max.map(|m| (m - rows_spent(name)).max(0.0)),
+                    "remaining": max.map(|m| (m - spent).max(0.0)),
                     "paths": d.paths,
                     "jobs": d.jobs,
                 });

@@ -592,8 +592,9 @@ fn file_identities(_source: &DatasetSource) -> Vec<((u64, u64), PathBuf)> {
 }
 
 /// Refuses two data sets over the same rows: one path the same as
-/// another's, or a file directly in it (a watched directory's batches; a
-/// subdirectory's files are not its rows), as the filesystem resolves them
+/// another's, or a batch of it (a batch-named file directly in a watched
+/// directory; other files, and a subdirectory's, are not its rows), as the
+/// filesystem resolves them
 /// ([`resolved_path`]); or, for what exists, one file reached by both
 /// (hard links, bind mounts, a batch linking to another data set's file).
 /// The privacy ledger keeps ε per data set name, so two names for the same
@@ -606,15 +607,15 @@ pub(crate) fn overlapping_datasets(datasets: &BTreeMap<String, DatasetSource>) -
              the rows would have two budgets"
         ))
     };
+    // A watched directory's batches are the files directly in it with a
+    // batch's name (other files are not rows).
+    let batch_of = |file: &Path, dir: &Path| {
+        file.parent() == Some(dir)
+            && file.file_name().is_some_and(|n| confide_algorithms::data::is_batch_name(&n.to_string_lossy()))
+    };
     let resolved: Vec<(&String, PathBuf)> = datasets.iter().map(|(name, d)| (name, resolved_path(&d.path))).collect();
     for (i, (a, pa)) in resolved.iter().enumerate() {
         for (b, pb) in &resolved[i + 1..] {
-            // A watched directory's batches are the files directly in it
-            // with a batch's name (other files are not rows).
-            let batch_of = |file: &Path, dir: &Path| {
-                file.parent() == Some(dir)
-                    && file.file_name().is_some_and(|n| confide_algorithms::data::is_batch_name(&n.to_string_lossy()))
-            };
             if pa == pb || batch_of(pa, pb) || batch_of(pb, pa) {
                 let what = format!(
                     "{} and {} hold the same rows (one is the other, or a file in it)",
@@ -629,15 +630,10 @@ pub(crate) fn overlapping_datasets(datasets: &BTreeMap<String, DatasetSource>) -
     let mut seen: std::collections::HashMap<(u64, u64), (&String, PathBuf)> = std::collections::HashMap::new();
     for (name, d) in datasets {
         for (id, file) in file_identities(d) {
-            match seen.get(&id) {
-                Some((other, first)) if *other != name => {
-                    let what = format!("{} and {} are the same file", first.display(), file.display());
-                    return refused(other, name, what);
-                }
-                Some(_) => {}
-                None => {
-                    seen.insert(id, (name, file));
-                }
+            let (other, first) = seen.entry(id).or_insert_with(|| (name, file.clone()));
+            if *other != name {
+                let what = format!("{} and {} are the same file", first.display(), file.display());
+                return refused(other, name, what);
             }
         }
     }

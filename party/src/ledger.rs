@@ -382,9 +382,7 @@ impl Ledger {
                 // follows the rows there too.
                 let mut next = state.file.clone();
                 next.datasets.entry(dataset.to_owned()).or_default().paths.insert(p.clone());
-                self.write_version(&next, state.version + 1)?;
-                state.file = next;
-                state.version += 1;
+                self.commit(&mut state, next)?;
             }
             return Ok(guard(job_id, true));
         }
@@ -431,9 +429,7 @@ impl Ledger {
         );
         // Durable before the job is accepted (the state lock held: no other
         // change comes between).
-        self.write_version(&next, state.version + 1)?;
-        state.file = next;
-        state.version += 1;
+        self.commit(&mut state, next)?;
         // A job without DP is on record (its data set has then spent ε = ∞);
         // its rounds are not counted.
         Ok(guard(if epsilon.is_finite() { job_id } else { "" }, false))
@@ -456,10 +452,7 @@ impl Ledger {
         if !changed {
             return Ok(());
         }
-        self.write_version(&next, state.version + 1)?;
-        state.file = next;
-        state.version += 1;
-        Ok(())
+        self.commit(&mut state, next)
     }
 
     fn leave(&self, dataset: &str, job_id: &str, why: &str) -> Result<(), String> {
@@ -545,6 +538,16 @@ impl Ledger {
 
     /// Writes `file`, the state at `version`, unless a later state is
     /// already on disk (it holds this one's changes: the state only grows).
+    /// Makes `next` the ledger: durable first, then in memory (a change
+    /// whose write failed does not hold). The state lock is held by the
+    /// caller, so no other change comes between.
+    fn commit(&self, state: &mut State, next: LedgerFile) -> Result<(), String> {
+        self.write_version(&next, state.version + 1)?;
+        state.file = next;
+        state.version += 1;
+        Ok(())
+    }
+
     fn write_version(&self, file: &LedgerFile, version: u64) -> Result<(), String> {
         let mut written = self.written.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
         if *written >= version {
