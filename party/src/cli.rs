@@ -451,49 +451,18 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
 fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Result<(), String> {
     let cfg = PartyConfig::load_with(config, plugins).map_err(|e| e.to_string())?;
     let ledger = crate::ledger::Ledger::read(&cfg.ledger_path())?;
-    let max = cfg.policy.max_epsilon;
-    // What the node charges against: the rows' spending under every name
-    // that read the data set's path (a configured name), else the entry's.
-    let rows_path = |name: &str| {
-        cfg.datasets.get(name).map(|d| crate::config::resolved_path(&d.path).to_string_lossy().into_owned())
-    };
-    let rows_spent = |name: &str| ledger.spent_by_rows(name, rows_path(name).as_deref(), None);
-    let also = |name: &str| -> Vec<String> {
-        ledger.other_names_of(name, rows_path(name).as_deref()).into_iter().map(str::to_owned).collect()
-    };
+    let view = BudgetView { cfg: &cfg, ledger: &ledger };
     if json {
-        let datasets: serde_json::Map<String, serde_json::Value> = cfg
-            .datasets
-            .keys()
-            .chain(ledger.datasets.keys().filter(|k| !cfg.datasets.contains_key(*k)))
-            .map(|name| {
-                let d = ledger.datasets.get(name).cloned().unwrap_or_default();
-                let finite_or_inf =
-                    |e: f64| if e.is_finite() { serde_json::json!(e) } else { serde_json::json!("inf") };
-                let spent = rows_spent(name);
-                let value = serde_json::json!({
-                    "epsilon": finite_or_inf(d.epsilon()),
-                    "delta": d.delta(),
-                    "max_epsilon": max,
-                    "rows_epsilon": finite_or_inf(spent),
-                    "also_as": also(name),
-                    "remaining": max.map(|m| (m - spent).max(0.0)),
-                    "paths": d.paths,
-                    "jobs": d.jobs,
-                });
-                (name.clone(), value)
-            })
-            .collect();
-        let out = serde_json::json!({ "ledger": cfg.ledger_path(), "datasets": datasets });
-        println!("{out}");
+        println!("{}", view.json());
         return Ok(());
     }
+    let max = cfg.policy.max_epsilon;
     println!("privacy ledger {}", cfg.ledger_path().display());
     let limit = max.map_or("no limit (policy.max_epsilon unset)".to_string(), |m| format!("policy.max_epsilon = {m}"));
     println!("{limit}; costs of separate jobs add up");
-    for name in cfg.datasets.keys().chain(ledger.datasets.keys().filter(|k| !cfg.datasets.contains_key(*k))) {
+    for name in view.names() {
         let d = ledger.datasets.get(name).cloned().unwrap_or_default();
-        let (spent, others) = (rows_spent(name), also(name));
+        let (spent, others) = (view.rows_spent(name), view.also(name));
         let remaining = max.map_or(String::new(), |m| format!(", {:.4} remaining", (m - spent).max(0.0)));
         let rows = if others.is_empty() {
             String::new()
@@ -511,6 +480,59 @@ fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Resul
     Ok(())
 }
 
+/// The ledger as `confide-party budget` shows it: what the node charges
+/// against is the rows' spending under every name that read a data set's
+/// path (a configured name), else the entry's own.
+struct BudgetView<'a> {
+    cfg: &'a PartyConfig,
+    ledger: &'a crate::ledger::LedgerFile,
+}
+
+impl BudgetView<'_> {
+    /// The configured data sets, then those only the ledger names.
+    fn names(&self) -> impl Iterator<Item = &String> {
+        let only_in_ledger = self.ledger.datasets.keys().filter(|k| !self.cfg.datasets.contains_key(*k));
+        self.cfg.datasets.keys().chain(only_in_ledger)
+    }
+
+    fn rows_path(&self, name: &str) -> Option<String> {
+        self.cfg.datasets.get(name).map(|d| crate::config::resolved_path(&d.path).to_string_lossy().into_owned())
+    }
+
+    fn rows_spent(&self, name: &str) -> f64 {
+        self.ledger.spent_by_rows(name, self.rows_path(name).as_deref(), None)
+    }
+
+    fn also(&self, name: &str) -> Vec<String> {
+        self.ledger.other_names_of(name, self.rows_path(name).as_deref()).into_iter().map(str::to_owned).collect()
+    }
+
+    /// `budget --json`: ε that is not finite (a job without DP) as "inf".
+    fn json(&self) -> serde_json::Value {
+        let max = self.cfg.policy.max_epsilon;
+        let finite_or_inf = |e: f64| if e.is_finite() { serde_json::json!(e) } else { serde_json::json!("inf") };
+        let datasets: serde_json::Map<String, serde_json::Value> = self
+            .names()
+            .map(|name| {
+                let d = self.ledger.datasets.get(name).cloned().unwrap_or_default();
+                let spent = self.rows_spent(name);
+                let value = serde_json::json!({
+                    "epsilon": finite_or_inf(d.epsilon()),
+                    "delta": d.delta(),
+                    "max_epsilon": max,
+                    "rows_epsilon": finite_or_inf(spent),
+                    "also_as": self.also(name),
+                    "remaining": max.map(|m| (m - spent).max(0.0)),
+                    "paths": d.paths,
+                    "jobs": d.jobs,
+                });
+                (name.clone(), value)
+            })
+            .collect();
+        serde_json::json!({ "ledger": self.cfg.ledger_path(), "datasets": datasets })
+    }
+}
+
 fn report(r: Result<(), String>) -> i32 {
     match r {
         Ok(()) => 0,
@@ -518,5 +540,56 @@ fn report(r: Result<(), String>) -> i32 {
             eprintln!("error: {e}");
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `budget --json` writes a job without DP's ε = ∞ as "inf" (JSON has
+    /// no infinity) in the entry's ε and the rows' ε, and counts the rows'
+    /// spending under another name that read the same path, with nothing
+    /// remaining.
+    #[test]
+    fn budget_json_writes_infinite_spending_as_inf_and_counts_the_rows_under_every_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = dir.path().join("bc.csv");
+        std::fs::write(&rows, "x,label\n1,0\n").unwrap();
+        let path = dir.path().join("p.toml");
+        let text = "coordinator = \"https://x:1\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+                    ledger = \"ledger.json\"\n[datasets.bc]\npath = \"bc.csv\"\n[policy]\nmax_epsilon = 4.0\n";
+        std::fs::write(&path, text).unwrap();
+        let cfg = PartyConfig::load(&path).unwrap();
+        let spec = |dp: &str| {
+            let text = format!(
+                "name = \"p\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\"]\nmin = 1\n\
+                 dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n{dp}"
+            );
+            JobSpec::parse(&text, "p", &Limits::default()).unwrap()
+        };
+        let ledger = crate::ledger::Ledger::open(&cfg.ledger_path()).unwrap();
+        let resolved = crate::config::resolved_path(&rows);
+        // Spent under an old name, on the rows' path: a job without DP.
+        drop(ledger.reserve_at("plain", &spec(""), "old", Some(&resolved), None).unwrap());
+        drop(
+            ledger
+                .reserve_at(
+                    "dp",
+                    &spec("[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\n"),
+                    "bc",
+                    Some(&resolved),
+                    None,
+                )
+                .unwrap(),
+        );
+        let file = crate::ledger::Ledger::read(&cfg.ledger_path()).unwrap();
+        let out = BudgetView { cfg: &cfg, ledger: &file }.json();
+        let bc = &out["datasets"]["bc"];
+        assert!(bc["epsilon"].as_f64().is_some_and(|e| e.is_finite() && e > 0.0), "{bc}");
+        assert_eq!(bc["rows_epsilon"], "inf", "{bc}");
+        assert_eq!(bc["also_as"], serde_json::json!(["old"]));
+        assert_eq!(bc["remaining"], 0.0);
+        assert_eq!(out["datasets"]["old"]["epsilon"], "inf", "{out}");
     }
 }

@@ -954,7 +954,12 @@ mod tests {
     }
 
     fn node(pki: &PkiDir, name: &str) -> PartyNode {
-        let cfg = PartyConfig {
+        node_with(pki, name, |_| {})
+    }
+
+    /// [`node`] with `edit` applied to its configuration.
+    fn node_with(pki: &PkiDir, name: &str, edit: impl FnOnce(&mut PartyConfig)) -> PartyNode {
+        let mut cfg = PartyConfig {
             coordinator: "https://localhost:1".into(),
             server_name: "localhost".into(),
             relay: None,
@@ -976,7 +981,41 @@ mod tests {
             metrics: Default::default(),
             warnings: Vec::new(),
         };
+        edit(&mut cfg);
         PartyNode::with_plugins(cfg, PartyPlugins::new())
+    }
+
+    /// A node records, at start, the resolved path each configured data
+    /// set reads in the privacy ledger, so that entries written before
+    /// ledgers kept paths are charged with the rows' spending under any
+    /// later name.
+    #[test]
+    fn a_starting_node_records_its_data_sets_paths_in_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("t", &["a".into()], &[]).unwrap();
+        let ledger_path = dir.path().join("ledger.json");
+        let spec = confide_proto::jobspec::JobSpec::parse(
+            "name = \"p\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\"]\nmin = 1\n\
+             dataset = \"bc\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+             [dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\n",
+            "p",
+            &Limits::default(),
+        )
+        .unwrap();
+        drop(crate::ledger::Ledger::open(&ledger_path).unwrap().reserve("j1", &spec, "bc", None).unwrap());
+        assert!(crate::ledger::Ledger::read(&ledger_path).unwrap().datasets["bc"].paths.is_empty());
+        let rows = dir.path().join("bc.csv");
+        std::fs::write(&rows, "x,label\n1,0\n").unwrap();
+        let source: confide_algorithms::data::DatasetSource =
+            toml::from_str(&format!("path = {:?}", rows.to_str().unwrap())).unwrap();
+        let _node = node_with(&pki, "a", |cfg| {
+            cfg.ledger = Some(ledger_path.clone());
+            cfg.datasets.insert("bc".into(), source);
+        });
+        let paths = &crate::ledger::Ledger::read(&ledger_path).unwrap().datasets["bc"].paths;
+        let expected = crate::config::resolved_path(&rows).to_string_lossy().into_owned();
+        assert_eq!(paths.iter().collect::<Vec<_>>(), [&expected]);
     }
 
     /// A coordinator that sends an older revocation list (to bring a revoked

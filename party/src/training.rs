@@ -778,6 +778,9 @@ mod tests {
         given: Arc<std::sync::Mutex<Vec<Parameters>>>,
         /// The plan and learning rate each DP-SGD fit ran with.
         plans: Arc<std::sync::Mutex<Vec<(DpSgdPlan, f64)>>>,
+        /// An error DP-SGD training and the evaluation fail with, quoting
+        /// a row as a TorchScript module's or plug-in's message can.
+        fails_with: Option<String>,
     }
 
     impl Trainer for FixedDp {
@@ -799,9 +802,15 @@ mod tests {
         }
         fn fit_private(&mut self, c: &FitConfig, plan: &DpSgdPlan) -> Result<FitOutcome, Error> {
             self.plans.lock().unwrap().push((*plan, c.train.learning_rate));
+            if let Some(e) = &self.fails_with {
+                return Err(Error::InvalidInput(e.clone()));
+            }
             Ok(FitOutcome { num_examples: 7, metrics: [("train_loss".to_string(), 0.3)].into() })
         }
         fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
+            if let Some(e) = &self.fails_with {
+                return Err(Error::InvalidInput(e.clone()));
+            }
             Fixed.evaluate()
         }
         fn predict(&self, f: &[f32]) -> Result<Vec<f32>, Error> {
@@ -848,6 +857,48 @@ mod tests {
         // The plain protocol's body is the weight (protobuf field 1, varint):
         // 1, whatever the party's row count (7 here).
         assert_eq!(contribution.body, [0x08, 0x01], "a DP update weighs 1");
+    }
+
+    /// In a DP job, a trainer's error in DP-SGD training or in a DP
+    /// evaluation can quote a row (a TorchScript module's message, a
+    /// plug-in's): the coordinator is told only what failed, never the
+    /// text.
+    #[test]
+    fn a_dp_trainers_error_text_stays_at_the_party() {
+        use confide_crypto::aggregation::plain::Plain;
+        let row = "row 17: age=63, diagnosis=malignant";
+        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let trainer = FixedDp { fails_with: Some(row.into()), ..Default::default() };
+        let mut h = TrainingHandler::new(Box::new(trainer), client, Plain.stages());
+        h.dp = Some(DpSgdPlan {
+            max_grad_norm: 1.0,
+            noise_multiplier: 1.0,
+            sampling_rate: 0.1,
+            expected_batch_size: 4,
+            steps_per_round: 10,
+        });
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let fit = TaskBody::Fit {
+            config: FitConfig { round: 1, train: Default::default() },
+            global: global.clone(),
+            round_message: Vec::new(),
+        };
+        let err = h.on_task(task(1, fit)).unwrap_err();
+        assert!(
+            matches!(&err, TaskError::Refused(m) if m.contains("DP-SGD training failed") && !m.contains("row 17")),
+            "{err:?}"
+        );
+        // A DP evaluate job's evaluation.
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let trainer = FixedDp { fails_with: Some(row.into()), ..Default::default() };
+        let mut h = TrainingHandler::new(Box::new(trainer), client, Plain.stages());
+        h.eval_noise = Some(confide_dp::evaluation::NoisyCounts::new(2.0).unwrap());
+        let err = h.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
+        assert!(
+            matches!(&err, TaskError::Refused(m) if m.contains("evaluation failed") && !m.contains("row 17")),
+            "{err:?}"
+        );
     }
 
     /// The DP-SGD mechanism is the one planned from the accepted spec,
