@@ -110,7 +110,28 @@ impl Dataset {
     ) -> Result<(Dataset, usize), Error> {
         let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
         let mut ds = Dataset::default();
-        let mut width: Option<usize> = rules.and_then(|r| r.features).map(|f| f + 1);
+        let label_index = |w: usize| {
+            if opts.label_column < 0 {
+                w.checked_sub(opts.label_column.unsigned_abs() as usize)
+            } else {
+                Some(opts.label_column as usize).filter(|&i| i < w)
+            }
+        };
+        let layout = |line, w: usize| {
+            if w < 2 {
+                return Err(err(line, "need at least one feature and a label".into()));
+            }
+            label_index(w)
+                .ok_or_else(|| err(line, format!("label_column {} is outside {w} columns", opts.label_column)))
+        };
+        // Under the rules the width is fixed before any row is read, and so
+        // is whether the layout fits it: no row decides either.
+        let mut width: Option<usize> = None;
+        if let Some(r) = rules {
+            layout(0, r.features + 1)?;
+            width = Some(r.features + 1);
+            ds.num_features = r.features;
+        }
         let mut dropped = 0;
         let mut row = Vec::new();
         for (idx, line) in text.lines().enumerate() {
@@ -119,33 +140,8 @@ impl Dataset {
                 continue;
             }
             let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-            let label_index = |w: usize| {
-                if opts.label_column < 0 {
-                    w.checked_sub(opts.label_column.unsigned_abs() as usize)
-                } else {
-                    Some(opts.label_column as usize).filter(|&i| i < w)
-                }
-            };
-            // Under the rules without a width fixed in advance, the first
-            // row that passes its own checks fixes it: a malformed first
-            // row is dropped like any other, not taken as the width.
-            let passes = |row: &mut Vec<f32>| {
-                cells.len() >= 2
-                    && label_index(cells.len()).is_some_and(|l| {
-                        parse_row(&cells, cells.len(), l, row)
-                            .is_ok_and(|label| rules.is_none_or(|r| (label as usize) < r.classes))
-                    })
-            };
-            if width.is_none() && rules.is_some() && !passes(&mut row) {
-                dropped += 1;
-                continue;
-            }
             let w = *width.get_or_insert(cells.len());
-            if w < 2 {
-                return Err(err(lineno, "need at least one feature and a label".into()));
-            }
-            let label_idx = label_index(w)
-                .ok_or_else(|| err(lineno, format!("label_column {} is outside {w} columns", opts.label_column)))?;
+            let label_idx = layout(lineno, w)?;
             match parse_row(&cells, w, label_idx, &mut row) {
                 Ok(label) if rules.is_some_and(|r| label as usize >= r.classes) => dropped += 1,
                 Ok(label) => {
@@ -297,13 +293,14 @@ fn parse_row(cells: &[&str], width: usize, label_idx: usize, row: &mut Vec<f32>)
 /// coordinator could otherwise ask, through `model.classes`, whether any
 /// row has a label above k). Dropping a row is a function of that row
 /// alone, so data sets that differ by one row still differ by at most one.
+/// No valid row at all is an empty data set, not a refusal either.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowRules {
-    /// Features per row when the spec (`dp.feature_ranges`) or the data
-    /// set (`features`) fixes them; otherwise the first row that passes its
-    /// own checks fixes the width, so one well-formed row of another width
-    /// placed first would still change which rows are taken.
-    pub features: Option<usize>,
+    /// Features per row, fixed before any row is read (the spec's
+    /// `dp.feature_ranges` or the data set's `features`): a width taken
+    /// from the rows, say the first well-formed row's, would let one row of
+    /// another width placed first change which rows are taken.
+    pub features: usize,
     /// Labels must be below this (`model.classes`).
     pub classes: usize,
 }
@@ -416,16 +413,17 @@ impl DatasetSource {
     }
 
     /// Reads each selected batch (the file itself when it is not a
-    /// directory), checking that all have one width: under
-    /// [`DatasetSource::drop_invalid_rows`], the width fixed in advance, or
-    /// else the first valid row's, is every batch's, and rows of another
-    /// are dropped. Returns
-    /// the width and the rows dropped; no rows at all is an error.
+    /// directory), checking that all have one width. Under
+    /// [`DatasetSource::drop_invalid_rows`] the width is the one fixed in
+    /// advance, rows of another are dropped, and a batch or data set with
+    /// no valid row is empty (whether a DP job sets up must not depend on
+    /// whether one row is there); otherwise a batch with no rows is an
+    /// error. Returns the width and the rows dropped.
     fn each_batch_counted(&self, mut f: impl FnMut(&Dataset)) -> Result<(usize, usize), Error> {
         let DataFormat::Csv = self.format;
-        let mut rules = self.drop_invalid_rows;
-        let mut width = None;
-        let (mut rows, mut dropped) = (0, 0);
+        let rules = self.drop_invalid_rows;
+        let mut width = rules.map(|r| r.features);
+        let mut dropped = 0;
         for file in self.files()? {
             let text = Dataset::read_text_with(&file, rules.is_some())?;
             let (ds, d) = Dataset::parse_csv_with(&text, &self.csv, &file, rules.as_ref())?;
@@ -447,24 +445,7 @@ impl DatasetSource {
                 }
                 Some(_) => {}
             }
-            if let Some(r) = rules.as_mut() {
-                r.features = Some(ds.num_features);
-            }
-            rows += ds.len();
             f(&ds);
-        }
-        if let (0, Some(r)) = (rows, self.drop_invalid_rows) {
-            let width =
-                r.features.map_or_else(String::new, |n| format!("{n} features (the width fixed for the job), "));
-            return Err(Error::Data {
-                path: self.path.clone(),
-                line: 0,
-                reason: format!(
-                    "no valid data rows: all {dropped} dropped (a row needs {width}a finite number in each cell \
-                     and a label below model.classes = {})",
-                    r.classes
-                ),
-            });
         }
         Ok((width.unwrap_or(0), dropped))
     }
@@ -602,7 +583,7 @@ mod tests {
     /// one fixed in advance, even for the first row), a cell that is not a finite
     /// number, a label that is not a class index or not below the classes.
     /// The same file without the rules fails at its first bad line; with
-    /// no valid row it fails either way.
+    /// them, no valid row is an empty data set.
     #[test]
     fn a_dp_jobs_rows_that_fail_their_own_checks_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -612,17 +593,11 @@ mod tests {
         let mut src = DatasetSource::csv(path.clone());
         let e = src.load_split_counted(0.0, 1).unwrap_err().to_string();
         assert!(e.contains("rows.csv:2") && e.contains("3 columns"), "{e}");
-        src.drop_invalid_rows = Some(RowRules { features: Some(2), classes: 3 });
+        src.drop_invalid_rows = Some(RowRules { features: 2, classes: 3 });
         let (train, held, dropped) = src.load_split_counted(0.0, 1).unwrap();
         assert_eq!((train.features, train.labels, held.len(), dropped), (vec![1.0, 2.0, 2.0, 2.0], vec![0, 2], 0, 7));
-        // Without a width fixed in advance, the first row that passes its
-        // own checks fixes it.
-        src.drop_invalid_rows = Some(RowRules { features: None, classes: 3 });
-        assert_eq!(src.load_split_counted(0.0, 1).unwrap().0.labels, vec![0]);
-        // A first row whose label is not below the classes does not fix
-        // it either (else a coordinator's model.classes would decide,
-        // through that row, which other rows are taken).
-        std::fs::write(&path, "9,9,9,5\n1,2,0\n3,4,1\n").unwrap();
+        // A well-formed first row of another width does not fix the width.
+        std::fs::write(&path, "9,9,9,1\n1,2,0\n3,4,1\n").unwrap();
         let (train, _, dropped) = src.load_split_counted(0.0, 1).unwrap();
         assert_eq!((train.labels, dropped), (vec![0, 1], 1));
         // Bytes that are not UTF-8 drop their row, not the file.
@@ -631,10 +606,17 @@ mod tests {
         assert_eq!((train.labels, dropped), (vec![0, 1], 1));
         src.drop_invalid_rows = None;
         assert!(src.load_split_counted(0.0, 1).unwrap_err().to_string().contains("not UTF-8"));
-        std::fs::write(&path, "1,x,0\n5,6,7\n").unwrap();
-        src.drop_invalid_rows = Some(RowRules { features: Some(2), classes: 3 });
-        let e = src.load_split_counted(0.0, 1).unwrap_err().to_string();
-        assert!(e.contains("all 2 dropped") && e.contains("2 features (the width fixed for the job)"), "{e}");
+        // No valid row is an empty data set at the fixed width, as is an
+        // empty file; a layout that cannot fit the width fails whatever
+        // the rows.
+        src.drop_invalid_rows = Some(RowRules { features: 2, classes: 3 });
+        for text in ["1,x,0\n5,6,7\n", ""] {
+            std::fs::write(&path, text).unwrap();
+            let (train, held, _) = src.load_split_counted(0.0, 1).unwrap();
+            assert_eq!((train.len(), train.num_features, held.num_features), (0, 2, 2), "{text:?}");
+        }
+        src.drop_invalid_rows = Some(RowRules { features: 0, classes: 3 });
+        assert!(src.load_split_counted(0.0, 1).unwrap_err().to_string().contains("at least one feature"));
     }
 
     #[test]

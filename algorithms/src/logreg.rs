@@ -41,10 +41,12 @@ impl LogisticRegression {
                 return Err(Error::InvalidInput(format!("label {l} is outside the model's {classes} classes")));
             }
         }
-        if train.is_empty() {
-            return Err(Error::InvalidInput("no training rows".into()));
+        // No training rows is for the caller to refuse: a DP job sets up
+        // (and DP-SGD sends noise) whether or not any row is there.
+        let d = train.num_features.max(held_out.num_features);
+        if d == 0 {
+            return Err(Error::InvalidInput("the rows' width is unknown: no rows and none declared".into()));
         }
-        let d = train.num_features;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let scale = 0.01f32;
         let weight: Vec<f32> =

@@ -110,10 +110,14 @@ pub fn consider<'a>(
         ));
     }
     let source = datasets.get(dataset).ok_or_else(|| format!("no data set named {dataset:?} at this party"))?;
-    // A spec whose ranges disagree with the data set's declared width is
-    // refused here, with the reason and before anything is reserved: it
-    // is about the spec and the configuration, not the rows.
-    crate::trainers::dp_width(spec, source).map_err(|e| format!("data set {dataset:?}: {e}"))?;
+    // A spec whose ranges disagree with the data set's declared width, or
+    // a DP job on a data set whose width nothing declares, is refused
+    // here, with the reason and before anything is reserved: it is about
+    // the spec and the configuration, not the rows.
+    let width = crate::trainers::dp_width(spec, source).map_err(|e| format!("data set {dataset:?}: {e}"))?;
+    if spec.dp.is_some() && width.is_none() {
+        return Err(format!("data set {dataset:?}: {}", crate::trainers::WIDTH_UNDECLARED));
+    }
     Ok(source)
 }
 
@@ -186,6 +190,12 @@ mod tests {
             ),
         ];
         let trusting = Policy { aggregation: vec!["none".into()], accept_central_dp: true, ..secagg_only.clone() };
+        // A DP job needs the data set's width declared (or the spec's ranges).
+        let e = consider(&central_dp(), "d", &trusting, &plugins, &data).unwrap_err();
+        assert!(e.contains("data set \"d\"") && e.contains("features = N"), "{e}");
+        let mut declared = DatasetSource::csv("d.csv".into());
+        declared.features = Some(4);
+        let data = BTreeMap::from([("d".to_string(), declared)]);
         assert!(consider(&central_dp(), "d", &trusting, &plugins, &data).is_ok());
         // A spec that assumes at least the hospital's floor is accepted.
         let cautious = Policy { min_corrupt_fraction: Some(0.1), ..secagg_only.clone() };

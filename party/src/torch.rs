@@ -351,9 +351,11 @@ impl TorchTrainer {
         salt: u64,
     ) -> Result<Self, Error> {
         let classes = model.classes;
-        let d = train.num_features;
-        if train.is_empty() {
-            return Err(Error::InvalidInput("no training rows".into()));
+        let d = train.num_features.max(held_out.num_features);
+        // No training rows is for the caller to refuse: a DP job sets up
+        // (and DP-SGD sends noise) whether or not any row is there.
+        if d == 0 {
+            return Err(Error::InvalidInput("the rows' width is unknown: no rows and none declared".into()));
         }
         for ds in [&train, &held_out] {
             if let Some(l) = ds.labels.iter().find(|&&l| l as usize >= classes) {
@@ -411,9 +413,12 @@ impl TorchTrainer {
                 }
                 Architecture::Torchscript { .. } => {
                     let path = script.ok_or_else(|| Error::InvalidInput("no TorchScript file given".into()))?;
-                    let m = tch::TrainableCModule::load(path, root.clone()).map_err(|e| {
+                    let mut m = tch::TrainableCModule::load(path, root.clone()).map_err(|e| {
                         Error::InvalidInput(format!("{}: not a loadable TorchScript module: {e}", path.display()))
                     })?;
+                    // A module saved in training mode (batch norm, dropout)
+                    // would score each row with statistics of its batch.
+                    m.set_eval();
                     Net::Script(m)
                 }
                 other => {
@@ -459,8 +464,9 @@ impl TorchTrainer {
             salt,
         };
         // Fail now, with the file's name, if a TorchScript module does not map
-        // a batch of rows to `classes` logits.
-        let probe = t.logits(&t.train.features[..d])?;
+        // a batch of rows to `classes` logits (a row of zeros: no row of the
+        // data's decides whether the job sets up).
+        let probe = t.logits(&vec![0.0; d])?;
         if probe.size() != [1, to_i64(classes)] {
             return Err(Error::InvalidInput(format!(
                 "the model maps one {d}-feature row to shape {:?}; expected [1, {classes}] logits",
@@ -535,14 +541,33 @@ impl TorchTrainer {
         Tensor::from_slice(&y)
     }
 
-    /// Loss, accuracy and positive-class scores over a data set, without gradients.
+    /// Loss, accuracy and positive-class scores over a data set, without
+    /// gradients. The accuracy is the exact count of rows correct over the
+    /// rows (a DP evaluation rounds it back to the count, whose sensitivity
+    /// is one row; an f32 mean is off by several rows past about 2^24).
+    ///
+    /// A TorchScript module scores one row a call: its code may compute
+    /// over the batch (a batch norm in training mode, `x.mean(0)`), and a
+    /// row's prediction must not depend on the other rows, or one row added
+    /// could change many rows' counts. The built-in models are per-row and
+    /// score the rows in one batch.
     fn score(&self, ds: &Dataset) -> Result<(f64, f64, Vec<f64>), Error> {
+        if ds.is_empty() {
+            return Ok((0.0, 0.0, Vec::new()));
+        }
         tch::no_grad(|| {
-            let logits = self.logits(&ds.features)?;
+            let logits = match &self.net {
+                Net::Builtin(_) => self.logits(&ds.features)?,
+                Net::Script(_) => {
+                    let rows = (0..ds.len()).map(|i| self.logits(ds.row(i))).collect::<Result<Vec<_>, _>>()?;
+                    Tensor::f_cat(&rows, 0).map_err(torch_err("the rows' logits"))?
+                }
+            };
             let idx: Vec<usize> = (0..ds.len()).collect();
             let y = Self::labels(ds, &idx);
             let loss = logits.cross_entropy_for_logits(&y).double_value(&[]);
-            let acc = logits.accuracy_for_logits(&y).double_value(&[]);
+            let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+            let acc = correct as f64 / ds.len() as f64;
             let probs = logits.softmax(-1, Kind::Float);
             let last = probs.select(1, to_i64(self.classes) - 1);
             let mut scores = vec![0f32; ds.len()];
@@ -1337,6 +1362,30 @@ mod tests {
         assert!(ts.fit_private(&cfg, &plan).unwrap().metrics.is_empty());
         let e = ts.evaluate().unwrap();
         assert!(e.metrics["accuracy"] > 0.9, "{e:?}");
+    }
+
+    /// A TorchScript module's code may compute over its batch
+    /// (`party/tests/fixtures/batch_mean_mlp.pt` subtracts the batch's mean
+    /// row first; `scripts/make_batch_dependent_module.py`): the trainer
+    /// scores it one row a call, so one row added to the held-out set
+    /// changes the count of rows correct by at most one, as a DP
+    /// evaluation's sensitivity assumes. Scored in one batch, the outlier
+    /// row would move every row's input.
+    #[test]
+    fn a_torchscript_module_is_scored_one_row_a_call() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/batch_mean_mlp.pt");
+        let (train, test) = data("breast_cancer.csv").shuffle_split(0.25, 1);
+        let model = ModelConfig::new(2, Architecture::Torchscript { file: "m".into() });
+        let mut outlier = test.clone();
+        outlier.features.extend(std::iter::repeat_n(1e4, outlier.num_features));
+        outlier.labels.push(0);
+        let correct = |held_out: Dataset| {
+            let mut t = standardised(&model, train.clone(), held_out, Some(&script));
+            let e = t.evaluate().unwrap();
+            (e.metrics["accuracy"] * e.num_examples as f64).round() as i64
+        };
+        let (without, with) = (correct(test), correct(outlier));
+        assert!((with - without).abs() <= 1, "{without} rows correct, {with} with one row more");
     }
 
     /// The update a DP-SGD step of the libtorch trainer releases carries the

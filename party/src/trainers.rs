@@ -151,25 +151,24 @@ pub fn dp_width(spec: &JobSpec, data: &DatasetSource) -> Result<Option<usize>, S
 /// The data set as a DP job reads it (`spec` with `[dp]`; otherwise as it
 /// is): a row that fails a check of its own is dropped, whatever trainer
 /// reads it, since whether a job is refused must not depend on one row
-/// ([`RowRules`]), at the width [`dp_width`] fixes; without one, the first
-/// row that passes its own checks fixes it, which this party's log warns
-/// of.
+/// ([`RowRules`]), at the width [`dp_width`] fixes. A DP job needs that
+/// width (the policy refuses the offer without it): taken from the rows, a
+/// well-formed row of another width placed first would change which rows
+/// are read.
 pub fn dp_rows(spec: &JobSpec, data: &DatasetSource) -> Result<DatasetSource, String> {
     let mut data = data.clone();
     if spec.dp.is_none() {
         return Ok(data);
     }
-    let features = dp_width(spec, &data)?;
-    if features.is_none() {
-        tracing::warn!(
-            dataset = %data.path.display(),
-            "a DP job on a data set that does not declare its width (features in [datasets.NAME]): the first \
-             well-formed row fixes it"
-        );
-    }
+    let features = dp_width(spec, &data)?.ok_or_else(|| WIDTH_UNDECLARED.to_string())?;
     data.drop_invalid_rows = Some(RowRules { features, classes: spec.model.classes });
     Ok(data)
 }
+
+/// Why a DP job is refused on a data set whose width nothing declares.
+pub const WIDTH_UNDECLARED: &str = "a DP job reads rows only at a width fixed before any row is read: declare \
+     features = N (the features per row, label excluded) in this data set's [datasets.NAME] of party.toml, or give \
+     the spec's dp.feature_ranges";
 
 impl TrainerFactory for BuiltinTrainers {
     fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {
@@ -179,6 +178,12 @@ impl TrainerFactory for BuiltinTrainers {
         if dropped > 0 {
             // The count stays in this party's log.
             tracing::warn!(party, dataset = %data.path.display(), dropped, "rows that failed their own checks were left out of this DP job");
+        }
+        // Without DP, no training rows is a refusal that says so; a DP job
+        // sets up on none (DP-SGD then sends noise alone), since whether it
+        // does must not depend on whether one row is there.
+        if spec.dp.is_none() && train.is_empty() {
+            return Err(format!("{}: no training rows", data.path.display()));
         }
         // Held-out rows asked for and none fell on that side: evaluate
         // none, not (the trainers' fallback) every training row.

@@ -754,12 +754,17 @@ impl RawDp {
                 err(field, "only applies to train jobs (an evaluation releases noisy counts, no gradients)".into());
             }
         }
-        let (accountant, delta) = self.accountant_and_delta(None, &mut err);
+        // The counts' noise is a discrete Gaussian of a few units (σ = z√2),
+        // where the PLD's continuous curve, and its lattice slack (a bound for
+        // DP-SGD's σ of about 2^20 units), understate ε; RDP takes the
+        // discrete Gaussian's exact zCDP.
+        let pld_refusal = "an evaluation's counts carry discrete Gaussian noise of a few units, where the PLD \
+                           accountant's continuous curve understates ε: use accountant = \"rdp\"";
+        let (accountant, delta) = self.accountant_and_delta(Some(pld_refusal), &mut err);
         self.check_noise(&mut err);
         if !e.is_empty() {
             return Err(e);
         }
-        // Two values per release: the PLD's lattice slack is charged for them.
         let eps = |z: f64| steps_epsilon(accountant, 2, Ok(vec![confide_dp::evaluation::event(z)]), 1, delta);
         let noise_multiplier = self.resolve_noise("", eps, |target| {
             let z = calibrate_by(target, &format!("at δ = {delta} for one evaluation"), |z| Ok(eps(z)))

@@ -1216,6 +1216,11 @@ mod aggregation_tests {
         // are refused there, each at its field.
         let evaluate = ok.replace("kind = \"train\"", "kind = \"evaluate\"\nfrom_job = \"j1\"");
         assert_eq!(paths(&evaluate), ["dp.sampling_rate"]);
+        // Its counts' noise is a few units: the PLD's continuous curve would
+        // understate ε, so only RDP accounts it.
+        let counts = evaluate.replace("sampling_rate = 0.1\n", "");
+        assert!(JobSpec::parse(&counts, "f", &Limits::default()).is_ok(), "{counts}");
+        assert_eq!(paths(&counts.replace("[dp]", "[dp]\naccountant = \"pld\"")), ["dp.accountant"]);
         assert_eq!(paths(&ok.replace("sampling_rate = 0.1", "sampling_rate = 0.0")), ["dp.sampling_rate"]);
         assert_eq!(paths(&ok.replace("[dp]", "[dp]\nepsilon = 1.0")), ["dp.epsilon"]);
         // Party level: distributed under secure aggregation, calibrated for

@@ -197,11 +197,18 @@ impl Federation {
     }
 
     /// Writes `NAME.toml` for a party (with `extra` appended) and returns its path.
+    /// The data set declares its width (`features`, as a DP job needs)
+    /// when its file is there to count it from.
     pub fn party_config(&self, name: &str, extra: &str) -> PathBuf {
         let path = self.path(&format!("{name}.toml"));
+        let features = std::fs::read_to_string(self.path(&format!("data/{name}.csv")))
+            .ok()
+            .and_then(|text| text.lines().next().map(|l| l.split(',').count().saturating_sub(1)))
+            .filter(|&n| n > 0)
+            .map_or_else(String::new, |n| format!("features = {n}\n"));
         let text = format!(
             "coordinator = \"https://{}\"\nca = \"pki/ca.pem\"\ncert = \"pki/parties/{name}.pem\"\nkey = \"pki/parties/{name}.key\"\n\
-             [datasets.data]\npath = \"data/{name}.csv\"\n[reconnect]\ninitial_ms = 100\nmax_ms = 500\n{extra}",
+             [datasets.data]\npath = \"data/{name}.csv\"\n{features}[reconnect]\ninitial_ms = 100\nmax_ms = 500\n{extra}",
             self.addr
         );
         std::fs::write(&path, text).expect("party config");

@@ -143,14 +143,23 @@ fn the_ledger_refuses_over_budget_jobs_and_survives_a_sigkill_without_under_coun
     assert_ne!(st["state"], "succeeded");
 }
 
-/// A DP job that cannot be set up on a party's data set tells the
-/// coordinator only that (the reason, about the data, stays in the party's
-/// log), and the reservation stands: the data was read. Here the spec gives
-/// two feature ranges for a data set of 30 features.
+/// A DP job sets up whether or not any row of a party's data set is valid
+/// (here the spec gives two feature ranges for 30 features, so every row
+/// is dropped): it trains on none, says how many rows were dropped only in
+/// the party's log, and is charged. A DP job that cannot be set up on the
+/// data set (here a file that cannot be read) tells the coordinator only
+/// that: the reason stays in the party's log, and the reservation stands.
 #[test]
 fn a_dp_job_that_fails_to_set_up_on_the_data_says_why_only_in_the_partys_log() {
     let fed = federation(&policy(100.0));
-    let text = dp_spec("none", 1, 3, 2.0)
+    // The data sets declare 30 features: ranges of another count are refused
+    // at the offer, so these parties read the spec's width alone.
+    for p in three() {
+        let cfg = fed.path(&format!("{p}.toml"));
+        let text = std::fs::read_to_string(&cfg).expect("config");
+        assert!(text.contains("features = 30\n"), "{text}");
+    }
+    let text = dp_spec("none", 3, 2, 2.0)
         .replace("standardize = false", "standardize = true")
         .replace("[dp]\n", "[dp]\nfeature_ranges = [[0, 1], [0, 1]]\n");
     assert!(text.contains("feature_ranges"), "{text}");
@@ -161,23 +170,45 @@ fn a_dp_job_that_fails_to_set_up_on_the_data_says_why_only_in_the_partys_log() {
         assert!(std::time::Instant::now() < deadline, "parties did not connect:\n{}", fed.logs());
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let id = fed.submit("dp-bad.toml", &text);
+    let id = fed.submit("dp-mismatch.toml", &text);
+    let st = fed.wait_done(&id, 60);
+    // Refused at the offer, saying why (recruiting stops at the first
+    // refusal that leaves too few parties).
+    let refusals = three()
+        .iter()
+        .filter(|p| st["parties"][*p]["detail"].as_str().is_some_and(|d| d.contains("declares 30 features")))
+        .count();
+    assert!(refusals >= 1 && st["state"] != "succeeded", "{st:#}");
+    let text = text.replace("feature_ranges = [[0, 1], [0, 1]]\n", "");
+    let text = text.replace("standardize = true", "standardize = false");
+    // hospital-a's rows of another width (two features) are all dropped:
+    // it trains on none, like a party that has no rows.
+    let a = fed.path("data/hospital-a.csv");
+    let narrow: String = (0..50).map(|i| format!("{},{},{}\n", i, i * 2, i % 2)).collect();
+    std::fs::write(&a, narrow).expect("narrow rows");
+    let id = fed.submit("dp-no-rows.toml", &text);
+    let st = fed.wait_done(&id, 60);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    let log = std::fs::read_to_string(fed.path("logs/hospital-a.log")).unwrap_or_default();
+    assert!(log.contains("dropped=50"), "hospital-a's log:\n{log}");
+    assert_eq!(
+        ledger(&fed, "hospital-a")["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(),
+        Some(record_cost(&text))
+    );
+    // A data set that cannot be read: a directory where the file was, with
+    // no batch in it.
+    std::fs::remove_file(&a).expect("remove");
+    std::fs::create_dir(&a).expect("a directory in its place");
+    let id = fed.submit("dp-unreadable.toml", &text);
     let st = fed.wait_done(&id, 60);
     assert_ne!(st["state"], "succeeded", "{st:#}");
-    for p in three() {
-        let detail = st["parties"][p]["detail"].as_str().unwrap_or_default();
-        assert!(detail.contains("could not set up the job on its data set"), "{p}: {st:#}");
-        assert!(!detail.contains("features") && !detail.contains("ranges"), "{p}: the reason left the party: {detail}");
-        let log = std::fs::read_to_string(fed.path(&format!("logs/{p}.log"))).unwrap_or_default();
-        // Rows of another width than the spec's ranges give are dropped,
-        // and none is left.
-        assert!(
-            log.contains("no valid data rows: all") && log.contains("2 features (the width fixed for the job)"),
-            "{p}'s log:\n{log}"
-        );
-        let l = ledger(&fed, p);
-        assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(cost(&text)), "{p}: {l:#}");
-    }
+    let detail = st["parties"]["hospital-a"]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("could not set up the job on its data set"), "{st:#}");
+    assert!(!detail.contains("batches") && !detail.contains(".csv"), "the reason left the party: {detail}");
+    let log = std::fs::read_to_string(fed.path("logs/hospital-a.log")).unwrap_or_default();
+    assert!(log.contains("no CSV batches in the directory"), "hospital-a's log:\n{log}");
+    let l = ledger(&fed, "hospital-a");
+    assert_eq!(l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64(), Some(record_cost(&text)), "{l:#}");
 }
 
 /// A coordinator that asks, through `model.classes`, whether any of a
@@ -199,16 +230,16 @@ fn whether_a_dp_job_sets_up_does_not_depend_on_one_row() {
     let mut plain = spec.clone();
     plain.dp = None;
     let cases = [
-        ("plain.csv", rows.clone(), None),
-        ("outlier.csv", format!("{rows}0.5,0.5,3\n"), None),
-        ("bad-first-row.csv", format!("0.5,,1\n{rows}"), None),
-        ("wide-first-row.csv", format!("1,2,3,1\n{rows}"), Some(2)),
+        ("plain.csv", rows.clone()),
+        ("outlier.csv", format!("{rows}0.5,0.5,3\n")),
+        ("bad-first-row.csv", format!("0.5,,1\n{rows}")),
+        ("wide-first-row.csv", format!("1,2,3,1\n{rows}")),
     ];
-    for (name, data, features) in cases {
+    for (name, data) in cases {
         let path = dir.path().join(name);
         std::fs::write(&path, data).expect("write");
         let mut source = confide_algorithms::data::DatasetSource::csv(path);
-        source.features = features;
+        source.features = Some(2);
         let dp_source = dp_rows(&spec, &source).expect("the DP reading");
         let (train, _, dropped) = dp_source.load_split_counted(0.0, 1).expect("rows");
         assert_eq!((train.len(), dropped), (40, usize::from(name != "plain.csv")), "{name}: the same 40 rows");
@@ -233,6 +264,32 @@ fn whether_a_dp_job_sets_up_does_not_depend_on_one_row() {
     source.features = Some(2);
     let why = dp_rows(&ranged, &source).expect_err("disagree");
     assert!(why.contains("has 1 ranges") && why.contains("declares 2 features"), "{why}");
+    // Without a width declared anywhere, a DP job does not read the rows.
+    source.features = None;
+    let why = dp_rows(&spec, &source).expect_err("no width");
+    assert!(why.contains("features = N"), "{why}");
+    // One valid row or none: the job sets up either way, for every
+    // built-in model (DP-SGD then sends noise alone).
+    for model in ["logistic_regression\nclasses = 2", "mlp\nclasses = 2\nhidden = [4]"] {
+        let spec =
+            JobSpec::parse(&text.replace("logistic_regression\nclasses = 2", model), "dp.toml", &Limits::default())
+                .expect("spec");
+        for (name, data, valid) in
+            [("one.csv", "1,2,3,1\n0.5,,1\n0.5,0.5,1\n", 1), ("none.csv", "1,2,3,1\n0.5,,1\n", 0)]
+        {
+            let path = dir.path().join(name);
+            std::fs::write(&path, data).expect("write");
+            let mut source = confide_algorithms::data::DatasetSource::csv(path);
+            source.features = Some(2);
+            let dp_source = dp_rows(&spec, &source).expect("the DP reading");
+            assert_eq!(dp_source.load_split_counted(0.0, 1).expect("rows").0.len(), valid);
+            let mut trainer = factory.build(&spec, &dp_source, "hospital-a").expect("a DP job sets up");
+            let plan = spec.dp.as_ref().expect("dp").plan(&spec.training).expect("plan");
+            let config = confide_algorithms::FitConfig { round: 1, train: spec.training.clone() };
+            trainer.fit_private(&config, &plan).expect("DP-SGD over one row or none");
+            assert!(trainer.parameters().expect("parameters").num_values() > 0);
+        }
+    }
 }
 
 /// Which rows a party holds out is a function of each row alone, so
@@ -271,7 +328,9 @@ fn an_evaluation_over_no_held_out_rows_is_over_none_not_every_row() {
     let factory = BuiltinTrainers::new(Default::default(), 1);
     for spec in [spec("[dp]\nnoise_multiplier = 2.0\n"), spec("")] {
         let evaluated = |path: &std::path::Path| {
-            let source = dp_rows(&spec, &confide_algorithms::data::DatasetSource::csv(path.to_owned())).expect("rows");
+            let mut source = confide_algorithms::data::DatasetSource::csv(path.to_owned());
+            source.features = Some(2);
+            let source = dp_rows(&spec, &source).expect("rows");
             let mut trainer = factory.build(&spec, &source, "hospital-a").expect("trainer");
             let outcome = trainer.evaluate().expect("evaluate");
             (outcome.num_examples, outcome.metrics.contains_key("accuracy"))

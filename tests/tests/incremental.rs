@@ -216,7 +216,7 @@ fn a_dp_pipeline_pauses_when_a_partys_budget_would_be_exceeded() {
     for n in &names {
         let serve = if n == "site-0" { "[serve]\nservices = [\"triage\"]\n" } else { "" };
         let extra = format!(
-            "[datasets.watched]\npath = \"batches/{n}\"\n[policy]\naggregation = [\"none\"]\nmax_epsilon = {budget}\n\
+            "[datasets.watched]\npath = \"batches/{n}\"\nfeatures = 30\n[policy]\naggregation = [\"none\"]\nmax_epsilon = {budget}\n\
              evaluations_outside_budget = true\n{serve}"
         );
         fed.start_party(n, &extra);
