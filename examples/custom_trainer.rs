@@ -59,10 +59,10 @@ impl LinearSvm {
         if let Some(l) = train.labels.iter().chain(&held_out.labels).find(|&&l| l > 1) {
             return Err(Error::InvalidInput(format!("linear-svm is binary; found label {l}")));
         }
-        if train.is_empty() {
-            return Err(Error::InvalidInput("no training rows".into()));
+        let d = train.num_features.max(held_out.num_features);
+        if d == 0 {
+            return Err(Error::InvalidInput("no rows and no declared width".into()));
         }
-        let d = train.num_features;
         // Zero is a fine start for a convex model, and identical at every party.
         let params = Parameters::new(vec![
             Tensor { name: INPUT_MEAN.into(), shape: vec![d], data: vec![0.0; d] },
@@ -192,6 +192,11 @@ impl TrainerFactory for Trainers {
         }
         let rows = data.load().map_err(|e| e.to_string())?;
         let (train, held_out) = rows.split(spec.training.validation_fraction, spec.training.seed);
+        // Under DP a trainer sets up on no rows (whether it does must not
+        // depend on one row); without DP, no training rows is a refusal.
+        if spec.dp.is_none() && train.is_empty() {
+            return Err(format!("{}: no training rows", data.path.display()));
+        }
         let whole = spec.training.validation_fraction == 0.0;
         let svm = LinearSvm::new(train, held_out, whole, party_salt(party))
             .map_err(|e| format!("{}: {e}", data.path.display()))?;

@@ -398,7 +398,10 @@ impl DatasetSource {
             Some(only) => only.clone(),
             None => self.batches()?,
         };
-        if files.is_empty() && self.only.is_none() {
+        // Under a DP job's rules a directory with no batch is no rows, as
+        // one with a single empty batch is: whether a job sets up must not
+        // depend on whether one row (in a batch of its own) is there.
+        if files.is_empty() && self.only.is_none() && self.drop_invalid_rows.is_none() {
             return Err(Error::InvalidInput(format!("{}: no CSV batches in the directory", self.path.display())));
         }
         Ok(files)
@@ -617,6 +620,13 @@ mod tests {
         }
         src.drop_invalid_rows = Some(RowRules { features: 0, classes: 3 });
         assert!(src.load_split_counted(0.0, 1).unwrap_err().to_string().contains("at least one feature"));
+        // A watched directory with no batch: no rows under the rules, an
+        // error without them.
+        let mut watched = DatasetSource::csv(dir.path().join("batches"));
+        std::fs::create_dir(&watched.path).unwrap();
+        assert!(watched.load_split_counted(0.0, 1).unwrap_err().to_string().contains("no CSV batches"));
+        watched.drop_invalid_rows = Some(RowRules { features: 2, classes: 3 });
+        assert_eq!(watched.load_split_counted(0.0, 1).unwrap().0.num_features, 2);
     }
 
     #[test]

@@ -554,14 +554,14 @@ impl Federation {
     }
 
     /// Runs `spec` (TOML) to its end with parties built by `factory`, each
-    /// party's data set `dataset` at `data(name)`. Child processes run
+    /// party's data set `dataset` read from `data(name)`. Child processes run
     /// synthetic parties of `params` values.
     async fn run(
         &self,
         spec: String,
         factory: Arc<dyn TrainerFactory>,
         dataset: &str,
-        data: impl Fn(&str) -> PathBuf,
+        data: impl Fn(&str) -> DatasetSource,
         params: usize,
     ) -> Result<FederationRun, String> {
         let pki = PkiDir::new(self.dir.path().join("pki"));
@@ -587,8 +587,7 @@ impl Federation {
         let mut children = Vec::new();
         if self.party_processes == 0 {
             for n in &self.names {
-                let mut cfg =
-                    party_config(&url, &pki, n, dataset, DatasetSource::csv(data(n)), self.noise_rounds_ahead);
+                let mut cfg = party_config(&url, &pki, n, dataset, data(n), self.noise_rounds_ahead);
                 cfg.metrics = self.metrics_config();
                 let node = Arc::new(PartyNode::new(cfg, factory.clone()));
                 stats.push(node.stats());
@@ -722,6 +721,12 @@ async fn scrape_every_second(addrs: Vec<std::net::SocketAddr>, log: Arc<Scrapes>
     }
 }
 
+/// The synthetic parties' data set: their trainer reads no rows, and the
+/// width a DP job needs declared is nominal.
+fn synthetic_source() -> DatasetSource {
+    DatasetSource { features: Some(1), ..DatasetSource::csv(PathBuf::from("unused")) }
+}
+
 /// `serve-parties`: synthetic party nodes until standard input closes.
 async fn serve_parties(
     url: String,
@@ -734,7 +739,7 @@ async fn serve_parties(
     let factory: Arc<dyn TrainerFactory> = Arc::new(SyntheticFactory { params });
     let mut stats = Vec::new();
     for n in &names {
-        let cfg = party_config(&url, &pki, n, "synthetic", DatasetSource::csv(PathBuf::from("unused")), ahead);
+        let cfg = party_config(&url, &pki, n, "synthetic", synthetic_source(), ahead);
         let node = PartyNode::new(cfg, factory.clone());
         stats.push(node.stats());
         tokio::spawn(async move { node.run().await });
@@ -820,7 +825,7 @@ async fn bench_round(
     // two cores could not hide it between rounds.
     fed.noise_rounds_ahead = rounds as usize + 1;
     let factory = Arc::new(SyntheticFactory { params });
-    let run = fed.run(spec, factory, "synthetic", |_| PathBuf::from("unused"), params).await?;
+    let run = fed.run(spec, factory, "synthetic", |_| synthetic_source(), params).await?;
     let metric = |k: &str| round_median(&run.status, rounds, k);
     // Process CPU per round as the mean over the measured rounds: per-round
     // values have the kernel's 10 ms tick resolution, their sum is exact.
@@ -1035,7 +1040,11 @@ async fn bench_train_rounds(privacy: &str, rounds: u32) -> Result<serde_json::Va
     let text = spec.to_toml();
     let dir = fed.dir.path().to_path_buf();
     let factory = Arc::new(BuiltinTrainers::new(Default::default(), 1));
-    let run = fed.run(text, factory, &spec.parties.dataset, |n| dir.join(format!("{n}.csv")), 0).await?;
+    let source = |n: &str| DatasetSource {
+        features: Some(rows.num_features),
+        ..DatasetSource::csv(dir.join(format!("{n}.csv")))
+    };
+    let run = fed.run(text, factory, &spec.parties.dataset, source, 0).await?;
     let per_round: Vec<f64> = run
         .status
         .history

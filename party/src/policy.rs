@@ -40,8 +40,9 @@ pub fn consider<'a>(
         && (tolerated.is_nan() || tolerated < floor)
     {
         return Err(format!(
-            "policy requires tolerating at least {floor} of the parties corrupt; the job's {protocol} \
-             corrupt_fraction is {tolerated} (its masking and any distributed DP noise assume no more)"
+            "policy requires tolerating at least {floor} of the parties corrupt; the job's {protocol} tolerates \
+             {tolerated} (corrupt parties that collude with the coordinator and deviate from the protocol; its \
+             masking and any distributed DP noise assume no more)"
         ));
     }
     // (Comparisons written to fail closed on a NaN fraction.)
@@ -116,7 +117,7 @@ pub fn consider<'a>(
     // the spec and the configuration, not the rows.
     let width = crate::trainers::dp_width(spec, source).map_err(|e| format!("data set {dataset:?}: {e}"))?;
     if spec.dp.is_some() && width.is_none() {
-        return Err(format!("data set {dataset:?}: {}", crate::trainers::WIDTH_UNDECLARED));
+        return Err(format!("data set {dataset:?}: {}", crate::trainers::width_undeclared(spec)));
     }
     Ok(source)
 }
@@ -139,6 +140,10 @@ mod tests {
             names.join(", ")
         );
         JobSpec::parse(&text, "t", &Limits::default()).unwrap()
+    }
+
+    fn cautious_floor() -> Policy {
+        Policy { min_corrupt_fraction: Some(0.1), ..Policy::default() }
     }
 
     fn central_dp() -> JobSpec {
@@ -180,7 +185,7 @@ mod tests {
                 spec("secagg", 3),
                 "d",
                 Policy { min_corrupt_fraction: Some(0.1), ..secagg_only.clone() },
-                "corrupt_fraction is 0.05",
+                "secagg tolerates 0.05",
             ),
             (
                 central_dp(),
@@ -197,6 +202,13 @@ mod tests {
         declared.features = Some(4);
         let data = BTreeMap::from([("d".to_string(), declared)]);
         assert!(consider(&central_dp(), "d", &trusting, &plugins, &data).is_ok());
+        // `he` tolerates no colluder that deviates (one can read the joint
+        // key with the coordinator), whatever its corrupt_fraction says.
+        let he_too = Policy { aggregation: vec!["he".into()], ..cautious_floor() };
+        let mut he = spec_of("he", 3, 10);
+        he.aggregation.settings.insert("corrupt_fraction".into(), toml::Value::Float(0.2));
+        let e = consider(&he, "d", &he_too, &plugins, &data).unwrap_err();
+        assert!(e.contains("he tolerates 0 ") && e.contains("deviate"), "{e}");
         // A spec that assumes at least the hospital's floor is accepted.
         let cautious = Policy { min_corrupt_fraction: Some(0.1), ..secagg_only.clone() };
         let mut wary = spec_of("secagg", 3, 10);
@@ -212,8 +224,9 @@ mod tests {
         wary.parties.names.clear();
         let e = consider(&wary, "d", &cautious, &plugins, &data).unwrap_err();
         assert!(e.contains("names no parties"), "{e}");
-        // `he` counts colluders from the federation's limit even then.
-        let he_policy = Policy { aggregation: vec!["he".into()], ..cautious.clone() };
+        // `he` counts colluders from the federation's limit even then (under
+        // a floor of 0: above it, `he` is refused, below).
+        let he_policy = Policy { aggregation: vec!["he".into()], min_corrupt_fraction: Some(0.0), ..cautious.clone() };
         let mut unnamed_he = spec("he", 3);
         unnamed_he.parties.names.clear();
         assert!(consider(&unnamed_he, "d", &he_policy, &plugins, &data).is_ok());

@@ -1366,7 +1366,7 @@ mod tests {
 
     /// A TorchScript module's code may compute over its batch
     /// (`party/tests/fixtures/batch_mean_mlp.pt` subtracts the batch's mean
-    /// row first; `scripts/make_batch_dependent_module.py`): the trainer
+    /// row first; `scripts/make_test_modules.py`): the trainer
     /// scores it one row a call, so one row added to the held-out set
     /// changes the count of rows correct by at most one, as a DP
     /// evaluation's sensitivity assumes. Scored in one batch, the outlier
@@ -1386,6 +1386,22 @@ mod tests {
         };
         let (without, with) = (correct(test), correct(outlier));
         assert!((with - without).abs() <= 1, "{without} rows correct, {with} with one row more");
+    }
+
+    /// A TorchScript module saved in training mode (dropout after its
+    /// hidden layer, `party/tests/fixtures/dropout_mlp.pt`) is loaded in
+    /// eval mode: its predictions, and an evaluation's count, are the same
+    /// every time (in training mode each would be random).
+    #[test]
+    fn a_torchscript_module_is_loaded_in_eval_mode() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dropout_mlp.pt");
+        let (train, test) = data("breast_cancer.csv").shuffle_split(0.25, 1);
+        let model = ModelConfig::new(2, Architecture::Torchscript { file: "m".into() });
+        let mut t = standardised(&model, train, test.clone(), Some(&script));
+        let first = t.predict(&test.features).unwrap();
+        assert_eq!(t.predict(&test.features).unwrap(), first);
+        let e = t.evaluate().unwrap();
+        assert_eq!(t.evaluate().unwrap().metrics["accuracy"], e.metrics["accuracy"]);
     }
 
     /// The update a DP-SGD step of the libtorch trainer releases carries the

@@ -160,15 +160,23 @@ pub fn dp_rows(spec: &JobSpec, data: &DatasetSource) -> Result<DatasetSource, St
     if spec.dp.is_none() {
         return Ok(data);
     }
-    let features = dp_width(spec, &data)?.ok_or_else(|| WIDTH_UNDECLARED.to_string())?;
+    let features = dp_width(spec, &data)?.ok_or_else(|| width_undeclared(spec))?;
     data.drop_invalid_rows = Some(RowRules { features, classes: spec.model.classes });
     Ok(data)
 }
 
-/// Why a DP job is refused on a data set whose width nothing declares.
-pub const WIDTH_UNDECLARED: &str = "a DP job reads rows only at a width fixed before any row is read: declare \
-     features = N (the features per row, label excluded) in this data set's [datasets.NAME] of party.toml, or give \
-     the spec's dp.feature_ranges";
+/// Why DP job `spec` is refused on a data set whose width nothing
+/// declares (an evaluation's spec cannot give ranges: only the data set).
+pub fn width_undeclared(spec: &JobSpec) -> String {
+    let or_ranges = match spec.dp.as_ref().map(|d| d.release) {
+        Some(confide_proto::dpspec::DpRelease::Evaluation) => "",
+        _ => ", or give the spec's dp.feature_ranges",
+    };
+    format!(
+        "a DP job reads rows only at a width fixed before any row is read: declare features = N (the features per \
+         row, label excluded) in this data set's [datasets.NAME] of party.toml{or_ranges}"
+    )
+}
 
 impl TrainerFactory for BuiltinTrainers {
     fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {

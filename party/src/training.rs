@@ -47,7 +47,11 @@ impl PartyJobKind for TrainingKind {
         let client = protocol
             .client(&spec.aggregation.settings, &facts, cx.identity)
             .map_err(|e| format!("aggregation.{name}: {e}"))?;
-        let trainer: Box<dyn Trainer> = if crate::watch::no_rows(cx.dataset) {
+        // A pipeline's job that selected no batch: an evaluation of none;
+        // without DP a training job is refused, saying so; a DP training
+        // job trains on none (DP-SGD sends noise alone), since whether it
+        // sets up must not depend on whether one row arrived.
+        let trainer: Box<dyn Trainer> = if crate::watch::no_rows(cx.dataset) && spec.dp.is_none() {
             if spec.kind != confide_proto::jobspec::JobKind::Evaluate {
                 return Err("a pipeline's training job found no batch in the watched data set".into());
             }

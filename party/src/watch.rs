@@ -156,12 +156,24 @@ impl Watches {
     }
 
     /// The hard examples of `service` the hospital has labelled: SHA-256
-    /// → (features, label). A malformed line is an error naming it.
-    fn labelled(&self, service: &str) -> Result<BTreeMap<String, (Vec<String>, u32)>, String> {
+    /// → (features, label). A malformed line is an error naming it; under
+    /// DP (`lenient`) it is left out and counted in this party's log, since
+    /// each line is about one row and whether a job sets up must not
+    /// depend on one row.
+    fn labelled(&self, service: &str, lenient: bool) -> Result<BTreeMap<String, (Vec<String>, u32)>, String> {
         let read = |p: &Path| match std::fs::read_to_string(p) {
             Ok(t) => Ok(t),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
             Err(e) => Err(format!("{}: {e}", p.display())),
+        };
+        let mut skipped = 0usize;
+        let mut malformed = |e: String| {
+            if lenient {
+                skipped += 1;
+                Ok(())
+            } else {
+                Err(e)
+            }
         };
         let mut labels: HashMap<String, u32> = HashMap::new();
         for (i, line) in read(&self.labels)?.lines().enumerate() {
@@ -170,11 +182,14 @@ impl Watches {
                 continue;
             }
             let at = || format!("{}:{}", self.labels.display(), i + 1);
-            let (sha, label) = line.split_once(',').ok_or_else(|| format!("{}: expected sha256,label", at()))?;
-            let label: u32 = label
-                .trim()
-                .parse()
-                .map_err(|_| format!("{}: label {:?} is not a class number", at(), label.trim()))?;
+            let Some((sha, label)) = line.split_once(',') else {
+                malformed(format!("{}: expected sha256,label", at()))?;
+                continue;
+            };
+            let Ok(label) = label.trim().parse::<u32>() else {
+                malformed(format!("{}: label {:?} is not a class number", at(), label.trim()))?;
+                continue;
+            };
             labels.insert(sha.trim().to_owned(), label);
         }
         let mut out = BTreeMap::new();
@@ -184,7 +199,8 @@ impl Watches {
         for (i, line) in read(&self.hard_examples)?.lines().enumerate() {
             let mut cells = line.split(',');
             let (Some(sha), Some(svc)) = (cells.next(), cells.next()) else {
-                return Err(format!("{}:{}: malformed line", self.hard_examples.display(), i + 1));
+                malformed(format!("{}:{}: malformed line", self.hard_examples.display(), i + 1))?;
+                continue;
             };
             if svc != service {
                 continue;
@@ -192,6 +208,9 @@ impl Watches {
             if let Some(&label) = labels.get(sha) {
                 out.insert(sha.to_owned(), (cells.map(str::to_owned).collect(), label));
             }
+        }
+        if skipped > 0 {
+            tracing::warn!(service, skipped, "malformed labelled hard example lines were left out of this DP job");
         }
         Ok(out)
     }
@@ -225,7 +244,7 @@ impl Watches {
             ));
         }
         let batches = source.batches().map_err(|e| e.to_string())?;
-        let labelled = self.labelled(&p.service)?;
+        let labelled = self.labelled(&p.service, spec.dp.is_some())?;
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         // Labelled rows charged to another data set (the first a pipeline
         // job used them with) are left out, not refused: a refusal would
@@ -483,9 +502,22 @@ mod tests {
             "[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\ndelta = 1e-5\nfeature_ranges = [[0.0, 10.0]]\n",
         );
         assert!(dp_train.dp.is_some());
-        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},malignant\n")).unwrap();
-        let e = w.select(&dp_train, "d", &src).unwrap_err();
-        assert!(!e.contains("malignant") && !e.contains("labels.csv") && e.contains("party's log"), "{e}");
+        // Under DP a malformed line (about one row) is left out, not a
+        // refusal: the job sets up on the other rows.
+        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},malignant\n{sha9},0\n")).unwrap();
+        std::fs::write(dir.path().join("hard.csv"), {
+            let mut t = std::fs::read_to_string(dir.path().join("hard.csv")).unwrap();
+            t.push_str("not a line\n");
+            t
+        })
+        .unwrap();
+        assert!(w.select(&spec("evaluate", 3, "new"), "d", &src).is_err(), "without DP: refused, naming the line");
+        let selected = w.select(&dp_train, "d", &src).unwrap();
+        assert!(selected.load().is_ok());
+        // What else fails under DP says only that it did.
+        let file = DatasetSource::csv(dir.path().join("labels.csv"));
+        let e = w.select(&dp_train, "d", &file).unwrap_err();
+        assert!(!e.contains("labels.csv") && e.contains("party's log"), "{e}");
     }
 
     /// A state file written before the field's rename (`label_datasets`)

@@ -298,8 +298,10 @@ impl AggregationProtocol for ThresholdHe {
         let Ok(mut s) = HeSettings::from_table(settings) else { return Vec::new() };
         s.bits = Some(s.plaintext_bits(job));
         let mut lines = vec![format!(
-            "he threat model: up to {:.0}% of a key's parties corrupt (colluding with the coordinator); \
-             decryption sums of at least {} parties only; key budget 2^{} coefficients per key epoch",
+            "he threat model: up to {:.0}% of a key's parties corrupt (colluding with the coordinator) and following \
+             the protocol; a corrupt party that deviates can, with the coordinator, read the joint key and every \
+             update (docs/homomorphic-aggregation.md, Limits); decryption sums of at least {} parties only; key \
+             budget 2^{} coefficients per key epoch",
             s.corrupt_fraction * 100.0,
             job.min_parties.max(MIN_ROUND_PARTIES),
             s.key_budget_log2
@@ -333,7 +335,13 @@ impl AggregationProtocol for ThresholdHe {
     }
 
     fn tolerated_corrupt_fraction(&self, settings: &toml::Table) -> Option<f64> {
-        HeSettings::from_table(settings).ok().map(|s| s.corrupt_fraction)
+        // None against colluders that deviate: nothing binds a ciphertext to
+        // a well-formed encryption, so one corrupt party can upload a c1
+        // with a large error the coordinator knows and read the joint secret
+        // key off the decrypted sum (or cancel honest ciphertexts). The
+        // settings' corrupt_fraction (its threshold, the DP calibration)
+        // holds for colluders that follow the protocol only.
+        HeSettings::from_table(settings).ok().map(|_| 0.0)
     }
 
     fn counts_colluders_per_round_without_names(&self) -> bool {
