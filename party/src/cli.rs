@@ -459,11 +459,19 @@ fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Resul
     let max = cfg.policy.max_epsilon;
     println!("privacy ledger {}", cfg.ledger_path().display());
     let limit = max.map_or("no limit (policy.max_epsilon unset)".to_string(), |m| format!("policy.max_epsilon = {m}"));
-    println!("{limit}; costs of separate jobs add up");
+    let delta_limit = cfg.policy.max_delta.map_or(String::new(), |d| format!(", policy.max_delta = {d:e}"));
+    println!("{limit}{delta_limit}; costs of separate jobs add up");
     for name in view.names() {
         let d = ledger.datasets.get(name).cloned().unwrap_or_default();
         let (spent, others) = (view.rows_spent(name), view.also(name));
         let remaining = max.map_or(String::new(), |m| format!(", {:.4} remaining", (m - spent).max(0.0)));
+        let remaining_delta = cfg.policy.max_delta.map_or(String::new(), |m| {
+            format!(
+                ", δ {:e} remaining",
+                (m - ledger.delta_by_rows(name, view.rows_path(name).as_deref(), None)).max(0.0)
+            )
+        });
+        let remaining = format!("{remaining}{remaining_delta}");
         let rows = if others.is_empty() {
             String::new()
         } else {
@@ -503,6 +511,10 @@ impl BudgetView<'_> {
         self.ledger.spent_by_rows(name, self.rows_path(name).as_deref(), None)
     }
 
+    fn rows_delta(&self, name: &str) -> f64 {
+        self.ledger.delta_by_rows(name, self.rows_path(name).as_deref(), None)
+    }
+
     fn also(&self, name: &str) -> Vec<String> {
         self.ledger.other_names_of(name, self.rows_path(name).as_deref()).into_iter().map(str::to_owned).collect()
     }
@@ -515,14 +527,18 @@ impl BudgetView<'_> {
             .names()
             .map(|name| {
                 let d = self.ledger.datasets.get(name).cloned().unwrap_or_default();
-                let spent = self.rows_spent(name);
+                let (spent, spent_delta) = (self.rows_spent(name), self.rows_delta(name));
+                let max_delta = self.cfg.policy.max_delta;
                 let value = serde_json::json!({
                     "epsilon": finite_or_inf(d.epsilon()),
                     "delta": d.delta(),
                     "max_epsilon": max,
+                    "max_delta": max_delta,
                     "rows_epsilon": finite_or_inf(spent),
+                    "rows_delta": spent_delta,
                     "also_as": self.also(name),
                     "remaining": max.map(|m| (m - spent).max(0.0)),
+                    "remaining_delta": max_delta.map(|m| (m - spent_delta).max(0.0)),
                     "paths": d.paths,
                     "jobs": d.jobs,
                 });

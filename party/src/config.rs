@@ -248,6 +248,11 @@ pub struct Policy {
     /// differential privacy costs ε = ∞, so it is refused whenever this is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_epsilon: Option<f64>,
+    /// The most δ the jobs on each data set may sum to (each job's δ adds
+    /// up, as the ledger composes jobs): without it, many jobs of small ε
+    /// would each bring their own δ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delta: Option<f64>,
     /// Run evaluate jobs (an incremental pipeline's row counts and gate
     /// metrics, summed through the job's aggregation protocol) although
     /// `require_dp` or `max_epsilon` is set. They carry no differential
@@ -263,9 +268,10 @@ pub struct Policy {
     pub accept_central_dp: bool,
     /// The least fraction of a round's parties that the job's aggregation
     /// protocol must tolerate being corrupt (colluding with the
-    /// coordinator): secure aggregation's parameters and distributed DP's
-    /// noise are calibrated for the spec's `corrupt_fraction`, so a spec
-    /// below this hospital's own assumption is refused.
+    /// coordinator and deviating from the protocol): secure aggregation's
+    /// parameters and distributed DP's noise are calibrated for the spec's
+    /// `corrupt_fraction`, so a spec below this hospital's own assumption
+    /// is refused. Above 0 it refuses `he`, which tolerates no such party.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_corrupt_fraction: Option<f64>,
     /// Fewest parties a job must require; guards against a job that would
@@ -306,6 +312,7 @@ impl Default for Policy {
             aggregation: default_aggregation(),
             require_dp: false,
             max_epsilon: None,
+            max_delta: None,
             evaluations_outside_budget: false,
             accept_central_dp: false,
             min_corrupt_fraction: None,
@@ -490,6 +497,21 @@ impl PartyConfig {
             self.warnings.push(w);
             self.policy.aggregation = known;
         }
+        // A protocol that tolerates no deviating colluder (`he`: 0 at its
+        // default settings, and at any) can never be accepted under a
+        // floor: said at start, not first at an offer.
+        if let Some(floor) = self.policy.min_corrupt_fraction.filter(|f| *f > 0.0) {
+            for m in &self.policy.aggregation {
+                if let Some(protocol) = plugins.protocols().get(m)
+                    && protocol.tolerated_corrupt_fraction(&toml::Table::new()) == Some(0.0)
+                {
+                    self.warnings.push(format!(
+                        "policy.aggregation accepts {m:?}, which tolerates no corrupt party that deviates; with \
+                         policy.min_corrupt_fraction = {floor} this party refuses every {m} job"
+                    ));
+                }
+            }
+        }
         for m in &self.policy.aggregation {
             if !protocols.contains(&m.as_str()) {
                 return Err(format!("policy.aggregation: unknown protocol {m:?} ({})", protocols.join(", ")));
@@ -499,6 +521,11 @@ impl PartyConfig {
             && !(e.is_finite() && e > 0.0)
         {
             return Err(format!("policy.max_epsilon: must be positive and finite (got {e})"));
+        }
+        if let Some(d) = self.policy.max_delta
+            && !(d > 0.0 && d < 1.0)
+        {
+            return Err(format!("policy.max_delta: must be in (0, 1) (got {d})"));
         }
         if let Some(f) = self.policy.min_corrupt_fraction
             && !(0.0..1.0 / 3.0).contains(&f)
@@ -667,6 +694,15 @@ mod tests {
         assert!(e.contains("policy.aggregation: unknown protocol \"paillier\""), "{e}");
         let e = load("[policy]\nmax_epsilon = -1.0\n").unwrap_err().to_string();
         assert!(e.contains("policy.max_epsilon"), "{e}");
+        for bad in ["0.0", "1.0", "nan"] {
+            let e = load(&format!("[policy]\nmax_delta = {bad}\n")).unwrap_err().to_string();
+            assert!(e.contains("policy.max_delta: must be in (0, 1)"), "{e}");
+        }
+        assert_eq!(load("[policy]\nmax_delta = 1e-4\n").unwrap().policy.max_delta, Some(1e-4));
+        // he under a floor of corrupt parties can never be accepted: a warning at start.
+        let c = load("[policy]\naggregation = [\"secagg\", \"he\"]\nmin_corrupt_fraction = 0.1\n").unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("refuses every he job"), "{:?}", c.warnings);
         let e = load("[policy]\nmin_corrupt_fraction = 0.5\n").unwrap_err().to_string();
         assert!(e.contains("policy.min_corrupt_fraction") && e.contains("1/3"), "{e}");
         assert_eq!(load("[policy]\nmin_corrupt_fraction = 0.1\n").unwrap().policy.min_corrupt_fraction, Some(0.1));

@@ -3,7 +3,8 @@
 //!
 //! * **Before accepting a job** the party computes from the spec what the
 //!   whole job will cost the data set (a job without DP costs ε = ∞) and
-//!   refuses it if the data set's spending would pass `policy.max_epsilon`.
+//!   refuses it if the data set's spending would pass `policy.max_epsilon`
+//!   (or its summed δ `policy.max_delta`).
 //! * **On acceptance** it *reserves* the whole job's cost in the ledger
 //!   file (written to a temporary file, fsynced, renamed, directory
 //!   fsynced; a directory the party creates for it has its parent
@@ -150,14 +151,20 @@ impl LedgerFile {
     /// its own entry's jobs and those of every entry that read the same
     /// path under another name, except job `skip` of `dataset`.
     pub fn spent_by_rows(&self, dataset: &str, path: Option<&str>, skip: Option<&str>) -> f64 {
+        self.sum_by_rows(dataset, path, skip, |j| j.epsilon)
+    }
+
+    /// [`LedgerFile::spent_by_rows`] for δ.
+    pub fn delta_by_rows(&self, dataset: &str, path: Option<&str>, skip: Option<&str>) -> f64 {
+        self.sum_by_rows(dataset, path, skip, |j| j.delta)
+    }
+
+    fn sum_by_rows(&self, dataset: &str, path: Option<&str>, skip: Option<&str>, of: fn(&JobCharge) -> f64) -> f64 {
         self.datasets
             .iter()
             .filter(|(name, d)| *name == dataset || path.is_some_and(|p| d.paths.contains(p)))
             .flat_map(|(name, d)| {
-                d.jobs
-                    .iter()
-                    .filter(move |(id, _)| !(name == dataset && Some(id.as_str()) == skip))
-                    .map(|(_, j)| j.epsilon)
+                d.jobs.iter().filter(move |(id, _)| !(name == dataset && Some(id.as_str()) == skip)).map(|(_, j)| of(j))
             })
             .sum()
     }
@@ -230,6 +237,23 @@ fn fail_closed(epsilon: f64) -> f64 {
 /// the same costs in another order); false for NaN, which fails closed.
 fn within_budget(total: f64, max: f64) -> bool {
     total <= max * (1.0 + 1e-12)
+}
+
+/// What a data set's rows may spend in all (`policy.max_epsilon`,
+/// `policy.max_delta`); `None`: no limit. An `Option<f64>` is an ε limit
+/// alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Budget {
+    /// The most ε (basic composition across jobs).
+    pub epsilon: Option<f64>,
+    /// The most δ (summed across jobs).
+    pub delta: Option<f64>,
+}
+
+impl From<Option<f64>> for Budget {
+    fn from(epsilon: Option<f64>) -> Self {
+        Budget { epsilon, delta: None }
+    }
 }
 
 /// The ledger of one party, shared by its jobs.
@@ -307,7 +331,7 @@ impl Ledger {
     }
 
     /// Reserves `spec`'s cost for `job_id` against `dataset` if it fits
-    /// `max_epsilon`, durably; returns the guard the job's rounds go
+    /// `budget` (ε and δ), durably; returns the guard the job's rounds go
     /// through. Already reserved (an offer of the same job again): the
     /// existing reservation.
     pub fn reserve(
@@ -315,9 +339,9 @@ impl Ledger {
         job_id: &str,
         spec: &JobSpec,
         dataset: &str,
-        max_epsilon: Option<f64>,
+        budget: impl Into<Budget>,
     ) -> Result<RoundGuard, String> {
-        self.reserve_at(job_id, spec, dataset, None, max_epsilon)
+        self.reserve_at(job_id, spec, dataset, None, budget)
     }
 
     /// [`Ledger::reserve`] for a data set whose rows are read at `path`
@@ -330,8 +354,9 @@ impl Ledger {
         spec: &JobSpec,
         dataset: &str,
         path: Option<&Path>,
-        max_epsilon: Option<f64>,
+        budget: impl Into<Budget>,
     ) -> Result<RoundGuard, String> {
+        let Budget { epsilon: max_epsilon, delta: max_delta } = budget.into();
         let path = path.map(|p| p.to_string_lossy().into_owned());
         let (epsilon, delta) = job_cost(spec);
         let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
@@ -375,6 +400,15 @@ impl Ledger {
                     ));
                 }
             }
+            if let Some(max) = max_delta {
+                let spent = state.file.delta_by_rows(dataset, path.as_deref(), None);
+                if !within_budget(spent, max) {
+                    return Err(format!(
+                        "job {job_id} was accepted for data set {dataset:?}, whose rows have spent δ = {spent:e} \
+                         in all, above the policy's max_delta {max:e}"
+                    ));
+                }
+            }
             if let Some(p) = &path
                 && !entry.paths.contains(p)
             {
@@ -406,6 +440,16 @@ impl Ledger {
                     "data set {dataset:?} has spent ε = {spent:.4}{also} of the policy's {max}; this job would cost \
                      ε = {epsilon:.4} (δ = {delta:e}), so {:.4} in all",
                     spent + epsilon
+                ));
+            }
+        }
+        if let Some(max) = max_delta {
+            let spent = state.file.delta_by_rows(dataset, path.as_deref(), None);
+            if !within_budget(spent + delta, max) {
+                return Err(format!(
+                    "data set {dataset:?} has spent δ = {spent:e} of the policy's max_delta {max:e}; this job's \
+                     δ = {delta:e} would make it {:e}",
+                    spent + delta
                 ));
             }
         }
@@ -668,6 +712,31 @@ mod tests {
 
     fn spec(rounds: u32, dp: bool) -> JobSpec {
         JobSpec::parse(&spec_text(rounds, dp), "t", &Limits::default()).unwrap()
+    }
+
+    /// `policy.max_delta` bounds the δ a data set's rows sum to across
+    /// jobs, under every name that read them: a job that would pass it is
+    /// refused at reservation, saying so, and a job offered again after
+    /// the limit was lowered below what the rows spent is refused too.
+    #[test]
+    fn the_summed_delta_is_kept_within_max_delta() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("ledger.json")).unwrap();
+        let job = spec(3, true);
+        let (_, delta) = job_cost(&job);
+        assert_eq!(delta, 1e-5);
+        let rows = Path::new("/data/bc.csv");
+        let budget = |d: f64| Budget { epsilon: None, delta: Some(d) };
+        drop(ledger.reserve_at("j1", &job, "bc", Some(rows), budget(2.5e-5)).unwrap());
+        drop(ledger.reserve_at("j2", &job, "other-name", Some(rows), budget(2.5e-5)).unwrap());
+        let e = ledger.reserve_at("j3", &job, "bc", Some(rows), budget(2.5e-5)).err().unwrap();
+        assert!(e.contains("spent δ = 2e-5 of the policy's max_delta 2.5e-5"), "{e}");
+        assert!(ledger.reserve_at("j3", &job, "bc", Some(rows), budget(3e-5)).is_ok(), "within a larger limit");
+        assert!(ledger.reserve_at("j1", &job, "bc", Some(rows), budget(3e-5)).is_ok(), "offered again");
+        let e = ledger.reserve_at("j1", &job, "bc", Some(rows), budget(2e-5)).err().unwrap();
+        assert!(e.contains("whose rows have spent δ = 3") && e.contains("max_delta 2e-5"), "{e}");
+        // An ε limit alone (`Option<f64>`) leaves δ unlimited.
+        assert!(ledger.reserve_at("j4", &job, "bc", Some(rows), Some(1e9)).is_ok());
     }
 
     /// A job this party left over a coordinator fault is not rejoined: the

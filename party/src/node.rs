@@ -576,7 +576,8 @@ impl PartyNode {
         } else {
             let ledger = self.ledger.clone()?;
             let rows_at = crate::config::resolved_path(&source.path);
-            Some(ledger.reserve_at(&offer.job_id, &spec, &offer.dataset, Some(&rows_at), cfg.policy.max_epsilon)?)
+            let budget = crate::ledger::Budget { epsilon: cfg.policy.max_epsilon, delta: cfg.policy.max_delta };
+            Some(ledger.reserve_at(&offer.job_id, &spec, &offer.dataset, Some(&rows_at), budget)?)
         };
         // A pipeline's job narrows the watched data set to its batches (a
         // train job marks the new ones as its iteration's), once the budget

@@ -489,6 +489,45 @@ impl TorchTrainer {
         Ok(t)
     }
 
+    /// The ordinary (non-DP) local epochs of a round: the summed loss and
+    /// the rows it was summed over.
+    fn epochs(
+        &self,
+        config: &FitConfig,
+        opt: &mut nn::Optimizer,
+        anchors: &[(Tensor, Tensor)],
+    ) -> Result<(f64, usize), Error> {
+        let tc = &config.train;
+        let x_all = self.inputs(&self.train.features)?;
+        let seed = tc.seed ^ self.salt ^ (u64::from(config.round) << 32);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut order: Vec<usize> = (0..self.train.len()).collect();
+        let (mut loss_sum, mut seen) = (0.0, 0usize);
+        for _ in 0..tc.local_epochs {
+            order.shuffle(&mut rng);
+            for batch in order.chunks(tc.batch_size) {
+                let idx: Vec<i64> = batch.iter().map(|&i| to_i64(i)).collect();
+                let xs = x_all.f_index_select(0, &Tensor::from_slice(&idx)).map_err(torch_err("batch"))?;
+                let ys = Self::labels(&self.train, batch);
+                let logits = self.net.forward(&xs)?;
+                let loss = logits.cross_entropy_for_logits(&ys);
+                loss_sum += loss.double_value(&[]) * batch.len() as f64;
+                seen += batch.len();
+                let total = if anchors.is_empty() {
+                    loss
+                } else {
+                    let prox = anchors
+                        .iter()
+                        .map(|(w, w0)| (w - w0).square().sum(Kind::Float))
+                        .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |acc, t| acc + t);
+                    loss + prox * (tc.proximal_mu / 2.0)
+                };
+                opt.backward_step(&total);
+            }
+        }
+        Ok((loss_sum, seen))
+    }
+
     /// The round's optimiser over the model's variables.
     fn optimizer(&self, tc: &confide_algorithms::TrainConfig) -> Result<nn::Optimizer, Error> {
         match tc.optimizer {
@@ -988,39 +1027,17 @@ impl Trainer for TorchTrainer {
         } else {
             Vec::new()
         };
+        // Training mode for the epochs only, and back to eval mode however
+        // they end: a module left in training mode would score later rows
+        // with its batch's statistics (batch norm) or at random (dropout).
         if let Net::Script(m) = &mut self.net {
             m.set_train();
         }
-        let x_all = self.inputs(&self.train.features)?;
-        let seed = tc.seed ^ self.salt ^ (u64::from(config.round) << 32);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut order: Vec<usize> = (0..self.train.len()).collect();
-        let (mut loss_sum, mut seen) = (0.0, 0usize);
-        for _ in 0..tc.local_epochs {
-            order.shuffle(&mut rng);
-            for batch in order.chunks(tc.batch_size) {
-                let idx: Vec<i64> = batch.iter().map(|&i| to_i64(i)).collect();
-                let xs = x_all.f_index_select(0, &Tensor::from_slice(&idx)).map_err(torch_err("batch"))?;
-                let ys = Self::labels(&self.train, batch);
-                let logits = self.net.forward(&xs)?;
-                let loss = logits.cross_entropy_for_logits(&ys);
-                loss_sum += loss.double_value(&[]) * batch.len() as f64;
-                seen += batch.len();
-                let total = if anchors.is_empty() {
-                    loss
-                } else {
-                    let prox = anchors
-                        .iter()
-                        .map(|(w, w0)| (w - w0).square().sum(Kind::Float))
-                        .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |acc, t| acc + t);
-                    loss + prox * (tc.proximal_mu / 2.0)
-                };
-                opt.backward_step(&total);
-            }
-        }
+        let trained = self.epochs(config, &mut opt, &anchors);
         if let Net::Script(m) = &mut self.net {
             m.set_eval();
         }
+        let (loss_sum, seen) = trained?;
         let train_loss = loss_sum / seen.max(1) as f64;
         if !train_loss.is_finite() {
             return Err(Error::Training(format!("the training loss diverged ({train_loss}); lower the learning rate")));

@@ -40,6 +40,11 @@ struct Marks {
     /// is used with this one only.
     #[serde(default, alias = "label_datasets")]
     labelled_rows: BTreeMap<String, String>,
+    /// Pipeline job id → the latest iteration that trained here, whether
+    /// or not it found new rows (an older one is then refused: whether it
+    /// is must not depend on whether one row arrived).
+    #[serde(default)]
+    trained: BTreeMap<String, u32>,
 }
 
 /// The party's watch state and its hard-example files.
@@ -161,8 +166,10 @@ impl Watches {
     /// each line is about one row and whether a job sets up must not
     /// depend on one row.
     fn labelled(&self, service: &str, lenient: bool) -> Result<BTreeMap<String, (Vec<String>, u32)>, String> {
-        let read = |p: &Path| match std::fs::read_to_string(p) {
-            Ok(t) => Ok(t),
+        // Under DP bytes that are not UTF-8 spoil their line only.
+        let read = |p: &Path| match std::fs::read(p) {
+            Ok(bytes) if lenient => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+            Ok(bytes) => String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8", p.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
             Err(e) => Err(format!("{}: {e}", p.display())),
         };
@@ -264,8 +271,10 @@ impl Watches {
         let mine = marks.pipelines.get(&p.job).cloned().unwrap_or_default();
         // The marks only grow: a train job of an iteration older than one
         // that already trained here would count that one's batches as new
-        // and mark them as its own.
-        if let (JobKind::Train, Some(&latest)) = (&spec.kind, mine.values().max())
+        // and mark them as its own. (The marks of a state file written
+        // before `trained` was kept count too.)
+        let latest = marks.trained.get(&p.job).copied().max(mine.values().max().copied());
+        if let (JobKind::Train, Some(latest)) = (&spec.kind, latest)
             && p.iteration < latest
         {
             // (Which later iteration is not said: the marks record when
@@ -292,7 +301,11 @@ impl Watches {
         if !unbound.is_empty() {
             // On disk before it holds in memory: a binding that failed to
             // be written must not let the rows be used unbound.
-            let mut next = Marks { pipelines: marks.pipelines.clone(), labelled_rows: marks.labelled_rows.clone() };
+            let mut next = Marks {
+                pipelines: marks.pipelines.clone(),
+                labelled_rows: marks.labelled_rows.clone(),
+                trained: marks.trained.clone(),
+            };
             for sha in unbound {
                 next.labelled_rows.insert(sha, dataset.to_owned());
             }
@@ -310,16 +323,18 @@ impl Watches {
                 for sha in &new_labels {
                     entry.insert(label_key(sha), p.iteration);
                 }
+                let trained = marks.trained.entry(p.job.clone()).or_default();
+                *trained = (*trained).max(p.iteration);
                 let json = serde_json::to_vec_pretty(&*marks).map_err(|e| e.to_string())?;
                 write_durably(&self.state_path, &json)?;
                 let mut files = batches;
-                files.extend(self.labelled_batch(p, dataset, &labelled, labelled.keys())?);
+                files.extend(self.labelled_batch(p, dataset, &source.csv, &labelled, labelled.keys())?);
                 out.only = Some(files);
             }
             (JobKind::Evaluate, PipelineRows::All) => out.only = Some(batches),
             (JobKind::Evaluate, PipelineRows::New) => {
                 let mut files = new_batches;
-                files.extend(self.labelled_batch(p, dataset, &labelled, new_labels.into_iter())?);
+                files.extend(self.labelled_batch(p, dataset, &source.csv, &labelled, new_labels.into_iter())?);
                 out.only = Some(files);
                 out.all_held_out = true;
             }
@@ -330,26 +345,39 @@ impl Watches {
         Ok(out)
     }
 
-    /// Writes the chosen labelled hard examples as a batch for one job.
+    /// Writes the chosen labelled hard examples as a batch for one job, in
+    /// the data set's CSV layout (`csv`: a header line, the label's
+    /// column), since the job reads it with the data set's options.
     fn labelled_batch<'a>(
         &self,
         p: &PipelineRef,
         dataset: &str,
+        csv: &confide_algorithms::data::CsvOptions,
         labelled: &BTreeMap<String, (Vec<String>, u32)>,
         which: impl Iterator<Item = &'a String>,
     ) -> Result<Option<PathBuf>, String> {
-        let mut text = String::new();
+        let mut rows = String::new();
         for sha in which {
             if let Some((features, label)) = labelled.get(sha) {
-                text.push_str(&features.join(","));
-                text.push(',');
-                text.push_str(&label.to_string());
-                text.push('\n');
+                let mut cells: Vec<String> = features.clone();
+                let width = cells.len() + 1;
+                let at = if csv.label_column < 0 {
+                    width.checked_sub(csv.label_column.unsigned_abs() as usize)
+                } else {
+                    usize::try_from(csv.label_column).ok().filter(|&i| i < width)
+                };
+                // A label column the row cannot hold: the row is left as it
+                // is read, label last (the reading drops or refuses it, as
+                // it would such a row in a batch).
+                cells.insert(at.unwrap_or(cells.len()), label.to_string());
+                rows.push_str(&cells.join(","));
+                rows.push('\n');
             }
         }
-        if text.is_empty() {
+        if rows.is_empty() {
             return Ok(None);
         }
+        let text = if csv.header { format!("labelled hard examples\n{rows}") } else { rows };
         std::fs::create_dir_all(&self.scratch).map_err(|e| format!("{}: {e}", self.scratch.display()))?;
         let path = self.scratch.join(labelled_batch_name(&p.job, dataset, p.iteration, p.rows));
         write_durably(&path, text.as_bytes())?;
@@ -504,7 +532,8 @@ mod tests {
         assert!(dp_train.dp.is_some());
         // Under DP a malformed line (about one row) is left out, not a
         // refusal: the job sets up on the other rows.
-        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},malignant\n{sha9},0\n")).unwrap();
+        let sha8 = crate::audit::rows_sha256(&[8.0]);
+        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},malignant\n{sha8},0\n{sha9},0\n")).unwrap();
         std::fs::write(dir.path().join("hard.csv"), {
             let mut t = std::fs::read_to_string(dir.path().join("hard.csv")).unwrap();
             t.push_str("not a line\n");
@@ -512,12 +541,41 @@ mod tests {
         })
         .unwrap();
         assert!(w.select(&spec("evaluate", 3, "new"), "d", &src).is_err(), "without DP: refused, naming the line");
-        let selected = w.select(&dp_train, "d", &src).unwrap();
-        assert!(selected.load().is_ok());
+        let selected = w.select(&dp_train, "d", &src).unwrap().load().unwrap();
+        // The batch's row and the one well-formed labelled row of the service.
+        assert_eq!((selected.features, selected.labels), (vec![1.0, 8.0], vec![0, 0]));
         // What else fails under DP says only that it did.
         let file = DatasetSource::csv(dir.path().join("labels.csv"));
         let e = w.select(&dp_train, "d", &file).unwrap_err();
         assert!(!e.contains("labels.csv") && e.contains("party's log"), "{e}");
+    }
+
+    /// The labelled rows' scratch batch is written in the data set's CSV
+    /// layout (a header line, the label first here), which the job reads
+    /// it with; and an older iteration's train job is refused once a later
+    /// one trained here, even one that found no new rows (whether it is
+    /// must not depend on whether one row arrived).
+    #[test]
+    fn labelled_rows_follow_the_data_sets_layout_and_older_iterations_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("001.csv"), "label,x\n0,1\n").unwrap();
+        let mut src = DatasetSource::csv(data.clone());
+        src.csv = confide_algorithms::data::CsvOptions { header: true, label_column: 0 };
+        let w = open_in(dir.path());
+        w.keep_hard_examples("triage", &[7.0, 8.0], 1).unwrap();
+        let (sha7, sha8) = (crate::audit::rows_sha256(&[7.0]), crate::audit::rows_sha256(&[8.0]));
+        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},1\n{sha8},0\n")).unwrap();
+        let rows = w.select(&spec("train", 2, "all"), "d", &src).unwrap().load().unwrap();
+        let mut pairs: Vec<(f32, u32)> = rows.features.iter().copied().zip(rows.labels.iter().copied()).collect();
+        pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        assert_eq!(pairs, [(1.0, 0), (7.0, 1), (8.0, 0)], "the batch's row and both labelled rows, labels in place");
+        // Iteration 5 finds no new rows; iteration 4 is refused all the same.
+        w.select(&spec("train", 5, "all"), "d", &src).unwrap();
+        let e = w.select(&spec("train", 4, "all"), "d", &src).unwrap_err();
+        assert!(e.contains("a later iteration already trained here"), "{e}");
+        assert!(open_in(dir.path()).select(&spec("train", 4, "all"), "d", &src).is_err(), "after a restart");
     }
 
     /// A state file written before the field's rename (`label_datasets`)

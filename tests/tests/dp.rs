@@ -597,3 +597,51 @@ fn the_round_benchmark_runs_each_privacy_mode() {
         .collect();
     assert_eq!(modes, ["none", "secagg", "secagg-dp", "he"], "{text}");
 }
+
+/// A pipeline's training job that selected no batch (see
+/// `confide_party::watch::no_rows`): without DP the party refuses it,
+/// saying so; under DP it sets up on no rows (DP-SGD sends noise alone),
+/// since whether it does must not depend on whether one row arrived. An
+/// evaluation's spec cannot give feature ranges, so a DP evaluate job on a
+/// data set without a declared width is told to declare `features` alone.
+#[test]
+fn a_dp_pipeline_job_with_no_batch_sets_up_on_no_rows() {
+    use confide_party::plugins::{JobContext, PartyJobKind};
+    use confide_party::training::TrainingKind;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut source = confide_algorithms::data::DatasetSource::csv(dir.path().to_owned());
+    source.features = Some(2);
+    source.only = Some(Vec::new());
+    assert!(confide_party::watch::no_rows(&source));
+    let handler = |text: &str| {
+        let spec = std::sync::Arc::new(JobSpec::parse(text, "dp.toml", &Limits::default()).expect("spec"));
+        let cx = JobContext {
+            job_id: "j",
+            spec: &spec,
+            party: "hospital-a",
+            dataset: &source,
+            trainers: &confide_party::trainers::BuiltinTrainers::default(),
+            protocols: confide_crypto::aggregation::Protocols::builtin(),
+            identity: confide_crypto::secagg::testing::identity("hospital-a"),
+            limits: &Limits::default(),
+            min_parties: 1,
+            budget: None,
+            noise_rounds_ahead: 1,
+        };
+        TrainingKind::TRAIN.handler(cx).map(|_| ())
+    };
+    let dp = dp_spec("none", 1, 2, 1.0);
+    assert_eq!(handler(&dp), Ok(()));
+    let plain = dp.replace("[dp]\nnoise_multiplier = 1\nsampling_rate = 0.05\ndelta = 1e-5\n", "");
+    assert!(!plain.contains("[dp]"), "{plain}");
+    let e = handler(&plain).expect_err("refused without DP");
+    assert!(e.contains("found no batch"), "{e}");
+    // The width message for an evaluation names `features` only.
+    let evaluate = "name = \"e\"\nkind = \"evaluate\"\nfrom_job = \"j0\"\n[parties]\nnames = [\"p0\"]\nmin = 1\n\
+                    dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\n[dp]\nnoise_multiplier = 2.0\n";
+    let spec = JobSpec::parse(evaluate, "e.toml", &Limits::default()).expect("spec");
+    let why = confide_party::trainers::width_undeclared(&spec);
+    assert!(why.contains("features = N") && !why.contains("feature_ranges"), "{why}");
+    let train = JobSpec::parse(&dp, "dp.toml", &Limits::default()).expect("spec");
+    assert!(confide_party::trainers::width_undeclared(&train).contains("feature_ranges"));
+}

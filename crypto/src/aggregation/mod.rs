@@ -736,9 +736,11 @@ pub trait AggregationProtocol: Send + Sync + 'static {
     }
 
     /// The fraction of the parties that may be corrupt (colluding with
-    /// the coordinator) under which these settings' guarantees hold,
-    /// including the distributed-DP noise calibrated from it. `None` (the
-    /// default): the protocol makes no such claim. A party's
+    /// the coordinator and deviating from the protocol as they like) under
+    /// which these settings' guarantees hold, including the distributed-DP
+    /// noise calibrated from it. `None` (the default): the protocol makes
+    /// no such claim. A protocol whose guarantee holds only for colluders
+    /// that follow it states 0 (`he`). A party's
     /// `policy.min_corrupt_fraction` refuses settings below its floor.
     fn tolerated_corrupt_fraction(&self, _settings: &toml::Table) -> Option<f64> {
         None

@@ -392,3 +392,52 @@ fn share_values(s: &SecretShare) -> Vec<u64> {
 }
 
 const KAT_CRP: &str = "d74b21288b1725191371e27418fd1a284d76921522b6da1a59a6126a3e8bf830";
+
+/// The limit the docs state (homomorphic-aggregation.md, Limits), as an
+/// attacker would use it: nothing proves a ciphertext well formed, so one
+/// corrupt contributor that adds a polynomial E of the coordinator's choice
+/// to its c1 makes the checked decryption of the sum carry s·E. With E the
+/// constant encode(t), a multiple of the plaintext step, every check
+/// passes and the decrypted sum is off by t·s: the joint secret key, read
+/// off by a coordinator that knows the honest sum (here; a real one reads
+/// the low bits of an unaligned E instead). The same short s comes out of
+/// a second sum under the key. If this test fails, a defence exists and
+/// the docs must say what it is.
+#[test]
+fn a_malformed_ciphertext_lets_the_coordinator_read_the_joint_key() {
+    let mut f = federation(5, 3, 16, 26);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+    let t: i64 = 1 << 8;
+    let read_key = |f: &mut Federation, inputs: &[Vec<u32>]| -> Vec<i64> {
+        let mut agg = aggregate(f, inputs);
+        // The corrupt contributor: a ciphertext of zeros with E added to c1.
+        let mut csprng = Csprng::from_os();
+        let mut bad = f.pk.precompute(N, &mut csprng).encrypt(&f.params, &vec![0; N]).unwrap();
+        let mut e = ring::zero();
+        e[0] = super::encrypt::encode(t as u64, f.params.bits);
+        ring::ntt(&mut e);
+        ring::normalize(&mut e);
+        ring::add_assign(&mut bad.c1, &e);
+        agg.add(&bad.c0, &bad.c1, 1, &f.params).unwrap();
+        let all = [0, 1, 2, 3, 4];
+        let s = shares(f, &agg, &all, &all);
+        let out = combine(&f.params, &agg, &all, &s, N).expect("every check passes");
+        assert!(out.faulty.is_empty());
+        let honest = expected_sum(inputs, 16);
+        out.values
+            .iter()
+            .zip(&honest)
+            .map(|(&v, &m)| {
+                let d = (i64::from(v) - i64::from(m)).rem_euclid(1 << 16);
+                let d = if d >= 1 << 15 { d - (1 << 16) } else { d };
+                assert_eq!(d % t, 0, "off by a multiple of t");
+                d / t
+            })
+            .collect()
+    };
+    let inputs: Vec<Vec<u32>> = (0..4).map(|_| random_values(&mut rng, N, 8)).collect();
+    let s = read_key(&mut f, &inputs);
+    assert!(s.iter().all(|c| c.abs() <= 5) && s.iter().filter(|&&c| c != 0).count() > N / 2, "{:?}", &s[..8]);
+    let again: Vec<Vec<u32>> = (0..4).map(|_| random_values(&mut rng, N, 8)).collect();
+    assert_eq!(read_key(&mut f, &again), s, "the same key from another sum");
+}

@@ -335,7 +335,7 @@ impl AggregationProtocol for ThresholdHe {
     }
 
     fn tolerated_corrupt_fraction(&self, settings: &toml::Table) -> Option<f64> {
-        // None against colluders that deviate: nothing binds a ciphertext to
+        // 0 against colluders that deviate: nothing binds a ciphertext to
         // a well-formed encryption, so one corrupt party can upload a c1
         // with a large error the coordinator knows and read the joint secret
         // key off the decrypted sum (or cancel honest ciphertexts). The
