@@ -43,7 +43,7 @@ enum Command {
         out: PathBuf,
     },
     /// Show the privacy ledger: the ε and δ each data set has spent, job by
-    /// job, against the policy's `max_epsilon`.
+    /// job, against the policy's `max_epsilon` and `max_delta`.
     Budget {
         /// The party's config file.
         #[arg(long)]
@@ -574,7 +574,8 @@ mod tests {
         std::fs::write(&rows, "x,label\n1,0\n").unwrap();
         let path = dir.path().join("p.toml");
         let text = "coordinator = \"https://x:1\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
-                    ledger = \"ledger.json\"\n[datasets.bc]\npath = \"bc.csv\"\n[policy]\nmax_epsilon = 4.0\n";
+                    ledger = \"ledger.json\"\n[datasets.bc]\npath = \"bc.csv\"\n[policy]\nmax_epsilon = 4.0\n\
+                    max_delta = 1e-4\n";
         std::fs::write(&path, text).unwrap();
         let cfg = PartyConfig::load(&path).unwrap();
         let spec = |dp: &str| {
@@ -607,5 +608,8 @@ mod tests {
         assert_eq!(bc["also_as"], serde_json::json!(["old"]));
         assert_eq!(bc["remaining"], 0.0);
         assert_eq!(out["datasets"]["old"]["epsilon"], "inf", "{out}");
+        // δ: the DP job's 1e-5 (the job without DP has none) under every name.
+        assert_eq!((bc["rows_delta"].as_f64(), bc["max_delta"].as_f64()), (Some(1e-5), Some(1e-4)), "{bc}");
+        assert!((bc["remaining_delta"].as_f64().unwrap() - 9e-5).abs() < 1e-12, "{bc}");
     }
 }

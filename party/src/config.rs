@@ -527,6 +527,13 @@ impl PartyConfig {
         {
             return Err(format!("policy.max_delta: must be in (0, 1) (got {d})"));
         }
+        if self.policy.max_delta.is_some() && self.policy.max_epsilon.is_none() && !self.policy.require_dp {
+            self.warnings.push(
+                "policy.max_delta is set without max_epsilon or require_dp: a job without differential privacy \
+                 (ε = ∞, δ = 0) is still accepted"
+                    .into(),
+            );
+        }
         if let Some(f) = self.policy.min_corrupt_fraction
             && !(0.0..1.0 / 3.0).contains(&f)
         {
@@ -698,7 +705,10 @@ mod tests {
             let e = load(&format!("[policy]\nmax_delta = {bad}\n")).unwrap_err().to_string();
             assert!(e.contains("policy.max_delta: must be in (0, 1)"), "{e}");
         }
-        assert_eq!(load("[policy]\nmax_delta = 1e-4\n").unwrap().policy.max_delta, Some(1e-4));
+        let c = load("[policy]\nmax_delta = 1e-4\n").unwrap();
+        assert_eq!(c.policy.max_delta, Some(1e-4));
+        assert!(c.warnings.iter().any(|w| w.contains("still accepted")), "{:?}", c.warnings);
+        assert!(load("[policy]\nmax_delta = 1e-4\nmax_epsilon = 8.0\n").unwrap().warnings.is_empty());
         // he under a floor of corrupt parties can never be accepted: a warning at start.
         let c = load("[policy]\naggregation = [\"secagg\", \"he\"]\nmin_corrupt_fraction = 0.1\n").unwrap();
         assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);

@@ -83,7 +83,14 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {
     }
     let mut f = opts.open(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // The rename is durable once the directory is synced: until then a
+    // power loss could bring the older marks back.
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    Ok(())
 }
 
 impl Watches {
@@ -533,7 +540,11 @@ mod tests {
         // Under DP a malformed line (about one row) is left out, not a
         // refusal: the job sets up on the other rows.
         let sha8 = crate::audit::rows_sha256(&[8.0]);
-        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},malignant\n{sha8},0\n{sha9},0\n")).unwrap();
+        // (A line of bytes that are not UTF-8 spoils that line only.)
+        let mut labels = format!("{sha7},malignant\n").into_bytes();
+        labels.extend_from_slice(b"\xff\xfe,1\n");
+        labels.extend_from_slice(format!("{sha8},0\n{sha9},0\n").as_bytes());
+        std::fs::write(dir.path().join("labels.csv"), labels).unwrap();
         std::fs::write(dir.path().join("hard.csv"), {
             let mut t = std::fs::read_to_string(dir.path().join("hard.csv")).unwrap();
             t.push_str("not a line\n");
