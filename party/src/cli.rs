@@ -600,6 +600,18 @@ mod tests {
                 )
                 .unwrap(),
         );
+        // And a DP job under the old name: its δ counts for the rows too.
+        drop(
+            ledger
+                .reserve_at(
+                    "dp-old",
+                    &spec("[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\n"),
+                    "old",
+                    Some(&resolved),
+                    None,
+                )
+                .unwrap(),
+        );
         let file = crate::ledger::Ledger::read(&cfg.ledger_path()).unwrap();
         let out = BudgetView { cfg: &cfg, ledger: &file }.json();
         let bc = &out["datasets"]["bc"];
@@ -608,8 +620,8 @@ mod tests {
         assert_eq!(bc["also_as"], serde_json::json!(["old"]));
         assert_eq!(bc["remaining"], 0.0);
         assert_eq!(out["datasets"]["old"]["epsilon"], "inf", "{out}");
-        // δ: the DP job's 1e-5 (the job without DP has none) under every name.
-        assert_eq!((bc["rows_delta"].as_f64(), bc["max_delta"].as_f64()), (Some(1e-5), Some(1e-4)), "{bc}");
-        assert!((bc["remaining_delta"].as_f64().unwrap() - 9e-5).abs() < 1e-12, "{bc}");
+        // δ: the two DP jobs' 1e-5 each (the job without DP has none), under both names.
+        assert_eq!((bc["rows_delta"].as_f64(), bc["max_delta"].as_f64()), (Some(2e-5), Some(1e-4)), "{bc}");
+        assert!((bc["remaining_delta"].as_f64().unwrap() - 8e-5).abs() < 1e-12, "{bc}");
     }
 }

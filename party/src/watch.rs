@@ -87,7 +87,9 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {
     // The rename is durable once the directory is synced: until then a
     // power loss could bring the older marks back.
     #[cfg(unix)]
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    {
+        // A bare file name lives in the working directory.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     Ok(())
@@ -542,7 +544,8 @@ mod tests {
         let sha8 = crate::audit::rows_sha256(&[8.0]);
         // (A line of bytes that are not UTF-8 spoils that line only.)
         let mut labels = format!("{sha7},malignant\n").into_bytes();
-        labels.extend_from_slice(b"\xff\xfe,1\n");
+        labels.extend_from_slice(format!("{sha8},").as_bytes());
+        labels.extend_from_slice(b"\xff\n");
         labels.extend_from_slice(format!("{sha8},0\n{sha9},0\n").as_bytes());
         std::fs::write(dir.path().join("labels.csv"), labels).unwrap();
         std::fs::write(dir.path().join("hard.csv"), {
@@ -551,7 +554,7 @@ mod tests {
             t
         })
         .unwrap();
-        assert!(w.select(&spec("evaluate", 3, "new"), "d", &src).is_err(), "without DP: refused, naming the line");
+        assert!(w.select(&spec("evaluate", 3, "new"), "d", &src).is_err(), "without DP: refused, saying why");
         let selected = w.select(&dp_train, "d", &src).unwrap().load().unwrap();
         // The batch's row and the one well-formed labelled row of the service.
         assert_eq!((selected.features, selected.labels), (vec![1.0, 8.0], vec![0, 0]));

@@ -399,11 +399,13 @@ const KAT_CRP: &str = "d74b21288b1725191371e27418fd1a284d76921522b6da1a59a6126a3
 /// constant E = 2^(62 − k + g) added to c1, which the wire parse accepts.
 /// The decryptors' shares (their own checks, the signed linear hash, are
 /// the protocol layer's and pass: the corrupt party signs what it sent)
-/// then decrypt the sum to X + s·E, and the coordinator, combining them
-/// itself as `combine` does without its checks, reads 2^g·s in the bits
-/// below the plaintext: the joint secret key s, without knowing the sum.
-/// With s it decrypts one hospital's upload alone. If this test fails, a
-/// defence exists at this layer and the docs must say what it is.
+/// then decrypt the sum to M + s·E, M the honest sum. `combine`'s residual
+/// check would refuse that, but the coordinator combines the shares with
+/// its own code: the bits of the plaintext still hold M (it can publish
+/// the right sum), and the 2^g·s just below them are the joint secret key
+/// s, read without knowing M. With s it decrypts one hospital's upload
+/// alone. If this test fails, a defence exists at this layer and the docs
+/// must say what it is.
 #[test]
 fn a_malformed_ciphertext_lets_the_coordinator_read_the_joint_key() {
     let mut f = federation(5, 3, 16, 26);
@@ -428,7 +430,7 @@ fn a_malformed_ciphertext_lets_the_coordinator_read_the_joint_key() {
     }
     let all = [0, 1, 2, 3, 4];
     let answers = shares(&mut f, &agg, &all, &all);
-    // Every decryptor answered: X = 1 and each weight 1 in decode's sum.
+    // Every decryptor answered: decode's scale X = 1 and each weight 1.
     let kmask = if k == 64 { u64::MAX } else { (1u64 << k) - 1 };
     let step = 1u64 << (k - b);
     let centred = |w: u64| {
@@ -442,6 +444,14 @@ fn a_malformed_ciphertext_lets_the_coordinator_read_the_joint_key() {
         })
         .collect();
     assert!(key.iter().all(|c| c.abs() <= 5) && key.iter().filter(|&&c| c != 0).count() > N / 2, "{:?}", &key[..8]);
+    // The plaintext's bits still hold the honest sum.
+    let sum: Vec<u32> = (0..N)
+        .map(|j| {
+            let acc = answers.iter().fold(agg.c0[j], |a, d| a.wrapping_add(d.as_ref().unwrap().0[j]));
+            (((acc.wrapping_add(step / 2) & kmask) >> (k - b)) & ((1 << b) - 1)) as u32
+        })
+        .collect();
+    assert_eq!(sum, expected_sum(&inputs, 16), "the round can end with the right sum");
     // s decrypts hospital 0's upload on its own: c0 + s·c1.
     let mut s_ntt: Vec<u64> = key.iter().map(|&c| ring::from_signed(c)).collect();
     ring::ntt(&mut s_ntt);
