@@ -40,6 +40,17 @@ impl Default for CsvOptions {
     }
 }
 
+impl CsvOptions {
+    /// Where the label is in a row of `width` columns, if it fits.
+    pub fn label_index(&self, width: usize) -> Option<usize> {
+        if self.label_column < 0 {
+            width.checked_sub(self.label_column.unsigned_abs() as usize)
+        } else {
+            usize::try_from(self.label_column).ok().filter(|&i| i < width)
+        }
+    }
+}
+
 impl Dataset {
     /// Number of rows.
     pub fn len(&self) -> usize {
@@ -110,18 +121,11 @@ impl Dataset {
     ) -> Result<(Dataset, usize), Error> {
         let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
         let mut ds = Dataset::default();
-        let label_index = |w: usize| {
-            if opts.label_column < 0 {
-                w.checked_sub(opts.label_column.unsigned_abs() as usize)
-            } else {
-                Some(opts.label_column as usize).filter(|&i| i < w)
-            }
-        };
         let layout = |line, w: usize| {
             if w < 2 {
                 return Err(err(line, "need at least one feature and a label".into()));
             }
-            label_index(w)
+            opts.label_index(w)
                 .ok_or_else(|| err(line, format!("label_column {} is outside {w} columns", opts.label_column)))
         };
         // Under the rules the width is fixed before any row is read, and so

@@ -465,12 +465,10 @@ fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Resul
         let d = ledger.datasets.get(name).cloned().unwrap_or_default();
         let (spent, others) = (view.rows_spent(name), view.also(name));
         let remaining = max.map_or(String::new(), |m| format!(", {:.4} remaining", (m - spent).max(0.0)));
-        let remaining_delta = cfg.policy.max_delta.map_or(String::new(), |m| {
-            format!(
-                ", δ {:e} remaining",
-                (m - ledger.delta_by_rows(name, view.rows_path(name).as_deref(), None)).max(0.0)
-            )
-        });
+        let remaining_delta = cfg
+            .policy
+            .max_delta
+            .map_or(String::new(), |m| format!(", δ {:e} remaining", (m - view.rows_delta(name)).max(0.0)));
         let remaining = format!("{remaining}{remaining_delta}");
         let rows = if others.is_empty() {
             String::new()

@@ -822,23 +822,31 @@ mod tests {
         }
     }
 
+    /// A DP-SGD plan of ten small steps.
+    const SMALL_PLAN: DpSgdPlan = DpSgdPlan {
+        max_grad_norm: 1.0,
+        noise_multiplier: 1.0,
+        sampling_rate: 0.1,
+        expected_batch_size: 4,
+        steps_per_round: 10,
+    };
+
+    /// A handler for job "j" in the clear (the plain protocol) training with `trainer`.
+    fn plain_handler(trainer: FixedDp) -> TrainingHandler {
+        use confide_crypto::aggregation::plain::Plain;
+        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        TrainingHandler::new(Box::new(trainer), client, Plain.stages())
+    }
+
     /// In a DP job, even under a protocol that reveals updates, the party
     /// sends no statistic of its rows (a coordinator asking for feature
     /// sums or evaluation metrics, in the clear or summed, is refused as a
     /// fault), and its fit answer carries no metric, loss or example count.
     #[test]
     fn a_dp_job_sends_only_the_noisy_update() {
-        use confide_crypto::aggregation::plain::Plain;
-        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
-        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-        let mut h = TrainingHandler::new(Box::new(FixedDp::default()), client, Plain.stages());
-        h.dp = Some(DpSgdPlan {
-            max_grad_norm: 1.0,
-            noise_multiplier: 1.0,
-            sampling_rate: 0.1,
-            expected_batch_size: 4,
-            steps_per_round: 10,
-        });
+        let mut h = plain_handler(FixedDp::default());
+        h.dp = Some(SMALL_PLAN);
         let global = Arc::new(Fixed.parameters().unwrap());
         let ResultBody::Setup { stats, .. } = h.on_task(task(0, TaskBody::Setup)).unwrap() else { panic!() };
         assert_eq!(stats, FeatureStats::default(), "no feature sums");
@@ -869,19 +877,10 @@ mod tests {
     /// text.
     #[test]
     fn a_dp_trainers_error_text_stays_at_the_party() {
-        use confide_crypto::aggregation::plain::Plain;
         let row = "row 17: age=63, diagnosis=malignant";
-        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
-        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-        let trainer = FixedDp { fails_with: Some(row.into()), ..Default::default() };
-        let mut h = TrainingHandler::new(Box::new(trainer), client, Plain.stages());
-        h.dp = Some(DpSgdPlan {
-            max_grad_norm: 1.0,
-            noise_multiplier: 1.0,
-            sampling_rate: 0.1,
-            expected_batch_size: 4,
-            steps_per_round: 10,
-        });
+        let failing = || FixedDp { fails_with: Some(row.into()), ..Default::default() };
+        let mut h = plain_handler(failing());
+        h.dp = Some(SMALL_PLAN);
         let global = Arc::new(Fixed.parameters().unwrap());
         let fit = TaskBody::Fit {
             config: FitConfig { round: 1, train: Default::default() },
@@ -894,9 +893,7 @@ mod tests {
             "{err:?}"
         );
         // A DP evaluate job's evaluation.
-        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-        let trainer = FixedDp { fails_with: Some(row.into()), ..Default::default() };
-        let mut h = TrainingHandler::new(Box::new(trainer), client, Plain.stages());
+        let mut h = plain_handler(failing());
         h.eval_noise = Some(confide_dp::evaluation::NoisyCounts::new(2.0).unwrap());
         let err = h.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
         assert!(
@@ -912,7 +909,6 @@ mod tests {
     /// batch divisor or noise that fix ε.
     #[test]
     fn dp_sgd_runs_the_specs_plan_whatever_the_fit_configuration_says() {
-        use confide_crypto::aggregation::plain::Plain;
         let text = "name = \"p\"\nkind = \"train\"\nrounds = 2\n[parties]\nnames = [\"p0\"]\nmin = 1\n\
                     dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
                     [training]\nlocal_epochs = 2\nbatch_size = 8\n\
@@ -924,11 +920,9 @@ mod tests {
             (1.5, 0.1, 8, 20),
             "steps = ⌈local_epochs / q⌉"
         );
-        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
-        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let trainer = FixedDp::default();
         let plans = trainer.plans.clone();
-        let mut h = TrainingHandler::new(Box::new(trainer), client, Plain.stages());
+        let mut h = plain_handler(trainer);
         h.dp = Some(planned);
         let global = Arc::new(Fixed.parameters().unwrap());
         let hostile = confide_algorithms::TrainConfig {

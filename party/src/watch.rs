@@ -86,13 +86,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
     // The rename is durable once the directory is synced: until then a
     // power loss could bring the older marks back.
-    #[cfg(unix)]
-    {
-        // A bare file name lives in the working directory.
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    Ok(())
+    confide_proto::durable::sync_parent(path, &mut |_| {})
 }
 
 impl Watches {
@@ -369,16 +363,11 @@ impl Watches {
         for sha in which {
             if let Some((features, label)) = labelled.get(sha) {
                 let mut cells: Vec<String> = features.clone();
-                let width = cells.len() + 1;
-                let at = if csv.label_column < 0 {
-                    width.checked_sub(csv.label_column.unsigned_abs() as usize)
-                } else {
-                    usize::try_from(csv.label_column).ok().filter(|&i| i < width)
-                };
-                // A label column the row cannot hold: the row is left as it
-                // is read, label last (the reading drops or refuses it, as
-                // it would such a row in a batch).
-                cells.insert(at.unwrap_or(cells.len()), label.to_string());
+                // A label column the row cannot hold: the label goes last
+                // (the reading drops or refuses the row, as it would such a
+                // row in a batch).
+                let at = csv.label_index(cells.len() + 1).unwrap_or(cells.len());
+                cells.insert(at, label.to_string());
                 rows.push_str(&cells.join(","));
                 rows.push('\n');
             }
