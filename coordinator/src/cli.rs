@@ -1250,6 +1250,7 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
                         target,
                         dp.delta,
                         dp.level,
+                        dp.adaptive.is_some(),
                         dp.sampling_rate,
                         dp.clip,
                         dp.distributed,

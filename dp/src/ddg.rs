@@ -70,9 +70,10 @@ pub struct DdgConfig {
 /// b = 1 when its update's norm is within the round's clip C, and the whole
 /// vector goes through the mechanism with the joint clip C' = √(C² + κ²/4)
 /// and multiplier z. The count of unclipped updates then comes out of the
-/// same noisy sum with noise σ_b = z·C'/κ, at no privacy cost beyond the
-/// mechanism's own: one release of sensitivity C' and noise z·C'. The next
-/// round's clip moves geometrically toward the target quantile.
+/// same noisy sum with noise σ_b = z·C'/κ. Every vector is within C' of
+/// zero, but a party with no data sends (0, +κ/2), so party-level ε is
+/// accounted at twice the sensitivity (`confide_proto::dpspec::Sensitivity`).
+/// The next round's clip moves geometrically toward the target quantile.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdaptiveClip {
     /// γ: the fraction of updates the clip should leave whole.

@@ -253,12 +253,14 @@ pub struct Policy {
     /// would each bring their own δ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_delta: Option<f64>,
-    /// Run evaluate jobs (an incremental pipeline's row counts and gate
-    /// metrics, summed through the job's aggregation protocol) although
-    /// `require_dp` or `max_epsilon` is set. They carry no differential
-    /// privacy: what they reveal (aggregate counts, losses and accuracies on
-    /// held-out and new rows) is outside the ε this party accounts. Off by
-    /// default.
+    /// Run an incremental pipeline's evaluate jobs (its row counts and gate
+    /// metrics over a watched directory's batches, summed through the job's
+    /// aggregation protocol) although `require_dp` or `max_epsilon` is set.
+    /// They carry no differential privacy: what they reveal (aggregate
+    /// counts, losses and accuracies on held-out and new rows) is outside
+    /// the ε this party accounts, and the coordinator may start as many as
+    /// it likes. An evaluate job on a data set file is refused whatever
+    /// this says. Off by default.
     #[serde(default)]
     pub evaluations_outside_budget: bool,
     /// Accept party-level DP whose noise the coordinator adds (`[dp] level

@@ -166,7 +166,8 @@ impl LedgerFile {
             .flat_map(|(name, d)| {
                 d.jobs.iter().filter(move |(id, _)| !(name == dataset && Some(id.as_str()) == skip)).map(|(_, j)| of(j))
             })
-            .sum()
+            // From +0 (an empty f64 sum is -0, which prints "-0.0000").
+            .fold(0.0, |total, x| total + x)
     }
 
     /// The other names under which the rows at `path` spent budget.
@@ -361,11 +362,11 @@ impl Ledger {
         let (epsilon, delta) = job_cost(spec);
         let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
         let entry = state.file.datasets.get(dataset).cloned().unwrap_or_default();
-        let guard = |accounted: &str, resumed: bool| RoundGuard {
+        let guard = |accounts: bool, resumed: bool| RoundGuard {
             ledger: self.clone(),
             dataset: dataset.to_owned(),
-            job: job_id.to_owned(),
-            job_id: accounted.to_owned(),
+            job_id: job_id.to_owned(),
+            accounts,
             resumed,
             max_epsilon,
             cost: spec.dp.clone().map(|dp| (dp, spec.training.clone())),
@@ -418,7 +419,7 @@ impl Ledger {
                 next.datasets.entry(dataset.to_owned()).or_default().paths.insert(p.clone());
                 self.commit(&mut state, next)?;
             }
-            return Ok(guard(job_id, true));
+            return Ok(guard(existing.epsilon.is_finite(), true));
         }
         if let Some(max) = max_epsilon {
             let spent = state.file.spent_by_rows(dataset, path.as_deref(), None);
@@ -476,7 +477,7 @@ impl Ledger {
         self.commit(&mut state, next)?;
         // A job without DP is on record (its data set has then spent ε = ∞);
         // its rounds are not counted.
-        Ok(guard(if epsilon.is_finite() { job_id } else { "" }, false))
+        Ok(guard(epsilon.is_finite(), false))
     }
 
     /// Records where each named data set reads its rows (resolved paths),
@@ -593,6 +594,8 @@ impl Ledger {
     }
 
     fn write_version(&self, file: &LedgerFile, version: u64) -> Result<(), String> {
+        #[cfg(test)]
+        std::thread::sleep(std::time::Duration::from_millis(WRITE_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed)));
         let mut written = self.written.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
         if *written >= version {
             return Ok(());
@@ -631,6 +634,10 @@ fn create_dirs(dir: &Path) -> Result<(), String> {
 /// (`the_write_order_makes_every_step_durable_before_the_next`): the
 /// power-loss guarantee rests on that order, which a test can check but
 /// not cause.
+/// Tests slow the writer down to check that nothing waits on it by luck.
+#[cfg(test)]
+pub(crate) static WRITE_DELAY_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[cfg(test)]
 static DURABLE_STEPS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -647,10 +654,10 @@ pub struct RoundGuard {
     ledger: Arc<Ledger>,
     dataset: String,
     /// The job's id.
-    job: String,
-    /// The job's id where it has rounds to account; empty when it has
-    /// nothing to account (no DP).
     job_id: String,
+    /// Whether the job has rounds to account (it has DP). A flag, not a
+    /// sentinel id: no job id a coordinator sends turns the count off.
+    accounts: bool,
     /// The job was reserved before this offer (an offer of it again: a
     /// reconnect, or the coordinator resumed it).
     resumed: bool,
@@ -668,7 +675,7 @@ impl RoundGuard {
     /// result may leave the party only once [`RoundStarted::durable`] says
     /// so.
     pub fn start_round(&self) -> Result<RoundStarted, StartRefused> {
-        if self.job_id.is_empty() {
+        if !self.accounts {
             return Ok(RoundStarted(None));
         }
         self.ledger.start_round(self, false)
@@ -684,7 +691,7 @@ impl RoundGuard {
     /// evaluation): refused if the ledger recorded a release of the job
     /// already, in this session or an earlier one.
     pub fn start_release_once(&self) -> Result<RoundStarted, StartRefused> {
-        if self.job_id.is_empty() {
+        if !self.accounts {
             return Ok(RoundStarted(None));
         }
         self.ledger.start_round(self, true)
@@ -693,7 +700,7 @@ impl RoundGuard {
     /// Records, durably, that this party left the job over a coordinator
     /// fault (`why`): an offer of the job again is refused.
     pub fn leave(&self, why: &str) -> Result<(), String> {
-        self.ledger.leave(&self.dataset, &self.job, why)
+        self.ledger.leave(&self.dataset, &self.job_id, why)
     }
 }
 
@@ -712,6 +719,30 @@ mod tests {
 
     fn spec(rounds: u32, dp: bool) -> JobSpec {
         JobSpec::parse(&spec_text(rounds, dp), "t", &Limits::default()).unwrap()
+    }
+
+    /// Whether a job's rounds are counted follows from its DP, never from
+    /// its id: a coordinator that names a DP job "" (the id that once meant
+    /// "nothing to count") still has every round counted, and one beyond
+    /// the reservation charged or refused, and its one release refused again.
+    #[test]
+    fn no_job_id_turns_the_round_count_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        let one_round = job_cost(&spec(1, true)).0;
+        let guard = ledger.reserve("", &spec(1, true), "d", Some(one_round * (1.0 + 1e-9))).unwrap();
+        guard.start_round().unwrap().durable().unwrap();
+        let e = guard.start_round().err().unwrap();
+        assert!(matches!(&e, StartRefused::Budget(m) if m.contains("round 2 of a job reserved for 1")), "{e:?}");
+        assert_eq!(Ledger::read(&path).unwrap().datasets["d"].jobs[""].rounds_started, 1);
+        guard.start_release_once().err().unwrap();
+        // A job without DP has nothing to count, whatever its id.
+        let plain = ledger.reserve("x", &spec(1, false), "e", None).unwrap();
+        for _ in 0..3 {
+            plain.start_round().unwrap().durable().unwrap();
+        }
+        assert_eq!(Ledger::read(&path).unwrap().datasets["e"].jobs["x"].rounds_started, 0);
     }
 
     /// `policy.max_delta` bounds the δ a data set's rows sum to across

@@ -418,7 +418,7 @@ impl PartyNode {
                             pb::JobAnswer { job_id, accepted: true, reason: String::new() }
                         }
                         Err(reason) => {
-                            warn!(job = %job_id, "refused job: {reason}");
+                            warn!(job = ?job_id, "refused job: {reason}");
                             self.metrics.job_offer(false);
                             pb::JobAnswer { job_id, accepted: false, reason }
                         }
@@ -540,6 +540,8 @@ impl PartyNode {
     /// Applies the local policy to an offer and builds the job's session;
     /// the error is the refusal reason sent to the coordinator.
     async fn accept(&self, offer: &pb::JobOffer, me: &str) -> Result<PartySession, String> {
+        // First: the ledger, the worker thread and the logs are keyed by it.
+        confide_proto::validate_job_id(&offer.job_id)?;
         let cfg = &self.config;
         let spec = JobSpec::parse_with(
             &offer.spec_toml,
@@ -568,10 +570,7 @@ impl PartyNode {
         // The job's whole privacy cost is reserved, durably, before the data
         // is touched.
         // (An evaluate job the policy lets run outside the budget reserves nothing.)
-        let job_budget = if spec.kind == confide_proto::jobspec::JobKind::Evaluate
-            && spec.dp.is_none()
-            && cfg.policy.evaluations_outside_budget
-        {
+        let job_budget = if crate::policy::outside_budget(&spec, &cfg.policy) {
             None
         } else {
             let ledger = self.ledger.clone()?;
@@ -1017,6 +1016,40 @@ mod tests {
         let paths = &crate::ledger::Ledger::read(&ledger_path).unwrap().datasets["bc"].paths;
         let expected = crate::config::resolved_path(&rows).to_string_lossy().into_owned();
         assert_eq!(paths.iter().collect::<Vec<_>>(), [&expected]);
+    }
+
+    /// An offer whose job id is not an id (empty, which once meant "no
+    /// rounds to count" in the ledger; a NUL, which a worker thread's name
+    /// cannot hold; a line break for the logs; or unbounded) is refused
+    /// before anything is reserved; the same offer under a real id is
+    /// accepted and reserved.
+    #[test]
+    fn an_offer_whose_job_id_is_not_an_id_is_refused_before_any_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("t", &["a".into()], &[]).unwrap();
+        let ledger_path = dir.path().join("ledger.json");
+        let rows = dir.path().join("bc.csv");
+        std::fs::write(&rows, "x,label\n1,0\n2,1\n").unwrap();
+        let source: confide_algorithms::data::DatasetSource =
+            toml::from_str(&format!("path = {:?}\nfeatures = 1", rows.to_str().unwrap())).unwrap();
+        let node = node_with(&pki, "a", |cfg| {
+            cfg.ledger = Some(ledger_path.clone());
+            cfg.datasets.insert("bc".into(), source);
+        });
+        let spec = "name = \"p\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\"]\nmin = 1\n\
+                    dataset = \"bc\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+                    [dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\n";
+        let offer = |id: &str| pb::JobOffer { job_id: id.into(), spec_toml: spec.into(), dataset: "bc".into() };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        for id in ["", "j\0", "j\nforged log line", &"j".repeat(65)] {
+            let Err(e) = runtime.block_on(node.accept(&offer(id), "a")) else { panic!("{id:?} accepted") };
+            assert!(e.contains("job_id") && e.contains("is not a job id"), "{e}");
+        }
+        assert!(crate::ledger::Ledger::read(&ledger_path).map_or(true, |l| l.datasets.is_empty()));
+        let accepted = runtime.block_on(node.accept(&offer("j1-ok"), "a"));
+        assert!(accepted.is_ok(), "{:?}", accepted.err());
+        assert!(crate::ledger::Ledger::read(&ledger_path).unwrap().datasets["bc"].jobs.contains_key("j1-ok"));
     }
 
     /// A coordinator that sends an older revocation list (to bring a revoked

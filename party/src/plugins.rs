@@ -36,7 +36,9 @@ pub struct JobContext<'a> {
     /// (`policy.min_parties`); protocols hold every round to it.
     pub min_parties: usize,
     /// The job's reservation in the privacy ledger: a DP job's every
-    /// training round goes through it (`None` outside a node, in tests).
+    /// training round goes through it. `None` only for a job without DP
+    /// that reserves nothing (an evaluation outside the budget); a DP job
+    /// without one is refused.
     pub budget: Option<crate::ledger::RoundGuard>,
     /// Distributed DP: rounds of noise to draw ahead
     /// (`[training] dp_noise_rounds_ahead`).

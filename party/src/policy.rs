@@ -85,8 +85,7 @@ pub fn consider<'a>(
     // A job without differential privacy costs its data set ε = ∞. The
     // cost of one with it is checked against the data set's spending by the
     // ledger, which reserves it (crate::ledger).
-    let exempt = spec.kind == confide_proto::jobspec::JobKind::Evaluate && policy.evaluations_outside_budget;
-    if spec.dp.is_none() && !exempt {
+    if spec.dp.is_none() && !outside_budget(spec, policy) {
         if policy.require_dp {
             return Err("policy requires differential privacy; this job has none".into());
         }
@@ -122,6 +121,19 @@ pub fn consider<'a>(
     Ok(source)
 }
 
+/// Whether `spec` is an evaluation `policy.evaluations_outside_budget`
+/// lets run without `[dp]` and without a reservation: a pipeline's count
+/// or gate (`spec.pipeline`), which evaluates the watched directory's
+/// batches only. An evaluate job on a data set file is not one, whatever
+/// the setting: a coordinator could otherwise query any data set's rows,
+/// exactly, with models of its choice, outside every budget.
+pub fn outside_budget(spec: &JobSpec, policy: &Policy) -> bool {
+    policy.evaluations_outside_budget
+        && spec.dp.is_none()
+        && spec.kind == confide_proto::jobspec::JobKind::Evaluate
+        && spec.pipeline.is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +152,41 @@ mod tests {
             names.join(", ")
         );
         JobSpec::parse(&text, "t", &Limits::default()).unwrap()
+    }
+
+    /// `policy.evaluations_outside_budget` exempts a pipeline's counts and
+    /// gates only: an evaluate job without `[dp]` on a data set file is
+    /// still refused under `max_epsilon` (a coordinator would otherwise
+    /// query those rows, exactly, as often as it liked), and a pipeline's
+    /// is accepted without a reservation.
+    #[test]
+    fn only_a_pipelines_evaluations_run_outside_the_budget() {
+        let plugins = PartyPlugins::default();
+        let data = BTreeMap::from([("d".to_string(), DatasetSource::csv("d.csv".into()))]);
+        let evaluate = |pipeline: &str| {
+            let text = format!(
+                "name = \"e\"\nkind = \"evaluate\"\nfrom_job = \"j0\"\n[parties]\nnames = [\"a\"]\nmin = 1\n\
+                 dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\n{pipeline}"
+            );
+            JobSpec::parse(&text, "t", &Limits::default()).unwrap()
+        };
+        let policy = Policy {
+            aggregation: vec!["none".into()],
+            min_parties: 1,
+            max_epsilon: Some(4.0),
+            evaluations_outside_budget: true,
+            ..Policy::default()
+        };
+        let direct = evaluate("");
+        assert!(!outside_budget(&direct, &policy));
+        let e = consider(&direct, "d", &policy, &plugins, &data).unwrap_err();
+        assert!(e.contains("ε = ∞"), "{e}");
+        let gate = evaluate("[pipeline]\njob = \"p1\"\niteration = 1\nservice = \"triage\"\nrows = \"new\"\n");
+        assert!(outside_budget(&gate, &policy));
+        assert!(consider(&gate, "d", &policy, &plugins, &data).is_ok());
+        let off = Policy { evaluations_outside_budget: false, ..policy };
+        assert!(!outside_budget(&gate, &off));
+        assert!(consider(&gate, "d", &off, &plugins, &data).is_err());
     }
 
     fn cautious_floor() -> Policy {

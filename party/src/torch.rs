@@ -585,23 +585,20 @@ impl TorchTrainer {
     /// rows (a DP evaluation rounds it back to the count, whose sensitivity
     /// is one row; an f32 mean is off by several rows past about 2^24).
     ///
-    /// A TorchScript module scores one row a call: its code may compute
-    /// over the batch (a batch norm in training mode, `x.mean(0)`), and a
-    /// row's prediction must not depend on the other rows, or one row added
-    /// could change many rows' counts. The built-in models are per-row and
-    /// score the rows in one batch.
+    /// Every model scores one row a call: a row's prediction must not
+    /// depend on the other rows, or one row added could change many rows'
+    /// counts. A TorchScript module's code may compute over the batch (a
+    /// batch norm in training mode, `x.mean(0)`); a built-in model's f32
+    /// kernels may round a row's outputs differently with the batch's size,
+    /// which a model chosen to put rows at the decision boundary could
+    /// turn into flipped predictions.
     fn score(&self, ds: &Dataset) -> Result<(f64, f64, Vec<f64>), Error> {
         if ds.is_empty() {
             return Ok((0.0, 0.0, Vec::new()));
         }
         tch::no_grad(|| {
-            let logits = match &self.net {
-                Net::Builtin(_) => self.logits(&ds.features)?,
-                Net::Script(_) => {
-                    let rows = (0..ds.len()).map(|i| self.logits(ds.row(i))).collect::<Result<Vec<_>, _>>()?;
-                    Tensor::f_cat(&rows, 0).map_err(torch_err("the rows' logits"))?
-                }
-            };
+            let rows = (0..ds.len()).map(|i| self.logits(ds.row(i))).collect::<Result<Vec<_>, _>>()?;
+            let logits = Tensor::f_cat(&rows, 0).map_err(torch_err("the rows' logits"))?;
             let idx: Vec<usize> = (0..ds.len()).collect();
             let y = Self::labels(ds, &idx);
             let loss = logits.cross_entropy_for_logits(&y).double_value(&[]);

@@ -6,7 +6,7 @@ use std::time::Instant;
 use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD};
 use confide_algorithms::{DpSgdPlan, FitConfig, Trainer};
 use confide_crypto::aggregation::sum::{self, SumLayout};
-use confide_crypto::aggregation::{AggregationClient, LocalUpdate, StageName};
+use confide_crypto::aggregation::{AggregationClient, Envelope, LocalUpdate, StageName};
 use confide_proto::messages::{ResultBody, SumOf, Task, TaskBody};
 
 use confide_proto::dpspec::{AccountantKind, DpLevel, DpRelease};
@@ -113,6 +113,12 @@ impl PartyJobKind for TrainingKind {
         }
         // Every job but an evaluation outside the budget has a ledger entry:
         // its rounds are counted (under DP), and leaving it is recorded.
+        // A DP job without one would release rounds on no record: refused
+        // (the node reserves every DP job; a caller of this seam that did
+        // not is caught here).
+        if spec.dp.is_some() && cx.budget.is_none() {
+            return Err("a job with [dp] needs its privacy ledger reservation; none was made".into());
+        }
         handler.continues_earlier = cx.budget.as_ref().is_some_and(|b| b.resumed());
         handler.budget = cx.budget;
         Ok(Box::new(handler))
@@ -551,16 +557,26 @@ impl TrainingHandler {
             None => None,
         };
         self.eval_released = true;
+        let released = self.evaluate_noisily(global, noise);
+        // Durable before any answer leaves, a refusal included (whether the
+        // evaluation failed is itself about the rows).
+        if let Some(recorded) = recorded {
+            recorded.durable().map_err(TaskError::Refused)?;
+        }
+        released
+    }
+
+    fn evaluate_noisily(
+        &mut self,
+        global: &confide_algorithms::Parameters,
+        noise: confide_dp::evaluation::NoisyCounts,
+    ) -> Result<confide_dp::evaluation::NoisyEvaluation, TaskError> {
         self.trainer.set_parameters(global).map_err(err)?;
         let outcome = self.trainer.evaluate().map_err(kept_local("the evaluation"))?;
         let n = outcome.num_examples;
         let correct = outcome.metrics.get("accuracy").map(|a| (a.clamp(0.0, 1.0) * n as f64).round() as u64);
         let mut rng = confide_dp::sampler::os_seeded_rng().map_err(err)?;
-        let released = noise.release(n, correct, &mut rng).map_err(kept_local("the evaluation's release"))?;
-        if let Some(recorded) = recorded {
-            recorded.durable().map_err(TaskError::Refused)?;
-        }
-        Ok(released)
+        noise.release(n, correct, &mut rng).map_err(kept_local("the evaluation's release"))
     }
 
     /// Whether the job has differential privacy (either level).
@@ -612,6 +628,34 @@ impl TrainingHandler {
             Some(budget) => Some(budget.start_round().map_err(refused)?),
             None => None,
         };
+        let contribution = self.train_privately(round, config, global, base, round_message);
+        // Not on record, so not sent: nor is a refusal (whether training
+        // failed is itself about the rows), so the record is waited for
+        // whatever the round's outcome.
+        if let Some(recorded) = recorded
+            && let Err(e) = recorded.durable()
+        {
+            self.drop_round();
+            return Err(TaskError::Refused(e));
+        }
+        let contribution = contribution?;
+        if !self.stages.is_empty() {
+            self.open = Some(round);
+            self.opened_any = true;
+        }
+        Ok(ResultBody::Fit { metrics: Default::default(), contribution })
+    }
+
+    /// [`TrainingHandler::fit_private`]'s training and contribution, once
+    /// the round is on record.
+    fn train_privately(
+        &mut self,
+        round: u32,
+        config: &FitConfig,
+        global: &confide_algorithms::Parameters,
+        base: &confide_algorithms::Parameters,
+        round_message: &[u8],
+    ) -> Result<Envelope, TaskError> {
         // Distributed noise does not depend on the data: drawn before training.
         self.aggregation.prepare(global);
         let local = match (self.dp, self.party_clip) {
@@ -630,19 +674,7 @@ impl TrainingHandler {
             (None, None) => return Err(TaskError::Refused("no differential privacy to apply".into())),
         };
         let update = LocalUpdate { global, fit: config, local, num_examples: 1, train_loss: None };
-        let contribution = self.aggregation.contribute(round, round_message, update)?;
-        if let Some(recorded) = recorded
-            && let Err(e) = recorded.durable()
-        {
-            // Not on record, so not sent: the round's state goes too.
-            self.drop_round();
-            return Err(TaskError::Refused(e));
-        }
-        if !self.stages.is_empty() {
-            self.open = Some(round);
-            self.opened_any = true;
-        }
-        Ok(ResultBody::Fit { metrics: Default::default(), contribution })
+        Ok(self.aggregation.contribute(round, round_message, update)?)
     }
 }
 
@@ -1032,6 +1064,42 @@ mod tests {
         assert_eq!(on_disk.rounds_started, 3, "the failed round is counted");
     }
 
+    /// Whether a DP round or a DP evaluation failed is about the rows: the
+    /// refusal leaves only once the round's ledger record is on disk, as a
+    /// result would (the writer is slowed so that luck cannot pass this).
+    #[test]
+    fn a_failed_dp_round_or_evaluation_is_on_record_before_its_refusal_leaves() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = crate::ledger::Ledger::open(&path).unwrap();
+        crate::ledger::WRITE_DELAY_MS.store(300, Ordering::Relaxed);
+        let spec = dp_job(3);
+        let failing = FixedDp { fails_with: Some("diverged".into()), ..FixedDp::default() };
+        let mut h = dp_handler(&spec, failing, ledger.reserve("j1", &spec, "d", None).unwrap());
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let fit = TaskBody::Fit {
+            config: FitConfig { round: 1, train: Default::default() },
+            global: global.clone(),
+            round_message: Vec::new(),
+        };
+        h.on_task(task(1, fit)).unwrap_err();
+        let on_disk = crate::ledger::Ledger::read(&path).unwrap();
+        assert_eq!(on_disk.datasets["d"].jobs["j1"].rounds_started, 1);
+        let text = "name = \"e\"\nkind = \"evaluate\"\nfrom_job = \"j0\"\n[parties]\nnames = [\"p0\"]\nmin = 1\n\
+                    dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\n[dp]\nnoise_multiplier = 2.0\n";
+        let eval_spec = confide_proto::jobspec::JobSpec::parse(text, "e", &confide_proto::Limits::default()).unwrap();
+        let failing = FixedDp { fails_with: Some("no rows".into()), ..FixedDp::default() };
+        let mut e = dp_handler(&spec, failing, ledger.reserve("e1", &eval_spec, "d", None).unwrap());
+        e.dp = None;
+        e.evaluate_only = true;
+        e.eval_noise = Some(confide_dp::evaluation::NoisyCounts::new(2.0).unwrap());
+        e.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
+        let on_disk = crate::ledger::Ledger::read(&path).unwrap();
+        crate::ledger::WRITE_DELAY_MS.store(0, Ordering::Relaxed);
+        assert_eq!(on_disk.datasets["d"].jobs["e1"].rounds_started, 1);
+    }
+
     /// A trainer that evaluates `n` rows at accuracy 0.9 and loss 0.3.
     struct Rows(u64);
 
@@ -1071,19 +1139,20 @@ mod tests {
         let job = JobFacts::new("e1", Vec::new(), 10, 1, 100);
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let mut h = TrainingHandler::new(Box::new(Rows(100_000)), client, Plain.stages());
+        // As `TrainingKind::handler` sets an evaluate job up.
+        h.evaluate_only = true;
         h.eval_noise = Some(confide_dp::evaluation::NoisyCounts::new(2.0).unwrap());
         h.budget = Some(guard);
         let global = Arc::new(Fixed.parameters().unwrap());
-        let ResultBody::Setup { stats, .. } = h.on_task(task(0, TaskBody::Setup)).unwrap() else { panic!() };
-        assert_eq!(stats, FeatureStats::default(), "no feature sums");
         let fit = TaskBody::Fit {
             config: FitConfig { round: 1, train: Default::default() },
             global: global.clone(),
             round_message: Vec::new(),
         };
-        for body in [fit, TaskBody::SecureSum { of: SumOf::FeatureStats, round_message: Vec::new() }] {
+        let feature_sums = TaskBody::SecureSum { of: SumOf::FeatureStats, round_message: Vec::new() };
+        for body in [TaskBody::Setup, fit, feature_sums] {
             let err = h.on_task(task(1, body)).unwrap_err();
-            assert!(matches!(&err, TaskError::CoordinatorFault(m) if m.contains("noisy counts")), "{err:?}");
+            assert!(matches!(&err, TaskError::CoordinatorFault(m) if m.contains("only evaluates")), "{err:?}");
         }
         let ResultBody::Evaluate { num_examples, loss, metrics } =
             h.on_task(task(1, TaskBody::Evaluate { global: global.clone() })).unwrap()

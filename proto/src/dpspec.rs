@@ -319,7 +319,8 @@ impl DpSpec {
         if self.release == DpRelease::Evaluation {
             return Ok(vec![confide_dp::evaluation::event(z)]);
         }
-        release_events(self.level, self.sampling_rate, self.clip, self.distributed, self.model_values_bound(), z)
+        let level = Sensitivity::of(self.level, self.adaptive.is_some());
+        release_events(level, self.sampling_rate, self.clip, self.distributed, self.model_values_bound(), z)
     }
 
     /// The ε `rounds` rounds cost each party's data set, at this δ: for
@@ -339,9 +340,11 @@ impl DpSpec {
         if self.level == DpLevel::Example {
             return self.epsilon(training, rounds);
         }
-        let events = self
-            .release_events(self.noise_multiplier)
-            .map(|e| e.into_iter().map(DpEvent::at_double_sensitivity).collect());
+        // Under adaptive clipping the party-level events are doubled already
+        // (Sensitivity::ReplacedContribution): the same bound.
+        let events = self.release_events(self.noise_multiplier).map(|e| {
+            if self.adaptive.is_some() { e } else { e.into_iter().map(DpEvent::at_double_sensitivity).collect() }
+        });
         let steps = self.steps_per_round(training).saturating_mul(u64::from(rounds));
         steps_epsilon(self.accountant, self.model_values_bound(), events, steps, self.delta)
     }
@@ -398,20 +401,53 @@ pub fn empty_accountant() -> RdpAccountant {
 /// `max_values` values can have (`ddg::events_up_to`), since the
 /// mechanism's rounding depends on the size and ε must follow from the spec
 /// alone, before anyone has seen a model.
+/// What one release's sensitivity is measured against, at each level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sensitivity {
+    /// Example level: one record added or removed (DP-SGD's clip).
+    Record,
+    /// Party level, fixed clip: the party's contribution against none (its
+    /// data replaced by no data, whose update is zero): the clip.
+    Contribution,
+    /// Party level under adaptive clipping: each contribution carries
+    /// (b − ½)·κ, so a party with no data sends (0, +κ/2), not zero. Its
+    /// data against no data moves the contribution by up to √(C² + κ²),
+    /// more than the joint clip C' = √(C² + κ²/4); after the lattice's
+    /// rounding, by up to the sum of both vectors' bounds. Accounted as
+    /// two contributions apart: twice the sensitivity.
+    ReplacedContribution,
+}
+
+impl Sensitivity {
+    /// The sensitivity of `level`'s releases, with or without adaptive clipping.
+    pub fn of(level: DpLevel, adaptive: bool) -> Sensitivity {
+        match (level, adaptive) {
+            (DpLevel::Example, _) => Sensitivity::Record,
+            (DpLevel::Party, false) => Sensitivity::Contribution,
+            (DpLevel::Party, true) => Sensitivity::ReplacedContribution,
+        }
+    }
+}
+
 fn release_events(
-    level: DpLevel,
+    level: Sensitivity,
     q: f64,
     clip: f64,
     distributed: Option<DistributedNoise>,
     max_values: usize,
     z: f64,
 ) -> Result<Vec<DpEvent>, String> {
-    match distributed {
-        Some(d) if level == DpLevel::Party => {
-            events_up_to(&d.config(clip, z, max_values), max_values).map_err(|e| e.to_string())
+    let events = match distributed {
+        Some(d) if level != Sensitivity::Record => {
+            events_up_to(&d.config(clip, z, max_values), max_values).map_err(|e| e.to_string())?
         }
-        _ => Ok(vec![step_event(q, z)]),
-    }
+        _ => vec![step_event(q, z)],
+    };
+    Ok(if level == Sensitivity::ReplacedContribution {
+        events.into_iter().map(DpEvent::at_double_sensitivity).collect()
+    } else {
+        events
+    })
 }
 
 fn steps_per_round(level: DpLevel, local_epochs: u32, q: f64) -> u64 {
@@ -443,6 +479,7 @@ pub fn noise_for_target(
     target: f64,
     delta: f64,
     level: DpLevel,
+    adaptive: bool,
     q: f64,
     clip: f64,
     distributed: Option<DistributedNoise>,
@@ -455,7 +492,8 @@ pub fn noise_for_target(
         return Err("no noisy release to calibrate (0 rounds)".into());
     }
     let eps = |z: f64| {
-        Ok(steps_epsilon(kind, max_values, release_events(level, q, clip, distributed, max_values, z), steps, delta))
+        let events = release_events(Sensitivity::of(level, adaptive), q, clip, distributed, max_values, z);
+        Ok(steps_epsilon(kind, max_values, events, steps, delta))
     };
     let z = calibrate_by(target, &format!("at δ = {delta} over {steps} releases"), eps).map_err(|e| {
         let hint = if distributed.is_some() {
@@ -595,11 +633,26 @@ impl RawDp {
         if !e.is_empty() {
             return Err(e);
         }
+        let adaptive = self.adaptive_clip_quantile.is_some();
+        let sensitivity = Sensitivity::of(level, adaptive);
         let eps = |z: f64| {
-            steps_epsilon(accountant, max_values, release_events(level, q, c, distributed, max_values, z), steps, delta)
+            let events = release_events(sensitivity, q, c, distributed, max_values, z);
+            steps_epsilon(accountant, max_values, events, steps, delta)
         };
         let noise_multiplier = self.resolve_noise(&format!(" over {steps} steps"), eps, |target| {
-            noise_for_target(accountant, target, delta, level, q, c, distributed, max_values, training, rounds)
+            noise_for_target(
+                accountant,
+                target,
+                delta,
+                level,
+                adaptive,
+                q,
+                c,
+                distributed,
+                max_values,
+                training,
+                rounds,
+            )
         })?;
         let adaptive = match (self.adaptive_clip_quantile, self.adaptive_clip_rate, self.clip_count_stddev) {
             (None, None, None) => None,
@@ -960,9 +1013,13 @@ mod tests {
         assert_eq!(raw.validate(&training, 10, Some(noise(16))).unwrap(), dp);
     }
 
-    /// Adaptive clipping rides in the distributed release (same ε as a fixed
-    /// clip), takes its defaults from the spec, and is refused elsewhere or
-    /// with a count noise that leaves nothing for the updates.
+    /// Adaptive clipping rides in the distributed release, takes its
+    /// defaults from the spec, and is refused elsewhere or with a count
+    /// noise that leaves nothing for the updates. Its party-level ε is a
+    /// fixed clip's at twice the sensitivity: a party with no data sends
+    /// (0, +κ/2), not zero, so its data against none moves the contribution
+    /// by more than the joint clip (what a record costs, the same bound,
+    /// is unchanged).
     #[test]
     fn adaptive_clipping_is_for_distributed_noise_and_checked() {
         let training = TrainConfig::default();
@@ -973,7 +1030,14 @@ mod tests {
         let want = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_stddev: 2.0 };
         assert_eq!(dp.adaptive, Some(want));
         let fixed = RawDp { adaptive_clip_quantile: None, ..raw.clone() }.validate(&training, 5, noise).unwrap();
-        assert_eq!(dp.epsilon(&training, 5), fixed.epsilon(&training, 5));
+        assert!(dp.epsilon(&training, 5) > 1.5 * fixed.epsilon(&training, 5));
+        assert_eq!(dp.epsilon(&training, 5), fixed.record_epsilon(&training, 5));
+        assert_eq!(dp.record_epsilon(&training, 5), fixed.record_epsilon(&training, 5));
+        // A target is met at the adaptive job's own sensitivity.
+        let aimed = RawDp { noise_multiplier: None, target_epsilon: Some(4.0), ..raw.clone() };
+        let aimed = aimed.validate(&training, 5, noise).unwrap();
+        let eps = aimed.epsilon(&training, 5);
+        assert!(eps <= 4.0 && eps > 3.99, "{eps}");
         assert_eq!(dp.to_raw().validate(&training, 5, noise).unwrap(), dp);
         let field = |r: RawDp, n| r.validate(&training, 5, n).unwrap_err()[0].0.clone();
         // Central noise too (σ_b defaults to z there); DP-SGD: no.

@@ -43,6 +43,27 @@ pub const MAX_ADVERTISED_POLICY: usize = 16 * 1024;
 /// The most services one serving report lists, on both sides.
 pub const MAX_SERVING_SERVICES: usize = 256;
 
+/// The longest job id a party accepts.
+pub const MAX_JOB_ID_LEN: usize = 64;
+
+/// Checks a job id from the wire: 1 to [`MAX_JOB_ID_LEN`] ASCII letters,
+/// digits, '-', '_' or '.'. A party keys its privacy ledger, its worker
+/// thread and its logs by the id, so an empty one, a control character or
+/// an unbounded one is refused before anything is reserved.
+pub fn validate_job_id(id: &str) -> Result<(), String> {
+    if id.is_empty()
+        || id.len() > MAX_JOB_ID_LEN
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        let shown: String = id.chars().take(MAX_JOB_ID_LEN).collect();
+        return Err(format!(
+            "job_id {shown:?}{} is not a job id (1 to {MAX_JOB_ID_LEN} ASCII letters, digits, '-', '_', '.')",
+            if id.chars().count() > MAX_JOB_ID_LEN { "…" } else { "" }
+        ));
+    }
+    Ok(())
+}
+
 /// Sizes enforced at the federation's boundaries. Both ends check them before
 /// buffering, so an oversized or lying peer costs at most one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -91,5 +112,21 @@ impl Limits {
             return Err(Error::InvalidInput("limits: every limit must be positive".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod job_id_tests {
+    use super::*;
+
+    #[test]
+    fn a_job_id_is_a_short_printable_name() {
+        for ok in ["j18f3a-00ff", "job-1", "a", "x.y_z", &"j".repeat(MAX_JOB_ID_LEN)] {
+            assert_eq!(validate_job_id(ok), Ok(()), "{ok:?}");
+        }
+        for bad in ["", "j\0", "j k", "j\n", "../j", "j/k", "é", &"j".repeat(MAX_JOB_ID_LEN + 1)] {
+            let e = validate_job_id(bad).unwrap_err();
+            assert!(e.starts_with("job_id "), "{e}");
+        }
     }
 }
