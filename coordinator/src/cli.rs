@@ -1114,6 +1114,13 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
         sampling_rate: dp.sampling_rate,
         noise_multiplier: dp.noise_multiplier,
     };
+    // At the sensitivity the job's ε is stated at: twice the clip under
+    // adaptive clipping (confide_proto::dpspec::Sensitivity).
+    let continuous = if dp.level == DpLevel::Party && dp.adaptive.is_some() {
+        continuous.at_double_sensitivity()
+    } else {
+        continuous
+    };
     let reference = mtz.compose(&continuous, total).ok().and_then(|()| mtz.epsilon(dp.delta).ok()).map(|e| e.0);
     let (what, whom) = match dp.level {
         DpLevel::Example => (
@@ -1146,11 +1153,12 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
                     d.max_parties,
                     dp.adaptive.map_or(String::new(), |a| format!(
                         "; adaptive clipping from {} towards the {} quantile of the update norms (η = {}, the count \
-                         of unclipped updates noised at σ = {} in the same release, so ε is unchanged)",
+                         of unclipped updates noised at σ = {} in the same release; a party without data still sends \
+                         its count, so ε is accounted at twice the clip)",
                         dp.clip, a.target_quantile, a.learning_rate, a.count_stddev
                     )),
                 ),
-                "each party (its whole data set added or removed)",
+                "each party (its whole data set against none)",
             )
         }
         DpLevel::Party => (
@@ -1162,11 +1170,12 @@ fn explain_dp(spec: &JobSpec) -> Vec<String> {
                 dp.noise_multiplier,
                 dp.adaptive.map_or(String::new(), |a| format!(
                     "; adaptive clipping from {} towards the {} quantile of the update norms (η = {}, the count of \
-                     unclipped updates noised at σ = {} in the same release, so ε is unchanged)",
+                     unclipped updates noised at σ = {} in the same release; a party without data still sends its \
+                     count, so ε is accounted at twice the clip)",
                     dp.clip, a.target_quantile, a.learning_rate, a.count_stddev
                 )),
             ),
-            "each party (its whole data set added or removed)",
+            "each party (its whole data set against none)",
         ),
     };
     let record = (dp.level == DpLevel::Party).then(|| {

@@ -48,7 +48,9 @@ struct State {
 /// A round recorded as started in memory, whose durable write is under
 /// way on a thread of its own. The round may train meanwhile; nothing it
 /// computes may leave the party before [`RoundStarted::durable`] returns.
-/// Dropped without waiting, the write still completes.
+/// Dropped without it (a panic unwinding through the round), it waits for
+/// the write all the same, so that whatever the unwinding sends leaves
+/// after the record.
 #[must_use = "the round's record must be durable before its result leaves the party"]
 #[derive(Debug)]
 pub struct RoundStarted(Option<std::thread::JoinHandle<Result<(), String>>>);
@@ -56,10 +58,18 @@ pub struct RoundStarted(Option<std::thread::JoinHandle<Result<(), String>>>);
 impl RoundStarted {
     /// Waits until the round's record is on disk; an error (the write
     /// failed) means the round's result must not be released.
-    pub fn durable(self) -> Result<(), String> {
-        match self.0 {
+    pub fn durable(mut self) -> Result<(), String> {
+        match self.0.take() {
             None => Ok(()),
             Some(writer) => writer.join().unwrap_or_else(|_| Err("the privacy ledger's writer panicked".into())),
+        }
+    }
+}
+
+impl Drop for RoundStarted {
+    fn drop(&mut self) {
+        if let Some(writer) = self.0.take() {
+            let _ = writer.join();
         }
     }
 }
@@ -270,6 +280,10 @@ pub struct Ledger {
     /// second process on the same ledger would overwrite this one's
     /// reservations.
     _lock: std::fs::File,
+    /// Tests slow this ledger's writes to check that nothing waits on them
+    /// by luck.
+    #[cfg(test)]
+    pub(crate) write_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Ledger {
@@ -301,6 +315,8 @@ impl Ledger {
             state: Mutex::new(State { file, version: 0 }),
             written: Mutex::new(0),
             _lock: lock,
+            #[cfg(test)]
+            write_delay_ms: Default::default(),
         }))
     }
 
@@ -419,7 +435,7 @@ impl Ledger {
                 next.datasets.entry(dataset.to_owned()).or_default().paths.insert(p.clone());
                 self.commit(&mut state, next)?;
             }
-            return Ok(guard(existing.epsilon.is_finite(), true));
+            return Ok(guard(spec.dp.is_some(), true));
         }
         if let Some(max) = max_epsilon {
             let spent = state.file.spent_by_rows(dataset, path.as_deref(), None);
@@ -476,8 +492,9 @@ impl Ledger {
         // change comes between).
         self.commit(&mut state, next)?;
         // A job without DP is on record (its data set has then spent ε = ∞);
-        // its rounds are not counted.
-        Ok(guard(epsilon.is_finite(), false))
+        // its rounds are not counted. A DP job's are, even where its ε
+        // could not be computed (∞).
+        Ok(guard(spec.dp.is_some(), false))
     }
 
     /// Records where each named data set reads its rows (resolved paths),
@@ -595,7 +612,9 @@ impl Ledger {
 
     fn write_version(&self, file: &LedgerFile, version: u64) -> Result<(), String> {
         #[cfg(test)]
-        std::thread::sleep(std::time::Duration::from_millis(WRITE_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed)));
+        std::thread::sleep(std::time::Duration::from_millis(
+            self.write_delay_ms.load(std::sync::atomic::Ordering::Relaxed),
+        ));
         let mut written = self.written.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
         if *written >= version {
             return Ok(());
@@ -634,10 +653,6 @@ fn create_dirs(dir: &Path) -> Result<(), String> {
 /// (`the_write_order_makes_every_step_durable_before_the_next`): the
 /// power-loss guarantee rests on that order, which a test can check but
 /// not cause.
-/// Tests slow the writer down to check that nothing waits on it by luck.
-#[cfg(test)]
-pub(crate) static WRITE_DELAY_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 #[cfg(test)]
 static DURABLE_STEPS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -721,8 +736,8 @@ mod tests {
         JobSpec::parse(&spec_text(rounds, dp), "t", &Limits::default()).unwrap()
     }
 
-    /// Whether a job's rounds are counted follows from its DP, never from
-    /// its id: a coordinator that names a DP job "" (the id that once meant
+    /// Whether a job's rounds are counted follows from whether it has DP,
+    /// never from its id: a coordinator that names a DP job "" (the id that once meant
     /// "nothing to count") still has every round counted, and one beyond
     /// the reservation charged or refused, and its one release refused again.
     #[test]
@@ -743,6 +758,20 @@ mod tests {
             plain.start_round().unwrap().durable().unwrap();
         }
         assert_eq!(Ledger::read(&path).unwrap().datasets["e"].jobs["x"].rounds_started, 0);
+    }
+
+    /// An ε the accountant could not compute (NaN) counts as ∞, and no
+    /// spending that is NaN or ∞ passes a budget: a NaN would pass every
+    /// `>` comparison.
+    #[test]
+    fn an_epsilon_that_is_not_a_number_fails_closed() {
+        assert_eq!(fail_closed(f64::NAN), f64::INFINITY);
+        assert_eq!(fail_closed(2.5), 2.5);
+        for spent in [f64::NAN, f64::INFINITY, 4.1] {
+            assert!(!within_budget(spent, 4.0), "{spent}");
+        }
+        assert!(within_budget(4.0, 4.0));
+        assert!(!within_budget(1.0, f64::NAN));
     }
 
     /// `policy.max_delta` bounds the δ a data set's rows sum to across

@@ -528,9 +528,9 @@ impl PartyNode {
                     let state =
                         confide_proto::status::JobState::try_from(c.state).map(|s| s.as_str()).unwrap_or("ended");
                     if c.reason.is_empty() {
-                        info!(job = %c.job_id, state, "job closed");
+                        info!(job = ?c.job_id, state, "job closed");
                     } else {
-                        info!(job = %c.job_id, state, "job closed: {}", c.reason);
+                        info!(job = ?c.job_id, state, "job closed: {:?}", c.reason);
                     }
                 }
             }

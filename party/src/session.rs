@@ -265,17 +265,25 @@ impl PartySession {
         }
         self.last_task = Some((task_id, task.round));
         let (job_id, round) = (task.job_id.clone(), task.round);
+        // A fit's answer waits for the floor whether it is a result or a
+        // refusal: an early refusal would say that training failed, and
+        // when (both are about the rows under DP).
+        let fit_task = task.body.stage_name() == "fit";
         let handler = &mut self.handler;
         match catch_unwind(AssertUnwindSafe(|| handler.on_task(task))) {
             Ok(Ok(body)) => {
-                let hold = matches!(body, ResultBody::Fit { .. }).then_some(self.fit_answer_after).flatten();
+                let hold =
+                    (fit_task || matches!(body, ResultBody::Fit { .. })).then_some(self.fit_answer_after).flatten();
                 let out = PartyOutput::Result(TaskResult { job_id, round, task_id, body });
                 match hold {
                     Some(after) => self.held.push((now + after, out)),
                     None => self.out.push_back(out),
                 }
             }
-            Ok(Err(TaskError::Refused(reason))) => refuse(&mut self.out, reason),
+            Ok(Err(TaskError::Refused(reason))) => match fit_task.then_some(self.fit_answer_after).flatten() {
+                Some(after) => self.held.push((now + after, PartyOutput::Failed { task_id, reason })),
+                None => refuse(&mut self.out, reason),
+            },
             Ok(Err(TaskError::CoordinatorFault(why))) => {
                 let reason = format!("coordinator fault: {why}");
                 self.handler.abandon();
@@ -397,6 +405,28 @@ mod tests {
         s.handle(7_001, PartyInput::Closed { reason: String::new() });
         s.handle(20_000, PartyInput::Tick);
         assert!(outputs(&mut s).iter().all(|o| !matches!(o, PartyOutput::Result(_))));
+    }
+
+    /// A fit this party refuses (its training failed: about the rows under
+    /// DP) is answered at the floor too, not at once.
+    #[test]
+    fn a_refused_fit_is_held_until_the_floor_as_a_result_is() {
+        struct FailsToTrain;
+        impl JobHandler for FailsToTrain {
+            fn on_task(&mut self, _: Task) -> Result<ResultBody, TaskError> {
+                Err(TaskError::Refused("DP-SGD training failed (the reason is in this party's log)".into()))
+            }
+        }
+        let mut s = PartySession::new("j", Box::new(FailsToTrain), 20_000).with_fit_answer_after(Some(5_000));
+        s.handle(1_000, step("j", 1, 1, "fit"));
+        assert!(outputs(&mut s).is_empty());
+        s.handle(5_999, PartyInput::Tick);
+        assert!(outputs(&mut s).is_empty());
+        s.handle(6_000, PartyInput::Tick);
+        assert!(matches!(&outputs(&mut s)[..], [PartyOutput::Failed { reason, .. }] if reason.contains("DP-SGD")));
+        // Other refusals go at once.
+        s.handle(6_100, step("j", 1, 2, "secagg-shares"));
+        assert!(matches!(outputs(&mut s)[..], [PartyOutput::Failed { .. }]));
     }
 
     #[test]

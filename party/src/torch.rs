@@ -1457,6 +1457,37 @@ mod tests {
         assert!((0.7..1.4).contains(&variance), "{variance}");
     }
 
+    /// A coordinator's model chosen so that the forward pass overflows
+    /// (every trainable value 10^30: the logits are infinite, their
+    /// gradients NaN) does not make DP-SGD fail, which would tell it
+    /// something about the rows: non-finite gradients count as zero, and
+    /// the step releases finite values (its noise alone moves them, by
+    /// less than an f32 ulp at 10^30).
+    #[test]
+    fn a_model_whose_gradients_overflow_still_trains_privately_to_finite_values() {
+        let (train, test) = data("breast_cancer.csv").shuffle_split(0.25, 1);
+        let rows = train.len();
+        let mut t = standardised(&ModelConfig::mlp(2, vec![16]), train, test, None);
+        let mut huge = t.parameters().unwrap();
+        for (name, values) in huge.values_mut() {
+            if name != INPUT_MEAN && name != INPUT_STD {
+                values.iter_mut().for_each(|v| *v = 1e30);
+            }
+        }
+        t.set_parameters(&huge).unwrap();
+        let plan = DpSgdPlan {
+            max_grad_norm: 1.0,
+            noise_multiplier: 1.0,
+            sampling_rate: 1.0,
+            expected_batch_size: rows,
+            steps_per_round: 2,
+        };
+        let cfg = FitConfig { round: 1, train: TrainConfig { learning_rate: 1.0, ..TrainConfig::default() } };
+        t.fit_private(&cfg, &plan).expect("DP-SGD over overflowing gradients");
+        let after = t.parameters().unwrap();
+        assert!(after.tensors().iter().all(|x| x.data.iter().all(|v| v.is_finite())));
+    }
+
     /// A TorchScript module is trained with DP-SGD only when its variables
     /// chain as linear layers in one way and one choice of activations
     /// reproduces its forward; otherwise the reason is given.

@@ -36,6 +36,12 @@ impl PartyJobKind for TrainingKind {
 
     fn handler(&self, cx: JobContext<'_>) -> Result<Box<dyn JobHandler>, String> {
         let spec = cx.spec;
+        // A DP job without a reservation would release rounds on no
+        // record: refused before the rows are read (the node reserves
+        // every DP job; a caller of this seam that did not is caught here).
+        if spec.dp.is_some() && cx.budget.is_none() {
+            return Err("a job with [dp] needs its privacy ledger reservation; none was made".into());
+        }
         let name = &spec.aggregation.protocol;
         let protocol = cx
             .protocols
@@ -113,12 +119,6 @@ impl PartyJobKind for TrainingKind {
         }
         // Every job but an evaluation outside the budget has a ledger entry:
         // its rounds are counted (under DP), and leaving it is recorded.
-        // A DP job without one would release rounds on no record: refused
-        // (the node reserves every DP job; a caller of this seam that did
-        // not is caught here).
-        if spec.dp.is_some() && cx.budget.is_none() {
-            return Err("a job with [dp] needs its privacy ledger reservation; none was made".into());
-        }
         handler.continues_earlier = cx.budget.as_ref().is_some_and(|b| b.resumed());
         handler.budget = cx.budget;
         Ok(Box::new(handler))
@@ -1073,7 +1073,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.json");
         let ledger = crate::ledger::Ledger::open(&path).unwrap();
-        crate::ledger::WRITE_DELAY_MS.store(300, Ordering::Relaxed);
+        ledger.write_delay_ms.store(300, Ordering::Relaxed);
         let spec = dp_job(3);
         let failing = FixedDp { fails_with: Some("diverged".into()), ..FixedDp::default() };
         let mut h = dp_handler(&spec, failing, ledger.reserve("j1", &spec, "d", None).unwrap());
@@ -1096,7 +1096,6 @@ mod tests {
         e.eval_noise = Some(confide_dp::evaluation::NoisyCounts::new(2.0).unwrap());
         e.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
         let on_disk = crate::ledger::Ledger::read(&path).unwrap();
-        crate::ledger::WRITE_DELAY_MS.store(0, Ordering::Relaxed);
         assert_eq!(on_disk.datasets["d"].jobs["e1"].rounds_started, 1);
     }
 

@@ -620,10 +620,12 @@ fn a_dp_pipeline_job_with_no_batch_sets_up_on_no_rows() {
     source.only = Some(Vec::new());
     assert!(confide_party::watch::no_rows(&source));
     let ledger = confide_party::ledger::Ledger::open(&dir.path().join("ledger.json")).expect("ledger");
+    let reserved = std::cell::Cell::new(true);
     let handler = |text: &str| {
         let spec = std::sync::Arc::new(JobSpec::parse(text, "dp.toml", &Limits::default()).expect("spec"));
         // A DP job sets up only on a reservation, as a node makes one.
-        let budget = spec.dp.is_some().then(|| ledger.reserve("j", &spec, "d", None).expect("reserved"));
+        let budget =
+            (spec.dp.is_some() && reserved.get()).then(|| ledger.reserve("j", &spec, "d", None).expect("reserved"));
         let cx = JobContext {
             job_id: "j",
             spec: &spec,
@@ -641,6 +643,10 @@ fn a_dp_pipeline_job_with_no_batch_sets_up_on_no_rows() {
     };
     let dp = dp_spec("none", 1, 2, 1.0);
     assert_eq!(handler(&dp), Ok(()));
+    // Without its ledger reservation, a DP job does not set up at all.
+    reserved.set(false);
+    assert!(handler(&dp).expect_err("no reservation").contains("privacy ledger reservation"));
+    reserved.set(true);
     let plain = dp.replace("[dp]\nnoise_multiplier = 1\nsampling_rate = 0.05\ndelta = 1e-5\n", "");
     assert!(!plain.contains("[dp]"), "{plain}");
     let e = handler(&plain).expect_err("refused without DP");
