@@ -451,8 +451,13 @@ impl Pipeline {
         raw.kind = kind.as_str().to_owned();
         raw.incremental = None;
         raw.from_job = Some(from_job.to_owned());
-        raw.pipeline =
-            Some(PipelineRef { job: self.id.clone(), iteration: n, service: self.inc.service.clone(), rows });
+        raw.pipeline = Some(PipelineRef {
+            job: self.id.clone(),
+            iteration: n,
+            service: self.inc.service.clone(),
+            rows,
+            counts_only: false,
+        });
         if kind == JobKind::Evaluate {
             raw.rounds = 1;
             // An evaluation reveals metrics, never updates: DP applies to
@@ -509,7 +514,15 @@ impl Pipeline {
         rows: PipelineRows,
         what: &str,
     ) -> Result<(Option<Scored>, String), Stop> {
-        let spec = self.child(JobKind::Evaluate, n, rows, &version.job_id)?;
+        let mut spec = self.child(JobKind::Evaluate, n, rows, &version.job_id)?;
+        if what == "count" {
+            // Polled until the rows arrive: it asks for the count alone, so
+            // that parties running pipelines outside their budget release
+            // no metric each poll (docs/incremental.md).
+            if let Some(p) = spec.pipeline.as_mut() {
+                p.counts_only = true;
+            }
+        }
         let model = self.version(version)?;
         let id = self.submit(spec, model)?;
         let st = self.wait(&id)?;
