@@ -451,13 +451,8 @@ impl Pipeline {
         raw.kind = kind.as_str().to_owned();
         raw.incremental = None;
         raw.from_job = Some(from_job.to_owned());
-        raw.pipeline = Some(PipelineRef {
-            job: self.id.clone(),
-            iteration: n,
-            service: self.inc.service.clone(),
-            rows,
-            counts_only: false,
-        });
+        raw.pipeline =
+            Some(PipelineRef { job: self.id.clone(), iteration: n, service: self.inc.service.clone(), rows });
         if kind == JobKind::Evaluate {
             raw.rounds = 1;
             // An evaluation reveals metrics, never updates: DP applies to
@@ -514,15 +509,7 @@ impl Pipeline {
         rows: PipelineRows,
         what: &str,
     ) -> Result<(Option<Scored>, String), Stop> {
-        let mut spec = self.child(JobKind::Evaluate, n, rows, &version.job_id)?;
-        if what == "count" {
-            // Polled until the rows arrive: it asks for the count alone, so
-            // that parties running pipelines outside their budget release
-            // no metric each poll (docs/incremental.md).
-            if let Some(p) = spec.pipeline.as_mut() {
-                p.counts_only = true;
-            }
-        }
+        let spec = self.child(JobKind::Evaluate, n, rows, &version.job_id)?;
         let model = self.version(version)?;
         let id = self.submit(spec, model)?;
         let st = self.wait(&id)?;

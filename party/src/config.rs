@@ -258,11 +258,9 @@ pub struct Policy {
     /// aggregation protocol) although `require_dp` or `max_epsilon` is set.
     /// They carry no differential privacy: what they reveal (aggregate
     /// counts, losses and accuracies on held-out and new rows) is outside
-    /// the ε this party accounts. Row counts are released as often as the
-    /// coordinator asks; loss and accuracy only for a pipeline that trained
-    /// here, a bounded number of times per iteration
-    /// (`Watches::admit_metrics`). An evaluate job on a data set file is
-    /// refused whatever this says. Off by default.
+    /// the ε this party accounts, and the coordinator may start as many as
+    /// it likes. An evaluate job on a data set file is refused whatever
+    /// this says. Off by default.
     #[serde(default)]
     pub evaluations_outside_budget: bool,
     /// Accept party-level DP whose noise the coordinator adds (`[dp] level

@@ -570,8 +570,7 @@ impl PartyNode {
         // The job's whole privacy cost is reserved, durably, before the data
         // is touched.
         // (An evaluate job the policy lets run outside the budget reserves nothing.)
-        let outside_budget = crate::policy::outside_budget(&spec, &cfg.policy);
-        let job_budget = if outside_budget {
+        let job_budget = if crate::policy::outside_budget(&spec, &cfg.policy) {
             None
         } else {
             let ledger = self.ledger.clone()?;
@@ -586,13 +585,6 @@ impl PartyNode {
             (None, _) => source.clone(),
             (Some(_), Ok(w)) => w.select(&spec, &offer.dataset, source)?,
             (Some(_), Err(e)) => return Err(format!("incremental pipelines: {e}")),
-        };
-        // Outside the budget, metrics only where this party's ledger paid
-        // for the pipeline's training, and a bounded number of times.
-        let evaluation_counts_only = match (&self.watches, outside_budget) {
-            (_, false) => false,
-            (Ok(w), true) => !w.admit_metrics(&spec)?,
-            (Err(e), true) => return Err(format!("incremental pipelines: {e}")),
         };
         let (plugins, trainers, limits) = (self.plugins.clone(), self.trainers.clone(), cfg.limits);
         let min_parties = cfg.policy.min_parties;
@@ -617,7 +609,6 @@ impl PartyNode {
                 min_parties,
                 budget: job_budget,
                 noise_rounds_ahead,
-                evaluation_counts_only,
             };
             kind.handler(cx).map_err(|e| format!("data set {dataset:?}: {e}"))
         })

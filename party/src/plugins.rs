@@ -43,9 +43,6 @@ pub struct JobContext<'a> {
     /// Distributed DP: rounds of noise to draw ahead
     /// (`[training] dp_noise_rounds_ahead`).
     pub noise_rounds_ahead: usize,
-    /// An evaluation outside the budget that may release its row count
-    /// only, no metric (`Watches::admit_metrics`).
-    pub evaluation_counts_only: bool,
 }
 
 /// A job kind on the party's side: builds the handler of its tasks.

@@ -119,7 +119,6 @@ impl PartyJobKind for TrainingKind {
         }
         // Every job but an evaluation outside the budget has a ledger entry:
         // its rounds are counted (under DP), and leaving it is recorded.
-        handler.evaluation_counts_only = cx.evaluation_counts_only;
         handler.continues_earlier = cx.budget.as_ref().is_some_and(|b| b.resumed());
         handler.budget = cx.budget;
         Ok(Box::new(handler))
@@ -178,9 +177,6 @@ pub struct TrainingHandler {
     /// `policy.evaluations_outside_budget` lets run without `[dp]` and
     /// without a reservation must not become an uncharged training job.)
     pub evaluate_only: bool,
-    /// The evaluation releases its row count alone (a pipeline's outside
-    /// the budget, beyond what `Watches::admit_metrics` allows).
-    pub evaluation_counts_only: bool,
     /// The evaluate job's release was made: it has one round, so a second
     /// request in the session (averaging away DP noise) is a coordinator
     /// fault. (A DP evaluation's release is also in the ledger, which
@@ -277,7 +273,6 @@ impl TrainingHandler {
             opened_any: false,
             continues_earlier: false,
             evaluate_only: false,
-            evaluation_counts_only: false,
             eval_released: false,
             trained: false,
             stats_summed: false,
@@ -350,10 +345,6 @@ impl JobHandler for TrainingHandler {
                 self.release_evaluation(round)?;
                 self.trainer.set_parameters(&global).map_err(err)?;
                 let outcome = self.trainer.evaluate().map_err(err)?;
-                if self.evaluation_counts_only {
-                    let metrics = Default::default();
-                    return Ok(ResultBody::Evaluate { num_examples: outcome.num_examples, loss: f64::NAN, metrics });
-                }
                 Ok(ResultBody::Evaluate {
                     num_examples: outcome.num_examples,
                     loss: outcome.loss,
@@ -458,17 +449,7 @@ impl TrainingHandler {
                 self.release_evaluation(round)?;
                 self.trainer.set_parameters(&global).map_err(err)?;
                 let outcome = self.trainer.evaluate().map_err(err)?;
-                let values = if self.evaluation_counts_only {
-                    // The count, with no loss or metric (their weights 0).
-                    let count = i64::try_from(outcome.num_examples).unwrap_or(i64::MAX);
-                    sum::noisy_evaluation_values(&confide_dp::evaluation::NoisyEvaluation {
-                        examples: count,
-                        correct: None,
-                    })
-                } else {
-                    sum::evaluation_values(&outcome)?
-                };
-                (SumLayout::evaluation(&global), values)
+                (SumLayout::evaluation(&global), sum::evaluation_values(&outcome)?)
             }
         };
         let contribution = self.aggregation.contribute_sum(round, round_message, &layout, &values)?;
@@ -1116,32 +1097,6 @@ mod tests {
         e.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
         let on_disk = crate::ledger::Ledger::read(&path).unwrap();
         assert_eq!(on_disk.datasets["d"].jobs["e1"].rounds_started, 1);
-    }
-
-    /// An evaluation outside the budget beyond what the pipeline's training
-    /// here paid for releases its row count alone: no loss, no accuracy,
-    /// in the clear or in the secure sum.
-    #[test]
-    fn a_counts_only_evaluation_releases_the_row_count_alone() {
-        use confide_crypto::aggregation::plain::Plain;
-        let job = JobFacts::new("e1", Vec::new(), 10, 1, 100);
-        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-        let mut h = TrainingHandler::new(Box::new(Rows(120)), client, Plain.stages());
-        h.evaluate_only = true;
-        h.evaluation_counts_only = true;
-        let global = Arc::new(Fixed.parameters().unwrap());
-        let ResultBody::Evaluate { num_examples, loss, metrics } =
-            h.on_task(task(1, TaskBody::Evaluate { global: global.clone() })).unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!((num_examples, loss.is_nan(), metrics.len()), (120, true, 0));
-        let layout = SumLayout::evaluation(&global);
-        let values =
-            sum::noisy_evaluation_values(&confide_dp::evaluation::NoisyEvaluation { examples: 120, correct: None });
-        assert_eq!(values.len(), layout.values);
-        assert_eq!(values[0], 120.0);
-        assert!(values[1..].iter().all(|v| *v == 0.0), "{values:?}");
     }
 
     /// A trainer that evaluates `n` rows at accuracy 0.9 and loss 0.3.

@@ -45,17 +45,7 @@ struct Marks {
     /// is must not depend on whether one row arrived).
     #[serde(default)]
     trained: BTreeMap<String, u32>,
-    /// Pipeline job id → "iteration/rows" → evaluations outside the
-    /// budget that released metrics ([`Watches::admit_metrics`]).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    metric_evaluations: BTreeMap<String, BTreeMap<String, u32>>,
 }
-
-/// Evaluations outside the budget that may release metrics, per pipeline
-/// iteration and kind of rows: the gate's two (candidate and deployed, on
-/// held-out rows) or the post-deployment check's two (on new rows), each
-/// once more (an iteration a coordinator restart ran again).
-pub const METRIC_EVALUATIONS_PER_STEP: u32 = 4;
 
 /// The party's watch state and its hard-example files.
 pub struct Watches {
@@ -235,46 +225,6 @@ impl Watches {
         Ok(out)
     }
 
-    /// Whether a pipeline's evaluate job that runs outside the privacy
-    /// budget (`policy::outside_budget`) may release metrics; otherwise it
-    /// releases its row count alone. The party cannot tell a pipeline the
-    /// coordinator names from a real one, so metrics are bounded by what
-    /// this party's ledger paid for: only for a pipeline that trained here
-    /// (the gate of iteration n after its training, the check of iteration
-    /// n on new rows after iteration n − 1's), at most
-    /// [`METRIC_EVALUATIONS_PER_STEP`] each, counted durably before the
-    /// job is accepted. A count job (`counts_only`) releases the count.
-    pub fn admit_metrics(&self, spec: &JobSpec) -> Result<bool, String> {
-        let Some(p) = spec.pipeline.as_ref().filter(|p| !p.counts_only) else { return Ok(false) };
-        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
-        let trained = marks.trained.get(&p.job).copied();
-        let (eligible, rows) = match p.rows {
-            PipelineRows::All => (trained.is_some_and(|t| t >= p.iteration), "all"),
-            PipelineRows::New => (p.iteration >= 2 && trained.is_some_and(|t| t + 1 >= p.iteration), "new"),
-        };
-        if !eligible {
-            return Ok(false);
-        }
-        let step = format!("{}/{rows}", p.iteration);
-        let used = marks.metric_evaluations.get(&p.job).and_then(|m| m.get(&step)).copied().unwrap_or(0);
-        if used >= METRIC_EVALUATIONS_PER_STEP {
-            return Ok(false);
-        }
-        // On disk before the job is accepted: a crash cannot give back a
-        // release.
-        let mut next = Marks {
-            pipelines: marks.pipelines.clone(),
-            labelled_rows: marks.labelled_rows.clone(),
-            trained: marks.trained.clone(),
-            metric_evaluations: marks.metric_evaluations.clone(),
-        };
-        next.metric_evaluations.entry(p.job.clone()).or_default().insert(step, used + 1);
-        let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
-        write_durably(&self.state_path, &json)?;
-        *marks = next;
-        Ok(true)
-    }
-
     /// The rows job `spec` of a pipeline uses: `source` narrowed to the
     /// batches (and labelled hard examples) its `[pipeline]` table asks
     /// for. A train job marks the new ones as trained on by its iteration,
@@ -358,7 +308,6 @@ impl Watches {
                 pipelines: marks.pipelines.clone(),
                 labelled_rows: marks.labelled_rows.clone(),
                 trained: marks.trained.clone(),
-                metric_evaluations: marks.metric_evaluations.clone(),
             };
             for sha in unbound {
                 next.labelled_rows.insert(sha, dataset.to_owned());
@@ -521,41 +470,6 @@ mod tests {
         // A file data set cannot be watched.
         let e = w.select(&spec("train", 2, "all"), "d", &DatasetSource::csv(data.join("001.csv"))).unwrap_err();
         assert!(e.contains("watched directory"), "{e}");
-    }
-
-    /// An evaluation outside the budget releases metrics only for a
-    /// pipeline that trained here — the gate after its iteration's
-    /// training, the check on new rows after the previous iteration's — a
-    /// bounded number of times, counted across restarts; a count job, a
-    /// pipeline id the coordinator made up, or an iteration not trained yet
-    /// get the row count alone.
-    #[test]
-    fn metrics_outside_the_budget_follow_training_here_and_are_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        batch(&data, "001.csv", &[(1.0, 0), (2.0, 1)]);
-        let src = DatasetSource::csv(data.clone());
-        let w = open_in(dir.path());
-        let counts_only = spec_with("evaluate", 1, "new", "counts_only = true\n");
-        assert!(!w.admit_metrics(&counts_only).unwrap());
-        assert!(!w.admit_metrics(&spec("evaluate", 1, "new")).unwrap(), "no check before any training");
-        assert!(!w.admit_metrics(&spec("evaluate", 1, "all")).unwrap(), "no gate before its training");
-        w.select(&spec("train", 1, "all"), "d", &src).unwrap();
-        for _ in 0..METRIC_EVALUATIONS_PER_STEP - 1 {
-            assert!(w.admit_metrics(&spec("evaluate", 1, "all")).unwrap());
-        }
-        // The bound holds after a restart.
-        let w = open_in(dir.path());
-        assert!(w.admit_metrics(&spec("evaluate", 1, "all")).unwrap());
-        assert!(!w.admit_metrics(&spec("evaluate", 1, "all")).unwrap(), "beyond the bound");
-        assert!(!w.admit_metrics(&spec("evaluate", 2, "all")).unwrap(), "iteration 2 has not trained");
-        assert!(w.admit_metrics(&spec("evaluate", 2, "new")).unwrap(), "the check after iteration 1");
-        assert!(!w.admit_metrics(&spec("evaluate", 3, "new")).unwrap());
-        let made_up = spec("evaluate", 1, "all");
-        let made_up =
-            JobSpec { pipeline: made_up.pipeline.clone().map(|p| PipelineRef { job: "p2".into(), ..p }), ..made_up };
-        assert!(!w.admit_metrics(&made_up).unwrap(), "a pipeline that never trained here");
     }
 
     #[test]

@@ -131,10 +131,6 @@ pub struct PipelineRef {
     pub service: String,
     /// Which rows.
     pub rows: PipelineRows,
-    /// An evaluate job that needs the row count only (the pipeline's
-    /// count of new rows, run every poll): the parties release no metric.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub counts_only: bool,
 }
 
 impl PipelineRef {

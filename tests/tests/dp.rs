@@ -638,7 +638,6 @@ fn a_dp_pipeline_job_with_no_batch_sets_up_on_no_rows() {
             min_parties: 1,
             budget,
             noise_rounds_ahead: 1,
-            evaluation_counts_only: false,
         };
         TrainingKind::TRAIN.handler(cx).map(|_| ())
     };

@@ -72,7 +72,6 @@ impl Sim {
                 min_parties: 1,
                 budget: None,
                 noise_rounds_ahead: 1,
-                evaluation_counts_only: false,
             };
             let handler = TrainingKind::TRAIN.handler(cx).expect("handler");
             parties.insert(name.clone(), PartySession::new("sim", handler, spec.timeouts.round_secs * 2000));
