@@ -570,7 +570,8 @@ impl PartyNode {
         // The job's whole privacy cost is reserved, durably, before the data
         // is touched.
         // (An evaluate job the policy lets run outside the budget reserves nothing.)
-        let job_budget = if crate::policy::outside_budget(&spec, &cfg.policy) {
+        let outside_budget = crate::policy::outside_budget(&spec, &cfg.policy);
+        let job_budget = if outside_budget {
             None
         } else {
             let ledger = self.ledger.clone()?;
@@ -590,7 +591,9 @@ impl PartyNode {
         let min_parties = cfg.policy.min_parties;
         let noise_rounds_ahead = cfg.training.dp_noise_rounds_ahead;
         let (job_id, party, dataset) = (offer.job_id.clone(), me.to_owned(), offer.dataset.clone());
-        let spec_has_dp = spec.dp.is_some();
+        // Under DP, and for an evaluation outside a party's budget (whose
+        // rows its policy protects otherwise), set-up errors stay here.
+        let keeps_reasons = spec.dp.is_some() || outside_budget;
         let fit_answer_after =
             spec.dp.as_ref().and_then(|d| d.answer_fit_after_secs).map(|s| (s * 1000.0).ceil() as u64);
         let spec = Arc::new(spec);
@@ -622,7 +625,7 @@ impl PartyNode {
         // Under DP, why the job could not be set up on the data (a label out
         // of range, a malformed cell) is about the rows: it stays in this
         // party's log, and the reservation stands (the data was read).
-        let handler = match (handler, spec_has_dp) {
+        let handler = match (handler, keeps_reasons) {
             (Ok(h), _) => h,
             (Err(e), false) => return Err(e),
             (Err(e), true) => {
@@ -881,6 +884,7 @@ fn send(job_id: &str, out: PartyOutput, to: &Sent, since: Option<Instant>) -> bo
 mod tests {
     use super::*;
     use confide_crypto::pki::PkiDir;
+    use std::path::Path;
 
     #[test]
     fn two_jobs_results_never_interleave_on_the_shared_stream() {
@@ -1050,6 +1054,70 @@ mod tests {
         let accepted = runtime.block_on(node.accept(&offer("j1-ok"), "a"));
         assert!(accepted.is_ok(), "{:?}", accepted.err());
         assert!(crate::ledger::Ledger::read(&ledger_path).unwrap().datasets["bc"].jobs.contains_key("j1-ok"));
+    }
+
+    /// An evaluation that runs outside the budget (a pipeline's, under
+    /// `evaluations_outside_budget`) reads its rows strictly, as a job
+    /// without DP does; why it could not be set up on them (a malformed
+    /// cell) stays in this party's log, as under DP: the policy protects
+    /// those rows otherwise.
+    #[test]
+    fn an_evaluation_outside_the_budget_keeps_its_set_up_errors_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("t", &["a".into()], &[]).unwrap();
+        let batches = dir.path().join("batches");
+        std::fs::create_dir(&batches).unwrap();
+        std::fs::write(batches.join("001.csv"), "1,0\nsecret-cell,1\n").unwrap();
+        let source: confide_algorithms::data::DatasetSource =
+            toml::from_str(&format!("path = {:?}\nfeatures = 1", batches.to_str().unwrap())).unwrap();
+        let node = node_with(&pki, "a", |cfg| {
+            cfg.ledger = Some(dir.path().join("ledger.json"));
+            cfg.datasets.insert("w".into(), source);
+            cfg.policy.max_epsilon = Some(4.0);
+            cfg.policy.evaluations_outside_budget = true;
+            cfg.policy.min_parties = 1;
+        });
+        let spec = "name = \"e\"\nkind = \"evaluate\"\nfrom_job = \"j0\"\n[parties]\nnames = [\"a\"]\nmin = 1\n\
+                    dataset = \"w\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\n\
+                    [pipeline]\njob = \"p1\"\niteration = 1\nservice = \"triage\"\nrows = \"new\"\n";
+        let offer = pb::JobOffer { job_id: "e1".into(), spec_toml: spec.into(), dataset: "w".into() };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let Err(e) = runtime.block_on(node.accept(&offer, "a")) else { panic!("accepted") };
+        assert!(e.contains("in this party's log") && !e.contains("secret-cell"), "{e}");
+    }
+
+    /// Data sets that came to read the same rows while the party runs (a
+    /// hard link made after start) are caught at the next offer: it is
+    /// refused, without the local paths, before anything is reserved.
+    #[test]
+    fn an_offer_is_refused_once_two_data_sets_read_the_same_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("t", &["a".into()], &[]).unwrap();
+        let ledger_path = dir.path().join("ledger.json");
+        let rows = dir.path().join("bc.csv");
+        std::fs::write(&rows, "x,label\n1,0\n2,1\n").unwrap();
+        let link = dir.path().join("copy.csv");
+        let source = |p: &Path| -> confide_algorithms::data::DatasetSource {
+            toml::from_str(&format!("path = {:?}\nfeatures = 1", p.to_str().unwrap())).unwrap()
+        };
+        let node = node_with(&pki, "a", |cfg| {
+            cfg.ledger = Some(ledger_path.clone());
+            cfg.datasets.insert("bc".into(), source(&rows));
+            cfg.datasets.insert("other".into(), source(&link));
+        });
+        std::fs::hard_link(&rows, &link).unwrap();
+        let spec = "name = \"p\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\"]\nmin = 1\n\
+                    dataset = \"bc\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+                    [dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\n";
+        let offer = pb::JobOffer { job_id: "j1".into(), spec_toml: spec.into(), dataset: "bc".into() };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let Err(e) = runtime.block_on(node.accept(&offer, "a")) else { panic!("accepted") };
+        assert!(e.contains("read the same rows") && !e.contains("copy.csv"), "{e}");
+        assert!(crate::ledger::Ledger::read(&ledger_path).map_or(true, |l| l.datasets.is_empty()));
+        std::fs::remove_file(&link).unwrap();
+        assert!(runtime.block_on(node.accept(&offer, "a")).is_ok(), "accepted once the link is gone");
     }
 
     /// A coordinator that sends an older revocation list (to bring a revoked

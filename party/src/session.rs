@@ -198,6 +198,24 @@ impl PartySession {
             let (_, out) = self.held.remove(i);
             self.out.push_back(out);
         }
+        let queued = self.out.len();
+        self.handle_input(now, input);
+        // While a fit's answer is held, every later answer waits behind it:
+        // one sent at once (a replayed task refused, a step answered or
+        // refused) would tell when training ended, or whether it failed.
+        // Notes stay in this party's log and go at once.
+        if let Some(last) = self.held.iter().map(|(t, _)| *t).max() {
+            let later: Vec<PartyOutput> = self.out.drain(queued..).collect();
+            for out in later {
+                match out {
+                    PartyOutput::Note(_) => self.out.push_back(out),
+                    other => self.held.push((last, other)),
+                }
+            }
+        }
+    }
+
+    fn handle_input(&mut self, now: Millis, input: PartyInput) {
         match input {
             PartyInput::Task(task) => self.on_task(now, task),
             PartyInput::Closed { reason } => {
@@ -299,7 +317,11 @@ impl PartySession {
                 let detail = panic_message(p.as_ref());
                 self.out.push_back(PartyOutput::Note(format!("leaving the job: its trainer panicked: {detail}")));
                 self.aborted = Some(PANICKED.into());
-                refuse(&mut self.out, format!("this party left the job: {PANICKED}"));
+                let reason = format!("this party left the job: {PANICKED}");
+                match fit_task.then_some(self.fit_answer_after).flatten() {
+                    Some(after) => self.held.push((now + after, PartyOutput::Failed { task_id, reason })),
+                    None => refuse(&mut self.out, reason),
+                }
             }
         }
         self.idle_deadline = self.handler.round_open().then_some(now + self.idle_after);
@@ -427,6 +449,25 @@ mod tests {
         // Other refusals go at once.
         s.handle(6_100, step("j", 1, 2, "secagg-shares"));
         assert!(matches!(outputs(&mut s)[..], [PartyOutput::Failed { .. }]));
+    }
+
+    /// While a fit's answer is held, a later task's answer (a replayed task
+    /// refused at once, a step) waits behind it: its arrival would tell
+    /// when training ended. In order, at the fit's floor.
+    #[test]
+    fn answers_after_a_held_fit_wait_behind_it() {
+        let mut s = session(None).with_fit_answer_after(Some(5_000));
+        s.handle(1_000, step("j", 1, 5, "fit"));
+        s.handle(1_200, step("j", 1, 5, "secagg-shares"));
+        s.handle(1_300, step("j", 1, 6, "secagg-shares"));
+        assert!(outputs(&mut s).is_empty(), "nothing before the floor");
+        s.handle(6_000, PartyInput::Tick);
+        let out = outputs(&mut s);
+        assert!(
+            matches!(&out[..], [PartyOutput::Result(r), PartyOutput::Failed { reason, .. }, PartyOutput::Result(_)]
+                if r.task_id == 5 && reason.contains("replayed")),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -1958,8 +1958,25 @@ mod tests {
         let update =
             LocalUpdate { global: &global, fit: &fit, local: model(|_| small), num_examples: 1, train_loss: None };
         let advert = clients[0].contribute(10, &prost::Message::encode_to_vec(&rc), update).unwrap();
-        let err = coordinator.on_message(Peer { name: "p0", certificate: &[], relay: None }, advert).unwrap_err();
+        let err =
+            coordinator.on_message(Peer { name: "p0", certificate: &[], relay: None }, advert.clone()).unwrap_err();
         assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p0"), "{err}");
+        // A coordinator that skips its own check and relays p0's keys
+        // anyway: the honest parties refuse the stage, naming p0, since
+        // p0's signature binds the clip it was shown.
+        let mut adverts = vec![advert];
+        for c in clients.iter_mut().skip(1) {
+            let update =
+                LocalUpdate { global: &global, fit: &fit, local: model(|_| small), num_examples: 1, train_loss: None };
+            adverts.push(c.contribute(10, &rm, update).unwrap());
+        }
+        let keys: Vec<wire::Keys> =
+            adverts.iter().map(|a| prost::Message::decode(a.body.as_slice()).unwrap()).collect();
+        let err = clients[1].on_step(10, SHARES, Envelope::encode(&wire::KeyList { keys })).unwrap_err();
+        assert!(
+            matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("p0")),
+            "{err}"
+        );
         // A coordinator that sends an absurd clip is refused and named.
         let mut coordinator = server(&table, &job);
         let info = RoundInfo { round: 9, parties: &names, global: &global, fit: Some(&fit) };
