@@ -360,7 +360,7 @@ impl PartyNode {
             .into_inner();
         let mut welcomed = false;
         let mut me = String::new();
-        let mut jobs: HashMap<String, Sender<PartyInput>> = HashMap::new();
+        let mut jobs: HashMap<String, JobInbox> = HashMap::new();
         let mut pending: Option<(pb::Task, Incoming)> = None;
         loop {
             let msg = match inbound.message().await {
@@ -523,7 +523,7 @@ impl PartyNode {
                 }
                 coordinator_message::Body::Closed(c) => {
                     if let Some(job) = jobs.remove(&c.job_id) {
-                        let _ = job.send(PartyInput::Closed { reason: c.reason.clone() });
+                        let _ = job.send((Instant::now(), PartyInput::Closed { reason: c.reason.clone() }));
                     }
                     let state =
                         confide_proto::status::JobState::try_from(c.state).map(|s| s.as_str()).unwrap_or("ended");
@@ -571,6 +571,10 @@ impl PartyNode {
         // is touched.
         // (An evaluate job the policy lets run outside the budget reserves nothing.)
         let outside_budget = crate::policy::outside_budget(&spec, &cfg.policy);
+        // Under DP, and for an evaluation outside a party's budget (whose
+        // rows its policy protects otherwise), why the rows could not be
+        // selected or set up stays here.
+        let keeps_reasons = spec.dp.is_some() || outside_budget;
         let job_budget = if outside_budget {
             None
         } else {
@@ -584,16 +588,13 @@ impl PartyNode {
         // is reserved.
         let source = match (&spec.pipeline, &self.watches) {
             (None, _) => source.clone(),
-            (Some(_), Ok(w)) => w.select(&spec, &offer.dataset, source)?,
+            (Some(_), Ok(w)) => w.select_keeping_reasons(&spec, &offer.dataset, source, keeps_reasons)?,
             (Some(_), Err(e)) => return Err(format!("incremental pipelines: {e}")),
         };
         let (plugins, trainers, limits) = (self.plugins.clone(), self.trainers.clone(), cfg.limits);
         let min_parties = cfg.policy.min_parties;
         let noise_rounds_ahead = cfg.training.dp_noise_rounds_ahead;
         let (job_id, party, dataset) = (offer.job_id.clone(), me.to_owned(), offer.dataset.clone());
-        // Under DP, and for an evaluation outside a party's budget (whose
-        // rows its policy protects otherwise), set-up errors stay here.
-        let keeps_reasons = spec.dp.is_some() || outside_budget;
         let fit_answer_after =
             spec.dp.as_ref().and_then(|d| d.answer_fit_after_secs).map(|s| (s * 1000.0).ceil() as u64);
         let spec = Arc::new(spec);
@@ -717,13 +718,19 @@ fn identity(cfg: &PartyConfig, me: &str, revocations: &SharedRevocations) -> Res
     Ok(PartyIdentity { name: me.to_owned(), signer: Arc::new(key), peers: Box::new(verifier) })
 }
 
+/// A job's worker's inbox: each input with when it reached the party (a
+/// task's answer floor counts from then, not from when the worker, busy
+/// training, picked it up).
+type JobInbox = Sender<(Instant, PartyInput)>;
+
 /// Converts a task and hands it to its job's thread; a task for a job this
 /// party is not in, or one that does not convert, fails at once.
-async fn route(jobs: &HashMap<String, Sender<PartyInput>>, outbox: &Outbox, task: pb::Task, bulk: Option<Bulk>) {
+async fn route(jobs: &HashMap<String, JobInbox>, outbox: &Outbox, task: pb::Task, bulk: Option<Bulk>) {
+    let arrived = Instant::now();
     let (job_id, task_id) = (task.job_id.clone(), task.task_id);
     let reason = match Task::try_from((task, bulk)) {
         Ok(task) => match jobs.get(&job_id) {
-            Some(w) if w.send(PartyInput::Task(task)).is_ok() => return,
+            Some(w) if w.send((arrived, PartyInput::Task(task))).is_ok() => return,
             _ => "this party has not accepted the job".to_string(),
         },
         Err(e) => format!("coordinator fault: malformed task: {e}"),
@@ -739,8 +746,8 @@ fn spawn_job(
     limits: Limits,
     stats: Arc<NodeStats>,
     metrics: SharedMetrics,
-) -> Sender<PartyInput> {
-    let (tx, rx) = std::sync::mpsc::channel::<PartyInput>();
+) -> JobInbox {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, PartyInput)>();
     let spawned = std::thread::Builder::new()
         .name(format!("job-{job_id}"))
         .spawn(move || run_job(job_id, session, rx, Sent { outbox, limits, stats, metrics }));
@@ -781,7 +788,7 @@ struct Sent {
     metrics: SharedMetrics,
 }
 
-fn run_job(job_id: String, mut session: PartySession, rx: Receiver<PartyInput>, to: Sent) {
+fn run_job(job_id: String, mut session: PartySession, rx: Receiver<(Instant, PartyInput)>, to: Sent) {
     // Entered for the thread's life: every line the job logs names it.
     let job_span = tracing::info_span!("job", job = %job_id);
     let _job_entered = job_span.enter();
@@ -804,10 +811,10 @@ fn run_job(job_id: String, mut session: PartySession, rx: Receiver<PartyInput>, 
         let wait = session
             .next_deadline()
             .map_or(Duration::from_secs(3600), |d| Duration::from_millis(d.saturating_sub(now())));
-        let input = match rx.recv_timeout(wait) {
-            Ok(input) => input,
-            Err(RecvTimeoutError::Timeout) => PartyInput::Tick,
-            Err(RecvTimeoutError::Disconnected) => PartyInput::Closed { reason: String::new() },
+        let (at, input) = match rx.recv_timeout(wait) {
+            Ok((arrived, input)) => (arrived.saturating_duration_since(clock).as_millis() as u64, input),
+            Err(RecvTimeoutError::Timeout) => (now(), PartyInput::Tick),
+            Err(RecvTimeoutError::Disconnected) => (now(), PartyInput::Closed { reason: String::new() }),
         };
         let answered = matches!(input, PartyInput::Task(_));
         if let PartyInput::Task(t) = &input {
@@ -815,7 +822,9 @@ fn run_job(job_id: String, mut session: PartySession, rx: Receiver<PartyInput>, 
             task_span = tracing::info_span!("round", round = t.round, stage = %t.body.stage_name());
         }
         let entered = task_span.enter();
-        session.handle(now(), input);
+        // A task at the time it reached the party: one that waited while
+        // the worker trained has its answer floor counted from its arrival.
+        session.handle(if answered { at } else { now() }, input);
         if answered {
             // Send the answer first, then work ahead while the others answer.
             while let Some(out) = session.poll_output() {
@@ -885,6 +894,55 @@ mod tests {
     use super::*;
     use confide_crypto::pki::PkiDir;
     use std::path::Path;
+
+    /// A fit that reached the party while its worker was still training an
+    /// earlier one has its answer floor counted from its arrival, not from
+    /// when the worker picked it up: a second fit (refused at once) cannot
+    /// time the first one's training. (Wall-clock, with wide margins: the
+    /// first fit trains 1 s, the floor is 1.5 s; counted from the pick-up,
+    /// the second answer would come at 2.5 s.)
+    #[test]
+    fn a_queued_fits_floor_counts_from_its_arrival() {
+        use crate::session::{JobHandler, TaskError};
+        use confide_proto::messages::{ResultBody, Task, TaskBody};
+        struct SlowThenRefuses;
+        impl JobHandler for SlowThenRefuses {
+            fn on_task(&mut self, task: Task) -> Result<ResultBody, TaskError> {
+                if task.task_id == 1 {
+                    std::thread::sleep(Duration::from_millis(1000));
+                    return Ok(ResultBody::Fit { metrics: Default::default(), contribution: Default::default() });
+                }
+                Err(TaskError::Refused("a model of the wrong shape".into()))
+            }
+        }
+        let (tx, mut rx) = mpsc::channel::<pb::PartyMessage>(8);
+        let stats = Arc::new(NodeStats::default());
+        let outbox = Arc::new(Outbox { tx, stats: stats.clone(), transfer: std::sync::Mutex::new(()) });
+        let session = PartySession::new("j", Box::new(SlowThenRefuses), 600_000).with_fit_answer_after(Some(1_500));
+        let metrics = Arc::new(PartyMetrics::new().unwrap());
+        let inbox = spawn_job("j".into(), session, outbox, Limits::default(), stats, metrics);
+        let fit = |task_id| {
+            let config = confide_algorithms::FitConfig { round: 1, train: Default::default() };
+            let global = Arc::new(confide_algorithms::Parameters::default());
+            let body = TaskBody::Fit { config, global, round_message: Vec::new() };
+            PartyInput::Task(Task { job_id: "j".into(), round: 1, task_id, body })
+        };
+        let start = Instant::now();
+        inbox.send((Instant::now(), fit(1))).unwrap();
+        inbox.send((Instant::now(), fit(2))).unwrap();
+        let mut answers = Vec::new();
+        while answers.len() < 2 {
+            let m = rx.blocking_recv().expect("answers");
+            match m.body {
+                Some(party_message::Body::Result(r)) => answers.push((r.task_id, start.elapsed())),
+                Some(party_message::Body::Failed(f)) => answers.push((f.task_id, start.elapsed())),
+                _ => {}
+            }
+        }
+        let second = answers.iter().find(|(id, _)| *id == 2).expect("the second fit's answer").1;
+        assert!(second >= Duration::from_millis(1_450), "before its floor: {answers:?}");
+        assert!(second < Duration::from_millis(2_300), "counted from the pick-up: {answers:?}");
+    }
 
     #[test]
     fn two_jobs_results_never_interleave_on_the_shared_stream() {

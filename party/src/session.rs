@@ -75,7 +75,8 @@ pub trait JobHandler: Send {
 
     /// Work to do while the coordinator collects the other parties'
     /// answers (e.g. a protocol's precomputation); called after each answer
-    /// has been sent.
+    /// has been sent, and not while a fit's answer is held
+    /// (`answer_fit_after_secs`).
     fn idle_work(&mut self) {}
 
     /// This party leaves the job over a coordinator fault (`why`): a
@@ -228,7 +229,9 @@ impl PartySession {
                 }
             }
             PartyInput::Idle => {
-                if self.aborted.is_none() {
+                // Not while an answer is held: its floor must not wait for
+                // the idle work (the tick that sends it could not come).
+                if self.aborted.is_none() && self.held.is_empty() {
                     let handler = &mut self.handler;
                     if let Err(p) = catch_unwind(AssertUnwindSafe(|| handler.idle_work())) {
                         self.handler.abandon();
@@ -310,7 +313,12 @@ impl PartySession {
                 if let Err(e) = self.handler.leave(&reason) {
                     self.out.push_back(PartyOutput::Note(format!("could not record leaving the job: {e}")));
                 }
-                refuse(&mut self.out, reason);
+                // A fault found after training (a round message that does
+                // not check) would tell when training ended: held too.
+                match fit_task.then_some(self.fit_answer_after).flatten() {
+                    Some(after) => self.held.push((now + after, PartyOutput::Failed { task_id, reason })),
+                    None => refuse(&mut self.out, reason),
+                }
             }
             Err(p) => {
                 self.handler.abandon();
@@ -449,6 +457,26 @@ mod tests {
         // Other refusals go at once.
         s.handle(6_100, step("j", 1, 2, "secagg-shares"));
         assert!(matches!(outputs(&mut s)[..], [PartyOutput::Failed { .. }]));
+    }
+
+    /// A fault found in a fit after training (a round message that does
+    /// not check) is held to the floor as well: at once, it would tell when
+    /// training ended.
+    #[test]
+    fn a_fit_refused_as_a_coordinator_fault_is_held_too() {
+        struct FaultAfterTraining;
+        impl JobHandler for FaultAfterTraining {
+            fn on_task(&mut self, _: Task) -> Result<ResultBody, TaskError> {
+                Err(TaskError::CoordinatorFault("sent a round bits that the job spec does not give".into()))
+            }
+        }
+        let mut s = PartySession::new("j", Box::new(FaultAfterTraining), 20_000).with_fit_answer_after(Some(5_000));
+        s.handle(1_000, step("j", 1, 1, "fit"));
+        assert!(outputs(&mut s).iter().all(|o| matches!(o, PartyOutput::Note(_))), "notes only before the floor");
+        s.handle(6_000, PartyInput::Tick);
+        assert!(
+            matches!(&outputs(&mut s)[..], [PartyOutput::Failed { reason, .. }] if reason.contains("coordinator fault"))
+        );
     }
 
     /// While a fit's answer is held, a later task's answer (a replayed task

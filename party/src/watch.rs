@@ -237,9 +237,23 @@ impl Watches {
     /// in this party's log, and the error says only that it is there, as
     /// for a DP job's set-up.
     pub fn select(&self, spec: &JobSpec, dataset: &str, source: &DatasetSource) -> Result<DatasetSource, String> {
+        self.select_keeping_reasons(spec, dataset, source, spec.dp.is_some())
+    }
+
+    /// [`Watches::select`], the reason it could not select the rows kept
+    /// in this party's log when `keep_reasons` (under DP, and for an
+    /// evaluation outside the budget, whose rows the policy protects
+    /// otherwise).
+    pub fn select_keeping_reasons(
+        &self,
+        spec: &JobSpec,
+        dataset: &str,
+        source: &DatasetSource,
+        keep_reasons: bool,
+    ) -> Result<DatasetSource, String> {
         match self.select_rows(spec, dataset, source) {
-            Err(e) if spec.dp.is_some() => {
-                tracing::warn!(dataset, "could not select a DP pipeline job's rows: {e}");
+            Err(e) if keep_reasons => {
+                tracing::warn!(dataset, "could not select a pipeline job's rows: {e}");
                 Err("could not select the pipeline's rows (the reason is in this party's log)".into())
             }
             selected => selected,

@@ -395,12 +395,6 @@ pub fn empty_accountant() -> RdpAccountant {
     RdpAccountant::with_orders(integer_orders()).unwrap_or_default()
 }
 
-/// The accountant's events of one noisy release at noise multiplier `z`:
-/// the mechanism is one of them. One for DP-SGD's step and central noise;
-/// for distributed noise one per rotated length a model of up to
-/// `max_values` values can have (`ddg::events_up_to`), since the
-/// mechanism's rounding depends on the size and ε must follow from the spec
-/// alone, before anyone has seen a model.
 /// What one release's sensitivity is measured against, at each level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sensitivity {
@@ -429,6 +423,12 @@ impl Sensitivity {
     }
 }
 
+/// The accountant's events of one noisy release at noise multiplier `z`:
+/// the mechanism is one of them, at `level`'s sensitivity. One for DP-SGD's step and central noise;
+/// for distributed noise one per rotated length a model of up to
+/// `max_values` values can have (`ddg::events_up_to`), since the
+/// mechanism's rounding depends on the size and ε must follow from the spec
+/// alone, before anyone has seen a model.
 fn release_events(
     level: Sensitivity,
     q: f64,
