@@ -136,6 +136,8 @@ pub struct PartySession {
     fit_answer_after: Option<Millis>,
     /// Answers held, with when they go out.
     held: Vec<(Millis, PartyOutput)>,
+    /// When the latest held answer went out.
+    released_at: Millis,
 }
 
 /// What the coordinator is told of a trainer's panic: its message can
@@ -165,6 +167,7 @@ impl PartySession {
             out: VecDeque::new(),
             fit_answer_after: None,
             held: Vec::new(),
+            released_at: 0,
         }
     }
 
@@ -184,6 +187,13 @@ impl PartySession {
         self.held.iter().map(|(t, _)| *t).chain(self.idle_deadline).min()
     }
 
+    /// Whether an answer is held (`answer_fit_after_secs`): the driver then
+    /// takes no new task until it has gone out, so that no training runs
+    /// past a held answer's floor and delays it.
+    pub fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     /// Whether the job has closed.
     pub fn is_closed(&self) -> bool {
         self.closed
@@ -196,7 +206,8 @@ impl PartySession {
         }
         // Held answers that are due go out, in the order they were made.
         while let Some(i) = self.held.iter().position(|(t, _)| *t <= now) {
-            let (_, out) = self.held.remove(i);
+            let (t, out) = self.held.remove(i);
+            self.released_at = self.released_at.max(t);
             self.out.push_back(out);
         }
         let queued = self.out.len();
@@ -290,6 +301,11 @@ impl PartySession {
         // refusal: an early refusal would say that training failed, and
         // when (both are about the rows under DP).
         let fit_task = task.body.stage_name() == "fit";
+        // From its arrival, or from when the answer before it went out if
+        // later: a fit queued behind another then starts its floor after
+        // that one's, so a run of fits cannot add up their trainings past
+        // the floors.
+        let floor_base = now.max(self.released_at);
         let handler = &mut self.handler;
         match catch_unwind(AssertUnwindSafe(|| handler.on_task(task))) {
             Ok(Ok(body)) => {
@@ -297,12 +313,12 @@ impl PartySession {
                     (fit_task || matches!(body, ResultBody::Fit { .. })).then_some(self.fit_answer_after).flatten();
                 let out = PartyOutput::Result(TaskResult { job_id, round, task_id, body });
                 match hold {
-                    Some(after) => self.held.push((now + after, out)),
+                    Some(after) => self.held.push((floor_base + after, out)),
                     None => self.out.push_back(out),
                 }
             }
             Ok(Err(TaskError::Refused(reason))) => match fit_task.then_some(self.fit_answer_after).flatten() {
-                Some(after) => self.held.push((now + after, PartyOutput::Failed { task_id, reason })),
+                Some(after) => self.held.push((floor_base + after, PartyOutput::Failed { task_id, reason })),
                 None => refuse(&mut self.out, reason),
             },
             Ok(Err(TaskError::CoordinatorFault(why))) => {
@@ -316,7 +332,7 @@ impl PartySession {
                 // A fault found after training (a round message that does
                 // not check) would tell when training ended: held too.
                 match fit_task.then_some(self.fit_answer_after).flatten() {
-                    Some(after) => self.held.push((now + after, PartyOutput::Failed { task_id, reason })),
+                    Some(after) => self.held.push((floor_base + after, PartyOutput::Failed { task_id, reason })),
                     None => refuse(&mut self.out, reason),
                 }
             }
@@ -327,7 +343,7 @@ impl PartySession {
                 self.aborted = Some(PANICKED.into());
                 let reason = format!("this party left the job: {PANICKED}");
                 match fit_task.then_some(self.fit_answer_after).flatten() {
-                    Some(after) => self.held.push((now + after, PartyOutput::Failed { task_id, reason })),
+                    Some(after) => self.held.push((floor_base + after, PartyOutput::Failed { task_id, reason })),
                     None => refuse(&mut self.out, reason),
                 }
             }

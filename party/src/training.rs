@@ -343,8 +343,7 @@ impl JobHandler for TrainingHandler {
             )),
             TaskBody::Evaluate { global } => {
                 self.release_evaluation(round)?;
-                self.trainer.set_parameters(&global).map_err(err)?;
-                let outcome = self.trainer.evaluate().map_err(err)?;
+                let outcome = self.evaluate_plainly(&global)?;
                 Ok(ResultBody::Evaluate {
                     num_examples: outcome.num_examples,
                     loss: outcome.loss,
@@ -447,8 +446,7 @@ impl TrainingHandler {
             }
             SumOf::Evaluation { global } => {
                 self.release_evaluation(round)?;
-                self.trainer.set_parameters(&global).map_err(err)?;
-                let outcome = self.trainer.evaluate().map_err(err)?;
+                let outcome = self.evaluate_plainly(&global)?;
                 (SumLayout::evaluation(&global), sum::evaluation_values(&outcome)?)
             }
         };
@@ -577,6 +575,22 @@ impl TrainingHandler {
         let correct = outcome.metrics.get("accuracy").map(|a| (a.clamp(0.0, 1.0) * n as f64).round() as u64);
         let mut rng = confide_dp::sampler::os_seeded_rng().map_err(err)?;
         noise.release(n, correct, &mut rng).map_err(kept_local("the evaluation's release"))
+    }
+
+    /// An evaluation without DP noise. In an evaluate job (a pipeline's may
+    /// run outside the budget, on rows the policy otherwise protects) the
+    /// trainer's error text, which a plug-in's or TorchScript module's can
+    /// make quote a row, stays in this party's log.
+    fn evaluate_plainly(
+        &mut self,
+        global: &confide_algorithms::Parameters,
+    ) -> Result<confide_algorithms::EvalOutcome, TaskError> {
+        let evaluated = self.trainer.set_parameters(global).and_then(|()| self.trainer.evaluate());
+        if self.evaluate_only {
+            evaluated.map_err(kept_local("the evaluation"))
+        } else {
+            evaluated.map_err(|e| err(e).into())
+        }
     }
 
     /// Whether the job has differential privacy (either level).

@@ -662,7 +662,9 @@ pub trait AggregationClient: Send {
 
     /// Work the party can do while the coordinator collects the other
     /// parties' answers (SecAgg+ computes its masks then); the driver calls
-    /// it after each answer is sent. Nothing by default.
+    /// it after each answer is sent, except while a fit's answer is held
+    /// (`answer_fit_after_secs`), so it must not be needed for progress.
+    /// Nothing by default.
     fn precompute(&mut self) {}
 
     /// Forgets the round in progress (the job closed, or the coordinator went
