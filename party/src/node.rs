@@ -718,9 +718,8 @@ fn identity(cfg: &PartyConfig, me: &str, revocations: &SharedRevocations) -> Res
     Ok(PartyIdentity { name: me.to_owned(), signer: Arc::new(key), peers: Box::new(verifier) })
 }
 
-/// A job's worker's inbox: each input with when it reached the party (a
-/// task's answer floor counts from then, not from when the worker, busy
-/// training, picked it up).
+/// A job's worker's inbox: each input with when it reached the party (for
+/// the task's latency in the log).
 type JobInbox = Sender<(Instant, PartyInput)>;
 
 /// Converts a task and hands it to its job's thread; a task for a job this
@@ -798,6 +797,8 @@ fn run_job(job_id: String, mut session: PartySession, rx: Receiver<(Instant, Par
     // The task being worked on: its round and stage on every line logged
     // while it is handled and answered.
     let mut task_span = tracing::Span::none();
+    // Inputs read while an answer was held, in order, with their arrival.
+    let mut pending: std::collections::VecDeque<(Instant, PartyInput)> = Default::default();
     loop {
         while let Some(out) = session.poll_output() {
             let _entered = task_span.enter();
@@ -813,25 +814,35 @@ fn run_job(job_id: String, mut session: PartySession, rx: Receiver<(Instant, Par
             .map_or(Duration::from_secs(3600), |d| Duration::from_millis(d.saturating_sub(now())));
         if session.holding() {
             // No new task while an answer is held: training it now could
-            // run past the floor and delay the held answer.
-            std::thread::sleep(wait);
-            session.handle(now(), PartyInput::Tick);
+            // run past the floor and delay the held answer. Tasks wait in
+            // order; the job's close is handled at once (a held answer dies
+            // with the job, and the round's secrets are wiped).
+            match rx.recv_timeout(wait) {
+                Ok((_, PartyInput::Closed { reason })) => session.handle(now(), PartyInput::Closed { reason }),
+                Ok(input) => pending.push_back(input),
+                Err(RecvTimeoutError::Timeout) => session.handle(now(), PartyInput::Tick),
+                Err(RecvTimeoutError::Disconnected) => {
+                    session.handle(now(), PartyInput::Closed { reason: String::new() })
+                }
+            }
             continue;
         }
-        let (at, input) = match rx.recv_timeout(wait) {
-            Ok((arrived, input)) => (arrived.saturating_duration_since(clock).as_millis() as u64, input),
-            Err(RecvTimeoutError::Timeout) => (now(), PartyInput::Tick),
-            Err(RecvTimeoutError::Disconnected) => (now(), PartyInput::Closed { reason: String::new() }),
+        let (arrived, input) = match pending.pop_front().map_or_else(|| rx.recv_timeout(wait), Ok) {
+            Ok(received) => received,
+            Err(RecvTimeoutError::Timeout) => (Instant::now(), PartyInput::Tick),
+            Err(RecvTimeoutError::Disconnected) => (Instant::now(), PartyInput::Closed { reason: String::new() }),
         };
         let answered = matches!(input, PartyInput::Task(_));
         if let PartyInput::Task(t) = &input {
-            task_arrived = Some(Instant::now());
+            task_arrived = Some(arrived);
             task_span = tracing::info_span!("round", round = t.round, stage = %t.body.stage_name());
         }
         let entered = task_span.enter();
-        // A task at the time it reached the party: one that waited while
-        // the worker trained has its answer floor counted from its arrival.
-        session.handle(if answered { at } else { now() }, input);
+        // At the time it is taken up, not when it arrived: a fit's floor
+        // then covers whatever ran before it (an earlier step, idle work),
+        // and no fit is taken while an earlier one's answer is held, so
+        // its start does not depend on that one's training.
+        session.handle(now(), input);
         if answered {
             // Send the answer first, then work ahead while the others answer.
             while let Some(out) = session.poll_output() {
@@ -906,9 +917,9 @@ mod tests {
     /// second fit sent while the first trains (refused at once, as a model
     /// of the wrong shape would be) is answered at the same time whether
     /// the first trained 0.3 s or 1 s — two floors after they were sent,
-    /// since no task is taken while an answer is held and a queued fit's
-    /// floor starts when the answer before it went out. (Wall-clock, with
-    /// wide margins.)
+    /// since no task is taken while an answer is held and a fit's floor
+    /// starts when it is taken. (Wall-clock, with wide margins.) The job's
+    /// close, meanwhile, is handled at once: the held answer dies with it.
     #[test]
     fn queued_fits_are_answered_at_times_training_does_not_move() {
         use crate::session::{JobHandler, TaskError};
@@ -951,6 +962,30 @@ mod tests {
             }
             answers
         };
+        // Closed while the first fit's answer is held: nothing is sent, and
+        // the worker ends before the floor.
+        {
+            let (tx, mut rx) = mpsc::channel::<pb::PartyMessage>(8);
+            let stats = Arc::new(NodeStats::default());
+            let outbox = Arc::new(Outbox { tx, stats: stats.clone(), transfer: std::sync::Mutex::new(()) });
+            let session =
+                PartySession::new("j", Box::new(SlowThenRefuses(100)), 600_000).with_fit_answer_after(Some(3_000));
+            let metrics = Arc::new(PartyMetrics::new().unwrap());
+            let inbox = spawn_job("j".into(), session, outbox, Limits::default(), stats, metrics);
+            let config = confide_algorithms::FitConfig { round: 1, train: Default::default() };
+            let global = Arc::new(confide_algorithms::Parameters::default());
+            let body = TaskBody::Fit { config, global, round_message: Vec::new() };
+            let start = Instant::now();
+            inbox
+                .send((Instant::now(), PartyInput::Task(Task { job_id: "j".into(), round: 1, task_id: 1, body })))
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(400));
+            inbox.send((Instant::now(), PartyInput::Closed { reason: "cancelled".into() })).unwrap();
+            while let Some(m) = rx.blocking_recv() {
+                assert!(!matches!(m.body, Some(party_message::Body::Result(_))), "a held answer after the close");
+            }
+            assert!(start.elapsed() < Duration::from_millis(2_500), "the close waited for the floor");
+        }
         for training_ms in [300, 1_000] {
             let answers = answered(training_ms);
             let at = |id| answers.iter().find(|(i, _)| *i == id).expect("both answered").1;

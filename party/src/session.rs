@@ -205,10 +205,16 @@ impl PartySession {
             return;
         }
         // Held answers that are due go out, in the order they were made.
+        let mut released = false;
         while let Some(i) = self.held.iter().position(|(t, _)| *t <= now) {
             let (t, out) = self.held.remove(i);
             self.released_at = self.released_at.max(t);
             self.out.push_back(out);
+            released = true;
+        }
+        if released && matches!(input, PartyInput::Idle) {
+            // The answer goes out first; idle work would delay it.
+            return;
         }
         let queued = self.out.len();
         self.handle_input(now, input);
@@ -301,10 +307,8 @@ impl PartySession {
         // refusal: an early refusal would say that training failed, and
         // when (both are about the rows under DP).
         let fit_task = task.body.stage_name() == "fit";
-        // From its arrival, or from when the answer before it went out if
-        // later: a fit queued behind another then starts its floor after
-        // that one's, so a run of fits cannot add up their trainings past
-        // the floors.
+        // From when the task is taken up (the driver takes none while an
+        // answer is held), or when the answer before it went out if later.
         let floor_base = now.max(self.released_at);
         let handler = &mut self.handler;
         match catch_unwind(AssertUnwindSafe(|| handler.on_task(task))) {

@@ -1113,6 +1113,25 @@ mod tests {
         assert_eq!(on_disk.datasets["d"].jobs["e1"].rounds_started, 1);
     }
 
+    /// An evaluate job without DP (a pipeline's may run outside the budget)
+    /// keeps its trainer's error text, which can quote a row, in this
+    /// party's log; a training job's federated evaluation still says why.
+    #[test]
+    fn an_evaluate_jobs_trainer_error_stays_here() {
+        let failing = || FixedDp { fails_with: Some("row 7 has label \"secret\"".into()), ..FixedDp::default() };
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let mut evaluation = plain_handler(failing());
+        evaluation.evaluate_only = true;
+        let e = evaluation.on_task(task(1, TaskBody::Evaluate { global: global.clone() })).unwrap_err();
+        assert!(
+            matches!(&e, TaskError::Refused(m) if m.contains("in this party's log") && !m.contains("secret")),
+            "{e:?}"
+        );
+        let mut training = plain_handler(failing());
+        let e = training.on_task(task(1, TaskBody::Evaluate { global })).unwrap_err();
+        assert!(matches!(&e, TaskError::Refused(m) if m.contains("secret")), "{e:?}");
+    }
+
     /// A trainer that evaluates `n` rows at accuracy 0.9 and loss 0.3.
     struct Rows(u64);
 

@@ -662,7 +662,7 @@ pub trait AggregationClient: Send {
 
     /// Work the party can do while the coordinator collects the other
     /// parties' answers (SecAgg+ computes its masks then); the driver calls
-    /// it after each answer is sent, except while a fit's answer is held
+    /// it after an answer it sends at once, not after one it held
     /// (`answer_fit_after_secs`), so it must not be needed for progress.
     /// Nothing by default.
     fn precompute(&mut self) {}
