@@ -819,7 +819,13 @@ fn run_job(job_id: String, mut session: PartySession, rx: Receiver<(Instant, Par
             // with the job, and the round's secrets are wiped).
             match rx.recv_timeout(wait) {
                 Ok((_, PartyInput::Closed { reason })) => session.handle(now(), PartyInput::Closed { reason }),
-                Ok(input) => pending.push_back(input),
+                Ok(input) => {
+                    pending.push_back(input);
+                    // A busy inbox does not hold the answer past its floor.
+                    if session.next_deadline().is_some_and(|d| now() >= d) {
+                        session.handle(now(), PartyInput::Tick);
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => session.handle(now(), PartyInput::Tick),
                 Err(RecvTimeoutError::Disconnected) => {
                     session.handle(now(), PartyInput::Closed { reason: String::new() })
@@ -913,86 +919,112 @@ mod tests {
     use confide_crypto::pki::PkiDir;
     use std::path::Path;
 
-    /// `answer_fit_after_secs` against a coordinator that queues fits: a
-    /// second fit sent while the first trains (refused at once, as a model
-    /// of the wrong shape would be) is answered at the same time whether
-    /// the first trained 0.3 s or 1 s — two floors after they were sent,
-    /// since no task is taken while an answer is held and a fit's floor
-    /// starts when it is taken. (Wall-clock, with wide margins.) The job's
-    /// close, meanwhile, is handled at once: the held answer dies with it.
+    /// `answer_fit_after_secs` against a coordinator that times training
+    /// (wall-clock, T = 1.2 s; an attacker's test compares two trainings):
+    /// - it queues a second fit while the first trains (the second refused
+    ///   at once, as a model of the wrong shape would be): the second is
+    ///   answered at the same time whether the first trained 0.3 s or 1 s,
+    ///   two floors after both were sent, since no task is taken while an
+    ///   answer is held and a fit's floor starts when it is taken;
+    /// - it sends a fit right behind a slow step (0.5 s): the fit is
+    ///   answered at the same time whether it trained 0.1 s or 0.6 s, its
+    ///   floor covering the step;
+    /// - it closes the job while an answer is held: the answer dies with
+    ///   the job, at once.
     #[test]
-    fn queued_fits_are_answered_at_times_training_does_not_move() {
+    fn answers_come_at_times_training_does_not_move() {
         use crate::session::{JobHandler, TaskError};
-        use confide_proto::messages::{ResultBody, Task, TaskBody};
-        struct SlowThenRefuses(u64);
-        impl JobHandler for SlowThenRefuses {
+        use confide_proto::messages::{Envelope, ResultBody, Task, TaskBody};
+        struct Timed {
+            train_ms: u64,
+            step_ms: u64,
+            refuse_second_fit: bool,
+        }
+        impl JobHandler for Timed {
             fn on_task(&mut self, task: Task) -> Result<ResultBody, TaskError> {
-                if task.task_id == 1 {
-                    std::thread::sleep(Duration::from_millis(self.0));
-                    return Ok(ResultBody::Fit { metrics: Default::default(), contribution: Default::default() });
+                match task.body {
+                    TaskBody::Fit { .. } if task.task_id == 2 && self.refuse_second_fit => {
+                        Err(TaskError::Refused("a model of the wrong shape".into()))
+                    }
+                    TaskBody::Fit { .. } => {
+                        std::thread::sleep(Duration::from_millis(self.train_ms));
+                        Ok(ResultBody::Fit { metrics: Default::default(), contribution: Default::default() })
+                    }
+                    _ => {
+                        std::thread::sleep(Duration::from_millis(self.step_ms));
+                        Ok(ResultBody::Aggregation { stage: "secagg-shares".into(), message: Envelope::default() })
+                    }
                 }
-                Err(TaskError::Refused("a model of the wrong shape".into()))
             }
         }
-        let answered = |training_ms: u64| {
+        let fit = |task_id| {
+            let config = confide_algorithms::FitConfig { round: 1, train: Default::default() };
+            let global = Arc::new(confide_algorithms::Parameters::default());
+            let body = TaskBody::Fit { config, global, round_message: Vec::new() };
+            PartyInput::Task(Task { job_id: "j".into(), round: 1, task_id, body })
+        };
+        let step = |task_id| {
+            let body = TaskBody::Aggregation { stage: "secagg-shares".into(), message: Envelope::default() };
+            PartyInput::Task(Task { job_id: "j".into(), round: 1, task_id, body })
+        };
+        // Runs a job with `handler` and floor `floor_ms`, sends `inputs`
+        // (after the given delays), and returns when each task was answered,
+        // once `expected` answers came (then the job ends).
+        let run = |handler: Timed, floor_ms: u64, inputs: Vec<(u64, PartyInput)>, expected: usize| {
             let (tx, mut rx) = mpsc::channel::<pb::PartyMessage>(8);
             let stats = Arc::new(NodeStats::default());
             let outbox = Arc::new(Outbox { tx, stats: stats.clone(), transfer: std::sync::Mutex::new(()) });
-            let session = PartySession::new("j", Box::new(SlowThenRefuses(training_ms)), 600_000)
-                .with_fit_answer_after(Some(1_200));
+            let session = PartySession::new("j", Box::new(handler), 600_000).with_fit_answer_after(Some(floor_ms));
             let metrics = Arc::new(PartyMetrics::new().unwrap());
             let inbox = spawn_job("j".into(), session, outbox, Limits::default(), stats, metrics);
-            let fit = |task_id| {
-                let config = confide_algorithms::FitConfig { round: 1, train: Default::default() };
-                let global = Arc::new(confide_algorithms::Parameters::default());
-                let body = TaskBody::Fit { config, global, round_message: Vec::new() };
-                PartyInput::Task(Task { job_id: "j".into(), round: 1, task_id, body })
-            };
             let start = Instant::now();
-            inbox.send((Instant::now(), fit(1))).unwrap();
-            inbox.send((Instant::now(), fit(2))).unwrap();
+            for (delay_ms, input) in inputs {
+                std::thread::sleep(Duration::from_millis(delay_ms));
+                inbox.send((Instant::now(), input)).unwrap();
+            }
             let mut answers = Vec::new();
-            while answers.len() < 2 {
-                let m = rx.blocking_recv().expect("answers");
+            let mut inbox = Some(inbox);
+            loop {
+                if answers.len() >= expected {
+                    inbox = None;
+                }
+                let Some(m) = rx.blocking_recv() else { break };
                 match m.body {
                     Some(party_message::Body::Result(r)) => answers.push((r.task_id, start.elapsed())),
                     Some(party_message::Body::Failed(f)) => answers.push((f.task_id, start.elapsed())),
                     _ => {}
                 }
             }
+            drop(inbox);
             answers
         };
-        // Closed while the first fit's answer is held: nothing is sent, and
-        // the worker ends before the floor.
-        {
-            let (tx, mut rx) = mpsc::channel::<pb::PartyMessage>(8);
-            let stats = Arc::new(NodeStats::default());
-            let outbox = Arc::new(Outbox { tx, stats: stats.clone(), transfer: std::sync::Mutex::new(()) });
-            let session =
-                PartySession::new("j", Box::new(SlowThenRefuses(100)), 600_000).with_fit_answer_after(Some(3_000));
-            let metrics = Arc::new(PartyMetrics::new().unwrap());
-            let inbox = spawn_job("j".into(), session, outbox, Limits::default(), stats, metrics);
-            let config = confide_algorithms::FitConfig { round: 1, train: Default::default() };
-            let global = Arc::new(confide_algorithms::Parameters::default());
-            let body = TaskBody::Fit { config, global, round_message: Vec::new() };
-            let start = Instant::now();
-            inbox
-                .send((Instant::now(), PartyInput::Task(Task { job_id: "j".into(), round: 1, task_id: 1, body })))
-                .unwrap();
-            std::thread::sleep(Duration::from_millis(400));
-            inbox.send((Instant::now(), PartyInput::Closed { reason: "cancelled".into() })).unwrap();
-            while let Some(m) = rx.blocking_recv() {
-                assert!(!matches!(m.body, Some(party_message::Body::Result(_))), "a held answer after the close");
-            }
-            assert!(start.elapsed() < Duration::from_millis(2_500), "the close waited for the floor");
-        }
-        for training_ms in [300, 1_000] {
-            let answers = answered(training_ms);
-            let at = |id| answers.iter().find(|(i, _)| *i == id).expect("both answered").1;
-            let (first, second) = (at(1), at(2));
-            assert!(first >= Duration::from_millis(1_150) && first < Duration::from_millis(1_900), "{answers:?}");
-            assert!(second >= Duration::from_millis(2_350) && second < Duration::from_millis(3_100), "{answers:?}");
-        }
+        let at = |answers: &[(u64, Duration)], id| answers.iter().find(|(i, _)| *i == id).expect("answered").1;
+        let close = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_millis(250);
+        // Queued fits.
+        let queued = |train_ms| {
+            let handler = Timed { train_ms, step_ms: 0, refuse_second_fit: true };
+            let answers = run(handler, 1_200, vec![(0, fit(1)), (0, fit(2))], 2);
+            assert!(at(&answers, 2) >= Duration::from_millis(2_350), "{answers:?}");
+            answers
+        };
+        let (short, long) = (queued(300), queued(1_000));
+        assert!(close(at(&short, 2), at(&long, 2)), "{short:?} against {long:?}");
+        // A fit behind a slow step.
+        let behind = |train_ms| {
+            let handler = Timed { train_ms, step_ms: 500, refuse_second_fit: false };
+            let answers = run(handler, 1_200, vec![(0, step(1)), (0, fit(2))], 2);
+            assert!(at(&answers, 2) >= Duration::from_millis(1_650), "{answers:?}");
+            answers
+        };
+        let (short, long) = (behind(100), behind(600));
+        assert!(close(at(&short, 2), at(&long, 2)), "{short:?} against {long:?}");
+        // Closed while the fit's answer is held.
+        let start = Instant::now();
+        let handler = Timed { train_ms: 100, step_ms: 0, refuse_second_fit: false };
+        let closed = PartyInput::Closed { reason: "cancelled".into() };
+        let answers = run(handler, 3_000, vec![(0, fit(1)), (400, closed)], 0);
+        assert!(answers.is_empty(), "a held answer after the close: {answers:?}");
+        assert!(start.elapsed() < Duration::from_millis(2_500), "the close waited for the floor");
     }
 
     #[test]

@@ -74,9 +74,8 @@ pub trait JobHandler: Send {
     fn abandon(&mut self) {}
 
     /// Work to do while the coordinator collects the other parties'
-    /// answers (e.g. a protocol's precomputation); called after each answer
-    /// has been sent, and not while a fit's answer is held
-    /// (`answer_fit_after_secs`).
+    /// answers (e.g. a protocol's precomputation); called after an answer
+    /// sent at once, never after a held one (`answer_fit_after_secs`).
     fn idle_work(&mut self) {}
 
     /// This party leaves the job over a coordinator fault (`why`): a
@@ -130,14 +129,12 @@ pub struct PartySession {
     idle_deadline: Option<Millis>,
     closed: bool,
     out: VecDeque<PartyOutput>,
-    /// Fit answers are held until this long after their task arrived (a
-    /// DP job's `answer_fit_after_secs`), so that how long training took
+    /// Fit answers are held until this long after their task was taken up
+    /// (a DP job's `answer_fit_after_secs`), so that how long training took
     /// does not show.
     fit_answer_after: Option<Millis>,
     /// Answers held, with when they go out.
     held: Vec<(Millis, PartyOutput)>,
-    /// When the latest held answer went out.
-    released_at: Millis,
 }
 
 /// What the coordinator is told of a trainer's panic: its message can
@@ -167,11 +164,11 @@ impl PartySession {
             out: VecDeque::new(),
             fit_answer_after: None,
             held: Vec::new(),
-            released_at: 0,
         }
     }
 
-    /// Holds each fit answer until `after` ms from its task's arrival.
+    /// Holds each fit answer until `after` ms from when its task is taken up
+    /// (`handle`'s `now`).
     pub fn with_fit_answer_after(mut self, after: Option<Millis>) -> Self {
         self.fit_answer_after = after;
         self
@@ -187,9 +184,12 @@ impl PartySession {
         self.held.iter().map(|(t, _)| *t).chain(self.idle_deadline).min()
     }
 
-    /// Whether an answer is held (`answer_fit_after_secs`): the driver then
-    /// takes no new task until it has gone out, so that no training runs
-    /// past a held answer's floor and delays it.
+    /// Whether an answer is held (`answer_fit_after_secs`). The driver owes
+    /// the floor this: it takes no new task until the held answers have
+    /// gone out (a job's close excepted), so that no training runs past a
+    /// held answer's floor and a fit's floor starts after the answer
+    /// before it. (Answers to tasks handled while holding anyway wait
+    /// behind the held ones, a backstop.)
     pub fn holding(&self) -> bool {
         !self.held.is_empty()
     }
@@ -207,8 +207,7 @@ impl PartySession {
         // Held answers that are due go out, in the order they were made.
         let mut released = false;
         while let Some(i) = self.held.iter().position(|(t, _)| *t <= now) {
-            let (t, out) = self.held.remove(i);
-            self.released_at = self.released_at.max(t);
+            let (_, out) = self.held.remove(i);
             self.out.push_back(out);
             released = true;
         }
@@ -307,9 +306,10 @@ impl PartySession {
         // refusal: an early refusal would say that training failed, and
         // when (both are about the rows under DP).
         let fit_task = task.body.stage_name() == "fit";
-        // From when the task is taken up (the driver takes none while an
-        // answer is held), or when the answer before it went out if later.
-        let floor_base = now.max(self.released_at);
+        // From when the task is taken up: the driver takes none while an
+        // answer is held (see `holding`), so a fit's floor starts after the
+        // answer before it went out, whatever that one's training took.
+        let floor_base = now;
         let handler = &mut self.handler;
         match catch_unwind(AssertUnwindSafe(|| handler.on_task(task))) {
             Ok(Ok(body)) => {
