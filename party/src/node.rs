@@ -1008,26 +1008,28 @@ mod tests {
             drop(inbox);
             answers
         };
-        let at = |answers: &[(u64, Duration)], id| answers.iter().find(|(i, _)| *i == id).expect("answered").1;
+        // When task 2 was answered, at least `at_least_ms` after the start.
+        let second_answered = |handler: Timed, inputs: Vec<(u64, PartyInput)>, at_least_ms: u64| {
+            let answers = run(handler, 1_200, inputs, 2);
+            let at = answers.iter().find(|(i, _)| *i == 2).expect("answered").1;
+            assert!(at >= Duration::from_millis(at_least_ms), "{answers:?}");
+            at
+        };
         let close = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_millis(250);
         // Queued fits.
         let queued = |train_ms| {
             let handler = Timed { train_ms, step_ms: 0, refuse_second_fit: true };
-            let answers = run(handler, 1_200, vec![(0, fit(1)), (0, fit(2))], 2);
-            assert!(at(&answers, 2) >= Duration::from_millis(2_350), "{answers:?}");
-            answers
+            second_answered(handler, vec![(0, fit(1)), (0, fit(2))], 2_350)
         };
         let (short, long) = (queued(300), queued(800));
-        assert!(close(at(&short, 2), at(&long, 2)), "{short:?} against {long:?}");
+        assert!(close(short, long), "{short:?} against {long:?}");
         // A fit behind a slow step.
         let behind = |train_ms| {
             let handler = Timed { train_ms, step_ms: 500, refuse_second_fit: false };
-            let answers = run(handler, 1_200, vec![(0, step(1)), (0, fit(2))], 2);
-            assert!(at(&answers, 2) >= Duration::from_millis(1_650), "{answers:?}");
-            answers
+            second_answered(handler, vec![(0, step(1)), (0, fit(2))], 1_650)
         };
         let (short, long) = (behind(100), behind(600));
-        assert!(close(at(&short, 2), at(&long, 2)), "{short:?} against {long:?}");
+        assert!(close(short, long), "{short:?} against {long:?}");
         // Closed while the fit's answer is held.
         let start = Instant::now();
         let handler = Timed { train_ms: 100, step_ms: 0, refuse_second_fit: false };
@@ -1140,6 +1142,29 @@ mod tests {
         PartyNode::with_plugins(cfg, PartyPlugins::new())
     }
 
+    /// A DP training job of party "a" on data set "bc".
+    const DP_JOB_ON_BC: &str = "name = \"p\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\"]\nmin = 1\n\
+                                dataset = \"bc\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\n\
+                                standardize = false\n[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\n";
+
+    /// The CA of one enrolled party, "a", under `dir`.
+    fn party_a(dir: &Path) -> PkiDir {
+        let pki = PkiDir::new(dir);
+        pki.init("t", &["a".into()], &[]).unwrap();
+        pki
+    }
+
+    /// A data set of one feature read at `path` (a file, or a directory of batches).
+    fn one_feature(path: &Path) -> confide_algorithms::data::DatasetSource {
+        toml::from_str(&format!("path = {:?}\nfeatures = 1", path.to_str().unwrap())).unwrap()
+    }
+
+    /// `node`'s answer to `offer`, as its message loop would give it.
+    fn answer(node: &PartyNode, offer: &pb::JobOffer) -> Result<PartySession, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(node.accept(offer, "a"))
+    }
+
     /// A node records, at start, the resolved path each configured data
     /// set reads in the privacy ledger, so that entries written before
     /// ledgers kept paths are charged with the rows' spending under any
@@ -1147,17 +1172,9 @@ mod tests {
     #[test]
     fn a_starting_node_records_its_data_sets_paths_in_the_ledger() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = PkiDir::new(dir.path());
-        pki.init("t", &["a".into()], &[]).unwrap();
+        let pki = party_a(dir.path());
         let ledger_path = dir.path().join("ledger.json");
-        let spec = confide_proto::jobspec::JobSpec::parse(
-            "name = \"p\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\"]\nmin = 1\n\
-             dataset = \"bc\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
-             [dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\n",
-            "p",
-            &Limits::default(),
-        )
-        .unwrap();
+        let spec = confide_proto::jobspec::JobSpec::parse(DP_JOB_ON_BC, "p", &Limits::default()).unwrap();
         drop(crate::ledger::Ledger::open(&ledger_path).unwrap().reserve("j1", &spec, "bc", None).unwrap());
         assert!(crate::ledger::Ledger::read(&ledger_path).unwrap().datasets["bc"].paths.is_empty());
         let rows = dir.path().join("bc.csv");
@@ -1181,28 +1198,21 @@ mod tests {
     #[test]
     fn an_offer_whose_job_id_is_not_an_id_is_refused_before_any_reservation() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = PkiDir::new(dir.path());
-        pki.init("t", &["a".into()], &[]).unwrap();
+        let pki = party_a(dir.path());
         let ledger_path = dir.path().join("ledger.json");
         let rows = dir.path().join("bc.csv");
         std::fs::write(&rows, "x,label\n1,0\n2,1\n").unwrap();
-        let source: confide_algorithms::data::DatasetSource =
-            toml::from_str(&format!("path = {:?}\nfeatures = 1", rows.to_str().unwrap())).unwrap();
         let node = node_with(&pki, "a", |cfg| {
             cfg.ledger = Some(ledger_path.clone());
-            cfg.datasets.insert("bc".into(), source);
+            cfg.datasets.insert("bc".into(), one_feature(&rows));
         });
-        let spec = "name = \"p\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\"]\nmin = 1\n\
-                    dataset = \"bc\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
-                    [dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\n";
-        let offer = |id: &str| pb::JobOffer { job_id: id.into(), spec_toml: spec.into(), dataset: "bc".into() };
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let offer = |id: &str| pb::JobOffer { job_id: id.into(), spec_toml: DP_JOB_ON_BC.into(), dataset: "bc".into() };
         for id in ["", "j\0", "j\nforged log line", &"j".repeat(65)] {
-            let Err(e) = runtime.block_on(node.accept(&offer(id), "a")) else { panic!("{id:?} accepted") };
+            let Err(e) = answer(&node, &offer(id)) else { panic!("{id:?} accepted") };
             assert!(e.contains("job_id") && e.contains("is not a job id"), "{e}");
         }
         assert!(crate::ledger::Ledger::read(&ledger_path).map_or(true, |l| l.datasets.is_empty()));
-        let accepted = runtime.block_on(node.accept(&offer("j1-ok"), "a"));
+        let accepted = answer(&node, &offer("j1-ok"));
         assert!(accepted.is_ok(), "{:?}", accepted.err());
         assert!(crate::ledger::Ledger::read(&ledger_path).unwrap().datasets["bc"].jobs.contains_key("j1-ok"));
     }
@@ -1215,16 +1225,13 @@ mod tests {
     #[test]
     fn an_evaluation_outside_the_budget_keeps_its_set_up_errors_here() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = PkiDir::new(dir.path());
-        pki.init("t", &["a".into()], &[]).unwrap();
+        let pki = party_a(dir.path());
         let batches = dir.path().join("batches");
         std::fs::create_dir(&batches).unwrap();
         std::fs::write(batches.join("001.csv"), "1,0\nsecret-cell,1\n").unwrap();
-        let source: confide_algorithms::data::DatasetSource =
-            toml::from_str(&format!("path = {:?}\nfeatures = 1", batches.to_str().unwrap())).unwrap();
         let node = node_with(&pki, "a", |cfg| {
             cfg.ledger = Some(dir.path().join("ledger.json"));
-            cfg.datasets.insert("w".into(), source);
+            cfg.datasets.insert("w".into(), one_feature(&batches));
             cfg.policy.max_epsilon = Some(4.0);
             cfg.policy.evaluations_outside_budget = true;
             cfg.policy.min_parties = 1;
@@ -1233,8 +1240,7 @@ mod tests {
                     dataset = \"w\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\n\
                     [pipeline]\njob = \"p1\"\niteration = 1\nservice = \"triage\"\nrows = \"new\"\n";
         let offer = pb::JobOffer { job_id: "e1".into(), spec_toml: spec.into(), dataset: "w".into() };
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let Err(e) = runtime.block_on(node.accept(&offer, "a")) else { panic!("accepted") };
+        let Err(e) = answer(&node, &offer) else { panic!("accepted") };
         assert!(e.contains("in this party's log") && !e.contains("secret-cell"), "{e}");
     }
 
@@ -1244,31 +1250,23 @@ mod tests {
     #[test]
     fn an_offer_is_refused_once_two_data_sets_read_the_same_rows() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = PkiDir::new(dir.path());
-        pki.init("t", &["a".into()], &[]).unwrap();
+        let pki = party_a(dir.path());
         let ledger_path = dir.path().join("ledger.json");
         let rows = dir.path().join("bc.csv");
         std::fs::write(&rows, "x,label\n1,0\n2,1\n").unwrap();
         let link = dir.path().join("copy.csv");
-        let source = |p: &Path| -> confide_algorithms::data::DatasetSource {
-            toml::from_str(&format!("path = {:?}\nfeatures = 1", p.to_str().unwrap())).unwrap()
-        };
         let node = node_with(&pki, "a", |cfg| {
             cfg.ledger = Some(ledger_path.clone());
-            cfg.datasets.insert("bc".into(), source(&rows));
-            cfg.datasets.insert("other".into(), source(&link));
+            cfg.datasets.insert("bc".into(), one_feature(&rows));
+            cfg.datasets.insert("other".into(), one_feature(&link));
         });
         std::fs::hard_link(&rows, &link).unwrap();
-        let spec = "name = \"p\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\"]\nmin = 1\n\
-                    dataset = \"bc\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
-                    [dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.05\n";
-        let offer = pb::JobOffer { job_id: "j1".into(), spec_toml: spec.into(), dataset: "bc".into() };
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let Err(e) = runtime.block_on(node.accept(&offer, "a")) else { panic!("accepted") };
+        let offer = pb::JobOffer { job_id: "j1".into(), spec_toml: DP_JOB_ON_BC.into(), dataset: "bc".into() };
+        let Err(e) = answer(&node, &offer) else { panic!("accepted") };
         assert!(e.contains("read the same rows") && !e.contains("copy.csv"), "{e}");
         assert!(crate::ledger::Ledger::read(&ledger_path).map_or(true, |l| l.datasets.is_empty()));
         std::fs::remove_file(&link).unwrap();
-        assert!(runtime.block_on(node.accept(&offer, "a")).is_ok(), "accepted once the link is gone");
+        assert!(answer(&node, &offer).is_ok(), "accepted once the link is gone");
     }
 
     /// A coordinator that sends an older revocation list (to bring a revoked

@@ -457,17 +457,27 @@ mod tests {
         assert!(outputs(&mut s).iter().all(|o| !matches!(o, PartyOutput::Result(_))));
     }
 
+    /// Fails every task with the error `make` gives.
+    struct Fails(fn() -> TaskError);
+
+    impl JobHandler for Fails {
+        fn on_task(&mut self, _: Task) -> Result<ResultBody, TaskError> {
+            Err((self.0)())
+        }
+    }
+
+    /// A session of `handler` whose fit answers wait 5 s.
+    fn with_floor(handler: impl JobHandler + 'static) -> PartySession {
+        PartySession::new("j", Box::new(handler), 20_000).with_fit_answer_after(Some(5_000))
+    }
+
     /// A fit this party refuses (its training failed: about the rows under
     /// DP) is answered at the floor too, not at once.
     #[test]
     fn a_refused_fit_is_held_until_the_floor_as_a_result_is() {
-        struct FailsToTrain;
-        impl JobHandler for FailsToTrain {
-            fn on_task(&mut self, _: Task) -> Result<ResultBody, TaskError> {
-                Err(TaskError::Refused("DP-SGD training failed (the reason is in this party's log)".into()))
-            }
-        }
-        let mut s = PartySession::new("j", Box::new(FailsToTrain), 20_000).with_fit_answer_after(Some(5_000));
+        let mut s = with_floor(Fails(|| {
+            TaskError::Refused("DP-SGD training failed (the reason is in this party's log)".into())
+        }));
         s.handle(1_000, step("j", 1, 1, "fit"));
         assert!(outputs(&mut s).is_empty());
         s.handle(5_999, PartyInput::Tick);
@@ -484,13 +494,9 @@ mod tests {
     /// training ended.
     #[test]
     fn a_fit_refused_as_a_coordinator_fault_is_held_too() {
-        struct FaultAfterTraining;
-        impl JobHandler for FaultAfterTraining {
-            fn on_task(&mut self, _: Task) -> Result<ResultBody, TaskError> {
-                Err(TaskError::CoordinatorFault("sent a round bits that the job spec does not give".into()))
-            }
-        }
-        let mut s = PartySession::new("j", Box::new(FaultAfterTraining), 20_000).with_fit_answer_after(Some(5_000));
+        let mut s = with_floor(Fails(|| {
+            TaskError::CoordinatorFault("sent a round bits that the job spec does not give".into())
+        }));
         s.handle(1_000, step("j", 1, 1, "fit"));
         assert!(outputs(&mut s).iter().all(|o| matches!(o, PartyOutput::Note(_))), "notes only before the floor");
         s.handle(6_000, PartyInput::Tick);

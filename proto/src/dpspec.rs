@@ -316,11 +316,14 @@ impl DpSpec {
     }
 
     fn release_events(&self, z: f64) -> Result<Vec<DpEvent>, String> {
+        self.release_events_at(Sensitivity::of(self.level, self.adaptive.is_some()), z)
+    }
+
+    fn release_events_at(&self, sensitivity: Sensitivity, z: f64) -> Result<Vec<DpEvent>, String> {
         if self.release == DpRelease::Evaluation {
             return Ok(vec![confide_dp::evaluation::event(z)]);
         }
-        let level = Sensitivity::of(self.level, self.adaptive.is_some());
-        release_events(level, self.sampling_rate, self.clip, self.distributed, self.model_values_bound(), z)
+        release_events(sensitivity, self.sampling_rate, self.clip, self.distributed, self.model_values_bound(), z)
     }
 
     /// The ε `rounds` rounds cost each party's data set, at this δ: for
@@ -340,11 +343,9 @@ impl DpSpec {
         if self.level == DpLevel::Example {
             return self.epsilon(training, rounds);
         }
-        // Under adaptive clipping the party-level events are doubled already
-        // (Sensitivity::ReplacedContribution): the same bound.
-        let events = self.release_events(self.noise_multiplier).map(|e| {
-            if self.adaptive.is_some() { e } else { e.into_iter().map(DpEvent::at_double_sensitivity).collect() }
-        });
+        // One contribution replaced by another: what adaptive clipping's
+        // party-level ε states too.
+        let events = self.release_events_at(Sensitivity::ReplacedContribution, self.noise_multiplier);
         let steps = self.steps_per_round(training).saturating_mul(u64::from(rounds));
         steps_epsilon(self.accountant, self.model_values_bound(), events, steps, self.delta)
     }
