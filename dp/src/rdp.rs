@@ -432,6 +432,18 @@ impl RdpAccountant {
         Ok(())
     }
 
+    /// Raises each order's RDP to at least `other`'s (same orders): an
+    /// accountant that bounds both.
+    pub fn raise_to(&mut self, other: &RdpAccountant) -> Result<(), Error> {
+        if other.orders != self.orders {
+            return Err(Error::InvalidInput("accountants over different RDP orders".into()));
+        }
+        for (r, o) in self.rdp.iter_mut().zip(&other.rdp) {
+            *r = r.max(*o);
+        }
+        Ok(())
+    }
+
     /// (ε, the optimal order) at `delta`.
     pub fn epsilon(&self, delta: f64) -> Result<(f64, f64), Error> {
         epsilon_from_rdp(&self.orders, &self.rdp, delta)
@@ -584,6 +596,34 @@ mod tests {
             assert!(e > last, "q = {q}: {e} ≤ {last}");
             last = e;
         }
+    }
+
+    /// `raise_to` keeps each order's larger value, so the curve bounds
+    /// both accountants' (the larger one's ε, at least), and refuses other
+    /// orders.
+    #[test]
+    fn raising_an_accountant_keeps_the_larger_curve_order_by_order() {
+        let (mut low, mut high) = (RdpAccountant::new(), RdpAccountant::new());
+        low.compose(&DpEvent::Gaussian { noise_multiplier: 3.0 }, 2).expect("compose");
+        high.compose(&DpEvent::Gaussian { noise_multiplier: 3.0 }, 5).expect("compose");
+        let mut raised = low.clone();
+        raised.raise_to(&high).expect("same orders");
+        assert_eq!(raised, high);
+        let mut kept = high.clone();
+        kept.raise_to(&low).expect("same orders");
+        assert_eq!(kept, high, "a lower curve changes nothing");
+        // Curves that cross: the pointwise maximum, above each.
+        let mut steep = RdpAccountant::new();
+        steep.compose(&DpEvent::PoissonSampledGaussian { sampling_rate: 0.5, noise_multiplier: 0.8 }, 1).expect("c");
+        let mut both = steep.clone();
+        both.raise_to(&low).expect("same orders");
+        for ((b, s), l) in both.rdp().iter().zip(steep.rdp()).zip(low.rdp()) {
+            assert_eq!(*b, s.max(*l));
+        }
+        assert!(both.epsilon(1e-5).expect("eps").0 >= steep.epsilon(1e-5).expect("eps").0);
+        assert!(both.epsilon(1e-5).expect("eps").0 >= low.epsilon(1e-5).expect("eps").0);
+        let other = RdpAccountant::with_orders(vec![2.0, 4.0]).expect("orders");
+        assert!(raised.raise_to(&other).is_err());
     }
 
     #[test]

@@ -45,9 +45,13 @@ pub struct Training {
     privacy: Option<Accountant>,
     /// Central party-level DP with adaptive clipping: the next round's clip.
     central_clip: Option<f64>,
-    /// The rounds `privacy` has composed (the PLD accountant's saved state).
+    /// The rounds `privacy` has composed, saved with each checkpoint.
     privacy_rounds: u32,
 }
+
+/// The checkpoint's key for [`Training::privacy_rounds`] (`pld_rounds` in
+/// checkpoints written before the RDP accountant kept it too).
+const COMPOSED_ROUNDS: &str = "composed_rounds";
 
 /// The largest `key` any party reported (e.g. the slowest local training).
 fn slowest<'a>(metrics: impl Iterator<Item = &'a Metrics>, key: &str) -> Option<f64> {
@@ -73,24 +77,34 @@ impl Training {
                 if let (Some(fresh), Some(dp)) = (privacy.as_mut(), spec.dp.as_ref()) {
                     let saved = state.section("privacy");
                     let missing = || "the checkpoint of a [dp] job has no privacy accountant".to_string();
-                    match fresh {
-                        Accountant::Rdp(_) => {
-                            let (orders, rdp) = saved.get("orders").zip(saved.get("rdp")).ok_or_else(missing)?;
-                            let acc = RdpAccountant::from_parts(orders.to_vec(), rdp.to_vec())
-                                .map_err(|e| format!("the checkpoint's privacy accountant: {e}"))?;
-                            *fresh = Accountant::Rdp(acc);
+                    // The rounds composed so far (a retried round counts
+                    // again); a checkpoint written before they were kept
+                    // under this name has composed at least the rounds it
+                    // completed.
+                    let composed = match saved.get(COMPOSED_ROUNDS).or_else(|| saved.get("pld_rounds")) {
+                        Some(&[rounds]) if rounds >= 0.0 && rounds <= f64::from(u32::MAX) && rounds.fract() == 0.0 => {
+                            rounds as u32
                         }
-                        // The PLD's state is the rounds it composed; the
-                        // releases of each follow from the spec.
-                        Accountant::Pld(_) => match saved.get("pld_rounds") {
-                            Some(&[rounds])
-                                if rounds >= 0.0 && rounds <= f64::from(u32::MAX) && rounds.fract() == 0.0 =>
-                            {
-                                privacy_rounds = rounds as u32;
-                                *fresh = dp.accountant(&spec.training, privacy_rounds);
-                            }
-                            _ => return Err(missing()),
-                        },
+                        Some(other) => return Err(format!("the checkpoint's composed rounds are {other:?}")),
+                        None if matches!(fresh, Accountant::Rdp(_)) => *round,
+                        None => return Err(missing()),
+                    };
+                    privacy_rounds = composed;
+                    *fresh = dp.accountant(&spec.training, composed);
+                    // The RDP curve the checkpoint kept, where it is higher
+                    // than the spec's for those rounds: the job goes on
+                    // reporting what it reported. Where it is lower (a job
+                    // checkpointed before adaptive clipping's sensitivity
+                    // was doubled), the spec's: a resumed job never reports
+                    // less than its rounds cost. (The PLD's state is its
+                    // rounds alone.)
+                    if let Accountant::Rdp(now) = fresh {
+                        let (orders, rdp) = saved.get("orders").zip(saved.get("rdp")).ok_or_else(missing)?;
+                        let kept = RdpAccountant::from_parts(orders.to_vec(), rdp.to_vec())
+                            .map_err(|e| format!("the checkpoint's privacy accountant: {e}"))?;
+                        if kept.orders() == now.orders() {
+                            now.raise_to(&kept).map_err(|e| format!("the checkpoint's privacy accountant: {e}"))?;
+                        }
                     }
                     // The adaptive clip (none before its first update), as
                     // the distributed path restores it: only under adaptive
@@ -248,8 +262,9 @@ impl Training {
                             saved.insert("orders", acc.orders().to_vec());
                             saved.insert("rdp", acc.rdp().to_vec());
                         }
-                        Accountant::Pld(_) => saved.insert("pld_rounds", vec![f64::from(self.privacy_rounds)]),
+                        Accountant::Pld(_) => {}
                     }
+                    saved.insert(COMPOSED_ROUNDS, vec![f64::from(self.privacy_rounds)]);
                     if let Some(clip) = self.central_clip {
                         saved.insert("clip", vec![clip]);
                     }
@@ -550,6 +565,87 @@ impl JobMachine for Training {
             cx.finish(JobState::Succeeded, None);
         } else {
             self.begin_fit(cx, round + 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::Plugins;
+    use confide_proto::Limits;
+    use confide_proto::jobspec::JobSpec;
+
+    const ADAPTIVE: &str = "name = \"t\"\nkind = \"train\"\nrounds = 6\n[dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\n\
+        update_clip = 1.0\nadaptive_clip_quantile = 0.5\n[parties]\nnames = [\"a\", \"b\", \"c\"]\ndataset = \"d\"\n\
+        [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n";
+
+    fn rdp_of(acc: &Accountant) -> RdpAccountant {
+        match acc {
+            Accountant::Rdp(acc) => acc.clone(),
+            Accountant::Pld(_) => unreachable!("the RDP accountant is the default"),
+        }
+    }
+
+    /// The ε a job resumed at `round` from `saved` reports.
+    fn resumed_epsilon(spec: &Arc<JobSpec>, round: u32, saved: State) -> Result<(f64, u32), String> {
+        let mut state = State::new();
+        state.insert_section("privacy", saved);
+        let tensor = confide_algorithms::Tensor { name: "w".into(), shape: vec![1], data: vec![0.0] };
+        let model = Parameters::new(vec![tensor]).expect("model");
+        let start = Start::Resume { round, model: Some(model), state, parties: BTreeMap::new() };
+        let plugins =
+            Plugins::new().peer_verifier(|| Ok(Box::new(confide_crypto::secagg::testing::InsecureTagVerifier)));
+        let limits = Limits::default();
+        let setup = Setup { job_id: "job-t", spec, start: &start, plugins: &plugins, limits: &limits };
+        let t = Training::new(&setup)?;
+        let eps = t.privacy.as_ref().expect("a [dp] job").epsilon(spec.dp.as_ref().expect("dp").delta);
+        Ok((eps, t.privacy_rounds))
+    }
+
+    fn saved(curve: &RdpAccountant, composed: Option<u32>) -> State {
+        let mut saved = State::new();
+        saved.insert("orders", curve.orders().to_vec());
+        saved.insert("rdp", curve.rdp().to_vec());
+        if let Some(rounds) = composed {
+            saved.insert(COMPOSED_ROUNDS, vec![f64::from(rounds)]);
+        }
+        saved
+    }
+
+    /// A checkpoint's RDP curve below what its rounds cost under the spec
+    /// (an adaptive-clipping job checkpointed while its party-level ε was
+    /// accounted at the contribution's sensitivity, not twice it) resumes
+    /// reporting what the rounds cost; one above (a retried round composed
+    /// again) keeps its own; a checkpoint without its composed rounds
+    /// counts the rounds it completed.
+    #[test]
+    fn a_resumed_job_never_reports_less_than_its_rounds_cost() {
+        let spec = Arc::new(JobSpec::parse(ADAPTIVE, "test", &Limits::default()).expect("spec"));
+        let dp = spec.dp.as_ref().expect("dp");
+        let cost = |rounds| dp.accountant(&spec.training, rounds).epsilon(dp.delta);
+        // Half of each order's RDP: what the contribution's sensitivity
+        // (half the replaced one's) gives a Gaussian mechanism.
+        let mut old = rdp_of(&dp.accountant(&spec.training, 3));
+        let halved: Vec<f64> = old.rdp().iter().map(|r| r / 4.0).collect();
+        old = RdpAccountant::from_parts(old.orders().to_vec(), halved).expect("curve");
+        let old_eps = old.epsilon(dp.delta).expect("eps").0;
+        assert!(old_eps < cost(3), "{old_eps} against {}", cost(3));
+        assert_eq!(resumed_epsilon(&spec, 3, saved(&old, None)).expect("resumes"), (cost(3), 3));
+        assert_eq!(resumed_epsilon(&spec, 3, saved(&old, Some(3))).expect("resumes"), (cost(3), 3));
+        // Four rounds composed for three completed: the fourth counts.
+        assert_eq!(resumed_epsilon(&spec, 3, saved(&old, Some(4))).expect("resumes"), (cost(4), 4));
+        // A curve above the spec's for its rounds is kept.
+        let above = rdp_of(&dp.accountant(&spec.training, 5));
+        let (eps, composed) = resumed_epsilon(&spec, 3, saved(&above, Some(3))).expect("resumes");
+        assert_eq!((eps, composed), (above.epsilon(dp.delta).expect("eps").0, 3));
+        assert!(eps > cost(3));
+        // Composed rounds that are not a count fail the resume.
+        for bad in [-1.0, 2.5, f64::NAN] {
+            let mut s = saved(&old, None);
+            s.insert(COMPOSED_ROUNDS, vec![bad]);
+            let e = resumed_epsilon(&spec, 3, s).expect_err("refused");
+            assert!(e.contains("composed rounds"), "{bad}: {e}");
         }
     }
 }
