@@ -596,7 +596,7 @@ impl PartyNode {
         let noise_rounds_ahead = cfg.training.dp_noise_rounds_ahead;
         let (job_id, party, dataset) = (offer.job_id.clone(), me.to_owned(), offer.dataset.clone());
         let fit_answer_after =
-            spec.dp.as_ref().and_then(|d| d.answer_fit_after_secs).map(|s| (s * 1000.0).ceil() as u64);
+            crate::policy::answer_fit_after_secs(&spec, &cfg.policy).map(|s| (s * 1000.0).ceil() as u64);
         let spec = Arc::new(spec);
         let idle_after = spec.timeouts.round_secs * 2000;
         let handler = tokio::task::spawn_blocking(move || {
@@ -1242,6 +1242,39 @@ mod tests {
         let offer = pb::JobOffer { job_id: "e1".into(), spec_toml: spec.into(), dataset: "w".into() };
         let Err(e) = answer(&node, &offer) else { panic!("accepted") };
         assert!(e.contains("in this party's log") && !e.contains("secret-cell"), "{e}");
+    }
+
+    /// The hospital's own floor on a DP job's fit answers holds whatever
+    /// the spec says (a longer spec floor wins), and a job whose round
+    /// deadline comes before the floor is refused, naming the setting,
+    /// before anything is reserved.
+    #[test]
+    fn a_dp_jobs_answers_are_held_to_the_policys_floor_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = party_a(dir.path());
+        let ledger_path = dir.path().join("ledger.json");
+        let rows = dir.path().join("bc.csv");
+        std::fs::write(&rows, "1,0\n2,1\n").unwrap();
+        let node = node_with(&pki, "a", |cfg| {
+            cfg.ledger = Some(ledger_path.clone());
+            cfg.datasets.insert("bc".into(), one_feature(&rows));
+            cfg.policy.min_answer_fit_after_secs = Some(2.0);
+        });
+        let offer = |id: &str, spec: String| pb::JobOffer { job_id: id.into(), spec_toml: spec, dataset: "bc".into() };
+        let floor = |id: &str, spec: String| answer(&node, &offer(id, spec)).map(|s| s.fit_answer_after());
+        assert_eq!(floor("j1", DP_JOB_ON_BC.into()), Ok(Some(2000)), "the spec sets none");
+        let with = |t: &str| DP_JOB_ON_BC.replace("[dp]\n", &format!("[dp]\nanswer_fit_after_secs = {t}\n"));
+        assert_eq!(floor("j3", with("0.5")), Ok(Some(2000)), "a shorter spec floor");
+        assert_eq!(floor("j4", with("3.5")), Ok(Some(3500)), "a longer spec floor");
+        let no_dp = DP_JOB_ON_BC.split("[dp]").next().unwrap().to_string();
+        assert_eq!(floor("j5", no_dp), Ok(None), "a job without [dp]");
+        let before = crate::ledger::Ledger::read(&ledger_path).unwrap();
+        let hurried = format!("{DP_JOB_ON_BC}[timeouts]\nround_secs = 2\n");
+        let Err(e) = answer(&node, &offer("j2", hurried)) else { panic!("accepted") };
+        assert!(e.contains("policy.min_answer_fit_after_secs") && e.contains("round_secs = 2"), "{e}");
+        let after = crate::ledger::Ledger::read(&ledger_path).unwrap();
+        assert!(!after.datasets["bc"].jobs.contains_key("j2"), "nothing reserved for j2");
+        assert_eq!(before.datasets["bc"].jobs.len(), after.datasets["bc"].jobs.len());
     }
 
     /// Data sets that came to read the same rows while the party runs (a

@@ -102,6 +102,15 @@ pub fn consider<'a>(
                     (central DP); policy.accept_central_dp is not set"
             .into());
     }
+    if let Some(floor) = answer_fit_after_secs(spec, policy)
+        && floor >= spec.timeouts.round_secs as f64
+    {
+        return Err(format!(
+            "policy.min_answer_fit_after_secs holds each fit answer {floor} s; the job's timeouts.round_secs = {} \
+             would pass before any arrived",
+            spec.timeouts.round_secs
+        ));
+    }
     if spec.min_parties() < policy.min_parties {
         return Err(format!(
             "policy requires jobs with at least {} parties; this one needs only {}",
@@ -119,6 +128,17 @@ pub fn consider<'a>(
         return Err(format!("data set {dataset:?}: {}", crate::trainers::width_undeclared(spec)));
     }
     Ok(source)
+}
+
+/// How long this party holds each fit answer of `spec`'s job, in seconds:
+/// the longer of the spec's `dp.answer_fit_after_secs` and the policy's
+/// `min_answer_fit_after_secs`, for a job with `[dp]` (none otherwise).
+pub fn answer_fit_after_secs(spec: &JobSpec, policy: &Policy) -> Option<f64> {
+    let dp = spec.dp.as_ref()?;
+    match (dp.answer_fit_after_secs, policy.min_answer_fit_after_secs) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Whether `spec` is an evaluation `policy.evaluations_outside_budget`

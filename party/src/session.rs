@@ -174,6 +174,11 @@ impl PartySession {
         self
     }
 
+    /// How long each fit answer is held from when its task is taken up.
+    pub fn fit_answer_after(&self) -> Option<Millis> {
+        self.fit_answer_after
+    }
+
     /// The next queued output.
     pub fn poll_output(&mut self) -> Option<PartyOutput> {
         self.out.pop_front()
