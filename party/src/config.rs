@@ -263,15 +263,17 @@ pub struct Policy {
     /// this says. Off by default.
     #[serde(default)]
     pub evaluations_outside_budget: bool,
-    /// Hold each fit answer of a job with `[dp]` at least this many
-    /// seconds after its task was taken up, whatever the spec's
-    /// `dp.answer_fit_after_secs` (the coordinator's choice, which wins
-    /// only when longer), so that how long training took, a hint of the
-    /// data set's size, does not show unless it takes longer. A job whose
-    /// `timeouts.round_secs` is not above the floor is refused: none of its
-    /// answers would arrive in time. Unset by default: the spec decides.
+    /// Hold each fit answer of a DP training job, and each answer of a DP
+    /// evaluation, at least this many seconds after its task was taken
+    /// up, whatever the spec's `dp.answer_fit_after_secs` (the
+    /// coordinator's choice, which wins only when longer), so that how
+    /// long the rows took to train on or score, a hint of the data set's
+    /// size, does not show unless it takes longer. A job whose
+    /// `timeouts.round_secs` does not leave a second after the floor is
+    /// refused: its answers would not arrive in time. Unset by default:
+    /// the spec decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_answer_fit_after_secs: Option<f64>,
+    pub min_answer_after_secs: Option<f64>,
     /// Accept party-level DP whose noise the coordinator adds (`[dp] level
     /// = "party"`, central DP-FedAvg). Off by default: it trusts the
     /// coordinator, which then sees every update before the noise.
@@ -325,7 +327,7 @@ impl Default for Policy {
             max_epsilon: None,
             max_delta: None,
             evaluations_outside_budget: false,
-            min_answer_fit_after_secs: None,
+            min_answer_after_secs: None,
             accept_central_dp: false,
             min_corrupt_fraction: None,
             min_parties: default_min_parties(),
@@ -534,10 +536,10 @@ impl PartyConfig {
         {
             return Err(format!("policy.max_epsilon: must be positive and finite (got {e})"));
         }
-        if let Some(t) = self.policy.min_answer_fit_after_secs
+        if let Some(t) = self.policy.min_answer_after_secs
             && !(t > 0.0 && t <= 86_400.0)
         {
-            return Err(format!("policy.min_answer_fit_after_secs: must be in (0, 86400] seconds (got {t})"));
+            return Err(format!("policy.min_answer_after_secs: must be in (0, 86400] seconds (got {t})"));
         }
         if let Some(d) = self.policy.max_delta
             && !(d > 0.0 && d < 1.0)
@@ -717,8 +719,8 @@ mod tests {
         let e = load("[policy]\naggregation = [\"paillier\"]\n").unwrap_err().to_string();
         assert!(e.contains("policy.aggregation: unknown protocol \"paillier\""), "{e}");
         for bad in ["0.0", "-1.0", "1e9", "nan"] {
-            let e = load(&format!("[policy]\nmin_answer_fit_after_secs = {bad}\n")).unwrap_err().to_string();
-            assert!(e.contains("policy.min_answer_fit_after_secs"), "{bad}: {e}");
+            let e = load(&format!("[policy]\nmin_answer_after_secs = {bad}\n")).unwrap_err().to_string();
+            assert!(e.contains("policy.min_answer_after_secs"), "{bad}: {e}");
         }
         let e = load("[policy]\nmax_epsilon = -1.0\n").unwrap_err().to_string();
         assert!(e.contains("policy.max_epsilon"), "{e}");

@@ -595,8 +595,8 @@ impl PartyNode {
         let min_parties = cfg.policy.min_parties;
         let noise_rounds_ahead = cfg.training.dp_noise_rounds_ahead;
         let (job_id, party, dataset) = (offer.job_id.clone(), me.to_owned(), offer.dataset.clone());
-        let fit_answer_after =
-            crate::policy::answer_fit_after_secs(&spec, &cfg.policy).map(|s| (s * 1000.0).ceil() as u64);
+        let answer_floor = crate::policy::answer_floor(&spec, &cfg.policy)
+            .map(|(stage, secs)| crate::session::AnswerFloor { stage, after: (secs * 1000.0).ceil() as u64 });
         let spec = Arc::new(spec);
         let idle_after = spec.timeouts.round_secs * 2000;
         let handler = tokio::task::spawn_blocking(move || {
@@ -634,7 +634,7 @@ impl PartyNode {
                 return Err("could not set up the job on its data set (the reason is in this party's log)".into());
             }
         };
-        Ok(PartySession::new(&offer.job_id, handler, idle_after).with_fit_answer_after(fit_answer_after))
+        Ok(PartySession::new(&offer.job_id, handler, idle_after).with_answer_floor(answer_floor))
     }
 }
 
@@ -1245,7 +1245,8 @@ mod tests {
     }
 
     /// The hospital's own floor on a DP job's fit answers holds whatever
-    /// the spec says (a longer spec floor wins), and a job whose round
+    /// the spec says (a longer spec floor wins), a DP evaluation's answers
+    /// are held to it too, and a job whose round
     /// deadline comes before the floor is refused, naming the setting,
     /// before anything is reserved.
     #[test]
@@ -1258,20 +1259,26 @@ mod tests {
         let node = node_with(&pki, "a", |cfg| {
             cfg.ledger = Some(ledger_path.clone());
             cfg.datasets.insert("bc".into(), one_feature(&rows));
-            cfg.policy.min_answer_fit_after_secs = Some(2.0);
+            cfg.policy.min_answer_after_secs = Some(2.0);
         });
         let offer = |id: &str, spec: String| pb::JobOffer { job_id: id.into(), spec_toml: spec, dataset: "bc".into() };
-        let floor = |id: &str, spec: String| answer(&node, &offer(id, spec)).map(|s| s.fit_answer_after());
-        assert_eq!(floor("j1", DP_JOB_ON_BC.into()), Ok(Some(2000)), "the spec sets none");
+        let floor = |id: &str, spec: String| {
+            answer(&node, &offer(id, spec)).map(|s| s.answer_floor().map(|f| (f.stage, f.after)))
+        };
+        assert_eq!(floor("j1", DP_JOB_ON_BC.into()), Ok(Some(("fit", 2000))), "the spec sets none");
         let with = |t: &str| DP_JOB_ON_BC.replace("[dp]\n", &format!("[dp]\nanswer_fit_after_secs = {t}\n"));
-        assert_eq!(floor("j3", with("0.5")), Ok(Some(2000)), "a shorter spec floor");
-        assert_eq!(floor("j4", with("3.5")), Ok(Some(3500)), "a longer spec floor");
+        assert_eq!(floor("j3", with("0.5")), Ok(Some(("fit", 2000))), "a shorter spec floor");
+        assert_eq!(floor("j4", with("3.5")), Ok(Some(("fit", 3500))), "a longer spec floor");
         let no_dp = DP_JOB_ON_BC.split("[dp]").next().unwrap().to_string();
         assert_eq!(floor("j5", no_dp), Ok(None), "a job without [dp]");
+        let evaluation = "name = \"e\"\nkind = \"evaluate\"\nfrom_job = \"j0\"\n[parties]\nnames = [\"a\"]\nmin = 1\n\
+                          dataset = \"bc\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\n\
+                          standardize = false\n[dp]\nnoise_multiplier = 2.0\n";
+        assert_eq!(floor("j6", evaluation.into()), Ok(Some(("evaluate", 2000))), "a DP evaluation");
         let before = crate::ledger::Ledger::read(&ledger_path).unwrap();
         let hurried = format!("{DP_JOB_ON_BC}[timeouts]\nround_secs = 2\n");
         let Err(e) = answer(&node, &offer("j2", hurried)) else { panic!("accepted") };
-        assert!(e.contains("policy.min_answer_fit_after_secs") && e.contains("round_secs = 2"), "{e}");
+        assert!(e.contains("policy.min_answer_after_secs") && e.contains("round_secs = 2"), "{e}");
         let after = crate::ledger::Ledger::read(&ledger_path).unwrap();
         assert!(!after.datasets["bc"].jobs.contains_key("j2"), "nothing reserved for j2");
         assert_eq!(before.datasets["bc"].jobs.len(), after.datasets["bc"].jobs.len());

@@ -102,13 +102,14 @@ pub fn consider<'a>(
                     (central DP); policy.accept_central_dp is not set"
             .into());
     }
-    if let Some(floor) = answer_fit_after_secs(spec, policy)
-        && floor >= spec.timeouts.round_secs as f64
+    if let Some((stage, floor)) = answer_floor(spec, policy)
+        && !confide_proto::dpspec::answer_floor_fits(floor, spec.timeouts.round_secs)
     {
         return Err(format!(
-            "policy.min_answer_fit_after_secs holds each fit answer {floor} s; the job's timeouts.round_secs = {} \
-             would pass before any arrived",
-            spec.timeouts.round_secs
+            "policy.min_answer_after_secs holds each {stage} answer {floor} s; the job's timeouts.round_secs = {} \
+             leaves less than {} s for it to arrive",
+            spec.timeouts.round_secs,
+            confide_proto::dpspec::FIT_ANSWER_MARGIN_SECS
         ));
     }
     if spec.min_parties() < policy.min_parties {
@@ -130,14 +131,21 @@ pub fn consider<'a>(
     Ok(source)
 }
 
-/// How long this party holds each fit answer of `spec`'s job, in seconds:
-/// the longer of the spec's `dp.answer_fit_after_secs` and the policy's
-/// `min_answer_fit_after_secs`, for a job with `[dp]` (none otherwise).
-pub fn answer_fit_after_secs(spec: &JobSpec, policy: &Policy) -> Option<f64> {
+/// Which answers of `spec`'s job this party holds, and how long, in
+/// seconds: a DP training job's fit answers, for the longer of the spec's
+/// `dp.answer_fit_after_secs` and the policy's `min_answer_after_secs`; a
+/// DP evaluation's answers, for the policy's. None for a job without `[dp]`.
+pub fn answer_floor(spec: &JobSpec, policy: &Policy) -> Option<(&'static str, f64)> {
     let dp = spec.dp.as_ref()?;
-    match (dp.answer_fit_after_secs, policy.min_answer_fit_after_secs) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
+    match dp.release {
+        confide_proto::dpspec::DpRelease::Training => {
+            let longer = match (dp.answer_fit_after_secs, policy.min_answer_after_secs) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            longer.map(|t| ("fit", t))
+        }
+        confide_proto::dpspec::DpRelease::Evaluation => policy.min_answer_after_secs.map(|t| ("evaluate", t)),
     }
 }
 
@@ -207,6 +215,35 @@ mod tests {
         let off = Policy { evaluations_outside_budget: false, ..policy };
         assert!(!outside_budget(&gate, &off));
         assert!(consider(&gate, "d", &off, &plugins, &data).is_err());
+    }
+
+    /// The policy's floor holds a DP training job's fit answers and a DP
+    /// evaluation's answers, and must leave a second before the round's
+    /// deadline.
+    #[test]
+    fn the_policys_answer_floor_holds_dp_answers_and_leaves_time_to_answer() {
+        let job = |kind: &str, round_secs: u64| {
+            let (from, sampled) =
+                if kind == "evaluate" { ("from_job = \"j0\"\n", "") } else { ("", "sampling_rate = 0.1\n") };
+            let text = format!(
+                "name = \"e\"\nkind = \"{kind}\"\n{from}[parties]\nnames = [\"a\"]\nmin = 1\ndataset = \"d\"\n\
+                 [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n[dp]\n\
+                 noise_multiplier = 2.0\n{sampled}[timeouts]\nround_secs = {round_secs}\n"
+            );
+            JobSpec::parse(&text, "t", &Limits::default()).unwrap()
+        };
+        let policy = |t: f64| Policy { min_answer_after_secs: Some(t), ..Policy::default() };
+        let declared = DatasetSource { features: Some(1), ..DatasetSource::csv("d.csv".into()) };
+        let (plugins, data) = (PartyPlugins::default(), BTreeMap::from([("d".into(), declared)]));
+        assert_eq!(answer_floor(&job("train", 600), &policy(2.0)), Some(("fit", 2.0)));
+        assert_eq!(answer_floor(&job("evaluate", 600), &policy(2.0)), Some(("evaluate", 2.0)));
+        assert_eq!(answer_floor(&job("evaluate", 600), &Policy::default()), None);
+        for kind in ["train", "evaluate"] {
+            assert!(consider(&job(kind, 3), "d", &policy(2.0), &plugins, &data).is_ok());
+            let e = consider(&job(kind, 3), "d", &policy(2.001), &plugins, &data).unwrap_err();
+            assert!(e.contains("policy.min_answer_after_secs") && e.contains("round_secs = 3"), "{e}");
+            assert!(e.contains(&format!("each {}", if kind == "train" { "fit" } else { "evaluate" })), "{e}");
+        }
     }
 
     fn cautious_floor() -> Policy {

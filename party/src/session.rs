@@ -129,12 +129,26 @@ pub struct PartySession {
     idle_deadline: Option<Millis>,
     closed: bool,
     out: VecDeque<PartyOutput>,
-    /// Fit answers are held until this long after their task was taken up
-    /// (a DP job's `answer_fit_after_secs`), so that how long training took
+    /// Which answers are held, and until how long after their task was
+    /// taken up, so that how long the rows took to train on or evaluate
     /// does not show.
-    fit_answer_after: Option<Millis>,
+    answer_floor: Option<AnswerFloor>,
     /// Answers held, with when they go out.
     held: Vec<(Millis, PartyOutput)>,
+}
+
+/// The answers a DP job holds to a floor: a stage's, results and refusals
+/// alike (the longer of a training job's `answer_fit_after_secs` and the
+/// party's `policy.min_answer_after_secs`; the policy's for a DP
+/// evaluation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerFloor {
+    /// The stage whose answers are held (`fit` or `evaluate`): the one
+    /// whose time depends on the rows.
+    pub stage: &'static str,
+    /// How long after its task was taken up an answer goes out, at the
+    /// earliest.
+    pub after: Millis,
 }
 
 /// What the coordinator is told of a trainer's panic: its message can
@@ -162,21 +176,26 @@ impl PartySession {
             idle_deadline: None,
             closed: false,
             out: VecDeque::new(),
-            fit_answer_after: None,
+            answer_floor: None,
             held: Vec::new(),
         }
     }
 
     /// Holds each fit answer until `after` ms from when its task is taken up
     /// (`handle`'s `now`).
-    pub fn with_fit_answer_after(mut self, after: Option<Millis>) -> Self {
-        self.fit_answer_after = after;
+    pub fn with_fit_answer_after(self, after: Option<Millis>) -> Self {
+        self.with_answer_floor(after.map(|after| AnswerFloor { stage: "fit", after }))
+    }
+
+    /// Holds the answers `floor` names (see [`AnswerFloor`]).
+    pub fn with_answer_floor(mut self, floor: Option<AnswerFloor>) -> Self {
+        self.answer_floor = floor;
         self
     }
 
-    /// How long each fit answer is held from when its task is taken up.
-    pub fn fit_answer_after(&self) -> Option<Millis> {
-        self.fit_answer_after
+    /// Which answers are held, and how long from when their task is taken up.
+    pub fn answer_floor(&self) -> Option<AnswerFloor> {
+        self.answer_floor
     }
 
     /// The next queued output.
@@ -307,10 +326,11 @@ impl PartySession {
         }
         self.last_task = Some((task_id, task.round));
         let (job_id, round) = (task.job_id.clone(), task.round);
-        // A fit's answer waits for the floor whether it is a result or a
-        // refusal: an early refusal would say that training failed, and
-        // when (both are about the rows under DP).
-        let fit_task = task.body.stage_name() == "fit";
+        // A fit's (or a DP evaluation's) answer waits for the floor whether
+        // it is a result or a refusal: an early refusal would say that
+        // training failed, and when (both are about the rows under DP).
+        let floor = self.answer_floor;
+        let held_task = floor.filter(|f| task.body.stage_name() == f.stage).map(|f| f.after);
         // From when the task is taken up: the driver takes none while an
         // answer is held (see `holding`), so a fit's floor starts after the
         // answer before it went out, whatever that one's training took.
@@ -318,15 +338,14 @@ impl PartySession {
         let handler = &mut self.handler;
         match catch_unwind(AssertUnwindSafe(|| handler.on_task(task))) {
             Ok(Ok(body)) => {
-                let hold =
-                    (fit_task || matches!(body, ResultBody::Fit { .. })).then_some(self.fit_answer_after).flatten();
+                let hold = held_task.or(floor.filter(|f| body.stage_name() == f.stage).map(|f| f.after));
                 let out = PartyOutput::Result(TaskResult { job_id, round, task_id, body });
                 match hold {
                     Some(after) => self.held.push((floor_base + after, out)),
                     None => self.out.push_back(out),
                 }
             }
-            Ok(Err(TaskError::Refused(reason))) => match fit_task.then_some(self.fit_answer_after).flatten() {
+            Ok(Err(TaskError::Refused(reason))) => match held_task {
                 Some(after) => self.held.push((floor_base + after, PartyOutput::Failed { task_id, reason })),
                 None => refuse(&mut self.out, reason),
             },
@@ -340,7 +359,7 @@ impl PartySession {
                 }
                 // A fault found after training (a round message that does
                 // not check) would tell when training ended: held too.
-                match fit_task.then_some(self.fit_answer_after).flatten() {
+                match held_task {
                     Some(after) => self.held.push((floor_base + after, PartyOutput::Failed { task_id, reason })),
                     None => refuse(&mut self.out, reason),
                 }
@@ -351,7 +370,7 @@ impl PartySession {
                 self.out.push_back(PartyOutput::Note(format!("leaving the job: its trainer panicked: {detail}")));
                 self.aborted = Some(PANICKED.into());
                 let reason = format!("this party left the job: {PANICKED}");
-                match fit_task.then_some(self.fit_answer_after).flatten() {
+                match held_task {
                     Some(after) => self.held.push((floor_base + after, PartyOutput::Failed { task_id, reason })),
                     None => refuse(&mut self.out, reason),
                 }
@@ -460,6 +479,29 @@ mod tests {
         s.handle(7_001, PartyInput::Closed { reason: String::new() });
         s.handle(20_000, PartyInput::Tick);
         assert!(outputs(&mut s).iter().all(|o| !matches!(o, PartyOutput::Result(_))));
+    }
+
+    /// A DP evaluation's floor holds its evaluate answers, results and
+    /// refusals, and not other stages' (a fit goes at once).
+    #[test]
+    fn an_evaluations_floor_holds_its_evaluate_answers() {
+        let floor = AnswerFloor { stage: "evaluate", after: 5_000 };
+        let mut s = session(None).with_answer_floor(Some(floor));
+        assert_eq!(s.answer_floor(), Some(floor));
+        s.handle(0, step("j", 1, 1, "fit"));
+        assert!(matches!(outputs(&mut s)[..], [PartyOutput::Result(_)]), "a fit is not held");
+        s.handle(1_000, step("j", 1, 2, "evaluate"));
+        assert!(outputs(&mut s).is_empty());
+        s.handle(5_999, PartyInput::Tick);
+        assert!(outputs(&mut s).is_empty());
+        s.handle(6_000, PartyInput::Tick);
+        assert!(matches!(outputs(&mut s)[..], [PartyOutput::Result(_)]));
+        let mut refusing = PartySession::new("j", Box::new(Fails(|| TaskError::Refused("no rows".into()))), 20_000)
+            .with_answer_floor(Some(floor));
+        refusing.handle(1_000, step("j", 1, 1, "evaluate"));
+        assert!(outputs(&mut refusing).is_empty(), "a refusal is held too");
+        refusing.handle(6_000, PartyInput::Tick);
+        assert!(matches!(outputs(&mut refusing)[..], [PartyOutput::Failed { .. }]));
     }
 
     /// Fails every task with the error `make` gives.

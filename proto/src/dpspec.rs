@@ -89,6 +89,17 @@ pub struct RawDp {
     pub feature_ranges: Option<Vec<[f64; 2]>>,
 }
 
+/// Time an answer held to its floor (`answer_fit_after_secs`) has left to
+/// reach the coordinator before the round's deadline, at least: seconds.
+pub const FIT_ANSWER_MARGIN_SECS: f64 = 1.0;
+
+/// Whether a fit answer held `floor_secs` (rounded up to the millisecond,
+/// as a party holds it) still leaves [`FIT_ANSWER_MARGIN_SECS`] before a
+/// deadline of `round_secs`.
+pub fn answer_floor_fits(floor_secs: f64, round_secs: u64) -> bool {
+    (floor_secs * 1000.0).ceil() + FIT_ANSWER_MARGIN_SECS * 1000.0 <= round_secs as f64 * 1000.0
+}
+
 /// β of conditional randomized rounding (the paper's e^{−1/2}).
 pub const DDG_BETA: f64 = 0.606_530_659_712_633_4;
 

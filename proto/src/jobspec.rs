@@ -918,13 +918,15 @@ impl RawJobSpec {
             match raw.validate(&self.training, self.rounds, distributed) {
                 Ok(d) => {
                     if let Some(t) = d.answer_fit_after_secs
-                        && t >= self.timeouts.round_secs as f64
+                        && !crate::dpspec::answer_floor_fits(t, self.timeouts.round_secs)
                     {
                         err(
                             "dp.answer_fit_after_secs",
                             format!(
-                                "{t} s would make every answer miss the round's deadline (timeouts.round_secs = {})",
-                                self.timeouts.round_secs
+                                "{t} s would make every answer miss the round's deadline (timeouts.round_secs = {}; \
+                                 the floor must leave {} s for the answer to arrive)",
+                                self.timeouts.round_secs,
+                                crate::dpspec::FIT_ANSWER_MARGIN_SECS
                             ),
                         );
                     }

@@ -77,10 +77,13 @@ impl Training {
                 if let (Some(fresh), Some(dp)) = (privacy.as_mut(), spec.dp.as_ref()) {
                     let saved = state.section("privacy");
                     let missing = || "the checkpoint of a [dp] job has no privacy accountant".to_string();
-                    // The rounds composed so far (a retried round counts
-                    // again); a checkpoint written before they were kept
-                    // under this name has composed at least the rounds it
-                    // completed.
+                    // The rounds composed so far: this coordinator composes
+                    // each round once, as it sends its fit tasks, so they
+                    // are the rounds completed (a round cut short by a
+                    // crash is not counted: docs/differential-privacy.md);
+                    // a checkpoint that says more is believed (it can only
+                    // raise ε), and one written before they were kept has
+                    // composed the rounds it completed.
                     let composed = match saved.get(COMPOSED_ROUNDS).or_else(|| saved.get("pld_rounds")) {
                         Some(&[rounds]) if rounds >= 0.0 && rounds <= f64::from(u32::MAX) && rounds.fract() == 0.0 => {
                             rounds as u32
@@ -96,14 +99,24 @@ impl Training {
                     // reporting what it reported. Where it is lower (a job
                     // checkpointed before adaptive clipping's sensitivity
                     // was doubled), the spec's: a resumed job never reports
-                    // less than its rounds cost. (The PLD's state is its
-                    // rounds alone.)
+                    // less than its rounds cost. A curve over other orders
+                    // is kept whole if its ε is the higher. (The PLD's
+                    // state is its rounds alone.)
                     if let Accountant::Rdp(now) = fresh {
                         let (orders, rdp) = saved.get("orders").zip(saved.get("rdp")).ok_or_else(missing)?;
                         let kept = RdpAccountant::from_parts(orders.to_vec(), rdp.to_vec())
                             .map_err(|e| format!("the checkpoint's privacy accountant: {e}"))?;
                         if kept.orders() == now.orders() {
                             now.raise_to(&kept).map_err(|e| format!("the checkpoint's privacy accountant: {e}"))?;
+                        } else {
+                            // (An ε that cannot be computed counts as ∞.)
+                            let eps = |a: &RdpAccountant| {
+                                a.epsilon(dp.delta)
+                                    .map_or(f64::INFINITY, |(e, _)| if e.is_nan() { f64::INFINITY } else { e })
+                            };
+                            if eps(&kept) > eps(now) {
+                                *now = kept;
+                            }
                         }
                     }
                     // The adaptive clip (none before its first update), as
@@ -262,7 +275,9 @@ impl Training {
                             saved.insert("orders", acc.orders().to_vec());
                             saved.insert("rdp", acc.rdp().to_vec());
                         }
-                        Accountant::Pld(_) => {}
+                        // Under its earlier name too, for a coordinator
+                        // from before `composed_rounds`.
+                        Accountant::Pld(_) => saved.insert("pld_rounds", vec![f64::from(self.privacy_rounds)]),
                     }
                     saved.insert(COMPOSED_ROUNDS, vec![f64::from(self.privacy_rounds)]);
                     if let Some(clip) = self.central_clip {
@@ -616,16 +631,18 @@ mod tests {
     /// A checkpoint's RDP curve below what its rounds cost under the spec
     /// (an adaptive-clipping job checkpointed while its party-level ε was
     /// accounted at the contribution's sensitivity, not twice it) resumes
-    /// reporting what the rounds cost; one above (a retried round composed
-    /// again) keeps its own; a checkpoint without its composed rounds
-    /// counts the rounds it completed.
+    /// reporting what the rounds cost; one above keeps its own; a
+    /// checkpoint without its composed rounds counts the rounds it
+    /// completed; a curve over other orders is kept only if its ε is the
+    /// higher.
     #[test]
     fn a_resumed_job_never_reports_less_than_its_rounds_cost() {
         let spec = Arc::new(JobSpec::parse(ADAPTIVE, "test", &Limits::default()).expect("spec"));
         let dp = spec.dp.as_ref().expect("dp");
         let cost = |rounds| dp.accountant(&spec.training, rounds).epsilon(dp.delta);
-        // Half of each order's RDP: what the contribution's sensitivity
-        // (half the replaced one's) gives a Gaussian mechanism.
+        // A quarter of each order's RDP: what half the sensitivity (the
+        // contribution's, against the replaced one's) gives a Gaussian
+        // mechanism.
         let mut old = rdp_of(&dp.accountant(&spec.training, 3));
         let halved: Vec<f64> = old.rdp().iter().map(|r| r / 4.0).collect();
         old = RdpAccountant::from_parts(old.orders().to_vec(), halved).expect("curve");
@@ -633,12 +650,25 @@ mod tests {
         assert!(old_eps < cost(3), "{old_eps} against {}", cost(3));
         assert_eq!(resumed_epsilon(&spec, 3, saved(&old, None)).expect("resumes"), (cost(3), 3));
         assert_eq!(resumed_epsilon(&spec, 3, saved(&old, Some(3))).expect("resumes"), (cost(3), 3));
-        // Four rounds composed for three completed: the fourth counts.
+        // A checkpoint that says four rounds were composed for three
+        // completed (this coordinator writes none) is believed.
         assert_eq!(resumed_epsilon(&spec, 3, saved(&old, Some(4))).expect("resumes"), (cost(4), 4));
         // A curve above the spec's for its rounds is kept.
         let above = rdp_of(&dp.accountant(&spec.training, 5));
         let (eps, composed) = resumed_epsilon(&spec, 3, saved(&above, Some(3))).expect("resumes");
         assert_eq!((eps, composed), (above.epsilon(dp.delta).expect("eps").0, 3));
+        assert!(eps > cost(3));
+        // Another grid of orders: the higher ε of the two curves.
+        let coarse = |rdp: f64| {
+            let mut s = State::new();
+            s.insert("orders", vec![2.0, 4.0]);
+            s.insert("rdp", vec![rdp, rdp]);
+            s
+        };
+        assert_eq!(resumed_epsilon(&spec, 3, coarse(0.0)).expect("resumes"), (cost(3), 3));
+        let (eps, _) = resumed_epsilon(&spec, 3, coarse(50.0)).expect("resumes");
+        let expected = RdpAccountant::from_parts(vec![2.0, 4.0], vec![50.0, 50.0]).expect("curve");
+        assert_eq!(eps, expected.epsilon(dp.delta).expect("eps").0);
         assert!(eps > cost(3));
         // Composed rounds that are not a count fail the resume.
         for bad in [-1.0, 2.5, f64::NAN] {
@@ -647,5 +677,24 @@ mod tests {
             let e = resumed_epsilon(&spec, 3, s).expect_err("refused");
             assert!(e.contains("composed rounds"), "{bad}: {e}");
         }
+    }
+
+    /// The PLD accountant's state is its composed rounds, under their
+    /// earlier name (`pld_rounds`) in checkpoints from before
+    /// `composed_rounds`; without either the resume fails, naming it.
+    #[test]
+    fn a_pld_checkpoint_resumes_from_its_rounds_under_either_name() {
+        let text = ADAPTIVE.replace("adaptive_clip_quantile = 0.5\n", "accountant = \"pld\"\n");
+        let spec = Arc::new(JobSpec::parse(&text, "test", &Limits::default()).expect("spec"));
+        let dp = spec.dp.as_ref().expect("dp");
+        assert!(matches!(dp.accountant(&spec.training, 0), Accountant::Pld(_)));
+        let cost = dp.accountant(&spec.training, 3).epsilon(dp.delta);
+        for key in [COMPOSED_ROUNDS, "pld_rounds"] {
+            let mut saved = State::new();
+            saved.insert(key, vec![3.0]);
+            assert_eq!(resumed_epsilon(&spec, 3, saved).expect("resumes"), (cost, 3), "{key}");
+        }
+        let e = resumed_epsilon(&spec, 3, State::new()).expect_err("refused");
+        assert!(e.contains("no privacy accountant"), "{e}");
     }
 }
