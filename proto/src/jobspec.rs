@@ -827,8 +827,19 @@ impl RawJobSpec {
         }
         let mut dp = None;
         if let Some(raw) = self.dp.as_ref().filter(|_| kind == JobKind::Evaluate) {
-            // An evaluation releases noisy counts: no gradients, so any model
-            // kind (TorchScript included) and no feature ranges.
+            // An evaluation releases noisy counts: no gradients, so any
+            // built-in model kind (TorchScript included) and no feature
+            // ranges. Not a plug-in's: the counts' sensitivity rests on each
+            // row adding at most one to each, which a plug-in's `evaluate`
+            // (its accuracy, its example count) does not promise.
+            if self.model.kind == confide_algorithms::ModelKind::Custom {
+                err(
+                    "model.kind",
+                    "a DP evaluation releases noisy counts of rows scored and rows right, each row adding at most \
+                     one; a custom model's evaluate promises no such count, so it cannot be evaluated with [dp]"
+                        .to_string(),
+                );
+            }
             match raw.validate_evaluation() {
                 Ok(d) => dp = Some(d),
                 Err(problems) => {
@@ -1192,6 +1203,10 @@ mod aggregation_tests {
         // No gradients: a TorchScript model and standardisation need nothing more.
         let script = evaluate.replace("kind = \"logistic_regression\"", "kind = \"torchscript\"\ntorchscript = \"m\"");
         assert!(JobSpec::parse(&script, "e", &Limits::default()).is_ok());
+        // A plug-in's evaluate promises no per-row count.
+        let custom = evaluate.replace("kind = \"logistic_regression\"", "kind = \"custom\"\ncustom = \"svm\"");
+        assert_eq!(paths(&custom), ["model.kind"]);
+        assert!(JobSpec::parse(&custom.replace("[dp]\ntarget_epsilon = 1.0\n", ""), "e", &Limits::default()).is_ok());
         assert_eq!(paths(&evaluate.replace("[dp]", "[dp]\nlevel = \"party\"")), ["dp.level"]);
         assert_eq!(paths(&evaluate.replace("[dp]", "[dp]\nfeature_ranges = [[0.0, 1.0]]")), ["dp.feature_ranges"]);
         assert_eq!(paths(&evaluate.replace("target_epsilon = 1.0", "delta = 1e-5")), ["dp.noise_multiplier"]);
