@@ -263,9 +263,9 @@ pub struct Policy {
     /// this says. Off by default.
     #[serde(default)]
     pub evaluations_outside_budget: bool,
-    /// Hold each fit answer of a DP training job, and each answer of a DP
-    /// evaluation, at least this many seconds after its task was taken
-    /// up, whatever the spec's `dp.answer_fit_after_secs` (the
+    /// Hold each fit answer of a DP training job, and a DP evaluation's
+    /// answer to its evaluate task, at least this many seconds after its
+    /// task was taken up (an offer's answer is not held), whatever the spec's `dp.answer_fit_after_secs` (the
     /// coordinator's choice, which wins only when longer), so that how
     /// long the rows took to train on or score, a hint of the data set's
     /// size, does not show unless it takes longer. A job whose

@@ -75,7 +75,7 @@ pub trait JobHandler: Send {
 
     /// Work to do while the coordinator collects the other parties'
     /// answers (e.g. a protocol's precomputation); called after an answer
-    /// sent at once, never after a held one (`answer_fit_after_secs`).
+    /// sent at once, never after a held one (see [`AnswerFloor`]).
     fn idle_work(&mut self) {}
 
     /// This party leaves the job over a coordinator fault (`why`): a
@@ -208,7 +208,7 @@ impl PartySession {
         self.held.iter().map(|(t, _)| *t).chain(self.idle_deadline).min()
     }
 
-    /// Whether an answer is held (`answer_fit_after_secs`). The driver owes
+    /// Whether an answer is held (see [`AnswerFloor`]). The driver owes
     /// the floor this: it takes no new task until the held answers have
     /// gone out (a job's close excepted), so that no training runs past a
     /// held answer's floor and a fit's floor starts after the answer
@@ -383,7 +383,7 @@ impl PartySession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use confide_proto::messages::{Envelope, TaskBody};
+    use confide_proto::messages::{Envelope, SumOf, TaskBody};
 
     /// Answers aggregation steps; `panic_on` panics; keeps a round open after fit.
     struct Script {
@@ -406,6 +406,13 @@ mod tests {
             self.open = stage != "secagg-unmask";
             if stage == "fit" {
                 return Ok(ResultBody::Fit { metrics: Default::default(), contribution: Envelope::default() });
+            }
+            match task.body {
+                TaskBody::Evaluate { .. } => {
+                    return Ok(ResultBody::Evaluate { num_examples: 0, loss: 0.0, metrics: Default::default() });
+                }
+                TaskBody::SecureSum { .. } => return Ok(ResultBody::SecureSum { contribution: Envelope::default() }),
+                _ => {}
             }
             Ok(ResultBody::Aggregation { stage, message: Envelope::default() })
         }
@@ -496,6 +503,19 @@ mod tests {
         assert!(outputs(&mut s).is_empty());
         s.handle(6_000, PartyInput::Tick);
         assert!(matches!(outputs(&mut s)[..], [PartyOutput::Result(_)]));
+        // The stage's real tasks: an evaluation in the clear, and its
+        // secure sum (whose result is a "secure-sum").
+        let global = std::sync::Arc::new(confide_algorithms::Parameters::default());
+        for (id, body) in [
+            (3, TaskBody::Evaluate { global: global.clone() }),
+            (4, TaskBody::SecureSum { of: SumOf::Evaluation { global: global.clone() }, round_message: Vec::new() }),
+        ] {
+            let at = 10_000 * id;
+            s.handle(at, PartyInput::Task(Task { job_id: "j".into(), round: 1, task_id: id, body }));
+            assert!(outputs(&mut s).is_empty(), "task {id} held");
+            s.handle(at + 5_000, PartyInput::Tick);
+            assert!(matches!(outputs(&mut s)[..], [PartyOutput::Result(_)]), "task {id} released");
+        }
         let mut refusing = PartySession::new("j", Box::new(Fails(|| TaskError::Refused("no rows".into()))), 20_000)
             .with_answer_floor(Some(floor));
         refusing.handle(1_000, step("j", 1, 1, "evaluate"));

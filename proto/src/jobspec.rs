@@ -1281,6 +1281,9 @@ mod aggregation_tests {
         assert_eq!(s.dp.unwrap().answer_fit_after_secs, Some(2.5));
         assert_eq!(paths(&floor("0.0")), ["dp.answer_fit_after_secs"]);
         assert_eq!(paths(&format!("{}[timeouts]\nround_secs = 10\n", floor("20.0"))), ["dp.answer_fit_after_secs"]);
+        // A floor must leave a second for the answer to arrive.
+        assert_eq!(paths(&format!("{}[timeouts]\nround_secs = 10\n", floor("9.5"))), ["dp.answer_fit_after_secs"]);
+        assert!(paths(&format!("{}[timeouts]\nround_secs = 10\n", floor("9.0"))).is_empty());
         let central = party.replace("protocol = \"secagg\"", "protocol = \"none\"");
         let s = JobSpec::parse(&central, "f", &Limits::default()).unwrap();
         assert_eq!(s.dp.as_ref().map(|d| d.level), Some(crate::dpspec::DpLevel::Party));
