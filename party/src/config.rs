@@ -276,7 +276,9 @@ pub struct Policy {
     pub min_answer_after_secs: Option<f64>,
     /// Accept party-level DP whose noise the coordinator adds (`[dp] level
     /// = "party"`, central DP-FedAvg). Off by default: it trusts the
-    /// coordinator, which then sees every update before the noise.
+    /// coordinator, which then sees every update before the noise (under
+    /// adaptive clipping, clipped by the party only at 2^20 times the
+    /// spec's first clip, the largest a round may use).
     #[serde(default)]
     pub accept_central_dp: bool,
     /// The least fraction of a round's parties that the job's aggregation

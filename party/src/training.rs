@@ -106,15 +106,8 @@ impl PartyJobKind for TrainingKind {
             handler.dp = dp.plan(&spec.training);
             handler.dp_values_bound = (dp.accountant == AccountantKind::Pld).then(|| dp.model_values_bound());
             if dp.level == DpLevel::Party {
-                // Distributed noise clips inside the encoding, which also
-                // turns a non-finite update into none: the party leaves the
-                // update to it. Under central adaptive clipping the
-                // coordinator (trusted with the updates there) clips at a
-                // clip the party does not know: then only non-finite updates
-                // are replaced here.
                 handler.encoding_clips = dp.distributed.is_some();
-                let inside = dp.distributed.is_some() || dp.adaptive.is_some();
-                handler.party_clip = Some(if inside { f64::INFINITY } else { dp.clip });
+                handler.party_clip = Some(party_clip(dp));
             }
         }
         // Every job but an evaluation outside the budget has a ledger entry:
@@ -122,6 +115,21 @@ impl PartyJobKind for TrainingKind {
         handler.continues_earlier = cx.budget.as_ref().is_some_and(|b| b.resumed());
         handler.budget = cx.budget;
         Ok(Box::new(handler))
+    }
+}
+
+/// The norm a party-level DP job's update is clipped to before it leaves.
+/// Distributed noise clips inside the encoding, which also turns a
+/// non-finite update into none: the party leaves the update to it (∞
+/// here). Under central adaptive clipping the coordinator (trusted with the
+/// updates there) clips at a clip the party does not know, but never above
+/// the spec's first clip times `AdaptiveClip::RANGE`: the party clips there,
+/// so no update leaves with a norm beyond what any round may use.
+pub(crate) fn party_clip(dp: &confide_proto::dpspec::DpSpec) -> f64 {
+    match (dp.distributed.is_some(), dp.adaptive.is_some()) {
+        (true, _) => f64::INFINITY,
+        (false, true) => dp.clip * confide_dp::ddg::AdaptiveClip::RANGE,
+        (false, false) => dp.clip,
     }
 }
 
@@ -1154,6 +1162,28 @@ mod tests {
         fn predict(&self, f: &[f32]) -> Result<Vec<f32>, Error> {
             Fixed.predict(f)
         }
+    }
+
+    /// A party-level update is clipped before it leaves: at the spec's clip
+    /// (central, fixed), at the largest clip an adaptive round may use
+    /// (central, adaptive: the coordinator clips again at its own), or by
+    /// the encoding (distributed noise).
+    #[test]
+    fn a_party_level_update_never_leaves_unclipped_by_the_party() {
+        let dp = |extra: &str, protocol: &str| {
+            let text = format!(
+                "name = \"p\"\nkind = \"train\"\n[parties]\nnames = [\"a\", \"b\", \"c\"]\ndataset = \"d\"\n\
+                 [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+                 [aggregation]\nprotocol = \"{protocol}\"\n\
+                 [dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\nupdate_clip = 2.0\n{extra}"
+            );
+            confide_proto::jobspec::JobSpec::parse(&text, "p", &confide_proto::Limits::default()).unwrap().dp.unwrap()
+        };
+        assert_eq!(party_clip(&dp("", "none")), 2.0);
+        let adaptive = party_clip(&dp("adaptive_clip_quantile = 0.5\n", "none"));
+        assert_eq!(adaptive, 2.0 * confide_dp::ddg::AdaptiveClip::RANGE);
+        assert!(adaptive.is_finite());
+        assert_eq!(party_clip(&dp("", "secagg")), f64::INFINITY, "the encoding clips");
     }
 
     /// An evaluate job with `[dp]` releases its noisy counts once: no loss,
