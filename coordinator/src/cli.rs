@@ -1241,36 +1241,9 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
                 println!("  {line}");
             }
             if let Some(target) = target_epsilon {
-                let dp = spec.dp.as_ref().ok_or_else(|| {
-                    Error::Refused(format!("{name}: --target-epsilon needs a [dp] table (sampling_rate, delta)"))
-                })?;
-                let z = if dp.release == confide_proto::dpspec::DpRelease::Evaluation {
-                    let raw = confide_proto::dpspec::RawDp {
-                        noise_multiplier: None,
-                        target_epsilon: Some(target),
-                        ..dp.to_raw()
-                    };
-                    raw.validate_evaluation()
-                        .map(|d| d.noise_multiplier)
-                        .map_err(|e| e.into_iter().map(|(f, m)| format!("dp.{f}: {m}")).collect::<Vec<_>>().join("; "))
-                } else {
-                    confide_proto::dpspec::noise_for_target(
-                        dp.accountant,
-                        target,
-                        dp.delta,
-                        dp.level,
-                        dp.adaptive.is_some(),
-                        dp.sampling_rate,
-                        dp.clip,
-                        dp.distributed,
-                        dp.model_values_bound(),
-                        &spec.training,
-                        spec.rounds,
-                    )
+                for line in target_epsilon_lines(&spec, &name, target)? {
+                    println!("  {line}");
                 }
-                .map_err(|e| Error::Refused(format!("{name}: --target-epsilon {target}: {e}")))?;
-                let shown = noise_multiplier_to_print(dp, &spec, z, target);
-                println!("  noise_multiplier = {shown} reaches ε = {target} at δ = {:e} (put it in [dp])", dp.delta);
             }
             Ok(0)
         }
@@ -1457,6 +1430,53 @@ async fn watch_job(client: &mut AdminServiceClient<Channel>, id: &str) -> Result
     Ok(if st.state == JobState::Succeeded { 0 } else { 1 })
 }
 
+/// What `job validate --target-epsilon` prints: the noise multiplier that
+/// reaches `target` for `spec`, and what else the spec must change to take
+/// it.
+fn target_epsilon_lines(spec: &JobSpec, name: &str, target: f64) -> Result<Vec<String>, Error> {
+    let dp = spec
+        .dp
+        .as_ref()
+        .ok_or_else(|| Error::Refused(format!("{name}: --target-epsilon needs a [dp] table (sampling_rate, delta)")))?;
+    let most = confide_proto::dpspec::MAX_TARGET_EPSILON;
+    if !(target.is_finite() && target > 0.0 && target <= most) {
+        return Err(Error::Refused(format!("--target-epsilon: must be in (0, {most}] (got {target})")));
+    }
+    let z = if dp.release == confide_proto::dpspec::DpRelease::Evaluation {
+        let raw = confide_proto::dpspec::RawDp { noise_multiplier: None, target_epsilon: Some(target), ..dp.to_raw() };
+        raw.validate_evaluation()
+            .map(|d| d.noise_multiplier)
+            .map_err(|e| e.into_iter().map(|(f, m)| format!("dp.{f}: {m}")).collect::<Vec<_>>().join("; "))
+    } else {
+        confide_proto::dpspec::noise_for_target(
+            dp.accountant,
+            target,
+            dp.delta,
+            dp.level,
+            dp.adaptive.is_some(),
+            dp.sampling_rate,
+            dp.clip,
+            dp.distributed,
+            dp.model_values_bound(),
+            &spec.training,
+            spec.rounds,
+        )
+    }
+    .map_err(|e| Error::Refused(format!("{name}: --target-epsilon {target}: {e}")))?;
+    let shown = noise_multiplier_to_print(dp, spec, z, target);
+    let mut lines =
+        vec![format!("noise_multiplier = {shown} reaches ε = {target} at δ = {:e} (put it in [dp])", dp.delta)];
+    if let Some(a) = dp.adaptive.filter(|a| a.count_stddev <= z / 2.0) {
+        lines.push(format!(
+            "clip_count_stddev = {} must exceed noise_multiplier / 2 = {}: raise it too (the count's noise comes \
+             out of the same budget as the updates')",
+            a.count_stddev,
+            z / 2.0
+        ));
+    }
+    Ok(lines)
+}
+
 /// The calibrated noise multiplier `z` as `job validate --target-epsilon`
 /// prints it: rounded up to four decimals (more noise) when ε there is
 /// still within `target`, else in full. Rounded to nearest, the printed
@@ -1494,6 +1514,28 @@ mod split_tests {
         for shape in [0.3, 1.0, 4.5] {
             let mean = (0..20_000).map(|_| gamma(&mut rng, shape)).sum::<f64>() / 20_000.0;
             assert!((mean - shape).abs() < 0.05 * shape.max(1.0), "shape {shape}: mean {mean}");
+        }
+    }
+
+    /// `--target-epsilon` prints the multiplier that reaches the target,
+    /// and says so when the spec's adaptive-clipping count noise would then
+    /// be too small for the spec to validate with it.
+    #[test]
+    fn target_epsilon_names_a_count_noise_the_new_multiplier_outgrows() {
+        let text = "name = \"p\"\nkind = \"train\"\nrounds = 10\n[parties]\nnames = [\"a\", \"b\", \"c\"]\nmin = 3\n\
+                    dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+                    [dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\ndelta = 1e-5\nadaptive_clip_quantile = 0.5\n\
+                    clip_count_stddev = 0.6\n";
+        let spec = JobSpec::parse(text, "p.toml", &Limits::default()).unwrap();
+        let lines = target_epsilon_lines(&spec, "p.toml", 0.5).unwrap();
+        assert!(lines[0].starts_with("noise_multiplier = ") && lines[0].contains("ε = 0.5"), "{lines:?}");
+        assert!(lines.len() == 2 && lines[1].starts_with("clip_count_stddev = 0.6 must exceed"), "{lines:?}");
+        // A loose target needs no more count noise.
+        let loose = target_epsilon_lines(&spec, "p.toml", 100.0).unwrap();
+        assert_eq!(loose.len(), 1, "{loose:?}");
+        for bad in [f64::NAN, -1.0, 0.0, 1e6, f64::INFINITY] {
+            let e = target_epsilon_lines(&spec, "p.toml", bad).unwrap_err().to_string();
+            assert!(e.contains("--target-epsilon: must be in (0, 100]"), "{bad}: {e}");
         }
     }
 

@@ -86,7 +86,7 @@ impl CoordinatorMetrics {
                 GaugeVec::new(
                     Opts::new(
                         "confide_coordinator_job_epsilon",
-                        "Party-level epsilon a running DP job has spent (its accountant's, at the job's delta).",
+                        "Epsilon a running DP job has spent (its accountant's, at the job's delta; per record under DP-SGD, per party under party-level DP).",
                     ),
                     &["job"],
                 )?,

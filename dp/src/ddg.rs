@@ -435,8 +435,11 @@ struct Calibration {
 impl Calibration {
     fn of(cfg: &DdgConfig) -> Result<Calibration, Error> {
         let bad = |field: &str, why: String| Err(Error::InvalidInput(format!("{field}: {why}")));
-        if !(cfg.clip.is_finite() && cfg.clip > 0.0) {
-            return bad("clip", format!("must be positive and finite (got {})", cfg.clip));
+        // (An adaptive clip may go down to the smallest stated clip over
+        // the adaptive range.)
+        let least = crate::MIN_CLIP / AdaptiveClip::RANGE;
+        if !(cfg.clip.is_finite() && cfg.clip >= least) {
+            return bad("clip", format!("must be finite and at least {least:e} (got {})", cfg.clip));
         }
         if !(cfg.noise_multiplier.is_finite() && cfg.noise_multiplier > 0.0) {
             return bad("noise_multiplier", format!("must be positive and finite (got {})", cfg.noise_multiplier));

@@ -127,8 +127,11 @@ impl DpSgd {
     /// Checks `cfg` and seeds the party's generator from the operating system.
     pub fn new(cfg: DpSgdConfig) -> Result<Self, Error> {
         let c = cfg.max_grad_norm;
-        if !(c.is_finite() && c > 0.0) {
-            return Err(Error::InvalidInput(format!("max_grad_norm must be positive and finite (got {c})")));
+        if !(c.is_finite() && c >= crate::MIN_CLIP) {
+            return Err(Error::InvalidInput(format!(
+                "max_grad_norm must be finite and at least {} (got {c})",
+                crate::MIN_CLIP
+            )));
         }
         let z = cfg.noise_multiplier;
         if !(z.is_finite() && z > 0.0 && z <= MAX_NOISE_MULTIPLIER) {

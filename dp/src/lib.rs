@@ -34,3 +34,10 @@ mod special;
 
 mod error;
 pub use error::Error;
+
+/// The smallest clip (DP-SGD's gradient norm, party-level DP's update
+/// norm) a job may state: below it the lattice's step (clip over the
+/// lattice units of sensitivity) and the distributed mechanism's squared
+/// terms approach f64's subnormal range, where their rounding is no
+/// longer the tiny relative error the accounting allows for.
+pub const MIN_CLIP: f64 = 1e-6;

@@ -445,7 +445,9 @@ impl Pld {
     /// The smallest ε at which both pairs' δ is at most `delta`.
     pub fn epsilon(&self, delta: f64) -> f64 {
         let add = self.add.as_ref().map_or(0.0, |a| a.epsilon(delta));
-        self.remove.epsilon(delta).max(add)
+        let remove = self.remove.epsilon(delta);
+        // (A NaN counts as ∞: `f64::max` would skip it.)
+        if remove.is_nan() || add.is_nan() { f64::INFINITY } else { remove.max(add) }
     }
 
     /// δ at `eps`: the larger of the two pairs'.

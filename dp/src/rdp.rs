@@ -415,7 +415,12 @@ impl RdpAccountant {
             return Ok(());
         }
         for (r, &a) in self.rdp.iter_mut().zip(&self.orders) {
-            let worst = events.iter().map(|e| e.rdp(a)).fold(0.0f64, f64::max);
+            // (A NaN bound counts as ∞: `f64::max` would skip it.)
+            let worst = events
+                .iter()
+                .map(|e| e.rdp(a))
+                .map(|r| if r.is_nan() { f64::INFINITY } else { r })
+                .fold(0.0f64, f64::max);
             *r += count as f64 * worst;
         }
         Ok(())
@@ -493,7 +498,9 @@ pub fn calibrate_by(target_epsilon: f64, what: &str, eps: impl Fn(f64) -> Result
         return Err(Error::InvalidInput(format!("target epsilon must be positive and finite (got {target_epsilon})")));
     }
     let mut hi = 1.0;
-    while eps(hi)? > target_epsilon {
+    // (Fails closed: a NaN ε does not meet the target.)
+    let meets = |e: f64| e <= target_epsilon;
+    while !meets(eps(hi)?) {
         hi *= 2.0;
         if hi > 1e6 {
             return Err(Error::Unreachable(format!(
@@ -596,6 +603,16 @@ mod tests {
             assert!(e > last, "q = {q}: {e} ≤ {last}");
             last = e;
         }
+    }
+
+    /// A calibration whose ε is NaN at every multiplier finds none: a NaN
+    /// does not meet the target (it would pass a `>` test).
+    #[test]
+    fn a_nan_epsilon_never_meets_a_target() {
+        assert!(matches!(calibrate_by(1.0, "", |_| Ok(f64::NAN)), Err(Error::Unreachable(_))));
+        // NaN at small multipliers only: the search goes past them.
+        let z = calibrate_by(1.0, "", |z| Ok(if z < 4.0 { f64::NAN } else { 8.0 / z })).expect("reachable");
+        assert!((8.0..8.01).contains(&z), "{z}");
     }
 
     /// `raise_to` keeps each order's larger value, so the curve bounds

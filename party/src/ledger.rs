@@ -105,7 +105,9 @@ pub struct JobCharge {
     /// ε reserved for the whole job (∞, written "inf", for a job without DP).
     #[serde(with = "finite_or_inf")]
     pub epsilon: f64,
-    /// δ reserved for the whole job.
+    /// δ reserved for the whole job (a number in [0, 1]: a negative one,
+    /// from a hand-edited file, would lower the data set's total).
+    #[serde(deserialize_with = "delta_in_range")]
     pub delta: f64,
     /// Rounds the reservation covers.
     pub rounds_reserved: u32,
@@ -226,6 +228,15 @@ mod finite_or_inf {
             Value::Text(t) if t == "inf" => Ok(f64::INFINITY),
             _ => Err(serde::de::Error::custom("ε must be a non-negative number or \"inf\"")),
         }
+    }
+}
+
+fn delta_in_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let delta = f64::deserialize(d)?;
+    if (0.0..=1.0).contains(&delta) {
+        Ok(delta)
+    } else {
+        Err(serde::de::Error::custom(format!("δ must be in [0, 1] (got {delta})")))
     }
 }
 
@@ -772,6 +783,26 @@ mod tests {
         }
         assert!(within_budget(4.0, 4.0));
         assert!(!within_budget(1.0, f64::NAN));
+    }
+
+    /// A ledger file whose δ is negative or above 1 (edited by hand) is
+    /// refused when read, naming δ: a negative one would lower the total.
+    #[test]
+    fn a_ledger_with_a_delta_out_of_range_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        drop(ledger.reserve("j1", &spec(1, true), "d", None).unwrap());
+        drop(ledger);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(Ledger::read(&path).is_ok());
+        for bad in ["-1e-5", "2.0"] {
+            let edited = text.replace("\"delta\": 0.00001", &format!("\"delta\": {bad}"));
+            assert_ne!(edited, text, "the test edits the file's δ");
+            std::fs::write(&path, edited).unwrap();
+            let e = Ledger::read(&path).unwrap_err();
+            assert!(e.contains("δ must be in [0, 1]"), "{bad}: {e}");
+        }
     }
 
     /// `policy.max_delta` bounds the δ a data set's rows sum to across

@@ -104,7 +104,7 @@ impl PartyJobKind for TrainingKind {
             };
             handler.dp_inputs = Some(standardisation(&inputs));
             handler.dp = dp.plan(&spec.training);
-            handler.dp_values_bound = (dp.accountant == AccountantKind::Pld).then(|| dp.model_values_bound());
+            handler.dp_values_bound = pld_values_bound(dp);
             if dp.level == DpLevel::Party {
                 handler.encoding_clips = dp.distributed.is_some();
                 handler.party_clip = Some(party_clip(dp));
@@ -116,6 +116,16 @@ impl PartyJobKind for TrainingKind {
         handler.budget = cx.budget;
         Ok(Box::new(handler))
     }
+}
+
+/// The most values a global model may have for the PLD accountant's charge
+/// to hold (none under RDP, which bounds every model size): the noise
+/// covers `dp.max_model_values` values, and under central adaptive
+/// clipping the coordinator noises one more, the count of updates within
+/// the clip, beside the model's.
+pub(crate) fn pld_values_bound(dp: &confide_proto::dpspec::DpSpec) -> Option<usize> {
+    (dp.accountant == AccountantKind::Pld)
+        .then(|| dp.model_values_bound().saturating_sub(usize::from(dp.adaptive.is_some())))
 }
 
 /// The norm a party-level DP job's update is clipped to before it leaves.
@@ -626,7 +636,7 @@ impl TrainingHandler {
         {
             return Err(TaskError::CoordinatorFault(format!(
                 "the global model has {} values, more than the {bound} the spec's PLD accountant was charged for \
-                 (dp.max_model_values)",
+                 (dp.max_model_values, less one for adaptive clipping's count)",
                 global.num_values()
             )));
         }
@@ -1184,6 +1194,12 @@ mod tests {
         assert_eq!(adaptive, 2.0 * confide_dp::ddg::AdaptiveClip::RANGE);
         assert!(adaptive.is_finite());
         assert_eq!(party_clip(&dp("", "secagg")), f64::INFINITY, "the encoding clips");
+        // Under the PLD accountant the global model must leave room for
+        // the adaptive clip's count among the values the noise covers.
+        let pld = "accountant = \"pld\"\nmax_model_values = 100\n";
+        assert_eq!(pld_values_bound(&dp(pld, "none")), Some(100));
+        assert_eq!(pld_values_bound(&dp(&format!("{pld}adaptive_clip_quantile = 0.5\n"), "none")), Some(99));
+        assert_eq!(pld_values_bound(&dp("", "none")), None, "RDP bounds every size");
     }
 
     /// An evaluate job with `[dp]` releases its noisy counts once: no loss,

@@ -89,6 +89,14 @@ pub struct RawDp {
     pub feature_ranges: Option<Vec<[f64; 2]>>,
 }
 
+/// The largest `target_epsilon` a spec (or `job validate
+/// --target-epsilon`) may ask for.
+pub const MAX_TARGET_EPSILON: f64 = 100.0;
+
+/// The largest `clip_count_stddev`: 10^6, far above any federation's
+/// count of parties.
+pub const MAX_CLIP_COUNT_STDDEV: f64 = 1e6;
+
 /// Time an answer held to its floor (`answer_fit_after_secs`) has left to
 /// reach the coordinator before the round's deadline, at least: seconds.
 pub const FIT_ANSWER_MARGIN_SECS: f64 = 1.0;
@@ -516,8 +524,9 @@ pub fn noise_for_target(
         };
         format!("{e}{hint}")
     })?;
-    // Calibration ran on the requested z; noise is drawn at ⌈z·2^20⌉/2^20,
-    // never less, so the target holds.
+    // Calibration ran on the requested z; noise is drawn at z rounded up
+    // onto the sampler's grid (2^-20 up to z = 64, coarser above), never
+    // less, so the target holds.
     if z > MAX_NOISE_MULTIPLIER {
         return Err(format!(
             "ε = {target} over {steps} steps needs noise_multiplier {z:.3}, above the largest ({MAX_NOISE_MULTIPLIER}); \
@@ -584,8 +593,8 @@ impl RawDp {
             }
         };
         let (clip_field, c) = c;
-        if !(c.is_finite() && c > 0.0 && c <= 1e6) {
-            err(clip_field, format!("must be in (0, 1e6] (got {c})"));
+        if !(c.is_finite() && (confide_dp::MIN_CLIP..=1e6).contains(&c)) {
+            err(clip_field, format!("must be in [{:e}, 1e6] (got {c})", confide_dp::MIN_CLIP));
         }
         self.check_noise(&mut err);
         if let Some(ranges) = &self.feature_ranges {
@@ -699,6 +708,15 @@ impl RawDp {
                         ),
                     )]);
                 }
+                // Far above the parties' count, the count's noise drowns it
+                // (and its coordinate, z·C'/σ_b, underflows): the clip
+                // would wander at random.
+                if stddev > MAX_CLIP_COUNT_STDDEV {
+                    return Err(vec![(
+                        "clip_count_stddev".into(),
+                        format!("must be at most {MAX_CLIP_COUNT_STDDEV} (got {stddev})"),
+                    )]);
+                }
                 Some(a)
             }
         };
@@ -753,9 +771,9 @@ impl RawDp {
             err("noise_multiplier", format!("must be in (0, {MAX_NOISE_MULTIPLIER}] (got {z})"));
         }
         if let Some(t) = self.target_epsilon
-            && !(t.is_finite() && t > 0.0 && t <= 100.0)
+            && !(t.is_finite() && t > 0.0 && t <= MAX_TARGET_EPSILON)
         {
-            err("target_epsilon", format!("must be in (0, 100] (got {t})"));
+            err("target_epsilon", format!("must be in (0, {MAX_TARGET_EPSILON}] (got {t})"));
         }
         if self.noise_multiplier.is_none() && self.target_epsilon.is_none() {
             err("noise_multiplier", NOISE_REQUIRED.into());
@@ -774,7 +792,9 @@ impl RawDp {
         match (self.noise_multiplier, self.target_epsilon) {
             (Some(z), Some(target)) => {
                 let cost = eps(z);
-                if cost > target * (1.0 + 1e-9) {
+                // (Fails closed on a NaN cost.)
+                let within = cost <= target * (1.0 + 1e-9);
+                if !within {
                     return Err(vec![(
                         "noise_multiplier".into(),
                         format!("noise_multiplier {z} costs ε = {cost:.4}{over}, above target_epsilon {target}"),
@@ -782,7 +802,23 @@ impl RawDp {
                 }
                 Ok(z)
             }
-            (Some(z), None) => Ok(z),
+            (Some(z), None) => {
+                // A job whose ε nothing bounds (a mechanism that cannot be
+                // built at these settings, or one this accountant cannot
+                // bound) is refused here, not reserved as ε = ∞.
+                let cost = eps(z);
+                if !cost.is_finite() {
+                    return Err(vec![(
+                        "noise_multiplier".into(),
+                        format!(
+                            "noise_multiplier {z}: the accountant bounds no ε{over} at these settings (a distributed \
+                             mechanism without room in its bits; under accountant = \"pld\", a model bound too \
+                             large for its grid: set max_model_values)"
+                        ),
+                    )]);
+                }
+                Ok(z)
+            }
             (None, Some(target)) => calibrate(target).map_err(|m| vec![("target_epsilon".into(), m)]),
             // `check_noise` has refused this already; kept so the match is total.
             (None, None) => Err(vec![("noise_multiplier".into(), NOISE_REQUIRED.into())]),
@@ -942,6 +978,38 @@ mod tests {
         let unreachable =
             raw("target_epsilon = 0.01").validate(&TrainConfig { local_epochs: 50, ..training }, 1000, None);
         assert!(unreachable.is_err());
+        // A clip so small its lattice step nears f64's subnormal range.
+        let clipped = |c: &str| {
+            let text = format!("sampling_rate = 0.1\nnoise_multiplier = 1.0\nmax_grad_norm = {c}");
+            toml::from_str::<RawDp>(&text).unwrap().validate(&training, 1, None).err().map(|e| e[0].0.clone())
+        };
+        assert_eq!(clipped("1e-6"), None);
+        for tiny in ["9e-7", "1e-300", "5e-324"] {
+            assert_eq!(clipped(tiny).as_deref(), Some("max_grad_norm"), "{tiny}");
+        }
+        // A count noise far above any federation's count.
+        let noise = Some(DistributedNoise { bits: 32, max_parties: 40, honest_parties: 30 });
+        let counted = |sd: &str| {
+            let text = format!(
+                "level = \"party\"\nnoise_multiplier = 1.0\nadaptive_clip_quantile = 0.5\nclip_count_stddev = {sd}"
+            );
+            toml::from_str::<RawDp>(&text).unwrap().validate(&training, 1, noise).err().map(|e| e[0].0.clone())
+        };
+        assert_eq!(counted("1e6"), None);
+        assert_eq!(counted("1e308").as_deref(), Some("clip_count_stddev"));
+        // A noise multiplier whose ε nothing bounds (the PLD's lattice
+        // slack for a model of up to 2^26 values, at adaptive clipping's
+        // halved multiplier, needs more grid than it has) is refused, not
+        // reserved as ∞; with the model bounded it is accepted.
+        let party: RawDp = toml::from_str(
+            "level = \"party\"\nnoise_multiplier = 1.0\naccountant = \"pld\"\nadaptive_clip_quantile = 0.5",
+        )
+        .unwrap();
+        let e = party.validate(&training, 1, None).unwrap_err();
+        assert_eq!(e[0].0, "noise_multiplier", "{e:?}");
+        assert!(e[0].1.contains("bounds no ε") && e[0].1.contains("max_model_values"), "{e:?}");
+        let bounded = RawDp { max_model_values: Some(100), ..party };
+        assert!(bounded.validate(&training, 1, None).unwrap().epsilon(&training, 1).is_finite());
     }
 
     #[test]

@@ -684,7 +684,7 @@ mod tests {
     /// `composed_rounds`; without either the resume fails, naming it.
     #[test]
     fn a_pld_checkpoint_resumes_from_its_rounds_under_either_name() {
-        let text = ADAPTIVE.replace("adaptive_clip_quantile = 0.5\n", "accountant = \"pld\"\n");
+        let text = ADAPTIVE.replace("adaptive_clip_quantile = 0.5\n", "accountant = \"pld\"\nmax_model_values = 100\n");
         let spec = Arc::new(JobSpec::parse(&text, "test", &Limits::default()).expect("spec"));
         let dp = spec.dp.as_ref().expect("dp");
         assert!(matches!(dp.accountant(&spec.training, 0), Accountant::Pld(_)));
