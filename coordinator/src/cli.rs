@@ -1334,11 +1334,16 @@ fn print_status(st: &JobStatus) {
     println!("  state:   {}", st.state.as_str());
     println!("  rounds:  {}/{}", st.rounds_completed, st.rounds_total);
     match (&st.privacy.dp, st.privacy.epsilon, st.privacy.delta) {
-        (Some(level), Some(eps), Some(delta)) => println!(
-            "  privacy: aggregation {}, {level}-level DP: ε = {eps:.4} spent at δ = {delta:e} ({} accountant)",
-            st.privacy.aggregation,
-            st.privacy.accountant.as_deref().unwrap_or("rdp")
-        ),
+        (Some(level), Some(eps), Some(delta)) => {
+            println!(
+                "  privacy: aggregation {}, {level}-level DP: ε = {eps:.4} spent at δ = {delta:e} ({} accountant)",
+                st.privacy.aggregation,
+                st.privacy.accountant.as_deref().unwrap_or("rdp")
+            );
+            if let Some(record) = st.privacy.record_epsilon.filter(|r| level == "party" && *r != eps) {
+                println!("           each hospital's ledger charges a record ε = {record:.4} for these rounds");
+            }
+        }
         _ => println!("  privacy: aggregation {}, no differential privacy", st.privacy.aggregation),
     }
     if !st.metrics.is_empty() {

@@ -737,8 +737,15 @@ impl Db {
         let (dp_level, dp_delta, dp_accountant) = dp;
         let history = self.history(id, if with_history { u32::MAX } else { 1 })?;
         let metrics = history.last().map(|r| r.metrics.clone()).unwrap_or_default();
-        // ε after the last completed round (0 before any).
+        // ε after the last completed round (0 before any); per record, what
+        // the round recorded under party-level DP (none in records written
+        // before it was kept), ε itself otherwise.
         let epsilon = dp_level.as_ref().map(|_| metrics.get("epsilon").copied().unwrap_or(0.0));
+        let record_epsilon = match dp_level.as_deref() {
+            Some("party") => history.last().map_or(Some(0.0), |_| metrics.get("record_epsilon").copied()),
+            Some(_) => epsilon,
+            None => None,
+        };
         Ok(JobStatus {
             id: id.to_owned(),
             name,
@@ -755,6 +762,7 @@ impl Db {
                 dp: dp_level,
                 delta: dp_delta,
                 accountant: dp_accountant,
+                record_epsilon,
             },
             error,
             model: model_round.zip(model_path).map(|(round, path)| ModelInfo { round, path }),

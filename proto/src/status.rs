@@ -145,6 +145,12 @@ pub struct PrivacyStatus {
     /// The accountant that computed ε (`rdp`), when DP is on.
     #[serde(default)]
     pub accountant: Option<String>,
+    /// The per-record ε each hospital's ledger charges its data set for
+    /// these rounds, when DP is on: under party-level DP, what one record
+    /// costs (twice the sensitivity: a record moves its party's whole
+    /// clipped contribution), more than `epsilon`; otherwise `epsilon`.
+    #[serde(default)]
+    pub record_epsilon: Option<f64>,
 }
 
 /// The latest model of a job.
@@ -397,6 +403,7 @@ impl From<JobStatus> for pb::JobStatus {
                 epsilon: s.privacy.epsilon,
                 delta: s.privacy.delta,
                 accountant: s.privacy.accountant,
+                record_epsilon: s.privacy.record_epsilon,
             }),
             error: s.error,
             model: s.model.map(|m| pb::ModelInfo { round: m.round, path: m.path }),
@@ -436,6 +443,7 @@ impl TryFrom<pb::JobStatus> for JobStatus {
                 epsilon: privacy.epsilon,
                 delta: privacy.delta,
                 accountant: privacy.accountant,
+                record_epsilon: privacy.record_epsilon,
             },
             error: s.error,
             model: s.model.map(|m| ModelInfo { round: m.round, path: m.path }),
@@ -480,6 +488,7 @@ mod tests {
                 epsilon: None,
                 delta: None,
                 accountant: None,
+                record_epsilon: None,
             },
             error: None,
             model: Some(ModelInfo { round: 1, path: "/m".into() }),
@@ -501,7 +510,10 @@ mod tests {
         let json: serde_json::Value = serde_json::to_value(&st).unwrap();
         assert_eq!(
             json["privacy"],
-            serde_json::json!({"aggregation": "secagg", "dp": null, "epsilon": null, "delta": null, "accountant": null})
+            serde_json::json!({
+                "aggregation": "secagg", "dp": null, "epsilon": null, "delta": null, "accountant": null,
+                "record_epsilon": null
+            })
         );
         assert!(JobState::try_from(0).is_err());
     }

@@ -79,6 +79,9 @@ fn assert_party_level_costs(fed: &Federation, id: &str, text: &str, st: &Value) 
     } else {
         assert!(per_record > total * 1.5, "{per_record} vs {total}");
     }
+    // The status says what each ledger charges a record.
+    let shown = st["privacy"]["record_epsilon"].as_f64().expect("record_epsilon");
+    assert!((shown - per_record).abs() < 1e-9 * per_record, "{shown} vs {per_record}: {st:#}");
     for p in three() {
         let l = ledger(fed, p);
         assert_eq!(l["datasets"]["data"]["jobs"][id]["epsilon"].as_f64(), Some(per_record), "{p}: {l:#}");
@@ -421,6 +424,8 @@ fn epsilon_survives_a_restart(text: &str, rounds: u32) {
     assert_eq!(st["privacy"]["accountant"], dp.accountant.as_str(), "{st:#}");
     let total = dp.epsilon(&spec.training, rounds);
     assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - total).abs() < 1e-9, "{st:#}");
+    // Under DP-SGD a record's ε is the job's.
+    assert_eq!(st["privacy"]["record_epsilon"], st["privacy"]["epsilon"], "{st:#}");
     // Each round's record carries the ε spent up to it, restart or not.
     let history = st["history"].as_array().expect("history");
     assert_eq!(history.len(), rounds as usize, "{st:#}");

@@ -67,6 +67,9 @@ fn privacy_line(st: &JobStatus) -> String {
                 esc(level),
                 esc(p.accountant.as_deref().unwrap_or("rdp"))
             );
+            if let Some(record) = p.record_epsilon.filter(|r| level == "party" && *r != eps) {
+                let _ = write!(s, "; a record costs ε = {record:.4} in each hospital's ledger");
+            }
         }
         (Some(level), _, _) => {
             let _ = write!(s, ", {}-level DP", esc(level));
@@ -698,6 +701,7 @@ mod tests {
                 epsilon: Some(2.0),
                 delta: Some(1e-5),
                 accountant: None,
+                record_epsilon: Some(2.0),
             },
             error: None,
             model: None,

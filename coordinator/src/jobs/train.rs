@@ -480,6 +480,10 @@ impl Training {
         let spec = cx.spec().clone();
         if let (Some(acc), Some(dp)) = (&self.privacy, &spec.dp) {
             metrics.insert("epsilon".into(), acc.epsilon(dp.delta));
+            // What each hospital's ledger charges a record for these rounds.
+            if dp.level == DpLevel::Party {
+                metrics.insert("record_epsilon".into(), dp.record_epsilon(&spec.training, self.privacy_rounds));
+            }
         }
         if let Some(rec) = cx.record() {
             rec.participants = participants;
