@@ -1471,12 +1471,15 @@ fn target_epsilon_lines(spec: &JobSpec, name: &str, target: f64) -> Result<Vec<S
     let shown = noise_multiplier_to_print(dp, spec, z, target);
     let mut lines =
         vec![format!("noise_multiplier = {shown} reaches ε = {target} at δ = {:e} (put it in [dp])", dp.delta)];
-    if let Some(a) = dp.adaptive.filter(|a| a.count_stddev <= z / 2.0) {
+    // (Unset, the count's noise follows the multiplier and stays above
+    // half of it; set, it does not.)
+    let printed: f64 = shown.parse().unwrap_or(z);
+    if let Some(a) = dp.adaptive.filter(|a| a.count_stddev <= printed / 2.0) {
         lines.push(format!(
-            "clip_count_stddev = {} must exceed noise_multiplier / 2 = {}: raise it too (the count's noise comes \
-             out of the same budget as the updates')",
+            "if the spec sets clip_count_stddev (now {}), raise it above noise_multiplier / 2 = {} (the count's \
+             noise comes out of the same budget as the updates')",
             a.count_stddev,
-            z / 2.0
+            printed / 2.0
         ));
     }
     Ok(lines)
@@ -1534,7 +1537,7 @@ mod split_tests {
         let spec = JobSpec::parse(text, "p.toml", &Limits::default()).unwrap();
         let lines = target_epsilon_lines(&spec, "p.toml", 0.5).unwrap();
         assert!(lines[0].starts_with("noise_multiplier = ") && lines[0].contains("ε = 0.5"), "{lines:?}");
-        assert!(lines.len() == 2 && lines[1].starts_with("clip_count_stddev = 0.6 must exceed"), "{lines:?}");
+        assert!(lines.len() == 2 && lines[1].starts_with("if the spec sets clip_count_stddev (now 0.6)"), "{lines:?}");
         // A loose target needs no more count noise.
         let loose = target_epsilon_lines(&spec, "p.toml", 100.0).unwrap();
         assert_eq!(loose.len(), 1, "{loose:?}");

@@ -61,11 +61,12 @@ pub fn statuses(db: &Db, service: Option<&str>) -> Result<Vec<pb::ServiceStatus>
     Ok(out)
 }
 
-/// The `[model]` table of a job, as deployments carry it.
+/// The `[model]` table of a job, as deployments carry it: read on its own,
+/// so that a stored spec a later build refuses elsewhere (a tightened
+/// `[dp]` check) still lists and deploys its models.
 pub fn architecture_of(db: &Db, job: &str, limits: &confide_proto::Limits) -> Result<ModelConfig, Error> {
     let toml = db.spec_toml(job)?.ok_or_else(|| Error::NotFound(format!("job {job}")))?;
-    let spec = JobSpec::parse(&toml, &format!("spec of job {job}"), limits)?;
-    Ok(spec.model)
+    Ok(JobSpec::stored_model(&toml, &format!("spec of job {job}"), limits)?)
 }
 
 /// The records of a service's history, newest first, as stored.

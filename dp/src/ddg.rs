@@ -437,7 +437,7 @@ impl Calibration {
         let bad = |field: &str, why: String| Err(Error::InvalidInput(format!("{field}: {why}")));
         // (An adaptive clip may go down to the smallest stated clip over
         // the adaptive range.)
-        let least = crate::MIN_CLIP / AdaptiveClip::RANGE;
+        let least = crate::MIN_ROUND_CLIP;
         if !(cfg.clip.is_finite() && cfg.clip >= least) {
             return bad("clip", format!("must be finite and at least {least:e} (got {})", cfg.clip));
         }

@@ -127,10 +127,12 @@ impl DpSgd {
     /// Checks `cfg` and seeds the party's generator from the operating system.
     pub fn new(cfg: DpSgdConfig) -> Result<Self, Error> {
         let c = cfg.max_grad_norm;
-        if !(c.is_finite() && c >= crate::MIN_CLIP) {
+        // (Central DP runs adaptive clipping's rounds through here, at
+        // clips down to the adaptive range's floor.)
+        if !(c.is_finite() && c >= crate::MIN_ROUND_CLIP) {
             return Err(Error::InvalidInput(format!(
-                "max_grad_norm must be finite and at least {} (got {c})",
-                crate::MIN_CLIP
+                "max_grad_norm must be finite and at least {:e} (got {c})",
+                crate::MIN_ROUND_CLIP
             )));
         }
         let z = cfg.noise_multiplier;
@@ -317,6 +319,8 @@ mod tests {
     fn refuses_bad_settings_naming_them() {
         for (bad, field) in [
             (DpSgdConfig { max_grad_norm: 0.0, ..cfg(4) }, "max_grad_norm"),
+            (DpSgdConfig { max_grad_norm: crate::MIN_ROUND_CLIP / 2.0, ..cfg(4) }, "max_grad_norm"),
+            (DpSgdConfig { max_grad_norm: 5e-324, ..cfg(4) }, "max_grad_norm"),
             (DpSgdConfig { noise_multiplier: 1025.0, ..cfg(4) }, "noise_multiplier"),
             (DpSgdConfig { sampling_rate: 0.0, ..cfg(4) }, "sampling_rate"),
             (DpSgdConfig { expected_batch_size: 0.5, ..cfg(4) }, "batch size"),
@@ -325,6 +329,8 @@ mod tests {
             let e = DpSgd::new(bad).unwrap_err().to_string();
             assert!(e.contains(field), "{e}");
         }
+        // The floor of an adaptive round's clip is a clip.
+        assert!(DpSgd::new(DpSgdConfig { max_grad_norm: crate::MIN_ROUND_CLIP, ..cfg(4) }).is_ok());
     }
 
     #[test]

@@ -41,3 +41,8 @@ pub use error::Error;
 /// terms approach f64's subnormal range, where their rounding is no
 /// longer the tiny relative error the accounting allows for.
 pub const MIN_CLIP: f64 = 1e-6;
+
+/// The smallest clip a round may use: adaptive clipping moves the clip
+/// down to [`MIN_CLIP`] over [`ddg::AdaptiveClip::RANGE`] (2^20), still far
+/// from the subnormal range.
+pub const MIN_ROUND_CLIP: f64 = MIN_CLIP / ddg::AdaptiveClip::RANGE;

@@ -660,7 +660,8 @@ impl RawDp {
             let events = release_events(sensitivity, q, c, distributed, max_values, z);
             steps_epsilon(accountant, max_values, events, steps, delta)
         };
-        let noise_multiplier = self.resolve_noise(&format!(" over {steps} steps"), eps, |target| {
+        let over = format!(" over {steps} steps");
+        let noise_multiplier = self.resolve_noise(&over, eps, |target| {
             noise_for_target(
                 accountant,
                 target,
@@ -675,6 +676,35 @@ impl RawDp {
                 rounds,
             )
         })?;
+        // A job whose ε per record nothing bounds (a mechanism that cannot
+        // be built at these settings, or one this accountant cannot bound)
+        // is refused here, not reserved as ε = ∞ in the hospitals' ledgers
+        // (what they charge: at party level, twice the sensitivity).
+        let per_record = match level {
+            DpLevel::Example => Sensitivity::Record,
+            DpLevel::Party => Sensitivity::ReplacedContribution,
+        };
+        let events = release_events(per_record, q, c, distributed, max_values, noise_multiplier);
+        if !steps_epsilon(accountant, max_values, events, steps, delta).is_finite() {
+            return Err(vec![(
+                "noise_multiplier".into(),
+                format!(
+                    "noise_multiplier {noise_multiplier}: the accountant bounds no ε per record{over} at these \
+                     settings (a distributed mechanism without room in its bits; under accountant = \"pld\", the \
+                     lattice's slack at this multiplier for max_model_values values: lower max_model_values, raise \
+                     the multiplier or use accountant = \"rdp\")"
+                ),
+            )]);
+        }
+        if accountant == AccountantKind::Pld && adaptive && max_values < 2 {
+            // The coordinator noises the model's values and the count.
+            return Err(vec![(
+                "max_model_values".into(),
+                "must be at least 2 under adaptive clipping: the count of updates within the clip is noised beside \
+                 the model's values"
+                    .into(),
+            )]);
+        }
         let adaptive = match (self.adaptive_clip_quantile, self.adaptive_clip_rate, self.clip_count_stddev) {
             (None, None, None) => None,
             (None, _, _) => {
@@ -802,23 +832,7 @@ impl RawDp {
                 }
                 Ok(z)
             }
-            (Some(z), None) => {
-                // A job whose ε nothing bounds (a mechanism that cannot be
-                // built at these settings, or one this accountant cannot
-                // bound) is refused here, not reserved as ε = ∞.
-                let cost = eps(z);
-                if !cost.is_finite() {
-                    return Err(vec![(
-                        "noise_multiplier".into(),
-                        format!(
-                            "noise_multiplier {z}: the accountant bounds no ε{over} at these settings (a distributed \
-                             mechanism without room in its bits; under accountant = \"pld\", a model bound too \
-                             large for its grid: set max_model_values)"
-                        ),
-                    )]);
-                }
-                Ok(z)
-            }
+            (Some(z), None) => Ok(z),
             (None, Some(target)) => calibrate(target).map_err(|m| vec![("target_epsilon".into(), m)]),
             // `check_noise` has refused this already; kept so the match is total.
             (None, None) => Err(vec![("noise_multiplier".into(), NOISE_REQUIRED.into())]),

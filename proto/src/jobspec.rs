@@ -557,6 +557,31 @@ impl JobSpec {
         Self::parse_with(text, file, limits, Protocols::builtin())
     }
 
+    /// The `[model]` of a stored spec, checked on its own: a job accepted by
+    /// an earlier build keeps its model's description (for its deployments
+    /// and the model list) when a later build refuses another of its
+    /// settings.
+    pub fn stored_model(text: &str, file: &str, limits: &Limits) -> Result<ModelConfig, SpecErrors> {
+        let fail = |path: &str, msg: String| SpecErrors { file: file.to_owned(), errors: vec![(path.to_owned(), msg)] };
+        if text.len() > limits.max_spec_bytes {
+            return Err(fail("(file)", format!("{} bytes; the limit is {}", text.len(), limits.max_spec_bytes)));
+        }
+        let raw: RawJobSpec = toml::from_str(text).map_err(|e| fail("(syntax)", one_line(&e.to_string())))?;
+        let errors: Vec<(String, String)> = raw
+            .model
+            .validate()
+            .into_iter()
+            .map(|msg| {
+                let (field, rest) = msg.split_once(": ").unwrap_or(("", &msg));
+                (format!("model.{field}"), rest.to_owned())
+            })
+            .collect();
+        if !errors.is_empty() {
+            return Err(SpecErrors { file: file.to_owned(), errors });
+        }
+        ModelConfig::try_from(raw.model).map_err(|m| fail("model", m))
+    }
+
     /// [`JobSpec::parse`] for a build that registers further protocols.
     pub fn parse_with(text: &str, file: &str, limits: &Limits, protocols: &Protocols) -> Result<JobSpec, SpecErrors> {
         let fail = |path: &str, msg: String| SpecErrors { file: file.to_owned(), errors: vec![(path.to_owned(), msg)] };
@@ -1179,6 +1204,19 @@ mod aggregation_tests {
         assert_eq!(paths(&format!("{BASE}[privacy]\nmode = \"none\"\nbits = 32\n")), ["privacy.bits"]);
         let both = format!("{BASE}[privacy]\nmode = \"secagg\"\n[aggregation]\nprotocol = \"secagg\"\n");
         assert_eq!(paths(&both), ["privacy"]);
+    }
+
+    /// A stored spec's model is read on its own: a spec a later build
+    /// refuses for another setting keeps its model; a bad model is named.
+    #[test]
+    fn a_stored_specs_model_is_read_on_its_own() {
+        let tightened = format!("{BASE}[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.1\nmax_grad_norm = 1e-9\n");
+        assert!(JobSpec::parse(&tightened, "s", &Limits::default()).is_err());
+        let model = JobSpec::stored_model(&tightened, "s", &Limits::default()).unwrap();
+        assert_eq!(model, JobSpec::parse(BASE, "s", &Limits::default()).unwrap().model);
+        let bad = BASE.replace("classes = 2", "classes = 0");
+        let e = JobSpec::stored_model(&bad, "s", &Limits::default()).unwrap_err();
+        assert!(e.errors.iter().any(|(f, _)| f.starts_with("model")), "{e:?}");
     }
 
     #[test]

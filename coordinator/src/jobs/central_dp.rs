@@ -141,6 +141,11 @@ mod tests {
         assert_eq!((sum.len(), weight), (4, 4.0));
         assert!((count.unwrap() - 2.0).abs() < 0.05, "{count:?}");
         assert!((sum[0] - (0.1 + 0.4 + 0.5 + 0.5)).abs() < 0.01, "{sum:?}");
+        // Adaptive clipping may take the clip down to the smallest stated
+        // clip over 2^20: a round there still runs.
+        let floor = confide_dp::MIN_ROUND_CLIP;
+        let (sum, _, _) = noisy_update_sum(&global, &updates, floor, 1e-4, 4, Some(&a)).unwrap();
+        assert!(sum.iter().all(|v| v.is_finite()), "{sum:?}");
     }
 
     /// The frozen input standardisation gets no noise.

@@ -644,6 +644,7 @@ mod tests {
         let spec = Arc::new(JobSpec::parse(ADAPTIVE, "test", &Limits::default()).expect("spec"));
         let dp = spec.dp.as_ref().expect("dp");
         let cost = |rounds| dp.accountant(&spec.training, rounds).epsilon(dp.delta);
+        assert!(cost(3).is_finite());
         // A quarter of each order's RDP: what half the sensitivity (the
         // contribution's, against the replaced one's) gives a Gaussian
         // mechanism.
@@ -688,11 +689,14 @@ mod tests {
     /// `composed_rounds`; without either the resume fails, naming it.
     #[test]
     fn a_pld_checkpoint_resumes_from_its_rounds_under_either_name() {
-        let text = ADAPTIVE.replace("adaptive_clip_quantile = 0.5\n", "accountant = \"pld\"\nmax_model_values = 100\n");
+        let text = ADAPTIVE
+            .replace("adaptive_clip_quantile = 0.5\n", "accountant = \"pld\"\nmax_model_values = 100\n")
+            .replace("noise_multiplier = 1.0", "noise_multiplier = 4.0");
         let spec = Arc::new(JobSpec::parse(&text, "test", &Limits::default()).expect("spec"));
         let dp = spec.dp.as_ref().expect("dp");
         assert!(matches!(dp.accountant(&spec.training, 0), Accountant::Pld(_)));
         let cost = dp.accountant(&spec.training, 3).epsilon(dp.delta);
+        assert!(cost.is_finite() && cost > 0.0, "{cost}");
         for key in [COMPOSED_ROUNDS, "pld_rounds"] {
             let mut saved = State::new();
             saved.insert(key, vec![3.0]);
