@@ -543,13 +543,15 @@ impl PartyNode {
         // First: the ledger, the worker thread and the logs are keyed by it.
         confide_proto::validate_job_id(&offer.job_id)?;
         let cfg = &self.config;
-        let spec = JobSpec::parse_with(
-            &offer.spec_toml,
-            &format!("offer of job {}", offer.job_id),
-            &cfg.limits,
-            self.plugins.protocols(),
-        )
-        .map_err(|e| format!("invalid job spec: {e}"))?;
+        // On a blocking thread: validating a `[dp]` table runs its
+        // accountant (the PLD's grids can take seconds), which must not
+        // stall the runtime that also serves this hospital's applications.
+        let (text, file, limits, plugins) =
+            (offer.spec_toml.clone(), format!("offer of job {}", offer.job_id), cfg.limits, self.plugins.clone());
+        let spec = tokio::task::spawn_blocking(move || JobSpec::parse_with(&text, &file, &limits, plugins.protocols()))
+            .await
+            .map_err(|e| format!("checking the job spec failed: {e}"))?
+            .map_err(|e| format!("invalid job spec: {e}"))?;
         let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?;
         let identity = identity(cfg, me, &self.revocations)?;
         // Checked again at every offer: a watched directory's files, and
@@ -581,7 +583,15 @@ impl PartyNode {
             let ledger = self.ledger.clone()?;
             let rows_at = crate::config::resolved_path(&source.path);
             let budget = crate::ledger::Budget { epsilon: cfg.policy.max_epsilon, delta: cfg.policy.max_delta };
-            Some(ledger.reserve_at(&offer.job_id, &spec, &offer.dataset, Some(&rows_at), budget)?)
+            // On a blocking thread too: the cost's accountant, and the
+            // ledger's synced write.
+            let (job, reserved, dataset) = (offer.job_id.clone(), spec.clone(), offer.dataset.clone());
+            let reservation = tokio::task::spawn_blocking(move || {
+                ledger.reserve_at(&job, &reserved, &dataset, Some(&rows_at), budget)
+            })
+            .await
+            .map_err(|e| format!("the privacy ledger's reservation failed: {e}"))??;
+            Some(reservation)
         };
         // A pipeline's job narrows the watched data set to its batches (a
         // train job marks the new ones as its iteration's), once the budget
