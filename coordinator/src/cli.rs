@@ -1340,7 +1340,7 @@ fn print_status(st: &JobStatus) {
                 st.privacy.aggregation,
                 st.privacy.accountant.as_deref().unwrap_or("rdp")
             );
-            if let Some(record) = st.privacy.record_epsilon.filter(|r| level == "party" && *r != eps) {
+            if let Some(record) = st.privacy.record_epsilon.filter(|r| level == "party" && *r > eps * (1.0 + 1e-9)) {
                 println!("           each hospital's ledger charges a record ε = {record:.4} for these rounds");
             }
         }

@@ -550,7 +550,11 @@ impl PartyNode {
             (offer.spec_toml.clone(), format!("offer of job {}", offer.job_id), cfg.limits, self.plugins.clone());
         let spec = tokio::task::spawn_blocking(move || JobSpec::parse_with(&text, &file, &limits, plugins.protocols()))
             .await
-            .map_err(|e| format!("checking the job spec failed: {e}"))?
+            .map_err(|e| {
+                // (A panic's text stays here, as a trainer's does.)
+                warn!(job = %offer.job_id, "checking the offered spec panicked: {e}");
+                "checking the job spec failed (the detail is in this party's log)".to_string()
+            })?
             .map_err(|e| format!("invalid job spec: {e}"))?;
         let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?;
         let identity = identity(cfg, me, &self.revocations)?;
@@ -590,7 +594,10 @@ impl PartyNode {
                 ledger.reserve_at(&job, &reserved, &dataset, Some(&rows_at), budget)
             })
             .await
-            .map_err(|e| format!("the privacy ledger's reservation failed: {e}"))??;
+            .map_err(|e| {
+                warn!(job = %offer.job_id, "the privacy ledger's reservation panicked: {e}");
+                "the privacy ledger's reservation failed (the detail is in this party's log)".to_string()
+            })??;
             Some(reservation)
         };
         // A pipeline's job narrows the watched data set to its batches (a

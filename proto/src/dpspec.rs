@@ -686,8 +686,9 @@ impl RawDp {
         };
         let events = release_events(per_record, q, c, distributed, max_values, noise_multiplier);
         if !steps_epsilon(accountant, max_values, events, steps, delta).is_finite() {
+            let field = if self.noise_multiplier.is_some() { "noise_multiplier" } else { "target_epsilon" };
             return Err(vec![(
-                "noise_multiplier".into(),
+                field.into(),
                 format!(
                     "noise_multiplier {noise_multiplier}: the accountant bounds no ε per record{over} at these \
                      settings (a distributed mechanism without room in its bits; under accountant = \"pld\", the \
@@ -1022,8 +1023,20 @@ mod tests {
         let e = party.validate(&training, 1, None).unwrap_err();
         assert_eq!(e[0].0, "noise_multiplier", "{e:?}");
         assert!(e[0].1.contains("bounds no ε") && e[0].1.contains("max_model_values"), "{e:?}");
-        let bounded = RawDp { max_model_values: Some(100), ..party };
+        let bounded = RawDp { max_model_values: Some(100), ..party.clone() };
         assert!(bounded.validate(&training, 1, None).unwrap().epsilon(&training, 1).is_finite());
+        // Under PLD the model needs room beside the adaptive clip's count.
+        let one = RawDp { max_model_values: Some(1), ..party.clone() };
+        assert_eq!(one.validate(&training, 1, None).unwrap_err()[0].0, "max_model_values");
+        // With a fixed clip the party-level ε is finite at this multiplier,
+        // but a record's (twice the sensitivity) is not: refused too.
+        let fixed = RawDp { adaptive_clip_quantile: None, noise_multiplier: Some(0.7), ..party };
+        let e = fixed.validate(&training, 1, None).unwrap_err();
+        assert!(e[0].1.contains("per record"), "{e:?}");
+        let spec = bounded.validate(&training, 1, None).unwrap();
+        let party_level = DpSpec { noise_multiplier: 0.7, adaptive: None, max_model_values: None, ..spec };
+        assert!(party_level.epsilon(&training, 1).is_finite(), "the party-level ε is finite there");
+        assert!(!party_level.record_epsilon(&training, 1).is_finite());
     }
 
     #[test]

@@ -566,7 +566,13 @@ impl JobSpec {
         if text.len() > limits.max_spec_bytes {
             return Err(fail("(file)", format!("{} bytes; the limit is {}", text.len(), limits.max_spec_bytes)));
         }
-        let raw: RawJobSpec = toml::from_str(text).map_err(|e| fail("(syntax)", one_line(&e.to_string())))?;
+        /// The model alone: other tables (a `[dp]` field a later build
+        /// renamed) are not read.
+        #[derive(Deserialize)]
+        struct ModelOnly {
+            model: RawModel,
+        }
+        let raw: ModelOnly = toml::from_str(text).map_err(|e| fail("(syntax)", one_line(&e.to_string())))?;
         let errors: Vec<(String, String)> = raw
             .model
             .validate()
@@ -1210,7 +1216,8 @@ mod aggregation_tests {
     /// refuses for another setting keeps its model; a bad model is named.
     #[test]
     fn a_stored_specs_model_is_read_on_its_own() {
-        let tightened = format!("{BASE}[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.1\nmax_grad_norm = 1e-9\n");
+        let tightened =
+            format!("{BASE}[dp]\nnoise_multiplier = 1.0\nsampling_rate = 0.1\nmax_grad_norm = 1e-9\nrenamed = 1\n");
         assert!(JobSpec::parse(&tightened, "s", &Limits::default()).is_err());
         let model = JobSpec::stored_model(&tightened, "s", &Limits::default()).unwrap();
         assert_eq!(model, JobSpec::parse(BASE, "s", &Limits::default()).unwrap().model);

@@ -145,10 +145,12 @@ pub struct PrivacyStatus {
     /// The accountant that computed ε (`rdp`), when DP is on.
     #[serde(default)]
     pub accountant: Option<String>,
-    /// The per-record ε each hospital's ledger charges its data set for
-    /// these rounds, when DP is on: under party-level DP, what one record
-    /// costs (twice the sensitivity: a record moves its party's whole
-    /// clipped contribution), more than `epsilon`; otherwise `epsilon`.
+    /// What the rounds so far cost each record of a hospital's data set,
+    /// as its ledger accounts it, when DP is on: under party-level DP at
+    /// twice the sensitivity (a record moves its party's whole clipped
+    /// contribution), more than `epsilon` with a fixed clip and equal to it
+    /// under adaptive clipping; otherwise `epsilon`. (A ledger reserves the
+    /// whole job up front, and counts a round a restart re-ran twice.)
     #[serde(default)]
     pub record_epsilon: Option<f64>,
 }

@@ -458,6 +458,13 @@ fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
     assert_party_level_costs(&fed, &id, &text, &st);
     // No party sent a metric of its own.
     assert!(st["history"][0]["metrics"].get("train_loss").is_none(), "{st:#}");
+    // With a fixed clip a record costs more than the party-level ε, and
+    // the status says how much.
+    let fixed = text.replace("adaptive_clip_quantile = 0.5\n", "");
+    let id = fed.submit("central-fixed.toml", &fixed);
+    let st = fed.wait_done(&id, 90);
+    assert_party_level_costs(&fed, &id, &fixed, &st);
+    assert!(st["privacy"]["record_epsilon"].as_f64() > st["privacy"]["epsilon"].as_f64().map(|e| 1.5 * e), "{st:#}");
 }
 
 /// Central adaptive clipping's clip is checkpointed with the accountant: a

@@ -67,7 +67,7 @@ fn privacy_line(st: &JobStatus) -> String {
                 esc(level),
                 esc(p.accountant.as_deref().unwrap_or("rdp"))
             );
-            if let Some(record) = p.record_epsilon.filter(|r| level == "party" && *r != eps) {
+            if let Some(record) = p.record_epsilon.filter(|r| level == "party" && *r > eps * (1.0 + 1e-9)) {
                 let _ = write!(s, "; a record costs ε = {record:.4} in each hospital's ledger");
             }
         }
