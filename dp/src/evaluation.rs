@@ -118,19 +118,27 @@ mod tests {
         assert!((m.stddev() - 3.0 * 2f64.sqrt()).abs() < 1e-12);
         let mut rng = ChaCha20Rng::seed_from_u64(7);
         let n = 20_000;
-        let (mut s, mut sq, mut sc) = (0f64, 0f64, 0f64);
+        let (mut s, mut sq, mut sc, mut sqc, mut cross) = (0f64, 0f64, 0f64, 0f64, 0f64);
         for _ in 0..n {
             let r = m.release(1000, Some(900), &mut rng).unwrap();
             let e = (r.examples - 1000) as f64;
+            let c = (r.correct.unwrap() - 900) as f64;
             s += e;
             sq += e * e;
-            sc += (r.correct.unwrap() - 900) as f64;
+            sc += c;
+            sqc += c * c;
+            cross += e * c;
         }
         let (mean, var) = (s / n as f64, sq / n as f64);
         // σ² = 18: the sample mean's s.d. is 0.03 and the variance's ≈ 0.18.
         assert!(mean.abs() < 0.15, "{mean}");
         assert!((var - 18.0).abs() < 0.9, "{var}");
-        assert!((sc / n as f64).abs() < 0.15);
+        // The rows-right count gets its own noise, at the same σ: a shared
+        // draw would release n − c exactly (the covariance's s.d. is 0.13).
+        let (mean_c, var_c, cov) = (sc / n as f64, sqc / n as f64, cross / n as f64);
+        assert!(mean_c.abs() < 0.15, "{mean_c}");
+        assert!((var_c - 18.0).abs() < 0.9, "{var_c}");
+        assert!(cov.abs() < 0.9, "the two counts' noise covaries: {cov}");
     }
 
     #[test]

@@ -1308,19 +1308,27 @@ mod tests {
             let t = standardised(&model, ds, Dataset::default(), script);
             assert!(t.supports_dp_sgd());
             let idx = [3usize, 17, 40, 41, 99];
-            let clip = |n: f64| if n > 0.5 { 0.5 / n } else { 1.0 };
+            let grads: Vec<Vec<f64>> = idx.iter().map(|&i| one_at_a_time(&t, i)).collect();
+            let norm_of = |g: &[f64]| g.iter().map(|v| v * v).sum::<f64>().sqrt();
+            // The clip at the rows' median norm, so that it binds for two
+            // rows and not for two others (a sum that ignored the clip, or
+            // clipped every row, would be caught).
+            let mut sorted: Vec<f64> = grads.iter().map(|g| norm_of(g)).collect();
+            sorted.sort_by(f64::total_cmp);
+            let bound = sorted[2];
+            assert!(sorted[0] < bound && bound < sorted[4], "{:?}: norms {sorted:?}", model.kind());
+            let clip = |n: f64| if n > bound { bound / n } else { 1.0 };
             let (sum, norms) = t.clipped_gradient_sum(&idx, &clip).unwrap();
             let mut expected = vec![0.0; sum.len()];
-            for (k, &i) in idx.iter().enumerate() {
-                let g = one_at_a_time(&t, i);
-                let norm = g.iter().map(|v| v * v).sum::<f64>().sqrt();
+            for (k, (&i, g)) in idx.iter().zip(&grads).enumerate() {
+                let norm = norm_of(g);
                 assert!(
                     (norm - norms[k]).abs() <= 1e-4 * norm.max(1e-3),
                     "{:?} row {i}: {norm} vs {}",
                     model.kind(),
                     norms[k]
                 );
-                for (e, v) in expected.iter_mut().zip(&g) {
+                for (e, v) in expected.iter_mut().zip(g.iter()) {
                     *e += clip(norm) * v;
                 }
             }

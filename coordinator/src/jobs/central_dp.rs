@@ -141,6 +141,16 @@ mod tests {
         assert_eq!((sum.len(), weight), (4, 4.0));
         assert!((count.unwrap() - 2.0).abs() < 0.05, "{count:?}");
         assert!((sum[0] - (0.1 + 0.4 + 0.5 + 0.5)).abs() < 0.01, "{sum:?}");
+        // The count's noise is the calibrated σ_b (2 here; at σ_b = 0.01
+        // above an exact count would pass too): 2,000 releases.
+        let wide = AdaptiveClip { count_stddev: 2.0, ..a };
+        let counts: Vec<f64> = (0..2000)
+            .map(|_| noisy_update_sum(&global, &updates, 0.5, 1.0, 4, Some(&wide)).unwrap().2.unwrap())
+            .collect();
+        let mean = counts.iter().sum::<f64>() / counts.len() as f64;
+        let var = counts.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / counts.len() as f64;
+        assert!((mean - 2.0).abs() < 0.25, "{mean}");
+        assert!((var / 4.0 - 1.0).abs() < 0.15, "the count's variance {var}, calibrated 4");
         // Adaptive clipping may take the clip down to the smallest stated
         // clip over 2^20: a round there still runs.
         let floor = confide_dp::MIN_ROUND_CLIP;

@@ -224,6 +224,39 @@ mod plaintext {
         assert!(finished(&out).is_none());
     }
 
+    /// Central party-level DP: the coordinator's noise reaches the model.
+    /// Three parties send no change to a model of 4,000 zeros; at z = 50
+    /// and clip 1 the mean over the three named parties carries noise of
+    /// s.d. z·C/3 ≈ 16.7 a value (a coordinator that dropped the noise
+    /// would leave zeros).
+    #[test]
+    fn central_dp_noise_reaches_the_aggregate_at_its_calibrated_scale() {
+        let dp = "[dp]\nlevel = \"party\"\nnoise_multiplier = 50.0\nupdate_clip = 1.0\n";
+        let mut h = H::new(spec(&["a", "b", "c"], 3, 1, dp), Start::Fresh { model: None });
+        h.connect_and_accept(&["a", "b", "c"]);
+        let t = h.tasks();
+        let zeros = vec![0.0f32; 4000];
+        h.setup(&t, &zeros);
+        let fit = h.tasks();
+        assert!(fit.iter().all(|(_, t)| t.stage == Stage::Fit), "{fit:?}");
+        for (p, t) in &fit {
+            h.fit(p, t, 1, &zeros);
+        }
+        let out = h.take();
+        let model = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Checkpoint(Checkpoint { round: 1, model: Some(m), .. }) => Some(m.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no round-1 checkpoint: {out:?}"));
+        let values = &model.tensors()[0].data;
+        let var = values.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / values.len() as f64;
+        let want = (50.0f64 / 3.0).powi(2);
+        // 4,000 values: the sample variance's relative s.d. is about 2%.
+        assert!((var / want - 1.0).abs() < 0.15, "variance {var}, calibrated {want}");
+    }
+
     #[test]
     fn party_lost_mid_round_is_dropped_and_the_round_completes() {
         let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
