@@ -150,7 +150,9 @@ mod tests {
         let mean = counts.iter().sum::<f64>() / counts.len() as f64;
         let var = counts.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / counts.len() as f64;
         assert!((mean - 2.0).abs() < 0.25, "{mean}");
-        assert!((var / 4.0 - 1.0).abs() < 0.15, "the count's variance {var}, calibrated 4");
+        // (The sample variance's relative s.d. is 3.2%: ±20% is 6 of them,
+        // and a σ_b off by √2 gives 2 or 8.)
+        assert!((var / 4.0 - 1.0).abs() < 0.2, "the count's variance {var}, calibrated 4");
         // Adaptive clipping may take the clip down to the smallest stated
         // clip over 2^20: a round there still runs.
         let floor = confide_dp::MIN_ROUND_CLIP;

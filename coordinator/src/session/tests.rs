@@ -225,23 +225,24 @@ mod plaintext {
     }
 
     /// Central party-level DP: the coordinator's noise reaches the model.
-    /// Three parties send no change to a model of 4,000 zeros; at z = 50
-    /// and clip 1 the mean over the three named parties carries noise of
+    /// Two of three named parties send no change to a model of 4,000 zeros
+    /// (the third drops); at z = 50 and clip 1 the sum is divided by the
+    /// three named parties, a public count, so the model carries noise of
     /// s.d. z·C/3 ≈ 16.7 a value (a coordinator that dropped the noise
-    /// would leave zeros).
+    /// would leave zeros; one that divided by the two that answered, 25).
     #[test]
     fn central_dp_noise_reaches_the_aggregate_at_its_calibrated_scale() {
         let dp = "[dp]\nlevel = \"party\"\nnoise_multiplier = 50.0\nupdate_clip = 1.0\n";
-        let mut h = H::new(spec(&["a", "b", "c"], 3, 1, dp), Start::Fresh { model: None });
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, dp), Start::Fresh { model: None });
         h.connect_and_accept(&["a", "b", "c"]);
         let t = h.tasks();
         let zeros = vec![0.0f32; 4000];
         h.setup(&t, &zeros);
         let fit = h.tasks();
         assert!(fit.iter().all(|(_, t)| t.stage == Stage::Fit), "{fit:?}");
-        for (p, t) in &fit {
-            h.fit(p, t, 1, &zeros);
-        }
+        h.fit("a", &fit[0].1, 1, &zeros);
+        h.feed(Input::Disconnected("c".into()));
+        h.fit("b", &fit[1].1, 1, &zeros);
         let out = h.take();
         let model = out
             .iter()
