@@ -1869,10 +1869,19 @@ mod tests {
 
     /// The noise in the unmasked sum has the calibrated variance — each
     /// survivor's σ², so z²·c²·survivors/honest in all — with every party
-    /// and with one dropped; the honest parties' share alone is (z·c)².
+    /// and with one dropped (four survivors, the fewest secagg's threshold
+    /// lets five parties unmask). The honest parties the spec counts
+    /// (`parties.min` less ⌊γN⌋ corrupt: 3) carry (z·c)² between them, and
+    /// the measured sum at least that; noise calibrated for all five
+    /// parties would leave four survivors 4/5 of it.
     #[test]
     fn distributed_noise_in_the_unmasked_sum_has_the_calibrated_variance() {
-        let (n, honest, z) = (5, 4, 0.5);
+        let z = 0.5;
+        let n = 5;
+        let base = facts(n);
+        let tm = SecAggSettings::from_table(&toml::Table::new()).unwrap().threat_model();
+        let honest = base.min_parties - params::corrupt_parties(n, &tm);
+        assert_eq!(honest, 3, "min 3 of 5, none corrupt at γ = 0.05");
         let job = noisy_facts(n, honest, z);
         for drop in [&[][..], &[2][..]] {
             let (sum, total, _, m) = run_noisy(&job, |_| model(|_| 0.0), drop);
@@ -1885,6 +1894,9 @@ mod tests {
             assert!((var / want - 1.0).abs() < 0.12, "dropped {drop:?}: variance {var}, calibrated {want}");
             let honest_share = honest as f64 * (f64::from(m.mechanism().local_sigma()) / m.mechanism().scale()).powi(2);
             assert!(honest_share >= (z * 1.0f64).powi(2) * (1.0 - 1e-9), "{honest_share}");
+            // What the survivors' sum carries, measured: at least (z·c)²
+            // (within the sample's 5.4 s.d.).
+            assert!(var >= (z * 1.0f64).powi(2) * 0.88, "dropped {drop:?}: variance {var} below (z·c)²");
         }
     }
 

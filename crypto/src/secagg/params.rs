@@ -134,7 +134,14 @@ const SMALL: f64 = 1e-14;
 /// The most corrupt parties the threat model allows in a round of `n`:
 /// ⌊γn⌋ (with a hair of slack so that 0.05 × 100 is 5).
 pub fn corrupt_parties(n: usize, tm: &ThreatModel) -> usize {
-    ((tm.corrupt_fraction + SMALL) * n as f64).floor() as usize
+    fraction_of(tm.corrupt_fraction, n)
+}
+
+/// ⌊fraction · n⌋, with a hair of slack against the product's rounding
+/// (0.29 × 100 is 28.999999999999996 in f64): what a stated fraction of
+/// `n` parties means, for every protocol that counts corrupt parties.
+pub fn fraction_of(fraction: f64, n: usize) -> usize {
+    ((fraction + SMALL) * n as f64).floor() as usize
 }
 
 fn complete(n: usize, tm: &ThreatModel, corrupt: usize) -> Result<RoundParams, Error> {

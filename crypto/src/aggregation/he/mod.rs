@@ -136,7 +136,7 @@ impl HeSettings {
     /// ⌊γ·parties⌋, whatever the size of the key the coordinator gathers
     /// (a small key must not lower the threshold below the coalition).
     pub fn corrupt_parties(&self, parties: usize) -> usize {
-        (self.corrupt_fraction * parties as f64).floor() as usize
+        crate::secagg::params::fraction_of(self.corrupt_fraction, parties)
     }
 
     /// The fewest parties a key may have in this job: the job's minimum
@@ -4487,6 +4487,22 @@ mod tests {
                 None,
             );
             HeClientView(d.binding)
+        }
+    }
+
+    /// A stated fraction of the named parties counts as secagg counts it:
+    /// 0.29 × 100 is 28.999999999999996 in f64, and flooring that would
+    /// calibrate the distributed noise for one honest party too many (and
+    /// lower the threshold by one).
+    #[test]
+    fn the_corrupt_count_is_the_stated_fraction_of_the_parties() {
+        let s = HeSettings { corrupt_fraction: 0.29, ..HeSettings::default() };
+        assert_eq!(s.corrupt_parties(100), 29);
+        let tm = crate::secagg::params::ThreatModel { corrupt_fraction: 0.29, dropout_fraction: 0.0 };
+        assert_eq!(s.corrupt_parties(100), crate::secagg::params::corrupt_parties(100, &tm));
+        for (fraction, n, want) in [(0.05, 100, 5), (0.1, 20, 2), (0.3, 10, 3), (0.2, 4, 0)] {
+            let s = HeSettings { corrupt_fraction: fraction, ..HeSettings::default() };
+            assert_eq!(s.corrupt_parties(n), want, "{fraction} × {n}");
         }
     }
 
