@@ -4355,9 +4355,19 @@ mod tests {
     }
 
     /// Party-level DP with distributed noise under he: the decrypted sum is
-    /// Σ clip(Δᵢ) plus the parties' noise, with the calibrated variance.
+    /// Σ clip(Δᵢ) plus the parties' noise, with the calibrated variance,
+    /// with every party contributing and with one that never does (three
+    /// contributors, the job's minimum and its honest count, as γ = 0.05
+    /// of four is none): the sum then carries (z·c)² at least, where noise
+    /// calibrated for all four parties would leave it 3/4 of that.
     #[test]
     fn distributed_dp_noise_is_carried_through_encryption() {
+        for contributors in [4, 3] {
+            noise_through_encryption(contributors);
+        }
+    }
+
+    fn noise_through_encryption(contributors: usize) {
         let n = 4;
         let job = JobFacts::new("job", names(n), 100, 3, 1 << 20);
         let bits = settings_for(&toml::Table::new(), &job).unwrap().b();
@@ -4375,7 +4385,7 @@ mod tests {
         let fit1 = fit(1);
         let rm =
             server.begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) }).unwrap();
-        for p in &names {
+        for p in &names[..contributors] {
             // Updates far beyond the clip: each is cut to norm 1.
             let local = params(&vec![100.0; 2000]);
             let u = LocalUpdate { global: &global, fit: &fit1, local, num_examples: 1, train_loss: None };
@@ -4385,14 +4395,18 @@ mod tests {
         let mut fed = Fed { names: names.clone(), server, clients, round_message: Vec::new() };
         let a = fed.drive(1, &mut Script::default()).unwrap();
         let (sum, total, _, _) = weighted(&a);
-        assert_eq!(total, 4.0);
+        let k = contributors as f64;
+        assert_eq!(total, k);
         let mechanism = NoisyUpdate::new(&template, "job", 1, &global).unwrap();
-        let clipped = 4.0 / 2000f64.sqrt();
+        let clipped = k / 2000f64.sqrt();
         let mean = sum.iter().sum::<f64>() / sum.len() as f64;
         let var = sum.iter().map(|v| (v - clipped).powi(2)).sum::<f64>() / sum.len() as f64;
-        let want = 4.0 * (f64::from(mechanism.mechanism().local_sigma()) / mechanism.mechanism().scale()).powi(2);
-        assert!((mean - clipped).abs() < 0.1 * want.sqrt() + 0.01, "mean {mean} vs {clipped}");
-        assert!((var / want - 1.0).abs() < 0.15, "variance {var} vs {want}");
+        let want = k * (f64::from(mechanism.mechanism().local_sigma()) / mechanism.mechanism().scale()).powi(2);
+        assert!((mean - clipped).abs() < 0.1 * want.sqrt() + 0.01, "{k}: mean {mean} vs {clipped}");
+        assert!((var / want - 1.0).abs() < 0.15, "{k}: variance {var} vs {want}");
+        // At least (z·c)² = 0.25 whoever contributed (2,000 values: the
+        // sample variance's relative s.d. is 3.2%, so 0.85 is 4.7 of them).
+        assert!(var >= 0.25 * 0.85, "{k} contributors: variance {var} below (z·c)²");
     }
 
     #[test]
