@@ -934,7 +934,7 @@ fn send(job_id: &str, out: PartyOutput, to: &Sent, since: Option<Instant>) -> bo
 mod tests {
     use super::*;
     use confide_crypto::pki::PkiDir;
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     /// `answer_fit_after_secs` against a coordinator that times training
     /// (wall-clock, T = 1.2 s; an attacker's test compares two trainings):
@@ -1176,6 +1176,21 @@ mod tests {
         toml::from_str(&format!("path = {:?}\nfeatures = 1", path.to_str().unwrap())).unwrap()
     }
 
+    /// Party "a" under `dir` with a privacy ledger and data set "bc" of one
+    /// feature reading `rows` (written to `bc.csv`), configured further by
+    /// `edit`: the node, the ledger's path and the rows' path.
+    fn node_on_bc(dir: &Path, rows: &str, edit: impl FnOnce(&mut PartyConfig)) -> (PartyNode, PathBuf, PathBuf) {
+        let pki = party_a(dir);
+        let (ledger_path, rows_path) = (dir.join("ledger.json"), dir.join("bc.csv"));
+        std::fs::write(&rows_path, rows).unwrap();
+        let node = node_with(&pki, "a", |cfg| {
+            cfg.ledger = Some(ledger_path.clone());
+            cfg.datasets.insert("bc".into(), one_feature(&rows_path));
+            edit(cfg);
+        });
+        (node, ledger_path, rows_path)
+    }
+
     /// `node`'s answer to `offer`, as its message loop would give it.
     fn answer(node: &PartyNode, offer: &pb::JobOffer) -> Result<PartySession, String> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -1215,14 +1230,7 @@ mod tests {
     #[test]
     fn an_offer_whose_job_id_is_not_an_id_is_refused_before_any_reservation() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = party_a(dir.path());
-        let ledger_path = dir.path().join("ledger.json");
-        let rows = dir.path().join("bc.csv");
-        std::fs::write(&rows, "x,label\n1,0\n2,1\n").unwrap();
-        let node = node_with(&pki, "a", |cfg| {
-            cfg.ledger = Some(ledger_path.clone());
-            cfg.datasets.insert("bc".into(), one_feature(&rows));
-        });
+        let (node, ledger_path, _) = node_on_bc(dir.path(), "x,label\n1,0\n2,1\n", |_| {});
         let offer = |id: &str| pb::JobOffer { job_id: id.into(), spec_toml: DP_JOB_ON_BC.into(), dataset: "bc".into() };
         for id in ["", "j\0", "j\nforged log line", &"j".repeat(65)] {
             let Err(e) = answer(&node, &offer(id)) else { panic!("{id:?} accepted") };
@@ -1269,15 +1277,8 @@ mod tests {
     #[test]
     fn a_dp_jobs_answers_are_held_to_the_policys_floor_too() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = party_a(dir.path());
-        let ledger_path = dir.path().join("ledger.json");
-        let rows = dir.path().join("bc.csv");
-        std::fs::write(&rows, "1,0\n2,1\n").unwrap();
-        let node = node_with(&pki, "a", |cfg| {
-            cfg.ledger = Some(ledger_path.clone());
-            cfg.datasets.insert("bc".into(), one_feature(&rows));
-            cfg.policy.min_answer_after_secs = Some(2.0);
-        });
+        let (node, ledger_path, _) =
+            node_on_bc(dir.path(), "1,0\n2,1\n", |cfg| cfg.policy.min_answer_after_secs = Some(2.0));
         let offer = |id: &str, spec: String| pb::JobOffer { job_id: id.into(), spec_toml: spec, dataset: "bc".into() };
         let floor = |id: &str, spec: String| {
             answer(&node, &offer(id, spec)).map(|s| s.answer_floor().map(|f| (f.stage, f.after)))
@@ -1307,14 +1308,8 @@ mod tests {
     #[test]
     fn an_offer_is_refused_once_two_data_sets_read_the_same_rows() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = party_a(dir.path());
-        let ledger_path = dir.path().join("ledger.json");
-        let rows = dir.path().join("bc.csv");
-        std::fs::write(&rows, "x,label\n1,0\n2,1\n").unwrap();
         let link = dir.path().join("copy.csv");
-        let node = node_with(&pki, "a", |cfg| {
-            cfg.ledger = Some(ledger_path.clone());
-            cfg.datasets.insert("bc".into(), one_feature(&rows));
+        let (node, ledger_path, rows) = node_on_bc(dir.path(), "x,label\n1,0\n2,1\n", |cfg| {
             cfg.datasets.insert("other".into(), one_feature(&link));
         });
         std::fs::hard_link(&rows, &link).unwrap();

@@ -182,8 +182,9 @@ impl PartySession {
     }
 
     /// Holds each fit answer until `after` ms from when its task is taken up
-    /// (`handle`'s `now`).
-    pub fn with_fit_answer_after(self, after: Option<Millis>) -> Self {
+    /// (`handle`'s `now`): the tests' shorthand for [`Self::with_answer_floor`].
+    #[cfg(test)]
+    pub(crate) fn with_fit_answer_after(self, after: Option<Millis>) -> Self {
         self.with_answer_floor(after.map(|after| AnswerFloor { stage: "fit", after }))
     }
 

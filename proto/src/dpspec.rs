@@ -676,27 +676,6 @@ impl RawDp {
                 rounds,
             )
         })?;
-        // A job whose ε per record nothing bounds (a mechanism that cannot
-        // be built at these settings, or one this accountant cannot bound)
-        // is refused here, not reserved as ε = ∞ in the hospitals' ledgers
-        // (what they charge: at party level, twice the sensitivity).
-        let per_record = match level {
-            DpLevel::Example => Sensitivity::Record,
-            DpLevel::Party => Sensitivity::ReplacedContribution,
-        };
-        let events = release_events(per_record, q, c, distributed, max_values, noise_multiplier);
-        if !steps_epsilon(accountant, max_values, events, steps, delta).is_finite() {
-            let field = if self.noise_multiplier.is_some() { "noise_multiplier" } else { "target_epsilon" };
-            return Err(vec![(
-                field.into(),
-                format!(
-                    "noise_multiplier {noise_multiplier}: the accountant bounds no ε per record{over} at these \
-                     settings (a distributed mechanism without room in its bits; under accountant = \"pld\", the \
-                     lattice's slack at this multiplier for max_model_values values: lower max_model_values, raise \
-                     the multiplier or use accountant = \"rdp\")"
-                ),
-            )]);
-        }
         if accountant == AccountantKind::Pld && adaptive && max_values < 2 {
             // The coordinator noises the model's values and the count.
             return Err(vec![(
@@ -751,7 +730,7 @@ impl RawDp {
                 Some(a)
             }
         };
-        Ok(DpSpec {
+        let spec = DpSpec {
             level,
             target_epsilon: self.target_epsilon,
             noise_multiplier,
@@ -765,7 +744,24 @@ impl RawDp {
             accountant,
             answer_fit_after_secs: self.answer_fit_after_secs,
             release: DpRelease::Training,
-        })
+        };
+        // A job whose ε per record nothing bounds (a mechanism that cannot
+        // be built at these settings, or one this accountant cannot bound)
+        // is refused here, not reserved as ε = ∞ in the hospitals' ledgers,
+        // which charge `record_epsilon`.
+        if !spec.record_epsilon(training, rounds).is_finite() {
+            let field = if self.noise_multiplier.is_some() { "noise_multiplier" } else { "target_epsilon" };
+            return Err(vec![(
+                field.into(),
+                format!(
+                    "noise_multiplier {noise_multiplier}: the accountant bounds no ε per record{over} at these \
+                     settings (a distributed mechanism without room in its bits; under accountant = \"pld\", the \
+                     lattice's slack at this multiplier for max_model_values values: lower max_model_values, raise \
+                     the multiplier or use accountant = \"rdp\")"
+                ),
+            )]);
+        }
+        Ok(spec)
     }
 
     /// The accountant (`pld_refusal`: why the job's mechanism has no PLD)

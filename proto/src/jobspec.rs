@@ -55,6 +55,13 @@ impl JobKind {
     }
 }
 
+/// A table's check message (`field: reason`, relative to the table) as
+/// the spec's (path, reason).
+fn in_table(table: &str, msg: &str) -> (String, String) {
+    let (field, rest) = msg.split_once(": ").unwrap_or(("", msg));
+    (format!("{table}.{field}"), rest.to_owned())
+}
+
 /// Which parties take part.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -573,15 +580,7 @@ impl JobSpec {
             model: RawModel,
         }
         let raw: ModelOnly = toml::from_str(text).map_err(|e| fail("(syntax)", one_line(&e.to_string())))?;
-        let errors: Vec<(String, String)> = raw
-            .model
-            .validate()
-            .into_iter()
-            .map(|msg| {
-                let (field, rest) = msg.split_once(": ").unwrap_or(("", &msg));
-                (format!("model.{field}"), rest.to_owned())
-            })
-            .collect();
+        let errors: Vec<(String, String)> = raw.model.validate().iter().map(|m| in_table("model", m)).collect();
         if !errors.is_empty() {
             return Err(SpecErrors { file: file.to_owned(), errors });
         }
@@ -735,9 +734,8 @@ impl RawJobSpec {
                 err(&format!("parties.datasets.{party}"), "must be a data set name of 1 to 128 bytes".into());
             }
         }
-        for msg in self.model.validate() {
-            let (field, rest) = msg.split_once(": ").unwrap_or(("", &msg));
-            err(&format!("model.{field}"), rest.to_owned());
+        for (field, msg) in self.model.validate().iter().map(|m| in_table("model", m)) {
+            err(&field, msg);
         }
         let engine = match (self.model.kind, self.model.engine) {
             (confide_algorithms::ModelKind::LogisticRegression, None) => Engine::Rust,
@@ -748,9 +746,8 @@ impl RawJobSpec {
         if engine == Engine::Rust && self.training.optimizer != OptimizerKind::Sgd {
             err("training.optimizer", "the rust engine trains with SGD; set model.engine = \"torch\"".into());
         }
-        for msg in self.training.validate() {
-            let (field, rest) = msg.split_once(": ").unwrap_or(("", &msg));
-            err(&format!("training.{field}"), rest.to_owned());
+        for (field, msg) in self.training.validate().iter().map(|m| in_table("training", m)) {
+            err(&field, msg);
         }
         if self.evaluation.every == 0 {
             err("evaluation.every", "must be at least 1".into());
