@@ -525,6 +525,31 @@ mod tests {
         assert!((0.6..1.5).contains(&variance), "{variance}");
     }
 
+    /// The noise is divided by the plan's expected batch size B, not by the
+    /// sample's own size: with no rows every Poisson sample is empty, and
+    /// four steps at q = 0.05, B = 8 still move each value by
+    /// lr·N(0, (z·C)²)/B. Dividing by the sample's size (0), or skipping an
+    /// empty sample, fails.
+    #[test]
+    fn an_empty_sample_still_takes_a_step_of_noise_over_the_expected_batch() {
+        let ds = breast_cancer().select(&[]);
+        let cfg = FitConfig { round: 1, train: TrainConfig { learning_rate: 0.5, ..TrainConfig::default() } };
+        let flat = |p: &Parameters| -> Vec<f64> {
+            [WEIGHT, BIAS].iter().flat_map(|n| p.get(n).unwrap().data.iter().map(|&v| f64::from(v))).collect()
+        };
+        let sd = 0.5 * 4.0 * 1.0 / 8.0;
+        let mut normalised = Vec::new();
+        for _ in 0..4 {
+            let mut m = LogisticRegression::new(2, ds.clone(), Dataset::default(), 1, 0).unwrap();
+            let start = flat(&m.parameters().unwrap());
+            m.fit_private(&cfg, &plan(4.0, 0.05, 8, 1)).unwrap();
+            normalised.extend(flat(&m.parameters().unwrap()).iter().zip(&start).map(|(b, a)| (b - a) / sd));
+        }
+        assert_eq!(normalised.len(), 4 * 62);
+        let variance = normalised.iter().map(|v| v * v).sum::<f64>() / normalised.len() as f64;
+        assert!((0.6..1.5).contains(&variance), "{variance}");
+    }
+
     /// DP-SGD at z = 1, q = 0.05 (ε ≈ 1.9 at δ = 1e-5 after 5 rounds of 20
     /// steps) still learns the breast-cancer data.
     #[test]

@@ -265,12 +265,14 @@ pub struct Policy {
     pub evaluations_outside_budget: bool,
     /// Hold each fit answer of a DP training job, and a DP evaluation's
     /// answer to its evaluate task, at least this many seconds after its
-    /// task was taken up (an offer's answer is not held), whatever the spec's `dp.answer_fit_after_secs` (the
+    /// task was taken up (and every job offer's answer as long after the offer came: accepting reads the
+    /// rows), whatever the spec's `dp.answer_fit_after_secs` (the
     /// coordinator's choice, which wins only when longer), so that how
     /// long the rows took to train on or score, a hint of the data set's
     /// size, does not show unless it takes longer. A job whose
-    /// `timeouts.round_secs` does not leave a second after the floor is
-    /// refused: its answers would not arrive in time. Unset by default:
+    /// `timeouts.round_secs` (or `timeouts.recruit_secs`) does not leave a
+    /// second after the floor is refused: its answers would not arrive in
+    /// time. Unset by default:
     /// the spec decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_answer_after_secs: Option<f64>,

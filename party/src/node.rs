@@ -91,6 +91,26 @@ impl Outbox {
     }
 }
 
+/// Sends an offer's answer. Under the policy's `min_answer_after_secs`, no
+/// sooner than that after the offer came, from a task of its own (the
+/// message loop goes on): accepting reads, splits and sets up the data
+/// set, and refusing can come after that too, so the answer's timing would
+/// otherwise tell the data set's size to a coordinator that offers a cheap
+/// DP job again and again. Work that outlasts the floor still shows.
+async fn answer_offer(outbox: Arc<Outbox>, answer: pb::JobAnswer, offered: tokio::time::Instant, floor: Option<f64>) {
+    match floor.and_then(|secs| Duration::try_from_secs_f64(secs).ok()) {
+        Some(hold) if !hold.is_zero() => {
+            tokio::spawn(async move {
+                tokio::time::sleep_until(offered + hold).await;
+                outbox.send(party_message::Body::JobAnswer(answer)).await;
+            });
+        }
+        _ => {
+            outbox.send(party_message::Body::JobAnswer(answer)).await;
+        }
+    }
+}
+
 /// The stage a task names (for fault injection, before its chunks arrive).
 fn stage_of(task: &pb::Task) -> &str {
     use pb::task::Body;
@@ -400,6 +420,7 @@ impl PartyNode {
                     self.refuse_revoked_coordinator(&coordinator_cert)?;
                 }
                 coordinator_message::Body::Offer(offer) => {
+                    let offered = tokio::time::Instant::now();
                     let job_id = offer.job_id.clone();
                     let answer = match self.accept(&offer, &me).await {
                         Ok(session) => {
@@ -423,7 +444,7 @@ impl PartyNode {
                             pb::JobAnswer { job_id, accepted: false, reason }
                         }
                     };
-                    outbox.send(party_message::Body::JobAnswer(answer)).await;
+                    answer_offer(outbox.clone(), answer, offered, cfg.policy.min_answer_after_secs).await;
                 }
                 coordinator_message::Body::Task(mut task) => {
                     if let Some(stage) = &cfg.fault.exit_on_stage
@@ -936,6 +957,25 @@ mod tests {
     use confide_crypto::pki::PkiDir;
     use std::path::{Path, PathBuf};
 
+    /// Under `policy.min_answer_after_secs` an offer's answer goes no
+    /// sooner than the floor after the offer came, sent by a task of its
+    /// own (the message loop is not held up: nothing has been sent when
+    /// the call returns); without the setting it goes at once.
+    #[tokio::test]
+    async fn an_offers_answer_is_held_to_the_policys_floor() {
+        let answer = || pb::JobAnswer { job_id: "j".into(), accepted: true, reason: String::new() };
+        let (tx, mut rx) = mpsc::channel(4);
+        let outbox = Arc::new(Outbox { tx, stats: Default::default(), transfer: std::sync::Mutex::new(()) });
+        let offered = tokio::time::Instant::now();
+        answer_offer(outbox.clone(), answer(), offered, Some(0.4)).await;
+        assert!(rx.try_recv().is_err(), "sent before the floor");
+        let got = rx.recv().await.unwrap();
+        assert!(offered.elapsed() >= Duration::from_millis(400), "{:?}", offered.elapsed());
+        assert!(matches!(got.body, Some(party_message::Body::JobAnswer(a)) if a.job_id == "j"));
+        answer_offer(outbox, answer(), tokio::time::Instant::now(), None).await;
+        assert!(rx.try_recv().is_ok(), "no floor: at once");
+    }
+
     /// `answer_fit_after_secs` against a coordinator that times training
     /// (wall-clock, T = 1.2 s; an attacker's test compares two trainings):
     /// - it queues a second fit while the first trains (the second refused
@@ -1297,8 +1337,14 @@ mod tests {
         let hurried = format!("{DP_JOB_ON_BC}[timeouts]\nround_secs = 2\n");
         let Err(e) = answer(&node, &offer("j2", hurried)) else { panic!("accepted") };
         assert!(e.contains("policy.min_answer_after_secs") && e.contains("round_secs = 2"), "{e}");
+        // The offer's own answer is held to the floor: the coordinator
+        // must still be recruiting then.
+        let short_recruit = format!("{DP_JOB_ON_BC}[timeouts]\nrecruit_secs = 2\n");
+        let Err(e) = answer(&node, &offer("j7", short_recruit)) else { panic!("accepted") };
+        assert!(e.contains("policy.min_answer_after_secs") && e.contains("recruit_secs = 2"), "{e}");
         let after = crate::ledger::Ledger::read(&ledger_path).unwrap();
         assert!(!after.datasets["bc"].jobs.contains_key("j2"), "nothing reserved for j2");
+        assert!(!after.datasets["bc"].jobs.contains_key("j7"), "nothing reserved for j7");
         assert_eq!(before.datasets["bc"].jobs.len(), after.datasets["bc"].jobs.len());
     }
 

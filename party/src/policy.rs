@@ -112,6 +112,18 @@ pub fn consider<'a>(
             confide_proto::dpspec::FIT_ANSWER_MARGIN_SECS
         ));
     }
+    // The offer's answer is held to the policy's floor too (`node`): the
+    // coordinator must still be recruiting when it comes.
+    if let Some(floor) = policy.min_answer_after_secs
+        && !confide_proto::dpspec::answer_floor_fits(floor, spec.timeouts.recruit_secs)
+    {
+        return Err(format!(
+            "policy.min_answer_after_secs holds the answer to this offer {floor} s; the job's \
+             timeouts.recruit_secs = {} leaves less than {} s for it to arrive",
+            spec.timeouts.recruit_secs,
+            confide_proto::dpspec::FIT_ANSWER_MARGIN_SECS
+        ));
+    }
     if spec.min_parties() < policy.min_parties {
         return Err(format!(
             "policy requires jobs with at least {} parties; this one needs only {}",

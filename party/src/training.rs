@@ -108,6 +108,7 @@ impl PartyJobKind for TrainingKind {
             if dp.level == DpLevel::Party {
                 handler.encoding_clips = dp.distributed.is_some();
                 handler.party_clip = Some(party_clip(dp));
+                handler.party_work = Some((spec.training.local_epochs, spec.training.batch_size));
             }
         }
         // Every job but an evaluation outside the budget has a ledger entry:
@@ -165,6 +166,13 @@ pub struct TrainingHandler {
     pub dp: Option<DpSgdPlan>,
     /// Party-level DP: the L2 norm each round's update is clipped to.
     pub party_clip: Option<f64>,
+    /// Party-level DP: the spec's local epochs and batch size, which every
+    /// round's fit configuration must keep. They set how long training
+    /// takes, and so how far an answer may run past its floor: taken from
+    /// the wire, a coordinator could ask for a thousand epochs and time the
+    /// data set's size off the answer. (DP-SGD takes its steps from the
+    /// spec already.)
+    pub party_work: Option<(u32, usize)>,
     /// Party-level DP whose aggregation encoding clips the update itself
     /// (distributed noise: `NoisyUpdate`, which also makes a non-finite
     /// update none): the party does not clip it a second time.
@@ -282,6 +290,7 @@ impl TrainingHandler {
             hides_values: false,
             dp: None,
             party_clip: None,
+            party_work: None,
             encoding_clips: false,
             dp_values_bound: None,
             budget: None,
@@ -493,6 +502,15 @@ impl TrainingHandler {
             let why =
                 if bad.is_empty() { format!("round {} in a round {round} task", config.round) } else { bad.join("; ") };
             return Err(TaskError::CoordinatorFault(format!("fit configuration: {why}")));
+        }
+        if let Some((epochs, batch)) = self.party_work
+            && (config.train.local_epochs, config.train.batch_size) != (epochs, batch)
+        {
+            return Err(TaskError::CoordinatorFault(format!(
+                "fit configuration: {} local epochs of batches of {} in a party-level DP job whose spec trains {epochs} \
+                 of {batch} (how long training takes must not be the coordinator's choice)",
+                config.train.local_epochs, config.train.batch_size
+            )));
         }
         if self.private() {
             return self.fit_private(round, config, global, round_message);
@@ -907,10 +925,29 @@ mod tests {
     /// sends no statistic of its rows (a coordinator asking for feature
     /// sums or evaluation metrics, in the clear or summed, is refused as a
     /// fault), and its fit answer carries no metric, loss or example count.
+    ///
+    /// Both levels, DP-SGD and party-level: the protocol itself is handed an
+    /// update that weighs 1 and carries no loss (`secagg` and `he` would
+    /// sum a weight and a loss into their vectors unnoised).
     #[test]
     fn a_dp_job_sends_only_the_noisy_update() {
-        let mut h = plain_handler(FixedDp::default());
-        h.dp = Some(SMALL_PLAN);
+        for level in ["example", "party"] {
+            a_dp_job_at_this_level_sends_only_the_noisy_update(level);
+        }
+    }
+
+    fn a_dp_job_at_this_level_sends_only_the_noisy_update(level: &str) {
+        use confide_crypto::aggregation::plain::Plain;
+        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
+        let inner = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let updates = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let client = Box::new(Recording { inner, log: Default::default(), updates: updates.clone() });
+        let mut h = TrainingHandler::new(Box::new(FixedDp::default()), client, Plain.stages());
+        if level == "example" {
+            h.dp = Some(SMALL_PLAN);
+        } else {
+            h.party_clip = Some(2.0);
+        }
         let global = Arc::new(Fixed.parameters().unwrap());
         let ResultBody::Setup { stats, .. } = h.on_task(task(0, TaskBody::Setup)).unwrap() else { panic!() };
         assert_eq!(stats, FeatureStats::default(), "no feature sums");
@@ -929,10 +966,44 @@ mod tests {
         };
 
         let ResultBody::Fit { metrics, contribution } = h.on_task(task(1, fit())).unwrap() else { panic!() };
-        assert!(metrics.is_empty(), "{metrics:?}");
+        assert!(metrics.is_empty(), "{level}: {metrics:?}");
         // The plain protocol's body is the weight (protobuf field 1, varint):
         // 1, whatever the party's row count (7 here).
-        assert_eq!(contribution.body, [0x08, 0x01], "a DP update weighs 1");
+        assert_eq!(contribution.body, [0x08, 0x01], "{level}: a DP update weighs 1");
+        assert_eq!(*updates.lock().unwrap(), [(1, None)], "{level}: the update handed to the protocol");
+    }
+
+    /// Party-level DP trains with the spec's local epochs and batch size: a
+    /// fit configuration with others (a thousand epochs of batches of one,
+    /// to time the data set's size off an answer that runs past its floor)
+    /// is the coordinator's fault, refused before the round is recorded.
+    #[test]
+    fn party_level_dp_refuses_a_fit_configuration_that_changes_the_work() {
+        let text = "name = \"j\"\nkind = \"train\"\n[parties]\nnames = [\"p0\", \"p1\"]\ndataset = \"bc\"\n\
+                    [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+                    [training]\nlocal_epochs = 2\nbatch_size = 16\n\
+                    [dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\nupdate_clip = 1.0\n";
+        let spec = confide_proto::jobspec::JobSpec::parse(text, "j", &confide_proto::Limits::default()).unwrap();
+        let mut h = plain_handler(FixedDp::default());
+        h.party_clip = Some(2.0);
+        h.party_work = Some((spec.training.local_epochs, spec.training.batch_size));
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let fit = |local_epochs: u32, batch_size: usize| TaskBody::Fit {
+            config: FitConfig {
+                round: 1,
+                train: confide_algorithms::TrainConfig { local_epochs, batch_size, ..spec.training.clone() },
+            },
+            global: global.clone(),
+            round_message: Vec::new(),
+        };
+        for (epochs, batch) in [(1000, 1), (2, 1), (3, 16)] {
+            let err = h.on_task(task(1, fit(epochs, batch))).unwrap_err();
+            assert!(
+                matches!(&err, TaskError::CoordinatorFault(m) if m.contains("party-level DP") && m.contains("2 of 16")),
+                "{epochs} × {batch}: {err:?}"
+            );
+        }
+        assert!(matches!(h.on_task(task(1, fit(2, 16))).unwrap(), ResultBody::Fit { .. }));
     }
 
     /// In a DP job, a trainer's error in DP-SGD training or in a DP
@@ -1331,7 +1402,12 @@ mod tests {
     struct Recording {
         inner: Box<dyn AggregationClient>,
         log: Arc<std::sync::Mutex<Vec<&'static str>>>,
+        /// Each update's weight and training loss, as the protocol got them.
+        updates: Arc<std::sync::Mutex<Vec<WeightAndLoss>>>,
     }
+
+    /// An update's weight and training loss.
+    type WeightAndLoss = (u64, Option<f64>);
 
     impl AggregationClient for Recording {
         fn contribute(
@@ -1341,6 +1417,7 @@ mod tests {
             update: confide_crypto::aggregation::LocalUpdate<'_>,
         ) -> Result<confide_crypto::aggregation::Envelope, confide_crypto::Error> {
             self.log.lock().unwrap().push("contribute");
+            self.updates.lock().unwrap().push((update.num_examples, update.train_loss));
             self.inner.contribute(round, round_message, update)
         }
         fn prepare(&mut self, global: &Parameters) {
@@ -1370,7 +1447,7 @@ mod tests {
         let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let inner = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-        let client = Box::new(Recording { inner, log: log.clone() });
+        let client = Box::new(Recording { inner, log: log.clone(), updates: Default::default() });
         let mut h = TrainingHandler::new(Box::new(Fixed), client, Plain.stages());
         let global = Arc::new(Fixed.parameters().unwrap());
         let fit = TaskBody::Fit {
