@@ -7,7 +7,7 @@
 //! chunks, converted to typed [`Task`]s and handed to their job's thread;
 //! the session decides everything else.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, RwLock};
@@ -90,6 +90,19 @@ impl Outbox {
         self.tx.send(msg).await.is_ok()
     }
 }
+
+/// An offer's acceptance under way: the offer, when it came, and the
+/// session or the reason for refusing.
+type Accepting<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (pb::JobOffer, tokio::time::Instant, Result<PartySession, String>)>
+            + Send
+            + 'a,
+    >,
+>;
+
+/// Offers waiting while another is accepted: more are refused at once.
+const MAX_QUEUED_OFFERS: usize = 64;
 
 /// Sends an offer's answer. Under the policy's `min_answer_after_secs`, no
 /// sooner than that after the offer came, from a task of its own (the
@@ -382,11 +395,74 @@ impl PartyNode {
         let mut me = String::new();
         let mut jobs: HashMap<String, JobInbox> = HashMap::new();
         let mut pending: Option<(pb::Task, Incoming)> = None;
+        // Offers are accepted one at a time, beside the message loop, not in
+        // it: accepting reads and sets up the data set's rows, and a loop
+        // busy with it would answer whatever the coordinator sent right
+        // behind the offer (a task of another job, a second offer) late by
+        // that long, telling the data set's size past any floor. Each
+        // offer's floor counts from when it came.
+        let mut offers: VecDeque<(pb::JobOffer, tokio::time::Instant)> = VecDeque::new();
+        let mut accepting: Option<Accepting<'_>> = None;
         loop {
-            let msg = match inbound.message().await {
+            if accepting.is_none()
+                && let Some((offer, offered)) = offers.pop_front()
+            {
+                let me = me.clone();
+                accepting = Some(Box::pin(async move {
+                    let accepted = self.accept(&offer, &me).await;
+                    (offer, offered, accepted)
+                }));
+            }
+            let received = tokio::select! {
+                received = inbound.message() => received,
+                Some((offer, offered, accepted)) = async {
+                    match accepting.as_mut() {
+                        Some(f) => Some(f.await),
+                        None => None,
+                    }
+                }, if accepting.is_some() => {
+                    accepting = None;
+                    let job_id = offer.job_id.clone();
+                    let answer = match accepted {
+                        Ok(session) => {
+                            let worker = spawn_job(
+                                job_id.clone(),
+                                session,
+                                outbox.clone(),
+                                cfg.limits,
+                                self.stats.clone(),
+                                self.metrics.clone(),
+                            );
+                            self.metrics.job_offer(true);
+                            // An older session of the job (before a reconnect) ends with its sender.
+                            jobs.insert(job_id.clone(), worker);
+                            info!(job = %job_id, dataset = %offer.dataset, "accepted job");
+                            pb::JobAnswer { job_id, accepted: true, reason: String::new() }
+                        }
+                        Err(reason) => {
+                            warn!(job = ?job_id, "refused job: {reason}");
+                            self.metrics.job_offer(false);
+                            pb::JobAnswer { job_id, accepted: false, reason }
+                        }
+                    };
+                    answer_offer(outbox.clone(), answer, offered, cfg.policy.min_answer_after_secs).await;
+                    continue;
+                }
+            };
+            let msg = match received {
                 Ok(Some(m)) => m,
-                Ok(None) => return Ok(welcomed),
-                Err(s) => return Err(Error::Transport(format!("stream ended: {}", s.message()))),
+                ended => {
+                    // An acceptance under way is finished, not cut off
+                    // between its ledger reservation and its session (the
+                    // session then ends with this connection).
+                    if let Some(f) = accepting.take() {
+                        let _ = f.await;
+                    }
+                    return match ended {
+                        Err(s) => Err(Error::Transport(format!("stream ended: {}", s.message()))),
+                        _ => Ok(welcomed),
+                    };
+                }
             };
             self.stats.bytes_received.fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
             let Some(body) = msg.body else {
@@ -420,31 +496,14 @@ impl PartyNode {
                     self.refuse_revoked_coordinator(&coordinator_cert)?;
                 }
                 coordinator_message::Body::Offer(offer) => {
-                    let offered = tokio::time::Instant::now();
-                    let job_id = offer.job_id.clone();
-                    let answer = match self.accept(&offer, &me).await {
-                        Ok(session) => {
-                            let worker = spawn_job(
-                                job_id.clone(),
-                                session,
-                                outbox.clone(),
-                                cfg.limits,
-                                self.stats.clone(),
-                                self.metrics.clone(),
-                            );
-                            self.metrics.job_offer(true);
-                            // An older session of the job (before a reconnect) ends with its sender.
-                            jobs.insert(job_id.clone(), worker);
-                            info!(job = %job_id, dataset = %offer.dataset, "accepted job");
-                            pb::JobAnswer { job_id, accepted: true, reason: String::new() }
-                        }
-                        Err(reason) => {
-                            warn!(job = ?job_id, "refused job: {reason}");
-                            self.metrics.job_offer(false);
-                            pb::JobAnswer { job_id, accepted: false, reason }
-                        }
-                    };
-                    answer_offer(outbox.clone(), answer, offered, cfg.policy.min_answer_after_secs).await;
+                    if offers.len() >= MAX_QUEUED_OFFERS {
+                        // Refused unread: about the queue, not the rows.
+                        let reason = format!("{MAX_QUEUED_OFFERS} offers already wait to be considered");
+                        let answer = pb::JobAnswer { job_id: offer.job_id, accepted: false, reason };
+                        outbox.send(party_message::Body::JobAnswer(answer)).await;
+                    } else {
+                        offers.push_back((offer, tokio::time::Instant::now()));
+                    }
                 }
                 coordinator_message::Body::Task(mut task) => {
                     if let Some(stage) = &cfg.fault.exit_on_stage

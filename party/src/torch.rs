@@ -54,7 +54,7 @@ impl Net {
     }
 }
 
-/// A layer as DP-SGD's batched per-example gradients see it, with its
+/// A layer as DP-SGD's per-example gradients see it, with its
 /// weight's and bias's names in the var store.
 #[derive(Debug, Clone, PartialEq)]
 enum DpLayer {
@@ -630,14 +630,12 @@ impl TorchTrainer {
     /// `names` order and f64, with each row's gradient scaled by
     /// `clip(its L2 norm)`; also each row's norm.
     ///
-    /// Per-example gradients in one batched pass (no backward per row): a
-    /// forward pass that keeps each layer's input a and output z, one
-    /// backward of the summed loss to the z's only (row i's loss depends on
-    /// row i's z alone), then per row: a linear layer's weight gradient is
+    /// Per-example gradients from each row's own forward and backward pass
+    /// ([`RowPass`]), which keeps each layer's input a and the gradient g at
+    /// its output z; then per row: a linear layer's weight gradient is
     /// g ⊗ a, of squared norm ‖g‖²·‖a‖² without forming it (Goodfellow's
     /// trick), and a convolution's is g·unfold(a)ᵀ, formed row by row
-    /// ([`ConvRows::row`]). Both are computed in Rust from g and a, read
-    /// out of libtorch once per layer.
+    /// ([`ConvRows::row`]).
     #[cfg(test)]
     fn clipped_gradient_sum(&self, idx: &[usize], clip: &dyn Fn(f64) -> f64) -> Result<(Vec<f64>, Vec<f64>), Error> {
         let rows: Vec<f32> = idx.iter().flat_map(|&i| self.train.row(i).iter().copied()).collect();
@@ -979,8 +977,9 @@ impl<'l> RowPass<'l> {
                 self.input
             )));
         }
-        if let Some(bad) = y.iter().find(|&&l| usize::try_from(l).map_or(true, |l| l >= self.classes)) {
-            return Err(Error::Training(format!("DP-SGD: label {bad} of {} classes", self.classes)));
+        if y.iter().any(|&l| usize::try_from(l).map_or(true, |l| l >= self.classes)) {
+            // (Which label, not said: it is a row's.)
+            return Err(Error::Training(format!("DP-SGD: a label outside the model's {} classes", self.classes)));
         }
         let mut out: Vec<RowGradients<'l>> = self
             .steps
@@ -1007,7 +1006,7 @@ impl<'l> RowPass<'l> {
             #[inline(always)]
             fn with_simd<S: pulp::Simd>(self, _: S) {
                 let Rows(pass, x, y, out) = self;
-                let mut scratch = RowScratch::default();
+                let mut scratch = RowScratch::for_pass(pass);
                 for (r, (row, &label)) in x.chunks_exact(pass.input.max(1)).zip(y).enumerate() {
                     pass.row(r, row, label as usize, out, &mut scratch);
                 }
@@ -1022,8 +1021,6 @@ impl<'l> RowPass<'l> {
     #[inline(always)]
     fn row(&self, r: usize, x: &[f32], label: usize, out: &mut [RowGradients<'l>], s: &mut RowScratch) {
         let n = self.steps.len();
-        s.acts.resize_with(n + 1, Default::default);
-        s.zs.resize_with(n, Default::default);
         s.acts[0].clear();
         s.acts[0].extend_from_slice(x);
         for (k, step) in self.steps.iter().enumerate() {
@@ -1196,8 +1193,9 @@ impl<'l> RowPass<'l> {
 }
 
 /// A row's buffers in [`RowPass::row`], reused from row to row and wiped
-/// when dropped: they hold the row's values and gradients.
-#[derive(Default)]
+/// when dropped: they hold the row's values and gradients. Each is made as
+/// long as the pass's widest quantity up front ([`RowScratch::for_pass`]),
+/// so none grows by reallocating, which would free an unwiped copy.
 struct RowScratch {
     acts: Vec<zeroize::Zeroizing<Vec<f32>>>,
     zs: Vec<zeroize::Zeroizing<Vec<f32>>>,
@@ -1206,6 +1204,30 @@ struct RowScratch {
     tile: zeroize::Zeroizing<Vec<f64>>,
     grad: zeroize::Zeroizing<Vec<f64>>,
     back: zeroize::Zeroizing<Vec<f64>>,
+}
+
+impl RowScratch {
+    fn for_pass(pass: &RowPass<'_>) -> Self {
+        let widest = pass.steps.iter().fold(pass.input.max(pass.classes), |m, s| match s {
+            RowStep::Linear { inp, out, stride, .. } => m.max(*inp).max(*out).max(*stride),
+            RowStep::Conv { ch, out, h, wd, stride, .. } => {
+                m.max(out * h * wd).max(ch * h * wd).max(h * wd * stride).max(*stride)
+            }
+            RowStep::Reshape => m,
+        });
+        let f32s = || zeroize::Zeroizing::new(Vec::with_capacity(widest));
+        let f64s = || zeroize::Zeroizing::new(Vec::with_capacity(widest));
+        let n = pass.steps.len();
+        RowScratch {
+            acts: (0..=n).map(|_| f32s()).collect(),
+            zs: (0..n).map(|_| f32s()).collect(),
+            patches: f64s(),
+            wide: f64s(),
+            tile: f64s(),
+            grad: f64s(),
+            back: f64s(),
+        }
+    }
 }
 
 /// libtorch's ReLU on a value (NaN stays NaN).
@@ -1263,8 +1285,8 @@ fn tensor_i64_values(t: &Tensor) -> Result<Vec<i64>, Error> {
 
 /// A convolution layer's per-row quantities for DP-SGD (3×3 kernel,
 /// padding 1, stride 1): each row's gradient at the layer's output `g`
-/// (rows × out × h·w) and its input `a` (rows × ch × h·w), read out once
-/// (non-finite values zeroed, wiped when dropped).
+/// (rows × out × h·w) and its input `a` (rows × ch × h·w), from
+/// [`RowPass`] (non-finite values zeroed, wiped when dropped).
 struct ConvRows {
     g: zeroize::Zeroizing<Vec<f32>>,
     a: zeroize::Zeroizing<Vec<f32>>,
@@ -1753,7 +1775,7 @@ mod tests {
         cases
     }
 
-    /// DP-SGD's batched per-example gradients (linear layers by the outer
+    /// DP-SGD's per-example gradients (linear layers by the outer
     /// product trick, convolutions formed row by row in tiles) equal
     /// one backward pass per row, in norm and in the clipped sum, for the
     /// logistic regression, the MLP, the CNN and two TorchScript modules (a

@@ -106,9 +106,7 @@ impl PartyJobKind for TrainingKind {
             handler.dp = dp.plan(&spec.training);
             handler.dp_values_bound = pld_values_bound(dp);
             if dp.level == DpLevel::Party {
-                handler.encoding_clips = dp.distributed.is_some();
-                handler.party_clip = Some(party_clip(dp));
-                handler.party_work = Some((spec.training.local_epochs, spec.training.batch_size));
+                handler.set_party_level(spec, dp);
             }
         }
         // Every job but an evaluation outside the budget has a ledger entry:
@@ -434,6 +432,18 @@ impl JobHandler for TrainingHandler {
 }
 
 impl TrainingHandler {
+    /// Party-level DP's settings, from the accepted spec: the clip, whether
+    /// the encoding clips, and the epochs and batch size every round keeps.
+    pub(crate) fn set_party_level(
+        &mut self,
+        spec: &confide_proto::jobspec::JobSpec,
+        dp: &confide_proto::dpspec::DpSpec,
+    ) {
+        self.encoding_clips = dp.distributed.is_some();
+        self.party_clip = Some(party_clip(dp));
+        self.party_work = Some((spec.training.local_epochs, spec.training.batch_size));
+    }
+
     /// Forgets the open round and wipes its secrets, as a new round's task
     /// does (a step of the old round after it is the coordinator's fault).
     fn drop_round(&mut self) {
@@ -985,8 +995,8 @@ mod tests {
                     [dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\nupdate_clip = 1.0\n";
         let spec = confide_proto::jobspec::JobSpec::parse(text, "j", &confide_proto::Limits::default()).unwrap();
         let mut h = plain_handler(FixedDp::default());
-        h.party_clip = Some(2.0);
-        h.party_work = Some((spec.training.local_epochs, spec.training.batch_size));
+        // As `TrainingKind::handler` sets a party-level DP job up.
+        h.set_party_level(&spec, spec.dp.as_ref().unwrap());
         let global = Arc::new(Fixed.parameters().unwrap());
         let fit = |local_epochs: u32, batch_size: usize| TaskBody::Fit {
             config: FitConfig {

@@ -276,3 +276,97 @@ async fn under_secure_aggregation_a_diverged_party_refuses_to_send_and_is_left_o
         serde_json::json!(["hospital-a", "hospital-b", "hospital-c", "hospital-e"])
     );
 }
+
+/// Trainers that take this long to build: an acceptance that reads a large
+/// data set.
+struct SlowFactory(Duration);
+
+impl TrainerFactory for SlowFactory {
+    fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {
+        std::thread::sleep(self.0);
+        BuiltinTrainers::default().build(spec, data, party)
+    }
+}
+
+/// A coordinator that welcomes the party, offers it `offer` and, right
+/// behind the offer, sends a task of a job the party does not hold (whose
+/// refusal it would time); it passes on everything the party sends.
+struct Pipelining {
+    offer: pb::JobOffer,
+    seen: tokio::sync::mpsc::Sender<pb::PartyMessage>,
+}
+
+#[tonic::async_trait]
+impl confide_proto::pb::party_service_server::PartyService for Pipelining {
+    type JoinStream = ReceiverStream<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+    async fn join(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::PartyMessage>>,
+    ) -> Result<tonic::Response<Self::JoinStream>, tonic::Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let msg = |body| Ok(pb::CoordinatorMessage { body: Some(body) });
+        let welcome = pb::Welcome { party: "hospital-a".into(), ..Default::default() };
+        let task = pb::Task {
+            job_id: "another".into(),
+            round: 0,
+            task_id: 7,
+            body: Some(pb::task::Body::Setup(pb::SetupTask {})),
+            bulk: None,
+        };
+        for body in [
+            coordinator_message::Body::Welcome(welcome),
+            coordinator_message::Body::Offer(self.offer.clone()),
+            coordinator_message::Body::Task(task),
+        ] {
+            tx.send(msg(body)).await.expect("send");
+        }
+        let seen = self.seen.clone();
+        tokio::spawn(async move {
+            let _open = tx;
+            while let Ok(Some(m)) = inbound.message().await {
+                if seen.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A party accepts an offer beside its message loop, not in it: a message
+/// the coordinator sends right behind the offer is answered at once, not
+/// after the data set is read and set up (here 2 s), which would time the
+/// data set's size past any floor on the offer's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_right_behind_an_offer_does_not_wait_for_the_acceptance() {
+    install_crypto();
+    let fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
+    let pki = PkiDir::new(fed.path("pki"));
+    let tls = confide_coordinator::tls::server_config(&pki).expect("tls");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let admission = confide_coordinator::tls::Admission::Relay;
+    let incoming = ReceiverStream::new(confide_coordinator::tls::accept_loop(listener, tls, admission, None));
+    let spec = job_spec(&fed.names, 1, 1, "kind = \"logistic_regression\"\nclasses = 2", "");
+    let offer = pb::JobOffer { job_id: "slow".into(), spec_toml: spec, dataset: "data".into() };
+    let (seen, mut party_sent) = tokio::sync::mpsc::channel(16);
+    let service = confide_proto::pb::party_service_server::PartyServiceServer::new(Pipelining { offer, seen });
+    tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
+    let mut cfg = PartyConfig::load(&fed.party_config("hospital-a", "")).expect("config");
+    cfg.coordinator = format!("https://127.0.0.1:{port}");
+    let node = PartyNode::new(cfg, Arc::new(SlowFactory(Duration::from_secs(2))));
+    let party = tokio::spawn(async move { node.run().await });
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(60), party_sent.recv()).await.expect("in time").expect("open");
+        match m.body {
+            Some(party_message::Body::Failed(f)) => order.push(format!("task {} refused", f.task_id)),
+            Some(party_message::Body::JobAnswer(a)) => order.push(format!("{} accepted: {}", a.job_id, a.accepted)),
+            _ => {}
+        }
+    }
+    party.abort();
+    assert_eq!(order, ["task 7 refused", "slow accepted: true"]);
+}

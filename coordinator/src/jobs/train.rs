@@ -325,6 +325,28 @@ impl Training {
                 None => groups.push((vec![i.party], i.config)),
             }
         }
+        // Party-level DP: how long training takes must not be a round's
+        // choice (the parties refuse other epochs or batch sizes than the
+        // spec's): a strategy that changes them fails the job here, named,
+        // before the round is spent.
+        if spec.dp.as_ref().is_some_and(|d| d.level == confide_proto::dpspec::DpLevel::Party)
+            && let Some((_, c)) = groups.iter().find(|(_, c)| {
+                (c.train.local_epochs, c.train.batch_size) != (spec.training.local_epochs, spec.training.batch_size)
+            })
+        {
+            return self.fail(
+                cx,
+                format!(
+                    "round {round}: {} configured {} local epochs of batches of {} in a party-level DP job \
+                     whose [training] sets {} of {} (the parties refuse other epochs or batch sizes)",
+                    self.strategy.who(),
+                    c.train.local_epochs,
+                    c.train.batch_size,
+                    spec.training.local_epochs,
+                    spec.training.batch_size
+                ),
+            );
+        }
         // Sorted: protocols index the round's parties by their order.
         let selected: Vec<String> = selected.into_iter().collect();
         // One configuration for everyone, or none: protocols that hide the

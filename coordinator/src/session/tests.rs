@@ -1026,6 +1026,51 @@ mod guarantees {
         assert!(!Arc::ptr_eq(&fit[0].1.task, &fit[1].1.task), "two configurations, two tasks");
     }
 
+    /// Asks every available party for one more local epoch than the spec.
+    struct MoreEpochs;
+    impl Strategy for MoreEpochs {
+        fn name(&self) -> &str {
+            "more-epochs"
+        }
+        fn configure_fit(
+            &mut self,
+            ctx: &RoundContext<'_>,
+            base: &confide_algorithms::FitConfig,
+        ) -> Vec<FitInstruction> {
+            let mut config = base.clone();
+            config.train.local_epochs += 1;
+            ctx.available.iter().map(|p| FitInstruction { party: p.clone(), config: config.clone() }).collect()
+        }
+        fn aggregate_fit(&mut self, r: u32, g: &Parameters, res: &[FitResult]) -> Result<Parameters, AlgoError> {
+            FedAvg.aggregate_fit(r, g, res)
+        }
+    }
+
+    /// Under party-level DP a strategy may not change how long the parties
+    /// train (they refuse other epochs or batch sizes than the spec's):
+    /// the job fails at the round's start, naming the strategy, before the
+    /// round is spent; without DP the same strategy runs.
+    #[test]
+    fn a_strategy_that_changes_the_epochs_fails_a_party_level_dp_job_by_name() {
+        let plugins = Plugins::new().strategy("more-epochs", |_| Ok(Box::new(MoreEpochs)));
+        let strategy = "[strategy]\nname = \"custom\"\ncustom = \"more-epochs\"\n";
+        let dp = "[dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\nupdate_clip = 1.0\n";
+        let mut h =
+            H::with(spec(&["a", "b"], 2, 1, &format!("{strategy}{dp}")), Start::Fresh { model: None }, &plugins);
+        h.connect_and_accept(&["a", "b"]);
+        let t = h.tasks();
+        h.setup(&t, &[0.0]);
+        let out = h.take();
+        assert!(task_pairs(out.clone()).iter().all(|(_, t)| t.stage != Stage::Fit), "{out:?}");
+        let (state, err) = finished(&out).unwrap();
+        let err = err.unwrap();
+        assert_eq!(state, JobState::Failed);
+        assert!(err.contains("more-epochs") && err.contains("party-level DP"), "{err}");
+        let mut h = H::with(spec(&["a", "b"], 2, 1, strategy), Start::Fresh { model: None }, &plugins);
+        let fit = through_setup(&mut h, &["a", "b"]);
+        assert!(fit.iter().all(|(_, t)| t.stage == Stage::Fit) && fit.len() == 2, "{fit:?}");
+    }
+
     /// A custom strategy that declares no secure-sum support.
     struct Plain;
     impl Strategy for Plain {
