@@ -101,8 +101,46 @@ type Accepting<'a> = std::pin::Pin<
     >,
 >;
 
-/// Offers waiting while another is accepted: more are refused at once.
+/// Offers waiting while another is accepted: more are refused.
 const MAX_QUEUED_OFFERS: usize = 64;
+
+/// Tasks kept for a job whose offer waits or is being accepted; more are
+/// refused (a coordinator sends one stage's task at a time).
+const MAX_WAITING: usize = 8;
+
+/// A message for a job whose offer waits or is being accepted.
+enum Waiting {
+    Task(pb::Task, Option<Bulk>),
+    Closed(String),
+}
+
+/// Whether `job_id`'s offer waits or is being accepted.
+fn being_accepted(
+    offers: &VecDeque<(pb::JobOffer, tokio::time::Instant)>,
+    accepting: &Option<String>,
+    job_id: &str,
+) -> bool {
+    accepting.as_deref() == Some(job_id) || offers.iter().any(|(o, _)| o.job_id == job_id)
+}
+
+/// Routes a task to its job's worker, or keeps it until the job's offer,
+/// waiting or being accepted, is answered.
+async fn deliver(
+    jobs: &HashMap<String, JobInbox>,
+    waiting: &mut HashMap<String, Vec<Waiting>>,
+    offers: &VecDeque<(pb::JobOffer, tokio::time::Instant)>,
+    accepting: &Option<String>,
+    outbox: &Outbox,
+    task: pb::Task,
+    bulk: Option<Bulk>,
+) {
+    let kept = waiting.get(&task.job_id).map_or(0, Vec::len);
+    if being_accepted(offers, accepting, &task.job_id) && kept < MAX_WAITING {
+        waiting.entry(task.job_id.clone()).or_default().push(Waiting::Task(task, bulk));
+    } else {
+        route(jobs, outbox, task, bulk).await;
+    }
+}
 
 /// Sends an offer's answer. Under the policy's `min_answer_after_secs`, no
 /// sooner than that after the offer came, from a task of its own (the
@@ -398,16 +436,22 @@ impl PartyNode {
         // Offers are accepted one at a time, beside the message loop, not in
         // it: accepting reads and sets up the data set's rows, and a loop
         // busy with it would answer whatever the coordinator sent right
-        // behind the offer (a task of another job, a second offer) late by
-        // that long, telling the data set's size past any floor. Each
-        // offer's floor counts from when it came.
+        // behind the offer (a task of another job) late by that long,
+        // telling the data set's size past any floor. Each offer's floor
+        // counts from when it came.
         let mut offers: VecDeque<(pb::JobOffer, tokio::time::Instant)> = VecDeque::new();
         let mut accepting: Option<Accepting<'_>> = None;
+        let mut accepting_job: Option<String> = None;
+        // Tasks and closes for a job whose offer waits or is being accepted
+        // (a coordinator re-offers a job on reconnect and goes on with its
+        // stages): delivered, in order, once it is accepted or refused.
+        let mut waiting: HashMap<String, Vec<Waiting>> = HashMap::new();
         loop {
             if accepting.is_none()
                 && let Some((offer, offered)) = offers.pop_front()
             {
                 let me = me.clone();
+                accepting_job = Some(offer.job_id.clone());
                 accepting = Some(Box::pin(async move {
                     let accepted = self.accept(&offer, &me).await;
                     (offer, offered, accepted)
@@ -422,6 +466,7 @@ impl PartyNode {
                     }
                 }, if accepting.is_some() => {
                     accepting = None;
+                    accepting_job = None;
                     let job_id = offer.job_id.clone();
                     let answer = match accepted {
                         Ok(session) => {
@@ -446,15 +491,30 @@ impl PartyNode {
                         }
                     };
                     answer_offer(outbox.clone(), answer, offered, cfg.policy.min_answer_after_secs).await;
+                    // What came for the job meanwhile, in order, unless
+                    // another offer of it still waits.
+                    if !offers.iter().any(|(o, _)| o.job_id == offer.job_id) {
+                        for w in waiting.remove(&offer.job_id).unwrap_or_default() {
+                            match w {
+                                Waiting::Task(task, bulk) => route(&jobs, &outbox, task, bulk).await,
+                                Waiting::Closed(reason) => {
+                                    if let Some(job) = jobs.remove(&offer.job_id) {
+                                        let _ = job.send((Instant::now(), PartyInput::Closed { reason }));
+                                    }
+                                }
+                            }
+                        }
+                    }
                     continue;
                 }
             };
             let msg = match received {
                 Ok(Some(m)) => m,
                 ended => {
-                    // An acceptance under way is finished, not cut off
-                    // between its ledger reservation and its session (the
-                    // session then ends with this connection).
+                    // An acceptance under way is finished here, not cut off
+                    // (its session then ends with this connection). Other
+                    // returns below drop it partway, which is safe too: the
+                    // ledger's reservation is durable and a re-offer reuses it.
                     if let Some(f) = accepting.take() {
                         let _ = f.await;
                     }
@@ -500,7 +560,10 @@ impl PartyNode {
                         // Refused unread: about the queue, not the rows.
                         let reason = format!("{MAX_QUEUED_OFFERS} offers already wait to be considered");
                         let answer = pb::JobAnswer { job_id: offer.job_id, accepted: false, reason };
-                        outbox.send(party_message::Body::JobAnswer(answer)).await;
+                        // Held like any answer: whether the queue is full
+                        // tells whether earlier acceptances have finished.
+                        let floor = cfg.policy.min_answer_after_secs;
+                        answer_offer(outbox.clone(), answer, tokio::time::Instant::now(), floor).await;
                     } else {
                         offers.push_back((offer, tokio::time::Instant::now()));
                     }
@@ -519,13 +582,13 @@ impl PartyNode {
                         ));
                     }
                     match task.bulk.take() {
-                        None => route(&jobs, &outbox, task, None).await,
+                        None => deliver(&jobs, &mut waiting, &offers, &accepting_job, &outbox, task, None).await,
                         Some(h) => {
                             let inc =
                                 Incoming::start(&h, &cfg.limits).map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                             if inc.is_complete() {
                                 let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                                route(&jobs, &outbox, task, Some(bulk)).await;
+                                deliver(&jobs, &mut waiting, &offers, &accepting_job, &outbox, task, Some(bulk)).await;
                             } else {
                                 pending = Some((task, inc));
                             }
@@ -540,7 +603,7 @@ impl PartyNode {
                         && let Some((task, inc)) = pending.take()
                     {
                         let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                        route(&jobs, &outbox, task, Some(bulk)).await;
+                        deliver(&jobs, &mut waiting, &offers, &accepting_job, &outbox, task, Some(bulk)).await;
                     }
                 }
                 coordinator_message::Body::Deployment(d) => {
@@ -602,7 +665,9 @@ impl PartyNode {
                     }
                 }
                 coordinator_message::Body::Closed(c) => {
-                    if let Some(job) = jobs.remove(&c.job_id) {
+                    if being_accepted(&offers, &accepting_job, &c.job_id) {
+                        waiting.entry(c.job_id.clone()).or_default().push(Waiting::Closed(c.reason.clone()));
+                    } else if let Some(job) = jobs.remove(&c.job_id) {
                         let _ = job.send((Instant::now(), PartyInput::Closed { reason: c.reason.clone() }));
                     }
                     let state =
@@ -642,7 +707,7 @@ impl PartyNode {
         // links, change while the party runs. The detail (local paths)
         // stays in this party's log.
         // On a blocking thread, not the runtime's (it reads every watched
-        // directory); the message loop still waits for this offer's answer.
+        // directory).
         let datasets = cfg.datasets.clone();
         let overlap = tokio::task::spawn_blocking(move || crate::config::overlapping_datasets(&datasets))
             .await
