@@ -104,9 +104,9 @@ type Accepting<'a> = std::pin::Pin<
 /// Offers waiting while another is accepted: more are refused.
 const MAX_QUEUED_OFFERS: usize = 64;
 
-/// Tasks kept for a job whose offer waits or is being accepted; more are
-/// refused (a coordinator sends one stage's task at a time).
-const MAX_WAITING: usize = 8;
+/// Tasks kept, in all, for jobs whose offers wait or are being accepted;
+/// more are refused (a coordinator sends one stage's task of a job at a time).
+const MAX_WAITING: usize = 16;
 
 /// A message for a job whose offer waits or is being accepted.
 enum Waiting {
@@ -123,22 +123,27 @@ fn being_accepted(
     accepting.as_deref() == Some(job_id) || offers.iter().any(|(o, _)| o.job_id == job_id)
 }
 
-/// Routes a task to its job's worker, or keeps it until the job's offer,
-/// waiting or being accepted, is answered.
+/// Routes a task to its job's worker or, with `keeping` (no answer floor:
+/// delivered when the acceptance ends, a task would time it past one),
+/// keeps it until the job's offer, waiting or being accepted, is answered.
 async fn deliver(
     jobs: &HashMap<String, JobInbox>,
     waiting: &mut HashMap<String, Vec<Waiting>>,
-    offers: &VecDeque<(pb::JobOffer, tokio::time::Instant)>,
-    accepting: &Option<String>,
+    (offers, accepting, keeping): (&VecDeque<(pb::JobOffer, tokio::time::Instant)>, &Option<String>, bool),
     outbox: &Outbox,
     task: pb::Task,
     bulk: Option<Bulk>,
 ) {
-    let kept = waiting.get(&task.job_id).map_or(0, Vec::len);
-    if being_accepted(offers, accepting, &task.job_id) && kept < MAX_WAITING {
+    if !(keeping && being_accepted(offers, accepting, &task.job_id)) {
+        return route(jobs, outbox, task, bulk).await;
+    }
+    let kept = waiting.values().flatten().filter(|w| matches!(w, Waiting::Task(..))).count();
+    if kept < MAX_WAITING {
         waiting.entry(task.job_id.clone()).or_default().push(Waiting::Task(task, bulk));
     } else {
-        route(jobs, outbox, task, bulk).await;
+        let reason = format!("{MAX_WAITING} tasks already wait for their jobs' offers to be answered");
+        let failed = pb::TaskFailed { job_id: task.job_id, task_id: task.task_id, reason };
+        outbox.send(party_message::Body::Failed(failed)).await;
     }
 }
 
@@ -445,7 +450,10 @@ impl PartyNode {
         // Tasks and closes for a job whose offer waits or is being accepted
         // (a coordinator re-offers a job on reconnect and goes on with its
         // stages): delivered, in order, once it is accepted or refused.
+        // Not under an answer floor: delivered when the acceptance ends,
+        // their answers would time it; they are answered as they come.
         let mut waiting: HashMap<String, Vec<Waiting>> = HashMap::new();
+        let keeping = cfg.policy.min_answer_after_secs.is_none();
         loop {
             if accepting.is_none()
                 && let Some((offer, offered)) = offers.pop_front()
@@ -582,13 +590,23 @@ impl PartyNode {
                         ));
                     }
                     match task.bulk.take() {
-                        None => deliver(&jobs, &mut waiting, &offers, &accepting_job, &outbox, task, None).await,
+                        None => {
+                            deliver(&jobs, &mut waiting, (&offers, &accepting_job, keeping), &outbox, task, None).await
+                        }
                         Some(h) => {
                             let inc =
                                 Incoming::start(&h, &cfg.limits).map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                             if inc.is_complete() {
                                 let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                                deliver(&jobs, &mut waiting, &offers, &accepting_job, &outbox, task, Some(bulk)).await;
+                                deliver(
+                                    &jobs,
+                                    &mut waiting,
+                                    (&offers, &accepting_job, keeping),
+                                    &outbox,
+                                    task,
+                                    Some(bulk),
+                                )
+                                .await;
                             } else {
                                 pending = Some((task, inc));
                             }
@@ -603,7 +621,8 @@ impl PartyNode {
                         && let Some((task, inc)) = pending.take()
                     {
                         let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                        deliver(&jobs, &mut waiting, &offers, &accepting_job, &outbox, task, Some(bulk)).await;
+                        deliver(&jobs, &mut waiting, (&offers, &accepting_job, keeping), &outbox, task, Some(bulk))
+                            .await;
                     }
                 }
                 coordinator_message::Body::Deployment(d) => {
@@ -665,8 +684,12 @@ impl PartyNode {
                     }
                 }
                 coordinator_message::Body::Closed(c) => {
-                    if being_accepted(&offers, &accepting_job, &c.job_id) {
-                        waiting.entry(c.job_id.clone()).or_default().push(Waiting::Closed(c.reason.clone()));
+                    if keeping && being_accepted(&offers, &accepting_job, &c.job_id) {
+                        // One close is enough: later ones change nothing.
+                        let kept = waiting.entry(c.job_id.clone()).or_default();
+                        if !kept.iter().any(|w| matches!(w, Waiting::Closed(_))) {
+                            kept.push(Waiting::Closed(c.reason.clone()));
+                        }
                     } else if let Some(job) = jobs.remove(&c.job_id) {
                         let _ = job.send((Instant::now(), PartyInput::Closed { reason: c.reason.clone() }));
                     }

@@ -342,11 +342,23 @@ impl confide_proto::pb::party_service_server::PartyService for Pipelining {
 /// A party accepts an offer beside its message loop, not in it: a message
 /// the coordinator sends right behind the offer is answered at once, not
 /// after the data set is read and set up (here 2 s), which would time the
-/// data set's size past any floor on the offer's answer. A task of the
-/// offered job itself is kept until the job is accepted, then answered.
+/// data set's size past any floor on the offer's answer. Without a floor a
+/// task of the offered job itself is kept until the job is accepted, then
+/// answered (a coordinator that re-offers a job on reconnect goes on with
+/// its stages); under a floor it is refused at once, since answered when
+/// the acceptance ended it would time it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_right_behind_an_offer_does_not_wait_for_the_acceptance() {
     install_crypto();
+    let refused_then_answered = ["task 7 refused", "slow accepted: true", "task 8 answered"];
+    assert_eq!(pipelined_behind_an_offer("").await, refused_then_answered);
+    let floor = "[policy]\nmin_answer_after_secs = 3.0\n";
+    assert_eq!(pipelined_behind_an_offer(floor).await, ["task 7 refused", "task 8 refused", "slow accepted: true"]);
+}
+
+/// What a party configured with `extra` sends, in order, to a coordinator
+/// that pipelines two tasks behind an offer whose set-up takes 2 s.
+async fn pipelined_behind_an_offer(extra: &str) -> Vec<String> {
     let fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
     let pki = PkiDir::new(fed.path("pki"));
     let tls = confide_coordinator::tls::server_config(&pki).expect("tls");
@@ -358,8 +370,8 @@ async fn a_message_right_behind_an_offer_does_not_wait_for_the_acceptance() {
     let offer = pb::JobOffer { job_id: "slow".into(), spec_toml: spec, dataset: "data".into() };
     let (seen, mut party_sent) = tokio::sync::mpsc::channel(16);
     let service = confide_proto::pb::party_service_server::PartyServiceServer::new(Pipelining { offer, seen });
-    tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
-    let mut cfg = PartyConfig::load(&fed.party_config("hospital-a", "")).expect("config");
+    let server = tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
+    let mut cfg = PartyConfig::load(&fed.party_config("hospital-a", extra)).expect("config");
     cfg.coordinator = format!("https://127.0.0.1:{port}");
     let node = PartyNode::new(cfg, Arc::new(SlowFactory(Duration::from_secs(2))));
     let party = tokio::spawn(async move { node.run().await });
@@ -374,5 +386,6 @@ async fn a_message_right_behind_an_offer_does_not_wait_for_the_acceptance() {
         }
     }
     party.abort();
-    assert_eq!(order, ["task 7 refused", "slow accepted: true", "task 8 answered"]);
+    server.abort();
+    order
 }
