@@ -117,10 +117,10 @@ enum Waiting {
 /// Whether `job_id`'s offer waits or is being accepted.
 fn being_accepted(
     offers: &VecDeque<(pb::JobOffer, tokio::time::Instant)>,
-    accepting: &Option<String>,
+    accepting: Option<&str>,
     job_id: &str,
 ) -> bool {
-    accepting.as_deref() == Some(job_id) || offers.iter().any(|(o, _)| o.job_id == job_id)
+    accepting == Some(job_id) || offers.iter().any(|(o, _)| o.job_id == job_id)
 }
 
 /// Routes a task to its job's worker or, with `keeping` (no answer floor:
@@ -129,7 +129,7 @@ fn being_accepted(
 async fn deliver(
     jobs: &HashMap<String, JobInbox>,
     waiting: &mut HashMap<String, Vec<Waiting>>,
-    (offers, accepting, keeping): (&VecDeque<(pb::JobOffer, tokio::time::Instant)>, &Option<String>, bool),
+    (offers, accepting, keeping): (&VecDeque<(pb::JobOffer, tokio::time::Instant)>, Option<&str>, bool),
     outbox: &Outbox,
     task: pb::Task,
     bulk: Option<Bulk>,
@@ -445,8 +445,8 @@ impl PartyNode {
         // telling the data set's size past any floor. Each offer's floor
         // counts from when it came.
         let mut offers: VecDeque<(pb::JobOffer, tokio::time::Instant)> = VecDeque::new();
-        let mut accepting: Option<Accepting<'_>> = None;
-        let mut accepting_job: Option<String> = None;
+        // The offer being accepted: its job, and the acceptance.
+        let mut accepting: Option<(String, Accepting<'_>)> = None;
         // Tasks and closes for a job whose offer waits or is being accepted
         // (a coordinator re-offers a job on reconnect and goes on with its
         // stages): delivered, in order, once it is accepted or refused.
@@ -459,22 +459,24 @@ impl PartyNode {
                 && let Some((offer, offered)) = offers.pop_front()
             {
                 let me = me.clone();
-                accepting_job = Some(offer.job_id.clone());
-                accepting = Some(Box::pin(async move {
-                    let accepted = self.accept(&offer, &me).await;
-                    (offer, offered, accepted)
-                }));
+                let job_id = offer.job_id.clone();
+                accepting = Some((
+                    job_id,
+                    Box::pin(async move {
+                        let accepted = self.accept(&offer, &me).await;
+                        (offer, offered, accepted)
+                    }),
+                ));
             }
             let received = tokio::select! {
                 received = inbound.message() => received,
                 Some((offer, offered, accepted)) = async {
                     match accepting.as_mut() {
-                        Some(f) => Some(f.await),
+                        Some((_, f)) => Some(f.await),
                         None => None,
                     }
                 }, if accepting.is_some() => {
                     accepting = None;
-                    accepting_job = None;
                     let job_id = offer.job_id.clone();
                     let answer = match accepted {
                         Ok(session) => {
@@ -523,7 +525,7 @@ impl PartyNode {
                     // (its session then ends with this connection). Other
                     // returns below drop it partway, which is safe too: the
                     // ledger's reservation is durable and a re-offer reuses it.
-                    if let Some(f) = accepting.take() {
+                    if let Some((_, f)) = accepting.take() {
                         let _ = f.await;
                     }
                     return match ended {
@@ -591,7 +593,15 @@ impl PartyNode {
                     }
                     match task.bulk.take() {
                         None => {
-                            deliver(&jobs, &mut waiting, (&offers, &accepting_job, keeping), &outbox, task, None).await
+                            deliver(
+                                &jobs,
+                                &mut waiting,
+                                (&offers, accepting.as_ref().map(|(id, _)| id.as_str()), keeping),
+                                &outbox,
+                                task,
+                                None,
+                            )
+                            .await
                         }
                         Some(h) => {
                             let inc =
@@ -601,7 +611,7 @@ impl PartyNode {
                                 deliver(
                                     &jobs,
                                     &mut waiting,
-                                    (&offers, &accepting_job, keeping),
+                                    (&offers, accepting.as_ref().map(|(id, _)| id.as_str()), keeping),
                                     &outbox,
                                     task,
                                     Some(bulk),
@@ -621,8 +631,15 @@ impl PartyNode {
                         && let Some((task, inc)) = pending.take()
                     {
                         let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                        deliver(&jobs, &mut waiting, (&offers, &accepting_job, keeping), &outbox, task, Some(bulk))
-                            .await;
+                        deliver(
+                            &jobs,
+                            &mut waiting,
+                            (&offers, accepting.as_ref().map(|(id, _)| id.as_str()), keeping),
+                            &outbox,
+                            task,
+                            Some(bulk),
+                        )
+                        .await;
                     }
                 }
                 coordinator_message::Body::Deployment(d) => {
@@ -684,7 +701,7 @@ impl PartyNode {
                     }
                 }
                 coordinator_message::Body::Closed(c) => {
-                    if keeping && being_accepted(&offers, &accepting_job, &c.job_id) {
+                    if keeping && being_accepted(&offers, accepting.as_ref().map(|(id, _)| id.as_str()), &c.job_id) {
                         // One close is enough: later ones change nothing.
                         let kept = waiting.entry(c.job_id.clone()).or_default();
                         if !kept.iter().any(|w| matches!(w, Waiting::Closed(_))) {
