@@ -101,40 +101,113 @@ type Accepting<'a> = std::pin::Pin<
     >,
 >;
 
-/// Offers waiting while another is accepted: more are refused.
-const MAX_QUEUED_OFFERS: usize = 64;
+/// Offers in flight at once (waiting, being accepted, or accepted with
+/// their answers held): more are refused at once.
+const MAX_OFFERS_IN_FLIGHT: usize = 64;
 
-/// Tasks kept, in all, for jobs whose offers wait or are being accepted;
-/// more are refused (a coordinator sends one stage's task of a job at a time).
+/// The same under an answer floor. Acceptances run one after another, so
+/// offers that arrive together answer no sooner than their acceptances
+/// together take: a floor hides them while this many take less than it.
+/// An offer counts from its arrival until its answer is sent, at its floor
+/// while the acceptances fit within it, so whether the limit is reached
+/// depends on when the offers came alone.
+const MAX_OFFERS_UNDER_FLOOR: usize = 8;
+
+/// Tasks kept, in all, for jobs whose offers are in flight; more are
+/// refused (a coordinator sends one stage's task of a job at a time).
 const MAX_WAITING: usize = 16;
 
-/// A message for a job whose offer waits or is being accepted.
+/// Longest data set name an offer may carry: longer is no data set of any
+/// party, and would only be echoed back.
+const MAX_DATASET_NAME_LEN: usize = 256;
+
+/// A message for a job whose offer is in flight.
 enum Waiting {
     Task(pb::Task, Option<Bulk>),
     Closed(String),
 }
 
-/// Whether `job_id`'s offer waits or is being accepted.
-fn being_accepted(
-    offers: &VecDeque<(pb::JobOffer, tokio::time::Instant)>,
-    accepting: Option<&str>,
-    job_id: &str,
-) -> bool {
-    accepting == Some(job_id) || offers.iter().any(|(o, _)| o.job_id == job_id)
+/// An acceptance that ended before its offer's answer may go: the answer,
+/// and the session, wait in the message loop until `at`. The job becomes
+/// visible (a worker to route its tasks to, its answer) only then, so that
+/// nothing the coordinator can ask tells when the acceptance ended.
+struct Held {
+    at: tokio::time::Instant,
+    offer: pb::JobOffer,
+    accepted: Result<PartySession, String>,
 }
 
-/// Routes a task to its job's worker or, with `keeping` (no answer floor:
-/// delivered when the acceptance ends, a task would time it past one),
-/// keeps it until the job's offer, waiting or being accepted, is answered.
+/// A connection's offers between their arrival and their answers.
+/// Acceptances run one at a time beside the message loop, not in it:
+/// accepting reads and sets up the data set's rows, and a loop busy with it
+/// would answer whatever the coordinator sent right behind the offer (a task
+/// of another job) late by that long, telling the data set's size past any
+/// floor.
+struct Offers<'a> {
+    /// Waiting to be accepted, with when each came.
+    queued: VecDeque<(pb::JobOffer, tokio::time::Instant)>,
+    /// Being accepted: its job, and the acceptance.
+    accepting: Option<(String, Accepting<'a>)>,
+    /// Accepted or refused, the answer held to the floor (in order of `at`:
+    /// offers are taken in order of arrival, one at a time).
+    held: VecDeque<Held>,
+}
+
+impl Offers<'_> {
+    fn in_flight(&self) -> usize {
+        self.queued.len() + usize::from(self.accepting.is_some()) + self.held.len()
+    }
+
+    /// Whether an offer of `job_id` is in flight.
+    fn has(&self, job_id: &str) -> bool {
+        self.accepting.as_ref().is_some_and(|(id, _)| id == job_id)
+            || self.queued.iter().any(|(o, _)| o.job_id == job_id)
+            || self.held.iter().any(|h| h.offer.job_id == job_id)
+    }
+}
+
+/// Why an offer is refused on arrival, from the message alone (no data set
+/// is read, so the refusal goes at once): a malformed job id, a spec over
+/// the limit, a data set this party does not have, or too many offers in
+/// flight. The answer echoes no more of the id than a valid one holds.
+fn refuse_on_arrival(
+    offer: &pb::JobOffer,
+    cfg: &PartyConfig,
+    in_flight: usize,
+    floor: Option<Duration>,
+) -> Option<pb::JobAnswer> {
+    let limit = if floor.is_some() { MAX_OFFERS_UNDER_FLOOR } else { MAX_OFFERS_IN_FLIGHT };
+    let reason = if let Err(e) = confide_proto::validate_job_id(&offer.job_id) {
+        e
+    } else if offer.spec_toml.len() > cfg.limits.max_spec_bytes {
+        format!("spec_toml: {} bytes; the limit is {}", offer.spec_toml.len(), cfg.limits.max_spec_bytes)
+    } else if offer.dataset.len() > MAX_DATASET_NAME_LEN || !cfg.datasets.contains_key(&offer.dataset) {
+        let shown: String = offer.dataset.chars().take(64).collect();
+        format!("no data set named {shown:?} at this party")
+    } else if in_flight >= limit {
+        let under = if floor.is_some() { " under policy.min_answer_after_secs" } else { "" };
+        format!("{limit} offers are already in flight{under}; offer the job again later")
+    } else {
+        return None;
+    };
+    let job_id = offer.job_id.chars().take(confide_proto::MAX_JOB_ID_LEN).collect();
+    Some(pb::JobAnswer { job_id, accepted: false, reason })
+}
+
+/// Routes a task to its job's worker or, while the job's offer is in flight
+/// (a coordinator re-offers a job on reconnect and goes on with its
+/// stages), keeps it until the offer is answered.
+/// (`in_flight`: [`Offers::has`] the task's job, decided by the caller,
+/// since `Offers` holds futures that are not Sync.)
 async fn deliver(
     jobs: &HashMap<String, JobInbox>,
     waiting: &mut HashMap<String, Vec<Waiting>>,
-    (offers, accepting, keeping): (&VecDeque<(pb::JobOffer, tokio::time::Instant)>, Option<&str>, bool),
+    in_flight: bool,
     outbox: &Outbox,
     task: pb::Task,
     bulk: Option<Bulk>,
 ) {
-    if !(keeping && being_accepted(offers, accepting, &task.job_id)) {
+    if !in_flight {
         return route(jobs, outbox, task, bulk).await;
     }
     let kept = waiting.values().flatten().filter(|w| matches!(w, Waiting::Task(..))).count();
@@ -144,26 +217,6 @@ async fn deliver(
         let reason = format!("{MAX_WAITING} tasks already wait for their jobs' offers to be answered");
         let failed = pb::TaskFailed { job_id: task.job_id, task_id: task.task_id, reason };
         outbox.send(party_message::Body::Failed(failed)).await;
-    }
-}
-
-/// Sends an offer's answer. Under the policy's `min_answer_after_secs`, no
-/// sooner than that after the offer came, from a task of its own (the
-/// message loop goes on): accepting reads, splits and sets up the data
-/// set, and refusing can come after that too, so the answer's timing would
-/// otherwise tell the data set's size to a coordinator that offers a cheap
-/// DP job again and again. Work that outlasts the floor still shows.
-async fn answer_offer(outbox: Arc<Outbox>, answer: pb::JobAnswer, offered: tokio::time::Instant, floor: Option<f64>) {
-    match floor.and_then(|secs| Duration::try_from_secs_f64(secs).ok()) {
-        Some(hold) if !hold.is_zero() => {
-            tokio::spawn(async move {
-                tokio::time::sleep_until(offered + hold).await;
-                outbox.send(party_message::Body::JobAnswer(answer)).await;
-            });
-        }
-        _ => {
-            outbox.send(party_message::Body::JobAnswer(answer)).await;
-        }
     }
 }
 
@@ -438,29 +491,22 @@ impl PartyNode {
         let mut me = String::new();
         let mut jobs: HashMap<String, JobInbox> = HashMap::new();
         let mut pending: Option<(pb::Task, Incoming)> = None;
-        // Offers are accepted one at a time, beside the message loop, not in
-        // it: accepting reads and sets up the data set's rows, and a loop
-        // busy with it would answer whatever the coordinator sent right
-        // behind the offer (a task of another job) late by that long,
-        // telling the data set's size past any floor. Each offer's floor
-        // counts from when it came.
-        let mut offers: VecDeque<(pb::JobOffer, tokio::time::Instant)> = VecDeque::new();
-        // The offer being accepted: its job, and the acceptance.
-        let mut accepting: Option<(String, Accepting<'_>)> = None;
-        // Tasks and closes for a job whose offer waits or is being accepted
-        // (a coordinator re-offers a job on reconnect and goes on with its
-        // stages): delivered, in order, once it is accepted or refused.
-        // Not under an answer floor: delivered when the acceptance ends,
-        // their answers would time it; they are answered as they come.
+        let mut offers = Offers { queued: VecDeque::new(), accepting: None, held: VecDeque::new() };
+        // Tasks and closes for a job whose offer is in flight (a coordinator
+        // re-offers a job on reconnect and goes on with its stages):
+        // delivered, in order, once it is answered.
         let mut waiting: HashMap<String, Vec<Waiting>> = HashMap::new();
-        let keeping = cfg.policy.min_answer_after_secs.is_none();
+        // The hospital's floor on offers' answers, counted from each offer's
+        // arrival.
+        let floor = cfg.policy.min_answer_after_secs.and_then(|s| Duration::try_from_secs_f64(s).ok());
+        let floor = floor.filter(|f| !f.is_zero());
         loop {
-            if accepting.is_none()
-                && let Some((offer, offered)) = offers.pop_front()
+            if offers.accepting.is_none()
+                && let Some((offer, offered)) = offers.queued.pop_front()
             {
                 let me = me.clone();
                 let job_id = offer.job_id.clone();
-                accepting = Some((
+                offers.accepting = Some((
                     job_id,
                     Box::pin(async move {
                         let accepted = self.accept(&offer, &me).await;
@@ -468,52 +514,34 @@ impl PartyNode {
                     }),
                 ));
             }
+            let next_answer = offers.held.front().map(|h| h.at);
             let received = tokio::select! {
                 received = inbound.message() => received,
                 Some((offer, offered, accepted)) = async {
-                    match accepting.as_mut() {
+                    match offers.accepting.as_mut() {
                         Some((_, f)) => Some(f.await),
                         None => None,
                     }
-                }, if accepting.is_some() => {
-                    accepting = None;
-                    let job_id = offer.job_id.clone();
-                    let answer = match accepted {
-                        Ok(session) => {
-                            let worker = spawn_job(
-                                job_id.clone(),
-                                session,
-                                outbox.clone(),
-                                cfg.limits,
-                                self.stats.clone(),
-                                self.metrics.clone(),
-                            );
-                            self.metrics.job_offer(true);
-                            // An older session of the job (before a reconnect) ends with its sender.
-                            jobs.insert(job_id.clone(), worker);
-                            info!(job = %job_id, dataset = %offer.dataset, "accepted job");
-                            pb::JobAnswer { job_id, accepted: true, reason: String::new() }
+                }, if offers.accepting.is_some() => {
+                    offers.accepting = None;
+                    match floor.map(|f| offered + f).filter(|at| *at > tokio::time::Instant::now()) {
+                        Some(at) => offers.held.push_back(Held { at, offer, accepted }),
+                        None => {
+                            let ctx = (&outbox, offers.has(&offer.job_id));
+                            self.answer(ctx, &mut jobs, &mut waiting, offer, accepted).await;
                         }
-                        Err(reason) => {
-                            warn!(job = ?job_id, "refused job: {reason}");
-                            self.metrics.job_offer(false);
-                            pb::JobAnswer { job_id, accepted: false, reason }
-                        }
-                    };
-                    answer_offer(outbox.clone(), answer, offered, cfg.policy.min_answer_after_secs).await;
-                    // What came for the job meanwhile, in order, unless
-                    // another offer of it still waits.
-                    if !offers.iter().any(|(o, _)| o.job_id == offer.job_id) {
-                        for w in waiting.remove(&offer.job_id).unwrap_or_default() {
-                            match w {
-                                Waiting::Task(task, bulk) => route(&jobs, &outbox, task, bulk).await,
-                                Waiting::Closed(reason) => {
-                                    if let Some(job) = jobs.remove(&offer.job_id) {
-                                        let _ = job.send((Instant::now(), PartyInput::Closed { reason }));
-                                    }
-                                }
-                            }
-                        }
+                    }
+                    continue;
+                }
+                () = async {
+                    match next_answer {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }, if next_answer.is_some() => {
+                    if let Some(Held { offer, accepted, .. }) = offers.held.pop_front() {
+                        let ctx = (&outbox, offers.has(&offer.job_id));
+                        self.answer(ctx, &mut jobs, &mut waiting, offer, accepted).await;
                     }
                     continue;
                 }
@@ -521,13 +549,11 @@ impl PartyNode {
             let msg = match received {
                 Ok(Some(m)) => m,
                 ended => {
-                    // An acceptance under way is finished here, not cut off
-                    // (its session then ends with this connection). Other
-                    // returns below drop it partway, which is safe too: the
-                    // ledger's reservation is durable and a re-offer reuses it.
-                    if let Some((_, f)) = accepting.take() {
-                        let _ = f.await;
-                    }
+                    // An acceptance under way, and the answers held, are
+                    // dropped with the connection, not awaited (a reconnect
+                    // that waited for the acceptance would time it). That is
+                    // safe: the ledger's reservation is durable, and a
+                    // re-offer reuses it.
                     return match ended {
                         Err(s) => Err(Error::Transport(format!("stream ended: {}", s.message()))),
                         _ => Ok(welcomed),
@@ -566,16 +592,15 @@ impl PartyNode {
                     self.refuse_revoked_coordinator(&coordinator_cert)?;
                 }
                 coordinator_message::Body::Offer(offer) => {
-                    if offers.len() >= MAX_QUEUED_OFFERS {
-                        // Refused unread: about the queue, not the rows.
-                        let reason = format!("{MAX_QUEUED_OFFERS} offers already wait to be considered");
-                        let answer = pb::JobAnswer { job_id: offer.job_id, accepted: false, reason };
-                        // Held like any answer: whether the queue is full
-                        // tells whether earlier acceptances have finished.
-                        let floor = cfg.policy.min_answer_after_secs;
-                        answer_offer(outbox.clone(), answer, tokio::time::Instant::now(), floor).await;
-                    } else {
-                        offers.push_back((offer, tokio::time::Instant::now()));
+                    // Refusals from the message alone go at once; an offer
+                    // taken counts until its answer is sent.
+                    match refuse_on_arrival(&offer, cfg, offers.in_flight(), floor) {
+                        Some(answer) => {
+                            warn!(job = ?answer.job_id, "refused job: {}", answer.reason);
+                            self.metrics.job_offer(false);
+                            outbox.send(party_message::Body::JobAnswer(answer)).await;
+                        }
+                        None => offers.queued.push_back((offer, tokio::time::Instant::now())),
                     }
                 }
                 coordinator_message::Body::Task(mut task) => {
@@ -592,31 +617,13 @@ impl PartyNode {
                         ));
                     }
                     match task.bulk.take() {
-                        None => {
-                            deliver(
-                                &jobs,
-                                &mut waiting,
-                                (&offers, accepting.as_ref().map(|(id, _)| id.as_str()), keeping),
-                                &outbox,
-                                task,
-                                None,
-                            )
-                            .await
-                        }
+                        None => deliver(&jobs, &mut waiting, offers.has(&task.job_id), &outbox, task, None).await,
                         Some(h) => {
                             let inc =
                                 Incoming::start(&h, &cfg.limits).map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                             if inc.is_complete() {
                                 let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                                deliver(
-                                    &jobs,
-                                    &mut waiting,
-                                    (&offers, accepting.as_ref().map(|(id, _)| id.as_str()), keeping),
-                                    &outbox,
-                                    task,
-                                    Some(bulk),
-                                )
-                                .await;
+                                deliver(&jobs, &mut waiting, offers.has(&task.job_id), &outbox, task, Some(bulk)).await;
                             } else {
                                 pending = Some((task, inc));
                             }
@@ -631,15 +638,7 @@ impl PartyNode {
                         && let Some((task, inc)) = pending.take()
                     {
                         let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                        deliver(
-                            &jobs,
-                            &mut waiting,
-                            (&offers, accepting.as_ref().map(|(id, _)| id.as_str()), keeping),
-                            &outbox,
-                            task,
-                            Some(bulk),
-                        )
-                        .await;
+                        deliver(&jobs, &mut waiting, offers.has(&task.job_id), &outbox, task, Some(bulk)).await;
                     }
                 }
                 coordinator_message::Body::Deployment(d) => {
@@ -701,7 +700,7 @@ impl PartyNode {
                     }
                 }
                 coordinator_message::Body::Closed(c) => {
-                    if keeping && being_accepted(&offers, accepting.as_ref().map(|(id, _)| id.as_str()), &c.job_id) {
+                    if offers.has(&c.job_id) {
                         // One close is enough: later ones change nothing.
                         let kept = waiting.entry(c.job_id.clone()).or_default();
                         if !kept.iter().any(|w| matches!(w, Waiting::Closed(_))) {
@@ -716,6 +715,50 @@ impl PartyNode {
                         info!(job = ?c.job_id, state, "job closed");
                     } else {
                         info!(job = ?c.job_id, state, "job closed: {:?}", c.reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends an offer's answer and makes an accepted job visible: its
+    /// worker, to route tasks to, then what came for it meanwhile, in order
+    /// (unless `again`: another offer of it is still in flight).
+    async fn answer(
+        &self,
+        (outbox, again): (&Arc<Outbox>, bool),
+        jobs: &mut HashMap<String, JobInbox>,
+        waiting: &mut HashMap<String, Vec<Waiting>>,
+        offer: pb::JobOffer,
+        accepted: Result<PartySession, String>,
+    ) {
+        let job_id = offer.job_id.clone();
+        let answer = match accepted {
+            Ok(session) => {
+                let (limits, stats, metrics) = (self.config.limits, self.stats.clone(), self.metrics.clone());
+                let worker = spawn_job(job_id.clone(), session, outbox.clone(), limits, stats, metrics);
+                self.metrics.job_offer(true);
+                // An older session of the job (before a reconnect) ends with its sender.
+                jobs.insert(job_id.clone(), worker);
+                info!(job = %job_id, dataset = %offer.dataset, "accepted job");
+                pb::JobAnswer { job_id, accepted: true, reason: String::new() }
+            }
+            Err(reason) => {
+                warn!(job = ?job_id, "refused job: {reason}");
+                self.metrics.job_offer(false);
+                pb::JobAnswer { job_id, accepted: false, reason }
+            }
+        };
+        outbox.send(party_message::Body::JobAnswer(answer)).await;
+        if again {
+            return;
+        }
+        for w in waiting.remove(&offer.job_id).unwrap_or_default() {
+            match w {
+                Waiting::Task(task, bulk) => route(jobs, outbox, task, bulk).await,
+                Waiting::Closed(reason) => {
+                    if let Some(job) = jobs.remove(&offer.job_id) {
+                        let _ = job.send((Instant::now(), PartyInput::Closed { reason }));
                     }
                 }
             }
@@ -790,7 +833,18 @@ impl PartyNode {
         // is reserved.
         let source = match (&spec.pipeline, &self.watches) {
             (None, _) => source.clone(),
-            (Some(_), Ok(w)) => w.select_keeping_reasons(&spec, &offer.dataset, source, keeps_reasons)?,
+            // On a blocking thread: it lists the watched directory and
+            // writes the pipeline's state, for as long as the data set takes
+            // (on the loop's task, a message behind the offer would wait).
+            (Some(_), Ok(w)) => {
+                let (w, picked, dataset, source) = (w.clone(), spec.clone(), offer.dataset.clone(), source.clone());
+                tokio::task::spawn_blocking(move || w.select_keeping_reasons(&picked, &dataset, &source, keeps_reasons))
+                    .await
+                    .map_err(|e| {
+                        warn!(job = %offer.job_id, "selecting the pipeline's batches panicked: {e}");
+                        "selecting the pipeline's batches failed (the detail is in this party's log)".to_string()
+                    })??
+            }
             (Some(_), Err(e)) => return Err(format!("incremental pipelines: {e}")),
         };
         let (plugins, trainers, limits) = (self.plugins.clone(), self.trainers.clone(), cfg.limits);
@@ -1121,23 +1175,43 @@ mod tests {
     use confide_crypto::pki::PkiDir;
     use std::path::{Path, PathBuf};
 
-    /// Under `policy.min_answer_after_secs` an offer's answer goes no
-    /// sooner than the floor after the offer came, sent by a task of its
-    /// own (the message loop is not held up: nothing has been sent when
-    /// the call returns); without the setting it goes at once.
-    #[tokio::test]
-    async fn an_offers_answer_is_held_to_the_policys_floor() {
-        let answer = || pb::JobAnswer { job_id: "j".into(), accepted: true, reason: String::new() };
-        let (tx, mut rx) = mpsc::channel(4);
-        let outbox = Arc::new(Outbox { tx, stats: Default::default(), transfer: std::sync::Mutex::new(()) });
-        let offered = tokio::time::Instant::now();
-        answer_offer(outbox.clone(), answer(), offered, Some(0.4)).await;
-        assert!(rx.try_recv().is_err(), "sent before the floor");
-        let got = rx.recv().await.unwrap();
-        assert!(offered.elapsed() >= Duration::from_millis(400), "{:?}", offered.elapsed());
-        assert!(matches!(got.body, Some(party_message::Body::JobAnswer(a)) if a.job_id == "j"));
-        answer_offer(outbox, answer(), tokio::time::Instant::now(), None).await;
-        assert!(rx.try_recv().is_ok(), "no floor: at once");
+    /// What an offer is refused for on arrival, at once, from the message
+    /// alone: the field at fault is named, and no more of a long id or
+    /// data set name is echoed than a valid one could hold. Under an answer
+    /// floor fewer offers may be in flight.
+    #[test]
+    fn an_offer_is_refused_on_arrival_for_the_message_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = party_a(dir.path());
+        let node = node_with(&pki, "a", |cfg| {
+            cfg.datasets.insert("bc".into(), one_feature(&dir.path().join("bc.csv")));
+        });
+        let cfg = &node.config;
+        let offer = |job_id: &str, spec: usize, dataset: &str| pb::JobOffer {
+            job_id: job_id.into(),
+            spec_toml: "#".repeat(spec),
+            dataset: dataset.into(),
+        };
+        let refused = |o: &pb::JobOffer, in_flight, floor| refuse_on_arrival(o, cfg, in_flight, floor);
+        assert!(refused(&offer("j-1", 10, "bc"), 0, None).is_none());
+        let long = "x".repeat(1 << 20);
+        for (o, field) in [
+            (offer("bad id", 10, "bc"), "job_id"),
+            (offer(&long, 10, "bc"), "job_id"),
+            (offer("j-1", cfg.limits.max_spec_bytes + 1, "bc"), "spec_toml"),
+            (offer("j-1", 10, "other"), "no data set named \"other\""),
+            (offer("j-1", 10, &long), "no data set named"),
+        ] {
+            let a = refused(&o, 0, None).expect("refused");
+            assert!(!a.accepted && a.reason.contains(field), "{field}: {}", a.reason);
+            assert!(a.job_id.len() <= confide_proto::MAX_JOB_ID_LEN && a.reason.len() < 300, "{}", a.reason.len());
+        }
+        let floor = Some(Duration::from_secs(3));
+        assert!(refused(&offer("j-1", 10, "bc"), MAX_OFFERS_UNDER_FLOOR - 1, floor).is_none());
+        let a = refused(&offer("j-1", 10, "bc"), MAX_OFFERS_UNDER_FLOOR, floor).expect("refused");
+        assert!(a.reason.contains("in flight under policy.min_answer_after_secs"), "{}", a.reason);
+        assert!(refused(&offer("j-1", 10, "bc"), MAX_OFFERS_UNDER_FLOOR, None).is_none());
+        assert!(refused(&offer("j-1", 10, "bc"), MAX_OFFERS_IN_FLIGHT, None).is_some());
     }
 
     /// `answer_fit_after_secs` against a coordinator that times training

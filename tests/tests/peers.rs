@@ -288,49 +288,54 @@ impl TrainerFactory for SlowFactory {
     }
 }
 
-/// A coordinator that welcomes the party, offers it `offer` and, right
-/// behind the offer, sends a task of a job the party does not hold (whose
-/// refusal it would time); it passes on everything the party sends.
-struct Pipelining {
-    offer: pb::JobOffer,
-    seen: tokio::sync::mpsc::Sender<pb::PartyMessage>,
+/// A coordinator that welcomes the party, then sends its script (each
+/// message at its time after the welcome), and passes on everything the
+/// party sends, with when it came.
+struct Scripted {
+    script: Vec<(Duration, coordinator_message::Body)>,
+    seen: tokio::sync::mpsc::Sender<(pb::PartyMessage, std::time::Instant)>,
+    /// When the first offer was sent.
+    offered: Arc<std::sync::OnceLock<std::time::Instant>>,
+    /// End the stream once the script is played.
+    hang_up: bool,
+    /// When each connection came.
+    joins: tokio::sync::mpsc::UnboundedSender<std::time::Instant>,
 }
 
 #[tonic::async_trait]
-impl confide_proto::pb::party_service_server::PartyService for Pipelining {
+impl confide_proto::pb::party_service_server::PartyService for Scripted {
     type JoinStream = ReceiverStream<Result<pb::CoordinatorMessage, tonic::Status>>;
 
     async fn join(
         &self,
         req: tonic::Request<tonic::Streaming<pb::PartyMessage>>,
     ) -> Result<tonic::Response<Self::JoinStream>, tonic::Status> {
+        let _ = self.joins.send(std::time::Instant::now());
         let mut inbound = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
         let msg = |body| Ok(pb::CoordinatorMessage { body: Some(body) });
         let welcome = pb::Welcome { party: "hospital-a".into(), ..Default::default() };
-        let task = pb::Task {
-            job_id: "another".into(),
-            round: 0,
-            task_id: 7,
-            body: Some(pb::task::Body::Setup(pb::SetupTask {})),
-            bulk: None,
-        };
-        // And the offered job's own first task, as a coordinator that
-        // re-offers a job on reconnect goes on with its stages.
-        let own = pb::Task { job_id: self.offer.job_id.clone(), task_id: 8, ..task.clone() };
-        for body in [
-            coordinator_message::Body::Welcome(welcome),
-            coordinator_message::Body::Offer(self.offer.clone()),
-            coordinator_message::Body::Task(task),
-            coordinator_message::Body::Task(own),
-        ] {
-            tx.send(msg(body)).await.expect("send");
-        }
-        let seen = self.seen.clone();
+        tx.send(msg(coordinator_message::Body::Welcome(welcome))).await.expect("send");
+        let (script, offered) = (self.script.clone(), self.offered.clone());
+        let sender = tx.clone();
         tokio::spawn(async move {
-            let _open = tx;
+            let start = tokio::time::Instant::now();
+            for (at, body) in script {
+                tokio::time::sleep_until(start + at).await;
+                if matches!(body, coordinator_message::Body::Offer(_)) {
+                    let _ = offered.set(std::time::Instant::now());
+                }
+                if sender.send(msg(body)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let seen = self.seen.clone();
+        let keep_open = (!self.hang_up).then_some(tx);
+        tokio::spawn(async move {
+            let _open = keep_open;
             while let Ok(Some(m)) = inbound.message().await {
-                if seen.send(m).await.is_err() {
+                if seen.send((m, std::time::Instant::now())).await.is_err() {
                     break;
                 }
             }
@@ -339,26 +344,162 @@ impl confide_proto::pb::party_service_server::PartyService for Pipelining {
     }
 }
 
+/// A task of `job_id` (a set-up step, which a session answers at once).
+fn setup_task(job_id: &str, task_id: u64) -> coordinator_message::Body {
+    coordinator_message::Body::Task(pb::Task {
+        job_id: job_id.into(),
+        round: 0,
+        task_id,
+        body: Some(pb::task::Body::Setup(pb::SetupTask {})),
+        bulk: None,
+    })
+}
+
+/// An offer of `job_id` on the party's data set.
+fn offer_of(job_id: &str, spec_toml: String) -> coordinator_message::Body {
+    coordinator_message::Body::Offer(pb::JobOffer { job_id: job_id.into(), spec_toml, dataset: "data".into() })
+}
+
+/// A valid one-party spec.
+fn one_party_spec() -> String {
+    job_spec(&["hospital-a".to_string()], 1, 1, "kind = \"logistic_regression\"\nclasses = 2", "")
+}
+
 /// A party accepts an offer beside its message loop, not in it: a message
 /// the coordinator sends right behind the offer is answered at once, not
 /// after the data set is read and set up (here 2 s), which would time the
-/// data set's size past any floor on the offer's answer. Without a floor a
-/// task of the offered job itself is kept until the job is accepted, then
-/// answered (a coordinator that re-offers a job on reconnect goes on with
-/// its stages); under a floor it is refused at once, since answered when
-/// the acceptance ended it would time it.
+/// data set's size past any floor on the offer's answer. A task of the
+/// offered job itself is kept until the job is answered, then answered (a
+/// coordinator that re-offers a job on reconnect goes on with its stages).
+/// Under a floor (3 s) the answer comes no sooner than that after the offer,
+/// over the network, though the acceptance took 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_right_behind_an_offer_does_not_wait_for_the_acceptance() {
     install_crypto();
+    let script = || {
+        let now = Duration::ZERO;
+        vec![(now, offer_of("slow", one_party_spec())), (now, setup_task("another", 7)), (now, setup_task("slow", 8))]
+    };
     let refused_then_answered = ["task 7 refused", "slow accepted: true", "task 8 answered"];
-    assert_eq!(pipelined_behind_an_offer("").await, refused_then_answered);
+    let seen = scripted("", Duration::from_secs(2), script(), 3).await;
+    assert_eq!(labels(&seen), refused_then_answered);
+    assert!(seen[1].1 >= Duration::from_secs(2), "answered before the acceptance ended: {:?}", seen[1].1);
     let floor = "[policy]\nmin_answer_after_secs = 3.0\n";
-    assert_eq!(pipelined_behind_an_offer(floor).await, ["task 7 refused", "task 8 refused", "slow accepted: true"]);
+    let seen = scripted(floor, Duration::from_secs(2), script(), 3).await;
+    assert_eq!(labels(&seen), refused_then_answered);
+    assert!(seen[1].1 >= Duration::from_secs(3), "answered before the floor: {:?}", seen[1].1);
 }
 
-/// What a party configured with `extra` sends, in order, to a coordinator
-/// that pipelines two tasks behind an offer whose set-up takes 2 s.
-async fn pipelined_behind_an_offer(extra: &str) -> Vec<String> {
+/// Under an answer floor nothing the coordinator can ask tells when an
+/// acceptance ended before it: the job's worker appears with the answer,
+/// at the floor. Floor 3 s, set-up 1 s: a task of the job sent at 0.5 s
+/// (acceptance under way) and one sent at 2 s (acceptance over, answer
+/// held) get the same treatment: both kept, both answered after the
+/// offer's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_floor_a_task_cannot_tell_when_the_acceptance_ended() {
+    install_crypto();
+    let script = vec![
+        (Duration::ZERO, offer_of("slow", one_party_spec())),
+        (Duration::from_millis(500), setup_task("slow", 8)),
+        (Duration::from_secs(2), setup_task("slow", 9)),
+    ];
+    let floor = "[policy]\nmin_answer_after_secs = 3.0\n";
+    let seen = scripted(floor, Duration::from_secs(1), script, 3).await;
+    assert_eq!(labels(&seen)[0], "slow accepted: true", "{seen:?}");
+    assert!(seen[0].1 >= Duration::from_secs(3), "answered before the floor: {:?}", seen[0].1);
+    assert_eq!(labels(&seen)[1], "task 8 answered", "{seen:?}");
+    assert!(labels(&seen)[2].starts_with("task 9 "), "{seen:?}");
+}
+
+/// A close that comes while its job's offer is in flight is kept, not lost:
+/// the job is closed as soon as it is answered. Floor 2 s, set-up 0.5 s,
+/// the close at 0.2 s: a task of the job sent after the answer is refused,
+/// as the job is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_while_the_offer_is_in_flight_closes_the_job_once_answered() {
+    install_crypto();
+    let closed = pb::JobClosed { job_id: "slow".into(), state: 0, reason: "cancelled".into() };
+    let script = vec![
+        (Duration::ZERO, offer_of("slow", one_party_spec())),
+        (Duration::from_millis(200), coordinator_message::Body::Closed(closed)),
+        (Duration::from_secs(3), setup_task("slow", 8)),
+    ];
+    let floor = "[policy]\nmin_answer_after_secs = 2.0\n";
+    let seen = scripted(floor, Duration::from_millis(500), script, 2).await;
+    assert_eq!(labels(&seen), ["slow accepted: true", "task 8 refused"]);
+}
+
+/// Under an answer floor at most 8 offers are in flight: the coordinator
+/// offers 10 jobs at once (each refused by the party for its spec, in
+/// microseconds), and the 9th and 10th are refused at once, the others at
+/// the floor (2 s). An offer counts until its answer is sent, so whether
+/// the limit is reached tells nothing of how long acceptances took; after
+/// the floor the party takes offers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_floor_offers_in_flight_are_bounded_by_their_arrival_alone() {
+    install_crypto();
+    let now = Duration::ZERO;
+    let mut script: Vec<_> = (0..10).map(|i| (now, offer_of(&format!("j{i}"), "not toml".into()))).collect();
+    script.push((Duration::from_millis(2500), offer_of("later", "not toml".into())));
+    let floor = "[policy]\nmin_answer_after_secs = 2.0\n";
+    let seen = scripted(floor, Duration::ZERO, script, 11).await;
+    let labels = labels(&seen);
+    assert!(labels[0].starts_with("j8 refused: 8 offers are already in flight"), "{labels:?}");
+    assert!(labels[1].starts_with("j9 refused: 8 offers are already in flight"), "{labels:?}");
+    for (i, (label, after)) in seen.iter().enumerate().skip(2) {
+        assert!(label.contains("invalid job spec"), "{label}");
+        assert!(*after >= Duration::from_secs(2), "{label} answered before the floor: {after:?}");
+        if i < 10 {
+            assert!(label.starts_with(&format!("j{} ", i - 2)), "in order of arrival: {labels:?}");
+        }
+    }
+    assert!(labels[10].starts_with("later refused: invalid job spec"), "{labels:?}");
+}
+
+fn labels(seen: &[(String, Duration)]) -> Vec<&str> {
+    seen.iter().map(|(l, _)| l.as_str()).collect()
+}
+
+/// The first `count` answers and task outcomes a party configured with
+/// `extra`, whose trainers take `set_up` to build, sends a coordinator that
+/// plays `script`: each labelled, with how long after the first offer it came.
+async fn scripted(
+    extra: &str,
+    set_up: Duration,
+    script: Vec<(Duration, coordinator_message::Body)>,
+    count: usize,
+) -> Vec<(String, Duration)> {
+    let (seen, mut party_sent) = tokio::sync::mpsc::channel(64);
+    let offered = Arc::new(std::sync::OnceLock::new());
+    let (joins, _) = tokio::sync::mpsc::unbounded_channel();
+    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up: false, joins };
+    let (party, server) = party_against(extra, set_up, coordinator).await;
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let (m, at) =
+            tokio::time::timeout(Duration::from_secs(60), party_sent.recv()).await.expect("in time").expect("open");
+        let label = match m.body {
+            Some(party_message::Body::Failed(f)) => format!("task {} refused", f.task_id),
+            Some(party_message::Body::JobAnswer(a)) if a.accepted => format!("{} accepted: true", a.job_id),
+            Some(party_message::Body::JobAnswer(a)) => format!("{} refused: {}", a.job_id, a.reason),
+            Some(party_message::Body::Result(r)) => format!("task {} answered", r.task_id),
+            _ => continue,
+        };
+        seen.push((label, at - *offered.get().expect("an offer was sent first")));
+    }
+    party.abort();
+    server.abort();
+    seen
+}
+
+/// Runs party "hospital-a" configured with `extra`, whose trainers take
+/// `set_up` to build, against `coordinator` over mutual TLS.
+async fn party_against(
+    extra: &str,
+    set_up: Duration,
+    coordinator: Scripted,
+) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
     let fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
     let pki = PkiDir::new(fed.path("pki"));
     let tls = confide_coordinator::tls::server_config(&pki).expect("tls");
@@ -366,26 +507,37 @@ async fn pipelined_behind_an_offer(extra: &str) -> Vec<String> {
     let port = listener.local_addr().expect("addr").port();
     let admission = confide_coordinator::tls::Admission::Relay;
     let incoming = ReceiverStream::new(confide_coordinator::tls::accept_loop(listener, tls, admission, None));
-    let spec = job_spec(&fed.names, 1, 1, "kind = \"logistic_regression\"\nclasses = 2", "");
-    let offer = pb::JobOffer { job_id: "slow".into(), spec_toml: spec, dataset: "data".into() };
-    let (seen, mut party_sent) = tokio::sync::mpsc::channel(16);
-    let service = confide_proto::pb::party_service_server::PartyServiceServer::new(Pipelining { offer, seen });
-    let server = tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
+    let service = confide_proto::pb::party_service_server::PartyServiceServer::new(coordinator);
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await;
+    });
     let mut cfg = PartyConfig::load(&fed.party_config("hospital-a", extra)).expect("config");
     cfg.coordinator = format!("https://127.0.0.1:{port}");
-    let node = PartyNode::new(cfg, Arc::new(SlowFactory(Duration::from_secs(2))));
-    let party = tokio::spawn(async move { node.run().await });
-    let mut order = Vec::new();
-    while order.len() < 3 {
-        let m = tokio::time::timeout(Duration::from_secs(60), party_sent.recv()).await.expect("in time").expect("open");
-        match m.body {
-            Some(party_message::Body::Failed(f)) => order.push(format!("task {} refused", f.task_id)),
-            Some(party_message::Body::JobAnswer(a)) => order.push(format!("{} accepted: {}", a.job_id, a.accepted)),
-            Some(party_message::Body::Result(r)) => order.push(format!("task {} answered", r.task_id)),
-            _ => {}
-        }
-    }
+    let node = PartyNode::new(cfg, Arc::new(SlowFactory(set_up)));
+    let party = tokio::spawn(async move {
+        let _fed = fed;
+        let _ = node.run().await;
+    });
+    (party, server)
+}
+
+/// A coordinator that ends the stream right behind an offer learns nothing
+/// from when the party reconnects: the acceptance under way (here 6 s) is
+/// dropped with the connection, not awaited (which timed it, ±25 ms, past
+/// any floor), and the party reconnects after its usual delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_party_reconnects_without_waiting_for_an_acceptance() {
+    install_crypto();
+    let (seen, _party_sent) = tokio::sync::mpsc::channel(64);
+    let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
+    let script = vec![(Duration::ZERO, offer_of("slow", one_party_spec()))];
+    let offered = Arc::new(std::sync::OnceLock::new());
+    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up: true, joins };
+    let (party, server) = party_against("", Duration::from_secs(6), coordinator).await;
+    tokio::time::timeout(Duration::from_secs(60), joined.recv()).await.expect("first connection").expect("open");
+    let again = tokio::time::timeout(Duration::from_secs(4), joined.recv()).await;
     party.abort();
     server.abort();
-    order
+    let again = again.expect("reconnected before the acceptance ended").expect("open");
+    assert!(again >= *offered.get().expect("the offer was sent"));
 }
