@@ -66,6 +66,9 @@ pub struct PartyNode {
     /// Its Prometheus metrics (served when `[metrics] listen` is set).
     metrics: SharedMetrics,
     metrics_server: std::sync::OnceLock<confide_proto::telemetry::MetricsServer>,
+    /// One acceptance at a time, node-wide, including the blocking work of
+    /// one whose connection ended (see [`PartyNode::accept`]).
+    acceptance_slot: Arc<tokio::sync::Semaphore>,
 }
 
 struct Outbox {
@@ -121,11 +124,16 @@ const MAX_WAITING: usize = 16;
 /// party, and would only be echoed back.
 const MAX_DATASET_NAME_LEN: usize = 256;
 
-/// A message for a job whose offer is in flight.
+/// A message for a job whose offer is in flight, kept for the newest such
+/// offer when it came (its serial): a close sent before a re-offer is for
+/// the session before it.
 enum Waiting {
     Task(pb::Task, Option<Bulk>),
     Closed(String),
 }
+
+/// What came for a job meanwhile, by job, each with its offer's serial.
+type Kept = HashMap<String, Vec<(u64, Waiting)>>;
 
 /// An acceptance that ended before its offer's answer may go: the answer,
 /// and the session, wait in the message loop until `at`. The job becomes
@@ -133,6 +141,7 @@ enum Waiting {
 /// nothing the coordinator can ask tells when the acceptance ended.
 struct Held {
     at: tokio::time::Instant,
+    serial: u64,
     offer: pb::JobOffer,
     accepted: Result<PartySession, String>,
 }
@@ -144,13 +153,16 @@ struct Held {
 /// of another job) late by that long, telling the data set's size past any
 /// floor.
 struct Offers<'a> {
-    /// Waiting to be accepted, with when each came.
-    queued: VecDeque<(pb::JobOffer, tokio::time::Instant)>,
-    /// Being accepted: its job, and the acceptance.
-    accepting: Option<(String, Accepting<'a>)>,
-    /// Accepted or refused, the answer held to the floor (in order of `at`:
-    /// offers are taken in order of arrival, one at a time).
+    /// Waiting to be accepted: each with its serial and when it came.
+    queued: VecDeque<(u64, pb::JobOffer, tokio::time::Instant)>,
+    /// Being accepted: its serial, its job, and the acceptance.
+    accepting: Option<(u64, String, Accepting<'a>)>,
+    /// Accepted or refused, each answer held until `at` (in order of `at`:
+    /// offers are taken in order of arrival, one at a time), then sent in
+    /// that order.
     held: VecDeque<Held>,
+    /// The next offer's serial.
+    next_serial: u64,
 }
 
 impl Offers<'_> {
@@ -158,11 +170,12 @@ impl Offers<'_> {
         self.queued.len() + usize::from(self.accepting.is_some()) + self.held.len()
     }
 
-    /// Whether an offer of `job_id` is in flight.
-    fn has(&self, job_id: &str) -> bool {
-        self.accepting.as_ref().is_some_and(|(id, _)| id == job_id)
-            || self.queued.iter().any(|(o, _)| o.job_id == job_id)
-            || self.held.iter().any(|h| h.offer.job_id == job_id)
+    /// The serial of the newest offer of `job_id` in flight, if any.
+    fn newest(&self, job_id: &str) -> Option<u64> {
+        let queued = self.queued.iter().filter(|(_, o, _)| o.job_id == job_id).map(|(n, _, _)| *n);
+        let accepting = self.accepting.iter().filter(|(_, id, _)| id == job_id).map(|(n, _, _)| *n);
+        let held = self.held.iter().filter(|h| h.offer.job_id == job_id).map(|h| h.serial);
+        queued.chain(accepting).chain(held).max()
     }
 }
 
@@ -182,42 +195,50 @@ fn refuse_on_arrival(
     } else if offer.spec_toml.len() > cfg.limits.max_spec_bytes {
         format!("spec_toml: {} bytes; the limit is {}", offer.spec_toml.len(), cfg.limits.max_spec_bytes)
     } else if offer.dataset.len() > MAX_DATASET_NAME_LEN || !cfg.datasets.contains_key(&offer.dataset) {
-        let shown: String = offer.dataset.chars().take(64).collect();
-        format!("no data set named {shown:?} at this party")
+        format!("no data set named {:?} at this party", echoed(&offer.dataset))
     } else if in_flight >= limit {
         let under = if floor.is_some() { " under policy.min_answer_after_secs" } else { "" };
         format!("{limit} offers are already in flight{under}; offer the job again later")
     } else {
         return None;
     };
-    let job_id = offer.job_id.chars().take(confide_proto::MAX_JOB_ID_LEN).collect();
-    Some(pb::JobAnswer { job_id, accepted: false, reason })
+    Some(pb::JobAnswer { job_id: echoed(&offer.job_id), accepted: false, reason })
 }
 
 /// Routes a task to its job's worker or, while the job's offer is in flight
 /// (a coordinator re-offers a job on reconnect and goes on with its
 /// stages), keeps it until the offer is answered.
-/// (`in_flight`: [`Offers::has`] the task's job, decided by the caller,
-/// since `Offers` holds futures that are not Sync.)
+/// (`in_flight`: [`Offers::newest`] of the task's job, decided by the
+/// caller, since `Offers` holds futures that are not Sync.)
 async fn deliver(
     jobs: &HashMap<String, JobInbox>,
-    waiting: &mut HashMap<String, Vec<Waiting>>,
-    in_flight: bool,
+    waiting: &mut Kept,
+    in_flight: Option<u64>,
     outbox: &Outbox,
     task: pb::Task,
     bulk: Option<Bulk>,
 ) {
-    if !in_flight {
+    let Some(serial) = in_flight else {
         return route(jobs, outbox, task, bulk).await;
-    }
-    let kept = waiting.values().flatten().filter(|w| matches!(w, Waiting::Task(..))).count();
+    };
+    let kept = waiting.values().flatten().filter(|(_, w)| matches!(w, Waiting::Task(..))).count();
     if kept < MAX_WAITING {
-        waiting.entry(task.job_id.clone()).or_default().push(Waiting::Task(task, bulk));
+        waiting.entry(task.job_id.clone()).or_default().push((serial, Waiting::Task(task, bulk)));
     } else {
         let reason = format!("{MAX_WAITING} tasks already wait for their jobs' offers to be answered");
-        let failed = pb::TaskFailed { job_id: task.job_id, task_id: task.task_id, reason };
+        let failed = pb::TaskFailed { job_id: echoed(&task.job_id), task_id: task.task_id, reason };
         outbox.send(party_message::Body::Failed(failed)).await;
     }
+}
+
+/// At most [`confide_proto::MAX_JOB_ID_LEN`] bytes of `text` (a job id
+/// from the wire, echoed back or logged): a longer one is no job's.
+fn echoed(text: &str) -> String {
+    let mut end = text.len().min(confide_proto::MAX_JOB_ID_LEN);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// The stage a task names (for fault injection, before its chunks arrive).
@@ -278,6 +299,7 @@ impl PartyNode {
             // (`telemetry::tests` registers the same set).
             metrics: Arc::new(PartyMetrics::new().unwrap_or_else(|e| panic!("party metrics: {e}"))),
             metrics_server: std::sync::OnceLock::new(),
+            acceptance_slot: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -491,22 +513,23 @@ impl PartyNode {
         let mut me = String::new();
         let mut jobs: HashMap<String, JobInbox> = HashMap::new();
         let mut pending: Option<(pb::Task, Incoming)> = None;
-        let mut offers = Offers { queued: VecDeque::new(), accepting: None, held: VecDeque::new() };
+        let mut offers = Offers { queued: VecDeque::new(), accepting: None, held: VecDeque::new(), next_serial: 0 };
         // Tasks and closes for a job whose offer is in flight (a coordinator
         // re-offers a job on reconnect and goes on with its stages):
         // delivered, in order, once it is answered.
-        let mut waiting: HashMap<String, Vec<Waiting>> = HashMap::new();
+        let mut waiting = Kept::new();
         // The hospital's floor on offers' answers, counted from each offer's
         // arrival.
         let floor = cfg.policy.min_answer_after_secs.and_then(|s| Duration::try_from_secs_f64(s).ok());
         let floor = floor.filter(|f| !f.is_zero());
         loop {
             if offers.accepting.is_none()
-                && let Some((offer, offered)) = offers.queued.pop_front()
+                && let Some((serial, offer, offered)) = offers.queued.pop_front()
             {
                 let me = me.clone();
                 let job_id = offer.job_id.clone();
                 offers.accepting = Some((
+                    serial,
                     job_id,
                     Box::pin(async move {
                         let accepted = self.accept(&offer, &me).await;
@@ -519,17 +542,15 @@ impl PartyNode {
                 received = inbound.message() => received,
                 Some((offer, offered, accepted)) = async {
                     match offers.accepting.as_mut() {
-                        Some((_, f)) => Some(f.await),
+                        Some((_, _, f)) => Some(f.await),
                         None => None,
                     }
                 }, if offers.accepting.is_some() => {
-                    offers.accepting = None;
-                    match floor.map(|f| offered + f).filter(|at| *at > tokio::time::Instant::now()) {
-                        Some(at) => offers.held.push_back(Held { at, offer, accepted }),
-                        None => {
-                            let ctx = (&outbox, offers.has(&offer.job_id));
-                            self.answer(ctx, &mut jobs, &mut waiting, offer, accepted).await;
-                        }
+                    // Answered from `held` in any case (at once without a
+                    // floor), so that answers go in the order offers came.
+                    if let Some((serial, ..)) = offers.accepting.take() {
+                        let at = floor.map_or_else(tokio::time::Instant::now, |f| offered + f);
+                        offers.held.push_back(Held { at, serial, offer, accepted });
                     }
                     continue;
                 }
@@ -539,9 +560,8 @@ impl PartyNode {
                         None => std::future::pending().await,
                     }
                 }, if next_answer.is_some() => {
-                    if let Some(Held { offer, accepted, .. }) = offers.held.pop_front() {
-                        let ctx = (&outbox, offers.has(&offer.job_id));
-                        self.answer(ctx, &mut jobs, &mut waiting, offer, accepted).await;
+                    if let Some(Held { serial, offer, accepted, .. }) = offers.held.pop_front() {
+                        self.answer((&outbox, serial), &mut jobs, &mut waiting, offer, accepted).await;
                     }
                     continue;
                 }
@@ -551,9 +571,11 @@ impl PartyNode {
                 ended => {
                     // An acceptance under way, and the answers held, are
                     // dropped with the connection, not awaited (a reconnect
-                    // that waited for the acceptance would time it). That is
-                    // safe: the ledger's reservation is durable, and a
-                    // re-offer reuses it.
+                    // that waited for the acceptance would time it). Its
+                    // blocking work finishes in the background, holding the
+                    // node's one acceptance slot until then (see
+                    // `PartyNode::accept`). That is safe: the ledger's
+                    // reservation is durable, and a re-offer reuses it.
                     return match ended {
                         Err(s) => Err(Error::Transport(format!("stream ended: {}", s.message()))),
                         _ => Ok(welcomed),
@@ -600,7 +622,11 @@ impl PartyNode {
                             self.metrics.job_offer(false);
                             outbox.send(party_message::Body::JobAnswer(answer)).await;
                         }
-                        None => offers.queued.push_back((offer, tokio::time::Instant::now())),
+                        None => {
+                            let serial = offers.next_serial;
+                            offers.next_serial += 1;
+                            offers.queued.push_back((serial, offer, tokio::time::Instant::now()));
+                        }
                     }
                 }
                 coordinator_message::Body::Task(mut task) => {
@@ -617,13 +643,14 @@ impl PartyNode {
                         ));
                     }
                     match task.bulk.take() {
-                        None => deliver(&jobs, &mut waiting, offers.has(&task.job_id), &outbox, task, None).await,
+                        None => deliver(&jobs, &mut waiting, offers.newest(&task.job_id), &outbox, task, None).await,
                         Some(h) => {
                             let inc =
                                 Incoming::start(&h, &cfg.limits).map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                             if inc.is_complete() {
                                 let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                                deliver(&jobs, &mut waiting, offers.has(&task.job_id), &outbox, task, Some(bulk)).await;
+                                deliver(&jobs, &mut waiting, offers.newest(&task.job_id), &outbox, task, Some(bulk))
+                                    .await;
                             } else {
                                 pending = Some((task, inc));
                             }
@@ -638,7 +665,7 @@ impl PartyNode {
                         && let Some((task, inc)) = pending.take()
                     {
                         let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                        deliver(&jobs, &mut waiting, offers.has(&task.job_id), &outbox, task, Some(bulk)).await;
+                        deliver(&jobs, &mut waiting, offers.newest(&task.job_id), &outbox, task, Some(bulk)).await;
                     }
                 }
                 coordinator_message::Body::Deployment(d) => {
@@ -700,35 +727,37 @@ impl PartyNode {
                     }
                 }
                 coordinator_message::Body::Closed(c) => {
-                    if offers.has(&c.job_id) {
-                        // One close is enough: later ones change nothing.
+                    if let Some(serial) = offers.newest(&c.job_id) {
+                        // One close per offer is enough: later ones change nothing.
                         let kept = waiting.entry(c.job_id.clone()).or_default();
-                        if !kept.iter().any(|w| matches!(w, Waiting::Closed(_))) {
-                            kept.push(Waiting::Closed(c.reason.clone()));
+                        if !kept.iter().any(|(n, w)| *n == serial && matches!(w, Waiting::Closed(_))) {
+                            kept.push((serial, Waiting::Closed(c.reason.clone())));
                         }
                     } else if let Some(job) = jobs.remove(&c.job_id) {
                         let _ = job.send((Instant::now(), PartyInput::Closed { reason: c.reason.clone() }));
                     }
                     let state =
                         confide_proto::status::JobState::try_from(c.state).map(|s| s.as_str()).unwrap_or("ended");
-                    if c.reason.is_empty() {
-                        info!(job = ?c.job_id, state, "job closed");
+                    // (Both from the wire: logged at a bounded length.)
+                    let (job, reason) = (echoed(&c.job_id), c.reason.chars().take(1024).collect::<String>());
+                    if reason.is_empty() {
+                        info!(job = ?job, state, "job closed");
                     } else {
-                        info!(job = ?c.job_id, state, "job closed: {:?}", c.reason);
+                        info!(job = ?job, state, "job closed: {reason:?}");
                     }
                 }
             }
         }
     }
 
-    /// Sends an offer's answer and makes an accepted job visible: its
-    /// worker, to route tasks to, then what came for it meanwhile, in order
-    /// (unless `again`: another offer of it is still in flight).
+    /// Sends the answer to offer `serial` and makes an accepted job
+    /// visible: its worker, to route tasks to, then what came for the job
+    /// while this offer was its newest, in order.
     async fn answer(
         &self,
-        (outbox, again): (&Arc<Outbox>, bool),
+        (outbox, serial): (&Arc<Outbox>, u64),
         jobs: &mut HashMap<String, JobInbox>,
-        waiting: &mut HashMap<String, Vec<Waiting>>,
+        waiting: &mut Kept,
         offer: pb::JobOffer,
         accepted: Result<PartySession, String>,
     ) {
@@ -750,10 +779,17 @@ impl PartyNode {
             }
         };
         outbox.send(party_message::Body::JobAnswer(answer)).await;
-        if again {
-            return;
-        }
-        for w in waiting.remove(&offer.job_id).unwrap_or_default() {
+        let mine = match waiting.remove(&offer.job_id) {
+            Some(kept) => {
+                let (mine, later): (Vec<_>, Vec<_>) = kept.into_iter().partition(|(n, _)| *n == serial);
+                if !later.is_empty() {
+                    waiting.insert(offer.job_id.clone(), later);
+                }
+                mine
+            }
+            None => Vec::new(),
+        };
+        for (_, w) in mine {
             match w {
                 Waiting::Task(task, bulk) => route(jobs, outbox, task, bulk).await,
                 Waiting::Closed(reason) => {
@@ -770,13 +806,19 @@ impl PartyNode {
     async fn accept(&self, offer: &pb::JobOffer, me: &str) -> Result<PartySession, String> {
         // First: the ledger, the worker thread and the logs are keyed by it.
         confide_proto::validate_job_id(&offer.job_id)?;
+        // The node's one acceptance slot, held by this future and by each
+        // of its blocking steps (a step goes on when the future is dropped
+        // with its connection): a coordinator that hangs up behind every
+        // offer gets one set-up at a time, not one per connection.
+        let slot = self.acceptance_slot.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+        let slot = Arc::new(slot);
         let cfg = &self.config;
         // On a blocking thread: validating a `[dp]` table runs its
         // accountant (the PLD's grids can take seconds), which must not
         // stall the runtime that also serves this hospital's applications.
         let (text, file, limits, plugins) =
             (offer.spec_toml.clone(), format!("offer of job {}", offer.job_id), cfg.limits, self.plugins.clone());
-        let spec = tokio::task::spawn_blocking(move || JobSpec::parse_with(&text, &file, &limits, plugins.protocols()))
+        let spec = holding(&slot, move || JobSpec::parse_with(&text, &file, &limits, plugins.protocols()))
             .await
             .map_err(|e| {
                 // (A panic's text stays here, as a trainer's does.)
@@ -792,7 +834,7 @@ impl PartyNode {
         // On a blocking thread, not the runtime's (it reads every watched
         // directory).
         let datasets = cfg.datasets.clone();
-        let overlap = tokio::task::spawn_blocking(move || crate::config::overlapping_datasets(&datasets))
+        let overlap = holding(&slot, move || crate::config::overlapping_datasets(&datasets))
             .await
             .unwrap_or_else(|e| Err(format!("the data sets' overlap check panicked: {e}")));
         if let Err(e) = overlap {
@@ -818,14 +860,13 @@ impl PartyNode {
             // On a blocking thread too: the cost's accountant, and the
             // ledger's synced write.
             let (job, reserved, dataset) = (offer.job_id.clone(), spec.clone(), offer.dataset.clone());
-            let reservation = tokio::task::spawn_blocking(move || {
-                ledger.reserve_at(&job, &reserved, &dataset, Some(&rows_at), budget)
-            })
-            .await
-            .map_err(|e| {
-                warn!(job = %offer.job_id, "the privacy ledger's reservation panicked: {e}");
-                "the privacy ledger's reservation failed (the detail is in this party's log)".to_string()
-            })??;
+            let reservation =
+                holding(&slot, move || ledger.reserve_at(&job, &reserved, &dataset, Some(&rows_at), budget))
+                    .await
+                    .map_err(|e| {
+                    warn!(job = %offer.job_id, "the privacy ledger's reservation panicked: {e}");
+                    "the privacy ledger's reservation failed (the detail is in this party's log)".to_string()
+                })??;
             Some(reservation)
         };
         // A pipeline's job narrows the watched data set to its batches (a
@@ -838,7 +879,7 @@ impl PartyNode {
             // (on the loop's task, a message behind the offer would wait).
             (Some(_), Ok(w)) => {
                 let (w, picked, dataset, source) = (w.clone(), spec.clone(), offer.dataset.clone(), source.clone());
-                tokio::task::spawn_blocking(move || w.select_keeping_reasons(&picked, &dataset, &source, keeps_reasons))
+                holding(&slot, move || w.select_keeping_reasons(&picked, &dataset, &source, keeps_reasons))
                     .await
                     .map_err(|e| {
                         warn!(job = %offer.job_id, "selecting the pipeline's batches panicked: {e}");
@@ -855,7 +896,7 @@ impl PartyNode {
             .map(|(stage, secs)| crate::session::AnswerFloor { stage, after: (secs * 1000.0).ceil() as u64 });
         let spec = Arc::new(spec);
         let idle_after = spec.timeouts.round_secs * 2000;
-        let handler = tokio::task::spawn_blocking(move || {
+        let handler = holding(&slot, move || {
             let kind = plugins.kind(spec.kind.as_str()).ok_or("job kind not available")?;
             let cx = JobContext {
                 job_id: &job_id,
@@ -892,6 +933,19 @@ impl PartyNode {
         };
         Ok(PartySession::new(&offer.job_id, handler, idle_after).with_answer_floor(answer_floor))
     }
+}
+
+/// Runs `f` on a blocking thread that holds `slot` until `f` returns, even
+/// if the future awaiting it is dropped.
+fn holding<T: Send + 'static>(
+    slot: &Arc<tokio::sync::OwnedSemaphorePermit>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    let slot = slot.clone();
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        f()
+    })
 }
 
 /// The first message: with a delegation when the server this party dialled
@@ -990,6 +1044,7 @@ async fn route(jobs: &HashMap<String, JobInbox>, outbox: &Outbox, task: pb::Task
         },
         Err(e) => format!("coordinator fault: malformed task: {e}"),
     };
+    let job_id = echoed(&job_id);
     outbox.send(party_message::Body::Failed(pb::TaskFailed { job_id, task_id, reason })).await;
 }
 
@@ -1195,9 +1250,12 @@ mod tests {
         let refused = |o: &pb::JobOffer, in_flight, floor| refuse_on_arrival(o, cfg, in_flight, floor);
         assert!(refused(&offer("j-1", 10, "bc"), 0, None).is_none());
         let long = "x".repeat(1 << 20);
+        let wide = "é".repeat(1 << 19);
         for (o, field) in [
             (offer("bad id", 10, "bc"), "job_id"),
             (offer(&long, 10, "bc"), "job_id"),
+            (offer(&wide, 10, "bc"), "job_id"),
+            (offer("j-1", 10, &wide), "no data set named"),
             (offer("j-1", cfg.limits.max_spec_bytes + 1, "bc"), "spec_toml"),
             (offer("j-1", 10, "other"), "no data set named \"other\""),
             (offer("j-1", 10, &long), "no data set named"),

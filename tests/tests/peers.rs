@@ -296,8 +296,8 @@ struct Scripted {
     seen: tokio::sync::mpsc::Sender<(pb::PartyMessage, std::time::Instant)>,
     /// When the first offer was sent.
     offered: Arc<std::sync::OnceLock<std::time::Instant>>,
-    /// End the stream once the script is played.
-    hang_up: bool,
+    /// End the stream this long after the script is played.
+    hang_up: Option<Duration>,
     /// When each connection came.
     joins: tokio::sync::mpsc::UnboundedSender<std::time::Instant>,
 }
@@ -316,7 +316,7 @@ impl confide_proto::pb::party_service_server::PartyService for Scripted {
         let msg = |body| Ok(pb::CoordinatorMessage { body: Some(body) });
         let welcome = pb::Welcome { party: "hospital-a".into(), ..Default::default() };
         tx.send(msg(coordinator_message::Body::Welcome(welcome))).await.expect("send");
-        let (script, offered) = (self.script.clone(), self.offered.clone());
+        let (script, offered, hang_up) = (self.script.clone(), self.offered.clone(), self.hang_up);
         let sender = tx.clone();
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
@@ -329,9 +329,12 @@ impl confide_proto::pb::party_service_server::PartyService for Scripted {
                     break;
                 }
             }
+            if let Some(after) = hang_up {
+                tokio::time::sleep(after).await;
+            }
         });
         let seen = self.seen.clone();
-        let keep_open = (!self.hang_up).then_some(tx);
+        let keep_open = self.hang_up.is_none().then_some(tx);
         tokio::spawn(async move {
             let _open = keep_open;
             while let Ok(Some(m)) = inbound.message().await {
@@ -383,11 +386,13 @@ async fn a_message_right_behind_an_offer_does_not_wait_for_the_acceptance() {
     let refused_then_answered = ["task 7 refused", "slow accepted: true", "task 8 answered"];
     let seen = scripted("", Duration::from_secs(2), script(), 3).await;
     assert_eq!(labels(&seen), refused_then_answered);
-    assert!(seen[1].1 >= Duration::from_secs(2), "answered before the acceptance ended: {:?}", seen[1].1);
+    assert_eq!(seen[0].reason, NOT_ACCEPTED);
+    assert!(seen[1].after >= Duration::from_secs(2), "answered before the acceptance ended: {seen:?}");
     let floor = "[policy]\nmin_answer_after_secs = 3.0\n";
     let seen = scripted(floor, Duration::from_secs(2), script(), 3).await;
     assert_eq!(labels(&seen), refused_then_answered);
-    assert!(seen[1].1 >= Duration::from_secs(3), "answered before the floor: {:?}", seen[1].1);
+    assert_eq!(seen[0].reason, NOT_ACCEPTED);
+    assert!(seen[1].after >= Duration::from_secs(3), "answered before the floor: {seen:?}");
 }
 
 /// Under an answer floor nothing the coordinator can ask tells when an
@@ -406,10 +411,52 @@ async fn under_a_floor_a_task_cannot_tell_when_the_acceptance_ended() {
     ];
     let floor = "[policy]\nmin_answer_after_secs = 3.0\n";
     let seen = scripted(floor, Duration::from_secs(1), script, 3).await;
-    assert_eq!(labels(&seen)[0], "slow accepted: true", "{seen:?}");
-    assert!(seen[0].1 >= Duration::from_secs(3), "answered before the floor: {:?}", seen[0].1);
-    assert_eq!(labels(&seen)[1], "task 8 answered", "{seen:?}");
-    assert!(labels(&seen)[2].starts_with("task 9 "), "{seen:?}");
+    assert_eq!(labels(&seen), ["slow accepted: true", "task 8 answered", "task 9 answered"]);
+    assert!(seen[0].after >= Duration::from_secs(3), "answered before the floor: {seen:?}");
+}
+
+/// Trainers that take this long to build, counting how many are built at once.
+struct Overlapping {
+    set_up: Duration,
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl TrainerFactory for Overlapping {
+    fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(self.set_up);
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        BuiltinTrainers::default().build(spec, data, party)
+    }
+}
+
+/// A coordinator that hangs up right behind an offer, on every connection,
+/// gets one set-up at a time: an acceptance dropped with its connection
+/// finishes its blocking work in the background, holding the node's one
+/// acceptance slot, so set-ups do not pile up one per reconnect (here
+/// 1.5 s each, reconnects every ~0.25 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acceptances_cut_off_by_hang_ups_run_one_at_a_time() {
+    install_crypto();
+    let (seen, _party_sent) = tokio::sync::mpsc::channel(64);
+    let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
+    let script = vec![(Duration::ZERO, offer_of("slow", one_party_spec()))];
+    let offered = Arc::new(std::sync::OnceLock::new());
+    // Late enough for the acceptance to reach the set-up.
+    let hang_up = Some(Duration::from_millis(300));
+    let coordinator = Scripted { script, seen, offered, hang_up, joins };
+    let factory = Arc::new(Overlapping { set_up: Duration::from_millis(1500), now: 0.into(), most: 0.into() });
+    let (party, server) = party_against("", factory.clone(), coordinator).await;
+    let mut connections = 0;
+    while connections < 8 {
+        tokio::time::timeout(Duration::from_secs(60), joined.recv()).await.expect("a connection").expect("open");
+        connections += 1;
+    }
+    party.abort();
+    server.abort();
+    assert_eq!(factory.most.load(Ordering::SeqCst), 1, "set-ups at once");
 }
 
 /// A close that comes while its job's offer is in flight is kept, not lost:
@@ -428,38 +475,79 @@ async fn a_close_while_the_offer_is_in_flight_closes_the_job_once_answered() {
     let floor = "[policy]\nmin_answer_after_secs = 2.0\n";
     let seen = scripted(floor, Duration::from_millis(500), script, 2).await;
     assert_eq!(labels(&seen), ["slow accepted: true", "task 8 refused"]);
+    assert_eq!(seen[1].reason, NOT_ACCEPTED);
 }
 
-/// Under an answer floor at most 8 offers are in flight: the coordinator
-/// offers 10 jobs at once (each refused by the party for its spec, in
-/// microseconds), and the 9th and 10th are refused at once, the others at
-/// the floor (2 s). An offer counts until its answer is sent, so whether
-/// the limit is reached tells nothing of how long acceptances took; after
-/// the floor the party takes offers again.
+/// A close sent between two offers of the same job (a coordinator that
+/// re-offers it) is for the session before the re-offer: it closes that
+/// one, and the re-offer's session answers a later task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_between_two_offers_of_a_job_closes_the_older_session() {
+    install_crypto();
+    let closed = pb::JobClosed { job_id: "slow".into(), state: 0, reason: "reconnected".into() };
+    let script = vec![
+        (Duration::ZERO, offer_of("slow", one_party_spec())),
+        (Duration::from_millis(100), coordinator_message::Body::Closed(closed)),
+        (Duration::from_millis(200), offer_of("slow", one_party_spec())),
+        (Duration::from_millis(2500), setup_task("slow", 8)),
+    ];
+    let floor = "[policy]\nmin_answer_after_secs = 1.0\n";
+    let seen = scripted(floor, Duration::from_millis(200), script, 3).await;
+    assert_eq!(labels(&seen), ["slow accepted: true", "slow accepted: true", "task 8 answered"], "{seen:?}");
+}
+
+/// Under an answer floor at most 8 offers are in flight, counted from each
+/// one's arrival until its answer is sent, so whether the limit is reached
+/// tells nothing of how long the acceptances took:
+/// - 10 offers at once, each refused by the party for its spec in
+///   microseconds: the 9th and 10th are refused at once, the others at
+///   the floor (2 s), in order of arrival;
+/// - 8 offers accepted in 0.1 s each, then a 9th at 1.5 s, when every
+///   acceptance has ended but no answer has gone: the 9th is refused;
+///   after the floor the party takes offers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_a_floor_offers_in_flight_are_bounded_by_their_arrival_alone() {
     install_crypto();
-    let now = Duration::ZERO;
-    let mut script: Vec<_> = (0..10).map(|i| (now, offer_of(&format!("j{i}"), "not toml".into()))).collect();
-    script.push((Duration::from_millis(2500), offer_of("later", "not toml".into())));
     let floor = "[policy]\nmin_answer_after_secs = 2.0\n";
-    let seen = scripted(floor, Duration::ZERO, script, 11).await;
-    let labels = labels(&seen);
-    assert!(labels[0].starts_with("j8 refused: 8 offers are already in flight"), "{labels:?}");
-    assert!(labels[1].starts_with("j9 refused: 8 offers are already in flight"), "{labels:?}");
-    for (i, (label, after)) in seen.iter().enumerate().skip(2) {
-        assert!(label.contains("invalid job spec"), "{label}");
-        assert!(*after >= Duration::from_secs(2), "{label} answered before the floor: {after:?}");
-        if i < 10 {
-            assert!(label.starts_with(&format!("j{} ", i - 2)), "in order of arrival: {labels:?}");
-        }
+    let in_flight = "8 offers are already in flight under policy.min_answer_after_secs";
+    let now = Duration::ZERO;
+    let script: Vec<_> = (0..10).map(|i| (now, offer_of(&format!("j{i}"), "not toml".into()))).collect();
+    let seen = scripted(floor, Duration::ZERO, script, 10).await;
+    assert_eq!(labels(&seen[..2]), ["j8 refused", "j9 refused"], "{seen:?}");
+    assert!(seen[..2].iter().all(|s| s.reason.starts_with(in_flight)), "{seen:?}");
+    for (i, s) in seen[2..].iter().enumerate() {
+        assert_eq!(s.label, format!("j{i} refused"), "in order of arrival: {seen:?}");
+        assert!(s.reason.starts_with("invalid job spec"), "{s:?}");
+        assert!(s.after >= Duration::from_secs(2), "answered before the floor: {s:?}");
     }
-    assert!(labels[10].starts_with("later refused: invalid job spec"), "{labels:?}");
+    let mut script: Vec<_> = (0..8).map(|i| (now, offer_of(&format!("a{i}"), one_party_spec()))).collect();
+    script.push((Duration::from_millis(1500), offer_of("ninth", one_party_spec())));
+    script.push((Duration::from_millis(2500), offer_of("later", one_party_spec())));
+    let seen = scripted(floor, Duration::from_millis(100), script, 10).await;
+    assert_eq!(seen[0].label, "ninth refused", "{seen:?}");
+    assert!(seen[0].reason.starts_with(in_flight), "{seen:?}");
+    let accepted: Vec<String> = (0..8).map(|i| format!("a{i} accepted: true")).collect();
+    assert_eq!(labels(&seen[1..9]), accepted, "{seen:?}");
+    assert!(seen[1..9].iter().all(|s| s.after >= Duration::from_secs(2)), "{seen:?}");
+    assert_eq!(seen[9].label, "later accepted: true", "{seen:?}");
 }
 
-fn labels(seen: &[(String, Duration)]) -> Vec<&str> {
-    seen.iter().map(|(l, _)| l.as_str()).collect()
+/// What a party sent: "task 7 refused", "slow accepted: true", "j8 refused"
+/// or "task 8 answered", with the refusal's reason, and how long after the
+/// first offer it came.
+#[derive(Debug)]
+struct Seen {
+    label: String,
+    reason: String,
+    after: Duration,
 }
+
+fn labels(seen: &[Seen]) -> Vec<&str> {
+    seen.iter().map(|s| s.label.as_str()).collect()
+}
+
+/// A task refused because its job is not (or no longer) accepted here.
+const NOT_ACCEPTED: &str = "this party has not accepted the job";
 
 /// The first `count` answers and task outcomes a party configured with
 /// `extra`, whose trainers take `set_up` to build, sends a coordinator that
@@ -469,35 +557,35 @@ async fn scripted(
     set_up: Duration,
     script: Vec<(Duration, coordinator_message::Body)>,
     count: usize,
-) -> Vec<(String, Duration)> {
+) -> Vec<Seen> {
     let (seen, mut party_sent) = tokio::sync::mpsc::channel(64);
     let offered = Arc::new(std::sync::OnceLock::new());
     let (joins, _) = tokio::sync::mpsc::unbounded_channel();
-    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up: false, joins };
-    let (party, server) = party_against(extra, set_up, coordinator).await;
+    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up: None, joins };
+    let (party, server) = party_against(extra, Arc::new(SlowFactory(set_up)), coordinator).await;
     let mut seen = Vec::new();
     while seen.len() < count {
         let (m, at) =
             tokio::time::timeout(Duration::from_secs(60), party_sent.recv()).await.expect("in time").expect("open");
-        let label = match m.body {
-            Some(party_message::Body::Failed(f)) => format!("task {} refused", f.task_id),
-            Some(party_message::Body::JobAnswer(a)) if a.accepted => format!("{} accepted: true", a.job_id),
-            Some(party_message::Body::JobAnswer(a)) => format!("{} refused: {}", a.job_id, a.reason),
-            Some(party_message::Body::Result(r)) => format!("task {} answered", r.task_id),
+        let (label, reason) = match m.body {
+            Some(party_message::Body::Failed(f)) => (format!("task {} refused", f.task_id), f.reason),
+            Some(party_message::Body::JobAnswer(a)) if a.accepted => (format!("{} accepted: true", a.job_id), a.reason),
+            Some(party_message::Body::JobAnswer(a)) => (format!("{} refused", a.job_id), a.reason),
+            Some(party_message::Body::Result(r)) => (format!("task {} answered", r.task_id), String::new()),
             _ => continue,
         };
-        seen.push((label, at - *offered.get().expect("an offer was sent first")));
+        seen.push(Seen { label, reason, after: at - *offered.get().expect("an offer was sent first") });
     }
     party.abort();
     server.abort();
     seen
 }
 
-/// Runs party "hospital-a" configured with `extra`, whose trainers take
-/// `set_up` to build, against `coordinator` over mutual TLS.
+/// Runs party "hospital-a" configured with `extra`, whose trainers
+/// `factory` builds, against `coordinator` over mutual TLS.
 async fn party_against(
     extra: &str,
-    set_up: Duration,
+    factory: Arc<dyn TrainerFactory>,
     coordinator: Scripted,
 ) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
     let fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
@@ -513,7 +601,7 @@ async fn party_against(
     });
     let mut cfg = PartyConfig::load(&fed.party_config("hospital-a", extra)).expect("config");
     cfg.coordinator = format!("https://127.0.0.1:{port}");
-    let node = PartyNode::new(cfg, Arc::new(SlowFactory(set_up)));
+    let node = PartyNode::new(cfg, factory);
     let party = tokio::spawn(async move {
         let _fed = fed;
         let _ = node.run().await;
@@ -532,8 +620,9 @@ async fn a_party_reconnects_without_waiting_for_an_acceptance() {
     let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
     let script = vec![(Duration::ZERO, offer_of("slow", one_party_spec()))];
     let offered = Arc::new(std::sync::OnceLock::new());
-    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up: true, joins };
-    let (party, server) = party_against("", Duration::from_secs(6), coordinator).await;
+    let hang_up = Some(Duration::from_millis(300));
+    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up, joins };
+    let (party, server) = party_against("", Arc::new(SlowFactory(Duration::from_secs(6))), coordinator).await;
     tokio::time::timeout(Duration::from_secs(60), joined.recv()).await.expect("first connection").expect("open");
     let again = tokio::time::timeout(Duration::from_secs(4), joined.recv()).await;
     party.abort();
