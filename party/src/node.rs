@@ -116,9 +116,16 @@ const MAX_OFFERS_IN_FLIGHT: usize = 64;
 /// depends on when the offers came alone.
 const MAX_OFFERS_UNDER_FLOOR: usize = 8;
 
+/// How long an acceptance waits for the node's acceptance slot before it
+/// warns that an earlier one's set-up has not ended.
+const SLOT_WARNING: Duration = Duration::from_secs(60);
+
 /// Tasks kept, in all, for jobs whose offers are in flight; more are
 /// refused (a coordinator sends one stage's task of a job at a time).
 const MAX_WAITING: usize = 16;
+
+/// Most characters of a close's reason kept, passed on and logged.
+const MAX_CLOSE_REASON_CHARS: usize = 1024;
 
 /// Longest data set name an offer may carry: longer is no data set of any
 /// party, and would only be echoed back.
@@ -168,6 +175,13 @@ struct Offers<'a> {
 impl Offers<'_> {
     fn in_flight(&self) -> usize {
         self.queued.len() + usize::from(self.accepting.is_some()) + self.held.len()
+    }
+
+    /// Whether offer `serial` is in flight.
+    fn in_flight_serial(&self, serial: u64) -> bool {
+        self.queued.iter().any(|(n, _, _)| *n == serial)
+            || self.accepting.as_ref().is_some_and(|(n, _, _)| *n == serial)
+            || self.held.iter().any(|h| h.serial == serial)
     }
 
     /// The serial of the newest offer of `job_id` in flight, if any.
@@ -512,7 +526,9 @@ impl PartyNode {
         let mut welcomed = false;
         let mut me = String::new();
         let mut jobs: HashMap<String, JobInbox> = HashMap::new();
-        let mut pending: Option<(pb::Task, Incoming)> = None;
+        // A task whose chunks are coming, with the newest offer of its job
+        // in flight when its header came (the session it is for).
+        let mut pending: Option<(pb::Task, Incoming, Option<u64>)> = None;
         let mut offers = Offers { queued: VecDeque::new(), accepting: None, held: VecDeque::new(), next_serial: 0 };
         // Tasks and closes for a job whose offer is in flight (a coordinator
         // re-offers a job on reconnect and goes on with its stages):
@@ -576,6 +592,17 @@ impl PartyNode {
                     // node's one acceptance slot until then (see
                     // `PartyNode::accept`). That is safe: the ledger's
                     // reservation is durable, and a re-offer reuses it.
+                    // Accepted sessions held for their floors hold their
+                    // rows: freed on a blocking thread under the slot, so
+                    // that how long freeing takes delays no reconnect.
+                    let held = std::mem::take(&mut offers.held);
+                    if !held.is_empty() {
+                        let slot = self.acceptance_slot.clone();
+                        tokio::spawn(async move {
+                            let slot = slot.acquire_owned().await;
+                            tokio::task::spawn_blocking(move || drop((held, slot)));
+                        });
+                    }
                     return match ended {
                         Err(s) => Err(Error::Transport(format!("stream ended: {}", s.message()))),
                         _ => Ok(welcomed),
@@ -634,7 +661,8 @@ impl PartyNode {
                         && stage_of(&task) == stage
                         && cfg.fault.exit_on_round.is_none_or(|r| r == task.round)
                     {
-                        warn!(job = %task.job_id, round = task.round, "fault injection: exiting on a {stage} task");
+                        let job = echoed(&task.job_id);
+                        warn!(job = %job, round = task.round, "fault injection: exiting on a {stage} task");
                         std::process::exit(3);
                     }
                     if pending.is_some() {
@@ -652,20 +680,25 @@ impl PartyNode {
                                 deliver(&jobs, &mut waiting, offers.newest(&task.job_id), &outbox, task, Some(bulk))
                                     .await;
                             } else {
-                                pending = Some((task, inc));
+                                let newest = offers.newest(&task.job_id);
+                                pending = Some((task, inc, newest));
                             }
                         }
                     }
                 }
                 coordinator_message::Body::Chunk(c) => {
-                    let (_, inc) =
+                    let (_, inc, _) =
                         pending.as_mut().ok_or_else(|| Error::PeerMisbehaved("chunk without a task".into()))?;
                     inc.push(&c).map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                     if inc.is_complete()
-                        && let Some((task, inc)) = pending.take()
+                        && let Some((task, inc, newest)) = pending.take()
                     {
                         let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                        deliver(&jobs, &mut waiting, offers.newest(&task.job_id), &outbox, task, Some(bulk)).await;
+                        // For the session it was for when its header came:
+                        // kept for that offer while it is in flight, else
+                        // routed (to the session before any later offer).
+                        let in_flight = newest.filter(|n| offers.in_flight_serial(*n));
+                        deliver(&jobs, &mut waiting, in_flight, &outbox, task, Some(bulk)).await;
                     }
                 }
                 coordinator_message::Body::Deployment(d) => {
@@ -727,19 +760,20 @@ impl PartyNode {
                     }
                 }
                 coordinator_message::Body::Closed(c) => {
+                    // From the wire: kept, passed on and logged at a bounded length.
+                    let reason: String = c.reason.chars().take(MAX_CLOSE_REASON_CHARS).collect();
                     if let Some(serial) = offers.newest(&c.job_id) {
                         // One close per offer is enough: later ones change nothing.
                         let kept = waiting.entry(c.job_id.clone()).or_default();
                         if !kept.iter().any(|(n, w)| *n == serial && matches!(w, Waiting::Closed(_))) {
-                            kept.push((serial, Waiting::Closed(c.reason.clone())));
+                            kept.push((serial, Waiting::Closed(reason.clone())));
                         }
                     } else if let Some(job) = jobs.remove(&c.job_id) {
-                        let _ = job.send((Instant::now(), PartyInput::Closed { reason: c.reason.clone() }));
+                        let _ = job.send((Instant::now(), PartyInput::Closed { reason: reason.clone() }));
                     }
                     let state =
                         confide_proto::status::JobState::try_from(c.state).map(|s| s.as_str()).unwrap_or("ended");
-                    // (Both from the wire: logged at a bounded length.)
-                    let (job, reason) = (echoed(&c.job_id), c.reason.chars().take(1024).collect::<String>());
+                    let job = echoed(&c.job_id);
                     if reason.is_empty() {
                         info!(job = ?job, state, "job closed");
                     } else {
@@ -810,7 +844,19 @@ impl PartyNode {
         // of its blocking steps (a step goes on when the future is dropped
         // with its connection): a coordinator that hangs up behind every
         // offer gets one set-up at a time, not one per connection.
-        let slot = self.acceptance_slot.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+        let slot = loop {
+            let waiting = tokio::time::timeout(SLOT_WARNING, self.acceptance_slot.clone().acquire_owned());
+            match waiting.await {
+                Ok(slot) => break slot.map_err(|e| e.to_string())?,
+                // A blocking step that never ends (a hung mount, a plug-in
+                // that blocks) stops every acceptance: say so.
+                Err(_) => warn!(
+                    job = %offer.job_id,
+                    "an earlier acceptance's set-up has not ended for {} s; this offer waits for it",
+                    SLOT_WARNING.as_secs()
+                ),
+            }
+        };
         let slot = Arc::new(slot);
         let cfg = &self.config;
         // On a blocking thread: validating a `[dp]` table runs its
@@ -1231,8 +1277,8 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     /// What an offer is refused for on arrival, at once, from the message
-    /// alone: the field at fault is named, and no more of a long id or
-    /// data set name is echoed than a valid one could hold. Under an answer
+    /// alone: the field at fault is named, the id echoed is at most 64
+    /// bytes (cut at a character's boundary), and the reason stays short. Under an answer
     /// floor fewer offers may be in flight.
     #[test]
     fn an_offer_is_refused_on_arrival_for_the_message_alone() {
@@ -1250,11 +1296,14 @@ mod tests {
         let refused = |o: &pb::JobOffer, in_flight, floor| refuse_on_arrival(o, cfg, in_flight, floor);
         assert!(refused(&offer("j-1", 10, "bc"), 0, None).is_none());
         let long = "x".repeat(1 << 20);
-        let wide = "é".repeat(1 << 19);
+        // Byte 64 falls inside a character ('€' is three bytes).
+        let wide = format!("ab{}", "€".repeat(1 << 18));
+        let private = "\u{e000}".repeat(1 << 18);
         for (o, field) in [
             (offer("bad id", 10, "bc"), "job_id"),
             (offer(&long, 10, "bc"), "job_id"),
             (offer(&wide, 10, "bc"), "job_id"),
+            (offer(&private, 10, "bc"), "job_id"),
             (offer("j-1", 10, &wide), "no data set named"),
             (offer("j-1", cfg.limits.max_spec_bytes + 1, "bc"), "spec_toml"),
             (offer("j-1", 10, "other"), "no data set named \"other\""),
@@ -1262,7 +1311,7 @@ mod tests {
         ] {
             let a = refused(&o, 0, None).expect("refused");
             assert!(!a.accepted && a.reason.contains(field), "{field}: {}", a.reason);
-            assert!(a.job_id.len() <= confide_proto::MAX_JOB_ID_LEN && a.reason.len() < 300, "{}", a.reason.len());
+            assert!(a.job_id.len() <= confide_proto::MAX_JOB_ID_LEN && a.reason.len() < 1024, "{}", a.reason.len());
         }
         let floor = Some(Duration::from_secs(3));
         assert!(refused(&offer("j-1", 10, "bc"), MAX_OFFERS_UNDER_FLOOR - 1, floor).is_none());

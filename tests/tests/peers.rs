@@ -298,6 +298,8 @@ struct Scripted {
     offered: Arc<std::sync::OnceLock<std::time::Instant>>,
     /// End the stream this long after the script is played.
     hang_up: Option<Duration>,
+    /// With `hang_up`: and not before this is notified.
+    hang_up_on: Option<Arc<tokio::sync::Notify>>,
     /// When each connection came.
     joins: tokio::sync::mpsc::UnboundedSender<std::time::Instant>,
 }
@@ -317,6 +319,7 @@ impl confide_proto::pb::party_service_server::PartyService for Scripted {
         let welcome = pb::Welcome { party: "hospital-a".into(), ..Default::default() };
         tx.send(msg(coordinator_message::Body::Welcome(welcome))).await.expect("send");
         let (script, offered, hang_up) = (self.script.clone(), self.offered.clone(), self.hang_up);
+        let hang_up_on = self.hang_up_on.clone();
         let sender = tx.clone();
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
@@ -331,6 +334,9 @@ impl confide_proto::pb::party_service_server::PartyService for Scripted {
             }
             if let Some(after) = hang_up {
                 tokio::time::sleep(after).await;
+                if let Some(on) = hang_up_on {
+                    on.notified().await;
+                }
             }
         });
         let seen = self.seen.clone();
@@ -415,17 +421,22 @@ async fn under_a_floor_a_task_cannot_tell_when_the_acceptance_ended() {
     assert!(seen[0].after >= Duration::from_secs(3), "answered before the floor: {seen:?}");
 }
 
-/// Trainers that take this long to build, counting how many are built at once.
+/// Trainers that take this long to build, counting how many are built at
+/// once and how many were started, and notifying `started` of each.
 struct Overlapping {
     set_up: Duration,
     now: std::sync::atomic::AtomicUsize,
     most: std::sync::atomic::AtomicUsize,
+    builds: std::sync::atomic::AtomicUsize,
+    started: Arc<tokio::sync::Notify>,
 }
 
 impl TrainerFactory for Overlapping {
     fn build(&self, spec: &JobSpec, data: &DatasetSource, party: &str) -> Result<Box<dyn Trainer>, String> {
         let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(now, Ordering::SeqCst);
+        self.builds.fetch_add(1, Ordering::SeqCst);
+        self.started.notify_one();
         std::thread::sleep(self.set_up);
         self.now.fetch_sub(1, Ordering::SeqCst);
         BuiltinTrainers::default().build(spec, data, party)
@@ -435,8 +446,10 @@ impl TrainerFactory for Overlapping {
 /// A coordinator that hangs up right behind an offer, on every connection,
 /// gets one set-up at a time: an acceptance dropped with its connection
 /// finishes its blocking work in the background, holding the node's one
-/// acceptance slot, so set-ups do not pile up one per reconnect (here
-/// 1.5 s each, reconnects every ~0.25 s).
+/// acceptance slot, so set-ups do not pile up one per reconnect. The
+/// coordinator hangs up once a set-up (1 s) has started, on each of five
+/// connections; without the slot the next connection's set-up would start
+/// beside the one cut off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acceptances_cut_off_by_hang_ups_run_one_at_a_time() {
     install_crypto();
@@ -444,18 +457,23 @@ async fn acceptances_cut_off_by_hang_ups_run_one_at_a_time() {
     let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
     let script = vec![(Duration::ZERO, offer_of("slow", one_party_spec()))];
     let offered = Arc::new(std::sync::OnceLock::new());
-    // Late enough for the acceptance to reach the set-up.
-    let hang_up = Some(Duration::from_millis(300));
-    let coordinator = Scripted { script, seen, offered, hang_up, joins };
-    let factory = Arc::new(Overlapping { set_up: Duration::from_millis(1500), now: 0.into(), most: 0.into() });
+    let started = Arc::new(tokio::sync::Notify::new());
+    let hang_up = Some(Duration::ZERO);
+    let coordinator = Scripted { script, seen, offered, hang_up, hang_up_on: Some(started.clone()), joins };
+    let factory = Arc::new(Overlapping {
+        set_up: Duration::from_secs(1),
+        now: 0.into(),
+        most: 0.into(),
+        builds: 0.into(),
+        started,
+    });
     let (party, server) = party_against("", factory.clone(), coordinator).await;
-    let mut connections = 0;
-    while connections < 8 {
+    for _ in 0..5 {
         tokio::time::timeout(Duration::from_secs(60), joined.recv()).await.expect("a connection").expect("open");
-        connections += 1;
     }
     party.abort();
     server.abort();
+    assert!(factory.builds.load(Ordering::SeqCst) >= 3, "set-ups started: {}", factory.builds.load(Ordering::SeqCst));
     assert_eq!(factory.most.load(Ordering::SeqCst), 1, "set-ups at once");
 }
 
@@ -494,6 +512,18 @@ async fn a_close_between_two_offers_of_a_job_closes_the_older_session() {
     let floor = "[policy]\nmin_answer_after_secs = 1.0\n";
     let seen = scripted(floor, Duration::from_millis(200), script, 3).await;
     assert_eq!(labels(&seen), ["slow accepted: true", "slow accepted: true", "task 8 answered"], "{seen:?}");
+    // And it is not lost: with a re-offer that is refused, the older
+    // session is closed and nothing answers the task.
+    let closed = pb::JobClosed { job_id: "slow".into(), state: 0, reason: "reconnected".into() };
+    let script = vec![
+        (Duration::ZERO, offer_of("slow", one_party_spec())),
+        (Duration::from_millis(100), coordinator_message::Body::Closed(closed)),
+        (Duration::from_millis(200), offer_of("slow", "not toml".into())),
+        (Duration::from_millis(2500), setup_task("slow", 8)),
+    ];
+    let seen = scripted(floor, Duration::from_millis(200), script, 3).await;
+    assert_eq!(labels(&seen), ["slow accepted: true", "slow refused", "task 8 refused"], "{seen:?}");
+    assert_eq!(seen[2].reason, NOT_ACCEPTED);
 }
 
 /// Under an answer floor at most 8 offers are in flight, counted from each
@@ -502,9 +532,9 @@ async fn a_close_between_two_offers_of_a_job_closes_the_older_session() {
 /// - 10 offers at once, each refused by the party for its spec in
 ///   microseconds: the 9th and 10th are refused at once, the others at
 ///   the floor (2 s), in order of arrival;
-/// - 8 offers accepted in 0.1 s each, then a 9th at 1.5 s, when every
-///   acceptance has ended but no answer has gone: the 9th is refused;
-///   after the floor the party takes offers again.
+/// - 8 offers accepted in 10 ms each, then a 9th at 1.5 s, when every
+///   acceptance has ended but no answer has gone (floor 3 s): the 9th is
+///   refused; after the floor the party takes offers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_a_floor_offers_in_flight_are_bounded_by_their_arrival_alone() {
     install_crypto();
@@ -520,15 +550,16 @@ async fn under_a_floor_offers_in_flight_are_bounded_by_their_arrival_alone() {
         assert!(s.reason.starts_with("invalid job spec"), "{s:?}");
         assert!(s.after >= Duration::from_secs(2), "answered before the floor: {s:?}");
     }
+    let floor = "[policy]\nmin_answer_after_secs = 3.0\n";
     let mut script: Vec<_> = (0..8).map(|i| (now, offer_of(&format!("a{i}"), one_party_spec()))).collect();
     script.push((Duration::from_millis(1500), offer_of("ninth", one_party_spec())));
-    script.push((Duration::from_millis(2500), offer_of("later", one_party_spec())));
-    let seen = scripted(floor, Duration::from_millis(100), script, 10).await;
+    script.push((Duration::from_millis(3500), offer_of("later", one_party_spec())));
+    let seen = scripted(floor, Duration::from_millis(10), script, 10).await;
     assert_eq!(seen[0].label, "ninth refused", "{seen:?}");
     assert!(seen[0].reason.starts_with(in_flight), "{seen:?}");
     let accepted: Vec<String> = (0..8).map(|i| format!("a{i} accepted: true")).collect();
     assert_eq!(labels(&seen[1..9]), accepted, "{seen:?}");
-    assert!(seen[1..9].iter().all(|s| s.after >= Duration::from_secs(2)), "{seen:?}");
+    assert!(seen[1..9].iter().all(|s| s.after >= Duration::from_secs(3)), "{seen:?}");
     assert_eq!(seen[9].label, "later accepted: true", "{seen:?}");
 }
 
@@ -561,7 +592,7 @@ async fn scripted(
     let (seen, mut party_sent) = tokio::sync::mpsc::channel(64);
     let offered = Arc::new(std::sync::OnceLock::new());
     let (joins, _) = tokio::sync::mpsc::unbounded_channel();
-    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up: None, joins };
+    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up: None, hang_up_on: None, joins };
     let (party, server) = party_against(extra, Arc::new(SlowFactory(set_up)), coordinator).await;
     let mut seen = Vec::new();
     while seen.len() < count {
@@ -621,7 +652,7 @@ async fn a_party_reconnects_without_waiting_for_an_acceptance() {
     let script = vec![(Duration::ZERO, offer_of("slow", one_party_spec()))];
     let offered = Arc::new(std::sync::OnceLock::new());
     let hang_up = Some(Duration::from_millis(300));
-    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up, joins };
+    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up, hang_up_on: None, joins };
     let (party, server) = party_against("", Arc::new(SlowFactory(Duration::from_secs(6))), coordinator).await;
     tokio::time::timeout(Duration::from_secs(60), joined.recv()).await.expect("first connection").expect("open");
     let again = tokio::time::timeout(Duration::from_secs(4), joined.recv()).await;
