@@ -117,7 +117,7 @@ const MAX_OFFERS_IN_FLIGHT: usize = 64;
 const MAX_OFFERS_UNDER_FLOOR: usize = 8;
 
 /// How long an acceptance waits for the node's acceptance slot before it
-/// warns that an earlier one's set-up has not ended.
+/// warns that whatever holds it has not ended.
 const SLOT_WARNING: Duration = Duration::from_secs(60);
 
 /// Tasks kept, in all, for jobs whose offers are in flight; more are
@@ -170,6 +170,27 @@ struct Offers<'a> {
     held: VecDeque<Held>,
     /// The next offer's serial.
     next_serial: u64,
+    /// The node's acceptance slot, under which held sessions are freed.
+    slot: Arc<tokio::sync::Semaphore>,
+}
+
+impl Drop for Offers<'_> {
+    /// However the connection ends: sessions whose answers were held hold
+    /// their rows, freed on a blocking thread under the acceptance slot, so
+    /// that how long freeing takes delays no reconnect.
+    fn drop(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        if held.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let slot = self.slot.clone();
+            runtime.spawn(async move {
+                let slot = slot.acquire_owned().await;
+                tokio::task::spawn_blocking(move || drop((held, slot)));
+            });
+        }
+    }
 }
 
 impl Offers<'_> {
@@ -529,7 +550,13 @@ impl PartyNode {
         // A task whose chunks are coming, with the newest offer of its job
         // in flight when its header came (the session it is for).
         let mut pending: Option<(pb::Task, Incoming, Option<u64>)> = None;
-        let mut offers = Offers { queued: VecDeque::new(), accepting: None, held: VecDeque::new(), next_serial: 0 };
+        let mut offers = Offers {
+            queued: VecDeque::new(),
+            accepting: None,
+            held: VecDeque::new(),
+            next_serial: 0,
+            slot: self.acceptance_slot.clone(),
+        };
         // Tasks and closes for a job whose offer is in flight (a coordinator
         // re-offers a job on reconnect and goes on with its stages):
         // delivered, in order, once it is answered.
@@ -592,17 +619,8 @@ impl PartyNode {
                     // node's one acceptance slot until then (see
                     // `PartyNode::accept`). That is safe: the ledger's
                     // reservation is durable, and a re-offer reuses it.
-                    // Accepted sessions held for their floors hold their
-                    // rows: freed on a blocking thread under the slot, so
-                    // that how long freeing takes delays no reconnect.
-                    let held = std::mem::take(&mut offers.held);
-                    if !held.is_empty() {
-                        let slot = self.acceptance_slot.clone();
-                        tokio::spawn(async move {
-                            let slot = slot.acquire_owned().await;
-                            tokio::task::spawn_blocking(move || drop((held, slot)));
-                        });
-                    }
+                    // Sessions held for their floors are freed as `Offers`
+                    // drops, on any return.
                     return match ended {
                         Err(s) => Err(Error::Transport(format!("stream ended: {}", s.message()))),
                         _ => Ok(welcomed),
@@ -614,6 +632,9 @@ impl PartyNode {
                 return Err(Error::PeerMisbehaved("empty message".into()));
             };
             match body {
+                coordinator_message::Body::Welcome(_) if welcomed => {
+                    return Err(Error::PeerMisbehaved("a second welcome on one connection".into()));
+                }
                 coordinator_message::Body::Welcome(w) => {
                     info!(party = %w.party, coordinator_version = %w.software_version, "connected to the coordinator");
                     me = w.party;
@@ -852,7 +873,8 @@ impl PartyNode {
                 // that blocks) stops every acceptance: say so.
                 Err(_) => warn!(
                     job = %offer.job_id,
-                    "an earlier acceptance's set-up has not ended for {} s; this offer waits for it",
+                    "an earlier acceptance's blocking work (or the freeing of sessions held when a connection \
+                     ended) has not ended for {} s; this offer waits for it",
                     SLOT_WARNING.as_secs()
                 ),
             }
@@ -981,17 +1003,26 @@ impl PartyNode {
     }
 }
 
-/// Runs `f` on a blocking thread that holds `slot` until `f` returns, even
-/// if the future awaiting it is dropped.
-fn holding<T: Send + 'static>(
+/// Runs `f` on a blocking thread that holds `slot` until `f` returns and,
+/// if the acceptance awaiting it was dropped (with its connection), until
+/// its value (the rows, a trainer) is freed there too. The error is a
+/// panic's message.
+async fn holding<T: Send + 'static>(
     slot: &Arc<tokio::sync::OwnedSemaphorePermit>,
     f: impl FnOnce() -> T + Send + 'static,
-) -> tokio::task::JoinHandle<T> {
+) -> Result<T, String> {
     let slot = slot.clone();
-    tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        f()
-    })
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    drop(tokio::task::spawn_blocking(move || {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .map_err(|p| crate::session::panic_message(p.as_ref()));
+        // Nobody waits any more: freed here, before the slot.
+        if let Err(unsent) = tx.send(result) {
+            drop(unsent);
+        }
+        drop(slot);
+    }));
+    rx.await.unwrap_or_else(|_| Err("the blocking step ended without a result".into()))
 }
 
 /// The first message: with a delegation when the server this party dialled

@@ -156,7 +156,7 @@ pub struct AnswerFloor {
 /// party's log, as a DP job's set-up failures do.
 const PANICKED: &str = "its trainer panicked (the message is in this party's log)";
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| p.downcast_ref::<String>().cloned())

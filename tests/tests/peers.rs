@@ -447,7 +447,7 @@ impl TrainerFactory for Overlapping {
 /// gets one set-up at a time: an acceptance dropped with its connection
 /// finishes its blocking work in the background, holding the node's one
 /// acceptance slot, so set-ups do not pile up one per reconnect. The
-/// coordinator hangs up once a set-up (1 s) has started, on each of five
+/// coordinator hangs up once a set-up (3 s) has started, on each of four
 /// connections; without the slot the next connection's set-up would start
 /// beside the one cut off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,20 +461,40 @@ async fn acceptances_cut_off_by_hang_ups_run_one_at_a_time() {
     let hang_up = Some(Duration::ZERO);
     let coordinator = Scripted { script, seen, offered, hang_up, hang_up_on: Some(started.clone()), joins };
     let factory = Arc::new(Overlapping {
-        set_up: Duration::from_secs(1),
+        set_up: Duration::from_secs(3),
         now: 0.into(),
         most: 0.into(),
         builds: 0.into(),
         started,
     });
     let (party, server) = party_against("", factory.clone(), coordinator).await;
-    for _ in 0..5 {
+    for _ in 0..4 {
         tokio::time::timeout(Duration::from_secs(60), joined.recv()).await.expect("a connection").expect("open");
     }
     party.abort();
     server.abort();
     assert!(factory.builds.load(Ordering::SeqCst) >= 3, "set-ups started: {}", factory.builds.load(Ordering::SeqCst));
     assert_eq!(factory.most.load(Ordering::SeqCst), 1, "set-ups at once");
+}
+
+/// A coordinator that welcomes a party twice on one connection is cut off
+/// (each welcome started a task reporting serving counts, and changed the
+/// name later acceptances use): the party reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_welcome_ends_the_connection() {
+    install_crypto();
+    let (seen, _party_sent) = tokio::sync::mpsc::channel(64);
+    let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
+    let welcome = pb::Welcome { party: "hospital-a".into(), ..Default::default() };
+    let script = vec![(Duration::from_millis(100), coordinator_message::Body::Welcome(welcome))];
+    let offered = Arc::new(std::sync::OnceLock::new());
+    let coordinator = Scripted { script, seen, offered, hang_up: None, hang_up_on: None, joins };
+    let (party, server) = party_against("", Arc::new(SlowFactory(Duration::ZERO)), coordinator).await;
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(30), joined.recv()).await.expect("a connection").expect("open");
+    }
+    party.abort();
+    server.abort();
 }
 
 /// A close that comes while its job's offer is in flight is kept, not lost:
