@@ -532,6 +532,17 @@ impl PartyService for PartySvc {
         let (out_tx, out_rx) = mpsc::channel::<Outbound>(256);
         let conn_id = hub.next_id.fetch_add(1, Ordering::Relaxed);
         let via = relay.as_ref().map(|(r, _)| r.clone());
+        // The welcome goes first on this stream's own queue (by name, two
+        // joins racing under one name could both welcome the newer stream,
+        // which a party refuses).
+        let welcome = Outbound::Msg(coordinator_message::Body::Welcome(pb::Welcome {
+            party: name.clone(),
+            software_version: VERSION.into(),
+            max_message_bytes: hub.limits.max_message_bytes as u64,
+            max_values: hub.limits.max_values as u64,
+            revocations: Some(pb::RevocationList { crl: hub.revocation_list().der().to_vec() }),
+        }));
+        let _ = out_tx.try_send(welcome);
         let conn = PartyConn { conn_id, tx: out_tx, certificate: certificate.clone(), relay, hello: None };
         let previous = lock(&hub.parties).insert(name.clone(), conn);
         if previous.is_some() {
@@ -539,16 +550,6 @@ impl PartyService for PartySvc {
         }
         let (sent, received) = hub.metrics.stream_counters(&name);
         tokio::spawn(writer(out_rx, resp_tx, hub.limits.chunk_bytes, sent));
-        hub.send(
-            &name,
-            Outbound::Msg(coordinator_message::Body::Welcome(pb::Welcome {
-                party: name.clone(),
-                software_version: VERSION.into(),
-                max_message_bytes: hub.limits.max_message_bytes as u64,
-                max_values: hub.limits.max_values as u64,
-                revocations: Some(pb::RevocationList { crl: hub.revocation_list().der().to_vec() }),
-            })),
-        );
         let db_hub = hub.clone();
         let db_name = name.clone();
         spawn_db(move || {

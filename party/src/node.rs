@@ -1011,8 +1011,8 @@ async fn holding<T: Send + 'static>(
     slot: &Arc<tokio::sync::OwnedSemaphorePermit>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
-    let slot = slot.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let step_slot = slot.clone();
     drop(tokio::task::spawn_blocking(move || {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
             .map_err(|p| crate::session::panic_message(p.as_ref()));
@@ -1020,9 +1020,32 @@ async fn holding<T: Send + 'static>(
         if let Err(unsent) = tx.send(result) {
             drop(unsent);
         }
-        drop(slot);
+        drop(step_slot);
     }));
-    rx.await.unwrap_or_else(|_| Err("the blocking step ended without a result".into()))
+    let mut receiving = Receiving { rx, slot: slot.clone() };
+    (&mut receiving.rx).await.unwrap_or_else(|_| Err("the blocking step ended without a result".into()))
+}
+
+/// A blocking step's result on its way to the acceptance. Dropped with the
+/// acceptance before the result is taken (the step had sent it), the
+/// result is freed on a blocking thread under the slot, not on the
+/// message loop's task, where it would delay the reconnect.
+struct Receiving<T: Send + 'static> {
+    rx: tokio::sync::oneshot::Receiver<Result<T, String>>,
+    slot: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<T: Send + 'static> Drop for Receiving<T> {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Ok(unread) = self.rx.try_recv() {
+            let slot = self.slot.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop((unread, slot)))),
+                Err(_) => drop((unread, slot)),
+            }
+        }
+    }
 }
 
 /// The first message: with a delegation when the server this party dialled

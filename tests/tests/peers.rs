@@ -490,11 +490,26 @@ async fn a_second_welcome_ends_the_connection() {
     let offered = Arc::new(std::sync::OnceLock::new());
     let coordinator = Scripted { script, seen, offered, hang_up: None, hang_up_on: None, joins };
     let (party, server) = party_against("", Arc::new(SlowFactory(Duration::ZERO)), coordinator).await;
+    let mut joins = Vec::new();
     for _ in 0..2 {
-        tokio::time::timeout(Duration::from_secs(30), joined.recv()).await.expect("a connection").expect("open");
+        joins.push(
+            tokio::time::timeout(Duration::from_secs(30), joined.recv()).await.expect("a connection").expect("open"),
+        );
     }
     party.abort();
     server.abort();
+    assert!(joins[1] - joins[0] >= Duration::from_millis(100), "reconnected before the second welcome");
+    // Without the second welcome the connection stays.
+    let (seen, _party_sent) = tokio::sync::mpsc::channel(64);
+    let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
+    let offered = Arc::new(std::sync::OnceLock::new());
+    let coordinator = Scripted { script: Vec::new(), seen, offered, hang_up: None, hang_up_on: None, joins };
+    let (party, server) = party_against("", Arc::new(SlowFactory(Duration::ZERO)), coordinator).await;
+    tokio::time::timeout(Duration::from_secs(30), joined.recv()).await.expect("a connection").expect("open");
+    let again = tokio::time::timeout(Duration::from_secs(2), joined.recv()).await;
+    party.abort();
+    server.abort();
+    assert!(again.is_err(), "reconnected without a second welcome");
 }
 
 /// A close that comes while its job's offer is in flight is kept, not lost:
