@@ -534,17 +534,24 @@ impl PartyService for PartySvc {
         let via = relay.as_ref().map(|(r, _)| r.clone());
         // The welcome goes first on this stream's own queue (by name, two
         // joins racing under one name could both welcome the newer stream,
-        // which a party refuses).
-        let welcome = Outbound::Msg(coordinator_message::Body::Welcome(pb::Welcome {
-            party: name.clone(),
-            software_version: VERSION.into(),
-            max_message_bytes: hub.limits.max_message_bytes as u64,
-            max_values: hub.limits.max_values as u64,
-            revocations: Some(pb::RevocationList { crl: hub.revocation_list().der().to_vec() }),
-        }));
-        let _ = out_tx.try_send(welcome);
-        let conn = PartyConn { conn_id, tx: out_tx, certificate: certificate.clone(), relay, hello: None };
-        let previous = lock(&hub.parties).insert(name.clone(), conn);
+        // which a party refuses). Its revocation list is read under the
+        // parties' lock, as the stream joins them: a newer list published
+        // meanwhile is then pushed to this stream too (the revocation watcher
+        // stores a list, then sends it to the streams it finds there).
+        let previous = {
+            let mut parties = lock(&hub.parties);
+            let welcome = Outbound::Msg(coordinator_message::Body::Welcome(pb::Welcome {
+                party: name.clone(),
+                software_version: VERSION.into(),
+                max_message_bytes: hub.limits.max_message_bytes as u64,
+                max_values: hub.limits.max_values as u64,
+                revocations: Some(pb::RevocationList { crl: hub.revocation_list().der().to_vec() }),
+            }));
+            // A fresh queue of 256 with no other sender yet: it has room.
+            let _ = out_tx.try_send(welcome);
+            let conn = PartyConn { conn_id, tx: out_tx, certificate: certificate.clone(), relay, hello: None };
+            parties.insert(name.clone(), conn)
+        };
         if previous.is_some() {
             info!(party = %name, "party reconnected; the older stream is closed");
         }

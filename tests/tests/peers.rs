@@ -486,7 +486,7 @@ async fn a_second_welcome_ends_the_connection() {
     let (seen, _party_sent) = tokio::sync::mpsc::channel(64);
     let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
     let welcome = pb::Welcome { party: "hospital-a".into(), ..Default::default() };
-    let script = vec![(Duration::from_millis(100), coordinator_message::Body::Welcome(welcome))];
+    let script = vec![(Duration::from_secs(1), coordinator_message::Body::Welcome(welcome))];
     let offered = Arc::new(std::sync::OnceLock::new());
     let coordinator = Scripted { script, seen, offered, hang_up: None, hang_up_on: None, joins };
     let (party, server) = party_against("", Arc::new(SlowFactory(Duration::ZERO)), coordinator).await;
@@ -498,7 +498,7 @@ async fn a_second_welcome_ends_the_connection() {
     }
     party.abort();
     server.abort();
-    assert!(joins[1] - joins[0] >= Duration::from_millis(100), "reconnected before the second welcome");
+    assert!(joins[1] - joins[0] >= Duration::from_secs(1), "reconnected before the second welcome");
     // Without the second welcome the connection stays.
     let (seen, _party_sent) = tokio::sync::mpsc::channel(64);
     let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
@@ -509,7 +509,7 @@ async fn a_second_welcome_ends_the_connection() {
     let again = tokio::time::timeout(Duration::from_secs(2), joined.recv()).await;
     party.abort();
     server.abort();
-    assert!(again.is_err(), "reconnected without a second welcome");
+    assert!(!matches!(again, Ok(Some(_))), "reconnected without a second welcome");
 }
 
 /// A close that comes while its job's offer is in flight is kept, not lost:
