@@ -538,15 +538,19 @@ impl PartyService for PartySvc {
         // parties' lock, as the stream joins them: a newer list published
         // meanwhile is then pushed to this stream too (the revocation watcher
         // stores a list, then sends it to the streams it finds there).
+        let mut welcome = pb::Welcome {
+            party: name.clone(),
+            software_version: VERSION.into(),
+            max_message_bytes: hub.limits.max_message_bytes as u64,
+            max_values: hub.limits.max_values as u64,
+            revocations: None,
+        };
         let previous = {
             let mut parties = lock(&hub.parties);
-            let welcome = Outbound::Msg(coordinator_message::Body::Welcome(pb::Welcome {
-                party: name.clone(),
-                software_version: VERSION.into(),
-                max_message_bytes: hub.limits.max_message_bytes as u64,
-                max_values: hub.limits.max_values as u64,
-                revocations: Some(pb::RevocationList { crl: hub.revocation_list().der().to_vec() }),
-            }));
+            // (The list's DER alone, not a clone of its serials.)
+            let crl = hub.revocations.read().unwrap_or_else(|p| p.into_inner()).der().to_vec();
+            welcome.revocations = Some(pb::RevocationList { crl });
+            let welcome = Outbound::Msg(coordinator_message::Body::Welcome(welcome));
             // A fresh queue of 256 with no other sender yet: it has room.
             let _ = out_tx.try_send(welcome);
             let conn = PartyConn { conn_id, tx: out_tx, certificate: certificate.clone(), relay, hello: None };
