@@ -127,10 +127,6 @@ const MAX_WAITING: usize = 16;
 /// Most characters of a close's reason kept, passed on and logged.
 const MAX_CLOSE_REASON_CHARS: usize = 1024;
 
-/// Longest data set name an offer may carry: longer is no data set of any
-/// party, and would only be echoed back.
-const MAX_DATASET_NAME_LEN: usize = 256;
-
 /// A message for a job whose offer is in flight, kept for the newest such
 /// offer when it came (its serial): a close sent before a re-offer is for
 /// the session before it.
@@ -229,7 +225,7 @@ fn refuse_on_arrival(
         e
     } else if offer.spec_toml.len() > cfg.limits.max_spec_bytes {
         format!("spec_toml: {} bytes; the limit is {}", offer.spec_toml.len(), cfg.limits.max_spec_bytes)
-    } else if offer.dataset.len() > MAX_DATASET_NAME_LEN || !cfg.datasets.contains_key(&offer.dataset) {
+    } else if !cfg.datasets.contains_key(&offer.dataset) {
         format!("no data set named {:?} at this party", echoed(&offer.dataset))
     } else if in_flight >= limit {
         let under = if floor.is_some() { " under policy.min_answer_after_secs" } else { "" };
@@ -1332,8 +1328,8 @@ mod tests {
 
     /// What an offer is refused for on arrival, at once, from the message
     /// alone: the field at fault is named, the id echoed is at most 64
-    /// bytes (cut at a character's boundary), and the reason stays short. Under an answer
-    /// floor fewer offers may be in flight.
+    /// bytes (cut at a character's boundary), and the reason stays short.
+    /// Under an answer floor fewer offers may be in flight.
     #[test]
     fn an_offer_is_refused_on_arrival_for_the_message_alone() {
         let dir = tempfile::tempdir().unwrap();

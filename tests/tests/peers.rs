@@ -304,6 +304,33 @@ struct Scripted {
     joins: tokio::sync::mpsc::UnboundedSender<std::time::Instant>,
 }
 
+/// What a test watches of a [`Scripted`] coordinator.
+struct Watch {
+    /// Every message the party sent, with when it came.
+    sent: tokio::sync::mpsc::Receiver<(pb::PartyMessage, std::time::Instant)>,
+    /// When each connection came.
+    joined: tokio::sync::mpsc::UnboundedReceiver<std::time::Instant>,
+    /// When the first offer was sent.
+    offered: Arc<std::sync::OnceLock<std::time::Instant>>,
+}
+
+impl Scripted {
+    /// A coordinator that plays `script` on every connection, ending the
+    /// stream `hang_up` after it (and once `hang_up_on` is notified), and
+    /// what a test watches of it.
+    fn new(
+        script: Vec<(Duration, coordinator_message::Body)>,
+        hang_up: Option<Duration>,
+        hang_up_on: Option<Arc<tokio::sync::Notify>>,
+    ) -> (Scripted, Watch) {
+        let (seen, sent) = tokio::sync::mpsc::channel(64);
+        let (joins, joined) = tokio::sync::mpsc::unbounded_channel();
+        let offered = Arc::new(std::sync::OnceLock::new());
+        let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up, hang_up_on, joins };
+        (coordinator, Watch { sent, joined, offered })
+    }
+}
+
 #[tonic::async_trait]
 impl confide_proto::pb::party_service_server::PartyService for Scripted {
     type JoinStream = ReceiverStream<Result<pb::CoordinatorMessage, tonic::Status>>;
@@ -453,13 +480,9 @@ impl TrainerFactory for Overlapping {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acceptances_cut_off_by_hang_ups_run_one_at_a_time() {
     install_crypto();
-    let (seen, _party_sent) = tokio::sync::mpsc::channel(64);
-    let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
     let script = vec![(Duration::ZERO, offer_of("slow", one_party_spec()))];
-    let offered = Arc::new(std::sync::OnceLock::new());
     let started = Arc::new(tokio::sync::Notify::new());
-    let hang_up = Some(Duration::ZERO);
-    let coordinator = Scripted { script, seen, offered, hang_up, hang_up_on: Some(started.clone()), joins };
+    let (coordinator, mut watch) = Scripted::new(script, Some(Duration::ZERO), Some(started.clone()));
     let factory = Arc::new(Overlapping {
         set_up: Duration::from_secs(3),
         now: 0.into(),
@@ -469,7 +492,7 @@ async fn acceptances_cut_off_by_hang_ups_run_one_at_a_time() {
     });
     let (party, server) = party_against("", factory.clone(), coordinator).await;
     for _ in 0..4 {
-        tokio::time::timeout(Duration::from_secs(60), joined.recv()).await.expect("a connection").expect("open");
+        tokio::time::timeout(Duration::from_secs(60), watch.joined.recv()).await.expect("a connection").expect("open");
     }
     party.abort();
     server.abort();
@@ -483,30 +506,23 @@ async fn acceptances_cut_off_by_hang_ups_run_one_at_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_welcome_ends_the_connection() {
     install_crypto();
-    let (seen, _party_sent) = tokio::sync::mpsc::channel(64);
-    let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
     let welcome = pb::Welcome { party: "hospital-a".into(), ..Default::default() };
     let script = vec![(Duration::from_secs(1), coordinator_message::Body::Welcome(welcome))];
-    let offered = Arc::new(std::sync::OnceLock::new());
-    let coordinator = Scripted { script, seen, offered, hang_up: None, hang_up_on: None, joins };
+    let (coordinator, mut watch) = Scripted::new(script, None, None);
     let (party, server) = party_against("", Arc::new(SlowFactory(Duration::ZERO)), coordinator).await;
     let mut joins = Vec::new();
     for _ in 0..2 {
-        joins.push(
-            tokio::time::timeout(Duration::from_secs(30), joined.recv()).await.expect("a connection").expect("open"),
-        );
+        let join = tokio::time::timeout(Duration::from_secs(30), watch.joined.recv()).await;
+        joins.push(join.expect("a connection").expect("open"));
     }
     party.abort();
     server.abort();
     assert!(joins[1] - joins[0] >= Duration::from_secs(1), "reconnected before the second welcome");
     // Without the second welcome the connection stays.
-    let (seen, _party_sent) = tokio::sync::mpsc::channel(64);
-    let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
-    let offered = Arc::new(std::sync::OnceLock::new());
-    let coordinator = Scripted { script: Vec::new(), seen, offered, hang_up: None, hang_up_on: None, joins };
+    let (coordinator, mut watch) = Scripted::new(Vec::new(), None, None);
     let (party, server) = party_against("", Arc::new(SlowFactory(Duration::ZERO)), coordinator).await;
-    tokio::time::timeout(Duration::from_secs(30), joined.recv()).await.expect("a connection").expect("open");
-    let again = tokio::time::timeout(Duration::from_secs(2), joined.recv()).await;
+    tokio::time::timeout(Duration::from_secs(30), watch.joined.recv()).await.expect("a connection").expect("open");
+    let again = tokio::time::timeout(Duration::from_secs(2), watch.joined.recv()).await;
     party.abort();
     server.abort();
     assert!(again.is_err(), "reconnected (or the fake coordinator ended) without a second welcome: {again:?}");
@@ -624,15 +640,12 @@ async fn scripted(
     script: Vec<(Duration, coordinator_message::Body)>,
     count: usize,
 ) -> Vec<Seen> {
-    let (seen, mut party_sent) = tokio::sync::mpsc::channel(64);
-    let offered = Arc::new(std::sync::OnceLock::new());
-    let (joins, _) = tokio::sync::mpsc::unbounded_channel();
-    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up: None, hang_up_on: None, joins };
+    let (coordinator, mut watch) = Scripted::new(script, None, None);
     let (party, server) = party_against(extra, Arc::new(SlowFactory(set_up)), coordinator).await;
     let mut seen = Vec::new();
     while seen.len() < count {
         let (m, at) =
-            tokio::time::timeout(Duration::from_secs(60), party_sent.recv()).await.expect("in time").expect("open");
+            tokio::time::timeout(Duration::from_secs(60), watch.sent.recv()).await.expect("in time").expect("open");
         let (label, reason) = match m.body {
             Some(party_message::Body::Failed(f)) => (format!("task {} refused", f.task_id), f.reason),
             Some(party_message::Body::JobAnswer(a)) if a.accepted => (format!("{} accepted: true", a.job_id), a.reason),
@@ -640,7 +653,7 @@ async fn scripted(
             Some(party_message::Body::Result(r)) => (format!("task {} answered", r.task_id), String::new()),
             _ => continue,
         };
-        seen.push(Seen { label, reason, after: at - *offered.get().expect("an offer was sent first") });
+        seen.push(Seen { label, reason, after: at - *watch.offered.get().expect("an offer was sent first") });
     }
     party.abort();
     server.abort();
@@ -682,17 +695,13 @@ async fn party_against(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_party_reconnects_without_waiting_for_an_acceptance() {
     install_crypto();
-    let (seen, _party_sent) = tokio::sync::mpsc::channel(64);
-    let (joins, mut joined) = tokio::sync::mpsc::unbounded_channel();
     let script = vec![(Duration::ZERO, offer_of("slow", one_party_spec()))];
-    let offered = Arc::new(std::sync::OnceLock::new());
-    let hang_up = Some(Duration::from_millis(300));
-    let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up, hang_up_on: None, joins };
+    let (coordinator, mut watch) = Scripted::new(script, Some(Duration::from_millis(300)), None);
     let (party, server) = party_against("", Arc::new(SlowFactory(Duration::from_secs(6))), coordinator).await;
-    tokio::time::timeout(Duration::from_secs(60), joined.recv()).await.expect("first connection").expect("open");
-    let again = tokio::time::timeout(Duration::from_secs(4), joined.recv()).await;
+    tokio::time::timeout(Duration::from_secs(60), watch.joined.recv()).await.expect("first connection").expect("open");
+    let again = tokio::time::timeout(Duration::from_secs(4), watch.joined.recv()).await;
     party.abort();
     server.abort();
     let again = again.expect("reconnected before the acceptance ended").expect("open");
-    assert!(again >= *offered.get().expect("the offer was sent"));
+    assert!(again >= *watch.offered.get().expect("the offer was sent"));
 }
