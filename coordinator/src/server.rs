@@ -248,6 +248,16 @@ impl Hub {
         lock(&self.parties).get(party).map(|c| c.tx.clone())
     }
 
+    /// Every connected party's current stream: name, number and queue.
+    fn streams(&self) -> Vec<(String, u64, mpsc::Sender<Outbound>)> {
+        lock(&self.parties).iter().map(|(n, c)| (n.clone(), c.conn_id, c.tx.clone())).collect()
+    }
+
+    /// Whether `party`'s current stream is the one numbered `conn_id`.
+    fn is_current(&self, party: &str, conn_id: u64) -> bool {
+        lock(&self.parties).get(party).is_some_and(|c| c.conn_id == conn_id)
+    }
+
     /// Queues a message for a party; false if it is not connected or its queue is full.
     pub fn send(&self, party: &str, msg: Outbound) -> bool {
         lock(&self.parties).get(party).is_some_and(|c| c.tx.try_send(msg).is_ok())
@@ -287,7 +297,22 @@ impl Hub {
 
     /// Closes `party`'s stream now, saying why; its jobs see it disconnect.
     fn expel(&self, party: &str, why: &str) {
-        let Some(conn) = lock(&self.parties).remove(party) else { return };
+        self.expel_stream(party, None, why);
+    }
+
+    /// [`Hub::expel`], only if `party`'s current stream is still the one
+    /// numbered `conn_id` (when given): a newer stream is left alone.
+    fn expel_stream(&self, party: &str, conn_id: Option<u64>, why: &str) {
+        let conn = {
+            let mut parties = lock(&self.parties);
+            let that_stream = parties.get(party).is_some_and(|c| conn_id.is_none_or(|id| c.conn_id == id));
+            if !that_stream {
+                return;
+            }
+            lock(&self.serving).remove(party);
+            parties.remove(party)
+        };
+        let Some(conn) = conn else { return };
         warn!(party = %party, "closing the stream: {why}");
         let _ = conn.tx.try_send(Outbound::Close(Status::permission_denied(why.to_owned())));
         let (db, name) = (self.db.clone(), party.to_owned());
@@ -545,6 +570,7 @@ impl PartyService for PartySvc {
             max_values: hub.limits.max_values as u64,
             revocations: None,
         };
+        let own;
         let previous = {
             let mut parties = lock(&hub.parties);
             // (The list's DER alone, not a clone of its serials.)
@@ -553,6 +579,7 @@ impl PartyService for PartySvc {
             let welcome = Outbound::Msg(coordinator_message::Body::Welcome(welcome));
             // A fresh queue of 256 with no other sender yet: it has room.
             let _ = out_tx.try_send(welcome);
+            own = out_tx.downgrade();
             let conn = PartyConn { conn_id, tx: out_tx, certificate: certificate.clone(), relay, hello: None };
             parties.insert(name.clone(), conn)
         };
@@ -581,7 +608,7 @@ impl PartyService for PartySvc {
             hub.broadcast(&Input::Disconnected(name.clone()));
         }
         hub.broadcast(&Input::Connected { party: name.clone(), certificate, relay: via });
-        tokio::spawn(reader(hub, name, conn_id, inbound, received));
+        tokio::spawn(reader(hub, name, conn_id, own, inbound, received));
         Ok(Response::new(Box::pin(ReceiverStream::new(resp_rx))))
     }
 }
@@ -636,6 +663,31 @@ fn admit_relayed(hub: &Hub, relay: &str, meta: &tonic::metadata::MetadataMap) ->
 /// How often the coordinator re-reads its enrollment and revocation lists.
 const ENROLLMENT_POLL: Duration = Duration::from_secs(2);
 
+/// How long a newer revocation list waits for room in a stream's queue.
+/// A party checks its peers' certificates against the list it holds, so a
+/// list must not be dropped on a full queue: a stream whose queue stays
+/// full this long is closed instead, and its reconnect's welcome carries
+/// the list.
+const REVOCATIONS_DELIVERY: Duration = Duration::from_secs(10);
+
+/// Queues `body` on each stream, waiting up to `within` for room in each
+/// (all at once); returns the streams (name, number) it did not reach
+/// because their queues stayed full. A stream that closed meanwhile is not
+/// returned: there is nothing left to reach.
+async fn queue_on_each(
+    streams: Vec<(String, u64, mpsc::Sender<Outbound>)>,
+    body: &coordinator_message::Body,
+    within: Duration,
+) -> Vec<(String, u64)> {
+    let sends = streams.into_iter().map(|(party, conn_id, tx)| async move {
+        match tokio::time::timeout(within, tx.send(Outbound::Msg(body.clone()))).await {
+            Err(_elapsed) => Some((party, conn_id)),
+            Ok(_sent_or_closed) => None,
+        }
+    });
+    futures::future::join_all(sends).await.into_iter().flatten().collect()
+}
+
 /// Applies changes to the enrollment list and the revocation list while
 /// the coordinator runs: a newer revocation list goes to every connected
 /// party, and a party whose certificate it revokes, or that was removed
@@ -661,10 +713,19 @@ async fn watch_enrollment(hub: Arc<Hub>) {
                 last_error.clear();
                 let crl = newer.der().to_vec();
                 hub.revocations.write().unwrap_or_else(|p| p.into_inner()).update(newer).ok();
-                for c in hub.connections() {
-                    let msg = coordinator_message::Body::Revocations(pb::RevocationList { crl: crl.clone() });
-                    hub.send(&c.party, Outbound::Msg(msg));
-                }
+                // Off the watcher's loop: a full queue may take a while.
+                let (hub, body) = (hub.clone(), coordinator_message::Body::Revocations(pb::RevocationList { crl }));
+                tokio::spawn(async move {
+                    let version = hub.revocation_list().version();
+                    for (party, conn_id) in queue_on_each(hub.streams(), &body, REVOCATIONS_DELIVERY).await {
+                        let why = format!(
+                            "party {party}: the revocation list (version {version}) found no room in the stream's \
+                             queue within {} s; a reconnect's welcome carries it",
+                            REVOCATIONS_DELIVERY.as_secs()
+                        );
+                        hub.expel_stream(&party, Some(conn_id), &why);
+                    }
+                });
             }
             Ok(_) => last_error.clear(),
             Err(e) => {
@@ -775,16 +836,27 @@ struct PendingResult {
     incoming: Incoming,
 }
 
+/// Reads one stream of `name`'s. Its messages act by the party's name
+/// (routed to its jobs, answered on its current stream), so a stream that a
+/// newer one of the party's replaced is read no further: it would otherwise
+/// act for the newer one, and a protocol error of its own would close the
+/// newer stream. Its own close goes to its own queue (`own`, weak so that
+/// the writer still ends once the stream leaves the hub).
 async fn reader(
     hub: Arc<Hub>,
     name: String,
     conn_id: u64,
+    own: mpsc::WeakSender<Outbound>,
     mut inbound: Streaming<pb::PartyMessage>,
     received_bytes: prometheus::IntCounter,
 ) {
     let mut pending: Option<PendingResult> = None;
     loop {
         match inbound.message().await {
+            Ok(Some(_)) if !hub.is_current(&name, conn_id) => {
+                info!(party = %name, "a message on a stream a newer one replaced; the older stream is read no further");
+                break;
+            }
             Ok(Some(msg)) => {
                 received_bytes.inc_by(prost::Message::encoded_len(&msg) as u64);
                 if let Err(reason) = on_party_message(&hub, &name, msg, &mut pending) {
@@ -797,7 +869,9 @@ async fn reader(
                         };
                         hub.route(&p.result.job_id, input);
                     }
-                    hub.send(&name, Outbound::Close(Status::invalid_argument(reason)));
+                    if let Some(tx) = own.upgrade() {
+                        let _ = tx.try_send(Outbound::Close(Status::invalid_argument(reason)));
+                    }
                     break;
                 }
             }
@@ -1360,6 +1434,49 @@ mod tests {
         let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_ADVERTISED_POLICY));
         let (kept, why) = kept_hello(hello(big));
         assert!(kept.policy_json.is_empty() && why.unwrap().contains("exceeds"));
+    }
+
+    /// A revocation list is not dropped on a full queue: it waits for room,
+    /// and only a stream whose queue stays full is named (to be closed).
+    #[tokio::test]
+    async fn a_revocation_list_waits_for_room_and_names_the_streams_it_cannot_reach() {
+        let full = |n: usize| {
+            let (tx, rx) = mpsc::channel::<Outbound>(n);
+            for _ in 0..n {
+                tx.try_send(Outbound::Msg(coordinator_message::Body::Closed(pb::JobClosed::default()))).unwrap();
+            }
+            (tx, rx)
+        };
+        let (with_room, mut with_room_rx) = mpsc::channel::<Outbound>(4);
+        let (drained, mut drained_rx) = full(2);
+        let (stuck, _stuck_rx) = full(2);
+        let (closed, closed_rx) = full(1);
+        drop(closed_rx);
+        let streams = vec![
+            ("with-room".to_string(), 1, with_room),
+            ("drained".to_string(), 2, drained),
+            ("stuck".to_string(), 3, stuck),
+            ("closed".to_string(), 4, closed),
+        ];
+        let body = coordinator_message::Body::Revocations(pb::RevocationList { crl: vec![7; 3] });
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut got = Vec::new();
+            while let Some(m) = drained_rx.recv().await {
+                got.push(m);
+                if got.len() == 3 {
+                    break;
+                }
+            }
+            got
+        });
+        let missed = queue_on_each(streams, &body, Duration::from_millis(600)).await;
+        assert_eq!(missed, vec![("stuck".to_string(), 3)]);
+        let is_list =
+            |m: &Outbound| matches!(m, Outbound::Msg(coordinator_message::Body::Revocations(l)) if l.crl == [7; 3]);
+        assert!(is_list(&with_room_rx.recv().await.unwrap()));
+        let got = reader.await.unwrap();
+        assert!(got.len() == 3 && is_list(&got[2]), "the list follows what was queued before it");
     }
 
     #[test]

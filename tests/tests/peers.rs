@@ -183,6 +183,58 @@ async fn malformed_and_oversized_messages_close_only_that_stream() {
     assert_eq!(st["state"], "succeeded", "{st:#}");
 }
 
+/// Opens a party stream with `party`'s certificate and keeps it open:
+/// what the test sends, and what the coordinator sends back.
+async fn open_stream(
+    addr: &str,
+    pki: &PkiDir,
+    party: &str,
+) -> (tokio::sync::mpsc::Sender<pb::PartyMessage>, tonic::Streaming<pb::CoordinatorMessage>) {
+    let pem = |p: &Path| std::fs::read(p).expect("pki file");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pem(&pki.ca_cert())))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(pem(&pki.party_cert(party)), pem(&pki.party_key(party))));
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .expect("address")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let inbound = PartyServiceClient::new(channel).join(ReceiverStream::new(rx)).await.expect("join").into_inner();
+    (tx, inbound)
+}
+
+/// A party that reconnects replaces its older stream. What still arrives on
+/// the older one must not act for the newer: before, a protocol error there
+/// closed the newer stream (the close went by the party's name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_streams_messages_do_not_act_for_the_newer_stream() {
+    install_crypto();
+    let mut fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
+    fed.start_coordinator();
+    let pki = PkiDir::new(fed.path("pki"));
+    let (old_tx, mut old_in) = open_stream(&fed.addr, &pki, "hospital-a").await;
+    let welcome = old_in.message().await.expect("welcome");
+    assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
+    let (new_tx, mut new_in) = open_stream(&fed.addr, &pki, "hospital-a").await;
+    let welcome = new_in.message().await.expect("welcome");
+    assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
+    // A message without a body: a protocol error, on the older stream.
+    old_tx.send(pb::PartyMessage { body: None }).await.expect("the older stream takes it");
+    let quiet = tokio::time::timeout(Duration::from_secs(2), new_in.message()).await;
+    assert!(quiet.is_err(), "the newer stream got {quiet:?}");
+    let log = fed.coordinator_log();
+    assert!(log.contains("read no further"), "{log}");
+    assert!(!log.contains("empty message"), "the older stream's message was handled:\n{log}");
+    // The newer stream still works: its own protocol error closes it.
+    new_tx.send(pb::PartyMessage { body: None }).await.expect("the newer stream takes it");
+    let closed = tokio::time::timeout(Duration::from_secs(10), new_in.message()).await.expect("closed in time");
+    assert!(closed.as_ref().is_err_and(|s| s.message().contains("empty message")), "{closed:?}");
+}
+
 /// Wraps the built-in trainer and poisons its updates with NaN.
 struct NanFactory;
 
