@@ -24,6 +24,7 @@ use confide_proto::transfer::{self, Incoming};
 use confide_proto::{Limits, VERSION};
 use confide_proto::{MAX_ADVERTISED_POLICY, MAX_SERVING_SERVICES};
 use futures::Stream;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -99,7 +100,7 @@ pub enum Outbound {
         /// The safetensors bytes, or the reason for the party.
         bytes: Result<bytes::Bytes, String>,
     },
-    /// Ends the stream with this status.
+    /// Ends the stream with this status, behind what was queued before it.
     Close(Status),
 }
 
@@ -116,6 +117,9 @@ pub struct Connection {
 struct PartyConn {
     conn_id: u64,
     tx: mpsc::Sender<Outbound>,
+    /// Ends the stream with a status ahead of whatever its queue holds: a
+    /// close whose queue is full, or that waited [`CLOSE_GRACE`] behind it.
+    close: oneshot::Sender<Status>,
     certificate: Arc<[u8]>,
     /// The relay that carries the stream, and its certificate.
     relay: Option<(String, Arc<[u8]>)>,
@@ -253,6 +257,25 @@ impl Hub {
         lock(&self.parties).iter().map(|(n, c)| (n.clone(), c.conn_id, c.tx.clone())).collect()
     }
 
+    /// [`Hub::connections`] with each stream's number.
+    fn numbered_connections(&self) -> Vec<(Connection, u64)> {
+        lock(&self.parties)
+            .iter()
+            .map(|(n, c)| {
+                let conn = Connection { party: n.clone(), certificate: c.certificate.clone(), relay: c.relay.clone() };
+                (conn, c.conn_id)
+            })
+            .collect()
+    }
+
+    /// Runs `f` on `party`'s stream numbered `conn_id`, if it is still the
+    /// party's current one, under the parties' lock: what a stream's
+    /// message records is recorded for that stream alone, even when a newer
+    /// stream replaces it meanwhile.
+    fn on_stream<T>(&self, party: &str, conn_id: u64, f: impl FnOnce(&mut PartyConn) -> T) -> Option<T> {
+        lock(&self.parties).get_mut(party).filter(|c| c.conn_id == conn_id).map(f)
+    }
+
     /// Whether `party`'s current stream is the one numbered `conn_id`.
     fn is_current(&self, party: &str, conn_id: u64) -> bool {
         lock(&self.parties).get(party).is_some_and(|c| c.conn_id == conn_id)
@@ -295,17 +318,18 @@ impl Hub {
         self.revocations.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Closes `party`'s stream now, saying why; its jobs see it disconnect.
-    fn expel(&self, party: &str, why: &str) {
-        self.expel_stream(party, None, why);
+    /// Closes `party`'s stream numbered `conn_id` now, saying why (a newer
+    /// stream of the party is left alone); its jobs see it disconnect.
+    fn expel(&self, party: &str, conn_id: u64, why: &str) {
+        self.close_stream(party, conn_id, Status::permission_denied(why.to_owned()));
     }
 
-    /// [`Hub::expel`], only if `party`'s current stream is still the one
-    /// numbered `conn_id` (when given): a newer stream is left alone.
-    fn expel_stream(&self, party: &str, conn_id: Option<u64>, why: &str) {
+    /// Ends `party`'s stream numbered `conn_id` with `status`, ahead of what
+    /// its queue still holds, if it is still the party's current stream.
+    fn close_stream(&self, party: &str, conn_id: u64, status: Status) {
         let conn = {
             let mut parties = lock(&self.parties);
-            let that_stream = parties.get(party).is_some_and(|c| conn_id.is_none_or(|id| c.conn_id == id));
+            let that_stream = parties.get(party).is_some_and(|c| c.conn_id == conn_id);
             if !that_stream {
                 return;
             }
@@ -313,8 +337,21 @@ impl Hub {
             parties.remove(party)
         };
         let Some(conn) = conn else { return };
-        warn!(party = %party, "closing the stream: {why}");
-        let _ = conn.tx.try_send(Outbound::Close(Status::permission_denied(why.to_owned())));
+        warn!(party = %party, "closing the stream: {}", status.message());
+        // Behind what is queued, so that what the party was sent first (the
+        // revocation list that revokes its relay, say) reaches it; at once
+        // if the queue is full, and in any case after the grace.
+        match conn.tx.try_send(Outbound::Close(status.clone())) {
+            Ok(()) => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(CLOSE_GRACE).await;
+                    let _ = conn.close.send(status);
+                });
+            }
+            Err(_) => {
+                let _ = conn.close.send(status);
+            }
+        }
         let (db, name) = (self.db.clone(), party.to_owned());
         spawn_db(move || db.party_seen(&name, false));
         self.broadcast(&Input::Disconnected(party.to_owned()));
@@ -571,6 +608,7 @@ impl PartyService for PartySvc {
             revocations: None,
         };
         let own;
+        let (close, closed) = oneshot::channel();
         let previous = {
             let mut parties = lock(&hub.parties);
             // (The list's DER alone, not a clone of its serials.)
@@ -580,7 +618,7 @@ impl PartyService for PartySvc {
             // A fresh queue of 256 with no other sender yet: it has room.
             let _ = out_tx.try_send(welcome);
             own = out_tx.downgrade();
-            let conn = PartyConn { conn_id, tx: out_tx, certificate: certificate.clone(), relay, hello: None };
+            let conn = PartyConn { conn_id, tx: out_tx, close, certificate: certificate.clone(), relay, hello: None };
             parties.insert(name.clone(), conn)
         };
         if previous.is_some() {
@@ -589,17 +627,19 @@ impl PartyService for PartySvc {
         let (sent, received) = hub.metrics.stream_counters(&name);
         tokio::spawn(writer(out_rx, resp_tx, hub.limits.chunk_bytes, sent));
         let db_hub = hub.clone();
-        let db_name = name.clone();
+        let (db_name, replay) = (name.clone(), own.clone());
         spawn_db(move || {
             db_hub.db.party_seen(&db_name, true)?;
+            // To this stream (not by name: a newer stream gets its own).
+            let Some(replay) = replay.upgrade() else { return Ok(()) };
             // The services' current deployments: a party that serves one
             // pulls its model if it does not hold it yet.
             for d in crate::services::current_deployments(&db_hub.db)? {
-                db_hub.send(&db_name, Outbound::Msg(coordinator_message::Body::Deployment(d)));
+                let _ = replay.try_send(Outbound::Msg(coordinator_message::Body::Deployment(d)));
             }
             let keys: Vec<pb::CloudKeyAnnouncement> = lock(&db_hub.cloud_keys).values().cloned().collect();
             for k in keys {
-                db_hub.send(&db_name, Outbound::Msg(coordinator_message::Body::CloudKey(k)));
+                let _ = replay.try_send(Outbound::Msg(coordinator_message::Body::CloudKey(k)));
             }
             Ok(())
         });
@@ -608,8 +648,55 @@ impl PartyService for PartySvc {
             hub.broadcast(&Input::Disconnected(name.clone()));
         }
         hub.broadcast(&Input::Connected { party: name.clone(), certificate, relay: via });
-        tokio::spawn(reader(hub, name, conn_id, own, inbound, received));
-        Ok(Response::new(Box::pin(ReceiverStream::new(resp_rx))))
+        drop(own);
+        tokio::spawn(reader(hub, name, conn_id, inbound, received));
+        Ok(Response::new(Box::pin(Closable::new(closed, resp_rx))))
+    }
+}
+
+/// A party stream's messages, which a close ([`PartyConn::close`]) ends at
+/// once with its status, ahead of any message still queued: a stream whose
+/// queue is full (a party that does not read) is closed all the same.
+struct Closable {
+    /// `None` once it fired or its sender went (the stream was replaced or
+    /// left the hub: its messages then end as its queue drains).
+    closed: Option<oneshot::Receiver<Status>>,
+    messages: ReceiverStream<Result<pb::CoordinatorMessage, Status>>,
+    /// The close was sent: nothing follows it.
+    ended: bool,
+}
+
+impl Closable {
+    fn new(
+        closed: oneshot::Receiver<Status>,
+        messages: mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>,
+    ) -> Self {
+        Closable { closed: Some(closed), messages: ReceiverStream::new(messages), ended: false }
+    }
+}
+
+impl Stream for Closable {
+    type Item = Result<pb::CoordinatorMessage, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(closed) = self.closed.as_mut()
+            && let Poll::Ready(status) = Pin::new(closed).poll(cx)
+        {
+            self.closed = None;
+            if let Ok(status) = status {
+                // What is queued behind the close is dropped (and the
+                // writer, its sender, ends).
+                self.ended = true;
+                self.messages.close();
+                return Poll::Ready(Some(Err(status)));
+            }
+        }
+        Pin::new(&mut self.messages).poll_next(cx)
     }
 }
 
@@ -663,6 +750,10 @@ fn admit_relayed(hub: &Hub, relay: &str, meta: &tonic::metadata::MetadataMap) ->
 /// How often the coordinator re-reads its enrollment and revocation lists.
 const ENROLLMENT_POLL: Duration = Duration::from_secs(2);
 
+/// How long a closed stream's close waits behind the messages queued
+/// before it, before it ends the stream ahead of them.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
 /// How long a newer revocation list waits for room in a stream's queue.
 /// A party checks its peers' certificates against the list it holds, so a
 /// list must not be dropped on a full queue: a stream whose queue stays
@@ -711,19 +802,26 @@ async fn watch_enrollment(hub: Arc<Hub>) {
                     "revocation list updated; sending it to the parties"
                 );
                 last_error.clear();
-                let crl = newer.der().to_vec();
+                let (crl, version) = (newer.der().to_vec(), newer.version());
                 hub.revocations.write().unwrap_or_else(|p| p.into_inner()).update(newer).ok();
-                // Off the watcher's loop: a full queue may take a while.
-                let (hub, body) = (hub.clone(), coordinator_message::Body::Revocations(pb::RevocationList { crl }));
+                // Queued at once where there is room, before any close below
+                // (a party whose relay it revokes must still receive it); a
+                // full queue is waited for off the watcher's loop.
+                let body = coordinator_message::Body::Revocations(pb::RevocationList { crl });
+                let full: Vec<_> = hub
+                    .streams()
+                    .into_iter()
+                    .filter(|(_, _, tx)| matches!(tx.try_send(Outbound::Msg(body.clone())), Err(TrySendError::Full(_))))
+                    .collect();
+                let hub = hub.clone();
                 tokio::spawn(async move {
-                    let version = hub.revocation_list().version();
-                    for (party, conn_id) in queue_on_each(hub.streams(), &body, REVOCATIONS_DELIVERY).await {
+                    for (party, conn_id) in queue_on_each(full, &body, REVOCATIONS_DELIVERY).await {
                         let why = format!(
                             "party {party}: the revocation list (version {version}) found no room in the stream's \
                              queue within {} s; a reconnect's welcome carries it",
                             REVOCATIONS_DELIVERY.as_secs()
                         );
-                        hub.expel_stream(&party, Some(conn_id), &why);
+                        hub.expel(&party, conn_id, &why);
                     }
                 });
             }
@@ -737,7 +835,7 @@ async fn watch_enrollment(hub: Arc<Hub>) {
             }
         }
         let list = hub.revocation_list();
-        for Connection { party, certificate, relay } in hub.connections() {
+        for (Connection { party, certificate, relay }, conn_id) in hub.numbered_connections() {
             let relay_revoked = relay.as_ref().filter(|(r, cert)| list.check(r, cert).is_err());
             let why = match (&enrolled, list.check(&party, &certificate), relay_revoked) {
                 (_, Err(_), _) => {
@@ -748,7 +846,7 @@ async fn watch_enrollment(hub: Arc<Hub>) {
                 (Ok(names), Ok(()), None) if !names.contains(&party) => format!("party {party} is no longer enrolled"),
                 _ => continue,
             };
-            hub.expel(&party, &why);
+            hub.expel(&party, conn_id, &why);
         }
     }
 }
@@ -840,13 +938,12 @@ struct PendingResult {
 /// (routed to its jobs, answered on its current stream), so a stream that a
 /// newer one of the party's replaced is read no further: it would otherwise
 /// act for the newer one, and a protocol error of its own would close the
-/// newer stream. Its own close goes to its own queue (`own`, weak so that
-/// the writer still ends once the stream leaves the hub).
+/// newer stream. What a message records (a hello, serving counts, a cloud
+/// key's certificate) is recorded for this stream alone.
 async fn reader(
     hub: Arc<Hub>,
     name: String,
     conn_id: u64,
-    own: mpsc::WeakSender<Outbound>,
     mut inbound: Streaming<pb::PartyMessage>,
     received_bytes: prometheus::IntCounter,
 ) {
@@ -859,8 +956,7 @@ async fn reader(
             }
             Ok(Some(msg)) => {
                 received_bytes.inc_by(prost::Message::encoded_len(&msg) as u64);
-                if let Err(reason) = on_party_message(&hub, &name, msg, &mut pending) {
-                    warn!(party = %name, "closing the stream: {reason}");
+                if let Err(reason) = on_party_message(&hub, &name, conn_id, msg, &mut pending) {
                     if let Some(p) = pending.take() {
                         let input = Input::TaskFailed {
                             party: name.clone(),
@@ -869,9 +965,7 @@ async fn reader(
                         };
                         hub.route(&p.result.job_id, input);
                     }
-                    if let Some(tx) = own.upgrade() {
-                        let _ = tx.try_send(Outbound::Close(Status::invalid_argument(reason)));
-                    }
+                    hub.close_stream(&name, conn_id, Status::invalid_argument(reason));
                     break;
                 }
             }
@@ -908,6 +1002,7 @@ async fn reader(
 fn on_party_message(
     hub: &Hub,
     name: &str,
+    conn_id: u64,
     msg: pb::PartyMessage,
     pending: &mut Option<PendingResult>,
 ) -> Result<(), String> {
@@ -919,9 +1014,7 @@ fn on_party_message(
             if let Some(why) = dropped {
                 warn!(party = name, "hello: {why}; not kept");
             }
-            if let Some(c) = lock(&hub.parties).get_mut(name) {
-                c.hello = Some(kept);
-            }
+            hub.on_stream(name, conn_id, |c| c.hello = Some(kept));
             Ok(())
         }
         Some(party_message::Body::JobAnswer(a)) => {
@@ -980,8 +1073,9 @@ fn on_party_message(
             if k.public_key.len() != 32 || k.signature.len() > 256 {
                 return Err("cloud key: a public key of 32 bytes and a signature".into());
             }
-            let certificate =
-                lock(&hub.parties).get(name).map(|c| c.certificate.to_vec()).ok_or("cloud key from a closed stream")?;
+            let certificate = hub
+                .on_stream(name, conn_id, |c| c.certificate.to_vec())
+                .ok_or("cloud key from a stream no longer the party's")?;
             let announcement = pb::CloudKeyAnnouncement { party: name.to_owned(), key: Some(k.clone()), certificate };
             info!(party = name, service = %k.service, "cloud key announced");
             lock(&hub.cloud_keys).insert((name.to_owned(), k.service), announcement.clone());
@@ -1019,7 +1113,9 @@ fn on_party_message(
         }
         Some(party_message::Body::Serving(r)) => {
             check_serving_report(&r)?;
-            lock(&hub.serving).insert(name.to_owned(), r.services);
+            // Under the parties' lock, as a close removes them: counts never
+            // outlive the stream that reported them.
+            hub.on_stream(name, conn_id, |_| lock(&hub.serving).insert(name.to_owned(), r.services));
             Ok(())
         }
         Some(party_message::Body::ForwardAnswer(a)) => {
@@ -1470,13 +1566,44 @@ mod tests {
             }
             got
         });
-        let missed = queue_on_each(streams, &body, Duration::from_millis(600)).await;
+        // (Generous against a loaded machine: the drained queue has room
+        // after 100 ms, the stuck one never.)
+        let missed = queue_on_each(streams, &body, Duration::from_secs(3)).await;
         assert_eq!(missed, vec![("stuck".to_string(), 3)]);
         let is_list =
             |m: &Outbound| matches!(m, Outbound::Msg(coordinator_message::Body::Revocations(l)) if l.crl == [7; 3]);
         assert!(is_list(&with_room_rx.recv().await.unwrap()));
         let got = reader.await.unwrap();
         assert!(got.len() == 3 && is_list(&got[2]), "the list follows what was queued before it");
+    }
+
+    /// A close ends a stream at once, ahead of what its full queue holds
+    /// (a party that does not read is still closed); a stream whose close
+    /// sender went (replaced, or left the hub) delivers its queue and ends.
+    #[tokio::test]
+    async fn a_close_ends_the_stream_ahead_of_its_full_queue() {
+        use futures::StreamExt;
+        let message =
+            || Ok(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Closed(Default::default())) });
+        let (tx, rx) = mpsc::channel(2);
+        tx.try_send(message()).unwrap();
+        tx.try_send(message()).unwrap();
+        let (close, closed) = oneshot::channel();
+        let mut stream = Closable::new(closed, rx);
+        close.send(Status::permission_denied("revoked")).unwrap();
+        let first = stream.next().await.expect("the close");
+        assert!(first.is_err_and(|s| s.message() == "revoked"));
+        assert!(stream.next().await.is_none(), "nothing follows the close");
+        assert!(tx.send(message()).await.is_err(), "the writer's sends fail once closed");
+
+        let (tx, rx) = mpsc::channel(2);
+        tx.try_send(message()).unwrap();
+        let (close, closed) = oneshot::channel::<Status>();
+        let mut stream = Closable::new(closed, rx);
+        drop(close);
+        assert!(stream.next().await.expect("the queued message").is_ok());
+        drop(tx);
+        assert!(stream.next().await.is_none());
     }
 
     #[test]

@@ -1007,9 +1007,11 @@ impl<'l> RowPass<'l> {
             fn with_simd<S: pulp::Simd>(self, _: S) {
                 let Rows(pass, x, y, out) = self;
                 let mut scratch = RowScratch::for_pass(pass);
+                let planned = if cfg!(debug_assertions) { scratch.capacities() } else { Vec::new() };
                 for (r, (row, &label)) in x.chunks_exact(pass.input.max(1)).zip(y).enumerate() {
                     pass.row(r, row, label as usize, out, &mut scratch);
                 }
+                debug_assert_eq!(scratch.capacities(), planned, "a row buffer grew: an unwiped copy was freed");
             }
         }
         pulp::Arch::new().dispatch(Rows(self, x, y, &mut out));
@@ -1194,8 +1196,9 @@ impl<'l> RowPass<'l> {
 
 /// A row's buffers in [`RowPass::row`], reused from row to row and wiped
 /// when dropped: they hold the row's values and gradients. Each is made as
-/// long as the pass's widest quantity up front ([`RowScratch::for_pass`]),
-/// so none grows by reallocating, which would free an unwiped copy.
+/// long as the longest quantity it will hold up front
+/// ([`RowScratch::for_pass`]), so none grows by reallocating, which would
+/// free an unwiped copy ([`RowPass::run`] checks this in debug builds).
 struct RowScratch {
     acts: Vec<zeroize::Zeroizing<Vec<f32>>>,
     zs: Vec<zeroize::Zeroizing<Vec<f32>>>,
@@ -1207,26 +1210,52 @@ struct RowScratch {
 }
 
 impl RowScratch {
+    /// Buffers for `pass`, each sized for what [`RowPass::row`] puts in it:
+    /// `acts[k]` the input of step k (`acts[n]` the logits), `zs[k]` step
+    /// k's pre-activations, `wide` a linear layer's padded input, `patches`
+    /// and `tile` a convolution's, and `grad` and `back` (swapped as the
+    /// gradient goes back) any gradient along the way.
     fn for_pass(pass: &RowPass<'_>) -> Self {
-        let widest = pass.steps.iter().fold(pass.input.max(pass.classes), |m, s| match s {
-            RowStep::Linear { inp, out, stride, .. } => m.max(*inp).max(*out).max(*stride),
-            RowStep::Conv { ch, out, h, wd, stride, .. } => {
-                m.max(out * h * wd).max(ch * h * wd).max(h * wd * stride).max(*stride)
-            }
-            RowStep::Reshape => m,
-        });
-        let f32s = || zeroize::Zeroizing::new(Vec::with_capacity(widest));
-        let f64s = || zeroize::Zeroizing::new(Vec::with_capacity(widest));
-        let n = pass.steps.len();
-        RowScratch {
-            acts: (0..=n).map(|_| f32s()).collect(),
-            zs: (0..n).map(|_| f32s()).collect(),
-            patches: f64s(),
-            wide: f64s(),
-            tile: f64s(),
-            grad: f64s(),
-            back: f64s(),
+        let (mut act, mut acts, mut zs) = (pass.input, vec![pass.input], Vec::new());
+        let (mut patches, mut wide, mut tile, mut grad) = (0, 0, 0, pass.classes);
+        for step in &pass.steps {
+            let z = match step {
+                RowStep::Linear { inp, out, stride, .. } => {
+                    wide = wide.max(*stride);
+                    grad = grad.max(*inp).max(*out);
+                    act = *out;
+                    *out
+                }
+                RowStep::Conv { ch, out, h, wd, stride, .. } => {
+                    let l = h * wd;
+                    patches = patches.max(l * stride);
+                    tile = tile.max(*stride);
+                    grad = grad.max(out * l).max(ch * l);
+                    act = out * (h / 2) * (wd / 2);
+                    out * l
+                }
+                RowStep::Reshape => 0,
+            };
+            zs.push(z);
+            acts.push(act);
         }
+        let f32s = |n: usize| zeroize::Zeroizing::new(Vec::with_capacity(n));
+        let f64s = |n: usize| zeroize::Zeroizing::new(Vec::with_capacity(n));
+        RowScratch {
+            acts: acts.into_iter().map(f32s).collect(),
+            zs: zs.into_iter().map(f32s).collect(),
+            patches: f64s(patches),
+            wide: f64s(wide),
+            tile: f64s(tile),
+            grad: f64s(grad),
+            back: f64s(grad),
+        }
+    }
+
+    /// Every buffer's capacity, to check that none grew.
+    fn capacities(&self) -> Vec<usize> {
+        let f64s = [&self.patches, &self.wide, &self.tile, &self.grad, &self.back].map(|v| v.capacity());
+        self.acts.iter().chain(&self.zs).map(|v| v.capacity()).chain(f64s).collect()
     }
 }
 
