@@ -36,7 +36,7 @@ use crate::driver::{self, EncodedTask};
 use crate::plugins::Plugins;
 use crate::session::{Input, Start};
 use crate::telemetry::CoordinatorMetrics;
-use crate::tls::{self, peer_certificate, peer_of};
+use crate::tls::{self, Cut, connection_of, peer_certificate, peer_of};
 use confide_proto::telemetry::{MetricsConfig, MetricsServer};
 
 /// How the coordinator is set up (`confide coordinator serve`).
@@ -120,6 +120,11 @@ struct PartyConn {
     /// Ends the stream with a status ahead of whatever its queue holds: a
     /// close whose queue is full, or that waited [`CLOSE_GRACE`] behind it.
     close: oneshot::Sender<Status>,
+    /// Resolves (closed) once tonic has dropped the stream's response.
+    ended: oneshot::Receiver<()>,
+    /// The party's own connection (none through a relay, whose connection
+    /// carries other parties' streams too).
+    cut: Option<Cut>,
     certificate: Arc<[u8]>,
     /// The relay that carries the stream, and its certificate.
     relay: Option<(String, Arc<[u8]>)>,
@@ -246,10 +251,37 @@ impl Hub {
             .collect()
     }
 
-    /// The queue of `party`'s current stream, to send to it without holding
-    /// the hub (a pulled model waits for room rather than being dropped).
-    fn parties_sender(&self, party: &str) -> Option<mpsc::Sender<Outbound>> {
-        lock(&self.parties).get(party).map(|c| c.tx.clone())
+    /// Whether a peer's certificate is not revoked today (and, for a party,
+    /// still enrolled): the handshake checked it against the lists in force
+    /// then, and a connection outlives them.
+    fn not_revoked(&self, id: &confide_crypto::pki::PeerIdentity, cert: &[u8]) -> Result<(), Status> {
+        let list = self.revocations.read().unwrap_or_else(|p| p.into_inner());
+        list.check(&id.name, cert).map_err(|_| {
+            warn!(name = %id.name, "refused a request: the certificate of {} is revoked", id.name);
+            Status::permission_denied(format!(
+                "the certificate of {} is revoked (list version {})",
+                id.name,
+                list.version()
+            ))
+        })
+    }
+
+    /// [`Hub::not_revoked`], and a party's enrollment.
+    async fn still_admitted(&self, id: &confide_crypto::pki::PeerIdentity, cert: &[u8]) -> Result<(), Status> {
+        self.not_revoked(id, cert)?;
+        if id.role != Role::Party {
+            return Ok(());
+        }
+        let pki = self.pki.clone();
+        let enrolled = tokio::task::spawn_blocking(move || pki.enrolled())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("the enrollment list: {e}")))?;
+        if !enrolled.contains(&id.name) {
+            warn!(party = %id.name, "refused a stream: party {} is no longer enrolled", id.name);
+            return Err(Status::permission_denied(format!("party {} is not enrolled", id.name)));
+        }
+        Ok(())
     }
 
     /// Every connected party's current stream: name, number and queue.
@@ -320,13 +352,13 @@ impl Hub {
 
     /// Closes `party`'s stream numbered `conn_id` now, saying why (a newer
     /// stream of the party is left alone); its jobs see it disconnect.
-    fn expel(&self, party: &str, conn_id: u64, why: &str) {
-        self.close_stream(party, conn_id, Status::permission_denied(why.to_owned()));
+    fn expel(&self, party: &str, conn_id: u64, why: &str, close: Closing) {
+        self.close_stream(party, conn_id, Status::permission_denied(why.to_owned()), close);
     }
 
     /// Ends `party`'s stream numbered `conn_id` with `status`, ahead of what
     /// its queue still holds, if it is still the party's current stream.
-    fn close_stream(&self, party: &str, conn_id: u64, status: Status) {
+    fn close_stream(&self, party: &str, conn_id: u64, status: Status, close: Closing) {
         let conn = {
             let mut parties = lock(&self.parties);
             let that_stream = parties.get(party).is_some_and(|c| c.conn_id == conn_id);
@@ -334,27 +366,14 @@ impl Hub {
                 return;
             }
             lock(&self.serving).remove(party);
+            self.broadcast(&Input::Disconnected(party.to_owned()));
             parties.remove(party)
         };
         let Some(conn) = conn else { return };
         warn!(party = %party, "closing the stream: {}", status.message());
-        // Behind what is queued, so that what the party was sent first (the
-        // revocation list that revokes its relay, say) reaches it; at once
-        // if the queue is full, and in any case after the grace.
-        match conn.tx.try_send(Outbound::Close(status.clone())) {
-            Ok(()) => {
-                tokio::spawn(async move {
-                    tokio::time::sleep(CLOSE_GRACE).await;
-                    let _ = conn.close.send(status);
-                });
-            }
-            Err(_) => {
-                let _ = conn.close.send(status);
-            }
-        }
+        shut(conn, party.to_owned(), status, close, None);
         let (db, name) = (self.db.clone(), party.to_owned());
         spawn_db(move || db.party_seen(&name, false));
-        self.broadcast(&Input::Disconnected(party.to_owned()));
     }
 
     fn broadcast(&self, input: &Input) {
@@ -568,7 +587,12 @@ impl PartyService for PartySvc {
     async fn join(&self, req: Request<Streaming<pb::PartyMessage>>) -> Result<Response<Self::JoinStream>, Status> {
         let id = peer_of(&req)?;
         let shown = peer_certificate(&req)?;
+        let connection = connection_of(&req)?.cut.clone();
         let hub = self.hub.clone();
+        // The handshake checked the certificate against the lists in force
+        // then; a connection outlives them (HTTP/2 opens a stream on it at
+        // will), so each stream is checked again against today's.
+        hub.still_admitted(&id, &shown).await?;
         let (name, certificate, relay): (String, Arc<[u8]>, Option<(String, Arc<[u8]>)>) = match id.role {
             // Given to the jobs' aggregation protocols, e.g. for SecAgg+ to
             // relay with the party's keys so that peers verify its signature
@@ -609,6 +633,8 @@ impl PartyService for PartySvc {
         };
         let own;
         let (close, closed) = oneshot::channel();
+        let (dropped, ended) = oneshot::channel();
+        let cut = if relay.is_none() { Some(connection.clone()) } else { None };
         let previous = {
             let mut parties = lock(&hub.parties);
             // (The list's DER alone, not a clone of its serials.)
@@ -618,11 +644,30 @@ impl PartyService for PartySvc {
             // A fresh queue of 256 with no other sender yet: it has room.
             let _ = out_tx.try_send(welcome);
             own = out_tx.downgrade();
-            let conn = PartyConn { conn_id, tx: out_tx, close, certificate: certificate.clone(), relay, hello: None };
-            parties.insert(name.clone(), conn)
+            let conn = PartyConn {
+                conn_id,
+                tx: out_tx,
+                close,
+                ended,
+                cut,
+                certificate: certificate.clone(),
+                relay,
+                hello: None,
+            };
+            let previous = parties.insert(name.clone(), conn);
+            // Under the parties' lock, as every change of a party's stream
+            // is told: a close racing with this join cannot tell the jobs
+            // of a disconnection after this connection.
+            if previous.is_some() {
+                hub.broadcast(&Input::Disconnected(name.clone()));
+            }
+            hub.broadcast(&Input::Connected { party: name.clone(), certificate, relay: via });
+            previous
         };
-        if previous.is_some() {
+        if let Some(previous) = previous {
             info!(party = %name, "party reconnected; the older stream is closed");
+            let replaced = Status::aborted("replaced by a newer stream of the party");
+            shut(previous, name.clone(), replaced, Closing::BehindItsQueue, Some(connection));
         }
         let (sent, received) = hub.metrics.stream_counters(&name);
         tokio::spawn(writer(out_rx, resp_tx, hub.limits.chunk_bytes, sent));
@@ -644,14 +689,52 @@ impl PartyService for PartySvc {
             Ok(())
         });
         info!(party = %name, "party connected");
-        if previous.is_some() {
-            hub.broadcast(&Input::Disconnected(name.clone()));
-        }
-        hub.broadcast(&Input::Connected { party: name.clone(), certificate, relay: via });
         drop(own);
         tokio::spawn(reader(hub, name, conn_id, inbound, received));
-        Ok(Response::new(Box::pin(Closable::new(closed, resp_rx))))
+        Ok(Response::new(Box::pin(Closable::new(closed, resp_rx, dropped))))
     }
+}
+
+/// How a stream's close goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// Behind what is queued (see [`shut`]).
+    BehindItsQueue,
+    /// At once: what is queued is not for a party that may no longer have it
+    /// (its own certificate revoked).
+    AheadOfItsQueue,
+}
+
+/// Ends a stream that left the hub (closed, or replaced by a newer stream
+/// of the party), in steps until it has ended: its close `status` behind
+/// what is queued (unless `closing` says otherwise), so that what the
+/// party was sent first (the revocation list that revokes its relay, say)
+/// reaches it; ahead of its queue if the queue is full or after
+/// [`CLOSE_GRACE`]; and, after [`CUT_AFTER`] more,
+/// its connection cut (a party that stops reading holds the stream open
+/// otherwise; see [`tls::Conn`]). A connection that also carries the
+/// party's stream `now` (its reconnect on the same connection) is not cut.
+fn shut(conn: PartyConn, party: String, status: Status, closing: Closing, now: Option<Cut>) {
+    let PartyConn { tx, close, mut ended, cut, .. } = conn;
+    let queued = closing == Closing::BehindItsQueue && tx.try_send(Outbound::Close(status.clone())).is_ok();
+    // The queue's sender goes now: the writer ends once the stream does.
+    drop(tx);
+    tokio::spawn(async move {
+        if queued && tokio::time::timeout(CLOSE_GRACE, &mut ended).await.is_ok() {
+            return;
+        }
+        let _ = close.send(status);
+        if tokio::time::timeout(CUT_AFTER, &mut ended).await.is_ok() {
+            return;
+        }
+        match cut {
+            Some(cut) if !now.as_ref().is_some_and(|n| n.same(&cut)) => {
+                warn!(party = %party, "the party does not read its closed stream; cutting its connection");
+                cut.cut();
+            }
+            _ => warn!(party = %party, "the party's closed stream has not ended (it does not read it)"),
+        }
+    });
 }
 
 /// A party stream's messages, which a close ([`PartyConn::close`]) ends at
@@ -664,14 +747,17 @@ struct Closable {
     messages: ReceiverStream<Result<pb::CoordinatorMessage, Status>>,
     /// The close was sent: nothing follows it.
     ended: bool,
+    /// Dropped with the stream: tells [`shut`] that the stream has ended.
+    _dropped: oneshot::Sender<()>,
 }
 
 impl Closable {
     fn new(
         closed: oneshot::Receiver<Status>,
         messages: mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>,
+        dropped: oneshot::Sender<()>,
     ) -> Self {
-        Closable { closed: Some(closed), messages: ReceiverStream::new(messages), ended: false }
+        Closable { closed: Some(closed), messages: ReceiverStream::new(messages), ended: false, _dropped: dropped }
     }
 }
 
@@ -754,6 +840,10 @@ const ENROLLMENT_POLL: Duration = Duration::from_secs(2);
 /// before it, before it ends the stream ahead of them.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a close sent ahead of a stream's queue waits for the stream to
+/// end before its connection is cut.
+const CUT_AFTER: Duration = Duration::from_secs(5);
+
 /// How long a newer revocation list waits for room in a stream's queue.
 /// A party checks its peers' certificates against the list it holds, so a
 /// list must not be dropped on a full queue: a stream whose queue stays
@@ -821,7 +911,7 @@ async fn watch_enrollment(hub: Arc<Hub>) {
                              queue within {} s; a reconnect's welcome carries it",
                             REVOCATIONS_DELIVERY.as_secs()
                         );
-                        hub.expel(&party, conn_id, &why);
+                        hub.expel(&party, conn_id, &why, Closing::AheadOfItsQueue);
                     }
                 });
             }
@@ -837,16 +927,23 @@ async fn watch_enrollment(hub: Arc<Hub>) {
         let list = hub.revocation_list();
         for (Connection { party, certificate, relay }, conn_id) in hub.numbered_connections() {
             let relay_revoked = relay.as_ref().filter(|(r, cert)| list.check(r, cert).is_err());
-            let why = match (&enrolled, list.check(&party, &certificate), relay_revoked) {
-                (_, Err(_), _) => {
-                    format!("party {party}: its certificate is revoked (list version {})", list.version())
-                }
+            // A revoked party's queue is not for it; a party whose relay is
+            // revoked is sent the list first (and the rest of its queue).
+            let (why, closing) = match (&enrolled, list.check(&party, &certificate), relay_revoked) {
+                (_, Err(_), _) => (
+                    format!("party {party}: its certificate is revoked (list version {})", list.version()),
+                    Closing::AheadOfItsQueue,
+                ),
                 // A revoked relay loses every stream it carries.
-                (_, _, Some((r, _))) => format!("party {party}: its relay {r}'s certificate is revoked"),
-                (Ok(names), Ok(()), None) if !names.contains(&party) => format!("party {party} is no longer enrolled"),
+                (_, _, Some((r, _))) => {
+                    (format!("party {party}: its relay {r}'s certificate is revoked"), Closing::BehindItsQueue)
+                }
+                (Ok(names), Ok(()), None) if !names.contains(&party) => {
+                    (format!("party {party} is no longer enrolled"), Closing::BehindItsQueue)
+                }
                 _ => continue,
             };
-            hub.expel(&party, conn_id, &why);
+            hub.expel(&party, conn_id, &why, closing);
         }
     }
 }
@@ -965,7 +1062,7 @@ async fn reader(
                         };
                         hub.route(&p.result.job_id, input);
                     }
-                    hub.close_stream(&name, conn_id, Status::invalid_argument(reason));
+                    hub.close_stream(&name, conn_id, Status::invalid_argument(reason), Closing::BehindItsQueue);
                     break;
                 }
             }
@@ -985,6 +1082,7 @@ async fn reader(
             parties.remove(&name);
             // Its serving counts go with its stream.
             lock(&hub.serving).remove(&name);
+            hub.broadcast(&Input::Disconnected(name.clone()));
             true
         } else {
             false
@@ -993,7 +1091,6 @@ async fn reader(
     if current {
         let (db_hub, db_name) = (hub.clone(), name.clone());
         spawn_db(move || db_hub.db.party_seen(&db_name, false));
-        hub.broadcast(&Input::Disconnected(name.clone()));
         info!(party = %name, "party disconnected");
     }
 }
@@ -1056,7 +1153,9 @@ fn on_party_message(
         }
         Some(party_message::Body::Pull(p)) => {
             debug!(party = name, service = %p.service, sequence = p.sequence, "model pull");
-            let (db, party, hub_send) = (hub.db.clone(), name.to_owned(), hub.parties_sender(name));
+            // To this stream, not by name (a newer stream did not ask).
+            let (db, party, hub_send) =
+                (hub.db.clone(), name.to_owned(), hub.on_stream(name, conn_id, |c| c.tx.clone()));
             tokio::task::spawn_blocking(move || {
                 let bytes = crate::services::model_for_pull(&db, &p.service, p.sequence).map(bytes::Bytes::from);
                 if let Err(e) = &bytes {
@@ -1161,10 +1260,10 @@ struct AdminSvc {
     hub: Arc<Hub>,
 }
 
-fn require_admin<T>(req: &Request<T>) -> Result<(), Status> {
+fn require_admin<T>(hub: &Hub, req: &Request<T>) -> Result<(), Status> {
     let id = peer_of(req)?;
     if id.role == Role::Admin {
-        Ok(())
+        hub.not_revoked(&id, &peer_certificate(req)?)
     } else {
         Err(Status::permission_denied(format!("{} may not use the admin API", id.name)))
     }
@@ -1191,7 +1290,7 @@ pub(crate) fn new_job_id() -> String {
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobReply>, Status> {
-        require_admin(&req)?;
+        require_admin(&self.hub, &req)?;
         let r = req.into_inner();
         let hub = self.hub.clone();
         let (id, warnings) = blocking(move || submit(&hub, r)).await?;
@@ -1199,21 +1298,21 @@ impl AdminService for AdminSvc {
     }
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsReply>, Status> {
-        require_admin(&req)?;
+        require_admin(&self.hub, &req)?;
         let hub = self.hub.clone();
         let jobs = blocking(move || hub.db.list_jobs()).await?;
         Ok(Response::new(pb::ListJobsReply { jobs: jobs.into_iter().map(pb::JobStatus::from).collect() }))
     }
 
     async fn get_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobStatus>, Status> {
-        require_admin(&req)?;
+        require_admin(&self.hub, &req)?;
         Ok(Response::new(job_status(&self.hub, &req.into_inner().job_id, true).await?))
     }
 
     type WatchJobStream = BoxStream<pb::JobStatus>;
 
     async fn watch_job(&self, req: Request<pb::JobRef>) -> Result<Response<Self::WatchJobStream>, Status> {
-        require_admin(&req)?;
+        require_admin(&self.hub, &req)?;
         let id = req.into_inner().job_id;
         let hub = self.hub.clone();
         // Subscribe before reading, so that no change between the two is missed.
@@ -1253,7 +1352,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn cancel_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobStatus>, Status> {
-        require_admin(&req)?;
+        require_admin(&self.hub, &req)?;
         let id = req.into_inner().job_id;
         let st = job_status(&self.hub, &id, false).await?;
         let state = JobState::try_from(st.state).unwrap_or(JobState::Failed);
@@ -1273,7 +1372,7 @@ impl AdminService for AdminSvc {
     type GetModelStream = BoxStream<pb::ModelChunk>;
 
     async fn get_model(&self, req: Request<pb::JobRef>) -> Result<Response<Self::GetModelStream>, Status> {
-        require_admin(&req)?;
+        require_admin(&self.hub, &req)?;
         let r = req.into_inner();
         let (id, wanted) = (r.job_id, r.round);
         let hub = self.hub.clone();
@@ -1310,7 +1409,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn list_models(&self, req: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsReply>, Status> {
-        require_admin(&req)?;
+        require_admin(&self.hub, &req)?;
         let job = req.into_inner().job_id;
         let hub = self.hub.clone();
         let versions = blocking(move || {
@@ -1347,7 +1446,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn deploy(&self, req: Request<pb::ServiceDeployment>) -> Result<Response<pb::ServiceStatus>, Status> {
-        require_admin(&req)?;
+        require_admin(&self.hub, &req)?;
         let caller = peer_certificate(&req)?;
         let msg = req.into_inner();
         let hub = self.hub.clone();
@@ -1361,7 +1460,7 @@ impl AdminService for AdminSvc {
         &self,
         req: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesReply>, Status> {
-        require_admin(&req)?;
+        require_admin(&self.hub, &req)?;
         let service = req.into_inner().service;
         let hub = self.hub.clone();
         let hub2 = hub.clone();
@@ -1393,7 +1492,7 @@ impl AdminService for AdminSvc {
         &self,
         req: Request<pb::ListPartiesRequest>,
     ) -> Result<Response<pb::ListPartiesReply>, Status> {
-        require_admin(&req)?;
+        require_admin(&self.hub, &req)?;
         let hub = self.hub.clone();
         let parties = blocking(move || party_infos(&hub)).await?;
         Ok(Response::new(pb::ListPartiesReply { parties }))
@@ -1589,17 +1688,21 @@ mod tests {
         tx.try_send(message()).unwrap();
         tx.try_send(message()).unwrap();
         let (close, closed) = oneshot::channel();
-        let mut stream = Closable::new(closed, rx);
+        let (dropped, mut ended) = oneshot::channel();
+        let mut stream = Closable::new(closed, rx, dropped);
         close.send(Status::permission_denied("revoked")).unwrap();
         let first = stream.next().await.expect("the close");
         assert!(first.is_err_and(|s| s.message() == "revoked"));
         assert!(stream.next().await.is_none(), "nothing follows the close");
         assert!(tx.send(message()).await.is_err(), "the writer's sends fail once closed");
+        assert!(ended.try_recv().is_err_and(|e| e == oneshot::error::TryRecvError::Empty));
+        drop(stream);
+        assert!(ended.await.is_err(), "dropping the stream tells that it ended");
 
         let (tx, rx) = mpsc::channel(2);
         tx.try_send(message()).unwrap();
         let (close, closed) = oneshot::channel::<Status>();
-        let mut stream = Closable::new(closed, rx);
+        let mut stream = Closable::new(closed, rx, oneshot::channel().0);
         drop(close);
         assert!(stream.next().await.expect("the queued message").is_ok());
         drop(tx);

@@ -20,6 +20,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
 use crate::Error;
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
@@ -80,7 +87,7 @@ pub fn accept_loop(
     config: rustls::ServerConfig,
     admission: Admission,
     refusals: Option<prometheus::IntCounterVec>,
-) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> mpsc::Receiver<Result<Conn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(Arc::new(config));
     tokio::spawn(async move {
@@ -98,7 +105,7 @@ pub fn accept_loop(
             tokio::spawn(async move {
                 match handshake(acceptor, tcp, addr, &admission).await {
                     Ok(stream) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok(Conn::new(stream, addr))).await;
                     }
                     Err(refusal) => {
                         if let Some(r) = refusals {
@@ -237,17 +244,135 @@ async fn handshake(
     Ok(stream)
 }
 
+/// An accepted connection: its TLS stream, which the coordinator can cut.
+///
+/// A server cannot end one HTTP/2 stream whose client stops reading: once
+/// the stream's flow-control window is full, hyper stops polling the
+/// response, so a status queued in it is never sent. Cutting the connection
+/// ([`Cut::cut`]) makes its reads and writes fail, and hyper drops it with
+/// every stream on it.
+pub struct Conn {
+    stream: TlsStream<TcpStream>,
+    info: ConnInfo,
+}
+
+/// What the service sees of a [`Conn`] (tonic puts it in each request's
+/// extensions): the client's certificates, its address and the cut.
+#[derive(Clone)]
+pub struct ConnInfo {
+    certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// Cuts this connection.
+    pub cut: Cut,
+}
+
+/// Cuts one connection (every clone the same one).
+#[derive(Clone, Default)]
+pub struct Cut(Arc<CutState>);
+
+#[derive(Default)]
+struct CutState {
+    cut: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Cut {
+    /// Makes the connection's reads and writes fail from now on, waking it.
+    pub fn cut(&self) {
+        self.0.cut.store(true, Ordering::SeqCst);
+        self.0.waker.wake();
+    }
+
+    /// Whether this is `other`'s connection.
+    pub fn same(&self, other: &Cut) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// An error if cut; otherwise registers the connection's task to be
+    /// woken by a cut.
+    fn check(&self, cx: &Context<'_>) -> std::io::Result<()> {
+        self.0.waker.register(cx.waker());
+        if self.0.cut.load(Ordering::SeqCst) {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "cut by the coordinator"));
+        }
+        Ok(())
+    }
+}
+
+impl Conn {
+    fn new(stream: TlsStream<TcpStream>, remote: SocketAddr) -> Self {
+        let certs = stream.get_ref().1.peer_certificates().map(|c| Arc::new(c.to_vec()));
+        Conn { stream, info: ConnInfo { certs, remote, cut: Cut::default() } }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.info.cut.check(cx)?;
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.info.cut.check(cx)?;
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.info.cut.check(cx)?;
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.info.cut.check(cx)?;
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The connection a request came on (accepted by [`accept_loop`]).
+pub fn connection_of<T>(req: &tonic::Request<T>) -> Result<&ConnInfo, tonic::Status> {
+    req.extensions().get::<ConnInfo>().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))
+}
+
 /// The certificate (DER) the peer of a request presented (already verified
 /// by [`accept_loop`]).
 pub fn peer_certificate<T>(req: &tonic::Request<T>) -> Result<Arc<[u8]>, tonic::Status> {
-    req.peer_certs()
+    connection_of(req)?
+        .certs
+        .as_ref()
         .and_then(|c| c.first().map(|c| Arc::from(c.as_ref())))
         .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))
 }
 
 /// The identity of the peer of a request (already verified by [`accept_loop`]).
 pub fn peer_of<T>(req: &tonic::Request<T>) -> Result<pki::PeerIdentity, tonic::Status> {
-    let certs = req.peer_certs().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
-    let cert = certs.first().ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
+    let info = connection_of(req)?;
+    let cert = info
+        .certs
+        .as_ref()
+        .and_then(|c| c.first())
+        .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))?;
     pki::peer_identity(cert).map_err(|e| tonic::Status::unauthenticated(e.to_string()))
 }

@@ -183,28 +183,76 @@ async fn malformed_and_oversized_messages_close_only_that_stream() {
     assert_eq!(st["state"], "succeeded", "{st:#}");
 }
 
-/// Opens a party stream with `party`'s certificate and keeps it open:
-/// what the test sends, and what the coordinator sends back.
-async fn open_stream(
-    addr: &str,
-    pki: &PkiDir,
-    party: &str,
-) -> (tokio::sync::mpsc::Sender<pb::PartyMessage>, tonic::Streaming<pb::CoordinatorMessage>) {
+/// A connection with `party`'s certificate; `window` sets its HTTP/2
+/// stream window (0: the coordinator can send nothing on a stream, as to a
+/// party that never reads).
+async fn party_channel(addr: &str, pki: &PkiDir, party: &str, window: Option<u32>) -> tonic::transport::Channel {
     let pem = |p: &Path| std::fs::read(p).expect("pki file");
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(pem(&pki.ca_cert())))
         .domain_name("localhost")
         .identity(Identity::from_pem(pem(&pki.party_cert(party)), pem(&pki.party_key(party))));
-    let channel = Endpoint::from_shared(format!("https://{addr}"))
-        .expect("address")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("connect");
+    let mut endpoint = Endpoint::from_shared(format!("https://{addr}")).expect("address").tls_config(tls).expect("tls");
+    if window.is_some() {
+        endpoint = endpoint.initial_stream_window_size(window);
+    }
+    endpoint.connect().await.expect("connect")
+}
+
+/// Opens a party stream on `channel` and keeps it open: what the test
+/// sends, and what the coordinator sends back (or why it refused).
+async fn join_on(
+    channel: &tonic::transport::Channel,
+) -> Result<(tokio::sync::mpsc::Sender<pb::PartyMessage>, tonic::Streaming<pb::CoordinatorMessage>), tonic::Status> {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let inbound = PartyServiceClient::new(channel).join(ReceiverStream::new(rx)).await.expect("join").into_inner();
-    (tx, inbound)
+    let inbound = PartyServiceClient::new(channel.clone()).join(ReceiverStream::new(rx)).await?.into_inner();
+    Ok((tx, inbound))
+}
+
+/// Opens a party stream with `party`'s certificate and keeps it open.
+async fn open_stream(
+    addr: &str,
+    pki: &PkiDir,
+    party: &str,
+) -> (tokio::sync::mpsc::Sender<pb::PartyMessage>, tonic::Streaming<pb::CoordinatorMessage>) {
+    join_on(&party_channel(addr, pki, party, None).await).await.expect("join")
+}
+
+/// A connection outlives the lists the handshake checked it against, and a
+/// party that stops reading could hold a closed stream open. Here a party
+/// that never reads (its stream window 0) is revoked: a new stream it opens
+/// on its open connection is refused, and its connection is cut once its
+/// stream's close (sent ahead of its queue: the queue is not for a revoked
+/// party) has not ended the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_party_that_stops_reading_is_cut_off_and_cannot_open_another_stream() {
+    install_crypto();
+    let mut fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
+    fed.start_coordinator();
+    let pki = PkiDir::new(fed.path("pki"));
+    let stuck = party_channel(&fed.addr, &pki, "hospital-a", Some(0)).await;
+    let (_tx, mut never_read) = join_on(&stuck).await.expect("join");
+    let wait_for = |what: &str, secs: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        while !fed.coordinator_log().contains(what) {
+            assert!(std::time::Instant::now() < deadline, "no {what:?} within {secs} s:\n{}", fed.coordinator_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    tokio::task::block_in_place(|| wait_for("party connected", 10));
+    fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "hospital-a"]);
+    tokio::task::block_in_place(|| wait_for("revocation list updated", 20));
+    // Another stream on the same connection (no new handshake).
+    let refused = join_on(&stuck).await.map(|_| ()).unwrap_err();
+    assert!(refused.message().contains("hospital-a is revoked"), "{refused:?}");
+    // The close, ahead of the queue, cannot be sent either; 5 s later the
+    // connection is cut, and the stream (which can carry no message at a
+    // window of 0) ends with the connection's error.
+    let ended = tokio::time::timeout(Duration::from_secs(40), never_read.message()).await;
+    let log = fed.coordinator_log();
+    assert!(matches!(ended, Ok(Err(_))), "{ended:?}\n{log}");
+    assert!(log.contains("party hospital-a: its certificate is revoked"), "{log}");
+    assert!(log.contains("cutting its connection"), "{log}");
 }
 
 /// A party that reconnects replaces its older stream. What still arrives on
