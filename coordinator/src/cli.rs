@@ -284,6 +284,11 @@ enum CertsCmd {
         /// coordinator closes every stream it carries.
         #[arg(long, conflicts_with = "coordinator")]
         relay: bool,
+        /// NAME is an administrator (`admin.pem` in `--ca`, or `--cert`):
+        /// the coordinator refuses its calls, on connections already open
+        /// too, and ends the job watches it holds at their next update.
+        #[arg(long, conflicts_with_all = ["coordinator", "relay"])]
+        admin: bool,
         /// Revoke the coordinator's certificate instead (`coordinator.pem`
         /// in `--ca`, or `--cert`): parties given the list (in their
         /// `revocation_list` file, or pushed) refuse to connect to it.
@@ -464,12 +469,13 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             println!("signed and enrolled party {name}: {} (send it to the party with ca.pem)", cert.display());
             Ok(0)
         }
-        Command::Certs(CertsCmd::Revoke { ca, name, coordinator, relay, cert }) => {
+        Command::Certs(CertsCmd::Revoke { ca, name, coordinator, relay, admin, cert }) => {
             let cert = cert.map(|p| std::fs::read(&p).map_err(|e| Error::io(&p, e))).transpose()?;
             let pki = PkiDir::new(&ca);
             // clap makes NAME and --coordinator exclusive, and one required.
             let (list, what) = match name {
                 Some(name) if relay => (pki.revoke_relay(&name, cert.as_deref())?, format!("relay {name}")),
+                Some(name) if admin => (pki.revoke_admin(&name, cert.as_deref())?, format!("administrator {name}")),
                 Some(name) => (pki.revoke_party(&name, cert.as_deref())?, format!("party {name}")),
                 None => (pki.revoke_coordinator(cert.as_deref())?, "the coordinator's certificate".to_owned()),
             };
@@ -478,7 +484,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                 list.version(),
                 list.len(),
                 pki.revocation_file().display(),
-                if coordinator || relay { "" } else { "; party de-enrolled" }
+                if coordinator || relay || admin { "" } else { "; party de-enrolled" }
             );
             Ok(0)
         }

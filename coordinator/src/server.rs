@@ -122,9 +122,8 @@ struct PartyConn {
     close: oneshot::Sender<Status>,
     /// Resolves (closed) once tonic has dropped the stream's response.
     ended: oneshot::Receiver<()>,
-    /// The party's own connection (none through a relay, whose connection
-    /// carries other parties' streams too).
-    cut: Option<Cut>,
+    /// The stream's connection (a relay opens one for each party stream).
+    cut: Cut,
     certificate: Arc<[u8]>,
     /// The relay that carries the stream, and its certificate.
     relay: Option<(String, Arc<[u8]>)>,
@@ -371,7 +370,7 @@ impl Hub {
         };
         let Some(conn) = conn else { return };
         warn!(party = %party, "closing the stream: {}", status.message());
-        shut(conn, party.to_owned(), status, close, None);
+        shut(conn, party.to_owned(), status, close);
         let (db, name) = (self.db.clone(), party.to_owned());
         spawn_db(move || db.party_seen(&name, false));
     }
@@ -634,7 +633,7 @@ impl PartyService for PartySvc {
         let own;
         let (close, closed) = oneshot::channel();
         let (dropped, ended) = oneshot::channel();
-        let cut = if relay.is_none() { Some(connection.clone()) } else { None };
+        let carried = connection.carry();
         let previous = {
             let mut parties = lock(&hub.parties);
             // (The list's DER alone, not a clone of its serials.)
@@ -649,7 +648,7 @@ impl PartyService for PartySvc {
                 tx: out_tx,
                 close,
                 ended,
-                cut,
+                cut: connection,
                 certificate: certificate.clone(),
                 relay,
                 hello: None,
@@ -667,7 +666,7 @@ impl PartyService for PartySvc {
         if let Some(previous) = previous {
             info!(party = %name, "party reconnected; the older stream is closed");
             let replaced = Status::aborted("replaced by a newer stream of the party");
-            shut(previous, name.clone(), replaced, Closing::BehindItsQueue, Some(connection));
+            shut(previous, name.clone(), replaced, Closing::BehindItsQueue);
         }
         let (sent, received) = hub.metrics.stream_counters(&name);
         tokio::spawn(writer(out_rx, resp_tx, hub.limits.chunk_bytes, sent));
@@ -691,7 +690,7 @@ impl PartyService for PartySvc {
         info!(party = %name, "party connected");
         drop(own);
         tokio::spawn(reader(hub, name, conn_id, inbound, received));
-        Ok(Response::new(Box::pin(Closable::new(closed, resp_rx, dropped))))
+        Ok(Response::new(Box::pin(Closable::new(closed, resp_rx, (dropped, carried)))))
     }
 }
 
@@ -712,9 +711,9 @@ enum Closing {
 /// reaches it; ahead of its queue if the queue is full or after
 /// [`CLOSE_GRACE`]; and, after [`CUT_AFTER`] more,
 /// its connection cut (a party that stops reading holds the stream open
-/// otherwise; see [`tls::Conn`]). A connection that also carries the
-/// party's stream `now` (its reconnect on the same connection) is not cut.
-fn shut(conn: PartyConn, party: String, status: Status, closing: Closing, now: Option<Cut>) {
+/// otherwise; see [`tls::Conn`]), unless the connection carries another
+/// party stream (a reconnect on the same connection).
+fn shut(conn: PartyConn, party: String, status: Status, closing: Closing) {
     let PartyConn { tx, close, mut ended, cut, .. } = conn;
     let queued = closing == Closing::BehindItsQueue && tx.try_send(Outbound::Close(status.clone())).is_ok();
     // The queue's sender goes now: the writer ends once the stream does.
@@ -727,12 +726,12 @@ fn shut(conn: PartyConn, party: String, status: Status, closing: Closing, now: O
         if tokio::time::timeout(CUT_AFTER, &mut ended).await.is_ok() {
             return;
         }
-        match cut {
-            Some(cut) if !now.as_ref().is_some_and(|n| n.same(&cut)) => {
-                warn!(party = %party, "the party does not read its closed stream; cutting its connection");
-                cut.cut();
-            }
-            _ => warn!(party = %party, "the party's closed stream has not ended (it does not read it)"),
+        // (This stream is still counted: it has not ended.)
+        if cut.streams() <= 1 {
+            warn!(party = %party, "the party does not read its closed stream; cutting its connection");
+            cut.cut();
+        } else {
+            warn!(party = %party, "the party's closed stream has not ended, and its connection carries another");
         }
     });
 }
@@ -747,15 +746,16 @@ struct Closable {
     messages: ReceiverStream<Result<pb::CoordinatorMessage, Status>>,
     /// The close was sent: nothing follows it.
     ended: bool,
-    /// Dropped with the stream: tells [`shut`] that the stream has ended.
-    _dropped: oneshot::Sender<()>,
+    /// Dropped with the stream: tells [`shut`] that the stream has ended,
+    /// and its connection that it carries one stream fewer.
+    _dropped: (oneshot::Sender<()>, tls::Carried),
 }
 
 impl Closable {
     fn new(
         closed: oneshot::Receiver<Status>,
         messages: mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>,
-        dropped: oneshot::Sender<()>,
+        dropped: (oneshot::Sender<()>, tls::Carried),
     ) -> Self {
         Closable { closed: Some(closed), messages: ReceiverStream::new(messages), ended: false, _dropped: dropped }
     }
@@ -886,14 +886,11 @@ async fn watch_enrollment(hub: Arc<Hub>) {
         let Ok((revocations, enrolled)) = read else { continue };
         match revocations {
             Ok(newer) if newer.version() > hub.revocation_list().version() => {
-                info!(
-                    version = newer.version(),
-                    revoked = newer.len(),
-                    "revocation list updated; sending it to the parties"
-                );
                 last_error.clear();
-                let (crl, version) = (newer.der().to_vec(), newer.version());
+                let (crl, version, revoked) = (newer.der().to_vec(), newer.version(), newer.len());
                 hub.revocations.write().unwrap_or_else(|p| p.into_inner()).update(newer).ok();
+                // (Logged once in force: new streams and calls are checked against it.)
+                info!(version, revoked, "revocation list updated; sending it to the parties");
                 // Queued at once where there is room, before any close below
                 // (a party whose relay it revokes must still receive it); a
                 // full queue is waited for off the watcher's loop.
@@ -1313,6 +1310,9 @@ impl AdminService for AdminSvc {
 
     async fn watch_job(&self, req: Request<pb::JobRef>) -> Result<Response<Self::WatchJobStream>, Status> {
         require_admin(&self.hub, &req)?;
+        // A watch lasts as long as its job: the admin's certificate is
+        // checked again before each update, not only at the start.
+        let (admin, certificate) = (peer_of(&req)?, peer_certificate(&req)?);
         let id = req.into_inner().job_id;
         let hub = self.hub.clone();
         // Subscribe before reading, so that no change between the two is missed.
@@ -1330,6 +1330,10 @@ impl AdminService for AdminSvc {
                     Some(c) => c.changed().await.is_ok(),
                     None => false,
                 };
+                if let Err(revoked) = hub.not_revoked(&admin, &certificate) {
+                    let _ = tx.send(Err(revoked)).await;
+                    return;
+                }
                 match job_status(&hub, &id, true).await {
                     Ok(s) if s != last => {
                         last = s.clone();
@@ -1689,7 +1693,9 @@ mod tests {
         tx.try_send(message()).unwrap();
         let (close, closed) = oneshot::channel();
         let (dropped, mut ended) = oneshot::channel();
-        let mut stream = Closable::new(closed, rx, dropped);
+        let cut = Cut::default();
+        let mut stream = Closable::new(closed, rx, (dropped, cut.carry()));
+        assert_eq!(cut.streams(), 1);
         close.send(Status::permission_denied("revoked")).unwrap();
         let first = stream.next().await.expect("the close");
         assert!(first.is_err_and(|s| s.message() == "revoked"));
@@ -1698,11 +1704,12 @@ mod tests {
         assert!(ended.try_recv().is_err_and(|e| e == oneshot::error::TryRecvError::Empty));
         drop(stream);
         assert!(ended.await.is_err(), "dropping the stream tells that it ended");
+        assert_eq!(cut.streams(), 0, "and its connection that it carries it no more");
 
         let (tx, rx) = mpsc::channel(2);
         tx.try_send(message()).unwrap();
         let (close, closed) = oneshot::channel::<Status>();
-        let mut stream = Closable::new(closed, rx, oneshot::channel().0);
+        let mut stream = Closable::new(closed, rx, (oneshot::channel().0, Cut::default().carry()));
         drop(close);
         assert!(stream.next().await.expect("the queued message").is_ok());
         drop(tx);

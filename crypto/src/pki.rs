@@ -446,6 +446,19 @@ impl PkiDir {
         self.add_revocation(&ca, &der)
     }
 
+    /// Revokes an admin certificate (`admin.pem` here, or `certificate`,
+    /// which must name `name`): the coordinator refuses its calls from then
+    /// on, on connections already open too. Returns the new list.
+    pub fn revoke_admin(
+        &self,
+        name: &str,
+        certificate: Option<&[u8]>,
+    ) -> Result<crate::revocation::Revocations, Error> {
+        let ca = self.load_ca()?;
+        let der = self.named_certificate(Role::Admin, name, certificate, &self.admin_cert())?;
+        self.add_revocation(&ca, &der)
+    }
+
     /// The certificate (DER) of `role` `name` to revoke: `given` (PEM or
     /// DER), or the one issued here at `kept`; refused unless it names them.
     fn named_certificate(&self, role: Role, name: &str, given: Option<&[u8]>, kept: &Path) -> Result<Vec<u8>, Error> {

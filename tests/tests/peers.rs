@@ -255,6 +255,44 @@ async fn a_revoked_party_that_stops_reading_is_cut_off_and_cannot_open_another_s
     assert!(log.contains("cutting its connection"), "{log}");
 }
 
+/// An administrator's connection outlives a revocation of its certificate
+/// too: its calls on that connection are refused from then on, and a job
+/// watch it started before ends at the job's next update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_admin_is_refused_on_its_open_connection_and_its_watch_ends() {
+    use confide_proto::pb::admin_service_client::AdminServiceClient;
+    install_crypto();
+    let mut fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
+    fed.start_coordinator();
+    let pki = PkiDir::new(fed.path("pki"));
+    // No party joins: the job fails when recruiting times out, an update.
+    let names = vec!["hospital-a".to_string()];
+    let spec = job_spec(&names, 1, 1, "kind = \"logistic_regression\"\nclasses = 2", "")
+        .replace("recruit_secs = 30", "recruit_secs = 8");
+    let id = tokio::task::block_in_place(|| fed.submit("job.toml", &spec));
+    let url = format!("https://{}", fed.addr);
+    let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
+    let who =
+        confide_proto::net::ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
+    let mut admin = AdminServiceClient::new(confide_proto::net::connect(&who).await.expect("connect"));
+    admin.list_jobs(pb::ListJobsRequest {}).await.expect("an admin call before the revocation");
+    let mut watch =
+        admin.watch_job(pb::JobRef { job_id: id.clone(), ..Default::default() }).await.expect("watch").into_inner();
+    watch.message().await.expect("first status").expect("a status");
+    let cert_arg = cert.to_string_lossy().into_owned();
+    fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "--admin", "--cert", &cert_arg, "confide-admin"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !fed.coordinator_log().contains("revocation list updated") {
+        assert!(std::time::Instant::now() < deadline, "{}", fed.coordinator_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = admin.list_jobs(pb::ListJobsRequest {}).await.expect_err("revoked");
+    assert!(refused.message().contains("confide-admin is revoked"), "{refused:?}");
+    // The job fails at its recruiting timeout: the watch says revoked instead.
+    let next = tokio::time::timeout(Duration::from_secs(30), watch.message()).await.expect("an update in time");
+    assert!(next.as_ref().is_err_and(|s| s.message().contains("confide-admin is revoked")), "{next:?}");
+}
+
 /// A party that reconnects replaces its older stream. What still arrives on
 /// the older one must not act for the newer: before, a protocol error there
 /// closed the newer stream (the close went by the party's name).
