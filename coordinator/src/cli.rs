@@ -277,7 +277,8 @@ enum CertsCmd {
         /// The PKI directory holding the CA (ca.pem, ca.key).
         #[arg(long)]
         ca: PathBuf,
-        /// The party (or, with `--relay`, the relay).
+        /// The party (or, with `--relay`, the relay; with `--admin`, the
+        /// administrator, `confide-admin`).
         #[arg(required_unless_present = "coordinator")]
         name: Option<String>,
         /// NAME is a relay (`relays/NAME.pem` in `--ca`, or `--cert`): the
@@ -294,7 +295,8 @@ enum CertsCmd {
         /// `revocation_list` file, or pushed) refuse to connect to it.
         #[arg(long, conflicts_with = "name")]
         coordinator: bool,
-        /// The certificate to revoke, when not `parties/NAME.pem` in `--ca`.
+        /// The certificate to revoke, when not the one in `--ca`
+        /// (`parties/NAME.pem`, `relays/NAME.pem`, `admin.pem`).
         #[arg(long)]
         cert: Option<PathBuf>,
     },
@@ -306,8 +308,12 @@ enum CertsCmd {
         #[arg(long)]
         dir: PathBuf,
         /// The new party's name.
-        #[arg(long)]
-        party: String,
+        #[arg(long, required_unless_present = "admin")]
+        party: Option<String>,
+        /// Instead, a new administrator certificate and key (`admin.pem`,
+        /// `admin.key`) in place of a revoked one.
+        #[arg(long, conflicts_with = "party")]
+        admin: bool,
     },
 }
 
@@ -516,9 +522,19 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             }
             Ok(0)
         }
-        Command::Certs(CertsCmd::Issue { dir, party }) => {
-            PkiDir::new(&dir).issue_party(&party)?;
-            println!("issued and enrolled party {party} in {}", dir.display());
+        Command::Certs(CertsCmd::Issue { dir, party, admin }) => {
+            let pki = PkiDir::new(&dir);
+            match party {
+                Some(party) => {
+                    pki.issue_party(&party)?;
+                    println!("issued and enrolled party {party} in {}", dir.display());
+                }
+                None if admin => {
+                    pki.reissue_admin()?;
+                    println!("issued a new administrator certificate: {}", pki.admin_cert().display());
+                }
+                None => return Err(Error::InvalidInput("certs issue: --party NAME or --admin".into())),
+            }
             Ok(0)
         }
         Command::Coordinator(CoordinatorCmd::Serve { config, listen, data_dir, pki, metrics_listen }) => {

@@ -114,6 +114,9 @@ pub struct Connection {
     pub relay: Option<(String, Arc<[u8]>)>,
 }
 
+/// The parties' current streams, by name (shared with [`shut`]'s tasks).
+type Parties = Arc<Mutex<HashMap<String, PartyConn>>>;
+
 struct PartyConn {
     conn_id: u64,
     tx: mpsc::Sender<Outbound>,
@@ -148,7 +151,7 @@ pub struct Hub {
     limits: Limits,
     models_dir: PathBuf,
     retention: ModelRetention,
-    parties: Mutex<HashMap<String, PartyConn>>,
+    parties: Parties,
     /// Cloud parties' signed keys (joint inference), by (party, service),
     /// relayed to every party with the certificate of the stream they came on.
     cloud_keys: Mutex<HashMap<(String, String), pb::CloudKeyAnnouncement>>,
@@ -370,7 +373,7 @@ impl Hub {
         };
         let Some(conn) = conn else { return };
         warn!(party = %party, "closing the stream: {}", status.message());
-        shut(conn, party.to_owned(), status, close);
+        shut(conn, party.to_owned(), status, close, self.parties.clone(), SHUT_TIMING);
         let (db, name) = (self.db.clone(), party.to_owned());
         spawn_db(move || db.party_seen(&name, false));
     }
@@ -454,7 +457,7 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
         limits: config.limits,
         models_dir,
         retention: config.models,
-        parties: Mutex::new(HashMap::new()),
+        parties: Parties::default(),
         delegations: Mutex::default(),
         serving: Mutex::default(),
         cloud_keys: Mutex::default(),
@@ -633,7 +636,6 @@ impl PartyService for PartySvc {
         let own;
         let (close, closed) = oneshot::channel();
         let (dropped, ended) = oneshot::channel();
-        let carried = connection.carry();
         let previous = {
             let mut parties = lock(&hub.parties);
             // (The list's DER alone, not a clone of its serials.)
@@ -666,7 +668,7 @@ impl PartyService for PartySvc {
         if let Some(previous) = previous {
             info!(party = %name, "party reconnected; the older stream is closed");
             let replaced = Status::aborted("replaced by a newer stream of the party");
-            shut(previous, name.clone(), replaced, Closing::BehindItsQueue);
+            shut(previous, name.clone(), replaced, Closing::BehindItsQueue, hub.parties.clone(), SHUT_TIMING);
         }
         let (sent, received) = hub.metrics.stream_counters(&name);
         tokio::spawn(writer(out_rx, resp_tx, hub.limits.chunk_bytes, sent));
@@ -690,7 +692,7 @@ impl PartyService for PartySvc {
         info!(party = %name, "party connected");
         drop(own);
         tokio::spawn(reader(hub, name, conn_id, inbound, received));
-        Ok(Response::new(Box::pin(Closable::new(closed, resp_rx, (dropped, carried)))))
+        Ok(Response::new(Box::pin(Closable::new(closed, resp_rx, dropped))))
     }
 }
 
@@ -711,30 +713,45 @@ enum Closing {
 /// reaches it; ahead of its queue if the queue is full or after
 /// [`CLOSE_GRACE`]; and, after [`CUT_AFTER`] more,
 /// its connection cut (a party that stops reading holds the stream open
-/// otherwise; see [`tls::Conn`]), unless the connection carries another
-/// party stream (a reconnect on the same connection).
-fn shut(conn: PartyConn, party: String, status: Status, closing: Closing) {
+/// otherwise; see [`tls::Conn`]) once no current stream of `parties` uses
+/// that connection (a reconnect on it), checked again every `timing.cut_after`
+/// until the stream ends.
+fn shut(conn: PartyConn, party: String, status: Status, closing: Closing, parties: Parties, timing: ShutTiming) {
     let PartyConn { tx, close, mut ended, cut, .. } = conn;
     let queued = closing == Closing::BehindItsQueue && tx.try_send(Outbound::Close(status.clone())).is_ok();
     // The queue's sender goes now: the writer ends once the stream does.
     drop(tx);
     tokio::spawn(async move {
-        if queued && tokio::time::timeout(CLOSE_GRACE, &mut ended).await.is_ok() {
+        if queued && tokio::time::timeout(timing.grace, &mut ended).await.is_ok() {
             return;
         }
         let _ = close.send(status);
-        if tokio::time::timeout(CUT_AFTER, &mut ended).await.is_ok() {
-            return;
-        }
-        // (This stream is still counted: it has not ended.)
-        if cut.streams() <= 1 {
+        let mut spared = false;
+        while tokio::time::timeout(timing.cut_after, &mut ended).await.is_err() {
+            if lock(&parties).values().any(|c| c.cut.same(&cut)) {
+                if !spared {
+                    warn!(party = %party, "a closed stream has not ended; its connection carries a current one");
+                    spared = true;
+                }
+                continue;
+            }
             warn!(party = %party, "the party does not read its closed stream; cutting its connection");
             cut.cut();
-        } else {
-            warn!(party = %party, "the party's closed stream has not ended, and its connection carries another");
+            return;
         }
     });
 }
+
+/// How long [`shut`] waits at each step.
+#[derive(Clone, Copy)]
+struct ShutTiming {
+    /// A close queued behind the stream's queue, before it goes ahead.
+    grace: Duration,
+    /// A close sent ahead, before the connection is cut.
+    cut_after: Duration,
+}
+
+const SHUT_TIMING: ShutTiming = ShutTiming { grace: CLOSE_GRACE, cut_after: CUT_AFTER };
 
 /// A party stream's messages, which a close ([`PartyConn::close`]) ends at
 /// once with its status, ahead of any message still queued: a stream whose
@@ -746,16 +763,15 @@ struct Closable {
     messages: ReceiverStream<Result<pb::CoordinatorMessage, Status>>,
     /// The close was sent: nothing follows it.
     ended: bool,
-    /// Dropped with the stream: tells [`shut`] that the stream has ended,
-    /// and its connection that it carries one stream fewer.
-    _dropped: (oneshot::Sender<()>, tls::Carried),
+    /// Dropped with the stream: tells [`shut`] that the stream has ended.
+    _dropped: oneshot::Sender<()>,
 }
 
 impl Closable {
     fn new(
         closed: oneshot::Receiver<Status>,
         messages: mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>,
-        dropped: (oneshot::Sender<()>, tls::Carried),
+        dropped: oneshot::Sender<()>,
     ) -> Self {
         Closable { closed: Some(closed), messages: ReceiverStream::new(messages), ended: false, _dropped: dropped }
     }
@@ -1073,19 +1089,22 @@ async fn reader(
             }
         }
     }
-    let current = {
+    let left = {
         let mut parties = lock(&hub.parties);
         if parties.get(&name).is_some_and(|c| c.conn_id == conn_id) {
-            parties.remove(&name);
             // Its serving counts go with its stream.
             lock(&hub.serving).remove(&name);
             hub.broadcast(&Input::Disconnected(name.clone()));
-            true
+            parties.remove(&name)
         } else {
-            false
+            None
         }
     };
-    if current {
+    if let Some(conn) = left {
+        // Its own messages end; a party that stopped reading them is cut
+        // off like any other (its request side may have ended alone).
+        let ended = Status::cancelled("the party ended its stream");
+        shut(conn, name.clone(), ended, Closing::BehindItsQueue, hub.parties.clone(), SHUT_TIMING);
         let (db_hub, db_name) = (hub.clone(), name.clone());
         spawn_db(move || db_hub.db.party_seen(&db_name, false));
         info!(party = %name, "party disconnected");
@@ -1693,9 +1712,7 @@ mod tests {
         tx.try_send(message()).unwrap();
         let (close, closed) = oneshot::channel();
         let (dropped, mut ended) = oneshot::channel();
-        let cut = Cut::default();
-        let mut stream = Closable::new(closed, rx, (dropped, cut.carry()));
-        assert_eq!(cut.streams(), 1);
+        let mut stream = Closable::new(closed, rx, dropped);
         close.send(Status::permission_denied("revoked")).unwrap();
         let first = stream.next().await.expect("the close");
         assert!(first.is_err_and(|s| s.message() == "revoked"));
@@ -1704,16 +1721,68 @@ mod tests {
         assert!(ended.try_recv().is_err_and(|e| e == oneshot::error::TryRecvError::Empty));
         drop(stream);
         assert!(ended.await.is_err(), "dropping the stream tells that it ended");
-        assert_eq!(cut.streams(), 0, "and its connection that it carries it no more");
 
         let (tx, rx) = mpsc::channel(2);
         tx.try_send(message()).unwrap();
         let (close, closed) = oneshot::channel::<Status>();
-        let mut stream = Closable::new(closed, rx, (oneshot::channel().0, Cut::default().carry()));
+        let mut stream = Closable::new(closed, rx, oneshot::channel().0);
         drop(close);
         assert!(stream.next().await.expect("the queued message").is_ok());
         drop(tx);
         assert!(stream.next().await.is_none());
+    }
+
+    /// A party stream and what a test sees of it: its queue, its close, and
+    /// the sender whose drop says the stream ended.
+    fn party_conn(
+        conn_id: u64,
+        cut: &Cut,
+    ) -> (PartyConn, mpsc::Receiver<Outbound>, oneshot::Receiver<Status>, oneshot::Sender<()>) {
+        let (tx, queue) = mpsc::channel(1);
+        let (close, closed) = oneshot::channel();
+        let (dropped, ended) = oneshot::channel();
+        let conn = PartyConn {
+            conn_id,
+            tx,
+            close,
+            ended,
+            cut: cut.clone(),
+            certificate: Arc::from(&b"cert"[..]),
+            relay: None,
+            hello: None,
+        };
+        (conn, queue, closed, dropped)
+    }
+
+    /// A stream that will not end has its close queued, then sent ahead of
+    /// the queue, then its connection cut; but not while the connection
+    /// carries a current stream (a reconnect on it), only once that stream
+    /// has left too. A stream that ends in time is not cut.
+    #[tokio::test]
+    async fn a_stream_that_will_not_end_is_cut_off_once_its_connection_carries_no_current_one() {
+        let timing = ShutTiming { grace: Duration::from_millis(100), cut_after: Duration::from_millis(100) };
+        let parties = Parties::default();
+        let cut = Cut::default();
+        let (stuck, mut queue, mut closed, _not_ended) = party_conn(1, &cut);
+        let (current, ..) = party_conn(2, &cut);
+        lock(&parties).insert("hospital-a".into(), current);
+        shut(stuck, "hospital-a".into(), Status::aborted("replaced"), Closing::BehindItsQueue, parties.clone(), timing);
+        assert!(matches!(queue.recv().await, Some(Outbound::Close(s)) if s.message() == "replaced"));
+        let ahead = tokio::time::timeout(Duration::from_secs(5), &mut closed).await.expect("sent ahead");
+        assert_eq!(ahead.unwrap().message(), "replaced");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!cut.is_cut(), "the connection carries the party's current stream");
+        lock(&parties).clear();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(cut.is_cut(), "cut once no current stream uses it");
+
+        // Ends within the grace: neither sent ahead nor cut.
+        let cut = Cut::default();
+        let (ends, _queue, mut closed, ended) = party_conn(3, &cut);
+        shut(ends, "hospital-b".into(), Status::aborted("bye"), Closing::BehindItsQueue, Parties::default(), timing);
+        drop(ended);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(closed.try_recv().is_err() && !cut.is_cut());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
@@ -267,9 +267,7 @@ pub struct ConnInfo {
     pub cut: Cut,
 }
 
-/// Cuts one connection (every clone the same one), and counts the party
-/// streams it carries, so that a cut for one stream spares a connection
-/// that carries another.
+/// Cuts one connection (every clone the same one).
 #[derive(Clone, Default)]
 pub struct Cut(Arc<CutState>);
 
@@ -277,16 +275,6 @@ pub struct Cut(Arc<CutState>);
 struct CutState {
     cut: AtomicBool,
     waker: AtomicWaker,
-    streams: AtomicUsize,
-}
-
-/// One party stream on a connection, counted while it lives.
-pub struct Carried(Cut);
-
-impl Drop for Carried {
-    fn drop(&mut self) {
-        self.0.0.streams.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 impl Cut {
@@ -296,15 +284,14 @@ impl Cut {
         self.0.waker.wake();
     }
 
-    /// Counts a party stream on this connection until the result drops.
-    pub fn carry(&self) -> Carried {
-        self.0.streams.fetch_add(1, Ordering::SeqCst);
-        Carried(self.clone())
+    /// Whether this is `other`'s connection.
+    pub fn same(&self, other: &Cut) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 
-    /// How many party streams the connection carries now.
-    pub fn streams(&self) -> usize {
-        self.0.streams.load(Ordering::SeqCst)
+    /// Whether it was cut.
+    pub fn is_cut(&self) -> bool {
+        self.0.cut.load(Ordering::SeqCst)
     }
 
     /// An error if cut; otherwise registers the connection's task to be

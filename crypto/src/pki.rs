@@ -611,6 +611,25 @@ impl PkiDir {
         self.write_enrolled(&enrolled)
     }
 
+    /// Issues a new administrator certificate and key in place of
+    /// `admin.pem` and `admin.key`, once the one there is revoked (or gone):
+    /// the way back after `revoke_admin`, and never a second valid one by
+    /// accident.
+    pub fn reissue_admin(&self) -> Result<(), Error> {
+        if let Ok(pem) = fs::read(self.admin_cert()) {
+            let der = pem_or_der(&pem, "certificate")?;
+            if self.revocations()?.check(ADMIN_NAME, &der).is_ok() {
+                return Err(Error::InvalidInput(format!(
+                    "{}: not revoked; revoke it first (confide certs revoke --admin {ADMIN_NAME})",
+                    self.admin_cert().display()
+                )));
+            }
+        }
+        let ca = self.load_ca()?;
+        let admin = ca.issue(Role::Admin, ADMIN_NAME, &[])?;
+        write_pair(&self.admin_cert(), &self.admin_key(), &admin)
+    }
+
     /// The enrolled party names, as listed in `federation.toml`.
     pub fn enrolled(&self) -> Result<Vec<String>, Error> {
         let path = self.federation_file();

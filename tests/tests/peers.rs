@@ -265,10 +265,10 @@ async fn a_revoked_admin_is_refused_on_its_open_connection_and_its_watch_ends() 
     let mut fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
     fed.start_coordinator();
     let pki = PkiDir::new(fed.path("pki"));
-    // No party joins: the job fails when recruiting times out, an update.
+    // The job waits for its party, which starts once the list is in force:
+    // its joining is the watch's next update.
     let names = vec!["hospital-a".to_string()];
-    let spec = job_spec(&names, 1, 1, "kind = \"logistic_regression\"\nclasses = 2", "")
-        .replace("recruit_secs = 30", "recruit_secs = 8");
+    let spec = job_spec(&names, 1, 1, "kind = \"logistic_regression\"\nclasses = 2", "");
     let id = tokio::task::block_in_place(|| fed.submit("job.toml", &spec));
     let url = format!("https://{}", fed.addr);
     let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
@@ -279,6 +279,9 @@ async fn a_revoked_admin_is_refused_on_its_open_connection_and_its_watch_ends() 
     let mut watch =
         admin.watch_job(pb::JobRef { job_id: id.clone(), ..Default::default() }).await.expect("watch").into_inner();
     watch.message().await.expect("first status").expect("a status");
+    // A second valid administrator certificate is not issued by accident.
+    let refused = fed.cli(&["certs", "issue", "--dir", &fed.s("pki"), "--admin"]);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("not revoked"));
     let cert_arg = cert.to_string_lossy().into_owned();
     fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "--admin", "--cert", &cert_arg, "confide-admin"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -288,9 +291,13 @@ async fn a_revoked_admin_is_refused_on_its_open_connection_and_its_watch_ends() 
     }
     let refused = admin.list_jobs(pb::ListJobsRequest {}).await.expect_err("revoked");
     assert!(refused.message().contains("confide-admin is revoked"), "{refused:?}");
-    // The job fails at its recruiting timeout: the watch says revoked instead.
+    fed.start_party("hospital-a", "");
     let next = tokio::time::timeout(Duration::from_secs(30), watch.message()).await.expect("an update in time");
     assert!(next.as_ref().is_err_and(|s| s.message().contains("confide-admin is revoked")), "{next:?}");
+    // The way back: a new administrator certificate, on a new connection.
+    fed.run_ok(&["certs", "issue", "--dir", &fed.s("pki"), "--admin"]);
+    let mut admin = AdminServiceClient::new(confide_proto::net::connect(&who).await.expect("connect"));
+    admin.list_jobs(pb::ListJobsRequest {}).await.expect("the new administrator certificate");
 }
 
 /// A party that reconnects replaces its older stream. What still arrives on
