@@ -1058,6 +1058,8 @@ async fn reader(
     received_bytes: prometheus::IntCounter,
 ) {
     let mut pending: Option<PendingResult> = None;
+    // How the stream's own messages end, if this reader ends it.
+    let mut ending = Status::cancelled("the stream was read no further");
     loop {
         match inbound.message().await {
             Ok(Some(_)) if !hub.is_current(&name, conn_id) => {
@@ -1081,10 +1083,12 @@ async fn reader(
             }
             Ok(None) => {
                 info!(party = %name, "party closed its stream");
+                ending = Status::cancelled("the party ended its stream");
                 break;
             }
             Err(status) => {
                 warn!(party = %name, "party stream failed: {}", status.message());
+                ending = Status::cancelled(format!("the party's stream failed: {}", status.message()));
                 break;
             }
         }
@@ -1103,8 +1107,7 @@ async fn reader(
     if let Some(conn) = left {
         // Its own messages end; a party that stopped reading them is cut
         // off like any other (its request side may have ended alone).
-        let ended = Status::cancelled("the party ended its stream");
-        shut(conn, name.clone(), ended, Closing::BehindItsQueue, hub.parties.clone(), SHUT_TIMING);
+        shut(conn, name.clone(), ending, Closing::BehindItsQueue, hub.parties.clone(), SHUT_TIMING);
         let (db_hub, db_name) = (hub.clone(), name.clone());
         spawn_db(move || db_hub.db.party_seen(&db_name, false));
         info!(party = %name, "party disconnected");
@@ -1773,8 +1776,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!cut.is_cut(), "the connection carries the party's current stream");
         lock(&parties).clear();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(cut.is_cut(), "cut once no current stream uses it");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cut.is_cut() {
+            assert!(tokio::time::Instant::now() < deadline, "cut once no current stream uses it");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
 
         // Ends within the grace: neither sent ahead nor cut.
         let cut = Cut::default();

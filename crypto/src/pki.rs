@@ -612,18 +612,23 @@ impl PkiDir {
     }
 
     /// Issues a new administrator certificate and key in place of
-    /// `admin.pem` and `admin.key`, once the one there is revoked (or gone):
-    /// the way back after `revoke_admin`, and never a second valid one by
-    /// accident.
+    /// `admin.pem` and `admin.key`, once the one there is revoked: the way
+    /// back after `revoke_admin`, and never a second valid one by accident
+    /// (a missing or unreadable `admin.pem` is refused: whether the old
+    /// certificate is revoked cannot be told).
     pub fn reissue_admin(&self) -> Result<(), Error> {
-        if let Ok(pem) = fs::read(self.admin_cert()) {
-            let der = pem_or_der(&pem, "certificate")?;
-            if self.revocations()?.check(ADMIN_NAME, &der).is_ok() {
-                return Err(Error::InvalidInput(format!(
-                    "{}: not revoked; revoke it first (confide certs revoke --admin {ADMIN_NAME})",
-                    self.admin_cert().display()
-                )));
-            }
+        let path = self.admin_cert();
+        let pem = fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let der = pem_or_der(&pem, "certificate")?;
+        if peer_identity(&der)?.role != Role::Admin {
+            return Err(Error::InvalidInput(format!("{}: not an administrator certificate", path.display())));
+        }
+        // (It parses, so a failed check means it is on the list.)
+        if self.revocations()?.check(ADMIN_NAME, &der).is_ok() {
+            return Err(Error::InvalidInput(format!(
+                "{}: not revoked; revoke it first (confide certs revoke --admin {ADMIN_NAME})",
+                path.display()
+            )));
         }
         let ca = self.load_ca()?;
         let admin = ca.issue(Role::Admin, ADMIN_NAME, &[])?;
@@ -725,6 +730,33 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// An administrator certificate is issued again only once the one in
+    /// place is revoked: never a second valid one, and never on a missing
+    /// or foreign `admin.pem` (whether it is revoked cannot be told).
+    #[test]
+    fn an_administrator_certificate_is_issued_again_only_once_the_old_one_is_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init("t", &["a".into()], &[]).unwrap();
+        let old = fs::read(pki.admin_cert()).unwrap();
+        let e = pki.reissue_admin().unwrap_err().to_string();
+        assert!(e.contains("not revoked"), "{e}");
+        fs::copy(pki.party_cert("a"), pki.admin_cert()).unwrap();
+        let e = pki.reissue_admin().unwrap_err().to_string();
+        assert!(e.contains("not an administrator certificate"), "{e}");
+        fs::remove_file(pki.admin_cert()).unwrap();
+        assert!(pki.reissue_admin().is_err(), "a missing admin.pem");
+        fs::write(pki.admin_cert(), &old).unwrap();
+        let list = pki.revoke_admin(ADMIN_NAME, None).unwrap();
+        pki.reissue_admin().unwrap();
+        let new = fs::read(pki.admin_cert()).unwrap();
+        assert_ne!(new, old);
+        let der = |pem: &[u8]| pem_or_der(pem, "certificate").unwrap().to_vec();
+        assert!(list.check(ADMIN_NAME, &der(&old)).is_err() && list.check(ADMIN_NAME, &der(&new)).is_ok());
+        assert_eq!(fs::metadata(pki.admin_key()).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(pki.reissue_admin().unwrap_err().to_string().contains("not revoked"), "once only");
+    }
 
     #[test]
     fn a_party_key_made_elsewhere_is_certified_from_its_request_alone() {
