@@ -521,6 +521,10 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
     let join = tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            // A party uses one stream, a relay one connection per party, the
+            // CLI a few calls: a bound on what one connection can hold open
+            // (streams a party opens and never reads, see `shut`).
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             // Room for a whole update in flight (see `confide_proto::net`).
             .initial_stream_window_size(confide_proto::net::HTTP2_STREAM_WINDOW)
@@ -855,6 +859,9 @@ const ENROLLMENT_POLL: Duration = Duration::from_secs(2);
 /// How long a closed stream's close waits behind the messages queued
 /// before it, before it ends the stream ahead of them.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// The most HTTP/2 streams one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// How long a close sent ahead of a stream's queue waits for the stream to
 /// end before its connection is cut.

@@ -1043,12 +1043,17 @@ mod tests {
         let v1 = model_bytes(1);
         let d1 = admin_signed(&f, record(1, &v1, LOGREG));
         let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
-        let admin = der(&std::fs::read(f.pki.admin_cert()).unwrap());
-        let serial = confide_crypto::revocation::certificate_serial(&admin).unwrap();
-        let list = f.pki.load_ca().unwrap().revoke(&Revocations::empty(), &serial).unwrap();
+        let list = f.pki.revoke_admin(confide_crypto::pki::ADMIN_NAME, None).unwrap();
         f.revocations.write().unwrap().update(list).unwrap();
         let e = reg.offer(&d1).unwrap_err();
         assert!(e.contains("revoked"), "{e}");
+        // After `confide certs issue --admin`: what the old certificate
+        // signed stays refused; the new one deploys.
+        f.pki.reissue_admin().unwrap();
+        let e = reg.offer(&d1).unwrap_err();
+        assert!(e.contains("revoked"), "{e}");
+        let v2 = model_bytes(2);
+        assert!(reg.offer(&admin_signed(&f, record(2, &v2, LOGREG))).unwrap().is_some(), "the new certificate deploys");
     }
 
     #[test]
