@@ -716,14 +716,21 @@ fn write_pair(cert: &Path, key: &Path, issued: &IssuedCert) -> Result<(), Error>
     write_file(cert, issued.cert_pem.as_bytes(), 0o644)
 }
 
-/// Writes a new file with the given mode; the mode is set at creation so a
-/// private key is never readable by others, not even briefly.
+/// Writes a file with the given mode, in place of any file there: the mode
+/// is set at creation so a private key is never readable by others, not
+/// even briefly, and the new file is written beside it and renamed over it,
+/// so a failed write leaves the old one (a revoked `admin.pem` that
+/// `certs issue --admin` needs to see) rather than none.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
-    let io = |source| Error::Io { path: path.to_owned(), source };
-    let _ = fs::remove_file(path);
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io)?;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let io = |source| Error::Io { path: tmp.clone(), source };
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io)?;
     f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_owned(), source })
 }
 
 #[cfg(test)]

@@ -255,6 +255,24 @@ async fn a_revoked_party_that_stops_reading_is_cut_off_and_cannot_open_another_s
     assert!(log.contains("cutting its connection"), "{log}");
 }
 
+/// A party that ends its side of the stream and reads nothing more (its
+/// stream window 0) is cut off too: the stream's close goes behind its
+/// queue, then ahead of it, then the connection is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_party_that_ends_its_side_and_stops_reading_is_cut_off() {
+    install_crypto();
+    let mut fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
+    fed.start_coordinator();
+    let pki = PkiDir::new(fed.path("pki"));
+    let stuck = party_channel(&fed.addr, &pki, "hospital-a", Some(0)).await;
+    let (tx, mut never_read) = join_on(&stuck).await.expect("join");
+    drop(tx);
+    let ended = tokio::time::timeout(Duration::from_secs(40), never_read.message()).await;
+    let log = fed.coordinator_log();
+    assert!(matches!(ended, Ok(Err(_))), "{ended:?}\n{log}");
+    assert!(log.contains("party closed its stream") && log.contains("cutting its connection"), "{log}");
+}
+
 /// An administrator's connection outlives a revocation of its certificate
 /// too: its calls on that connection are refused from then on, and a job
 /// watch it started before ends at the job's next update.
