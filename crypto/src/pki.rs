@@ -363,6 +363,17 @@ impl PkiDir {
     pub fn admin_key(&self) -> PathBuf {
         self.root.join("admin.key")
     }
+    /// The serial (hex) of the administrator certificate last issued here:
+    /// `certs issue --admin` replaces only that one, once revoked.
+    pub fn admin_issued(&self) -> PathBuf {
+        self.root.join("admin.issued")
+    }
+
+    /// Records `cert_pem` as the administrator certificate last issued here.
+    fn record_admin(&self, cert_pem: &str) -> Result<(), Error> {
+        let serial = crate::revocation::certificate_serial(cert_pem.as_bytes())?;
+        write_file(&self.admin_issued(), hex(&serial).as_bytes(), 0o644)
+    }
     /// A party's certificate.
     pub fn party_cert(&self, name: &str) -> PathBuf {
         self.root.join("parties").join(format!("{name}.pem"))
@@ -524,6 +535,7 @@ impl PkiDir {
         write_pair(&self.coordinator_cert(), &self.coordinator_key(), &coord)?;
         let admin = ca.issue(Role::Admin, ADMIN_NAME, &[])?;
         write_pair(&self.admin_cert(), &self.admin_key(), &admin)?;
+        self.record_admin(&admin.cert_pem)?;
         let mut enrolled = Vec::new();
         for p in parties {
             if enrolled.contains(p) {
@@ -623,6 +635,23 @@ impl PkiDir {
         if peer_identity(&der)?.role != Role::Admin {
             return Err(Error::InvalidInput(format!("{}: not an administrator certificate", path.display())));
         }
+        // Only the one last issued here: an older revoked one restored from
+        // a backup would otherwise let a second valid one be issued.
+        let serial = hex(&crate::revocation::certificate_serial(&der)?);
+        match fs::read_to_string(self.admin_issued()) {
+            Ok(last) if last.trim() != serial => {
+                return Err(Error::InvalidInput(format!(
+                    "{} (serial {serial}) is not the administrator certificate last issued here (serial {}); \
+                     put that one back",
+                    path.display(),
+                    last.trim()
+                )));
+            }
+            Ok(_) => {}
+            // A directory made before the record was kept: nothing to compare.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::Io { path: self.admin_issued(), source }),
+        }
         // (It parses, so a failed check means it is on the list.)
         if self.revocations()?.check(ADMIN_NAME, &der).is_ok() {
             return Err(Error::InvalidInput(format!(
@@ -632,7 +661,8 @@ impl PkiDir {
         }
         let ca = self.load_ca()?;
         let admin = ca.issue(Role::Admin, ADMIN_NAME, &[])?;
-        write_pair(&self.admin_cert(), &self.admin_key(), &admin)
+        write_pair(&self.admin_cert(), &self.admin_key(), &admin)?;
+        self.record_admin(&admin.cert_pem)
     }
 
     /// The enrolled party names, as listed in `federation.toml`.
@@ -716,6 +746,11 @@ fn write_pair(cert: &Path, key: &Path, issued: &IssuedCert) -> Result<(), Error>
     write_file(cert, issued.cert_pem.as_bytes(), 0o644)
 }
 
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Writes a file with the given mode, in place of any file there: the mode
 /// is set at creation so a private key is never readable by others, not
 /// even briefly, and the new file is written beside it and renamed over it,
@@ -763,6 +798,14 @@ mod tests {
         assert!(list.check(ADMIN_NAME, &der(&old)).is_err() && list.check(ADMIN_NAME, &der(&new)).is_ok());
         assert_eq!(fs::metadata(pki.admin_key()).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(pki.reissue_admin().unwrap_err().to_string().contains("not revoked"), "once only");
+        // The first one, revoked, put back from a backup while the second
+        // is valid: no third.
+        fs::write(pki.admin_cert(), &old).unwrap();
+        let e = pki.reissue_admin().unwrap_err().to_string();
+        assert!(e.contains("not the administrator certificate last issued here"), "{e}");
+        fs::write(pki.admin_cert(), &new).unwrap();
+        pki.revoke_admin(ADMIN_NAME, None).unwrap();
+        pki.reissue_admin().unwrap();
     }
 
     #[test]
