@@ -363,16 +363,29 @@ impl PkiDir {
     pub fn admin_key(&self) -> PathBuf {
         self.root.join("admin.key")
     }
-    /// The serial (hex) of the administrator certificate last issued here:
-    /// `certs issue --admin` replaces only that one, once revoked.
+    /// The serials (hex, a line each) of every administrator certificate
+    /// issued here: `certs issue --admin` issues another only once all are
+    /// revoked. (Not named `admin.*`, so that copying or restoring the
+    /// administrator's files leaves it.)
     pub fn admin_issued(&self) -> PathBuf {
-        self.root.join("admin.issued")
+        self.root.join("issued-admins.log")
     }
 
-    /// Records `cert_pem` as the administrator certificate last issued here.
+    /// The serials in [`PkiDir::admin_issued`] (none in a directory made
+    /// before it was kept).
+    fn issued_admins(&self) -> Result<Vec<String>, Error> {
+        match fs::read_to_string(self.admin_issued()) {
+            Ok(text) => Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(Error::Io { path: self.admin_issued(), source }),
+        }
+    }
+
+    /// Adds `cert_pem`'s serial to [`PkiDir::admin_issued`].
     fn record_admin(&self, cert_pem: &str) -> Result<(), Error> {
-        let serial = crate::revocation::certificate_serial(cert_pem.as_bytes())?;
-        write_file(&self.admin_issued(), hex(&serial).as_bytes(), 0o644)
+        let mut serials = self.issued_admins()?;
+        serials.push(hex(&crate::revocation::certificate_serial(cert_pem.as_bytes())?));
+        write_file(&self.admin_issued(), format!("{}\n", serials.join("\n")).as_bytes(), 0o644)
     }
     /// A party's certificate.
     pub fn party_cert(&self, name: &str) -> PathBuf {
@@ -503,10 +516,8 @@ impl PkiDir {
     fn add_revocation(&self, ca: &FederationCa, cert_der: &[u8]) -> Result<crate::revocation::Revocations, Error> {
         let serial = crate::revocation::certificate_serial(cert_der)?;
         let list = ca.revoke(&self.revocations()?, &serial)?;
-        let path = self.revocation_file();
-        let tmp = path.with_extension("pem.tmp");
-        write_file(&tmp, list.pem().as_bytes(), 0o644)?;
-        fs::rename(&tmp, &path).map_err(|source| Error::Io { path, source })?;
+        // (Written beside it and renamed over it: never half a list.)
+        write_file(&self.revocation_file(), list.pem().as_bytes(), 0o644)?;
         Ok(list)
     }
 
@@ -534,8 +545,9 @@ impl PkiDir {
         let coord = ca.issue(Role::Coordinator, COORDINATOR_NAME, &sans)?;
         write_pair(&self.coordinator_cert(), &self.coordinator_key(), &coord)?;
         let admin = ca.issue(Role::Admin, ADMIN_NAME, &[])?;
-        write_pair(&self.admin_cert(), &self.admin_key(), &admin)?;
+        let _ = fs::remove_file(self.admin_issued());
         self.record_admin(&admin.cert_pem)?;
+        write_pair(&self.admin_cert(), &self.admin_key(), &admin)?;
         let mut enrolled = Vec::new();
         for p in parties {
             if enrolled.contains(p) {
@@ -635,22 +647,19 @@ impl PkiDir {
         if peer_identity(&der)?.role != Role::Admin {
             return Err(Error::InvalidInput(format!("{}: not an administrator certificate", path.display())));
         }
-        // Only the one last issued here: an older revoked one restored from
-        // a backup would otherwise let a second valid one be issued.
-        let serial = hex(&crate::revocation::certificate_serial(&der)?);
-        match fs::read_to_string(self.admin_issued()) {
-            Ok(last) if last.trim() != serial => {
+        // Every one issued here, not only the one in place: an older
+        // revoked one put back from a backup would otherwise let a second
+        // valid one be issued.
+        let list = self.revocations()?;
+        for serial in self.issued_admins()? {
+            let bytes = unhex(&serial).ok_or_else(|| {
+                Error::InvalidInput(format!("{}: {serial:?} is not a serial", self.admin_issued().display()))
+            })?;
+            if !list.is_revoked(&bytes) {
                 return Err(Error::InvalidInput(format!(
-                    "{} (serial {serial}) is not the administrator certificate last issued here (serial {}); \
-                     put that one back",
-                    path.display(),
-                    last.trim()
+                    "the administrator certificate with serial {serial} issued here is not revoked; revoke it first"
                 )));
             }
-            Ok(_) => {}
-            // A directory made before the record was kept: nothing to compare.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(Error::Io { path: self.admin_issued(), source }),
         }
         // (It parses, so a failed check means it is on the list.)
         if self.revocations()?.check(ADMIN_NAME, &der).is_ok() {
@@ -661,8 +670,10 @@ impl PkiDir {
         }
         let ca = self.load_ca()?;
         let admin = ca.issue(Role::Admin, ADMIN_NAME, &[])?;
-        write_pair(&self.admin_cert(), &self.admin_key(), &admin)?;
-        self.record_admin(&admin.cert_pem)
+        // Recorded first: a certificate written but not recorded would be
+        // one the check above does not know of.
+        self.record_admin(&admin.cert_pem)?;
+        write_pair(&self.admin_cert(), &self.admin_key(), &admin)
     }
 
     /// The enrolled party names, as listed in `federation.toml`.
@@ -682,10 +693,7 @@ impl PkiDir {
             text.push_str(&format!("  \"{p}\",\n"));
         }
         text.push_str("]\n");
-        let path = self.federation_file();
-        let tmp = path.with_extension("toml.tmp");
-        write_file(&tmp, text.as_bytes(), 0o644)?;
-        fs::rename(&tmp, &path).map_err(|source| Error::Io { path, source })
+        write_file(&self.federation_file(), text.as_bytes(), 0o644)
     }
 }
 
@@ -751,6 +759,14 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// [`hex`]'s inverse (either case); `None` for anything else.
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
+}
+
 /// Writes a file with the given mode, in place of any file there: the mode
 /// is set at creation so a private key is never readable by others, not
 /// even briefly, and the new file is written beside it and renamed over it,
@@ -763,8 +779,12 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
     let io = |source| Error::Io { path: tmp.clone(), source };
     let _ = fs::remove_file(&tmp);
     let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
+    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        // No partial file left behind (a private key's, say).
+        let _ = fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_owned(), source })
 }
 
@@ -802,10 +822,17 @@ mod tests {
         // is valid: no third.
         fs::write(pki.admin_cert(), &old).unwrap();
         let e = pki.reissue_admin().unwrap_err().to_string();
-        assert!(e.contains("not the administrator certificate last issued here"), "{e}");
+        assert!(e.contains("issued here is not revoked"), "{e}");
         fs::write(pki.admin_cert(), &new).unwrap();
         pki.revoke_admin(ADMIN_NAME, None).unwrap();
         pki.reissue_admin().unwrap();
+        assert_eq!(pki.issued_admins().unwrap().len(), 3);
+        // A directory made before the record was kept: the one in place
+        // alone is checked.
+        pki.revoke_admin(ADMIN_NAME, None).unwrap();
+        fs::remove_file(pki.admin_issued()).unwrap();
+        pki.reissue_admin().unwrap();
+        assert_eq!(pki.issued_admins().unwrap().len(), 1);
     }
 
     #[test]
