@@ -545,8 +545,9 @@ impl PkiDir {
         let coord = ca.issue(Role::Coordinator, COORDINATOR_NAME, &sans)?;
         write_pair(&self.coordinator_cert(), &self.coordinator_key(), &coord)?;
         let admin = ca.issue(Role::Admin, ADMIN_NAME, &[])?;
-        let _ = fs::remove_file(self.admin_issued());
-        self.record_admin(&admin.cert_pem)?;
+        // A new CA (init refuses an existing one): a new record.
+        let serial = hex(&crate::revocation::certificate_serial(admin.cert_pem.as_bytes())?);
+        write_file(&self.admin_issued(), format!("{serial}\n").as_bytes(), 0o644)?;
         write_pair(&self.admin_cert(), &self.admin_key(), &admin)?;
         let mut enrolled = Vec::new();
         for p in parties {
@@ -662,7 +663,7 @@ impl PkiDir {
             }
         }
         // (It parses, so a failed check means it is on the list.)
-        if self.revocations()?.check(ADMIN_NAME, &der).is_ok() {
+        if list.check(ADMIN_NAME, &der).is_ok() {
             return Err(Error::InvalidInput(format!(
                 "{}: not revoked; revoke it first (confide certs revoke --admin {ADMIN_NAME})",
                 path.display()
@@ -671,9 +672,14 @@ impl PkiDir {
         let ca = self.load_ca()?;
         let admin = ca.issue(Role::Admin, ADMIN_NAME, &[])?;
         // Recorded first: a certificate written but not recorded would be
-        // one the check above does not know of.
+        // one the check above does not know of. If it cannot be written,
+        // the record is taken back (a serial recorded for no certificate
+        // could never be revoked, and would block every later issue).
+        let before = self.issued_admins()?;
         self.record_admin(&admin.cert_pem)?;
-        write_pair(&self.admin_cert(), &self.admin_key(), &admin)
+        write_pair(&self.admin_cert(), &self.admin_key(), &admin).inspect_err(|_| {
+            let _ = write_file(&self.admin_issued(), format!("{}\n", before.join("\n")).as_bytes(), 0o644);
+        })
     }
 
     /// The enrolled party names, as listed in `federation.toml`.
@@ -761,7 +767,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// [`hex`]'s inverse (either case); `None` for anything else.
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
@@ -828,11 +834,18 @@ mod tests {
         pki.reissue_admin().unwrap();
         assert_eq!(pki.issued_admins().unwrap().len(), 3);
         // A directory made before the record was kept: the one in place
-        // alone is checked.
-        pki.revoke_admin(ADMIN_NAME, None).unwrap();
+        // alone is checked, revoked or not.
         fs::remove_file(pki.admin_issued()).unwrap();
+        let e = pki.reissue_admin().unwrap_err().to_string();
+        assert!(e.contains("admin.pem: not revoked"), "{e}");
+        pki.revoke_admin(ADMIN_NAME, None).unwrap();
         pki.reissue_admin().unwrap();
         assert_eq!(pki.issued_admins().unwrap().len(), 1);
+        // A record edited by hand into something else is refused, named.
+        pki.revoke_admin(ADMIN_NAME, None).unwrap();
+        fs::write(pki.admin_issued(), "+f\n").unwrap();
+        let e = pki.reissue_admin().unwrap_err().to_string();
+        assert!(e.contains("is not a serial"), "{e}");
     }
 
     #[test]
