@@ -247,10 +247,7 @@ impl Hub {
     /// Connected parties: name, the certificate of the stream, and the
     /// relay carrying it (name and certificate), if any.
     pub fn connections(&self) -> Vec<Connection> {
-        lock(&self.parties)
-            .iter()
-            .map(|(n, c)| Connection { party: n.clone(), certificate: c.certificate.clone(), relay: c.relay.clone() })
-            .collect()
+        self.numbered_connections().into_iter().map(|(c, _)| c).collect()
     }
 
     /// Whether a peer's certificate is not revoked today (and, for a party,
@@ -312,7 +309,7 @@ impl Hub {
 
     /// Whether `party`'s current stream is the one numbered `conn_id`.
     fn is_current(&self, party: &str, conn_id: u64) -> bool {
-        lock(&self.parties).get(party).is_some_and(|c| c.conn_id == conn_id)
+        self.on_stream(party, conn_id, |_| ()).is_some()
     }
 
     /// Queues a message for a party; false if it is not connected or its queue is full.
@@ -355,27 +352,31 @@ impl Hub {
     /// Closes `party`'s stream numbered `conn_id` now, saying why (a newer
     /// stream of the party is left alone); its jobs see it disconnect.
     fn expel(&self, party: &str, conn_id: u64, why: &str, close: Closing) {
-        self.close_stream(party, conn_id, Status::permission_denied(why.to_owned()), close);
+        if self.close_stream(party, conn_id, Status::permission_denied(why.to_owned()), close) {
+            warn!(party = %party, "closing the stream: {why}");
+        }
     }
 
-    /// Ends `party`'s stream numbered `conn_id` with `status`, ahead of what
-    /// its queue still holds, if it is still the party's current stream.
-    fn close_stream(&self, party: &str, conn_id: u64, status: Status, close: Closing) {
+    /// Takes `party`'s stream numbered `conn_id` out of the hub, if it is
+    /// still the party's current one, and ends it with `status` ([`shut`]);
+    /// its jobs see the party disconnect. Whether it was.
+    fn close_stream(&self, party: &str, conn_id: u64, status: Status, close: Closing) -> bool {
         let conn = {
             let mut parties = lock(&self.parties);
             let that_stream = parties.get(party).is_some_and(|c| c.conn_id == conn_id);
             if !that_stream {
-                return;
+                return false;
             }
+            // Its serving counts go with its stream.
             lock(&self.serving).remove(party);
             self.broadcast(&Input::Disconnected(party.to_owned()));
             parties.remove(party)
         };
-        let Some(conn) = conn else { return };
-        warn!(party = %party, "closing the stream: {}", status.message());
+        let Some(conn) = conn else { return false };
         shut(conn, party.to_owned(), status, close, self.parties.clone(), SHUT_TIMING);
         let (db, name) = (self.db.clone(), party.to_owned());
         spawn_db(move || db.party_seen(&name, false));
+        true
     }
 
     fn broadcast(&self, input: &Input) {
@@ -1084,7 +1085,8 @@ async fn reader(
                         };
                         hub.route(&p.result.job_id, input);
                     }
-                    hub.close_stream(&name, conn_id, Status::invalid_argument(reason), Closing::BehindItsQueue);
+                    warn!(party = %name, "closing the stream: {reason}");
+                    ending = Status::invalid_argument(reason);
                     break;
                 }
             }
@@ -1100,23 +1102,9 @@ async fn reader(
             }
         }
     }
-    let left = {
-        let mut parties = lock(&hub.parties);
-        if parties.get(&name).is_some_and(|c| c.conn_id == conn_id) {
-            // Its serving counts go with its stream.
-            lock(&hub.serving).remove(&name);
-            hub.broadcast(&Input::Disconnected(name.clone()));
-            parties.remove(&name)
-        } else {
-            None
-        }
-    };
-    if let Some(conn) = left {
-        // Its own messages end; a party that stopped reading them is cut
-        // off like any other (its request side may have ended alone).
-        shut(conn, name.clone(), ending, Closing::BehindItsQueue, hub.parties.clone(), SHUT_TIMING);
-        let (db_hub, db_name) = (hub.clone(), name.clone());
-        spawn_db(move || db_hub.db.party_seen(&db_name, false));
+    // Its own messages end too; a party that stopped reading them is cut
+    // off like any other (its request side may have ended alone).
+    if hub.close_stream(&name, conn_id, ending, Closing::BehindItsQueue) {
         info!(party = %name, "party disconnected");
     }
 }

@@ -105,7 +105,7 @@ pub fn accept_loop(
             tokio::spawn(async move {
                 match handshake(acceptor, tcp, addr, &admission).await {
                     Ok(stream) => {
-                        let _ = tx.send(Ok(Conn::new(stream, addr))).await;
+                        let _ = tx.send(Ok(Conn::new(stream))).await;
                     }
                     Err(refusal) => {
                         if let Some(r) = refusals {
@@ -257,12 +257,10 @@ pub struct Conn {
 }
 
 /// What the service sees of a [`Conn`] (tonic puts it in each request's
-/// extensions): the client's certificates, its address and the cut.
+/// extensions): the client's certificates and the cut.
 #[derive(Clone)]
 pub struct ConnInfo {
     certs: Option<Arc<Vec<CertificateDer<'static>>>>,
-    /// The client's address.
-    pub remote: SocketAddr,
     /// Cuts this connection.
     pub cut: Cut,
 }
@@ -306,9 +304,9 @@ impl Cut {
 }
 
 impl Conn {
-    fn new(stream: TlsStream<TcpStream>, remote: SocketAddr) -> Self {
+    fn new(stream: TlsStream<TcpStream>) -> Self {
         let certs = stream.get_ref().1.peer_certificates().map(|c| Arc::new(c.to_vec()));
-        Conn { stream, info: ConnInfo { certs, remote, cut: Cut::default() } }
+        Conn { stream, info: ConnInfo { certs, cut: Cut::default() } }
     }
 }
 

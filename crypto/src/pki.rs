@@ -428,9 +428,7 @@ impl PkiDir {
         name: &str,
         certificate: Option<&[u8]>,
     ) -> Result<crate::revocation::Revocations, Error> {
-        let ca = self.load_ca()?;
-        let der = self.named_certificate(Role::Party, name, certificate, &self.party_cert(name))?;
-        let list = self.add_revocation(&ca, &der)?;
+        let list = self.revoke_named(Role::Party, name, certificate, &self.party_cert(name))?;
         if self.federation_file().exists() {
             let enrolled: Vec<String> = self.enrolled()?.into_iter().filter(|p| p != name).collect();
             self.write_enrolled(&enrolled)?;
@@ -465,9 +463,7 @@ impl PkiDir {
         name: &str,
         certificate: Option<&[u8]>,
     ) -> Result<crate::revocation::Revocations, Error> {
-        let ca = self.load_ca()?;
-        let der = self.named_certificate(Role::Relay, name, certificate, &self.relay_cert(name))?;
-        self.add_revocation(&ca, &der)
+        self.revoke_named(Role::Relay, name, certificate, &self.relay_cert(name))
     }
 
     /// Revokes an admin certificate (`admin.pem` here, or `certificate`,
@@ -478,8 +474,19 @@ impl PkiDir {
         name: &str,
         certificate: Option<&[u8]>,
     ) -> Result<crate::revocation::Revocations, Error> {
+        self.revoke_named(Role::Admin, name, certificate, &self.admin_cert())
+    }
+
+    /// Revokes the certificate [`PkiDir::named_certificate`] finds.
+    fn revoke_named(
+        &self,
+        role: Role,
+        name: &str,
+        given: Option<&[u8]>,
+        kept: &Path,
+    ) -> Result<crate::revocation::Revocations, Error> {
         let ca = self.load_ca()?;
-        let der = self.named_certificate(Role::Admin, name, certificate, &self.admin_cert())?;
+        let der = self.named_certificate(role, name, given, kept)?;
         self.add_revocation(&ca, &der)
     }
 

@@ -425,6 +425,16 @@ impl Federation {
         Load(child)
     }
 
+    /// Waits until the coordinator's log says `what`, at most `secs`
+    /// seconds (blocking: from async tests, inside `block_in_place`).
+    pub fn wait_for_log(&self, what: &str, secs: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while !self.coordinator_log().contains(what) {
+            assert!(std::time::Instant::now() < deadline, "no {what:?} within {secs} s:\n{}", self.coordinator_log());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// The coordinator's log so far.
     pub fn coordinator_log(&self) -> String {
         std::fs::read_to_string(self.path("logs/coordinator.log")).unwrap_or_default()

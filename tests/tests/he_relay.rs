@@ -191,11 +191,7 @@ async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_r
     let e = relayed_join(&fed, "edge-a", "site-2", (&sig, &nonce), now).await.unwrap_err();
     assert!(e.contains("site-2 (through relay edge-a) is not enrolled"), "{e}");
     fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "site-1"]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !fed.coordinator_log().contains("revocation list updated") {
-        assert!(std::time::Instant::now() < deadline, "{}", fed.coordinator_log());
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    tokio::task::block_in_place(|| fed.wait_for_log("revocation list updated", 20));
     let (sig, nonce) =
         confide_crypto::relay::sign_delegation(&key_of("site-1"), "site-1", "edge-a", now).expect("sign");
     let e = relayed_join(&fed, "edge-a", "site-1", (&sig, &nonce), now).await.unwrap_err();

@@ -77,10 +77,7 @@ fn install_crypto() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refuses_foreign_ca_unenrolled_expired_and_certless_clients() {
-    install_crypto();
-    let mut fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
-    fed.start_coordinator();
-    let pki = PkiDir::new(fed.path("pki"));
+    let (fed, pki) = one_hospital();
     let ca = pki.ca_cert();
 
     // The enrolled party gets in.
@@ -183,6 +180,16 @@ async fn malformed_and_oversized_messages_close_only_that_stream() {
     assert_eq!(st["state"], "succeeded", "{st:#}");
 }
 
+/// A running coordinator with one enrolled hospital, `hospital-a` (whose
+/// node is not started), and its PKI directory.
+fn one_hospital() -> (Federation, PkiDir) {
+    install_crypto();
+    let mut fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
+    fed.start_coordinator();
+    let pki = PkiDir::new(fed.path("pki"));
+    (fed, pki)
+}
+
 /// A connection with `party`'s certificate; `window` sets its HTTP/2
 /// stream window (0: the coordinator can send nothing on a stream, as to a
 /// party that never reads).
@@ -226,22 +233,12 @@ async fn open_stream(
 /// party) has not ended the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_party_that_stops_reading_is_cut_off_and_cannot_open_another_stream() {
-    install_crypto();
-    let mut fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
-    fed.start_coordinator();
-    let pki = PkiDir::new(fed.path("pki"));
+    let (fed, pki) = one_hospital();
     let stuck = party_channel(&fed.addr, &pki, "hospital-a", Some(0)).await;
     let (_tx, mut never_read) = join_on(&stuck).await.expect("join");
-    let wait_for = |what: &str, secs: u64| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-        while !fed.coordinator_log().contains(what) {
-            assert!(std::time::Instant::now() < deadline, "no {what:?} within {secs} s:\n{}", fed.coordinator_log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    tokio::task::block_in_place(|| wait_for("party connected", 10));
+    tokio::task::block_in_place(|| fed.wait_for_log("party connected", 10));
     fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "hospital-a"]);
-    tokio::task::block_in_place(|| wait_for("revocation list updated", 20));
+    tokio::task::block_in_place(|| fed.wait_for_log("revocation list updated", 20));
     // Another stream on the same connection (no new handshake).
     let refused = join_on(&stuck).await.map(|_| ()).unwrap_err();
     assert!(refused.message().contains("hospital-a is revoked"), "{refused:?}");
@@ -260,10 +257,7 @@ async fn a_revoked_party_that_stops_reading_is_cut_off_and_cannot_open_another_s
 /// queue, then ahead of it, then the connection is cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_party_that_ends_its_side_and_stops_reading_is_cut_off() {
-    install_crypto();
-    let mut fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
-    fed.start_coordinator();
-    let pki = PkiDir::new(fed.path("pki"));
+    let (fed, pki) = one_hospital();
     let stuck = party_channel(&fed.addr, &pki, "hospital-a", Some(0)).await;
     let (tx, mut never_read) = join_on(&stuck).await.expect("join");
     drop(tx);
@@ -279,10 +273,7 @@ async fn a_party_that_ends_its_side_and_stops_reading_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_admin_is_refused_on_its_open_connection_and_its_watch_ends() {
     use confide_proto::pb::admin_service_client::AdminServiceClient;
-    install_crypto();
-    let mut fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
-    fed.start_coordinator();
-    let pki = PkiDir::new(fed.path("pki"));
+    let (mut fed, pki) = one_hospital();
     // The job waits for its party, which starts once the list is in force:
     // its joining is the watch's next update.
     let names = vec!["hospital-a".to_string()];
@@ -302,11 +293,7 @@ async fn a_revoked_admin_is_refused_on_its_open_connection_and_its_watch_ends() 
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("not revoked"));
     let cert_arg = cert.to_string_lossy().into_owned();
     fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "--admin", "--cert", &cert_arg, "confide-admin"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !fed.coordinator_log().contains("revocation list updated") {
-        assert!(std::time::Instant::now() < deadline, "{}", fed.coordinator_log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tokio::task::block_in_place(|| fed.wait_for_log("revocation list updated", 20));
     let refused = admin.list_jobs(pb::ListJobsRequest {}).await.expect_err("revoked");
     assert!(refused.message().contains("confide-admin is revoked"), "{refused:?}");
     fed.start_party("hospital-a", "");
@@ -323,10 +310,7 @@ async fn a_revoked_admin_is_refused_on_its_open_connection_and_its_watch_ends() 
 /// closed the newer stream (the close went by the party's name).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_streams_messages_do_not_act_for_the_newer_stream() {
-    install_crypto();
-    let mut fed = Federation::new(&["hospital-a"], &breast_cancer(), true, "1");
-    fed.start_coordinator();
-    let pki = PkiDir::new(fed.path("pki"));
+    let (fed, pki) = one_hospital();
     let (old_tx, mut old_in) = open_stream(&fed.addr, &pki, "hospital-a").await;
     let welcome = old_in.message().await.expect("welcome");
     assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
