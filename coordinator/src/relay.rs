@@ -35,9 +35,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::Error;
-use crate::server::BoxStream;
+use crate::server::{BoxStream, CLOSE_GRACE, CUT_AFTER, Closable, MAX_STREAMS_PER_CONNECTION};
 use crate::server::{RELAYED_CERT, RELAYED_NONCE, RELAYED_SIGNATURE, RELAYED_TIME};
-use crate::tls::{self, Admission, peer_certificate, peer_of};
+use crate::tls::{self, Admission, Cut, connection_of, peer_certificate, peer_of};
 
 /// How a relay runs.
 #[derive(Debug, Clone)]
@@ -126,6 +126,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, Error> {
             .initial_stream_window_size(confide_proto::net::HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(confide_proto::net::HTTP2_CONNECTION_WINDOW)
             .max_frame_size(confide_proto::net::HTTP2_MAX_FRAME)
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = shutdown_rx.await;
@@ -166,6 +167,8 @@ struct Shared {
 struct Member {
     conn: u64,
     up: Upstream,
+    /// The party's connection to the relay.
+    cut: Cut,
 }
 
 /// One member's upload, held until its group is summed.
@@ -472,6 +475,7 @@ impl PartyService for RelaySvc {
         let id = peer_of(&req)?;
         let party = id.name;
         let certificate = peer_certificate(&req)?;
+        let cut = connection_of(&req)?.cut.clone();
         let mut inbound = req.into_inner();
         // The first message carries the party's delegation to this relay.
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
@@ -525,48 +529,162 @@ impl PartyService for RelaySvc {
         let upstream = client.join(request).await?.into_inner();
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
         let up: Upstream = Arc::new(tokio::sync::Mutex::new(up_tx));
-        lock(&shared.members).insert(party.clone(), Member { conn, up: up.clone() });
+        lock(&shared.members).insert(party.clone(), Member { conn, up: up.clone(), cut: cut.clone() });
         info!(party = %party, "party connected; its stream goes to the coordinator");
         let (down_tx, down_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(32);
-        tokio::spawn(pump_down(shared.clone(), party.clone(), upstream, down_tx));
+        let (close, closed) = oneshot::channel();
+        let (dropped, ended) = oneshot::channel();
+        let down = Down { tx: down_tx, close, ended, cut, conn };
+        tokio::spawn(pump_down(shared.clone(), party.clone(), upstream, down, SHUT_TIMING));
         tokio::spawn(pump_up(shared, party, conn, certificate, inbound, up));
-        Ok(Response::new(Box::pin(ReceiverStream::new(down_rx))))
+        Ok(Response::new(Box::pin(Closable::new(closed, down_rx, dropped))))
     }
 }
 
-/// Coordinator → party, as it comes; tasks are noted on the way.
+/// The party's side of a relayed stream: its queue, and how to end it if
+/// the party stops reading.
+struct Down {
+    tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    /// Ends the stream ahead of its queue ([`Closable`]).
+    close: oneshot::Sender<Status>,
+    /// Resolves (closed) once the server has dropped the stream's response.
+    ended: oneshot::Receiver<()>,
+    /// The party's connection to the relay.
+    cut: Cut,
+    /// The stream's number among the relay's ([`Member::conn`]).
+    conn: u64,
+}
+
+/// How long [`end_down`] waits at each step.
+#[derive(Clone, Copy)]
+struct ShutTiming {
+    /// What is left, and the end, behind the stream's queue.
+    grace: Duration,
+    /// The end ahead of the queue, before the connection is cut.
+    cut_after: Duration,
+}
+
+/// The coordinator's own steps ([`crate::server`]'s `shut`).
+const SHUT_TIMING: ShutTiming = ShutTiming { grace: CLOSE_GRACE, cut_after: CUT_AFTER };
+
+/// Coordinator → party, as it comes; tasks are noted on the way. While
+/// the party's queue is full, one more message is read from the
+/// coordinator, so that the coordinator's end of the stream (it closes a
+/// party that does not read, and cuts the relay's connection for it) is
+/// seen here too, and passed on by [`end_down`].
 async fn pump_down(
     shared: Arc<Shared>,
     party: String,
     mut upstream: Streaming<pb::CoordinatorMessage>,
-    down: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    down: Down,
+    timing: ShutTiming,
 ) {
-    loop {
-        match upstream.message().await {
-            Ok(Some(msg)) => {
-                match &msg.body {
-                    Some(coordinator_message::Body::Offer(o)) => shared.on_offer(o),
-                    Some(coordinator_message::Body::Task(t)) => shared.on_task(&party, t),
-                    Some(coordinator_message::Body::Closed(c)) => {
-                        lock(&shared.jobs).remove(&c.job_id);
-                        lock(&shared.pending).retain(|k, _| k.0 != c.job_id);
-                        lock(&shared.rounds).retain(|k, _| k.0 != c.job_id);
+    let mut next: Option<pb::CoordinatorMessage> = None;
+    // Messages not yet passed on, and how the coordinator's stream ended
+    // (`None`: without an error).
+    let (left, end): (Vec<pb::CoordinatorMessage>, Option<Status>) = 'pump: loop {
+        let msg = match next.take() {
+            Some(m) => m,
+            None => match upstream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break (Vec::new(), None),
+                Err(status) => break (Vec::new(), Some(status)),
+            },
+        };
+        note_down(&shared, &party, &msg);
+        loop {
+            tokio::select! {
+                permit = down.tx.reserve() => match permit {
+                    Ok(p) => {
+                        p.send(Ok(msg));
+                        break;
                     }
-                    _ => {}
-                }
-                if down.send(Ok(msg)).await.is_err() {
-                    break;
-                }
-            }
-            Ok(None) => break,
-            Err(status) => {
-                warn!(party = %party, "coordinator stream failed: {}", status.message());
-                let _ = down.send(Err(status)).await;
-                break;
+                    // The party's side is gone: nothing more to pass on.
+                    Err(_) => return,
+                },
+                read = upstream.message(), if next.is_none() => match read {
+                    Ok(Some(m)) => next = Some(m),
+                    Ok(None) => break 'pump (vec![msg], None),
+                    Err(status) => break 'pump (vec![msg], Some(status)),
+                },
             }
         }
+    };
+    match &end {
+        None => info!(party = %party, "the coordinator closed the party's stream"),
+        Some(status) => warn!(party = %party, "coordinator stream failed: {}", status.message()),
     }
-    info!(party = %party, "the coordinator closed the party's stream");
+    {
+        let mut members = lock(&shared.members);
+        if members.get(&party).is_some_and(|m| m.conn == down.conn) {
+            members.remove(&party);
+        }
+    }
+    shared.gone(&party, down.conn, None);
+    end_down(&shared, &party, down, left, end, timing).await;
+}
+
+/// What a message from the coordinator tells the relay.
+fn note_down(shared: &Shared, party: &str, msg: &pb::CoordinatorMessage) {
+    match &msg.body {
+        Some(coordinator_message::Body::Offer(o)) => shared.on_offer(o),
+        Some(coordinator_message::Body::Task(t)) => shared.on_task(party, t),
+        Some(coordinator_message::Body::Closed(c)) => {
+            lock(&shared.jobs).remove(&c.job_id);
+            lock(&shared.pending).retain(|k, _| k.0 != c.job_id);
+            lock(&shared.rounds).retain(|k, _| k.0 != c.job_id);
+        }
+        _ => {}
+    }
+}
+
+/// Ends the party's stream once the coordinator's has ended, as the
+/// coordinator ends its own streams: what is `left` and the `end` behind
+/// the stream's queue; ahead of it after `timing.grace` (a party whose
+/// stream window is full is sent nothing more: the server stops polling
+/// its stream); and after `timing.cut_after` more, its connection cut,
+/// unless another of the relay's current streams uses it (a reconnect on
+/// it), checked again until the stream ends.
+async fn end_down(
+    shared: &Shared,
+    party: &str,
+    down: Down,
+    left: Vec<pb::CoordinatorMessage>,
+    end: Option<Status>,
+    timing: ShutTiming,
+) {
+    let Down { tx, close, mut ended, cut, conn } = down;
+    let ahead = end.clone().unwrap_or_else(|| Status::unavailable("the coordinator ended the party's stream"));
+    let behind = async {
+        for m in left {
+            if tx.send(Ok(m)).await.is_err() {
+                return;
+            }
+        }
+        if let Some(status) = end {
+            let _ = tx.send(Err(status)).await;
+        }
+        // The queue's sender goes: the stream ends once it is drained.
+        drop(tx);
+        let _ = (&mut ended).await;
+    };
+    if tokio::time::timeout(timing.grace, behind).await.is_ok() {
+        return;
+    }
+    let _ = close.send(ahead);
+    let mut spared = false;
+    while tokio::time::timeout(timing.cut_after, &mut ended).await.is_err() {
+        if lock(&shared.members).values().any(|m| m.conn != conn && m.cut.same(&cut)) {
+            if !spared {
+                warn!(party = %party, "a closed stream has not ended; its connection carries a current one");
+                spared = true;
+            }
+            continue;
+        }
+        warn!(party = %party, "the party does not read its closed stream; cutting its connection");
+        cut.cut();
+        return;
+    }
 }
 
 /// Party → coordinator: whole results (reassembled), uploads of `he` jobs

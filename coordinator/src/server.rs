@@ -335,6 +335,24 @@ impl Hub {
         self.route(id, Input::Cancel);
     }
 
+    /// [`Hub::route`] of a message read from `party`'s stream numbered
+    /// `conn_id`, if that is still the party's current stream, under the
+    /// parties' lock: a join tells the jobs of the newer stream under the
+    /// same lock, so a message of the older one reaches them before that
+    /// or not at all (never after the newer stream's join). Whether it was
+    /// routed.
+    fn route_from(&self, party: &str, conn_id: u64, job_id: &str, input: Input) -> bool {
+        let parties = lock(&self.parties);
+        let current = parties.get(party).is_some_and(|c| c.conn_id == conn_id);
+        if current {
+            self.route(job_id, input);
+        } else {
+            debug!(party, job = job_id, "a message of a replaced stream; not routed");
+        }
+        drop(parties);
+        current
+    }
+
     fn route(&self, job_id: &str, input: Input) {
         match lock(&self.jobs).get(job_id) {
             Some(j) => {
@@ -761,7 +779,7 @@ const SHUT_TIMING: ShutTiming = ShutTiming { grace: CLOSE_GRACE, cut_after: CUT_
 /// A party stream's messages, which a close ([`PartyConn::close`]) ends at
 /// once with its status, ahead of any message still queued: a stream whose
 /// queue is full (a party that does not read) is closed all the same.
-struct Closable {
+pub(crate) struct Closable {
     /// `None` once it fired or its sender went (the stream was replaced or
     /// left the hub: its messages then end as its queue drains).
     closed: Option<oneshot::Receiver<Status>>,
@@ -773,7 +791,7 @@ struct Closable {
 }
 
 impl Closable {
-    fn new(
+    pub(crate) fn new(
         closed: oneshot::Receiver<Status>,
         messages: mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>,
         dropped: oneshot::Sender<()>,
@@ -859,14 +877,14 @@ const ENROLLMENT_POLL: Duration = Duration::from_secs(2);
 
 /// How long a closed stream's close waits behind the messages queued
 /// before it, before it ends the stream ahead of them.
-const CLOSE_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// The most HTTP/2 streams one connection may have open at once.
-const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// How long a close sent ahead of a stream's queue waits for the stream to
 /// end before its connection is cut.
-const CUT_AFTER: Duration = Duration::from_secs(5);
+pub(crate) const CUT_AFTER: Duration = Duration::from_secs(5);
 
 /// How long a newer revocation list waits for room in a stream's queue.
 /// A party checks its peers' certificates against the list it holds, so a
@@ -1083,7 +1101,7 @@ async fn reader(
                             task_id: p.result.task_id,
                             reason: reason.clone(),
                         };
-                        hub.route(&p.result.job_id, input);
+                        hub.route_from(&name, conn_id, &p.result.job_id, input);
                     }
                     warn!(party = %name, "closing the stream: {reason}");
                     ending = Status::invalid_argument(reason);
@@ -1135,13 +1153,23 @@ fn on_party_message(
                 warn!(party = name, job = %a.job_id, "party refused the job: {}", a.reason);
             }
             let reason: String = a.reason.chars().take(1000).collect();
-            hub.route(&a.job_id, Input::Answer { party: name.to_owned(), accepted: a.accepted, reason });
+            hub.route_from(
+                name,
+                conn_id,
+                &a.job_id,
+                Input::Answer { party: name.to_owned(), accepted: a.accepted, reason },
+            );
             Ok(())
         }
         Some(party_message::Body::Failed(f)) => {
             let reason: String = f.reason.chars().take(1000).collect();
             warn!(party = name, job = %f.job_id, "party could not do task {}: {reason}", f.task_id);
-            hub.route(&f.job_id, Input::TaskFailed { party: name.to_owned(), task_id: f.task_id, reason });
+            hub.route_from(
+                name,
+                conn_id,
+                &f.job_id,
+                Input::TaskFailed { party: name.to_owned(), task_id: f.task_id, reason },
+            );
             Ok(())
         }
         Some(party_message::Body::Result(mut r)) => {
@@ -1150,14 +1178,14 @@ fn on_party_message(
             }
             match r.bulk.take() {
                 None => {
-                    deliver(hub, name, r, None);
+                    deliver(hub, name, conn_id, r, None);
                     Ok(())
                 }
                 Some(header) => {
                     let incoming = Incoming::start(&header, &hub.limits).map_err(|e| e.to_string())?;
                     if incoming.is_complete() {
                         let bulk = incoming.finish().map_err(|e| e.to_string())?;
-                        deliver(hub, name, r, Some(bulk));
+                        deliver(hub, name, conn_id, r, Some(bulk));
                     } else {
                         *pending = Some(PendingResult { result: r, incoming });
                     }
@@ -1204,7 +1232,10 @@ fn on_party_message(
                     ciphertext: Vec::new(),
                     error: why,
                 };
-                hub.send(name, Outbound::Msg(coordinator_message::Body::ForwardAnswer(answer)));
+                // To this stream (a newer one did not ask).
+                hub.on_stream(name, conn_id, |c| {
+                    let _ = c.tx.try_send(Outbound::Msg(coordinator_message::Body::ForwardAnswer(answer)));
+                });
             };
             match hub.joint_route(&f.service) {
                 Ok(Some(j)) if j.cloud == f.peer && j.cloud_service == f.cloud_service => {
@@ -1246,7 +1277,7 @@ fn on_party_message(
                 && let Some(p) = pending.take()
             {
                 let bulk = p.incoming.finish().map_err(|e| e.to_string())?;
-                deliver(hub, name, p.result, Some(bulk));
+                deliver(hub, name, conn_id, p.result, Some(bulk));
             }
             Ok(())
         }
@@ -1255,7 +1286,7 @@ fn on_party_message(
 
 /// Turns a complete result into a session input; a result that does not
 /// convert fails the task (the party is dropped from the round, named).
-fn deliver(hub: &Hub, name: &str, r: pb::TaskResult, bulk: Option<transfer::Bulk>) {
+fn deliver(hub: &Hub, name: &str, conn_id: u64, r: pb::TaskResult, bulk: Option<transfer::Bulk>) {
     let (job_id, task_id) = (r.job_id.clone(), r.task_id);
     let input = match TaskResult::try_from((r, bulk)) {
         Ok(result) => {
@@ -1267,7 +1298,7 @@ fn deliver(hub: &Hub, name: &str, r: pb::TaskResult, bulk: Option<transfer::Bulk
             Input::TaskFailed { party: name.to_owned(), task_id, reason: format!("malformed result: {e}") }
         }
     };
-    hub.route(&job_id, input);
+    hub.route_from(name, conn_id, &job_id, input);
 }
 
 struct AdminSvc {
@@ -1784,6 +1815,59 @@ mod tests {
         drop(ended);
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(closed.try_recv().is_err() && !cut.is_cut());
+    }
+
+    /// A hub with nothing connected and no job, over a fresh database.
+    fn bare_hub(dir: &Path) -> Hub {
+        Hub {
+            db: Db::open(&dir.join("confide.db")).unwrap(),
+            pki: PkiDir::new(dir.join("pki")),
+            revocations: Arc::new(RwLock::new(Revocations::empty())),
+            limits: Limits::default(),
+            models_dir: dir.join("models"),
+            retention: ModelRetention::default(),
+            parties: Parties::default(),
+            delegations: Mutex::default(),
+            serving: Mutex::default(),
+            cloud_keys: Mutex::default(),
+            joint_routes: Mutex::default(),
+            jobs: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            plugins: Plugins::default(),
+            metrics: CoordinatorMetrics::new().unwrap(),
+        }
+    }
+
+    /// A message read from a stream that a newer one then replaced reaches
+    /// the jobs before the newer stream's join is told, or not at all: the
+    /// check that the stream is current and the routing hold the parties'
+    /// lock, as a join does.
+    #[test]
+    fn a_replaced_streams_message_is_routed_before_the_newer_join_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = bare_hub(dir.path());
+        let (inputs, job) = std::sync::mpsc::channel();
+        lock(&hub.jobs).insert("job-1".into(), JobHandle { inputs, status: watch::channel(0).0 });
+        let answer = || Input::Answer { party: "hospital-a".into(), accepted: true, reason: String::new() };
+        let cut = Cut::default();
+        lock(&hub.parties).insert("hospital-a".into(), party_conn(1, &cut).0);
+        assert!(hub.route_from("hospital-a", 1, "job-1", answer()));
+        assert!(matches!(job.try_recv(), Ok(Input::Answer { .. })));
+        // Replaced, as a join does it: under the parties' lock.
+        {
+            let mut parties = lock(&hub.parties);
+            parties.insert("hospital-a".into(), party_conn(2, &cut).0);
+            hub.broadcast(&Input::Disconnected("hospital-a".into()));
+        }
+        assert!(matches!(job.try_recv(), Ok(Input::Disconnected(_))));
+        assert!(!hub.route_from("hospital-a", 1, "job-1", answer()), "the older stream's message");
+        assert!(job.try_recv().is_err(), "nothing reaches the job from the replaced stream");
+        assert!(hub.route_from("hospital-a", 2, "job-1", answer()));
+        assert!(matches!(job.try_recv(), Ok(Input::Answer { .. })));
+        // A stream that left the hub routes nothing either.
+        lock(&hub.parties).clear();
+        assert!(!hub.route_from("hospital-a", 2, "job-1", answer()));
+        assert!(job.try_recv().is_err());
     }
 
     #[test]

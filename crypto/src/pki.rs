@@ -22,7 +22,15 @@
 //! DIR/parties/NAME.pem .key     one client certificate per party
 //! DIR/federation.toml           enrolled party names
 //! DIR/revoked.crl.pem           revoked certificates (after `confide certs revoke`)
+//! DIR/issued-admins.log         serials of the administrator certificates issued
+//! DIR/.lock                     held while a command changes the directory
 //! ```
+//!
+//! Every method that changes the directory holds [`PkiDir`]'s lock
+//! (`flock` on `DIR/.lock`) from its first read to its last write, so two
+//! `confide certs` commands run at once cannot both read version N of the
+//! revocation list (or the enrollment list) and each write their own N + 1,
+//! losing the other's entry.
 
 use std::fs;
 use std::io::Write;
@@ -339,6 +347,20 @@ impl PkiDir {
     pub fn root(&self) -> &Path {
         &self.root
     }
+
+    /// Waits for and takes the directory's lock, held until the guard is
+    /// dropped (or the process ends: an `flock` leaves no stale lock).
+    /// Taken by each public method that writes, never by the private
+    /// helpers they share, since a second lock of the same file from this
+    /// process would wait for ever.
+    fn lock(&self) -> Result<fs::File, Error> {
+        let path = self.root.join(".lock");
+        let io = |source| Error::Io { path: path.clone(), source };
+        let file =
+            fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&path).map_err(io)?;
+        file.lock().map_err(io)?;
+        Ok(file)
+    }
     /// The CA certificate.
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("ca.pem")
@@ -428,6 +450,7 @@ impl PkiDir {
         name: &str,
         certificate: Option<&[u8]>,
     ) -> Result<crate::revocation::Revocations, Error> {
+        let _lock = self.lock()?;
         let list = self.revoke_named(Role::Party, name, certificate, &self.party_cert(name))?;
         if self.federation_file().exists() {
             let enrolled: Vec<String> = self.enrolled()?.into_iter().filter(|p| p != name).collect();
@@ -440,6 +463,7 @@ impl PkiDir {
     /// `certificate`): parties holding the new list refuse to connect to a
     /// coordinator that shows it. Returns the new list.
     pub fn revoke_coordinator(&self, certificate: Option<&[u8]>) -> Result<crate::revocation::Revocations, Error> {
+        let _lock = self.lock()?;
         let ca = self.load_ca()?;
         let cert = match certificate {
             Some(c) => c.to_vec(),
@@ -463,6 +487,7 @@ impl PkiDir {
         name: &str,
         certificate: Option<&[u8]>,
     ) -> Result<crate::revocation::Revocations, Error> {
+        let _lock = self.lock()?;
         self.revoke_named(Role::Relay, name, certificate, &self.relay_cert(name))
     }
 
@@ -474,6 +499,7 @@ impl PkiDir {
         name: &str,
         certificate: Option<&[u8]>,
     ) -> Result<crate::revocation::Revocations, Error> {
+        let _lock = self.lock()?;
         self.revoke_named(Role::Admin, name, certificate, &self.admin_cert())
     }
 
@@ -535,10 +561,11 @@ impl PkiDir {
         for p in parties {
             validate_party_name(p)?;
         }
+        create_dir(&self.root)?;
+        let _lock = self.lock()?;
         if self.ca_cert().exists() {
             return Err(Error::AlreadyExists(self.ca_cert().display().to_string()));
         }
-        create_dir(&self.root)?;
         create_dir(&self.root.join("parties"))?;
         let ca = FederationCa::generate(federation)?;
         write_file(&self.ca_cert(), ca.cert_pem().as_bytes(), 0o644)?;
@@ -583,6 +610,7 @@ impl PkiDir {
     /// and enrolls the party: writes `parties/NAME.pem` (never a key: the
     /// key stayed with the party). Returns the name and the certificate path.
     pub fn sign_party_request(&self, csr_pem: &str) -> Result<(String, PathBuf), Error> {
+        let _lock = self.lock()?;
         let ca = self.load_ca()?;
         let (name, cert) = ca.sign_request(csr_pem, Role::Party)?;
         let mut enrolled = self.enrolled()?;
@@ -612,6 +640,7 @@ impl PkiDir {
     /// always included). A relay is not enrolled: it can speak only for
     /// parties that sign a delegation to it.
     pub fn issue_relay(&self, name: &str, hosts: &[String]) -> Result<(), Error> {
+        let _lock = self.lock()?;
         validate_party_name(name)?;
         if self.relay_cert(name).exists() {
             return Err(Error::AlreadyExists(format!("relay {name:?}")));
@@ -630,6 +659,7 @@ impl PkiDir {
 
     /// Issues and enrolls one more party, leaving every other file untouched.
     pub fn issue_party(&self, name: &str) -> Result<(), Error> {
+        let _lock = self.lock()?;
         validate_party_name(name)?;
         let mut enrolled = self.enrolled()?;
         if enrolled.iter().any(|p| p == name) || self.party_cert(name).exists() {
@@ -649,6 +679,7 @@ impl PkiDir {
     /// (a missing or unreadable `admin.pem` is refused: whether the old
     /// certificate is revoked cannot be told).
     pub fn reissue_admin(&self) -> Result<(), Error> {
+        let _lock = self.lock()?;
         let path = self.admin_cert();
         let pem = fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
         let der = pem_or_der(&pem, "certificate")?;
@@ -798,7 +829,14 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
         let _ = fs::remove_file(&tmp);
         return Err(io(e));
     }
-    fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_owned(), source })
+    fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+    // The rename itself is durable only once the directory is synced: a
+    // crash before that could bring back the old file (an unrevoked list).
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|source| Error::Io { path: dir.to_owned(), source })
 }
 
 #[cfg(test)]
@@ -853,6 +891,36 @@ mod tests {
         fs::write(pki.admin_issued(), "+f\n").unwrap();
         let e = pki.reissue_admin().unwrap_err().to_string();
         assert!(e.contains("is not a serial"), "{e}");
+    }
+
+    /// Commands run at once on one directory (separate `PkiDir`s, as
+    /// separate processes would be) each see the others' writes: every
+    /// revocation is in the final list and every enrollment change is kept.
+    /// Without the lock, two read the same version and one's entry is lost.
+    #[test]
+    fn commands_run_at_once_on_one_directory_lose_no_revocation_or_enrollment() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("pki");
+        let old: Vec<String> = (0..8).map(|i| format!("old{i}")).collect();
+        PkiDir::new(&root).init("t", &old, &[]).unwrap();
+        let certs: Vec<Vec<u8>> = old.iter().map(|p| fs::read(PkiDir::new(&root).party_cert(p)).unwrap()).collect();
+        std::thread::scope(|scope| {
+            for (i, name) in old.iter().enumerate() {
+                let root = &root;
+                scope.spawn(move || PkiDir::new(root).revoke_party(name, None).unwrap());
+                scope.spawn(move || PkiDir::new(root).issue_party(&format!("new{i}")).unwrap());
+            }
+        });
+        let pki = PkiDir::new(&root);
+        let list = pki.revocations().unwrap();
+        for (name, cert) in old.iter().zip(&certs) {
+            let serial = crate::revocation::certificate_serial(cert).unwrap();
+            assert!(list.is_revoked(&serial), "{name}'s revocation was lost");
+        }
+        let mut enrolled = pki.enrolled().unwrap();
+        enrolled.sort();
+        let want: Vec<String> = (0..8).map(|i| format!("new{i}")).collect();
+        assert_eq!(enrolled, want);
     }
 
     #[test]

@@ -267,6 +267,39 @@ async fn a_party_that_ends_its_side_and_stops_reading_is_cut_off() {
     assert!(log.contains("party closed its stream") && log.contains("cutting its connection"), "{log}");
 }
 
+/// Through a relay too: a party that ends its side and reads nothing more
+/// (its stream window 0) is cut off by the relay. The coordinator ends the
+/// relay's stream for the party; the relay, which can send the party
+/// nothing, ends the party's stream behind its queue, then ahead of it,
+/// then cuts the party's connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_party_that_stops_reading_through_a_relay_is_cut_off_by_the_relay() {
+    let (mut fed, pki) = one_hospital();
+    let relay = tokio::task::block_in_place(|| fed.start_relay("edge-a"));
+    let stuck = party_channel(&relay, &pki, "hospital-a", Some(0)).await;
+    let key = confide_crypto::pki::read_private_key(&pki.party_key("hospital-a")).expect("key");
+    let key = confide_crypto::identity::IdentityKey::from_pem(&key).expect("key");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let (signature, nonce) =
+        confide_crypto::relay::sign_delegation(&key, "hospital-a", "edge-a", now).expect("delegation");
+    let hello = pb::Hello {
+        relay_delegation: signature,
+        delegation_nonce: nonce.to_vec(),
+        delegation_time: now,
+        ..Default::default()
+    };
+    // The relay answers the join once it has the hello.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::PartyMessage { body: Some(party_message::Body::Hello(hello)) }).await.expect("hello");
+    let mut never_read = PartyServiceClient::new(stuck).join(ReceiverStream::new(rx)).await.expect("join").into_inner();
+    tokio::task::block_in_place(|| fed.wait_for_log("party connected", 10));
+    drop(tx);
+    let ended = tokio::time::timeout(Duration::from_secs(60), never_read.message()).await;
+    let log = std::fs::read_to_string(fed.path("logs/relay-edge-a.log")).unwrap_or_default();
+    assert!(matches!(ended, Ok(Err(_))), "{ended:?}\n{log}");
+    assert!(log.contains("party left: closed its stream") && log.contains("cutting its connection"), "{log}");
+}
+
 /// An administrator's connection outlives a revocation of its certificate
 /// too: its calls on that connection are refused from then on, and a job
 /// watch it started before ends at the job's next update.
