@@ -770,8 +770,30 @@ fn c0_linear_hash(binding: &[u8; 32], commitment: &[u8], contributors: &[String]
     LinearHash::new(&transcript("he-linear-hash-c0", binding, "", &[commitment, &names_bytes(contributors)]))
 }
 
-fn sealed_share_transcript(binding: &[u8; 32], s: &wire::SealedShare) -> Vec<u8> {
-    transcript("he-sealed-share", binding, &s.dealer, &[s.recipient.as_bytes(), &s.nonce, &s.ciphertext])
+/// What a dealer signs each sealed share over: the round, the commitment
+/// list it dealt under ([`commit_list_digest`]) and the share. A recipient
+/// checks it against the list it was shown itself, so a coordinator that
+/// shows two parties different lists (one with a party's earlier
+/// commitment, say, from the same key round started twice) is named at
+/// key-confirm, before any share is opened or complained about: a complaint
+/// reveals the pair's Diffie–Hellman value, which opens the complainer's own
+/// share to that dealer as well, harmless only when the dealer really
+/// sealed wrongly (and so is corrupt and holds that share anyway).
+fn sealed_share_transcript(binding: &[u8; 32], list: &[u8; 32], s: &wire::SealedShare) -> Vec<u8> {
+    transcript("he-sealed-share", binding, &s.dealer, &[list, s.recipient.as_bytes(), &s.nonce, &s.ciphertext])
+}
+
+/// The digest of a key round's commitment list: each party's name,
+/// commitment and Diffie–Hellman key, in name order.
+fn commit_list_digest<'a>(
+    binding: &[u8; 32],
+    commits: impl Iterator<Item = (&'a str, &'a [u8], &'a [u8])>,
+) -> [u8; 32] {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for (party, commitment, dh_public) in commits {
+        parts.extend([party.as_bytes(), commitment, dh_public]);
+    }
+    *blake3::hash(&transcript("he-commit-list", binding, "", &parts)).as_bytes()
 }
 
 fn share_aad(binding: &[u8; 32], dealer: &str, recipient: &str) -> Vec<u8> {
@@ -1432,12 +1454,17 @@ impl AggregationServer for HeServer {
                     return Err(misbehaved(party, "did not deal one sealed share to each other key party, in order"));
                 }
                 // Checked before relaying, so that one dealer's bad signature
-                // drops that dealer, not every recipient.
+                // drops that dealer, not every recipient; over the list this
+                // coordinator sent every key party.
+                let list = commit_list_digest(
+                    &r.derived.binding,
+                    r.commits.values().map(|c| (c.party.as_str(), c.commitment.as_slice(), c.dh_public.as_slice())),
+                );
                 for share in &deal.shares {
                     if share.signature.len() > MAX_SIGNATURE
                         || self
                             .peers
-                            .verify(party, &sealed_share_transcript(&r.derived.binding, share), &share.signature)
+                            .verify(party, &sealed_share_transcript(&r.derived.binding, &list, share), &share.signature)
                             .is_err()
                     {
                         return Err(misbehaved(
@@ -1894,6 +1921,9 @@ enum ClientStage {
         params: HeParams,
         key_parties: Vec<String>,
         commits: BTreeMap<String, ([u8; 32], [u8; 32])>,
+        /// The commitment list's digest: every share this party takes
+        /// must be signed over it.
+        list: [u8; 32],
     },
     /// Uploaded; waiting for the hash request.
     Uploaded { c0: Vec<u64>, c1: Vec<u64> },
@@ -2187,6 +2217,10 @@ impl HeClient {
                     self.settings.params(key_parties.len(), self.settings.corrupt_parties(self.job.party_bound()))?;
                 let index =
                     key_parties.binary_search(&me).map_err(|_| coordinator_fault("a key without this party"))?;
+                let list = commit_list_digest(
+                    &binding,
+                    commits.iter().map(|(p, (c, d))| (p.as_str(), c.as_slice(), d.as_slice())),
+                );
                 let mut rng = Csprng::from_os();
                 let mut shares = secret.deal(&params, index, &mut rng)?;
                 let own_share = shares.remove(index);
@@ -2205,13 +2239,13 @@ impl HeClient {
                         ciphertext,
                         signature: Vec::new(),
                     };
-                    share.signature = self.party.signer.sign(&sealed_share_transcript(&binding, &share))?;
+                    share.signature = self.party.signer.sign(&sealed_share_transcript(&binding, &list, &share))?;
                     sealed.push(share);
                 }
-                r.stage = ClientStage::Dealt { dh, own_share, params, key_parties, commits };
+                r.stage = ClientStage::Dealt { dh, own_share, params, key_parties, commits, list };
                 Ok(framed_message(&wire::Deal { public_share, shares: sealed }))
             }
-            (KEY_CONFIRM, ClientStage::Dealt { dh, own_share, params, key_parties, commits }) => {
+            (KEY_CONFIRM, ClientStage::Dealt { dh, own_share, params, key_parties, commits, list }) => {
                 let delivery: wire::KeyDelivery = unframe_message(message, "coordinator", "key delivery")?;
                 if delivery.dealt.len() > key_parties.len() {
                     return Err(coordinator_fault("more dealers than key parties"));
@@ -2254,18 +2288,21 @@ impl HeClient {
                     let nonce: [u8; 12] = s.nonce.as_slice().try_into().map_err(|_| {
                         coordinator_fault(format!("relayed a key share of {dealer} with a malformed nonce"))
                     })?;
-                    // The dealer signed what it sealed (the coordinator checks
-                    // that before relaying): a share without its signature
-                    // was altered in transit.
+                    // The dealer signed what it sealed, and the commitment
+                    // list it dealt under (the coordinator checks that
+                    // before relaying): a share without its signature over
+                    // this party's list was altered in transit, or dealt
+                    // under another list than this party was shown.
                     if s.signature.len() > MAX_SIGNATURE
                         || self
                             .party
                             .peers
-                            .verify(dealer, &sealed_share_transcript(&binding, &s), &s.signature)
+                            .verify(dealer, &sealed_share_transcript(&binding, &list, &s), &s.signature)
                             .is_err()
                     {
                         return Err(coordinator_fault(format!(
-                            "relayed a key share of {dealer} that {dealer} did not sign (altered in transit)"
+                            "relayed a key share of {dealer} that {dealer} did not sign over the commitment list \
+                             this party was shown (altered in transit, or the parties were shown different lists)"
                         )));
                     }
                     let key = share_key(&dh, dh_public, dealer, &binding, dealer, &me)?;
@@ -3647,7 +3684,7 @@ mod tests {
 
     /// Round 1 (a keygen round) begun, every party's commitment given to
     /// the server; returns the round message and the parties' binding.
-    fn keygen_round_committed(fed: &mut Fed) -> (Vec<u8>, [u8; 32]) {
+    fn keygen_round_committed(fed: &mut Fed) -> (Vec<u8>, [u8; 32], [u8; 32]) {
         let names = fed.names.clone();
         let global = params(&[0.0; 2]);
         let fit1 = fit(1);
@@ -3656,6 +3693,7 @@ mod tests {
             .begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) })
             .unwrap();
         let HeClientView(binding) = HeClientView::of(fed, &rm, &global, &fit1);
+        let mut commits = Vec::new();
         for p in &names {
             let u = LocalUpdate {
                 global: &global,
@@ -3665,13 +3703,19 @@ mod tests {
                 train_loss: None,
             };
             let m = fed.clients.get_mut(p).unwrap().contribute(1, &rm, u).unwrap();
+            commits.push(m.decode::<wire::KeyCommit>("t", "t").unwrap());
             fed.server.on_message(Peer { name: p, certificate: &[], relay: None }, m).unwrap();
         }
-        (rm, binding)
+        commits.sort_by(|a, b| a.party.cmp(&b.party));
+        let list = commit_list_digest(
+            &binding,
+            commits.iter().map(|c| (c.party.as_str(), c.commitment.as_slice(), c.dh_public.as_slice())),
+        );
+        (rm, binding, list)
     }
 
     /// p0 deals p1 a share that does not open, under p0's own signature.
-    fn seal_wrongly_for_p1(binding: [u8; 32]) -> impl FnMut(StageName, &str, &mut Envelope) {
+    fn seal_wrongly_for_p1(binding: [u8; 32], list: [u8; 32]) -> impl FnMut(StageName, &str, &mut Envelope) {
         move |stage: StageName, p: &str, m: &mut Envelope| {
             if stage == KEY_DEAL && p == "p0" {
                 let mut d: wire::Deal = unframe_message(m.clone(), "t", "t").unwrap();
@@ -3680,7 +3724,7 @@ mod tests {
                 // Re-signed by p0: a dealer that seals wrongly, not a forgery.
                 use crate::secagg::protocol::IdentitySigner;
                 share.signature = crate::secagg::testing::InsecureTagSigner("p0".into())
-                    .sign(&sealed_share_transcript(&binding, share))
+                    .sign(&sealed_share_transcript(&binding, &list, share))
                     .unwrap();
                 *m = framed_message(&d);
             }
@@ -3875,8 +3919,8 @@ mod tests {
     #[test]
     fn a_dealer_that_seals_a_share_wrongly_is_convicted_on_a_checked_complaint() {
         let mut fed = Fed::new(5, 3);
-        let (_, binding) = keygen_round_committed(&mut fed);
-        let mut forge = seal_wrongly_for_p1(binding);
+        let (_, binding, list) = keygen_round_committed(&mut fed);
+        let mut forge = seal_wrongly_for_p1(binding, list);
         let mut script = Script { forge: Some(&mut forge), ..Script::default() };
         let a = fed.drive(1, &mut script).unwrap();
         assert!(script.refusals.is_empty(), "{:?}", script.refusals);
@@ -3907,13 +3951,15 @@ mod tests {
     /// A complaint reveals the pair's Diffie–Hellman value K to the
     /// coordinator (and, behind a relay, to the relay). K opens the two
     /// shares between that pair under that key, which each of the two holds
-    /// anyway, and no other pair's share. (Another key epoch's shares are
-    /// sealed under fresh Diffie–Hellman keys, so K says nothing about them.)
+    /// anyway (the dealer, which sealed wrongly, is corrupt: both were shown
+    /// one list, see the split-view test below), and no other pair's share.
+    /// (Another key epoch's shares are sealed under fresh Diffie–Hellman
+    /// keys, so K says nothing about them.)
     #[test]
     fn a_revealed_pairwise_key_opens_only_that_pairs_two_shares() {
         let mut fed = Fed::new(5, 3);
-        let (_, binding) = keygen_round_committed(&mut fed);
-        let mut seal = seal_wrongly_for_p1(binding);
+        let (_, binding, list) = keygen_round_committed(&mut fed);
+        let mut seal = seal_wrongly_for_p1(binding, list);
         let deals: std::cell::RefCell<Vec<wire::SealedShare>> = Default::default();
         let revealed: std::cell::RefCell<Option<[u8; 32]>> = Default::default();
         let mut forge = |stage: StageName, p: &str, m: &mut Envelope| {
@@ -3946,14 +3992,79 @@ mod tests {
         }
     }
 
+    /// The split-view attack on key generation: the coordinator starts a
+    /// key round twice for p0 (p0 keeps only its second secret and
+    /// Diffie–Hellman key) and shows p1 a commitment list with p0's first
+    /// commitment. p1 then seals its share to a key p0 no longer holds. Had
+    /// p0 complained, it would have revealed its Diffie–Hellman value with
+    /// p1, which opens p0's own share to p1, an honest party: enough such
+    /// complaints give the coordinator p0's secret. p1 signed its share
+    /// over the list it was shown, so p0 refuses at key-confirm, naming the
+    /// coordinator, and reveals nothing.
+    #[test]
+    fn a_coordinator_that_shows_parties_different_commitment_lists_is_named_before_any_complaint() {
+        let mut fed = Fed::new(5, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        let fit1 = fit(1);
+        let rm = fed
+            .server
+            .begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) })
+            .unwrap();
+        let update = || LocalUpdate {
+            global: &global,
+            fit: &fit1,
+            local: params(&[0.01; 2]),
+            num_examples: 10,
+            train_loss: None,
+        };
+        let mut commit = |p: &str| -> wire::KeyCommit {
+            let m = fed.clients.get_mut(p).unwrap().contribute(1, &rm, update()).unwrap();
+            m.decode("t", "t").unwrap()
+        };
+        // p0's first commitment, then the one it keeps.
+        let p0_first = commit("p0");
+        let commits: Vec<wire::KeyCommit> = names.iter().map(|p| commit(p)).collect();
+        assert_ne!(p0_first.dh_public, commits[0].dh_public, "a fresh key for the second start");
+        let shown_to = |p: &str| {
+            let mut commits = commits.clone();
+            if p == "p1" {
+                commits[0] = p0_first.clone();
+            }
+            Envelope::encode(&wire::CommitList { commits })
+        };
+        let mut deals = BTreeMap::new();
+        for p in &names {
+            let m = fed.clients.get_mut(p).unwrap().on_step(1, KEY_DEAL, shown_to(p)).unwrap();
+            deals.insert(p.clone(), unframe_message::<wire::Deal>(m, "t", "t").unwrap());
+        }
+        let dealt = names
+            .iter()
+            .map(|d| wire::Dealt {
+                dealer: d.clone(),
+                public_share: deals[d].public_share.clone(),
+                share: deals[d].shares.iter().find(|s| s.recipient == "p0").cloned(),
+            })
+            .collect();
+        let delivery = framed_message(&wire::KeyDelivery { dealt });
+        let answer = fed.clients.get_mut("p0").unwrap().on_step(1, KEY_CONFIRM, delivery);
+        let e = answer.map(|m| m.decode::<wire::Upload>("t", "t").map(|u| u.complaints.len())).unwrap_err().to_string();
+        assert!(
+            e.contains("party coordinator misbehaved")
+                && e.contains("relayed a key share of p1")
+                && e.contains("the parties were shown different lists"),
+            "{e}"
+        );
+    }
+
     /// The conviction stands when the round it came in fails: the key the
     /// convicted dealer took part in is not used again, and it is left out
     /// of the next round, which deals a new key.
     #[test]
     fn a_key_with_a_convicted_dealer_is_replaced_even_when_its_round_fails() {
         let mut fed = Fed::new(5, 3);
-        let (_, binding) = keygen_round_committed(&mut fed);
-        let mut forge = seal_wrongly_for_p1(binding);
+        let (_, binding, list) = keygen_round_committed(&mut fed);
+        let mut forge = seal_wrongly_for_p1(binding, list);
         let silent = ["p2", "p3", "p4"].iter().map(|p| (p.to_string(), DECRYPT)).collect();
         let mut script = Script { forge: Some(&mut forge), silent, ..Script::default() };
         let err = fed.drive(1, &mut script).unwrap_err();
@@ -3979,7 +4090,7 @@ mod tests {
     fn a_false_complaint_names_the_complainer() {
         for bogus_proof in [true, false] {
             let mut fed = Fed::new(5, 3);
-            let (_, binding) = keygen_round_committed(&mut fed);
+            let (_, binding, list) = keygen_round_committed(&mut fed);
             let mut tamper = move |stage: StageName, p: &str, m: &mut Envelope| {
                 if !bogus_proof && stage == KEY_CONFIRM && p == "p1" {
                     let mut d: wire::KeyDelivery = unframe_message(m.clone(), "t", "t").unwrap();
@@ -3987,7 +4098,7 @@ mod tests {
                     share.ciphertext[0] ^= 1;
                     use crate::secagg::protocol::IdentitySigner;
                     share.signature = crate::secagg::testing::InsecureTagSigner("p0".into())
-                        .sign(&sealed_share_transcript(&binding, share))
+                        .sign(&sealed_share_transcript(&binding, &list, share))
                         .unwrap();
                     *m = framed_message(&d);
                 }
@@ -4037,8 +4148,8 @@ mod tests {
         // (which forwards an upload with complaints alone, as it came).
         for (drop_it, via_relay) in [(true, false), (false, false), (true, true), (false, true)] {
             let mut fed = Fed::new(5, 3);
-            let (_, binding) = keygen_round_committed(&mut fed);
-            let mut seal = seal_wrongly_for_p1(binding);
+            let (_, binding, list) = keygen_round_committed(&mut fed);
+            let mut seal = seal_wrongly_for_p1(binding, list);
             let mut edit = move |m: &mut Envelope| {
                 let mut u: wire::Upload = m.decode("t", "t").unwrap();
                 if drop_it {
@@ -4095,8 +4206,8 @@ mod tests {
         // so it forwards it as it came; the coordinator checks the
         // complaint and convicts p0, as for a direct upload.
         let mut fed = Fed::new(5, 3);
-        let (_, binding) = keygen_round_committed(&mut fed);
-        let mut forge = seal_wrongly_for_p1(binding);
+        let (_, binding, list) = keygen_round_committed(&mut fed);
+        let mut forge = seal_wrongly_for_p1(binding, list);
         let mut script = Script {
             forge: Some(&mut forge),
             relays: vec![("edge-a", vec!["p1".into(), "p2".into()])],
@@ -4118,8 +4229,8 @@ mod tests {
     #[test]
     fn complaints_are_not_relayed_to_other_parties() {
         let mut fed = Fed::new(5, 3);
-        let (_, binding) = keygen_round_committed(&mut fed);
-        let mut forge = seal_wrongly_for_p1(binding);
+        let (_, binding, list) = keygen_round_committed(&mut fed);
+        let mut forge = seal_wrongly_for_p1(binding, list);
         let mut checked = 0;
         let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
             if stage == DECRYPT {
