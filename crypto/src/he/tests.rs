@@ -185,7 +185,11 @@ proptest! {
 
 /// The coordinator plus τ − 1 parties hold τ − 1 key shares. Interpolating
 /// them (the best linear use) and decrypting the victim's ciphertext yields
-/// values unrelated to the victim's input.
+/// values unrelated to the victim's input, while τ shares decrypt it: the
+/// key is shared with threshold τ, not fewer (a dealing or a parameter off
+/// by one fails here). What decryption shares reveal of a key share is the
+/// flooding's job, sized by its own bound and budget (`decrypt.rs`), not
+/// this test's.
 #[test]
 fn a_coalition_below_the_threshold_learns_noise_not_the_value() {
     let f = federation(7, 4, 16, 26);

@@ -139,6 +139,15 @@ impl HeSettings {
         crate::secagg::params::fraction_of(self.corrupt_fraction, parties)
     }
 
+    /// The fewest contributors a sum a party decrypts may have: the job's
+    /// minimum (at least 3), and at least two more than the job's corrupt
+    /// parties, so that a sum the coordinator has decrypted always holds
+    /// two honest updates, whichever corrupt parties contributed to it
+    /// (they know their own, and would subtract them).
+    pub fn min_contributors(&self, job: &JobFacts) -> usize {
+        job.min_parties.max(MIN_ROUND_PARTIES).max(self.corrupt_parties(job.party_bound()) + 2)
+    }
+
     /// The fewest parties a key may have in this job: the job's minimum
     /// (at least 3) and the smallest key whose threshold exceeds the
     /// job's corrupt parties with room for a checked decryption.
@@ -1567,6 +1576,7 @@ impl AggregationServer for HeServer {
 impl HeServer {
     fn advance(&mut self) -> Result<Progress, Error> {
         let need = self.need();
+        let fewest_summed = self.settings.min_contributors(&self.job);
         let key_floor = self.settings.key_floor(&self.job);
         self.suspect_key = false;
         let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round in progress".into()))?;
@@ -1647,10 +1657,10 @@ impl HeServer {
             }
             ServerStage::Uploads => {
                 let contributors: Vec<String> = r.uploads.keys().cloned().collect();
-                if contributors.len() < need {
+                if contributors.len() < fewest_summed {
                     self.suspect_key = r.pending.is_some();
                     return Err(Error::BelowThreshold(format!(
-                        "he: {} ciphertexts; a decryption needs the sum of at least {need}",
+                        "he: {} ciphertexts; a decryption needs the sum of at least {fewest_summed}",
                         contributors.len()
                     )));
                 }
@@ -1706,10 +1716,10 @@ impl HeServer {
                         r.left_out.push((g.relay, g.members));
                     }
                     let contributors: Vec<String> = r.uploads.keys().cloned().collect();
-                    if contributors.len() < need {
+                    if contributors.len() < fewest_summed {
                         return Err(Error::BelowThreshold(format!(
                             "he: {} ciphertexts after leaving out relay groups whose sum their members' hashes do \
-                             not confirm ({}); a decryption needs the sum of at least {need}",
+                             not confirm ({}); a decryption needs the sum of at least {fewest_summed}",
                             contributors.len(),
                             describe_left_out(&r.left_out)
                         )));
@@ -2416,11 +2426,12 @@ impl HeClient {
         if let Some(p) = contributors.iter().find(|p| !derived.parties.contains(p)) {
             return Err(coordinator_fault(format!("counted {p}, not a party of the round, as a contributor")));
         }
-        if contributors.len() < self.need() {
+        let fewest = self.settings.min_contributors(&self.job);
+        if contributors.len() < fewest {
             return Err(coordinator_fault(format!(
-                "asked about a sum of {} ciphertexts; this party decrypts only sums of at least {}",
+                "asked about a sum of {} ciphertexts; this party decrypts only sums of at least {fewest} (the \
+                 job's minimum, and two more than its corrupt parties)",
                 contributors.len(),
-                self.need()
             )));
         }
         Ok(())
@@ -2747,11 +2758,15 @@ mod tests {
         }
 
         fn with_job(job: JobFacts) -> Fed {
+            Fed::with_settings(job, table())
+        }
+
+        fn with_settings(job: JobFacts, table: toml::Table) -> Fed {
             let n = job.party_names.len();
             let names = names(n);
-            let server = ThresholdHe.server(&table(), &job, Box::new(InsecureTagVerifier)).unwrap();
+            let server = ThresholdHe.server(&table, &job, Box::new(InsecureTagVerifier)).unwrap();
             let clients =
-                names.iter().map(|p| (p.clone(), ThresholdHe.client(&table(), &job, identity(p)).unwrap())).collect();
+                names.iter().map(|p| (p.clone(), ThresholdHe.client(&table, &job, identity(p)).unwrap())).collect();
             Fed { names, server, clients, round_message: Vec::new() }
         }
 
@@ -3294,24 +3309,42 @@ mod tests {
 
     #[test]
     fn a_decryption_of_one_partys_ciphertext_is_refused_naming_the_coordinator() {
-        // The coordinator keeps p0's c1 aside and asks for its decryption as
-        // if it were the sum, after the parties hashed for the real one: the
-        // commitment is not the one they hashed for. (Committing to p0's c1
-        // before the hash stage is the next test's attack.)
-        let mut c1_of_p0: Option<Vec<u8>> = None;
+        // The coordinator keeps p0's c1 (read off p0's upload) aside and,
+        // after the parties hashed for the real sum, asks for its decryption
+        // in the sum's place, committed to as the aggregate: each party
+        // refuses an aggregate other than the one it hashed for. (Committing
+        // to p0's c1 before the hash stage is the next test's attack.)
+        let (mut fed, names, global) = keyed_fed(5, 2);
+        let c1_of_p0: std::cell::RefCell<Option<Vec<u64>>> = Default::default();
+        let mut forge = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == CONTRIBUTE && p == "p0" {
+                *c1_of_p0.borrow_mut() = Some(c1_of_upload(m));
+            }
+        };
         let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
             if stage == DECRYPT {
+                let own = c1_of_p0.borrow().clone().expect("p0 uploaded");
                 edit_request(m, |req, payload| {
                     let len = payload.len() / (1 + req.vanished.len());
-                    let own = c1_of_p0.get_or_insert_with(|| payload[..len].to_vec()).clone();
-                    payload[..len].copy_from_slice(&own);
-                    req.commitment = vec![0; 32];
+                    let mut packed = Vec::new();
+                    he::pack::pack(&own, 62, &mut packed);
+                    assert_eq!(packed.len(), len, "one block");
+                    assert_ne!(&payload[..len], &packed[..], "the sum is not p0's c1");
+                    payload[..len].copy_from_slice(&packed);
+                    req.commitment = aggregate_commitment(&own).to_vec();
                 });
             }
         };
-        let r = refusals_under(5, &mut tamper);
-        assert!(r.iter().filter(|(s, _, _)| *s == DECRYPT).count() >= 4, "{r:?}");
-        assert!(r.iter().all(|(_, _, e)| e.contains("party coordinator misbehaved")), "{r:?}");
+        let mut script = Script { forge: Some(&mut forge), tamper: Some(&mut tamper), ..Script::default() };
+        assert!(fed.round(2, &names, &global, &mut script).is_err(), "nobody decrypted p0's ciphertext");
+        let decrypt: Vec<_> = script.refusals.iter().filter(|(s, _, _)| *s == DECRYPT).collect();
+        assert_eq!(decrypt.len(), 5, "{:?}", script.refusals);
+        assert!(
+            decrypt
+                .iter()
+                .all(|(_, _, e)| e.contains("party coordinator misbehaved") && e.contains("another aggregate")),
+            "{decrypt:?}"
+        );
     }
 
     #[test]
@@ -3362,6 +3395,50 @@ mod tests {
             let hash: Vec<_> = r.iter().filter(|(s, _, _)| *s == HASH).collect();
             assert!(!hash.is_empty(), "edit {edit}: {r:?}");
             assert!(hash.iter().all(|(_, _, e)| e.contains("coordinator")), "{hash:?}");
+        }
+    }
+
+    /// Up to 2 of 7 parties corrupt (corrupt_fraction 0.3): a sum of the
+    /// job's minimum of 3 could hold one honest update beside 2 corrupt
+    /// ones, which the coalition would subtract. Each party hashes and
+    /// decrypts only sums of at least 4 (two honest updates), naming the
+    /// coordinator. (A job always has room for that: corrupt_fraction is
+    /// below 1/3, and a job at least 3 parties.)
+    #[test]
+    fn a_sum_of_fewer_than_two_more_than_the_corrupt_parties_is_refused() {
+        let settings = toml::toml! {
+            max_examples = 100
+            corrupt_fraction = 0.3
+        };
+        // Hash requests over the first `kept` contributors: 3 is refused by
+        // every party; 4 (the control) passes that check.
+        for kept in [3, 4] {
+            let mut fed = Fed::with_settings(JobFacts::new("job", names(7), 100, 3, 1 << 20), settings.clone());
+            let names = fed.names.clone();
+            let global = params(&[0.0; 2]);
+            let mut tamper = |stage: StageName, _: &str, m: &mut Envelope| {
+                if stage == HASH {
+                    let mut req: wire::HashRequest = m.decode("t", "t").unwrap();
+                    req.contributors.truncate(kept);
+                    *m = Envelope::encode(&req);
+                }
+            };
+            let mut script = Script { tamper: Some(&mut tamper), ..Script::default() };
+            let _ = fed.round(1, &names, &global, &mut script);
+            let refused: Vec<_> =
+                script.refusals.iter().filter(|(s, _, e)| *s == HASH && e.contains("at least 4")).collect();
+            if kept == 3 {
+                assert_eq!(refused.len(), 7, "{:?}", script.refusals);
+                assert!(
+                    refused
+                        .iter()
+                        .all(|(_, _, e)| e.contains("party coordinator misbehaved")
+                            && e.contains("a sum of 3 ciphertexts")),
+                    "{refused:?}"
+                );
+            } else {
+                assert!(refused.is_empty(), "{:?}", script.refusals);
+            }
         }
     }
 
