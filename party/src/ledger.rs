@@ -575,7 +575,10 @@ impl Ledger {
                 return Err(local(format!("job {job_id} has no DP cost to extend its reservation with")));
             };
             let rounds = charge.rounds_started + 1;
-            let epsilon = fail_closed(dp.record_epsilon(training, rounds));
+            // Never below what is recorded: one more round costs more, and
+            // a recorded charge (another binary's accountant, say) is not
+            // taken back by a recomputation.
+            let epsilon = fail_closed(dp.record_epsilon(training, rounds)).max(fail_closed(charge.epsilon));
             if let Some(max) = guard.max_epsilon
                 && !within_budget(others + epsilon, max)
             {
@@ -630,7 +633,12 @@ impl Ledger {
         if *written >= version {
             return Ok(());
         }
-        self.write(file)?;
+        // The detail (the file's path, the OS's error) stays in this
+        // party's log: the message may go to the coordinator as a refusal.
+        self.write(file).map_err(|e| {
+            tracing::warn!("{e}");
+            "the privacy ledger could not be written (the detail is in this party's log)".to_string()
+        })?;
         *written = version;
         Ok(())
     }
@@ -929,7 +937,12 @@ mod tests {
         // The write fails: its temporary file's name is taken by a directory.
         let blocker = path.with_extension("json.tmp");
         std::fs::create_dir(&blocker).unwrap();
-        assert!(first.leave("coordinator fault: first").is_err());
+        let e = first.leave("coordinator fault: first").unwrap_err();
+        // Said without the file's path or the OS's words (the message can
+        // reach the coordinator as a refusal; the detail is logged here).
+        assert!(e.contains("could not be written") && !e.contains(dir.path().to_str().unwrap()), "{e}");
+        let e = ledger.reserve("j2", &spec(3, true), "d", None).unwrap_err();
+        assert!(e.contains("could not be written") && !e.contains("ledger.json"), "{e}");
         std::fs::remove_dir(&blocker).unwrap();
         for start in [RoundGuard::start_round, RoundGuard::start_release_once] {
             match start(&second) {
@@ -1014,6 +1027,34 @@ local_epochs = 2",
         assert_eq!((charged.rounds_started, charged.rounds_reserved, charged.epsilon), (4, 4, four));
         assert!(four > eps);
         assert!((reopened.snapshot().datasets["d"].epsilon() - eps - four).abs() < 1e-12, "j1 and j2");
+    }
+
+    /// A round beyond the reservation is charged at the larger of what it
+    /// costs and what is recorded: a recorded charge (from another
+    /// binary's accountant, say) is never lowered by a recomputation.
+    #[test]
+    fn a_round_beyond_the_reservation_never_lowers_the_recorded_charge() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let job = spec(1, true);
+        {
+            let ledger = Ledger::open(&path).unwrap();
+            let guard = ledger.reserve("j1", &job, "d", None).unwrap();
+            guard.start_round().unwrap().durable().unwrap();
+        }
+        let mut file: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        file["datasets"]["d"]["jobs"]["j1"]["epsilon"] = serde_json::json!(50.0);
+        std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+        let ledger = Ledger::open(&path).unwrap();
+        let guard = ledger.reserve("j1", &job, "d", None).unwrap();
+        guard.start_round().unwrap().durable().unwrap();
+        let charged = ledger.snapshot().datasets["d"].jobs["j1"].clone();
+        let two = job.dp.as_ref().unwrap().epsilon(&job.training, 2);
+        assert!(two < 50.0);
+        assert_eq!((charged.rounds_started, charged.epsilon), (2, 50.0));
+        // Read back as charged.
+        drop((guard, ledger));
+        assert_eq!(Ledger::read(&path).unwrap().datasets["d"].jobs["j1"].epsilon, 50.0);
     }
 
     /// Writes run one at a time and never put an older state over a newer
