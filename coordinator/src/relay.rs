@@ -31,6 +31,7 @@ use confide_proto::pb::{self, coordinator_message, party_message};
 use confide_proto::transfer::{self, Incoming};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
@@ -555,27 +556,36 @@ struct Down {
     conn: u64,
 }
 
-/// How long [`end_down`] waits at each step.
+/// How long [`pump_down`] and [`end_down`] wait at each step.
 #[derive(Clone, Copy)]
 struct ShutTiming {
     /// What is left, and the end, behind the stream's queue.
     grace: Duration,
     /// The end ahead of the queue, before the connection is cut.
     cut_after: Duration,
+    /// A full queue that frees no room for this long: the party does not
+    /// read, and its stream is ended.
+    stall: Duration,
 }
 
-/// The coordinator's own steps ([`crate::server`]'s `shut`).
-const SHUT_TIMING: ShutTiming = ShutTiming { grace: CLOSE_GRACE, cut_after: CUT_AFTER };
+/// The coordinator's own steps ([`crate::server`]'s `shut`), and a minute
+/// for a party to take one message (a 256 KiB chunk) off a full queue.
+const SHUT_TIMING: ShutTiming = ShutTiming { grace: CLOSE_GRACE, cut_after: CUT_AFTER, stall: STALL };
+
+/// See [`ShutTiming::stall`].
+const STALL: Duration = Duration::from_secs(60);
 
 /// Coordinator → party, as it comes; tasks are noted on the way. While
 /// the party's queue is full, one more message is read from the
 /// coordinator, so that the coordinator's end of the stream (it closes a
 /// party that does not read, and cuts the relay's connection for it) is
-/// seen here too, and passed on by [`end_down`].
+/// seen here too, and passed on by [`end_down`]; a queue that frees no
+/// room for `timing.stall` ends the stream the same way, whatever the
+/// coordinator sends after that one message.
 async fn pump_down(
     shared: Arc<Shared>,
     party: String,
-    mut upstream: Streaming<pb::CoordinatorMessage>,
+    mut upstream: impl Stream<Item = Result<pb::CoordinatorMessage, Status>> + Unpin,
     down: Down,
     timing: ShutTiming,
 ) {
@@ -585,13 +595,15 @@ async fn pump_down(
     let (left, end): (Vec<pb::CoordinatorMessage>, Option<Status>) = 'pump: loop {
         let msg = match next.take() {
             Some(m) => m,
-            None => match upstream.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => break (Vec::new(), None),
-                Err(status) => break (Vec::new(), Some(status)),
+            None => match upstream.next().await {
+                Some(Ok(m)) => m,
+                None => break (Vec::new(), None),
+                Some(Err(status)) => break (Vec::new(), Some(status)),
             },
         };
         note_down(&shared, &party, &msg);
+        let stalled = tokio::time::sleep(timing.stall);
+        tokio::pin!(stalled);
         loop {
             tokio::select! {
                 permit = down.tx.reserve() => match permit {
@@ -602,14 +614,20 @@ async fn pump_down(
                     // The party's side is gone: nothing more to pass on.
                     Err(_) => return,
                 },
-                read = upstream.message(), if next.is_none() => match read {
-                    Ok(Some(m)) => next = Some(m),
-                    Ok(None) => break 'pump (vec![msg], None),
-                    Err(status) => break 'pump (vec![msg], Some(status)),
+                read = upstream.next(), if next.is_none() => match read {
+                    Some(Ok(m)) => next = Some(m),
+                    None => break 'pump (vec![msg], None),
+                    Some(Err(status)) => break 'pump (vec![msg], Some(status)),
                 },
+                () = &mut stalled => {
+                    let why = format!("the party took nothing off its full queue for {} s", timing.stall.as_secs());
+                    break 'pump (std::iter::once(msg).chain(next.take()).collect(), Some(Status::resource_exhausted(why)));
+                }
             }
         }
     };
+    // The coordinator's side goes now: it sees this stream end.
+    drop(upstream);
     match &end {
         None => info!(party = %party, "the coordinator closed the party's stream"),
         Some(status) => warn!(party = %party, "coordinator stream failed: {}", status.message()),
@@ -800,6 +818,61 @@ mod tests {
             next_transfer: AtomicU64::new(1),
             next_pending: AtomicU64::new(1),
         }
+    }
+
+    /// What the coordinator sends the relay for a party: `n` messages, and
+    /// then the end of the stream.
+    fn upstream(n: usize) -> ReceiverStream<Result<pb::CoordinatorMessage, Status>> {
+        let (tx, rx) = mpsc::channel(n.max(1));
+        for i in 0..n {
+            let closed = pb::JobClosed { job_id: format!("j{i}"), ..Default::default() };
+            tx.try_send(Ok(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Closed(closed)) })).unwrap();
+        }
+        ReceiverStream::new(rx)
+    }
+
+    /// A party that reads nothing through the relay is cut off, however
+    /// much the coordinator sent it before ending its stream: the relay's
+    /// queue for it fills, the relay holds one message more, and it reads
+    /// nothing further from the coordinator (here, not the stream's end);
+    /// the full queue's stall ends the party's stream, ahead of its queue,
+    /// and then its connection is cut. A party that reads gets every
+    /// message and then the end, and keeps its connection.
+    #[tokio::test]
+    async fn a_party_that_reads_nothing_is_cut_off_whatever_the_coordinator_sent() {
+        let ms = Duration::from_millis;
+        let timing = ShutTiming { grace: ms(100), cut_after: ms(100), stall: ms(300) };
+        let shared = Arc::new(shared(1));
+        let down = |cut: &Cut| {
+            let (tx, rx) = mpsc::channel(32);
+            let (close, closed) = oneshot::channel();
+            let (dropped, ended) = oneshot::channel::<()>();
+            (Down { tx, close, ended, cut: cut.clone(), conn: 7 }, rx, closed, dropped)
+        };
+        let cut = Cut::default();
+        let (stuck, _never_read, mut closed, _not_dropped) = down(&cut);
+        let pump = tokio::spawn(pump_down(shared.clone(), "hospital-a".into(), upstream(40), stuck, timing));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cut.is_cut() {
+            assert!(tokio::time::Instant::now() < deadline, "the connection is cut");
+            tokio::time::sleep(ms(20)).await;
+        }
+        let ahead = closed.try_recv().expect("the end went ahead of the queue first");
+        assert!(ahead.message().contains("took nothing off its full queue"), "{ahead:?}");
+        pump.await.unwrap();
+
+        let cut = Cut::default();
+        let (reads, mut queue, mut closed, dropped) = down(&cut);
+        let pump = tokio::spawn(pump_down(shared, "hospital-b".into(), upstream(40), reads, timing));
+        let mut got = 0;
+        while let Some(m) = queue.recv().await {
+            assert!(m.is_ok());
+            got += 1;
+        }
+        drop(dropped);
+        pump.await.unwrap();
+        assert_eq!(got, 40);
+        assert!(closed.try_recv().is_err() && !cut.is_cut());
     }
 
     fn offer(job: &str, spec: &str) -> pb::JobOffer {

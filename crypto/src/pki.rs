@@ -716,7 +716,12 @@ impl PkiDir {
         let before = self.issued_admins()?;
         self.record_admin(&admin.cert_pem)?;
         write_pair(&self.admin_cert(), &self.admin_key(), &admin).inspect_err(|_| {
-            let _ = write_file(&self.admin_issued(), format!("{}\n", before.join("\n")).as_bytes(), 0o644);
+            // Unless the certificate is in place after all (the rename
+            // went through and only the directory's sync failed): a
+            // certificate there must stay on the record.
+            if fs::read(self.admin_cert()).ok().as_deref() != Some(admin.cert_pem.as_bytes()) {
+                let _ = write_file(&self.admin_issued(), format!("{}\n", before.join("\n")).as_bytes(), 0o644);
+            }
         })
     }
 
