@@ -470,22 +470,28 @@ impl Calibration {
         if !(c * c * n * n).is_finite() {
             return bad("clip", format!("{c} is too large to calibrate for {} parties", cfg.max_parties));
         }
-        let local_stddev = cfg.noise_multiplier * c / (cfg.honest_parties as f64).sqrt();
+        // Computed in units of the clip (c = 1), where c cancels: σ, c·s and
+        // the rounding's bound, what the accountant's event is made of, are
+        // then the same bits at every clip. Computed with c, they agree only
+        // to rounding, and σ's ceiling could come out one step lower at a
+        // round's adaptive clip than at the clip the ledger was charged at.
+        let unit_stddev = cfg.noise_multiplier / (cfg.honest_parties as f64).sqrt();
         let room = 2f64.powi(2 * cfg.bits as i32) - n * k * k;
         if room <= 0.0 {
             return bad("bits", format!("{} bits are too few for {} parties at k = {k}", cfg.bits, cfg.max_parties));
         }
-        let mut scale =
-            room.sqrt() / (2.0 * k * (c * c * n * n / block as f64 + n * local_stddev * local_stddev).sqrt());
+        // c·s: lattice steps per clip.
+        let mut cs = room.sqrt() / (2.0 * k * (n * n / block as f64 + n * unit_stddev * unit_stddev).sqrt());
         // The sampler's integer σ is at most 2^26: past that, a finer lattice
         // gains nothing (the rounding is already 10^-8 of the noise).
-        scale = scale.min(MAX_SIGMA / local_stddev);
-        let local_sigma = (local_stddev * scale).ceil();
+        cs = cs.min(MAX_SIGMA / unit_stddev);
+        let local_sigma = (unit_stddev * cs).ceil();
         if local_sigma < 1.0 {
             return bad("bits", format!("{} bits leave no room for the noise at this scale", cfg.bits));
         }
+        let scale = cs / c;
         // Rounding inflates the norm (Theorem 1 / Prop. 22, lattice units).
-        let (cs, root_d) = (c * scale, (padded as f64).sqrt());
+        let root_d = (padded as f64).sqrt();
         // No coordinate of a clipped vector exceeds c·s: the rounding's
         // integer arithmetic needs it below 2^45 (see MAX_LATTICE_NORM).
         // Only a near-zero k or noise multiplier asks for a lattice that
@@ -2025,18 +2031,47 @@ mod tests {
 
     /// The mechanism in lattice units does not depend on the clip: the
     /// scale follows it, so σ and the accountant's event are the same at
-    /// every clip (adaptive clipping relies on it).
+    /// every clip (adaptive clipping relies on it: the ledger is charged at
+    /// the spec's clip, a round runs at the coordinator's). Also for noise
+    /// multipliers picked so that σ before its ceiling is an integer to
+    /// the last bits, where a clip that entered the arithmetic made σ one
+    /// step lower at some clips (found by review).
     #[test]
     fn the_mechanism_does_not_depend_on_the_clip() {
-        for bits in [16u32, 32] {
-            let base = Ddg::new(config(5000, 10, bits)).expect("params");
-            for clip in [1.0 / 1_048_576.0, 1e-3, 0.37, 1e3, 1_048_576.0] {
-                let other = Ddg::new(DdgConfig { clip, ..config(5000, 10, bits) }).expect("params");
-                assert_eq!(other.local_sigma(), base.local_sigma(), "bits {bits}, clip {clip}");
+        let clips = [1.0 / 1_048_576.0, 1e-3, 0.37, 1.0, 30.19, 1e3, 1_048_576.0];
+        let same = |cfg: DdgConfig| {
+            let base = Ddg::new(DdgConfig { clip: 1.0, ..cfg }).expect("params");
+            for clip in clips {
+                let other = Ddg::new(DdgConfig { clip, ..cfg }).expect("params");
+                let what = format!("bits {}, z {:e}, clip {clip}", cfg.bits, cfg.noise_multiplier);
+                assert_eq!(other.local_sigma(), base.local_sigma(), "{what}");
+                assert_eq!(other.calibration().bound.to_bits(), base.calibration().bound.to_bits(), "{what}");
+                assert_eq!(other.calibration().bound_sq, base.calibration().bound_sq, "{what}");
                 for a in [2.0, 16.0, 128.0] {
-                    let (x, y) = (other.event().rdp(a), base.event().rdp(a));
-                    assert!((x - y).abs() <= 1e-9 * y, "bits {bits}, clip {clip}, order {a}: {x} vs {y}");
+                    assert_eq!(other.event().rdp(a).to_bits(), base.event().rdp(a).to_bits(), "{what}, order {a}");
                 }
+            }
+        };
+        for bits in [16u32, 32] {
+            same(config(5000, 10, bits));
+        }
+        // z with σ* (before the ceiling) at an integer: found by bisection,
+        // then every z within 64 ulps of it.
+        let cfg = DdgConfig { dim: 1 << 20, bits: 16, max_parties: 10, honest_parties: 7, ..config(1, 10, 16) };
+        let sigma_at = |z: f64| {
+            let c = Calibration::of(&DdgConfig { noise_multiplier: z, clip: 1.0, ..cfg }).expect("params");
+            let unit = z / 7f64.sqrt();
+            unit * c.scale
+        };
+        for target in [2586.0, 1000.0, 17.0] {
+            let (mut lo, mut hi) = (1e-3, 1e3);
+            for _ in 0..200 {
+                let mid = 0.5 * (lo + hi);
+                if sigma_at(mid) < target { lo = mid } else { hi = mid }
+            }
+            for step in -64i64..=64 {
+                let z = f64::from_bits((hi.to_bits() as i64 + step) as u64);
+                same(DdgConfig { noise_multiplier: z, ..cfg });
             }
         }
     }
