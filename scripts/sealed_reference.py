@@ -26,7 +26,9 @@ okm = HKDF(
 ).derive(shared)
 nonce = bytes(12)
 request = AESGCM(okm[:32]).encrypt(nonce, b"rows", context)
-answer = AESGCM(okm[32:]).encrypt(nonce, b"probs", context)
+# An answer: its random nonce (here fixed at 05…05), then the ciphertext.
+answer_nonce = bytes([5] * 12)
+answer = answer_nonce + AESGCM(okm[32:]).encrypt(answer_nonce, b"probs", context)
 out = {
     "recipient_public": recipient_pub.hex(),
     "ephemeral_public": ephemeral_pub.hex(),

@@ -8,8 +8,11 @@
 //! uses a fresh ephemeral key: HKDF-SHA256 over the Diffie–Hellman secret,
 //! both public keys and the caller's context (job, service, request id,
 //! sender, recipient) gives two AES-256-GCM keys, one for the request and
-//! one for the answer. Each key encrypts exactly one message, so the fixed
-//! nonce is never reused; the context is also the associated data, so a
+//! one for the answer. The request key encrypts the one request its edge
+//! sealed (under the fixed nonce). The answer key does not: a coordinator
+//! that replays a request gets it answered again (after a new deployment,
+//! say) under the same key, so each answer draws a random nonce, sent
+//! ahead of its ciphertext. The context is also the associated data, so a
 //! ciphertext moved to another request, party or direction fails to open.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -25,6 +28,8 @@ use crate::secagg::protocol::{IdentitySigner, IdentityVerifier};
 
 /// Domain of a cloud key's signature.
 const KEY_DOMAIN: &[u8] = b"confide-cloud-key-v1";
+/// Domain of an edge's signature over its sealed request.
+const REQUEST_DOMAIN: &[u8] = b"confide-forward-request-v1";
 /// HKDF info prefix of a forwarded request's keys.
 const KDF_DOMAIN: &[u8] = b"confide-forward-v1";
 
@@ -36,6 +41,20 @@ pub fn cloud_key_transcript(party: &str, service: &str, public: &[u8; 32], issue
         out.extend_from_slice(part);
     }
     out.extend_from_slice(&issued_at.to_le_bytes());
+    out
+}
+
+/// The bytes an edge party signs to send `sealed` under `context` (which
+/// names it, the cloud, both services and the request id): the cloud
+/// answers only a request its named sender signed, so neither the
+/// coordinator nor anyone else holding the cloud's public key can query
+/// the cloud's model under a party's name.
+pub fn request_transcript(context: &[u8], sealed: &SealedRequest) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96 + context.len() + sealed.ciphertext.len());
+    for part in [REQUEST_DOMAIN, context, sealed.ephemeral.as_slice(), sealed.ciphertext.as_slice()] {
+        out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        out.extend_from_slice(part);
+    }
     out
 }
 
@@ -120,10 +139,17 @@ fn keys(shared: &[u8; 32], ephemeral: &[u8; 32], recipient: &[u8; 32], context: 
     okm
 }
 
+/// The request's nonce: its key (from a fresh ephemeral key) seals that
+/// one request.
+const REQUEST_NONCE: [u8; 12] = [0; 12];
+
 fn aead(key: &[u8], msg: &[u8], context: &[u8], seal: bool) -> Result<Vec<u8>, Error> {
+    aead_with(key, &REQUEST_NONCE, msg, context, seal)
+}
+
+fn aead_with(key: &[u8], nonce: &[u8; 12], msg: &[u8], context: &[u8], seal: bool) -> Result<Vec<u8>, Error> {
     let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| Error::InvalidInput("AES-256 key length".into()))?;
-    // Each key encrypts one message: the all-zero nonce is used once.
-    let nonce = Nonce::from_slice(&[0u8; 12]);
+    let nonce = Nonce::from_slice(nonce);
     let payload = Payload { msg, aad: context };
     if seal {
         cipher.encrypt(nonce, payload).map_err(|_| Error::InvalidInput("encryption failed".into()))
@@ -186,14 +212,29 @@ impl CloudSecret {
 }
 
 impl ReplyKey {
-    /// Seals the answer (at the cloud party).
+    /// Seals the answer (at the cloud party): a random nonce, then the
+    /// AES-256-GCM ciphertext and tag. The same request opened twice (a
+    /// replay) gives the same key, so the nonce is drawn, never fixed.
     pub fn seal(self, context: &[u8], answer: &[u8]) -> Result<Vec<u8>, Error> {
-        aead(&self.0, answer, context, true)
+        let mut nonce = [0u8; 12];
+        rand_core::OsRng.fill_bytes(&mut nonce);
+        self.seal_with(&nonce, context, answer)
+    }
+
+    fn seal_with(self, nonce: &[u8; 12], context: &[u8], answer: &[u8]) -> Result<Vec<u8>, Error> {
+        let sealed = aead_with(&self.0, nonce, answer, context, true)?;
+        let mut out = Vec::with_capacity(12 + sealed.len());
+        out.extend_from_slice(nonce);
+        out.extend_from_slice(&sealed);
+        Ok(out)
     }
 
     /// Opens the answer (at the edge party).
-    pub fn open(self, context: &[u8], ciphertext: &[u8]) -> Result<Vec<u8>, Error> {
-        aead(&self.0, ciphertext, context, false)
+    pub fn open(self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Error> {
+        let (nonce, ciphertext) = sealed.split_first_chunk::<12>().ok_or_else(|| {
+            Error::InvalidInput(format!("an answer of {} bytes: shorter than its nonce", sealed.len()))
+        })?;
+        aead_with(&self.0, nonce, ciphertext, context, false)
     }
 }
 
@@ -213,7 +254,7 @@ mod tests {
         let recipient = CloudSecret::from_bytes([7u8; 32]);
         let (req, reply) =
             seal_request_with([9u8; 32], &recipient.public(), b"job-1/triage/42/site-0/cloud-0", b"rows").unwrap();
-        let answer = reply.seal(b"job-1/triage/42/site-0/cloud-0", b"probs").unwrap();
+        let answer = reply.seal_with(&[5u8; 12], b"job-1/triage/42/site-0/cloud-0", b"probs").unwrap();
         let expected: serde_json::Value =
             serde_json::from_str(include_str!("../../scripts/sealed_reference.json")).unwrap();
         assert_eq!(hex(&recipient.public()), expected["recipient_public"]);
@@ -232,6 +273,26 @@ mod tests {
         assert!(verify_cloud_key(&v, "cloud-0", "other", &k.public(), 5, &sig).is_err());
         assert!(verify_cloud_key(&v, "cloud-0", "digits", &k.public(), 6, &sig).is_err());
         assert!(verify_cloud_key(&v, "cloud-0", "digits", &[1; 32], 5, &sig).is_err());
+    }
+
+    /// A request opened twice (the coordinator replays it, and the cloud
+    /// answers again, from another model say) gives the same answer key;
+    /// the two answers still use different nonces, so their ciphertexts
+    /// XOR to nothing of the answers' XOR, and each opens at the edge.
+    #[test]
+    fn a_replayed_request_is_answered_under_a_fresh_nonce() {
+        let cloud = CloudSecret::generate(&mut rand_core::OsRng);
+        let (req, _) = seal_request_with([3u8; 32], &cloud.public(), b"ctx", b"rows").unwrap();
+        let (first, second) = (b"{\"p\":[0.91]}".as_slice(), b"{\"p\":[0.12]}".as_slice());
+        let a1 = cloud.open_request(b"ctx", &req).unwrap().1.seal(b"ctx", first).unwrap();
+        let a2 = cloud.open_request(b"ctx", &req).unwrap().1.seal(b"ctx", second).unwrap();
+        assert_ne!(a1[..12], a2[..12], "a nonce per answer");
+        let xor = |a: &[u8], b: &[u8]| a.iter().zip(b).map(|(x, y)| x ^ y).collect::<Vec<u8>>();
+        assert_ne!(xor(&a1[12..12 + first.len()], &a2[12..12 + second.len()]), xor(first, second));
+        let edge_key = || seal_request_with([3u8; 32], &cloud.public(), b"ctx", b"rows").unwrap().1;
+        assert_eq!(edge_key().open(b"ctx", &a1).unwrap(), first);
+        assert_eq!(edge_key().open(b"ctx", &a2).unwrap(), second);
+        assert!(edge_key().open(b"ctx", &a1[..11]).is_err(), "shorter than a nonce");
     }
 
     #[test]

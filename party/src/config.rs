@@ -90,6 +90,11 @@ pub struct CloudConfig {
     /// The cloud services.
     #[serde(default)]
     pub services: Vec<String>,
+    /// The edge parties whose forwarded requests it answers; empty (the
+    /// default): any party of the federation, as long as the request
+    /// carries that party's signature.
+    #[serde(default)]
+    pub accept_from: Vec<String>,
 }
 
 /// `[serve]`: which services this party serves, and where.
@@ -468,6 +473,9 @@ impl PartyConfig {
                     "cloud.services[{i}]: {s:?} must also be in serve.services (its model is deployed)"
                 ));
             }
+        }
+        for (i, p) in self.cloud.accept_from.iter().enumerate() {
+            confide_crypto::pki::validate_party_name(p).map_err(|e| format!("cloud.accept_from[{i}]: {e}"))?;
         }
         for (service, clouds) in &self.policy.share_inputs {
             confide_proto::deploy::validate_service_name(service).map_err(|e| format!("policy.share_inputs: {e}"))?;

@@ -33,10 +33,14 @@ fn wait_ready(fed: &Federation, addr: SocketAddr, service: &str) {
     }
 }
 
-/// Connects as site-1 (replacing its stream) and sends two forwards: one to
-/// a party the deployment does not name, one with a ciphertext not sealed
-/// to the cloud's key. Returns the two answers' errors.
+/// Connects as site-1 (replacing its stream) and sends three forwards: one
+/// to a party the deployment does not name; one sealed to the cloud's key
+/// (as the coordinator, which relays that key, could) but not signed by the
+/// party it names; and one sealed and signed by site-1, whose certificate
+/// key this test holds, to a cloud that answers only site-0. Returns the
+/// three answers' errors.
 fn rogue_forwards(fed: &Federation) -> Vec<String> {
+    use confide_crypto::secagg::protocol::IdentitySigner;
     use confide_proto::net::{ClientIdentity, connect};
     use confide_proto::pb::{self, coordinator_message, party_message, party_service_client::PartyServiceClient};
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -55,22 +59,56 @@ fn rogue_forwards(fed: &Federation) -> Vec<String> {
             .await
             .expect("join")
             .into_inner();
-        let forward = |request_id, peer: &str, cloud_service: &str| pb::Forward {
-            request_id,
-            peer: peer.into(),
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        // The cloud's key, as the coordinator relays it to every party.
+        let cloud_key: [u8; 32] = loop {
+            let msg = tokio::time::timeout_at(deadline, inbound.message()).await.expect("a cloud key").expect("stream");
+            if let Some(coordinator_message::Body::CloudKey(a)) = msg.and_then(|m| m.body)
+                && a.party == "cloud-0"
+            {
+                break a.key.expect("key").public_key.try_into().expect("32 bytes");
+            }
+        };
+        let site_1_der = confide_proto::net::load_certs(&cert).expect("cert")[0].to_vec();
+        let signer =
+            confide_crypto::identity::IdentityKey::from_pem(&confide_crypto::pki::read_private_key(&key).expect("key"))
+                .expect("key");
+        let sealed_to_cloud = |request_id: u64, sign: bool| {
+            let ctx = confide_party::serving::joint::context("site-1", "cloud-0", "triage", "triage-cloud", request_id);
+            let mut plain = 30u32.to_le_bytes().to_vec();
+            plain.extend(std::iter::repeat_n(0u8, 4 * 30));
+            let (sealed, _) =
+                confide_crypto::sealed::seal_request(&cloud_key, &ctx, &plain, &mut rand_core::OsRng).expect("seal");
+            let transcript = confide_crypto::sealed::request_transcript(&ctx, &sealed);
+            let signature = if sign { signer.sign(&transcript).expect("sign") } else { vec![7; 64] };
+            pb::Forward {
+                request_id,
+                peer: "cloud-0".into(),
+                service: "triage".into(),
+                cloud_service: "triage-cloud".into(),
+                ephemeral: sealed.ephemeral.to_vec(),
+                ciphertext: sealed.ciphertext,
+                signature,
+                certificate: site_1_der.clone(),
+            }
+        };
+        let elsewhere = pb::Forward {
+            request_id: 1,
+            peer: "site-0".into(),
             service: "triage".into(),
-            cloud_service: cloud_service.into(),
+            cloud_service: "triage".into(),
             ephemeral: vec![9; 32],
             ciphertext: vec![0; 48],
+            ..Default::default()
         };
-        tx.send(send(party_message::Body::Forward(forward(1, "site-0", "triage")))).await.expect("send");
-        tx.send(send(party_message::Body::Forward(forward(2, "cloud-0", "triage-cloud")))).await.expect("send");
-        let mut errors = vec![String::new(), String::new()];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        for f in [elsewhere, sealed_to_cloud(2, false), sealed_to_cloud(3, true)] {
+            tx.send(send(party_message::Body::Forward(f))).await.expect("send");
+        }
+        let mut errors = vec![String::new(); 3];
         while errors.iter().any(String::is_empty) {
             let msg = tokio::time::timeout_at(deadline, inbound.message()).await.expect("answers").expect("stream");
             if let Some(coordinator_message::Body::ForwardAnswer(a)) = msg.and_then(|m| m.body) {
-                assert!(a.ciphertext.is_empty());
+                assert!(a.ciphertext.is_empty(), "answered: {a:?}");
                 errors[(a.request_id - 1) as usize] = a.error;
             }
         }
@@ -93,7 +131,7 @@ fn hard_examples_go_to_the_cloud_encrypted_audited_and_only_where_policy_allows(
     fed.start_party("site-1", edge);
     fed.start_party(
         "cloud-0",
-        "[serve]\nservices = [\"triage-cloud\"]\nlisten = \"127.0.0.1:0\"\n[cloud]\nservices = [\"triage-cloud\"]\n",
+        "[serve]\nservices = [\"triage-cloud\"]\nlisten = \"127.0.0.1:0\"\n[cloud]\nservices = [\"triage-cloud\"]\naccept_from = [\"site-0\"]\n",
     );
     let (a0, a1, ac) = (fed.party_endpoint("site-0"), fed.party_endpoint("site-1"), fed.party_endpoint("cloud-0"));
     let text = job_spec(&names, 3, 3, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.1");
@@ -193,11 +231,14 @@ fn hard_examples_go_to_the_cloud_encrypted_audited_and_only_where_policy_allows(
     );
 
     // A party cannot use the coordinator to send inputs anywhere else than
-    // the cloud tier the service's signed deployment names, and the cloud
-    // party refuses a request not sealed to its key.
+    // the cloud tier the service's signed deployment names; the cloud party
+    // answers no request its named sender did not sign (what the coordinator
+    // could make up, holding the cloud's key), and, with accept_from, none
+    // from a party it does not list.
     let answers = rogue_forwards(&fed);
     assert!(answers[0].contains("does not send hard examples to site-0"), "{answers:?}");
-    assert!(answers[1].contains("does not open"), "{answers:?}\n{}", fed.logs());
+    assert!(answers[1].contains("a request site-1 did not sign"), "{answers:?}\n{}", fed.logs());
+    assert!(answers[2].contains("site-1 is not in this party's [cloud] accept_from"), "{answers:?}");
 
     // The cloud party is killed while four clients keep site-0 busy: no
     // request fails; rows the cloud answered before, the edge after

@@ -9,6 +9,16 @@
 //! the revocation list), and only after the audit log holds a record of it.
 //! Otherwise, or when the cloud does not answer in time, the edge answers
 //! the hard rows itself and says so.
+//!
+//! The edge keeps a cloud key only if it is no older than the one it holds
+//! (a replayed announcement cannot bring back a key the cloud replaced),
+//! and checks the cloud's certificate against the revocation list in force
+//! again at every request. It signs each sealed request with its own
+//! certificate key; the cloud answers only requests their named sender
+//! signed (and, with `[cloud] accept_from`, only those parties'), at most
+//! [`MAX_FORWARDS_IN_FLIGHT`] at a time, and seals its answer with a fresh
+//! nonce and its probabilities at a fixed width, so that the answer's
+//! length says nothing of them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -16,7 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use confide_crypto::identity::{CertVerifier, IdentityKey, SharedRevocations};
-use confide_crypto::sealed::{CloudSecret, SealedRequest, seal_request, verify_cloud_key};
+use confide_crypto::sealed::{CloudSecret, SealedRequest, request_transcript, seal_request, verify_cloud_key};
+use confide_crypto::secagg::protocol::{IdentitySigner, IdentityVerifier};
 use confide_proto::deploy::JointConfig;
 use confide_proto::pb;
 use serde::{Deserialize, Serialize};
@@ -27,9 +38,17 @@ use crate::audit::{AuditLog, ForwardedInput, rows_sha256};
 #[derive(Debug, Clone)]
 struct PeerKey {
     public: [u8; 32],
+    /// When the cloud party signed it (its clock, Unix seconds).
+    issued_at: u64,
+    /// The certificate that signed it (DER), checked again at each request.
+    certificate: Vec<u8>,
     /// SHA-256 of the certificate that signed it, hex (for the audit log).
     certificate_sha256: String,
 }
+
+/// Forwarded requests a cloud party answers at once; more are refused as
+/// busy (each holds up to a message's bytes and a prediction).
+pub const MAX_FORWARDS_IN_FLIGHT: usize = 16;
 
 struct Pending {
     cloud: String,
@@ -53,13 +72,51 @@ pub struct CloudVersion {
     pub sha256: String,
 }
 
-/// What the cloud party seals back.
+/// What the cloud party seals back. The probabilities travel as the hex of
+/// their little-endian f32 bytes: 8 characters each, whatever the value
+/// (a JSON number's length would tell the coordinator how confident the
+/// cloud was).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CloudAnswer {
     classes: usize,
+    #[serde(with = "fixed_width")]
     probabilities: Vec<f32>,
     version: CloudVersion,
+}
+
+/// [`CloudAnswer::probabilities`] at a fixed width.
+mod fixed_width {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(values: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        let mut text = String::with_capacity(8 * values.len());
+        for v in values {
+            for b in v.to_le_bytes() {
+                text.push_str(&format!("{b:02x}"));
+            }
+        }
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        let text = String::deserialize(d)?;
+        let bad = || serde::de::Error::custom("probabilities: not 8 hex digits per value");
+        if !text.len().is_multiple_of(8) || !text.is_ascii() {
+            return Err(bad());
+        }
+        text.as_bytes()
+            .chunks(8)
+            .map(|c| {
+                let mut b = [0u8; 4];
+                for (i, byte) in b.iter_mut().enumerate() {
+                    let pair = std::str::from_utf8(&c[2 * i..2 * i + 2]).map_err(|_| bad())?;
+                    *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+                }
+                Ok(f32::from_le_bytes(b))
+            })
+            .collect()
+    }
 }
 
 /// The joint-inference state of a party: its policy, audit log and the
@@ -74,7 +131,15 @@ pub struct Joint {
     next_id: AtomicU64,
     /// `[cloud] services` and their key pairs.
     secrets: BTreeMap<String, CloudSecret>,
+    /// `[cloud] accept_from`: the edge parties answered (empty: any).
+    accept_from: Vec<String>,
+    /// This party's certificate key: signs its cloud keys and its
+    /// forwarded requests.
     identity: Option<IdentityKey>,
+    /// This party's certificate (DER), sent with its forwarded requests.
+    certificate: Vec<u8>,
+    /// Forwarded requests being answered (cloud side).
+    in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// The additional authenticated data of one forwarded request.
@@ -127,11 +192,16 @@ impl Joint {
         for s in &config.cloud.services {
             secrets.insert(s.clone(), cloud_secret(dir, s)?);
         }
-        let identity = if secrets.is_empty() {
-            None
+        // Needed to sign cloud keys (a cloud party) or requests (a party
+        // that may forward).
+        let (identity, certificate) = if secrets.is_empty() && config.policy.share_inputs.is_empty() {
+            (None, Vec::new())
         } else {
             let pem = confide_crypto::pki::read_private_key(&config.key).map_err(|e| e.to_string())?;
-            Some(IdentityKey::from_pem(&pem).map_err(|e| format!("{}: {e}", config.key.display()))?)
+            let key = IdentityKey::from_pem(&pem).map_err(|e| format!("{}: {e}", config.key.display()))?;
+            let certs = confide_proto::net::load_certs(&config.cert).map_err(|e| e.to_string())?;
+            let own = certs.first().ok_or_else(|| format!("{}: no certificate", config.cert.display()))?;
+            (Some(key), own.to_vec())
         };
         Ok(Joint {
             share_inputs: config.policy.share_inputs.clone(),
@@ -143,7 +213,10 @@ impl Joint {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             secrets,
+            accept_from: config.cloud.accept_from.clone(),
             identity,
+            certificate,
+            in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT)),
         })
     }
 
@@ -166,7 +239,8 @@ impl Joint {
     }
 
     /// A cloud key the coordinator relayed: kept if its party's certificate
-    /// is the CA's (not revoked) and that party signed it.
+    /// is the CA's (not revoked), that party signed it, and it is no older
+    /// than the one held for that party and service.
     pub fn on_cloud_key(&self, a: &pb::CloudKeyAnnouncement) -> Result<(), String> {
         let key = a.key.as_ref().ok_or("a cloud key announcement without a key")?;
         let public: [u8; 32] =
@@ -176,8 +250,23 @@ impl Joint {
         verifier.add_peer(&a.party, &a.certificate).map_err(|e| format!("cloud key of {}: {e}", a.party))?;
         verify_cloud_key(&verifier, &a.party, &key.service, &public, key.issued_at, &key.signature)
             .map_err(|e| format!("cloud key of {} for {}: {e}", a.party, key.service))?;
-        let peer = PeerKey { public, certificate_sha256: sha256_hex(&a.certificate) };
-        self.peers.write().unwrap_or_else(|p| p.into_inner()).insert((a.party.clone(), key.service.clone()), peer);
+        let peer = PeerKey {
+            public,
+            issued_at: key.issued_at,
+            certificate: a.certificate.clone(),
+            certificate_sha256: sha256_hex(&a.certificate),
+        };
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = peers.get(&(a.party.clone(), key.service.clone()))
+            && (key.issued_at < held.issued_at || (key.issued_at == held.issued_at && public != held.public))
+        {
+            return Err(format!(
+                "cloud key of {} for {} issued at {}: not newer than the one held (issued at {}); a replay is \
+                 not taken",
+                a.party, key.service, key.issued_at, held.issued_at
+            ));
+        }
+        peers.insert((a.party.clone(), key.service.clone()), peer);
         Ok(())
     }
 
@@ -210,6 +299,15 @@ impl Joint {
             .get(&(j.cloud.clone(), j.cloud_service.clone()))
             .cloned()
             .ok_or_else(|| format!("no verified key of {} for {}", j.cloud, j.cloud_service))?;
+        // Its certificate against the list in force now: a cloud revoked
+        // (or expired) since its key came is sent nothing more.
+        let mut verifier =
+            CertVerifier::with_revocations(&self.ca_pem, self.revocations.clone()).map_err(|e| e.to_string())?;
+        if let Err(e) = verifier.add_peer(&j.cloud, &peer.certificate) {
+            self.peers.write().unwrap_or_else(|p| p.into_inner()).remove(&(j.cloud.clone(), j.cloud_service.clone()));
+            return Err(format!("{}'s certificate no longer checks ({e}); its key is dropped", j.cloud));
+        }
+        let identity = self.identity.as_ref().ok_or("no certificate key to sign forwarded requests with")?;
         let uplink = uplink.ok_or("not connected to the coordinator")?;
         let audit = self.audit.as_ref().map_err(|e| format!("the audit log is not writable ({e})"))?;
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -221,6 +319,7 @@ impl Joint {
         }
         let (sealed, reply_key) =
             seal_request(&peer.public, &ctx, &plain, &mut rand_core::OsRng).map_err(|e| e.to_string())?;
+        let signature = identity.sign(&request_transcript(&ctx, &sealed)).map_err(|e| e.to_string())?;
         // Logged and synced before it leaves.
         audit.record(&ForwardedInput {
             time_ms: crate::audit::unix_now_ms(),
@@ -243,6 +342,8 @@ impl Joint {
             cloud_service: j.cloud_service.clone(),
             ephemeral: sealed.ephemeral.to_vec(),
             ciphertext: sealed.ciphertext,
+            signature,
+            certificate: self.certificate.clone(),
         };
         let outcome = async {
             uplink
@@ -295,8 +396,16 @@ impl Joint {
         }
     }
 
+    /// Cloud side: a slot to answer one forwarded request in, or `None`
+    /// when [`MAX_FORWARDS_IN_FLIGHT`] are being answered.
+    pub fn forward_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().ok()
+    }
+
     /// Cloud side: opens a forwarded request for one of this party's cloud
-    /// services; returns the rows, their width and the key for the answer.
+    /// services, if its named sender signed it (and `[cloud] accept_from`
+    /// names it, when set); returns the rows, their width and the key for
+    /// the answer.
     pub fn open_request(
         &self,
         me: &str,
@@ -310,6 +419,18 @@ impl Joint {
             f.ephemeral.as_slice().try_into().map_err(|_| "an ephemeral key that is not 32 bytes".to_string())?;
         let ctx = context(&f.peer, me, &f.service, &f.cloud_service, f.request_id);
         let sealed = SealedRequest { ephemeral, ciphertext: f.ciphertext.clone() };
+        let mut verifier =
+            CertVerifier::with_revocations(&self.ca_pem, self.revocations.clone()).map_err(|e| e.to_string())?;
+        verifier
+            .add_peer(&f.peer, &f.certificate)
+            .map_err(|e| format!("the request's certificate for {}: {e}", f.peer))?;
+        verifier
+            .verify(&f.peer, &request_transcript(&ctx, &sealed), &f.signature)
+            .map_err(|e| format!("a request {} did not sign ({e})", f.peer))?;
+        // Who sent it, then whether it may.
+        if !self.accept_from.is_empty() && !self.accept_from.contains(&f.peer) {
+            return Err(format!("{} is not in this party's [cloud] accept_from", f.peer));
+        }
         let (plain, reply) = secret.open_request(&ctx, &sealed).map_err(|e| e.to_string())?;
         if plain.len() < 4 || !(plain.len() - 4).is_multiple_of(4) {
             return Err("a request that is not rows of f32".into());

@@ -523,6 +523,10 @@ impl Registry {
     pub async fn on_forwarded(&self, f: pb::Forward) -> pb::ForwardAnswer {
         let me = self.me.read().unwrap_or_else(|p| p.into_inner()).clone();
         let answer = async {
+            // Held until the answer is sealed.
+            let _slot = self.joint.forward_slot().ok_or_else(|| {
+                format!("busy: {} forwarded requests are being answered", joint::MAX_FORWARDS_IN_FLIGHT)
+            })?;
             let (rows, width, reply) = self.joint.open_request(&me, &f)?;
             let count = rows.len() / width;
             let p = self.predict(&f.cloud_service, rows, count, width).await.map_err(|e| e.to_string())?;
@@ -1035,6 +1039,181 @@ mod tests {
         f.revocations.write().unwrap().update(list).unwrap();
         let e = reg.on_cloud_key(&announce("c", cert("c"), real, &id("c"), "c")).unwrap_err();
         assert!(e.contains("revoked"), "{e}");
+    }
+
+    /// Party `p`'s config in the fixture's federation, with `extra` TOML.
+    fn config_of(f: &Fixture, p: &str, extra: &str) -> PartyConfig {
+        let path = f.dir.path().join(format!("{p}-joint.toml"));
+        let text = format!(
+            "coordinator = \"https://x:1\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{extra}",
+            f.pki.ca_cert().display(),
+            f.pki.party_cert(p).display(),
+            f.pki.party_key(p).display()
+        );
+        std::fs::write(&path, text).unwrap();
+        PartyConfig::load(&path).unwrap()
+    }
+
+    /// Edge a (which may share triage with c) and cloud c (which answers
+    /// triage), each with its own state dir; c's key announced to a.
+    fn edge_and_cloud(f: &Fixture, accept_from: &str) -> (joint::Joint, joint::Joint) {
+        let ca = std::fs::read(f.pki.ca_cert()).unwrap();
+        let edge_cfg = config_of(f, "a", "[serve]\nservices = [\"triage\"]\n[policy.share_inputs]\ntriage = [\"c\"]\n");
+        let cloud_cfg = config_of(
+            f,
+            "c",
+            &format!("[serve]\nservices = [\"triage\"]\n[cloud]\nservices = [\"triage\"]\n{accept_from}"),
+        );
+        let (ed, cd) = (f.dir.path().join("edge-state"), f.dir.path().join("cloud-state"));
+        std::fs::create_dir_all(&ed).unwrap();
+        std::fs::create_dir_all(&cd).unwrap();
+        let edge = joint::Joint::open(&edge_cfg, &ed, ca.clone(), f.revocations.clone()).unwrap();
+        let cloud = joint::Joint::open(&cloud_cfg, &cd, ca, f.revocations.clone()).unwrap();
+        edge.on_cloud_key(&announcement(f, &cloud)).unwrap();
+        (edge, cloud)
+    }
+
+    fn announcement(f: &Fixture, cloud: &joint::Joint) -> pb::CloudKeyAnnouncement {
+        let key = cloud.announcements("c").pop().unwrap();
+        pb::CloudKeyAnnouncement {
+            party: "c".into(),
+            key: Some(key),
+            certificate: der(&std::fs::read(f.pki.party_cert("c")).unwrap()),
+        }
+    }
+
+    fn route() -> confide_proto::deploy::JointConfig {
+        confide_proto::deploy::JointConfig {
+            cloud: "c".into(),
+            cloud_service: "triage".into(),
+            hard_examples: confide_algorithms::hard_examples::HardExampleRule::Confidence { threshold: 0.9 },
+            timeout_ms: 5000,
+        }
+    }
+
+    /// Forwards one row of 3 features from a to c: the request as it leaves
+    /// a, and a's pending forward (answered through `on_answer`).
+    async fn forward_one(
+        edge: std::sync::Arc<joint::Joint>,
+    ) -> (pb::Forward, tokio::task::JoinHandle<Result<(Vec<f32>, joint::CloudVersion), String>>) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let pending =
+            tokio::spawn(async move { edge.forward("a", Some(tx), "triage", &route(), &[0.5, 1.0, 2.0], 3, 2).await });
+        let Some(pb::PartyMessage { body: Some(pb::party_message::Body::Forward(f)) }) = rx.recv().await else {
+            panic!("no forward")
+        };
+        (f, pending)
+    }
+
+    fn version() -> joint::CloudVersion {
+        joint::CloudVersion {
+            party: "c".into(),
+            service: "triage".into(),
+            sequence: 1,
+            job_id: "j".into(),
+            round: 1,
+            sha256: "00".into(),
+        }
+    }
+
+    /// The cloud answers only what its named sender signed: a request the
+    /// coordinator seals to the cloud's (public) key under a party's name,
+    /// or a signed one moved to another request id, is refused; with
+    /// `accept_from`, a signed request of a party not listed is too. The
+    /// answer's probabilities travel at a fixed width.
+    #[tokio::test]
+    async fn the_cloud_answers_only_requests_their_named_sender_signed() {
+        let f = fixture();
+        let (edge, cloud) = edge_and_cloud(&f, "");
+        let edge = std::sync::Arc::new(edge);
+        let (sent, pending) = forward_one(edge.clone()).await;
+        assert!(!sent.signature.is_empty() && !sent.certificate.is_empty());
+        // Delivered as the coordinator does: `peer` names the sender.
+        let request = pb::Forward { peer: "a".into(), ..sent };
+        // The coordinator's own request, sealed to c's key, under a's name
+        // and certificate, with no signature of a's.
+        let cloud_key: [u8; 32] = announcement(&f, &cloud).key.unwrap().public_key.try_into().unwrap();
+        let ctx = joint::context("a", "c", "triage", "triage", 77);
+        let mut plain = 3u32.to_le_bytes().to_vec();
+        plain.extend([0u8; 12]);
+        let (sealed, _) =
+            confide_crypto::sealed::seal_request(&cloud_key, &ctx, &plain, &mut rand_core::OsRng).unwrap();
+        let forged = pb::Forward {
+            request_id: 77,
+            ephemeral: sealed.ephemeral.to_vec(),
+            ciphertext: sealed.ciphertext,
+            signature: request.signature.clone(),
+            ..request.clone()
+        };
+        let e = cloud.open_request("c", &forged).map(|_| ()).unwrap_err();
+        assert!(e.contains("a request a did not sign"), "{e}");
+        let moved = pb::Forward { request_id: request.request_id + 1, ..request.clone() };
+        assert!(cloud.open_request("c", &moved).map(|_| ()).unwrap_err().contains("did not sign"));
+        let unsigned = pb::Forward { signature: Vec::new(), ..request.clone() };
+        assert!(cloud.open_request("c", &unsigned).map(|_| ()).unwrap_err().contains("did not sign"));
+        // Another party's certificate under a's name.
+        let c_cert = der(&std::fs::read(f.pki.party_cert("c")).unwrap());
+        let e =
+            cloud.open_request("c", &pb::Forward { certificate: c_cert, ..request.clone() }).map(|_| ()).unwrap_err();
+        assert!(e.contains("certificate for a"), "{e}");
+        // The real one opens, and its answer comes back at a fixed width.
+        let (rows, width, reply) = cloud.open_request("c", &request).unwrap();
+        assert_eq!((rows, width), (vec![0.5, 1.0, 2.0], 3));
+        let sealed = joint::Joint::seal_answer("c", &request, reply, 2, vec![0.25, 0.75], version()).unwrap();
+        let (_, _, reply) = cloud.open_request("c", &request).unwrap();
+        let other =
+            joint::Joint::seal_answer("c", &request, reply, 2, vec![0.123_456_79, 0.876_543_2], version()).unwrap();
+        assert_eq!(sealed.len(), other.len(), "the answer's length does not depend on the probabilities");
+        let answer = pb::ForwardAnswer {
+            request_id: request.request_id,
+            peer: "c".into(),
+            ciphertext: sealed,
+            error: String::new(),
+        };
+        edge.on_answer(answer).unwrap();
+        let (probabilities, got) = pending.await.unwrap().unwrap();
+        assert_eq!((probabilities, got), (vec![0.25, 0.75], version()));
+        // A cloud that answers only b refuses a's signed request.
+        let (_, only_b) = edge_and_cloud(&f, "accept_from = [\"b\"]\n");
+        let e = only_b.open_request("c", &request).map(|_| ()).unwrap_err();
+        assert!(e.contains("a is not in this party's [cloud] accept_from"), "{e}");
+        // At most MAX_FORWARDS_IN_FLIGHT are answered at once.
+        let slots: Vec<_> = (0..joint::MAX_FORWARDS_IN_FLIGHT).map(|_| cloud.forward_slot().unwrap()).collect();
+        assert!(cloud.forward_slot().is_none());
+        drop(slots);
+        assert!(cloud.forward_slot().is_some());
+    }
+
+    /// A replayed older announcement does not replace the key held, and a
+    /// cloud revoked after its key was taken is sent nothing more.
+    #[tokio::test]
+    async fn an_older_cloud_key_or_a_revoked_cloud_gets_no_request() {
+        let f = fixture();
+        let (edge, cloud) = edge_and_cloud(&f, "");
+        let mut older = announcement(&f, &cloud);
+        let key = older.key.as_mut().unwrap();
+        key.issued_at -= 10;
+        // Signed as c would have then (c's key, an earlier time).
+        use confide_crypto::secagg::protocol::IdentitySigner;
+        let c_id = IdentityKey::from_pem(&std::fs::read(f.pki.party_key("c")).unwrap()).unwrap();
+        let public: [u8; 32] = key.public_key.clone().try_into().unwrap();
+        key.signature =
+            c_id.sign(&confide_crypto::sealed::cloud_key_transcript("c", "triage", &public, key.issued_at)).unwrap();
+        let e = edge.on_cloud_key(&older).unwrap_err();
+        assert!(e.contains("not newer than the one held"), "{e}");
+        // Revoked after its key was taken.
+        let serial =
+            confide_crypto::revocation::certificate_serial(&der(&std::fs::read(f.pki.party_cert("c")).unwrap()))
+                .unwrap();
+        let list = f.pki.load_ca().unwrap().revoke(&Revocations::empty(), &serial).unwrap();
+        f.revocations.write().unwrap().update(list).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let e = edge.forward("a", Some(tx), "triage", &route(), &[0.5, 1.0, 2.0], 3, 2).await.unwrap_err();
+        assert!(e.contains("c's certificate no longer checks") && e.contains("revoked"), "{e}");
+        assert!(rx.try_recv().is_err(), "nothing sent");
+        let (tx, _rx) = tokio::sync::mpsc::channel(4);
+        let e = edge.forward("a", Some(tx), "triage", &route(), &[0.5, 1.0, 2.0], 3, 2).await.unwrap_err();
+        assert!(e.contains("no verified key of c"), "dropped: {e}");
     }
 
     #[test]
