@@ -491,6 +491,18 @@ mod tests {
         let private = moved(true);
         assert!(private <= 1.0 + 1e-5 && private > 0.99, "{private}");
         assert!(moved(false) > 100.0);
+
+        // A row at the features' mean (x = 0): only the bias has a gradient
+        // (norm |g|·√2 ≈ 0.7 at the zero model), which the clip's `+ 1`
+        // (the bias's share of the norm) must bound too: the step moves by
+        // C = 0.1 exactly, not 0.7.
+        let at_mean = Dataset { features: vec![0.0; 3], labels: vec![1], num_features: 3 };
+        let mut m = LogisticRegression::new(2, at_mean, Dataset::default(), 1, 0).unwrap();
+        let before = flat(&m.parameters().unwrap());
+        m.fit_private(&cfg, &DpSgdPlan { max_grad_norm: 0.1, ..plan(1e-6, 1.0, 1, 1) }).unwrap();
+        let after = flat(&m.parameters().unwrap());
+        let moved = before.iter().zip(&after).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        assert!((moved - 0.1).abs() < 1e-4, "{moved}");
     }
 
     /// The update a DP-SGD step releases carries the calibrated noise: one

@@ -442,5 +442,23 @@ mod tests {
         let mut dp = DpSgd::new(cfg(3)).unwrap();
         let t = dp.poisson_sample(n);
         assert!((t.len() as f64 - 10_000.0).abs() < 600.0, "{}", t.len());
+        // Poisson, not a fixed-size batch (shuffled or strided): over 4000
+        // steps of 200 rows at q = 0.1 the sample's size varies as
+        // Binomial(200, 0.1) (variance 18; a fixed size has 0), and every
+        // row is drawn about 400 times (sd 19).
+        let (rows, steps) = (200, 4000);
+        let mut drawn = vec![0u32; rows];
+        let sizes: Vec<f64> = (0..steps)
+            .map(|_| {
+                let s = dp.poisson_sample(rows);
+                s.iter().for_each(|&i| drawn[i] += 1);
+                s.len() as f64
+            })
+            .collect();
+        let mean = sizes.iter().sum::<f64>() / steps as f64;
+        let var = sizes.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (steps - 1) as f64;
+        // The sample variance's sd is about 0.4 here: 14..22 is ±10 sd.
+        assert!((mean - 20.0).abs() < 0.6 && (14.0..22.0).contains(&var), "mean {mean}, variance {var}");
+        assert!(drawn.iter().all(|&c| (286..=514).contains(&c)), "{drawn:?}");
     }
 }
