@@ -620,6 +620,11 @@ async fn pump_down(
                     Some(Err(status)) => break 'pump (vec![msg], Some(status)),
                 },
                 () = &mut stalled => {
+                    // The message read ahead is noted too (a job's close
+                    // in it clears the relay's state of that job).
+                    if let Some(n) = &next {
+                        note_down(&shared, &party, n);
+                    }
                     let why = format!("the party took nothing off its full queue for {} s", timing.stall.as_secs());
                     break 'pump (std::iter::once(msg).chain(next.take()).collect(), Some(Status::resource_exhausted(why)));
                 }
@@ -630,7 +635,7 @@ async fn pump_down(
     drop(upstream);
     match &end {
         None => info!(party = %party, "the coordinator closed the party's stream"),
-        Some(status) => warn!(party = %party, "coordinator stream failed: {}", status.message()),
+        Some(status) => warn!(party = %party, "ending the party's stream: {}", status.message()),
     }
     {
         let mut members = lock(&shared.members);
@@ -863,6 +868,8 @@ mod tests {
 
         let cut = Cut::default();
         let (reads, mut queue, mut closed, dropped) = down(&cut);
+        // (A long grace: the reader has all the time it needs to see the end.)
+        let timing = ShutTiming { grace: Duration::from_secs(30), ..timing };
         let pump = tokio::spawn(pump_down(shared, "hospital-b".into(), upstream(40), reads, timing));
         let mut got = 0;
         while let Some(m) = queue.recv().await {

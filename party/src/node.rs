@@ -754,11 +754,33 @@ impl PartyNode {
                 }
                 coordinator_message::Body::Forwarded(f) => {
                     if let Some(registry) = self.serving.get() {
-                        let (registry, outbox) = (registry.clone(), outbox.clone());
-                        tokio::spawn(async move {
-                            let answer = registry.on_forwarded(f).await;
-                            outbox.send(party_message::Body::ForwardAnswer(answer)).await;
-                        });
+                        // A slot for the whole answer, its sending included:
+                        // a coordinator that floods requests and reads no
+                        // answers holds at most MAX_FORWARDS_IN_FLIGHT here
+                        // (and a busy refusal waits on the stream, as any
+                        // message does).
+                        match registry.forward_slot() {
+                            Some(slot) => {
+                                let (registry, outbox) = (registry.clone(), outbox.clone());
+                                tokio::spawn(async move {
+                                    let answer = registry.on_forwarded(f).await;
+                                    outbox.send(party_message::Body::ForwardAnswer(answer)).await;
+                                    drop(slot);
+                                });
+                            }
+                            None => {
+                                let answer = pb::ForwardAnswer {
+                                    request_id: f.request_id,
+                                    peer: f.peer,
+                                    ciphertext: Vec::new(),
+                                    error: format!(
+                                        "busy: {} forwarded requests are being answered",
+                                        crate::serving::joint::MAX_FORWARDS_IN_FLIGHT
+                                    ),
+                                };
+                                outbox.send(party_message::Body::ForwardAnswer(answer)).await;
+                            }
+                        }
                     } else {
                         let answer = pb::ForwardAnswer {
                             request_id: f.request_id,

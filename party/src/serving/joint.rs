@@ -46,9 +46,13 @@ struct PeerKey {
     certificate_sha256: String,
 }
 
-/// Forwarded requests a cloud party answers at once; more are refused as
-/// busy (each holds up to a message's bytes and a prediction).
+/// Forwarded requests a cloud party answers at once, their answers' sending
+/// included; more are refused as busy (each holds up to a message's bytes
+/// and a prediction).
 pub const MAX_FORWARDS_IN_FLIGHT: usize = 16;
+
+/// How far past this party's clock a cloud key's making time may be.
+const MAX_KEY_CLOCK_SKEW_SECS: u64 = 3600;
 
 struct Pending {
     cloud: String,
@@ -129,8 +133,10 @@ pub struct Joint {
     peers: RwLock<HashMap<(String, String), PeerKey>>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
-    /// `[cloud] services` and their key pairs.
-    secrets: BTreeMap<String, CloudSecret>,
+    /// `[cloud] services`, their key pairs and when each was made (its
+    /// file's modification time, Unix seconds): what its announcements say,
+    /// so that an edge can tell a replaced key from its replacement.
+    secrets: BTreeMap<String, (CloudSecret, u64)>,
     /// `[cloud] accept_from`: the edge parties answered (empty: any).
     accept_from: Vec<String>,
     /// This party's certificate key: signs its cloud keys and its
@@ -151,10 +157,21 @@ fn sha256_hex(bytes: &[u8]) -> String {
     super::sha256_hex(bytes)
 }
 
-/// Loads (or makes, mode 0600) the key pair of cloud service `service` in `dir`.
-fn cloud_secret(dir: &Path, service: &str) -> Result<CloudSecret, String> {
+/// Loads (or makes, mode 0600) the key pair of cloud service `service` in
+/// `dir`, with when it was made.
+fn cloud_secret(dir: &Path, service: &str) -> Result<(CloudSecret, u64), String> {
     let path = dir.join(format!("cloud-{service}.key"));
-    match std::fs::read(&path) {
+    let secret = load_or_make_cloud_secret(&path)?;
+    let made = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok((secret, made))
+}
+
+fn load_or_make_cloud_secret(path: &Path) -> Result<CloudSecret, String> {
+    match std::fs::read(path) {
         Ok(bytes) => {
             let arr: [u8; 32] =
                 bytes.as_slice().try_into().map_err(|_| format!("{}: not a 32-byte key", path.display()))?;
@@ -170,7 +187,7 @@ fn cloud_secret(dir: &Path, service: &str) -> Result<CloudSecret, String> {
                 opts.mode(0o600);
             }
             use std::io::Write;
-            let mut f = opts.open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut f = opts.open(path).map_err(|e| format!("{}: {e}", path.display()))?;
             f.write_all(secret.to_bytes().as_slice())
                 .and_then(|_| f.sync_all())
                 .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -223,15 +240,14 @@ impl Joint {
     /// This party's signed cloud keys, to announce on each connection.
     pub fn announcements(&self, me: &str) -> Vec<pb::CloudKey> {
         let Some(id) = &self.identity else { return Vec::new() };
-        let now = crate::audit::unix_now_ms() / 1000;
         self.secrets
             .iter()
-            .filter_map(|(service, s)| {
-                let signature = s.sign(id, me, service, now).ok()?;
+            .filter_map(|(service, (s, made))| {
+                let signature = s.sign(id, me, service, *made).ok()?;
                 Some(pb::CloudKey {
                     service: service.clone(),
                     public_key: s.public().to_vec(),
-                    issued_at: now,
+                    issued_at: *made,
                     signature,
                 })
             })
@@ -256,13 +272,22 @@ impl Joint {
             certificate: a.certificate.clone(),
             certificate_sha256: sha256_hex(&a.certificate),
         };
+        // A key made far in this party's future cannot be told from one
+        // kept to outlast its replacements.
+        let now = crate::audit::unix_now_ms() / 1000;
+        if key.issued_at > now + MAX_KEY_CLOCK_SKEW_SECS {
+            return Err(format!(
+                "cloud key of {} for {} made at {}, over an hour after this party's clock ({now})",
+                a.party, key.service, key.issued_at
+            ));
+        }
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
         if let Some(held) = peers.get(&(a.party.clone(), key.service.clone()))
-            && (key.issued_at < held.issued_at || (key.issued_at == held.issued_at && public != held.public))
+            && key.issued_at < held.issued_at
         {
             return Err(format!(
-                "cloud key of {} for {} issued at {}: not newer than the one held (issued at {}); a replay is \
-                 not taken",
+                "cloud key of {} for {} made at {}: older than the one held (made at {}); a replaced key is not \
+                 taken back",
                 a.party, key.service, key.issued_at, held.issued_at
             ));
         }
@@ -304,7 +329,13 @@ impl Joint {
         let mut verifier =
             CertVerifier::with_revocations(&self.ca_pem, self.revocations.clone()).map_err(|e| e.to_string())?;
         if let Err(e) = verifier.add_peer(&j.cloud, &peer.certificate) {
-            self.peers.write().unwrap_or_else(|p| p.into_inner()).remove(&(j.cloud.clone(), j.cloud_service.clone()));
+            // Unless a newer key (another certificate) came meanwhile.
+            let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+            let key = (j.cloud.clone(), j.cloud_service.clone());
+            if peers.get(&key).is_some_and(|held| held.certificate == peer.certificate) {
+                peers.remove(&key);
+            }
+            drop(peers);
             return Err(format!("{}'s certificate no longer checks ({e}); its key is dropped", j.cloud));
         }
         let identity = self.identity.as_ref().ok_or("no certificate key to sign forwarded requests with")?;
@@ -411,7 +442,7 @@ impl Joint {
         me: &str,
         f: &pb::Forward,
     ) -> Result<(Vec<f32>, usize, confide_crypto::sealed::ReplyKey), String> {
-        let secret = self
+        let (secret, _) = self
             .secrets
             .get(&f.cloud_service)
             .ok_or_else(|| format!("{} is not one of this party's [cloud] services", f.cloud_service))?;

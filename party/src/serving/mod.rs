@@ -518,15 +518,18 @@ impl Registry {
         self.joint.on_answer(a)
     }
 
+    /// Cloud side: a slot to answer one forwarded request in, held until
+    /// its answer is sent; `None` when [`joint::MAX_FORWARDS_IN_FLIGHT`]
+    /// are being answered.
+    pub fn forward_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.joint.forward_slot()
+    }
+
     /// Cloud side: answers an edge party's forwarded request with the cloud
-    /// service's current version.
+    /// service's current version (in a [`Registry::forward_slot`]).
     pub async fn on_forwarded(&self, f: pb::Forward) -> pb::ForwardAnswer {
         let me = self.me.read().unwrap_or_else(|p| p.into_inner()).clone();
         let answer = async {
-            // Held until the answer is sealed.
-            let _slot = self.joint.forward_slot().ok_or_else(|| {
-                format!("busy: {} forwarded requests are being answered", joint::MAX_FORWARDS_IN_FLIGHT)
-            })?;
             let (rows, width, reply) = self.joint.open_request(&me, &f)?;
             let count = rows.len() / width;
             let p = self.predict(&f.cloud_service, rows, count, width).await.map_err(|e| e.to_string())?;
@@ -1153,9 +1156,16 @@ mod tests {
         assert!(cloud.open_request("c", &unsigned).map(|_| ()).unwrap_err().contains("did not sign"));
         // Another party's certificate under a's name.
         let c_cert = der(&std::fs::read(f.pki.party_cert("c")).unwrap());
-        let e =
-            cloud.open_request("c", &pb::Forward { certificate: c_cert, ..request.clone() }).map(|_| ()).unwrap_err();
-        assert!(e.contains("certificate for a"), "{e}");
+        let e = cloud
+            .open_request("c", &pb::Forward { certificate: c_cert.clone(), ..request.clone() })
+            .map(|_| ())
+            .unwrap_err();
+        assert!(e.contains("certificate for a") && e.contains("names c"), "{e}");
+        // Or a's signed request handed on as another party's (c's name and
+        // certificate): the context changes, and the signature with it.
+        let rewritten = pb::Forward { peer: "c".into(), certificate: c_cert, ..request.clone() };
+        let e = cloud.open_request("c", &rewritten).map(|_| ()).unwrap_err();
+        assert!(e.contains("a request c did not sign"), "{e}");
         // The real one opens, and its answer comes back at a fixed width.
         let (rows, width, reply) = cloud.open_request("c", &request).unwrap();
         assert_eq!((rows, width), (vec![0.5, 1.0, 2.0], 3));
@@ -1184,23 +1194,41 @@ mod tests {
         assert!(cloud.forward_slot().is_some());
     }
 
-    /// A replayed older announcement does not replace the key held, and a
-    /// cloud revoked after its key was taken is sent nothing more.
+    /// A cloud key announced again is taken, and so is a newer one; an older
+    /// one (a replaced key, replayed) is not, nor one made over an hour in
+    /// this party's future; and a cloud revoked after its key was taken is
+    /// sent nothing more.
     #[tokio::test]
     async fn an_older_cloud_key_or_a_revoked_cloud_gets_no_request() {
+        use confide_crypto::secagg::protocol::IdentitySigner;
         let f = fixture();
         let (edge, cloud) = edge_and_cloud(&f, "");
-        let mut older = announcement(&f, &cloud);
-        let key = older.key.as_mut().unwrap();
-        key.issued_at -= 10;
-        // Signed as c would have then (c's key, an earlier time).
-        use confide_crypto::secagg::protocol::IdentitySigner;
         let c_id = IdentityKey::from_pem(&std::fs::read(f.pki.party_key("c")).unwrap()).unwrap();
-        let public: [u8; 32] = key.public_key.clone().try_into().unwrap();
-        key.signature =
-            c_id.sign(&confide_crypto::sealed::cloud_key_transcript("c", "triage", &public, key.issued_at)).unwrap();
-        let e = edge.on_cloud_key(&older).unwrap_err();
-        assert!(e.contains("not newer than the one held"), "{e}");
+        // c's announcement of `public` made at `made`, signed by c.
+        let signed = |public: [u8; 32], made: u64| {
+            let mut a = announcement(&f, &cloud);
+            let key = a.key.as_mut().unwrap();
+            key.public_key = public.to_vec();
+            key.issued_at = made;
+            key.signature =
+                c_id.sign(&confide_crypto::sealed::cloud_key_transcript("c", "triage", &public, made)).unwrap();
+            a
+        };
+        let held = announcement(&f, &cloud);
+        let made = held.key.as_ref().unwrap().issued_at;
+        edge.on_cloud_key(&held).unwrap();
+        // The same key, announced on each connection, carries its making time.
+        assert_eq!(announcement(&f, &cloud).key.unwrap().issued_at, made);
+        let newer = confide_crypto::sealed::CloudSecret::generate(&mut rand_core::OsRng).public();
+        edge.on_cloud_key(&signed(newer, made + 10)).unwrap();
+        let e = edge.on_cloud_key(&held).unwrap_err();
+        assert!(e.contains("older than the one held"), "{e}");
+        let now = crate::audit::unix_now_ms() / 1000;
+        let e = edge.on_cloud_key(&signed(newer, now + 2 * 3600)).unwrap_err();
+        assert!(e.contains("over an hour after this party's clock"), "{e}");
+        // Back to c's real key (made later than these), for what follows.
+        let real: [u8; 32] = held.key.as_ref().unwrap().public_key.clone().try_into().unwrap();
+        edge.on_cloud_key(&signed(real, made + 20)).unwrap();
         // Revoked after its key was taken.
         let serial =
             confide_crypto::revocation::certificate_serial(&der(&std::fs::read(f.pki.party_cert("c")).unwrap()))
