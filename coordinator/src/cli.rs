@@ -928,10 +928,17 @@ async fn service_history(
         .await
         .map_err(rpc_err)?
         .into_inner();
-    match reply.services.iter().find(|s| s.service == service) {
-        Some(s) => verified_history(pki, s),
-        None => Ok(Vec::new()),
-    }
+    let mut history = match reply.services.iter().find(|s| s.service == service) {
+        Some(s) => verified_history(pki, s)?,
+        None => Vec::new(),
+    };
+    // Newest first by the signed sequence, this service's alone: the
+    // coordinator's order and grouping are not trusted (the newest
+    // deployment decides the next sequence, a grant's cloud tier and what a
+    // rollback undoes).
+    history.retain(|d| d.record.service == service);
+    history.sort_by(|a, b| b.record.sequence.cmp(&a.record.sequence));
+    Ok(history)
 }
 
 /// The administrator's key, certificate and name (see [`admin_signer`]).
@@ -994,7 +1001,10 @@ async fn deploy(
     let (key, der, admin_name) = signer(&pki)?;
     let record = DeploymentRecord {
         service: service.to_owned(),
-        sequence: current.unwrap_or(0) + 1,
+        sequence: current
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| Error::InvalidInput(format!("service {service}: no sequence after {current:?}")))?,
         action: DeployAction::Deploy,
         job_id: job.to_owned(),
         round: version.round,

@@ -489,7 +489,10 @@ pub fn rollback_record(
         .ok_or_else(|| format!("service {}: deployment {target_seq} is missing from the history", current.service))?;
     Ok(DeploymentRecord {
         service: current.service.clone(),
-        sequence: current.sequence + 1,
+        sequence: current
+            .sequence
+            .checked_add(1)
+            .ok_or_else(|| format!("service {}: no sequence after {}", current.service, current.sequence))?,
         action: DeployAction::Rollback,
         job_id: target.job_id.clone(),
         round: target.round,

@@ -227,8 +227,27 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("part");
     let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // The rename is durable once the directory is.
+    confide_proto::durable::sync_parent(path, &mut |_| {})
 }
+
+/// The newest deployment a service has taken here (`high-water.json` in its
+/// directory): its sequence and the SHA-256 of its signed record. Kept
+/// apart from the deployment served, and never lowered, so that a kept
+/// deployment that no longer loads (its signer revoked since, its model
+/// file lost) does not let the coordinator replay an older one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HighWater {
+    sequence: u64,
+    record_sha256: String,
+}
+
+/// How far past the newest deployment taken a pipeline's deployment may
+/// go: the coordinator signs those, and one with a huge sequence would
+/// leave no room for the administrator's after it.
+pub const MAX_PIPELINE_SEQUENCE_STEP: u64 = 1024;
 
 impl Registry {
     /// The registry of `config`'s `[serve]` table, with each service's
@@ -300,6 +319,19 @@ impl Registry {
         self.store.join(service)
     }
 
+    /// `service`'s [`HighWater`]; an unreadable one is an error (no
+    /// deployment is taken until the hospital looks at it).
+    fn high_water(&self, service: &str) -> Result<Option<HighWater>, String> {
+        let path = self.dir(service).join("high-water.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                format!("{}: {e} (this party takes no deployment of {service} until it is fixed)", path.display())
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
     /// Loads `service`'s kept deployment, verified as if it had just arrived.
     fn load_kept(&self, service: &str) -> Result<Option<u64>, String> {
         let dir = self.dir(service);
@@ -366,20 +398,37 @@ impl Registry {
         }
         let held = svc.current();
         let held_seq = held.as_ref().map_or(0, |h| h.deployment.record.sequence);
-        if r.sequence < held_seq {
+        let high = self.high_water(&r.service)?;
+        let floor = held_seq.max(high.as_ref().map_or(0, |h| h.sequence));
+        if r.sequence < floor {
             return Err(format!(
-                "the coordinator sent deployment {} of service {}, older than the {held_seq} served here (a replay)",
+                "the coordinator sent deployment {} of service {}, older than the {floor} taken here (a replay)",
                 r.sequence, r.service
             ));
         }
-        if r.sequence == held_seq {
-            return match held {
-                Some(h) if h.deployment.bytes == d.bytes => Ok(None),
-                _ => Err(format!(
-                    "the coordinator sent another deployment {} of service {} than the one served here",
-                    r.sequence, r.service
-                )),
-            };
+        if r.sequence == floor && floor > 0 {
+            let taken_again =
+                high.as_ref().is_some_and(|h| h.sequence == floor && h.record_sha256 == sha256_hex(&d.bytes));
+            match &held {
+                Some(h) if h.deployment.record.sequence == floor && h.deployment.bytes == d.bytes => return Ok(None),
+                // The one taken before, not served now (its kept copy did
+                // not load): taken again.
+                None if taken_again => {}
+                Some(h) if h.deployment.record.sequence < floor && taken_again => {}
+                _ => {
+                    return Err(format!(
+                        "the coordinator sent another deployment {} of service {} than the one taken here",
+                        r.sequence, r.service
+                    ));
+                }
+            }
+        }
+        if d.grant.is_some() && r.sequence > floor.saturating_add(MAX_PIPELINE_SEQUENCE_STEP) {
+            return Err(format!(
+                "the coordinator sent a pipeline's deployment {} of service {}, more than {MAX_PIPELINE_SEQUENCE_STEP} \
+                 past the {floor} taken here",
+                r.sequence, r.service
+            ));
         }
         let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
         if pulls.get(&r.service).is_some_and(|p| p.deployment.record.sequence >= r.sequence) {
@@ -482,6 +531,12 @@ impl Registry {
             grant: d.grant.as_ref().map(|g| hex(&prost::Message::encode_to_vec(&g.to_pb()))),
         };
         let json = serde_json::to_vec_pretty(&kept).map_err(|e| e.to_string())?;
+        // The high-water mark first, and never lowered.
+        if self.high_water(&d.record.service)?.is_none_or(|h| h.sequence < d.record.sequence) {
+            let high = HighWater { sequence: d.record.sequence, record_sha256: sha256_hex(&d.bytes) };
+            let bytes = serde_json::to_vec(&high).map_err(|e| e.to_string())?;
+            write_atomically(&dir.join("high-water.json"), &bytes)?;
+        }
         write_atomically(&dir.join("deployment.json"), &json)?;
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
@@ -925,7 +980,7 @@ mod tests {
         deliver(&reg, &d2, &v2).unwrap();
         assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 2);
         let e = reg.offer(&d1).unwrap_err();
-        assert!(e.contains("older than the 2 served here"), "{e}");
+        assert!(e.contains("older than the 2 taken here"), "{e}");
         // A deployment of a service this party does not serve is ignored.
         let mut other = record(1, &v1, LOGREG);
         other.service = "billing".into();
@@ -940,11 +995,24 @@ mod tests {
         let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
         assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 2);
         assert!(reg.offer(&d1).unwrap_err().contains("a replay"));
-        // A tampered store is not served.
+        // A tampered store is not served; the replay is refused all the
+        // same (the high-water mark is kept apart), and the deployment
+        // taken before is taken again.
         let kept = f.config.serve_dir().join("triage").join(format!("model-{}.safetensors", sha256_hex(&v2)));
         std::fs::write(&kept, &v1).unwrap();
         let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
         assert!(reg.current("triage").is_err());
+        let e = reg.offer(&d1).unwrap_err();
+        assert!(e.contains("older than the 2 taken here"), "{e}");
+        assert!(reg.offer(&other1).is_err());
+        let other2 = admin_signed(&f, record(2, &v1, LOGREG));
+        assert!(reg.offer(&other2).unwrap_err().contains("another deployment 2"));
+        deliver(&reg, &d2, &v2).unwrap();
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 2);
+        // An unreadable mark takes nothing, naming the file.
+        std::fs::write(f.config.serve_dir().join("triage").join("high-water.json"), "{").unwrap();
+        let e = reg.offer(&admin_signed(&f, record(3, &v1, LOGREG))).unwrap_err();
+        assert!(e.contains("high-water.json") && e.contains("takes no deployment of triage"), "{e}");
         let _ = &f.dir;
     }
 
@@ -995,6 +1063,11 @@ mod tests {
         assert!(served.deployment.grant.is_some());
         let e = reg.offer(&by_pipeline(3, &v3, grant(now - 10))).unwrap_err();
         assert!(e.contains("grant that expired"), "{e}");
+        // Nor one that jumps far ahead (it would leave the administrator no
+        // sequence above it).
+        let e = reg.offer(&by_pipeline(2 + MAX_PIPELINE_SEQUENCE_STEP + 1, &v3, grant(now + 3600))).unwrap_err();
+        assert!(e.contains("more than 1024 past the 2 taken here"), "{e}");
+        assert!(reg.offer(&by_pipeline(2 + MAX_PIPELINE_SEQUENCE_STEP, &v3, grant(now + 3600))).unwrap().is_some());
         let _ = &f.dir;
     }
 
