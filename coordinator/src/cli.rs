@@ -937,7 +937,7 @@ async fn service_history(
     // deployment decides the next sequence, a grant's cloud tier and what a
     // rollback undoes).
     history.retain(|d| d.record.service == service);
-    history.sort_by(|a, b| b.record.sequence.cmp(&a.record.sequence));
+    history.sort_by_key(|d| std::cmp::Reverse(d.record.sequence));
     Ok(history)
 }
 
