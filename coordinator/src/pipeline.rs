@@ -202,6 +202,21 @@ impl Pipeline {
             // pipeline's architecture (an administrator may have deployed
             // another since).
             let deployed_model: Result<confide_algorithms::ModelConfig, _> = toml::from_str(&current.architecture);
+            // Nor does it put back a cloud tier an administrator has
+            // changed or removed since the grant (its deployments carry
+            // the grant's).
+            if current.joint != self.grant.grant.joint {
+                self.phase(
+                    &format!(
+                        "waiting: deployment {} of service {} has another cloud tier than the administrator's grant \
+                         names (grant the pipeline again to follow it)",
+                        current.sequence, self.inc.service
+                    ),
+                    false,
+                );
+                self.sleep(poll)?;
+                continue;
+            }
             if deployed_model.as_ref().ok() != Some(&self.spec.model) {
                 self.phase(
                     &format!(
