@@ -129,7 +129,13 @@ pub fn next_record(
     let current = history(hub.db(), service)?.into_iter().next();
     Ok(DeploymentRecord {
         service: service.to_owned(),
-        sequence: current.as_ref().map_or(1, |c| c.sequence + 1),
+        sequence: match &current {
+            None => 1,
+            Some(c) => c
+                .sequence
+                .checked_add(1)
+                .ok_or_else(|| Error::InvalidInput(format!("service {service}: no sequence after {}", c.sequence)))?,
+        },
         action: DeployAction::Deploy,
         job_id: job_id.to_owned(),
         round,

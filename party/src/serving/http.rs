@@ -115,12 +115,18 @@ pub fn parse_rows(body: &[u8], max_rows: usize) -> Result<(Vec<f32>, usize, usiz
         Value::Array(r) => r.len(),
         _ => return Err(bad("rows[0]: not an array of numbers".into())),
     };
-    let mut out = Vec::with_capacity(rows.len() * width);
+    // Every row's shape first: only then is the output sized, by values the
+    // body holds (a wide first row and short ones after it asked for
+    // rows × width floats up front, gigabytes from a 4 MiB body).
     for (i, row) in rows.iter().enumerate() {
         let Value::Array(row) = row else { return Err(bad(format!("rows[{i}]: not an array of numbers"))) };
         if row.len() != width {
             return Err(bad(format!("rows[{i}]: {} values, but rows[0] has {width}", row.len())));
         }
+    }
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for (i, row) in rows.iter().enumerate() {
+        let Value::Array(row) = row else { return Err(bad(format!("rows[{i}]: not an array of numbers"))) };
         for (j, x) in row.iter().enumerate() {
             match x.as_f64() {
                 Some(f) if f.is_finite() && f.abs() <= f64::from(f32::MAX) => out.push(f as f32),
@@ -193,6 +199,22 @@ async fn predict(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A wide first row followed by short ones is refused before anything
+    /// is sized by rows × width (2M values × 4096 rows was 34 GB asked for
+    /// at once, which aborts the process where it cannot be had).
+    #[test]
+    fn a_wide_first_row_is_refused_before_the_output_is_sized() {
+        let mut body = String::from("{\"rows\":[[");
+        body.push_str(&vec!["0"; 2_000_000].join(","));
+        body.push(']');
+        for _ in 0..4095 {
+            body.push_str(",[0]");
+        }
+        body.push_str("]}");
+        let e = parse_rows(body.as_bytes(), 4096).unwrap_err().to_string();
+        assert!(e.contains("rows[1]: 1 values, but rows[0] has 2000000"), "{e}");
+    }
 
     #[test]
     fn bad_bodies_are_named_by_the_path_of_the_first_bad_value() {

@@ -161,24 +161,35 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// `dir`, with when it was made.
 fn cloud_secret(dir: &Path, service: &str) -> Result<(CloudSecret, u64), String> {
     let path = dir.join(format!("cloud-{service}.key"));
-    let secret = load_or_make_cloud_secret(&path)?;
-    let made = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Ok((secret, made))
-}
-
-fn load_or_make_cloud_secret(path: &Path) -> Result<CloudSecret, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let arr: [u8; 32] =
-                bytes.as_slice().try_into().map_err(|_| format!("{}: not a 32-byte key", path.display()))?;
-            Ok(CloudSecret::from_bytes(arr))
+    let bad = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    match std::fs::read(&path) {
+        // The key, then when it was made (Unix seconds, little-endian):
+        // kept in the file, so that a copy or a restore from a backup does
+        // not change its age.
+        Ok(bytes) if bytes.len() == 40 => {
+            let bytes = zeroize::Zeroizing::new(bytes);
+            let mut key = zeroize::Zeroizing::new([0u8; 32]);
+            key.copy_from_slice(&bytes[..32]);
+            let mut made = [0u8; 8];
+            made.copy_from_slice(&bytes[32..]);
+            Ok((CloudSecret::from_bytes(*key), u64::from_le_bytes(made)))
         }
+        // A key file from before: its modification time.
+        Ok(bytes) if bytes.len() == 32 => {
+            let bytes = zeroize::Zeroizing::new(bytes);
+            let mut key = zeroize::Zeroizing::new([0u8; 32]);
+            key.copy_from_slice(&bytes);
+            let made = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map_err(|e| bad(&e))?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            Ok((CloudSecret::from_bytes(*key), made))
+        }
+        Ok(_) => Err(bad(&"not a cloud key (32 bytes of key and 8 of its making time)")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let secret = CloudSecret::generate(&mut rand_core::OsRng);
+            let made = crate::audit::unix_now_ms() / 1000;
             let mut opts = std::fs::OpenOptions::new();
             opts.write(true).create_new(true);
             #[cfg(unix)]
@@ -187,13 +198,13 @@ fn load_or_make_cloud_secret(path: &Path) -> Result<CloudSecret, String> {
                 opts.mode(0o600);
             }
             use std::io::Write;
-            let mut f = opts.open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            f.write_all(secret.to_bytes().as_slice())
-                .and_then(|_| f.sync_all())
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok(secret)
+            let mut contents = zeroize::Zeroizing::new(secret.to_bytes().to_vec());
+            contents.extend_from_slice(&made.to_le_bytes());
+            let mut f = opts.open(&path).map_err(|e| bad(&e))?;
+            f.write_all(&contents).and_then(|_| f.sync_all()).map_err(|e| bad(&e))?;
+            Ok((secret, made))
         }
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(e) => Err(bad(&e)),
     }
 }
 
@@ -283,11 +294,11 @@ impl Joint {
         }
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
         if let Some(held) = peers.get(&(a.party.clone(), key.service.clone()))
-            && key.issued_at < held.issued_at
+            && (key.issued_at < held.issued_at || (key.issued_at == held.issued_at && public != held.public))
         {
             return Err(format!(
-                "cloud key of {} for {} made at {}: older than the one held (made at {}); a replaced key is not \
-                 taken back",
+                "cloud key of {} for {} made at {}: not newer than the one held (made at {}); a replaced key is \
+                 not taken back",
                 a.party, key.service, key.issued_at, held.issued_at
             ));
         }

@@ -109,6 +109,10 @@ struct Service {
     name: String,
     current: RwLock<Option<Arc<Served>>>,
     worker: Mutex<Sender<WorkerMsg>>,
+    /// Held while a deployment is checked, kept and swapped in: two
+    /// installs at once could leave the store and the served version at
+    /// the older one (and its newer model file removed).
+    installing: Mutex<()>,
 }
 
 impl Service {
@@ -244,10 +248,10 @@ struct HighWater {
     record_sha256: String,
 }
 
-/// How far past the newest deployment taken a pipeline's deployment may
-/// go: the coordinator signs those, and one with a huge sequence would
-/// leave no room for the administrator's after it.
-pub const MAX_PIPELINE_SEQUENCE_STEP: u64 = 1024;
+/// The largest sequence a pipeline's deployment may carry: the coordinator
+/// signs those, and one near `u64::MAX` would leave the administrator no
+/// sequence above it (an administrator's deployment may go past it).
+pub const MAX_PIPELINE_SEQUENCE: u64 = 1 << 40;
 
 impl Registry {
     /// The registry of `config`'s `[serve]` table, with each service's
@@ -269,7 +273,12 @@ impl Registry {
                 .name(format!("serve-{name}"))
                 .spawn(move || worker(&service, rx, max_batch))
                 .map_err(|e| format!("starting the worker of service {name}: {e}"))?;
-            let svc = Service { name: name.clone(), current: RwLock::new(None), worker: Mutex::new(tx) };
+            let svc = Service {
+                name: name.clone(),
+                current: RwLock::new(None),
+                worker: Mutex::new(tx),
+                installing: Mutex::new(()),
+            };
             services.insert(name.clone(), Arc::new(svc));
         }
         let joint = joint::Joint::open(config, &store, ca_pem.clone(), revocations.clone())?;
@@ -342,6 +351,15 @@ impl Registry {
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
         let kept: StoredDeployment = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        // A store kept before the high-water mark existed gets one from its
+        // deployment (this party's own disk), before anything can fail.
+        if self.high_water(service)?.is_none()
+            && let Ok(r) = serde_json::from_str::<confide_proto::deploy::DeploymentRecord>(&kept.record)
+        {
+            let high = HighWater { sequence: r.sequence, record_sha256: sha256_hex(kept.record.as_bytes()) };
+            let bytes = serde_json::to_vec(&high).map_err(|e| e.to_string())?;
+            write_atomically(&dir.join("high-water.json"), &bytes)?;
+        }
         let msg = pb::ServiceDeployment {
             record: kept.record.into_bytes(),
             signature: unhex(&kept.signature).map_err(|e| format!("{}: signature: {e}", path.display()))?,
@@ -423,10 +441,10 @@ impl Registry {
                 }
             }
         }
-        if d.grant.is_some() && r.sequence > floor.saturating_add(MAX_PIPELINE_SEQUENCE_STEP) {
+        if d.grant.is_some() && r.sequence > MAX_PIPELINE_SEQUENCE {
             return Err(format!(
-                "the coordinator sent a pipeline's deployment {} of service {}, more than {MAX_PIPELINE_SEQUENCE_STEP} \
-                 past the {floor} taken here",
+                "the coordinator sent a pipeline's deployment {} of service {}, past the largest a pipeline may \
+                 use ({MAX_PIPELINE_SEQUENCE})",
                 r.sequence, r.service
             ));
         }
@@ -498,6 +516,7 @@ impl Registry {
             )
         })?;
         let width = params.get(confide_algorithms::trainer::INPUT_MEAN).map_or(0, |t| t.data.len());
+        let _installing = svc.installing.lock().unwrap_or_else(|p| p.into_inner());
         if r.sequence < svc.sequence() {
             return Err(format!("deployment {} of service {} arrived after a newer one", r.sequence, r.service));
         }
@@ -521,7 +540,9 @@ impl Registry {
     /// models: a crash leaves the previous deployment and its model intact.
     fn keep(&self, d: &SignedDeployment, bytes: &[u8]) -> Result<(), String> {
         let dir = self.dir(&d.record.service);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // Its entry in the store synced too: a lost directory would take the
+        // high-water mark with it.
+        confide_proto::durable::create_dirs(&dir, &mut |_| {})?;
         let model_name = format!("model-{}.safetensors", d.record.sha256);
         write_atomically(&dir.join(&model_name), bytes)?;
         let kept = StoredDeployment {
@@ -1010,9 +1031,18 @@ mod tests {
         deliver(&reg, &d2, &v2).unwrap();
         assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 2);
         // An unreadable mark takes nothing, naming the file.
-        std::fs::write(f.config.serve_dir().join("triage").join("high-water.json"), "{").unwrap();
+        let mark = f.config.serve_dir().join("triage").join("high-water.json");
+        std::fs::write(&mark, "{").unwrap();
         let e = reg.offer(&admin_signed(&f, record(3, &v1, LOGREG))).unwrap_err();
         assert!(e.contains("high-water.json") && e.contains("takes no deployment of triage"), "{e}");
+        // A store kept before the mark existed gets one from its deployment
+        // when it opens, even one that then does not load.
+        drop(reg);
+        std::fs::remove_file(&mark).unwrap();
+        std::fs::write(&kept, &v1).unwrap();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        assert!(reg.current("triage").is_err());
+        assert!(reg.offer(&d1).unwrap_err().contains("older than the 2 taken here"));
         let _ = &f.dir;
     }
 
@@ -1065,9 +1095,9 @@ mod tests {
         assert!(e.contains("grant that expired"), "{e}");
         // Nor one that jumps far ahead (it would leave the administrator no
         // sequence above it).
-        let e = reg.offer(&by_pipeline(2 + MAX_PIPELINE_SEQUENCE_STEP + 1, &v3, grant(now + 3600))).unwrap_err();
-        assert!(e.contains("more than 1024 past the 2 taken here"), "{e}");
-        assert!(reg.offer(&by_pipeline(2 + MAX_PIPELINE_SEQUENCE_STEP, &v3, grant(now + 3600))).unwrap().is_some());
+        let e = reg.offer(&by_pipeline(MAX_PIPELINE_SEQUENCE + 1, &v3, grant(now + 3600))).unwrap_err();
+        assert!(e.contains("past the largest a pipeline may use"), "{e}");
+        assert!(reg.offer(&by_pipeline(MAX_PIPELINE_SEQUENCE, &v3, grant(now + 3600))).unwrap().is_some());
         let _ = &f.dir;
     }
 
@@ -1295,7 +1325,12 @@ mod tests {
         let newer = confide_crypto::sealed::CloudSecret::generate(&mut rand_core::OsRng).public();
         edge.on_cloud_key(&signed(newer, made + 10)).unwrap();
         let e = edge.on_cloud_key(&held).unwrap_err();
-        assert!(e.contains("older than the one held"), "{e}");
+        assert!(e.contains("not newer than the one held"), "{e}");
+        // Another key at the same time is not taken either.
+        let other = confide_crypto::sealed::CloudSecret::generate(&mut rand_core::OsRng).public();
+        assert!(edge.on_cloud_key(&signed(other, made + 10)).unwrap_err().contains("not newer"));
+        // The same key again is.
+        edge.on_cloud_key(&signed(newer, made + 10)).unwrap();
         let now = crate::audit::unix_now_ms() / 1000;
         let e = edge.on_cloud_key(&signed(newer, now + 2 * 3600)).unwrap_err();
         assert!(e.contains("over an hour after this party's clock"), "{e}");
