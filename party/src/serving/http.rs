@@ -10,10 +10,25 @@
 //! Errors are JSON `{"error": "..."}` naming what is wrong: 400 for a body
 //! that is not the expected JSON (with the path of the first bad value), 404
 //! for a service not served here, 413 for a body or row count over the
-//! limits, 422 for a row of the wrong width, 503 before a first deployment.
+//! limits, 415 for a body not sent as `application/json`, 422 for a row of
+//! the wrong width, 503 before a first deployment.
+//!
+//! The endpoint holds at most [`MAX_CONNECTIONS`] connections (more wait
+//! to be accepted), closes one that moves no byte for [`IDLE_TIMEOUT`],
+//! and parses at most [`MAX_PARSING`] bodies at once (a parsed body takes
+//! several times its size). It sends no CORS headers, and a prediction
+//! must be sent as `application/json`, so a web page elsewhere cannot make
+//! a browser post one without a preflight the endpoint does not answer.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
@@ -25,6 +40,23 @@ use serde_json::{Value, json};
 
 use super::{Registry, RowSource, ServeError, Served};
 
+/// Connections the endpoint holds at once; more wait to be accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection that moves no byte either way for this long is closed: an
+/// idle keep-alive, a client that stopped sending its request, or one that
+/// does not read its answer.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bodies parsed at once (the rest wait): parsed JSON takes many times the
+/// bytes it came in.
+pub const MAX_PARSING: usize = 4;
+
+/// The endpoint's state: the registry, and the parsing slots.
+#[derive(Clone)]
+struct Endpoint {
+    registry: Arc<Registry>,
+    parsing: Arc<Semaphore>,
+}
+
 /// The endpoint's routes over `registry`.
 pub fn router(registry: Arc<Registry>) -> Router {
     let limit = registry.config().max_body_bytes;
@@ -32,22 +64,124 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/services/{name}/predict", post(predict))
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(registry)
+        .with_state(Endpoint { registry, parsing: Arc::new(Semaphore::new(MAX_PARSING)) })
 }
 
 /// Binds `addr` and serves the endpoint until the process ends; returns the
 /// bound address (useful with port 0).
 pub async fn serve(registry: Arc<Registry>, addr: SocketAddr) -> Result<SocketAddr, String> {
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("serve.listen {addr}: cannot bind: {e}"))?;
+    serve_with(registry, addr, MAX_CONNECTIONS, IDLE_TIMEOUT).await
+}
+
+/// [`serve`] with its connection limit and idle timeout (tests shorten them).
+pub(crate) async fn serve_with(
+    registry: Arc<Registry>,
+    addr: SocketAddr,
+    connections: usize,
+    idle: Duration,
+) -> Result<SocketAddr, String> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| format!("serve.listen {addr}: cannot bind: {e}"))?;
     let bound = listener.local_addr().map_err(|e| format!("serve.listen {addr}: {e}"))?;
     let app = router(registry);
+    let listener = Bounded { inner: listener, slots: Arc::new(Semaphore::new(connections)), idle };
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!("the prediction endpoint stopped: {e}");
         }
     });
     Ok(bound)
+}
+
+/// A listener that accepts a connection only with a free slot, and closes
+/// connections that stay idle ([`Idle`]).
+struct Bounded {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+    idle: Duration,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = Idle;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Idle, SocketAddr) {
+        // The semaphore is never closed.
+        let Ok(slot) = self.slots.clone().acquire_owned().await else { return std::future::pending().await };
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        (Idle::new(io, slot, self.idle), addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that fails once no byte has moved either way for `idle`;
+/// its slot is freed when it is dropped.
+struct Idle {
+    io: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Idle {
+    fn new(io: TcpStream, slot: OwnedSemaphorePermit, idle: Duration) -> Idle {
+        Idle { io, _slot: slot, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
+    }
+
+    /// Pending IO: an error once the deadline has passed.
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection moved no byte for the idle timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn moved(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
+    }
+}
+
+use std::future::Future as _;
+
+impl AsyncRead for Idle {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                self.moved();
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.pending(cx),
+        }
+    }
+}
+
+impl AsyncWrite for Idle {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.io).poll_write(cx, data) {
+            Poll::Ready(r) => {
+                self.moved();
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.pending(cx),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending => self.pending(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -76,7 +210,8 @@ fn version_json(s: &Served) -> Value {
     })
 }
 
-async fn healthz(State(registry): State<Arc<Registry>>) -> Response {
+async fn healthz(State(endpoint): State<Endpoint>) -> Response {
+    let registry = endpoint.registry;
     let services: serde_json::Map<String, Value> = registry
         .services()
         .into_iter()
@@ -138,10 +273,22 @@ pub fn parse_rows(body: &[u8], max_rows: usize) -> Result<(Vec<f32>, usize, usiz
 }
 
 async fn predict(
-    State(registry): State<Arc<Registry>>,
+    State(endpoint): State<Endpoint>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Response {
+    let registry = endpoint.registry;
+    // JSON only: a cross-origin post of another type (what a web page can
+    // send without a preflight) is refused before anything else.
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the body must be sent as Content-Type: application/json");
+    }
     let body = match body {
         Ok(b) => b,
         Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -157,7 +304,12 @@ async fn predict(
         Ok(s) => s,
         Err(e) => return error(status_of(&e), e.to_string()),
     };
-    let (rows, count, width) = match parse_rows(&body, registry.config().max_rows) {
+    let parsed = {
+        // The semaphore is never closed.
+        let _parsing = endpoint.parsing.acquire().await;
+        parse_rows(&body, registry.config().max_rows)
+    };
+    let (rows, count, width) = match parsed {
         Ok(r) => r,
         Err(e) => return error(status_of(&e), e.to_string()),
     };

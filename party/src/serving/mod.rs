@@ -864,6 +864,8 @@ mod tests {
     use confide_crypto::revocation::Revocations;
     use confide_proto::deploy::{DeployAction, DeploymentRecord};
 
+    use std::time::Duration;
+
     const LOGREG: &str = "kind = \"logistic_regression\"\nclasses = 2\n";
 
     struct Fixture {
@@ -1350,6 +1352,54 @@ mod tests {
         let (tx, _rx) = tokio::sync::mpsc::channel(4);
         let e = edge.forward("a", Some(tx), "triage", &route(), &[0.5, 1.0, 2.0], 3, 2).await.unwrap_err();
         assert!(e.contains("no verified key of c"), "dropped: {e}");
+    }
+
+    /// The endpoint refuses a prediction not sent as JSON (what a web page
+    /// elsewhere could post without a preflight), closes a connection that
+    /// moves no byte for its idle timeout, and holds at most its limit of
+    /// connections: another waits until one closes.
+    #[tokio::test]
+    async fn the_endpoint_bounds_its_connections_and_takes_json_only() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let f = fixture();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let idle = Duration::from_millis(300);
+        let addr = http::serve_with(reg, "127.0.0.1:0".parse().unwrap(), 2, idle).await.unwrap();
+        let request = |content_type: &str| {
+            format!(
+                "POST /v1/services/triage/predict HTTP/1.1\r\nhost: x\r\ncontent-type: {content_type}\r\n\
+                 content-length: 2\r\n\r\n{{}}"
+            )
+        };
+        let answer = |mut c: tokio::net::TcpStream| async move {
+            let mut buf = vec![0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("an answer").unwrap();
+            (String::from_utf8_lossy(&buf[..n]).into_owned(), c)
+        };
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(request("text/plain").as_bytes()).await.unwrap();
+        let (text, c) = answer(c).await;
+        assert!(text.starts_with("HTTP/1.1 415") && text.contains("application/json"), "{text}");
+        drop(c);
+        // JSON gets past that check (503: nothing deployed yet).
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(request("application/json; charset=utf-8").as_bytes()).await.unwrap();
+        let (text, _keep) = answer(c).await;
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        // Two connections held (one kept alive above, one silent): a third
+        // is not served until the idle timeout frees one.
+        let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        third.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let (text, _) = answer(third).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(started.elapsed() >= idle / 2, "served only once an idle connection was closed");
+        // The silent one was closed by the server.
+        let mut silent = silent;
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await.expect("closed");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     }
 
     #[test]
