@@ -216,11 +216,31 @@ fn violation(what: impl Into<String>) -> Error {
     Error::ProtocolViolation(what.into())
 }
 
+/// Metric names the coordinator writes itself into a round's record (its
+/// timings, the privacy spent, counts): a party's result may not carry
+/// them, nor any `stage_…` name, which would overwrite the real figures
+/// (a fake ε in a job without DP) or add a metrics series per name.
+pub const RESERVED_METRICS: &[&str] = &[
+    "round_ms",
+    "coordinator_ms",
+    "process_cpu_ms",
+    "epsilon",
+    "record_epsilon",
+    "delta",
+    "dp_clip",
+    "train_examples",
+    "train_ms_max",
+    "num_examples",
+];
+
 fn metrics_from(m: std::collections::HashMap<String, f64>) -> Result<Metrics, Error> {
     if m.len() > MAX_METRICS || m.keys().any(|k| k.is_empty() || k.len() > MAX_METRIC_NAME) {
         return Err(Error::LimitExceeded(format!(
             "at most {MAX_METRICS} metrics with names of 1 to {MAX_METRIC_NAME} bytes"
         )));
+    }
+    if let Some(k) = m.keys().find(|k| k.starts_with("stage_") || RESERVED_METRICS.contains(&k.as_str())) {
+        return Err(violation(format!("metric {k:?}: a name the coordinator keeps for its own figures")));
     }
     Ok(m.into_iter().collect())
 }
@@ -559,6 +579,19 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(TaskResult::try_from((r, None)), Err(Error::LimitExceeded(_))));
+        // Names the coordinator writes itself are not a party's to send.
+        for name in ["epsilon", "stage_fit_ms", "stage_anything", "round_ms", "num_examples"] {
+            let r = pb::TaskResult {
+                body: Some(pb::task_result::Body::Evaluate(pb::EvaluateResult {
+                    num_examples: 1,
+                    loss: 0.0,
+                    metrics: [(name.to_string(), 1.0), ("accuracy".to_string(), 0.5)].into(),
+                })),
+                ..Default::default()
+            };
+            let e = TaskResult::try_from((r, None)).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains("keeps for its own figures"), "{e}");
+        }
         assert_eq!(
             Stage::Aggregation(StageName::new("secagg-masked-input")).metric_name(),
             "stage_secagg_masked_input_ms"
