@@ -482,7 +482,10 @@ impl DpSgdPlan {
 pub struct FitOutcome {
     /// Training examples used; the aggregation weight.
     pub num_examples: u64,
-    /// Local training metrics (e.g. `train_loss`).
+    /// Local training metrics (e.g. `train_loss`). Not `stage_…` names nor
+    /// the coordinator's own (`epsilon`, `round_ms`, `num_examples`, …:
+    /// `confide_proto::messages::RESERVED_METRICS`): a result carrying one
+    /// is refused as malformed.
     pub metrics: Metrics,
 }
 
@@ -493,7 +496,8 @@ pub struct EvalOutcome {
     pub num_examples: u64,
     /// Mean loss over those examples.
     pub loss: f64,
-    /// Further metrics (e.g. `accuracy`).
+    /// Further metrics (e.g. `accuracy`); the names [`FitOutcome::metrics`]
+    /// may not use, neither.
     pub metrics: Metrics,
 }
 

@@ -15,10 +15,12 @@
 //!
 //! The endpoint holds at most [`MAX_CONNECTIONS`] connections (more wait
 //! to be accepted), closes one that moves no byte for [`IDLE_TIMEOUT`],
-//! and parses at most [`MAX_PARSING`] bodies at once (a parsed body takes
-//! several times its size). It sends no CORS headers, and a prediction
-//! must be sent as `application/json`, so a web page elsewhere cannot make
-//! a browser post one without a preflight the endpoint does not answer.
+//! and parses at most [`MAX_PARSING`] bodies at once, on blocking threads
+//! (a parsed body takes several times its size). It sends no CORS headers,
+//! and a prediction must be sent as `application/json`, so a web page of
+//! another origin cannot make a browser post one without a preflight the
+//! endpoint does not answer (a page that rebinds its own name to the
+//! endpoint's address is of the same origin: keep the endpoint internal).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -44,8 +46,10 @@ use super::{Registry, RowSource, ServeError, Served};
 pub const MAX_CONNECTIONS: usize = 64;
 /// A connection that moves no byte either way for this long is closed: an
 /// idle keep-alive, a client that stopped sending its request, or one that
-/// does not read its answer.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// does not read its answer. Longer than a request can take to answer
+/// (hyper keeps reading while it runs): the longest cloud wait a deployment
+/// may set is 60 s (`joint.timeout_ms`).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bodies parsed at once (the rest wait): parsed JSON takes many times the
 /// bytes it came in.
 pub const MAX_PARSING: usize = 4;
@@ -304,10 +308,20 @@ async fn predict(
         Ok(s) => s,
         Err(e) => return error(status_of(&e), e.to_string()),
     };
-    let parsed = {
+    // Off the async threads, a few at a time.
+    let parsed = match endpoint.parsing.clone().acquire_owned().await {
+        Ok(slot) => {
+            let max_rows = registry.config().max_rows;
+            tokio::task::spawn_blocking(move || {
+                let parsed = parse_rows(&body, max_rows);
+                drop(slot);
+                parsed
+            })
+            .await
+            .unwrap_or_else(|e| Err(ServeError::Failed(format!("parsing the body: {e}"))))
+        }
         // The semaphore is never closed.
-        let _parsing = endpoint.parsing.acquire().await;
-        parse_rows(&body, registry.config().max_rows)
+        Err(_) => Err(ServeError::Failed("the endpoint is shutting down".into())),
     };
     let (rows, count, width) = match parsed {
         Ok(r) => r,

@@ -198,7 +198,9 @@ fn cloud_secret(dir: &Path, service: &str) -> Result<(CloudSecret, u64), String>
                 opts.mode(0o600);
             }
             use std::io::Write;
-            let mut contents = zeroize::Zeroizing::new(secret.to_bytes().to_vec());
+            // Sized once: no reallocation leaves an unwiped copy of the key.
+            let mut contents = zeroize::Zeroizing::new(Vec::with_capacity(40));
+            contents.extend_from_slice(secret.to_bytes().as_slice());
             contents.extend_from_slice(&made.to_le_bytes());
             let mut f = opts.open(&path).map_err(|e| bad(&e))?;
             f.write_all(&contents).and_then(|_| f.sync_all()).map_err(|e| bad(&e))?;
@@ -377,6 +379,15 @@ impl Joint {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(request_id, Pending { cloud: j.cloud.clone(), reply: tx });
+        // Taken out however this ends, a dropped request (its client gone)
+        // included.
+        struct Unpend<'a>(&'a Mutex<HashMap<u64, Pending>>, u64);
+        impl Drop for Unpend<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+            }
+        }
+        let unpend = Unpend(&self.pending, request_id);
         let msg = pb::Forward {
             request_id,
             peer: j.cloud.clone(),
@@ -399,7 +410,7 @@ impl Joint {
             }
         }
         .await;
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request_id);
+        drop(unpend);
         let ciphertext = outcome?;
         let answer = reply_key.open(&ctx, &ciphertext).map_err(|e| format!("the cloud's answer: {e}"))?;
         let answer: CloudAnswer =
