@@ -774,6 +774,21 @@ impl Client {
                 format!("{live} of this party's neighbours survived; the threshold is {}", self.cfg.threshold),
             ));
         }
+        // Every neighbour in the set is one this party masked with. A
+        // survivor whose shares were kept from this party (so that it did
+        // not mask with it, while that survivor masked with this party)
+        // would let the coordinator unmask this party's input in a sum that
+        // leaves the survivor out: a smaller sum than the set it signs.
+        if let Some(n) =
+            self.neighbours.iter().find(|n| survivors.binary_search(n).is_ok() && !self.held.contains_key(*n))
+        {
+            return Err(misbehaved(
+                "coordinator",
+                format!(
+                    "put {n} in the survivor set, whose shares it never relayed to this party (which did not mask with {n})"
+                ),
+            ));
+        }
         let signature = signer.sign(&self.cfg.survivors_transcript(survivors))?;
         self.signed = Some(survivors.to_vec());
         self.stage = ClientStage::AwaitUnmask;
