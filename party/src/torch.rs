@@ -1882,6 +1882,17 @@ mod tests {
             let rows = t.train.len();
             for target in [0usize, 17, rows - 1] {
                 let alone = t.clipped_gradient_sum(&[target], &|_| 1.0).unwrap();
+                // The norm the clip is given is the norm of the gradient the
+                // sum takes (to f64 rounding: the clip's slack is 2·10⁻⁵ of
+                // it), and a clipped contribution is within the bound.
+                let what = format!("{:?}, row {target}", model.kind());
+                let own = alone.0.iter().map(|v| v * v).sum::<f64>().sqrt();
+                assert!((own - alone.1[0]).abs() <= 1e-9 * own.max(1e-30), "{what}: {own} vs {}", alone.1[0]);
+                let bound = alone.1[0] / 2.0;
+                let clip = |n: f64| if n > bound { bound / n } else { 1.0 };
+                let clipped = t.clipped_gradient_sum(&[target], &clip).unwrap().0;
+                let norm = clipped.iter().map(|v| v * v).sum::<f64>().sqrt();
+                assert!(norm <= bound * (1.0 + 1e-9) && norm >= bound * (1.0 - 1e-9), "{what}: {norm} vs {bound}");
                 for (size, at) in [(2usize, 0usize), (2, 1), (7, 3), (16, 15), (33, 8), (64, 0), (300, 151)] {
                     // Other rows around the target, from a stride that
                     // differs per batch so the neighbours differ too.
