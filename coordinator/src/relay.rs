@@ -36,7 +36,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::Error;
-use crate::server::{BoxStream, CLOSE_GRACE, CUT_AFTER, Closable, MAX_STREAMS_PER_CONNECTION};
+use crate::server::{BoxStream, CLOSE_GRACE, CUT_AFTER, Closable, MAX_STREAMS_PER_CONNECTION, cut_once_unused};
 use crate::server::{RELAYED_CERT, RELAYED_NONCE, RELAYED_SIGNATURE, RELAYED_TIME};
 use crate::tls::{self, Admission, Cut, connection_of, peer_certificate, peer_of};
 
@@ -695,19 +695,10 @@ async fn end_down(
         return;
     }
     let _ = close.send(ahead);
-    let mut spared = false;
-    while tokio::time::timeout(timing.cut_after, &mut ended).await.is_err() {
-        if lock(&shared.members).values().any(|m| m.conn != conn && m.cut.same(&cut)) {
-            if !spared {
-                warn!(party = %party, "a closed stream has not ended; its connection carries a current one");
-                spared = true;
-            }
-            continue;
-        }
-        warn!(party = %party, "the party does not read its closed stream; cutting its connection");
-        cut.cut();
-        return;
-    }
+    cut_once_unused(party, &mut ended, &cut, timing.cut_after, || {
+        lock(&shared.members).values().any(|m| m.conn != conn && m.cut.same(&cut))
+    })
+    .await;
 }
 
 /// Party → coordinator: whole results (reassembled), uploads of `he` jobs

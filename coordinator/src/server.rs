@@ -174,6 +174,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Hub {
+    /// A hub with no stream, job or key yet: `store` is the limits, the
+    /// models' directory and how many versions it keeps.
+    fn new(
+        db: Db,
+        pki: PkiDir,
+        revocations: SharedRevocations,
+        store: (Limits, PathBuf, ModelRetention),
+        plugins: Plugins,
+    ) -> Result<Hub, Error> {
+        let (limits, models_dir, retention) = store;
+        Ok(Hub {
+            db,
+            pki,
+            revocations,
+            limits,
+            models_dir,
+            retention,
+            parties: Parties::default(),
+            delegations: Mutex::default(),
+            serving: Mutex::default(),
+            cloud_keys: Mutex::default(),
+            joint_routes: Mutex::default(),
+            jobs: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            plugins,
+            metrics: CoordinatorMetrics::new().map_err(|e| Error::Io(format!("metrics: {e}")))?,
+        })
+    }
+
     /// The coordinator's Prometheus metrics.
     pub fn metrics(&self) -> &CoordinatorMetrics {
         &self.metrics
@@ -469,23 +498,8 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
             .map(|v| Box::new(v) as Box<dyn confide_crypto::aggregation::PeerVerifier>)
             .map_err(|e| e.to_string())
     });
-    let hub = Arc::new(Hub {
-        db,
-        pki: pki.clone(),
-        revocations: revocations.clone(),
-        limits: config.limits,
-        models_dir,
-        retention: config.models,
-        parties: Parties::default(),
-        delegations: Mutex::default(),
-        serving: Mutex::default(),
-        cloud_keys: Mutex::default(),
-        joint_routes: Mutex::default(),
-        jobs: Mutex::new(HashMap::new()),
-        next_id: AtomicU64::new(1),
-        plugins,
-        metrics: CoordinatorMetrics::new().map_err(|e| Error::Io(format!("metrics: {e}")))?,
-    });
+    let hub =
+        Arc::new(Hub::new(db, pki.clone(), revocations.clone(), (config.limits, models_dir, config.models), plugins)?);
     for job in hub.db.unfinished_jobs()? {
         let file = format!("job {}", job.id);
         let spec = match JobSpec::parse_with(&job.spec_toml, &file, &hub.limits, hub.plugins.protocols()) {
@@ -749,20 +763,38 @@ fn shut(conn: PartyConn, party: String, status: Status, closing: Closing, partie
             return;
         }
         let _ = close.send(status);
-        let mut spared = false;
-        while tokio::time::timeout(timing.cut_after, &mut ended).await.is_err() {
-            if lock(&parties).values().any(|c| c.cut.same(&cut)) {
-                if !spared {
-                    warn!(party = %party, "a closed stream has not ended; its connection carries a current one");
-                    spared = true;
-                }
-                continue;
-            }
-            warn!(party = %party, "the party does not read its closed stream; cutting its connection");
-            cut.cut();
-            return;
-        }
+        cut_once_unused(&party, &mut ended, &cut, timing.cut_after, || {
+            lock(&parties).values().any(|c| c.cut.same(&cut))
+        })
+        .await;
     });
+}
+
+/// The last step of ending a stream whose close went ahead of its queue
+/// (the coordinator's [`shut`], the relay's own): waits `every` for the
+/// stream to end (`ended` resolves), and if it has not, cuts its
+/// connection, unless `in_use` says a current stream uses that connection
+/// (a reconnect on it), in which case it waits and checks again.
+pub(crate) async fn cut_once_unused(
+    party: &str,
+    ended: &mut oneshot::Receiver<()>,
+    cut: &Cut,
+    every: Duration,
+    in_use: impl Fn() -> bool,
+) {
+    let mut spared = false;
+    while tokio::time::timeout(every, &mut *ended).await.is_err() {
+        if in_use() {
+            if !spared {
+                warn!(party = %party, "a closed stream has not ended; its connection carries a current one");
+                spared = true;
+            }
+            continue;
+        }
+        warn!(party = %party, "the party does not read its closed stream; cutting its connection");
+        cut.cut();
+        return;
+    }
 }
 
 /// How long [`shut`] waits at each step.
@@ -1819,23 +1851,14 @@ mod tests {
 
     /// A hub with nothing connected and no job, over a fresh database.
     fn bare_hub(dir: &Path) -> Hub {
-        Hub {
-            db: Db::open(&dir.join("confide.db")).unwrap(),
-            pki: PkiDir::new(dir.join("pki")),
-            revocations: Arc::new(RwLock::new(Revocations::empty())),
-            limits: Limits::default(),
-            models_dir: dir.join("models"),
-            retention: ModelRetention::default(),
-            parties: Parties::default(),
-            delegations: Mutex::default(),
-            serving: Mutex::default(),
-            cloud_keys: Mutex::default(),
-            joint_routes: Mutex::default(),
-            jobs: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            plugins: Plugins::default(),
-            metrics: CoordinatorMetrics::new().unwrap(),
-        }
+        Hub::new(
+            Db::open(&dir.join("confide.db")).unwrap(),
+            PkiDir::new(dir.join("pki")),
+            Arc::new(RwLock::new(Revocations::empty())),
+            (Limits::default(), dir.join("models"), ModelRetention::default()),
+            Plugins::default(),
+        )
+        .unwrap()
     }
 
     /// A message read from a stream that a newer one then replaced reaches
