@@ -123,16 +123,21 @@ pub struct ServeConfig {
     /// Largest request body, bytes.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Host names (besides `localhost` and IP addresses) the endpoint
+    /// answers for: a request must name one of them, with the endpoint's
+    /// port, in its `Host` header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_hosts: Vec<String>,
     /// Tell the coordinator, every 10 s while it changes, how many requests
     /// and rows each service answered and how many rows went to the cloud
     /// tier (counts since this node started; never rows or answers), so
     /// that the administrator's dashboard shows the forwarded fraction.
-    #[serde(default = "default_true")]
-    pub report_counts: bool,
-}
-
-fn default_true() -> bool {
-    true
+    /// Unset: on, unless the policy asks for DP (`max_epsilon` or
+    /// `require_dp`), where the exact count of hard rows would tell the
+    /// coordinator, outside the ledger, how many rows a pipeline's DP job
+    /// trains on ([`PartyConfig::reports_serving_counts`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_counts: Option<bool>,
 }
 
 fn default_max_batch_rows() -> usize {
@@ -154,7 +159,8 @@ impl Default for ServeConfig {
             max_batch_rows: default_max_batch_rows(),
             max_rows: default_max_rows(),
             max_body_bytes: default_max_body_bytes(),
-            report_counts: true,
+            allow_hosts: Vec::new(),
+            report_counts: None,
         }
     }
 }
@@ -178,6 +184,15 @@ impl ServeConfig {
         }
         if !(1024..=1 << 30).contains(&self.max_body_bytes) {
             return Err(format!("serve.max_body_bytes: must be 1 KiB..=1 GiB (got {})", self.max_body_bytes));
+        }
+        for (i, h) in self.allow_hosts.iter().enumerate() {
+            let name_like =
+                !h.is_empty() && h.len() <= 253 && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if !name_like {
+                return Err(format!(
+                    "serve.allow_hosts[{i}]: {h:?} is not a host name (letters, digits, '-' and '.'; no port)"
+                ));
+            }
         }
         Ok(())
     }
@@ -372,6 +387,14 @@ impl Default for Reconnect {
 }
 
 impl PartyConfig {
+    /// Whether this party reports its serving counts (`[serve]
+    /// report_counts`): as set, or when unset, only while the policy does
+    /// not ask for DP. A hospital that keeps a privacy budget sends no exact
+    /// count the ledger does not cover unless it says so.
+    pub fn reports_serving_counts(&self) -> bool {
+        self.serve.report_counts.unwrap_or(!(self.policy.require_dp || self.policy.max_epsilon.is_some()))
+    }
+
     /// Reads a config file; relative paths are taken from the file's directory.
     pub fn load(path: &Path) -> Result<PartyConfig, Error> {
         Self::load_with(path, &crate::plugins::PartyPlugins::default())
@@ -733,6 +756,17 @@ mod tests {
         for bad in ["0.0", "-1.0", "1e9", "nan"] {
             let e = load(&format!("[policy]\nmin_answer_after_secs = {bad}\n")).unwrap_err().to_string();
             assert!(e.contains("policy.min_answer_after_secs"), "{bad}: {e}");
+        }
+        // Serving counts: on by default, off by default under a DP policy,
+        // as set when set.
+        for (toml, reports) in [
+            ("", true),
+            ("[policy]\nmax_epsilon = 4.0\n", false),
+            ("[policy]\nrequire_dp = true\n", false),
+            ("[serve]\nreport_counts = true\n[policy]\nmax_epsilon = 4.0\n", true),
+            ("[serve]\nreport_counts = false\n", false),
+        ] {
+            assert_eq!(load(toml).unwrap().reports_serving_counts(), reports, "{toml}");
         }
         let e = load("[policy]\nmax_epsilon = -1.0\n").unwrap_err().to_string();
         assert!(e.contains("policy.max_epsilon"), "{e}");

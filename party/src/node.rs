@@ -69,6 +69,9 @@ pub struct PartyNode {
     /// One acceptance at a time, node-wide, including the blocking work of
     /// one whose connection ended (see [`PartyNode::accept`]).
     acceptance_slot: Arc<tokio::sync::Semaphore>,
+    /// The runs of each job's rounds this party took part in, kept across
+    /// the job's sessions (a re-offered job still gets only later runs).
+    runs: Arc<confide_crypto::aggregation::RunsTaken>,
 }
 
 struct Outbox {
@@ -331,6 +334,7 @@ impl PartyNode {
             metrics: Arc::new(PartyMetrics::new().unwrap_or_else(|e| panic!("party metrics: {e}"))),
             metrics_server: std::sync::OnceLock::new(),
             acceptance_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            runs: Default::default(),
         }
     }
 
@@ -541,7 +545,9 @@ impl PartyNode {
             .map_err(|s| Error::Transport(format!("coordinator refused the stream: {}", s.message())))?
             .into_inner();
         let mut welcomed = false;
-        let mut me = String::new();
+        // The name protocols sign under, the ledger and the logs use: the
+        // certificate's, never the coordinator's word for it.
+        let me = own_identity(cfg).map_err(Error::Config)?.name;
         let mut jobs: HashMap<String, JobInbox> = HashMap::new();
         // A task whose chunks are coming, with the newest offer of its job
         // in flight when its header came (the session it is for).
@@ -631,9 +637,14 @@ impl PartyNode {
                 coordinator_message::Body::Welcome(_) if welcomed => {
                     return Err(Error::PeerMisbehaved("a second welcome on one connection".into()));
                 }
+                coordinator_message::Body::Welcome(w) if w.party != me => {
+                    return Err(Error::PeerMisbehaved(format!(
+                        "the coordinator welcomed this party as {:?}; its certificate names it {me}",
+                        echoed(&w.party)
+                    )));
+                }
                 coordinator_message::Body::Welcome(w) => {
-                    info!(party = %w.party, coordinator_version = %w.software_version, "connected to the coordinator");
-                    me = w.party;
+                    info!(party = %me, coordinator_version = %w.software_version, "connected to the coordinator");
                     welcomed = true;
                     self.metrics.set_connected(true);
                     let crl = w.revocations.map(|r| r.crl).unwrap_or_default();
@@ -646,7 +657,7 @@ impl PartyNode {
                             info!(service = %key.service, "announcing this party's cloud key");
                             outbox.send(party_message::Body::CloudKey(key)).await;
                         }
-                        if cfg.serve.report_counts {
+                        if cfg.reports_serving_counts() {
                             tokio::spawn(report_serving(registry.clone(), outbox.clone()));
                         }
                     }
@@ -913,7 +924,7 @@ impl PartyNode {
             })?
             .map_err(|e| format!("invalid job spec: {e}"))?;
         let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?;
-        let identity = identity(cfg, me, &self.revocations)?;
+        let identity = identity(cfg, me, &self.revocations, self.runs.clone())?;
         // Checked again at every offer: a watched directory's files, and
         // links, change while the party runs. The detail (local paths)
         // stays in this party's log.
@@ -1090,13 +1101,7 @@ fn hello(cfg: &PartyConfig, server: &CoordinatorCertificate) -> Result<pb::Hello
     let Some(relay) = relay_to_delegate(cfg.relay.as_deref(), &server, &cfg.coordinator)? else {
         return Ok(hello);
     };
-    let own = confide_proto::net::load_certs(&cfg.cert).map_err(|e| e.to_string())?;
-    let me = own
-        .first()
-        .map(|c| confide_crypto::pki::peer_identity(c))
-        .transpose()
-        .map_err(|e| format!("{}: {e}", cfg.cert.display()))?
-        .ok_or_else(|| format!("{}: no certificate", cfg.cert.display()))?;
+    let me = own_identity(cfg)?;
     let key = confide_crypto::pki::read_private_key(&cfg.key).map_err(|e| e.to_string())?;
     let key = IdentityKey::from_pem(&key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -1107,6 +1112,16 @@ fn hello(cfg: &PartyConfig, server: &CoordinatorCertificate) -> Result<pb::Hello
     hello.delegation_time = now;
     info!(relay = %relay.name, "dialled a relay; delegating this party's stream to it");
     Ok(hello)
+}
+
+/// This party's identity, as its own certificate names it.
+fn own_identity(cfg: &PartyConfig) -> Result<confide_crypto::pki::PeerIdentity, String> {
+    let own = confide_proto::net::load_certs(&cfg.cert).map_err(|e| e.to_string())?;
+    own.first()
+        .map(|c| confide_crypto::pki::peer_identity(c))
+        .transpose()
+        .map_err(|e| format!("{}: {e}", cfg.cert.display()))?
+        .ok_or_else(|| format!("{}: no certificate", cfg.cert.display()))
 }
 
 /// Whom the server this party dialled is, against its config: the
@@ -1137,13 +1152,18 @@ fn relay_to_delegate(
 
 /// The party's identity for protocols that sign and verify: its certificate
 /// key, the federation CA and the revocation list.
-fn identity(cfg: &PartyConfig, me: &str, revocations: &SharedRevocations) -> Result<PartyIdentity, String> {
+fn identity(
+    cfg: &PartyConfig,
+    me: &str,
+    revocations: &SharedRevocations,
+    runs: Arc<confide_crypto::aggregation::RunsTaken>,
+) -> Result<PartyIdentity, String> {
     let key = confide_crypto::pki::read_private_key(&cfg.key).map_err(|e| e.to_string())?;
     let key = IdentityKey::from_pem(&key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
     let ca_pem = std::fs::read(&cfg.ca).map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
     let verifier = CertVerifier::with_revocations(&ca_pem, revocations.clone())
         .map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
-    Ok(PartyIdentity { name: me.to_owned(), signer: Arc::new(key), peers: Box::new(verifier) })
+    Ok(PartyIdentity { name: me.to_owned(), signer: Arc::new(key), peers: Box::new(verifier), runs })
 }
 
 /// A job's worker's inbox: each input with when it reached the party (for

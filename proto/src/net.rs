@@ -224,6 +224,22 @@ impl tower_service::Service<Uri> for TlsConnector {
     }
 }
 
+/// Whether an HTTP request's `Host` header names a local web server (the
+/// dashboard, a party's prediction endpoint): `localhost`, an IP literal or
+/// one of `names`, with its `port`. A page served from another site that
+/// rebinds its own name to the server's address (DNS rebinding) sends that
+/// name, which is refused.
+pub fn http_host_allowed(host: &str, port: u16, names: &[String]) -> bool {
+    let Some((name, host_port)) = host.rsplit_once(':') else { return false };
+    if host_port.parse::<u16>().ok() != Some(port) {
+        return false;
+    }
+    let literal = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost")
+        || literal.parse::<std::net::IpAddr>().is_ok()
+        || names.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
 /// Formats an error with its sources, which is where tonic puts the useful part.
 pub fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

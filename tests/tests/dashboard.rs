@@ -11,8 +11,13 @@ use confide_tests::{Federation, bin_dir, job_spec, repo_root};
 
 /// `GET path` with `Host: host`: the status line, headers and body.
 fn get(addr: &str, host: &str, path: &str) -> (String, String) {
+    get_with(addr, host, path, "")
+}
+
+/// [`get`] with further header lines (each ending in CRLF).
+fn get_with(addr: &str, host: &str, path: &str, headers: &str) -> (String, String) {
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the dashboard");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("request");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n").expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
@@ -38,6 +43,19 @@ fn the_job_page_follows_a_job_live_in_a_real_browser() {
     assert!(body.contains("<b id=\"rounds\">0 / 4</b>"), "{body}");
     let (head, _) = get(&dash.addr, "attacker.example:80", &format!("/jobs/{id}"));
     assert!(head.starts_with("HTTP/1.1 421"), "{head}");
+    // A page of another site (what a browser says of it) opens no event
+    // stream, which would hold a watch on the coordinator; a link followed
+    // from one still shows a page.
+    for headers in [
+        "Origin: http://attacker.example\r\nSec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: cors\r\n",
+        "Origin: null\r\n",
+        "Sec-Fetch-Site: same-site\r\nSec-Fetch-Mode: no-cors\r\n",
+    ] {
+        let (head, _) = get_with(&dash.addr, &dash.addr, &format!("/jobs/{id}/events"), headers);
+        assert!(head.starts_with("HTTP/1.1 403"), "{headers}: {head}");
+    }
+    let link = "Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: navigate\r\n";
+    assert!(get_with(&dash.addr, &dash.addr, &format!("/jobs/{id}"), link).0.starts_with("HTTP/1.1 200"));
     let (head, body) = get(&dash.addr, &dash.addr, "/jobs/..%2Fetc");
     assert!(head.starts_with("HTTP/1.1 400") && body.contains("not a job id"), "{head}\n{body}");
     let (head, body) = get(&dash.addr, &dash.addr, "/jobs/no-such-job");

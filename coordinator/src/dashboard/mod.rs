@@ -12,8 +12,10 @@
 //! can, so it listens on loopback by default, answers only requests whose
 //! `Host` is `localhost`, an IP literal or a name given with `--allow-host`,
 //! with its port (a web page cannot reach it through DNS rebinding, which
-//! sends the page's own name), and sends a content security policy that
-//! allows no inline script.
+//! sends the page's own name), refuses requests that pages of other sites
+//! make (`Sec-Fetch-Site`, `Origin`: an event stream opened from one would
+//! hold a watch on the coordinator), and sends a content security policy
+//! that allows no inline script.
 
 pub mod render;
 
@@ -54,21 +56,6 @@ struct Dashboard {
     /// Host names answered besides `localhost` and IP literals
     /// (`--allow-host`).
     allowed_names: Vec<String>,
-}
-
-/// Whether a request's `Host` header names this dashboard: `localhost`, an
-/// IP literal or one of `names`, with its `port`. A page served from another
-/// site that rebinds its own name to this address sends that name, which is
-/// refused.
-fn host_allowed(host: &str, port: u16, names: &[String]) -> bool {
-    let Some((name, host_port)) = host.rsplit_once(':') else { return false };
-    if host_port.parse::<u16>().ok() != Some(port) {
-        return false;
-    }
-    let literal = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
-    name.eq_ignore_ascii_case("localhost")
-        || literal.parse::<std::net::IpAddr>().is_ok()
-        || names.iter().any(|a| a.eq_ignore_ascii_case(name))
 }
 
 /// A running dashboard.
@@ -120,8 +107,12 @@ pub async fn start(
 /// security headers to every answer.
 async fn guard(State(d): State<Arc<Dashboard>>, req: Request, next: Next) -> Response {
     let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    if !host_allowed(host, d.port, &d.allowed_names) {
+    if !confide_proto::net::http_host_allowed(host, d.port, &d.allowed_names) {
         return (StatusCode::MISDIRECTED_REQUEST, format!("this dashboard does not answer for host {host:?}\n"))
+            .into_response();
+    }
+    if from_another_site(&req, host) {
+        return (StatusCode::FORBIDDEN, "this dashboard does not answer requests made by pages of other sites\n")
             .into_response();
     }
     let mut resp = next.run(req).await;
@@ -131,6 +122,21 @@ async fn guard(State(d): State<Arc<Dashboard>>, req: Request, next: Next) -> Res
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+/// Whether a page of another site made the request: the browser says so
+/// (`Sec-Fetch-Site`), other than for a link followed to one of the pages,
+/// or an `Origin` that is not this dashboard's. Such a page cannot read the
+/// answer (no CORS headers), but an event stream it opens would hold a
+/// watch on the coordinator for as long as it likes.
+fn from_another_site(req: &Request, host: &str) -> bool {
+    let h = req.headers();
+    let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+    let navigation = text("sec-fetch-mode") == Some("navigate") && req.method() == axum::http::Method::GET;
+    if matches!(text("sec-fetch-site"), Some("cross-site" | "same-site")) && !navigation {
+        return true;
+    }
+    h.get(header::ORIGIN).is_some_and(|o| o.as_bytes() != format!("http://{host}").as_bytes())
 }
 
 /// An error page naming what failed.
@@ -270,12 +276,12 @@ mod tests {
     #[test]
     fn only_its_own_hosts_are_answered() {
         for ok in ["127.0.0.1:8090", "localhost:8090", "LOCALHOST:8090", "[::1]:8090", "10.0.0.7:8090"] {
-            assert!(host_allowed(ok, 8090, &[]), "{ok}");
+            assert!(confide_proto::net::http_host_allowed(ok, 8090, &[]), "{ok}");
         }
         for refused in ["attacker.example:8090", "127.0.0.1:80", "localhost", "", "dash.hospital.org:8090"] {
-            assert!(!host_allowed(refused, 8090, &[]), "{refused}");
+            assert!(!confide_proto::net::http_host_allowed(refused, 8090, &[]), "{refused}");
         }
-        assert!(host_allowed("dash.hospital.org:8090", 8090, &["dash.hospital.org".into()]));
+        assert!(confide_proto::net::http_host_allowed("dash.hospital.org:8090", 8090, &["dash.hospital.org".into()]));
     }
 
     #[test]

@@ -695,6 +695,36 @@ pub struct PartyIdentity {
     pub signer: Arc<dyn IdentitySigner + Send + Sync>,
     /// Verifies other parties.
     pub peers: Box<dyn PeerVerifier>,
+    /// The runs of each job's rounds this party took part in, shared by
+    /// its sessions of a job (the party process keeps one).
+    pub runs: std::sync::Arc<RunsTaken>,
+}
+
+/// The last run of its rounds a party took part in, per job. A protocol
+/// whose signatures bind a run number ([`secagg`]'s) takes each run once,
+/// in increasing order; the record outlives a job's session, so a
+/// coordinator that offers a running job again (a new session and client)
+/// still gets only later runs. Kept in memory by the party process.
+#[derive(Debug, Default)]
+pub struct RunsTaken(std::sync::Mutex<std::collections::BTreeMap<String, u64>>);
+
+impl RunsTaken {
+    /// Records that the party takes part in `run` of `job`; refused, with
+    /// the last run it took, when that is `run` or later.
+    pub fn take(&self, job: &str, run: u64) -> Result<(), u64> {
+        let mut taken = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match taken.get_mut(job) {
+            Some(last) if run <= *last => Err(*last),
+            Some(last) => {
+                *last = run;
+                Ok(())
+            }
+            None => {
+                taken.insert(job.to_owned(), run);
+                Ok(())
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for PartyIdentity {

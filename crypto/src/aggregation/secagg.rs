@@ -292,7 +292,7 @@ impl AggregationProtocol for SecAggPlus {
     ) -> Result<Box<dyn AggregationServer>, Error> {
         let settings = settings_for(settings, job)?;
         let dp_clip = job.distributed_dp.map_or(0.0, |t| t.clip);
-        Ok(Box::new(SecAggServer { settings, job: job.clone(), dp_clip, peers, round: None }))
+        Ok(Box::new(SecAggServer { settings, job: job.clone(), dp_clip, peers, round: None, next_run: first_run() }))
     }
 
     fn client(
@@ -362,6 +362,13 @@ pub mod wire {
         /// coordinator's to choose: privacy does not depend on it).
         #[prost(double, tag = "11")]
         pub dp_clip: f64,
+        /// Which run of the round this is: the coordinator's, strictly
+        /// increasing over the job's runs (a round it runs again gets a new
+        /// one). A party takes part in runs in increasing order, each once,
+        /// and the run is bound into every signature, so what a party
+        /// signed in one run does not verify in another.
+        #[prost(uint64, tag = "12")]
+        pub run: u64,
     }
 
     /// A party's signed round keys and the certificate that verifies them.
@@ -677,7 +684,7 @@ fn round_config(
     bound: Bound,
     facts: &JobFacts,
 ) -> Result<Config, Error> {
-    let Bound { subject, revocation_version, dp } = bound;
+    let Bound { subject, revocation_version, dp, run } = bound;
     use sha2::Digest;
     let tm = s.threat_model();
     let chosen = params::choose_in(parties.len(), &tm, federation_corrupt(facts, &tm))?;
@@ -689,7 +696,8 @@ fn round_config(
     // v2: the mask streams share the round's IV (`prim::mask_iv`). A party
     // of another version binds another round, so a mixed round fails at the
     // signature checks instead of summing to garbage.
-    h.update(b"confide secagg round v3");
+    // v4: the run (see `wire::RoundConfig::run`).
+    h.update(b"confide secagg round v4");
     let names: Vec<&str> = parties.iter().map(String::as_str).collect();
     h.update(crate::secagg::prim::context("round", job, round, &names));
     for v in [
@@ -700,6 +708,7 @@ fn round_config(
         u64::from(s.clip.to_bits()),
         s.max_examples,
         revocation_version,
+        run,
     ] {
         h.update(v.to_le_bytes());
     }
@@ -732,6 +741,8 @@ struct Bound {
     revocation_version: u64,
     /// The distributed DP mechanism's digest, when updates carry noise.
     dp: Option<[u8; 32]>,
+    /// Which run of the round (`wire::RoundConfig::run`).
+    run: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -773,6 +784,26 @@ struct SecAggServer {
     /// theirs is relayed.
     peers: Box<dyn PeerVerifier>,
     round: Option<ServerRound>,
+    /// The next round's run number: from the clock (in microseconds) when
+    /// the server was made, so that a coordinator restarted with the job
+    /// numbers its runs above the ones parties already took, then one up
+    /// per round started.
+    next_run: u64,
+}
+
+/// Where the coordinator's checkpoint keeps its next run number.
+const NEXT_RUN_STATE: &str = "secagg_next_run";
+/// The largest run number a checkpoint holds exactly (2^53).
+const MAX_EXACT_RUN: f64 = 9_007_199_254_740_992.0;
+
+/// The first run number of a coordinator's job: microseconds since the Unix
+/// epoch, or above the checkpoint's when it resumes one (a coordinator
+/// whose clock went back and that has no checkpoint of the job has its runs
+/// refused until the clock passes the last run a party took).
+fn first_run() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
 }
 
 impl SecAggServer {
@@ -789,17 +820,20 @@ impl SecAggServer {
             Decoding::Noisy(n) => (Some(n.digest()), n.clip()),
             _ => (None, 0.0),
         };
+        let run = self.next_run;
+        self.next_run = run.saturating_add(1);
         let config = round_config(
             &self.job.job_id,
             round,
             parties,
             dim,
             &self.settings,
-            Bound { subject, revocation_version: revocations, dp },
+            Bound { subject, revocation_version: revocations, dp, run },
             &self.job,
         )?;
         let s = &self.settings;
         let msg = wire::RoundConfig {
+            run,
             revocation_version: revocations,
             parties: config.parties.clone(),
             threshold: config.threshold as u32,
@@ -1030,12 +1064,27 @@ impl AggregationServer for SecAggServer {
     }
 
     fn state(&self) -> confide_algorithms::State {
-        super::adaptive_clip_state(&self.job, self.dp_clip)
+        let mut state = super::adaptive_clip_state(&self.job, self.dp_clip);
+        // Microseconds since 1970 are below 2^53: exact as a float.
+        state.insert(NEXT_RUN_STATE, vec![self.next_run as f64]);
+        state
     }
 
     fn restore(&mut self, state: &confide_algorithms::State) -> Result<(), Error> {
         if let Some(clip) = super::restore_adaptive_clip(&self.job, state)? {
             self.dp_clip = clip;
+        }
+        // Runs go on above the checkpoint's even if the clock went back.
+        match state.get(NEXT_RUN_STATE) {
+            None => {}
+            Some(&[run]) if run.is_finite() && (0.0..=MAX_EXACT_RUN).contains(&run) => {
+                self.next_run = self.next_run.max(run as u64);
+            }
+            Some(other) => {
+                return Err(Error::InvalidInput(format!(
+                    "the checkpoint's {NEXT_RUN_STATE} is {other:?}, not a run number"
+                )));
+            }
         }
         Ok(())
     }
@@ -1195,6 +1244,9 @@ impl SecAggClient {
         if rc.dim != dim as u64 {
             return Err(coordinator_fault(format!("secure aggregation over {} values; this party sums {dim}", rc.dim)));
         }
+        if rc.run == 0 {
+            return Err(coordinator_fault(format!("started round {round} without a run number")));
+        }
         // The party list is the coordinator's choice, within what the spec
         // allows. Everything else follows from the spec this party accepted,
         // the model and configuration it was sent: derive it instead of
@@ -1213,7 +1265,7 @@ impl SecAggClient {
             &rc.parties,
             dim,
             &self.settings,
-            Bound { subject, revocation_version: revocations, dp },
+            Bound { subject, revocation_version: revocations, dp, run: rc.run },
             &self.job,
         )?;
         let s = &self.settings;
@@ -1229,6 +1281,17 @@ impl SecAggClient {
         if let Some((field, _)) = mismatch.iter().find(|(_, ok)| !ok) {
             return Err(coordinator_fault(format!("sent a round {field} that the job spec does not give")));
         }
+        // A run at or below one this party took would let the coordinator
+        // collect a second survivor-set signature of this party for the
+        // signatures of one run (a round run again keeps its job, round and
+        // binding): refuse it before any key is made.
+        self.party.runs.take(&self.job.job_id, rc.run).map_err(|last| {
+            coordinator_fault(format!(
+                "started run {} of round {round}; this party already took part in run {last} of this job, and \
+                 takes only later runs",
+                rc.run
+            ))
+        })?;
         Ok(config)
     }
 
@@ -1362,7 +1425,7 @@ mod tests {
         let table: toml::Table = toml::from_str("corrupt_fraction = 0.3\ndropout_fraction = 0.0\n").unwrap();
         let s = SecAggSettings::from_table(&table).unwrap();
         let job = JobFacts::new("job", names(20), 100, 11, 1000);
-        let bound = Bound { subject: [0; 32], revocation_version: 0, dp: None };
+        let bound = Bound { subject: [0; 32], revocation_version: 0, dp: None, run: 1 };
         let config = round_config("job", 1, &names(12), 4, &s, bound, &job).unwrap();
         assert_eq!(config.threshold, 10);
         assert!(2 * config.threshold - 12 > 6);
@@ -1725,6 +1788,85 @@ mod tests {
         client.contribute(1, &honest, update).unwrap();
     }
 
+    /// A round run again gets a new run number, and what a party signed in
+    /// one run does not verify in another. A coordinator that ran round 1
+    /// once (everyone signed the full survivor set) and runs it again cannot
+    /// count the first run's signatures in the second to have shares
+    /// revealed (were they counted, it would need only this party's own
+    /// signature in the second run); and a party refuses a run at or below
+    /// one it took part in, also in a new session of the job (the
+    /// coordinator offered it again).
+    #[test]
+    fn a_survivor_set_signed_in_one_run_of_a_round_does_not_count_in_another() {
+        let n = 4;
+        let (job, names, global, fit) = (facts(n), names(n), params(&[0.0]), fit());
+        let mut server = server(&toml::Table::new(), &job);
+        let p0 = identity("p0");
+        let p0_runs = p0.runs.clone();
+        let mut clients: Clients = std::iter::once(p0)
+            .chain(names[1..].iter().map(|p| identity(p)))
+            .map(|id| SecAggPlus.client(&toml::Table::new(), &job, id).unwrap())
+            .collect();
+        let info = RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit) };
+        let update =
+            || LocalUpdate { global: &global, fit: &fit, local: params(&[0.1]), num_examples: 5, train_loss: None };
+        // Every party contributes to the run `rm` starts and answers each
+        // step up to the unmask step; its requests, by party.
+        let to_unmask = |server: &mut dyn AggregationServer, clients: &mut Clients, rm: &[u8]| -> ToParties {
+            for (p, c) in names.iter().zip(clients.iter_mut()) {
+                let m = c.contribute(1, rm, update()).unwrap();
+                server.on_message(Peer { name: p, certificate: &[], relay: None }, m).unwrap();
+            }
+            let mut progress = server.close_stage().unwrap();
+            loop {
+                let Progress::Step { stage, messages, .. } = progress else {
+                    panic!("the round ended before unmasking")
+                };
+                let msgs = match messages {
+                    Messages::PerParty(v) => v,
+                    Messages::Same { to, message } => to.into_iter().map(|p| (p, message.clone())).collect(),
+                };
+                if stage == UNMASK {
+                    return msgs;
+                }
+                for (p, m) in msgs {
+                    let i: usize = p[1..].parse().unwrap();
+                    let answer = clients[i].on_step(1, stage, m).unwrap();
+                    server.on_message(Peer { name: &p, certificate: &[], relay: None }, answer).unwrap();
+                }
+                progress = server.close_stage().unwrap();
+            }
+        };
+        let first_message = server.begin_round(&info).unwrap();
+        let first = to_unmask(server.as_mut(), &mut clients, &first_message);
+        // The coordinator abandons the first run, and sends it again: refused.
+        let e = clients[0].contribute(1, &first_message, update()).unwrap_err().to_string();
+        assert!(e.contains("party coordinator misbehaved") && e.contains("already took part in run"), "{e}");
+        // Likewise after the job is offered again: a new session's client.
+        let again = PartyIdentity { runs: p0_runs, ..identity("p0") };
+        let mut reoffered = SecAggPlus.client(&toml::Table::new(), &job, again).unwrap();
+        let e = reoffered.contribute(1, &first_message, update()).unwrap_err().to_string();
+        assert!(e.contains("already took part in run"), "{e}");
+        let second_message = server.begin_round(&info).unwrap();
+        let second = to_unmask(server.as_mut(), &mut clients, &second_message);
+        let request = |msgs: &ToParties| -> wire::UnmaskRequest {
+            msgs.iter().find(|(p, _)| p == "p0").unwrap().1.decode("coordinator", "unmask request").unwrap()
+        };
+        let (old, honest) = (request(&first), request(&second));
+        assert_eq!(old.survivors, honest.survivors, "both runs' survivor set is every party");
+        // p0's own signature from the second run, the others' from the first.
+        let mut replayed = honest.clone();
+        for s in &mut replayed.signatures {
+            if s.party != "p0" {
+                *s = old.signatures.iter().find(|o| o.party == s.party).unwrap().clone();
+            }
+        }
+        let e = clients[0].on_step(1, UNMASK, Envelope::encode(&replayed)).unwrap_err().to_string();
+        assert!(e.contains("party coordinator misbehaved") && e.contains("does not verify over this set"), "{e}");
+        // The second run's own signatures are what p0 answers.
+        clients[0].on_step(1, UNMASK, Envelope::encode(&honest)).unwrap();
+    }
+
     /// A coordinator that has not applied a revocation (or claims an older
     /// list) cannot start a round with a party that has: the version is
     /// compared and bound into the signatures.
@@ -1740,6 +1882,7 @@ mod tests {
             name: "p0".into(),
             signer: std::sync::Arc::new(InsecureTagSigner("p0".into())),
             peers: Box::new(VersionedTagVerifier(2)),
+            runs: Default::default(),
         };
         let mut client = SecAggPlus.client(&toml::Table::new(), &job, party).unwrap();
         let update =
@@ -1952,9 +2095,22 @@ mod tests {
         resumed.restore(&saved).unwrap();
         let info = RoundInfo { round: 4, parties: &names, global: &global, fit: Some(&fit) };
         let (a, b) = (coordinator.begin_round(&info).unwrap(), resumed.begin_round(&info).unwrap());
-        assert_eq!(a, b);
-        let rc: wire::RoundConfig = prost::Message::decode(a.as_slice()).unwrap();
+        let decode = |m: &[u8]| -> wire::RoundConfig { prost::Message::decode(m).unwrap() };
+        let (rc, resumed_rc) = (decode(&a), decode(&b));
+        // The same round, numbered above the checkpoint's runs.
+        assert!(resumed_rc.run >= rc.run, "{} after {}", resumed_rc.run, rc.run);
+        assert_eq!(wire::RoundConfig { run: 0, ..rc.clone() }, wire::RoundConfig { run: 0, ..resumed_rc });
         assert!(rc.dp_clip < clips[2] * 0.8, "{} after {clips:?}", rc.dp_clip);
+        // A checkpoint's run numbers hold even where the clock went back;
+        // one that is not a run number fails the restore.
+        let ahead = rc.run + 1_000_000_000_000;
+        let mut later = saved.clone();
+        later.insert(NEXT_RUN_STATE, vec![ahead as f64]);
+        let mut behind = server(&table, &job);
+        behind.restore(&later).unwrap();
+        assert_eq!(decode(&behind.begin_round(&info).unwrap()).run, ahead);
+        later.insert(NEXT_RUN_STATE, vec![-1.0]);
+        assert!(behind.restore(&later).unwrap_err().to_string().contains(NEXT_RUN_STATE));
         assert!(resumed.restore(&confide_algorithms::State::new()).is_err());
         // Split view of the clip: p0 is shown another (in-range) clip than
         // the others; its keys bind it, so the coordinator's check drops it.

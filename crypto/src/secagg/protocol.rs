@@ -15,7 +15,8 @@
 //! The consistency stage (Bonawitz et al., CCS 2017, §4; per neighbourhood as
 //! in SecAgg+) stops a coordinator from showing different parties different
 //! survivor sets to collect both secrets of one party: an honest party signs
-//! one survivor set per round, and a share of v's secrets is revealed only
+//! one survivor set per round (per run of it: the caller binds a run number
+//! into [`Config::binding`] and takes each run once), and a share of v's secrets is revealed only
 //! under a set that at least t of v's k neighbours signed. Two sets that
 //! disagree about v would need 2t − k of v's neighbours to sign both, so
 //! while fewer than 2t − k of any party's neighbours are corrupt, no one

@@ -9,18 +9,26 @@
 //!
 //! Errors are JSON `{"error": "..."}` naming what is wrong: 400 for a body
 //! that is not the expected JSON (with the path of the first bad value), 404
-//! for a service not served here, 413 for a body or row count over the
-//! limits, 415 for a body not sent as `application/json`, 422 for a row of
+//! for a service not served here, 408 for a request not read and answered
+//! in time, 413 for a body or row count over the limits, 415 for a body not
+//! sent as `application/json`, 421 for another host name, 422 for a row of
 //! the wrong width, 503 before a first deployment.
 //!
 //! The endpoint holds at most [`MAX_CONNECTIONS`] connections (more wait
 //! to be accepted), closes one that moves no byte for [`IDLE_TIMEOUT`],
-//! and parses at most [`MAX_PARSING`] bodies at once, on blocking threads
-//! (a parsed body takes several times its size). It sends no CORS headers,
-//! and a prediction must be sent as `application/json`, so a web page of
-//! another origin cannot make a browser post one without a preflight the
-//! endpoint does not answer (a page that rebinds its own name to the
-//! endpoint's address is of the same origin: keep the endpoint internal).
+//! gives a request's head [`HEADER_TIMEOUT`] and the whole request
+//! [`REQUEST_TIMEOUT`] (a client dripping a byte at a time holds its slot
+//! no longer), and parses at most [`MAX_PARSING`] bodies at once, on
+//! blocking threads (a parsed body takes several times its size).
+//!
+//! Browsers: it answers only requests whose `Host` is `localhost`, an IP
+//! literal or a name in `[serve] allow_hosts`, with its port (421
+//! otherwise), so a web page that rebinds its own name to the endpoint's
+//! address (DNS rebinding), which sends that name, gets nothing. It sends
+//! no CORS headers, and a prediction must be sent as `application/json`, so
+//! a page of another origin cannot make a browser post one without a
+//! preflight the endpoint does not answer. It has no authentication of its
+//! own: keep it internal.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -50,6 +58,11 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// (hyper keeps reading while it runs): the longest cloud wait a deployment
 /// may set is 60 s (`joint.timeout_ms`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// A request's head (its line and headers) must arrive within this.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A request must be read and answered within this (408 otherwise): the
+/// longest cloud wait (60 s) with room for the body and the model.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(100);
 /// Bodies parsed at once (the rest wait): parsed JSON takes many times the
 /// bytes it came in.
 pub const MAX_PARSING: usize = 4;
@@ -61,36 +74,110 @@ struct Endpoint {
     parsing: Arc<Semaphore>,
 }
 
-/// The endpoint's routes over `registry`.
-pub fn router(registry: Arc<Registry>) -> Router {
+/// How long the endpoint waits, and for how many connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bounds {
+    pub connections: usize,
+    pub idle: Duration,
+    pub header: Duration,
+    pub request: Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Bounds {
+        Bounds { connections: MAX_CONNECTIONS, idle: IDLE_TIMEOUT, header: HEADER_TIMEOUT, request: REQUEST_TIMEOUT }
+    }
+}
+
+/// The endpoint's routes over `registry`, for browsers and clients that
+/// reach it on `port`.
+pub fn router(registry: Arc<Registry>, port: u16) -> Router {
+    router_within(registry, port, REQUEST_TIMEOUT)
+}
+
+fn router_within(registry: Arc<Registry>, port: u16, request_timeout: Duration) -> Router {
     let limit = registry.config().max_body_bytes;
+    let hosts = Arc::new(HostGuard { port, names: registry.config().allow_hosts.clone() });
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/services/{name}/predict", post(predict))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(request_timeout, within_request_timeout))
+        .layer(axum::middleware::from_fn_with_state(hosts, host_guard))
         .with_state(Endpoint { registry, parsing: Arc::new(Semaphore::new(MAX_PARSING)) })
+}
+
+/// The `Host` names the endpoint answers for, with its port.
+struct HostGuard {
+    port: u16,
+    names: Vec<String>,
+}
+
+/// Refuses a request for another host name (DNS rebinding), naming it.
+async fn host_guard(
+    State(guard): State<Arc<HostGuard>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req.headers().get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    if !confide_proto::net::http_host_allowed(host, guard.port, &guard.names) {
+        let shown: String = host.chars().take(256).collect();
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "this endpoint does not answer for host {shown:?}: use localhost, an IP address or a name in \
+                 [serve] allow_hosts, with port {}",
+                guard.port
+            ),
+        );
+    }
+    next.run(req).await
+}
+
+/// Ends a request that takes longer than `limit` ([`REQUEST_TIMEOUT`]) to
+/// read and answer.
+async fn within_request_timeout(
+    State(limit): State<Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request was not read and answered within {:.1} s", limit.as_secs_f64()),
+        ),
+    }
 }
 
 /// Binds `addr` and serves the endpoint until the process ends; returns the
 /// bound address (useful with port 0).
 pub async fn serve(registry: Arc<Registry>, addr: SocketAddr) -> Result<SocketAddr, String> {
-    serve_with(registry, addr, MAX_CONNECTIONS, IDLE_TIMEOUT).await
+    serve_with(registry, addr, Bounds::default()).await
 }
 
-/// [`serve`] with its connection limit and idle timeout (tests shorten them).
+/// [`serve`] within `bounds` (tests shorten them).
 pub(crate) async fn serve_with(
     registry: Arc<Registry>,
     addr: SocketAddr,
-    connections: usize,
-    idle: Duration,
+    bounds: Bounds,
 ) -> Result<SocketAddr, String> {
+    let Bounds { connections, idle, header, request } = bounds;
     let listener = TcpListener::bind(addr).await.map_err(|e| format!("serve.listen {addr}: cannot bind: {e}"))?;
     let bound = listener.local_addr().map_err(|e| format!("serve.listen {addr}: {e}"))?;
-    let app = router(registry);
-    let listener = Bounded { inner: listener, slots: Arc::new(Semaphore::new(connections)), idle };
+    let app = router_within(registry, bound.port(), request);
+    let mut listener = Bounded { inner: listener, slots: Arc::new(Semaphore::new(connections)), idle };
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!("the prediction endpoint stopped: {e}");
+        loop {
+            let (io, _) = axum::serve::Listener::accept(&mut listener).await;
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header);
+                if let Err(e) = http.serve_connection(hyper_util::rt::TokioIo::new(io), service).await {
+                    tracing::debug!("a prediction-endpoint connection ended: {e}");
+                }
+            });
         }
     });
     Ok(bound)

@@ -1353,28 +1353,46 @@ mod tests {
         assert!(e.contains("no verified key of c"), "dropped: {e}");
     }
 
-    /// The endpoint refuses a prediction not sent as JSON (what a web page
-    /// elsewhere could post without a preflight), closes a connection that
-    /// moves no byte for its idle timeout, and holds at most its limit of
-    /// connections: another waits until one closes.
+    /// The endpoint refuses a request for another host name (a page that
+    /// rebound its own name to the endpoint) and a prediction not sent as
+    /// JSON (what a web page elsewhere could post without a preflight),
+    /// closes a connection that moves no byte for its idle timeout, ends a
+    /// request whose head or whole drips in longer than its timeouts, and
+    /// holds at most its limit of connections: another waits until one
+    /// closes.
     #[tokio::test]
     async fn the_endpoint_bounds_its_connections_and_takes_json_only() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let f = fixture();
         let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
         let idle = Duration::from_millis(300);
-        let addr = http::serve_with(reg, "127.0.0.1:0".parse().unwrap(), 2, idle).await.unwrap();
-        let request = |content_type: &str| {
+        let bounds = http::Bounds {
+            connections: 2,
+            idle,
+            header: Duration::from_millis(600),
+            request: Duration::from_millis(900),
+        };
+        let addr = http::serve_with(reg, "127.0.0.1:0".parse().unwrap(), bounds).await.unwrap();
+        let request_for = |host: &str, content_type: &str| {
             format!(
-                "POST /v1/services/triage/predict HTTP/1.1\r\nhost: x\r\ncontent-type: {content_type}\r\n\
+                "POST /v1/services/triage/predict HTTP/1.1\r\nhost: {host}\r\ncontent-type: {content_type}\r\n\
                  content-length: 2\r\n\r\n{{}}"
             )
         };
+        let here = format!("127.0.0.1:{}", addr.port());
+        let request = |content_type: &str| request_for(&here, content_type);
         let answer = |mut c: tokio::net::TcpStream| async move {
             let mut buf = vec![0u8; 4096];
             let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("an answer").unwrap();
             (String::from_utf8_lossy(&buf[..n]).into_owned(), c)
         };
+        // Another host name (DNS rebinding), or this one at another port.
+        for host in ["attacker.example:".to_owned() + &addr.port().to_string(), "127.0.0.1:1".into(), String::new()] {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(request_for(&host, "application/json").as_bytes()).await.unwrap();
+            let (text, _) = answer(c).await;
+            assert!(text.starts_with("HTTP/1.1 421") && text.contains("allow_hosts"), "{host}: {text}");
+        }
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         c.write_all(request("text/plain").as_bytes()).await.unwrap();
         let (text, c) = answer(c).await;
@@ -1389,7 +1407,7 @@ mod tests {
         // is not served until the idle timeout frees one.
         let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
-        third.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        third.write_all(format!("GET /healthz HTTP/1.1\r\nhost: {here}\r\n\r\n").as_bytes()).await.unwrap();
         let mut buf = [0u8; 64];
         let early = tokio::time::timeout(idle / 3, third.read(&mut buf)).await;
         assert!(early.is_err(), "answered while two connections were held: {early:?}");
@@ -1400,6 +1418,36 @@ mod tests {
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await.expect("closed");
         assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        drop(silent);
+        // Then a byte every 100 ms (never idle): a head that takes longer
+        // than its timeout ends the connection, a body that does gets a 408.
+        let drip = |head: String| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let start = tokio::time::Instant::now();
+            let mut buf = vec![0u8; 4096];
+            c.write_all(head.as_bytes()).await.unwrap();
+            loop {
+                if c.write_all(b" ").await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_millis(100), c.read(&mut buf)).await {
+                    Ok(Ok(n)) => return (String::from_utf8_lossy(&buf[..n]).into_owned(), start.elapsed()),
+                    Ok(Err(_)) => break,
+                    Err(_) => assert!(start.elapsed() < Duration::from_secs(10), "still reading after 10 s"),
+                }
+            }
+            (String::new(), start.elapsed())
+        };
+        let (text, took) = drip(format!("GET /healthz HTTP/1.1\r\nhost: {here}\r\nx-drip: ")).await;
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(took >= Duration::from_millis(500), "{took:?}");
+        let head = format!(
+            "POST /v1/services/triage/predict HTTP/1.1\r\nhost: {here}\r\ncontent-type: application/json\r\n\
+             content-length: 100000\r\n\r\n"
+        );
+        let (text, took) = drip(head).await;
+        assert!(text.starts_with("HTTP/1.1 408") && text.contains("within"), "{text}");
+        assert!(took >= Duration::from_millis(800), "{took:?}");
     }
 
     #[test]
