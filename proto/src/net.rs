@@ -226,18 +226,32 @@ impl tower_service::Service<Uri> for TlsConnector {
 
 /// Whether an HTTP request's `Host` header names a local web server (the
 /// dashboard, a party's prediction endpoint): `localhost`, an IP literal or
-/// one of `names`, with its `port`. A page served from another site that
-/// rebinds its own name to the server's address (DNS rebinding) sends that
-/// name, which is refused.
-pub fn http_host_allowed(host: &str, port: u16, names: &[String]) -> bool {
-    let Some((name, host_port)) = host.rsplit_once(':') else { return false };
-    if host_port.parse::<u16>().ok() != Some(port) {
-        return false;
+/// one of `names`, with any port or none. A page served from another site
+/// that rebinds its own name to the server's address (DNS rebinding) sends
+/// that name, which is refused; the name is what tells, not the port (a
+/// proxy or a mapped port may show another).
+pub fn http_host_allowed(host: &str, names: &[String]) -> bool {
+    let port_ok = |p: &str| p.parse::<u16>().is_ok();
+    if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 literal, with or without a port.
+        return match rest.split_once(']') {
+            Some((ip, tail)) if tail.is_empty() || tail.strip_prefix(':').is_some_and(port_ok) => {
+                ip.parse::<std::net::Ipv6Addr>().is_ok()
+            }
+            _ => false,
+        };
     }
-    let literal = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
-    name.eq_ignore_ascii_case("localhost")
-        || literal.parse::<std::net::IpAddr>().is_ok()
-        || names.iter().any(|a| a.eq_ignore_ascii_case(name))
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port_ok(port) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    // A fully qualified name may end in a dot.
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && (name.eq_ignore_ascii_case("localhost")
+            || name.parse::<std::net::Ipv4Addr>().is_ok()
+            || names.iter().any(|a| a.eq_ignore_ascii_case(name)))
 }
 
 /// Formats an error with its sources, which is where tonic puts the useful part.

@@ -50,6 +50,7 @@ fn the_job_page_follows_a_job_live_in_a_real_browser() {
         "Origin: http://attacker.example\r\nSec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: cors\r\n",
         "Origin: null\r\n",
         "Sec-Fetch-Site: same-site\r\nSec-Fetch-Mode: no-cors\r\n",
+        "Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: navigate\r\n",
     ] {
         let (head, _) = get_with(&dash.addr, &dash.addr, &format!("/jobs/{id}/events"), headers);
         assert!(head.starts_with("HTTP/1.1 403"), "{headers}: {head}");

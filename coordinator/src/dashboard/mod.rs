@@ -10,9 +10,9 @@
 //!
 //! Whoever can reach the listen address can read what the administrator
 //! can, so it listens on loopback by default, answers only requests whose
-//! `Host` is `localhost`, an IP literal or a name given with `--allow-host`,
-//! with its port (a web page cannot reach it through DNS rebinding, which
-//! sends the page's own name), refuses requests that pages of other sites
+//! `Host` is `localhost`, an IP literal or a name given with `--allow-host`
+//! (a web page cannot reach it through DNS rebinding, which sends the
+//! page's own name), refuses requests that pages of other sites
 //! make (`Sec-Fetch-Site`, `Origin`: an event stream opened from one would
 //! hold a watch on the coordinator), and sends a content security policy
 //! that allows no inline script.
@@ -51,8 +51,6 @@ struct Dashboard {
     /// The federation's PKI: deployment records are verified against its CA
     /// and revocation list, not taken on the coordinator's word.
     pki: PkiDir,
-    /// The port browsers reach it on: a `Host` must name it.
-    port: u16,
     /// Host names answered besides `localhost` and IP literals
     /// (`--allow-host`).
     allowed_names: Vec<String>,
@@ -85,7 +83,7 @@ pub async fn start(
         .await
         .map_err(|e| Error::Io(format!("dashboard --listen {listen}: {e}")))?;
     let local_addr = listener.local_addr().map_err(|e| Error::Io(format!("dashboard --listen {listen}: {e}")))?;
-    let state = Arc::new(Dashboard { admin, pki, port: local_addr.port(), allowed_names });
+    let state = Arc::new(Dashboard { admin, pki, allowed_names });
     let app = Router::new()
         .route("/", get(overview))
         .route("/jobs/{id}", get(job_page))
@@ -107,7 +105,7 @@ pub async fn start(
 /// security headers to every answer.
 async fn guard(State(d): State<Arc<Dashboard>>, req: Request, next: Next) -> Response {
     let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    if !confide_proto::net::http_host_allowed(host, d.port, &d.allowed_names) {
+    if !confide_proto::net::http_host_allowed(host, &d.allowed_names) {
         return (StatusCode::MISDIRECTED_REQUEST, format!("this dashboard does not answer for host {host:?}\n"))
             .into_response();
     }
@@ -132,7 +130,11 @@ async fn guard(State(d): State<Arc<Dashboard>>, req: Request, next: Next) -> Res
 fn from_another_site(req: &Request, host: &str) -> bool {
     let h = req.headers();
     let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
-    let navigation = text("sec-fetch-mode") == Some("navigate") && req.method() == axum::http::Method::GET;
+    // A link followed to a page, not to an event stream (a tab held open on
+    // one would hold its watch).
+    let navigation = text("sec-fetch-mode") == Some("navigate")
+        && req.method() == axum::http::Method::GET
+        && !req.uri().path().ends_with("/events");
     if matches!(text("sec-fetch-site"), Some("cross-site" | "same-site")) && !navigation {
         return true;
     }
@@ -275,13 +277,39 @@ mod tests {
 
     #[test]
     fn only_its_own_hosts_are_answered() {
-        for ok in ["127.0.0.1:8090", "localhost:8090", "LOCALHOST:8090", "[::1]:8090", "10.0.0.7:8090"] {
-            assert!(confide_proto::net::http_host_allowed(ok, 8090, &[]), "{ok}");
+        use confide_proto::net::http_host_allowed;
+        let ok = [
+            "127.0.0.1:8090",
+            "localhost:8090",
+            "LOCALHOST:8090",
+            "localhost.:8090",
+            "[::1]:8090",
+            "[::1]",
+            "10.0.0.7:8090",
+            "127.0.0.1:80",
+            "localhost",
+        ];
+        for host in ok {
+            assert!(http_host_allowed(host, &[]), "{host}");
         }
-        for refused in ["attacker.example:8090", "127.0.0.1:80", "localhost", "", "dash.hospital.org:8090"] {
-            assert!(!confide_proto::net::http_host_allowed(refused, 8090, &[]), "{refused}");
+        let refused = [
+            "attacker.example:8090",
+            "attacker.example",
+            "localhost.attacker.example:8090",
+            "127.0.0.1.attacker.example",
+            "",
+            ":8090",
+            "dash.hospital.org:8090",
+            "localhost:x",
+            "[::1",
+            "[::1]x",
+            "[attacker.example]:80",
+        ];
+        for host in refused {
+            assert!(!http_host_allowed(host, &[]), "{host}");
         }
-        assert!(confide_proto::net::http_host_allowed("dash.hospital.org:8090", 8090, &["dash.hospital.org".into()]));
+        assert!(http_host_allowed("dash.hospital.org:8090", &["dash.hospital.org".into()]));
+        assert!(http_host_allowed("DASH.hospital.org", &["dash.hospital.org".into()]));
     }
 
     #[test]

@@ -795,6 +795,10 @@ struct SecAggServer {
 const NEXT_RUN_STATE: &str = "secagg_next_run";
 /// The largest run number a checkpoint holds exactly (2^53).
 const MAX_EXACT_RUN: f64 = 9_007_199_254_740_992.0;
+/// A coordinator restored from a checkpoint numbers its runs at least this
+/// far above the checkpoint's next run: above every run the process that
+/// wrote it started after it (one a round), whatever its clock says.
+const RESTORE_MARGIN: u64 = 1 << 20;
 
 /// The first run number of a coordinator's job: microseconds since the Unix
 /// epoch, or above the checkpoint's when it resumes one (a coordinator
@@ -1078,7 +1082,7 @@ impl AggregationServer for SecAggServer {
         match state.get(NEXT_RUN_STATE) {
             None => {}
             Some(&[run]) if run.is_finite() && (0.0..=MAX_EXACT_RUN).contains(&run) => {
-                self.next_run = self.next_run.max(run as u64);
+                self.next_run = self.next_run.max((run as u64).saturating_add(RESTORE_MARGIN));
             }
             Some(other) => {
                 return Err(Error::InvalidInput(format!(
@@ -1244,8 +1248,13 @@ impl SecAggClient {
         if rc.dim != dim as u64 {
             return Err(coordinator_fault(format!("secure aggregation over {} values; this party sums {dim}", rc.dim)));
         }
+        // Refusals, not faults: a coordinator of an earlier version, or one
+        // restored with its clock behind, gets nothing signed, and the party
+        // stays in the job for later runs.
         if rc.run == 0 {
-            return Err(coordinator_fault(format!("started round {round} without a run number")));
+            return Err(Error::WrongStage(format!(
+                "the coordinator started round {round} without a run number (a coordinator older than this party)"
+            )));
         }
         // The party list is the coordinator's choice, within what the spec
         // allows. Everything else follows from the spec this party accepted,
@@ -1286,9 +1295,9 @@ impl SecAggClient {
         // signatures of one run (a round run again keeps its job, round and
         // binding): refuse it before any key is made.
         self.party.runs.take(&self.job.job_id, rc.run).map_err(|last| {
-            coordinator_fault(format!(
-                "started run {} of round {round}; this party already took part in run {last} of this job, and \
-                 takes only later runs",
+            Error::WrongStage(format!(
+                "the coordinator started run {} of round {round}; this party already took part in run {last} of \
+                 this job, and takes only later runs",
                 rc.run
             ))
         })?;
@@ -1839,9 +1848,10 @@ mod tests {
         };
         let first_message = server.begin_round(&info).unwrap();
         let first = to_unmask(server.as_mut(), &mut clients, &first_message);
-        // The coordinator abandons the first run, and sends it again: refused.
-        let e = clients[0].contribute(1, &first_message, update()).unwrap_err().to_string();
-        assert!(e.contains("party coordinator misbehaved") && e.contains("already took part in run"), "{e}");
+        // The coordinator abandons the first run, and sends it again:
+        // refused (not a fault: the party stays in the job, signing nothing).
+        let e = clients[0].contribute(1, &first_message, update()).unwrap_err();
+        assert!(matches!(&e, Error::WrongStage(m) if m.contains("already took part in run")), "{e}");
         // Likewise after the job is offered again: a new session's client.
         let again = PartyIdentity { runs: p0_runs, ..identity("p0") };
         let mut reoffered = SecAggPlus.client(&toml::Table::new(), &job, again).unwrap();
@@ -2098,7 +2108,7 @@ mod tests {
         let decode = |m: &[u8]| -> wire::RoundConfig { prost::Message::decode(m).unwrap() };
         let (rc, resumed_rc) = (decode(&a), decode(&b));
         // The same round, numbered above the checkpoint's runs.
-        assert!(resumed_rc.run >= rc.run, "{} after {}", resumed_rc.run, rc.run);
+        assert!(resumed_rc.run >= rc.run + RESTORE_MARGIN, "{} after {}", resumed_rc.run, rc.run);
         assert_eq!(wire::RoundConfig { run: 0, ..rc.clone() }, wire::RoundConfig { run: 0, ..resumed_rc });
         assert!(rc.dp_clip < clips[2] * 0.8, "{} after {clips:?}", rc.dp_clip);
         // A checkpoint's run numbers hold even where the clock went back;
@@ -2108,7 +2118,7 @@ mod tests {
         later.insert(NEXT_RUN_STATE, vec![ahead as f64]);
         let mut behind = server(&table, &job);
         behind.restore(&later).unwrap();
-        assert_eq!(decode(&behind.begin_round(&info).unwrap()).run, ahead);
+        assert_eq!(decode(&behind.begin_round(&info).unwrap()).run, ahead + RESTORE_MARGIN);
         later.insert(NEXT_RUN_STATE, vec![-1.0]);
         assert!(behind.restore(&later).unwrap_err().to_string().contains(NEXT_RUN_STATE));
         assert!(resumed.restore(&confide_algorithms::State::new()).is_err());

@@ -9,10 +9,10 @@
 //!
 //! Errors are JSON `{"error": "..."}` naming what is wrong: 400 for a body
 //! that is not the expected JSON (with the path of the first bad value), 404
-//! for a service not served here, 408 for a request not read and answered
-//! in time, 413 for a body or row count over the limits, 415 for a body not
-//! sent as `application/json`, 421 for another host name, 422 for a row of
-//! the wrong width, 503 before a first deployment.
+//! for a service not served here, 413 for a body or row count over the
+//! limits, 415 for a body not sent as `application/json`, 421 for another
+//! host name, 422 for a row of the wrong width, 503 before a first
+//! deployment or for a request not read and answered in time.
 //!
 //! The endpoint holds at most [`MAX_CONNECTIONS`] connections (more wait
 //! to be accepted), closes one that moves no byte for [`IDLE_TIMEOUT`],
@@ -22,8 +22,8 @@
 //! blocking threads (a parsed body takes several times its size).
 //!
 //! Browsers: it answers only requests whose `Host` is `localhost`, an IP
-//! literal or a name in `[serve] allow_hosts`, with its port (421
-//! otherwise), so a web page that rebinds its own name to the endpoint's
+//! literal or a name in `[serve] allow_hosts` (421 otherwise; no `Host` at
+//! all, which no browser sends, is answered), so a web page that rebinds its own name to the endpoint's
 //! address (DNS rebinding), which sends that name, gets nothing. It sends
 //! no CORS headers, and a prediction must be sent as `application/json`, so
 //! a page of another origin cannot make a browser post one without a
@@ -60,7 +60,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// A request's head (its line and headers) must arrive within this.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// A request must be read and answered within this (408 otherwise): the
+/// A request must be read and answered within this (503 otherwise): the
 /// longest cloud wait (60 s) with room for the body and the model.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(100);
 /// Bodies parsed at once (the rest wait): parsed JSON takes many times the
@@ -89,15 +89,14 @@ impl Default for Bounds {
     }
 }
 
-/// The endpoint's routes over `registry`, for browsers and clients that
-/// reach it on `port`.
-pub fn router(registry: Arc<Registry>, port: u16) -> Router {
-    router_within(registry, port, REQUEST_TIMEOUT)
+/// The endpoint's routes over `registry`.
+pub fn router(registry: Arc<Registry>) -> Router {
+    router_within(registry, REQUEST_TIMEOUT)
 }
 
-fn router_within(registry: Arc<Registry>, port: u16, request_timeout: Duration) -> Router {
+fn router_within(registry: Arc<Registry>, request_timeout: Duration) -> Router {
     let limit = registry.config().max_body_bytes;
-    let hosts = Arc::new(HostGuard { port, names: registry.config().allow_hosts.clone() });
+    let hosts = Arc::new(HostGuard { names: registry.config().allow_hosts.clone() });
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/services/{name}/predict", post(predict))
@@ -107,9 +106,9 @@ fn router_within(registry: Arc<Registry>, port: u16, request_timeout: Duration) 
         .with_state(Endpoint { registry, parsing: Arc::new(Semaphore::new(MAX_PARSING)) })
 }
 
-/// The `Host` names the endpoint answers for, with its port.
+/// The `Host` names the endpoint answers for besides `localhost` and IP
+/// addresses.
 struct HostGuard {
-    port: u16,
     names: Vec<String>,
 }
 
@@ -119,15 +118,17 @@ async fn host_guard(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let host = req.headers().get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    if !confide_proto::net::http_host_allowed(host, guard.port, &guard.names) {
+    // No Host at all (an HTTP/1.0 health check) is no browser's: a browser
+    // always sends the name it resolved.
+    let Some(host) = req.headers().get(axum::http::header::HOST) else { return next.run(req).await };
+    let host = host.to_str().unwrap_or("");
+    if !confide_proto::net::http_host_allowed(host, &guard.names) {
         let shown: String = host.chars().take(256).collect();
         return error(
             StatusCode::MISDIRECTED_REQUEST,
             format!(
                 "this endpoint does not answer for host {shown:?}: use localhost, an IP address or a name in \
-                 [serve] allow_hosts, with port {}",
-                guard.port
+                 [serve] allow_hosts"
             ),
         );
     }
@@ -143,8 +144,10 @@ async fn within_request_timeout(
 ) -> Response {
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(resp) => resp,
+        // 503, not 408: a client may send a 408's request again by itself,
+        // and this one may have been read whole (and forwarded).
         Err(_) => error(
-            StatusCode::REQUEST_TIMEOUT,
+            StatusCode::SERVICE_UNAVAILABLE,
             format!("the request was not read and answered within {:.1} s", limit.as_secs_f64()),
         ),
     }
@@ -165,7 +168,14 @@ pub(crate) async fn serve_with(
     let Bounds { connections, idle, header, request } = bounds;
     let listener = TcpListener::bind(addr).await.map_err(|e| format!("serve.listen {addr}: cannot bind: {e}"))?;
     let bound = listener.local_addr().map_err(|e| format!("serve.listen {addr}: {e}"))?;
-    let app = router_within(registry, bound.port(), request);
+    if !bound.ip().is_loopback() && registry.config().allow_hosts.is_empty() {
+        tracing::warn!(
+            %bound,
+            "the prediction endpoint listens beyond loopback and answers only requests that name it by IP address \
+             or localhost: list the names clients use in [serve] allow_hosts"
+        );
+    }
+    let app = router_within(registry, request);
     let mut listener = Bounded { inner: listener, slots: Arc::new(Semaphore::new(connections)), idle };
     tokio::spawn(async move {
         loop {

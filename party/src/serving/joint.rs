@@ -398,18 +398,21 @@ impl Joint {
             signature,
             certificate: self.certificate.clone(),
         };
-        let outcome = async {
+        // The wait for room on the stream counts in the timeout too: a busy
+        // stream (training's transfers share it) must not hold the request
+        // past it, when the edge's own answer is there to fall back on.
+        let outcome = tokio::time::timeout(std::time::Duration::from_millis(j.timeout_ms), async {
             uplink
                 .send(pb::PartyMessage { body: Some(pb::party_message::Body::Forward(msg)) })
                 .await
                 .map_err(|_| "the coordinator stream closed".to_string())?;
-            match tokio::time::timeout(std::time::Duration::from_millis(j.timeout_ms), rx).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err("the request was dropped".into()),
-                Err(_) => Err(format!("no answer from {} within {} ms", j.cloud, j.timeout_ms)),
+            match rx.await {
+                Ok(r) => r,
+                Err(_) => Err("the request was dropped".into()),
             }
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer from {} within {} ms", j.cloud, j.timeout_ms)));
         drop(unpend);
         let ciphertext = outcome?;
         let answer = reply_key.open(&ctx, &ciphertext).map_err(|e| format!("the cloud's answer: {e}"))?;

@@ -806,6 +806,12 @@ fn answer(service: &str, model: Option<&(Box<dyn Trainer>, Arc<Served>)>, batch:
     };
     let mut ok = Vec::with_capacity(batch.len());
     for j in batch {
+        // A request given up on (its client gone, or past the endpoint's
+        // timeout) is not worked on: under overload the queue would
+        // otherwise answer only requests nobody waits for.
+        if j.reply.is_closed() {
+            continue;
+        }
         if j.width == served.width && j.rows.len() == j.count * j.width {
             ok.push(j);
         } else {
@@ -1223,6 +1229,25 @@ mod tests {
         }
     }
 
+    /// A forward that waits for room on the coordinator stream (training's
+    /// transfers share it) ends at the service's timeout like one that
+    /// waits for its answer, so the request falls back to the edge's own
+    /// answer instead of being held past the endpoint's timeout.
+    #[tokio::test]
+    async fn a_forward_waiting_for_room_on_the_stream_ends_at_its_timeout() {
+        let f = fixture();
+        let (edge, _cloud) = edge_and_cloud(&f, "");
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        tx.send(pb::PartyMessage::default()).await.unwrap();
+        let quick = confide_proto::deploy::JointConfig { timeout_ms: 200, ..route() };
+        let forward = edge.forward("a", Some(tx), "triage", &quick, &[0.5, 1.0, 2.0], 3, 2);
+        let e = tokio::time::timeout(Duration::from_secs(10), forward)
+            .await
+            .expect("the forward ended at its timeout, not held by the full stream")
+            .unwrap_err();
+        assert!(e.contains("within 200 ms"), "{e}");
+    }
+
     /// The cloud answers only what its named sender signed: a request the
     /// coordinator seals to the cloud's (public) key under a party's name,
     /// or a signed one moved to another request id, is refused; with
@@ -1386,8 +1411,11 @@ mod tests {
             let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("an answer").unwrap();
             (String::from_utf8_lossy(&buf[..n]).into_owned(), c)
         };
-        // Another host name (DNS rebinding), or this one at another port.
-        for host in ["attacker.example:".to_owned() + &addr.port().to_string(), "127.0.0.1:1".into(), String::new()] {
+        // Another host name (DNS rebinding), with or without a port, or an
+        // empty one.
+        for host in
+            ["attacker.example:".to_owned() + &addr.port().to_string(), "attacker.example".into(), String::new()]
+        {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
             c.write_all(request_for(&host, "application/json").as_bytes()).await.unwrap();
             let (text, _) = answer(c).await;
@@ -1398,6 +1426,14 @@ mod tests {
         let (text, c) = answer(c).await;
         assert!(text.starts_with("HTTP/1.1 415") && text.contains("application/json"), "{text}");
         drop(c);
+        // No Host at all (an HTTP/1.0 health check; no browser) is
+        // answered, as is another port or none on an allowed name.
+        for head in ["GET /healthz HTTP/1.0\r\n\r\n", "GET /healthz HTTP/1.0\r\nhost: localhost\r\n\r\n"] {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(head.as_bytes()).await.unwrap();
+            let (text, _) = answer(c).await;
+            assert!(text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"), "{head}: {text}");
+        }
         // JSON gets past that check (503: nothing deployed yet).
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         c.write_all(request("application/json; charset=utf-8").as_bytes()).await.unwrap();
@@ -1420,7 +1456,7 @@ mod tests {
         assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
         drop(silent);
         // Then a byte every 100 ms (never idle): a head that takes longer
-        // than its timeout ends the connection, a body that does gets a 408.
+        // than its timeout ends the connection, a body that does gets a 503.
         let drip = |head: String| async move {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
             let start = tokio::time::Instant::now();
@@ -1446,7 +1482,7 @@ mod tests {
              content-length: 100000\r\n\r\n"
         );
         let (text, took) = drip(head).await;
-        assert!(text.starts_with("HTTP/1.1 408") && text.contains("within"), "{text}");
+        assert!(text.starts_with("HTTP/1.1 503") && text.contains("within"), "{text}");
         assert!(took >= Duration::from_millis(800), "{took:?}");
     }
 
