@@ -676,6 +676,7 @@ impl Federation {
     fn metrics_config(&self) -> confide_proto::telemetry::MetricsConfig {
         confide_proto::telemetry::MetricsConfig {
             listen: self.metrics.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            allow_hosts: Vec::new(),
         }
     }
 }
@@ -698,7 +699,7 @@ async fn scrape_every_second(addrs: Vec<std::net::SocketAddr>, log: Arc<Scrapes>
         for a in &addrs {
             let body = async {
                 let mut s = tokio::net::TcpStream::connect(a).await?;
-                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await?;
                 let mut out = Vec::new();
                 s.read_to_end(&mut out).await?;
                 Ok::<_, std::io::Error>(out)

@@ -66,7 +66,7 @@ pub struct CoordinatorConfig {
 /// (Prometheus's exporter-port convention), so nothing is exposed beyond
 /// the host unless configured.
 pub fn default_metrics() -> MetricsConfig {
-    MetricsConfig { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))) }
+    MetricsConfig { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))), allow_hosts: Vec::new() }
 }
 
 /// `[models]` in the coordinator's config.
@@ -529,9 +529,14 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
             let h = hub.clone();
             let refresh = Arc::new(move || h.refresh_metrics());
             Some(
-                confide_proto::telemetry::serve(listen, hub.metrics.registry.clone(), refresh)
-                    .await
-                    .map_err(Error::Io)?,
+                confide_proto::telemetry::serve(
+                    listen,
+                    config.metrics.allow_hosts.clone(),
+                    hub.metrics.registry.clone(),
+                    refresh,
+                )
+                .await
+                .map_err(Error::Io)?,
             )
         }
         None => None,

@@ -371,9 +371,14 @@ impl PartyNode {
                 n.refresh_metrics();
             }
         });
-        let server = confide_proto::telemetry::serve(listen, self.metrics.registry.clone(), refresh)
-            .await
-            .map_err(Error::Config)?;
+        let server = confide_proto::telemetry::serve(
+            listen,
+            self.config.metrics.allow_hosts.clone(),
+            self.metrics.registry.clone(),
+            refresh,
+        )
+        .await
+        .map_err(Error::Config)?;
         let addr = server.local_addr;
         info!(%addr, "metrics at http://{addr}/metrics");
         let _ = self.metrics_server.set(server);

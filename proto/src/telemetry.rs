@@ -16,13 +16,20 @@ use std::sync::Arc;
 use prometheus::{Encoder, Registry, TextEncoder};
 
 /// `[metrics]` in the coordinator's or a party's config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Where `/metrics` is served (plain HTTP, no TLS: bind it to loopback
     /// or a monitoring network). Absent: no metrics endpoint.
     #[serde(default)]
     pub listen: Option<SocketAddr>,
+    /// Host names (besides `localhost` and IP addresses) a scrape may name
+    /// in its `Host` header: the names Prometheus's targets use. Any other
+    /// is refused (421), so a web page that rebinds its own name to the
+    /// endpoint (DNS rebinding) reads nothing (a party's metrics hold the
+    /// ε each data set has spent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_hosts: Vec<String>,
 }
 
 /// Called before each scrape, to set the gauges read off state (connected
@@ -57,8 +64,15 @@ impl Drop for MetricsServer {
 }
 
 /// Serves `registry` at `GET /metrics` on `listen`, calling `refresh` before
-/// each scrape. An address that cannot be bound is an error naming it.
-pub async fn serve(listen: SocketAddr, registry: Registry, refresh: Refresh) -> Result<MetricsServer, String> {
+/// each scrape, to requests whose `Host` is `localhost`, an IP address or
+/// one of `allow_hosts` (or that send none: no browser does). An address
+/// that cannot be bound is an error naming it.
+pub async fn serve(
+    listen: SocketAddr,
+    allow_hosts: Vec<String>,
+    registry: Registry,
+    refresh: Refresh,
+) -> Result<MetricsServer, String> {
     use axum::http::{StatusCode, header};
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -78,6 +92,30 @@ pub async fn serve(listen: SocketAddr, registry: Registry, refresh: Refresh) -> 
             }
         }),
     );
+    if !local_addr.ip().is_loopback() && allow_hosts.is_empty() {
+        tracing::warn!(
+            %local_addr,
+            "the metrics endpoint listens beyond loopback and answers only scrapes that name it by IP address or \
+             localhost: list the names Prometheus uses in metrics.allow_hosts"
+        );
+    }
+    let allow_hosts = Arc::new(allow_hosts);
+    let app = app.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+        let allow_hosts = allow_hosts.clone();
+        async move {
+            use axum::response::IntoResponse;
+            let host = req.headers().get(header::HOST).map(|h| h.to_str().unwrap_or(""));
+            match host {
+                Some(h) if !crate::net::http_host_allowed(h, &allow_hosts) => (
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "this metrics endpoint does not answer for that host: use localhost, an IP address or a name in \
+                     metrics.allow_hosts\n",
+                )
+                    .into_response(),
+                _ => next.run(req).await,
+            }
+        }
+    }));
     let join = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!("the metrics endpoint stopped: {e}");
@@ -131,6 +169,9 @@ mod tests {
         assert_eq!(reason_class("anything else"), "other");
     }
 
+    /// A scrape for another host name (a web page that rebound its own name
+    /// to the endpoint) reads nothing; localhost, an IP address, a listed
+    /// name or no Host at all (no browser) does.
     #[tokio::test]
     async fn serves_the_registry_in_the_text_format() {
         let registry = Registry::new();
@@ -140,6 +181,7 @@ mod tests {
         let r2 = refreshed.clone();
         let server = serve(
             "127.0.0.1:0".parse().unwrap(),
+            vec!["prometheus-target.internal".into()],
             registry,
             Arc::new(move || {
                 r2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -148,19 +190,32 @@ mod tests {
         )
         .await
         .unwrap();
-        let body = http_get(server.local_addr, "/metrics").await;
+        let here = server.local_addr.to_string();
+        let body = http_get(server.local_addr, "/metrics", Some(&here)).await;
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         assert!(body.contains("text/plain; version=0.0.4"), "{body}");
         assert!(body.contains("confide_test_total 1"), "{body}");
         assert_eq!(refreshed.load(std::sync::atomic::Ordering::SeqCst), 1);
-        let taken = serve(server.local_addr, Registry::new(), Arc::new(|| {})).await.err().unwrap();
+        for host in [Some("localhost:9464"), Some("prometheus-target.internal:9100"), None] {
+            let body = http_get(server.local_addr, "/metrics", host).await;
+            assert!(body.contains("confide_test_total"), "{host:?}: {body}");
+        }
+        let body = http_get(server.local_addr, "/metrics", Some("attacker.example:9464")).await;
+        assert!(body.starts_with("HTTP/1.1 421") && !body.contains("confide_test_total"), "{body}");
+        assert_eq!(refreshed.load(std::sync::atomic::Ordering::SeqCst), 4, "no refresh for a refused scrape");
+        let taken = serve(server.local_addr, Vec::new(), Registry::new(), Arc::new(|| {})).await.err().unwrap();
         assert!(taken.contains("metrics.listen") && taken.contains(&server.local_addr.to_string()), "{taken}");
     }
 
-    async fn http_get(addr: SocketAddr, path: &str) -> String {
+    /// `GET path` with `Host: host`, or over HTTP/1.0 without one.
+    async fn http_get(addr: SocketAddr, path: &str, host: Option<&str>) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let request = match host {
+            Some(host) => format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+            None => format!("GET {path} HTTP/1.0\r\n\r\n"),
+        };
+        s.write_all(request.as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out

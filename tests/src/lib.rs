@@ -36,7 +36,8 @@ pub fn repo_root() -> PathBuf {
 pub fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: confide\r\nConnection: close\r\n\r\n").expect("request");
+    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
