@@ -638,6 +638,12 @@ impl PartyNode {
             let Some(body) = msg.body else {
                 return Err(Error::PeerMisbehaved("empty message".into()));
             };
+            // The welcome comes first (it names this party and carries the
+            // revocation list the coordinator's certificate is checked
+            // against): nothing is taken from a stream before it.
+            if !welcomed && !matches!(body, coordinator_message::Body::Welcome(_)) {
+                return Err(Error::PeerMisbehaved("a message before the welcome".into()));
+            }
             match body {
                 coordinator_message::Body::Welcome(_) if welcomed => {
                     return Err(Error::PeerMisbehaved("a second welcome on one connection".into()));

@@ -483,8 +483,8 @@ struct Scripted {
     /// When each connection came.
     joins: tokio::sync::mpsc::UnboundedSender<std::time::Instant>,
     /// The name its welcome gives the party (its certificate's, unless a
-    /// test says otherwise).
-    welcome_as: String,
+    /// test says otherwise); no welcome at all when `None`.
+    welcome_as: Option<String>,
 }
 
 /// What a test watches of a [`Scripted`] coordinator.
@@ -509,7 +509,7 @@ impl Scripted {
         let (seen, sent) = tokio::sync::mpsc::channel(64);
         let (joins, joined) = tokio::sync::mpsc::unbounded_channel();
         let offered = Arc::new(std::sync::OnceLock::new());
-        let welcome_as = "hospital-a".to_owned();
+        let welcome_as = Some("hospital-a".to_owned());
         let coordinator = Scripted { script, seen, offered: offered.clone(), hang_up, hang_up_on, joins, welcome_as };
         (coordinator, Watch { sent, joined, offered })
     }
@@ -527,8 +527,10 @@ impl confide_proto::pb::party_service_server::PartyService for Scripted {
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let msg = |body| Ok(pb::CoordinatorMessage { body: Some(body) });
-        let welcome = pb::Welcome { party: self.welcome_as.clone(), ..Default::default() };
-        tx.send(msg(coordinator_message::Body::Welcome(welcome))).await.expect("send");
+        if let Some(party) = self.welcome_as.clone() {
+            let welcome = pb::Welcome { party, ..Default::default() };
+            tx.send(msg(coordinator_message::Body::Welcome(welcome))).await.expect("send");
+        }
         let (script, offered, hang_up) = (self.script.clone(), self.offered.clone(), self.hang_up);
         let hang_up_on = self.hang_up_on.clone();
         let sender = tx.clone();
@@ -712,27 +714,32 @@ async fn a_second_welcome_ends_the_connection() {
     assert!(again.is_err(), "reconnected (or the fake coordinator ended) without a second welcome: {again:?}");
 }
 
-/// A coordinator that welcomes a party under another name is cut off: the
-/// name a party signs under, keeps its ledger and logs under is its
-/// certificate's, not the coordinator's word for it. (Under the wrong name
-/// it would have accepted offers addressed to another party.)
+/// A coordinator that welcomes a party under another name, or sends an
+/// offer before any welcome, is cut off: the name a party signs under,
+/// keeps its ledger and logs under is its certificate's, not the
+/// coordinator's word for it, and nothing is taken from a stream before its
+/// welcome (which carries the revocation list). (Under the wrong name it
+/// would have accepted offers addressed to another party.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_welcome_under_another_name_ends_the_connection() {
+async fn a_welcome_under_another_name_or_none_ends_the_connection() {
     install_crypto();
-    let offer = vec![(Duration::ZERO, offer_of("named", one_party_spec()))];
-    let (mut coordinator, mut watch) = Scripted::new(offer, None, None);
-    coordinator.welcome_as = "hospital-b".into();
-    let (party, server) = party_against("", Arc::new(SlowFactory(Duration::ZERO)), coordinator).await;
-    for _ in 0..2 {
-        tokio::time::timeout(Duration::from_secs(30), watch.joined.recv()).await.expect("a connection").expect("open");
+    for welcome_as in [Some("hospital-b"), None] {
+        let offer = vec![(Duration::ZERO, offer_of("named", one_party_spec()))];
+        let (mut coordinator, mut watch) = Scripted::new(offer, None, None);
+        coordinator.welcome_as = welcome_as.map(String::from);
+        let (party, server) = party_against("", Arc::new(SlowFactory(Duration::ZERO)), coordinator).await;
+        for _ in 0..2 {
+            let join = tokio::time::timeout(Duration::from_secs(30), watch.joined.recv()).await;
+            join.expect("a connection").expect("open");
+        }
+        party.abort();
+        server.abort();
+        let mut answered = false;
+        while let Ok((m, _)) = watch.sent.try_recv() {
+            answered |= matches!(m.body, Some(party_message::Body::JobAnswer(_)));
+        }
+        assert!(!answered, "{welcome_as:?}: the party answered an offer on a connection it should have left");
     }
-    party.abort();
-    server.abort();
-    let mut answered = false;
-    while let Ok((m, _)) = watch.sent.try_recv() {
-        answered |= matches!(m.body, Some(party_message::Body::JobAnswer(_)));
-    }
-    assert!(!answered, "the party answered an offer on a connection that welcomed it under another name");
 }
 
 /// A close that comes while its job's offer is in flight is kept, not lost:
