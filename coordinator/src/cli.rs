@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use confide_crypto::pki::PkiDir;
 use confide_proto::Limits;
 use confide_proto::jobspec::{JobSpec, StrategyConfig};
-use confide_proto::net::{ClientIdentity, connect_checking_revocations, source_chain};
+use confide_proto::net::{ClientIdentity, source_chain};
 use confide_proto::pb;
 use confide_proto::pb::admin_service_client::AdminServiceClient;
 use confide_proto::status::{JobState, JobStatus};
@@ -875,10 +875,13 @@ async fn admin(conn: &AdminConn) -> Result<AdminServiceClient<Channel>, Error> {
     // administrator's commands never go to a coordinator whose certificate
     // the CA has revoked.
     let revocations = pki.revocations().map_err(|e| Error::InvalidInput(e.to_string()))?;
-    let (channel, _) =
-        connect_checking_revocations(&id, Some(std::sync::Arc::new(std::sync::RwLock::new(revocations))))
-            .await
-            .map_err(|e| Error::Io(e.to_string()))?;
+    // The coordinator's certificate, not a relay's (also the CA's, also
+    // naming localhost): what the administrator signs (deployments over
+    // the history it shows) must not come from a relay.
+    let revocations = Some(std::sync::Arc::new(std::sync::RwLock::new(revocations)));
+    let (channel, _) = confide_proto::net::connect_to(&id, revocations, &[confide_crypto::pki::Role::Coordinator])
+        .await
+        .map_err(|e| Error::Io(e.to_string()))?;
     let max = Limits::default().max_message_bytes;
     Ok(AdminServiceClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max))
 }

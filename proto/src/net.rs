@@ -64,7 +64,20 @@ pub async fn connect_checking_revocations(
     id: &ClientIdentity<'_>,
     revocations: Option<SharedRevocations>,
 ) -> Result<(Channel, CoordinatorCertificate), Error> {
-    let tls = client_config(id, revocations)?;
+    connect_to(id, revocations, &[]).await
+}
+
+/// [`connect_checking_revocations`], refusing at every handshake (the
+/// channel reconnects by itself) a server whose certificate has none of
+/// `roles` (none given: any of the federation). The administrator's CLI
+/// asks for the coordinator: a relay's certificate is also the federation
+/// CA's and names `localhost` too.
+pub async fn connect_to(
+    id: &ClientIdentity<'_>,
+    revocations: Option<SharedRevocations>,
+    roles: &[confide_crypto::pki::Role],
+) -> Result<(Channel, CoordinatorCertificate), Error> {
+    let tls = client_config(id, revocations, roles)?;
     let server_name = ServerName::try_from(id.server_name.to_owned())
         .map_err(|e| Error::InvalidInput(format!("server name {:?}: {e}", id.server_name)))?;
     let uri: Uri = id.url.parse().map_err(|e| Error::InvalidInput(format!("coordinator address {:?}: {e}", id.url)))?;
@@ -118,7 +131,11 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
 
 /// The client side of mutual TLS: our certificate, the federation CA as the
 /// only root, ALPN h2 for gRPC.
-fn client_config(id: &ClientIdentity<'_>, revocations: Option<SharedRevocations>) -> Result<ClientConfig, Error> {
+fn client_config(
+    id: &ClientIdentity<'_>,
+    revocations: Option<SharedRevocations>,
+    roles: &[confide_crypto::pki::Role],
+) -> Result<ClientConfig, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for c in load_certs(id.ca)? {
@@ -131,7 +148,7 @@ fn client_config(id: &ClientIdentity<'_>, revocations: Option<SharedRevocations>
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::InvalidInput(format!("TLS configuration: {e}")))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(CoordinatorVerifier { webpki, revocations }))
+        .with_custom_certificate_verifier(Arc::new(CoordinatorVerifier { webpki, revocations, roles: roles.to_vec() }))
         .with_client_auth_cert(load_certs(id.cert)?, load_key(id.key)?)
         .map_err(|e| Error::InvalidInput(format!("{} with key {}: {e}", id.cert.display(), id.key.display())))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
@@ -148,6 +165,8 @@ fn client_config(id: &ClientIdentity<'_>, revocations: Option<SharedRevocations>
 struct CoordinatorVerifier {
     webpki: Arc<WebPkiServerVerifier>,
     revocations: Option<SharedRevocations>,
+    /// The roles the server's certificate may have (empty: any).
+    roles: Vec<confide_crypto::pki::Role>,
 }
 
 impl ServerCertVerifier for CoordinatorVerifier {
@@ -164,6 +183,18 @@ impl ServerCertVerifier for CoordinatorVerifier {
             let list = list.read().unwrap_or_else(|p| p.into_inner());
             if list.check("the coordinator", end_entity).is_err() {
                 return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+            }
+        }
+        if !self.roles.is_empty() {
+            match confide_crypto::pki::peer_identity(end_entity) {
+                Ok(shown) if self.roles.contains(&shown.role) => {}
+                Ok(shown) => {
+                    return Err(rustls::Error::General(format!(
+                        "the server shows a {:?} certificate ({}), not one of {:?}",
+                        shown.role, shown.name, self.roles
+                    )));
+                }
+                Err(e) => return Err(rustls::Error::General(format!("the server's certificate: {e}"))),
             }
         }
         Ok(verified)

@@ -232,6 +232,13 @@ fn a_relay_refuses_an_upstream_without_the_coordinator_certificate() {
         "{}",
         fed.logs()
     );
+    // Nor does the administrator's CLI talk to a relay given as the
+    // coordinator (a relay's certificate is also the CA's and names
+    // localhost too): what it signs must not rest on a relay's answers.
+    let out = fed.cli(&["job", "list", "--coordinator", &format!("https://{genuine}")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Relay certificate (edge-b)"), "{err}");
+    fed.run_ok(&["job", "list"]);
 }
 
 /// A party talks through a relay only if its config names that relay: one
