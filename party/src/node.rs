@@ -934,6 +934,20 @@ impl PartyNode {
                 "checking the job spec failed (the detail is in this party's log)".to_string()
             })?
             .map_err(|e| format!("invalid job spec: {e}"))?;
+        // The offer's data set and this party's place are the spec's: the
+        // coordinator cannot run an audited spec on another data set of the
+        // hospital's, nor recruit a party the spec does not name.
+        let named = spec.dataset_for(me);
+        if offer.dataset != named {
+            return Err(format!(
+                "the offer names data set {:?}, but the job spec gives this party {:?}",
+                echoed(&offer.dataset),
+                echoed(named)
+            ));
+        }
+        if !spec.parties.names.is_empty() && !spec.parties.names.iter().any(|n| n == me) {
+            return Err("the job spec does not name this party".into());
+        }
         let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?;
         let identity = identity(cfg, me, &self.revocations, self.runs.clone())?;
         // Checked again at every offer: a watched directory's files, and
@@ -955,10 +969,16 @@ impl PartyNode {
         // is touched.
         // (An evaluate job the policy lets run outside the budget reserves nothing.)
         let outside_budget = crate::policy::outside_budget(&spec, &cfg.policy);
-        // Under DP, and for an evaluation outside a party's budget (whose
-        // rows its policy protects otherwise), why the rows could not be
-        // selected or set up stays here.
-        let keeps_reasons = spec.dp.is_some() || outside_budget;
+        // Under DP, for an evaluation outside a party's budget (whose rows
+        // its policy protects otherwise), and under a protocol that hides
+        // each party's values, why the rows could not be selected or set up
+        // (a malformed cell quoted, a label, the data set's path) stays here.
+        let hides_values = self
+            .plugins
+            .protocols()
+            .get(&spec.aggregation.protocol)
+            .is_none_or(|p| p.reveals() != confide_crypto::aggregation::Reveals::Updates);
+        let keeps_reasons = spec.dp.is_some() || outside_budget || hides_values;
         let job_budget = if outside_budget {
             None
         } else {
@@ -1813,6 +1833,55 @@ mod tests {
         assert!(crate::ledger::Ledger::read(&ledger_path).map_or(true, |l| l.datasets.is_empty()));
         std::fs::remove_file(&link).unwrap();
         assert!(answer(&node, &offer).is_ok(), "accepted once the link is gone");
+    }
+
+    /// An offer runs the spec only on the data set the spec gives this party,
+    /// and only to a party it names: one naming another of the hospital's
+    /// data sets, or a spec that does not name this party, is refused
+    /// before any reservation.
+    #[test]
+    fn an_offer_on_another_data_set_or_to_a_party_the_spec_does_not_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other.csv");
+        std::fs::write(&other, "x,label\n3,0\n4,1\n").unwrap();
+        let (node, ledger_path, _) = node_on_bc(dir.path(), "x,label\n1,0\n2,1\n", |cfg| {
+            cfg.datasets.insert("other".into(), one_feature(&other));
+        });
+        let offer = pb::JobOffer { job_id: "j1".into(), spec_toml: DP_JOB_ON_BC.into(), dataset: "other".into() };
+        let Err(e) = answer(&node, &offer) else { panic!("accepted") };
+        assert!(e.contains("\"other\"") && e.contains("gives this party \"bc\""), "{e}");
+        let elsewhere = DP_JOB_ON_BC.replace("names = [\"a\"]", "names = [\"b\"]");
+        let offer = pb::JobOffer { job_id: "j2".into(), spec_toml: elsewhere, dataset: "bc".into() };
+        let Err(e) = answer(&node, &offer) else { panic!("accepted") };
+        assert!(e.contains("does not name this party"), "{e}");
+        assert!(crate::ledger::Ledger::read(&ledger_path).map_or(true, |l| l.datasets.is_empty()));
+        let offer = pb::JobOffer { job_id: "j3".into(), spec_toml: DP_JOB_ON_BC.into(), dataset: "bc".into() };
+        assert!(answer(&node, &offer).is_ok(), "the spec's own offer is accepted");
+    }
+
+    /// Under a protocol that hides each party's values (here secure
+    /// aggregation, without DP), why a job could not be set up on the rows
+    /// stays in the party's log: the refusal quotes no cell. A protocol
+    /// that reveals updates gets the reason.
+    #[test]
+    fn a_set_up_refusal_under_a_hiding_protocol_quotes_no_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _, _) = node_on_bc(dir.path(), "1,0\n77-secret,1\n", |cfg| {
+            cfg.policy.aggregation = vec!["secagg".into(), "none".into()];
+        });
+        let spec = |protocol: &str| {
+            format!(
+                "name = \"p\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\", \"b\", \"c\"]\nmin = 3\n\
+                 dataset = \"bc\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\n\
+                 standardize = false\n[aggregation]\nprotocol = \"{protocol}\"\n"
+            )
+        };
+        let offer = pb::JobOffer { job_id: "j1".into(), spec_toml: spec("secagg"), dataset: "bc".into() };
+        let Err(e) = answer(&node, &offer) else { panic!("accepted") };
+        assert!(e.contains("in this party's log") && !e.contains("77-secret"), "{e}");
+        let offer = pb::JobOffer { job_id: "j2".into(), spec_toml: spec("none"), dataset: "bc".into() };
+        let Err(e) = answer(&node, &offer) else { panic!("accepted") };
+        assert!(e.contains("77-secret"), "{e}");
     }
 
     /// A coordinator that sends an older revocation list (to bring a revoked

@@ -531,7 +531,12 @@ impl TrainingHandler {
         // (one not asked to decrypt) does not draw it inside the next round.
         self.aggregation.prepare(global);
         let train_started = Instant::now();
-        let mut outcome = self.trainer.fit(config).map_err(err)?;
+        // Under a protocol that hides this party's update, why training
+        // failed (it may quote a row) stays here too.
+        let hides = self.hides_values;
+        let mut outcome = self.trainer.fit(config).map_err(|e| -> TaskError {
+            if hides { kept_local("training")(e) } else { err(e).into() }
+        })?;
         // Local training alone: lets the coordinator tell the framework's
         // share of a round from the training's.
         outcome.metrics.insert("train_ms".into(), train_started.elapsed().as_secs_f64() * 1000.0);
@@ -632,7 +637,7 @@ impl TrainingHandler {
         global: &confide_algorithms::Parameters,
     ) -> Result<confide_algorithms::EvalOutcome, TaskError> {
         let evaluated = self.trainer.set_parameters(global).and_then(|()| self.trainer.evaluate());
-        if self.evaluate_only {
+        if self.evaluate_only || self.hides_values {
             evaluated.map_err(kept_local("the evaluation"))
         } else {
             evaluated.map_err(|e| err(e).into())
