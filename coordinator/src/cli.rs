@@ -909,14 +909,27 @@ async fn download_model(
 
 /// A service's history from the coordinator, each deployment verified
 /// against the CA: the CLI signs on top of it only what an admin signed.
+/// Past entries are checked against the CA alone: one signed by an
+/// administrator (or under a grant) revoked since stays history (after
+/// `certs revoke --admin` and `certs issue --admin`, the new certificate
+/// deploys on top of the old one's record), with a warning; parties judge
+/// every deployment against their own list.
 fn verified_history(pki: &PkiDir, s: &pb::ServiceStatus) -> Result<Vec<SignedDeployment>, Error> {
     let ca = std::fs::read(pki.ca_cert()).map_err(|e| Error::io(&pki.ca_cert(), e))?;
     let revocations = pki.revocations()?;
+    let none = confide_crypto::revocation::Revocations::empty();
     s.deployments
         .iter()
         .map(|d| {
-            SignedDeployment::verify(d, &ca, &revocations)
-                .map_err(|e| Error::InvalidInput(format!("service {}: the coordinator's history: {e}", s.service)))
+            let signed = SignedDeployment::verify(d, &ca, &none)
+                .map_err(|e| Error::InvalidInput(format!("service {}: the coordinator's history: {e}", s.service)))?;
+            if let Err(e) = SignedDeployment::verify(d, &ca, &revocations) {
+                eprintln!(
+                    "warning: service {}: deployment {} was signed by a certificate revoked since ({e})",
+                    s.service, signed.record.sequence
+                );
+            }
+            Ok(signed)
         })
         .collect()
 }

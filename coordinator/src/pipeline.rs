@@ -193,6 +193,12 @@ impl Pipeline {
                     self.grant.grant.expires_at
                 )));
             }
+            // The grant's administrator, revoked since (a key compromised),
+            // starts no further training on the hospitals' budgets.
+            if let Err(e) = self.hub.revocation_list().check("the grant's administrator", &self.grant.admin_certificate)
+            {
+                return Err(Stop::Pause(format!("the administrator's grant no longer holds: {e}")));
+            }
             let Some(current) = crate::services::current_record(self.hub.db(), &self.inc.service)? else {
                 self.phase(&format!("waiting for a first deployment of service {}", self.inc.service), false);
                 self.sleep(poll)?;

@@ -201,6 +201,42 @@ fn dp_spec(names: &[String], kind: &str, extra: &str) -> String {
     )
 }
 
+/// A pipeline whose grant's administrator is revoked (a key compromised)
+/// starts no further iteration: it pauses, saying why, and a new
+/// administrator certificate can cancel it.
+#[test]
+fn a_pipeline_pauses_once_its_grants_administrator_is_revoked() {
+    let (mut fed, names) = watched_federation(2, 170);
+    let watched = |n: &str| format!("[datasets.watched]\npath = \"batches/{n}\"\n");
+    fed.start_party("site-0", &format!("{}[serve]\nservices = [\"triage\"]\n", watched("site-0")));
+    fed.start_party("site-1", &watched("site-1"));
+    let first = job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4")
+        .replace("dataset = \"data\"", "dataset = \"watched\"");
+    let v1 = fed.submit("first.toml", &first);
+    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
+    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
+    let p = fed.submit("pipeline.toml", &pipeline_spec(&names, -1.0, 5));
+    let admin = fed.s("pki/admin.pem");
+    fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "--admin", "--cert", &admin, "confide-admin"]);
+    fed.wait_for_log("revocation list updated", 20);
+    // A new administrator certificate reads the status; the grant stays the
+    // revoked one's.
+    fed.run_ok(&["certs", "issue", "--dir", &fed.s("pki"), "--admin"]);
+    let st = fed.wait_for(&p, 180, "the pipeline to pause", |s| {
+        s["pipeline_phase"].as_str().is_some_and(|ph| ph.starts_with("paused"))
+    });
+    let phase = st["pipeline_phase"].as_str().unwrap_or("");
+    assert!(phase.contains("grant no longer holds") && phase.contains("revoked"), "{phase}\n{}", fed.logs());
+    let out = fed.run_ok(&["job", "cancel", &p]);
+    assert!(out.contains("cancelled"), "{out}");
+    // The new certificate deploys on top of the history the revoked one
+    // signed (which stays history, with a warning).
+    let out = fed.cli(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("revoked since"), "{err}");
+}
+
 /// Under DP each iteration's training job is charged to every party's
 /// ledger before it touches the data; when a party's budget cannot pay for
 /// the next one, the pipeline pauses, naming the party and its ledger.
