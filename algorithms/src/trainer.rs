@@ -187,6 +187,40 @@ pub struct RawModel {
 }
 
 impl RawModel {
+    /// The fewest values (weights and biases) a model of these settings has
+    /// whatever the data's width (taken as 1 feature): exact for a CNN (its
+    /// image gives the width), the hidden and output layers for an MLP;
+    /// `None` for kinds whose size the spec does not give (TorchScript,
+    /// custom). Saturating. A spec is checked against the limit on values
+    /// with it before any party builds the model (which would allocate it).
+    pub fn values_at_least(&self) -> Option<u64> {
+        let classes = self.classes as u64;
+        let dense = |inputs: u64, outputs: u64| inputs.saturating_mul(outputs).saturating_add(outputs);
+        match self.kind {
+            ModelKind::LogisticRegression => Some(dense(1, classes)),
+            ModelKind::Mlp => {
+                let mut total = 0u64;
+                let mut width = 1u64;
+                for &h in &self.hidden {
+                    total = total.saturating_add(dense(width, h as u64));
+                    width = h as u64;
+                }
+                Some(total.saturating_add(dense(width, classes)))
+            }
+            ModelKind::Cnn => {
+                let [c, h, w] = self.image.unwrap_or(DEFAULT_IMAGE);
+                let channels = if self.channels.is_empty() { DEFAULT_CHANNELS.to_vec() } else { self.channels.clone() };
+                let (mut total, mut ch, mut hh, mut ww) = (0u64, c as u64, h as u64, w as u64);
+                for &out in &channels {
+                    total = total.saturating_add(dense(ch.saturating_mul(9), out as u64));
+                    (ch, hh, ww) = (out as u64, hh / 2, ww / 2);
+                }
+                Some(total.saturating_add(dense(ch.saturating_mul(hh).saturating_mul(ww), classes)))
+            }
+            _ => None,
+        }
+    }
+
     /// Checks the settings against the kind; errors are `field: reason`
     /// relative to the table.
     pub fn validate(&self) -> Vec<String> {

@@ -737,6 +737,19 @@ impl RawJobSpec {
         for (field, msg) in self.model.validate().iter().map(|m| in_table("model", m)) {
             err(&field, msg);
         }
+        // A model larger than the limit would be allocated by every party
+        // before anything else refused it (a party's acceptance builds it).
+        if let Some(values) = self.model.values_at_least()
+            && values > limits.max_values as u64
+        {
+            err(
+                "model",
+                format!(
+                    "the architecture has at least {values} values; the limit is {} (limits.max_values)",
+                    limits.max_values
+                ),
+            );
+        }
         let engine = match (self.model.kind, self.model.engine) {
             (confide_algorithms::ModelKind::LogisticRegression, None) => Engine::Rust,
             (confide_algorithms::ModelKind::Custom, _) => Engine::Rust,
@@ -1094,6 +1107,36 @@ classes = 2
         assert_eq!(s.dataset_for("hospital-a"), "breast-cancer");
         let again = JobSpec::parse(&s.to_toml(), "x", &Limits::default()).unwrap();
         assert_eq!(again, s);
+    }
+
+    /// A model larger than the limit on values is refused from the spec
+    /// alone, before any party builds (allocates) it: sixteen hidden layers
+    /// of 65,536 units, or a CNN of 1,024 channels on a large image; the
+    /// demo's sizes pass. The bound is exact for a CNN and counts an MLP's
+    /// input layer at one feature.
+    #[test]
+    fn a_model_over_the_limit_on_values_is_refused_from_the_spec() {
+        let with = |model: &str| GOOD.replace("kind = \"logistic_regression\"\nclasses = 2", model);
+        let limits = Limits::default();
+        for model in [
+            format!("kind = \"mlp\"\nclasses = 2\nhidden = [{}]", ["65536"; 16].join(", ")),
+            "kind = \"cnn\"\nclasses = 10\nimage = [64, 1024, 1024]\nchannels = [1024, 1024]".to_owned(),
+        ] {
+            let e = JobSpec::parse(&with(&model), "big.toml", &limits).unwrap_err().to_string();
+            assert!(e.contains("model: the architecture has at least") && e.contains("limits.max_values"), "{e}");
+        }
+        for model in [
+            "kind = \"mlp\"\nclasses = 2\nhidden = [64, 32]",
+            "kind = \"cnn\"\nclasses = 10\nimage = [1, 8, 8]\nchannels = [16, 32]",
+        ] {
+            JobSpec::parse(&with(model), "ok.toml", &limits).unwrap();
+        }
+        // Exactly at the limit passes, one value more does not: an MLP with
+        // one hidden unit has 1·h + h + h·2 + 2 values at width 1.
+        let tight = Limits { max_values: 1 + 1 + 2 + 2, ..limits };
+        JobSpec::parse(&with("kind = \"mlp\"\nclasses = 2\nhidden = [1]"), "t.toml", &tight).unwrap();
+        let tighter = Limits { max_values: 5, ..limits };
+        assert!(JobSpec::parse(&with("kind = \"mlp\"\nclasses = 2\nhidden = [1]"), "t.toml", &tighter).is_err());
     }
 
     #[test]
