@@ -273,6 +273,13 @@ pub struct Policy {
     /// would each bring their own δ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_delta: Option<f64>,
+    /// Training rounds a DP job may run beyond its spec's `rounds` (a
+    /// coordinator that re-runs a round after a restart), each charged to
+    /// the ledger before it runs; past them the party leaves the job.
+    /// Without it a coordinator could grow a job's ε until the budget (or,
+    /// with `require_dp` alone, without end).
+    #[serde(default = "default_max_extra_rounds")]
+    pub max_extra_rounds: u32,
     /// Run an incremental pipeline's evaluate jobs (its row counts and gate
     /// metrics over a watched directory's batches, summed through the job's
     /// aggregation protocol) although `require_dp` or `max_epsilon` is set.
@@ -341,6 +348,9 @@ fn default_aggregation() -> Vec<String> {
 fn default_min_parties() -> usize {
     1
 }
+fn default_max_extra_rounds() -> u32 {
+    crate::ledger::DEFAULT_EXTRA_ROUNDS
+}
 
 impl Default for Policy {
     fn default() -> Self {
@@ -350,6 +360,7 @@ impl Default for Policy {
             require_dp: false,
             max_epsilon: None,
             max_delta: None,
+            max_extra_rounds: default_max_extra_rounds(),
             evaluations_outside_budget: false,
             min_answer_after_secs: None,
             accept_central_dp: false,

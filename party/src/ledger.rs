@@ -264,17 +264,28 @@ fn within_budget(total: f64, max: f64) -> bool {
 /// What a data set's rows may spend in all (`policy.max_epsilon`,
 /// `policy.max_delta`); `None`: no limit. An `Option<f64>` is an ε limit
 /// alone.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Budget {
     /// The most ε (basic composition across jobs).
     pub epsilon: Option<f64>,
     /// The most δ (summed across jobs).
     pub delta: Option<f64>,
+    /// Training rounds a job may run beyond its spec's (`policy.max_extra_rounds`).
+    pub extra_rounds: u32,
+}
+
+/// Training rounds a job may run beyond its spec's by default.
+pub const DEFAULT_EXTRA_ROUNDS: u32 = 4;
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::from(None)
+    }
 }
 
 impl From<Option<f64>> for Budget {
     fn from(epsilon: Option<f64>) -> Self {
-        Budget { epsilon, delta: None }
+        Budget { epsilon, delta: None, extra_rounds: DEFAULT_EXTRA_ROUNDS }
     }
 }
 
@@ -384,7 +395,7 @@ impl Ledger {
         path: Option<&Path>,
         budget: impl Into<Budget>,
     ) -> Result<RoundGuard, String> {
-        let Budget { epsilon: max_epsilon, delta: max_delta } = budget.into();
+        let Budget { epsilon: max_epsilon, delta: max_delta, extra_rounds } = budget.into();
         let path = path.map(|p| p.to_string_lossy().into_owned());
         let (epsilon, delta) = job_cost(spec);
         let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
@@ -396,6 +407,7 @@ impl Ledger {
             accounts,
             resumed,
             max_epsilon,
+            most_rounds: spec.rounds.saturating_add(extra_rounds),
             cost: spec.dp.clone().map(|dp| (dp, spec.training.clone())),
             path: path.clone(),
         };
@@ -575,6 +587,13 @@ impl Ledger {
                 return Err(local(format!("job {job_id} has no DP cost to extend its reservation with")));
             };
             let rounds = charge.rounds_started + 1;
+            if rounds > guard.most_rounds {
+                return Err(StartRefused::Budget(format!(
+                    "the coordinator asked for training round {rounds} of a job reserved for {} rounds; this party \
+                     runs at most {} (policy.max_extra_rounds beyond the spec's)",
+                    charge.rounds_reserved, guard.most_rounds
+                )));
+            }
             // Never below what is recorded: one more round costs more, and
             // a recorded charge (another binary's accountant, say) is not
             // taken back by a recomputation.
@@ -696,6 +715,9 @@ pub struct RoundGuard {
     /// reconnect, or the coordinator resumed it).
     resumed: bool,
     max_epsilon: Option<f64>,
+    /// The most training rounds the job may start: its spec's and the
+    /// policy's extra ones.
+    most_rounds: u32,
     /// What n rounds cost, to extend the reservation.
     cost: Option<(DpSpec, TrainConfig)>,
     /// Where the data set's rows are read (resolved), when known.
@@ -825,7 +847,7 @@ mod tests {
         let (_, delta) = job_cost(&job);
         assert_eq!(delta, 1e-5);
         let rows = Path::new("/data/bc.csv");
-        let budget = |d: f64| Budget { epsilon: None, delta: Some(d) };
+        let budget = |d: f64| Budget { epsilon: None, delta: Some(d), extra_rounds: DEFAULT_EXTRA_ROUNDS };
         drop(ledger.reserve_at("j1", &job, "bc", Some(rows), budget(2.5e-5)).unwrap());
         drop(ledger.reserve_at("j2", &job, "other-name", Some(rows), budget(2.5e-5)).unwrap());
         let e = ledger.reserve_at("j3", &job, "bc", Some(rows), budget(2.5e-5)).err().unwrap();
@@ -1027,6 +1049,34 @@ local_epochs = 2",
         assert_eq!((charged.rounds_started, charged.rounds_reserved, charged.epsilon), (4, 4, four));
         assert!(four > eps);
         assert!((reopened.snapshot().datasets["d"].epsilon() - eps - four).abs() < 1e-12, "j1 and j2");
+    }
+
+    /// A coordinator cannot grow a job's ε round by round: beyond the spec's
+    /// rounds a party starts at most `policy.max_extra_rounds` more (each
+    /// charged first), even without a limit on ε, and the count holds
+    /// across a reopening (a new session of the job).
+    #[test]
+    fn rounds_beyond_the_spec_stop_at_the_policys_extra_rounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let job = spec(2, true);
+        let budget = Budget { epsilon: None, delta: None, extra_rounds: 1 };
+        {
+            let ledger = Ledger::open(&path).unwrap();
+            let guard = ledger.reserve_at("j1", &job, "d", None, budget).unwrap();
+            for _ in 0..2 {
+                guard.start_round().unwrap().durable().unwrap();
+            }
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        let guard = ledger.reserve_at("j1", &job, "d", None, budget).unwrap();
+        guard.start_round().unwrap().durable().unwrap();
+        let e = guard.start_round().unwrap_err();
+        assert!(
+            matches!(&e, StartRefused::Budget(m) if m.contains("round 4") && m.contains("policy.max_extra_rounds")),
+            "{e}"
+        );
+        assert_eq!(ledger.snapshot().datasets["d"].jobs["j1"].rounds_started, 3);
     }
 
     /// A round beyond the reservation is charged at the larger of what it

@@ -984,7 +984,11 @@ impl PartyNode {
         } else {
             let ledger = self.ledger.clone()?;
             let rows_at = crate::config::resolved_path(&source.path);
-            let budget = crate::ledger::Budget { epsilon: cfg.policy.max_epsilon, delta: cfg.policy.max_delta };
+            let budget = crate::ledger::Budget {
+                epsilon: cfg.policy.max_epsilon,
+                delta: cfg.policy.max_delta,
+                extra_rounds: cfg.policy.max_extra_rounds,
+            };
             // On a blocking thread too: the cost's accountant, and the
             // ledger's synced write.
             let (job, reserved, dataset) = (offer.job_id.clone(), spec.clone(), offer.dataset.clone());
