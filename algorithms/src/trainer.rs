@@ -199,9 +199,10 @@ impl RawModel {
         match self.kind {
             ModelKind::LogisticRegression => Some(dense(1, classes)),
             ModelKind::Mlp => {
+                let hidden = if self.hidden.is_empty() { DEFAULT_HIDDEN.to_vec() } else { self.hidden.clone() };
                 let mut total = 0u64;
                 let mut width = 1u64;
-                for &h in &self.hidden {
+                for &h in &hidden {
                     total = total.saturating_add(dense(width, h as u64));
                     width = h as u64;
                 }

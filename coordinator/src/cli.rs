@@ -4,6 +4,7 @@ use confide_algorithms::hard_examples::HardExampleRule;
 use confide_proto::deploy::{
     DeployAction, DeploymentRecord, JointConfig, SignedDeployment, admin_signer, rollback_record,
 };
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -629,7 +630,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                 }
             }
             for s in reply.services {
-                let history = verified_history(&pki, &s)?;
+                let (history, _) = verified_history(&pki, &s)?;
                 if !json {
                     println!("{}", s.service);
                     if let Some(rows) = s.serving.as_ref().filter(|r| r.requests > 0) {
@@ -912,41 +913,58 @@ async fn download_model(
 /// Past entries are checked against the CA alone: one signed by an
 /// administrator (or under a grant) revoked since stays history (after
 /// `certs revoke --admin` and `certs issue --admin`, the new certificate
-/// deploys on top of the old one's record), with a warning; parties judge
-/// every deployment against their own list.
-fn verified_history(pki: &PkiDir, s: &pb::ServiceStatus) -> Result<Vec<SignedDeployment>, Error> {
+/// deploys on top of the old one's record), with a warning, and its
+/// sequence is in the second set. Such an entry (a compromised key's) only
+/// numbers what comes next: nothing the CLI signs takes a model, a cloud
+/// tier or a rollback target from it. Parties judge every deployment
+/// against their own list.
+fn verified_history(pki: &PkiDir, s: &pb::ServiceStatus) -> Result<(Vec<SignedDeployment>, BTreeSet<u64>), Error> {
     let ca = std::fs::read(pki.ca_cert()).map_err(|e| Error::io(&pki.ca_cert(), e))?;
     let revocations = pki.revocations()?;
     let none = confide_crypto::revocation::Revocations::empty();
-    s.deployments
-        .iter()
-        .map(|d| {
-            let signed = SignedDeployment::verify(d, &ca, &none)
-                .map_err(|e| Error::InvalidInput(format!("service {}: the coordinator's history: {e}", s.service)))?;
-            if let Err(e) = SignedDeployment::verify(d, &ca, &revocations) {
-                eprintln!(
-                    "warning: service {}: deployment {} was signed by a certificate revoked since ({e})",
-                    s.service, signed.record.sequence
-                );
-            }
-            Ok(signed)
-        })
-        .collect()
+    let mut revoked = BTreeSet::new();
+    let mut history = Vec::with_capacity(s.deployments.len());
+    for d in &s.deployments {
+        let signed = SignedDeployment::verify(d, &ca, &none)
+            .map_err(|e| Error::InvalidInput(format!("service {}: the coordinator's history: {e}", s.service)))?;
+        if let Err(e) = SignedDeployment::verify(d, &ca, &revocations) {
+            eprintln!(
+                "warning: service {}: deployment {} was signed by a certificate revoked since ({e}); it is kept as \
+                 history only",
+                s.service, signed.record.sequence
+            );
+            revoked.insert(signed.record.sequence);
+        }
+        history.push(signed);
+    }
+    Ok((history, revoked))
+}
+
+/// Refuses to build on `sequence` of `service` when a certificate revoked
+/// since signed it: `what` would take its model, cloud tier or target.
+fn not_revoked(revoked: &BTreeSet<u64>, service: &str, sequence: u64, what: &str) -> Result<(), Error> {
+    if revoked.contains(&sequence) {
+        return Err(Error::InvalidInput(format!(
+            "service {service}: deployment {sequence} was signed by a certificate revoked since; {what} does not \
+             build on it (deploy a version with `confide model deploy` first)"
+        )));
+    }
+    Ok(())
 }
 
 async fn service_history(
     client: &mut AdminServiceClient<Channel>,
     pki: &PkiDir,
     service: &str,
-) -> Result<Vec<SignedDeployment>, Error> {
+) -> Result<(Vec<SignedDeployment>, BTreeSet<u64>), Error> {
     let reply = client
         .list_services(pb::ListServicesRequest { service: service.to_owned() })
         .await
         .map_err(rpc_err)?
         .into_inner();
-    let mut history = match reply.services.iter().find(|s| s.service == service) {
+    let (mut history, revoked) = match reply.services.iter().find(|s| s.service == service) {
         Some(s) => verified_history(pki, s)?,
-        None => Vec::new(),
+        None => (Vec::new(), BTreeSet::new()),
     };
     // Newest first by the signed sequence, this service's alone: the
     // coordinator's order and grouping are not trusted (the newest
@@ -954,7 +972,7 @@ async fn service_history(
     // rollback undoes).
     history.retain(|d| d.record.service == service);
     history.sort_by_key(|d| std::cmp::Reverse(d.record.sequence));
-    Ok(history)
+    Ok((history, revoked))
 }
 
 /// The administrator's key, certificate and name (see [`admin_signer`]).
@@ -1012,7 +1030,10 @@ async fn deploy(
             version.round, version.sha256
         )));
     }
-    let history = service_history(&mut client, &pki, service).await?;
+    // A current version signed by a certificate revoked since is still what
+    // this one follows (the coordinator's rule); a rollback refuses to
+    // return to it.
+    let (history, _) = service_history(&mut client, &pki, service).await?;
     let current = history.first().map(|d| d.record.sequence);
     let (key, der, admin_name) = signer(&pki)?;
     let record = DeploymentRecord {
@@ -1052,7 +1073,10 @@ async fn pipeline_grant(
         return Err(Error::InvalidInput(format!("--grant-days: must be in (0, 366] (got {days})")));
     }
     let pki = PkiDir::new(&conn.pki);
-    let history = service_history(client, &pki, &inc.service).await?;
+    let (history, revoked) = service_history(client, &pki, &inc.service).await?;
+    if let Some(current) = history.first() {
+        not_revoked(&revoked, &inc.service, current.record.sequence, "a pipeline grant (its cloud tier)")?;
+    }
     let joint = history.first().and_then(|d| d.record.joint.clone());
     let (key, der, admin_name) = signer(&pki)?;
     let now = crate::db::unix_now();
@@ -1084,8 +1108,12 @@ fn serving_json(s: &pb::ServiceStatus) -> serde_json::Value {
 async fn rollback(conn: &AdminConn, service: &str) -> Result<(), Error> {
     let pki = PkiDir::new(&conn.pki);
     let mut client = admin(conn).await?;
-    let history = service_history(&mut client, &pki, service).await?;
+    let (history, revoked) = service_history(&mut client, &pki, service).await?;
     let current = history.first().ok_or_else(|| Error::NotFound(format!("service {service} has no deployment")))?;
+    not_revoked(&revoked, service, current.record.sequence, "a rollback")?;
+    if let Some(target) = current.record.rollback_to {
+        not_revoked(&revoked, service, target, "a rollback")?;
+    }
     let records: Vec<DeploymentRecord> = history.iter().map(|d| d.record.clone()).collect();
     let (key, der, admin_name) = signer(&pki)?;
     let record =

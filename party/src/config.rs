@@ -124,8 +124,8 @@ pub struct ServeConfig {
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     /// Host names (besides `localhost` and IP addresses) the endpoint
-    /// answers for: a request must name one of them, with the endpoint's
-    /// port, in its `Host` header.
+    /// answers for: a request's `Host` header must name one of them (any
+    /// port).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_hosts: Vec<String>,
     /// Tell the coordinator, every 10 s while it changes, how many requests
@@ -185,17 +185,26 @@ impl ServeConfig {
         if !(1024..=1 << 30).contains(&self.max_body_bytes) {
             return Err(format!("serve.max_body_bytes: must be 1 KiB..=1 GiB (got {})", self.max_body_bytes));
         }
-        for (i, h) in self.allow_hosts.iter().enumerate() {
-            let name_like =
-                !h.is_empty() && h.len() <= 253 && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
-            if !name_like {
-                return Err(format!(
-                    "serve.allow_hosts[{i}]: {h:?} is not a host name (letters, digits, '-' and '.'; no port)"
-                ));
-            }
-        }
-        Ok(())
+        check_host_names("serve.allow_hosts", &self.allow_hosts)
     }
+}
+
+/// Checks names given for a `Host` check (`serve.allow_hosts`,
+/// `metrics.allow_hosts`): host names, without a port or a trailing dot
+/// (which would never match).
+fn check_host_names(field: &str, names: &[String]) -> Result<(), String> {
+    for (i, h) in names.iter().enumerate() {
+        let name_like = !h.is_empty()
+            && h.len() <= 253
+            && !h.ends_with('.')
+            && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !name_like {
+            return Err(format!(
+                "{field}[{i}]: {h:?} is not a host name (letters, digits, '-' and '.'; no port, no trailing dot)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Makes the party crash on purpose, to test the federation's dropout
@@ -501,6 +510,7 @@ impl PartyConfig {
             confide_crypto::pki::validate_party_name(r).map_err(|e| format!("relay: {e}"))?;
         }
         self.serve.validate()?;
+        check_host_names("metrics.allow_hosts", &self.metrics.allow_hosts)?;
         for (i, s) in self.cloud.services.iter().enumerate() {
             if !self.serve.services.contains(s) {
                 return Err(format!(
@@ -779,6 +789,16 @@ mod tests {
         ] {
             assert_eq!(load(toml).unwrap().reports_serving_counts(), reports, "{toml}");
         }
+        // Host names for the Host checks: a port or a trailing dot would
+        // never match, and is refused naming the field.
+        for (toml, field) in [
+            ("[metrics]\nallow_hosts = [\"h.internal:9465\"]\n", "metrics.allow_hosts[0]"),
+            ("[serve]\nallow_hosts = [\"ok\", \"h.internal.\"]\n", "serve.allow_hosts[1]"),
+        ] {
+            let e = load(toml).unwrap_err().to_string();
+            assert!(e.contains(field), "{toml}: {e}");
+        }
+        load("[metrics]\nallow_hosts = [\"h.internal\"]\n").unwrap();
         let e = load("[policy]\nmax_epsilon = -1.0\n").unwrap_err().to_string();
         assert!(e.contains("policy.max_epsilon"), "{e}");
         for bad in ["0.0", "1.0", "nan"] {

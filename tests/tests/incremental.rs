@@ -229,12 +229,20 @@ fn a_pipeline_pauses_once_its_grants_administrator_is_revoked() {
     assert!(phase.contains("grant no longer holds") && phase.contains("revoked"), "{phase}\n{}", fed.logs());
     let out = fed.run_ok(&["job", "cancel", &p]);
     assert!(out.contains("cancelled"), "{out}");
-    // The new certificate deploys on top of the history the revoked one
-    // signed (which stays history, with a warning).
+    // The history the revoked certificate signed (a compromised key's, it
+    // may be forged) only numbers what comes next: no rollback returns to
+    // it, but the new certificate deploys on top of it, with a warning.
+    let out = fed.cli(&["model", "rollback", "triage"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("revoked since; a rollback does not build on it"), "{err}");
     let out = fed.cli(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("revoked since"), "{err}");
+    // Undoing that deployment would return to the revoked one's: refused.
+    let out = fed.cli(&["model", "rollback", "triage"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("revoked since; a rollback does not build on it"), "{err}");
 }
 
 /// Under DP each iteration's training job is charged to every party's
