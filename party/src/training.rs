@@ -1693,6 +1693,50 @@ mod tests {
         Task { job_id: "j".into(), round, task_id: 1, body }
     }
 
+    /// Under a protocol that hides values, why training failed (a
+    /// trainer's message can quote a row) stays in the party's log: the
+    /// refusal is generic. Under one that reveals updates it is sent.
+    #[test]
+    fn a_training_failure_under_a_hiding_protocol_quotes_no_row() {
+        struct Quoting;
+        impl Trainer for Quoting {
+            fn parameters(&self) -> Result<Parameters, Error> {
+                Fixed.parameters()
+            }
+            fn set_parameters(&mut self, _: &Parameters) -> Result<(), Error> {
+                Ok(())
+            }
+            fn feature_stats(&self) -> FeatureStats {
+                Fixed.feature_stats()
+            }
+            fn fit(&mut self, _: &FitConfig) -> Result<FitOutcome, Error> {
+                Err(Error::InvalidInput("row 7: value \"77-secret\" is not a number".into()))
+            }
+            fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
+                Fixed.evaluate()
+            }
+            fn predict(&self, _: &[f32]) -> Result<Vec<f32>, Error> {
+                Ok(Vec::new())
+            }
+        }
+        let global = Arc::new(Fixed.parameters().unwrap());
+        let fit = || TaskBody::Fit {
+            config: FitConfig { round: 1, train: Default::default() },
+            global: global.clone(),
+            round_message: Vec::new(),
+        };
+        let mut hiding = handler(false);
+        hiding.trainer = Box::new(Quoting);
+        let Err(TaskError::Refused(m)) = hiding.on_task(task(1, fit())) else { panic!("refused") };
+        assert!(m.contains("in this party's log") && !m.contains("77-secret"), "{m}");
+        use confide_crypto::aggregation::plain::Plain;
+        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
+        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
+        let mut revealing = TrainingHandler::new(Box::new(Quoting), client, Plain.stages());
+        let Err(TaskError::Refused(m)) = revealing.on_task(task(1, fit())) else { panic!("refused") };
+        assert!(m.contains("77-secret"), "{m}");
+    }
+
     /// Under a protocol that hides values, a coordinator asking for what
     /// the protocol would hide, in the clear or without cause, is refused
     /// as a coordinator fault, and nothing of the party's data is sent.
