@@ -36,6 +36,9 @@ use crate::db::unix_now;
 use crate::server::Hub;
 use crate::session::{Input, Start};
 
+/// The longest grant a pipeline is started with: 366 days.
+const MAX_GRANT_SECS: u64 = 366 * 86_400;
+
 /// Checks the administrator's grant that comes with a submitted pipeline:
 /// signed by an admin of this federation, for the pipeline's service,
 /// spec (its SHA-256) and architecture. Returns it encoded, for storage.
@@ -57,6 +60,14 @@ pub fn check_grant(hub: &Hub, spec: &JobSpec, spec_toml: &str, msg: &pb::SignedG
     }
     if g.grant.expires_at <= unix_now() {
         return Err(Error::Refused(format!("the grant expired at {}", g.grant.expires_at)));
+    }
+    // The CLI signs at most 366 days; a longer grant was signed some other
+    // way, and delegates for longer than any administrator means to.
+    if g.grant.expires_at.saturating_sub(g.grant.issued_at) > MAX_GRANT_SECS {
+        return Err(Error::Refused(format!(
+            "the grant runs {} s; a grant runs at most 366 days",
+            g.grant.expires_at.saturating_sub(g.grant.issued_at)
+        )));
     }
     Ok(prost::Message::encode_to_vec(msg))
 }

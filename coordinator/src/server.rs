@@ -304,7 +304,11 @@ impl Hub {
         let enrolled = tokio::task::spawn_blocking(move || pki.enrolled())
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("the enrollment list: {e}")))?;
+            .map_err(|e| {
+                // The detail (the PKI directory's path) stays in this log.
+                warn!("cannot read the enrollment list: {e}");
+                Status::internal("the coordinator cannot read its enrollment list")
+            })?;
         if !enrolled.contains(&id.name) {
             warn!(party = %id.name, "refused a stream: party {} is no longer enrolled", id.name);
             return Err(Status::permission_denied(format!("party {} is not enrolled", id.name)));
@@ -905,7 +909,10 @@ fn admit_relayed(hub: &Hub, relay: &str, meta: &tonic::metadata::MetadataMap) ->
     match hub.pki.enrolled() {
         Ok(list) if list.contains(&party) => Ok((party, cert)),
         Ok(_) => Err(Status::permission_denied(format!("party {party} (through relay {relay}) is not enrolled"))),
-        Err(e) => Err(Status::internal(format!("cannot read the enrollment list: {e}"))),
+        Err(e) => {
+            warn!("cannot read the enrollment list: {e}");
+            Err(Status::internal("the coordinator cannot read its enrollment list"))
+        }
     }
 }
 
@@ -1651,10 +1658,16 @@ fn party_infos(hub: &Hub) -> Result<Vec<pb::PartyInfo>, Error> {
     Ok(infos.into_values().collect())
 }
 
+/// Characters of a submitted spec's file name kept (it is only echoed).
+const MAX_FILE_NAME_CHARS: usize = 255;
+
 /// Validates a submitted spec as a whole (fields, enrolment, this build's
 /// kinds, strategies, protocols and capabilities), stores it and starts it.
 fn submit(hub: &Arc<Hub>, r: pb::SubmitJobRequest) -> Result<(String, Vec<String>), Error> {
-    let file = if r.file_name.is_empty() { "(submitted spec)".to_owned() } else { r.file_name.clone() };
+    // The name is only echoed (in every error and log line): printable and
+    // at most 255 characters of it.
+    let shown: String = r.file_name.chars().filter(|c| !c.is_control()).take(MAX_FILE_NAME_CHARS).collect();
+    let file = if shown.is_empty() { "(submitted spec)".to_owned() } else { shown };
     let spec = JobSpec::parse_with(&r.spec_toml, &file, &hub.limits, hub.plugins.protocols())?;
     let enrolled = hub.pki.enrolled()?;
     let unknown: Vec<String> = spec

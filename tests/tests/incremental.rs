@@ -317,6 +317,10 @@ fn a_pipeline_is_refused_without_a_matching_administrators_grant() {
         expires_at: now + 3600,
         admin: admin.clone(),
     };
+    let for_years = PipelineGrant {
+        expires_at: now + 400 * 86_400,
+        ..grant("triage", &spec, "kind = \"logistic_regression\"\nclasses = 2\n")
+    };
     let logreg = "kind = \"logistic_regression\"\nclasses = 2\n";
     let party_key =
         confide_crypto::identity::IdentityKey::from_pem(&std::fs::read(pki.party_key("site-0")).expect("key"))
@@ -347,6 +351,7 @@ fn a_pipeline_is_refused_without_a_matching_administrators_grant() {
             Some(SignedGrant::sign(grant("triage", &spec, logreg), &party_key, party_cert).expect("grant")),
             "grant signature",
         ),
+        (Some(SignedGrant::sign(for_years, &akey, acert.clone()).expect("grant")), "at most 366 days"),
     ];
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {

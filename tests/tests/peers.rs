@@ -300,6 +300,28 @@ async fn a_party_that_stops_reading_through_a_relay_is_cut_off_by_the_relay() {
     assert!(log.contains("party left: closed its stream") && log.contains("cutting its connection"), "{log}");
 }
 
+/// A submitted spec's file name is only echoed (in every error): an
+/// oversized one with control characters comes back cut to 255 printable
+/// characters, once per error, instead of megabytes per unenrolled name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitted_file_name_is_echoed_cut_and_printable() {
+    use confide_proto::pb::admin_service_client::AdminServiceClient;
+    let (fed, pki) = one_hospital();
+    let names: Vec<String> = (0..20).map(|i| format!("stranger-{i}")).collect();
+    let spec = job_spec(&names, 1, 1, "kind = \"logistic_regression\"\nclasses = 2", "");
+    let url = format!("https://{}", fed.addr);
+    let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
+    let who =
+        confide_proto::net::ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
+    let mut admin = AdminServiceClient::new(confide_proto::net::connect(&who).await.expect("connect"));
+    let file_name = "spec\n\u{1b}[31m".to_owned() + &"x".repeat(1 << 20);
+    let req = pb::SubmitJobRequest { spec_toml: spec, file_name, grant: None };
+    let e = admin.submit_job(req).await.expect_err("strangers are not enrolled");
+    let m = e.message();
+    assert!(m.contains("stranger-19") && m.contains("spec[31mx"), "{}", &m[..m.len().min(500)]);
+    assert!(!m.contains('\u{1b}') && !m.contains(&"x".repeat(256)) && m.len() < 20 * 400, "{} bytes", m.len());
+}
+
 /// An administrator's connection outlives a revocation of its certificate
 /// too: its calls on that connection are refused from then on, and a job
 /// watch it started before ends at the job's next update.
