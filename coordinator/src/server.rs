@@ -1417,9 +1417,15 @@ impl AdminService for AdminSvc {
                 return;
             }
             loop {
-                // Woken only by this job's changes; the channel closes when it ends.
+                // Woken only by this job's changes (the channel closes when
+                // it ends), or by the watcher going away: a watch of a job
+                // that stays unchanged for long (a paused pipeline) does not
+                // outlive its client.
                 let running = match changes.as_mut() {
-                    Some(c) => c.changed().await.is_ok(),
+                    Some(c) => tokio::select! {
+                        changed = c.changed() => changed.is_ok(),
+                        () = tx.closed() => return,
+                    },
                     None => false,
                 };
                 if let Err(revoked) = hub.not_revoked(&admin, &certificate) {
