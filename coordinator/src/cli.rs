@@ -561,6 +561,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             Ok(0)
         }
         Command::Dashboard { listen, allow_host, conn } => {
+            confide_proto::net::check_host_names("--allow-host", &allow_host).map_err(Error::InvalidInput)?;
             let client = admin(&conn).await?;
             let running = crate::dashboard::start(listen, client, PkiDir::new(&conn.pki), allow_host).await?;
             println!("dashboard listening on http://{}", running.local_addr);
@@ -860,6 +861,8 @@ fn coordinator_config(
     if let Some(p) = pki {
         cfg.pki = p;
     }
+    confide_proto::net::check_host_names("metrics.allow_hosts", &cfg.metrics.allow_hosts)
+        .map_err(Error::InvalidInput)?;
     if cfg.models.keep_last == 1 {
         return Err(Error::InvalidInput(
             "models.keep_last: 0 (keep every version) or at least 2 (a resumed job needs its latest checkpoint)".into(),

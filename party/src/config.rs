@@ -185,26 +185,8 @@ impl ServeConfig {
         if !(1024..=1 << 30).contains(&self.max_body_bytes) {
             return Err(format!("serve.max_body_bytes: must be 1 KiB..=1 GiB (got {})", self.max_body_bytes));
         }
-        check_host_names("serve.allow_hosts", &self.allow_hosts)
+        confide_proto::net::check_host_names("serve.allow_hosts", &self.allow_hosts)
     }
-}
-
-/// Checks names given for a `Host` check (`serve.allow_hosts`,
-/// `metrics.allow_hosts`): host names, without a port or a trailing dot
-/// (which would never match).
-fn check_host_names(field: &str, names: &[String]) -> Result<(), String> {
-    for (i, h) in names.iter().enumerate() {
-        let name_like = !h.is_empty()
-            && h.len() <= 253
-            && !h.ends_with('.')
-            && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
-        if !name_like {
-            return Err(format!(
-                "{field}[{i}]: {h:?} is not a host name (letters, digits, '-' and '.'; no port, no trailing dot)"
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Makes the party crash on purpose, to test the federation's dropout
@@ -510,7 +492,7 @@ impl PartyConfig {
             confide_crypto::pki::validate_party_name(r).map_err(|e| format!("relay: {e}"))?;
         }
         self.serve.validate()?;
-        check_host_names("metrics.allow_hosts", &self.metrics.allow_hosts)?;
+        confide_proto::net::check_host_names("metrics.allow_hosts", &self.metrics.allow_hosts)?;
         for (i, s) in self.cloud.services.iter().enumerate() {
             if !self.serve.services.contains(s) {
                 return Err(format!(

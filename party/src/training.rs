@@ -879,8 +879,9 @@ mod tests {
         given: Arc<std::sync::Mutex<Vec<Parameters>>>,
         /// The plan and learning rate each DP-SGD fit ran with.
         plans: Arc<std::sync::Mutex<Vec<(DpSgdPlan, f64)>>>,
-        /// An error DP-SGD training and the evaluation fail with, quoting
-        /// a row as a TorchScript module's or plug-in's message can.
+        /// An error training (with DP-SGD or without) and the evaluation
+        /// fail with, quoting a row as a TorchScript module's or plug-in's
+        /// message can.
         fails_with: Option<String>,
     }
 
@@ -896,6 +897,9 @@ mod tests {
             Fixed.feature_stats()
         }
         fn fit(&mut self, c: &FitConfig) -> Result<FitOutcome, Error> {
+            if let Some(e) = &self.fails_with {
+                return Err(Error::InvalidInput(e.clone()));
+            }
             Fixed.fit(c)
         }
         fn supports_dp_sgd(&self) -> bool {
@@ -1698,27 +1702,8 @@ mod tests {
     /// refusal is generic. Under one that reveals updates it is sent.
     #[test]
     fn a_training_failure_under_a_hiding_protocol_quotes_no_row() {
-        struct Quoting;
-        impl Trainer for Quoting {
-            fn parameters(&self) -> Result<Parameters, Error> {
-                Fixed.parameters()
-            }
-            fn set_parameters(&mut self, _: &Parameters) -> Result<(), Error> {
-                Ok(())
-            }
-            fn feature_stats(&self) -> FeatureStats {
-                Fixed.feature_stats()
-            }
-            fn fit(&mut self, _: &FitConfig) -> Result<FitOutcome, Error> {
-                Err(Error::InvalidInput("row 7: value \"77-secret\" is not a number".into()))
-            }
-            fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
-                Fixed.evaluate()
-            }
-            fn predict(&self, _: &[f32]) -> Result<Vec<f32>, Error> {
-                Ok(Vec::new())
-            }
-        }
+        let quoting =
+            || FixedDp { fails_with: Some("row 7: value \"77-secret\" is not a number".into()), ..FixedDp::default() };
         let global = Arc::new(Fixed.parameters().unwrap());
         let fit = || TaskBody::Fit {
             config: FitConfig { round: 1, train: Default::default() },
@@ -1726,13 +1711,10 @@ mod tests {
             round_message: Vec::new(),
         };
         let mut hiding = handler(false);
-        hiding.trainer = Box::new(Quoting);
+        hiding.trainer = Box::new(quoting());
         let Err(TaskError::Refused(m)) = hiding.on_task(task(1, fit())) else { panic!("refused") };
         assert!(m.contains("in this party's log") && !m.contains("77-secret"), "{m}");
-        use confide_crypto::aggregation::plain::Plain;
-        let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
-        let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-        let mut revealing = TrainingHandler::new(Box::new(Quoting), client, Plain.stages());
+        let mut revealing = plain_handler(quoting());
         let Err(TaskError::Refused(m)) = revealing.on_task(task(1, fit())) else { panic!("refused") };
         assert!(m.contains("77-secret"), "{m}");
     }

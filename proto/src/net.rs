@@ -285,6 +285,24 @@ pub fn http_host_allowed(host: &str, names: &[String]) -> bool {
             || names.iter().any(|a| a.eq_ignore_ascii_case(name)))
 }
 
+/// Checks names given for [`http_host_allowed`] (`serve.allow_hosts`,
+/// `metrics.allow_hosts`, the dashboard's `--allow-host`): host names,
+/// without a port or a trailing dot (which would never match).
+pub fn check_host_names(field: &str, names: &[String]) -> Result<(), String> {
+    for (i, h) in names.iter().enumerate() {
+        let name_like = !h.is_empty()
+            && h.len() <= 253
+            && !h.ends_with('.')
+            && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !name_like {
+            return Err(format!(
+                "{field}[{i}]: {h:?} is not a host name (letters, digits, '-' and '.'; no port, no trailing dot)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Formats an error with its sources, which is where tonic puts the useful part.
 pub fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

@@ -68,6 +68,23 @@ fn through_masked_with(
     deal: impl Fn(&str, &Client, &mut Vec<EncryptedShare>),
     absent: &[&str],
 ) -> (Server, BTreeMap<String, Client>) {
+    let (mut server, mut clients) = through_shares(cfg, deal);
+    for (i, (p, c)) in clients.iter_mut().enumerate() {
+        let y = c.on_shares(&server.shares_for(p), vec![i as u32; cfg.dim]).unwrap();
+        if !absent.contains(&p.as_str()) {
+            server.on_masked(y).unwrap();
+        }
+    }
+    (server, clients)
+}
+
+/// Every party honest through the shares' stage, each dealing through
+/// `deal` (which may change what it deals); the server has closed it, and
+/// each party's shares are ready for it at `server.shares_for`.
+fn through_shares(
+    cfg: &Config,
+    deal: impl Fn(&str, &Client, &mut Vec<EncryptedShare>),
+) -> (Server, BTreeMap<String, Client>) {
     let mut server = Server::new(cfg.clone()).unwrap();
     let mut clients = BTreeMap::new();
     for p in &cfg.parties {
@@ -82,12 +99,6 @@ fn through_masked_with(
         server.on_shares(p, s).unwrap();
     }
     server.close_shares().unwrap();
-    for (i, (p, c)) in clients.iter_mut().enumerate() {
-        let y = c.on_shares(&server.shares_for(p), vec![i as u32; cfg.dim]).unwrap();
-        if !absent.contains(&p.as_str()) {
-            server.on_masked(y).unwrap();
-        }
-    }
     (server, clients)
 }
 
@@ -234,19 +245,7 @@ fn a_party_refuses_a_survivor_set_with_a_neighbour_it_did_not_mask_with() {
     assert_eq!((cfg.degree, cfg.threshold), (9, 6), "the complete graph of 10, t = 6");
     let (g, o) = (["p01", "p02", "p03"], ["p07", "p08", "p09"]);
     let d = ["p04", "p05", "p06"];
-    let mut server = Server::new(cfg.clone()).unwrap();
-    let mut clients = BTreeMap::new();
-    for p in &cfg.parties {
-        let (c, m) = Client::new(cfg.clone(), p, &Tag(p.clone()), &mut OsRng).unwrap();
-        server.on_keys(m, &TagCheck).unwrap();
-        clients.insert(p.clone(), c);
-    }
-    server.close_keys().unwrap();
-    for (p, c) in clients.iter_mut() {
-        let s = c.on_keys(&server.keys_for(p).unwrap(), &TagCheck, &mut OsRng).unwrap();
-        server.on_shares(p, s).unwrap();
-    }
-    server.close_shares().unwrap();
+    let (server, mut clients) = through_shares(&cfg, |_, _, _| {});
     for (i, (p, c)) in clients.iter_mut().enumerate() {
         let mut shares = server.shares_for(p);
         if g.contains(&p.as_str()) {
