@@ -271,6 +271,12 @@ pub struct Policy {
     /// with `require_dp` alone, without end).
     #[serde(default = "default_max_extra_rounds")]
     pub max_extra_rounds: u32,
+    /// Most jobs this party runs at once (each holds a worker thread, a
+    /// model and an inbox of tasks); an offer beyond them is refused. A
+    /// job counts from its acceptance until it ends or the coordinator's
+    /// connection does.
+    #[serde(default = "default_max_jobs")]
+    pub max_jobs: usize,
     /// Run an incremental pipeline's evaluate jobs (its row counts and gate
     /// metrics over a watched directory's batches, summed through the job's
     /// aggregation protocol) although `require_dp` or `max_epsilon` is set.
@@ -339,6 +345,12 @@ fn default_aggregation() -> Vec<String> {
 fn default_min_parties() -> usize {
     1
 }
+/// Highest `policy.max_jobs` (one thread each).
+const MAX_JOBS_CEILING: usize = 1024;
+
+fn default_max_jobs() -> usize {
+    16
+}
 fn default_max_extra_rounds() -> u32 {
     crate::ledger::DEFAULT_EXTRA_ROUNDS
 }
@@ -352,6 +364,7 @@ impl Default for Policy {
             max_epsilon: None,
             max_delta: None,
             max_extra_rounds: default_max_extra_rounds(),
+            max_jobs: default_max_jobs(),
             evaluations_outside_budget: false,
             min_answer_after_secs: None,
             accept_central_dp: false,
@@ -568,6 +581,12 @@ impl PartyConfig {
             if !protocols.contains(&m.as_str()) {
                 return Err(format!("policy.aggregation: unknown protocol {m:?} ({})", protocols.join(", ")));
             }
+        }
+        if self.policy.max_jobs == 0 || self.policy.max_jobs > MAX_JOBS_CEILING {
+            return Err(format!(
+                "policy.max_jobs: must be in 1..={MAX_JOBS_CEILING} (got {})",
+                self.policy.max_jobs
+            ));
         }
         if let Some(e) = self.policy.max_epsilon
             && !(e.is_finite() && e > 0.0)

@@ -8,7 +8,7 @@
 //! the session decides everything else.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -578,11 +578,23 @@ impl PartyNode {
             {
                 let me = me.clone();
                 let job_id = offer.job_id.clone();
+                // Refused, at the floor like any answer, when the party
+                // already runs its most jobs: each holds a thread, a model
+                // and an inbox, and only the hospital bounds how many.
+                jobs.retain(|_, j| j.running());
+                let held = offers.held.iter().filter(|h| h.accepted.is_ok()).map(|h| &h.offer.job_id);
+                let others: std::collections::HashSet<&String> = jobs.keys().chain(held).collect();
+                let running = others.len() - usize::from(others.contains(&job_id));
+                let max_jobs = cfg.policy.max_jobs;
                 offers.accepting = Some((
                     serial,
                     job_id,
                     Box::pin(async move {
-                        let accepted = self.accept(&offer, &me).await;
+                        let accepted = if running >= max_jobs {
+                            Err(format!("this party already runs {running} jobs (policy.max_jobs = {max_jobs})"))
+                        } else {
+                            self.accept(&offer, &me).await
+                        };
                         (offer, offered, accepted)
                     }),
                 ));
@@ -830,7 +842,7 @@ impl PartyNode {
                             kept.push((serial, Waiting::Closed(reason.clone())));
                         }
                     } else if let Some(job) = jobs.remove(&c.job_id) {
-                        let _ = job.send((Instant::now(), PartyInput::Closed { reason: reason.clone() }));
+                        job.send(Instant::now(), PartyInput::Closed { reason: reason.clone() });
                     }
                     let state =
                         confide_proto::status::JobState::try_from(c.state).map(|s| s.as_str()).unwrap_or("ended");
@@ -889,7 +901,7 @@ impl PartyNode {
                 Waiting::Task(task, bulk) => route(jobs, outbox, task, bulk).await,
                 Waiting::Closed(reason) => {
                     if let Some(job) = jobs.remove(&offer.job_id) {
-                        let _ = job.send((Instant::now(), PartyInput::Closed { reason }));
+                        job.send(Instant::now(), PartyInput::Closed { reason });
                     }
                 }
             }
@@ -1201,9 +1213,44 @@ fn identity(
     Ok(PartyIdentity { name: me.to_owned(), signer: Arc::new(key), peers: Box::new(verifier), runs })
 }
 
-/// A job's worker's inbox: each input with when it reached the party (for
-/// the task's latency in the log).
-type JobInbox = Sender<(Instant, PartyInput)>;
+/// Tasks of one job that may wait for its worker (an honest coordinator
+/// sends a job's next task after the party's answer, or after its stage
+/// closed without it); more fail at once, so that a coordinator cannot
+/// pile up tasks (each up to the limits' largest bulk) behind a busy worker.
+const MAX_QUEUED_PER_JOB: usize = 4;
+
+/// Tasks that may wait for their workers, in all jobs together.
+const MAX_QUEUED: usize = 16;
+
+/// A job's worker: its inbox (each input with when it reached the party,
+/// for the task's latency in the log), how many of its tasks wait there,
+/// and its thread (a job counts against `policy.max_jobs` while it runs).
+struct JobInbox {
+    tx: Sender<(Instant, PartyInput)>,
+    queued: Arc<AtomicUsize>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl JobInbox {
+    /// Passes `input`, which reached the party at `arrived`, on; false
+    /// when the worker has ended.
+    fn send(&self, arrived: Instant, input: PartyInput) -> bool {
+        let task = matches!(input, PartyInput::Task(_));
+        if task {
+            self.queued.fetch_add(1, Ordering::AcqRel);
+        }
+        let sent = self.tx.send((arrived, input)).is_ok();
+        if task && !sent {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        sent
+    }
+
+    /// Whether the job's worker still runs.
+    fn running(&self) -> bool {
+        self.worker.as_ref().is_some_and(|w| !w.is_finished())
+    }
+}
 
 /// Converts a task and hands it to its job's thread; a task for a job this
 /// party is not in, or one that does not convert, fails at once.
@@ -1212,7 +1259,13 @@ async fn route(jobs: &HashMap<String, JobInbox>, outbox: &Outbox, task: pb::Task
     let (job_id, task_id) = (task.job_id.clone(), task.task_id);
     let reason = match Task::try_from((task, bulk)) {
         Ok(task) => match jobs.get(&job_id) {
-            Some(w) if w.send((arrived, PartyInput::Task(task))).is_ok() => return,
+            Some(w) if w.queued.load(Ordering::Acquire) >= MAX_QUEUED_PER_JOB => format!(
+                "coordinator fault: {MAX_QUEUED_PER_JOB} tasks of this job already wait for the party's worker"
+            ),
+            Some(_) if jobs.values().map(|w| w.queued.load(Ordering::Acquire)).sum::<usize>() >= MAX_QUEUED => {
+                format!("coordinator fault: {MAX_QUEUED} tasks already wait for this party's workers")
+            }
+            Some(w) if w.send(arrived, PartyInput::Task(task)) => return,
             _ => "this party has not accepted the job".to_string(),
         },
         Err(e) => format!("coordinator fault: malformed task: {e}"),
@@ -1231,13 +1284,20 @@ fn spawn_job(
     metrics: SharedMetrics,
 ) -> JobInbox {
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, PartyInput)>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let inbox = Inbox { rx, queued: queued.clone() };
     let spawned = std::thread::Builder::new()
         .name(format!("job-{job_id}"))
-        .spawn(move || run_job(job_id, session, rx, Sent { outbox, limits, stats, metrics }));
-    if let Err(e) = spawned {
-        warn!("cannot start a worker thread: {e}");
-    }
-    tx
+        .spawn(move || run_job(job_id, session, inbox, Sent { outbox, limits, stats, metrics }));
+    let worker = spawned.map_err(|e| warn!("cannot start a worker thread: {e}")).ok();
+    JobInbox { tx, queued, worker }
+}
+
+/// The worker's end of a [`JobInbox`].
+struct Inbox {
+    rx: Receiver<(Instant, PartyInput)>,
+    /// Decremented as each task is taken up.
+    queued: Arc<AtomicUsize>,
 }
 
 /// How often a serving party reports its counts (when they changed).
@@ -1271,7 +1331,8 @@ struct Sent {
     metrics: SharedMetrics,
 }
 
-fn run_job(job_id: String, mut session: PartySession, rx: Receiver<(Instant, PartyInput)>, to: Sent) {
+fn run_job(job_id: String, mut session: PartySession, inbox: Inbox, to: Sent) {
+    let Inbox { rx, queued } = inbox;
     // Entered for the thread's life: every line the job logs names it.
     let job_span = tracing::info_span!("job", job = %job_id);
     let _job_entered = job_span.enter();
@@ -1324,6 +1385,7 @@ fn run_job(job_id: String, mut session: PartySession, rx: Receiver<(Instant, Par
         };
         let answered = matches!(input, PartyInput::Task(_));
         if let PartyInput::Task(t) = &input {
+            queued.fetch_sub(1, Ordering::AcqRel);
             task_arrived = Some(arrived);
             task_span = tracing::info_span!("round", round = t.round, stage = %t.body.stage_name());
         }
@@ -1509,7 +1571,7 @@ mod tests {
             let start = Instant::now();
             for (delay_ms, input) in inputs {
                 std::thread::sleep(Duration::from_millis(delay_ms));
-                inbox.send((Instant::now(), input)).unwrap();
+                assert!(inbox.send(Instant::now(), input));
             }
             let mut answers = Vec::new();
             let mut inbox = Some(inbox);
@@ -1619,6 +1681,92 @@ mod tests {
             w.join().unwrap();
         }
         assert_eq!((results, chunks), (10, 10 * 800usize.div_ceil(64)));
+    }
+
+    /// A coordinator cannot pile tasks up behind a busy worker: a job's
+    /// fifth waiting task fails at once, and so does any task once 16 wait
+    /// in all; a task taken up makes room again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tasks_waiting_for_busy_workers_are_bounded() {
+        use crate::session::{JobHandler, TaskError};
+        use confide_proto::messages::{Envelope, ResultBody, Task};
+        /// Answers each task once the test lets it.
+        struct Gated(std::sync::mpsc::Receiver<()>);
+        impl JobHandler for Gated {
+            fn on_task(&mut self, _: Task) -> Result<ResultBody, TaskError> {
+                let _ = self.0.recv();
+                Ok(ResultBody::Aggregation { stage: "secagg-shares".into(), message: Envelope::default() })
+            }
+        }
+        let setup = |job: &str, task_id| pb::Task {
+            job_id: job.into(),
+            round: 0,
+            task_id,
+            body: Some(pb::task::Body::Setup(pb::SetupTask {})),
+            bulk: None,
+        };
+        let (tx, mut rx) = mpsc::channel::<pb::PartyMessage>(64);
+        let stats = Arc::new(NodeStats::default());
+        let outbox = Arc::new(Outbox { tx, stats: stats.clone(), transfer: std::sync::Mutex::new(()) });
+        let (permit, gate) = std::sync::mpsc::channel();
+        let session = PartySession::new("busy", Box::new(Gated(gate)), 600_000);
+        let metrics = Arc::new(PartyMetrics::new().unwrap());
+        let mut jobs = HashMap::new();
+        jobs.insert("busy".to_string(), spawn_job("busy".into(), session, outbox.clone(), Limits::default(), stats, metrics));
+        let taken_up = |jobs: &HashMap<String, JobInbox>, waiting| {
+            let start = Instant::now();
+            while jobs["busy"].queued.load(Ordering::Acquire) != waiting {
+                assert!(start.elapsed() < Duration::from_secs(30), "the worker took no task up");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        let failures = |rx: &mut mpsc::Receiver<pb::PartyMessage>| {
+            let mut failed = Vec::new();
+            while let Ok(m) = rx.try_recv() {
+                if let Some(party_message::Body::Failed(f)) = m.body {
+                    failed.push((f.job_id, f.task_id, f.reason));
+                }
+            }
+            failed
+        };
+        // Task 1 is taken up (the worker waits in it); 2..=5 wait; 6 fails.
+        route(&jobs, &outbox, setup("busy", 1), None).await;
+        taken_up(&jobs, 0);
+        for task_id in 2..=6 {
+            route(&jobs, &outbox, setup("busy", task_id), None).await;
+        }
+        let failed = failures(&mut rx);
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].1, 6);
+        assert!(failed[0].2.contains("4 tasks of this job already wait"), "{}", failed[0].2);
+        // Task 1 answered, 2 taken up: room for one more.
+        permit.send(()).unwrap();
+        taken_up(&jobs, 3);
+        route(&jobs, &outbox, setup("busy", 7), None).await;
+        assert_eq!(failures(&mut rx), []);
+        // Three more jobs whose workers take nothing up: 4 + 12 wait, so a
+        // fifth job's task fails whatever that job holds.
+        let mut idle = Vec::new();
+        for job in ["j1", "j2", "j3", "j4"] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            idle.push(rx);
+            jobs.insert(job.into(), JobInbox { tx, queued: Arc::new(AtomicUsize::new(0)), worker: None });
+        }
+        for job in ["j1", "j2", "j3"] {
+            for task_id in 0..4 {
+                route(&jobs, &outbox, setup(job, task_id), None).await;
+            }
+        }
+        assert_eq!(failures(&mut rx), []);
+        route(&jobs, &outbox, setup("j4", 0), None).await;
+        let failed = failures(&mut rx);
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!((failed[0].0.as_str(), failed[0].1), ("j4", 0));
+        assert!(failed[0].2.contains("16 tasks already wait for this party's workers"), "{}", failed[0].2);
+        for _ in 0..8 {
+            let _ = permit.send(());
+        }
+        drop(jobs);
     }
 
     #[test]

@@ -774,6 +774,30 @@ async fn a_welcome_under_another_name_or_none_ends_the_connection() {
     }
 }
 
+/// A party runs at most `policy.max_jobs` jobs at once: a third offer is
+/// refused naming the setting, a re-offer of a running job is not counted
+/// twice, and a closed job makes room for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_beyond_the_policys_most_jobs_are_refused() {
+    install_crypto();
+    let closed = pb::JobClosed { job_id: "a".into(), state: 0, reason: "done".into() };
+    let script = vec![
+        (Duration::ZERO, offer_of("a", one_party_spec())),
+        (Duration::ZERO, offer_of("b", one_party_spec())),
+        (Duration::ZERO, offer_of("c", one_party_spec())),
+        (Duration::from_millis(300), offer_of("b", one_party_spec())),
+        (Duration::from_millis(300), coordinator_message::Body::Closed(closed)),
+        (Duration::from_millis(300), offer_of("d", one_party_spec())),
+    ];
+    let seen = scripted("[policy]\nmax_jobs = 2\n", Duration::ZERO, script, 5).await;
+    assert_eq!(
+        labels(&seen),
+        ["a accepted: true", "b accepted: true", "c refused", "b accepted: true", "d accepted: true"],
+        "{seen:?}"
+    );
+    assert_eq!(seen[2].reason, "this party already runs 2 jobs (policy.max_jobs = 2)");
+}
+
 /// A close that comes while its job's offer is in flight is kept, not lost:
 /// the job is closed as soon as it is answered. Floor 2 s, set-up 0.5 s,
 /// the close at 0.2 s: a task of the job sent after the answer is refused,
