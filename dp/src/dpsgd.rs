@@ -351,27 +351,50 @@ mod tests {
         assert!(odd.effective_noise_multiplier() >= 1.1 && odd.effective_noise_multiplier() < 1.1 + 1e-6);
     }
 
-    /// The worst case of the sensitivity argument: two sums that differ by
-    /// one clipped gradient round to lattice vectors at most 2^20 apart.
+    /// The sensitivity argument: two sums that differ by one clipped
+    /// gradient round to lattice vectors at most 2^20 apart. Random sums
+    /// and gradients at the clipping norm, then the worst case built on
+    /// purpose: a gradient along (1, …, 1) whose coordinates each sit just
+    /// above a whole number of lattice units, added to a sum whose
+    /// coordinates sit just below a rounding boundary, so that every
+    /// coordinate rounds up by almost a whole extra unit and the extra √d
+    /// adds to the gradient's norm in the same direction. That case comes
+    /// within 0.1% of C_clip/γ + √d (it is the worst) and still fits, with
+    /// √d left for the floating-point summation's error.
     #[test]
     fn neighbouring_sums_round_within_the_lattice_sensitivity() {
         let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let rounded_distance = |dp: &DpSgd, base: &[f64], with: &[f64]| {
+            let d2: f64 =
+                base.iter().zip(with).map(|(a, b)| ((b / dp.gamma).round() - (a / dp.gamma).round()).powi(2)).sum();
+            d2.sqrt()
+        };
         for dim in [1usize, 7, 1000] {
             let dp = DpSgd::new(cfg(dim)).unwrap();
             for _ in 0..200 {
                 let base: Vec<f64> = (0..dim).map(|_| (rng.next_u32() as f64 / 2e9 - 1.0) * 30.0).collect();
                 let g: Vec<f64> = (0..dim).map(|_| rng.next_u32() as f64 / 4e9 - 0.5).collect();
                 let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
-                // Scaled to exactly the clipping norm: the worst case.
                 let f = dp.clip_norm() / norm;
                 let with: Vec<f64> = base.iter().zip(&g).map(|(b, x)| b + f * x).collect();
-                let d2: f64 = base
-                    .iter()
-                    .zip(&with)
-                    .map(|(a, b)| ((b / dp.gamma).round() - (a / dp.gamma).round()).powi(2))
-                    .sum();
-                assert!(d2.sqrt() <= lattice_sensitivity(1.0), "dim {dim}: {}", d2.sqrt());
+                let d = rounded_distance(&dp, &base, &with);
+                assert!(d <= lattice_sensitivity(1.0), "dim {dim}: {d}");
             }
+            // The worst case: each coordinate of the gradient is n + 0.001
+            // units (n whole, the norm at most the clip), each of the sum
+            // 0.0005 units below a rounding boundary.
+            let root_d = (dim as f64).sqrt();
+            let per = dp.clip_norm() / dp.gamma / root_d;
+            let units = if per.fract() >= 0.001 { per.floor() + 0.001 } else { per.floor() - 0.999 };
+            let base: Vec<f64> =
+                (0..dim).map(|i| ((i as f64 * 37.0 - 5000.0).round() + 0.4995) * dp.gamma).collect();
+            let with: Vec<f64> = base.iter().map(|b| b + units * dp.gamma).collect();
+            let gradient_norm = units * dp.gamma * root_d;
+            assert!(gradient_norm <= dp.clip_norm(), "dim {dim}: the gradient is clipped");
+            let d = rounded_distance(&dp, &base, &with);
+            let worst = dp.clip_norm() / dp.gamma + root_d;
+            assert!(d >= worst * 0.999 - 1.0, "dim {dim}: {d} is not the worst case {worst}");
+            assert!(d <= lattice_sensitivity(1.0) - root_d * 0.99, "dim {dim}: {d} leaves no room for summation error");
         }
     }
 
