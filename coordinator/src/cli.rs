@@ -1070,7 +1070,7 @@ async fn pipeline_grant(
     plugins: &Plugins,
     days: f64,
 ) -> Result<Option<pb::SignedGrant>, Error> {
-    let spec = JobSpec::parse_with(text, name, &Limits::default(), plugins.protocols())?;
+    let spec = parse_spec(text, name, plugins)?;
     let Some(inc) = &spec.incremental else { return Ok(None) };
     if !(days.is_finite() && days > 0.0 && days <= 366.0) {
         return Err(Error::InvalidInput(format!("--grant-days: must be in (0, 366] (got {days})")));
@@ -1142,6 +1142,28 @@ fn parse_status(st: pb::JobStatus) -> Result<JobStatus, Error> {
     JobStatus::try_from(st).map_err(|e| Error::Io(format!("unreadable status from the coordinator: {e}")))
 }
 
+/// The limits the CLI parses specs under: the defaults, but for the size
+/// of the model, which only the coordinator's own `limits.max_values`
+/// decides (a federation may raise it).
+fn cli_limits() -> Limits {
+    Limits { max_values: 1 << 48, ..Limits::default() }
+}
+
+/// Parses a spec file's text; a model over the default `limits.max_values`
+/// is only warned of: the coordinator checks it against its own limit.
+fn parse_spec(text: &str, name: &str, plugins: &Plugins) -> Result<JobSpec, Error> {
+    let spec = JobSpec::parse_with(text, name, &cli_limits(), plugins.protocols())?;
+    if let Err(e) = JobSpec::parse_with(text, name, &Limits::default(), plugins.protocols()) {
+        let e = e.to_string();
+        let over = e.lines().filter(|l| l.contains("limits.max_values")).map(str::trim).collect::<Vec<_>>();
+        eprintln!(
+            "warning: {name}: over the default limits ({}); only a coordinator whose limits.max_values is raised takes it",
+            over.join("; ")
+        );
+    }
+    Ok(spec)
+}
+
 /// Validates a spec file: every field, and what this build knows of it
 /// (its protocols' settings, its strategies' capabilities). A custom
 /// strategy or job kind this build does not register is left to the
@@ -1149,7 +1171,7 @@ fn parse_status(st: pb::JobStatus) -> Result<JobStatus, Error> {
 fn validate(file: &std::path::Path, plugins: &Plugins) -> Result<(String, String), Error> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
     let name = file.display().to_string();
-    let spec = JobSpec::parse_with(&text, &name, &Limits::default(), plugins.protocols())?;
+    let spec = parse_spec(&text, &name, plugins)?;
     let unknown_strategy = matches!(&spec.strategy, StrategyConfig::Custom { name, .. } if !plugins.has_strategy(name));
     if plugins.kind(spec.kind.as_str()).is_some() && !unknown_strategy {
         plugins.check(&spec).map_err(|e| Error::Refused(format!("{name}: invalid job spec\n  {name}: {e}")))?;
@@ -1310,9 +1332,9 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
             let (text, name) = validate(&file, plugins)?;
             println!("{}: valid", file.display());
             // What the aggregation protocol makes of it (parameters, guarantees).
-            let spec = JobSpec::parse_with(&text, &name, &Limits::default(), plugins.protocols())?;
+            let spec = parse_spec(&text, &name, plugins)?;
             if let Some(p) = plugins.protocols().get(&spec.aggregation.protocol) {
-                for line in p.explain(&spec.aggregation.settings, &spec.facts("(new job)", &Limits::default())) {
+                for line in p.explain(&spec.aggregation.settings, &spec.facts("(new job)", &cli_limits())) {
                     println!("  {line}");
                 }
             }
@@ -1647,5 +1669,22 @@ mod split_tests {
         if nearest < z {
             assert!(at(nearest) > 8.0 || nearest == printed, "rounding to nearest would have been within the target");
         }
+    }
+
+    /// A model over the default `limits.max_values` is the coordinator's to
+    /// refuse (its limits may be raised): the CLI parses it; other errors
+    /// still fail locally.
+    #[test]
+    fn a_model_over_the_default_size_limit_is_left_to_the_coordinator() {
+        let spec = |units: u32| {
+            format!(
+                "name = \"p\"\nkind = \"train\"\nrounds = 1\n[parties]\nnames = [\"a\"]\nmin = 1\n\
+                 dataset = \"d\"\n[model]\nkind = \"mlp\"\nclasses = 2\nhidden = [{units}, {units}]\n"
+            )
+        };
+        let plugins = Plugins::default();
+        assert!(JobSpec::parse(&spec(16384), "p.toml", &Limits::default()).is_err(), "over the default limit");
+        parse_spec(&spec(16384), "p.toml", &plugins).expect("left to the coordinator");
+        assert!(parse_spec(&spec(16).replace("rounds = 1", "rounds = 0"), "p.toml", &plugins).is_err());
     }
 }
