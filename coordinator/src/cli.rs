@@ -630,8 +630,8 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                     None => println!("no services deployed"),
                 }
             }
-            for s in reply.services {
-                let (history, _) = verified_history(&pki, &s)?;
+            for s in &reply.services {
+                let (history, _) = verified_history(&pki, s)?;
                 if !json {
                     println!("{}", s.service);
                     if let Some(rows) = s.serving.as_ref().filter(|r| r.requests > 0) {
@@ -687,6 +687,13 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                         );
                     }
                 }
+                let earlier = s.deployments_total.saturating_sub(history.len() as u64);
+                if earlier > 0 && !json {
+                    println!("    ({earlier} earlier deployments not listed)");
+                }
+            }
+            if reply.truncated {
+                eprintln!("warning: more services than one reply holds; the rest are not listed (name one)");
             }
             Ok(0)
         }

@@ -1587,7 +1587,8 @@ impl AdminService for AdminSvc {
             s.serving_parties = parties;
         }
         drop(reports);
-        Ok(Response::new(pb::ListServicesReply { services }))
+        let truncated = keep_within(&mut services, MAX_LIST_REPLY_BYTES);
+        Ok(Response::new(pb::ListServicesReply { services, truncated }))
     }
 
     async fn list_parties(
@@ -1619,6 +1620,24 @@ fn kept_hello(h: pb::Hello) -> (pb::Hello, Option<String>) {
     }
     let software_version: String = h.software_version.chars().take(64).collect();
     (pb::Hello { software_version, policy_json, ..Default::default() }, dropped)
+}
+
+/// Most bytes of services a `ListServices` reply lists (a client decodes
+/// at most the default 4 MiB).
+const MAX_LIST_REPLY_BYTES: usize = 3 << 20;
+
+/// Keeps the first of `services` that fit in `bytes` encoded, so that a
+/// reply fits a message whatever the number of services; true when some
+/// were left out.
+fn keep_within(services: &mut Vec<pb::ServiceStatus>, bytes: usize) -> bool {
+    let mut room = bytes;
+    let fit = services
+        .iter()
+        .take_while(|s| room.checked_sub(prost::Message::encoded_len(*s) + 8).map(|r| room = r).is_some())
+        .count();
+    let truncated = fit < services.len();
+    services.truncate(fit);
+    truncated
 }
 
 /// A serving report within bounds: at most [`MAX_SERVING_SERVICES`]
@@ -1927,5 +1946,23 @@ mod tests {
         assert!(check_serving_report(&bad).unwrap_err().contains("not a service name"));
         let many = pb::ServingReport { services: (0..=MAX_SERVING_SERVICES).map(|i| rows(&format!("s{i}"))).collect() };
         assert!(check_serving_report(&many).unwrap_err().contains("at most 256"));
+    }
+
+    /// A services listing fits its budget whatever the number of services,
+    /// whole services first, and says when some were left out.
+    #[test]
+    fn a_services_listing_keeps_what_fits_and_says_so() {
+        let status = |i: usize| pb::ServiceStatus {
+            service: format!("s{i}"),
+            deployments: vec![pb::ServiceDeployment { record: vec![7; 1000], ..Default::default() }],
+            ..Default::default()
+        };
+        let mut services: Vec<_> = (0..10).map(status).collect();
+        let one = prost::Message::encoded_len(&services[0]) + 8;
+        assert!(!keep_within(&mut services, 10 * one));
+        assert_eq!(services.len(), 10);
+        assert!(keep_within(&mut services, 4 * one + one / 2));
+        let names: Vec<&str> = services.iter().map(|s| s.service.as_str()).collect();
+        assert_eq!(names, ["s0", "s1", "s2", "s3"]);
     }
 }

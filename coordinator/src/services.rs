@@ -42,24 +42,38 @@ pub fn current_deployments(db: &Db) -> Result<Vec<pb::ServiceDeployment>, Error>
 /// Services with their histories (newest first), one or all.
 pub fn statuses(db: &Db, service: Option<&str>) -> Result<Vec<pb::ServiceStatus>, Error> {
     let mut out: Vec<pb::ServiceStatus> = Vec::new();
-    for d in db.deployments(service)? {
-        match out.last_mut() {
-            Some(s) if s.service == d.service => {
-                s.deployments.push(to_pb(&d));
-                s.created_at = d.created_at;
-            }
-            _ => out.push(pb::ServiceStatus {
-                service: d.service.clone(),
-                deployments: vec![to_pb(&d)],
-                created_at: d.created_at,
-                // Filled by the admin API from the parties' reports.
-                serving: None,
-                serving_parties: Vec::new(),
-            }),
+    let shown = if service.is_some() { SHOWN_OF_ONE } else { SHOWN_OF_EACH };
+    let deployments = db.deployments(service)?;
+    for group in deployments.chunk_by(|a, b| a.service == b.service) {
+        let (Some(current), Some(oldest)) = (group.first(), group.last()) else { continue };
+        let mut kept: Vec<pb::ServiceDeployment> = group.iter().take(shown).map(to_pb).collect();
+        // What a rollback returns to, wherever it is in the history (the
+        // CLI signs the rollback over it).
+        let target = serde_json::from_slice::<DeploymentRecord>(&current.record).ok().and_then(|r| r.rollback_to);
+        if let Some(t) = target
+            && let Some(d) = group.iter().skip(shown).find(|d| d.sequence == t)
+        {
+            kept.push(to_pb(d));
         }
+        out.push(pb::ServiceStatus {
+            service: current.service.clone(),
+            deployments: kept,
+            created_at: oldest.created_at,
+            // Filled by the admin API from the parties' reports.
+            serving: None,
+            serving_parties: Vec::new(),
+            deployments_total: group.len() as u64,
+        });
     }
     Ok(out)
 }
+
+/// Deployments listed when one service is asked for (see
+/// `ServiceStatus.deployments`).
+pub const SHOWN_OF_ONE: usize = 64;
+
+/// Deployments listed per service when all are.
+pub const SHOWN_OF_EACH: usize = 8;
 
 /// The `[model]` table of a job, as deployments carry it: read on its own,
 /// so that a stored spec a later build refuses elsewhere (a tightened
@@ -248,4 +262,65 @@ pub fn model_for_pull(db: &Db, service: &str, sequence: u64) -> Result<Vec<u8>, 
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("the model of job {} round {} is gone", r.job_id, r.round))?;
     std::fs::read(&v.path).map_err(|e| format!("reading the model of job {} round {}: {e}", r.job_id, r.round))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::SavedModel;
+    use confide_proto::Limits;
+
+    /// A pipeline's history grows without end, but a listing fits a
+    /// message: the newest 64 of one service (8 of each when all are
+    /// listed), then what the current deployment rolls back to, and the
+    /// total.
+    #[test]
+    fn a_long_history_is_listed_newest_first_with_its_rollback_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("c.db")).unwrap();
+        let spec = "name = \"t\"\nkind = \"train\"\nrounds = 2\n[parties]\nnames = [\"a\"]\ndataset = \"d\"\n\
+                    [model]\nkind = \"logistic_regression\"\nclasses = 2\n";
+        db.insert_job("j1", &JobSpec::parse(spec, "t", &Limits::default()).unwrap()).unwrap();
+        let model = SavedModel { path: "/m/round-1".into(), sha256: format!("{:064x}", 1), bytes: 1 };
+        db.save_checkpoint("j1", 1, Some(&model), None, None).unwrap();
+        let total = 100u64;
+        for seq in 1..=total {
+            let record = DeploymentRecord {
+                service: "triage".into(),
+                sequence: seq,
+                action: if seq == total { DeployAction::Rollback } else { DeployAction::Deploy },
+                job_id: "j1".into(),
+                round: 1,
+                sha256: format!("{:064x}", 1),
+                architecture: "kind = \"logistic_regression\"\nclasses = 2\n".into(),
+                rollback_to: (seq > 1).then(|| if seq == total { 3 } else { seq - 1 }),
+                issued_at: seq,
+                admin: "admin".into(),
+                joint: None,
+                pipeline: None,
+            };
+            let stored = StoredDeployment {
+                service: "triage".into(),
+                sequence: seq,
+                record: serde_json::to_vec(&record).unwrap(),
+                signature: vec![2],
+                admin_certificate: vec![3],
+                grant: None,
+                created_at: seq,
+            };
+            db.add_deployment(&stored, "j1", 1).unwrap();
+        }
+        let sequences = |s: &pb::ServiceStatus| -> Vec<u64> {
+            s.deployments.iter().map(|d| serde_json::from_slice::<DeploymentRecord>(&d.record).unwrap().sequence).collect()
+        };
+        for (asked, shown) in [(Some("triage"), SHOWN_OF_ONE), (None, SHOWN_OF_EACH)] {
+            let listed = statuses(&db, asked).unwrap();
+            assert_eq!(listed.len(), 1);
+            let s = &listed[0];
+            let mut expected: Vec<u64> = (total + 1 - shown as u64..=total).rev().collect();
+            expected.push(3);
+            assert_eq!(sequences(s), expected, "{asked:?}");
+            assert_eq!((s.deployments_total, s.created_at), (total, 1));
+        }
+    }
 }

@@ -240,15 +240,18 @@ async fn models_page(State(d): State<Arc<Dashboard>>) -> Response {
         Ok(r) => r.into_inner().models,
         Err(s) => return rpc_failure("list models", &s),
     };
-    let services = match admin.list_services(pb::ListServicesRequest::default()).await {
-        Ok(r) => r.into_inner().services,
+    let (services, more_services) = match admin.list_services(pb::ListServicesRequest::default()).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            (r.services, r.truncated)
+        }
         Err(s) => return rpc_failure("list services", &s),
     };
     let verified = match verify_services(&d.pki, &services) {
         Ok(v) => v,
         Err(e) => return failure(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    Html(render::page("Models and services", &render::models(&models, &verified))).into_response()
+    Html(render::page("Models and services", &render::models(&models, &verified, more_services))).into_response()
 }
 
 /// Each service's deployment history, verified against the CA and the
@@ -267,6 +270,7 @@ fn verify_services(pki: &PkiDir, services: &[pb::ServiceStatus]) -> Result<Vec<r
                 .collect(),
             serving: s.serving.clone(),
             serving_parties: s.serving_parties.clone(),
+            total: s.deployments_total,
         })
         .collect())
 }

@@ -507,6 +507,8 @@ pub struct ServiceView {
     pub serving: Option<pb::ServiceRows>,
     /// The parties whose reports are summed.
     pub serving_parties: Vec<String>,
+    /// How many deployments it has in all (`history` holds the newest).
+    pub total: u64,
 }
 
 /// Rows answered and the forwarded fraction, from serving reports.
@@ -532,10 +534,16 @@ fn serving_line(rows: &pb::ServiceRows, parties: &[String]) -> String {
 /// Model versions and services. Deployment records are shown only once
 /// their administrator's signature verified here: the coordinator is not
 /// trusted to report them.
-pub fn models(models: &[pb::ModelVersion], services: &[ServiceView]) -> String {
+pub fn models(models: &[pb::ModelVersion], services: &[ServiceView], more_services: bool) -> String {
     let mut b = String::from("<h1>Models and services</h1><section><h2>Services</h2>");
     if services.is_empty() {
         b.push_str("<p class=\"muted\">No service is deployed.</p>");
+    }
+    if more_services {
+        b.push_str(
+            "<p class=\"muted\">More services than one page holds: the rest are not shown (<code>confide model \
+             services NAME</code> lists one).</p>",
+        );
     }
     for svc in services {
         let _ = write!(b, "<h3>{}</h3>", esc(&svc.name));
@@ -553,12 +561,17 @@ pub fn models(models: &[pb::ModelVersion], services: &[ServiceView]) -> String {
                     let _ = write!(
                         b,
                         "<p>Serving job <a href=\"/jobs/{job}\">{job}</a> round {round} ({sha}) since {at}; \
-                         {n} deployments, {rollbacks} rollbacks{joint}.</p>",
+                         {n} deployments, {rollbacks} rollbacks{shown}{joint}.</p>",
                         job = esc(&r.job_id),
                         round = r.round,
                         sha = esc(r.sha256.get(..12).unwrap_or(&r.sha256)),
                         at = when(r.issued_at),
-                        n = h.len(),
+                        n = svc.total.max(h.len() as u64),
+                        shown = if svc.total > h.len() as u64 {
+                            format!(" among the {} listed", h.len())
+                        } else {
+                            String::new()
+                        },
                         joint = if r.joint.is_some() { "; joint inference with a cloud tier" } else { "" },
                     );
                 }
