@@ -767,12 +767,11 @@ impl PartyNode {
                     if let Some(registry) = self.serving.get() {
                         match registry.on_part(part) {
                             Ok(Some((deployment, bytes))) => {
-                                let registry = registry.clone();
-                                tokio::task::spawn_blocking(move || {
-                                    if let Err(e) = registry.install(deployment, &bytes, true) {
-                                        warn!("deployment refused: {e}");
-                                    }
-                                });
+                                let service = deployment.record.service.clone();
+                                if registry.queue_install(deployment, bytes) {
+                                    let registry = registry.clone();
+                                    tokio::task::spawn_blocking(move || registry.run_installs(&service));
+                                }
                             }
                             Ok(None) => {}
                             Err(e) => warn!("coordinator fault: {e}"),

@@ -119,10 +119,16 @@ impl Service {
     fn current(&self) -> Option<Arc<Served>> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
+}
 
-    fn sequence(&self) -> u64 {
-        self.current().map_or(0, |s| s.deployment.record.sequence)
-    }
+/// Installs of pulled models: one at a time per service, and of those
+/// pulled meanwhile only the newest waits, so that a coordinator sending
+/// deployments faster than they install holds at most a pull, an install
+/// and one waiting model per service here.
+#[derive(Default)]
+struct Installs {
+    waiting: HashMap<String, (SignedDeployment, Vec<u8>)>,
+    running: std::collections::HashSet<String>,
 }
 
 /// A model being pulled.
@@ -141,6 +147,9 @@ pub struct Registry {
     config: ServeConfig,
     max_model_bytes: usize,
     pulls: Mutex<HashMap<String, Pull>>,
+    /// Pulled models waiting for their service's install, and the services
+    /// whose install runs (see [`Registry::queue_install`]).
+    installs: Mutex<Installs>,
     /// This party's name, from the coordinator's welcome.
     me: RwLock<String>,
     /// The current coordinator stream, for forwarded requests.
@@ -297,6 +306,7 @@ impl Registry {
             config: serve.clone(),
             max_model_bytes: config.limits.max_values.saturating_mul(4).saturating_add(1 << 20),
             pulls: Mutex::new(HashMap::new()),
+            installs: Mutex::new(Installs::default()),
         };
         for name in &serve.services {
             match registry.load_kept(name) {
@@ -494,12 +504,65 @@ impl Registry {
         Ok(Some((done.deployment, done.bytes)))
     }
 
+    /// Takes a pulled model for install. True when the caller must run
+    /// [`Registry::run_installs`] for its service (no install of it runs);
+    /// otherwise the running one takes it up, unless a newer one comes
+    /// first.
+    pub fn queue_install(&self, d: SignedDeployment, bytes: Vec<u8>) -> bool {
+        let mut installs = self.installs.lock().unwrap_or_else(|p| p.into_inner());
+        let service = d.record.service.clone();
+        let newer = installs.waiting.get(&service).is_none_or(|(w, _)| w.record.sequence < d.record.sequence);
+        if newer {
+            installs.waiting.insert(service.clone(), (d, bytes));
+        }
+        installs.running.insert(service)
+    }
+
+    /// Installs the models queued for `service`, one at a time, until none
+    /// waits. Blocking.
+    pub fn run_installs(&self, service: &str) {
+        loop {
+            let next = {
+                let mut installs = self.installs.lock().unwrap_or_else(|p| p.into_inner());
+                match installs.waiting.remove(service) {
+                    Some(next) => next,
+                    None => {
+                        installs.running.remove(service);
+                        return;
+                    }
+                }
+            };
+            let (d, bytes) = next;
+            if let Err(e) = self.install(d, &bytes, true) {
+                warn!("deployment refused: {e}");
+            }
+        }
+    }
+
     /// Checks a pulled model against its deployment (hash, architecture),
     /// keeps both in the store when `keep`, and swaps it in. Blocking: it
     /// hashes, parses and builds the model.
     pub fn install(&self, d: SignedDeployment, bytes: &[u8], keep: bool) -> Result<(), String> {
         let r = &d.record;
         let svc = self.services.get(&r.service).ok_or_else(|| format!("service {} is not served here", r.service))?;
+        // Held for the whole install: whatever runs installs, two never
+        // pass the sequence check below together.
+        let _installing = svc.installing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = svc.current() {
+            let seq = held.deployment.record.sequence;
+            if r.sequence < seq {
+                return Err(format!("deployment {} of service {} arrived after a newer one", r.sequence, r.service));
+            }
+            if r.sequence == seq {
+                if held.deployment.bytes == d.bytes {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "another deployment {} of service {} than the one served here (two records of one sequence)",
+                    r.sequence, r.service
+                ));
+            }
+        }
         let sha = sha256_hex(bytes);
         if sha != r.sha256 {
             return Err(format!(
@@ -515,10 +578,6 @@ impl Registry {
             )
         })?;
         let width = params.get(confide_algorithms::trainer::INPUT_MEAN).map_or(0, |t| t.data.len());
-        let _installing = svc.installing.lock().unwrap_or_else(|p| p.into_inner());
-        if r.sequence < svc.sequence() {
-            return Err(format!("deployment {} of service {} arrived after a newer one", r.sequence, r.service));
-        }
         if keep {
             self.keep(&d, bytes)?;
         }
@@ -939,8 +998,16 @@ mod tests {
         SignedDeployment::sign(r, &key, cert).unwrap().to_pb()
     }
 
-    /// Offers a deployment and delivers its model in two parts.
+    /// Offers a deployment and delivers its model in two parts, and
+    /// installs it.
     fn deliver(reg: &Registry, msg: &pb::ServiceDeployment, bytes: &[u8]) -> Result<(), String> {
+        let (d, got) = pulled(reg, msg, bytes)?;
+        reg.install(d, &got, true)
+    }
+
+    /// Offers a deployment and delivers its model in two parts: what is
+    /// then to install.
+    fn pulled(reg: &Registry, msg: &pb::ServiceDeployment, bytes: &[u8]) -> Result<(SignedDeployment, Vec<u8>), String> {
         let pull = reg.offer(msg)?.ok_or("nothing to pull")?;
         let half = bytes.len() / 2;
         let part = |offset: usize, data: &[u8]| pb::ModelPart {
@@ -952,8 +1019,7 @@ mod tests {
             error: String::new(),
         };
         assert!(reg.on_part(part(0, &bytes[..half]))?.is_none());
-        let (d, got) = reg.on_part(part(half, &bytes[half..]))?.ok_or("incomplete")?;
-        reg.install(d, &got, true)
+        reg.on_part(part(half, &bytes[half..]))?.ok_or_else(|| "incomplete".into())
     }
 
     fn rt() -> tokio::runtime::Runtime {
@@ -1050,6 +1116,47 @@ mod tests {
         let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
         assert!(reg.current("triage").is_err());
         assert!(reg.offer(&d1).unwrap_err().contains("older than the 2 taken here"));
+        let _ = &f.dir;
+    }
+
+    /// Installs run one at a time per service: of the models pulled while
+    /// one installs, only the newest waits (a coordinator sending
+    /// deployments faster than they install holds no more here), and two
+    /// records of one sequence, pulled before either is installed, do not
+    /// both go in.
+    #[test]
+    fn installs_run_one_at_a_time_and_only_the_newest_waits() {
+        let f = fixture();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let (v1, v2, v3) = (model_bytes(1), model_bytes(2), model_bytes(3));
+        deliver(&reg, &admin_signed(&f, record(1, &v1, LOGREG)), &v1).unwrap();
+        // Two records of sequence 2 (a coordinator that showed two
+        // administrators the same history), both pulled.
+        let (a, a_bytes) = pulled(&reg, &admin_signed(&f, record(2, &v2, LOGREG)), &v2).unwrap();
+        let (b, b_bytes) = pulled(&reg, &admin_signed(&f, record(2, &v3, LOGREG)), &v3).unwrap();
+        reg.install(a.clone(), &a_bytes, true).unwrap();
+        let e = reg.install(b, &b_bytes, true).unwrap_err();
+        assert!(e.contains("two records of one sequence"), "{e}");
+        reg.install(a, &a_bytes, true).expect("the one served, again: nothing to do");
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sha256, sha256_hex(&v2));
+        // Pulled while an install runs: 3, then 5, then 4 (older than 5).
+        let (d3, b3) = pulled(&reg, &admin_signed(&f, record(3, &v3, LOGREG)), &v3).unwrap();
+        let (d4, b4) = pulled(&reg, &admin_signed(&f, record(4, &v1, LOGREG)), &v1).unwrap();
+        let (d5, b5) = pulled(&reg, &admin_signed(&f, record(5, &v2, LOGREG)), &v2).unwrap();
+        assert!(reg.queue_install(d3, b3), "no install runs: the caller runs it");
+        assert!(!reg.queue_install(d5, b5), "one runs: it takes this up");
+        assert!(!reg.queue_install(d4, b4), "older than the one waiting: dropped");
+        {
+            let installs = reg.installs.lock().unwrap();
+            assert_eq!(installs.waiting.len(), 1, "one model waits per service");
+            assert_eq!(installs.waiting["triage"].0.record.sequence, 5);
+        }
+        reg.run_installs("triage");
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 5);
+        let (d6, b6) = pulled(&reg, &admin_signed(&f, record(6, &v3, LOGREG)), &v3).unwrap();
+        assert!(reg.queue_install(d6, b6), "the run ended with nothing waiting");
+        reg.run_installs("triage");
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 6);
         let _ = &f.dir;
     }
 
