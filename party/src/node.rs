@@ -69,9 +69,9 @@ pub struct PartyNode {
     /// One acceptance at a time, node-wide, including the blocking work of
     /// one whose connection ended (see [`PartyNode::accept`]).
     acceptance_slot: Arc<tokio::sync::Semaphore>,
-    /// The runs of each job's rounds this party took part in, kept across
-    /// the job's sessions (a re-offered job still gets only later runs).
-    runs: Arc<confide_crypto::aggregation::RunsTaken>,
+    /// What this party released of each job (runs taken, sums decrypted),
+    /// kept across the job's sessions (a re-offered job finds it).
+    released: Arc<confide_crypto::aggregation::Released>,
 }
 
 struct Outbox {
@@ -334,7 +334,7 @@ impl PartyNode {
             metrics: Arc::new(PartyMetrics::new().unwrap_or_else(|e| panic!("party metrics: {e}"))),
             metrics_server: std::sync::OnceLock::new(),
             acceptance_slot: Arc::new(tokio::sync::Semaphore::new(1)),
-            runs: Default::default(),
+            released: Default::default(),
         }
     }
 
@@ -960,7 +960,7 @@ impl PartyNode {
             return Err("the job spec does not name this party".into());
         }
         let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?;
-        let identity = identity(cfg, me, &self.revocations, self.runs.clone())?;
+        let identity = identity(cfg, me, &self.revocations, self.released.clone())?;
         // Checked again at every offer: a watched directory's files, and
         // links, change while the party runs. The detail (local paths)
         // stays in this party's log.
@@ -1202,14 +1202,14 @@ fn identity(
     cfg: &PartyConfig,
     me: &str,
     revocations: &SharedRevocations,
-    runs: Arc<confide_crypto::aggregation::RunsTaken>,
+    released: Arc<confide_crypto::aggregation::Released>,
 ) -> Result<PartyIdentity, String> {
     let key = confide_crypto::pki::read_private_key(&cfg.key).map_err(|e| e.to_string())?;
     let key = IdentityKey::from_pem(&key).map_err(|e| format!("{}: {e}", cfg.key.display()))?;
     let ca_pem = std::fs::read(&cfg.ca).map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
     let verifier = CertVerifier::with_revocations(&ca_pem, revocations.clone())
         .map_err(|e| format!("{}: {e}", cfg.ca.display()))?;
-    Ok(PartyIdentity { name: me.to_owned(), signer: Arc::new(key), peers: Box::new(verifier), runs })
+    Ok(PartyIdentity { name: me.to_owned(), signer: Arc::new(key), peers: Box::new(verifier), released })
 }
 
 /// Tasks of one job that may wait for its worker (an honest coordinator

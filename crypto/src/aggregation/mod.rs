@@ -695,24 +695,36 @@ pub struct PartyIdentity {
     pub signer: Arc<dyn IdentitySigner + Send + Sync>,
     /// Verifies other parties.
     pub peers: Box<dyn PeerVerifier>,
-    /// The runs of each job's rounds this party took part in, shared by
-    /// its sessions of a job (the party process keeps one).
-    pub runs: std::sync::Arc<RunsTaken>,
+    /// What this party released of each job (runs taken, sums decrypted),
+    /// shared by its sessions of a job (the party process keeps one).
+    pub released: std::sync::Arc<Released>,
 }
 
-/// The last run of its rounds a party took part in, per job. A protocol
-/// whose signatures bind a run number ([`secagg`]'s) takes each run once,
-/// in increasing order; the record outlives a job's session, so a
-/// coordinator that offers a running job again (a new session and client)
-/// still gets only later runs. Kept in memory by the party process.
+/// What a party released of each job, kept by the party process across a
+/// job's sessions, so that a coordinator that offers a running job again
+/// (a new session and client) finds the record of the old one:
+/// - the last run of its rounds the party took part in: a protocol whose
+///   signatures bind a run number ([`secagg`]'s) takes each run once, in
+///   increasing order;
+/// - the contributor set of each sum a party helped decrypt, by round and
+///   kind (a fit's update, a setup's statistics, an evaluation): a
+///   protocol that decrypts ([`he`]'s) decrypts a round's sum of a kind
+///   again only over the same contributors, so that two sums of one round
+///   never differ by one party's values, whatever the coordinator varies
+///   in between (the model's bits, the session).
+///
+/// Kept in memory by the party process.
 #[derive(Debug, Default)]
-pub struct RunsTaken(std::sync::Mutex<std::collections::BTreeMap<String, u64>>);
+pub struct Released {
+    runs: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    sums: std::sync::Mutex<std::collections::BTreeMap<(String, u32, &'static str), [u8; 32]>>,
+}
 
-impl RunsTaken {
+impl Released {
     /// Records that the party takes part in `run` of `job`; refused, with
     /// the last run it took, when that is `run` or later.
-    pub fn take(&self, job: &str, run: u64) -> Result<(), u64> {
-        let mut taken = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    pub fn take_run(&self, job: &str, run: u64) -> Result<(), u64> {
+        let mut taken = self.runs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match taken.get_mut(job) {
             Some(last) if run <= *last => Err(*last),
             Some(last) => {
@@ -721,6 +733,27 @@ impl RunsTaken {
             }
             None => {
                 taken.insert(job.to_owned(), run);
+                Ok(())
+            }
+        }
+    }
+
+    /// Records that the party helps decrypt the `kind` sum of `round` of
+    /// `job` over `contributors`; refused when it helped decrypt that sum
+    /// over another set.
+    pub fn decrypt_once(&self, job: &str, round: u32, kind: &'static str, contributors: &[String]) -> Result<(), ()> {
+        let mut h = blake3::Hasher::new_derive_key("confide released sum contributors v1");
+        for c in contributors {
+            h.update(&(c.len() as u64).to_le_bytes());
+            h.update(c.as_bytes());
+        }
+        let set = *h.finalize().as_bytes();
+        let mut sums = self.sums.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match sums.entry((job.to_owned(), round, kind)) {
+            std::collections::btree_map::Entry::Occupied(e) if *e.get() != set => Err(()),
+            std::collections::btree_map::Entry::Occupied(_) => Ok(()),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(set);
                 Ok(())
             }
         }

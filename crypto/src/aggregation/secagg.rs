@@ -1294,7 +1294,7 @@ impl SecAggClient {
         // collect a second survivor-set signature of this party for the
         // signatures of one run (a round run again keeps its job, round and
         // binding): refuse it before any key is made.
-        self.party.runs.take(&self.job.job_id, rc.run).map_err(|last| {
+        self.party.released.take_run(&self.job.job_id, rc.run).map_err(|last| {
             Error::WrongStage(format!(
                 "the coordinator started run {} of round {round}; this party already took part in run {last} of \
                  this job, and takes only later runs",
@@ -1811,7 +1811,7 @@ mod tests {
         let (job, names, global, fit) = (facts(n), names(n), params(&[0.0]), fit());
         let mut server = server(&toml::Table::new(), &job);
         let p0 = identity("p0");
-        let p0_runs = p0.runs.clone();
+        let p0_released = p0.released.clone();
         let mut clients: Clients = std::iter::once(p0)
             .chain(names[1..].iter().map(|p| identity(p)))
             .map(|id| SecAggPlus.client(&toml::Table::new(), &job, id).unwrap())
@@ -1853,7 +1853,7 @@ mod tests {
         let e = clients[0].contribute(1, &first_message, update()).unwrap_err();
         assert!(matches!(&e, Error::WrongStage(m) if m.contains("already took part in run")), "{e}");
         // Likewise after the job is offered again: a new session's client.
-        let again = PartyIdentity { runs: p0_runs, ..identity("p0") };
+        let again = PartyIdentity { released: p0_released, ..identity("p0") };
         let mut reoffered = SecAggPlus.client(&toml::Table::new(), &job, again).unwrap();
         let e = reoffered.contribute(1, &first_message, update()).unwrap_err().to_string();
         assert!(e.contains("already took part in run"), "{e}");
@@ -1892,7 +1892,7 @@ mod tests {
             name: "p0".into(),
             signer: std::sync::Arc::new(InsecureTagSigner("p0".into())),
             peers: Box::new(VersionedTagVerifier(2)),
-            runs: Default::default(),
+            released: Default::default(),
         };
         let mut client = SecAggPlus.client(&toml::Table::new(), &job, party).unwrap();
         let update =

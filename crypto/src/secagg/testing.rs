@@ -59,7 +59,7 @@ pub fn identity(name: &str) -> crate::aggregation::PartyIdentity {
         name: name.to_owned(),
         signer: std::sync::Arc::new(InsecureTagSigner(name.to_owned())),
         peers: Box::new(InsecureTagVerifier),
-        runs: Default::default(),
+        released: Default::default(),
     }
 }
 

@@ -393,7 +393,6 @@ impl AggregationProtocol for ThresholdHe {
             party,
             epoch: None,
             round: None,
-            decrypted: BTreeMap::new(),
             ahead: None,
             last_values: None,
             noise: NoisePool::default(),
@@ -852,9 +851,8 @@ struct Derived {
     /// The key epoch (its keygen round's binding; this round's own when keygen).
     epoch: [u8; 32],
     dim: usize,
-    /// What the round sums (model and fit configuration, or a sum layout).
-    subject: [u8; 32],
-    /// Everything above, the spec's settings and the DP mechanism, hashed:
+    /// Everything above, what the round sums (model and fit configuration,
+    /// or a sum layout), the spec's settings and the DP mechanism, hashed:
     /// in every signature of the round.
     binding: [u8; 32],
 }
@@ -898,7 +896,7 @@ fn derive_round(
         h.update(&dp);
     }
     let binding = *h.finalize().as_bytes();
-    Derived { round, parties: parties.to_vec(), keygen, epoch: epoch.unwrap_or(binding), dim, subject, binding }
+    Derived { round, parties: parties.to_vec(), keygen, epoch: epoch.unwrap_or(binding), dim, binding }
 }
 
 // ------------------------------------------------------------ server
@@ -1945,6 +1943,8 @@ enum ClientStage {
 
 struct ClientRound {
     derived: Derived,
+    /// What it sums: `fit` or a [`SumLayout`]'s purpose.
+    kind: &'static str,
     input: Zeroizing<Vec<u32>>,
     stage: ClientStage,
 }
@@ -1955,10 +1955,6 @@ struct HeClient {
     party: PartyIdentity,
     epoch: Option<ClientEpoch>,
     round: Option<ClientRound>,
-    /// The contributor set of each (round, subject) this party decrypted: it
-    /// decrypts a round again only for the same set (a resumed round), so
-    /// the coordinator cannot difference two sums of one round.
-    decrypted: BTreeMap<(u32, [u8; 32]), [u8; 32]>,
     /// Randomness drawn ahead of rounds for the current key and a model size.
     ahead: Option<Ahead>,
     /// Values of the last update encrypted: the next round's likely size.
@@ -2060,7 +2056,7 @@ impl HeClient {
     }
 
     /// Starts this party's side of a round with its encoded input.
-    fn start(&mut self, derived: Derived, input: Vec<u32>) -> Result<Envelope, Error> {
+    fn start(&mut self, derived: Derived, kind: &'static str, input: Vec<u32>) -> Result<Envelope, Error> {
         self.round = None;
         let input = Zeroizing::new(input);
         if derived.keygen {
@@ -2084,11 +2080,11 @@ impl HeClient {
                 certificate: Vec::new(),
             };
             self.round =
-                Some(ClientRound { derived, input, stage: ClientStage::Committed { secret, dh, public_share } });
+                Some(ClientRound { derived, kind, input, stage: ClientStage::Committed { secret, dh, public_share } });
             return Ok(Envelope::encode(&commit));
         }
         let (envelope, c0, c1) = self.encrypt(&derived, &input, Vec::new())?;
-        self.round = Some(ClientRound { derived, input, stage: ClientStage::Uploaded { c0, c1 } });
+        self.round = Some(ClientRound { derived, kind, input, stage: ClientStage::Uploaded { c0, c1 } });
         Ok(envelope)
     }
 
@@ -2413,7 +2409,7 @@ impl HeClient {
                 Ok(Envelope::encode(&wire::HashValue { party: me, values, signature, c0_values }))
             }
             (DECRYPT, ClientStage::Hashed { commitment, contributors, own, .. }) => {
-                self.decrypt(&r.derived, message, &commitment, &contributors, &own)
+                self.decrypt((&r.derived, r.kind), message, &commitment, &contributors, &own)
             }
             (other, _) => Err(Error::WrongStage(format!("{other} at this point of the round"))),
         }
@@ -2441,7 +2437,7 @@ impl HeClient {
     /// share. Every refusal names the coordinator.
     fn decrypt(
         &mut self,
-        derived: &Derived,
+        (derived, kind): (&Derived, &'static str),
         message: Envelope,
         hashed: &[u8; 32],
         hashed_by: &[String],
@@ -2561,15 +2557,15 @@ impl HeClient {
                     .map_err(|_| coordinator_fault(format!("named {d}, who holds no key share, as a decryptor")))?,
             );
         }
-        // Once per round and subject, unless for the very same aggregate
-        // (a share lost in transit): two aggregates of one round would
-        // differ by whoever is not in both, or average their DP noise away.
-        let key = (derived.round, derived.subject);
-        if let Some(previous) = self.decrypted.get(&key)
-            && *previous != commitment
-        {
+        // A round's sum of a kind, once, or again over the very same
+        // contributors (a share lost in transit, a round resumed): two
+        // sums of one round over other sets would differ by whoever is not
+        // in both. Kept by the party node, not this client, and keyed by
+        // what the party derives (not the coordinator's model or config,
+        // whose bits it can vary without changing the training).
+        if self.party.released.decrypt_once(&self.job.job_id, derived.round, kind, &contributors).is_err() {
             return Err(coordinator_fault(format!(
-                "asked for a second decryption of round {} over another aggregate than the first",
+                "asked for a second decryption of round {}'s {kind} sum over other contributors than the first",
                 derived.round
             )));
         }
@@ -2589,7 +2585,6 @@ impl HeClient {
             }
             other => other,
         })?;
-        self.decrypted.insert(key, commitment);
         let bytes = share.to_bytes(&epoch.params);
         Ok(framed(&wire::Framed { bytes: bytes.len() as u64 }, &bytes))
     }
@@ -2619,7 +2614,7 @@ impl AggregationClient for HeClient {
             let encoding = WeightedUpdate::new(s.b(), s.clip, s.max_examples, self.job.party_bound())?;
             (derived, encoding.encode(update.global, &update.local, update.num_examples, update.train_loss)?)
         };
-        self.start(derived, input)
+        self.start(derived, "fit", input)
     }
 
     fn contribute_sum(
@@ -2641,7 +2636,7 @@ impl AggregationClient for HeClient {
         let encoding = WideSum::new(self.settings.b(), self.job.party_bound())?;
         let derived = self.derive(round, round_message, encoding.words(layout.values), layout.digest, None)?;
         let input = encoding.encode(values)?;
-        self.start(derived, input)
+        self.start(derived, layout.purpose, input)
     }
 
     fn prepare(&mut self, global: &confide_algorithms::Parameters) {
@@ -2688,7 +2683,7 @@ pub mod relay;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregation::{Aggregate, training_digest};
+    use crate::aggregation::{Aggregate, Released, training_digest};
     use crate::secagg::testing::{InsecureTagVerifier, identity};
     use confide_algorithms::{FitConfig, Parameters, Tensor, TrainConfig};
 
@@ -2768,6 +2763,17 @@ mod tests {
             let clients =
                 names.iter().map(|p| (p.clone(), ThresholdHe.client(&table, &job, identity(p)).unwrap())).collect();
             Fed { names, server, clients, round_message: Vec::new() }
+        }
+
+        /// A federation whose parties keep what they released in `released`
+        /// (by name), as a party node does across a job's sessions.
+        fn with_released(job: JobFacts, released: &BTreeMap<String, std::sync::Arc<Released>>) -> Fed {
+            let mut fed = Fed::with_job(job.clone());
+            for (p, client) in fed.clients.iter_mut() {
+                let party = PartyIdentity { released: released[p].clone(), ..identity(p) };
+                *client = ThresholdHe.client(&table(), &job, party).unwrap();
+            }
+            fed
         }
 
         /// Round `round` over `parties` where party i moves its weights by
@@ -3635,30 +3641,57 @@ mod tests {
         }
     }
 
+    /// Two sums of one round over contributor sets that differ by one party
+    /// would give that party's update exactly. A party helps decrypt a
+    /// round's sum of a kind over one set only: asked again over another,
+    /// it refuses, whatever the coordinator changed to look like another
+    /// round (the model's bits: -0.0 for 0.0 trains the same) and across
+    /// the party's sessions (a coordinator that reconnects and deals a new
+    /// key). The same set again (a resumed round) is answered, and gives
+    /// the same sum.
     #[test]
     fn a_second_decryption_of_a_round_over_other_parties_is_refused() {
+        let refused_at_decryption = |script: &Script<'_>| {
+            script.refusals.iter().any(|(s, _, e)| {
+                *s == DECRYPT
+                    && e.contains("party coordinator misbehaved")
+                    && e.contains("second decryption of round 2's fit sum")
+            })
+        };
         let (mut fed, names, global) = keyed_fed(5, 2);
         // Round 2 over all five, then round 2 again (same model and
         // configuration) without p4: the difference would be p4's update.
-        fed.round(2, &names, &global, &mut Script::default()).unwrap();
+        let all = fed.round(2, &names, &global, &mut Script::default()).unwrap();
         let mut script = Script::default();
         let err = fed.round(2, &names[..4], &global, &mut script).unwrap_err();
         assert!(matches!(err, Error::BelowThreshold(_)), "{err}");
-        assert!(
-            script.refusals.iter().any(|(s, _, e)| *s == DECRYPT
-                && e.contains("party coordinator misbehaved")
-                && e.contains("second decryption of round 2")),
-            "{:?}",
-            script.refusals
-        );
-        // The same contributors again, freshly encrypted (a resumed round, or
-        // a coordinator after fresh DP noise to average): another aggregate,
-        // refused too.
+        assert!(refused_at_decryption(&script), "{:?}", script.refusals);
+        // A model whose bits differ but train the same.
+        let same = params(&[-0.0, 0.0]);
         let mut script = Script::default();
-        assert!(fed.round(2, &names, &global, &mut script).is_err());
-        assert!(script.refusals.iter().any(|(s, _, e)| *s == DECRYPT
-            && e.contains("party coordinator misbehaved")
-            && e.contains("another aggregate")));
+        assert!(fed.round(2, &names[..4], &same, &mut script).is_err());
+        assert!(refused_at_decryption(&script), "{:?}", script.refusals);
+        // The same contributors again, freshly encrypted (a resumed round):
+        // the same sum.
+        let again = fed.round(2, &names, &global, &mut Script::default()).unwrap();
+        assert_eq!(weighted(&again).0, weighted(&all).0);
+
+        // Across sessions: the parties' records outlive their clients. A
+        // new coordinator side and new clients sharing each party's record
+        // deal a new key in round 2 and ask for its sum without p4.
+        let released: BTreeMap<String, std::sync::Arc<Released>> =
+            names.iter().map(|p| (p.clone(), std::sync::Arc::default())).collect();
+        let job = JobFacts::new("job", names.clone(), 100, 3, 1 << 20);
+        let mut first = Fed::with_released(job.clone(), &released);
+        first.round(2, &names, &global, &mut Script::default()).unwrap();
+        let mut reconnected = Fed::with_released(job.clone(), &released);
+        let mut script = Script::default();
+        assert!(reconnected.round(2, &names[..4], &global, &mut script).is_err());
+        assert!(refused_at_decryption(&script), "{:?}", script.refusals);
+        // Without the shared record (as before), the new session answered.
+        let mut forgetful = Fed::with_job(job);
+        let fresh = forgetful.round(2, &names[..4], &global, &mut Script::default());
+        assert!(fresh.is_ok(), "a session without the record decrypts: {fresh:?}");
     }
 
     #[test]
