@@ -132,6 +132,7 @@ pub async fn bench_incremental(data: &Path, batches: usize, poll_secs: f64) -> R
         spec_sha256: confide_proto::deploy::spec_sha256(&text),
         architecture: v.architecture.clone(),
         joint: None,
+        after_sequence: 1,
         issued_at: now,
         expires_at: now + 86_400,
         admin: admin_name,

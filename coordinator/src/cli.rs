@@ -652,7 +652,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                             "action": r.action.as_str(), "job_id": r.job_id, "round": r.round,
                             "sha256": r.sha256, "rollback_to": r.rollback_to, "issued_at": r.issued_at,
                             "signed_by": r.admin, "joint": r.joint, "pipeline": r.pipeline,
-                            "serving": if i == 0 { serving_json(&s) } else { serde_json::Value::Null },
+                            "serving": if i == 0 { serving_json(s) } else { serde_json::Value::Null },
                         });
                         println!("{v}");
                     } else {
@@ -1095,6 +1095,7 @@ async fn pipeline_grant(
         spec_sha256: confide_proto::deploy::spec_sha256(text),
         architecture: toml::to_string(&spec.model).map_err(|e| Error::InvalidInput(format!("{name}: model: {e}")))?,
         joint,
+        after_sequence: history.first().map_or(0, |d| d.record.sequence),
         issued_at: now,
         expires_at: now + (days * 86_400.0) as u64,
         admin: admin_name,

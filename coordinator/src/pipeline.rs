@@ -61,6 +61,12 @@ pub fn check_grant(hub: &Hub, spec: &JobSpec, spec_toml: &str, msg: &pb::SignedG
     if g.grant.expires_at <= unix_now() {
         return Err(Error::Refused(format!("the grant expired at {}", g.grant.expires_at)));
     }
+    if let Some(seq) = crate::services::admin_deployment_after(hub.db(), &inc.service, g.grant.after_sequence)? {
+        return Err(Error::Refused(format!(
+            "an administrator deployed {seq} of service {} after the grant's deployment {}; sign the grant again",
+            inc.service, g.grant.after_sequence
+        )));
+    }
     // The CLI signs at most 366 days; a longer grant was signed some other
     // way, and delegates for longer than any administrator means to.
     if g.grant.expires_at.saturating_sub(g.grant.issued_at) > MAX_GRANT_SECS {
@@ -209,6 +215,16 @@ impl Pipeline {
             if let Err(e) = self.hub.revocation_list().check("the grant's administrator", &self.grant.admin_certificate)
             {
                 return Err(Stop::Pause(format!("the administrator's grant no longer holds: {e}")));
+            }
+            // Nor does it undo an administrator's deployment made since the
+            // grant (parties refuse its deployments then).
+            let after = self.grant.grant.after_sequence;
+            if let Some(seq) = crate::services::admin_deployment_after(self.hub.db(), &self.inc.service, after)? {
+                return Err(Stop::Pause(format!(
+                    "an administrator deployed {seq} of service {} after the grant (signed after deployment \
+                     {after}); submit the pipeline again to go on from it",
+                    self.inc.service
+                )));
             }
             let Some(current) = crate::services::current_record(self.hub.db(), &self.inc.service)? else {
                 self.phase(&format!("waiting for a first deployment of service {}", self.inc.service), false);

@@ -176,6 +176,13 @@ pub fn current_record(db: &Db, service: &str) -> Result<Option<DeploymentRecord>
     Ok(history(db, service)?.into_iter().next())
 }
 
+/// The newest deployment of `service` an administrator signed (not a
+/// pipeline under a grant) after sequence `after`, if any: a grant signed
+/// after `after` does not undo it (parties refuse its deployments).
+pub fn admin_deployment_after(db: &Db, service: &str, after: u64) -> Result<Option<u64>, Error> {
+    Ok(history(db, service)?.into_iter().find(|r| r.sequence > after && r.pipeline.is_none()).map(|r| r.sequence))
+}
+
 /// The record the service's current deployment replaced, if any.
 pub fn previous_record(db: &Db, service: &str) -> Result<Option<DeploymentRecord>, Error> {
     let history = history(db, service)?;

@@ -142,6 +142,10 @@ pub struct PipelineGrant {
     /// The cloud tier every deployment keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joint: Option<JointConfig>,
+    /// The service's newest deployment when the administrator signed (0:
+    /// none). An administrator's deployment after it ends the grant: the
+    /// pipeline must not undo it (put back another model or cloud tier).
+    pub after_sequence: u64,
     /// When the administrator signed it (Unix seconds).
     pub issued_at: u64,
     /// No deployment under the grant is accepted after this (Unix seconds).
@@ -567,6 +571,7 @@ mod tests {
             spec_sha256: spec_sha256(spec),
             architecture: "kind = \"logistic_regression\"\nclasses = 2\n".into(),
             joint: None,
+            after_sequence: 0,
             issued_at: 1,
             expires_at: 1000,
             admin: confide_crypto::pki::ADMIN_NAME.into(),

@@ -245,6 +245,32 @@ fn a_pipeline_pauses_once_its_grants_administrator_is_revoked() {
     assert!(!out.status.success() && err.contains("revoked since; a rollback does not build on it"), "{err}");
 }
 
+/// A grant is signed over the service's history as it stood: once an
+/// administrator deploys after it (say, rolls a pipeline's model back), the
+/// pipeline pauses, saying why, instead of undoing that deployment (parties
+/// would refuse its deployments too); a pipeline submitted with a grant
+/// older than the current deployment is refused.
+#[test]
+fn a_pipeline_pauses_once_an_administrator_deploys_after_its_grant() {
+    let (mut fed, names) = watched_federation(2, 170);
+    let watched = |n: &str| format!("[datasets.watched]\npath = \"batches/{n}\"\n");
+    fed.start_party("site-0", &format!("{}[serve]\nservices = [\"triage\"]\n", watched("site-0")));
+    fed.start_party("site-1", &watched("site-1"));
+    let first = job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4")
+        .replace("dataset = \"data\"", "dataset = \"watched\"");
+    let v1 = fed.submit("first.toml", &first);
+    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
+    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
+    let p = fed.submit("pipeline.toml", &pipeline_spec(&names, -1.0, 5));
+    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
+    let st = fed.wait_for(&p, 180, "the pipeline to pause", |s| {
+        s["pipeline_phase"].as_str().is_some_and(|ph| ph.starts_with("paused"))
+    });
+    let phase = st["pipeline_phase"].as_str().unwrap_or("");
+    assert!(phase.contains("an administrator deployed") && phase.contains("after the grant"), "{phase}");
+    fed.run_ok(&["job", "cancel", &p]);
+}
+
 /// Under DP each iteration's training job is charged to every party's
 /// ledger before it touches the data; when a party's budget cannot pay for
 /// the next one, the pipeline pauses, naming the party and its ledger.
@@ -313,6 +339,7 @@ fn a_pipeline_is_refused_without_a_matching_administrators_grant() {
         spec_sha256: spec_sha256(text),
         architecture: architecture.into(),
         joint: None,
+        after_sequence: 0,
         issued_at: now,
         expires_at: now + 3600,
         admin: admin.clone(),

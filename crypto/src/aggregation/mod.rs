@@ -717,8 +717,11 @@ pub struct PartyIdentity {
 #[derive(Debug, Default)]
 pub struct Released {
     runs: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
-    sums: std::sync::Mutex<std::collections::BTreeMap<(String, u32, &'static str), [u8; 32]>>,
+    sums: std::sync::Mutex<std::collections::BTreeMap<SumKey, [u8; 32]>>,
 }
+
+/// A sum a party helped decrypt: job, round and kind.
+type SumKey = (String, u32, &'static str);
 
 impl Released {
     /// Records that the party takes part in `run` of `job`; refused, with
@@ -740,8 +743,9 @@ impl Released {
 
     /// Records that the party helps decrypt the `kind` sum of `round` of
     /// `job` over `contributors`; refused when it helped decrypt that sum
-    /// over another set.
-    pub fn decrypt_once(&self, job: &str, round: u32, kind: &'static str, contributors: &[String]) -> Result<(), ()> {
+    /// over another set (false then).
+    #[must_use]
+    pub fn decrypt_once(&self, job: &str, round: u32, kind: &'static str, contributors: &[String]) -> bool {
         let mut h = blake3::Hasher::new_derive_key("confide released sum contributors v1");
         for c in contributors {
             h.update(&(c.len() as u64).to_le_bytes());
@@ -750,11 +754,10 @@ impl Released {
         let set = *h.finalize().as_bytes();
         let mut sums = self.sums.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match sums.entry((job.to_owned(), round, kind)) {
-            std::collections::btree_map::Entry::Occupied(e) if *e.get() != set => Err(()),
-            std::collections::btree_map::Entry::Occupied(_) => Ok(()),
+            std::collections::btree_map::Entry::Occupied(e) => *e.get() == set,
             std::collections::btree_map::Entry::Vacant(e) => {
                 e.insert(set);
-                Ok(())
+                true
             }
         }
     }

@@ -255,6 +255,22 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
 struct HighWater {
     sequence: u64,
     record_sha256: String,
+    /// The newest deployment an administrator signed (not a pipeline under
+    /// a grant) taken here: a grant signed before it no longer holds.
+    #[serde(default)]
+    admin_sequence: u64,
+}
+
+impl HighWater {
+    /// The mark after taking `d`, from the mark before (if any).
+    fn after(before: Option<&HighWater>, d: &SignedDeployment) -> HighWater {
+        let admin = if d.grant.is_none() { d.record.sequence } else { 0 };
+        HighWater {
+            sequence: d.record.sequence,
+            record_sha256: sha256_hex(&d.bytes),
+            admin_sequence: before.map_or(0, |b| b.admin_sequence).max(admin),
+        }
+    }
 }
 
 /// The largest sequence a pipeline's deployment may carry: the coordinator
@@ -383,7 +399,7 @@ impl Registry {
         // deployment, once it verifies (an edited file sets no mark), before
         // its model is read (a lost model file must not lose the mark too).
         if self.high_water(service)?.is_none() {
-            let high = HighWater { sequence: d.record.sequence, record_sha256: sha256_hex(&d.bytes) };
+            let high = HighWater::after(None, &d);
             let bytes = serde_json::to_vec(&high).map_err(|e| e.to_string())?;
             write_atomically(&dir.join("high-water.json"), &bytes)?;
         }
@@ -426,6 +442,19 @@ impl Registry {
         let held = svc.current();
         let held_seq = held.as_ref().map_or(0, |h| h.deployment.record.sequence);
         let high = self.high_water(&r.service)?;
+        // A grant signed before an administrator's deployment taken here
+        // does not undo it (another model or cloud tier put back).
+        if let Some(g) = &d.grant {
+            let held_admin = held.as_ref().filter(|h| h.deployment.grant.is_none()).map_or(0, |h| h.deployment.record.sequence);
+            let admin = high.as_ref().map_or(0, |h| h.admin_sequence).max(held_admin);
+            if admin > g.grant.after_sequence {
+                return Err(format!(
+                    "the coordinator sent a pipeline's deployment {} of service {} under a grant signed after \
+                     deployment {}, before the administrator's deployment {admin} taken here",
+                    r.sequence, r.service, g.grant.after_sequence
+                ));
+            }
+        }
         let floor = held_seq.max(high.as_ref().map_or(0, |h| h.sequence));
         if r.sequence < floor {
             return Err(format!(
@@ -611,8 +640,9 @@ impl Registry {
         };
         let json = serde_json::to_vec_pretty(&kept).map_err(|e| e.to_string())?;
         // The high-water mark first, and never lowered.
-        if self.high_water(&d.record.service)?.is_none_or(|h| h.sequence < d.record.sequence) {
-            let high = HighWater { sequence: d.record.sequence, record_sha256: sha256_hex(&d.bytes) };
+        let before = self.high_water(&d.record.service)?;
+        if before.as_ref().is_none_or(|h| h.sequence < d.record.sequence) {
+            let high = HighWater::after(before.as_ref(), d);
             let bytes = serde_json::to_vec(&high).map_err(|e| e.to_string())?;
             write_atomically(&dir.join("high-water.json"), &bytes)?;
         }
@@ -1180,6 +1210,7 @@ mod tests {
                 spec_sha256: "ab".repeat(32),
                 architecture: LOGREG.into(),
                 joint: None,
+                after_sequence: 1,
                 issued_at: now - 100,
                 expires_at,
                 admin: ADMIN_NAME.into(),
@@ -1205,13 +1236,28 @@ mod tests {
         let served = reg.current("triage").unwrap();
         assert_eq!(served.deployment.record.sequence, 2, "kept with its grant and verified again");
         assert!(served.deployment.grant.is_some());
-        let e = reg.offer(&by_pipeline(3, &v3, grant(now - 10))).unwrap_err();
+        // An administrator deploys 3 (say, rolls the pipeline's model
+        // back): the grant, signed after deployment 1, does not undo it,
+        // before or after a restart; a grant signed after 3 does.
+        deliver(&reg, &admin_signed(&f, record(3, &v3, LOGREG)), &v3).unwrap();
+        let e = reg.offer(&by_pipeline(4, &v2, grant(now + 3600))).unwrap_err();
+        assert!(e.contains("before the administrator's deployment 3 taken here"), "{e}");
+        drop(reg);
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let e = reg.offer(&by_pipeline(4, &v2, grant(now + 3600))).unwrap_err();
+        assert!(e.contains("before the administrator's deployment 3 taken here"), "{e}");
+        let later = |expires_at: u64| {
+            let g = PipelineGrant { after_sequence: 3, ..grant(expires_at).grant };
+            SignedGrant::sign(g, &admin_key, admin_cert.clone()).unwrap()
+        };
+        deliver(&reg, &by_pipeline(4, &v2, later(now + 3600)), &v2).unwrap();
+        let e = reg.offer(&by_pipeline(5, &v3, grant(now - 10))).unwrap_err();
         assert!(e.contains("grant that expired"), "{e}");
         // Nor one that jumps far ahead (it would leave the administrator no
         // sequence above it).
-        let e = reg.offer(&by_pipeline(MAX_PIPELINE_SEQUENCE + 1, &v3, grant(now + 3600))).unwrap_err();
+        let e = reg.offer(&by_pipeline(MAX_PIPELINE_SEQUENCE + 1, &v3, later(now + 3600))).unwrap_err();
         assert!(e.contains("past the largest a pipeline may use"), "{e}");
-        assert!(reg.offer(&by_pipeline(MAX_PIPELINE_SEQUENCE, &v3, grant(now + 3600))).unwrap().is_some());
+        assert!(reg.offer(&by_pipeline(MAX_PIPELINE_SEQUENCE, &v3, later(now + 3600))).unwrap().is_some());
         let _ = &f.dir;
     }
 

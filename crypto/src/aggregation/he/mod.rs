@@ -2563,7 +2563,7 @@ impl HeClient {
         // in both. Kept by the party node, not this client, and keyed by
         // what the party derives (not the coordinator's model or config,
         // whose bits it can vary without changing the training).
-        if self.party.released.decrypt_once(&self.job.job_id, derived.round, kind, &contributors).is_err() {
+        if !self.party.released.decrypt_once(&self.job.job_id, derived.round, kind, &contributors) {
             return Err(coordinator_fault(format!(
                 "asked for a second decryption of round {}'s {kind} sum over other contributors than the first",
                 derived.round
