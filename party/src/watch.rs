@@ -58,6 +58,29 @@ pub struct Watches {
     /// The hard examples already kept, `service:sha256` (read from the file
     /// on first use): each is kept once, however often it is asked.
     hard_seen: Mutex<Option<std::collections::HashSet<String>>>,
+    /// Hard examples waiting for the file's one writer.
+    hard_queue: Mutex<HardQueue>,
+}
+
+/// Distinct hard examples kept in the file, in all: beyond them new ones
+/// are dropped (with a warning) until the hospital rotates the file. A
+/// client of the prediction endpoint chooses the rows it sends, so it
+/// could otherwise grow the file, and the set of those kept, without end.
+pub const MAX_HARD_EXAMPLES: usize = 100_000;
+
+/// Bytes of hard rows waiting for the writer: beyond them a request's are
+/// dropped (and counted), so that requests faster than the file's syncs
+/// do not pile up in memory.
+const MAX_QUEUED_HARD_BYTES: usize = 16 << 20;
+
+/// Hard examples waiting to be written (service, rows, width), their
+/// bytes, whether the writer runs and what it dropped since it last said.
+#[derive(Default)]
+struct HardQueue {
+    batches: std::collections::VecDeque<(String, Vec<f32>, usize)>,
+    bytes: usize,
+    running: bool,
+    dropped: u64,
 }
 
 /// Whether a job's selection holds no batch (a pipeline's count of new
@@ -105,12 +128,59 @@ impl Watches {
             labels: labels.to_owned(),
             scratch: scratch.to_owned(),
             hard_seen: Mutex::new(None),
+            hard_queue: Mutex::new(HardQueue::default()),
         })
+    }
+
+    /// Queues hard rows of `service` (row-major, `width` features) for
+    /// [`Watches::write_queued`]; true when the caller must run it (no
+    /// writer runs). Rows beyond the queue's bytes are dropped.
+    pub fn queue_hard_examples(&self, service: &str, rows: Vec<f32>, width: usize) -> bool {
+        let mut q = self.hard_queue.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = rows.len() * 4;
+        if q.bytes + bytes > MAX_QUEUED_HARD_BYTES {
+            q.dropped += (rows.len() / width.max(1)) as u64;
+        } else {
+            q.bytes += bytes;
+            q.batches.push_back((service.to_owned(), rows, width));
+        }
+        !std::mem::replace(&mut q.running, true)
+    }
+
+    /// Writes the queued hard examples, one batch at a time, until none
+    /// waits. Blocking (each batch is synced).
+    pub fn write_queued(&self) {
+        loop {
+            let (next, dropped) = {
+                let mut q = self.hard_queue.lock().unwrap_or_else(|p| p.into_inner());
+                let dropped = std::mem::take(&mut q.dropped);
+                match q.batches.pop_front() {
+                    Some(b) => {
+                        q.bytes -= b.1.len() * 4;
+                        (b, dropped)
+                    }
+                    None => {
+                        q.running = false;
+                        if dropped > 0 {
+                            tracing::warn!("{dropped} hard examples not kept: requests came faster than the file syncs");
+                        }
+                        return;
+                    }
+                }
+            };
+            if dropped > 0 {
+                tracing::warn!("{dropped} hard examples not kept: requests came faster than the file syncs");
+            }
+            let (service, rows, width) = next;
+            if let Err(e) = self.keep_hard_examples(&service, &rows, width) {
+                tracing::warn!(service = %service, "cannot keep hard examples for labelling: {e}");
+            }
+        }
     }
 
     /// Keeps hard rows of `service` (row-major, `width` features) for
     /// labelling: one `sha256,service,features...` line for each row not
-    /// kept before, synced.
+    /// kept before, synced, up to [`MAX_HARD_EXAMPLES`] in the file.
     pub fn keep_hard_examples(&self, service: &str, rows: &[f32], width: usize) -> Result<(), String> {
         if width == 0 {
             return Ok(());
@@ -135,11 +205,18 @@ impl Watches {
         }
         let Some(seen) = seen.as_mut() else { return Ok(()) };
         let mut text = String::new();
+        let mut full = 0usize;
         for row in rows.chunks(width) {
             let sha = crate::audit::rows_sha256(row);
-            if !seen.insert(format!("{service}:{sha}")) {
+            let key = format!("{service}:{sha}");
+            if seen.contains(&key) {
                 continue;
             }
+            if seen.len() >= MAX_HARD_EXAMPLES {
+                full += 1;
+                continue;
+            }
+            seen.insert(key);
             text.push_str(&sha);
             text.push(',');
             text.push_str(service);
@@ -148,6 +225,12 @@ impl Watches {
                 text.push_str(&v.to_string());
             }
             text.push('\n');
+        }
+        if full > 0 {
+            tracing::warn!(
+                "{full} hard examples of {service} not kept: {} holds {MAX_HARD_EXAMPLES}, the most kept (rotate it)",
+                path.display()
+            );
         }
         if text.is_empty() {
             return Ok(());
@@ -484,6 +567,39 @@ mod tests {
         // A file data set cannot be watched.
         let e = w.select(&spec("train", 2, "all"), "d", &DatasetSource::csv(data.join("001.csv"))).unwrap_err();
         assert!(e.contains("watched directory"), "{e}");
+    }
+
+    /// What a client of the prediction endpoint can make the party keep is
+    /// bounded: at most MAX_HARD_EXAMPLES distinct rows in the file (and in
+    /// memory), and at most MAX_QUEUED_HARD_BYTES of rows waiting for the
+    /// file's one writer (more are dropped, not queued).
+    #[test]
+    fn hard_examples_kept_and_queued_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = open_in(dir.path());
+        // Almost full, then a request of 20 new rows: 10 kept, 10 dropped.
+        let rows: Vec<f32> = (0..MAX_HARD_EXAMPLES - 10).map(|i| i as f32).collect();
+        w.keep_hard_examples("triage", &rows, 1).unwrap();
+        let more: Vec<f32> = (0..20).map(|i| (MAX_HARD_EXAMPLES + i) as f32).collect();
+        w.keep_hard_examples("triage", &more, 1).unwrap();
+        let kept = std::fs::read_to_string(dir.path().join("hard.csv")).unwrap();
+        assert_eq!(kept.lines().count(), MAX_HARD_EXAMPLES);
+        assert_eq!(w.hard_seen.lock().unwrap().as_ref().map(|s| s.len()), Some(MAX_HARD_EXAMPLES));
+        // The queue: the first batch starts the writer, later ones wait
+        // until their bytes reach the bound; beyond it they are dropped.
+        let batch = vec![1.0f32; 1 << 20];
+        assert!(w.queue_hard_examples("triage", batch.clone(), 4), "no writer runs: the caller starts it");
+        for _ in 0..8 {
+            assert!(!w.queue_hard_examples("triage", batch.clone(), 4), "the writer runs");
+        }
+        {
+            let q = w.hard_queue.lock().unwrap();
+            assert_eq!((q.batches.len(), q.bytes), (4, 16 << 20));
+            assert_eq!(q.dropped, 5 * (1 << 18));
+        }
+        w.write_queued();
+        let q = w.hard_queue.lock().unwrap();
+        assert_eq!((q.batches.len(), q.bytes, q.running, q.dropped), (0, 0, false, 0));
     }
 
     #[test]

@@ -794,13 +794,11 @@ impl Registry {
         let hard_rows: Vec<f32> = hard.iter().flat_map(|&i| rows[i * width..(i + 1) * width].iter().copied()).collect();
         if let Some(w) = self.hard_examples.get() {
             // Kept for labelling off the request's path: the answer does not
-            // wait for the file.
-            let (w, name, kept) = (w.clone(), service.to_owned(), hard_rows.clone());
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = w.keep_hard_examples(&name, &kept, width) {
-                    warn!(service = %name, "cannot keep hard examples for labelling: {e}");
-                }
-            });
+            // wait for the file, and one writer takes the queue.
+            if w.queue_hard_examples(service, hard_rows.clone(), width) {
+                let w = w.clone();
+                tokio::task::spawn_blocking(move || w.write_queued());
+            }
         }
         let me = self.me.read().unwrap_or_else(|p| p.into_inner()).clone();
         let uplink = self.uplink.lock().unwrap_or_else(|p| p.into_inner()).clone();
