@@ -157,7 +157,7 @@ pub struct Hub {
     cloud_keys: Mutex<HashMap<(String, String), pb::CloudKeyAnnouncement>>,
     /// Each service's joint-inference route (its current deployment's cloud
     /// tier), cached; cleared by every deployment.
-    joint_routes: Mutex<HashMap<String, Option<confide_proto::deploy::JointConfig>>>,
+    joint_routes: Mutex<JointRoutes>,
     /// Delegation nonces admitted recently (each once).
     delegations: Mutex<confide_crypto::relay::SeenNonces>,
     /// Each serving party's latest report: requests and rows by source per
@@ -246,11 +246,24 @@ impl Hub {
 
     /// The cloud tier of `service`'s current deployment.
     fn joint_route(&self, service: &str) -> Result<Option<confide_proto::deploy::JointConfig>, Error> {
-        if let Some(r) = lock(&self.joint_routes).get(service) {
-            return Ok(r.clone());
-        }
+        let generation = {
+            let routes = lock(&self.joint_routes);
+            if let Some(r) = routes.routes.get(service) {
+                return Ok(r.clone());
+            }
+            routes.generation
+        };
         let route = crate::services::joint_route(&self.db, service)?;
-        lock(&self.joint_routes).insert(service.to_owned(), route.clone());
+        let mut routes = lock(&self.joint_routes);
+        // Not if a deployment came while the database was read: the route
+        // read may be the one it replaced.
+        if routes.generation == generation {
+            // Forwards name services (any name a party sends): bounded.
+            if routes.routes.len() >= MAX_CACHED_ROUTES {
+                routes.routes.clear();
+            }
+            routes.routes.insert(service.to_owned(), route.clone());
+        }
         Ok(route)
     }
 
@@ -264,7 +277,11 @@ impl Hub {
     /// A deployment was stored: forget cached joint-inference routes and
     /// push it to every party.
     pub fn deployed(&self, msg: pb::ServiceDeployment) {
-        lock(&self.joint_routes).clear();
+        {
+            let mut routes = lock(&self.joint_routes);
+            routes.generation += 1;
+            routes.routes.clear();
+        }
         self.send_all(&coordinator_message::Body::Deployment(msg));
     }
 
@@ -1621,6 +1638,17 @@ fn kept_hello(h: pb::Hello) -> (pb::Hello, Option<String>) {
     let software_version: String = h.software_version.chars().take(64).collect();
     (pb::Hello { software_version, policy_json, ..Default::default() }, dropped)
 }
+
+/// Joint-inference routes (each service's cloud tier) read from the
+/// database, and how many deployments have cleared them.
+#[derive(Default)]
+struct JointRoutes {
+    generation: u64,
+    routes: HashMap<String, Option<confide_proto::deploy::JointConfig>>,
+}
+
+/// Routes kept in [`JointRoutes`] at most.
+const MAX_CACHED_ROUTES: usize = 4096;
 
 /// Most bytes of services a `ListServices` reply lists (a client decodes
 /// at most the default 4 MiB).

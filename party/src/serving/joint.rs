@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use confide_crypto::identity::{CertVerifier, IdentityKey, SharedRevocations};
 use confide_crypto::sealed::{CloudSecret, SealedRequest, request_transcript, seal_request, verify_cloud_key};
@@ -50,6 +50,9 @@ struct PeerKey {
 /// included; more are refused as busy (each holds up to a message's bytes
 /// and a prediction).
 pub const MAX_FORWARDS_IN_FLIGHT: usize = 16;
+
+/// Service keys kept per cloud party (see [`Joint::on_cloud_key`]).
+const MAX_KEYS_PER_CLOUD: usize = 64;
 
 /// How far past this party's clock a cloud key's making time may be.
 const MAX_KEY_CLOCK_SKEW_SECS: u64 = 3600;
@@ -127,7 +130,7 @@ mod fixed_width {
 /// cloud keys it verified (edge side), and its own keys (cloud side).
 pub struct Joint {
     share_inputs: BTreeMap<String, Vec<String>>,
-    audit: Result<AuditLog, String>,
+    audit: Result<Arc<AuditLog>, String>,
     ca_pem: Vec<u8>,
     revocations: SharedRevocations,
     peers: RwLock<HashMap<(String, String), PeerKey>>,
@@ -236,7 +239,7 @@ impl Joint {
         Ok(Joint {
             share_inputs: config.policy.share_inputs.clone(),
             // A log that cannot be opened stops forwarding, not serving.
-            audit: AuditLog::open(&config.audit_log_path()),
+            audit: AuditLog::open(&config.audit_log_path()).map(Arc::new),
             ca_pem,
             revocations,
             peers: RwLock::new(HashMap::new()),
@@ -294,8 +297,22 @@ impl Joint {
                 a.party, key.service, key.issued_at
             ));
         }
+        // Only the keys of cloud parties this party's policy may share
+        // inputs with, and a bounded number of each one's services: any
+        // enrolled party can sign keys for as many service names as it
+        // likes, and the coordinator relays them.
+        if !self.share_inputs.values().any(|clouds| clouds.contains(&a.party)) {
+            return Ok(());
+        }
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(held) = peers.get(&(a.party.clone(), key.service.clone()))
+        let pair = (a.party.clone(), key.service.clone());
+        if !peers.contains_key(&pair) && peers.keys().filter(|(p, _)| *p == a.party).count() >= MAX_KEYS_PER_CLOUD {
+            return Err(format!(
+                "cloud key of {} for {}: this party already holds {MAX_KEYS_PER_CLOUD} of {}'s service keys",
+                a.party, key.service, a.party
+            ));
+        }
+        if let Some(held) = peers.get(&pair)
             && (key.issued_at < held.issued_at || (key.issued_at == held.issued_at && public != held.public))
         {
             return Err(format!(
@@ -304,8 +321,14 @@ impl Joint {
                 a.party, key.service, key.issued_at, held.issued_at
             ));
         }
-        peers.insert((a.party.clone(), key.service.clone()), peer);
+        peers.insert(pair, peer);
         Ok(())
+    }
+
+    /// How many service keys of `party` are held.
+    #[cfg(test)]
+    pub(super) fn keys_of(&self, party: &str) -> usize {
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).keys().filter(|(p, _)| p == party).count()
     }
 
     /// Whether `service`'s inputs may go to `cloud` under the local policy.
@@ -353,7 +376,7 @@ impl Joint {
         }
         let identity = self.identity.as_ref().ok_or("no certificate key to sign forwarded requests with")?;
         let uplink = uplink.ok_or("not connected to the coordinator")?;
-        let audit = self.audit.as_ref().map_err(|e| format!("the audit log is not writable ({e})"))?;
+        let audit = self.audit.as_ref().map_err(|e| format!("the audit log is not writable ({e})"))?.clone();
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ctx = context(me, &j.cloud, service, &j.cloud_service, request_id);
         let mut plain = Vec::with_capacity(4 + rows.len() * 4);
@@ -365,7 +388,9 @@ impl Joint {
             seal_request(&peer.public, &ctx, &plain, &mut rand_core::OsRng).map_err(|e| e.to_string())?;
         let signature = identity.sign(&request_transcript(&ctx, &sealed)).map_err(|e| e.to_string())?;
         // Logged and synced before it leaves.
-        audit.record(&ForwardedInput {
+        // On a blocking thread: the sync must not hold the runtime's
+        // workers (two here), which carry every stream.
+        let entry = ForwardedInput {
             time_ms: crate::audit::unix_now_ms(),
             service: service.to_owned(),
             input_sha256: rows_sha256(rows),
@@ -373,7 +398,10 @@ impl Joint {
             destination: j.cloud.clone(),
             destination_certificate_sha256: peer.certificate_sha256.clone(),
             request_id,
-        })?;
+        };
+        tokio::task::spawn_blocking(move || audit.record(&entry))
+            .await
+            .map_err(|e| format!("the audit log's writer failed: {e}"))??;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.pending
             .lock()
@@ -440,7 +468,8 @@ impl Joint {
             return Err(format!("an answer to request {} from {}, not from {}", a.request_id, a.peer, p.cloud));
         }
         let Some(p) = pending.remove(&a.request_id) else { return Ok(()) };
-        let r = if a.error.is_empty() { Ok(a.ciphertext) } else { Err(a.error) };
+        // The coordinator's words, passed on to the client: bounded.
+        let r = if a.error.is_empty() { Ok(a.ciphertext) } else { Err(a.error.chars().take(512).collect()) };
         let _ = p.reply.send(r);
         Ok(())
     }

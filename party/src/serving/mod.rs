@@ -803,7 +803,11 @@ impl Registry {
         let me = self.me.read().unwrap_or_else(|p| p.into_inner()).clone();
         let uplink = self.uplink.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match self.joint.forward(&me, uplink, service, &j, &hard_rows, width, k).await {
-            Ok((probs, version)) => {
+            Ok((probs, mut version)) => {
+                // Who answered is the deployment's cloud tier, whatever the
+                // cloud's answer names (its own words, passed to the client).
+                version.party.clone_from(&j.cloud);
+                version.service.clone_from(&j.cloud_service);
                 for (n, &i) in hard.iter().enumerate() {
                     answer.probabilities[i * k..(i + 1) * k].copy_from_slice(&probs[n * k..(n + 1) * k]);
                     answer.sources[i] = RowSource::Cloud;
@@ -1264,7 +1268,8 @@ mod tests {
         use confide_crypto::sealed::CloudSecret;
         use confide_crypto::secagg::protocol::IdentitySigner;
         let f = fixture();
-        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let edge = config_of(&f, "a", "[serve]\nservices = [\"triage\"]\n[policy.share_inputs]\ntriage = [\"c\"]\n");
+        let reg = Registry::open(&edge, f.revocations.clone()).unwrap().unwrap();
         let id = |p: &str| IdentityKey::from_pem(&std::fs::read(f.pki.party_key(p)).unwrap()).unwrap();
         let cert = |p: &str| der(&std::fs::read(f.pki.party_cert(p)).unwrap());
         let announce = |party: &str, cert: Vec<u8>, public: [u8; 32], signer: &IdentityKey, as_party: &str| {
@@ -1279,6 +1284,25 @@ mod tests {
         let real = CloudSecret::generate(&mut rand_core::OsRng).public();
         let coordinators = CloudSecret::generate(&mut rand_core::OsRng).public();
         reg.on_cloud_key(&announce("c", cert("c"), real, &id("c"), "c")).unwrap();
+        assert_eq!(reg.joint.keys_of("c"), 1);
+        // A party the policy shares nothing with: verified, not kept.
+        reg.on_cloud_key(&announce("a", cert("a"), real, &id("a"), "a")).unwrap();
+        assert_eq!(reg.joint.keys_of("a"), 0);
+        // At most 64 service keys of one cloud party.
+        for i in 1..64 {
+            let service = format!("svc{i}");
+            let signature = id("c").sign(&confide_crypto::sealed::cloud_key_transcript("c", &service, &real, 5)).unwrap();
+            let key = pb::CloudKey { service, public_key: real.to_vec(), issued_at: 5, signature };
+            reg.on_cloud_key(&pb::CloudKeyAnnouncement { party: "c".into(), key: Some(key), certificate: cert("c") })
+                .unwrap();
+        }
+        assert_eq!(reg.joint.keys_of("c"), 64);
+        let signature = id("c").sign(&confide_crypto::sealed::cloud_key_transcript("c", "svc64", &real, 5)).unwrap();
+        let key = pb::CloudKey { service: "svc64".into(), public_key: real.to_vec(), issued_at: 5, signature };
+        let e = reg
+            .on_cloud_key(&pb::CloudKeyAnnouncement { party: "c".into(), key: Some(key), certificate: cert("c") })
+            .unwrap_err();
+        assert!(e.contains("already holds 64 of c's service keys"), "{e}");
         // The coordinator swaps in its own key under c's signature.
         let mut swapped = announce("c", cert("c"), real, &id("c"), "c");
         if let Some(k) = swapped.key.as_mut() {
