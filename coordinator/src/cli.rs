@@ -1095,7 +1095,9 @@ async fn pipeline_grant(
         spec_sha256: confide_proto::deploy::spec_sha256(text),
         architecture: toml::to_string(&spec.model).map_err(|e| Error::InvalidInput(format!("{name}: model: {e}")))?,
         joint,
-        after_sequence: history.first().map_or(0, |d| d.record.sequence),
+        // The newest an administrator signed, not a pipeline's: a
+        // coordinator could sign those past deployments it then hides.
+        after_sequence: history.iter().find(|d| d.grant.is_none()).map_or(0, |d| d.record.sequence),
         issued_at: now,
         expires_at: now + (days * 86_400.0) as u64,
         admin: admin_name,

@@ -61,7 +61,7 @@ pub fn check_grant(hub: &Hub, spec: &JobSpec, spec_toml: &str, msg: &pb::SignedG
     if g.grant.expires_at <= unix_now() {
         return Err(Error::Refused(format!("the grant expired at {}", g.grant.expires_at)));
     }
-    if let Some(seq) = crate::services::admin_deployment_after(hub.db(), &inc.service, g.grant.after_sequence)? {
+    if let Some(seq) = crate::services::admin_deployment_after(hub.db(), &inc.service, &g.grant)? {
         return Err(Error::Refused(format!(
             "an administrator deployed {seq} of service {} after the grant's deployment {}; sign the grant again",
             inc.service, g.grant.after_sequence
@@ -219,7 +219,8 @@ impl Pipeline {
             // Nor does it undo an administrator's deployment made since the
             // grant (parties refuse its deployments then).
             let after = self.grant.grant.after_sequence;
-            if let Some(seq) = crate::services::admin_deployment_after(self.hub.db(), &self.inc.service, after)? {
+            if let Some(seq) = crate::services::admin_deployment_after(self.hub.db(), &self.inc.service, &self.grant.grant)?
+            {
                 return Err(Stop::Pause(format!(
                     "an administrator deployed {seq} of service {} after the grant (signed after deployment \
                      {after}); submit the pipeline again to go on from it",

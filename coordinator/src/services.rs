@@ -118,6 +118,14 @@ pub fn deploy_by_pipeline(
     record: DeploymentRecord,
     grant: confide_proto::deploy::SignedGrant,
 ) -> Result<(pb::ServiceStatus, pb::ServiceDeployment), Error> {
+    // An administrator may have deployed while the iteration ran: not
+    // undone (the store then refuses a deployment that is not the next).
+    if let Some(seq) = admin_deployment_after(hub.db(), &record.service, &grant.grant)? {
+        return Err(Error::Refused(format!(
+            "an administrator deployed {seq} of service {} after the grant; submit the pipeline again to go on from it",
+            record.service
+        )));
+    }
     let (key, cert, _) =
         confide_proto::deploy::coordinator_signer(hub.pki()).map_err(|e| Error::InvalidInput(e.to_string()))?;
     let signed =
@@ -177,10 +185,15 @@ pub fn current_record(db: &Db, service: &str) -> Result<Option<DeploymentRecord>
 }
 
 /// The newest deployment of `service` an administrator signed (not a
-/// pipeline under a grant) after sequence `after`, if any: a grant signed
-/// after `after` does not undo it (parties refuse its deployments).
-pub fn admin_deployment_after(db: &Db, service: &str, after: u64) -> Result<Option<u64>, Error> {
-    Ok(history(db, service)?.into_iter().find(|r| r.sequence > after && r.pipeline.is_none()).map(|r| r.sequence))
+/// pipeline under a grant) that `grant` was signed before, if any: the
+/// grant does not undo it (parties refuse its deployments).
+pub fn admin_deployment_after(
+    db: &Db,
+    service: &str,
+    grant: &confide_proto::deploy::PipelineGrant,
+) -> Result<Option<u64>, Error> {
+    let history = history(db, service)?;
+    Ok(history.into_iter().find(|r| r.pipeline.is_none() && grant.superseded_by(r.sequence)).map(|r| r.sequence))
 }
 
 /// The record the service's current deployment replaced, if any.

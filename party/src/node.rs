@@ -72,7 +72,47 @@ pub struct PartyNode {
     /// What this party released of each job (runs taken, sums decrypted),
     /// kept across the job's sessions (a re-offered job finds it).
     released: Arc<confide_crypto::aggregation::Released>,
+    /// The job workers (threads) alive, by job: what `policy.max_jobs`
+    /// bounds, since a closed or replaced job's worker lives on until its
+    /// current task ends.
+    workers: LiveWorkers,
 }
+
+/// Live job workers by job id, across the node's connections.
+#[derive(Clone, Default)]
+struct LiveWorkers(Arc<std::sync::Mutex<HashMap<String, usize>>>);
+
+/// Counts its worker alive until dropped (when the worker's thread ends).
+struct WorkerAlive(LiveWorkers, String);
+
+impl LiveWorkers {
+    fn enter(&self, job: &str) -> WorkerAlive {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(job.to_owned()).or_default() += 1;
+        WorkerAlive(self.clone(), job.to_owned())
+    }
+
+    /// The jobs with a live worker, and how many workers `job` has.
+    fn census(&self, job: &str) -> (Vec<String>, usize) {
+        let live = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        (live.keys().cloned().collect(), live.get(job).copied().unwrap_or(0))
+    }
+}
+
+impl Drop for WorkerAlive {
+    fn drop(&mut self) {
+        let mut live = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = live.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                live.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Workers of one job alive at once: a re-offered job's new session beside
+/// the old one's, which ends with its current task.
+const MAX_WORKERS_PER_JOB: usize = 2;
 
 struct Outbox {
     tx: mpsc::Sender<pb::PartyMessage>,
@@ -335,6 +375,7 @@ impl PartyNode {
             metrics_server: std::sync::OnceLock::new(),
             acceptance_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             released: Default::default(),
+            workers: LiveWorkers::default(),
         }
     }
 
@@ -581,10 +622,14 @@ impl PartyNode {
                 // Refused, at the floor like any answer, when the party
                 // already runs its most jobs: each holds a thread, a model
                 // and an inbox, and only the hospital bounds how many.
+                // Counted by live workers, node-wide: a job closed or
+                // replaced while it trains still holds its worker.
                 jobs.retain(|_, j| j.running());
-                let held = offers.held.iter().filter(|h| h.accepted.is_ok()).map(|h| &h.offer.job_id);
-                let others: std::collections::HashSet<&String> = jobs.keys().chain(held).collect();
-                let running = others.len() - usize::from(others.contains(&job_id));
+                let (live, same) = self.workers.census(&job_id);
+                let held = offers.held.iter().filter(|h| h.accepted.is_ok()).map(|h| h.offer.job_id.clone());
+                let mut others: std::collections::HashSet<String> = live.into_iter().chain(held).collect();
+                others.remove(&job_id);
+                let running = others.len();
                 let max_jobs = cfg.policy.max_jobs;
                 offers.accepting = Some((
                     serial,
@@ -592,6 +637,8 @@ impl PartyNode {
                     Box::pin(async move {
                         let accepted = if running >= max_jobs {
                             Err(format!("this party already runs {running} jobs (policy.max_jobs = {max_jobs})"))
+                        } else if same >= MAX_WORKERS_PER_JOB {
+                            Err(format!("{same} earlier sessions of this job still end their tasks here"))
                         } else {
                             self.accept(&offer, &me).await
                         };
@@ -871,7 +918,8 @@ impl PartyNode {
         let answer = match accepted {
             Ok(session) => {
                 let (limits, stats, metrics) = (self.config.limits, self.stats.clone(), self.metrics.clone());
-                let worker = spawn_job(job_id.clone(), session, outbox.clone(), limits, stats, metrics);
+                let alive = self.workers.enter(&job_id);
+                let worker = spawn_job(job_id.clone(), session, outbox.clone(), limits, (stats, metrics), alive);
                 self.metrics.job_offer(true);
                 // An older session of the job (before a reconnect) ends with its sender.
                 jobs.insert(job_id.clone(), worker);
@@ -1261,7 +1309,10 @@ async fn route(jobs: &HashMap<String, JobInbox>, outbox: &Outbox, task: pb::Task
             Some(w) if w.queued.load(Ordering::Acquire) >= MAX_QUEUED_PER_JOB => format!(
                 "coordinator fault: {MAX_QUEUED_PER_JOB} tasks of this job already wait for the party's worker"
             ),
-            Some(_) if jobs.values().map(|w| w.queued.load(Ordering::Acquire)).sum::<usize>() >= MAX_QUEUED => {
+            Some(_)
+                if jobs.values().filter(|w| w.running()).map(|w| w.queued.load(Ordering::Acquire)).sum::<usize>()
+                    >= MAX_QUEUED =>
+            {
                 format!("coordinator fault: {MAX_QUEUED} tasks already wait for this party's workers")
             }
             Some(w) if w.send(arrived, PartyInput::Task(task)) => return,
@@ -1279,15 +1330,16 @@ fn spawn_job(
     session: PartySession,
     outbox: Arc<Outbox>,
     limits: Limits,
-    stats: Arc<NodeStats>,
-    metrics: SharedMetrics,
+    (stats, metrics): (Arc<NodeStats>, SharedMetrics),
+    alive: WorkerAlive,
 ) -> JobInbox {
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, PartyInput)>();
     let queued = Arc::new(AtomicUsize::new(0));
     let inbox = Inbox { rx, queued: queued.clone() };
-    let spawned = std::thread::Builder::new()
-        .name(format!("job-{job_id}"))
-        .spawn(move || run_job(job_id, session, inbox, Sent { outbox, limits, stats, metrics }));
+    let spawned = std::thread::Builder::new().name(format!("job-{job_id}")).spawn(move || {
+        let _alive = alive;
+        run_job(job_id, session, inbox, Sent { outbox, limits, stats, metrics })
+    });
     let worker = spawned.map_err(|e| warn!("cannot start a worker thread: {e}")).ok();
     JobInbox { tx, queued, worker }
 }
@@ -1566,7 +1618,8 @@ mod tests {
             let outbox = Arc::new(Outbox { tx, stats: stats.clone(), transfer: std::sync::Mutex::new(()) });
             let session = PartySession::new("j", Box::new(handler), 600_000).with_fit_answer_after(Some(floor_ms));
             let metrics = Arc::new(PartyMetrics::new().unwrap());
-            let inbox = spawn_job("j".into(), session, outbox, Limits::default(), stats, metrics);
+            let alive = LiveWorkers::default().enter("j");
+            let inbox = spawn_job("j".into(), session, outbox, Limits::default(), (stats, metrics), alive);
             let start = Instant::now();
             for (delay_ms, input) in inputs {
                 std::thread::sleep(Duration::from_millis(delay_ms));
@@ -1682,6 +1735,34 @@ mod tests {
         assert_eq!((results, chunks), (10, 10 * 800usize.div_ceil(64)));
     }
 
+    /// Workers count from their start until their thread ends (not until
+    /// their job is closed or replaced), by job.
+    #[test]
+    fn live_workers_count_until_their_threads_end() {
+        let live = LiveWorkers::default();
+        let a1 = live.enter("a");
+        let a2 = live.enter("a");
+        let b = live.enter("b");
+        let (mut jobs, same) = live.census("a");
+        jobs.sort();
+        assert_eq!((jobs, same), (vec!["a".to_string(), "b".to_string()], 2));
+        drop(a1);
+        assert_eq!(live.census("a").1, 1);
+        drop((a2, b));
+        assert_eq!(live.census("a"), (Vec::new(), 0));
+        // A worker's thread holds its count until it returns.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let alive = live.enter("c");
+        let t = std::thread::spawn(move || {
+            let _alive = alive;
+            let _ = wait.recv();
+        });
+        assert_eq!(live.census("c").1, 1);
+        go.send(()).unwrap();
+        t.join().unwrap();
+        assert_eq!(live.census("c").1, 0);
+    }
+
     /// A coordinator cannot pile tasks up behind a busy worker: a job's
     /// fifth waiting task fails at once, and so does any task once 16 wait
     /// in all; a task taken up makes room again.
@@ -1711,7 +1792,9 @@ mod tests {
         let session = PartySession::new("busy", Box::new(Gated(gate)), 600_000);
         let metrics = Arc::new(PartyMetrics::new().unwrap());
         let mut jobs = HashMap::new();
-        jobs.insert("busy".to_string(), spawn_job("busy".into(), session, outbox.clone(), Limits::default(), stats, metrics));
+        let alive = LiveWorkers::default().enter("busy");
+        let busy = spawn_job("busy".into(), session, outbox.clone(), Limits::default(), (stats, metrics), alive);
+        jobs.insert("busy".to_string(), busy);
         let taken_up = |jobs: &HashMap<String, JobInbox>, waiting| {
             let start = Instant::now();
             while jobs["busy"].queued.load(Ordering::Acquire) != waiting {
@@ -1745,11 +1828,16 @@ mod tests {
         assert_eq!(failures(&mut rx), []);
         // Three more jobs whose workers take nothing up: 4 + 12 wait, so a
         // fifth job's task fails whatever that job holds.
-        let mut idle = Vec::new();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Arc::new(std::sync::Mutex::new(released));
         for job in ["j1", "j2", "j3", "j4"] {
-            let (tx, rx) = std::sync::mpsc::channel();
-            idle.push(rx);
-            jobs.insert(job.into(), JobInbox { tx, queued: Arc::new(AtomicUsize::new(0)), worker: None });
+            let (tx, rx) = std::sync::mpsc::channel::<(Instant, PartyInput)>();
+            let released = released.clone();
+            let worker = std::thread::spawn(move || {
+                let _inbox = rx;
+                let _ = released.lock().unwrap().recv();
+            });
+            jobs.insert(job.into(), JobInbox { tx, queued: Arc::new(AtomicUsize::new(0)), worker: Some(worker) });
         }
         for job in ["j1", "j2", "j3"] {
             for task_id in 0..4 {
@@ -1765,6 +1853,16 @@ mod tests {
         for _ in 0..8 {
             let _ = permit.send(());
         }
+        // A worker that ended holds no room: its waiting tasks are gone.
+        drop(release);
+        for job in ["j1", "j2", "j3", "j4"] {
+            if let Some(w) = jobs.get_mut(job).and_then(|j| j.worker.take()) {
+                w.join().unwrap();
+            }
+        }
+        taken_up(&jobs, 0);
+        route(&jobs, &outbox, setup("busy", 8), None).await;
+        assert!(failures(&mut rx).iter().all(|f| f.1 != 8), "only the busy job's tasks count now");
         drop(jobs);
     }
 

@@ -142,9 +142,13 @@ pub struct PipelineGrant {
     /// The cloud tier every deployment keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joint: Option<JointConfig>,
-    /// The service's newest deployment when the administrator signed (0:
-    /// none). An administrator's deployment after it ends the grant: the
-    /// pipeline must not undo it (put back another model or cloud tier).
+    /// The service's newest deployment an administrator signed when this
+    /// grant was (0: none; then the service's first deployment is the one
+    /// the pipeline waits for). An administrator's deployment after it
+    /// ends the grant: the pipeline must not undo it (put back another
+    /// model or cloud tier). A grant signed before this field existed
+    /// reads as 0.
+    #[serde(default)]
     pub after_sequence: u64,
     /// When the administrator signed it (Unix seconds).
     pub issued_at: u64,
@@ -174,6 +178,13 @@ fn is_sha256_hex(s: &str) -> bool {
 }
 
 impl PipelineGrant {
+    /// Whether an administrator's deployment `sequence` came after this
+    /// grant (which then no longer holds): any after `after_sequence`, but
+    /// for the service's first when the grant was signed before it.
+    pub fn superseded_by(&self, sequence: u64) -> bool {
+        sequence > self.after_sequence.max(1)
+    }
+
     /// Checks every field; errors name the field.
     pub fn validate(&self) -> Result<ModelConfig, String> {
         validate_service_name(&self.service).map_err(|e| format!("service: {e}"))?;
@@ -563,6 +574,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("signed by \"confide-admin\""), "{e}");
+    }
+
+    /// A grant holds until an administrator deploys after the deployment
+    /// it was signed after; one signed before any waits for the first; one
+    /// signed before the field existed reads as that.
+    #[test]
+    fn a_grant_is_superseded_by_a_later_administrators_deployment() {
+        let g = |after_sequence| PipelineGrant { after_sequence, ..grant("triage", "s") };
+        assert!(!g(0).superseded_by(1) && g(0).superseded_by(2));
+        assert!(!g(3).superseded_by(3) && g(3).superseded_by(4));
+        let mut old = serde_json::to_value(grant("triage", "s")).unwrap();
+        old.as_object_mut().unwrap().remove("after_sequence");
+        let read: PipelineGrant = serde_json::from_value(old).unwrap();
+        assert_eq!(read.after_sequence, 0);
     }
 
     fn grant(service: &str, spec: &str) -> PipelineGrant {

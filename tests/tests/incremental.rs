@@ -269,6 +269,43 @@ fn a_pipeline_pauses_once_an_administrator_deploys_after_its_grant() {
     let phase = st["pipeline_phase"].as_str().unwrap_or("");
     assert!(phase.contains("an administrator deployed") && phase.contains("after the grant"), "{phase}");
     fed.run_ok(&["job", "cancel", &p]);
+    // A grant signed after deployment 1 (before the administrator's 2) is
+    // refused at submission; the CLI signs one after 2, which is taken.
+    use confide_proto::deploy::{PipelineGrant, SignedGrant, admin_signer, spec_sha256};
+    use confide_proto::net::{ClientIdentity, connect};
+    use confide_proto::pb::{self, admin_service_client::AdminServiceClient};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pki = confide_crypto::pki::PkiDir::new(fed.path("pki"));
+    let (akey, acert, admin) = admin_signer(&pki).expect("admin");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let spec = pipeline_spec(&names, -1.0, 5);
+    let stale = PipelineGrant {
+        service: "triage".into(),
+        spec_sha256: spec_sha256(&spec),
+        architecture: "kind = \"logistic_regression\"\nclasses = 2\n".into(),
+        joint: None,
+        after_sequence: 1,
+        issued_at: now,
+        expires_at: now + 3600,
+        admin,
+    };
+    let stale = SignedGrant::sign(stale, &akey, acert).expect("grant");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
+        let url = format!("https://{}", fed.addr);
+        let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
+        let mut client = AdminServiceClient::new(connect(&id).await.expect("admin connection"));
+        let req =
+            pb::SubmitJobRequest { spec_toml: spec.clone(), file_name: "pipeline.toml".into(), grant: Some(stale.to_pb()) };
+        let e = client.submit_job(req).await.expect_err("refused").message().to_string();
+        assert!(e.contains("an administrator deployed 2") && e.contains("sign the grant again"), "{e}");
+    });
+    let again = fed.submit("pipeline.toml", &spec);
+    let st = fed.wait_for(&again, 60, "the new pipeline to start", |s| s["pipeline_phase"].as_str().is_some());
+    let phase = st["pipeline_phase"].as_str().unwrap_or("");
+    assert!(!phase.contains("after the grant"), "{phase}");
+    fed.run_ok(&["job", "cancel", &again]);
 }
 
 /// Under DP each iteration's training job is charged to every party's

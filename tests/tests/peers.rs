@@ -776,7 +776,7 @@ async fn a_welcome_under_another_name_or_none_ends_the_connection() {
 
 /// A party runs at most `policy.max_jobs` jobs at once: a third offer is
 /// refused naming the setting, a re-offer of a running job is not counted
-/// twice, and a closed job makes room for another.
+/// twice, and a closed job makes room for another once its worker ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offers_beyond_the_policys_most_jobs_are_refused() {
     install_crypto();
@@ -787,7 +787,8 @@ async fn offers_beyond_the_policys_most_jobs_are_refused() {
         (Duration::ZERO, offer_of("c", one_party_spec())),
         (Duration::from_millis(300), offer_of("b", one_party_spec())),
         (Duration::from_millis(300), coordinator_message::Body::Closed(closed)),
-        (Duration::from_millis(300), offer_of("d", one_party_spec())),
+        // After a's idle worker has ended (a worker counts until then).
+        (Duration::from_millis(800), offer_of("d", one_party_spec())),
     ];
     let seen = scripted("[policy]\nmax_jobs = 2\n", Duration::ZERO, script, 5).await;
     assert_eq!(

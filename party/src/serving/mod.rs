@@ -444,17 +444,7 @@ impl Registry {
         let high = self.high_water(&r.service)?;
         // A grant signed before an administrator's deployment taken here
         // does not undo it (another model or cloud tier put back).
-        if let Some(g) = &d.grant {
-            let held_admin = held.as_ref().filter(|h| h.deployment.grant.is_none()).map_or(0, |h| h.deployment.record.sequence);
-            let admin = high.as_ref().map_or(0, |h| h.admin_sequence).max(held_admin);
-            if admin > g.grant.after_sequence {
-                return Err(format!(
-                    "the coordinator sent a pipeline's deployment {} of service {} under a grant signed after \
-                     deployment {}, before the administrator's deployment {admin} taken here",
-                    r.sequence, r.service, g.grant.after_sequence
-                ));
-            }
-        }
+        self.grant_holds(&d, held.as_deref(), high.as_ref())?;
         let floor = held_seq.max(high.as_ref().map_or(0, |h| h.sequence));
         if r.sequence < floor {
             return Err(format!(
@@ -494,6 +484,23 @@ impl Registry {
         info!(service = %r.service, sequence = r.sequence, job = %r.job_id, round = r.round, "pulling a deployed model");
         pulls.insert(r.service.clone(), Pull { deployment: d, bytes: Vec::new() });
         Ok(Some(pull))
+    }
+
+    /// Refuses a pipeline's deployment `d` under a grant signed before an
+    /// administrator's deployment taken here (`held` served, `high` the
+    /// mark): it would undo it (another model or cloud tier put back).
+    fn grant_holds(&self, d: &SignedDeployment, held: Option<&Served>, high: Option<&HighWater>) -> Result<(), String> {
+        let Some(g) = &d.grant else { return Ok(()) };
+        let held_admin = held.filter(|h| h.deployment.grant.is_none()).map_or(0, |h| h.deployment.record.sequence);
+        let admin = high.map_or(0, |h| h.admin_sequence).max(held_admin);
+        if g.grant.superseded_by(admin) {
+            return Err(format!(
+                "the coordinator sent a pipeline's deployment {} of service {} under a grant signed after \
+                 deployment {}, before the administrator's deployment {admin} taken here",
+                d.record.sequence, d.record.service, g.grant.after_sequence
+            ));
+        }
+        Ok(())
     }
 
     /// A part of a pulled model; the deployment and its bytes once complete.
@@ -577,6 +584,9 @@ impl Registry {
         // Held for the whole install: whatever runs installs, two never
         // pass the sequence check below together.
         let _installing = svc.installing.lock().unwrap_or_else(|p| p.into_inner());
+        // Again here: an administrator's deployment installed since the
+        // offer (pulled meanwhile) ends the grant too.
+        self.grant_holds(&d, svc.current().as_deref(), self.high_water(&r.service)?.as_ref())?;
         if let Some(held) = svc.current() {
             let seq = held.deployment.record.sequence;
             if r.sequence < seq {
