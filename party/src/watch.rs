@@ -57,7 +57,9 @@ pub struct Watches {
     scratch: PathBuf,
     /// The hard examples already kept, `service:sha256` (read from the file
     /// on first use): each is kept once, however often it is asked.
-    hard_seen: Mutex<Option<std::collections::HashSet<String>>>,
+    /// With the file's length when last read or written: a shorter or
+    /// missing file (the hospital rotated it) is read again.
+    hard_seen: Mutex<Option<(std::collections::HashSet<String>, u64)>>,
     /// Hard examples waiting for the file's one writer.
     hard_queue: Mutex<HardQueue>,
 }
@@ -187,6 +189,14 @@ impl Watches {
         }
         let path = &self.hard_examples;
         let mut seen = self.hard_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let length = match std::fs::metadata(path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(format!("hard examples {}: {e}", path.display())),
+        };
+        if seen.as_ref().is_some_and(|(_, known)| length < *known) {
+            *seen = None;
+        }
         if seen.is_none() {
             let text = match std::fs::read_to_string(path) {
                 Ok(t) => t,
@@ -201,9 +211,9 @@ impl Watches {
                     Some(format!("{svc}:{sha}"))
                 })
                 .collect();
-            *seen = Some(keys);
+            *seen = Some((keys, text.len() as u64));
         }
-        let Some(seen) = seen.as_mut() else { return Ok(()) };
+        let Some((seen, known)) = seen.as_mut() else { return Ok(()) };
         let mut text = String::new();
         let mut full = 0usize;
         for row in rows.chunks(width) {
@@ -243,7 +253,9 @@ impl Watches {
             opts.mode(0o600);
         }
         let mut f = opts.open(path).map_err(|e| format!("hard examples {}: {e}", path.display()))?;
-        f.write_all(text.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| format!("{}: {e}", path.display()))
+        f.write_all(text.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| format!("{}: {e}", path.display()))?;
+        *known = f.metadata().map_or(*known + text.len() as u64, |m| m.len());
+        Ok(())
     }
 
     /// The hard examples of `service` the hospital has labelled: SHA-256
@@ -584,7 +596,12 @@ mod tests {
         w.keep_hard_examples("triage", &more, 1).unwrap();
         let kept = std::fs::read_to_string(dir.path().join("hard.csv")).unwrap();
         assert_eq!(kept.lines().count(), MAX_HARD_EXAMPLES);
-        assert_eq!(w.hard_seen.lock().unwrap().as_ref().map(|s| s.len()), Some(MAX_HARD_EXAMPLES));
+        assert_eq!(w.hard_seen.lock().unwrap().as_ref().map(|s| s.0.len()), Some(MAX_HARD_EXAMPLES));
+        // The hospital rotates the file: new hard examples are kept again.
+        std::fs::rename(dir.path().join("hard.csv"), dir.path().join("hard.csv.1")).unwrap();
+        w.keep_hard_examples("triage", &more, 1).unwrap();
+        let kept = std::fs::read_to_string(dir.path().join("hard.csv")).unwrap();
+        assert_eq!(kept.lines().count(), 20, "{kept}");
         // The queue: the first batch starts the writer, later ones wait
         // until their bytes reach the bound; beyond it they are dropped.
         let batch = vec![1.0f32; 1 << 20];

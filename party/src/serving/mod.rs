@@ -557,6 +557,16 @@ impl Registry {
     /// Installs the models queued for `service`, one at a time, until none
     /// waits. Blocking.
     pub fn run_installs(&self, service: &str) {
+        /// A panic in an install ends the run: the next pull starts another.
+        struct EndsOnPanic<'a>(&'a Registry, &'a str);
+        impl Drop for EndsOnPanic<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.installs.lock().unwrap_or_else(|p| p.into_inner()).running.remove(self.1);
+                }
+            }
+        }
+        let _ends = EndsOnPanic(self, service);
         loop {
             let next = {
                 let mut installs = self.installs.lock().unwrap_or_else(|p| p.into_inner());
