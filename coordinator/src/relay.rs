@@ -112,6 +112,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, Error> {
         config,
         jobs: Mutex::default(),
         pending: Mutex::default(),
+        flushed: Mutex::default(),
         members: Mutex::default(),
         rounds: Mutex::default(),
         next_transfer: AtomicU64::new(1 << 62),
@@ -154,6 +155,9 @@ struct Shared {
     jobs: Mutex<HashMap<String, Duration>>,
     /// Upload tasks in progress, by (job, task id).
     pending: Mutex<HashMap<(String, u64), Pending>>,
+    /// Upload tasks whose held uploads went out, by (job, task id): when,
+    /// and whose; a member's later result for one is not forwarded.
+    flushed: Mutex<HashMap<(String, u64), (Instant, BTreeSet<String>)>>,
     /// The upstream of each connected party.
     members: Mutex<HashMap<String, Member>>,
     /// The `he` keygen rounds in progress, by (job, round): their round
@@ -245,6 +249,7 @@ impl Shared {
         // State of tasks that never completed (every member failed) goes
         // after a while, so a long-running relay does not grow.
         lock(&self.pending).retain(|_, p| p.created.elapsed() < FORGET_AFTER.max(self.config.hold * 4));
+        lock(&self.flushed).retain(|_, f| f.0.elapsed() < FORGET_AFTER);
         lock(&self.rounds).retain(|_, r| r.2.elapsed() < FORGET_AFTER);
         use pb::task::Body;
         let round = (task.job_id.clone(), task.round);
@@ -302,9 +307,21 @@ impl Shared {
         result: TaskResult,
     ) -> Option<TaskResult> {
         let key = (result.job_id.clone(), result.task_id);
+        // A member's second result for a task whose first is held, or went
+        // into a group sum, is dropped: forwarded, the coordinator would
+        // count it and then leave the group out as uploaded twice (review
+        // finding: one member could so take its whole group out).
+        if lock(&self.flushed).get(&key).is_some_and(|f| f.1.contains(party)) {
+            warn!(party = %party, job = %key.0, task = key.1, "a second result for a task whose upload went out; dropped");
+            return None;
+        }
         let mut pending = lock(&self.pending);
         let Some(p) = pending.get_mut(&key) else { return Some(result) };
-        if !p.expected.contains(party) || p.held.contains_key(party) {
+        if p.held.contains_key(party) {
+            warn!(party = %party, job = %key.0, task = key.1, "a second result for a task whose upload is held; dropped");
+            return None;
+        }
+        if !p.expected.contains(party) {
             return Some(result);
         }
         let (result, contribution) = take_contribution(result);
@@ -370,6 +387,8 @@ impl Shared {
                 return;
             }
             let Some(p) = pending.remove(key) else { return };
+            let members = p.held.keys().cloned().collect();
+            lock(&self.flushed).insert(key.clone(), (Instant::now(), members));
             p
         };
         let upstreams = lock(&self.members).clone();
@@ -809,6 +828,7 @@ mod tests {
             },
             jobs: Mutex::default(),
             pending: Mutex::default(),
+            flushed: Mutex::default(),
             members: Mutex::default(),
             rounds: Mutex::default(),
             next_transfer: AtomicU64::new(1),
@@ -871,6 +891,39 @@ mod tests {
         pump.await.unwrap();
         assert_eq!(got, 40);
         assert!(closed.try_recv().is_err() && !cut.is_cut());
+    }
+
+    /// A member's second result for an upload task, while its first is
+    /// held or after it went out in a group, is dropped: forwarded, it
+    /// would take the group out at the coordinator (review finding).
+    #[tokio::test]
+    async fn a_members_second_upload_is_not_forwarded() {
+        let s = Arc::new(shared(30));
+        let key = ("he".to_string(), 4);
+        s.pending.lock().unwrap().insert(
+            key.clone(),
+            Pending {
+                id: 1,
+                created: Instant::now(),
+                round_message: Vec::new(),
+                expected: ["p0".to_string(), "p1".to_string()].into(),
+                held: HashMap::new(),
+                timer: false,
+            },
+        );
+        let upload = || TaskResult {
+            job_id: "he".into(),
+            round: 2,
+            task_id: 4,
+            body: ResultBody::Fit { metrics: Default::default(), contribution: Envelope::body(vec![1]) },
+        };
+        let cert: Arc<[u8]> = Arc::from(Vec::new());
+        assert!(s.on_result("p0", 1, &cert, upload()).is_none(), "held");
+        assert!(s.on_result("p0", 1, &cert, upload()).is_none(), "a second one while held: dropped");
+        assert_eq!(s.pending.lock().unwrap()[&key].held.len(), 1);
+        s.flush(&key, None, "test");
+        assert!(s.on_result("p0", 1, &cert, upload()).is_none(), "after it went out: dropped");
+        assert!(s.on_result("p1", 1, &cert, upload()).is_some(), "another's, after the group: forwarded as it came");
     }
 
     fn offer(job: &str, spec: &str) -> pb::JobOffer {

@@ -985,6 +985,16 @@ impl ServerRound {
         Ok(Progress::Step { stage: HASH, messages: Messages::Same { to, message }, quorum: Quorum::Protocol })
     }
 
+    /// `party`'s upload is counted: it is no longer left out, whatever a
+    /// refused group named earlier (review finding: a party that sent a
+    /// group of its relay's naming honest parties got their uploads left
+    /// out too).
+    fn counted(&mut self, party: &str) {
+        for (_, members) in &mut self.left_out {
+            members.retain(|m| m != party);
+        }
+    }
+
     fn grouped(&self, party: &str) -> bool {
         self.groups.iter().any(|g| g.members.iter().any(|m| m == party))
     }
@@ -1131,6 +1141,12 @@ impl HeServer {
                 return Ok(());
             }
             let relay = upload.relay.clone();
+            // A party's own stream carries no relay's group: what comes on
+            // it is that party's doing (review finding: a forged group
+            // naming honest parties got them left out, nobody dropped).
+            if from.relay.is_none() {
+                return Err(misbehaved(party, format!("sent a group of relay {relay} on its own stream")));
+            }
             let mut members: Vec<String> = upload.group.iter().map(|m| m.party.clone()).collect();
             members.push(party.to_owned());
             // Only the relay that carries the leader's stream (as admitted on
@@ -1151,7 +1167,9 @@ impl HeServer {
                 Err(e) => {
                     // The relay's fault or one member's, not the leader's
                     // alone: the group is left out, the reason in the
-                    // round's roles; nobody is dropped for it.
+                    // round's roles; nobody is dropped for it. A member
+                    // named there that uploads on its own is counted (see
+                    // `ServerRound::counted`): the names are the sender's word.
                     let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round".into()))?;
                     members.retain(|m| r.derived.parties.contains(m) && !r.uploads.contains_key(m));
                     members.sort();
@@ -1175,6 +1193,7 @@ impl HeServer {
         aggregate.add(&ct.c0, &ct.c1, 1, &params)?;
         upload.certificate = certificate.to_vec();
         r.uploads.insert(party.to_owned(), (upload, Some(ct.c1)));
+        r.counted(party);
         // Proven: each dealer complained about is out of this job's later
         // keys and rounds; the complainer's share lacks its part, so it
         // does not decrypt, and the key is retired after this round.
@@ -1358,6 +1377,9 @@ impl HeServer {
             m.group_bytes = 0;
             r.uploads.insert(m.party.clone(), (m, None));
         }
+        for name in &names {
+            r.counted(name);
+        }
         r.groups.push(RelayGroup { relay, members: names, c0, c1 });
         Ok(())
     }
@@ -1495,7 +1517,8 @@ impl AggregationServer for HeServer {
                 {
                     return Err(misbehaved(party, "a malformed hash value"));
                 }
-                let outside = r.left_out.iter().any(|(_, members)| members.iter().any(|m| m == party));
+                let outside = !r.uploads.contains_key(party)
+                    && r.left_out.iter().any(|(_, members)| members.iter().any(|m| m == party));
                 if !r.uploads.contains_key(party) && !outside {
                     return Err(misbehaved(party, "hashed a ciphertext it did not upload"));
                 }
@@ -3227,19 +3250,54 @@ mod tests {
         let (why, members) = left_out(&roles);
         assert!(why.contains("relay edge-a forwarded a record of p0"), "{why}");
         assert_eq!(members, ["p0", "p1"]);
-        // A group under a relay's name on a stream that relay does not carry
-        // (another relay's, or a party's own): left out, whoever summed it.
-        for via in [None, Some("edge-b")] {
-            let mut fed = Fed::new(6, 3);
-            fed.round(1, &names, &global, &mut Script::default()).unwrap();
-            let mut ups = uploads(&mut fed);
-            let (leader, m) = group_of_two(&fed, &mut ups);
-            fed.server.on_message(Peer { name: &leader, certificate: &[], relay: via }, m).unwrap();
-            let (contributors, roles) = finish(&mut fed, ups);
-            assert_eq!(contributors, ["p2", "p3", "p4", "p5"]);
-            let (why, _) = left_out(&roles);
-            assert!(why.contains("a group of relay edge-a came"), "{why}");
-        }
+        // A group under a relay's name on a stream another relay carries:
+        // left out, whoever summed it.
+        let mut fed = Fed::new(6, 3);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let mut ups = uploads(&mut fed);
+        let (leader, m) = group_of_two(&fed, &mut ups);
+        fed.server.on_message(Peer { name: &leader, certificate: &[], relay: Some("edge-b") }, m).unwrap();
+        let (contributors, roles) = finish(&mut fed, ups);
+        assert_eq!(contributors, ["p2", "p3", "p4", "p5"]);
+        let (why, _) = left_out(&roles);
+        assert!(why.contains("a group of relay edge-a came"), "{why}");
+        // On a party's own stream, a relay's group is that party's doing:
+        // refused as its fault. A party that sends one naming honest
+        // parties (review finding) gets nobody left out: they upload
+        // through their relay afterwards and are counted.
+        let mut fed = Fed::new(6, 3);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let mut ups = uploads(&mut fed);
+        let mut forged: wire::Upload = ups[5].1.decode("t", "t").unwrap();
+        forged.relay = "edge-a".into();
+        forged.group = vec![ups[0].1.decode("t", "t").unwrap(), ups[1].1.decode("t", "t").unwrap()];
+        forged.group_bytes = 1;
+        let forged = Envelope::encode(&forged);
+        let e = fed.server.on_message(Peer { name: "p5", certificate: &[], relay: None }, forged).unwrap_err();
+        assert!(matches!(&e, Error::PeerMisbehaved { party, .. } if party == "p5"), "{e}");
+        assert!(e.to_string().contains("on its own stream"), "{e}");
+        ups.remove(5);
+        let (leader, m) = group_of_two(&fed, &mut ups);
+        fed.server.on_message(Peer { name: &leader, certificate: &[], relay: Some("edge-a") }, m).unwrap();
+        let (contributors, roles) = finish(&mut fed, ups);
+        assert_eq!(contributors, ["p0", "p1", "p2", "p3", "p4"], "{roles:?}");
+        assert!(!roles.keys().any(|k| k.starts_with("left out")), "{roles:?}");
+        // Through its relay, such a group is refused and left out, but the
+        // parties it names that then upload on their own are counted.
+        let mut fed = Fed::new(6, 3);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let ups = uploads(&mut fed);
+        let mut forged: wire::Upload = ups[5].1.decode("t", "t").unwrap();
+        forged.relay = "edge-a".into();
+        forged.group = vec![ups[2].1.decode("t", "t").unwrap(), ups[3].1.decode("t", "t").unwrap()];
+        forged.group_bytes = 1;
+        let forged = Envelope::encode(&forged);
+        fed.server.on_message(Peer { name: "p5", certificate: &[], relay: Some("edge-a") }, forged).unwrap();
+        let rest: Vec<_> = ups.into_iter().take(5).collect();
+        let (contributors, roles) = finish(&mut fed, rest);
+        assert_eq!(contributors, ["p0", "p1", "p2", "p3", "p4"], "{roles:?}");
+        let (_, members) = left_out(&roles);
+        assert_eq!(members, ["p5"], "{roles:?}");
         // The relay refuses an upload that is not one, naming its sender.
         let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
         let e = g.add("p3", &[], Envelope::body(vec![1, 2, 3])).unwrap_err().to_string();
