@@ -24,6 +24,7 @@ use confide_crypto::aggregation::he::{self as he_protocol, relay::UploadGroup};
 use confide_crypto::aggregation::{AggregationProtocol, Envelope};
 use confide_proto::Limits;
 use confide_proto::messages::{ResultBody, TaskResult};
+use confide_crypto::identity::SharedRevocations;
 use confide_proto::net::{ClientIdentity, connect_checking_revocations};
 use confide_proto::pb::party_service_client::PartyServiceClient;
 use confide_proto::pb::party_service_server::{PartyService, PartyServiceServer};
@@ -107,8 +108,11 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, Error> {
     let local_addr = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
     let incoming = ReceiverStream::new(tls::accept_loop(listener, tls_config, Admission::Relay, None));
     let max = config.limits.max_message_bytes;
+    let ca_pem = std::fs::read(&config.ca).map_err(|e| Error::io(&config.ca, e))?;
     let shared = Arc::new(Shared {
         name: id.name.clone(),
+        revocations: Arc::new(std::sync::RwLock::new(confide_crypto::revocation::Revocations::empty())),
+        ca_pem,
         config,
         jobs: Mutex::default(),
         pending: Mutex::default(),
@@ -153,6 +157,13 @@ struct Shared {
     /// The `he` jobs whose uploads the relay sums, and how long it holds
     /// a task's uploads in each.
     jobs: Mutex<HashMap<String, Duration>>,
+    /// The newest revocation list the CA signed that the relay has seen
+    /// (in what the coordinator sends its parties): checked against the
+    /// coordinator's certificate on each upstream connection and against
+    /// each party's before its stream is opened.
+    revocations: SharedRevocations,
+    /// The federation CA (PEM), which signs revocation lists.
+    ca_pem: Vec<u8>,
     /// Upload tasks in progress, by (job, task id).
     pending: Mutex<HashMap<(String, u64), Pending>>,
     /// Upload tasks whose held uploads went out, by (job, task id): when,
@@ -208,6 +219,28 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 impl Shared {
+    /// A revocation list the coordinator sent a party: kept when the CA
+    /// signed it and it is newer than the one held (the parties judge an
+    /// older one; the relay only ignores it).
+    fn on_revocations(&self, crl: &[u8]) {
+        if crl.is_empty() {
+            return;
+        }
+        let list = match confide_crypto::revocation::Revocations::parse(crl, &self.ca_pem, "the coordinator's list") {
+            Ok(list) => list,
+            Err(e) => {
+                warn!("a revocation list the coordinator sent does not verify: {e}");
+                return;
+            }
+        };
+        let version = list.version();
+        match self.revocations.write().unwrap_or_else(|p| p.into_inner()).update(list) {
+            Ok(true) => info!(version, "revocation list updated"),
+            Ok(false) => {}
+            Err(e) => debug!("an older revocation list: {e}"),
+        }
+    }
+
     fn is_he(&self, job: &str) -> bool {
         lock(&self.jobs).contains_key(job)
     }
@@ -508,6 +541,13 @@ impl PartyService for RelaySvc {
                 self.shared.name
             )));
         }
+        // The coordinator checks too, but a revoked party costs the relay
+        // no connection to it.
+        let revoked = self.shared.revocations.read().unwrap_or_else(|p| p.into_inner()).check(&party, &certificate);
+        if let Err(e) = revoked {
+            warn!(party = %party, "refused a revoked party: {e}");
+            return Err(Status::permission_denied(format!("{party}: {e}")));
+        }
         let shared = self.shared.clone();
         let cfg = &shared.config;
         let client_id = ClientIdentity {
@@ -517,7 +557,7 @@ impl PartyService for RelaySvc {
             cert: &cfg.cert,
             key: &cfg.key,
         };
-        let (channel, shown) = connect_checking_revocations(&client_id, None)
+        let (channel, shown) = connect_checking_revocations(&client_id, Some(shared.revocations.clone()))
             .await
             .map_err(|e| Status::unavailable(format!("relay {}: {e}", shared.name)))?;
         // Only the coordinator: never another relay or a party's certificate.
@@ -669,6 +709,12 @@ async fn pump_down(
 /// What a message from the coordinator tells the relay.
 fn note_down(shared: &Shared, party: &str, msg: &pb::CoordinatorMessage) {
     match &msg.body {
+        Some(coordinator_message::Body::Welcome(w)) => {
+            if let Some(list) = &w.revocations {
+                shared.on_revocations(&list.crl);
+            }
+        }
+        Some(coordinator_message::Body::Revocations(list)) => shared.on_revocations(&list.crl),
         Some(coordinator_message::Body::Offer(o)) => shared.on_offer(o),
         Some(coordinator_message::Body::Task(t)) => shared.on_task(party, t),
         Some(coordinator_message::Body::Closed(c)) => {
@@ -816,6 +862,8 @@ mod tests {
     fn shared(hold_secs: u64) -> Shared {
         Shared {
             name: "edge-a".into(),
+            revocations: Default::default(),
+            ca_pem: Vec::new(),
             config: RelayConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 coordinator: "https://127.0.0.1:1".into(),
@@ -924,6 +972,42 @@ mod tests {
         s.flush(&key, None, "test");
         assert!(s.on_result("p0", 1, &cert, upload()).is_none(), "after it went out: dropped");
         assert!(s.on_result("p1", 1, &cert, upload()).is_some(), "another's, after the group: forwarded as it came");
+    }
+
+    /// The relay keeps the newest CA-signed revocation list the coordinator
+    /// sends its parties (a forged or older one changes nothing), and
+    /// checks parties and the coordinator against it.
+    #[test]
+    fn the_relay_keeps_the_newest_revocation_list_the_ca_signed() {
+        use confide_crypto::revocation::{Revocations, certificate_serial};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = confide_crypto::pki::PkiDir::new(dir.path());
+        pki.init("t", &["a".into(), "b".into()], &[]).unwrap();
+        let mut s = shared(30);
+        s.ca_pem = std::fs::read(pki.ca_cert()).unwrap();
+        let der = |p: &std::path::Path| confide_proto::net::load_certs(p).unwrap()[0].to_vec();
+        let (a, b) = (der(&pki.party_cert("a")), der(&pki.party_cert("b")));
+        let ca = pki.load_ca().unwrap();
+        let first = ca.revoke(&Revocations::empty(), &certificate_serial(&a).unwrap()).unwrap();
+        let second = ca.revoke(&first, &certificate_serial(&b).unwrap()).unwrap();
+        let welcome = |crl: &[u8]| pb::CoordinatorMessage {
+            body: Some(coordinator_message::Body::Welcome(pb::Welcome {
+                revocations: Some(pb::RevocationList { crl: crl.to_vec() }),
+                ..Default::default()
+            })),
+        };
+        let revoked = |s: &Shared, name: &str, cert: &[u8]| s.revocations.read().unwrap().check(name, cert).is_err();
+        note_down(&s, "a", &welcome(first.der()));
+        assert!(revoked(&s, "a", &a) && !revoked(&s, "b", &b));
+        let newer = pb::CoordinatorMessage {
+            body: Some(coordinator_message::Body::Revocations(pb::RevocationList { crl: second.der().to_vec() })),
+        };
+        note_down(&s, "a", &newer);
+        assert!(revoked(&s, "b", &b));
+        // An older list, or bytes the CA did not sign, change nothing.
+        note_down(&s, "a", &welcome(first.der()));
+        note_down(&s, "a", &welcome(&[7; 40]));
+        assert!(revoked(&s, "a", &a) && revoked(&s, "b", &b));
     }
 
     fn offer(job: &str, spec: &str) -> pb::JobOffer {
