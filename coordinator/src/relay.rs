@@ -318,8 +318,14 @@ impl Shared {
             _ => return,
         };
         let connected: BTreeSet<String> = lock(&self.members).keys().cloned().collect();
+        let key = (task.job_id.clone(), task.task_id);
         let mut p = lock(&self.pending);
-        let entry = p.entry((task.job_id.clone(), task.task_id)).or_insert_with(|| Pending {
+        // The coordinator sends the task again (a restarted coordinator
+        // reuses a round's task ids): the party's next answer is a new one.
+        if let Some(f) = lock(&self.flushed).get_mut(&key) {
+            f.1.remove(party);
+        }
+        let entry = p.entry(key).or_insert_with(|| Pending {
             id: self.next_pending.fetch_add(1, Ordering::Relaxed),
             created: Instant::now(),
             round_message,
@@ -344,11 +350,13 @@ impl Shared {
         // into a group sum, is dropped: forwarded, the coordinator would
         // count it and then leave the group out as uploaded twice (review
         // finding: one member could so take its whole group out).
+        // `pending` first, as `flush` takes them: a flush cannot come
+        // between the two checks.
+        let mut pending = lock(&self.pending);
         if lock(&self.flushed).get(&key).is_some_and(|f| f.1.contains(party)) {
             warn!(party = %party, job = %key.0, task = key.1, "a second result for a task whose upload went out; dropped");
             return None;
         }
-        let mut pending = lock(&self.pending);
         let Some(p) = pending.get_mut(&key) else { return Some(result) };
         if p.held.contains_key(party) {
             warn!(party = %party, job = %key.0, task = key.1, "a second result for a task whose upload is held; dropped");
@@ -972,6 +980,25 @@ mod tests {
         s.flush(&key, None, "test");
         assert!(s.on_result("p0", 1, &cert, upload()).is_none(), "after it went out: dropped");
         assert!(s.on_result("p1", 1, &cert, upload()).is_some(), "another's, after the group: forwarded as it came");
+        // The coordinator sends the task again (restarted, it reuses the
+        // round's task ids): p0's next answer is a new one, held again.
+        s.jobs.lock().unwrap().insert("he".into(), Duration::from_secs(30));
+        let round_message = || {
+            let rc = he_protocol::wire::RoundConfig { parties: vec!["p0".into(), "p1".into()], ..Default::default() };
+            prost::Message::encode_to_vec(&rc)
+        };
+        let task = pb::Task {
+            job_id: "he".into(),
+            round: 2,
+            task_id: 4,
+            body: Some(pb::task::Body::Fit(pb::FitTask { round_message: round_message(), ..Default::default() })),
+            bulk: None,
+        };
+        s.on_task("p0", &task);
+        assert!(!s.flushed.lock().unwrap()[&key].1.contains("p0"), "a new attempt for p0");
+        assert!(s.on_result("p0", 1, &cert, upload()).is_none(), "taken (and, p0 alone expected, sent out)");
+        assert!(s.flushed.lock().unwrap()[&key].1.contains("p0"), "it went out");
+        assert!(s.on_result("p0", 1, &cert, upload()).is_none(), "a second one: dropped");
     }
 
     /// The relay keeps the newest CA-signed revocation list the coordinator

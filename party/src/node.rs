@@ -114,6 +114,10 @@ impl Drop for WorkerAlive {
 /// the old one's, which ends with its current task.
 const MAX_WORKERS_PER_JOB: usize = 2;
 
+/// How long an offer waits for ending workers to make room before it is
+/// refused (see `policy.max_jobs`).
+const WORKERS_WAIT: Duration = Duration::from_secs(10);
+
 struct Outbox {
     tx: mpsc::Sender<pb::PartyMessage>,
     stats: Arc<NodeStats>,
@@ -622,25 +626,40 @@ impl PartyNode {
                 // Refused, at the floor like any answer, when the party
                 // already runs its most jobs: each holds a thread, a model
                 // and an inbox, and only the hospital bounds how many.
-                // Counted by live workers, node-wide: a job closed or
-                // replaced while it trains still holds its worker.
+                // Counted by live workers, node-wide (a job closed or
+                // replaced while it trains still holds its worker), and by
+                // accepted answers not sent yet (each spawns one).
                 jobs.retain(|_, j| j.running());
-                let (live, same) = self.workers.census(&job_id);
-                let held = offers.held.iter().filter(|h| h.accepted.is_ok()).map(|h| h.offer.job_id.clone());
-                let mut others: std::collections::HashSet<String> = live.into_iter().chain(held).collect();
-                others.remove(&job_id);
-                let running = others.len();
-                let max_jobs = cfg.policy.max_jobs;
+                let held: Vec<String> =
+                    offers.held.iter().filter(|h| h.accepted.is_ok()).map(|h| h.offer.job_id.clone()).collect();
+                let (workers, max_jobs, job) = (self.workers.clone(), cfg.policy.max_jobs, job_id.clone());
+                let busy = move || {
+                    let (live, same) = workers.census(&job);
+                    let same = same + held.iter().filter(|j| **j == job).count();
+                    let mut others: std::collections::HashSet<&String> = live.iter().chain(&held).collect();
+                    others.remove(&job);
+                    if others.len() >= max_jobs {
+                        Some(format!("this party already runs {} jobs (policy.max_jobs = {max_jobs})", others.len()))
+                    } else if same >= MAX_WORKERS_PER_JOB {
+                        Some(format!("{same} earlier sessions of this job still end their tasks here"))
+                    } else {
+                        None
+                    }
+                };
                 offers.accepting = Some((
                     serial,
                     job_id,
                     Box::pin(async move {
-                        let accepted = if running >= max_jobs {
-                            Err(format!("this party already runs {running} jobs (policy.max_jobs = {max_jobs})"))
-                        } else if same >= MAX_WORKERS_PER_JOB {
-                            Err(format!("{same} earlier sessions of this job still end their tasks here"))
-                        } else {
-                            self.accept(&offer, &me).await
+                        // A worker that is ending (its job closed or
+                        // replaced) is waited for a while: a refusal is for
+                        // good at the coordinator.
+                        let give_up = tokio::time::Instant::now() + WORKERS_WAIT;
+                        let accepted = loop {
+                            match busy() {
+                                None => break self.accept(&offer, &me).await,
+                                Some(why) if tokio::time::Instant::now() >= give_up => break Err(why),
+                                Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                            }
                         };
                         (offer, offered, accepted)
                     }),

@@ -57,11 +57,31 @@ pub struct Watches {
     scratch: PathBuf,
     /// The hard examples already kept, `service:sha256` (read from the file
     /// on first use): each is kept once, however often it is asked.
-    /// With the file's length when last read or written: a shorter or
-    /// missing file (the hospital rotated it) is read again.
-    hard_seen: Mutex<Option<(std::collections::HashSet<String>, u64)>>,
+    /// With the file's identity when last read or written: another file
+    /// (the hospital rotated it), a shorter or a missing one is read again.
+    hard_seen: Mutex<Option<(std::collections::HashSet<String>, FileMark)>>,
     /// Hard examples waiting for the file's one writer.
     hard_queue: Mutex<HardQueue>,
+}
+
+/// A file's identity (device and inode where there are some) and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct FileMark {
+    id: (u64, u64),
+    len: u64,
+}
+
+impl FileMark {
+    fn of(m: &std::fs::Metadata) -> FileMark {
+        #[cfg(unix)]
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        };
+        #[cfg(not(unix))]
+        let id = (0, 0);
+        FileMark { id, len: m.len() }
+    }
 }
 
 /// Distinct hard examples kept in the file, in all: beyond them new ones
@@ -189,12 +209,12 @@ impl Watches {
         }
         let path = &self.hard_examples;
         let mut seen = self.hard_seen.lock().unwrap_or_else(|p| p.into_inner());
-        let length = match std::fs::metadata(path) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        let now = match std::fs::metadata(path) {
+            Ok(m) => FileMark::of(&m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileMark::default(),
             Err(e) => return Err(format!("hard examples {}: {e}", path.display())),
         };
-        if seen.as_ref().is_some_and(|(_, known)| length < *known) {
+        if seen.as_ref().is_some_and(|(_, known)| now.id != known.id || now.len < known.len) {
             *seen = None;
         }
         if seen.is_none() {
@@ -211,7 +231,7 @@ impl Watches {
                     Some(format!("{svc}:{sha}"))
                 })
                 .collect();
-            *seen = Some((keys, text.len() as u64));
+            *seen = Some((keys, FileMark { len: text.len() as u64, ..now }));
         }
         let Some((seen, known)) = seen.as_mut() else { return Ok(()) };
         let mut text = String::new();
@@ -254,7 +274,9 @@ impl Watches {
         }
         let mut f = opts.open(path).map_err(|e| format!("hard examples {}: {e}", path.display()))?;
         f.write_all(text.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| format!("{}: {e}", path.display()))?;
-        *known = f.metadata().map_or(*known + text.len() as u64, |m| m.len());
+        // The file written, from its handle: one renamed away meanwhile is
+        // told apart at the next call.
+        *known = f.metadata().map_or(FileMark { len: known.len + text.len() as u64, ..*known }, |m| FileMark::of(&m));
         Ok(())
     }
 
