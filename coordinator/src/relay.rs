@@ -168,7 +168,7 @@ struct Shared {
     pending: Mutex<HashMap<(String, u64), Pending>>,
     /// Upload tasks whose held uploads went out, by (job, task id): when,
     /// and whose; a member's later result for one is not forwarded.
-    flushed: Mutex<HashMap<(String, u64), (Instant, BTreeSet<String>)>>,
+    flushed: Mutex<HashMap<(String, u64), Flushed>>,
     /// The upstream of each connected party.
     members: Mutex<HashMap<String, Member>>,
     /// The `he` keygen rounds in progress, by (job, round): their round
@@ -208,6 +208,9 @@ struct Pending {
     held: HashMap<String, Held>,
     timer: bool,
 }
+
+/// When a task's held uploads went out, and whose.
+type Flushed = (Instant, BTreeSet<String>);
 
 /// A keygen round's message, the relay's parties asked to deal in it, and
 /// when the relay saw it start.
