@@ -1280,6 +1280,21 @@ mod tests {
         let e = reg.offer(&by_pipeline(MAX_PIPELINE_SEQUENCE + 1, &v3, later(now + 3600))).unwrap_err();
         assert!(e.contains("past the largest a pipeline may use"), "{e}");
         assert!(reg.offer(&by_pipeline(MAX_PIPELINE_SEQUENCE, &v3, later(now + 3600))).unwrap().is_some());
+        let refused = pb::ModelPart {
+            service: "triage".into(),
+            sequence: MAX_PIPELINE_SEQUENCE,
+            error: "gone".into(),
+            ..Default::default()
+        };
+        assert!(reg.on_part(refused).is_err(), "that pull ends");
+        // Checked again at install: an administrator's deployment pulled
+        // before a pipeline's and installed first ends the grant for it.
+        let (admin6, admin6_bytes) = pulled(&reg, &admin_signed(&f, record(6, &v1, LOGREG)), &v1).unwrap();
+        let (pipeline7, pipeline7_bytes) = pulled(&reg, &by_pipeline(7, &v2, later(now + 3600)), &v2).unwrap();
+        reg.install(admin6, &admin6_bytes, true).unwrap();
+        let e = reg.install(pipeline7, &pipeline7_bytes, true).unwrap_err();
+        assert!(e.contains("before the administrator's deployment 6 taken here"), "{e}");
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 6);
         let _ = &f.dir;
     }
 
