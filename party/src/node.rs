@@ -91,10 +91,9 @@ impl LiveWorkers {
         WorkerAlive(self.clone(), job.to_owned())
     }
 
-    /// The jobs with a live worker, and how many workers `job` has.
-    fn census(&self, job: &str) -> (Vec<String>, usize) {
-        let live = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        (live.keys().cloned().collect(), live.get(job).copied().unwrap_or(0))
+    /// The jobs with live workers, and how many each.
+    fn live(&self) -> HashMap<String, usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -145,7 +144,9 @@ impl Outbox {
 /// session or the reason for refusing.
 type Accepting<'a> = std::pin::Pin<
     Box<
-        dyn std::future::Future<Output = (pb::JobOffer, tokio::time::Instant, Result<PartySession, String>)>
+        dyn std::future::Future<
+                Output = (pb::JobOffer, tokio::time::Instant, Result<(PartySession, WorkerAlive), String>),
+            >
             + Send
             + 'a,
     >,
@@ -193,7 +194,7 @@ struct Held {
     at: tokio::time::Instant,
     serial: u64,
     offer: pb::JobOffer,
-    accepted: Result<PartySession, String>,
+    accepted: Result<(PartySession, WorkerAlive), String>,
 }
 
 /// A connection's offers between their arrival and their answers.
@@ -627,40 +628,50 @@ impl PartyNode {
                 // already runs its most jobs: each holds a thread, a model
                 // and an inbox, and only the hospital bounds how many.
                 // Counted by live workers, node-wide (a job closed or
-                // replaced while it trains still holds its worker), and by
-                // accepted answers not sent yet (each spawns one).
+                // replaced while it trains still holds its worker), an
+                // accepted answer not sent yet holding its worker's place.
                 jobs.retain(|_, j| j.running());
-                let held: Vec<String> =
-                    offers.held.iter().filter(|h| h.accepted.is_ok()).map(|h| h.offer.job_id.clone()).collect();
+                // Workers this connection runs or will: any other live one
+                // is ending (its job closed or replaced, or its connection
+                // gone), and only then is an offer worth holding back.
+                let mut active: HashMap<String, usize> = jobs.keys().map(|k| (k.clone(), 1)).collect();
+                for h in offers.held.iter().filter(|h| h.accepted.is_ok()) {
+                    *active.entry(h.offer.job_id.clone()).or_default() += 1;
+                }
                 let (workers, max_jobs, job) = (self.workers.clone(), cfg.policy.max_jobs, job_id.clone());
                 let busy = move || {
-                    let (live, same) = workers.census(&job);
-                    let same = same + held.iter().filter(|j| **j == job).count();
-                    let mut others: std::collections::HashSet<&String> = live.iter().chain(&held).collect();
-                    others.remove(&job);
-                    if others.len() >= max_jobs {
-                        Some(format!("this party already runs {} jobs (policy.max_jobs = {max_jobs})", others.len()))
+                    let live = workers.live();
+                    let others = live.keys().filter(|j| **j != job).count();
+                    let same = live.get(&job).copied().unwrap_or(0);
+                    let ending = live.iter().any(|(j, n)| *n > active.get(j).copied().unwrap_or(0));
+                    let why = if others >= max_jobs {
+                        format!("this party already runs {others} jobs (policy.max_jobs = {max_jobs})")
                     } else if same >= MAX_WORKERS_PER_JOB {
-                        Some(format!("{same} earlier sessions of this job still end their tasks here"))
+                        format!("{same} sessions of this job still run here")
                     } else {
-                        None
-                    }
+                        return None;
+                    };
+                    Some((why, ending))
                 };
+                let workers = self.workers.clone();
                 offers.accepting = Some((
                     serial,
                     job_id,
                     Box::pin(async move {
-                        // A worker that is ending (its job closed or
-                        // replaced) is waited for a while: a refusal is for
-                        // good at the coordinator.
+                        // A worker that is ending is waited for a while: a
+                        // refusal is for good at the coordinator.
                         let give_up = tokio::time::Instant::now() + WORKERS_WAIT;
                         let accepted = loop {
                             match busy() {
                                 None => break self.accept(&offer, &me).await,
-                                Some(why) if tokio::time::Instant::now() >= give_up => break Err(why),
+                                Some((why, ending)) if !ending || tokio::time::Instant::now() >= give_up => {
+                                    break Err(why);
+                                }
                                 Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                             }
                         };
+                        // Its worker counts from here, its answer held or not.
+                        let accepted = accepted.map(|session| (session, workers.enter(&offer.job_id)));
                         (offer, offered, accepted)
                     }),
                 ));
@@ -931,13 +942,12 @@ impl PartyNode {
         jobs: &mut HashMap<String, JobInbox>,
         waiting: &mut Kept,
         offer: pb::JobOffer,
-        accepted: Result<PartySession, String>,
+        accepted: Result<(PartySession, WorkerAlive), String>,
     ) {
         let job_id = offer.job_id.clone();
         let answer = match accepted {
-            Ok(session) => {
+            Ok((session, alive)) => {
                 let (limits, stats, metrics) = (self.config.limits, self.stats.clone(), self.metrics.clone());
-                let alive = self.workers.enter(&job_id);
                 let worker = spawn_job(job_id.clone(), session, outbox.clone(), limits, (stats, metrics), alive);
                 self.metrics.job_offer(true);
                 // An older session of the job (before a reconnect) ends with its sender.
@@ -1762,13 +1772,11 @@ mod tests {
         let a1 = live.enter("a");
         let a2 = live.enter("a");
         let b = live.enter("b");
-        let (mut jobs, same) = live.census("a");
-        jobs.sort();
-        assert_eq!((jobs, same), (vec!["a".to_string(), "b".to_string()], 2));
+        assert_eq!(live.live(), HashMap::from([("a".to_string(), 2), ("b".to_string(), 1)]));
         drop(a1);
-        assert_eq!(live.census("a").1, 1);
+        assert_eq!(live.live()["a"], 1);
         drop((a2, b));
-        assert_eq!(live.census("a"), (Vec::new(), 0));
+        assert!(live.live().is_empty());
         // A worker's thread holds its count until it returns.
         let (go, wait) = std::sync::mpsc::channel::<()>();
         let alive = live.enter("c");
@@ -1776,10 +1784,10 @@ mod tests {
             let _alive = alive;
             let _ = wait.recv();
         });
-        assert_eq!(live.census("c").1, 1);
+        assert_eq!(live.live()["c"], 1);
         go.send(()).unwrap();
         t.join().unwrap();
-        assert_eq!(live.census("c").1, 0);
+        assert!(live.live().is_empty());
     }
 
     /// A coordinator cannot pile tasks up behind a busy worker: a job's
