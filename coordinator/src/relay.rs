@@ -109,9 +109,17 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, Error> {
     let incoming = ReceiverStream::new(tls::accept_loop(listener, tls_config, Admission::Relay, None));
     let max = config.limits.max_message_bytes;
     let ca_pem = std::fs::read(&config.ca).map_err(|e| Error::io(&config.ca, e))?;
+    // The list kept from a previous run: a relay restarted is not back to
+    // checking nothing until a party is welcomed.
+    let kept = match std::fs::read(revocation_list_path(&config)) {
+        Ok(bytes) => confide_crypto::revocation::Revocations::parse(&bytes, &ca_pem, "the relay's kept list")
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", revocation_list_path(&config).display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => confide_crypto::revocation::Revocations::empty(),
+        Err(e) => return Err(Error::io(&revocation_list_path(&config), e)),
+    };
     let shared = Arc::new(Shared {
         name: id.name.clone(),
-        revocations: Arc::new(std::sync::RwLock::new(confide_crypto::revocation::Revocations::empty())),
+        revocations: Arc::new(std::sync::RwLock::new(kept)),
         ca_pem,
         config,
         jobs: Mutex::default(),
@@ -209,6 +217,12 @@ struct Pending {
     timer: bool,
 }
 
+/// Where the relay keeps the newest revocation list it has seen: beside its
+/// key (`KEY.crl.pem`, as a party keeps its own).
+fn revocation_list_path(config: &RelayConfig) -> PathBuf {
+    config.key.with_extension("crl.pem")
+}
+
 /// When a task's held uploads went out, and whose.
 type Flushed = (Instant, BTreeSet<String>);
 
@@ -226,7 +240,8 @@ impl Shared {
     /// signed it and it is newer than the one held (the parties judge an
     /// older one; the relay only ignores it).
     fn on_revocations(&self, crl: &[u8]) {
-        if crl.is_empty() {
+        // Every welcome carries the list: the one held is not checked again.
+        if crl.is_empty() || self.revocations.read().unwrap_or_else(|p| p.into_inner()).der() == crl {
             return;
         }
         let list = match confide_crypto::revocation::Revocations::parse(crl, &self.ca_pem, "the coordinator's list") {
@@ -236,9 +251,15 @@ impl Shared {
                 return;
             }
         };
-        let version = list.version();
+        let (version, pem) = (list.version(), list.pem());
         match self.revocations.write().unwrap_or_else(|p| p.into_inner()).update(list) {
-            Ok(true) => info!(version, "revocation list updated"),
+            Ok(true) => {
+                info!(version, "revocation list updated");
+                let path = revocation_list_path(&self.config);
+                if let Err(e) = confide_proto::durable::write_file(&path, pem.as_bytes()) {
+                    warn!("cannot keep the revocation list at {}: {e}", path.display());
+                }
+            }
             Ok(false) => {}
             Err(e) => debug!("an older revocation list: {e}"),
         }
@@ -1015,6 +1036,7 @@ mod tests {
         pki.init("t", &["a".into(), "b".into()], &[]).unwrap();
         let mut s = shared(30);
         s.ca_pem = std::fs::read(pki.ca_cert()).unwrap();
+        s.config.key = dir.path().join("edge-a.key");
         let der = |p: &std::path::Path| confide_proto::net::load_certs(p).unwrap()[0].to_vec();
         let (a, b) = (der(&pki.party_cert("a")), der(&pki.party_cert("b")));
         let ca = pki.load_ca().unwrap();
@@ -1038,6 +1060,10 @@ mod tests {
         note_down(&s, "a", &welcome(first.der()));
         note_down(&s, "a", &welcome(&[7; 40]));
         assert!(revoked(&s, "a", &a) && revoked(&s, "b", &b));
+        // Kept beside the relay's key for its next start.
+        let kept = std::fs::read(revocation_list_path(&s.config)).unwrap();
+        let kept = Revocations::parse(&kept, &s.ca_pem, "kept").unwrap();
+        assert_eq!(kept.der(), second.der());
     }
 
     fn offer(job: &str, spec: &str) -> pb::JobOffer {

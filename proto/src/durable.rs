@@ -47,6 +47,17 @@ pub fn sync_parent(dir: &Path, note: &mut dyn FnMut(String)) -> Result<(), Strin
     sync_dir(parent, note)
 }
 
+/// Writes `bytes` to `path` crash-safely: a synced temporary file beside
+/// it, a rename, and its directory synced. The error names the file.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let tmp = path.with_extension("part");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    sync_parent(path, &mut |_| {})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

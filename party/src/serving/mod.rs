@@ -236,13 +236,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    let tmp = path.with_extension("part");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // The rename is durable once the directory is.
-    confide_proto::durable::sync_parent(path, &mut |_| {})
+    confide_proto::durable::write_file(path, bytes)
 }
 
 /// The newest deployment a service has taken here (`high-water.json` in its
