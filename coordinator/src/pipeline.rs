@@ -219,7 +219,8 @@ impl Pipeline {
             // Nor does it undo an administrator's deployment made since the
             // grant (parties refuse its deployments then).
             let after = self.grant.grant.after_sequence;
-            if let Some(seq) = crate::services::admin_deployment_after(self.hub.db(), &self.inc.service, &self.grant.grant)?
+            if let Some(seq) =
+                crate::services::admin_deployment_after(self.hub.db(), &self.inc.service, &self.grant.grant)?
             {
                 return Err(Stop::Pause(format!(
                     "an administrator deployed {seq} of service {} after the grant (signed after deployment \

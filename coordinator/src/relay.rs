@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use confide_crypto::aggregation::he::{self as he_protocol, relay::UploadGroup};
 use confide_crypto::aggregation::{AggregationProtocol, Envelope};
+use confide_crypto::identity::SharedRevocations;
 use confide_proto::Limits;
 use confide_proto::messages::{ResultBody, TaskResult};
-use confide_crypto::identity::SharedRevocations;
 use confide_proto::net::{ClientIdentity, connect_checking_revocations};
 use confide_proto::pb::party_service_client::PartyServiceClient;
 use confide_proto::pb::party_service_server::{PartyService, PartyServiceServer};

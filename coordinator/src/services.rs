@@ -331,7 +331,10 @@ mod tests {
             db.add_deployment(&stored, "j1", 1).unwrap();
         }
         let sequences = |s: &pb::ServiceStatus| -> Vec<u64> {
-            s.deployments.iter().map(|d| serde_json::from_slice::<DeploymentRecord>(&d.record).unwrap().sequence).collect()
+            s.deployments
+                .iter()
+                .map(|d| serde_json::from_slice::<DeploymentRecord>(&d.record).unwrap().sequence)
+                .collect()
         };
         for (asked, shown) in [(Some("triage"), SHOWN_OF_ONE), (None, SHOWN_OF_EACH)] {
             let listed = statuses(&db, asked).unwrap();

@@ -386,8 +386,7 @@ mod tests {
             let root_d = (dim as f64).sqrt();
             let per = dp.clip_norm() / dp.gamma / root_d;
             let units = if per.fract() >= 0.001 { per.floor() + 0.001 } else { per.floor() - 0.999 };
-            let base: Vec<f64> =
-                (0..dim).map(|i| ((i as f64 * 37.0 - 5000.0).round() + 0.4995) * dp.gamma).collect();
+            let base: Vec<f64> = (0..dim).map(|i| ((i as f64 * 37.0 - 5000.0).round() + 0.4995) * dp.gamma).collect();
             let with: Vec<f64> = base.iter().map(|b| b + units * dp.gamma).collect();
             let gradient_norm = units * dp.gamma * root_d;
             assert!(gradient_norm <= dp.clip_norm(), "dim {dim}: the gradient is clipped");

@@ -583,10 +583,7 @@ impl PartyConfig {
             }
         }
         if self.policy.max_jobs == 0 || self.policy.max_jobs > MAX_JOBS_CEILING {
-            return Err(format!(
-                "policy.max_jobs: must be in 1..={MAX_JOBS_CEILING} (got {})",
-                self.policy.max_jobs
-            ));
+            return Err(format!("policy.max_jobs: must be in 1..={MAX_JOBS_CEILING} (got {})", self.policy.max_jobs));
         }
         if let Some(e) = self.policy.max_epsilon
             && !(e.is_finite() && e > 0.0)

@@ -146,8 +146,7 @@ type Accepting<'a> = std::pin::Pin<
     Box<
         dyn std::future::Future<
                 Output = (pb::JobOffer, tokio::time::Instant, Result<(PartySession, WorkerAlive), String>),
-            >
-            + Send
+            > + Send
             + 'a,
     >,
 >;
@@ -1335,9 +1334,9 @@ async fn route(jobs: &HashMap<String, JobInbox>, outbox: &Outbox, task: pb::Task
     let (job_id, task_id) = (task.job_id.clone(), task.task_id);
     let reason = match Task::try_from((task, bulk)) {
         Ok(task) => match jobs.get(&job_id) {
-            Some(w) if w.queued.load(Ordering::Acquire) >= MAX_QUEUED_PER_JOB => format!(
-                "coordinator fault: {MAX_QUEUED_PER_JOB} tasks of this job already wait for the party's worker"
-            ),
+            Some(w) if w.queued.load(Ordering::Acquire) >= MAX_QUEUED_PER_JOB => {
+                format!("coordinator fault: {MAX_QUEUED_PER_JOB} tasks of this job already wait for the party's worker")
+            }
             Some(_)
                 if jobs.values().filter(|w| w.running()).map(|w| w.queued.load(Ordering::Acquire)).sum::<usize>()
                     >= MAX_QUEUED =>

@@ -184,7 +184,9 @@ impl Watches {
                     None => {
                         q.running = false;
                         if dropped > 0 {
-                            tracing::warn!("{dropped} hard examples not kept: requests came faster than the file syncs");
+                            tracing::warn!(
+                                "{dropped} hard examples not kept: requests came faster than the file syncs"
+                            );
                         }
                         return;
                     }

@@ -296,8 +296,11 @@ fn a_pipeline_pauses_once_an_administrator_deploys_after_its_grant() {
         let url = format!("https://{}", fed.addr);
         let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
         let mut client = AdminServiceClient::new(connect(&id).await.expect("admin connection"));
-        let req =
-            pb::SubmitJobRequest { spec_toml: spec.clone(), file_name: "pipeline.toml".into(), grant: Some(stale.to_pb()) };
+        let req = pb::SubmitJobRequest {
+            spec_toml: spec.clone(),
+            file_name: "pipeline.toml".into(),
+            grant: Some(stale.to_pb()),
+        };
         let e = client.submit_job(req).await.expect_err("refused").message().to_string();
         assert!(e.contains("an administrator deployed 2") && e.contains("sign the grant again"), "{e}");
     });

@@ -20,7 +20,7 @@ pub mod http;
 pub mod joint;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -235,10 +235,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     confide_proto::deploy::model_sha256(bytes)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    confide_proto::durable::write_file(path, bytes)
-}
-
 /// The newest deployment a service has taken here (`high-water.json` in its
 /// directory): its sequence and the SHA-256 of its signed record. Kept
 /// apart from the deployment served, and never lowered, so that a kept
@@ -395,7 +391,7 @@ impl Registry {
         if self.high_water(service)?.is_none() {
             let high = HighWater::after(None, &d);
             let bytes = serde_json::to_vec(&high).map_err(|e| e.to_string())?;
-            write_atomically(&dir.join("high-water.json"), &bytes)?;
+            confide_proto::durable::write_file(&dir.join("high-water.json"), &bytes)?;
         }
         let model = dir.join(format!("model-{}.safetensors", d.record.sha256));
         let bytes = std::fs::read(&model).map_err(|e| format!("{}: {e}", model.display()))?;
@@ -645,7 +641,7 @@ impl Registry {
         // high-water mark with it.
         confide_proto::durable::create_dirs(&dir, &mut |_| {})?;
         let model_name = format!("model-{}.safetensors", d.record.sha256);
-        write_atomically(&dir.join(&model_name), bytes)?;
+        confide_proto::durable::write_file(&dir.join(&model_name), bytes)?;
         let kept = StoredDeployment {
             record: String::from_utf8(d.bytes.clone()).map_err(|e| format!("deployment record: {e}"))?,
             signature: hex(&d.signature),
@@ -658,9 +654,9 @@ impl Registry {
         if before.as_ref().is_none_or(|h| h.sequence < d.record.sequence) {
             let high = HighWater::after(before.as_ref(), d);
             let bytes = serde_json::to_vec(&high).map_err(|e| e.to_string())?;
-            write_atomically(&dir.join("high-water.json"), &bytes)?;
+            confide_proto::durable::write_file(&dir.join("high-water.json"), &bytes)?;
         }
-        write_atomically(&dir.join("deployment.json"), &json)?;
+        confide_proto::durable::write_file(&dir.join("deployment.json"), &json)?;
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -1053,7 +1049,11 @@ mod tests {
 
     /// Offers a deployment and delivers its model in two parts: what is
     /// then to install.
-    fn pulled(reg: &Registry, msg: &pb::ServiceDeployment, bytes: &[u8]) -> Result<(SignedDeployment, Vec<u8>), String> {
+    fn pulled(
+        reg: &Registry,
+        msg: &pb::ServiceDeployment,
+        bytes: &[u8],
+    ) -> Result<(SignedDeployment, Vec<u8>), String> {
         let pull = reg.offer(msg)?.ok_or("nothing to pull")?;
         let half = bytes.len() / 2;
         let part = |offset: usize, data: &[u8]| pb::ModelPart {
@@ -1320,7 +1320,8 @@ mod tests {
         // At most 64 service keys of one cloud party.
         for i in 1..64 {
             let service = format!("svc{i}");
-            let signature = id("c").sign(&confide_crypto::sealed::cloud_key_transcript("c", &service, &real, 5)).unwrap();
+            let signature =
+                id("c").sign(&confide_crypto::sealed::cloud_key_transcript("c", &service, &real, 5)).unwrap();
             let key = pb::CloudKey { service, public_key: real.to_vec(), issued_at: 5, signature };
             reg.on_cloud_key(&pb::CloudKeyAnnouncement { party: "c".into(), key: Some(key), certificate: cert("c") })
                 .unwrap();
