@@ -938,6 +938,10 @@ struct ServerRound {
     groups: Vec<RelayGroup>,
     /// Relay groups left out of the sum: relay and members.
     left_out: Vec<(String, Vec<String>)>,
+    /// Members of relay groups whose records came without the group's sum
+    /// (it comes on another member's message), by the relay carrying them:
+    /// those counted in no sum when the stage closes are left out, named.
+    relayed: BTreeMap<String, String>,
     /// Members of left-out groups that answered the hash request again:
     /// alive key parties, so decryptors, though not contributors.
     alive_outside: BTreeSet<String>,
@@ -1094,6 +1098,7 @@ impl HeServer {
             uploads: BTreeMap::new(),
             groups: Vec::new(),
             left_out: Vec::new(),
+            relayed: BTreeMap::new(),
             alive_outside: BTreeSet::new(),
             aggregate: None,
             contributors: Vec::new(),
@@ -1138,6 +1143,9 @@ impl HeServer {
             if upload.group.is_empty() && upload.group_bytes == 0 && message.bulk.is_none() {
                 // A relay group's member: its signed record comes with the
                 // group's sum, on the leader's message.
+                if let Some(relay) = from.relay {
+                    r.relayed.insert(party.to_owned(), relay.to_owned());
+                }
                 return Ok(());
             }
             let relay = upload.relay.clone();
@@ -1677,6 +1685,19 @@ impl HeServer {
                 })
             }
             ServerStage::Uploads => {
+                // Members whose relay's sum never came (a relay that omits
+                // it, or lost its leader's stream): not contributors, and
+                // listed, so that they still serve as decryptors.
+                let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for (member, relay) in &r.relayed {
+                    let listed = r.left_out.iter().any(|(_, m)| m.contains(member));
+                    if !r.uploads.contains_key(member) && !listed {
+                        missing.entry(relay.clone()).or_default().push(member.clone());
+                    }
+                }
+                for (relay, members) in missing {
+                    r.left_out.push((format!("{relay} (no group sum came)"), members));
+                }
                 let contributors: Vec<String> = r.uploads.keys().cloned().collect();
                 if contributors.len() < fewest_summed {
                     self.suspect_key = r.pending.is_some();
@@ -3282,6 +3303,24 @@ mod tests {
         let (contributors, roles) = finish(&mut fed, ups);
         assert_eq!(contributors, ["p0", "p1", "p2", "p3", "p4"], "{roles:?}");
         assert!(!roles.keys().any(|k| k.starts_with("left out")), "{roles:?}");
+        // A relay that forwards its members' records but not the group's
+        // sum: the members are left out, named (not silently missing).
+        let mut fed = Fed::new(6, 3);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        let mut ups = uploads(&mut fed);
+        let mut g = relay::UploadGroup::new("edge-a", &fed.round_message).unwrap();
+        for (p, m) in ups.drain(..2) {
+            g.add(&p, &[], m).unwrap();
+        }
+        let mut out = g.finish();
+        let (leader, _) = out.pop().unwrap();
+        for (p, m) in out {
+            fed.server.on_message(Peer { name: &p, certificate: &[], relay: Some("edge-a") }, m).unwrap();
+        }
+        let (contributors, roles) = finish(&mut fed, ups);
+        assert_eq!(contributors, ["p2", "p3", "p4", "p5"]);
+        let missing = roles.get("left out: relay edge-a (no group sum came)").cloned().unwrap_or_default();
+        assert!(!missing.is_empty() && !missing.contains(&leader), "{roles:?}");
         // Through its relay, such a group is refused and left out, but the
         // parties it names that then upload on their own are counted.
         let mut fed = Fed::new(6, 3);
