@@ -132,7 +132,26 @@ struct PartyConn {
     relay: Option<(String, Arc<[u8]>)>,
     /// What its hello said: software version and advertised policy.
     hello: Option<pb::Hello>,
+    /// Model pulls being read for it (see [`MAX_PULLS_IN_FLIGHT`]).
+    pulls: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Model pulls a stream may have in flight: each reads a whole model on a
+/// blocking thread, and a party that pulls in a loop without reading would
+/// otherwise hold the blocking pool (review finding).
+const MAX_PULLS_IN_FLIGHT: usize = 2;
+
+/// Joint-inference requests an edge may have in flight (each answered, or
+/// forgotten after its deployment's timeout); an answer is relayed only for
+/// one of them, so that no party can fill another's queue with answers it
+/// never asked for (review finding).
+const MAX_FORWARDS_PER_EDGE: usize = 64;
+
+/// How long a forwarded request waits for its answer here, at most.
+const FORWARD_TTL: Duration = Duration::from_secs(120);
+
+/// Services whose cloud keys one party may announce.
+const MAX_CLOUD_KEYS_PER_PARTY: usize = 64;
 
 /// A running job: where its inputs go, and who watches its status.
 struct JobHandle {
@@ -155,6 +174,9 @@ pub struct Hub {
     /// Cloud parties' signed keys (joint inference), by (party, service),
     /// relayed to every party with the certificate of the stream they came on.
     cloud_keys: Mutex<HashMap<(String, String), pb::CloudKeyAnnouncement>>,
+    /// Joint-inference requests relayed and not yet answered, by (cloud,
+    /// edge, request id): until when they are waited for.
+    forwards: Mutex<HashMap<(String, String, u64), std::time::Instant>>,
     /// Each service's joint-inference route (its current deployment's cloud
     /// tier), cached; cleared by every deployment.
     joint_routes: Mutex<JointRoutes>,
@@ -195,6 +217,7 @@ impl Hub {
             delegations: Mutex::default(),
             serving: Mutex::default(),
             cloud_keys: Mutex::default(),
+            forwards: Mutex::default(),
             joint_routes: Mutex::default(),
             jobs: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -242,6 +265,28 @@ impl Hub {
     /// The federation's PKI directory.
     pub fn pki(&self) -> &PkiDir {
         &self.pki
+    }
+
+    /// Records a request from `edge` relayed to `cloud`; false when the
+    /// edge already has its most requests waiting.
+    /// It is forgotten after `wait` (the deployment's timeout: the edge
+    /// answers itself then), and at most [`FORWARD_TTL`].
+    fn forwarding(&self, cloud: &str, edge: &str, request_id: u64, wait: Duration) -> bool {
+        let mut forwards = lock(&self.forwards);
+        let now = std::time::Instant::now();
+        forwards.retain(|_, until| *until > now);
+        if forwards.keys().filter(|(_, e, _)| e == edge).count() >= MAX_FORWARDS_PER_EDGE {
+            return false;
+        }
+        forwards.insert((cloud.to_owned(), edge.to_owned(), request_id), now + wait.min(FORWARD_TTL));
+        true
+    }
+
+    /// Takes the record of request `request_id` of `edge` relayed to
+    /// `cloud`; false when there is none (never relayed, answered, or
+    /// forgotten).
+    fn answered(&self, cloud: &str, edge: &str, request_id: u64) -> bool {
+        lock(&self.forwards).remove(&(cloud.to_owned(), edge.to_owned(), request_id)).is_some()
     }
 
     /// The cloud tier of `service`'s current deployment.
@@ -717,6 +762,7 @@ impl PartyService for PartySvc {
                 certificate: certificate.clone(),
                 relay,
                 hello: None,
+                pulls: Arc::default(),
             };
             let previous = parties.insert(name.clone(), conn);
             // Under the parties' lock, as every change of a party's stream
@@ -1256,10 +1302,26 @@ fn on_party_message(
         }
         Some(party_message::Body::Pull(p)) => {
             debug!(party = name, service = %p.service, sequence = p.sequence, "model pull");
+            confide_proto::deploy::validate_service_name(&p.service).map_err(|e| format!("model pull: {e}"))?;
             // To this stream, not by name (a newer stream did not ask).
-            let (db, party, hub_send) =
-                (hub.db.clone(), name.to_owned(), hub.on_stream(name, conn_id, |c| c.tx.clone()));
+            let (db, party) = (hub.db.clone(), name.to_owned());
+            let Some((hub_send, pulls)) = hub.on_stream(name, conn_id, |c| (c.tx.clone(), c.pulls.clone())) else {
+                return Ok(());
+            };
+            if pulls.fetch_add(1, Ordering::AcqRel) >= MAX_PULLS_IN_FLIGHT {
+                pulls.fetch_sub(1, Ordering::AcqRel);
+                return Err(format!("more than {MAX_PULLS_IN_FLIGHT} model pulls at once"));
+            }
             tokio::task::spawn_blocking(move || {
+                /// Counts the pull until it is queued (or dropped).
+                struct Done(Arc<std::sync::atomic::AtomicUsize>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                let _done = Done(pulls);
+                let hub_send = Some(hub_send);
                 let bytes = crate::services::model_for_pull(&db, &p.service, p.sequence).map(bytes::Bytes::from);
                 if let Err(e) = &bytes {
                     warn!(party = %party, service = %p.service, "model pull refused: {e}");
@@ -1279,8 +1341,18 @@ fn on_party_message(
                 .on_stream(name, conn_id, |c| c.certificate.to_vec())
                 .ok_or("cloud key from a stream no longer the party's")?;
             let announcement = pb::CloudKeyAnnouncement { party: name.to_owned(), key: Some(k.clone()), certificate };
+            {
+                let mut keys = lock(&hub.cloud_keys);
+                let key = (name.to_owned(), k.service.clone());
+                if keys.get(&key).is_some_and(|held| held.key.as_ref() == Some(&k)) {
+                    return Ok(()); // announced before: every party has it
+                }
+                if !keys.contains_key(&key) && keys.keys().filter(|(p, _)| p == name).count() >= MAX_CLOUD_KEYS_PER_PARTY {
+                    return Err(format!("cloud keys for more than {MAX_CLOUD_KEYS_PER_PARTY} services"));
+                }
+                keys.insert(key, announcement.clone());
+            }
             info!(party = name, service = %k.service, "cloud key announced");
-            lock(&hub.cloud_keys).insert((name.to_owned(), k.service), announcement.clone());
             hub.send_all(&coordinator_message::Body::CloudKey(announcement));
             Ok(())
         }
@@ -1298,13 +1370,26 @@ fn on_party_message(
                     let _ = c.tx.try_send(Outbound::Msg(coordinator_message::Body::ForwardAnswer(answer)));
                 });
             };
+            if let Err(e) = confide_proto::deploy::validate_service_name(&f.service)
+                .and_then(|()| confide_proto::deploy::validate_service_name(&f.cloud_service))
+            {
+                refuse(format!("forward: {e}"));
+                return Ok(());
+            }
             match hub.joint_route(&f.service) {
                 Ok(Some(j)) if j.cloud == f.peer && j.cloud_service == f.cloud_service => {
                     let cloud = f.peer.clone();
+                    // A second past the edge's own wait: the answer is no use after it.
+                    let wait = Duration::from_millis(j.timeout_ms).saturating_add(Duration::from_secs(1));
+                    if !hub.forwarding(&cloud, name, f.request_id, wait) {
+                        refuse(format!("{MAX_FORWARDS_PER_EDGE} requests already wait for their answers"));
+                        return Ok(());
+                    }
                     let delivered = pb::Forward { peer: name.to_owned(), ..f.clone() };
                     if hub.send(&cloud, Outbound::Msg(coordinator_message::Body::Forwarded(delivered))) {
                         hub.metrics.forwarded(&f.service);
                     } else {
+                        hub.answered(&cloud, name, f.request_id);
                         refuse(format!("cloud party {cloud} is not connected"));
                     }
                 }
@@ -1325,6 +1410,11 @@ fn on_party_message(
         }
         Some(party_message::Body::ForwardAnswer(a)) => {
             let edge = a.peer.clone();
+            // Only an answer to a request relayed to this party, once.
+            if !hub.answered(name, &edge, a.request_id) {
+                debug!(party = name, edge = %edge, "an answer to no request relayed to it");
+                return Ok(());
+            }
             let delivered = pb::ForwardAnswer { peer: name.to_owned(), ..a };
             if !hub.send(&edge, Outbound::Msg(coordinator_message::Body::ForwardAnswer(delivered))) {
                 debug!(party = name, edge = %edge, "an answer for a party that left");
@@ -1882,6 +1972,7 @@ mod tests {
             certificate: Arc::from(&b"cert"[..]),
             relay: None,
             hello: None,
+            pulls: Arc::default(),
         };
         (conn, queue, closed, dropped)
     }
@@ -1962,6 +2053,86 @@ mod tests {
         lock(&hub.parties).clear();
         assert!(!hub.route_from("hospital-a", 2, "job-1", answer()));
         assert!(job.try_recv().is_err());
+    }
+
+    /// What one party can make the coordinator send another, or hold for
+    /// it, is bounded (review findings): answers only to requests relayed
+    /// (each once, at most 64 waiting per edge, forgotten after their
+    /// wait), cloud keys for at most 64 services per party (a repeat is
+    /// not sent again), and two model pulls in flight per stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn party_to_party_traffic_is_only_what_was_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = bare_hub(dir.path());
+        let cut = Cut::default();
+        let (edge, mut edge_queue, _, _edge_ended) = party_conn(1, &cut);
+        let (cloud, mut cloud_queue, _, _cloud_ended) = party_conn(2, &cut);
+        lock(&hub.parties).insert("edge".into(), edge);
+        lock(&hub.parties).insert("cloud".into(), cloud);
+        let mut pending = None;
+        let answer = |id| pb::PartyMessage {
+            body: Some(party_message::Body::ForwardAnswer(pb::ForwardAnswer {
+                request_id: id,
+                peer: "edge".into(),
+                ciphertext: vec![1; 16],
+                error: String::new(),
+            })),
+        };
+        // An answer to nothing relayed: not passed on.
+        on_party_message(&hub, "cloud", 2, answer(7), &mut pending).unwrap();
+        assert!(edge_queue.try_recv().is_err(), "an answer nobody asked for reached the edge");
+        // Relayed, answered once.
+        assert!(hub.forwarding("cloud", "edge", 7, Duration::from_secs(5)));
+        on_party_message(&hub, "cloud", 2, answer(7), &mut pending).unwrap();
+        assert!(matches!(edge_queue.try_recv(), Ok(Outbound::Msg(coordinator_message::Body::ForwardAnswer(_)))));
+        on_party_message(&hub, "cloud", 2, answer(7), &mut pending).unwrap();
+        assert!(edge_queue.try_recv().is_err(), "answered twice");
+        // At most 64 waiting per edge; a forgotten one makes room.
+        for id in 0..MAX_FORWARDS_PER_EDGE as u64 {
+            assert!(hub.forwarding("cloud", "edge", 100 + id, Duration::from_secs(60)));
+        }
+        assert!(!hub.forwarding("cloud", "edge", 999, Duration::from_secs(60)));
+        assert!(hub.forwarding("cloud", "other-edge", 999, Duration::from_secs(60)), "per edge");
+        lock(&hub.forwards).values_mut().for_each(|until| *until = std::time::Instant::now());
+        assert!(hub.forwarding("cloud", "edge", 999, Duration::from_secs(60)), "forgotten after their wait");
+        // Cloud keys: a repeat is not sent again; at most 64 services.
+        let key = |service: &str| pb::PartyMessage {
+            body: Some(party_message::Body::CloudKey(pb::CloudKey {
+                service: service.into(),
+                public_key: vec![7; 32],
+                issued_at: 5,
+                signature: vec![1; 64],
+            })),
+        };
+        on_party_message(&hub, "cloud", 2, key("svc0"), &mut pending).unwrap();
+        assert!(edge_queue.try_recv().is_ok() && cloud_queue.try_recv().is_ok());
+        on_party_message(&hub, "cloud", 2, key("svc0"), &mut pending).unwrap();
+        assert!(edge_queue.try_recv().is_err(), "a repeated key was sent again");
+        for i in 1..MAX_CLOUD_KEYS_PER_PARTY {
+            on_party_message(&hub, "cloud", 2, key(&format!("svc{i}")), &mut pending).unwrap();
+            let (_, _) = (edge_queue.try_recv(), cloud_queue.try_recv());
+        }
+        let e = on_party_message(&hub, "cloud", 2, key("svc64"), &mut pending).unwrap_err();
+        assert!(e.contains("more than 64 services"), "{e}");
+        // Pulls: with the stream's queue full, two wait; a third is refused.
+        let pull = || pb::PartyMessage {
+            body: Some(party_message::Body::Pull(pb::ModelPull { service: "triage".into(), sequence: 1 })),
+        };
+        let filler = Outbound::Msg(coordinator_message::Body::Closed(pb::JobClosed::default()));
+        lock(&hub.parties)["edge"].tx.try_send(filler).unwrap();
+        on_party_message(&hub, "edge", 1, pull(), &mut pending).unwrap();
+        on_party_message(&hub, "edge", 1, pull(), &mut pending).unwrap();
+        let e = on_party_message(&hub, "edge", 1, pull(), &mut pending).unwrap_err();
+        assert!(e.contains("more than 2 model pulls at once"), "{e}");
+        for _ in 0..3 {
+            let _ = tokio::time::timeout(Duration::from_secs(10), edge_queue.recv()).await;
+        }
+        let start = std::time::Instant::now();
+        while lock(&hub.parties)["edge"].pulls.load(Ordering::Acquire) > 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "the pulls end");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        on_party_message(&hub, "edge", 1, pull(), &mut pending).unwrap();
     }
 
     #[test]
