@@ -158,6 +158,10 @@ struct JobHandle {
     inputs: std::sync::mpsc::Sender<Input>,
     /// Bumped when the job's status changes; closed when the job ends.
     status: watch::Sender<u64>,
+    /// The parties its spec names (none: any): only theirs reach it (a
+    /// party outside a job could otherwise pile its results up in the
+    /// job's inputs).
+    parties: Arc<std::collections::BTreeSet<String>>,
 }
 
 /// What the party streams, the admin API and the jobs' threads share.
@@ -439,7 +443,10 @@ impl Hub {
     fn route_from(&self, party: &str, conn_id: u64, job_id: &str, input: Input) -> bool {
         let parties = lock(&self.parties);
         let current = parties.get(party).is_some_and(|c| c.conn_id == conn_id);
-        if current {
+        let named = lock(&self.jobs).get(job_id).is_none_or(|j| j.parties.is_empty() || j.parties.contains(party));
+        if current && !named {
+            debug!(party, job = job_id, "a message for a job that does not name it; not routed");
+        } else if current {
             self.route(job_id, input);
         } else {
             debug!(party, job = job_id, "a message of a replaced stream; not routed");
@@ -668,7 +675,8 @@ fn initial_model(hub: &Hub, spec: &JobSpec) -> Result<Option<Parameters>, Error>
 /// as its kind says.
 pub(crate) fn spawn_job(hub: &Arc<Hub>, id: String, spec: JobSpec, start: Start) -> Result<(), Error> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let handle = JobHandle { inputs: tx, status: watch::channel(0).0 };
+    let parties = Arc::new(spec.parties.names.iter().cloned().collect());
+    let handle = JobHandle { inputs: tx, status: watch::channel(0).0, parties };
     lock(&hub.jobs).insert(id.clone(), handle);
     let (hub2, id2) = (hub.clone(), id.clone());
     let driver = hub.plugins.kind(spec.kind.as_str()).map_or(crate::jobs::Driver::Session, |k| k.driver());
@@ -2032,7 +2040,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hub = bare_hub(dir.path());
         let (inputs, job) = std::sync::mpsc::channel();
-        lock(&hub.jobs).insert("job-1".into(), JobHandle { inputs, status: watch::channel(0).0 });
+        let named = Arc::new(["hospital-a".to_string()].into());
+        lock(&hub.jobs).insert("job-1".into(), JobHandle { inputs, status: watch::channel(0).0, parties: named });
         let answer = || Input::Answer { party: "hospital-a".into(), accepted: true, reason: String::new() };
         let cut = Cut::default();
         lock(&hub.parties).insert("hospital-a".into(), party_conn(1, &cut).0);
@@ -2049,6 +2058,11 @@ mod tests {
         assert!(job.try_recv().is_err(), "nothing reaches the job from the replaced stream");
         assert!(hub.route_from("hospital-a", 2, "job-1", answer()));
         assert!(matches!(job.try_recv(), Ok(Input::Answer { .. })));
+        // Nor does a party the job does not name.
+        lock(&hub.parties).insert("hospital-z".into(), party_conn(9, &cut).0);
+        let other = Input::Answer { party: "hospital-z".into(), accepted: true, reason: String::new() };
+        hub.route_from("hospital-z", 9, "job-1", other);
+        assert!(job.try_recv().is_err(), "a party outside the job reached it");
         // A stream that left the hub routes nothing either.
         lock(&hub.parties).clear();
         assert!(!hub.route_from("hospital-a", 2, "job-1", answer()));
