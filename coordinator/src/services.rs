@@ -273,10 +273,12 @@ pub fn joint_route(db: &Db, service: &str) -> Result<Option<confide_proto::deplo
 /// pulls it; the error is what the party is told.
 pub fn model_for_pull(db: &Db, service: &str, sequence: u64) -> Result<Vec<u8>, String> {
     let history = history(db, service).map_err(|e| e.to_string())?;
+    // The current deployment only: a rolled-back or superseded model is
+    // no party's to serve (review finding: any party could pull any).
     let r = history
-        .iter()
-        .find(|r| r.sequence == sequence)
-        .ok_or_else(|| format!("service {service} has no deployment {sequence}"))?;
+        .first()
+        .filter(|r| r.sequence == sequence)
+        .ok_or_else(|| format!("service {service} has no current deployment {sequence}"))?;
     let v = db
         .model_version(&r.job_id, r.round)
         .map_err(|e| e.to_string())?
@@ -345,5 +347,10 @@ mod tests {
             assert_eq!(sequences(s), expected, "{asked:?}");
             assert_eq!((s.deployments_total, s.created_at), (total, 1));
         }
+        // Only the current deployment's model is pulled.
+        let e = model_for_pull(&db, "triage", total - 1).unwrap_err();
+        assert!(e.contains("no current deployment 99"), "{e}");
+        let e = model_for_pull(&db, "triage", total).unwrap_err();
+        assert!(e.contains("reading the model of job j1 round 1"), "the current one is read: {e}");
     }
 }
