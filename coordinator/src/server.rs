@@ -1262,12 +1262,15 @@ fn on_party_message(
             Ok(())
         }
         Some(party_message::Body::JobAnswer(a)) => {
+            // What a party writes is logged bounded: its job id is checked,
+            // its reason cut (a megabyte per message would fill the disk).
+            confide_proto::validate_job_id(&a.job_id).map_err(|e| format!("job answer: {e}"))?;
+            let reason: String = a.reason.chars().take(1000).collect();
             if a.accepted {
                 info!(party = name, job = %a.job_id, "party accepted the job");
             } else {
-                warn!(party = name, job = %a.job_id, "party refused the job: {}", a.reason);
+                warn!(party = name, job = %a.job_id, "party refused the job: {reason}");
             }
-            let reason: String = a.reason.chars().take(1000).collect();
             hub.route_from(
                 name,
                 conn_id,
@@ -1277,6 +1280,7 @@ fn on_party_message(
             Ok(())
         }
         Some(party_message::Body::Failed(f)) => {
+            confide_proto::validate_job_id(&f.job_id).map_err(|e| format!("task failure: {e}"))?;
             let reason: String = f.reason.chars().take(1000).collect();
             warn!(party = name, job = %f.job_id, "party could not do task {}: {reason}", f.task_id);
             hub.route_from(
