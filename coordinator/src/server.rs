@@ -2,7 +2,7 @@
 //! CLI over mutual TLS, turns party streams into session inputs for the
 //! jobs' threads ([`crate::driver`]), and serves the admin API.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -132,14 +132,20 @@ struct PartyConn {
     relay: Option<(String, Arc<[u8]>)>,
     /// What its hello said: software version and advertised policy.
     hello: Option<pb::Hello>,
-    /// Model pulls being read for it (see [`MAX_PULLS_IN_FLIGHT`]).
-    pulls: Arc<std::sync::atomic::AtomicUsize>,
+    /// Model pulls waiting to be read for it, one service's newest each,
+    /// read one at a time (see [`PullQueue`]).
+    pulls: Arc<Mutex<PullQueue>>,
 }
 
-/// Model pulls a stream may have in flight: each reads a whole model on a
-/// blocking thread, and a party that pulls in a loop without reading would
-/// otherwise hold the blocking pool (review finding).
-const MAX_PULLS_IN_FLIGHT: usize = 2;
+/// A stream's model pulls: each reads a whole model on a blocking thread,
+/// so they are read one at a time, and of a service's pulls only the
+/// newest waits; a party that pulls in a loop without reading holds one
+/// thread and one model here, not the blocking pool (review finding).
+#[derive(Default)]
+struct PullQueue {
+    waiting: BTreeMap<String, u64>,
+    running: bool,
+}
 
 /// Joint-inference requests an edge may have in flight (each answered, or
 /// forgotten after its deployment's timeout); an answer is relayed only for
@@ -1317,29 +1323,44 @@ fn on_party_message(
             confide_proto::deploy::validate_service_name(&p.service).map_err(|e| format!("model pull: {e}"))?;
             // To this stream, not by name (a newer stream did not ask).
             let (db, party) = (hub.db.clone(), name.to_owned());
-            let Some((hub_send, pulls)) = hub.on_stream(name, conn_id, |c| (c.tx.clone(), c.pulls.clone())) else {
+            let Some((tx, pulls)) = hub.on_stream(name, conn_id, |c| (c.tx.clone(), c.pulls.clone())) else {
                 return Ok(());
             };
-            if pulls.fetch_add(1, Ordering::AcqRel) >= MAX_PULLS_IN_FLIGHT {
-                pulls.fetch_sub(1, Ordering::AcqRel);
-                return Err(format!("more than {MAX_PULLS_IN_FLIGHT} model pulls at once"));
+            {
+                let mut q = lock(&pulls);
+                let newer = q.waiting.get(&p.service).is_none_or(|s| *s < p.sequence);
+                if newer {
+                    q.waiting.insert(p.service.clone(), p.sequence);
+                }
+                if q.waiting.len() > MAX_SERVING_SERVICES {
+                    return Err(format!("model pulls of more than {MAX_SERVING_SERVICES} services at once"));
+                }
+                if std::mem::replace(&mut q.running, true) {
+                    return Ok(()); // the running reader takes it up
+                }
             }
             tokio::task::spawn_blocking(move || {
-                /// Counts the pull until it is queued (or dropped).
-                struct Done(Arc<std::sync::atomic::AtomicUsize>);
-                impl Drop for Done {
-                    fn drop(&mut self) {
-                        self.0.fetch_sub(1, Ordering::AcqRel);
+                loop {
+                    let next = {
+                        let mut q = lock(&pulls);
+                        match q.waiting.pop_first() {
+                            Some(next) => next,
+                            None => {
+                                q.running = false;
+                                return;
+                            }
+                        }
+                    };
+                    let (service, sequence) = next;
+                    let bytes = crate::services::model_for_pull(&db, &service, sequence).map(bytes::Bytes::from);
+                    if let Err(e) = &bytes {
+                        warn!(party = %party, service = %service, "model pull refused: {e}");
                     }
-                }
-                let _done = Done(pulls);
-                let hub_send = Some(hub_send);
-                let bytes = crate::services::model_for_pull(&db, &p.service, p.sequence).map(bytes::Bytes::from);
-                if let Err(e) = &bytes {
-                    warn!(party = %party, service = %p.service, "model pull refused: {e}");
-                }
-                if let Some(tx) = hub_send {
-                    let _ = tx.blocking_send(Outbound::Model { service: p.service, sequence: p.sequence, bytes });
+                    if tx.blocking_send(Outbound::Model { service, sequence, bytes }).is_err() {
+                        // The stream is gone: so are the pulls it waited on.
+                        lock(&pulls).running = false;
+                        return;
+                    }
                 }
             });
             Ok(())
@@ -1356,11 +1377,17 @@ fn on_party_message(
             {
                 let mut keys = lock(&hub.cloud_keys);
                 let key = (name.to_owned(), k.service.clone());
-                if keys.get(&key).is_some_and(|held| held.key.as_ref() == Some(&k)) {
-                    return Ok(()); // announced before: every party has it
+                // The same key again (its signature differs: ECDSA draws a
+                // nonce): every party has it.
+                let same = |held: &pb::CloudKeyAnnouncement| {
+                    held.key.as_ref().is_some_and(|h| h.public_key == k.public_key && h.issued_at == k.issued_at)
+                };
+                if keys.get(&key).is_some_and(same) {
+                    return Ok(());
                 }
                 if !keys.contains_key(&key) && keys.keys().filter(|(p, _)| p == name).count() >= MAX_CLOUD_KEYS_PER_PARTY {
-                    return Err(format!("cloud keys for more than {MAX_CLOUD_KEYS_PER_PARTY} services"));
+                    warn!(party = name, service = %k.service, "cloud key not taken: {MAX_CLOUD_KEYS_PER_PARTY} held");
+                    return Ok(());
                 }
                 keys.insert(key, announcement.clone());
             }
@@ -2077,7 +2104,7 @@ mod tests {
     /// it, is bounded (review findings): answers only to requests relayed
     /// (each once, at most 64 waiting per edge, forgotten after their
     /// wait), cloud keys for at most 64 services per party (a repeat is
-    /// not sent again), and two model pulls in flight per stream.
+    /// not sent again), and model pulls read one at a time per stream.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn party_to_party_traffic_is_only_what_was_asked() {
         let dir = tempfile::tempdir().unwrap();
@@ -2124,33 +2151,56 @@ mod tests {
         };
         on_party_message(&hub, "cloud", 2, key("svc0"), &mut pending).unwrap();
         assert!(edge_queue.try_recv().is_ok() && cloud_queue.try_recv().is_ok());
-        on_party_message(&hub, "cloud", 2, key("svc0"), &mut pending).unwrap();
-        assert!(edge_queue.try_recv().is_err(), "a repeated key was sent again");
+        let mut resigned = key("svc0");
+        if let Some(party_message::Body::CloudKey(k)) = resigned.body.as_mut() {
+            k.signature = vec![2; 64];
+        }
+        on_party_message(&hub, "cloud", 2, resigned, &mut pending).unwrap();
+        assert!(edge_queue.try_recv().is_err(), "a repeated key (signed again) was sent again");
         for i in 1..MAX_CLOUD_KEYS_PER_PARTY {
             on_party_message(&hub, "cloud", 2, key(&format!("svc{i}")), &mut pending).unwrap();
             let (_, _) = (edge_queue.try_recv(), cloud_queue.try_recv());
         }
-        let e = on_party_message(&hub, "cloud", 2, key("svc64"), &mut pending).unwrap_err();
-        assert!(e.contains("more than 64 services"), "{e}");
-        // Pulls: with the stream's queue full, two wait; a third is refused.
-        let pull = || pb::PartyMessage {
-            body: Some(party_message::Body::Pull(pb::ModelPull { service: "triage".into(), sequence: 1 })),
+        on_party_message(&hub, "cloud", 2, key("svc64"), &mut pending).unwrap();
+        assert!(edge_queue.try_recv().is_err(), "a 65th service's key was sent");
+        assert_eq!(lock(&hub.cloud_keys).len(), MAX_CLOUD_KEYS_PER_PARTY);
+        // Pulls: read one at a time, one per service waiting (the newest);
+        // with the stream's queue full, a loop of pulls holds no more.
+        let pull = |service: &str, sequence| pb::PartyMessage {
+            body: Some(party_message::Body::Pull(pb::ModelPull { service: service.into(), sequence })),
         };
         let filler = Outbound::Msg(coordinator_message::Body::Closed(pb::JobClosed::default()));
         lock(&hub.parties)["edge"].tx.try_send(filler).unwrap();
-        on_party_message(&hub, "edge", 1, pull(), &mut pending).unwrap();
-        on_party_message(&hub, "edge", 1, pull(), &mut pending).unwrap();
-        let e = on_party_message(&hub, "edge", 1, pull(), &mut pending).unwrap_err();
-        assert!(e.contains("more than 2 model pulls at once"), "{e}");
-        for _ in 0..3 {
-            let _ = tokio::time::timeout(Duration::from_secs(10), edge_queue.recv()).await;
+        for sequence in 1..=100 {
+            on_party_message(&hub, "edge", 1, pull("triage", sequence), &mut pending).unwrap();
         }
-        let start = std::time::Instant::now();
-        while lock(&hub.parties)["edge"].pulls.load(Ordering::Acquire) > 0 {
-            assert!(start.elapsed() < Duration::from_secs(10), "the pulls end");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        on_party_message(&hub, "edge", 1, pull("billing", 1), &mut pending).unwrap();
+        let pulls = lock(&hub.parties)["edge"].pulls.clone();
+        assert!(lock(&pulls).running && lock(&pulls).waiting.len() <= 2, "one reader, a pull per service waiting");
+        let mut answered = Vec::new();
+        while answered.len() < 3 {
+            match tokio::time::timeout(Duration::from_secs(10), edge_queue.recv()).await.expect("answers come") {
+                Some(Outbound::Model { service, sequence, bytes }) => {
+                    assert!(bytes.is_err(), "no deployment here");
+                    answered.push((service, sequence));
+                }
+                Some(_) => {}
+                None => panic!("the queue closed"),
+            }
+            if answered.len() == 2 && lock(&pulls).waiting.is_empty() && !lock(&pulls).running {
+                break;
+            }
         }
-        on_party_message(&hub, "edge", 1, pull(), &mut pending).unwrap();
+        assert!(answered.iter().any(|(s, q)| s == "triage" && *q == 100), "the newest pull of triage: {answered:?}");
+        assert!(answered.iter().any(|(s, _)| s == "billing"), "{answered:?}");
+        assert!(answered.len() <= 3, "{answered:?}");
+        // Pulls of more services than a party serves at once: refused.
+        lock(&pulls).running = true;
+        for i in 0..MAX_SERVING_SERVICES {
+            on_party_message(&hub, "edge", 1, pull(&format!("s{i}"), 1), &mut pending).unwrap();
+        }
+        let e = on_party_message(&hub, "edge", 1, pull("one-more", 1), &mut pending).unwrap_err();
+        assert!(e.contains("model pulls of more than 256 services"), "{e}");
     }
 
     #[test]

@@ -244,7 +244,9 @@ impl Joint {
             revocations,
             peers: RwLock::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
+            // From a random point: a restarted edge's ids do not meet its
+            // previous run's, whose answers may still be on their way.
+            next_id: AtomicU64::new(rand_core::RngCore::next_u64(&mut rand_core::OsRng) >> 2),
             secrets,
             accept_from: config.cloud.accept_from.clone(),
             identity,
