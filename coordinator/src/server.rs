@@ -493,8 +493,10 @@ impl Hub {
             if !that_stream {
                 return false;
             }
-            // Its serving counts go with its stream.
+            // Its serving counts go with its stream, and so do its requests
+            // to cloud parties (it dropped them too: an answer has no use).
             lock(&self.serving).remove(party);
+            lock(&self.forwards).retain(|(_, edge, _), _| edge != party);
             self.broadcast(&Input::Disconnected(party.to_owned()));
             parties.remove(party)
         };
@@ -2201,6 +2203,10 @@ mod tests {
         }
         let e = on_party_message(&hub, "edge", 1, pull("one-more", 1), &mut pending).unwrap_err();
         assert!(e.contains("model pulls of more than 256 services"), "{e}");
+        // An edge's requests in flight go with its stream.
+        assert!(lock(&hub.forwards).keys().any(|(_, e, _)| e == "edge"));
+        assert!(hub.close_stream("edge", 1, Status::aborted("bye"), Closing::BehindItsQueue));
+        assert!(!lock(&hub.forwards).keys().any(|(_, e, _)| e == "edge"));
     }
 
     #[test]
