@@ -1387,7 +1387,9 @@ fn on_party_message(
                 if keys.get(&key).is_some_and(same) {
                     return Ok(());
                 }
-                if !keys.contains_key(&key) && keys.keys().filter(|(p, _)| p == name).count() >= MAX_CLOUD_KEYS_PER_PARTY {
+                if !keys.contains_key(&key)
+                    && keys.keys().filter(|(p, _)| p == name).count() >= MAX_CLOUD_KEYS_PER_PARTY
+                {
                     warn!(party = name, service = %k.service, "cloud key not taken: {MAX_CLOUD_KEYS_PER_PARTY} held");
                     return Ok(());
                 }
