@@ -61,12 +61,7 @@ pub fn check_grant(hub: &Hub, spec: &JobSpec, spec_toml: &str, msg: &pb::SignedG
     if g.grant.expires_at <= unix_now() {
         return Err(Error::Refused(format!("the grant expired at {}", g.grant.expires_at)));
     }
-    if let Some(seq) = crate::services::admin_deployment_after(hub.db(), &inc.service, &g.grant)? {
-        return Err(Error::Refused(format!(
-            "an administrator deployed {seq} of service {} after the grant's deployment {}; sign the grant again",
-            inc.service, g.grant.after_sequence
-        )));
-    }
+    crate::services::grant_still_holds(hub.db(), &inc.service, &g.grant)?;
     // The CLI signs at most 366 days; a longer grant was signed some other
     // way, and delegates for longer than any administrator means to.
     if g.grant.expires_at.saturating_sub(g.grant.issued_at) > MAX_GRANT_SECS {
@@ -218,16 +213,7 @@ impl Pipeline {
             }
             // Nor does it undo an administrator's deployment made since the
             // grant (parties refuse its deployments then).
-            let after = self.grant.grant.after_sequence;
-            if let Some(seq) =
-                crate::services::admin_deployment_after(self.hub.db(), &self.inc.service, &self.grant.grant)?
-            {
-                return Err(Stop::Pause(format!(
-                    "an administrator deployed {seq} of service {} after the grant (signed after deployment \
-                     {after}); submit the pipeline again to go on from it",
-                    self.inc.service
-                )));
-            }
+            crate::services::grant_still_holds(self.hub.db(), &self.inc.service, &self.grant.grant)?;
             let Some(current) = crate::services::current_record(self.hub.db(), &self.inc.service)? else {
                 self.phase(&format!("waiting for a first deployment of service {}", self.inc.service), false);
                 self.sleep(poll)?;

@@ -120,12 +120,7 @@ pub fn deploy_by_pipeline(
 ) -> Result<(pb::ServiceStatus, pb::ServiceDeployment), Error> {
     // An administrator may have deployed while the iteration ran: not
     // undone (the store then refuses a deployment that is not the next).
-    if let Some(seq) = admin_deployment_after(hub.db(), &record.service, &grant.grant)? {
-        return Err(Error::Refused(format!(
-            "an administrator deployed {seq} of service {} after the grant; submit the pipeline again to go on from it",
-            record.service
-        )));
-    }
+    grant_still_holds(hub.db(), &record.service, &grant.grant)?;
     let (key, cert, _) =
         confide_proto::deploy::coordinator_signer(hub.pki()).map_err(|e| Error::InvalidInput(e.to_string()))?;
     let signed =
@@ -184,16 +179,19 @@ pub fn current_record(db: &Db, service: &str) -> Result<Option<DeploymentRecord>
     Ok(history(db, service)?.into_iter().next())
 }
 
-/// The newest deployment of `service` an administrator signed (not a
-/// pipeline under a grant) that `grant` was signed before, if any: the
-/// grant does not undo it (parties refuse its deployments).
-pub fn admin_deployment_after(
-    db: &Db,
-    service: &str,
-    grant: &confide_proto::deploy::PipelineGrant,
-) -> Result<Option<u64>, Error> {
+/// Refuses `grant` once an administrator has deployed `service` after it
+/// was signed (not a pipeline under a grant): the grant does not undo
+/// that deployment, and parties refuse its deployments.
+pub fn grant_still_holds(db: &Db, service: &str, grant: &confide_proto::deploy::PipelineGrant) -> Result<(), Error> {
     let history = history(db, service)?;
-    Ok(history.into_iter().find(|r| r.pipeline.is_none() && grant.superseded_by(r.sequence)).map(|r| r.sequence))
+    match history.into_iter().find(|r| r.pipeline.is_none() && grant.superseded_by(r.sequence)) {
+        None => Ok(()),
+        Some(r) => Err(Error::Refused(format!(
+            "an administrator deployed {} of service {service} after the grant (signed after deployment {}): \
+             submit the pipeline again, to sign the grant again",
+            r.sequence, grant.after_sequence
+        ))),
+    }
 }
 
 /// The record the service's current deployment replaced, if any.

@@ -14,6 +14,79 @@ use serde_json::Value;
 mod http;
 use http::wait_for_sequence;
 
+/// A federation of two whose site-0 serves "triage": a first job's model
+/// deployed by the administrator (deployment 1), then a pipeline submitted
+/// on it. Returns the federation, its names, the first job and the pipeline.
+fn pipeline_on_a_deployment() -> (Federation, Vec<String>, String, String) {
+    let (mut fed, names) = watched_federation(2, 170);
+    let watched = |n: &str| format!("[datasets.watched]\npath = \"batches/{n}\"\n");
+    fed.start_party("site-0", &format!("{}[serve]\nservices = [\"triage\"]\n", watched("site-0")));
+    fed.start_party("site-1", &watched("site-1"));
+    let first = job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4")
+        .replace("dataset = \"data\"", "dataset = \"watched\"");
+    let v1 = fed.submit("first.toml", &first);
+    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
+    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
+    let p = fed.submit("pipeline.toml", &pipeline_spec(&names, -1.0, 5));
+    (fed, names, v1, p)
+}
+
+/// Waits for pipeline `p` to pause; its phase.
+fn paused_phase(fed: &Federation, p: &str) -> (Value, String) {
+    let st = fed.wait_for(p, 180, "the pipeline to pause", |s| {
+        s["pipeline_phase"].as_str().is_some_and(|ph| ph.starts_with("paused"))
+    });
+    let phase = st["pipeline_phase"].as_str().unwrap_or("").to_owned();
+    (st, phase)
+}
+
+/// A grant of the federation's administrator for the pipeline spec `text`
+/// on `service` and `architecture`, signed before any deployment, for an
+/// hour.
+fn grant_of(admin: &str, service: &str, text: &str, architecture: &str) -> confide_proto::deploy::PipelineGrant {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    confide_proto::deploy::PipelineGrant {
+        service: service.into(),
+        spec_sha256: confide_proto::deploy::spec_sha256(text),
+        architecture: architecture.into(),
+        joint: None,
+        after_sequence: 0,
+        issued_at: now,
+        expires_at: now + 3600,
+        admin: admin.to_owned(),
+    }
+}
+
+/// Submits each request through the admin API, as the administrator; why
+/// each was refused.
+fn refusals(fed: &Federation, requests: Vec<confide_proto::pb::SubmitJobRequest>) -> Vec<String> {
+    use confide_proto::net::{ClientIdentity, connect};
+    use confide_proto::pb::admin_service_client::AdminServiceClient;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pki = confide_crypto::pki::PkiDir::new(fed.path("pki"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
+        let url = format!("https://{}", fed.addr);
+        let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
+        let mut client = AdminServiceClient::new(connect(&id).await.expect("admin connection"));
+        let mut refused = Vec::new();
+        for req in requests {
+            refused.push(client.submit_job(req).await.expect_err("refused").message().to_string());
+        }
+        refused
+    })
+}
+
+/// A pipeline submission of `spec` with `grant`.
+fn submission(spec: &str, grant: Option<confide_proto::deploy::SignedGrant>) -> confide_proto::pb::SubmitJobRequest {
+    confide_proto::pb::SubmitJobRequest {
+        spec_toml: spec.to_owned(),
+        file_name: "pipeline.toml".into(),
+        grant: grant.map(|g| g.to_pb()),
+    }
+}
+
 /// Writes rows as a batch the way a hospital's export would: a hidden
 /// temporary file renamed into the watched directory.
 fn drop_batch(dir: &Path, name: &str, rows: &[String]) {
@@ -206,26 +279,14 @@ fn dp_spec(names: &[String], kind: &str, extra: &str) -> String {
 /// administrator certificate can cancel it.
 #[test]
 fn a_pipeline_pauses_once_its_grants_administrator_is_revoked() {
-    let (mut fed, names) = watched_federation(2, 170);
-    let watched = |n: &str| format!("[datasets.watched]\npath = \"batches/{n}\"\n");
-    fed.start_party("site-0", &format!("{}[serve]\nservices = [\"triage\"]\n", watched("site-0")));
-    fed.start_party("site-1", &watched("site-1"));
-    let first = job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4")
-        .replace("dataset = \"data\"", "dataset = \"watched\"");
-    let v1 = fed.submit("first.toml", &first);
-    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
-    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
-    let p = fed.submit("pipeline.toml", &pipeline_spec(&names, -1.0, 5));
+    let (fed, _, v1, p) = pipeline_on_a_deployment();
     let admin = fed.s("pki/admin.pem");
     fed.run_ok(&["certs", "revoke", "--ca", &fed.s("pki"), "--admin", "--cert", &admin, "confide-admin"]);
     fed.wait_for_log("revocation list updated", 20);
     // A new administrator certificate reads the status; the grant stays the
     // revoked one's.
     fed.run_ok(&["certs", "issue", "--dir", &fed.s("pki"), "--admin"]);
-    let st = fed.wait_for(&p, 180, "the pipeline to pause", |s| {
-        s["pipeline_phase"].as_str().is_some_and(|ph| ph.starts_with("paused"))
-    });
-    let phase = st["pipeline_phase"].as_str().unwrap_or("");
+    let (_, phase) = paused_phase(&fed, &p);
     assert!(phase.contains("grant no longer holds") && phase.contains("revoked"), "{phase}\n{}", fed.logs());
     let out = fed.run_ok(&["job", "cancel", &p]);
     assert!(out.contains("cancelled"), "{out}");
@@ -252,58 +313,21 @@ fn a_pipeline_pauses_once_its_grants_administrator_is_revoked() {
 /// older than the current deployment is refused.
 #[test]
 fn a_pipeline_pauses_once_an_administrator_deploys_after_its_grant() {
-    let (mut fed, names) = watched_federation(2, 170);
-    let watched = |n: &str| format!("[datasets.watched]\npath = \"batches/{n}\"\n");
-    fed.start_party("site-0", &format!("{}[serve]\nservices = [\"triage\"]\n", watched("site-0")));
-    fed.start_party("site-1", &watched("site-1"));
-    let first = job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4")
-        .replace("dataset = \"data\"", "dataset = \"watched\"");
-    let v1 = fed.submit("first.toml", &first);
-    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
+    let (fed, names, v1, p) = pipeline_on_a_deployment();
     fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
-    let p = fed.submit("pipeline.toml", &pipeline_spec(&names, -1.0, 5));
-    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
-    let st = fed.wait_for(&p, 180, "the pipeline to pause", |s| {
-        s["pipeline_phase"].as_str().is_some_and(|ph| ph.starts_with("paused"))
-    });
-    let phase = st["pipeline_phase"].as_str().unwrap_or("");
+    let (_, phase) = paused_phase(&fed, &p);
     assert!(phase.contains("an administrator deployed") && phase.contains("after the grant"), "{phase}");
     fed.run_ok(&["job", "cancel", &p]);
     // A grant signed after deployment 1 (before the administrator's 2) is
     // refused at submission; the CLI signs one after 2, which is taken.
-    use confide_proto::deploy::{PipelineGrant, SignedGrant, admin_signer, spec_sha256};
-    use confide_proto::net::{ClientIdentity, connect};
-    use confide_proto::pb::{self, admin_service_client::AdminServiceClient};
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let pki = confide_crypto::pki::PkiDir::new(fed.path("pki"));
-    let (akey, acert, admin) = admin_signer(&pki).expect("admin");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let (akey, acert, admin) = confide_proto::deploy::admin_signer(&pki).expect("admin");
     let spec = pipeline_spec(&names, -1.0, 5);
-    let stale = PipelineGrant {
-        service: "triage".into(),
-        spec_sha256: spec_sha256(&spec),
-        architecture: "kind = \"logistic_regression\"\nclasses = 2\n".into(),
-        joint: None,
-        after_sequence: 1,
-        issued_at: now,
-        expires_at: now + 3600,
-        admin,
-    };
-    let stale = SignedGrant::sign(stale, &akey, acert).expect("grant");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(async {
-        let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
-        let url = format!("https://{}", fed.addr);
-        let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
-        let mut client = AdminServiceClient::new(connect(&id).await.expect("admin connection"));
-        let req = pb::SubmitJobRequest {
-            spec_toml: spec.clone(),
-            file_name: "pipeline.toml".into(),
-            grant: Some(stale.to_pb()),
-        };
-        let e = client.submit_job(req).await.expect_err("refused").message().to_string();
-        assert!(e.contains("an administrator deployed 2") && e.contains("sign the grant again"), "{e}");
-    });
+    let logreg = "kind = \"logistic_regression\"\nclasses = 2\n";
+    let stale = confide_proto::deploy::PipelineGrant { after_sequence: 1, ..grant_of(&admin, "triage", &spec, logreg) };
+    let stale = confide_proto::deploy::SignedGrant::sign(stale, &akey, acert).expect("grant");
+    let e = &refusals(&fed, vec![submission(&spec, Some(stale))])[0];
+    assert!(e.contains("an administrator deployed 2") && e.contains("sign the grant again"), "{e}");
     let again = fed.submit("pipeline.toml", &spec);
     let st = fed.wait_for(&again, 60, "the new pipeline to start", |s| s["pipeline_phase"].as_str().is_some());
     let phase = st["pipeline_phase"].as_str().unwrap_or("");
@@ -342,10 +366,7 @@ fn a_dp_pipeline_pauses_when_a_partys_budget_would_be_exceeded() {
     for n in &names {
         drop_batch(&fed.path(&format!("batches/{n}")), "002.csv", &rows(&fed, n, 170..284, false));
     }
-    let st = fed.wait_for(&p, 180, "the pipeline to pause", |s| {
-        s["pipeline_phase"].as_str().is_some_and(|ph| ph.starts_with("paused"))
-    });
-    let phase = st["pipeline_phase"].as_str().unwrap_or("");
+    let (st, phase) = paused_phase(&fed, &p);
     assert!(phase.contains("party site-") && phase.contains("has spent ε"), "{phase}");
     assert_eq!(
         (st["state"].as_str(), iteration(&st, 1)["outcome"].as_str()),
@@ -364,84 +385,48 @@ fn a_dp_pipeline_pauses_when_a_partys_budget_would_be_exceeded() {
 /// exactly the spec submitted, its service and its architecture.
 #[test]
 fn a_pipeline_is_refused_without_a_matching_administrators_grant() {
-    use confide_crypto::pki::PkiDir;
-    use confide_proto::deploy::{PipelineGrant, SignedGrant, admin_signer, spec_sha256};
-    use confide_proto::net::{ClientIdentity, connect};
-    use confide_proto::pb::{self, admin_service_client::AdminServiceClient};
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    use confide_proto::deploy::{PipelineGrant, SignedGrant, admin_signer};
     let (fed, names) = watched_federation(2, 10);
     let spec = pipeline_spec(&names, 0.0, 1);
-    let pki = PkiDir::new(fed.path("pki"));
+    let pki = confide_crypto::pki::PkiDir::new(fed.path("pki"));
     let (akey, acert, admin) = admin_signer(&pki).expect("admin");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
-    let grant = |service: &str, text: &str, architecture: &str| PipelineGrant {
-        service: service.into(),
-        spec_sha256: spec_sha256(text),
-        architecture: architecture.into(),
-        joint: None,
-        after_sequence: 0,
-        issued_at: now,
-        expires_at: now + 3600,
-        admin: admin.clone(),
-    };
-    let for_years = PipelineGrant {
-        expires_at: now + 400 * 86_400,
-        ..grant("triage", &spec, "kind = \"logistic_regression\"\nclasses = 2\n")
-    };
+    let grant = |service: &str, text: &str, architecture: &str| grant_of(&admin, service, text, architecture);
     let logreg = "kind = \"logistic_regression\"\nclasses = 2\n";
+    let for_years = {
+        let g = grant("triage", &spec, logreg);
+        PipelineGrant { expires_at: g.issued_at + 400 * 86_400, ..g }
+    };
     let party_key =
         confide_crypto::identity::IdentityKey::from_pem(&std::fs::read(pki.party_key("site-0")).expect("key"))
             .expect("key");
     let party_cert = confide_proto::net::load_certs(&pki.party_cert("site-0")).expect("cert")[0].to_vec();
+    let signed = |g: PipelineGrant| Some(SignedGrant::sign(g, &akey, acert.clone()).expect("grant"));
+    let mlp = "kind = \"mlp\"\nclasses = 2\nhidden = [4]\n";
     let cases: Vec<(Option<SignedGrant>, &str)> = vec![
         (None, "needs the administrator's grant"),
-        (
-            Some(SignedGrant::sign(grant("triage", "another spec", logreg), &akey, acert.clone()).expect("grant")),
-            "another spec",
-        ),
-        (
-            Some(SignedGrant::sign(grant("billing", &spec, logreg), &akey, acert.clone()).expect("grant")),
-            "for service billing",
-        ),
-        (
-            Some(
-                SignedGrant::sign(
-                    grant("triage", &spec, "kind = \"mlp\"\nclasses = 2\nhidden = [4]\n"),
-                    &akey,
-                    acert.clone(),
-                )
-                .expect("grant"),
-            ),
-            "architecture",
-        ),
+        (signed(grant("triage", "another spec", logreg)), "another spec"),
+        (signed(grant("billing", &spec, logreg)), "for service billing"),
+        (signed(grant("triage", &spec, mlp)), "architecture"),
         (
             Some(SignedGrant::sign(grant("triage", &spec, logreg), &party_key, party_cert).expect("grant")),
             "grant signature",
         ),
-        (Some(SignedGrant::sign(for_years, &akey, acert.clone()).expect("grant")), "at most 366 days"),
+        (signed(for_years), "at most 366 days"),
     ];
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(async {
-        let (ca, cert, key) = (pki.ca_cert(), pki.admin_cert(), pki.admin_key());
-        let url = format!("https://{}", fed.addr);
-        let id = ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
-        let mut client = AdminServiceClient::new(connect(&id).await.expect("admin connection"));
-        for (grant, expected) in cases {
-            let req = pb::SubmitJobRequest {
-                spec_toml: spec.clone(),
-                file_name: "pipeline.toml".into(),
-                grant: grant.map(|g| g.to_pb()),
-            };
-            let e = client.submit_job(req).await.expect_err("refused").message().to_string();
-            assert!(e.contains(expected), "{expected}: {e}");
-        }
-        // A train job carries no grant.
-        let train = job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 1");
-        let g = SignedGrant::sign(grant("triage", &train, logreg), &akey, acert.clone()).expect("grant");
-        let req = pb::SubmitJobRequest { spec_toml: train, file_name: "train.toml".into(), grant: Some(g.to_pb()) };
-        let e = client.submit_job(req).await.expect_err("refused").message().to_string();
-        assert!(e.contains("only an incremental pipeline carries a grant"), "{e}");
-    });
+    // A train job carries no grant.
+    let train = job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 1");
+    let train_with_grant = confide_proto::pb::SubmitJobRequest {
+        file_name: "train.toml".into(),
+        ..submission(&train, signed(grant("triage", &train, logreg)))
+    };
+    let expected: Vec<&str> =
+        cases.iter().map(|(_, e)| *e).chain(["only an incremental pipeline carries a grant"]).collect();
+    let requests = cases.into_iter().map(|(g, _)| submission(&spec, g)).chain([train_with_grant]).collect();
+    let refused = refusals(&fed, requests);
+    assert_eq!(refused.len(), expected.len());
+    for (e, expected) in refused.iter().zip(expected) {
+        assert!(e.contains(expected), "{expected}: {e}");
+    }
 }
 
 /// Under secure aggregation every job of the pipeline goes through it: the
