@@ -175,27 +175,17 @@ impl Watches {
         loop {
             let (next, dropped) = {
                 let mut q = self.hard_queue.lock().unwrap_or_else(|p| p.into_inner());
-                let dropped = std::mem::take(&mut q.dropped);
-                match q.batches.pop_front() {
-                    Some(b) => {
-                        q.bytes -= b.1.len() * 4;
-                        (b, dropped)
-                    }
-                    None => {
-                        q.running = false;
-                        if dropped > 0 {
-                            tracing::warn!(
-                                "{dropped} hard examples not kept: requests came faster than the file syncs"
-                            );
-                        }
-                        return;
-                    }
+                let next = q.batches.pop_front();
+                match &next {
+                    Some(b) => q.bytes -= b.1.len() * 4,
+                    None => q.running = false,
                 }
+                (next, std::mem::take(&mut q.dropped))
             };
             if dropped > 0 {
                 tracing::warn!("{dropped} hard examples not kept: requests came faster than the file syncs");
             }
-            let (service, rows, width) = next;
+            let Some((service, rows, width)) = next else { return };
             if let Err(e) = self.keep_hard_examples(&service, &rows, width) {
                 tracing::warn!(service = %service, "cannot keep hard examples for labelling: {e}");
             }
