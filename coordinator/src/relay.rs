@@ -240,28 +240,17 @@ impl Shared {
     /// signed it and it is newer than the one held (the parties judge an
     /// older one; the relay only ignores it).
     fn on_revocations(&self, crl: &[u8]) {
-        // Every welcome carries the list: the one held is not checked again.
-        if crl.is_empty() || self.revocations.read().unwrap_or_else(|p| p.into_inner()).der() == crl {
-            return;
-        }
-        let list = match confide_crypto::revocation::Revocations::parse(crl, &self.ca_pem, "the coordinator's list") {
-            Ok(list) => list,
-            Err(e) => {
-                warn!("a revocation list the coordinator sent does not verify: {e}");
-                return;
-            }
-        };
-        let (version, pem) = (list.version(), list.pem());
-        match self.revocations.write().unwrap_or_else(|p| p.into_inner()).update(list) {
-            Ok(true) => {
-                info!(version, "revocation list updated");
-                let path = revocation_list_path(&self.config);
-                if let Err(e) = confide_proto::durable::write_file(&path, pem.as_bytes()) {
-                    warn!("cannot keep the revocation list at {}: {e}", path.display());
-                }
-            }
-            Ok(false) => {}
-            Err(e) => debug!("an older revocation list: {e}"),
+        let keep_at = revocation_list_path(&self.config);
+        match confide_proto::net::adopt_revocations(
+            &self.revocations,
+            crl,
+            &self.ca_pem,
+            "the coordinator's list",
+            &keep_at,
+        ) {
+            Ok(Some(version)) => info!(version, "revocation list updated"),
+            Ok(None) => {}
+            Err(e) => warn!("a revocation list the coordinator sent is not taken: {e}"),
         }
     }
 

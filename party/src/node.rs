@@ -521,21 +521,8 @@ impl PartyNode {
             return Ok(());
         }
         let ca = std::fs::read(&self.config.ca).map_err(|e| format!("{}: {e}", self.config.ca.display()))?;
-        let list = Revocations::parse(bytes, &ca, source).map_err(|e| e.to_string())?;
-        let pem = list.pem();
-        let version = list.version();
-        let newer = self
-            .revocations
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .update(list)
-            .map_err(|e| format!("{source}: {e}"))?;
-        if newer {
-            let path = self.config.revocation_list_path();
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, pem)
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+        let keep_at = self.config.revocation_list_path();
+        if let Some(version) = confide_proto::net::adopt_revocations(&self.revocations, bytes, &ca, source, &keep_at)? {
             info!(version, "accepted revocation list version {version}");
         }
         Ok(())

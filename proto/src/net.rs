@@ -314,3 +314,29 @@ pub fn source_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// Takes a revocation list from the wire (DER or PEM, from `source`) in
+/// place of the one `held`, when `ca_pem` signed it and it is newer, and
+/// keeps it at `keep_at` (crash-safely) for the next start: its version
+/// then. `None` when it is the one held; an error when the CA did not sign
+/// it, it is older, or it cannot be kept.
+pub fn adopt_revocations(
+    held: &SharedRevocations,
+    bytes: &[u8],
+    ca_pem: &[u8],
+    source: &str,
+    keep_at: &Path,
+) -> Result<Option<u64>, String> {
+    // Every welcome carries the list: the one held is not checked again.
+    if bytes.is_empty() || held.read().unwrap_or_else(|p| p.into_inner()).der() == bytes {
+        return Ok(None);
+    }
+    let list = confide_crypto::revocation::Revocations::parse(bytes, ca_pem, source).map_err(|e| e.to_string())?;
+    let (version, pem) = (list.version(), list.pem());
+    let newer = held.write().unwrap_or_else(|p| p.into_inner()).update(list).map_err(|e| format!("{source}: {e}"))?;
+    if !newer {
+        return Ok(None);
+    }
+    crate::durable::write_file(keep_at, pem.as_bytes())?;
+    Ok(Some(version))
+}
