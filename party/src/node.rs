@@ -1100,6 +1100,7 @@ impl PartyNode {
         let (job_id, party, dataset) = (offer.job_id.clone(), me.to_owned(), offer.dataset.clone());
         let answer_floor = crate::policy::answer_floor(&spec, &cfg.policy)
             .map(|(stage, secs)| crate::session::AnswerFloor { stage, after: (secs * 1000.0).ceil() as u64 });
+        let answers_held = answer_floor.is_some();
         let spec = Arc::new(spec);
         let idle_after = spec.timeouts.round_secs * 2000;
         let handler = holding(&slot, move || {
@@ -1116,6 +1117,7 @@ impl PartyNode {
                 min_parties,
                 budget: job_budget,
                 noise_rounds_ahead,
+                answers_held,
             };
             kind.handler(cx).map_err(|e| format!("data set {dataset:?}: {e}"))
         })

@@ -43,6 +43,11 @@ pub struct JobContext<'a> {
     /// Distributed DP: rounds of noise to draw ahead
     /// (`[training] dp_noise_rounds_ahead`).
     pub noise_rounds_ahead: usize,
+    /// Whether this party holds the job's data-dependent answers to a
+    /// floor ([`crate::session::AnswerFloor`]): the answer held must then
+    /// be the one that waits for the rows (a fit answer is not sent ahead
+    /// of training).
+    pub answers_held: bool,
 }
 
 /// A job kind on the party's side: builds the handler of its tasks.

@@ -1644,6 +1644,17 @@ mod tests {
     use confide_algorithms::data::CsvOptions;
     use confide_algorithms::trainer::apply_feature_stats;
 
+    /// A round may train on a thread of its own (secure aggregation trains
+    /// while the keys are exchanged): a thread started after the count was
+    /// set takes the process's count, not libtorch's default of one a core.
+    #[test]
+    fn a_new_thread_trains_with_the_processs_thread_count() {
+        set_threads(1);
+        let n = *THREADS.get().unwrap();
+        let on_new_thread = std::thread::spawn(tch::get_num_threads).join().unwrap();
+        assert_eq!(on_new_thread, i32::try_from(n).unwrap());
+    }
+
     fn data(file: &str) -> Dataset {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data").join(file);
         Dataset::load_csv(&path, &CsvOptions { header: file.ends_with("breast_cancer.csv"), label_column: -1 }).unwrap()

@@ -1,12 +1,13 @@
 //! The `train` and `evaluate` kinds at a party: a [`Trainer`] over the
 //! party's data and the job's aggregation protocol's client side.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use confide_algorithms::trainer::{INPUT_MEAN, INPUT_STD};
 use confide_algorithms::{DpSgdPlan, FitConfig, Trainer};
 use confide_crypto::aggregation::sum::{self, SumLayout};
-use confide_crypto::aggregation::{AggregationClient, Envelope, LocalUpdate, StageName};
+use confide_crypto::aggregation::{AggregationClient, LocalUpdate, StageName};
 use confide_proto::messages::{ResultBody, SumOf, Task, TaskBody};
 
 use confide_proto::dpspec::{AccountantKind, DpLevel, DpRelease};
@@ -69,6 +70,7 @@ impl PartyJobKind for TrainingKind {
         };
         let mut handler = TrainingHandler::new(trainer, client, protocol.stages());
         handler.evaluate_only = spec.kind == confide_proto::jobspec::JobKind::Evaluate;
+        handler.answers_held = cx.answers_held;
         handler.standardize = spec.model.standardize;
         handler.hides_values = protocol.reveals() != confide_crypto::aggregation::Reveals::Updates;
         if let Some(dp) = spec.dp.as_ref().filter(|d| d.release == DpRelease::Evaluation) {
@@ -216,6 +218,126 @@ pub struct TrainingHandler {
     stats_summed: bool,
     /// The round of the last evaluation released (train jobs: one a round).
     last_evaluation: Option<u32>,
+    /// This party holds the job's fit answers to a floor
+    /// ([`crate::session::AnswerFloor`]): then training stays inside the
+    /// fit stage, whose answer is the one held, and is never run ahead.
+    pub answers_held: bool,
+    /// A round whose fit answer went before training
+    /// ([`AggregationClient::answers_fit_before_training`]): its training,
+    /// on a thread of its own, until the step that needs the update.
+    ahead: Option<TrainingAhead>,
+}
+
+/// How a round trains (the same on the task's thread or ahead of its step).
+enum HowToTrain {
+    /// Ordinary training; the update weighs its examples and carries its loss.
+    Plain,
+    /// DP-SGD with the accepted spec's plan.
+    DpSgd(DpSgdPlan),
+    /// Party-level DP: ordinary training, the update clipped to `clip`
+    /// around `base` (the model trained from) unless the encoding clips it.
+    PartyLevel { clip: f64, base: Arc<confide_algorithms::Parameters>, encoding_clips: bool },
+}
+
+/// What a round's training gives its protocol.
+struct Trained {
+    local: confide_algorithms::Parameters,
+    num_examples: u64,
+    train_loss: Option<f64>,
+}
+
+/// Trains one round as `how` says. Failures on the rows stay in this
+/// party's log (every path here hides the party's values, or is DP).
+fn train_round(trainer: &mut dyn Trainer, how: &HowToTrain, config: &FitConfig) -> Result<Trained, TaskError> {
+    match how {
+        HowToTrain::Plain => {
+            let outcome = trainer.fit(config).map_err(kept_local("training"))?;
+            let local = trainer.parameters().map_err(kept_local("reading the trained model"))?;
+            let train_loss = outcome.metrics.get("train_loss").copied();
+            Ok(Trained { local, num_examples: outcome.num_examples, train_loss })
+        }
+        HowToTrain::DpSgd(plan) => {
+            trainer.fit_private(config, plan).map_err(kept_local("DP-SGD training"))?;
+            let local = trainer.parameters().map_err(kept_local("reading the trained model"))?;
+            Ok(Trained { local, num_examples: 1, train_loss: None })
+        }
+        HowToTrain::PartyLevel { clip, base, encoding_clips } => {
+            // Whatever the training did (a diverged model included), the
+            // update sent is finite and within the clip: no error message
+            // depends on the rows.
+            let outcome = trainer.fit(config);
+            let local = outcome.and_then(|_| trainer.parameters()).unwrap_or_else(|_| base.as_ref().clone());
+            let local = if *encoding_clips { local } else { clip_update(base, local, *clip) };
+            Ok(Trained { local, num_examples: 1, train_loss: None })
+        }
+    }
+}
+
+/// What a training thread hands back: the trainer, and the round's result.
+type TrainerBack = (Box<dyn Trainer>, Result<Trained, TaskError>);
+
+/// A round's training running ahead of the step that sends its update.
+struct TrainingAhead {
+    round: u32,
+    global: Arc<confide_algorithms::Parameters>,
+    config: FitConfig,
+    /// The round's privacy-ledger record, made durable before the update
+    /// (or a refusal, which is about the rows too) leaves.
+    recorded: Option<crate::ledger::RoundStarted>,
+    /// The training thread, until it is joined; it hands the trainer back.
+    thread: Option<std::thread::JoinHandle<TrainerBack>>,
+    /// The training's result, once joined.
+    trained: Option<Result<Trained, TaskError>>,
+}
+
+impl TrainingAhead {
+    /// Waits for the training thread: the trainer and the result.
+    fn join(&mut self) -> Option<TrainerBack> {
+        let thread = self.thread.take()?;
+        // The thread catches the trainer's panics; this cannot fail but for one of its own.
+        Some(thread.join().unwrap_or_else(|_| (Box::new(Unavailable), Err(TaskError::Refused(PANICKED_AHEAD.into())))))
+    }
+}
+
+impl Drop for TrainingAhead {
+    /// A handler dropped while its round trains waits for the training, so
+    /// that the job's worker (which the node counts) outlives it.
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
+}
+
+const PANICKED_AHEAD: &str = "training panicked (the message is in this party's log)";
+
+/// The trainer's place while it trains on a thread of its own: anything
+/// asked of it then is a mistake of this handler's, said as such.
+struct Unavailable;
+
+impl Unavailable {
+    fn refuse<T>() -> Result<T, confide_algorithms::Error> {
+        Err(confide_algorithms::Error::InvalidInput("the trainer is training a round ahead".into()))
+    }
+}
+
+impl Trainer for Unavailable {
+    fn parameters(&self) -> Result<confide_algorithms::Parameters, confide_algorithms::Error> {
+        Self::refuse()
+    }
+    fn set_parameters(&mut self, _: &confide_algorithms::Parameters) -> Result<(), confide_algorithms::Error> {
+        Self::refuse()
+    }
+    fn feature_stats(&self) -> confide_algorithms::FeatureStats {
+        confide_algorithms::FeatureStats::default()
+    }
+    fn fit(&mut self, _: &FitConfig) -> Result<confide_algorithms::FitOutcome, confide_algorithms::Error> {
+        Self::refuse()
+    }
+    fn evaluate(&mut self) -> Result<confide_algorithms::EvalOutcome, confide_algorithms::Error> {
+        Self::refuse()
+    }
+    fn predict(&self, _: &[f32]) -> Result<Vec<f32>, confide_algorithms::Error> {
+        Self::refuse()
+    }
 }
 
 /// A pipeline's evaluation on new rows that found none: it answers with
@@ -298,6 +420,8 @@ impl TrainingHandler {
             opened_any: false,
             continues_earlier: false,
             evaluate_only: false,
+            answers_held: false,
+            ahead: None,
             eval_released: false,
             trained: false,
             stats_summed: false,
@@ -310,6 +434,10 @@ impl JobHandler for TrainingHandler {
     fn on_task(&mut self, task: Task) -> Result<ResultBody, TaskError> {
         let started = Instant::now();
         let round = task.round;
+        if !matches!(task.body, TaskBody::Aggregation { .. }) {
+            // Any other task uses the trainer (or starts a new round).
+            self.trainer_back();
+        }
         match task.body {
             TaskBody::Fit { .. } | TaskBody::Setup | TaskBody::SecureSum { of: SumOf::FeatureStats, .. }
                 if self.evaluate_only =>
@@ -395,6 +523,12 @@ impl JobHandler for TrainingHandler {
                     )));
                 }
                 let last = self.stages.last() == Some(&name);
+                if self.aggregation.needs_update_for(name)
+                    && let Err(e) = self.supply_trained(round)
+                {
+                    self.drop_round();
+                    return Err(e);
+                }
                 let answer = self.aggregation.on_step(round, name, message);
                 if last || answer.is_err() {
                     self.open = None;
@@ -447,8 +581,121 @@ impl TrainingHandler {
     /// Forgets the open round and wipes its secrets, as a new round's task
     /// does (a step of the old round after it is the coordinator's fault).
     fn drop_round(&mut self) {
+        self.trainer_back();
+        self.ahead = None;
         self.open = None;
         self.aggregation.abandon();
+    }
+
+    /// Whether this round's fit answer goes before training (see
+    /// [`AggregationClient::answers_fit_before_training`]).
+    fn trains_ahead(&self) -> bool {
+        self.aggregation.answers_fit_before_training() && !self.answers_held
+    }
+
+    /// Waits for a round training ahead, if one is, and takes the trainer
+    /// back; the round's result stays for the step that needs it.
+    fn trainer_back(&mut self) {
+        if let Some(ahead) = self.ahead.as_mut()
+            && let Some((trainer, trained)) = ahead.join()
+        {
+            self.trainer = trainer;
+            ahead.trained = Some(trained);
+        }
+    }
+
+    /// The fit answer of `round` before its training, which then runs on a
+    /// thread of its own (`how`) while the coordinator runs the protocol's
+    /// data-independent steps; [`TrainingHandler::supply_trained`] hands
+    /// its update over. `recorded` (the round's ledger record) is made
+    /// durable before anything about the rows leaves.
+    fn fit_ahead(
+        &mut self,
+        round: u32,
+        config: &FitConfig,
+        global: &Arc<confide_algorithms::Parameters>,
+        round_message: &[u8],
+        how: HowToTrain,
+        recorded: Option<crate::ledger::RoundStarted>,
+    ) -> Result<ResultBody, TaskError> {
+        let contribution = match self.aggregation.contribute_ahead(round, round_message, global, config) {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(recorded) = recorded {
+                    recorded.durable().map_err(TaskError::Refused)?;
+                }
+                return Err(e.into());
+            }
+        };
+        // The trainer moves to the thread through a slot, so that it is
+        // still here should the thread not start. (The update is encoded
+        // at the step that sends it: encoded here, as soon as a short
+        // training ends, it took the cores from the other parties' fit
+        // stage where parties share a machine.)
+        let slot = Arc::new(std::sync::Mutex::new(Some(std::mem::replace(&mut self.trainer, Box::new(Unavailable)))));
+        let (in_thread, fit) = (slot.clone(), config.clone());
+        // Its lines are the job's and the round's, as on the worker.
+        let span = tracing::Span::current();
+        let spawned = std::thread::Builder::new().name("confide-train".into()).spawn(move || {
+            let _entered = span.enter();
+            let taken = in_thread.lock().map(|mut t| t.take()).ok().flatten();
+            let mut trainer: Box<dyn Trainer> = taken.unwrap_or_else(|| Box::new(Unavailable));
+            let trained =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train_round(trainer.as_mut(), &how, &fit)))
+                    .unwrap_or_else(|p| {
+                        tracing::warn!("training panicked: {}", crate::session::panic_message(p.as_ref()));
+                        Err(TaskError::Refused(PANICKED_AHEAD.into()))
+                    });
+            (trainer, trained)
+        });
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(e) => {
+                if let Some(trainer) = slot.lock().ok().and_then(|mut t| t.take()) {
+                    self.trainer = trainer;
+                }
+                self.aggregation.abandon();
+                if let Some(recorded) = recorded {
+                    recorded.durable().map_err(TaskError::Refused)?;
+                }
+                return Err(TaskError::Refused(format!("cannot start a training thread: {e}")));
+            }
+        };
+        self.ahead = Some(TrainingAhead {
+            round,
+            global: global.clone(),
+            config: config.clone(),
+            recorded,
+            thread: Some(thread),
+            trained: None,
+        });
+        self.open = Some(round);
+        self.opened_any = true;
+        Ok(ResultBody::Fit { metrics: Default::default(), contribution })
+    }
+
+    /// Hands the protocol the update of `round`, trained ahead: waits for
+    /// the training and for the round's ledger record first.
+    fn supply_trained(&mut self, round: u32) -> Result<(), TaskError> {
+        self.trainer_back();
+        let mut ahead = match self.ahead.take() {
+            Some(a) if a.round == round => a,
+            _ => return Err(TaskError::Refused(format!("no training of round {round} under way here"))),
+        };
+        // Not on record, so not sent: nor is a refusal (whether training
+        // failed is itself about the rows).
+        if let Some(recorded) = ahead.recorded.take() {
+            recorded.durable().map_err(TaskError::Refused)?;
+        }
+        let trained = ahead.trained.take().unwrap_or_else(|| Err(TaskError::Refused(PANICKED_AHEAD.into())))?;
+        let update = LocalUpdate {
+            global: &ahead.global,
+            fit: &ahead.config,
+            local: trained.local,
+            num_examples: trained.num_examples,
+            train_loss: trained.train_loss,
+        };
+        Ok(self.aggregation.supply_update(round, update)?)
     }
 
     /// This party's statistics into a secure sum: the layout is derived
@@ -499,7 +746,7 @@ impl TrainingHandler {
         &mut self,
         round: u32,
         config: &FitConfig,
-        global: &confide_algorithms::Parameters,
+        global: &Arc<confide_algorithms::Parameters>,
         round_message: &[u8],
         started: Instant,
     ) -> Result<ResultBody, TaskError> {
@@ -530,6 +777,9 @@ impl TrainingHandler {
         // drawn before training, so that a party whose round ends early
         // (one not asked to decrypt) does not draw it inside the next round.
         self.aggregation.prepare(global);
+        if self.trains_ahead() {
+            return self.fit_ahead(round, config, global, round_message, HowToTrain::Plain, None);
+        }
         let train_started = Instant::now();
         // Under a protocol that hides this party's update, why training
         // failed (it may quote a row) stays here too.
@@ -661,7 +911,7 @@ impl TrainingHandler {
         &mut self,
         round: u32,
         config: &FitConfig,
-        global: &confide_algorithms::Parameters,
+        global: &Arc<confide_algorithms::Parameters>,
         round_message: &[u8],
     ) -> Result<ResultBody, TaskError> {
         if let Some(bound) = self.dp_values_bound
@@ -687,13 +937,32 @@ impl TrainingHandler {
         let own = self.dp_inputs.as_ref().and_then(|fixed| with_standardisation(global, fixed));
         // The model trained from: the update's clip measures the trained
         // tensors' movement, not the standardisation's replacement.
-        let base = own.as_ref().unwrap_or(global);
-        self.trainer.set_parameters(base).map_err(err)?;
+        let base = own.map_or_else(|| global.clone(), Arc::new);
+        self.trainer.set_parameters(&base).map_err(err)?;
         let recorded = match &self.budget {
             Some(budget) => Some(budget.start_round().map_err(refused)?),
             None => None,
         };
-        let contribution = self.train_privately(round, config, global, base, round_message);
+        let how = match (self.dp, self.party_clip) {
+            (Some(plan), _) => HowToTrain::DpSgd(plan),
+            (None, Some(clip)) => HowToTrain::PartyLevel { clip, base, encoding_clips: self.encoding_clips },
+            (None, None) => return Err(TaskError::Refused("no differential privacy to apply".into())),
+        };
+        // Distributed noise does not depend on the data: drawn before training.
+        self.aggregation.prepare(global);
+        if self.trains_ahead() {
+            return self.fit_ahead(round, config, global, round_message, how, recorded);
+        }
+        let contribution = train_round(self.trainer.as_mut(), &how, config).and_then(|trained| {
+            let update = LocalUpdate {
+                global,
+                fit: config,
+                local: trained.local,
+                num_examples: trained.num_examples,
+                train_loss: trained.train_loss,
+            };
+            Ok(self.aggregation.contribute(round, round_message, update)?)
+        });
         // Not on record, so not sent: nor is a refusal (whether training
         // failed is itself about the rows), so the record is waited for
         // whatever the round's outcome.
@@ -709,37 +978,6 @@ impl TrainingHandler {
             self.opened_any = true;
         }
         Ok(ResultBody::Fit { metrics: Default::default(), contribution })
-    }
-
-    /// [`TrainingHandler::fit_private`]'s training and contribution, once
-    /// the round is on record.
-    fn train_privately(
-        &mut self,
-        round: u32,
-        config: &FitConfig,
-        global: &confide_algorithms::Parameters,
-        base: &confide_algorithms::Parameters,
-        round_message: &[u8],
-    ) -> Result<Envelope, TaskError> {
-        // Distributed noise does not depend on the data: drawn before training.
-        self.aggregation.prepare(global);
-        let local = match (self.dp, self.party_clip) {
-            (Some(plan), _) => {
-                self.trainer.fit_private(config, &plan).map_err(kept_local("DP-SGD training"))?;
-                self.trainer.parameters().map_err(kept_local("reading the trained model"))?
-            }
-            (None, Some(clip)) => {
-                // Whatever the training did (a diverged model included), the
-                // update sent is finite and within the clip: no error
-                // message depends on the rows.
-                let outcome = self.trainer.fit(config);
-                let local = outcome.and_then(|_| self.trainer.parameters()).unwrap_or_else(|_| base.clone());
-                if self.encoding_clips { local } else { clip_update(base, local, clip) }
-            }
-            (None, None) => return Err(TaskError::Refused("no differential privacy to apply".into())),
-        };
-        let update = LocalUpdate { global, fit: config, local, num_examples: 1, train_loss: None };
-        Ok(self.aggregation.contribute(round, round_message, update)?)
     }
 }
 
@@ -1710,13 +1948,262 @@ mod tests {
             global: global.clone(),
             round_message: Vec::new(),
         };
+        // (Answered within the fit task: a party that holds its answers.
+        // A round that answers ahead of training: see
+        // a_training_that_fails_after_the_keys_went_out_quotes_no_row.)
         let mut hiding = handler(false);
+        hiding.answers_held = true;
         hiding.trainer = Box::new(quoting());
         let Err(TaskError::Refused(m)) = hiding.on_task(task(1, fit())) else { panic!("refused") };
         assert!(m.contains("in this party's log") && !m.contains("77-secret"), "{m}");
         let mut revealing = plain_handler(quoting());
         let Err(TaskError::Refused(m)) = revealing.on_task(task(1, fit())) else { panic!("refused") };
         assert!(m.contains("77-secret"), "{m}");
+    }
+
+    /// A trainer that trains (moves its one weight by `step`) only once its
+    /// gate opens, or fails quoting a row, and says when its fit ended.
+    struct Gated {
+        gate: std::sync::mpsc::Receiver<()>,
+        trained: Arc<std::sync::atomic::AtomicBool>,
+        fails_with: Option<String>,
+        w: f32,
+        step: f32,
+    }
+
+    impl Trainer for Gated {
+        fn parameters(&self) -> Result<Parameters, Error> {
+            Parameters::new(vec![Tensor { name: "w".into(), shape: vec![1], data: vec![self.w] }])
+        }
+        fn set_parameters(&mut self, p: &Parameters) -> Result<(), Error> {
+            self.w = p.tensors()[0].data[0];
+            Ok(())
+        }
+        fn feature_stats(&self) -> FeatureStats {
+            FeatureStats::default()
+        }
+        fn fit(&mut self, _: &FitConfig) -> Result<FitOutcome, Error> {
+            let opened = self.gate.recv_timeout(std::time::Duration::from_secs(30));
+            self.trained.store(true, std::sync::atomic::Ordering::SeqCst);
+            opened.map_err(|_| Error::InvalidInput("the test never opened the gate".into()))?;
+            if let Some(e) = &self.fails_with {
+                return Err(Error::InvalidInput(e.clone()));
+            }
+            self.w += self.step;
+            Ok(FitOutcome { num_examples: 7, metrics: Default::default() })
+        }
+        fn evaluate(&mut self) -> Result<EvalOutcome, Error> {
+            Fixed.evaluate()
+        }
+        fn predict(&self, f: &[f32]) -> Result<Vec<f32>, Error> {
+            Fixed.predict(f)
+        }
+    }
+
+    /// Three parties' secagg handlers over gated trainers, a coordinator's
+    /// side of the protocol, and what drives a round between them.
+    struct GatedRound {
+        names: Vec<String>,
+        handlers: Vec<TrainingHandler>,
+        gates: Vec<std::sync::mpsc::Sender<()>>,
+        trained: Vec<Arc<std::sync::atomic::AtomicBool>>,
+        server: Box<dyn confide_crypto::aggregation::AggregationServer>,
+        global: Arc<Parameters>,
+        fit: FitConfig,
+    }
+
+    impl GatedRound {
+        /// `n` parties; party `i` moves its weight by `i + 1`; `failing`
+        /// fails quoting a row.
+        fn new(n: usize, failing: Option<usize>) -> Self {
+            use confide_crypto::secagg::testing::InsecureTagVerifier;
+            let names: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+            let job = JobFacts::new("j", names.clone(), 10, 3, 100);
+            let server = SecAggPlus.server(&toml::Table::new(), &job, Box::new(InsecureTagVerifier)).unwrap();
+            let (mut handlers, mut gates, mut trained) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, p) in names.iter().enumerate() {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let fails_with = (failing == Some(i)).then(|| "row 7: value \"77-secret\" is not a number".into());
+                let trainer = Gated { gate: rx, trained: done.clone(), fails_with, w: 0.0, step: i as f32 + 1.0 };
+                let client = SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap();
+                let mut h = TrainingHandler::new(Box::new(trainer), client, SecAggPlus.stages());
+                h.hides_values = true;
+                h.standardize = false;
+                handlers.push(h);
+                gates.push(tx);
+                trained.push(done);
+            }
+            let global = Arc::new(Fixed.parameters().unwrap());
+            let fit = FitConfig { round: 1, train: Default::default() };
+            GatedRound { names, handlers, gates, trained, server, global, fit }
+        }
+
+        fn any_trained(&self) -> bool {
+            self.trained.iter().any(|t| t.load(std::sync::atomic::Ordering::SeqCst))
+        }
+
+        fn peer(name: &str) -> confide_crypto::aggregation::Peer<'_> {
+            confide_crypto::aggregation::Peer { name, certificate: &[], relay: None }
+        }
+
+        /// Every party's fit answer, handed to the coordinator.
+        fn fit_answers(&mut self) {
+            let info = confide_crypto::aggregation::RoundInfo {
+                round: 1,
+                parties: &self.names,
+                global: &self.global,
+                fit: Some(&self.fit),
+            };
+            let round_message = self.server.begin_round(&info).unwrap();
+            for (i, h) in self.handlers.iter_mut().enumerate() {
+                let body = TaskBody::Fit {
+                    config: self.fit.clone(),
+                    global: self.global.clone(),
+                    round_message: round_message.clone(),
+                };
+                let ResultBody::Fit { contribution, .. } = h.on_task(task(1, body)).unwrap() else { panic!() };
+                self.server.on_message(Self::peer(&self.names[i]), contribution).unwrap();
+            }
+        }
+
+        /// Runs the coordinator's steps until the round's result, or until
+        /// `before` names the next step (returned then); each party's
+        /// refusal, by party.
+        fn steps(
+            &mut self,
+            before: Option<StageName>,
+            refusals: &mut Vec<(usize, TaskError)>,
+        ) -> Option<confide_crypto::aggregation::Aggregate> {
+            use confide_crypto::aggregation::{Messages, Progress};
+            loop {
+                let (stage, messages) = match self.server.close_stage().unwrap() {
+                    Progress::Done(aggregate) => return Some(aggregate),
+                    Progress::Step { stage, messages, .. } => (stage, messages),
+                };
+                let to: Vec<(String, confide_crypto::aggregation::Envelope)> = match messages {
+                    Messages::PerParty(v) => v,
+                    Messages::Same { to, message } => to.into_iter().map(|p| (p, message.clone())).collect(),
+                };
+                for (p, message) in to {
+                    let i = self.names.iter().position(|n| *n == p).unwrap();
+                    let body = TaskBody::Aggregation { stage: stage.as_str().into(), message };
+                    match self.handlers[i].on_task(task(1, body)) {
+                        Ok(ResultBody::Aggregation { message, .. }) => {
+                            self.server.on_message(Self::peer(&p), message).unwrap()
+                        }
+                        Ok(other) => panic!("{other:?}"),
+                        Err(e) => refusals.push((i, e)),
+                    }
+                }
+                if Some(stage) == before {
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Under secure aggregation a party sends its round keys and deals its
+    /// shares while it trains: both steps are answered before any party's
+    /// training ends, and the sum is of the trained updates all the same.
+    #[test]
+    fn a_secagg_round_exchanges_keys_while_the_parties_train() {
+        use confide_crypto::aggregation::Aggregate;
+        use confide_crypto::aggregation::secagg::SHARES;
+        let mut r = GatedRound::new(3, None);
+        r.fit_answers();
+        let mut refusals = Vec::new();
+        assert!(r.steps(Some(SHARES), &mut refusals).is_none());
+        assert!(refusals.is_empty(), "{refusals:?}");
+        assert!(!r.any_trained(), "keys and shares went before training ended");
+        for g in &r.gates {
+            g.send(()).unwrap();
+        }
+        let Some(Aggregate::WeightedSum { weighted_delta_sum, total_examples, contributors, .. }) =
+            r.steps(None, &mut refusals)
+        else {
+            panic!("no sum")
+        };
+        assert!(refusals.is_empty(), "{refusals:?}");
+        assert_eq!(contributors, r.names);
+        assert_eq!(total_examples, 21.0);
+        // Σ nᵢ·Δᵢ = 7·(1 + 2 + 3), to the encoding's precision.
+        assert!((weighted_delta_sum[0] - 42.0).abs() < 1e-3, "{weighted_delta_sum:?}");
+    }
+
+    /// A training that fails after the party's keys went out is refused at
+    /// the step that needs the update, quoting no row; the round goes on
+    /// without that party.
+    #[test]
+    fn a_training_that_fails_after_the_keys_went_out_quotes_no_row() {
+        use confide_crypto::aggregation::Aggregate;
+        let mut r = GatedRound::new(6, Some(0));
+        r.fit_answers();
+        for g in &r.gates {
+            g.send(()).unwrap();
+        }
+        let mut refusals = Vec::new();
+        let Some(Aggregate::WeightedSum { contributors, .. }) = r.steps(None, &mut refusals) else { panic!("no sum") };
+        assert_eq!(contributors, ["p1", "p2", "p3", "p4", "p5"]);
+        let [(0, TaskError::Refused(m))] = refusals.as_slice() else { panic!("{refusals:?}") };
+        assert!(m.contains("in this party's log") && !m.contains("77-secret"), "{m}");
+    }
+
+    /// A DP round answered before training: its keys leave at once, but
+    /// the step that needs its update (here a refusal, which is about the
+    /// rows too) waits until the round's ledger record is on disk (the
+    /// writer is slowed so that luck cannot pass this).
+    #[test]
+    fn a_dp_round_answered_ahead_sends_its_update_only_once_on_record() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = crate::ledger::Ledger::open(&path).unwrap();
+        ledger.write_delay_ms.store(300, Ordering::Relaxed);
+        let spec = dp_job(3);
+        let mut r = GatedRound::new(3, None);
+        r.handlers[0].dp = spec.dp.as_ref().unwrap().plan(&spec.training);
+        r.handlers[0].budget = Some(ledger.reserve("j1", &spec, "d", None).unwrap());
+        r.fit_answers();
+        let recorded = || crate::ledger::Ledger::read(&path).unwrap().datasets["d"].jobs["j1"].rounds_started;
+        assert_eq!(recorded(), 0, "the keys went before the record was written");
+        for g in &r.gates {
+            g.send(()).unwrap();
+        }
+        let mut refusals = Vec::new();
+        let _ = r.steps(Some(confide_crypto::aggregation::secagg::MASKED_INPUT), &mut refusals);
+        // The gated trainer has no DP-SGD: party 0 refuses, once on record.
+        let [(0, TaskError::Refused(m))] = refusals.as_slice() else { panic!("{refusals:?}") };
+        assert!(m.contains("DP-SGD training failed"), "{m}");
+        assert_eq!(recorded(), 1);
+    }
+
+    /// A party that holds its fit answers to a floor trains inside the fit
+    /// task, so that the held answer is the one that waited for the rows.
+    #[test]
+    fn a_party_holding_its_fit_answers_trains_before_answering() {
+        let mut r = GatedRound::new(3, None);
+        for h in &mut r.handlers {
+            h.answers_held = true;
+        }
+        let gates = std::mem::take(&mut r.gates);
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            for g in gates {
+                g.send(()).unwrap();
+            }
+        });
+        let info = confide_crypto::aggregation::RoundInfo {
+            round: 1,
+            parties: &r.names,
+            global: &r.global,
+            fit: Some(&r.fit),
+        };
+        let round_message = r.server.begin_round(&info).unwrap();
+        let body = TaskBody::Fit { config: r.fit.clone(), global: r.global.clone(), round_message };
+        assert!(matches!(r.handlers[0].on_task(task(1, body)), Ok(ResultBody::Fit { .. })));
+        assert!(r.trained[0].load(std::sync::atomic::Ordering::SeqCst), "answered before training ended");
+        opener.join().unwrap();
     }
 
     /// Under a protocol that hides values, a coordinator asking for what

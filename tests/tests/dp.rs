@@ -650,6 +650,7 @@ fn a_dp_pipeline_job_with_no_batch_sets_up_on_no_rows() {
             min_parties: 1,
             budget,
             noise_rounds_ahead: 1,
+            answers_held: false,
         };
         TrainingKind::TRAIN.handler(cx).map(|_| ())
     };

@@ -72,6 +72,7 @@ impl Sim {
                 min_parties: 1,
                 budget: None,
                 noise_rounds_ahead: 1,
+                answers_held: false,
             };
             let handler = TrainingKind::TRAIN.handler(cx).expect("handler");
             parties.insert(name.clone(), PartySession::new("sim", handler, spec.timeouts.round_secs * 2000));

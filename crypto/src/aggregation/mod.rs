@@ -639,6 +639,44 @@ pub trait AggregationClient: Send {
     /// `round_message` is what the coordinator's fit task carried.
     fn contribute(&mut self, round: u32, round_message: &[u8], update: LocalUpdate<'_>) -> Result<Envelope, Error>;
 
+    /// Whether the fit answer can go before training: the protocol's first
+    /// answer then binds only what the party knows before it trains (the
+    /// round, the model and configuration it trains from, the round's
+    /// noise), and the update leaves in a later step (see
+    /// [`AggregationClient::needs_update_for`]). The party then trains
+    /// while the coordinator runs the data-independent steps. `false` by
+    /// default.
+    fn answers_fit_before_training(&self) -> bool {
+        false
+    }
+
+    /// The fit answer of a protocol that answers before training, for the
+    /// round about to train from `global` with `fit`; the update follows
+    /// through [`AggregationClient::supply_update`].
+    fn contribute_ahead(
+        &mut self,
+        _round: u32,
+        _round_message: &[u8],
+        _global: &Parameters,
+        _fit: &FitConfig,
+    ) -> Result<Envelope, Error> {
+        Err(Error::InvalidInput("this protocol answers a fit only after training".into()))
+    }
+
+    /// The trained update of the round whose answer went ahead, before the
+    /// step that needs it. `update.global` and `update.fit` must be those
+    /// the answer was given for.
+    fn supply_update(&mut self, _round: u32, _update: LocalUpdate<'_>) -> Result<(), Error> {
+        Err(Error::InvalidInput("this protocol answers a fit only after training".into()))
+    }
+
+    /// Whether the `stage` step of the round in progress needs the update
+    /// that [`AggregationClient::supply_update`] gives (it was answered
+    /// ahead, and the update is not in yet).
+    fn needs_update_for(&self, _stage: StageName) -> bool {
+        false
+    }
+
     /// The party's answer to a [`SumRound`]: `values` (laid out as `layout`,
     /// which the party derived itself) in the protocol's form.
     fn contribute_sum(

@@ -40,7 +40,8 @@ use crate::secagg::protocol::{
     SurvivorSignature, UnmaskRequest, UnmaskShares, share_tree_root_from,
 };
 use crate::secagg::shamir::Share;
-use confide_dp::ddg::Ddg;
+use confide_algorithms::FitConfig;
+use confide_dp::ddg::{Ddg, DdgNoise};
 
 /// Parties exchange encrypted key shares.
 pub const SHARES: StageName = StageName::new("secagg-shares");
@@ -1099,10 +1100,34 @@ struct ClientRound {
     client: Client,
     /// The encoded update until it is masked in place.
     input: Vec<u32>,
+    /// A round answered before training: how its update is encoded once
+    /// it is supplied (`None` since, and for a round started with it).
+    encoder: Option<Encoder>,
     /// Keys are in and shares sent: the masks can be computed ahead.
     keyed: bool,
     /// The input was handed to [`Client::premask`].
     premasked: bool,
+}
+
+/// How a round's update is encoded, fixed (its noise drawn) when the
+/// round's keys go out.
+enum Encoder {
+    /// Distributed DP: the mechanism and this round's noise.
+    Noisy(Box<(NoisyUpdate, DdgNoise)>),
+    /// The weighted update without noise.
+    Weighted(WeightedUpdate),
+}
+
+impl Encoder {
+    fn encode(self, update: LocalUpdate<'_>) -> Result<Vec<u32>, Error> {
+        match self {
+            Encoder::Noisy(noisy) => {
+                let (noisy, noise) = *noisy;
+                noisy.encode(update.global, &update.local, noise)
+            }
+            Encoder::Weighted(w) => w.encode(update.global, &update.local, update.num_examples, update.train_loss),
+        }
+    }
 }
 
 impl Drop for ClientRound {
@@ -1130,25 +1155,81 @@ fn coordinator_fault(reason: impl Into<String>) -> Error {
 
 impl AggregationClient for SecAggClient {
     fn contribute(&mut self, round: u32, round_message: &[u8], update: LocalUpdate<'_>) -> Result<Envelope, Error> {
+        let keys = self.contribute_ahead(round, round_message, update.global, update.fit)?;
+        self.supply_update(round, update)?;
+        Ok(keys)
+    }
+
+    fn answers_fit_before_training(&self) -> bool {
+        true
+    }
+
+    fn contribute_ahead(
+        &mut self,
+        round: u32,
+        round_message: &[u8],
+        global: &confide_algorithms::Parameters,
+        fit: &FitConfig,
+    ) -> Result<Envelope, Error> {
         self.round = None;
-        let training = super::training_digest(update.global, update.fit);
-        let input = if let Some(template) = &self.job.distributed_dp {
+        // The round's keys bind what the party knows before it trains: the
+        // model and configuration it trains from, and the encoding (with
+        // its noise) its update will take.
+        let training = super::training_digest(global, fit);
+        let (config, encoder) = if let Some(template) = &self.job.distributed_dp {
             let clip = self.round_clip(template, round_message)?;
             let adaptive = self.job.adaptive_clip.as_ref();
-            let noisy = NoisyUpdate::with_clip(template, adaptive, clip, &self.job.job_id, round, update.global)?;
+            let noisy = NoisyUpdate::with_clip(template, adaptive, clip, &self.job.job_id, round, global)?;
             let bound = Some(noisy.digest());
             let config = self.derive_round(round, round_message, noisy.words(), training, bound)?;
             let noise = self.noise.take_for(&noisy)?;
             self.last_mechanism = Some(noisy.mechanism().clone());
-            (config, noisy.encode(update.global, &update.local, noise)?)
+            (config, Encoder::Noisy(Box::new((noisy, noise))))
         } else {
-            let dim = WeightedUpdate::words(update.global.num_values());
+            let dim = WeightedUpdate::words(global.num_values());
             let config = self.derive_round(round, round_message, dim, training, None)?;
             let s = &self.settings;
             let encoding = WeightedUpdate::new(s.bits, s.clip, s.max_examples, config.parties.len())?;
-            (config, encoding.encode(update.global, &update.local, update.num_examples, update.train_loss)?)
+            (config, Encoder::Weighted(encoding))
         };
-        self.start(round, input.0, input.1)
+        let (client, advert) = Client::new(config, &self.party.name, self.party.signer.as_ref(), &mut OsRng)?;
+        self.round = Some(ClientRound {
+            round,
+            client,
+            input: Vec::new(),
+            encoder: Some(encoder),
+            keyed: false,
+            premasked: false,
+        });
+        Ok(Envelope::encode(&keys_to_wire(&advert, &[])))
+    }
+
+    fn supply_update(&mut self, round: u32, update: LocalUpdate<'_>) -> Result<(), Error> {
+        let encoder = match self.round.as_mut() {
+            Some(r) if r.round == round => r.encoder.take(),
+            _ => None,
+        };
+        let Some(encoder) = encoder else {
+            return Err(Error::WrongStage(format!("no round {round} here waiting for its update")));
+        };
+        match encoder.encode(update) {
+            Ok(input) => {
+                // The round taken the encoder from above: still this one.
+                if let Some(r) = self.round.as_mut() {
+                    r.input = input;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // No update to mask: the round is over for this party.
+                self.round = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn needs_update_for(&self, stage: StageName) -> bool {
+        stage == MASKED_INPUT && self.round.as_ref().is_some_and(|r| r.encoder.is_some())
     }
 
     fn prepare(&mut self, global: &confide_algorithms::Parameters) {
@@ -1194,9 +1275,14 @@ impl AggregationClient for SecAggClient {
         // step then only removes the masks of neighbours that never shared.
         // premask refuses only an input of the wrong length or range, which
         // the encoding rules out (and the masked-input step would then say so).
+        // (A round answered before training premasks nothing: its update
+        // comes with the masked-input step, and masks over zeros computed
+        // meanwhile would take the cores from the other parties' steps
+        // where parties share a machine.)
         if let Some(r) = self.round.as_mut()
             && r.keyed
             && !r.premasked
+            && r.encoder.is_none()
             && r.client.premask(std::mem::take(&mut r.input)).is_ok()
         {
             r.premasked = true;
@@ -1308,7 +1394,7 @@ impl SecAggClient {
     /// answer is its signed round keys.
     fn start(&mut self, round: u32, config: Config, input: Vec<u32>) -> Result<Envelope, Error> {
         let (client, advert) = Client::new(config, &self.party.name, self.party.signer.as_ref(), &mut OsRng)?;
-        self.round = Some(ClientRound { round, client, input, keyed: false, premasked: false });
+        self.round = Some(ClientRound { round, client, input, encoder: None, keyed: false, premasked: false });
         Ok(Envelope::encode(&keys_to_wire(&advert, &[])))
     }
 
@@ -1345,6 +1431,11 @@ impl SecAggClient {
                 Envelope::encode(&shares_to_wire(&shares, signature))
             }
             MASKED_INPUT => {
+                if r.encoder.is_some() {
+                    return Err(Error::InvalidInput(format!(
+                        "the masked input of round {round} was asked for before this party's update was supplied"
+                    )));
+                }
                 let wire_shares: wire::Shares = message.decode("coordinator", "shares")?;
                 let evidence = dealer_evidence(&wire_shares)?;
                 let shares = shares_from_wire(wire_shares, "coordinator", max)?;
