@@ -225,7 +225,13 @@ pub fn process_cpu() -> Option<Duration> {
 }
 
 /// The job's thread: runs `session` until the job ends.
-pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: Receiver<Input>) {
+pub(crate) fn run_job(
+    hub: Arc<Hub>,
+    id: String,
+    spec: Arc<JobSpec>,
+    start: Start,
+    rx: Receiver<crate::server::Routed>,
+) {
     // Entered for the thread's life: every line the job logs names it.
     let job_span = tracing::info_span!("job", job = %id);
     let _job_entered = job_span.enter();
@@ -404,13 +410,13 @@ pub fn run_job(hub: Arc<Hub>, id: String, spec: Arc<JobSpec>, start: Start, rx: 
             wait = wait.min(PARTY_FLUSH.saturating_sub(last_flush.elapsed()).as_millis() as u64);
         }
         match rx.recv_timeout(Duration::from_millis(wait)) {
-            Ok(input) => feedback.push(input),
+            Ok(routed) => feedback.push(routed.input),
             Err(RecvTimeoutError::Timeout) => feedback.push(Input::Tick),
             Err(RecvTimeoutError::Disconnected) => break,
         }
         // Everything already queued is handled before the next output pass.
-        while let Ok(input) = rx.try_recv() {
-            feedback.push(input);
+        while let Ok(routed) = rx.try_recv() {
+            feedback.push(routed.input);
         }
     }
     hub.job_ended(&id);

@@ -103,13 +103,13 @@ struct Pipeline {
     spec: JobSpec,
     inc: IncrementalSpec,
     grant: SignedGrant,
-    inputs: Receiver<Input>,
+    inputs: Receiver<crate::server::Routed>,
     /// What the parties spent computing in the current iteration (ms).
     compute_ms: u64,
 }
 
 /// Runs pipeline `id` until it ends, is cancelled or the coordinator stops.
-pub fn run(hub: Arc<Hub>, id: String, spec: JobSpec, inputs: Receiver<Input>) {
+pub(crate) fn run(hub: Arc<Hub>, id: String, spec: JobSpec, inputs: Receiver<crate::server::Routed>) {
     let fail = |hub: &Hub, why: String| {
         warn!(job = %id, "pipeline cannot run: {why}");
         let _ = hub.db().set_job_state(&id, JobState::Failed, Some(&why));
@@ -160,7 +160,7 @@ impl Pipeline {
                 let _ = db.set_pipeline_phase(&self.id, &format!("paused: {why}"), None);
                 // Wait for a cancellation (or shutdown).
                 loop {
-                    match self.inputs.recv() {
+                    match self.inputs.recv().map(|r| r.input) {
                         Ok(Input::Cancel) => break,
                         Ok(_) => {}
                         Err(_) => return,
@@ -181,7 +181,7 @@ impl Pipeline {
             if left.is_zero() {
                 return Ok(());
             }
-            match self.inputs.recv_timeout(left) {
+            match self.inputs.recv_timeout(left).map(|r| r.input) {
                 Ok(Input::Cancel) => return Err(Stop::Cancelled),
                 Ok(_) | Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Err(Stop::Gone),
@@ -515,7 +515,7 @@ impl Pipeline {
             if st.state.is_terminal() {
                 return Ok(st);
             }
-            match self.inputs.recv_timeout(Duration::from_millis(10)) {
+            match self.inputs.recv_timeout(Duration::from_millis(10)).map(|r| r.input) {
                 Ok(Input::Cancel) => {
                     self.hub.cancel(id);
                     return Err(Stop::Cancelled);

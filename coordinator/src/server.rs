@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -161,13 +161,61 @@ const MAX_CLOUD_KEYS_PER_PARTY: usize = 64;
 
 /// A running job: where its inputs go, and who watches its status.
 struct JobHandle {
-    inputs: std::sync::mpsc::Sender<Input>,
+    inputs: std::sync::mpsc::Sender<Routed>,
+    /// Per party, how many of its inputs wait in `inputs` unread.
+    unread: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     /// Bumped when the job's status changes; closed when the job ends.
     status: watch::Sender<u64>,
     /// The parties its spec names (none: any): only theirs reach it (a
     /// party outside a job could otherwise pile its results up in the
     /// job's inputs).
     parties: Arc<std::collections::BTreeSet<String>>,
+}
+
+/// The most inputs of one party that a job may have unread. An honest
+/// party has one task of a job at a time (an answer or a failure, besides
+/// its answer to the offer); more waiting is a party flooding the job's
+/// thread (each result can be a whole model), and its stream is closed.
+pub(crate) const MAX_UNREAD_PER_PARTY: usize = 64;
+
+/// An input on its way to a job's thread. A party's holds its place in
+/// that party's count of the job's unread inputs until the thread takes it.
+pub(crate) struct Routed {
+    /// The input.
+    pub(crate) input: Input,
+    _unread: Option<Unread>,
+}
+
+impl From<Input> for Routed {
+    fn from(input: Input) -> Self {
+        Routed { input, _unread: None }
+    }
+}
+
+/// One unread input in a party's count (see [`Routed`]).
+struct Unread(Arc<AtomicUsize>);
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl JobHandle {
+    fn new(inputs: std::sync::mpsc::Sender<Routed>, parties: Arc<std::collections::BTreeSet<String>>) -> Self {
+        JobHandle { inputs, unread: Mutex::default(), status: watch::channel(0).0, parties }
+    }
+
+    /// `party`'s `input` with its place in the party's unread count, or
+    /// `None` when the party has [`MAX_UNREAD_PER_PARTY`] unread already.
+    fn counted(&self, party: &str, input: Input) -> Option<Routed> {
+        let count = lock(&self.unread).entry(party.to_owned()).or_default().clone();
+        if count.fetch_add(1, Ordering::AcqRel) >= MAX_UNREAD_PER_PARTY {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Routed { input, _unread: Some(Unread(count)) })
+    }
 }
 
 /// What the party streams, the admin API and the jobs' threads share.
@@ -445,26 +493,39 @@ impl Hub {
     /// parties' lock: a join tells the jobs of the newer stream under the
     /// same lock, so a message of the older one reaches them before that
     /// or not at all (never after the newer stream's join). Whether it was
-    /// routed.
-    fn route_from(&self, party: &str, conn_id: u64, job_id: &str, input: Input) -> bool {
+    /// routed; an error (the stream is to close) when the party has
+    /// [`MAX_UNREAD_PER_PARTY`] inputs the job has not read.
+    fn route_from(&self, party: &str, conn_id: u64, job_id: &str, input: Input) -> Result<bool, String> {
         let parties = lock(&self.parties);
         let current = parties.get(party).is_some_and(|c| c.conn_id == conn_id);
-        let named = lock(&self.jobs).get(job_id).is_none_or(|j| j.parties.is_empty() || j.parties.contains(party));
-        if current && !named {
-            debug!(party, job = job_id, "a message for a job that does not name it; not routed");
-        } else if current {
-            self.route(job_id, input);
-        } else {
-            debug!(party, job = job_id, "a message of a replaced stream; not routed");
+        let jobs = lock(&self.jobs);
+        match jobs.get(job_id) {
+            _ if !current => debug!(party, job = job_id, "a message of a replaced stream; not routed"),
+            None => debug!(job = job_id, "message for a job that is not running; ignored"),
+            Some(j) if !j.parties.is_empty() && !j.parties.contains(party) => {
+                debug!(party, job = job_id, "a message for a job that does not name it; not routed")
+            }
+            Some(j) => match j.counted(party, input) {
+                Some(routed) => {
+                    let _ = j.inputs.send(routed);
+                }
+                None => {
+                    return Err(format!(
+                        "{MAX_UNREAD_PER_PARTY} of its messages to job {job_id} wait unread (an honest party has \
+                         one task of a job at a time)"
+                    ));
+                }
+            },
         }
+        drop(jobs);
         drop(parties);
-        current
+        Ok(current)
     }
 
     fn route(&self, job_id: &str, input: Input) {
         match lock(&self.jobs).get(job_id) {
             Some(j) => {
-                let _ = j.inputs.send(input);
+                let _ = j.inputs.send(input.into());
             }
             None => debug!(job = job_id, "message for a job that is not running; ignored"),
         }
@@ -509,7 +570,7 @@ impl Hub {
 
     fn broadcast(&self, input: &Input) {
         for j in lock(&self.jobs).values() {
-            let _ = j.inputs.send(input.clone());
+            let _ = j.inputs.send(input.clone().into());
         }
     }
 }
@@ -684,7 +745,7 @@ fn initial_model(hub: &Hub, spec: &JobSpec) -> Result<Option<Parameters>, Error>
 pub(crate) fn spawn_job(hub: &Arc<Hub>, id: String, spec: JobSpec, start: Start) -> Result<(), Error> {
     let (tx, rx) = std::sync::mpsc::channel();
     let parties = Arc::new(spec.parties.names.iter().cloned().collect());
-    let handle = JobHandle { inputs: tx, status: watch::channel(0).0, parties };
+    let handle = JobHandle::new(tx, parties);
     lock(&hub.jobs).insert(id.clone(), handle);
     let (hub2, id2) = (hub.clone(), id.clone());
     let driver = hub.plugins.kind(spec.kind.as_str()).map_or(crate::jobs::Driver::Session, |k| k.driver());
@@ -1224,7 +1285,7 @@ async fn reader(
                             task_id: p.result.task_id,
                             reason: reason.clone(),
                         };
-                        hub.route_from(&name, conn_id, &p.result.job_id, input);
+                        let _ = hub.route_from(&name, conn_id, &p.result.job_id, input);
                     }
                     warn!(party = %name, "closing the stream: {reason}");
                     ending = Status::invalid_argument(reason);
@@ -1284,7 +1345,7 @@ fn on_party_message(
                 conn_id,
                 &a.job_id,
                 Input::Answer { party: name.to_owned(), accepted: a.accepted, reason },
-            );
+            )?;
             Ok(())
         }
         Some(party_message::Body::Failed(f)) => {
@@ -1296,7 +1357,7 @@ fn on_party_message(
                 conn_id,
                 &f.job_id,
                 Input::TaskFailed { party: name.to_owned(), task_id: f.task_id, reason },
-            );
+            )?;
             Ok(())
         }
         Some(party_message::Body::Result(mut r)) => {
@@ -1304,15 +1365,12 @@ fn on_party_message(
                 return Err("a new result started before the previous one's chunks ended".into());
             }
             match r.bulk.take() {
-                None => {
-                    deliver(hub, name, conn_id, r, None);
-                    Ok(())
-                }
+                None => deliver(hub, name, conn_id, r, None),
                 Some(header) => {
                     let incoming = Incoming::start(&header, &hub.limits).map_err(|e| e.to_string())?;
                     if incoming.is_complete() {
                         let bulk = incoming.finish().map_err(|e| e.to_string())?;
-                        deliver(hub, name, conn_id, r, Some(bulk));
+                        deliver(hub, name, conn_id, r, Some(bulk))?;
                     } else {
                         *pending = Some(PendingResult { result: r, incoming });
                     }
@@ -1471,7 +1529,7 @@ fn on_party_message(
                 && let Some(p) = pending.take()
             {
                 let bulk = p.incoming.finish().map_err(|e| e.to_string())?;
-                deliver(hub, name, conn_id, p.result, Some(bulk));
+                deliver(hub, name, conn_id, p.result, Some(bulk))?;
             }
             Ok(())
         }
@@ -1480,7 +1538,8 @@ fn on_party_message(
 
 /// Turns a complete result into a session input; a result that does not
 /// convert fails the task (the party is dropped from the round, named).
-fn deliver(hub: &Hub, name: &str, conn_id: u64, r: pb::TaskResult, bulk: Option<transfer::Bulk>) {
+/// An error closes the party's stream (see [`Hub::route_from`]).
+fn deliver(hub: &Hub, name: &str, conn_id: u64, r: pb::TaskResult, bulk: Option<transfer::Bulk>) -> Result<(), String> {
     let (job_id, task_id) = (r.job_id.clone(), r.task_id);
     let input = match TaskResult::try_from((r, bulk)) {
         Ok(result) => {
@@ -1492,7 +1551,7 @@ fn deliver(hub: &Hub, name: &str, conn_id: u64, r: pb::TaskResult, bulk: Option<
             Input::TaskFailed { party: name.to_owned(), task_id, reason: format!("malformed result: {e}") }
         }
     };
-    hub.route_from(name, conn_id, &job_id, input);
+    hub.route_from(name, conn_id, &job_id, input).map(drop)
 }
 
 struct AdminSvc {
@@ -2076,11 +2135,12 @@ mod tests {
         let hub = bare_hub(dir.path());
         let (inputs, job) = std::sync::mpsc::channel();
         let named = Arc::new(["hospital-a".to_string()].into());
-        lock(&hub.jobs).insert("job-1".into(), JobHandle { inputs, status: watch::channel(0).0, parties: named });
+        lock(&hub.jobs).insert("job-1".into(), JobHandle::new(inputs, named));
+        let job = JobEnd(job);
         let answer = || Input::Answer { party: "hospital-a".into(), accepted: true, reason: String::new() };
         let cut = Cut::default();
         lock(&hub.parties).insert("hospital-a".into(), party_conn(1, &cut).0);
-        assert!(hub.route_from("hospital-a", 1, "job-1", answer()));
+        assert!(hub.route_from("hospital-a", 1, "job-1", answer()).unwrap());
         assert!(matches!(job.try_recv(), Ok(Input::Answer { .. })));
         // Replaced, as a join does it: under the parties' lock.
         {
@@ -2089,19 +2149,65 @@ mod tests {
             hub.broadcast(&Input::Disconnected("hospital-a".into()));
         }
         assert!(matches!(job.try_recv(), Ok(Input::Disconnected(_))));
-        assert!(!hub.route_from("hospital-a", 1, "job-1", answer()), "the older stream's message");
+        assert!(!hub.route_from("hospital-a", 1, "job-1", answer()).unwrap(), "the older stream's message");
         assert!(job.try_recv().is_err(), "nothing reaches the job from the replaced stream");
-        assert!(hub.route_from("hospital-a", 2, "job-1", answer()));
+        assert!(hub.route_from("hospital-a", 2, "job-1", answer()).unwrap());
         assert!(matches!(job.try_recv(), Ok(Input::Answer { .. })));
         // Nor does a party the job does not name.
         lock(&hub.parties).insert("hospital-z".into(), party_conn(9, &cut).0);
         let other = Input::Answer { party: "hospital-z".into(), accepted: true, reason: String::new() };
-        hub.route_from("hospital-z", 9, "job-1", other);
+        hub.route_from("hospital-z", 9, "job-1", other).unwrap();
         assert!(job.try_recv().is_err(), "a party outside the job reached it");
         // A stream that left the hub routes nothing either.
         lock(&hub.parties).clear();
-        assert!(!hub.route_from("hospital-a", 2, "job-1", answer()));
+        assert!(!hub.route_from("hospital-a", 2, "job-1", answer()).unwrap());
         assert!(job.try_recv().is_err());
+    }
+
+    /// A job's receiving end, read as inputs.
+    struct JobEnd(std::sync::mpsc::Receiver<Routed>);
+
+    impl JobEnd {
+        fn try_recv(&self) -> Result<Input, std::sync::mpsc::TryRecvError> {
+            self.0.try_recv().map(|r| r.input)
+        }
+    }
+
+    /// A party the job names cannot pile its messages up in the job's
+    /// inputs: at most MAX_UNREAD_PER_PARTY wait unread, then its stream
+    /// is closed, naming why; a message read frees its place, and other
+    /// parties are not held to its count.
+    #[test]
+    fn a_party_cannot_pile_up_messages_a_job_has_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = bare_hub(dir.path());
+        let (inputs, job) = std::sync::mpsc::channel();
+        let named = Arc::new(["hospital-a".to_string(), "hospital-b".to_string()].into());
+        lock(&hub.jobs).insert("job-1".into(), JobHandle::new(inputs, named));
+        let cut = Cut::default();
+        lock(&hub.parties).insert("hospital-a".into(), party_conn(1, &cut).0);
+        lock(&hub.parties).insert("hospital-b".into(), party_conn(2, &cut).0);
+        let failed = |task_id| pb::PartyMessage {
+            body: Some(party_message::Body::Failed(pb::TaskFailed {
+                job_id: "job-1".into(),
+                task_id,
+                reason: "x".into(),
+            })),
+        };
+        let mut pending = None;
+        for t in 0..MAX_UNREAD_PER_PARTY as u64 {
+            on_party_message(&hub, "hospital-a", 1, failed(t), &mut pending).unwrap();
+        }
+        let e = on_party_message(&hub, "hospital-a", 1, failed(99), &mut pending).unwrap_err();
+        assert!(e.contains("wait unread"), "{e}");
+        // Another party's messages still go through.
+        on_party_message(&hub, "hospital-b", 2, failed(1), &mut pending).unwrap();
+        // One read, one more place.
+        drop(job.try_recv().unwrap());
+        on_party_message(&hub, "hospital-a", 1, failed(100), &mut pending).unwrap();
+        on_party_message(&hub, "hospital-a", 1, failed(101), &mut pending).unwrap_err();
+        assert_eq!(job.try_iter().count(), MAX_UNREAD_PER_PARTY + 1);
+        on_party_message(&hub, "hospital-a", 1, failed(102), &mut pending).unwrap();
     }
 
     /// What one party can make the coordinator send another, or hold for
