@@ -1560,11 +1560,26 @@ struct AdminSvc {
 
 fn require_admin<T>(hub: &Hub, req: &Request<T>) -> Result<(), Status> {
     let id = peer_of(req)?;
-    if id.role == Role::Admin {
-        hub.not_revoked(&id, &peer_certificate(req)?)
-    } else {
-        Err(Status::permission_denied(format!("{} may not use the admin API", id.name)))
+    if id.role != Role::Admin {
+        return Err(Status::permission_denied(format!("{} may not use the admin API", id.name)));
     }
+    let certificate = peer_certificate(req)?;
+    hub.not_revoked(&id, &certificate)?;
+    still_valid(&id.name, &certificate, crate::db::unix_now())
+}
+
+/// An administrator's certificate within its validity at `now`. The TLS
+/// handshake checks it once; a connection opened before it expired would
+/// otherwise go on using the admin API for as long as it stays open.
+fn still_valid(name: &str, certificate: &[u8], now: u64) -> Result<(), Status> {
+    let until = confide_crypto::pki::not_after(certificate).map_err(|e| Status::permission_denied(e.to_string()))?;
+    if now >= until {
+        warn!(name, "refused a request: the certificate of {name} expired at {until} (Unix seconds)");
+        return Err(Status::permission_denied(format!(
+            "the certificate of {name} expired at {until} (Unix seconds); renew it"
+        )));
+    }
+    Ok(())
 }
 
 /// Runs a blocking database call off the tokio workers.
@@ -2162,6 +2177,21 @@ mod tests {
         lock(&hub.parties).clear();
         assert!(!hub.route_from("hospital-a", 2, "job-1", answer()).unwrap());
         assert!(job.try_recv().is_err());
+    }
+
+    /// An administrator's certificate that expires while its connection
+    /// stays open is refused from then on: each admin request checks it.
+    #[test]
+    fn an_expired_admin_certificate_is_refused_on_an_open_connection() {
+        let ca = confide_crypto::pki::FederationCa::generate("f").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let hour = time::Duration::hours(1);
+        let cert = ca.issue_with_validity(Role::Admin, "alice", &[], now - hour, now + hour).unwrap().cert_pem;
+        let until = confide_crypto::pki::not_after(cert.as_bytes()).unwrap();
+        assert!(still_valid("alice", cert.as_bytes(), until - 1).is_ok());
+        let e = still_valid("alice", cert.as_bytes(), until).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("alice expired"), "{}", e.message());
     }
 
     /// A job's receiving end, read as inputs.

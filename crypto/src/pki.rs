@@ -311,10 +311,12 @@ pub fn peer_identity(cert_der: &[u8]) -> Result<PeerIdentity, Error> {
     Ok(PeerIdentity { name, role })
 }
 
-/// When a DER certificate expires, in Unix seconds (shown to
-/// administrators, so that a party's certificate is renewed in time).
-pub fn not_after(cert_der: &[u8]) -> Result<u64, Error> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+/// When a certificate (DER or PEM) expires, in Unix seconds (shown to
+/// administrators, so that a party's certificate is renewed in time, and
+/// checked on each admin request).
+pub fn not_after(cert: &[u8]) -> Result<u64, Error> {
+    let der = pem_or_der(cert, "certificate")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
         .map_err(|e| Error::Certificate(format!("unparsable certificate: {e}")))?;
     Ok(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0))
 }
