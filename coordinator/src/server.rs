@@ -1727,10 +1727,14 @@ impl AdminService for AdminSvc {
         })
         .await
         .map_err(|s| if s.code() == tonic::Code::NotFound { Status::failed_precondition(s.message()) } else { s })?;
-        let chunk = self.hub.limits.chunk_bytes;
+        // Each chunk is cut from the file's bytes as the stream is read: one
+        // copy of the model is held, not a second one in chunks.
+        let chunk = self.hub.limits.chunk_bytes.max(1);
         let total = bytes.len() as u64;
-        let msgs: Vec<Result<pb::ModelChunk, Status>> =
-            bytes.chunks(chunk).map(|c| Ok(pb::ModelChunk { total_bytes: total, round, data: c.to_vec() })).collect();
+        let msgs = (0..bytes.len().div_ceil(chunk)).map(move |i| {
+            let data = bytes[i * chunk..((i + 1) * chunk).min(bytes.len())].to_vec();
+            Ok(pb::ModelChunk { total_bytes: total, round, data })
+        });
         Ok(Response::new(Box::pin(tokio_stream::iter(msgs))))
     }
 

@@ -221,11 +221,15 @@ pub struct TrainingHandler {
     /// This party holds the job's fit answers to a floor
     /// ([`crate::session::AnswerFloor`]): then training stays inside the
     /// fit stage, whose answer is the one held, and is never run ahead.
+    /// True unless set otherwise (the node sets it from the job's floor).
     pub answers_held: bool,
     /// A round whose fit answer went before training
     /// ([`AggregationClient::answers_fit_before_training`]): its training,
     /// on a thread of its own, until the step that needs the update.
     ahead: Option<TrainingAhead>,
+    /// A round's training panicked on its thread: the next task raises it
+    /// again (see [`TrainingHandler::raise_training_panic`]).
+    trainer_panicked: bool,
 }
 
 /// How a round trains (the same on the task's thread or ahead of its step).
@@ -273,8 +277,9 @@ fn train_round(trainer: &mut dyn Trainer, how: &HowToTrain, config: &FitConfig) 
     }
 }
 
-/// What a training thread hands back: the trainer, and the round's result.
-type TrainerBack = (Box<dyn Trainer>, Result<Trained, TaskError>);
+/// What a training thread hands back: the trainer, the round's result,
+/// and whether training panicked (its message is logged where it did).
+type TrainerBack = (Box<dyn Trainer>, Result<Trained, TaskError>, bool);
 
 /// A round's training running ahead of the step that sends its update.
 struct TrainingAhead {
@@ -295,7 +300,11 @@ impl TrainingAhead {
     fn join(&mut self) -> Option<TrainerBack> {
         let thread = self.thread.take()?;
         // The thread catches the trainer's panics; this cannot fail but for one of its own.
-        Some(thread.join().unwrap_or_else(|_| (Box::new(Unavailable), Err(TaskError::Refused(PANICKED_AHEAD.into())))))
+        Some(
+            thread
+                .join()
+                .unwrap_or_else(|_| (Box::new(Unavailable), Err(TaskError::Refused(PANICKED_AHEAD.into())), true)),
+        )
     }
 }
 
@@ -420,8 +429,12 @@ impl TrainingHandler {
             opened_any: false,
             continues_earlier: false,
             evaluate_only: false,
-            answers_held: false,
+            // Until the node says the job's answers are not held: a
+            // handler built without that knowledge trains inside the fit
+            // task, whose timing a floor then covers.
+            answers_held: true,
             ahead: None,
+            trainer_panicked: false,
             eval_released: false,
             trained: false,
             stats_summed: false,
@@ -437,6 +450,7 @@ impl JobHandler for TrainingHandler {
         if !matches!(task.body, TaskBody::Aggregation { .. }) {
             // Any other task uses the trainer (or starts a new round).
             self.trainer_back();
+            self.raise_training_panic();
         }
         match task.body {
             TaskBody::Fit { .. } | TaskBody::Setup | TaskBody::SecureSum { of: SumOf::FeatureStats, .. }
@@ -597,11 +611,29 @@ impl TrainingHandler {
     /// back; the round's result stays for the step that needs it.
     fn trainer_back(&mut self) {
         if let Some(ahead) = self.ahead.as_mut()
-            && let Some((trainer, trained)) = ahead.join()
+            && let Some((trainer, trained, panicked)) = ahead.join()
         {
             self.trainer = trainer;
             ahead.trained = Some(trained);
+            self.trainer_panicked |= panicked;
         }
+    }
+
+    /// A trainer that panicked on a round's own thread ends this party's
+    /// part in the job, as one that panics in a task does: the panic is
+    /// raised again here, in the task the session catches, once the
+    /// round's ledger record is on disk (its message was logged where it
+    /// happened, since it can quote a row).
+    fn raise_training_panic(&mut self) {
+        if !self.trainer_panicked {
+            return;
+        }
+        if let Some(recorded) = self.ahead.as_mut().and_then(|a| a.recorded.take())
+            && let Err(e) = recorded.durable()
+        {
+            tracing::warn!("the privacy ledger's record of the round failed: {e}");
+        }
+        panic!("{PANICKED_AHEAD}");
     }
 
     /// The fit answer of `round` before its training, which then runs on a
@@ -640,13 +672,13 @@ impl TrainingHandler {
             let _entered = span.enter();
             let taken = in_thread.lock().map(|mut t| t.take()).ok().flatten();
             let mut trainer: Box<dyn Trainer> = taken.unwrap_or_else(|| Box::new(Unavailable));
-            let trained =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train_round(trainer.as_mut(), &how, &fit)))
-                    .unwrap_or_else(|p| {
-                        tracing::warn!("training panicked: {}", crate::session::panic_message(p.as_ref()));
-                        Err(TaskError::Refused(PANICKED_AHEAD.into()))
-                    });
-            (trainer, trained)
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train_round(trainer.as_mut(), &how, &fit))) {
+                Ok(trained) => (trainer, trained, false),
+                Err(p) => {
+                    tracing::warn!("training panicked: {}", crate::session::panic_message(p.as_ref()));
+                    (trainer, Err(TaskError::Refused(PANICKED_AHEAD.into())), true)
+                }
+            }
         });
         let thread = match spawned {
             Ok(thread) => thread,
@@ -687,6 +719,7 @@ impl TrainingHandler {
         if let Some(recorded) = ahead.recorded.take() {
             recorded.durable().map_err(TaskError::Refused)?;
         }
+        self.raise_training_panic();
         let trained = ahead.trained.take().unwrap_or_else(|| Err(TaskError::Refused(PANICKED_AHEAD.into())))?;
         let update = LocalUpdate {
             global: &ahead.global,
@@ -1948,11 +1981,10 @@ mod tests {
             global: global.clone(),
             round_message: Vec::new(),
         };
-        // (Answered within the fit task: a party that holds its answers.
-        // A round that answers ahead of training: see
+        // (Answered within the fit task, the handler's default. A round
+        // that answers ahead of training: see
         // a_training_that_fails_after_the_keys_went_out_quotes_no_row.)
         let mut hiding = handler(false);
-        hiding.answers_held = true;
         hiding.trainer = Box::new(quoting());
         let Err(TaskError::Refused(m)) = hiding.on_task(task(1, fit())) else { panic!("refused") };
         assert!(m.contains("in this party's log") && !m.contains("77-secret"), "{m}");
@@ -1967,6 +1999,7 @@ mod tests {
         gate: std::sync::mpsc::Receiver<()>,
         trained: Arc<std::sync::atomic::AtomicBool>,
         fails_with: Option<String>,
+        panics: bool,
         w: f32,
         step: f32,
     }
@@ -1989,6 +2022,7 @@ mod tests {
             if let Some(e) = &self.fails_with {
                 return Err(Error::InvalidInput(e.clone()));
             }
+            assert!(!self.panics, "row 7: \"77-secret\"");
             self.w += self.step;
             Ok(FitOutcome { num_examples: 7, metrics: Default::default() })
         }
@@ -2025,11 +2059,13 @@ mod tests {
                 let (tx, rx) = std::sync::mpsc::channel();
                 let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let fails_with = (failing == Some(i)).then(|| "row 7: value \"77-secret\" is not a number".into());
-                let trainer = Gated { gate: rx, trained: done.clone(), fails_with, w: 0.0, step: i as f32 + 1.0 };
+                let trainer =
+                    Gated { gate: rx, trained: done.clone(), fails_with, panics: false, w: 0.0, step: i as f32 + 1.0 };
                 let client = SecAggPlus.client(&toml::Table::new(), &job, identity(p)).unwrap();
                 let mut h = TrainingHandler::new(Box::new(trainer), client, SecAggPlus.stages());
                 h.hides_values = true;
                 h.standardize = false;
+                h.answers_held = false;
                 handlers.push(h);
                 gates.push(tx);
                 trained.push(done);
@@ -2150,9 +2186,10 @@ mod tests {
     }
 
     /// A DP round answered before training: its keys leave at once, but
-    /// the step that needs its update (here a refusal, which is about the
-    /// rows too) waits until the round's ledger record is on disk (the
-    /// writer is slowed so that luck cannot pass this).
+    /// the step that needs its update waits for the round's ledger record:
+    /// a refusal (about the rows too) leaves once the record is on disk
+    /// (the writer is slowed so that luck cannot pass this), and a record
+    /// that cannot be written sends nothing but the refusal that says so.
     #[test]
     fn a_dp_round_answered_ahead_sends_its_update_only_once_on_record() {
         use std::sync::atomic::Ordering;
@@ -2161,21 +2198,79 @@ mod tests {
         let ledger = crate::ledger::Ledger::open(&path).unwrap();
         ledger.write_delay_ms.store(300, Ordering::Relaxed);
         let spec = dp_job(3);
+        let recorded = || crate::ledger::Ledger::read(&path).unwrap().datasets["d"].jobs["j1"].rounds_started;
+        // The gated trainer has no DP-SGD: party 0 refuses, once on record.
         let mut r = GatedRound::new(3, None);
         r.handlers[0].dp = spec.dp.as_ref().unwrap().plan(&spec.training);
         r.handlers[0].budget = Some(ledger.reserve("j1", &spec, "d", None).unwrap());
         r.fit_answers();
-        let recorded = || crate::ledger::Ledger::read(&path).unwrap().datasets["d"].jobs["j1"].rounds_started;
-        assert_eq!(recorded(), 0, "the keys went before the record was written");
         for g in &r.gates {
             g.send(()).unwrap();
         }
         let mut refusals = Vec::new();
         let _ = r.steps(Some(confide_crypto::aggregation::secagg::MASKED_INPUT), &mut refusals);
-        // The gated trainer has no DP-SGD: party 0 refuses, once on record.
         let [(0, TaskError::Refused(m))] = refusals.as_slice() else { panic!("{refusals:?}") };
         assert!(m.contains("DP-SGD training failed"), "{m}");
         assert_eq!(recorded(), 1);
+        // The record cannot be written (a directory in its temporary
+        // file's place): the round's update does not leave.
+        ledger.write_delay_ms.store(0, Ordering::Relaxed);
+        let mut r = GatedRound::new(3, None);
+        r.handlers[0].party_clip = Some(1.0);
+        r.handlers[0].budget = Some(ledger.reserve("j2", &spec, "d", None).unwrap());
+        std::fs::create_dir(path.with_extension("json.tmp")).unwrap();
+        r.fit_answers();
+        for g in &r.gates {
+            g.send(()).unwrap();
+        }
+        let mut refusals = Vec::new();
+        let _ = r.steps(Some(confide_crypto::aggregation::secagg::MASKED_INPUT), &mut refusals);
+        let [(0, TaskError::Refused(m))] = refusals.as_slice() else { panic!("{refusals:?}") };
+        assert!(m.contains("privacy ledger"), "{m}");
+    }
+
+    /// A trainer that panics on the round's own thread ends the party's
+    /// part in the job as a panic in a task does: the step that needs the
+    /// update panics (the session catches it and leaves the job), without
+    /// the panic's text, which can quote a row.
+    #[test]
+    fn a_training_that_panics_ahead_ends_the_partys_part_in_the_job() {
+        let mut r = GatedRound::new(3, None);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let trained = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        r.handlers[0].trainer =
+            Box::new(Gated { gate: rx, trained, fails_with: None, panics: true, w: 0.0, step: 1.0 });
+        r.gates[0] = tx;
+        r.fit_answers();
+        for g in &r.gates {
+            g.send(()).unwrap();
+        }
+        let masked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut refusals = Vec::new();
+            r.steps(None, &mut refusals)
+        }));
+        let p = masked.expect_err("the step went on after the trainer panicked");
+        let m = crate::session::panic_message(p.as_ref());
+        assert!(m.contains("training panicked") && !m.contains("77-secret"), "{m}");
+    }
+
+    /// A masked-input step asked for before the shares is the
+    /// coordinator's fault, refused at once: the party does not wait for
+    /// its training first.
+    #[test]
+    fn a_masked_input_asked_for_before_the_shares_is_refused_without_waiting() {
+        let mut r = GatedRound::new(3, None);
+        r.fit_answers();
+        let body = TaskBody::Aggregation {
+            stage: confide_crypto::aggregation::secagg::MASKED_INPUT.as_str().into(),
+            message: Default::default(),
+        };
+        let e = r.handlers[0].on_task(task(1, body)).unwrap_err();
+        assert!(matches!(&e, TaskError::CoordinatorFault(_)), "{e:?}");
+        assert!(!r.any_trained(), "it waited for the training");
+        for g in &r.gates {
+            g.send(()).unwrap();
+        }
     }
 
     /// A party that holds its fit answers to a floor trains inside the fit

@@ -1229,7 +1229,10 @@ impl AggregationClient for SecAggClient {
     }
 
     fn needs_update_for(&self, stage: StageName) -> bool {
-        stage == MASKED_INPUT && self.round.as_ref().is_some_and(|r| r.encoder.is_some())
+        // Only once the shares are dealt: a masked-input step asked for
+        // before is the coordinator's fault, refused without waiting for
+        // the training.
+        stage == MASKED_INPUT && self.round.as_ref().is_some_and(|r| r.keyed && r.encoder.is_some())
     }
 
     fn prepare(&mut self, global: &confide_algorithms::Parameters) {
@@ -1431,7 +1434,7 @@ impl SecAggClient {
                 Envelope::encode(&shares_to_wire(&shares, signature))
             }
             MASKED_INPUT => {
-                if r.encoder.is_some() {
+                if r.keyed && r.encoder.is_some() {
                     return Err(Error::InvalidInput(format!(
                         "the masked input of round {round} was asked for before this party's update was supplied"
                     )));

@@ -629,12 +629,15 @@ impl Client {
     /// (values in Z_{2^bits}) in place, so the masked vector costs no copy.
     /// A rejected call drops `input` but leaves the client as it was.
     pub fn on_shares(&mut self, shares: &[EncryptedShare], mut input: Vec<u32>) -> Result<MaskedInput, Error> {
-        self.expect(ClientStage::AwaitShares)?;
-        if self.premasked.is_some() {
-            return Err(Error::WrongStage("the input was premasked: call on_shares_premasked".into()));
-        }
-        self.check_input(&input)?;
-        let held = self.open_shares(shares)?;
+        // The unmasked input is as private as the update: wiped on every
+        // refusal.
+        let held = match self.check_on_shares(shares, &input) {
+            Ok(held) => held,
+            Err(e) => {
+                zeroize::Zeroize::zeroize(&mut input);
+                return Err(e);
+            }
+        };
         let self_seed = self.cfg.self_seed(&self.self_seed, &self.me);
         let mut masks: Vec<(&[u8; 32], bool)> = vec![(&self_seed, false)];
         for peer in held.keys() {
@@ -647,17 +650,35 @@ impl Client {
         Ok(MaskedInput { party: self.me.clone(), values: input })
     }
 
+    /// [`Client::on_shares`]'s checks: the stage, the input, the shares.
+    fn check_on_shares(
+        &self,
+        shares: &[EncryptedShare],
+        input: &[u32],
+    ) -> Result<BTreeMap<String, (Share, Share)>, Error> {
+        self.expect(ClientStage::AwaitShares)?;
+        if self.premasked.is_some() {
+            return Err(Error::WrongStage("the input was premasked: call on_shares_premasked".into()));
+        }
+        self.check_input(input)?;
+        self.open_shares(shares)
+    }
+
     /// Between stages 1 and 2, optionally: masks `input` with the self mask
     /// and the pairwise mask of every neighbour that advertised keys, while
     /// the coordinator is still collecting shares, so that stage 2 only has
     /// to remove the masks of neighbours whose shares never came (usually
     /// none). The masked vector is the one [`Client::on_shares`] would make.
     pub fn premask(&mut self, mut input: Vec<u32>) -> Result<(), Error> {
-        self.expect(ClientStage::AwaitShares)?;
-        if self.premasked.is_some() {
-            return Err(Error::WrongStage("the input is already premasked".into()));
+        let checked = self.expect(ClientStage::AwaitShares).and_then(|()| match self.premasked {
+            Some(_) => Err(Error::WrongStage("the input is already premasked".into())),
+            None => self.check_input(&input),
+        });
+        if let Err(e) = checked {
+            // Refused unmasked: wiped, as on_shares does.
+            zeroize::Zeroize::zeroize(&mut input);
+            return Err(e);
         }
-        self.check_input(&input)?;
         let self_seed = self.cfg.self_seed(&self.self_seed, &self.me);
         let mut masks: Vec<(&[u8; 32], bool)> = vec![(&self_seed, false)];
         for (peer, secrets) in &self.peers {
