@@ -26,7 +26,7 @@ use tracing::{error, info, warn};
 use crate::Error;
 use crate::db::unix_now;
 use crate::jobs::guard::panic_message;
-use crate::server::{Hub, Outbound};
+use crate::server::{Hub, Outbound, Routed};
 use crate::session::{Checkpoint, Input, Output, Session, Start};
 
 /// A task encoded once for all its recipients: the message (with its bulk
@@ -247,10 +247,12 @@ pub(crate) fn run_job(
         }
     };
     let offer = pb::JobOffer { job_id: id.clone(), spec_toml: spec.to_toml(), dataset: String::new() };
-    let mut feedback: Vec<Input> = hub
+    // Inputs to handle, each party's holding its place in the party's
+    // count of unread inputs until it is handled.
+    let mut feedback: Vec<Routed> = hub
         .connections()
         .into_iter()
-        .map(|c| Input::Connected { party: c.party, certificate: c.certificate, relay: c.relay.map(|(r, _)| r) })
+        .map(|c| Input::Connected { party: c.party, certificate: c.certificate, relay: c.relay.map(|(r, _)| r) }.into())
         .collect();
     let mut encoder = Encoder::default();
     let mut round = RoundClock::new(0);
@@ -272,8 +274,8 @@ pub(crate) fn run_job(
         round.busy += t0.elapsed();
     };
     loop {
-        for input in std::mem::take(&mut feedback) {
-            handle(&mut session, input, &mut round, &current_stage);
+        for routed in std::mem::take(&mut feedback) {
+            handle(&mut session, routed.input, &mut round, &current_stage);
         }
         // Watchers read the database: wake them when it changed.
         let mut wrote = false;
@@ -283,7 +285,7 @@ pub(crate) fn run_job(
                 Output::Offer { party } => {
                     let msg = pb::JobOffer { dataset: spec.dataset_for(&party).to_owned(), ..offer.clone() };
                     if !hub.send(&party, Outbound::Msg(coordinator_message::Body::Offer(msg))) {
-                        feedback.push(Input::Disconnected(party));
+                        feedback.push(Input::Disconnected(party).into());
                     }
                 }
                 Output::Task { to, stage, task } => {
@@ -304,7 +306,7 @@ pub(crate) fn run_job(
                     let encoded = Arc::new(encoder.encode(&task));
                     for p in to {
                         if !hub.send(&p, Outbound::Task(encoded.clone())) {
-                            feedback.push(Input::Disconnected(p));
+                            feedback.push(Input::Disconnected(p).into());
                         }
                     }
                     round.busy += t0.elapsed();
@@ -345,11 +347,11 @@ pub(crate) fn run_job(
                                 info!(job = %id, round = cp.round, metrics = ?r.metrics, dropped = ?r.dropped, "round completed");
                                 hub.metrics().round_completed(&id, r);
                             }
-                            feedback.push(Input::Persisted { round: cp.round });
+                            feedback.push(Input::Persisted { round: cp.round }.into());
                         }
                         Err(e) => {
                             error!(job = %id, round = cp.round, "cannot save the checkpoint: {e}");
-                            feedback.push(Input::PersistFailed { round: cp.round, reason: e.to_string() });
+                            feedback.push(Input::PersistFailed { round: cp.round, reason: e.to_string() }.into());
                         }
                     }
                 }
@@ -410,13 +412,13 @@ pub(crate) fn run_job(
             wait = wait.min(PARTY_FLUSH.saturating_sub(last_flush.elapsed()).as_millis() as u64);
         }
         match rx.recv_timeout(Duration::from_millis(wait)) {
-            Ok(routed) => feedback.push(routed.input),
-            Err(RecvTimeoutError::Timeout) => feedback.push(Input::Tick),
+            Ok(routed) => feedback.push(routed),
+            Err(RecvTimeoutError::Timeout) => feedback.push(Input::Tick.into()),
             Err(RecvTimeoutError::Disconnected) => break,
         }
         // Everything already queued is handled before the next output pass.
         while let Ok(routed) = rx.try_recv() {
-            feedback.push(routed.input);
+            feedback.push(routed);
         }
     }
     hub.job_ended(&id);

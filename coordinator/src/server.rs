@@ -172,14 +172,17 @@ struct JobHandle {
     parties: Arc<std::collections::BTreeSet<String>>,
 }
 
-/// The most inputs of one party that a job may have unread. An honest
+/// The most inputs of one party that a job may hold unhandled. An honest
 /// party has one task of a job at a time (an answer or a failure, besides
 /// its answer to the offer); more waiting is a party flooding the job's
-/// thread (each result can be a whole model), and its stream is closed.
-pub(crate) const MAX_UNREAD_PER_PARTY: usize = 64;
+/// thread, and its stream is closed. Each can be a whole model, so the
+/// bound is small: with the model limit (`limits.max_values`) it bounds
+/// what one party can make a busy job hold.
+pub(crate) const MAX_UNREAD_PER_PARTY: usize = 8;
 
 /// An input on its way to a job's thread. A party's holds its place in
-/// that party's count of the job's unread inputs until the thread takes it.
+/// that party's count of the job's unread inputs until the thread has
+/// handled it (or dropped it unread).
 pub(crate) struct Routed {
     /// The input.
     pub(crate) input: Input,
@@ -511,8 +514,8 @@ impl Hub {
                 }
                 None => {
                     return Err(format!(
-                        "{MAX_UNREAD_PER_PARTY} of its messages to job {job_id} wait unread (an honest party has \
-                         one task of a job at a time)"
+                        "{MAX_UNREAD_PER_PARTY} of its messages to job {job_id} wait unhandled (an honest party \
+                         has one task of a job at a time)"
                     ));
                 }
             },
@@ -1573,7 +1576,8 @@ fn require_admin<T>(hub: &Hub, req: &Request<T>) -> Result<(), Status> {
 /// otherwise go on using the admin API for as long as it stays open.
 fn still_valid(name: &str, certificate: &[u8], now: u64) -> Result<(), Status> {
     let until = confide_crypto::pki::not_after(certificate).map_err(|e| Status::permission_denied(e.to_string()))?;
-    if now >= until {
+    // Valid through its notAfter second (RFC 5280), as at the handshake.
+    if now > until {
         warn!(name, "refused a request: the certificate of {name} expired at {until} (Unix seconds)");
         return Err(Status::permission_denied(format!(
             "the certificate of {name} expired at {until} (Unix seconds); renew it"
@@ -1652,8 +1656,11 @@ impl AdminService for AdminSvc {
                     },
                     None => false,
                 };
-                if let Err(revoked) = hub.not_revoked(&admin, &certificate) {
-                    let _ = tx.send(Err(revoked)).await;
+                let admitted = hub
+                    .not_revoked(&admin, &certificate)
+                    .and_then(|()| still_valid(&admin.name, &certificate, crate::db::unix_now()));
+                if let Err(refused) = admitted {
+                    let _ = tx.send(Err(refused)).await;
                     return;
                 }
                 match job_status(&hub, &id, true).await {
@@ -2192,8 +2199,8 @@ mod tests {
         let hour = time::Duration::hours(1);
         let cert = ca.issue_with_validity(Role::Admin, "alice", &[], now - hour, now + hour).unwrap().cert_pem;
         let until = confide_crypto::pki::not_after(cert.as_bytes()).unwrap();
-        assert!(still_valid("alice", cert.as_bytes(), until - 1).is_ok());
-        let e = still_valid("alice", cert.as_bytes(), until).unwrap_err();
+        assert!(still_valid("alice", cert.as_bytes(), until).is_ok());
+        let e = still_valid("alice", cert.as_bytes(), until + 1).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("alice expired"), "{}", e.message());
     }
@@ -2208,7 +2215,7 @@ mod tests {
     }
 
     /// A party the job names cannot pile its messages up in the job's
-    /// inputs: at most MAX_UNREAD_PER_PARTY wait unread, then its stream
+    /// inputs: at most MAX_UNREAD_PER_PARTY wait unhandled, then its stream
     /// is closed, naming why; a message read frees its place, and other
     /// parties are not held to its count.
     #[test]
@@ -2233,7 +2240,7 @@ mod tests {
             on_party_message(&hub, "hospital-a", 1, failed(t), &mut pending).unwrap();
         }
         let e = on_party_message(&hub, "hospital-a", 1, failed(99), &mut pending).unwrap_err();
-        assert!(e.contains("wait unread"), "{e}");
+        assert!(e.contains("wait unhandled"), "{e}");
         // Another party's messages still go through.
         on_party_message(&hub, "hospital-b", 2, failed(1), &mut pending).unwrap();
         // One read, one more place.

@@ -595,8 +595,13 @@ impl TrainingHandler {
     /// Forgets the open round and wipes its secrets, as a new round's task
     /// does (a step of the old round after it is the coordinator's fault).
     fn drop_round(&mut self) {
-        self.trainer_back();
-        self.ahead = None;
+        // A round still training ahead trains on: waiting for it here would
+        // hold up what the drop comes with (a refusal, a close). The next
+        // task takes the trainer back first; the handler's drop waits for it.
+        if self.ahead.as_ref().is_some_and(|a| a.thread.as_ref().is_none_or(|t| t.is_finished())) {
+            self.trainer_back();
+            self.ahead = None;
+        }
         self.open = None;
         self.aggregation.abandon();
     }
@@ -2255,18 +2260,28 @@ mod tests {
     }
 
     /// A masked-input step asked for before the shares is the
-    /// coordinator's fault, refused at once: the party does not wait for
-    /// its training first.
+    /// coordinator's fault, refused at once through the party's session:
+    /// neither the step nor the session's abandoning of the round waits
+    /// for the training; nor does a close.
     #[test]
     fn a_masked_input_asked_for_before_the_shares_is_refused_without_waiting() {
+        use crate::session::{PartyInput, PartyOutput, PartySession};
         let mut r = GatedRound::new(3, None);
         r.fit_answers();
+        let mut session = PartySession::new("j", Box::new(r.handlers.remove(0)), 600_000);
         let body = TaskBody::Aggregation {
             stage: confide_crypto::aggregation::secagg::MASKED_INPUT.as_str().into(),
             message: Default::default(),
         };
-        let e = r.handlers[0].on_task(task(1, body)).unwrap_err();
-        assert!(matches!(&e, TaskError::CoordinatorFault(_)), "{e:?}");
+        session.handle(0, PartyInput::Task(task(1, body)));
+        let outputs: Vec<PartyOutput> = std::iter::from_fn(|| session.poll_output()).collect();
+        assert!(
+            outputs
+                .iter()
+                .any(|o| matches!(o, PartyOutput::Failed { reason, .. } if reason.contains("coordinator fault"))),
+            "{outputs:?}"
+        );
+        session.handle(1, PartyInput::Closed { reason: "done".into() });
         assert!(!r.any_trained(), "it waited for the training");
         for g in &r.gates {
             g.send(()).unwrap();
