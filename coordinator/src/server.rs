@@ -247,9 +247,46 @@ pub struct Hub {
     /// service, since that party started.
     serving: Mutex<HashMap<String, Vec<pb::ServiceRows>>>,
     jobs: Mutex<HashMap<String, JobHandle>>,
+    /// Each party's budget of stream joins (see [`JoinBudget`]).
+    joins: Mutex<HashMap<String, JoinBudget>>,
     next_id: AtomicU64,
     plugins: Plugins,
     metrics: CoordinatorMetrics,
+}
+
+/// How often one party may open a stream: a burst of
+/// [`JoinBudget::BURST`], then one every [`JoinBudget::EVERY`]. Each join
+/// replaces the party's stream, tells every running job, and sends the
+/// welcome, the revocation list and the cloud keys: a party (its key
+/// stolen, or its software looping) reconnecting without pause would make
+/// the coordinator do that work without end. An honest party backs off
+/// after a refused join.
+#[derive(Debug, Clone, Copy)]
+struct JoinBudget {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl JoinBudget {
+    const BURST: f64 = 30.0;
+    const EVERY: Duration = Duration::from_secs(2);
+
+    fn full(now: std::time::Instant) -> Self {
+        JoinBudget { tokens: Self::BURST, at: now }
+    }
+
+    /// Takes one join at `now`; refused with how long until the next.
+    fn take(&mut self, now: std::time::Instant) -> Result<(), Duration> {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() / Self::EVERY.as_secs_f64();
+        self.tokens = (self.tokens + earned).min(Self::BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Self::EVERY.mul_f64(1.0 - self.tokens))
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -281,9 +318,24 @@ impl Hub {
             forwards: Mutex::default(),
             joint_routes: Mutex::default(),
             jobs: Mutex::new(HashMap::new()),
+            joins: Mutex::default(),
             next_id: AtomicU64::new(1),
             plugins,
             metrics: CoordinatorMetrics::new().map_err(|e| Error::Io(format!("metrics: {e}")))?,
+        })
+    }
+
+    /// One more stream join of `party`, within its [`JoinBudget`].
+    fn take_join(&self, party: &str) -> Result<(), Status> {
+        let now = std::time::Instant::now();
+        let mut joins = lock(&self.joins);
+        joins.entry(party.to_owned()).or_insert_with(|| JoinBudget::full(now)).take(now).map_err(|wait| {
+            warn!(party, "refused a stream: the party reconnects too often");
+            Status::resource_exhausted(format!(
+                "{party} opened {} streams without pause; retry in {} ms",
+                JoinBudget::BURST,
+                wait.as_millis().max(1)
+            ))
         })
     }
 
@@ -803,6 +855,7 @@ impl PartyService for PartySvc {
             }
             _ => return Err(Status::permission_denied(format!("{} is not a party certificate", id.name))),
         };
+        hub.take_join(&name)?;
         let inbound = req.into_inner();
         let (resp_tx, resp_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(16);
         let (out_tx, out_rx) = mpsc::channel::<Outbound>(256);
@@ -2203,6 +2256,39 @@ mod tests {
         let e = still_valid("alice", cert.as_bytes(), until + 1).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("alice expired"), "{}", e.message());
+    }
+
+    /// A party may open 30 streams at once, then one every 2 s: a storm
+    /// of reconnects is refused, saying when to retry; time earns joins
+    /// back, up to the burst.
+    #[test]
+    fn a_party_that_reconnects_without_pause_is_refused_for_a_while() {
+        let t0 = std::time::Instant::now();
+        let mut budget = JoinBudget::full(t0);
+        for _ in 0..30 {
+            budget.take(t0).unwrap();
+        }
+        let wait = budget.take(t0).unwrap_err();
+        assert_eq!(wait, JoinBudget::EVERY);
+        assert!(budget.take(t0 + Duration::from_millis(1999)).is_err());
+        budget.take(t0 + Duration::from_millis(2000)).unwrap();
+        assert!(budget.take(t0 + Duration::from_millis(2000)).is_err());
+        // A long pause earns the burst back, not more.
+        let later = t0 + Duration::from_secs(3600);
+        for _ in 0..30 {
+            budget.take(later).unwrap();
+        }
+        assert!(budget.take(later).is_err());
+        // Through the hub: another party is not held to this one's budget.
+        let dir = tempfile::tempdir().unwrap();
+        let hub = bare_hub(dir.path());
+        for _ in 0..30 {
+            hub.take_join("hospital-a").unwrap();
+        }
+        let e = hub.take_join("hospital-a").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("retry in"), "{}", e.message());
+        hub.take_join("hospital-b").unwrap();
     }
 
     /// A job's receiving end, read as inputs.
