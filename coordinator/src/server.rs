@@ -831,6 +831,11 @@ impl PartyService for PartySvc {
         let shown = peer_certificate(&req)?;
         let connection = connection_of(&req)?.cut.clone();
         let hub = self.hub.clone();
+        // A party's join budget first, before the checks that read files:
+        // its name is the CA's, so a storm costs no more than this.
+        if id.role == Role::Party {
+            hub.take_join(&id.name)?;
+        }
         // The handshake checked the certificate against the lists in force
         // then; a connection outlives them (HTTP/2 opens a stream on it at
         // will), so each stream is checked again against today's.
@@ -850,12 +855,12 @@ impl PartyService for PartySvc {
                 let (name, cert) = admitted.inspect_err(|s| {
                     warn!(relay = %relay, "refused a stream through the relay: {}", s.message());
                 })?;
+                hub.take_join(&name)?;
                 info!(relay = %relay, party = %name, "party connecting through a relay");
                 (name, Arc::from(cert), Some((relay, shown)))
             }
             _ => return Err(Status::permission_denied(format!("{} is not a party certificate", id.name))),
         };
-        hub.take_join(&name)?;
         let inbound = req.into_inner();
         let (resp_tx, resp_rx) = mpsc::channel::<Result<pb::CoordinatorMessage, Status>>(16);
         let (out_tx, out_rx) = mpsc::channel::<Outbound>(256);

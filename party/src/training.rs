@@ -2269,6 +2269,10 @@ mod tests {
         let mut r = GatedRound::new(3, None);
         r.fit_answers();
         let mut session = PartySession::new("j", Box::new(r.handlers.remove(0)), 600_000);
+        // Declared after the session, so dropped before it should an
+        // assertion fail: the training then ends and the session's drop
+        // does not wait on a gate for ever.
+        let gates = std::mem::take(&mut r.gates);
         let body = TaskBody::Aggregation {
             stage: confide_crypto::aggregation::secagg::MASKED_INPUT.as_str().into(),
             message: Default::default(),
@@ -2283,7 +2287,7 @@ mod tests {
         );
         session.handle(1, PartyInput::Closed { reason: "done".into() });
         assert!(!r.any_trained(), "it waited for the training");
-        for g in &r.gates {
+        for g in &gates {
             g.send(()).unwrap();
         }
     }
