@@ -162,7 +162,7 @@ const MAX_CLOUD_KEYS_PER_PARTY: usize = 64;
 /// A running job: where its inputs go, and who watches its status.
 struct JobHandle {
     inputs: std::sync::mpsc::Sender<Routed>,
-    /// Per party, how many of its inputs wait in `inputs` unread.
+    /// Per party, how many of its inputs the job's thread has not handled.
     unread: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     /// Bumped when the job's status changes; closed when the job ends.
     status: watch::Sender<u64>,
@@ -210,7 +210,7 @@ impl JobHandle {
     }
 
     /// `party`'s `input` with its place in the party's unread count, or
-    /// `None` when the party has [`MAX_UNREAD_PER_PARTY`] unread already.
+    /// `None` when the party has [`MAX_UNREAD_PER_PARTY`] unhandled already.
     fn counted(&self, party: &str, input: Input) -> Option<Routed> {
         let count = lock(&self.unread).entry(party.to_owned()).or_default().clone();
         if count.fetch_add(1, Ordering::AcqRel) >= MAX_UNREAD_PER_PARTY {
@@ -549,7 +549,7 @@ impl Hub {
     /// same lock, so a message of the older one reaches them before that
     /// or not at all (never after the newer stream's join). Whether it was
     /// routed; an error (the stream is to close) when the party has
-    /// [`MAX_UNREAD_PER_PARTY`] inputs the job has not read.
+    /// [`MAX_UNREAD_PER_PARTY`] inputs the job has not handled.
     fn route_from(&self, party: &str, conn_id: u64, job_id: &str, input: Input) -> Result<bool, String> {
         let parties = lock(&self.parties);
         let current = parties.get(party).is_some_and(|c| c.conn_id == conn_id);
@@ -1624,14 +1624,18 @@ fn require_admin<T>(hub: &Hub, req: &Request<T>) -> Result<(), Status> {
     if id.role != Role::Admin {
         return Err(Status::permission_denied(format!("{} may not use the admin API", id.name)));
     }
-    let certificate = peer_certificate(req)?;
-    hub.not_revoked(&id, &certificate)?;
-    still_valid(&id.name, &certificate, crate::db::unix_now())
+    admin_still_admitted(hub, &id, &peer_certificate(req)?)
 }
 
-/// An administrator's certificate within its validity at `now`. The TLS
-/// handshake checks it once; a connection opened before it expired would
-/// otherwise go on using the admin API for as long as it stays open.
+/// An administrator's certificate neither revoked nor expired now: checked
+/// on every request and before each update of a job watch, since the
+/// handshake checked it once and a connection outlives both.
+fn admin_still_admitted(hub: &Hub, id: &confide_crypto::pki::PeerIdentity, certificate: &[u8]) -> Result<(), Status> {
+    hub.not_revoked(id, certificate)?;
+    still_valid(&id.name, certificate, crate::db::unix_now())
+}
+
+/// A certificate within its validity at `now`.
 fn still_valid(name: &str, certificate: &[u8], now: u64) -> Result<(), Status> {
     let until = confide_crypto::pki::not_after(certificate).map_err(|e| Status::permission_denied(e.to_string()))?;
     // Valid through its notAfter second (RFC 5280), as at the handshake.
@@ -1714,10 +1718,7 @@ impl AdminService for AdminSvc {
                     },
                     None => false,
                 };
-                let admitted = hub
-                    .not_revoked(&admin, &certificate)
-                    .and_then(|()| still_valid(&admin.name, &certificate, crate::db::unix_now()));
-                if let Err(refused) = admitted {
+                if let Err(refused) = admin_still_admitted(&hub, &admin, &certificate) {
                     let _ = tx.send(Err(refused)).await;
                     return;
                 }

@@ -250,6 +250,14 @@ struct Trained {
     train_loss: Option<f64>,
 }
 
+impl Trained {
+    /// The protocol's view of it: the update of a round trained from
+    /// `global` with `fit`.
+    fn update<'a>(self, global: &'a confide_algorithms::Parameters, fit: &'a FitConfig) -> LocalUpdate<'a> {
+        LocalUpdate { global, fit, local: self.local, num_examples: self.num_examples, train_loss: self.train_loss }
+    }
+}
+
 /// Trains one round as `how` says. Failures on the rows stay in this
 /// party's log (every path here hides the party's values, or is DP).
 fn train_round(trainer: &mut dyn Trainer, how: &HowToTrain, config: &FitConfig) -> Result<Trained, TaskError> {
@@ -706,9 +714,17 @@ impl TrainingHandler {
             thread: Some(thread),
             trained: None,
         });
-        self.open = Some(round);
-        self.opened_any = true;
+        self.open_round(round);
         Ok(ResultBody::Fit { metrics: Default::default(), contribution })
+    }
+
+    /// `round`'s aggregation is in progress, for a protocol with steps after
+    /// its first answer.
+    fn open_round(&mut self, round: u32) {
+        if !self.stages.is_empty() {
+            self.open = Some(round);
+            self.opened_any = true;
+        }
     }
 
     /// Hands the protocol the update of `round`, trained ahead: waits for
@@ -726,14 +742,7 @@ impl TrainingHandler {
         }
         self.raise_training_panic();
         let trained = ahead.trained.take().unwrap_or_else(|| Err(TaskError::Refused(PANICKED_AHEAD.into())))?;
-        let update = LocalUpdate {
-            global: &ahead.global,
-            fit: &ahead.config,
-            local: trained.local,
-            num_examples: trained.num_examples,
-            train_loss: trained.train_loss,
-        };
-        Ok(self.aggregation.supply_update(round, update)?)
+        Ok(self.aggregation.supply_update(round, trained.update(&ahead.global, &ahead.config))?)
     }
 
     /// This party's statistics into a secure sum: the layout is derived
@@ -773,10 +782,7 @@ impl TrainingHandler {
             }
         };
         let contribution = self.aggregation.contribute_sum(round, round_message, &layout, &values)?;
-        if !self.stages.is_empty() {
-            self.open = Some(round);
-            self.opened_any = true;
-        }
+        self.open_round(round);
         Ok(ResultBody::SecureSum { contribution })
     }
 
@@ -832,10 +838,7 @@ impl TrainingHandler {
         let train_loss = outcome.metrics.get("train_loss").copied();
         let update = LocalUpdate { global, fit: config, local, num_examples: outcome.num_examples, train_loss };
         let contribution = self.aggregation.contribute(round, round_message, update)?;
-        if !self.stages.is_empty() {
-            self.open = Some(round);
-            self.opened_any = true;
-        }
+        self.open_round(round);
         let mut metrics = outcome.metrics;
         metrics.insert("fit_ms".into(), started.elapsed().as_secs_f64() * 1000.0);
         if self.hides_values {
@@ -992,14 +995,7 @@ impl TrainingHandler {
             return self.fit_ahead(round, config, global, round_message, how, recorded);
         }
         let contribution = train_round(self.trainer.as_mut(), &how, config).and_then(|trained| {
-            let update = LocalUpdate {
-                global,
-                fit: config,
-                local: trained.local,
-                num_examples: trained.num_examples,
-                train_loss: trained.train_loss,
-            };
-            Ok(self.aggregation.contribute(round, round_message, update)?)
+            Ok(self.aggregation.contribute(round, round_message, trained.update(global, config))?)
         });
         // Not on record, so not sent: nor is a refusal (whether training
         // failed is itself about the rows), so the record is waited for
@@ -1011,10 +1007,7 @@ impl TrainingHandler {
             return Err(TaskError::Refused(e));
         }
         let contribution = contribution?;
-        if !self.stages.is_empty() {
-            self.open = Some(round);
-            self.opened_any = true;
-        }
+        self.open_round(round);
         Ok(ResultBody::Fit { metrics: Default::default(), contribution })
     }
 }
@@ -1462,16 +1455,22 @@ mod tests {
         assert_eq!(on_disk.rounds_started, 3, "the failed round is counted");
     }
 
+    /// A ledger in `dir` whose writes take 300 ms, so that a test cannot
+    /// pass by luck where a record must be on disk before an answer.
+    fn slowed_ledger(dir: &std::path::Path) -> (std::path::PathBuf, Arc<crate::ledger::Ledger>) {
+        let path = dir.join("ledger.json");
+        let ledger = crate::ledger::Ledger::open(&path).unwrap();
+        ledger.write_delay_ms.store(300, std::sync::atomic::Ordering::Relaxed);
+        (path, ledger)
+    }
+
     /// Whether a DP round or a DP evaluation failed is about the rows: the
     /// refusal leaves only once the round's ledger record is on disk, as a
     /// result would (the writer is slowed so that luck cannot pass this).
     #[test]
     fn a_failed_dp_round_or_evaluation_is_on_record_before_its_refusal_leaves() {
-        use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = crate::ledger::Ledger::open(&path).unwrap();
-        ledger.write_delay_ms.store(300, Ordering::Relaxed);
+        let (path, ledger) = slowed_ledger(dir.path());
         let spec = dp_job(3);
         let failing = FixedDp { fails_with: Some("diverged".into()), ..FixedDp::default() };
         let mut h = dp_handler(&spec, failing, ledger.reserve("j1", &spec, "d", None).unwrap());
@@ -2039,6 +2038,13 @@ mod tests {
         }
     }
 
+    /// Opens every gate: the gated trainers train.
+    fn open(gates: &[std::sync::mpsc::Sender<()>]) {
+        for g in gates {
+            g.send(()).unwrap();
+        }
+    }
+
     /// Three parties' secagg handlers over gated trainers, a coordinator's
     /// side of the protocol, and what drives a round between them.
     struct GatedRound {
@@ -2088,8 +2094,8 @@ mod tests {
             confide_crypto::aggregation::Peer { name, certificate: &[], relay: None }
         }
 
-        /// Every party's fit answer, handed to the coordinator.
-        fn fit_answers(&mut self) {
+        /// The coordinator begins round 1: every party's fit task.
+        fn fit_task(&mut self) -> TaskBody {
             let info = confide_crypto::aggregation::RoundInfo {
                 round: 1,
                 parties: &self.names,
@@ -2097,13 +2103,14 @@ mod tests {
                 fit: Some(&self.fit),
             };
             let round_message = self.server.begin_round(&info).unwrap();
+            TaskBody::Fit { config: self.fit.clone(), global: self.global.clone(), round_message }
+        }
+
+        /// Every party's fit answer, handed to the coordinator.
+        fn fit_answers(&mut self) {
+            let body = self.fit_task();
             for (i, h) in self.handlers.iter_mut().enumerate() {
-                let body = TaskBody::Fit {
-                    config: self.fit.clone(),
-                    global: self.global.clone(),
-                    round_message: round_message.clone(),
-                };
-                let ResultBody::Fit { contribution, .. } = h.on_task(task(1, body)).unwrap() else { panic!() };
+                let ResultBody::Fit { contribution, .. } = h.on_task(task(1, body.clone())).unwrap() else { panic!() };
                 self.server.on_message(Self::peer(&self.names[i]), contribution).unwrap();
             }
         }
@@ -2157,9 +2164,7 @@ mod tests {
         assert!(r.steps(Some(SHARES), &mut refusals).is_none());
         assert!(refusals.is_empty(), "{refusals:?}");
         assert!(!r.any_trained(), "keys and shares went before training ended");
-        for g in &r.gates {
-            g.send(()).unwrap();
-        }
+        open(&r.gates);
         let Some(Aggregate::WeightedSum { weighted_delta_sum, total_examples, contributors, .. }) =
             r.steps(None, &mut refusals)
         else {
@@ -2180,9 +2185,7 @@ mod tests {
         use confide_crypto::aggregation::Aggregate;
         let mut r = GatedRound::new(6, Some(0));
         r.fit_answers();
-        for g in &r.gates {
-            g.send(()).unwrap();
-        }
+        open(&r.gates);
         let mut refusals = Vec::new();
         let Some(Aggregate::WeightedSum { contributors, .. }) = r.steps(None, &mut refusals) else { panic!("no sum") };
         assert_eq!(contributors, ["p1", "p2", "p3", "p4", "p5"]);
@@ -2199,9 +2202,7 @@ mod tests {
     fn a_dp_round_answered_ahead_sends_its_update_only_once_on_record() {
         use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = crate::ledger::Ledger::open(&path).unwrap();
-        ledger.write_delay_ms.store(300, Ordering::Relaxed);
+        let (path, ledger) = slowed_ledger(dir.path());
         let spec = dp_job(3);
         let recorded = || crate::ledger::Ledger::read(&path).unwrap().datasets["d"].jobs["j1"].rounds_started;
         // The gated trainer has no DP-SGD: party 0 refuses, once on record.
@@ -2209,9 +2210,7 @@ mod tests {
         r.handlers[0].dp = spec.dp.as_ref().unwrap().plan(&spec.training);
         r.handlers[0].budget = Some(ledger.reserve("j1", &spec, "d", None).unwrap());
         r.fit_answers();
-        for g in &r.gates {
-            g.send(()).unwrap();
-        }
+        open(&r.gates);
         let mut refusals = Vec::new();
         let _ = r.steps(Some(confide_crypto::aggregation::secagg::MASKED_INPUT), &mut refusals);
         let [(0, TaskError::Refused(m))] = refusals.as_slice() else { panic!("{refusals:?}") };
@@ -2225,9 +2224,7 @@ mod tests {
         r.handlers[0].budget = Some(ledger.reserve("j2", &spec, "d", None).unwrap());
         std::fs::create_dir(path.with_extension("json.tmp")).unwrap();
         r.fit_answers();
-        for g in &r.gates {
-            g.send(()).unwrap();
-        }
+        open(&r.gates);
         let mut refusals = Vec::new();
         let _ = r.steps(Some(confide_crypto::aggregation::secagg::MASKED_INPUT), &mut refusals);
         let [(0, TaskError::Refused(m))] = refusals.as_slice() else { panic!("{refusals:?}") };
@@ -2247,9 +2244,7 @@ mod tests {
             Box::new(Gated { gate: rx, trained, fails_with: None, panics: true, w: 0.0, step: 1.0 });
         r.gates[0] = tx;
         r.fit_answers();
-        for g in &r.gates {
-            g.send(()).unwrap();
-        }
+        open(&r.gates);
         let masked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut refusals = Vec::new();
             r.steps(None, &mut refusals)
@@ -2287,9 +2282,26 @@ mod tests {
         );
         session.handle(1, PartyInput::Closed { reason: "done".into() });
         assert!(!r.any_trained(), "it waited for the training");
-        for g in &gates {
-            g.send(()).unwrap();
-        }
+        open(&gates);
+    }
+
+    /// A coordinator that sends the fit task again while the party trains
+    /// ahead gets no second set of keys for the round's run: the party
+    /// takes its trainer back (waiting for the training) and refuses.
+    #[test]
+    fn a_fit_task_replayed_while_the_party_trains_gets_no_second_keys() {
+        let mut r = GatedRound::new(3, None);
+        let body = r.fit_task();
+        assert!(matches!(r.handlers[0].on_task(task(1, body.clone())), Ok(ResultBody::Fit { .. })));
+        let gates = std::mem::take(&mut r.gates);
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            open(&gates);
+        });
+        let e = r.handlers[0].on_task(task(1, body)).unwrap_err();
+        assert!(matches!(&e, TaskError::Refused(m) if m.contains("already took part in run")), "{e:?}");
+        assert!(r.trained[0].load(std::sync::atomic::Ordering::SeqCst));
+        opener.join().unwrap();
     }
 
     /// A party that holds its fit answers to a floor trains inside the fit
@@ -2303,18 +2315,9 @@ mod tests {
         let gates = std::mem::take(&mut r.gates);
         let opener = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(300));
-            for g in gates {
-                g.send(()).unwrap();
-            }
+            open(&gates);
         });
-        let info = confide_crypto::aggregation::RoundInfo {
-            round: 1,
-            parties: &r.names,
-            global: &r.global,
-            fit: Some(&r.fit),
-        };
-        let round_message = r.server.begin_round(&info).unwrap();
-        let body = TaskBody::Fit { config: r.fit.clone(), global: r.global.clone(), round_message };
+        let body = r.fit_task();
         assert!(matches!(r.handlers[0].on_task(task(1, body)), Ok(ResultBody::Fit { .. })));
         assert!(r.trained[0].load(std::sync::atomic::Ordering::SeqCst), "answered before training ended");
         opener.join().unwrap();
