@@ -331,11 +331,13 @@ impl Hub {
         let mut joins = lock(&self.joins);
         joins.entry(party.to_owned()).or_insert_with(|| JoinBudget::full(now)).take(now).map_err(|wait| {
             warn!(party, "refused a stream: the party reconnects too often");
-            Status::resource_exhausted(format!(
+            let refused = Status::resource_exhausted(format!(
                 "{party} opened {} streams without pause; retry in {} ms",
                 JoinBudget::BURST,
                 wait.as_millis().max(1)
-            ))
+            ));
+            // Also as metadata, read by the party's reconnect loop.
+            confide_proto::net::with_retry_after(refused, wait)
         })
     }
 
@@ -2294,6 +2296,9 @@ mod tests {
         let e = hub.take_join("hospital-a").unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert!(e.message().contains("retry in"), "{}", e.message());
+        // The party reads the wait from the metadata (at most 2 s here).
+        let wait = confide_proto::net::retry_after(&e).expect("the refusal says when to retry");
+        assert!(wait > Duration::ZERO && wait <= JoinBudget::EVERY, "{wait:?}");
         hub.take_join("hospital-b").unwrap();
     }
 

@@ -11,6 +11,10 @@ pub enum Error {
     /// The connection failed.
     #[error("transport: {0}")]
     Transport(String),
+    /// The coordinator refused the stream for reconnecting too often,
+    /// saying how long to wait (bounded by `confide_proto::net::MAX_RETRY_AFTER`).
+    #[error("transport: {0}")]
+    Throttled(String, std::time::Duration),
     /// Local training failed.
     #[error("training: {0}")]
     Training(String),

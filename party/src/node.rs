@@ -499,11 +499,19 @@ impl PartyNode {
                     delay = initial;
                 }
                 Ok(false) => warn!("the coordinator closed the stream before welcoming us"),
-                Err(e) => warn!("{e}; retrying in {delay} ms"),
+                Err(_) => {}
+            }
+            let asked = match &served {
+                Err(Error::Throttled(_, wait)) => Some(*wait),
+                _ => None,
+            };
+            let wait = reconnect_wait(delay, asked);
+            if let Err(e) = &served {
+                warn!("{e}; retrying in {wait} ms");
             }
             // Jitter spreads reconnects after a coordinator restart.
-            let jitter = rand::random::<u64>() % (delay / 4 + 1);
-            tokio::time::sleep(Duration::from_millis(delay + jitter)).await;
+            let jitter = rand::random::<u64>() % (wait / 4 + 1);
+            tokio::time::sleep(Duration::from_millis(wait + jitter)).await;
             delay = (delay * 2).min(max);
         }
     }
@@ -579,7 +587,7 @@ impl PartyNode {
         let mut inbound = client
             .join(ReceiverStream::new(rx))
             .await
-            .map_err(|s| Error::Transport(format!("coordinator refused the stream: {}", s.message())))?
+            .map_err(join_refused)?
             .into_inner();
         let mut welcomed = false;
         // The name protocols sign under, the ledger and the logs use: the
@@ -1191,6 +1199,23 @@ impl<T: Send + 'static> Drop for Receiving<T> {
 /// The first message: with a delegation when the server this party dialled
 /// is a relay (its verified certificate says so), so that the relay can
 /// carry the stream to the coordinator, and only that relay.
+/// Milliseconds to wait before connecting again: the back-off's `delay`,
+/// or longer if the coordinator refused the last join saying when it takes
+/// one again (waiting less would only be refused once more).
+fn reconnect_wait(delay: u64, asked: Option<Duration>) -> u64 {
+    let asked = asked.map_or(0, |w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX));
+    delay.max(asked)
+}
+
+/// The error for a join the coordinator refused, keeping its "retry in".
+fn join_refused(status: tonic::Status) -> Error {
+    let message = format!("coordinator refused the stream: {}", status.message());
+    match confide_proto::net::retry_after(&status) {
+        Some(wait) => Error::Throttled(message, wait),
+        None => Error::Transport(message),
+    }
+}
+
 fn hello(cfg: &PartyConfig, server: &CoordinatorCertificate) -> Result<pb::Hello, String> {
     let mut hello = pb::Hello {
         software_version: VERSION.into(),
@@ -1532,6 +1557,41 @@ mod tests {
     use super::*;
     use confide_crypto::pki::PkiDir;
     use std::path::{Path, PathBuf};
+
+    /// A join refused for reconnecting too often is retried no sooner than
+    /// the refusal asks (the coordinator's budget would refuse it again),
+    /// and no later than the bound however large the hint; any other
+    /// refusal keeps the back-off's own delay.
+    #[test]
+    fn a_join_refused_for_reconnecting_too_often_waits_as_long_as_it_is_asked() {
+        let refused = confide_proto::net::with_retry_after(
+            tonic::Status::resource_exhausted("hospital-a opened 30 streams without pause; retry in 1800 ms"),
+            Duration::from_millis(1800),
+        );
+        let e = join_refused(refused);
+        let Error::Throttled(message, wait) = &e else { panic!("{e:?}") };
+        assert!(message.contains("retry in 1800 ms"), "{message}");
+        assert_eq!(*wait, Duration::from_millis(1800));
+        assert_eq!(reconnect_wait(250, Some(*wait)), 1800, "the hint outlasts the back-off");
+        assert_eq!(reconnect_wait(4000, Some(*wait)), 4000, "the back-off outlasts the hint");
+        // A coordinator cannot stall a party for longer than the bound.
+        let stall = confide_proto::net::with_retry_after(
+            tonic::Status::resource_exhausted("wait"),
+            Duration::from_secs(86_400),
+        );
+        let Error::Throttled(_, wait) = join_refused(stall) else { panic!("throttled") };
+        assert_eq!(wait, confide_proto::net::MAX_RETRY_AFTER);
+        // Other refusals, or a hint on another code, keep the back-off.
+        let other = confide_proto::net::with_retry_after(
+            tonic::Status::permission_denied("revoked"),
+            Duration::from_secs(60),
+        );
+        assert!(matches!(join_refused(other), Error::Transport(_)));
+        let mut malformed = tonic::Status::resource_exhausted("wait");
+        malformed.metadata_mut().insert(confide_proto::net::RETRY_AFTER_MS, "soon".parse().unwrap());
+        assert!(matches!(join_refused(malformed), Error::Transport(_)));
+        assert_eq!(reconnect_wait(250, None), 250);
+    }
 
     /// What an offer is refused for on arrival, at once, from the message
     /// alone: the field at fault is named, the id echoed is at most 64

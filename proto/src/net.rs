@@ -34,6 +34,34 @@ pub struct ClientIdentity<'a> {
     pub key: &'a Path,
 }
 
+/// Metadata of a join refused for reconnecting too often: how many
+/// milliseconds until the coordinator takes one again.
+pub const RETRY_AFTER_MS: &str = "confide-retry-after-ms";
+
+/// The longest wait a refusal's [`RETRY_AFTER_MS`] can impose on a party:
+/// the coordinator's budget earns a join every few seconds, so a larger
+/// hint is a coordinator fault (or a stall) the party does not honour.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Marks `status` with how long to wait before joining again.
+pub fn with_retry_after(mut status: tonic::Status, wait: Duration) -> tonic::Status {
+    let ms = wait.as_millis().max(1).to_string();
+    if let Ok(value) = ms.parse() {
+        status.metadata_mut().insert(RETRY_AFTER_MS, value);
+    }
+    status
+}
+
+/// How long a refused join asks the party to wait, if it says (bounded by
+/// [`MAX_RETRY_AFTER`]); `None` for any other refusal or a malformed hint.
+pub fn retry_after(status: &tonic::Status) -> Option<Duration> {
+    if status.code() != tonic::Code::ResourceExhausted {
+        return None;
+    }
+    let ms: u64 = status.metadata().get(RETRY_AFTER_MS)?.to_str().ok()?.parse().ok()?;
+    Some(Duration::from_millis(ms).min(MAX_RETRY_AFTER))
+}
+
 /// HTTP/2 flow-control window per stream: large enough for a chunked
 /// multi-megabyte model to flow without waiting for window updates.
 pub const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
