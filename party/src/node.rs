@@ -584,11 +584,7 @@ impl PartyNode {
         let outbox = Arc::new(Outbox { tx, stats: self.stats.clone(), transfer: std::sync::Mutex::new(()) });
         let hello = hello(cfg, &coordinator_cert).map_err(Error::Config)?;
         outbox.send(party_message::Body::Hello(hello)).await;
-        let mut inbound = client
-            .join(ReceiverStream::new(rx))
-            .await
-            .map_err(join_refused)?
-            .into_inner();
+        let mut inbound = client.join(ReceiverStream::new(rx)).await.map_err(join_refused)?.into_inner();
         let mut welcomed = false;
         // The name protocols sign under, the ledger and the logs use: the
         // certificate's, never the coordinator's word for it.
@@ -1582,10 +1578,8 @@ mod tests {
         let Error::Throttled(_, wait) = join_refused(stall) else { panic!("throttled") };
         assert_eq!(wait, confide_proto::net::MAX_RETRY_AFTER);
         // Other refusals, or a hint on another code, keep the back-off.
-        let other = confide_proto::net::with_retry_after(
-            tonic::Status::permission_denied("revoked"),
-            Duration::from_secs(60),
-        );
+        let other =
+            confide_proto::net::with_retry_after(tonic::Status::permission_denied("revoked"), Duration::from_secs(60));
         assert!(matches!(join_refused(other), Error::Transport(_)));
         let mut malformed = tonic::Status::resource_exhausted("wait");
         malformed.metadata_mut().insert(confide_proto::net::RETRY_AFTER_MS, "soon".parse().unwrap());
@@ -2138,6 +2132,114 @@ mod tests {
         assert!(!after.datasets["bc"].jobs.contains_key("j2"), "nothing reserved for j2");
         assert!(!after.datasets["bc"].jobs.contains_key("j7"), "nothing reserved for j7");
         assert_eq!(before.datasets["bc"].jobs.len(), after.datasets["bc"].jobs.len());
+    }
+
+    /// A trainer that records the name of the thread it trains on.
+    struct RecordsThread(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl confide_algorithms::trainer::Trainer for RecordsThread {
+        fn parameters(&self) -> Result<confide_algorithms::Parameters, confide_algorithms::Error> {
+            confide_algorithms::Parameters::new(vec![confide_algorithms::Tensor {
+                name: "w".into(),
+                shape: vec![1],
+                data: vec![0.0],
+            }])
+        }
+        fn set_parameters(&mut self, _: &confide_algorithms::Parameters) -> Result<(), confide_algorithms::Error> {
+            Ok(())
+        }
+        fn feature_stats(&self) -> confide_algorithms::FeatureStats {
+            Default::default()
+        }
+        fn fit(
+            &mut self,
+            _: &confide_algorithms::trainer::FitConfig,
+        ) -> Result<confide_algorithms::FitOutcome, confide_algorithms::Error> {
+            let name = std::thread::current().name().unwrap_or("unnamed").to_owned();
+            self.0.lock().unwrap().push(name);
+            Ok(confide_algorithms::FitOutcome { num_examples: 2, metrics: Default::default() })
+        }
+        fn evaluate(&mut self) -> Result<confide_algorithms::EvalOutcome, confide_algorithms::Error> {
+            Err(confide_algorithms::Error::InvalidInput("not in this test".into()))
+        }
+        fn predict(&self, _: &[f32]) -> Result<Vec<f32>, confide_algorithms::Error> {
+            Err(confide_algorithms::Error::InvalidInput("not in this test".into()))
+        }
+        fn supports_dp_sgd(&self) -> bool {
+            true
+        }
+        fn fit_private(
+            &mut self,
+            config: &confide_algorithms::trainer::FitConfig,
+            _: &confide_algorithms::trainer::DpSgdPlan,
+        ) -> Result<confide_algorithms::FitOutcome, confide_algorithms::Error> {
+            self.fit(config)
+        }
+    }
+
+    impl crate::trainers::TrainerFactory for RecordsThread {
+        fn build(
+            &self,
+            _: &confide_proto::jobspec::JobSpec,
+            _: &confide_algorithms::data::DatasetSource,
+            _: &str,
+        ) -> Result<Box<dyn confide_algorithms::trainer::Trainer>, String> {
+            Ok(Box::new(RecordsThread(self.0.clone())))
+        }
+    }
+
+    /// The node wires a DP job's answer floor to its training: under
+    /// secure aggregation a party whose fit answers are held to a floor
+    /// trains inside the fit task (when its masked input went out would
+    /// otherwise tell how long training took), and one without a floor
+    /// trains on a thread of its own while its keys go out.
+    #[test]
+    fn a_dp_party_trains_ahead_of_its_secagg_keys_only_without_an_answer_floor() {
+        use confide_crypto::aggregation::secagg::SecAggPlus;
+        use confide_crypto::aggregation::{AggregationProtocol, RoundInfo};
+        let dir = tempfile::tempdir().unwrap();
+        let threads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut node, _, _) = node_on_bc(dir.path(), "1,0\n2,1\n", |cfg| {
+            cfg.policy.aggregation = vec!["secagg".into()];
+        });
+        let factory: Arc<dyn crate::trainers::TrainerFactory> = Arc::new(RecordsThread(threads.clone()));
+        node.trainers = factory;
+        let spec = DP_JOB_ON_BC
+            .replace("names = [\"a\"]\nmin = 1", "names = [\"a\", \"b\", \"c\"]\nmin = 3")
+            .replace("[dp]\n", "[aggregation]\nprotocol = \"secagg\"\n[dp]\n");
+        // (job, the spec's floor, the training thread: `None` for the task's own)
+        for (job, floor, trained_on) in [("j1", "", Some("confide-train")), ("j2", "answer_fit_after_secs = 1\n", None)]
+        {
+            threads.lock().unwrap().clear();
+            let toml = spec.replace("[dp]\n", &format!("[dp]\n{floor}"));
+            let offer = pb::JobOffer { job_id: job.into(), spec_toml: toml.clone(), dataset: "bc".into() };
+            let mut session = answer(&node, &offer).unwrap();
+            // The coordinator's side begins round 1 with the spec's own facts.
+            let parsed = confide_proto::jobspec::JobSpec::parse(&toml, "offer", &Limits::default()).unwrap();
+            let facts = parsed.facts(job, &Limits::default());
+            let verifier = Box::new(confide_crypto::secagg::testing::InsecureTagVerifier);
+            let mut server = SecAggPlus.server(&toml::Table::new(), &facts, verifier).unwrap();
+            let parties: Vec<String> = ["a", "b", "c"].map(String::from).into();
+            let global =
+                Arc::new(confide_algorithms::trainer::Trainer::parameters(&RecordsThread(threads.clone())).unwrap());
+            let fit = confide_algorithms::trainer::FitConfig { round: 1, train: Default::default() };
+            let info = RoundInfo { round: 1, parties: &parties, global: &global, fit: Some(&fit) };
+            let round_message = server.begin_round(&info).unwrap();
+            let body = confide_proto::messages::TaskBody::Fit { config: fit.clone(), global, round_message };
+            let task = confide_proto::messages::Task { job_id: job.into(), round: 1, task_id: 1, body };
+            let caller = std::thread::current().name().unwrap_or("unnamed").to_owned();
+            session.handle(0, crate::session::PartyInput::Task(task));
+            // The answer's floor, if any, is the session's; what matters
+            // here is where the training ran.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while threads.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let seen = threads.lock().unwrap().clone();
+            let expected = trained_on.map_or(caller, str::to_owned);
+            assert_eq!(seen, [expected], "job {job} ({floor:?})");
+            assert_eq!(session.answer_floor().is_some(), !floor.is_empty());
+        }
     }
 
     /// Data sets that came to read the same rows while the party runs (a
