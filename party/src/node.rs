@@ -861,14 +861,21 @@ impl PartyNode {
                         // message does).
                         match registry.forward_slot() {
                             Some(slot) => {
-                                let (registry, outbox) = (registry.clone(), outbox.clone());
+                                let (registry, outbox, metrics) =
+                                    (registry.clone(), outbox.clone(), self.metrics.clone());
                                 tokio::spawn(async move {
                                     let answer = registry.on_forwarded(f).await;
+                                    metrics.forward_answered(if answer.error.is_empty() {
+                                        "answered"
+                                    } else {
+                                        "refused"
+                                    });
                                     outbox.send(party_message::Body::ForwardAnswer(answer)).await;
                                     drop(slot);
                                 });
                             }
                             None => {
+                                self.metrics.forward_answered("busy");
                                 let answer = pb::ForwardAnswer {
                                     request_id: f.request_id,
                                     peer: f.peer,

@@ -30,6 +30,7 @@ pub struct PartyMetrics {
     inference_requests: IntCounterVec,
     inference_duration: HistogramVec,
     inference_rows: IntCounterVec,
+    forwards_answered: IntCounterVec,
 }
 
 impl PartyMetrics {
@@ -121,6 +122,18 @@ impl PartyMetrics {
                     &["service", "source"],
                 )?,
             )?,
+            forwards_answered: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "confide_party_forwarded_requests_total",
+                        "Requests other parties forwarded to this party's cloud services, by outcome: answered, \
+                         refused (a request that does not check, or a prediction that failed) or busy (refused \
+                         at the limit of requests answered at once).",
+                    ),
+                    &["outcome"],
+                )?,
+            )?,
             registry: r,
         })
     }
@@ -170,6 +183,12 @@ impl PartyMetrics {
             }
         }
     }
+
+    /// A request forwarded to this party's cloud tier: `outcome` is
+    /// `answered`, `refused` or `busy`.
+    pub fn forward_answered(&self, outcome: &str) {
+        self.forwards_answered.with_label_values(&[outcome]).inc();
+    }
 }
 
 /// Shared by the node, its job workers and its prediction services.
@@ -189,8 +208,13 @@ mod tests {
         m.task_done("fit", Some(Duration::from_millis(30)));
         m.ledger(&[("data".into(), f64::INFINITY, 1e-5)], &[("data".into(), 4.0)]);
         m.inference("svc", true, Duration::from_millis(2), &[("edge", 9), ("cloud", 1), ("edge_hard", 0)]);
+        m.forward_answered("answered");
+        m.forward_answered("busy");
+        m.forward_answered("busy");
         let text = confide_proto::telemetry::render(&m.registry).unwrap();
         for line in [
+            "confide_party_forwarded_requests_total{outcome=\"answered\"} 1",
+            "confide_party_forwarded_requests_total{outcome=\"busy\"} 2",
             "confide_party_connected 1",
             "confide_party_sent_bytes_total 150",
             "confide_party_received_bytes_total 40",
