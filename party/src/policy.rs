@@ -112,6 +112,19 @@ pub fn consider<'a>(
             confide_proto::dpspec::FIT_ANSWER_MARGIN_SECS
         ));
     }
+    // Once the others answered (at the spec's own floor, the same for
+    // all), a straggler cut gives this party `straggler_secs` more: a
+    // longer floor of its own would have it dropped every round.
+    if let (Some((stage, floor)), Some(straggler)) = (answer_floor(spec, policy), spec.timeouts.straggler_secs) {
+        let shared = spec.dp.as_ref().and_then(|d| d.answer_fit_after_secs).filter(|_| stage == "fit").unwrap_or(0.0);
+        if !confide_proto::dpspec::answer_floor_fits(floor - shared, straggler) {
+            return Err(format!(
+                "policy.min_answer_after_secs holds each {stage} answer {floor} s; the job's \
+                 timeouts.straggler_secs = {straggler} would drop it every round once the others answered \
+                 (the spec holds theirs {shared} s)"
+            ));
+        }
+    }
     // The offer's answer is held to the policy's floor too (`node`): the
     // coordinator must still be recruiting when it comes.
     if let Some(floor) = policy.min_answer_after_secs
@@ -256,6 +269,23 @@ mod tests {
             assert!(e.contains("policy.min_answer_after_secs") && e.contains("round_secs = 3"), "{e}");
             assert!(e.contains(&format!("each {}", if kind == "train" { "fit" } else { "evaluate" })), "{e}");
         }
+        // A straggler cut: the party's floor must fit in it past the
+        // spec's own floor, which every party holds to.
+        let cut = |kind: &str, spec_floor: Option<f64>, straggler: u64| {
+            let mut j = job(kind, 600);
+            j.timeouts.straggler_secs = Some(straggler);
+            if let Some(d) = j.dp.as_mut() {
+                d.answer_fit_after_secs = spec_floor;
+            }
+            j
+        };
+        for kind in ["train", "evaluate"] {
+            assert!(consider(&cut(kind, None, 3), "d", &policy(2.0), &plugins, &data).is_ok());
+            let e = consider(&cut(kind, None, 3), "d", &policy(2.5), &plugins, &data).unwrap_err();
+            assert!(e.contains("timeouts.straggler_secs = 3") && e.contains("min_answer_after_secs"), "{e}");
+        }
+        assert!(consider(&cut("train", Some(5.0), 3), "d", &policy(7.0), &plugins, &data).is_ok());
+        assert!(consider(&cut("train", Some(5.0), 3), "d", &policy(7.5), &plugins, &data).is_err());
     }
 
     fn cautious_floor() -> Policy {

@@ -427,6 +427,13 @@ pub struct Timeouts {
     /// How long a stage waits for answers; late parties are dropped from the round.
     #[serde(default = "default_round")]
     pub round_secs: u64,
+    /// Once `parties.min` parties have answered a stage that needs a head
+    /// count, how much longer it waits for the rest (none: until
+    /// `round_secs`). Bounds what a party that answers just before each
+    /// deadline can cost a round; stages whose protocol counts its own
+    /// quorum (a reconstruction threshold) wait as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub straggler_secs: Option<u64>,
 }
 
 fn default_recruit() -> u64 {
@@ -438,7 +445,7 @@ fn default_round() -> u64 {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { recruit_secs: default_recruit(), round_secs: default_round() }
+        Timeouts { recruit_secs: default_recruit(), round_secs: default_round(), straggler_secs: None }
     }
 }
 
@@ -1041,6 +1048,17 @@ impl RawJobSpec {
         }
         if !(1..=86_400).contains(&self.timeouts.round_secs) {
             err("timeouts.round_secs", format!("must be 1..=86400 (got {})", self.timeouts.round_secs));
+        }
+        if let Some(s) = self.timeouts.straggler_secs
+            && !(1..self.timeouts.round_secs).contains(&s)
+        {
+            err(
+                "timeouts.straggler_secs",
+                format!(
+                    "must be at least 1 and below timeouts.round_secs ({}), or it never applies (got {s})",
+                    self.timeouts.round_secs
+                ),
+            );
         }
         if !e.is_empty() {
             return Err(e);

@@ -205,9 +205,23 @@ struct Collection {
     /// metrics, so a slow stage shows in `confide job status`.
     started: Millis,
     deadline: Millis,
+    /// When `parties.min` had answered (a head-count stage only): from
+    /// then on the stage waits at most `timeouts.straggler_secs` more.
+    quorum_at: Option<Millis>,
     waiting: BTreeSet<String>,
     answered: BTreeSet<String>,
     quorum: Quorum,
+}
+
+impl Collection {
+    /// When the stage closes with answers missing: at its deadline, or
+    /// `straggler` after its quorum answered, whichever comes first.
+    fn closes_at(&self, straggler: Option<u64>) -> Millis {
+        match (self.quorum_at, straggler) {
+            (Some(at), Some(secs)) => self.deadline.min(at.saturating_add(secs.saturating_mul(1000))),
+            _ => self.deadline,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,7 +319,9 @@ impl Session {
     pub fn next_deadline(&self) -> Option<Millis> {
         match self.core.phase {
             Phase::Recruiting { deadline } => Some(deadline),
-            Phase::Running => self.core.collection.as_ref().map(|c| c.deadline),
+            Phase::Running => {
+                self.core.collection.as_ref().map(|c| c.closes_at(self.core.spec.timeouts.straggler_secs))
+            }
             Phase::Persisting { .. } | Phase::Done => None,
         }
     }
@@ -419,13 +435,19 @@ impl Session {
                 }
                 Phase::Running => {
                     let Some(c) = &core.collection else { return };
-                    if !c.waiting.is_empty() && core.now < c.deadline {
+                    let straggler = core.spec.timeouts.straggler_secs;
+                    if !c.waiting.is_empty() && core.now < c.closes_at(straggler) {
                         return;
                     }
                     let late: Vec<String> = c.waiting.iter().cloned().collect();
-                    let secs = core.spec.timeouts.round_secs;
+                    let why = match straggler {
+                        Some(s) if core.now < c.deadline => {
+                            format!("no answer within {s}s of the first {} answers", core.spec.min_parties())
+                        }
+                        _ => format!("no answer within {}s", core.spec.timeouts.round_secs),
+                    };
                     for p in late {
-                        core.drop_from_stage(&p, &format!("no answer within {secs}s"));
+                        core.drop_from_stage(&p, &why);
                     }
                     let Some(c) = core.collection.take() else { return };
                     let elapsed = core.now.saturating_sub(c.started) as f64;
@@ -495,6 +517,9 @@ impl Core {
             && c.waiting.remove(party)
         {
             c.answered.insert(party.to_owned());
+            if c.quorum == Quorum::JobMinimum && c.quorum_at.is_none() && c.answered.len() >= self.spec.min_parties() {
+                c.quorum_at = Some(self.now);
+            }
             if self.parties.get(party).is_some_and(|s| s.state != PartyState::Accepted || s.detail.is_some()) {
                 self.set_party(party, PartyState::Accepted, None);
             }
@@ -719,6 +744,7 @@ impl Context<'_> {
             task_id,
             started: core.now,
             deadline: core.now + core.spec.timeouts.round_secs * 1000,
+            quorum_at: None,
             waiting,
             answered: BTreeSet::new(),
             quorum,

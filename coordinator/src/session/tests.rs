@@ -327,6 +327,51 @@ mod plaintext {
         assert!(h.s.parties()["b"].detail.as_deref().unwrap().contains("no answer within 10s"));
     }
 
+    /// With `timeouts.straggler_secs`, a stage waits that long after
+    /// `parties.min` have answered, not to its deadline: a party that
+    /// answers just before each deadline costs a round that much at most.
+    /// Without it (above) the stage waits to `round_secs`.
+    #[test]
+    fn a_straggler_is_dropped_once_the_minimum_has_answered_and_its_time_is_up() {
+        let mut spec = spec(&["a", "b", "c"], 2, 1, "");
+        spec.timeouts.straggler_secs = Some(2);
+        let mut h = H::new(spec, Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a", "b", "c"]);
+        h.now = 100;
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        assert_eq!(h.s.next_deadline(), Some(10_000), "one answer: below the minimum");
+        h.now = 500;
+        h.fit("b", &fit[1].1, 1, &[4.0]);
+        assert_eq!(h.s.next_deadline(), Some(2_500), "two answers: 2 s more");
+        h.now = 2_499;
+        h.feed(Input::Tick);
+        assert!(h.tasks().is_empty());
+        h.now = 2_500;
+        h.feed(Input::Tick);
+        let ev = h.tasks();
+        assert_eq!(ev.len(), 3, "c is still connected: it evaluates");
+        assert_eq!(ev[0].1.params.as_ref().unwrap().tensors()[0].data, vec![3.0]);
+        let detail = h.s.parties()["c"].detail.clone().unwrap();
+        assert_eq!(detail, "round 1 fit: no answer within 2s of the first 2 answers");
+        // Late is late: c's answer now is stale.
+        h.fit("c", &fit[2].1, 1, &[9.0]);
+        assert!(h.tasks().is_empty());
+    }
+
+    /// `timeouts.straggler_secs` must be a real cut: at least a second and
+    /// below the stage deadline, else the spec is refused naming it.
+    #[test]
+    fn a_straggler_cut_that_never_applies_is_refused() {
+        for bad in ["0", "10", "11"] {
+            let text = format!(
+                "name = \"t\"\nkind = \"train\"\n[parties]\nnames = [\"a\"]\ndataset = \"d\"\n\
+                 [model]\nkind = \"logistic_regression\"\nclasses = 2\n[timeouts]\nround_secs = 10\nstraggler_secs = {bad}\n"
+            );
+            let e = JobSpec::parse(&text, "t", &Limits::default()).unwrap_err().to_string();
+            assert!(e.contains("timeouts.straggler_secs") && e.contains("below timeouts.round_secs (10)"), "{e}");
+        }
+    }
+
     #[test]
     fn a_nan_update_drops_the_party_by_name() {
         let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
@@ -528,7 +573,12 @@ mod secure {
 
         /// Recruits, runs setup, and returns the secure fit tasks.
         fn start(min: usize) -> (Run, Vec<(String, TaskOut)>) {
-            let (mut r, out) = Run::recruit(spec(min));
+            Run::start_spec(spec(min))
+        }
+
+        /// [`Run::start`] for a spec of the caller's.
+        fn start_spec(spec: JobSpec) -> (Run, Vec<(String, TaskOut)>) {
+            let (mut r, out) = Run::recruit(spec);
             let mut fit = Vec::new();
             for (p, t) in tasks(out) {
                 let result = ResultBody::Setup { params: params(&[0.0, 0.0]), stats: FeatureStats::default() };
@@ -679,6 +729,47 @@ mod secure {
         ] {
             assert!(metrics.contains_key(&stage.metric_name()), "{} missing from {metrics:?}", stage.metric_name());
         }
+    }
+
+    /// `timeouts.straggler_secs` cuts a stage that counts heads short once
+    /// `parties.min` have answered, and leaves alone a stage whose protocol
+    /// counts its own quorum (the unmasking's reconstruction threshold).
+    #[test]
+    fn the_straggler_cut_applies_to_head_count_stages_only() {
+        let mut spec = spec(3);
+        spec.timeouts.straggler_secs = Some(2);
+        let (mut r, fit) = Run::start_spec(spec);
+        assert_eq!(r.s.next_deadline(), Some(10_000));
+        let mut shares = Vec::new();
+        for (i, (p, t)) in fit.iter().enumerate() {
+            shares = tasks(r.fit(p, t));
+            let expected = if i < 2 { 10_000 } else { 2_000 };
+            if i < 4 {
+                assert_eq!(r.s.next_deadline(), Some(expected), "after {} fit answers", i + 1);
+            }
+        }
+        let mut masked = Vec::new();
+        for (p, t) in &shares {
+            masked = tasks(r.step(p, t));
+        }
+        let mut consistency = Vec::new();
+        for (p, t) in &masked {
+            consistency = tasks(r.step(p, t));
+        }
+        let mut unmask = Vec::new();
+        for (p, t) in &consistency {
+            unmask = tasks(r.step(p, t));
+        }
+        assert!(unmask.iter().all(|(_, t)| t.stage == Stage::Aggregation(UNMASK)), "{unmask:?}");
+        for (p, t) in &unmask[..3] {
+            assert!(tasks(r.step(p, t)).is_empty());
+        }
+        assert_eq!(r.s.next_deadline(), Some(10_000), "the protocol's quorum: the stage waits to its deadline");
+        let mut eval = Vec::new();
+        for (p, t) in &unmask[3..] {
+            eval = tasks(r.step(p, t));
+        }
+        assert!(eval.iter().all(|(_, t)| t.stage == Stage::Evaluate), "{eval:?}");
     }
 
     /// With standardisation on, setup's feature sums are a secure sum of
