@@ -104,9 +104,9 @@ if [ -n "${CONFIDE_DEMO_SCREENSHOT:-}" ] && [ -n "$DASHBOARD" ]; then
   echo "   dashboard screenshot: $CONFIDE_DEMO_SCREENSHOT"
 fi
 
-python3 - "$DEMO" "$MODEL" "${PARTIES[@]}" <<'PY'
-import json, sys
-demo, model, parties = sys.argv[1], sys.argv[2], sys.argv[3:]
+python3 - "$DEMO" "$MODEL" "$SPEC" "${PARTIES[@]}" <<'PY'
+import json, sys, tomllib
+demo, model, spec_path, parties = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 status = json.load(open(f"{demo}/status.json"))
 fed = json.load(open(f"{demo}/federated.json"))
 central = json.load(open(f"{demo}/central.json"))["test"]
@@ -125,7 +125,16 @@ print(f"model: {model}")
 print(json.dumps({"federated_accuracy": round(acc, 4), "central_accuracy": round(cacc, 4),
                   "rounds": status["rounds_completed"], "privacy": status["privacy"]["aggregation"],
                   "epsilon": None if eps is None else round(eps, 4), "model": model}))
-sys.exit(0 if status["state"] == "succeeded" else 1)
+if status["state"] != "succeeded":
+    sys.exit(1)
+# A DP spec's run must report its ε, within the spec's target when it sets one.
+dp_spec = tomllib.load(open(spec_path, "rb")).get("dp")
+if dp_spec is not None:
+    target = dp_spec.get("target_epsilon")
+    if eps is None:
+        sys.exit(f"the job has [dp] but its status reports no ε")
+    if target is not None and eps > target * (1 + 1e-9):
+        sys.exit(f"ε = {eps} exceeds the spec's target_epsilon = {target}")
 PY
 # CONFIDE_DEMO_HOLD=1: keep the federation and the dashboard running to look around.
 if [ -n "${CONFIDE_DEMO_HOLD:-}" ]; then
