@@ -673,3 +673,57 @@ fn a_dp_pipeline_job_with_no_batch_sets_up_on_no_rows() {
     let train = JobSpec::parse(&dp, "dp.toml", &Limits::default()).expect("spec");
     assert!(confide_party::trainers::width_undeclared(&train).contains("feature_ranges"));
 }
+
+/// `confide job validate` (the binary) prints the ε the demo's spec costs,
+/// as the spec's own accountant computes it, and `--target-epsilon`
+/// prints a noise multiplier that, put in the spec, costs at most the
+/// target; a target out of range is refused naming the flag.
+#[test]
+fn job_validate_prints_the_epsilon_a_spec_costs_and_the_noise_for_a_target() {
+    let confide = confide_tests::bin_dir().join("confide");
+    let path = repo_root().join("examples/jobs/breast-cancer-dp.toml");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(&confide)
+            .args(["job", "validate", path.to_str().expect("path")])
+            .args(extra)
+            .env("CONFIDE_LOG", "warn")
+            .output()
+            .expect("run confide");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = run(&[]);
+    assert!(ok, "{stdout}{stderr}");
+    let text = std::fs::read_to_string(&path).expect("spec");
+    let expected = cost(&text);
+    let printed: f64 = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("dp: ε = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no ε line in:\n{stdout}"));
+    assert!((printed - expected).abs() < 5e-5, "printed ε {printed}, the spec's accountant {expected}:\n{stdout}");
+    assert!(expected <= 4.0 + 1e-9, "the demo's spec costs ε = {expected}");
+
+    let (ok, stdout, stderr) = run(&["--target-epsilon", "2"]);
+    assert!(ok, "{stdout}{stderr}");
+    let z: f64 = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("noise_multiplier = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no noise_multiplier line in:\n{stdout}"));
+    // The printed multiplier, put in the spec instead of the target, costs at most ε = 2 (and not far below).
+    let mut raw: toml::Table = toml::from_str(&text).expect("toml");
+    let dp = raw.get_mut("dp").and_then(|d| d.as_table_mut()).expect("[dp]");
+    dp.remove("target_epsilon");
+    dp.insert("noise_multiplier".into(), toml::Value::Float(z));
+    let with_z = cost(&toml::to_string(&raw).expect("toml"));
+    assert!(with_z <= 2.0 && with_z > 1.99, "noise_multiplier = {z} costs ε = {with_z}");
+
+    let (ok, _, stderr) = run(&["--target-epsilon", "0"]);
+    assert!(!ok && stderr.contains("--target-epsilon: must be in (0,"), "{stderr}");
+}
