@@ -476,6 +476,8 @@ fn a_central_party_level_dp_job_runs_for_parties_that_accept_it() {
 /// count's noise is set low (σ_b = 0.8, just above z/2; the default is z,
 /// a standard deviation of half the fraction of three parties), so that
 /// the first two rounds' noisy counts do not move the clip up by chance.
+/// The party-level ε the status reports, and each round's, is the same
+/// across the restart.
 #[test]
 fn central_adaptive_clip_survives_a_coordinator_restart() {
     let mut fed = federation("[policy]\naggregation = [\"none\"]\naccept_central_dp = true\nmax_epsilon = 500.0\n");
@@ -497,11 +499,24 @@ fn central_adaptive_clip_survives_a_coordinator_restart() {
     };
     let saved = clips(&before);
     assert_eq!(saved.len(), done, "{before:#}");
+    // Party-level ε too: the accountant's state survives the restart.
+    let spec = JobSpec::parse(&text, "central.toml", &Limits::default()).expect("spec");
+    let dp = spec.dp.as_ref().expect("dp");
+    let spent = before["privacy"]["epsilon"].as_f64().expect("epsilon");
+    assert!((spent - dp.epsilon(&spec.training, done as u32)).abs() < 1e-9, "{spent} after {done} rounds");
     fed.kill_coordinator();
     fed.start_coordinator();
+    let after = fed.status(&id);
+    assert_eq!(after["rounds_completed"], before["rounds_completed"]);
+    assert_eq!(after["privacy"]["epsilon"].as_f64(), Some(spent), "ε changed across the restart");
     fed.signal_parties("CONT");
     let st = fed.wait_done(&id, 120);
-    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    assert_party_level_costs(&fed, &id, &text, &st);
+    for r in st["history"].as_array().expect("history") {
+        let round = r["round"].as_u64().expect("round") as u32;
+        let e = r["metrics"]["epsilon"].as_f64().unwrap_or_else(|| panic!("round {round} has no ε: {r:#}"));
+        assert!((e - dp.epsilon(&spec.training, round)).abs() < 1e-9, "round {round}: ε {e}");
+    }
     let all = clips(&st);
     assert_eq!(all.len(), 6, "{st:#}");
     assert_eq!(&all[..done], saved.as_slice());
