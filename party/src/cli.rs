@@ -477,8 +477,9 @@ fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Resul
         };
         println!("data set {name}: ε = {:.4}, δ = {:e}{rows}{remaining}", d.epsilon(), d.delta());
         for (id, j) in &d.jobs {
+            let ended = j.ended.as_ref().map_or(String::new(), |e| format!(" (settled: the job ended, {e})"));
             println!(
-                "  job {id} ({}): ε = {:.4}, δ = {:e}, {}/{} rounds trained",
+                "  job {id} ({}): ε = {:.4}, δ = {:e}, {}/{} rounds trained{ended}",
                 j.name, j.epsilon, j.delta, j.rounds_started, j.rounds_reserved
             );
         }

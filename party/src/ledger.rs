@@ -23,6 +23,11 @@
 //!   round trains ([`RoundStarted`]): training spends nothing until its
 //!   result is released, so the write need only precede the release.
 //!
+//! * **When the coordinator says the job ended** before its last round,
+//!   the reservation is settled to what the rounds started cost
+//!   ([`RoundGuard::settle`]); further rounds of it, if any came, would be
+//!   charged one by one as above.
+//!
 //! Costs of separate jobs add up (basic composition of (ε, δ)): a
 //! conservative total that needs no assumption on how the jobs relate.
 //! One party process owns a ledger file: it holds an exclusive lock on
@@ -123,6 +128,11 @@ pub struct JobCharge {
     /// rejoined, so an offer of it again under the same id is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub left: Option<String>,
+    /// How the coordinator said the job ended (`succeeded`, `failed`,
+    /// `cancelled`), once the reservation was settled to the rounds it
+    /// started ([`RoundGuard::settle`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
 }
 
 /// One data set's spending.
@@ -509,6 +519,7 @@ impl Ledger {
                     .map_or(0, |d| d.as_secs()),
                 terms: cost_terms(spec),
                 left: None,
+                ended: None,
             },
         );
         // Durable before the job is accepted (the state lock held: no other
@@ -560,6 +571,32 @@ impl Ledger {
         state.file = next;
         state.version += 1;
         written
+    }
+
+    fn settle(&self, guard: &RoundGuard, ended: &str) -> Result<Option<f64>, String> {
+        let Some((dp, training)) = &guard.cost else { return Ok(None) };
+        let mut state = self.state.lock().map_err(|_| "the privacy ledger's lock is poisoned".to_string())?;
+        let mut next = state.file.clone();
+        let Some(charge) = next.datasets.get_mut(&guard.dataset).and_then(|d| d.jobs.get_mut(&guard.job_id)) else {
+            return Ok(None);
+        };
+        if charge.rounds_started >= charge.rounds_reserved || !charge.epsilon.is_finite() {
+            return Ok(None);
+        }
+        // What the started rounds cost (none: nothing left the party), never
+        // above what is recorded.
+        let spent = match charge.rounds_started {
+            0 => 0.0,
+            n => fail_closed(dp.record_epsilon(training, n)),
+        };
+        if spent >= charge.epsilon {
+            return Ok(None);
+        }
+        charge.epsilon = spent;
+        charge.rounds_reserved = charge.rounds_started;
+        charge.ended = Some(ended.chars().take(16).collect());
+        self.commit(&mut state, next)?;
+        Ok(Some(spent))
     }
 
     fn start_round(self: &Arc<Self>, guard: &RoundGuard, once: bool) -> Result<RoundStarted, StartRefused> {
@@ -753,6 +790,21 @@ impl RoundGuard {
         self.ledger.start_round(self, true)
     }
 
+    /// Settles the reservation once the coordinator says the job ended
+    /// (`state`): a job that ends before its last round keeps on record
+    /// what the rounds it started cost, not the whole job's reservation.
+    /// Returns the settled ε when it went down. Nothing is taken back for
+    /// a job without DP (its rows were read: ∞ stands), nor δ (kept as
+    /// reserved). A job resumed after this (a coordinator that said it
+    /// ended and offers it again) is charged round by round, as rounds
+    /// beyond a reservation are. Durable before it returns.
+    pub fn settle(&self, state: &str) -> Result<Option<f64>, String> {
+        if !self.accounts {
+            return Ok(None);
+        }
+        self.ledger.settle(self, state)
+    }
+
     /// Records, durably, that this party left the job over a coordinator
     /// fault (`why`): an offer of the job again is refused.
     pub fn leave(&self, why: &str) -> Result<(), String> {
@@ -799,6 +851,64 @@ mod tests {
             plain.start_round().unwrap().durable().unwrap();
         }
         assert_eq!(Ledger::read(&path).unwrap().datasets["e"].jobs["x"].rounds_started, 0);
+    }
+
+    /// A job the coordinator says ended before its last round keeps on
+    /// record what its started rounds cost, durably, and no more: the
+    /// rest of its reservation goes back to the data set's budget. It
+    /// never goes up, a job without DP keeps ∞, and a job resumed after
+    /// (a coordinator that said it ended and goes on) is charged round by
+    /// round against the budget, from what the started rounds cost.
+    #[test]
+    fn a_job_that_ended_early_keeps_only_its_started_rounds_on_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        let ten = spec(10, true);
+        let (whole, dp) = (job_cost(&ten).0, ten.dp.clone().unwrap());
+        let budget = whole * 1.01;
+        let guard = ledger.reserve("j", &ten, "d", Some(budget)).unwrap();
+        for _ in 0..3 {
+            guard.start_round().unwrap().durable().unwrap();
+        }
+        let three = dp.record_epsilon(&ten.training, 3);
+        assert!(three < whole * 0.8, "{three} vs {whole}");
+        assert_eq!(guard.settle("cancelled").unwrap(), Some(three));
+        let on_disk = Ledger::read(&path).unwrap();
+        let charge = &on_disk.datasets["d"].jobs["j"];
+        assert_eq!((charge.epsilon, charge.rounds_reserved, charge.rounds_started), (three, 3, 3));
+        assert_eq!(charge.ended.as_deref(), Some("cancelled"));
+        assert_eq!(charge.delta, dp.delta, "δ stays as reserved");
+        assert_eq!(on_disk.datasets["d"].epsilon(), three);
+        // Settled once: again, nothing changes.
+        assert_eq!(guard.settle("cancelled").unwrap(), None);
+        // What it gave back is the budget's again: a second job fits that
+        // would not have before.
+        let text = spec_text(1, true).replace("noise_multiplier = 1.0", "noise_multiplier = 3.0");
+        let small = JobSpec::parse(&text, "t", &Limits::default()).unwrap();
+        let cost = job_cost(&small).0;
+        assert!(cost > budget - whole && cost <= budget - three, "{cost}: {whole}, {three}, {budget}");
+        drop(ledger.reserve("k", &small, "d", Some(budget)).unwrap());
+        // The same job resumed: each further round is charged first, and
+        // refused once the budget is spent.
+        let mut charged = 3;
+        while guard.start_round().map(|r| r.durable().unwrap()).is_ok() {
+            charged += 1;
+            let now = Ledger::read(&path).unwrap().datasets["d"].jobs["j"].clone();
+            assert_eq!((now.rounds_started, now.rounds_reserved), (charged, charged));
+            assert_eq!(now.epsilon, fail_closed(dp.record_epsilon(&ten.training, charged)));
+        }
+        assert!(charged < 10, "the other job's spending leaves no room for the whole job: {charged}");
+        // A job whose rounds all started, or without DP, settles to nothing new.
+        let full = ledger.reserve("f", &spec(1, true), "e", None).unwrap();
+        full.start_round().unwrap().durable().unwrap();
+        assert_eq!(full.settle("succeeded").unwrap(), None);
+        let plain = ledger.reserve("x", &spec(5, false), "g", None).unwrap();
+        assert_eq!(plain.settle("failed").unwrap(), None);
+        assert_eq!(Ledger::read(&path).unwrap().datasets["g"].jobs["x"].epsilon, f64::INFINITY);
+        // A job that started no round costs nothing.
+        let idle = ledger.reserve("i", &spec(5, true), "h", None).unwrap();
+        assert_eq!(idle.settle("failed").unwrap(), Some(0.0));
     }
 
     /// An ε the accountant could not compute (NaN) counts as ∞, and no

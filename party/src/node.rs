@@ -179,7 +179,8 @@ const MAX_CLOSE_REASON_CHARS: usize = 1024;
 /// the session before it.
 enum Waiting {
     Task(pb::Task, Option<Bulk>),
-    Closed(String),
+    /// The close's reason, and how the job ended (if it did).
+    Closed(String, Option<String>),
 }
 
 /// What came for a job meanwhile, by job, each with its offer's serial.
@@ -908,14 +909,20 @@ impl PartyNode {
                 coordinator_message::Body::Closed(c) => {
                     // From the wire: kept, passed on and logged at a bounded length.
                     let reason: String = c.reason.chars().take(MAX_CLOSE_REASON_CHARS).collect();
+                    // A job that ended (not one closed otherwise) settles its
+                    // privacy ledger reservation to the rounds it started.
+                    let ended = confide_proto::status::JobState::try_from(c.state)
+                        .ok()
+                        .filter(|s| s.is_terminal())
+                        .map(|s| s.as_str().to_owned());
                     if let Some(serial) = offers.newest(&c.job_id) {
                         // One close per offer is enough: later ones change nothing.
                         let kept = waiting.entry(c.job_id.clone()).or_default();
-                        if !kept.iter().any(|(n, w)| *n == serial && matches!(w, Waiting::Closed(_))) {
-                            kept.push((serial, Waiting::Closed(reason.clone())));
+                        if !kept.iter().any(|(n, w)| *n == serial && matches!(w, Waiting::Closed(..))) {
+                            kept.push((serial, Waiting::Closed(reason.clone(), ended)));
                         }
                     } else if let Some(job) = jobs.remove(&c.job_id) {
-                        job.send(Instant::now(), PartyInput::Closed { reason: reason.clone() });
+                        job.send(Instant::now(), PartyInput::Closed { reason: reason.clone(), ended });
                     }
                     let state =
                         confide_proto::status::JobState::try_from(c.state).map(|s| s.as_str()).unwrap_or("ended");
@@ -972,9 +979,9 @@ impl PartyNode {
         for (_, w) in mine {
             match w {
                 Waiting::Task(task, bulk) => route(jobs, outbox, task, bulk).await,
-                Waiting::Closed(reason) => {
+                Waiting::Closed(reason, ended) => {
                     if let Some(job) = jobs.remove(&offer.job_id) {
-                        job.send(Instant::now(), PartyInput::Closed { reason });
+                        job.send(Instant::now(), PartyInput::Closed { reason, ended });
                     }
                 }
             }
@@ -1459,7 +1466,7 @@ fn run_job(job_id: String, mut session: PartySession, inbox: Inbox, to: Sent) {
             // order; the job's close is handled at once (a held answer dies
             // with the job, and the round's secrets are wiped).
             match rx.recv_timeout(wait) {
-                Ok((_, PartyInput::Closed { reason })) => session.handle(now(), PartyInput::Closed { reason }),
+                Ok((_, closed @ PartyInput::Closed { .. })) => session.handle(now(), closed),
                 Ok(input) => {
                     pending.push_back(input);
                     // A busy inbox does not hold the answer past its floor.
@@ -1469,7 +1476,7 @@ fn run_job(job_id: String, mut session: PartySession, inbox: Inbox, to: Sent) {
                 }
                 Err(RecvTimeoutError::Timeout) => session.handle(now(), PartyInput::Tick),
                 Err(RecvTimeoutError::Disconnected) => {
-                    session.handle(now(), PartyInput::Closed { reason: String::new() })
+                    session.handle(now(), PartyInput::Closed { reason: String::new(), ended: None })
                 }
             }
             continue;
@@ -1477,7 +1484,9 @@ fn run_job(job_id: String, mut session: PartySession, inbox: Inbox, to: Sent) {
         let (arrived, input) = match pending.pop_front().map_or_else(|| rx.recv_timeout(wait), Ok) {
             Ok(received) => received,
             Err(RecvTimeoutError::Timeout) => (Instant::now(), PartyInput::Tick),
-            Err(RecvTimeoutError::Disconnected) => (Instant::now(), PartyInput::Closed { reason: String::new() }),
+            Err(RecvTimeoutError::Disconnected) => {
+                (Instant::now(), PartyInput::Closed { reason: String::new(), ended: None })
+            }
         };
         let answered = matches!(input, PartyInput::Task(_));
         if let PartyInput::Task(t) = &input {
@@ -1754,7 +1763,7 @@ mod tests {
         // Closed while the fit's answer is held.
         let start = Instant::now();
         let handler = Timed { train_ms: 100, step_ms: 0, refuse_second_fit: false };
-        let closed = PartyInput::Closed { reason: "cancelled".into() };
+        let closed = PartyInput::Closed { reason: "cancelled".into(), ended: Some("cancelled".into()) };
         let answers = run(handler, 3_000, vec![(0, fit(1)), (400, closed)], 0);
         assert!(answers.is_empty(), "a held answer after the close: {answers:?}");
         assert!(start.elapsed() < Duration::from_millis(2_500), "the close waited for the floor");

@@ -85,6 +85,14 @@ pub trait JobHandler: Send {
     fn leave(&mut self, _why: &str) -> Result<(), String> {
         Ok(())
     }
+
+    /// The coordinator said the job ended (`state`): a handler with a
+    /// privacy ledger settles the job's reservation to the rounds it
+    /// started (the settled ε when it went down). An error is the
+    /// record's, for the hospital's log.
+    fn job_ended(&mut self, _state: &str) -> Result<Option<f64>, String> {
+        Ok(None)
+    }
 }
 
 /// An event for the session.
@@ -92,10 +100,15 @@ pub trait JobHandler: Send {
 pub enum PartyInput {
     /// A task from the coordinator.
     Task(Task),
-    /// The coordinator closed the job.
+    /// The job's session ended: the coordinator closed the job, or the
+    /// connection it came on ended.
     Closed {
         /// Why (empty when it succeeded).
         reason: String,
+        /// How the job ended (`succeeded`, `failed`, `cancelled`) when the
+        /// coordinator said so; `None` when the session ended otherwise
+        /// (a reconnect: the job may go on).
+        ended: Option<String>,
     },
     /// Time passed.
     Tick,
@@ -260,7 +273,19 @@ impl PartySession {
     fn handle_input(&mut self, now: Millis, input: PartyInput) {
         match input {
             PartyInput::Task(task) => self.on_task(now, task),
-            PartyInput::Closed { reason } => {
+            PartyInput::Closed { reason, ended } => {
+                if let Some(state) = ended {
+                    match self.handler.job_ended(&state) {
+                        Ok(Some(spent)) => self.out.push_back(PartyOutput::Note(format!(
+                            "the job ended ({state}) before its last round: its privacy ledger reservation is \
+                             settled to ε = {spent:.4}, what the rounds it started cost"
+                        ))),
+                        Ok(None) => {}
+                        Err(e) => self.out.push_back(PartyOutput::Note(format!(
+                            "the job ended ({state}); its privacy ledger reservation stays whole: {e}"
+                        ))),
+                    }
+                }
                 self.handler.abandon();
                 self.held.clear();
                 self.closed = true;
@@ -428,6 +453,10 @@ mod tests {
             self.left.lock().unwrap().push(why.to_owned());
             Ok(())
         }
+        fn job_ended(&mut self, state: &str) -> Result<Option<f64>, String> {
+            self.left.lock().unwrap().push(format!("ended: {state}"));
+            Ok(Some(1.5))
+        }
     }
 
     fn step(job: &str, round: u32, id: u64, stage: &str) -> PartyInput {
@@ -484,7 +513,7 @@ mod tests {
         s.handle(6_100, step("j", 1, 2, "secagg-shares"));
         assert!(matches!(outputs(&mut s)[..], [PartyOutput::Result(_)]));
         s.handle(7_000, step("j", 2, 3, "fit"));
-        s.handle(7_001, PartyInput::Closed { reason: String::new() });
+        s.handle(7_001, PartyInput::Closed { reason: String::new(), ended: None });
         s.handle(20_000, PartyInput::Tick);
         assert!(outputs(&mut s).iter().all(|o| !matches!(o, PartyOutput::Result(_))));
     }
@@ -640,6 +669,27 @@ mod tests {
         }
     }
 
+    /// The handler hears that the job ended (to settle its ledger
+    /// reservation) only when the coordinator said so, not when the
+    /// session ends with its connection; the hospital's log says what was
+    /// settled.
+    #[test]
+    fn only_a_job_the_coordinator_ended_settles_its_reservation() {
+        let told = std::sync::Arc::default();
+        let mut s = session_recording(None, std::sync::Arc::clone(&told));
+        s.handle(0, PartyInput::Closed { reason: String::new(), ended: None });
+        assert!(told.lock().unwrap().is_empty(), "a session that ended with its connection");
+        let mut s = session_recording(None, std::sync::Arc::clone(&told));
+        s.handle(0, PartyInput::Closed { reason: "cancelled".into(), ended: Some("cancelled".into()) });
+        assert_eq!(*told.lock().unwrap(), ["ended: cancelled"]);
+        let out = outputs(&mut s);
+        assert!(
+            out.iter().any(|o| matches!(o, PartyOutput::Note(n) if n.contains("settled to ε = 1.5000"))),
+            "{out:?}"
+        );
+        assert!(s.is_closed());
+    }
+
     #[test]
     fn an_open_round_is_abandoned_on_the_virtual_clock() {
         let mut s = session(None);
@@ -656,7 +706,7 @@ mod tests {
         s.handle(30_000, step("j", 2, 2, "secagg-unmask"));
         outputs(&mut s);
         assert_eq!(s.next_deadline(), None);
-        s.handle(40_000, PartyInput::Closed { reason: "cancelled".into() });
+        s.handle(40_000, PartyInput::Closed { reason: "cancelled".into(), ended: Some("cancelled".into()) });
         s.handle(40_000, step("j", 3, 3, "secagg-shares"));
         assert!(outputs(&mut s).iter().all(|o| matches!(o, PartyOutput::Note(_))), "a closed job does nothing");
     }

@@ -585,6 +585,10 @@ impl JobHandler for TrainingHandler {
     fn leave(&mut self, why: &str) -> Result<(), String> {
         self.budget.as_ref().map_or(Ok(()), |b| b.leave(why))
     }
+
+    fn job_ended(&mut self, state: &str) -> Result<Option<f64>, String> {
+        self.budget.as_ref().map_or(Ok(None), |b| b.settle(state))
+    }
 }
 
 impl TrainingHandler {
@@ -2280,7 +2284,7 @@ mod tests {
                 .any(|o| matches!(o, PartyOutput::Failed { reason, .. } if reason.contains("coordinator fault"))),
             "{outputs:?}"
         );
-        session.handle(1, PartyInput::Closed { reason: "done".into() });
+        session.handle(1, PartyInput::Closed { reason: "done".into(), ended: Some("succeeded".into()) });
         assert!(!r.any_trained(), "it waited for the training");
         open(&gates);
     }
