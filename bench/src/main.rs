@@ -1370,17 +1370,30 @@ fn bench_dp_sgd(steps: u64, repeat: usize) -> Result<Vec<serde_json::Value>, Str
             steps_per_round: steps,
         };
         let (mut plain, mut private) = (Vec::new(), Vec::new());
+        // The process's CPU time too (every thread: DP-SGD draws its noise on
+        // a thread of its own, so on a busy machine without a spare core the
+        // wall-clock ratio would approach the CPU one).
+        let (mut plain_cpu, mut private_cpu) = (Vec::new(), Vec::new());
+        let cpu_ms = || confide_coordinator::driver::process_cpu().map(|d| d.as_secs_f64() * 1e3);
         for _ in 0..repeat {
             t.set_parameters(&p).map_err(|e| e.to_string())?;
-            let start = Instant::now();
+            let (start, cpu) = (Instant::now(), cpu_ms());
             t.fit(&config).map_err(|e| e.to_string())?;
-            plain.push(start.elapsed().as_secs_f64() * 1e3 / (epochs * per_epoch) as f64);
+            let plain_steps = (epochs * per_epoch) as f64;
+            plain.push(start.elapsed().as_secs_f64() * 1e3 / plain_steps);
+            if let (Some(a), Some(b)) = (cpu, cpu_ms()) {
+                plain_cpu.push((b - a) / plain_steps);
+            }
             t.set_parameters(&p).map_err(|e| e.to_string())?;
-            let start = Instant::now();
+            let (start, cpu) = (Instant::now(), cpu_ms());
             t.fit_private(&config, &plan).map_err(|e| e.to_string())?;
             private.push(start.elapsed().as_secs_f64() * 1e3 / steps as f64);
+            if let (Some(a), Some(b)) = (cpu, cpu_ms()) {
+                private_cpu.push((b - a) / steps as f64);
+            }
         }
         let (plain, private) = (median_ms(plain), median_ms(private));
+        let cpu = (!plain_cpu.is_empty()).then(|| (median_ms(plain_cpu), median_ms(private_cpu)));
         lines.push(serde_json::json!({
             "bench": "dp_sgd_step",
             "model": name,
@@ -1390,6 +1403,9 @@ fn bench_dp_sgd(steps: u64, repeat: usize) -> Result<Vec<serde_json::Value>, Str
             "plain_ms_per_step": plain,
             "dp_sgd_ms_per_step": private,
             "ratio": private / plain,
+            "plain_cpu_ms_per_step": cpu.map(|c| c.0),
+            "dp_sgd_cpu_ms_per_step": cpu.map(|c| c.1),
+            "cpu_ratio": cpu.map(|c| c.1 / c.0),
             "runs": repeat,
         }));
     }
