@@ -583,6 +583,13 @@ impl Ledger {
         if charge.rounds_started >= charge.rounds_reserved || !charge.epsilon.is_finite() {
             return Ok(None);
         }
+        // Only a reservation this binary's accountant made is recomputed: a
+        // charge recorded otherwise (another binary's accountant, a hand
+        // edit) is not taken back, as a grown charge never is.
+        let reserved = fail_closed(dp.record_epsilon(training, charge.rounds_reserved));
+        if (charge.epsilon - reserved).abs() > reserved * 1e-12 {
+            return Ok(None);
+        }
         // What the started rounds cost (none: nothing left the party), never
         // above what is recorded.
         let spent = match charge.rounds_started {
@@ -647,6 +654,8 @@ impl Ledger {
             }
             charge.epsilon = epsilon;
             charge.rounds_reserved = rounds;
+            // A settled job that goes on is no longer settled.
+            charge.ended = None;
         }
         charge.rounds_started += 1;
         // In memory at once (a later round or reservation counts it), on
@@ -669,7 +678,10 @@ impl Ledger {
     }
 
     /// Writes `file`, the state at `version`, unless a later state is
-    /// already on disk (it holds this one's changes: the state only grows).
+    /// already on disk (it holds this one's changes: each version is made
+    /// from the one before it in memory, under the state lock, so a later
+    /// one carries every earlier change, a settlement's lowered charge
+    /// with the rounds started before it).
     /// Makes `next` the ledger: durable first, then in memory (a change
     /// whose write failed does not hold). The state lock is held by the
     /// caller, so no other change comes between.
@@ -909,6 +921,65 @@ mod tests {
         // A job that started no round costs nothing.
         let idle = ledger.reserve("i", &spec(5, true), "h", None).unwrap();
         assert_eq!(idle.settle("failed").unwrap(), Some(0.0));
+        assert_eq!(Ledger::read(&path).unwrap().datasets["h"].jobs["i"].epsilon, 0.0);
+    }
+
+    /// A settled job that goes on shows as such: a round beyond the
+    /// settlement clears its `ended` mark.
+    #[test]
+    fn a_settled_job_that_goes_on_is_no_longer_marked_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        let guard = ledger.reserve("j", &spec(5, true), "d", None).unwrap();
+        guard.start_round().unwrap().durable().unwrap();
+        assert!(guard.settle("cancelled").unwrap().is_some());
+        assert_eq!(Ledger::read(&path).unwrap().datasets["d"].jobs["j"].ended.as_deref(), Some("cancelled"));
+        guard.start_round().unwrap().durable().unwrap();
+        let charge = Ledger::read(&path).unwrap().datasets["d"].jobs["j"].clone();
+        assert_eq!((charge.ended, charge.rounds_started, charge.rounds_reserved), (None, 2, 2));
+    }
+
+    /// A charge this binary's accountant did not make (a hand edit, an
+    /// older binary's accountant) is not recomputed by a settlement, as a
+    /// grown charge never takes one back.
+    #[test]
+    fn a_settlement_never_recomputes_a_charge_it_did_not_make() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        drop(ledger.reserve("j", &spec(10, true), "d", None).unwrap());
+        drop(ledger);
+        let mut file = Ledger::read(&path).unwrap();
+        file.datasets.get_mut("d").unwrap().jobs.get_mut("j").unwrap().epsilon = 50.0;
+        std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+        let ledger = Ledger::open(&path).unwrap();
+        let guard = ledger.reserve("j", &spec(10, true), "d", None).unwrap();
+        guard.start_round().unwrap().durable().unwrap();
+        assert_eq!(guard.settle("failed").unwrap(), None);
+        assert_eq!(Ledger::read(&path).unwrap().datasets["d"].jobs["j"].epsilon, 50.0);
+    }
+
+    /// A settlement that comes while a round's record is still being
+    /// written keeps that round: the file on disk counts it and charges
+    /// what the rounds started cost, the round's own later write changing
+    /// nothing.
+    #[test]
+    fn a_settlement_during_a_rounds_write_keeps_the_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        let ten = spec(10, true);
+        let guard = ledger.reserve("j", &ten, "d", None).unwrap();
+        guard.start_round().unwrap().durable().unwrap();
+        ledger.write_delay_ms.store(300, std::sync::atomic::Ordering::Relaxed);
+        let pending = guard.start_round().unwrap();
+        let settled = guard.settle("cancelled").unwrap();
+        pending.durable().unwrap();
+        let two = ten.dp.as_ref().unwrap().record_epsilon(&ten.training, 2);
+        assert_eq!(settled, Some(two));
+        let charge = Ledger::read(&path).unwrap().datasets["d"].jobs["j"].clone();
+        assert_eq!((charge.rounds_started, charge.rounds_reserved, charge.epsilon), (2, 2, two));
     }
 
     /// An ε the accountant could not compute (NaN) counts as ∞, and no

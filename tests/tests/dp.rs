@@ -69,6 +69,13 @@ fn federation(policy: &str) -> Federation {
 /// party-level ε is accounted at twice the clip already: a party with no
 /// data still sends its count coordinate).
 fn assert_party_level_costs(fed: &Federation, id: &str, text: &str, st: &Value) {
+    assert_party_level_costs_with(fed, id, text, st, false);
+}
+
+/// [`assert_party_level_costs`]; with `reruns`, each ledger holds at least
+/// the per-record ε (a round a coordinator restart interrupted may run
+/// again, and is charged again).
+fn assert_party_level_costs_with(fed: &Federation, id: &str, text: &str, st: &Value, reruns: bool) {
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
     assert_eq!(st["privacy"]["dp"], "party");
     let total = cost(text);
@@ -84,7 +91,12 @@ fn assert_party_level_costs(fed: &Federation, id: &str, text: &str, st: &Value) 
     assert!((shown - per_record).abs() < 1e-9 * per_record, "{shown} vs {per_record}: {st:#}");
     for p in three() {
         let l = ledger(fed, p);
-        assert_eq!(l["datasets"]["data"]["jobs"][id]["epsilon"].as_f64(), Some(per_record), "{p}: {l:#}");
+        let charged = l["datasets"]["data"]["jobs"][id]["epsilon"].as_f64();
+        if reruns {
+            assert!(charged >= Some(per_record * (1.0 - 1e-12)), "{p}: {l:#}");
+        } else {
+            assert_eq!(charged, Some(per_record), "{p}: {l:#}");
+        }
     }
 }
 
@@ -95,8 +107,10 @@ fn breast_cancer() -> PathBuf {
 /// hospital-c's budget is below the job's cost: it refuses, with the reason
 /// in the job's status, and the others train. hospital-b is then killed
 /// (SIGKILL) mid-job: its ledger still holds the whole job's cost and every
-/// round it started. A second job that would take hospital-a past its
-/// budget is refused with what it has spent.
+/// round it started. hospital-a, told that the job failed, keeps what its
+/// started rounds cost: a second job that would take it past its budget is
+/// refused with what it has spent, and one that fits in what the
+/// settlement gave back is accepted.
 #[test]
 fn the_ledger_refuses_over_budget_jobs_and_survives_a_sigkill_without_under_counting() {
     let mut fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
@@ -546,15 +560,7 @@ fn central_adaptive_clip_survives_a_coordinator_restart() {
     assert_eq!(after["privacy"]["epsilon"].as_f64(), Some(spent), "ε changed across the restart");
     fed.signal_parties("CONT");
     let st = fed.wait_done(&id, 120);
-    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
-    assert!((st["privacy"]["epsilon"].as_f64().expect("epsilon") - cost(&text)).abs() < 1e-9, "{st:#}");
-    // A round the restart interrupted may run again: each ledger holds at
-    // least the job's per-record ε (more if it trained that round twice).
-    for p in three() {
-        let l = ledger(&fed, p);
-        let charged = l["datasets"]["data"]["jobs"][&id]["epsilon"].as_f64().expect("charged");
-        assert!(charged >= record_cost(&text) * (1.0 - 1e-12), "{p}: {l:#}");
-    }
+    assert_party_level_costs_with(&fed, &id, &text, &st, true);
     for r in st["history"].as_array().expect("history") {
         let round = r["round"].as_u64().expect("round") as u32;
         let e = r["metrics"]["epsilon"].as_f64().unwrap_or_else(|| panic!("round {round} has no ε: {r:#}"));
