@@ -82,25 +82,6 @@ pub fn consider<'a>(
              accepted)"
         ));
     }
-    // Distributed noise is calibrated for parties.min less the corrupt
-    // parties the protocol's settings allow. A protocol that tolerates none
-    // that deviate from it (`he`: one such party can hand the coordinator
-    // the joint key) would then leave each update with its own share of the
-    // noise alone, far above the ε the job states and the ledger charges.
-    if let Some(d) = spec.dp.as_ref().filter(|d| d.level == confide_proto::dpspec::DpLevel::Party)
-        && let Some(noise) = d.distributed
-        && aggregation.tolerated_corrupt_fraction(&spec.aggregation.settings) == Some(0.0)
-    {
-        let assumed = spec.min_parties().saturating_sub(noise.honest_parties);
-        if assumed > 0 {
-            return Err(format!(
-                "the job's distributed DP noise is calibrated for {assumed} corrupt parties, but {protocol} \
-                 tolerates none that deviate from it: one could give the coordinator each update with its own share \
-                 of the noise only, far above the ε the job states (secagg tolerates such parties; under \
-                 {protocol}, a spec whose corrupt_fraction assumes none states an ε that holds without them)"
-            ));
-        }
-    }
     // A job without differential privacy costs its data set ε = ∞. The
     // cost of one with it is checked against the data set's spending by the
     // ledger, which reserves it (crate::ledger).
@@ -399,26 +380,6 @@ mod tests {
             let e = consider(&spec, ds, &policy, &plugins, &data).unwrap_err();
             assert!(e.contains(why), "{e} (wanted {why})");
         }
-        // Distributed party-level DP under `he`: noise calibrated for
-        // colluders `he` does not tolerate (they can deviate) is refused;
-        // noise that assumes none states an ε that holds without them.
-        let he_dp = |corrupt: f64| {
-            let names: Vec<String> = (0..10).map(|i| format!("\"p{i}\"")).collect();
-            let text = format!(
-                "name = \"p\"\nkind = \"train\"\n[parties]\nnames = [{}]\nmin = 10\ndataset = \"d\"\n\
-                 [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n[aggregation]\n\
-                 protocol = \"he\"\n[aggregation.he]\ncorrupt_fraction = {corrupt}\n[dp]\nlevel = \"party\"\n\
-                 noise_multiplier = 1.0\n",
-                names.join(", ")
-            );
-            JobSpec::parse(&text, "t", &Limits::default()).unwrap()
-        };
-        let he_only = Policy { aggregation: vec!["he".into()], ..Policy::default() };
-        let calibrated = he_dp(0.2);
-        assert!(calibrated.dp.as_ref().and_then(|d| d.distributed).is_some_and(|n| n.honest_parties < 10));
-        let e = consider(&calibrated, "d", &he_only, &plugins, &data).unwrap_err();
-        assert!(e.contains("calibrated for 2 corrupt parties") && e.contains("he tolerates none"), "{e}");
-        assert!(consider(&he_dp(0.0), "d", &he_only, &plugins, &data).is_ok());
         // A DP spec whose ranges disagree with the data set's declared
         // width is refused with the reason, before anything is reserved.
         let mut ranged = central_dp();
