@@ -259,8 +259,10 @@ impl Shared {
     }
 
     /// How long a task's first upload in `job` waits for the others: the
-    /// relay's `hold`, but at most a quarter of the job's stage timeout,
-    /// so that the sum still reaches the coordinator in time.
+    /// relay's `hold`, but at most a quarter of the job's stage timeout
+    /// and of its straggler cut, so that the sum still reaches the
+    /// coordinator in time (a slow member must not take its fast
+    /// group-mates past the cut).
     fn hold(&self, job: &str) -> Duration {
         lock(&self.jobs).get(job).copied().unwrap_or(self.config.hold)
     }
@@ -272,14 +274,19 @@ impl Shared {
         if protocol != Some(he_protocol::ThresholdHe.name()) {
             return;
         }
+        let timeout = |name: &str| {
+            spec.get("timeouts")
+                .and_then(|t| t.get(name))
+                .and_then(|v| v.as_integer())
+                .and_then(|v| u64::try_from(v).ok())
+        };
         // The spec's default stage timeout is 300 s (confide_proto::jobspec::Timeouts).
-        let stage_secs = spec
-            .get("timeouts")
-            .and_then(|t| t.get("round_secs"))
-            .and_then(|v| v.as_integer())
-            .and_then(|v| u64::try_from(v).ok())
-            .unwrap_or(300);
-        let hold = self.config.hold.min(Duration::from_secs(stage_secs.max(4) / 4));
+        let stage_secs = timeout("round_secs").unwrap_or(300);
+        let quarter = |secs: u64| Duration::from_millis(secs.saturating_mul(1000) / 4);
+        let mut hold = self.config.hold.min(quarter(stage_secs.max(4)));
+        if let Some(straggler) = timeout("straggler_secs") {
+            hold = hold.min(quarter(straggler.max(1)));
+        }
         lock(&self.jobs).insert(offer.job_id.clone(), hold);
     }
 
@@ -1071,5 +1078,14 @@ mod tests {
         // quarter of a short one, so the sum is not late.
         assert_eq!(s.hold("he"), Duration::from_secs(30));
         assert_eq!(s.hold("he-fast"), Duration::from_secs(5));
+        // And of the straggler cut: a slow member does not take the
+        // group's fast ones past it.
+        s.on_offer(&offer(
+            "he-cut",
+            "[aggregation]\nprotocol = \"he\"\n[timeouts]\nround_secs = 120\nstraggler_secs = 20\n",
+        ));
+        assert_eq!(s.hold("he-cut"), Duration::from_secs(5));
+        s.on_offer(&offer("he-cut-1", "[aggregation]\nprotocol = \"he\"\n[timeouts]\nstraggler_secs = 1\n"));
+        assert_eq!(s.hold("he-cut-1"), Duration::from_millis(250));
     }
 }

@@ -296,7 +296,8 @@ pub struct Policy {
     /// size, does not show unless it takes longer. A job whose
     /// `timeouts.round_secs` (or `timeouts.recruit_secs`) does not leave a
     /// second after the floor is refused: its answers would not arrive in
-    /// time. Unset by default:
+    /// time; so is one whose `timeouts.straggler_secs` would cut them off
+    /// once the others answered (at the spec's own floor). Unset by default:
     /// the spec decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_answer_after_secs: Option<f64>,

@@ -890,6 +890,7 @@ impl PartyNode {
                             }
                         }
                     } else {
+                        self.metrics.forward_answered("refused");
                         let answer = pb::ForwardAnswer {
                             request_id: f.request_id,
                             peer: f.peer,
@@ -1206,9 +1207,6 @@ impl<T: Send + 'static> Drop for Receiving<T> {
     }
 }
 
-/// The first message: with a delegation when the server this party dialled
-/// is a relay (its verified certificate says so), so that the relay can
-/// carry the stream to the coordinator, and only that relay.
 /// Milliseconds to wait before connecting again: the back-off's `delay`,
 /// or longer if the coordinator refused the last join saying when it takes
 /// one again (waiting less would only be refused once more).
@@ -1226,6 +1224,9 @@ fn join_refused(status: tonic::Status) -> Error {
     }
 }
 
+/// The first message: with a delegation when the server this party dialled
+/// is a relay (its verified certificate says so), so that the relay can
+/// carry the stream to the coordinator, and only that relay.
 fn hello(cfg: &PartyConfig, server: &CoordinatorCertificate) -> Result<pb::Hello, String> {
     let mut hello = pb::Hello {
         software_version: VERSION.into(),
@@ -2213,19 +2214,25 @@ mod tests {
     fn a_dp_party_trains_ahead_of_its_secagg_keys_only_without_an_answer_floor() {
         use confide_crypto::aggregation::secagg::SecAggPlus;
         use confide_crypto::aggregation::{AggregationProtocol, RoundInfo};
-        let dir = tempfile::tempdir().unwrap();
         let threads = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (mut node, _, _) = node_on_bc(dir.path(), "1,0\n2,1\n", |cfg| {
-            cfg.policy.aggregation = vec!["secagg".into()];
-        });
-        let factory: Arc<dyn crate::trainers::TrainerFactory> = Arc::new(RecordsThread(threads.clone()));
-        node.trainers = factory;
         let spec = DP_JOB_ON_BC
             .replace("names = [\"a\"]\nmin = 1", "names = [\"a\", \"b\", \"c\"]\nmin = 3")
             .replace("[dp]\n", "[aggregation]\nprotocol = \"secagg\"\n[dp]\n");
-        // (job, the spec's floor, the training thread: `None` for the task's own)
-        for (job, floor, trained_on) in [("j1", "", Some("confide-train")), ("j2", "answer_fit_after_secs = 1\n", None)]
-        {
+        // (job, the spec's floor, the hospital's policy floor, the training
+        // thread: `None` for the task's own)
+        let cases = [
+            ("j1", "", None, Some("confide-train")),
+            ("j2", "answer_fit_after_secs = 1\n", None, None),
+            ("j3", "", Some(1.0), None),
+        ];
+        for (job, floor, policy_floor, trained_on) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut node, _, _) = node_on_bc(dir.path(), "1,0\n2,1\n", |cfg| {
+                cfg.policy.aggregation = vec!["secagg".into()];
+                cfg.policy.min_answer_after_secs = policy_floor;
+            });
+            let factory: Arc<dyn crate::trainers::TrainerFactory> = Arc::new(RecordsThread(threads.clone()));
+            node.trainers = factory;
             threads.lock().unwrap().clear();
             let toml = spec.replace("[dp]\n", &format!("[dp]\n{floor}"));
             let offer = pb::JobOffer { job_id: job.into(), spec_toml: toml.clone(), dataset: "bc".into() };
@@ -2253,8 +2260,8 @@ mod tests {
             }
             let seen = threads.lock().unwrap().clone();
             let expected = trained_on.map_or(caller, str::to_owned);
-            assert_eq!(seen, [expected], "job {job} ({floor:?})");
-            assert_eq!(session.answer_floor().is_some(), !floor.is_empty());
+            assert_eq!(seen, [expected], "job {job} ({floor:?}, policy {policy_floor:?})");
+            assert_eq!(session.answer_floor().is_some(), trained_on.is_none());
         }
     }
 

@@ -118,10 +118,10 @@ pub fn consider<'a>(
     if let (Some((stage, floor)), Some(straggler)) = (answer_floor(spec, policy), spec.timeouts.straggler_secs) {
         let shared = spec.dp.as_ref().and_then(|d| d.answer_fit_after_secs).filter(|_| stage == "fit").unwrap_or(0.0);
         if !confide_proto::dpspec::answer_floor_fits(floor - shared, straggler) {
+            let theirs = if shared > 0.0 { format!(" (the spec holds theirs {shared} s)") } else { String::new() };
             return Err(format!(
                 "policy.min_answer_after_secs holds each {stage} answer {floor} s; the job's \
-                 timeouts.straggler_secs = {straggler} would drop it every round once the others answered \
-                 (the spec holds theirs {shared} s)"
+                 timeouts.straggler_secs = {straggler} would drop it every round once the others answered{theirs}"
             ));
         }
     }

@@ -376,6 +376,7 @@ impl Session {
                 core.connected.remove(&p);
                 core.relays.remove(&p);
                 core.drop_from_stage(&p, "disconnected");
+                core.recount_quorum();
             }
             Input::Answer { party, accepted, reason } => core.on_answer(party, accepted, reason),
             Input::Result { party, task_id, result } => {
@@ -517,13 +518,26 @@ impl Core {
             && c.waiting.remove(party)
         {
             c.answered.insert(party.to_owned());
-            if c.quorum == Quorum::JobMinimum && c.quorum_at.is_none() && c.answered.len() >= self.spec.min_parties() {
-                c.quorum_at = Some(self.now);
-            }
+            self.recount_quorum();
             if self.parties.get(party).is_some_and(|s| s.state != PartyState::Accepted || s.detail.is_some()) {
                 self.set_party(party, PartyState::Accepted, None);
             }
         }
+    }
+
+    /// Starts the straggler cut's clock once `parties.min` parties that
+    /// answered the stage are still connected, and stops it when a
+    /// disconnection leaves fewer (cutting the rest then could leave the
+    /// next stage below the minimum where waiting would not).
+    fn recount_quorum(&mut self) {
+        let min = self.spec.min_parties();
+        let Some(c) = self.collection.as_mut().filter(|c| c.quorum == Quorum::JobMinimum) else { return };
+        let live = c.answered.iter().filter(|p| self.connected.contains_key(*p)).count();
+        c.quorum_at = match (live >= min, c.quorum_at) {
+            (true, Some(at)) => Some(at),
+            (true, None) => Some(self.now),
+            (false, _) => None,
+        };
     }
 
     fn drop_from_stage(&mut self, party: &str, reason: &str) {

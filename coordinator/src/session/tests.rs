@@ -358,6 +358,32 @@ mod plaintext {
         assert!(h.tasks().is_empty());
     }
 
+    /// The cut counts answers from parties still connected: one that
+    /// answered and then left stops the clock (cutting the rest could
+    /// leave the next stage below the minimum), and another answer starts
+    /// it again.
+    #[test]
+    fn the_straggler_cut_counts_only_parties_still_connected() {
+        let mut spec = spec(&["a", "b", "c", "d"], 2, 1, "");
+        spec.timeouts.straggler_secs = Some(2);
+        let mut h = H::new(spec, Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a", "b", "c", "d"]);
+        h.now = 100;
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        h.now = 500;
+        h.fit("b", &fit[1].1, 1, &[4.0]);
+        assert_eq!(h.s.next_deadline(), Some(2_500));
+        h.now = 600;
+        h.feed(Input::Disconnected("a".into()));
+        assert_eq!(h.s.next_deadline(), Some(10_000), "one connected answer: below the minimum");
+        h.now = 3_000;
+        h.feed(Input::Tick);
+        assert!(h.tasks().is_empty(), "no cut while the clock is stopped");
+        h.now = 3_100;
+        h.fit("c", &fit[2].1, 1, &[6.0]);
+        assert_eq!(h.s.next_deadline(), Some(5_100), "b and c: 2 s from now");
+    }
+
     /// `timeouts.straggler_secs` must be a real cut: at least a second and
     /// below the stage deadline, else the spec is refused naming it.
     #[test]
@@ -740,26 +766,21 @@ mod secure {
         spec.timeouts.straggler_secs = Some(2);
         let (mut r, fit) = Run::start_spec(spec);
         assert_eq!(r.s.next_deadline(), Some(10_000));
-        let mut shares = Vec::new();
-        for (i, (p, t)) in fit.iter().enumerate() {
-            shares = tasks(r.fit(p, t));
-            let expected = if i < 2 { 10_000 } else { 2_000 };
-            if i < 4 {
-                assert_eq!(r.s.next_deadline(), Some(expected), "after {} fit answers", i + 1);
+        // Each stage's deadline after each answer: cut 2 s after the third
+        // (parties.min) in the head-count stages, never in the others.
+        let mut stage = fit;
+        for (name, cut) in [("fit", true), ("shares", true), ("masked input", true), ("consistency", false)] {
+            let mut next = Vec::new();
+            for (i, (p, t)) in stage.iter().enumerate() {
+                next = tasks(if name == "fit" { r.fit(p, t) } else { r.step(p, t) });
+                let expected = if cut && i >= 2 { 2_000 } else { 10_000 };
+                if i < 4 {
+                    assert_eq!(r.s.next_deadline(), Some(expected), "{name}: after {} answers", i + 1);
+                }
             }
+            stage = next;
         }
-        let mut masked = Vec::new();
-        for (p, t) in &shares {
-            masked = tasks(r.step(p, t));
-        }
-        let mut consistency = Vec::new();
-        for (p, t) in &masked {
-            consistency = tasks(r.step(p, t));
-        }
-        let mut unmask = Vec::new();
-        for (p, t) in &consistency {
-            unmask = tasks(r.step(p, t));
-        }
+        let unmask = stage;
         assert!(unmask.iter().all(|(_, t)| t.stage == Stage::Aggregation(UNMASK)), "{unmask:?}");
         for (p, t) in &unmask[..3] {
             assert!(tasks(r.step(p, t)).is_empty());
@@ -770,6 +791,35 @@ mod secure {
             eval = tasks(r.step(p, t));
         }
         assert!(eval.iter().all(|(_, t)| t.stage == Stage::Evaluate), "{eval:?}");
+    }
+
+    /// The cut fires in a SecAgg+ stage: a party that has not sent its
+    /// masked input 2 s after three have is dropped, and the round goes on
+    /// with the four (its masks are removed as a dropout's).
+    #[test]
+    fn a_secagg_straggler_is_cut_from_the_masked_input_stage() {
+        let mut spec = spec(3);
+        spec.timeouts.straggler_secs = Some(2);
+        let (mut r, fit) = Run::start_spec(spec);
+        let mut shares = Vec::new();
+        for (p, t) in &fit {
+            shares = tasks(r.fit(p, t));
+        }
+        let mut masked = Vec::new();
+        for (p, t) in &shares {
+            masked = tasks(r.step(p, t));
+        }
+        for (p, t) in masked.iter().filter(|(p, _)| p != "e") {
+            assert!(tasks(r.step(p, t)).is_empty(), "waiting for e");
+        }
+        assert!(tasks(drive(&mut r.s, 1_999, Input::Tick, false)).is_empty());
+        let consistency = tasks(drive(&mut r.s, 2_000, Input::Tick, false));
+        assert_eq!(consistency.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["a", "b", "c", "d"]);
+        assert!(consistency.iter().all(|(_, t)| t.stage == Stage::Aggregation(CONSISTENCY)));
+        assert_eq!(
+            r.s.record().unwrap().dropped["e"],
+            "secagg-masked-input: no answer within 2s of the first 3 answers"
+        );
     }
 
     /// With standardisation on, setup's feature sums are a secure sum of
