@@ -1370,11 +1370,15 @@ fn bench_dp_sgd(steps: u64, repeat: usize) -> Result<Vec<serde_json::Value>, Str
             steps_per_round: steps,
         };
         let (mut plain, mut private) = (Vec::new(), Vec::new());
-        // The process's CPU time too (every thread: DP-SGD draws its noise on
-        // a thread of its own, so on a busy machine without a spare core the
-        // wall-clock ratio would approach the CPU one).
+        // The process's CPU time too (every thread, ended ones included:
+        // DP-SGD draws its noise on a thread of its own, so on a busy
+        // machine without a spare core the wall-clock ratio would approach
+        // the CPU one).
         let (mut plain_cpu, mut private_cpu) = (Vec::new(), Vec::new());
-        let cpu_ms = || confide_coordinator::driver::process_cpu().map(|d| d.as_secs_f64() * 1e3);
+        let cpu_ms = || {
+            let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+            Some(t.tv_sec as f64 * 1e3 + t.tv_nsec as f64 / 1e6)
+        };
         for _ in 0..repeat {
             t.set_parameters(&p).map_err(|e| e.to_string())?;
             let (start, cpu) = (Instant::now(), cpu_ms());
