@@ -149,6 +149,10 @@ pub struct Joint {
     certificate: Vec<u8>,
     /// Forwarded requests being answered (cloud side).
     in_flight: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The stream's message limit (`limits.max_message_bytes`): a request
+    /// or an answer above it is not sent (its encoding would fail and end
+    /// the stream).
+    max_message_bytes: usize,
 }
 
 /// The additional authenticated data of one forwarded request.
@@ -252,6 +256,7 @@ impl Joint {
             identity,
             certificate,
             in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT)),
+            max_message_bytes: config.limits.max_message_bytes,
         })
     }
 
@@ -389,6 +394,29 @@ impl Joint {
         let (sealed, reply_key) =
             seal_request(&peer.public, &ctx, &plain, &mut rand_core::OsRng).map_err(|e| e.to_string())?;
         let signature = identity.sign(&request_transcript(&ctx, &sealed)).map_err(|e| e.to_string())?;
+        let msg = pb::PartyMessage {
+            body: Some(pb::party_message::Body::Forward(pb::Forward {
+                request_id,
+                peer: j.cloud.clone(),
+                service: service.to_owned(),
+                cloud_service: j.cloud_service.clone(),
+                ephemeral: sealed.ephemeral.to_vec(),
+                ciphertext: sealed.ciphertext,
+                signature,
+                certificate: self.certificate.clone(),
+            })),
+        };
+        // Checked before anything is logged or sent: a message the stream
+        // cannot carry would end it (and the party's training with it).
+        let size = prost::Message::encoded_len(&msg);
+        if size > self.max_message_bytes {
+            return Err(format!(
+                "{} hard rows of {width} features make a forwarded request of {size} bytes, above the stream's \
+                 limit of {} (limits.max_message_bytes)",
+                rows.len() / width.max(1),
+                self.max_message_bytes
+            ));
+        }
         // Logged and synced before it leaves.
         // On a blocking thread: the sync must not hold the runtime's
         // workers (two here), which carry every stream.
@@ -418,24 +446,11 @@ impl Joint {
             }
         }
         let unpend = Unpend(&self.pending, request_id);
-        let msg = pb::Forward {
-            request_id,
-            peer: j.cloud.clone(),
-            service: service.to_owned(),
-            cloud_service: j.cloud_service.clone(),
-            ephemeral: sealed.ephemeral.to_vec(),
-            ciphertext: sealed.ciphertext,
-            signature,
-            certificate: self.certificate.clone(),
-        };
         // The wait for room on the stream counts in the timeout too: a busy
         // stream (training's transfers share it) must not hold the request
         // past it, when the edge's own answer is there to fall back on.
         let outcome = tokio::time::timeout(std::time::Duration::from_millis(j.timeout_ms), async {
-            uplink
-                .send(pb::PartyMessage { body: Some(pb::party_message::Body::Forward(msg)) })
-                .await
-                .map_err(|_| "the coordinator stream closed".to_string())?;
+            uplink.send(msg).await.map_err(|_| "the coordinator stream closed".to_string())?;
             match rx.await {
                 Ok(r) => r,
                 Err(_) => Err("the request was dropped".into()),
@@ -532,6 +547,7 @@ impl Joint {
 
     /// Cloud side: seals the answer for `f`.
     pub fn seal_answer(
+        &self,
         me: &str,
         f: &pb::Forward,
         reply: confide_crypto::sealed::ReplyKey,
@@ -541,6 +557,16 @@ impl Joint {
     ) -> Result<Vec<u8>, String> {
         let ctx = context(&f.peer, me, &f.service, &f.cloud_service, f.request_id);
         let bytes = serde_json::to_vec(&CloudAnswer { classes, probabilities, version }).map_err(|e| e.to_string())?;
-        reply.seal(&ctx, &bytes).map_err(|e| e.to_string())
+        let sealed = reply.seal(&ctx, &bytes).map_err(|e| e.to_string())?;
+        // The answer's other fields (the request id, the edge's name) are a
+        // few hundred bytes at most.
+        if sealed.len().saturating_add(1024) > self.max_message_bytes {
+            return Err(format!(
+                "the answer would take {} bytes, above the stream's limit of {} (limits.max_message_bytes)",
+                sealed.len(),
+                self.max_message_bytes
+            ));
+        }
+        Ok(sealed)
     }
 }

@@ -522,6 +522,10 @@ impl Registry {
         if part.offset != pull.bytes.len() as u64 || pull.bytes.len() + part.data.len() > total {
             return fail(&mut pulls, format!("the model parts of service {} are out of order", part.service));
         }
+        if pull.bytes.is_empty() {
+            // Once, to the model's size (bounded above): no doubling past it.
+            pull.bytes.reserve_exact(total);
+        }
         pull.bytes.extend_from_slice(&part.data);
         if pull.bytes.len() < total {
             return Ok(None);
@@ -676,9 +680,13 @@ impl Registry {
         self.joint.announcements(me)
     }
 
-    /// The stream closed: pending forwards fall back at once.
+    /// The stream closed: pending forwards fall back at once, and model
+    /// downloads under way are forgotten (their parts came on that stream
+    /// only), so that the deployment sent again on the next one is pulled
+    /// again.
     pub fn disconnected(&self) {
         *self.uplink.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.pulls.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.joint.disconnected();
     }
 
@@ -716,7 +724,7 @@ impl Registry {
                 round: r.round,
                 sha256: r.sha256.clone(),
             };
-            joint::Joint::seal_answer(&me, &f, reply, p.served.classes(), p.probabilities, version)
+            self.joint.seal_answer(&me, &f, reply, p.served.classes(), p.probabilities, version)
         }
         .await;
         match answer {
@@ -1072,6 +1080,48 @@ mod tests {
         tokio::runtime::Builder::new_current_thread().build().unwrap()
     }
 
+    /// A download cut off by the stream's end is pulled again when the
+    /// coordinator sends the deployment again on the next stream (its
+    /// parts came on the old one only): the party does not keep serving
+    /// the old version, or nothing, for want of parts that never come.
+    #[test]
+    fn a_download_cut_off_by_a_disconnection_is_pulled_again() {
+        let f = fixture();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let v1 = model_bytes(1);
+        let d1 = admin_signed(&f, record(1, &v1, LOGREG));
+        let pull = reg.offer(&d1).unwrap().expect("a pull");
+        let half = pb::ModelPart {
+            service: pull.service.clone(),
+            sequence: pull.sequence,
+            total_bytes: v1.len() as u64,
+            offset: 0,
+            data: v1[..v1.len() / 2].to_vec().into(),
+            error: String::new(),
+        };
+        assert!(reg.on_part(half).unwrap().is_none());
+        assert_eq!(reg.offer(&d1).unwrap(), None, "the same stream: the download goes on");
+        reg.disconnected();
+        assert_eq!(reg.offer(&d1).unwrap(), Some(pull), "pulled again on the next stream");
+        deliver_pulled(&reg, &d1, &v1);
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 1);
+    }
+
+    /// Delivers `bytes` for the pull of `msg` already asked for, and installs it.
+    fn deliver_pulled(reg: &Registry, msg: &pb::ServiceDeployment, bytes: &[u8]) {
+        let record: DeploymentRecord = serde_json::from_slice(&msg.record).unwrap();
+        let part = pb::ModelPart {
+            service: record.service.clone(),
+            sequence: record.sequence,
+            total_bytes: bytes.len() as u64,
+            offset: 0,
+            data: bytes.to_vec().into(),
+            error: String::new(),
+        };
+        let (d, got) = reg.on_part(part).unwrap().expect("complete");
+        reg.install(d, &got, true).unwrap();
+    }
+
     #[test]
     fn a_party_serves_only_what_an_administrator_signed_and_never_an_older_one() {
         let f = fixture();
@@ -1375,12 +1425,21 @@ mod tests {
     /// Edge a (which may share triage with c) and cloud c (which answers
     /// triage), each with its own state dir; c's key announced to a.
     fn edge_and_cloud(f: &Fixture, accept_from: &str) -> (joint::Joint, joint::Joint) {
+        edge_and_cloud_with(f, accept_from, "")
+    }
+
+    /// [`edge_and_cloud`] with `extra` in both parties' configurations.
+    fn edge_and_cloud_with(f: &Fixture, accept_from: &str, extra: &str) -> (joint::Joint, joint::Joint) {
         let ca = std::fs::read(f.pki.ca_cert()).unwrap();
-        let edge_cfg = config_of(f, "a", "[serve]\nservices = [\"triage\"]\n[policy.share_inputs]\ntriage = [\"c\"]\n");
+        let edge_cfg = config_of(
+            f,
+            "a",
+            &format!("{extra}[serve]\nservices = [\"triage\"]\n[policy.share_inputs]\ntriage = [\"c\"]\n"),
+        );
         let cloud_cfg = config_of(
             f,
             "c",
-            &format!("[serve]\nservices = [\"triage\"]\n[cloud]\nservices = [\"triage\"]\n{accept_from}"),
+            &format!("{extra}[serve]\nservices = [\"triage\"]\n[cloud]\nservices = [\"triage\"]\n{accept_from}"),
         );
         let (ed, cd) = (f.dir.path().join("edge-state"), f.dir.path().join("cloud-state"));
         std::fs::create_dir_all(&ed).unwrap();
@@ -1432,6 +1491,30 @@ mod tests {
             round: 1,
             sha256: "00".into(),
         }
+    }
+
+    /// A forwarded request, or a cloud's answer, that the stream could not
+    /// carry (its encoding would fail and end the stream, the party's
+    /// training with it) is not sent: the edge answers the rows itself.
+    /// Many hard rows of a wide model, posted by any client of the edge's
+    /// endpoint, no longer cut the party off the coordinator.
+    #[tokio::test]
+    async fn a_forward_or_an_answer_the_stream_cannot_carry_is_not_sent() {
+        let f = fixture();
+        let small = "[limits]\nmax_message_bytes = 65536\nchunk_bytes = 32768\n";
+        let (edge, cloud) = edge_and_cloud_with(&f, "", small);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let wide = vec![0.5f32; 300 * 100];
+        let e = edge.forward("a", Some(tx), "triage", &route(), &wide, 300, 2).await.unwrap_err();
+        assert!(e.contains("100 hard rows of 300 features") && e.contains("limit of 65536"), "{e}");
+        assert!(rx.try_recv().is_err(), "nothing was sent");
+        // A request that fits goes; an answer that would not is refused at the cloud.
+        let edge = std::sync::Arc::new(edge);
+        let (sent, _pending) = forward_one(edge).await;
+        let request = pb::Forward { peer: "a".into(), ..sent };
+        let (_, _, reply) = cloud.open_request("c", &request).unwrap();
+        let e = cloud.seal_answer("c", &request, reply, 2, vec![0.5; 20_000], version()).unwrap_err();
+        assert!(e.contains("above the stream's limit of 65536"), "{e}");
     }
 
     /// A forward that waits for room on the coordinator stream (training's
@@ -1503,10 +1586,9 @@ mod tests {
         // The real one opens, and its answer comes back at a fixed width.
         let (rows, width, reply) = cloud.open_request("c", &request).unwrap();
         assert_eq!((rows, width), (vec![0.5, 1.0, 2.0], 3));
-        let sealed = joint::Joint::seal_answer("c", &request, reply, 2, vec![0.25, 0.75], version()).unwrap();
+        let sealed = cloud.seal_answer("c", &request, reply, 2, vec![0.25, 0.75], version()).unwrap();
         let (_, _, reply) = cloud.open_request("c", &request).unwrap();
-        let other =
-            joint::Joint::seal_answer("c", &request, reply, 2, vec![0.123_456_79, 0.876_543_2], version()).unwrap();
+        let other = cloud.seal_answer("c", &request, reply, 2, vec![0.123_456_79, 0.876_543_2], version()).unwrap();
         assert_eq!(sealed.len(), other.len(), "the answer's length does not depend on the probabilities");
         let answer = pb::ForwardAnswer {
             request_id: request.request_id,
