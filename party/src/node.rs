@@ -1111,7 +1111,11 @@ impl PartyNode {
                         "selecting the pipeline's batches failed (the detail is in this party's log)".to_string()
                     })??
             }
-            (Some(_), Err(e)) => return Err(format!("incremental pipelines: {e}")),
+            (Some(_), Err(e)) => {
+                // (The reason names local files: it stays in this log.)
+                warn!(job = %offer.job_id, "incremental pipelines are unavailable: {e}");
+                return Err("incremental pipelines are unavailable at this party (the reason is in its log)".into());
+            }
         };
         let (plugins, trainers, limits) = (self.plugins.clone(), self.trainers.clone(), cfg.limits);
         let min_parties = cfg.policy.min_parties;

@@ -95,6 +95,16 @@ pub const MAX_HARD_EXAMPLES: usize = 100_000;
 /// do not pile up in memory.
 const MAX_QUEUED_HARD_BYTES: usize = 16 << 20;
 
+/// Pipelines whose batch marks a party keeps: a coordinator that names a
+/// new pipeline for every job would otherwise grow the marks file (one
+/// entry per batch each) without end. A train job of one more is refused.
+pub const MAX_PIPELINES: usize = 64;
+
+/// Scratch files of labelled rows kept: beyond it the oldest go (a job
+/// reads its rows when it is set up, and a job offered again selects and
+/// writes them again).
+const MAX_SCRATCH_FILES: usize = 64;
+
 /// Hard examples waiting to be written (service, rows, width), their
 /// bytes, whether the writer runs and what it dropped since it last said.
 #[derive(Default)]
@@ -117,7 +127,16 @@ fn label_key(sha: &str) -> String {
 }
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
+/// The error names no local path (it can reach the coordinator as a
+/// refusal); the detail goes to this party's log.
 fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    write_durably_detailed(path, bytes).map_err(|e| {
+        tracing::warn!("{e}");
+        "the pipelines' state could not be written (the detail is in this party's log)".to_string()
+    })
+}
+
+fn write_durably_detailed(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("part");
     let mut opts = std::fs::OpenOptions::new();
     opts.create(true).write(true).truncate(true);
@@ -410,6 +429,17 @@ impl Watches {
                 p.job, p.iteration
             ));
         }
+        if matches!((&spec.kind, p.rows), (JobKind::Train, PipelineRows::All))
+            && !marks.pipelines.contains_key(&p.job)
+            && !marks.trained.contains_key(&p.job)
+            && marks.pipelines.len().max(marks.trained.len()) >= MAX_PIPELINES
+        {
+            return Err(format!(
+                "this party keeps the batch marks of at most {MAX_PIPELINES} pipelines; pipeline {} would be one \
+                 more (a hospital removes finished pipelines' entries from its pipelines file)",
+                p.job
+            ));
+        }
         let is_new = |key: &str| mine.get(key).is_none_or(|&it| it >= p.iteration);
         let batch_key =
             |b: &Path| format!("{dataset}/{}", b.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
@@ -499,8 +529,13 @@ impl Watches {
             return Ok(None);
         }
         let text = if csv.header { format!("labelled hard examples\n{rows}") } else { rows };
-        std::fs::create_dir_all(&self.scratch).map_err(|e| format!("{}: {e}", self.scratch.display()))?;
-        let path = self.scratch.join(labelled_batch_name(&p.job, dataset, p.iteration, p.rows));
+        std::fs::create_dir_all(&self.scratch).map_err(|e| {
+            tracing::warn!("{}: {e}", self.scratch.display());
+            "the pipelines' scratch directory could not be made (the detail is in this party's log)".to_string()
+        })?;
+        let name = labelled_batch_name(&p.job, &p.service, dataset, p.iteration, p.rows);
+        prune_scratch(&self.scratch, &name, MAX_SCRATCH_FILES - 1);
+        let path = self.scratch.join(name);
         write_durably(&path, text.as_bytes())?;
         Ok(Some(path))
     }
@@ -513,14 +548,41 @@ impl Watches {
     }
 }
 
-/// The scratch file of one job's labelled rows: one per pipeline, data set,
-/// iteration and rows, named by a hash of the four (each length-prefixed),
-/// so no two of them share a file whatever characters the names hold (the
-/// coordinator picks the pipeline's name, the hospital its data sets').
-fn labelled_batch_name(pipeline: &str, dataset: &str, iteration: u32, rows: PipelineRows) -> String {
+/// Leaves at most `keep` labelled-row scratch files in `dir` besides
+/// `name` (about to be written), removing the oldest first. Failures are
+/// logged: a file left over only takes room.
+fn prune_scratch(dir: &Path, name: &str, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("labelled-") && n.ends_with(".csv") && n != name
+        })
+        .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+        .collect();
+    if files.len() <= keep {
+        return;
+    }
+    files.sort();
+    for (_, path) in &files[..files.len() - keep] {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!("{}: {e}", path.display());
+        }
+    }
+}
+
+/// The scratch file of one job's labelled rows: one per pipeline, service,
+/// data set, iteration and rows, named by a hash of the five (each
+/// length-prefixed), so no two of them share a file whatever characters the
+/// names hold (the coordinator picks the pipeline's and the service's
+/// names, the hospital its data sets').
+fn labelled_batch_name(pipeline: &str, service: &str, dataset: &str, iteration: u32, rows: PipelineRows) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for part in [pipeline.as_bytes(), dataset.as_bytes(), format!("{iteration}/{rows:?}").as_bytes()] {
+    for part in
+        [pipeline.as_bytes(), service.as_bytes(), dataset.as_bytes(), format!("{iteration}/{rows:?}").as_bytes()]
+    {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
@@ -767,6 +829,52 @@ mod tests {
         assert_eq!(on_d.len(), 2, "the batch and the labelled row");
     }
 
+    /// A coordinator that names a new pipeline for every job cannot grow
+    /// the party's state without end: train jobs of at most MAX_PIPELINES
+    /// pipelines are marked (one more is refused, naming the bound; the
+    /// known ones go on), and at most MAX_SCRATCH_FILES labelled-row files
+    /// are kept, the oldest going first.
+    #[test]
+    fn the_pipelines_state_and_scratch_files_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        batch(&data, "001.csv", &[(1.0, 0)]);
+        let w = open_in(dir.path());
+        let src = DatasetSource::csv(data.clone());
+        w.keep_hard_examples("triage", &[7.0], 1).unwrap();
+        let sha7 = crate::audit::rows_sha256(&[7.0]);
+        std::fs::write(
+            dir.path().join("labels.csv"),
+            format!(
+                "{sha7},1
+"
+            ),
+        )
+        .unwrap();
+        let of = |job: &str, kind: &str, iteration: u32, rows: &str| {
+            let spec = spec(kind, iteration, rows);
+            let text = toml::to_string(&spec.to_raw()).unwrap().replace("job = \"p1\"", &format!("job = \"{job}\""));
+            JobSpec::parse(&text, "spec", &Limits::default()).unwrap()
+        };
+        for i in 0..MAX_PIPELINES {
+            w.select(&of(&format!("p{i}"), "train", 1, "all"), "d", &src).unwrap();
+        }
+        let e = w.select(&of("one-more", "train", 1, "all"), "d", &src).unwrap_err();
+        assert!(e.contains(&format!("at most {MAX_PIPELINES} pipelines")) && e.contains("one-more"), "{e}");
+        assert!(w.select(&of("p0", "train", 2, "all"), "d", &src).is_ok(), "a known pipeline goes on");
+        // Evaluations of new pipelines mark nothing, and their scratch files
+        // stay bounded too.
+        for i in 0..2 * MAX_SCRATCH_FILES {
+            let picked = w.select(&of(&format!("e{i}"), "evaluate", 1, "new"), "d", &src).unwrap();
+            assert_eq!(picked.load().unwrap().len(), 2, "the batch and the labelled row, read from a kept file");
+        }
+        let scratch = std::fs::read_dir(dir.path().join("scratch")).unwrap().count();
+        assert!(scratch <= MAX_SCRATCH_FILES, "{scratch} scratch files");
+        let marks: Marks = serde_json::from_slice(&std::fs::read(dir.path().join("w.json")).unwrap()).unwrap();
+        assert_eq!(marks.pipelines.len(), MAX_PIPELINES);
+    }
+
     /// Two jobs' labelled rows never share a scratch file, whatever their
     /// names: data sets "a/b" and "a_b", pipelines "p-old" on "icu" and "p"
     /// on "old-icu", names differing in case.
@@ -774,17 +882,19 @@ mod tests {
     fn labelled_batches_of_different_jobs_never_share_a_file() {
         let all = PipelineRows::All;
         let names = [
-            labelled_batch_name("p", "a/b", 2, all),
-            labelled_batch_name("p", "a_b", 2, all),
-            labelled_batch_name("p-old", "icu", 2, all),
-            labelled_batch_name("p", "old-icu", 2, all),
-            labelled_batch_name("P1", "d", 2, all),
-            labelled_batch_name("p1", "d", 2, all),
-            labelled_batch_name("p1", "d", 3, all),
-            labelled_batch_name("p1", "d", 2, PipelineRows::New),
+            labelled_batch_name("p", "s", "a/b", 2, all),
+            labelled_batch_name("p", "s", "a_b", 2, all),
+            labelled_batch_name("p-old", "s", "icu", 2, all),
+            labelled_batch_name("p", "s", "old-icu", 2, all),
+            labelled_batch_name("P1", "s", "d", 2, all),
+            labelled_batch_name("p1", "s", "d", 2, all),
+            labelled_batch_name("p1", "s", "d", 3, all),
+            labelled_batch_name("p1", "s", "d", 2, PipelineRows::New),
+            labelled_batch_name("p1", "t", "d", 2, all),
+            labelled_batch_name("p1s", "", "d", 2, all),
         ];
         let distinct: std::collections::BTreeSet<&String> = names.iter().collect();
         assert_eq!(distinct.len(), names.len(), "{names:?}");
-        assert_eq!(names[0], labelled_batch_name("p", "a/b", 2, all), "the same job, the same file");
+        assert_eq!(names[0], labelled_batch_name("p", "s", "a/b", 2, all), "the same job, the same file");
     }
 }
