@@ -857,10 +857,11 @@ impl PartyNode {
                     if let Some(registry) = self.serving.get() {
                         // A slot for the whole answer, its sending included:
                         // a coordinator that floods requests and reads no
-                        // answers holds at most MAX_FORWARDS_IN_FLIGHT here
+                        // answers holds at most MAX_FORWARDS_IN_FLIGHT here,
+                        // one edge at most MAX_FORWARDS_PER_EDGE of them
                         // (and a busy refusal waits on the stream, as any
                         // message does).
-                        match registry.forward_slot() {
+                        match registry.forward_slot(&f.peer) {
                             Some(slot) => {
                                 let (registry, outbox, metrics) =
                                     (registry.clone(), outbox.clone(), self.metrics.clone());
@@ -882,8 +883,9 @@ impl PartyNode {
                                     peer: f.peer,
                                     ciphertext: Vec::new(),
                                     error: format!(
-                                        "busy: {} forwarded requests are being answered",
-                                        crate::serving::joint::MAX_FORWARDS_IN_FLIGHT
+                                        "busy: {} forwarded requests are being answered, at most {} of one party's",
+                                        crate::serving::joint::MAX_FORWARDS_IN_FLIGHT,
+                                        crate::serving::joint::MAX_FORWARDS_PER_EDGE
                                     ),
                                 };
                                 outbox.send(party_message::Body::ForwardAnswer(answer)).await;

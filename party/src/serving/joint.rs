@@ -51,6 +51,32 @@ struct PeerKey {
 /// and a prediction).
 pub const MAX_FORWARDS_IN_FLIGHT: usize = 16;
 
+/// Forwarded requests from one edge party a cloud party answers at once:
+/// one edge cannot take every slot (the others' requests would be refused
+/// as busy and fall back to their own answers).
+pub const MAX_FORWARDS_PER_EDGE: usize = 4;
+
+/// A slot to answer one forwarded request in (cloud side): one of the
+/// [`MAX_FORWARDS_IN_FLIGHT`], and one of its edge's
+/// [`MAX_FORWARDS_PER_EDGE`], both freed when it is dropped.
+pub struct ForwardSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    edge: String,
+    per_edge: std::sync::Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for ForwardSlot {
+    fn drop(&mut self) {
+        let mut counts = self.per_edge.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.edge) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.edge);
+            }
+        }
+    }
+}
+
 /// Service keys kept per cloud party (see [`Joint::on_cloud_key`]).
 const MAX_KEYS_PER_CLOUD: usize = 64;
 
@@ -149,6 +175,8 @@ pub struct Joint {
     certificate: Vec<u8>,
     /// Forwarded requests being answered (cloud side).
     in_flight: std::sync::Arc<tokio::sync::Semaphore>,
+    /// How many of them each edge sent (cloud side).
+    per_edge: std::sync::Arc<Mutex<HashMap<String, usize>>>,
     /// The stream's message limit (`limits.max_message_bytes`): a request
     /// or an answer above it is not sent (its encoding would fail and end
     /// the stream).
@@ -256,6 +284,7 @@ impl Joint {
             identity,
             certificate,
             in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT)),
+            per_edge: std::sync::Arc::default(),
             max_message_bytes: config.limits.max_message_bytes,
         })
     }
@@ -498,10 +527,17 @@ impl Joint {
         }
     }
 
-    /// Cloud side: a slot to answer one forwarded request in, or `None`
-    /// when [`MAX_FORWARDS_IN_FLIGHT`] are being answered.
-    pub fn forward_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.in_flight.clone().try_acquire_owned().ok()
+    /// Cloud side: a slot to answer one forwarded request of `edge` in, or
+    /// `None` when [`MAX_FORWARDS_IN_FLIGHT`] are being answered, or
+    /// [`MAX_FORWARDS_PER_EDGE`] of that edge's.
+    pub fn forward_slot(&self, edge: &str) -> Option<ForwardSlot> {
+        let mut counts = self.per_edge.lock().unwrap_or_else(|p| p.into_inner());
+        if counts.get(edge).is_some_and(|n| *n >= MAX_FORWARDS_PER_EDGE) {
+            return None;
+        }
+        let permit = self.in_flight.clone().try_acquire_owned().ok()?;
+        *counts.entry(edge.to_owned()).or_default() += 1;
+        Some(ForwardSlot { _permit: permit, edge: edge.to_owned(), per_edge: self.per_edge.clone() })
     }
 
     /// Cloud side: opens a forwarded request for one of this party's cloud

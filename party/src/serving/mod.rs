@@ -700,11 +700,12 @@ impl Registry {
         self.joint.on_answer(a)
     }
 
-    /// Cloud side: a slot to answer one forwarded request in, held until
-    /// its answer is sent; `None` when [`joint::MAX_FORWARDS_IN_FLIGHT`]
-    /// are being answered.
-    pub fn forward_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.joint.forward_slot()
+    /// Cloud side: a slot to answer one forwarded request of `edge` in,
+    /// held until its answer is sent; `None` when
+    /// [`joint::MAX_FORWARDS_IN_FLIGHT`] are being answered, or
+    /// [`joint::MAX_FORWARDS_PER_EDGE`] of that edge's.
+    pub fn forward_slot(&self, edge: &str) -> Option<joint::ForwardSlot> {
+        self.joint.forward_slot(edge)
     }
 
     /// Cloud side: answers an edge party's forwarded request with the cloud
@@ -1603,11 +1604,21 @@ mod tests {
         let (_, only_b) = edge_and_cloud(&f, "accept_from = [\"b\"]\n");
         let e = only_b.open_request("c", &request).map(|_| ()).unwrap_err();
         assert!(e.contains("a is not in this party's [cloud] accept_from"), "{e}");
-        // At most MAX_FORWARDS_IN_FLIGHT are answered at once.
-        let slots: Vec<_> = (0..joint::MAX_FORWARDS_IN_FLIGHT).map(|_| cloud.forward_slot().unwrap()).collect();
-        assert!(cloud.forward_slot().is_none());
+        // At most MAX_FORWARDS_IN_FLIGHT are answered at once, and at most
+        // MAX_FORWARDS_PER_EDGE of one edge's: one edge cannot take them all.
+        let mine: Vec<_> = (0..joint::MAX_FORWARDS_PER_EDGE).map(|_| cloud.forward_slot("b").unwrap()).collect();
+        assert!(cloud.forward_slot("b").is_none(), "b has its share");
+        let others: Vec<_> = (0..joint::MAX_FORWARDS_IN_FLIGHT - joint::MAX_FORWARDS_PER_EDGE)
+            .map(|i| cloud.forward_slot(&format!("e{}", i / joint::MAX_FORWARDS_PER_EDGE)).unwrap())
+            .collect();
+        assert!(cloud.forward_slot("a").is_none(), "all slots taken");
+        drop(mine);
+        assert!(cloud.forward_slot("b").is_some(), "b's share freed");
+        drop(others);
+        let slots: Vec<_> = (0..joint::MAX_FORWARDS_PER_EDGE).map(|_| cloud.forward_slot("a").unwrap()).collect();
+        assert!(cloud.forward_slot("a").is_none());
         drop(slots);
-        assert!(cloud.forward_slot().is_some());
+        assert!(cloud.forward_slot("a").is_some());
     }
 
     /// A cloud key announced again is taken, and so is a newer one; an older
