@@ -176,7 +176,10 @@ pub(crate) async fn serve_with(
         );
     }
     let app = router_within(registry, request);
-    let mut listener = Bounded { inner: listener, slots: Arc::new(Semaphore::new(connections)), idle };
+    // A response must be written within the request's bound and the idle
+    // one after the last byte of its request came (its size is bounded).
+    let answer_within = request + idle;
+    let mut listener = Bounded { inner: listener, slots: Arc::new(Semaphore::new(connections)), idle, answer_within };
     tokio::spawn(async move {
         loop {
             let (io, _) = axum::serve::Listener::accept(&mut listener).await;
@@ -199,17 +202,18 @@ struct Bounded {
     inner: TcpListener,
     slots: Arc<Semaphore>,
     idle: Duration,
+    answer_within: Duration,
 }
 
 impl axum::serve::Listener for Bounded {
-    type Io = Idle;
+    type Io = Idle<TcpStream>;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (Idle, SocketAddr) {
+    async fn accept(&mut self) -> (Idle<TcpStream>, SocketAddr) {
         // The semaphore is never closed.
         let Ok(slot) = self.slots.clone().acquire_owned().await else { return std::future::pending().await };
         let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        (Idle::new(io, slot, self.idle), addr)
+        (Idle::new(io, slot, self.idle, self.answer_within), addr)
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -217,18 +221,40 @@ impl axum::serve::Listener for Bounded {
     }
 }
 
-/// A connection that fails once no byte has moved either way for `idle`;
-/// its slot is freed when it is dropped.
-struct Idle {
-    io: TcpStream,
+/// A connection that fails once no byte has moved either way for `idle`,
+/// or when it is still writing `answer_within` after the last byte it read
+/// (a client that reads its answer a byte at a time would otherwise keep
+/// the connection, each byte restarting the idle clock); its slot is freed
+/// when it is dropped.
+struct Idle<S> {
+    io: S,
     _slot: OwnedSemaphorePermit,
     idle: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    answer_within: Duration,
+    last_read: tokio::time::Instant,
 }
 
-impl Idle {
-    fn new(io: TcpStream, slot: OwnedSemaphorePermit, idle: Duration) -> Idle {
-        Idle { io, _slot: slot, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
+impl<S> Idle<S> {
+    fn new(io: S, slot: OwnedSemaphorePermit, idle: Duration, answer_within: Duration) -> Idle<S> {
+        Idle {
+            io,
+            _slot: slot,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+            answer_within,
+            last_read: tokio::time::Instant::now(),
+        }
+    }
+
+    /// An error once the answer has taken too long to write.
+    fn writing_too_long(&self) -> Option<std::io::Error> {
+        (self.last_read.elapsed() > self.answer_within).then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not read its answer within the request and idle timeouts",
+            )
+        })
     }
 
     /// Pending IO: an error once the deadline has passed.
@@ -250,11 +276,15 @@ impl Idle {
 
 use std::future::Future as _;
 
-impl AsyncRead for Idle {
+impl<S: AsyncRead + Unpin> AsyncRead for Idle<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
         match Pin::new(&mut self.io).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 self.moved();
+                if buf.filled().len() > before {
+                    self.last_read = tokio::time::Instant::now();
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => self.pending(cx),
@@ -262,8 +292,11 @@ impl AsyncRead for Idle {
     }
 }
 
-impl AsyncWrite for Idle {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Idle<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.writing_too_long() {
+            return Poll::Ready(Err(e));
+        }
         match Pin::new(&mut self.io).poll_write(cx, data) {
             Poll::Ready(r) => {
                 self.moved();
@@ -462,6 +495,55 @@ async fn predict(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that reads its answer a byte at a time cannot keep its
+    /// connection: each byte restarts the idle clock, but the answer must
+    /// be written within the request and idle bounds of its request's last
+    /// byte. A client that reads is answered whole.
+    #[tokio::test]
+    async fn a_client_that_reads_its_answer_slowly_is_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let slots = Arc::new(Semaphore::new(2));
+        let answer = vec![7u8; 16 << 10];
+        // Slow: a byte every 20 ms, an idle bound of 10 s, 300 ms to answer.
+        let (server, mut client) = tokio::io::duplex(64);
+        let mut conn = Idle::new(
+            server,
+            slots.clone().try_acquire_owned().unwrap(),
+            Duration::from_secs(10),
+            Duration::from_millis(300),
+        );
+        let reader = tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            let mut got = 0usize;
+            while client.read(&mut byte).await.unwrap_or(0) == 1 {
+                got += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            got
+        });
+        let e = tokio::time::timeout(Duration::from_secs(5), conn.write_all(&answer))
+            .await
+            .expect("the slow reader was cut off, not served for minutes")
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        drop(conn);
+        let got = reader.await.unwrap();
+        assert!(got > 0 && got < answer.len(), "bytes kept moving, and the answer was cut: {got}");
+        // A client that reads: the whole answer.
+        let (server, mut client) = tokio::io::duplex(64);
+        let mut conn =
+            Idle::new(server, slots.try_acquire_owned().unwrap(), Duration::from_secs(10), Duration::from_millis(300));
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).await.unwrap();
+            all.len()
+        });
+        conn.write_all(&answer).await.unwrap();
+        conn.shutdown().await.unwrap();
+        drop(conn);
+        assert_eq!(reader.await.unwrap(), answer.len());
+    }
 
     /// A wide first row followed by short ones is refused before anything
     /// is sized by rows × width (2M values × 4096 rows was 34 GB asked for
