@@ -129,9 +129,9 @@ if status["state"] != "succeeded":
     sys.exit(1)
 # A DP spec's run must report its ε, within the spec's target when it sets one
 # (read with a pattern: tomllib needs Python 3.11).
-dp_table = re.search(r"^\[dp\][^\n]*\n(.*?)(?=^\[|\Z)", open(spec_path).read(), re.M | re.S)
+dp_table = re.search(r"^\s*\[dp\][^\n]*(?:\n|\Z)(.*?)(?=^\s*\[[A-Za-z_]|\Z)", open(spec_path).read(), re.M | re.S)
 if dp_table is not None:
-    target = re.search(r"^target_epsilon\s*=\s*([0-9.eE+-]+)", dp_table.group(1), re.M)
+    target = re.search(r"^\s*target_epsilon\s*=\s*([0-9.eE+-]+)", dp_table.group(1), re.M)
     if eps is None:
         sys.exit("the job has [dp] but its status reports no ε")
     if target is not None and eps > float(target.group(1)) * (1 + 1e-9):

@@ -371,7 +371,11 @@ impl Session {
         self.core.now = now;
         let Session { core, machine } = self;
         match input {
-            Input::Connected { party, certificate, relay } => core.on_connected(party, certificate, relay),
+            Input::Connected { party, certificate, relay } => {
+                core.on_connected(party, certificate, relay);
+                // A party that answered and came back counts again.
+                core.recount_quorum();
+            }
             Input::Disconnected(p) => {
                 core.connected.remove(&p);
                 core.relays.remove(&p);

@@ -379,9 +379,13 @@ mod plaintext {
         h.now = 3_000;
         h.feed(Input::Tick);
         assert!(h.tasks().is_empty(), "no cut while the clock is stopped");
+        // a comes back: its answer counts again, from now.
+        h.now = 3_050;
+        h.feed(Input::connected("a"));
+        assert_eq!(h.s.next_deadline(), Some(5_050), "a and b: 2 s from now");
         h.now = 3_100;
         h.fit("c", &fit[2].1, 1, &[6.0]);
-        assert_eq!(h.s.next_deadline(), Some(5_100), "b and c: 2 s from now");
+        assert_eq!(h.s.next_deadline(), Some(5_050), "the clock runs on");
     }
 
     /// `timeouts.straggler_secs` must be a real cut: at least a second and

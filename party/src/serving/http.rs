@@ -176,8 +176,8 @@ pub(crate) async fn serve_with(
         );
     }
     let app = router_within(registry, request);
-    // A response must be written within the request's bound and the idle
-    // one after the last byte of its request came (its size is bounded).
+    // An answer must be written within the request's bound and the idle
+    // one of its first byte (its size is bounded).
     let answer_within = request + idle;
     let mut listener = Bounded { inner: listener, slots: Arc::new(Semaphore::new(connections)), idle, answer_within };
     tokio::spawn(async move {
@@ -222,9 +222,11 @@ impl axum::serve::Listener for Bounded {
 }
 
 /// A connection that fails once no byte has moved either way for `idle`,
-/// or when it is still writing `answer_within` after the last byte it read
-/// (a client that reads its answer a byte at a time would otherwise keep
-/// the connection, each byte restarting the idle clock); its slot is freed
+/// or when an answer is still being written `answer_within` after its
+/// first byte (a client that reads its answer a byte at a time would
+/// otherwise keep the connection, each byte restarting the idle clock). An
+/// answer is written from its first byte to the flush that empties it:
+/// each of several pipelined answers has its own clock. Its slot is freed
 /// when it is dropped.
 struct Idle<S> {
     io: S,
@@ -232,24 +234,18 @@ struct Idle<S> {
     idle: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
     answer_within: Duration,
-    last_read: tokio::time::Instant,
+    writing_since: Option<tokio::time::Instant>,
 }
 
 impl<S> Idle<S> {
     fn new(io: S, slot: OwnedSemaphorePermit, idle: Duration, answer_within: Duration) -> Idle<S> {
-        Idle {
-            io,
-            _slot: slot,
-            idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
-            answer_within,
-            last_read: tokio::time::Instant::now(),
-        }
+        Idle { io, _slot: slot, idle, deadline: Box::pin(tokio::time::sleep(idle)), answer_within, writing_since: None }
     }
 
-    /// An error once the answer has taken too long to write.
-    fn writing_too_long(&self) -> Option<std::io::Error> {
-        (self.last_read.elapsed() > self.answer_within).then(|| {
+    /// An error once the answer being written has taken too long.
+    fn writing_too_long(&mut self) -> Option<std::io::Error> {
+        let since = *self.writing_since.get_or_insert_with(tokio::time::Instant::now);
+        (since.elapsed() > self.answer_within).then(|| {
             std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the client did not read its answer within the request and idle timeouts",
@@ -278,13 +274,9 @@ use std::future::Future as _;
 
 impl<S: AsyncRead + Unpin> AsyncRead for Idle<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
         match Pin::new(&mut self.io).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 self.moved();
-                if buf.filled().len() > before {
-                    self.last_read = tokio::time::Instant::now();
-                }
                 Poll::Ready(r)
             }
             Poll::Pending => self.pending(cx),
@@ -308,7 +300,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Idle<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match Pin::new(&mut self.io).poll_flush(cx) {
-            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Ready(r) => {
+                // Written out: the next answer has a clock of its own.
+                self.writing_since = None;
+                Poll::Ready(r)
+            }
             Poll::Pending => self.pending(cx),
         }
     }
@@ -498,8 +494,8 @@ mod tests {
 
     /// A client that reads its answer a byte at a time cannot keep its
     /// connection: each byte restarts the idle clock, but the answer must
-    /// be written within the request and idle bounds of its request's last
-    /// byte. A client that reads is answered whole.
+    /// be written within the request and idle bounds of its first byte. A
+    /// client that reads is answered whole, each answer on its own clock.
     #[tokio::test]
     async fn a_client_that_reads_its_answer_slowly_is_cut_off() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -540,9 +536,14 @@ mod tests {
             all.len()
         });
         conn.write_all(&answer).await.unwrap();
+        conn.flush().await.unwrap();
+        // Pipelined answers each have their own clock: one written after a
+        // pause longer than the bound still goes.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        conn.write_all(&answer).await.unwrap();
         conn.shutdown().await.unwrap();
         drop(conn);
-        assert_eq!(reader.await.unwrap(), answer.len());
+        assert_eq!(reader.await.unwrap(), 2 * answer.len());
     }
 
     /// A wide first row followed by short ones is refused before anything

@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use confide_crypto::identity::{CertVerifier, IdentityKey, SharedRevocations};
@@ -52,9 +52,10 @@ struct PeerKey {
 pub const MAX_FORWARDS_IN_FLIGHT: usize = 16;
 
 /// Forwarded requests from one edge party a cloud party answers at once:
-/// one edge cannot take every slot (the others' requests would be refused
-/// as busy and fall back to their own answers).
-pub const MAX_FORWARDS_PER_EDGE: usize = 4;
+/// one edge cannot take every slot, so at least 4 stay for the others
+/// (whose requests would otherwise be refused as busy and fall back to
+/// their own answers), while a lone edge still has most of them.
+pub const MAX_FORWARDS_PER_EDGE: usize = 12;
 
 /// A slot to answer one forwarded request in (cloud side): one of the
 /// [`MAX_FORWARDS_IN_FLIGHT`], and one of its edge's
@@ -181,7 +182,15 @@ pub struct Joint {
     /// or an answer above it is not sent (its encoding would fail and end
     /// the stream).
     max_message_bytes: usize,
+    /// The coordinator's message limit, from its welcome (it may be below
+    /// this party's): a message it could not read would end the stream.
+    coordinator_max_message_bytes: AtomicUsize,
 }
+
+/// Room kept below a message limit for what the coordinator changes in a
+/// forwarded request or answer on its way (the sender's name in place of
+/// the receiver's).
+const FORWARD_MARGIN_BYTES: usize = 1024;
 
 /// The additional authenticated data of one forwarded request.
 pub fn context(edge: &str, cloud: &str, service: &str, cloud_service: &str, request_id: u64) -> Vec<u8> {
@@ -286,6 +295,7 @@ impl Joint {
             in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT)),
             per_edge: std::sync::Arc::default(),
             max_message_bytes: config.limits.max_message_bytes,
+            coordinator_max_message_bytes: AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -438,12 +448,12 @@ impl Joint {
         // Checked before anything is logged or sent: a message the stream
         // cannot carry would end it (and the party's training with it).
         let size = prost::Message::encoded_len(&msg);
-        if size > self.max_message_bytes {
+        let limit = self.forward_limit();
+        if size > limit {
             return Err(format!(
-                "{} hard rows of {width} features make a forwarded request of {size} bytes, above the stream's \
-                 limit of {} (limits.max_message_bytes)",
+                "{} hard rows of {width} features make a forwarded request of {size} bytes, above the {limit} the \
+                 stream carries (limits.max_message_bytes here and at the coordinator, less {FORWARD_MARGIN_BYTES})",
                 rows.len() / width.max(1),
-                self.max_message_bytes
             ));
         }
         // Logged and synced before it leaves.
@@ -518,6 +528,20 @@ impl Joint {
         let r = if a.error.is_empty() { Ok(a.ciphertext) } else { Err(a.error.chars().take(512).collect()) };
         let _ = p.reply.send(r);
         Ok(())
+    }
+
+    /// A stream is open: its coordinator reads messages of up to
+    /// `coordinator_max_message_bytes`.
+    pub fn connected(&self, coordinator_max_message_bytes: usize) {
+        self.coordinator_max_message_bytes.store(coordinator_max_message_bytes, Ordering::Relaxed);
+    }
+
+    /// The largest forwarded request or answer sent: below both ends'
+    /// limits, with room for the coordinator's changes on its way.
+    fn forward_limit(&self) -> usize {
+        self.max_message_bytes
+            .min(self.coordinator_max_message_bytes.load(Ordering::Relaxed))
+            .saturating_sub(FORWARD_MARGIN_BYTES)
     }
 
     /// Drops every pending request (the stream closed): they fall back now.
@@ -595,12 +619,13 @@ impl Joint {
         let bytes = serde_json::to_vec(&CloudAnswer { classes, probabilities, version }).map_err(|e| e.to_string())?;
         let sealed = reply.seal(&ctx, &bytes).map_err(|e| e.to_string())?;
         // The answer's other fields (the request id, the edge's name) are a
-        // few hundred bytes at most.
-        if sealed.len().saturating_add(1024) > self.max_message_bytes {
+        // few hundred bytes at most: within the margin.
+        let limit = self.forward_limit();
+        if sealed.len() > limit {
             return Err(format!(
-                "the answer would take {} bytes, above the stream's limit of {} (limits.max_message_bytes)",
+                "the answer would take {} bytes, above the {limit} the stream carries (limits.max_message_bytes \
+                 here and at the coordinator, less {FORWARD_MARGIN_BYTES})",
                 sealed.len(),
-                self.max_message_bytes
             ));
         }
         Ok(sealed)

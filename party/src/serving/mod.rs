@@ -674,9 +674,15 @@ impl Registry {
 
     /// A new coordinator stream: this party's name and its queue. Returns the
     /// cloud keys to announce on it.
-    pub fn connected(&self, me: &str, uplink: tokio::sync::mpsc::Sender<pb::PartyMessage>) -> Vec<pb::CloudKey> {
+    pub fn connected(
+        &self,
+        me: &str,
+        uplink: tokio::sync::mpsc::Sender<pb::PartyMessage>,
+        coordinator_max_message_bytes: usize,
+    ) -> Vec<pb::CloudKey> {
         *self.me.write().unwrap_or_else(|p| p.into_inner()) = me.to_owned();
         *self.uplink.lock().unwrap_or_else(|p| p.into_inner()) = Some(uplink);
+        self.joint.connected(coordinator_max_message_bytes);
         self.joint.announcements(me)
     }
 
@@ -1506,16 +1512,23 @@ mod tests {
         let (edge, cloud) = edge_and_cloud_with(&f, "", small);
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let wide = vec![0.5f32; 300 * 100];
-        let e = edge.forward("a", Some(tx), "triage", &route(), &wide, 300, 2).await.unwrap_err();
-        assert!(e.contains("100 hard rows of 300 features") && e.contains("limit of 65536"), "{e}");
+        let e = edge.forward("a", Some(tx.clone()), "triage", &route(), &wide, 300, 2).await.unwrap_err();
+        assert!(e.contains("100 hard rows of 300 features") && e.contains("above the 64512 the stream"), "{e}");
         assert!(rx.try_recv().is_err(), "nothing was sent");
+        // The coordinator's own limit, from its welcome, counts too.
+        edge.connected(32 << 10);
+        let half = vec![0.5f32; 300 * 40];
+        let e = edge.forward("a", Some(tx), "triage", &route(), &half, 300, 2).await.unwrap_err();
+        assert!(e.contains("40 hard rows") && e.contains("above the 31744 the stream"), "{e}");
+        assert!(rx.try_recv().is_err(), "nothing was sent");
+        edge.connected(usize::MAX);
         // A request that fits goes; an answer that would not is refused at the cloud.
         let edge = std::sync::Arc::new(edge);
         let (sent, _pending) = forward_one(edge).await;
         let request = pb::Forward { peer: "a".into(), ..sent };
         let (_, _, reply) = cloud.open_request("c", &request).unwrap();
         let e = cloud.seal_answer("c", &request, reply, 2, vec![0.5; 20_000], version()).unwrap_err();
-        assert!(e.contains("above the stream's limit of 65536"), "{e}");
+        assert!(e.contains("above the 64512 the stream carries"), "{e}");
     }
 
     /// A forward that waits for room on the coordinator stream (training's
