@@ -744,8 +744,12 @@ impl PartyNode {
                     }
                     self.refuse_revoked_coordinator(&coordinator_cert)?;
                     if let Some(registry) = self.serving.get() {
-                        // (The coordinator's message limit, which may be below ours.)
-                        let theirs = usize::try_from(w.max_message_bytes).unwrap_or(usize::MAX);
+                        // (The coordinator's message limit, which may be
+                        // below ours; 0: not stated.)
+                        let theirs = match w.max_message_bytes {
+                            0 => usize::MAX,
+                            n => usize::try_from(n).unwrap_or(usize::MAX),
+                        };
                         for key in registry.connected(&me, outbox.tx.clone(), theirs) {
                             info!(service = %key.service, "announcing this party's cloud key");
                             outbox.send(party_message::Body::CloudKey(key)).await;
