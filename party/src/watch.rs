@@ -384,8 +384,32 @@ impl Watches {
                 tracing::warn!(dataset, "could not select a pipeline job's rows: {e}");
                 Err("could not select the pipeline's rows (the reason is in this party's log)".into())
             }
+            Err(e) => {
+                // The reason goes to the coordinator: said, but without this
+                // party's paths (the log has them).
+                tracing::warn!(dataset, "could not select a pipeline job's rows: {e}");
+                Err(self.without_local_paths(e, source))
+            }
             selected => selected,
         }
+    }
+
+    /// `reason` with this party's files named by their role, not their path.
+    fn without_local_paths(&self, mut reason: String, source: &DatasetSource) -> String {
+        let named = [
+            (self.labels.as_path(), "the labels file"),
+            (self.hard_examples.as_path(), "the hard-examples file"),
+            (self.state_path.as_path(), "the pipelines' state file"),
+            (self.scratch.as_path(), "the pipelines' scratch directory"),
+            (source.path.as_path(), "the data set's directory"),
+        ];
+        for (path, role) in named {
+            let shown = path.display().to_string();
+            if !shown.is_empty() {
+                reason = reason.replace(&shown, role);
+            }
+        }
+        reason
     }
 
     fn select_rows(&self, spec: &JobSpec, dataset: &str, source: &DatasetSource) -> Result<DatasetSource, String> {
@@ -742,7 +766,7 @@ mod tests {
         assert_eq!(open().select(&spec("evaluate", 3, "all"), "e", &src).unwrap().load().unwrap().len(), 1);
         std::fs::write(dir.path().join("labels.csv"), format!("{sha7},x\n")).unwrap();
         let e = w.select(&spec("evaluate", 3, "new"), "d", &src).unwrap_err();
-        assert!(e.contains("labels.csv:1") && e.contains("class number"), "{e}");
+        assert!(e.contains("the labels file:1") && e.contains("class number"), "{e}");
         // Under DP the reason (a row's label, its line) stays in the log.
         let dp_train = spec_with(
             "train",
@@ -766,7 +790,9 @@ mod tests {
             t
         })
         .unwrap();
-        assert!(w.select(&spec("evaluate", 3, "new"), "d", &src).is_err(), "without DP: refused, saying why");
+        let e = w.select(&spec("evaluate", 3, "new"), "d", &src).unwrap_err();
+        // Without DP: refused, saying why, but not where this party keeps its files.
+        assert!(e.contains("the labels file:") && !e.contains(&dir.path().display().to_string()), "{e}");
         let selected = w.select(&dp_train, "d", &src).unwrap().load().unwrap();
         // The batch's row and the one well-formed labelled row of the service.
         assert_eq!((selected.features, selected.labels), (vec![1.0, 8.0], vec![0, 0]));
