@@ -270,6 +270,20 @@ impl PartySession {
         }
     }
 
+    /// The handler panicked: the round is abandoned, the hospital's log
+    /// gets the message, and this party leaves the job for good, recorded
+    /// as a coordinator fault's leaving is (an offer of it again is
+    /// refused: the same plug-in would panic again, mid-round).
+    fn left_after_panic(&mut self, p: &(dyn std::any::Any + Send)) {
+        self.handler.abandon();
+        let detail = panic_message(p);
+        self.out.push_back(PartyOutput::Note(format!("leaving the job: its trainer panicked: {detail}")));
+        self.aborted = Some(PANICKED.into());
+        if let Err(e) = self.handler.leave(PANICKED) {
+            self.out.push_back(PartyOutput::Note(format!("could not record leaving the job: {e}")));
+        }
+    }
+
     fn handle_input(&mut self, now: Millis, input: PartyInput) {
         match input {
             PartyInput::Task(task) => self.on_task(now, task),
@@ -300,11 +314,7 @@ impl PartySession {
                 if self.aborted.is_none() && self.held.is_empty() {
                     let handler = &mut self.handler;
                     if let Err(p) = catch_unwind(AssertUnwindSafe(|| handler.idle_work())) {
-                        self.handler.abandon();
-                        let detail = panic_message(p.as_ref());
-                        self.out
-                            .push_back(PartyOutput::Note(format!("leaving the job: its trainer panicked: {detail}")));
-                        self.aborted = Some(PANICKED.into());
+                        self.left_after_panic(p.as_ref());
                     }
                 }
             }
@@ -391,10 +401,7 @@ impl PartySession {
                 }
             }
             Err(p) => {
-                self.handler.abandon();
-                let detail = panic_message(p.as_ref());
-                self.out.push_back(PartyOutput::Note(format!("leaving the job: its trainer panicked: {detail}")));
-                self.aborted = Some(PANICKED.into());
+                self.left_after_panic(p.as_ref());
                 let reason = format!("this party left the job: {PANICKED}");
                 match held_task {
                     Some(after) => self.held.push((floor_base + after, PartyOutput::Failed { task_id, reason })),
@@ -623,7 +630,8 @@ mod tests {
 
     #[test]
     fn a_panicking_handler_ends_the_party_s_part_in_the_job() {
-        let mut s = session(Some("secagg-masked-input"));
+        let left = std::sync::Arc::default();
+        let mut s = session_recording(Some("secagg-masked-input"), std::sync::Arc::clone(&left));
         s.handle(0, step("j", 1, 1, "secagg-masked-input"));
         let out = outputs(&mut s);
         assert!(out.iter().any(
@@ -637,6 +645,8 @@ mod tests {
         let out = outputs(&mut s);
         let [PartyOutput::Failed { reason, .. }] = &out[..] else { panic!("{out:?}") };
         assert!(reason.contains("left the job") && reason.contains("panicked"), "{reason}");
+        // Recorded (the ledger keeps it): an offer of the job again is refused.
+        assert_eq!(*left.lock().unwrap(), [PANICKED]);
     }
 
     #[test]
