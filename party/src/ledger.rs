@@ -841,15 +841,21 @@ mod tests {
         JobSpec::parse(&spec_text(rounds, dp), "t", &Limits::default()).unwrap()
     }
 
+    /// A ledger in a directory of its own (kept alive by the first value).
+    fn temp_ledger() -> (tempfile::TempDir, PathBuf, Arc<Ledger>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let ledger = Ledger::open(&path).unwrap();
+        (dir, path, ledger)
+    }
+
     /// Whether a job's rounds are counted follows from whether it has DP,
     /// never from its id: a coordinator that names a DP job "" (the id that once meant
     /// "nothing to count") still has every round counted, and one beyond
     /// the reservation charged or refused, and its one release refused again.
     #[test]
     fn no_job_id_turns_the_round_count_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = Ledger::open(&path).unwrap();
+        let (_dir, path, ledger) = temp_ledger();
         let one_round = job_cost(&spec(1, true)).0;
         let guard = ledger.reserve("", &spec(1, true), "d", Some(one_round * (1.0 + 1e-9))).unwrap();
         guard.start_round().unwrap().durable().unwrap();
@@ -873,9 +879,7 @@ mod tests {
     /// round against the budget, from what the started rounds cost.
     #[test]
     fn a_job_that_ended_early_keeps_only_its_started_rounds_on_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = Ledger::open(&path).unwrap();
+        let (_dir, path, ledger) = temp_ledger();
         let ten = spec(10, true);
         let (whole, dp) = (job_cost(&ten).0, ten.dp.clone().unwrap());
         let budget = whole * 1.01;
@@ -928,9 +932,7 @@ mod tests {
     /// settlement clears its `ended` mark.
     #[test]
     fn a_settled_job_that_goes_on_is_no_longer_marked_ended() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = Ledger::open(&path).unwrap();
+        let (_dir, path, ledger) = temp_ledger();
         let guard = ledger.reserve("j", &spec(5, true), "d", None).unwrap();
         guard.start_round().unwrap().durable().unwrap();
         assert!(guard.settle("cancelled").unwrap().is_some());
@@ -945,9 +947,7 @@ mod tests {
     /// grown charge never takes one back.
     #[test]
     fn a_settlement_never_recomputes_a_charge_it_did_not_make() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = Ledger::open(&path).unwrap();
+        let (_dir, path, ledger) = temp_ledger();
         drop(ledger.reserve("j", &spec(10, true), "d", None).unwrap());
         drop(ledger);
         let mut file = Ledger::read(&path).unwrap();
@@ -966,9 +966,7 @@ mod tests {
     /// nothing.
     #[test]
     fn a_settlement_during_a_rounds_write_keeps_the_round() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = Ledger::open(&path).unwrap();
+        let (_dir, path, ledger) = temp_ledger();
         let ten = spec(10, true);
         let guard = ledger.reserve("j", &ten, "d", None).unwrap();
         guard.start_round().unwrap().durable().unwrap();
@@ -1000,9 +998,7 @@ mod tests {
     /// refused when read, naming δ: a negative one would lower the total.
     #[test]
     fn a_ledger_with_a_delta_out_of_range_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = Ledger::open(&path).unwrap();
+        let (_dir, path, ledger) = temp_ledger();
         drop(ledger.reserve("j1", &spec(1, true), "d", None).unwrap());
         drop(ledger);
         let text = std::fs::read_to_string(&path).unwrap();
@@ -1069,9 +1065,7 @@ mod tests {
     /// a data set at another path is not.
     #[test]
     fn the_same_rows_under_another_name_keep_their_spending() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = Ledger::open(&path).unwrap();
+        let (_dir, path, ledger) = temp_ledger();
         let job = spec(3, true);
         let (eps, _) = job_cost(&job);
         let rows = Path::new("/data/bc.csv");
@@ -1131,9 +1125,7 @@ mod tests {
     /// next leave, so a restart does not rejoin the job.
     #[test]
     fn leaving_stops_every_session_of_the_job_and_survives_a_failed_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = Ledger::open(&path).unwrap();
+        let (dir, path, ledger) = temp_ledger();
         let first = ledger.reserve("j", &spec(3, true), "d", None).unwrap();
         let second = ledger.reserve("j", &spec(3, true), "d", None).unwrap();
         first.start_round().unwrap().durable().unwrap();
@@ -1161,9 +1153,7 @@ mod tests {
 
     #[test]
     fn reserves_durably_refuses_over_budget_and_counts_rounds() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = Ledger::open(&path).unwrap();
+        let (_dir, path, ledger) = temp_ledger();
         let job = spec(3, true);
         let (eps, delta) = job_cost(&job);
         assert!(eps.is_finite() && eps > 0.0 && delta == 1e-5);
@@ -1293,9 +1283,7 @@ local_epochs = 2",
     /// a later write, here a reservation's) writes nothing.
     #[test]
     fn a_late_write_never_replaces_a_newer_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = Ledger::open(&path).unwrap();
+        let (dir, path, ledger) = temp_ledger();
         let mut older = LedgerFile { version: 1, ..LedgerFile::default() };
         older.datasets.insert("old".into(), DatasetLedger::default());
         let mut newer = LedgerFile { version: 1, ..LedgerFile::default() };
@@ -1332,9 +1320,7 @@ local_epochs = 2",
         let terms = cost_terms(&job);
         assert!(terms.ends_with(&format!(" ddg_rotation_block={}", confide_dp::ddg::ROTATION_BLOCK)), "{terms}");
         assert!(!cost_terms(&spec(3, true)).contains("ddg_rotation_block"));
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.json");
-        let ledger = Ledger::open(&path).unwrap();
+        let (_dir, path, ledger) = temp_ledger();
         ledger.reserve("j1", &job, "d", None).unwrap();
         drop(ledger);
         // The reservation as the binary before wrote it.

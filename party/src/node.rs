@@ -494,22 +494,26 @@ impl PartyNode {
             if let Some(registry) = self.serving.get() {
                 registry.disconnected();
             }
-            match served {
+            let wait = match &served {
                 Ok(true) => {
                     info!("the coordinator closed the stream; reconnecting");
                     delay = initial;
+                    delay
                 }
-                Ok(false) => warn!("the coordinator closed the stream before welcoming us"),
-                Err(_) => {}
-            }
-            let asked = match &served {
-                Err(Error::Throttled(_, wait)) => Some(*wait),
-                _ => None,
+                Ok(false) => {
+                    warn!("the coordinator closed the stream before welcoming us");
+                    delay
+                }
+                Err(e) => {
+                    let asked = match e {
+                        Error::Throttled(_, asked) => Some(*asked),
+                        _ => None,
+                    };
+                    let wait = reconnect_wait(delay, asked);
+                    warn!("{e}; retrying in {wait} ms");
+                    wait
+                }
             };
-            let wait = reconnect_wait(delay, asked);
-            if let Err(e) = &served {
-                warn!("{e}; retrying in {wait} ms");
-            }
             // Jitter spreads reconnects after a coordinator restart.
             let jitter = rand::random::<u64>() % (wait / 4 + 1);
             tokio::time::sleep(Duration::from_millis(wait + jitter)).await;
@@ -920,10 +924,7 @@ impl PartyNode {
                     let reason: String = c.reason.chars().take(MAX_CLOSE_REASON_CHARS).collect();
                     // A job that ended (not one closed otherwise) settles its
                     // privacy ledger reservation to the rounds it started.
-                    let ended = confide_proto::status::JobState::try_from(c.state)
-                        .ok()
-                        .filter(|s| s.is_terminal())
-                        .map(|s| s.as_str().to_owned());
+                    let ended = job_end(c.state);
                     if let Some(serial) = offers.newest(&c.job_id) {
                         // One close per offer is enough: later ones change nothing.
                         let kept = waiting.entry(c.job_id.clone()).or_default();
@@ -1217,6 +1218,13 @@ impl<T: Send + 'static> Drop for Receiving<T> {
             }
         }
     }
+}
+
+/// How a job ended, from a close's state: only a terminal state (not an
+/// unknown or running one a coordinator might send) settles the job's
+/// privacy ledger reservation.
+fn job_end(state: i32) -> Option<String> {
+    confide_proto::status::JobState::try_from(state).ok().filter(|s| s.is_terminal()).map(|s| s.as_str().to_owned())
 }
 
 /// Milliseconds to wait before connecting again: the back-off's `delay`,
@@ -1582,6 +1590,24 @@ mod tests {
     use super::*;
     use confide_crypto::pki::PkiDir;
     use std::path::{Path, PathBuf};
+
+    /// Only a close that says the job reached a terminal state settles its
+    /// reservation: a coordinator's close in a running (or unknown) state
+    /// settles nothing.
+    #[test]
+    fn only_a_terminal_close_is_a_jobs_end() {
+        use confide_proto::status::JobState;
+        for (state, ended) in [
+            (JobState::Succeeded, Some("succeeded")),
+            (JobState::Failed, Some("failed")),
+            (JobState::Cancelled, Some("cancelled")),
+            (JobState::Running, None),
+            (JobState::Pending, None),
+        ] {
+            assert_eq!(job_end(pb::JobState::from(state) as i32).as_deref(), ended, "{state:?}");
+        }
+        assert_eq!(job_end(9_999), None, "an unknown state");
+    }
 
     /// A join refused for reconnecting too often is retried no sooner than
     /// the refusal asks (the coordinator's budget would refuse it again),

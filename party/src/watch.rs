@@ -639,6 +639,16 @@ mod tests {
         std::fs::write(dir.join(name), text).unwrap();
     }
 
+    /// A directory holding a watched data set (`data/`) of one batch of
+    /// one row, and the data set.
+    fn one_batch() -> (tempfile::TempDir, DatasetSource) {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        batch(&data, "001.csv", &[(1.0, 0)]);
+        (dir, DatasetSource::csv(data))
+    }
+
     /// Watches with every file under `dir`.
     fn open_in(dir: &Path) -> Watches {
         Watches::open(&dir.join("w.json"), &dir.join("hard.csv"), &dir.join("labels.csv"), &dir.join("scratch"))
@@ -721,13 +731,9 @@ mod tests {
 
     #[test]
     fn labelled_hard_examples_join_the_next_iteration() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        batch(&data, "001.csv", &[(1.0, 0)]);
+        let (dir, src) = one_batch();
         let open = || open_in(dir.path());
         let w = open();
-        let src = DatasetSource::csv(data.clone());
         w.select(&spec("train", 1, "all"), "d", &src).unwrap();
         w.keep_hard_examples("triage", &[7.0, 8.0], 1).unwrap();
         w.keep_hard_examples("triage", &[7.0, 7.0], 1).unwrap();
@@ -862,12 +868,8 @@ mod tests {
     /// are kept, the oldest going first.
     #[test]
     fn the_pipelines_state_and_scratch_files_are_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        batch(&data, "001.csv", &[(1.0, 0)]);
+        let (dir, src) = one_batch();
         let w = open_in(dir.path());
-        let src = DatasetSource::csv(data.clone());
         w.keep_hard_examples("triage", &[7.0], 1).unwrap();
         let sha7 = crate::audit::rows_sha256(&[7.0]);
         std::fs::write(

@@ -738,6 +738,15 @@ fn a_dp_pipeline_job_with_no_batch_sets_up_on_no_rows() {
     assert!(confide_party::trainers::width_undeclared(&train).contains("feature_ranges"));
 }
 
+/// The number after `prefix` at the start of a (trimmed) line of `text`.
+fn number_after(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(prefix))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{text}"))
+}
+
 /// `confide job validate` (the binary) prints the ε the demo's spec costs,
 /// as the spec's own accountant computes it, and `--target-epsilon`
 /// prints a noise multiplier that, put in the spec, costs at most the
@@ -763,23 +772,13 @@ fn job_validate_prints_the_epsilon_a_spec_costs_and_the_noise_for_a_target() {
     assert!(ok, "{stdout}{stderr}");
     let text = std::fs::read_to_string(&path).expect("spec");
     let expected = cost(&text);
-    let printed: f64 = stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("dp: ε = "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no ε line in:\n{stdout}"));
+    let printed = number_after(&stdout, "dp: ε = ");
     assert!((printed - expected).abs() < 5e-5, "printed ε {printed}, the spec's accountant {expected}:\n{stdout}");
     assert!(expected <= 4.0 + 1e-9, "the demo's spec costs ε = {expected}");
 
     let (ok, stdout, stderr) = run(&["--target-epsilon", "2"]);
     assert!(ok, "{stdout}{stderr}");
-    let z: f64 = stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("noise_multiplier = "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no noise_multiplier line in:\n{stdout}"));
+    let z = number_after(&stdout, "noise_multiplier = ");
     // The printed multiplier, put in the spec instead of the target, costs at most ε = 2 (and not far below).
     let mut raw: toml::Table = toml::from_str(&text).expect("toml");
     let dp = raw.get_mut("dp").and_then(|d| d.as_table_mut()).expect("[dp]");

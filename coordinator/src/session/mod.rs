@@ -205,8 +205,9 @@ struct Collection {
     /// metrics, so a slow stage shows in `confide job status`.
     started: Millis,
     deadline: Millis,
-    /// When `parties.min` had answered (a head-count stage only): from
-    /// then on the stage waits at most `timeouts.straggler_secs` more.
+    /// Since when `parties.min` parties that answered are still connected
+    /// (a head-count stage only): from then on the stage waits at most
+    /// `timeouts.straggler_secs` more.
     quorum_at: Option<Millis>,
     waiting: BTreeSet<String>,
     answered: BTreeSet<String>,
@@ -537,11 +538,7 @@ impl Core {
         let min = self.spec.min_parties();
         let Some(c) = self.collection.as_mut().filter(|c| c.quorum == Quorum::JobMinimum) else { return };
         let live = c.answered.iter().filter(|p| self.connected.contains_key(*p)).count();
-        c.quorum_at = match (live >= min, c.quorum_at) {
-            (true, Some(at)) => Some(at),
-            (true, None) => Some(self.now),
-            (false, _) => None,
-        };
+        c.quorum_at = (live >= min).then(|| c.quorum_at.unwrap_or(self.now));
     }
 
     fn drop_from_stage(&mut self, party: &str, reason: &str) {

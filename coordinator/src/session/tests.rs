@@ -617,6 +617,20 @@ mod secure {
             (r, fit)
         }
 
+        /// Every party answers its fit task and deals its shares: the
+        /// masked-input tasks.
+        fn through_fit_and_shares(&mut self, fit: &[(String, TaskOut)]) -> Vec<(String, TaskOut)> {
+            let mut shares = Vec::new();
+            for (p, t) in fit {
+                shares = tasks(self.fit(p, t));
+            }
+            let mut masked = Vec::new();
+            for (p, t) in &shares {
+                masked = tasks(self.step(p, t));
+            }
+            masked
+        }
+
         /// A party trains and advertises keys.
         fn fit(&mut self, p: &str, t: &TaskOut) -> Vec<Output> {
             let TaskBody::Fit { global, round_message, config } = &t.task.body else { panic!("{t:?}") };
@@ -805,14 +819,7 @@ mod secure {
         let mut spec = spec(3);
         spec.timeouts.straggler_secs = Some(2);
         let (mut r, fit) = Run::start_spec(spec);
-        let mut shares = Vec::new();
-        for (p, t) in &fit {
-            shares = tasks(r.fit(p, t));
-        }
-        let mut masked = Vec::new();
-        for (p, t) in &shares {
-            masked = tasks(r.step(p, t));
-        }
+        let masked = r.through_fit_and_shares(&fit);
         for (p, t) in masked.iter().filter(|(p, _)| p != "e") {
             assert!(tasks(r.step(p, t)).is_empty(), "waiting for e");
         }
@@ -866,14 +873,7 @@ mod secure {
     #[test]
     fn too_few_unmask_answers_fail_the_job_below_threshold() {
         let (mut r, fit) = Run::start(3);
-        let mut next = Vec::new();
-        for (p, t) in &fit {
-            next = tasks(r.fit(p, t));
-        }
-        let mut masked = Vec::new();
-        for (p, t) in &next {
-            masked = tasks(r.step(p, t));
-        }
+        let masked = r.through_fit_and_shares(&fit);
         let mut consistency = Vec::new();
         for (p, t) in &masked {
             consistency = tasks(r.step(p, t));
