@@ -1695,7 +1695,9 @@ impl AdminService for AdminSvc {
     async fn watch_job(&self, req: Request<pb::JobRef>) -> Result<Response<Self::WatchJobStream>, Status> {
         require_admin(&self.hub, &req)?;
         // A watch lasts as long as its job: the admin's certificate is
-        // checked again before each update, not only at the start.
+        // checked again before each update and at each poll of the lists,
+        // so a revoked or expired administrator's watch of a quiet job ends
+        // within a poll, not at the job's next change.
         let (admin, certificate) = (peer_of(&req)?, peer_certificate(&req)?);
         let id = req.into_inner().job_id;
         let hub = self.hub.clone();
@@ -1708,22 +1710,27 @@ impl AdminService for AdminSvc {
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
+            let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + ENROLLMENT_POLL, ENROLLMENT_POLL);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                // Woken only by this job's changes (the channel closes when
-                // it ends), or by the watcher going away: a watch of a job
-                // that stays unchanged for long (a paused pipeline) does not
+                // Woken by this job's changes (the channel closes when it
+                // ends), by the poll's tick (the certificate alone is checked
+                // again), or by the watcher going away: a watch of a job that
+                // stays unchanged for long (a paused pipeline) does not
                 // outlive its client.
                 let running = match changes.as_mut() {
                     Some(c) => tokio::select! {
-                        changed = c.changed() => changed.is_ok(),
+                        changed = c.changed() => Some(changed.is_ok()),
+                        _ = recheck.tick() => None,
                         () = tx.closed() => return,
                     },
-                    None => false,
+                    None => Some(false),
                 };
                 if let Err(refused) = admin_still_admitted(&hub, &admin, &certificate) {
                     let _ = tx.send(Err(refused)).await;
                     return;
                 }
+                let Some(running) = running else { continue };
                 match job_status(&hub, &id, true).await {
                     Ok(s) if s != last => {
                         last = s.clone();
