@@ -23,6 +23,8 @@ pub struct LogisticRegression {
     held_out: Dataset,
     /// Mixed into shuffling seeds so parties draw different (but reproducible) batches.
     salt: u64,
+    /// DP-SGD noise drawn ahead for the next round.
+    noise_reserve: Option<confide_dp::dpsgd::NoiseReserve>,
 }
 
 const WEIGHT: &str = "linear.weight";
@@ -57,7 +59,7 @@ impl LogisticRegression {
             Tensor { name: WEIGHT.into(), shape: vec![classes, d], data: weight },
             Tensor { name: BIAS.into(), shape: vec![classes], data: vec![0.0; classes] },
         ])?;
-        Ok(LogisticRegression { classes, features: d, params, train, held_out, salt })
+        Ok(LogisticRegression { classes, features: d, params, train, held_out, salt, noise_reserve: None })
     }
 
     fn tensor(&self, name: &str) -> &[f32] {
@@ -249,7 +251,7 @@ impl Trainer for LogisticRegression {
     fn fit_private(&mut self, config: &FitConfig, plan: &DpSgdPlan) -> Result<FitOutcome, Error> {
         let tc = &config.train;
         let (c, d) = (self.classes, self.features);
-        let mut dp = plan.mechanism(c * d + c)?;
+        let mut dp = plan.mechanism(c * d + c, self.noise_reserve.take())?;
         let [mut w, mut b, mean, std] = [WEIGHT, BIAS, INPUT_MEAN, INPUT_STD].map(|n| self.tensor_f64(n));
         let (w0, b0) = (w.clone(), b.clone());
         let (lr, mu, momentum) = (tc.learning_rate, tc.proximal_mu, tc.momentum);
@@ -296,6 +298,7 @@ impl Trainer for LogisticRegression {
                 *p -= lr * *v;
             }
         }
+        self.noise_reserve = dp.into_reserve();
         self.store_weights(&w, &b);
         if !w.iter().chain(&b).all(|v| v.is_finite()) {
             return Err(Error::InvalidInput(
@@ -581,6 +584,29 @@ mod tests {
         }
         let after = m.evaluate().unwrap();
         assert!(after.metrics["accuracy"] > 0.9, "{after:?}");
+    }
+
+    /// The trainer keeps its DP-SGD noise reserve from round to round: the
+    /// noise drawn while it waits serves the next round's steps (a reserve
+    /// started afresh each round could have served one round's at most).
+    #[test]
+    fn dp_sgd_rounds_take_the_noise_drawn_between_them() {
+        let ds = breast_cancer();
+        let mut m = LogisticRegression::new(2, ds.clone(), Dataset::default(), 3, 0).unwrap();
+        let cfg = FitConfig { round: 1, train: TrainConfig::default() };
+        let steps = 30;
+        let mut taken_before = 0;
+        for round in 0..3 {
+            m.fit_private(&cfg, &plan(1.0, 0.05, 28, steps)).unwrap();
+            let reserve = m.noise_reserve.as_ref().expect("kept for the next round");
+            assert_eq!(reserve.capacity(), steps as usize);
+            if round > 0 {
+                // The reserve was full: every step took its noise from it.
+                assert_eq!(reserve.taken(), taken_before + steps, "round {round}");
+            }
+            taken_before = reserve.taken();
+            assert!(reserve.wait_full(std::time::Duration::from_secs(60)), "the reserve fills between rounds");
+        }
     }
 
     #[test]

@@ -498,8 +498,16 @@ pub struct DpSgdPlan {
 
 impl DpSgdPlan {
     /// The DP-SGD noise and sampler for a model with `dim` trainable
-    /// values, its noise drawn ahead on a thread of its own.
-    pub fn mechanism(&self, dim: usize) -> Result<confide_dp::dpsgd::DpSgd, Error> {
+    /// values, its noise drawn ahead on a thread of its own: taken from
+    /// `reserve` (the trainer's previous round's, drawn while the party
+    /// waited) where it fits, up to a round's steps ahead. Give it back with
+    /// [`confide_dp::dpsgd::DpSgd::into_reserve`] after the round.
+    pub fn mechanism(
+        &self,
+        dim: usize,
+        reserve: Option<confide_dp::dpsgd::NoiseReserve>,
+    ) -> Result<confide_dp::dpsgd::DpSgd, Error> {
+        let ahead = usize::try_from(self.steps_per_round).unwrap_or(usize::MAX);
         confide_dp::dpsgd::DpSgd::new(confide_dp::dpsgd::DpSgdConfig {
             max_grad_norm: self.max_grad_norm,
             noise_multiplier: self.noise_multiplier,
@@ -507,7 +515,7 @@ impl DpSgdPlan {
             expected_batch_size: self.expected_batch_size as f64,
             dim,
         })
-        .map(confide_dp::dpsgd::DpSgd::pipelined)
+        .map(|dp| dp.with_reserve(reserve, ahead))
         .map_err(|e| Error::InvalidInput(format!("dp: {e}")))
     }
 }

@@ -108,10 +108,11 @@ pub struct DpSgd {
     sigma_int: u32,
     noise: DiscreteGaussian,
     rng: ChaCha20Rng,
-    /// The next steps' noise vectors, drawn by a thread of their own while
-    /// the trainer computes gradients ([`DpSgd::pipelined`]); `None`: noise
-    /// is drawn inline.
-    pipeline: Option<std::sync::mpsc::Receiver<Zeroizing<Vec<i64>>>>,
+    /// The next steps' noise vectors, drawn by a thread of their own
+    /// ([`DpSgd::with_reserve`]); `None`: noise is drawn inline.
+    reserve: Option<NoiseReserve>,
+    /// Steps whose noise was drawn inline, none being ready.
+    drawn_inline: u64,
     /// floor(q·2^64): a row is sampled when a uniform u64 is below it.
     sample_threshold: u64,
     sample_all: bool,
@@ -173,20 +174,39 @@ impl DpSgd {
             sigma_int,
             noise,
             rng: os_seeded_rng()?,
-            pipeline: None,
+            reserve: None,
+            drawn_inline: 0,
             sample_threshold,
             sample_all,
         })
     }
 
-    /// Draws each step's noise on a thread of its own, two steps ahead,
-    /// while the caller computes gradients (the noise does not depend on
-    /// the data); a step that finds none ready draws its own. Worth it for
-    /// many steps; a single release (central DP) would only draw vectors
-    /// nobody uses.
-    pub fn pipelined(mut self) -> Self {
-        self.pipeline = noise_pipeline(self.noise, self.cfg.dim);
+    /// Takes each step's noise from `reserve` where it was drawn for this
+    /// mechanism (the same σ and length), else from a new reserve holding
+    /// up to `ahead` vectors; a step that finds none ready draws its own.
+    /// A trainer gives the reserve back ([`DpSgd::into_reserve`]) after its
+    /// round and passes it in again next round, so the next round's noise is
+    /// drawn while the party waits between rounds (the noise does not
+    /// depend on the data). Worth it for many steps; a single release
+    /// (central DP) would only draw vectors nobody uses.
+    pub fn with_reserve(mut self, reserve: Option<NoiseReserve>, ahead: usize) -> Self {
+        self.reserve = match reserve {
+            Some(r) if r.sigma_int == self.sigma_int && r.dim == self.cfg.dim => Some(r),
+            // Noise for another mechanism is of no use: dropped, it is wiped.
+            _ => NoiseReserve::start(self.noise, self.sigma_int, self.cfg.dim, ahead),
+        };
         self
+    }
+
+    /// The reserve of noise drawn ahead, for the next round's mechanism.
+    pub fn into_reserve(mut self) -> Option<NoiseReserve> {
+        self.reserve.take()
+    }
+
+    /// Steps so far whose noise was drawn inline (on the trainer's thread),
+    /// none being ready in the reserve.
+    pub fn noise_drawn_inline(&self) -> u64 {
+        self.drawn_inline
     }
 
     /// The settings.
@@ -253,9 +273,10 @@ impl DpSgd {
         // threads draw and a step takes about the mean of the two instead
         // of the noise thread's time. Every vector is used once, whichever
         // thread drew it.
-        let noise = match self.pipeline.as_ref().and_then(|p| p.try_recv().ok()) {
+        let noise = match self.reserve.as_ref().and_then(NoiseReserve::take) {
             Some(noise) => noise,
             None => {
+                self.drawn_inline += 1;
                 let mut noise = Zeroizing::new(vec![0i64; clipped_sum.len()]);
                 self.noise.fill_from(&mut noise, &mut self.rng);
                 noise
@@ -271,25 +292,104 @@ impl DpSgd {
     }
 }
 
-/// Starts a thread that draws `dim`-coordinate noise vectors from its own
-/// OS-seeded ChaCha20 stream, two steps ahead. It ends when the receiver is
-/// dropped; the vectors are wiped when dropped.
-fn noise_pipeline(noise: DiscreteGaussian, dim: usize) -> Option<std::sync::mpsc::Receiver<Zeroizing<Vec<i64>>>> {
-    let mut rng = os_seeded_rng().ok()?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Zeroizing<Vec<i64>>>(2);
-    std::thread::Builder::new()
-        .name("dp-sgd-noise".into())
-        .spawn(move || {
-            loop {
-                let mut v = Zeroizing::new(vec![0i64; dim]);
-                noise.fill_from(&mut v, &mut rng);
-                if tx.send(v).is_err() {
-                    return;
+/// At most this many bytes of DP-SGD noise are drawn ahead per trainer
+/// (64 MiB: a round's steps for small models, 8 steps of a million values).
+pub const MAX_RESERVE_BYTES: usize = 64 << 20;
+
+/// DP-SGD noise vectors drawn ahead by a thread of their own, from its own
+/// OS-seeded ChaCha20 stream, and kept across rounds. The thread runs at
+/// the lowest scheduling priority (Linux: nice 19, that thread only), so it
+/// takes a spare core during training and otherwise the time the party
+/// spends waiting between rounds, not the trainer's. It ends when the
+/// reserve is dropped; the vectors are wiped when dropped (those still
+/// queued too).
+pub struct NoiseReserve {
+    rx: std::sync::mpsc::Receiver<Zeroizing<Vec<i64>>>,
+    sigma_int: u32,
+    dim: usize,
+    capacity: usize,
+    /// Vectors the thread has queued, and those taken from the queue.
+    queued: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    taken: std::cell::Cell<u64>,
+}
+
+impl std::fmt::Debug for NoiseReserve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NoiseReserve")
+            .field("sigma_int", &self.sigma_int)
+            .field("dim", &self.dim)
+            .field("ready", &self.ready())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NoiseReserve {
+    /// Starts the thread, holding up to `ahead` vectors (at least 2, at
+    /// most [`MAX_RESERVE_BYTES`] of them); `None` if it cannot start (the
+    /// steps then draw inline).
+    fn start(noise: DiscreteGaussian, sigma_int: u32, dim: usize, ahead: usize) -> Option<NoiseReserve> {
+        use std::sync::atomic::Ordering;
+        let capacity = ahead.min(MAX_RESERVE_BYTES / (8 * dim.max(1))).max(2);
+        let mut rng = os_seeded_rng().ok()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Zeroizing<Vec<i64>>>(capacity);
+        let queued = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = queued.clone();
+        std::thread::Builder::new()
+            .name("dp-sgd-noise".into())
+            .spawn(move || {
+                // Linux applies a PRIO_PROCESS priority of "this process"
+                // to the calling thread alone; elsewhere it would lower the
+                // whole party, so it is left at the default there.
+                #[cfg(target_os = "linux")]
+                let _ = rustix::process::setpriority_process(None, 19);
+                loop {
+                    let mut v = Zeroizing::new(vec![0i64; dim]);
+                    noise.fill_from(&mut v, &mut rng);
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                    counter.fetch_add(1, Ordering::Release);
                 }
+            })
+            .ok()?;
+        Some(NoiseReserve { rx, sigma_int, dim, capacity, queued, taken: std::cell::Cell::new(0) })
+    }
+
+    fn take(&self) -> Option<Zeroizing<Vec<i64>>> {
+        let v = self.rx.try_recv().ok()?;
+        self.taken.set(self.taken.get() + 1);
+        Some(v)
+    }
+
+    /// Vectors ready to be taken (one more may be in the queue, counted as
+    /// soon as its sender returns).
+    pub fn ready(&self) -> usize {
+        let queued = self.queued.load(std::sync::atomic::Ordering::Acquire);
+        usize::try_from(queued.saturating_sub(self.taken.get())).unwrap_or(usize::MAX)
+    }
+
+    /// Vectors taken from it since it started, over every round it served.
+    pub fn taken(&self) -> u64 {
+        self.taken.get()
+    }
+
+    /// The most vectors it holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Waits until the reserve is full or `within` has passed (benchmarks
+    /// and tests: the time a party waits between rounds); whether it is.
+    pub fn wait_full(&self, within: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + within;
+        while self.ready() < self.capacity {
+            if std::time::Instant::now() >= until {
+                return false;
             }
-        })
-        .ok()?;
-    Some(rx)
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
 }
 
 /// One DP-SGD step's privacy event: the discrete Gaussian with multiplier
@@ -403,7 +503,7 @@ mod tests {
     #[test]
     fn privatized_noise_has_the_calibrated_variance() {
         let dim = 200_000;
-        let mut dp = DpSgd::new(DpSgdConfig { noise_multiplier: 0.5, ..cfg(dim) }).unwrap().pipelined();
+        let mut dp = DpSgd::new(DpSgdConfig { noise_multiplier: 0.5, ..cfg(dim) }).unwrap().with_reserve(None, 2);
         let mut v = vec![0.0; dim];
         dp.privatize(&mut v).unwrap();
         let unit = dp.gamma / dp.cfg.expected_batch_size;
@@ -422,7 +522,7 @@ mod tests {
     #[test]
     fn steps_that_outrun_the_noise_thread_draw_fresh_noise() {
         let dim = 2000;
-        let mut dp = DpSgd::new(DpSgdConfig { noise_multiplier: 0.5, ..cfg(dim) }).unwrap().pipelined();
+        let mut dp = DpSgd::new(DpSgdConfig { noise_multiplier: 0.5, ..cfg(dim) }).unwrap().with_reserve(None, 2);
         let unit = dp.gamma / dp.cfg.expected_batch_size;
         let mut seen = std::collections::HashSet::new();
         let mut sum_sq = 0.0;
@@ -438,6 +538,56 @@ mod tests {
         let var = sum_sq / (steps * dim) as f64;
         let se = sigma * sigma * (2.0 / (steps * dim) as f64).sqrt();
         assert!((var - sigma * sigma).abs() < 6.0 * se, "{var} vs {}", sigma * sigma);
+    }
+
+    /// A reserve given back after a round and passed to the next round's
+    /// mechanism holds the noise drawn in between: those steps draw nothing
+    /// inline, each vector serves one step, and a mechanism with another σ
+    /// or length does not take it (its noise would be miscalibrated).
+    #[test]
+    fn a_reserve_kept_across_rounds_serves_the_next_rounds_steps() {
+        use std::time::Duration;
+        let (dim, steps) = (500, 40);
+        let round = |reserve| {
+            DpSgd::new(DpSgdConfig { noise_multiplier: 0.5, ..cfg(dim) }).unwrap().with_reserve(reserve, steps)
+        };
+        let first = round(None);
+        let reserve = first.into_reserve().expect("a reserve");
+        assert_eq!(reserve.capacity(), steps);
+        // The party waits between rounds: the reserve fills meanwhile.
+        assert!(reserve.wait_full(Duration::from_secs(60)), "filled: {}", reserve.ready());
+        let mut dp = round(Some(reserve));
+        let unit = dp.gamma / dp.cfg.expected_batch_size;
+        let mut seen = std::collections::HashSet::new();
+        let mut sum_sq = 0.0;
+        for _ in 0..steps {
+            let mut v = vec![0.0; dim];
+            dp.privatize(&mut v).unwrap();
+            sum_sq += v.iter().map(|x| (x / unit).powi(2)).sum::<f64>();
+            let key: Vec<i64> = v.iter().map(|x| (x / unit).round() as i64).collect();
+            assert!(seen.insert(key), "a noise vector was used twice");
+        }
+        assert_eq!(dp.noise_drawn_inline(), 0, "every step's noise was drawn ahead");
+        let sigma = f64::from(dp.sigma_int);
+        let var = sum_sq / (steps * dim) as f64;
+        let se = sigma * sigma * (2.0 / (steps * dim) as f64).sqrt();
+        assert!((var - sigma * sigma).abs() < 6.0 * se, "{var} vs {}", sigma * sigma);
+        // Another noise multiplier, or another length: a new reserve.
+        let reserve = dp.into_reserve().expect("a reserve");
+        assert!(reserve.wait_full(Duration::from_secs(60)));
+        let other =
+            DpSgd::new(DpSgdConfig { noise_multiplier: 2.0, ..cfg(dim) }).unwrap().with_reserve(Some(reserve), steps);
+        let reserve = other.into_reserve().expect("a reserve");
+        assert_eq!(reserve.sigma_int, DpSgd::new(DpSgdConfig { noise_multiplier: 2.0, ..cfg(dim) }).unwrap().sigma_int);
+        let longer = DpSgd::new(DpSgdConfig { noise_multiplier: 2.0, ..cfg(dim + 1) })
+            .unwrap()
+            .with_reserve(Some(reserve), steps);
+        assert_eq!(longer.into_reserve().expect("a reserve").dim, dim + 1);
+        // At most MAX_RESERVE_BYTES ahead, and never fewer than two.
+        let big = DpSgd::new(cfg(1 << 20)).unwrap().with_reserve(None, 1000).into_reserve().expect("a reserve");
+        assert_eq!(big.capacity(), MAX_RESERVE_BYTES / (8 << 20));
+        assert_eq!(round(None).into_reserve().map(|r| r.capacity()), Some(steps));
+        assert_eq!(DpSgd::new(cfg(4)).unwrap().with_reserve(None, 0).into_reserve().map(|r| r.capacity()), Some(2));
     }
 
     #[test]

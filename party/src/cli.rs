@@ -52,6 +52,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the pipelines whose batch marks this party keeps (at most 64:
+    /// a train job of one more is refused), or forget finished pipelines'
+    /// marks to make room. Forgetting needs the party stopped (its ledger's
+    /// lock is taken); a pipeline forgotten and run again trains again on
+    /// its batches, each job still charged in the ledger.
+    Pipelines {
+        /// The party's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// A finished pipeline's job id whose marks to forget (repeatable).
+        #[arg(long)]
+        forget: Vec<String>,
+    },
     /// Check the config file and load every data set, then exit.
     Check {
         /// The party's config file.
@@ -417,6 +430,7 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
             }
         },
         Command::Budget { config, json } => report(budget(&config, json, &plugins)),
+        Command::Pipelines { config, forget } => report(pipelines(&config, &forget, &plugins)),
         Command::Check { config } => match PartyConfig::load_with(&config, &plugins) {
             Ok(cfg) => {
                 for w in &cfg.warnings {
@@ -446,6 +460,41 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
             report(evaluate(&spec, &model, &data, json, config.as_deref()))
         }
     }
+}
+
+fn pipelines(config: &std::path::Path, forget: &[String], plugins: &PartyPlugins) -> Result<(), String> {
+    let cfg = PartyConfig::load_with(config, plugins).map_err(|e| e.to_string())?;
+    // The ledger's lock, held until the end: a running party holds it, so
+    // taking it shows that none runs on this state.
+    let _stopped = if forget.is_empty() {
+        None
+    } else {
+        Some(crate::ledger::Ledger::open(&cfg.ledger_path()).map_err(|e| {
+            format!("{e}: stop the party before forgetting pipelines (it would write its own marks back)")
+        })?)
+    };
+    let watches = crate::watch::Watches::open(
+        &cfg.pipelines_path(),
+        &cfg.hard_examples_path(),
+        &cfg.labels_path(),
+        &cfg.key.with_extension("pipelines"),
+    )?;
+    for id in forget {
+        let gone = watches.forget(id)?;
+        println!("forgot pipeline {id}: {} marked batches and rows", gone.marked);
+    }
+    let kept = watches.pipelines();
+    println!(
+        "pipelines state {}: {} of at most {} pipelines",
+        cfg.pipelines_path().display(),
+        kept.len(),
+        crate::watch::MAX_PIPELINES
+    );
+    for p in kept {
+        let latest = p.latest_iteration.map_or("none trained".to_string(), |i| format!("latest iteration {i}"));
+        println!("  {}: {} marked batches and rows, {latest}", p.id, p.marked);
+    }
+    Ok(())
 }
 
 fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Result<(), String> {
@@ -566,6 +615,28 @@ mod tests {
     /// no infinity) in the entry's ε and the rows' ε, and counts the rows'
     /// spending under another name that read the same path, with nothing
     /// remaining.
+    /// Forgetting a pipeline's marks is refused while a party holds the
+    /// ledger (it would write its own marks back), and names an unknown id.
+    #[test]
+    fn pipelines_are_forgotten_only_while_the_party_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bc.csv"), "x,label\n1,0\n").unwrap();
+        let path = dir.path().join("p.toml");
+        let text = "coordinator = \"https://x:1\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+                    ledger = \"ledger.json\"\n[datasets.bc]\npath = \"bc.csv\"\n";
+        std::fs::write(&path, text).unwrap();
+        let cfg = PartyConfig::load(&path).unwrap();
+        let plugins = PartyPlugins::new();
+        pipelines(&path, &[], &plugins).unwrap();
+        let running = crate::ledger::Ledger::open(&cfg.ledger_path()).unwrap();
+        let e = pipelines(&path, &["p1".into()], &plugins).unwrap_err();
+        assert!(e.contains("stop the party"), "{e}");
+        pipelines(&path, &[], &plugins).expect("listing needs no lock");
+        drop(running);
+        let e = pipelines(&path, &["p1".into()], &plugins).unwrap_err();
+        assert!(e.contains("no pipeline p1"), "{e}");
+    }
+
     #[test]
     fn budget_json_writes_infinite_spending_as_inf_and_counts_the_rows_under_every_name() {
         let dir = tempfile::tempdir().unwrap();

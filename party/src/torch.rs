@@ -332,6 +332,8 @@ pub struct TorchTrainer {
     train: Dataset,
     held_out: Dataset,
     salt: u64,
+    /// DP-SGD noise drawn ahead for the next round.
+    noise_reserve: Option<confide_dp::dpsgd::NoiseReserve>,
 }
 
 fn to_i64(v: usize) -> i64 {
@@ -462,6 +464,7 @@ impl TorchTrainer {
             train,
             held_out,
             salt,
+            noise_reserve: None,
         };
         // Fail now, with the file's name, if a TorchScript module does not map
         // a batch of rows to `classes` logits (a row of zeros: no row of the
@@ -1565,7 +1568,7 @@ impl Trainer for TorchTrainer {
         let sizes: Vec<Vec<i64>> =
             self.names.iter().map(|n| vars.get(n).map(|v| v.size()).unwrap_or_default()).collect();
         let dim: usize = sizes.iter().map(|s| s.iter().product::<i64>().max(0) as usize).sum();
-        let mut dp = plan.mechanism(dim)?;
+        let mut dp = plan.mechanism(dim, self.noise_reserve.take())?;
         let mut opt = self.optimizer(tc)?;
         let params: Vec<(Tensor, Tensor)> = self
             .names
@@ -1611,6 +1614,7 @@ impl Trainer for TorchTrainer {
             })?;
             opt.step();
         }
+        self.noise_reserve = dp.into_reserve();
         for (w, _) in &params {
             let finite = w.isfinite().all().int64_value(&[]) != 0;
             if !finite {

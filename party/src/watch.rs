@@ -460,7 +460,7 @@ impl Watches {
         {
             return Err(format!(
                 "this party keeps the batch marks of at most {MAX_PIPELINES} pipelines; pipeline {} would be one \
-                 more (a hospital removes finished pipelines' entries from its pipelines file)",
+                 more (the hospital forgets finished ones with `confide-party pipelines --forget`)",
                 p.job
             ));
         }
@@ -569,6 +569,66 @@ impl Watches {
     pub fn marks(&self, pipeline: &str) -> BTreeMap<String, u32> {
         let marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         marks.pipelines.get(pipeline).cloned().unwrap_or_default()
+    }
+
+    /// The pipelines whose batch marks this party keeps (at most
+    /// [`MAX_PIPELINES`]), by id.
+    pub fn pipelines(&self) -> Vec<PipelineMarks> {
+        let marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        marks
+            .pipelines
+            .keys()
+            .chain(marks.trained.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|id| marks.summary(id))
+            .collect()
+    }
+
+    /// Forgets pipeline `id`'s batch marks, durably, making room for
+    /// another pipeline: for a finished pipeline only, since a pipeline
+    /// that goes on after this trains again on the batches it had marked
+    /// (each such job is still charged in the ledger, which this leaves as
+    /// it is). The labelled rows' data sets are kept. Only while no party
+    /// process holds this state (`confide-party pipelines --forget` checks
+    /// the ledger's lock): a running party would write its own copy back.
+    pub fn forget(&self, id: &str) -> Result<PipelineMarks, String> {
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        if !marks.pipelines.contains_key(id) && !marks.trained.contains_key(id) {
+            return Err(format!("{}: no pipeline {id} is marked", self.state_path.display()));
+        }
+        let forgotten = marks.summary(id);
+        let next = Marks {
+            pipelines: marks.pipelines.iter().filter(|(k, _)| *k != id).map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labelled_rows: marks.labelled_rows.clone(),
+            trained: marks.trained.iter().filter(|(k, _)| *k != id).map(|(k, v)| (k.clone(), *v)).collect(),
+        };
+        let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
+        write_durably(&self.state_path, &json)?;
+        *marks = next;
+        Ok(forgotten)
+    }
+}
+
+/// What a party keeps of one pipeline: its id, the batches (and labelled
+/// rows) its iterations trained on, and its latest iteration that trained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineMarks {
+    /// The pipeline's job id, as the coordinator named it.
+    pub id: String,
+    /// Batches and labelled rows marked as trained on.
+    pub marked: usize,
+    /// The latest iteration that trained here.
+    pub latest_iteration: Option<u32>,
+}
+
+impl Marks {
+    fn summary(&self, id: &str) -> PipelineMarks {
+        PipelineMarks {
+            id: id.to_owned(),
+            marked: self.pipelines.get(id).map_or(0, BTreeMap::len),
+            latest_iteration: self.trained.get(id).copied(),
+        }
     }
 }
 
@@ -901,6 +961,20 @@ mod tests {
         assert!(scratch <= MAX_SCRATCH_FILES, "{scratch} scratch files");
         let marks: Marks = serde_json::from_slice(&std::fs::read(dir.path().join("w.json")).unwrap()).unwrap();
         assert_eq!(marks.pipelines.len(), MAX_PIPELINES);
+        // The hospital forgets a finished pipeline: durably, and the one
+        // refused before now fits; its labelled row keeps its data set.
+        assert_eq!(w.pipelines().len(), MAX_PIPELINES);
+        let p5 = w.pipelines().into_iter().find(|p| p.id == "p5").unwrap();
+        assert_eq!((p5.marked, p5.latest_iteration), (2, Some(1)), "the batch and the labelled row, iteration 1");
+        assert_eq!(w.forget("p5").unwrap(), p5);
+        let e = w.forget("p5").unwrap_err();
+        assert!(e.contains("no pipeline p5"), "{e}");
+        let reopened = open_in(dir.path());
+        assert_eq!(reopened.pipelines().len(), MAX_PIPELINES - 1);
+        assert!(reopened.pipelines().iter().all(|p| p.id != "p5"));
+        assert!(reopened.select(&of("one-more", "train", 1, "all"), "d", &src).is_ok());
+        let marks: Marks = serde_json::from_slice(&std::fs::read(dir.path().join("w.json")).unwrap()).unwrap();
+        assert_eq!(marks.labelled_rows.get(&sha7).map(String::as_str), Some("d"));
     }
 
     /// Two jobs' labelled rows never share a scratch file, whatever their
