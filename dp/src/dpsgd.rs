@@ -191,7 +191,13 @@ impl DpSgd {
     /// (central DP) would only draw vectors nobody uses.
     pub fn with_reserve(mut self, reserve: Option<NoiseReserve>, ahead: usize) -> Self {
         self.reserve = match reserve {
-            Some(r) if r.sigma_int == self.sigma_int && r.dim == self.cfg.dim => Some(r),
+            Some(r)
+                if r.sigma_int == self.sigma_int
+                    && r.dim == self.cfg.dim
+                    && r.capacity == reserve_capacity(self.cfg.dim, ahead) =>
+            {
+                Some(r)
+            }
             // Noise for another mechanism is of no use: dropped, it is wiped.
             _ => NoiseReserve::start(self.noise, self.sigma_int, self.cfg.dim, ahead),
         };
@@ -292,9 +298,16 @@ impl DpSgd {
     }
 }
 
-/// At most this many bytes of DP-SGD noise are drawn ahead per trainer
-/// (64 MiB: a round's steps for small models, 8 steps of a million values).
+/// The bytes of DP-SGD noise a trainer's reserve queues (64 MiB: a
+/// round's steps for small models, 8 steps of a million values); always
+/// room for two vectors, and one more is held while it is being drawn.
 pub const MAX_RESERVE_BYTES: usize = 64 << 20;
+
+/// The vectors a reserve queues for `ahead` steps of `dim` values: at most
+/// [`MAX_RESERVE_BYTES`] of them, at least 2.
+fn reserve_capacity(dim: usize, ahead: usize) -> usize {
+    ahead.min(MAX_RESERVE_BYTES / (8 * dim.max(1))).max(2)
+}
 
 /// DP-SGD noise vectors drawn ahead by a thread of their own, from its own
 /// OS-seeded ChaCha20 stream, and kept across rounds. The thread runs at
@@ -324,12 +337,11 @@ impl std::fmt::Debug for NoiseReserve {
 }
 
 impl NoiseReserve {
-    /// Starts the thread, holding up to `ahead` vectors (at least 2, at
-    /// most [`MAX_RESERVE_BYTES`] of them); `None` if it cannot start (the
-    /// steps then draw inline).
+    /// Starts the thread, queueing up to [`reserve_capacity`] vectors;
+    /// `None` if it cannot start (the steps then draw inline).
     fn start(noise: DiscreteGaussian, sigma_int: u32, dim: usize, ahead: usize) -> Option<NoiseReserve> {
         use std::sync::atomic::Ordering;
-        let capacity = ahead.min(MAX_RESERVE_BYTES / (8 * dim.max(1))).max(2);
+        let capacity = reserve_capacity(dim, ahead);
         let mut rng = os_seeded_rng().ok()?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Zeroizing<Vec<i64>>>(capacity);
         let queued = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -583,11 +595,16 @@ mod tests {
             .unwrap()
             .with_reserve(Some(reserve), steps);
         assert_eq!(longer.into_reserve().expect("a reserve").dim, dim + 1);
-        // At most MAX_RESERVE_BYTES ahead, and never fewer than two.
-        let big = DpSgd::new(cfg(1 << 20)).unwrap().with_reserve(None, 1000).into_reserve().expect("a reserve");
-        assert_eq!(big.capacity(), MAX_RESERVE_BYTES / (8 << 20));
-        assert_eq!(round(None).into_reserve().map(|r| r.capacity()), Some(steps));
-        assert_eq!(DpSgd::new(cfg(4)).unwrap().with_reserve(None, 0).into_reserve().map(|r| r.capacity()), Some(2));
+        // A round of another length: a reserve of its own length.
+        let reserve = round(None).into_reserve().expect("a reserve");
+        let shorter =
+            DpSgd::new(DpSgdConfig { noise_multiplier: 0.5, ..cfg(dim) }).unwrap().with_reserve(Some(reserve), 10);
+        assert_eq!(shorter.into_reserve().map(|r| r.capacity()), Some(10));
+        // At most MAX_RESERVE_BYTES queued, and never fewer than two.
+        assert_eq!(reserve_capacity(1 << 20, 1000), MAX_RESERVE_BYTES / (8 << 20));
+        assert_eq!(reserve_capacity(dim, steps), steps);
+        assert_eq!(reserve_capacity(4, 0), 2);
+        assert_eq!(reserve_capacity(100 << 20, 1000), 2);
     }
 
     #[test]

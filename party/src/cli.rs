@@ -470,7 +470,11 @@ fn pipelines(config: &std::path::Path, forget: &[String], plugins: &PartyPlugins
         None
     } else {
         Some(crate::ledger::Ledger::open(&cfg.ledger_path()).map_err(|e| {
-            format!("{e}: stop the party before forgetting pipelines (it would write its own marks back)")
+            if e.contains("in use by another process") {
+                format!("{e}: stop the party before forgetting pipelines (it would write its own marks back)")
+            } else {
+                e
+            }
         })?)
     };
     let watches = crate::watch::Watches::open(
@@ -611,10 +615,6 @@ fn report(r: Result<(), String>) -> i32 {
 mod tests {
     use super::*;
 
-    /// `budget --json` writes a job without DP's ε = ∞ as "inf" (JSON has
-    /// no infinity) in the entry's ε and the rows' ε, and counts the rows'
-    /// spending under another name that read the same path, with nothing
-    /// remaining.
     /// Forgetting a pipeline's marks is refused while a party holds the
     /// ledger (it would write its own marks back), and names an unknown id.
     #[test]
@@ -637,6 +637,10 @@ mod tests {
         assert!(e.contains("no pipeline p1"), "{e}");
     }
 
+    /// `budget --json` writes a job without DP's ε = ∞ as "inf" (JSON has
+    /// no infinity) in the entry's ε and the rows' ε, and counts the rows'
+    /// spending under another name that read the same path, with nothing
+    /// remaining.
     #[test]
     fn budget_json_writes_infinite_spending_as_inf_and_counts_the_rows_under_every_name() {
         let dir = tempfile::tempdir().unwrap();
