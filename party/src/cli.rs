@@ -384,12 +384,14 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
                         ledger.display()
                     );
                 }
-                // An unreadable ledger stops the party: it must not forget what it spent.
-                if let Err(e) = crate::ledger::Ledger::open(&ledger) {
+                let node = std::sync::Arc::new(PartyNode::with_plugins(cfg, plugins));
+                // An unreadable or locked ledger stops the party: it must not
+                // forget what it spent. The node holds the ledger (and its
+                // lock) from here on, with no gap after a check.
+                if let Some(e) = node.ledger_error() {
                     eprintln!("error: {e}");
                     return 2;
                 }
-                let node = std::sync::Arc::new(PartyNode::with_plugins(cfg, plugins));
                 // A bad [serve] table or a taken port stops the party at start.
                 if let Err(e) = node.start_serving().await {
                     eprintln!("error: {e}");
@@ -635,6 +637,14 @@ mod tests {
         drop(running);
         let e = pipelines(&path, &["p1".into()], &plugins).unwrap_err();
         assert!(e.contains("no pipeline p1"), "{e}");
+        // The other way round: a party does not start on a ledger another
+        // process holds (a `--forget` under way, or a second party).
+        let held = crate::ledger::Ledger::open(&cfg.ledger_path()).unwrap();
+        let cli = Cli::parse_from(["confide-party", "run", "--config", &path.to_string_lossy()]);
+        let code =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(run(cli, plugins));
+        assert_eq!(code, 2, "the party started beside the held ledger");
+        drop(held);
     }
 
     /// `budget --json` writes a job without DP's ε = ∞ as "inf" (JSON has

@@ -345,6 +345,14 @@ impl PartyNode {
         PartyNode::with_plugins(config, PartyPlugins::new().trainers(factory))
     }
 
+    /// Why the privacy ledger could not be opened (`None`: it is open, and
+    /// its lock held, for the node's lifetime). `confide-party run` stops
+    /// on it: a party must not forget what it spent, and nothing else
+    /// (`confide-party pipelines --forget`) may edit its state meanwhile.
+    pub fn ledger_error(&self) -> Option<&str> {
+        self.ledger.as_ref().err().map(String::as_str)
+    }
+
     /// A node with a build's own trainers, protocols and job kinds.
     pub fn with_plugins(config: PartyConfig, plugins: PartyPlugins) -> PartyNode {
         let trainers =
