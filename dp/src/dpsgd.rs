@@ -182,8 +182,9 @@ impl DpSgd {
     }
 
     /// Takes each step's noise from `reserve` where it was drawn for this
-    /// mechanism (the same σ and length), else from a new reserve holding
-    /// up to `ahead` vectors; a step that finds none ready draws its own.
+    /// mechanism and round (the same σ, length and capacity for `ahead`
+    /// steps), else from a new reserve holding up to `ahead` vectors; a
+    /// step that finds none ready draws its own.
     /// A trainer gives the reserve back ([`DpSgd::into_reserve`]) after its
     /// round and passes it in again next round, so the next round's noise is
     /// drawn while the party waits between rounds (the noise does not
