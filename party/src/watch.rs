@@ -598,11 +598,14 @@ impl Watches {
             return Err(format!("{}: no pipeline {id} is marked", self.state_path.display()));
         }
         let forgotten = marks.summary(id);
-        let next = Marks {
-            pipelines: marks.pipelines.iter().filter(|(k, _)| *k != id).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        // On disk before it holds in memory: a failed write forgets nothing.
+        let mut next = Marks {
+            pipelines: marks.pipelines.clone(),
             labelled_rows: marks.labelled_rows.clone(),
-            trained: marks.trained.iter().filter(|(k, _)| *k != id).map(|(k, v)| (k.clone(), *v)).collect(),
+            trained: marks.trained.clone(),
         };
+        next.pipelines.remove(id);
+        next.trained.remove(id);
         let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
         write_durably(&self.state_path, &json)?;
         *marks = next;
