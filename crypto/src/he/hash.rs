@@ -21,7 +21,7 @@
 //! coordinator that grinds its commitment.
 
 use super::ring::{N, Q, add_mod};
-use super::sample::PublicStream;
+use super::sample::AesStream;
 
 /// Functionals per hash.
 pub const RHO: usize = 3;
@@ -50,11 +50,11 @@ impl LinearHash {
         LinearHash { transcript: transcript.to_vec() }
     }
 
-    fn stream(&self, kind: u8, functional: usize) -> PublicStream {
+    fn stream(&self, kind: u8, functional: usize) -> AesStream {
         let mut domain = *b"CnfdHEa0";
         domain[6] = kind;
         domain[7] = b'0' + functional as u8;
-        PublicStream::new(&self.transcript, domain)
+        AesStream::public(&self.transcript, domain)
     }
 
     /// Hashes the concatenation of `parts` (each reduced mod q coefficient by
@@ -65,7 +65,7 @@ impl LinearHash {
         for (l, a) in alpha.chunks_exact_mut(N).enumerate() {
             self.stream(b'a', l).fill_uniform(a);
         }
-        let mut rows: [PublicStream; RHO] = std::array::from_fn(|l| self.stream(b'b', l));
+        let mut rows: [AesStream; RHO] = std::array::from_fn(|l| self.stream(b'b', l));
         let mut out = [0u64; RHO];
         // Σ_j α_j·c_{i,j} of the current row i, and the row's next column.
         let mut row = [0u64; RHO];
@@ -202,9 +202,9 @@ mod tests {
 
     #[test]
     fn public_stream_is_uniform_below_q_and_reproducible() {
-        let mut a = PublicStream::new(b"t", *b"CnfdHEh0");
-        let mut b = PublicStream::new(b"t", *b"CnfdHEh0");
-        let mut c = PublicStream::new(b"t", *b"CnfdHEh1");
+        let mut a = AesStream::public(b"t", *b"CnfdHEh0");
+        let mut b = AesStream::public(b"t", *b"CnfdHEh0");
+        let mut c = AesStream::public(b"t", *b"CnfdHEh1");
         let (mut x, mut y, mut z) = (vec![0u64; 5000], vec![0u64; 5000], vec![0u64; 5000]);
         a.fill_uniform(&mut x);
         b.fill_uniform(&mut y);

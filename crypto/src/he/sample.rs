@@ -1,38 +1,50 @@
-//! Randomness for the HE layer, drawn from TFHE-rs's CSPRNG (AES-128-CTR with
-//! AES-NI): secret values from a generator seeded by the operating system,
-//! public ones (the common random polynomial, hash coefficients) from its XOF
-//! mode so every party derives the same values from the same transcript.
+//! Randomness for the HE layer. Secret values (keys, shares, encryption
+//! masks, noise) come from AES-128 in counter mode keyed with 128 bits from
+//! the operating system, through the `aes` crate, whose key schedule wipes
+//! itself when dropped, in a stream that wipes its buffered output too:
+//! TFHE-rs's generator and block cipher keep their round keys and buffered
+//! bytes in memory after use, so they serve only public values (the common
+//! random polynomial from its XOF mode, so every party derives the same
+//! values from the same transcript). The counter-mode stream equals
+//! TFHE-rs's AES-CTR block for block (tested), so the public linear-hash
+//! coefficients are the same values they were on TFHE-rs's cipher.
 
 use rand_core::{OsRng, RngCore};
 use tfhe::core_crypto::commons::ciphertext_modulus::CiphertextModulus;
-use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, RandomGenerator, Seed, XofSeed};
+use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, RandomGenerator, XofSeed};
+use zeroize::Zeroize;
 
 use super::ring::{N, Poly, Q, from_signed};
 
 /// Standard deviation of fresh RLWE errors (HE Standard, σ = 3.2).
 pub const SIGMA: f64 = 3.2;
 
-/// A public stream of values uniform in `[0, Q)`, derived from a transcript:
-/// TFHE-rs's AES-128 block cipher (AES-NI) in counter mode, eight blocks per
-/// call, keyed by BLAKE3 of the domain and the transcript. The linear hash
-/// draws 3 coefficients per ciphertext coefficient (3 × 10^6 per upload);
-/// the byte-at-a-time iterator behind [`Csprng`] manages ~130 MB/s, this
-/// ~20× that. Same AES-CTR construction, same uniformity (62-bit words,
-/// rejection above Q).
-/// Its buffered output is zeroized on drop (the round keys live in TFHE-rs's
-/// cipher type, which does not zeroize, as in its own generator).
+/// Blocks per refill: eight, as TFHE-rs's batches.
+const BLOCKS: usize = 8;
+
+/// AES-128 in counter mode, eight blocks per refill (VAES or AES-NI,
+/// picked at run time by the `aes` crate), counter block `c` encrypted as
+/// the 16 little-endian bytes of `c` and the key taken as the native-endian
+/// bytes of a `u128`: TFHE-rs's AES-CTR convention, so the stream is its
+/// keystream block for block (`the_stream_is_tfhe_rs_aes_ctr_keystream`).
+/// Uses: the linear hash's public coefficients (keyed by BLAKE3 of a
+/// domain and the transcript: the hash draws 3 coefficients per ciphertext
+/// coefficient, 3 × 10^6 per upload, where TFHE-rs's byte-at-a-time
+/// generator manages ~130 MB/s) and every secret draw ([`Csprng`]). The
+/// cipher's key schedule is wiped when dropped (the `aes` crate's
+/// `zeroize` feature); the buffered words and the counter here.
 #[derive(zeroize::ZeroizeOnDrop)]
-pub struct PublicStream {
+pub struct AesStream {
     #[zeroize(skip)]
-    cipher: tfhe_csprng::generators::default::DefaultAes128BlockCipher,
+    cipher: aes_vaes::Aes128Enc,
     counter: u128,
-    words: [u64; 16],
+    words: [u64; 2 * BLOCKS],
     next: usize,
 }
 
-impl PublicStream {
-    /// The stream of `transcript` under an 8-byte domain separator.
-    pub fn new(transcript: &[u8], domain: [u8; 8]) -> PublicStream {
+impl AesStream {
+    /// The public stream of `transcript` under an 8-byte domain separator.
+    pub fn public(transcript: &[u8], domain: [u8; 8]) -> AesStream {
         let mut h = blake3::Hasher::new_derive_key("confide he public stream v1");
         h.update(&domain);
         h.update(transcript);
@@ -40,22 +52,35 @@ impl PublicStream {
         let mut k = [0u8; 16];
         k.copy_from_slice(&key.as_bytes()[..16]);
         let stream = Self::from_key(u128::from_ne_bytes(k));
-        zeroize::Zeroize::zeroize(&mut k);
+        k.zeroize();
         stream
     }
 
-    /// A stream keyed by `key` (a secret one when the key is: see
-    /// [`Csprng::add_gaussian`]).
-    fn from_key(key: u128) -> PublicStream {
-        use tfhe_csprng::generators::aes_ctr::{Aes128Key, AesBlockCipher};
-        let cipher = AesBlockCipher::new(Aes128Key::new(key));
-        PublicStream { cipher, counter: 0, words: [0; 16], next: 16 }
+    /// A stream keyed by `key` (a secret one when the key is). The caller
+    /// wipes its copy of the key.
+    fn from_key(key: u128) -> AesStream {
+        use aes_vaes::cipher::KeyInit;
+        let mut bytes = zeroize::Zeroizing::new(key.to_ne_bytes());
+        let cipher = aes_vaes::Aes128Enc::new((&*bytes).into());
+        bytes.zeroize();
+        AesStream { cipher, counter: 0, words: [0; 2 * BLOCKS], next: 2 * BLOCKS }
+    }
+
+    /// A secret stream keyed with 128 bits from the operating system.
+    fn from_os() -> AesStream {
+        let mut seed = [0u8; 16];
+        OsRng.fill_bytes(&mut seed);
+        let mut key = u128::from_ne_bytes(seed);
+        seed.zeroize();
+        let stream = Self::from_key(key);
+        key.zeroize();
+        stream
     }
 
     /// The next 64 bits of the stream.
     #[inline]
     fn next_u64(&mut self) -> u64 {
-        if self.next == 16 {
+        if self.next == self.words.len() {
             self.refill();
         }
         let v = self.words[self.next];
@@ -63,15 +88,23 @@ impl PublicStream {
         v
     }
 
+    /// The next eight blocks: counters `c..c+8` (wrapping), as TFHE-rs's
+    /// batch; each block's 16 bytes read as two little-endian words.
     fn refill(&mut self) {
-        use tfhe_csprng::generators::aes_ctr::AesBlockCipher;
+        use aes_vaes::cipher::BlockCipherEncrypt;
         let c = self.counter;
-        let batch = self.cipher.generate_batch(std::array::from_fn(|i| c.wrapping_add(i as u128)));
-        self.counter = c.wrapping_add(8);
-        for (w, b) in self.words.iter_mut().zip(batch.chunks_exact(8)) {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(b);
-            *w = u64::from_le_bytes(x);
+        let mut blocks: [aes_vaes::Block; BLOCKS] =
+            std::array::from_fn(|i| c.wrapping_add(i as u128).to_le_bytes().into());
+        self.cipher.encrypt_blocks(&mut blocks);
+        self.counter = c.wrapping_add(BLOCKS as u128);
+        for (pair, block) in self.words.chunks_exact_mut(2).zip(blocks.iter_mut()) {
+            for (w, b) in pair.iter_mut().zip(block.chunks_exact(8)) {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(b);
+                *w = u64::from_le_bytes(x);
+                x.zeroize();
+            }
+            block.as_mut_slice().zeroize();
         }
         self.next = 0;
     }
@@ -99,32 +132,60 @@ impl PublicStream {
             *o = self.next_uniform();
         }
     }
+
+    /// Fills `out` with values uniform in {0, 1, Q − 1} (−1, 0, 1 mod Q):
+    /// two bits at a time, 3 rejected, so exactly uniform.
+    fn fill_ternary(&mut self, out: &mut [u64]) {
+        let mut filled = 0;
+        while filled < out.len() {
+            let mut word = self.next_u64();
+            for _ in 0..32 {
+                let two = word & 3;
+                word >>= 2;
+                if two == 3 {
+                    continue;
+                }
+                if let Some(o) = out.get_mut(filled) {
+                    *o = [0, 1, Q - 1][two as usize];
+                    filled += 1;
+                }
+            }
+            word.zeroize();
+        }
+    }
+
+    /// The next 128 bits.
+    fn next_u128(&mut self) -> u128 {
+        (u128::from(self.next_u64()) << 64) | u128::from(self.next_u64())
+    }
 }
 
-/// A cryptographic generator. Secret ones come from [`Csprng::from_os`]; public,
-/// reproducible ones from [`Csprng::from_transcript`].
-pub struct Csprng(RandomGenerator<DefaultRandomGenerator>);
+/// A cryptographic generator. Secret ones come from [`Csprng::from_os`]
+/// (an [`AesStream`], wiped when dropped); public, reproducible ones from
+/// [`Csprng::from_transcript`] (TFHE-rs's XOF mode).
+pub struct Csprng(Source);
+
+enum Source {
+    Secret(AesStream),
+    Public(RandomGenerator<DefaultRandomGenerator>),
+}
 
 impl Csprng {
     /// Seeded with 128 bits from the operating system: for secrets, masks, noise.
     pub fn from_os() -> Csprng {
-        let mut seed = [0u8; 16];
-        OsRng.fill_bytes(&mut seed);
-        let g = RandomGenerator::new(Seed(u128::from_le_bytes(seed)));
-        zeroize::Zeroize::zeroize(&mut seed);
-        Csprng(g)
+        Csprng(Source::Secret(AesStream::from_os()))
     }
 
     /// The XOF of a public transcript under an 8-byte domain separator: every
     /// party that hashes the same transcript gets the same stream.
     pub fn from_transcript(transcript: &[u8], domain: [u8; 8]) -> Csprng {
-        Csprng(RandomGenerator::new(XofSeed::new(blake3::hash(transcript).as_bytes().to_vec(), domain)))
+        Csprng(Source::Public(RandomGenerator::new(XofSeed::new(blake3::hash(transcript).as_bytes().to_vec(), domain))))
     }
 
-    /// A deterministic generator for known-answer tests only.
+    /// A deterministic secret-kind generator for known-answer tests only.
     #[cfg(test)]
     pub(crate) fn for_tests(seed: u128) -> Csprng {
-        Csprng(RandomGenerator::new(Seed(seed)))
+        Csprng(Source::Secret(AesStream::from_key(seed)))
     }
 
     /// A polynomial uniform in `[0, Q)^N` (rejection sampling, so exactly uniform).
@@ -136,40 +197,48 @@ impl Csprng {
 
     /// Fills `out` with values uniform in `[0, Q)`.
     pub fn fill_uniform(&mut self, out: &mut [u64]) {
-        // Q < 2^62 is a valid custom modulus; the unwrap-free form keeps clippy quiet.
-        match CiphertextModulus::<u64>::try_new(Q as u128) {
-            Ok(m) => self.0.fill_slice_with_random_uniform_custom_mod(out, m),
-            Err(_) => unreachable!("Q is a valid modulus (tested)"),
+        match &mut self.0 {
+            Source::Secret(s) => s.fill_uniform(out),
+            // Q < 2^62 is a valid custom modulus (tested).
+            Source::Public(g) => match CiphertextModulus::<u64>::try_new(Q as u128) {
+                Ok(m) => g.fill_slice_with_random_uniform_custom_mod(out, m),
+                Err(_) => unreachable!("Q is a valid modulus (tested)"),
+            },
         }
     }
 
     /// A polynomial with coefficients uniform in {−1, 0, 1}.
     pub fn ternary(&mut self) -> Poly {
-        (0..N)
-            .map(|_| match self.0.random_uniform_ternary::<u64>() {
-                0 => 0,
-                1 => 1,
-                _ => Q - 1,
-            })
-            .collect()
+        let mut p = vec![0u64; N];
+        match &mut self.0 {
+            Source::Secret(s) => s.fill_ternary(&mut p),
+            Source::Public(g) => p.iter_mut().for_each(|v| {
+                *v = match g.random_uniform_ternary::<u64>() {
+                    0 => 0,
+                    1 => 1,
+                    _ => Q - 1,
+                }
+            }),
+        }
+        p
     }
 
     /// Adds rounded Gaussian noise of standard deviation `sigma` to `p` (mod Q).
     ///
     /// Marsaglia's polar method over a secret AES-CTR stream keyed with 128
-    /// bits from this generator (TFHE-rs's block cipher in batches). Like
-    /// Box–Muller (TFHE-rs's own `random_gaussian`), it maps uniforms to two
-    /// independent normals exactly, but with one logarithm per pair and no
-    /// sine or cosine, which took a tenth of the samples in a profile of an
-    /// `he` benchmark run (noise drawn ahead included); a pair is
-    /// redrawn outside the unit disc (21%). Without TFHE-rs's
-    /// byte-at-a-time iterator, which made flooding a decryption share of
-    /// 10^6 values cost ~60 ms. The stream and its key are dropped with the
-    /// call.
+    /// bits from this generator. Like Box–Muller (TFHE-rs's own
+    /// `random_gaussian`), it maps uniforms to two independent normals
+    /// exactly, but with one logarithm per pair and no sine or cosine,
+    /// which took a tenth of the samples in a profile of an `he` benchmark
+    /// run (noise drawn ahead included); a pair is redrawn outside the
+    /// unit disc (21%). The stream and its key are wiped with the call.
     pub fn add_gaussian(&mut self, p: &mut [u64], sigma: f64) {
-        let mut key: u128 = self.0.random_uniform();
-        let mut stream = PublicStream::from_key(key);
-        zeroize::Zeroize::zeroize(&mut key);
+        let mut key: u128 = match &mut self.0 {
+            Source::Secret(s) => s.next_u128(),
+            Source::Public(g) => g.random_uniform(),
+        };
+        let mut stream = AesStream::from_key(key);
+        key.zeroize();
         let mut pair = || loop {
             // u, v uniform in (−1, 1]; kept inside the unit disc, off 0.
             let (u, v) = (2.0 * stream.unit() - 1.0, 2.0 * stream.unit() - 1.0);
@@ -204,9 +273,77 @@ mod tests {
     use super::super::ring::centred;
     use super::*;
 
+    /// The stream is TFHE-rs's AES-128-CTR keystream block for block (so
+    /// the linear hash's public coefficients did not change when it moved
+    /// to the wiping cipher), across a batch, keys and the counter's wrap;
+    /// and FIPS-197's AES-128 example (appendix C.1) as one counter block.
+    #[test]
+    fn the_stream_is_tfhe_rs_aes_ctr_keystream() {
+        use tfhe_csprng::generators::aes_ctr::{Aes128Key, AesBlockCipher};
+        use tfhe_csprng::generators::default::DefaultAes128BlockCipher;
+        for (key, start) in [(0u128, 0u128), (u128::MAX / 3, 5), (0x0123_4567_89ab_cdef << 40, u128::MAX - 9)] {
+            let mut ours = AesStream::from_key(key);
+            ours.counter = start;
+            let mut theirs = DefaultAes128BlockCipher::new(Aes128Key::new(key));
+            for batch in 0..3u128 {
+                let c = start.wrapping_add(8 * batch);
+                let bytes = theirs.generate_batch(std::array::from_fn(|i| c.wrapping_add(i as u128)));
+                for chunk in bytes.chunks_exact(8) {
+                    let mut x = [0u8; 8];
+                    x.copy_from_slice(chunk);
+                    assert_eq!(ours.next_u64(), u64::from_le_bytes(x), "key {key:#x}, counter {c:#x}");
+                }
+            }
+        }
+        let key: [u8; 16] = std::array::from_fn(|i| i as u8);
+        let plaintext: [u8; 16] = std::array::from_fn(|i| (i as u8) * 0x11);
+        let mut fips = AesStream::from_key(u128::from_ne_bytes(key));
+        fips.counter = u128::from_le_bytes(plaintext);
+        let block = [fips.next_u64().to_le_bytes(), fips.next_u64().to_le_bytes()].concat();
+        assert_eq!(
+            block,
+            [0x69, 0xc4, 0xe0, 0xd8, 0x6a, 0x7b, 0x04, 0x30, 0xd8, 0xcd, 0xb7, 0x80, 0x70, 0xb4, 0xc5, 0x5a]
+        );
+    }
+
+    /// Secret draws come from the wiping stream, and the stream and its
+    /// cipher wipe themselves when dropped (the marker traits, checked at
+    /// compile time); public draws from TFHE-rs's XOF.
+    #[test]
+    fn secret_generators_wipe_their_state() {
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        wiped_on_drop::<AesStream>();
+        wiped_on_drop::<aes_vaes::Aes128Enc>();
+        assert!(matches!(Csprng::from_os().0, Source::Secret(_)));
+        assert!(matches!(Csprng::from_transcript(b"t", *b"CnfdTest").0, Source::Public(_)));
+    }
+
+    /// Secret uniform draws: below Q, reaching its top, and spread evenly
+    /// over sixteen bins of [0, Q) (χ² with 15 d.o.f. below 37.7, its
+    /// 0.999 quantile; 2^15 values, fixed seed).
+    #[test]
+    fn secret_uniform_values_are_uniform_below_q() {
+        let mut g = Csprng::for_tests(4);
+        let mut v = vec![0u64; 1 << 15];
+        g.fill_uniform(&mut v);
+        assert!(v.iter().all(|&x| x < Q) && v.iter().any(|&x| x > Q - Q / 64));
+        let mut bins = [0f64; 16];
+        for &x in &v {
+            bins[((u128::from(x) * 16) / u128::from(Q)) as usize] += 1.0;
+        }
+        let e = v.len() as f64 / 16.0;
+        let chi2: f64 = bins.iter().map(|&o| (o - e).powi(2) / e).sum();
+        assert!(chi2 < 37.7, "χ² = {chi2}: {bins:?}");
+    }
+
     #[test]
     fn ternary_is_balanced() {
-        let mut g = Csprng::for_tests(1);
+        for g in [Csprng::for_tests(1), Csprng::from_transcript(b"ternary", *b"CnfdTest")] {
+            ternary_counts_are_balanced(g);
+        }
+    }
+
+    fn ternary_counts_are_balanced(mut g: Csprng) {
         let mut counts = [0usize; 3];
         for _ in 0..8 {
             for v in g.ternary() {
