@@ -9,7 +9,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::params::HeParams;
 use super::ring::{self, N, Poly, Q};
-use super::sample::{Csprng, SIGMA};
+use super::sample::{Csprng, PublicCsprng, SIGMA};
 use crate::Error;
 
 /// The common random polynomial a, in the NTT domain: uniform, derived from a
@@ -24,7 +24,7 @@ impl CommonPoly {
     /// a = XOF(transcript). Sampled directly in the NTT domain: the NTT is a
     /// bijection, so a uniform NTT vector is a uniform polynomial.
     pub fn derive(transcript: &[u8]) -> CommonPoly {
-        CommonPoly { a_ntt: Csprng::from_transcript(transcript, *b"CnfdHEa0").uniform() }
+        CommonPoly { a_ntt: PublicCsprng::from_transcript(transcript, *b"CnfdHEa0").uniform() }
     }
 }
 

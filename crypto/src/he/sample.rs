@@ -1,13 +1,16 @@
 //! Randomness for the HE layer. Secret values (keys, shares, encryption
-//! masks, noise) come from AES-128 in counter mode keyed with 128 bits from
-//! the operating system, through the `aes` crate, whose key schedule wipes
-//! itself when dropped, in a stream that wipes its buffered output too:
-//! TFHE-rs's generator and block cipher keep their round keys and buffered
-//! bytes in memory after use, so they serve only public values (the common
-//! random polynomial from its XOF mode, so every party derives the same
-//! values from the same transcript). The counter-mode stream equals
-//! TFHE-rs's AES-CTR block for block (tested), so the public linear-hash
-//! coefficients are the same values they were on TFHE-rs's cipher.
+//! masks, noise) come from [`Csprng`]: AES-128 in counter mode keyed with
+//! 128 bits from the operating system, through the `aes` crate, whose key
+//! schedule wipes itself when dropped, in a stream that wipes its buffered
+//! output too (copies the compiler leaves on the stack excepted, as
+//! anywhere `zeroize` is used). TFHE-rs's generator and block cipher keep
+//! their round keys and buffered bytes in memory after use, so they serve
+//! only public values ([`PublicCsprng`]: the common random polynomial from
+//! its XOF mode, so every party derives the same values from the same
+//! transcript); the two are separate types, so secret sampling cannot be
+//! given a public generator. The counter-mode stream equals TFHE-rs's
+//! AES-CTR block for block (tested), so the public linear-hash coefficients
+//! are the values they were on TFHE-rs's cipher.
 
 use rand_core::{OsRng, RngCore};
 use tfhe::core_crypto::commons::ciphertext_modulus::CiphertextModulus;
@@ -19,11 +22,13 @@ use super::ring::{N, Poly, Q, from_signed};
 /// Standard deviation of fresh RLWE errors (HE Standard, σ = 3.2).
 pub const SIGMA: f64 = 3.2;
 
-/// Blocks per refill: eight, as TFHE-rs's batches.
-const BLOCKS: usize = 8;
+/// Blocks per refill: 64, so that the `aes` crate's VAES paths run (they
+/// take 64 blocks at a time with AVX-512, 30 with AVX2; fewer go through
+/// AES-NI one block at a time). 1 KiB of output.
+const BLOCKS: usize = 64;
 
-/// AES-128 in counter mode, eight blocks per refill (VAES or AES-NI,
-/// picked at run time by the `aes` crate), counter block `c` encrypted as
+/// AES-128 in counter mode, 64 blocks per refill (VAES or AES-NI, picked
+/// at run time by the `aes` crate), counter block `c` encrypted as
 /// the 16 little-endian bytes of `c` and the key taken as the native-endian
 /// bytes of a `u128`: TFHE-rs's AES-CTR convention, so the stream is its
 /// keystream block for block (`the_stream_is_tfhe_rs_aes_ctr_keystream`).
@@ -51,18 +56,16 @@ impl AesStream {
         let key = h.finalize();
         let mut k = [0u8; 16];
         k.copy_from_slice(&key.as_bytes()[..16]);
-        let stream = Self::from_key(u128::from_ne_bytes(k));
-        k.zeroize();
-        stream
+        Self::from_key(&mut u128::from_ne_bytes(k))
     }
 
-    /// A stream keyed by `key` (a secret one when the key is). The caller
-    /// wipes its copy of the key.
-    fn from_key(key: u128) -> AesStream {
+    /// A stream keyed by `key` (a secret one when the key is), which is
+    /// wiped here once the key schedule is built.
+    fn from_key(key: &mut u128) -> AesStream {
         use aes_vaes::cipher::KeyInit;
-        let mut bytes = zeroize::Zeroizing::new(key.to_ne_bytes());
+        let bytes = zeroize::Zeroizing::new(key.to_ne_bytes());
+        key.zeroize();
         let cipher = aes_vaes::Aes128Enc::new((&*bytes).into());
-        bytes.zeroize();
         AesStream { cipher, counter: 0, words: [0; 2 * BLOCKS], next: 2 * BLOCKS }
     }
 
@@ -72,9 +75,7 @@ impl AesStream {
         OsRng.fill_bytes(&mut seed);
         let mut key = u128::from_ne_bytes(seed);
         seed.zeroize();
-        let stream = Self::from_key(key);
-        key.zeroize();
-        stream
+        Self::from_key(&mut key)
     }
 
     /// The next 64 bits of the stream.
@@ -88,8 +89,9 @@ impl AesStream {
         v
     }
 
-    /// The next eight blocks: counters `c..c+8` (wrapping), as TFHE-rs's
-    /// batch; each block's 16 bytes read as two little-endian words.
+    /// The next 64 blocks: counters `c..c+64` (wrapping), as eight of
+    /// TFHE-rs's batches; each block's 16 bytes read as two little-endian
+    /// words.
     fn refill(&mut self) {
         use aes_vaes::cipher::BlockCipherEncrypt;
         let c = self.counter;
@@ -150,7 +152,6 @@ impl AesStream {
                     filled += 1;
                 }
             }
-            word.zeroize();
         }
     }
 
@@ -160,32 +161,45 @@ impl AesStream {
     }
 }
 
-/// A cryptographic generator. Secret ones come from [`Csprng::from_os`]
-/// (an [`AesStream`], wiped when dropped); public, reproducible ones from
-/// [`Csprng::from_transcript`] (TFHE-rs's XOF mode).
-pub struct Csprng(Source);
+/// The generator for secrets (keys, shares, masks, noise): an
+/// [`AesStream`] keyed with 128 bits from the operating system, wiped when
+/// dropped. Public values come from [`PublicCsprng`], a separate type.
+pub struct Csprng(AesStream);
 
-enum Source {
-    Secret(AesStream),
-    Public(RandomGenerator<DefaultRandomGenerator>),
+/// The XOF of a public transcript (TFHE-rs's XOF mode) under an 8-byte
+/// domain separator: every party that hashes the same transcript gets the
+/// same values. It draws only uniform values, the only public ones needed.
+pub struct PublicCsprng(RandomGenerator<DefaultRandomGenerator>);
+
+impl PublicCsprng {
+    /// The stream of `transcript` under `domain`.
+    pub fn from_transcript(transcript: &[u8], domain: [u8; 8]) -> PublicCsprng {
+        PublicCsprng(RandomGenerator::new(XofSeed::new(blake3::hash(transcript).as_bytes().to_vec(), domain)))
+    }
+
+    /// A polynomial uniform in `[0, Q)^N` (TFHE-rs's rejection sampling
+    /// under a custom modulus, so exactly uniform).
+    pub fn uniform(&mut self) -> Poly {
+        let mut p = vec![0u64; N];
+        match CiphertextModulus::<u64>::try_new(Q as u128) {
+            // Q < 2^62 is a valid custom modulus (tested).
+            Ok(m) => self.0.fill_slice_with_random_uniform_custom_mod(&mut p, m),
+            Err(_) => unreachable!("Q is a valid modulus (tested)"),
+        }
+        p
+    }
 }
 
 impl Csprng {
-    /// Seeded with 128 bits from the operating system: for secrets, masks, noise.
+    /// Seeded with 128 bits from the operating system.
     pub fn from_os() -> Csprng {
-        Csprng(Source::Secret(AesStream::from_os()))
+        Csprng(AesStream::from_os())
     }
 
-    /// The XOF of a public transcript under an 8-byte domain separator: every
-    /// party that hashes the same transcript gets the same stream.
-    pub fn from_transcript(transcript: &[u8], domain: [u8; 8]) -> Csprng {
-        Csprng(Source::Public(RandomGenerator::new(XofSeed::new(blake3::hash(transcript).as_bytes().to_vec(), domain))))
-    }
-
-    /// A deterministic secret-kind generator for known-answer tests only.
+    /// A deterministic generator for known-answer tests only.
     #[cfg(test)]
-    pub(crate) fn for_tests(seed: u128) -> Csprng {
-        Csprng(Source::Secret(AesStream::from_key(seed)))
+    pub(crate) fn for_tests(mut seed: u128) -> Csprng {
+        Csprng(AesStream::from_key(&mut seed))
     }
 
     /// A polynomial uniform in `[0, Q)^N` (rejection sampling, so exactly uniform).
@@ -197,29 +211,13 @@ impl Csprng {
 
     /// Fills `out` with values uniform in `[0, Q)`.
     pub fn fill_uniform(&mut self, out: &mut [u64]) {
-        match &mut self.0 {
-            Source::Secret(s) => s.fill_uniform(out),
-            // Q < 2^62 is a valid custom modulus (tested).
-            Source::Public(g) => match CiphertextModulus::<u64>::try_new(Q as u128) {
-                Ok(m) => g.fill_slice_with_random_uniform_custom_mod(out, m),
-                Err(_) => unreachable!("Q is a valid modulus (tested)"),
-            },
-        }
+        self.0.fill_uniform(out);
     }
 
     /// A polynomial with coefficients uniform in {−1, 0, 1}.
     pub fn ternary(&mut self) -> Poly {
         let mut p = vec![0u64; N];
-        match &mut self.0 {
-            Source::Secret(s) => s.fill_ternary(&mut p),
-            Source::Public(g) => p.iter_mut().for_each(|v| {
-                *v = match g.random_uniform_ternary::<u64>() {
-                    0 => 0,
-                    1 => 1,
-                    _ => Q - 1,
-                }
-            }),
-        }
+        self.0.fill_ternary(&mut p);
         p
     }
 
@@ -233,12 +231,7 @@ impl Csprng {
     /// run (noise drawn ahead included); a pair is redrawn outside the
     /// unit disc (21%). The stream and its key are wiped with the call.
     pub fn add_gaussian(&mut self, p: &mut [u64], sigma: f64) {
-        let mut key: u128 = match &mut self.0 {
-            Source::Secret(s) => s.next_u128(),
-            Source::Public(g) => g.random_uniform(),
-        };
-        let mut stream = AesStream::from_key(key);
-        key.zeroize();
+        let mut stream = AesStream::from_key(&mut self.0.next_u128());
         let mut pair = || loop {
             // u, v uniform in (−1, 1]; kept inside the unit disc, off 0.
             let (u, v) = (2.0 * stream.unit() - 1.0, 2.0 * stream.unit() - 1.0);
@@ -282,10 +275,11 @@ mod tests {
         use tfhe_csprng::generators::aes_ctr::{Aes128Key, AesBlockCipher};
         use tfhe_csprng::generators::default::DefaultAes128BlockCipher;
         for (key, start) in [(0u128, 0u128), (u128::MAX / 3, 5), (0x0123_4567_89ab_cdef << 40, u128::MAX - 9)] {
-            let mut ours = AesStream::from_key(key);
+            let mut ours = AesStream::from_key(&mut key.clone());
             ours.counter = start;
             let mut theirs = DefaultAes128BlockCipher::new(Aes128Key::new(key));
-            for batch in 0..3u128 {
+            // Past one refill of 64 blocks.
+            for batch in 0..10u128 {
                 let c = start.wrapping_add(8 * batch);
                 let bytes = theirs.generate_batch(std::array::from_fn(|i| c.wrapping_add(i as u128)));
                 for chunk in bytes.chunks_exact(8) {
@@ -297,7 +291,7 @@ mod tests {
         }
         let key: [u8; 16] = std::array::from_fn(|i| i as u8);
         let plaintext: [u8; 16] = std::array::from_fn(|i| (i as u8) * 0x11);
-        let mut fips = AesStream::from_key(u128::from_ne_bytes(key));
+        let mut fips = AesStream::from_key(&mut u128::from_ne_bytes(key));
         fips.counter = u128::from_le_bytes(plaintext);
         let block = [fips.next_u64().to_le_bytes(), fips.next_u64().to_le_bytes()].concat();
         assert_eq!(
@@ -306,16 +300,17 @@ mod tests {
         );
     }
 
-    /// Secret draws come from the wiping stream, and the stream and its
-    /// cipher wipe themselves when dropped (the marker traits, checked at
-    /// compile time); public draws from TFHE-rs's XOF.
+    /// The secret generator's stream and its cipher are `ZeroizeOnDrop`
+    /// (marker traits, checked at compile time: dropping the `aes` crate's
+    /// `zeroize` feature fails here), and a key handed to a stream is wiped.
     #[test]
-    fn secret_generators_wipe_their_state() {
+    fn secret_generators_are_zeroize_on_drop() {
         fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
         wiped_on_drop::<AesStream>();
         wiped_on_drop::<aes_vaes::Aes128Enc>();
-        assert!(matches!(Csprng::from_os().0, Source::Secret(_)));
-        assert!(matches!(Csprng::from_transcript(b"t", *b"CnfdTest").0, Source::Public(_)));
+        let mut key = 0x0123_4567_89ab_cdef_u128;
+        let _stream = AesStream::from_key(&mut key);
+        assert_eq!(key, 0);
     }
 
     /// Secret uniform draws: below Q, reaching its top, and spread evenly
@@ -338,12 +333,7 @@ mod tests {
 
     #[test]
     fn ternary_is_balanced() {
-        for g in [Csprng::for_tests(1), Csprng::from_transcript(b"ternary", *b"CnfdTest")] {
-            ternary_counts_are_balanced(g);
-        }
-    }
-
-    fn ternary_counts_are_balanced(mut g: Csprng) {
+        let mut g = Csprng::for_tests(1);
         let mut counts = [0usize; 3];
         for _ in 0..8 {
             for v in g.ternary() {
@@ -409,10 +399,10 @@ mod tests {
 
     #[test]
     fn uniform_is_below_q_and_transcripts_are_reproducible() {
-        let a = Csprng::from_transcript(b"job 1 round 2", *b"CnfdTest").uniform();
-        let b = Csprng::from_transcript(b"job 1 round 2", *b"CnfdTest").uniform();
-        let c = Csprng::from_transcript(b"job 1 round 3", *b"CnfdTest").uniform();
-        let d = Csprng::from_transcript(b"job 1 round 2", *b"CnfdOthr").uniform();
+        let a = PublicCsprng::from_transcript(b"job 1 round 2", *b"CnfdTest").uniform();
+        let b = PublicCsprng::from_transcript(b"job 1 round 2", *b"CnfdTest").uniform();
+        let c = PublicCsprng::from_transcript(b"job 1 round 3", *b"CnfdTest").uniform();
+        let d = PublicCsprng::from_transcript(b"job 1 round 2", *b"CnfdOthr").uniform();
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_ne!(a, d);
