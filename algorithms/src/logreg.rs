@@ -298,7 +298,7 @@ impl Trainer for LogisticRegression {
                 *p -= lr * *v;
             }
         }
-        self.noise_reserve = dp.into_reserve();
+        self.noise_reserve = plan.reserve_after(config.round, dp);
         self.store_weights(&w, &b);
         if !w.iter().chain(&b).all(|v| v.is_finite()) {
             return Err(Error::InvalidInput(
@@ -466,6 +466,7 @@ mod tests {
             sampling_rate: q,
             expected_batch_size: batch,
             steps_per_round: steps,
+            rounds: 10,
         }
     }
 
@@ -588,19 +589,26 @@ mod tests {
 
     /// The trainer keeps its DP-SGD noise reserve from round to round: the
     /// noise drawn while it waits serves the next round's steps (a reserve
-    /// started afresh each round could have served one round's at most).
+    /// started afresh each round could have served one round's at most);
+    /// after the job's last round it keeps none.
     #[test]
     fn dp_sgd_rounds_take_the_noise_drawn_between_them() {
         let ds = breast_cancer();
         let mut m = LogisticRegression::new(2, ds.clone(), Dataset::default(), 3, 0).unwrap();
-        let cfg = FitConfig { round: 1, train: TrainConfig::default() };
         let steps = 30;
+        let plan = DpSgdPlan { rounds: 3, ..plan(1.0, 0.05, 28, steps) };
         let mut taken_before = 0;
-        for round in 0..3 {
-            m.fit_private(&cfg, &plan(1.0, 0.05, 28, steps)).unwrap();
+        for round in 1..=3 {
+            let cfg = FitConfig { round, train: TrainConfig::default() };
+            m.fit_private(&cfg, &plan).unwrap();
+            if round == plan.rounds {
+                // No noise is drawn ahead for a round that will not come.
+                assert!(m.noise_reserve.is_none(), "a reserve kept after the job's last round");
+                break;
+            }
             let reserve = m.noise_reserve.as_ref().expect("kept for the next round");
             assert_eq!(reserve.capacity(), steps as usize);
-            if round > 0 {
+            if round > 1 {
                 // The reserve was full: every step took its noise from it.
                 assert_eq!(reserve.taken(), taken_before + steps, "round {round}");
             }

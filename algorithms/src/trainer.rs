@@ -494,6 +494,9 @@ pub struct DpSgdPlan {
     pub expected_batch_size: usize,
     /// Steps per round: ⌈local_epochs / q⌉.
     pub steps_per_round: u64,
+    /// The job's rounds: a trainer keeps its noise reserve (drawing ahead)
+    /// only after a round before the last.
+    pub rounds: u32,
 }
 
 impl DpSgdPlan {
@@ -501,7 +504,7 @@ impl DpSgdPlan {
     /// values, its noise drawn ahead on a thread of its own: taken from
     /// `reserve` (the trainer's previous round's, drawn while the party
     /// waited) where it fits, up to a round's steps ahead. Give it back with
-    /// [`confide_dp::dpsgd::DpSgd::into_reserve`] after the round.
+    /// [`DpSgdPlan::reserve_after`] after the round.
     pub fn mechanism(
         &self,
         dim: usize,
@@ -517,6 +520,15 @@ impl DpSgdPlan {
         })
         .map(|dp| dp.with_reserve(reserve, ahead))
         .map_err(|e| Error::InvalidInput(format!("dp: {e}")))
+    }
+
+    /// What a trainer keeps of `dp`'s noise reserve after round `round`:
+    /// the reserve (which goes on drawing the next round's noise) after a
+    /// round before the last; nothing after the last, so that no noise is
+    /// drawn for a round that will not come (dropped, the reserve wipes its
+    /// vectors and its thread ends).
+    pub fn reserve_after(&self, round: u32, dp: confide_dp::dpsgd::DpSgd) -> Option<confide_dp::dpsgd::NoiseReserve> {
+        if round < self.rounds { dp.into_reserve() } else { None }
     }
 }
 

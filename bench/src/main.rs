@@ -1368,6 +1368,8 @@ fn bench_dp_sgd(steps: u64, repeat: usize) -> Result<Vec<serde_json::Value>, Str
             sampling_rate: batch as f64 / n as f64,
             expected_batch_size: batch,
             steps_per_round: steps,
+            // Rounds without end: every timed round keeps its reserve.
+            rounds: u32::MAX,
         };
         let (mut plain, mut private) = (Vec::new(), Vec::new());
         // CPU time too. The trainer's thread: what a step costs on the

@@ -88,7 +88,7 @@ pub fn train(
     train.proximal_mu = 0.0;
     // Example-level DP trains with DP-SGD; a party-level job alone has no
     // aggregate to noise, and trains as usual.
-    let plan = spec.dp.as_ref().and_then(|dp| dp.plan(&spec.training));
+    let plan = spec.dp.as_ref().and_then(|dp| dp.plan(&spec.training, spec.rounds));
     for round in 1..=spec.rounds {
         let config = FitConfig { round, train: train.clone() };
         let out = match &plan {

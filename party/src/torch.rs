@@ -1614,7 +1614,7 @@ impl Trainer for TorchTrainer {
             })?;
             opt.step();
         }
-        self.noise_reserve = dp.into_reserve();
+        self.noise_reserve = plan.reserve_after(config.round, dp);
         for (w, _) in &params {
             let finite = w.isfinite().all().int64_value(&[]) != 0;
             if !finite {
@@ -1967,6 +1967,7 @@ mod tests {
             sampling_rate: 0.05,
             expected_batch_size: (0.05 * rows as f64) as usize,
             steps_per_round: steps,
+            rounds: 10,
         };
         let cfg =
             FitConfig { round: 1, train: TrainConfig { learning_rate: 0.1, momentum: 0.9, ..TrainConfig::default() } };
@@ -2063,6 +2064,7 @@ mod tests {
                 sampling_rate: 1.0,
                 expected_batch_size: rows,
                 steps_per_round: 1,
+                rounds: 10,
             };
             t.fit_private(&cfg, &plan).unwrap();
             let p = t.parameters().unwrap();
@@ -2100,6 +2102,7 @@ mod tests {
             sampling_rate: 0.05,
             expected_batch_size: 8,
             steps_per_round: 1,
+            rounds: 10,
         };
         t.fit_private(&cfg, &plan).unwrap();
         let moved: Vec<f64> = t
@@ -2141,6 +2144,7 @@ mod tests {
             sampling_rate: 1.0,
             expected_batch_size: rows,
             steps_per_round: 2,
+            rounds: 10,
         };
         let cfg = FitConfig { round: 1, train: TrainConfig { learning_rate: 1.0, ..TrainConfig::default() } };
         t.fit_private(&cfg, &plan).expect("DP-SGD over overflowing gradients");

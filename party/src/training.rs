@@ -105,7 +105,7 @@ impl PartyJobKind for TrainingKind {
                 [INPUT_MEAN, INPUT_STD].map(|n| p.get(n).map(|t| t.data.clone()).unwrap_or_default())
             };
             handler.dp_inputs = Some(standardisation(&inputs));
-            handler.dp = dp.plan(&spec.training);
+            handler.dp = dp.plan(&spec.training, spec.rounds);
             handler.dp_values_bound = pld_values_bound(dp);
             if dp.level == DpLevel::Party {
                 handler.set_party_level(spec, dp);
@@ -1203,6 +1203,7 @@ mod tests {
         sampling_rate: 0.1,
         expected_batch_size: 4,
         steps_per_round: 10,
+        rounds: 10,
     };
 
     /// A handler for job "j" in the clear (the plain protocol) training with `trainer`.
@@ -1341,7 +1342,7 @@ mod tests {
                     [training]\nlocal_epochs = 2\nbatch_size = 8\n\
                     [dp]\nnoise_multiplier = 1.5\nsampling_rate = 0.1\n";
         let spec = confide_proto::jobspec::JobSpec::parse(text, "p", &confide_proto::Limits::default()).unwrap();
-        let planned = spec.dp.as_ref().unwrap().plan(&spec.training).unwrap();
+        let planned = spec.dp.as_ref().unwrap().plan(&spec.training, spec.rounds).unwrap();
         assert_eq!(
             (planned.noise_multiplier, planned.sampling_rate, planned.expected_batch_size, planned.steps_per_round),
             (1.5, 0.1, 8, 20),
@@ -1387,7 +1388,7 @@ mod tests {
         let job = JobFacts::new("j1", Vec::new(), 10, 1, 100);
         let client = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let mut h = TrainingHandler::new(Box::new(trainer), client, Plain.stages());
-        h.dp = spec.dp.as_ref().unwrap().plan(&spec.training);
+        h.dp = spec.dp.as_ref().unwrap().plan(&spec.training, spec.rounds);
         h.budget = Some(guard);
         h
     }
@@ -1777,6 +1778,7 @@ mod tests {
             sampling_rate: 0.1,
             expected_batch_size: 4,
             steps_per_round: 1,
+            rounds: 10,
         });
         h.dp_inputs = Some([vec![0.0, 2.0], vec![1.0, 3.0]]);
         let tensor = |name: &str, data: Vec<f32>| Tensor { name: name.into(), shape: vec![data.len()], data };
@@ -2211,7 +2213,7 @@ mod tests {
         let recorded = || crate::ledger::Ledger::read(&path).unwrap().datasets["d"].jobs["j1"].rounds_started;
         // The gated trainer has no DP-SGD: party 0 refuses, once on record.
         let mut r = GatedRound::new(3, None);
-        r.handlers[0].dp = spec.dp.as_ref().unwrap().plan(&spec.training);
+        r.handlers[0].dp = spec.dp.as_ref().unwrap().plan(&spec.training, spec.rounds);
         r.handlers[0].budget = Some(ledger.reserve("j1", &spec, "d", None).unwrap());
         r.fit_answers();
         open(&r.gates);

@@ -291,14 +291,16 @@ impl DpSpec {
         }
     }
 
-    /// The DP-SGD plan every party trains with (example level).
-    pub fn plan(&self, training: &TrainConfig) -> Option<DpSgdPlan> {
+    /// The DP-SGD plan every party trains with (example level), for a job
+    /// of `rounds` rounds.
+    pub fn plan(&self, training: &TrainConfig, rounds: u32) -> Option<DpSgdPlan> {
         (self.level == DpLevel::Example && self.release == DpRelease::Training).then(|| DpSgdPlan {
             max_grad_norm: self.clip,
             noise_multiplier: self.noise_multiplier,
             sampling_rate: self.sampling_rate,
             expected_batch_size: training.batch_size,
             steps_per_round: self.steps_per_round(training),
+            rounds,
         })
     }
 
@@ -1071,7 +1073,7 @@ mod tests {
         let dp = party.validate(&training, 10, None).unwrap();
         assert_eq!((dp.level, dp.clip, dp.sampling_rate), (DpLevel::Party, 0.5, 1.0));
         assert_eq!(dp.steps_per_round(&training), 1);
-        assert!(dp.plan(&training).is_none());
+        assert!(dp.plan(&training, 10).is_none());
         // Ten unsampled Gaussian releases at z = 1: α·10/2 per order.
         let Accountant::Rdp(acc) = dp.accountant(&training, 10) else { panic!("rdp by default") };
         assert_eq!(acc.rdp()[0], 10.0);

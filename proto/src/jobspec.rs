@@ -1291,7 +1291,7 @@ mod aggregation_tests {
         let s = JobSpec::parse(&evaluate, "e", &Limits::default()).unwrap();
         let dp = s.dp.clone().unwrap();
         assert_eq!(dp.release, crate::dpspec::DpRelease::Evaluation);
-        assert_eq!((dp.steps_per_round(&s.training), dp.plan(&s.training)), (1, None));
+        assert_eq!((dp.steps_per_round(&s.training), dp.plan(&s.training, s.rounds)), (1, None));
         let eps = dp.epsilon(&s.training, s.rounds);
         assert!(eps <= 1.0 && eps > 0.99, "{eps}");
         // Not in a pipeline (not built): whether its new rows exist would show.

@@ -341,7 +341,7 @@ fn whether_a_dp_job_sets_up_does_not_depend_on_one_row() {
             let dp_source = dp_rows(&spec, &source).expect("the DP reading");
             assert_eq!(dp_source.load_split_counted(0.0, 1).expect("rows").0.len(), valid);
             let mut trainer = factory.build(&spec, &dp_source, "hospital-a").expect("a DP job sets up");
-            let plan = spec.dp.as_ref().expect("dp").plan(&spec.training).expect("plan");
+            let plan = spec.dp.as_ref().expect("dp").plan(&spec.training, spec.rounds).expect("plan");
             let config = confide_algorithms::FitConfig { round: 1, train: spec.training.clone() };
             trainer.fit_private(&config, &plan).expect("DP-SGD over one row or none");
             assert!(trainer.parameters().expect("parameters").num_values() > 0);
