@@ -138,6 +138,13 @@ pub struct ServeConfig {
     /// trains on ([`PartyConfig::reports_serving_counts`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_counts: Option<bool>,
+    /// Service → the data set its labelled hard examples belong to: a
+    /// pipeline job on another data set leaves them out. A service not
+    /// named here gives them to the first data set whose pipeline job uses
+    /// them, which is the coordinator's choice (it names the pipeline's
+    /// service and data set).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labelled_rows_dataset: BTreeMap<String, String>,
 }
 
 fn default_max_batch_rows() -> usize {
@@ -161,6 +168,7 @@ impl Default for ServeConfig {
             max_body_bytes: default_max_body_bytes(),
             allow_hosts: Vec::new(),
             report_counts: None,
+            labelled_rows_dataset: BTreeMap::new(),
         }
     }
 }
@@ -524,6 +532,17 @@ impl PartyConfig {
                     .map_err(|e| format!("policy.share_inputs.{service}[{i}]: {e}"))?;
             }
         }
+        for (service, dataset) in &self.serve.labelled_rows_dataset {
+            if !self.serve.services.contains(service) {
+                return Err(format!(
+                    "serve.labelled_rows_dataset.{service}: not in serve.services (only a served service's hard \
+                     examples are kept)"
+                ));
+            }
+            if !self.datasets.contains_key(dataset) {
+                return Err(format!("serve.labelled_rows_dataset.{service}: no data set {dataset:?} in [datasets]"));
+            }
+        }
         for (name, d) in &self.datasets {
             if d.features.is_some_and(|f| !(1..=1_000_000).contains(&f)) {
                 return Err(format!("datasets.{name}.features: must be 1..=1000000 (got {:?})", d.features));
@@ -839,6 +858,14 @@ mod tests {
         assert!(e.contains("cloud.services[0]"), "{e}");
         let e = load("[policy.share_inputs]\ndigits = [\"bad name\"]\n").unwrap_err().to_string();
         assert!(e.contains("policy.share_inputs.digits[0]"), "{e}");
+        // Labelled rows' data set: a served service, a configured data set.
+        let served = "[datasets.d]\npath = \"d\"\n[serve]\nservices = [\"a\"]\n";
+        let c = load(&format!("{served}[serve.labelled_rows_dataset]\na = \"d\"\n")).unwrap();
+        assert_eq!(c.serve.labelled_rows_dataset.get("a").map(String::as_str), Some("d"));
+        let e = load(&format!("{served}[serve.labelled_rows_dataset]\nb = \"d\"\n")).unwrap_err().to_string();
+        assert!(e.contains("serve.labelled_rows_dataset.b") && e.contains("serve.services"), "{e}");
+        let e = load(&format!("{served}[serve.labelled_rows_dataset]\na = \"x\"\n")).unwrap_err().to_string();
+        assert!(e.contains("serve.labelled_rows_dataset.a") && e.contains("\"x\""), "{e}");
     }
 
     /// A data set's declared width (what a DP job takes rows of) is read

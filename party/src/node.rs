@@ -372,7 +372,7 @@ impl PartyNode {
             &config.labels_path(),
             &config.key.with_extension("pipelines"),
         )
-        .map(Arc::new);
+        .map(|w| Arc::new(w.with_labelled_datasets(config.serve.labelled_rows_dataset.clone())));
         PartyNode {
             config,
             plugins,

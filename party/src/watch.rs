@@ -62,6 +62,9 @@ pub struct Watches {
     hard_seen: Mutex<Option<(std::collections::HashSet<String>, FileMark)>>,
     /// Hard examples waiting for the file's one writer.
     hard_queue: Mutex<HardQueue>,
+    /// Service → the data set its labelled rows belong to, as the hospital
+    /// configured it (`serve.labelled_rows_dataset`).
+    labelled_dataset: BTreeMap<String, String>,
 }
 
 /// A file's identity (device and inode where there are some) and length.
@@ -170,7 +173,16 @@ impl Watches {
             scratch: scratch.to_owned(),
             hard_seen: Mutex::new(None),
             hard_queue: Mutex::new(HardQueue::default()),
+            labelled_dataset: BTreeMap::new(),
         })
+    }
+
+    /// The hospital's choice of data set for each service's labelled rows
+    /// (`serve.labelled_rows_dataset`): a pipeline job on another data set
+    /// leaves them out, whatever the coordinator names.
+    pub fn with_labelled_datasets(mut self, by_service: BTreeMap<String, String>) -> Watches {
+        self.labelled_dataset = by_service;
+        self
     }
 
     /// Queues hard rows of `service` (row-major, `width` features) for
@@ -420,7 +432,20 @@ impl Watches {
             ));
         }
         let batches = source.batches().map_err(|e| e.to_string())?;
-        let labelled = self.labelled(&p.service, spec.dp.is_some())?;
+        // The hospital gave this service's labelled rows to another data
+        // set: left out, not refused (a refusal would tell the coordinator
+        // that such rows exist), and not even read.
+        let labelled = if self.labelled_dataset.get(&p.service).is_some_and(|d| d != dataset) {
+            tracing::info!(
+                service = %p.service,
+                dataset,
+                "the configuration gives this service's labelled hard examples to another data set: none join this \
+                 pipeline job"
+            );
+            BTreeMap::new()
+        } else {
+            self.labelled(&p.service, spec.dp.is_some())?
+        };
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         // Labelled rows charged to another data set (the first a pipeline
         // job used them with) are left out, not refused: a refusal would
@@ -790,6 +815,41 @@ mod tests {
         w.write_queued();
         let q = w.hard_queue.lock().unwrap();
         assert_eq!((q.batches.len(), q.bytes, q.running, q.dropped), (0, 0, false, 0));
+    }
+
+    /// With `serve.labelled_rows_dataset`, a service's labelled rows go
+    /// only to the data set the hospital named, whichever data set the
+    /// coordinator's pipeline job names first; a job on another one does
+    /// not read them (a malformed labels file does not refuse it) and does
+    /// not bind them.
+    #[test]
+    fn labelled_rows_go_only_to_the_data_set_the_hospital_names() {
+        let (dir, src) = one_batch();
+        let open = || open_in(dir.path()).with_labelled_datasets([("triage".to_owned(), "e".to_owned())].into());
+        let w = open();
+        w.keep_hard_examples("triage", &[7.0], 1).unwrap();
+        let sha7 = crate::audit::rows_sha256(&[7.0]);
+        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},1\n")).unwrap();
+        let rows =
+            |w: &Watches, dataset: &str| w.select(&spec("train", 1, "all"), dataset, &src).unwrap().load().unwrap();
+        // The coordinator names data set "d" first: the batch alone.
+        let on_d = rows(&w, "d");
+        assert_eq!((on_d.features.clone(), on_d.labels.clone()), (vec![1.0], vec![0]));
+        assert!(w.marks.lock().unwrap().labelled_rows.is_empty(), "not bound to d");
+        // On "e", the hospital's choice: the batch and the labelled row, also after a restart.
+        assert_eq!(rows(&w, "e").len(), 2);
+        assert_eq!(rows(&open(), "e").len(), 2);
+        assert_eq!(open().marks.lock().unwrap().labelled_rows.get(&sha7).map(String::as_str), Some("e"));
+        // Not read for "d": a malformed labels file does not refuse its job.
+        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},x\n")).unwrap();
+        assert_eq!(rows(&w, "d").len(), 1);
+        assert!(w.select(&spec("train", 1, "all"), "e", &src).is_err(), "read, and refused, for e");
+        // Without the setting the first data set named takes them.
+        std::fs::write(dir.path().join("labels.csv"), format!("{sha7},1\n")).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join("hard.csv"), other.path().join("hard.csv")).unwrap();
+        std::fs::copy(dir.path().join("labels.csv"), other.path().join("labels.csv")).unwrap();
+        assert_eq!(open_in(other.path()).select(&spec("train", 1, "all"), "d", &src).unwrap().load().unwrap().len(), 2);
     }
 
     #[test]
