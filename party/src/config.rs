@@ -533,10 +533,14 @@ impl PartyConfig {
             }
         }
         for (service, dataset) in &self.serve.labelled_rows_dataset {
+            confide_proto::deploy::validate_service_name(service)
+                .map_err(|e| format!("serve.labelled_rows_dataset.{service}: {e}"))?;
             if !self.serve.services.contains(service) {
-                return Err(format!(
-                    "serve.labelled_rows_dataset.{service}: not in serve.services (only a served service's hard \
-                     examples are kept)"
+                // Still applied: the hard examples it kept while it was
+                // served stay in the file.
+                self.warnings.push(format!(
+                    "serve.labelled_rows_dataset.{service}: not in serve.services (applied to the hard examples \
+                     already kept)"
                 ));
             }
             if !self.datasets.contains_key(dataset) {
@@ -862,8 +866,10 @@ mod tests {
         let served = "[datasets.d]\npath = \"d\"\n[serve]\nservices = [\"a\"]\n";
         let c = load(&format!("{served}[serve.labelled_rows_dataset]\na = \"d\"\n")).unwrap();
         assert_eq!(c.serve.labelled_rows_dataset.get("a").map(String::as_str), Some("d"));
-        let e = load(&format!("{served}[serve.labelled_rows_dataset]\nb = \"d\"\n")).unwrap_err().to_string();
-        assert!(e.contains("serve.labelled_rows_dataset.b") && e.contains("serve.services"), "{e}");
+        let c = load(&format!("{served}[serve.labelled_rows_dataset]\nb = \"d\"\n")).unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("serve.labelled_rows_dataset.b")), "{:?}", c.warnings);
+        let e = load(&format!("{served}[serve.labelled_rows_dataset]\n\"b c\" = \"d\"\n")).unwrap_err().to_string();
+        assert!(e.contains("serve.labelled_rows_dataset.b c"), "{e}");
         let e = load(&format!("{served}[serve.labelled_rows_dataset]\na = \"x\"\n")).unwrap_err().to_string();
         assert!(e.contains("serve.labelled_rows_dataset.a") && e.contains("\"x\""), "{e}");
     }

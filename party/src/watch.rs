@@ -14,8 +14,9 @@
 //! allows). The hospital labels them in `NAME.labels.csv` (`sha256,label`
 //! lines); labelled ones join the next iteration of that service's pipeline
 //! as one more batch. They are charged to one data set's ledger entry: the
-//! data set of the first pipeline job that used them; a job on another data
-//! set leaves them out.
+//! data set the hospital names for a service that met them
+//! (`serve.labelled_rows_dataset`), or else the data set of the first
+//! pipeline job that used them; a job on another data set leaves them out.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -308,7 +309,16 @@ impl Watches {
     /// DP (`lenient`) it is left out and counted in this party's log, since
     /// each line is about one row and whether a job sets up must not
     /// depend on one row.
-    fn labelled(&self, service: &str, lenient: bool) -> Result<BTreeMap<String, (Vec<String>, u32)>, String> {
+    /// The labelled hard examples of `service` for a job on `dataset`,
+    /// less the rows the hospital gave to another data set
+    /// (`serve.labelled_rows_dataset`) through any service that met them:
+    /// labels are by row, so a row two services met is one row.
+    fn labelled(
+        &self,
+        service: &str,
+        dataset: &str,
+        lenient: bool,
+    ) -> Result<BTreeMap<String, (Vec<String>, u32)>, String> {
         // Under DP bytes that are not UTF-8 spoil their line only.
         let read = |p: &Path| match std::fs::read(p) {
             Ok(bytes) if lenient => Ok(String::from_utf8_lossy(&bytes).into_owned()),
@@ -346,12 +356,16 @@ impl Watches {
         if labels.is_empty() {
             return Ok(out);
         }
+        let mut given_elsewhere = std::collections::HashSet::new();
         for (i, line) in read(&self.hard_examples)?.lines().enumerate() {
             let mut cells = line.split(',');
             let (Some(sha), Some(svc)) = (cells.next(), cells.next()) else {
                 malformed(format!("{}:{}: malformed line", self.hard_examples.display(), i + 1))?;
                 continue;
             };
+            if self.labelled_dataset.get(svc).is_some_and(|d| d != dataset) {
+                given_elsewhere.insert(sha.to_owned());
+            }
             if svc != service {
                 continue;
             }
@@ -362,6 +376,7 @@ impl Watches {
         if skipped > 0 {
             tracing::warn!(service, skipped, "malformed labelled hard example lines were left out of this DP job");
         }
+        out.retain(|sha, _| !given_elsewhere.contains(sha));
         Ok(out)
     }
 
@@ -444,7 +459,7 @@ impl Watches {
             );
             BTreeMap::new()
         } else {
-            self.labelled(&p.service, spec.dp.is_some())?
+            self.labelled(&p.service, dataset, spec.dp.is_some())?
         };
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         // Labelled rows charged to another data set (the first a pipeline
@@ -835,6 +850,15 @@ mod tests {
         // The coordinator names data set "d" first: the batch alone.
         let on_d = rows(&w, "d");
         assert_eq!((on_d.features.clone(), on_d.labels.clone()), (vec![1.0], vec![0]));
+        // Nor through another service that met the same row (labels are
+        // by row), for a training or a count of new rows.
+        w.keep_hard_examples("other", &[7.0], 1).unwrap();
+        for (kind, rows_asked) in [("train", "all"), ("evaluate", "new")] {
+            let mut via_other = spec(kind, 1, rows_asked);
+            via_other.pipeline.as_mut().unwrap().service = "other".into();
+            let got = w.select(&via_other, "d", &src).unwrap();
+            assert!(no_rows(&got) || got.load().unwrap().features == vec![1.0], "{kind}: the batch at most");
+        }
         assert!(w.marks.lock().unwrap().labelled_rows.is_empty(), "not bound to d");
         // On "e", the hospital's choice: the batch and the labelled row, also after a restart.
         assert_eq!(rows(&w, "e").len(), 2);
