@@ -139,7 +139,8 @@ pub struct ServeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_counts: Option<bool>,
     /// Service → the data set its labelled hard examples belong to: a
-    /// pipeline job on another data set leaves them out. A service not
+    /// pipeline job on another data set leaves them out, also when it
+    /// reaches the same rows through another service. A service not
     /// named here gives them to the first data set whose pipeline job uses
     /// them, which is the coordinator's choice (it names the pipeline's
     /// service and data set).

@@ -304,15 +304,14 @@ impl Watches {
         Ok(())
     }
 
-    /// The hard examples of `service` the hospital has labelled: SHA-256
-    /// → (features, label). A malformed line is an error naming it; under
-    /// DP (`lenient`) it is left out and counted in this party's log, since
-    /// each line is about one row and whether a job sets up must not
+    /// The hard examples of `service` the hospital has labelled, for a job
+    /// on `dataset`: SHA-256 → (features, label), less the rows the
+    /// hospital gave to another data set (`serve.labelled_rows_dataset`)
+    /// through any service that met them (labels are by row, so a row two
+    /// services met is one row). A malformed line is an error naming it;
+    /// under DP (`lenient`) it is left out and counted in this party's log,
+    /// since each line is about one row and whether a job sets up must not
     /// depend on one row.
-    /// The labelled hard examples of `service` for a job on `dataset`,
-    /// less the rows the hospital gave to another data set
-    /// (`serve.labelled_rows_dataset`) through any service that met them:
-    /// labels are by row, so a row two services met is one row.
     fn labelled(
         &self,
         service: &str,
