@@ -479,12 +479,7 @@ fn pipelines(config: &std::path::Path, forget: &[String], plugins: &PartyPlugins
             }
         })?)
     };
-    let watches = crate::watch::Watches::open(
-        &cfg.pipelines_path(),
-        &cfg.hard_examples_path(),
-        &cfg.labels_path(),
-        &cfg.key.with_extension("pipelines"),
-    )?;
+    let watches = crate::watch::Watches::of_config(&cfg)?;
     for id in forget {
         let gone = watches.forget(id)?;
         println!("forgot pipeline {id}: {} marked batches and rows", gone.marked);

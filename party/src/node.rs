@@ -366,13 +366,7 @@ impl PartyNode {
                 warn!("privacy ledger: could not record the data sets' paths: {e}");
             }
         }
-        let watches = crate::watch::Watches::open(
-            &config.pipelines_path(),
-            &config.hard_examples_path(),
-            &config.labels_path(),
-            &config.key.with_extension("pipelines"),
-        )
-        .map(|w| Arc::new(w.with_labelled_datasets(config.serve.labelled_rows_dataset.clone())));
+        let watches = crate::watch::Watches::of_config(&config).map(Arc::new);
         PartyNode {
             config,
             plugins,

@@ -178,6 +178,19 @@ impl Watches {
         })
     }
 
+    /// The state of the party `config` describes: its files where the
+    /// config puts them, and the hospital's choice of data set for each
+    /// service's labelled rows (`serve.labelled_rows_dataset`).
+    pub fn of_config(config: &crate::config::PartyConfig) -> Result<Watches, String> {
+        let watches = Watches::open(
+            &config.pipelines_path(),
+            &config.hard_examples_path(),
+            &config.labels_path(),
+            &config.key.with_extension("pipelines"),
+        )?;
+        Ok(watches.with_labelled_datasets(config.serve.labelled_rows_dataset.clone()))
+    }
+
     /// The hospital's choice of data set for each service's labelled rows
     /// (`serve.labelled_rows_dataset`): a pipeline job on another data set
     /// leaves them out, whatever the coordinator names.
