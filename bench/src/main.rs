@@ -838,6 +838,17 @@ async fn bench_round(
         .filter_map(|r| r.metrics.get("process_cpu_ms").copied())
         .collect();
     let cpu_per_round = if cpu.is_empty() { f64::NAN } else { cpu.iter().sum::<f64>() / cpu.len() as f64 };
+    // The same after the first measured round (which draws every round's
+    // distributed-DP noise), with the round times of those rounds: how many
+    // of the machine's cores the round keeps busy.
+    let (later_cpu, later_ms) = run
+        .status
+        .history
+        .iter()
+        .filter(|r| (2..=rounds).contains(&r.round))
+        .filter_map(|r| Some((*r.metrics.get("process_cpu_ms")?, *r.metrics.get("round_ms")?)))
+        .fold((0.0, 0.0), |(c, m), (rc, rm)| (c + rc, m + rm));
+    let later_rounds = rounds.saturating_sub(1).max(1) as f64;
     // Where the round's time goes: each stage's median duration.
     let stages: serde_json::Map<String, serde_json::Value> = run
         .status
@@ -878,6 +889,10 @@ async fn bench_round(
         "bytes_per_party": run.bytes / (parties as u64 * u64::from(rounds + 1)),
         // With the parties in other processes, the coordinator process's
         // own CPU time and the memory the job added to it, per party.
+        // The whole process's CPU per round (rounds 2 on; with the parties
+        // in this process, theirs too) and the cores it kept busy.
+        "process_cpu_ms_per_round": later_cpu / later_rounds,
+        "cores_busy": if later_ms > 0.0 { later_cpu / later_ms } else { f64::NAN },
         "coordinator_process_cpu_ms_per_round": if party_processes > 0 { serde_json::json!(cpu_per_round) } else { serde_json::Value::Null },
         "coordinator_rss_mb_before": run.rss_before as f64 / 1e6,
         "coordinator_rss_mb_peak": run.rss_peak as f64 / 1e6,
@@ -936,6 +951,8 @@ fn combine_runs(mut runs: Vec<serde_json::Value>) -> Option<serde_json::Value> {
         "coordinator_ms_median",
         "party_ms_median",
         "coordinator_process_cpu_ms_per_round",
+        "process_cpu_ms_per_round",
+        "cores_busy",
         "coordinator_memory_per_party_kb",
         "coordinator_rss_mb_peak",
     ];

@@ -167,7 +167,7 @@ pub struct AnswerFloor {
 /// What the coordinator is told of a trainer's panic: its message can
 /// quote the rows (a value, a label out of range), so it stays in this
 /// party's log, as a DP job's set-up failures do.
-const PANICKED: &str = "its trainer panicked (the message is in this party's log)";
+pub(crate) const PANICKED: &str = "its trainer panicked (the message is in this party's log)";
 
 pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()

@@ -458,7 +458,7 @@ impl JobHandler for TrainingHandler {
         if !matches!(task.body, TaskBody::Aggregation { .. }) {
             // Any other task uses the trainer (or starts a new round).
             self.trainer_back();
-            self.raise_training_panic();
+            self.raise_training_panic()?;
         }
         match task.body {
             TaskBody::Fit { .. } | TaskBody::Setup | TaskBody::SecureSum { of: SumOf::FeatureStats, .. }
@@ -552,7 +552,15 @@ impl JobHandler for TrainingHandler {
                     return Err(e);
                 }
                 let answer = self.aggregation.on_step(round, name, message);
-                if last || answer.is_err() {
+                if answer.is_err() {
+                    // Whatever the refusal, the round ends here for this
+                    // party: its secrets (round keys, seeds, the encoded
+                    // update) are wiped now, not when a later task, the
+                    // job's close or the idle deadline comes, since a
+                    // coordinator that sends nothing more would otherwise
+                    // leave them in memory for as long as the job stays open.
+                    self.drop_round();
+                } else if last {
                     self.open = None;
                 }
                 let message = answer?;
@@ -641,14 +649,26 @@ impl TrainingHandler {
     /// raised again here, in the task the session catches, once the
     /// round's ledger record is on disk (its message was logged where it
     /// happened, since it can quote a row).
-    fn raise_training_panic(&mut self) {
+    ///
+    /// Not on record, so not sent (whether training failed is about the
+    /// rows): the panic is raised only once the ledger holds the round and
+    /// this party's leaving on disk. Until then every task is refused as a
+    /// round whose record failed is, saying only that the ledger could not
+    /// write (found by review: the panic used to go out whatever the
+    /// record's write did).
+    fn raise_training_panic(&mut self) -> Result<(), TaskError> {
         if !self.trainer_panicked {
-            return;
+            return Ok(());
         }
         if let Some(recorded) = self.ahead.as_mut().and_then(|a| a.recorded.take())
             && let Err(e) = recorded.durable()
         {
+            // The leaving below writes the whole ledger, this round with it.
             tracing::warn!("the privacy ledger's record of the round failed: {e}");
+        }
+        if let Err(e) = self.leave(crate::session::PANICKED) {
+            tracing::warn!("the privacy ledger cannot record the round and this party's leaving: {e}");
+            return Err(TaskError::Refused(e));
         }
         panic!("{PANICKED_AHEAD}");
     }
@@ -744,7 +764,7 @@ impl TrainingHandler {
         if let Some(recorded) = ahead.recorded.take() {
             recorded.durable().map_err(TaskError::Refused)?;
         }
-        self.raise_training_panic();
+        self.raise_training_panic()?;
         let trained = ahead.trained.take().unwrap_or_else(|| Err(TaskError::Refused(PANICKED_AHEAD.into())))?;
         Ok(self.aggregation.supply_update(round, trained.update(&ahead.global, &ahead.config))?)
     }
@@ -2260,6 +2280,54 @@ mod tests {
         assert!(m.contains("training panicked") && !m.contains("77-secret"), "{m}");
     }
 
+    /// Under DP a trainer's panic ahead of its step goes out only once the
+    /// ledger holds the round and the party's leaving on disk: while the
+    /// ledger cannot write, each task is refused saying only that, and
+    /// nothing tells that training panicked (found by review).
+    #[test]
+    fn a_training_panic_ahead_goes_out_only_once_on_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ledger) = slowed_ledger(dir.path());
+        ledger.write_delay_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+        let spec = dp_job(3);
+        let mut r = GatedRound::new(3, None);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let trained = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        r.handlers[0].trainer =
+            Box::new(Gated { gate: rx, trained, fails_with: None, panics: true, w: 0.0, step: 1.0 });
+        r.gates[0] = tx;
+        r.handlers[0].party_clip = Some(1.0);
+        r.handlers[0].budget = Some(ledger.reserve("j1", &spec, "d", None).unwrap());
+        // The ledger cannot be written (a directory in its temporary
+        // file's place) from the round's start on.
+        let blocker = path.with_extension("json.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        r.fit_answers();
+        open(&r.gates);
+        let mut refusals = Vec::new();
+        let _ = r.steps(Some(confide_crypto::aggregation::secagg::MASKED_INPUT), &mut refusals);
+        let [(0, TaskError::Refused(m))] = refusals.as_slice() else { panic!("{refusals:?}") };
+        assert!(m.contains("privacy ledger") && !m.contains("panicked"), "{m}");
+        let e = r.handlers[0].on_task(task(2, TaskBody::Setup)).unwrap_err();
+        assert!(
+            matches!(&e, TaskError::Refused(m) if m.contains("privacy ledger") && !m.contains("panicked")),
+            "{e:?}"
+        );
+        let on_disk = || crate::ledger::Ledger::read(&path).unwrap().datasets["d"].jobs["j1"].clone();
+        assert_eq!(on_disk().rounds_started, 0);
+        // Once the ledger writes, the next task raises the panic, with the
+        // round and the leaving on disk.
+        std::fs::remove_dir(&blocker).unwrap();
+        let raised = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = r.handlers[0].on_task(task(2, TaskBody::Setup));
+        }));
+        let p = raised.expect_err("the panic was not raised once on record");
+        assert!(crate::session::panic_message(p.as_ref()).contains("training panicked"));
+        let charge = on_disk();
+        assert_eq!(charge.rounds_started, 1);
+        assert!(charge.left.as_deref().is_some_and(|l| l.contains("panicked")), "{charge:?}");
+    }
+
     /// A masked-input step asked for before the shares is the
     /// coordinator's fault, refused at once through the party's session:
     /// neither the step nor the session's abandoning of the round waits
@@ -2289,6 +2357,103 @@ mod tests {
         session.handle(1, PartyInput::Closed { reason: "done".into(), ended: Some("succeeded".into()) });
         assert!(!r.any_trained(), "it waited for the training");
         open(&gates);
+    }
+
+    /// A protocol's client that counts the times its round is let go
+    /// (`abandon`, which wipes the round's secrets), forwarding everything.
+    struct CountsAbandons {
+        inner: Box<dyn AggregationClient>,
+        abandons: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl AggregationClient for CountsAbandons {
+        fn contribute(
+            &mut self,
+            round: u32,
+            round_message: &[u8],
+            update: confide_crypto::aggregation::LocalUpdate<'_>,
+        ) -> Result<confide_crypto::aggregation::Envelope, confide_crypto::Error> {
+            self.inner.contribute(round, round_message, update)
+        }
+        fn answers_fit_before_training(&self) -> bool {
+            self.inner.answers_fit_before_training()
+        }
+        fn contribute_ahead(
+            &mut self,
+            round: u32,
+            round_message: &[u8],
+            global: &Parameters,
+            fit: &FitConfig,
+        ) -> Result<confide_crypto::aggregation::Envelope, confide_crypto::Error> {
+            self.inner.contribute_ahead(round, round_message, global, fit)
+        }
+        fn supply_update(
+            &mut self,
+            round: u32,
+            update: confide_crypto::aggregation::LocalUpdate<'_>,
+        ) -> Result<(), confide_crypto::Error> {
+            self.inner.supply_update(round, update)
+        }
+        fn needs_update_for(&self, stage: confide_crypto::aggregation::StageName) -> bool {
+            self.inner.needs_update_for(stage)
+        }
+        fn prepare(&mut self, global: &Parameters) {
+            self.inner.prepare(global)
+        }
+        fn on_step(
+            &mut self,
+            round: u32,
+            stage: confide_crypto::aggregation::StageName,
+            message: confide_crypto::aggregation::Envelope,
+        ) -> Result<confide_crypto::aggregation::Envelope, confide_crypto::Error> {
+            self.inner.on_step(round, stage, message)
+        }
+        fn precompute(&mut self) {
+            self.inner.precompute()
+        }
+        fn abandon(&mut self) {
+            self.abandons.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.abandon()
+        }
+    }
+
+    /// A step the party refuses ends its round at once: the round's secrets
+    /// (keys, seeds, the encoded update of a party that trained inside the
+    /// fit task) are wiped then, not only when a later task, the job's close
+    /// or the idle deadline comes, none of which a coordinator that goes
+    /// quiet after the refusal would send (found by review). A later step
+    /// of the round is the coordinator's fault, as before.
+    #[test]
+    fn a_refused_step_wipes_the_rounds_secrets_at_once() {
+        use confide_crypto::aggregation::secagg::SHARES;
+        let mut r = GatedRound::new(3, None);
+        // The party trains inside the fit task: its encoded update is held
+        // from the fit answer on.
+        r.handlers[0].answers_held = true;
+        let abandons = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let inner = std::mem::replace(
+            &mut r.handlers[0].aggregation,
+            SecAggPlus
+                .client(&toml::Table::new(), &JobFacts::new("j", r.names.clone(), 10, 3, 100), identity("p0"))
+                .unwrap(),
+        );
+        r.handlers[0].aggregation = Box::new(CountsAbandons { inner, abandons: abandons.clone() });
+        open(&r.gates);
+        r.fit_answers();
+        let count = || abandons.load(std::sync::atomic::Ordering::SeqCst);
+        let before = count();
+        // A shares step that does not parse (a coordinator fault), then,
+        // in a new round, one with the keys of too few neighbours (a
+        // refusal): each wipes the round there and then.
+        let garbage = TaskBody::Aggregation {
+            stage: SHARES.as_str().into(),
+            message: confide_crypto::aggregation::Envelope::body(vec![0xff; 9]),
+        };
+        assert!(r.handlers[0].on_task(task(1, garbage.clone())).is_err());
+        assert_eq!(count(), before + 1, "the refused step did not wipe the round");
+        assert!(!r.handlers[0].round_open());
+        let e = r.handlers[0].on_task(task(1, garbage)).unwrap_err();
+        assert!(matches!(&e, TaskError::CoordinatorFault(m) if m.contains("not in")), "{e:?}");
     }
 
     /// A coordinator that sends the fit task again while the party trains

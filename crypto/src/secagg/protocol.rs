@@ -455,6 +455,9 @@ pub struct Client {
     neighbours: Vec<String>,
     enc_sk: StaticSecret,
     mask_sk: StaticSecret,
+    /// This party's own public keys of the round: a neighbour relayed with
+    /// either is refused like any reused key.
+    own_public_keys: [[u8; 32]; 2],
     self_seed: Zeroizing<[u8; 32]>,
     stage: ClientStage,
     peers: BTreeMap<String, PeerSecrets>,
@@ -507,6 +510,7 @@ impl Client {
             neighbours,
             enc_sk,
             mask_sk,
+            own_public_keys: [enc_pk, mask_pk],
             self_seed: seed,
             stage: ClientStage::AwaitKeys,
             peers: BTreeMap::new(),
@@ -551,7 +555,11 @@ impl Client {
         // Validate everything before changing state: a rejected call leaves the
         // client as it was.
         let mut peers = BTreeMap::new();
-        let mut seen_keys = BTreeSet::new();
+        // Seeded with this party's own keys: a neighbour cannot be relayed
+        // with them either (it could not use them without their secret
+        // halves, but the coordinator refuses such an advert, so one that
+        // arrives is its doing).
+        let mut seen_keys: BTreeSet<[u8; 32]> = self.own_public_keys.into_iter().collect();
         for k in keys {
             if k.party == self.me {
                 continue;
@@ -1785,6 +1793,19 @@ mod tests {
             if order {
                 keys.swap(i, j);
             }
+            let err = clients[0].on_keys(&keys, &HashVerifier, &mut OsRng).unwrap_err();
+            assert!(
+                matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("reuse")),
+                "{err}"
+            );
+        }
+        // A neighbour relayed with this party's own public key (as either
+        // of its two): refused the same way (found by review).
+        for own in clients[0].own_public_keys {
+            let mut keys = server.keys_for("p00").unwrap();
+            let i = keys.iter().position(|k| k.party == "p02").unwrap();
+            keys[i].enc_pk = own;
+            keys[i].signature = HashSigner("p02".into()).sign(&cfg.keys_transcript(&keys[i])).unwrap();
             let err = clients[0].on_keys(&keys, &HashVerifier, &mut OsRng).unwrap_err();
             assert!(
                 matches!(&err, Error::PeerMisbehaved { party, reason } if party == "coordinator" && reason.contains("reuse")),
