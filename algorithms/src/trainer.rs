@@ -582,7 +582,12 @@ impl FeatureStats {
                 self.sum.len()
             )));
         }
-        self.count += other.count;
+        self.count = self.count.checked_add(other.count).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "feature statistics of {} and {} rows overflow the count",
+                self.count, other.count
+            ))
+        })?;
         for (a, b) in self.sum.iter_mut().zip(&other.sum) {
             *a += b;
         }

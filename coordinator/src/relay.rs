@@ -87,6 +87,7 @@ impl RunningRelay {
 
 /// Starts a relay.
 pub async fn start(config: RelayConfig) -> Result<RunningRelay, Error> {
+    config.limits.validate().map_err(|e| Error::InvalidInput(e.to_string()))?;
     let own = confide_proto::net::load_certs(&config.cert).map_err(|e| Error::Tls(e.to_string()))?;
     let id = own
         .first()
@@ -806,8 +807,27 @@ async fn pump_up(
 ) {
     let mut pending: Option<(pb::TaskResult, Incoming)> = None;
     let limits = shared.config.limits;
+    // A stream a newer one of the party's replaced, or whose upstream to the
+    // coordinator ended, is left at once, not at its next message (a party
+    // that stops sending on it would otherwise keep its reader, and a
+    // half-received result, for as long as the connection lives).
+    let mut recheck = tokio::time::interval(super::server::READER_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let why = loop {
-        let msg = match inbound.message().await {
+        let next = tokio::select! {
+            next = inbound.message() => next,
+            _ = recheck.tick() => {
+                let current = lock(&shared.members).get(&party).is_some_and(|m| m.conn == conn);
+                if !current {
+                    break "a newer stream of the party's replaced this one".to_owned();
+                }
+                if up.lock().await.is_closed() {
+                    break "the coordinator's stream ended".to_owned();
+                }
+                continue;
+            }
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => break "closed its stream".to_owned(),
             Err(s) => break format!("stream failed: {}", s.message()),

@@ -579,6 +579,12 @@ impl Hub {
         Ok(current)
     }
 
+    /// Whether a result of `party`'s for `job_id` would reach a job: the
+    /// job runs and names the party (or names none).
+    fn takes_results_from(&self, party: &str, job_id: &str) -> bool {
+        lock(&self.jobs).get(job_id).is_some_and(|j| j.parties.is_empty() || j.parties.contains(party))
+    }
+
     fn route(&self, job_id: &str, input: Input) {
         match lock(&self.jobs).get(job_id) {
             Some(j) => {
@@ -1312,6 +1318,10 @@ async fn writer(
     }
 }
 
+/// How often a party stream's reader checks, between messages, that the
+/// stream is still the party's current one.
+pub(crate) const READER_RECHECK: Duration = Duration::from_secs(1);
+
 struct PendingResult {
     result: pb::TaskResult,
     incoming: Incoming,
@@ -1333,8 +1343,28 @@ async fn reader(
     let mut pending: Option<PendingResult> = None;
     // How the stream's own messages end, if this reader ends it.
     let mut ending = Status::cancelled("the stream was read no further");
+    // A stream a newer one replaced (or that was closed) is left at once,
+    // not at its next message: a peer that stops sending on it would
+    // otherwise keep its reader, and a half-received result, for as long
+    // as the connection lives, and could pile up such streams.
+    let mut recheck = tokio::time::interval(READER_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match inbound.message().await {
+        let next = tokio::select! {
+            next = inbound.message() => next,
+            _ = recheck.tick() => {
+                if hub.is_current(&name, conn_id) {
+                    continue;
+                }
+                info!(
+                    party = %name,
+                    "a stream a newer one replaced, or that was closed, is read no further (and what it was \
+                     sending is dropped)"
+                );
+                break;
+            }
+        };
+        match next {
             Ok(Some(_)) if !hub.is_current(&name, conn_id) => {
                 info!(party = %name, "a message on a stream a newer one replaced; the older stream is read no further");
                 break;
@@ -1424,14 +1454,30 @@ fn on_party_message(
             Ok(())
         }
         Some(party_message::Body::Result(mut r)) => {
+            confide_proto::validate_job_id(&r.job_id).map_err(|e| format!("result: {e}"))?;
             if pending.is_some() {
                 return Err("a new result started before the previous one's chunks ended".into());
             }
             match r.bulk.take() {
                 None => deliver(hub, name, conn_id, r, None),
                 Some(header) => {
-                    let incoming = Incoming::start(&header, &hub.limits).map_err(|e| e.to_string())?;
-                    if incoming.is_complete() {
+                    // A result no job will take (one not running, or not
+                    // naming this party: a late answer, or a peer filling
+                    // memory) is checked and dropped chunk by chunk; its
+                    // announced size is never allocated.
+                    let open = if hub.takes_results_from(name, &r.job_id) {
+                        Incoming::start
+                    } else {
+                        Incoming::start_discarding
+                    };
+                    let incoming = open(&header, &hub.limits)
+                        .map_err(|e| format!("result of job {} task {}: {e}", r.job_id, r.task_id))?;
+                    if incoming.is_discarding() {
+                        debug!(party = name, job = %r.job_id, "a result for a job that is not running or does not name the party; its chunks are dropped");
+                    }
+                    if incoming.is_complete() && incoming.is_discarding() {
+                        // Nothing to take: the header was all.
+                    } else if incoming.is_complete() {
                         let bulk = incoming.finish().map_err(|e| e.to_string())?;
                         deliver(hub, name, conn_id, r, Some(bulk))?;
                     } else {
@@ -1587,11 +1633,17 @@ fn on_party_message(
         }
         Some(party_message::Body::Chunk(c)) => {
             let p = pending.as_mut().ok_or("chunk without an announced transfer")?;
-            p.incoming.push(&c).map_err(|e| e.to_string())?;
+            p.incoming
+                .push(&c)
+                .map_err(|e| format!("result of job {} task {}: {e}", p.result.job_id, p.result.task_id))?;
             if p.incoming.is_complete()
                 && let Some(p) = pending.take()
+                && !p.incoming.is_discarding()
             {
-                let bulk = p.incoming.finish().map_err(|e| e.to_string())?;
+                let bulk = p
+                    .incoming
+                    .finish()
+                    .map_err(|e| format!("result of job {} task {}: {e}", p.result.job_id, p.result.task_id))?;
                 deliver(hub, name, conn_id, p.result, Some(bulk))?;
             }
             Ok(())

@@ -99,9 +99,24 @@ impl Default for Limits {
 impl Limits {
     /// Checks that the limits are coherent (a chunk plus framing fits in a message).
     pub fn validate(&self) -> Result<(), Error> {
+        // Ceilings too, so that the arithmetic on the limits (a dimension's
+        // limit plus one, values times four, a chunk plus its framing)
+        // cannot overflow, and a configuration cannot promise buffers no
+        // machine could allocate.
+        for (field, value, ceiling) in [
+            ("limits.max_message_bytes", self.max_message_bytes, 1usize << 30),
+            ("limits.max_values", self.max_values, 1 << 30),
+            ("limits.max_tensors", self.max_tensors, 1 << 20),
+            ("limits.max_parties", self.max_parties, 1 << 20),
+            ("limits.max_spec_bytes", self.max_spec_bytes, 64 << 20),
+        ] {
+            if value > ceiling {
+                return Err(Error::InvalidInput(format!("{field} ({value}) is above its ceiling of {ceiling}")));
+            }
+        }
         if self.chunk_bytes == 0
             || !self.chunk_bytes.is_multiple_of(4)
-            || self.chunk_bytes + 1024 > self.max_message_bytes
+            || self.chunk_bytes.saturating_add(1024) > self.max_message_bytes
         {
             return Err(Error::InvalidInput(format!(
                 "limits.chunk_bytes ({}) must be a positive multiple of 4 and at least 1 KiB below limits.max_message_bytes ({})",
@@ -118,6 +133,27 @@ impl Limits {
 #[cfg(test)]
 mod job_id_tests {
     use super::*;
+
+    /// Every limit has a ceiling, named when passed (found by review: a
+    /// `max_values` of `usize::MAX` made `max_values + 1` wrap).
+    #[test]
+    fn limits_above_their_ceilings_are_refused_naming_the_field() {
+        assert_eq!(Limits::default().validate().map_err(|e| e.to_string()), Ok(()));
+        let cases: [(&str, fn(&mut Limits)); 6] = [
+            ("limits.max_values", |l| l.max_values = usize::MAX),
+            ("limits.max_message_bytes", |l| l.max_message_bytes = usize::MAX),
+            ("limits.max_tensors", |l| l.max_tensors = 1 << 21),
+            ("limits.max_parties", |l| l.max_parties = 1 << 21),
+            ("limits.max_spec_bytes", |l| l.max_spec_bytes = 65 << 20),
+            ("limits.chunk_bytes", |l| l.chunk_bytes = usize::MAX - 3),
+        ];
+        for (field, set) in cases {
+            let mut limits = Limits::default();
+            set(&mut limits);
+            let e = limits.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+    }
 
     #[test]
     fn a_job_id_is_a_short_printable_name() {

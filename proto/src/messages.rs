@@ -212,6 +212,10 @@ pub const MAX_METRICS: usize = 64;
 const MAX_METRIC_NAME: usize = 64;
 const MAX_STAGE_NAME: usize = 64;
 
+/// The most rows a party's set-up may count (2^40, about a trillion): with
+/// the party limit, the federation's total cannot overflow.
+pub const MAX_SETUP_EXAMPLES: u64 = 1 << 40;
+
 fn violation(what: impl Into<String>) -> Error {
     Error::ProtocolViolation(what.into())
 }
@@ -449,7 +453,26 @@ impl TryFrom<(pb::TaskResult, Option<Bulk>)> for TaskResult {
                         s.feature_sum_sq.len()
                     )));
                 }
+                // A party's statistics are checked here, naming the field,
+                // before they are merged with others: one NaN or an
+                // overflowing count would otherwise spoil the federation's
+                // standardisation for every party.
+                if s.num_examples > MAX_SETUP_EXAMPLES {
+                    return Err(violation(format!(
+                        "setup result: num_examples {} is above {MAX_SETUP_EXAMPLES}",
+                        s.num_examples
+                    )));
+                }
+                for (i, (sum, sum_sq)) in s.feature_sum.iter().zip(&s.feature_sum_sq).enumerate() {
+                    if !sum.is_finite() || !sum_sq.is_finite() || *sum_sq < 0.0 {
+                        return Err(violation(format!(
+                            "setup result: feature {i}'s sum {sum} and sum of squares {sum_sq} are not finite, \
+                             or the latter is negative"
+                        )));
+                    }
+                }
                 let params = params_of(bulk, "setup result")?;
+                params.check_finite().map_err(|e| violation(format!("setup result: its initial model {e}")))?;
                 ResultBody::Setup {
                     params: Arc::try_unwrap(params).unwrap_or_else(|p| (*p).clone()),
                     stats: FeatureStats { count: s.num_examples, sum: s.feature_sum, sum_sq: s.feature_sum_sq },
@@ -484,6 +507,38 @@ mod tests {
 
     fn global() -> Arc<Parameters> {
         Arc::new(Parameters::new(vec![Tensor { name: "w".into(), shape: vec![2], data: vec![1.0, 2.0] }]).unwrap())
+    }
+
+    /// A set-up result's statistics and model are checked at the boundary,
+    /// naming the field: a NaN, a negative sum of squares, a count that
+    /// could overflow the federation's, or a non-finite initial model is
+    /// refused before anything is merged (found by review).
+    #[test]
+    fn a_setup_result_with_bad_statistics_or_model_is_refused_naming_the_field() {
+        let wire = |count: u64, sum: f64, sum_sq: f64, w: f32| {
+            let params =
+                Parameters::new(vec![Tensor { name: "w".into(), shape: vec![2], data: vec![1.0, w] }]).unwrap();
+            let result = TaskResult {
+                job_id: "j".into(),
+                round: 0,
+                task_id: 1,
+                body: ResultBody::Setup {
+                    params,
+                    stats: FeatureStats { count, sum: vec![1.0, sum], sum_sq: vec![1.0, sum_sq] },
+                },
+            };
+            TaskResult::try_from(result.into_wire()).map(drop).map_err(|e| e.to_string())
+        };
+        assert_eq!(wire(10, 2.0, 4.0, 0.5), Ok(()));
+        for (bad, field) in [
+            (wire(10, f64::NAN, 4.0, 0.5), "feature 1's sum NaN"),
+            (wire(10, 2.0, f64::INFINITY, 0.5), "feature 1's sum 2 and sum of squares inf"),
+            (wire(10, 2.0, -1.0, 0.5), "sum of squares -1"),
+            (wire(MAX_SETUP_EXAMPLES + 1, 2.0, 4.0, 0.5), "num_examples 1099511627777 is above"),
+            (wire(10, 2.0, 4.0, f32::NAN), "its initial model tensor w holds NaN"),
+        ] {
+            assert!(bad.as_ref().is_err_and(|e| e.contains(field)), "{bad:?} lacks {field:?}");
+        }
     }
 
     #[test]

@@ -113,6 +113,8 @@ pub fn chunks(transfer_id: u64, bytes: &Bytes, chunk_bytes: usize) -> impl Itera
 enum Buf {
     F32(Vec<f32>),
     U32(Vec<u32>),
+    /// Chunks checked and counted, not kept (see [`Incoming::start_discarding`]).
+    Discard,
 }
 
 impl Buf {
@@ -120,6 +122,7 @@ impl Buf {
         match self {
             Buf::F32(v) => bytemuck::cast_slice_mut(v.as_mut_slice()),
             Buf::U32(v) => bytemuck::cast_slice_mut(v.as_mut_slice()),
+            Buf::Discard => &mut [],
         }
     }
 }
@@ -141,6 +144,10 @@ pub struct Incoming {
 impl Incoming {
     /// Checks a header against `limits` and prepares to receive its chunks.
     pub fn start(header: &pb::BulkHeader, limits: &Limits) -> Result<Incoming, Error> {
+        Incoming::open(header, limits, true)
+    }
+
+    fn open(header: &pb::BulkHeader, limits: &Limits, keep: bool) -> Result<Incoming, Error> {
         let kind = pb::BulkKind::try_from(header.kind).unwrap_or(pb::BulkKind::Unspecified);
         if kind == pb::BulkKind::Unspecified {
             return Err(Error::ProtocolViolation(format!("bulk kind {} is not known", header.kind)));
@@ -156,10 +163,18 @@ impl Incoming {
             return Err(Error::ProtocolViolation("a word transfer is one vector".into()));
         }
         let mut specs = Vec::with_capacity(header.tensors.len());
+        let mut names = std::collections::BTreeSet::new();
         let mut values = 0usize;
-        for t in &header.tensors {
+        for (i, t) in header.tensors.iter().enumerate() {
             if t.name.is_empty() || t.name.len() > 256 {
-                return Err(Error::ProtocolViolation("tensor name must be 1 to 256 bytes".into()));
+                return Err(Error::ProtocolViolation(format!("bulk.tensors[{i}].name must be 1 to 256 bytes")));
+            }
+            // Refused here, before any byte arrives, not once all have.
+            if !names.insert(t.name.as_str()) {
+                return Err(Error::ProtocolViolation(format!(
+                    "bulk.tensors[{i}].name {:?} is announced twice",
+                    t.name
+                )));
             }
             let shape: Vec<usize> = t
                 .shape
@@ -184,6 +199,7 @@ impl Incoming {
             )));
         }
         let buf = match kind {
+            _ if !keep => Buf::Discard,
             pb::BulkKind::U32Words => Buf::U32(vec![0; values]),
             _ => Buf::F32(vec![0.0; values]),
         };
@@ -195,6 +211,20 @@ impl Incoming {
             buf,
             max_chunk: limits.max_message_bytes.saturating_sub(1024).max(4),
         })
+    }
+
+    /// Checks a header and its chunks as [`Incoming::start`] does but keeps
+    /// none of their bytes: for a transfer nobody will take (a result for a
+    /// job that is not running, or does not name the sender), so that the
+    /// announced size is never allocated for it; [`Incoming::finish`] then
+    /// fails.
+    pub fn start_discarding(header: &pb::BulkHeader, limits: &Limits) -> Result<Incoming, Error> {
+        Incoming::open(header, limits, false)
+    }
+
+    /// Whether this transfer's bytes are being dropped as they come.
+    pub fn is_discarding(&self) -> bool {
+        matches!(self.buf, Buf::Discard)
     }
 
     /// The transfer this belongs to.
@@ -232,7 +262,9 @@ impl Incoming {
         if end > self.expected {
             return Err(Error::ProtocolViolation(format!("chunks exceed the {} bytes announced", self.expected)));
         }
-        self.buf.bytes_mut()[self.received..end].copy_from_slice(&chunk.data);
+        if !self.is_discarding() {
+            self.buf.bytes_mut()[self.received..end].copy_from_slice(&chunk.data);
+        }
         self.received = end;
         Ok(())
     }
@@ -246,6 +278,10 @@ impl Incoming {
             )));
         }
         match self.buf {
+            Buf::Discard => Err(Error::ProtocolViolation(format!(
+                "transfer {} was received for nobody; its bytes were not kept",
+                self.transfer_id
+            ))),
             Buf::U32(mut w) => {
                 if cfg!(target_endian = "big") {
                     w.iter_mut().for_each(|x| *x = u32::from_le(*x));
@@ -350,5 +386,38 @@ mod tests {
         let mut short = Incoming::start(&e.header, &small_limits()).unwrap();
         short.push(&cs[0]).unwrap();
         assert!(short.finish().is_err());
+    }
+
+    /// Two tensors of one name are refused from the header, before any
+    /// byte arrives (they used to be found once all had), naming the field.
+    #[test]
+    fn a_tensor_name_announced_twice_is_refused_from_the_header() {
+        let mut header = encode(1, &Bulk::Params(Arc::new(params(10)))).header;
+        header.tensors[1].name = "a".into();
+        let err = Incoming::start(&header, &small_limits()).unwrap_err();
+        assert!(err.to_string().contains("bulk.tensors[1].name \"a\" is announced twice"), "{err}");
+        assert!(Incoming::start_discarding(&header, &small_limits()).is_err());
+    }
+
+    /// A transfer received for nobody is checked as strictly (header, order,
+    /// sizes) but keeps no byte: nothing of the announced size is
+    /// allocated, and it yields nothing.
+    #[test]
+    fn a_discarded_transfer_is_checked_but_keeps_nothing() {
+        let e = encode(3, &Bulk::Params(Arc::new(params(100))));
+        let cs: Vec<_> = chunks(3, &e.bytes, 64).collect();
+        let mut inc = Incoming::start_discarding(&e.header, &small_limits()).unwrap();
+        assert!(inc.is_discarding() && matches!(inc.buf, Buf::Discard));
+        assert!(inc.push(&cs[1]).is_err(), "out of order");
+        for c in &cs {
+            inc.push(c).unwrap();
+        }
+        assert!(inc.is_complete());
+        let end = e.bytes.len() as u64;
+        assert!(inc.push(&pb::Chunk { transfer_id: 3, offset: end, data: vec![0; 4].into() }).is_err());
+        assert!(inc.finish().unwrap_err().to_string().contains("for nobody"));
+        let oversized = encode(1, &Bulk::Params(Arc::new(params(2000)))).header;
+        assert!(matches!(Incoming::start_discarding(&oversized, &small_limits()), Err(Error::LimitExceeded(_))));
+        assert!(!Incoming::start(&e.header, &small_limits()).unwrap().is_discarding());
     }
 }

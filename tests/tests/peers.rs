@@ -396,6 +396,51 @@ async fn a_replaced_streams_messages_do_not_act_for_the_newer_stream() {
     assert!(closed.as_ref().is_err_and(|s| s.message().contains("empty message")), "{closed:?}");
 }
 
+/// A stream that a newer one replaced is left at once, with what it was
+/// sending: a party (or a thief of its key) that starts a large result on
+/// one stream, opens another and never sends on the first again used to
+/// keep the first's reader, and its half-received transfer, for as long as
+/// the connection lived, and could pile such streams up (found by review).
+/// A result for a job that is not running keeps none of its bytes either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_stream_is_left_at_once_with_its_half_received_result() {
+    let (fed, pki) = one_hospital();
+    let (old_tx, mut old_in) = open_stream(&fed.addr, &pki, "hospital-a").await;
+    let welcome = old_in.message().await.expect("welcome");
+    assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
+    // A result of a million values for a job that is not running: its
+    // header and a first chunk, then nothing more on this stream.
+    let params = Parameters::new(vec![confide_algorithms::params::Tensor {
+        name: "w".into(),
+        shape: vec![1_000_000],
+        data: vec![0.5; 1_000_000],
+    }])
+    .expect("params");
+    let encoded = confide_proto::transfer::encode(7, &confide_proto::transfer::Bulk::Params(Arc::new(params)));
+    let first = confide_proto::transfer::chunks(7, &encoded.bytes, 64 * 1024).next().expect("a chunk");
+    let result =
+        pb::TaskResult { job_id: "j-not-running".into(), task_id: 1, bulk: Some(encoded.header), ..Default::default() };
+    old_tx.send(pb::PartyMessage { body: Some(party_message::Body::Result(result)) }).await.expect("sent");
+    old_tx.send(pb::PartyMessage { body: Some(party_message::Body::Chunk(first)) }).await.expect("sent");
+    let (_new_tx, mut new_in) = open_stream(&fed.addr, &pki, "hospital-a").await;
+    let welcome = new_in.message().await.expect("welcome");
+    assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
+    tokio::task::block_in_place(|| fed.wait_for_log("is read no further (and what it was sending is dropped)", 10));
+    let log = fed.coordinator_log();
+    assert!(!log.contains("closing the stream"), "the result for no job was taken as a protocol error:\n{log}");
+    // The older stream's response side ends too.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match old_in.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the older stream stayed open");
+}
+
 /// Wraps the built-in trainer and poisons its updates with NaN.
 struct NanFactory;
 

@@ -171,25 +171,59 @@ impl Training {
     }
 
     fn complete_setup(&mut self, cx: &mut Context<'_>) {
-        let mut results = std::mem::take(&mut self.setup).into_iter();
-        let Some((first, (reference, stats))) = results.next() else {
+        let results = std::mem::take(&mut self.setup);
+        // The architecture most parties sent is the model's (honest parties
+        // all derive it from the spec): whichever party's name sorts first
+        // used to set it, so that one odd party could get every honest one
+        // excluded, blamed for differing from it (found by review). With no
+        // majority the job fails, naming the parties of each.
+        let mut by_architecture: Vec<(Vec<confide_algorithms::params::TensorSpec>, Vec<&str>)> = Vec::new();
+        for (party, (params, _)) in &results {
+            let spec = params.spec();
+            match by_architecture.iter_mut().find(|(s, _)| *s == spec) {
+                Some((_, parties)) => parties.push(party),
+                None => by_architecture.push((spec, vec![party])),
+            }
+        }
+        let most = by_architecture.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
+        let largest: Vec<&(Vec<confide_algorithms::params::TensorSpec>, Vec<&str>)> =
+            by_architecture.iter().filter(|(_, p)| p.len() == most).collect();
+        if largest.len() > 1 {
+            let groups: Vec<String> = largest.iter().map(|(_, p)| p.join(", ")).collect();
+            return self.fail(
+                cx,
+                format!(
+                    "setup: the parties sent different model architectures and none is the majority's ({})",
+                    groups.join(" against ")
+                ),
+            );
+        }
+        let Some((spec, majority)) = largest.first().map(|(s, p)| (s.clone(), p.len())) else {
             cx.below_min(Stage::Setup, 0, 0);
             return;
         };
-        let spec = reference.spec();
-        let mut merged = stats;
-        let mut agreed = vec![first];
+        let total = results.len();
+        let mut reference = None;
+        let mut merged = confide_algorithms::FeatureStats::default();
+        let mut agreed = Vec::new();
         for (party, (params, stats)) in results {
             let mismatch = if params.spec() != spec {
-                Some(format!("its model architecture differs from {}'s", agreed[0]))
+                Some(format!("its model architecture differs from the one {majority} of the {total} parties sent"))
             } else {
                 merged.merge(&stats).err().map(|e| e.to_string())
             };
             match mismatch {
                 Some(why) => cx.exclude(&party, &format!("setup: {why}")),
-                None => agreed.push(party),
+                None => {
+                    reference.get_or_insert(params);
+                    agreed.push(party);
+                }
             }
         }
+        let Some(reference) = reference else {
+            cx.below_min(Stage::Setup, 0, 0);
+            return;
+        };
         if cx.below_min(Stage::Setup, 0, agreed.len()) {
             return;
         }

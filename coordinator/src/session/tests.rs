@@ -465,6 +465,33 @@ mod plaintext {
         assert_eq!(h.s.parties()["c"].state, PartyState::Failed);
     }
 
+    /// The architecture most parties sent is the model's, whichever party's
+    /// name sorts first: an odd party "a" is excluded, not the honest "b"
+    /// and "c" for differing from it (found by review); with no majority
+    /// the job fails, naming each side.
+    #[test]
+    fn setup_takes_the_majoritys_architecture_not_the_first_partys() {
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
+        h.connect_and_accept(&["a", "b", "c"]);
+        let t = h.tasks();
+        let odd = ResultBody::Setup { params: params(&[0.0, 0.0]), stats: FeatureStats::default() };
+        h.feed(Input::Result { party: "a".into(), task_id: t[0].1.task_id, result: odd });
+        h.setup(&t[1..], &[0.0]);
+        let fit = h.tasks();
+        assert_eq!(fit.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(h.s.parties()["a"].state, PartyState::Failed);
+        assert!(h.s.parties()["a"].detail.as_deref().is_some_and(|e| e.contains("differs from the one 2 of the 3")));
+
+        let mut h = H::new(spec(&["a", "b"], 1, 1, ""), Start::Fresh { model: None });
+        h.connect_and_accept(&["a", "b"]);
+        let t = h.tasks();
+        let odd = ResultBody::Setup { params: params(&[0.0, 0.0]), stats: FeatureStats::default() };
+        h.feed(Input::Result { party: "a".into(), task_id: t[0].1.task_id, result: odd });
+        h.setup(&t[1..], &[0.0]);
+        let err = finished(&h.take()).unwrap().1.unwrap();
+        assert!(err.contains("none is the majority's (a against b)"), "{err}");
+    }
+
     #[test]
     fn stale_and_unsolicited_results_are_ignored() {
         let mut h = H::new(spec(&["a", "b"], 2, 2, ""), Start::Fresh { model: None });

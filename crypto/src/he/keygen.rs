@@ -167,12 +167,15 @@ impl SecretShare {
 }
 
 fn unpack_mod_q(bytes: &[u8], from: &str, what: &str) -> Result<Poly, Error> {
-    let v = super::pack::unpack(bytes, N, 62, what)
-        .map_err(|e| Error::PeerMisbehaved { party: from.into(), reason: e.to_string() })?;
+    // Wiped if refused (the coefficients may be a key share's).
+    let mut v = zeroize::Zeroizing::new(
+        super::pack::unpack(bytes, N, 62, what)
+            .map_err(|e| Error::PeerMisbehaved { party: from.into(), reason: e.to_string() })?,
+    );
     if v.iter().any(|&c| c >= Q) {
         return Err(Error::PeerMisbehaved { party: from.into(), reason: format!("{what}: coefficient not below q") });
     }
-    Ok(v)
+    Ok(std::mem::take(&mut *v))
 }
 
 /// The collective public key (p, a) = (Σ_{i∈K} p_i, a) over the dealer set K,

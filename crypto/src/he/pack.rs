@@ -55,6 +55,12 @@ pub fn unpack(bytes: &[u8], count: usize, bits: u32, what: &str) -> Result<Vec<u
     }
     let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
     let b = bits as usize;
+    // Checked before anything is decoded, so that a refusal leaves no
+    // decoded copy (of what may be a key share) behind.
+    let used = count * b % 8;
+    if used != 0 && bytes.last().is_some_and(|&last| last >> used != 0) {
+        return Err(Error::InvalidInput(format!("{what}: nonzero padding bits")));
+    }
     // Values whose 16-byte window lies inside `bytes` are read in place (one
     // unaligned load and a shift each, no branch); the last few from a
     // zero-padded copy of the tail.
@@ -63,14 +69,17 @@ pub fn unpack(bytes: &[u8], count: usize, bits: u32, what: &str) -> Result<Vec<u
     out.extend((0..direct).map(|i| read(bytes, i * b, mask)));
     if direct < count {
         let from = direct * b / 8;
-        let mut tail = bytes[from..].to_vec();
-        tail.resize(bytes.len() - from + 16, 0);
+        // At most 16 bytes are left after `from` (direct·b > (len − 16)·8,
+        // so from ≥ len − 16), so the zero-padded tail fits 32 bytes. On
+        // the stack and wiped after use, not a heap copy left behind: the
+        // bytes can be a secret key share's (found by review).
+        let mut tail = zeroize::Zeroizing::new([0u8; 32]);
+        let left = bytes.len() - from;
+        tail.get_mut(..left)
+            .ok_or_else(|| Error::InvalidInput(format!("{what}: {left} bytes left for the last values")))?
+            .copy_from_slice(&bytes[from..]);
         let skip = direct * b - from * 8;
-        out.extend((0..count - direct).map(|i| read(&tail, skip + i * b, mask)));
-    }
-    let used = count * b % 8;
-    if used != 0 && bytes.last().is_some_and(|&last| last >> used != 0) {
-        return Err(Error::InvalidInput(format!("{what}: nonzero padding bits")));
+        out.extend((0..count - direct).map(|i| read(&tail[..left + 16], skip + i * b, mask)));
     }
     Ok(out)
 }
