@@ -537,6 +537,12 @@ pub mod wire {
         /// on the way (a relay) can drop or add one unnoticed.
         #[prost(bytes = "vec", tag = "12")]
         pub complaints_hash: Vec<u8>,
+        /// The fewest contributors a sum counting this ciphertext may have,
+        /// by its party's own floor (the spec's minimum raised by its
+        /// policy), signed: decryptors refuse a sum below any contributor's,
+        /// so a contributor listed as vanished is held to its own floor too.
+        #[prost(uint32, tag = "13")]
+        pub min_contributors: u32,
     }
 
     /// "`dealer`'s share to me, under its signature, does not open": the
@@ -737,7 +743,14 @@ fn upload_transcript(binding: &[u8; 32], u: &wire::Upload) -> Vec<u8> {
         "he-upload",
         binding,
         &u.party,
-        &[&u.fingerprint, &u.c0_hash, &u.c1_hash, &u.bytes.to_le_bytes(), &u.complaints_hash],
+        &[
+            &u.fingerprint,
+            &u.c0_hash,
+            &u.c1_hash,
+            &u.bytes.to_le_bytes(),
+            &u.complaints_hash,
+            &u.min_contributors.to_le_bytes(),
+        ],
     )
 }
 
@@ -964,6 +977,27 @@ struct RelayGroup {
 }
 
 impl ServerRound {
+    /// A sum of the current uploads must have as many contributors as each
+    /// contributor signed for (its own floor): an honest coordinator stops
+    /// here, since every decryptor would refuse. Skipped by the tests that
+    /// play a coordinator deviating so.
+    fn check_signed_floors(&self) -> Result<(), Error> {
+        #[cfg(test)]
+        if tests::IGNORE_SIGNED_FLOORS.with(std::cell::Cell::get) {
+            return Ok(());
+        }
+        let count = self.uploads.len();
+        for (party, (upload, _)) in &self.uploads {
+            if count < upload.min_contributors as usize {
+                return Err(Error::BelowThreshold(format!(
+                    "he: {count} ciphertexts; {party} signed for sums of at least {} (its own policy's minimum)",
+                    upload.min_contributors
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Commits to the aggregate and asks for the contributors' linear
     /// hashes (relay-group members also hash their c0, the only check of a
     /// group's c0 sum). Members of left-out relay groups are asked too: they
@@ -1706,6 +1740,7 @@ impl HeServer {
                         contributors.len()
                     )));
                 }
+                r.check_signed_floors()?;
                 // The key is in use only once enough parties encrypted under it.
                 if let Some(p) = r.pending.take() {
                     self.epoch = Some(p);
@@ -1766,6 +1801,7 @@ impl HeServer {
                             describe_left_out(&r.left_out)
                         )));
                     }
+                    r.check_signed_floors()?;
                     return r.hash_step(contributors);
                 }
                 // A wrong hash value would make the decryptors refuse: find
@@ -2162,6 +2198,7 @@ impl HeClient {
             bytes: bytes.len() as u64,
             signature: Vec::new(),
             complaints_hash: complaints_hash(&derived.binding, &self.party.name, &complaints),
+            min_contributors: u32::try_from(self.settings.min_contributors(&self.job)).unwrap_or(u32::MAX),
             ..Default::default()
         };
         upload.signature = self.party.signer.sign(&upload_transcript(&derived.binding, &upload))?;
@@ -2542,6 +2579,16 @@ impl HeClient {
             }
             if u.fingerprint != epoch.fingerprint {
                 return Err(coordinator_fault(format!("counted {p}'s ciphertext under another key")));
+            }
+            // Each contributor's own floor, as it signed it (a contributor
+            // listed as vanished never checked the set itself).
+            if contributors.len() < u.min_contributors as usize {
+                return Err(coordinator_fault(format!(
+                    "asked for the decryption of a sum of {} contributors counting {p}'s ciphertext; {p} signed \
+                     for sums of at least {}",
+                    contributors.len(),
+                    u.min_contributors
+                )));
             }
         }
         // The linear hash of Σ c1 must be the sum of the contributors' own.
@@ -3041,6 +3088,58 @@ mod tests {
         let (num, den) = expected(&[0, 1, 2, 3, 4, 5]);
         assert_eq!((total, contributors.len()), (den, 6));
         assert!((sum[0] - num).abs() < 0.05);
+    }
+
+    /// A party whose own policy raises the minimum signs that floor into its
+    /// upload record, and it holds even when the coordinator lists the
+    /// party as vanished (so that it never checks the set itself): an
+    /// honest coordinator stops below it, and decryptors refuse a
+    /// coordinator that goes on, naming it (found by review).
+    #[test]
+    fn a_vanished_contributor_is_not_counted_below_its_own_policy_minimum() {
+        let job = JobFacts::new("job", names(9), 100, 3, 1 << 20);
+        let mut fed = Fed::with_job(job.clone());
+        let strict = JobFacts { min_parties: 9, ..job.clone() };
+        fed.clients.insert("p5".into(), ThresholdHe.client(&table(), &strict, identity("p5")).unwrap());
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        fed.round(1, &names, &global, &mut Script::default()).unwrap();
+        // p4's upload is refused (it sent an empty one); p5 uploads and is
+        // listed as vanished: a sum of eight, below p5's nine.
+        let mut spoil_p4 = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == CONTRIBUTE && p == "p4" {
+                m.body.clear();
+            }
+        };
+        let mut script = Script {
+            silent: [("p5".to_string(), HASH)].into(),
+            forge: Some(&mut spoil_p4),
+            rejected: Some(Vec::new()),
+            ..Script::default()
+        };
+        let err = fed.round(2, &names, &global, &mut script).unwrap_err();
+        assert!(matches!(&err, Error::BelowThreshold(m) if m.contains("p5 signed for sums of at least 9")), "{err}");
+        let mut spoil_p4 = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == CONTRIBUTE && p == "p4" {
+                m.body.clear();
+            }
+        };
+        let mut script = Script {
+            silent: [("p5".to_string(), HASH)].into(),
+            forge: Some(&mut spoil_p4),
+            rejected: Some(Vec::new()),
+            ..Script::default()
+        };
+        tests::IGNORE_SIGNED_FLOORS.with(|f| f.set(true));
+        let outcome = fed.round(3, &names, &global, &mut script);
+        tests::IGNORE_SIGNED_FLOORS.with(|f| f.set(false));
+        assert!(outcome.is_err(), "decrypted below the floor: {outcome:?}");
+        assert!(
+            script.refusals.iter().any(|(stage, _, e)| *stage == DECRYPT
+                && e.contains("counting p5's ciphertext; p5 signed for sums of at least 9")),
+            "{:?}",
+            script.refusals
+        );
     }
 
     fn relays() -> Vec<(&'static str, Vec<String>)> {
@@ -3977,6 +4076,9 @@ mod tests {
         /// Encryptions whose randomness was not drawn ahead (drawn inside
         /// the round instead).
         pub(super) static INLINE_MASKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        /// The coordinator skips its check of the contributors' signed
+        /// floors (a coordinator deviating from the protocol).
+        pub(super) static IGNORE_SIGNED_FLOORS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     /// Every party, decryptor or not, with or without distributed DP, has
