@@ -160,7 +160,10 @@ impl Incoming {
             )));
         }
         if kind == pb::BulkKind::U32Words && header.tensors.len() != 1 {
-            return Err(Error::ProtocolViolation("a word transfer is one vector".into()));
+            return Err(Error::ProtocolViolation(format!(
+                "bulk.tensors: a word transfer is one vector; {} announced",
+                header.tensors.len()
+            )));
         }
         let mut specs = Vec::with_capacity(header.tensors.len());
         let mut names = std::collections::BTreeSet::new();
@@ -181,10 +184,13 @@ impl Incoming {
                 .iter()
                 .map(|&d| usize::try_from(d).ok().filter(|&d| d <= limits.max_values + 1))
                 .collect::<Option<_>>()
-                .ok_or_else(|| Error::LimitExceeded(format!("tensor {}: dimension above limit", t.name)))?;
+                .ok_or_else(|| {
+                    Error::LimitExceeded(format!("bulk.tensors[{i}].shape ({}): a dimension above the limit", t.name))
+                })?;
             let spec = TensorSpec { name: t.name.clone(), shape };
-            let n =
-                spec.num_values().ok_or_else(|| Error::LimitExceeded(format!("tensor {}: shape overflows", t.name)))?;
+            let n = spec.num_values().ok_or_else(|| {
+                Error::LimitExceeded(format!("bulk.tensors[{i}].shape ({}): the shape overflows", t.name))
+            })?;
             // A masked vector holds the model's values and a weight word.
             let cap = limits.max_values + usize::from(kind == pb::BulkKind::U32Words);
             values = values.checked_add(n).filter(|&v| v <= cap).ok_or_else(|| {
@@ -194,7 +200,7 @@ impl Incoming {
         }
         if header.total_bytes != (values as u64) * 4 {
             return Err(Error::ProtocolViolation(format!(
-                "total_bytes {} does not match the {values} values the shapes imply",
+                "bulk.total_bytes {} does not match the {values} values the shapes imply",
                 header.total_bytes
             )));
         }
@@ -247,20 +253,24 @@ impl Incoming {
         }
         if chunk.offset != self.received as u64 {
             return Err(Error::ProtocolViolation(format!(
-                "chunk at offset {} where {} was expected",
-                chunk.offset, self.received
+                "transfer {}: chunk at offset {} where {} was expected",
+                self.transfer_id, chunk.offset, self.received
             )));
         }
         if chunk.data.is_empty() || chunk.data.len() > self.max_chunk {
             return Err(Error::LimitExceeded(format!(
-                "chunk of {} bytes; chunks must hold 1 to {} bytes",
+                "transfer {}: chunk of {} bytes; chunks must hold 1 to {} bytes",
+                self.transfer_id,
                 chunk.data.len(),
                 self.max_chunk
             )));
         }
         let end = self.received + chunk.data.len();
         if end > self.expected {
-            return Err(Error::ProtocolViolation(format!("chunks exceed the {} bytes announced", self.expected)));
+            return Err(Error::ProtocolViolation(format!(
+                "transfer {}: chunks exceed the {} bytes announced",
+                self.transfer_id, self.expected
+            )));
         }
         if !self.is_discarding() {
             self.buf.bytes_mut()[self.received..end].copy_from_slice(&chunk.data);
@@ -273,8 +283,8 @@ impl Incoming {
     pub fn finish(self) -> Result<Bulk, Error> {
         if !self.is_complete() {
             return Err(Error::ProtocolViolation(format!(
-                "transfer ended after {} of {} bytes",
-                self.received, self.expected
+                "transfer {} ended after {} of {} bytes",
+                self.transfer_id, self.received, self.expected
             )));
         }
         match self.buf {
@@ -351,10 +361,12 @@ mod tests {
         let mut header = encode(1, &Bulk::Params(Arc::new(params(2000)))).header;
         assert!(matches!(Incoming::start(&header, &small_limits()), Err(Error::LimitExceeded(_))));
         header.tensors[0].shape = vec![u64::MAX, 2];
-        assert!(Incoming::start(&header, &small_limits()).is_err());
+        let e = Incoming::start(&header, &small_limits()).unwrap_err();
+        assert!(e.to_string().contains("bulk.tensors[0].shape (a)"), "{e}");
         let mut header = encode(1, &Bulk::Params(Arc::new(params(10)))).header;
         header.total_bytes += 4;
-        assert!(matches!(Incoming::start(&header, &small_limits()), Err(Error::ProtocolViolation(_))));
+        let e = Incoming::start(&header, &small_limits()).unwrap_err();
+        assert!(matches!(&e, Error::ProtocolViolation(m) if m.contains("bulk.total_bytes")), "{e}");
         let mut header = encode_words(1, vec![1, 2]).header;
         header.kind = 0;
         assert!(Incoming::start(&header, &small_limits()).is_err(), "unknown kind");
@@ -385,7 +397,8 @@ mod tests {
         assert!(inc.push(&pb::Chunk { transfer_id: 3, offset: end, data: vec![0; 4].into() }).is_err());
         let mut short = Incoming::start(&e.header, &small_limits()).unwrap();
         short.push(&cs[0]).unwrap();
-        assert!(short.finish().is_err());
+        let err = short.finish().unwrap_err();
+        assert!(err.to_string().contains("transfer 3 ended after 64 of"), "{err}");
     }
 
     /// Two tensors of one name are refused from the header, before any
