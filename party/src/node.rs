@@ -804,9 +804,19 @@ impl PartyNode {
                     match task.bulk.take() {
                         None => deliver(&jobs, &mut waiting, offers.newest(&task.job_id), &outbox, task, None).await,
                         Some(h) => {
-                            let inc =
-                                Incoming::start(&h, &cfg.limits).map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
-                            if inc.is_complete() {
+                            // A task of a job this party neither runs nor
+                            // has an offer of under way is refused once its
+                            // chunks are in: they are checked and dropped as
+                            // they come, the announced size never allocated.
+                            let open = if jobs.contains_key(&task.job_id) || offers.newest(&task.job_id).is_some() {
+                                Incoming::start
+                            } else {
+                                Incoming::start_discarding
+                            };
+                            let inc = open(&h, &cfg.limits).map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
+                            if inc.is_complete() && inc.is_discarding() {
+                                refuse_unaccepted(&outbox, &task).await;
+                            } else if inc.is_complete() {
                                 let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                                 deliver(&jobs, &mut waiting, offers.newest(&task.job_id), &outbox, task, Some(bulk))
                                     .await;
@@ -824,6 +834,10 @@ impl PartyNode {
                     if inc.is_complete()
                         && let Some((task, inc, newest)) = pending.take()
                     {
+                        if inc.is_discarding() {
+                            refuse_unaccepted(&outbox, &task).await;
+                            continue;
+                        }
                         let bulk = inc.finish().map_err(|e| Error::PeerMisbehaved(e.to_string()))?;
                         // For the session it was for when its header came:
                         // kept for that offer while it is in flight, else
@@ -1397,6 +1411,17 @@ async fn route(jobs: &HashMap<String, JobInbox>, outbox: &Outbox, task: pb::Task
     };
     let job_id = echoed(&job_id);
     outbox.send(party_message::Body::Failed(pb::TaskFailed { job_id, task_id, reason })).await;
+}
+
+/// Refuses a task of a job this party has not accepted (as [`route`]
+/// does), once its chunks, which were not kept, are in.
+async fn refuse_unaccepted(outbox: &Outbox, task: &pb::Task) {
+    let failed = pb::TaskFailed {
+        job_id: echoed(&task.job_id),
+        task_id: task.task_id,
+        reason: "this party has not accepted the job".into(),
+    };
+    outbox.send(party_message::Body::Failed(failed)).await;
 }
 
 /// One thread per job runs its session and owns its trainer.

@@ -692,6 +692,42 @@ async fn a_message_right_behind_an_offer_does_not_wait_for_the_acceptance() {
     assert!(seen[1].after >= Duration::from_secs(3), "answered before the floor: {seen:?}");
 }
 
+/// A task of a job the party never accepted, with a model in chunks, is
+/// refused as any such task is once its chunks are in; they are checked and
+/// not kept (found by review: they were reassembled first, up to the
+/// party's limit on values, for nothing). The connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_of_no_accepted_job_is_refused_without_keeping_its_model() {
+    install_crypto();
+    let params = Parameters::new(vec![confide_algorithms::params::Tensor {
+        name: "w".into(),
+        shape: vec![300_000],
+        data: vec![0.25; 300_000],
+    }])
+    .expect("params");
+    let encoded = confide_proto::transfer::encode(5, &confide_proto::transfer::Bulk::Params(Arc::new(params)));
+    let fit = pb::Task {
+        job_id: "never".into(),
+        round: 1,
+        task_id: 11,
+        body: Some(pb::task::Body::Fit(pb::FitTask::default())),
+        bulk: Some(encoded.header.clone()),
+    };
+    // (The harness times answers from an offer, of another job here.)
+    let mut script = vec![
+        (Duration::ZERO, offer_of("other", one_party_spec())),
+        (Duration::ZERO, coordinator_message::Body::Task(fit)),
+    ];
+    for c in confide_proto::transfer::chunks(5, &encoded.bytes, 256 * 1024) {
+        script.push((Duration::ZERO, coordinator_message::Body::Chunk(c)));
+    }
+    script.push((Duration::ZERO, setup_task("never", 12)));
+    let seen = scripted("", Duration::ZERO, script, 3).await;
+    let refused: Vec<&Seen> = seen.iter().filter(|s| s.label.ends_with("refused")).collect();
+    assert_eq!(refused.iter().map(|s| s.label.as_str()).collect::<Vec<_>>(), ["task 11 refused", "task 12 refused"]);
+    assert!(refused.iter().all(|s| s.reason == NOT_ACCEPTED), "{seen:?}");
+}
+
 /// Under an answer floor nothing the coordinator can ask tells when an
 /// acceptance ended before it: the job's worker appears with the answer,
 /// at the floor. Floor 3 s, set-up 1 s: a task of the job sent at 0.5 s
