@@ -324,6 +324,17 @@ pub(crate) fn run_job(
                         }
                     }
                     wrote = true;
+                    // The parties' statuses first: an exclusion the round
+                    // made (a party caught cheating) is durable before the
+                    // checkpoint that follows it, so a restart between the
+                    // two never invites that party back (found by review).
+                    parties.extend(session.take_changed_parties());
+                    if !parties.is_empty() {
+                        match hub.db().save_parties(&id, &parties) {
+                            Ok(()) => parties.clear(),
+                            Err(e) => error!(job = %id, "cannot save party statuses: {e}"),
+                        }
+                    }
                     let saved = write_checkpoint(hub.models_dir(), &id, &cp).and_then(|(model, state)| {
                         hub.db().save_checkpoint(
                             &id,

@@ -289,7 +289,10 @@ pub fn validate_service_name(name: &str) -> Result<(), String> {
         || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         || name.starts_with('-')
     {
-        return Err(format!("{name:?} is not a service name (1 to 64 letters, digits, '-', '_')"));
+        // Echoed bounded: the name can come from a peer, at any length.
+        let shown: String = name.chars().take(64).collect();
+        let more = if name.chars().nth(64).is_some() { "…" } else { "" };
+        return Err(format!("{shown:?}{more} is not a service name (1 to 64 letters, digits, '-', '_')"));
     }
     Ok(())
 }

@@ -321,6 +321,13 @@ impl Joint {
     /// than the one held for that party and service.
     pub fn on_cloud_key(&self, a: &pb::CloudKeyAnnouncement) -> Result<(), String> {
         let key = a.key.as_ref().ok_or("a cloud key announcement without a key")?;
+        // Checked here, not only by the coordinator that relays it: a name
+        // far longer than a service's would otherwise be kept and logged.
+        confide_proto::deploy::validate_service_name(&key.service)
+            .map_err(|e| format!("a cloud key announcement's cloud_key.service: {e}"))?;
+        if a.party.len() > 256 {
+            return Err(format!("a cloud key announcement's party is {} bytes long; names are shorter", a.party.len()));
+        }
         let public: [u8; 32] =
             key.public_key.as_slice().try_into().map_err(|_| "a cloud key that is not 32 bytes".to_string())?;
         let mut verifier =
@@ -512,6 +519,15 @@ impl Joint {
         }
         if answer.probabilities.iter().any(|p| !p.is_finite() || *p < 0.0 || *p > 1.0) {
             return Err("the cloud answered values that are not probabilities".into());
+        }
+        // What the cloud says of its version reaches the edge's clients (the
+        // answer's provenance): checked as a record's fields are, so a cloud
+        // cannot hand them megabytes or a digest that is not one.
+        confide_proto::validate_job_id(&answer.version.job_id)
+            .map_err(|e| format!("the cloud's answer: version.{e}"))?;
+        let sha = &answer.version.sha256;
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err("the cloud's answer: version.sha256 is not 64 lowercase hex digits".into());
         }
         Ok((answer.probabilities, answer.version))
     }

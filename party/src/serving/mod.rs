@@ -268,6 +268,21 @@ impl HighWater {
 /// sequence above it (an administrator's deployment may go past it).
 pub const MAX_PIPELINE_SEQUENCE: u64 = 1 << 40;
 
+/// A pipeline's deployment is taken only before its grant's expiry, by
+/// this party's clock, whatever the record says.
+fn grant_unexpired(d: &SignedDeployment) -> Result<(), String> {
+    if let Some(g) = &d.grant {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if now > g.grant.expires_at {
+            return Err(format!(
+                "the coordinator sent a pipeline's deployment {} of service {} under a grant that expired at {}",
+                d.record.sequence, d.record.service, g.grant.expires_at
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Registry {
     /// The registry of `config`'s `[serve]` table, with each service's
     /// kept deployment loaded (and verified again); `None` when the party
@@ -420,15 +435,7 @@ impl Registry {
         let Some(svc) = self.services.get(&r.service) else { return Ok(None) };
         // A pipeline's grant ends: a new deployment under it is refused
         // after its expiry by this party's clock, whatever the record says.
-        if let Some(g) = &d.grant {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            if now > g.grant.expires_at {
-                return Err(format!(
-                    "the coordinator sent a pipeline's deployment {} of service {} under a grant that expired at {}",
-                    r.sequence, r.service, g.grant.expires_at
-                ));
-            }
-        }
+        grant_unexpired(&d)?;
         let held = svc.current();
         let held_seq = held.as_ref().map_or(0, |h| h.deployment.record.sequence);
         let high = self.high_water(&r.service)?;
@@ -589,8 +596,14 @@ impl Registry {
         // pass the sequence check below together.
         let _installing = svc.installing.lock().unwrap_or_else(|p| p.into_inner());
         // Again here: an administrator's deployment installed since the
-        // offer (pulled meanwhile) ends the grant too.
+        // offer (pulled meanwhile) ends the grant too; so does its expiry,
+        // which a coordinator could otherwise pass by holding the model's
+        // parts back until after it (found by review). (A deployment read
+        // back from this party's own disk at a restart was taken in time.)
         self.grant_holds(&d, svc.current().as_deref(), self.high_water(&r.service)?.as_ref())?;
+        if keep {
+            grant_unexpired(&d)?;
+        }
         if let Some(held) = svc.current() {
             let seq = held.deployment.record.sequence;
             if r.sequence < seq {
@@ -1345,7 +1358,19 @@ mod tests {
         reg.install(admin6, &admin6_bytes, true).unwrap();
         let e = reg.install(pipeline7, &pipeline7_bytes, true).unwrap_err();
         assert!(e.contains("before the administrator's deployment 6 taken here"), "{e}");
+        // And its expiry: a model whose parts the coordinator held back
+        // until after the grant expired is not installed (found by review).
+        let after6 = |expires_at: u64| {
+            let g = PipelineGrant { after_sequence: 6, ..grant(expires_at).grant };
+            SignedGrant::sign(g, &admin_key, admin_cert.clone()).unwrap()
+        };
+        let expired = reg.verify(&by_pipeline(8, &v3, after6(now - 10))).unwrap();
+        let e = reg.install(expired, &v3, true).unwrap_err();
+        assert!(e.contains("grant that expired"), "{e}");
         assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 6);
+        let in_time = reg.verify(&by_pipeline(8, &v3, after6(now + 3600))).unwrap();
+        reg.install(in_time, &v3, true).unwrap();
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 8);
         let _ = &f.dir;
     }
 
@@ -1390,6 +1415,16 @@ mod tests {
             .on_cloud_key(&pb::CloudKeyAnnouncement { party: "c".into(), key: Some(key), certificate: cert("c") })
             .unwrap_err();
         assert!(e.contains("already holds 64 of c's service keys"), "{e}");
+        // A service name that is no service's, signed by c, is refused at
+        // the edge itself (found by review: only the coordinator checked
+        // it), echoed bounded.
+        let long = "s".repeat(100_000);
+        let signature = id("c").sign(&confide_crypto::sealed::cloud_key_transcript("c", &long, &real, 5)).unwrap();
+        let key = pb::CloudKey { service: long, public_key: real.to_vec(), issued_at: 5, signature };
+        let e = reg
+            .on_cloud_key(&pb::CloudKeyAnnouncement { party: "c".into(), key: Some(key), certificate: cert("c") })
+            .unwrap_err();
+        assert!(e.contains("cloud_key.service") && e.len() < 300, "{}", &e[..e.len().min(300)]);
         // The coordinator swaps in its own key under c's signature.
         let mut swapped = announce("c", cert("c"), real, &id("c"), "c");
         if let Some(k) = swapped.key.as_mut() {
@@ -1496,7 +1531,36 @@ mod tests {
             sequence: 1,
             job_id: "j".into(),
             round: 1,
-            sha256: "00".into(),
+            sha256: "0a".repeat(32),
+        }
+    }
+
+    /// What a cloud says of its version reaches the edge's clients: a job
+    /// id that is not one (megabytes, say) or a digest that is not 64 hex
+    /// digits is refused, and the edge answers alone (found by review).
+    #[tokio::test]
+    async fn a_clouds_answer_with_a_version_that_is_not_one_is_refused() {
+        let f = fixture();
+        let (edge, cloud) = edge_and_cloud(&f, "");
+        let edge = std::sync::Arc::new(edge);
+        for (bad, field) in [
+            (joint::CloudVersion { job_id: "j".repeat(100_000), ..version() }, "version.job_id"),
+            (joint::CloudVersion { sha256: "not a digest".into(), ..version() }, "version.sha256"),
+            (joint::CloudVersion { sha256: "0A".repeat(32), ..version() }, "version.sha256"),
+        ] {
+            let (sent, pending) = forward_one(edge.clone()).await;
+            let request = pb::Forward { peer: "a".into(), ..sent };
+            let (_, _, reply) = cloud.open_request("c", &request).unwrap();
+            let sealed = cloud.seal_answer("c", &request, reply, 2, vec![0.25, 0.75], bad).unwrap();
+            let answer = pb::ForwardAnswer {
+                request_id: request.request_id,
+                peer: "c".into(),
+                ciphertext: sealed,
+                error: String::new(),
+            };
+            edge.on_answer(answer).unwrap();
+            let e = pending.await.unwrap().unwrap_err();
+            assert!(e.contains(field) && e.len() < 300, "{}", &e[..e.len().min(300)]);
         }
     }
 
