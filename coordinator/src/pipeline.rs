@@ -343,14 +343,22 @@ impl Pipeline {
             it.check = self.post_deployment_check(n, &mut deployed)?;
             self.save(it)?;
         }
-        // 2. A candidate, trained from the deployed version on all rows.
-        if it.candidate_job.is_empty() {
+        // 2. A candidate, trained from the deployed version on all rows. Its
+        //    id is recorded before the job exists, so that a restart in
+        //    between finds it (and submits it under that id if it never
+        //    started), never a second training of the iteration beside an
+        //    orphan one (found by review).
+        let recorded = !it.candidate_job.is_empty();
+        if !recorded || !self.job_exists(&it.candidate_job)? {
             self.phase(&format!("iteration {n}: training"), false);
             let spec = self.child(JobKind::Train, n, PipelineRows::All, &deployed.job_id)?;
             let model = self.version(&deployed)?;
-            let id = self.submit(spec, model)?;
-            it.candidate_job = id;
-            self.save(it)?;
+            if !recorded {
+                it.candidate_job = crate::server::new_job_id();
+                self.save(it)?;
+                fault_point("pipeline-candidate-recorded");
+            }
+            self.submit_as(&it.candidate_job, spec, model)?;
         }
         let trained = self.wait(&it.candidate_job)?;
         if trained.state != JobState::Succeeded {
@@ -503,9 +511,24 @@ impl Pipeline {
 
     fn submit(&self, spec: JobSpec, model: Parameters) -> Result<String, Stop> {
         let id = crate::server::new_job_id();
-        self.hub.db().insert_job(&id, &spec)?;
-        crate::server::spawn_job(&self.hub, id.clone(), spec, Start::Fresh { model: Some(model) })?;
+        self.submit_as(&id, spec, model)?;
         Ok(id)
+    }
+
+    /// Starts a step under an id chosen (and recorded) beforehand.
+    fn submit_as(&self, id: &str, spec: JobSpec, model: Parameters) -> Result<(), Stop> {
+        self.hub.db().insert_job(id, &spec)?;
+        crate::server::spawn_job(&self.hub, id.to_owned(), spec, Start::Fresh { model: Some(model) })?;
+        Ok(())
+    }
+
+    /// Whether a job of this id was ever submitted.
+    fn job_exists(&self, id: &str) -> Result<bool, Stop> {
+        match self.hub.db().job_status(id, false) {
+            Ok(_) => Ok(true),
+            Err(crate::error::Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Waits for job `id` to end; a cancellation of the pipeline cancels it.
@@ -559,6 +582,15 @@ impl Pipeline {
         }
         let rows = st.metrics.get("num_examples").copied().unwrap_or(0.0).round() as u64;
         Ok(((rows > 0).then_some(Scored { rows, metrics: st.metrics }), id))
+    }
+}
+
+/// Fault injection for crash tests: the process exits at once at the point
+/// that `CONFIDE_COORDINATOR_EXIT_AT` names (nothing else reads it).
+fn fault_point(name: &str) {
+    if std::env::var("CONFIDE_COORDINATOR_EXIT_AT").is_ok_and(|v| v == name) {
+        warn!("fault injection: exiting at {name}");
+        std::process::exit(3);
     }
 }
 

@@ -714,6 +714,22 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
                 continue;
             }
         };
+        // A pipeline's step runs again only if its pipeline still waits for
+        // it: the pipeline, resumed, submits the steps it does not (an
+        // evaluation, or a training whose id it never recorded), so resuming
+        // those too would run a step twice, and a DP step would be charged
+        // to the hospitals twice (found by review).
+        if let Some(p) = &spec.pipeline
+            && !pipeline_waits_for(&hub, &p.job, p.iteration, &job.id)?
+        {
+            info!(job = %job.id, pipeline = %p.job, "not resumed: its pipeline no longer waits for it");
+            hub.db.set_job_state(
+                &job.id,
+                JobState::Cancelled,
+                Some("the coordinator restarted and its pipeline no longer waits for this step (it runs it again)"),
+            )?;
+            continue;
+        }
         let start = match job.checkpoint {
             Some(round) => {
                 let model = job.model.map(|(_, path)| read_model(&path)).transpose()?;
@@ -1316,6 +1332,17 @@ async fn writer(
             break;
         }
     }
+}
+
+/// Whether pipeline `pipeline` is still running and its iteration
+/// `iteration` waits for job `job` (its recorded candidate training).
+fn pipeline_waits_for(hub: &Hub, pipeline: &str, iteration: u32, job: &str) -> Result<bool, Error> {
+    let running = match hub.db.job_status(pipeline, false) {
+        Ok(st) => !st.state.is_terminal(),
+        Err(Error::NotFound(_)) => false,
+        Err(e) => return Err(e),
+    };
+    Ok(running && hub.db.iterations(pipeline)?.iter().any(|it| it.iteration == iteration && it.candidate_job == job))
 }
 
 /// How often a party stream's reader checks, between messages, that the

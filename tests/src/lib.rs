@@ -67,6 +67,8 @@ pub struct Federation {
     relays: BTreeMap<String, Child>,
     /// The coordinator's `/metrics` address once it has started.
     pub metrics_addr: String,
+    /// Extra environment for the coordinator's next start (fault injection).
+    pub coordinator_env: Vec<(String, String)>,
 }
 
 impl Federation {
@@ -89,6 +91,7 @@ impl Federation {
             coordinator_pki: None,
             relays: BTreeMap::new(),
             metrics_addr: String::new(),
+            coordinator_env: Vec::new(),
         };
         std::fs::create_dir_all(fed.path("logs")).expect("logs dir");
         fed.run_ok(&["certs", "init", "--dir", &fed.s("pki"), "--parties", &parties.join(",")]);
@@ -167,6 +170,7 @@ impl Federation {
                 "127.0.0.1:0",
             ])
             .env("CONFIDE_LOG", "info")
+            .envs(self.coordinator_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out_path).expect("log file"))
             .stderr(append(&self.path("logs/coordinator.log")))
@@ -186,6 +190,21 @@ impl Federation {
             }
             assert!(Instant::now() < deadline, "coordinator did not start\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `secs` for the coordinator to exit on its own (a fault
+    /// injected); its exit status.
+    pub fn wait_coordinator_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let child = self.coordinator.as_mut().expect("a coordinator running");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.coordinator = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the coordinator did not exit\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

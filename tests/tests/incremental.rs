@@ -144,6 +144,44 @@ fn watched_federation(n: usize, first_rows: usize) -> (Federation, Vec<String>) 
     (fed, names)
 }
 
+/// A coordinator killed after a pipeline recorded its candidate training's
+/// id, before the job existed, submits it under that id after a restart:
+/// one training of the iteration, never an orphan beside a second (found by
+/// review: the id was recorded only after the job started, so a crash in
+/// between resumed the orphan and the pipeline submitted another, each
+/// charged to the hospitals). Steps their pipeline does not wait for are
+/// not resumed.
+#[test]
+fn a_pipeline_killed_before_its_training_starts_runs_the_recorded_training_once() {
+    let (mut fed, names) = watched_federation(2, 170);
+    let watched = |n: &str| format!("[datasets.watched]\npath = \"batches/{n}\"\n");
+    for n in &names {
+        fed.start_party(n, &watched(n));
+    }
+    let weak =
+        job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.00001")
+            .replace("dataset = \"data\"", "dataset = \"watched\"");
+    let v1 = fed.submit("weak.toml", &weak);
+    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
+    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
+    fed.kill_coordinator();
+    fed.coordinator_env = vec![("CONFIDE_COORDINATOR_EXIT_AT".into(), "pipeline-candidate-recorded".into())];
+    fed.start_coordinator();
+    let p = fed.submit("pipeline.toml", &pipeline_spec(&names, 0.0, 1));
+    let status = fed.wait_coordinator_exit(180);
+    assert_eq!(status.code(), Some(3), "{}", fed.logs());
+    fed.coordinator_env.clear();
+    fed.start_coordinator();
+    let st = fed.wait_for(&p, 240, "the pipeline to end", |s| s["state"] != "running");
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    let candidate = iteration(&st, 0)["candidate_job"].as_str().expect("a candidate").to_owned();
+    let jobs: Vec<Value> = serde_json::from_str(&fed.run_ok(&["job", "list", "--json"])).expect("job list");
+    let trainings: Vec<&Value> = jobs.iter().filter(|j| j["kind"] == "train" && j["id"] != v1.as_str()).collect();
+    assert_eq!(trainings.len(), 1, "one training of the iteration: {jobs:#?}");
+    assert_eq!(trainings[0]["id"], candidate.as_str(), "{jobs:#?}");
+    assert_eq!(trainings[0]["state"], "succeeded", "{jobs:#?}");
+}
+
 #[test]
 fn a_pipeline_retrains_gates_deploys_survives_a_restart_and_rolls_back_a_worse_version() {
     let (mut fed, names) = watched_federation(2, 170);
