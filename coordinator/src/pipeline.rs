@@ -373,6 +373,21 @@ impl Pipeline {
         it.candidate_round = candidate_round;
         let history = self.hub.db().job_status(&it.candidate_job, true)?.history;
         self.compute_ms += history.iter().filter_map(|r| r.metrics.get("train_ms_max")).sum::<f64>().round() as u64;
+        // A coordinator killed after it deployed this candidate but before
+        // it recorded so finds the candidate deployed (the deployment is on
+        // record first): the iteration is deployed, not gated again against
+        // the candidate itself and deployed a second time (found by review).
+        if deployed.action == DeployAction::Deploy
+            && deployed.job_id == it.candidate_job
+            && deployed.round == candidate_round
+            && let Some(step) = deployed.pipeline.as_ref().filter(|p| p.job == self.id && p.iteration == n)
+        {
+            it.gate = step.reason.clone();
+            it.deployed_sequence = Some(deployed.sequence);
+            it.outcome = "deployed".into();
+            info!(job = %self.id, iteration = n, sequence = deployed.sequence, "the candidate was deployed before a restart");
+            return Ok(());
+        }
         // 3. The gate, on the held-out rows.
         self.phase(&format!("iteration {n}: evaluating the candidate"), false);
         let candidate =
@@ -409,6 +424,7 @@ impl Pipeline {
         record.pipeline = Some(self.step(n, it.gate.clone()));
         let seq = record.sequence;
         let (_, msg) = crate::services::deploy_by_pipeline(&self.hub, record, self.grant.clone())?;
+        fault_point("pipeline-deployed");
         self.hub.deployed(msg);
         it.deployed_sequence = Some(seq);
         it.trigger_to_deploy_ms = Some(started.elapsed().as_millis() as u64);
@@ -420,6 +436,13 @@ impl Pipeline {
     /// Compares the version this pipeline deployed with the one it
     /// replaced, on the new rows; rolls back when it is worse.
     fn post_deployment_check(&mut self, n: u32, deployed: &mut DeploymentRecord) -> Result<String, Stop> {
+        // Rolled back already in this iteration (a restart came before the
+        // check was recorded): its reason, not a second check.
+        if deployed.action == DeployAction::Rollback
+            && let Some(step) = deployed.pipeline.as_ref().filter(|p| p.job == self.id && p.iteration == n)
+        {
+            return Ok(step.reason.clone());
+        }
         let mine =
             deployed.pipeline.as_ref().is_some_and(|p| p.job == self.id) && deployed.action == DeployAction::Deploy;
         if !mine {

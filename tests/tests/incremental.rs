@@ -153,6 +153,38 @@ fn watched_federation(n: usize, first_rows: usize) -> (Federation, Vec<String>) 
 /// not resumed.
 #[test]
 fn a_pipeline_killed_before_its_training_starts_runs_the_recorded_training_once() {
+    let (fed, st, v1) = pipeline_killed_at("pipeline-candidate-recorded");
+    let candidate = iteration(&st, 0)["candidate_job"].as_str().expect("a candidate").to_owned();
+    let jobs: Vec<Value> = serde_json::from_str(&fed.run_ok(&["job", "list", "--json"])).expect("job list");
+    let trainings: Vec<&Value> = jobs.iter().filter(|j| j["kind"] == "train" && j["id"] != v1.as_str()).collect();
+    assert_eq!(trainings.len(), 1, "one training of the iteration: {jobs:#?}");
+    assert_eq!(trainings[0]["id"], candidate.as_str(), "{jobs:#?}");
+    assert_eq!(trainings[0]["state"], "succeeded", "{jobs:#?}");
+}
+
+/// A coordinator killed after a pipeline deployed its candidate, before it
+/// recorded the iteration as deployed, finds the candidate deployed after
+/// its restart: the iteration is recorded deployed, not gated against the
+/// candidate itself and deployed a second time (found by review).
+#[test]
+fn a_pipeline_killed_after_deploying_records_the_deployment_once() {
+    let (fed, st, _) = pipeline_killed_at("pipeline-deployed");
+    let it = iteration(&st, 0);
+    assert_eq!((it["outcome"].as_str(), it["deployed_sequence"].as_u64()), (Some("deployed"), Some(2)), "{it:#}");
+    assert!(it["gate"].as_str().unwrap_or("").starts_with("passed"), "{it:#}");
+    let history: Vec<Value> = fed
+        .run_ok(&["model", "services", "triage", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("history line"))
+        .collect();
+    assert_eq!(history.len(), 2, "the administrator's deployment and the pipeline's, once: {history:#?}");
+}
+
+/// Two watched parties, an administrator's deployment (1) of a weak model,
+/// then a one-iteration pipeline whose coordinator exits at the fault point
+/// `at` and is started again: the federation, the pipeline's final status
+/// and the first job's id.
+fn pipeline_killed_at(at: &str) -> (Federation, Value, String) {
     let (mut fed, names) = watched_federation(2, 170);
     let watched = |n: &str| format!("[datasets.watched]\npath = \"batches/{n}\"\n");
     for n in &names {
@@ -165,7 +197,7 @@ fn a_pipeline_killed_before_its_training_starts_runs_the_recorded_training_once(
     assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
     fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
     fed.kill_coordinator();
-    fed.coordinator_env = vec![("CONFIDE_COORDINATOR_EXIT_AT".into(), "pipeline-candidate-recorded".into())];
+    fed.coordinator_env = vec![("CONFIDE_COORDINATOR_EXIT_AT".into(), at.into())];
     fed.start_coordinator();
     let p = fed.submit("pipeline.toml", &pipeline_spec(&names, 0.0, 1));
     let status = fed.wait_coordinator_exit(180);
@@ -174,12 +206,7 @@ fn a_pipeline_killed_before_its_training_starts_runs_the_recorded_training_once(
     fed.start_coordinator();
     let st = fed.wait_for(&p, 240, "the pipeline to end", |s| s["state"] != "running");
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
-    let candidate = iteration(&st, 0)["candidate_job"].as_str().expect("a candidate").to_owned();
-    let jobs: Vec<Value> = serde_json::from_str(&fed.run_ok(&["job", "list", "--json"])).expect("job list");
-    let trainings: Vec<&Value> = jobs.iter().filter(|j| j["kind"] == "train" && j["id"] != v1.as_str()).collect();
-    assert_eq!(trainings.len(), 1, "one training of the iteration: {jobs:#?}");
-    assert_eq!(trainings[0]["id"], candidate.as_str(), "{jobs:#?}");
-    assert_eq!(trainings[0]["state"], "succeeded", "{jobs:#?}");
+    (fed, st, v1)
 }
 
 #[test]
