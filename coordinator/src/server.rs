@@ -730,14 +730,37 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
             )?;
             continue;
         }
+        // A job whose checkpoint (or starting model) cannot be read fails,
+        // naming why; the others resume (one damaged file used to stop the
+        // whole coordinator from starting: found by review).
         let start = match job.checkpoint {
             Some(round) => {
-                let model = job.model.map(|(_, path)| read_model(&path)).transpose()?;
-                let state = driver::read_state(job.state.as_deref())?;
-                info!(job = %job.id, round, "resuming job from its checkpoint");
-                Start::Resume { round, model, state, parties: job.parties }
+                let read = job
+                    .model
+                    .map(|(_, path)| read_model(&path))
+                    .transpose()
+                    .and_then(|model| driver::read_state(job.state.as_deref()).map(|state| (model, state)));
+                match read {
+                    Ok((model, state)) => {
+                        info!(job = %job.id, round, "resuming job from its checkpoint");
+                        Start::Resume { round, model, state, parties: job.parties }
+                    }
+                    Err(e) => {
+                        warn!(job = %job.id, "cannot resume: its checkpoint of round {round}: {e}");
+                        let why = format!("cannot resume: its checkpoint of round {round}: {e}");
+                        hub.db.set_job_state(&job.id, JobState::Failed, Some(&why))?;
+                        continue;
+                    }
+                }
             }
-            None => Start::Fresh { model: initial_model(&hub, &spec)? },
+            None => match initial_model(&hub, &spec) {
+                Ok(model) => Start::Fresh { model },
+                Err(e) => {
+                    warn!(job = %job.id, "cannot resume: its starting model: {e}");
+                    hub.db.set_job_state(&job.id, JobState::Failed, Some(&format!("cannot resume: {e}")))?;
+                    continue;
+                }
+            },
         };
         spawn_job(&hub, job.id, spec, start)?;
     }

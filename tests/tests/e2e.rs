@@ -117,6 +117,39 @@ fn run_twice_with_a_kill(text: &str, kill_after: u64) -> (Parameters, Parameters
     (model_a, model_b, st)
 }
 
+/// A job whose checkpoint cannot be read after a restart fails, naming why,
+/// and the coordinator starts all the same: the other job resumes (one
+/// damaged file used to stop the whole coordinator from starting: found by
+/// review).
+#[test]
+fn a_job_whose_checkpoint_cannot_be_read_fails_alone_at_a_restart() {
+    let mut fed = Federation::new(&three(), &digits(), false, "2,1,1");
+    fed.start_coordinator();
+    fed.start_parties();
+    let text = job_spec(&names(), 3, 14, LOGREG10, "local_epochs = 3\nseed = 9\nlearning_rate = 0.05");
+    let a = fed.submit("a.toml", &text);
+    let b = fed.submit("b.toml", &text);
+    for id in [&a, &b] {
+        fed.wait_for(id, 60, "a round", |s| s["rounds_completed"].as_u64() >= Some(1));
+    }
+    fed.signal_parties("STOP");
+    assert!([&a, &b].iter().all(|id| fed.status(id)["state"] == "running"), "a job ended before the kill");
+    fed.kill_coordinator();
+    // Every model file of job b's damaged.
+    for entry in std::fs::read_dir(fed.path(&format!("coordinator/models/{b}"))).expect("b's models") {
+        let path = entry.expect("entry").path();
+        if path.to_string_lossy().ends_with(".safetensors") {
+            std::fs::write(&path, b"not a model").expect("damage");
+        }
+    }
+    fed.start_coordinator();
+    fed.signal_parties("CONT");
+    let st = fed.wait_done(&b, 60);
+    assert_eq!(st["state"], "failed", "{st:#}");
+    assert!(st["error"].as_str().unwrap_or_default().contains("cannot resume: its checkpoint of round"), "{st:#}");
+    assert_eq!(fed.wait_done(&a, 120)["state"], "succeeded", "{}", fed.logs());
+}
+
 #[test]
 fn a_restarted_coordinator_resumes_and_ends_with_the_same_model() {
     let text = job_spec(&names(), 3, 14, LOGREG10, "local_epochs = 3\nseed = 9\nlearning_rate = 0.05");
