@@ -75,6 +75,24 @@ const PARTY_FLUSH: Duration = Duration::from_millis(250);
 /// Writes a checkpoint durably: temp file, fsync, rename, fsync directory
 /// (and the job directory's entry, see below),
 /// for the model and (when non-empty) the machine's state.
+/// Records a job's end, retrying a failed write a few times: a job left
+/// `running` in the database by one failed write would be resumed at the
+/// next start, an administrator's cancellation undone (found by review).
+pub(crate) fn record_end(db: &crate::db::Db, id: &str, state: JobState, error: Option<&str>) -> Result<(), Error> {
+    let mut last = None;
+    for attempt in 0..5u32 {
+        match db.set_job_state(id, state, error) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                warn!(job = %id, attempt, "cannot record the job's end yet: {e}");
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(100 << attempt));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Storage("the job's end was not recorded".into())))
+}
+
 fn write_checkpoint(
     dir: &Path,
     job: &str,
@@ -373,7 +391,7 @@ pub(crate) fn run_job(
                         error!(job = %id, "cannot save party statuses: {e}");
                     }
                     parties.clear();
-                    if let Err(e) = hub.db().set_job_state(&id, state, error.as_deref()) {
+                    if let Err(e) = record_end(hub.db(), &id, state, error.as_deref()) {
                         error!(job = %id, "cannot record the job's end: {e}");
                     }
                     match &error {

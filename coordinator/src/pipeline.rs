@@ -169,8 +169,14 @@ impl Pipeline {
                 JobState::Cancelled
             }
         };
+        // The state first, retried: it alone decides whether a restart
+        // resumes the pipeline (the phase is what the status shows), and a
+        // pipeline left `running` by a failed write would resume and train
+        // on the hospitals' budgets again (found by review).
+        if let Err(e) = crate::driver::record_end(db, &self.id, state, None) {
+            warn!(job = %self.id, "cannot record the pipeline's end: {e}");
+        }
         let _ = db.set_pipeline_phase(&self.id, state.as_str(), None);
-        let _ = db.set_job_state(&self.id, state, None);
     }
 
     /// Sleeps `d`, or returns early on cancellation.
