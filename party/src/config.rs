@@ -146,6 +146,15 @@ pub struct ServeConfig {
     /// service and data set).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labelled_rows_dataset: BTreeMap<String, String>,
+    /// Service → the oldest deployment sequence this party takes of it. A
+    /// party that holds no deployment of a service yet (a new party, a
+    /// service newly served, a wiped `dir`) has no record of what it took
+    /// before, so the coordinator could hand it any old signed deployment
+    /// (one an administrator has since rolled back); set this to the
+    /// service's current sequence, as the administrator publishes it, when
+    /// adding the service.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub min_sequence: BTreeMap<String, u64>,
 }
 
 fn default_max_batch_rows() -> usize {
@@ -170,6 +179,7 @@ impl Default for ServeConfig {
             allow_hosts: Vec::new(),
             report_counts: None,
             labelled_rows_dataset: BTreeMap::new(),
+            min_sequence: BTreeMap::new(),
         }
     }
 }
@@ -546,6 +556,16 @@ impl PartyConfig {
             }
             if !self.datasets.contains_key(dataset) {
                 return Err(format!("serve.labelled_rows_dataset.{service}: no data set {dataset:?} in [datasets]"));
+            }
+        }
+        for (service, floor) in &self.serve.min_sequence {
+            confide_proto::deploy::validate_service_name(service)
+                .map_err(|e| format!("serve.min_sequence.{service}: {e}"))?;
+            if *floor == 0 {
+                return Err(format!("serve.min_sequence.{service}: sequences start at 1"));
+            }
+            if !self.serve.services.contains(service) {
+                self.warnings.push(format!("serve.min_sequence.{service}: not in serve.services (no effect)"));
             }
         }
         for (name, d) in &self.datasets {

@@ -361,6 +361,19 @@ impl Registry {
 
     /// `service`'s [`HighWater`]; an unreadable one is an error (no
     /// deployment is taken until the hospital looks at it).
+    /// A deployment at least as new as `serve.min_sequence` names for its
+    /// service: the floor of a party with no record of its own.
+    fn at_least_configured(&self, d: &SignedDeployment) -> Result<(), String> {
+        let r = &d.record;
+        match self.config.min_sequence.get(&r.service) {
+            Some(&min) if r.sequence < min => Err(format!(
+                "the coordinator sent deployment {} of service {}, older than serve.min_sequence.{} = {min}",
+                r.sequence, r.service, r.service
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn high_water(&self, service: &str) -> Result<Option<HighWater>, String> {
         let path = self.dir(service).join("high-water.json");
         match std::fs::read(&path) {
@@ -442,6 +455,7 @@ impl Registry {
         // A grant signed before an administrator's deployment taken here
         // does not undo it (another model or cloud tier put back).
         self.grant_holds(&d, held.as_deref(), high.as_ref())?;
+        self.at_least_configured(&d)?;
         let floor = held_seq.max(high.as_ref().map_or(0, |h| h.sequence));
         if r.sequence < floor {
             return Err(format!(
@@ -603,6 +617,7 @@ impl Registry {
         self.grant_holds(&d, svc.current().as_deref(), self.high_water(&r.service)?.as_ref())?;
         if keep {
             grant_unexpired(&d)?;
+            self.at_least_configured(&d)?;
         }
         if let Some(held) = svc.current() {
             let seq = held.deployment.record.sequence;
@@ -1240,6 +1255,39 @@ mod tests {
     /// deployments faster than they install holds no more here), and two
     /// records of one sequence, pulled before either is installed, do not
     /// both go in.
+    /// A party with no deployment of a service yet takes none older than
+    /// `serve.min_sequence` names: without it the coordinator could hand a
+    /// new party any old signed deployment (found by review).
+    #[test]
+    fn a_party_new_to_a_service_takes_nothing_older_than_its_configured_floor() {
+        let f = fixture();
+        let mut config = f.config.clone();
+        config.serve.min_sequence.insert("triage".into(), 3);
+        let reg = Registry::open(&config, f.revocations.clone()).unwrap().unwrap();
+        let (v1, v3) = (model_bytes(1), model_bytes(3));
+        let e = reg.offer(&admin_signed(&f, record(1, &v1, LOGREG))).unwrap_err();
+        assert!(e.contains("older than serve.min_sequence.triage = 3"), "{e}");
+        assert!(reg.current("triage").is_err(), "nothing served");
+        deliver(&reg, &admin_signed(&f, record(3, &v3, LOGREG)), &v3).unwrap();
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 3);
+        // Validated: a floor of 0, and one for a service not served (a warning).
+        let load = |extra: &str| {
+            let path = f.dir.path().join("floor.toml");
+            let text = format!(
+                "coordinator = \"https://x:1\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[serve]\nservices =                  [\"triage\"]\n[serve.min_sequence]\n{extra}\n",
+                f.pki.ca_cert().display(),
+                f.pki.party_cert("a").display(),
+                f.pki.party_key("a").display()
+            );
+            std::fs::write(&path, text).unwrap();
+            PartyConfig::load(&path)
+        };
+        let e = load("triage = 0").unwrap_err();
+        assert!(e.to_string().contains("serve.min_sequence.triage: sequences start at 1"), "{e}");
+        let c = load("other = 2").unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("serve.min_sequence.other")), "{:?}", c.warnings);
+    }
+
     #[test]
     fn installs_run_one_at_a_time_and_only_the_newest_waits() {
         let f = fixture();
