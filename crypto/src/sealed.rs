@@ -61,30 +61,30 @@ pub fn request_transcript(context: &[u8], sealed: &SealedRequest) -> Vec<u8> {
 /// A cloud party's key pair for one service. The secret is wiped on drop.
 #[derive(Zeroize, ZeroizeOnDrop)]
 pub struct CloudSecret {
-    secret: [u8; 32],
+    // Held as the X25519 type (wiped on drop) and lent by reference, not
+    // copied out as bytes for each use (found by review).
+    secret: StaticSecret,
 }
 
 impl CloudSecret {
     /// A fresh key pair from a cryptographic RNG.
     pub fn generate(rng: &mut (impl RngCore + CryptoRng)) -> CloudSecret {
-        let mut secret = [0u8; 32];
-        rng.fill_bytes(&mut secret);
-        CloudSecret { secret }
+        CloudSecret { secret: StaticSecret::random_from_rng(rng) }
     }
 
     /// A key pair from its stored secret.
-    pub fn from_bytes(secret: [u8; 32]) -> CloudSecret {
-        CloudSecret { secret }
+    pub fn from_bytes(secret: &[u8; 32]) -> CloudSecret {
+        CloudSecret { secret: StaticSecret::from(*secret) }
     }
 
     /// The secret, for storing (zeroized when dropped).
     pub fn to_bytes(&self) -> Zeroizing<[u8; 32]> {
-        Zeroizing::new(self.secret)
+        Zeroizing::new(self.secret.to_bytes())
     }
 
     /// The public key.
     pub fn public(&self) -> [u8; 32] {
-        PublicKey::from(&StaticSecret::from(self.secret)).to_bytes()
+        PublicKey::from(&self.secret).to_bytes()
     }
 
     /// Signs the public key for `service` as `party`.
@@ -160,9 +160,8 @@ fn aead_with(key: &[u8], nonce: &[u8; 12], msg: &[u8], context: &[u8], seal: boo
     }
 }
 
-fn shared_secret(secret: [u8; 32], public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, Error> {
-    let s = StaticSecret::from(secret);
-    let shared = s.diffie_hellman(&PublicKey::from(*public));
+fn shared_secret(secret: &StaticSecret, public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, Error> {
+    let shared = secret.diffie_hellman(&PublicKey::from(*public));
     if !shared.was_contributory() {
         return Err(Error::InvalidInput("a low-order X25519 public key".into()));
     }
@@ -177,24 +176,23 @@ pub fn seal_request(
     plaintext: &[u8],
     rng: &mut (impl RngCore + CryptoRng),
 ) -> Result<(SealedRequest, ReplyKey), Error> {
-    let mut eph = Zeroizing::new([0u8; 32]);
-    rng.fill_bytes(eph.as_mut_slice());
-    seal_request_with(*eph, recipient, context, plaintext)
+    seal_request_with(&StaticSecret::random_from_rng(rng), recipient, context, plaintext)
 }
 
 fn seal_request_with(
-    ephemeral_secret: [u8; 32],
+    ephemeral_secret: &StaticSecret,
     recipient: &[u8; 32],
     context: &[u8],
     plaintext: &[u8],
 ) -> Result<(SealedRequest, ReplyKey), Error> {
-    let ephemeral = PublicKey::from(&StaticSecret::from(ephemeral_secret)).to_bytes();
+    let ephemeral = PublicKey::from(ephemeral_secret).to_bytes();
     let shared = shared_secret(ephemeral_secret, recipient)?;
     let k = keys(&shared, &ephemeral, recipient, context);
     let ciphertext = aead(&k[..32], plaintext, context, true)?;
-    let mut reply = [0u8; 32];
-    reply.copy_from_slice(&k[32..]);
-    Ok((SealedRequest { ephemeral, ciphertext }, ReplyKey(reply)))
+    // Filled in place: no plain local copy of the key.
+    let mut reply = ReplyKey([0u8; 32]);
+    reply.0.copy_from_slice(&k[32..]);
+    Ok((SealedRequest { ephemeral, ciphertext }, reply))
 }
 
 impl CloudSecret {
@@ -202,12 +200,12 @@ impl CloudSecret {
     /// plaintext and the key to seal its answer with.
     pub fn open_request(&self, context: &[u8], sealed: &SealedRequest) -> Result<(Vec<u8>, ReplyKey), Error> {
         let public = self.public();
-        let shared = shared_secret(self.secret, &sealed.ephemeral)?;
+        let shared = shared_secret(&self.secret, &sealed.ephemeral)?;
         let k = keys(&shared, &sealed.ephemeral, &public, context);
         let plaintext = aead(&k[..32], &sealed.ciphertext, context, false)?;
-        let mut reply = [0u8; 32];
-        reply.copy_from_slice(&k[32..]);
-        Ok((plaintext, ReplyKey(reply)))
+        let mut reply = ReplyKey([0u8; 32]);
+        reply.0.copy_from_slice(&k[32..]);
+        Ok((plaintext, reply))
     }
 }
 
@@ -251,9 +249,14 @@ mod tests {
     /// (X25519, HKDF-SHA256, AES-GCM): see `scripts/sealed_reference.py`.
     #[test]
     fn known_answer_matches_an_independent_implementation() {
-        let recipient = CloudSecret::from_bytes([7u8; 32]);
-        let (req, reply) =
-            seal_request_with([9u8; 32], &recipient.public(), b"job-1/triage/42/site-0/cloud-0", b"rows").unwrap();
+        let recipient = CloudSecret::from_bytes(&[7u8; 32]);
+        let (req, reply) = seal_request_with(
+            &StaticSecret::from([9u8; 32]),
+            &recipient.public(),
+            b"job-1/triage/42/site-0/cloud-0",
+            b"rows",
+        )
+        .unwrap();
         let answer = reply.seal_with(&[5u8; 12], b"job-1/triage/42/site-0/cloud-0", b"probs").unwrap();
         let expected: serde_json::Value =
             serde_json::from_str(include_str!("../../scripts/sealed_reference.json")).unwrap();
@@ -282,14 +285,15 @@ mod tests {
     #[test]
     fn a_replayed_request_is_answered_under_a_fresh_nonce() {
         let cloud = CloudSecret::generate(&mut rand_core::OsRng);
-        let (req, _) = seal_request_with([3u8; 32], &cloud.public(), b"ctx", b"rows").unwrap();
+        let (req, _) = seal_request_with(&StaticSecret::from([3u8; 32]), &cloud.public(), b"ctx", b"rows").unwrap();
         let (first, second) = (b"{\"p\":[0.91]}".as_slice(), b"{\"p\":[0.12]}".as_slice());
         let a1 = cloud.open_request(b"ctx", &req).unwrap().1.seal(b"ctx", first).unwrap();
         let a2 = cloud.open_request(b"ctx", &req).unwrap().1.seal(b"ctx", second).unwrap();
         assert_ne!(a1[..12], a2[..12], "a nonce per answer");
         let xor = |a: &[u8], b: &[u8]| a.iter().zip(b).map(|(x, y)| x ^ y).collect::<Vec<u8>>();
         assert_ne!(xor(&a1[12..12 + first.len()], &a2[12..12 + second.len()]), xor(first, second));
-        let edge_key = || seal_request_with([3u8; 32], &cloud.public(), b"ctx", b"rows").unwrap().1;
+        let edge_key =
+            || seal_request_with(&StaticSecret::from([3u8; 32]), &cloud.public(), b"ctx", b"rows").unwrap().1;
         assert_eq!(edge_key().open(b"ctx", &a1).unwrap(), first);
         assert_eq!(edge_key().open(b"ctx", &a2).unwrap(), second);
         assert!(edge_key().open(b"ctx", &a1[..11]).is_err(), "shorter than a nonce");

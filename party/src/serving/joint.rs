@@ -216,7 +216,7 @@ fn cloud_secret(dir: &Path, service: &str) -> Result<(CloudSecret, u64), String>
             key.copy_from_slice(&bytes[..32]);
             let mut made = [0u8; 8];
             made.copy_from_slice(&bytes[32..]);
-            Ok((CloudSecret::from_bytes(*key), u64::from_le_bytes(made)))
+            Ok((CloudSecret::from_bytes(&key), u64::from_le_bytes(made)))
         }
         // A key file from before: its modification time.
         Ok(bytes) if bytes.len() == 32 => {
@@ -228,7 +228,7 @@ fn cloud_secret(dir: &Path, service: &str) -> Result<(CloudSecret, u64), String>
                 .map_err(|e| bad(&e))?
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            Ok((CloudSecret::from_bytes(*key), made))
+            Ok((CloudSecret::from_bytes(&key), made))
         }
         Ok(_) => Err(bad(&"not a cloud key (32 bytes of key and 8 of its making time)")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
