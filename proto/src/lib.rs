@@ -139,7 +139,8 @@ mod job_id_tests {
     #[test]
     fn limits_above_their_ceilings_are_refused_naming_the_field() {
         assert_eq!(Limits::default().validate().map_err(|e| e.to_string()), Ok(()));
-        let cases: [(&str, fn(&mut Limits)); 6] = [
+        type Case = (&'static str, fn(&mut Limits));
+        let cases: [Case; 6] = [
             ("limits.max_values", |l| l.max_values = usize::MAX),
             ("limits.max_message_bytes", |l| l.max_message_bytes = usize::MAX),
             ("limits.max_tensors", |l| l.max_tensors = 1 << 21),
