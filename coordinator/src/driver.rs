@@ -79,18 +79,19 @@ const PARTY_FLUSH: Duration = Duration::from_millis(250);
 /// `running` in the database by one failed write would be resumed at the
 /// next start, an administrator's cancellation undone (found by review).
 pub(crate) fn record_end(db: &crate::db::Db, id: &str, state: JobState, error: Option<&str>) -> Result<(), Error> {
-    let mut last = None;
-    for attempt in 0..5u32 {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 0;
+    loop {
         match db.set_job_state(id, state, error) {
             Ok(()) => return Ok(()),
+            Err(e) if attempt + 1 >= ATTEMPTS => return Err(e),
             Err(e) => {
                 warn!(job = %id, attempt, "cannot record the job's end yet: {e}");
-                last = Some(e);
                 std::thread::sleep(Duration::from_millis(100 << attempt));
+                attempt += 1;
             }
         }
     }
-    Err(last.unwrap_or_else(|| Error::Storage("the job's end was not recorded".into())))
 }
 
 fn write_checkpoint(
@@ -347,29 +348,32 @@ pub(crate) fn run_job(
                     // checkpoint that follows it, so a restart between the
                     // two never invites that party back (found by review).
                     parties.extend(session.take_changed_parties());
-                    if !parties.is_empty() {
-                        match hub.db().save_parties(&id, &parties) {
-                            Ok(()) => parties.clear(),
-                            Err(e) => error!(job = %id, "cannot save party statuses: {e}"),
-                        }
-                    }
-                    let saved = write_checkpoint(hub.models_dir(), &id, &cp).and_then(|(model, state)| {
-                        hub.db().save_checkpoint(
-                            &id,
-                            cp.round,
-                            model.as_ref(),
-                            state.as_deref(),
-                            cp.record.as_ref(),
-                        )?;
-                        // Model versions beyond the retention go, file and record.
-                        let keep = hub.retention().keep_last;
-                        if model.is_some() && keep > 0 {
-                            for path in hub.db().forget_model_versions(&id, keep)? {
-                                let _ = std::fs::remove_file(&path);
-                            }
-                        }
+                    let statuses = if parties.is_empty() {
                         Ok(())
-                    });
+                    } else {
+                        hub.db().save_parties(&id, &parties).map(|()| parties.clear())
+                    };
+                    // No checkpoint without them (it fails as a checkpoint
+                    // that cannot be written does).
+                    let saved = statuses.and_then(|()| write_checkpoint(hub.models_dir(), &id, &cp)).and_then(
+                        |(model, state)| {
+                            hub.db().save_checkpoint(
+                                &id,
+                                cp.round,
+                                model.as_ref(),
+                                state.as_deref(),
+                                cp.record.as_ref(),
+                            )?;
+                            // Model versions beyond the retention go, file and record.
+                            let keep = hub.retention().keep_last;
+                            if model.is_some() && keep > 0 {
+                                for path in hub.db().forget_model_versions(&id, keep)? {
+                                    let _ = std::fs::remove_file(&path);
+                                }
+                            }
+                            Ok(())
+                        },
+                    );
                     match saved {
                         Ok(()) => {
                             if let Some(r) = &cp.record {

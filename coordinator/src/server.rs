@@ -1523,7 +1523,7 @@ fn on_party_message(
                     let incoming = open(&header, &hub.limits)
                         .map_err(|e| format!("result of job {} task {}: {e}", r.job_id, r.task_id))?;
                     if incoming.is_discarding() {
-                        debug!(party = name, job = %r.job_id, "a result for a job that is not running or does not name the party; its chunks are dropped");
+                        info!(party = name, job = %r.job_id, "a result for a job that is not running or does not name the party; its chunks are dropped");
                     }
                     if incoming.is_complete() && incoming.is_discarding() {
                         // Nothing to take: the header was all.

@@ -1419,7 +1419,7 @@ async fn refuse_unaccepted(outbox: &Outbox, task: &pb::Task) {
     let failed = pb::TaskFailed {
         job_id: echoed(&task.job_id),
         task_id: task.task_id,
-        reason: "this party has not accepted the job".into(),
+        reason: "this party has not accepted the job (its chunks were not kept)".into(),
     };
     outbox.send(party_message::Body::Failed(failed)).await;
 }

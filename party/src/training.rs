@@ -2442,9 +2442,9 @@ mod tests {
         r.fit_answers();
         let count = || abandons.load(std::sync::atomic::Ordering::SeqCst);
         let before = count();
-        // A shares step that does not parse (a coordinator fault), then,
-        // in a new round, one with the keys of too few neighbours (a
-        // refusal): each wipes the round there and then.
+        // A shares step that does not parse (a coordinator fault) wipes the
+        // round there and then; a later step of it is the coordinator's
+        // fault.
         let garbage = TaskBody::Aggregation {
             stage: SHARES.as_str().into(),
             message: confide_crypto::aggregation::Envelope::body(vec![0xff; 9]),

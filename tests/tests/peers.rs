@@ -427,6 +427,7 @@ async fn a_replaced_stream_is_left_at_once_with_its_half_received_result() {
     assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
     tokio::task::block_in_place(|| fed.wait_for_log("is read no further (and what it was sending is dropped)", 10));
     let log = fed.coordinator_log();
+    assert!(log.contains("its chunks are dropped"), "the result for no job was kept:\n{log}");
     assert!(!log.contains("closing the stream"), "the result for no job was taken as a protocol error:\n{log}");
     // The older stream's response side ends too.
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
@@ -725,7 +726,8 @@ async fn a_task_of_no_accepted_job_is_refused_without_keeping_its_model() {
     let seen = scripted("", Duration::ZERO, script, 3).await;
     let refused: Vec<&Seen> = seen.iter().filter(|s| s.label.ends_with("refused")).collect();
     assert_eq!(refused.iter().map(|s| s.label.as_str()).collect::<Vec<_>>(), ["task 11 refused", "task 12 refused"]);
-    assert!(refused.iter().all(|s| s.reason == NOT_ACCEPTED), "{seen:?}");
+    assert_eq!(refused[0].reason, format!("{NOT_ACCEPTED} (its chunks were not kept)"), "{seen:?}");
+    assert_eq!(refused[1].reason, NOT_ACCEPTED, "{seen:?}");
 }
 
 /// Under an answer floor nothing the coordinator can ask tells when an

@@ -203,12 +203,22 @@ impl Training {
             return;
         };
         let total = results.len();
+        // The statistics count only where they standardise the inputs in
+        // the clear; then each party's must have the model's feature count
+        // (not the first party's: one odd party could otherwise get the
+        // honest ones excluded through them, found by review).
+        let uses_stats = cx.spec().model.standardize && cx.spec().dp.is_none() && !self.protocol.hides_values();
+        let features = spec.iter().find(|t| t.name == INPUT_MEAN).and_then(|t| t.num_values()).unwrap_or(0);
         let mut reference = None;
         let mut merged = confide_algorithms::FeatureStats::default();
         let mut agreed = Vec::new();
         for (party, (params, stats)) in results {
             let mismatch = if params.spec() != spec {
                 Some(format!("its model architecture differs from the one {majority} of the {total} parties sent"))
+            } else if !uses_stats {
+                None
+            } else if features > 0 && stats.sum.len() != features {
+                Some(format!("feature statistics over {} features; the model has {features}", stats.sum.len()))
             } else {
                 merged.merge(&stats).err().map(|e| e.to_string())
             };

@@ -490,6 +490,17 @@ mod plaintext {
         h.setup(&t[1..], &[0.0]);
         let err = finished(&h.take()).unwrap().1.unwrap();
         assert!(err.contains("none is the majority's (a against b)"), "{err}");
+
+        // Nor through statistics nobody uses (no standardisation here): "a"
+        // sends some, the honest parties none, and nobody is excluded.
+        let mut h = H::new(spec(&["a", "b", "c"], 3, 1, ""), Start::Fresh { model: None });
+        h.connect_and_accept(&["a", "b", "c"]);
+        let t = h.tasks();
+        let stats = FeatureStats { count: 5, sum: vec![1.0], sum_sq: vec![1.0] };
+        let odd = ResultBody::Setup { params: params(&[0.0]), stats };
+        h.feed(Input::Result { party: "a".into(), task_id: t[0].1.task_id, result: odd });
+        h.setup(&t[1..], &[0.0]);
+        assert_eq!(h.tasks().len(), 3, "an honest party was excluded over statistics nobody uses");
     }
 
     #[test]

@@ -359,8 +359,6 @@ impl Registry {
         self.store.join(service)
     }
 
-    /// `service`'s [`HighWater`]; an unreadable one is an error (no
-    /// deployment is taken until the hospital looks at it).
     /// A deployment at least as new as `serve.min_sequence` names for its
     /// service: the floor of a party with no record of its own.
     fn at_least_configured(&self, d: &SignedDeployment) -> Result<(), String> {
@@ -374,6 +372,8 @@ impl Registry {
         }
     }
 
+    /// `service`'s [`HighWater`]; an unreadable one is an error (no
+    /// deployment is taken until the hospital looks at it).
     fn high_water(&self, service: &str) -> Result<Option<HighWater>, String> {
         let path = self.dir(service).join("high-water.json");
         match std::fs::read(&path) {
@@ -1250,11 +1250,6 @@ mod tests {
         let _ = &f.dir;
     }
 
-    /// Installs run one at a time per service: of the models pulled while
-    /// one installs, only the newest waits (a coordinator sending
-    /// deployments faster than they install holds no more here), and two
-    /// records of one sequence, pulled before either is installed, do not
-    /// both go in.
     /// A party with no deployment of a service yet takes none older than
     /// `serve.min_sequence` names: without it the coordinator could hand a
     /// new party any old signed deployment (found by review).
@@ -1288,6 +1283,11 @@ mod tests {
         assert!(c.warnings.iter().any(|w| w.contains("serve.min_sequence.other")), "{:?}", c.warnings);
     }
 
+    /// Installs run one at a time per service: of the models pulled while
+    /// one installs, only the newest waits (a coordinator sending
+    /// deployments faster than they install holds no more here), and two
+    /// records of one sequence, pulled before either is installed, do not
+    /// both go in.
     #[test]
     fn installs_run_one_at_a_time_and_only_the_newest_waits() {
         let f = fixture();

@@ -1222,7 +1222,8 @@ impl HeServer {
             };
         }
         let expected = params.ciphertext_bytes(r.derived.dim.max(1)) as u64;
-        Self::check_record(&mut *self.peers, r, &upload, party, certificate, in_key, &fingerprint, expected)?;
+        let floor = self.settings.min_contributors(&self.job);
+        Self::check_record(&mut *self.peers, r, &upload, party, certificate, in_key, &fingerprint, (expected, floor))?;
         let Some(Bulk::Words(words)) = message.bulk else {
             return Err(misbehaved(party, "an upload without its ciphertext"));
         };
@@ -1307,7 +1308,7 @@ impl HeServer {
         certificate: &[u8],
         in_key: bool,
         fingerprint: &[u8; 32],
-        expected_bytes: u64,
+        (expected_bytes, floor): (u64, usize),
     ) -> Result<(), Error> {
         if upload.signature.len() > MAX_SIGNATURE || certificate.len() > MAX_CERTIFICATE {
             return Err(misbehaved(party, "sent an oversized signature or certificate"));
@@ -1320,6 +1321,22 @@ impl HeServer {
         }
         if upload.fingerprint != fingerprint {
             return Err(misbehaved(party, "encrypted under another key than the epoch's"));
+        }
+        // A floor above the job's own would make every sum fail for all
+        // (a party's word deciding the round): refused as that party's
+        // doing, so it alone leaves the stage; honest parties sign the
+        // job's floor (found by review).
+        #[cfg(test)]
+        let floor = if tests::IGNORE_SIGNED_FLOORS.with(std::cell::Cell::get) { usize::MAX } else { floor };
+        if upload.min_contributors as usize > floor {
+            return Err(misbehaved(
+                party,
+                format!(
+                    "signed for sums of at least {} contributors, more than the job's {floor} (its limits or \
+                     settings differ from the coordinator's)",
+                    upload.min_contributors
+                ),
+            ));
         }
         if upload.bytes != expected_bytes {
             return Err(misbehaved(
@@ -1343,6 +1360,7 @@ impl HeServer {
         mut upload: wire::Upload,
         bulk: Option<Bulk>,
     ) -> Result<(), Error> {
+        let floor = self.settings.min_contributors(&self.job);
         let r = self.round.as_mut().ok_or_else(|| Error::WrongStage("no he round in progress".into()))?;
         let e = Self::current_epoch(&self.epoch, r)?;
         let (params, fingerprint) = (e.params.clone(), e.fingerprint);
@@ -1379,14 +1397,13 @@ impl HeServer {
         members.push((upload, certificate.to_vec()));
         for (m, cert) in &members {
             let in_key = key_parties.binary_search(&m.party).is_ok();
-            Self::check_record(&mut *self.peers, r, m, &m.party, cert, in_key, &fingerprint, expected).map_err(
-                |e| match e {
+            Self::check_record(&mut *self.peers, r, m, &m.party, cert, in_key, &fingerprint, (expected, floor))
+                .map_err(|e| match e {
                     Error::PeerMisbehaved { party, reason } if party != leader => {
                         misbehaved(leader, format!("relay {relay} forwarded a record of {party} that fails: {reason}"))
                     }
                     other => other,
-                },
-            )?;
+                })?;
         }
         let Some(Bulk::Words(words)) = bulk else {
             return Err(misbehaved(leader, format!("relay {relay} forwarded a group without its sum")));
@@ -3089,50 +3106,53 @@ mod tests {
         assert_eq!((total, contributors.len()), (den, 6));
         assert!((sum[0] - num).abs() < 0.05);
     }
-
-    /// A party whose own policy raises the minimum signs that floor into its
-    /// upload record, and it holds even when the coordinator lists the
-    /// party as vanished (so that it never checks the set itself): an
-    /// honest coordinator stops below it, and decryptors refuse a
-    /// coordinator that goes on, naming it (found by review).
+    /// Each upload record carries, signed, the fewest contributors its party
+    /// accepts in a sum, so that a contributor listed as vanished (which
+    /// never checks the set itself) is held to its own floor too. An honest
+    /// coordinator refuses a record whose floor is above the job's, as that
+    /// party's doing (its word would otherwise fail every sum); decryptors
+    /// refuse a coordinator that skips the check and counts such a
+    /// contributor in a smaller sum, naming it (found by review).
     #[test]
-    fn a_vanished_contributor_is_not_counted_below_its_own_policy_minimum() {
+    fn a_vanished_contributor_is_not_counted_below_its_own_signed_floor() {
         let job = JobFacts::new("job", names(9), 100, 3, 1 << 20);
-        let mut fed = Fed::with_job(job.clone());
         let strict = JobFacts { min_parties: 9, ..job.clone() };
-        fed.clients.insert("p5".into(), ThresholdHe.client(&table(), &strict, identity("p5")).unwrap());
-        let names = fed.names.clone();
+        let with_strict_p5 = || {
+            let mut fed = Fed::with_job(job.clone());
+            fed.clients.insert("p5".into(), ThresholdHe.client(&table(), &strict, identity("p5")).unwrap());
+            fed
+        };
+        let names = names(9);
         let global = params(&[0.0; 2]);
-        fed.round(1, &names, &global, &mut Script::default()).unwrap();
-        // p4's upload is refused (it sent an empty one); p5 uploads and is
-        // listed as vanished: a sum of eight, below p5's nine.
-        let mut spoil_p4 = |stage: StageName, p: &str, m: &mut Envelope| {
-            if stage == CONTRIBUTE && p == "p4" {
-                m.body.clear();
-            }
-        };
-        let mut script = Script {
-            silent: [("p5".to_string(), HASH)].into(),
-            forge: Some(&mut spoil_p4),
-            rejected: Some(Vec::new()),
-            ..Script::default()
-        };
-        let err = fed.round(2, &names, &global, &mut script).unwrap_err();
-        assert!(matches!(&err, Error::BelowThreshold(m) if m.contains("p5 signed for sums of at least 9")), "{err}");
-        let mut spoil_p4 = |stage: StageName, p: &str, m: &mut Envelope| {
-            if stage == CONTRIBUTE && p == "p4" {
-                m.body.clear();
-            }
-        };
-        let mut script = Script {
-            silent: [("p5".to_string(), HASH)].into(),
-            forge: Some(&mut spoil_p4),
-            rejected: Some(Vec::new()),
-            ..Script::default()
-        };
+        // The honest coordinator: p5's record is refused, naming p5.
+        let mut fed = with_strict_p5();
+        let mut script = Script { rejected: Some(Vec::new()), ..Script::default() };
+        let _ = fed.round(1, &names, &global, &mut script);
+        let rejected = script.rejected.unwrap_or_default();
+        assert!(
+            rejected.iter().any(|(p, e)| p == "p5" && e.contains("signed for sums of at least 9 contributors")),
+            "{rejected:?}"
+        );
+        // A coordinator that skips its checks of the floors: p4's upload is
+        // refused (it sent an empty one), p5 uploads and is listed as
+        // vanished, a sum of eight below p5's nine: the decryptors refuse.
         tests::IGNORE_SIGNED_FLOORS.with(|f| f.set(true));
-        let outcome = fed.round(3, &names, &global, &mut script);
+        let mut fed = with_strict_p5();
+        let first = fed.round(1, &names, &global, &mut Script::default());
+        let mut spoil_p4 = |stage: StageName, p: &str, m: &mut Envelope| {
+            if stage == CONTRIBUTE && p == "p4" {
+                m.body.clear();
+            }
+        };
+        let mut script = Script {
+            silent: [("p5".to_string(), HASH)].into(),
+            forge: Some(&mut spoil_p4),
+            rejected: Some(Vec::new()),
+            ..Script::default()
+        };
+        let outcome = fed.round(2, &names, &global, &mut script);
         tests::IGNORE_SIGNED_FLOORS.with(|f| f.set(false));
+        first.unwrap();
         assert!(outcome.is_err(), "decrypted below the floor: {outcome:?}");
         assert!(
             script.refusals.iter().any(|(stage, _, e)| *stage == DECRYPT
