@@ -1254,7 +1254,12 @@ mod tests {
         let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
         let inner = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
         let updates = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let client = Box::new(Recording { inner, log: Default::default(), updates: updates.clone() });
+        let client = Box::new(Recording {
+            inner,
+            log: Default::default(),
+            updates: updates.clone(),
+            abandons: Default::default(),
+        });
         let mut h = TrainingHandler::new(Box::new(FixedDp::default()), client, Plain.stages());
         if level == "example" {
             h.dp = Some(SMALL_PLAN);
@@ -1717,12 +1722,15 @@ mod tests {
         assert!(rows_noised && correct_noised, "rows noised: {rows_noised}, correct rows noised: {correct_noised}");
     }
 
-    /// An aggregation client that logs what the handler asks of it, in order.
+    /// An aggregation client that logs what the handler asks of it, in order,
+    /// and counts the times its round is let go (`abandon`, which wipes the
+    /// round's secrets); it forwards everything.
     struct Recording {
         inner: Box<dyn AggregationClient>,
         log: Arc<std::sync::Mutex<Vec<&'static str>>>,
         /// Each update's weight and training loss, as the protocol got them.
         updates: Arc<std::sync::Mutex<Vec<WeightAndLoss>>>,
+        abandons: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     /// An update's weight and training loss.
@@ -1743,6 +1751,28 @@ mod tests {
             self.log.lock().unwrap().push("prepare");
             self.inner.prepare(global)
         }
+        fn answers_fit_before_training(&self) -> bool {
+            self.inner.answers_fit_before_training()
+        }
+        fn contribute_ahead(
+            &mut self,
+            round: u32,
+            round_message: &[u8],
+            global: &Parameters,
+            fit: &FitConfig,
+        ) -> Result<confide_crypto::aggregation::Envelope, confide_crypto::Error> {
+            self.inner.contribute_ahead(round, round_message, global, fit)
+        }
+        fn supply_update(
+            &mut self,
+            round: u32,
+            update: confide_crypto::aggregation::LocalUpdate<'_>,
+        ) -> Result<(), confide_crypto::Error> {
+            self.inner.supply_update(round, update)
+        }
+        fn needs_update_for(&self, stage: confide_crypto::aggregation::StageName) -> bool {
+            self.inner.needs_update_for(stage)
+        }
         fn on_step(
             &mut self,
             round: u32,
@@ -1751,7 +1781,11 @@ mod tests {
         ) -> Result<confide_crypto::aggregation::Envelope, confide_crypto::Error> {
             self.inner.on_step(round, stage, message)
         }
+        fn precompute(&mut self) {
+            self.inner.precompute()
+        }
         fn abandon(&mut self) {
+            self.abandons.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.inner.abandon()
         }
     }
@@ -1766,7 +1800,8 @@ mod tests {
         let job = JobFacts::new("j", Vec::new(), 10, 1, 100);
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let inner = Plain.client(&toml::Table::new(), &job, identity("p0")).unwrap();
-        let client = Box::new(Recording { inner, log: log.clone(), updates: Default::default() });
+        let client =
+            Box::new(Recording { inner, log: log.clone(), updates: Default::default(), abandons: Default::default() });
         let mut h = TrainingHandler::new(Box::new(Fixed), client, Plain.stages());
         let global = Arc::new(Fixed.parameters().unwrap());
         let fit = TaskBody::Fit {
@@ -2359,64 +2394,6 @@ mod tests {
         open(&gates);
     }
 
-    /// A protocol's client that counts the times its round is let go
-    /// (`abandon`, which wipes the round's secrets), forwarding everything.
-    struct CountsAbandons {
-        inner: Box<dyn AggregationClient>,
-        abandons: Arc<std::sync::atomic::AtomicUsize>,
-    }
-
-    impl AggregationClient for CountsAbandons {
-        fn contribute(
-            &mut self,
-            round: u32,
-            round_message: &[u8],
-            update: confide_crypto::aggregation::LocalUpdate<'_>,
-        ) -> Result<confide_crypto::aggregation::Envelope, confide_crypto::Error> {
-            self.inner.contribute(round, round_message, update)
-        }
-        fn answers_fit_before_training(&self) -> bool {
-            self.inner.answers_fit_before_training()
-        }
-        fn contribute_ahead(
-            &mut self,
-            round: u32,
-            round_message: &[u8],
-            global: &Parameters,
-            fit: &FitConfig,
-        ) -> Result<confide_crypto::aggregation::Envelope, confide_crypto::Error> {
-            self.inner.contribute_ahead(round, round_message, global, fit)
-        }
-        fn supply_update(
-            &mut self,
-            round: u32,
-            update: confide_crypto::aggregation::LocalUpdate<'_>,
-        ) -> Result<(), confide_crypto::Error> {
-            self.inner.supply_update(round, update)
-        }
-        fn needs_update_for(&self, stage: confide_crypto::aggregation::StageName) -> bool {
-            self.inner.needs_update_for(stage)
-        }
-        fn prepare(&mut self, global: &Parameters) {
-            self.inner.prepare(global)
-        }
-        fn on_step(
-            &mut self,
-            round: u32,
-            stage: confide_crypto::aggregation::StageName,
-            message: confide_crypto::aggregation::Envelope,
-        ) -> Result<confide_crypto::aggregation::Envelope, confide_crypto::Error> {
-            self.inner.on_step(round, stage, message)
-        }
-        fn precompute(&mut self) {
-            self.inner.precompute()
-        }
-        fn abandon(&mut self) {
-            self.abandons.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.inner.abandon()
-        }
-    }
-
     /// A step the party refuses ends its round at once: the round's secrets
     /// (keys, seeds, the encoded update of a party that trained inside the
     /// fit task) are wiped then, not only when a later task, the job's close
@@ -2437,7 +2414,12 @@ mod tests {
                 .client(&toml::Table::new(), &JobFacts::new("j", r.names.clone(), 10, 3, 100), identity("p0"))
                 .unwrap(),
         );
-        r.handlers[0].aggregation = Box::new(CountsAbandons { inner, abandons: abandons.clone() });
+        r.handlers[0].aggregation = Box::new(Recording {
+            inner,
+            log: Default::default(),
+            updates: Default::default(),
+            abandons: abandons.clone(),
+        });
         open(&r.gates);
         r.fit_answers();
         let count = || abandons.load(std::sync::atomic::Ordering::SeqCst);

@@ -113,6 +113,14 @@ fn rows(fed: &Federation, party: &str, range: std::ops::Range<usize>, flip: bool
         .collect()
 }
 
+/// Service `triage`'s deployment history, newest first.
+fn service_history(fed: &Federation) -> Vec<Value> {
+    fed.run_ok(&["model", "services", "triage", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("history line"))
+        .collect()
+}
+
 fn iteration(st: &Value, i: usize) -> Value {
     st["iterations"].get(i).cloned().unwrap_or(Value::Null)
 }
@@ -172,11 +180,7 @@ fn a_pipeline_killed_after_deploying_records_the_deployment_once() {
     let it = iteration(&st, 0);
     assert_eq!((it["outcome"].as_str(), it["deployed_sequence"].as_u64()), (Some("deployed"), Some(2)), "{it:#}");
     assert!(it["gate"].as_str().unwrap_or("").starts_with("passed"), "{it:#}");
-    let history: Vec<Value> = fed
-        .run_ok(&["model", "services", "triage", "--json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("history line"))
-        .collect();
+    let history = service_history(&fed);
     assert_eq!(history.len(), 2, "the administrator's deployment and the pipeline's, once: {history:#?}");
 }
 
@@ -269,11 +273,7 @@ fn a_pipeline_retrains_gates_deploys_survives_a_restart_and_rolls_back_a_worse_v
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
     let it2 = iteration(&st, 1);
     assert!(it2["check"].as_str().unwrap_or("").contains("rolled back"), "{it2:#}");
-    let history: Vec<Value> = fed
-        .run_ok(&["model", "services", "triage", "--json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("history line"))
-        .collect();
+    let history = service_history(&fed);
     let rollback = history.iter().find(|d| d["sequence"] == 3).expect("deployment 3");
     assert_eq!(
         (rollback["action"].as_str(), rollback["job_id"].as_str(), rollback["round"].as_u64()),

@@ -410,13 +410,7 @@ async fn a_replaced_stream_is_left_at_once_with_its_half_received_result() {
     assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
     // A result of a million values for a job that is not running: its
     // header and a first chunk, then nothing more on this stream.
-    let params = Parameters::new(vec![confide_algorithms::params::Tensor {
-        name: "w".into(),
-        shape: vec![1_000_000],
-        data: vec![0.5; 1_000_000],
-    }])
-    .expect("params");
-    let encoded = confide_proto::transfer::encode(7, &confide_proto::transfer::Bulk::Params(Arc::new(params)));
+    let encoded = encoded_model(7, 1_000_000);
     let first = confide_proto::transfer::chunks(7, &encoded.bytes, 64 * 1024).next().expect("a chunk");
     let result =
         pb::TaskResult { job_id: "j-not-running".into(), task_id: 1, bulk: Some(encoded.header), ..Default::default() };
@@ -440,6 +434,13 @@ async fn a_replaced_stream_is_left_at_once_with_its_half_received_result() {
     })
     .await;
     assert!(ended.is_ok(), "the older stream stayed open");
+}
+
+/// A model of one tensor of `values` values, encoded as transfer `id`.
+fn encoded_model(id: u64, values: usize) -> confide_proto::transfer::Encoded {
+    let tensor = confide_algorithms::params::Tensor { name: "w".into(), shape: vec![values], data: vec![0.5; values] };
+    let params = Parameters::new(vec![tensor]).expect("params");
+    confide_proto::transfer::encode(id, &confide_proto::transfer::Bulk::Params(Arc::new(params)))
 }
 
 /// Wraps the built-in trainer and poisons its updates with NaN.
@@ -700,13 +701,7 @@ async fn a_message_right_behind_an_offer_does_not_wait_for_the_acceptance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_of_no_accepted_job_is_refused_without_keeping_its_model() {
     install_crypto();
-    let params = Parameters::new(vec![confide_algorithms::params::Tensor {
-        name: "w".into(),
-        shape: vec![300_000],
-        data: vec![0.25; 300_000],
-    }])
-    .expect("params");
-    let encoded = confide_proto::transfer::encode(5, &confide_proto::transfer::Bulk::Params(Arc::new(params)));
+    let encoded = encoded_model(5, 300_000);
     let fit = pb::Task {
         job_id: "never".into(),
         round: 1,

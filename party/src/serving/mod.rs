@@ -1583,6 +1583,11 @@ mod tests {
         }
     }
 
+    /// Cloud party c's answer to `request`, sealed.
+    fn answer_of(request: &pb::Forward, sealed: Vec<u8>) -> pb::ForwardAnswer {
+        pb::ForwardAnswer { request_id: request.request_id, peer: "c".into(), ciphertext: sealed, error: String::new() }
+    }
+
     /// What a cloud says of its version reaches the edge's clients: a job
     /// id that is not one (megabytes, say) or a digest that is not 64 hex
     /// digits is refused, and the edge answers alone (found by review).
@@ -1600,13 +1605,7 @@ mod tests {
             let request = pb::Forward { peer: "a".into(), ..sent };
             let (_, _, reply) = cloud.open_request("c", &request).unwrap();
             let sealed = cloud.seal_answer("c", &request, reply, 2, vec![0.25, 0.75], bad).unwrap();
-            let answer = pb::ForwardAnswer {
-                request_id: request.request_id,
-                peer: "c".into(),
-                ciphertext: sealed,
-                error: String::new(),
-            };
-            edge.on_answer(answer).unwrap();
+            edge.on_answer(answer_of(&request, sealed)).unwrap();
             let e = pending.await.unwrap().unwrap_err();
             assert!(e.contains(field) && e.len() < 300, "{}", &e[..e.len().min(300)]);
         }
@@ -1716,13 +1715,7 @@ mod tests {
         let (_, _, reply) = cloud.open_request("c", &request).unwrap();
         let other = cloud.seal_answer("c", &request, reply, 2, vec![0.123_456_79, 0.876_543_2], version()).unwrap();
         assert_eq!(sealed.len(), other.len(), "the answer's length does not depend on the probabilities");
-        let answer = pb::ForwardAnswer {
-            request_id: request.request_id,
-            peer: "c".into(),
-            ciphertext: sealed,
-            error: String::new(),
-        };
-        edge.on_answer(answer).unwrap();
+        edge.on_answer(answer_of(&request, sealed)).unwrap();
         let (probabilities, got) = pending.await.unwrap().unwrap();
         assert_eq!((probabilities, got), (vec![0.25, 0.75], version()));
         // A cloud that answers only b refuses a's signed request.
