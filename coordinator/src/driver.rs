@@ -72,9 +72,6 @@ impl Encoder {
 /// display and resumption; a crash loses at most this much of them).
 const PARTY_FLUSH: Duration = Duration::from_millis(250);
 
-/// Writes a checkpoint durably: temp file, fsync, rename, fsync directory
-/// (and the job directory's entry, see below),
-/// for the model and (when non-empty) the machine's state.
 /// Records a job's end, retrying a failed write a few times: a job left
 /// `running` in the database by one failed write would be resumed at the
 /// next start, an administrator's cancellation undone (found by review).
@@ -94,6 +91,9 @@ pub(crate) fn record_end(db: &crate::db::Db, id: &str, state: JobState, error: O
     }
 }
 
+/// Writes a checkpoint durably: temp file, fsync, rename, fsync directory
+/// (and the job directory's entry, see below), for the model and (when
+/// non-empty) the machine's state.
 fn write_checkpoint(
     dir: &Path,
     job: &str,
@@ -427,10 +427,14 @@ pub(crate) fn run_job(
         // begins, and when nothing is being collected.
         let due = last_flush.elapsed() >= PARTY_FLUSH || stage_changed || session.current_stage().is_none();
         if !parties.is_empty() && due {
-            if let Err(e) = hub.db().save_parties(&id, &parties) {
-                error!(job = %id, "cannot save party statuses: {e}");
+            // Kept when the write fails: retried at the next flush, and the
+            // next checkpoint, which needs them on disk, fails without them
+            // (cleared regardless, an exclusion whose write failed here was
+            // lost and the checkpoint after it went ahead: found by a test).
+            match hub.db().save_parties(&id, &parties) {
+                Ok(()) => parties.clear(),
+                Err(e) => error!(job = %id, "cannot save party statuses (kept to retry): {e}"),
             }
-            parties.clear();
             last_flush = Instant::now();
             wrote = true;
         }
@@ -455,4 +459,72 @@ pub(crate) fn run_job(
         }
     }
     hub.job_ended(&id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database with one running job, and a second connection to it
+    /// through which a test injects faults (SQLite triggers that refuse
+    /// writes), as another process could hold the file.
+    fn a_running_job() -> (tempfile::TempDir, crate::db::Db, rusqlite::Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("confide.db");
+        let db = crate::db::Db::open(&path).unwrap();
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.busy_timeout(Duration::from_secs(10)).unwrap();
+        other
+            .execute(
+                "INSERT INTO jobs (id, name, kind, spec_toml, state, privacy_mode, rounds_total, created_at, updated_at)
+                 VALUES ('j', 'j', 'train', '', 'running', 'none', 3, 0, 0)",
+                [],
+            )
+            .unwrap();
+        (dir, db, other)
+    }
+
+    /// Refuses the next `times` writes of a job's state (RAISE(FAIL) keeps
+    /// the count's decrement, where ABORT would take it back).
+    fn refuse_state_writes(other: &rusqlite::Connection, times: u32) {
+        other
+            .execute_batch(&format!(
+                "CREATE TABLE fault (remaining INTEGER NOT NULL); INSERT INTO fault VALUES ({times});
+                 CREATE TRIGGER injected_fault BEFORE UPDATE OF state ON jobs
+                 WHEN (SELECT remaining FROM fault) > 0
+                 BEGIN UPDATE fault SET remaining = remaining - 1; SELECT RAISE(FAIL, 'injected fault'); END;"
+            ))
+            .unwrap();
+    }
+
+    fn state_of(other: &rusqlite::Connection) -> (String, Option<String>, u32) {
+        other
+            .query_row("SELECT state, error, (SELECT remaining FROM fault) FROM jobs WHERE id = 'j'", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap()
+    }
+
+    /// A job's end whose first writes fail is recorded by a retry: left
+    /// `running`, the job would be resumed at the next start and an
+    /// administrator's cancellation undone.
+    #[test]
+    fn a_jobs_end_is_recorded_by_a_retry_after_failed_writes() {
+        let (_dir, db, other) = a_running_job();
+        refuse_state_writes(&other, 3);
+        record_end(&db, "j", JobState::Cancelled, Some("cancelled by the administrator")).expect("recorded");
+        assert_eq!(state_of(&other), ("cancelled".into(), Some("cancelled by the administrator".into()), 0));
+    }
+
+    /// Writes that keep failing end in the error (the caller logs it), the
+    /// job's row untouched.
+    #[test]
+    fn a_jobs_end_that_cannot_be_written_is_an_error_after_the_retries() {
+        let (_dir, db, other) = a_running_job();
+        refuse_state_writes(&other, 100);
+        let e = record_end(&db, "j", JobState::Failed, Some("round 2: no quorum")).expect_err("never written");
+        assert!(e.to_string().contains("injected fault"), "{e}");
+        // Five attempts, each refused once.
+        assert_eq!(state_of(&other), ("running".into(), None, 95));
+    }
 }

@@ -150,6 +150,40 @@ fn a_job_whose_checkpoint_cannot_be_read_fails_alone_at_a_restart() {
     assert_eq!(fed.wait_done(&a, 120)["state"], "succeeded", "{}", fed.logs());
 }
 
+/// No checkpoint goes ahead of the parties' statuses it follows (an
+/// exclusion the round made must be on disk before the round is, or a
+/// restart between the two invites the excluded party back). The fault is
+/// injected into the coordinator's database from outside: a trigger refuses
+/// every party status of round 3 on, so the round-3 checkpoint must not be
+/// written and the job fails naming why. (The periodic flush used to drop
+/// statuses it failed to write, and the checkpoint after it went ahead:
+/// found by this test.)
+#[test]
+fn a_round_whose_party_statuses_cannot_be_written_gets_no_checkpoint() {
+    let mut fed = Federation::new(&three(), &digits(), false, "2,1,1");
+    fed.start_coordinator();
+    fed.start_parties();
+    let db = rusqlite::Connection::open(fed.path("coordinator/confide.db")).expect("the coordinator's database");
+    db.busy_timeout(std::time::Duration::from_secs(10)).expect("timeout");
+    db.execute_batch(
+        "CREATE TRIGGER injected_update_fault BEFORE UPDATE OF last_round ON job_parties WHEN NEW.last_round >= 3
+         BEGIN SELECT RAISE(ABORT, 'injected fault'); END;
+         CREATE TRIGGER injected_insert_fault BEFORE INSERT ON job_parties WHEN NEW.last_round >= 3
+         BEGIN SELECT RAISE(ABORT, 'injected fault'); END;",
+    )
+    .expect("inject the fault");
+    let id = fed.submit("job.toml", &job_spec(&names(), 3, 6, LOGREG10, "local_epochs = 1\nseed = 5"));
+    let st = fed.wait_done(&id, 120);
+    assert_eq!(st["state"], "failed", "{st:#}\n{}", fed.logs());
+    let err = st["error"].as_str().unwrap_or_default();
+    assert!(err.contains("round 3: cannot save the checkpoint") && err.contains("injected fault"), "{err}");
+    assert_eq!(st["rounds_completed"], 2, "{st:#}");
+    assert_eq!(st["history"].as_array().map(Vec::len), Some(2), "{st:#}");
+    let models = fed.path(&format!("coordinator/models/{id}"));
+    assert!(models.join("round-00002.safetensors").exists(), "round 2's checkpoint is missing");
+    assert!(!models.join("round-00003.safetensors").exists(), "round 3 was checkpointed without its statuses");
+}
+
 #[test]
 fn a_restarted_coordinator_resumes_and_ends_with_the_same_model() {
     let text = job_spec(&names(), 3, 14, LOGREG10, "local_epochs = 3\nseed = 9\nlearning_rate = 0.05");
