@@ -111,6 +111,11 @@ const MIGRATIONS: &[&str] = &[
         record TEXT NOT NULL,
         PRIMARY KEY (job_id, iteration)
     );",
+    // 8: the round of `from_job`'s model a job started from, so that a job
+    // resumed before its first checkpoint starts from that model again, not
+    // from whatever is newest in `from_job` by then (a deployed version may
+    // be an older round)
+    "ALTER TABLE jobs ADD COLUMN from_round INTEGER;",
 ];
 
 /// A stored deployment: the signed record as the administrator sent it.
@@ -180,6 +185,9 @@ pub struct UnfinishedJob {
     pub state: Option<PathBuf>,
     /// Persisted party statuses.
     pub parties: BTreeMap<String, PartyStatus>,
+    /// The round of `from_job`'s model it started from (`None` before
+    /// migration 8, or without `from_job`).
+    pub from_round: Option<u32>,
 }
 
 /// Handle to the database; cheap to clone.
@@ -255,14 +263,15 @@ impl Db {
         Ok(())
     }
 
-    /// Stores a newly submitted job.
-    pub fn insert_job(&self, id: &str, spec: &JobSpec) -> Result<(), Error> {
+    /// Stores a newly submitted job; `from_round` is the round of its
+    /// `from_job`'s model it starts from.
+    pub fn insert_job(&self, id: &str, spec: &JobSpec, from_round: Option<u32>) -> Result<(), Error> {
         let now = unix_now() as i64;
         let conn = self.lock();
         conn.execute(
             "INSERT INTO jobs (id, name, kind, spec_toml, state, privacy_mode, rounds_total, created_at, updated_at,
-                               dp_level, dp_delta, dp_accountant)
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?7, ?8, ?9, ?10)",
+                               dp_level, dp_delta, dp_accountant, from_round)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11)",
             params![
                 id,
                 spec.name,
@@ -274,6 +283,7 @@ impl Db {
                 spec.dp.as_ref().map(|d| d.level.as_str()),
                 spec.dp.as_ref().map(|d| d.delta),
                 spec.dp.as_ref().map(|d| d.accountant.as_str()),
+                from_round,
             ],
         )
         .map_err(sql)?;
@@ -387,13 +397,14 @@ impl Db {
         let mut out = Vec::new();
         for id in ids {
             let conn = self.lock();
-            type Row = (String, u32, Option<u32>, Option<String>, Option<String>, Option<u32>);
-            let (spec_toml, rounds_completed, model_round, model_path, state_path, checkpoint_round): Row = conn
-                .query_row(
-                    "SELECT spec_toml, rounds_completed, model_round, model_path, state_path, checkpoint_round
+            type Row = (String, u32, Option<u32>, Option<String>, Option<String>, Option<u32>, Option<u32>);
+            let (spec_toml, rounds_completed, model_round, model_path, state_path, checkpoint_round, from_round): Row =
+                conn.query_row(
+                    "SELECT spec_toml, rounds_completed, model_round, model_path, state_path, checkpoint_round,
+                            from_round
                      FROM jobs WHERE id = ?1",
                     [&id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
                 )
                 .map_err(sql)?;
             drop(conn);
@@ -407,6 +418,7 @@ impl Db {
                 model: model_round.zip(model_path.map(PathBuf::from)),
                 state: state_path.map(PathBuf::from),
                 parties,
+                from_round,
             });
         }
         Ok(out)
@@ -855,7 +867,7 @@ mod tests {
         let spec = JobSpec::parse(SPEC, "t", &Limits::default()).unwrap();
         {
             let db = Db::open(&path).unwrap();
-            db.insert_job("j1", &spec).unwrap();
+            db.insert_job("j1", &spec, None).unwrap();
             let mut parties = BTreeMap::new();
             parties.insert("a".to_string(), PartyStatus { state: PartyState::Accepted, detail: None, last_round: 1 });
             db.save_parties("j1", &parties).unwrap();
@@ -893,7 +905,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("c.db")).unwrap();
         let spec = JobSpec::parse(SPEC, "t", &Limits::default()).unwrap();
-        db.insert_job("j1", &spec).unwrap();
+        db.insert_job("j1", &spec, None).unwrap();
         for r in 1..=4u32 {
             let rec = RoundRecord {
                 round: r,

@@ -358,13 +358,12 @@ impl Pipeline {
         if !recorded || !self.job_exists(&it.candidate_job)? {
             self.phase(&format!("iteration {n}: training"), false);
             let spec = self.child(JobKind::Train, n, PipelineRows::All, &deployed.job_id)?;
-            let model = self.version(&deployed)?;
             if !recorded {
                 it.candidate_job = crate::server::new_job_id();
                 self.save(it)?;
                 fault_point("pipeline-candidate-recorded");
             }
-            self.submit_as(&it.candidate_job, spec, model)?;
+            self.submit_as(&it.candidate_job, spec, &deployed)?;
         }
         let trained = self.wait(&it.candidate_job)?;
         if trained.state != JobState::Succeeded {
@@ -538,15 +537,20 @@ impl Pipeline {
         })
     }
 
-    fn submit(&self, spec: JobSpec, model: Parameters) -> Result<String, Stop> {
+    fn submit(&self, spec: JobSpec, from: &DeploymentRecord) -> Result<String, Stop> {
         let id = crate::server::new_job_id();
-        self.submit_as(&id, spec, model)?;
+        self.submit_as(&id, spec, from)?;
         Ok(id)
     }
 
-    /// Starts a step under an id chosen (and recorded) beforehand.
-    fn submit_as(&self, id: &str, spec: JobSpec, model: Parameters) -> Result<(), Stop> {
-        self.hub.db().insert_job(id, &spec)?;
+    /// Starts a step from the model of version `from` under an id chosen
+    /// (and recorded) beforehand. The version's round is recorded with the
+    /// job, so that a restart before its first checkpoint starts it from
+    /// that model again, not from its job's newest.
+    fn submit_as(&self, id: &str, spec: JobSpec, from: &DeploymentRecord) -> Result<(), Stop> {
+        let model = self.version(from)?;
+        self.hub.db().insert_job(id, &spec, Some(from.round))?;
+        info!(job = %id, "starts from job {}'s model of round {}", from.job_id, from.round);
         crate::server::spawn_job(&self.hub, id.to_owned(), spec, Start::Fresh { model: Some(model) })?;
         Ok(())
     }
@@ -598,8 +602,7 @@ impl Pipeline {
         what: &str,
     ) -> Result<(Option<Scored>, String), Stop> {
         let spec = self.child(JobKind::Evaluate, n, rows, &version.job_id)?;
-        let model = self.version(version)?;
-        let id = self.submit(spec, model)?;
+        let id = self.submit(spec, version)?;
         let st = self.wait(&id)?;
         if st.state != JobState::Succeeded {
             let why = format!("{what} evaluation job {id} {}: {}", st.state.as_str(), refusals(&st));

@@ -753,8 +753,13 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
                     }
                 }
             }
-            None => match initial_model(&hub, &spec) {
-                Ok(model) => Start::Fresh { model },
+            // Before its first checkpoint a job starts again from the model
+            // it started from, not from its `from_job`'s newest by now.
+            None => match initial_model(&hub, &spec, job.from_round) {
+                Ok(model) => {
+                    log_start(&job.id, &spec, model.as_ref().map(|(r, _)| *r));
+                    Start::Fresh { model: model.map(|(_, m)| m) }
+                }
                 Err(e) => {
                     warn!(job = %job.id, "cannot resume: its starting model: {e}");
                     hub.db.set_job_state(&job.id, JobState::Failed, Some(&format!("cannot resume: {e}")))?;
@@ -831,14 +836,29 @@ fn read_model(path: &Path) -> Result<Parameters, Error> {
     Ok(Parameters::from_safetensors(&bytes)?)
 }
 
-/// The starting model of a job with `from_job`.
-fn initial_model(hub: &Hub, spec: &JobSpec) -> Result<Option<Parameters>, Error> {
+/// The starting model of a job with `from_job`, and its round: the round
+/// recorded when the job was submitted (`from_round`) or, at submission,
+/// the newest.
+fn initial_model(hub: &Hub, spec: &JobSpec, from_round: Option<u32>) -> Result<Option<(u32, Parameters)>, Error> {
     let Some(from) = &spec.from_job else {
         return Ok(None);
     };
-    match hub.db.model_of(from)? {
-        Some((_, path)) => Ok(Some(read_model(&path)?)),
-        None => Err(Error::InvalidInput(format!("from_job: job {from} has no model yet"))),
+    let found = match from_round {
+        Some(round) => hub.db.model_version(from, round)?.map(|v| (round, v.path)).ok_or_else(|| {
+            Error::InvalidInput(format!("from_job: the model of job {from} round {round} is no longer kept"))
+        })?,
+        None => hub
+            .db
+            .model_of(from)?
+            .ok_or_else(|| Error::InvalidInput(format!("from_job: job {from} has no model yet")))?,
+    };
+    Ok(Some((found.0, read_model(&found.1)?)))
+}
+
+/// Says where a job with `from_job` starts (a resumed one too).
+fn log_start(id: &str, spec: &JobSpec, from_round: Option<u32>) {
+    if let (Some(from), Some(round)) = (&spec.from_job, from_round) {
+        info!(job = %id, "starts from job {from}'s model of round {round}");
     }
 }
 
@@ -2125,7 +2145,7 @@ fn submit(hub: &Arc<Hub>, r: pb::SubmitJobRequest) -> Result<(String, Vec<String
     if let Err(e) = hub.plugins.check(&spec) {
         return Err(Error::Refused(format!("{file}: invalid job spec\n  {file}: {e}")));
     }
-    let model = initial_model(hub, &spec).map_err(|e| match e {
+    let model = initial_model(hub, &spec, None).map_err(|e| match e {
         Error::NotFound(m) => Error::Refused(format!("{file}: from_job: {m}")),
         e => e,
     })?;
@@ -2140,7 +2160,9 @@ fn submit(hub: &Arc<Hub>, r: pb::SubmitJobRequest) -> Result<(String, Vec<String
         (None, None) => None,
     };
     let id = new_job_id();
-    hub.db.insert_job(&id, &spec)?;
+    let (from_round, model) = model.unzip();
+    hub.db.insert_job(&id, &spec, from_round)?;
+    log_start(&id, &spec, from_round);
     if let Some(g) = grant {
         hub.db.insert_pipeline(&id, &g)?;
     }

@@ -300,7 +300,7 @@ mod tests {
         let db = Db::open(&dir.path().join("c.db")).unwrap();
         let spec = "name = \"t\"\nkind = \"train\"\nrounds = 2\n[parties]\nnames = [\"a\"]\ndataset = \"d\"\n\
                     [model]\nkind = \"logistic_regression\"\nclasses = 2\n";
-        db.insert_job("j1", &JobSpec::parse(spec, "t", &Limits::default()).unwrap()).unwrap();
+        db.insert_job("j1", &JobSpec::parse(spec, "t", &Limits::default()).unwrap(), None).unwrap();
         let model = SavedModel { path: "/m/round-1".into(), sha256: format!("{:064x}", 1), bytes: 1 };
         db.save_checkpoint("j1", 1, Some(&model), None, None).unwrap();
         let total = 100u64;

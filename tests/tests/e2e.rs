@@ -184,6 +184,50 @@ fn a_round_whose_party_statuses_cannot_be_written_gets_no_checkpoint() {
     assert!(!models.join("round-00003.safetensors").exists(), "round 3 was checkpointed without its statuses");
 }
 
+/// The rounds of `from`'s model that the coordinator's log says job `id`
+/// started from, in order (once at submission, once at each resumption
+/// before its first checkpoint).
+fn start_rounds(fed: &Federation, id: &str, from: &str) -> Vec<u64> {
+    let said = format!("starts from job {from}'s model of round ");
+    fed.coordinator_log()
+        .lines()
+        .filter(|l| l.contains(id))
+        .filter_map(|l| l.split_once(&said).map(|(_, rest)| rest))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect()
+}
+
+/// A job that starts from another's model and is resumed before its first
+/// checkpoint starts from the same model again: the round recorded at
+/// submission, not the other job's newest by then (a pipeline's training
+/// starts from the deployed round, which may be an older one; before, a
+/// restart silently trained from the newest).
+#[test]
+fn a_job_resumed_before_its_first_checkpoint_starts_from_the_same_model() {
+    let mut fed = Federation::new(&three(), &digits(), false, "1,1,1");
+    fed.start_coordinator();
+    fed.start_party("hospital-a", "");
+    fed.start_party("hospital-b", "");
+    let two = ["hospital-a".to_string(), "hospital-b".to_string()];
+    let a = fed.submit("a.toml", &job_spec(&two, 2, 400, LOGREG10, "local_epochs = 1\nseed = 5"));
+    fed.wait_for(&a, 60, "two rounds", |s| s["rounds_completed"].as_u64() >= Some(2));
+    // B needs hospital-c, which is not running yet: it waits in recruitment
+    // while A goes on checkpointing newer models.
+    let b_text = format!("from_job = \"{a}\"\n{}", job_spec(&names(), 3, 2, LOGREG10, "seed = 6"));
+    let b = fed.submit("b.toml", &b_text);
+    let started = start_rounds(&fed, &b, &a);
+    assert_eq!(started.len(), 1, "{}", fed.coordinator_log());
+    fed.wait_for(&a, 60, "newer rounds", |s| s["rounds_completed"].as_u64() >= Some(started[0] + 2));
+    assert_eq!(fed.status(&b)["rounds_completed"], 0, "B went on before the restart");
+    fed.kill_coordinator();
+    fed.start_coordinator();
+    fed.start_party("hospital-c", "");
+    let st = fed.wait_done(&b, 120);
+    assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
+    assert_eq!(start_rounds(&fed, &b, &a), vec![started[0], started[0]], "{}", fed.coordinator_log());
+    fed.run_ok(&["job", "cancel", &a]);
+}
+
 #[test]
 fn a_restarted_coordinator_resumes_and_ends_with_the_same_model() {
     let text = job_spec(&names(), 3, 14, LOGREG10, "local_epochs = 3\nseed = 9\nlearning_rate = 0.05");
