@@ -67,14 +67,14 @@ impl Dataset {
         &self.features[i * self.num_features..(i + 1) * self.num_features]
     }
 
-    /// Loads a CSV file (gzip when the name ends in `.gz`). Every malformed
-    /// line is reported with its number.
+    /// Loads a CSV file (gzip when it starts with gzip's magic bytes or the
+    /// name ends in `.gz`). Every malformed line is reported with its number.
     pub fn load_csv(path: &Path, opts: &CsvOptions) -> Result<Dataset, Error> {
         let text = Self::read_text(path)?;
         Self::parse_csv(&text, opts, path)
     }
 
-    /// A text file's contents, gunzipped when the name ends in `.gz`.
+    /// A text file's contents, gunzipped when it is gzip.
     pub fn read_text(path: &Path) -> Result<String, Error> {
         Self::read_text_with(path, false)
     }
@@ -85,7 +85,12 @@ impl Dataset {
     fn read_text_with(path: &Path, lossy: bool) -> Result<String, Error> {
         let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
         let raw = std::fs::read(path).map_err(|e| err(0, e.to_string()))?;
-        let bytes = if path.extension().is_some_and(|e| e == "gz") {
+        // Gzip by its magic bytes too (no CSV starts with 0x1f): a
+        // compressed file named `.csv` or `.GZ` would otherwise be read as
+        // text, and under DP every line dropped as malformed (found by
+        // review).
+        let gzip = raw.starts_with(&[0x1f, 0x8b]) || path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+        let bytes = if gzip {
             let mut out = Vec::new();
             flate2::read::GzDecoder::new(raw.as_slice())
                 .read_to_end(&mut out)
@@ -310,10 +315,12 @@ pub struct RowRules {
 }
 
 /// Whether a file directly in a watched directory is one of its batches:
-/// a `.csv` or `.csv.gz` file, not hidden (a batch being written is `*.tmp`
-/// or hidden until it is renamed).
+/// a `.csv` or `.csv.gz` file in any case (`.CSV` from a spreadsheet
+/// export was silently never read: found by review), not hidden (a batch
+/// being written is `*.tmp` or hidden until it is renamed).
 pub fn is_batch_name(name: &str) -> bool {
-    !name.starts_with('.') && (name.ends_with(".csv") || name.ends_with(".csv.gz"))
+    let lower = name.to_ascii_lowercase();
+    !name.starts_with('.') && (lower.ends_with(".csv") || lower.ends_with(".csv.gz"))
 }
 
 /// Where a data set lives and how to read it (a party's `[datasets.NAME]` table).
@@ -504,6 +511,30 @@ mod tests {
         assert!(e.to_string().contains(":2"), "{e}");
         assert!(Dataset::parse_csv("1,2,0.5\n", &CsvOptions::default(), p).is_err());
         assert!(Dataset::parse_csv("", &CsvOptions::default(), p).is_err());
+    }
+
+    /// Gzip is known by its magic bytes, whatever the file's name (read as
+    /// text, under DP every line would be dropped as malformed), and batch
+    /// names match in any case.
+    #[test]
+    fn gzip_is_read_by_its_content_and_batch_names_match_in_any_case() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"1,2,0\n3,4,1\n").unwrap();
+        let bytes = gz.finish().unwrap();
+        for name in ["plain-name.csv", "upper.CSV.GZ"] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, &bytes).unwrap();
+            let ds = Dataset::load_csv(&path, &CsvOptions::default()).unwrap();
+            assert_eq!((ds.len(), ds.num_features), (2, 2), "{name}");
+        }
+        for name in ["b.csv", "B.CSV", "b.Csv.Gz", "b.csv.gz"] {
+            assert!(is_batch_name(name), "{name}");
+        }
+        for name in [".b.csv", "b.csv.tmp", "b.txt", "b.gz"] {
+            assert!(!is_batch_name(name), "{name}");
+        }
     }
 
     /// A data set of `n` rows of 3 features from `seed`, some rows repeated.

@@ -392,6 +392,17 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
                     eprintln!("error: {e}");
                     return 2;
                 }
+                if let Some(e) = node.watches_error() {
+                    eprintln!("error: the pipelines' state: {e}");
+                    return 2;
+                }
+                // A CA, certificate or key that cannot load stops the party
+                // now, naming the file, instead of a retry loop that never
+                // connects.
+                if let Err(e) = confide_proto::net::check_client_identity(&node.config().client_identity()) {
+                    eprintln!("error: {e}");
+                    return 2;
+                }
                 // A bad [serve] table or a taken port stops the party at start.
                 if let Err(e) = node.start_serving().await {
                     eprintln!("error: {e}");
@@ -441,12 +452,33 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
                 let mut code = 0;
                 for (name, src) in &cfg.datasets {
                     match src.load() {
+                        // A declared width the rows do not have: a DP job,
+                        // which reads only rows of that width, would drop
+                        // every one (found by review).
+                        Ok(ds) if src.features.is_some_and(|f| f != ds.num_features) => {
+                            eprintln!(
+                                "data set {name}: datasets.{name}.features = {} but the rows of {} have {} features \
+                                 (label excluded); a DP job would leave out every row",
+                                src.features.unwrap_or_default(),
+                                src.path.display(),
+                                ds.num_features
+                            );
+                            code = 1;
+                        }
                         Ok(ds) => println!("data set {name}: {} rows, {} features", ds.len(), ds.num_features),
                         Err(e) => {
                             eprintln!("data set {name}: {e}");
                             code = 1;
                         }
                     }
+                }
+                if let Err(e) = crate::watch::Watches::of_config(&cfg) {
+                    eprintln!("the pipelines' state: {e}");
+                    code = 1;
+                }
+                if let Err(e) = confide_proto::net::check_client_identity(&cfg.client_identity()) {
+                    eprintln!("TLS identity: {e}");
+                    code = 1;
                 }
                 code
             }

@@ -422,6 +422,17 @@ impl Default for Reconnect {
 }
 
 impl PartyConfig {
+    /// The identity this party dials the coordinator with.
+    pub fn client_identity(&self) -> confide_proto::net::ClientIdentity<'_> {
+        confide_proto::net::ClientIdentity {
+            url: &self.coordinator,
+            server_name: &self.server_name,
+            ca: &self.ca,
+            cert: &self.cert,
+            key: &self.key,
+        }
+    }
+
     /// Whether this party reports its serving counts (`[serve]
     /// report_counts`): as set, or when unset, only while the policy does
     /// not ask for DP. A hospital that keeps a privacy budget sends no exact

@@ -18,7 +18,7 @@ use confide_crypto::identity::{CertVerifier, IdentityKey, SharedRevocations};
 use confide_crypto::revocation::Revocations;
 use confide_proto::jobspec::JobSpec;
 use confide_proto::messages::Task;
-use confide_proto::net::{ClientIdentity, CoordinatorCertificate, connect_checking_revocations};
+use confide_proto::net::{CoordinatorCertificate, connect_checking_revocations};
 use confide_proto::pb::party_service_client::PartyServiceClient;
 use confide_proto::pb::{self, coordinator_message, party_message};
 use confide_proto::transfer::{self, Bulk, Incoming};
@@ -353,6 +353,19 @@ impl PartyNode {
         self.ledger.as_ref().err().map(String::as_str)
     }
 
+    /// The party's configuration.
+    pub fn config(&self) -> &PartyConfig {
+        &self.config
+    }
+
+    /// Why the pipelines' state (batch marks, hard examples) could not be
+    /// opened, if it could not: the party stops at start, as for the
+    /// ledger, rather than run without marks and drop every hard example
+    /// unsaid (found by review).
+    pub fn watches_error(&self) -> Option<&str> {
+        self.watches.as_ref().err().map(String::as_str)
+    }
+
     /// A node with a build's own trainers, protocols and job kinds.
     pub fn with_plugins(config: PartyConfig, plugins: PartyPlugins) -> PartyNode {
         let trainers =
@@ -573,13 +586,7 @@ impl PartyNode {
     async fn serve_once(&self) -> Result<bool, Error> {
         let cfg = &self.config;
         self.load_kept_revocations().map_err(Error::Config)?;
-        let id = ClientIdentity {
-            url: &cfg.coordinator,
-            server_name: &cfg.server_name,
-            ca: &cfg.ca,
-            cert: &cfg.cert,
-            key: &cfg.key,
-        };
+        let id = cfg.client_identity();
         // The handshake refuses a coordinator certificate that the list
         // this party holds revokes.
         let (channel, coordinator_cert) = connect_checking_revocations(&id, Some(self.revocations.clone()))
@@ -1151,6 +1158,7 @@ impl PartyNode {
         let answers_held = answer_floor.is_some();
         let spec = Arc::new(spec);
         let idle_after = spec.timeouts.round_secs * 2000;
+        let local_path = source.path.clone();
         let handler = holding(&slot, move || {
             let kind = plugins.kind(spec.kind.as_str()).ok_or("job kind not available")?;
             let cx = JobContext {
@@ -1181,7 +1189,14 @@ impl PartyNode {
         // party's log, and the reservation stands (the data was read).
         let handler = match (handler, keeps_reasons) {
             (Ok(h), _) => h,
-            (Err(e), false) => return Err(e),
+            // Sent, but without the data set's local path or a cell's
+            // contents (a patient's value; found by review): the whole
+            // reason stays in this party's log.
+            (Err(e), false) => {
+                warn!(job = %offer.job_id, "refused: {e}");
+                let resolved = crate::config::resolved_path(&local_path);
+                return Err(withheld_from_rows(&e, &[&local_path, &resolved]));
+            }
             (Err(e), true) => {
                 warn!(job = %offer.job_id, "refused: {e}");
                 return Err("could not set up the job on its data set (the reason is in this party's log)".into());
@@ -1189,6 +1204,46 @@ impl PartyNode {
         };
         Ok(PartySession::new(&offer.job_id, handler, idle_after).with_answer_floor(answer_floor))
     }
+}
+
+/// `reason` (why a job could not be set up on its data) as the coordinator
+/// may read it: the data set's local `paths` named "the data set's file",
+/// and every quoted cell (`value "…"`, `label "…"`) withheld.
+fn withheld_from_rows(reason: &str, paths: &[&std::path::Path]) -> String {
+    let mut out = reason.to_string();
+    for p in paths {
+        let shown = p.display().to_string();
+        if !shown.is_empty() {
+            out = out.replace(&shown, "the data set's file");
+        }
+    }
+    for key in ["value \"", "label \""] {
+        let mut kept = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(at) = rest.find(key) {
+            kept.push_str(&rest[..at + key.len() - 1]);
+            kept.push_str("(withheld)");
+            let quoted = &rest[at + key.len()..];
+            // The closing quote of a `{:?}`-quoted cell: not escaped.
+            let mut escaped = false;
+            let end = quoted.char_indices().find_map(|(i, c)| match c {
+                _ if escaped => {
+                    escaped = false;
+                    None
+                }
+                '\\' => {
+                    escaped = true;
+                    None
+                }
+                '"' => Some(i + 1),
+                _ => None,
+            });
+            rest = end.map_or("", |e| &quoted[e..]);
+        }
+        kept.push_str(rest);
+        out = kept;
+    }
+    out
 }
 
 /// Runs `f` on a blocking thread that holds `slot` until `f` returns and,
@@ -2376,11 +2431,13 @@ mod tests {
     /// Under a protocol that hides each party's values (here secure
     /// aggregation, without DP), why a job could not be set up on the rows
     /// stays in the party's log: the refusal quotes no cell. A protocol
-    /// that reveals updates gets the reason.
+    /// that reveals updates gets the reason, but without the cell's
+    /// contents (a patient's value) or the data set's local path (found by
+    /// review).
     #[test]
     fn a_set_up_refusal_under_a_hiding_protocol_quotes_no_row() {
         let dir = tempfile::tempdir().unwrap();
-        let (node, _, _) = node_on_bc(dir.path(), "1,0\n77-secret,1\n", |cfg| {
+        let (node, _, rows) = node_on_bc(dir.path(), "1,0\n77-secret \"Jr\",1\n", |cfg| {
             cfg.policy.aggregation = vec!["secagg".into(), "none".into()];
         });
         let spec = |protocol: &str| {
@@ -2395,7 +2452,13 @@ mod tests {
         assert!(e.contains("in this party's log") && !e.contains("77-secret"), "{e}");
         let offer = pb::JobOffer { job_id: "j2".into(), spec_toml: spec("none"), dataset: "bc".into() };
         let Err(e) = answer(&node, &offer) else { panic!("accepted") };
-        assert!(e.contains("77-secret"), "{e}");
+        assert!(e.contains(":2:") && e.contains("value (withheld)") && e.contains("the data set's file"), "{e}");
+        assert!(!e.contains("77-secret") && !e.contains("Jr"), "{e}");
+        assert!(!e.contains(&rows.parent().unwrap().display().to_string()), "{e}");
+        assert_eq!(
+            withheld_from_rows(r#"x: label "1\"2" is not a number; column 3 value "a" is not"#, &[]),
+            "x: label (withheld) is not a number; column 3 value (withheld) is not"
+        );
     }
 
     /// A coordinator that sends an older revocation list (to bring a revoked

@@ -183,7 +183,11 @@ impl TrainerFactory for BuiltinTrainers {
         let (train, held_out, dropped) = data
             .load_split_counted(spec.training.validation_fraction, spec.training.seed)
             .map_err(|e| e.to_string())?;
-        if dropped > 0 {
+        if dropped > 0 && train.is_empty() && held_out.is_empty() {
+            // Every row: a configuration fault, not the rows' (the count
+            // stays in this party's log; `confide-party check` shows why).
+            tracing::error!(party, dataset = %data.path.display(), dropped, "every row failed its own checks and was left out of this DP job: check the data set's features and label_column (confide-party check)");
+        } else if dropped > 0 {
             // The count stays in this party's log.
             tracing::warn!(party, dataset = %data.path.display(), dropped, "rows that failed their own checks were left out of this DP job");
         }

@@ -157,6 +157,13 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
         .ok_or_else(|| Error::InvalidInput(format!("{}: no private key found", path.display())))
 }
 
+/// Checks that `id`'s CA, certificate and key load and fit together, so
+/// that a party stops at start naming the file, rather than retrying a
+/// connection that can never succeed (found by review).
+pub fn check_client_identity(id: &ClientIdentity<'_>) -> Result<(), Error> {
+    client_config(id, None, &[]).map(drop)
+}
+
 /// The client side of mutual TLS: our certificate, the federation CA as the
 /// only root, ALPN h2 for gRPC.
 fn client_config(

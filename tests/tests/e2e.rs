@@ -246,6 +246,56 @@ fn a_fedadam_job_resumed_after_sigkill_ends_with_the_uninterrupted_model() {
     assert_eq!(model_a, model_b, "the resumed FedAdam job's model differs from the uninterrupted one");
 }
 
+/// `confide-party check` names, before the party runs, what would make it
+/// useless: a declared width its rows do not have (a DP job reads only rows
+/// of that width, and would leave out every one, its ε charged all the
+/// same), and a private key others can read (the party used to start and
+/// retry its connection forever); `run` stops on the latter at start.
+#[test]
+fn party_check_names_a_width_the_rows_do_not_have_and_a_key_others_can_read() {
+    let fed = Federation::new(&three(), &breast_cancer(), true, "1,1,1");
+    let check = |cfg: &std::path::Path| {
+        let out = std::process::Command::new(&fed.party_bin)
+            .args(["check", "--config", cfg.to_str().expect("utf-8")])
+            .output()
+            .expect("run confide-party check");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let cfg = fed.party_config("hospital-a", "");
+    let (code, said) = check(&cfg);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("data set data:") && said.contains("30 features"), "{said}");
+
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    assert!(text.contains("features = 30\n"), "{text}");
+    std::fs::write(&cfg, text.replace("features = 30\n", "features = 29\n")).expect("write");
+    let (code, said) = check(&cfg);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("datasets.data.features = 29") && said.contains("hospital-a.csv"), "{said}");
+    assert!(said.contains("leave out every row"), "{said}");
+    std::fs::write(&cfg, text).expect("write");
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = fed.path("pki/parties/hospital-a.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let (code, said) = check(&cfg);
+        assert_eq!(code, Some(1), "{said}");
+        assert!(
+            said.contains("TLS identity") && said.contains("hospital-a.key") && said.contains("chmod 600"),
+            "{said}"
+        );
+        let out = std::process::Command::new(&fed.party_bin)
+            .args(["run", "--config", cfg.to_str().expect("utf-8")])
+            .output()
+            .expect("run confide-party run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("hospital-a.key") && err.contains("chmod 600"), "{err}");
+    }
+}
+
 #[test]
 fn malformed_job_specs_are_refused_with_every_field_named() {
     let mut fed = Federation::new(&["hospital-a", "hospital-b"], &breast_cancer(), true, "1,1");

@@ -202,56 +202,86 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Loads (or makes, mode 0600) the key pair of cloud service `service` in
-/// `dir`, with when it was made.
+/// `dir`, with when it was made. Read as private keys are (refused when
+/// others can read it); made crash-safely (a synced temporary file linked
+/// into place, never over another process's key, and the directory synced),
+/// so a crash mid-way leaves no short key file that stops every later start
+/// (found by review).
 fn cloud_secret(dir: &Path, service: &str) -> Result<(CloudSecret, u64), String> {
     let path = dir.join(format!("cloud-{service}.key"));
     let bad = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
-    match std::fs::read(&path) {
-        // The key, then when it was made (Unix seconds, little-endian):
-        // kept in the file, so that a copy or a restore from a backup does
-        // not change its age.
-        Ok(bytes) if bytes.len() == 40 => {
-            let bytes = zeroize::Zeroizing::new(bytes);
-            let mut key = zeroize::Zeroizing::new([0u8; 32]);
-            key.copy_from_slice(&bytes[..32]);
-            let mut made = [0u8; 8];
-            made.copy_from_slice(&bytes[32..]);
-            Ok((CloudSecret::from_bytes(&key), u64::from_le_bytes(made)))
-        }
-        // A key file from before: its modification time.
-        Ok(bytes) if bytes.len() == 32 => {
-            let bytes = zeroize::Zeroizing::new(bytes);
-            let mut key = zeroize::Zeroizing::new([0u8; 32]);
-            key.copy_from_slice(&bytes);
-            let made = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .map_err(|e| bad(&e))?
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            Ok((CloudSecret::from_bytes(&key), made))
-        }
-        Ok(_) => Err(bad(&"not a cloud key (32 bytes of key and 8 of its making time)")),
+    match std::fs::symlink_metadata(&path) {
+        Ok(_) => read_cloud_secret(&path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let secret = CloudSecret::generate(&mut rand_core::OsRng);
             let made = crate::audit::unix_now_ms() / 1000;
-            let mut opts = std::fs::OpenOptions::new();
-            opts.write(true).create_new(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                opts.mode(0o600);
-            }
-            use std::io::Write;
             // Sized once: no reallocation leaves an unwiped copy of the key.
             let mut contents = zeroize::Zeroizing::new(Vec::with_capacity(40));
             contents.extend_from_slice(secret.to_bytes().as_slice());
             contents.extend_from_slice(&made.to_le_bytes());
-            let mut f = opts.open(&path).map_err(|e| bad(&e))?;
-            f.write_all(&contents).and_then(|_| f.sync_all()).map_err(|e| bad(&e))?;
-            Ok((secret, made))
+            let tmp = dir.join(format!(".cloud-{service}.key.{}.part", std::process::id()));
+            let written = write_private(&tmp, &contents).and_then(|()| std::fs::hard_link(&tmp, &path));
+            let _ = std::fs::remove_file(&tmp);
+            match written {
+                Ok(()) => {
+                    confide_proto::durable::sync_parent(&path, &mut |_| {})?;
+                    Ok((secret, made))
+                }
+                // Another process made it meanwhile: that key is the one.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_cloud_secret(&path),
+                Err(e) => Err(bad(&e)),
+            }
         }
         Err(e) => Err(bad(&e)),
     }
+}
+
+/// A new file of `bytes`, mode 0600, synced.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Reads a cloud key file: the key, then when it was made (Unix seconds,
+/// little-endian), kept in the file so that a copy or a restore from a
+/// backup does not change its age; a 32-byte file from before has its
+/// modification time.
+fn read_cloud_secret(path: &Path) -> Result<(CloudSecret, u64), String> {
+    let bad = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let bytes = confide_crypto::pki::read_private_key(path).map_err(|e| e.to_string())?;
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    let made = match bytes.len() {
+        40 => {
+            key.copy_from_slice(&bytes[..32]);
+            let mut made = [0u8; 8];
+            made.copy_from_slice(&bytes[32..]);
+            u64::from_le_bytes(made)
+        }
+        32 => {
+            key.copy_from_slice(&bytes);
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .map_err(|e| bad(&e))?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        }
+        n => {
+            return Err(bad(&format_args!(
+                "not a cloud key ({n} bytes where a key has 32 and its making time 8); if nothing else wrote it, \
+                 move it away and restart: a new key is made, and the edges fetch it"
+            )));
+        }
+    };
+    Ok((CloudSecret::from_bytes(&key), made))
 }
 
 impl Joint {
@@ -645,5 +675,44 @@ impl Joint {
             ));
         }
         Ok(sealed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cloud key is made once, mode 0600, with no temporary file left,
+    /// and read back as the same key; a key file others can read, or one a
+    /// crash left short, is refused naming the file and what to do.
+    #[test]
+    fn a_cloud_key_is_made_once_privately_and_bad_key_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (made, at) = cloud_secret(dir.path(), "triage").unwrap();
+        let path = dir.path().join("cloud-triage.key");
+        assert_eq!(std::fs::read(&path).unwrap().len(), 40);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        assert_eq!(names, ["cloud-triage.key"], "a temporary file was left behind");
+        let (again, at_again) = cloud_secret(dir.path(), "triage").unwrap();
+        assert_eq!((again.public(), at_again), (made.public(), at));
+
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let e = cloud_secret(dir.path(), "triage").err().unwrap();
+            assert!(e.contains("cloud-triage.key") && e.contains("chmod 600"), "{e}");
+        }
+        // What a crash between creating and writing used to leave.
+        let short = dir.path().join("cloud-short.key");
+        write_private(&short, b"").unwrap();
+        let e = cloud_secret(dir.path(), "short").err().unwrap();
+        assert!(e.contains("cloud-short.key") && e.contains("0 bytes") && e.contains("move it away"), "{e}");
     }
 }
