@@ -25,7 +25,7 @@ use confide_crypto::aggregation::{AggregationProtocol, Envelope};
 use confide_crypto::identity::SharedRevocations;
 use confide_proto::Limits;
 use confide_proto::messages::{ResultBody, TaskResult};
-use confide_proto::net::{ClientIdentity, connect_checking_revocations};
+use confide_proto::net::ClientIdentity;
 use confide_proto::pb::party_service_client::PartyServiceClient;
 use confide_proto::pb::party_service_server::{PartyService, PartyServiceServer};
 use confide_proto::pb::{self, coordinator_message, party_message};
@@ -470,6 +470,27 @@ impl Shared {
                 warn!(party = %party, "left after uploading; its upload is not forwarded");
                 continue;
             }
+            if he_protocol::relay::claims_a_group(&h.contribution) {
+                // The party's doing, not this relay's: the coordinator is
+                // told so on the party's stream, and drops it from the stage.
+                warn!(party = %party, "an upload claiming a relay group's fields: refused as the party's");
+                let failed = pb::TaskFailed {
+                    job_id: key.0.clone(),
+                    task_id: key.1,
+                    reason: format!(
+                        "it sent relay {} an upload record with a relay group's fields (refused as its own doing)",
+                        self.name
+                    ),
+                };
+                if let Some(member) = upstreams.get(&party) {
+                    let up = member.up.clone();
+                    tokio::spawn(async move {
+                        let msg = pb::PartyMessage { body: Some(party_message::Body::Failed(failed)) };
+                        let _ = up.lock().await.send(msg).await;
+                    });
+                }
+                continue;
+            }
             match group.add(&party, &h.certificate, h.contribution.clone()) {
                 Ok(()) => {
                     results.insert(party, h.result);
@@ -586,9 +607,16 @@ impl PartyService for RelaySvc {
             cert: &cfg.cert,
             key: &cfg.key,
         };
-        let (channel, shown) = connect_checking_revocations(&client_id, Some(shared.revocations.clone()))
-            .await
-            .map_err(|e| Status::unavailable(format!("relay {}: {e}", shared.name)))?;
+        // Only the coordinator, at every handshake (the channel reconnects
+        // by itself: checked once after connecting, a reconnection could
+        // reach any server of the federation; found by review).
+        let (channel, shown) = confide_proto::net::connect_to(
+            &client_id,
+            Some(shared.revocations.clone()),
+            &[confide_crypto::pki::Role::Coordinator],
+        )
+        .await
+        .map_err(|e| Status::unavailable(format!("relay {}: {e}", shared.name)))?;
         // Only the coordinator: never another relay or a party's certificate.
         let upstream_role = shown
             .lock()
@@ -987,6 +1015,57 @@ mod tests {
         pump.await.unwrap();
         assert_eq!(got, 40);
         assert!(closed.try_recv().is_err() && !cut.is_cut());
+    }
+
+    /// A member's upload that claims a relay group's fields is not
+    /// forwarded (the coordinator would blame this relay for it, the
+    /// member never dropped): the member's task is failed upstream, naming
+    /// it as the member's doing; a plain upload beside it still goes out.
+    #[tokio::test]
+    async fn a_members_upload_claiming_a_group_is_failed_as_its_own() {
+        let s = Arc::new(shared(30));
+        let key = ("he".to_string(), 4);
+        let rc = he_protocol::wire::RoundConfig { dim: 8, parties: vec!["p0".into()], ..Default::default() };
+        let mut streams = Vec::new();
+        for (conn, p) in ["p0", "p1"].into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel(8);
+            let member = Member { conn: conn as u64, up: Arc::new(tokio::sync::Mutex::new(tx)), cut: Cut::default() };
+            s.members.lock().unwrap().insert(p.into(), member);
+            streams.push(rx);
+        }
+        let held = |conn, record: he_protocol::wire::Upload| Held {
+            conn,
+            result: TaskResult {
+                job_id: "he".into(),
+                round: 2,
+                task_id: 4,
+                body: ResultBody::Fit { metrics: Default::default(), contribution: Envelope::body(Vec::new()) },
+            },
+            contribution: Envelope::body(prost::Message::encode_to_vec(&record)),
+            certificate: Arc::from(Vec::new()),
+        };
+        let claims = he_protocol::wire::Upload { party: "p0".into(), relay: "edge-a".into(), ..Default::default() };
+        assert!(he_protocol::relay::claims_a_group(&Envelope::body(prost::Message::encode_to_vec(&claims))));
+        let plain = he_protocol::wire::Upload { party: "p1".into(), ..Default::default() };
+        s.pending.lock().unwrap().insert(
+            key.clone(),
+            Pending {
+                id: 1,
+                created: Instant::now(),
+                round_message: prost::Message::encode_to_vec(&rc),
+                expected: ["p0".to_string(), "p1".to_string()].into(),
+                held: [("p0".to_string(), held(0, claims)), ("p1".to_string(), held(1, plain))].into(),
+                timer: false,
+            },
+        );
+        s.flush(&key, None, "test");
+        let first = tokio::time::timeout(Duration::from_secs(5), streams[0].recv()).await.unwrap().unwrap();
+        let Some(party_message::Body::Failed(f)) = first.body else { panic!("{first:?}") };
+        assert_eq!((f.job_id.as_str(), f.task_id), ("he", 4));
+        assert!(f.reason.contains("relay edge-a") && f.reason.contains("its own doing"), "{}", f.reason);
+        // The plain (here malformed) upload went out as it came.
+        let second = tokio::time::timeout(Duration::from_secs(5), streams[1].recv()).await.unwrap().unwrap();
+        assert!(matches!(second.body, Some(party_message::Body::Result(_))), "{second:?}");
     }
 
     /// A member's second result for an upload task, while its first is

@@ -831,6 +831,13 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
     Ok(RunningCoordinator { local_addr, metrics_addr, _metrics: metrics, shutdown: Some(shutdown_tx), join })
 }
 
+/// A job id an administrator's request names, refused (bounded in the
+/// error) when it is not one, before it is looked up or echoed (found by
+/// review: errors echoed it whole, up to a message's size).
+fn admin_job_id(id: &str) -> Result<(), Status> {
+    confide_proto::validate_job_id(id).map_err(Status::invalid_argument)
+}
+
 fn read_model(path: &Path) -> Result<Parameters, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     Ok(Parameters::from_safetensors(&bytes)?)
@@ -1809,7 +1816,9 @@ impl AdminService for AdminSvc {
 
     async fn get_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobStatus>, Status> {
         require_admin(&self.hub, &req)?;
-        Ok(Response::new(job_status(&self.hub, &req.into_inner().job_id, true).await?))
+        let id = req.into_inner().job_id;
+        admin_job_id(&id)?;
+        Ok(Response::new(job_status(&self.hub, &id, true).await?))
     }
 
     type WatchJobStream = BoxStream<pb::JobStatus>;
@@ -1822,6 +1831,7 @@ impl AdminService for AdminSvc {
         // within a poll, not at the job's next change.
         let (admin, certificate) = (peer_of(&req)?, peer_certificate(&req)?);
         let id = req.into_inner().job_id;
+        admin_job_id(&id)?;
         let hub = self.hub.clone();
         // Subscribe before reading, so that no change between the two is missed.
         let mut changes = lock(&hub.jobs).get(&id).map(|j| j.status.subscribe());
@@ -1877,6 +1887,7 @@ impl AdminService for AdminSvc {
     async fn cancel_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobStatus>, Status> {
         require_admin(&self.hub, &req)?;
         let id = req.into_inner().job_id;
+        admin_job_id(&id)?;
         let st = job_status(&self.hub, &id, false).await?;
         let state = JobState::try_from(st.state).unwrap_or(JobState::Failed);
         if state.is_terminal() {
@@ -1898,6 +1909,7 @@ impl AdminService for AdminSvc {
         require_admin(&self.hub, &req)?;
         let r = req.into_inner();
         let (id, wanted) = (r.job_id, r.round);
+        admin_job_id(&id)?;
         let hub = self.hub.clone();
         let (round, bytes) = blocking(move || {
             let (round, path) = match wanted {
@@ -1938,6 +1950,9 @@ impl AdminService for AdminSvc {
     async fn list_models(&self, req: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsReply>, Status> {
         require_admin(&self.hub, &req)?;
         let job = req.into_inner().job_id;
+        if !job.is_empty() {
+            admin_job_id(&job)?;
+        }
         let hub = self.hub.clone();
         let versions = blocking(move || {
             let versions = hub.db.model_versions((!job.is_empty()).then_some(job.as_str()))?;
@@ -1989,6 +2004,10 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<pb::ListServicesReply>, Status> {
         require_admin(&self.hub, &req)?;
         let service = req.into_inner().service;
+        if !service.is_empty() {
+            confide_proto::deploy::validate_service_name(&service)
+                .map_err(|e| Status::invalid_argument(format!("service: {e}")))?;
+        }
         let hub = self.hub.clone();
         let hub2 = hub.clone();
         let mut services =

@@ -475,6 +475,14 @@ impl Session {
     }
 }
 
+/// Said of a party dropped or excluded while its stream came through a
+/// relay: the relay could have altered what it forwarded (it speaks for
+/// its parties on what they do not sign, and can corrupt what they do), so
+/// the status names it beside the party (found by review).
+fn through_relay(relays: &BTreeMap<String, String>, party: &str) -> String {
+    relays.get(party).map(|r| format!(" (its stream came through relay {r})")).unwrap_or_default()
+}
+
 fn status(state: PartyState, detail: Option<String>, last_round: u32) -> PartyStatus {
     PartyStatus { state, detail, last_round }
 }
@@ -546,7 +554,7 @@ impl Core {
         if !c.waiting.remove(party) {
             return;
         }
-        let what = format!("{}: {reason}", c.stage);
+        let what = format!("{}: {reason}{}", c.stage, through_relay(&self.relays, party));
         let detail = format!("round {} {what}", c.round);
         self.set_party(party, PartyState::Dropped, Some(detail));
         if let Some(rec) = self.record.as_mut() {
@@ -714,9 +722,10 @@ impl Context<'_> {
 
     /// Excludes `party` from the rest of the job (e.g. another architecture).
     pub fn exclude(&mut self, party: &str, reason: &str) {
-        self.core.set_party(party, PartyState::Failed, Some(reason.to_owned()));
+        let reason = format!("{reason}{}", through_relay(&self.core.relays, party));
+        self.core.set_party(party, PartyState::Failed, Some(reason.clone()));
         if let Some(rec) = self.core.record.as_mut() {
-            rec.dropped.insert(party.to_owned(), reason.to_owned());
+            rec.dropped.insert(party.to_owned(), reason);
         }
     }
 

@@ -417,6 +417,29 @@ mod plaintext {
         assert!(d.contains("party b sent a bad update") && d.contains("NaN"), "{d}");
     }
 
+    /// A party dropped while its stream comes through a relay is named
+    /// with the relay, which could have altered what it forwarded.
+    #[test]
+    fn a_party_dropped_through_a_relay_is_named_with_its_relay() {
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
+        for p in ["a", "b", "c"] {
+            let relay = (p == "b").then(|| "edge-a".to_string());
+            h.feed(Input::Connected { party: p.into(), certificate: Arc::from(Vec::new()), relay });
+        }
+        for p in ["a", "b", "c"] {
+            h.feed(Input::Answer { party: p.into(), accepted: true, reason: String::new() });
+        }
+        let t = h.tasks();
+        h.setup(&t, &[0.0]);
+        let fit = h.tasks();
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        h.fit("b", &fit[1].1, 1, &[f32::NAN]);
+        h.fit("c", &fit[2].1, 3, &[6.0]);
+        let d = h.s.parties()["b"].detail.clone().unwrap();
+        assert!(d.contains("party b sent a bad update") && d.contains("through relay edge-a"), "{d}");
+        assert!(!h.s.parties()["c"].detail.clone().unwrap_or_default().contains("relay"));
+    }
+
     #[test]
     fn refusals_fail_recruitment_with_the_reason() {
         let mut h = H::new(spec(&["a", "b"], 2, 1, ""), Start::Fresh { model: None });

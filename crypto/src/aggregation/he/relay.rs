@@ -37,6 +37,18 @@ fn slots_of(round_message: &[u8]) -> Result<usize, Error> {
     Ok(dim.max(1).div_ceil(he::ring::N) * he::ring::N)
 }
 
+/// Whether `upload` (a member's contribution) claims a relay group's
+/// fields (`relay`, `group`, `group_bytes`): that is never a party's own
+/// upload, and forwarded as it came on the party's relayed stream, the
+/// coordinator would take it for the relay's group and blame the relay, the
+/// party never dropped (found by review). An upload that does not decode
+/// is not such a claim (the coordinator judges it as the party's).
+pub fn claims_a_group(upload: &Envelope) -> bool {
+    upload
+        .decode::<wire::Upload>("party", "upload record")
+        .is_ok_and(|r| !r.relay.is_empty() || !r.group.is_empty() || r.group_bytes != 0)
+}
+
 /// The uploads of one round that a relay's members send, summed as they come.
 pub struct UploadGroup {
     relay: String,
