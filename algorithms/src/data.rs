@@ -84,6 +84,11 @@ impl Dataset {
     /// the file.
     fn read_text_with(path: &Path, lossy: bool) -> Result<String, Error> {
         let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
+        // A FIFO or a device would block the read, or never end it.
+        let meta = std::fs::metadata(path).map_err(|e| err(0, e.to_string()))?;
+        if !meta.is_file() {
+            return Err(err(0, "not a regular file".into()));
+        }
         let raw = std::fs::read(path).map_err(|e| err(0, e.to_string()))?;
         // Gzip by its magic bytes too (no CSV starts with 0x1f): a
         // compressed file named `.csv` or `.GZ` would otherwise be read as
@@ -393,7 +398,11 @@ impl DatasetSource {
         let mut out = Vec::new();
         for entry in rd {
             let entry = entry.map_err(|e| Error::InvalidInput(format!("{}: {e}", self.path.display())))?;
-            if is_batch_name(&entry.file_name().to_string_lossy()) {
+            // Regular files only (a link is followed): a FIFO named like a
+            // batch would block the read.
+            if is_batch_name(&entry.file_name().to_string_lossy())
+                && std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file())
+            {
                 out.push(entry.path());
             }
         }
@@ -535,6 +544,22 @@ mod tests {
         for name in [".b.csv", "b.csv.tmp", "b.txt", "b.gz"] {
             assert!(!is_batch_name(name), "{name}");
         }
+    }
+
+    /// A FIFO (or device) is not read: named like a batch it is not one,
+    /// and given as a file it is refused, where reading it would block.
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_is_neither_a_batch_nor_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.csv"), "1,0\n").unwrap();
+        let fifo = dir.path().join("b.csv");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo (coreutils)");
+        assert!(made.success());
+        let src = DatasetSource::csv(dir.path().to_owned());
+        assert_eq!(src.batches().unwrap(), vec![dir.path().join("a.csv")]);
+        let e = Dataset::load_csv(&fifo, &CsvOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("b.csv") && e.contains("not a regular file"), "{e}");
     }
 
     /// A data set of `n` rows of 3 features from `seed`, some rows repeated.

@@ -49,15 +49,34 @@ impl AuditLog {
             opts.mode(0o600);
         }
         let file = opts.open(path).map_err(|e| format!("audit log {}: {e}", path.display()))?;
+        // A line a crash (or a full disk) left half-written is the record
+        // of an input that was never forwarded (an input goes out only once
+        // its record is on disk): cut it, or the next record would be glued
+        // to it and fail to parse (found by review).
+        let bytes = std::fs::read(path).map_err(|e| format!("audit log {}: {e}", path.display()))?;
+        if bytes.last().is_some_and(|&b| b != b'\n') {
+            let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            tracing::warn!(log = %path.display(), "cutting a half-written last record (its input was not forwarded)");
+            file.set_len(whole as u64)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| format!("audit log {}: {e}", path.display()))?;
+        }
         Ok(AuditLog { path: path.to_owned(), file: Mutex::new(file) })
     }
 
-    /// Appends one record and syncs it to disk.
+    /// Appends one record and syncs it to disk; a write that fails is cut
+    /// back off, so that no half-written line is left for the next.
     pub fn record(&self, entry: &ForwardedInput) -> Result<(), String> {
         let mut line = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
         line.push(b'\n');
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        f.write_all(&line).and_then(|_| f.sync_data()).map_err(|e| format!("audit log {}: {e}", self.path.display()))
+        let before = f.metadata().map(|m| m.len());
+        f.write_all(&line).and_then(|_| f.sync_data()).map_err(|e| {
+            if let Ok(len) = before {
+                let _ = f.set_len(len);
+            }
+            format!("audit log {}: {e}", self.path.display())
+        })
     }
 
     /// Every record in the log at `path`; a line that does not parse is an
@@ -121,6 +140,14 @@ mod tests {
         // The hash is of the values, not a rendering of them.
         assert_ne!(rows_sha256(&[1.0, 2.0]), rows_sha256(&[2.0, 1.0]));
         assert_eq!(rows_sha256(&[]), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        // A half-written last line (a crash mid-append) is cut at the next
+        // open, and the next record parses.
+        let whole = std::fs::read(&path).unwrap();
+        let mut torn = whole.clone();
+        torn.extend_from_slice(b"{\"time_ms\":3,\"serv");
+        std::fs::write(&path, &torn).unwrap();
+        AuditLog::open(&path).unwrap().record(&entry(3)).unwrap();
+        assert_eq!(AuditLog::read(&path).unwrap(), vec![entry(1), entry(2), entry(3)]);
         std::fs::write(&path, "{not json}\n").unwrap();
         assert!(AuditLog::read(&path).unwrap_err().contains(":1:"));
     }

@@ -411,6 +411,8 @@ pub struct Reconnect {
 fn default_initial() -> u64 {
     200
 }
+/// The longest reconnection delay a party accepts: a day.
+const MAX_RECONNECT_MS: u64 = 86_400_000;
 fn default_max() -> u64 {
     10_000
 }
@@ -596,6 +598,11 @@ impl PartyConfig {
         }
         if self.reconnect.initial_ms == 0 || self.reconnect.max_ms < self.reconnect.initial_ms {
             return Err("reconnect: need 0 < initial_ms <= max_ms".into());
+        }
+        // A ceiling: the back-off doubles and adds jitter, which past it
+        // would overflow (found by review).
+        if self.reconnect.max_ms > MAX_RECONNECT_MS {
+            return Err(format!("reconnect.max_ms: at most {MAX_RECONNECT_MS} (a day; got {})", self.reconnect.max_ms));
         }
         let kinds = plugins.kind_names();
         for k in &self.policy.job_kinds {
@@ -915,6 +922,15 @@ mod tests {
         let e = load("[datasets.bc]\npath = \"bc.csv\"\nfeatures = 0\n").unwrap_err().to_string();
         assert!(e.contains("datasets.bc.features"), "{e}");
         assert!(load("[datasets.bc]\npath = \"bc.csv\"\nfeature = 30\n").is_err(), "a misspelt key is refused");
+    }
+
+    /// The reconnection back-off has a ceiling (past it, doubling with
+    /// jitter would overflow), named in the error.
+    #[test]
+    fn the_reconnection_delay_has_a_ceiling() {
+        assert!(load("[reconnect]\ninitial_ms = 100\nmax_ms = 86400000\n").is_ok());
+        let e = load("[reconnect]\ninitial_ms = 100\nmax_ms = 9223372036854775808\n").unwrap_err().to_string();
+        assert!(e.contains("reconnect.max_ms") && e.contains("at most 86400000"), "{e}");
     }
 
     /// Two names for the same rows would give them two privacy budgets:
