@@ -255,11 +255,23 @@ impl Watches {
             *seen = None;
         }
         if seen.is_none() {
-            let text = match std::fs::read_to_string(path) {
+            let mut text = match std::fs::read_to_string(path) {
                 Ok(t) => t,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
                 Err(e) => return Err(format!("hard examples {}: {e}", path.display())),
             };
+            // A line a crash or a full disk left half-written: cut, or the
+            // next line would be glued to it (and its row counted as kept).
+            if !text.is_empty() && !text.ends_with('\n') {
+                let whole = text.rfind('\n').map_or(0, |i| i + 1);
+                tracing::warn!(file = %path.display(), "cutting a half-written last hard example");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(whole as u64).and_then(|()| f.sync_data()))
+                    .map_err(|e| format!("hard examples {}: {e}", path.display()))?;
+                text.truncate(whole);
+            }
             let keys = text
                 .lines()
                 .filter_map(|l| {
@@ -270,20 +282,20 @@ impl Watches {
                 .collect();
             *seen = Some((keys, FileMark { len: text.len() as u64, ..now }));
         }
-        let Some((seen, known)) = seen.as_mut() else { return Ok(()) };
+        let Some((kept, known)) = seen.as_mut() else { return Ok(()) };
         let mut text = String::new();
         let mut full = 0usize;
         for row in rows.chunks(width) {
             let sha = crate::audit::rows_sha256(row);
             let key = format!("{service}:{sha}");
-            if seen.contains(&key) {
+            if kept.contains(&key) {
                 continue;
             }
-            if seen.len() >= MAX_HARD_EXAMPLES {
+            if kept.len() >= MAX_HARD_EXAMPLES {
                 full += 1;
                 continue;
             }
-            seen.insert(key);
+            kept.insert(key);
             text.push_str(&sha);
             text.push(',');
             text.push_str(service);
@@ -309,8 +321,26 @@ impl Watches {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(0o600);
         }
-        let mut f = opts.open(path).map_err(|e| format!("hard examples {}: {e}", path.display()))?;
-        f.write_all(text.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| format!("{}: {e}", path.display()))?;
+        let opened = opts.open(path).map_err(|e| format!("hard examples {}: {e}", path.display()));
+        let mut f = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                // Not written: not kept (read again from the file next time).
+                *seen = None;
+                return Err(e);
+            }
+        };
+        let before = f.metadata().map(|m| m.len());
+        if let Err(e) = f.write_all(text.as_bytes()).and_then(|_| f.sync_data()) {
+            // Cut back what was half-written, and forget the rows marked
+            // kept above (found by review: they counted as kept, and were
+            // lost for the rest of the process).
+            if let Ok(len) = before {
+                let _ = f.set_len(len);
+            }
+            *seen = None;
+            return Err(format!("{}: {e}", path.display()));
+        }
         // The file written, from its handle: one renamed away meanwhile is
         // told apart at the next call.
         *known = f.metadata().map_or(FileMark { len: known.len + text.len() as u64, ..*known }, |m| FileMark::of(&m));
@@ -833,6 +863,25 @@ mod tests {
         assert_eq!(w.select(&spec("evaluate", 2, "new"), "d", &src).unwrap().load().unwrap().len(), 1);
         w.select(&spec("train", 1, "all"), "d", &src).unwrap();
         assert_eq!(w.marks("p1").len(), 1);
+    }
+
+    /// A hard example half-written by a crash is cut when the file is next
+    /// read, so the next line is not glued to it.
+    #[test]
+    fn a_half_written_hard_example_is_cut_before_the_next_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        open_in(dir.path()).keep_hard_examples("triage", &[1.0], 1).unwrap();
+        let path = dir.path().join("hard.csv");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        let whole = text.clone();
+        text.push_str("0123abcd,tri");
+        std::fs::write(&path, &text).unwrap();
+        // A restarted party (nothing in memory) keeps the next row.
+        open_in(dir.path()).keep_hard_examples("triage", &[2.0], 1).unwrap();
+        let after = std::fs::read_to_string(&path).unwrap();
+        assert!(after.starts_with(&whole) && !after.contains("0123abcd"), "{after}");
+        assert_eq!(after.lines().count(), 2, "{after}");
+        assert!(after.lines().all(|l| l.split(',').count() == 3), "{after}");
     }
 
     /// What a client of the prediction endpoint can make the party keep is
