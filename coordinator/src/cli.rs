@@ -579,6 +579,9 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                 .await
                 .map_err(rpc_err)?
                 .into_inner();
+            if reply.truncated {
+                eprintln!("warning: more versions than one reply holds; older ones are not listed (name a job)");
+            }
             for m in reply.models {
                 let metrics: std::collections::BTreeMap<String, f64> = m.metrics.into_iter().collect();
                 if json {
@@ -1374,8 +1377,11 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
         }
         JobCmd::List { json, conn } => {
             let mut client = admin(&conn).await?;
-            let jobs = client.list_jobs(pb::ListJobsRequest {}).await.map_err(rpc_err)?.into_inner().jobs;
-            let jobs: Vec<JobStatus> = jobs.into_iter().map(parse_status).collect::<Result<_, _>>()?;
+            let reply = client.list_jobs(pb::ListJobsRequest {}).await.map_err(rpc_err)?.into_inner();
+            if reply.truncated {
+                eprintln!("warning: more jobs than one reply holds; older ones are not listed (ask for one by id)");
+            }
+            let jobs: Vec<JobStatus> = reply.jobs.into_iter().map(parse_status).collect::<Result<_, _>>()?;
             if json {
                 println!("{}", serde_json::to_string(&jobs).unwrap_or_default());
             } else {

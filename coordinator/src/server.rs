@@ -1811,7 +1811,12 @@ impl AdminService for AdminSvc {
         require_admin(&self.hub, &req)?;
         let hub = self.hub.clone();
         let jobs = blocking(move || hub.db.list_jobs()).await?;
-        Ok(Response::new(pb::ListJobsReply { jobs: jobs.into_iter().map(pb::JobStatus::from).collect() }))
+        // Every job ever, newest first: pipelines add jobs for as long as
+        // they run, so the reply keeps what fits a message (past it the
+        // list used to fail for good; found by review).
+        let mut jobs: Vec<pb::JobStatus> = jobs.into_iter().map(pb::JobStatus::from).collect();
+        let truncated = keep_within(&mut jobs, MAX_LIST_REPLY_BYTES);
+        Ok(Response::new(pb::ListJobsReply { jobs, truncated }))
     }
 
     async fn get_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobStatus>, Status> {
@@ -1984,7 +1989,9 @@ impl AdminService for AdminSvc {
                 services,
             })
             .collect();
-        Ok(Response::new(pb::ListModelsReply { models }))
+        let mut models = models;
+        let truncated = keep_within(&mut models, MAX_LIST_REPLY_BYTES);
+        Ok(Response::new(pb::ListModelsReply { models, truncated }))
     }
 
     async fn deploy(&self, req: Request<pb::ServiceDeployment>) -> Result<Response<pb::ServiceStatus>, Status> {
@@ -2041,8 +2048,9 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<pb::ListPartiesReply>, Status> {
         require_admin(&self.hub, &req)?;
         let hub = self.hub.clone();
-        let parties = blocking(move || party_infos(&hub)).await?;
-        Ok(Response::new(pb::ListPartiesReply { parties }))
+        let mut parties = blocking(move || party_infos(&hub)).await?;
+        let truncated = keep_within(&mut parties, MAX_LIST_REPLY_BYTES);
+        Ok(Response::new(pb::ListPartiesReply { parties, truncated }))
     }
 }
 
@@ -2084,14 +2092,14 @@ const MAX_LIST_REPLY_BYTES: usize = 3 << 20;
 /// Keeps the first of `services` that fit in `bytes` encoded, so that a
 /// reply fits a message whatever the number of services; true when some
 /// were left out.
-fn keep_within(services: &mut Vec<pb::ServiceStatus>, bytes: usize) -> bool {
+fn keep_within<T: prost::Message>(items: &mut Vec<T>, bytes: usize) -> bool {
     let mut room = bytes;
-    let fit = services
+    let fit = items
         .iter()
         .take_while(|s| room.checked_sub(prost::Message::encoded_len(*s) + 8).map(|r| room = r).is_some())
         .count();
-    let truncated = fit < services.len();
-    services.truncate(fit);
+    let truncated = fit < items.len();
+    items.truncate(fit);
     truncated
 }
 
