@@ -270,21 +270,29 @@ struct JoinBudget {
 impl JoinBudget {
     const BURST: f64 = 30.0;
     const EVERY: Duration = Duration::from_secs(2);
+    /// A relay's own budget, taken before a relayed join's checks (which
+    /// read the CA and verify a signature): wide enough for all of a
+    /// relay's parties to rejoin at once after a restart, but not for a
+    /// relay, or a party behind it, to make the coordinator do that work
+    /// without pause (found by review).
+    const RELAY_BURST: f64 = 1024.0;
+    const RELAY_EVERY: Duration = Duration::from_millis(50);
 
-    fn full(now: std::time::Instant) -> Self {
-        JoinBudget { tokens: Self::BURST, at: now }
+    fn full(now: std::time::Instant, burst: f64) -> Self {
+        JoinBudget { tokens: burst, at: now }
     }
 
-    /// Takes one join at `now`; refused with how long until the next.
-    fn take(&mut self, now: std::time::Instant) -> Result<(), Duration> {
-        let earned = now.saturating_duration_since(self.at).as_secs_f64() / Self::EVERY.as_secs_f64();
-        self.tokens = (self.tokens + earned).min(Self::BURST);
+    /// Takes one join at `now` from a budget of `burst` refilled one every
+    /// `every`; refused with how long until the next.
+    fn take(&mut self, now: std::time::Instant, burst: f64, every: Duration) -> Result<(), Duration> {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() / every.as_secs_f64();
+        self.tokens = (self.tokens + earned).min(burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Self::EVERY.mul_f64(1.0 - self.tokens))
+            Err(every.mul_f64(1.0 - self.tokens))
         }
     }
 }
@@ -325,20 +333,40 @@ impl Hub {
         })
     }
 
+    /// One more relayed join through `relay`, within the relay's own
+    /// [`JoinBudget`] (kept apart from parties' by a name no party has).
+    fn take_relayed_join(&self, relay: &str) -> Result<(), Status> {
+        let now = std::time::Instant::now();
+        let mut joins = lock(&self.joins);
+        let (burst, every) = (JoinBudget::RELAY_BURST, JoinBudget::RELAY_EVERY);
+        let budget = joins.entry(format!("relay {relay}")).or_insert_with(|| JoinBudget::full(now, burst));
+        budget.take(now, burst, every).map_err(|wait| {
+            warn!(relay, "refused a relayed stream: the relay opens streams too often");
+            let refused = Status::resource_exhausted(format!(
+                "relay {relay} opened {burst} streams without pause; retry in {} ms",
+                wait.as_millis().max(1)
+            ));
+            confide_proto::net::with_retry_after(refused, wait)
+        })
+    }
+
     /// One more stream join of `party`, within its [`JoinBudget`].
     fn take_join(&self, party: &str) -> Result<(), Status> {
         let now = std::time::Instant::now();
         let mut joins = lock(&self.joins);
-        joins.entry(party.to_owned()).or_insert_with(|| JoinBudget::full(now)).take(now).map_err(|wait| {
-            warn!(party, "refused a stream: the party reconnects too often");
-            let refused = Status::resource_exhausted(format!(
-                "{party} opened {} streams without pause; retry in {} ms",
-                JoinBudget::BURST,
-                wait.as_millis().max(1)
-            ));
-            // Also as metadata, read by the party's reconnect loop.
-            confide_proto::net::with_retry_after(refused, wait)
-        })
+        let (burst, every) = (JoinBudget::BURST, JoinBudget::EVERY);
+        joins.entry(party.to_owned()).or_insert_with(|| JoinBudget::full(now, burst)).take(now, burst, every).map_err(
+            |wait| {
+                warn!(party, "refused a stream: the party reconnects too often");
+                let refused = Status::resource_exhausted(format!(
+                    "{party} opened {} streams without pause; retry in {} ms",
+                    JoinBudget::BURST,
+                    wait.as_millis().max(1)
+                ));
+                // Also as metadata, read by the party's reconnect loop.
+                confide_proto::net::with_retry_after(refused, wait)
+            },
+        )
     }
 
     /// The coordinator's Prometheus metrics.
@@ -922,6 +950,7 @@ impl PartyService for PartySvc {
             Role::Relay => {
                 let relay = id.name;
                 let hub2 = hub.clone();
+                hub.take_relayed_join(&relay)?;
                 let (meta, relay2) = (req.metadata().clone(), relay.clone());
                 let admitted = tokio::task::spawn_blocking(move || admit_relayed(&hub2, &relay2, &meta))
                     .await
@@ -2430,21 +2459,22 @@ mod tests {
     #[test]
     fn a_party_that_reconnects_without_pause_is_refused_for_a_while() {
         let t0 = std::time::Instant::now();
-        let mut budget = JoinBudget::full(t0);
+        let (burst, every) = (JoinBudget::BURST, JoinBudget::EVERY);
+        let mut budget = JoinBudget::full(t0, burst);
         for _ in 0..30 {
-            budget.take(t0).unwrap();
+            budget.take(t0, burst, every).unwrap();
         }
-        let wait = budget.take(t0).unwrap_err();
+        let wait = budget.take(t0, burst, every).unwrap_err();
         assert_eq!(wait, JoinBudget::EVERY);
-        assert!(budget.take(t0 + Duration::from_millis(1999)).is_err());
-        budget.take(t0 + Duration::from_millis(2000)).unwrap();
-        assert!(budget.take(t0 + Duration::from_millis(2000)).is_err());
+        assert!(budget.take(t0 + Duration::from_millis(1999), burst, every).is_err());
+        budget.take(t0 + Duration::from_millis(2000), burst, every).unwrap();
+        assert!(budget.take(t0 + Duration::from_millis(2000), burst, every).is_err());
         // A long pause earns the burst back, not more.
         let later = t0 + Duration::from_secs(3600);
         for _ in 0..30 {
-            budget.take(later).unwrap();
+            budget.take(later, burst, every).unwrap();
         }
-        assert!(budget.take(later).is_err());
+        assert!(budget.take(later, burst, every).is_err());
         // Through the hub: another party is not held to this one's budget.
         let dir = tempfile::tempdir().unwrap();
         let hub = bare_hub(dir.path());
@@ -2458,6 +2488,15 @@ mod tests {
         let wait = confide_proto::net::retry_after(&e).expect("the refusal says when to retry");
         assert!(wait > Duration::ZERO && wait <= JoinBudget::EVERY, "{wait:?}");
         hub.take_join("hospital-b").unwrap();
+        // A relay's streams draw on its own budget first (before the
+        // delegation's checks), apart from any party's: 1,024 at once.
+        for _ in 0..1024 {
+            hub.take_relayed_join("edge-a").unwrap();
+        }
+        let e = hub.take_relayed_join("edge-a").unwrap_err();
+        assert!(e.message().contains("relay edge-a") && e.message().contains("retry in"), "{}", e.message());
+        hub.take_join("edge-a").unwrap();
+        hub.take_relayed_join("edge-b").unwrap();
     }
 
     /// A job's receiving end, read as inputs.
