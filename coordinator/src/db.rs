@@ -116,6 +116,10 @@ const MIGRATIONS: &[&str] = &[
     // from whatever is newest in `from_job` by then (a deployed version may
     // be an older round)
     "ALTER TABLE jobs ADD COLUMN from_round INTEGER;",
+    // 9: the nonces of the relay delegations admitted lately, so that a
+    // relay cannot present one again after a restart (in memory only, one
+    // made in the last minutes could be replayed once more)
+    "CREATE TABLE relay_nonces (nonce BLOB PRIMARY KEY, at INTEGER NOT NULL);",
 ];
 
 /// A stored deployment: the signed record as the administrator sent it.
@@ -232,6 +236,21 @@ impl Db {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (transactions roll back), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records relay delegation `nonce`'s use at `now` (Unix seconds),
+    /// forgetting those older than `keep_secs` (which fail the time check
+    /// anyway): false if it was used before, whatever restarts came between.
+    pub fn first_use_of_nonce(&self, nonce: &[u8], now: u64, keep_secs: u64) -> Result<bool, Error> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(sql)?;
+        tx.execute("DELETE FROM relay_nonces WHERE at < ?1", params![now.saturating_sub(keep_secs) as i64])
+            .map_err(sql)?;
+        let added = tx
+            .execute("INSERT OR IGNORE INTO relay_nonces (nonce, at) VALUES (?1, ?2)", params![nonce, now as i64])
+            .map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(added == 1)
     }
 
     /// Records that a party connected or disconnected.
@@ -969,5 +988,20 @@ mod tests {
         let path = dir.path().join("c.db");
         Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
         assert!(Db::open(&path).is_err());
+    }
+
+    /// A relay delegation's nonce is admitted once, across reopenings of
+    /// the database (a coordinator restart), and forgotten only once its
+    /// time is out of range anyway.
+    #[test]
+    fn a_delegation_nonce_is_admitted_once_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let nonce = [7u8; 16];
+        assert!(Db::open(&path).unwrap().first_use_of_nonce(&nonce, 1000, 600).unwrap());
+        let db = Db::open(&path).unwrap();
+        assert!(!db.first_use_of_nonce(&nonce, 1100, 600).unwrap());
+        assert!(db.first_use_of_nonce(&[8u8; 16], 1100, 600).unwrap());
+        assert!(db.first_use_of_nonce(&nonce, 1601, 600).unwrap(), "forgotten once out of range");
     }
 }

@@ -241,8 +241,6 @@ pub struct Hub {
     /// Each service's joint-inference route (its current deployment's cloud
     /// tier), cached; cleared by every deployment.
     joint_routes: Mutex<JointRoutes>,
-    /// Delegation nonces admitted recently (each once).
-    delegations: Mutex<confide_crypto::relay::SeenNonces>,
     /// Each serving party's latest report: requests and rows by source per
     /// service, since that party started.
     serving: Mutex<HashMap<String, Vec<pb::ServiceRows>>>,
@@ -320,7 +318,6 @@ impl Hub {
             models_dir,
             retention,
             parties: Parties::default(),
-            delegations: Mutex::default(),
             serving: Mutex::default(),
             cloud_keys: Mutex::default(),
             forwards: Mutex::default(),
@@ -1201,14 +1198,32 @@ fn admit_relayed(hub: &Hub, relay: &str, meta: &tonic::metadata::MetadataMap) ->
     if cert.len() > 16 << 10 || signature.len() > 512 {
         return Err(Status::invalid_argument(format!("relay {relay}: an oversized certificate or delegation")));
     }
+    if nonce.len() != confide_crypto::relay::NONCE_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "relay {relay}: {RELAYED_NONCE} is {} bytes, not {}",
+            nonce.len(),
+            confide_crypto::relay::NONCE_BYTES
+        )));
+    }
     let ca = std::fs::read(hub.pki.ca_cert()).map_err(|e| Status::internal(format!("CA certificate: {e}")))?;
     let mut verifier = confide_crypto::identity::CertVerifier::with_revocations(&ca, hub.revocations.clone())
         .map_err(|e| Status::internal(e.to_string()))?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let party = confide_crypto::relay::check_delegation(&mut verifier, &cert, relay, time, &nonce, &signature, now)
         .map_err(|e| Status::permission_denied(format!("relay {relay}: {e}")))?;
-    if !lock(&hub.delegations).first_use(&nonce, now) {
-        return Err(Status::permission_denied(format!("relay {relay}: replayed a delegation of {party}")));
+    // Kept in the database, not only in memory: after a restart a relay
+    // could otherwise present a delegation made in the last minutes once
+    // more (found by review).
+    let keep = 2 * confide_crypto::relay::MAX_CLOCK_SKEW_SECS;
+    match hub.db.first_use_of_nonce(&nonce, now, keep) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(Status::permission_denied(format!("relay {relay}: replayed a delegation of {party}")));
+        }
+        Err(e) => {
+            warn!("cannot record a relay delegation's nonce: {e}");
+            return Err(Status::unavailable("the coordinator cannot record the delegation (retry)"));
+        }
     }
     match hub.pki.enrolled() {
         Ok(list) if list.contains(&party) => Ok((party, cert)),

@@ -49,7 +49,9 @@ pub fn sign_delegation(
 /// party certificate of the federation (not revoked), `signature` is its
 /// holder's over this relay and `unix_secs`, and `unix_secs` is within
 /// [`MAX_CLOCK_SKEW_SECS`] of `now`. Returns the party's name. (Whether the
-/// nonce was used before is the caller's to check: [`SeenNonces`].)
+/// nonce was used before is the caller's to check, durably: the
+/// coordinator keeps the nonces of the last 2 × [`MAX_CLOCK_SKEW_SECS`] in
+/// its database.)
 pub fn check_delegation(
     verifier: &mut CertVerifier,
     party_cert: &[u8],
@@ -92,26 +94,6 @@ pub fn check_delegation(
     Ok(party)
 }
 
-/// The nonces of the delegations admitted in the last
-/// 2 × [`MAX_CLOCK_SKEW_SECS`] (older ones fail the time check anyway).
-#[derive(Default)]
-pub struct SeenNonces(std::collections::HashMap<[u8; NONCE_BYTES], u64>);
-
-impl SeenNonces {
-    /// Records `nonce` at `now`; false if it was seen before.
-    pub fn first_use(&mut self, nonce: &[u8], now: u64) -> bool {
-        self.0.retain(|_, at| now.saturating_sub(*at) <= 2 * MAX_CLOCK_SKEW_SECS);
-        let Ok(n) = <[u8; NONCE_BYTES]>::try_from(nonce) else { return false };
-        match self.0.entry(n) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(now);
-                true
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,10 +133,5 @@ mod tests {
         let (_, other_key, other_cert, _) = setup();
         let (sig, nonce) = sign_delegation(&other_key, "site-1", "edge-a", 1000).unwrap();
         assert!(check_delegation(&mut v, &other_cert, "edge-a", 1000, &nonce, &sig, 1000).is_err());
-        // Each nonce is admitted once; forgotten only when its time is out of range anyway.
-        let mut seen = SeenNonces::default();
-        assert!(seen.first_use(&nonce, 1000));
-        assert!(!seen.first_use(&nonce, 1100));
-        assert!(seen.first_use(&nonce, 1000 + 2 * MAX_CLOCK_SKEW_SECS + 1));
     }
 }

@@ -147,7 +147,7 @@ async fn relayed_join(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_relay() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let fed = three_sites();
+    let mut fed = three_sites();
     fed.run_ok(&["certs", "relay", "--dir", &fed.s("pki"), "--name", "edge-a"]);
     fed.run_ok(&["certs", "relay", "--dir", &fed.s("pki"), "--name", "edge-b"]);
     let key = confide_crypto::pki::read_private_key(&fed.path("pki/parties/site-0.key")).expect("key");
@@ -160,6 +160,13 @@ async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_r
     // The relay it delegated to is admitted as site-0.
     assert_eq!(relayed_join(&fed, "edge-a", "site-0", to_a, now).await.as_deref(), Ok("site-0"));
     // Once: the same relay cannot replay it for a second stream.
+    let e = relayed_join(&fed, "edge-a", "site-0", to_a, now).await.unwrap_err();
+    assert!(e.contains("replayed a delegation of site-0"), "{e}");
+    // Nor after the coordinator restarts: the nonces are in its database.
+    tokio::task::block_in_place(|| {
+        fed.kill_coordinator();
+        fed.start_coordinator();
+    });
     let e = relayed_join(&fed, "edge-a", "site-0", to_a, now).await.unwrap_err();
     assert!(e.contains("replayed a delegation of site-0"), "{e}");
     // Another relay cannot reuse a delegation, nor claim another party with it.
