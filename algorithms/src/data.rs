@@ -74,20 +74,29 @@ impl Dataset {
         Self::parse_csv(&text, opts, path)
     }
 
-    /// A text file's contents, gunzipped when it is gzip.
+    /// A text file's contents, gunzipped when it is gzip, of at most
+    /// [`DEFAULT_MAX_DATA_BYTES`].
     pub fn read_text(path: &Path) -> Result<String, Error> {
-        Self::read_text_with(path, false)
+        Self::read_text_with(path, false, DEFAULT_MAX_DATA_BYTES)
     }
 
     /// [`Dataset::read_text`]; `lossy`: bytes that are not UTF-8 become
     /// U+FFFD (their rows then fail their own checks) instead of failing
-    /// the file.
-    fn read_text_with(path: &Path, lossy: bool) -> Result<String, Error> {
+    /// the file; `max_bytes`: the most the file (and, gzip, its text) may
+    /// hold, so that a runaway export or a gzip bomb is refused naming the
+    /// file rather than ending the party out of memory (found by review).
+    fn read_text_with(path: &Path, lossy: bool, max_bytes: u64) -> Result<String, Error> {
         let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
+        let too_big = || {
+            err(0, format!("more than {max_bytes} bytes (datasets.NAME.max_bytes, default {DEFAULT_MAX_DATA_BYTES})"))
+        };
         // A FIFO or a device would block the read, or never end it.
         let meta = std::fs::metadata(path).map_err(|e| err(0, e.to_string()))?;
         if !meta.is_file() {
             return Err(err(0, "not a regular file".into()));
+        }
+        if meta.len() > max_bytes {
+            return Err(too_big());
         }
         let raw = std::fs::read(path).map_err(|e| err(0, e.to_string()))?;
         // Gzip by its magic bytes too (no CSV starts with 0x1f): a
@@ -98,8 +107,12 @@ impl Dataset {
         let bytes = if gzip {
             let mut out = Vec::new();
             flate2::read::GzDecoder::new(raw.as_slice())
+                .take(max_bytes.saturating_add(1))
                 .read_to_end(&mut out)
                 .map_err(|e| err(0, format!("not valid gzip: {e}")))?;
+            if out.len() as u64 > max_bytes {
+                return Err(too_big());
+            }
             out
         } else {
             raw
@@ -361,7 +374,16 @@ pub struct DatasetSource {
     /// ([`RowRules`]; set by the party).
     #[serde(skip)]
     pub drop_invalid_rows: Option<RowRules>,
+    /// The most bytes one file (or a gzip file's text) may hold
+    /// (default [`DEFAULT_MAX_DATA_BYTES`]): what a file reads is held in
+    /// memory whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
 }
+
+/// The most bytes a data file (or a gzip file's text) may hold unless its
+/// data set says otherwise (`max_bytes`): 4 GiB.
+pub const DEFAULT_MAX_DATA_BYTES: u64 = 4 << 30;
 
 /// Supported file formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -383,7 +405,13 @@ impl DatasetSource {
             all_held_out: false,
             features: None,
             drop_invalid_rows: None,
+            max_bytes: None,
         }
+    }
+
+    /// The most bytes one of its files may hold.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes.unwrap_or(DEFAULT_MAX_DATA_BYTES)
     }
 
     /// Whether `path` is a directory of batches.
@@ -448,7 +476,7 @@ impl DatasetSource {
         let mut width = rules.map(|r| r.features);
         let mut dropped = 0;
         for file in self.files()? {
-            let text = Dataset::read_text_with(&file, rules.is_some())?;
+            let text = Dataset::read_text_with(&file, rules.is_some(), self.max_bytes())?;
             let (ds, d) = Dataset::parse_csv_with(&text, &self.csv, &file, rules.as_ref())?;
             dropped += d;
             if ds.is_empty() {
@@ -560,6 +588,29 @@ mod tests {
         assert_eq!(src.batches().unwrap(), vec![dir.path().join("a.csv")]);
         let e = Dataset::load_csv(&fifo, &CsvOptions::default()).unwrap_err().to_string();
         assert!(e.contains("b.csv") && e.contains("not a regular file"), "{e}");
+    }
+
+    /// A file, or a gzip file's text, above the data set's `max_bytes` is
+    /// refused naming the file and the setting (a gzip bomb never inflates
+    /// past it).
+    #[test]
+    fn a_file_or_its_gzip_text_above_max_bytes_is_refused() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("big.csv");
+        std::fs::write(&plain, "1,0\n".repeat(100)).unwrap();
+        let bomb = dir.path().join("bomb.csv.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all("1,0\n".repeat(100_000).as_bytes()).unwrap();
+        std::fs::write(&bomb, gz.finish().unwrap()).unwrap();
+        for path in [&plain, &bomb] {
+            let src = DatasetSource { max_bytes: Some(300), ..DatasetSource::csv(path.clone()) };
+            let e = src.load().unwrap_err().to_string();
+            assert!(e.contains(&*path.to_string_lossy()) && e.contains("more than 300 bytes"), "{e}");
+            assert!(e.contains("max_bytes"), "{e}");
+            let within = DatasetSource { max_bytes: Some(1 << 20), ..DatasetSource::csv(path.clone()) };
+            assert!(within.load().is_ok());
+        }
     }
 
     /// A data set of `n` rows of 3 features from `seed`, some rows repeated.

@@ -585,6 +585,9 @@ impl PartyConfig {
             if d.features.is_some_and(|f| !(1..=1_000_000).contains(&f)) {
                 return Err(format!("datasets.{name}.features: must be 1..=1000000 (got {:?})", d.features));
             }
+            if d.max_bytes == Some(0) {
+                return Err(format!("datasets.{name}.max_bytes: must be at least 1"));
+            }
         }
         overlapping_datasets(&self.datasets)?;
         if !(1..=64).contains(&self.training.dp_noise_rounds_ahead) {
