@@ -379,7 +379,10 @@ impl Watches {
         };
         let mut labels: HashMap<String, u32> = HashMap::new();
         for (i, line) in read(&self.labels)?.lines().enumerate() {
-            let line = line.trim();
+            // A spreadsheet's export may start with a byte-order mark and
+            // write the hashes in capitals: neither is a reason for a label
+            // never to match (found by review).
+            let line = line.trim_start_matches('\u{feff}').trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
@@ -388,23 +391,43 @@ impl Watches {
                 malformed(format!("{}: expected sha256,label", at()))?;
                 continue;
             };
+            let sha = sha.trim().to_ascii_lowercase();
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                malformed(format!(
+                    "{}: {:?} is not a SHA-256 (64 hex digits)",
+                    at(),
+                    sha.chars().take(80).collect::<String>()
+                ))?;
+                continue;
+            }
             let Ok(label) = label.trim().parse::<u32>() else {
                 malformed(format!("{}: label {:?} is not a class number", at(), label.trim()))?;
                 continue;
             };
-            labels.insert(sha.trim().to_owned(), label);
+            match labels.get(&sha) {
+                Some(&earlier) if earlier != label => {
+                    malformed(format!("{}: row {sha} is labelled {earlier} earlier in the file", at()))?;
+                }
+                _ => {
+                    labels.insert(sha, label);
+                }
+            }
         }
         let mut out = BTreeMap::new();
         if labels.is_empty() {
             return Ok(out);
         }
         let mut given_elsewhere = std::collections::HashSet::new();
+        let mut met = std::collections::HashSet::new();
         for (i, line) in read(&self.hard_examples)?.lines().enumerate() {
             let mut cells = line.split(',');
             let (Some(sha), Some(svc)) = (cells.next(), cells.next()) else {
                 malformed(format!("{}:{}: malformed line", self.hard_examples.display(), i + 1))?;
                 continue;
             };
+            if labels.contains_key(sha) {
+                met.insert(sha.to_owned());
+            }
             if self.labelled_dataset.get(svc).is_some_and(|d| d != dataset) {
                 given_elsewhere.insert(sha.to_owned());
             }
@@ -417,6 +440,11 @@ impl Watches {
         }
         if skipped > 0 {
             tracing::warn!(service, skipped, "malformed labelled hard example lines were left out of this DP job");
+        }
+        let unmatched = labels.len() - met.len();
+        if unmatched > 0 {
+            // Only here: a label the hard-examples file holds no row for.
+            tracing::warn!(file = %self.labels.display(), unmatched, "labels for rows the hard-examples file does not hold (mistyped or truncated hashes?)");
         }
         out.retain(|sha, _| !given_elsewhere.contains(sha));
         Ok(out)
@@ -964,6 +992,30 @@ mod tests {
         std::fs::copy(dir.path().join("hard.csv"), other.path().join("hard.csv")).unwrap();
         std::fs::copy(dir.path().join("labels.csv"), other.path().join("labels.csv")).unwrap();
         assert_eq!(open_in(other.path()).select(&spec("train", 1, "all"), "d", &src).unwrap().load().unwrap().len(), 2);
+    }
+
+    /// A labels file from a spreadsheet (a byte-order mark, hashes in
+    /// capitals) still matches; a row labelled twice differently, or a
+    /// hash that is not one, is refused naming its line.
+    #[test]
+    fn labels_match_however_a_spreadsheet_wrote_them_and_contradictions_are_named() {
+        let (dir, src) = one_batch();
+        let w = open_in(dir.path());
+        w.select(&spec("train", 1, "all"), "d", &src).unwrap();
+        w.keep_hard_examples("triage", &[7.0], 1).unwrap();
+        let sha7 = crate::audit::rows_sha256(&[7.0]);
+        let labels = dir.path().join("labels.csv");
+        std::fs::write(&labels, format!("\u{feff}{},1\n", sha7.to_uppercase())).unwrap();
+        let new = w.select(&spec("evaluate", 2, "new"), "d", &src).unwrap().load().unwrap();
+        assert_eq!((new.features, new.labels), (vec![7.0], vec![1]));
+        for (text, says) in [
+            (format!("{sha7},1\n{sha7},0\n"), ":2: row"),
+            (format!("{},1\n", &sha7[..20]), ":1:"),
+        ] {
+            std::fs::write(&labels, text).unwrap();
+            let e = w.select(&spec("evaluate", 3, "new"), "d", &src).unwrap_err();
+            assert!(e.contains(says) && e.contains("labels"), "{e}");
+        }
     }
 
     #[test]
