@@ -330,14 +330,38 @@ impl Hub {
         })
     }
 
-    /// One more relayed join through `relay`, within the relay's own
-    /// [`JoinBudget`] (kept apart from parties' by a name no party has).
-    fn take_relayed_join(&self, relay: &str) -> Result<(), Status> {
+    /// One join from the budget kept under `key`; budgets untouched for
+    /// ten minutes (full again by then) are forgotten once there are many,
+    /// so names a relay makes up cannot grow the map without end.
+    fn take_budget(&self, key: String, burst: f64, every: Duration) -> Result<(), Duration> {
+        const MANY: usize = 10_000;
         let now = std::time::Instant::now();
         let mut joins = lock(&self.joins);
+        if joins.len() >= MANY {
+            joins.retain(|_, b| now.saturating_duration_since(b.at) < Duration::from_secs(600));
+        }
+        joins.entry(key).or_insert_with(|| JoinBudget::full(now, burst)).take(now, burst, every)
+    }
+
+    /// One more relayed join through `relay`, within the budget of the
+    /// member its certificate claims to be (`claimed`, checked after: the
+    /// budget is the relay's and that name's together, so a member that
+    /// loops spends only its own), then the relay's own [`JoinBudget`]
+    /// (both kept apart from parties' by names no party has).
+    fn take_relayed_join(&self, relay: &str, claimed: Option<&str>) -> Result<(), Status> {
+        if let Some(name) = claimed {
+            let key = format!("relay {relay} member {name}");
+            self.take_budget(key, JoinBudget::BURST, JoinBudget::EVERY).map_err(|wait| {
+                let refused = Status::resource_exhausted(format!(
+                    "{name} (through relay {relay}) opened {} streams without pause; retry in {} ms",
+                    JoinBudget::BURST,
+                    wait.as_millis().max(1)
+                ));
+                confide_proto::net::with_retry_after(refused, wait)
+            })?;
+        }
         let (burst, every) = (JoinBudget::RELAY_BURST, JoinBudget::RELAY_EVERY);
-        let budget = joins.entry(format!("relay {relay}")).or_insert_with(|| JoinBudget::full(now, burst));
-        budget.take(now, burst, every).map_err(|wait| {
+        self.take_budget(format!("relay {relay}"), burst, every).map_err(|wait| {
             warn!(relay, "refused a relayed stream: the relay opens streams too often");
             let refused = Status::resource_exhausted(format!(
                 "relay {relay} opened {burst} streams without pause; retry in {} ms",
@@ -349,21 +373,16 @@ impl Hub {
 
     /// One more stream join of `party`, within its [`JoinBudget`].
     fn take_join(&self, party: &str) -> Result<(), Status> {
-        let now = std::time::Instant::now();
-        let mut joins = lock(&self.joins);
-        let (burst, every) = (JoinBudget::BURST, JoinBudget::EVERY);
-        joins.entry(party.to_owned()).or_insert_with(|| JoinBudget::full(now, burst)).take(now, burst, every).map_err(
-            |wait| {
-                warn!(party, "refused a stream: the party reconnects too often");
-                let refused = Status::resource_exhausted(format!(
-                    "{party} opened {} streams without pause; retry in {} ms",
-                    JoinBudget::BURST,
-                    wait.as_millis().max(1)
-                ));
-                // Also as metadata, read by the party's reconnect loop.
-                confide_proto::net::with_retry_after(refused, wait)
-            },
-        )
+        self.take_budget(party.to_owned(), JoinBudget::BURST, JoinBudget::EVERY).map_err(|wait| {
+            warn!(party, "refused a stream: the party reconnects too often");
+            let refused = Status::resource_exhausted(format!(
+                "{party} opened {} streams without pause; retry in {} ms",
+                JoinBudget::BURST,
+                wait.as_millis().max(1)
+            ));
+            // Also as metadata, read by the party's reconnect loop.
+            confide_proto::net::with_retry_after(refused, wait)
+        })
     }
 
     /// The coordinator's Prometheus metrics.
@@ -947,7 +966,16 @@ impl PartyService for PartySvc {
             Role::Relay => {
                 let relay = id.name;
                 let hub2 = hub.clone();
-                hub.take_relayed_join(&relay)?;
+                // The name the member's certificate claims (parsed, not yet
+                // checked): its own budget at this relay comes first.
+                let claimed = req
+                    .metadata()
+                    .get_bin(RELAYED_CERT)
+                    .and_then(|v| v.to_bytes().ok())
+                    .filter(|c| c.len() <= 16 << 10)
+                    .and_then(|c| confide_crypto::pki::peer_identity(&c).ok())
+                    .map(|i| i.name);
+                hub.take_relayed_join(&relay, claimed.as_deref())?;
                 let (meta, relay2) = (req.metadata().clone(), relay.clone());
                 let admitted = tokio::task::spawn_blocking(move || admit_relayed(&hub2, &relay2, &meta))
                     .await
@@ -2505,13 +2533,21 @@ mod tests {
         hub.take_join("hospital-b").unwrap();
         // A relay's streams draw on its own budget first (before the
         // delegation's checks), apart from any party's: 1,024 at once.
-        for _ in 0..1024 {
-            hub.take_relayed_join("edge-a").unwrap();
+        // A member that loops spends its own budget at the relay, not its
+        // relay-mates' (found by review).
+        for _ in 0..30 {
+            hub.take_relayed_join("edge-a", Some("looping")).unwrap();
         }
-        let e = hub.take_relayed_join("edge-a").unwrap_err();
+        let e = hub.take_relayed_join("edge-a", Some("looping")).unwrap_err();
+        assert!(e.message().contains("looping (through relay edge-a)"), "{}", e.message());
+        hub.take_relayed_join("edge-a", Some("honest")).unwrap();
+        for _ in 0..(1024 - 31) {
+            hub.take_relayed_join("edge-a", None).unwrap();
+        }
+        let e = hub.take_relayed_join("edge-a", None).unwrap_err();
         assert!(e.message().contains("relay edge-a") && e.message().contains("retry in"), "{}", e.message());
         hub.take_join("edge-a").unwrap();
-        hub.take_relayed_join("edge-b").unwrap();
+        hub.take_relayed_join("edge-b", Some("honest")).unwrap();
     }
 
     /// A job's receiving end, read as inputs.

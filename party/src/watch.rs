@@ -1008,10 +1008,7 @@ mod tests {
         std::fs::write(&labels, format!("\u{feff}{},1\n", sha7.to_uppercase())).unwrap();
         let new = w.select(&spec("evaluate", 2, "new"), "d", &src).unwrap().load().unwrap();
         assert_eq!((new.features, new.labels), (vec![7.0], vec![1]));
-        for (text, says) in [
-            (format!("{sha7},1\n{sha7},0\n"), ":2: row"),
-            (format!("{},1\n", &sha7[..20]), ":1:"),
-        ] {
+        for (text, says) in [(format!("{sha7},1\n{sha7},0\n"), ":2: row"), (format!("{},1\n", &sha7[..20]), ":1:")] {
             std::fs::write(&labels, text).unwrap();
             let e = w.select(&spec("evaluate", 3, "new"), "d", &src).unwrap_err();
             assert!(e.contains(says) && e.contains("labels"), "{e}");

@@ -379,8 +379,10 @@ impl Session {
             }
             Input::Disconnected(p) => {
                 core.connected.remove(&p);
-                core.relays.remove(&p);
+                // Dropped before its relay is forgotten: a relay cutting a
+                // party's stream is named with the drop.
                 core.drop_from_stage(&p, "disconnected");
+                core.relays.remove(&p);
                 core.recount_quorum();
             }
             Input::Answer { party, accepted, reason } => core.on_answer(party, accepted, reason),

@@ -438,6 +438,17 @@ mod plaintext {
         let d = h.s.parties()["b"].detail.clone().unwrap();
         assert!(d.contains("party b sent a bad update") && d.contains("through relay edge-a"), "{d}");
         assert!(!h.s.parties()["c"].detail.clone().unwrap_or_default().contains("relay"));
+        // A stream the relay cut: the drop names the relay too.
+        let ev = h.tasks();
+        h.feed(Input::Connected {
+            party: "c".into(),
+            certificate: Arc::from(Vec::new()),
+            relay: Some("edge-b".into()),
+        });
+        h.feed(Input::Disconnected("c".into()));
+        assert!(!ev.is_empty());
+        let d = h.s.parties()["c"].detail.clone().unwrap();
+        assert!(d.contains("disconnected (its stream came through relay edge-b)"), "{d}");
     }
 
     #[test]
