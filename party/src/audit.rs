@@ -32,6 +32,32 @@ pub struct ForwardedInput {
     pub request_id: u64,
 }
 
+/// Where the file at `path` should end if its last line is half-written
+/// (the length up to its last newline), or `None` when it ends in one (or
+/// is empty): read backwards from the end, a block at a time.
+pub(crate) fn torn_tail(path: &Path) -> std::io::Result<Option<u64>> {
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOCK: u64 = 64 << 10;
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; BLOCK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut buf[..n])?;
+        if end == len && buf[n - 1] == b'\n' {
+            return Ok(None);
+        }
+        if let Some(i) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            return Ok(Some(start + i as u64 + 1));
+        }
+        end = start;
+    }
+    Ok((len > 0).then_some(0))
+}
+
 /// An append-only JSON-lines file.
 pub struct AuditLog {
     path: PathBuf,
@@ -53,11 +79,11 @@ impl AuditLog {
         // of an input that was never forwarded (an input goes out only once
         // its record is on disk): cut it, or the next record would be glued
         // to it and fail to parse (found by review).
-        let bytes = std::fs::read(path).map_err(|e| format!("audit log {}: {e}", path.display()))?;
-        if bytes.last().is_some_and(|&b| b != b'\n') {
-            let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        // Only the log's tail is read (it grows for as long as the party
+        // serves).
+        if let Some(whole) = torn_tail(path).map_err(|e| format!("audit log {}: {e}", path.display()))? {
             tracing::warn!(log = %path.display(), "cutting a half-written last record (its input was not forwarded)");
-            file.set_len(whole as u64)
+            file.set_len(whole)
                 .and_then(|()| file.sync_data())
                 .map_err(|e| format!("audit log {}: {e}", path.display()))?;
         }
@@ -148,6 +174,18 @@ mod tests {
         std::fs::write(&path, &torn).unwrap();
         AuditLog::open(&path).unwrap().record(&entry(3)).unwrap();
         assert_eq!(AuditLog::read(&path).unwrap(), vec![entry(1), entry(2), entry(3)]);
+        // The tail is found backwards across blocks, and a file of one torn
+        // line is cut whole.
+        let long = dir.path().join("long.jsonl");
+        let mut text = "x".repeat(200_000);
+        text.push('\n');
+        text.push_str(&"y".repeat(150_000));
+        std::fs::write(&long, &text).unwrap();
+        assert_eq!(torn_tail(&long).unwrap(), Some(200_001));
+        std::fs::write(&long, "z".repeat(70_000)).unwrap();
+        assert_eq!(torn_tail(&long).unwrap(), Some(0));
+        std::fs::write(&long, "a\n").unwrap();
+        assert_eq!(torn_tail(&long).unwrap(), None);
         std::fs::write(&path, "{not json}\n").unwrap();
         assert!(AuditLog::read(&path).unwrap_err().contains(":1:"));
     }

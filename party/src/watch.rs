@@ -386,6 +386,8 @@ impl Watches {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
+            // Errors name the line, never a hash or a label: outside DP
+            // they can reach the coordinator (found by review).
             let at = || format!("{}:{}", self.labels.display(), i + 1);
             let Some((sha, label)) = line.split_once(',') else {
                 malformed(format!("{}: expected sha256,label", at()))?;
@@ -393,20 +395,16 @@ impl Watches {
             };
             let sha = sha.trim().to_ascii_lowercase();
             if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-                malformed(format!(
-                    "{}: {:?} is not a SHA-256 (64 hex digits)",
-                    at(),
-                    sha.chars().take(80).collect::<String>()
-                ))?;
+                malformed(format!("{}: its first cell is not a SHA-256 (64 hex digits)", at()))?;
                 continue;
             }
             let Ok(label) = label.trim().parse::<u32>() else {
-                malformed(format!("{}: label {:?} is not a class number", at(), label.trim()))?;
+                malformed(format!("{}: its label is not a class number", at()))?;
                 continue;
             };
             match labels.get(&sha) {
                 Some(&earlier) if earlier != label => {
-                    malformed(format!("{}: row {sha} is labelled {earlier} earlier in the file", at()))?;
+                    malformed(format!("{}: its row is labelled otherwise earlier in the file", at()))?;
                 }
                 _ => {
                     labels.insert(sha, label);
@@ -1008,10 +1006,15 @@ mod tests {
         std::fs::write(&labels, format!("\u{feff}{},1\n", sha7.to_uppercase())).unwrap();
         let new = w.select(&spec("evaluate", 2, "new"), "d", &src).unwrap().load().unwrap();
         assert_eq!((new.features, new.labels), (vec![7.0], vec![1]));
-        for (text, says) in [(format!("{sha7},1\n{sha7},0\n"), ":2: row"), (format!("{},1\n", &sha7[..20]), ":1:")] {
+        for (text, says) in [
+            (format!("{sha7},1\n{sha7},0\n"), ":2: its row is labelled otherwise"),
+            (format!("{},1\n", &sha7[..20]), ":1: its first cell is not a SHA-256"),
+        ] {
             std::fs::write(&labels, text).unwrap();
             let e = w.select(&spec("evaluate", 3, "new"), "d", &src).unwrap_err();
             assert!(e.contains(says) && e.contains("labels"), "{e}");
+            // No row's hash or label in what can reach the coordinator.
+            assert!(!e.contains(&sha7[..20]) && !e.contains(",0"), "{e}");
         }
     }
 
