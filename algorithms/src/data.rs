@@ -77,28 +77,36 @@ impl Dataset {
     /// A text file's contents, gunzipped when it is gzip, of at most
     /// [`DEFAULT_MAX_DATA_BYTES`].
     pub fn read_text(path: &Path) -> Result<String, Error> {
-        Self::read_text_with(path, false, DEFAULT_MAX_DATA_BYTES)
+        Self::read_text_with(path, false, DEFAULT_MAX_DATA_BYTES, false)
     }
 
     /// [`Dataset::read_text`]; `lossy`: bytes that are not UTF-8 become
     /// U+FFFD (their rows then fail their own checks) instead of failing
     /// the file; `max_bytes`: the most the file (and, gzip, its text) may
     /// hold, so that a runaway export or a gzip bomb is refused naming the
-    /// file rather than ending the party out of memory (found by review).
-    fn read_text_with(path: &Path, lossy: bool, max_bytes: u64) -> Result<String, Error> {
+    /// file rather than ending the party out of memory (found by review);
+    /// `regular_only`: a data set's files must be regular files (a FIFO or
+    /// a device would block the read, or never end it), where a command's
+    /// input may be a pipe.
+    fn read_text_with(path: &Path, lossy: bool, max_bytes: u64, regular_only: bool) -> Result<String, Error> {
         let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
         let too_big = || {
             err(0, format!("more than {max_bytes} bytes (datasets.NAME.max_bytes, default {DEFAULT_MAX_DATA_BYTES})"))
         };
-        // A FIFO or a device would block the read, or never end it.
         let meta = std::fs::metadata(path).map_err(|e| err(0, e.to_string()))?;
-        if !meta.is_file() {
+        if regular_only && !meta.is_file() {
             return Err(err(0, "not a regular file".into()));
         }
         if meta.len() > max_bytes {
             return Err(too_big());
         }
-        let raw = std::fs::read(path).map_err(|e| err(0, e.to_string()))?;
+        let mut raw = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(max_bytes.saturating_add(1)).read_to_end(&mut raw))
+            .map_err(|e| err(0, e.to_string()))?;
+        if raw.len() as u64 > max_bytes {
+            return Err(too_big());
+        }
         // Gzip by its magic bytes too (no CSV starts with 0x1f): a
         // compressed file named `.csv` or `.GZ` would otherwise be read as
         // text, and under DP every line dropped as malformed (found by
@@ -476,7 +484,7 @@ impl DatasetSource {
         let mut width = rules.map(|r| r.features);
         let mut dropped = 0;
         for file in self.files()? {
-            let text = Dataset::read_text_with(&file, rules.is_some(), self.max_bytes())?;
+            let text = Dataset::read_text_with(&file, rules.is_some(), self.max_bytes(), true)?;
             let (ds, d) = Dataset::parse_csv_with(&text, &self.csv, &file, rules.as_ref())?;
             dropped += d;
             if ds.is_empty() {
@@ -586,7 +594,7 @@ mod tests {
         assert!(made.success());
         let src = DatasetSource::csv(dir.path().to_owned());
         assert_eq!(src.batches().unwrap(), vec![dir.path().join("a.csv")]);
-        let e = Dataset::load_csv(&fifo, &CsvOptions::default()).unwrap_err().to_string();
+        let e = DatasetSource::csv(fifo.clone()).load().unwrap_err().to_string();
         assert!(e.contains("b.csv") && e.contains("not a regular file"), "{e}");
     }
 

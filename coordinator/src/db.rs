@@ -111,15 +111,17 @@ const MIGRATIONS: &[&str] = &[
         record TEXT NOT NULL,
         PRIMARY KEY (job_id, iteration)
     );",
-    // 8: the round of `from_job`'s model a job started from, so that a job
-    // resumed before its first checkpoint starts from that model again, not
-    // from whatever is newest in `from_job` by then (a deployed version may
-    // be an older round)
-    "ALTER TABLE jobs ADD COLUMN from_round INTEGER;",
+    // 8: the model a job started from (`from_job` and its round), so that a
+    // job resumed before its first checkpoint starts from that model again,
+    // not from whatever is newest in `from_job` by then (a deployed version
+    // may be an older round), and retention keeps that version meanwhile
+    "ALTER TABLE jobs ADD COLUMN from_round INTEGER;
+     ALTER TABLE jobs ADD COLUMN from_job TEXT;",
     // 9: the nonces of the relay delegations admitted lately, so that a
     // relay cannot present one again after a restart (in memory only, one
     // made in the last minutes could be replayed once more)
-    "CREATE TABLE relay_nonces (nonce BLOB PRIMARY KEY, at INTEGER NOT NULL);",
+    "CREATE TABLE relay_nonces (nonce BLOB PRIMARY KEY, at INTEGER NOT NULL);
+     CREATE INDEX relay_nonces_at ON relay_nonces (at);",
 ];
 
 /// A stored deployment: the signed record as the administrator sent it.
@@ -289,8 +291,8 @@ impl Db {
         let conn = self.lock();
         conn.execute(
             "INSERT INTO jobs (id, name, kind, spec_toml, state, privacy_mode, rounds_total, created_at, updated_at,
-                               dp_level, dp_delta, dp_accountant, from_round)
-             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11)",
+                               dp_level, dp_delta, dp_accountant, from_round, from_job)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 id,
                 spec.name,
@@ -303,6 +305,7 @@ impl Db {
                 spec.dp.as_ref().map(|d| d.delta),
                 spec.dp.as_ref().map(|d| d.accountant.as_str()),
                 from_round,
+                from_round.and(spec.from_job.as_deref()),
             ],
         )
         .map_err(sql)?;
@@ -522,7 +525,8 @@ impl Db {
 
     /// Forgets all but the newest `keep_last` versions of `job`'s model
     /// (never its latest checkpoint, which a resumed job starts from, nor
-    /// a version any service's deployment history names) and returns the
+    /// a version any service's deployment history names, nor one an
+    /// unfinished job started from) and returns the
     /// files no longer referenced, for the caller to delete.
     pub fn forget_model_versions(&self, job: &str, keep_last: usize) -> Result<Vec<PathBuf>, Error> {
         let versions = self.model_versions(Some(job))?;
@@ -540,7 +544,18 @@ impl Db {
                     |row| row.get(0),
                 )
                 .map_err(sql)?;
-            if deployed > 0 {
+            // Nor a version an unfinished job started from: resumed before
+            // its first checkpoint, it starts from that version again (found
+            // by review).
+            let pinned: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM jobs WHERE from_job = ?1 AND from_round = ?2
+                     AND state IN ('pending', 'running')",
+                    params![job, r],
+                    |row| row.get(0),
+                )
+                .map_err(sql)?;
+            if deployed > 0 || pinned > 0 {
                 continue;
             }
             tx.execute("DELETE FROM models WHERE job_id = ?1 AND round = ?2", params![job, r]).map_err(sql)?;
@@ -944,9 +959,17 @@ mod tests {
             (2, 20, 0.7, PathBuf::from("/m/round-2"))
         );
         assert_eq!(db.model_versions(None).unwrap().len(), 4);
+        // A version an unfinished job started from outlives retention until
+        // that job ends (resumed before its first checkpoint, it starts there).
+        let child = JobSpec { from_job: Some("j1".into()), ..spec.clone() };
+        db.insert_job("j2", &child, Some(1)).unwrap();
+        let gone = db.forget_model_versions("j1", 2).unwrap();
+        assert_eq!(gone, [PathBuf::from("/m/round-2")]);
+        assert!(db.model_version("j1", 1).unwrap().is_some(), "j2 started from it");
+        db.set_job_state("j2", JobState::Succeeded, None).unwrap();
         // Keep the newest two: rounds 1 and 2 are forgotten, their files returned.
         let gone = db.forget_model_versions("j1", 2).unwrap();
-        assert_eq!(gone, [PathBuf::from("/m/round-2"), PathBuf::from("/m/round-1")]);
+        assert_eq!(gone, [PathBuf::from("/m/round-1")]);
         let kept: Vec<u32> = db.model_versions(Some("j1")).unwrap().iter().map(|v| v.round).collect();
         assert_eq!(kept, [4, 3]);
         assert!(db.model_version("j1", 1).unwrap().is_none());

@@ -1211,12 +1211,28 @@ impl PartyNode {
 /// and every quoted cell (`value "…"`, `label "…"`) withheld.
 fn withheld_from_rows(reason: &str, paths: &[&std::path::Path]) -> String {
     let mut out = reason.to_string();
-    for p in paths {
-        let shown = p.display().to_string();
-        if !shown.is_empty() {
-            out = out.replace(&shown, "the data set's file");
-        }
+    // The longest first (an absolute path holds the relative one), and only
+    // paths with a separator: a bare relative name such as `data` would
+    // also replace words of the message.
+    let mut shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    shown.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in shown.iter().filter(|p| p.contains(std::path::MAIN_SEPARATOR)) {
+        out = out.replace(p.as_str(), "the data set's file");
     }
+    // A label given unquoted (`label 7 is outside the model's 2 classes`).
+    let mut kept = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(at) = rest.find("label ") {
+        let after = &rest[at + "label ".len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        kept.push_str(&rest[..at + "label ".len()]);
+        if digits > 0 {
+            kept.push_str("(withheld)");
+        }
+        rest = &after[digits..];
+    }
+    kept.push_str(rest);
+    out = kept;
     for key in ["value \"", "label \""] {
         let mut kept = String::with_capacity(out.len());
         let mut rest = out.as_str();
@@ -2458,6 +2474,15 @@ mod tests {
         assert_eq!(
             withheld_from_rows(r#"x: label "1\"2" is not a number; column 3 value "a" is not"#, &[]),
             "x: label (withheld) is not a number; column 3 value (withheld) is not"
+        );
+        // An unquoted label too; a bare relative name leaves the words be.
+        let (data, file) = (std::path::Path::new("data"), std::path::Path::new("/srv/data/bc.csv"));
+        assert_eq!(
+            withheld_from_rows(
+                "data set \"bc\": /srv/data/bc.csv: label 7 is outside the model's 2 classes",
+                &[data, file]
+            ),
+            "data set \"bc\": the data set's file: label (withheld) is outside the model's 2 classes"
         );
     }
 

@@ -219,8 +219,19 @@ fn cloud_secret(dir: &Path, service: &str) -> Result<(CloudSecret, u64), String>
             let mut contents = zeroize::Zeroizing::new(Vec::with_capacity(40));
             contents.extend_from_slice(secret.to_bytes().as_slice());
             contents.extend_from_slice(&made.to_le_bytes());
-            let tmp = dir.join(format!(".cloud-{service}.key.{}.part", std::process::id()));
-            let written = write_private(&tmp, &contents).and_then(|()| std::fs::hard_link(&tmp, &path));
+            let tmp = dir.join(format!(".cloud-{service}.key.part"));
+            // A leftover of a crash is removed first (it may still be a
+            // link to a key moved aside), and the new file is made anew.
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(bad(&e)),
+                _ => {}
+            }
+            let written = write_private(&tmp, &contents).and_then(|()| match std::fs::hard_link(&tmp, &path) {
+                // A file system without hard links: made in place, never
+                // over an existing key (not crash-safe there).
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => write_private(&path, &contents),
+                other => other,
+            });
             let _ = std::fs::remove_file(&tmp);
             match written {
                 Ok(()) => {
@@ -236,11 +247,11 @@ fn cloud_secret(dir: &Path, service: &str) -> Result<(CloudSecret, u64), String>
     }
 }
 
-/// A new file of `bytes`, mode 0600, synced.
+/// A new file of `bytes`, mode 0600, synced (never over an existing one).
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
