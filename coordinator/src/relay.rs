@@ -830,7 +830,7 @@ async fn pump_up(
     party: String,
     conn: u64,
     certificate: Arc<[u8]>,
-    mut inbound: Streaming<pb::PartyMessage>,
+    mut inbound: impl Stream<Item = Result<pb::PartyMessage, Status>> + Unpin,
     up: Upstream,
 ) {
     let mut pending: Option<(pb::TaskResult, Incoming)> = None;
@@ -841,55 +841,60 @@ async fn pump_up(
     // half-received result, for as long as the connection lives).
     let mut recheck = tokio::time::interval(super::server::READER_RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let why = loop {
+    // Why the stream ends, and the task whose result was at fault when the
+    // party sent one the relay cannot read: that task is failed upstream
+    // with the reason, as the coordinator fails a malformed result it
+    // receives directly (not a bare disconnection; found by review).
+    let (why, faulty): (String, Option<(String, u64)>) = loop {
         let next = tokio::select! {
-            next = inbound.message() => next,
+            next = inbound.next() => next.transpose(),
             _ = recheck.tick() => {
                 let current = lock(&shared.members).get(&party).is_some_and(|m| m.conn == conn);
                 if !current {
-                    break "a newer stream of the party's replaced this one".to_owned();
+                    break ("a newer stream of the party's replaced this one".to_owned(), None);
                 }
                 if up.lock().await.is_closed() {
-                    break "the coordinator's stream ended".to_owned();
+                    break ("the coordinator's stream ended".to_owned(), None);
                 }
                 continue;
             }
         };
         let msg = match next {
             Ok(Some(m)) => m,
-            Ok(None) => break "closed its stream".to_owned(),
-            Err(s) => break format!("stream failed: {}", s.message()),
+            Ok(None) => break ("closed its stream".to_owned(), None),
+            Err(s) => break (format!("stream failed: {}", s.message()), None),
         };
+        let task_of = |r: &pb::TaskResult| Some((r.job_id.clone(), r.task_id));
         let complete = match msg.body {
             Some(party_message::Body::Result(mut r)) => {
-                if pending.is_some() {
-                    break "a new result started before the previous one's chunks ended".into();
+                if let Some((held, _)) = &pending {
+                    break ("a new result started before the previous one's chunks ended".into(), task_of(held));
                 }
                 match r.bulk.take() {
                     None => Some((r, None)),
                     Some(h) => match Incoming::start(&h, &limits) {
                         Ok(inc) if inc.is_complete() => match inc.finish() {
                             Ok(b) => Some((r, Some(b))),
-                            Err(e) => break e.to_string(),
+                            Err(e) => break (e.to_string(), task_of(&r)),
                         },
                         Ok(inc) => {
                             pending = Some((r, inc));
                             None
                         }
-                        Err(e) => break e.to_string(),
+                        Err(e) => break (e.to_string(), task_of(&r)),
                     },
                 }
             }
             Some(party_message::Body::Chunk(c)) => {
-                let Some((_, inc)) = pending.as_mut() else { break "a chunk without a transfer".into() };
+                let Some((held, inc)) = pending.as_mut() else { break ("a chunk without a transfer".into(), None) };
                 if let Err(e) = inc.push(&c) {
-                    break e.to_string();
+                    break (e.to_string(), task_of(held));
                 }
                 if inc.is_complete() {
-                    let Some((r, inc)) = pending.take() else { break "lost transfer".into() };
+                    let Some((r, inc)) = pending.take() else { break ("lost transfer".into(), None) };
                     match inc.finish() {
                         Ok(b) => Some((r, Some(b))),
-                        Err(e) => break e.to_string(),
+                        Err(e) => break (e.to_string(), task_of(&r)),
                     }
                 } else {
                     None
@@ -899,28 +904,38 @@ async fn pump_up(
                 shared.gone(&party, conn, Some(&(f.job_id.clone(), f.task_id)));
                 let tx = up.lock().await;
                 if tx.send(pb::PartyMessage { body: Some(party_message::Body::Failed(f)) }).await.is_err() {
-                    break "the coordinator's stream ended".into();
+                    break ("the coordinator's stream ended".into(), None);
                 }
                 None
             }
             other => {
                 let tx = up.lock().await;
                 if tx.send(pb::PartyMessage { body: other }).await.is_err() {
-                    break "the coordinator's stream ended".into();
+                    break ("the coordinator's stream ended".into(), None);
                 }
                 None
             }
         };
         let Some((r, bulk)) = complete else { continue };
+        let task = task_of(&r);
         let result = match TaskResult::try_from((r, bulk)) {
             Ok(r) => r,
-            Err(e) => break format!("malformed result: {e}"),
+            Err(e) => break (format!("malformed result: {e}"), task),
         };
         if let Some(forward) = shared.on_result(&party, conn, &certificate, result) {
             let id = shared.next_transfer.fetch_add(1, Ordering::Relaxed);
             send_result(&up, forward, id, limits.chunk_bytes).await;
         }
     };
+    if let Some((job_id, task_id)) = faulty {
+        warn!(party = %party, job = %job_id, "a result the relay cannot read: {why}");
+        let failed = pb::TaskFailed {
+            job_id,
+            task_id,
+            reason: format!("relay {} could not read its result: {why}", shared.name),
+        };
+        let _ = up.lock().await.send(pb::PartyMessage { body: Some(party_message::Body::Failed(failed)) }).await;
+    }
     info!(party = %party, "party left: {why}");
     {
         let mut members = lock(&shared.members);
@@ -1015,6 +1030,35 @@ mod tests {
         pump.await.unwrap();
         assert_eq!(got, 40);
         assert!(closed.try_recv().is_err() && !cut.is_cut());
+    }
+
+    /// A result the relay cannot read (here a bulk header of no known
+    /// kind) fails its task upstream with the reason, as the coordinator
+    /// fails one it receives directly, instead of a bare disconnection.
+    #[tokio::test]
+    async fn a_result_the_relay_cannot_read_fails_its_task_upstream() {
+        let s = Arc::new(shared(30));
+        let (tx, mut rx) = mpsc::channel(8);
+        let up: Upstream = Arc::new(tokio::sync::Mutex::new(tx));
+        s.members.lock().unwrap().insert("p0".into(), Member { conn: 7, up: up.clone(), cut: Cut::default() });
+        let result = pb::TaskResult {
+            job_id: "j1".into(),
+            task_id: 9,
+            bulk: Some(pb::BulkHeader { kind: 99, ..Default::default() }),
+            ..Default::default()
+        };
+        let inbound =
+            tokio_stream::iter(vec![Ok(pb::PartyMessage { body: Some(party_message::Body::Result(result)) })]);
+        pump_up(s.clone(), "p0".into(), 7, Arc::from(Vec::new()), inbound, up).await;
+        let sent = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        let Some(party_message::Body::Failed(f)) = sent.body else { panic!("{sent:?}") };
+        assert_eq!((f.job_id.as_str(), f.task_id), ("j1", 9));
+        assert!(
+            f.reason.contains("relay edge-a could not read its result") && f.reason.contains("bulk kind"),
+            "{}",
+            f.reason
+        );
+        assert!(!s.members.lock().unwrap().contains_key("p0"), "the stream ended");
     }
 
     /// A member's upload that claims a relay group's fields is not
