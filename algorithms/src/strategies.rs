@@ -340,11 +340,11 @@ impl Strategy for Krum {
     fn aggregate_fit(&mut self, _: u32, global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
         let rows = rows(global, results)?;
         let n = rows.len();
-        if n < 2 * self.byzantine + 3 {
+        let needed = self.byzantine.saturating_mul(2).saturating_add(3);
+        if n < needed {
             return Err(Error::InvalidInput(format!(
-                "krum with {} byzantine parties needs at least {} updates (got {n})",
-                self.byzantine,
-                2 * self.byzantine + 3
+                "krum with {} byzantine parties needs at least {needed} updates (got {n})",
+                self.byzantine
             )));
         }
         let m = n - self.byzantine - 2;

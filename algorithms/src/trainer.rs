@@ -194,14 +194,22 @@ impl RawModel {
     /// custom). Saturating. A spec is checked against the limit on values
     /// with it before any party builds the model (which would allocate it).
     pub fn values_at_least(&self) -> Option<u64> {
+        self.values_at_width(1)
+    }
+
+    /// The values a model of these settings has on rows of `features`
+    /// features (a CNN's image gives its own width): what a party checks
+    /// against its limit once it knows its width, before building the
+    /// model (the spec's check counts one feature). Saturating.
+    pub fn values_at_width(&self, features: u64) -> Option<u64> {
         let classes = self.classes as u64;
         let dense = |inputs: u64, outputs: u64| inputs.saturating_mul(outputs).saturating_add(outputs);
         match self.kind {
-            ModelKind::LogisticRegression => Some(dense(1, classes)),
+            ModelKind::LogisticRegression => Some(dense(features, classes)),
             ModelKind::Mlp => {
                 let hidden = if self.hidden.is_empty() { DEFAULT_HIDDEN.to_vec() } else { self.hidden.clone() };
                 let mut total = 0u64;
-                let mut width = 1u64;
+                let mut width = features;
                 for &h in &hidden {
                     total = total.saturating_add(dense(width, h as u64));
                     width = h as u64;

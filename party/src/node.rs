@@ -1074,6 +1074,12 @@ impl PartyNode {
             return Err("the job spec does not name this party".into());
         }
         let source = crate::policy::consider(&spec, &offer.dataset, &cfg.policy, &self.plugins, &cfg.datasets)?;
+        // The model at this party's width, where it is known before the
+        // rows are read (a DP job's always), against the party's limit,
+        // before anything is reserved or allocated.
+        if let Some(width) = crate::trainers::dp_width(&spec, &source)?.or(source.features) {
+            crate::trainers::check_model_size(&spec, width, &cfg.limits)?;
+        }
         let identity = identity(cfg, me, &self.revocations, self.released.clone())?;
         // Checked again at every offer: a watched directory's files, and
         // links, change while the party runs. The detail (local paths)
@@ -2219,6 +2225,24 @@ mod tests {
         let accepted = answer(&node, &offer("j1-ok"));
         assert!(accepted.is_ok(), "{:?}", accepted.err());
         assert!(crate::ledger::Ledger::read(&ledger_path).unwrap().datasets["bc"].jobs.contains_key("j1-ok"));
+    }
+
+    /// A model within the spec's check (which counts one input feature) but
+    /// over the party's limit at its real width is refused naming the
+    /// model and the limit, before anything is reserved or allocated.
+    #[test]
+    fn a_model_over_the_limit_at_this_partys_width_is_refused_before_any_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, ledger_path, _) = node_on_bc(dir.path(), "x,label\n1,0\n2,1\n", |cfg| {
+            cfg.limits.max_values = 100;
+            cfg.datasets.get_mut("bc").unwrap().features = Some(60);
+        });
+        // Logistic regression over 2 classes: 4 values at one feature, 122 at 60.
+        let offer = pb::JobOffer { job_id: "j1".into(), spec_toml: DP_JOB_ON_BC.into(), dataset: "bc".into() };
+        let Err(e) = answer(&node, &offer) else { panic!("accepted") };
+        assert!(e.contains("model: at this party's 60 features") && e.contains("122 values"), "{e}");
+        assert!(e.contains("limits.max_values"), "{e}");
+        assert!(crate::ledger::Ledger::read(&ledger_path).map_or(true, |l| l.datasets.is_empty()), "nothing reserved");
     }
 
     /// An evaluation that runs outside the budget (a pipeline's, under

@@ -165,6 +165,23 @@ pub fn dp_rows(spec: &JobSpec, data: &DatasetSource) -> Result<DatasetSource, St
     Ok(data)
 }
 
+/// Refuses `spec`'s model when, at this party's width of `features`, it
+/// has more values than `limits.max_values`: the spec's own check counts
+/// one input feature, and the party would allocate the model at its real
+/// width (found by review: a wide `dp.feature_ranges` times a wide hidden
+/// layer passed the spec's check and allocated gigabytes).
+pub fn check_model_size(spec: &JobSpec, features: usize, limits: &confide_proto::Limits) -> Result<(), String> {
+    let raw: confide_algorithms::trainer::RawModel = spec.model.clone().into();
+    match raw.values_at_width(features as u64) {
+        Some(values) if values > limits.max_values as u64 => Err(format!(
+            "model: at this party's {features} features the architecture has {values} values; the limit is {} \
+             (limits.max_values)",
+            limits.max_values
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Why DP job `spec` is refused on a data set whose width nothing
 /// declares (an evaluation's spec cannot give ranges: only the data set).
 pub fn width_undeclared(spec: &JobSpec) -> String {

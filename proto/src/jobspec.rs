@@ -284,11 +284,17 @@ impl RawStrategy {
         }
         if name == "krum" {
             let f = self.byzantine.unwrap_or(1);
-            if min_parties < 2 * f + 3 {
-                e.push((
+            // Checked arithmetic: a huge count wrapped to a small bound and
+            // passed (found by review).
+            match f.checked_mul(2).and_then(|d| d.checked_add(3)) {
+                Some(needed) if min_parties >= needed => {}
+                Some(needed) => e.push((
                     "byzantine".into(),
-                    format!("krum with {f} byzantine parties needs parties.min >= {}", 2 * f + 3),
-                ));
+                    format!("krum with {f} byzantine parties needs parties.min >= {needed}"),
+                )),
+                None => {
+                    e.push(("byzantine".into(), format!("{f} byzantine parties is more than any federation holds")))
+                }
             }
         }
         e
@@ -1207,6 +1213,10 @@ mod strategy_tests {
         let e = JobSpec::parse(&bad, "f", &Limits::default()).unwrap_err();
         let paths: Vec<&str> = e.errors.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(paths, vec!["strategy.beta1", "strategy.byzantine"]);
+        // A count whose bound overflows is refused, not wrapped to a small one.
+        let huge = format!("{BASE}[strategy]\nname = \"krum\"\nbyzantine = 9223372036854775807\n");
+        let e = JobSpec::parse(&huge, "f", &Limits::default()).unwrap_err();
+        assert_eq!(e.errors.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["strategy.byzantine"]);
     }
 }
 

@@ -71,13 +71,15 @@ impl IncrementalSpec {
         if let Err(m) = validate_service_name(&self.service) {
             err("service", m);
         }
-        match (self.min_new_rows, self.period_secs) {
-            (None, None) => err("min_new_rows", "give a trigger: min_new_rows, period_secs, or both".into()),
-            (Some(0), _) => err("min_new_rows", "must be at least 1".into()),
-            (_, Some(p)) if !(1..=MAX_SECS).contains(&p) => {
-                err("period_secs", format!("must be 1..={MAX_SECS} (got {p})"))
-            }
-            _ => {}
+        // Each trigger checked on its own: both wrong, both are named.
+        if self.min_new_rows.is_none() && self.period_secs.is_none() {
+            err("min_new_rows", "give a trigger: min_new_rows, period_secs, or both".into());
+        }
+        if self.min_new_rows == Some(0) {
+            err("min_new_rows", "must be at least 1".into());
+        }
+        if let Some(p) = self.period_secs.filter(|p| !(1..=MAX_SECS).contains(p)) {
+            err("period_secs", format!("must be 1..={MAX_SECS} (got {p})"));
         }
         if !(self.poll_secs.is_finite() && (0.1..=MAX_SECS as f64).contains(&self.poll_secs)) {
             err("poll_secs", format!("must be 0.1..={MAX_SECS} (got {})", self.poll_secs));
@@ -172,6 +174,11 @@ mod tests {
         assert_eq!(fields(&spec("")), ["incremental.min_new_rows"]);
         assert_eq!(fields(&spec("min_new_rows = 0")), ["incremental.min_new_rows"]);
         assert_eq!(fields(&spec("period_secs = 0")), ["incremental.period_secs"]);
+        assert_eq!(
+            fields(&spec("min_new_rows = 0\nperiod_secs = 0")),
+            ["incremental.min_new_rows", "incremental.period_secs"],
+            "both named"
+        );
         assert_eq!(fields(&spec("min_new_rows = 1\npoll_secs = 0.0")), ["incremental.poll_secs"]);
         assert_eq!(fields(&spec("min_new_rows = 1\nmetric = \"a b\"")), ["incremental.metric"]);
         assert_eq!(fields(&spec("min_new_rows = 1\nmin_delta = 2.0")), ["incremental.min_delta"]);

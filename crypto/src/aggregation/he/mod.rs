@@ -159,7 +159,10 @@ impl HeSettings {
     /// The smallest key whose threshold leaves room for a checked
     /// decryption with `corrupt` corrupt parties (and at least 3).
     pub fn min_key_parties(corrupt: usize) -> usize {
-        (MIN_ROUND_PARTIES..).find(|&n| he::params::threshold_for(n, corrupt) < n).unwrap_or(usize::MAX)
+        // τ = ⌊(n + c)/2⌋ + 1 < n first holds at n = c + 3. In closed form:
+        // a search from 3 ran for as long as a spec's huge corrupt_fraction
+        // asked, before the fraction was checked (found by review).
+        corrupt.saturating_add(3).max(MIN_ROUND_PARTIES)
     }
 
     /// The parameters of a key epoch of `n` parties in a job with at most
@@ -185,8 +188,6 @@ impl HeSettings {
 
     fn check(&self, job: &JobFacts) -> Vec<Problem> {
         let mut p = Vec::new();
-        let s = HeSettings { bits: Some(self.plaintext_bits(job)), ..*self };
-        let s = &s;
         if !(self.corrupt_fraction.is_finite() && (0.0..1.0 / 3.0).contains(&self.corrupt_fraction)) {
             p.push(Problem::setting(
                 "corrupt_fraction",
@@ -199,6 +200,13 @@ impl HeSettings {
         if !(1..=8).contains(&self.surplus) {
             p.push(Problem::setting("surplus", format!("must be 1..=8 (got {})", self.surplus)));
         }
+        // The settings every derived figure rests on, checked before any is
+        // derived from them.
+        if !p.is_empty() {
+            return p;
+        }
+        let s = HeSettings { bits: Some(self.plaintext_bits(job)), ..*self };
+        let s = &s;
         if !(8..=he::params::MAX_BITS).contains(&s.b()) {
             let why = if self.bits.is_some() {
                 "must be"
@@ -268,9 +276,12 @@ fn round_sizes(job: &JobFacts, s: &HeSettings) -> Vec<usize> {
 
 fn settings_for(table: &toml::Table, job: &JobFacts) -> Result<HeSettings, Error> {
     let mut s = HeSettings::from_table(table).map_err(|p| problems(&p))?;
-    s.bits = Some(s.plaintext_bits(job));
     let checked = s.check(job);
-    if checked.is_empty() { Ok(s) } else { Err(problems(&checked)) }
+    if !checked.is_empty() {
+        return Err(problems(&checked));
+    }
+    s.bits = Some(s.plaintext_bits(job));
+    Ok(s)
 }
 
 fn problems(p: &[Problem]) -> Error {
@@ -4998,6 +5009,14 @@ mod tests {
         let bad = |t: toml::Table| ThresholdHe.validate(&t, &job).into_iter().map(|p| p.field).collect::<Vec<_>>();
         assert!(bad(toml::Table::new()).is_empty(), "{:?}", ThresholdHe.validate(&toml::Table::new(), &job));
         assert_eq!(bad(toml::toml! { corrupt_fraction = 0.5 }), ["corrupt_fraction"]);
+        // Huge, and the bits left to derive: refused by field at once (a
+        // search over key sizes used to run before the check; found by review).
+        for huge in [1e15, 1e300, f64::INFINITY] {
+            let t: toml::Table = [("corrupt_fraction".to_string(), toml::Value::Float(huge))].into_iter().collect();
+            assert_eq!(bad(t), ["corrupt_fraction"], "{huge}");
+        }
+        assert_eq!(HeSettings::min_key_parties(usize::MAX), usize::MAX);
+        assert_eq!((HeSettings::min_key_parties(0), HeSettings::min_key_parties(4)), (3, 7));
         assert_eq!(bad(toml::toml! { bits = 40 }), ["bits"]);
         let b = bad(toml::toml! { bits = 32 });
         assert!(!b.is_empty() && b.iter().all(|f| f == "bits"), "32 bits leave no room for the noise: {b:?}");
