@@ -1077,7 +1077,7 @@ impl PartyNode {
         // The model at this party's width, where it is known before the
         // rows are read (a DP job's always), against the party's limit,
         // before anything is reserved or allocated.
-        if let Some(width) = crate::trainers::dp_width(&spec, &source)?.or(source.features) {
+        if let Some(width) = crate::trainers::dp_width(&spec, source)?.or(source.features) {
             crate::trainers::check_model_size(&spec, width, &cfg.limits)?;
         }
         let identity = identity(cfg, me, &self.revocations, self.released.clone())?;
