@@ -335,6 +335,12 @@ pub struct Policy {
     /// is refused. Above 0 it refuses `he`, which tolerates no such party.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_corrupt_fraction: Option<f64>,
+    /// The most DP-SGD steps one round may ask of this party
+    /// (`training.local_epochs` ÷ `dp.sampling_rate`): the spec's own bound
+    /// is on the privacy accounting, and a coordinator could otherwise keep
+    /// a party training one round for days at a tiny ε (found by review).
+    #[serde(default = "default_max_dp_steps_per_round")]
+    pub max_dp_steps_per_round: u64,
     /// Fewest parties a job must require; guards against a job that would
     /// make one party's update stand out.
     #[serde(default = "default_min_parties")]
@@ -389,11 +395,16 @@ impl Default for Policy {
             min_answer_after_secs: None,
             accept_central_dp: false,
             min_corrupt_fraction: None,
+            max_dp_steps_per_round: default_max_dp_steps_per_round(),
             min_parties: default_min_parties(),
             share_inputs: BTreeMap::new(),
             privacy_modes: None,
         }
     }
+}
+
+fn default_max_dp_steps_per_round() -> u64 {
+    100_000
 }
 
 /// Exponential back-off between connection attempts.
@@ -655,6 +666,9 @@ impl PartyConfig {
             && !(e.is_finite() && e > 0.0)
         {
             return Err(format!("policy.max_epsilon: must be positive and finite (got {e})"));
+        }
+        if self.policy.max_dp_steps_per_round == 0 {
+            return Err("policy.max_dp_steps_per_round: must be at least 1".into());
         }
         if let Some(t) = self.policy.min_answer_after_secs
             && !(t > 0.0 && t <= 86_400.0)

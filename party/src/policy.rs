@@ -144,6 +144,16 @@ pub fn consider<'a>(
             spec.min_parties()
         ));
     }
+    if let Some(dp) = &spec.dp {
+        let steps = dp.steps_per_round(&spec.training);
+        if steps > policy.max_dp_steps_per_round {
+            return Err(format!(
+                "training.local_epochs / dp.sampling_rate ask {steps} DP-SGD steps a round; policy allows at most {} \
+                 (policy.max_dp_steps_per_round)",
+                policy.max_dp_steps_per_round
+            ));
+        }
+    }
     let source = datasets.get(dataset).ok_or_else(|| format!("no data set named {dataset:?} at this party"))?;
     // A spec whose ranges disagree with the data set's declared width, or
     // a DP job on a data set whose width nothing declares, is refused
@@ -297,6 +307,29 @@ mod tests {
                     [model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
                     [dp]\nlevel = \"party\"\nnoise_multiplier = 1.0\n";
         JobSpec::parse(text, "t", &Limits::default()).unwrap()
+    }
+
+    /// A DP job whose one round asks more DP-SGD steps than the policy
+    /// allows is refused naming the settings, however small its ε.
+    #[test]
+    fn a_round_of_more_dp_steps_than_the_policy_allows_is_refused() {
+        let plugins = PartyPlugins::default();
+        let mut d = DatasetSource::csv("d.csv".into());
+        d.features = Some(1);
+        let data = BTreeMap::from([("d".to_string(), d)]);
+        let text = |q: f64| {
+            format!(
+                "name = \"p\"\nkind = \"train\"\n[parties]\nnames = [\"p0\", \"p1\", \"p2\"]\nmin = 3\n\
+                 dataset = \"d\"\n[model]\nkind = \"logistic_regression\"\nclasses = 2\nstandardize = false\n\
+                 [training]\nlocal_epochs = 1000\n[dp]\nnoise_multiplier = 1024.0\nsampling_rate = {q}\n"
+            )
+        };
+        let policy = Policy { aggregation: vec!["none".into()], ..Policy::default() };
+        let heavy = JobSpec::parse(&text(1e-4), "t", &Limits::default()).unwrap();
+        let e = consider(&heavy, "d", &policy, &plugins, &data).err().unwrap();
+        assert!(e.contains("10000000 DP-SGD steps") && e.contains("policy.max_dp_steps_per_round"), "{e}");
+        let light = JobSpec::parse(&text(0.05), "t", &Limits::default()).unwrap();
+        assert!(consider(&light, "d", &policy, &plugins, &data).is_ok());
     }
 
     #[test]
