@@ -653,6 +653,32 @@ impl RawDp {
         if steps > MAX_DP_STEPS {
             err("sampling_rate", format!("rounds × ⌈local_epochs / q⌉ = {steps} steps; the limit is {MAX_DP_STEPS}"));
         }
+        // Adaptive clipping's settings that need no noise multiplier, each
+        // named, before any calibration runs (found by review: they came
+        // after it, one at a time).
+        match (self.adaptive_clip_quantile, self.adaptive_clip_rate, self.clip_count_stddev) {
+            (None, rate, stddev) => {
+                for (field, set) in [("adaptive_clip_rate", rate.is_some()), ("clip_count_stddev", stddev.is_some())] {
+                    if set {
+                        err(field, "only applies with adaptive_clip_quantile".into());
+                    }
+                }
+            }
+            (Some(quantile), rate, _) => {
+                if level != DpLevel::Party {
+                    err(
+                        "adaptive_clip_quantile",
+                        "adaptive clipping is for party-level DP (level = \"party\"); DP-SGD's clip is fixed".into(),
+                    );
+                }
+                if !(quantile > 0.0 && quantile < 1.0) {
+                    err("adaptive_clip_quantile", format!("must be in (0, 1) (got {quantile})"));
+                }
+                if let Some(rate) = rate.filter(|r| !(r.is_finite() && *r > 0.0 && *r <= 10.0)) {
+                    err("adaptive_clip_rate", format!("must be in (0, 10] (got {rate})"));
+                }
+            }
+        }
         if !e.is_empty() {
             return Err(e);
         }
@@ -687,29 +713,14 @@ impl RawDp {
                     .into(),
             )]);
         }
-        let adaptive = match (self.adaptive_clip_quantile, self.adaptive_clip_rate, self.clip_count_stddev) {
-            (None, None, None) => None,
-            (None, _, _) => {
-                let f = if self.adaptive_clip_rate.is_some() { "adaptive_clip_rate" } else { "clip_count_stddev" };
-                return Err(vec![(f.into(), "only applies with adaptive_clip_quantile".into())]);
-            }
-            (Some(quantile), rate, stddev) => {
-                if level != DpLevel::Party {
-                    return Err(vec![(
-                        "adaptive_clip_quantile".into(),
-                        "adaptive clipping is for party-level DP (level = \"party\"); DP-SGD's clip is fixed".into(),
-                    )]);
-                }
+        // (The settings checked above are valid here.)
+        let adaptive = match self.adaptive_clip_quantile {
+            None => None,
+            Some(quantile) => {
                 let parties = distributed.map_or(0, |d| d.max_parties) as f64;
-                let rate = rate.unwrap_or(0.2);
-                let stddev = stddev.unwrap_or((parties / 20.0).max(noise_multiplier));
+                let rate = self.adaptive_clip_rate.unwrap_or(0.2);
+                let stddev = self.clip_count_stddev.unwrap_or((parties / 20.0).max(noise_multiplier));
                 let a = AdaptiveClip { target_quantile: quantile, learning_rate: rate, count_stddev: stddev };
-                if !(quantile > 0.0 && quantile < 1.0) {
-                    return Err(vec![("adaptive_clip_quantile".into(), format!("must be in (0, 1) (got {quantile})"))]);
-                }
-                if !(rate.is_finite() && rate > 0.0 && rate <= 10.0) {
-                    return Err(vec![("adaptive_clip_rate".into(), format!("must be in (0, 10] (got {rate})"))]);
-                }
                 if !(stddev.is_finite() && stddev > noise_multiplier / 2.0) || a.joint(c, noise_multiplier).is_none() {
                     return Err(vec![(
                         "clip_count_stddev".into(),
@@ -1010,6 +1021,20 @@ mod tests {
         };
         assert_eq!(counted("1e6"), None);
         assert_eq!(counted("1e308").as_deref(), Some("clip_count_stddev"));
+        // Adaptive clipping's settings are each named, before calibration.
+        let all_wrong: RawDp = toml::from_str(
+            "noise_multiplier = 1.0\nsampling_rate = 0.1\nadaptive_clip_quantile = 1.5\nadaptive_clip_rate = 20.0",
+        )
+        .unwrap();
+        let e = all_wrong.validate(&training, 1, None).unwrap_err();
+        let fields: Vec<&str> = e.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["adaptive_clip_quantile", "adaptive_clip_quantile", "adaptive_clip_rate"], "{e:?}");
+        let stray: RawDp = toml::from_str(
+            "noise_multiplier = 1.0\nsampling_rate = 0.1\nadaptive_clip_rate = 0.2\nclip_count_stddev = 3.0",
+        )
+        .unwrap();
+        let e = stray.validate(&training, 1, None).unwrap_err();
+        assert_eq!(e.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(), ["adaptive_clip_rate", "clip_count_stddev"]);
         // A noise multiplier whose ε nothing bounds (the PLD's lattice
         // slack for a model of up to 2^26 values, at adaptive clipping's
         // halved multiplier, needs more grid than it has) is refused, not
