@@ -312,6 +312,18 @@ impl Db {
         Ok(())
     }
 
+    /// A job's state, `None` when no job of this id was ever submitted.
+    pub fn job_state(&self, id: &str) -> Result<Option<JobState>, Error> {
+        let state: Option<String> = self
+            .lock()
+            .query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .map_err(sql)?;
+        state
+            .map(|s| JobState::parse(&s).ok_or_else(|| Error::Storage(format!("job {id}: unknown state {s:?}"))))
+            .transpose()
+    }
+
     /// Sets a job's state (and error).
     pub fn set_job_state(&self, id: &str, state: JobState, error: Option<&str>) -> Result<(), Error> {
         self.lock()

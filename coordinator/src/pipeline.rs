@@ -550,18 +550,14 @@ impl Pipeline {
     fn submit_as(&self, id: &str, spec: JobSpec, from: &DeploymentRecord) -> Result<(), Stop> {
         let model = self.version(from)?;
         self.hub.db().insert_job(id, &spec, Some(from.round))?;
-        info!(job = %id, "starts from job {}'s model of round {}", from.job_id, from.round);
+        crate::server::log_start(id, &spec, Some(from.round));
         crate::server::spawn_job(&self.hub, id.to_owned(), spec, Start::Fresh { model: Some(model) })?;
         Ok(())
     }
 
     /// Whether a job of this id was ever submitted.
     fn job_exists(&self, id: &str) -> Result<bool, Stop> {
-        match self.hub.db().job_status(id, false) {
-            Ok(_) => Ok(true),
-            Err(crate::error::Error::NotFound(_)) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self.hub.db().job_state(id)?.is_some())
     }
 
     /// Waits for job `id` to end; a cancellation of the pipeline cancels it.

@@ -474,18 +474,13 @@ impl Shared {
                 // The party's doing, not this relay's: the coordinator is
                 // told so on the party's stream, and drops it from the stage.
                 warn!(party = %party, "an upload claiming a relay group's fields: refused as the party's");
-                let failed = pb::TaskFailed {
-                    job_id: key.0.clone(),
-                    task_id: key.1,
-                    reason: format!(
-                        "it sent relay {} an upload record with a relay group's fields (refused as its own doing)",
-                        self.name
-                    ),
-                };
+                let why = format!(
+                    "it sent relay {} an upload record with a relay group's fields (refused as its own doing)",
+                    self.name
+                );
                 if let Some(member) = upstreams.get(&party) {
-                    let up = member.up.clone();
+                    let (up, msg) = (member.up.clone(), task_failed(&key.0, key.1, why));
                     tokio::spawn(async move {
-                        let msg = pb::PartyMessage { body: Some(party_message::Body::Failed(failed)) };
                         let _ = up.lock().await.send(msg).await;
                     });
                 }
@@ -522,6 +517,13 @@ impl Shared {
             tokio::spawn(async move { send_result(&up, result, id, limits.chunk_bytes).await });
         }
     }
+}
+
+/// A party's task failed, as the relay tells the coordinator on the
+/// party's stream.
+fn task_failed(job_id: &str, task_id: u64, reason: String) -> pb::PartyMessage {
+    let failed = pb::TaskFailed { job_id: job_id.to_owned(), task_id, reason };
+    pb::PartyMessage { body: Some(party_message::Body::Failed(failed)) }
 }
 
 /// Splits an upload's contribution off its result.
@@ -929,12 +931,8 @@ async fn pump_up(
     };
     if let Some((job_id, task_id)) = faulty {
         warn!(party = %party, job = %job_id, "a result the relay cannot read: {why}");
-        let failed = pb::TaskFailed {
-            job_id,
-            task_id,
-            reason: format!("relay {} could not read its result: {why}", shared.name),
-        };
-        let _ = up.lock().await.send(pb::PartyMessage { body: Some(party_message::Body::Failed(failed)) }).await;
+        let msg = task_failed(&job_id, task_id, format!("relay {} could not read its result: {why}", shared.name));
+        let _ = up.lock().await.send(msg).await;
     }
     info!(party = %party, "party left: {why}");
     {

@@ -263,6 +263,8 @@ pub struct Hub {
 struct JoinBudget {
     tokens: f64,
     at: std::time::Instant,
+    burst: f64,
+    every: Duration,
 }
 
 impl JoinBudget {
@@ -276,23 +278,33 @@ impl JoinBudget {
     const RELAY_BURST: f64 = 1024.0;
     const RELAY_EVERY: Duration = Duration::from_millis(50);
 
-    fn full(now: std::time::Instant, burst: f64) -> Self {
-        JoinBudget { tokens: burst, at: now }
+    /// A full budget of `burst` joins, refilled one every `every`.
+    fn full(now: std::time::Instant, burst: f64, every: Duration) -> Self {
+        JoinBudget { tokens: burst, at: now, burst, every }
     }
 
-    /// Takes one join at `now` from a budget of `burst` refilled one every
-    /// `every`; refused with how long until the next.
-    fn take(&mut self, now: std::time::Instant, burst: f64, every: Duration) -> Result<(), Duration> {
-        let earned = now.saturating_duration_since(self.at).as_secs_f64() / every.as_secs_f64();
-        self.tokens = (self.tokens + earned).min(burst);
+    /// Takes one join at `now`; refused with how long until the next.
+    fn take(&mut self, now: std::time::Instant) -> Result<(), Duration> {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() / self.every.as_secs_f64();
+        self.tokens = (self.tokens + earned).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(every.mul_f64(1.0 - self.tokens))
+            Err(self.every.mul_f64(1.0 - self.tokens))
         }
     }
+}
+
+/// The refusal of a join beyond `who`'s budget of `burst`, with the wait
+/// also as metadata, read by the party's reconnect loop.
+fn too_often(who: &str, burst: f64, wait: Duration) -> Status {
+    let refused = Status::resource_exhausted(format!(
+        "{who} opened {burst} streams without pause; retry in {} ms",
+        wait.as_millis().max(1)
+    ));
+    confide_proto::net::with_retry_after(refused, wait)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -330,9 +342,10 @@ impl Hub {
         })
     }
 
-    /// One join from the budget kept under `key`; budgets untouched for
-    /// ten minutes (full again by then) are forgotten once there are many,
-    /// so names a relay makes up cannot grow the map without end.
+    /// One join from the budget kept under `key` (made with `burst` and
+    /// `every` when new); budgets untouched for ten minutes (full again by
+    /// then) are forgotten once there are many, so names a relay makes up
+    /// cannot grow the map without end.
     fn take_budget(&self, key: String, burst: f64, every: Duration) -> Result<(), Duration> {
         const MANY: usize = 10_000;
         let now = std::time::Instant::now();
@@ -340,7 +353,7 @@ impl Hub {
         if joins.len() >= MANY {
             joins.retain(|_, b| now.saturating_duration_since(b.at) < Duration::from_secs(600));
         }
-        joins.entry(key).or_insert_with(|| JoinBudget::full(now, burst)).take(now, burst, every)
+        joins.entry(key).or_insert_with(|| JoinBudget::full(now, burst, every)).take(now)
     }
 
     /// One more relayed join through `relay`, within the budget of the
@@ -350,24 +363,13 @@ impl Hub {
     /// (both kept apart from parties' by names no party has).
     fn take_relayed_join(&self, relay: &str, claimed: Option<&str>) -> Result<(), Status> {
         if let Some(name) = claimed {
-            let key = format!("relay {relay} member {name}");
-            self.take_budget(key, JoinBudget::BURST, JoinBudget::EVERY).map_err(|wait| {
-                let refused = Status::resource_exhausted(format!(
-                    "{name} (through relay {relay}) opened {} streams without pause; retry in {} ms",
-                    JoinBudget::BURST,
-                    wait.as_millis().max(1)
-                ));
-                confide_proto::net::with_retry_after(refused, wait)
-            })?;
+            self.take_budget(format!("relay {relay} member {name}"), JoinBudget::BURST, JoinBudget::EVERY)
+                .map_err(|wait| too_often(&format!("{name} (through relay {relay})"), JoinBudget::BURST, wait))?;
         }
         let (burst, every) = (JoinBudget::RELAY_BURST, JoinBudget::RELAY_EVERY);
         self.take_budget(format!("relay {relay}"), burst, every).map_err(|wait| {
             warn!(relay, "refused a relayed stream: the relay opens streams too often");
-            let refused = Status::resource_exhausted(format!(
-                "relay {relay} opened {burst} streams without pause; retry in {} ms",
-                wait.as_millis().max(1)
-            ));
-            confide_proto::net::with_retry_after(refused, wait)
+            too_often(&format!("relay {relay}"), burst, wait)
         })
     }
 
@@ -375,13 +377,7 @@ impl Hub {
     fn take_join(&self, party: &str) -> Result<(), Status> {
         self.take_budget(party.to_owned(), JoinBudget::BURST, JoinBudget::EVERY).map_err(|wait| {
             warn!(party, "refused a stream: the party reconnects too often");
-            let refused = Status::resource_exhausted(format!(
-                "{party} opened {} streams without pause; retry in {} ms",
-                JoinBudget::BURST,
-                wait.as_millis().max(1)
-            ));
-            // Also as metadata, read by the party's reconnect loop.
-            confide_proto::net::with_retry_after(refused, wait)
+            too_often(party, JoinBudget::BURST, wait)
         })
     }
 
@@ -907,7 +903,7 @@ fn initial_model(hub: &Hub, spec: &JobSpec, from_round: Option<u32>) -> Result<O
 }
 
 /// Says where a job with `from_job` starts (a resumed one too).
-fn log_start(id: &str, spec: &JobSpec, from_round: Option<u32>) {
+pub(crate) fn log_start(id: &str, spec: &JobSpec, from_round: Option<u32>) {
     if let (Some(from), Some(round)) = (&spec.from_job, from_round) {
         info!(job = %id, "starts from job {from}'s model of round {round}");
     }
@@ -1459,11 +1455,7 @@ async fn writer(
 /// Whether pipeline `pipeline` is still running and its iteration
 /// `iteration` waits for job `job` (its recorded candidate training).
 fn pipeline_waits_for(hub: &Hub, pipeline: &str, iteration: u32, job: &str) -> Result<bool, Error> {
-    let running = match hub.db.job_status(pipeline, false) {
-        Ok(st) => !st.state.is_terminal(),
-        Err(Error::NotFound(_)) => false,
-        Err(e) => return Err(e),
-    };
+    let running = hub.db.job_state(pipeline)?.is_some_and(|s| !s.is_terminal());
     Ok(running && hub.db.iterations(pipeline)?.iter().any(|it| it.iteration == iteration && it.candidate_job == job))
 }
 
@@ -2048,7 +2040,7 @@ impl AdminService for AdminSvc {
             Ok(out)
         })
         .await?;
-        let models = versions
+        let mut models: Vec<pb::ModelVersion> = versions
             .into_iter()
             .map(|(v, architecture, services)| pb::ModelVersion {
                 job_id: v.job_id,
@@ -2061,7 +2053,6 @@ impl AdminService for AdminSvc {
                 services,
             })
             .collect();
-        let mut models = models;
         let truncated = keep_within(&mut models, MAX_LIST_REPLY_BYTES);
         Ok(Response::new(pb::ListModelsReply { models, truncated }))
     }
@@ -2161,9 +2152,9 @@ const MAX_CACHED_ROUTES: usize = 4096;
 /// at most the default 4 MiB).
 const MAX_LIST_REPLY_BYTES: usize = 3 << 20;
 
-/// Keeps the first of `services` that fit in `bytes` encoded, so that a
-/// reply fits a message whatever the number of services; true when some
-/// were left out.
+/// Keeps the first of `items` that fit in `bytes` encoded, so that a
+/// reply fits a message however many there are; true when some were left
+/// out.
 fn keep_within<T: prost::Message>(items: &mut Vec<T>, bytes: usize) -> bool {
     let mut room = bytes;
     let fit = items
@@ -2502,22 +2493,21 @@ mod tests {
     #[test]
     fn a_party_that_reconnects_without_pause_is_refused_for_a_while() {
         let t0 = std::time::Instant::now();
-        let (burst, every) = (JoinBudget::BURST, JoinBudget::EVERY);
-        let mut budget = JoinBudget::full(t0, burst);
+        let mut budget = JoinBudget::full(t0, JoinBudget::BURST, JoinBudget::EVERY);
         for _ in 0..30 {
-            budget.take(t0, burst, every).unwrap();
+            budget.take(t0).unwrap();
         }
-        let wait = budget.take(t0, burst, every).unwrap_err();
+        let wait = budget.take(t0).unwrap_err();
         assert_eq!(wait, JoinBudget::EVERY);
-        assert!(budget.take(t0 + Duration::from_millis(1999), burst, every).is_err());
-        budget.take(t0 + Duration::from_millis(2000), burst, every).unwrap();
-        assert!(budget.take(t0 + Duration::from_millis(2000), burst, every).is_err());
+        assert!(budget.take(t0 + Duration::from_millis(1999)).is_err());
+        budget.take(t0 + Duration::from_millis(2000)).unwrap();
+        assert!(budget.take(t0 + Duration::from_millis(2000)).is_err());
         // A long pause earns the burst back, not more.
         let later = t0 + Duration::from_secs(3600);
         for _ in 0..30 {
-            budget.take(later, burst, every).unwrap();
+            budget.take(later).unwrap();
         }
-        assert!(budget.take(later, burst, every).is_err());
+        assert!(budget.take(later).is_err());
         // Through the hub: another party is not held to this one's budget.
         let dir = tempfile::tempdir().unwrap();
         let hub = bare_hub(dir.path());

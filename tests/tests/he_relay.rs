@@ -203,33 +203,34 @@ async fn the_coordinator_admits_a_relayed_party_only_on_its_delegation_to_that_r
         confide_crypto::relay::sign_delegation(&key_of("site-1"), "site-1", "edge-a", now).expect("sign");
     let e = relayed_join(&fed, "edge-a", "site-1", (&sig, &nonce), now).await.unwrap_err();
     assert!(e.contains("relay edge-a") && e.contains("site-1") && e.contains("revoked"), "{e}");
+    // An admin API client with the certificate and key under `pki/{holder}`.
+    let admin_as = |holder: &str| {
+        let (ca, cert, key) =
+            (fed.path("pki/ca.pem"), fed.path(&format!("pki/{holder}.pem")), fed.path(&format!("pki/{holder}.key")));
+        let url = format!("https://{}", fed.addr);
+        async move {
+            let id = confide_proto::net::ClientIdentity {
+                url: &url,
+                server_name: "localhost",
+                ca: &ca,
+                cert: &cert,
+                key: &key,
+            };
+            let channel = confide_proto::net::connect(&id).await.expect("connect");
+            confide_proto::pb::admin_service_client::AdminServiceClient::new(channel)
+        }
+    };
     // A relay certificate does not open the admin API.
-    let (ca, cert, key) =
-        (fed.path("pki/ca.pem"), fed.path("pki/relays/edge-a.pem"), fed.path("pki/relays/edge-a.key"));
-    let url = format!("https://{}", fed.addr);
-    let id =
-        confide_proto::net::ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
-    let channel = confide_proto::net::connect(&id).await.expect("connect");
-    let mut admin = confide_proto::pb::admin_service_client::AdminServiceClient::new(channel);
+    let mut admin = admin_as("relays/edge-a").await;
     let refused = admin.list_jobs(confide_proto::pb::ListJobsRequest {}).await.expect_err("relay is not admin");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     // Nor does a party's.
-    let (cert, key) = (fed.path("pki/parties/site-0.pem"), fed.path("pki/parties/site-0.key"));
-    let id =
-        confide_proto::net::ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
-    let mut as_party = confide_proto::pb::admin_service_client::AdminServiceClient::new(
-        confide_proto::net::connect(&id).await.expect("connect"),
-    );
+    let mut as_party = admin_as("parties/site-0").await;
     let refused = as_party.list_jobs(confide_proto::pb::ListJobsRequest {}).await.expect_err("a party is not admin");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     // The administrator's requests name job ids and services that are ones
     // (refused, the echo bounded, before any lookup).
-    let (cert, key) = (fed.path("pki/admin.pem"), fed.path("pki/admin.key"));
-    let id =
-        confide_proto::net::ClientIdentity { url: &url, server_name: "localhost", ca: &ca, cert: &cert, key: &key };
-    let mut as_admin = confide_proto::pb::admin_service_client::AdminServiceClient::new(
-        confide_proto::net::connect(&id).await.expect("connect"),
-    );
+    let mut as_admin = admin_as("admin").await;
     let long = "x".repeat(100_000);
     for bad in [long.as_str(), "j1\nforged", ""] {
         let e = as_admin

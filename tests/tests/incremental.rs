@@ -184,6 +184,18 @@ fn a_pipeline_killed_after_deploying_records_the_deployment_once() {
     assert_eq!(history.len(), 2, "the administrator's deployment and the pipeline's, once: {history:#?}");
 }
 
+/// A barely trained first version of service "triage" on the watched data
+/// sets, deployed by the administrator; its job's id.
+fn deploy_a_weak_first_version(fed: &Federation, names: &[String]) -> String {
+    let weak =
+        job_spec(names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.00001")
+            .replace("dataset = \"data\"", "dataset = \"watched\"");
+    let v1 = fed.submit("weak.toml", &weak);
+    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
+    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
+    v1
+}
+
 /// Two watched parties, an administrator's deployment (1) of a weak model,
 /// then a one-iteration pipeline whose coordinator exits at the fault point
 /// `at` and is started again: the federation, the pipeline's final status
@@ -194,12 +206,7 @@ fn pipeline_killed_at(at: &str) -> (Federation, Value, String) {
     for n in &names {
         fed.start_party(n, &watched(n));
     }
-    let weak =
-        job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.00001")
-            .replace("dataset = \"data\"", "dataset = \"watched\"");
-    let v1 = fed.submit("weak.toml", &weak);
-    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
-    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
+    let v1 = deploy_a_weak_first_version(&fed, &names);
     fed.kill_coordinator();
     fed.coordinator_env = vec![("CONFIDE_COORDINATOR_EXIT_AT".into(), at.into())];
     fed.start_coordinator();
@@ -223,12 +230,7 @@ fn a_pipeline_retrains_gates_deploys_survives_a_restart_and_rolls_back_a_worse_v
     let addr = fed.party_endpoint("site-0");
 
     // A barely trained first version, deployed by the administrator.
-    let weak =
-        job_spec(&names, 2, 1, "kind = \"logistic_regression\"\nclasses = 2", "seed = 4\nlearning_rate = 0.00001")
-            .replace("dataset = \"data\"", "dataset = \"watched\"");
-    let v1 = fed.submit("weak.toml", &weak);
-    assert_eq!(fed.wait_done(&v1, 120)["state"], "succeeded", "{}", fed.logs());
-    fed.run_ok(&["model", "deploy", "triage", "--job", &v1, "--round", "1"]);
+    let v1 = deploy_a_weak_first_version(&fed, &names);
     wait_for_sequence(&fed, addr, "triage", 1);
 
     // The pipeline: its first count finds batch 001 new (170 rows a party),

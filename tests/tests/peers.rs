@@ -225,6 +225,18 @@ async fn open_stream(
     join_on(&party_channel(addr, pki, party, None).await).await.expect("join")
 }
 
+/// [`open_stream`], with the coordinator's welcome read off it.
+async fn open_welcomed(
+    addr: &str,
+    pki: &PkiDir,
+    party: &str,
+) -> (tokio::sync::mpsc::Sender<pb::PartyMessage>, tonic::Streaming<pb::CoordinatorMessage>) {
+    let (tx, mut inbound) = open_stream(addr, pki, party).await;
+    let welcome = inbound.message().await.expect("welcome");
+    assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
+    (tx, inbound)
+}
+
 /// A connection outlives the lists the handshake checked it against, and a
 /// party that stops reading could hold a closed stream open. Here a party
 /// that never reads (its stream window 0) is revoked: a new stream it opens
@@ -377,12 +389,8 @@ async fn a_revoked_admin_is_refused_on_its_open_connection_and_its_watch_ends() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_streams_messages_do_not_act_for_the_newer_stream() {
     let (fed, pki) = one_hospital();
-    let (old_tx, mut old_in) = open_stream(&fed.addr, &pki, "hospital-a").await;
-    let welcome = old_in.message().await.expect("welcome");
-    assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
-    let (new_tx, mut new_in) = open_stream(&fed.addr, &pki, "hospital-a").await;
-    let welcome = new_in.message().await.expect("welcome");
-    assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
+    let (old_tx, _old_in) = open_welcomed(&fed.addr, &pki, "hospital-a").await;
+    let (new_tx, mut new_in) = open_welcomed(&fed.addr, &pki, "hospital-a").await;
     // A message without a body: a protocol error, on the older stream.
     old_tx.send(pb::PartyMessage { body: None }).await.expect("the older stream takes it");
     let quiet = tokio::time::timeout(Duration::from_secs(2), new_in.message()).await;
@@ -405,9 +413,7 @@ async fn a_replaced_streams_messages_do_not_act_for_the_newer_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_stream_is_left_at_once_with_its_half_received_result() {
     let (fed, pki) = one_hospital();
-    let (old_tx, mut old_in) = open_stream(&fed.addr, &pki, "hospital-a").await;
-    let welcome = old_in.message().await.expect("welcome");
-    assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
+    let (old_tx, mut old_in) = open_welcomed(&fed.addr, &pki, "hospital-a").await;
     // A result of a million values for a job that is not running: its
     // header and a first chunk, then nothing more on this stream.
     let encoded = encoded_model(7, 1_000_000);
@@ -416,9 +422,7 @@ async fn a_replaced_stream_is_left_at_once_with_its_half_received_result() {
         pb::TaskResult { job_id: "j-not-running".into(), task_id: 1, bulk: Some(encoded.header), ..Default::default() };
     old_tx.send(pb::PartyMessage { body: Some(party_message::Body::Result(result)) }).await.expect("sent");
     old_tx.send(pb::PartyMessage { body: Some(party_message::Body::Chunk(first)) }).await.expect("sent");
-    let (_new_tx, mut new_in) = open_stream(&fed.addr, &pki, "hospital-a").await;
-    let welcome = new_in.message().await.expect("welcome");
-    assert!(matches!(welcome, Some(pb::CoordinatorMessage { body: Some(coordinator_message::Body::Welcome(_)) })));
+    let (_new_tx, _new_in) = open_welcomed(&fed.addr, &pki, "hospital-a").await;
     tokio::task::block_in_place(|| fed.wait_for_log("is read no further (and what it was sending is dropped)", 10));
     let log = fed.coordinator_log();
     assert!(log.contains("its chunks are dropped"), "the result for no job was kept:\n{log}");
