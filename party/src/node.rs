@@ -1051,7 +1051,7 @@ impl PartyNode {
         // stall the runtime that also serves this hospital's applications.
         let (text, file, limits, plugins) =
             (offer.spec_toml.clone(), format!("offer of job {}", offer.job_id), cfg.limits, self.plugins.clone());
-        let spec = holding(&slot, move || JobSpec::parse_with(&text, &file, &limits, plugins.protocols()))
+        let spec = holding(&slot, move || JobSpec::parse_offer(&text, &file, &limits, plugins.protocols()))
             .await
             .map_err(|e| {
                 // (A panic's text stays here, as a trainer's does.)
@@ -2466,6 +2466,26 @@ mod tests {
         assert!(crate::ledger::Ledger::read(&ledger_path).map_or(true, |l| l.datasets.is_empty()));
         let offer = pb::JobOffer { job_id: "j3".into(), spec_toml: DP_JOB_ON_BC.into(), dataset: "bc".into() };
         assert!(answer(&node, &offer).is_ok(), "the spec's own offer is accepted");
+    }
+
+    /// An honest coordinator offers the spec it resolved, with the noise
+    /// multiplier; an offer with `target_epsilon` alone would have the
+    /// party search for the noise itself (with the PLD accountant, grids
+    /// that take seconds a step) on its one acceptance slot. Refused from
+    /// the text, naming the field, before any reservation (found by review).
+    #[test]
+    fn an_offer_asking_the_party_to_calibrate_its_noise_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, ledger_path, _) = node_on_bc(dir.path(), "x,label\n1,0\n2,1\n", |_| {});
+        let targeted = DP_JOB_ON_BC.replace("noise_multiplier = 1.0", "target_epsilon = 2.0\naccountant = \"pld\"");
+        let offer = pb::JobOffer { job_id: "j1".into(), spec_toml: targeted, dataset: "bc".into() };
+        let Err(e) = answer(&node, &offer) else { panic!("accepted") };
+        assert!(e.contains("dp.noise_multiplier") && e.contains("does not calibrate"), "{e}");
+        assert!(crate::ledger::Ledger::read(&ledger_path).map_or(true, |l| l.datasets.is_empty()));
+        // Both given (what `to_toml` offers): z is checked against the target.
+        let both = DP_JOB_ON_BC.replace("noise_multiplier = 1.0", "noise_multiplier = 1.0\ntarget_epsilon = 100.0");
+        let offer = pb::JobOffer { job_id: "j2".into(), spec_toml: both, dataset: "bc".into() };
+        assert!(answer(&node, &offer).is_ok(), "a resolved table is accepted");
     }
 
     /// Under a protocol that hides each party's values (here secure

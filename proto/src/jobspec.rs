@@ -602,16 +602,45 @@ impl JobSpec {
 
     /// [`JobSpec::parse`] for a build that registers further protocols.
     pub fn parse_with(text: &str, file: &str, limits: &Limits, protocols: &Protocols) -> Result<JobSpec, SpecErrors> {
+        Self::parse_raw(text, file, limits)?
+            .into_spec(limits, protocols)
+            .map_err(|errors| SpecErrors { file: file.to_owned(), errors })
+    }
+
+    /// [`JobSpec::parse_with`] for a spec a coordinator offers a party.
+    /// The coordinator offers the spec it resolved (`to_toml`), whose `[dp]`
+    /// table always carries `noise_multiplier`; a table with
+    /// `target_epsilon` alone would make the party calibrate the noise
+    /// itself, a search the coordinator could make long (the PLD
+    /// accountant's grids) on the party's one acceptance slot. Refused,
+    /// naming the field, before anything is calibrated.
+    pub fn parse_offer(text: &str, file: &str, limits: &Limits, protocols: &Protocols) -> Result<JobSpec, SpecErrors> {
+        let raw = Self::parse_raw(text, file, limits)?;
+        if raw.dp.as_ref().is_some_and(|dp| dp.noise_multiplier.is_none()) {
+            return Err(SpecErrors {
+                file: file.to_owned(),
+                errors: vec![(
+                    "dp.noise_multiplier".into(),
+                    "missing: an offered [dp] table carries the noise multiplier the coordinator resolved; a \
+                     party does not calibrate an offered target_epsilon"
+                        .into(),
+                )],
+            });
+        }
+        raw.into_spec(limits, protocols).map_err(|errors| SpecErrors { file: file.to_owned(), errors })
+    }
+
+    /// The text within the size limit, deserialised: nothing validated.
+    fn parse_raw(text: &str, file: &str, limits: &Limits) -> Result<RawJobSpec, SpecErrors> {
         let fail = |path: &str, msg: String| SpecErrors { file: file.to_owned(), errors: vec![(path.to_owned(), msg)] };
         if text.len() > limits.max_spec_bytes {
             return Err(fail("(file)", format!("{} bytes; the limit is {}", text.len(), limits.max_spec_bytes)));
         }
         let de = toml::Deserializer::parse(text).map_err(|e| fail("(syntax)", one_line(&e.to_string())))?;
-        let raw: RawJobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             fail(if path == "." { "(top level)" } else { &path }, one_line(&e.into_inner().to_string()))
-        })?;
-        raw.into_spec(limits, protocols).map_err(|errors| SpecErrors { file: file.to_owned(), errors })
+        })
     }
 
     /// The minimum number of parties, resolved.
