@@ -133,7 +133,7 @@ impl Dataset {
     }
 
     fn parse_csv(text: &str, opts: &CsvOptions, path: &Path) -> Result<Dataset, Error> {
-        let (ds, _) = Self::parse_csv_with(text, opts, path, None)?;
+        let (ds, _) = Self::parse_csv_with(text, opts, path, None, None)?;
         if ds.is_empty() {
             return Err(Error::Data { path: path.to_owned(), line: 0, reason: "no data rows".into() });
         }
@@ -143,12 +143,14 @@ impl Dataset {
     /// [`Dataset::parse_csv`] (but empty files pass); under `rules`, a row
     /// that fails a check of its own (its width, a cell that is not a
     /// finite number, a label that is not one of the classes) is dropped
-    /// instead of failing the file, and counted.
+    /// instead of failing the file, and counted. Without rules, a label
+    /// outside `classes` (when given) fails the file at its line.
     fn parse_csv_with(
         text: &str,
         opts: &CsvOptions,
         path: &Path,
         rules: Option<&RowRules>,
+        classes: Option<usize>,
     ) -> Result<(Dataset, usize), Error> {
         let err = |line, reason: String| Error::Data { path: path.to_owned(), line, reason };
         let mut ds = Dataset::default();
@@ -179,6 +181,10 @@ impl Dataset {
             let label_idx = layout(lineno, w)?;
             match parse_row(&cells, w, label_idx, &mut row) {
                 Ok(label) if rules.is_some_and(|r| label as usize >= r.classes) => dropped += 1,
+                Ok(label) if rules.is_none() && classes.is_some_and(|c| label as usize >= c) => {
+                    let c = classes.unwrap_or_default();
+                    return Err(err(lineno, format!("label {label} is outside the model's {c} classes")));
+                }
                 Ok(label) => {
                     ds.features.extend_from_slice(&row);
                     ds.labels.push(label);
@@ -382,6 +388,11 @@ pub struct DatasetSource {
     /// ([`RowRules`]; set by the party).
     #[serde(skip)]
     pub drop_invalid_rows: Option<RowRules>,
+    /// For one job without DP, the model's classes: a label outside them
+    /// fails the file naming its line (set by the party), where the
+    /// trainer could only say that some row's label was out of range.
+    #[serde(skip)]
+    pub label_classes: Option<usize>,
     /// The most bytes one file (or a gzip file's text) may hold
     /// (default [`DEFAULT_MAX_DATA_BYTES`]): what a file reads is held in
     /// memory whole.
@@ -413,6 +424,7 @@ impl DatasetSource {
             all_held_out: false,
             features: None,
             drop_invalid_rows: None,
+            label_classes: None,
             max_bytes: None,
         }
     }
@@ -485,7 +497,7 @@ impl DatasetSource {
         let mut dropped = 0;
         for file in self.files()? {
             let text = Dataset::read_text_with(&file, rules.is_some(), self.max_bytes(), true)?;
-            let (ds, d) = Dataset::parse_csv_with(&text, &self.csv, &file, rules.as_ref())?;
+            let (ds, d) = Dataset::parse_csv_with(&text, &self.csv, &file, rules.as_ref(), self.label_classes)?;
             dropped += d;
             if ds.is_empty() {
                 if rules.is_none() {
@@ -556,6 +568,26 @@ mod tests {
         assert!(e.to_string().contains(":2"), "{e}");
         assert!(Dataset::parse_csv("1,2,0.5\n", &CsvOptions::default(), p).is_err());
         assert!(Dataset::parse_csv("", &CsvOptions::default(), p).is_err());
+    }
+
+    /// Without DP the party gives the model's classes: a label outside them
+    /// fails the file at its line (the trainer could say only that some
+    /// label was out of range); under DP's rules the row is dropped.
+    #[test]
+    fn a_label_outside_the_models_classes_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.csv");
+        std::fs::write(&path, "1,0\n2,1\n3,2\n").unwrap();
+        let mut src = DatasetSource::csv(path.clone());
+        assert_eq!(src.load().unwrap().len(), 3, "no classes given: every label is read");
+        src.label_classes = Some(2);
+        let e = src.load().unwrap_err().to_string();
+        assert!(e.contains("rows.csv:3") && e.contains("label 2 is outside the model's 2 classes"), "{e}");
+        src.label_classes = Some(3);
+        assert_eq!(src.load().unwrap().len(), 3);
+        let ruled = DatasetSource { drop_invalid_rows: Some(RowRules { features: 1, classes: 2 }), ..src };
+        let (train, _, dropped) = ruled.load_split_counted(0.0, 1).unwrap();
+        assert_eq!((train.len(), dropped), (2, 1), "under rules the row is dropped, not the file failed");
     }
 
     /// Gzip is known by its magic bytes, whatever the file's name (read as

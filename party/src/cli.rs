@@ -157,6 +157,7 @@ impl DataArgs {
                 all_held_out: false,
                 features: None,
                 drop_invalid_rows: None,
+                label_classes: None,
                 max_bytes: None,
             })
             .collect()

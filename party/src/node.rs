@@ -2515,6 +2515,13 @@ mod tests {
         assert!(e.contains(":2:") && e.contains("value (withheld)") && e.contains("the data set's file"), "{e}");
         assert!(!e.contains("77-secret") && !e.contains("Jr"), "{e}");
         assert!(!e.contains(&rows.parent().unwrap().display().to_string()), "{e}");
+        // A label outside the model's classes is named by its file and
+        // line, the label itself withheld.
+        std::fs::write(&rows, "1,0\n2,7\n").unwrap();
+        let offer = pb::JobOffer { job_id: "j3".into(), spec_toml: spec("none"), dataset: "bc".into() };
+        let Err(e) = answer(&node, &offer) else { panic!("accepted") };
+        assert!(e.contains("the data set's file:2: label (withheld) is outside the model's 2 classes"), "{e}");
+        assert!(!e.contains('7'), "{e}");
         assert_eq!(
             withheld_from_rows(r#"x: label "1\"2" is not a number; column 3 value "a" is not"#, &[]),
             "x: label (withheld) is not a number; column 3 value (withheld) is not"

@@ -148,16 +148,18 @@ pub fn dp_width(spec: &JobSpec, data: &DatasetSource) -> Result<Option<usize>, S
     }
 }
 
-/// The data set as a DP job reads it (`spec` with `[dp]`; otherwise as it
-/// is): a row that fails a check of its own is dropped, whatever trainer
-/// reads it, since whether a job is refused must not depend on one row
-/// ([`RowRules`]), at the width [`dp_width`] fixes. A DP job needs that
-/// width (the policy refuses the offer without it): taken from the rows, a
-/// well-formed row of another width placed first would change which rows
-/// are read.
-pub fn dp_rows(spec: &JobSpec, data: &DatasetSource) -> Result<DatasetSource, String> {
+/// The data set as job `spec` reads it. Under `[dp]`, a row that fails a
+/// check of its own is dropped, whatever trainer reads it, since whether a
+/// job is refused must not depend on one row ([`RowRules`]), at the width
+/// [`dp_width`] fixes. A DP job needs that width (the policy refuses the
+/// offer without it): taken from the rows, a well-formed row of another
+/// width placed first would change which rows are read. Without DP, a
+/// label outside the model's classes fails the job naming its file and
+/// line.
+pub fn rows_for_job(spec: &JobSpec, data: &DatasetSource) -> Result<DatasetSource, String> {
     let mut data = data.clone();
     if spec.dp.is_none() {
+        data.label_classes = Some(spec.model.classes);
         return Ok(data);
     }
     let features = dp_width(spec, &data)?.ok_or_else(|| width_undeclared(spec))?;

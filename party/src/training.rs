@@ -66,7 +66,7 @@ impl PartyJobKind for TrainingKind {
         } else {
             // In a DP job rows that fail their own checks are dropped,
             // for every trainer factory.
-            cx.trainers.build(spec, &crate::trainers::dp_rows(spec, cx.dataset)?, cx.party)?
+            cx.trainers.build(spec, &crate::trainers::rows_for_job(spec, cx.dataset)?, cx.party)?
         };
         let mut handler = TrainingHandler::new(trainer, client, protocol.stages());
         handler.evaluate_only = spec.kind == confide_proto::jobspec::JobKind::Evaluate;

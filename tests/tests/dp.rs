@@ -278,7 +278,7 @@ fn a_dp_job_that_fails_to_set_up_on_the_data_says_why_only_in_the_partys_log() {
 /// another width, placed first, from changing which rows are taken.
 #[test]
 fn whether_a_dp_job_sets_up_does_not_depend_on_one_row() {
-    use confide_party::trainers::{BuiltinTrainers, TrainerFactory, dp_rows};
+    use confide_party::trainers::{BuiltinTrainers, TrainerFactory, rows_for_job};
     let dir = tempfile::tempdir().expect("dir");
     let rows: String = (0..40).map(|i| format!("{},{},{}\n", i as f32 * 0.1, (i % 5) as f32, i % 2)).collect();
     let factory = BuiltinTrainers::new(Default::default(), 1);
@@ -297,7 +297,7 @@ fn whether_a_dp_job_sets_up_does_not_depend_on_one_row() {
         std::fs::write(&path, data).expect("write");
         let mut source = confide_algorithms::data::DatasetSource::csv(path);
         source.features = Some(2);
-        let dp_source = dp_rows(&spec, &source).expect("the DP reading");
+        let dp_source = rows_for_job(&spec, &source).expect("the DP reading");
         let (train, _, dropped) = dp_source.load_split_counted(0.0, 1).expect("rows");
         assert_eq!((train.len(), dropped), (40, usize::from(name != "plain.csv")), "{name}: the same 40 rows");
         assert!(factory.build(&spec, &dp_source, "hospital-a").is_ok(), "{name}: a DP job sets up");
@@ -319,11 +319,11 @@ fn whether_a_dp_job_sets_up_does_not_depend_on_one_row() {
     .expect("spec");
     let mut source = confide_algorithms::data::DatasetSource::csv(dir.path().join("plain.csv"));
     source.features = Some(2);
-    let why = dp_rows(&ranged, &source).expect_err("disagree");
+    let why = rows_for_job(&ranged, &source).expect_err("disagree");
     assert!(why.contains("has 1 ranges") && why.contains("declares 2 features"), "{why}");
     // Without a width declared anywhere, a DP job does not read the rows.
     source.features = None;
-    let why = dp_rows(&spec, &source).expect_err("no width");
+    let why = rows_for_job(&spec, &source).expect_err("no width");
     assert!(why.contains("features = N"), "{why}");
     // One valid row or none: the job sets up either way, for every
     // built-in model (DP-SGD then sends noise alone).
@@ -338,7 +338,7 @@ fn whether_a_dp_job_sets_up_does_not_depend_on_one_row() {
             std::fs::write(&path, data).expect("write");
             let mut source = confide_algorithms::data::DatasetSource::csv(path);
             source.features = Some(2);
-            let dp_source = dp_rows(&spec, &source).expect("the DP reading");
+            let dp_source = rows_for_job(&spec, &source).expect("the DP reading");
             assert_eq!(dp_source.load_split_counted(0.0, 1).expect("rows").0.len(), valid);
             let mut trainer = factory.build(&spec, &dp_source, "hospital-a").expect("a DP job sets up");
             let plan = spec.dp.as_ref().expect("dp").plan(&spec.training, spec.rounds).expect("plan");
@@ -358,7 +358,7 @@ fn whether_a_dp_job_sets_up_does_not_depend_on_one_row() {
 /// every row if it is not, far beyond the counts' sensitivity.
 #[test]
 fn an_evaluation_over_no_held_out_rows_is_over_none_not_every_row() {
-    use confide_party::trainers::{BuiltinTrainers, TrainerFactory, dp_rows};
+    use confide_party::trainers::{BuiltinTrainers, TrainerFactory, rows_for_job};
     let dir = tempfile::tempdir().expect("dir");
     let rows: String = (0..200).map(|i| format!("{},{},{}\n", i as f32 * 0.1, (i % 5) as f32, i % 2)).collect();
     let target = "7.25,1.5,1\n";
@@ -387,7 +387,7 @@ fn an_evaluation_over_no_held_out_rows_is_over_none_not_every_row() {
         let evaluated = |path: &std::path::Path| {
             let mut source = confide_algorithms::data::DatasetSource::csv(path.to_owned());
             source.features = Some(2);
-            let source = dp_rows(&spec, &source).expect("rows");
+            let source = rows_for_job(&spec, &source).expect("rows");
             let mut trainer = factory.build(&spec, &source, "hospital-a").expect("trainer");
             let outcome = trainer.evaluate().expect("evaluate");
             (outcome.num_examples, outcome.metrics.contains_key("accuracy"))
