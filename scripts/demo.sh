@@ -72,9 +72,12 @@ echo "   job $JOB"
 "$BIN/confide" dashboard --listen "${CONFIDE_DEMO_DASHBOARD:-127.0.0.1:0}" \
   >"$DEMO/logs/dashboard.out" 2>"$DEMO/logs/dashboard.log" &
 PIDS+=($!)
-for _ in $(seq 100); do grep -q "^dashboard listening on" "$DEMO/logs/dashboard.out" 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do grep -q "^open " "$DEMO/logs/dashboard.out" 2>/dev/null && break; sleep 0.1; done
 DASHBOARD=$(sed -n 's/^dashboard listening on //p' "$DEMO/logs/dashboard.out")
-echo "   follow it live at $DASHBOARD/jobs/$JOB"
+# Every request carries the run's token (the address it prints sets it as
+# a cookie): loopback alone would open it to every user of the machine.
+TOKEN=$(sed -n 's/^open .*[?]token=//p' "$DEMO/logs/dashboard.out")
+echo "   follow it live at $DASHBOARD/jobs/$JOB?token=$TOKEN"
 "$BIN/confide" job watch "$JOB"
 MODEL="$DEMO/model.safetensors"
 "$BIN/confide" job model "$JOB" --out "$MODEL"
@@ -100,7 +103,7 @@ if [ -n "${CONFIDE_DEMO_SCREENSHOT:-}" ] && [ -n "$DASHBOARD" ]; then
   chromium --headless=new --no-sandbox --disable-gpu --disable-dev-shm-usage --disable-quic --no-first-run \
     --disable-background-networking --disable-component-update --disable-sync --hide-scrollbars \
     --user-data-dir="$DEMO/chromium" --window-size=1340,1200 --screenshot="$CONFIDE_DEMO_SCREENSHOT" \
-    "$DASHBOARD/jobs/$JOB" 2>/dev/null
+    "$DASHBOARD/jobs/$JOB?token=$TOKEN" 2>/dev/null
   echo "   dashboard screenshot: $CONFIDE_DEMO_SCREENSHOT"
 fi
 
@@ -139,6 +142,6 @@ if dp_table is not None:
 PY
 # CONFIDE_DEMO_HOLD=1: keep the federation and the dashboard running to look around.
 if [ -n "${CONFIDE_DEMO_HOLD:-}" ]; then
-  echo "the federation and the dashboard ($DASHBOARD) keep running; Ctrl-C ends them"
+  echo "the federation and the dashboard ($DASHBOARD/?token=$TOKEN) keep running; Ctrl-C ends them"
   wait
 fi

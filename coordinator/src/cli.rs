@@ -565,6 +565,9 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             let client = admin(&conn).await?;
             let running = crate::dashboard::start(listen, client, PkiDir::new(&conn.pki), allow_host).await?;
             println!("dashboard listening on http://{}", running.local_addr);
+            // The token goes to the administrator's terminal only (never to
+            // the log): whoever has this address reads what the admin can.
+            println!("open {}", &*running.address_with_token);
             tokio::select! {
                 r = running.wait() => r?,
                 _ = shutdown_signal() => tracing::info!("shutting down"),

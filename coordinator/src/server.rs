@@ -1556,8 +1556,9 @@ fn on_party_message(
     match msg.body {
         None => Err("empty message".into()),
         Some(party_message::Body::Hello(h)) => {
-            debug!(party = name, version = %h.software_version, "hello");
             let (kept, dropped) = kept_hello(h);
+            // The version as kept (cut to its bound), not as sent.
+            debug!(party = name, version = %kept.software_version, "hello");
             if let Some(why) = dropped {
                 warn!(party = name, "hello: {why}; not kept");
             }

@@ -1,5 +1,5 @@
 //! The coordinator's Prometheus metrics (`[metrics] listen`, or
-//! `--metrics-listen`), every one documented in the README.
+//! `--metrics-listen`), every one documented in docs/monitoring.md.
 //!
 //! What they may show: the coordinator's own view and nothing more. Per
 //! party there are only the bytes on its stream and whether it is
@@ -144,6 +144,9 @@ impl CoordinatorMetrics {
     /// (of `enrolled`) and jobs by state.
     pub fn refresh(&self, enrolled: &[String], connected: &[String], jobs: &[(String, i64)]) {
         self.connected_parties.set(connected.len() as i64);
+        // A party no longer enrolled loses its series (it would otherwise
+        // show its last state until a restart).
+        self.party_connected.reset();
         for p in enrolled {
             self.party_connected.with_label_values(&[p.as_str()]).set(i64::from(connected.contains(p)));
         }
@@ -253,5 +256,11 @@ mod tests {
         assert!(text.contains("confide_coordinator_party_connected{party=\"b\"} 0"), "{text}");
         assert!(text.contains("confide_coordinator_jobs{state=\"running\"} 2"), "{text}");
         assert!(text.contains("confide_coordinator_jobs{state=\"failed\"} 0"), "{text}");
+        // A party removed from the federation (here while connected) loses
+        // its series instead of showing its last state until a restart.
+        m.refresh(&["a".into()], &["a".into(), "b".into()], &[]);
+        let text = confide_proto::telemetry::render(&m.registry).unwrap();
+        assert!(!text.contains("party=\"b\""), "{text}");
+        assert!(text.contains("confide_coordinator_party_connected{party=\"a\"} 1"), "{text}");
     }
 }

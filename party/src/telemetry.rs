@@ -1,5 +1,5 @@
 //! The party's Prometheus metrics (`[metrics] listen` in its config; off
-//! unless set), every one documented in the README.
+//! unless set), every one documented in docs/monitoring.md.
 //!
 //! The endpoint belongs to the hospital: it shows the node's own work (its
 //! stream, its tasks, its privacy ledger, its prediction services) to the

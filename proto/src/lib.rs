@@ -14,6 +14,7 @@
 pub mod deploy;
 pub mod dpspec;
 pub mod durable;
+pub mod http;
 pub mod jobspec;
 pub mod messages;
 pub mod net;

@@ -116,11 +116,9 @@ pub async fn serve(
             }
         }
     }));
-    let join = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!("the metrics endpoint stopped: {e}");
-        }
-    });
+    // Bounded: silent clients must not hold this process's descriptors
+    // (it also keeps the ledger, the data sets and the federation links).
+    let join = crate::http::serve(listener, app, crate::http::Bounds::SMALL, "metrics endpoint");
     Ok(MetricsServer { local_addr, join })
 }
 

@@ -467,6 +467,17 @@ pub struct Dashboard {
     child: Child,
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// The run's token, from the address it printed to open.
+    pub token: String,
+}
+
+impl Dashboard {
+    /// The `Cookie` header line (CRLF-ended) a browser holds after opening
+    /// the printed address.
+    pub fn cookie(&self) -> String {
+        let port = self.addr.rsplit(':').next().unwrap_or_default();
+        format!("Cookie: confide_dashboard_{port}={}\r\n", self.token)
+    }
 }
 
 impl Drop for Dashboard {
@@ -491,12 +502,15 @@ impl Federation {
             .stderr(append(&self.path("logs/dashboard.log")))
             .spawn()
             .expect("spawn the dashboard");
-        let mut d = Dashboard { child, addr: String::new() };
+        let mut d = Dashboard { child, addr: String::new(), token: String::new() };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let text = std::fs::read_to_string(&out_path).unwrap_or_default();
-            if let Some(a) = text.lines().find_map(|l| l.strip_prefix("dashboard listening on http://")) {
+            let addr = text.lines().find_map(|l| l.strip_prefix("dashboard listening on http://"));
+            let token = text.lines().find_map(|l| l.strip_prefix("open http://")?.split_once("/?token=").map(|t| t.1));
+            if let (Some(a), Some(t)) = (addr, token) {
                 d.addr = a.trim().to_owned();
+                d.token = t.trim().to_owned();
                 return d;
             }
             assert!(Instant::now() < deadline, "the dashboard did not start\n{}", self.logs());

@@ -7,15 +7,21 @@
 use std::io::{Read, Write};
 
 use confide_tests::webdriver::{Browser, browser};
-use confide_tests::{Federation, bin_dir, job_spec, repo_root};
+use confide_tests::{Dashboard, Federation, bin_dir, job_spec, repo_root};
 
-/// `GET path` with `Host: host`: the status line, headers and body.
-fn get(addr: &str, host: &str, path: &str) -> (String, String) {
-    get_with(addr, host, path, "")
+/// `GET path` with `Host: host` and the browser's cookie: the status line,
+/// headers and body.
+fn get(dash: &Dashboard, host: &str, path: &str) -> (String, String) {
+    get_with(dash, host, path, "")
 }
 
 /// [`get`] with further header lines (each ending in CRLF).
-fn get_with(addr: &str, host: &str, path: &str, headers: &str) -> (String, String) {
+fn get_with(dash: &Dashboard, host: &str, path: &str, headers: &str) -> (String, String) {
+    request(&dash.addr, host, path, &format!("{}{headers}", dash.cookie()))
+}
+
+/// `GET path` with exactly the given header lines besides `Host`.
+fn request(addr: &str, host: &str, path: &str, headers: &str) -> (String, String) {
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the dashboard");
     write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n").expect("request");
     let mut out = String::new();
@@ -37,11 +43,11 @@ fn the_job_page_follows_a_job_live_in_a_real_browser() {
 
     // Plain HTTP first (no browser needed): pages render, carry a script
     // policy, and another Host (DNS rebinding) is refused.
-    let (head, body) = get(&dash.addr, &dash.addr, &format!("/jobs/{id}"));
+    let (head, body) = get(&dash, &dash.addr, &format!("/jobs/{id}"));
     assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
     assert!(head.to_ascii_lowercase().contains("content-security-policy: default-src 'self'; script-src 'self'"));
     assert!(body.contains("<b id=\"rounds\">0 / 4</b>"), "{body}");
-    let (head, _) = get(&dash.addr, "attacker.example:80", &format!("/jobs/{id}"));
+    let (head, _) = get(&dash, "attacker.example:80", &format!("/jobs/{id}"));
     assert!(head.starts_with("HTTP/1.1 421"), "{head}");
     // A page of another site (what a browser says of it) opens no event
     // stream, which would hold a watch on the coordinator; a link followed
@@ -52,14 +58,39 @@ fn the_job_page_follows_a_job_live_in_a_real_browser() {
         "Sec-Fetch-Site: same-site\r\nSec-Fetch-Mode: no-cors\r\n",
         "Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: navigate\r\n",
     ] {
-        let (head, _) = get_with(&dash.addr, &dash.addr, &format!("/jobs/{id}/events"), headers);
+        let (head, _) = get_with(&dash, &dash.addr, &format!("/jobs/{id}/events"), headers);
         assert!(head.starts_with("HTTP/1.1 403"), "{headers}: {head}");
     }
+    // Only with this run's token: none, another, or one in another
+    // dashboard's cookie is refused (401) and names no token; the printed
+    // address sets the cookie and shows the page without the token.
+    let page = format!("/jobs/{id}");
+    let cookie_of = |token: &str| dash.cookie().replace("Cookie: ", "Cookie: other=1; ").replace(&dash.token, token);
+    let wrong = "0".repeat(64);
+    let port = dash.addr.rsplit(':').next().unwrap();
+    for headers in [
+        String::new(),
+        cookie_of(&wrong),
+        cookie_of(&dash.token[..63]),
+        format!("Cookie: confide_dashboard_1{port}={}\r\n", dash.token),
+    ] {
+        let (head, body) = request(&dash.addr, &dash.addr, &page, &headers);
+        assert!(head.starts_with("HTTP/1.1 401") && !body.contains(&dash.token), "{headers}: {head}\n{body}");
+        assert!(body.contains("open the address"), "{body}");
+    }
+    let (head, _) = request(&dash.addr, &dash.addr, &format!("{page}?token={wrong}"), "");
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let (head, _) = request(&dash.addr, &dash.addr, &format!("{page}?token={}", dash.token), "");
+    let lower = head.to_ascii_lowercase();
+    assert!(head.starts_with("HTTP/1.1 303") && lower.contains(&format!("location: {page}\r\n")), "{head}");
+    let set = format!("set-cookie: confide_dashboard_{port}={}; httponly; samesite=strict; path=/", dash.token);
+    assert!(lower.contains(&set), "{head}");
+    assert!(get(&dash, &dash.addr, &page).0.starts_with("HTTP/1.1 200"));
     let link = "Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: navigate\r\n";
-    assert!(get_with(&dash.addr, &dash.addr, &format!("/jobs/{id}"), link).0.starts_with("HTTP/1.1 200"));
-    let (head, body) = get(&dash.addr, &dash.addr, "/jobs/..%2Fetc");
+    assert!(get_with(&dash, &dash.addr, &format!("/jobs/{id}"), link).0.starts_with("HTTP/1.1 200"));
+    let (head, body) = get(&dash, &dash.addr, "/jobs/..%2Fetc");
     assert!(head.starts_with("HTTP/1.1 400") && body.contains("not a job id"), "{head}\n{body}");
-    let (head, body) = get(&dash.addr, &dash.addr, "/jobs/no-such-job");
+    let (head, body) = get(&dash, &dash.addr, "/jobs/no-such-job");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}\n{body}");
 
     let Some((chromium, driver)) = browser() else {
@@ -68,6 +99,9 @@ fn the_job_page_follows_a_job_live_in_a_real_browser() {
         return;
     };
     let b = Browser::start(&chromium, &driver, &fed.path("logs/chromedriver.log"));
+    // The printed address first (it sets the token's cookie), then the
+    // job page the way a link reaches it.
+    b.goto(&format!("http://{}/?token={}", dash.addr, dash.token));
     b.goto(&format!("http://{}/jobs/{id}", dash.addr));
     assert_eq!(b.eval("return document.getElementById('rounds').textContent"), "0 / 4");
     // A marker a reload would wipe.

@@ -15,7 +15,10 @@
 //! page's own name), refuses requests that pages of other sites
 //! make (`Sec-Fetch-Site`, `Origin`: an event stream opened from one would
 //! hold a watch on the coordinator), and sends a content security policy
-//! that allows no inline script.
+//! that allows no inline script. Every request must also carry this run's
+//! token (a random 256-bit value the command prints once, in the address
+//! to open): loopback alone would give any user of the machine, or any
+//! container sharing its network, the administrator's read access.
 
 pub mod render;
 
@@ -54,12 +57,58 @@ struct Dashboard {
     /// Host names answered besides `localhost` and IP literals
     /// (`--allow-host`).
     allowed_names: Vec<String>,
+    /// This run's token, in hex, and the cookie the browser keeps it in.
+    token: Token,
+}
+
+/// The token a request must carry: in the query of the address the command
+/// prints (`?token=`), which sets it as a cookie and redirects to the same
+/// page without it, or in that cookie. Compared in constant time.
+struct Token {
+    hex: zeroize::Zeroizing<String>,
+    /// `confide_dashboard_PORT`: cookies are not kept apart by port, so
+    /// two dashboards on one host keep theirs under different names.
+    cookie: String,
+}
+
+impl Token {
+    fn new(port: u16) -> Token {
+        use rand_core::{OsRng, RngCore as _};
+        let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(&mut *bytes);
+        let hex = zeroize::Zeroizing::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        Token { hex, cookie: format!("confide_dashboard_{port}") }
+    }
+
+    fn matches(&self, given: &str) -> bool {
+        use subtle::ConstantTimeEq as _;
+        given.len() == self.hex.len() && bool::from(given.as_bytes().ct_eq(self.hex.as_bytes()))
+    }
+
+    /// The token the request's query gives, if any.
+    fn in_query(req: &Request) -> Option<&str> {
+        req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix("token="))
+    }
+
+    /// Whether a cookie of the request carries it.
+    fn in_cookies(&self, req: &Request) -> bool {
+        req.headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .any(|(name, value)| name == self.cookie && self.matches(value))
+    }
 }
 
 /// A running dashboard.
 pub struct RunningDashboard {
     /// Where it listens.
     pub local_addr: SocketAddr,
+    /// The address to open: it carries this run's token, which the
+    /// browser then keeps in a cookie. Not logged.
+    pub address_with_token: zeroize::Zeroizing<String>,
     join: tokio::task::JoinHandle<()>,
 }
 
@@ -83,7 +132,9 @@ pub async fn start(
         .await
         .map_err(|e| Error::Io(format!("dashboard --listen {listen}: {e}")))?;
     let local_addr = listener.local_addr().map_err(|e| Error::Io(format!("dashboard --listen {listen}: {e}")))?;
-    let state = Arc::new(Dashboard { admin, pki, allowed_names });
+    let token = Token::new(local_addr.port());
+    let address_with_token = zeroize::Zeroizing::new(format!("http://{local_addr}/?token={}", &*token.hex));
+    let state = Arc::new(Dashboard { admin, pki, allowed_names, token });
     let app = Router::new()
         .route("/", get(overview))
         .route("/jobs/{id}", get(job_page))
@@ -93,12 +144,10 @@ pub async fn start(
         .route("/static/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE_CSS) }))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state);
-    let join = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("dashboard: {e}");
-        }
-    });
-    Ok(RunningDashboard { local_addr, join })
+    // Bounded: connections (event streams included, each holding a watch
+    // on the coordinator) are capped and silent ones closed.
+    let join = confide_proto::http::serve(listener, app, confide_proto::http::Bounds::SMALL, "dashboard");
+    Ok(RunningDashboard { local_addr, address_with_token, join })
 }
 
 /// Refuses requests for another host name (DNS rebinding) and adds the
@@ -113,7 +162,22 @@ async fn guard(State(d): State<Arc<Dashboard>>, req: Request, next: Next) -> Res
         return (StatusCode::FORBIDDEN, "this dashboard does not answer requests made by pages of other sites\n")
             .into_response();
     }
-    let mut resp = next.run(req).await;
+    let mut resp = match Token::in_query(&req) {
+        // The printed address: keep the token in a cookie (not readable by
+        // scripts, not sent by other sites' pages) and show the page
+        // without it in the address bar.
+        Some(given) if d.token.matches(given) => {
+            let cookie = format!("{}={}; HttpOnly; SameSite=Strict; Path=/", d.token.cookie, &*d.token.hex);
+            let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, req.uri().path().to_owned())]).into_response();
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                resp.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            resp
+        }
+        Some(_) => unauthorised("the token in this address is not this dashboard's"),
+        None if d.token.in_cookies(&req) => next.run(req).await,
+        None => unauthorised("open the address `confide dashboard` printed when it started (it carries its token)"),
+    };
     let h = resp.headers_mut();
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
@@ -139,6 +203,14 @@ fn from_another_site(req: &Request, host: &str) -> bool {
         return true;
     }
     h.get(header::ORIGIN).is_some_and(|o| o.as_bytes() != format!("http://{host}").as_bytes())
+}
+
+/// 401 with the reason; the page names no token.
+fn unauthorised(why: &str) -> Response {
+    let mut resp = failure(StatusCode::UNAUTHORIZED, why);
+    // (A 401 without one is not well formed; no browser prompt follows.)
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Cookie"));
+    resp
 }
 
 /// An error page naming what failed.
