@@ -28,10 +28,13 @@ pub struct EvalResult {
     pub metrics: Metrics,
 }
 
-/// Checks one party's update against the global model's spec and the
-/// configured limit on examples; the error names the party. The coordinator
-/// runs it on every update, so a bad party is dropped from the round instead
-/// of poisoning the aggregate.
+/// Checks one party's update against the global model's spec (names and
+/// shapes), that it trained on some examples and that its metrics are
+/// finite; the error names the party. The coordinator runs it on every
+/// update, so a malformed one drops its party from the round. It does not
+/// bound an update's values or its weight: the aggregation protocol caps
+/// the claimed examples (`max_examples`), and the robust rules bound what
+/// values can do.
 pub fn check_update(expected: &[TensorSpec], result: &FitResult) -> Result<(), Error> {
     result
         .params
@@ -40,8 +43,31 @@ pub fn check_update(expected: &[TensorSpec], result: &FitResult) -> Result<(), E
     if result.num_examples == 0 {
         return Err(Error::PeerMisbehaved { party: result.party.clone(), reason: "trained on zero examples".into() });
     }
-    if let Some((k, v)) = result.metrics.iter().find(|(_, v)| !v.is_finite()) {
-        return Err(Error::PeerMisbehaved { party: result.party.clone(), reason: format!("metric {k} is {v}") });
+    check_reported_metrics(&result.party, &result.metrics)
+}
+
+/// The largest magnitude a party may report for a metric (or loss): far
+/// above any real one, and small enough that example-weighted sums of them
+/// stay finite (an infinite mean would be stored as `null` and make the
+/// job's records unreadable; found by review).
+pub const MAX_REPORTED_METRIC: f64 = 1e12;
+
+/// Metrics that are proportions: a party reporting one outside [0, 1]
+/// misreports it (and under a weighted mean would move it past any honest
+/// value).
+pub const PROPORTION_METRICS: [&str; 5] = ["accuracy", "auc", "f1", "precision", "recall"];
+
+/// Checks the metrics a party reported: finite, within
+/// [`MAX_REPORTED_METRIC`], and proportions within [0, 1]; the error names
+/// the party and the metric.
+pub fn check_reported_metrics(party: &str, metrics: &Metrics) -> Result<(), Error> {
+    for (k, &v) in metrics {
+        let bad = !v.is_finite()
+            || v.abs() > MAX_REPORTED_METRIC
+            || (PROPORTION_METRICS.contains(&k.as_str()) && !(0.0..=1.0).contains(&v));
+        if bad {
+            return Err(Error::PeerMisbehaved { party: party.to_owned(), reason: format!("metric {k} is {v}") });
+        }
     }
     Ok(())
 }
@@ -164,7 +190,8 @@ pub trait Strategy: Send {
 
 /// Example-weighted means of loss and of the metrics every result carries.
 pub fn weighted_metrics(results: &[EvalResult]) -> Result<Metrics, Error> {
-    let total: u64 = results.iter().map(|r| r.num_examples).sum();
+    // In u128: counts are the parties' word, and a u64 sum could wrap.
+    let total: u128 = results.iter().map(|r| u128::from(r.num_examples)).sum();
     if total == 0 {
         return Err(Error::EmptyAggregation("no evaluation examples".into()));
     }
@@ -182,6 +209,9 @@ pub fn weighted_metrics(results: &[EvalResult]) -> Result<Metrics, Error> {
         }
     }
     out.insert("num_examples".into(), total as f64);
+    // (Reported values are bounded, so these are finite; a mean that is not
+    // would be stored as null and the job's records would not read back.)
+    out.retain(|_, v| v.is_finite());
     Ok(out)
 }
 
@@ -194,7 +224,8 @@ impl FedAvg {
     /// The weighted mean of `results`' parameters; shared by strategies that
     /// post-process the average (server optimisers).
     pub fn weighted_mean(global: &Parameters, results: &[FitResult]) -> Result<Parameters, Error> {
-        let total: u64 = results.iter().map(|r| r.num_examples).sum();
+        // In u128: counts are the parties' word, and a u64 sum could wrap.
+        let total: u128 = results.iter().map(|r| u128::from(r.num_examples)).sum();
         if results.is_empty() || total == 0 {
             return Err(Error::EmptyAggregation("no party updates with examples".into()));
         }
@@ -271,6 +302,30 @@ mod tests {
 
     fn result(party: &str, n: u64, v: &[f32]) -> FitResult {
         FitResult { party: party.into(), num_examples: n, params: params(v), metrics: Metrics::new() }
+    }
+
+    /// Counts are the parties' word: sums of them do not wrap (a u64 sum of
+    /// u64::MAX − 99 and 100 was 0, then weights of 1.8e19 and an infinite
+    /// model), and reported metrics are bounded, proportions to [0, 1].
+    #[test]
+    fn counts_near_u64_max_do_not_wrap_and_reported_metrics_are_bounded() {
+        let huge = [result("a", u64::MAX - 99, &[1.0]), result("b", 100, &[3.0])];
+        let mean = FedAvg::weighted_mean(&params(&[0.0]), &huge).unwrap();
+        assert!(mean.tensors()[0].data[0].is_finite() && (mean.tensors()[0].data[0] - 1.0).abs() < 1e-6);
+        let eval = |p: &str, n: u64, acc: f64| EvalResult {
+            party: p.into(),
+            num_examples: n,
+            loss: 0.5,
+            metrics: [("accuracy".to_string(), acc)].into(),
+        };
+        let m = weighted_metrics(&[eval("a", u64::MAX - 99, 0.5), eval("b", 100, 1.0)]).unwrap();
+        assert!(m.values().all(|v| v.is_finite()) && (m["accuracy"] - 0.5).abs() < 1e-9, "{m:?}");
+        let ok: Metrics = [("accuracy".to_string(), 1.0), ("loss_like".to_string(), -1e12)].into();
+        assert!(check_reported_metrics("p", &ok).is_ok());
+        for (k, v) in [("accuracy", 1.0 + 1e-9), ("auc", -0.1), ("train_loss", 1.7e308), ("x", f64::NAN)] {
+            let e = check_reported_metrics("p", &[(k.to_string(), v)].into()).unwrap_err().to_string();
+            assert!(e.contains("p") && e.contains(k), "{k}: {e}");
+        }
     }
 
     #[test]

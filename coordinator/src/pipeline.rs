@@ -95,6 +95,20 @@ impl From<Error> for Stop {
 struct Scored {
     rows: u64,
     metrics: std::collections::BTreeMap<String, f64>,
+    /// The parties whose evaluations were aggregated.
+    parties: Vec<String>,
+}
+
+/// Why two versions' scores cannot be compared, if they cannot: each must
+/// come from the same parties. A party that answered only one of the two
+/// evaluations (a dropout, or a party choosing which version to score)
+/// would otherwise compare two versions on different rows (found by
+/// review).
+fn not_comparable(a: &Scored, b: &Scored) -> Option<String> {
+    let (mut x, mut y) = (a.parties.clone(), b.parties.clone());
+    x.sort();
+    y.sort();
+    (x != y).then(|| format!("scored by different parties ({} and {})", x.join(", "), y.join(", ")))
 }
 
 struct Pipeline {
@@ -407,6 +421,11 @@ impl Pipeline {
         let d = self.metric(&dep)?;
         it.candidate_metric = Some(c);
         it.deployed_metric = Some(d);
+        if let Some(why) = not_comparable(&cand, &dep) {
+            it.gate = format!("refused: the candidate and the deployed version were {why}");
+            it.outcome = "kept".into();
+            return Ok(());
+        }
         let gain = self.inc.improvement(c, d);
         if gain < self.inc.min_delta {
             it.gate =
@@ -460,6 +479,9 @@ impl Pipeline {
         let now = self.evaluate(n, deployed, PipelineRows::New, "check deployed")?;
         let before = self.evaluate(n, &previous, PipelineRows::New, "check previous")?;
         let (Some(now), Some(before)) = (now, before) else { return Ok("no new rows to check on".into()) };
+        if let Some(why) = not_comparable(&now, &before) {
+            return Ok(format!("deployment {} not checked: the two versions were {why}", deployed.sequence));
+        }
         let (m_now, m_before) = (self.metric(&now)?, self.metric(&before)?);
         let metric = &self.inc.metric;
         if self.inc.improvement(m_now, m_before) >= 0.0 {
@@ -609,7 +631,8 @@ impl Pipeline {
             return Err(Stop::Pause(why));
         }
         let rows = st.metrics.get("num_examples").copied().unwrap_or(0.0).round() as u64;
-        Ok(((rows > 0).then_some(Scored { rows, metrics: st.metrics }), id))
+        let parties = st.history.last().map(|r| r.participants.clone()).unwrap_or_default();
+        Ok(((rows > 0).then_some(Scored { rows, metrics: st.metrics, parties }), id))
     }
 }
 
@@ -633,4 +656,24 @@ fn refusals(st: &JobStatus) -> String {
         }
     }
     if parts.is_empty() { "no reason given".into() } else { parts.join("; ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two versions are compared only on the same parties' scores: a party
+    /// that answers one of the two evaluations (to steer the gate, or a
+    /// dropout) leaves them incomparable, whatever the order of names.
+    #[test]
+    fn versions_are_compared_only_when_the_same_parties_scored_both() {
+        let scored = |parties: &[&str]| Scored {
+            rows: 10,
+            metrics: Default::default(),
+            parties: parties.iter().map(|p| p.to_string()).collect(),
+        };
+        assert_eq!(not_comparable(&scored(&["a", "b"]), &scored(&["b", "a"])), None);
+        let why = not_comparable(&scored(&["a", "b"]), &scored(&["a"])).unwrap();
+        assert!(why.contains("different parties (a, b and a)"), "{why}");
+    }
 }

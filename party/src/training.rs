@@ -73,6 +73,7 @@ impl PartyJobKind for TrainingKind {
         handler.answers_held = cx.answers_held;
         handler.standardize = spec.model.standardize;
         handler.hides_values = protocol.reveals() != confide_crypto::aggregation::Reveals::Updates;
+        handler.max_evaluation_examples = confide_crypto::aggregation::plain::max_examples(&spec.aggregation.settings);
         if let Some(dp) = spec.dp.as_ref().filter(|d| d.release == DpRelease::Evaluation) {
             let noise = confide_dp::evaluation::NoisyCounts::new(dp.noise_multiplier).map_err(err)?;
             handler.eval_noise = Some(noise);
@@ -188,6 +189,9 @@ pub struct TrainingHandler {
     /// An evaluate job with `[dp]`: the party releases only its noisy
     /// counts of rows and of rows classified correctly, once.
     pub eval_noise: Option<confide_dp::evaluation::NoisyCounts>,
+    /// The most rows a plaintext evaluation weighs (the coordinator refuses
+    /// more: `aggregation.max_examples`); a party with more reports this.
+    pub max_evaluation_examples: u64,
     /// The round last let go with its secrets wiped (`abandon`): a later
     /// step of it is refused, not taken for a coordinator fault.
     abandoned_round: Option<u32>,
@@ -433,6 +437,7 @@ impl TrainingHandler {
             budget: None,
             dp_inputs: None,
             eval_noise: None,
+            max_evaluation_examples: u64::MAX,
             abandoned_round: None,
             opened_any: false,
             continues_earlier: false,
@@ -494,7 +499,8 @@ impl JobHandler for TrainingHandler {
                     let accuracy = if examples == 0 { 0.0 } else { (c as f64 / examples as f64).clamp(0.0, 1.0) };
                     metrics.insert("accuracy".into(), accuracy);
                 }
-                Ok(ResultBody::Evaluate { num_examples: examples, loss: f64::NAN, metrics })
+                let num_examples = examples.min(self.max_evaluation_examples);
+                Ok(ResultBody::Evaluate { num_examples, loss: f64::NAN, metrics })
             }
             // Set-up answers with the trainer's parameters: its starting
             // model before any training, its local model after (unclipped,
@@ -520,7 +526,7 @@ impl JobHandler for TrainingHandler {
                 self.release_evaluation(round)?;
                 let outcome = self.evaluate_plainly(&global)?;
                 Ok(ResultBody::Evaluate {
-                    num_examples: outcome.num_examples,
+                    num_examples: outcome.num_examples.min(self.max_evaluation_examples),
                     loss: outcome.loss,
                     metrics: outcome.metrics,
                 })

@@ -282,6 +282,27 @@ impl RawStrategy {
                 e.push((format!("options.{k}"), "option names are 1 to 64 bytes".into()));
             }
         }
+        // A robust rule that tolerates no party at the job's smallest round
+        // is a plain mean in disguise: one party would move it anywhere
+        // (the default 0.1 trims nothing below 10 parties; found by review).
+        if name == "trimmed_mean" {
+            let beta = self.trim_fraction.unwrap_or(0.1);
+            if beta.is_finite() && (0.0..0.5).contains(&beta) && (beta * min_parties as f64).floor() < 1.0 {
+                e.push((
+                    "trim_fraction".into(),
+                    format!(
+                        "trims no party at parties.min = {min_parties} (⌊{beta} × {min_parties}⌋ = 0), so one party \
+                         moves the mean anywhere: set it to at least 1/{min_parties} (and below 0.5), or use median"
+                    ),
+                ));
+            }
+        }
+        if name == "median" && min_parties < 3 {
+            e.push((
+                "name".into(),
+                format!("median needs parties.min >= 3: the median of {min_parties} updates is their mean"),
+            ));
+        }
         if name == "krum" {
             let f = self.byzantine.unwrap_or(1);
             // Checked arithmetic: a huge count wrapped to a small bound and
@@ -1246,6 +1267,28 @@ mod strategy_tests {
         let huge = format!("{BASE}[strategy]\nname = \"krum\"\nbyzantine = 9223372036854775807\n");
         let e = JobSpec::parse(&huge, "f", &Limits::default()).unwrap_err();
         assert_eq!(e.errors.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["strategy.byzantine"]);
+    }
+
+    /// A robust rule that trims or outvotes no party at the job's smallest
+    /// round is refused: trimmed_mean's default 0.1 trimmed nothing below
+    /// ten parties, so one party sending 3e38 decided the mean (found by
+    /// review); the median of two is their mean.
+    #[test]
+    fn robust_rules_that_tolerate_no_party_are_refused() {
+        let with = |strategy: &str, min: usize| {
+            let spec = BASE.replace("dataset = \"d\"", &format!("min = {min}\ndataset = \"d\""));
+            let spec = spec.replace("names = [\"a\", \"b\", \"c\"]", "names = [\"a\", \"b\", \"c\", \"d\", \"e\"]");
+            JobSpec::parse(&format!("{spec}[strategy]\n{strategy}"), "f", &Limits::default())
+        };
+        let e = with("name = \"trimmed_mean\"", 3).unwrap_err();
+        assert_eq!(e.errors[0].0, "strategy.trim_fraction");
+        assert!(e.errors[0].1.contains("trims no party at parties.min = 3"), "{e}");
+        with("name = \"trimmed_mean\"\ntrim_fraction = 0.34", 3).unwrap();
+        assert!(with("name = \"trimmed_mean\"\ntrim_fraction = 0.2", 4).is_err());
+        with("name = \"trimmed_mean\"\ntrim_fraction = 0.2", 5).unwrap();
+        let e = with("name = \"median\"", 2).unwrap_err();
+        assert!(e.errors[0].0 == "strategy.name" && e.errors[0].1.contains("their mean"), "{e}");
+        with("name = \"median\"", 3).unwrap();
     }
 }
 

@@ -1,5 +1,6 @@
 //! `evaluate` jobs, and the evaluation stage training jobs share with them.
 
+use confide_algorithms::strategy::{MAX_REPORTED_METRIC, check_reported_metrics};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -69,8 +70,19 @@ impl Evaluator {
             ResultBody::Evaluate { num_examples, loss, metrics } => {
                 // A DP evaluation releases no loss (NaN: not reported).
                 let no_loss = loss.is_nan() && cx.spec().dp.is_some();
-                if !(loss.is_finite() || no_loss) || metrics.values().any(|v| !v.is_finite()) {
-                    return Err(format!("party {party} sent a bad evaluation: non-finite loss or metric"));
+                if !(loss.is_finite() && loss.abs() <= MAX_REPORTED_METRIC || no_loss) {
+                    return Err(format!("party {party} sent a bad evaluation: loss {loss}"));
+                }
+                check_reported_metrics(party, &metrics).map_err(|e| format!("a bad evaluation: {e}"))?;
+                // Its weight in the means is its word: capped as its
+                // updates are (a party claiming 10^12 rows would decide a
+                // pipeline's gate alone; found by review).
+                let cap = confide_crypto::aggregation::plain::max_examples(&cx.spec().aggregation.settings);
+                if num_examples > cap {
+                    return Err(format!(
+                        "party {party} sent a bad evaluation: {num_examples} rows; an evaluation weighs at most {cap} \
+                         (aggregation.max_examples)"
+                    ));
                 }
                 self.results
                     .insert(party.to_owned(), EvalResult { party: party.to_owned(), num_examples, loss, metrics });

@@ -215,6 +215,11 @@ impl Training {
         for (party, (params, stats)) in results {
             let mismatch = if params.spec() != spec {
                 Some(format!("its model architecture differs from the one {majority} of the {total} parties sent"))
+            } else if let Err(why) = params.check_finite() {
+                // Its model may become everyone's starting point: one that
+                // is not finite would have the honest parties diverge and
+                // be dropped in its place (found by review).
+                Some(format!("its starting model is not finite: {why}"))
             } else if !uses_stats {
                 None
             } else if features > 0 && stats.sum.len() != features {
@@ -484,7 +489,8 @@ impl Training {
                 if cx.below_min(Stage::Fit, round, results.len()) {
                     return;
                 }
-                let total: u64 = results.iter().map(|r| r.num_examples).sum();
+                // In u128: counts are the parties' word, and a u64 sum could wrap.
+                let total: u128 = results.iter().map(|r| u128::from(r.num_examples)).sum();
                 // Example-weighted means of the training metrics every party reported.
                 if let Some(first) = results.first() {
                     for key in first.metrics.keys() {
@@ -537,7 +543,15 @@ impl Training {
             }
         };
         match next {
-            Ok(model) => self.global = Some(Arc::new(model)),
+            // A model that is not finite is never kept, checkpointed or sent:
+            // no update was, so the rule (or a weight) made it so.
+            Ok(model) => match model.check_finite() {
+                Ok(()) => self.global = Some(Arc::new(model)),
+                Err(why) => {
+                    let who = self.strategy.who().to_owned();
+                    return self.fail(cx, format!("round {round}: {who} made a model that is not finite: {why}"));
+                }
+            },
             Err(e) => return self.fail(cx, e),
         }
         for p in &participants {

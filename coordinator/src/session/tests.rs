@@ -535,6 +535,20 @@ mod plaintext {
         h.feed(Input::Result { party: "a".into(), task_id: t[0].1.task_id, result: odd });
         h.setup(&t[1..], &[0.0]);
         assert_eq!(h.tasks().len(), 3, "an honest party was excluded over statistics nobody uses");
+
+        // A starting model that is not finite, from the party first by
+        // name, is not everyone's starting point: that party is excluded,
+        // and round 1 starts from the next one's.
+        let mut h = H::new(spec(&["a", "b", "c"], 2, 1, ""), Start::Fresh { model: None });
+        h.connect_and_accept(&["a", "b", "c"]);
+        let t = h.tasks();
+        let odd = ResultBody::Setup { params: params(&[f32::INFINITY]), stats: FeatureStats::default() };
+        h.feed(Input::Result { party: "a".into(), task_id: t[0].1.task_id, result: odd });
+        h.setup(&t[1..], &[0.0]);
+        let fit = h.tasks();
+        assert_eq!(fit.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+        assert!(fit.iter().all(|(_, t)| t.params.as_ref().unwrap().tensors()[0].data[0].is_finite()));
+        assert!(h.s.parties()["a"].detail.as_deref().is_some_and(|e| e.contains("starting model is not finite")));
     }
 
     #[test]
@@ -588,6 +602,34 @@ mod plaintext {
         });
         assert_eq!(record.expect("a round record").metrics.get("num_examples"), Some(&0.0));
         assert_eq!(finished(&out).map(|f| f.0), Some(JobState::Succeeded), "{out:?}");
+    }
+
+    /// A plaintext evaluation's weight and metrics are its party's word:
+    /// a party claiming more rows than `aggregation.max_examples`, or an
+    /// accuracy outside [0, 1], is dropped by name and left out of the
+    /// means (before, 10^12 rows and accuracy 1.0 decided a pipeline's
+    /// gate alone; found by review).
+    #[test]
+    fn an_evaluation_claiming_too_many_rows_or_an_impossible_accuracy_drops_its_party() {
+        let mut spec = spec(&["a", "b", "c"], 1, 1, "from_job = \"j0\"");
+        spec.kind = confide_proto::jobspec::JobKind::Evaluate;
+        let mut h = H::new(spec, Start::Fresh { model: Some(params(&[1.0])) });
+        h.connect_and_accept(&["a", "b", "c"]);
+        let tasks = h.tasks();
+        h.eval("a", &tasks[0].1, 100, 0.5);
+        h.eval("b", &tasks[1].1, 1_000_000_000_000, 1.0);
+        h.eval("c", &tasks[2].1, 10, 1.5);
+        let out = h.take();
+        let record = out.iter().find_map(|o| match o {
+            Output::Checkpoint(Checkpoint { record: Some(r), .. }) => Some(r.clone()),
+            _ => None,
+        });
+        let record = record.expect("a round record");
+        assert_eq!(record.metrics.get("accuracy"), Some(&0.5), "{record:?}");
+        assert_eq!(record.participants, ["a"], "{record:?}");
+        let detail = |p: &str| h.s.parties()[p].detail.clone().unwrap_or_default();
+        assert!(detail("b").contains("aggregation.max_examples"), "{}", detail("b"));
+        assert!(detail("c").contains("metric accuracy is 1.5"), "{}", detail("c"));
     }
 
     #[test]
@@ -1194,6 +1236,36 @@ mod guarantees {
         let err = err.unwrap();
         assert_eq!(state, JobState::Failed);
         assert!(err.contains("strategy boom panicked") && err.contains("the plug-in has a bug"), "{err}");
+    }
+
+    /// Returns a model that is not finite.
+    struct Blowup;
+    impl Strategy for Blowup {
+        fn name(&self) -> &str {
+            "blowup"
+        }
+        fn aggregate_fit(&mut self, _: u32, g: &Parameters, _: &[FitResult]) -> Result<Parameters, AlgoError> {
+            let mut out = g.clone();
+            out.values_mut().for_each(|(_, v)| v.fill(f32::INFINITY));
+            Ok(out)
+        }
+    }
+
+    /// An aggregate that is not finite is never kept, checkpointed or sent
+    /// to the parties: the job fails naming the strategy that made it.
+    #[test]
+    fn a_model_that_is_not_finite_fails_the_job_naming_the_strategy() {
+        let plugins = Plugins::new().strategy("blowup", |_| Ok(Box::new(Blowup)));
+        let text = "[strategy]\nname = \"custom\"\ncustom = \"blowup\"";
+        let mut h = H::with(spec(&["a"], 1, 2, text), Start::Fresh { model: None }, &plugins);
+        let fit = through_setup(&mut h, &["a"]);
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        let out = h.take();
+        assert!(!out.iter().any(|o| matches!(o, Output::Checkpoint(Checkpoint { round: 1, .. }))), "{out:?}");
+        let (state, err) = finished(&out).unwrap();
+        let err = err.unwrap();
+        assert_eq!(state, JobState::Failed);
+        assert!(err.contains("strategy blowup made a model that is not finite"), "{err}");
     }
 
     /// Asks only every other available party, each with its own learning rate.

@@ -18,6 +18,58 @@ use crate::Error;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Plain;
 
+/// The default cap on the examples one update may claim: secure
+/// aggregation's default. The coordinator weighs an update by the count its
+/// party claims and cannot check it, so without a cap one party claiming
+/// 10^18 examples would make the global model its own (found by review).
+pub const DEFAULT_MAX_EXAMPLES: u64 = 100_000;
+
+/// The largest cap a job may set: sums of it over any party count stay far
+/// inside u64 and exact in f64.
+pub const MAX_MAX_EXAMPLES: u64 = 1 << 40;
+
+/// The cap on claimed examples that settings of protocol `none` set (the
+/// default where they do not, or do not parse: they are validated when the
+/// job is submitted). Plaintext evaluations are held to it too.
+pub fn max_examples(settings: &toml::Table) -> u64 {
+    PlainSettings::from_table(settings).map_or(DEFAULT_MAX_EXAMPLES, |s| s.max_examples)
+}
+
+/// `[aggregation]` settings of protocol `none`.
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainSettings {
+    /// The most examples an update weighs: an honest party with more
+    /// weighs this much (as under `secagg`), and an update claiming more
+    /// is refused naming its party.
+    #[serde(default = "default_max_examples")]
+    max_examples: u64,
+}
+
+fn default_max_examples() -> u64 {
+    DEFAULT_MAX_EXAMPLES
+}
+
+impl PlainSettings {
+    fn from_table(table: &toml::Table) -> Result<Self, Vec<Problem>> {
+        let s: PlainSettings = super::parse_settings(table)?;
+        if !(1..=MAX_MAX_EXAMPLES).contains(&s.max_examples) {
+            return Err(vec![Problem::setting(
+                "max_examples",
+                format!("must be 1..={MAX_MAX_EXAMPLES} (got {})", s.max_examples),
+            )]);
+        }
+        Ok(s)
+    }
+
+    fn load(table: &toml::Table) -> Result<Self, Error> {
+        Self::from_table(table).map_err(|p| {
+            let text: Vec<String> = p.iter().map(|p| format!("{}: {}", p.field, p.message)).collect();
+            Error::InvalidInput(format!("aggregation settings: {}", text.join("; ")))
+        })
+    }
+}
+
 /// The fit contribution's body: the weight; the model follows as the bulk vector.
 #[derive(Clone, PartialEq, prost::Message)]
 struct Contribution {
@@ -43,26 +95,33 @@ impl AggregationProtocol for Plain {
     }
 
     fn validate(&self, settings: &toml::Table, _: &JobFacts) -> Vec<Problem> {
-        settings.keys().map(|k| Problem::setting(k, "protocol \"none\" takes no settings")).collect()
+        PlainSettings::from_table(settings).err().unwrap_or_default()
     }
 
     fn server(
         &self,
-        _: &toml::Table,
+        settings: &toml::Table,
         _: &JobFacts,
         _: Box<dyn super::PeerVerifier>,
     ) -> Result<Box<dyn AggregationServer>, Error> {
-        Ok(Box::new(PlainServer { expected: Vec::new(), updates: BTreeMap::new() }))
+        let max_examples = PlainSettings::load(settings)?.max_examples;
+        Ok(Box::new(PlainServer { expected: Vec::new(), updates: BTreeMap::new(), max_examples }))
     }
 
-    fn client(&self, _: &toml::Table, _: &JobFacts, _: PartyIdentity) -> Result<Box<dyn AggregationClient>, Error> {
-        Ok(Box::new(PlainClient))
+    fn client(
+        &self,
+        settings: &toml::Table,
+        _: &JobFacts,
+        _: PartyIdentity,
+    ) -> Result<Box<dyn AggregationClient>, Error> {
+        Ok(Box::new(PlainClient { max_examples: PlainSettings::load(settings)?.max_examples }))
     }
 }
 
 struct PlainServer {
     expected: Vec<TensorSpec>,
     updates: BTreeMap<String, PartyUpdate>,
+    max_examples: u64,
 }
 
 impl AggregationServer for PlainServer {
@@ -82,6 +141,15 @@ impl AggregationServer for PlainServer {
         if self.updates.contains_key(party) {
             return Err(Error::PeerMisbehaved { party: party.to_owned(), reason: "sent its update twice".into() });
         }
+        if num_examples > self.max_examples {
+            return Err(Error::BadUpdate {
+                party: party.to_owned(),
+                reason: format!(
+                    "claims {num_examples} examples; an update weighs at most {} (aggregation.max_examples)",
+                    self.max_examples
+                ),
+            });
+        }
         // Checked as it arrives, so a bad party is dropped by name instead of
         // poisoning the aggregate.
         let result = FitResult { party: party.to_owned(), num_examples, params, metrics: Metrics::new() };
@@ -100,12 +168,16 @@ impl AggregationServer for PlainServer {
     }
 }
 
-struct PlainClient;
+struct PlainClient {
+    max_examples: u64,
+}
 
 impl AggregationClient for PlainClient {
     fn contribute(&mut self, _: u32, _: &[u8], update: LocalUpdate<'_>) -> Result<Envelope, Error> {
+        // A party with more examples than the cap weighs the cap.
+        let num_examples = update.num_examples.min(self.max_examples);
         Ok(Envelope {
-            body: prost::Message::encode_to_vec(&Contribution { num_examples: update.num_examples }),
+            body: prost::Message::encode_to_vec(&Contribution { num_examples }),
             bulk: Some(Bulk::Params(Arc::new(update.local))),
         })
     }
@@ -165,6 +237,40 @@ mod tests {
         assert!(server.on_message(peer("b"), Envelope::body(vec![0xff, 0xff])).is_err(), "malformed body");
         let Progress::Done(Aggregate::Updates(u)) = server.close_stage().unwrap() else { panic!() };
         assert_eq!(u.iter().map(|u| (u.party.as_str(), u.num_examples)).collect::<Vec<_>>(), [("a", 1), ("c", 3)]);
-        assert!(Plain.validate(&toml::toml! { bits = 3 }, &facts())[0].message.contains("no settings"));
+        let unknown = Plain.validate(&toml::toml! { bits = 3 }, &facts());
+        assert!(unknown[0].message.contains("unknown field"), "{unknown:?}");
+        for bad in [0i64, (MAX_MAX_EXAMPLES + 1) as i64] {
+            let p = Plain.validate(&toml::toml! { max_examples = bad }, &facts());
+            assert_eq!(p[0].field, "max_examples", "{bad}: {p:?}");
+        }
+        assert!(Plain.validate(&toml::toml! { max_examples = 1000 }, &facts()).is_empty());
+    }
+
+    /// The coordinator cannot check a claimed example count, so it caps
+    /// it: an update claiming more than `max_examples` is refused naming
+    /// its party (before, 10^18 examples made the global model that
+    /// party's, and a sum near 2^64 wrapped), and an honest party with more
+    /// rows than the cap weighs the cap.
+    #[test]
+    fn an_update_claiming_more_examples_than_the_cap_is_refused() {
+        let peers = Box::new(crate::secagg::testing::InsecureTagVerifier);
+        let mut server = Plain.server(&toml::Table::new(), &facts(), peers).unwrap();
+        let global = params(&[0.0, 0.0]);
+        let parties = ["a".to_string(), "b".to_string()];
+        server.begin_round(&RoundInfo { round: 1, parties: &parties, global: &global, fit: None }).unwrap();
+        let peer = |name| Peer { name, certificate: &[], relay: None };
+        let forged = Envelope {
+            body: prost::Message::encode_to_vec(&Contribution { num_examples: 1 << 60 }),
+            bulk: Some(Bulk::Params(Arc::new(params(&[1e6, 1e6])))),
+        };
+        let err = server.on_message(peer("b"), forged).unwrap_err().to_string();
+        assert!(err.contains("party b") && err.contains("aggregation.max_examples"), "{err}");
+        // An honest party with a million rows: clamped by its own client.
+        server.on_message(peer("a"), contribution(1_000_000, &[1.0, 1.0])).unwrap();
+        let Progress::Done(Aggregate::Updates(u)) = server.close_stage().unwrap() else { panic!() };
+        assert_eq!(
+            u.iter().map(|u| (u.party.as_str(), u.num_examples)).collect::<Vec<_>>(),
+            [("a", DEFAULT_MAX_EXAMPLES)]
+        );
     }
 }
