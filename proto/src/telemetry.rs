@@ -73,18 +73,45 @@ pub async fn serve(
     registry: Registry,
     refresh: Refresh,
 ) -> Result<MetricsServer, String> {
+    serve_with(listen, allow_hosts, registry, refresh, MIN_REFRESH_INTERVAL).await
+}
+
+/// The shortest time between two refreshes: scrapes closer together share
+/// the last one. A refresh reads files and the database (on a blocking
+/// thread, not the runtime that also serves the federation's streams), so a
+/// flood of scrapes must not mean a flood of reads (found by review).
+pub const MIN_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// [`serve`] with refreshes at most every `min_refresh` (tests use zero).
+async fn serve_with(
+    listen: SocketAddr,
+    allow_hosts: Vec<String>,
+    registry: Registry,
+    refresh: Refresh,
+    min_refresh: std::time::Duration,
+) -> Result<MetricsServer, String> {
     use axum::http::{StatusCode, header};
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("metrics.listen: cannot listen on {listen}: {e}"))?;
     let local_addr = listener.local_addr().map_err(|e| format!("metrics.listen: {e}"))?;
+    // When the gauges were last refreshed; held while one refresh runs, so
+    // concurrent scrapes wait for it instead of starting their own.
+    let last_refresh: Arc<tokio::sync::Mutex<Option<tokio::time::Instant>>> = Arc::default();
     let app = axum::Router::new().route(
         "/metrics",
         get(move || {
-            let (registry, refresh) = (registry.clone(), refresh.clone());
+            let (registry, refresh, last_refresh) = (registry.clone(), refresh.clone(), last_refresh.clone());
             async move {
-                refresh();
+                let mut last = last_refresh.lock().await;
+                if last.is_none_or(|t| t.elapsed() >= min_refresh) {
+                    if let Err(e) = tokio::task::spawn_blocking(move || refresh()).await {
+                        tracing::warn!("refreshing the metrics failed: {e}");
+                    }
+                    *last = Some(tokio::time::Instant::now());
+                }
+                drop(last);
                 match render(&registry) {
                     Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text),
                     Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], e),
@@ -177,7 +204,7 @@ mod tests {
         registry.register(Box::new(c.clone())).unwrap();
         let refreshed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let r2 = refreshed.clone();
-        let server = serve(
+        let server = serve_with(
             "127.0.0.1:0".parse().unwrap(),
             vec!["prometheus-target.internal".into()],
             registry,
@@ -185,6 +212,7 @@ mod tests {
                 r2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 c.inc();
             }),
+            std::time::Duration::ZERO,
         )
         .await
         .unwrap();
@@ -202,7 +230,32 @@ mod tests {
         assert!(body.starts_with("HTTP/1.1 421") && !body.contains("confide_test_total"), "{body}");
         assert_eq!(refreshed.load(std::sync::atomic::Ordering::SeqCst), 4, "no refresh for a refused scrape");
         let taken = serve(server.local_addr, Vec::new(), Registry::new(), Arc::new(|| {})).await.err().unwrap();
+        // With the shipped interval, a burst of scrapes shares one refresh.
+        let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c2 = counted.clone();
+        let slow = Arc::new(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        let throttled = serve("127.0.0.1:0".parse().unwrap(), Vec::new(), Registry::new(), slow).await.unwrap();
+        let scrapes = (0..20).map(|_| http_get(throttled.local_addr, "/metrics", Some("localhost")));
+        for body in futures_join_all(scrapes).await {
+            assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        }
+        assert_eq!(counted.load(std::sync::atomic::Ordering::SeqCst), 1, "twenty scrapes at once, one refresh");
         assert!(taken.contains("metrics.listen") && taken.contains(&server.local_addr.to_string()), "{taken}");
+    }
+
+    /// Runs every future at once (no `futures` dependency here).
+    async fn futures_join_all<F: std::future::Future<Output = String> + Send + 'static>(
+        fs: impl Iterator<Item = F>,
+    ) -> Vec<String> {
+        let handles: Vec<_> = fs.map(tokio::spawn).collect();
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
     }
 
     /// `GET path` with `Host: host`, or over HTTP/1.0 without one.
