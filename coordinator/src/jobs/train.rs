@@ -209,7 +209,9 @@ impl Training {
         // honest ones excluded through them, found by review).
         let uses_stats = cx.spec().model.standardize && cx.spec().dp.is_none() && !self.protocol.hides_values();
         let features = spec.iter().find(|t| t.name == INPUT_MEAN).and_then(|t| t.num_values()).unwrap_or(0);
-        let mut reference = None;
+        // Agreed starting models by their values' digest, with how many
+        // parties sent each: in name order.
+        let mut starts: Vec<([u8; 32], Parameters, usize)> = Vec::new();
         let mut merged = confide_algorithms::FeatureStats::default();
         let mut agreed = Vec::new();
         for (party, (params, stats)) in results {
@@ -230,11 +232,22 @@ impl Training {
             match mismatch {
                 Some(why) => cx.exclude(&party, &format!("setup: {why}")),
                 None => {
-                    reference.get_or_insert(params);
+                    let digest = confide_crypto::aggregation::model_digest(&params);
+                    match starts.iter_mut().find(|(d, _, _)| *d == digest) {
+                        Some((_, _, n)) => *n += 1,
+                        None => starts.push((digest, params, 1)),
+                    }
                     agreed.push(party);
                 }
             }
         }
+        // The starting model most parties sent (honest parties derive it
+        // from the spec's seed, so they agree): the first party by name
+        // used to choose it alone, with any values of the right shape
+        // (found by review). With no such majority (trainers that start at
+        // random), the first party's, as before.
+        let most = starts.iter().map(|(_, _, n)| *n).max().unwrap_or(0);
+        let reference = starts.into_iter().find(|(_, _, n)| *n == most).map(|(_, params, _)| params);
         let Some(reference) = reference else {
             cx.below_min(Stage::Setup, 0, 0);
             return;

@@ -549,6 +549,19 @@ mod plaintext {
         assert_eq!(fit.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["b", "c"]);
         assert!(fit.iter().all(|(_, t)| t.params.as_ref().unwrap().tensors()[0].data[0].is_finite()));
         assert!(h.s.parties()["a"].detail.as_deref().is_some_and(|e| e.contains("starting model is not finite")));
+
+        // Nor does the first party by name choose the starting values: the
+        // ones most parties sent are taken (honest parties derive them from
+        // the spec's seed), and nobody is excluded for differing.
+        let mut h = H::new(spec(&["a", "b", "c"], 3, 1, ""), Start::Fresh { model: None });
+        h.connect_and_accept(&["a", "b", "c"]);
+        let t = h.tasks();
+        let chosen = ResultBody::Setup { params: params(&[1e30]), stats: FeatureStats::default() };
+        h.feed(Input::Result { party: "a".into(), task_id: t[0].1.task_id, result: chosen });
+        h.setup(&t[1..], &[0.5]);
+        let fit = h.tasks();
+        assert_eq!(fit.len(), 3, "nobody excluded");
+        assert!(fit.iter().all(|(_, t)| t.params.as_ref().unwrap().tensors()[0].data == [0.5]), "{fit:?}");
     }
 
     #[test]
