@@ -268,6 +268,13 @@ enum CertsCmd {
         /// The certificate's role: `party`.
         #[arg(long, default_value = "party")]
         role: String,
+        /// The party name the request must carry (refused otherwise).
+        #[arg(long)]
+        name: Option<String>,
+        /// The key fingerprint `confide-party keygen` printed at the
+        /// hospital, read out of band (refused if the request's key differs).
+        #[arg(long)]
+        fingerprint: Option<String>,
     },
     /// Revoke a party's certificate: writes the CA-signed revocation list
     /// (`revoked.crl.pem`, one version newer) and de-enrolls the party. Run
@@ -465,15 +472,36 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             println!("created federation PKI in {} for parties: {}", dir.display(), parties.join(", "));
             Ok(0)
         }
-        Command::Certs(CertsCmd::Sign { ca, csr, role }) => {
+        Command::Certs(CertsCmd::Sign { ca, csr, role, name: expected_name, fingerprint }) => {
             if role != "party" {
                 return Err(Error::InvalidInput(format!("--role {role:?}: only \"party\" requests are signed")));
             }
             let text = std::fs::read_to_string(&csr).map_err(|e| Error::io(&csr, e))?;
+            let in_file = |e: confide_crypto::Error| Error::InvalidInput(format!("{}: {e}", csr.display()));
+            let print = confide_crypto::pki::request_key_fingerprint(&text).map_err(in_file)?;
+            if let Some(f) = &fingerprint
+                && !f.trim().eq_ignore_ascii_case(&print)
+            {
+                return Err(Error::InvalidInput(format!(
+                    "{}: its key's fingerprint is {print}, not the --fingerprint given: this is not the request the \
+                     hospital made",
+                    csr.display()
+                )));
+            }
+            if let Some(n) = &expected_name {
+                let named = confide_crypto::pki::request_name(&text).map_err(in_file)?;
+                if &named != n {
+                    return Err(Error::InvalidInput(format!(
+                        "{}: the request names party {named:?}, not --name {n:?}",
+                        csr.display()
+                    )));
+                }
+            }
             let (name, cert) = PkiDir::new(&ca)
                 .sign_party_request(&text)
                 .map_err(|e| Error::InvalidInput(format!("{}: {e}", csr.display())))?;
             println!("signed and enrolled party {name}: {} (send it to the party with ca.pem)", cert.display());
+            println!("its key's fingerprint: {print} (compare it with the one `confide-party keygen` printed)");
             Ok(0)
         }
         Command::Certs(CertsCmd::Revoke { ca, name, coordinator, relay, admin, cert }) => {

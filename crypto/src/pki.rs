@@ -205,12 +205,18 @@ impl FederationCa {
         }
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| Error::InvalidInput(format!("certificate signing request: {e}")))?;
-        let name = match csr.params.distinguished_name.get(&DnType::CommonName) {
-            Some(rcgen::DnValue::Utf8String(s)) => s.clone(),
-            Some(rcgen::DnValue::PrintableString(s)) => s.as_str().to_owned(),
-            _ => return Err(Error::InvalidInput("certificate signing request: no subject CN (the party name)".into())),
-        };
+        // The subject as the request's bytes have it: rcgen keeps only the
+        // last of several CNs, so `CN=hospital-c, CN=hospital-b` would be
+        // signed as hospital-b while tools show hospital-c (found by
+        // review). Exactly one CN, and only the attributes a party's own
+        // request carries.
+        let name = request_name(csr_pem)?;
         validate_party_name(&name)?;
+        if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(Error::InvalidInput(
+                "certificate signing request: the key is not ECDSA P-256 (make it with `confide-party keygen`)".into(),
+            ));
+        }
         let mut params = leaf_params(role, &name, &[])?;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::hours(1);
@@ -274,6 +280,47 @@ pub fn party_key_request(name: &str) -> Result<KeyRequest, Error> {
     let csr = params.serialize_request(&key)?;
     let csr_pem = csr.pem()?;
     Ok(KeyRequest { key_pem: Zeroizing::new(key.serialize_pem()), csr_pem })
+}
+
+/// The one subject CN of a PEM certificate signing request (the party name), refusing a
+/// subject with several CNs, or with attributes other than the CN, OU and O
+/// that [`party_key_request`] writes.
+pub fn request_name(csr_pem: &str) -> Result<String, Error> {
+    use x509_parser::prelude::FromDer as _;
+    let bad = |m: String| Error::InvalidInput(format!("certificate signing request: {m}"));
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(format!("not PEM: {e}")))?;
+    let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+        .map_err(|e| bad(e.to_string()))?;
+    let subject = &req.certification_request_info.subject;
+    let allowed = [
+        x509_parser::oid_registry::OID_X509_COMMON_NAME,
+        x509_parser::oid_registry::OID_X509_ORGANIZATIONAL_UNIT,
+        x509_parser::oid_registry::OID_X509_ORGANIZATION_NAME,
+    ];
+    if let Some(other) = subject.iter_attributes().find(|a| !allowed.contains(a.attr_type())) {
+        return Err(bad(format!("the subject has an attribute other than CN, OU and O ({})", other.attr_type())));
+    }
+    let names: Vec<_> = subject.iter_common_name().collect();
+    match names.as_slice() {
+        [one] => one.as_str().map(str::to_owned).map_err(|e| bad(format!("subject CN: {e}"))),
+        [] => Err(bad("no subject CN (the party name)".into())),
+        _ => Err(bad(format!("{} subject CNs; a party's request names it once", names.len()))),
+    }
+}
+
+/// The SHA-256 of a certificate signing request's public key (its
+/// SubjectPublicKeyInfo), in hex: printed by `confide-party keygen` and by
+/// `confide certs sign`, so that the administrator can check, out of band,
+/// that the request signed is the one the hospital made.
+pub fn request_key_fingerprint(csr_pem: &str) -> Result<String, Error> {
+    use sha2::Digest as _;
+    use x509_parser::prelude::FromDer as _;
+    let bad = |m: String| Error::InvalidInput(format!("certificate signing request: {m}"));
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(format!("not PEM: {e}")))?;
+    let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+        .map_err(|e| bad(e.to_string()))?;
+    let spki = req.certification_request_info.subject_pki.raw;
+    Ok(sha2::Sha256::digest(spki).iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Writes party `name`'s new key and request into `dir` (`NAME.key`, mode
@@ -960,6 +1007,44 @@ mod tests {
         tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
         assert!(pki.sign_party_request(&String::from_utf8(tampered).unwrap()).is_err());
         assert!(party_key_request("confide-admin").is_err());
+    }
+
+    /// A request is signed only for the one name its bytes carry: two CNs
+    /// (rcgen kept the last, tools show the first; found by review), other
+    /// subject attributes, or a key other than P-256 are refused, and the
+    /// key's fingerprint identifies the request out of band.
+    #[test]
+    fn a_request_with_two_names_another_attribute_or_another_key_type_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init("t", &["a".into()], &[]).unwrap();
+        let request = |dn: &[(DnType, &str)], key: &KeyPair| {
+            let mut params = CertificateParams::new(vec!["hospital-c".to_owned()]).unwrap();
+            let mut names = DistinguishedName::new();
+            for (t, v) in dn {
+                names.push(t.clone(), *v);
+            }
+            params.distinguished_name = names;
+            params.serialize_request(key).unwrap().pem().unwrap()
+        };
+        let p256 = KeyPair::generate().unwrap();
+        let cn_again = DnType::CustomDnType(vec![2, 5, 4, 3]);
+        let two = request(&[(DnType::CommonName, "hospital-c"), (cn_again, "hospital-b")], &p256);
+        let e = pki.sign_party_request(&two).unwrap_err().to_string();
+        assert!(e.contains("2 subject CNs"), "{e}");
+        let country = request(&[(DnType::CommonName, "hospital-c"), (DnType::CountryName, "CH")], &p256);
+        let e = pki.sign_party_request(&country).unwrap_err().to_string();
+        assert!(e.contains("other than CN, OU and O"), "{e}");
+        let ed25519 = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let e = pki.sign_party_request(&request(&[(DnType::CommonName, "hospital-c")], &ed25519)).unwrap_err();
+        assert!(e.to_string().contains("not ECDSA P-256"), "{e}");
+        assert_eq!(pki.enrolled().unwrap(), ["a"], "nothing enrolled");
+        let one = request(&[(DnType::CommonName, "hospital-c")], &p256);
+        let print = request_key_fingerprint(&one).unwrap();
+        assert_eq!(print.len(), 64);
+        assert_eq!(request_key_fingerprint(&country).unwrap(), print, "the key's, not the request's");
+        assert_ne!(request_key_fingerprint(&party_key_request("d").unwrap().csr_pem).unwrap(), print);
+        assert_eq!(pki.sign_party_request(&one).unwrap().0, "hospital-c");
     }
 
     fn pem_der_of(pem: &str) -> Vec<u8> {

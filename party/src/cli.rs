@@ -437,6 +437,15 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
             Ok((key, csr)) => {
                 println!("private key: {} (mode 0600; keep it here)", key.display());
                 println!("certificate request: {} (send it for signing: confide certs sign --csr ...)", csr.display());
+                // Read out of band to the administrator, who signs with
+                // `--fingerprint`: the request signed is then this one.
+                let print = std::fs::read_to_string(&csr)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| confide_crypto::pki::request_key_fingerprint(&t).map_err(|e| e.to_string()));
+                match print {
+                    Ok(p) => println!("key fingerprint: {p} (tell the administrator, out of band)"),
+                    Err(e) => eprintln!("warning: the request's fingerprint: {e}"),
+                }
                 0
             }
             Err(e) => {

@@ -189,8 +189,9 @@ pub struct TrainingHandler {
     /// An evaluate job with `[dp]`: the party releases only its noisy
     /// counts of rows and of rows classified correctly, once.
     pub eval_noise: Option<confide_dp::evaluation::NoisyCounts>,
-    /// The most rows a plaintext evaluation weighs (the coordinator refuses
-    /// more: `aggregation.max_examples`); a party with more reports this.
+    /// The most examples a plaintext update or evaluation weighs (the
+    /// coordinator refuses more: `aggregation.none.max_examples`); a party
+    /// with more reports this.
     pub max_evaluation_examples: u64,
     /// The round last let go with its secrets wiped (`abandon`): a later
     /// step of it is refused, not taken for a coordinator fault.
@@ -866,6 +867,14 @@ impl TrainingHandler {
         outcome.metrics.insert("train_ms".into(), train_started.elapsed().as_secs_f64() * 1000.0);
         let local = self.trainer.parameters().map_err(err)?;
         let train_loss = outcome.metrics.get("train_loss").copied();
+        if !hides && outcome.num_examples > self.max_evaluation_examples {
+            tracing::info!(
+                round,
+                examples = outcome.num_examples,
+                cap = self.max_evaluation_examples,
+                "this party's update weighs the job's cap, not its examples (aggregation.none.max_examples)"
+            );
+        }
         let update = LocalUpdate { global, fit: config, local, num_examples: outcome.num_examples, train_loss };
         let contribution = self.aggregation.contribute(round, round_message, update)?;
         self.open_round(round);

@@ -1307,6 +1307,19 @@ mod aggregation_tests {
         }
     }
 
+    /// Protocol `none` takes `max_examples` in `[aggregation.none]`,
+    /// checked at its path; other fields are refused there.
+    #[test]
+    fn protocol_none_takes_max_examples_at_its_path() {
+        let with = |t: &str| format!("{BASE}[aggregation]\nprotocol = \"none\"\n[aggregation.none]\n{t}\n");
+        let spec = JobSpec::parse(&with("max_examples = 5000"), "f", &Limits::default()).unwrap();
+        assert_eq!(confide_crypto::aggregation::plain::max_examples(&spec.aggregation.settings), 5000);
+        assert_eq!(paths(&with("max_examples = 0")), ["aggregation.none.max_examples"]);
+        assert_eq!(paths(&with("bits = 16")), ["aggregation.none.bits"]);
+        let plain = JobSpec::parse(BASE, "f", &Limits::default()).unwrap();
+        assert_eq!(confide_crypto::aggregation::plain::max_examples(&plain.aggregation.settings), 100_000);
+    }
+
     #[test]
     fn secagg_settings_have_safe_defaults_and_are_validated() {
         let s =

@@ -104,14 +104,22 @@ async fn serve_with(
         get(move || {
             let (registry, refresh, last_refresh) = (registry.clone(), refresh.clone(), last_refresh.clone());
             async move {
-                let mut last = last_refresh.lock().await;
+                let mut last = last_refresh.lock_owned().await;
                 if last.is_none_or(|t| t.elapsed() >= min_refresh) {
-                    if let Err(e) = tokio::task::spawn_blocking(move || refresh()).await {
+                    // Recorded first, and the lock held by the blocking task
+                    // until the refresh ends: a scrape that hangs up meanwhile
+                    // does not let the next one start a second refresh.
+                    *last = Some(tokio::time::Instant::now());
+                    let refreshing = tokio::task::spawn_blocking(move || {
+                        refresh();
+                        drop(last);
+                    });
+                    if let Err(e) = refreshing.await {
                         tracing::warn!("refreshing the metrics failed: {e}");
                     }
-                    *last = Some(tokio::time::Instant::now());
+                } else {
+                    drop(last);
                 }
-                drop(last);
                 match render(&registry) {
                     Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text),
                     Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], e),

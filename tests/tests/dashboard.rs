@@ -86,6 +86,9 @@ fn the_job_page_follows_a_job_live_in_a_real_browser() {
     let set = format!("set-cookie: confide_dashboard_{port}={}; httponly; samesite=strict; path=/", dash.token);
     assert!(lower.contains(&set), "{head}");
     assert!(get(&dash, &dash.addr, &page).0.starts_with("HTTP/1.1 200"));
+    // Never to another site: `//host` keeps one slash.
+    let (head, _) = request(&dash.addr, &dash.addr, &format!("//evil.example?token={}", dash.token), "");
+    assert!(head.to_ascii_lowercase().contains("location: /evil.example\r\n"), "{head}");
     let link = "Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: navigate\r\n";
     assert!(get_with(&dash, &dash.addr, &format!("/jobs/{id}"), link).0.starts_with("HTTP/1.1 200"));
     let (head, body) = get(&dash, &dash.addr, "/jobs/..%2Fetc");

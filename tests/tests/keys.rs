@@ -20,13 +20,45 @@ fn a_party_keyed_on_its_own_machine_joins_a_secure_job_run_without_the_ca_key() 
         .output()
         .expect("keygen");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The key's fingerprint, read to the administrator out of band.
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let print = said
+        .lines()
+        .find_map(|l| l.strip_prefix("key fingerprint: "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no fingerprint printed: {said}"))
+        .to_owned();
     let key = machine.join("hospital-d.key");
     assert_eq!(std::fs::metadata(&key).expect("key").permissions().mode() & 0o777, 0o600);
 
     // Where the CA key is kept: sign the request, enroll the party.
     let csr = machine.join("hospital-d.csr");
-    let signed = fed.run_ok(&["certs", "sign", "--ca", &fed.s("pki"), "--csr", csr.to_str().expect("utf-8")]);
+    let csr_arg = csr.to_str().expect("utf-8");
+    // Another fingerprint or another name than the request's: refused,
+    // nothing enrolled.
+    let wrong_print = "0".repeat(64);
+    let pki = fed.s("pki");
+    for args in [["--fingerprint", wrong_print.as_str()], ["--name", "hospital-e"]] {
+        let mut cmd = vec!["certs", "sign", "--ca", pki.as_str(), "--csr", csr_arg];
+        cmd.extend(args);
+        let out = fed.cli(&cmd);
+        assert!(!out.status.success(), "{args:?} signed");
+        assert!(!fed.path("pki/parties/hospital-d.pem").exists(), "{args:?}");
+    }
+    let signed = fed.run_ok(&[
+        "certs",
+        "sign",
+        "--ca",
+        &fed.s("pki"),
+        "--csr",
+        csr_arg,
+        "--name",
+        "hospital-d",
+        "--fingerprint",
+        &print,
+    ]);
     assert!(signed.contains("signed and enrolled party hospital-d"), "{signed}");
+    assert!(signed.contains(&format!("its key's fingerprint: {print}")), "{signed}");
     assert!(!fed.path("pki/parties/hospital-d.key").exists(), "the CA side never had the key");
     std::fs::copy(fed.path("pki/parties/hospital-d.pem"), machine.join("hospital-d.pem")).expect("cert to party");
     std::fs::copy(fed.path("data/hospital-a.csv"), fed.path("data/hospital-d.csv")).expect("data");

@@ -42,7 +42,17 @@ fn the_coordinator_and_a_party_expose_what_a_job_did() {
     let st = fed.wait_done(&id, 120);
     assert_eq!(st["state"], "succeeded", "{st:#}\n{}", fed.logs());
 
-    let c = parse(&scrape(&fed.metrics_addr));
+    // The gauges read off state are refreshed at most once a second: a
+    // scrape within a second of the one above may show the job running.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let c = loop {
+        let c = parse(&scrape(&fed.metrics_addr));
+        let done = value(&c, "confide_coordinator_jobs", &[("state", "succeeded")]) == Some(1.0);
+        if done || std::time::Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert_eq!(value(&c, "confide_coordinator_connected_parties", &[]), Some(3.0));
     assert_eq!(value(&c, "confide_coordinator_party_connected", &[("party", "hospital-b")]), Some(1.0));
     assert_eq!(value(&c, "confide_coordinator_jobs", &[("state", "succeeded")]), Some(1.0));

@@ -168,7 +168,10 @@ async fn guard(State(d): State<Arc<Dashboard>>, req: Request, next: Next) -> Res
         // without it in the address bar.
         Some(given) if d.token.matches(given) => {
             let cookie = format!("{}={}; HttpOnly; SameSite=Strict; Path=/", d.token.cookie, &*d.token.hex);
-            let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, req.uri().path().to_owned())]).into_response();
+            // One leading slash: `//host` would be another site's address
+            // (an open redirect; found by review).
+            let path = format!("/{}", req.uri().path().trim_start_matches(['/', '\\']));
+            let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, path)]).into_response();
             if let Ok(v) = HeaderValue::from_str(&cookie) {
                 resp.headers_mut().insert(header::SET_COOKIE, v);
             }

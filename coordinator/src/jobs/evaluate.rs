@@ -73,7 +73,11 @@ impl Evaluator {
                 if !(loss.is_finite() && loss.abs() <= MAX_REPORTED_METRIC || no_loss) {
                     return Err(format!("party {party} sent a bad evaluation: loss {loss}"));
                 }
-                check_reported_metrics(party, &metrics).map_err(|e| format!("a bad evaluation: {e}"))?;
+                if let Err(confide_algorithms::Error::PeerMisbehaved { reason, .. }) =
+                    check_reported_metrics(party, &metrics)
+                {
+                    return Err(format!("party {party} sent a bad evaluation: {reason}"));
+                }
                 // Its weight in the means is its word: capped as its
                 // updates are (a party claiming 10^12 rows would decide a
                 // pipeline's gate alone; found by review).
@@ -81,7 +85,7 @@ impl Evaluator {
                 if num_examples > cap {
                     return Err(format!(
                         "party {party} sent a bad evaluation: {num_examples} rows; an evaluation weighs at most {cap} \
-                         (aggregation.max_examples)"
+                         (aggregation.none.max_examples)"
                     ));
                 }
                 self.results

@@ -629,9 +629,10 @@ impl JobMachine for Training {
                 self.protocol.on_message(cx, party, contribution)
             }
             (Stage::Fit, ResultBody::Fit { metrics, contribution }) => {
-                if let Some((k, v)) = metrics.iter().find(|(_, v)| !v.is_finite()) {
-                    return Err(format!("party {party} sent a bad update: metric {k} is {v}"));
-                }
+                // Bounded here, on arrival, so the party is dropped by name:
+                // the strategies check them again, where a bad one would fail
+                // the whole job (found by review).
+                confide_algorithms::strategy::check_reported_metrics(party, &metrics).map_err(|e| e.to_string())?;
                 if self.protocol.hides_values() && !metrics.is_empty() {
                     return Err(format!(
                         "party {party} sent training metrics in the clear; this job's protocol hides them"

@@ -417,6 +417,27 @@ mod plaintext {
         assert!(d.contains("party b sent a bad update") && d.contains("NaN"), "{d}");
     }
 
+    /// A training metric out of bounds (a loss of 1e13, an accuracy of 2)
+    /// drops its party by name on arrival: checked only by the strategy, it
+    /// failed the whole job (found by review).
+    #[test]
+    fn an_out_of_bounds_training_metric_drops_the_party_not_the_job() {
+        let mut h = H::new(spec(&["a", "b", "c"], 1, 1, ""), Start::Fresh { model: None });
+        let fit = through_setup(&mut h, &["a", "b", "c"]);
+        for (p, task, metric) in [("b", &fit[1].1, ("train_loss", 1e13)), ("c", &fit[2].1, ("accuracy", 2.0))] {
+            let ResultBody::Fit { contribution, .. } = plain_fit(task, 1, &[9.0]) else { panic!() };
+            let result = ResultBody::Fit { metrics: [(metric.0.to_string(), metric.1)].into(), contribution };
+            h.feed(Input::Result { party: p.into(), task_id: task.task_id, result });
+        }
+        h.fit("a", &fit[0].1, 1, &[2.0]);
+        let out = h.take();
+        assert!(finished(&out).is_none_or(|f| f.0 != JobState::Failed), "the job goes on: {out:?}");
+        let d = |p: &str| h.s.parties()[p].detail.clone().unwrap_or_default();
+        assert!(d("b").contains("party b sent a bad update: metric train_loss"), "{}", d("b"));
+        assert!(d("c").contains("party c sent a bad update: metric accuracy is 2"), "{}", d("c"));
+        assert_ne!(h.s.parties()["a"].state, PartyState::Failed);
+    }
+
     /// A party dropped while its stream comes through a relay is named
     /// with the relay, which could have altered what it forwarded.
     #[test]
@@ -618,7 +639,7 @@ mod plaintext {
     }
 
     /// A plaintext evaluation's weight and metrics are its party's word:
-    /// a party claiming more rows than `aggregation.max_examples`, or an
+    /// a party claiming more rows than `aggregation.none.max_examples`, or an
     /// accuracy outside [0, 1], is dropped by name and left out of the
     /// means (before, 10^12 rows and accuracy 1.0 decided a pipeline's
     /// gate alone; found by review).
@@ -641,7 +662,7 @@ mod plaintext {
         assert_eq!(record.metrics.get("accuracy"), Some(&0.5), "{record:?}");
         assert_eq!(record.participants, ["a"], "{record:?}");
         let detail = |p: &str| h.s.parties()[p].detail.clone().unwrap_or_default();
-        assert!(detail("b").contains("aggregation.max_examples"), "{}", detail("b"));
+        assert!(detail("b").contains("aggregation.none.max_examples"), "{}", detail("b"));
         assert!(detail("c").contains("metric accuracy is 1.5"), "{}", detail("c"));
     }
 

@@ -145,7 +145,7 @@ impl AggregationServer for PlainServer {
             return Err(Error::BadUpdate {
                 party: party.to_owned(),
                 reason: format!(
-                    "claims {num_examples} examples; an update weighs at most {} (aggregation.max_examples)",
+                    "claims {num_examples} examples; an update weighs at most {} (aggregation.none.max_examples)",
                     self.max_examples
                 ),
             });
@@ -264,7 +264,7 @@ mod tests {
             bulk: Some(Bulk::Params(Arc::new(params(&[1e6, 1e6])))),
         };
         let err = server.on_message(peer("b"), forged).unwrap_err().to_string();
-        assert!(err.contains("party b") && err.contains("aggregation.max_examples"), "{err}");
+        assert!(err.contains("party b") && err.contains("aggregation.none.max_examples"), "{err}");
         // An honest party with a million rows: clamped by its own client.
         server.on_message(peer("a"), contribution(1_000_000, &[1.0, 1.0])).unwrap();
         let Progress::Done(Aggregate::Updates(u)) = server.close_stage().unwrap() else { panic!() };
