@@ -246,7 +246,7 @@ pub struct Hub {
     serving: Mutex<HashMap<String, Vec<pb::ServiceRows>>>,
     jobs: Mutex<HashMap<String, JobHandle>>,
     /// Each party's budget of stream joins (see [`JoinBudget`]).
-    joins: Mutex<HashMap<String, JoinBudget>>,
+    joins: Mutex<JoinBudgets>,
     next_id: AtomicU64,
     plugins: Plugins,
     metrics: CoordinatorMetrics,
@@ -297,6 +297,19 @@ impl JoinBudget {
     }
 }
 
+/// The join budgets by key, and when idle ones were last forgotten.
+#[derive(Debug, Default)]
+struct JoinBudgets {
+    by_key: HashMap<String, JoinBudget>,
+    pruned_at: Option<std::time::Instant>,
+}
+
+impl JoinBudgets {
+    /// Budgets kept before idle ones are forgotten; past it (all of them
+    /// recent) a relay member's name gets no budget of its own.
+    const MANY: usize = 10_000;
+}
+
 /// The refusal of a join beyond `who`'s budget of `burst`, with the wait
 /// also as metadata, read by the party's reconnect loop.
 fn too_often(who: &str, burst: f64, wait: Duration) -> Status {
@@ -343,17 +356,28 @@ impl Hub {
     }
 
     /// One join from the budget kept under `key` (made with `burst` and
-    /// `every` when new); budgets untouched for ten minutes (full again by
-    /// then) are forgotten once there are many, so names a relay makes up
-    /// cannot grow the map without end.
-    fn take_budget(&self, key: String, burst: f64, every: Duration) -> Result<(), Duration> {
-        const MANY: usize = 10_000;
+    /// `every` when new). Budgets untouched for ten minutes (full again by
+    /// then) are forgotten once there are [`JoinBudgets::MANY`], at most
+    /// once a second (each time is a pass over all of them, under the lock
+    /// every join takes). A key that is new while the map is still full
+    /// gets a budget only if `always` (parties' and relays' own names,
+    /// which certificates bound): `None` otherwise, so names a relay makes
+    /// up can neither grow the map nor make every join scan it (found by
+    /// review).
+    fn take_budget(&self, key: String, burst: f64, every: Duration, always: bool) -> Option<Result<(), Duration>> {
         let now = std::time::Instant::now();
         let mut joins = lock(&self.joins);
-        if joins.len() >= MANY {
-            joins.retain(|_, b| now.saturating_duration_since(b.at) < Duration::from_secs(600));
+        let due = joins.pruned_at.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+        if joins.by_key.len() >= JoinBudgets::MANY && due {
+            joins.by_key.retain(|_, b| now.saturating_duration_since(b.at) < Duration::from_secs(600));
+            joins.pruned_at = Some(now);
         }
-        joins.entry(key).or_insert_with(|| JoinBudget::full(now, burst, every)).take(now)
+        let full = joins.by_key.len() >= JoinBudgets::MANY;
+        match joins.by_key.get_mut(&key) {
+            Some(b) => Some(b.take(now)),
+            None if full && !always => None,
+            None => Some(joins.by_key.entry(key).or_insert_with(|| JoinBudget::full(now, burst, every)).take(now)),
+        }
     }
 
     /// One more relayed join through `relay`, within the budget of the
@@ -362,12 +386,17 @@ impl Hub {
     /// loops spends only its own), then the relay's own [`JoinBudget`]
     /// (both kept apart from parties' by names no party has).
     fn take_relayed_join(&self, relay: &str, claimed: Option<&str>) -> Result<(), Status> {
-        if let Some(name) = claimed {
-            self.take_budget(format!("relay {relay} member {name}"), JoinBudget::BURST, JoinBudget::EVERY)
-                .map_err(|wait| too_often(&format!("{name} (through relay {relay})"), JoinBudget::BURST, wait))?;
+        // Only a name a party could have (the rest fail the certificate's
+        // checks anyway); with no room for its budget, the relay's alone.
+        if let Some(name) = claimed.filter(|n| confide_crypto::pki::validate_party_name(n).is_ok()) {
+            let key = format!("relay {relay} member {name}");
+            if let Some(taken) = self.take_budget(key, JoinBudget::BURST, JoinBudget::EVERY, false) {
+                taken.map_err(|wait| too_often(&format!("{name} (through relay {relay})"), JoinBudget::BURST, wait))?;
+            }
         }
         let (burst, every) = (JoinBudget::RELAY_BURST, JoinBudget::RELAY_EVERY);
-        self.take_budget(format!("relay {relay}"), burst, every).map_err(|wait| {
+        let taken = self.take_budget(format!("relay {relay}"), burst, every, true).unwrap_or(Ok(()));
+        taken.map_err(|wait| {
             warn!(relay, "refused a relayed stream: the relay opens streams too often");
             too_often(&format!("relay {relay}"), burst, wait)
         })
@@ -375,7 +404,8 @@ impl Hub {
 
     /// One more stream join of `party`, within its [`JoinBudget`].
     fn take_join(&self, party: &str) -> Result<(), Status> {
-        self.take_budget(party.to_owned(), JoinBudget::BURST, JoinBudget::EVERY).map_err(|wait| {
+        let taken = self.take_budget(party.to_owned(), JoinBudget::BURST, JoinBudget::EVERY, true).unwrap_or(Ok(()));
+        taken.map_err(|wait| {
             warn!(party, "refused a stream: the party reconnects too often");
             too_often(party, JoinBudget::BURST, wait)
         })
@@ -2539,6 +2569,32 @@ mod tests {
         assert!(e.message().contains("relay edge-a") && e.message().contains("retry in"), "{}", e.message());
         hub.take_join("edge-a").unwrap();
         hub.take_relayed_join("edge-b", Some("honest")).unwrap();
+    }
+
+    /// Names a relay makes up (its members' certificates are read only
+    /// after the budget) neither grow the budgets without end nor make
+    /// each join scan them: past the bound a made-up name gets no budget of
+    /// its own (the relay's still applies), parties' own names still do,
+    /// and budgets already held keep counting (found by review).
+    #[test]
+    fn made_up_member_names_cannot_grow_the_join_budgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = bare_hub(dir.path());
+        for _ in 0..30 {
+            hub.take_relayed_join("edge-a", Some("looping")).unwrap();
+        }
+        for i in 0..(2 * JoinBudgets::MANY) {
+            let relay = format!("edge-{}", i / 1000);
+            let _ = hub.take_relayed_join(&relay, Some(&format!("made-up-{i}")));
+        }
+        let _ = hub.take_relayed_join("edge-z", Some("NOT A NAME"));
+        let kept = lock(&hub.joins).by_key.len();
+        assert!(kept <= JoinBudgets::MANY + 64, "{kept} budgets kept");
+        assert!(!lock(&hub.joins).by_key.contains_key("relay edge-z member NOT A NAME"));
+        hub.take_join("hospital-new").unwrap();
+        assert!(lock(&hub.joins).by_key.contains_key("hospital-new"), "a party's own name always gets a budget");
+        let e = hub.take_relayed_join("edge-a", Some("looping")).unwrap_err();
+        assert!(e.message().contains("looping (through relay edge-a)"), "{}", e.message());
     }
 
     /// A job's receiving end, read as inputs.
