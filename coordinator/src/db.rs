@@ -122,6 +122,10 @@ const MIGRATIONS: &[&str] = &[
     // made in the last minutes could be replayed once more)
     "CREATE TABLE relay_nonces (nonce BLOB PRIMARY KEY, at INTEGER NOT NULL);
      CREATE INDEX relay_nonces_at ON relay_nonces (at);",
+    // 10: the newest revocation list this coordinator has put in force, so
+    // that an older or missing `revoked.crl.pem` (a restored backup, another
+    // copy of the PKI directory) cannot bring revoked certificates back
+    "CREATE TABLE revocation_list (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL, der BLOB NOT NULL);",
 ];
 
 /// A stored deployment: the signed record as the administrator sent it.
@@ -253,6 +257,24 @@ impl Db {
             .map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(added == 1)
+    }
+
+    /// The newest revocation list put in force (its DER), if any.
+    pub fn revocation_list(&self) -> Result<Option<Vec<u8>>, Error> {
+        self.lock().query_row("SELECT der FROM revocation_list WHERE id = 1", [], |r| r.get(0)).optional().map_err(sql)
+    }
+
+    /// Records `der`, version `version`, as the list in force, unless one
+    /// at least as new is recorded.
+    pub fn keep_revocation_list(&self, version: u64, der: &[u8]) -> Result<(), Error> {
+        self.lock()
+            .execute(
+                "INSERT INTO revocation_list (id, version, der) VALUES (1, ?1, ?2)
+                 ON CONFLICT(id) DO UPDATE SET version = ?1, der = ?2 WHERE version < ?1",
+                params![version as i64, der],
+            )
+            .map_err(sql)?;
+        Ok(())
     }
 
     /// Records that a party connected or disconnected.

@@ -738,6 +738,46 @@ impl RunningCoordinator {
     }
 }
 
+/// The revocation list to put in force at start: the PKI directory's, or
+/// the one this coordinator last put in force (kept in its database) when
+/// that is newer. A list file that is older, missing, or of the same
+/// version but another content (a restored backup, another copy of the
+/// directory) would otherwise bring revoked certificates back (found by
+/// review); it is reported, not applied.
+fn revocations_in_force(pki: &PkiDir, db: &Db) -> Result<Revocations, Error> {
+    let from_file = pki.revocations().map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let Some(der) = db.revocation_list()? else {
+        db.keep_revocation_list(from_file.version(), from_file.der())?;
+        return Ok(from_file);
+    };
+    let ca_path = pki.ca_cert();
+    let ca = std::fs::read(&ca_path).map_err(|e| Error::io(&ca_path, e))?;
+    let kept = Revocations::parse(&der, &ca, "the revocation list kept in the coordinator's database")
+        .map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let file = pki.revocation_file();
+    if kept.version() > from_file.version() {
+        warn!(
+            file = %file.display(),
+            file_version = from_file.version(),
+            kept_version = kept.version(),
+            "the revocation list file is older than (or missing beside) the one this coordinator put in force; \
+             keeping that one: restore the newest list from the CA's keeper"
+        );
+        return Ok(kept);
+    }
+    if kept.version() == from_file.version() && kept.der() != from_file.der() {
+        warn!(
+            file = %file.display(),
+            version = kept.version(),
+            "the revocation list file differs from the one of the same version this coordinator put in force; \
+             keeping that one"
+        );
+        return Ok(kept);
+    }
+    db.keep_revocation_list(from_file.version(), from_file.der())?;
+    Ok(from_file)
+}
+
 /// Starts the coordinator: opens the database, resumes unfinished jobs and
 /// serves parties and the admin API until stopped.
 pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Error> {
@@ -759,8 +799,7 @@ pub async fn start_with(config: CoordinatorConfig, plugins: Plugins) -> Result<R
     let pki = PkiDir::new(&config.pki);
     let tls_config = tls::server_config(&pki)?;
     pki.enrolled()?;
-    let revocations: SharedRevocations =
-        Arc::new(RwLock::new(pki.revocations().map_err(|e| Error::InvalidInput(e.to_string()))?));
+    let revocations: SharedRevocations = Arc::new(RwLock::new(revocations_in_force(&pki, &db)?));
     // Every job checks the parties' certificates and signatures against the
     // federation CA and the revocation list before relaying anything of theirs.
     let ca_path = pki.ca_cert();
@@ -1347,6 +1386,10 @@ async fn watch_enrollment(hub: Arc<Hub>) {
             Ok(newer) if newer.version() > hub.revocation_list().version() => {
                 last_error.clear();
                 let (crl, version, revoked) = (newer.der().to_vec(), newer.version(), newer.len());
+                // Kept first: a restart must not go back to an older list.
+                if let Err(e) = hub.db.keep_revocation_list(version, &crl) {
+                    warn!("the revocation list (version {version}) could not be kept in the database: {e}");
+                }
                 hub.revocations.write().unwrap_or_else(|p| p.into_inner()).update(newer).ok();
                 // (Logged once in force: new streams and calls are checked against it.)
                 info!(version, revoked, "revocation list updated; sending it to the parties");
@@ -1371,7 +1414,24 @@ async fn watch_enrollment(hub: Arc<Hub>) {
                     }
                 });
             }
-            Ok(_) => last_error.clear(),
+            Ok(list) => {
+                let in_force = hub.revocation_list();
+                let e = if list.version() < in_force.version() {
+                    format!(
+                        "revocation list not applied: the file is version {}, older than version {} in force",
+                        list.version(),
+                        in_force.version()
+                    )
+                } else if list.der() != in_force.der() {
+                    format!("revocation list not applied: the file differs from version {} in force", list.version())
+                } else {
+                    String::new()
+                };
+                if !e.is_empty() && e != last_error {
+                    warn!("{e}");
+                }
+                last_error = e;
+            }
             Err(e) => {
                 let e = e.to_string();
                 if e != last_error {
@@ -2569,6 +2629,29 @@ mod tests {
         assert!(e.message().contains("relay edge-a") && e.message().contains("retry in"), "{}", e.message());
         hub.take_join("edge-a").unwrap();
         hub.take_relayed_join("edge-b", Some("honest")).unwrap();
+    }
+
+    /// A restored or missing revocation list file does not bring revoked
+    /// certificates back: the coordinator keeps the newest list it put in
+    /// force in its database and keeps applying that one (found by review).
+    #[test]
+    fn an_older_or_missing_revocation_list_file_does_not_undo_a_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init("t", &["a".into(), "b".into()], &[]).unwrap();
+        let db = Db::open(&dir.path().join("c.db")).unwrap();
+        pki.revoke_party("a", None).unwrap();
+        let v1 = std::fs::read(pki.revocation_file()).unwrap();
+        assert_eq!(revocations_in_force(&pki, &db).unwrap().version(), 1);
+        pki.revoke_party("b", None).unwrap();
+        assert_eq!(revocations_in_force(&pki, &db).unwrap().version(), 2);
+        std::fs::write(pki.revocation_file(), &v1).unwrap();
+        let kept = revocations_in_force(&pki, &db).unwrap();
+        assert_eq!(kept.version(), 2, "the older file is not applied");
+        let b_der = confide_proto::net::load_certs(&pki.party_cert("b")).unwrap()[0].to_vec();
+        assert!(kept.check("b", &b_der).is_err(), "b stays revoked");
+        std::fs::remove_file(pki.revocation_file()).unwrap();
+        assert_eq!(revocations_in_force(&pki, &db).unwrap().version(), 2, "nor is a missing one");
     }
 
     /// Names a relay makes up (its members' certificates are read only

@@ -595,11 +595,30 @@ impl PkiDir {
     }
 
     /// Writes a revocation list one version newer that adds `cert_der`.
+    /// Refused when the list file is missing or older than the last one
+    /// this CA wrote (recorded in `revoked.version`): building on it would
+    /// drop every revocation since (found by review).
     fn add_revocation(&self, ca: &FederationCa, cert_der: &[u8]) -> Result<crate::revocation::Revocations, Error> {
         let serial = crate::revocation::certificate_serial(cert_der)?;
-        let list = ca.revoke(&self.revocations()?, &serial)?;
+        let current = self.revocations()?;
+        let record = self.root.join("revoked.version");
+        let written = match fs::read_to_string(&record) {
+            Ok(t) => t.trim().parse::<u64>().map_err(|e| Error::InvalidInput(format!("{}: {e}", record.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(source) => return Err(Error::Io { path: record, source }),
+        };
+        if current.version() < written {
+            return Err(Error::InvalidInput(format!(
+                "{} is version {} (or missing), but this CA wrote version {written}: restore the newest list \
+                 before revoking (building on an older one would drop the revocations since)",
+                self.revocation_file().display(),
+                current.version()
+            )));
+        }
+        let list = ca.revoke(&current, &serial)?;
         // (Written beside it and renamed over it: never half a list.)
         write_file(&self.revocation_file(), list.pem().as_bytes(), 0o644)?;
+        write_file(&record, format!("{}\n", list.version()).as_bytes(), 0o644)?;
         Ok(list)
     }
 
@@ -975,6 +994,25 @@ mod tests {
         enrolled.sort();
         let want: Vec<String> = (0..8).map(|i| format!("new{i}")).collect();
         assert_eq!(enrolled, want);
+    }
+
+    /// A revocation built on a missing or older list file (a restored
+    /// backup) would drop every revocation since: refused, naming the
+    /// version this CA wrote (found by review).
+    #[test]
+    fn a_revocation_on_a_missing_or_older_list_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init("t", &["a".into(), "b".into(), "c".into()], &[]).unwrap();
+        pki.revoke_party("a", None).unwrap();
+        let v1 = fs::read(pki.revocation_file()).unwrap();
+        pki.revoke_party("b", None).unwrap();
+        fs::write(pki.revocation_file(), &v1).unwrap();
+        let e = pki.revoke_party("c", None).unwrap_err().to_string();
+        assert!(e.contains("this CA wrote version 2"), "{e}");
+        fs::remove_file(pki.revocation_file()).unwrap();
+        assert!(pki.revoke_party("c", None).is_err(), "nor on a missing one");
+        assert!(pki.enrolled().unwrap().contains(&"c".to_string()), "c still enrolled");
     }
 
     #[test]
