@@ -1441,7 +1441,25 @@ async fn watch_enrollment(hub: Arc<Hub>) {
             }
         }
         let list = hub.revocation_list();
+        let now = crate::db::unix_now();
+        // A certificate that expires while its connection is open: the
+        // handshake checked it once (found by review).
+        let expired = |cert: &[u8]| confide_crypto::pki::not_after(cert).is_ok_and(|t| t <= now);
         for (Connection { party, certificate, relay }, conn_id) in hub.numbered_connections() {
+            if expired(&certificate) {
+                hub.expel(
+                    &party,
+                    conn_id,
+                    &format!("party {party}: its certificate has expired"),
+                    Closing::BehindItsQueue,
+                );
+                continue;
+            }
+            if let Some((r, _)) = relay.as_ref().filter(|(_, cert)| expired(cert)) {
+                let why = format!("party {party}: its relay {r}'s certificate has expired");
+                hub.expel(&party, conn_id, &why, Closing::BehindItsQueue);
+                continue;
+            }
             let relay_revoked = relay.as_ref().filter(|(r, cert)| list.check(r, cert).is_err());
             // A revoked party's queue is not for it; a party whose relay is
             // revoked is sent the list first (and the rest of its queue).

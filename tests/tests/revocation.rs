@@ -84,3 +84,38 @@ fn a_revoked_party_is_cut_off_and_the_others_hold_and_bind_the_new_list() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && err.contains("Revoked"), "{err}");
 }
+
+/// A certificate that expires while its stream is open: the handshake
+/// checked it once, and the coordinator's watcher closes the stream once it
+/// has expired (found by review); the party's reconnection is then refused
+/// at the handshake.
+#[test]
+fn a_party_whose_certificate_expires_while_connected_is_cut_off() {
+    use std::os::unix::fs::PermissionsExt;
+    let three = ["hospital-a", "hospital-b", "hospital-c"];
+    let mut fed = Federation::new(&three, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1,1");
+    // hospital-c's certificate, reissued to expire in a few seconds.
+    let pki = confide_crypto::pki::PkiDir::new(fed.path("pki"));
+    let now = time::OffsetDateTime::now_utc();
+    let issued = pki
+        .load_ca()
+        .expect("CA")
+        .issue_with_validity(
+            confide_crypto::pki::Role::Party,
+            "hospital-c",
+            &[],
+            now - time::Duration::hours(1),
+            now + time::Duration::seconds(8),
+        )
+        .expect("issue");
+    std::fs::write(pki.party_cert("hospital-c"), &issued.cert_pem).expect("cert");
+    let key = pki.party_key("hospital-c");
+    std::fs::write(&key, issued.key_pem.as_bytes()).expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    fed.start_coordinator();
+    fed.start_party("hospital-c", "");
+    eventually("hospital-c connecting", &fed, || fed.coordinator_log().contains("party connected"));
+    eventually("the expired certificate's stream closing", &fed, || {
+        fed.coordinator_log().contains("closing the stream: party hospital-c: its certificate has expired")
+    });
+}
