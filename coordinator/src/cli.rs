@@ -316,12 +316,20 @@ enum CertsCmd {
         #[arg(long)]
         dir: PathBuf,
         /// The new party's name.
-        #[arg(long, required_unless_present = "admin")]
+        #[arg(long, required_unless_present_any = ["admin", "coordinator"])]
         party: Option<String>,
         /// Instead, a new administrator certificate and key (`admin.pem`,
         /// `admin.key`) in place of a revoked one.
-        #[arg(long, conflicts_with = "party")]
+        #[arg(long, conflicts_with_all = ["party", "coordinator"])]
         admin: bool,
+        /// Instead, a new coordinator certificate and key
+        /// (`coordinator.pem`, `.key`) in place of a revoked one.
+        #[arg(long, conflicts_with = "party")]
+        coordinator: bool,
+        /// With --coordinator: a host name or IP address parties dial it at
+        /// (repeatable; `localhost` and `127.0.0.1` are always included).
+        #[arg(long = "coordinator-host", requires = "coordinator")]
+        coordinator_host: Vec<String>,
     },
 }
 
@@ -551,7 +559,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             }
             Ok(0)
         }
-        Command::Certs(CertsCmd::Issue { dir, party, admin }) => {
+        Command::Certs(CertsCmd::Issue { dir, party, admin, coordinator, coordinator_host }) => {
             let pki = PkiDir::new(&dir);
             match party {
                 Some(party) => {
@@ -562,7 +570,15 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                     pki.reissue_admin()?;
                     println!("issued a new administrator certificate: {}", pki.admin_cert().display());
                 }
-                None => return Err(Error::InvalidInput("certs issue: --party NAME or --admin".into())),
+                None if coordinator => {
+                    pki.reissue_coordinator(&coordinator_host)?;
+                    println!(
+                        "issued a new coordinator certificate: {} (copy it and its key to the coordinator's PKI \
+                         directory)",
+                        pki.coordinator_cert().display()
+                    );
+                }
+                None => return Err(Error::InvalidInput("certs issue: --party NAME, --admin or --coordinator".into())),
             }
             Ok(0)
         }

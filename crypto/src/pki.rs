@@ -445,11 +445,13 @@ impl PkiDir {
     /// The serials in [`PkiDir::admin_issued`] (none in a directory made
     /// before it was kept).
     fn issued_admins(&self) -> Result<Vec<String>, Error> {
-        match fs::read_to_string(self.admin_issued()) {
-            Ok(text) => Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(source) => Err(Error::Io { path: self.admin_issued(), source }),
-        }
+        read_serials(&self.admin_issued())
+    }
+
+    /// The serials of every coordinator certificate issued here, one per
+    /// line (kept since `certs issue --coordinator` exists).
+    pub fn coordinator_issued(&self) -> PathBuf {
+        self.root.join("issued-coordinators.log")
     }
 
     /// Adds `cert_pem`'s serial to [`PkiDir::admin_issued`].
@@ -645,6 +647,8 @@ impl PkiDir {
             }
         }
         let coord = ca.issue(Role::Coordinator, COORDINATOR_NAME, &sans)?;
+        let serial = hex(&crate::revocation::certificate_serial(coord.cert_pem.as_bytes())?);
+        write_file(&self.coordinator_issued(), format!("{serial}\n").as_bytes(), 0o644)?;
         write_pair(&self.coordinator_cert(), &self.coordinator_key(), &coord)?;
         let admin = ca.issue(Role::Admin, ADMIN_NAME, &[])?;
         // A new CA (init refuses an existing one): a new record.
@@ -793,6 +797,50 @@ impl PkiDir {
         })
     }
 
+    /// Issues a new coordinator certificate and key (`coordinator.pem`,
+    /// `.key`, for `hosts` besides `localhost` and `127.0.0.1`) in place of
+    /// a revoked one: refused while the one in place, or any other issued
+    /// here, is not revoked, so two valid coordinator certificates never
+    /// exist at once (a revoked one restored from a backup does not let a
+    /// second valid one be issued).
+    pub fn reissue_coordinator(&self, hosts: &[String]) -> Result<(), Error> {
+        let _lock = self.lock()?;
+        let path = self.coordinator_cert();
+        let pem = fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let der = pem_or_der(&pem, "certificate")?;
+        if peer_identity(&der)?.role != Role::Coordinator {
+            return Err(Error::InvalidInput(format!("{}: not a coordinator certificate", path.display())));
+        }
+        let list = self.revocations()?;
+        let mut serials = read_serials(&self.coordinator_issued())?;
+        let in_place = hex(&crate::revocation::certificate_serial(&pem)?);
+        if !serials.contains(&in_place) {
+            serials.push(in_place);
+        }
+        for serial in &serials {
+            let bytes = unhex(serial).ok_or_else(|| {
+                Error::InvalidInput(format!("{}: {serial:?} is not a serial", self.coordinator_issued().display()))
+            })?;
+            if !list.is_revoked(&bytes) {
+                return Err(Error::InvalidInput(format!(
+                    "the coordinator certificate with serial {serial} issued here is not revoked; revoke it first \
+                     (confide certs revoke --coordinator)"
+                )));
+            }
+        }
+        let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), COORDINATOR_NAME.into()];
+        for h in hosts {
+            if !sans.contains(h) {
+                sans.push(h.clone());
+            }
+        }
+        let coord = self.load_ca()?.issue(Role::Coordinator, COORDINATOR_NAME, &sans)?;
+        // Recorded first, as an administrator's is.
+        serials.push(hex(&crate::revocation::certificate_serial(coord.cert_pem.as_bytes())?));
+        write_file(&self.coordinator_issued(), format!("{}\n", serials.join("\n")).as_bytes(), 0o644)?;
+        write_pair(&self.coordinator_cert(), &self.coordinator_key(), &coord)
+    }
+
     /// The enrolled party names, as listed in `federation.toml`.
     pub fn enrolled(&self) -> Result<Vec<String>, Error> {
         let path = self.federation_file();
@@ -864,6 +912,15 @@ pub fn read_private_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, Error> {
 
 fn read_string(path: &Path) -> Result<String, Error> {
     fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })
+}
+
+/// The serials listed in `path`, one per line (none when it is missing).
+fn read_serials(path: &Path) -> Result<Vec<String>, Error> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(Error::Io { path: path.to_owned(), source }),
+    }
 }
 
 fn write_pair(cert: &Path, key: &Path, issued: &IssuedCert) -> Result<(), Error> {
@@ -994,6 +1051,30 @@ mod tests {
         enrolled.sort();
         let want: Vec<String> = (0..8).map(|i| format!("new{i}")).collect();
         assert_eq!(enrolled, want);
+    }
+
+    /// A new coordinator certificate only once every one issued here is
+    /// revoked: never two valid at once, a restored revoked one included.
+    #[test]
+    fn a_coordinator_certificate_is_reissued_only_once_the_old_one_is_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init("t", &["a".into()], &[]).unwrap();
+        let first = fs::read(pki.coordinator_cert()).unwrap();
+        let e = pki.reissue_coordinator(&[]).unwrap_err().to_string();
+        assert!(e.contains("not revoked"), "{e}");
+        pki.revoke_coordinator(None).unwrap();
+        pki.reissue_coordinator(&["fl.example.org".into()]).unwrap();
+        let second = fs::read(pki.coordinator_cert()).unwrap();
+        assert_ne!(first, second);
+        let der = pem_der_of(&String::from_utf8(second.clone()).unwrap());
+        assert_eq!(peer_identity(&der).unwrap().role, Role::Coordinator);
+        assert!(pki.revocations().unwrap().check(COORDINATOR_NAME, &der).is_ok(), "the new one is valid");
+        // The revoked first one put back (a backup): the second, not
+        // revoked, still blocks a third.
+        fs::write(pki.coordinator_cert(), &first).unwrap();
+        let e = pki.reissue_coordinator(&[]).unwrap_err().to_string();
+        assert!(e.contains("not revoked"), "{e}");
     }
 
     /// A revocation built on a missing or older list file (a restored
