@@ -894,10 +894,15 @@ fn create_dir(path: &Path) -> Result<(), Error> {
 /// Reads a private key file, refusing one that others can read or write:
 /// a key another local user could copy is no longer the owner's alone.
 pub fn read_private_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, Error> {
+    use std::io::Read as _;
+    let io = |source| Error::Io { path: path.to_owned(), source };
+    // The mode (and owner) of the file opened, not of the path before it is
+    // opened: a file swapped in between would otherwise be read unchecked.
+    let mut file = fs::File::open(path).map_err(io)?;
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = fs::metadata(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let meta = file.metadata().map_err(io)?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(Error::InvalidInput(format!(
@@ -906,8 +911,22 @@ pub fn read_private_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, Error> {
                 path.display()
             )));
         }
+        // Another user's file, even at 0600, is not this process's key.
+        let me = fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        if me.is_some_and(|uid| uid != meta.uid() && uid != 0) {
+            return Err(Error::InvalidInput(format!(
+                "{}: private key belongs to another user (uid {})",
+                path.display(),
+                meta.uid()
+            )));
+        }
     }
-    fs::read(path).map(Zeroizing::new).map_err(|source| Error::Io { path: path.to_owned(), source })
+    // Sized first: a buffer that grew would leave its earlier copies
+    // unwiped.
+    let len = file.metadata().map_err(io)?.len();
+    let mut bytes = Zeroizing::new(Vec::with_capacity(usize::try_from(len).unwrap_or(0).saturating_add(1)));
+    file.read_to_end(&mut bytes).map_err(io)?;
+    Ok(bytes)
 }
 
 fn read_string(path: &Path) -> Result<String, Error> {
