@@ -264,6 +264,12 @@ impl Db {
         self.lock().query_row("SELECT der FROM revocation_list WHERE id = 1", [], |r| r.get(0)).optional().map_err(sql)
     }
 
+    /// Forgets the list kept (another CA's).
+    pub fn forget_revocation_list(&self) -> Result<(), Error> {
+        self.lock().execute("DELETE FROM revocation_list", []).map_err(sql)?;
+        Ok(())
+    }
+
     /// Records `der`, version `version`, as the list in force, unless one
     /// at least as new is recorded.
     pub fn keep_revocation_list(&self, version: u64, der: &[u8]) -> Result<(), Error> {

@@ -544,6 +544,9 @@ impl Hub {
     /// [`Hub::not_revoked`], and a party's enrollment.
     async fn still_admitted(&self, id: &confide_crypto::pki::PeerIdentity, cert: &[u8]) -> Result<(), Status> {
         self.not_revoked(id, cert)?;
+        // A connection outlives its certificate's expiry too: a stream
+        // opened on it later is refused (found by review).
+        not_expired(&id.name, cert)?;
         if id.role != Role::Party {
             return Ok(());
         }
@@ -746,14 +749,28 @@ impl RunningCoordinator {
 /// review); it is reported, not applied.
 fn revocations_in_force(pki: &PkiDir, db: &Db) -> Result<Revocations, Error> {
     let from_file = pki.revocations().map_err(|e| Error::InvalidInput(e.to_string()))?;
-    let Some(der) = db.revocation_list()? else {
-        db.keep_revocation_list(from_file.version(), from_file.der())?;
+    let keep = |list: &Revocations| -> Result<(), Error> {
+        // (The empty list of a federation that never revoked is not a CRL.)
+        if list.version() > 0 { db.keep_revocation_list(list.version(), list.der()) } else { Ok(()) }
+    };
+    let Some(der) = db.revocation_list()?.filter(|d| !d.is_empty()) else {
+        keep(&from_file)?;
         return Ok(from_file);
     };
     let ca_path = pki.ca_cert();
     let ca = std::fs::read(&ca_path).map_err(|e| Error::io(&ca_path, e))?;
-    let kept = Revocations::parse(&der, &ca, "the revocation list kept in the coordinator's database")
-        .map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let kept = match Revocations::parse(&der, &ca, "the revocation list kept in the coordinator's database") {
+        Ok(kept) => kept,
+        // Another CA's (the federation was re-keyed): the file's, whose CA
+        // is the one in force. Whoever can replace ca.pem here holds the
+        // coordinator's trust anyway.
+        Err(e) => {
+            warn!("{e}; taking the PKI directory's list instead");
+            db.forget_revocation_list()?;
+            keep(&from_file)?;
+            return Ok(from_file);
+        }
+    };
     let file = pki.revocation_file();
     if kept.version() > from_file.version() {
         warn!(
@@ -774,7 +791,7 @@ fn revocations_in_force(pki: &PkiDir, db: &Db) -> Result<Revocations, Error> {
         );
         return Ok(kept);
     }
-    db.keep_revocation_list(from_file.version(), from_file.der())?;
+    keep(&from_file)?;
     Ok(from_file)
 }
 
@@ -1045,7 +1062,9 @@ impl PartyService for PartySvc {
                 let admitted = tokio::task::spawn_blocking(move || admit_relayed(&hub2, &relay2, &meta))
                     .await
                     .map_err(|e| Status::internal(e.to_string()))?;
-                let (name, cert) = admitted.inspect_err(|s| {
+                let (name, cert) = admitted
+                    .and_then(|(name, cert)| not_expired(&name, &cert).map(|()| (name, cert)))
+                    .inspect_err(|s| {
                     warn!(relay = %relay, "refused a stream through the relay: {}", s.message());
                 })?;
                 hub.take_join(&name)?;
@@ -1479,6 +1498,18 @@ async fn watch_enrollment(hub: Arc<Hub>) {
             };
             hub.expel(&party, conn_id, &why, closing);
         }
+    }
+}
+
+/// Refuses a certificate past its expiry (one that does not parse was
+/// refused at the handshake, or by the relay's checks).
+fn not_expired(name: &str, cert: &[u8]) -> Result<(), Status> {
+    match confide_crypto::pki::not_after(cert) {
+        Ok(t) if t <= crate::db::unix_now() => {
+            warn!(name, "refused a stream: the certificate of {name} has expired");
+            Err(Status::permission_denied(format!("the certificate of {name} has expired")))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -2658,6 +2689,9 @@ mod tests {
         let pki = PkiDir::new(dir.path().join("pki"));
         pki.init("t", &["a".into(), "b".into()], &[]).unwrap();
         let db = Db::open(&dir.path().join("c.db")).unwrap();
+        // A federation that never revoked anything starts, and starts again.
+        assert_eq!(revocations_in_force(&pki, &db).unwrap().version(), 0);
+        assert_eq!(revocations_in_force(&pki, &db).unwrap().version(), 0);
         pki.revoke_party("a", None).unwrap();
         let v1 = std::fs::read(pki.revocation_file()).unwrap();
         assert_eq!(revocations_in_force(&pki, &db).unwrap().version(), 1);
@@ -2670,6 +2704,12 @@ mod tests {
         assert!(kept.check("b", &b_der).is_err(), "b stays revoked");
         std::fs::remove_file(pki.revocation_file()).unwrap();
         assert_eq!(revocations_in_force(&pki, &db).unwrap().version(), 2, "nor is a missing one");
+        // A federation re-keyed under a new CA: the kept list is not its
+        // CA's, so the directory's list is taken, and the coordinator starts.
+        let rekeyed = PkiDir::new(dir.path().join("pki2"));
+        rekeyed.init("t2", &["a".into()], &[]).unwrap();
+        assert_eq!(revocations_in_force(&rekeyed, &db).unwrap().version(), 0);
+        assert_eq!(revocations_in_force(&rekeyed, &db).unwrap().version(), 0);
     }
 
     /// Names a relay makes up (its members' certificates are read only

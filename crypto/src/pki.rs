@@ -203,14 +203,17 @@ impl FederationCa {
         if role != Role::Party {
             return Err(Error::InvalidInput("only party certificates are signed from requests".into()));
         }
-        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        // One decoding for every check and the signature: two PEM parsers
+        // could each read another block of one file (found by review).
+        let der = request_der(csr_pem)?;
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&der.as_slice().into())
             .map_err(|e| Error::InvalidInput(format!("certificate signing request: {e}")))?;
         // The subject as the request's bytes have it: rcgen keeps only the
         // last of several CNs, so `CN=hospital-c, CN=hospital-b` would be
         // signed as hospital-b while tools show hospital-c (found by
         // review). Exactly one CN, and only the attributes a party's own
         // request carries.
-        let name = request_name(csr_pem)?;
+        let name = request_der_name(&der)?;
         validate_party_name(&name)?;
         if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
             return Err(Error::InvalidInput(
@@ -282,15 +285,38 @@ pub fn party_key_request(name: &str) -> Result<KeyRequest, Error> {
     Ok(KeyRequest { key_pem: Zeroizing::new(key.serialize_pem()), csr_pem })
 }
 
-/// The one subject CN of a PEM certificate signing request (the party name), refusing a
-/// subject with several CNs, or with attributes other than the CN, OU and O
-/// that [`party_key_request`] writes.
+/// The DER of a PEM certificate signing request holding exactly one
+/// `CERTIFICATE REQUEST` block and nothing but whitespace around it: a
+/// file with a second block (or a first one hidden from a line-based
+/// parser) is refused, so that every check reads what is signed.
+fn request_der(csr_pem: &str) -> Result<Vec<u8>, Error> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE REQUEST-----";
+    const END: &str = "-----END CERTIFICATE REQUEST-----";
+    let bad = |m: &str| Error::InvalidInput(format!("certificate signing request: {m}"));
+    let text = csr_pem.trim();
+    if !text.starts_with(BEGIN) || !text.ends_with(END) || text.matches("-----BEGIN").count() != 1 {
+        return Err(bad("the file must hold exactly one CERTIFICATE REQUEST block and nothing else"));
+    }
+    let block = pem::parse(text).map_err(|e| bad(&format!("not PEM: {e}")))?;
+    if block.tag() != "CERTIFICATE REQUEST" {
+        return Err(bad("not a CERTIFICATE REQUEST block"));
+    }
+    Ok(block.into_contents())
+}
+
+/// The one subject CN of a PEM certificate signing request (the party
+/// name), refusing a subject with several CNs, or with attributes other
+/// than the CN, OU and O that [`party_key_request`] writes.
 pub fn request_name(csr_pem: &str) -> Result<String, Error> {
+    request_der_name(&request_der(csr_pem)?)
+}
+
+/// [`request_name`] of the request's DER.
+fn request_der_name(der: &[u8]) -> Result<String, Error> {
     use x509_parser::prelude::FromDer as _;
     let bad = |m: String| Error::InvalidInput(format!("certificate signing request: {m}"));
-    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(format!("not PEM: {e}")))?;
-    let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
-        .map_err(|e| bad(e.to_string()))?;
+    let (_, req) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(der).map_err(|e| bad(e.to_string()))?;
     let subject = &req.certification_request_info.subject;
     let allowed = [
         x509_parser::oid_registry::OID_X509_COMMON_NAME,
@@ -315,10 +341,9 @@ pub fn request_name(csr_pem: &str) -> Result<String, Error> {
 pub fn request_key_fingerprint(csr_pem: &str) -> Result<String, Error> {
     use sha2::Digest as _;
     use x509_parser::prelude::FromDer as _;
-    let bad = |m: String| Error::InvalidInput(format!("certificate signing request: {m}"));
-    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(format!("not PEM: {e}")))?;
-    let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
-        .map_err(|e| bad(e.to_string()))?;
+    let der = request_der(csr_pem)?;
+    let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+        .map_err(|e| Error::InvalidInput(format!("certificate signing request: {e}")))?;
     let spki = req.certification_request_info.subject_pki.raw;
     Ok(sha2::Sha256::digest(spki).iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -835,10 +860,13 @@ impl PkiDir {
             }
         }
         let coord = self.load_ca()?.issue(Role::Coordinator, COORDINATOR_NAME, &sans)?;
-        // Recorded first, as an administrator's is.
+        // The pair first, then the record: a recorded serial whose
+        // certificate was never written could never be revoked and would
+        // block every later issue; a certificate written but not recorded
+        // is the one in place, which the check above also reads.
+        write_pair(&self.coordinator_cert(), &self.coordinator_key(), &coord)?;
         serials.push(hex(&crate::revocation::certificate_serial(coord.cert_pem.as_bytes())?));
-        write_file(&self.coordinator_issued(), format!("{}\n", serials.join("\n")).as_bytes(), 0o644)?;
-        write_pair(&self.coordinator_cert(), &self.coordinator_key(), &coord)
+        write_file(&self.coordinator_issued(), format!("{}\n", serials.join("\n")).as_bytes(), 0o644)
     }
 
     /// The enrolled party names, as listed in `federation.toml`.
@@ -1182,6 +1210,15 @@ mod tests {
         assert_eq!(print.len(), 64);
         assert_eq!(request_key_fingerprint(&country).unwrap(), print, "the key's, not the request's");
         assert_ne!(request_key_fingerprint(&party_key_request("d").unwrap().csr_pem).unwrap(), print);
+        // A file with a second block, or one hidden from a line-based PEM
+        // parser (a leading space), would have the checks and the signature
+        // read different requests: refused.
+        let genuine = party_key_request("hospital-d").unwrap().csr_pem;
+        for crafted in [format!(" {one}\n{genuine}"), format!("{one}{genuine}"), format!("note\n{genuine}")] {
+            let e = pki.sign_party_request(&crafted).unwrap_err().to_string();
+            assert!(e.contains("exactly one CERTIFICATE REQUEST block"), "{e}");
+            assert!(request_key_fingerprint(&crafted).is_err());
+        }
         assert_eq!(pki.sign_party_request(&one).unwrap().0, "hospital-c");
     }
 

@@ -112,6 +112,9 @@ async fn serve_with(
                     *last = Some(tokio::time::Instant::now());
                     let refreshing = tokio::task::spawn_blocking(move || {
                         refresh();
+                        // And again at its end: a refresh longer than the
+                        // interval must not start one per waiting scrape.
+                        *last = Some(tokio::time::Instant::now());
                         drop(last);
                     });
                     if let Err(e) = refreshing.await {

@@ -94,6 +94,7 @@ fn a_party_whose_certificate_expires_while_connected_is_cut_off() {
     use std::os::unix::fs::PermissionsExt;
     let three = ["hospital-a", "hospital-b", "hospital-c"];
     let mut fed = Federation::new(&three, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1,1");
+    fed.start_coordinator();
     // hospital-c's certificate, reissued to expire in a few seconds.
     let pki = confide_crypto::pki::PkiDir::new(fed.path("pki"));
     let now = time::OffsetDateTime::now_utc();
@@ -105,17 +106,25 @@ fn a_party_whose_certificate_expires_while_connected_is_cut_off() {
             "hospital-c",
             &[],
             now - time::Duration::hours(1),
-            now + time::Duration::seconds(8),
+            now + time::Duration::seconds(12),
         )
         .expect("issue");
     std::fs::write(pki.party_cert("hospital-c"), &issued.cert_pem).expect("cert");
     let key = pki.party_key("hospital-c");
     std::fs::write(&key, issued.key_pem.as_bytes()).expect("key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("mode");
-    fed.start_coordinator();
     fed.start_party("hospital-c", "");
     eventually("hospital-c connecting", &fed, || fed.coordinator_log().contains("party connected"));
     eventually("the expired certificate's stream closing", &fed, || {
         fed.coordinator_log().contains("closing the stream: party hospital-c: its certificate has expired")
     });
+    // Its reconnection is refused, at the handshake or on a connection it
+    // kept open; it never joins again.
+    eventually("the expired certificate's rejoin being refused", &fed, || {
+        let log = fed.coordinator_log();
+        log.contains("the certificate of hospital-c has expired") || log.contains("Expired")
+    });
+    let after = fed.coordinator_log();
+    let closed_at = after.find("its certificate has expired").expect("closed");
+    assert_eq!(after[closed_at..].matches("party connected").count(), 0, "{after}");
 }
