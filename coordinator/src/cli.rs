@@ -647,13 +647,14 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                     } else {
                         format!("  services {}", m.services.join(", "))
                     };
-                    println!(
+                    let line = format!(
                         "{} round {:>4}  {}  sha256 {}{deployed}",
                         m.job_id,
                         m.round,
                         shown.join(", "),
-                        &m.sha256[..16.min(m.sha256.len())]
+                        m.sha256.chars().take(16).collect::<String>()
                     );
+                    println!("{}", terminal_safe(&line));
                 }
             }
             Ok(0)
@@ -683,7 +684,7 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
             for s in &reply.services {
                 let (history, _) = verified_history(&pki, s)?;
                 if !json {
-                    println!("{}", s.service);
+                    println!("{}", terminal_safe(&s.service));
                     if let Some(rows) = s.serving.as_ref().filter(|r| r.requests > 0) {
                         let total = rows.edge_rows.saturating_add(rows.cloud_rows).saturating_add(rows.edge_hard_rows);
                         println!(
@@ -726,15 +727,16 @@ pub async fn run_with(cli: Cli, plugins: Plugins) -> Result<i32, Error> {
                             .map(|p| format!("  by pipeline {} iteration {} ({})", p.job, p.iteration, p.reason))
                             .unwrap_or_default();
                         let tier = format!("{tier}{by}");
-                        println!(
+                        let line = format!(
                             "  {} {:>3}  {:<8} job {} round {}  sha256 {}{tier}",
                             if i == 0 { "*" } else { " " },
                             r.sequence,
                             r.action.as_str(),
                             r.job_id,
                             r.round,
-                            &r.sha256[..16]
+                            r.sha256.chars().take(16).collect::<String>()
                         );
+                        println!("{}", terminal_safe(&line));
                     }
                 }
                 let earlier = s.deployments_total.saturating_sub(history.len() as u64);
@@ -949,6 +951,11 @@ async fn admin(conn: &AdminConn) -> Result<AdminServiceClient<Channel>, Error> {
 
 /// A job's model (the latest, or the version after `round`): its round and
 /// safetensors bytes, checked to parse.
+/// The largest model the CLI downloads: the ceiling of any federation's
+/// `limits.max_values` (2^30 f32 values) with room for the safetensors
+/// header. (Before, 16 GiB, and each chunk could raise its own total.)
+const MAX_MODEL_DOWNLOAD: u64 = (1 << 30) * 4 + (16 << 20);
+
 async fn download_model(
     client: &mut AdminServiceClient<Channel>,
     job: &str,
@@ -957,12 +964,27 @@ async fn download_model(
     let mut stream =
         client.get_model(pb::JobRef { job_id: job.to_owned(), round }).await.map_err(rpc_err)?.into_inner();
     let (mut bytes, mut got) = (Vec::new(), 0);
+    // The total the first chunk announces holds for the rest (each chunk
+    // raising it could grow the buffer without end; found by review), and
+    // the bytes must come to it exactly.
+    let mut total: Option<u64> = None;
     while let Some(c) = stream.message().await.map_err(rpc_err)? {
-        if c.total_bytes > 1 << 34 || bytes.len() + c.data.len() > c.total_bytes as usize {
+        let announced = *total.get_or_insert(c.total_bytes);
+        if announced > MAX_MODEL_DOWNLOAD || c.total_bytes != announced {
+            return Err(Error::Io(format!(
+                "model transfer: the coordinator announced {} bytes (then {}); at most {MAX_MODEL_DOWNLOAD}, the same \
+                 in every chunk",
+                announced, c.total_bytes
+            )));
+        }
+        if (bytes.len() + c.data.len()) as u64 > announced {
             return Err(Error::Io("model transfer exceeds its announced size".into()));
         }
         got = c.round;
         bytes.extend_from_slice(&c.data);
+    }
+    if total.is_some_and(|t| bytes.len() as u64 != t) {
+        return Err(Error::Io(format!("model transfer ended at {} of its announced {:?} bytes", bytes.len(), total)));
     }
     confide_algorithms::Parameters::from_safetensors(&bytes)?;
     Ok((got, bytes))
@@ -1090,6 +1112,25 @@ async fn deploy(
             version.round, version.sha256
         )));
     }
+    // The architecture signed is the coordinator's word too: it must fit
+    // the tensors (one needing more values than they hold would have every
+    // serving party allocate it; found by review), and it is shown.
+    let params = confide_algorithms::Parameters::from_safetensors(&bytes)?;
+    let architecture: confide_algorithms::trainer::RawModel = toml::from_str(&version.architecture)
+        .map_err(|e| Error::InvalidInput(format!("the coordinator's architecture: {}", e.to_string().trim())))?;
+    let width = params.get(confide_algorithms::trainer::INPUT_MEAN).map_or(0, |t| t.data.len());
+    if let Some(needed) = architecture.values_at_width(width as u64)
+        && needed > params.num_values() as u64
+    {
+        return Err(Error::InvalidInput(format!(
+            "the coordinator lists an architecture of {needed} values at width {width} for a model of {} values",
+            params.num_values()
+        )));
+    }
+    eprintln!(
+        "architecture: {}",
+        terminal_safe(&version.architecture.split_whitespace().collect::<Vec<_>>().join(" "))
+    );
     // A current version signed by a certificate revoked since is still what
     // this one follows (the coordinator's rule); a rollback refuses to
     // return to it.
@@ -1185,10 +1226,11 @@ async fn rollback(conn: &AdminConn, service: &str) -> Result<(), Error> {
 }
 
 fn rpc_err(s: tonic::Status) -> Error {
+    let message = terminal_safe(s.message()).into_owned();
     match s.code() {
-        tonic::Code::InvalidArgument => Error::InvalidInput(s.message().to_owned()),
-        tonic::Code::NotFound => Error::NotFound(s.message().to_owned()),
-        _ => Error::Io(format!("coordinator: {} ({:?}){}", s.message(), s.code(), source_suffix(&s))),
+        tonic::Code::InvalidArgument => Error::InvalidInput(message),
+        tonic::Code::NotFound => Error::NotFound(message),
+        _ => Error::Io(format!("coordinator: {message} ({:?}){}", s.code(), terminal_safe(&source_suffix(&s)))),
     }
 }
 
@@ -1199,7 +1241,43 @@ fn source_suffix(s: &tonic::Status) -> String {
 
 /// The typed status from the admin API, for rendering.
 fn parse_status(st: pb::JobStatus) -> Result<JobStatus, Error> {
-    JobStatus::try_from(st).map_err(|e| Error::Io(format!("unreadable status from the coordinator: {e}")))
+    let st = JobStatus::try_from(st).map_err(|e| Error::Io(format!("unreadable status from the coordinator: {e}")))?;
+    Ok(terminal_safe_status(st))
+}
+
+/// `s` with every control character (C0, C1: terminal escape sequences
+/// start with one) and every bidirectional override shown as `\u{..}`:
+/// strings from the coordinator or a party (a refusal reason, a metric's
+/// name, a job's name) reach the administrator's terminal, where an OSC 52
+/// sequence could write the clipboard and others rewrite earlier lines
+/// (found by review). Newlines and tabs go too: one field, one line.
+pub fn terminal_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    s.chars()
+        .map(|c| if unsafe_char(c) { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() })
+        .collect::<String>()
+        .into()
+}
+
+/// Every string of `st` (map keys included) made [`terminal_safe`].
+fn terminal_safe_status(st: JobStatus) -> JobStatus {
+    fn walk(v: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match v {
+            Value::String(s) => Value::String(terminal_safe(&s).into_owned()),
+            Value::Array(a) => Value::Array(a.into_iter().map(walk).collect()),
+            Value::Object(o) => {
+                Value::Object(o.into_iter().map(|(k, v)| (terminal_safe(&k).into_owned(), walk(v))).collect())
+            }
+            other => other,
+        }
+    }
+    // (A status that does not round-trip is shown as it came, which the
+    // JSON output escapes anyway; every field here does.)
+    serde_json::to_value(&st).ok().map(walk).and_then(|v| serde_json::from_value(v).ok()).unwrap_or(st)
 }
 
 /// The limits the CLI parses specs under: the defaults, but for the size
@@ -1473,13 +1551,40 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
         JobCmd::Model { id, round: wanted, out, conn } => {
             let mut client = admin(&conn).await?;
             let (round, bytes) = download_model(&mut client, &id, wanted).await?;
-            let tmp = out.with_extension("part");
-            std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
-            std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
+            write_new_then_rename(&out, &bytes)?;
             println!("wrote the round-{round} model of job {id} to {} ({} bytes)", out.display(), bytes.len());
             Ok(0)
         }
     }
+}
+
+/// Writes `bytes` to `out` through a temporary file of its own beside it:
+/// created exclusively (never an existing file, nor a symlink planted at a
+/// predictable name: the bytes are the coordinator's choice; found by
+/// review), readable by its owner only, synced, then renamed over `out`.
+fn write_new_then_rename(out: &std::path::Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if out.is_dir() {
+        return Err(Error::InvalidInput(format!("--out {}: a directory", out.display())));
+    }
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.{:x}.part", std::process::id(), rand::random::<u64>()));
+    let tmp = out.with_file_name(name);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    std::fs::rename(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(out, e)
+    })
 }
 
 fn metrics_line(st: &JobStatus) -> String {
@@ -1749,5 +1854,58 @@ mod split_tests {
         assert!(JobSpec::parse(&spec(16384), "p.toml", &Limits::default()).is_err(), "over the default limit");
         parse_spec(&spec(16384), "p.toml", &plugins).expect("left to the coordinator");
         assert!(parse_spec(&spec(16).replace("rounds = 1", "rounds = 0"), "p.toml", &plugins).is_err());
+    }
+}
+
+#[cfg(test)]
+mod terminal_tests {
+    use super::*;
+
+    /// The model the coordinator sends goes to `--out` alone: through a
+    /// temporary file created exclusively, so a symlink planted beside it
+    /// is neither followed nor left in `out`'s place; a directory is
+    /// refused; the file is the owner's only.
+    #[test]
+    fn a_downloaded_model_is_written_only_where_asked() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("authorized_keys");
+        std::fs::write(&victim, b"keep").unwrap();
+        let out = dir.path().join("m.safetensors");
+        std::os::unix::fs::symlink(&victim, dir.path().join("m.part")).unwrap();
+        write_new_then_rename(&out, b"model").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(!std::fs::symlink_metadata(&out).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&out).unwrap(), b"model");
+        assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+        write_new_then_rename(&out, b"again").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"again");
+        assert!(write_new_then_rename(dir.path(), b"x").is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).collect();
+        assert_eq!(left.len(), 3, "no temporary file left: {left:?}");
+    }
+
+    /// Strings from the coordinator or a party reach the terminal without
+    /// control characters or bidirectional overrides: an OSC 52 sequence in
+    /// a party's refusal reason, a metric's name or a job's name is shown
+    /// escaped (found by review).
+    #[test]
+    fn a_status_reaches_the_terminal_without_escape_sequences() {
+        let osc52 = "\u{1b}]52;c;ZWNobyBwd25lZA==\u{7}";
+        assert_eq!(terminal_safe("plain text"), "plain text");
+        assert_eq!(terminal_safe("a\u{202e}b\nc"), "a\\u{202e}b\\u{a}c");
+        let mut st: JobStatus = serde_json::from_value(serde_json::json!({
+            "id": "j1", "name": format!("job{osc52}"), "kind": "train", "state": "failed",
+            "rounds_completed": 1, "rounds_total": 2, "privacy": {"aggregation": "none"},
+            "parties": {}, "history": [], "metrics": {}, "created_at": 0, "updated_at": 0
+        }))
+        .unwrap();
+        st.error = Some(format!("refused: {osc52}"));
+        st.metrics.insert(format!("acc{osc52}"), 1.0);
+        let safe = terminal_safe_status(st);
+        let all = serde_json::to_string(&safe).unwrap();
+        assert!(!all.contains("\\u001b") && !all.contains("\\u0007"), "{all}");
+        assert!(safe.name.contains("\\u{1b}]52"), "{}", safe.name);
+        assert!(safe.metrics.keys().all(|k| !k.chars().any(char::is_control)));
     }
 }

@@ -127,6 +127,19 @@ impl BuiltinTrainers {
             .map(|t| t.data.len())
             .filter(|&w| w > 0)
             .ok_or("the model has no input.mean tensor (not a model of a built-in kind)")?;
+        // The network is allocated before its tensors are checked against
+        // it: an architecture (or a width, read from the tensors) that needs
+        // more values than the tensors hold cannot be theirs, and would have
+        // a deployment allocate any size (found by review).
+        let raw: confide_algorithms::trainer::RawModel = model.clone().into();
+        if let Some(needed) = raw.values_at_width(width as u64)
+            && needed > params.num_values() as u64
+        {
+            return Err(format!(
+                "at the tensors' width of {width} the architecture has {needed} values; the tensors hold {}",
+                params.num_values()
+            ));
+        }
         let probe = Dataset { features: vec![0.0; width], labels: vec![0], num_features: width };
         let none = Dataset { features: Vec::new(), labels: Vec::new(), num_features: width };
         let mut m = self.build_model(model, 0, probe, none, "inference")?;
@@ -272,5 +285,32 @@ impl Trainer for NoHeldOutRows {
     }
     fn predict(&self, features: &[f32]) -> Result<Vec<f32>, confide_algorithms::Error> {
         self.0.predict(features)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_algorithms::{ModelConfig, Parameters, Tensor};
+
+    /// A deployment's architecture that needs more values than its tensors
+    /// hold (here 16 layers of 65,536, about 6.9e10 values, or a width of
+    /// a million read from `input.mean`) is refused before the network is
+    /// built: it was allocated first, then checked (found by review).
+    #[test]
+    fn an_inference_model_larger_than_its_tensors_is_refused_before_it_is_built() {
+        let trainers = BuiltinTrainers::new(Default::default(), 1);
+        let small = |width: usize| {
+            Parameters::new(vec![
+                Tensor { name: "input.mean".into(), shape: vec![width], data: vec![0.0; width] },
+                Tensor { name: "input.std".into(), shape: vec![width], data: vec![1.0; width] },
+            ])
+            .unwrap()
+        };
+        let huge = ModelConfig::mlp(2, vec![65_536; 16]);
+        let e = trainers.inference_model(&huge, &small(4)).err().expect("refused");
+        assert!(e.contains("the tensors hold 8"), "{e}");
+        let wide = trainers.inference_model(&ModelConfig::mlp(2, vec![64]), &small(1_000_000)).err().expect("refused");
+        assert!(wide.contains("width of 1000000"), "{wide}");
     }
 }
