@@ -135,6 +135,10 @@ struct Installs {
 struct Pull {
     deployment: SignedDeployment,
     bytes: Vec<u8>,
+    /// The size the first part announced: every later part must announce
+    /// the same (one raising it could make the party hold more than it
+    /// reserved for; found by review).
+    total: Option<usize>,
 }
 
 /// The deployed models of the services this party serves.
@@ -493,7 +497,7 @@ impl Registry {
         }
         let pull = pb::ModelPull { service: r.service.clone(), sequence: r.sequence };
         info!(service = %r.service, sequence = r.sequence, job = %r.job_id, round = r.round, "pulling a deployed model");
-        pulls.insert(r.service.clone(), Pull { deployment: d, bytes: Vec::new() });
+        pulls.insert(r.service.clone(), Pull { deployment: d, bytes: Vec::new(), total: None });
         Ok(Some(pull))
     }
 
@@ -538,6 +542,10 @@ impl Registry {
         let total = usize::try_from(part.total_bytes).unwrap_or(usize::MAX);
         if total > self.max_model_bytes {
             let why = format!("a model of {total} bytes exceeds this party's limit of {}", self.max_model_bytes);
+            return fail(&mut pulls, why);
+        }
+        if *pull.total.get_or_insert(total) != total {
+            let why = format!("the model parts of service {} announce different sizes", part.service);
             return fail(&mut pulls, why);
         }
         if part.offset != pull.bytes.len() as u64 || pull.bytes.len() + part.data.len() > total {
@@ -1138,6 +1146,34 @@ mod tests {
         assert_eq!(reg.offer(&d1).unwrap(), None, "the same stream: the download goes on");
         reg.disconnected();
         assert_eq!(reg.offer(&d1).unwrap(), Some(pull), "pulled again on the next stream");
+        deliver_pulled(&reg, &d1, &v1);
+        assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 1);
+    }
+
+    /// The size the first part of a pulled model announces holds for the
+    /// rest: a later part announcing another fails the pull (found by
+    /// review), and the model can be pulled again.
+    #[test]
+    fn a_pulled_models_parts_must_announce_one_size() {
+        let f = fixture();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let v1 = model_bytes(1);
+        let d1 = admin_signed(&f, record(1, &v1, LOGREG));
+        let pull = reg.offer(&d1).unwrap().expect("a pull");
+        let half = v1.len() / 2;
+        let part = |offset: usize, data: &[u8], total: usize| pb::ModelPart {
+            service: pull.service.clone(),
+            sequence: pull.sequence,
+            total_bytes: total as u64,
+            offset: offset as u64,
+            data: data.to_vec().into(),
+            error: String::new(),
+        };
+        assert!(reg.on_part(part(0, &v1[..half], v1.len())).unwrap().is_none());
+        let e = reg.on_part(part(half, &v1[half..], v1.len() + 1)).unwrap_err();
+        assert!(e.contains("announce different sizes"), "{e}");
+        reg.disconnected();
+        assert_eq!(reg.offer(&d1).unwrap(), Some(pull), "pulled again");
         deliver_pulled(&reg, &d1, &v1);
         assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 1);
     }
