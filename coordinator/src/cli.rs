@@ -1558,33 +1558,14 @@ async fn job(cmd: JobCmd, plugins: &Plugins) -> Result<i32, Error> {
     }
 }
 
-/// Writes `bytes` to `out` through a temporary file of its own beside it:
-/// created exclusively (never an existing file, nor a symlink planted at a
-/// predictable name: the bytes are the coordinator's choice; found by
-/// review), readable by its owner only, synced, then renamed over `out`.
+/// Writes the model the coordinator sent to `out` alone, readable by its
+/// owner ([`confide_proto::durable::write_file_mode`]: an exclusive
+/// temporary file of its own, never one planted beside `out`).
 fn write_new_then_rename(out: &std::path::Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     if out.is_dir() {
         return Err(Error::InvalidInput(format!("--out {}: a directory", out.display())));
     }
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.{:x}.part", std::process::id(), rand::random::<u64>()));
-    let tmp = out.with_file_name(name);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    std::fs::rename(&tmp, out).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(out, e)
-    })
+    confide_proto::durable::write_file_mode(out, bytes, 0o600).map_err(Error::Io)
 }
 
 fn metrics_line(st: &JobStatus) -> String {

@@ -665,13 +665,7 @@ impl PkiDir {
         let ca = FederationCa::generate(federation)?;
         write_file(&self.ca_cert(), ca.cert_pem().as_bytes(), 0o644)?;
         write_file(&self.ca_key(), ca.key_pem().as_bytes(), 0o600)?;
-        let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), COORDINATOR_NAME.into()];
-        for h in hosts {
-            if !sans.contains(h) {
-                sans.push(h.clone());
-            }
-        }
-        let coord = ca.issue(Role::Coordinator, COORDINATOR_NAME, &sans)?;
+        let coord = ca.issue(Role::Coordinator, COORDINATOR_NAME, &coordinator_sans(hosts))?;
         let serial = hex(&crate::revocation::certificate_serial(coord.cert_pem.as_bytes())?);
         write_file(&self.coordinator_issued(), format!("{serial}\n").as_bytes(), 0o644)?;
         write_pair(&self.coordinator_cert(), &self.coordinator_key(), &coord)?;
@@ -787,16 +781,7 @@ impl PkiDir {
         // revoked one put back from a backup would otherwise let a second
         // valid one be issued.
         let list = self.revocations()?;
-        for serial in self.issued_admins()? {
-            let bytes = unhex(&serial).ok_or_else(|| {
-                Error::InvalidInput(format!("{}: {serial:?} is not a serial", self.admin_issued().display()))
-            })?;
-            if !list.is_revoked(&bytes) {
-                return Err(Error::InvalidInput(format!(
-                    "the administrator certificate with serial {serial} issued here is not revoked; revoke it first"
-                )));
-            }
-        }
+        all_revoked(&list, &self.issued_admins()?, &self.admin_issued(), "administrator certificate", "")?;
         // (It parses, so a failed check means it is on the list.)
         if list.check(ADMIN_NAME, &der).is_ok() {
             return Err(Error::InvalidInput(format!(
@@ -842,24 +827,9 @@ impl PkiDir {
         if !serials.contains(&in_place) {
             serials.push(in_place);
         }
-        for serial in &serials {
-            let bytes = unhex(serial).ok_or_else(|| {
-                Error::InvalidInput(format!("{}: {serial:?} is not a serial", self.coordinator_issued().display()))
-            })?;
-            if !list.is_revoked(&bytes) {
-                return Err(Error::InvalidInput(format!(
-                    "the coordinator certificate with serial {serial} issued here is not revoked; revoke it first \
-                     (confide certs revoke --coordinator)"
-                )));
-            }
-        }
-        let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), COORDINATOR_NAME.into()];
-        for h in hosts {
-            if !sans.contains(h) {
-                sans.push(h.clone());
-            }
-        }
-        let coord = self.load_ca()?.issue(Role::Coordinator, COORDINATOR_NAME, &sans)?;
+        let how = " (confide certs revoke --coordinator)";
+        all_revoked(&list, &serials, &self.coordinator_issued(), "coordinator certificate", how)?;
+        let coord = self.load_ca()?.issue(Role::Coordinator, COORDINATOR_NAME, &coordinator_sans(hosts))?;
         // The pair first, then the record: a recorded serial whose
         // certificate was never written could never be revoked and would
         // block every later issue; a certificate written but not recorded
@@ -959,6 +929,40 @@ pub fn read_private_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, Error> {
 
 fn read_string(path: &Path) -> Result<String, Error> {
     fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })
+}
+
+/// A coordinator certificate's names: `localhost`, `127.0.0.1`, its role
+/// name, then `hosts`.
+fn coordinator_sans(hosts: &[String]) -> Vec<String> {
+    let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), COORDINATOR_NAME.into()];
+    for h in hosts {
+        if !sans.contains(h) {
+            sans.push(h.clone());
+        }
+    }
+    sans
+}
+
+/// Refuses unless every serial in `serials` (kept in `log`) is on `list`:
+/// a new `what` is issued only once every earlier one is revoked (`how`
+/// says how, when it helps).
+fn all_revoked(
+    list: &crate::revocation::Revocations,
+    serials: &[String],
+    log: &Path,
+    what: &str,
+    how: &str,
+) -> Result<(), Error> {
+    for serial in serials {
+        let bytes = unhex(serial)
+            .ok_or_else(|| Error::InvalidInput(format!("{}: {serial:?} is not a serial", log.display())))?;
+        if !list.is_revoked(&bytes) {
+            return Err(Error::InvalidInput(format!(
+                "the {what} with serial {serial} issued here is not revoked; revoke it first{how}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The serials listed in `path`, one per line (none when it is missing).

@@ -73,7 +73,7 @@ impl PartyJobKind for TrainingKind {
         handler.answers_held = cx.answers_held;
         handler.standardize = spec.model.standardize;
         handler.hides_values = protocol.reveals() != confide_crypto::aggregation::Reveals::Updates;
-        handler.max_evaluation_examples = confide_crypto::aggregation::plain::max_examples(&spec.aggregation.settings);
+        handler.max_plain_examples = confide_crypto::aggregation::plain::max_examples(&spec.aggregation.settings);
         if let Some(dp) = spec.dp.as_ref().filter(|d| d.release == DpRelease::Evaluation) {
             let noise = confide_dp::evaluation::NoisyCounts::new(dp.noise_multiplier).map_err(err)?;
             handler.eval_noise = Some(noise);
@@ -192,7 +192,7 @@ pub struct TrainingHandler {
     /// The most examples a plaintext update or evaluation weighs (the
     /// coordinator refuses more: `aggregation.none.max_examples`); a party
     /// with more reports this.
-    pub max_evaluation_examples: u64,
+    pub max_plain_examples: u64,
     /// The round last let go with its secrets wiped (`abandon`): a later
     /// step of it is refused, not taken for a coordinator fault.
     abandoned_round: Option<u32>,
@@ -438,7 +438,7 @@ impl TrainingHandler {
             budget: None,
             dp_inputs: None,
             eval_noise: None,
-            max_evaluation_examples: u64::MAX,
+            max_plain_examples: u64::MAX,
             abandoned_round: None,
             opened_any: false,
             continues_earlier: false,
@@ -500,7 +500,7 @@ impl JobHandler for TrainingHandler {
                     let accuracy = if examples == 0 { 0.0 } else { (c as f64 / examples as f64).clamp(0.0, 1.0) };
                     metrics.insert("accuracy".into(), accuracy);
                 }
-                let num_examples = examples.min(self.max_evaluation_examples);
+                let num_examples = examples.min(self.max_plain_examples);
                 Ok(ResultBody::Evaluate { num_examples, loss: f64::NAN, metrics })
             }
             // Set-up answers with the trainer's parameters: its starting
@@ -527,7 +527,7 @@ impl JobHandler for TrainingHandler {
                 self.release_evaluation(round)?;
                 let outcome = self.evaluate_plainly(&global)?;
                 Ok(ResultBody::Evaluate {
-                    num_examples: outcome.num_examples.min(self.max_evaluation_examples),
+                    num_examples: outcome.num_examples.min(self.max_plain_examples),
                     loss: outcome.loss,
                     metrics: outcome.metrics,
                 })
@@ -867,11 +867,11 @@ impl TrainingHandler {
         outcome.metrics.insert("train_ms".into(), train_started.elapsed().as_secs_f64() * 1000.0);
         let local = self.trainer.parameters().map_err(err)?;
         let train_loss = outcome.metrics.get("train_loss").copied();
-        if !hides && outcome.num_examples > self.max_evaluation_examples {
+        if !hides && outcome.num_examples > self.max_plain_examples {
             tracing::info!(
                 round,
                 examples = outcome.num_examples,
-                cap = self.max_evaluation_examples,
+                cap = self.max_plain_examples,
                 "this party's update weighs the job's cap, not its examples (aggregation.none.max_examples)"
             );
         }

@@ -50,11 +50,34 @@ pub fn sync_parent(dir: &Path, note: &mut dyn FnMut(String)) -> Result<(), Strin
 /// Writes `bytes` to `path` crash-safely: a synced temporary file beside
 /// it, a rename, and its directory synced. The error names the file.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    let tmp = path.with_extension("part");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    write_file_mode(path, bytes, 0o644)
+}
+
+/// [`write_file`] with the file's mode. The temporary file has a name of
+/// its own (process and a random value) and is created exclusively: a
+/// file or symlink planted at a predictable name (`path.part`, before) is
+/// neither followed nor renamed into `path` (found by review). It is
+/// removed when the write fails.
+pub fn write_file_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    name.push(format!(".{}.{random:x}.part", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .map_err(|e| format!("{}: {e}", tmp.display()))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display())));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     sync_parent(path, &mut |_| {})
 }
 

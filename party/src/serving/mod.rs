@@ -1107,16 +1107,20 @@ mod tests {
     ) -> Result<(SignedDeployment, Vec<u8>), String> {
         let pull = reg.offer(msg)?.ok_or("nothing to pull")?;
         let half = bytes.len() / 2;
-        let part = |offset: usize, data: &[u8]| pb::ModelPart {
+        assert!(reg.on_part(model_part(&pull, 0, &bytes[..half], bytes.len()))?.is_none());
+        reg.on_part(model_part(&pull, half, &bytes[half..], bytes.len()))?.ok_or_else(|| "incomplete".into())
+    }
+
+    /// The part of `pull`'s model at `offset`, announcing `total` bytes.
+    fn model_part(pull: &pb::ModelPull, offset: usize, data: &[u8], total: usize) -> pb::ModelPart {
+        pb::ModelPart {
             service: pull.service.clone(),
             sequence: pull.sequence,
-            total_bytes: bytes.len() as u64,
+            total_bytes: total as u64,
             offset: offset as u64,
             data: data.to_vec().into(),
             error: String::new(),
-        };
-        assert!(reg.on_part(part(0, &bytes[..half]))?.is_none());
-        reg.on_part(part(half, &bytes[half..]))?.ok_or_else(|| "incomplete".into())
+        }
     }
 
     fn rt() -> tokio::runtime::Runtime {
@@ -1134,15 +1138,7 @@ mod tests {
         let v1 = model_bytes(1);
         let d1 = admin_signed(&f, record(1, &v1, LOGREG));
         let pull = reg.offer(&d1).unwrap().expect("a pull");
-        let half = pb::ModelPart {
-            service: pull.service.clone(),
-            sequence: pull.sequence,
-            total_bytes: v1.len() as u64,
-            offset: 0,
-            data: v1[..v1.len() / 2].to_vec().into(),
-            error: String::new(),
-        };
-        assert!(reg.on_part(half).unwrap().is_none());
+        assert!(reg.on_part(model_part(&pull, 0, &v1[..v1.len() / 2], v1.len())).unwrap().is_none());
         assert_eq!(reg.offer(&d1).unwrap(), None, "the same stream: the download goes on");
         reg.disconnected();
         assert_eq!(reg.offer(&d1).unwrap(), Some(pull), "pulled again on the next stream");
@@ -1161,16 +1157,8 @@ mod tests {
         let d1 = admin_signed(&f, record(1, &v1, LOGREG));
         let pull = reg.offer(&d1).unwrap().expect("a pull");
         let half = v1.len() / 2;
-        let part = |offset: usize, data: &[u8], total: usize| pb::ModelPart {
-            service: pull.service.clone(),
-            sequence: pull.sequence,
-            total_bytes: total as u64,
-            offset: offset as u64,
-            data: data.to_vec().into(),
-            error: String::new(),
-        };
-        assert!(reg.on_part(part(0, &v1[..half], v1.len())).unwrap().is_none());
-        let e = reg.on_part(part(half, &v1[half..], v1.len() + 1)).unwrap_err();
+        assert!(reg.on_part(model_part(&pull, 0, &v1[..half], v1.len())).unwrap().is_none());
+        let e = reg.on_part(model_part(&pull, half, &v1[half..], v1.len() + 1)).unwrap_err();
         assert!(e.contains("announce different sizes"), "{e}");
         reg.disconnected();
         assert_eq!(reg.offer(&d1).unwrap(), Some(pull), "pulled again");
