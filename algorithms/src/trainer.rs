@@ -719,11 +719,26 @@ pub trait Trainer: Send {
         if self.supports_dp_sgd() { Ok(()) } else { Err("it cannot compute per-example gradients".into()) }
     }
     /// Trains with DP-SGD: `plan.steps_per_round` steps, each on a Poisson
-    /// sample, with per-example gradients computed in batch, clipped, summed
-    /// and noised by [`DpSgdPlan::mechanism`]. `config` supplies only what
-    /// is post-processing (learning rate, optimiser, regularisation); the
+    /// sample, each sampled row's gradient clipped, summed and noised by
+    /// [`DpSgdPlan::mechanism`]. `config` supplies only what is
+    /// post-processing (learning rate, optimiser, regularisation); the
     /// steps and the sampling come from `plan`. The outcome reports no
     /// metric: a training loss would be an un-noised statistic of the rows.
+    ///
+    /// What an implementation owes the guarantee:
+    /// - each row's clipped contribution, and the norm it is clipped by,
+    ///   must be a function of that row and the model alone, bit for bit:
+    ///   batched kernels that round a row differently beside other rows
+    ///   let a chosen model make one row move the others' contributions
+    ///   (the built-in trainers run each row's forward and backward pass
+    ///   on its own, in a fixed order of sums, for this reason: see
+    ///   `RowPass` in the party's `torch.rs` and its test
+    ///   `a_rows_gradient_is_bit_for_bit_the_same_beside_any_other_rows`);
+    /// - the norm is over every trainable value at once, biases included;
+    /// - the noise goes on every trainable value at every step, an empty
+    ///   sample included, and the sum is divided by the plan's expected
+    ///   batch size, never the sample's own size;
+    /// - no layer may mix rows (batch normalisation, for one).
     fn fit_private(&mut self, _config: &FitConfig, _plan: &DpSgdPlan) -> Result<FitOutcome, Error> {
         Err(Error::InvalidInput(
             "this trainer cannot compute per-example gradients, so it cannot train with DP-SGD".into(),

@@ -771,6 +771,19 @@ fn split_data(
     if parties.is_empty() {
         return Err(Error::InvalidInput("--parties: name at least one party".into()));
     }
+    // Each name becomes a file under --out: a certificate's name (so no path),
+    // once, and not the held-out file's.
+    for (i, party) in parties.iter().enumerate() {
+        confide_crypto::pki::validate_party_name(party).map_err(|e| Error::InvalidInput(format!("--parties: {e}")))?;
+        if parties[..i].contains(party) {
+            return Err(Error::InvalidInput(format!("--parties: {party:?} is listed twice")));
+        }
+        if party == "test" {
+            return Err(Error::InvalidInput(
+                "--parties: \"test\" names the held-out rows' file (test.csv); choose another name".into(),
+            ));
+        }
+    }
     let weights: Vec<f64> = if weights.is_empty() { vec![1.0; parties.len()] } else { weights.to_vec() };
     if weights.len() != parties.len() || weights.iter().any(|w| !(w.is_finite() && *w > 0.0)) {
         return Err(Error::InvalidInput("--weights: one positive weight per party".into()));
@@ -788,16 +801,18 @@ fn split_data(
         None => contiguous_shares(rest.len(), &weights),
         Some(alpha) => dirichlet_shares(&rest.labels, &weights, alpha, seed),
     };
-    let classes = rest.labels.iter().max().map_or(0, |m| *m as usize + 1);
+    // Counted by the labels present: a last column that is not a label (a
+    // timestamp, say) must not size a vector.
+    let classes: std::collections::BTreeSet<u32> = rest.labels.iter().copied().collect();
     for (party, idx) in parties.iter().zip(&shares) {
         let part = rest.select(idx);
         let path = out.join(format!("{party}.csv"));
         std::fs::write(&path, part.to_csv()).map_err(|e| Error::io(&path, e))?;
-        let mut per_class = vec![0usize; classes];
+        let mut per_class: std::collections::BTreeMap<u32, usize> = classes.iter().map(|c| (*c, 0)).collect();
         for l in &part.labels {
-            per_class[*l as usize] += 1;
+            *per_class.entry(*l).or_default() += 1;
         }
-        let counts: Vec<String> = per_class.iter().enumerate().map(|(c, n)| format!("{c}: {n}")).collect();
+        let counts: Vec<String> = per_class.iter().map(|(c, n)| format!("{c}: {n}")).collect();
         println!("{}: {} rows (by class {})", path.display(), part.len(), counts.join(", "));
     }
     let path = out.join("test.csv");
@@ -828,9 +843,12 @@ fn dirichlet_shares(labels: &[u32], weights: &[f64], alpha: f64, seed: u64) -> V
     let total: f64 = weights.iter().sum();
     let k = weights.len() as f64;
     let mut out = vec![Vec::new(); weights.len()];
-    let classes = labels.iter().max().map_or(0, |m| *m + 1);
-    for class in 0..classes {
-        let rows: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();
+    // The rows of each label present, in order (one pass, whatever the labels' values).
+    let mut by_class: std::collections::BTreeMap<u32, Vec<usize>> = std::collections::BTreeMap::new();
+    for (i, l) in labels.iter().enumerate() {
+        by_class.entry(*l).or_default().push(i);
+    }
+    for rows in by_class.into_values() {
         let draws: Vec<f64> = weights.iter().map(|w| gamma(&mut rng, alpha * k * w / total)).collect();
         let sum: f64 = draws.iter().sum();
         let shares = contiguous_shares(rows.len(), &draws.iter().map(|d| (d / sum).max(1e-12)).collect::<Vec<_>>());
@@ -1724,6 +1742,23 @@ fn target_epsilon_lines(spec: &JobSpec, name: &str, target: f64) -> Result<Vec<S
     // (Unset, the count's noise follows the multiplier and stays above
     // half of it; set, it does not.)
     let printed: f64 = shown.parse().unwrap_or(z);
+    // Party-level DP protects a party's whole data set; what each
+    // hospital's ledger charges against `policy.max_epsilon` is per record,
+    // at twice the sensitivity, so larger: said here, or a hospital whose
+    // limit is the target refuses the job with nothing in this output to
+    // say why (found by review).
+    // (With adaptive clipping the job's ε is already accounted at twice the
+    // clip, and the two agree.)
+    let record = (dp.level == DpLevel::Party)
+        .then(|| confide_proto::dpspec::DpSpec { noise_multiplier: printed, ..dp.clone() })
+        .map(|at| at.record_epsilon(&spec.training, spec.rounds))
+        .filter(|record| *record > target * (1.0 + 1e-6));
+    if let Some(record) = record {
+        lines.push(format!(
+            "at it, each hospital's ledger charges ε = {record:.4} per record (a changed record moves its party's \
+             clipped update by up to twice the clip): a hospital whose policy.max_epsilon is below that refuses the job"
+        ));
+    }
     if let Some(a) = dp.adaptive.filter(|a| a.count_stddev <= printed / 2.0) {
         lines.push(format!(
             "if the spec sets clip_count_stddev (now {}), raise it above noise_multiplier / 2 = {} (the count's \
@@ -1763,6 +1798,44 @@ mod split_tests {
         let spread = fractions.iter().copied().fold(0.0, f64::max) - fractions.iter().copied().fold(1.0, f64::min);
         assert!(spread > 0.1, "class balance barely differs: {fractions:?}");
         assert_eq!(shares, dirichlet_shares(&labels, &[1.0, 1.0, 1.0], 0.5, 3));
+    }
+
+    #[test]
+    fn split_refuses_party_names_that_would_overwrite_or_escape() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.csv");
+        std::fs::write(&input, "1,0\n2,1\n3,0\n4,1\n").unwrap();
+        let out = dir.path().join("out");
+        let split = |parties: &[&str]| {
+            let parties: Vec<String> = parties.iter().map(|p| p.to_string()).collect();
+            split_data(&input, false, &parties, &[], None, 0.25, 1, &out)
+        };
+        for (parties, expected) in [
+            (&["a", "a"][..], "\"a\" is listed twice"),
+            (&["test", "b"][..], "held-out"),
+            (&["../x"][..], "--parties"),
+            (&["a/b"][..], "--parties"),
+        ] {
+            let err = split(parties).unwrap_err().to_string();
+            assert!(err.contains(expected), "{parties:?}: {err}");
+        }
+        assert!(!out.exists(), "nothing is written for a refused split");
+        assert!(!dir.path().join("x.csv").exists());
+        split(&["a", "b"]).unwrap();
+        assert!(out.join("a.csv").exists() && out.join("b.csv").exists() && out.join("test.csv").exists());
+    }
+
+    #[test]
+    fn a_label_column_of_large_values_sizes_nothing() {
+        // A timestamp in the last column: counted by the values present.
+        let labels: Vec<u32> = (0..200).map(|i| if i % 2 == 0 { 1_700_000_000 } else { 4_000_000_000 }).collect();
+        let shares = dirichlet_shares(&labels, &[1.0, 1.0], 1.0, 7);
+        assert_eq!(shares.iter().map(Vec::len).sum::<usize>(), 200);
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.csv");
+        let rows: String = labels.iter().enumerate().map(|(i, l)| format!("{i},{l}\n")).collect();
+        std::fs::write(&input, rows).unwrap();
+        split_data(&input, false, &["a".into(), "b".into()], &[], Some(1.0), 0.1, 1, &dir.path().join("out")).unwrap();
     }
 
     #[test]
@@ -1818,6 +1891,13 @@ mod split_tests {
         if nearest < z {
             assert!(at(nearest) > 8.0 || nearest == printed, "rounding to nearest would have been within the target");
         }
+        // What the ledgers charge is said too, and it is more than the target.
+        let lines = target_epsilon_lines(&spec, "p.toml", 8.0).unwrap();
+        let record = lines.iter().find(|l| l.contains("ledger charges")).expect("the per-record line");
+        let charged: f64 = record.split("ε = ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+        let expected = confide_proto::dpspec::DpSpec { noise_multiplier: printed, ..dp.clone() }
+            .record_epsilon(&spec.training, 10);
+        assert!((charged - expected).abs() < 1e-3 && charged > 8.0, "{record}");
     }
 
     /// A model over the default `limits.max_values` is the coordinator's to

@@ -859,6 +859,26 @@ impl Db {
         })
     }
 
+    /// Whether `party` was among the participants of any round of job `id`
+    /// up to `round` (the parties whose updates the model after `round` holds).
+    pub fn took_part(&self, id: &str, party: &str, round: u32) -> Result<bool, Error> {
+        let conn = self.lock();
+        let mut st = conn
+            .prepare("SELECT round, participants_json FROM rounds WHERE job_id = ?1 AND round <= ?2")
+            .map_err(sql)?;
+        let rows =
+            st.query_map(params![id, round], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?))).map_err(sql)?;
+        for row in rows {
+            let (round, p) = row.map_err(sql)?;
+            let participants: Vec<String> =
+                serde_json::from_str(&p).map_err(|e| Error::Storage(format!("job {id} round {round}: {e}")))?;
+            if participants.iter().any(|q| q == party) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The last `limit` round records, oldest first.
     fn history(&self, id: &str, limit: u32) -> Result<Vec<RoundRecord>, Error> {
         let conn = self.lock();

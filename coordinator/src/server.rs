@@ -1802,7 +1802,8 @@ fn on_party_message(
                         }
                     };
                     let (service, sequence) = next;
-                    let bytes = crate::services::model_for_pull(&db, &service, sequence).map(bytes::Bytes::from);
+                    let bytes =
+                        crate::services::model_for_pull(&db, &party, &service, sequence).map(bytes::Bytes::from);
                     if let Err(e) = &bytes {
                         warn!(party = %party, service = %service, "model pull refused: {e}");
                     }

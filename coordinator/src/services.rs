@@ -267,9 +267,16 @@ pub fn joint_route(db: &Db, service: &str) -> Result<Option<confide_proto::deplo
     Ok(history(db, service)?.into_iter().next().and_then(|r| r.joint))
 }
 
-/// The model bytes of deployment `sequence` of `service`, for a party that
-/// pulls it; the error is what the party is told.
-pub fn model_for_pull(db: &Db, service: &str, sequence: u64) -> Result<Vec<u8>, String> {
+/// The model bytes of deployment `sequence` of `service`, for `party`,
+/// which pulls it; the error is what the party is told.
+///
+/// Only to a party whose updates are in the model (a participant of one of
+/// the job's rounds up to the deployed one), or for the initial model
+/// (round 0, which holds no one's data): every party hears of every
+/// deployment, and without this any enrolled party could take a model it
+/// did not help train, such as a joint service's cloud model that
+/// `[cloud] accept_from` keeps it from querying (found by review).
+pub fn model_for_pull(db: &Db, party: &str, service: &str, sequence: u64) -> Result<Vec<u8>, String> {
     let history = history(db, service).map_err(|e| e.to_string())?;
     // The current deployment only: a rolled-back or superseded model is
     // no party's to serve (review finding: any party could pull any).
@@ -277,6 +284,13 @@ pub fn model_for_pull(db: &Db, service: &str, sequence: u64) -> Result<Vec<u8>, 
         .first()
         .filter(|r| r.sequence == sequence)
         .ok_or_else(|| format!("service {service} has no current deployment {sequence}"))?;
+    if r.round > 0 && !db.took_part(&r.job_id, party, r.round).map_err(|e| e.to_string())? {
+        return Err(format!(
+            "party {party} took no part in job {} up to round {}, whose model deployment {sequence} of service \
+             {service} is: it is not this party's to pull",
+            r.job_id, r.round
+        ));
+    }
     let v = db
         .model_version(&r.job_id, r.round)
         .map_err(|e| e.to_string())?
@@ -345,10 +359,27 @@ mod tests {
             assert_eq!(sequences(s), expected, "{asked:?}");
             assert_eq!((s.deployments_total, s.created_at), (total, 1));
         }
-        // Only the current deployment's model is pulled.
-        let e = model_for_pull(&db, "triage", total - 1).unwrap_err();
+        // Only the current deployment's model is pulled, and only by a
+        // party whose updates are in it.
+        let e = model_for_pull(&db, "a", "triage", total - 1).unwrap_err();
         assert!(e.contains("no current deployment 99"), "{e}");
-        let e = model_for_pull(&db, "triage", total).unwrap_err();
-        assert!(e.contains("reading the model of job j1 round 1"), "the current one is read: {e}");
+        let e = model_for_pull(&db, "a", "triage", total).unwrap_err();
+        assert!(e.contains("party a took no part in job j1 up to round 1"), "no rounds recorded: {e}");
+        let record = |round: u32, participants: &[&str]| confide_proto::status::RoundRecord {
+            round,
+            metrics: Default::default(),
+            participants: participants.iter().map(|p| p.to_string()).collect(),
+            dropped: Default::default(),
+            completed_at: 1,
+            roles: Default::default(),
+        };
+        db.save_checkpoint("j1", 1, None, None, Some(&record(1, &["a", "b"]))).unwrap();
+        db.save_checkpoint("j1", 2, None, None, Some(&record(2, &["c"]))).unwrap();
+        let e = model_for_pull(&db, "a", "triage", total).unwrap_err();
+        assert!(e.contains("reading the model of job j1 round 1"), "a took part: the model is read: {e}");
+        for outsider in ["c", "d"] {
+            let e = model_for_pull(&db, outsider, "triage", total).unwrap_err();
+            assert!(e.contains(&format!("party {outsider} took no part in job j1 up to round 1")), "{e}");
+        }
     }
 }

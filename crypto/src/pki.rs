@@ -653,8 +653,12 @@ impl PkiDir {
     /// `localhost` and `127.0.0.1` are always included), admin certificate and
     /// one certificate per party. Refuses to overwrite an existing CA.
     pub fn init(&self, federation: &str, parties: &[String], hosts: &[String]) -> Result<(), Error> {
-        for p in parties {
+        // Every check before the first file: a refused init leaves nothing.
+        for (i, p) in parties.iter().enumerate() {
             validate_party_name(p)?;
+            if parties[..i].contains(p) {
+                return Err(Error::InvalidInput(format!("party {p:?} is listed twice")));
+            }
         }
         create_dir(&self.root)?;
         let _lock = self.lock()?;
@@ -676,9 +680,6 @@ impl PkiDir {
         write_pair(&self.admin_cert(), &self.admin_key(), &admin)?;
         let mut enrolled = Vec::new();
         for p in parties {
-            if enrolled.contains(p) {
-                return Err(Error::InvalidInput(format!("party {p:?} is listed twice")));
-            }
             let issued = ca.issue(Role::Party, p, &[])?;
             write_pair(&self.party_cert(p), &self.party_key(p), &issued)?;
             enrolled.push(p.clone());
@@ -1271,6 +1272,17 @@ mod tests {
         let admin = rustls_pem_to_der(&fs::read_to_string(pki.admin_cert()).unwrap());
         assert_eq!(peer_identity(&admin).unwrap().role, Role::Admin);
         assert!(matches!(pki.init("again", &[], &[]), Err(Error::AlreadyExists(_))));
+    }
+
+    #[test]
+    fn a_refused_init_writes_nothing_and_can_be_run_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path().join("pki"));
+        let err = pki.init("test", &["a".into(), "b".into(), "a".into()], &[]).unwrap_err();
+        assert!(err.to_string().contains("\"a\" is listed twice"), "{err}");
+        assert!(!pki.ca_cert().exists() && !pki.ca_key().exists());
+        pki.init("test", &["a".into(), "b".into()], &[]).unwrap();
+        assert_eq!(pki.enrolled().unwrap(), vec!["a", "b"]);
     }
 
     #[test]

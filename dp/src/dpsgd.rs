@@ -23,8 +23,13 @@
 //! must fit the second √d: trainers sum at most [`CHUNK_ROWS`] = 2^12 rows in
 //! plain f64 (error ≤ n·2^-53·n·C: at most 2^24·2^-53·2^20 = 2^-9 lattice
 //! units per coordinate) and fold the chunks into a [`CompensatedSum`]
-//! (error about 2^-52 of Σ|chunk sums| ≤ n·2^20 units: below 2^-9 units for
-//! up to 2^23 sampled rows), under 2^-8 units per coordinate in all. So the
+//! (error about 2^-52 of Σ|chunk sums| ≤ n·2^20 units, n·2^-32 units), and
+//! the division by γ rounds once more (2^-53 of at most n·2^20 units,
+//! n·2^-33). For n ≤ [`MAX_DP_ROWS`] = 2^30 rows (refused above, the data
+//! set's size, not the sample's), that is at most 2^-9 + 2^-2 + 2^-3 < 1/2
+//! unit per coordinate, so the two sums' float errors together stay within
+//! one unit per coordinate, the second √d of the slack (and |sum/γ| ≤
+//! 2^50 is an exact integer in f64). So the
 //! noise-free integer vectors of neighbouring
 //! data sets differ by at most C/γ in L2, and the step is the discrete
 //! Gaussian mechanism with noise multiplier σ_int / 2^bits on a Poisson
@@ -55,6 +60,11 @@ pub const MAX_NOISE_MULTIPLIER: f64 = 1024.0;
 /// Rows a trainer sums in plain f64 before folding the partial sum into a
 /// [`CompensatedSum`] (the error bound above).
 pub const CHUNK_ROWS: usize = 1 << 12;
+
+/// The most rows a DP-SGD trainer samples from (so the most a sample can
+/// hold): the floating-point error bound of the module docs holds up to
+/// here. A data set this large is refused by the step, whatever was sampled.
+pub const MAX_DP_ROWS: usize = 1 << 30;
 
 /// Neumaier's compensated summation of vectors: the error of the total is
 /// about 2·2^-53·Σ|parts|, whatever the number of parts.
@@ -253,11 +263,19 @@ impl DpSgd {
     /// The indices of a Poisson sample of `rows` rows (each independently
     /// with probability q', the largest multiple of 2^-64 not above q; a
     /// smaller rate only amplifies privacy more).
-    pub fn poisson_sample(&mut self, rows: usize) -> Vec<usize> {
-        if self.sample_all {
-            return (0..rows).collect();
+    ///
+    /// More than [`MAX_DP_ROWS`] rows are refused: the error bound of the
+    /// summation (module docs) holds up to there.
+    pub fn poisson_sample(&mut self, rows: usize) -> Result<Vec<usize>, Error> {
+        if rows > MAX_DP_ROWS {
+            return Err(Error::InvalidInput(format!(
+                "DP-SGD over {rows} rows: the summation's error bound holds for at most 2^30 rows"
+            )));
         }
-        (0..rows).filter(|_| self.rng.next_u64() < self.sample_threshold).collect()
+        if self.sample_all {
+            return Ok((0..rows).collect());
+        }
+        Ok((0..rows).filter(|_| self.rng.next_u64() < self.sample_threshold).collect())
     }
 
     /// Turns the step's clipped sum (length d, each row's gradient scaled
@@ -622,8 +640,15 @@ mod tests {
         assert!(s.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(poisson_sample_from(&mut rng, 10, 1.0).len(), 10);
         let mut dp = DpSgd::new(cfg(3)).unwrap();
-        let t = dp.poisson_sample(n);
+        let t = dp.poisson_sample(n).unwrap();
         assert!((t.len() as f64 - 10_000.0).abs() < 600.0, "{}", t.len());
+        // Beyond the rows the error bound covers: refused, before a draw.
+        let e = dp.poisson_sample(MAX_DP_ROWS + 1).unwrap_err().to_string();
+        assert!(e.contains("at most 2^30 rows"), "{e}");
+        // The bound itself: chunk error, compensated sum, division < 1/2 unit.
+        let n = MAX_DP_ROWS as f64;
+        assert!(2f64.powi(-9) + n * 2f64.powi(-32) + n * 2f64.powi(-33) < 0.5);
+        assert!(n * 2f64.powi(20) <= 2f64.powi(53));
         // Poisson, not a fixed-size batch (shuffled or strided): over 4000
         // steps of 200 rows at q = 0.1 the sample's size varies as
         // Binomial(200, 0.1) (variance 18; a fixed size has 0), and every
@@ -632,7 +657,7 @@ mod tests {
         let mut drawn = vec![0u32; rows];
         let sizes: Vec<f64> = (0..steps)
             .map(|_| {
-                let s = dp.poisson_sample(rows);
+                let s = dp.poisson_sample(rows).unwrap();
                 s.iter().for_each(|&i| drawn[i] += 1);
                 s.len() as f64
             })

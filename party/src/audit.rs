@@ -67,6 +67,11 @@ pub struct AuditLog {
 impl AuditLog {
     /// Opens (creating, mode 0600 on Unix) the log at `path` for appending.
     pub fn open(path: &Path) -> Result<AuditLog, String> {
+        Self::open_noting(path, &mut |_| {})
+    }
+
+    /// [`AuditLog::open`], telling `note` its durable steps (for tests).
+    fn open_noting(path: &Path, note: &mut dyn FnMut(String)) -> Result<AuditLog, String> {
         let mut opts = std::fs::OpenOptions::new();
         opts.create(true).append(true);
         #[cfg(unix)]
@@ -75,6 +80,12 @@ impl AuditLog {
             opts.mode(0o600);
         }
         let file = opts.open(path).map_err(|e| format!("audit log {}: {e}", path.display()))?;
+        // The log's own directory entry made durable before any input goes
+        // out: a power loss after the first forward must not take a new
+        // log (records are synced with `sync_data`, which does not cover
+        // the entry). Once per start, whether or not it was just created.
+        confide_proto::durable::sync_parent(path, note)
+            .map_err(|e| format!("audit log {}: its directory: {e}", path.display()))?;
         // A line a crash (or a full disk) left half-written is the record
         // of an input that was never forwarded (an input goes out only once
         // its record is on disk): cut it, or the next record would be glued
@@ -139,6 +150,15 @@ pub fn rows_sha256(rows: &[f32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_logs_directory_entry_is_synced_before_the_first_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.audit.jsonl");
+        let mut steps = Vec::new();
+        let _log = AuditLog::open_noting(&path, &mut |s| steps.push(s)).unwrap();
+        assert_eq!(steps, vec![format!("sync dir {}", dir.path().display())]);
+    }
 
     #[test]
     fn records_are_appended_durably_and_read_back_across_opens() {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use crate::config::PartyConfig;
-use crate::local;
+use crate::local::{self, LocalTrainers};
 use crate::node::PartyNode;
 use crate::plugins::PartyPlugins;
 use crate::trainers::BuiltinTrainers;
@@ -247,7 +247,9 @@ async fn predict(
         &r.sha256[..16]
     );
     match out {
-        Some(path) => std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display())),
+        // Answers about patients' rows: written whole and 0600, through a
+        // temporary file of its own (no link followed).
+        Some(path) => confide_proto::durable::write_file_mode(path, text.as_bytes(), 0o600),
         None => {
             print!("{text}");
             Ok(())
@@ -255,11 +257,20 @@ async fn predict(
     }
 }
 
-fn trainers_for(config: Option<&std::path::Path>) -> Result<BuiltinTrainers, String> {
-    match config {
-        Some(path) => PartyConfig::load(path).map(|c| BuiltinTrainers::for_config(&c)).map_err(|e| e.to_string()),
-        None => Ok(BuiltinTrainers::new(Default::default(), 1)),
+/// The trainers of this build: its own factory if it registered one (as its
+/// `run` uses), else the built-in ones with `config`'s TorchScript files.
+fn trainers_for(config: Option<&std::path::Path>, plugins: &PartyPlugins) -> Result<LocalTrainers, String> {
+    let config = match config {
+        Some(path) => Some(PartyConfig::load_with(path, plugins).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    if let Some(factory) = plugins.trainer_factory() {
+        return Ok(LocalTrainers::Custom(factory.clone()));
     }
+    Ok(LocalTrainers::Builtin(match config {
+        Some(c) => BuiltinTrainers::for_config(&c),
+        None => BuiltinTrainers::new(Default::default(), 1),
+    }))
 }
 
 fn load_spec(path: &std::path::Path) -> Result<JobSpec, String> {
@@ -282,20 +293,21 @@ fn train_local(
     out: Option<&std::path::Path>,
     json: bool,
     config: Option<&std::path::Path>,
+    plugins: &PartyPlugins,
 ) -> Result<(), String> {
     let spec = load_spec(spec)?;
-    let trainers = trainers_for(config)?;
-    let rows = local::load_rows(&data.sources(&data.files))?;
+    let trainers = trainers_for(config, plugins)?;
+    let trainer = trainers.build(&spec, &data.sources(&data.files))?;
     if !json {
         println!(
-            "training {} ({}) on {} local rows for {} rounds",
+            "training {} ({}) on local rows ({}) for {} rounds",
             spec.name,
             spec.model.kind().as_str(),
-            rows.len(),
+            data.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
             spec.rounds
         );
     }
-    let params = local::train(&trainers, &spec, rows, |round, m| {
+    let params = local::train_with(trainer, &spec, |round, m| {
         if !json {
             println!("  round {round}: train_loss {:.4}", m.get("train_loss").copied().unwrap_or(f64::NAN));
         }
@@ -307,9 +319,7 @@ fn train_local(
         }
     }
     let eval = match test {
-        Some(t) => {
-            Some(local::evaluate(&trainers, &spec, &params, local::load_rows(&data.sources(&[t.to_path_buf()]))?)?)
-        }
+        Some(t) => Some(local::evaluate_with(trainers.build(&spec, &data.sources(&[t.to_path_buf()]))?, &params)?),
         None => None,
     };
     if json {
@@ -331,12 +341,13 @@ fn evaluate(
     data: &DataArgs,
     json: bool,
     config: Option<&std::path::Path>,
+    plugins: &PartyPlugins,
 ) -> Result<(), String> {
     let spec = load_spec(spec)?;
-    let trainers = trainers_for(config)?;
+    let trainers = trainers_for(config, plugins)?;
     let params = local::read_model(model)?;
-    let rows = local::load_rows(&data.sources(&data.files))?;
-    let e = local::evaluate(&trainers, &spec, &params, rows).map_err(|e| format!("{}: {e}", model.display()))?;
+    let trainer = trainers.build(&spec, &data.sources(&data.files))?;
+    let e = local::evaluate_with(trainer, &params).map_err(|e| format!("{}: {e}", model.display()))?;
     if json {
         println!("{}", serde_json::to_string(&e).map_err(|e| e.to_string())?);
     } else {
@@ -487,6 +498,23 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
                     eprintln!("the pipelines' state: {e}");
                     code = 1;
                 }
+                // The ledger as `run` will read it (an unreadable one stops
+                // the party there, so it fails the check here).
+                let ledger = cfg.ledger_path();
+                match crate::ledger::Ledger::read(&ledger) {
+                    Ok(_) if !ledger.exists() => eprintln!(
+                        "warning: privacy ledger {} does not exist: a first start begins an empty one (if this \
+                         party has run jobs before, its ledger is elsewhere: set `ledger`)",
+                        ledger.display()
+                    ),
+                    Ok(file) => {
+                        println!("privacy ledger {}: {} data sets recorded", ledger.display(), file.datasets.len())
+                    }
+                    Err(e) => {
+                        eprintln!("privacy ledger: {e}");
+                        code = 1;
+                    }
+                }
                 if let Err(e) = confide_proto::net::check_client_identity(&cfg.client_identity()) {
                     eprintln!("TLS identity: {e}");
                     code = 1;
@@ -499,10 +527,10 @@ pub async fn run(cli: Cli, plugins: PartyPlugins) -> i32 {
             }
         },
         Command::TrainLocal { spec, data, test, out, json, config } => {
-            report(train_local(&spec, &data, test.as_deref(), out.as_deref(), json, config.as_deref()))
+            report(train_local(&spec, &data, test.as_deref(), out.as_deref(), json, config.as_deref(), &plugins))
         }
         Command::Evaluate { spec, model, data, json, config } => {
-            report(evaluate(&spec, &model, &data, json, config.as_deref()))
+            report(evaluate(&spec, &model, &data, json, config.as_deref(), &plugins))
         }
     }
 }
@@ -550,7 +578,13 @@ fn budget(config: &std::path::Path, json: bool, plugins: &PartyPlugins) -> Resul
         return Ok(());
     }
     let max = cfg.policy.max_epsilon;
-    println!("privacy ledger {}", cfg.ledger_path().display());
+    let exists = cfg.ledger_path().exists();
+    let missing = if exists {
+        ""
+    } else {
+        " (no such file: nothing recorded there; if this party has run jobs, its ledger is elsewhere)"
+    };
+    println!("privacy ledger {}{missing}", cfg.ledger_path().display());
     let limit = max.map_or("no limit (policy.max_epsilon unset)".to_string(), |m| format!("policy.max_epsilon = {m}"));
     let delta_limit = cfg.policy.max_delta.map_or(String::new(), |d| format!(", policy.max_delta = {d:e}"));
     println!("{limit}{delta_limit}; costs of separate jobs add up");

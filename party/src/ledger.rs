@@ -720,7 +720,16 @@ impl Ledger {
         let tmp = self.path.with_extension("json.tmp");
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // The lock is held, so this name is ours; what a crash (or
+            // anyone) left there is removed, not followed (a symlink
+            // would be), and the new file is created 0600 (found by review).
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
+                _ => {}
+            }
+            let mut f =
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(fail)?;
             f.write_all(text.as_bytes()).map_err(fail)?;
             f.sync_all().map_err(fail)?;
             durable_step(format!("sync file {}", tmp.display()));
@@ -1376,6 +1385,23 @@ local_epochs = 2",
         drop((guard, ledger));
         let _ledger = Ledger::open(&path).unwrap();
         assert_eq!(steps_under(dir.path())[11..], ["sync dir ROOT/hospital"]);
+    }
+
+    /// The temporary file is the party's own: mode 0600, and a symlink left
+    /// at its name is removed, not written through (found by review).
+    #[test]
+    fn the_ledgers_temporary_file_is_private_and_follows_no_link() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "untouched").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, path.with_extension("json.tmp")).unwrap();
+        let ledger = Ledger::open(&path).unwrap();
+        ledger.reserve("j1", &spec(3, true), "d", None).unwrap().start_round().unwrap().durable().unwrap();
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "untouched");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(Ledger::read(&path).unwrap().datasets["d"].jobs["j1"].rounds_started, 1);
     }
 
     #[test]

@@ -12,7 +12,42 @@ use confide_algorithms::{FitConfig, Metrics, Parameters, Trainer};
 use confide_proto::jobspec::JobSpec;
 use serde::Serialize;
 
-use crate::trainers::BuiltinTrainers;
+use crate::trainers::{BuiltinTrainers, TrainerFactory};
+
+/// The trainers a local command builds with: the built-in ones over rows
+/// loaded here (several files concatenated), or a party build's own factory
+/// (its [`crate::plugins::PartyPlugins::trainers`]) over one file, as its
+/// `run` would.
+#[derive(Clone)]
+pub enum LocalTrainers {
+    /// The built-in model kinds.
+    Builtin(BuiltinTrainers),
+    /// A build's own factory.
+    Custom(std::sync::Arc<dyn TrainerFactory>),
+}
+
+impl LocalTrainers {
+    /// A trainer for `spec` over every row of `sources` (none held out: a
+    /// local command trains on, or scores, all the rows it is given).
+    pub fn build(&self, spec: &JobSpec, sources: &[DatasetSource]) -> Result<Box<dyn Trainer>, String> {
+        match self {
+            LocalTrainers::Builtin(trainers) => {
+                trainers.build_from(spec, load_rows(sources)?, Dataset::default(), "local")
+            }
+            LocalTrainers::Custom(factory) => {
+                let [source] = sources else {
+                    return Err(format!(
+                        "--data: this party build's own trainers read one file ({} given)",
+                        sources.len()
+                    ));
+                };
+                let mut whole = spec.clone();
+                whole.training.validation_fraction = 0.0;
+                factory.build(&whole, source, "local")
+            }
+        }
+    }
+}
 
 /// Loads and concatenates data sets with the same features; errors name the file.
 pub fn load_rows(sources: &[DatasetSource]) -> Result<Dataset, String> {
@@ -55,7 +90,11 @@ pub fn evaluate(
     params: &Parameters,
     rows: Dataset,
 ) -> Result<Evaluation, String> {
-    let mut t = trainers.build_from(spec, rows, Dataset::default(), "local")?;
+    evaluate_with(trainers.build_from(spec, rows, Dataset::default(), "local")?, params)
+}
+
+/// Evaluates `params` with a trainer already built over the rows to score.
+pub fn evaluate_with(mut t: Box<dyn Trainer>, params: &Parameters) -> Result<Evaluation, String> {
     t.set_parameters(params).map_err(|e| format!("the model does not fit the job spec's model: {e}"))?;
     let out = t.evaluate().map_err(|e| e.to_string())?;
     Ok(Evaluation { examples: out.num_examples, loss: out.loss, metrics: out.metrics })
@@ -70,9 +109,17 @@ pub fn train(
     trainers: &BuiltinTrainers,
     spec: &JobSpec,
     rows: Dataset,
+    on_round: impl FnMut(u32, &Metrics),
+) -> Result<Parameters, String> {
+    train_with(trainers.build_from(spec, rows, Dataset::default(), "local")?, spec, on_round)
+}
+
+/// [`train`] with a trainer already built over the rows to train on.
+pub fn train_with(
+    mut t: Box<dyn Trainer>,
+    spec: &JobSpec,
     mut on_round: impl FnMut(u32, &Metrics),
 ) -> Result<Parameters, String> {
-    let mut t: Box<dyn Trainer> = trainers.build_from(spec, rows, Dataset::default(), "local")?;
     if spec.model.standardize {
         let mut p = t.parameters().map_err(|e| e.to_string())?;
         // Under [dp], the spec's public ranges, as in the federated job.
@@ -113,5 +160,6 @@ pub fn read_model(path: &Path) -> Result<Parameters, String> {
 pub fn write_model(path: &Path, params: &Parameters, spec: &JobSpec) -> Result<(), String> {
     let meta = BTreeMap::from([("confide.job".to_string(), format!("local:{}", spec.name))]);
     let bytes = params.to_safetensors(&meta).map_err(|e| e.to_string())?;
-    std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+    // A model of this party's rows alone: written whole and 0600.
+    confide_proto::durable::write_file_mode(path, &bytes, 0o600)
 }

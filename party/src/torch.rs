@@ -1583,7 +1583,7 @@ impl Trainer for TorchTrainer {
         zero.backward();
         let x_all = self.inputs(&self.train.features)?;
         for _ in 0..plan.steps_per_round {
-            let sample = dp.poisson_sample(self.train.len());
+            let sample = dp.poisson_sample(self.train.len()).map_err(|e| Error::InvalidInput(format!("dp: {e}")))?;
             let mut total = CompensatedSum::new(dim);
             for chunk in sample.chunks(CHUNK_ROWS) {
                 let idx: Vec<i64> = chunk.iter().map(|&i| to_i64(i)).collect();
@@ -2118,6 +2118,11 @@ mod tests {
         let sd = 4.0 / 8.0;
         let variance = moved.iter().map(|v| (v / sd).powi(2)).sum::<f64>() / moved.len() as f64;
         assert!((0.7..1.4).contains(&variance), "{variance}");
+        // Every value of every tensor, the biases too: the pooled variance
+        // would pass with both bias tensors left un-noised (18 of 530
+        // values), the review noted. A lattice draw of exactly 0 is ~1e-7.
+        let unmoved: Vec<usize> = (0..moved.len()).filter(|&i| moved[i] == 0.0).collect();
+        assert!(unmoved.is_empty(), "values that took no noise: {unmoved:?}");
     }
 
     /// A coordinator's model chosen so that the forward pass overflows

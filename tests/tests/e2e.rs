@@ -275,6 +275,18 @@ fn party_check_names_a_width_the_rows_do_not_have_and_a_key_others_can_read() {
     assert!(said.contains("leave out every row"), "{said}");
     std::fs::write(&cfg, text).expect("write");
 
+    // The privacy ledger as `run` reads it: absent (a first start) is a
+    // warning, unreadable fails the check naming the file.
+    let (code, said) = check(&cfg);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("privacy ledger") && said.contains("does not exist"), "{said}");
+    let ledger = fed.path("pki/parties/hospital-a.ledger.json");
+    std::fs::write(&ledger, "{").expect("write");
+    let (code, said) = check(&cfg);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("hospital-a.ledger.json") && said.contains("not a privacy ledger"), "{said}");
+    std::fs::remove_file(&ledger).expect("rm");
+
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

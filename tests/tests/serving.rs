@@ -88,6 +88,20 @@ fn deployed_versions_are_served_swapped_under_load_rolled_back_and_bad_input_is_
     assert_eq!((lines.len(), lines[0]), (6, "prediction,p0,p1"), "{text}");
     let p1: f64 = lines[1].split(',').nth(2).and_then(|p| p.parse().ok()).expect("p1");
     assert!((p1 - served[1]).abs() < 1e-6, "{text} vs {served:?}");
+    // `--out`: the same answers, in a file only its owner reads.
+    let answers = fed.path("answers.csv");
+    let out = std::process::Command::new(bin_dir().join("confide-party"))
+        .args(["predict", "--config", &fed.s("site-0.toml"), "--service", "triage", "--data", &fed.s("features.csv")])
+        .args(["--out", answers.to_str().expect("utf-8")])
+        .env("CONFIDE_LOG", "warn")
+        .output()
+        .expect("confide-party predict --out");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&answers).expect("answers"), text);
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&answers).expect("answers").permissions().mode() & 0o777, 0o600);
+    }
 
     // Hot swap under load: round 3 is deployed while four clients send
     // requests back to back; not one fails, and both versions answer.

@@ -117,14 +117,29 @@ impl WeightedUpdate {
             return Err(Error::InvalidInput("a sum shorter than its three trailing words".into()));
         };
         let (weight, loss_sum, loss_weight) = (*weight, *loss_sum, *loss_weight);
-        let mean_loss = (loss_weight > 0).then(|| {
-            f64::from(loss_sum) / self.fixed.levels() as f64 * self.max_examples as f64 * LOSS_CAP
-                / f64::from(loss_weight)
-        });
-        let total = f64::from(weight);
-        if total <= 0.0 {
-            return Err(Error::InvalidInput("the sum holds zero training examples".into()));
+        // Each honest encoding weighs 1..=max_examples, and the bound was
+        // checked to fit the word, so any other total means a contributor's
+        // weight word is outside the encoding: refused rather than divided
+        // by (found by review). Who it was is hidden by the sum; a total
+        // that wrapped back into the range is not caught (no range proofs).
+        let (fewest, most) = (contributors as u64, contributors as u64 * self.max_examples);
+        if !(fewest..=most).contains(&u64::from(weight)) {
+            return Err(Error::InvalidInput(format!(
+                "the sum's total weight {weight} cannot come from {contributors} honest encodings (each 1..={}): \
+                 a contributor's weight word is outside the encoding (not attributable under a sum)",
+                self.max_examples
+            )));
         }
+        // The loss only if its words could be honest; it is a report, not
+        // worth failing the round over.
+        let mean_loss = (loss_weight > 0 && loss_weight <= weight)
+            .then(|| {
+                f64::from(loss_sum) / self.fixed.levels() as f64 * self.max_examples as f64 * LOSS_CAP
+                    / f64::from(loss_weight)
+            })
+            // (Honest rounding can pass the cap by a few levels, not double it.)
+            .filter(|l| (0.0..=2.0 * LOSS_CAP).contains(l));
+        let total = f64::from(weight);
         let decoded = self.fixed.decode_sum_scaled(values, contributors, self.max_examples as f64)?;
         Ok((decoded, total, mean_loss))
     }
@@ -577,6 +592,35 @@ mod tests {
             "saturated at the bound"
         );
         assert!(WeightedUpdate::new(16, 1.0, 100_000, 3).is_err(), "weights overflow 16 bits");
+    }
+
+    /// A decoded total weight no honest encodings could give (a
+    /// contributor's weight word outside 1..=max_examples) is refused, not
+    /// divided by; loss words that could not be honest drop the loss only.
+    #[test]
+    fn a_sum_whose_weight_no_honest_encodings_give_is_refused() {
+        let enc = WeightedUpdate::new(32, 1.0, 100, 10).unwrap();
+        let g = params(&[0.0, 0.0]);
+        let add = |words: &[Vec<u32>]| -> Vec<u32> {
+            (0..words[0].len()).map(|i| words.iter().fold(0u32, |a, w| a.wrapping_add(w[i]))).collect()
+        };
+        let honest: Vec<Vec<u32>> =
+            (1..=3).map(|n| enc.encode(&g, &params(&[0.1, -0.1]), 10 * n, Some(0.5)).unwrap()).collect();
+        let (_, total, loss) = enc.decode(&add(&honest), 3).unwrap();
+        assert_eq!(total, 60.0);
+        assert!(loss.is_some_and(|l| (l - 0.5).abs() < 1e-3), "{loss:?}");
+        let weight_at = honest[0].len() - 3;
+        // Totals of 1030, 2^32 − 29 and 1 (wrapped below the count).
+        for bad in [1_000u32, u32::MAX - 58, u32::MAX - 28] {
+            let mut forged = honest.clone();
+            forged[2][weight_at] = bad;
+            let err = enc.decode(&add(&forged), 3).unwrap_err().to_string();
+            assert!(err.contains("cannot come from 3 honest encodings"), "{bad}: {err}");
+        }
+        let mut forged = honest.clone();
+        forged[2][weight_at + 2] = 1_000_000;
+        let (_, total, loss) = enc.decode(&add(&forged), 3).unwrap();
+        assert_eq!((total, loss), (60.0, None), "a loss weight above the total drops the loss");
     }
 
     /// Distributed DP: a model larger than the spec accounts for is

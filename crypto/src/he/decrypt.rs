@@ -184,9 +184,14 @@ impl KeyShare {
 pub struct Decrypted {
     /// The sum, each value modulo 2^b.
     pub values: Vec<u32>,
-    /// Decryptors whose share failed the cross-check (named when exactly one
-    /// leave-one-out combination is consistent).
-    pub faulty: Vec<usize>,
+    /// Decryptors (positions in the decryption set) whose leave-one-out
+    /// combination was consistent when the whole set was not; the sum was
+    /// combined without the first. *Suspected*, not convicted: a bad share
+    /// from one of them fits, but so does a contributor's ciphertext (or a
+    /// dealer's key share) crafted to imitate one, since the aggregate's c0
+    /// enters every combination as a share at point 0 would (found by
+    /// review). Telling these apart needs proofs this scheme does not have.
+    pub suspected: Vec<usize>,
 }
 
 /// Combines the aggregate with the decryptors' shares (`shares[i]` from
@@ -236,12 +241,16 @@ pub fn combine(
     }
     let ctx = Ctx { params, aggregate, decryptors, shares };
     if let Ok(v) = ctx.consistent(&answered) {
-        return Ok(Decrypted { values: v[..values].to_vec(), faulty: vec![] });
+        return Ok(Decrypted { values: v[..values].to_vec(), suspected: vec![] });
     }
     if answered.len() < params.threshold + 2 {
         return Err(Error::PeerMisbehaved {
-            party: format!("one of key parties {:?}", answered.iter().map(|&i| decryptors[i]).collect::<Vec<_>>()),
-            reason: "a decryption share failed the cross-check; τ + 2 answers are needed to name its sender".into(),
+            party: format!(
+                "one of key parties {:?}, or a contributor or dealer",
+                answered.iter().map(|&i| decryptors[i]).collect::<Vec<_>>()
+            ),
+            reason: "the decryption failed the cross-check; τ + 2 answers are needed to combine without one share"
+                .into(),
         });
     }
     let mut candidates = Vec::new();
@@ -254,13 +263,16 @@ pub fn combine(
             result.get_or_insert(v);
         }
     }
-    match (result, candidates.len()) {
-        // Any consistent set of τ + 1 shares decodes to the true sum (see above).
-        (Some(v), 1) => Ok(Decrypted { values: v[..values].to_vec(), faulty: candidates }),
-        (Some(v), _) => Ok(Decrypted { values: v[..values].to_vec(), faulty: vec![] }),
-        (None, _) => Err(Error::PeerMisbehaved {
-            party: format!("key parties {:?}", answered.iter().map(|&i| decryptors[i]).collect::<Vec<_>>()),
-            reason: "decryption shares are inconsistent beyond one bad share; no sum".into(),
+    match result {
+        // Any consistent set of τ + 1 shares decodes to the true sum (see
+        // above); every candidate is reported, one or several.
+        Some(v) => Ok(Decrypted { values: v[..values].to_vec(), suspected: candidates }),
+        None => Err(Error::PeerMisbehaved {
+            party: format!(
+                "one or more of: the contributors, the key's dealers, key parties {:?}",
+                answered.iter().map(|&i| decryptors[i]).collect::<Vec<_>>()
+            ),
+            reason: "the decryption does not check, beyond one bad share; no sum".into(),
         }),
     }
 }

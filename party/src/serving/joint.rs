@@ -549,7 +549,11 @@ impl Joint {
         let ciphertext = outcome?;
         let answer = reply_key.open(&ctx, &ciphertext).map_err(|e| format!("the cloud's answer: {e}"))?;
         let answer: CloudAnswer =
-            serde_json::from_slice(&answer).map_err(|e| format!("the cloud's answer is not one: {e}"))?;
+            // (serde quotes the bad input: bounded, as a cloud chooses it.)
+            serde_json::from_slice(&answer).map_err(|e| {
+                let e: String = e.to_string().chars().take(200).collect();
+                format!("the cloud's answer is not one: {e}")
+            })?;
         let n = rows.len() / width.max(1);
         if answer.classes != classes || answer.probabilities.len() != n * classes {
             return Err(format!(
@@ -578,11 +582,16 @@ impl Joint {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let Some(p) = pending.get(&a.request_id) else { return Ok(()) };
         if p.cloud != a.peer {
-            return Err(format!("an answer to request {} from {}, not from {}", a.request_id, a.peer, p.cloud));
+            let from: String = a.peer.chars().take(64).collect();
+            return Err(format!("an answer to request {} from {from:?}, not from {}", a.request_id, p.cloud));
         }
         let Some(p) = pending.remove(&a.request_id) else { return Ok(()) };
         // The coordinator's words, passed on to the client: bounded.
-        let r = if a.error.is_empty() { Ok(a.ciphertext) } else { Err(a.error.chars().take(512).collect()) };
+        let r = if a.error.is_empty() {
+            Ok(a.ciphertext)
+        } else {
+            Err(a.error.chars().take(super::MAX_FALLBACK_CHARS).collect())
+        };
         let _ = p.reply.send(r);
         Ok(())
     }

@@ -272,6 +272,10 @@ impl HighWater {
 /// sequence above it (an administrator's deployment may go past it).
 pub const MAX_PIPELINE_SEQUENCE: u64 = 1 << 40;
 
+/// The most characters of a peer's or the coordinator's words an answer's
+/// `fallback` (or a log line) carries.
+pub const MAX_FALLBACK_CHARS: usize = 512;
+
 /// A pipeline's deployment is taken only before its grant's expiry, by
 /// this party's clock, whatever the record says.
 fn grant_unexpired(d: &SignedDeployment) -> Result<(), String> {
@@ -536,7 +540,8 @@ impl Registry {
             return Ok(None); // a part of a pull this one superseded
         }
         if !part.error.is_empty() {
-            let why = format!("the coordinator could not send the model of service {}: {}", part.service, part.error);
+            let error: String = part.error.chars().take(MAX_FALLBACK_CHARS).collect();
+            let why = format!("the coordinator could not send the model of service {}: {error}", part.service);
             return fail(&mut pulls, why);
         }
         let total = usize::try_from(part.total_bytes).unwrap_or(usize::MAX);
@@ -662,14 +667,16 @@ impl Registry {
         }
         let served = Arc::new(Served { width, deployment: d });
         let swap = WorkerMsg::Swap(model, served.clone());
-        svc.worker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(swap)
-            .map_err(|_| format!("the worker of service {} has stopped", svc.name))?;
+        // `current` first: a request that reads it (whether to keep its
+        // rows for a cloud tier) then never runs on a newer worker model
+        // than it read. The other way round is handled in `answer_rows`.
+        let before = svc.current.write().unwrap_or_else(|p| p.into_inner()).replace(served.clone());
+        if svc.worker.lock().unwrap_or_else(|p| p.into_inner()).send(swap).is_err() {
+            *svc.current.write().unwrap_or_else(|p| p.into_inner()) = before;
+            return Err(format!("the worker of service {} has stopped", svc.name));
+        }
         let r = &served.deployment.record;
         info!(service = %r.service, sequence = r.sequence, job = %r.job_id, round = r.round, action = r.action.as_str(), "now serving");
-        *svc.current.write().unwrap_or_else(|p| p.into_inner()) = Some(served);
         Ok(())
     }
 
@@ -753,6 +760,15 @@ impl Registry {
     /// Cloud side: answers an edge party's forwarded request with the cloud
     /// service's current version (in a [`Registry::forward_slot`]).
     pub async fn on_forwarded(&self, f: pb::Forward) -> pb::ForwardAnswer {
+        // Names the coordinator relays are checked before they are logged
+        // or echoed: a message of megabytes must not become as much log.
+        if confide_crypto::pki::validate_party_name(&f.peer).is_err()
+            || confide_proto::deploy::validate_service_name(&f.cloud_service).is_err()
+        {
+            warn!("refusing a forwarded request whose edge party or cloud service is not a valid name");
+            let error = "a forwarded request whose edge party or cloud service is not a valid name".to_string();
+            return pb::ForwardAnswer { request_id: f.request_id, peer: String::new(), ciphertext: Vec::new(), error };
+        }
         let me = self.me.read().unwrap_or_else(|p| p.into_inner()).clone();
         let answer = async {
             let (rows, width, reply) = self.joint.open_request(&me, &f)?;
@@ -846,12 +862,22 @@ impl Registry {
             cloud: None,
             fallback: None,
         };
-        let (Some(j), Some(rows)) = (answer.served.deployment.record.joint.clone(), keep) else { return Ok(answer) };
+        let Some(j) = answer.served.deployment.record.joint.clone() else { return Ok(answer) };
         let hard: Vec<usize> =
             (0..count).filter(|&i| j.hard_examples.is_hard(&answer.probabilities[i * k..(i + 1) * k])).collect();
         if hard.is_empty() {
             return Ok(answer);
         }
+        let Some(rows) = keep else {
+            // The version that answered has a cloud tier the one read
+            // before did not (a swap in between): its rule still flags the
+            // hard rows, answered by the edge, and says why (found by review).
+            for &i in &hard {
+                answer.sources[i] = RowSource::EdgeHard;
+            }
+            answer.fallback = Some("the service was swapped to a version with a cloud tier during this request".into());
+            return Ok(answer);
+        };
         let hard_rows: Vec<f32> = hard.iter().flat_map(|&i| rows[i * width..(i + 1) * width].iter().copied()).collect();
         if let Some(w) = self.hard_examples.get() {
             // Kept for labelling off the request's path: the answer does not
@@ -879,7 +905,9 @@ impl Registry {
                 for &i in &hard {
                     answer.sources[i] = RowSource::EdgeHard;
                 }
-                answer.fallback = Some(why);
+                // The cloud's or coordinator's words can quote what they
+                // sent (a serde error does): bounded, as the refusal is.
+                answer.fallback = Some(why.chars().take(MAX_FALLBACK_CHARS).collect());
             }
         }
         Ok(answer)
@@ -1144,6 +1172,34 @@ mod tests {
         assert_eq!(reg.offer(&d1).unwrap(), Some(pull), "pulled again on the next stream");
         deliver_pulled(&reg, &d1, &v1);
         assert_eq!(reg.current("triage").unwrap().deployment.record.sequence, 1);
+    }
+
+    /// Words the coordinator relays are bounded before they are echoed or
+    /// logged: a forward naming a megabyte "party" or "service" is refused
+    /// without repeating it, and a pull's error is cut (found by review).
+    #[tokio::test]
+    async fn relayed_names_and_errors_are_bounded_before_they_are_echoed() {
+        let f = fixture();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let huge = "x".repeat(1 << 20);
+        for f in [
+            pb::Forward { peer: huge.clone(), cloud_service: "triage".into(), ..Default::default() },
+            pb::Forward { peer: "a".into(), cloud_service: huge.clone(), ..Default::default() },
+        ] {
+            let a = reg.on_forwarded(f).await;
+            assert!(
+                a.error.contains("not a valid name") && a.error.len() < 200 && a.peer.is_empty(),
+                "{}",
+                a.error.len()
+            );
+        }
+        let v1 = model_bytes(1);
+        let d1 = admin_signed(&f, record(1, &v1, LOGREG));
+        let pull = reg.offer(&d1).unwrap().expect("a pull");
+        let mut part = model_part(&pull, 0, &[], v1.len());
+        part.error = huge;
+        let e = reg.on_part(part).unwrap_err();
+        assert!(e.contains("could not send the model") && e.len() < 700, "{}", e.len());
     }
 
     /// The size the first part of a pulled model announces holds for the
@@ -1633,6 +1689,21 @@ mod tests {
             let e = pending.await.unwrap().unwrap_err();
             assert!(e.contains(field) && e.len() < 300, "{}", &e[..e.len().min(300)]);
         }
+        // An answer that is not one, quoting megabytes back in serde's error
+        // (an unknown key, a string for a number): bounded (found by review).
+        for bad in [
+            format!(r#"{{"classes":2,"probabilities":[0.5,0.5],"{}":1}}"#, "x".repeat(100_000)),
+            format!(r#"{{"classes":"{}","probabilities":[0.5,0.5]}}"#, "y".repeat(100_000)),
+        ] {
+            let (sent, pending) = forward_one(edge.clone()).await;
+            let request = pb::Forward { peer: "a".into(), ..sent };
+            let (_, _, reply) = cloud.open_request("c", &request).unwrap();
+            let ctx = joint::context("a", "c", &request.service, &request.cloud_service, request.request_id);
+            let sealed = reply.seal(&ctx, bad.as_bytes()).unwrap();
+            edge.on_answer(answer_of(&request, sealed)).unwrap();
+            let e = pending.await.unwrap().unwrap_err();
+            assert!(e.contains("not one") && e.len() < 300, "{}", &e[..e.len().min(300)]);
+        }
     }
 
     /// A forwarded request, or a cloud's answer, that the stream could not
@@ -1943,6 +2014,31 @@ mod tests {
         assert!(e.contains("revoked"), "{e}");
         let v2 = model_bytes(2);
         assert!(reg.offer(&admin_signed(&f, record(2, &v2, LOGREG))).unwrap().is_some(), "the new certificate deploys");
+    }
+
+    /// The window of a swap from a version without a cloud tier to one
+    /// with: the request read the old version (no rows kept for a cloud)
+    /// and the new one answered. Its hard rows are flagged, with the reason,
+    /// not counted as the edge's own answers (found by review).
+    #[tokio::test]
+    async fn a_request_answered_across_a_swap_to_a_cloud_tier_flags_its_hard_rows() {
+        let f = fixture();
+        let reg = Registry::open(&f.config, f.revocations.clone()).unwrap().unwrap();
+        let (v1, v2) = (model_bytes(1), model_bytes(2));
+        deliver(&reg, &admin_signed(&f, record(1, &v1, LOGREG)), &v1).unwrap();
+        let old = reg.current("triage").unwrap();
+        let mut joint = record(2, &v2, LOGREG);
+        joint.joint = Some(confide_proto::deploy::JointConfig {
+            hard_examples: confide_algorithms::hard_examples::HardExampleRule::Confidence { threshold: 1.0 },
+            ..route()
+        });
+        deliver(&reg, &admin_signed(&f, joint), &v2).unwrap();
+        // As a request that read `current` just before the swap sees it.
+        *reg.services["triage"].current.write().unwrap() = Some(old);
+        let a = reg.answer("triage", vec![0.5, 1.0, -1.0], 1, 3).await.unwrap();
+        assert_eq!(a.served.deployment.record.sequence, 2);
+        assert_eq!(a.sources, vec![RowSource::EdgeHard]);
+        assert!(a.fallback.as_deref().is_some_and(|f| f.contains("swapped")), "{:?}", a.fallback);
     }
 
     #[test]
