@@ -117,6 +117,16 @@ def main():
                     if steps == 1 and delta == 1e-5:
                         entry["rdp_at"] = {str(o): float(rdp[list(au.RDP_ORDERS).index(o)]) for o in SPOT_ORDERS}
                     subsampled.append(entry)
+    # Regimes the grid above stops short of (found by review): large q,
+    # small z (one step), heavy noise over 10^6 steps (where the bound's
+    # floor shows), 10^7 steps, and δ up to the 1e-3 specs accept.
+    edges = []
+    for q, z, steps, delta in [(0.5, 0.8, 10, 1e-5), (0.5, 2.0, 100, 1e-3), (0.01, 20.0, 1_000_000, 1e-5),
+                               (0.2, 0.4, 1, 1e-5), (0.001, 1.0, 10_000_000, 1e-6)]:
+        rdp = au.compute_rdp_dgaussian(q, 1.0 / z, 1.0 / z, 0.0, 1, steps, au.RDP_ORDERS)
+        eps, order = rdp_mod.compute_epsilon(au.RDP_ORDERS, rdp, delta)
+        edges.append({"q": q, "noise_multiplier": z, "steps": steps, "delta": delta,
+                      "epsilon": float(eps), "order": float(order)})
     json.dump({
         "generator": "scripts/ddg_reference.py",
         "authors_code": "google-research/federated@a5af8c4433c9ee2d2b1565f1bcc68c89e2000a6b distributed_dp/accounting_utils.py",
@@ -124,6 +134,7 @@ def main():
         "orders": [float(o) for o in au.RDP_ORDERS],
         "cases": cases,
         "subsampled_discrete_gaussian": subsampled,
+        "subsampled_discrete_gaussian_edges": edges,
     }, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

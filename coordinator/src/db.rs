@@ -859,10 +859,45 @@ impl Db {
         })
     }
 
-    /// Whether `party` was among the participants of any round of job `id`
-    /// up to `round` (the parties whose updates the model after `round` holds).
+    /// Whether `party`'s data may be in the model of job `id` after
+    /// `round`: it joined the job (its state there is `accepted` or
+    /// `dropped`: setup's feature statistics are in every model from round
+    /// 0 on), or took part in one of its rounds up to `round`, or the same
+    /// holds of the model the job started from (`from_job` at its round),
+    /// followed back to the first job (an incremental pipeline's chain).
     pub fn took_part(&self, id: &str, party: &str, round: u32) -> Result<bool, Error> {
+        let (mut job, mut upto) = (id.to_owned(), round);
+        // As long as a pipeline's iterations; bounded all the same.
+        for _ in 0..100_000 {
+            if self.joined_or_contributed(&job, party, upto)? {
+                return Ok(true);
+            }
+            let from: Option<(Option<String>, Option<u32>)> = self
+                .lock()
+                .query_row("SELECT from_job, from_round FROM jobs WHERE id = ?1", params![job], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+                .map_err(sql)?;
+            match from {
+                Some((Some(parent), Some(at))) => (job, upto) = (parent, at),
+                _ => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+
+    fn joined_or_contributed(&self, id: &str, party: &str, round: u32) -> Result<bool, Error> {
         let conn = self.lock();
+        let joined: Option<String> = conn
+            .query_row("SELECT state FROM job_parties WHERE job_id = ?1 AND party = ?2", params![id, party], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql)?;
+        if joined.is_some_and(|s| s == PartyState::Accepted.as_str() || s == PartyState::Dropped.as_str()) {
+            return Ok(true);
+        }
         let mut st = conn
             .prepare("SELECT round, participants_json FROM rounds WHERE job_id = ?1 AND round <= ?2")
             .map_err(sql)?;

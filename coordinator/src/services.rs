@@ -270,12 +270,13 @@ pub fn joint_route(db: &Db, service: &str) -> Result<Option<confide_proto::deplo
 /// The model bytes of deployment `sequence` of `service`, for `party`,
 /// which pulls it; the error is what the party is told.
 ///
-/// Only to a party whose updates are in the model (a participant of one of
-/// the job's rounds up to the deployed one), or for the initial model
-/// (round 0, which holds no one's data): every party hears of every
+/// Only to a party whose data may be in the model ([`Db::took_part`]: it
+/// joined the job, took part in a round up to the deployed one, or the same
+/// of a job the model started from): every party hears of every
 /// deployment, and without this any enrolled party could take a model it
 /// did not help train, such as a joint service's cloud model that
-/// `[cloud] accept_from` keeps it from querying (found by review).
+/// `[cloud] accept_from` keeps it from querying (found by review). Round 0
+/// is no exception: its standardisation can be setup's feature statistics.
 pub fn model_for_pull(db: &Db, party: &str, service: &str, sequence: u64) -> Result<Vec<u8>, String> {
     let history = history(db, service).map_err(|e| e.to_string())?;
     // The current deployment only: a rolled-back or superseded model is
@@ -284,10 +285,10 @@ pub fn model_for_pull(db: &Db, party: &str, service: &str, sequence: u64) -> Res
         .first()
         .filter(|r| r.sequence == sequence)
         .ok_or_else(|| format!("service {service} has no current deployment {sequence}"))?;
-    if r.round > 0 && !db.took_part(&r.job_id, party, r.round).map_err(|e| e.to_string())? {
+    if !db.took_part(&r.job_id, party, r.round).map_err(|e| e.to_string())? {
         return Err(format!(
-            "party {party} took no part in job {} up to round {}, whose model deployment {sequence} of service \
-             {service} is: it is not this party's to pull",
+            "party {party} took no part in job {} (or a job it started from) up to round {}, whose model \
+             deployment {sequence} of service {service} is: it is not this party's to pull",
             r.job_id, r.round
         ));
     }
@@ -303,6 +304,7 @@ mod tests {
     use super::*;
     use crate::db::SavedModel;
     use confide_proto::Limits;
+    use confide_proto::status::{PartyState, PartyStatus};
 
     /// A pipeline's history grows without end, but a listing fits a
     /// message: the newest 64 of one service (8 of each when all are
@@ -364,7 +366,7 @@ mod tests {
         let e = model_for_pull(&db, "a", "triage", total - 1).unwrap_err();
         assert!(e.contains("no current deployment 99"), "{e}");
         let e = model_for_pull(&db, "a", "triage", total).unwrap_err();
-        assert!(e.contains("party a took no part in job j1 up to round 1"), "no rounds recorded: {e}");
+        assert!(e.contains("party a took no part in job j1"), "no rounds recorded: {e}");
         let record = |round: u32, participants: &[&str]| confide_proto::status::RoundRecord {
             round,
             metrics: Default::default(),
@@ -379,7 +381,26 @@ mod tests {
         assert!(e.contains("reading the model of job j1 round 1"), "a took part: the model is read: {e}");
         for outsider in ["c", "d"] {
             let e = model_for_pull(&db, outsider, "triage", total).unwrap_err();
-            assert!(e.contains(&format!("party {outsider} took no part in job j1 up to round 1")), "{e}");
+            assert!(e.contains(&format!("party {outsider} took no part in job j1")), "{e}");
         }
+        // A party that joined the job (setup's statistics are in every
+        // round's model) may pull it; one excluded or refused may not.
+        let joined = |state| PartyStatus { state, detail: None, last_round: 0 };
+        db.save_parties(
+            "j1",
+            [("e".to_string(), joined(PartyState::Dropped)), ("f".to_string(), joined(PartyState::Failed))]
+                .iter()
+                .map(|(k, v)| (k, v)),
+        )
+        .unwrap();
+        assert!(db.took_part("j1", "e", 0).unwrap() && !db.took_part("j1", "f", 0).unwrap());
+        // A job started from j1's round 1 (an incremental pipeline's next
+        // candidate): j1's parties are in its models too, c is not.
+        let child = JobSpec { from_job: Some("j1".into()), ..JobSpec::parse(spec, "t", &Limits::default()).unwrap() };
+        db.insert_job("j2", &child, Some(1)).unwrap();
+        db.save_checkpoint("j2", 1, None, None, Some(&record(1, &["b"]))).unwrap();
+        assert!(db.took_part("j2", "a", 1).unwrap(), "a is in j2's model through j1's round 1");
+        assert!(db.took_part("j2", "b", 1).unwrap());
+        assert!(!db.took_part("j2", "c", 1).unwrap(), "c took part in j1's round 2, after j2's start");
     }
 }

@@ -35,6 +35,17 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// A peer's certificate that this process accepted earlier is no longer
+    /// valid (it expired, or was revoked, since): the peer's standing
+    /// changed, which no relay of it caused. A round refuses it; a party
+    /// does not blame the coordinator for relaying it (found by review).
+    #[error("party {party}'s certificate lapsed: {reason}")]
+    CertificateLapsed {
+        /// The peer whose certificate lapsed.
+        party: String,
+        /// Expired or revoked, and when.
+        reason: String,
+    },
     /// Too few parties or shares remain to finish the protocol.
     #[error("below threshold: {0}")]
     BelowThreshold(String),

@@ -113,9 +113,19 @@ impl CertVerifier {
             && c.der == cert_der
         {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            if (c.valid.0..=c.valid.1).contains(&now) {
-                return self.revoked(party, &c.serial);
-            }
+            let lapsed = if (c.valid.0..=c.valid.1).contains(&now) {
+                match self.revoked(party, &c.serial) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e.to_string(),
+                }
+            } else {
+                format!("it expired at {} (Unix seconds) after it was checked", c.valid.1)
+            };
+            // Lapsed since it passed: the peer's standing changed, not the
+            // relay's doing (a mid-round expiry made honest parties leave
+            // the job blaming the coordinator).
+            self.certs.remove(party);
+            return Err(Error::CertificateLapsed { party: party.to_owned(), reason: lapsed });
         }
         let checked = self.check_peer(party, cert_der);
         match checked {
@@ -325,8 +335,45 @@ mod tests {
         for err in [v.verify("a", b"keys", &sig).unwrap_err(), v.add_peer("a", &cert_a).unwrap_err()] {
             assert!(err.to_string().contains("revoked"), "{err}");
         }
-        // b is untouched.
-        v.add_peer("b", &der_of(&std::fs::read_to_string(pki.party_cert("b")).unwrap())).unwrap();
-        assert_eq!(pki.revocations().unwrap().version(), 1);
+        // Revoked after it passed: lapsed, the peer's standing (a round
+        // refuses it; the relay is not blamed).
+        v.add_peer("a", &cert_a).unwrap_err();
+        let b = der_of(&std::fs::read_to_string(pki.party_cert("b")).unwrap());
+        v.add_peer("b", &b).unwrap();
+        list.write().unwrap().update(pki.revoke_party("b", None).unwrap()).unwrap();
+        assert!(matches!(v.add_peer("b", &b), Err(Error::CertificateLapsed { party, .. }) if party == "b"));
+        assert_eq!(pki.revocations().unwrap().version(), 2);
+    }
+
+    /// A certificate that expires between two relays of it (mid-round) is
+    /// lapsed, the peer's standing, not a bad certificate the relay made up.
+    #[test]
+    fn a_certificate_that_expires_after_it_passed_is_lapsed_not_bad() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("t", &["a".into()], &[]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let short = pki
+            .load_ca()
+            .unwrap()
+            .issue_with_validity(
+                Role::Party,
+                "a",
+                &[],
+                now - time::Duration::hours(1),
+                now + time::Duration::seconds(1),
+            )
+            .unwrap();
+        let mut v = CertVerifier::new(&std::fs::read(pki.ca_cert()).unwrap()).unwrap();
+        let cert = der_of(&short.cert_pem);
+        v.add_peer("a", &cert).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let e = v.add_peer("a", &cert).unwrap_err();
+        assert!(
+            matches!(&e, Error::CertificateLapsed { party, reason } if party == "a" && reason.contains("expired")),
+            "{e}"
+        );
+        // Once forgotten, it is simply an expired certificate.
+        assert!(!matches!(v.add_peer("a", &cert), Err(Error::CertificateLapsed { .. })));
     }
 }

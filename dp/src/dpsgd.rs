@@ -20,16 +20,18 @@
 //! of norm at most `clip_norm` = C − 2γ√d. Rounding each coordinate to the
 //! nearest lattice point moves the difference of two sums by less than one
 //! unit per coordinate, √d in L2. The floating-point summation's own error
-//! must fit the second √d: trainers sum at most [`CHUNK_ROWS`] = 2^12 rows in
-//! plain f64 (error ≤ n·2^-53·n·C: at most 2^24·2^-53·2^20 = 2^-9 lattice
-//! units per coordinate) and fold the chunks into a [`CompensatedSum`]
-//! (error about 2^-52 of Σ|chunk sums| ≤ n·2^20 units, n·2^-32 units), and
-//! the division by γ rounds once more (2^-53 of at most n·2^20 units,
-//! n·2^-33). For n ≤ [`MAX_DP_ROWS`] = 2^30 rows (refused above, the data
-//! set's size, not the sample's), that is at most 2^-9 + 2^-2 + 2^-3 < 1/2
-//! unit per coordinate, so the two sums' float errors together stay within
-//! one unit per coordinate, the second √d of the slack (and |sum/γ| ≤
-//! 2^50 is an exact integer in f64). So the
+//! must fit the second √d, that is at most 1/2 unit per coordinate for each
+//! of the two sums. Per coordinate, with u = 2^-53, each row's value at most
+//! C = 2^20 units and n rows: scaling a row by its clip factor rounds once
+//! (n·u·C = n·2^-33 units in all); trainers sum at most [`CHUNK_ROWS`] = 2^6
+//! rows in plain f64 (each chunk's error at most 2^6·u·2^6·C, so n·2^6·u·C =
+//! n·2^-27 over the n/2^6 chunks: these add up, which the first version of
+//! this bound missed, found by review); they fold the chunks into a
+//! [`CompensatedSum`] (about 2u of Σ|chunk sums| ≤ n·C: n·2^-32); and the
+//! division by γ rounds once more (u of at most n·C: n·2^-33). For n ≤
+//! [`MAX_DP_ROWS`] = 2^25 (the data set's size, refused above; not the
+//! sample's), that is at most 2^-2 + 2^-8 + 2^-7 + 2^-8 < 0.27 units, within
+//! the 1/2 (and |sum/γ| ≤ 2^45 is an exact integer in f64). So the
 //! noise-free integer vectors of neighbouring
 //! data sets differ by at most C/γ in L2, and the step is the discrete
 //! Gaussian mechanism with noise multiplier σ_int / 2^bits on a Poisson
@@ -58,13 +60,14 @@ pub fn lattice_sensitivity(noise_multiplier: f64) -> f64 {
 pub const MAX_NOISE_MULTIPLIER: f64 = 1024.0;
 
 /// Rows a trainer sums in plain f64 before folding the partial sum into a
-/// [`CompensatedSum`] (the error bound above).
-pub const CHUNK_ROWS: usize = 1 << 12;
+/// [`CompensatedSum`] (the error bound above: the chunks' errors add up, so
+/// a chunk is kept small; 2^12 before 2026-12-07).
+pub const CHUNK_ROWS: usize = 1 << 6;
 
 /// The most rows a DP-SGD trainer samples from (so the most a sample can
 /// hold): the floating-point error bound of the module docs holds up to
 /// here. A data set this large is refused by the step, whatever was sampled.
-pub const MAX_DP_ROWS: usize = 1 << 30;
+pub const MAX_DP_ROWS: usize = 1 << 25;
 
 /// Neumaier's compensated summation of vectors: the error of the total is
 /// about 2·2^-53·Σ|parts|, whatever the number of parts.
@@ -269,7 +272,7 @@ impl DpSgd {
     pub fn poisson_sample(&mut self, rows: usize) -> Result<Vec<usize>, Error> {
         if rows > MAX_DP_ROWS {
             return Err(Error::InvalidInput(format!(
-                "DP-SGD over {rows} rows: the summation's error bound holds for at most 2^30 rows"
+                "DP-SGD over {rows} rows: the summation's error bound holds for at most 2^25 rows"
             )));
         }
         if self.sample_all {
@@ -644,11 +647,14 @@ mod tests {
         assert!((t.len() as f64 - 10_000.0).abs() < 600.0, "{}", t.len());
         // Beyond the rows the error bound covers: refused, before a draw.
         let e = dp.poisson_sample(MAX_DP_ROWS + 1).unwrap_err().to_string();
-        assert!(e.contains("at most 2^30 rows"), "{e}");
-        // The bound itself: chunk error, compensated sum, division < 1/2 unit.
-        let n = MAX_DP_ROWS as f64;
-        assert!(2f64.powi(-9) + n * 2f64.powi(-32) + n * 2f64.powi(-33) < 0.5);
-        assert!(n * 2f64.powi(20) <= 2f64.powi(53));
+        assert!(e.contains("at most 2^25 rows"), "{e}");
+        // The bound itself, per coordinate in lattice units: the clip
+        // factor's rounding, the chunks' plain sums (which add up), the
+        // compensated sum and the division, within half a unit.
+        let (n, u, c, chunk) = (MAX_DP_ROWS as f64, 2f64.powi(-53), 2f64.powi(20), CHUNK_ROWS as f64);
+        let error = n * u * c + n * chunk * u * c + n * 2.0 * u * c + n * u * c;
+        assert!(error < 0.27, "{error}");
+        assert!(n * c <= 2f64.powi(53));
         // Poisson, not a fixed-size batch (shuffled or strided): over 4000
         // steps of 200 rows at q = 0.1 the sample's size varies as
         // Binomial(200, 0.1) (variance 18; a fixed size has 0), and every

@@ -163,7 +163,9 @@ impl GaussianLoss {
         }
         let x = self.inverse(eps);
         let d = self.upper_cdf(x) - (eps + self.lower_ln_cdf(x)).exp();
-        if d.is_nan() { 0.0 } else { d.clamp(0.0, 1.0) }
+        // A NaN would drop mass from the distribution: pessimistic instead
+        // (found by review; no input is known to reach it).
+        if d.is_nan() { 1.0 } else { d.clamp(0.0, 1.0) }
     }
 
     /// The outputs outside which the noise mass is below e^−50.

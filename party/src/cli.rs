@@ -82,7 +82,8 @@ enum Command {
         /// Held-out rows to report accuracy on.
         #[arg(long)]
         test: Option<PathBuf>,
-        /// Where to write the trained model (safetensors).
+        /// Where to write the trained model (safetensors): a regular file,
+        /// mode 0600, written whole and renamed into place.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Print one JSON object instead of text.
@@ -108,7 +109,8 @@ enum Command {
         /// The file starts with a header line.
         #[arg(long)]
         header: bool,
-        /// Write the CSV here instead of standard output.
+        /// Write the CSV here instead of standard output: a regular file,
+        /// mode 0600, written whole and renamed into place (omit it to pipe).
         #[arg(long)]
         out: Option<PathBuf>,
     },

@@ -1165,6 +1165,9 @@ impl PartyNode {
         let spec = Arc::new(spec);
         let idle_after = spec.timeouts.round_secs * 2000;
         let local_path = source.path.clone();
+        // Where a pipeline's labelled rows are copied to (beside the key):
+        // kept out of refusals too.
+        let scratch = cfg.key.with_extension("pipelines");
         let handler = holding(&slot, move || {
             let kind = plugins.kind(spec.kind.as_str()).ok_or("job kind not available")?;
             let cx = JobContext {
@@ -1201,7 +1204,8 @@ impl PartyNode {
             (Err(e), false) => {
                 warn!(job = %offer.job_id, "refused: {e}");
                 let resolved = crate::config::resolved_path(&local_path);
-                return Err(withheld_from_rows(&e, &[&local_path, &resolved]));
+                let scratch_resolved = crate::config::resolved_path(&scratch);
+                return Err(withheld_from_rows(&e, &[&local_path, &resolved, &scratch, &scratch_resolved]));
             }
             (Err(e), true) => {
                 warn!(job = %offer.job_id, "refused: {e}");
@@ -1224,6 +1228,14 @@ fn withheld_from_rows(reason: &str, paths: &[&std::path::Path]) -> String {
     shown.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for p in shown.iter().filter(|p| p.contains(std::path::MAIN_SEPARATOR)) {
         out = out.replace(p.as_str(), "the data set's file");
+    }
+    // A watched directory's batch, or a pipeline's scratch file: its name
+    // (a date, an export's name) stays in this log too (found by review).
+    let marker = format!("the data set's file{}", std::path::MAIN_SEPARATOR);
+    while let Some(at) = out.find(&marker) {
+        let rest = &out[at + marker.len()..];
+        let end = rest.find(|c: char| c == ':' || c == ',' || c == ')' || c.is_whitespace()).unwrap_or(rest.len());
+        out = format!("{}a batch of the data set{}", &out[..at], &rest[end..]);
     }
     // A label given unquoted (`label 7 is outside the model's 2 classes`).
     let mut kept = String::with_capacity(out.len());
@@ -2534,6 +2546,16 @@ mod tests {
                 &[data, file]
             ),
             "data set \"bc\": the data set's file: label (withheld) is outside the model's 2 classes"
+        );
+        // A watched directory's batch and a pipeline's scratch file: their
+        // names are withheld too (found by review).
+        let (dir, scratch) = (std::path::Path::new("/srv/watch"), std::path::Path::new("/etc/confide/a.pipelines"));
+        assert_eq!(
+            withheld_from_rows(
+                "/srv/watch/2026-11-01-ward-7.csv:3: bad cell; /etc/confide/a.pipelines/labelled-triage.csv: too wide",
+                &[dir, scratch]
+            ),
+            "a batch of the data set:3: bad cell; a batch of the data set: too wide"
         );
     }
 

@@ -1416,11 +1416,12 @@ impl SecAggClient {
                 let mut adverts = Vec::with_capacity(list.keys.len());
                 for k in list.keys {
                     let (advert, cert) = keys_from_wire(k, "coordinator")?;
-                    self.party.peers.add_peer(&advert.party, &cert).map_err(|e| {
-                        coordinator_fault(format!(
+                    self.party.peers.add_peer(&advert.party, &cert).map_err(|e| match e {
+                        e @ Error::CertificateLapsed { .. } => e,
+                        e => coordinator_fault(format!(
                             "relayed a certificate for {} that does not check: {e}",
                             advert.party
-                        ))
+                        )),
                     })?;
                     adverts.push(advert);
                 }
@@ -1478,8 +1479,12 @@ impl SecAggClient {
                         return Err(coordinator_fault(format!("an oversized signature or certificate of {}", s.party)));
                     }
                     if s.party != self.party.name {
-                        self.party.peers.add_peer(&s.party, &s.certificate).map_err(|e| {
-                            coordinator_fault(format!("relayed a certificate for {} that does not check: {e}", s.party))
+                        self.party.peers.add_peer(&s.party, &s.certificate).map_err(|e| match e {
+                            e @ Error::CertificateLapsed { .. } => e,
+                            e => coordinator_fault(format!(
+                                "relayed a certificate for {} that does not check: {e}",
+                                s.party
+                            )),
                         })?;
                     }
                     signatures.push(SurvivorSignature { party: s.party, signature: s.signature });

@@ -184,9 +184,9 @@ impl KeyShare {
 pub struct Decrypted {
     /// The sum, each value modulo 2^b.
     pub values: Vec<u32>,
-    /// Decryptors (positions in the decryption set) whose leave-one-out
-    /// combination was consistent when the whole set was not; the sum was
-    /// combined without the first. *Suspected*, not convicted: a bad share
+    /// Decryptors (their key-party indices, as in `decryptors`) whose
+    /// leave-one-out combination was consistent when the whole set was not;
+    /// the sum was combined without the first. *Suspected*, not convicted: a bad share
     /// from one of them fits, but so does a contributor's ciphertext (or a
     /// dealer's key share) crafted to imitate one, since the aggregate's c0
     /// enters every combination as a share at point 0 would (found by
@@ -201,9 +201,11 @@ pub struct Decrypted {
 /// Needs τ + 1 answers: the combination of all answers is compared with one
 /// that leaves a share out, each with a residual check against its honest
 /// noise bound; they agree only if the result is right (a single bad share
-/// shifts them differently). With τ + 2 answers a bad share is also named and
-/// the result recomputed without it. Below that, or when the shares cannot
-/// be reconciled, the error names who to suspect and no sum is returned.
+/// shifts them differently). With τ + 2 answers each share whose leaving out
+/// makes the rest check is reported as suspected, and the result is
+/// recomputed without the first. Below that, or when the shares cannot be
+/// reconciled, the error lists who to suspect (the decryptors, and the
+/// contributors and dealers, whose faults look alike) and no sum is returned.
 pub fn combine(
     params: &HeParams,
     aggregate: &Aggregate,

@@ -945,7 +945,8 @@ fn rebuild_checked(
     }
     let Some((base, secret)) = good else {
         return Err(Error::InvalidInput(format!(
-            "the {} shares of {what} do not rebuild the committed secret: more than one wrong share",
+            "the {} shares of {what} do not rebuild the committed secret: more than one wrong share, or none \
+             that fits",
             shares.len()
         )));
     };
@@ -1349,6 +1350,66 @@ impl Server {
         }
     }
 
+    /// When no t shares of `owner`'s secret agree with what it committed to:
+    /// each revealed share checked on its own against the ciphertext its
+    /// dealer signed, opened with the key its holder revealed. A holder
+    /// whose share differs, whose key does not open it, or that revealed no
+    /// key, lied; when every share is the one the dealer signed, the dealer
+    /// dealt shares that rebuild no committed secret (or committed to none).
+    /// Before, the failure named no one and read as if the owner were at
+    /// fault whoever was (found by review).
+    fn attribute_failure(&self, owner: &str, kind: ShareKind) -> Vec<(String, String)> {
+        let what = match kind {
+            ShareKind::SelfMask => format!("{owner}'s self-mask"),
+            ShareKind::MaskKey => format!("{owner}'s mask key"),
+        };
+        let mut liars = Vec::new();
+        for (holder, u) in &self.unmask {
+            let list = if kind == ShareKind::SelfMask { &u.self_mask } else { &u.mask_key };
+            let Some(share) = list.iter().find(|(o, _)| o == owner).map(|(_, s)| s) else { continue };
+            let dealt = self.shares.get(holder).and_then(|v| v.iter().find(|s| s.from == owner));
+            let why = match (u.keys.get(owner), dealt) {
+                (Some(key), Some(dealt)) => match self.cfg.open_share(dealt, kind, key) {
+                    Some(sent) if &sent == share => continue,
+                    Some(_) => format!("revealed a share of {what} other than the one its dealer sent"),
+                    None => format!("revealed a key that does not open its share of {what}"),
+                },
+                _ => format!("revealed a share of {what} without the key that opens what its dealer sent"),
+            };
+            liars.push((holder.clone(), why));
+        }
+        if liars.is_empty() {
+            let why = format!(
+                "dealt shares of its {} that rebuild no secret it committed to (each holder revealed the share it signed)",
+                kind.label()
+            );
+            return vec![(owner.to_owned(), why)];
+        }
+        liars
+    }
+
+    /// `rebuild_checked`'s failure for `owner`, attributed: the error names
+    /// the culprits, and they are added to `flagged` (those caught before),
+    /// which the caller keeps as [`Server::flagged`].
+    fn failed_rebuild(
+        &self,
+        owner: &str,
+        kind: ShareKind,
+        error: Error,
+        flagged: &mut BTreeMap<String, String>,
+    ) -> Error {
+        if !matches!(error, Error::InvalidInput(_)) {
+            return error;
+        }
+        let culprits = self.attribute_failure(owner, kind);
+        let names: Vec<String> = culprits.iter().map(|(p, _)| p.clone()).collect();
+        let reason = culprits.iter().map(|(p, why)| format!("{p} {why}")).collect::<Vec<_>>().join("; ");
+        for (p, why) in culprits {
+            flagged.entry(p).or_insert(why);
+        }
+        Error::PeerMisbehaved { party: names.join(", "), reason: format!("{error}: {reason}") }
+    }
+
     /// The parties caught with shares that did not fit the owner's
     /// commitment (or advertised key) in the last [`Server::finish`] — the
     /// dealer that dealt it or the holder that falsified it — with why: the
@@ -1387,7 +1448,14 @@ impl Server {
             let commitment = self.keys.get(v).map(|k| k.seed_commitment);
             let check = |b: &[u8; 32]| Some(self.cfg.seed_commitment(b, v)) == commitment;
             let mut wrong = Vec::new();
-            let b = rebuild_checked(&collect(v, true), t, &format!("{v}'s self-mask"), check, &mut wrong)?;
+            let b = match rebuild_checked(&collect(v, true), t, &format!("{v}'s self-mask"), check, &mut wrong) {
+                Ok(b) => b,
+                Err(e) => {
+                    let e = self.failed_rebuild(v, ShareKind::SelfMask, e, &mut flagged);
+                    self.flagged = flagged;
+                    return Err(e);
+                }
+            };
             self.blame(v, ShareKind::SelfMask, &wrong, &mut flagged);
             seeds.push((self.cfg.self_seed(&b, v), true));
         }
@@ -1396,7 +1464,14 @@ impl Server {
             let check = |sk: &[u8; 32]| Some(PublicKey::from(&StaticSecret::from(*sk)).to_bytes()) == advertised;
             let what = format!("dropped {d}'s mask key");
             let mut wrong = Vec::new();
-            let sk = rebuild_checked(&collect(d, false), t, &what, check, &mut wrong)?;
+            let sk = match rebuild_checked(&collect(d, false), t, &what, check, &mut wrong) {
+                Ok(sk) => sk,
+                Err(e) => {
+                    let e = self.failed_rebuild(d, ShareKind::MaskKey, e, &mut flagged);
+                    self.flagged = flagged;
+                    return Err(e);
+                }
+            };
             self.blame(d, ShareKind::MaskKey, &wrong, &mut flagged);
             let sk = StaticSecret::from(*sk);
             for u in self.neighbours_of(d)? {

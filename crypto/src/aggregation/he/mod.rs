@@ -86,7 +86,8 @@ pub struct HeSettings {
     /// epoch (the flooding noise's Rényi budget), 10..=40.
     pub key_budget_log2: u32,
     /// Decryptors asked beyond τ + 1 (tolerated silent decryptors; with one
-    /// more than τ + 1 answering, a bad share's sender is named).
+    /// more than τ + 1 answering, a bad share is left out and its sender
+    /// suspected, not convicted: see [`he::Decrypted::suspected`]).
     pub surplus: usize,
 }
 
@@ -2290,8 +2291,13 @@ impl HeClient {
                         return Err(coordinator_fault(format!("an oversized signature or certificate of {}", c.party)));
                     }
                     if c.party != me {
-                        self.party.peers.add_peer(&c.party, &c.certificate).map_err(|e| {
-                            coordinator_fault(format!("relayed a certificate for {} that does not check: {e}", c.party))
+                        self.party.peers.add_peer(&c.party, &c.certificate).map_err(|e| match e {
+                            // Lapsed since it passed: a refusal, not the relay's fault.
+                            e @ Error::CertificateLapsed { .. } => e,
+                            e => coordinator_fault(format!(
+                                "relayed a certificate for {} that does not check: {e}",
+                                c.party
+                            )),
                         })?;
                     }
                     // This party's own commitment is checked against what it made, below.
@@ -2602,8 +2608,9 @@ impl HeClient {
                 uploads.get(p).ok_or_else(|| coordinator_fault(format!("counted {p} without its signed upload")))?;
             // This party's own record matters only through its hash, checked below.
             if *p != self.party.name {
-                self.party.peers.add_peer(p, &u.certificate).map_err(|e| {
-                    coordinator_fault(format!("relayed a certificate for {p} that does not check: {e}"))
+                self.party.peers.add_peer(p, &u.certificate).map_err(|e| match e {
+                    e @ Error::CertificateLapsed { .. } => e,
+                    e => coordinator_fault(format!("relayed a certificate for {p} that does not check: {e}")),
                 })?;
                 self.party.peers.verify(p, &upload_transcript(&binding, u), &u.signature).map_err(|_| {
                     coordinator_fault(format!("relayed an upload record of {p} that {p} did not sign for this round"))
