@@ -860,18 +860,22 @@ impl Db {
     }
 
     /// Whether `party`'s data may be in the model of job `id` after
-    /// `round`: it joined the job (its state there is `accepted` or
-    /// `dropped`: setup's feature statistics are in every model from round
-    /// 0 on), or took part in one of its rounds up to `round`, or the same
-    /// holds of the model the job started from (`from_job` at its round),
-    /// followed back to the first job (an incremental pipeline's chain).
+    /// `round`: it took part in one of the job's rounds up to `round`, or
+    /// its state in the job is `accepted` (setup's feature statistics are
+    /// in every model from round 0 on; `dropped` is not enough, as parties
+    /// that never accepted are marked so too), or it took part in a round,
+    /// up to the one started from, of the job the model started from
+    /// (`from_job`), followed back to the first job (an incremental
+    /// pipeline's chain).
     pub fn took_part(&self, id: &str, party: &str, round: u32) -> Result<bool, Error> {
-        let (mut job, mut upto) = (id.to_owned(), round);
-        // As long as a pipeline's iterations; bounded all the same.
+        let (mut job, mut upto, mut deployed) = (id.to_owned(), round, true);
+        // As long as a pipeline's iterations; bounded all the same (a
+        // parent predates its child, so there is no cycle).
         for _ in 0..100_000 {
-            if self.joined_or_contributed(&job, party, upto)? {
+            if self.joined_or_contributed(&job, party, upto, deployed)? {
                 return Ok(true);
             }
+            deployed = false;
             let from: Option<(Option<String>, Option<u32>)> = self
                 .lock()
                 .query_row("SELECT from_job, from_round FROM jobs WHERE id = ?1", params![job], |r| {
@@ -887,16 +891,18 @@ impl Db {
         Ok(false)
     }
 
-    fn joined_or_contributed(&self, id: &str, party: &str, round: u32) -> Result<bool, Error> {
+    fn joined_or_contributed(&self, id: &str, party: &str, round: u32, count_joined: bool) -> Result<bool, Error> {
         let conn = self.lock();
-        let joined: Option<String> = conn
-            .query_row("SELECT state FROM job_parties WHERE job_id = ?1 AND party = ?2", params![id, party], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(sql)?;
-        if joined.is_some_and(|s| s == PartyState::Accepted.as_str() || s == PartyState::Dropped.as_str()) {
-            return Ok(true);
+        if count_joined {
+            let joined: Option<String> = conn
+                .query_row("SELECT state FROM job_parties WHERE job_id = ?1 AND party = ?2", params![id, party], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(sql)?;
+            if joined.is_some_and(|s| s == PartyState::Accepted.as_str()) {
+                return Ok(true);
+            }
         }
         let mut st = conn
             .prepare("SELECT round, participants_json FROM rounds WHERE job_id = ?1 AND round <= ?2")

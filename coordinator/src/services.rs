@@ -388,12 +388,18 @@ mod tests {
         let joined = |state| PartyStatus { state, detail: None, last_round: 0 };
         db.save_parties(
             "j1",
-            [("e".to_string(), joined(PartyState::Dropped)), ("f".to_string(), joined(PartyState::Failed))]
-                .iter()
-                .map(|(k, v)| (k, v)),
+            [
+                ("e".to_string(), joined(PartyState::Accepted)),
+                ("f".to_string(), joined(PartyState::Failed)),
+                // Dropped is also what a party that never accepted is marked.
+                ("g".to_string(), joined(PartyState::Dropped)),
+            ]
+            .iter()
+            .map(|(k, v)| (k, v)),
         )
         .unwrap();
-        assert!(db.took_part("j1", "e", 0).unwrap() && !db.took_part("j1", "f", 0).unwrap());
+        assert!(db.took_part("j1", "e", 0).unwrap());
+        assert!(!db.took_part("j1", "f", 0).unwrap() && !db.took_part("j1", "g", 0).unwrap());
         // A job started from j1's round 1 (an incremental pipeline's next
         // candidate): j1's parties are in its models too, c is not.
         let child = JobSpec { from_job: Some("j1".into()), ..JobSpec::parse(spec, "t", &Limits::default()).unwrap() };
@@ -402,5 +408,6 @@ mod tests {
         assert!(db.took_part("j2", "a", 1).unwrap(), "a is in j2's model through j1's round 1");
         assert!(db.took_part("j2", "b", 1).unwrap());
         assert!(!db.took_part("j2", "c", 1).unwrap(), "c took part in j1's round 2, after j2's start");
+        assert!(!db.took_part("j2", "e", 1).unwrap(), "joining j1 is not taking part in its rounds up to j2's start");
     }
 }

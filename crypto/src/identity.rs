@@ -60,6 +60,10 @@ impl IdentitySigner for IdentityKey {
 pub struct CertVerifier {
     ca_der: Vec<u8>,
     certs: BTreeMap<String, VerifiedCert>,
+    /// Certificates that passed and lapsed since, by party (one each): a
+    /// later relay of the same bytes is still a lapse, not a bad
+    /// certificate the relay made up.
+    lapsed: BTreeMap<String, (Vec<u8>, String)>,
     /// The newest revocation list this side has accepted, shared with its
     /// node so that a list arriving mid-job applies at once.
     revocations: SharedRevocations,
@@ -90,7 +94,7 @@ impl CertVerifier {
     pub fn with_revocations(ca_pem: &[u8], revocations: SharedRevocations) -> Result<CertVerifier, Error> {
         let ca_der = pem_der(ca_pem, "CA certificate")?.to_vec();
         X509Certificate::from_der(&ca_der).map_err(|e| Error::Certificate(format!("CA certificate: {e}")))?;
-        Ok(CertVerifier { ca_der, certs: BTreeMap::new(), revocations })
+        Ok(CertVerifier { ca_der, certs: BTreeMap::new(), lapsed: BTreeMap::new(), revocations })
     }
 
     fn revoked(&self, party: &str, serial: &[u8]) -> Result<(), Error> {
@@ -125,7 +129,13 @@ impl CertVerifier {
             // relay's doing (a mid-round expiry made honest parties leave
             // the job blaming the coordinator).
             self.certs.remove(party);
+            self.lapsed.insert(party.to_owned(), (cert_der.to_vec(), lapsed.clone()));
             return Err(Error::CertificateLapsed { party: party.to_owned(), reason: lapsed });
+        }
+        if let Some((der, reason)) = self.lapsed.get(party)
+            && der == cert_der
+        {
+            return Err(Error::CertificateLapsed { party: party.to_owned(), reason: reason.clone() });
         }
         let checked = self.check_peer(party, cert_der);
         match checked {
@@ -352,28 +362,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pki = PkiDir::new(dir.path());
         pki.init("t", &["a".into()], &[]).unwrap();
+        // Valid for three more seconds (the DER keeps whole seconds): time
+        // for the first check, then a wait past its end.
         let now = time::OffsetDateTime::now_utc();
+        let until = (now + time::Duration::seconds(3)).replace_nanosecond(0).unwrap();
         let short = pki
             .load_ca()
             .unwrap()
-            .issue_with_validity(
-                Role::Party,
-                "a",
-                &[],
-                now - time::Duration::hours(1),
-                now + time::Duration::seconds(1),
-            )
+            .issue_with_validity(Role::Party, "a", &[], now - time::Duration::hours(1), until)
             .unwrap();
         let mut v = CertVerifier::new(&std::fs::read(pki.ca_cert()).unwrap()).unwrap();
         let cert = der_of(&short.cert_pem);
         v.add_peer("a", &cert).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(2100));
-        let e = v.add_peer("a", &cert).unwrap_err();
-        assert!(
-            matches!(&e, Error::CertificateLapsed { party, reason } if party == "a" && reason.contains("expired")),
-            "{e}"
-        );
-        // Once forgotten, it is simply an expired certificate.
-        assert!(!matches!(v.add_peer("a", &cert), Err(Error::CertificateLapsed { .. })));
+        let wait = until + time::Duration::milliseconds(1100) - time::OffsetDateTime::now_utc();
+        std::thread::sleep(std::time::Duration::try_from(wait).unwrap_or_default());
+        for _ in 0..2 {
+            // Again on the next relay of the same bytes: still a lapse.
+            let e = v.add_peer("a", &cert).unwrap_err();
+            assert!(
+                matches!(&e, Error::CertificateLapsed { party, reason } if party == "a" && reason.contains("expired")),
+                "{e}"
+            );
+        }
     }
 }

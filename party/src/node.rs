@@ -1224,7 +1224,16 @@ fn withheld_from_rows(reason: &str, paths: &[&std::path::Path]) -> String {
     // The longest first (an absolute path holds the relative one), and only
     // paths with a separator: a bare relative name such as `data` would
     // also replace words of the message.
-    let mut shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    // (A directory configured with a trailing separator is matched without
+    // it, so that the separator before a batch's name stays to be found.)
+    let mut shown: Vec<String> = paths
+        .iter()
+        .map(|p| {
+            let s = p.display().to_string();
+            let trimmed = s.trim_end_matches(std::path::MAIN_SEPARATOR);
+            if trimmed.is_empty() { s } else { trimmed.to_owned() }
+        })
+        .collect();
     shown.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for p in shown.iter().filter(|p| p.contains(std::path::MAIN_SEPARATOR)) {
         out = out.replace(p.as_str(), "the data set's file");
@@ -1234,7 +1243,16 @@ fn withheld_from_rows(reason: &str, paths: &[&std::path::Path]) -> String {
     let marker = format!("the data set's file{}", std::path::MAIN_SEPARATOR);
     while let Some(at) = out.find(&marker) {
         let rest = &out[at + marker.len()..];
-        let end = rest.find(|c: char| c == ':' || c == ',' || c == ')' || c.is_whitespace()).unwrap_or(rest.len());
+        // The name runs to a `:` (a line number, or the message), a `,`, a
+        // `)`, or, for a name with spaces, the end of its extension.
+        let mut end = rest.find([':', ',', ')', '"']).unwrap_or(rest.len());
+        let lower = rest[..end].to_ascii_lowercase();
+        for ext in [".csv.gz", ".csv"] {
+            if let Some(i) = lower.find(ext) {
+                end = end.min(i + ext.len());
+                break;
+            }
+        }
         out = format!("{}a batch of the data set{}", &out[..at], &rest[end..]);
     }
     // A label given unquoted (`label 7 is outside the model's 2 classes`).
@@ -2556,6 +2574,12 @@ mod tests {
                 &[dir, scratch]
             ),
             "a batch of the data set:3: bad cell; a batch of the data set: too wide"
+        );
+        // A directory configured with a trailing separator; a name with spaces.
+        let slash = std::path::Path::new("/srv/watch/");
+        assert_eq!(
+            withheld_from_rows("/srv/watch/ward 7 export.CSV is larger than max_bytes", &[slash]),
+            "a batch of the data set is larger than max_bytes"
         );
     }
 
