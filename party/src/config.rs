@@ -296,6 +296,16 @@ pub struct Policy {
     /// connection does.
     #[serde(default = "default_max_jobs")]
     pub max_jobs: usize,
+    /// The least time, in seconds, between two training jobs of one
+    /// incremental pipeline at this party: a later one is refused before
+    /// its ε is reserved. The pipeline's `max_iterations` is the
+    /// coordinator's to keep, and a party accepts a training job whether or
+    /// not new rows arrived, so without this the ledger's `max_epsilon` is
+    /// the only bound on how often a coordinator retrains on these rows
+    /// (found by review). Time, not rows: a cap on new rows would tell the
+    /// coordinator when rows arrive. Unset by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_pipeline_train_secs: Option<u64>,
     /// Run an incremental pipeline's evaluate jobs (its row counts and gate
     /// metrics over a watched directory's batches, summed through the job's
     /// aggregation protocol) although `require_dp` or `max_epsilon` is set.
@@ -391,6 +401,7 @@ impl Default for Policy {
             max_delta: None,
             max_extra_rounds: default_max_extra_rounds(),
             max_jobs: default_max_jobs(),
+            min_pipeline_train_secs: None,
             evaluations_outside_budget: false,
             min_answer_after_secs: None,
             accept_central_dp: false,
@@ -670,6 +681,11 @@ impl PartyConfig {
         if self.policy.max_dp_steps_per_round == 0 {
             return Err("policy.max_dp_steps_per_round: must be at least 1".into());
         }
+        if let Some(t) = self.policy.min_pipeline_train_secs
+            && !(1..=366 * 86_400).contains(&t)
+        {
+            return Err(format!("policy.min_pipeline_train_secs: must be in [1, 31622400] seconds (got {t})"));
+        }
         if let Some(t) = self.policy.min_answer_after_secs
             && !(t > 0.0 && t <= 86_400.0)
         {
@@ -856,6 +872,14 @@ mod tests {
             let e = load(&format!("[policy]\nmin_answer_after_secs = {bad}\n")).unwrap_err().to_string();
             assert!(e.contains("policy.min_answer_after_secs"), "{bad}: {e}");
         }
+        for bad in ["0", "40000000"] {
+            let e = load(&format!("[policy]\nmin_pipeline_train_secs = {bad}\n")).unwrap_err().to_string();
+            assert!(e.contains("policy.min_pipeline_train_secs"), "{bad}: {e}");
+        }
+        assert_eq!(
+            load("[policy]\nmin_pipeline_train_secs = 86400\n").unwrap().policy.min_pipeline_train_secs,
+            Some(86400)
+        );
         // Serving counts: on by default, off by default under a DP policy,
         // as set when set.
         for (toml, reports) in [

@@ -1110,6 +1110,18 @@ impl PartyNode {
             .get(&spec.aggregation.protocol)
             .is_none_or(|p| p.reveals() != confide_crypto::aggregation::Reveals::Updates);
         let keeps_reasons = spec.dp.is_some() || outside_budget || hides_values;
+        // A pipeline's training jobs no closer together than the hospital
+        // allows, checked (and the slot claimed, durably) before any ε is
+        // reserved: the coordinator keeps `max_iterations`, not the party.
+        if let (Some(p), Some(min_secs), Ok(w)) = (&spec.pipeline, cfg.policy.min_pipeline_train_secs, &self.watches)
+            && spec.kind == confide_proto::jobspec::JobKind::Train
+        {
+            let (w, pipeline, job) = (w.clone(), p.job.clone(), offer.job_id.clone());
+            holding(&slot, move || w.claim_training(&pipeline, &job, min_secs)).await.map_err(|e| {
+                warn!(job = %offer.job_id, "claiming the pipeline's training slot panicked: {e}");
+                "claiming the pipeline's training slot failed (the detail is in this party's log)".to_string()
+            })??;
+        }
         let job_budget = if outside_budget {
             None
         } else {

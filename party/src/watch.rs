@@ -46,6 +46,10 @@ struct Marks {
     /// is must not depend on whether one row arrived).
     #[serde(default)]
     trained: BTreeMap<String, u32>,
+    /// Pipeline job id → the training job that last marked here and when
+    /// (Unix seconds), for `policy.min_pipeline_train_secs`.
+    #[serde(default)]
+    trained_at: BTreeMap<String, (String, u64)>,
 }
 
 /// The party's watch state and its hard-example files.
@@ -593,6 +597,7 @@ impl Watches {
                 pipelines: marks.pipelines.clone(),
                 labelled_rows: marks.labelled_rows.clone(),
                 trained: marks.trained.clone(),
+                trained_at: marks.trained_at.clone(),
             };
             for sha in unbound {
                 next.labelled_rows.insert(sha, dataset.to_owned());
@@ -611,6 +616,7 @@ impl Watches {
                     pipelines: marks.pipelines.clone(),
                     labelled_rows: marks.labelled_rows.clone(),
                     trained: marks.trained.clone(),
+                    trained_at: marks.trained_at.clone(),
                 };
                 let entry = next.pipelines.entry(p.job.clone()).or_default();
                 for b in &new_batches {
@@ -702,6 +708,45 @@ impl Watches {
             .collect()
     }
 
+    /// `policy.min_pipeline_train_secs`: claims pipeline `pipeline`'s next
+    /// training for job `job_id`, or refuses it when another training job
+    /// of the pipeline was accepted here less than `min_secs` ago. The claim
+    /// is on disk before the job's ε is reserved (a job refused after it
+    /// has used its slot all the same: conservative); the same job offered
+    /// again keeps its claim.
+    pub fn claim_training(&self, pipeline: &str, job_id: &str, min_secs: u64) -> Result<(), String> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        match marks.trained_at.get(pipeline) {
+            Some((last, _)) if last == job_id => return Ok(()),
+            Some((_, at)) if now.saturating_sub(*at) < min_secs => {
+                return Err(format!(
+                    "pipeline {pipeline}: a training job {} s after the last one here; this party's \
+                     policy.min_pipeline_train_secs is {min_secs}",
+                    now.saturating_sub(*at)
+                ));
+            }
+            None if marks.trained_at.len() >= MAX_PIPELINES => {
+                return Err(format!(
+                    "this party keeps the training times of at most {MAX_PIPELINES} pipelines; pipeline {pipeline} \
+                     would be one more (the hospital forgets finished ones with `confide-party pipelines --forget`)"
+                ));
+            }
+            _ => {}
+        }
+        let mut next = Marks {
+            pipelines: marks.pipelines.clone(),
+            labelled_rows: marks.labelled_rows.clone(),
+            trained: marks.trained.clone(),
+            trained_at: marks.trained_at.clone(),
+        };
+        next.trained_at.insert(pipeline.to_owned(), (job_id.to_owned(), now));
+        let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
+        write_durably(&self.state_path, &json)?;
+        *marks = next;
+        Ok(())
+    }
+
     /// Forgets pipeline `id`'s batch marks, durably, making room for
     /// another pipeline: for a finished pipeline only, since a pipeline
     /// that goes on after this trains again on the batches it had marked
@@ -711,7 +756,7 @@ impl Watches {
     /// the ledger's lock): a running party would write its own copy back.
     pub fn forget(&self, id: &str) -> Result<PipelineMarks, String> {
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
-        if !marks.pipelines.contains_key(id) && !marks.trained.contains_key(id) {
+        if !marks.pipelines.contains_key(id) && !marks.trained.contains_key(id) && !marks.trained_at.contains_key(id) {
             return Err(format!("{}: no pipeline {id} is marked", self.state_path.display()));
         }
         let forgotten = marks.summary(id);
@@ -720,9 +765,11 @@ impl Watches {
             pipelines: marks.pipelines.clone(),
             labelled_rows: marks.labelled_rows.clone(),
             trained: marks.trained.clone(),
+            trained_at: marks.trained_at.clone(),
         };
         next.pipelines.remove(id);
         next.trained.remove(id);
+        next.trained_at.remove(id);
         let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
         write_durably(&self.state_path, &json)?;
         *marks = next;
@@ -1128,6 +1175,30 @@ mod tests {
     /// A state file written before the field's rename (`label_datasets`)
     /// keeps its bindings: a labelled row charged to data set "d" stays
     /// out of jobs on "e".
+    /// `policy.min_pipeline_train_secs`: a second training job of one
+    /// pipeline within the interval is refused (also after a restart); the
+    /// same job offered again keeps its slot; after the interval, or for
+    /// another pipeline, a job goes ahead; forgetting the pipeline forgets
+    /// its time.
+    #[test]
+    fn a_pipelines_training_jobs_keep_the_hospitals_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = open_in(dir.path());
+        w.claim_training("p1", "j1", 3600).unwrap();
+        w.claim_training("p1", "j1", 3600).unwrap();
+        let e = w.claim_training("p1", "j2", 3600).unwrap_err();
+        assert!(e.contains("pipeline p1") && e.contains("policy.min_pipeline_train_secs is 3600"), "{e}");
+        w.claim_training("p2", "j3", 3600).unwrap();
+        let w = open_in(dir.path());
+        assert!(w.claim_training("p1", "j2", 3600).is_err(), "the claim is kept across a restart");
+        // An hour later (the recorded time moved back).
+        w.marks.lock().unwrap().trained_at.get_mut("p1").unwrap().1 -= 3600;
+        w.claim_training("p1", "j2", 3600).unwrap();
+        assert!(w.claim_training("p1", "j4", 3600).is_err(), "j2's claim starts the next interval");
+        w.forget("p1").unwrap();
+        w.claim_training("p1", "j4", 3600).unwrap();
+    }
+
     #[test]
     fn a_state_file_of_the_earlier_format_keeps_its_bindings() {
         let dir = tempfile::tempdir().unwrap();
