@@ -321,10 +321,10 @@ mod tests {
         let m = weighted_metrics(&[eval("a", u64::MAX - 99, 0.5), eval("b", 100, 1.0)]).unwrap();
         assert!(m.values().all(|v| v.is_finite()) && (m["accuracy"] - 0.5).abs() < 1e-9, "{m:?}");
         let ok: Metrics = [("accuracy".to_string(), 1.0), ("loss_like".to_string(), -1e12)].into();
-        assert!(check_reported_metrics("p", &ok).is_ok());
+        assert!(check_reported_metrics("hospital-q", &ok).is_ok());
         for (k, v) in [("accuracy", 1.0 + 1e-9), ("auc", -0.1), ("train_loss", 1.7e308), ("x", f64::NAN)] {
-            let e = check_reported_metrics("p", &[(k.to_string(), v)].into()).unwrap_err().to_string();
-            assert!(e.contains("p") && e.contains(k), "{k}: {e}");
+            let e = check_reported_metrics("hospital-q", &[(k.to_string(), v)].into()).unwrap_err().to_string();
+            assert!(e.contains("hospital-q") && e.contains(k), "{k}: {e}");
         }
     }
 

@@ -171,8 +171,11 @@ pub async fn bench_incremental(data: &Path, batches: usize, poll_secs: f64) -> R
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let served_ms = landed.elapsed().as_secs_f64() * 1000.0;
-        let total = it.trigger_to_deploy_ms.unwrap_or(0) as f64;
-        let compute = it.compute_ms.unwrap_or(0) as f64;
+        // A figure the coordinator did not record (a deployment made before
+        // a restart) is null, not a measured 0 (the means skip it).
+        let total = it.trigger_to_deploy_ms.map(|t| t as f64);
+        let compute = it.compute_ms.map(|c| c as f64);
+        let framework = total.zip(compute).map(|(t, c)| t - c);
         out.push(serde_json::json!({
             "bench": "incremental",
             "iteration": iteration,
@@ -180,8 +183,8 @@ pub async fn bench_incremental(data: &Path, batches: usize, poll_secs: f64) -> R
             "new_rows": it.new_rows,
             "trigger_to_deploy_ms": total,
             "parties_training_ms": compute,
-            "framework_ms": total - compute,
-            "framework_share": if total > 0.0 { (total - compute) / total } else { 0.0 },
+            "framework_ms": framework,
+            "framework_share": total.zip(framework).filter(|(t, _)| *t > 0.0).map(|(t, f)| f / t),
             "batch_to_served_ms": if iteration > 1 { Some(served_ms) } else { None },
             "poll_secs": poll_secs,
             "candidate_accuracy": it.candidate_metric,

@@ -1,9 +1,11 @@
 //! What a coordinator build knows: strategies, aggregation protocols and job
 //! kinds, built-in and registered. A researcher's own `confide` binary adds
-//! to them (see `examples/custom_strategy.rs`):
+//! to them (see `examples/custom_strategy.rs`; this example runs as the
+//! unit test `registering_a_strategy_with_options_works_as_documented`,
+//! since `make test` runs no doctests):
 //!
-//! ```
-//! # use confide_coordinator::plugins::Plugins;
+//! ```ignore
+//! use confide_coordinator::plugins::Plugins;
 //! use confide_algorithms::{FedAvg, Strategy};
 //! #[derive(serde::Deserialize)]
 //! #[serde(deny_unknown_fields)]
@@ -236,5 +238,29 @@ impl Plugins {
             ));
         }
         k.check(spec, self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confide_algorithms::{FedAvg, Strategy};
+
+    /// The module's documented example, run (and its option checked).
+    #[test]
+    fn registering_a_strategy_with_options_works_as_documented() {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Options {
+            gamma: f64,
+        }
+        let plugins = Plugins::new().strategy_with_options("lr-decay", |o: Options, _spec| {
+            if !(o.gamma > 0.0 && o.gamma <= 1.0) {
+                return Err(format!("gamma must be in (0, 1] (got {})", o.gamma));
+            }
+            Ok(Box::new(FedAvg) as Box<dyn Strategy>)
+        });
+        assert!(plugins.has_strategy("lr-decay"));
+        assert!(!plugins.has_strategy("lr-decay-2"));
     }
 }

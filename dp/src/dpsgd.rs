@@ -562,6 +562,9 @@ mod tests {
         let dim = 2000;
         let mut dp = DpSgd::new(DpSgdConfig { noise_multiplier: 0.5, ..cfg(dim) }).unwrap().with_reserve(None, 2);
         steps_take_fresh_calibrated_noise(&mut dp, dim, 200);
+        // The path this test is for ran (200 steps of microseconds against
+        // a thread drawing 2,000 values a vector with room for two).
+        assert!(dp.noise_drawn_inline() > 0, "no step outran the noise thread");
     }
 
     /// Privatizes `steps` zero vectors: no noise vector serves twice, and

@@ -1110,6 +1110,14 @@ impl PartyNode {
             .get(&spec.aggregation.protocol)
             .is_none_or(|p| p.reveals() != confide_crypto::aggregation::Reveals::Updates);
         let keeps_reasons = spec.dp.is_some() || outside_budget || hides_values;
+        // A pipeline's job where pipelines are unavailable is refused here,
+        // before any ε is reserved (not only when its rows are selected).
+        if spec.pipeline.is_some()
+            && let Err(e) = &self.watches
+        {
+            warn!(job = %offer.job_id, "incremental pipelines are unavailable: {e}");
+            return Err("incremental pipelines are unavailable at this party (the reason is in its log)".into());
+        }
         // A pipeline's training jobs no closer together than the hospital
         // allows, checked (and the slot claimed, durably) before any ε is
         // reserved: the coordinator keeps `max_iterations`, not the party.

@@ -1172,9 +1172,6 @@ mod tests {
         assert!(open_in(dir.path()).select(&spec("train", 4, "all"), "d", &src).is_err(), "after a restart");
     }
 
-    /// A state file written before the field's rename (`label_datasets`)
-    /// keeps its bindings: a labelled row charged to data set "d" stays
-    /// out of jobs on "e".
     /// `policy.min_pipeline_train_secs`: a second training job of one
     /// pipeline within the interval is refused (also after a restart); the
     /// same job offered again keeps its slot; after the interval, or for
@@ -1199,6 +1196,9 @@ mod tests {
         w.claim_training("p1", "j4", 3600).unwrap();
     }
 
+    /// A state file written before the field's rename (`label_datasets`)
+    /// keeps its bindings: a labelled row charged to data set "d" stays
+    /// out of jobs on "e".
     #[test]
     fn a_state_file_of_the_earlier_format_keeps_its_bindings() {
         let dir = tempfile::tempdir().unwrap();

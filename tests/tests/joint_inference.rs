@@ -271,12 +271,12 @@ fn hard_examples_go_to_the_cloud_encrypted_audited_and_only_where_policy_allows(
     assert!(serving["parties"].as_array().expect("parties").iter().any(|p| p == "site-0"), "{serving}");
     assert!(serving["edge_hard_rows"].as_u64() >= report["rows_edge_fallback"].as_u64(), "{serving}\n{report}");
 
-    // Once the coordinator knows it is gone, site-0 answers itself at once.
-    let t0 = Instant::now();
+    // Once the coordinator knows it is gone, site-0 answers itself at once:
+    // the reason is "not connected", not the timeout's "no answer within"
+    // (no timing asserted: the reason says which path ran).
     let (status, v) = post(a0, path, &body);
     assert_eq!(status, 200, "{v}");
     assert!(v["provenance"]["answered_by"].as_array().expect("rows").iter().all(|x| x == "edge"), "{v}");
     let why = v["provenance"]["fallback"].as_str().unwrap_or("");
-    assert!(why.contains("cloud-0") && why.contains("not connected"), "{v}");
-    assert!(t0.elapsed() < Duration::from_secs(4), "the fallback waited for the timeout");
+    assert!(why.contains("cloud-0") && why.contains("not connected") && !why.contains("within"), "{v}");
 }

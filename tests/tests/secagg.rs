@@ -7,7 +7,7 @@ use confide_algorithms::{FeatureStats, Parameters, Trainer};
 use confide_party::trainers::{BuiltinTrainers, TrainerFactory};
 use confide_proto::Limits;
 use confide_proto::jobspec::JobSpec;
-use confide_tests::{Federation, independent_fedavg, job_spec, repo_root};
+use confide_tests::{Federation, independent_fedavg, job_spec, max_abs_diff, repo_root};
 
 #[test]
 fn secure_aggregation_recovers_the_survivors_sum_when_two_parties_crash_mid_stage() {
@@ -59,7 +59,7 @@ fn secure_aggregation_recovers_the_survivors_sum_when_two_parties_crash_mid_stag
     let mut trainers: Vec<Box<dyn Trainer>> = survivors.iter().map(|n| build(n)).collect();
     let global = independent_fedavg(&mut trainers, global, &spec.training, 2);
     let model = Parameters::from_safetensors(&fed.model(&id)).expect("model");
-    let max_diff = model.flat_values().zip(global.flat_values()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let max_diff = max_abs_diff(&model, &global);
     assert!(max_diff < 1e-4, "secure aggregate differs from the survivors' weighted mean by {max_diff}");
     assert!(fed.coordinator_log().contains("secagg"), "no secure aggregation in the coordinator log");
 }

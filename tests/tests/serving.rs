@@ -13,13 +13,16 @@ use http::{get, wait_for_sequence};
 
 #[test]
 fn deployed_versions_are_served_swapped_under_load_rolled_back_and_bad_input_is_named() {
-    let names: Vec<String> = (0..2).map(|i| format!("site-{i}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut fed = Federation::new(&refs, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1");
+    // site-2 is enrolled and serves "triage" too, but takes no part in the job.
+    let all: Vec<String> = (0..3).map(|i| format!("site-{i}")).collect();
+    let names: Vec<String> = all[..2].to_vec();
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let mut fed = Federation::new(&refs, &repo_root().join("examples/data/breast_cancer.csv"), true, "1,1,1");
     fed.start_coordinator();
     let serve = "[serve]\nservices = [\"triage\"]\nlisten = \"127.0.0.1:0\"\nmax_rows = 50\nmax_body_bytes = 65536\n";
     fed.start_party("site-0", serve);
     fed.start_party("site-1", "");
+    fed.start_party("site-2", "[serve]\nservices = [\"triage\"]\nlisten = \"127.0.0.1:0\"\n");
     let addr = fed.party_endpoint("site-0");
     // Before any deployment: healthy, not ready, and predictions say why.
     let (status, v) = get(addr, "GET", "/healthz", "");
@@ -39,6 +42,15 @@ fn deployed_versions_are_served_swapped_under_load_rolled_back_and_bad_input_is_
     assert!(out.contains("deployment 1 (deploy)"), "{out}");
     let h = wait_for_sequence(&fed, addr, "triage", 1);
     assert_eq!((h["version"]["round"].as_u64(), h["width"].as_u64()), (Some(1), Some(30)), "{h}");
+    // The outsider hears of the deployment but is not handed the model (it
+    // did not help train it), and serves nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !fed.coordinator_log().contains("party site-2 took no part in job") {
+        assert!(std::time::Instant::now() < deadline, "no refused pull by site-2\n{}", fed.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, v) = get(fed.party_endpoint("site-2"), "GET", "/healthz", "");
+    assert_eq!(v["services"]["triage"]["ready"], Value::Bool(false), "{v}");
     // The answer is the round-1 model's, computed here from the downloaded file.
     let rows = confide_algorithms::data::Dataset::load_csv(
         &fed.path("data/site-0.csv"),

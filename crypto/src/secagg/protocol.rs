@@ -1701,10 +1701,22 @@ mod tests {
             let threshold = (k / 2 + 1).max(2).min(k);
             let cfg = config(n, dim, degree, threshold);
             let x = inputs(n, dim, salt);
-            match run(&cfg, &reach[..n], &x) {
+            let expected: Vec<String> = (0..n).filter(|&i| reach[i] >= 3).map(|i| cfg.parties[i].clone()).collect();
+            let unmasking = (0..n).filter(|&i| reach[i] >= 4).count();
+            let outcome = run(&cfg, &reach[..n], &x);
+            // With nobody dropping, the round must sum everyone (the review
+            // found the property accepted a failure whatever happened); and
+            // fewer than t answers at unmasking can never give a sum.
+            if unmasking == n {
+                prop_assert!(outcome.as_ref().is_ok_and(|(_, s)| s == &cfg.parties), "{:?}", outcome.as_ref().err());
+            }
+            if unmasking < threshold {
+                prop_assert!(outcome.is_err(), "a sum with {unmasking} answers at t = {threshold}");
+            }
+            match outcome {
                 Ok((sum, survivors)) => {
-                    let expected: Vec<String> = (0..n).filter(|&i| reach[i] >= 3).map(|i| cfg.parties[i].clone()).collect();
-                    // Survivors may be fewer when a client refused for lack of neighbours.
+                    // In a sparse graph survivors may be fewer when a client
+                    // refused for lack of neighbours.
                     prop_assert!(survivors.iter().all(|s| expected.contains(s)));
                     prop_assert_eq!(sum, plain_sum(&cfg, &x, &survivors));
                 }
