@@ -738,7 +738,12 @@ pub trait Trainer: Send {
     /// - the noise goes on every trainable value at every step, an empty
     ///   sample included, and the sum is divided by the plan's expected
     ///   batch size, never the sample's own size;
-    /// - no layer may mix rows (batch normalisation, for one).
+    /// - no layer may mix rows (batch normalisation, for one);
+    /// - the sample comes from `DpSgd::poisson_sample` (which refuses more
+    ///   than `MAX_DP_ROWS` rows), and the clipped rows are summed at most
+    ///   `CHUNK_ROWS` at a time in plain f64, each chunk folded into a
+    ///   `CompensatedSum` (all in `confide_dp::dpsgd`): the floating-point
+    ///   error bound the sensitivity rests on assumes exactly that.
     fn fit_private(&mut self, _config: &FitConfig, _plan: &DpSgdPlan) -> Result<FitOutcome, Error> {
         Err(Error::InvalidInput(
             "this trainer cannot compute per-example gradients, so it cannot train with DP-SGD".into(),

@@ -271,8 +271,8 @@ pub fn joint_route(db: &Db, service: &str) -> Result<Option<confide_proto::deplo
 /// which pulls it; the error is what the party is told.
 ///
 /// Only to a party whose data may be in the model ([`Db::took_part`]: it
-/// joined the job, took part in a round up to the deployed one, or the same
-/// of a job the model started from): every party hears of every
+/// accepted the job, took part in a round up to the deployed one, or took
+/// part in a round, up to the start, of a job the model started from): every party hears of every
 /// deployment, and without this any enrolled party could take a model it
 /// did not help train, such as a joint service's cloud model that
 /// `[cloud] accept_from` keeps it from querying (found by review). Round 0
@@ -287,8 +287,8 @@ pub fn model_for_pull(db: &Db, party: &str, service: &str, sequence: u64) -> Res
         .ok_or_else(|| format!("service {service} has no current deployment {sequence}"))?;
     if !db.took_part(&r.job_id, party, r.round).map_err(|e| e.to_string())? {
         return Err(format!(
-            "party {party} took no part in job {} (or a job it started from) up to round {}, whose model \
-             deployment {sequence} of service {service} is: it is not this party's to pull",
+            "party {party} took no part in job {} up to round {} (nor in the rounds of a job it started from), \
+             whose model deployment {sequence} of service {service} is: it is not this party's to pull",
             r.job_id, r.round
         ));
     }

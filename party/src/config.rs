@@ -300,10 +300,13 @@ pub struct Policy {
     /// incremental pipeline at this party: a later one is refused before
     /// its ε is reserved. The pipeline's `max_iterations` is the
     /// coordinator's to keep, and a party accepts a training job whether or
-    /// not new rows arrived, so without this the ledger's `max_epsilon` is
-    /// the only bound on how often a coordinator retrains on these rows
-    /// (found by review). Time, not rows: a cap on new rows would tell the
-    /// coordinator when rows arrive. Unset by default.
+    /// not new rows arrived; this bounds a runaway or over-eager pipeline.
+    /// It is keyed by the pipeline id the coordinator names, so a
+    /// coordinator that deviates (a new pipeline id each time, up to the 64
+    /// kept, or a training job without `[pipeline]` on the watched data
+    /// set) is not held by it: the ledger's `max_epsilon` stays the hard
+    /// cap. Time, not rows: a cap on new rows would tell the coordinator
+    /// when rows arrive. Unset by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_pipeline_train_secs: Option<u64>,
     /// Run an incremental pipeline's evaluate jobs (its row counts and gate

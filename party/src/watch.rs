@@ -46,8 +46,12 @@ struct Marks {
     /// is must not depend on whether one row arrived).
     #[serde(default)]
     trained: BTreeMap<String, u32>,
-    /// Pipeline job id → the training job that last marked here and when
-    /// (Unix seconds), for `policy.min_pipeline_train_secs`.
+    /// Pipeline job id → the training job that last claimed its training
+    /// slot here and when (Unix seconds), for
+    /// `policy.min_pipeline_train_secs` (claimed before the job's
+    /// reservation, so the job may since have been refused). A binary older
+    /// than this field refuses a state file that has it
+    /// (`deny_unknown_fields`).
     #[serde(default)]
     trained_at: BTreeMap<String, (String, u64)>,
 }
@@ -702,6 +706,9 @@ impl Watches {
             .pipelines
             .keys()
             .chain(marks.trained.keys())
+            // (A pipeline known only by a training slot it claimed, whose
+            // job was refused after: listed too, so that it can be forgotten.)
+            .chain(marks.trained_at.keys())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .map(|id| marks.summary(id))
@@ -1192,6 +1199,9 @@ mod tests {
         w.marks.lock().unwrap().trained_at.get_mut("p1").unwrap().1 -= 3600;
         w.claim_training("p1", "j2", 3600).unwrap();
         assert!(w.claim_training("p1", "j4", 3600).is_err(), "j2's claim starts the next interval");
+        // Listed (p2 has only a claimed slot), and forgotten on request.
+        let listed: Vec<String> = w.pipelines().into_iter().map(|p| p.id).collect();
+        assert_eq!(listed, ["p1", "p2"]);
         w.forget("p1").unwrap();
         w.claim_training("p1", "j4", 3600).unwrap();
     }

@@ -58,8 +58,18 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
 /// file or symlink planted at a predictable name (`path.part`, before) is
 /// neither followed nor renamed into `path` (found by review). It is
 /// removed when the write fails.
+///
+/// Only a regular file (or nothing) at `path` is replaced: a symlink, a
+/// FIFO, a device or a directory there is refused by name, not renamed
+/// over (a `--out /dev/stdout` would otherwise replace the device node
+/// when run as root).
 pub fn write_file_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
     use std::hash::{BuildHasher as _, Hasher as _};
+    if let Ok(existing) = std::fs::symlink_metadata(path)
+        && !existing.file_type().is_file()
+    {
+        return Err(format!("{}: not a regular file; refusing to replace it", path.display()));
+    }
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut name = path.file_name().unwrap_or_default().to_os_string();
@@ -84,6 +94,23 @@ pub fn write_file_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_regular_file_or_nothing_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("out");
+        write_file_mode(&file, b"one", 0o600).unwrap();
+        write_file_mode(&file, b"two", 0o600).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"two");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        for not_a_file in [link.as_path(), dir.path()] {
+            let e = write_file_mode(not_a_file, b"x", 0o600).unwrap_err();
+            assert!(e.contains("not a regular file"), "{e}");
+        }
+        assert_eq!(std::fs::read(&file).unwrap(), b"two", "the link's target is untouched");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    }
 
     #[test]
     fn missing_directories_are_created_each_with_its_parent_synced() {

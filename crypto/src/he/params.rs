@@ -38,7 +38,7 @@ pub struct HeParams {
     /// replaced (the Rényi-divergence budget).
     pub key_budget: u64,
     /// Surplus decryptors beyond τ the parameters are sized for (erasures,
-    /// detection, naming).
+    /// detection, leaving a suspected share out).
     pub surplus: usize,
 }
 

@@ -232,10 +232,10 @@ fn a_coalition_below_the_threshold_learns_noise_not_the_value() {
 }
 
 /// One decryptor sends a bad share, in each way an attacker would try; the
-/// result is the true sum with the sender named (τ + 2 answers), or an error
-/// (τ + 1 answers) — never a wrong sum.
+/// result is the true sum with the sender suspected and its share left out
+/// (τ + 2 answers), or an error (τ + 1 answers) — never a wrong sum.
 #[test]
-fn a_bad_decryption_share_is_caught_and_named() {
+fn a_bad_decryption_share_is_caught_and_its_sender_suspected() {
     let mut f = federation(6, 4, 16, 26);
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
     let inputs: Vec<Vec<u32>> = (0..6).map(|_| random_values(&mut rng, 3000, 16)).collect();
@@ -269,7 +269,7 @@ fn a_bad_decryption_share_is_caught_and_named() {
         let out = combine(&f.params, &agg, &all, &bad, 3000).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(out.values, truth, "{name}");
         assert_eq!(out.suspected, vec![2], "{name}");
-        // With only τ + 1 answers it is detected but cannot be named.
+        // With only τ + 1 answers it is detected but cannot be attributed.
         let mut fewer = bad.clone();
         fewer[5] = None;
         let err = combine(&f.params, &agg, &all, &fewer, 3000).unwrap_err();
