@@ -1318,66 +1318,57 @@ impl Server {
     /// (and signed) to the same value, the dealer dealt it wrong, otherwise
     /// the holder falsified it.
     fn blame(&self, owner: &str, kind: ShareKind, wrong: &[u64], flagged: &mut BTreeMap<String, String>) {
-        let what = match kind {
-            ShareKind::SelfMask => format!("{owner}'s self-mask"),
-            ShareKind::MaskKey => format!("{owner}'s mask key"),
-        };
         for &x in wrong {
             let Some(holder) = self.cfg.parties.get(x as usize - 1) else { continue };
-            let revealed = self.unmask.get(holder).and_then(|u| {
-                let list = if kind == ShareKind::SelfMask { &u.self_mask } else { &u.mask_key };
-                let share = list.iter().find(|(o, _)| o == owner).map(|(_, s)| s.clone())?;
-                Some((share, *u.keys.get(owner)?))
-            });
-            let dealt = self.shares.get(holder).and_then(|v| v.iter().find(|s| s.from == owner));
-            let (who, why) = match (revealed, dealt) {
-                (Some((share, key)), Some(dealt)) => match self.cfg.open_share(dealt, kind, &key) {
-                    Some(sent) if sent == share => (
-                        owner.to_owned(),
-                        format!(
-                            "dealt {holder} a share of its {} that does not fit its commitment (the share it signed)",
-                            kind.label()
-                        ),
+            let (who, why) = match self.holder_fault(holder, owner, kind) {
+                Some(why) => (holder.clone(), why),
+                // The share its dealer signed does not fit: the dealer's.
+                None => (
+                    owner.to_owned(),
+                    format!(
+                        "dealt {holder} a share of its {} that does not fit its commitment (the share it signed)",
+                        kind.label()
                     ),
-                    Some(_) => {
-                        (holder.clone(), format!("revealed a share of {what} other than the one its dealer sent"))
-                    }
-                    None => (holder.clone(), format!("revealed a key that does not open its share of {what}")),
-                },
-                _ => (holder.clone(), format!("revealed a share of {what} that does not fit its commitment")),
+                ),
             };
             flagged.entry(who).or_insert(why);
         }
     }
 
-    /// When no t shares of `owner`'s secret agree with what it committed to:
-    /// each revealed share checked on its own against the ciphertext its
-    /// dealer signed, opened with the key its holder revealed. A holder
-    /// whose share differs, whose key does not open it, or that revealed no
-    /// key, lied; when every share is the one the dealer signed, the dealer
-    /// dealt shares that rebuild no committed secret (or committed to none).
-    /// Before, the failure named no one and read as if the owner were at
-    /// fault whoever was (found by review).
-    fn attribute_failure(&self, owner: &str, kind: ShareKind) -> Vec<(String, String)> {
+    /// Whether `holder`'s revealed share of `owner`'s secret is the one its
+    /// dealer signed, opened with the key the holder revealed: `None` when
+    /// it is (or the holder revealed none), else why the holder lied.
+    fn holder_fault(&self, holder: &str, owner: &str, kind: ShareKind) -> Option<String> {
         let what = match kind {
             ShareKind::SelfMask => format!("{owner}'s self-mask"),
             ShareKind::MaskKey => format!("{owner}'s mask key"),
         };
-        let mut liars = Vec::new();
-        for (holder, u) in &self.unmask {
-            let list = if kind == ShareKind::SelfMask { &u.self_mask } else { &u.mask_key };
-            let Some(share) = list.iter().find(|(o, _)| o == owner).map(|(_, s)| s) else { continue };
-            let dealt = self.shares.get(holder).and_then(|v| v.iter().find(|s| s.from == owner));
-            let why = match (u.keys.get(owner), dealt) {
-                (Some(key), Some(dealt)) => match self.cfg.open_share(dealt, kind, key) {
-                    Some(sent) if &sent == share => continue,
-                    Some(_) => format!("revealed a share of {what} other than the one its dealer sent"),
-                    None => format!("revealed a key that does not open its share of {what}"),
-                },
-                _ => format!("revealed a share of {what} without the key that opens what its dealer sent"),
-            };
-            liars.push((holder.clone(), why));
+        let u = self.unmask.get(holder)?;
+        let list = if kind == ShareKind::SelfMask { &u.self_mask } else { &u.mask_key };
+        let share = list.iter().find(|(o, _)| o == owner).map(|(_, s)| s)?;
+        let dealt = self.shares.get(holder).and_then(|v| v.iter().find(|s| s.from == owner));
+        match (u.keys.get(owner), dealt) {
+            (Some(key), Some(dealt)) => match self.cfg.open_share(dealt, kind, key) {
+                Some(sent) if &sent == share => None,
+                Some(_) => Some(format!("revealed a share of {what} other than the one its dealer sent")),
+                None => Some(format!("revealed a key that does not open its share of {what}")),
+            },
+            _ => Some(format!("revealed a share of {what} without the key that opens what its dealer sent")),
         }
+    }
+
+    /// When no t shares of `owner`'s secret agree with what it committed to:
+    /// each revealed share checked on its own ([`Server::holder_fault`]). A
+    /// holder whose share is not the one its dealer signed lied; when every
+    /// share is, the dealer dealt shares that rebuild no committed secret
+    /// (or committed to none). Before, the failure named no one and read as
+    /// if the owner were at fault whoever was (found by review).
+    fn attribute_failure(&self, owner: &str, kind: ShareKind) -> Vec<(String, String)> {
+        let liars: Vec<(String, String)> = self
+            .unmask
+            .keys()
+            .filter_map(|holder| Some((holder.clone(), self.holder_fault(holder, owner, kind)?)))
+            .collect();
         if liars.is_empty() {
             let why = format!(
                 "dealt shares of its {} that rebuild no secret it committed to (each holder revealed the share it signed)",
