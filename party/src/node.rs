@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::Error;
 use crate::config::PartyConfig;
 use crate::plugins::{JobContext, PartyPlugins};
-use crate::session::{PartyInput, PartyOutput, PartySession};
+use crate::session::{Millis, PartyInput, PartyOutput, PartySession};
 use crate::telemetry::{PartyMetrics, SharedMetrics};
 use crate::trainers::{BuiltinTrainers, TrainerFactory};
 
@@ -1562,7 +1562,7 @@ fn spawn_job(
 ) -> JobInbox {
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, PartyInput)>();
     let queued = Arc::new(AtomicUsize::new(0));
-    let inbox = Inbox { rx, queued: queued.clone() };
+    let inbox = Inbox { rx, queued: queued.clone(), started: Instant::now() };
     let spawned = std::thread::Builder::new().name(format!("job-{job_id}")).spawn(move || {
         let _alive = alive;
         run_job(job_id, session, inbox, Sent { outbox, limits, stats, metrics })
@@ -1576,6 +1576,34 @@ struct Inbox {
     rx: Receiver<(Instant, PartyInput)>,
     /// Decremented as each task is taken up.
     queued: Arc<AtomicUsize>,
+    /// The worker's clock starts with it.
+    started: Instant,
+}
+
+/// Where a job's worker reads its time and waits for its inputs. A node's
+/// is the wall clock and the job's channel ([`Inbox`]); a test's can be a
+/// script on a virtual clock, so the answer floor's timing is checked
+/// without timing the machine.
+trait WorkerInbox {
+    /// Milliseconds since the worker started.
+    fn now(&self) -> Millis;
+    /// The next input with its arrival, or `Timeout` once `wait` passed
+    /// without one, or `Disconnected` once the job's sender is gone.
+    fn recv(&mut self, wait: Duration) -> Result<(Instant, PartyInput), RecvTimeoutError>;
+    /// A task was taken up (the node's count of queued tasks).
+    fn task_taken(&self) {}
+}
+
+impl WorkerInbox for Inbox {
+    fn now(&self) -> Millis {
+        self.started.elapsed().as_millis() as Millis
+    }
+    fn recv(&mut self, wait: Duration) -> Result<(Instant, PartyInput), RecvTimeoutError> {
+        self.rx.recv_timeout(wait)
+    }
+    fn task_taken(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How often a serving party reports its counts (when they changed).
@@ -1609,13 +1637,10 @@ struct Sent {
     metrics: SharedMetrics,
 }
 
-fn run_job(job_id: String, mut session: PartySession, inbox: Inbox, to: Sent) {
-    let Inbox { rx, queued } = inbox;
+fn run_job(job_id: String, mut session: PartySession, mut inbox: impl WorkerInbox, to: Sent) {
     // Entered for the thread's life: every line the job logs names it.
     let job_span = tracing::info_span!("job", job = %job_id);
     let _job_entered = job_span.enter();
-    let clock = Instant::now();
-    let now = || clock.elapsed().as_millis() as u64;
     let mut task_arrived: Option<Instant> = None;
     // The task being worked on: its round and stage on every line logged
     // while it is handled and answered.
@@ -1634,29 +1659,29 @@ fn run_job(job_id: String, mut session: PartySession, inbox: Inbox, to: Sent) {
         }
         let wait = session
             .next_deadline()
-            .map_or(Duration::from_secs(3600), |d| Duration::from_millis(d.saturating_sub(now())));
+            .map_or(Duration::from_secs(3600), |d| Duration::from_millis(d.saturating_sub(inbox.now())));
         if session.holding() {
             // No new task while an answer is held: training it now could
             // run past the floor and delay the held answer. Tasks wait in
             // order; the job's close is handled at once (a held answer dies
             // with the job, and the round's secrets are wiped).
-            match rx.recv_timeout(wait) {
-                Ok((_, closed @ PartyInput::Closed { .. })) => session.handle(now(), closed),
+            match inbox.recv(wait) {
+                Ok((_, closed @ PartyInput::Closed { .. })) => session.handle(inbox.now(), closed),
                 Ok(input) => {
                     pending.push_back(input);
                     // A busy inbox does not hold the answer past its floor.
-                    if session.next_deadline().is_some_and(|d| now() >= d) {
-                        session.handle(now(), PartyInput::Tick);
+                    if session.next_deadline().is_some_and(|d| inbox.now() >= d) {
+                        session.handle(inbox.now(), PartyInput::Tick);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => session.handle(now(), PartyInput::Tick),
+                Err(RecvTimeoutError::Timeout) => session.handle(inbox.now(), PartyInput::Tick),
                 Err(RecvTimeoutError::Disconnected) => {
-                    session.handle(now(), PartyInput::Closed { reason: String::new(), ended: None })
+                    session.handle(inbox.now(), PartyInput::Closed { reason: String::new(), ended: None })
                 }
             }
             continue;
         }
-        let (arrived, input) = match pending.pop_front().map_or_else(|| rx.recv_timeout(wait), Ok) {
+        let (arrived, input) = match pending.pop_front().map_or_else(|| inbox.recv(wait), Ok) {
             Ok(received) => received,
             Err(RecvTimeoutError::Timeout) => (Instant::now(), PartyInput::Tick),
             Err(RecvTimeoutError::Disconnected) => {
@@ -1665,7 +1690,7 @@ fn run_job(job_id: String, mut session: PartySession, inbox: Inbox, to: Sent) {
         };
         let answered = matches!(input, PartyInput::Task(_));
         if let PartyInput::Task(t) = &input {
-            queued.fetch_sub(1, Ordering::AcqRel);
+            inbox.task_taken();
             task_arrived = Some(arrived);
             task_span = tracing::info_span!("round", round = t.round, stage = %t.body.stage_name());
         }
@@ -1674,7 +1699,7 @@ fn run_job(job_id: String, mut session: PartySession, inbox: Inbox, to: Sent) {
         // then covers whatever ran before it (an earlier step, idle work),
         // and no fit is taken while an earlier one's answer is held, so
         // its start does not depend on that one's training.
-        session.handle(now(), input);
+        session.handle(inbox.now(), input);
         if answered {
             // Send the answer first, then work ahead while the others answer.
             while let Some(out) = session.poll_output() {
@@ -1682,7 +1707,7 @@ fn run_job(job_id: String, mut session: PartySession, inbox: Inbox, to: Sent) {
                     return;
                 }
             }
-            session.handle(now(), PartyInput::Idle);
+            session.handle(inbox.now(), PartyInput::Idle);
         }
         drop(entered);
     }
@@ -1842,7 +1867,11 @@ mod tests {
     }
 
     /// `answer_fit_after_secs` against a coordinator that times training
-    /// (wall-clock, T = 1.2 s; an attacker's test compares two trainings):
+    /// (T = 1.2 s), run on a virtual clock through the worker's own loop
+    /// ([`run_job`]): training and steps advance the clock by what they
+    /// would take, inputs arrive at scripted times, and each answer is
+    /// stamped when the worker sent it. An attacker's test compares two
+    /// trainings:
     /// - it queues a second fit while the first trains (the second refused
     ///   at once, as a model of the wrong shape would be): the second is
     ///   answered at the same time whether the first trained 0.3 s or 0.8 s,
@@ -1857,7 +1886,10 @@ mod tests {
     fn answers_come_at_times_training_does_not_move() {
         use crate::session::{JobHandler, TaskError};
         use confide_proto::messages::{Envelope, ResultBody, Task, TaskBody};
+        /// Time passes only when a handler works or the worker waits.
+        type Clock = Arc<AtomicU64>;
         struct Timed {
+            clock: Clock,
             train_ms: u64,
             step_ms: u64,
             refuse_second_fit: bool,
@@ -1869,14 +1901,61 @@ mod tests {
                         Err(TaskError::Refused("a model of the wrong shape".into()))
                     }
                     TaskBody::Fit { .. } => {
-                        std::thread::sleep(Duration::from_millis(self.train_ms));
+                        self.clock.fetch_add(self.train_ms, Ordering::SeqCst);
                         Ok(ResultBody::Fit { metrics: Default::default(), contribution: Default::default() })
                     }
                     _ => {
-                        std::thread::sleep(Duration::from_millis(self.step_ms));
+                        self.clock.fetch_add(self.step_ms, Ordering::SeqCst);
                         Ok(ResultBody::Aggregation { stage: "secagg-shares".into(), message: Envelope::default() })
                     }
                 }
+            }
+        }
+        /// The worker's inputs, each arriving at its time, on the virtual
+        /// clock; whatever the worker sent is stamped with the clock's time
+        /// when the worker next looks at its inbox (nothing moves the clock
+        /// between a send and that look).
+        struct Scripted {
+            clock: Clock,
+            script: VecDeque<(Millis, PartyInput)>,
+            sent: mpsc::Receiver<pb::PartyMessage>,
+            /// The task id of each answer (a result or a failure) and when.
+            answers: Vec<(u64, Millis)>,
+            /// Once this many answers came and the script is done, the
+            /// coordinator goes (the job's sender is dropped).
+            expected: usize,
+        }
+        impl Scripted {
+            fn stamp(&mut self) {
+                let now = self.clock.load(Ordering::SeqCst);
+                while let Ok(m) = self.sent.try_recv() {
+                    match m.body {
+                        Some(party_message::Body::Result(r)) => self.answers.push((r.task_id, now)),
+                        Some(party_message::Body::Failed(f)) => self.answers.push((f.task_id, now)),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        impl WorkerInbox for &mut Scripted {
+            fn now(&self) -> Millis {
+                self.clock.load(Ordering::SeqCst)
+            }
+            fn recv(&mut self, wait: Duration) -> Result<(Instant, PartyInput), RecvTimeoutError> {
+                self.stamp();
+                let now = self.now();
+                let wait = wait.as_millis() as Millis;
+                if self.script.front().is_some_and(|(at, _)| *at <= now + wait) {
+                    let (at, input) = self.script.pop_front().expect("a scripted input");
+                    self.clock.store(now.max(at), Ordering::SeqCst);
+                    return Ok((Instant::now(), input));
+                }
+                if self.script.is_empty() && self.answers.len() >= self.expected {
+                    return Err(RecvTimeoutError::Disconnected);
+                }
+                assert!(now + wait < 60_000, "waiting for nothing at {now} ms: {:?}", self.answers);
+                self.clock.store(now + wait, Ordering::SeqCst);
+                Err(RecvTimeoutError::Timeout)
             }
         }
         let fit = |task_id| {
@@ -1889,77 +1968,41 @@ mod tests {
             let body = TaskBody::Aggregation { stage: "secagg-shares".into(), message: Envelope::default() };
             PartyInput::Task(Task { job_id: "j".into(), round: 1, task_id, body })
         };
-        // Runs a job with `handler` and floor `floor_ms`, sends `inputs`
-        // (after the given delays), and returns when each task was answered,
-        // once `expected` answers came (then the job ends).
-        let run = |handler: Timed, floor_ms: u64, inputs: Vec<(u64, PartyInput)>, expected: usize| {
-            let (tx, mut rx) = mpsc::channel::<pb::PartyMessage>(8);
+        // Runs a job whose handler trains `train_ms` and steps `step_ms`,
+        // with floor `floor_ms`, through the worker's loop on the scripted
+        // `inputs`; returns each answer's task and time, and the time the
+        // worker ended.
+        let run = |(train_ms, step_ms, refuse_second_fit), floor_ms, inputs: Vec<(Millis, PartyInput)>, expected| {
+            let clock = Clock::default();
+            let handler = Timed { clock: clock.clone(), train_ms, step_ms, refuse_second_fit };
+            let (tx, sent) = mpsc::channel::<pb::PartyMessage>(64);
             let stats = Arc::new(NodeStats::default());
             let outbox = Arc::new(Outbox { tx, stats: stats.clone(), transfer: std::sync::Mutex::new(()) });
             let session = PartySession::new("j", Box::new(handler), 600_000).with_fit_answer_after(Some(floor_ms));
             let metrics = Arc::new(PartyMetrics::new().unwrap());
-            let alive = LiveWorkers::default().enter("j");
-            let inbox = spawn_job("j".into(), session, outbox, Limits::default(), (stats, metrics), alive);
-            let start = Instant::now();
-            for (delay_ms, input) in inputs {
-                std::thread::sleep(Duration::from_millis(delay_ms));
-                assert!(inbox.send(Instant::now(), input));
-            }
-            let mut answers = Vec::new();
-            let mut inbox = Some(inbox);
-            loop {
-                // Once the expected answers came, the job ends (a close
-                // scenario expects none and waits for the worker to end).
-                if expected > 0 && answers.len() >= expected {
-                    inbox = None;
-                }
-                let m = match rx.try_recv() {
-                    Ok(m) => m,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        assert!(start.elapsed() < Duration::from_secs(30), "no end in 30 s: {answers:?}");
-                        std::thread::sleep(Duration::from_millis(2));
-                        continue;
-                    }
-                    Err(mpsc::error::TryRecvError::Disconnected) => break,
-                };
-                match m.body {
-                    Some(party_message::Body::Result(r)) => answers.push((r.task_id, start.elapsed())),
-                    Some(party_message::Body::Failed(f)) => answers.push((f.task_id, start.elapsed())),
-                    _ => {}
-                }
-            }
-            drop(inbox);
-            answers
+            let to = Sent { outbox, limits: Limits::default(), stats, metrics };
+            let mut inbox =
+                Scripted { clock: clock.clone(), script: inputs.into(), sent, answers: Vec::new(), expected };
+            run_job("j".into(), session, &mut inbox, to);
+            inbox.stamp();
+            (inbox.answers, clock.load(Ordering::SeqCst))
         };
-        // When task 2 was answered, at least `at_least_ms` after the start.
-        let second_answered = |handler: Timed, inputs: Vec<(u64, PartyInput)>, at_least_ms: u64| {
-            let answers = run(handler, 1_200, inputs, 2);
-            let at = answers.iter().find(|(i, _)| *i == 2).expect("answered").1;
-            assert!(at >= Duration::from_millis(at_least_ms), "{answers:?}");
-            at
-        };
-        let close = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_millis(250);
-        // Queued fits.
-        let queued = |train_ms| {
-            let handler = Timed { train_ms, step_ms: 0, refuse_second_fit: true };
-            second_answered(handler, vec![(0, fit(1)), (0, fit(2))], 2_350)
-        };
-        let (short, long) = (queued(300), queued(800));
-        assert!(close(short, long), "{short:?} against {long:?}");
-        // A fit behind a slow step.
-        let behind = |train_ms| {
-            let handler = Timed { train_ms, step_ms: 500, refuse_second_fit: false };
-            second_answered(handler, vec![(0, step(1)), (0, fit(2))], 1_650)
-        };
-        let (short, long) = (behind(100), behind(600));
-        assert!(close(short, long), "{short:?} against {long:?}");
-        // Closed while the fit's answer is held.
-        let start = Instant::now();
-        let handler = Timed { train_ms: 100, step_ms: 0, refuse_second_fit: false };
+        // Queued fits: each answer one floor after its fit was taken up.
+        let queued = |train_ms| run((train_ms, 0, true), 1_200, vec![(0, fit(1)), (0, fit(2))], 2).0;
+        assert_eq!(queued(300), vec![(1, 1_200), (2, 2_400)]);
+        assert_eq!(queued(800), vec![(1, 1_200), (2, 2_400)]);
+        // A fit behind a slow step: its floor starts when the step ends.
+        let behind = |train_ms| run((train_ms, 500, false), 1_200, vec![(0, step(1)), (0, fit(2))], 2).0;
+        assert_eq!(behind(100), vec![(1, 500), (2, 1_700)]);
+        assert_eq!(behind(600), vec![(1, 500), (2, 1_700)]);
+        // A fit that trains past its floor is answered when it is done.
+        assert_eq!(run((1_500, 0, false), 1_200, vec![(0, fit(1))], 1).0, vec![(1, 1_500)]);
+        // Closed while the fit's answer is held: no answer, and the close
+        // is handled when it comes, not after the floor.
         let closed = PartyInput::Closed { reason: "cancelled".into(), ended: Some("cancelled".into()) };
-        let answers = run(handler, 3_000, vec![(0, fit(1)), (400, closed)], 0);
+        let (answers, ended) = run((100, 0, false), 3_000, vec![(0, fit(1)), (400, closed)], 0);
         assert!(answers.is_empty(), "a held answer after the close: {answers:?}");
-        assert!(start.elapsed() < Duration::from_millis(2_500), "the close waited for the floor");
+        assert_eq!(ended, 400, "the close waited for the floor");
     }
 
     #[test]

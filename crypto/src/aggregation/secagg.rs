@@ -34,10 +34,11 @@ use super::{
     parse_settings,
 };
 use crate::Error;
+use crate::dleq::DleqProof;
 use crate::secagg::params::{self, ThreatModel};
 use crate::secagg::protocol::{
-    AdvertiseKeys, Client, Config, EncryptedShare, IdentityVerifier, MaskedInput, Sealed, Server, ShareTree,
-    SurvivorSignature, UnmaskRequest, UnmaskShares, share_tree_root_from,
+    AdvertiseKeys, Client, Config, EncryptedShare, IdentityVerifier, MaskedInput, Sealed, Server, ShareComplaint,
+    ShareTree, SurvivorSignature, UnmaskRequest, UnmaskShares, share_tree_root_from,
 };
 use crate::secagg::shamir::Share;
 use confide_algorithms::FitConfig;
@@ -481,6 +482,28 @@ pub mod wire {
         pub key: Vec<u8>,
     }
 
+    /// A holder's proof that a dealer's share does not open
+    /// (`secagg::protocol::ShareComplaint`).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ShareComplaint {
+        #[prost(string, tag = "1")]
+        pub dealer: String,
+        /// The pair's Diffie–Hellman value (32 bytes).
+        #[prost(bytes = "vec", tag = "2")]
+        pub shared: Vec<u8>,
+        /// Its Chaum–Pedersen proof (64 bytes).
+        #[prost(bytes = "vec", tag = "3")]
+        pub proof: Vec<u8>,
+    }
+
+    /// What comes with a masked input (secagg-masked-input answer's body;
+    /// empty, as it usually is, when there is nothing to complain about).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct MaskedComplaints {
+        #[prost(message, repeated, tag = "1")]
+        pub complaints: Vec<ShareComplaint>,
+    }
+
     /// The shares that remove the masks (secagg-unmask answer).
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct UnmaskShares {
@@ -608,30 +631,76 @@ fn dealer_evidence(s: &wire::Shares) -> Result<DealerEvidence, Error> {
     Ok(out)
 }
 
-/// A share that does not open names its dealer only if the dealer signed
-/// exactly what arrived: otherwise the coordinator altered it on the way
-/// (the holder cannot tell the two apart from the ciphertext alone, and
-/// without this a coordinator could make a party refuse and point at an
-/// honest dealer).
-fn blame_for_a_share(
-    e: Error,
+/// Whether every relayed share is exactly what its dealer signed: checked
+/// once something is wrong (a share did not open, or the stage failed),
+/// before the holder blames or complains about any dealer. A share its
+/// dealer did not sign was altered on the way, by the coordinator: the
+/// holder cannot tell the two apart from the ciphertext alone, and without
+/// this a coordinator could make a party refuse or complain, pointing at an
+/// honest dealer (and collect the pair's keys from the complaint).
+fn check_dealers_signed(
     shares: &[EncryptedShare],
     evidence: &DealerEvidence,
     cfg: &Config,
     peers: &dyn PeerVerifier,
-) -> Error {
-    let Error::PeerMisbehaved { party: dealer, reason } = &e else { return e };
-    let Some(share) = shares.iter().find(|s| &s.from == dealer) else { return e };
-    let signed = evidence.get(dealer).is_some_and(|ev| {
-        share_tree_root_from(Config::share_digest(share), ev.leaf, ev.leaves, &ev.path).is_some_and(|root| {
-            peers.verify(dealer, &cfg.root_transcript(dealer, ev.leaves, &root), &ev.signature).is_ok()
-        })
-    });
-    if signed {
-        e
-    } else {
-        coordinator_fault(format!("relayed a share of {dealer} that {dealer} did not sign ({reason})"))
+) -> Result<(), Error> {
+    for share in shares {
+        let dealer = &share.from;
+        let signed = evidence.get(dealer).is_some_and(|ev| {
+            share_tree_root_from(Config::share_digest(share), ev.leaf, ev.leaves, &ev.path).is_some_and(|root| {
+                peers.verify(dealer, &cfg.root_transcript(dealer, ev.leaves, &root), &ev.signature).is_ok()
+            })
+        });
+        if !signed {
+            return Err(coordinator_fault(format!("relayed a share of {dealer} that {dealer} did not sign")));
+        }
     }
+    Ok(())
+}
+
+fn complaints_to_wire(complaints: &[ShareComplaint]) -> Vec<u8> {
+    if complaints.is_empty() {
+        return Vec::new();
+    }
+    let complaints = complaints
+        .iter()
+        .map(|c| wire::ShareComplaint {
+            dealer: c.dealer.clone(),
+            shared: c.shared.to_vec(),
+            proof: c.proof.to_bytes().to_vec(),
+        })
+        .collect();
+    prost::Message::encode_to_vec(&wire::MaskedComplaints { complaints })
+}
+
+/// A masked input's complaints, at most one per neighbour (`degree`).
+fn complaints_from_wire(body: Vec<u8>, party: &str, degree: usize) -> Result<Vec<ShareComplaint>, Error> {
+    if body.is_empty() {
+        return Ok(Vec::new());
+    }
+    let list: wire::MaskedComplaints = Envelope::body(body).decode(party, "share complaints")?;
+    if list.complaints.len() > degree {
+        return Err(Error::PeerMisbehaved {
+            party: party.to_owned(),
+            reason: format!("{} share complaints; it has {degree} neighbours", list.complaints.len()),
+        });
+    }
+    list.complaints
+        .into_iter()
+        .map(|c| {
+            if c.dealer.len() > crate::pki::MAX_PARTY_NAME_LEN {
+                return Err(Error::PeerMisbehaved {
+                    party: party.to_owned(),
+                    reason: "an oversized dealer name in a complaint".into(),
+                });
+            }
+            Ok(ShareComplaint {
+                shared: array(&c.shared, party, "complaint's shared value")?,
+                proof: DleqProof::from_bytes(&c.proof, party)?,
+                dealer: c.dealer,
+            })
+        })
+        .collect()
 }
 
 fn unmask_shares_to_wire(u: &UnmaskShares) -> wire::UnmaskShares {
@@ -951,11 +1020,12 @@ impl AggregationServer for SecAggServer {
                 Ok(())
             }
             (ServerStage::Masked, Some(Bulk::Words(words))) => {
+                let complaints = complaints_from_wire(message.body, party, r.server.config().degree)?;
                 // Packed at the round's b bits (`secagg::packing`).
                 let (dim, bits) = (r.server.config().dim, r.server.config().bits);
                 let values = crate::secagg::packing::unpack(words, dim, bits)
                     .map_err(|e| misbehaved(&format!("sent a masked input that is not packed as the round's: {e}")))?;
-                r.server.on_masked(MaskedInput { party: party.to_owned(), values })
+                r.server.on_masked(MaskedInput { party: party.to_owned(), values, complaints })
             }
             (ServerStage::Consistency, None) => {
                 let sig: wire::SurvivorSignature =
@@ -1448,13 +1518,19 @@ impl SecAggClient {
                 } else {
                     r.client.on_shares(&shares, std::mem::take(&mut r.input))
                 };
-                let masked = masked.map_err(|e| {
-                    blame_for_a_share(e, &shares, &evidence, r.client.config(), self.party.peers.as_ref())
-                })?;
+                // A refusal or complaint about a dealer only if every share
+                // is the one its dealer signed: otherwise the coordinator
+                // altered one, and is named instead (a complaint would hand
+                // it the pair's keys for nothing).
+                if masked.as_ref().map_or(true, |m| !m.complaints.is_empty()) {
+                    check_dealers_signed(&shares, &evidence, r.client.config(), self.party.peers.as_ref())?;
+                }
+                let masked = masked?;
+                let body = complaints_to_wire(&masked.complaints);
                 // At the round's b bits on the wire, not a word each.
                 let bits = r.client.config().bits;
                 let words = if bits == 32 { masked.values } else { crate::secagg::packing::pack(&masked.values, bits) };
-                Envelope { body: Vec::new(), bulk: Some(Bulk::Words(words)) }
+                Envelope { body, bulk: Some(Bulk::Words(words)) }
             }
             CONSISTENCY => {
                 let req: wire::Survivors = message.decode("coordinator", "survivor set")?;
@@ -1627,6 +1703,16 @@ mod tests {
 
     /// [`run`] with the aggregation settings `table`.
     fn run_with(table: &toml::Table, n: usize, drop: &[usize]) -> Result<Outcome, Error> {
+        match run_aggregate(table, n, drop)? {
+            Aggregate::WeightedSum { weighted_delta_sum, total_examples, mean_train_loss, contributors, .. } => {
+                Ok((weighted_delta_sum, total_examples, mean_train_loss, contributors))
+            }
+            other => panic!("secagg reveals only a sum: {other:?}"),
+        }
+    }
+
+    /// [`run_with`]'s aggregate, whole.
+    fn run_aggregate(table: &toml::Table, n: usize, drop: &[usize]) -> Result<Aggregate, Error> {
         let job = facts(n);
         let names = names(n);
         let global = params(&[0.5, -0.5]);
@@ -1641,12 +1727,7 @@ mod tests {
             let m = c.contribute(1, &rm, update)?;
             server.on_message(Peer { name: &names[i], certificate: &[], relay: None }, m)?;
         }
-        match drive(server.as_mut(), &mut clients, 1, drop)? {
-            Aggregate::WeightedSum { weighted_delta_sum, total_examples, mean_train_loss, contributors, .. } => {
-                Ok((weighted_delta_sum, total_examples, mean_train_loss, contributors))
-            }
-            other => panic!("secagg reveals only a sum: {other:?}"),
-        }
+        drive(server.as_mut(), &mut clients, 1, drop)
     }
 
     /// Runs the protocol's steps after the parties' contributions, parties
@@ -2391,6 +2472,15 @@ mod tests {
                 clients[i].on_step(1, MASKED_INPUT, m).unwrap();
             }
         }
+        // With shares to spare, where p1 would otherwise stay and complain:
+        // still the coordinator, and no complaint (which would hand it the
+        // pair's keys) goes out.
+        let (mut clients, to_holders) = to_masked_input(8);
+        let (_, m) = to_holders.into_iter().find(|(p, _)| p == "p1").unwrap();
+        let mut shares: wire::Shares = m.decode("t", "t").unwrap();
+        shares.shares[0].mask_key[0] ^= 1;
+        let err = clients[1].on_step(1, MASKED_INPUT, Envelope::encode(&shares)).unwrap_err().to_string();
+        assert!(err.contains("party coordinator misbehaved") && err.contains("did not sign"), "{err}");
     }
 
     thread_local! {
@@ -2414,17 +2504,33 @@ mod tests {
     }
 
     /// A dealer that seals a holder a share that does not open, under its
-    /// own signature, is named by that holder through the coordinator's
-    /// relayed evidence (the tree path to the root it signed): the real
-    /// relay's evidence, not a hand-built one.
+    /// own signature (checked through the coordinator's relayed evidence,
+    /// the tree path to the root it signed: the real relay's, not a
+    /// hand-built one): the holder's masked input carries a proven
+    /// complaint, and the round through both sides ends with the sum it
+    /// would have had and the dealer among the misbehaved.
     #[test]
-    fn a_share_its_dealer_sealed_wrongly_names_the_dealer_through_the_relayed_evidence() {
+    fn a_share_its_dealer_sealed_wrongly_is_proven_through_the_relayed_evidence() {
+        let table = toml::toml! { max_examples = 100 };
+        let clean = run_with(&table, 8, &[]).unwrap();
         SPOILED_SHARE.with(|f| *f.borrow_mut() = Some(("p2".into(), "p1".into())));
         let outcome = std::panic::catch_unwind(|| {
-            let (mut clients, to_holders) = to_masked_input(4);
+            let (mut clients, to_holders) = to_masked_input(8);
             let (_, to_p1) = to_holders.into_iter().find(|(p, _)| p == "p1").unwrap();
-            let err = clients[1].on_step(1, MASKED_INPUT, to_p1).unwrap_err();
-            assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == "p2"), "{err}");
+            let answer = clients[1].on_step(1, MASKED_INPUT, to_p1).unwrap();
+            let list: wire::MaskedComplaints = Envelope::body(answer.body).decode("p1", "complaints").unwrap();
+            let dealers: Vec<&str> = list.complaints.iter().map(|c| c.dealer.as_str()).collect();
+            assert_eq!(dealers, ["p2"]);
+            let Aggregate::WeightedSum { weighted_delta_sum, contributors, misbehaved, .. } =
+                run_aggregate(&table, 8, &[]).unwrap()
+            else {
+                panic!("secagg reveals only a sum")
+            };
+            assert_eq!((weighted_delta_sum, contributors), (clean.0, clean.3));
+            assert!(
+                misbehaved.iter().any(|(p, why)| p == "p2" && why.contains("proven by p1's complaint")),
+                "{misbehaved:?}"
+            );
         });
         SPOILED_SHARE.with(|f| *f.borrow_mut() = None);
         if let Err(e) = outcome {
@@ -2433,7 +2539,7 @@ mod tests {
     }
 
     /// The holder's verdict on a share that does not open, from the dealer's
-    /// relayed evidence: the dealer is named only when its signature covers
+    /// relayed evidence: a dealer is blamed or complained about only when its signature covers
     /// exactly that share; a share outside the signed tree, evidence
     /// missing, another leaf or a path that does not lead to the signed
     /// root, or a signature that does not check, is the coordinator's.
@@ -2466,17 +2572,16 @@ mod tests {
         let digests = Config::share_digests(&dealt);
         let to_p1: Vec<EncryptedShare> = dealt.iter().filter(|s| s.to == "p1").cloned().collect();
         let leaf = digests.iter().position(|d| *d == Config::share_digest(&to_p1[0])).unwrap();
-        let bad = || Error::PeerMisbehaved { party: "p0".into(), reason: "its share does not decrypt".into() };
         let verdict = |shares: &[EncryptedShare], evidence: &DealerEvidence| {
-            blame_for_a_share(bad(), shares, evidence, &cfg, &InsecureTagVerifier).to_string()
+            check_dealers_signed(shares, evidence, &cfg, &InsecureTagVerifier).map_err(|e| e.to_string())
         };
         let evidence = |signature: Vec<u8>, leaf: usize, path: Vec<[u8; 32]>| -> DealerEvidence {
             [("p0".to_string(), Evidence { signature, leaves: digests.len(), leaf, path })].into()
         };
         let path = ShareTree::new(&digests).path(leaf);
         let signed = evidence(signature.clone(), leaf, path.clone());
-        // Signed as it arrived: the dealer sealed it wrongly.
-        assert!(verdict(&to_p1, &signed).contains("party p0 misbehaved"));
+        // Signed as it arrived: whatever is wrong with it is the dealer's.
+        assert_eq!(verdict(&to_p1, &signed), Ok(()));
         let mut altered = to_p1.clone();
         altered[0].mask_key.ciphertext[0] ^= 1;
         let mut forged = signature.clone();
@@ -2491,7 +2596,7 @@ mod tests {
             ("a bent path", &to_p1, evidence(signature.clone(), leaf, bent)),
             ("a short path", &to_p1, evidence(signature.clone(), leaf, path[..0].to_vec())),
         ] {
-            let v = verdict(shares, &ev);
+            let v = verdict(shares, &ev).unwrap_err();
             assert!(v.contains("party coordinator misbehaved") && v.contains("that p0 did not sign"), "{what}: {v}");
         }
     }

@@ -907,3 +907,153 @@ fn a_holder_revealing_a_wrong_share_or_key_is_named() {
     );
     assert!(server.flagged()["p01"].contains("does not open"), "{:?}", server.flagged());
 }
+
+/// p00 (a malicious dealer) seals p01 a share that does not open — the
+/// self-mask half, the mask-key half, or a well-sealed share at another
+/// holder's x — under its own signature. p01 stays in the round and
+/// complains with proof; the coordinator opens the share itself and names
+/// p00. p01 reveals nothing of p00, and the sum is exact, with p00 a
+/// survivor and with p00 dropped (its mask key rebuilt from the others).
+/// Before, p01 could only leave the round, naming p00 in words nobody
+/// could check.
+#[test]
+fn a_share_that_does_not_open_is_proven_by_its_holder_who_stays_in_the_round() {
+    type Spoil = fn(&Config, &Client, &mut EncryptedShare);
+    let spoilers: [(&str, Spoil); 3] = [
+        ("self-mask half", |_, _, s| s.self_mask.ciphertext[0] ^= 1),
+        ("mask-key half", |_, _, s| s.mask_key.ciphertext[5] ^= 0x80),
+        ("another holder's x", |cfg, dealer, s| {
+            let key = cfg.share_key(&dealer.peers["p01"].enc_dh, "p00", "p01", ShareKind::MaskKey);
+            let mut share = cfg.open_share(s, ShareKind::MaskKey, &key).unwrap();
+            share.x += 1;
+            let aad = cfg.share_aad("p00", "p01", ShareKind::MaskKey);
+            let (nonce, ciphertext) = seal(&key, &share.to_bytes(), &aad, &mut OsRng).unwrap();
+            s.mask_key = Sealed { nonce, ciphertext };
+        }),
+    ];
+    for (what, spoil) in spoilers {
+        for p00_drops in [false, true] {
+            let cfg = config(7, 0.0);
+            let deal = |p: &str, c: &Client, shares: &mut Vec<EncryptedShare>| {
+                if p == "p00" {
+                    spoil(&cfg, c, shares.iter_mut().find(|s| s.to == "p01").unwrap());
+                }
+            };
+            let (mut server, mut clients) = through_shares(&cfg, deal);
+            let mut expected = 0;
+            for (i, (p, c)) in clients.iter_mut().enumerate() {
+                let y = c.on_shares(&server.shares_for(p), vec![i as u32; cfg.dim]).unwrap();
+                let dealers: Vec<&str> = y.complaints.iter().map(|c| c.dealer.as_str()).collect();
+                assert_eq!(dealers, if p == "p01" { vec!["p00"] } else { vec![] }, "{what}: {p}");
+                if p00_drops && p == "p00" {
+                    continue;
+                }
+                expected += i as u32;
+                server.on_masked(y).unwrap();
+            }
+            assert!(server.flagged()["p00"].contains("proven by p01's complaint"), "{what}: {:?}", server.flagged());
+            assert!(!clients["p01"].held_shares().contains_key("p00"), "{what}");
+            let answering: Vec<String> = cfg.parties.iter().filter(|p| !p00_drops || *p != "p00").cloned().collect();
+            unmask_by(&mut server, &mut clients, &answering, |p, answer| {
+                if p == "p01" {
+                    assert!(!answer.keys.contains_key("p00"), "{what}: p01 revealed a share it does not hold");
+                }
+            });
+            let (sum, _) = server.finish().unwrap();
+            assert_eq!(sum, vec![expected; cfg.dim], "{what}, p00 dropped: {p00_drops}");
+            let flagged = server.flagged();
+            assert!(flagged.get("p00").is_some_and(|w| w.contains("dealt p01")), "{what}: {flagged:?}");
+            assert!(!flagged.contains_key("p01"), "{what}: the honest holder is not blamed: {flagged:?}");
+        }
+    }
+}
+
+/// Complaints that do not hold name the complainer, and its masked input
+/// is refused (it is then a dropout): about a share that opens (with a
+/// valid proof of the real value), with a proof made for another pair or
+/// round, with a value that is not the pair's, twice about one dealer, or
+/// about a party that dealt it nothing. A complainer that then reveals a
+/// share of the dealer it complained about is refused too.
+#[test]
+fn a_false_or_misbound_complaint_names_the_complainer() {
+    let cfg = config(7, 0.0);
+    let (mut server, clients) = through_shares(&cfg, |_, _, _| {});
+    let holder = &clients["p01"];
+    let dealer_pk = |p: &str| server.keys[p].enc_pk;
+    let complaint = |dealer: &str, context: &[u8]| {
+        let (shared, proof) = holder.enc_sk.reveal(&dealer_pk(dealer), dealer, context, &mut OsRng).unwrap();
+        ShareComplaint { dealer: dealer.into(), shared, proof }
+    };
+    let neighbour = holder.neighbours[0].clone();
+    let stranger = cfg.parties.iter().find(|p| *p != "p01" && !holder.neighbours.contains(p)).cloned();
+    let honest = complaint(&neighbour, &cfg.complaint_context(&neighbour, "p01"));
+    let mut cases = vec![
+        ("a share that opens", vec![honest.clone()], "which opens"),
+        (
+            "another pair's proof",
+            vec![complaint(&neighbour, &cfg.complaint_context("p01", &neighbour))],
+            "does not check",
+        ),
+        (
+            "another round's proof",
+            vec![complaint(&neighbour, &Config { round: 3, ..cfg.clone() }.complaint_context(&neighbour, "p01"))],
+            "does not check",
+        ),
+        (
+            "a value not the pair's",
+            vec![ShareComplaint { shared: dealer_pk("p01"), ..honest.clone() }],
+            "does not check",
+        ),
+        ("twice", vec![honest.clone(), honest.clone()], "twice"),
+    ];
+    if let Some(s) = stranger {
+        cases.push(("a non-neighbour", vec![complaint(&s, &cfg.complaint_context(&s, "p01"))], "not relayed"));
+    }
+    for (what, complaints, why) in cases {
+        let y = MaskedInput { party: "p01".into(), values: vec![0; cfg.dim], complaints };
+        let err = server.on_masked(y).unwrap_err();
+        assert!(
+            matches!(&err, Error::PeerMisbehaved { party, reason } if party == "p01" && reason.contains(why)),
+            "{what}: {err}"
+        );
+        assert!(!server.masked.contains("p01") && server.flagged().is_empty(), "{what}: a false complaint counted");
+    }
+
+    // A proven complaint, then a share of that dealer revealed anyway.
+    let (mut server, mut clients) = through_masked_dealing(&cfg, |p, _, shares| {
+        if p == "p00" {
+            shares.iter_mut().find(|s| s.to == "p01").unwrap().self_mask.ciphertext[0] ^= 1;
+        }
+    });
+    let survivors = server.close_masked().unwrap();
+    for p in &cfg.parties {
+        let sig = clients.get_mut(p).unwrap().on_survivors(&survivors, &Tag(p.clone())).unwrap();
+        server.on_survivor_signature(sig, &TagCheck).unwrap();
+    }
+    let requests = server.close_consistency().unwrap();
+    let (_, req) = requests.iter().find(|(p, _)| p == "p01").unwrap();
+    let mut answer = clients.get_mut("p01").unwrap().on_unmask(req, &TagCheck).unwrap();
+    answer.self_mask.push(("p00".into(), Share { x: 2, y: [1, 2, 3, 4, 5] }));
+    answer.keys.insert("p00".into(), [7; 32]);
+    let err = server.on_unmask(answer).unwrap_err();
+    assert!(
+        matches!(&err, Error::PeerMisbehaved { party, reason } if party == "p01" && reason.contains("proved did not open")),
+        "{err}"
+    );
+}
+
+/// Dealers that spoil so many of one holder's shares that fewer than t
+/// open leave it below the threshold: it refuses the stage, naming them.
+#[test]
+fn a_holder_with_fewer_than_t_shares_that_open_names_the_dealers() {
+    let cfg = config(7, 0.0);
+    let spoilers = ["p00", "p02", "p03"];
+    let (server, mut clients) = through_shares(&cfg, |p, _, shares| {
+        if spoilers.contains(&p) {
+            shares.iter_mut().find(|s| s.to == "p01").unwrap().self_mask.ciphertext[0] ^= 1;
+        }
+    });
+    assert_eq!(cfg.degree - spoilers.len(), cfg.threshold - 1, "one short of t");
+    let err = clients.get_mut("p01").unwrap().on_shares(&server.shares_for("p01"), vec![0; cfg.dim]).unwrap_err();
+    assert!(matches!(&err, Error::BelowThreshold(why) if why.contains("p00, p02, p03")), "{err}");
+}

@@ -34,6 +34,7 @@ use super::graph::Graph;
 use super::prim::{apply_masks, context, derive, mask_iv, open, seal, value_mask};
 use super::shamir::{self, Share};
 use crate::Error;
+use crate::dleq::{self, DhSecret, DleqProof};
 
 /// Signs a party's round keys with its long-term identity key.
 pub trait IdentitySigner {
@@ -118,6 +119,15 @@ impl Config {
     fn survivors_transcript(&self, survivors: &[String]) -> Vec<u8> {
         let names: Vec<&str> = survivors.iter().map(String::as_str).collect();
         let mut t = context("survivors", &self.job, self.round, &names);
+        t.extend_from_slice(&self.binding);
+        t
+    }
+
+    /// What a holder's complaint about a dealer's share is bound to: job,
+    /// round, binding, dealer and holder, so its proof proves nothing in any
+    /// other round or about any other pair.
+    fn complaint_context(&self, dealer: &str, holder: &str) -> Vec<u8> {
+        let mut t = context("share-complaint", &self.job, self.round, &[dealer, holder]);
         t.extend_from_slice(&self.binding);
         t
     }
@@ -209,7 +219,9 @@ impl Config {
 pub struct AdvertiseKeys {
     /// Sender.
     pub party: String,
-    /// X25519 key for share encryption.
+    /// Ristretto255 Diffie–Hellman key for share encryption: a holder can
+    /// then prove the pair's shared value to the coordinator when a share
+    /// does not open ([`ShareComplaint`], [`crate::dleq`]).
     pub enc_pk: [u8; 32],
     /// X25519 key for pairwise masks.
     pub mask_pk: [u8; 32],
@@ -273,6 +285,31 @@ pub struct MaskedInput {
     pub party: String,
     /// `x + masks mod 2^bits`.
     pub values: Vec<u32>,
+    /// The sender's proofs that dealers' shares did not open (usually none).
+    pub complaints: Vec<ShareComplaint>,
+}
+
+/// A holder's checkable complaint that a dealer's share, as the dealer
+/// signed it, does not open or opens to a share for another holder: the
+/// pair's Diffie–Hellman value with a Chaum–Pedersen proof that it is the
+/// value of the two advertised encryption keys. The coordinator derives the
+/// share's keys and opens it itself: a share that does not open convicts the
+/// dealer, one that opens convicts the complainer. The holder stays in the
+/// round (it masks with the dealer as if it held the share, so the sum is
+/// unchanged) and holds none of the dealer's shares.
+///
+/// The value reveals to the coordinator only the keys of the shares between
+/// the two: the dealer's to the holder (what the dealer, proven malicious,
+/// could hand it anyway) and the holder's to the dealer (which the dealer
+/// already holds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareComplaint {
+    /// The dealer complained about.
+    pub dealer: String,
+    /// The holder's and dealer's Diffie–Hellman value.
+    pub shared: [u8; 32],
+    /// That `shared` is that value, bound to the round and the pair.
+    pub proof: DleqProof,
 }
 
 /// A party's signature over the survivor set (stage 3 answer).
@@ -374,10 +411,27 @@ fn check_party_list(cfg: &Config, names: &[String], what: &str) -> Result<(), Er
 /// What a party keeps of a neighbour after stage 1: the two Diffie–Hellman
 /// results, computed once (each costs tens of µs and stage 2 needs them again).
 struct PeerSecrets {
+    /// The peer's encryption key, which a complaint proves against.
+    enc_pk: [u8; 32],
     /// DH of the encryption keys; the share keys in both directions derive from it.
     enc_dh: Zeroizing<[u8; 32]>,
     /// The pairwise mask seed, from the DH of the mask keys.
     pair_seed: Zeroizing<[u8; 32]>,
+}
+
+/// What stage 2 opened: the shares held, and complaints about the rest.
+struct Opened {
+    held: BTreeMap<String, (Share, Share)>,
+    complaints: Vec<ShareComplaint>,
+}
+
+impl Opened {
+    /// Every dealer whose shares came (opened or complained about): this
+    /// party masks with each, as the coordinator expects of a holder it
+    /// relayed shares to.
+    fn dealers(&self) -> impl Iterator<Item = &String> {
+        self.held.keys().chain(self.complaints.iter().map(|c| &c.dealer))
+    }
 }
 
 /// Merkle tree over a dealer's share digests (leaves in holder order,
@@ -453,7 +507,7 @@ pub struct Client {
     graph: Graph,
     me: String,
     neighbours: Vec<String>,
-    enc_sk: StaticSecret,
+    enc_sk: DhSecret,
     mask_sk: StaticSecret,
     /// This party's own public keys of the round: a neighbour relayed with
     /// either is refused like any reused key.
@@ -463,6 +517,9 @@ pub struct Client {
     peers: BTreeMap<String, PeerSecrets>,
     /// Shares received in stage 1: neighbour → (share of b, share of s).
     held: BTreeMap<String, (Share, Share)>,
+    /// Dealers whose shares did not open here (complained about in stage 2):
+    /// masked with as if held, never revealed for.
+    complained: BTreeSet<String>,
     /// The input masked ahead of stage 2 by [`Client::premask`], with every
     /// neighbour that advertised keys.
     premasked: Option<Vec<u32>>,
@@ -497,11 +554,11 @@ impl Client {
                 ),
             ));
         }
-        let enc_sk = StaticSecret::random_from_rng(&mut *rng);
+        let enc_sk = DhSecret::generate(&mut *rng);
         let mask_sk = StaticSecret::random_from_rng(&mut *rng);
         let mut seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(seed.as_mut());
-        let (enc_pk, mask_pk) = (PublicKey::from(&enc_sk).to_bytes(), PublicKey::from(&mask_sk).to_bytes());
+        let (enc_pk, mask_pk) = (enc_sk.public(), PublicKey::from(&mask_sk).to_bytes());
         let seed_commitment = cfg.seed_commitment(&seed, me);
         let mut msg = AdvertiseKeys { party: me.to_owned(), enc_pk, mask_pk, seed_commitment, signature: Vec::new() };
         msg.signature = signer.sign(&cfg.keys_transcript(&msg))?;
@@ -515,6 +572,7 @@ impl Client {
             stage: ClientStage::AwaitKeys,
             peers: BTreeMap::new(),
             held: BTreeMap::new(),
+            complained: BTreeSet::new(),
             premasked: None,
             signed: None,
             graph,
@@ -591,7 +649,14 @@ impl Client {
                     format!("relayed round keys of {} that reuse a public key", k.party),
                 ));
             }
-            peers.insert(k.party.clone(), (PublicKey::from(k.enc_pk), PublicKey::from(k.mask_pk)));
+            // Checked by the coordinator before relaying, as the signature.
+            dleq::check_public(&k.enc_pk, &k.party).map_err(|_| {
+                misbehaved(
+                    "coordinator",
+                    format!("relayed an encryption key of {} that is not a group element", k.party),
+                )
+            })?;
+            peers.insert(k.party.clone(), (k.enc_pk, PublicKey::from(k.mask_pk)));
         }
         let t = self.cfg.threshold;
         if peers.len() < t {
@@ -603,12 +668,12 @@ impl Client {
         }
         self.peers = peers
             .into_iter()
-            .map(|(peer, (enc, mask))| {
-                let enc_dh = Zeroizing::new(*self.enc_sk.diffie_hellman(&enc).as_bytes());
+            .map(|(peer, (enc_pk, mask))| {
+                let enc_dh = self.enc_sk.agree(&enc_pk, &peer)?;
                 let pair_seed = self.cfg.pair_seed(self.mask_sk.diffie_hellman(&mask).as_bytes(), &self.me, &peer);
-                (peer, PeerSecrets { enc_dh, pair_seed })
+                Ok((peer, PeerSecrets { enc_pk, enc_dh, pair_seed }))
             })
-            .collect();
+            .collect::<Result<_, Error>>()?;
         let xs: Vec<u64> = self.peers.keys().map(|p| self.x_of(p)).collect::<Result<_, _>>()?;
         let b_shares = shamir::split(&self.self_seed, t, &xs, rng)?;
         let s_secret = Zeroizing::new(self.mask_sk.to_bytes());
@@ -639,8 +704,8 @@ impl Client {
     pub fn on_shares(&mut self, shares: &[EncryptedShare], mut input: Vec<u32>) -> Result<MaskedInput, Error> {
         // The unmasked input is as private as the update: wiped on every
         // refusal.
-        let held = match self.check_on_shares(shares, &input) {
-            Ok(held) => held,
+        let opened = match self.check_on_shares(shares, &input) {
+            Ok(opened) => opened,
             Err(e) => {
                 zeroize::Zeroize::zeroize(&mut input);
                 return Err(e);
@@ -648,22 +713,24 @@ impl Client {
         };
         let self_seed = self.cfg.self_seed(&self.self_seed, &self.me);
         let mut masks: Vec<(&[u8; 32], bool)> = vec![(&self_seed, false)];
-        for peer in held.keys() {
+        for peer in opened.dealers() {
             let Some(secrets) = self.peers.get(peer) else { continue };
             masks.push((&secrets.pair_seed, self.me.as_str() > peer.as_str()));
         }
         apply_masks(&mut input, &self.cfg.mask_iv(), &masks, self.cfg.bits);
-        self.held = held;
+        Ok(self.masked(opened, input))
+    }
+
+    /// Keeps what stage 2 opened and answers with the masked input.
+    fn masked(&mut self, opened: Opened, values: Vec<u32>) -> MaskedInput {
+        self.complained = opened.complaints.iter().map(|c| c.dealer.clone()).collect();
+        self.held = opened.held;
         self.stage = ClientStage::AwaitSurvivors;
-        Ok(MaskedInput { party: self.me.clone(), values: input })
+        MaskedInput { party: self.me.clone(), values, complaints: opened.complaints }
     }
 
     /// [`Client::on_shares`]'s checks: the stage, the input, the shares.
-    fn check_on_shares(
-        &self,
-        shares: &[EncryptedShare],
-        input: &[u32],
-    ) -> Result<BTreeMap<String, (Share, Share)>, Error> {
+    fn check_on_shares(&self, shares: &[EncryptedShare], input: &[u32]) -> Result<Opened, Error> {
         self.expect(ClientStage::AwaitShares)?;
         if self.premasked.is_some() {
             return Err(Error::WrongStage("the input was premasked: call on_shares_premasked".into()));
@@ -705,12 +772,13 @@ impl Client {
         if self.premasked.is_none() {
             return Err(Error::WrongStage("no premasked input: call premask first".into()));
         }
-        let held = self.open_shares(shares)?;
+        let opened = self.open_shares(shares)?;
         // Undo what premask added for the neighbours that did not share.
+        let dealers: BTreeSet<&String> = opened.dealers().collect();
         let undo: Vec<(&[u8; 32], bool)> = self
             .peers
             .iter()
-            .filter(|(peer, _)| !held.contains_key(*peer))
+            .filter(|(peer, _)| !dealers.contains(peer))
             .map(|(peer, secrets)| (&*secrets.pair_seed, self.me.as_str() <= peer.as_str()))
             .collect();
         let Some(mut input) = self.premasked.take() else {
@@ -719,9 +787,7 @@ impl Client {
         if !undo.is_empty() {
             apply_masks(&mut input, &self.cfg.mask_iv(), &undo, self.cfg.bits);
         }
-        self.held = held;
-        self.stage = ClientStage::AwaitSurvivors;
-        Ok(MaskedInput { party: self.me.clone(), values: input })
+        Ok(self.masked(opened, input))
     }
 
     fn check_input(&self, input: &[u32]) -> Result<(), Error> {
@@ -735,9 +801,15 @@ impl Client {
     }
 
     /// Decrypts and checks the shares addressed to this party; every share
-    /// is validated before any is kept, and at least `threshold` must come.
-    fn open_shares(&self, shares: &[EncryptedShare]) -> Result<BTreeMap<String, (Share, Share)>, Error> {
+    /// is validated before any is kept, and at least `threshold` must open.
+    /// A share that does not open (or opens to another holder's share) is
+    /// complained about, with proof, instead of failing the stage: the
+    /// caller checks first that its dealer signed it as it arrived, so the
+    /// fault is the dealer's and a coordinator that altered it is named
+    /// instead (`blame_for_a_share` in the protocol layer).
+    fn open_shares(&self, shares: &[EncryptedShare]) -> Result<Opened, Error> {
         let mut held = BTreeMap::new();
+        let mut complaints = Vec::new();
         for s in shares {
             if s.to != self.me {
                 return Err(misbehaved("coordinator", format!("routed a share for {} to {}", s.to, self.me)));
@@ -748,30 +820,38 @@ impl Client {
                     format!("routed a share from {}, which has no keys here", s.from),
                 ));
             };
-            if held.contains_key(&s.from) {
+            if held.contains_key(&s.from) || complaints.iter().any(|c: &ShareComplaint| c.dealer == s.from) {
                 // The coordinator accepts one share per dealer and holder:
                 // two reaching a holder are its doing (naming the dealer
                 // would let it frame an honest one).
                 return Err(misbehaved("coordinator", format!("relayed two shares of {}", s.from)));
             }
-            let open_one = |kind: ShareKind| -> Result<Share, Error> {
+            let open_one = |kind: ShareKind| {
                 let key = self.cfg.share_key(&secrets.enc_dh, &s.from, &self.me, kind);
-                self.cfg.open_share(s, kind, &key).ok_or_else(|| {
-                    misbehaved(&s.from, "share does not decrypt (tampered, replayed, misaddressed or malformed)")
-                })
+                self.cfg.open_share(s, kind, &key)
             };
-            let b = open_one(ShareKind::SelfMask)?;
-            let sk = open_one(ShareKind::MaskKey)?;
             let my_x = self.x_of(&self.me)?;
-            if b.x != my_x || sk.x != my_x {
-                return Err(misbehaved(&s.from, "share for another holder"));
+            match (open_one(ShareKind::SelfMask), open_one(ShareKind::MaskKey)) {
+                (Some(b), Some(sk)) if b.x == my_x && sk.x == my_x => {
+                    held.insert(s.from.clone(), (b, sk));
+                }
+                _ => {
+                    // Rare (a dealer at fault), so drawn from the OS here
+                    // rather than threading an RNG through every caller.
+                    let context = self.cfg.complaint_context(&s.from, &self.me);
+                    let (shared, proof) =
+                        self.enc_sk.reveal(&secrets.enc_pk, &s.from, &context, &mut rand_core::OsRng)?;
+                    complaints.push(ShareComplaint { dealer: s.from.clone(), shared, proof });
+                }
             }
-            held.insert(s.from.clone(), (b, sk));
         }
         if held.len() < self.cfg.threshold {
-            return Err(Error::BelowThreshold(format!("{} neighbours shared keys", held.len())));
+            let bad: Vec<&str> = complaints.iter().map(|c| c.dealer.as_str()).collect();
+            let bad =
+                if bad.is_empty() { String::new() } else { format!(" (shares of {} did not open)", bad.join(", ")) };
+            return Err(Error::BelowThreshold(format!("{} neighbours' shares opened{bad}", held.len())));
         }
-        Ok(held)
+        Ok(Opened { held, complaints })
     }
 
     /// Stage 3: checks the survivor set and signs it. A party signs one
@@ -804,14 +884,15 @@ impl Client {
                 format!("{live} of this party's neighbours survived; the threshold is {}", self.cfg.threshold),
             ));
         }
-        // Every neighbour in the set is one this party masked with. A
-        // survivor whose shares were kept from this party (so that it did
-        // not mask with it, while that survivor masked with this party)
-        // would let the coordinator unmask this party's input in a sum that
-        // leaves the survivor out: a smaller sum than the set it signs.
-        if let Some(n) =
-            self.neighbours.iter().find(|n| survivors.binary_search(n).is_ok() && !self.held.contains_key(*n))
-        {
+        // Every neighbour in the set is one this party masked with (its
+        // shares held, or proven not to open). A survivor whose shares were
+        // kept from this party (so that it did not mask with it, while that
+        // survivor masked with this party) would let the coordinator unmask
+        // this party's input in a sum that leaves the survivor out: a
+        // smaller sum than the set it signs.
+        if let Some(n) = self.neighbours.iter().find(|n| {
+            survivors.binary_search(n).is_ok() && !self.held.contains_key(*n) && !self.complained.contains(*n)
+        }) {
             return Err(misbehaved(
                 "coordinator",
                 format!(
@@ -989,6 +1070,11 @@ pub struct Server {
     unmask: BTreeMap<String, UnmaskShares>,
     /// Holders whose shares were wrong, found by `finish`.
     flagged: BTreeMap<String, String>,
+    /// Dealers convicted by a holder's proven complaint, with why.
+    convicted: BTreeMap<String, String>,
+    /// By dealer, the holders that proved its share did not open: they
+    /// hold none of its shares and reveal none.
+    unheld: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Server {
@@ -1015,6 +1101,8 @@ impl Server {
             signatures: BTreeMap::new(),
             unmask: BTreeMap::new(),
             flagged: BTreeMap::new(),
+            convicted: BTreeMap::new(),
+            unheld: BTreeMap::new(),
         })
     }
 
@@ -1060,6 +1148,7 @@ impl Server {
         {
             return Err(misbehaved(&msg.party, "reused a public key"));
         }
+        dleq::check_public(&msg.enc_pk, &msg.party)?;
         self.advertised.extend([msg.enc_pk, msg.mask_pk]);
         self.keys.insert(msg.party.clone(), msg);
         Ok(())
@@ -1150,12 +1239,56 @@ impl Server {
                 format!("masked input must be {} values below 2^{}", self.cfg.dim, self.cfg.bits),
             ));
         }
+        // Every complaint is checked before the input counts: one that does
+        // not hold refuses the complainer's input (it is then a dropout).
+        let mut about = BTreeSet::new();
+        if let Some(c) = msg.complaints.iter().find(|c| !about.insert(c.dealer.as_str())) {
+            return Err(misbehaved(&msg.party, format!("complained twice about {}", c.dealer)));
+        }
+        for c in &msg.complaints {
+            self.check_complaint(&msg.party, c)?;
+        }
+        for c in &msg.complaints {
+            let why = format!("dealt {} a share that does not open (proven by {}'s complaint)", msg.party, msg.party);
+            self.convicted.entry(c.dealer.clone()).or_insert_with(|| why.clone());
+            self.flagged.entry(c.dealer.clone()).or_insert(why);
+            self.unheld.entry(c.dealer.clone()).or_default().insert(msg.party.clone());
+        }
         if self.masked_sum.is_empty() {
             self.masked_sum = msg.values;
         } else {
             self.masked_sum.iter_mut().zip(&msg.values).for_each(|(s, v)| *s = s.wrapping_add(*v));
         }
         self.masked.insert(msg.party);
+        Ok(())
+    }
+
+    /// Checks `holder`'s complaint about a dealer's share: the revealed
+    /// value is proven to be the pair's Diffie–Hellman value, and the share
+    /// the dealer signed, opened with the keys it gives, does not open to
+    /// this holder's share of both secrets. Else the complaint is false and
+    /// names the holder.
+    fn check_complaint(&self, holder: &str, c: &ShareComplaint) -> Result<(), Error> {
+        let dealer = c.dealer.as_str();
+        let share = self
+            .shares
+            .get(holder)
+            .and_then(|v| v.iter().find(|s| s.from == dealer))
+            .filter(|_| self.shared.contains(dealer))
+            .ok_or_else(|| misbehaved(holder, format!("complained about {dealer}, who was not relayed to it")))?;
+        let (Some(holder_key), Some(dealer_key)) = (self.keys.get(holder), self.keys.get(dealer)) else {
+            return Err(misbehaved(holder, format!("complained about {dealer} without keys advertised")));
+        };
+        let context = self.cfg.complaint_context(dealer, holder);
+        dleq::verify(&holder_key.enc_pk, &dealer_key.enc_pk, &c.shared, &c.proof, &context, holder)?;
+        let x = self.idx(holder)? as u64 + 1;
+        let opens = |kind: ShareKind| {
+            let key = self.cfg.share_key(&c.shared, dealer, holder, kind);
+            self.cfg.open_share(share, kind, &key).is_some_and(|s| s.x == x)
+        };
+        if opens(ShareKind::SelfMask) && opens(ShareKind::MaskKey) {
+            return Err(misbehaved(holder, format!("complained about {dealer}'s share, which opens")));
+        }
         Ok(())
     }
 
@@ -1173,10 +1306,16 @@ impl Server {
         let t = self.cfg.threshold;
         let survived: Vec<bool> = self.cfg.parties.iter().map(|p| self.masked.contains(p)).collect();
         for v in &self.shared {
-            let live = self.graph.neighbours(self.idx(v)?).iter().filter(|&&j| survived[j]).count();
+            // A survivor that proved v's share did not open holds none.
+            let unheld = self.unheld.get(v);
+            let holds = |j: usize| !unheld.is_some_and(|u| u.contains(&self.cfg.parties[j]));
+            let live = self.graph.neighbours(self.idx(v)?).iter().filter(|&&j| survived[j] && holds(j)).count();
             if live < t {
+                let proven = unheld.map_or(String::new(), |u| {
+                    format!(" ({} proved its shares did not open)", u.iter().cloned().collect::<Vec<_>>().join(", "))
+                });
                 return Err(Error::BelowThreshold(format!(
-                    "{live} of {v}'s neighbours sent masked inputs; {t} needed"
+                    "{live} of {v}'s neighbours that hold its shares sent masked inputs; {t} needed{proven}"
                 )));
             }
         }
@@ -1299,6 +1438,12 @@ impl Server {
             if !msg.keys.contains_key(owner) {
                 return Err(misbehaved(&msg.party, format!("revealed a share of {owner} without its key")));
             }
+            if self.unheld.get(owner.as_str()).is_some_and(|u| u.contains(&msg.party)) {
+                return Err(misbehaved(
+                    &msg.party,
+                    format!("revealed a share of {owner}, whose share it proved did not open"),
+                ));
+            }
         }
         if msg.keys.len() != seen.len() {
             return Err(misbehaved(&msg.party, "revealed keys of shares it did not reveal"));
@@ -1403,8 +1548,9 @@ impl Server {
 
     /// The parties caught with shares that did not fit the owner's
     /// commitment (or advertised key) in the last [`Server::finish`] — the
-    /// dealer that dealt it or the holder that falsified it — with why: the
-    /// sum was rebuilt without them.
+    /// dealer that dealt it or the holder that falsified it — and the
+    /// dealers convicted by a holder's proven complaint (from stage 2 on),
+    /// with why: the sum was rebuilt without their bad shares.
     pub fn flagged(&self) -> &BTreeMap<String, String> {
         &self.flagged
     }
@@ -1434,7 +1580,9 @@ impl Server {
         };
         // Rebuild every seed first, then remove all masks in one fused pass.
         let mut seeds: Vec<(Zeroizing<[u8; 32]>, bool)> = Vec::new();
-        let mut flagged: BTreeMap<String, String> = BTreeMap::new();
+        // Dealers convicted by complaints first: they are named whatever
+        // else happens.
+        let mut flagged = self.convicted.clone();
         for v in &self.masked {
             let commitment = self.keys.get(v).map(|k| k.seed_commitment);
             let check = |b: &[u8; 32]| Some(self.cfg.seed_commitment(b, v)) == commitment;
@@ -1783,14 +1931,16 @@ mod tests {
         server.close_shares().unwrap();
 
         // A share tampered with, or from another job's context, does not
-        // decrypt. The core names its dealer; the party's protocol layer then
-        // checks the dealer's relayed signature and names the coordinator
-        // instead when the dealer did not sign what arrived
-        // (`aggregation::secagg`'s `a_share_altered_in_transit_names_the_coordinator_not_its_dealer`).
+        // decrypt. The core complains about its dealer, or, as here where
+        // every share is needed, refuses below the threshold naming it; the
+        // party's protocol layer first checks the dealers' relayed
+        // signatures and names the coordinator instead when a dealer did not
+        // sign what arrived (`aggregation::secagg`'s
+        // `a_share_altered_in_transit_names_the_coordinator_not_its_dealer`).
         let mut to_p01 = server.shares_for("p01");
         to_p01[0].self_mask.ciphertext[3] ^= 1;
         let err = clients[1].on_shares(&to_p01, vec![0; 8]).err().unwrap();
-        assert!(matches!(&err, Error::PeerMisbehaved { party, .. } if party == &to_p01[0].from), "{err}");
+        assert!(matches!(&err, Error::BelowThreshold(why) if why.contains(&to_p01[0].from)), "{err}");
     }
 
     #[test]
@@ -2006,7 +2156,9 @@ mod tests {
         assert!(Client::new(config(3, 4, 2, 3), "p00", &HashSigner("p00".into()), &mut OsRng).is_err());
         assert!(Client::new(config(3, 4, 2, 1), "p00", &HashSigner("p00".into()), &mut OsRng).is_err());
         // A masked input out of turn (before the shares stage closed) names its sender.
-        let early = server.on_masked(MaskedInput { party: "p00".into(), values: vec![0; 4] }).unwrap_err();
+        let early = server
+            .on_masked(MaskedInput { party: "p00".into(), values: vec![0; 4], complaints: Vec::new() })
+            .unwrap_err();
         assert!(matches!(&early, Error::PeerMisbehaved { party, .. } if party == "p00"), "{early}");
     }
 
@@ -2016,9 +2168,9 @@ mod tests {
         let (mut server, mut clients) = through_shares(&cfg);
         let named =
             |r: Result<(), Error>, who: &str| matches!(r, Err(Error::PeerMisbehaved { party, .. }) if party == who);
-        let long = MaskedInput { party: "p00".into(), values: vec![1; 5] };
+        let long = MaskedInput { party: "p00".into(), values: vec![1; 5], complaints: Vec::new() };
         assert!(named(server.on_masked(long), "p00"));
-        let high = MaskedInput { party: "p01".into(), values: vec![1, 1 << 16, 1, 1] };
+        let high = MaskedInput { party: "p01".into(), values: vec![1, 1 << 16, 1, 1], complaints: Vec::new() };
         assert!(named(server.on_masked(high), "p01"));
         // The client refuses such an input too, before masking anything.
         assert!(clients[2].on_shares(&server.shares_for("p02"), vec![0, 0, 0, 1 << 16]).is_err());
