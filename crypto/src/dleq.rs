@@ -24,6 +24,8 @@ use crate::Error;
 
 /// Domain of the proof's challenge.
 const DOMAIN: &[u8] = b"confide-dleq-v1";
+/// Domain of a proof of possession's challenge.
+const POSSESSION_DOMAIN: &[u8] = b"confide-key-possession-v1";
 
 /// A Diffie–Hellman secret: a Ristretto scalar, wiped on drop.
 #[derive(Zeroize, ZeroizeOnDrop)]
@@ -57,9 +59,13 @@ pub fn check_public(bytes: &[u8; 32], whose: &str) -> Result<(), Error> {
 }
 
 fn challenge(context: &[u8], points: [&RistrettoPoint; 5]) -> Scalar {
+    challenge_in(DOMAIN, context, &points)
+}
+
+fn challenge_in(domain: &[u8], context: &[u8], points: &[&RistrettoPoint]) -> Scalar {
     let mut h = Sha512::new();
-    h.update((DOMAIN.len() as u64).to_le_bytes());
-    h.update(DOMAIN);
+    h.update((domain.len() as u64).to_le_bytes());
+    h.update(domain);
     h.update((context.len() as u64).to_le_bytes());
     h.update(context);
     for p in points {
@@ -69,7 +75,61 @@ fn challenge(context: &[u8], points: [&RistrettoPoint; 5]) -> Scalar {
     Scalar::from_bytes_mod_order_wide(&wide)
 }
 
+/// A proof that whoever published a public key knows its secret (Schnorr,
+/// made non-interactive with Fiat–Shamir; 64 bytes on the wire: c then s).
+///
+/// Why: a complaint reveals x·Y for the complainer's secret x and a peer's
+/// key Y. Were Y a key its owner does not know the secret of — a multiple
+/// a·X′ of an honest party's key — that value would be a·(x·X′), the
+/// complainer's shared value with that honest party, and would open what
+/// the two sealed to each other (found by review). With the proof checked
+/// before any complaint, x·Y is a value Y's owner computes itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PossessionProof {
+    c: Scalar,
+    s: Scalar,
+}
+
+impl PossessionProof {
+    /// Wire form: c ‖ s.
+    pub fn to_bytes(&self) -> [u8; 64] {
+        DleqProof { c: self.c, s: self.s }.to_bytes()
+    }
+
+    /// From the wire; non-canonical scalars are refused (`whose` named).
+    pub fn from_bytes(bytes: &[u8], whose: &str) -> Result<PossessionProof, Error> {
+        let DleqProof { c, s } = DleqProof::from_bytes(bytes, whose)?;
+        Ok(PossessionProof { c, s })
+    }
+}
+
+/// Checks that `public`'s owner (`whose`) knows its secret, proven for
+/// `context` (which must name the round and the owner).
+pub fn verify_possession(public: &[u8; 32], proof: &PossessionProof, context: &[u8], whose: &str) -> Result<(), Error> {
+    let x = point(public, whose)?;
+    let t = RistrettoPoint::vartime_double_scalar_mul_basepoint(&-proof.c, &x, &proof.s);
+    if challenge_in(POSSESSION_DOMAIN, context, &[&x, &t]) != proof.c {
+        return Err(Error::PeerMisbehaved {
+            party: whose.to_owned(),
+            reason: "a Diffie–Hellman key without a valid proof that its owner knows the secret".into(),
+        });
+    }
+    Ok(())
+}
+
 impl DhSecret {
+    /// A proof that the owner of [`DhSecret::public`] knows this secret,
+    /// bound to `context`.
+    pub fn prove_possession(&self, context: &[u8], rng: &mut (impl RngCore + CryptoRng)) -> PossessionProof {
+        let x = &self.0 * RISTRETTO_BASEPOINT_TABLE;
+        let mut nonce = random_scalar(rng);
+        let t = &nonce * RISTRETTO_BASEPOINT_TABLE;
+        let c = challenge_in(POSSESSION_DOMAIN, context, &[&x, &t]);
+        let s = nonce + c * self.0;
+        nonce.zeroize();
+        PossessionProof { c, s }
+    }
+
     /// A fresh secret from a cryptographic RNG.
     pub fn generate(rng: &mut (impl RngCore + CryptoRng)) -> DhSecret {
         DhSecret(random_scalar(rng))
@@ -201,6 +261,33 @@ mod tests {
         assert_eq!(k, *k_ab);
         let proof = DleqProof::from_bytes(&proof.to_bytes(), "a").unwrap();
         verify(&a.public(), &b.public(), &k, &proof, b"round 1 | a | b", "a").unwrap();
+    }
+
+    /// A proof of possession verifies for its key and context only; a key
+    /// made from another party's (a·X′, whose secret nobody knows) has no
+    /// proof, and one made for the original key does not carry over.
+    #[test]
+    fn a_proof_of_possession_holds_for_its_key_and_context_only() {
+        let (a, b) = pair(4);
+        let ctx = b"job | round 1 | a";
+        let proof = a.prove_possession(ctx, &mut rand_core::OsRng);
+        let proof = PossessionProof::from_bytes(&proof.to_bytes(), "a").unwrap();
+        verify_possession(&a.public(), &proof, ctx, "a").unwrap();
+        let refused = |r: Result<(), Error>| matches!(r, Err(Error::PeerMisbehaved { party, .. }) if party == "a");
+        assert!(refused(verify_possession(&a.public(), &proof, b"job | round 2 | a", "a")));
+        assert!(refused(verify_possession(&b.public(), &proof, ctx, "a")));
+        // The related key 3·A (its owner knows no secret of it).
+        let related = (Scalar::from(3u8) * point(&a.public(), "a").unwrap()).compress().to_bytes();
+        assert!(refused(verify_possession(&related, &proof, ctx, "a")));
+        let mut bytes = proof.to_bytes();
+        bytes[40] ^= 1;
+        let bent = PossessionProof::from_bytes(&bytes, "a");
+        assert!(bent.is_err() || refused(verify_possession(&a.public(), &bent.unwrap(), ctx, "a")));
+        // Not interchangeable with a DLEQ proof's challenge domain.
+        let (k, dleq) = a.reveal(&b.public(), "b", ctx, &mut rand_core::OsRng).unwrap();
+        let as_possession = PossessionProof::from_bytes(&dleq.to_bytes(), "a").unwrap();
+        assert!(refused(verify_possession(&a.public(), &as_possession, ctx, "a")));
+        assert_ne!(k, [0; 32]);
     }
 
     /// What a lying complainer or a replaying coordinator would try: a

@@ -390,6 +390,9 @@ pub mod wire {
         /// Commitment to the party's self-mask seed.
         #[prost(bytes = "vec", tag = "6")]
         pub seed_commitment: Vec<u8>,
+        /// Proof that the party knows `enc_pk`'s secret (64 bytes).
+        #[prost(bytes = "vec", tag = "7")]
+        pub enc_proof: Vec<u8>,
     }
 
     /// The neighbours' keys (secagg-shares task).
@@ -533,6 +536,7 @@ fn keys_to_wire(k: &AdvertiseKeys, certificate: &[u8]) -> wire::Keys {
         signature: k.signature.clone(),
         certificate: certificate.to_vec(),
         seed_commitment: k.seed_commitment.to_vec(),
+        enc_proof: k.enc_proof.to_bytes().to_vec(),
     }
 }
 
@@ -545,6 +549,7 @@ fn keys_from_wire(k: wire::Keys, from: &str) -> Result<(AdvertiseKeys, Vec<u8>),
     }
     let advert = AdvertiseKeys {
         enc_pk: array(&k.enc_pk, from, "enc_pk")?,
+        enc_proof: crate::dleq::PossessionProof::from_bytes(&k.enc_proof, from)?,
         mask_pk: array(&k.mask_pk, from, "mask_pk")?,
         seed_commitment: array(&k.seed_commitment, from, "seed_commitment")?,
         party: k.party,
@@ -677,6 +682,14 @@ fn complaints_to_wire(complaints: &[ShareComplaint]) -> Vec<u8> {
 fn complaints_from_wire(body: Vec<u8>, party: &str, degree: usize) -> Result<Vec<ShareComplaint>, Error> {
     if body.is_empty() {
         return Ok(Vec::new());
+    }
+    // A complaint is a name (at most 63 bytes), 32 and 64 bytes, and
+    // prost's tags and lengths: bounded before it is decoded.
+    if body.len() > degree.saturating_mul(192) {
+        return Err(Error::PeerMisbehaved {
+            party: party.to_owned(),
+            reason: format!("{} bytes of share complaints; it has {degree} neighbours", body.len()),
+        });
     }
     let list: wire::MaskedComplaints = Envelope::body(body).decode(party, "share complaints")?;
     if list.complaints.len() > degree {

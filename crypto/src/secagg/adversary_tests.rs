@@ -976,7 +976,8 @@ fn a_share_that_does_not_open_is_proven_by_its_holder_who_stays_in_the_round() {
 /// share of the dealer it complained about is refused too.
 #[test]
 fn a_false_or_misbound_complaint_names_the_complainer() {
-    let cfg = config(7, 0.0);
+    // Degree 4 of 9: p01 has parties that are not its neighbours.
+    let cfg = graph_config(9, 4, 3, 11);
     let (mut server, clients) = through_shares(&cfg, |_, _, _| {});
     let holder = &clients["p01"];
     let dealer_pk = |p: &str| server.keys[p].enc_pk;
@@ -1006,9 +1007,8 @@ fn a_false_or_misbound_complaint_names_the_complainer() {
         ),
         ("twice", vec![honest.clone(), honest.clone()], "twice"),
     ];
-    if let Some(s) = stranger {
-        cases.push(("a non-neighbour", vec![complaint(&s, &cfg.complaint_context(&s, "p01"))], "not relayed"));
-    }
+    let s = stranger.expect("a party that is not p01's neighbour");
+    cases.push(("a non-neighbour", vec![complaint(&s, &cfg.complaint_context(&s, "p01"))], "not relayed"));
     for (what, complaints, why) in cases {
         let y = MaskedInput { party: "p01".into(), values: vec![0; cfg.dim], complaints };
         let err = server.on_masked(y).unwrap_err();
@@ -1020,6 +1020,7 @@ fn a_false_or_misbound_complaint_names_the_complainer() {
     }
 
     // A proven complaint, then a share of that dealer revealed anyway.
+    let cfg = config(7, 0.0);
     let (mut server, mut clients) = through_masked_dealing(&cfg, |p, _, shares| {
         if p == "p00" {
             shares.iter_mut().find(|s| s.to == "p01").unwrap().self_mask.ciphertext[0] ^= 1;
@@ -1056,4 +1057,78 @@ fn a_holder_with_fewer_than_t_shares_that_open_names_the_dealers() {
     assert_eq!(cfg.degree - spoilers.len(), cfg.threshold - 1, "one short of t");
     let err = clients.get_mut("p01").unwrap().on_shares(&server.shares_for("p01"), vec![0; cfg.dim]).unwrap_err();
     assert!(matches!(&err, Error::BelowThreshold(why) if why.contains("p00, p02, p03")), "{err}");
+}
+
+/// The related-key attack (found by review of the complaints): corrupt p00
+/// advertises 3·X of honest p02's encryption key X, whose secret it does
+/// not know, and seals its neighbours shares that cannot open. Had p01
+/// complained, it would have revealed 3·DH(p01, p02), from which the
+/// coordinator gets DH(p01, p02) and opens both of p02's shares to p01 —
+/// and likewise from every other complainer, t of them: p02's input. The
+/// coordinator refuses the advert (no proof that p00 knows the secret);
+/// one that relays it anyway is named by p01, which makes no complaint.
+#[test]
+fn a_key_made_from_another_partys_gets_no_complaint() {
+    use curve25519_dalek::ristretto::CompressedRistretto;
+    use curve25519_dalek::scalar::Scalar;
+    let cfg = config(7, 0.0);
+    let (mut clients, mut adverts) = (BTreeMap::new(), BTreeMap::new());
+    for p in &cfg.parties {
+        let (c, m) = Client::new(cfg.clone(), p, &Tag(p.clone()), &mut OsRng).unwrap();
+        clients.insert(p.clone(), c);
+        adverts.insert(p.clone(), m);
+    }
+    let victim = CompressedRistretto(adverts["p02"].enc_pk).decompress().unwrap();
+    let mut related = adverts["p00"].clone();
+    related.enc_pk = (Scalar::from(3u8) * victim).compress().to_bytes();
+    related.signature = Tag("p00".into()).sign(&cfg.keys_transcript(&related)).unwrap();
+    let mut server = Server::new(cfg.clone()).unwrap();
+    let err = server.on_keys(related.clone(), &TagCheck).unwrap_err();
+    assert!(
+        matches!(&err, Error::PeerMisbehaved { party, reason } if party == "p00" && reason.contains("proof")),
+        "{err}"
+    );
+    // A coordinator that relays it anyway: p01 deals with the key (a dealt
+    // share reveals nothing), then finds p00's share does not open.
+    let to_p01: Vec<AdvertiseKeys> = adverts
+        .values()
+        .filter(|a| a.party != "p01")
+        .map(|a| if a.party == "p00" { related.clone() } else { a.clone() })
+        .collect();
+    clients.get_mut("p01").unwrap().on_keys(&to_p01, &TagCheck, &mut OsRng).unwrap();
+    let mut dealt = Vec::new();
+    for (p, c) in clients.iter_mut().filter(|(p, _)| *p != "p01") {
+        let keys: Vec<AdvertiseKeys> = adverts.values().filter(|a| &a.party != p).cloned().collect();
+        dealt.extend(c.on_keys(&keys, &TagCheck, &mut OsRng).unwrap().into_iter().filter(|s| s.to == "p01"));
+    }
+    let err = clients.get_mut("p01").unwrap().on_shares(&dealt, vec![0; cfg.dim]).unwrap_err();
+    assert!(
+        matches!(&err, Error::PeerMisbehaved { party, reason }
+            if party == "coordinator" && reason.contains("proof of possession") && reason.contains("p00")),
+        "{err}"
+    );
+}
+
+/// p00 spoils the shares of k − t + 1 holders: each still opens t and
+/// complains, but too few holders of p00's secrets are left to rebuild
+/// them. The round fails naming p00 (the job's error is the record of the
+/// conviction), before any share is revealed.
+#[test]
+fn a_dealer_that_leaves_too_few_holders_of_its_secrets_is_named_when_the_round_fails() {
+    let cfg = config(7, 0.0);
+    let spoiled = ["p01", "p02", "p03"];
+    assert_eq!(cfg.degree - spoiled.len(), cfg.threshold - 1);
+    let (mut server, _) = through_masked_dealing(&cfg, |p, _, shares| {
+        if p == "p00" {
+            for s in shares.iter_mut().filter(|s| spoiled.contains(&s.to.as_str())) {
+                s.mask_key.ciphertext[0] ^= 1;
+            }
+        }
+    });
+    let err = server.close_masked().unwrap_err();
+    assert!(
+        matches!(&err, Error::PeerMisbehaved { party, reason }
+            if party == "p00" && reason.contains("p01, p02, p03") && reason.contains("proven")),
+        "{err}"
+    );
 }

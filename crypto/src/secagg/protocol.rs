@@ -34,7 +34,7 @@ use super::graph::Graph;
 use super::prim::{apply_masks, context, derive, mask_iv, open, seal, value_mask};
 use super::shamir::{self, Share};
 use crate::Error;
-use crate::dleq::{self, DhSecret, DleqProof};
+use crate::dleq::{self, DhSecret, DleqProof, PossessionProof};
 
 /// Signs a party's round keys with its long-term identity key.
 pub trait IdentitySigner {
@@ -102,8 +102,17 @@ impl Config {
         let mut t = context("keys", &self.job, self.round, &[&k.party]);
         t.extend_from_slice(&self.binding);
         t.extend_from_slice(&k.enc_pk);
+        t.extend_from_slice(&k.enc_proof.to_bytes());
         t.extend_from_slice(&k.mask_pk);
         t.extend_from_slice(&k.seed_commitment);
+        t
+    }
+
+    /// What a party's proof that it knows its encryption key's secret is
+    /// bound to: job, round, binding and the party.
+    fn possession_context(&self, party: &str) -> Vec<u8> {
+        let mut t = context("enc-key-possession", &self.job, self.round, &[party]);
+        t.extend_from_slice(&self.binding);
         t
     }
 
@@ -223,6 +232,11 @@ pub struct AdvertiseKeys {
     /// then prove the pair's shared value to the coordinator when a share
     /// does not open ([`ShareComplaint`], [`crate::dleq`]).
     pub enc_pk: [u8; 32],
+    /// Proof that the party knows `enc_pk`'s secret, checked by the
+    /// coordinator and by a holder before it complains about this party
+    /// (else a key made from another party's would turn a complaint into
+    /// that party's shared value: [`crate::dleq::PossessionProof`]).
+    pub enc_proof: PossessionProof,
     /// X25519 key for pairwise masks.
     pub mask_pk: [u8; 32],
     /// Commitment to the self-mask seed (a one-way function of it).
@@ -301,7 +315,10 @@ pub struct MaskedInput {
 /// The value reveals to the coordinator only the keys of the shares between
 /// the two: the dealer's to the holder (what the dealer, proven malicious,
 /// could hand it anyway) and the holder's to the dealer (which the dealer
-/// already holds).
+/// already holds). Only because the dealer proved it knows its key's
+/// secret ([`AdvertiseKeys::enc_proof`], checked before any complaint):
+/// otherwise the value for a key made from another party's would be the
+/// holder's value with that party.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShareComplaint {
     /// The dealer complained about.
@@ -411,8 +428,10 @@ fn check_party_list(cfg: &Config, names: &[String], what: &str) -> Result<(), Er
 /// What a party keeps of a neighbour after stage 1: the two Diffie–Hellman
 /// results, computed once (each costs tens of µs and stage 2 needs them again).
 struct PeerSecrets {
-    /// The peer's encryption key, which a complaint proves against.
+    /// The peer's encryption key, which a complaint proves against, and
+    /// its proof of possession, checked before any complaint.
     enc_pk: [u8; 32],
+    enc_proof: PossessionProof,
     /// DH of the encryption keys; the share keys in both directions derive from it.
     enc_dh: Zeroizing<[u8; 32]>,
     /// The pairwise mask seed, from the DH of the mask keys.
@@ -559,8 +578,10 @@ impl Client {
         let mut seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(seed.as_mut());
         let (enc_pk, mask_pk) = (enc_sk.public(), PublicKey::from(&mask_sk).to_bytes());
+        let enc_proof = enc_sk.prove_possession(&cfg.possession_context(me), &mut *rng);
         let seed_commitment = cfg.seed_commitment(&seed, me);
-        let mut msg = AdvertiseKeys { party: me.to_owned(), enc_pk, mask_pk, seed_commitment, signature: Vec::new() };
+        let mut msg =
+            AdvertiseKeys { party: me.to_owned(), enc_pk, enc_proof, mask_pk, seed_commitment, signature: Vec::new() };
         msg.signature = signer.sign(&cfg.keys_transcript(&msg))?;
         let client = Client {
             me: me.to_owned(),
@@ -656,7 +677,7 @@ impl Client {
                     format!("relayed an encryption key of {} that is not a group element", k.party),
                 )
             })?;
-            peers.insert(k.party.clone(), (k.enc_pk, PublicKey::from(k.mask_pk)));
+            peers.insert(k.party.clone(), ((k.enc_pk, k.enc_proof), PublicKey::from(k.mask_pk)));
         }
         let t = self.cfg.threshold;
         if peers.len() < t {
@@ -668,10 +689,10 @@ impl Client {
         }
         self.peers = peers
             .into_iter()
-            .map(|(peer, (enc_pk, mask))| {
+            .map(|(peer, ((enc_pk, enc_proof), mask))| {
                 let enc_dh = self.enc_sk.agree(&enc_pk, &peer)?;
                 let pair_seed = self.cfg.pair_seed(self.mask_sk.diffie_hellman(&mask).as_bytes(), &self.me, &peer);
-                Ok((peer, PeerSecrets { enc_pk, enc_dh, pair_seed }))
+                Ok((peer, PeerSecrets { enc_pk, enc_proof, enc_dh, pair_seed }))
             })
             .collect::<Result<_, Error>>()?;
         let xs: Vec<u64> = self.peers.keys().map(|p| self.x_of(p)).collect::<Result<_, _>>()?;
@@ -836,6 +857,23 @@ impl Client {
                     held.insert(s.from.clone(), (b, sk));
                 }
                 _ => {
+                    // Only about a key whose owner proved it knows the
+                    // secret (the coordinator checks every advert's proof
+                    // before relaying it; checked here, lazily, since only a
+                    // complaint needs it).
+                    let possession = self.cfg.possession_context(&s.from);
+                    dleq::verify_possession(&secrets.enc_pk, &secrets.enc_proof, &possession, &s.from).map_err(
+                        |_| {
+                            misbehaved(
+                                "coordinator",
+                                format!(
+                                    "relayed an encryption key of {} without a valid proof of possession; no complaint \
+                                 is made about it",
+                                    s.from
+                                ),
+                            )
+                        },
+                    )?;
                     // Rare (a dealer at fault), so drawn from the OS here
                     // rather than threading an RNG through every caller.
                     let context = self.cfg.complaint_context(&s.from, &self.me);
@@ -1148,7 +1186,7 @@ impl Server {
         {
             return Err(misbehaved(&msg.party, "reused a public key"));
         }
-        dleq::check_public(&msg.enc_pk, &msg.party)?;
+        dleq::verify_possession(&msg.enc_pk, &msg.enc_proof, &self.cfg.possession_context(&msg.party), &msg.party)?;
         self.advertised.extend([msg.enc_pk, msg.mask_pk]);
         self.keys.insert(msg.party.clone(), msg);
         Ok(())
@@ -1263,6 +1301,27 @@ impl Server {
         Ok(())
     }
 
+    /// Too few of `owner`'s neighbours that hold its shares are left (`live`
+    /// of them, which `did` something) to rebuild its secret. When holders
+    /// proved its shares did not open, that is the owner's doing, and the
+    /// error names it (the round fails; the job's error is then the record
+    /// of the conviction, since [`Server::flagged`] is read only from a
+    /// finished round).
+    fn short_of_holders(&self, owner: &str, live: usize, did: &str) -> Error {
+        let t = self.cfg.threshold;
+        match self.unheld.get(owner) {
+            Some(complainers) => misbehaved(
+                owner,
+                format!(
+                    "dealt shares that do not open to {} (proven by their complaints): {live} of its neighbours that \
+                     hold its shares {did}; {t} needed",
+                    complainers.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ),
+            None => Error::BelowThreshold(format!("{live} of {owner}'s neighbours {did}; {t} needed")),
+        }
+    }
+
     /// Checks `holder`'s complaint about a dealer's share: the revealed
     /// value is proven to be the pair's Diffie–Hellman value, and the share
     /// the dealer signed, opened with the keys it gives, does not open to
@@ -1311,12 +1370,7 @@ impl Server {
             let holds = |j: usize| !unheld.is_some_and(|u| u.contains(&self.cfg.parties[j]));
             let live = self.graph.neighbours(self.idx(v)?).iter().filter(|&&j| survived[j] && holds(j)).count();
             if live < t {
-                let proven = unheld.map_or(String::new(), |u| {
-                    format!(" ({} proved its shares did not open)", u.iter().cloned().collect::<Vec<_>>().join(", "))
-                });
-                return Err(Error::BelowThreshold(format!(
-                    "{live} of {v}'s neighbours that hold its shares sent masked inputs; {t} needed{proven}"
-                )));
+                return Err(self.short_of_holders(v, live, "sent masked inputs"));
             }
         }
         let survivors: Vec<String> = self.masked.iter().cloned().collect();
@@ -1366,6 +1420,20 @@ impl Server {
                     "{backing} of {}'s neighbours signed the survivor set; {t} needed to unmask {v}",
                     self.cfg.parties[x]
                 )));
+            }
+            // Signers that proved v's shares did not open reveal none of
+            // them: stop before any share is revealed for a rebuild that
+            // cannot succeed.
+            if let Some(unheld) = self.unheld.get(v) {
+                let holders = self
+                    .graph
+                    .neighbours(self.idx(v)?)
+                    .iter()
+                    .filter(|&&j| signer[j] && !unheld.contains(&self.cfg.parties[j]))
+                    .count();
+                if holders < t {
+                    return Err(self.short_of_holders(v, holders, "signed the survivor set"));
+                }
             }
         }
         let survivors: Vec<String> = self.masked.iter().cloned().collect();
@@ -2143,6 +2211,7 @@ mod tests {
                 AdvertiseKeys {
                     party: "zz".into(),
                     enc_pk: [1; 32],
+                    enc_proof: PossessionProof::from_bytes(&[0; 64], "zz").unwrap(),
                     mask_pk: [2; 32],
                     seed_commitment: [3; 32],
                     signature: vec![1],

@@ -458,6 +458,10 @@ pub mod wire {
         /// The party's certificate (DER), as relayed by the coordinator.
         #[prost(bytes = "vec", tag = "5")]
         pub certificate: Vec<u8>,
+        /// Proof that the party knows `dh_public`'s secret (64 bytes),
+        /// checked by the coordinator and before any complaint about it.
+        #[prost(bytes = "vec", tag = "6")]
+        pub dh_proof: Vec<u8>,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -746,8 +750,17 @@ fn names_bytes(names: &[String]) -> Vec<u8> {
     out
 }
 
-fn commit_transcript(binding: &[u8; 32], party: &str, commitment: &[u8], dh_public: &[u8]) -> Vec<u8> {
-    transcript("he-commit", binding, party, &[commitment, dh_public])
+fn commit_transcript(binding: &[u8; 32], party: &str, commitment: &[u8], dh_public: &[u8], dh_proof: &[u8]) -> Vec<u8> {
+    transcript("he-commit", binding, party, &[commitment, dh_public, dh_proof])
+}
+
+/// What a party's proof that it knows its Diffie–Hellman key's secret is
+/// bound to. Without the proof a dealer could commit a multiple of an
+/// honest party's key; a complaint about it would then reveal (a multiple
+/// of) the complainer's shared value with that honest party, opening the
+/// key shares the two sealed to each other (found by review).
+fn possession_context(binding: &[u8; 32], party: &str) -> Vec<u8> {
+    transcript("he-dh-possession", binding, party, &[])
 }
 
 fn upload_transcript(binding: &[u8; 32], u: &wire::Upload) -> Vec<u8> {
@@ -1525,11 +1538,20 @@ impl AggregationServer for HeServer {
                 {
                     return Err(misbehaved(party, "a malformed key commitment"));
                 }
+                let proof = dleq::PossessionProof::from_bytes(&commit.dh_proof, party)?;
+                let dh_public = array32(&commit.dh_public, party, "key")?;
+                dleq::verify_possession(&dh_public, &proof, &possession_context(&r.derived.binding, party), party)?;
                 self.peers.add_peer(party, from.certificate)?;
                 self.peers
                     .verify(
                         party,
-                        &commit_transcript(&r.derived.binding, party, &commit.commitment, &commit.dh_public),
+                        &commit_transcript(
+                            &r.derived.binding,
+                            party,
+                            &commit.commitment,
+                            &commit.dh_public,
+                            &commit.dh_proof,
+                        ),
                         &commit.signature,
                     )
                     .map_err(|_| misbehaved(party, "its key commitment does not carry its signature"))?;
@@ -2042,6 +2064,9 @@ enum ClientStage {
         params: HeParams,
         key_parties: Vec<String>,
         commits: BTreeMap<String, ([u8; 32], [u8; 32])>,
+        /// Each committed key's proof of possession, checked before any
+        /// complaint about its dealer.
+        dh_proofs: BTreeMap<String, dleq::PossessionProof>,
         /// The commitment list's digest: every share this party takes
         /// must be signed over it.
         list: [u8; 32],
@@ -2178,12 +2203,15 @@ impl HeClient {
             let public_share = public_share.to_bytes();
             let dh = DhSecret::generate(&mut OsRng);
             let dh_public = dh.public();
+            let dh_proof =
+                dh.prove_possession(&possession_context(&derived.binding, &self.party.name), &mut OsRng).to_bytes();
             let commitment = public_share_commitment(&derived.binding, &self.party.name, &public_share);
             let signature = self.party.signer.sign(&commit_transcript(
                 &derived.binding,
                 &self.party.name,
                 &commitment,
                 &dh_public,
+                &dh_proof,
             ))?;
             let commit = wire::KeyCommit {
                 party: self.party.name.clone(),
@@ -2191,6 +2219,7 @@ impl HeClient {
                 dh_public: dh_public.to_vec(),
                 signature,
                 certificate: Vec::new(),
+                dh_proof: dh_proof.to_vec(),
             };
             self.round =
                 Some(ClientRound { derived, kind, input, stage: ClientStage::Committed { secret, dh, public_share } });
@@ -2280,6 +2309,7 @@ impl HeClient {
                     return Err(coordinator_fault(format!("{} key commitments; at most {max}", list.commits.len())));
                 }
                 let mut commits = BTreeMap::new();
+                let mut dh_proofs = BTreeMap::new();
                 for c in list.commits {
                     if !r.derived.parties.contains(&c.party) {
                         return Err(coordinator_fault(format!(
@@ -2306,7 +2336,7 @@ impl HeClient {
                             .peers
                             .verify(
                                 &c.party,
-                                &commit_transcript(&binding, &c.party, &c.commitment, &c.dh_public),
+                                &commit_transcript(&binding, &c.party, &c.commitment, &c.dh_public, &c.dh_proof),
                                 &c.signature,
                             )
                             .map_err(|e| {
@@ -2321,6 +2351,10 @@ impl HeClient {
                     dleq::check_public(&dh_public, &c.party).map_err(|_| {
                         coordinator_fault(format!("relayed a key commitment of {} with a malformed key", c.party))
                     })?;
+                    // Checked lazily, before any complaint about this key
+                    // (the coordinator checks every proof before relaying).
+                    let dh_proof = dleq::PossessionProof::from_bytes(&c.dh_proof, "coordinator")?;
+                    dh_proofs.insert(c.party.clone(), dh_proof);
                     if commits.insert(c.party.clone(), (commitment, dh_public)).is_some() {
                         return Err(coordinator_fault(format!("relayed two key commitments of {}", c.party)));
                     }
@@ -2367,10 +2401,10 @@ impl HeClient {
                     share.signature = self.party.signer.sign(&sealed_share_transcript(&binding, &list, &share))?;
                     sealed.push(share);
                 }
-                r.stage = ClientStage::Dealt { dh, own_share, params, key_parties, commits, list };
+                r.stage = ClientStage::Dealt { dh, own_share, params, key_parties, commits, dh_proofs, list };
                 Ok(framed_message(&wire::Deal { public_share, shares: sealed }))
             }
-            (KEY_CONFIRM, ClientStage::Dealt { dh, own_share, params, key_parties, commits, list }) => {
+            (KEY_CONFIRM, ClientStage::Dealt { dh, own_share, params, key_parties, commits, dh_proofs, list }) => {
                 let delivery: wire::KeyDelivery = unframe_message(message, "coordinator", "key delivery")?;
                 if delivery.dealt.len() > key_parties.len() {
                     return Err(coordinator_fault("more dealers than key parties"));
@@ -2446,6 +2480,16 @@ impl HeClient {
                         // it is the one of the two committed keys), encrypts
                         // under the key all the same, and never decrypts
                         // with a share that lacks the dealer's part.
+                        let possession = dh_proofs.get(dealer).is_some_and(|proof| {
+                            let context = possession_context(&binding, dealer);
+                            dleq::verify_possession(dh_public, proof, &context, dealer).is_ok()
+                        });
+                        if !possession {
+                            return Err(coordinator_fault(format!(
+                                "relayed a key commitment of {dealer} without a valid proof of possession; no \
+                                 complaint is made about it"
+                            )));
+                        }
                         let context = complaint_context(&binding, dealer, &me);
                         let (shared, proof) = dh.reveal(dh_public, dealer, &context, &mut OsRng)?;
                         complaints.push(wire::KeyComplaint {
@@ -4422,6 +4466,92 @@ mod tests {
             e.contains("party coordinator misbehaved")
                 && e.contains("relayed a key share of p1")
                 && e.contains("the parties were shown different lists"),
+            "{e}"
+        );
+    }
+
+    /// The related-key attack on complaints (found by review): corrupt p0
+    /// commits 3·X of honest p2's Diffie–Hellman key X, whose secret it
+    /// does not know. Had p1 complained about p0's share (which cannot open
+    /// under that key), it would have revealed 3·DH(p1, p2), opening the
+    /// key shares p1 and p2 sealed to each other; every complainer likewise
+    /// gives up its pair with p2. The coordinator refuses the commitment
+    /// (no proof that p0 knows the secret); one that relays it anyway is
+    /// named by p1, which makes no complaint.
+    #[test]
+    fn a_key_made_from_another_partys_gets_no_complaint() {
+        use crate::secagg::protocol::IdentitySigner;
+        use crate::secagg::testing::InsecureTagSigner;
+        use curve25519_dalek::ristretto::CompressedRistretto;
+        use curve25519_dalek::scalar::Scalar;
+        let mut fed = Fed::new(5, 3);
+        let names = fed.names.clone();
+        let global = params(&[0.0; 2]);
+        let fit1 = fit(1);
+        let rm = fed
+            .server
+            .begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) })
+            .unwrap();
+        let HeClientView(binding) = HeClientView::of(&fed, &rm, &global, &fit1);
+        let update = || LocalUpdate {
+            global: &global,
+            fit: &fit1,
+            local: params(&[0.01; 2]),
+            num_examples: 10,
+            train_loss: None,
+        };
+        let commits: Vec<wire::KeyCommit> = names
+            .iter()
+            .map(|p| fed.clients.get_mut(p).unwrap().contribute(1, &rm, update()).unwrap().decode("t", "t").unwrap())
+            .collect();
+        let victim = CompressedRistretto(commits[2].dh_public.as_slice().try_into().unwrap()).decompress().unwrap();
+        let mut related = commits[0].clone();
+        related.dh_public = (Scalar::from(3u8) * victim).compress().to_bytes().to_vec();
+        let transcript = commit_transcript(&binding, "p0", &related.commitment, &related.dh_public, &related.dh_proof);
+        related.signature = InsecureTagSigner("p0".into()).sign(&transcript).unwrap();
+        let err = fed
+            .server
+            .on_message(Peer { name: "p0", certificate: &[], relay: None }, Envelope::encode(&related))
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::PeerMisbehaved { party, reason } if party == "p0" && reason.contains("proof")),
+            "{err}"
+        );
+        // A coordinator that relays it anyway, to every party but p0 (which
+        // would refuse a commitment it did not make); p0 deals as it would,
+        // and signs its share to p1 over the list p1 was shown.
+        let mut seen_by_others = commits.clone();
+        seen_by_others[0] = related;
+        let digest = |list: &[wire::KeyCommit]| {
+            commit_list_digest(
+                &binding,
+                list.iter().map(|c| (c.party.as_str(), c.commitment.as_slice(), c.dh_public.as_slice())),
+            )
+        };
+        let mut deals = BTreeMap::new();
+        for p in &names {
+            let list = if p == "p0" { &commits } else { &seen_by_others };
+            let shown = Envelope::encode(&wire::CommitList { commits: list.clone() });
+            let m = fed.clients.get_mut(p).unwrap().on_step(1, KEY_DEAL, shown).unwrap();
+            deals.insert(p.clone(), unframe_message::<wire::Deal>(m, "t", "t").unwrap());
+        }
+        let to_p1 = deals.get_mut("p0").unwrap().shares.iter_mut().find(|s| s.recipient == "p1").unwrap();
+        to_p1.signature = InsecureTagSigner("p0".into())
+            .sign(&sealed_share_transcript(&binding, &digest(&seen_by_others), to_p1))
+            .unwrap();
+        let dealt = names
+            .iter()
+            .map(|d| wire::Dealt {
+                dealer: d.clone(),
+                public_share: deals[d].public_share.clone(),
+                share: deals[d].shares.iter().find(|s| s.recipient == "p1").cloned(),
+            })
+            .collect();
+        let answer =
+            fed.clients.get_mut("p1").unwrap().on_step(1, KEY_CONFIRM, framed_message(&wire::KeyDelivery { dealt }));
+        let e = answer.map(|m| m.decode::<wire::Upload>("t", "t").map(|u| u.complaints.len())).unwrap_err().to_string();
+        assert!(
+            e.contains("party coordinator misbehaved") && e.contains("proof of possession") && e.contains("p0"),
             "{e}"
         );
     }
