@@ -1132,3 +1132,29 @@ fn a_dealer_that_leaves_too_few_holders_of_its_secrets_is_named_when_the_round_f
         "{err}"
     );
 }
+
+/// The same shortage found at the consistency stage: every party sends
+/// its masked input, but only p00–p04 sign the survivor set. Every
+/// neighbourhood has t = 4 signers, yet p01, one of them, proved p00's
+/// shares did not open, so only three signers hold them: the round fails
+/// naming p00 before any share is revealed.
+#[test]
+fn too_few_signers_that_hold_a_convicted_dealers_shares_fail_the_round_before_any_reveal() {
+    let cfg = config(7, 0.0);
+    let (mut server, mut clients) = through_masked_dealing(&cfg, |p, _, shares| {
+        if p == "p00" {
+            shares.iter_mut().find(|s| s.to == "p01").unwrap().self_mask.ciphertext[0] ^= 1;
+        }
+    });
+    let survivors = server.close_masked().unwrap();
+    for p in &cfg.parties[..5] {
+        let sig = clients.get_mut(p).unwrap().on_survivors(&survivors, &Tag(p.clone())).unwrap();
+        server.on_survivor_signature(sig, &TagCheck).unwrap();
+    }
+    let err = server.close_consistency().unwrap_err();
+    assert!(
+        matches!(&err, Error::PeerMisbehaved { party, reason }
+            if party == "p00" && reason.contains("p01") && reason.contains("signed the survivor set")),
+        "{err}"
+    );
+}

@@ -1303,18 +1303,18 @@ impl Server {
 
     /// Too few of `owner`'s neighbours that hold its shares are left (`live`
     /// of them, which `did` something) to rebuild its secret. When holders
-    /// proved its shares did not open, that is the owner's doing, and the
-    /// error names it (the round fails; the job's error is then the record
-    /// of the conviction, since [`Server::flagged`] is read only from a
-    /// finished round).
+    /// proved its shares did not open, the error names the owner, convicted
+    /// by them, whether or not dropouts also thinned its holders (the round
+    /// fails; [`Server::flagged`] is read only from a finished round, so
+    /// this error is then the conviction's only record).
     fn short_of_holders(&self, owner: &str, live: usize, did: &str) -> Error {
         let t = self.cfg.threshold;
         match self.unheld.get(owner) {
             Some(complainers) => misbehaved(
                 owner,
                 format!(
-                    "dealt shares that do not open to {} (proven by their complaints): {live} of its neighbours that \
-                     hold its shares {did}; {t} needed",
+                    "dealt shares that do not open to {} (proven by their complaints); {live} of its neighbours \
+                     that hold its shares {did}, {t} needed",
                     complainers.iter().cloned().collect::<Vec<_>>().join(", ")
                 ),
             ),
