@@ -827,7 +827,7 @@ impl Client {
     /// complained about, with proof, instead of failing the stage: the
     /// caller checks first that its dealer signed it as it arrived, so the
     /// fault is the dealer's and a coordinator that altered it is named
-    /// instead (`blame_for_a_share` in the protocol layer).
+    /// instead (`check_dealers_signed` in the protocol layer).
     fn open_shares(&self, shares: &[EncryptedShare]) -> Result<Opened, Error> {
         let mut held = BTreeMap::new();
         let mut complaints = Vec::new();
