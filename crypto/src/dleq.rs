@@ -75,6 +75,24 @@ fn challenge_in(domain: &[u8], context: &[u8], points: &[&RistrettoPoint]) -> Sc
     Scalar::from_bytes_mod_order_wide(&wide)
 }
 
+/// A complaint about a dealer as it travels (in secagg's masked inputs and
+/// `he`'s upload records alike): "the dealer's share to me, under its
+/// signature, does not open", with the pairwise value and its proof, so
+/// that the coordinator can open the share itself and convict the dealer
+/// or the complainer.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireComplaint {
+    /// The dealer complained about.
+    #[prost(string, tag = "1")]
+    pub dealer: String,
+    /// The complainer's and dealer's Diffie–Hellman value (32 bytes).
+    #[prost(bytes = "vec", tag = "2")]
+    pub shared: Vec<u8>,
+    /// Its proof ([`DleqProof::to_bytes`], 64 bytes).
+    #[prost(bytes = "vec", tag = "3")]
+    pub proof: Vec<u8>,
+}
+
 /// A proof that whoever published a public key knows its secret (Schnorr,
 /// made non-interactive with Fiat–Shamir; 64 bytes on the wire: c then s).
 ///

@@ -486,18 +486,8 @@ pub mod wire {
     }
 
     /// A holder's proof that a dealer's share does not open
-    /// (`secagg::protocol::ShareComplaint`).
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ShareComplaint {
-        #[prost(string, tag = "1")]
-        pub dealer: String,
-        /// The pair's Diffie–Hellman value (32 bytes).
-        #[prost(bytes = "vec", tag = "2")]
-        pub shared: Vec<u8>,
-        /// Its Chaum–Pedersen proof (64 bytes).
-        #[prost(bytes = "vec", tag = "3")]
-        pub proof: Vec<u8>,
-    }
+    /// (`secagg::protocol::ShareComplaint` on the wire), as `he`'s.
+    pub use crate::dleq::WireComplaint as ShareComplaint;
 
     /// What comes with a masked input (secagg-masked-input answer's body;
     /// empty, as it usually is, when there is nothing to complain about).
@@ -2552,8 +2542,8 @@ mod tests {
     }
 
     /// The holder's verdict on a share that does not open, from the dealer's
-    /// relayed evidence: a dealer is blamed or complained about only when its signature covers
-    /// exactly that share; a share outside the signed tree, evidence
+    /// relayed evidence: a dealer is blamed or complained about only when
+    /// its signature covers exactly that share; a share outside the signed tree, evidence
     /// missing, another leaf or a path that does not lead to the signed
     /// root, or a signature that does not check, is the coordinator's.
     #[test]

@@ -102,6 +102,19 @@ fn through_shares(
     (server, clients)
 }
 
+/// A dealing in which each of `dealers` seals each of `holders` a share
+/// that does not open (its self-mask half altered), under its own
+/// signature.
+fn spoiled<'a>(dealers: &'a [&str], holders: &'a [&str]) -> impl Fn(&str, &Client, &mut Vec<EncryptedShare>) + 'a {
+    move |p, _, shares| {
+        if dealers.contains(&p) {
+            for s in shares.iter_mut().filter(|s| holders.contains(&s.to.as_str())) {
+                s.self_mask.ciphertext[0] ^= 1;
+            }
+        }
+    }
+}
+
 /// Every party honest through the masked inputs, but the coordinator
 /// withholds keys: for each pair in `withheld`, neither party is sent the
 /// other's keys, so neither deals to nor masks with the other. (Withholding
@@ -1021,11 +1034,7 @@ fn a_false_or_misbound_complaint_names_the_complainer() {
 
     // A proven complaint, then a share of that dealer revealed anyway.
     let cfg = config(7, 0.0);
-    let (mut server, mut clients) = through_masked_dealing(&cfg, |p, _, shares| {
-        if p == "p00" {
-            shares.iter_mut().find(|s| s.to == "p01").unwrap().self_mask.ciphertext[0] ^= 1;
-        }
-    });
+    let (mut server, mut clients) = through_masked_dealing(&cfg, spoiled(&["p00"], &["p01"]));
     let survivors = server.close_masked().unwrap();
     for p in &cfg.parties {
         let sig = clients.get_mut(p).unwrap().on_survivors(&survivors, &Tag(p.clone())).unwrap();
@@ -1049,11 +1058,7 @@ fn a_false_or_misbound_complaint_names_the_complainer() {
 fn a_holder_with_fewer_than_t_shares_that_open_names_the_dealers() {
     let cfg = config(7, 0.0);
     let spoilers = ["p00", "p02", "p03"];
-    let (server, mut clients) = through_shares(&cfg, |p, _, shares| {
-        if spoilers.contains(&p) {
-            shares.iter_mut().find(|s| s.to == "p01").unwrap().self_mask.ciphertext[0] ^= 1;
-        }
-    });
+    let (server, mut clients) = through_shares(&cfg, spoiled(&spoilers, &["p01"]));
     assert_eq!(cfg.degree - spoilers.len(), cfg.threshold - 1, "one short of t");
     let err = clients.get_mut("p01").unwrap().on_shares(&server.shares_for("p01"), vec![0; cfg.dim]).unwrap_err();
     assert!(matches!(&err, Error::BelowThreshold(why) if why.contains("p00, p02, p03")), "{err}");
@@ -1116,15 +1121,9 @@ fn a_key_made_from_another_partys_gets_no_complaint() {
 #[test]
 fn a_dealer_that_leaves_too_few_holders_of_its_secrets_is_named_when_the_round_fails() {
     let cfg = config(7, 0.0);
-    let spoiled = ["p01", "p02", "p03"];
-    assert_eq!(cfg.degree - spoiled.len(), cfg.threshold - 1);
-    let (mut server, _) = through_masked_dealing(&cfg, |p, _, shares| {
-        if p == "p00" {
-            for s in shares.iter_mut().filter(|s| spoiled.contains(&s.to.as_str())) {
-                s.mask_key.ciphertext[0] ^= 1;
-            }
-        }
-    });
+    let holders = ["p01", "p02", "p03"];
+    assert_eq!(cfg.degree - holders.len(), cfg.threshold - 1);
+    let (mut server, _) = through_masked_dealing(&cfg, spoiled(&["p00"], &holders));
     let err = server.close_masked().unwrap_err();
     assert!(
         matches!(&err, Error::PeerMisbehaved { party, reason }
@@ -1141,11 +1140,7 @@ fn a_dealer_that_leaves_too_few_holders_of_its_secrets_is_named_when_the_round_f
 #[test]
 fn too_few_signers_that_hold_a_convicted_dealers_shares_fail_the_round_before_any_reveal() {
     let cfg = config(7, 0.0);
-    let (mut server, mut clients) = through_masked_dealing(&cfg, |p, _, shares| {
-        if p == "p00" {
-            shares.iter_mut().find(|s| s.to == "p01").unwrap().self_mask.ciphertext[0] ^= 1;
-        }
-    });
+    let (mut server, mut clients) = through_masked_dealing(&cfg, spoiled(&["p00"], &["p01"]));
     let survivors = server.close_masked().unwrap();
     for p in &cfg.parties[..5] {
         let sig = clients.get_mut(p).unwrap().on_survivors(&survivors, &Tag(p.clone())).unwrap();

@@ -1106,10 +1106,9 @@ pub struct Server {
     /// Verified signatures on the survivor set, by signer.
     signatures: BTreeMap<String, Vec<u8>>,
     unmask: BTreeMap<String, UnmaskShares>,
-    /// Holders whose shares were wrong, found by `finish`.
+    /// Dealers convicted by a holder's proven complaint (from stage 2),
+    /// then holders or dealers whose shares were wrong, found by `finish`.
     flagged: BTreeMap<String, String>,
-    /// Dealers convicted by a holder's proven complaint, with why.
-    convicted: BTreeMap<String, String>,
     /// By dealer, the holders that proved its share did not open: they
     /// hold none of its shares and reveal none.
     unheld: BTreeMap<String, BTreeSet<String>>,
@@ -1139,7 +1138,6 @@ impl Server {
             signatures: BTreeMap::new(),
             unmask: BTreeMap::new(),
             flagged: BTreeMap::new(),
-            convicted: BTreeMap::new(),
             unheld: BTreeMap::new(),
         })
     }
@@ -1288,7 +1286,6 @@ impl Server {
         }
         for c in &msg.complaints {
             let why = format!("dealt {} a share that does not open (proven by {}'s complaint)", msg.party, msg.party);
-            self.convicted.entry(c.dealer.clone()).or_insert_with(|| why.clone());
             self.flagged.entry(c.dealer.clone()).or_insert(why);
             self.unheld.entry(c.dealer.clone()).or_default().insert(msg.party.clone());
         }
@@ -1299,6 +1296,15 @@ impl Server {
         }
         self.masked.insert(msg.party);
         Ok(())
+    }
+
+    /// How many of `owner`'s neighbours marked in `among` (a flag per party
+    /// index) hold its shares: all but those that proved its share did not
+    /// open.
+    fn holders_among(&self, owner: &str, among: &[bool]) -> Result<usize, Error> {
+        let unheld = self.unheld.get(owner);
+        let holds = |j: usize| !unheld.is_some_and(|u| u.contains(&self.cfg.parties[j]));
+        Ok(self.graph.neighbours(self.idx(owner)?).iter().filter(|&&j| among[j] && holds(j)).count())
     }
 
     /// Too few of `owner`'s neighbours that hold its shares are left (`live`
@@ -1365,10 +1371,7 @@ impl Server {
         let t = self.cfg.threshold;
         let survived: Vec<bool> = self.cfg.parties.iter().map(|p| self.masked.contains(p)).collect();
         for v in &self.shared {
-            // A survivor that proved v's share did not open holds none.
-            let unheld = self.unheld.get(v);
-            let holds = |j: usize| !unheld.is_some_and(|u| u.contains(&self.cfg.parties[j]));
-            let live = self.graph.neighbours(self.idx(v)?).iter().filter(|&&j| survived[j] && holds(j)).count();
+            let live = self.holders_among(v, &survived)?;
             if live < t {
                 return Err(self.short_of_holders(v, live, "sent masked inputs"));
             }
@@ -1424,13 +1427,8 @@ impl Server {
             // Signers that proved v's shares did not open reveal none of
             // them: stop before any share is revealed for a rebuild that
             // cannot succeed.
-            if let Some(unheld) = self.unheld.get(v) {
-                let holders = self
-                    .graph
-                    .neighbours(self.idx(v)?)
-                    .iter()
-                    .filter(|&&j| signer[j] && !unheld.contains(&self.cfg.parties[j]))
-                    .count();
+            if self.unheld.contains_key(v) {
+                let holders = self.holders_among(v, &signer)?;
                 if holders < t {
                     return Err(self.short_of_holders(v, holders, "signed the survivor set"));
                 }
@@ -1650,7 +1648,7 @@ impl Server {
         let mut seeds: Vec<(Zeroizing<[u8; 32]>, bool)> = Vec::new();
         // Dealers convicted by complaints first: they are named whatever
         // else happens.
-        let mut flagged = self.convicted.clone();
+        let mut flagged = std::mem::take(&mut self.flagged);
         for v in &self.masked {
             let commitment = self.keys.get(v).map(|k| k.seed_commitment);
             let check = |b: &[u8; 32]| Some(self.cfg.seed_commitment(b, v)) == commitment;

@@ -561,19 +561,9 @@ pub mod wire {
         pub min_contributors: u32,
     }
 
-    /// "`dealer`'s share to me, under its signature, does not open": the
-    /// Diffie–Hellman value of the two committed keys, with a
-    /// Chaum–Pedersen proof that it is, so the coordinator can try the share
-    /// itself and convict the dealer or the complainer.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct KeyComplaint {
-        #[prost(string, tag = "1")]
-        pub dealer: String,
-        #[prost(bytes = "vec", tag = "2")]
-        pub shared: Vec<u8>,
-        #[prost(bytes = "vec", tag = "3")]
-        pub proof: Vec<u8>,
-    }
+    /// "`dealer`'s key share to me, under its signature, does not open":
+    /// the Diffie–Hellman value of the two committed keys, with its proof.
+    pub use crate::dleq::WireComplaint as KeyComplaint;
 
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct HashRequest {
@@ -1532,15 +1522,14 @@ impl AggregationServer for HeServer {
                 if commit.party != party {
                     return Err(misbehaved(party, format!("committed as {}", commit.party)));
                 }
-                if commit.commitment.len() != 32
-                    || commit.signature.len() > MAX_SIGNATURE
-                    || array32(&commit.dh_public, party, "key").and_then(|k| dleq::check_public(&k, party)).is_err()
-                {
+                let well_formed = commit.commitment.len() == 32 && commit.signature.len() <= MAX_SIGNATURE;
+                let Some(dh_public) = array32(&commit.dh_public, party, "key").ok().filter(|_| well_formed) else {
                     return Err(misbehaved(party, "a malformed key commitment"));
-                }
+                };
+                // Also refuses a key that is not a usable group element.
                 let proof = dleq::PossessionProof::from_bytes(&commit.dh_proof, party)?;
-                let dh_public = array32(&commit.dh_public, party, "key")?;
-                dleq::verify_possession(&dh_public, &proof, &possession_context(&r.derived.binding, party), party)?;
+                let context = possession_context(&r.derived.binding, party);
+                dleq::verify_possession(&dh_public, &proof, &context, party)?;
                 self.peers.add_peer(party, from.certificate)?;
                 self.peers
                     .verify(
@@ -4087,27 +4076,36 @@ mod tests {
         );
     }
 
-    /// Round 1 (a keygen round) begun, every party's commitment given to
-    /// the server; returns the round message and the parties' binding.
-    fn keygen_round_committed(fed: &mut Fed) -> (Vec<u8>, [u8; 32], [u8; 32]) {
+    /// Round 1 (a keygen round) begun: its round message and the parties'
+    /// binding.
+    fn keygen_round_begun(fed: &mut Fed) -> (Vec<u8>, [u8; 32]) {
         let names = fed.names.clone();
-        let global = params(&[0.0; 2]);
-        let fit1 = fit(1);
+        let (global, fit1) = (params(&[0.0; 2]), fit(1));
         let rm = fed
             .server
             .begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) })
             .unwrap();
         let HeClientView(binding) = HeClientView::of(fed, &rm, &global, &fit1);
+        (rm, binding)
+    }
+
+    /// `p`'s answer to [`keygen_round_begun`]'s round message `rm`: its key
+    /// commitment (each call a fresh start of its side of the key).
+    fn key_commitment(fed: &mut Fed, rm: &[u8], p: &str) -> Envelope {
+        let (global, fit1) = (params(&[0.0; 2]), fit(1));
+        let u =
+            LocalUpdate { global: &global, fit: &fit1, local: params(&[0.01; 2]), num_examples: 10, train_loss: None };
+        fed.clients.get_mut(p).unwrap().contribute(1, rm, u).unwrap()
+    }
+
+    /// Round 1 (a keygen round) begun, every party's commitment given to
+    /// the server; returns the round message and the parties' binding.
+    fn keygen_round_committed(fed: &mut Fed) -> (Vec<u8>, [u8; 32], [u8; 32]) {
+        let names = fed.names.clone();
+        let (rm, binding) = keygen_round_begun(fed);
         let mut commits = Vec::new();
         for p in &names {
-            let u = LocalUpdate {
-                global: &global,
-                fit: &fit1,
-                local: params(&[0.01; 2]),
-                num_examples: 10,
-                train_loss: None,
-            };
-            let m = fed.clients.get_mut(p).unwrap().contribute(1, &rm, u).unwrap();
+            let m = key_commitment(fed, &rm, p);
             commits.push(m.decode::<wire::KeyCommit>("t", "t").unwrap());
             fed.server.on_message(Peer { name: p, certificate: &[], relay: None }, m).unwrap();
         }
@@ -4418,23 +4416,8 @@ mod tests {
     fn a_coordinator_that_shows_parties_different_commitment_lists_is_named_before_any_complaint() {
         let mut fed = Fed::new(5, 3);
         let names = fed.names.clone();
-        let global = params(&[0.0; 2]);
-        let fit1 = fit(1);
-        let rm = fed
-            .server
-            .begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) })
-            .unwrap();
-        let update = || LocalUpdate {
-            global: &global,
-            fit: &fit1,
-            local: params(&[0.01; 2]),
-            num_examples: 10,
-            train_loss: None,
-        };
-        let mut commit = |p: &str| -> wire::KeyCommit {
-            let m = fed.clients.get_mut(p).unwrap().contribute(1, &rm, update()).unwrap();
-            m.decode("t", "t").unwrap()
-        };
+        let (rm, _) = keygen_round_begun(&mut fed);
+        let mut commit = |p: &str| -> wire::KeyCommit { key_commitment(&mut fed, &rm, p).decode("t", "t").unwrap() };
         // p0's first commitment, then the one it keeps.
         let p0_first = commit("p0");
         let commits: Vec<wire::KeyCommit> = names.iter().map(|p| commit(p)).collect();
@@ -4486,24 +4469,9 @@ mod tests {
         use curve25519_dalek::scalar::Scalar;
         let mut fed = Fed::new(5, 3);
         let names = fed.names.clone();
-        let global = params(&[0.0; 2]);
-        let fit1 = fit(1);
-        let rm = fed
-            .server
-            .begin_round(&RoundInfo { round: 1, parties: &names, global: &global, fit: Some(&fit1) })
-            .unwrap();
-        let HeClientView(binding) = HeClientView::of(&fed, &rm, &global, &fit1);
-        let update = || LocalUpdate {
-            global: &global,
-            fit: &fit1,
-            local: params(&[0.01; 2]),
-            num_examples: 10,
-            train_loss: None,
-        };
-        let commits: Vec<wire::KeyCommit> = names
-            .iter()
-            .map(|p| fed.clients.get_mut(p).unwrap().contribute(1, &rm, update()).unwrap().decode("t", "t").unwrap())
-            .collect();
+        let (rm, binding) = keygen_round_begun(&mut fed);
+        let commits: Vec<wire::KeyCommit> =
+            names.iter().map(|p| key_commitment(&mut fed, &rm, p).decode("t", "t").unwrap()).collect();
         let victim = CompressedRistretto(commits[2].dh_public.as_slice().try_into().unwrap()).decompress().unwrap();
         let mut related = commits[0].clone();
         related.dh_public = (Scalar::from(3u8) * victim).compress().to_bytes().to_vec();
